@@ -1,0 +1,377 @@
+//! Node configuration: one TOML file per node (`nvmirrord --config node.toml`).
+//!
+//! Parsing is two steps: serde reads the file (unknown keys are errors, so a typo is
+//! caught), then [`NodeConfig::validate`] checks every value against the others and
+//! names the offending field and what would be valid.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Block size the device advertises (logical and physical). Every I/O is a multiple of it.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Largest single I/O the device accepts (the per-tag ublk buffer).
+pub const MAX_IO_BYTES: u64 = 512 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A byte count written either as an integer or as a string such as "64MiB" or "1 GiB".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => parse_size::Config::new()
+                .with_binary()
+                .parse_size(s.trim())
+                .map(ByteSize)
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is not a size ({e}); write e.g. \"64MiB\", \"1GiB\" or a byte count"
+                    ))
+                }),
+        }
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut v = self.0 as f64;
+        let mut u = 0;
+        while v >= 1024.0 && u < UNITS.len() - 1 {
+            v /= 1024.0;
+            u += 1;
+        }
+        if u == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{v:.1} {}", UNITS[u])
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    pub nvram: NvramSection,
+    #[serde(default)]
+    pub flusher: FlusherSection,
+    #[serde(rename = "lun")]
+    pub luns: Vec<LunSection>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's name; also stamped into the NVRAM so another node's log is refused.
+    pub name: String,
+    /// Unix socket nvmirrorctl talks to. Default: /run/nvmirror/<name>.sock
+    pub control_socket: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvramSection {
+    /// A file, a block device or /dev/pmemN.
+    pub path: PathBuf,
+    /// Size to use. Required when `path` is a file that does not exist yet (it is created);
+    /// optional otherwise (default: the whole file or device).
+    pub size: Option<ByteSize>,
+    /// Number of independent staging logs; each LUN range maps to one.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+}
+
+fn default_partitions() -> u32 {
+    4
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlusherSection {
+    /// Upper bound of data written to the medium between two syncs of the medium.
+    #[serde(default = "default_batch")]
+    pub batch_bytes: ByteSize,
+}
+
+fn default_batch() -> ByteSize {
+    ByteSize(8 << 20)
+}
+
+impl Default for FlusherSection {
+    fn default() -> Self {
+        FlusherSection {
+            batch_bytes: default_batch(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LunSection {
+    pub name: String,
+    /// The storage medium: a file or block device.
+    pub medium: PathBuf,
+    /// LUN size. Default: the size of the medium.
+    pub size: Option<ByteSize>,
+    /// ublk device id: the device is /dev/ublkb<device_id>. Default: the kernel picks one.
+    pub device_id: Option<u32>,
+    /// Number of equal LUN ranges (the unit of ownership); default: nvram.partitions.
+    pub ranges: Option<u32>,
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+    #[serde(default = "default_depth")]
+    pub queue_depth: u16,
+}
+
+fn default_queues() -> u16 {
+    1
+}
+fn default_depth() -> u16 {
+    64
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text (the path in errors is left empty).
+    pub fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        let cfg: NodeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the values that serde cannot: ranges, relations between fields, names.
+    /// Sizes that depend on the devices (medium size, NVRAM size) are checked at open.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        valid_name("node.name", &self.node.name)?;
+        let p = self.nvram.partitions;
+        if !(1..=256).contains(&p) {
+            return Err(invalid(
+                "nvram.partitions",
+                format!("{p} is out of range; use 1 to 256"),
+            ));
+        }
+        if let Some(size) = self.nvram.size {
+            let min = self.min_nvram_bytes();
+            if size.0 < min {
+                return Err(invalid(
+                    "nvram.size",
+                    format!(
+                        "{} is too small for {p} partitions; each partition must hold at least \
+                         4 maximum-size writes, so use at least {} (or fewer partitions)",
+                        size,
+                        ByteSize(min)
+                    ),
+                ));
+            }
+        }
+        if self.flusher.batch_bytes.0 < MAX_IO_BYTES {
+            return Err(invalid(
+                "flusher.batch_bytes",
+                format!("must be at least {}", ByteSize(MAX_IO_BYTES)),
+            ));
+        }
+        if self.luns.is_empty() {
+            return Err(invalid(
+                "lun",
+                "no LUN is configured; add a [[lun]] table with name and medium",
+            ));
+        }
+        for (i, lun) in self.luns.iter().enumerate() {
+            let f = |k: &str| format!("lun[{i}].{k}");
+            valid_name(&f("name"), &lun.name)?;
+            if self.luns[..i].iter().any(|o| o.name == lun.name) {
+                return Err(invalid(f("name"), format!("{:?} is used twice", lun.name)));
+            }
+            if let Some(id) = lun.device_id {
+                if self.luns[..i].iter().any(|o| o.device_id == Some(id)) {
+                    return Err(invalid(f("device_id"), format!("{id} is used twice")));
+                }
+            }
+            if let Some(size) = lun.size {
+                if size.0 == 0 || size.0 % BLOCK_SIZE != 0 {
+                    return Err(invalid(
+                        f("size"),
+                        format!("{} must be a non-zero multiple of 4096 bytes", size.0),
+                    ));
+                }
+            }
+            let r = lun.ranges.unwrap_or(p);
+            if !(1..=4096).contains(&r) {
+                return Err(invalid(f("ranges"), format!("{r} is out of range; use 1 to 4096")));
+            }
+            if !(1..=16).contains(&lun.queues) {
+                return Err(invalid(
+                    f("queues"),
+                    format!("{} is out of range; use 1 to 16", lun.queues),
+                ));
+            }
+            if !(1..=1024).contains(&lun.queue_depth) {
+                return Err(invalid(
+                    f("queue_depth"),
+                    format!("{} is out of range; use 1 to 1024", lun.queue_depth),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The smallest NVRAM that holds the metadata plus four maximum-size writes per partition.
+    pub fn min_nvram_bytes(&self) -> u64 {
+        crate::nvram::layout::Layout::metadata_bytes(self.nvram.partitions)
+            + self.nvram.partitions as u64 * crate::nvram::layout::MIN_PARTITION_BYTES
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.node
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/run/nvmirror/{}.sock", self.node.name)))
+    }
+}
+
+impl LunSection {
+    pub fn ranges(&self, partitions: u32) -> u32 {
+        self.ranges.unwrap_or(partitions)
+    }
+}
+
+fn valid_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{name:?} is not a valid name; use 1-63 characters from [A-Za-z0-9._-]"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "node-a"
+
+[nvram]
+path = "/tmp/nvram.img"
+size = "64MiB"
+partitions = 4
+
+[[lun]]
+name = "lun0"
+medium = "/tmp/medium.img"
+size = "1GiB"
+device_id = 3
+"#;
+
+    #[test]
+    fn parses_a_good_config_with_defaults() {
+        let c = NodeConfig::parse(GOOD).expect("valid");
+        assert_eq!(c.node.name, "node-a");
+        assert_eq!(c.nvram.size, Some(ByteSize(64 << 20)));
+        assert_eq!(c.luns[0].size, Some(ByteSize(1 << 30)));
+        assert_eq!(c.luns[0].queues, 1);
+        assert_eq!(c.luns[0].queue_depth, 64);
+        assert_eq!(c.luns[0].ranges(c.nvram.partitions), 4);
+        assert_eq!(c.control_socket(), PathBuf::from("/run/nvmirror/node-a.sock"));
+    }
+
+    fn err_of(text: &str) -> String {
+        NodeConfig::parse(text).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn bad_size_names_the_value_and_the_fix() {
+        let e = err_of(&GOOD.replace("\"1GiB\"", "\"1 gigabyte\""));
+        assert!(e.contains("1 gigabyte") && e.contains("GiB"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let e = err_of(&GOOD.replace("partitions = 4", "partitons = 4"));
+        assert!(e.contains("partitons"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let e = err_of(&GOOD.replace("partitions = 4", "partitions = 0"));
+        assert!(e.contains("nvram.partitions") && e.contains("1 to 256"), "{e}");
+        let e = err_of(&GOOD.replace("device_id = 3", "device_id = 3\nqueue_depth = 5000"));
+        assert!(e.contains("lun[0].queue_depth"), "{e}");
+        let e = err_of(&GOOD.replace("size = \"1GiB\"", "size = 1000"));
+        assert!(e.contains("lun[0].size") && e.contains("4096"), "{e}");
+        let e = err_of(&GOOD.replace("name = \"lun0\"", "name = \"lun 0\""));
+        assert!(e.contains("lun[0].name"), "{e}");
+    }
+
+    #[test]
+    fn too_small_nvram_says_the_minimum() {
+        let e = err_of(&GOOD.replace("\"64MiB\"", "\"1MiB\""));
+        assert!(e.contains("nvram.size") && e.contains("at least"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_luns_are_rejected() {
+        let two = format!("{GOOD}\n[[lun]]\nname = \"lun0\"\nmedium = \"/tmp/m2\"\n");
+        assert!(err_of(&two).contains("lun[1].name"));
+    }
+
+    #[test]
+    fn missing_lun_is_explained() {
+        let e = err_of("[node]\nname=\"a\"\n[nvram]\npath=\"/x\"\nlun = []\n");
+        assert!(e.contains("lun"), "{e}");
+    }
+}

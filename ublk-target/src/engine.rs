@@ -1,0 +1,784 @@
+//! The engine: LUNs, their ranges and partitions, and the data path.
+//!
+//! ```text
+//! write: split at LUN-range boundaries -> PartitionLog::append (copy into NVRAM, index)
+//!        -> await durable in NVRAM -> complete            [mirror post joins here later]
+//!        ... flusher: medium write -> medium sync -> unindex -> checkpoint -> release
+//! read:  staged-extent index -> staged pieces from NVRAM, gaps from the medium
+//! start: superblock check -> scan every partition -> replay into the medium -> serve
+//! ```
+//! The engine knows nothing of ublk: the daemon's frontend calls `write`, `read`,
+//! `write_zeroes` and `flush`, and tests call them directly with in-memory media.
+
+use crate::config::{NodeConfig, BLOCK_SIZE};
+use crate::flusher::{run_flusher, FlusherStats};
+use crate::index::{Extent, Piece, Source, StagedIndex};
+use crate::log::{read_checkpoint, write_checkpoint, LogError, LogStart, PartitionLog, PartitionStatus};
+use crate::medium::{FileMedium, Medium, MediumError};
+use crate::nvram::layout::{layout_text, SuperblockState, FORMAT_VERSION};
+use crate::nvram::record::RecordKind;
+use crate::nvram::region::RegionError;
+use crate::nvram::scan::{scan_partition, CorruptRecord, ScanResult};
+use crate::nvram::{Layout, NvramRegion, PartitionCheckpoint, Superblock};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How to treat what is found on the NVRAM at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Replay a valid log; format a blank device; refuse anything else.
+    Normal,
+    /// Replay the intact records before a damaged one, discard the rest, reformat.
+    Salvage,
+    /// Discard whatever is there and format (operator's explicit decision).
+    Format,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    #[error(transparent)]
+    Medium(#[from] MediumError),
+    #[error("NVRAM {path} holds data that is not an nvmirror log; refusing to overwrite it. If the device is meant for nvmirror, erase it with `nvmirrorctl nvram format --config {config} --force`")]
+    Foreign { path: PathBuf, config: String },
+    #[error("NVRAM {path} has a damaged superblock ({reason}); refusing to guess what it holds. Inspect it with `nvmirrorctl nvram inspect --config {config}`; if its staged writes are not needed, `nvmirrorctl nvram format --config {config} --force`")]
+    CorruptSuperblock {
+        path: PathBuf,
+        reason: String,
+        config: String,
+    },
+    #[error("NVRAM {path} was written in log format version {found}; this nvmirrord reads version {supported}. Start the nvmirrord that wrote it to drain the log, or discard it with `nvmirrorctl nvram format --config {config} --force`")]
+    Version {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+        config: String,
+    },
+    #[error("NVRAM {path} belongs to node {found:?}, but this is node {expected:?} (node.name); check nvram.path. If node {found:?}'s staged writes are no longer needed, `nvmirrorctl nvram format --config {config} --force`")]
+    WrongNode {
+        path: PathBuf,
+        found: String,
+        expected: String,
+        config: String,
+    },
+    #[error("NVRAM {path} holds {records} unflushed record(s) written for another LUN layout ({found}); the config now says ({expected}). Replaying them would put data at the wrong place: start nvmirrord with the old config to drain them, or discard them with `nvmirrorctl nvram format --config {config} --force`")]
+    Layout {
+        path: PathBuf,
+        found: String,
+        expected: String,
+        records: usize,
+        config: String,
+    },
+    #[error("NVRAM {path} is too small: {size} bytes cannot hold {partitions} partitions; use a bigger device or fewer partitions (nvram.partitions)")]
+    TooSmall {
+        path: PathBuf,
+        size: u64,
+        partitions: u32,
+    },
+    #[error("NVRAM {path}: {corrupt}. Refusing to start, so that no acknowledged write is lost silently. Inspect with `nvmirrorctl nvram inspect --config {config}`. To replay the intact records before it and DISCARD the rest, run `nvmirrorctl nvram salvage --config {config}`")]
+    CorruptRecord {
+        path: PathBuf,
+        corrupt: CorruptRecord,
+        config: String,
+    },
+    #[error("replaying the NVRAM log into the medium failed: {0}; nothing was discarded, fix the medium and start again")]
+    Replay(String),
+    #[error("NVRAM I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// An I/O request failed; `errno` goes back to the kernel.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct IoError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl From<LogError> for IoError {
+    fn from(e: LogError) -> Self {
+        IoError {
+            errno: libc::EIO,
+            message: e.to_string(),
+        }
+    }
+}
+
+pub struct LunSpec {
+    pub name: String,
+    pub size: u64,
+    pub ranges: u32,
+    pub medium: Arc<dyn Medium>,
+}
+
+#[derive(Default)]
+pub struct LunStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+pub struct Lun {
+    pub name: String,
+    pub size: u64,
+    pub ranges: u32,
+    pub range_bytes: u64,
+    /// Global index of this LUN's first range (ranges of all LUNs are numbered in order).
+    first_range: u32,
+    pub medium: Arc<dyn Medium>,
+    index: Mutex<StagedIndex>,
+    pub stats: LunStats,
+}
+
+impl Lun {
+    pub fn index(&self) -> MutexGuard<'_, StagedIndex> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Splits `[offset, offset+len)` at range boundaries (and at 1 GiB, the largest record).
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u32)> {
+        let mut out = Vec::new();
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let range = at / self.range_bytes;
+            let range_end = ((range + 1) * self.range_bytes).min(end).min(at + (1 << 30));
+            out.push((at, range_end - at, self.first_range + range as u32));
+            at = range_end;
+        }
+        out
+    }
+}
+
+/// What the start-up replay did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReplayReport {
+    pub records: usize,
+    pub bytes: u64,
+    pub discarded_unacknowledged: usize,
+    pub millis: u64,
+    pub formatted: bool,
+    pub salvaged_from_corruption: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LunStatus {
+    pub name: String,
+    pub size: u64,
+    pub ranges: u32,
+    pub medium: String,
+    pub staged_extents: usize,
+    pub staged_bytes: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EngineStatus {
+    pub node: String,
+    pub nvram_path: String,
+    pub nvram_bytes: u64,
+    pub log_id: String,
+    pub partitions: Vec<PartitionStatus>,
+    pub luns: Vec<LunStatus>,
+    pub bytes_flushed: u64,
+    pub flush_batches: u64,
+    pub medium_errors: u64,
+    pub last_medium_error: Option<String>,
+    pub replay: ReplayReport,
+}
+
+pub struct EngineOptions {
+    pub node_name: String,
+    pub partitions: u32,
+    pub flush_batch_bytes: u64,
+    pub mode: OpenMode,
+    /// Shown in error messages as the `--config` argument of the recovery commands.
+    pub config_path: String,
+}
+
+pub struct Engine {
+    node: String,
+    region: Arc<NvramRegion>,
+    sb: Superblock,
+    parts: Vec<Arc<PartitionLog>>,
+    luns: Arc<Vec<Arc<Lun>>>,
+    flusher_stats: Arc<FlusherStats>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    replay: ReplayReport,
+}
+
+impl Engine {
+    /// Opens the NVRAM and media named in `cfg`, replays the log, starts the background
+    /// threads. No I/O should be accepted before this returns.
+    pub fn open_config(
+        cfg: &NodeConfig,
+        config_path: &str,
+        mode: OpenMode,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let mut specs = Vec::new();
+        for lun in &cfg.luns {
+            let medium = FileMedium::open(&lun.medium, lun.size.map(|s| s.0))?;
+            specs.push(LunSpec {
+                name: lun.name.clone(),
+                size: lun.size.map(|s| s.0).unwrap_or(medium.size()),
+                ranges: lun.ranges(cfg.nvram.partitions),
+                medium: Arc::new(medium),
+            });
+        }
+        let region = NvramRegion::open(&cfg.nvram.path, cfg.nvram.size.map(|s| s.0))?;
+        let opts = EngineOptions {
+            node_name: cfg.node.name.clone(),
+            partitions: cfg.nvram.partitions,
+            flush_batch_bytes: cfg.flusher.batch_bytes.0,
+            mode,
+            config_path: config_path.to_owned(),
+        };
+        Engine::open(region, opts, specs)
+    }
+
+    /// Opens an engine over an already opened NVRAM region and media.
+    pub fn open(
+        region: NvramRegion,
+        opts: EngineOptions,
+        specs: Vec<LunSpec>,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let started = Instant::now();
+        let region = Arc::new(region);
+        let lun_shapes: Vec<(&str, u64, u32)> = specs
+            .iter()
+            .map(|s| (s.name.as_str(), s.size, s.ranges))
+            .collect();
+        let want_layout = layout_text(opts.partitions, &lun_shapes);
+        let path = region.path().to_owned();
+        let config = opts.config_path.clone();
+
+        let mut first = vec![0u8; 4096];
+        region.read_at(0, &mut first);
+        let mut report = ReplayReport::default();
+        let existing = match (Superblock::decode(&first), opts.mode) {
+            (_, OpenMode::Format) | (SuperblockState::Blank, _) => None,
+            (SuperblockState::Foreign, _) => return Err(EngineError::Foreign { path, config }),
+            (SuperblockState::Corrupt(reason), _) => {
+                return Err(EngineError::CorruptSuperblock {
+                    path,
+                    reason,
+                    config,
+                })
+            }
+            (SuperblockState::Valid(sb), _) => {
+                if sb.version != FORMAT_VERSION {
+                    return Err(EngineError::Version {
+                        path,
+                        found: sb.version,
+                        supported: FORMAT_VERSION,
+                        config,
+                    });
+                }
+                if sb.node_name != opts.node_name {
+                    return Err(EngineError::WrongNode {
+                        path,
+                        found: sb.node_name,
+                        expected: opts.node_name.clone(),
+                        config,
+                    });
+                }
+                Some(sb)
+            }
+        };
+
+        let (sb, starts) = match existing {
+            Some(sb) => {
+                let layout = Layout::of(&sb);
+                if layout.end() > region.len() {
+                    return Err(EngineError::CorruptSuperblock {
+                        path,
+                        reason: format!(
+                            "it describes {} bytes but the device has {}",
+                            layout.end(),
+                            region.len()
+                        ),
+                        config,
+                    });
+                }
+                let scans = scan_all(&region, &sb, &config)?;
+                let corrupt = scans.iter().find_map(|(_, s)| s.corruption.clone());
+                let unflushed: usize = scans.iter().map(|(_, s)| s.records.len()).sum();
+                if sb.layout != want_layout && unflushed > 0 {
+                    return Err(EngineError::Layout {
+                        path,
+                        found: sb.layout.clone(),
+                        expected: want_layout,
+                        records: unflushed,
+                        config,
+                    });
+                }
+                if let Some(corrupt) = corrupt {
+                    if opts.mode != OpenMode::Salvage {
+                        return Err(EngineError::CorruptRecord {
+                            path,
+                            corrupt,
+                            config,
+                        });
+                    }
+                    tracing::warn!("salvaging: {corrupt}; replaying the intact records before it and discarding the rest");
+                    report.salvaged_from_corruption = true;
+                }
+                // Records name their LUN by index; a layout change with an empty log is fine.
+                replay(&region, &sb, &scans, &specs, &mut report)?;
+                if sb.layout != want_layout || report.salvaged_from_corruption {
+                    tracing::info!(
+                        "reformatting NVRAM {} for layout {want_layout}",
+                        path.display()
+                    );
+                    report.formatted = true;
+                    format(&region, &opts, &want_layout)?
+                } else {
+                    let starts = restart_points(&region, &sb, &scans)?;
+                    (sb, starts)
+                }
+            }
+            None => {
+                report.formatted = true;
+                tracing::info!(
+                    "formatting NVRAM {} for node {} ({want_layout})",
+                    path.display(),
+                    opts.node_name
+                );
+                format(&region, &opts, &want_layout)?
+            }
+        };
+        report.millis = started.elapsed().as_millis() as u64;
+
+        let layout = Layout::of(&sb);
+        let parts: Vec<Arc<PartitionLog>> = starts
+            .into_iter()
+            .enumerate()
+            .map(|(p, start)| PartitionLog::new(p as u32, region.clone(), layout, sb.log_id, start))
+            .collect();
+
+        let mut first_range = 0;
+        let luns: Vec<Arc<Lun>> = specs
+            .into_iter()
+            .map(|s| {
+                let range_bytes = s.size.div_ceil(s.ranges as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+                let lun = Lun {
+                    name: s.name,
+                    size: s.size,
+                    ranges: s.ranges,
+                    range_bytes,
+                    first_range,
+                    medium: s.medium,
+                    index: Mutex::new(StagedIndex::new()),
+                    stats: LunStats::default(),
+                };
+                first_range += s.ranges;
+                Arc::new(lun)
+            })
+            .collect();
+
+        let engine = Arc::new(Engine {
+            node: opts.node_name,
+            region,
+            sb,
+            parts,
+            luns: Arc::new(luns),
+            flusher_stats: Arc::new(FlusherStats::default()),
+            threads: Mutex::new(Vec::new()),
+            replay: report,
+        });
+        engine.start_threads(opts.flush_batch_bytes)?;
+        Ok(engine)
+    }
+
+    fn start_threads(&self, batch_bytes: u64) -> Result<(), EngineError> {
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for part in &self.parts {
+            let p = part.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("persist-{}", part.id))
+                    .spawn(move || p.run_persister())?,
+            );
+            let (p, luns, stats) = (part.clone(), self.luns.clone(), self.flusher_stats.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("flush-{}", part.id))
+                    .spawn(move || run_flusher(p, luns, batch_bytes, stats))?,
+            );
+        }
+        Ok(())
+    }
+
+    pub fn luns(&self) -> &[Arc<Lun>] {
+        &self.luns
+    }
+
+    pub fn log_id(&self) -> u64 {
+        self.sb.log_id
+    }
+
+    fn lun_for(&self, lun: usize, offset: u64, len: u64) -> Result<&Arc<Lun>, IoError> {
+        let l = self.luns.get(lun).ok_or(IoError {
+            errno: libc::ENODEV,
+            message: format!("no LUN {lun}"),
+        })?;
+        if offset.checked_add(len).is_none_or(|end| end > l.size) {
+            return Err(IoError {
+                errno: libc::EINVAL,
+                message: format!("I/O {offset}+{len} beyond the end of LUN {} ({})", l.name, l.size),
+            });
+        }
+        Ok(l)
+    }
+
+    fn partition_of(&self, global_range: u32) -> &Arc<PartitionLog> {
+        &self.parts[(global_range % self.parts.len() as u32) as usize]
+    }
+
+    /// Stages a write; returns once it is durable in the NVRAM.
+    pub async fn write(&self, lun_idx: usize, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        let lun = self.lun_for(lun_idx, offset, data.len() as u64)?;
+        self.stage(lun_idx, lun, RecordKind::Data, offset, data.len() as u64, data)
+            .await?;
+        lun.stats.writes.fetch_add(1, Ordering::Relaxed);
+        lun.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// WRITE_ZEROES and DISCARD: the range reads as zeroes once this returns.
+    pub async fn write_zeroes(&self, lun_idx: usize, offset: u64, len: u64) -> Result<(), IoError> {
+        let lun = self.lun_for(lun_idx, offset, len)?;
+        self.stage(lun_idx, lun, RecordKind::Zero, offset, len, &[]).await
+    }
+
+    async fn stage(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+    ) -> Result<(), IoError> {
+        let mut durable = Vec::with_capacity(2);
+        for (at, n, range) in lun.pieces(offset, len) {
+            let part = self.partition_of(range);
+            let payload: &[u8] = match kind {
+                RecordKind::Data => &data[(at - offset) as usize..(at - offset + n) as usize],
+                _ => &[],
+            };
+            let rx = part
+                .append(kind, lun_idx as u32, at, n, payload, |seq, nvram_off| {
+                    lun.index().insert(Extent {
+                        start: at,
+                        end: at + n,
+                        partition: part.id,
+                        seq,
+                        src: match kind {
+                            RecordKind::Data => Source::Log { nvram_off },
+                            _ => Source::Zero,
+                        },
+                    })
+                })
+                .await?;
+            durable.push(rx);
+        }
+        for rx in durable {
+            match rx.await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(IoError {
+                        errno: libc::EIO,
+                        message: "NVRAM persister stopped before the write was durable".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the newest data: staged pieces from the NVRAM, the rest from the medium.
+    pub fn read(&self, lun_idx: usize, offset: u64, out: &mut [u8]) -> Result<(), IoError> {
+        let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
+        let end = offset + out.len() as u64;
+        let gaps: Vec<(u64, u64)> = {
+            // Staged bytes are copied while the index lock pins them: the flusher unindexes
+            // a record before its space can be reused.
+            let index = lun.index();
+            let mut gaps = Vec::new();
+            for piece in index.lookup(offset, end) {
+                match piece {
+                    Piece::Staged(x) => {
+                        let dst = &mut out[(x.start - offset) as usize..(x.end - offset) as usize];
+                        match x.src {
+                            Source::Log { nvram_off } => self.region.read_at(nvram_off, dst),
+                            Source::Zero => dst.fill(0),
+                        }
+                    }
+                    Piece::Medium { start, end } => gaps.push((start, end)),
+                }
+            }
+            gaps
+        };
+        for (start, gap_end) in gaps {
+            let dst = &mut out[(start - offset) as usize..(gap_end - offset) as usize];
+            lun.medium.read_at(dst, start).map_err(|e| IoError {
+                errno: e.raw_os_error().unwrap_or(libc::EIO),
+                message: format!("reading {} at {start}: {e}", lun.medium.describe()),
+            })?;
+        }
+        lun.stats.reads.fetch_add(1, Ordering::Relaxed);
+        lun.stats
+            .bytes_read
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// FLUSH: nothing to do. Every completed write is already durable in the NVRAM (the
+    /// device advertises no volatile cache), so there is no cache to flush.
+    pub fn flush(&self) -> Result<(), IoError> {
+        Ok(())
+    }
+
+    pub fn set_flush_paused(&self, paused: bool) {
+        for p in &self.parts {
+            p.set_flush_paused(paused);
+        }
+    }
+
+    /// Waits until every staged write is on the medium.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.parts
+            .iter()
+            .all(|p| p.wait_drained(deadline.saturating_duration_since(Instant::now())))
+    }
+
+    /// Stops the background threads; staged records stay in the NVRAM for the next start.
+    pub fn shutdown(&self) {
+        for p in &self.parts {
+            p.shutdown();
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        EngineStatus {
+            node: self.node.clone(),
+            nvram_path: self.region.path().display().to_string(),
+            nvram_bytes: self.region.len(),
+            log_id: format!("{:016x}", self.sb.log_id),
+            partitions: self.parts.iter().map(|p| p.status()).collect(),
+            luns: self
+                .luns
+                .iter()
+                .map(|l| {
+                    let ix = l.index();
+                    LunStatus {
+                        name: l.name.clone(),
+                        size: l.size,
+                        ranges: l.ranges,
+                        medium: l.medium.describe(),
+                        staged_extents: ix.extents(),
+                        staged_bytes: ix.staged_bytes(),
+                        reads: l.stats.reads.load(Ordering::Relaxed),
+                        writes: l.stats.writes.load(Ordering::Relaxed),
+                        bytes_read: l.stats.bytes_read.load(Ordering::Relaxed),
+                        bytes_written: l.stats.bytes_written.load(Ordering::Relaxed),
+                    }
+                })
+                .collect(),
+            bytes_flushed: self.flusher_stats.bytes_flushed.load(Ordering::Relaxed),
+            flush_batches: self.flusher_stats.batches.load(Ordering::Relaxed),
+            medium_errors: self.flusher_stats.medium_errors.load(Ordering::Relaxed),
+            last_medium_error: self
+                .flusher_stats
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone()),
+            replay: self.replay.clone(),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Scans every partition from its checkpoint.
+pub fn scan_all(
+    region: &NvramRegion,
+    sb: &Superblock,
+    config: &str,
+) -> Result<Vec<(PartitionCheckpoint, ScanResult)>, EngineError> {
+    let layout = Layout::of(sb);
+    let mut out = Vec::new();
+    for p in 0..sb.partitions {
+        let cp = read_checkpoint(region, &layout, p, sb.log_id).ok_or_else(|| {
+            EngineError::CorruptSuperblock {
+                path: region.path().to_owned(),
+                reason: format!("no valid checkpoint for partition {p}"),
+                config: config.to_owned(),
+            }
+        })?;
+        let log = region.slice(layout.partition_base(p), layout.part_size as usize);
+        let scan = scan_partition(log, p, sb.log_id, cp.tail_off, cp.tail_seq);
+        out.push((cp, scan));
+    }
+    Ok(out)
+}
+
+/// Writes every scanned record into its medium, in sequence order per partition, and syncs.
+fn replay(
+    region: &NvramRegion,
+    sb: &Superblock,
+    scans: &[(PartitionCheckpoint, ScanResult)],
+    luns: &[LunSpec],
+    report: &mut ReplayReport,
+) -> Result<(), EngineError> {
+    let layout = Layout::of(sb);
+    let mut touched = vec![false; luns.len()];
+    for (p, (_, scan)) in scans.iter().enumerate() {
+        report.discarded_unacknowledged += scan.discarded_tail;
+        if scan.discarded_tail > 0 {
+            tracing::warn!(
+                partition = p,
+                "dropping {} record(s) at the log tail that were never acknowledged (the node stopped while writing them)",
+                scan.discarded_tail
+            );
+        }
+        for r in &scan.records {
+            let h = &r.header;
+            let lun = luns.get(h.lun as usize).ok_or_else(|| {
+                EngineError::Replay(format!("record seq {} names LUN {} which is not configured", h.seq, h.lun))
+            })?;
+            if h.offset + h.len as u64 > lun.size {
+                return Err(EngineError::Replay(format!(
+                    "record seq {} ends beyond LUN {} ({} bytes)",
+                    h.seq, lun.name, lun.size
+                )));
+            }
+            let res = match h.kind {
+                RecordKind::Data => {
+                    let at = layout.partition_base(p as u32) + r.data_pos();
+                    lun.medium.write_at(region.slice(at, h.data_len as usize), h.offset)
+                }
+                RecordKind::Zero => lun.medium.write_zeroes(h.offset, h.len as u64),
+                RecordKind::Wrap => Ok(()),
+            };
+            res.map_err(|e| EngineError::Replay(format!("seq {} to {}: {e}", h.seq, lun.medium.describe())))?;
+            touched[h.lun as usize] = true;
+            report.records += 1;
+            report.bytes += h.len as u64;
+        }
+    }
+    for (i, lun) in luns.iter().enumerate() {
+        if touched[i] {
+            lun.medium
+                .sync()
+                .map_err(|e| EngineError::Replay(format!("syncing {}: {e}", lun.medium.describe())))?;
+        }
+    }
+    if report.records > 0 {
+        tracing::info!(
+            "replayed {} staged record(s), {} bytes, into the medium",
+            report.records,
+            report.bytes
+        );
+    }
+    Ok(())
+}
+
+/// After a replay, every partition restarts empty where its log ended.
+fn restart_points(
+    region: &NvramRegion,
+    sb: &Superblock,
+    scans: &[(PartitionCheckpoint, ScanResult)],
+) -> Result<Vec<LogStart>, EngineError> {
+    let layout = Layout::of(sb);
+    let mut starts = Vec::new();
+    for (p, (cp, scan)) in scans.iter().enumerate() {
+        // Skip over the seqs of a discarded tail so its leftovers never look current.
+        let next_seq = scan.next_seq.max(scan.max_seq_seen + 1);
+        let new = PartitionCheckpoint {
+            partition: p as u32,
+            log_id: sb.log_id,
+            generation: cp.generation + 1,
+            tail_off: scan.next_pos,
+            tail_seq: next_seq,
+        };
+        write_checkpoint(region, &layout, &new)?;
+        starts.push(LogStart {
+            pos: scan.next_pos,
+            next_seq,
+            checkpoint_generation: new.generation,
+        });
+    }
+    Ok(starts)
+}
+
+fn format(
+    region: &NvramRegion,
+    opts: &EngineOptions,
+    layout_desc: &str,
+) -> Result<(Superblock, Vec<LogStart>), EngineError> {
+    let layout = Layout::compute(region.len(), opts.partitions).ok_or(EngineError::TooSmall {
+        path: region.path().to_owned(),
+        size: region.len(),
+        partitions: opts.partitions,
+    })?;
+    let sb = Superblock {
+        version: FORMAT_VERSION,
+        log_id: rand::random::<u64>() | 1,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        node_name: opts.node_name.clone(),
+        partitions: layout.partitions,
+        part_size: layout.part_size,
+        data_offset: layout.data_offset,
+        layout: layout_desc.to_owned(),
+    };
+    // Checkpoints first, superblock last: a crash in between leaves the old superblock
+    // (whose log_id the new checkpoints do not match) or a blank device, never a mix.
+    let mut starts = Vec::new();
+    for p in 0..layout.partitions {
+        let blank = [0u8; PartitionCheckpoint::SLOT_BYTES as usize];
+        region.write_at(layout.checkpoint_offset(p, 1), &blank);
+        let cp = PartitionCheckpoint {
+            partition: p,
+            log_id: sb.log_id,
+            generation: 0,
+            tail_off: 0,
+            tail_seq: 1,
+        };
+        write_checkpoint(region, &layout, &cp)?;
+        region.persist(layout.checkpoint_offset(p, 1), PartitionCheckpoint::SLOT_BYTES)?;
+        starts.push(LogStart {
+            pos: 0,
+            next_seq: 1,
+            checkpoint_generation: 0,
+        });
+    }
+    region.write_at(0, &sb.encode());
+    region.persist(0, 4096)?;
+    Ok((sb, starts))
+}

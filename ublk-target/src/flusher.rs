@@ -1,0 +1,104 @@
+//! The flusher: moves durable records from a partition log to the medium, in sequence
+//! order, then releases their log space.
+//!
+//! Order of one batch: write every record -> sync each medium touched -> drop the records
+//! from the staged-extent index (reads now go to the medium) -> `release` (checkpoint first,
+//! then the space is reusable). A medium error stops the batch and retries it after a pause:
+//! records are never dropped, and writers feel back-pressure once the log is full.
+
+use crate::engine::Lun;
+use crate::log::{PartitionLog, RecordMeta};
+use crate::nvram::record::{RecordKind, HEADER_BYTES};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+pub struct FlusherStats {
+    pub bytes_flushed: AtomicU64,
+    pub batches: AtomicU64,
+    pub medium_errors: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+pub fn run_flusher(
+    log: Arc<PartitionLog>,
+    luns: Arc<Vec<Arc<Lun>>>,
+    batch_bytes: u64,
+    stats: Arc<FlusherStats>,
+) {
+    let mut backoff = Duration::from_millis(10);
+    while let Some(batch) = log.next_flush_batch(batch_bytes) {
+        match flush_batch(&log, &luns, &batch) {
+            Ok(bytes) => {
+                backoff = Duration::from_millis(10);
+                stats.bytes_flushed.fetch_add(bytes, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut e) = stats.last_error.lock() {
+                    *e = None;
+                }
+            }
+            Err(e) => {
+                stats.medium_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    partition = log.id,
+                    "flush to medium failed: {e}; records stay staged, retrying in {backoff:?}"
+                );
+                if let Ok(mut last) = stats.last_error.lock() {
+                    *last = Some(e);
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn flush_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> Result<u64, String> {
+    let mut touched = vec![false; luns.len()];
+    let mut bytes = 0;
+    for r in batch {
+        if r.kind == RecordKind::Wrap {
+            continue;
+        }
+        let lun = &luns[r.lun as usize];
+        touched[r.lun as usize] = true;
+        let res = match r.kind {
+            RecordKind::Data => {
+                let data = log
+                    .region()
+                    .slice(log.nvram_offset(r.pos) + HEADER_BYTES, r.len as usize);
+                lun.medium.write_at(data, r.offset)
+            }
+            RecordKind::Zero => lun.medium.write_zeroes(r.offset, r.len),
+            RecordKind::Wrap => Ok(()),
+        };
+        res.map_err(|e| {
+            format!(
+                "writing seq {} ({} bytes at {}) to {}: {e}",
+                r.seq,
+                r.len,
+                r.offset,
+                lun.medium.describe()
+            )
+        })?;
+        bytes += r.len;
+    }
+    for (i, lun) in luns.iter().enumerate() {
+        if touched[i] {
+            lun.medium
+                .sync()
+                .map_err(|e| format!("syncing {}: {e}", lun.medium.describe()))?;
+        }
+    }
+    for r in batch {
+        if r.kind != RecordKind::Wrap {
+            luns[r.lun as usize]
+                .index()
+                .remove_flushed(log.id, r.seq, r.offset, r.offset + r.len);
+        }
+    }
+    log.release(batch)
+        .map_err(|e| format!("persisting the checkpoint of partition {}: {e}", log.id))?;
+    Ok(bytes)
+}

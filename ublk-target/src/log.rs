@@ -1,0 +1,534 @@
+//! One partition's staging log: a circular log in the NVRAM.
+//!
+//! A record goes through four states, always in sequence order:
+//!
+//! ```text
+//! reserved --copy--> copied --persist (group commit)--> durable --flusher--> released
+//! ```
+//!
+//! * `append` reserves space (waiting if the log is full: back-pressure, never an error),
+//!   copies header and data into the mapping, and hands back a future that resolves when
+//!   the record is durable.
+//! * The persister thread makes the longest copied prefix durable with one msync per
+//!   contiguous range and acknowledges those records in order, so the durable records are
+//!   always a prefix of the log (recovery relies on it, see `nvram::scan`).
+//! * The flusher takes durable records, writes them to the medium and calls `release`, which
+//!   persists a checkpoint first and only then lets the space be reused.
+
+use crate::nvram::layout::{Layout, PartitionCheckpoint};
+use crate::nvram::record::{RecordHeader, RecordKind, HEADER_BYTES};
+use crate::nvram::NvramRegion;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Notify};
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("NVRAM partition {partition} failed to persist: {message}")]
+    Persist { partition: u32, message: String },
+    #[error("NVRAM partition {partition} is shutting down")]
+    Shutdown { partition: u32 },
+}
+
+/// What the flusher needs to know about a durable record.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordMeta {
+    pub seq: u64,
+    /// Header offset within the partition.
+    pub pos: u64,
+    /// Bytes the record occupies (for a wrap marker: the rest of the partition).
+    pub slot: u64,
+    pub kind: RecordKind,
+    pub lun: u32,
+    pub offset: u64,
+    pub len: u64,
+    pub appended: Instant,
+}
+
+struct Pending {
+    meta: RecordMeta,
+    copied: bool,
+    done: Option<oneshot::Sender<Result<(), LogError>>>,
+}
+
+struct LogState {
+    /// Where the next record goes.
+    head: u64,
+    /// Where the oldest unreleased record is.
+    tail: u64,
+    /// Bytes between tail and head (wrap padding included).
+    used: u64,
+    next_seq: u64,
+    acked_through: u64,
+    flushed_through: u64,
+    pending: VecDeque<Pending>,
+    durable: VecDeque<RecordMeta>,
+    checkpoint_generation: u64,
+    failed: Option<String>,
+    shutdown: bool,
+    flush_paused: bool,
+}
+
+/// Where a fresh or recovered log starts.
+#[derive(Clone, Copy, Debug)]
+pub struct LogStart {
+    pub pos: u64,
+    pub next_seq: u64,
+    pub checkpoint_generation: u64,
+}
+
+pub struct PartitionLog {
+    pub id: u32,
+    region: Arc<NvramRegion>,
+    layout: Layout,
+    log_id: u64,
+    state: Mutex<LogState>,
+    persist_wanted: Condvar,
+    flush_wanted: Condvar,
+    space_freed: Notify,
+    released: Condvar,
+}
+
+/// Snapshot for status output.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub records_unflushed: usize,
+    pub records_in_flight: usize,
+    pub next_seq: u64,
+    pub acked_through: u64,
+    pub flushed_through: u64,
+    /// Age of the oldest record not yet on the medium.
+    pub flush_lag_ms: u64,
+    pub flush_paused: bool,
+    pub failed: Option<String>,
+}
+
+fn lock(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
+    // A panic while holding the lock is a bug; the state is still consistent enough to
+    // report, and refusing to continue would only turn one bug into a hang.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PartitionLog {
+    pub fn new(
+        id: u32,
+        region: Arc<NvramRegion>,
+        layout: Layout,
+        log_id: u64,
+        start: LogStart,
+    ) -> Arc<PartitionLog> {
+        Arc::new(PartitionLog {
+            id,
+            region,
+            layout,
+            log_id,
+            state: Mutex::new(LogState {
+                head: start.pos,
+                tail: start.pos,
+                used: 0,
+                next_seq: start.next_seq,
+                acked_through: start.next_seq - 1,
+                flushed_through: start.next_seq - 1,
+                pending: VecDeque::new(),
+                durable: VecDeque::new(),
+                checkpoint_generation: start.checkpoint_generation,
+                failed: None,
+                shutdown: false,
+                flush_paused: false,
+            }),
+            persist_wanted: Condvar::new(),
+            flush_wanted: Condvar::new(),
+            space_freed: Notify::new(),
+            released: Condvar::new(),
+        })
+    }
+
+    fn base(&self) -> u64 {
+        self.layout.partition_base(self.id)
+    }
+
+    fn size(&self) -> u64 {
+        self.layout.part_size
+    }
+
+    /// Absolute NVRAM offset of a position in this partition.
+    pub fn nvram_offset(&self, pos: u64) -> u64 {
+        self.base() + pos
+    }
+
+    /// Finds room for a record of `slot` bytes: Some((wrap padding, position)).
+    fn try_reserve(&self, st: &LogState, slot: u64) -> Option<(u64, u64)> {
+        let size = self.size();
+        if size - st.used < slot {
+            return None;
+        }
+        let wrapped = st.head < st.tail || (st.head == st.tail && st.used == size);
+        if wrapped {
+            return (st.head + slot <= st.tail).then_some((0, st.head));
+        }
+        if st.head + slot <= size {
+            return Some((0, st.head));
+        }
+        let padding = size - st.head;
+        (slot <= st.tail && st.used + padding + slot <= size).then_some((padding, 0))
+    }
+
+    /// Stages one record. `data` is the payload for `RecordKind::Data` (empty otherwise).
+    /// `on_copied(seq, nvram_offset_of_data)` runs after the bytes are in the NVRAM and
+    /// before the record can become durable (so before the flusher can see it): the engine
+    /// indexes the record there. Returns a future that resolves when the record is durable.
+    pub async fn append(
+        &self,
+        kind: RecordKind,
+        lun: u32,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+        on_copied: impl FnOnce(u64, u64),
+    ) -> Result<oneshot::Receiver<Result<(), LogError>>, LogError> {
+        debug_assert!(kind != RecordKind::Wrap);
+        let data_crc = crc32c::crc32c(data);
+        let slot = RecordHeader::slot_bytes(data.len() as u64);
+        let (seq, pos, wrap, acked_through, rx) = loop {
+            let freed = self.space_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut st = lock(&self.state);
+                if let Some(msg) = &st.failed {
+                    return Err(LogError::Persist {
+                        partition: self.id,
+                        message: msg.clone(),
+                    });
+                }
+                if st.shutdown {
+                    return Err(LogError::Shutdown { partition: self.id });
+                }
+                if let Some((padding, pos)) = self.try_reserve(&st, slot) {
+                    let now = Instant::now();
+                    let mut wrap = None;
+                    if padding > 0 {
+                        let w = RecordMeta {
+                            seq: st.next_seq,
+                            pos: st.head,
+                            slot: padding,
+                            kind: RecordKind::Wrap,
+                            lun: 0,
+                            offset: 0,
+                            len: 0,
+                            appended: now,
+                        };
+                        st.next_seq += 1;
+                        st.used += padding;
+                        // Not copied yet: the record after it must not become durable
+                        // before the marker is in place.
+                        st.pending.push_back(Pending {
+                            meta: w,
+                            copied: false,
+                            done: None,
+                        });
+                        wrap = Some(w);
+                    }
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    st.used += slot;
+                    st.head = pos + slot;
+                    if st.head == self.size() {
+                        st.head = 0;
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    st.pending.push_back(Pending {
+                        meta: RecordMeta {
+                            seq,
+                            pos,
+                            slot,
+                            kind,
+                            lun,
+                            offset,
+                            len,
+                            appended: now,
+                        },
+                        copied: false,
+                        done: Some(tx),
+                    });
+                    break (seq, pos, wrap, st.acked_through, rx);
+                }
+            }
+            freed.await;
+        };
+
+        if let Some(w) = wrap {
+            let h = RecordHeader {
+                kind: RecordKind::Wrap,
+                flags: 0,
+                log_id: self.log_id,
+                seq: w.seq,
+                lun: 0,
+                partition: self.id,
+                offset: 0,
+                len: 0,
+                data_len: 0,
+                acked_through,
+                data_crc: crc32c::crc32c(&[]),
+            };
+            self.region.write_at(self.nvram_offset(w.pos), &h.encode());
+        }
+        let header = RecordHeader {
+            kind,
+            flags: 0,
+            log_id: self.log_id,
+            seq,
+            lun,
+            partition: self.id,
+            offset,
+            len: len as u32,
+            data_len: data.len() as u32,
+            acked_through,
+            data_crc,
+        };
+        let at = self.nvram_offset(pos);
+        self.region.write_at(at, &header.encode());
+        self.region.write_at(at + HEADER_BYTES, data);
+        on_copied(seq, at + HEADER_BYTES);
+
+        let mut st = lock(&self.state);
+        for p in st.pending.iter_mut() {
+            if p.meta.seq == seq || wrap.is_some_and(|w| w.seq == p.meta.seq) {
+                p.copied = true;
+            }
+        }
+        if st.pending.front().is_some_and(|p| p.copied) {
+            self.persist_wanted.notify_one();
+        }
+        Ok(rx)
+    }
+
+    /// The persister: group commit of the copied prefix. Runs on its own thread until
+    /// `shutdown`.
+    pub fn run_persister(&self) {
+        loop {
+            let batch: Vec<Pending> = {
+                let mut st = lock(&self.state);
+                while !st.shutdown && !st.pending.front().is_some_and(|p| p.copied) {
+                    st = self
+                        .persist_wanted
+                        .wait(st)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                if st.shutdown && !st.pending.front().is_some_and(|p| p.copied) {
+                    for mut p in st.pending.drain(..) {
+                        if let Some(tx) = p.done.take() {
+                            let _ = tx.send(Err(LogError::Shutdown { partition: self.id }));
+                        }
+                    }
+                    break;
+                }
+                let n = st.pending.iter().take_while(|p| p.copied).count();
+                st.pending.drain(..n).collect()
+            };
+
+            let result = self.persist_batch(&batch);
+            let mut st = lock(&self.state);
+            match &result {
+                Ok(()) => {
+                    if let Some(last) = batch.last() {
+                        st.acked_through = last.meta.seq;
+                    }
+                    st.durable.extend(batch.iter().map(|p| p.meta));
+                    self.flush_wanted.notify_all();
+                }
+                Err(e) => {
+                    tracing::error!(partition = self.id, "NVRAM persist failed: {e}; failing writes");
+                    st.failed = Some(e.to_string());
+                }
+            }
+            drop(st);
+            for mut p in batch {
+                if let Some(tx) = p.done.take() {
+                    let r = result.clone().map_err(|e| LogError::Persist {
+                        partition: self.id,
+                        message: e.to_string(),
+                    });
+                    // The writer may have gone away (device torn down): nothing to tell.
+                    let _ = tx.send(r);
+                }
+            }
+        }
+    }
+
+    fn persist_batch(&self, batch: &[Pending]) -> Result<(), std::sync::Arc<std::io::Error>> {
+        // Merge physically contiguous records into one range each.
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for p in batch {
+            let (start, end) = (p.meta.pos, p.meta.pos + p.meta.slot);
+            match ranges.last_mut() {
+                Some(r) if r.1 == start => r.1 = end,
+                _ => ranges.push((start, end)),
+            }
+        }
+        for (start, end) in ranges {
+            self.region
+                .persist(self.nvram_offset(start), end - start)
+                .map_err(Arc::new)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for durable records and returns the oldest ones, up to `max_bytes` of log
+    /// (at least one record). Returns None on shutdown.
+    pub fn next_flush_batch(&self, max_bytes: u64) -> Option<Vec<RecordMeta>> {
+        let mut st = lock(&self.state);
+        loop {
+            // On shutdown whatever is staged stays in the NVRAM for the next start's replay
+            // (a graceful stop drains first).
+            if st.shutdown {
+                return None;
+            }
+            if !st.durable.is_empty() && !st.flush_paused {
+                break;
+            }
+            st = self
+                .flush_wanted
+                .wait_timeout(st, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        let mut bytes = 0;
+        let mut batch = Vec::new();
+        for r in st.durable.iter() {
+            if !batch.is_empty() && bytes + r.slot > max_bytes {
+                break;
+            }
+            bytes += r.slot;
+            batch.push(*r);
+        }
+        Some(batch)
+    }
+
+    /// The flusher has put `batch` (the oldest durable records, in order) on the medium:
+    /// persist a checkpoint past them, then free their space.
+    pub fn release(&self, batch: &[RecordMeta]) -> std::io::Result<()> {
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        let mut new_tail = last.pos + last.slot;
+        if new_tail >= self.size() {
+            new_tail = 0;
+        }
+        let generation = lock(&self.state).checkpoint_generation + 1;
+        let cp = PartitionCheckpoint {
+            partition: self.id,
+            log_id: self.log_id,
+            generation,
+            tail_off: new_tail,
+            tail_seq: last.seq + 1,
+        };
+        write_checkpoint(&self.region, &self.layout, &cp)?;
+
+        let mut st = lock(&self.state);
+        st.checkpoint_generation = generation;
+        for r in batch {
+            let front = st.durable.pop_front();
+            assert_eq!(
+                front.map(|f| f.seq),
+                Some(r.seq),
+                "flusher released records out of order"
+            );
+            st.used -= r.slot;
+        }
+        st.tail = new_tail;
+        st.flushed_through = last.seq;
+        drop(st);
+        self.released.notify_all();
+        self.space_freed.notify_waiters();
+        Ok(())
+    }
+
+    pub fn set_flush_paused(&self, paused: bool) {
+        lock(&self.state).flush_paused = paused;
+        self.flush_wanted.notify_all();
+    }
+
+    /// Blocks until every record appended so far is on the medium, or the timeout passes.
+    pub fn wait_drained(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.state);
+        let target = st.next_seq - 1;
+        while st.flushed_through < target && st.failed.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .released
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        st.flushed_through >= target
+    }
+
+    pub fn shutdown(&self) {
+        lock(&self.state).shutdown = true;
+        self.persist_wanted.notify_all();
+        self.flush_wanted.notify_all();
+        self.space_freed.notify_waiters();
+    }
+
+    pub fn status(&self) -> PartitionStatus {
+        let st = lock(&self.state);
+        PartitionStatus {
+            partition: self.id,
+            capacity_bytes: self.size(),
+            used_bytes: st.used,
+            records_unflushed: st.durable.len() + st.pending.len(),
+            records_in_flight: st.pending.len(),
+            next_seq: st.next_seq,
+            acked_through: st.acked_through,
+            flushed_through: st.flushed_through,
+            flush_lag_ms: st
+                .durable
+                .front()
+                .map(|r| r.appended.elapsed().as_millis() as u64)
+                .unwrap_or(0),
+            flush_paused: st.flush_paused,
+            failed: st.failed.clone(),
+        }
+    }
+
+    pub fn region(&self) -> &NvramRegion {
+        &self.region
+    }
+}
+
+/// Writes and persists a checkpoint into the slot its generation selects.
+pub fn write_checkpoint(
+    region: &NvramRegion,
+    layout: &Layout,
+    cp: &PartitionCheckpoint,
+) -> std::io::Result<()> {
+    let off = layout.checkpoint_offset(cp.partition, cp.slot());
+    region.write_at(off, &cp.encode());
+    region.persist(off, PartitionCheckpoint::SLOT_BYTES)
+}
+
+/// Reads the newest valid checkpoint of partition `p` for log `log_id`.
+pub fn read_checkpoint(
+    region: &NvramRegion,
+    layout: &Layout,
+    p: u32,
+    log_id: u64,
+) -> Option<PartitionCheckpoint> {
+    (0..PartitionCheckpoint::SLOTS)
+        .filter_map(|slot| {
+            let mut buf = [0u8; 48];
+            region.read_at(layout.checkpoint_offset(p, slot), &mut buf);
+            PartitionCheckpoint::decode(&buf)
+        })
+        .filter(|c| c.log_id == log_id && c.partition == p && c.tail_off < layout.part_size)
+        .max_by_key(|c| c.generation)
+}

@@ -1,0 +1,218 @@
+//! The storage medium behind a LUN: a file or block device.
+//!
+//! Writes come only from the flusher (and replay), in sequence order, through the page
+//! cache and are made durable with one `sync` per batch. Reads use a second descriptor
+//! opened O_DIRECT, so they always see what is on the device, never a stale cached page
+//! (another node may write the same medium after a takeover).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// What the engine needs from a medium; tests use an in-memory one.
+pub trait Medium: Send + Sync {
+    fn size(&self) -> u64;
+    fn write_at(&self, data: &[u8], off: u64) -> io::Result<()>;
+    /// `out` is 4 KiB-aligned in address and length when it comes from the device path.
+    fn read_at(&self, out: &mut [u8], off: u64) -> io::Result<()>;
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    fn describe(&self) -> String;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediumError {
+    #[error("cannot open storage medium {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("storage medium {path} is {actual} bytes, smaller than the LUN size {wanted}; grow it or set a smaller lun size")]
+    TooSmall {
+        path: PathBuf,
+        actual: u64,
+        wanted: u64,
+    },
+    #[error("storage medium {path} is {actual} bytes, not a multiple of 4096; set lun size explicitly")]
+    Unaligned { path: PathBuf, actual: u64 },
+}
+
+pub struct FileMedium {
+    path: PathBuf,
+    writer: File,
+    direct_reader: File,
+    size: u64,
+    is_block: bool,
+}
+
+impl FileMedium {
+    pub fn open(path: &Path, size: Option<u64>) -> Result<FileMedium, MediumError> {
+        let err = |source| MediumError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let writer = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(err)?;
+        let direct_reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(err)?;
+        let meta = writer.metadata().map_err(err)?;
+        let is_block = meta.file_type().is_block_device();
+        let actual = if is_block {
+            crate::nvram::region::block_device_size(&writer).map_err(err)?
+        } else {
+            meta.len()
+        };
+        let size = match size {
+            Some(wanted) if wanted > actual => {
+                return Err(MediumError::TooSmall {
+                    path: path.to_owned(),
+                    actual,
+                    wanted,
+                })
+            }
+            Some(wanted) => wanted,
+            None if actual % crate::config::BLOCK_SIZE != 0 || actual == 0 => {
+                return Err(MediumError::Unaligned {
+                    path: path.to_owned(),
+                    actual,
+                })
+            }
+            None => actual,
+        };
+        Ok(FileMedium {
+            path: path.to_owned(),
+            writer,
+            direct_reader,
+            size,
+            is_block,
+        })
+    }
+}
+
+impl Medium for FileMedium {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
+        self.writer.write_all_at(data, off)
+    }
+
+    fn read_at(&self, out: &mut [u8], off: u64) -> io::Result<()> {
+        self.direct_reader.read_exact_at(out, off)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        // ZERO_RANGE works on block devices (it zeroes) and most filesystems; fall back to
+        // writing zeroes where it is not supported (tmpfs, old filesystems).
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: plain syscall on an fd we own.
+        let rc = unsafe {
+            libc::fallocate(
+                self.writer.as_raw_fd(),
+                mode,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+                let zeroes = vec![0u8; 1 << 20];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(zeroes.len() as u64) as usize;
+                    self.writer.write_all_at(&zeroes[..n], off + done)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            _ => Err(e),
+        }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.writer.sync_data()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} ({})",
+            self.path.display(),
+            if self.is_block { "block device" } else { "file" }
+        )
+    }
+}
+
+/// A medium in memory, for tests and the simulator. It can be told to fail writes.
+#[derive(Default)]
+pub struct MemMedium {
+    data: std::sync::Mutex<Vec<u8>>,
+    pub fail_writes: std::sync::atomic::AtomicBool,
+    pub syncs: std::sync::atomic::AtomicU64,
+}
+
+impl MemMedium {
+    pub fn new(size: u64) -> MemMedium {
+        MemMedium {
+            data: std::sync::Mutex::new(vec![0; size as usize]),
+            ..Default::default()
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_fail(&self) -> io::Result<()> {
+        if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Medium for MemMedium {
+    fn size(&self) -> u64 {
+        self.lock().len() as u64
+    }
+    fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
+        self.check_fail()?;
+        let mut d = self.lock();
+        d[off as usize..off as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn read_at(&self, out: &mut [u8], off: u64) -> io::Result<()> {
+        let d = self.lock();
+        out.copy_from_slice(&d[off as usize..off as usize + out.len()]);
+        Ok(())
+    }
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        self.check_fail()?;
+        let mut d = self.lock();
+        d[off as usize..(off + len) as usize].fill(0);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.check_fail()?;
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}

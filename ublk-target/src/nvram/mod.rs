@@ -1,0 +1,14 @@
+//! The NVRAM: a memory-mapped device that holds the staging logs (the "first store").
+//!
+//! `region` maps the device and makes byte ranges durable, `layout` places the superblock,
+//! the per-partition checkpoints and the partition logs, `record` is the on-NVRAM format of
+//! one staged write, and `scan` reads a partition log back after a restart.
+
+pub mod layout;
+pub mod record;
+pub mod region;
+pub mod scan;
+
+pub use layout::{Layout, PartitionCheckpoint, Superblock};
+pub use record::{RecordHeader, RecordKind};
+pub use region::NvramRegion;

@@ -1,0 +1,197 @@
+//! A memory mapping of the whole NVRAM device with explicit durability.
+//!
+//! Writes are plain memory copies into a shared mapping; `persist` makes a range durable
+//! (msync(MS_SYNC): for a file this is a data sync, for a block device such as /dev/pmemN it
+//! writes the pages back through the driver and flushes the device cache). A process crash
+//! loses nothing that was copied, because the pages belong to the kernel; a power cut loses
+//! what was not persisted, which is why a write is acknowledged only after `persist`.
+
+use memmap2::{MmapOptions, MmapRaw};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error("cannot open NVRAM {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error(
+        "NVRAM {path} does not exist; set nvram.size in the config so it can be created as a file"
+    )]
+    MissingSize { path: PathBuf },
+    #[error("NVRAM {path} is {actual} bytes but nvram.size asks for {wanted}; use a size that fits or a bigger device")]
+    TooSmall {
+        path: PathBuf,
+        actual: u64,
+        wanted: u64,
+    },
+    #[error("cannot map NVRAM {path} into memory: {source}")]
+    Map { path: PathBuf, source: io::Error },
+}
+
+pub struct NvramRegion {
+    path: PathBuf,
+    map: MmapRaw,
+    len: u64,
+    // Kept open for the mapping's lifetime.
+    _file: File,
+}
+
+// SAFETY: the mapping is plain shared memory; all access goes through the bounds-checked
+// copy methods below, and the engine's log discipline guarantees that no byte range is
+// written by one thread while another reads or writes it (a range is written once, between
+// its reservation and its publication, and reused only after every reader has let go).
+unsafe impl Send for NvramRegion {}
+unsafe impl Sync for NvramRegion {}
+
+impl NvramRegion {
+    /// Opens (and, for a missing file, creates) the NVRAM and maps `size` bytes of it
+    /// (default: all of it).
+    pub fn open(path: &Path, size: Option<u64>) -> Result<NvramRegion, RegionError> {
+        let exists = path.exists();
+        if !exists && size.is_none() {
+            return Err(RegionError::MissingSize {
+                path: path.to_owned(),
+            });
+        }
+        let open_err = |source| RegionError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(!exists)
+            .truncate(false)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let actual = if meta.file_type().is_block_device() {
+            block_device_size(&file).map_err(open_err)?
+        } else {
+            meta.len()
+        };
+        let len = match size {
+            Some(wanted) if wanted > actual => {
+                if meta.file_type().is_file() {
+                    // A file NVRAM is allocated up front so staging never hits ENOSPC later.
+                    file.set_len(wanted).map_err(open_err)?;
+                    allocate(&file, wanted).map_err(open_err)?;
+                    wanted
+                } else {
+                    return Err(RegionError::TooSmall {
+                        path: path.to_owned(),
+                        actual,
+                        wanted,
+                    });
+                }
+            }
+            Some(wanted) => wanted,
+            None => actual,
+        };
+        let map = MmapOptions::new()
+            .len(len as usize)
+            .map_raw(&file)
+            .map_err(|source| RegionError::Map {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(NvramRegion {
+            path: path.to_owned(),
+            map,
+            len,
+            _file: file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, off: u64, len: usize) {
+        // An out-of-bounds access is an engine bug, never input: stop before corrupting memory.
+        assert!(
+            off.checked_add(len as u64).is_some_and(|end| end <= self.len),
+            "NVRAM access {off}+{len} beyond {}",
+            self.len
+        );
+    }
+
+    /// Copies `data` into the NVRAM at `off` (not yet durable: see `persist`).
+    pub fn write_at(&self, off: u64, data: &[u8]) {
+        self.check(off, data.len());
+        // SAFETY: bounds checked above; the range belongs to the caller exclusively (see the
+        // Sync impl); source and destination cannot overlap (one is process heap or a ublk
+        // buffer, the other the mapping).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.map.as_mut_ptr().add(off as usize),
+                data.len(),
+            )
+        }
+    }
+
+    /// Copies NVRAM bytes at `off` into `out`.
+    pub fn read_at(&self, off: u64, out: &mut [u8]) {
+        self.check(off, out.len());
+        // SAFETY: bounds checked above; nobody writes this range while it is readable.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(off as usize),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        }
+    }
+
+    /// A read-only view of NVRAM bytes, for writing them to the medium without a copy.
+    pub fn slice(&self, off: u64, len: usize) -> &[u8] {
+        self.check(off, len);
+        // SAFETY: bounds checked above; the range is stable while the caller holds it
+        // (the flusher releases log space only after its medium write returned).
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off as usize), len) }
+    }
+
+    /// Makes `[off, off+len)` durable on the NVRAM device.
+    pub fn persist(&self, off: u64, len: u64) -> io::Result<()> {
+        self.check(off, len as usize);
+        self.map.flush_range(off as usize, len as usize)
+    }
+
+    /// The mapping's base address and length, for registering it with an RDMA device.
+    pub fn raw_parts(&self) -> (*mut u8, usize) {
+        (self.map.as_mut_ptr(), self.len as usize)
+    }
+}
+
+fn allocate(file: &File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an fd we own.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        // tmpfs and some filesystems do not support it; the file is still usable.
+        libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Size in bytes of a block device (BLKGETSIZE64).
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 into the pointer we pass.
+    unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
+    Ok(size)
+}
