@@ -1,1 +1,483 @@
-fn main(){}
+//! nvmirrorctl: operate nvmirrord from a shell.
+//!
+//! Exit codes: 0 success, 1 the operation failed, 2 bad usage or config, 3 the daemon is not
+//! running (or its socket cannot be reached).
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use nvmirror::config::{ByteSize, NodeConfig};
+use nvmirror::control::{self, DaemonStatus, Request, Response};
+use nvmirror::engine::{Engine, OpenMode};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const EXIT_FAILED: i32 = 1;
+const EXIT_USAGE: i32 = 2;
+const EXIT_NO_DAEMON: i32 = 3;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Operate nvmirror: status, device list, flusher control, NVRAM inspection and recovery",
+    after_help = "Exit codes: 0 success, 1 operation failed, 2 bad usage or config, 3 daemon not running"
+)]
+struct Cli {
+    /// Control socket of the daemon (default: from --config, else the only one in /run/nvmirror).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// The node's config file (used to find the socket and the NVRAM).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Node, devices, NVRAM partitions, flush lag.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// ublk devices on this host (any server) and their state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until the daemon answers and serves every configured LUN.
+    Wait {
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Pause or resume moving staged writes to the medium.
+    Flush {
+        #[arg(value_parser = ["pause", "resume"])]
+        action: String,
+    },
+    /// Wait until every staged write is on the medium.
+    Drain {
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Delete a ublk device by id (for a device whose daemon is gone for good).
+    Del { id: u32 },
+    /// ublk features the running kernel offers.
+    Features,
+    /// Look at or repair the NVRAM log (needs --config).
+    Nvram {
+        #[command(subcommand)]
+        cmd: NvramCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum NvramCmd {
+    /// Show the log's identity and what each partition holds (read-only; safe while running).
+    Inspect {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay the intact records into the medium, DISCARD the rest (after a damaged record),
+    /// and reformat. Only with the daemon stopped.
+    Salvage,
+    /// Erase the log and format it for this config. Staged writes are LOST. Daemon stopped.
+    Format {
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("nvmirrorctl: {e:#}");
+            let code = match e.downcast_ref::<CtlError>() {
+                Some(CtlError::NoDaemon(_)) => EXIT_NO_DAEMON,
+                Some(CtlError::Usage(_)) => EXIT_USAGE,
+                None => EXIT_FAILED,
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error("{0}")]
+    NoDaemon(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<(NodeConfig, PathBuf)> {
+    let path = cli.config.clone().ok_or_else(|| {
+        CtlError::Usage("this command needs --config FILE (the node's config)".into())
+    })?;
+    let cfg = NodeConfig::load(&path).map_err(|e| CtlError::Usage(e.to_string()))?;
+    Ok((cfg, path))
+}
+
+fn socket_path(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    if cli.config.is_some() {
+        return Ok(load_config(cli)?.0.control_socket());
+    }
+    let found: Vec<PathBuf> = std::fs::read_dir("/run/nvmirror")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    match found.len() {
+        0 => Err(CtlError::NoDaemon(
+            "no nvmirrord is running (no socket in /run/nvmirror); start it with `nvmirrord --config FILE`".into(),
+        )
+        .into()),
+        1 => Ok(found[0].clone()),
+        _ => Err(CtlError::Usage(format!(
+            "several daemons run here ({}); choose one with --config or --socket",
+            found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ))
+        .into()),
+    }
+}
+
+fn call(socket: &Path, req: Request, timeout: Duration) -> anyhow::Result<Response> {
+    match control::call(socket, &req, timeout) {
+        Ok(Response::Error { message }) => bail!("{message}"),
+        Ok(r) => Ok(r),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Err(CtlError::NoDaemon(format!(
+                "nvmirrord is not running ({}: {e})",
+                socket.display()
+            ))
+            .into())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(anyhow!(
+            "permission denied on {}: nvmirrorctl must run as root",
+            socket.display()
+        )),
+        Err(e) => Err(anyhow!("talking to nvmirrord on {}: {e}", socket.display())),
+    }
+}
+
+fn status(socket: &Path) -> anyhow::Result<DaemonStatus> {
+    match call(socket, Request::Status, Duration::from_secs(10))? {
+        Response::Status(s) => Ok(*s),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.cmd {
+        Cmd::Status { json } => {
+            let s = status(&socket_path(&cli)?)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+        }
+        Cmd::List { json } => list(*json)?,
+        Cmd::Wait { timeout } => {
+            let want = load_config(&cli).ok().map(|(c, _)| c.luns.len());
+            let socket = socket_path(&cli)?;
+            let deadline = Instant::now() + Duration::from_secs(*timeout);
+            loop {
+                match status(&socket) {
+                    Ok(s) if s.devices.len() >= want.unwrap_or(s.engine.luns.len()) => {
+                        for d in &s.devices {
+                            println!("{} {}", d.lun, d.path);
+                        }
+                        return Ok(());
+                    }
+                    Ok(_) | Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200))
+                    }
+                    Ok(_) => bail!("the daemon did not bring up every LUN within {timeout} s"),
+                    Err(e) => return Err(e.context(format!("waited {timeout} s"))),
+                }
+            }
+        }
+        Cmd::Flush { action } => {
+            let req = if action == "pause" {
+                Request::FlushPause
+            } else {
+                Request::FlushResume
+            };
+            call(&socket_path(&cli)?, req, Duration::from_secs(10))?;
+            println!("flusher {action}d");
+        }
+        Cmd::Drain { timeout } => {
+            call(
+                &socket_path(&cli)?,
+                Request::Drain {
+                    timeout_secs: *timeout,
+                },
+                Duration::from_secs(timeout + 10),
+            )?;
+            println!("all staged writes are on the medium");
+        }
+        Cmd::Del { id } => {
+            let ctrl = libublk::ctrl::UblkCtrl::new_simple(*id as i32)
+                .map_err(|e| anyhow!("ublk device {id}: {e}"))?;
+            ctrl.del_dev().map_err(|e| anyhow!("deleting ublk device {id}: {e}"))?;
+            println!("deleted /dev/ublkb{id}");
+        }
+        Cmd::Features => match libublk::ctrl::UblkCtrl::get_features() {
+            Some(f) => {
+                println!("ublk driver features: {f:#x}");
+                for (bit, name) in FEATURE_NAMES {
+                    println!("  {:<28} {}", name, if f & bit != 0 { "yes" } else { "no" });
+                }
+            }
+            None => bail!("cannot read ublk features: is ublk_drv loaded (modprobe ublk_drv) and the kernel 6.5 or newer?"),
+        },
+        Cmd::Nvram { cmd } => {
+            let (cfg, path) = load_config(&cli)?;
+            match cmd {
+                NvramCmd::Inspect { json } => {
+                    let r = nvmirror::inspect::inspect(&cfg.nvram.path)
+                        .with_context(|| format!("reading NVRAM {}", cfg.nvram.path.display()))?;
+                    if *json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        print_inspect(&r);
+                    }
+                }
+                NvramCmd::Salvage => {
+                    let e = Engine::open_config(&cfg, &path.display().to_string(), OpenMode::Salvage)?;
+                    let r = e.status().replay;
+                    e.shutdown();
+                    println!(
+                        "replayed {} intact record(s) ({} bytes) into the medium{}; the NVRAM is reformatted",
+                        r.records,
+                        r.bytes,
+                        if r.salvaged_from_corruption { " and discarded everything after the damaged record" } else { "" }
+                    );
+                }
+                NvramCmd::Format { force } => {
+                    if !force {
+                        return Err(CtlError::Usage(
+                            "formatting discards every staged write in the NVRAM; add --force if that is what you want".into(),
+                        )
+                        .into());
+                    }
+                    let e = Engine::open_config(&cfg, &path.display().to_string(), OpenMode::Format)?;
+                    e.shutdown();
+                    println!("formatted {} for node {}", cfg.nvram.path.display(), cfg.node.name);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+const FEATURE_NAMES: [(u64, &str); 10] = [
+    (1, "SUPPORT_ZERO_COPY"),
+    (2, "URING_CMD_COMP_IN_TASK"),
+    (4, "NEED_GET_DATA"),
+    (8, "USER_RECOVERY"),
+    (16, "USER_RECOVERY_REISSUE"),
+    (32, "UNPRIVILEGED_DEV"),
+    (64, "CMD_IOCTL_ENCODE"),
+    (128, "USER_COPY"),
+    (512, "USER_RECOVERY_FAIL_IO"),
+    (1024, "UPDATE_SIZE"),
+];
+
+fn list(json: bool) -> anyhow::Result<()> {
+    let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    let mut rows = Vec::new();
+    for id in ids {
+        let Ok(ctrl) = libublk::ctrl::UblkCtrl::new_simple(id as i32) else {
+            continue;
+        };
+        let info = ctrl.dev_info();
+        let state = match info.state as u32 {
+            libublk::sys::UBLK_S_DEV_DEAD => "DEAD",
+            libublk::sys::UBLK_S_DEV_LIVE => "LIVE",
+            libublk::sys::UBLK_S_DEV_QUIESCED => "QUIESCED",
+            libublk::sys::UBLK_S_DEV_FAIL_IO => "FAIL_IO",
+            _ => "UNKNOWN",
+        };
+        let target = ctrl
+            .get_target_data_from_json()
+            .and_then(|v| v.get("nvmirror").cloned());
+        rows.push(serde_json::json!({
+            "id": id,
+            "device": format!("/dev/ublkb{id}"),
+            "state": state,
+            "pid": info.ublksrv_pid,
+            "queues": info.nr_hw_queues,
+            "depth": info.queue_depth,
+            "nvmirror": target,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no ublk devices");
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<14} {:<9} {:>7} {:>6} {:>5}  SERVED BY",
+        "ID", "DEVICE", "STATE", "PID", "QUEUES", "DEPTH"
+    );
+    for r in rows {
+        let served = match r["nvmirror"].as_object() {
+            Some(o) => format!(
+                "nvmirror node {} lun {}",
+                o.get("node").and_then(|v| v.as_str()).unwrap_or("?"),
+                o.get("lun").and_then(|v| v.as_str()).unwrap_or("?")
+            ),
+            None => "another ublk server".into(),
+        };
+        println!(
+            "{:<4} {:<14} {:<9} {:>7} {:>6} {:>5}  {}",
+            r["id"],
+            r["device"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["pid"],
+            r["queues"],
+            r["depth"],
+            served
+        );
+    }
+    Ok(())
+}
+
+fn print_status(s: &DaemonStatus) {
+    let e = &s.engine;
+    println!(
+        "node {}   nvmirrord {} pid {}   config {}",
+        e.node, s.version, s.pid, s.config
+    );
+    println!(
+        "nvram {} ({}), log {}   last start: replayed {} record(s) in {} ms{}",
+        e.nvram_path,
+        ByteSize(e.nvram_bytes),
+        e.log_id,
+        e.replay.records,
+        e.replay.millis,
+        if e.replay.discarded_unacknowledged > 0 {
+            format!(
+                ", dropped {} unacknowledged torn record(s)",
+                e.replay.discarded_unacknowledged
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!();
+    println!(
+        "{:<10} {:<14} {:<10} {:>12}  MEDIUM",
+        "LUN", "DEVICE", "ATTACH", "SIZE"
+    );
+    for l in &e.luns {
+        let dev = s.devices.iter().find(|d| d.lun == l.name);
+        println!(
+            "{:<10} {:<14} {:<10} {:>12}  {}",
+            l.name,
+            dev.map(|d| d.path.as_str()).unwrap_or("(starting)"),
+            dev.map(|d| d.attach.as_str()).unwrap_or("-"),
+            ByteSize(l.size).to_string(),
+            l.medium
+        );
+    }
+    println!();
+    println!(
+        "{:<5} {:>22} {:>9} {:>10} {:>11} {:>11}  STATE",
+        "PART", "NVRAM FILL", "RECORDS", "FLUSH LAG", "ACKED", "FLUSHED"
+    );
+    for p in &e.partitions {
+        let pct = (p.used_bytes * 100)
+            .checked_div(p.capacity_bytes)
+            .unwrap_or(0);
+        let bar: String = (0..10)
+            .map(|i| if i < pct / 10 { '#' } else { '.' })
+            .collect();
+        let state = match (&p.failed, p.flush_paused) {
+            (Some(f), _) => format!("FAILED: {f}"),
+            (None, true) => "flush paused".into(),
+            (None, false) => "ok".into(),
+        };
+        println!(
+            "{:<5} [{}] {:>3}% {:>5} {:>9} {:>8}ms {:>11} {:>11}  {}",
+            p.partition,
+            bar,
+            pct,
+            "",
+            p.records_unflushed,
+            p.flush_lag_ms,
+            p.acked_through,
+            p.flushed_through,
+            state
+        );
+    }
+    println!();
+    println!(
+        "flushed {} in {} batches; medium errors {}{}",
+        ByteSize(e.bytes_flushed),
+        e.flush_batches,
+        e.medium_errors,
+        e.last_medium_error
+            .as_ref()
+            .map(|m| format!(" (last: {m})"))
+            .unwrap_or_default()
+    );
+}
+
+fn print_inspect(r: &nvmirror::inspect::InspectReport) {
+    println!("NVRAM {}: {}", r.path, r.state);
+    if let Some(d) = &r.detail {
+        println!("  {d}");
+    }
+    if r.state != "valid" {
+        return;
+    }
+    println!(
+        "  node {}  format v{}  log {}",
+        r.node.as_deref().unwrap_or("?"),
+        r.format_version.unwrap_or(0),
+        r.log_id.as_deref().unwrap_or("?")
+    );
+    println!("  layout {}", r.layout.as_deref().unwrap_or("?"));
+    for p in &r.partitions {
+        println!(
+            "  partition {}: {} unflushed record(s), {} bytes, seq {}..{}, first at NVRAM offset {}{}{}",
+            p.partition,
+            p.records,
+            p.bytes,
+            p.first_seq.map(|s| s.to_string()).unwrap_or("-".into()),
+            p.last_seq.map(|s| s.to_string()).unwrap_or("-".into()),
+            p.first_record_offset.map(|s| s.to_string()).unwrap_or("-".into()),
+            if p.discarded_unacknowledged > 0 {
+                format!(", {} torn unacknowledged record(s) at the tail", p.discarded_unacknowledged)
+            } else {
+                String::new()
+            },
+            p.corruption.as_ref().map(|c| format!("\n    CORRUPT: {c}")).unwrap_or_default()
+        );
+    }
+}

@@ -243,7 +243,10 @@ impl NodeConfig {
             }
             let r = lun.ranges.unwrap_or(p);
             if !(1..=4096).contains(&r) {
-                return Err(invalid(f("ranges"), format!("{r} is out of range; use 1 to 4096")));
+                return Err(invalid(
+                    f("ranges"),
+                    format!("{r} is out of range; use 1 to 4096"),
+                ));
             }
             if !(1..=16).contains(&lun.queues) {
                 return Err(invalid(
@@ -326,7 +329,10 @@ device_id = 3
         assert_eq!(c.luns[0].queues, 1);
         assert_eq!(c.luns[0].queue_depth, 64);
         assert_eq!(c.luns[0].ranges(c.nvram.partitions), 4);
-        assert_eq!(c.control_socket(), PathBuf::from("/run/nvmirror/node-a.sock"));
+        assert_eq!(
+            c.control_socket(),
+            PathBuf::from("/run/nvmirror/node-a.sock")
+        );
     }
 
     fn err_of(text: &str) -> String {
@@ -348,7 +354,10 @@ device_id = 3
     #[test]
     fn out_of_range_values_name_the_field() {
         let e = err_of(&GOOD.replace("partitions = 4", "partitions = 0"));
-        assert!(e.contains("nvram.partitions") && e.contains("1 to 256"), "{e}");
+        assert!(
+            e.contains("nvram.partitions") && e.contains("1 to 256"),
+            "{e}"
+        );
         let e = err_of(&GOOD.replace("device_id = 3", "device_id = 3\nqueue_depth = 5000"));
         assert!(e.contains("lun[0].queue_depth"), "{e}");
         let e = err_of(&GOOD.replace("size = \"1GiB\"", "size = 1000"));

@@ -13,7 +13,9 @@
 use crate::config::{NodeConfig, BLOCK_SIZE};
 use crate::flusher::{run_flusher, FlusherStats};
 use crate::index::{Extent, Piece, Source, StagedIndex};
-use crate::log::{read_checkpoint, write_checkpoint, LogError, LogStart, PartitionLog, PartitionStatus};
+use crate::log::{
+    read_checkpoint, write_checkpoint, LogError, LogStart, PartitionLog, PartitionStatus,
+};
 use crate::medium::{FileMedium, Medium, MediumError};
 use crate::nvram::layout::{layout_text, SuperblockState, FORMAT_VERSION};
 use crate::nvram::record::RecordKind;
@@ -148,7 +150,9 @@ impl Lun {
         let end = offset + len;
         while at < end {
             let range = at / self.range_bytes;
-            let range_end = ((range + 1) * self.range_bytes).min(end).min(at + (1 << 30));
+            let range_end = ((range + 1) * self.range_bytes)
+                .min(end)
+                .min(at + (1 << 30));
             out.push((at, range_end - at, self.first_range + range as u32));
             at = range_end;
         }
@@ -369,7 +373,8 @@ impl Engine {
         let luns: Vec<Arc<Lun>> = specs
             .into_iter()
             .map(|s| {
-                let range_bytes = s.size.div_ceil(s.ranges as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+                let range_bytes =
+                    s.size.div_ceil(s.ranges as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
                 let lun = Lun {
                     name: s.name,
                     size: s.size,
@@ -434,7 +439,10 @@ impl Engine {
         if offset.checked_add(len).is_none_or(|end| end > l.size) {
             return Err(IoError {
                 errno: libc::EINVAL,
-                message: format!("I/O {offset}+{len} beyond the end of LUN {} ({})", l.name, l.size),
+                message: format!(
+                    "I/O {offset}+{len} beyond the end of LUN {} ({})",
+                    l.name, l.size
+                ),
             });
         }
         Ok(l)
@@ -447,8 +455,15 @@ impl Engine {
     /// Stages a write; returns once it is durable in the NVRAM.
     pub async fn write(&self, lun_idx: usize, offset: u64, data: &[u8]) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, data.len() as u64)?;
-        self.stage(lun_idx, lun, RecordKind::Data, offset, data.len() as u64, data)
-            .await?;
+        self.stage(
+            lun_idx,
+            lun,
+            RecordKind::Data,
+            offset,
+            data.len() as u64,
+            data,
+        )
+        .await?;
         lun.stats.writes.fetch_add(1, Ordering::Relaxed);
         lun.stats
             .bytes_written
@@ -459,7 +474,8 @@ impl Engine {
     /// WRITE_ZEROES and DISCARD: the range reads as zeroes once this returns.
     pub async fn write_zeroes(&self, lun_idx: usize, offset: u64, len: u64) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, len)?;
-        self.stage(lun_idx, lun, RecordKind::Zero, offset, len, &[]).await
+        self.stage(lun_idx, lun, RecordKind::Zero, offset, len, &[])
+            .await
     }
 
     async fn stage(
@@ -667,7 +683,10 @@ fn replay(
         for r in &scan.records {
             let h = &r.header;
             let lun = luns.get(h.lun as usize).ok_or_else(|| {
-                EngineError::Replay(format!("record seq {} names LUN {} which is not configured", h.seq, h.lun))
+                EngineError::Replay(format!(
+                    "record seq {} names LUN {} which is not configured",
+                    h.seq, h.lun
+                ))
             })?;
             if h.offset + h.len as u64 > lun.size {
                 return Err(EngineError::Replay(format!(
@@ -678,12 +697,15 @@ fn replay(
             let res = match h.kind {
                 RecordKind::Data => {
                     let at = layout.partition_base(p as u32) + r.data_pos();
-                    lun.medium.write_at(region.slice(at, h.data_len as usize), h.offset)
+                    lun.medium
+                        .write_at(region.slice(at, h.data_len as usize), h.offset)
                 }
                 RecordKind::Zero => lun.medium.write_zeroes(h.offset, h.len as u64),
                 RecordKind::Wrap => Ok(()),
             };
-            res.map_err(|e| EngineError::Replay(format!("seq {} to {}: {e}", h.seq, lun.medium.describe())))?;
+            res.map_err(|e| {
+                EngineError::Replay(format!("seq {} to {}: {e}", h.seq, lun.medium.describe()))
+            })?;
             touched[h.lun as usize] = true;
             report.records += 1;
             report.bytes += h.len as u64;
@@ -691,9 +713,9 @@ fn replay(
     }
     for (i, lun) in luns.iter().enumerate() {
         if touched[i] {
-            lun.medium
-                .sync()
-                .map_err(|e| EngineError::Replay(format!("syncing {}: {e}", lun.medium.describe())))?;
+            lun.medium.sync().map_err(|e| {
+                EngineError::Replay(format!("syncing {}: {e}", lun.medium.describe()))
+            })?;
         }
     }
     if report.records > 0 {
@@ -771,7 +793,10 @@ fn format(
             tail_seq: 1,
         };
         write_checkpoint(region, &layout, &cp)?;
-        region.persist(layout.checkpoint_offset(p, 1), PartitionCheckpoint::SLOT_BYTES)?;
+        region.persist(
+            layout.checkpoint_offset(p, 1),
+            PartitionCheckpoint::SLOT_BYTES,
+        )?;
         starts.push(LogStart {
             pos: 0,
             next_seq: 1,

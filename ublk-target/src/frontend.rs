@@ -1,0 +1,348 @@
+//! The ublk frontend: a thin adapter from `/dev/ublkbN` requests to the engine.
+//!
+//! One thread per ublk queue runs a single-threaded executor with one task per tag:
+//! fetch a request -> call the engine -> commit the result -> fetch the next. Engine futures
+//! complete on the engine's own threads (NVRAM persister), which cannot wake a thread
+//! sleeping in io_uring_enter; so every wake-up also writes the queue's eventfd, on which a
+//! read is always pending in the queue's ring.
+
+use crate::config::{BLOCK_SIZE, MAX_IO_BYTES};
+use crate::engine::{Engine, IoError};
+use anyhow::{bail, Context};
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::uring_async::ublk_submit_sqe_async;
+use libublk::{sys, BufDesc, UblkError, UblkFlags};
+use std::future::Future;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+/// What the daemon asks the frontend to expose.
+#[derive(Clone, Debug)]
+pub struct DeviceSpec {
+    pub lun_index: usize,
+    pub lun_name: String,
+    pub node: String,
+    pub size: u64,
+    /// Fixed id from the config, if any; otherwise the id saved by the previous run is
+    /// reused (so a crashed device is recovered), else the kernel picks one.
+    pub dev_id: Option<u32>,
+    pub queues: u16,
+    pub depth: u16,
+    pub config_path: String,
+    pub state_dir: PathBuf,
+}
+
+impl DeviceSpec {
+    fn id_file(&self) -> PathBuf {
+        self.state_dir
+            .join(format!("{}.{}.devid", self.node, self.lun_name))
+    }
+}
+
+/// How a device came up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    Added,
+    Recovered,
+}
+
+fn ublk_char_exists(id: u32) -> bool {
+    std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+}
+
+fn process_alive(pid: i32) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Decides between adding a new device and recovering one a crashed daemon left behind.
+fn plan_attach(spec: &DeviceSpec) -> anyhow::Result<(i32, Attach)> {
+    let saved = std::fs::read_to_string(spec.id_file())
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let Some(id) = spec.dev_id.or(saved) else {
+        return Ok((-1, Attach::Added));
+    };
+    if !ublk_char_exists(id) {
+        return Ok((id as i32, Attach::Added));
+    }
+    // The kernel moves a device to QUIESCED once the dead daemon's last reference is gone;
+    // give that a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ctrl = UblkCtrl::new_simple(id as i32)
+            .map_err(|e| anyhow::anyhow!("querying ublk device {id}: {e}"))?;
+        let info = ctrl.dev_info();
+        match info.state as u32 {
+            sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => {
+                return Ok((id as i32, Attach::Recovered))
+            }
+            sys::UBLK_S_DEV_LIVE if process_alive(info.ublksrv_pid) => bail!(
+                "ublk device {id} (/dev/ublkb{id}) is already served by process {}; stop it first \
+                 or choose another lun.device_id",
+                info.ublksrv_pid
+            ),
+            sys::UBLK_S_DEV_DEAD => {
+                // Added but never started (a daemon died during start-up): start over.
+                let _ = ctrl.del_dev();
+                return Ok((id as i32, Attach::Added));
+            }
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            state => bail!(
+                "ublk device {id} is in state {state} and its daemon (pid {}) is gone, but the \
+                 kernel did not quiesce it; delete it with `nvmirrorctl del {id}`",
+                info.ublksrv_pid
+            ),
+        }
+    }
+}
+
+/// Serves one LUN as a ublk device until the device is stopped. `on_started` runs once the
+/// device is live (or recovered).
+pub fn serve(
+    engine: Arc<Engine>,
+    spec: DeviceSpec,
+    on_started: impl FnOnce(&UblkCtrl, Attach) + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let (id, attach) = plan_attach(&spec)?;
+    if attach == Attach::Recovered {
+        let ctrl =
+            UblkCtrl::new_simple(id).map_err(|e| anyhow::anyhow!("ublk device {id}: {e}"))?;
+        ctrl.start_user_recover()
+            .map_err(|e| anyhow::anyhow!("starting user recovery of ublk device {id}: {e}"))?;
+        tracing::info!("recovering /dev/ublkb{id} left by a previous nvmirrord");
+    }
+    let ctrl = UblkCtrlBuilder::default()
+        .name("nvmirror")
+        .id(id)
+        .nr_queues(spec.queues)
+        .depth(spec.depth)
+        .io_buf_bytes(MAX_IO_BYTES as u32)
+        // User recovery keeps /dev/ublkbN alive across a daemon crash; reissue sends the
+        // requests that were in flight to the restarted daemon instead of failing them.
+        .ctrl_flags((sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64)
+        .dev_flags(match attach {
+            Attach::Added => UblkFlags::UBLK_DEV_F_ADD_DEV,
+            Attach::Recovered => UblkFlags::UBLK_DEV_F_RECOVER_DEV,
+        })
+        .build()
+        .map_err(|e| anyhow::anyhow!("creating ublk device (is ublk_drv loaded?): {e}"))?;
+    let dev_id = ctrl.dev_info().dev_id;
+    std::fs::create_dir_all(&spec.state_dir)
+        .and_then(|_| std::fs::write(spec.id_file(), format!("{dev_id}\n")))
+        .with_context(|| format!("saving the device id under {}", spec.state_dir.display()))?;
+
+    let size = spec.size;
+    let target_json = serde_json::json!({
+        "nvmirror": {
+            "node": spec.node,
+            "lun": spec.lun_name,
+            "config": spec.config_path,
+        }
+    });
+    let tgt_init = move |dev: &mut UblkDev| {
+        set_params(dev, size);
+        dev.set_target_json(target_json);
+        Ok(())
+    };
+    let lun = spec.lun_index;
+    let q_engine = engine.clone();
+    let q_fn = move |qid: u16, dev: &UblkDev| {
+        if let Err(e) = run_queue(qid, dev, q_engine, lun) {
+            tracing::error!("ublk queue {qid} stopped: {e}");
+        }
+    };
+    ctrl.run_target(tgt_init, q_fn, move |c: &UblkCtrl| on_started(c, attach))
+        .map_err(|e| anyhow::anyhow!("running ublk device {dev_id}: {e}"))?;
+    // Stopped on purpose: remove the device (an added one is removed when `ctrl` drops).
+    if attach == Attach::Recovered {
+        let _ = ctrl.del_dev();
+    }
+    Ok(())
+}
+
+fn set_params(dev: &mut UblkDev, size: u64) {
+    let depth = dev.dev_info.queue_depth;
+    let shift = BLOCK_SIZE.trailing_zeros() as u8;
+    let tgt = &mut dev.tgt;
+    tgt.dev_size = size;
+    // One SQE per tag plus the eventfd read.
+    tgt.sq_depth = depth * 2;
+    tgt.cq_depth = depth * 2;
+    tgt.params = sys::ublk_params {
+        types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
+        basic: sys::ublk_param_basic {
+            // No UBLK_ATTR_VOLATILE_CACHE: a completed write is durable in NVRAM, so the
+            // device is write-through and the kernel need not send FLUSH or FUA.
+            attrs: 0,
+            logical_bs_shift: shift,
+            physical_bs_shift: shift,
+            io_opt_shift: shift,
+            io_min_shift: shift,
+            max_sectors: (MAX_IO_BYTES >> 9) as u32,
+            dev_sectors: size >> 9,
+            ..Default::default()
+        },
+        discard: sys::ublk_param_discard {
+            discard_alignment: 0,
+            discard_granularity: BLOCK_SIZE as u32,
+            max_discard_sectors: 1 << 21,
+            max_write_zeroes_sectors: 1 << 21,
+            max_discard_segments: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+}
+
+/// Wakes the task and kicks the queue thread out of io_uring_enter.
+struct QueueWaker {
+    task: Waker,
+    eventfd: i32,
+}
+
+impl Wake for QueueWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.task.wake_by_ref();
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes to an eventfd the queue owns for its whole lifetime (the
+        // engine completes every request before the queue thread exits). A failed write
+        // (counter saturated) still leaves the fd readable, so the wake-up is not lost.
+        unsafe { libc::write(self.eventfd, one.as_ptr().cast(), one.len()) };
+    }
+}
+
+/// Runs an engine future so that its wake-ups reach the queue thread.
+struct Kicked<F> {
+    inner: F,
+    eventfd: i32,
+}
+
+impl<F: Future + Unpin> Future for Kicked<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let waker = Waker::from(Arc::new(QueueWaker {
+            task: cx.waker().clone(),
+            eventfd: self.eventfd,
+        }));
+        let mut cx2 = TaskContext::from_waker(&waker);
+        Pin::new(&mut self.inner).poll(&mut cx2)
+    }
+}
+
+fn run_queue(qid: u16, dev: &UblkDev, engine: Arc<Engine>, lun: usize) -> anyhow::Result<()> {
+    let efd: OwnedFd =
+        nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
+            .context("creating the queue eventfd")?
+            .into();
+    let raw_efd = efd.as_raw_fd();
+    let q = Rc::new(UblkQueue::new(qid, dev).map_err(|e| anyhow::anyhow!("queue {qid}: {e}"))?);
+    let exe = Rc::new(smol::LocalExecutor::new());
+    let mut tag_tasks = Vec::new();
+    for tag in q.tags() {
+        let (q, engine) = (q.clone(), engine.clone());
+        tag_tasks.push(exe.spawn(async move {
+            match serve_tag(&q, tag, &engine, lun, raw_efd).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => tracing::error!("queue {qid} tag {tag}: {e}"),
+            }
+        }));
+    }
+    // Keeps a read pending on the eventfd so cross-thread wake-ups end io_uring_enter.
+    let _pump = exe.spawn(async move {
+        let mut buf = [0u8; 8];
+        loop {
+            let sqe = io_uring::opcode::Read::new(
+                io_uring::types::Fd(raw_efd),
+                buf.as_mut_ptr(),
+                buf.len() as u32,
+            )
+            .build();
+            if ublk_submit_sqe_async(sqe, libublk::UblkUringData::Target as u64)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let run_exe = exe.clone();
+    smol::block_on(exe.run(async move {
+        let run_ops = || while run_exe.try_tick() {};
+        let done = || tag_tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
+            tracing::error!("queue {qid} event loop: {e}");
+        }
+    }));
+    drop(efd);
+    Ok(())
+}
+
+async fn serve_tag(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    engine: &Engine,
+    lun: usize,
+    eventfd: i32,
+) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    loop {
+        let res = handle(q, tag, engine, lun, buf.as_mut_slice(), eventfd).await;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
+    }
+}
+
+async fn handle(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    engine: &Engine,
+    lun: usize,
+    buf: &mut [u8],
+    eventfd: i32,
+) -> i32 {
+    let iod = q.get_iod(tag);
+    let op = iod.op_flags & 0xff;
+    let offset = iod.start_sector << 9;
+    let bytes = (iod.nr_sectors as u64) << 9;
+    if matches!(op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE) && bytes as usize > buf.len() {
+        return -libc::EINVAL;
+    }
+    let result: Result<(), IoError> = match op {
+        sys::UBLK_IO_OP_READ => engine.read(lun, offset, &mut buf[..bytes as usize]),
+        sys::UBLK_IO_OP_WRITE => {
+            Kicked {
+                inner: Box::pin(engine.write(lun, offset, &buf[..bytes as usize])),
+                eventfd,
+            }
+            .await
+        }
+        sys::UBLK_IO_OP_FLUSH => engine.flush(),
+        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
+            Kicked {
+                inner: Box::pin(engine.write_zeroes(lun, offset, bytes)),
+                eventfd,
+            }
+            .await
+        }
+        _ => return -libc::EOPNOTSUPP,
+    };
+    match result {
+        Ok(()) => bytes as i32,
+        Err(e) => {
+            tracing::error!("I/O op {op} at {offset}+{bytes} failed: {e}");
+            -e.errno
+        }
+    }
+}

@@ -194,11 +194,22 @@ mod tests {
             Piece::Staged(x) => {
                 assert_eq!((x.start, x.end, x.seq), (60, 100, 1));
                 // The right part still points at the right bytes of record 1.
-                assert_eq!(x.src, Source::Log { nvram_off: 1_000_000 + 60 });
+                assert_eq!(
+                    x.src,
+                    Source::Log {
+                        nvram_off: 1_000_000 + 60
+                    }
+                );
             }
             _ => panic!(),
         }
-        assert_eq!(p[3], Piece::Medium { start: 100, end: 120 });
+        assert_eq!(
+            p[3],
+            Piece::Medium {
+                start: 100,
+                end: 120
+            }
+        );
         assert_eq!(ix.staged_bytes(), 100);
     }
 
@@ -228,8 +239,11 @@ mod tests {
             ix.lookup(0, 100),
             vec![
                 Piece::Medium { start: 0, end: 40 },
-                Piece::Staged(ext(40, 60, 2)).clone(),
-                Piece::Medium { start: 60, end: 100 }
+                Piece::Staged(ext(40, 60, 2)),
+                Piece::Medium {
+                    start: 60,
+                    end: 100
+                }
             ]
             .into_iter()
             .map(|p| match p {

@@ -342,7 +342,10 @@ impl PartitionLog {
                     self.flush_wanted.notify_all();
                 }
                 Err(e) => {
-                    tracing::error!(partition = self.id, "NVRAM persist failed: {e}; failing writes");
+                    tracing::error!(
+                        partition = self.id,
+                        "NVRAM persist failed: {e}; failing writes"
+                    );
                     st.failed = Some(e.to_string());
                 }
             }

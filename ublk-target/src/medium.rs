@@ -33,7 +33,9 @@ pub enum MediumError {
         actual: u64,
         wanted: u64,
     },
-    #[error("storage medium {path} is {actual} bytes, not a multiple of 4096; set lun size explicitly")]
+    #[error(
+        "storage medium {path} is {actual} bytes, not a multiple of 4096; set lun size explicitly"
+    )]
     Unaligned { path: PathBuf, actual: u64 },
 }
 
@@ -148,7 +150,11 @@ impl Medium for FileMedium {
         format!(
             "{} ({})",
             self.path.display(),
-            if self.is_block { "block device" } else { "file" }
+            if self.is_block {
+                "block device"
+            } else {
+                "file"
+            }
         )
     }
 }

@@ -72,13 +72,16 @@ fn staged_writes_read_back_and_reach_the_medium() {
     let a = pattern(1, 16384);
     let b = pattern(2, 4096);
     rt.block_on(e.write(0, 8192, &a)).expect("write a");
-    rt.block_on(e.write(0, 12288, &b)).expect("write b overlaps a");
+    rt.block_on(e.write(0, 12288, &b))
+        .expect("write b overlaps a");
     // Staged: reads see the overlay, the medium has nothing yet.
     let got = read(&e, 8192, 16384);
     assert_eq!(&got[..4096], &a[..4096]);
     assert_eq!(&got[4096..8192], &b[..]);
     assert_eq!(&got[8192..], &a[8192..]);
-    assert!(medium.snapshot()[8192..8192 + 16384].iter().all(|&x| x == 0));
+    assert!(medium.snapshot()[8192..8192 + 16384]
+        .iter()
+        .all(|&x| x == 0));
 
     e.set_flush_paused(false);
     assert!(e.drain(Duration::from_secs(10)), "drain");
@@ -94,13 +97,24 @@ fn staged_writes_read_back_and_reach_the_medium() {
 fn write_crossing_a_range_boundary_spans_two_partitions() {
     let dir = tempfile::tempdir().expect("tmp");
     let medium = Arc::new(MemMedium::new(LUN_SIZE));
-    let e = open(&dir.path().join("nv"), 16 * MIB, &medium, "a", OpenMode::Normal).expect("open");
+    let e = open(
+        &dir.path().join("nv"),
+        16 * MIB,
+        &medium,
+        "a",
+        OpenMode::Normal,
+    )
+    .expect("open");
     e.set_flush_paused(true);
     let boundary = LUN_SIZE / 4;
     let data = pattern(3, 65536);
-    rt().block_on(e.write(0, boundary - 32768, &data)).expect("write");
+    rt().block_on(e.write(0, boundary - 32768, &data))
+        .expect("write");
     let st = e.status();
-    assert!(st.partitions.iter().all(|p| p.records_unflushed == 1), "{st:?}");
+    assert!(
+        st.partitions.iter().all(|p| p.records_unflushed == 1),
+        "{st:?}"
+    );
     assert_eq!(read(&e, boundary - 32768, 65536), data);
 }
 
@@ -122,14 +136,21 @@ fn unflushed_records_are_replayed_at_restart() {
         }
         e.shutdown();
     }
-    assert!(medium.snapshot().iter().all(|&b| b == 0), "nothing flushed before the crash");
+    assert!(
+        medium.snapshot().iter().all(|&b| b == 0),
+        "nothing flushed before the crash"
+    );
     let e = open(&nv, 16 * MIB, &medium, "a", OpenMode::Normal).expect("reopen");
     assert_eq!(e.status().replay.records, 50);
     let mut model = vec![0u8; LUN_SIZE as usize];
     for (off, d) in &expect {
         model[*off as usize..*off as usize + d.len()].copy_from_slice(d);
     }
-    assert_eq!(medium.snapshot(), model, "replay applied every write in order");
+    assert_eq!(
+        medium.snapshot(),
+        model,
+        "replay applied every write in order"
+    );
     assert_eq!(read(&e, 0, 8 * MIB as usize), model[..8 * MIB as usize]);
 }
 
@@ -138,7 +159,8 @@ fn back_pressure_completes_more_data_than_the_nvram_holds() {
     let dir = tempfile::tempdir().expect("tmp");
     let medium = Arc::new(MemMedium::new(LUN_SIZE));
     // 2 partitions of ~2.1 MiB each; write 24 MiB.
-    let size = nvmirror::nvram::Layout::metadata_bytes(2) + 2 * nvmirror::nvram::layout::MIN_PARTITION_BYTES;
+    let size = nvmirror::nvram::Layout::metadata_bytes(2)
+        + 2 * nvmirror::nvram::layout::MIN_PARTITION_BYTES;
     let e = open(&dir.path().join("nv"), size, &medium, "a", OpenMode::Normal).expect("open");
     let rt = rt();
     let mut model = vec![0u8; LUN_SIZE as usize];
@@ -155,7 +177,9 @@ fn back_pressure_completes_more_data_than_the_nvram_holds() {
         }
         // Sequential writes keep the model's order meaningful for overlaps.
         for (off, data) in &tasks {
-            e.write(0, *off, data).await.expect("write under back-pressure");
+            e.write(0, *off, data)
+                .await
+                .expect("write under back-pressure");
         }
     });
     assert!(e.drain(Duration::from_secs(30)));
@@ -167,9 +191,17 @@ fn back_pressure_completes_more_data_than_the_nvram_holds() {
 fn write_zeroes_reads_as_zero_before_and_after_flush() {
     let dir = tempfile::tempdir().expect("tmp");
     let medium = Arc::new(MemMedium::new(LUN_SIZE));
-    let e = open(&dir.path().join("nv"), 16 * MIB, &medium, "a", OpenMode::Normal).expect("open");
+    let e = open(
+        &dir.path().join("nv"),
+        16 * MIB,
+        &medium,
+        "a",
+        OpenMode::Normal,
+    )
+    .expect("open");
     let rt = rt();
-    rt.block_on(e.write(0, 0, &pattern(9, 65536))).expect("write");
+    rt.block_on(e.write(0, 0, &pattern(9, 65536)))
+        .expect("write");
     assert!(e.drain(Duration::from_secs(10)));
     e.set_flush_paused(true);
     rt.block_on(e.write_zeroes(0, 4096, 8192)).expect("zero");
@@ -194,9 +226,12 @@ fn flipped_byte_in_an_acknowledged_record_refuses_start_and_salvage_recovers() {
         let rt = rt();
         // All in range 0 -> partition 0.
         for i in 0..10u64 {
-            rt.block_on(e.write(0, i * 4096, &pattern(i, 4096))).expect("write");
+            rt.block_on(e.write(0, i * 4096, &pattern(i, 4096)))
+                .expect("write");
         }
-        let layout_base = nvmirror::nvram::Layout::compute(16 * MIB, 2).expect("layout").partition_base(0);
+        let layout_base = nvmirror::nvram::Layout::compute(16 * MIB, 2)
+            .expect("layout")
+            .partition_base(0);
         first_data_off = layout_base + 64 + 100;
         e.shutdown();
     }
@@ -205,8 +240,14 @@ fn flipped_byte_in_an_acknowledged_record_refuses_start_and_salvage_recovers() {
         Ok(_) => panic!("a corrupt acknowledged record must refuse the start"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("seq 1") && err.contains("nvmirrorctl nvram salvage"), "{err}");
-    assert!(medium.snapshot().iter().all(|&b| b == 0), "nothing replayed on refusal");
+    assert!(
+        err.contains("seq 1") && err.contains("nvmirrorctl nvram salvage"),
+        "{err}"
+    );
+    assert!(
+        medium.snapshot().iter().all(|&b| b == 0),
+        "nothing replayed on refusal"
+    );
 
     let e = open(&nv, 16 * MIB, &medium, "a", OpenMode::Salvage).expect("salvage");
     assert!(e.status().replay.salvaged_from_corruption);
@@ -217,7 +258,11 @@ fn flipped_byte_in_an_acknowledged_record_refuses_start_and_salvage_recovers() {
 
 fn flip_byte(path: &Path, off: u64) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, off).expect("read");
     b[0] ^= 0x5a;
@@ -234,7 +279,10 @@ fn foreign_and_other_nodes_nvram_is_refused_with_the_fix() {
         .err()
         .expect("other node refused")
         .to_string();
-    assert!(err.contains("belongs to node \"a\"") && err.contains("nvram format"), "{err}");
+    assert!(
+        err.contains("belongs to node \"a\"") && err.contains("nvram format"),
+        "{err}"
+    );
 
     let foreign = dir.path().join("foreign");
     std::fs::write(&foreign, b"XFSB not ours").expect("write");
@@ -255,7 +303,8 @@ fn layout_change_with_staged_records_is_refused() {
     {
         let e = open(&nv, 16 * MIB, &medium, "a", OpenMode::Normal).expect("open");
         e.set_flush_paused(true);
-        rt().block_on(e.write(0, 0, &pattern(1, 4096))).expect("write");
+        rt().block_on(e.write(0, 0, &pattern(1, 4096)))
+            .expect("write");
         e.shutdown();
     }
     let region = NvramRegion::open(&nv, Some(16 * MIB)).expect("region");
@@ -301,11 +350,17 @@ fn concurrent_random_writes_match_a_model_across_restarts() {
         let writes: Vec<(u64, Vec<u8>)> = (0..64u64)
             .map(|i| {
                 let off = ((i * 104_729 + round * 13) % (LUN_SIZE / 4096 / 8)) * 8 * 4096;
-                (off, pattern(round * 1000 + i, 4096 * (1 + (i % 8) as usize)))
+                (
+                    off,
+                    pattern(round * 1000 + i, 4096 * (1 + (i % 8) as usize)),
+                )
             })
             .collect();
         let mut seen = std::collections::HashSet::new();
-        let writes: Vec<_> = writes.into_iter().filter(|(o, _)| seen.insert(*o)).collect();
+        let writes: Vec<_> = writes
+            .into_iter()
+            .filter(|(o, _)| seen.insert(*o))
+            .collect();
         rt.block_on(async {
             let mut handles = Vec::new();
             for (off, data) in writes.clone() {
@@ -319,7 +374,11 @@ fn concurrent_random_writes_match_a_model_across_restarts() {
         for (off, d) in &writes {
             model[*off as usize..*off as usize + d.len()].copy_from_slice(d);
         }
-        assert_eq!(read(&e, 0, LUN_SIZE as usize), model, "round {round} after writes");
+        assert_eq!(
+            read(&e, 0, LUN_SIZE as usize),
+            model,
+            "round {round} after writes"
+        );
         e.shutdown();
     }
 }

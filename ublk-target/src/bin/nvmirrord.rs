@@ -1,1 +1,223 @@
-fn main(){}
+//! nvmirrord: serves a node's LUNs as ublk block devices.
+//!
+//! Start-up order matters: the NVRAM log is replayed into the media BEFORE any device is
+//! added or recovered, so no request can read or write around a staged record.
+
+use anyhow::Context;
+use clap::Parser;
+use nvmirror::config::NodeConfig;
+use nvmirror::control::{self, DaemonStatus, DeviceStatus, Request, Response};
+use nvmirror::engine::{Engine, OpenMode};
+use nvmirror::frontend::{self, Attach, DeviceSpec};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "nvmirror node daemon: NVRAM-staged ublk block devices"
+)]
+struct Args {
+    /// The node's TOML configuration.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Where device ids are remembered between runs (for crash recovery).
+    #[arg(long, default_value = "/run/nvmirror")]
+    state_dir: PathBuf,
+}
+
+/// Exit codes (documented in the README).
+const EXIT_CONFIG: i32 = 2;
+const EXIT_START: i32 = 1;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = match NodeConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nvmirrord: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = run(args, cfg) {
+        eprintln!("nvmirrord: {e:#}");
+        std::process::exit(EXIT_START);
+    }
+}
+
+fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
+    // Signals are taken by one thread with sigwait; block them before any thread starts.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        signals.add(s);
+    }
+    signals.thread_block().context("blocking signals")?;
+
+    let config_path = std::fs::canonicalize(&args.config)
+        .unwrap_or_else(|_| args.config.clone())
+        .display()
+        .to_string();
+    let engine = Engine::open_config(&cfg, &config_path, OpenMode::Normal)?;
+    let replay = engine.status().replay;
+    tracing::info!(
+        node = cfg.node.name,
+        "NVRAM ready: replayed {} record(s) ({} bytes) in {} ms{}",
+        replay.records,
+        replay.bytes,
+        replay.millis,
+        if replay.formatted {
+            ", freshly formatted"
+        } else {
+            ""
+        }
+    );
+
+    let devices: Arc<Mutex<Vec<DeviceStatus>>> = Arc::default();
+    let socket = cfg.control_socket();
+    {
+        let (engine, devices, config_path) = (engine.clone(), devices.clone(), config_path.clone());
+        let handler = move |req: Request| -> Response {
+            match req {
+                Request::Status => Response::Status(Box::new(DaemonStatus {
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    pid: std::process::id(),
+                    config: config_path.clone(),
+                    devices: devices.lock().map(|d| d.clone()).unwrap_or_default(),
+                    engine: engine.status(),
+                })),
+                Request::FlushPause => {
+                    engine.set_flush_paused(true);
+                    tracing::warn!("flusher paused by nvmirrorctl");
+                    Response::Ok
+                }
+                Request::FlushResume => {
+                    engine.set_flush_paused(false);
+                    tracing::info!("flusher resumed by nvmirrorctl");
+                    Response::Ok
+                }
+                Request::Drain { timeout_secs } => {
+                    if engine.drain(Duration::from_secs(timeout_secs)) {
+                        Response::Ok
+                    } else {
+                        Response::Error {
+                            message: format!(
+                                "staged writes did not reach the medium within {timeout_secs} s \
+                                 (flusher paused or medium failing? see status)"
+                            ),
+                        }
+                    }
+                }
+            }
+        };
+        control::serve(&socket, Arc::new(handler))
+            .with_context(|| format!("control socket {}", socket.display()))?;
+    }
+
+    let mut serving = Vec::new();
+    for (i, lun) in cfg.luns.iter().enumerate() {
+        let spec = DeviceSpec {
+            lun_index: i,
+            lun_name: lun.name.clone(),
+            node: cfg.node.name.clone(),
+            size: engine.luns()[i].size,
+            dev_id: lun.device_id,
+            queues: lun.queues,
+            depth: lun.queue_depth,
+            config_path: config_path.clone(),
+            state_dir: args.state_dir.clone(),
+        };
+        let (engine, devices) = (engine.clone(), devices.clone());
+        let name = lun.name.clone();
+        serving.push(
+            std::thread::Builder::new()
+                .name(format!("lun-{name}"))
+                .spawn(move || {
+                    let (queues, depth, lun_name) =
+                        (spec.queues, spec.depth, spec.lun_name.clone());
+                    let started = move |ctrl: &libublk::ctrl::UblkCtrl, attach: Attach| {
+                        let id = ctrl.dev_info().dev_id;
+                        let path = format!("/dev/ublkb{id}");
+                        tracing::info!("LUN {lun_name} is live on {path} ({attach:?})");
+                        if let Ok(mut d) = devices.lock() {
+                            d.push(DeviceStatus {
+                                lun: lun_name.clone(),
+                                dev_id: id,
+                                path,
+                                attach: format!("{attach:?}").to_lowercase(),
+                                queues,
+                                depth,
+                                pid: std::process::id(),
+                            });
+                        }
+                    };
+                    frontend::serve(engine, spec, started)
+                })
+                .context("spawning a device thread")?,
+        );
+    }
+
+    // Wait for SIGTERM/SIGINT, or for every device to stop by itself.
+    let sig_thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || signals.wait())
+        .context("spawning the signal thread")?;
+    loop {
+        if sig_thread.is_finished() {
+            break;
+        }
+        if serving.iter().all(|t| t.is_finished()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stop_signal = if sig_thread.is_finished() {
+        sig_thread.join().ok().and_then(|r| r.ok())
+    } else {
+        None
+    };
+    if let Some(sig) = stop_signal {
+        tracing::info!("{sig:?}: stopping devices, then draining staged writes to the medium");
+        let ids: Vec<u32> = devices
+            .lock()
+            .map(|d| d.iter().map(|x| x.dev_id).collect())
+            .unwrap_or_default();
+        for id in ids {
+            if let Ok(ctrl) = libublk::ctrl::UblkCtrl::new_simple(id as i32) {
+                let _ = ctrl.kill_dev();
+            }
+        }
+    }
+    let mut failed = None;
+    for t in serving {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!("{e:#}");
+                failed = Some(e);
+            }
+            Err(_) => failed = Some(anyhow::anyhow!("a device thread panicked")),
+        }
+    }
+    if !engine.drain(Duration::from_secs(120)) {
+        tracing::error!(
+            "staged writes remain in the NVRAM; they will be replayed at the next start"
+        );
+    }
+    engine.shutdown();
+    let _ = std::fs::remove_file(&socket);
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -282,7 +282,10 @@ mod tests {
 
     #[test]
     fn superblock_round_trips() {
-        assert_eq!(Superblock::decode(&sb().encode()), SuperblockState::Valid(sb()));
+        assert_eq!(
+            Superblock::decode(&sb().encode()),
+            SuperblockState::Valid(sb())
+        );
     }
 
     #[test]
@@ -293,7 +296,10 @@ mod tests {
         assert_eq!(Superblock::decode(&foreign), SuperblockState::Foreign);
         let mut bad = sb().encode();
         bad[100] ^= 1;
-        assert!(matches!(Superblock::decode(&bad), SuperblockState::Corrupt(_)));
+        assert!(matches!(
+            Superblock::decode(&bad),
+            SuperblockState::Corrupt(_)
+        ));
     }
 
     #[test]

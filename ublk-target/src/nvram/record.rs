@@ -163,7 +163,10 @@ mod tests {
 
     #[test]
     fn blank_bytes_have_no_magic() {
-        assert_eq!(RecordHeader::decode(&[0u8; 64]), Err(HeaderProblem::NoMagic));
+        assert_eq!(
+            RecordHeader::decode(&[0u8; 64]),
+            Err(HeaderProblem::NoMagic)
+        );
     }
 
     proptest! {

@@ -26,6 +26,11 @@ pub enum RegionError {
         actual: u64,
         wanted: u64,
     },
+    #[error("NVRAM {path} is in use by another process ({errno}); is nvmirrord already running with it? Stop it first")]
+    InUse {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
     #[error("cannot map NVRAM {path} into memory: {source}")]
     Map { path: PathBuf, source: io::Error },
 }
@@ -34,8 +39,9 @@ pub struct NvramRegion {
     path: PathBuf,
     map: MmapRaw,
     len: u64,
-    // Kept open for the mapping's lifetime.
+    // Kept open (and locked) for the mapping's lifetime.
     _file: File,
+    _lock: nix::fcntl::Flock<File>,
 }
 
 // SAFETY: the mapping is plain shared memory; all access goes through the bounds-checked
@@ -66,6 +72,16 @@ impl NvramRegion {
             .truncate(false)
             .open(path)
             .map_err(open_err)?;
+        // One process at a time: a second mapping (another daemon, or a ctl format/salvage
+        // while the daemon runs) would corrupt the log.
+        let lock = nix::fcntl::Flock::lock(
+            file.try_clone().map_err(open_err)?,
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .map_err(|(_, errno)| RegionError::InUse {
+            path: path.to_owned(),
+            errno,
+        })?;
         let meta = file.metadata().map_err(open_err)?;
         let actual = if meta.file_type().is_block_device() {
             block_device_size(&file).map_err(open_err)?
@@ -102,6 +118,7 @@ impl NvramRegion {
             map,
             len,
             _file: file,
+            _lock: lock,
         })
     }
 
@@ -120,7 +137,8 @@ impl NvramRegion {
     fn check(&self, off: u64, len: usize) {
         // An out-of-bounds access is an engine bug, never input: stop before corrupting memory.
         assert!(
-            off.checked_add(len as u64).is_some_and(|end| end <= self.len),
+            off.checked_add(len as u64)
+                .is_some_and(|end| end <= self.len),
             "NVRAM access {off}+{len} beyond {}",
             self.len
         );

@@ -94,7 +94,8 @@ pub fn scan_partition(
         if pos + slot > len || header.data_len > header.len && header.kind == RecordKind::Data {
             break "damaged (length beyond the partition)".into();
         }
-        let data = &log[(pos + HEADER_BYTES) as usize..(pos + HEADER_BYTES) as usize + header.data_len as usize];
+        let data = &log[(pos + HEADER_BYTES) as usize
+            ..(pos + HEADER_BYTES) as usize + header.data_len as usize];
         if crc32c::crc32c(data) != header.data_crc {
             break "damaged (data checksum mismatch)".into();
         }
@@ -220,7 +221,10 @@ mod tests {
         assert_eq!(r.records.len(), 5);
         assert_eq!(r.next_seq, 6);
         assert_eq!(r.discarded_tail, 0);
-        assert!(r.records.windows(2).all(|p| p[0].header.seq + 1 == p[1].header.seq));
+        assert!(r
+            .records
+            .windows(2)
+            .all(|p| p[0].header.seq + 1 == p[1].header.seq));
     }
 
     #[test]
@@ -260,7 +264,9 @@ mod tests {
         w.append(&[2; 4096], 1);
         w.append(&[3; 4096], 2);
         w.log[first as usize + 64 + 7] ^= 0x01;
-        let e = scan_partition(&w.log, 0, LOG_ID, 0, 1).corruption.expect("must refuse");
+        let e = scan_partition(&w.log, 0, LOG_ID, 0, 1)
+            .corruption
+            .expect("must refuse");
         assert_eq!(e.seq, 1);
         assert!(e.problem.contains("data checksum"), "{}", e.problem);
         assert!(e.to_string().contains("acknowledged"));
@@ -273,7 +279,9 @@ mod tests {
         let second = w.append(&[2; 4096], 1);
         w.append(&[3; 4096], 2);
         w.log[second as usize + 17] ^= 0x01;
-        let e = scan_partition(&w.log, 0, LOG_ID, 0, 1).corruption.expect("must refuse");
+        let e = scan_partition(&w.log, 0, LOG_ID, 0, 1)
+            .corruption
+            .expect("must refuse");
         assert_eq!(e.seq, 2);
     }
 

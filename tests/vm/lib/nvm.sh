@@ -1,0 +1,101 @@
+#!/bin/bash
+# Helpers shared by the VM tests (sourced). Runs inside the test VM as root.
+# Each test gets a fresh scratch dir as cwd; everything it creates lives there or is torn
+# down by nvm_cleanup (registered as an EXIT trap by nvm_init).
+set -euo pipefail
+
+NVMD=${NVM_BIN:?}/nvmirrord
+NVMCTL=${NVM_BIN:?}/nvmirrorctl
+NVM_LOOPS=()
+NVM_DAEMON_PIDS=()
+
+say() { printf '[%s] %s\n' "$(date +%T)" "$*"; }
+fail() { say "FAIL: $*"; exit 1; }
+skip() { say "SKIPPED: $*"; exit 77; }
+
+nvm_init() {
+	[[ -x $NVMD && -x $NVMCTL ]] || fail "binaries missing in $NVM_BIN (build with cargo build --release)"
+	modprobe ublk_drv || fail "modprobe ublk_drv failed"
+	[[ -c /dev/ublk-control ]] || fail "no /dev/ublk-control after modprobe ublk_drv"
+	trap nvm_cleanup EXIT
+}
+
+nvm_cleanup() {
+	local rc=$?
+	set +e
+	for pid in "${NVM_DAEMON_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+	for pid in "${NVM_DAEMON_PIDS[@]}"; do
+		for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+		kill -KILL "$pid" 2>/dev/null
+	done
+	grep -o '/dev/ublkb[0-9]*' /proc/mounts 2>/dev/null | sort -u | while read -r d; do umount -l "$d"; done
+	for f in /sys/class/ublk-char/ublkc*; do
+		[[ -e $f ]] && "$NVMCTL" del "${f##*ublkc}" >/dev/null 2>&1
+	done
+	for l in "${NVM_LOOPS[@]}"; do losetup -d "$l" 2>/dev/null; done
+	[[ -d ${NVM_OUT:-} ]] && cp -f ./*.log "$NVM_OUT/" 2>/dev/null
+	exit $rc
+}
+
+# nvm_medium NAME SIZE_MB -> prints a loop device over a fresh file
+nvm_medium() {
+	truncate -s "${2}M" "$PWD/$1.img"
+	local dev
+	dev=$(losetup --find --show "$PWD/$1.img")
+	NVM_LOOPS+=("$dev")
+	echo "$dev"
+}
+
+# nvm_config FILE NODE NVRAM_PATH NVRAM_MB MEDIUM DEV_ID [PARTITIONS]
+nvm_config() {
+	local file=$1 node=$2 nvram=$3 nvram_mb=$4 medium=$5 id=$6 parts=${7:-4}
+	# A shared NVDIMM may hold an earlier test's log: blank it so this test starts clean.
+	[[ -b $nvram ]] && dd if=/dev/zero of="$nvram" bs=1M count=1 oflag=direct status=none
+	cat >"$file" <<-CFG
+	[node]
+	name = "$node"
+	control_socket = "$PWD/$node.sock"
+
+	[nvram]
+	path = "$nvram"
+	size = "${nvram_mb}MiB"
+	partitions = $parts
+
+	[[lun]]
+	name = "lun0"
+	medium = "$medium"
+	device_id = $id
+	queue_depth = 64
+	CFG
+}
+
+# nvm_start CONFIG LOGNAME -> starts the daemon in the background, waits until it serves
+nvm_start() {
+	local cfg=$1 log=$2
+	"$NVMD" --config "$cfg" --state-dir "$PWD/state" >>"$log" 2>&1 &
+	NVM_LAST_PID=$!
+	NVM_DAEMON_PIDS+=("$NVM_LAST_PID")
+	if ! "$NVMCTL" --config "$cfg" wait --timeout 60 >/dev/null; then
+		tail -20 "$log"
+		fail "nvmirrord did not come up (log $log)"
+	fi
+}
+
+# nvm_stop PID: graceful stop (drains), waits for exit
+nvm_stop() {
+	kill -TERM "$1"
+	for _ in $(seq 300); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.2; done
+	fail "nvmirrord $1 did not stop within 60 s"
+}
+
+# nvm_wait_gone PID
+nvm_wait_gone() {
+	for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+	fail "process $1 still alive"
+}
+
+# nvm_wait_dev ID: until /dev/ublkbID exists
+nvm_wait_dev() {
+	for _ in $(seq 100); do [[ -b /dev/ublkb$1 ]] && return 0; sleep 0.1; done
+	fail "/dev/ublkb$1 did not appear"
+}
