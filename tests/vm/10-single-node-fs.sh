@@ -5,7 +5,7 @@
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 
-medium=$(nvm_medium medium 256)
+medium=$(nvm_medium medium 400)
 nvram=${NVM_PMEM:-$PWD/nvram.img}
 say "NVRAM: $nvram"
 nvm_config node.toml node-a "$nvram" 48 "$medium" 0
