@@ -1,0 +1,221 @@
+#!/bin/bash
+# scripts/test.sh [--unit-only | --vm-only] [TEST_NAME ...]
+#
+# The project's one test command (CI runs it through .ci/run, as root, on a
+# fresh Debian 12 machine with CI=true).
+#   1. installs the Debian packages it needs (quick no-op when present)
+#   2. unless --vm-only: cargo build --release --workspace, cargo test --workspace
+#   3. unless --unit-only: prepares the cached Debian 6.12 kernel + initramfs
+#      (scripts/vm/lib.sh) and boots ONE VM that runs the VM tests
+#      (tests/vm/*.sh in name order, or the TEST_NAMEs given) one by one;
+#      see scripts/vm/run-tests-in-guest.sh for the VM test contract.
+#   4. prints PASS/FAIL/SKIP per item (log tail on FAIL) and a closing line
+#      "N passed, N failed, N skipped"; exits non-zero on any failure.
+#      With CI=true a SKIP counts as a FAIL: VM tests must really run in CI.
+#
+# TEST_NAME is a file name in tests/vm with or without .sh, or a path to any
+# test script (it must be readable from the VM, i.e. anywhere on the host).
+#
+# Environment: NVM_RESULTS (results dir; default target/vm-results/<stamp>),
+# NVM_TEST_TIMEOUT (default per-test timeout, 300), NVM_VM_TIMEOUT (whole VM,
+# 1500), NVM_VM_MEM, NVM_VM_CPUS, NVM_VM_ACCEL, NVM_VM_PMEM_SIZE,
+# NVM_VM_CACHE, NVM_VM_QUIET=1, NVM_VM_BOOT_OPTS (extra nvm_vm_boot options,
+# word-split, e.g. "--disk /path/img --qemu-arg -s"); see scripts/vm/lib.sh.
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+
+mode=all
+names=()
+while (($#)); do
+	case $1 in
+	--unit-only) mode=unit ;;
+	--vm-only) mode=vm ;;
+	-h | --help) usage; exit 0 ;;
+	-*) usage >&2; echo "unknown option $1" >&2; exit 2 ;;
+	*) names+=("$1") ;;
+	esac
+	shift
+done
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+# shellcheck source=scripts/vm/lib.sh
+source "$repo/scripts/vm/lib.sh"
+t_start=$SECONDS
+
+# Results of everything we ran: parallel arrays.
+item_names=() item_status=() item_detail=() item_log=()
+add_item() { item_names+=("$1"); item_status+=("$2"); item_detail+=("$3"); item_log+=("${4:-}"); }
+
+nvm_ensure_apt_packages "${NVM_APT_PACKAGES[@]}"
+
+# ------------------------------------------------------------------ cargo ---
+run_cargo() {
+	if ! command -v cargo >/dev/null && [[ -f $HOME/.cargo/env ]]; then
+		# shellcheck source=/dev/null
+		source "$HOME/.cargo/env"
+	fi
+	if ! command -v cargo >/dev/null; then
+		nvm_log "cargo not found (no rustup toolchain); falling back to Debian's cargo"
+		nvm_ensure_apt_packages cargo rustc
+	fi
+	if [[ ! -f $repo/Cargo.toml ]]; then
+		echo "NOTE: no Cargo.toml in $repo yet: skipping cargo build/test"
+		return 0
+	fi
+	local log=$repo/target/cargo-test.log
+	mkdir -p "$repo/target"
+	nvm_log "cargo build --release --workspace"
+	if ! cargo build --release --workspace; then
+		add_item "cargo build --release --workspace" FAIL "build failed" ""
+		return 0
+	fi
+	nvm_log "cargo test --workspace"
+	if cargo test --workspace 2>&1 | tee "$log"; then
+		add_item "cargo test --workspace" PASS "" ""
+	else
+		add_item "cargo test --workspace" FAIL "see $log" "$log"
+	fi
+}
+[[ $mode == vm ]] || run_cargo
+[[ $mode != vm ]] || echo "NOTE: --vm-only: using the binaries already in target/release as they are"
+
+# --------------------------------------------------------------- VM tests ---
+resolve_tests() {
+	local n f
+	tests=()
+	if ((${#names[@]} == 0)); then
+		for f in "$repo"/tests/vm/*.sh; do [[ -f $f ]] && tests+=("$f"); done
+		return 0
+	fi
+	for n in "${names[@]}"; do
+		if [[ -f $repo/tests/vm/$n.sh ]]; then f=$repo/tests/vm/$n.sh
+		elif [[ -f $repo/tests/vm/$n ]]; then f=$repo/tests/vm/$n
+		elif [[ -f $n ]]; then f=$(cd "$(dirname "$n")" && pwd)/$(basename "$n")
+		else nvm_die "no such VM test: $n (looked in tests/vm/)"
+		fi
+		tests+=("$f")
+	done
+}
+
+run_vm_tests() {
+	local tests=() f name
+	resolve_tests
+	if ((${#tests[@]} == 0)); then
+		echo "NOTE: no VM tests found in tests/vm/"
+		return 0
+	fi
+	declare -A seen=()
+	for f in "${tests[@]}"; do
+		name=$(basename "$f" .sh)
+		[[ -z ${seen[$name]:-} ]] || nvm_die "two VM tests named $name"
+		seen[$name]=1
+	done
+
+	local stamp
+	stamp=$(date +%Y%m%d-%H%M%S)
+	results=${NVM_RESULTS:-$repo/target/vm-results/$stamp}
+	mkdir -p "$results"
+	results=$(cd "$results" && pwd)
+	if [[ -z ${NVM_RESULTS:-} ]]; then ln -sfn "$stamp" "$repo/target/vm-results/latest"; fi
+	nvm_log "VM results: $results"
+
+	nvm_vm_prepare
+	local bin_dir=${CARGO_TARGET_DIR:-$repo/target}
+	[[ $bin_dir == /* ]] || bin_dir=$repo/$bin_dir
+	local envs=(--env "NVM_REPO=$repo" --env "NVM_BIN=$bin_dir/release")
+	[[ -z ${NVM_TEST_TIMEOUT:-} ]] || envs+=(--env "NVM_TEST_TIMEOUT=$NVM_TEST_TIMEOUT")
+	local -a extra=()
+	# shellcheck disable=SC2206 # word splitting is the documented interface
+	[[ -z ${NVM_VM_BOOT_OPTS:-} ]] || extra=($NVM_VM_BOOT_OPTS)
+	# A reused NVM_RESULTS must not let stale results stand in for new ones.
+	rm -rf "$results/status" "$results/guest-rc-vm"
+	for f in "${tests[@]}"; do rm -rf "$results/tests/$(basename "$f" .sh)"; done
+	printf '%s\n' "${tests[@]}" >"$results/planned"
+
+	local vm_rc=0 t0=$SECONDS
+	nvm_vm_boot --results "$results" --name vm "${envs[@]}" "${extra[@]}" \
+		-- /bin/bash "$repo/scripts/vm/run-tests-in-guest.sh" "${tests[@]}" || vm_rc=$?
+	vm_seconds=$((SECONDS - t0))
+	boot_seconds=$(cat "$results/boot-seconds-vm" 2>/dev/null || echo '?')
+
+	local why_missing="the VM died before reporting it"
+	case $vm_rc in
+	124) why_missing="the VM hit its hard timeout (${NVM_VM_TIMEOUT:-1500}s)" ;;
+	125) why_missing="the VM crashed or failed to boot (see console-vm.log)" ;;
+	esac
+
+	local st rc secs to log
+	for f in "${tests[@]}"; do
+		name=$(basename "$f" .sh)
+		log=$results/tests/$name/$name.log
+		st=$results/status/$name
+		if [[ ! -f $st ]]; then
+			if [[ -f $log ]]; then
+				add_item "$name" FAIL "started but did not finish; $why_missing" "$log"
+			else
+				add_item "$name" FAIL "never started; $why_missing" ""
+			fi
+			continue
+		fi
+		rc=$(sed -n 's/.*rc=\([0-9]*\).*/\1/p' "$st")
+		secs=$(sed -n 's/.*secs=\([0-9]*\).*/\1/p' "$st")
+		to=$(sed -n 's/.*timeout=\([0-9]*\).*/\1/p' "$st")
+		if [[ $to == 1 ]]; then
+			add_item "$name" FAIL "timed out after ${secs}s" "$log"
+		elif [[ $rc == 0 ]]; then
+			add_item "$name" PASS "${secs}s" "$log"
+		elif [[ $rc == 77 ]]; then
+			add_item "$name" SKIP "${secs}s: $(tail -n1 "$log" 2>/dev/null)" "$log"
+		else
+			add_item "$name" FAIL "exit $rc after ${secs}s" "$log"
+		fi
+	done
+	if ((vm_rc == 124 || vm_rc == 125)) && [[ -f $results/console-vm.log ]]; then
+		echo "---- last 40 lines of the VM console ($results/console-vm.log) ----"
+		tail -n 40 "$results/console-vm.log" | sed 's/^/  | /'
+		echo "----"
+	fi
+	echo "VM: boot to ready ${boot_seconds}s, whole VM run ${vm_seconds}s (accel ${NVM_VM_ACCEL_NAME:-?}); results in $results"
+}
+vm_seconds=0 boot_seconds='?' results=''
+[[ $mode == unit ]] || run_vm_tests
+
+# ---------------------------------------------------------------- summary ---
+passed=0 failed=0 skipped=0 ci_skips=0
+echo
+echo "==================== test summary ===================="
+for i in "${!item_names[@]}"; do
+	status=${item_status[$i]}
+	if [[ $status == SKIP && ${CI:-} == true ]]; then
+		status=FAIL
+		item_detail[i]="SKIPPED, which counts as a failure in CI (${item_detail[$i]})"
+		ci_skips=$((ci_skips + 1))
+	fi
+	printf '%-4s  %s  %s\n' "$status" "${item_names[$i]}" "${item_detail[$i]:+(${item_detail[$i]})}"
+	case $status in
+	PASS) passed=$((passed + 1)) ;;
+	SKIP) skipped=$((skipped + 1)) ;;
+	FAIL)
+		failed=$((failed + 1))
+		if [[ -n ${item_log[$i]} && -f ${item_log[$i]} ]]; then
+			echo "      ---- last 40 lines of ${item_log[$i]} ----"
+			tail -n 40 "${item_log[$i]}" | sed 's/^/      | /'
+			echo "      ----"
+		fi
+		;;
+	esac
+done
+if ((ci_skips)); then
+	echo
+	echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+	echo "!!! CI=true: $ci_skips test(s) SKIPPED. In CI the VM tests must really run,"
+	echo "!!! so every skip is counted as a FAILURE. Fix the environment or the test."
+	echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+fi
+# Drop the (sparse, up to NVM_VM_PMEM_SIZE) NVDIMM backing file of a clean run.
+if ((failed == 0)) && [[ -n $results ]]; then rm -f "$results"/pmem0-vm.img; fi
+echo "total time $((SECONDS - t_start))s"
+echo "$passed passed, $failed failed, $skipped skipped"
+((failed == 0))
