@@ -1,0 +1,673 @@
+//! The wire format shared by both transports.
+//!
+//! A message is `kind: u8` followed by a fixed little-endian body. Over TCP each message is a
+//! frame `len: u32 | crc32c(payload): u32 | payload`, and a `Record` message carries the record
+//! bytes right after its header inside the same frame. Over RDMA a message is the payload of one
+//! SEND (the fabric checks integrity), and record bytes travel separately by RDMA WRITE.
+//!
+//! Decoding never panics and never allocates more than the limits below, whatever the input.
+
+use crate::error::FrameError;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// "NVML" — first field of every hello, so a stray client is told apart from a version mismatch.
+pub const MAGIC: u32 = 0x4c4d_564e;
+/// Version of this wire protocol. Bump on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Bytes of the TCP frame header (`len`, `crc`).
+pub const FRAME_HEADER_LEN: usize = 8;
+/// Largest non-record message (a hello with two full resync lists fits).
+pub const MAX_CONTROL_LEN: usize = 2 * MAX_RESYNC_ENTRIES * 12 + 256;
+/// Most partitions a resync point can describe.
+pub const MAX_RESYNC_ENTRIES: usize = 1024;
+/// Longest reject / bye reason kept.
+pub const MAX_REASON_LEN: usize = 512;
+/// Bytes of an encoded record header (kind included).
+pub const RECORD_HDR_LEN: usize = 1 + 8 + 4 + 8 + 8 + 4;
+/// Largest record the protocol allows (the configured limit is usually smaller).
+pub const MAX_RECORD_LEN: u32 = 16 << 20;
+
+/// Transport codes carried in the hello.
+pub const TRANSPORT_TCP: u8 = 1;
+pub const TRANSPORT_RDMA: u8 = 2;
+
+pub(crate) fn transport_name(t: u8) -> &'static str {
+    match t {
+        TRANSPORT_TCP => "tcp",
+        TRANSPORT_RDMA => "rdma",
+        _ => "unknown",
+    }
+}
+
+/// Last sequence number held for one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionSeq {
+    pub partition: u32,
+    pub seq: u64,
+}
+
+/// What a node holds, exchanged on every (re)connect so mirroring can restart from there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResyncPoint {
+    /// Last sequence number appended to each partition log of this node's first store.
+    pub first_store: Vec<PartitionSeq>,
+    /// Last sequence number held (durable) in this node's second store for each partition of the peer.
+    pub second_store: Vec<PartitionSeq>,
+}
+
+/// Static facts a node announces in its hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Length of the region this node posts from (its first store); 0 if it never posts.
+    pub first_len: u64,
+    /// Length of this node's second-store region (where the peer's records land); 0 if none.
+    pub second_len: u64,
+    /// Opaque layout fingerprint computed by the engine; must be equal on both nodes.
+    pub layout_tag: u64,
+    /// Records this node accepts in flight from the peer.
+    pub window: u32,
+    /// Largest record this node accepts.
+    pub max_record: u32,
+    pub transport: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub magic: u32,
+    pub version: u16,
+    pub cluster_id: u64,
+    pub from_node: u32,
+    pub to_node: u32,
+    pub nonce: [u8; 32],
+    pub info: NodeInfo,
+}
+
+/// The RDMA coordinates of a second-store region, sent only after authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRegion {
+    pub addr: u64,
+    pub rkey: u32,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHdr {
+    /// Sender-chosen id tying the acknowledgement to the post.
+    pub tag: u64,
+    pub partition: u32,
+    pub seq: u64,
+    /// Offset in the receiver's second-store region.
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    /// Connector -> acceptor.
+    Hello(Hello),
+    /// Acceptor -> connector: its own hello plus proof that it knows the secret.
+    Challenge {
+        hello: Hello,
+        mac: [u8; 32],
+    },
+    /// Connector -> acceptor: proof that the connector knows the secret, and its resync point
+    /// and (RDMA) second-store coordinates — the acceptor has already proven itself.
+    Auth {
+        mac: [u8; 32],
+        resync: ResyncPoint,
+        region: Option<RemoteRegion>,
+    },
+    /// Acceptor -> connector: accepted.
+    Welcome {
+        resync: ResyncPoint,
+        region: Option<RemoteRegion>,
+    },
+    Reject {
+        reason: String,
+    },
+    /// A mirror record. Over TCP its bytes follow in the same frame.
+    Record(RecordHdr),
+    /// `ok == false`: the receiver could not persist; `reason` says why.
+    Ack {
+        tag: u64,
+        partition: u32,
+        seq: u64,
+        ok: bool,
+    },
+    Release {
+        partition: u32,
+        through_seq: u64,
+    },
+    Ping {
+        stamp: u64,
+    },
+    Pong {
+        stamp: u64,
+    },
+    Bye {
+        reason: String,
+    },
+}
+
+const K_HELLO: u8 = 1;
+const K_CHALLENGE: u8 = 2;
+const K_AUTH: u8 = 3;
+const K_WELCOME: u8 = 4;
+const K_REJECT: u8 = 5;
+const K_RECORD: u8 = 6;
+const K_ACK: u8 = 7;
+const K_RELEASE: u8 = 8;
+const K_PING: u8 = 9;
+const K_PONG: u8 = 10;
+const K_BYE: u8 = 11;
+
+impl Msg {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello(_) => "hello",
+            Msg::Challenge { .. } => "challenge",
+            Msg::Auth { .. } => "auth",
+            Msg::Welcome { .. } => "welcome",
+            Msg::Reject { .. } => "reject",
+            Msg::Record(_) => "record",
+            Msg::Ack { .. } => "ack",
+            Msg::Release { .. } => "release",
+            Msg::Ping { .. } => "ping",
+            Msg::Pong { .. } => "pong",
+            Msg::Bye { .. } => "bye",
+        }
+    }
+
+    /// Append the payload (kind + body, no frame header, no record bytes) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut w = W(out);
+        match self {
+            Msg::Hello(h) => {
+                w.u8(K_HELLO);
+                w.hello(h);
+            }
+            Msg::Challenge { hello, mac } => {
+                w.u8(K_CHALLENGE);
+                w.hello(hello);
+                w.bytes(mac);
+            }
+            Msg::Auth {
+                mac,
+                resync,
+                region,
+            } => {
+                w.u8(K_AUTH);
+                w.bytes(mac);
+                w.resync(resync);
+                w.region(region);
+            }
+            Msg::Welcome { resync, region } => {
+                w.u8(K_WELCOME);
+                w.resync(resync);
+                w.region(region);
+            }
+            Msg::Reject { reason } => {
+                w.u8(K_REJECT);
+                w.string(reason);
+            }
+            Msg::Record(r) => {
+                w.u8(K_RECORD);
+                w.u64(r.tag);
+                w.u32(r.partition);
+                w.u64(r.seq);
+                w.u64(r.offset);
+                w.u32(r.len);
+            }
+            Msg::Ack {
+                tag,
+                partition,
+                seq,
+                ok,
+            } => {
+                w.u8(K_ACK);
+                w.u64(*tag);
+                w.u32(*partition);
+                w.u64(*seq);
+                w.u8(u8::from(*ok));
+            }
+            Msg::Release {
+                partition,
+                through_seq,
+            } => {
+                w.u8(K_RELEASE);
+                w.u32(*partition);
+                w.u64(*through_seq);
+            }
+            Msg::Ping { stamp } => {
+                w.u8(K_PING);
+                w.u64(*stamp);
+            }
+            Msg::Pong { stamp } => {
+                w.u8(K_PONG);
+                w.u64(*stamp);
+            }
+            Msg::Bye { reason } => {
+                w.u8(K_BYE);
+                w.string(reason);
+            }
+        }
+    }
+
+    /// Decode one complete payload. A `Record` payload may be followed by record bytes
+    /// (TCP); those are not looked at here — see [`decode_payload_prefix`].
+    pub fn decode(payload: &[u8]) -> Result<Msg, FrameError> {
+        let (msg, used) = decode_payload_prefix(payload)?;
+        if used != payload.len() && !matches!(msg, Msg::Record(_)) {
+            return Err(FrameError::Malformed {
+                what: msg.name(),
+                detail: format!("{} trailing bytes", payload.len() - used),
+            });
+        }
+        Ok(msg)
+    }
+}
+
+/// Decode the message at the start of `payload`; returns it and the bytes it used.
+pub fn decode_payload_prefix(payload: &[u8]) -> Result<(Msg, usize), FrameError> {
+    let mut r = R {
+        buf: payload,
+        pos: 0,
+        what: "message",
+    };
+    let kind = r.u8()?;
+    let msg = match kind {
+        K_HELLO => {
+            r.what = "hello";
+            Msg::Hello(r.hello()?)
+        }
+        K_CHALLENGE => {
+            r.what = "challenge";
+            let hello = r.hello()?;
+            Msg::Challenge {
+                hello,
+                mac: r.arr32()?,
+            }
+        }
+        K_AUTH => {
+            r.what = "auth";
+            let mac = r.arr32()?;
+            let resync = r.resync()?;
+            Msg::Auth {
+                mac,
+                resync,
+                region: r.region()?,
+            }
+        }
+        K_WELCOME => {
+            r.what = "welcome";
+            let resync = r.resync()?;
+            Msg::Welcome {
+                resync,
+                region: r.region()?,
+            }
+        }
+        K_REJECT => {
+            r.what = "reject";
+            Msg::Reject {
+                reason: r.string()?,
+            }
+        }
+        K_RECORD => {
+            r.what = "record";
+            let tag = r.u64()?;
+            let partition = r.u32()?;
+            let seq = r.u64()?;
+            let offset = r.u64()?;
+            let len = r.u32()?;
+            Msg::Record(RecordHdr {
+                tag,
+                partition,
+                seq,
+                offset,
+                len,
+            })
+        }
+        K_ACK => {
+            r.what = "ack";
+            let tag = r.u64()?;
+            let partition = r.u32()?;
+            let seq = r.u64()?;
+            let ok = match r.u8()? {
+                0 => false,
+                1 => true,
+                v => return Err(r.bad(format!("ok flag {v}"))),
+            };
+            Msg::Ack {
+                tag,
+                partition,
+                seq,
+                ok,
+            }
+        }
+        K_RELEASE => {
+            r.what = "release";
+            let partition = r.u32()?;
+            Msg::Release {
+                partition,
+                through_seq: r.u64()?,
+            }
+        }
+        K_PING => Msg::Ping { stamp: r.u64()? },
+        K_PONG => Msg::Pong { stamp: r.u64()? },
+        K_BYE => {
+            r.what = "bye";
+            Msg::Bye {
+                reason: r.string()?,
+            }
+        }
+        k => return Err(FrameError::UnknownKind(k)),
+    };
+    Ok((msg, r.pos))
+}
+
+/// Encode a complete TCP frame for a control message (not a record).
+pub fn encode_frame(msg: &Msg, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    msg.encode(out);
+    let payload = &out[start + FRAME_HEADER_LEN..];
+    let len = payload.len() as u32;
+    let crc = crc32c::crc32c(payload);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Frame header for a record frame: the payload is the encoded header followed by `data`.
+pub fn record_frame_header(
+    hdr: &RecordHdr,
+    data: &[u8],
+) -> [u8; FRAME_HEADER_LEN + RECORD_HDR_LEN] {
+    let mut out = [0u8; FRAME_HEADER_LEN + RECORD_HDR_LEN];
+    let mut body = Vec::with_capacity(RECORD_HDR_LEN);
+    Msg::Record(*hdr).encode(&mut body);
+    let len = (RECORD_HDR_LEN + data.len()) as u32;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&body), data);
+    out[0..4].copy_from_slice(&len.to_le_bytes());
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out[8..].copy_from_slice(&body);
+    out
+}
+
+/// Reads TCP frames. Control payloads go to an internal buffer bounded by
+/// [`MAX_CONTROL_LEN`]; record bytes go straight to the slice the caller's sink returns
+/// (the receiver's second-store region), so a record is never copied twice.
+pub struct FrameReader {
+    max_record: u32,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    pub fn new(max_record: u32) -> Self {
+        FrameReader {
+            max_record: max_record.min(MAX_RECORD_LEN),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Read the next frame. For a `Record`, `sink(hdr)` must return the destination of the
+    /// record bytes (exactly `hdr.len` long) or an error; the crc covers header and bytes and is
+    /// checked after they landed (the caller must not acknowledge a record before this returns Ok).
+    pub async fn read<'a, Rd, F>(&mut self, rd: &mut Rd, sink: F) -> Result<Msg, FrameError>
+    where
+        Rd: AsyncRead + Unpin,
+        F: FnOnce(&RecordHdr) -> Result<&'a mut [u8], FrameError>,
+    {
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        // A clean EOF between frames is a close, not an error.
+        let n = rd.read(&mut head[..1]).await?;
+        if n == 0 {
+            return Err(FrameError::Closed);
+        }
+        rd.read_exact(&mut head[1..]).await?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        let max = (RECORD_HDR_LEN + self.max_record as usize).max(MAX_CONTROL_LEN);
+        if len > max {
+            return Err(FrameError::Oversized {
+                len: len as u64,
+                max: max as u64,
+            });
+        }
+        if len == 0 {
+            return Err(FrameError::Malformed {
+                what: "frame",
+                detail: "empty payload".into(),
+            });
+        }
+        // Peek the kind: records are read in two parts.
+        let mut kind = [0u8; 1];
+        rd.read_exact(&mut kind).await?;
+        if kind[0] == K_RECORD {
+            if len < RECORD_HDR_LEN {
+                return Err(FrameError::Malformed {
+                    what: "record",
+                    detail: format!("frame of {len} bytes"),
+                });
+            }
+            let mut hb = [0u8; RECORD_HDR_LEN];
+            hb[0] = K_RECORD;
+            rd.read_exact(&mut hb[1..]).await?;
+            let (msg, _) = decode_payload_prefix(&hb)?;
+            let Msg::Record(hdr) = msg else {
+                return Err(FrameError::Malformed {
+                    what: "record",
+                    detail: "not a record".into(),
+                });
+            };
+            let data_len = len - RECORD_HDR_LEN;
+            if hdr.len as usize != data_len {
+                return Err(FrameError::Malformed {
+                    what: "record",
+                    detail: format!("header says {} bytes, frame carries {data_len}", hdr.len),
+                });
+            }
+            if hdr.len > self.max_record {
+                return Err(FrameError::Oversized {
+                    len: u64::from(hdr.len),
+                    max: u64::from(self.max_record),
+                });
+            }
+            let dst = sink(&hdr)?;
+            if dst.len() != data_len {
+                return Err(FrameError::Malformed {
+                    what: "record",
+                    detail: "sink length".into(),
+                });
+            }
+            rd.read_exact(dst).await?;
+            let got = crc32c::crc32c_append(crc32c::crc32c(&hb), dst);
+            if got != crc {
+                return Err(FrameError::BadCrc { got, expected: crc });
+            }
+            return Ok(Msg::Record(hdr));
+        }
+        if len > MAX_CONTROL_LEN {
+            return Err(FrameError::Oversized {
+                len: len as u64,
+                max: MAX_CONTROL_LEN as u64,
+            });
+        }
+        self.buf.clear();
+        self.buf.resize(len, 0);
+        self.buf[0] = kind[0];
+        rd.read_exact(&mut self.buf[1..]).await?;
+        let got = crc32c::crc32c(&self.buf);
+        if got != crc {
+            return Err(FrameError::BadCrc { got, expected: crc });
+        }
+        Msg::decode(&self.buf)
+    }
+}
+
+struct W<'a>(&'a mut Vec<u8>);
+
+impl W<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.0.extend_from_slice(v);
+    }
+    fn string(&mut self, s: &str) {
+        let mut end = s.len().min(MAX_REASON_LEN);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.u16(end as u16);
+        self.bytes(&s.as_bytes()[..end]);
+    }
+    fn hello(&mut self, h: &Hello) {
+        self.u32(h.magic);
+        self.u16(h.version);
+        self.u64(h.cluster_id);
+        self.u32(h.from_node);
+        self.u32(h.to_node);
+        self.bytes(&h.nonce);
+        self.u64(h.info.first_len);
+        self.u64(h.info.second_len);
+        self.u64(h.info.layout_tag);
+        self.u32(h.info.window);
+        self.u32(h.info.max_record);
+        self.u8(h.info.transport);
+    }
+    fn seqs(&mut self, v: &[PartitionSeq]) {
+        let n = v.len().min(MAX_RESYNC_ENTRIES);
+        self.u16(n as u16);
+        for p in &v[..n] {
+            self.u32(p.partition);
+            self.u64(p.seq);
+        }
+    }
+    fn resync(&mut self, r: &ResyncPoint) {
+        self.seqs(&r.first_store);
+        self.seqs(&r.second_store);
+    }
+    fn region(&mut self, r: &Option<RemoteRegion>) {
+        match r {
+            None => self.u8(0),
+            Some(r) => {
+                self.u8(1);
+                self.u64(r.addr);
+                self.u32(r.rkey);
+                self.u64(r.len);
+            }
+        }
+    }
+}
+
+struct R<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl R<'_> {
+    fn bad(&self, detail: String) -> FrameError {
+        FrameError::Malformed {
+            what: self.what,
+            detail,
+        }
+    }
+    fn take(&mut self, n: usize) -> Result<&[u8], FrameError> {
+        if self.buf.len() - self.pos < n {
+            return Err(self.bad(format!("truncated at byte {} (needs {n} more)", self.pos)));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn arr32(&mut self) -> Result<[u8; 32], FrameError> {
+        let mut a = [0u8; 32];
+        a.copy_from_slice(self.take(32)?);
+        Ok(a)
+    }
+    fn string(&mut self) -> Result<String, FrameError> {
+        let n = self.u16()? as usize;
+        if n > MAX_REASON_LEN {
+            return Err(self.bad(format!("text of {n} bytes")));
+        }
+        let b = self.take(n)?;
+        Ok(String::from_utf8_lossy(b).into_owned())
+    }
+    fn hello(&mut self) -> Result<Hello, FrameError> {
+        Ok(Hello {
+            magic: self.u32()?,
+            version: self.u16()?,
+            cluster_id: self.u64()?,
+            from_node: self.u32()?,
+            to_node: self.u32()?,
+            nonce: self.arr32()?,
+            info: NodeInfo {
+                first_len: self.u64()?,
+                second_len: self.u64()?,
+                layout_tag: self.u64()?,
+                window: self.u32()?,
+                max_record: self.u32()?,
+                transport: self.u8()?,
+            },
+        })
+    }
+    fn seqs(&mut self) -> Result<Vec<PartitionSeq>, FrameError> {
+        let n = self.u16()? as usize;
+        if n > MAX_RESYNC_ENTRIES {
+            return Err(self.bad(format!("{n} resync entries (max {MAX_RESYNC_ENTRIES})")));
+        }
+        // Bounded: n <= MAX_RESYNC_ENTRIES, and take() fails before reading past the buffer.
+        let mut v = Vec::with_capacity(n.min((self.buf.len() - self.pos) / 12));
+        for _ in 0..n {
+            v.push(PartitionSeq {
+                partition: self.u32()?,
+                seq: self.u64()?,
+            });
+        }
+        Ok(v)
+    }
+    fn resync(&mut self) -> Result<ResyncPoint, FrameError> {
+        Ok(ResyncPoint {
+            first_store: self.seqs()?,
+            second_store: self.seqs()?,
+        })
+    }
+    fn region(&mut self) -> Result<Option<RemoteRegion>, FrameError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(RemoteRegion {
+                addr: self.u64()?,
+                rkey: self.u32()?,
+                len: self.u64()?,
+            })),
+            v => Err(self.bad(format!("region flag {v}"))),
+        }
+    }
+}

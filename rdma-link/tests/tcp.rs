@@ -1,0 +1,540 @@
+//! The TCP transport end to end on loopback (no root needed).
+
+mod common;
+
+use common::*;
+use hmac::{Hmac, Mac};
+use rdma_link::proto::{self, Hello, Msg, NodeInfo, MAGIC, PROTOCOL_VERSION};
+use rdma_link::{HandshakeError, LinkError, LinkState, Post, Region};
+use sha2::Sha256;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn post(seq: u64, off: u64, len: u32) -> Post {
+    Post {
+        partition: (seq % 3) as u32,
+        seq,
+        local_offset: off,
+        remote_offset: off,
+        len,
+    }
+}
+
+// current_thread: the post tasks start in spawn order, so the link receives them in seq order
+// (the window semaphore is FIFO) and the partner must see them in that order.
+#[tokio::test]
+async fn records_land_in_order_and_are_persisted_before_ack() {
+    let p = pair().await;
+    let mut expected = Vec::new();
+    let mut futs = Vec::new();
+    let mut off = 0u64;
+    for seq in 1..=300u64 {
+        let len = 1 + (seq * 977 % 9000) as u32;
+        let data = fill(&p.local, off, len as usize, seq);
+        expected.push((off, len, crc32c::crc32c(&data), seq));
+        let link = p.client.clone();
+        let store = p.store.clone();
+        let pst = post(seq, off, len);
+        futs.push(tokio::spawn(async move {
+            link.post(pst).await?;
+            // The ack implies persist already ran on these exact bytes.
+            let log = store.log.lock().unwrap();
+            assert!(
+                log.persisted
+                    .iter()
+                    .any(|&(o, l, _)| o == pst.remote_offset && l == u64::from(pst.len)),
+                "acked before persist"
+            );
+            Ok::<_, LinkError>(())
+        }));
+        off += u64::from(len);
+    }
+    for f in futs {
+        within(10, f).await.unwrap().unwrap();
+    }
+    let log = p.store.log.lock().unwrap();
+    // Every record's bytes were in the region when persist ran, and still are.
+    for (o, l, crc, _) in &expected {
+        assert!(
+            log.persisted.contains(&(*o, u64::from(*l), *crc)),
+            "record at {o} persisted with wrong bytes"
+        );
+        assert_eq!(
+            crc32c::crc32c(&p.store.region.read_bytes(*o, *l as usize).unwrap()),
+            *crc
+        );
+    }
+    // Single stream: the partner sees records in post order.
+    let seqs: Vec<u64> = log.records.iter().map(|r| r.1).collect();
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+    assert_eq!(p.client.counters().1, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_bounds_posts_in_flight() {
+    let p = pair_with(|_| {}, |c| c.window = 4).await;
+    p.store.close_gate();
+    let mut futs = Vec::new();
+    for seq in 0..10u64 {
+        fill(&p.local, seq * 4096, 4096, seq);
+        let link = p.client.clone();
+        futs.push(tokio::spawn(async move {
+            link.post(post(seq, seq * 4096, 4096)).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The receiver is stuck in the first persist; at most 4 records were sent.
+    assert!(futs.iter().all(|f| !f.is_finished()));
+    p.store.open_gate();
+    for f in futs {
+        within(5, f).await.unwrap().unwrap();
+    }
+    assert_eq!(p.store.log.lock().unwrap().records.len(), 10);
+    // With the gate closed, the receiver can have seen at most `window` records.
+    let p2 = pair_with(|_| {}, |c| c.window = 4).await;
+    p2.store.close_gate();
+    let mut futs = Vec::new();
+    for seq in 0..10u64 {
+        let link = p2.client.clone();
+        futs.push(tokio::spawn(async move {
+            link.post(post(seq, seq * 4096, 4096)).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (posts, _, _, _) = p2.client.counters();
+    assert_eq!(
+        posts, 4,
+        "only a window's worth of posts may be handed to the connection"
+    );
+    p2.store.open_gate();
+    for f in futs {
+        within(5, f).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_are_tied_to_their_posts() {
+    let p = pair().await;
+    *p.store.fail_offset.lock().unwrap() = Some(5 * 4096);
+    let mut futs = Vec::new();
+    for seq in 0..10u64 {
+        let link = p.client.clone();
+        futs.push((
+            seq,
+            tokio::spawn(async move { link.post(post(seq, seq * 4096, 4096)).await }),
+        ));
+    }
+    for (seq, f) in futs {
+        let r = within(5, f).await.unwrap();
+        if seq == 5 {
+            match r {
+                Err(LinkError::PersistFailed { seq: 5, .. }) => {}
+                other => panic!("post 5 should fail to persist, got {other:?}"),
+            }
+        } else {
+            r.unwrap();
+        }
+    }
+    // The link stays up after a failed persist.
+    p.client.post(post(11, 0, 100)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_is_delivered() {
+    let p = pair().await;
+    p.client.post(post(1, 0, 512)).await.unwrap();
+    p.client.release(3, 42).unwrap();
+    p.client.release(0, 7).unwrap();
+    within(5, async {
+        loop {
+            if p.store.log.lock().unwrap().releases == vec![(3, 42), (0, 7)] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Heartbeats (every 50 ms) give both sides an RTT estimate.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(p.client.rtt().is_some() && p.server.rtt().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_posts_are_refused() {
+    let p = pair().await;
+    assert!(matches!(
+        p.client.post(post(1, REGION as u64 - 10, 100)).await,
+        Err(LinkError::InvalidPost(_))
+    ));
+    assert!(matches!(
+        p.client.post(post(1, 0, 0)).await,
+        Err(LinkError::InvalidPost(_))
+    ));
+    assert!(matches!(
+        p.client.post(post(1, 0, 2 << 20)).await,
+        Err(LinkError::InvalidPost(_))
+    ));
+    // A node without a local region cannot post.
+    assert!(matches!(
+        p.server.post(post(1, 0, 10)).await,
+        Err(LinkError::InvalidPost(_))
+    ));
+}
+
+/// A TCP proxy that can be made silent (it keeps the sockets open and drops everything).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    silent: Arc<AtomicBool>,
+}
+
+async fn proxy(to: std::net::SocketAddr) -> Proxy {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let silent = Arc::new(AtomicBool::new(false));
+    let s2 = silent.clone();
+    tokio::spawn(async move {
+        while let Ok((a, _)) = l.accept().await {
+            let Ok(b) = TcpStream::connect(to).await else {
+                continue;
+            };
+            let (ar, aw) = a.into_split();
+            let (br, bw) = b.into_split();
+            for (mut r, mut w) in [(ar, bw), (br, aw)] {
+                let silent = s2.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if !silent.load(Ordering::Relaxed) && w.write_all(&buf[..n]).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                    // Keep the write half open while silent: the peer must notice by heartbeat.
+                    while silent.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+            }
+        }
+    });
+    Proxy { addr, silent }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peer_is_reported_down_within_the_heartbeat_timeout() {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let _server = server(addr, &store, |_| {});
+    let px = proxy(addr).await;
+    let local = Region::leaked(REGION);
+    let client = client(px.addr, local, |c| {
+        c.reconnect_delay = Duration::from_secs(30)
+    });
+    within(5, client.wait_up()).await.unwrap();
+    client.post(post(1, 0, 4096)).await.unwrap();
+    store.close_gate(); // keep the next posts in flight
+    let mut futs = Vec::new();
+    for seq in 2..10u64 {
+        let link = client.clone();
+        futs.push(tokio::spawn(async move {
+            link.post(post(seq, seq * 4096, 4096)).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    px.silent.store(true, Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
+    let reason = wait_down_with(&client, "no heartbeat").await;
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "down after {took:?} (timeout 500 ms): {reason}"
+    );
+    for f in futs {
+        let r = within(2, f).await.unwrap();
+        assert!(
+            matches!(r, Err(LinkError::Down { .. })),
+            "in-flight post must fail: {r:?}"
+        );
+    }
+    store.open_gate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_killed_mid_stream_fails_every_inflight_post() {
+    let p = pair().await;
+    *p.store.delay.lock().unwrap() = Duration::from_millis(2);
+    let mut futs = Vec::new();
+    for seq in 0..400u64 {
+        let link = p.client.clone();
+        futs.push(tokio::spawn(async move {
+            link.post(post(seq, (seq % 512) * 8192, 8192)).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.server.crash();
+    let (mut ok, mut failed) = (0, 0);
+    for f in futs {
+        match within(5, f).await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(LinkError::Down { .. }) => failed += 1,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(
+        ok > 0 && failed > 0,
+        "ok {ok} failed {failed}: the kill should land mid-stream"
+    );
+    let (posts, acked, fails, _) = p.client.counters();
+    assert_eq!(acked, ok);
+    assert_eq!(posts, acked + fails, "every post completes exactly once");
+    // Posting on a down link fails at once.
+    let r = within(1, p.client.post(post(1, 0, 10))).await;
+    assert!(r.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_the_peer_returns_with_its_resync_point() {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    store.set_resync(0, 17);
+    let s1 = server(addr, &store, |_| {});
+    let local = Region::leaked(REGION);
+    let client = client(addr, local, |_| {});
+    let up1 = within(5, client.wait_up()).await.unwrap();
+    assert_eq!(up1.peer_resync.second_store[0].seq, 17);
+    fill(&local, 0, 4096, 1);
+    client.post(post(1, 0, 4096)).await.unwrap();
+    s1.crash();
+    wait_down_with(&client, "").await;
+    // The partner comes back (same store, newer resync point).
+    store.set_resync(0, 99);
+    let s2 = server(addr, &store, |_| {});
+    let up2 = within(10, client.wait_up()).await.unwrap();
+    assert!(up2.generation > up1.generation);
+    assert_eq!(up2.peer_resync.second_store[0].seq, 99);
+    assert_eq!(up2.peer_resync.first_store[0].seq, 1099);
+    client.post(post(2, 4096, 4096)).await.unwrap();
+    // The server saw the client's resync point too (empty: the client has no second store).
+    let sup = within(5, s2.wait_up()).await.unwrap();
+    assert!(sup.peer_resync.second_store.is_empty());
+    client.shutdown().await;
+    s2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_says_goodbye() {
+    let p = pair().await;
+    p.client.shutdown().await;
+    let r = wait_down_with(&p.server, "closed the link").await;
+    assert!(r.contains("node 1"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_is_rejected_on_both_sides() {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let s = server(addr, &store, |_| {});
+    let c = client(addr, Region::leaked(REGION), |c| {
+        c.secret = b"another-secret-of-the-wrong-cluster".to_vec()
+    });
+    let rc = wait_down_with(&c, "authentication failed").await;
+    let rs = wait_down_with(&s, "authentication failed").await;
+    assert!(
+        rc.contains("cluster secret") && rs.contains("cluster secret"),
+        "{rc} / {rs}"
+    );
+    assert!(matches!(
+        c.state(),
+        LinkState::Down(LinkError::Handshake {
+            source: HandshakeError::Auth { .. },
+            ..
+        }) | LinkState::Connecting
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_cluster_and_node_are_rejected_on_both_sides() {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let s = server(addr, &store, |_| {});
+    let c = client(addr, Region::leaked(REGION), |c| c.cluster_id = 7);
+    wait_down_with(&c, "cluster id mismatch").await;
+    wait_down_with(&s, "cluster id mismatch").await;
+    c.shutdown().await;
+    let c = client(addr, Region::leaked(REGION), |c| c.node_id = 5);
+    wait_down_with(&c, "node id mismatch").await;
+    wait_down_with(&s, "node id mismatch").await;
+    c.shutdown().await;
+    // A correct client still gets in afterwards.
+    let c = client(addr, Region::leaked(REGION), |_| {});
+    within(5, c.wait_up()).await.unwrap();
+}
+
+fn hello(version: u16, nonce: [u8; 32]) -> Hello {
+    Hello {
+        magic: MAGIC,
+        version,
+        cluster_id: CLUSTER,
+        from_node: 1,
+        to_node: 2,
+        nonce,
+        info: NodeInfo {
+            first_len: 0,
+            second_len: 0,
+            layout_tag: 0,
+            window: 16,
+            max_record: 1 << 20,
+            transport: proto::TRANSPORT_TCP,
+        },
+    }
+}
+
+async fn send(s: &mut TcpStream, m: &Msg) {
+    let mut b = Vec::new();
+    proto::encode_frame(m, &mut b);
+    s.write_all(&b).await.unwrap();
+}
+
+async fn recv(s: &mut TcpStream) -> Result<Msg, rdma_link::FrameError> {
+    let mut r = proto::FrameReader::new(1 << 20);
+    r.read(s, |_| Err(rdma_link::FrameError::Closed)).await
+}
+
+/// Read until EOF (the server closed the connection); fails the test if it stays open.
+async fn expect_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    within(3, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_version_is_rejected_on_both_sides() {
+    let p = pair().await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    send(&mut s, &Msg::Hello(hello(PROTOCOL_VERSION + 1, [1; 32]))).await;
+    match within(3, recv(&mut s)).await {
+        Ok(Msg::Reject { reason }) => assert!(reason.contains("version mismatch"), "{reason}"),
+        other => panic!("expected a reject, got {other:?}"),
+    }
+    expect_closed(&mut s).await;
+    // The established link was not disturbed.
+    assert!(p.server.state().is_up());
+    p.client.post(post(1, 0, 100)).await.unwrap();
+}
+
+/// Complete the handshake by hand as node 1 (the wire protocol, independently written).
+async fn fake_authenticated_client(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let nonce_c = [7u8; 32];
+    send(&mut s, &Msg::Hello(hello(PROTOCOL_VERSION, nonce_c))).await;
+    let Ok(Msg::Challenge { hello: h, .. }) = recv(&mut s).await else {
+        panic!("no challenge")
+    };
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(SECRET).unwrap();
+    m.update(b"nvmirror-link connector");
+    m.update(&PROTOCOL_VERSION.to_le_bytes());
+    m.update(&CLUSTER.to_le_bytes());
+    m.update(&1u32.to_le_bytes());
+    m.update(&2u32.to_le_bytes());
+    m.update(&nonce_c);
+    m.update(&h.nonce);
+    let mac: [u8; 32] = m.finalize().into_bytes().into();
+    send(
+        &mut s,
+        &Msg::Auth {
+            mac,
+            resync: Default::default(),
+            region: None,
+        },
+    )
+    .await;
+    assert!(matches!(recv(&mut s).await, Ok(Msg::Welcome { .. })));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_close_the_connection_and_the_server_keeps_serving() {
+    let p = pair().await;
+    let garbage: Vec<Vec<u8>> = vec![
+        // bad crc
+        {
+            let mut b = Vec::new();
+            proto::encode_frame(&Msg::Hello(hello(PROTOCOL_VERSION, [0; 32])), &mut b);
+            b[5] ^= 0xff;
+            b
+        },
+        // oversized length
+        [0xffu8, 0xff, 0xff, 0x7f, 0, 0, 0, 0].to_vec(),
+        // garbage
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        // unknown kind with a valid crc
+        {
+            let payload = [200u8, 1, 2, 3];
+            let mut b = (payload.len() as u32).to_le_bytes().to_vec();
+            b.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+            b.extend_from_slice(&payload);
+            b
+        },
+    ];
+    for g in &garbage {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(g).await.unwrap();
+        expect_closed(&mut s).await;
+        // The real client is still served.
+        p.client.post(post(1, 0, 4096)).await.unwrap();
+        assert!(p.client.state().is_up());
+    }
+    // After authentication too: a record frame with a bad crc drops that connection.
+    let mut s = fake_authenticated_client(p.addr).await;
+    let hdr = proto::RecordHdr {
+        tag: 1,
+        partition: 0,
+        seq: 1,
+        offset: 0,
+        len: 16,
+    };
+    let mut frame = proto::record_frame_header(&hdr, &[9u8; 16]).to_vec();
+    frame.extend_from_slice(&[8u8; 16]); // not the bytes the crc covers
+    s.write_all(&frame).await.unwrap();
+    expect_closed(&mut s).await;
+    wait_down_with(&p.server, "checksum mismatch").await;
+    // An oversized record claim after authentication.
+    let mut s = fake_authenticated_client(p.addr).await;
+    let hdr = proto::RecordHdr {
+        tag: 1,
+        partition: 0,
+        seq: 1,
+        offset: REGION as u64 - 8,
+        len: 16,
+    };
+    s.write_all(&proto::record_frame_header(&hdr, &[1u8; 16]))
+        .await
+        .unwrap();
+    s.write_all(&[1u8; 16]).await.unwrap();
+    expect_closed(&mut s).await;
+    wait_down_with(&p.server, "does not fit").await;
+    // The real client reconnects (its connection was replaced by the fake ones).
+    within(10, async {
+        loop {
+            if p.client.post(post(2, 0, 4096)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
