@@ -88,6 +88,9 @@ enum NvramCmd {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`nvmirrorctl status | head`), like other shell tools.
+    // SAFETY: setting a signal disposition to its default before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => {}
