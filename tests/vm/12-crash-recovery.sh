@@ -14,15 +14,18 @@ cycles=${NVM_CRASH_CYCLES:-4}
 
 for cycle in $(seq 1 "$cycles"); do
 	pid=$NVM_LAST_PID
-	size=64M
+	# A rate limit keeps fio writing past the trigger however fast the machine is; one
+	# pass over `size` (no block written twice, so the verify state stays exact).
+	size=256M rate=8m
 	if ((cycle % 2 == 0)); then
 		"$NVMCTL" --config node.toml flush pause >/dev/null
-		size=24M # fits in the NVRAM with the flusher paused
+		size=24M rate=3m # fits in the NVRAM with the flusher paused
 		say "cycle $cycle: flusher paused: every acknowledged write must come back from the NVRAM"
 	fi
 	rm -f ./*verify.state
 	job=(--name=crash --filename=/dev/ublkb0 --direct=1 --ioengine=libaio --iodepth=32
 		--rw=randwrite --bssplit=4k/50:16k/30:64k/20 --size=$size --randseed=$((7000 + cycle))
+		--rate=$rate
 		--verify=crc32c --verify_fatal=1 --verify_state_save=1)
 	fio "${job[@]}" --do_verify=0 --trigger-timeout=3 --trigger="kill -9 $pid" \
 		--output=fio-write-$cycle.log &

@@ -90,8 +90,8 @@ nvm_stop() {
 
 # nvm_wait_gone PID
 nvm_wait_gone() {
-	for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
-	fail "process $1 still alive"
+	for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+	fail "process $1 still alive after 60 s"
 }
 
 # nvm_wait_dev ID: until /dev/ublkbID exists
