@@ -17,6 +17,7 @@ use crate::log::{
     read_checkpoint, write_checkpoint, LogError, LogStart, PartitionLog, PartitionStatus,
 };
 use crate::medium::{FileMedium, Medium, MediumError};
+use crate::mirror::{DegradedPolicy, Mirror, ReplayError, SecondStoreArea, SecondStoreStatus};
 use crate::nvram::layout::{layout_text, SuperblockState, FORMAT_VERSION};
 use crate::nvram::record::RecordKind;
 use crate::nvram::region::RegionError;
@@ -198,6 +199,7 @@ pub struct EngineStatus {
     pub medium_errors: u64,
     pub last_medium_error: Option<String>,
     pub replay: ReplayReport,
+    pub mirror: MirrorStatus,
 }
 
 pub struct EngineOptions {
@@ -205,12 +207,44 @@ pub struct EngineOptions {
     pub partitions: u32,
     pub flush_batch_bytes: u64,
     pub mode: OpenMode,
+    /// Reserve a second store for a partner's mirrored partitions.
+    pub mirrored: bool,
+    pub degraded: DegradedPolicy,
     /// Shown in error messages as the `--config` argument of the recovery commands.
     pub config_path: String,
 }
 
+/// The mirror the engine posts to, if any, and how it fared.
+struct MirrorSlot {
+    link: std::sync::RwLock<Option<Arc<dyn Mirror>>>,
+    policy: DegradedPolicy,
+    mirrored_records: AtomicU64,
+    degraded_records: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl MirrorSlot {
+    fn current(&self) -> Option<Arc<dyn Mirror>> {
+        self.link.read().ok().and_then(|l| l.clone())
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    pub attached: bool,
+    pub link: Option<String>,
+    pub degraded_policy: Option<DegradedPolicy>,
+    pub mirrored_records: u64,
+    /// Writes acknowledged without a mirror copy (partner unreachable).
+    pub degraded_records: u64,
+    pub last_error: Option<String>,
+    pub second_store: Option<SecondStoreStatus>,
+}
+
 pub struct Engine {
     node: String,
+    mirror: Arc<MirrorSlot>,
+    second_store: Option<Arc<SecondStoreArea>>,
     region: Arc<NvramRegion>,
     sb: Superblock,
     parts: Vec<Arc<PartitionLog>>,
@@ -244,6 +278,8 @@ impl Engine {
             partitions: cfg.nvram.partitions,
             flush_batch_bytes: cfg.flusher.batch_bytes.0,
             mode,
+            mirrored: false,
+            degraded: DegradedPolicy::WriteThrough,
             config_path: config_path.to_owned(),
         };
         Engine::open(region, opts, specs)
@@ -261,7 +297,7 @@ impl Engine {
             .iter()
             .map(|s| (s.name.as_str(), s.size, s.ranges))
             .collect();
-        let want_layout = layout_text(opts.partitions, &lun_shapes);
+        let want_layout = layout_text(opts.partitions, opts.mirrored, &lun_shapes);
         let path = region.path().to_owned();
         let config = opts.config_path.clone();
 
@@ -390,8 +426,17 @@ impl Engine {
             })
             .collect();
 
+        let second_store = SecondStoreArea::new(region.clone(), layout);
         let engine = Arc::new(Engine {
             node: opts.node_name,
+            mirror: Arc::new(MirrorSlot {
+                link: std::sync::RwLock::new(None),
+                policy: opts.degraded,
+                mirrored_records: AtomicU64::new(0),
+                degraded_records: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+            }),
+            second_store,
             region,
             sb,
             parts,
@@ -414,10 +459,17 @@ impl Engine {
                     .spawn(move || p.run_persister())?,
             );
             let (p, luns, stats) = (part.clone(), self.luns.clone(), self.flusher_stats.clone());
+            // Once on the medium, the partner's copy can go.
+            let mirror = self.mirror.clone();
+            let on_released = Arc::new(move |partition: u32, seq: u64| {
+                if let Some(m) = mirror.current() {
+                    m.release(partition, seq);
+                }
+            });
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("flush-{}", part.id))
-                    .spawn(move || run_flusher(p, luns, batch_bytes, stats))?,
+                    .spawn(move || run_flusher(p, luns, batch_bytes, stats, on_released))?,
             );
         }
         Ok(())
@@ -425,6 +477,54 @@ impl Engine {
 
     pub fn luns(&self) -> &[Arc<Lun>] {
         &self.luns
+    }
+
+    /// Starts mirroring every new write through `m`.
+    pub fn attach_mirror(&self, m: Arc<dyn Mirror>) {
+        if let Ok(mut l) = self.mirror.link.write() {
+            *l = Some(m);
+        }
+    }
+
+    pub fn detach_mirror(&self) {
+        if let Ok(mut l) = self.mirror.link.write() {
+            *l = None;
+        }
+    }
+
+    /// This node's first store (all its partition logs) in the NVRAM mapping, for the mirror
+    /// link to send records from without a copy. Offsets in it are `store_offset`s.
+    pub fn local_region(&self) -> rdma_link::Region {
+        let layout = Layout::of(&self.sb);
+        let (ptr, _) = self.region.raw_parts();
+        let len = layout.partitions as u64 * layout.part_size;
+        // SAFETY: the first store is inside the mapping, which lives as long as the engine;
+        // the engine outlives the link it is given to (the daemon shuts the link down before
+        // dropping the engine); the link only reads the records it was asked to post.
+        unsafe { rdma_link::Region::new(ptr.add(layout.data_offset as usize), len as usize) }
+            .unwrap_or_else(|_| rdma_link::Region::leaked(0))
+    }
+
+    /// The area of our NVRAM that holds the partner's mirrored partitions.
+    pub fn second_store(&self) -> Option<Arc<SecondStoreArea>> {
+        self.second_store.clone()
+    }
+
+    /// Takeover: writes every record the partner mirrored to us into the medium. Call it
+    /// before serving the partner's ranges.
+    pub fn replay_partner(&self) -> Result<ReplayReport, ReplayError> {
+        let Some(ss) = &self.second_store else {
+            return Ok(ReplayReport::default());
+        };
+        let media: Vec<Arc<dyn Medium>> = self.luns.iter().map(|l| l.medium.clone()).collect();
+        let report = ss.replay_into(&media)?;
+        tracing::info!(
+            "takeover replay: {} mirrored record(s), {} bytes, written to the medium in {} ms",
+            report.records,
+            report.bytes,
+            report.millis
+        );
+        Ok(report)
     }
 
     pub fn log_id(&self) -> u64 {
@@ -487,14 +587,15 @@ impl Engine {
         len: u64,
         data: &[u8],
     ) -> Result<(), IoError> {
-        let mut durable = Vec::with_capacity(2);
+        let mirror = self.mirror.current();
+        let mut staged = Vec::with_capacity(2);
         for (at, n, range) in lun.pieces(offset, len) {
             let part = self.partition_of(range);
             let payload: &[u8] = match kind {
                 RecordKind::Data => &data[(at - offset) as usize..(at - offset + n) as usize],
                 _ => &[],
             };
-            let rx = part
+            let s = part
                 .append(kind, lun_idx as u32, at, n, payload, |seq, nvram_off| {
                     lun.index().insert(Extent {
                         start: at,
@@ -508,20 +609,83 @@ impl Engine {
                     })
                 })
                 .await?;
-            durable.push(rx);
+            // The copy goes to the partner at the same time as the local persist.
+            let post = mirror.as_ref().map(|m| {
+                m.post(rdma_link::Post {
+                    partition: part.id,
+                    seq: s.record.seq,
+                    local_offset: part.store_offset(s.record.pos),
+                    remote_offset: part.store_offset(s.record.pos),
+                    len: s.record.slot as u32,
+                })
+            });
+            staged.push((part, s, post));
         }
-        for rx in durable {
-            match rx.await {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(IoError {
+        // Local persist and mirror post of every piece run at once; the write completes when
+        // all have answered.
+        let outcomes = futures::future::join_all(staged.into_iter().map(|(part, s, post)| {
+            let mirror_attached = mirror.is_some();
+            async move {
+                let (local, mirrored) = futures::future::join(s.durable, async move {
+                    match post {
+                        Some(p) => p.await,
+                        None => Err(String::from("no partner attached")),
+                    }
+                })
+                .await;
+                let local = match local {
+                    Ok(r) => r.map_err(IoError::from),
+                    Err(_) => Err(IoError {
                         errno: libc::EIO,
                         message: "NVRAM persister stopped before the write was durable".into(),
-                    })
+                    }),
+                };
+                // Both answers are in: the flusher may take the record from now on.
+                if let Some(w) = s.wrap {
+                    part.settle(w.seq);
+                }
+                part.settle(s.record.seq);
+                match (local, mirrored) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Ok(())) => {
+                        self.mirror.mirrored_records.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    (Ok(()), Err(why)) => {
+                        self.degraded(part, s.record.seq, mirror_attached, why)
+                            .await
+                    }
                 }
             }
+        }))
+        .await;
+        outcomes.into_iter().collect()
+    }
+
+    /// A write is durable locally but has no mirror copy.
+    async fn degraded(
+        &self,
+        part: &PartitionLog,
+        seq: u64,
+        had_mirror: bool,
+        why: String,
+    ) -> Result<(), IoError> {
+        if !had_mirror && self.second_store.is_none() {
+            // A single node by configuration: the NVRAM copy is the acknowledgement.
+            return Ok(());
         }
-        Ok(())
+        self.mirror.degraded_records.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut e) = self.mirror.last_error.lock() {
+            if e.as_deref() != Some(why.as_str()) {
+                tracing::warn!("running degraded: a write has no mirror copy ({why})");
+                *e = Some(why);
+            }
+        }
+        match self.mirror.policy {
+            DegradedPolicy::Nvram => Ok(()),
+            // Keep two copies: the NVRAM one and the medium.
+            DegradedPolicy::WriteThrough => part.flushed(seq).await.map_err(IoError::from),
+        }
     }
 
     /// Reads the newest data: staged pieces from the NVRAM, the rest from the medium.
@@ -628,6 +792,15 @@ impl Engine {
                 .ok()
                 .and_then(|e| e.clone()),
             replay: self.replay.clone(),
+            mirror: MirrorStatus {
+                attached: self.mirror.current().is_some(),
+                link: self.mirror.current().map(|m| m.describe()),
+                degraded_policy: self.second_store.as_ref().map(|_| self.mirror.policy),
+                mirrored_records: self.mirror.mirrored_records.load(Ordering::Relaxed),
+                degraded_records: self.mirror.degraded_records.load(Ordering::Relaxed),
+                last_error: self.mirror.last_error.lock().ok().and_then(|e| e.clone()),
+                second_store: self.second_store.as_ref().map(|s| s.status()),
+            },
         }
     }
 }
@@ -761,11 +934,13 @@ fn format(
     opts: &EngineOptions,
     layout_desc: &str,
 ) -> Result<(Superblock, Vec<LogStart>), EngineError> {
-    let layout = Layout::compute(region.len(), opts.partitions).ok_or(EngineError::TooSmall {
-        path: region.path().to_owned(),
-        size: region.len(),
-        partitions: opts.partitions,
-    })?;
+    let layout = Layout::compute(region.len(), opts.partitions, opts.mirrored).ok_or(
+        EngineError::TooSmall {
+            path: region.path().to_owned(),
+            size: region.len(),
+            partitions: opts.partitions,
+        },
+    )?;
     let sb = Superblock {
         version: FORMAT_VERSION,
         log_id: rand::random::<u64>() | 1,
@@ -777,6 +952,7 @@ fn format(
         partitions: layout.partitions,
         part_size: layout.part_size,
         data_offset: layout.data_offset,
+        second_store: layout.second_store as u32,
         layout: layout_desc.to_owned(),
     };
     // Checkpoints first, superblock last: a crash in between leaves the old superblock

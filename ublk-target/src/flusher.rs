@@ -26,11 +26,15 @@ pub fn run_flusher(
     luns: Arc<Vec<Arc<Lun>>>,
     batch_bytes: u64,
     stats: Arc<FlusherStats>,
+    on_released: Arc<dyn Fn(u32, u64) + Send + Sync>,
 ) {
     let mut backoff = Duration::from_millis(10);
     while let Some(batch) = log.next_flush_batch(batch_bytes) {
         match flush_batch(&log, &luns, &batch) {
             Ok(bytes) => {
+                if let Some(last) = batch.last() {
+                    on_released(log.id, last.seq);
+                }
                 backoff = Duration::from_millis(10);
                 stats.bytes_flushed.fetch_add(bytes, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);

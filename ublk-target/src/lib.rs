@@ -15,4 +15,5 @@ pub mod index;
 pub mod inspect;
 pub mod log;
 pub mod medium;
+pub mod mirror;
 pub mod nvram;

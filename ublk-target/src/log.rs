@@ -60,7 +60,13 @@ struct LogState {
     /// Bytes between tail and head (wrap padding included).
     used: u64,
     next_seq: u64,
+    /// Every record up to here is durable in this NVRAM.
+    durable_through: u64,
+    /// Every record up to here has been settled by the engine (acknowledged to the kernel,
+    /// or failed for good): new records carry it, see `nvram::scan`.
     acked_through: u64,
+    /// Settled records above `acked_through` (settlement can come out of order).
+    settled_ahead: std::collections::BTreeSet<u64>,
     flushed_through: u64,
     pending: VecDeque<Pending>,
     durable: VecDeque<RecordMeta>,
@@ -68,6 +74,14 @@ struct LogState {
     failed: Option<String>,
     shutdown: bool,
     flush_paused: bool,
+}
+
+/// A record copied into the NVRAM (and its wrap marker, if it needed one).
+pub struct Staged {
+    pub record: RecordMeta,
+    pub wrap: Option<RecordMeta>,
+    /// Resolves when the record (and the marker) is durable in this NVRAM.
+    pub durable: oneshot::Receiver<Result<(), LogError>>,
 }
 
 /// Where a fresh or recovered log starts.
@@ -99,6 +113,7 @@ pub struct PartitionStatus {
     pub records_unflushed: usize,
     pub records_in_flight: usize,
     pub next_seq: u64,
+    pub durable_through: u64,
     pub acked_through: u64,
     pub flushed_through: u64,
     /// Age of the oldest record not yet on the medium.
@@ -131,7 +146,9 @@ impl PartitionLog {
                 tail: start.pos,
                 used: 0,
                 next_seq: start.next_seq,
+                durable_through: start.next_seq - 1,
                 acked_through: start.next_seq - 1,
+                settled_ahead: Default::default(),
                 flushed_through: start.next_seq - 1,
                 pending: VecDeque::new(),
                 durable: VecDeque::new(),
@@ -189,11 +206,11 @@ impl PartitionLog {
         len: u64,
         data: &[u8],
         on_copied: impl FnOnce(u64, u64),
-    ) -> Result<oneshot::Receiver<Result<(), LogError>>, LogError> {
+    ) -> Result<Staged, LogError> {
         debug_assert!(kind != RecordKind::Wrap);
         let data_crc = crc32c::crc32c(data);
         let slot = RecordHeader::slot_bytes(data.len() as u64);
-        let (seq, pos, wrap, acked_through, rx) = loop {
+        let (record, wrap, acked_through, rx) = loop {
             let freed = self.space_freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
@@ -241,21 +258,22 @@ impl PartitionLog {
                         st.head = 0;
                     }
                     let (tx, rx) = oneshot::channel();
+                    let record = RecordMeta {
+                        seq,
+                        pos,
+                        slot,
+                        kind,
+                        lun,
+                        offset,
+                        len,
+                        appended: now,
+                    };
                     st.pending.push_back(Pending {
-                        meta: RecordMeta {
-                            seq,
-                            pos,
-                            slot,
-                            kind,
-                            lun,
-                            offset,
-                            len,
-                            appended: now,
-                        },
+                        meta: record,
                         copied: false,
                         done: Some(tx),
                     });
-                    break (seq, pos, wrap, st.acked_through, rx);
+                    break (record, wrap, st.acked_through, rx);
                 }
             }
             freed.await;
@@ -277,6 +295,7 @@ impl PartitionLog {
             };
             self.region.write_at(self.nvram_offset(w.pos), &h.encode());
         }
+        let (seq, pos) = (record.seq, record.pos);
         let header = RecordHeader {
             kind,
             flags: 0,
@@ -304,7 +323,49 @@ impl PartitionLog {
         if st.pending.front().is_some_and(|p| p.copied) {
             self.persist_wanted.notify_one();
         }
-        Ok(rx)
+        Ok(Staged {
+            record,
+            wrap,
+            durable: rx,
+        })
+    }
+
+    /// The engine is done with record `seq` (acknowledged, or failed for good). Records
+    /// appended from now on carry the highest seq below which everything is settled.
+    pub fn settle(&self, seq: u64) {
+        let mut st = lock(&self.state);
+        if seq <= st.acked_through {
+            return;
+        }
+        st.settled_ahead.insert(seq);
+        loop {
+            let next = st.acked_through + 1;
+            if !st.settled_ahead.remove(&next) {
+                break;
+            }
+            st.acked_through = next;
+        }
+        drop(st);
+        self.flush_wanted.notify_all();
+    }
+
+    /// Resolves once record `seq` is on the medium (the write-through path).
+    pub async fn flushed(&self, seq: u64) -> Result<(), LogError> {
+        loop {
+            let freed = self.space_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let st = lock(&self.state);
+                if st.flushed_through >= seq {
+                    return Ok(());
+                }
+                if st.shutdown {
+                    return Err(LogError::Shutdown { partition: self.id });
+                }
+            }
+            freed.await;
+        }
     }
 
     /// The persister: group commit of the copied prefix. Runs on its own thread until
@@ -336,7 +397,7 @@ impl PartitionLog {
             match &result {
                 Ok(()) => {
                     if let Some(last) = batch.last() {
-                        st.acked_through = last.meta.seq;
+                        st.durable_through = last.meta.seq;
                     }
                     st.durable.extend(batch.iter().map(|p| p.meta));
                     self.flush_wanted.notify_all();
@@ -391,7 +452,14 @@ impl PartitionLog {
             if st.shutdown {
                 return None;
             }
-            if !st.durable.is_empty() && !st.flush_paused {
+            // Only settled records: their mirror copy (if any) has landed, so the release
+            // that follows the flush reaches the partner after the copy, never before.
+            if !st.flush_paused
+                && st
+                    .durable
+                    .front()
+                    .is_some_and(|r| r.seq <= st.acked_through)
+            {
                 break;
             }
             st = self
@@ -403,7 +471,7 @@ impl PartitionLog {
         let mut bytes = 0;
         let mut batch = Vec::new();
         for r in st.durable.iter() {
-            if !batch.is_empty() && bytes + r.slot > max_bytes {
+            if r.seq > st.acked_through || (!batch.is_empty() && bytes + r.slot > max_bytes) {
                 break;
             }
             bytes += r.slot;
@@ -491,6 +559,7 @@ impl PartitionLog {
             records_unflushed: st.durable.len() + st.pending.len(),
             records_in_flight: st.pending.len(),
             next_seq: st.next_seq,
+            durable_through: st.durable_through,
             acked_through: st.acked_through,
             flushed_through: st.flushed_through,
             flush_lag_ms: st
@@ -505,6 +574,12 @@ impl PartitionLog {
 
     pub fn region(&self) -> &NvramRegion {
         &self.region
+    }
+
+    /// Partition-relative position -> offset within the first store (the same offset
+    /// names the record's place in the partner's second store).
+    pub fn store_offset(&self, pos: u64) -> u64 {
+        self.id as u64 * self.layout.part_size + pos
     }
 }
 

@@ -32,6 +32,8 @@ fn open(
             partitions: 2,
             flush_batch_bytes: 4 * MIB,
             mode,
+            mirrored: false,
+            degraded: nvmirror::mirror::DegradedPolicy::WriteThrough,
             config_path: "test.toml".into(),
         },
         vec![LunSpec {
@@ -229,7 +231,7 @@ fn flipped_byte_in_an_acknowledged_record_refuses_start_and_salvage_recovers() {
             rt.block_on(e.write(0, i * 4096, &pattern(i, 4096)))
                 .expect("write");
         }
-        let layout_base = nvmirror::nvram::Layout::compute(16 * MIB, 2)
+        let layout_base = nvmirror::nvram::Layout::compute(16 * MIB, 2, false)
             .expect("layout")
             .partition_base(0);
         first_data_off = layout_base + 64 + 100;
@@ -315,6 +317,8 @@ fn layout_change_with_staged_records_is_refused() {
             partitions: 2,
             flush_batch_bytes: 4 * MIB,
             mode: OpenMode::Normal,
+            mirrored: false,
+            degraded: nvmirror::mirror::DegradedPolicy::WriteThrough,
             config_path: "test.toml".into(),
         },
         vec![LunSpec {

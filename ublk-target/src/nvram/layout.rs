@@ -60,6 +60,9 @@ pub struct Superblock {
     pub partitions: u32,
     pub part_size: u64,
     pub data_offset: u64,
+    /// 1 when the NVRAM also holds a second store (the partner's mirrored partitions,
+    /// same geometry, right after this node's partitions), 0 for a single node.
+    pub second_store: u32,
     /// Canonical description of the LUN layout the log was written for (see `layout_text`).
     pub layout: String,
 }
@@ -87,6 +90,7 @@ impl Superblock {
         f.put(&self.partitions.to_le_bytes());
         f.put(&self.part_size.to_le_bytes());
         f.put(&self.data_offset.to_le_bytes());
+        f.put(&self.second_store.to_le_bytes());
         let name = self.node_name.as_bytes();
         f.put(&(name.len() as u32).to_le_bytes());
         f.put(name);
@@ -122,6 +126,7 @@ impl Superblock {
         let partitions = get_u32(buf, &mut pos);
         let part_size = get_u64(buf, &mut pos);
         let data_offset = get_u64(buf, &mut pos);
+        let second_store = get_u32(buf, &mut pos);
         let mut text = |limit: usize| -> Option<String> {
             let n = get_u32(buf, &mut pos) as usize;
             if n > limit || pos + n > end {
@@ -145,6 +150,7 @@ impl Superblock {
             partitions,
             part_size,
             data_offset,
+            second_store,
             layout,
         })
     }
@@ -156,6 +162,7 @@ pub struct Layout {
     pub partitions: u32,
     pub part_size: u64,
     pub data_offset: u64,
+    pub second_store: bool,
 }
 
 impl Layout {
@@ -163,15 +170,18 @@ impl Layout {
         META_BLOCK + partitions as u64 * META_BLOCK
     }
 
-    /// Splits an NVRAM of `len` bytes into `partitions` equal, 4 KiB-aligned logs.
-    pub fn compute(len: u64, partitions: u32) -> Option<Layout> {
+    /// Splits an NVRAM of `len` bytes into `partitions` equal, 4 KiB-aligned logs (and as
+    /// many again for the partner's second store when `second_store`).
+    pub fn compute(len: u64, partitions: u32, second_store: bool) -> Option<Layout> {
         let data_offset = Self::metadata_bytes(partitions);
-        let per = len.checked_sub(data_offset)? / partitions as u64;
+        let logs = partitions as u64 * if second_store { 2 } else { 1 };
+        let per = len.checked_sub(data_offset)? / logs;
         let part_size = per / META_BLOCK * META_BLOCK;
         (part_size >= MIN_PARTITION_BYTES).then_some(Layout {
             partitions,
             part_size,
             data_offset,
+            second_store,
         })
     }
 
@@ -180,6 +190,21 @@ impl Layout {
             partitions: sb.partitions,
             part_size: sb.part_size,
             data_offset: sb.data_offset,
+            second_store: sb.second_store != 0,
+        }
+    }
+
+    /// Absolute NVRAM offset of the second store (the partner's partitions), if any.
+    pub fn second_store_offset(&self) -> Option<u64> {
+        self.second_store
+            .then(|| self.data_offset + self.partitions as u64 * self.part_size)
+    }
+
+    pub fn second_store_len(&self) -> u64 {
+        if self.second_store {
+            self.partitions as u64 * self.part_size
+        } else {
+            0
         }
     }
 
@@ -193,15 +218,18 @@ impl Layout {
     }
 
     pub fn end(&self) -> u64 {
-        self.partition_base(self.partitions)
+        self.partition_base(self.partitions) + self.second_store_len()
     }
 }
 
 /// The LUN layout the log is written for, as text: a log written for one layout must not
 /// be replayed into another (offsets would land on the wrong data).
 /// `luns` is (name, size in bytes, ranges) for each LUN, in config order.
-pub fn layout_text(partitions: u32, luns: &[(&str, u64, u32)]) -> String {
-    let mut s = format!("partitions={partitions}");
+pub fn layout_text(partitions: u32, second_store: bool, luns: &[(&str, u64, u32)]) -> String {
+    let mut s = format!(
+        "partitions={partitions}{}",
+        if second_store { ";mirrored" } else { "" }
+    );
     for (name, size, ranges) in luns {
         s.push_str(&format!(";{name}:{size}:{ranges}"));
     }
@@ -276,6 +304,7 @@ mod tests {
             partitions: 4,
             part_size: 16 << 20,
             data_offset: Layout::metadata_bytes(4),
+            second_store: 0,
             layout: "partitions=4;lun0:1073741824:4".into(),
         }
     }
@@ -320,10 +349,16 @@ mod tests {
 
     #[test]
     fn layout_splits_aligned_partitions() {
-        let l = Layout::compute(64 << 20, 4).expect("fits");
+        let l = Layout::compute(64 << 20, 4, false).expect("fits");
         assert_eq!(l.data_offset, 5 * 4096);
         assert_eq!(l.part_size % 4096, 0);
         assert!(l.end() <= 64 << 20);
-        assert!(Layout::compute(4 << 20, 4).is_none());
+        assert!(Layout::compute(4 << 20, 4, false).is_none());
+        let m = Layout::compute(64 << 20, 4, true).expect("fits");
+        assert_eq!(
+            m.second_store_offset(),
+            Some(m.data_offset + 4 * m.part_size)
+        );
+        assert!(m.end() <= 64 << 20 && m.part_size < l.part_size);
     }
 }

@@ -1,0 +1,261 @@
+//! Two engines mirroring into each other over the TCP link on loopback, one shared medium
+//! in memory: the mirrored write path, release after flush, takeover replay, degraded mode.
+
+use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
+use nvmirror::medium::MemMedium;
+use nvmirror::mirror::DegradedPolicy;
+use nvmirror::nvram::NvramRegion;
+use rdma_link::{Link, LinkConfig, Role, SecondStore, Transport};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const LUN_SIZE: u64 = 64 * MIB;
+const SECRET: &[u8] = b"a-cluster-secret-of-some-length";
+
+fn engine(
+    nvram: &Path,
+    node: &str,
+    medium: &Arc<MemMedium>,
+    degraded: DegradedPolicy,
+) -> Arc<Engine> {
+    let region = NvramRegion::open(nvram, Some(24 * MIB)).expect("nvram");
+    Engine::open(
+        region,
+        EngineOptions {
+            node_name: node.into(),
+            partitions: 2,
+            flush_batch_bytes: 4 * MIB,
+            mode: OpenMode::Normal,
+            mirrored: true,
+            degraded,
+            config_path: "test.toml".into(),
+        },
+        vec![LunSpec {
+            name: "lun0".into(),
+            size: LUN_SIZE,
+            ranges: 4,
+            medium: medium.clone(),
+        }],
+    )
+    .expect("engine")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+fn link(e: &Arc<Engine>, role: Role, me: u32, peer: u32) -> Link {
+    let mut cfg = LinkConfig::new(Transport::Tcp, role, 7, me, peer, SECRET);
+    cfg.heartbeat_interval = Duration::from_millis(50);
+    cfg.heartbeat_timeout = Duration::from_millis(500);
+    let store: Arc<dyn SecondStore> = e.second_store().expect("mirrored layout");
+    Link::start(cfg, Some(e.local_region()), Some(store)).expect("link")
+}
+
+struct Pair {
+    a: Arc<Engine>,
+    b: Arc<Engine>,
+    link_a: Link,
+    link_b: Link,
+    medium: Arc<MemMedium>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn pair(degraded: DegradedPolicy) -> Pair {
+    let dir = tempfile::tempdir().expect("tmp");
+    let medium = Arc::new(MemMedium::new(LUN_SIZE));
+    let a = engine(&dir.path().join("nv-a"), "a", &medium, degraded);
+    let b = engine(&dir.path().join("nv-b"), "b", &medium, degraded);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let link_a = link(&a, Role::Listen(addr), 1, 2);
+    let link_b = link(&b, Role::Connect(addr), 2, 1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            link_a.wait_up().await.expect("a up");
+            link_b.wait_up().await.expect("b up");
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "links not up: a={:?} b={:?}",
+                link_a.state(),
+                link_b.state()
+            )
+        })
+    });
+    a.attach_mirror(Arc::new(link_a.clone()));
+    b.attach_mirror(Arc::new(link_b.clone()));
+    Pair {
+        a,
+        b,
+        link_a,
+        link_b,
+        medium,
+        rt,
+        _dir: dir,
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `n` distinct blocks concurrently from engine `e` in [base, base + 16 MiB).
+fn write_blocks(p: &Pair, e: &Arc<Engine>, base: u64, n: u64, seed: u64) -> Vec<(u64, Vec<u8>)> {
+    let writes: Vec<(u64, Vec<u8>)> = (0..n)
+        .map(|i| {
+            (
+                base + ((i * 7919) % 1024) * 16384,
+                pattern(seed + i, 4096 * (1 + (i % 3) as usize)),
+            )
+        })
+        .collect();
+    p.rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (off, data) in writes.clone() {
+            let e = e.clone();
+            tasks.push(tokio::spawn(async move { e.write(0, off, &data).await }));
+        }
+        for t in tasks {
+            t.await.expect("join").expect("acknowledged write");
+        }
+    });
+    writes
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn partner_replays_every_acknowledged_write_after_the_owner_dies() {
+    let p = pair(DegradedPolicy::WriteThrough);
+    p.a.set_flush_paused(true);
+    p.b.set_flush_paused(true);
+    // Cross-wise: both nodes write (disjoint areas) and mirror into each other.
+    let from_a = write_blocks(&p, &p.a, 0, 300, 1);
+    let from_b = write_blocks(&p, &p.b, 32 * MIB, 50, 9000);
+    let sa = p.a.status();
+    let sb = p.b.status();
+    assert_eq!(sa.mirror.mirrored_records, 300, "{:?}", sa.mirror);
+    assert_eq!(sa.mirror.degraded_records, 0);
+    let held_by_b = sb
+        .mirror
+        .second_store
+        .as_ref()
+        .expect("second store")
+        .records;
+    let held_by_a = sa
+        .mirror
+        .second_store
+        .as_ref()
+        .expect("second store")
+        .records;
+    assert!(held_by_b >= 300 - 4, "B holds A's records: {held_by_b}");
+    assert_eq!(held_by_a, 50, "A holds B's records");
+    assert!(
+        p.medium.snapshot().iter().all(|&x| x == 0),
+        "nothing flushed yet"
+    );
+
+    // Node A dies: no flush, no goodbye.
+    p.a.shutdown();
+    p.link_a.clone().crash();
+    wait_for("B to see the link down", || !p.link_b.state().is_up());
+
+    // Takeover on B: replay A's mirrored records into the medium.
+    let report = p.b.replay_partner().expect("replay");
+    assert!(report.records >= 300, "replayed {}", report.records);
+    let m = p.medium.snapshot();
+    for (off, data) in &from_a {
+        assert!(
+            m[*off as usize..*off as usize + data.len()] == data[..],
+            "A's acked write at {off} is not on the medium"
+        );
+    }
+    // B's own writes are still served by B.
+    let mut buf = vec![0u8; 4096];
+    for (off, data) in from_b.iter().take(10) {
+        p.b.read(0, *off, &mut buf[..data.len().min(4096)])
+            .expect("read");
+        assert_eq!(&buf[..data.len().min(4096)], &data[..data.len().min(4096)]);
+    }
+}
+
+#[test]
+fn second_store_empties_once_the_owner_flushed() {
+    let p = pair(DegradedPolicy::WriteThrough);
+    write_blocks(&p, &p.a, 0, 200, 5);
+    assert!(p.a.drain(Duration::from_secs(20)), "drain");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.b.status().mirror.second_store.map(|s| s.records) != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "B's second store did not empty: A {:?} / B {:?}",
+            p.a.status().partitions,
+            p.b.status().mirror
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn degraded_write_through_puts_each_acknowledged_write_on_the_medium() {
+    let p = pair(DegradedPolicy::WriteThrough);
+    p.b.shutdown();
+    p.link_b.clone().crash();
+    wait_for("A to see the link down", || !p.link_a.state().is_up());
+    for (i, off) in [0u64, 4096 * 10, 4096 * 999].into_iter().enumerate() {
+        let data = pattern(77 + i as u64, 8192);
+        p.rt.block_on(p.a.write(0, off, &data))
+            .expect("degraded write");
+        let m = p.medium.snapshot();
+        assert!(
+            m[off as usize..off as usize + 8192] == data[..],
+            "on the medium when acked"
+        );
+    }
+    let st = p.a.status().mirror;
+    assert_eq!(st.degraded_records, 3);
+    assert!(st.last_error.is_some());
+}
+
+#[test]
+fn degraded_nvram_policy_acknowledges_from_the_local_copy() {
+    let p = pair(DegradedPolicy::Nvram);
+    p.b.shutdown();
+    p.link_b.clone().crash();
+    wait_for("A to see the link down", || !p.link_a.state().is_up());
+    p.a.set_flush_paused(true);
+    let data = pattern(3, 4096);
+    p.rt.block_on(p.a.write(0, 0, &data)).expect("write");
+    assert!(
+        p.medium.snapshot()[..4096].iter().all(|&x| x == 0),
+        "not on the medium yet"
+    );
+    assert_eq!(p.a.status().mirror.degraded_records, 1);
+}
