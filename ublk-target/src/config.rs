@@ -216,6 +216,15 @@ impl NodeConfig {
                 format!("must be at least {}", ByteSize(MAX_IO_BYTES)),
             ));
         }
+        if self.luns.len() > 16 {
+            return Err(invalid(
+                "lun",
+                format!(
+                    "{} LUNs are configured; at most 16 are supported per node",
+                    self.luns.len()
+                ),
+            ));
+        }
         if self.luns.is_empty() {
             return Err(invalid(
                 "lun",

@@ -10,6 +10,7 @@
 //! The engine knows nothing of ublk: the daemon's frontend calls `write`, `read`,
 //! `write_zeroes` and `flush`, and tests call them directly with in-memory media.
 
+use crate::cluster::{wire, Cluster, ClusterSetup, RangeState, RangeStatus};
 use crate::config::{NodeConfig, BLOCK_SIZE};
 use crate::flusher::{run_flusher, FlusherStats};
 use crate::index::{Extent, Piece, Source, StagedIndex};
@@ -170,6 +171,8 @@ pub struct ReplayReport {
     pub millis: u64,
     pub formatted: bool,
     pub salvaged_from_corruption: bool,
+    /// Records of ranges another node took over while we were away (it replayed them).
+    pub skipped_not_owned: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -200,6 +203,8 @@ pub struct EngineStatus {
     pub last_medium_error: Option<String>,
     pub replay: ReplayReport,
     pub mirror: MirrorStatus,
+    /// Owner, epoch and state of every LUN range (two-node operation).
+    pub ranges: Vec<RangeStatus>,
 }
 
 pub struct EngineOptions {
@@ -210,6 +215,8 @@ pub struct EngineOptions {
     /// Reserve a second store for a partner's mirrored partitions.
     pub mirrored: bool,
     pub degraded: DegradedPolicy,
+    /// Two-node operation: ranges, their owners, the table on the medium.
+    pub cluster: Option<ClusterSetup>,
     /// Shown in error messages as the `--config` argument of the recovery commands.
     pub config_path: String,
 }
@@ -243,6 +250,7 @@ pub struct MirrorStatus {
 
 pub struct Engine {
     node: String,
+    cluster: Option<Arc<Cluster>>,
     mirror: Arc<MirrorSlot>,
     second_store: Option<Arc<SecondStoreArea>>,
     region: Arc<NvramRegion>,
@@ -280,6 +288,7 @@ impl Engine {
             mode,
             mirrored: false,
             degraded: DegradedPolicy::WriteThrough,
+            cluster: None,
             config_path: config_path.to_owned(),
         };
         Engine::open(region, opts, specs)
@@ -288,7 +297,7 @@ impl Engine {
     /// Opens an engine over an already opened NVRAM region and media.
     pub fn open(
         region: NvramRegion,
-        opts: EngineOptions,
+        mut opts: EngineOptions,
         specs: Vec<LunSpec>,
     ) -> Result<Arc<Engine>, EngineError> {
         let started = Instant::now();
@@ -301,6 +310,26 @@ impl Engine {
         let path = region.path().to_owned();
         let config = opts.config_path.clone();
 
+        // Ownership first: a restart replays only records of ranges this node still owns
+        // (the partner replayed the others from its second store when it took them over).
+        let cluster = match opts.cluster.take() {
+            Some(setup) => {
+                Some(Arc::new(Cluster::open(setup).map_err(|e| {
+                    EngineError::Replay(format!("ownership table: {e}"))
+                })?))
+            }
+            None => None,
+        };
+        let range_bytes: Vec<u64> = specs
+            .iter()
+            .map(|s| s.size.div_ceil(s.ranges as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE)
+            .collect();
+        let owned = |lun: u32, offset: u64| -> bool {
+            match (&cluster, range_bytes.get(lun as usize)) {
+                (Some(c), Some(rb)) => c.owns(lun, (offset / rb) as u32),
+                _ => true,
+            }
+        };
         let mut first = vec![0u8; 4096];
         region.read_at(0, &mut first);
         let mut report = ReplayReport::default();
@@ -349,6 +378,22 @@ impl Engine {
                         config,
                     });
                 }
+                let layout_ok = (0..sb.partitions)
+                    .any(|p| crate::log::read_checkpoint(&region, &layout, p, sb.log_id).is_some());
+                if !layout_ok {
+                    // The superblock is intact but no partition has a checkpoint of its log:
+                    // a format was interrupted after the checkpoints were rewritten. Format
+                    // runs only on a blank device or after a replay, so nothing is staged.
+                    tracing::warn!(
+                        "NVRAM {}: an earlier format was interrupted; formatting again",
+                        path.display()
+                    );
+                    report.formatted = true;
+                    let (sb, starts) = format(&region, &opts, &want_layout)?;
+                    return Engine::finish_open(
+                        region, opts, specs, cluster, sb, starts, report, started,
+                    );
+                }
                 let scans = scan_all(&region, &sb, &config)?;
                 let corrupt = scans.iter().find_map(|(_, s)| s.corruption.clone());
                 let unflushed: usize = scans.iter().map(|(_, s)| s.records.len()).sum();
@@ -373,7 +418,7 @@ impl Engine {
                     report.salvaged_from_corruption = true;
                 }
                 // Records name their LUN by index; a layout change with an empty log is fine.
-                replay(&region, &sb, &scans, &specs, &mut report)?;
+                replay(&region, &sb, &scans, &specs, &owned, &mut report)?;
                 if sb.layout != want_layout || report.salvaged_from_corruption {
                     tracing::info!(
                         "reformatting NVRAM {} for layout {want_layout}",
@@ -396,6 +441,20 @@ impl Engine {
                 format(&region, &opts, &want_layout)?
             }
         };
+        Engine::finish_open(region, opts, specs, cluster, sb, starts, report, started)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_open(
+        region: Arc<NvramRegion>,
+        opts: EngineOptions,
+        specs: Vec<LunSpec>,
+        cluster: Option<Arc<Cluster>>,
+        sb: Superblock,
+        starts: Vec<LogStart>,
+        mut report: ReplayReport,
+        started: Instant,
+    ) -> Result<Arc<Engine>, EngineError> {
         report.millis = started.elapsed().as_millis() as u64;
 
         let layout = Layout::of(&sb);
@@ -429,6 +488,7 @@ impl Engine {
         let second_store = SecondStoreArea::new(region.clone(), layout);
         let engine = Arc::new(Engine {
             node: opts.node_name,
+            cluster,
             mirror: Arc::new(MirrorSlot {
                 link: std::sync::RwLock::new(None),
                 policy: opts.degraded,
@@ -466,10 +526,28 @@ impl Engine {
                     m.release(partition, seq);
                 }
             });
+            // Fencing: before each batch, the medium's ownership table must still say ours.
+            let (cluster, fence_luns) = (self.cluster.clone(), self.luns.clone());
+            let fence = Arc::new(
+                move |batch: &[crate::log::RecordMeta]| -> Result<(), String> {
+                    let Some(c) = &cluster else { return Ok(()) };
+                    let mut checks: Vec<(u32, u32)> = batch
+                        .iter()
+                        .filter(|r| r.kind != RecordKind::Wrap)
+                        .filter_map(|r| {
+                            let lun = fence_luns.get(r.lun as usize)?;
+                            Some((r.lun, (r.offset / lun.range_bytes) as u32))
+                        })
+                        .collect();
+                    checks.sort_unstable();
+                    checks.dedup();
+                    c.still_owned(&checks)
+                },
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("flush-{}", part.id))
-                    .spawn(move || run_flusher(p, luns, batch_bytes, stats, on_released))?,
+                    .spawn(move || run_flusher(p, luns, batch_bytes, stats, on_released, fence))?,
             );
         }
         Ok(())
@@ -552,10 +630,11 @@ impl Engine {
         &self.parts[(global_range % self.parts.len() as u32) as usize]
     }
 
-    /// Stages a write; returns once it is durable in the NVRAM.
+    /// Stages a write; returns once it is durable in the NVRAM (and mirrored). Pieces in
+    /// ranges the partner owns are forwarded to it.
     pub async fn write(&self, lun_idx: usize, offset: u64, data: &[u8]) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, data.len() as u64)?;
-        self.stage(
+        self.route_write(
             lun_idx,
             lun,
             RecordKind::Data,
@@ -574,11 +653,47 @@ impl Engine {
     /// WRITE_ZEROES and DISCARD: the range reads as zeroes once this returns.
     pub async fn write_zeroes(&self, lun_idx: usize, offset: u64, len: u64) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, len)?;
-        self.stage(lun_idx, lun, RecordKind::Zero, offset, len, &[])
+        self.route_write(lun_idx, lun, RecordKind::Zero, offset, len, &[])
             .await
     }
 
-    async fn stage(
+    /// Splits an I/O into the part we serve and the parts the partner owns, waiting while
+    /// a range is being taken over. Returns (local pieces, remote pieces) as (offset, len).
+    async fn route(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        offset: u64,
+        len: u64,
+    ) -> (bool, Vec<(u64, u64)>) {
+        let Some(c) = &self.cluster else {
+            return (true, Vec::new());
+        };
+        let mut all_local = true;
+        let mut remote = Vec::new();
+        for (at, n, range) in lun.pieces(offset, len) {
+            let local_range = range - lun.first_range;
+            if let RangeState::Remote(_) = c.route(lun_idx as u32, local_range).await {
+                all_local = false;
+                remote.push((at, n));
+            }
+        }
+        (all_local, remote)
+    }
+
+    fn forwarder(&self) -> Result<Arc<dyn crate::cluster::Forwarder>, IoError> {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.forwarder())
+            .ok_or_else(|| IoError {
+                errno: libc::EIO,
+                message:
+                    "the range is owned by the partner, which is unreachable (no takeover happened)"
+                        .into(),
+            })
+    }
+
+    async fn route_write(
         &self,
         lun_idx: usize,
         lun: &Lun,
@@ -587,9 +702,161 @@ impl Engine {
         len: u64,
         data: &[u8],
     ) -> Result<(), IoError> {
+        let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
+        if all_local {
+            return self.stage(lun_idx, lun, kind, offset, len, data, &[]).await;
+        }
+        let fwd = self.forwarder()?;
+        let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match kind {
+            RecordKind::Data => fwd.write(
+                lun_idx as u32,
+                at,
+                data[(at - offset) as usize..(at - offset + n) as usize].to_vec(),
+            ),
+            _ => fwd.write_zeroes(lun_idx as u32, at, n),
+        }));
+        let (local, forwarded) = futures::future::join(
+            self.stage(lun_idx, lun, kind, offset, len, data, &remote),
+            forwarded,
+        )
+        .await;
+        local?;
+        for r in forwarded {
+            r.map_err(|message| IoError {
+                errno: libc::EIO,
+                message: format!("forwarded to the owner: {message}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reads, forwarding the parts the partner owns.
+    pub async fn read_routed(
+        &self,
+        lun_idx: usize,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), IoError> {
+        let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
+        let (all_local, remote) = self.route(lun_idx, lun, offset, out.len() as u64).await;
+        if all_local {
+            return self.read(lun_idx, offset, out);
+        }
+        let fwd = self.forwarder()?;
+        let mut cursor = offset;
+        let end = offset + out.len() as u64;
+        for &(at, n) in remote.iter().chain(std::iter::once(&(end, 0))) {
+            if cursor < at {
+                let dst = &mut out[(cursor - offset) as usize..(at - offset) as usize];
+                self.read(lun_idx, cursor, dst)?;
+            }
+            if n > 0 {
+                let data = fwd
+                    .read(lun_idx as u32, at, n as u32)
+                    .await
+                    .map_err(|message| IoError {
+                        errno: libc::EIO,
+                        message: format!("forwarded read: {message}"),
+                    })?;
+                if data.len() != n as usize {
+                    return Err(IoError {
+                        errno: libc::EIO,
+                        message: format!("forwarded read returned {} bytes, not {n}", data.len()),
+                    });
+                }
+                out[(at - offset) as usize..(at - offset + n) as usize].copy_from_slice(&data);
+            }
+            cursor = at + n;
+        }
+        Ok(())
+    }
+
+    /// Serves a request the partner forwarded to us (we own its range).
+    pub async fn serve_forwarded(&self, request: &[u8]) -> Vec<u8> {
+        let Some(req) = wire::decode(request) else {
+            tracing::warn!(
+                "malformed forwarded request ({} bytes) rejected",
+                request.len()
+            );
+            return wire::err("malformed forwarded request");
+        };
+        let lun = req.lun as usize;
+        let result = match req.op {
+            wire::OP_WRITE => self
+                .write(lun, req.offset, &req.data)
+                .await
+                .map(|_| Vec::new()),
+            wire::OP_ZERO => self
+                .write_zeroes(lun, req.offset, req.len as u64)
+                .await
+                .map(|_| Vec::new()),
+            _ => {
+                let mut buf = vec![0u8; req.len as usize];
+                self.read_routed(lun, req.offset, &mut buf)
+                    .await
+                    .map(|_| buf)
+            }
+        };
+        match result {
+            Ok(data) => wire::ok(&data),
+            Err(e) => wire::err(&e.message),
+        }
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Takes over every range `from` owns: claims them on the medium with a new epoch,
+    /// waits `grace` (the old owner's flusher sees the new epoch before its next batch),
+    /// replays the mirrored records, and only then serves them. I/O to those ranges waits
+    /// meanwhile.
+    pub fn take_over(&self, from: u32, grace: Duration) -> Result<ReplayReport, String> {
+        let c = self.cluster.as_ref().ok_or("not a cluster node")?;
+        if from == c.me {
+            return Err("a node cannot take over from itself".into());
+        }
+        let moved = c.begin_takeover(from).map_err(|e| e.to_string())?;
+        tracing::warn!(
+            "taking over {} range(s) from node {}: epochs bumped on the medium; replaying its mirrored writes",
+            moved.len(),
+            c.node_name(from)
+        );
+        std::thread::sleep(grace);
+        let report = match self.replay_partner() {
+            Ok(r) => r,
+            Err(e) => {
+                // Leave the gates closed: serving these ranges now could lose writes.
+                return Err(format!("takeover replay failed, ranges stay closed: {e}"));
+            }
+        };
+        c.finish_takeover(&moved);
+        tracing::warn!(
+            "takeover complete: now serving {} more range(s)",
+            moved.len()
+        );
+        Ok(report)
+    }
+
+    /// Stages the pieces of an I/O that fall in ranges we serve (`skip`: pieces forwarded
+    /// to the partner), mirrors them, and waits for both copies.
+    #[allow(clippy::too_many_arguments)]
+    async fn stage(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+        skip: &[(u64, u64)],
+    ) -> Result<(), IoError> {
         let mirror = self.mirror.current();
         let mut staged = Vec::with_capacity(2);
         for (at, n, range) in lun.pieces(offset, len) {
+            if skip.iter().any(|&(s, _)| s == at) {
+                continue;
+            }
             let part = self.partition_of(range);
             let payload: &[u8] = match kind {
                 RecordKind::Data => &data[(at - offset) as usize..(at - offset + n) as usize],
@@ -801,6 +1068,11 @@ impl Engine {
                 last_error: self.mirror.last_error.lock().ok().and_then(|e| e.clone()),
                 second_store: self.second_store.as_ref().map(|s| s.status()),
             },
+            ranges: self
+                .cluster
+                .as_ref()
+                .map(|c| c.status())
+                .unwrap_or_default(),
         }
     }
 }
@@ -840,6 +1112,7 @@ fn replay(
     sb: &Superblock,
     scans: &[(PartitionCheckpoint, ScanResult)],
     luns: &[LunSpec],
+    owned: &dyn Fn(u32, u64) -> bool,
     report: &mut ReplayReport,
 ) -> Result<(), EngineError> {
     let layout = Layout::of(sb);
@@ -855,13 +1128,20 @@ fn replay(
         }
         for r in &scan.records {
             let h = &r.header;
+            if !owned(h.lun, h.offset) {
+                report.skipped_not_owned += 1;
+                continue;
+            }
             let lun = luns.get(h.lun as usize).ok_or_else(|| {
                 EngineError::Replay(format!(
                     "record seq {} names LUN {} which is not configured",
                     h.seq, h.lun
                 ))
             })?;
-            if h.offset + h.len as u64 > lun.size {
+            if h.offset
+                .checked_add(h.len as u64)
+                .is_none_or(|end| end > lun.size)
+            {
                 return Err(EngineError::Replay(format!(
                     "record seq {} ends beyond LUN {} ({} bytes)",
                     h.seq, lun.name, lun.size
@@ -890,6 +1170,12 @@ fn replay(
                 EngineError::Replay(format!("syncing {}: {e}", lun.medium.describe()))
             })?;
         }
+    }
+    if report.skipped_not_owned > 0 {
+        tracing::warn!(
+            "{} staged record(s) belong to ranges the partner took over; it replayed them from its mirror, so they are not replayed here",
+            report.skipped_not_owned
+        );
     }
     if report.records > 0 {
         tracing::info!(

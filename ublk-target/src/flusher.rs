@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Says whether this node may still write a batch's ranges to the medium (fencing).
+pub type FenceCheck = Arc<dyn Fn(&[RecordMeta]) -> Result<(), String> + Send + Sync>;
+
 #[derive(Default)]
 pub struct FlusherStats {
     pub bytes_flushed: AtomicU64,
@@ -27,9 +30,21 @@ pub fn run_flusher(
     batch_bytes: u64,
     stats: Arc<FlusherStats>,
     on_released: Arc<dyn Fn(u32, u64) + Send + Sync>,
+    fence: FenceCheck,
 ) {
     let mut backoff = Duration::from_millis(10);
     while let Some(batch) = log.next_flush_batch(batch_bytes) {
+        if let Err(why) = fence(&batch) {
+            tracing::error!(
+                partition = log.id,
+                "{why}; this partition stops flushing and fails its writes"
+            );
+            if let Ok(mut last) = stats.last_error.lock() {
+                *last = Some(why.clone());
+            }
+            log.fail(why);
+            return;
+        }
         match flush_batch(&log, &luns, &batch) {
             Ok(bytes) => {
                 if let Some(last) = batch.last() {

@@ -6,6 +6,7 @@
 //! `log` (NVRAM staging, group commit) -> `flusher` (medium, then release). `index` serves
 //! reads of staged data; `nvram` is the on-device format; `medium` the backing storage.
 
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod engine;
@@ -17,3 +18,4 @@ pub mod log;
 pub mod medium;
 pub mod mirror;
 pub mod nvram;
+pub mod ownership;

@@ -360,6 +360,12 @@ impl PartitionLog {
                 if st.flushed_through >= seq {
                     return Ok(());
                 }
+                if let Some(msg) = &st.failed {
+                    return Err(LogError::Persist {
+                        partition: self.id,
+                        message: msg.clone(),
+                    });
+                }
                 if st.shutdown {
                     return Err(LogError::Shutdown { partition: self.id });
                 }
@@ -392,7 +398,13 @@ impl PartitionLog {
                 st.pending.drain(..n).collect()
             };
 
-            let result = self.persist_batch(&batch);
+            // After a failed msync the kernel may report later ones as fine although the
+            // failed pages never reached the device: nothing after a failure is durable.
+            let earlier_failure = lock(&self.state).failed.clone();
+            let result = match earlier_failure {
+                Some(msg) => Err(Arc::new(std::io::Error::other(msg))),
+                None => self.persist_batch(&batch),
+            };
             let mut st = lock(&self.state);
             match &result {
                 Ok(()) => {
@@ -517,6 +529,15 @@ impl PartitionLog {
         self.released.notify_all();
         self.space_freed.notify_waiters();
         Ok(())
+    }
+
+    /// Stops the partition for good (fenced, or the NVRAM failed): new writes and writers
+    /// waiting for the flusher get an error.
+    pub fn fail(&self, message: String) {
+        lock(&self.state).failed = Some(message);
+        self.space_freed.notify_waiters();
+        self.flush_wanted.notify_all();
+        self.released.notify_all();
     }
 
     pub fn set_flush_paused(&self, paused: bool) {

@@ -34,6 +34,7 @@ fn open(
             mode,
             mirrored: false,
             degraded: nvmirror::mirror::DegradedPolicy::WriteThrough,
+            cluster: None,
             config_path: "test.toml".into(),
         },
         vec![LunSpec {
@@ -319,6 +320,7 @@ fn layout_change_with_staged_records_is_refused() {
             mode: OpenMode::Normal,
             mirrored: false,
             degraded: nvmirror::mirror::DegradedPolicy::WriteThrough,
+            cluster: None,
             config_path: "test.toml".into(),
         },
         vec![LunSpec {
@@ -385,4 +387,28 @@ fn concurrent_random_writes_match_a_model_across_restarts() {
         );
         e.shutdown();
     }
+}
+
+#[test]
+fn an_interrupted_format_is_redone_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let nv = dir.path().join("nvram");
+    let medium = Arc::new(MemMedium::new(LUN_SIZE));
+    drop(open(&nv, 16 * MIB, &medium, "a", OpenMode::Normal).expect("format"));
+    // A crash after the checkpoints were rewritten for a new log id, before the superblock:
+    // no checkpoint matches the superblock's log any more.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&nv)
+            .expect("open");
+        for p in 0..2u64 {
+            f.write_all_at(&[0u8; 4096], 4096 + p * 4096)
+                .expect("zero checkpoints");
+        }
+    }
+    let e = open(&nv, 16 * MIB, &medium, "a", OpenMode::Normal)
+        .expect("start after an interrupted format");
+    assert!(e.status().replay.formatted);
 }

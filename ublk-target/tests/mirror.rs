@@ -30,6 +30,7 @@ fn engine(
             mode: OpenMode::Normal,
             mirrored: true,
             degraded,
+            cluster: None,
             config_path: "test.toml".into(),
         },
         vec![LunSpec {
@@ -258,4 +259,236 @@ fn degraded_nvram_policy_acknowledges_from_the_local_copy() {
         "not on the medium yet"
     );
     assert_eq!(p.a.status().mirror.degraded_records, 1);
+}
+
+// ---- two nodes owning ranges of one LUN: forwarding, takeover, fencing ----
+
+use nvmirror::cluster::{wire, ClusterSetup, ForwardFuture, Forwarder};
+use nvmirror::ownership::{MemTableStore, OwnershipTable, RangeOwner, TableStore};
+
+struct SharedTable(Arc<MemTableStore>);
+impl TableStore for SharedTable {
+    fn read_slot(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_slot(slot, out)
+    }
+    fn write_slot(&self, slot: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write_slot(slot, data)
+    }
+}
+
+/// Forwards straight into the other engine (the daemon does it over the link).
+struct Direct(Arc<Engine>);
+impl Direct {
+    fn call(&self, req: Vec<u8>) -> ForwardFuture<Vec<u8>> {
+        let e = self.0.clone();
+        Box::pin(async move {
+            let answer = e.serve_forwarded(&req).await;
+            wire::answer(&answer).map(|d| d.to_vec())
+        })
+    }
+}
+impl Forwarder for Direct {
+    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()> {
+        let f = self.call(wire::encode(
+            wire::OP_WRITE,
+            lun,
+            offset,
+            data.len() as u32,
+            &data,
+        ));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> ForwardFuture<()> {
+        let f = self.call(wire::encode(wire::OP_ZERO, lun, offset, len as u32, &[]));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>> {
+        self.call(wire::encode(wire::OP_READ, lun, offset, len, &[]))
+    }
+}
+
+fn clustered(
+    nvram: &Path,
+    me: u32,
+    medium: &Arc<MemMedium>,
+    table: &Arc<MemTableStore>,
+) -> Arc<Engine> {
+    let region = NvramRegion::open(nvram, Some(24 * MIB)).expect("nvram");
+    let initial = OwnershipTable {
+        cluster_id: 7,
+        generation: 1,
+        luns: vec![(0..4)
+            .map(|r| RangeOwner {
+                owner: r % 2,
+                epoch: 1,
+            })
+            .collect()],
+    };
+    Engine::open(
+        region,
+        EngineOptions {
+            node_name: ["a", "b"][me as usize].into(),
+            partitions: 2,
+            flush_batch_bytes: 4 * MIB,
+            mode: OpenMode::Normal,
+            mirrored: true,
+            degraded: DegradedPolicy::WriteThrough,
+            cluster: Some(ClusterSetup {
+                me,
+                nodes: vec!["a".into(), "b".into()],
+                table_store: Box::new(SharedTable(table.clone())),
+                initial,
+            }),
+            config_path: "test.toml".into(),
+        },
+        vec![LunSpec {
+            name: "lun0".into(),
+            size: LUN_SIZE,
+            ranges: 4,
+            medium: medium.clone(),
+        }],
+    )
+    .expect("engine")
+}
+
+struct ClusterPair {
+    a: Arc<Engine>,
+    b: Arc<Engine>,
+    link_a: Link,
+    link_b: Link,
+    medium: Arc<MemMedium>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn cluster_pair() -> ClusterPair {
+    let dir = tempfile::tempdir().expect("tmp");
+    let medium = Arc::new(MemMedium::new(LUN_SIZE));
+    let table = Arc::new(MemTableStore::default());
+    let a = clustered(&dir.path().join("nv-a"), 0, &medium, &table);
+    let b = clustered(&dir.path().join("nv-b"), 1, &medium, &table);
+    let addr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let link_a = link(&a, Role::Listen(addr), 1, 2);
+    let link_b = link(&b, Role::Connect(addr), 2, 1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        link_a.wait_up().await.expect("a up");
+        link_b.wait_up().await.expect("b up");
+    });
+    a.attach_mirror(Arc::new(link_a.clone()));
+    b.attach_mirror(Arc::new(link_b.clone()));
+    a.cluster()
+        .expect("cluster")
+        .set_forwarder(Some(Arc::new(Direct(b.clone()))));
+    b.cluster()
+        .expect("cluster")
+        .set_forwarder(Some(Arc::new(Direct(a.clone()))));
+    ClusterPair {
+        a,
+        b,
+        link_a,
+        link_b,
+        medium,
+        rt,
+        _dir: dir,
+    }
+}
+
+/// One write per 1 MiB across the whole LUN: every range gets some.
+fn spread_writes(p: &ClusterPair, e: &Arc<Engine>, seed: u64) -> Vec<(u64, Vec<u8>)> {
+    let writes: Vec<(u64, Vec<u8>)> = (0..LUN_SIZE / MIB)
+        .map(|i| (i * MIB + (i % 7) * 4096, pattern(seed + i, 8192)))
+        .collect();
+    p.rt.block_on(async {
+        for (off, d) in &writes {
+            e.write(0, *off, d).await.expect("write");
+        }
+    });
+    writes
+}
+
+fn read_engine(p: &ClusterPair, e: &Arc<Engine>, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    p.rt.block_on(e.read_routed(0, off, &mut buf))
+        .expect("read");
+    buf
+}
+
+#[test]
+fn writes_to_the_partners_ranges_are_forwarded_and_both_nodes_read_the_same() {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    p.b.set_flush_paused(true);
+    let writes = spread_writes(&p, &p.a, 1);
+    let sa = p.a.status();
+    let sb = p.b.status();
+    let staged_a: usize = sa.partitions.iter().map(|x| x.records_unflushed).sum();
+    let staged_b: usize = sb.partitions.iter().map(|x| x.records_unflushed).sum();
+    assert_eq!(staged_a + staged_b, writes.len());
+    assert!(
+        staged_a > 0 && staged_b > 0,
+        "each owner staged its own ranges: {staged_a}/{staged_b}"
+    );
+    for (off, d) in &writes {
+        assert!(read_engine(&p, &p.a, *off, d.len()) == *d, "A reads {off}");
+        assert!(read_engine(&p, &p.b, *off, d.len()) == *d, "B reads {off}");
+    }
+    assert_eq!(sa.ranges.iter().filter(|r| r.state == "local").count(), 2);
+}
+
+#[test]
+fn takeover_replays_before_serving_and_the_old_owner_is_fenced() {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    let writes = spread_writes(&p, &p.a, 100);
+    // Partition: the link breaks, both nodes stay alive.
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    p.a.cluster().expect("c").set_forwarder(None);
+    p.b.cluster().expect("c").set_forwarder(None);
+
+    let report =
+        p.b.take_over(0, Duration::from_millis(10))
+            .expect("takeover");
+    assert!(report.records > 0);
+    assert!(p
+        .b
+        .status()
+        .ranges
+        .iter()
+        .all(|r| r.owner == "b" && r.state == "local"));
+    assert!(p.b.status().ranges.iter().filter(|r| r.epoch == 2).count() == 2);
+    // Every acknowledged write is readable from B (A's from the replay, B's staged).
+    for (off, d) in &writes {
+        assert!(
+            read_engine(&p, &p.b, *off, d.len()) == *d,
+            "B after takeover reads {off}"
+        );
+    }
+    // B writes over one of A's old ranges; then A's flusher wakes up: it must not write.
+    let newer = pattern(999, 8192);
+    p.rt.block_on(p.b.write(0, writes[0].0, &newer))
+        .expect("B writes");
+    assert!(p.b.drain(Duration::from_secs(10)));
+    p.a.set_flush_paused(false);
+    wait_for("A to be fenced", || {
+        p.a.status()
+            .partitions
+            .iter()
+            .any(|x| x.failed.as_deref().is_some_and(|f| f.contains("fenced")))
+    });
+    let m = p.medium.snapshot();
+    let off = writes[0].0 as usize;
+    assert!(
+        m[off..off + 8192] == newer[..],
+        "the fenced node did not overwrite the new owner's data"
+    );
+    assert!(p
+        .rt
+        .block_on(p.a.write(0, writes[0].0, &pattern(5, 4096)))
+        .is_err());
 }

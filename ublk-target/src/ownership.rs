@@ -1,0 +1,332 @@
+//! Ownership of LUN ranges, persisted on the shared medium.
+//!
+//! Each range of each LUN has an owner node and an epoch. The table lives in a small
+//! metadata area at the end of the (shared) medium of LUN 0: two 4 KiB slots written
+//! alternately with a generation and a crc32c, with O_DIRECT and a sync, so a torn update
+//! leaves the previous table readable. A takeover bumps the epoch of the ranges it moves;
+//! a node re-reads the table before each flush batch and stops flushing ranges whose epoch
+//! moved on without it (fencing).
+
+use std::io;
+
+pub const TABLE_MAGIC: u32 = 0x544f_564e; // "NVOT"
+pub const TABLE_VERSION: u32 = 1;
+pub const SLOT_BYTES: u64 = 4096;
+/// Bytes reserved at the end of the medium for the table (both slots, room to grow).
+pub const METADATA_BYTES: u64 = 1 << 20;
+/// Entries that fit in one slot after the header.
+pub const MAX_ENTRIES: usize = (SLOT_BYTES as usize - 64) / 12;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RangeOwner {
+    /// Index of the owner in the cluster's node list.
+    pub owner: u32,
+    pub epoch: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OwnershipTable {
+    pub cluster_id: u64,
+    pub generation: u64,
+    /// Per LUN, per range.
+    pub luns: Vec<Vec<RangeOwner>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("the ownership table has {0} ranges in all; at most {MAX_ENTRIES} fit (use fewer lun ranges)")]
+    TooLarge(usize),
+    #[error("the ownership table on the medium belongs to cluster {found}, this node is in cluster {expected}; check the medium path and cluster.id")]
+    WrongCluster { found: u64, expected: u64 },
+    #[error("the ownership table on the medium describes {found} LUN range(s), the config {expected}; every node must use the same LUN layout")]
+    Layout { found: String, expected: String },
+    #[error("ownership table I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl OwnershipTable {
+    pub fn encode(&self) -> Result<Vec<u8>, TableError> {
+        let total: usize = self.luns.iter().map(|l| l.len()).sum();
+        if total > MAX_ENTRIES {
+            return Err(TableError::TooLarge(total));
+        }
+        let mut b = vec![0u8; SLOT_BYTES as usize];
+        b[0..4].copy_from_slice(&TABLE_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&TABLE_VERSION.to_le_bytes());
+        b[8..16].copy_from_slice(&self.cluster_id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
+        b[24..28].copy_from_slice(&(self.luns.len() as u32).to_le_bytes());
+        let mut at = 64;
+        // Per LUN: the range count, then the entries.
+        let mut counts = Vec::new();
+        for l in &self.luns {
+            counts.push(l.len() as u16);
+        }
+        for (i, c) in counts.iter().enumerate().take(16) {
+            b[28 + i * 2..30 + i * 2].copy_from_slice(&c.to_le_bytes());
+        }
+        for l in &self.luns {
+            for r in l {
+                b[at..at + 4].copy_from_slice(&r.owner.to_le_bytes());
+                b[at + 4..at + 12].copy_from_slice(&r.epoch.to_le_bytes());
+                at += 12;
+            }
+        }
+        let end = SLOT_BYTES as usize - 4;
+        let crc = crc32c::crc32c(&b[..end]);
+        b[end..].copy_from_slice(&crc.to_le_bytes());
+        Ok(b)
+    }
+
+    pub fn decode(b: &[u8]) -> Option<OwnershipTable> {
+        if b.len() < SLOT_BYTES as usize {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        let end = SLOT_BYTES as usize - 4;
+        if u32_at(0) != TABLE_MAGIC
+            || u32_at(4) != TABLE_VERSION
+            || crc32c::crc32c(&b[..end]) != u32_at(end)
+        {
+            return None;
+        }
+        let nluns = u32_at(24) as usize;
+        if nluns > 16 {
+            return None;
+        }
+        let mut luns = Vec::new();
+        let mut at = 64;
+        for i in 0..nluns {
+            let n = u16::from_le_bytes([b[28 + i * 2], b[29 + i * 2]]) as usize;
+            let mut l = Vec::with_capacity(n);
+            for _ in 0..n {
+                if at + 12 > end {
+                    return None;
+                }
+                l.push(RangeOwner {
+                    owner: u32_at(at),
+                    epoch: u64_at(at + 4),
+                });
+                at += 12;
+            }
+            luns.push(l);
+        }
+        Some(OwnershipTable {
+            cluster_id: u64_at(8),
+            generation: u64_at(16),
+            luns,
+        })
+    }
+
+    fn shape(&self) -> String {
+        self.luns
+            .iter()
+            .map(|l| l.len().to_string())
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+}
+
+/// Where the table is kept: reads and writes of whole 4 KiB slots, durable on return.
+pub trait TableStore: Send + Sync {
+    fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()>;
+    fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()>;
+}
+
+/// Loads the newest valid table, or writes `initial` if the medium has none.
+pub fn load_or_init(
+    store: &dyn TableStore,
+    initial: &OwnershipTable,
+) -> Result<OwnershipTable, TableError> {
+    match load(store)? {
+        Some(t) => {
+            if t.cluster_id != initial.cluster_id {
+                return Err(TableError::WrongCluster {
+                    found: t.cluster_id,
+                    expected: initial.cluster_id,
+                });
+            }
+            if t.shape() != initial.shape() {
+                return Err(TableError::Layout {
+                    found: t.shape(),
+                    expected: initial.shape(),
+                });
+            }
+            Ok(t)
+        }
+        None => {
+            save(store, initial)?;
+            Ok(initial.clone())
+        }
+    }
+}
+
+pub fn load(store: &dyn TableStore) -> Result<Option<OwnershipTable>, TableError> {
+    let mut best: Option<OwnershipTable> = None;
+    let mut buf = vec![0u8; SLOT_BYTES as usize];
+    for slot in 0..2 {
+        store.read_slot(slot, &mut buf)?;
+        if let Some(t) = OwnershipTable::decode(&buf) {
+            if best.as_ref().is_none_or(|b| t.generation > b.generation) {
+                best = Some(t);
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// Writes `t` into the slot its generation selects (the other keeps the previous table).
+pub fn save(store: &dyn TableStore, t: &OwnershipTable) -> Result<(), TableError> {
+    let data = t.encode()?;
+    store.write_slot(t.generation % 2, &data)?;
+    Ok(())
+}
+
+/// The table in an aligned buffer on a medium file/device, at `base` (the metadata area).
+pub struct MediumTableStore {
+    file: std::fs::File,
+    base: u64,
+}
+
+impl MediumTableStore {
+    pub fn open(path: &std::path::Path, base: u64) -> io::Result<MediumTableStore> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+            .open(path)?;
+        Ok(MediumTableStore { file, base })
+    }
+}
+
+/// A page-aligned 4 KiB buffer for O_DIRECT.
+struct AlignedBlock(std::ptr::NonNull<u8>);
+
+impl AlignedBlock {
+    fn new() -> io::Result<AlignedBlock> {
+        let layout = std::alloc::Layout::from_size_align(SLOT_BYTES as usize, 4096)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        // SAFETY: non-zero size layout.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        std::ptr::NonNull::new(p)
+            .map(AlignedBlock)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: we own SLOT_BYTES bytes at this pointer.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), SLOT_BYTES as usize) }
+    }
+}
+
+impl Drop for AlignedBlock {
+    fn drop(&mut self) {
+        if let Ok(layout) = std::alloc::Layout::from_size_align(SLOT_BYTES as usize, 4096) {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { std::alloc::dealloc(self.0.as_ptr(), layout) }
+        }
+    }
+}
+
+impl TableStore for MediumTableStore {
+    fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut b = AlignedBlock::new()?;
+        self.file
+            .read_exact_at(b.as_mut(), self.base + slot * SLOT_BYTES)?;
+        out[..SLOT_BYTES as usize].copy_from_slice(b.as_mut());
+        Ok(())
+    }
+    fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut b = AlignedBlock::new()?;
+        b.as_mut().copy_from_slice(&data[..SLOT_BYTES as usize]);
+        self.file
+            .write_all_at(b.as_mut(), self.base + slot * SLOT_BYTES)?;
+        self.file.sync_data()
+    }
+}
+
+/// In memory, for tests.
+#[derive(Default)]
+pub struct MemTableStore(std::sync::Mutex<[Vec<u8>; 2]>);
+
+impl TableStore for MemTableStore {
+    fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
+        let s = self.0.lock().map_err(|_| io::Error::other("poisoned"))?;
+        let src = &s[slot as usize];
+        out[..SLOT_BYTES as usize].fill(0);
+        out[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
+        let mut s = self.0.lock().map_err(|_| io::Error::other("poisoned"))?;
+        s[slot as usize] = data.to_vec();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> OwnershipTable {
+        OwnershipTable {
+            cluster_id: 7,
+            generation: 1,
+            luns: vec![vec![
+                RangeOwner { owner: 0, epoch: 1 },
+                RangeOwner { owner: 1, epoch: 1 },
+                RangeOwner { owner: 0, epoch: 3 },
+            ]],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_detects_damage() {
+        let t = table();
+        let b = t.encode().expect("encode");
+        assert_eq!(OwnershipTable::decode(&b), Some(t));
+        let mut bad = b.clone();
+        bad[70] ^= 1;
+        assert_eq!(OwnershipTable::decode(&bad), None);
+    }
+
+    #[test]
+    fn newest_generation_wins_and_a_torn_update_keeps_the_old_one() {
+        let store = MemTableStore::default();
+        let mut t = load_or_init(&store, &table()).expect("init");
+        t.generation += 1;
+        t.luns[0][1] = RangeOwner { owner: 0, epoch: 2 };
+        save(&store, &t).expect("save");
+        assert_eq!(load(&store).expect("load"), Some(t.clone()));
+        // A torn write of the next generation: the slot is garbage, the previous stays.
+        store
+            .write_slot((t.generation + 1) % 2, &[0xab; 4096])
+            .expect("w");
+        assert_eq!(load(&store).expect("load"), Some(t));
+    }
+
+    #[test]
+    fn another_cluster_or_layout_is_refused() {
+        let store = MemTableStore::default();
+        load_or_init(&store, &table()).expect("init");
+        let mut other = table();
+        other.cluster_id = 8;
+        assert!(load_or_init(&store, &other)
+            .unwrap_err()
+            .to_string()
+            .contains("cluster 8"));
+        let mut shape = table();
+        shape.luns[0].pop();
+        assert!(matches!(
+            load_or_init(&store, &shape),
+            Err(TableError::Layout { .. })
+        ));
+    }
+}
