@@ -81,6 +81,13 @@ pub enum LinkError {
     Down { peer: u32, reason: String },
     #[error("invalid post: {0}")]
     InvalidPost(String),
+    /// The request was refused before it was sent (payload too large, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// Node `peer` received the request but could not serve it (no handler, handler panicked,
+    /// answer too large). The link stays up.
+    #[error("node {peer} could not serve the request: {reason}")]
+    RequestFailed { peer: u32, reason: String },
     #[error("node {peer} could not make record (partition {partition}, seq {seq}) durable in its second store: {message}")]
     PersistFailed {
         peer: u32,

@@ -80,6 +80,8 @@ fn our_hello(shared: &Shared, nonce: [u8; 32]) -> Hello {
             window: cfg.window,
             max_record: cfg.max_record,
             transport: cfg.transport.code(),
+            request_window: cfg.request_window,
+            max_request: cfg.max_request,
         },
     }
 }
@@ -135,6 +137,11 @@ fn check_hello(shared: &Shared, h: &Hello) -> Result<(), HandshakeError> {
             "node {}'s first store is {} bytes but our second store is only {my_second} bytes",
             h.from_node, h.info.first_len
         )));
+    }
+    if h.info.request_window == 0 {
+        return Err(HandshakeError::Protocol(
+            "peer announced a request window of 0".into(),
+        ));
     }
     if h.info.window == 0 || h.info.max_record == 0 {
         return Err(HandshakeError::Protocol(format!(

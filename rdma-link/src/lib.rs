@@ -4,6 +4,9 @@
 //! librdmacm, record bytes by RDMA WRITE straight between the registered NVRAM regions) and TCP
 //! (tokio, for machines without RDMA and for tests).
 //!
+//! The link also carries requests and responses ([`Link::request`] and [`RequestHandler`]):
+//! opaque payloads of up to `max_request` bytes, used to forward block I/O to the owning node.
+//!
 //! ```no_run
 //! # async fn demo(nvram: *mut u8, nvram_len: usize, store: std::sync::Arc<dyn rdma_link::SecondStore>) -> Result<(), rdma_link::LinkError> {
 //! use rdma_link::{Link, LinkConfig, Post, Role, Transport};
@@ -25,8 +28,11 @@ mod rdma;
 mod region;
 mod tcp;
 
+pub use bytes::Bytes;
 pub use error::{FrameError, HandshakeError, LinkError};
-pub use link::{Link, LinkConfig, LinkState, Post, Role, SecondStore, Transport, UpInfo};
+pub use link::{
+    Link, LinkConfig, LinkState, Post, RequestHandler, Role, SecondStore, Transport, UpInfo,
+};
 pub use proto::{PartitionSeq, ResyncPoint};
 pub use rdma::{rdma_capabilities, RdmaCapabilities};
 pub use region::Region;

@@ -5,10 +5,13 @@
 use crate::error::{LinkError, Result};
 use crate::proto::{Msg, PartitionSeq, RecordHdr, ResyncPoint};
 use crate::region::Region;
-use std::collections::{HashMap, VecDeque};
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -66,6 +69,15 @@ pub struct LinkConfig {
     pub handshake_timeout: Duration,
     /// Pause between connection attempts (connector).
     pub reconnect_delay: Duration,
+    /// Requests this node serves concurrently; the peer keeps at most
+    /// min(its, ours) requests in flight to us.
+    pub request_window: u32,
+    /// Largest request / response payload, in bytes (both nodes' limits apply).
+    pub max_request: u32,
+    /// The link is declared down when a request stays unanswered for this long (the peer's
+    /// handler is wedged). Callers wanting a shorter, per-request bound wrap `request` in a
+    /// timeout of their own.
+    pub request_timeout: Duration,
 }
 
 impl LinkConfig {
@@ -92,6 +104,9 @@ impl LinkConfig {
             ack_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
             reconnect_delay: Duration::from_millis(200),
+            request_window: 32,
+            max_request: crate::proto::DEFAULT_MAX_REQUEST,
+            request_timeout: Duration::from_secs(30),
         }
     }
 
@@ -119,6 +134,22 @@ impl LinkConfig {
                 crate::proto::MAX_RECORD_LEN
             ));
         }
+        if self.request_window == 0 || self.request_window > 4096 {
+            return bad(format!(
+                "request window {} out of range 1..=4096",
+                self.request_window
+            ));
+        }
+        if self.max_request > crate::proto::MAX_REQUEST_LEN {
+            return bad(format!(
+                "max_request {} out of range 0..={}",
+                self.max_request,
+                crate::proto::MAX_REQUEST_LEN
+            ));
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request timeout must not be zero".into());
+        }
         if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
             return bad(format!(
                 "heartbeat timeout {:?} must be longer than the interval {:?}",
@@ -145,6 +176,30 @@ pub trait SecondStore: Send + Sync + 'static {
     /// What this node holds, sent to the peer on every (re)connect.
     fn resync_point(&self) -> ResyncPoint {
         ResyncPoint::default()
+    }
+}
+
+/// The serving side of [`Link::request`]: the link calls `handle` for every request the peer
+/// sends, on the link's runtime, many concurrently (up to `request_window`). That runtime also
+/// drives the link (one worker thread with [`Link::start`]): the future must not block — hand
+/// blocking work to `spawn_blocking` or the engine's own threads and await the result. The future's
+/// output is the response payload; it must not be larger than `max_request` (else the requester
+/// gets [`LinkError::RequestFailed`]). A panic in the handler is reported to the requester the
+/// same way. If the link goes down while a handler runs, the handler still runs to completion
+/// and its answer is dropped.
+///
+/// Any `Fn(Bytes) -> impl Future<Output = Bytes>` closure is a handler.
+pub trait RequestHandler: Send + Sync + 'static {
+    fn handle(&self, payload: Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send>>;
+}
+
+impl<F, Fut> RequestHandler for F
+where
+    F: Fn(Bytes) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Bytes> + Send + 'static,
+{
+    fn handle(&self, payload: Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send>> {
+        Box::pin(self(payload))
     }
 }
 
@@ -200,6 +255,10 @@ pub(crate) struct Stats {
     pub(crate) acked: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) records_in: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) answered: AtomicU64,
+    pub(crate) requests_failed: AtomicU64,
+    pub(crate) served: AtomicU64,
 }
 
 pub(crate) enum Cmd {
@@ -212,6 +271,18 @@ pub(crate) enum Cmd {
         partition: u32,
         through_seq: u64,
     },
+    Request {
+        payload: Bytes,
+        permit: OwnedSemaphorePermit,
+        reply: oneshot::Sender<Result<Bytes>>,
+    },
+}
+
+/// A handler's answer, sent back to the connection that received the request.
+pub(crate) struct Answer {
+    pub(crate) id: u64,
+    pub(crate) status: u8,
+    pub(crate) payload: Bytes,
 }
 
 /// What the driver of the current connection exposes to posters.
@@ -221,6 +292,9 @@ pub(crate) struct ConnHandle {
     pub(crate) window: Arc<Semaphore>,
     pub(crate) peer_second_len: u64,
     pub(crate) peer_max_record: u32,
+    /// Requests in flight (effective request window).
+    pub(crate) req_window: Arc<Semaphore>,
+    pub(crate) peer_max_request: u32,
     /// Told to stop when a newer connection replaces this one.
     pub(crate) stop: Arc<tokio::sync::Notify>,
 }
@@ -229,6 +303,7 @@ pub(crate) struct Shared {
     pub(crate) cfg: LinkConfig,
     pub(crate) local: Option<Region>,
     pub(crate) store: Option<Arc<dyn SecondStore>>,
+    handler: RwLock<Option<Arc<dyn RequestHandler>>>,
     state: watch::Sender<LinkState>,
     conn: Mutex<Option<Arc<ConnHandle>>>,
     pub(crate) stats: Stats,
@@ -242,6 +317,13 @@ impl Shared {
     fn conn_lock(&self) -> MutexGuard<'_, Option<Arc<ConnHandle>>> {
         // A poisoned lock only means another thread panicked while holding a plain Option swap.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn handler(&self) -> Option<Arc<dyn RequestHandler>> {
+        self.handler
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn peer(&self) -> u32 {
@@ -355,14 +437,42 @@ impl Link {
         local: Option<Region>,
         store: Option<Arc<dyn SecondStore>>,
     ) -> Result<Link> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
+        let rt = Self::own_runtime()?;
+        let handle = rt.handle().clone();
+        Self::start_inner(cfg, local, store, None, &handle, Some(rt))
+    }
+
+    /// Like [`Link::start`], with a handler serving the peer's requests (see
+    /// [`Link::request`]). Without one, every request from the peer is answered with
+    /// [`LinkError::RequestFailed`] (until [`Link::set_request_handler`]).
+    pub fn start_with_handler(
+        cfg: LinkConfig,
+        local: Option<Region>,
+        store: Option<Arc<dyn SecondStore>>,
+        handler: Arc<dyn RequestHandler>,
+    ) -> Result<Link> {
+        let rt = Self::own_runtime()?;
+        let handle = rt.handle().clone();
+        Self::start_inner(cfg, local, store, Some(handler), &handle, Some(rt))
+    }
+
+    fn own_runtime() -> Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("nvm-link")
             .enable_all()
             .build()
-            .map_err(|e| LinkError::io("creating the link's tokio runtime", e))?;
-        let handle = rt.handle().clone();
-        Self::start_inner(cfg, local, store, &handle, Some(rt))
+            .map_err(|e| LinkError::io("creating the link's tokio runtime", e))
+    }
+
+    /// Install (or remove) the handler of the peer's requests. Requests already being served
+    /// keep the handler they started with.
+    pub fn set_request_handler(&self, handler: Option<Arc<dyn RequestHandler>>) {
+        *self
+            .shared
+            .handler
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = handler;
     }
 
     /// Like [`Link::start`], on an existing tokio runtime.
@@ -372,13 +482,25 @@ impl Link {
         local: Option<Region>,
         store: Option<Arc<dyn SecondStore>>,
     ) -> Result<Link> {
-        Self::start_inner(cfg, local, store, handle, None)
+        Self::start_inner(cfg, local, store, None, handle, None)
+    }
+
+    /// Like [`Link::start_on`], with a request handler (see [`Link::start_with_handler`]).
+    pub fn start_on_with_handler(
+        handle: &tokio::runtime::Handle,
+        cfg: LinkConfig,
+        local: Option<Region>,
+        store: Option<Arc<dyn SecondStore>>,
+        handler: Arc<dyn RequestHandler>,
+    ) -> Result<Link> {
+        Self::start_inner(cfg, local, store, Some(handler), handle, None)
     }
 
     fn start_inner(
         cfg: LinkConfig,
         local: Option<Region>,
         store: Option<Arc<dyn SecondStore>>,
+        handler: Option<Arc<dyn RequestHandler>>,
         handle: &tokio::runtime::Handle,
         runtime: Option<tokio::runtime::Runtime>,
     ) -> Result<Link> {
@@ -389,6 +511,7 @@ impl Link {
             cfg,
             local,
             store,
+            handler: RwLock::new(handler),
             state,
             conn: Mutex::new(None),
             stats: Stats::default(),
@@ -473,6 +596,68 @@ impl Link {
             // The driver dropped the reply without answering: only on a runtime shutdown.
             Err(_) => Err(self.not_up_error()),
         }
+    }
+
+    /// Send `payload` to the peer's [`RequestHandler`] and wait for its answer. The payload is
+    /// opaque to the link; request and answer may be up to `max_request` bytes (the smaller of
+    /// both nodes' limits). Waits for a request-window slot first; requests are answered in any
+    /// order and matched by id.
+    ///
+    /// Errors: [`LinkError::InvalidRequest`] at once for an oversized payload; the link's error
+    /// at once if it is not up, and promptly (exactly once) if it fails while the request is in
+    /// flight — the request may or may not have been executed by the peer then;
+    /// [`LinkError::RequestFailed`] if the peer could not serve it (the link stays up).
+    ///
+    /// Dropping the future abandons the answer but keeps the window slot until the peer
+    /// answered (or the link went down), so the peer never serves more than the window.
+    pub async fn request(&self, payload: impl Into<Bytes>) -> Result<Bytes> {
+        let payload = payload.into();
+        let h = self.shared.conn_lock().clone();
+        let Some(h) = h else {
+            return Err(self.not_up_error());
+        };
+        let limit = h.peer_max_request.min(self.shared.cfg.max_request);
+        if payload.len() > limit as usize {
+            return Err(LinkError::InvalidRequest(format!(
+                "payload of {} bytes exceeds the request limit of {limit} bytes",
+                payload.len()
+            )));
+        }
+        let permit = match h.req_window.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return Err(self.not_up_error()),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if h.cmd
+            .send(Cmd::Request {
+                payload,
+                permit,
+                reply: tx,
+            })
+            .is_err()
+        {
+            self.shared
+                .stats
+                .requests_failed
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(self.not_up_error());
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.not_up_error()),
+        }
+    }
+
+    /// (requests started, answered Ok, failed, requests from the peer served by our handler)
+    pub fn request_counters(&self) -> (u64, u64, u64, u64) {
+        let s = &self.shared.stats;
+        (
+            s.requests.load(Ordering::Relaxed),
+            s.answered.load(Ordering::Relaxed),
+            s.requests_failed.load(Ordering::Relaxed),
+            s.served.load(Ordering::Relaxed),
+        )
     }
 
     /// Tell the peer that records of `partition` up to `through_seq` are on the medium and their
@@ -596,6 +781,12 @@ struct Pending {
     sent: Instant,
 }
 
+struct PendingRequest {
+    reply: oneshot::Sender<Result<Bytes>>,
+    _permit: OwnedSemaphorePermit,
+    sent: Instant,
+}
+
 /// Per-connection protocol logic shared by both transports. The transport feeds it received
 /// messages and timer ticks and sends what it queues in `outbox`.
 pub(crate) struct Session {
@@ -608,10 +799,26 @@ pub(crate) struct Session {
     /// Records received and not yet acknowledged (bounded by our window).
     pub(crate) records_unacked: u32,
     pub(crate) window: u32,
+    /// Our requests awaiting an answer.
+    requests: HashMap<u64, PendingRequest>,
+    next_request: u64,
+    /// Requests (and answers) to send, after the control messages.
+    pub(crate) data_out: VecDeque<Msg>,
+    /// Ids of the peer's requests our handler is serving.
+    serving: HashSet<u64>,
+    answers: mpsc::UnboundedSender<Answer>,
+    /// Largest answer the peer accepts.
+    peer_max_request: u32,
 }
 
 impl Session {
-    pub(crate) fn new(shared: Arc<Shared>, generation: u64, window: u32) -> Session {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        generation: u64,
+        window: u32,
+        peer_max_request: u32,
+        answers: mpsc::UnboundedSender<Answer>,
+    ) -> Session {
         let now = Instant::now();
         Session {
             shared,
@@ -622,7 +829,145 @@ impl Session {
             last_ping: now,
             records_unacked: 0,
             window,
+            requests: HashMap::new(),
+            next_request: 0,
+            data_out: VecDeque::new(),
+            serving: HashSet::new(),
+            answers,
+            peer_max_request,
         }
+    }
+
+    /// Something arrived from the peer (also counts for chunks the transport reassembles).
+    pub(crate) fn touch(&mut self) {
+        self.last_rx = Instant::now();
+    }
+
+    /// Queue one of our requests.
+    pub(crate) fn start_request(
+        &mut self,
+        payload: Bytes,
+        permit: OwnedSemaphorePermit,
+        reply: oneshot::Sender<Result<Bytes>>,
+    ) {
+        self.next_request += 1;
+        let id = self.next_request;
+        self.requests.insert(
+            id,
+            PendingRequest {
+                reply,
+                _permit: permit,
+                sent: Instant::now(),
+            },
+        );
+        self.data_out.push_back(Msg::Request { id, payload });
+    }
+
+    /// A handler finished: queue its answer (if the request belongs to this connection).
+    pub(crate) fn on_answer(&mut self, a: Answer) {
+        if !self.serving.remove(&a.id) {
+            return;
+        }
+        let limit = self.peer_max_request.min(self.shared.cfg.max_request);
+        let (status, payload) =
+            if a.status == crate::proto::STATUS_OK && a.payload.len() > limit as usize {
+                tracing::error!(
+                    peer = self.shared.peer(),
+                    id = a.id,
+                    len = a.payload.len(),
+                    limit,
+                    "request handler answered more than the response limit; failing the request"
+                );
+                (crate::proto::STATUS_TOO_LARGE, Bytes::new())
+            } else {
+                (a.status, a.payload)
+            };
+        self.data_out.push_back(Msg::Response {
+            id: a.id,
+            status,
+            payload,
+        });
+    }
+
+    fn on_request(&mut self, id: u64, payload: Bytes) -> Result<()> {
+        if payload.len() > self.shared.cfg.max_request as usize {
+            return Err(self.protocol(format!(
+                "request of {} bytes exceeds our limit of {}",
+                payload.len(),
+                self.shared.cfg.max_request
+            )));
+        }
+        if self.serving.len() >= self.shared.cfg.request_window as usize {
+            return Err(self.protocol(format!(
+                "peer exceeded the request window of {}",
+                self.shared.cfg.request_window
+            )));
+        }
+        if !self.serving.insert(id) {
+            return Err(self.protocol(format!("request id {id} reused while in service")));
+        }
+        let Some(handler) = self.shared.handler() else {
+            self.on_answer(Answer {
+                id,
+                status: crate::proto::STATUS_NO_HANDLER,
+                payload: Bytes::new(),
+            });
+            return Ok(());
+        };
+        self.shared.stats.served.fetch_add(1, Ordering::Relaxed);
+        let answers = self.answers.clone();
+        let peer = self.shared.peer();
+        // The handler runs in its own task (a panic is caught by its JoinHandle); its answer
+        // comes back through `answers` to this connection's loop.
+        let job = tokio::spawn(async move { handler.handle(payload).await });
+        tokio::spawn(async move {
+            let a = match job.await {
+                Ok(payload) => Answer {
+                    id,
+                    status: crate::proto::STATUS_OK,
+                    payload,
+                },
+                Err(e) => {
+                    tracing::error!(peer, id, error = %e, "request handler failed");
+                    Answer {
+                        id,
+                        status: crate::proto::STATUS_HANDLER_FAILED,
+                        payload: Bytes::new(),
+                    }
+                }
+            };
+            // The connection may be gone: then the answer is dropped.
+            let _ = answers.send(a);
+        });
+        Ok(())
+    }
+
+    fn on_response(&mut self, id: u64, status: u8, payload: Bytes) -> Result<()> {
+        let Some(p) = self.requests.remove(&id) else {
+            return Err(self.protocol(format!("response to unknown request id {id}")));
+        };
+        let stats = &self.shared.stats;
+        if status == crate::proto::STATUS_OK {
+            if payload.len() > self.shared.cfg.max_request as usize {
+                let e = self.protocol(format!(
+                    "response of {} bytes exceeds our limit of {}",
+                    payload.len(),
+                    self.shared.cfg.max_request
+                ));
+                stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+                let _ = p.reply.send(Err(e.clone()));
+                return Err(e);
+            }
+            stats.answered.fetch_add(1, Ordering::Relaxed);
+            let _ = p.reply.send(Ok(payload));
+        } else {
+            stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+            let _ = p.reply.send(Err(LinkError::RequestFailed {
+                peer: self.shared.peer(),
+                reason: crate::proto::status_text(status).into(),
+            }));
+        }
+        Ok(())
     }
 
     /// Register a post about to be sent; returns its wire header.
@@ -708,6 +1053,12 @@ impl Session {
                 self.shared.set_rtt(self.shared.stamp_age(stamp));
                 Ok(())
             }
+            Msg::Request { id, payload } => self.on_request(id, payload),
+            Msg::Response {
+                id,
+                status,
+                payload,
+            } => self.on_response(id, status, payload),
             Msg::Bye { reason } => Err(self.shared.down_err(format!(
                 "node {} closed the link: {reason}",
                 self.shared.peer()
@@ -795,6 +1146,14 @@ impl Session {
                 )));
             }
         }
+        if let Some(oldest) = self.requests.values().map(|p| p.sent).min() {
+            if now.duration_since(oldest) > cfg.request_timeout {
+                return Err(self.shared.down_err(format!(
+                    "node {} did not answer a request within {:?}",
+                    cfg.peer_node_id, cfg.request_timeout
+                )));
+            }
+        }
         if now.duration_since(self.last_ping) >= cfg.heartbeat_interval {
             self.last_ping = now;
             self.outbox.push_back(Msg::Ping {
@@ -814,6 +1173,15 @@ impl Session {
             self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             let _ = p.reply.send(Err(err.clone()));
         }
+        for (_, p) in self.requests.drain() {
+            self.shared
+                .stats
+                .requests_failed
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = p.reply.send(Err(err.clone()));
+        }
+        self.data_out.clear();
+        self.serving.clear();
     }
 }
 
@@ -823,15 +1191,28 @@ pub(crate) fn finish_connection(
     session: &mut Session,
     cmd_rx: &mut mpsc::UnboundedReceiver<Cmd>,
     window: &Semaphore,
+    req_window: &Semaphore,
     err: &LinkError,
 ) {
     window.close();
+    req_window.close();
     session.shared.uninstall(session.generation, err);
     cmd_rx.close();
     while let Ok(c) = cmd_rx.try_recv() {
-        if let Cmd::Post { reply, .. } = c {
-            session.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            let _ = reply.send(Err(err.clone()));
+        match c {
+            Cmd::Post { reply, .. } => {
+                session.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(Err(err.clone()));
+            }
+            Cmd::Request { reply, .. } => {
+                session
+                    .shared
+                    .stats
+                    .requests_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(Err(err.clone()));
+            }
+            Cmd::Release { .. } => {}
         }
     }
     session.fail_all(err);

@@ -5,15 +5,20 @@
 //! bytes right after its header inside the same frame. Over RDMA a message is the payload of one
 //! SEND (the fabric checks integrity), and record bytes travel separately by RDMA WRITE.
 //!
+//! Requests and responses (the link's RPC facility) carry an opaque payload. Over TCP the payload
+//! follows its header in the same frame; over RDMA a request / response is cut into `Chunk`
+//! SENDs (see [`ChunkHdr`]) that the receiver reassembles.
+//!
 //! Decoding never panics and never allocates more than the limits below, whatever the input.
 
 use crate::error::FrameError;
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// "NVML" — first field of every hello, so a stray client is told apart from a version mismatch.
 pub const MAGIC: u32 = 0x4c4d_564e;
 /// Version of this wire protocol. Bump on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes of the TCP frame header (`len`, `crc`).
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Largest non-record message (a hello with two full resync lists fits).
@@ -26,6 +31,35 @@ pub const MAX_REASON_LEN: usize = 512;
 pub const RECORD_HDR_LEN: usize = 1 + 8 + 4 + 8 + 8 + 4;
 /// Largest record the protocol allows (the configured limit is usually smaller).
 pub const MAX_RECORD_LEN: u32 = 16 << 20;
+/// Largest request / response payload the protocol allows (the configured limit is smaller).
+pub const MAX_REQUEST_LEN: u32 = 16 << 20;
+/// Default request / response payload limit: a 512 KiB (or 1 MiB) forwarded write plus a header.
+pub const DEFAULT_MAX_REQUEST: u32 = (1 << 20) + 4096;
+/// Bytes of an encoded request header (kind, id, len) before its payload.
+pub const REQUEST_HDR_LEN: usize = 1 + 8 + 4;
+/// Bytes of an encoded response header (kind, id, status, len) before its payload.
+pub const RESPONSE_HDR_LEN: usize = 1 + 8 + 1 + 4;
+/// Bytes of an encoded RDMA chunk header (kind, of, id, status, total, offset).
+pub const CHUNK_HDR_LEN: usize = 1 + 1 + 8 + 1 + 4 + 4;
+
+/// Response status: the handler answered; the payload is its answer.
+pub const STATUS_OK: u8 = 0;
+/// Response status: the serving node has no request handler.
+pub const STATUS_NO_HANDLER: u8 = 1;
+/// Response status: the handler panicked.
+pub const STATUS_HANDLER_FAILED: u8 = 2;
+/// Response status: the handler's answer exceeded the requester's size limit.
+pub const STATUS_TOO_LARGE: u8 = 3;
+
+pub(crate) fn status_text(s: u8) -> &'static str {
+    match s {
+        STATUS_OK => "ok",
+        STATUS_NO_HANDLER => "the serving node has no request handler",
+        STATUS_HANDLER_FAILED => "the serving node's request handler panicked; see its log",
+        STATUS_TOO_LARGE => "the serving node's answer exceeds the response size limit",
+        _ => "unknown failure status",
+    }
+}
 
 /// Transport codes carried in the hello.
 pub const TRANSPORT_TCP: u8 = 1;
@@ -69,6 +103,10 @@ pub struct NodeInfo {
     /// Largest record this node accepts.
     pub max_record: u32,
     pub transport: u8,
+    /// Requests this node serves concurrently (the peer may have this many in flight).
+    pub request_window: u32,
+    /// Largest request / response payload this node accepts.
+    pub max_request: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +185,88 @@ pub enum Msg {
     Bye {
         reason: String,
     },
+    /// A request for the peer's request handler; answered by a `Response` with the same id.
+    Request {
+        id: u64,
+        payload: Bytes,
+    },
+    /// The answer to request `id`; `status != STATUS_OK` means the link-level serving failed
+    /// (the payload is then empty).
+    Response {
+        id: u64,
+        status: u8,
+        payload: Bytes,
+    },
+}
+
+/// Header of one RDMA chunk of a request or response: the SEND carries `CHUNK_HDR_LEN` header
+/// bytes and then the payload bytes `[offset, offset + n)` of a message of `total` bytes.
+/// Chunks of one message are sent in order (RC keeps them in order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHdr {
+    /// `true`: part of a request; `false`: part of a response.
+    pub request: bool,
+    pub id: u64,
+    /// Response status (0 for requests).
+    pub status: u8,
+    pub total: u32,
+    pub offset: u32,
+}
+
+impl ChunkHdr {
+    pub fn encode(&self, out: &mut [u8; CHUNK_HDR_LEN]) {
+        out[0] = K_CHUNK;
+        out[1] = if self.request { K_REQUEST } else { K_RESPONSE };
+        out[2..10].copy_from_slice(&self.id.to_le_bytes());
+        out[10] = self.status;
+        out[11..15].copy_from_slice(&self.total.to_le_bytes());
+        out[15..19].copy_from_slice(&self.offset.to_le_bytes());
+    }
+
+    /// Decode the header at the start of a chunk SEND; the rest of `b` is the chunk's data.
+    pub fn decode(b: &[u8]) -> Result<ChunkHdr, FrameError> {
+        let mut r = R {
+            buf: b,
+            pos: 0,
+            what: "chunk",
+        };
+        if r.u8()? != K_CHUNK {
+            return Err(r.bad("not a chunk".into()));
+        }
+        let request = match r.u8()? {
+            K_REQUEST => true,
+            K_RESPONSE => false,
+            k => return Err(r.bad(format!("chunk of message kind {k}"))),
+        };
+        let id = r.u64()?;
+        let status = r.u8()?;
+        let total = r.u32()?;
+        let offset = r.u32()?;
+        if total > MAX_REQUEST_LEN {
+            return Err(FrameError::Oversized {
+                len: u64::from(total),
+                max: u64::from(MAX_REQUEST_LEN),
+            });
+        }
+        let data = b.len() - CHUNK_HDR_LEN;
+        if u64::from(offset) + data as u64 > u64::from(total) {
+            return Err(r.bad(format!(
+                "chunk [{offset}, +{data}) beyond the message's {total} bytes"
+            )));
+        }
+        Ok(ChunkHdr {
+            request,
+            id,
+            status,
+            total,
+            offset,
+        })
+    }
+}
+
+/// True if a payload's first byte starts an RDMA chunk.
+pub fn is_chunk(payload: &[u8]) -> bool {
+    payload.first() == Some(&K_CHUNK)
 }
 
 const K_HELLO: u8 = 1;
@@ -160,6 +280,9 @@ const K_RELEASE: u8 = 8;
 const K_PING: u8 = 9;
 const K_PONG: u8 = 10;
 const K_BYE: u8 = 11;
+const K_REQUEST: u8 = 12;
+const K_RESPONSE: u8 = 13;
+const K_CHUNK: u8 = 14;
 
 impl Msg {
     pub fn name(&self) -> &'static str {
@@ -175,6 +298,40 @@ impl Msg {
             Msg::Ping { .. } => "ping",
             Msg::Pong { .. } => "pong",
             Msg::Bye { .. } => "bye",
+            Msg::Request { .. } => "request",
+            Msg::Response { .. } => "response",
+        }
+    }
+
+    /// A request or response (payload-carrying, sent after the control messages).
+    pub fn is_data(&self) -> bool {
+        matches!(self, Msg::Request { .. } | Msg::Response { .. })
+    }
+
+    /// The encoded header (no frame header) and payload of a request / response; None for
+    /// other messages.
+    pub fn data_parts(&self) -> Option<(Vec<u8>, &Bytes)> {
+        let mut h = Vec::with_capacity(RESPONSE_HDR_LEN);
+        let mut w = W(&mut h);
+        match self {
+            Msg::Request { id, payload } => {
+                w.u8(K_REQUEST);
+                w.u64(*id);
+                w.u32(payload.len() as u32);
+                Some((h, payload))
+            }
+            Msg::Response {
+                id,
+                status,
+                payload,
+            } => {
+                w.u8(K_RESPONSE);
+                w.u64(*id);
+                w.u8(*status);
+                w.u32(payload.len() as u32);
+                Some((h, payload))
+            }
+            _ => None,
         }
     }
 
@@ -249,6 +406,12 @@ impl Msg {
             Msg::Bye { reason } => {
                 w.u8(K_BYE);
                 w.string(reason);
+            }
+            Msg::Request { .. } | Msg::Response { .. } => {
+                if let Some((h, payload)) = self.data_parts() {
+                    out.extend_from_slice(&h);
+                    out.extend_from_slice(payload);
+                }
             }
         }
     }
@@ -360,9 +523,88 @@ pub fn decode_payload_prefix(payload: &[u8]) -> Result<(Msg, usize), FrameError>
                 reason: r.string()?,
             }
         }
+        K_REQUEST | K_RESPONSE => {
+            let (msg, start) = decode_data_header(payload)?;
+            // Copies: only tests and tools decode data messages from a borrowed slice; the
+            // transports use `decode_data` on an owned buffer.
+            return Ok((
+                with_payload(msg, Bytes::copy_from_slice(&payload[start..])),
+                payload.len(),
+            ));
+        }
         k => return Err(FrameError::UnknownKind(k)),
     };
     Ok((msg, r.pos))
+}
+
+/// Parse the header of a request / response payload; returns the message (with an empty
+/// payload) and where its payload starts. Checks that the declared length matches.
+fn decode_data_header(payload: &[u8]) -> Result<(Msg, usize), FrameError> {
+    let mut r = R {
+        buf: payload,
+        pos: 0,
+        what: "request",
+    };
+    let msg = match r.u8()? {
+        K_REQUEST => Msg::Request {
+            id: r.u64()?,
+            payload: Bytes::new(),
+        },
+        K_RESPONSE => {
+            r.what = "response";
+            let id = r.u64()?;
+            Msg::Response {
+                id,
+                status: r.u8()?,
+                payload: Bytes::new(),
+            }
+        }
+        k => return Err(FrameError::UnknownKind(k)),
+    };
+    let len = r.u32()? as usize;
+    if len > MAX_REQUEST_LEN as usize {
+        return Err(FrameError::Oversized {
+            len: len as u64,
+            max: u64::from(MAX_REQUEST_LEN),
+        });
+    }
+    if payload.len() - r.pos != len {
+        return Err(r.bad(format!(
+            "header says {len} payload bytes, the message carries {}",
+            payload.len() - r.pos
+        )));
+    }
+    Ok((msg, r.pos))
+}
+
+fn with_payload(msg: Msg, p: Bytes) -> Msg {
+    match msg {
+        Msg::Request { id, .. } => Msg::Request { id, payload: p },
+        Msg::Response { id, status, .. } => Msg::Response {
+            id,
+            status,
+            payload: p,
+        },
+        other => other,
+    }
+}
+
+/// Decode a complete request / response payload without copying its data.
+pub fn decode_data(payload: Bytes) -> Result<Msg, FrameError> {
+    let (msg, start) = decode_data_header(&payload)?;
+    Ok(with_payload(msg, payload.slice(start..)))
+}
+
+/// Frame header and message header of a request / response frame (the payload follows).
+pub fn data_frame_header(msg: &Msg) -> Option<(Vec<u8>, &Bytes)> {
+    let (h, payload) = msg.data_parts()?;
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + h.len());
+    let len = (h.len() + payload.len()) as u32;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h), payload);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&h);
+    Some((out, payload))
 }
 
 /// Encode a complete TCP frame for a control message (not a record).
@@ -398,13 +640,21 @@ pub fn record_frame_header(
 /// (the receiver's second-store region), so a record is never copied twice.
 pub struct FrameReader {
     max_record: u32,
+    max_request: u32,
     buf: Vec<u8>,
 }
 
 impl FrameReader {
+    /// A reader accepting records up to `max_record` bytes and requests / responses up to
+    /// [`DEFAULT_MAX_REQUEST`] bytes of payload.
     pub fn new(max_record: u32) -> Self {
+        Self::with_limits(max_record, DEFAULT_MAX_REQUEST)
+    }
+
+    pub fn with_limits(max_record: u32, max_request: u32) -> Self {
         FrameReader {
             max_record: max_record.min(MAX_RECORD_LEN),
+            max_request: max_request.min(MAX_REQUEST_LEN),
             buf: Vec::new(),
         }
     }
@@ -426,7 +676,10 @@ impl FrameReader {
         rd.read_exact(&mut head[1..]).await?;
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        let max = (RECORD_HDR_LEN + self.max_record as usize).max(MAX_CONTROL_LEN);
+        let max_data = RESPONSE_HDR_LEN + self.max_request as usize;
+        let max = (RECORD_HDR_LEN + self.max_record as usize)
+            .max(MAX_CONTROL_LEN)
+            .max(max_data);
         if len > max {
             return Err(FrameError::Oversized {
                 len: len as u64,
@@ -486,6 +739,34 @@ impl FrameReader {
             }
             return Ok(Msg::Record(hdr));
         }
+        if kind[0] == K_REQUEST || kind[0] == K_RESPONSE {
+            if len > max_data {
+                return Err(FrameError::Oversized {
+                    len: len as u64,
+                    max: max_data as u64,
+                });
+            }
+            // A fresh buffer per message: the payload is handed on without a copy.
+            let mut b = vec![0u8; len];
+            b[0] = kind[0];
+            rd.read_exact(&mut b[1..]).await?;
+            let got = crc32c::crc32c(&b);
+            if got != crc {
+                return Err(FrameError::BadCrc { got, expected: crc });
+            }
+            let msg = decode_data(Bytes::from(b))?;
+            let n = match &msg {
+                Msg::Request { payload, .. } | Msg::Response { payload, .. } => payload.len(),
+                _ => 0,
+            };
+            if n > self.max_request as usize {
+                return Err(FrameError::Oversized {
+                    len: n as u64,
+                    max: u64::from(self.max_request),
+                });
+            }
+            return Ok(msg);
+        }
         if len > MAX_CONTROL_LEN {
             return Err(FrameError::Oversized {
                 len: len as u64,
@@ -543,6 +824,8 @@ impl W<'_> {
         self.u32(h.info.window);
         self.u32(h.info.max_record);
         self.u8(h.info.transport);
+        self.u32(h.info.request_window);
+        self.u32(h.info.max_request);
     }
     fn seqs(&mut self, v: &[PartitionSeq]) {
         let n = v.len().min(MAX_RESYNC_ENTRIES);
@@ -635,6 +918,8 @@ impl R<'_> {
                 window: self.u32()?,
                 max_record: self.u32()?,
                 transport: self.u8()?,
+                request_window: self.u32()?,
+                max_request: self.u32()?,
             },
         })
     }

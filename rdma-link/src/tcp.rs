@@ -6,7 +6,7 @@ use crate::handshake::{self, MsgIo, PeerInfo};
 use crate::link::{
     finish_connection, seqs_summary, Cmd, ConnHandle, LinkState, Role, Session, Shared, UpInfo,
 };
-use crate::proto::{encode_frame, record_frame_header, FrameReader, Msg};
+use crate::proto::{data_frame_header, encode_frame, record_frame_header, FrameReader, Msg};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,9 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 const SOCKET_BUF: usize = 256 * 1024;
+/// Request / response bytes written per turn of the connection loop, so control messages and
+/// records are not stuck behind a burst of large answers.
+const DATA_BUDGET: usize = 2 << 20;
 
 pub(crate) async fn run(shared: Arc<Shared>) {
     match shared.cfg.role {
@@ -166,7 +169,9 @@ impl TcpIo {
         Ok(TcpIo {
             rd: BufReader::with_capacity(SOCKET_BUF, rd),
             wr: BufWriter::with_capacity(SOCKET_BUF, wr),
-            reader: FrameReader::new(shared.cfg.max_record),
+            // No request payloads before authentication (nothing large is buffered for a
+            // stranger); run_connection lifts the limit.
+            reader: FrameReader::with_limits(shared.cfg.max_record, 0),
             buf: Vec::new(),
             peer: shared.cfg.peer_node_id,
         })
@@ -214,6 +219,10 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
     let generation = shared.next_generation();
     let window = cfg.window.min(peer.info.window);
     let sem = Arc::new(Semaphore::new(window as usize));
+    let req_sem = Arc::new(Semaphore::new(
+        cfg.request_window.min(peer.info.request_window) as usize,
+    ));
+    let (answer_tx, mut answer_rx) = mpsc::unbounded_channel();
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
     let stop = Arc::new(Notify::new());
     let handle = Arc::new(ConnHandle {
@@ -222,6 +231,8 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
         window: sem.clone(),
         peer_second_len: peer.info.second_len,
         peer_max_record: peer.info.max_record,
+        req_window: req_sem.clone(),
+        peer_max_request: peer.info.max_request,
         stop: stop.clone(),
     });
     tracing::info!(
@@ -232,7 +243,13 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
         peer_second = %seqs_summary(&peer.resync.second_store),
         "mirror link resync point"
     );
-    let mut session = Session::new(shared.clone(), generation, cfg.window);
+    let mut session = Session::new(
+        shared.clone(),
+        generation,
+        cfg.window,
+        peer.info.max_request,
+        answer_tx,
+    );
     let info = UpInfo {
         peer_node: cfg.peer_node_id,
         transport: cfg.transport,
@@ -248,10 +265,10 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
     let TcpIo {
         mut rd,
         mut wr,
-        mut reader,
         mut buf,
         ..
     } = io;
+    let mut reader = FrameReader::with_limits(cfg.max_record, cfg.max_request);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Result<Msg, FrameError>>();
     let region = shared.store.as_ref().map(|s| s.region());
     let max_record = cfg.max_record;
@@ -330,6 +347,7 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
                             records.push((hdr, post.local_offset));
                         }
                         Cmd::Release { partition, through_seq } => session.outbox.push_back(Msg::Release { partition, through_seq }),
+                        Cmd::Request { payload, permit, reply } => session.start_request(payload, permit, reply),
                     }
                     n += 1;
                     if n < 64 {
@@ -338,6 +356,14 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
                 }
             }
             _ = tick.tick() => if let Err(e) = session.on_tick() { break 'main e; },
+            Some(a) = answer_rx.recv() => {
+                session.on_answer(a);
+                while let Ok(a) = answer_rx.try_recv() {
+                    session.on_answer(a);
+                }
+            }
+            // More requests / answers to write than one turn's budget.
+            _ = std::future::ready(()), if !session.data_out.is_empty() => {}
         }
         // Write: control messages, then records, then flush — bounded by the heartbeat timeout
         // so a peer that stopped reading cannot block us forever.
@@ -353,6 +379,17 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
                 };
                 wr.write_all(&record_frame_header(hdr, data)).await?;
                 wr.write_all(data).await?;
+            }
+            let mut budget = DATA_BUDGET;
+            while budget > 0 {
+                let Some(m) = session.data_out.pop_front() else {
+                    break;
+                };
+                if let Some((head, payload)) = data_frame_header(&m) {
+                    wr.write_all(&head).await?;
+                    wr.write_all(payload).await?;
+                    budget = budget.saturating_sub(head.len() + payload.len());
+                }
             }
             wr.flush().await
         };
@@ -375,7 +412,7 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
     drop(wr);
     reader_task.abort();
     let _ = reader_task.await;
-    finish_connection(&mut session, &mut cmd_rx, &sem, &err);
+    finish_connection(&mut session, &mut cmd_rx, &sem, &req_sem, &err);
     err
 }
 

@@ -81,6 +81,8 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                     window: i.3,
                     max_record: i.4,
                     transport: i.5,
+                    request_window: i.3 ^ 7,
+                    max_request: i.4 >> 1,
                 },
             },
         );
@@ -111,6 +113,26 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         any::<u64>().prop_map(|stamp| Msg::Ping { stamp }),
         any::<u64>().prop_map(|stamp| Msg::Pong { stamp }),
         "[a-z ]{0,100}".prop_map(|reason| Msg::Bye { reason }),
+        (
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..3000)
+        )
+            .prop_map(|(id, p)| {
+                Msg::Request {
+                    id,
+                    payload: p.into(),
+                }
+            }),
+        (
+            any::<u64>(),
+            any::<u8>(),
+            proptest::collection::vec(any::<u8>(), 0..3000)
+        )
+            .prop_map(|(id, status, p)| Msg::Response {
+                id,
+                status,
+                payload: p.into(),
+            }),
     ]
 }
 

@@ -392,6 +392,8 @@ fn hello(version: u16, nonce: [u8; 32]) -> Hello {
             window: 16,
             max_record: 1 << 20,
             transport: proto::TRANSPORT_TCP,
+            request_window: 16,
+            max_request: proto::DEFAULT_MAX_REQUEST,
         },
     }
 }
@@ -434,6 +436,11 @@ async fn wrong_version_is_rejected_on_both_sides() {
     // The established link was not disturbed.
     assert!(p.server.state().is_up());
     p.client.post(post(1, 0, 100)).await.unwrap();
+}
+
+struct Solo {
+    addr: std::net::SocketAddr,
+    server: rdma_link::Link,
 }
 
 /// Complete the handshake by hand as node 1 (the wire protocol, independently written).
@@ -537,4 +544,109 @@ async fn malformed_frames_close_the_connection_and_the_server_keeps_serving() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_traffic_closes_the_connection() {
+    // Only a server: a real client would reconnect and replace our fake connections.
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let p = Solo {
+        addr,
+        server: server(addr, &store, |_| {}),
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A request before authentication: refused without buffering its payload.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    send(
+        &mut s,
+        &Msg::Request {
+            id: 1,
+            payload: vec![0u8; 64 << 10].into(),
+        },
+    )
+    .await;
+    expect_closed(&mut s).await;
+    // On the wire: the server has no handler and says so in the response to our id.
+    let mut s = fake_authenticated_client(p.addr).await;
+    send(
+        &mut s,
+        &Msg::Request {
+            id: 77,
+            payload: b"hello"[..].into(),
+        },
+    )
+    .await;
+    loop {
+        match within(3, recv(&mut s)).await {
+            Ok(Msg::Response {
+                id,
+                status,
+                payload,
+            }) => {
+                assert_eq!(
+                    (id, status, payload.len()),
+                    (77, proto::STATUS_NO_HANDLER, 0)
+                );
+                break;
+            }
+            Ok(Msg::Ping { .. } | Msg::Pong { .. }) => {}
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+    // A response to a request never made.
+    send(
+        &mut s,
+        &Msg::Response {
+            id: 5,
+            status: 0,
+            payload: b"x"[..].into(),
+        },
+    )
+    .await;
+    expect_closed(&mut s).await;
+    wait_down_with(&p.server, "response to unknown request id 5").await;
+    // A request larger than the server's limit.
+    let mut s = fake_authenticated_client(p.addr).await;
+    let big = Msg::Request {
+        id: 1,
+        payload: vec![0u8; proto::DEFAULT_MAX_REQUEST as usize + 1].into(),
+    };
+    let (head, payload) = proto::data_frame_header(&big).unwrap();
+    s.write_all(&head).await.unwrap();
+    let _ = s.write_all(payload).await; // the server may close before reading it all
+    expect_closed(&mut s).await;
+    wait_down_with(&p.server, "exceeds the limit").await;
+    // More requests in flight than the request window (32): a handler that never answers.
+    p.server
+        .set_request_handler(Some(Arc::new(|_p: rdma_link::Bytes| {
+            std::future::pending::<rdma_link::Bytes>()
+        })));
+    let mut s = fake_authenticated_client(p.addr).await;
+    for id in 1..=33u64 {
+        send(
+            &mut s,
+            &Msg::Request {
+                id,
+                payload: vec![id as u8; 100].into(),
+            },
+        )
+        .await;
+    }
+    expect_closed(&mut s).await;
+    wait_down_with(&p.server, "exceeded the request window of 32").await;
+    // A request id reused while in service.
+    let mut s = fake_authenticated_client(p.addr).await;
+    for _ in 0..2 {
+        send(
+            &mut s,
+            &Msg::Request {
+                id: 9,
+                payload: b"again"[..].into(),
+            },
+        )
+        .await;
+    }
+    expect_closed(&mut s).await;
+    wait_down_with(&p.server, "request id 9 reused").await;
 }

@@ -4,8 +4,10 @@
 # records landing (checked byte by byte by the receiver) and acknowledged; a wrong secret
 # rejected on both sides; the peer killed with posts in flight (every post completes with an
 # error, none hangs); the sender killed mid-stream (the receiver reports the link down); and a
-# reconnect to a restarted peer with its new resynchronisation point.
-# vm-timeout: 170
+# reconnect to a restarted peer with its new resynchronisation point; requests to the peer's
+# request handler (RPC: 1 MiB requests and answers, checked byte by byte, and many small ones
+# concurrently); the peer killed with requests in flight (every request errors, none hangs).
+# vm-timeout: 280
 set -uo pipefail
 
 BIN=$NVM_BIN/nvmirror-linktest
@@ -163,6 +165,47 @@ if wait_log "$OUT/cli5.log" "ROUND 1 OK" 60; then
 else
 	bad "reconnect test: first round failed"
 	tail -20 "$OUT/cli5.log"
+fi
+
+# --- 6. requests / responses: 1 MiB both ways, then many small ones concurrently ------------
+start srv6 server "${common[@]}" --listen "$ADDR:7306" --duration-s 150
+srv6=$last_pid
+wait_log "$OUT/srv6.log" "SERVER listening" 10
+if timeout 90 "$BIN" client "${common[@]}" --connect "$ADDR:7306" --mode rpc --count 24 --size 1048576 --qd 4 \
+	>"$OUT/cli6.log" 2>&1 && grep -q "ok=24 failed=0 bad=0" "$OUT/cli6.log"; then
+	ok "24 x 1 MiB requests with 1 MiB answers over RDMA, every answer checked: $(grep RESULT "$OUT/cli6.log")"
+else
+	bad "1 MiB RDMA requests failed"
+	tail -20 "$OUT/cli6.log"
+fi
+if timeout 60 "$BIN" client "${common[@]}" --connect "$ADDR:7306" --mode rpc --count 1000 --size 4096 --qd 32 \
+	>"$OUT/cli6b.log" 2>&1 && grep -q "ok=1000 failed=0 bad=0" "$OUT/cli6b.log"; then
+	ok "1000 x 4 KiB requests at QD 32 over RDMA answered and checked: $(grep RESULT "$OUT/cli6b.log")"
+else
+	bad "small RDMA requests failed"
+	tail -20 "$OUT/cli6b.log"
+fi
+kill -KILL "$srv6" 2>/dev/null
+
+# --- 7. peer killed with requests in flight: every request errors, none hangs ---------------
+start srv7 server "${common[@]}" --listen "$ADDR:7307" --duration-s 100 --rpc-delay-ms 300
+srv7=$last_pid
+wait_log "$OUT/srv7.log" "SERVER listening" 10
+start cli7 client "${common[@]}" --connect "$ADDR:7307" --mode rpc --size 262144 --qd 32 --expect-peer-death --timeout-s 20
+cli7=$last_pid
+if wait_log "$OUT/cli7.log" STREAMING 60; then
+	kill -KILL "$srv7"
+	t0=$SECONDS
+	if wait "$cli7"; then
+		ok "peer killed with requests in flight: $(grep PEER-DEATH "$OUT/cli7.log") (detected in $((SECONDS - t0)) s)"
+	else
+		bad "in-flight requests did not all fail cleanly after the peer died"
+		tail -20 "$OUT/cli7.log"
+	fi
+	grep -m1 "first failure" "$OUT/cli7.log"
+else
+	bad "rpc client never streamed"
+	tail -20 "$OUT/cli7.log"
 fi
 
 echo "--- dmesg (rxe)"

@@ -2,21 +2,27 @@
 //!
 //! ```text
 //! nvmirror-linktest server --transport tcp|rdma --listen ADDR [common] [--duration-s N] [--resync-seq N]
+//!          [--rpc-delay-ms N]         the request handler waits N ms before answering
 //! nvmirror-linktest client --transport tcp|rdma --connect ADDR [common] --count N --size BYTES --qd Q
 //!          [--kill-self-after N]      SIGKILL this process after N acknowledged posts
 //!          [--expect-peer-death]      post until the link fails; every in-flight post must error
 //!          [--expect-reject TEXT]     the handshake must fail with TEXT in the reason
 //!          [--rounds R]               after a round, wait for the link to drop and come back
+//!          [--mode rpc]               send COUNT requests of SIZE bytes (QD Q) to the server's
+//!                                     request handler instead of posting records; every answer
+//!                                     is checked (with --expect-peer-death: request until the
+//!                                     link fails; every in-flight request must error)
 //! nvmirror-linktest caps              list RDMA devices and their FLUSH capability
 //! common: --secret S --cluster N --node N --peer N --window N --region-mb N
 //!         --hb-ms N --hb-timeout-ms N --timeout-s N
 //! ```
 //! Every record's bytes are `seq` (8 bytes LE) followed by a pattern of its offset; the server
-//! checks them when the record arrives and reports `verified` / `bad` counts.
+//! checks them when the record arrives and reports `verified` / `bad` counts. The server's
+//! request handler answers `len (8 bytes LE) | payload reversed, xor 0x5a`; the client checks it.
 
 use rdma_link::{
-    Link, LinkConfig, LinkError, LinkState, PartitionSeq, Post, Region, ResyncPoint, Role,
-    SecondStore, Transport,
+    Bytes, Link, LinkConfig, LinkError, LinkState, PartitionSeq, Post, Region, RequestHandler,
+    ResyncPoint, Role, SecondStore, Transport,
 };
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -59,6 +65,23 @@ impl Args {
     fn flag(&self, k: &str) -> bool {
         self.0.contains_key(k)
     }
+}
+
+/// The server's answer to a request.
+fn rpc_answer(req: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(req.len() + 8);
+    out.extend_from_slice(&(req.len() as u64).to_le_bytes());
+    out.extend(req.iter().rev().map(|b| b ^ 0x5a));
+    out
+}
+
+fn rpc_payload(id: u64, len: usize) -> Vec<u8> {
+    let mut p: Vec<u8> = (0..len as u64)
+        .map(|i| pattern_byte(id.wrapping_mul(7919).wrapping_add(i)))
+        .collect();
+    let n = len.min(8);
+    p[..n].copy_from_slice(&id.to_le_bytes()[..n]);
+    p
 }
 
 fn pattern_byte(offset: u64) -> u8 {
@@ -236,13 +259,30 @@ fn server(a: &Args) -> AnyResult<bool> {
             }],
         },
     });
-    let link = Link::start(cfg, None, Some(store.clone() as Arc<dyn SecondStore>))?;
+    let served = Arc::new(AtomicU64::new(0));
+    let sv = served.clone();
+    let delay = Duration::from_millis(a.num("rpc-delay-ms", 0)?);
+    let handler: Arc<dyn RequestHandler> = Arc::new(move |p: Bytes| {
+        sv.fetch_add(1, Ordering::Relaxed);
+        async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Bytes::from(rpc_answer(&p))
+        }
+    });
+    let link = Link::start_with_handler(
+        cfg,
+        None,
+        Some(store.clone() as Arc<dyn SecondStore>),
+        handler,
+    )?;
     let duration = Duration::from_secs(a.num("duration-s", 3600)?);
     println!("SERVER listening on {addr}");
     rt()?.block_on(async {
         let mut rx = link.subscribe();
         let t0 = Instant::now();
-        let mut last = (u64::MAX, u64::MAX);
+        let mut last = (u64::MAX, u64::MAX, u64::MAX);
         while t0.elapsed() < duration {
             let changed = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
             if let Ok(Ok(())) = changed {
@@ -251,13 +291,15 @@ fn server(a: &Args) -> AnyResult<bool> {
             let now = (
                 store.records.load(Ordering::Relaxed),
                 store.bad.load(Ordering::Relaxed),
+                served.load(Ordering::Relaxed),
             );
             if now != last {
                 println!(
-                    "SERVER records={} verified={} bad={}",
+                    "SERVER records={} verified={} bad={} requests={}",
                     now.0,
                     store.verified.load(Ordering::Relaxed),
-                    now.1
+                    now.1,
+                    now.2
                 );
                 last = now;
             }
@@ -330,6 +372,20 @@ fn client(a: &Args) -> AnyResult<bool> {
                 }
             };
             println!("STATE {}", describe(&LinkState::Up(up)));
+            if a.get("mode") == Some("rpc") {
+                if a.flag("expect-peer-death") {
+                    return Ok(rpc_until_death(&link, size, qd, timeout).await);
+                }
+                if !rpc_round(&link, &transport, round, count, size, qd, timeout).await? {
+                    return Ok(false);
+                }
+                println!("ROUND {round} OK");
+                if round < rounds {
+                    let e = link.wait_down().await;
+                    println!("STATE down reason={e}");
+                }
+                continue;
+            }
             if a.flag("expect-peer-death") {
                 return Ok(stream_until_death(&link, local, size, qd, slots, timeout).await);
             }
@@ -393,6 +449,127 @@ fn client(a: &Args) -> AnyResult<bool> {
         link.shutdown().await;
         Ok(true)
     })
+}
+
+/// `count` requests of `size` bytes at QD `qd`; every answer checked. Ok(false) on failures.
+async fn rpc_round(
+    link: &Link,
+    transport: &str,
+    round: u64,
+    count: u64,
+    size: usize,
+    qd: usize,
+    timeout: Duration,
+) -> AnyResult<bool> {
+    let mut inflight = tokio::task::JoinSet::new();
+    let (mut issued, mut done, mut failed, mut bad) = (0u64, 0u64, 0u64, 0u64);
+    let mut lat = Vec::with_capacity(count as usize);
+    let t0 = Instant::now();
+    while done < count {
+        while issued < count && inflight.len() < qd {
+            issued += 1;
+            let l = link.clone();
+            let id = issued;
+            inflight.spawn(async move {
+                let req = rpc_payload(id, size);
+                let t = Instant::now();
+                let r = l.request(req.clone()).await;
+                let good = match &r {
+                    Ok(ans) => ans[..] == rpc_answer(&req)[..],
+                    Err(_) => false,
+                };
+                (r.map(|_| ()), good, t.elapsed())
+            });
+        }
+        let Some(j) = tokio::time::timeout(timeout, inflight.join_next())
+            .await
+            .map_err(|_| "a request hung")?
+        else {
+            break;
+        };
+        let (r, good, d) = j?;
+        done += 1;
+        match r {
+            Ok(()) if good => lat.push(d),
+            Ok(()) => {
+                bad += 1;
+                println!("BAD answer");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("request failed: {e}");
+            }
+        }
+    }
+    let el = t0.elapsed();
+    lat.sort();
+    println!(
+        "RESULT mode=rpc transport={transport} round={round} size={size} qd={qd} count={count} ok={} failed={failed} bad={bad} p50_us={:.1} p99_us={:.1} MBps={:.1}",
+        lat.len(),
+        percentile(&lat, 0.5).as_secs_f64() * 1e6,
+        percentile(&lat, 0.99).as_secs_f64() * 1e6,
+        // request and answer both cross the link
+        2.0 * (lat.len() * size) as f64 / el.as_secs_f64() / 1e6,
+    );
+    Ok(failed == 0 && bad == 0)
+}
+
+/// Request at QD `qd` until the link fails; every request must complete (checked answer before,
+/// Err after), none may hang.
+async fn rpc_until_death(link: &Link, size: usize, qd: usize, timeout: Duration) -> bool {
+    let mut inflight = tokio::task::JoinSet::new();
+    let (mut ok, mut failed, mut bad, mut id) = (0u64, 0u64, 0u64, 0u64);
+    let (mut announced, mut dead) = (false, false);
+    let t0 = Instant::now();
+    loop {
+        while !dead && inflight.len() < qd {
+            id += 1;
+            let l = link.clone();
+            let req = rpc_payload(id, size);
+            inflight.spawn(async move {
+                let r = l.request(req.clone()).await;
+                r.map(|ans| ans[..] == rpc_answer(&req)[..])
+            });
+        }
+        if inflight.is_empty() {
+            break;
+        }
+        match tokio::time::timeout(timeout, inflight.join_next()).await {
+            Err(_) => {
+                println!(
+                    "FAIL: {} requests hung for {timeout:?} after the peer died",
+                    inflight.len()
+                );
+                return false;
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(Ok(true)))) => ok += 1,
+            Ok(Some(Ok(Ok(false)))) => bad += 1,
+            Ok(Some(Ok(Err(e)))) => {
+                if !dead {
+                    println!("first failure after {ok} answered requests: {e}");
+                }
+                failed += 1;
+                dead = true;
+            }
+            Ok(Some(Err(e))) => {
+                println!("FAIL: request task: {e}");
+                return false;
+            }
+        }
+        if !announced && ok >= 20 {
+            println!("STREAMING");
+            announced = true;
+        }
+        if !dead && t0.elapsed() > timeout * 2 {
+            println!("FAIL: the peer never died");
+            return false;
+        }
+    }
+    let (reqs, answered, fails, _) = link.request_counters();
+    println!("PEER-DEATH mode=rpc ok={ok} failed={failed} bad={bad} hung=0 counters requests={reqs} answered={answered} failed={fails}");
+    // `fails`: requests that were handed to the connection and failed (in flight at the death).
+    fails > 0 && bad == 0 && reqs == answered + fails
 }
 
 /// Post at QD `qd` until the link fails; every post must complete (Ok before, Err after), none hang.

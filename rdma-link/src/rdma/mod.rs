@@ -6,6 +6,10 @@
 //!   second-store MR, chained with a signaled SEND of the record header. RC ordering guarantees
 //!   the peer sees the SEND only after the written bytes are placed; it persists the range and
 //!   SENDs an `Ack`. No copy on either side.
+//! * Requests and responses (the link's RPC) are cut into chunks of up to one slot and SENT
+//!   into the same pre-posted receive slots; the receiver reassembles them by (direction, id).
+//!   At most `DATA_SLOTS` chunks are in flight, in send slots of their own, so a burst of large
+//!   requests never holds back records, acks or heartbeats.
 //! * The second store's address and rkey travel in the `Auth` / `Welcome` messages, i.e. only to
 //!   a peer that already proved it knows the cluster secret.
 //! * Completions are driven from tokio: the completion channel's fd is non-blocking and
@@ -18,9 +22,10 @@ use crate::handshake::{self, MsgIo, PeerInfo};
 use crate::link::{
     finish_connection, seqs_summary, Cmd, ConnHandle, LinkState, Role, Session, Shared, UpInfo,
 };
-use crate::proto::{Msg, RecordHdr, RemoteRegion};
+use crate::proto::{ChunkHdr, Msg, RecordHdr, RemoteRegion, CHUNK_HDR_LEN};
+use bytes::{Bytes, BytesMut};
 use rdma_sys::rdma_cm_event_type as ev;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +42,11 @@ const SLOT: usize = 4096;
 const KIND_RECV: u64 = 1 << 56;
 const KIND_SEND: u64 = 2 << 56;
 const KIND_WRITE: u64 = 3 << 56;
+const KIND_CHUNK: u64 = 4 << 56;
+/// Request / response chunks in flight at most (each holds a send slot until its completion).
+const DATA_SLOTS: usize = 64;
+/// Payload bytes per chunk.
+const CHUNK_DATA: usize = SLOT - CHUNK_HDR_LEN;
 const KIND_MASK: u64 = 0xff << 56;
 
 /// Kernel `IB_UVERBS_DEVICE_FLUSH_GLOBAL` / `_PERSISTENT` bits of `device_cap_flags_ex`.
@@ -331,6 +341,15 @@ struct RdmaConn {
     cm_id: Arc<CmId>,
     shared: Arc<Shared>,
     free_send: Vec<usize>,
+    send_slots: usize,
+    /// Request / response chunks posted and not yet completed.
+    chunks_in_flight: usize,
+    /// Bytes of the front of `Session::data_out` already sent.
+    data_cursor: usize,
+    /// Requests / responses being reassembled, by (is request, id).
+    partial: HashMap<(bool, u64), Partial>,
+    /// Something arrived since the session last looked (chunks do not reach the session).
+    rx_activity: bool,
     inbox: VecDeque<Msg>,
     comps: Vec<Completion>,
     peer_region: Option<RemoteRegion>,
@@ -342,8 +361,10 @@ impl RdmaConn {
         let w = shared.cfg.window as usize;
         // Receives: the peer's records (its window <= ours is enforced by the session), acks of
         // our posts (<= our window), heartbeats and releases (slack; RNR retry covers bursts).
-        let recv_slots = 2 * w + 64;
-        let send_slots = 2 * w + 64;
+        // Plus DATA_SLOTS for request / response chunks (the peer keeps at most that many in
+        // flight) on both sides.
+        let recv_slots = 2 * w + 64 + DATA_SLOTS;
+        let send_slots = 2 * w + 64 + DATA_SLOTS;
         let pd = Pd::new(id.clone()).map_err(e)?;
         let chan: Arc<CompChannel> = CompChannel::new(id.clone()).map_err(e)?;
         let cq = Cq::new(&id, chan.clone(), (recv_slots + 2 * send_slots) as i32).map_err(e)?;
@@ -408,6 +429,11 @@ impl RdmaConn {
             cm_id: id,
             shared: shared.clone(),
             free_send: (0..send_slots).rev().collect(),
+            send_slots,
+            chunks_in_flight: 0,
+            data_cursor: 0,
+            partial: HashMap::new(),
+            rx_activity: false,
             inbox: VecDeque::new(),
             comps: Vec::with_capacity(64),
             peer_region: None,
@@ -472,6 +498,7 @@ impl RdmaConn {
                 KIND_RECV => "receive",
                 KIND_SEND => "send",
                 KIND_WRITE => "RDMA WRITE of a record",
+                KIND_CHUNK => "send of a request / response chunk",
                 _ => "work request",
             };
             return Err(self.shared.down_err(format!(
@@ -484,14 +511,30 @@ impl RdmaConn {
         let slot = (c.wr_id & !KIND_MASK) as usize;
         match c.wr_id & KIND_MASK {
             KIND_SEND => self.free_send.push(slot),
+            KIND_CHUNK => {
+                self.free_send.push(slot);
+                self.chunks_in_flight = self.chunks_in_flight.saturating_sub(1);
+            }
             KIND_RECV if c.is_recv() => {
+                self.rx_activity = true;
                 let len = (c.byte_len as usize).min(SLOT);
-                let msg = Msg::decode(&self.recv.slot(slot)[..len]);
+                let bytes = &self.recv.slot(slot)[..len];
+                // Decode / copy out of the slot before it is posted again.
+                let msg = if crate::proto::is_chunk(bytes) {
+                    let limits = (
+                        self.shared.cfg.max_request,
+                        2 * self.shared.cfg.request_window as usize,
+                    );
+                    reassemble(&mut self.partial, bytes, limits)
+                } else {
+                    Msg::decode(bytes).map(Some).map_err(|e| e.to_string())
+                };
                 self.qp
                     .post_recv(c.wr_id, &self.recv, slot)
                     .map_err(|e| self.err(e))?;
                 match msg {
-                    Ok(m) => self.inbox.push_back(m),
+                    Ok(Some(m)) => self.inbox.push_back(m),
+                    Ok(None) => {}
                     Err(e) => {
                         tracing::error!(peer = self.shared.peer(), error = %e, "malformed RDMA message; closing the connection");
                         return Err(self.shared.down_err(format!("malformed traffic: {e}")));
@@ -499,6 +542,72 @@ impl RdmaConn {
                 }
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Send one chunk of a request / response; false if no chunk slot is free.
+    fn try_send_chunk(&mut self, hdr: &ChunkHdr, data: &[u8]) -> Result<bool> {
+        if self.chunks_in_flight >= DATA_SLOTS {
+            return Ok(false);
+        }
+        let Some(i) = self.free_send.pop() else {
+            return Ok(false);
+        };
+        let mut h = [0u8; CHUNK_HDR_LEN];
+        hdr.encode(&mut h);
+        let slot = self.send.slot_mut(i);
+        slot[..CHUNK_HDR_LEN].copy_from_slice(&h);
+        slot[CHUNK_HDR_LEN..CHUNK_HDR_LEN + data.len()].copy_from_slice(data);
+        if let Err(e) = self.qp.post_send(
+            KIND_CHUNK | i as u64,
+            &self.send,
+            i,
+            CHUNK_HDR_LEN + data.len(),
+        ) {
+            self.free_send.push(i);
+            return Err(self.err(e));
+        }
+        self.chunks_in_flight += 1;
+        Ok(true)
+    }
+
+    /// Send chunks of the queued requests / responses, in order, as far as slots allow.
+    fn flush_data(&mut self, session: &mut Session) -> Result<()> {
+        while let Some(m) = session.data_out.front() {
+            let (request, id, status, payload) = match m {
+                Msg::Request { id, payload } => (true, *id, 0, payload.clone()),
+                Msg::Response {
+                    id,
+                    status,
+                    payload,
+                } => (false, *id, *status, payload.clone()),
+                _ => {
+                    session.data_out.pop_front();
+                    continue;
+                }
+            };
+            let total = payload.len();
+            loop {
+                let off = self.data_cursor.min(total);
+                let n = (total - off).min(CHUNK_DATA);
+                let hdr = ChunkHdr {
+                    request,
+                    id,
+                    status,
+                    total: total as u32,
+                    offset: off as u32,
+                };
+                if !self.try_send_chunk(&hdr, &payload[off..off + n])? {
+                    return Ok(());
+                }
+                self.data_cursor = off + n;
+                if self.data_cursor >= total {
+                    break;
+                }
+            }
+            self.data_cursor = 0;
+            session.data_out.pop_front();
         }
         Ok(())
     }
@@ -622,8 +731,92 @@ impl RdmaConn {
             }
             pending.pop_front();
         }
-        Ok(())
+        self.flush_data(session)
     }
+}
+
+/// A request / response being reassembled from chunks.
+struct Partial {
+    status: u8,
+    total: u32,
+    buf: BytesMut,
+}
+
+/// Add one received chunk; returns the message once complete. `limits`: (largest payload we
+/// accept, most messages under reassembly at once). Errors are protocol violations.
+fn reassemble(
+    partial: &mut HashMap<(bool, u64), Partial>,
+    bytes: &[u8],
+    limits: (u32, usize),
+) -> std::result::Result<Option<Msg>, String> {
+    let h = ChunkHdr::decode(bytes).map_err(|e| e.to_string())?;
+    let data = &bytes[CHUNK_HDR_LEN..];
+    if h.total > limits.0 {
+        return Err(format!(
+            "{} of {} bytes exceeds our limit of {}",
+            if h.request { "request" } else { "response" },
+            h.total,
+            limits.0
+        ));
+    }
+    let key = (h.request, h.id);
+    let done = |status: u8, payload: Bytes| {
+        if h.request {
+            Msg::Request { id: h.id, payload }
+        } else {
+            Msg::Response {
+                id: h.id,
+                status,
+                payload,
+            }
+        }
+    };
+    if h.offset == 0 {
+        if partial.contains_key(&key) {
+            return Err(format!("message id {} restarted mid-way", h.id));
+        }
+        if data.len() == h.total as usize {
+            return Ok(Some(done(h.status, Bytes::copy_from_slice(data))));
+        }
+        if partial.len() >= limits.1 {
+            return Err(format!(
+                "more than {} requests / responses under reassembly",
+                limits.1
+            ));
+        }
+        let mut buf = BytesMut::with_capacity(h.total as usize);
+        buf.extend_from_slice(data);
+        partial.insert(
+            key,
+            Partial {
+                status: h.status,
+                total: h.total,
+                buf,
+            },
+        );
+        return Ok(None);
+    }
+    let Some(p) = partial.get_mut(&key) else {
+        return Err(format!("chunk of unknown message id {}", h.id));
+    };
+    if p.status != h.status || p.total != h.total || p.buf.len() != h.offset as usize {
+        return Err(format!(
+            "chunk [{}, +{}) of message id {} out of sequence (have {} of {} bytes)",
+            h.offset,
+            data.len(),
+            h.id,
+            p.buf.len(),
+            p.total
+        ));
+    }
+    p.buf.extend_from_slice(data);
+    if p.buf.len() < p.total as usize {
+        return Ok(None);
+    }
+    let Some(p) = partial.remove(&key) else {
+        return Ok(None);
+    };
+    Ok(Some(done(p.status, p.buf.freeze())))
 }
 
 impl MsgIo for RdmaConn {
@@ -648,6 +841,10 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
     let generation = shared.next_generation();
     let window = cfg.window.min(peer.info.window);
     let sem = Arc::new(Semaphore::new(window as usize));
+    let req_sem = Arc::new(Semaphore::new(
+        cfg.request_window.min(peer.info.request_window) as usize,
+    ));
+    let (answer_tx, mut answer_rx) = mpsc::unbounded_channel();
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
     let stop = Arc::new(Notify::new());
     conn.peer_region = peer.region;
@@ -657,6 +854,8 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
         window: sem.clone(),
         peer_second_len: peer.region.map_or(0, |r| r.len.min(peer.info.second_len)),
         peer_max_record: peer.info.max_record,
+        req_window: req_sem.clone(),
+        peer_max_request: peer.info.max_request,
         stop: stop.clone(),
     });
     tracing::info!(
@@ -667,7 +866,13 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
         peer_second = %seqs_summary(&peer.resync.second_store),
         "mirror link resync point"
     );
-    let mut session = Session::new(shared.clone(), generation, cfg.window);
+    let mut session = Session::new(
+        shared.clone(),
+        generation,
+        cfg.window,
+        peer.info.max_request,
+        answer_tx,
+    );
     // Messages that arrived right after the handshake.
     let early: Vec<Msg> = conn.inbox.drain(..).collect();
     let info = UpInfo {
@@ -690,6 +895,9 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let handle_inbox = |conn: &mut RdmaConn, session: &mut Session| -> Result<()> {
+        if std::mem::take(&mut conn.rx_activity) {
+            session.touch();
+        }
         while let Some(m) = conn.inbox.pop_front() {
             if let Msg::Record(h) = &m {
                 session.check_record(h)?;
@@ -713,7 +921,7 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
                 let _ = conn.flush(&mut session, &mut pending);
                 // Let the goodbye leave before the disconnect.
                 let t0 = Instant::now();
-                while t0.elapsed() < Duration::from_millis(100) && conn.pump().is_ok() && conn.free_send.len() < 2 * cfg.window as usize + 64 {
+                while t0.elapsed() < Duration::from_millis(100) && conn.pump().is_ok() && conn.free_send.len() < conn.send_slots {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 break 'main LinkError::Closed;
@@ -730,6 +938,7 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
                             pending.push_back((hdr, post.local_offset));
                         }
                         Cmd::Release { partition, through_seq } => session.outbox.push_back(Msg::Release { partition, through_seq }),
+                        Cmd::Request { payload, permit, reply } => session.start_request(payload, permit, reply),
                     }
                     n += 1;
                     if n < 64 {
@@ -738,6 +947,12 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
                 }
             }
             _ = tick.tick() => if let Err(e) = session.on_tick() { break 'main e; },
+            Some(a) = answer_rx.recv() => {
+                session.on_answer(a);
+                while let Ok(a) = answer_rx.try_recv() {
+                    session.on_answer(a);
+                }
+            }
         }
     };
     // Tear down: disconnect, destroy the QP and MRs (no more DMA from or into the regions),
@@ -745,6 +960,103 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
     conn.cm_id.disconnect();
     drop(conn);
     drop(pending);
-    finish_connection(&mut session, &mut cmd_rx, &sem, &err);
+    finish_connection(&mut session, &mut cmd_rx, &sem, &req_sem, &err);
     err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(request: bool, id: u64, total: u32, offset: u32, data: &[u8]) -> Vec<u8> {
+        let mut h = [0u8; CHUNK_HDR_LEN];
+        ChunkHdr {
+            request,
+            id,
+            status: 0,
+            total,
+            offset,
+        }
+        .encode(&mut h);
+        let mut v = h.to_vec();
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn chunks_reassemble_interleaved_and_reject_violations() {
+        let mut p = HashMap::new();
+        let lim = (1 << 20, 4);
+        let a: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let b: Vec<u8> = (0..5_000u32).map(|i| (i * 3) as u8).collect();
+        // Two messages interleaved, one of each direction with the same id.
+        let mut got = Vec::new();
+        for (req, msg) in [(true, &a), (false, &b)] {
+            let c = &msg[..CHUNK_DATA.min(msg.len())];
+            assert!(
+                reassemble(&mut p, &chunk(req, 1, msg.len() as u32, 0, c), lim)
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        for (req, msg) in [(true, &a), (false, &b)] {
+            let mut off = CHUNK_DATA;
+            while off < msg.len() {
+                let n = (msg.len() - off).min(CHUNK_DATA);
+                let r = reassemble(
+                    &mut p,
+                    &chunk(req, 1, msg.len() as u32, off as u32, &msg[off..off + n]),
+                    lim,
+                )
+                .unwrap();
+                off += n;
+                if let Some(m) = r {
+                    got.push(m);
+                }
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                Msg::Request {
+                    id: 1,
+                    payload: a.clone().into()
+                },
+                Msg::Response {
+                    id: 1,
+                    status: 0,
+                    payload: b.clone().into()
+                }
+            ]
+        );
+        assert!(p.is_empty());
+        // Empty and single-chunk messages complete at once.
+        assert_eq!(
+            reassemble(&mut p, &chunk(true, 2, 0, 0, &[]), lim).unwrap(),
+            Some(Msg::Request {
+                id: 2,
+                payload: Bytes::new()
+            })
+        );
+        // Violations.
+        let too_big = chunk(true, 3, (1 << 20) + 1, 0, &[1]);
+        assert!(reassemble(&mut p, &too_big, lim).is_err());
+        assert!(reassemble(&mut p, &chunk(true, 4, 100, 10, &[1]), lim).is_err()); // unknown
+        assert!(reassemble(&mut p, &chunk(true, 5, 100, 0, &[1; 10]), lim)
+            .unwrap()
+            .is_none());
+        assert!(reassemble(&mut p, &chunk(true, 5, 100, 20, &[1; 10]), lim).is_err()); // gap
+        assert!(reassemble(&mut p, &chunk(true, 5, 100, 0, &[1; 10]), lim).is_err()); // restart
+        assert!(reassemble(&mut p, &chunk(true, 6, 100, 95, &[1; 10]), lim).is_err()); // beyond
+        p.clear();
+        for id in 0..4 {
+            assert!(reassemble(&mut p, &chunk(true, id, 100, 0, &[1]), lim)
+                .unwrap()
+                .is_none());
+        }
+        // More messages under reassembly than allowed.
+        assert!(reassemble(&mut p, &chunk(false, 9, 100, 0, &[1]), lim).is_err());
+        // Truncated header.
+        assert!(reassemble(&mut p, &chunk(true, 1, 1, 0, &[])[..10], lim).is_err());
+    }
 }
