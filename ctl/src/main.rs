@@ -59,6 +59,12 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Take over the partner's LUN ranges: claim them on the medium, replay the partner's
+    /// mirrored writes, then serve them. Refused while the partner answers, unless --force.
+    Takeover {
+        #[arg(long)]
+        force: bool,
+    },
     /// Delete a ublk device by id (for a device whose daemon is gone for good).
     Del { id: u32 },
     /// ublk features the running kernel offers.
@@ -231,6 +237,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Duration::from_secs(timeout + 10),
             )?;
             println!("all staged writes are on the medium");
+        }
+        Cmd::Takeover { force } => {
+            call(
+                &socket_path(&cli)?,
+                Request::Takeover { force: *force },
+                Duration::from_secs(600),
+            )?;
+            println!("takeover complete: this node serves the partner's ranges");
         }
         Cmd::Del { id } => {
             let ctrl = libublk::ctrl::UblkCtrl::new_simple(*id as i32)
@@ -437,6 +451,47 @@ fn print_status(s: &DaemonStatus) {
             p.flushed_through,
             state
         );
+    }
+    let m = &e.mirror;
+    if let Some(ss) = &m.second_store {
+        println!();
+        println!(
+            "mirror: {}   mirrored {} write(s), degraded {} ({:?}){}",
+            m.link
+                .as_deref()
+                .map(|l| if l.starts_with("Up") {
+                    "partner up"
+                } else {
+                    "PARTNER DOWN"
+                })
+                .unwrap_or("not attached"),
+            m.mirrored_records,
+            m.degraded_records,
+            m.degraded_policy,
+            m.last_error
+                .as_ref()
+                .map(|x| format!("; last: {x}"))
+                .unwrap_or_default()
+        );
+        println!(
+            "second store (partner's copies): {} record(s), {} of {}",
+            ss.records,
+            ByteSize(ss.bytes),
+            ByteSize(ss.capacity_bytes)
+        );
+    }
+    if !e.ranges.is_empty() {
+        println!();
+        println!(
+            "{:<5} {:<6} {:<12} {:>6}  STATE",
+            "LUN", "RANGE", "OWNER", "EPOCH"
+        );
+        for r in &e.ranges {
+            println!(
+                "{:<5} {:<6} {:<12} {:>6}  {}",
+                r.lun, r.range, r.owner, r.epoch, r.state
+            );
+        }
     }
     println!();
     println!(

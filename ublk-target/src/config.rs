@@ -84,8 +84,72 @@ pub struct NodeConfig {
     pub nvram: NvramSection,
     #[serde(default)]
     pub flusher: FlusherSection,
+    /// Two-node operation; absent for a single node.
+    pub cluster: Option<ClusterSection>,
     #[serde(rename = "lun")]
     pub luns: Vec<LunSection>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    Tcp,
+    Rdma,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TakeoverPolicy {
+    /// Take over as soon as the partner misses its heartbeats.
+    Auto,
+    /// Only on `nvmirrorctl takeover` (or the Pacemaker agent).
+    Manual,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Identifies the cluster; both nodes and the table on the medium must agree.
+    pub id: u64,
+    /// File holding the shared secret (at least 16 bytes) used to authenticate the partner.
+    pub secret_file: PathBuf,
+    #[serde(default = "default_transport")]
+    pub transport: TransportKind,
+    #[serde(default = "default_hb_interval")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_hb_timeout")]
+    pub heartbeat_timeout_ms: u64,
+    #[serde(default = "default_takeover")]
+    pub takeover: TakeoverPolicy,
+    #[serde(default = "default_degraded")]
+    pub degraded: crate::mirror::DegradedPolicy,
+    /// Both nodes, in the same order on both; the first listens, the second connects.
+    #[serde(rename = "node")]
+    pub nodes: Vec<ClusterNode>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterNode {
+    pub name: String,
+    /// host:port of the node's mirror link.
+    pub address: String,
+}
+
+fn default_transport() -> TransportKind {
+    TransportKind::Tcp
+}
+fn default_hb_interval() -> u64 {
+    250
+}
+fn default_hb_timeout() -> u64 {
+    2000
+}
+fn default_takeover() -> TakeoverPolicy {
+    TakeoverPolicy::Auto
+}
+fn default_degraded() -> crate::mirror::DegradedPolicy {
+    crate::mirror::DegradedPolicy::WriteThrough
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -146,6 +210,8 @@ pub struct LunSection {
     pub device_id: Option<u32>,
     /// Number of equal LUN ranges (the unit of ownership); default: nvram.partitions.
     pub ranges: Option<u32>,
+    /// Cluster only: owner of each range, cycled (default: the nodes in turn).
+    pub owners: Option<Vec<String>>,
     #[serde(default = "default_queues")]
     pub queues: u16,
     #[serde(default = "default_depth")]
@@ -231,8 +297,58 @@ impl NodeConfig {
                 "no LUN is configured; add a [[lun]] table with name and medium",
             ));
         }
+        if let Some(c) = &self.cluster {
+            if c.nodes.len() != 2 {
+                return Err(invalid(
+                    "cluster.node",
+                    format!(
+                        "{} nodes are listed; a cluster has exactly 2 ([[cluster.node]] twice)",
+                        c.nodes.len()
+                    ),
+                ));
+            }
+            if !c.nodes.iter().any(|n| n.name == self.node.name) {
+                return Err(invalid(
+                    "cluster.node",
+                    format!(
+                        "this node ({:?}, node.name) is not among the cluster's nodes",
+                        self.node.name
+                    ),
+                ));
+            }
+            for (i, n) in c.nodes.iter().enumerate() {
+                if n.address.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(invalid(
+                        format!("cluster.node[{i}].address"),
+                        format!("{:?} is not ip:port, e.g. \"192.168.10.1:7800\"", n.address),
+                    ));
+                }
+            }
+            if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms < 2 * c.heartbeat_interval_ms
+            {
+                return Err(invalid(
+                    "cluster.heartbeat_timeout_ms",
+                    "must be at least twice heartbeat_interval_ms (and the interval above 0)",
+                ));
+            }
+        }
         for (i, lun) in self.luns.iter().enumerate() {
             let f = |k: &str| format!("lun[{i}].{k}");
+            if let Some(owners) = &lun.owners {
+                let Some(c) = &self.cluster else {
+                    return Err(invalid(
+                        f("owners"),
+                        "only meaningful with a [cluster] section",
+                    ));
+                };
+                if owners.is_empty() || owners.iter().any(|o| !c.nodes.iter().any(|n| &n.name == o))
+                {
+                    return Err(invalid(
+                        f("owners"),
+                        "list node names from [[cluster.node]]",
+                    ));
+                }
+            }
             valid_name(&f("name"), &lun.name)?;
             if self.luns[..i].iter().any(|o| o.name == lun.name) {
                 return Err(invalid(f("name"), format!("{:?} is used twice", lun.name)));
@@ -277,6 +393,15 @@ impl NodeConfig {
     pub fn min_nvram_bytes(&self) -> u64 {
         crate::nvram::layout::Layout::metadata_bytes(self.nvram.partitions)
             + self.nvram.partitions as u64 * crate::nvram::layout::MIN_PARTITION_BYTES
+    }
+
+    /// Our index in the cluster's node list.
+    pub fn cluster_index(&self) -> Option<u32> {
+        let c = self.cluster.as_ref()?;
+        c.nodes
+            .iter()
+            .position(|n| n.name == self.node.name)
+            .map(|i| i as u32)
     }
 
     pub fn control_socket(&self) -> PathBuf {

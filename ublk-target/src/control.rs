@@ -22,6 +22,11 @@ pub enum Request {
     Drain {
         timeout_secs: u64,
     },
+    /// Take over the partner's ranges (replay its mirrored writes, then serve them).
+    /// Refused while the partner is reachable unless `force`.
+    Takeover {
+        force: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -271,24 +271,92 @@ impl Engine {
         mode: OpenMode,
     ) -> Result<Arc<Engine>, EngineError> {
         let mut specs = Vec::new();
+        let mut table_at = None;
         for lun in &cfg.luns {
-            let medium = FileMedium::open(&lun.medium, lun.size.map(|s| s.0))?;
+            // A cluster keeps the ownership table at the end of the (shared) medium.
+            let reserve = if cfg.cluster.is_some() {
+                crate::ownership::METADATA_BYTES
+            } else {
+                0
+            };
+            let whole = FileMedium::open(&lun.medium, None)?.size();
+            let usable = whole.saturating_sub(reserve) / BLOCK_SIZE * BLOCK_SIZE;
+            let size = lun.size.map(|s| s.0).unwrap_or(usable);
+            if size > usable {
+                return Err(EngineError::Medium(MediumError::TooSmall {
+                    path: lun.medium.clone(),
+                    actual: whole,
+                    wanted: size + reserve,
+                }));
+            }
+            if table_at.is_none() && reserve > 0 {
+                table_at = Some((lun.medium.clone(), whole - reserve));
+            }
+            let medium = FileMedium::open(&lun.medium, Some(size))?;
             specs.push(LunSpec {
                 name: lun.name.clone(),
-                size: lun.size.map(|s| s.0).unwrap_or(medium.size()),
+                size,
                 ranges: lun.ranges(cfg.nvram.partitions),
                 medium: Arc::new(medium),
             });
         }
         let region = NvramRegion::open(&cfg.nvram.path, cfg.nvram.size.map(|s| s.0))?;
+        let cluster = match (&cfg.cluster, cfg.cluster_index(), table_at) {
+            (Some(c), Some(me), Some((path, base))) => {
+                let store =
+                    crate::ownership::MediumTableStore::open(&path, base).map_err(|source| {
+                        EngineError::Medium(MediumError::Open {
+                            path: path.clone(),
+                            source,
+                        })
+                    })?;
+                let nodes: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+                let owner_of = |lun: &crate::config::LunSection, r: u32| -> u32 {
+                    match &lun.owners {
+                        Some(o) => {
+                            let name = &o[r as usize % o.len()];
+                            nodes.iter().position(|n| n == name).unwrap_or(0) as u32
+                        }
+                        None => r % nodes.len() as u32,
+                    }
+                };
+                let initial = crate::ownership::OwnershipTable {
+                    cluster_id: c.id,
+                    generation: 1,
+                    luns: cfg
+                        .luns
+                        .iter()
+                        .map(|l| {
+                            (0..l.ranges(cfg.nvram.partitions))
+                                .map(|r| crate::ownership::RangeOwner {
+                                    owner: owner_of(l, r),
+                                    epoch: 1,
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                };
+                Some(ClusterSetup {
+                    me,
+                    nodes,
+                    table_store: Box::new(store),
+                    initial,
+                })
+            }
+            _ => None,
+        };
         let opts = EngineOptions {
             node_name: cfg.node.name.clone(),
             partitions: cfg.nvram.partitions,
             flush_batch_bytes: cfg.flusher.batch_bytes.0,
             mode,
-            mirrored: false,
-            degraded: DegradedPolicy::WriteThrough,
-            cluster: None,
+            mirrored: cfg.cluster.is_some(),
+            degraded: cfg
+                .cluster
+                .as_ref()
+                .map(|c| c.degraded)
+                .unwrap_or(DegradedPolicy::WriteThrough),
+            cluster,
             config_path: config_path.to_owned(),
         };
         Engine::open(region, opts, specs)

@@ -84,10 +84,24 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
         }
     );
 
+    let link = match &cfg.cluster {
+        Some(c) => Some(start_mirroring(&cfg, c, &engine)?),
+        None => None,
+    };
+
     let devices: Arc<Mutex<Vec<DeviceStatus>>> = Arc::default();
     let socket = cfg.control_socket();
     {
         let (engine, devices, config_path) = (engine.clone(), devices.clone(), config_path.clone());
+        let (link, grace) = (
+            link.clone(),
+            Duration::from_millis(
+                cfg.cluster
+                    .as_ref()
+                    .map(|c| c.heartbeat_timeout_ms)
+                    .unwrap_or(0),
+            ),
+        );
         let handler = move |req: Request| -> Response {
             match req {
                 Request::Status => Response::Status(Box::new(DaemonStatus {
@@ -106,6 +120,25 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
                     engine.set_flush_paused(false);
                     tracing::info!("flusher resumed by nvmirrorctl");
                     Response::Ok
+                }
+                Request::Takeover { force } => {
+                    let Some(c) = engine.cluster() else {
+                        return Response::Error {
+                            message: "this node is not in a cluster".into(),
+                        };
+                    };
+                    if link.as_ref().is_some_and(|l| l.state().is_up()) && !force {
+                        return Response::Error {
+                            message: "the partner is reachable: taking over now would give two owners \
+                                      the same ranges; stop it first, or use --force if it is fenced"
+                                .into(),
+                        };
+                    }
+                    let peer = 1 - c.me;
+                    match engine.take_over(peer, grace) {
+                        Ok(_) => Response::Ok,
+                        Err(message) => Response::Error { message },
+                    }
                 }
                 Request::Drain { timeout_secs } => {
                     if engine.drain(Duration::from_secs(timeout_secs)) {
@@ -215,10 +248,107 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
             "staged writes remain in the NVRAM; they will be replayed at the next start"
         );
     }
+    engine.detach_mirror();
+    if let Some(l) = link {
+        shutdown_link(l);
+    }
     engine.shutdown();
     let _ = std::fs::remove_file(&socket);
     match failed {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Connects to the partner and starts mirroring; watches the link and takes over the
+/// partner's ranges when it goes silent (with `takeover = "auto"`).
+fn start_mirroring(
+    cfg: &NodeConfig,
+    c: &nvmirror::config::ClusterSection,
+    engine: &Arc<Engine>,
+) -> anyhow::Result<rdma_link::Link> {
+    use nvmirror::config::{TakeoverPolicy, TransportKind};
+    let secret = std::fs::read(&c.secret_file)
+        .with_context(|| format!("reading cluster.secret_file {}", c.secret_file.display()))?;
+    let secret: Vec<u8> = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        anyhow::bail!(
+            "cluster.secret_file {}: the secret must be at least 16 bytes (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+            c.secret_file.display()
+        );
+    }
+    let me = cfg
+        .cluster_index()
+        .context("node.name is not in [[cluster.node]]")?;
+    let peer = 1 - me;
+    let first: std::net::SocketAddr = c.nodes[0]
+        .address
+        .parse()
+        .context("cluster.node[0].address")?;
+    let role = if me == 0 {
+        rdma_link::Role::Listen(first)
+    } else {
+        rdma_link::Role::Connect(first)
+    };
+    let transport = match c.transport {
+        TransportKind::Tcp => rdma_link::Transport::Tcp,
+        TransportKind::Rdma => rdma_link::Transport::Rdma,
+    };
+    let mut lc = rdma_link::LinkConfig::new(transport, role, c.id, me + 1, peer + 1, &secret);
+    lc.heartbeat_interval = Duration::from_millis(c.heartbeat_interval_ms);
+    lc.heartbeat_timeout = Duration::from_millis(c.heartbeat_timeout_ms);
+    let store: Arc<dyn rdma_link::SecondStore> = engine
+        .second_store()
+        .context("the NVRAM has no second store (format it for a cluster)")?;
+    let link = rdma_link::Link::start(lc, Some(engine.local_region()), Some(store))
+        .map_err(|e| anyhow::anyhow!("starting the mirror link: {e}"))?;
+    engine.attach_mirror(Arc::new(link.clone()));
+
+    let (watched, engine, policy) = (link.clone(), engine.clone(), c.takeover);
+    let grace = Duration::from_millis(c.heartbeat_timeout_ms);
+    let partner = c.nodes[peer as usize].name.clone();
+    std::thread::Builder::new()
+        .name("partner-watch".into())
+        .spawn(move || {
+            let mut was_up = false;
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                let state = watched.state();
+                match (&state, was_up) {
+                    (rdma_link::LinkState::Up(_), false) => {
+                        tracing::info!("partner {partner} connected: mirroring every write");
+                        was_up = true;
+                    }
+                    (rdma_link::LinkState::Closed, _) => return,
+                    (rdma_link::LinkState::Up(_), true) => {}
+                    (_, true) => {
+                        was_up = false;
+                        tracing::warn!("partner {partner} is down ({state:?}): running degraded");
+                        let owns = engine
+                            .cluster()
+                            .is_some_and(|c| !c.ranges_of(peer).is_empty());
+                        if policy == TakeoverPolicy::Auto && owns {
+                            if let Err(e) = engine.take_over(peer, grace) {
+                                tracing::error!("automatic takeover from {partner} failed: {e}");
+                            }
+                        }
+                    }
+                    (_, false) => {}
+                }
+            }
+        })
+        .context("spawning the partner watcher")?;
+    Ok(link)
+}
+
+fn shutdown_link(link: rdma_link::Link) {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(5), link.shutdown()).await;
+        }),
+        Err(_) => drop(link),
     }
 }

@@ -1,0 +1,126 @@
+#!/bin/bash
+# Two nodes, one shared medium, the mirror link over TCP (or RDMA with NVM_TRANSPORT=rdma):
+# the acid test. fio writes with verify state on the owner's device, the owner's daemon is
+# kill -9'd mid-run, the partner notices (heartbeats), takes over (epoch bump, replay of the
+# mirrored writes), and fio verifies every acknowledged write through the partner's device.
+# The killed node restarts, rejoins (mirroring resumes) and the roles swap for the next cycle.
+# vm-timeout: 600
+source "$NVM_REPO/tests/vm/lib/nvm.sh"
+nvm_init
+transport=${NVM_TRANSPORT:-tcp}
+cycles=${NVM_FAILOVER_CYCLES:-4}
+addr_a=127.0.0.1
+if [[ $transport == rdma ]]; then
+	modprobe rdma_rxe || fail "modprobe rdma_rxe"
+	ip link add nvm0 type dummy && ip addr add 10.99.0.1/24 dev nvm0 && ip link set nvm0 up
+	rdma link add nvmrxe0 type rxe netdev nvm0 || fail "rdma link add"
+	addr_a=10.99.0.1
+	trap 'rdma link delete nvmrxe0 2>/dev/null; ip link del nvm0 2>/dev/null; nvm_cleanup' EXIT
+fi
+medium=$(nvm_medium shared 320)
+head -c 48 /dev/urandom | base64 >secret
+for n in a b; do
+	cat >node-$n.toml <<-CFG
+	[node]
+	name = "node-$n"
+	control_socket = "$PWD/node-$n.sock"
+
+	[nvram]
+	path = "$PWD/nvram-$n.img"
+	size = "48MiB"
+	partitions = 4
+
+	[cluster]
+	id = 42
+	secret_file = "$PWD/secret"
+	transport = "$transport"
+	heartbeat_interval_ms = 100
+	heartbeat_timeout_ms = 1000
+	takeover = "auto"
+
+	[[cluster.node]]
+	name = "node-a"
+	address = "$addr_a:7801"
+
+	[[cluster.node]]
+	name = "node-b"
+	address = "$addr_a:7802"
+
+	[[lun]]
+	name = "lun0"
+	medium = "$medium"
+	device_id = $([[ $n == a ]] && echo 0 || echo 1)
+	ranges = 2
+	CFG
+done
+declare -A pid dev
+start_node() {
+	nvm_start "node-$1.toml" "daemon-$1.log"
+	pid[$1]=$NVM_LAST_PID
+}
+start_node a
+start_node b
+dev[a]=/dev/ublkb0 dev[b]=/dev/ublkb1
+status_json() { "$NVMCTL" --config "node-$1.toml" status --json; }
+wait_mirroring() {
+	for _ in $(seq 300); do
+		status_json "$1" | grep -q '"link": "Up' && return 0
+		sleep 0.2
+	done
+	fail "node-$1: the mirror link did not come up"
+}
+wait_mirroring a
+wait_mirroring b
+"$NVMCTL" --config node-a.toml status
+
+owner=a survivor=b
+for cycle in $(seq 1 "$cycles"); do
+	# The owner's ranges: cycle 1 only range 0 (node-a owns it), later all of them.
+	size=64M
+	rm -f ./*verify.state
+	job=(--name=failover --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite
+		--bssplit=4k/50:16k/30:64k/20 --size=$size --randseed=$((500 + cycle))
+		--verify=crc32c --verify_fatal=1 --verify_state_save=1)
+	say "cycle $cycle: fio on node-$owner (${dev[$owner]}), then kill -9 of node-$owner's daemon"
+	fio "${job[@]}" --filename="${dev[$owner]}" --rate=6m --do_verify=0 \
+		--trigger-timeout=3 --trigger="kill -9 ${pid[$owner]}" --output=fio-write-$cycle.log &
+	fio_pid=$!
+	nvm_wait_gone "${pid[$owner]}"
+	t0=$(date +%s.%N)
+	# The survivor takes over by itself once the heartbeats stop.
+	for _ in $(seq 300); do
+		status_json $survivor | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["engine"]["ranges"]
+sys.exit(0 if all(x["owner"] == "node-'$survivor'" and x["state"] == "local" for x in r) else 1)' && break
+		sleep 0.1
+	done
+	status_json $survivor | python3 -c '
+import json, sys
+e = json.load(sys.stdin)["engine"]
+assert all(x["owner"] == "node-'$survivor'" for x in e["ranges"]), e["ranges"]
+print("epochs now:", [x["epoch"] for x in e["ranges"]])' || fail "node-$survivor did not take over"
+	say "cycle $cycle: node-$survivor took over in $(python3 -c "import time; print(round(time.time() - $t0, 2))") s"
+	# fio's in-flight I/O waits on the dead node's quiesced device: remove that device.
+	"$NVMCTL" del "${dev[$owner]#/dev/ublkb}" >/dev/null || true
+	wait "$fio_pid" || true
+	ls ./*verify.state >/dev/null 2>&1 || { cat fio-write-$cycle.log; fail "fio saved no verify state"; }
+	fio "${job[@]}" --filename="${dev[$survivor]}" --verify_only=1 --verify_state_load=1 \
+		--output=fio-verify-$cycle.log ||
+		{ cat fio-verify-$cycle.log; tail -30 daemon-$survivor.log; fail "cycle $cycle: an acknowledged write was lost in the takeover"; }
+	say "cycle $cycle: verify through node-$survivor passed ($(grep -o 'READ: bw=[^,]*' fio-verify-$cycle.log))"
+	say "cycle $cycle: restart node-$owner: it rejoins and the roles swap"
+	start_node $owner
+	wait_mirroring $owner
+	wait_mirroring $survivor
+	tmp=$owner owner=$survivor survivor=$tmp
+done
+"$NVMCTL" --config node-$owner.toml drain --timeout 60
+sleep 1
+status_json $survivor | python3 -c '
+import json, sys
+ss = json.load(sys.stdin)["engine"]["mirror"]["second_store"]
+assert ss["records"] == 0, ss
+print("second store empty after the drain:", ss)'
+"$NVMCTL" --config node-$owner.toml status
+say "PASS: $cycles takeover cycles over $transport, no acknowledged write lost"
