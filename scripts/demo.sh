@@ -1,11 +1,12 @@
 #!/bin/bash
 # scripts/demo.sh — the main job, end to end, on a real kernel.
 #
-# Builds nvmirror, boots the test VM (Debian's 6.12 kernel under QEMU, with an emulated
-# NVDIMM as the NVRAM) and runs scripts/demo-guest.sh in it: a node serves /dev/ublkb0,
-# ext4 goes on it, files are written and fsync'ed, the daemon is killed with SIGKILL in the
-# middle of more writes, a restarted daemon replays the NVRAM and re-attaches the same
-# /dev/ublkb0, and every acknowledged (fsync'ed) file is checked byte for byte.
+# Builds nvmirror, boots the test VM (Debian's 6.12 kernel under QEMU) and runs
+# scripts/demo-guest.sh in it: two nodes share one medium and mirror into each other's
+# NVRAM; ext4 on node-a's device; files written and fsync'ed with the flushers paused;
+# node-a's daemon killed with SIGKILL; node-b takes over by itself (heartbeats), replays
+# node-a's mirrored writes, and every acknowledged file is checked through node-b's device.
+# DEMO_TRANSPORT=rdma runs the mirror link over Soft-RoCE instead of TCP.
 # Installs what it needs (Debian packages, the test kernel) on a fresh Debian 12 machine.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +26,7 @@ results=$repo/target/demo/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$results"
 nvm_log "booting the VM; the demo's own output follows"
 set +e
-nvm_vm_boot --results "$results" --name demo --env "NVM_BIN=$repo/target/release" \
+nvm_vm_boot --results "$results" --name demo --env "NVM_BIN=$repo/target/release" --env "DEMO_TRANSPORT=${DEMO_TRANSPORT:-tcp}" \
 	-- "$repo/scripts/demo-guest.sh"
 rc=$?
 set -e

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Two nodes, one shared medium, the mirror link over TCP (or RDMA with NVM_TRANSPORT=rdma):
-# the acid test. fio writes with verify state on the owner's device, the owner's daemon is
+# the acid test. Both nodes own a range of the LUN at first. fio writes with verify state on the owner's device, the owner's daemon is
 # kill -9'd mid-run, the partner notices (heartbeats), takes over (epoch bump, replay of the
 # mirrored writes), and fio verifies every acknowledged write through the partner's device.
 # The killed node restarts, rejoins (mirroring resumes) and the roles swap for the next cycle.
@@ -75,8 +75,9 @@ wait_mirroring b
 
 owner=a survivor=b
 for cycle in $(seq 1 "$cycles"); do
-	# The owner's ranges: cycle 1 only range 0 (node-a owns it), later all of them.
-	size=64M
+	# fio covers the whole LUN: in cycle 1 half of it is node-b's and goes there by
+	# forwarding; later the owner holds every range.
+	size=318M
 	rm -f ./*verify.state
 	job=(--name=failover --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite
 		--bssplit=4k/50:16k/30:64k/20 --size=$size --randseed=$((500 + cycle))

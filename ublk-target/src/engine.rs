@@ -849,6 +849,13 @@ impl Engine {
             return wire::err("malformed forwarded request");
         };
         let lun = req.lun as usize;
+        // Served only if every piece is ours: a forwarded request is never forwarded again.
+        if !self.serves_locally(lun, req.offset, req.len as u64).await {
+            return wire::err(&format!(
+                "node {} does not own all of {}+{} on LUN {lun} (ownership moved?)",
+                self.node, req.offset, req.len
+            ));
+        }
         let result = match req.op {
             wire::OP_WRITE => self
                 .write(lun, req.offset, &req.data)
@@ -868,6 +875,14 @@ impl Engine {
         match result {
             Ok(data) => wire::ok(&data),
             Err(e) => wire::err(&e.message),
+        }
+    }
+
+    /// Whether this node serves every byte of the range itself (waits out a takeover).
+    pub async fn serves_locally(&self, lun_idx: usize, offset: u64, len: u64) -> bool {
+        match self.lun_for(lun_idx, offset, len) {
+            Ok(lun) => self.route(lun_idx, lun, offset, len).await.0,
+            Err(_) => false,
         }
     }
 

@@ -320,7 +320,13 @@ async fn handle(
         return -libc::EINVAL;
     }
     let result: Result<(), IoError> = match op {
-        sys::UBLK_IO_OP_READ => engine.read(lun, offset, &mut buf[..bytes as usize]),
+        sys::UBLK_IO_OP_READ => {
+            Kicked {
+                inner: Box::pin(engine.read_routed(lun, offset, &mut buf[..bytes as usize])),
+                eventfd,
+            }
+            .await
+        }
         sys::UBLK_IO_OP_WRITE => {
             Kicked {
                 inner: Box::pin(engine.write(lun, offset, &buf[..bytes as usize])),

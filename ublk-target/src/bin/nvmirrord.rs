@@ -300,9 +300,18 @@ fn start_mirroring(
     let store: Arc<dyn rdma_link::SecondStore> = engine
         .second_store()
         .context("the NVRAM has no second store (format it for a cluster)")?;
-    let link = rdma_link::Link::start(lc, Some(engine.local_region()), Some(store))
+    // Requests the partner forwards to us: I/O to ranges we own.
+    let served = engine.clone();
+    let handler: Arc<dyn rdma_link::RequestHandler> = Arc::new(move |req: rdma_link::Bytes| {
+        let engine = served.clone();
+        async move { rdma_link::Bytes::from(serve_forwarded(engine, req).await) }
+    });
+    let link = rdma_link::Link::start_with_handler(lc, Some(engine.local_region()), Some(store), handler)
         .map_err(|e| anyhow::anyhow!("starting the mirror link: {e}"))?;
     engine.attach_mirror(Arc::new(link.clone()));
+    if let Some(c) = engine.cluster() {
+        c.set_forwarder(Some(Arc::new(LinkForwarder(link.clone()))));
+    }
 
     let (watched, engine, policy) = (link.clone(), engine.clone(), c.takeover);
     let grace = Duration::from_millis(c.heartbeat_timeout_ms);
@@ -350,5 +359,59 @@ fn shutdown_link(link: rdma_link::Link) {
             let _ = tokio::time::timeout(Duration::from_secs(5), link.shutdown()).await;
         }),
         Err(_) => drop(link),
+    }
+}
+
+/// Runs a forwarded request. Reads touch the medium synchronously, so they go to a blocking
+/// thread: the link's own thread also carries the heartbeats.
+async fn serve_forwarded(engine: Arc<Engine>, req: rdma_link::Bytes) -> Vec<u8> {
+    use nvmirror::cluster::wire;
+    match wire::decode(&req) {
+        Some(r) if r.op == wire::OP_READ => {
+            if !engine.serves_locally(r.lun as usize, r.offset, r.len as u64).await {
+                return wire::err("this node does not own the whole range (ownership moved?)");
+            }
+            let result = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; r.len as usize];
+                engine.read(r.lun as usize, r.offset, &mut buf).map(|_| buf)
+            })
+            .await;
+            match result {
+                Ok(Ok(data)) => wire::ok(&data),
+                Ok(Err(e)) => wire::err(&e.message),
+                Err(e) => wire::err(&format!("read task failed: {e}")),
+            }
+        }
+        _ => engine.serve_forwarded(&req).await,
+    }
+}
+
+/// Sends I/O for the partner's ranges over the mirror link.
+struct LinkForwarder(rdma_link::Link);
+
+impl LinkForwarder {
+    fn call(&self, req: Vec<u8>) -> nvmirror::cluster::ForwardFuture<Vec<u8>> {
+        let link = self.0.clone();
+        Box::pin(async move {
+            let answer = link.request(req).await.map_err(|e| e.to_string())?;
+            nvmirror::cluster::wire::answer(&answer).map(|d| d.to_vec())
+        })
+    }
+}
+
+impl nvmirror::cluster::Forwarder for LinkForwarder {
+    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> nvmirror::cluster::ForwardFuture<()> {
+        use nvmirror::cluster::wire;
+        let f = self.call(wire::encode(wire::OP_WRITE, lun, offset, data.len() as u32, &data));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> nvmirror::cluster::ForwardFuture<()> {
+        use nvmirror::cluster::wire;
+        let f = self.call(wire::encode(wire::OP_ZERO, lun, offset, len as u32, &[]));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn read(&self, lun: u32, offset: u64, len: u32) -> nvmirror::cluster::ForwardFuture<Vec<u8>> {
+        use nvmirror::cluster::wire;
+        self.call(wire::encode(wire::OP_READ, lun, offset, len, &[]))
     }
 }
