@@ -15,7 +15,8 @@ if [[ $transport == rdma ]]; then
 	ip link add nvm0 type dummy && ip addr add 10.99.0.1/24 dev nvm0 && ip link set nvm0 up
 	rdma link add nvmrxe0 type rxe netdev nvm0 || fail "rdma link add"
 	addr_a=10.99.0.1
-	trap 'rdma link delete nvmrxe0 2>/dev/null; ip link del nvm0 2>/dev/null; nvm_cleanup' EXIT
+	# After the daemons are gone (removing an rxe device that has users blocks).
+	nvm_extra_cleanup() { rdma link delete nvmrxe0 2>/dev/null; ip link del nvm0 2>/dev/null; }
 fi
 medium=$(nvm_medium shared 320)
 head -c 48 /dev/urandom | base64 >secret

@@ -33,6 +33,8 @@ nvm_cleanup() {
 		[[ -e $f ]] && "$NVMCTL" del "${f##*ublkc}" >/dev/null 2>&1
 	done
 	for l in "${NVM_LOOPS[@]}"; do losetup -d "$l" 2>/dev/null; done
+	# Test-specific teardown (e.g. rxe devices) once no daemon holds them any more.
+	declare -F nvm_extra_cleanup >/dev/null && nvm_extra_cleanup
 	[[ -d ${NVM_OUT:-} ]] && cp -f ./*.log "$NVM_OUT/" 2>/dev/null
 	exit $rc
 }
