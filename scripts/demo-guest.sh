@@ -108,7 +108,7 @@ grep -E "down|taking over|takeover|replay" daemon-b.log | sed 's/^[^ ]* *//' | t
 "$BIN/nvmirrorctl" --config node-b.toml flush resume >/dev/null
 
 step "node-a's mount is dead (its daemon is gone); remove its device, then use node-b's /dev/ublkb1"
-"$BIN/nvmirrorctl" del 0 >/dev/null
+"$BIN/nvmirrorctl" del 0
 umount -l mnt
 fsck.ext4 -fn /dev/ublkb1 >fsck.log 2>&1 || { cat fsck.log; die "fsck found problems"; }
 echo "fsck.ext4 -fn /dev/ublkb1: clean"
@@ -117,6 +117,7 @@ mount /dev/ublkb1 mnt
 echo "all $(wc -l <acked.sha256) acknowledged files read back through node-b match"
 umount mnt
 
+for _ in $(seq 300); do [[ -e /sys/class/ublk-char/ublkc0 ]] || break; sleep 0.1; done
 step "restart node-a: it rejoins, mirroring resumes (node-b now owns both ranges)"
 "$BIN/nvmirrord" --config node-a.toml 2>>daemon-a.log &
 pid_a=$!

@@ -249,8 +249,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Del { id } => {
             let ctrl = libublk::ctrl::UblkCtrl::new_simple(*id as i32)
                 .map_err(|e| anyhow!("ublk device {id}: {e}"))?;
-            ctrl.del_dev().map_err(|e| anyhow!("deleting ublk device {id}: {e}"))?;
-            println!("deleted /dev/ublkb{id}");
+            // Asynchronous delete: a device whose daemon died may still be mounted or open;
+            // waiting for every user to let go would hang. Pending I/O fails, users drop it.
+            ctrl.del_dev_async()
+                .map_err(|e| anyhow!("deleting ublk device {id}: {e}"))?;
+            println!("deleted /dev/ublkb{id} (its pending I/O fails; unmount what used it)");
         }
         Cmd::Features => match libublk::ctrl::UblkCtrl::get_features() {
             Some(f) => {

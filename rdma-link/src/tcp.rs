@@ -34,6 +34,7 @@ async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
 
 async fn connect_loop(shared: Arc<Shared>, addr: SocketAddr) {
     let mut sd = shared.shutdown.subscribe();
+    let mut failed_attempts = 0u64;
     while !shared.is_shutdown() {
         shared.set_state_if_not_up(LinkState::Connecting);
         let attempt = async {
@@ -61,12 +62,19 @@ async fn connect_loop(shared: Arc<Shared>, addr: SocketAddr) {
         };
         match res {
             Ok((io, peer)) => {
+                failed_attempts = 0;
                 tracing::info!(peer = shared.cfg.peer_node_id, %addr, "mirror link up (tcp, connector)");
                 let err = run_connection(shared.clone(), io, peer).await;
                 tracing::warn!(peer = shared.cfg.peer_node_id, error = %err, "mirror link down");
             }
             Err(e) => {
-                tracing::warn!(peer = shared.cfg.peer_node_id, %addr, error = %e, "mirror link connection attempt failed");
+                // Say it once per outage; the retries every reconnect_delay go to debug.
+                if failed_attempts == 0 {
+                    tracing::warn!(peer = shared.cfg.peer_node_id, %addr, error = %e, "mirror link connection attempt failed; retrying");
+                } else {
+                    tracing::debug!(peer = shared.cfg.peer_node_id, %addr, error = %e, "mirror link connection attempt failed");
+                }
+                failed_attempts += 1;
                 shared.set_state_if_not_up(LinkState::Down(e));
             }
         }

@@ -106,6 +106,7 @@ print("epochs now:", [x["epoch"] for x in e["ranges"]])' || fail "node-$survivor
 	# fio's in-flight I/O waits on the dead node's quiesced device: remove that device.
 	"$NVMCTL" del "${dev[$owner]#/dev/ublkb}" >/dev/null || true
 	wait "$fio_pid" || true
+	nvm_wait_dev_gone "${dev[$owner]#/dev/ublkb}"
 	ls ./*verify.state >/dev/null 2>&1 || { cat fio-write-$cycle.log; fail "fio saved no verify state"; }
 	fio "${job[@]}" --filename="${dev[$survivor]}" --verify_only=1 --verify_state_load=1 \
 		--output=fio-verify-$cycle.log ||

@@ -101,3 +101,9 @@ nvm_wait_dev() {
 	for _ in $(seq 100); do [[ -b /dev/ublkb$1 ]] && return 0; sleep 0.1; done
 	fail "/dev/ublkb$1 did not appear"
 }
+
+# nvm_wait_dev_gone ID: until the (asynchronously deleted) ublk device has been freed
+nvm_wait_dev_gone() {
+	for _ in $(seq 300); do [[ -e /sys/class/ublk-char/ublkc$1 ]] || return 0; sleep 0.1; done
+	fail "ublk device $1 still exists 30 s after its deletion"
+}

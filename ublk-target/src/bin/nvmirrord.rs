@@ -306,8 +306,9 @@ fn start_mirroring(
         let engine = served.clone();
         async move { rdma_link::Bytes::from(serve_forwarded(engine, req).await) }
     });
-    let link = rdma_link::Link::start_with_handler(lc, Some(engine.local_region()), Some(store), handler)
-        .map_err(|e| anyhow::anyhow!("starting the mirror link: {e}"))?;
+    let link =
+        rdma_link::Link::start_with_handler(lc, Some(engine.local_region()), Some(store), handler)
+            .map_err(|e| anyhow::anyhow!("starting the mirror link: {e}"))?;
     engine.attach_mirror(Arc::new(link.clone()));
     if let Some(c) = engine.cluster() {
         c.set_forwarder(Some(Arc::new(LinkForwarder(link.clone()))));
@@ -368,7 +369,10 @@ async fn serve_forwarded(engine: Arc<Engine>, req: rdma_link::Bytes) -> Vec<u8> 
     use nvmirror::cluster::wire;
     match wire::decode(&req) {
         Some(r) if r.op == wire::OP_READ => {
-            if !engine.serves_locally(r.lun as usize, r.offset, r.len as u64).await {
+            if !engine
+                .serves_locally(r.lun as usize, r.offset, r.len as u64)
+                .await
+            {
                 return wire::err("this node does not own the whole range (ownership moved?)");
             }
             let result = tokio::task::spawn_blocking(move || {
@@ -402,10 +406,21 @@ impl LinkForwarder {
 impl nvmirror::cluster::Forwarder for LinkForwarder {
     fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> nvmirror::cluster::ForwardFuture<()> {
         use nvmirror::cluster::wire;
-        let f = self.call(wire::encode(wire::OP_WRITE, lun, offset, data.len() as u32, &data));
+        let f = self.call(wire::encode(
+            wire::OP_WRITE,
+            lun,
+            offset,
+            data.len() as u32,
+            &data,
+        ));
         Box::pin(async move { f.await.map(|_| ()) })
     }
-    fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> nvmirror::cluster::ForwardFuture<()> {
+    fn write_zeroes(
+        &self,
+        lun: u32,
+        offset: u64,
+        len: u64,
+    ) -> nvmirror::cluster::ForwardFuture<()> {
         use nvmirror::cluster::wire;
         let f = self.call(wire::encode(wire::OP_ZERO, lun, offset, len as u32, &[]));
         Box::pin(async move { f.await.map(|_| ()) })
