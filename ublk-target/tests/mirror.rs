@@ -492,3 +492,32 @@ fn takeover_replays_before_serving_and_the_old_owner_is_fenced() {
         .block_on(p.a.write(0, writes[0].0, &pattern(5, 4096)))
         .is_err());
 }
+
+#[test]
+fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    // A's acknowledged write to its range 0, staged only (in A's NVRAM and B's mirror).
+    let old = pattern(1, 8192);
+    p.rt.block_on(p.a.write(0, 0, &old)).expect("A writes");
+    p.a.shutdown();
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    p.b.cluster().expect("c").set_forwarder(None);
+
+    // Takeover with a long grace; meanwhile a new write to the same block arrives at B.
+    let b = p.b.clone();
+    let takeover = std::thread::spawn(move || b.take_over(0, Duration::from_millis(700)));
+    std::thread::sleep(Duration::from_millis(100));
+    let newer = pattern(2, 8192);
+    let started = Instant::now();
+    p.rt.block_on(p.b.write(0, 0, &newer)).expect("write during takeover");
+    let waited = started.elapsed();
+    let report = takeover.join().expect("join").expect("takeover");
+    assert!(report.records >= 1);
+    assert!(waited >= Duration::from_millis(400), "the write waited for the takeover ({waited:?})");
+    // The replayed (older) record did not overwrite the newer write.
+    assert!(read_engine(&p, &p.b, 0, 8192) == newer);
+    assert!(p.b.drain(Duration::from_secs(10)));
+    assert!(p.medium.snapshot()[..8192] == newer[..]);
+}
