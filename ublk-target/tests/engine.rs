@@ -412,3 +412,17 @@ fn an_interrupted_format_is_redone_at_the_next_start() {
         .expect("start after an interrupted format");
     assert!(e.status().replay.formatted);
 }
+
+#[test]
+fn example_configs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            nvmirror::config::NodeConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "found {n} example configs");
+}
