@@ -251,6 +251,9 @@ pub mod wire {
     pub const OP_WRITE: u8 = 1;
     pub const OP_ZERO: u8 = 2;
     pub const OP_READ: u8 = 3;
+    /// Write records `offset..=last` (last in the data) of partition `lun` from your second
+    /// store; `len` of them must be there.
+    pub const OP_WRITE_FOR_PARTNER: u8 = 4;
     const HEADER: usize = 17;
 
     #[derive(Debug, PartialEq, Eq)]
@@ -292,6 +295,7 @@ pub mod wire {
         let data_ok = match r.op {
             OP_WRITE => r.data.len() == r.len as usize,
             OP_ZERO | OP_READ => r.data.is_empty(),
+            OP_WRITE_FOR_PARTNER => r.data.len() == 8,
             _ => false,
         };
         data_ok.then_some(r)

@@ -200,6 +200,8 @@ pub struct EngineStatus {
     pub bytes_flushed: u64,
     pub flush_batches: u64,
     pub medium_errors: u64,
+    /// Flush batches the partner wrote for us (our medium path failed).
+    pub delegated_batches: u64,
     pub last_medium_error: Option<String>,
     pub replay: ReplayReport,
     pub mirror: MirrorStatus,
@@ -248,9 +250,13 @@ pub struct MirrorStatus {
     pub second_store: Option<SecondStoreStatus>,
 }
 
+/// How the flusher reaches the partner when our medium path fails (set by the daemon).
+type DelegateSlot = Arc<std::sync::RwLock<Option<crate::flusher::FlushDelegate>>>;
+
 pub struct Engine {
     node: String,
     cluster: Option<Arc<Cluster>>,
+    flush_delegate: DelegateSlot,
     mirror: Arc<MirrorSlot>,
     second_store: Option<Arc<SecondStoreArea>>,
     region: Arc<NvramRegion>,
@@ -557,6 +563,7 @@ impl Engine {
         let engine = Arc::new(Engine {
             node: opts.node_name,
             cluster,
+            flush_delegate: Arc::default(),
             mirror: Arc::new(MirrorSlot {
                 link: std::sync::RwLock::new(None),
                 policy: opts.degraded,
@@ -612,10 +619,19 @@ impl Engine {
                     c.still_owned(&checks)
                 },
             );
+            let delegate_to = self.flush_delegate.clone();
+            let delegate: crate::flusher::FlushDelegate =
+                Arc::new(move |partition: u32, first: u64, last: u64, count: usize| {
+                    let d = delegate_to.read().ok().and_then(|d| d.clone());
+                    match d {
+                        Some(d) => d(partition, first, last, count),
+                        None => Err("no partner to write for us".into()),
+                    }
+                });
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("flush-{}", part.id))
-                    .spawn(move || run_flusher(p, luns, batch_bytes, stats, on_released, fence))?,
+                    .spawn(move || run_flusher(p, luns, batch_bytes, stats, on_released, fence, delegate))?,
             );
         }
         Ok(())
@@ -878,6 +894,22 @@ impl Engine {
         }
     }
 
+    /// Lets the flusher ask the partner to write mirrored records when our medium path fails.
+    pub fn set_flush_delegate(&self, d: Option<crate::flusher::FlushDelegate>) {
+        if let Ok(mut slot) = self.flush_delegate.write() {
+            *slot = d;
+        }
+    }
+
+    /// The partner's medium path failed: write its mirrored records through ours.
+    pub fn write_for_partner(&self, partition: u32, first: u64, last: u64, count: usize) -> Result<usize, String> {
+        let ss = self.second_store.as_ref().ok_or("this node keeps no second store")?;
+        let media: Vec<Arc<dyn Medium>> = self.luns.iter().map(|l| l.medium.clone()).collect();
+        let n = ss.write_for_partner(partition, first, last, count, &media)?;
+        tracing::warn!(partition, "the partner's medium path failed: wrote its records {first}..={last} from our second store");
+        Ok(n)
+    }
+
     /// Whether this node serves every byte of the range itself (waits out a takeover).
     pub async fn serves_locally(&self, lun_idx: usize, offset: u64, len: u64) -> bool {
         match self.lun_for(lun_idx, offset, len) {
@@ -1135,6 +1167,7 @@ impl Engine {
             bytes_flushed: self.flusher_stats.bytes_flushed.load(Ordering::Relaxed),
             flush_batches: self.flusher_stats.batches.load(Ordering::Relaxed),
             medium_errors: self.flusher_stats.medium_errors.load(Ordering::Relaxed),
+            delegated_batches: self.flusher_stats.delegated_batches.load(Ordering::Relaxed),
             last_medium_error: self
                 .flusher_stats
                 .last_error

@@ -16,11 +16,17 @@ use std::time::Duration;
 /// Says whether this node may still write a batch's ranges to the medium (fencing).
 pub type FenceCheck = Arc<dyn Fn(&[RecordMeta]) -> Result<(), String> + Send + Sync>;
 
+/// Asks the partner to write the mirrored copies of a batch from its second store (our path
+/// to the medium failed): (partition, first seq, last seq, number of data records).
+pub type FlushDelegate = Arc<dyn Fn(u32, u64, u64, usize) -> Result<(), String> + Send + Sync>;
+
 #[derive(Default)]
 pub struct FlusherStats {
     pub bytes_flushed: AtomicU64,
     pub batches: AtomicU64,
     pub medium_errors: AtomicU64,
+    /// Batches the partner wrote for us because our medium path failed.
+    pub delegated_batches: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -31,6 +37,7 @@ pub fn run_flusher(
     stats: Arc<FlusherStats>,
     on_released: Arc<dyn Fn(u32, u64) + Send + Sync>,
     fence: FenceCheck,
+    delegate: FlushDelegate,
 ) {
     let mut backoff = Duration::from_millis(10);
     while let Some(batch) = log.next_flush_batch(batch_bytes) {
@@ -59,6 +66,30 @@ pub fn run_flusher(
             }
             Err(e) => {
                 stats.medium_errors.fetch_add(1, Ordering::Relaxed);
+                // Our path to the medium fails: the partner holds the same records in its
+                // second store and can write them through its own path.
+                let data: Vec<&RecordMeta> = batch.iter().filter(|r| r.kind != RecordKind::Wrap).collect();
+                if let (Some(first), Some(last)) = (data.first(), data.last()) {
+                    match delegate(log.id, first.seq, last.seq, data.len())
+                        .and_then(|()| finish_batch(&log, &luns, &batch))
+                    {
+                        Ok(()) => {
+                            stats.delegated_batches.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                partition = log.id,
+                                "medium path failed ({e}); the partner wrote seq {}..={} from its mirror",
+                                first.seq,
+                                last.seq
+                            );
+                            if let Ok(mut last_err) = stats.last_error.lock() {
+                                *last_err = Some(format!("medium path failed, partner writes for us: {e}"));
+                            }
+                            on_released(log.id, last.seq);
+                            continue;
+                        }
+                        Err(why) => tracing::warn!(partition = log.id, "the partner could not write for us: {why}"),
+                    }
+                }
                 tracing::error!(
                     partition = log.id,
                     "flush to medium failed: {e}; records stay staged, retrying in {backoff:?}"
@@ -110,6 +141,13 @@ fn flush_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> R
                 .map_err(|e| format!("syncing {}: {e}", lun.medium.describe()))?;
         }
     }
+    finish_batch(log, luns, batch)?;
+    Ok(bytes)
+}
+
+/// The batch is on the medium (written by us or by the partner): unindex, checkpoint,
+/// free the space.
+fn finish_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> Result<(), String> {
     for r in batch {
         if r.kind != RecordKind::Wrap {
             luns[r.lun as usize]
@@ -118,6 +156,5 @@ fn flush_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> R
         }
     }
     log.release(batch)
-        .map_err(|e| format!("persisting the checkpoint of partition {}: {e}", log.id))?;
-    Ok(bytes)
+        .map_err(|e| format!("persisting the checkpoint of partition {}: {e}", log.id))
 }

@@ -187,6 +187,66 @@ impl SecondStoreArea {
     }
 }
 
+impl SecondStoreArea {
+    /// The partner's path to the medium failed: write its mirrored records `first..=last` of
+    /// `partition` (exactly `count` of them must be here) through ours, then forget them.
+    pub fn write_for_partner(
+        &self,
+        partition: u32,
+        first: u64,
+        last: u64,
+        count: usize,
+        media: &[Arc<dyn Medium>],
+    ) -> Result<usize, String> {
+        let held: Vec<(u64, Held)> = self
+            .held()
+            .get(partition as usize)
+            .map(|m| m.range(first..=last).map(|(s, h)| (*s, *h)).collect())
+            .unwrap_or_default();
+        if held.len() != count {
+            return Err(format!(
+                "partition {partition}: {} of the {count} records {first}..={last} are in the second store (some were never mirrored)",
+                held.len()
+            ));
+        }
+        let part_base = self.base + partition as u64 * self.layout.part_size;
+        let log = self.region.slice(part_base, self.layout.part_size as usize);
+        let mut touched = vec![false; media.len()];
+        for (seq, h) in &held {
+            let at = h.pos as usize;
+            let header = match RecordHeader::decode(&log[at..]) {
+                Ok(hd) if hd.seq == *seq => hd,
+                _ => return Err(format!("mirrored record seq {seq} is not intact")),
+            };
+            let end = at + HEADER_BYTES as usize + header.data_len as usize;
+            if end > log.len() {
+                return Err(format!("mirrored record seq {seq} exceeds its partition"));
+            }
+            let data = &log[at + HEADER_BYTES as usize..end];
+            if crc32c::crc32c(data) != header.data_crc {
+                return Err(format!("mirrored record seq {seq}: data checksum mismatch"));
+            }
+            let medium = media
+                .get(header.lun as usize)
+                .ok_or_else(|| format!("record seq {seq} names an unknown LUN"))?;
+            match header.kind {
+                RecordKind::Data => medium.write_at(data, header.offset),
+                RecordKind::Zero => medium.write_zeroes(header.offset, header.len as u64),
+                RecordKind::Wrap => Ok(()),
+            }
+            .map_err(|e| format!("writing seq {seq}: {e}"))?;
+            touched[header.lun as usize] = true;
+        }
+        for (i, m) in media.iter().enumerate() {
+            if touched[i] {
+                m.sync().map_err(|e| format!("syncing {}: {e}", m.describe()))?;
+            }
+        }
+        rdma_link::SecondStore::on_release(self, partition, last);
+        Ok(held.len())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error("mirrored record damaged: {0}")]

@@ -521,3 +521,84 @@ fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
     assert!(p.b.drain(Duration::from_secs(10)));
     assert!(p.medium.snapshot()[..8192] == newer[..]);
 }
+
+/// The shared medium as one node sees it: its own path can be made to fail.
+struct PathView {
+    inner: Arc<MemMedium>,
+    broken: std::sync::atomic::AtomicBool,
+}
+impl nvmirror::medium::Medium for PathView {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn write_at(&self, data: &[u8], off: u64) -> std::io::Result<()> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.write_at(data, off)
+    }
+    fn read_at(&self, out: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.inner.read_at(out, off)
+    }
+    fn write_zeroes(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.write_at(&vec![0; len as usize], off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "path view".into()
+    }
+}
+
+#[test]
+fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shared = Arc::new(MemMedium::new(LUN_SIZE));
+    let view_a = Arc::new(PathView {
+        inner: shared.clone(),
+        broken: std::sync::atomic::AtomicBool::new(false),
+    });
+    let open_with = |name: &str, medium: Arc<dyn nvmirror::medium::Medium>| {
+        Engine::open(
+            NvramRegion::open(&dir.path().join(name), Some(24 * MIB)).expect("nvram"),
+            EngineOptions {
+                node_name: name.into(),
+                partitions: 2,
+                flush_batch_bytes: 4 * MIB,
+                mode: OpenMode::Normal,
+                mirrored: true,
+                degraded: DegradedPolicy::WriteThrough,
+                cluster: None,
+                config_path: "test.toml".into(),
+            },
+            vec![LunSpec { name: "lun0".into(), size: LUN_SIZE, ranges: 4, medium }],
+        )
+        .expect("engine")
+    };
+    let a = open_with("a", view_a.clone());
+    let b = open_with("b", shared.clone());
+    let addr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let link_a = link(&a, Role::Listen(addr), 1, 2);
+    let link_b = link(&b, Role::Connect(addr), 2, 1);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        link_a.wait_up().await.expect("up");
+        link_b.wait_up().await.expect("up");
+    });
+    a.attach_mirror(Arc::new(link_a.clone()));
+    b.attach_mirror(Arc::new(link_b.clone()));
+    let partner = b.clone();
+    a.set_flush_delegate(Some(Arc::new(move |p, first, last, count| {
+        partner.write_for_partner(p, first, last, count).map(|_| ())
+    })));
+
+    view_a.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    let data = pattern(11, 65536);
+    rt.block_on(a.write(0, 4096, &data)).expect("write while A's path is broken");
+    assert!(a.drain(Duration::from_secs(10)), "A's records reached the medium through B");
+    assert!(shared.snapshot()[4096..4096 + 65536] == data[..]);
+    let st = a.status();
+    assert!(st.delegated_batches >= 1 && st.medium_errors >= 1, "{st:?}");
+    assert_eq!(b.status().mirror.second_store.map(|s| s.records), Some(0));
+}

@@ -313,6 +313,17 @@ fn start_mirroring(
     if let Some(c) = engine.cluster() {
         c.set_forwarder(Some(Arc::new(LinkForwarder(link.clone()))));
     }
+    // When our path to the medium fails, the partner writes our mirrored records.
+    let delegate_link = link.clone();
+    engine.set_flush_delegate(Some(Arc::new(
+        move |partition: u32, first: u64, last: u64, count: usize| {
+            use nvmirror::cluster::wire;
+            let req = wire::encode(wire::OP_WRITE_FOR_PARTNER, partition, first, count as u32, &last.to_le_bytes());
+            // The flusher is a plain thread; the link's futures run on any executor.
+            let answer = futures::executor::block_on(delegate_link.request(req)).map_err(|e| e.to_string())?;
+            wire::answer(&answer).map(|_| ())
+        },
+    )));
 
     let (watched, engine, policy) = (link.clone(), engine.clone(), c.takeover);
     let grace = Duration::from_millis(c.heartbeat_timeout_ms);
@@ -368,6 +379,20 @@ fn shutdown_link(link: rdma_link::Link) {
 async fn serve_forwarded(engine: Arc<Engine>, req: rdma_link::Bytes) -> Vec<u8> {
     use nvmirror::cluster::wire;
     match wire::decode(&req) {
+        Some(r) if r.op == wire::OP_WRITE_FOR_PARTNER => {
+            let mut last = [0u8; 8];
+            last.copy_from_slice(&r.data);
+            let last = u64::from_le_bytes(last);
+            let result = tokio::task::spawn_blocking(move || {
+                engine.write_for_partner(r.lun, r.offset, last, r.len as usize)
+            })
+            .await;
+            match result {
+                Ok(Ok(_)) => wire::ok(&[]),
+                Ok(Err(e)) => wire::err(&e),
+                Err(e) => wire::err(&format!("task failed: {e}")),
+            }
+        }
         Some(r) if r.op == wire::OP_READ => {
             if !engine
                 .serves_locally(r.lun as usize, r.offset, r.len as u64)
