@@ -196,11 +196,20 @@ impl Cluster {
 
     /// Fencing: re-reads the table on the medium and says whether we still own `range`
     /// of `lun` (ownership may have moved away while we were cut off).
-    pub fn still_owned(&self, checks: &[(u32, u32)]) -> Result<(), String> {
+    pub fn still_owned(&self, checks: &[(u32, u32)]) -> Result<(), crate::flusher::Fence> {
+        use crate::flusher::Fence;
         let t = match ownership::load(self.store.as_ref()) {
             Ok(Some(t)) => t,
-            Ok(None) => return Err("the ownership table is gone from the medium".into()),
-            Err(e) => return Err(format!("cannot read the ownership table: {e}")),
+            Ok(None) => {
+                return Err(Fence::Unreadable(
+                    "the ownership table is gone from the medium".into(),
+                ))
+            }
+            Err(e) => {
+                return Err(Fence::Unreadable(format!(
+                    "cannot read the ownership table: {e}"
+                )))
+            }
         };
         for &(l, r) in checks {
             let owner = t
@@ -211,12 +220,16 @@ impl Cluster {
             match owner {
                 Some((o, _)) if o == self.me => {}
                 Some((o, epoch)) => {
-                    return Err(format!(
+                    return Err(Fence::Lost(format!(
                         "fenced: range {r} of LUN {l} now belongs to node {} (epoch {epoch}); this node must not write it",
                         self.node_name(o)
-                    ))
+                    )))
                 }
-                None => return Err(format!("range {r} of LUN {l} is not in the ownership table")),
+                None => {
+                    return Err(Fence::Lost(format!(
+                        "range {r} of LUN {l} is not in the ownership table"
+                    )))
+                }
             }
         }
         Ok(())

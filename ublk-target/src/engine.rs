@@ -313,7 +313,7 @@ impl Engine {
                     crate::ownership::MediumTableStore::open(&path, base).map_err(|source| {
                         EngineError::Medium(MediumError::Open {
                             path: path.clone(),
-                            source,
+                            cause: source,
                         })
                     })?;
                 let nodes: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
@@ -604,7 +604,7 @@ impl Engine {
             // Fencing: before each batch, the medium's ownership table must still say ours.
             let (cluster, fence_luns) = (self.cluster.clone(), self.luns.clone());
             let fence = Arc::new(
-                move |batch: &[crate::log::RecordMeta]| -> Result<(), String> {
+                move |batch: &[crate::log::RecordMeta]| -> Result<(), crate::flusher::Fence> {
                     let Some(c) = &cluster else { return Ok(()) };
                     let mut checks: Vec<(u32, u32)> = batch
                         .iter()
@@ -631,7 +631,9 @@ impl Engine {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("flush-{}", part.id))
-                    .spawn(move || run_flusher(p, luns, batch_bytes, stats, on_released, fence, delegate))?,
+                    .spawn(move || {
+                        run_flusher(p, luns, batch_bytes, stats, on_released, fence, delegate)
+                    })?,
             );
         }
         Ok(())
@@ -902,8 +904,17 @@ impl Engine {
     }
 
     /// The partner's medium path failed: write its mirrored records through ours.
-    pub fn write_for_partner(&self, partition: u32, first: u64, last: u64, count: usize) -> Result<usize, String> {
-        let ss = self.second_store.as_ref().ok_or("this node keeps no second store")?;
+    pub fn write_for_partner(
+        &self,
+        partition: u32,
+        first: u64,
+        last: u64,
+        count: usize,
+    ) -> Result<usize, String> {
+        let ss = self
+            .second_store
+            .as_ref()
+            .ok_or("this node keeps no second store")?;
         let media: Vec<Arc<dyn Medium>> = self.luns.iter().map(|l| l.medium.clone()).collect();
         let n = ss.write_for_partner(partition, first, last, count, &media)?;
         tracing::warn!(partition, "the partner's medium path failed: wrote its records {first}..={last} from our second store");

@@ -13,8 +13,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Why a batch may not be written through our path.
+pub enum Fence {
+    /// The ranges belong to the partner now: never write them again.
+    Lost(String),
+    /// The ownership table cannot be read through our path (the path is failing).
+    Unreadable(String),
+}
+
 /// Says whether this node may still write a batch's ranges to the medium (fencing).
-pub type FenceCheck = Arc<dyn Fn(&[RecordMeta]) -> Result<(), String> + Send + Sync>;
+pub type FenceCheck = Arc<dyn Fn(&[RecordMeta]) -> Result<(), Fence> + Send + Sync>;
 
 /// Asks the partner to write the mirrored copies of a batch from its second store (our path
 /// to the medium failed): (partition, first seq, last seq, number of data records).
@@ -41,18 +49,22 @@ pub fn run_flusher(
 ) {
     let mut backoff = Duration::from_millis(10);
     while let Some(batch) = log.next_flush_batch(batch_bytes) {
-        if let Err(why) = fence(&batch) {
-            tracing::error!(
-                partition = log.id,
-                "{why}; this partition stops flushing and fails its writes"
-            );
-            if let Ok(mut last) = stats.last_error.lock() {
-                *last = Some(why.clone());
+        let result = match fence(&batch) {
+            Ok(()) => flush_batch(&log, &luns, &batch),
+            Err(Fence::Unreadable(why)) => Err(why),
+            Err(Fence::Lost(why)) => {
+                tracing::error!(
+                    partition = log.id,
+                    "{why}; this partition stops flushing and fails its writes"
+                );
+                if let Ok(mut last) = stats.last_error.lock() {
+                    *last = Some(why.clone());
+                }
+                log.fail(why);
+                return;
             }
-            log.fail(why);
-            return;
-        }
-        match flush_batch(&log, &luns, &batch) {
+        };
+        match result {
             Ok(bytes) => {
                 if let Some(last) = batch.last() {
                     on_released(log.id, last.seq);
@@ -68,7 +80,10 @@ pub fn run_flusher(
                 stats.medium_errors.fetch_add(1, Ordering::Relaxed);
                 // Our path to the medium fails: the partner holds the same records in its
                 // second store and can write them through its own path.
-                let data: Vec<&RecordMeta> = batch.iter().filter(|r| r.kind != RecordKind::Wrap).collect();
+                let data: Vec<&RecordMeta> = batch
+                    .iter()
+                    .filter(|r| r.kind != RecordKind::Wrap)
+                    .collect();
                 if let (Some(first), Some(last)) = (data.first(), data.last()) {
                     match delegate(log.id, first.seq, last.seq, data.len())
                         .and_then(|()| finish_batch(&log, &luns, &batch))
@@ -82,12 +97,16 @@ pub fn run_flusher(
                                 last.seq
                             );
                             if let Ok(mut last_err) = stats.last_error.lock() {
-                                *last_err = Some(format!("medium path failed, partner writes for us: {e}"));
+                                *last_err =
+                                    Some(format!("medium path failed, partner writes for us: {e}"));
                             }
                             on_released(log.id, last.seq);
                             continue;
                         }
-                        Err(why) => tracing::warn!(partition = log.id, "the partner could not write for us: {why}"),
+                        Err(why) => tracing::warn!(
+                            partition = log.id,
+                            "the partner could not write for us: {why}"
+                        ),
                     }
                 }
                 tracing::error!(

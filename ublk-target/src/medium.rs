@@ -25,8 +25,8 @@ pub trait Medium: Send + Sync {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MediumError {
-    #[error("cannot open storage medium {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    #[error("cannot open storage medium {path}: {cause}")]
+    Open { path: PathBuf, cause: io::Error },
     #[error("storage medium {path} is {actual} bytes, smaller than the LUN size {wanted}; grow it or set a smaller lun size")]
     TooSmall {
         path: PathBuf,
@@ -51,7 +51,7 @@ impl FileMedium {
     pub fn open(path: &Path, size: Option<u64>) -> Result<FileMedium, MediumError> {
         let err = |source| MediumError::Open {
             path: path.to_owned(),
-            source,
+            cause: source,
         };
         let writer = OpenOptions::new()
             .read(true)

@@ -239,7 +239,8 @@ impl SecondStoreArea {
         }
         for (i, m) in media.iter().enumerate() {
             if touched[i] {
-                m.sync().map_err(|e| format!("syncing {}: {e}", m.describe()))?;
+                m.sync()
+                    .map_err(|e| format!("syncing {}: {e}", m.describe()))?;
             }
         }
         rdma_link::SecondStore::on_release(self, partition, last);

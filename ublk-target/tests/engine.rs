@@ -420,7 +420,8 @@ fn example_configs_are_valid() {
     for entry in std::fs::read_dir(&dir).expect("examples/") {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
-            nvmirror::config::NodeConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            nvmirror::config::NodeConfig::load(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             n += 1;
         }
     }

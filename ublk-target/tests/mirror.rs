@@ -511,11 +511,15 @@ fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
     std::thread::sleep(Duration::from_millis(100));
     let newer = pattern(2, 8192);
     let started = Instant::now();
-    p.rt.block_on(p.b.write(0, 0, &newer)).expect("write during takeover");
+    p.rt.block_on(p.b.write(0, 0, &newer))
+        .expect("write during takeover");
     let waited = started.elapsed();
     let report = takeover.join().expect("join").expect("takeover");
     assert!(report.records >= 1);
-    assert!(waited >= Duration::from_millis(400), "the write waited for the takeover ({waited:?})");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the write waited for the takeover ({waited:?})"
+    );
     // The replayed (older) record did not overwrite the newer write.
     assert!(read_engine(&p, &p.b, 0, 8192) == newer);
     assert!(p.b.drain(Duration::from_secs(10)));
@@ -572,7 +576,12 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
                 cluster: None,
                 config_path: "test.toml".into(),
             },
-            vec![LunSpec { name: "lun0".into(), size: LUN_SIZE, ranges: 4, medium }],
+            vec![LunSpec {
+                name: "lun0".into(),
+                size: LUN_SIZE,
+                ranges: 4,
+                medium,
+            }],
         )
         .expect("engine")
     };
@@ -581,7 +590,11 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
     let addr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let link_a = link(&a, Role::Listen(addr), 1, 2);
     let link_b = link(&b, Role::Connect(addr), 2, 1);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
     rt.block_on(async {
         link_a.wait_up().await.expect("up");
         link_b.wait_up().await.expect("up");
@@ -593,10 +606,16 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
         partner.write_for_partner(p, first, last, count).map(|_| ())
     })));
 
-    view_a.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    view_a
+        .broken
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let data = pattern(11, 65536);
-    rt.block_on(a.write(0, 4096, &data)).expect("write while A's path is broken");
-    assert!(a.drain(Duration::from_secs(10)), "A's records reached the medium through B");
+    rt.block_on(a.write(0, 4096, &data))
+        .expect("write while A's path is broken");
+    assert!(
+        a.drain(Duration::from_secs(10)),
+        "A's records reached the medium through B"
+    );
     assert!(shared.snapshot()[4096..4096 + 65536] == data[..]);
     let st = a.status();
     assert!(st.delegated_batches >= 1 && st.medium_errors >= 1, "{st:?}");

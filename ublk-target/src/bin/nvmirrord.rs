@@ -318,9 +318,16 @@ fn start_mirroring(
     engine.set_flush_delegate(Some(Arc::new(
         move |partition: u32, first: u64, last: u64, count: usize| {
             use nvmirror::cluster::wire;
-            let req = wire::encode(wire::OP_WRITE_FOR_PARTNER, partition, first, count as u32, &last.to_le_bytes());
+            let req = wire::encode(
+                wire::OP_WRITE_FOR_PARTNER,
+                partition,
+                first,
+                count as u32,
+                &last.to_le_bytes(),
+            );
             // The flusher is a plain thread; the link's futures run on any executor.
-            let answer = futures::executor::block_on(delegate_link.request(req)).map_err(|e| e.to_string())?;
+            let answer = futures::executor::block_on(delegate_link.request(req))
+                .map_err(|e| e.to_string())?;
             wire::answer(&answer).map(|_| ())
         },
     )));

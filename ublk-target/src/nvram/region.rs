@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
-    #[error("cannot open NVRAM {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    #[error("cannot open NVRAM {path}: {cause}")]
+    Open { path: PathBuf, cause: io::Error },
     #[error(
         "NVRAM {path} does not exist; set nvram.size in the config so it can be created as a file"
     )]
@@ -31,8 +31,8 @@ pub enum RegionError {
         path: PathBuf,
         errno: nix::errno::Errno,
     },
-    #[error("cannot map NVRAM {path} into memory: {source}")]
-    Map { path: PathBuf, source: io::Error },
+    #[error("cannot map NVRAM {path} into memory: {cause}")]
+    Map { path: PathBuf, cause: io::Error },
 }
 
 pub struct NvramRegion {
@@ -63,7 +63,7 @@ impl NvramRegion {
         }
         let open_err = |source| RegionError::Open {
             path: path.to_owned(),
-            source,
+            cause: source,
         };
         let file = OpenOptions::new()
             .read(true)
@@ -111,7 +111,7 @@ impl NvramRegion {
             .map_raw(&file)
             .map_err(|source| RegionError::Map {
                 path: path.to_owned(),
-                source,
+                cause: source,
             })?;
         Ok(NvramRegion {
             path: path.to_owned(),
