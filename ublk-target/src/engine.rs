@@ -1274,15 +1274,14 @@ fn replay(
                     h.seq, lun.name, lun.size
                 )));
             }
-            let res = match h.kind {
-                RecordKind::Data => {
-                    let at = layout.partition_base(p as u32) + r.data_pos();
-                    lun.medium
-                        .write_at(region.slice(at, h.data_len as usize), h.offset)
-                }
-                RecordKind::Zero => lun.medium.write_zeroes(h.offset, h.len as u64),
-                RecordKind::Wrap => Ok(()),
-            };
+            let at = layout.partition_base(p as u32) + r.data_pos();
+            let res = crate::medium::apply_record(
+                lun.medium.as_ref(),
+                h.kind,
+                h.offset,
+                h.len as u64,
+                region.slice(at, h.data_len as usize),
+            );
             res.map_err(|e| {
                 EngineError::Replay(format!("seq {} to {}: {e}", h.seq, lun.medium.describe()))
             })?;

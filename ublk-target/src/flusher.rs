@@ -132,16 +132,13 @@ fn flush_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> R
         }
         let lun = &luns[r.lun as usize];
         touched[r.lun as usize] = true;
-        let res = match r.kind {
-            RecordKind::Data => {
-                let data = log
-                    .region()
-                    .slice(log.nvram_offset(r.pos) + HEADER_BYTES, r.len as usize);
-                lun.medium.write_at(data, r.offset)
-            }
-            RecordKind::Zero => lun.medium.write_zeroes(r.offset, r.len),
-            RecordKind::Wrap => Ok(()),
+        let data: &[u8] = match r.kind {
+            RecordKind::Data => log
+                .region()
+                .slice(log.nvram_offset(r.pos) + HEADER_BYTES, r.len as usize),
+            _ => &[],
         };
+        let res = crate::medium::apply_record(lun.medium.as_ref(), r.kind, r.offset, r.len, data);
         res.map_err(|e| {
             format!(
                 "writing seq {} ({} bytes at {}) to {}: {e}",

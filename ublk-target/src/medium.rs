@@ -23,6 +23,23 @@ pub trait Medium: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// Puts one staged record on a medium: its data, or zeroes (a wrap marker changes nothing).
+/// `data` is the record's payload (empty for zero records).
+pub fn apply_record(
+    medium: &dyn Medium,
+    kind: crate::nvram::RecordKind,
+    offset: u64,
+    len: u64,
+    data: &[u8],
+) -> io::Result<()> {
+    use crate::nvram::RecordKind;
+    match kind {
+        RecordKind::Data => medium.write_at(data, offset),
+        RecordKind::Zero => medium.write_zeroes(offset, len),
+        RecordKind::Wrap => Ok(()),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MediumError {
     #[error("cannot open storage medium {path}: {cause}")]

@@ -10,7 +10,7 @@
 
 use crate::engine::ReplayReport;
 use crate::medium::Medium;
-use crate::nvram::record::{RecordHeader, RecordKind, HEADER_BYTES};
+use crate::nvram::record::{RecordHeader, HEADER_BYTES};
 use crate::nvram::scan::CorruptRecord;
 use crate::nvram::{Layout, NvramRegion};
 use rdma_link::{PartitionSeq, Post, Region, ResyncPoint};
@@ -163,12 +163,14 @@ impl SecondStoreArea {
                         header.lun
                     ))
                 })?;
-                let res = match header.kind {
-                    RecordKind::Data => medium.write_at(data, header.offset),
-                    RecordKind::Zero => medium.write_zeroes(header.offset, header.len as u64),
-                    RecordKind::Wrap => Ok(()),
-                };
-                res.map_err(|e| ReplayError::Medium(format!("seq {seq}: {e}")))?;
+                crate::medium::apply_record(
+                    medium.as_ref(),
+                    header.kind,
+                    header.offset,
+                    header.len as u64,
+                    data,
+                )
+                .map_err(|e| ReplayError::Medium(format!("seq {seq}: {e}")))?;
                 touched[header.lun as usize] = true;
                 report.records += 1;
                 report.bytes += header.len as u64;
@@ -229,11 +231,13 @@ impl SecondStoreArea {
             let medium = media
                 .get(header.lun as usize)
                 .ok_or_else(|| format!("record seq {seq} names an unknown LUN"))?;
-            match header.kind {
-                RecordKind::Data => medium.write_at(data, header.offset),
-                RecordKind::Zero => medium.write_zeroes(header.offset, header.len as u64),
-                RecordKind::Wrap => Ok(()),
-            }
+            crate::medium::apply_record(
+                medium.as_ref(),
+                header.kind,
+                header.offset,
+                header.len as u64,
+                data,
+            )
             .map_err(|e| format!("writing seq {seq}: {e}"))?;
             touched[header.lun as usize] = true;
         }
