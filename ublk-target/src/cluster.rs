@@ -31,6 +31,43 @@ pub trait Forwarder: Send + Sync {
     fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>>;
 }
 
+/// A [`Forwarder`] over any request/response channel: `call` carries an encoded request to
+/// the owner and brings back its raw answer (see [`wire`]).
+pub struct RequestForwarder<C>(pub C);
+
+impl<C> RequestForwarder<C>
+where
+    C: Fn(Vec<u8>) -> ForwardFuture<Vec<u8>> + Send + Sync,
+{
+    fn ask(&self, req: Vec<u8>) -> ForwardFuture<Vec<u8>> {
+        let answer = (self.0)(req);
+        Box::pin(async move { wire::answer(&answer.await?).map(|d| d.to_vec()) })
+    }
+}
+
+impl<C> Forwarder for RequestForwarder<C>
+where
+    C: Fn(Vec<u8>) -> ForwardFuture<Vec<u8>> + Send + Sync,
+{
+    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()> {
+        let f = self.ask(wire::encode(
+            wire::OP_WRITE,
+            lun,
+            offset,
+            data.len() as u32,
+            &data,
+        ));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> ForwardFuture<()> {
+        let f = self.ask(wire::encode(wire::OP_ZERO, lun, offset, len as u32, &[]));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>> {
+        self.ask(wire::encode(wire::OP_READ, lun, offset, len, &[]))
+    }
+}
+
 pub struct ClusterSetup {
     /// Our index in `nodes`.
     pub me: u32,

@@ -263,7 +263,7 @@ fn degraded_nvram_policy_acknowledges_from_the_local_copy() {
 
 // ---- two nodes owning ranges of one LUN: forwarding, takeover, fencing ----
 
-use nvmirror::cluster::{wire, ClusterSetup, ForwardFuture, Forwarder};
+use nvmirror::cluster::{ClusterSetup, ForwardFuture, Forwarder, RequestForwarder};
 use nvmirror::ownership::{MemTableStore, OwnershipTable, RangeOwner, TableStore};
 
 struct SharedTable(Arc<MemTableStore>);
@@ -277,34 +277,13 @@ impl TableStore for SharedTable {
 }
 
 /// Forwards straight into the other engine (the daemon does it over the link).
-struct Direct(Arc<Engine>);
-impl Direct {
-    fn call(&self, req: Vec<u8>) -> ForwardFuture<Vec<u8>> {
-        let e = self.0.clone();
-        Box::pin(async move {
-            let answer = e.serve_forwarded(&req).await;
-            wire::answer(&answer).map(|d| d.to_vec())
-        })
-    }
-}
-impl Forwarder for Direct {
-    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()> {
-        let f = self.call(wire::encode(
-            wire::OP_WRITE,
-            lun,
-            offset,
-            data.len() as u32,
-            &data,
-        ));
-        Box::pin(async move { f.await.map(|_| ()) })
-    }
-    fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> ForwardFuture<()> {
-        let f = self.call(wire::encode(wire::OP_ZERO, lun, offset, len as u32, &[]));
-        Box::pin(async move { f.await.map(|_| ()) })
-    }
-    fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>> {
-        self.call(wire::encode(wire::OP_READ, lun, offset, len, &[]))
-    }
+fn direct(e: Arc<Engine>) -> Arc<dyn Forwarder> {
+    Arc::new(RequestForwarder(
+        move |req: Vec<u8>| -> ForwardFuture<Vec<u8>> {
+            let e = e.clone();
+            Box::pin(async move { Ok(e.serve_forwarded(&req).await) })
+        },
+    ))
 }
 
 fn clustered(
@@ -383,10 +362,10 @@ fn cluster_pair() -> ClusterPair {
     b.attach_mirror(Arc::new(link_b.clone()));
     a.cluster()
         .expect("cluster")
-        .set_forwarder(Some(Arc::new(Direct(b.clone()))));
+        .set_forwarder(Some(direct(b.clone())));
     b.cluster()
         .expect("cluster")
-        .set_forwarder(Some(Arc::new(Direct(a.clone()))));
+        .set_forwarder(Some(direct(a.clone())));
     ClusterPair {
         a,
         b,

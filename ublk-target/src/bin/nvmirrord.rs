@@ -311,7 +311,19 @@ fn start_mirroring(
             .map_err(|e| anyhow::anyhow!("starting the mirror link: {e}"))?;
     engine.attach_mirror(Arc::new(link.clone()));
     if let Some(c) = engine.cluster() {
-        c.set_forwarder(Some(Arc::new(LinkForwarder(link.clone()))));
+        // I/O for the partner's ranges goes to it as requests over the link.
+        let to_partner = link.clone();
+        c.set_forwarder(Some(Arc::new(nvmirror::cluster::RequestForwarder(
+            move |req: Vec<u8>| -> nvmirror::cluster::ForwardFuture<Vec<u8>> {
+                let link = to_partner.clone();
+                Box::pin(async move {
+                    link.request(req)
+                        .await
+                        .map(|a| a.to_vec())
+                        .map_err(|e| e.to_string())
+                })
+            },
+        ))));
     }
     // When our path to the medium fails, the partner writes our mirrored records.
     let delegate_link = link.clone();
@@ -419,46 +431,5 @@ async fn serve_forwarded(engine: Arc<Engine>, req: rdma_link::Bytes) -> Vec<u8> 
             }
         }
         _ => engine.serve_forwarded(&req).await,
-    }
-}
-
-/// Sends I/O for the partner's ranges over the mirror link.
-struct LinkForwarder(rdma_link::Link);
-
-impl LinkForwarder {
-    fn call(&self, req: Vec<u8>) -> nvmirror::cluster::ForwardFuture<Vec<u8>> {
-        let link = self.0.clone();
-        Box::pin(async move {
-            let answer = link.request(req).await.map_err(|e| e.to_string())?;
-            nvmirror::cluster::wire::answer(&answer).map(|d| d.to_vec())
-        })
-    }
-}
-
-impl nvmirror::cluster::Forwarder for LinkForwarder {
-    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> nvmirror::cluster::ForwardFuture<()> {
-        use nvmirror::cluster::wire;
-        let f = self.call(wire::encode(
-            wire::OP_WRITE,
-            lun,
-            offset,
-            data.len() as u32,
-            &data,
-        ));
-        Box::pin(async move { f.await.map(|_| ()) })
-    }
-    fn write_zeroes(
-        &self,
-        lun: u32,
-        offset: u64,
-        len: u64,
-    ) -> nvmirror::cluster::ForwardFuture<()> {
-        use nvmirror::cluster::wire;
-        let f = self.call(wire::encode(wire::OP_ZERO, lun, offset, len as u32, &[]));
-        Box::pin(async move { f.await.map(|_| ()) })
-    }
-    fn read(&self, lun: u32, offset: u64, len: u32) -> nvmirror::cluster::ForwardFuture<Vec<u8>> {
-        use nvmirror::cluster::wire;
-        self.call(wire::encode(wire::OP_READ, lun, offset, len, &[]))
     }
 }
