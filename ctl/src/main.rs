@@ -65,6 +65,12 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Give the partner back the ranges the config assigns to it (after a takeover, once the
+    /// partner is back): their staged writes are flushed first.
+    Giveback {
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Delete a ublk device by id (for a device whose daemon is gone for good).
     Del { id: u32 },
     /// ublk features the running kernel offers.
@@ -245,6 +251,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Duration::from_secs(600),
             )?;
             println!("takeover complete: this node serves the partner's ranges");
+        }
+        Cmd::Giveback { timeout } => {
+            call(
+                &socket_path(&cli)?,
+                Request::Giveback { timeout_secs: *timeout },
+                Duration::from_secs(timeout + 30),
+            )?;
+            println!("giveback complete: the partner serves its configured ranges again");
         }
         Cmd::Del { id } => {
             let ctrl = libublk::ctrl::UblkCtrl::new_simple(*id as i32)

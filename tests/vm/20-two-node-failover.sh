@@ -4,6 +4,8 @@
 # kill -9'd mid-run, the partner notices (heartbeats), takes over (epoch bump, replay of the
 # mirrored writes), and fio verifies every acknowledged write through the partner's device.
 # The killed node restarts, rejoins (mirroring resumes) and the roles swap for the next cycle.
+# At the end the survivor gives the partner its configured range back, and writes through
+# one node verify through the other.
 # vm-timeout: 600
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -118,7 +120,26 @@ print("epochs now:", [x["epoch"] for x in e["ranges"]])' || fail "node-$survivor
 	wait_mirroring $survivor
 	tmp=$owner owner=$survivor survivor=$tmp
 done
+say "giveback: node-$owner returns node-$survivor's configured range"
+"$NVMCTL" --config node-$owner.toml giveback --timeout 60 || fail "giveback failed"
+for n in a b; do
+	status_json $n | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["engine"]["ranges"]
+want = ["node-a", "node-b"]
+assert [x["owner"] for x in r] == want, r
+assert all(x["state"] == ("local" if x["owner"] == "node-'$n'" else "remote") for x in r), r
+print("node-'$n' sees", [(x["owner"], x["epoch"], x["state"]) for x in r])' || fail "ownership after giveback"
+done
+say "after giveback: write through node-a, verify through node-b (each forwards the other's range)"
+gb=(--name=giveback --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=16k --size=318M
+	--number_ios=2000 --randseed=4321 --verify=crc32c --verify_fatal=1 --verify_state_save=1)
+rm -f ./*verify.state
+fio "${gb[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-gb-write.log || { cat fio-gb-write.log; fail "writes after giveback"; }
+fio "${gb[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-gb-verify.log ||
+	{ cat fio-gb-verify.log; fail "verify through the other node after giveback"; }
 "$NVMCTL" --config node-$owner.toml drain --timeout 60
+"$NVMCTL" --config node-$survivor.toml drain --timeout 60
 sleep 1
 status_json $survivor | python3 -c '
 import json, sys
@@ -126,4 +147,4 @@ ss = json.load(sys.stdin)["engine"]["mirror"]["second_store"]
 assert ss["records"] == 0, ss
 print("second store empty after the drain:", ss)'
 "$NVMCTL" --config node-$owner.toml status
-say "PASS: $cycles takeover cycles over $transport, no acknowledged write lost"
+say "PASS: $cycles takeover cycles over $transport and a giveback, no acknowledged write lost"

@@ -80,6 +80,8 @@ pub struct ClusterSetup {
 pub struct Cluster {
     pub me: u32,
     pub nodes: Vec<String>,
+    /// The owners the config asks for; giveback returns ranges to them.
+    configured: OwnershipTable,
     store: Box<dyn TableStore>,
     table: Mutex<OwnershipTable>,
     gates: Mutex<Vec<Vec<RangeState>>>,
@@ -103,6 +105,7 @@ impl Cluster {
         Ok(Cluster {
             me: setup.me,
             nodes: setup.nodes,
+            configured: setup.initial,
             store: setup.table_store,
             table: Mutex::new(table),
             gates: Mutex::new(gates),
@@ -220,6 +223,80 @@ impl Cluster {
         Ok(moved)
     }
 
+    /// Ranges we own that the config gives to `node`: what a giveback returns.
+    pub fn ranges_to_give_back(&self, node: u32) -> Vec<(u32, u32)> {
+        let t = self.table();
+        let mut out = Vec::new();
+        for (l, ranges) in t.luns.iter().enumerate() {
+            for (r, o) in ranges.iter().enumerate() {
+                let configured = self
+                    .configured
+                    .luns
+                    .get(l)
+                    .and_then(|x| x.get(r))
+                    .map(|c| c.owner);
+                if o.owner == self.me && configured == Some(node) {
+                    out.push((l as u32, r as u32));
+                }
+            }
+        }
+        out
+    }
+
+    /// Closes the gates of `ranges` (their I/O waits) ahead of a giveback.
+    pub fn close_gates(&self, ranges: &[(u32, u32)]) {
+        let mut gates = self.gates();
+        for &(l, r) in ranges {
+            gates[l as usize][r as usize] = RangeState::TakingOver;
+        }
+    }
+
+    /// Giveback: `to` owns `ranges` from now on, with a new epoch, durably on the medium.
+    /// Their gates then send I/O to `to`.
+    pub fn hand_over(&self, ranges: &[(u32, u32)], to: u32) -> Result<(), ownership::TableError> {
+        let mut t = ownership::load(self.store.as_ref())?.unwrap_or_else(|| self.table().clone());
+        t.generation += 1;
+        for &(l, r) in ranges {
+            let e = &mut t.luns[l as usize][r as usize];
+            *e = RangeOwner {
+                owner: to,
+                epoch: e.epoch + 1,
+            };
+        }
+        ownership::save(self.store.as_ref(), &t)?;
+        *self.table() = t;
+        {
+            let mut gates = self.gates();
+            for &(l, r) in ranges {
+                gates[l as usize][r as usize] = RangeState::Remote(to);
+            }
+        }
+        self.gate_opened.notify_waiters();
+        Ok(())
+    }
+
+    /// Re-reads the table on the medium (the partner changed it, e.g. gave ranges back) and
+    /// routes accordingly. Ranges being taken over keep their closed gates.
+    pub fn reload(&self) -> Result<(), ownership::TableError> {
+        let Some(t) = ownership::load(self.store.as_ref())? else {
+            return Ok(());
+        };
+        let fresh = Self::gates_from(&t, self.me);
+        {
+            let mut gates = self.gates();
+            for (l, ranges) in fresh.into_iter().enumerate() {
+                for (r, state) in ranges.into_iter().enumerate() {
+                    if gates[l][r] != RangeState::TakingOver {
+                        gates[l][r] = state;
+                    }
+                }
+            }
+        }
+        *self.table() = t;
+        self.gate_opened.notify_waiters();
+        Ok(())
+    }
+
     /// Last step of a takeover: the replay is done, open the gates.
     pub fn finish_takeover(&self, moved: &[(u32, u32)]) {
         {
@@ -304,6 +381,8 @@ pub mod wire {
     /// Write records `offset..=last` (last in the data) of partition `lun` from your second
     /// store; `len` of them must be there.
     pub const OP_WRITE_FOR_PARTNER: u8 = 4;
+    /// The ownership table changed on the medium (a giveback): re-read it.
+    pub const OP_RELOAD_OWNERSHIP: u8 = 5;
     const HEADER: usize = 17;
 
     #[derive(Debug, PartialEq, Eq)]
@@ -344,7 +423,7 @@ pub mod wire {
         };
         let data_ok = match r.op {
             OP_WRITE => r.data.len() == r.len as usize,
-            OP_ZERO | OP_READ => r.data.is_empty(),
+            OP_ZERO | OP_READ | OP_RELOAD_OWNERSHIP => r.data.is_empty(),
             OP_WRITE_FOR_PARTNER => r.data.len() == 8,
             _ => false,
         };

@@ -27,6 +27,10 @@ pub enum Request {
     Takeover {
         force: bool,
     },
+    /// Return the ranges the config gives the partner (after a takeover, once it is back).
+    Giveback {
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -857,6 +857,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Reads into a fresh buffer (for a forwarded read). The medium is read with O_DIRECT,
+    /// which needs a 4 KiB-aligned buffer.
+    pub fn read_to_vec(&self, lun_idx: usize, offset: u64, len: usize) -> Result<Vec<u8>, IoError> {
+        const ALIGN: usize = 4096;
+        let mut raw = vec![0u8; len + ALIGN];
+        let pad = raw.as_ptr().align_offset(ALIGN);
+        self.read(lun_idx, offset, &mut raw[pad..pad + len])?;
+        raw.drain(..pad);
+        raw.truncate(len);
+        Ok(raw)
+    }
+
     /// Serves a request the partner forwarded to us (we own its range).
     pub async fn serve_forwarded(&self, request: &[u8]) -> Vec<u8> {
         let Some(req) = wire::decode(request) else {
@@ -868,13 +880,24 @@ impl Engine {
         };
         let lun = req.lun as usize;
         // Served only if every piece is ours: a forwarded request is never forwarded again.
-        if !self.serves_locally(lun, req.offset, req.len as u64).await {
+        let needs_ownership = matches!(req.op, wire::OP_WRITE | wire::OP_ZERO | wire::OP_READ);
+        if needs_ownership && !self.serves_locally(lun, req.offset, req.len as u64).await {
             return wire::err(&format!(
                 "node {} does not own all of {}+{} on LUN {lun} (ownership moved?)",
                 self.node, req.offset, req.len
             ));
         }
         let result = match req.op {
+            wire::OP_RELOAD_OWNERSHIP => {
+                return match self.cluster.as_ref().map(|c| c.reload()) {
+                    Some(Ok(())) => {
+                        tracing::info!("the partner changed range ownership: table re-read");
+                        wire::ok(&[])
+                    }
+                    Some(Err(e)) => wire::err(&e.to_string()),
+                    None => wire::err("not a cluster node"),
+                }
+            }
             wire::OP_WRITE => self
                 .write(lun, req.offset, &req.data)
                 .await
@@ -883,17 +906,55 @@ impl Engine {
                 .write_zeroes(lun, req.offset, req.len as u64)
                 .await
                 .map(|_| Vec::new()),
-            _ => {
-                let mut buf = vec![0u8; req.len as usize];
-                self.read_routed(lun, req.offset, &mut buf)
-                    .await
-                    .map(|_| buf)
-            }
+            _ => self.read_to_vec(lun, req.offset, req.len as usize),
         };
         match result {
             Ok(data) => wire::ok(&data),
             Err(e) => wire::err(&e.message),
         }
+    }
+
+    /// Giveback: returns to the partner the ranges the config gives it. Their I/O waits while
+    /// every staged write is flushed (so the partner starts from the medium), the table on
+    /// the medium moves them to the partner with a new epoch, `tell_partner` makes the
+    /// partner re-read it, and then their I/O is forwarded to the partner.
+    pub fn give_back(
+        &self,
+        drain_timeout: Duration,
+        tell_partner: impl FnOnce() -> Result<(), String>,
+    ) -> Result<usize, String> {
+        let c = self.cluster.as_ref().ok_or("not a cluster node")?;
+        let partner = 1 - c.me;
+        let ranges = c.ranges_to_give_back(partner);
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        c.close_gates(&ranges);
+        let reopen = |why: String| {
+            c.finish_takeover(&ranges);
+            Err(why)
+        };
+        if !self.drain(drain_timeout) {
+            return reopen(format!(
+                "staged writes did not reach the medium within {drain_timeout:?}; nothing was given back"
+            ));
+        }
+        if let Err(e) = c.hand_over(&ranges, partner) {
+            return reopen(format!("updating the ownership table: {e}"));
+        }
+        tracing::warn!(
+            "gave {} range(s) back to node {}",
+            ranges.len(),
+            c.node_name(partner)
+        );
+        tell_partner().map_err(|e| {
+            format!(
+                "the table now gives {} range(s) to node {}, but it did not confirm ({e}); it reads the table at its next start",
+                ranges.len(),
+                c.node_name(partner)
+            )
+        })?;
+        Ok(ranges.len())
     }
 
     /// Lets the flusher ask the partner to write mirrored records when our medium path fails.

@@ -89,6 +89,15 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
         None => None,
     };
 
+    if let (Some(l), Some(c)) = (&link, &cfg.cluster) {
+        // Give a live partner a moment to connect, so that the kernel's first reads of the
+        // new device (partition scan) can reach the partner's ranges.
+        let deadline = std::time::Instant::now() + Duration::from_millis(c.heartbeat_timeout_ms);
+        while !l.state().is_up() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     let devices: Arc<Mutex<Vec<DeviceStatus>>> = Arc::default();
     let socket = cfg.control_socket();
     {
@@ -136,6 +145,25 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
                     }
                     let peer = 1 - c.me;
                     match engine.take_over(peer, grace) {
+                        Ok(_) => Response::Ok,
+                        Err(message) => Response::Error { message },
+                    }
+                }
+                Request::Giveback { timeout_secs } => {
+                    let Some(l) = link.as_ref().filter(|l| l.state().is_up()) else {
+                        return Response::Error {
+                            message: "the partner is not connected: nothing to give back to".into(),
+                        };
+                    };
+                    let l = l.clone();
+                    let tell = move || {
+                        use nvmirror::cluster::wire;
+                        let req = wire::encode(wire::OP_RELOAD_OWNERSHIP, 0, 0, 0, &[]);
+                        let answer = futures::executor::block_on(l.request(req))
+                            .map_err(|e| e.to_string())?;
+                        wire::answer(&answer).map(|_| ())
+                    };
+                    match engine.give_back(Duration::from_secs(timeout_secs), tell) {
                         Ok(_) => Response::Ok,
                         Err(message) => Response::Error { message },
                     }
@@ -420,8 +448,7 @@ async fn serve_forwarded(engine: Arc<Engine>, req: rdma_link::Bytes) -> Vec<u8> 
                 return wire::err("this node does not own the whole range (ownership moved?)");
             }
             let result = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; r.len as usize];
-                engine.read(r.lun as usize, r.offset, &mut buf).map(|_| buf)
+                engine.read_to_vec(r.lun as usize, r.offset, r.len as usize)
             })
             .await;
             match result {
