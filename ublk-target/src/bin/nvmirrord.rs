@@ -386,6 +386,15 @@ fn start_mirroring(
                     (rdma_link::LinkState::Up(_), false) => {
                         tracing::info!("partner {partner} connected: mirroring every write");
                         was_up = true;
+                        // Whatever is already on the medium may go from the partner's second
+                        // store: after our restart it still holds copies of records that our
+                        // start-up replay flushed, and replaying those later would write
+                        // old data over new.
+                        for p in engine.status().partitions {
+                            if p.flushed_through > 0 {
+                                let _ = watched.release(p.partition, p.flushed_through);
+                            }
+                        }
                     }
                     (rdma_link::LinkState::Closed, _) => return,
                     (rdma_link::LinkState::Up(_), true) => {}
