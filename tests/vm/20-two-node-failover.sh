@@ -21,41 +21,7 @@ if [[ $transport == rdma ]]; then
 	nvm_extra_cleanup() { rdma link delete nvmrxe0 2>/dev/null; ip link del nvm0 2>/dev/null; }
 fi
 medium=$(nvm_medium shared 320)
-head -c 48 /dev/urandom | base64 >secret
-for n in a b; do
-	cat >node-$n.toml <<-CFG
-	[node]
-	name = "node-$n"
-	control_socket = "$PWD/node-$n.sock"
-
-	[nvram]
-	path = "$PWD/nvram-$n.img"
-	size = "48MiB"
-	partitions = 4
-
-	[cluster]
-	id = 42
-	secret_file = "$PWD/secret"
-	transport = "$transport"
-	heartbeat_interval_ms = 100
-	heartbeat_timeout_ms = 1000
-	takeover = "auto"
-
-	[[cluster.node]]
-	name = "node-a"
-	address = "$addr_a:7801"
-
-	[[cluster.node]]
-	name = "node-b"
-	address = "$addr_a:7802"
-
-	[[lun]]
-	name = "lun0"
-	medium = "$medium"
-	device_id = $([[ $n == a ]] && echo 0 || echo 1)
-	ranges = 2
-	CFG
-done
+for n in a b; do nvm_cluster_config $n "$medium" auto "$transport" "$addr_a" 7801; done
 declare -A pid dev
 start_node() {
 	nvm_start "node-$1.toml" "daemon-$1.log"

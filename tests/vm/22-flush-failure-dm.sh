@@ -13,36 +13,8 @@ dmsetup create nvm-a-path --table "0 $sectors linear $shared 0" || fail "dmsetup
 dm_dev=/dev/dm-$(dmsetup info -c --noheadings -o minor nvm-a-path | tr -d ' ')
 [[ -b $dm_dev ]] || fail "$dm_dev missing"
 nvm_extra_cleanup() { dmsetup remove --force nvm-a-path 2>/dev/null; }
-head -c 48 /dev/urandom | base64 >secret
-for n in a b; do
-	medium=$([[ $n == a ]] && echo "$dm_dev" || echo "$shared")
-	cat >node-$n.toml <<-CFG
-	[node]
-	name = "node-$n"
-	control_socket = "$PWD/node-$n.sock"
-	[nvram]
-	path = "$PWD/nvram-$n.img"
-	size = "48MiB"
-	partitions = 4
-	[cluster]
-	id = 9
-	secret_file = "$PWD/secret"
-	heartbeat_interval_ms = 100
-	heartbeat_timeout_ms = 1000
-	takeover = "manual"
-	[[cluster.node]]
-	name = "node-a"
-	address = "127.0.0.1:7811"
-	[[cluster.node]]
-	name = "node-b"
-	address = "127.0.0.1:7812"
-	[[lun]]
-	name = "lun0"
-	medium = "$medium"
-	device_id = $([[ $n == a ]] && echo 0 || echo 1)
-	ranges = 2
-	CFG
-done
+nvm_cluster_config a "$dm_dev" manual tcp 127.0.0.1 7811
+nvm_cluster_config b "$shared" manual tcp 127.0.0.1 7811
 nvm_start node-a.toml daemon-a.log
 nvm_start node-b.toml daemon-b.log
 for _ in $(seq 100); do "$NVMCTL" --config node-a.toml status --json | grep -q '"link": "Up' && break; sleep 0.2; done

@@ -7,35 +7,7 @@
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 medium=$(nvm_medium shared 320)
-head -c 48 /dev/urandom | base64 >secret
-for n in a b; do
-	cat >node-$n.toml <<-CFG
-	[node]
-	name = "node-$n"
-	control_socket = "$PWD/node-$n.sock"
-	[nvram]
-	path = "$PWD/nvram-$n.img"
-	size = "48MiB"
-	partitions = 4
-	[cluster]
-	id = 5
-	secret_file = "$PWD/secret"
-	heartbeat_interval_ms = 100
-	heartbeat_timeout_ms = 1000
-	takeover = "manual"
-	[[cluster.node]]
-	name = "node-a"
-	address = "127.0.0.1:7821"
-	[[cluster.node]]
-	name = "node-b"
-	address = "127.0.0.1:7822"
-	[[lun]]
-	name = "lun0"
-	medium = "$medium"
-	device_id = $([[ $n == a ]] && echo 0 || echo 1)
-	ranges = 2
-	CFG
-done
+for n in a b; do nvm_cluster_config $n "$medium" manual tcp 127.0.0.1 7821; done
 link_up() { "$NVMCTL" --config node-$1.toml status --json | grep -q '"link": "Up'; }
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID

@@ -107,3 +107,44 @@ nvm_wait_dev_gone() {
 	for _ in $(seq 300); do [[ -e /sys/class/ublk-char/ublkc$1 ]] || return 0; sleep 0.1; done
 	fail "ublk device $1 still exists 30 s after its deletion"
 }
+
+# nvm_cluster_config NODE(a|b) MEDIUM TAKEOVER [TRANSPORT [ADDRESS [PORT]]]
+# Writes node-NODE.toml for a two-node cluster sharing MEDIUM: node-a serves /dev/ublkb0,
+# node-b /dev/ublkb1, the LUN has 2 ranges (range 0 node-a's, range 1 node-b's); the
+# secret is ./secret (created if missing).
+nvm_cluster_config() {
+	local n=$1 medium=$2 takeover=$3 transport=${4:-tcp} addr=${5:-127.0.0.1} port=${6:-7801}
+	[[ -f secret ]] || head -c 48 /dev/urandom | base64 >secret
+	cat >node-$n.toml <<-CFG
+	[node]
+	name = "node-$n"
+	control_socket = "$PWD/node-$n.sock"
+
+	[nvram]
+	path = "$PWD/nvram-$n.img"
+	size = "48MiB"
+	partitions = 4
+
+	[cluster]
+	id = 42
+	secret_file = "$PWD/secret"
+	transport = "$transport"
+	heartbeat_interval_ms = 100
+	heartbeat_timeout_ms = 1000
+	takeover = "$takeover"
+
+	[[cluster.node]]
+	name = "node-a"
+	address = "$addr:$port"
+
+	[[cluster.node]]
+	name = "node-b"
+	address = "$addr:$((port + 1))"
+
+	[[lun]]
+	name = "lun0"
+	medium = "$medium"
+	device_id = $([[ $n == a ]] && echo 0 || echo 1)
+	ranges = 2
+	CFG
+}
