@@ -71,6 +71,35 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Hand this node's own configured ranges to the partner (switchover before maintenance):
+    /// their staged writes are flushed first; the partner must be connected.
+    Handover {
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Restart the daemon of --config after a crash: it replays its NVRAM and re-attaches
+    /// its QUIESCED ublk devices (ublk user recovery), then this waits until they are live.
+    Recover {
+        /// Where the daemon keeps its device ids (must match the crashed daemon's).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The nvmirrord binary (default: next to nvmirrorctl, else in PATH).
+        #[arg(long)]
+        nvmirrord: Option<PathBuf>,
+        /// The daemon's log file.
+        #[arg(long, default_value = "/var/log/nvmirrord.log")]
+        log: PathBuf,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Check configuration files without starting anything.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// For udev: print "LUN NODE" of an nvmirror device (e.g. ublkb0); fails for others.
+    #[command(hide = true)]
+    UdevName { device: String },
     /// Delete a ublk device by id (for a device whose daemon is gone for good).
     Del { id: u32 },
     /// ublk features the running kernel offers.
@@ -80,6 +109,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NvramCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate FILE (syntax, every field, LUN ranges and owners); errors name the field.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -245,12 +280,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("all staged writes are on the medium");
         }
         Cmd::Takeover { force } => {
-            call(
-                &socket_path(&cli)?,
-                Request::Takeover { force: *force },
-                Duration::from_secs(600),
-            )?;
-            println!("takeover complete: this node serves the partner's ranges");
+            let socket = socket_path(&cli)?;
+            let req = Request::Takeover { force: *force };
+            let worker = {
+                let socket = socket.clone();
+                std::thread::spawn(move || call(&socket, req, Duration::from_secs(3600)))
+            };
+            // In a terminal, show the replay's progress while the takeover runs.
+            use std::io::IsTerminal;
+            let tty = std::io::stdout().is_terminal();
+            while !worker.is_finished() {
+                std::thread::sleep(Duration::from_millis(300));
+                if let (true, Ok(s)) = (tty, status(&socket)) {
+                    if let Some(t) = s.engine.takeover.filter(|t| t.phase != "done") {
+                        print!("\r\x1b[K");
+                        print_takeover(&t);
+                        print!("\x1b[1A");
+                    }
+                }
+            }
+            if tty {
+                print!("\r\x1b[K");
+            }
+            worker
+                .join()
+                .map_err(|_| anyhow!("the takeover request thread panicked"))??;
+            let s = status(&socket)?;
+            match s.engine.takeover {
+                Some(t) => print_takeover(&t),
+                None => println!("takeover complete: this node serves the partner's ranges"),
+            }
         }
         Cmd::Giveback { timeout } => {
             call(
@@ -259,6 +318,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Duration::from_secs(timeout + 30),
             )?;
             println!("giveback complete: the partner serves its configured ranges again");
+        }
+        Cmd::Handover { timeout } => {
+            call(
+                &socket_path(&cli)?,
+                Request::Handover {
+                    timeout_secs: *timeout,
+                },
+                Duration::from_secs(timeout + 30),
+            )?;
+            println!("handover complete: the partner serves this node's ranges");
+        }
+        Cmd::Recover {
+            state_dir,
+            nvmirrord,
+            log,
+            timeout,
+        } => recover(&cli, state_dir.as_deref(), nvmirrord.as_deref(), log, *timeout)?,
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => {
+            let cfg = NodeConfig::load(file).map_err(|e| CtlError::Usage(format!("{e:#}")))?;
+            println!(
+                "{}: valid (node {}, {} LUN(s){})",
+                file.display(),
+                cfg.node.name,
+                cfg.luns.len(),
+                cfg.cluster
+                    .as_ref()
+                    .map(|c| format!(", cluster {} over {:?}", c.id, c.transport).to_lowercase())
+                    .unwrap_or_default()
+            );
+        }
+        Cmd::UdevName { device } => {
+            let id: i32 = device
+                .trim_start_matches("/dev/")
+                .strip_prefix("ublkb")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| CtlError::Usage(format!("{device} is not a ublk block device")))?;
+            let ctrl = libublk::ctrl::UblkCtrl::new_simple(id)
+                .map_err(|e| anyhow!("ublk device {id}: {e}"))?;
+            let target = ctrl
+                .get_target_data_from_json()
+                .and_then(|v| v.get("nvmirror").cloned())
+                .ok_or_else(|| anyhow!("/dev/ublkb{id} is not served by nvmirror"))?;
+            let field = |k: &str| {
+                target
+                    .get(k)
+                    .and_then(|v| v.as_str())
+                    .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+                    .map(String::from)
+                    .ok_or_else(|| anyhow!("/dev/ublkb{id}: no usable {k} in its target data"))
+            };
+            println!("{} {}", field("lun")?, field("node")?);
         }
         Cmd::Del { id } => {
             let ctrl = libublk::ctrl::UblkCtrl::new_simple(*id as i32)
@@ -316,6 +428,87 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `recover`: restart the daemon of a config after a crash and wait until its devices are
+/// live again (re-attached by ublk user recovery when the kernel kept them QUIESCED).
+fn recover(
+    cli: &Cli,
+    state_dir: Option<&Path>,
+    nvmirrord: Option<&Path>,
+    log: &Path,
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let (cfg, cfg_path) = load_config(cli)?;
+    let socket = cfg.control_socket();
+    if let Ok(s) = status(&socket) {
+        println!(
+            "nvmirrord already runs for {} (pid {}): nothing to recover",
+            cfg_path.display(),
+            s.pid
+        );
+        return Ok(());
+    }
+    let bin = match nvmirrord {
+        Some(p) => p.to_owned(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|me| me.parent().map(|d| d.join("nvmirrord")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("nvmirrord")),
+    };
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening the daemon log {}", log.display()))?;
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg("--config").arg(&cfg_path);
+    if let Some(d) = state_dir {
+        cmd.arg("--state-dir").arg(d);
+    }
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        // Its own process group: a Ctrl-C in this shell must not stop the daemon.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    println!(
+        "started {} (pid {}) for {}; log {}",
+        bin.display(),
+        child.id(),
+        cfg_path.display(),
+        log.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    loop {
+        if let Some(rc) = child.try_wait()? {
+            bail!(
+                "nvmirrord exited during recovery ({rc}); see {} for why",
+                log.display()
+            );
+        }
+        if let Ok(s) = status(&socket) {
+            if s.devices.len() >= cfg.luns.len() {
+                for d in &s.devices {
+                    println!("{} {} ({})", d.lun, d.path, d.attach);
+                }
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the daemon (pid {}) did not bring every LUN up within {timeout} s; it keeps \
+                 trying; see {} and `nvmirrorctl status`",
+                child.id(),
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 const FEATURE_NAMES: [(u64, &str); 10] = [
@@ -472,22 +665,30 @@ fn print_status(s: &DaemonStatus) {
     let m = &e.mirror;
     if let Some(ss) = &m.second_store {
         println!();
+        let link = match (m.state.as_str(), &m.transport) {
+            ("mirroring", Some(t)) => format!(
+                "MIRRORING over {t}{}",
+                m.rtt_us
+                    .map(|us| format!(", heartbeat rtt {us} us"))
+                    .unwrap_or_default()
+            ),
+            ("mirroring", None) => "MIRRORING".into(),
+            (other, _) => format!(
+                "{} (partner unreachable; new writes: {})",
+                other.to_uppercase(),
+                match m.degraded_policy {
+                    Some(nvmirror::mirror::DegradedPolicy::Nvram) => "single NVRAM copy",
+                    _ => "write-through to the medium",
+                }
+            ),
+        };
         println!(
-            "mirror: {}   mirrored {} write(s), degraded {} ({:?}){}",
-            m.link
-                .as_deref()
-                .map(|l| if l.starts_with("Up") {
-                    "partner up"
-                } else {
-                    "PARTNER DOWN"
-                })
-                .unwrap_or("not attached"),
+            "mirror: {link}\n        {} write(s) mirrored, {} acknowledged degraded{}",
             m.mirrored_records,
             m.degraded_records,
-            m.degraded_policy,
             m.last_error
                 .as_ref()
-                .map(|x| format!("; last: {x}"))
+                .map(|x| format!("; last outage: {x}"))
                 .unwrap_or_default()
         );
         println!(
@@ -496,6 +697,10 @@ fn print_status(s: &DaemonStatus) {
             ByteSize(ss.bytes),
             ByteSize(ss.capacity_bytes)
         );
+    }
+    if let Some(t) = &e.takeover {
+        println!();
+        print_takeover(t);
     }
     if !e.ranges.is_empty() {
         println!();
@@ -521,6 +726,45 @@ fn print_status(s: &DaemonStatus) {
             .map(|m| format!(" (last: {m})"))
             .unwrap_or_default()
     );
+}
+
+/// Takeover line: phase, a progress bar and an ETA while replaying.
+fn print_takeover(t: &nvmirror::engine::TakeoverProgress) {
+    let secs = t.elapsed_ms as f64 / 1000.0;
+    match t.phase.as_str() {
+        "done" => println!(
+            "takeover from node {}: done, {} range(s), replayed {} record(s) ({}) in {secs:.1} s",
+            t.from,
+            t.ranges,
+            t.records_done,
+            ByteSize(t.bytes_done)
+        ),
+        "replaying" => {
+            let frac = (t.bytes_done as f64 / t.bytes_total.max(1) as f64).min(1.0);
+            let bar: String = (0..30)
+                .map(|i| if (i as f64) < frac * 30.0 { '#' } else { '.' })
+                .collect();
+            let eta = if t.bytes_done > 0 {
+                format!(
+                    ", ETA {:.0} s",
+                    secs * (t.bytes_total.saturating_sub(t.bytes_done)) as f64 / t.bytes_done as f64
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "takeover from node {}: replaying [{bar}] {:.0}%  {}/{} record(s){eta}",
+                t.from,
+                frac * 100.0,
+                t.records_done,
+                t.records_total
+            );
+        }
+        phase => println!(
+            "takeover from node {}: {phase} ({} range(s), {} record(s) to replay, {secs:.1} s so far)",
+            t.from, t.ranges, t.records_total
+        ),
+    }
 }
 
 fn print_inspect(r: &nvmirror::inspect::InspectReport) {

@@ -31,6 +31,10 @@ pub enum Request {
     Giveback {
         timeout_secs: u64,
     },
+    /// Hand our own configured ranges to the partner (switchover before maintenance).
+    Handover {
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -189,6 +189,15 @@ pub struct LunStatus {
     pub bytes_written: u64,
 }
 
+/// Which ranges a planned move hands to the partner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangesToMove {
+    /// Giveback: the ranges the config assigns to the partner that we hold after a takeover.
+    PartnersRanges,
+    /// Handover: the ranges the config assigns to us (a switchover, e.g. before maintenance).
+    OwnRanges,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EngineStatus {
     pub node: String,
@@ -207,6 +216,25 @@ pub struct EngineStatus {
     pub mirror: MirrorStatus,
     /// Owner, epoch and state of every LUN range (two-node operation).
     pub ranges: Vec<RangeStatus>,
+    /// The running or last takeover, if any since start.
+    pub takeover: Option<TakeoverProgress>,
+}
+
+/// Where a takeover stands (for `nvmirrorctl status`: progress bar and ETA).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TakeoverProgress {
+    pub from: String,
+    pub ranges: usize,
+    /// "claiming", "grace", "replaying", "done" or "failed: <why>".
+    pub phase: String,
+    pub records_total: u64,
+    pub bytes_total: u64,
+    pub records_done: u64,
+    pub bytes_done: u64,
+    /// Since the takeover began.
+    pub elapsed_ms: u64,
+    #[serde(skip)]
+    started: Option<std::time::Instant>,
 }
 
 pub struct EngineOptions {
@@ -241,6 +269,13 @@ impl MirrorSlot {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MirrorStatus {
     pub attached: bool,
+    /// "mirroring" (partner connected), "degraded" (partner unreachable: single copy or
+    /// write-through, see `degraded_policy`), or "standalone" (no partner configured).
+    pub state: String,
+    /// Transport of the live connection ("tcp", "rdma").
+    pub transport: Option<String>,
+    /// Heartbeat round trip in microseconds.
+    pub rtt_us: Option<u64>,
     pub link: Option<String>,
     pub degraded_policy: Option<DegradedPolicy>,
     pub mirrored_records: u64,
@@ -257,6 +292,7 @@ pub struct Engine {
     node: String,
     cluster: Option<Arc<Cluster>>,
     flush_delegate: DelegateSlot,
+    takeover: Arc<Mutex<Option<TakeoverProgress>>>,
     mirror: Arc<MirrorSlot>,
     second_store: Option<Arc<SecondStoreArea>>,
     region: Arc<NvramRegion>,
@@ -564,6 +600,7 @@ impl Engine {
             node: opts.node_name,
             cluster,
             flush_delegate: Arc::default(),
+            takeover: Arc::default(),
             mirror: Arc::new(MirrorSlot {
                 link: std::sync::RwLock::new(None),
                 policy: opts.degraded,
@@ -681,7 +718,15 @@ impl Engine {
             return Ok(ReplayReport::default());
         };
         let media: Vec<Arc<dyn Medium>> = self.luns.iter().map(|l| l.medium.clone()).collect();
-        let report = ss.replay_into(&media)?;
+        let progress = self.takeover.clone();
+        let report = ss.replay_into(&media, &|records, bytes| {
+            if let Ok(mut p) = progress.lock() {
+                if let Some(p) = p.as_mut() {
+                    p.records_done = records;
+                    p.bytes_done = bytes;
+                }
+            }
+        })?;
         tracing::info!(
             "takeover replay: {} mirrored record(s), {} bytes, written to the medium in {} ms",
             report.records,
@@ -914,18 +959,24 @@ impl Engine {
         }
     }
 
-    /// Giveback: returns to the partner the ranges the config gives it. Their I/O waits while
-    /// every staged write is flushed (so the partner starts from the medium), the table on
-    /// the medium moves them to the partner with a new epoch, `tell_partner` makes the
-    /// partner re-read it, and then their I/O is forwarded to the partner.
+    /// Planned move of ranges to the partner: giveback (the ranges the config gives the
+    /// partner, after a takeover) or handover (our own configured ranges, a switchover before
+    /// maintenance). Their I/O waits while every staged write is flushed (so the partner
+    /// starts from the medium), the table on the medium moves them to the partner with a new
+    /// epoch, `tell_partner` makes the partner re-read it, and then their I/O is forwarded to
+    /// the partner.
     pub fn give_back(
         &self,
+        which: RangesToMove,
         drain_timeout: Duration,
         tell_partner: impl FnOnce() -> Result<(), String>,
     ) -> Result<usize, String> {
         let c = self.cluster.as_ref().ok_or("not a cluster node")?;
         let partner = 1 - c.me;
-        let ranges = c.ranges_to_give_back(partner);
+        let ranges = c.ranges_to_give_back(match which {
+            RangesToMove::PartnersRanges => partner,
+            RangesToMove::OwnRanges => c.me,
+        });
         if ranges.is_empty() {
             return Ok(0);
         }
@@ -943,8 +994,12 @@ impl Engine {
             return reopen(format!("updating the ownership table: {e}"));
         }
         tracing::warn!(
-            "gave {} range(s) back to node {}",
+            "handed {} range(s) ({}) to node {}",
             ranges.len(),
+            match which {
+                RangesToMove::PartnersRanges => "giveback of its configured ranges",
+                RangesToMove::OwnRanges => "handover of ours",
+            },
             c.node_name(partner)
         );
         tell_partner().map_err(|e| {
@@ -994,6 +1049,26 @@ impl Engine {
         self.cluster.as_ref()
     }
 
+    fn set_takeover(&self, f: impl FnOnce(&mut Option<TakeoverProgress>)) {
+        if let Ok(mut p) = self.takeover.lock() {
+            f(&mut p);
+        }
+    }
+
+    fn takeover_phase(&self, phase: String) {
+        self.set_takeover(|p| {
+            if let Some(p) = p.as_mut() {
+                if phase == "done" || phase.starts_with("failed") {
+                    // Freeze the clock: status then shows how long the takeover took.
+                    if let Some(t) = p.started.take() {
+                        p.elapsed_ms = t.elapsed().as_millis() as u64;
+                    }
+                }
+                p.phase = phase;
+            }
+        });
+    }
+
     /// Takes over every range `from` owns: claims them on the medium with a new epoch,
     /// waits `grace` (the old owner's flusher sees the new epoch before its next batch),
     /// replays the mirrored records, and only then serves them. I/O to those ranges waits
@@ -1003,21 +1078,52 @@ impl Engine {
         if from == c.me {
             return Err("a node cannot take over from itself".into());
         }
-        let moved = c.begin_takeover(from).map_err(|e| e.to_string())?;
+        let held = self
+            .second_store
+            .as_ref()
+            .map(|ss| ss.status())
+            .unwrap_or_default();
+        self.set_takeover(|p| {
+            *p = Some(TakeoverProgress {
+                from: c.node_name(from).to_string(),
+                phase: "claiming".into(),
+                records_total: held.records as u64,
+                bytes_total: held.bytes,
+                started: Some(std::time::Instant::now()),
+                ..Default::default()
+            })
+        });
+        let moved = match c.begin_takeover(from) {
+            Ok(m) => m,
+            Err(e) => {
+                self.takeover_phase(format!("failed: {e}"));
+                return Err(e.to_string());
+            }
+        };
+        self.set_takeover(|p| {
+            if let Some(p) = p.as_mut() {
+                p.ranges = moved.len();
+                p.phase = "grace".into();
+            }
+        });
         tracing::warn!(
             "taking over {} range(s) from node {}: epochs bumped on the medium; replaying its mirrored writes",
             moved.len(),
             c.node_name(from)
         );
         std::thread::sleep(grace);
+        self.takeover_phase("replaying".into());
         let report = match self.replay_partner() {
             Ok(r) => r,
             Err(e) => {
                 // Leave the gates closed: serving these ranges now could lose writes.
-                return Err(format!("takeover replay failed, ranges stay closed: {e}"));
+                let why = format!("takeover replay failed, ranges stay closed: {e}");
+                self.takeover_phase(format!("failed: {why}"));
+                return Err(why);
             }
         };
         c.finish_takeover(&moved);
+        self.takeover_phase("done".into());
         tracing::warn!(
             "takeover complete: now serving {} more range(s)",
             moved.len()
@@ -1249,6 +1355,22 @@ impl Engine {
             replay: self.replay.clone(),
             mirror: MirrorStatus {
                 attached: self.mirror.current().is_some(),
+                state: match (&self.second_store, self.mirror.current()) {
+                    (None, _) => "standalone",
+                    (Some(_), Some(m)) if m.is_up() => "mirroring",
+                    (Some(_), _) => "degraded",
+                }
+                .into(),
+                transport: self
+                    .mirror
+                    .current()
+                    .and_then(|m| m.transport())
+                    .map(String::from),
+                rtt_us: self
+                    .mirror
+                    .current()
+                    .and_then(|m| m.rtt())
+                    .map(|d| d.as_micros() as u64),
                 link: self.mirror.current().map(|m| m.describe()),
                 degraded_policy: self.second_store.as_ref().map(|_| self.mirror.policy),
                 mirrored_records: self.mirror.mirrored_records.load(Ordering::Relaxed),
@@ -1261,6 +1383,14 @@ impl Engine {
                 .as_ref()
                 .map(|c| c.status())
                 .unwrap_or_default(),
+            takeover: self.takeover.lock().ok().and_then(|p| {
+                p.clone().map(|mut p| {
+                    if let Some(t) = p.started {
+                        p.elapsed_ms = t.elapsed().as_millis() as u64;
+                    }
+                    p
+                })
+            }),
         }
     }
 }

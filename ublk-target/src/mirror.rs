@@ -28,6 +28,18 @@ pub trait Mirror: Send + Sync {
     /// The partner may reclaim everything of `partition` up to `through_seq`.
     fn release(&self, partition: u32, through_seq: u64);
     fn describe(&self) -> String;
+    /// Connected now (mirroring possible)?
+    fn is_up(&self) -> bool {
+        true
+    }
+    /// Transport name while connected ("tcp", "rdma").
+    fn transport(&self) -> Option<&'static str> {
+        None
+    }
+    /// Heartbeat round trip, if measured.
+    fn rtt(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 impl Mirror for rdma_link::Link {
@@ -41,6 +53,18 @@ impl Mirror for rdma_link::Link {
     }
     fn describe(&self) -> String {
         format!("{:?}", self.state())
+    }
+    fn is_up(&self) -> bool {
+        self.state().is_up()
+    }
+    fn transport(&self) -> Option<&'static str> {
+        match self.state() {
+            rdma_link::LinkState::Up(info) => Some(info.transport.name()),
+            _ => None,
+        }
+    }
+    fn rtt(&self) -> Option<std::time::Duration> {
+        rdma_link::Link::rtt(self)
     }
 }
 
@@ -118,7 +142,12 @@ impl SecondStoreArea {
     /// complete out of order, so a record may be here while an older one (in flight when
     /// the partner died, hence never acknowledged) is not. Every acknowledged record is
     /// here, because the partner acknowledges only after our persist.
-    pub fn replay_into(&self, media: &[Arc<dyn Medium>]) -> Result<ReplayReport, ReplayError> {
+    /// `progress` hears (records, bytes) replayed so far after every record.
+    pub fn replay_into(
+        &self,
+        media: &[Arc<dyn Medium>],
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<ReplayReport, ReplayError> {
         let started = std::time::Instant::now();
         let mut report = ReplayReport::default();
         let held: Vec<BTreeMap<u64, Held>> = self.held().clone();
@@ -174,6 +203,7 @@ impl SecondStoreArea {
                 touched[header.lun as usize] = true;
                 report.records += 1;
                 report.bytes += header.len as u64;
+                progress(report.records as u64, report.bytes);
             }
         }
         for (i, medium) in media.iter().enumerate() {

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use nvmirror::config::NodeConfig;
 use nvmirror::control::{self, DaemonStatus, DeviceStatus, Request, Response};
-use nvmirror::engine::{Engine, OpenMode};
+use nvmirror::engine::{Engine, OpenMode, RangesToMove};
 use nvmirror::frontend::{self, Attach, DeviceSpec};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -149,10 +149,16 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
                         Err(message) => Response::Error { message },
                     }
                 }
-                Request::Giveback { timeout_secs } => {
+                Request::Giveback { timeout_secs } | Request::Handover { timeout_secs } => {
+                    let which = if matches!(req, Request::Giveback { .. }) {
+                        RangesToMove::PartnersRanges
+                    } else {
+                        RangesToMove::OwnRanges
+                    };
                     let Some(l) = link.as_ref().filter(|l| l.state().is_up()) else {
                         return Response::Error {
-                            message: "the partner is not connected: nothing to give back to".into(),
+                            message: "the partner is not connected: no one to hand ranges to"
+                                .into(),
                         };
                     };
                     let l = l.clone();
@@ -163,7 +169,7 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
                             .map_err(|e| e.to_string())?;
                         wire::answer(&answer).map(|_| ())
                     };
-                    match engine.give_back(Duration::from_secs(timeout_secs), tell) {
+                    match engine.give_back(which, Duration::from_secs(timeout_secs), tell) {
                         Ok(_) => Response::Ok,
                         Err(message) => Response::Error { message },
                     }
@@ -234,6 +240,7 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
         .name("signals".into())
         .spawn(move || signals.wait())
         .context("spawning the signal thread")?;
+    let mut ready = false;
     loop {
         if sig_thread.is_finished() {
             break;
@@ -241,8 +248,28 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
         if serving.iter().all(|t| t.is_finished()) {
             break;
         }
+        let live: Vec<String> = devices
+            .lock()
+            .map(|d| {
+                d.iter()
+                    .map(|x| format!("{} on {}", x.lun, x.path))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !ready && live.len() == cfg.luns.len() {
+            // systemd (Type=notify): replay is done and every device is live.
+            ready = true;
+            let status = format!("serving {}", live.join(", "));
+            if let Err(e) = sd_notify::notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&status),
+            ]) {
+                tracing::warn!("telling systemd we are ready: {e}");
+            }
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let stop_signal = if sig_thread.is_finished() {
         sig_thread.join().ok().and_then(|r| r.ok())
     } else {
