@@ -1,0 +1,166 @@
+#!/bin/bash
+# Operations from a shell, against two live daemons: `config check` with good and bad files,
+# `status --json` parsed and checked, the human status, a non-root user refused by the control
+# socket, `handover` and `giveback` moving a range and back, `takeover` after a kill -9 with
+# the takeover's progress in status, `recover` restarting the killed node (its /dev/ublkb0
+# re-attached by user recovery), `list`/`features`; then the udev rule producing
+# /dev/disk/by-nvmirror/<lun> (udevadm test), `systemd-analyze verify` of the unit, and
+# scripts/install.sh staging every file. Data written before the moves is read back
+# (checksums) after each of them.
+# vm-timeout: 300
+source "$NVM_REPO/tests/vm/lib/nvm.sh"
+nvm_init
+
+json() { # json NODE PYTHON-EXPR(s = status dict)
+	"$NVMCTL" --config "node-$1.toml" status --json |
+		python3 -c "import json,sys; s=json.load(sys.stdin); print($2)"
+}
+owners() { json "$1" '" ".join("%s/%d" % (r["owner"], r["epoch"]) for r in s["engine"]["ranges"])'; }
+link_up() { [[ $(json "$1" 's["engine"]["mirror"]["state"]') == mirroring ]]; }
+wait_link() { for _ in $(seq 100); do link_up "$1" && return 0; sleep 0.2; done; fail "node-$1: mirror link not up"; }
+expect_rc() { # expect_rc RC CMD... (output in last.out)
+	local want=$1 rc=0
+	shift
+	"$@" >last.out 2>&1 || rc=$?
+	((rc == want)) || { cat last.out; fail "'$*' exited $rc, expected $want"; }
+}
+
+# --- config check --------------------------------------------------------------------------
+for f in "$NVM_REPO"/examples/*.toml; do
+	expect_rc 0 "$NVMCTL" config check "$f"
+done
+medium=$(nvm_medium shared 160)
+for n in a b; do nvm_cluster_config $n "$medium" manual tcp 127.0.0.1 7841; done
+expect_rc 0 "$NVMCTL" config check node-a.toml
+grep -q "valid (node node-a, 1 LUN(s), cluster 42 over tcp)" last.out || { cat last.out; fail "config check: unexpected summary"; }
+sed 's/^partitions = 4/partitions = 4\npartitons = 2/' node-a.toml >bad-key.toml
+expect_rc 2 "$NVMCTL" config check bad-key.toml
+grep -q "partitons" last.out || { cat last.out; fail "config check does not name the unknown key"; }
+sed 's/127.0.0.1:7842/127.0.0.1/' node-a.toml >bad-addr.toml
+expect_rc 2 "$NVMCTL" config check bad-addr.toml
+grep -q 'cluster.node\[1\].address' last.out || { cat last.out; fail "config check does not name cluster.node[1].address"; }
+expect_rc 2 "$NVMCTL" config check no-such-file.toml
+say "config check: examples and generated configs valid; unknown key, bad address, missing file refused (exit 2, field named)"
+
+# --- a daemon that is not running ------------------------------------------------------------
+expect_rc 3 "$NVMCTL" --config node-a.toml status
+grep -q "not running" last.out || { cat last.out; fail "no clear 'not running' message"; }
+
+# --- two live nodes: status -------------------------------------------------------------------
+nvm_start node-a.toml daemon-a.log
+pid_a=$NVM_LAST_PID
+nvm_start node-b.toml daemon-b.log
+wait_link a
+wait_link b
+json a 's["engine"]["node"] == "node-a" and s["pid"] > 0 and s["devices"][0]["path"] == "/dev/ublkb0"' | grep -q True ||
+	fail "status --json: node/pid/device wrong"
+[[ $(json a 's["engine"]["mirror"]["transport"]') == tcp ]] || fail "status --json: transport is not tcp"
+[[ $(owners a) == "node-a/1 node-b/1" ]] || fail "ownership table: $(owners a)"
+json a 's["engine"]["mirror"]["second_store"]["capacity_bytes"] > 0 and len(s["engine"]["partitions"]) == 4' | grep -q True ||
+	fail "status --json: second store / partitions missing"
+"$NVMCTL" --config node-a.toml status >status-a.txt
+grep -q "MIRRORING over tcp" status-a.txt || { cat status-a.txt; fail "human status does not show the mirror state"; }
+grep -q "node-b" status-a.txt || fail "human status does not show the range owners"
+say "status: JSON fields and the human table check out ($(owners a))"
+
+# --- the control socket refuses other users -----------------------------------------------------
+rc=0
+setpriv --reuid=65534 --regid=65534 --clear-groups "$NVMCTL" --socket "$PWD/node-a.sock" status >perm.out 2>&1 || rc=$?
+((rc != 0)) && grep -qi "permission denied" perm.out || { cat perm.out; fail "a non-root user was not refused (rc $rc)"; }
+# Even with a world-writable socket the daemon checks the peer's uid itself.
+chmod 0777 "$PWD/node-a.sock" && chmod 0755 "$PWD"
+rc=0
+setpriv --reuid=65534 --regid=65534 --clear-groups "$NVMCTL" --socket "$PWD/node-a.sock" status >perm2.out 2>&1 || rc=$?
+chmod 0600 "$PWD/node-a.sock"
+((rc != 0)) && grep -q "root only" perm2.out || { cat perm2.out; fail "the daemon answered a non-root peer (rc $rc)"; }
+say "control socket: non-root refused by the socket mode and by the daemon's peer-uid check"
+
+# --- data that must survive every move ----------------------------------------------------------
+# 8 MiB at the start of the LUN (range 0, node-a's) and 8 MiB in range 1 (node-b's), written
+# through node-a's device (range 1 is forwarded to node-b).
+size=$(blockdev --getsize64 /dev/ublkb0)
+half=$((size / 2 / 1048576 + 1)) # MiB: the first whole MiB of range 1
+head -c 8M /dev/urandom >p0
+head -c 8M /dev/urandom >p1
+dd if=p0 of=/dev/ublkb0 bs=1M oflag=direct status=none
+dd if=p1 of=/dev/ublkb0 bs=1M seek="$half" oflag=direct status=none
+want0=$(md5sum <p0) want1=$(md5sum <p1)
+check_data() { # check_data DEVICE WHEN
+	[[ $(dd if="$1" bs=1M count=8 iflag=direct status=none | md5sum) == "$want0" ]] || fail "$2: range 0 data differs on $1"
+	[[ $(dd if="$1" bs=1M count=8 skip="$half" iflag=direct status=none | md5sum) == "$want1" ]] || fail "$2: range 1 data differs on $1"
+}
+check_data /dev/ublkb1 "before any move"
+
+# --- handover and giveback --------------------------------------------------------------------
+expect_rc 0 "$NVMCTL" --config node-a.toml handover
+[[ $(owners a) == "node-b/2 node-b/1" && $(owners b) == "node-b/2 node-b/1" ]] ||
+	fail "after handover: node-a sees $(owners a), node-b sees $(owners b)"
+check_data /dev/ublkb0 "after handover (node-a forwards everything)"
+expect_rc 0 "$NVMCTL" --config node-b.toml giveback
+[[ $(owners a) == "node-a/3 node-b/1" && $(owners b) == "node-a/3 node-b/1" ]] ||
+	fail "after giveback: node-a sees $(owners a), node-b sees $(owners b)"
+check_data /dev/ublkb1 "after giveback"
+say "handover then giveback moved range 0 to node-b and back (epochs 2, 3); data intact"
+
+# --- takeover after a crash, then recover ---------------------------------------------------------
+expect_rc 1 "$NVMCTL" --config node-b.toml takeover
+grep -q "partner is reachable" last.out || { cat last.out; fail "takeover with a live partner was not refused clearly"; }
+"$NVMCTL" --config node-a.toml flush pause >/dev/null
+dd if=p0 of=/dev/ublkb0 bs=1M count=4 seek=16 oflag=direct status=none # staged only, mirrored
+kill -9 "$pid_a"
+nvm_wait_gone "$pid_a"
+for _ in $(seq 50); do link_up b || break; sleep 0.2; done
+link_up b && fail "node-b still reports mirroring 10 s after node-a died"
+[[ $(json b 's["engine"]["mirror"]["state"]') == degraded ]] || fail "node-b does not report degraded"
+expect_rc 0 "$NVMCTL" --config node-b.toml takeover
+grep -q "takeover from node node-a: done" last.out || { cat last.out; fail "takeover did not report completion"; }
+json b 's["engine"]["takeover"]["phase"] == "done" and s["engine"]["takeover"]["records_done"] > 0' | grep -q True ||
+	fail "status: takeover progress missing ($(json b 's["engine"]["takeover"]'))"
+[[ $(owners b) == "node-b/4 node-b/1" ]] || fail "after takeover: $(owners b)"
+check_data /dev/ublkb1 "after takeover"
+[[ $(dd if=/dev/ublkb1 bs=1M count=4 skip=16 iflag=direct status=none | md5sum) == $(head -c 4M p0 | md5sum) ]] ||
+	fail "a write staged (not flushed) on node-a was lost by the takeover"
+say "takeover: $(json b 's["engine"]["takeover"]["records_done"]') mirrored record(s) replayed; data intact"
+
+[[ $(python3 -c 'import json,sys; print([d["state"] for d in json.load(sys.stdin) if d["id"] == 0][0])' \
+	< <("$NVMCTL" list --json)) == QUIESCED ]] || fail "list: /dev/ublkb0 not QUIESCED after its daemon died"
+expect_rc 0 "$NVMCTL" --config node-a.toml recover --state-dir "$PWD/state" --nvmirrord "$NVMD" --log "$PWD/daemon-a.log" --timeout 60
+grep -q "lun0 /dev/ublkb0 (recovered)" last.out || { cat last.out; fail "recover did not re-attach /dev/ublkb0"; }
+pid_a=$(json a 's["pid"]')
+NVM_DAEMON_PIDS+=("$pid_a")
+wait_link b
+"$NVMCTL" list --json | python3 -c '
+import json, sys
+d = [x for x in json.load(sys.stdin) if x["id"] == 0][0]
+assert d["state"] == "LIVE" and d["pid"] == int(sys.argv[1]) and d["nvmirror"]["lun"] == "lun0", d' "$pid_a" ||
+	fail "list: recovered device not LIVE under the new daemon"
+expect_rc 0 "$NVMCTL" --config node-b.toml giveback
+[[ $(owners a) == "node-a/5 node-b/1" ]] || fail "after the second giveback: $(owners a)"
+check_data /dev/ublkb0 "after recover and giveback"
+say "recover restarted node-a and re-attached /dev/ublkb0; giveback returned range 0; data intact"
+
+expect_rc 0 "$NVMCTL" features
+grep -q "USER_RECOVERY .*yes" last.out || { cat last.out; fail "features: USER_RECOVERY not reported"; }
+
+# --- udev: the rule names the device -----------------------------------------------------------------
+mkdir -p /etc/udev/rules.d
+sed "s|/usr/local/sbin/nvmirrorctl|$NVMCTL|" "$NVM_REPO/udev/90-nvmirror.rules" >/etc/udev/rules.d/90-nvmirror.rules
+udevadm test --action=add /sys/class/block/ublkb0 >udev.out 2>&1 || { tail -30 udev.out; fail "udevadm test failed"; }
+grep -q "disk/by-nvmirror/lun0" udev.out && grep -q "disk/by-nvmirror/node-a-lun0" udev.out ||
+	{ grep -i "nvmirror\|DEVLINKS" udev.out; fail "the udev rule does not produce /dev/disk/by-nvmirror/lun0"; }
+rm /etc/udev/rules.d/90-nvmirror.rules
+say "udev: /dev/disk/by-nvmirror/lun0 and node-a-lun0 for /dev/ublkb0"
+
+# --- systemd unit and install.sh ------------------------------------------------------------------------
+sed "s|/usr/local/sbin/|$NVM_BIN/|g" "$NVM_REPO/systemd/nvmirrord@.service" >nvmirrord@.service
+rc=0
+systemd-analyze verify "$PWD/nvmirrord@.service" >verify.out 2>&1 || rc=$?
+((rc == 0)) && [[ ! -s verify.out ]] || { cat verify.out; fail "systemd-analyze verify: rc $rc or warnings"; }
+DESTDIR=$PWD/stage CARGO_TARGET_DIR=$(dirname "$NVM_BIN") bash "$NVM_REPO/scripts/install.sh" --no-build >install.out 2>&1 ||
+	{ cat install.out; fail "install.sh failed"; }
+for f in usr/local/sbin/nvmirrord usr/local/sbin/nvmirrorctl etc/systemd/system/nvmirrord@.service \
+	etc/udev/rules.d/90-nvmirror.rules etc/modules-load.d/nvmirror.conf etc/nvmirror/examples/single-node.toml; do
+	[[ -f stage/$f ]] || fail "install.sh did not install /$f"
+done
+grep -q "^Type=notify" stage/etc/systemd/system/nvmirrord@.service || fail "installed unit is not Type=notify"
+say "PASS: config check, status, socket permissions, handover/giveback, takeover/recover, list, features, udev, systemd, install"
