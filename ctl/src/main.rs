@@ -100,8 +100,21 @@ enum Cmd {
     /// For udev: print "LUN NODE" of an nvmirror device (e.g. ublkb0); fails for others.
     #[command(hide = true)]
     UdevName { device: String },
-    /// Delete a ublk device by id (for a device whose daemon is gone for good).
-    Del { id: u32 },
+    /// Serve a LUN as a ublk device again (after `del --lun`).
+    Add {
+        /// The LUN's name in the config.
+        #[arg(long)]
+        lun: String,
+    },
+    /// Delete a device: `--lun NAME` asks the daemon to stop serving that LUN's device (it
+    /// keeps flushing and mirroring; `add --lun` brings it back); `ID` deletes a ublk device
+    /// whose daemon is gone for good (asynchronous: its pending I/O fails).
+    Del {
+        #[arg(required_unless_present = "lun", conflicts_with = "lun")]
+        id: Option<u32>,
+        #[arg(long)]
+        lun: Option<String>,
+    },
     /// ublk features the running kernel offers.
     Features,
     /// Look at or repair the NVRAM log (needs --config).
@@ -372,7 +385,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{} {}", field("lun")?, field("node")?);
         }
-        Cmd::Del { id } => {
+        Cmd::Add { lun } => {
+            call(
+                &socket_path(&cli)?,
+                Request::AddDevice { lun: lun.clone() },
+                Duration::from_secs(60),
+            )?;
+            let s = status(&socket_path(&cli)?)?;
+            match s.devices.iter().find(|d| &d.lun == lun) {
+                Some(d) => println!("LUN {lun} is live on {} ({})", d.path, d.attach),
+                None => println!("LUN {lun} added"),
+            }
+        }
+        Cmd::Del { lun: Some(lun), .. } => {
+            call(
+                &socket_path(&cli)?,
+                Request::DelDevice { lun: lun.clone() },
+                Duration::from_secs(60),
+            )?;
+            println!("deleted the device of LUN {lun}; the daemon keeps flushing and mirroring (add --lun {lun} brings it back)");
+        }
+        Cmd::Del { id: None, .. } => {
+            return Err(CtlError::Usage("del needs a device ID or --lun NAME".into()).into())
+        }
+        Cmd::Del { id: Some(id), .. } => {
             let ctrl = libublk::ctrl::UblkCtrl::new_simple(*id as i32)
                 .map_err(|e| anyhow!("ublk device {id}: {e}"))?;
             // Asynchronous delete: a device whose daemon died may still be mounted or open;

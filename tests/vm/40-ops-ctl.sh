@@ -102,6 +102,20 @@ expect_rc 0 "$NVMCTL" --config node-b.toml giveback
 check_data /dev/ublkb1 "after giveback"
 say "handover then giveback moved range 0 to node-b and back (epochs 2, 3); data intact"
 
+# --- del/add of a LUN's device: the daemon keeps running (flushing, mirroring) in between ---
+expect_rc 0 "$NVMCTL" --config node-a.toml del --lun lun0
+[[ -e /sys/class/ublk-char/ublkc0 ]] && fail "del --lun lun0: /dev/ublkb0 still exists"
+kill -0 "$pid_a" || fail "del --lun stopped the daemon"
+[[ $(json a 'len(s["devices"])') == 0 ]] || fail "status still lists a device after del --lun"
+link_up a || fail "mirroring stopped with the device deleted"
+expect_rc 1 "$NVMCTL" --config node-a.toml del --lun nosuchlun
+grep -q 'no LUN named "nosuchlun"' last.out || { cat last.out; fail "del of an unknown LUN: unclear error"; }
+expect_rc 0 "$NVMCTL" --config node-a.toml add --lun lun0
+grep -q "LUN lun0 is live on /dev/ublkb0 (added)" last.out || { cat last.out; fail "add --lun lun0 did not bring /dev/ublkb0 back"; }
+expect_rc 1 "$NVMCTL" --config node-a.toml add --lun lun0
+check_data /dev/ublkb0 "after del and add of the device"
+say "del --lun / add --lun: the device went away and came back as /dev/ublkb0; the daemon kept mirroring"
+
 # --- takeover after a crash, then recover ---------------------------------------------------------
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover
 grep -q "partner is reachable" last.out || { cat last.out; fail "takeover with a live partner was not refused clearly"; }

@@ -35,6 +35,14 @@ pub enum Request {
     Handover {
         timeout_secs: u64,
     },
+    /// Serve LUN `lun` as a ublk device again (after `DelDevice`).
+    AddDevice {
+        lun: String,
+    },
+    /// Stop and delete LUN `lun`'s ublk device; the daemon keeps flushing and mirroring.
+    DelDevice {
+        lun: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -118,15 +126,7 @@ fn serve_conn(stream: UnixStream, handler: Arc<dyn Fn(Request) -> Response + Sen
         nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
             .map(|c| c.uid())
             .ok();
-    if peer_uid != Some(0) && peer_uid != Some(nix::unistd::geteuid().as_raw()) {
-        let _ = reply(
-            &mut out,
-            &Response::Error {
-                message: "permission denied: nvmirrord's control socket is for root only".into(),
-            },
-        );
-        return;
-    }
+    let allowed = peer_uid == Some(0) || peer_uid == Some(nix::unistd::geteuid().as_raw());
     let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
     let mut reader = BufReader::new(stream).take(MAX_LINE as u64);
     let mut line = String::new();
@@ -135,6 +135,18 @@ fn serve_conn(stream: UnixStream, handler: Arc<dyn Fn(Request) -> Response + Sen
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
+        }
+        // Refuse after reading the request, so the client is not cut off mid-write and
+        // gets the reason instead of a broken pipe.
+        if !allowed {
+            let _ = reply(
+                &mut out,
+                &Response::Error {
+                    message: "permission denied: nvmirrord's control socket is for root only"
+                        .into(),
+                },
+            );
+            return;
         }
         let resp = match serde_json::from_str::<Request>(line.trim()) {
             Ok(req) => handler(req),

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod devices;
 pub mod engine;
 pub mod flusher;
 pub mod frontend;

@@ -6,11 +6,12 @@
 use anyhow::Context;
 use clap::Parser;
 use nvmirror::config::NodeConfig;
-use nvmirror::control::{self, DaemonStatus, DeviceStatus, Request, Response};
+use nvmirror::control::{self, DaemonStatus, Request, Response};
+use nvmirror::devices::DeviceSet;
 use nvmirror::engine::{Engine, OpenMode, RangesToMove};
-use nvmirror::frontend::{self, Attach, DeviceSpec};
+use nvmirror::frontend::DeviceSpec;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -98,7 +99,23 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
         }
     }
 
-    let devices: Arc<Mutex<Vec<DeviceStatus>>> = Arc::default();
+    let specs = cfg
+        .luns
+        .iter()
+        .enumerate()
+        .map(|(i, lun)| DeviceSpec {
+            lun_index: i,
+            lun_name: lun.name.clone(),
+            node: cfg.node.name.clone(),
+            size: engine.luns()[i].size,
+            dev_id: lun.device_id,
+            queues: lun.queues,
+            depth: lun.queue_depth,
+            config_path: config_path.clone(),
+            state_dir: args.state_dir.clone(),
+        })
+        .collect();
+    let devices = DeviceSet::new(engine.clone(), specs);
     let socket = cfg.control_socket();
     {
         let (engine, devices, config_path) = (engine.clone(), devices.clone(), config_path.clone());
@@ -117,7 +134,7 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
                     version: env!("CARGO_PKG_VERSION").into(),
                     pid: std::process::id(),
                     config: config_path.clone(),
-                    devices: devices.lock().map(|d| d.clone()).unwrap_or_default(),
+                    devices: devices.statuses(),
                     engine: engine.status(),
                 })),
                 Request::FlushPause => {
@@ -174,6 +191,33 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
                         Err(message) => Response::Error { message },
                     }
                 }
+                Request::AddDevice { ref lun } | Request::DelDevice { ref lun } => {
+                    let Some(i) = devices.lun_index(lun) else {
+                        return Response::Error {
+                            message: format!("no LUN named {lun:?} in {config_path}"),
+                        };
+                    };
+                    let done = if matches!(req, Request::AddDevice { .. }) {
+                        devices.add(i).and_then(|_| {
+                            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                            while !devices.statuses().iter().any(|d| &d.lun == lun) {
+                                if std::time::Instant::now() > deadline {
+                                    anyhow::bail!("the device of LUN {lun} did not come up within 30 s; see the daemon log");
+                                }
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            Ok(())
+                        })
+                    } else {
+                        devices.del(i, Duration::from_secs(30)).map(|_| ())
+                    };
+                    match done {
+                        Ok(()) => Response::Ok,
+                        Err(e) => Response::Error {
+                            message: format!("{e:#}"),
+                        },
+                    }
+                }
                 Request::Drain { timeout_secs } => {
                     if engine.drain(Duration::from_secs(timeout_secs)) {
                         Response::Ok
@@ -192,47 +236,8 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
             .with_context(|| format!("control socket {}", socket.display()))?;
     }
 
-    let mut serving = Vec::new();
-    for (i, lun) in cfg.luns.iter().enumerate() {
-        let spec = DeviceSpec {
-            lun_index: i,
-            lun_name: lun.name.clone(),
-            node: cfg.node.name.clone(),
-            size: engine.luns()[i].size,
-            dev_id: lun.device_id,
-            queues: lun.queues,
-            depth: lun.queue_depth,
-            config_path: config_path.clone(),
-            state_dir: args.state_dir.clone(),
-        };
-        let (engine, devices) = (engine.clone(), devices.clone());
-        let name = lun.name.clone();
-        serving.push(
-            std::thread::Builder::new()
-                .name(format!("lun-{name}"))
-                .spawn(move || {
-                    let (queues, depth, lun_name) =
-                        (spec.queues, spec.depth, spec.lun_name.clone());
-                    let started = move |ctrl: &libublk::ctrl::UblkCtrl, attach: Attach| {
-                        let id = ctrl.dev_info().dev_id;
-                        let path = format!("/dev/ublkb{id}");
-                        tracing::info!("LUN {lun_name} is live on {path} ({attach:?})");
-                        if let Ok(mut d) = devices.lock() {
-                            d.push(DeviceStatus {
-                                lun: lun_name.clone(),
-                                dev_id: id,
-                                path,
-                                attach: format!("{attach:?}").to_lowercase(),
-                                queues,
-                                depth,
-                                pid: std::process::id(),
-                            });
-                        }
-                    };
-                    frontend::serve(engine, spec, started)
-                })
-                .context("spawning a device thread")?,
-        );
+    for i in 0..cfg.luns.len() {
+        devices.add(i)?;
     }
 
     // Wait for SIGTERM/SIGINT, or for every device to stop by itself.
@@ -245,17 +250,14 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
         if sig_thread.is_finished() {
             break;
         }
-        if serving.iter().all(|t| t.is_finished()) {
+        if devices.all_stopped_unexpectedly() {
             break;
         }
         let live: Vec<String> = devices
-            .lock()
-            .map(|d| {
-                d.iter()
-                    .map(|x| format!("{} on {}", x.lun, x.path))
-                    .collect()
-            })
-            .unwrap_or_default();
+            .statuses()
+            .iter()
+            .map(|x| format!("{} on {}", x.lun, x.path))
+            .collect();
         if !ready && live.len() == cfg.luns.len() {
             // systemd (Type=notify): replay is done and every device is live.
             ready = true;
@@ -275,29 +277,13 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
     } else {
         None
     };
-    if let Some(sig) = stop_signal {
-        tracing::info!("{sig:?}: stopping devices, then draining staged writes to the medium");
-        let ids: Vec<u32> = devices
-            .lock()
-            .map(|d| d.iter().map(|x| x.dev_id).collect())
-            .unwrap_or_default();
-        for id in ids {
-            if let Ok(ctrl) = libublk::ctrl::UblkCtrl::new_simple(id as i32) {
-                let _ = ctrl.kill_dev();
-            }
+    let failed = match stop_signal {
+        Some(sig) => {
+            tracing::info!("{sig:?}: stopping devices, then draining staged writes to the medium");
+            devices.stop_all()
         }
-    }
-    let mut failed = None;
-    for t in serving {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!("{e:#}");
-                failed = Some(e);
-            }
-            Err(_) => failed = Some(anyhow::anyhow!("a device thread panicked")),
-        }
-    }
+        None => devices.join_all(),
+    };
     if !engine.drain(Duration::from_secs(120)) {
         tracing::error!(
             "staged writes remain in the NVRAM; they will be replayed at the next start"
