@@ -9,17 +9,37 @@
 #      (scripts/vm/lib.sh) and boots ONE VM that runs the VM tests
 #      (tests/vm/*.sh in name order, or the TEST_NAMEs given) one by one;
 #      see scripts/vm/run-tests-in-guest.sh for the VM test contract.
-#   4. prints PASS/FAIL/SKIP per item (log tail on FAIL) and a closing line
+#   4. unless --unit-only: then runs the two-VM tests (tests/twovm/*.sh in name
+#      order, or the TEST_NAMEs given) one by one ON THE HOST; each boots its
+#      own VMs (contract below).
+#   5. prints PASS/FAIL/SKIP per item (log tail on FAIL) and a closing line
 #      "N passed, N failed, N skipped"; exits non-zero on any failure.
 #      With CI=true a SKIP counts as a FAIL: VM tests must really run in CI.
 #
-# TEST_NAME is a file name in tests/vm with or without .sh, or a path to any
-# test script (it must be readable from the VM, i.e. anywhere on the host).
+# TEST_NAME is a file name in tests/vm or tests/twovm with or without .sh
+# (tests/vm wins if both have it), or a path to any test script (a path into
+# tests/twovm/ is a two-VM test; any other path is a single-VM test and must
+# be readable from the VM, i.e. anywhere on the host).  When only two-VM tests
+# are named, the single-VM phase is skipped, and vice versa.
+#
+# Two-VM test contract: tests/twovm/NAME.sh (helpers for the guests live in
+# subdirectories such as tests/twovm/guest/, which are not tests) runs on the
+# host as `bash NAME.sh`, stdin </dev/null, cwd = the repo, with NVM_REPO,
+# NVM_BIN (release binaries) and NVM_OUT (a fresh results dir for it:
+# <results>/twovm/NAME, writable, may be exported to its VMs).  It sources
+# scripts/vm/lib.sh and boots its VMs with nvm_vm_boot (each with its own
+# --timeout), coordinates them, and must leave no QEMU running when it exits
+# (it gets SIGTERM at its hard timeout: trap it).  Exit 0 = PASS, 77 = SKIP
+# (print the reason), anything else = FAIL.  Hard timeout: a line
+#       # twovm-timeout: SECONDS
+# in the file, else $NVM_TWOVM_TIMEOUT (600); SIGKILL 30 s after the SIGTERM.
+# Its output goes to <results>/twovm/NAME/NAME.log and, prefixed, to stdout.
 #
 # Environment: NVM_RESULTS (results dir; default target/vm-results/<stamp>),
 # NVM_TEST_TIMEOUT (default per-test timeout, 300), NVM_VM_TIMEOUT (whole VM,
-# 1500), NVM_VM_MEM, NVM_VM_CPUS, NVM_VM_ACCEL, NVM_VM_PMEM_SIZE,
-# NVM_VM_CACHE, NVM_VM_QUIET=1, NVM_VM_BOOT_OPTS (extra nvm_vm_boot options,
+# 1500), NVM_TWOVM_TIMEOUT (default per two-VM test, 600), NVM_VM_MEM,
+# NVM_VM_CPUS, NVM_VM_ACCEL, NVM_VM_PMEM_SIZE, NVM_VM_CACHE, NVM_VM_QUIET=1,
+# NVM_VM_BOOT_OPTS (extra nvm_vm_boot options for the single-VM run,
 # word-split, e.g. "--disk /path/img --qemu-arg -s"); see scripts/vm/lib.sh.
 set -euo pipefail
 
@@ -82,28 +102,44 @@ run_cargo() {
 [[ $mode != vm ]] || echo "NOTE: --vm-only: using the binaries already in target/release as they are"
 
 # --------------------------------------------------------------- VM tests ---
+# Sets tests (single-VM test files) and twovm_tests (two-VM test files).
 resolve_tests() {
 	local n f
-	tests=()
+	tests=() twovm_tests=()
 	if ((${#names[@]} == 0)); then
 		for f in "$repo"/tests/vm/*.sh; do [[ -f $f ]] && tests+=("$f"); done
+		for f in "$repo"/tests/twovm/*.sh; do [[ -f $f ]] && twovm_tests+=("$f"); done
 		return 0
 	fi
 	for n in "${names[@]}"; do
-		if [[ -f $repo/tests/vm/$n.sh ]]; then f=$repo/tests/vm/$n.sh
-		elif [[ -f $repo/tests/vm/$n ]]; then f=$repo/tests/vm/$n
-		elif [[ -f $n ]]; then f=$(cd "$(dirname "$n")" && pwd)/$(basename "$n")
-		else nvm_die "no such VM test: $n (looked in tests/vm/)"
+		if [[ -f $repo/tests/vm/$n.sh ]]; then tests+=("$repo/tests/vm/$n.sh")
+		elif [[ -f $repo/tests/vm/$n ]]; then tests+=("$repo/tests/vm/$n")
+		elif [[ -f $repo/tests/twovm/$n.sh ]]; then twovm_tests+=("$repo/tests/twovm/$n.sh")
+		elif [[ -f $repo/tests/twovm/$n ]]; then twovm_tests+=("$repo/tests/twovm/$n")
+		elif [[ -f $n ]]; then
+			f=$(cd "$(dirname "$n")" && pwd)/$(basename "$n")
+			if [[ $(dirname "$f") == "$repo/tests/twovm" ]]; then twovm_tests+=("$f"); else tests+=("$f"); fi
+		else nvm_die "no such VM test: $n (looked in tests/vm/ and tests/twovm/)"
 		fi
-		tests+=("$f")
 	done
 }
 
+# The run's results dir (created once, shared by both phases).
+init_results() {
+	[[ -z $results ]] || return 0
+	local stamp
+	stamp=$(date +%Y%m%d-%H%M%S)
+	results=${NVM_RESULTS:-$repo/target/vm-results/$stamp}
+	mkdir -p "$results"
+	results=$(cd "$results" && pwd)
+	if [[ -z ${NVM_RESULTS:-} ]]; then ln -sfn "$stamp" "$repo/target/vm-results/latest"; fi
+	nvm_log "VM results: $results"
+}
+
 run_vm_tests() {
-	local tests=() f name
-	resolve_tests
+	local f name
 	if ((${#tests[@]} == 0)); then
-		echo "NOTE: no VM tests found in tests/vm/"
+		((${#names[@]})) || echo "NOTE: no VM tests found in tests/vm/"
 		return 0
 	fi
 	declare -A seen=()
@@ -113,17 +149,8 @@ run_vm_tests() {
 		seen[$name]=1
 	done
 
-	local stamp
-	stamp=$(date +%Y%m%d-%H%M%S)
-	results=${NVM_RESULTS:-$repo/target/vm-results/$stamp}
-	mkdir -p "$results"
-	results=$(cd "$results" && pwd)
-	if [[ -z ${NVM_RESULTS:-} ]]; then ln -sfn "$stamp" "$repo/target/vm-results/latest"; fi
-	nvm_log "VM results: $results"
-
+	init_results
 	nvm_vm_prepare
-	local bin_dir=${CARGO_TARGET_DIR:-$repo/target}
-	[[ $bin_dir == /* ]] || bin_dir=$repo/$bin_dir
 	local envs=(--env "NVM_REPO=$repo" --env "NVM_BIN=$bin_dir/release")
 	[[ -z ${NVM_TEST_TIMEOUT:-} ]] || envs+=(--env "NVM_TEST_TIMEOUT=$NVM_TEST_TIMEOUT")
 	local -a extra=()
@@ -179,8 +206,53 @@ run_vm_tests() {
 	fi
 	echo "VM: boot to ready ${boot_seconds}s, whole VM run ${vm_seconds}s (accel ${NVM_VM_ACCEL_NAME:-?}); results in $results"
 }
+
+# ---------------------------------------------------------- two-VM tests ---
+run_twovm_tests() {
+	((${#twovm_tests[@]})) || return 0
+	init_results
+	local f name out log tmo rc secs t0
+	local -a st
+	# The VMs of a two-VM test use the acceleration the single-VM run found.
+	[[ -z ${NVM_VM_ACCEL_NAME:-} ]] || export NVM_VM_ACCEL=${NVM_VM_ACCEL:-$NVM_VM_ACCEL_NAME}
+	for f in "${twovm_tests[@]}"; do
+		name=$(basename "$f" .sh)
+		out=$results/twovm/$name
+		log=$out/$name.log
+		rm -rf "$out"
+		mkdir -p "$out"
+		tmo=$(sed -n 's/^#[[:space:]]*twovm-timeout:[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$f" | head -n1)
+		tmo=${tmo:-${NVM_TWOVM_TIMEOUT:-600}}
+		nvm_log "two-VM test $name (runs on the host, timeout ${tmo}s); log $log"
+		t0=$SECONDS
+		set +e
+		NVM_REPO=$repo NVM_BIN=$bin_dir/release NVM_OUT=$out \
+			timeout -k 30 "$tmo" bash "$f" </dev/null 2>&1 | tee "$log" | sed -u "s/^/  [$name] /"
+		st=("${PIPESTATUS[@]}")
+		set -e
+		rc=${st[0]}
+		secs=$((SECONDS - t0))
+		if ((rc == 124 || rc == 137)); then
+			add_item "$name" FAIL "two-VM test timed out after ${secs}s (limit ${tmo}s)" "$log"
+		elif ((rc == 0)); then
+			add_item "$name" PASS "${secs}s, two VMs" "$log"
+		elif ((rc == 77)); then
+			add_item "$name" SKIP "${secs}s: $(tail -n1 "$log" 2>/dev/null)" "$log"
+		else
+			add_item "$name" FAIL "exit $rc after ${secs}s" "$log"
+		fi
+	done
+}
+
 vm_seconds=0 boot_seconds='?' results=''
-[[ $mode == unit ]] || run_vm_tests
+bin_dir=${CARGO_TARGET_DIR:-$repo/target}
+[[ $bin_dir == /* ]] || bin_dir=$repo/$bin_dir
+tests=() twovm_tests=()
+if [[ $mode != unit ]]; then
+	resolve_tests
+	run_vm_tests
+	run_twovm_tests
+fi
 
 # ---------------------------------------------------------------- summary ---
 passed=0 failed=0 skipped=0 ci_skips=0

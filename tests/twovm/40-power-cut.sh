@@ -1,0 +1,229 @@
+#!/bin/bash
+# tests/twovm/40-power-cut.sh - two VMs, a real power cut of the owner.
+# Runs ON THE HOST (a two-VM test; contract at the top of scripts/test.sh).
+# twovm-timeout: 600
+#
+# What it shows: node-a and node-b are two VMs, each with its own emulated
+# NVDIMM as NVRAM (a host file behind memory-backend-file,share=on, so what the
+# guest stored survives QEMU's death), one shared raw disk image attached to both
+# (/dev/vda, cache=none, the medium) and a virtio-net link between them (QEMU
+# socket netdev) carrying Soft-RoCE: the mirror link is RDMA.  The LUN has two
+# ranges: range 0 is node-a's, range 1 node-b's.  node-a's flusher is paused, so
+# every write node-a acknowledges lives only in the two NVRAMs.  fio writes with
+# verify=crc32c through node-a's /dev/ublkb0 into both ranges (range 1 by
+# forwarding); a second fio on node-a keeps writing when the power goes.  fio's
+# trigger fires, the host SIGKILLs node-a's QEMU: no daemon shutdown, no guest
+# kernel, writes in flight.  node-b notices (heartbeat timeout, takeover = auto),
+# claims range 0 with a new epoch, replays node-a's mirrored writes, serves the
+# whole LUN; `fio --verify_only --verify_state_load` passes through node-b's
+# /dev/ublkb1.  node-b then writes [0,16M) anew (over stale records node-a still
+# holds).  node-a boots again with the same NVDIMM and disk: its daemon replays
+# nothing of the range it lost (and says it skipped it), rejoins, mirroring
+# restarts (node-b's status: "mirroring" over rdma), `nvmirrorctl giveback` on
+# node-b returns range 0, and both fio verifies pass through BOTH nodes' devices;
+# the whole LUN reads the same through both as it read through node-b before
+# node-a came back.
+#
+# Design:
+#   * Where fio's verify state lives: fio --server runs on node-a, the fio
+#     client on node-b (it reaches node-a over the 10.77.0.x link).  With
+#     --trigger-timeout the client asks the server for its verify state, stores
+#     it on node-b, then runs its local --trigger, which creates sync/kill-a.
+#     (fio's server stops its jobs right after sending the state, hence the
+#     second, unverified writer on node-a that is still running at the cut.)
+#   * Coordination: files in $NVM_OUT/sync on the results dir, which both VMs
+#     mount read-write over 9p (cache=none) and the host sees; each is created
+#     atomically (tmp + rename); every wait, in the guests and here, is bounded,
+#     and a file `abort` written by anyone makes the others stop at once.  The
+#     protocol is listed in tests/twovm/guest/power-cut-node.sh.
+#   * The power cut: nvm_vm_boot runs QEMU in the foreground under `timeout`,
+#     so each VM is booted in a background subshell here and QEMU writes its pid
+#     with `--qemu-arg -pidfile --qemu-arg FILE`; on sync/kill-a the host checks
+#     that the pid is that QEMU (its command line names the pid file) and sends
+#     SIGKILL.  The takeover time is measured on the host clock: from the kill to
+#     node-b's sync/b-serving (all ranges local, takeover phase "done"; node-b
+#     polls every 0.2 s).
+#   * The link: node-b's QEMU listens and node-a's connects, because a listening
+#     socket netdev accepts a new connection after its peer died (the rebooted
+#     node-a reconnects) while a connecting one never reconnects.
+#   * Guest commands: `power-cut-node.sh b`, `... a` (first boot, killed),
+#     `... a2` (the reboot).  Each VM has 1 vCPU (two TCG VMs on 2 cores).
+# Exit: 0 PASS, 77 SKIP (cannot run here), else FAIL.  Logs and status JSON in
+# $NVM_OUT; the disk images are deleted after a PASS.
+set -euo pipefail
+: "${NVM_REPO:?}" "${NVM_OUT:?}"
+NVM_BIN=${NVM_BIN:-$NVM_REPO/target/release}
+# shellcheck source=scripts/vm/lib.sh
+source "$NVM_REPO/scripts/vm/lib.sh"
+
+transport=${NVM_PC_TRANSPORT:-tcp}
+[[ $transport == tcp || $transport == rdma ]] || { echo "NVM_PC_TRANSPORT must be tcp or rdma" >&2; exit 2; }
+OUT=$(mkdir -p "$NVM_OUT" && cd "$NVM_OUT" && pwd)
+SYNC=$OUT/sync
+node_script=$NVM_REPO/tests/twovm/guest/power-cut-node.sh
+t0=$SECONDS
+say() { printf '[%s host +%ss] %s\n' "$(date +%T)" "$((SECONDS - t0))" "$*"; }
+mark() { printf '%s\n' "${2:-$(date +%s.%N)}" >"$SYNC/$1.tmp" && mv -f "$SYNC/$1.tmp" "$SYNC/$1"; }
+skip() { say "SKIPPED: $*"; exit 77; }
+
+for b in nvmirrord nvmirrorctl; do
+	[[ -x $NVM_BIN/$b ]] || { say "FAIL: $NVM_BIN/$b missing (cargo build --release)"; exit 1; }
+done
+command -v fio >/dev/null || skip "fio is not installed on the host (the VMs run the host's userspace)"
+command -v python3 >/dev/null || skip "python3 is not installed on the host"
+
+nvm_vm_prepare
+nvm_vm_detect_accel # once here, not in each background boot
+export NVM_VM_QUIET=1 # two consoles would interleave: they go to console-NAME.log
+
+# Fresh state: the NVDIMMs and the disk start zeroed (sparse files).
+rm -rf "$SYNC" "$OUT/state" "$OUT"/pmem-*.img "$OUT"/shared.img "$OUT"/guest-rc-* "$OUT"/qemu-*.pid
+mkdir -p "$SYNC" "$OUT/state"
+truncate -s 129M "$OUT/shared.img" # 1 MiB ownership table + a 128 MiB LUN (2 ranges of 64 MiB)
+(umask 077 && head -c 48 /dev/urandom | base64 >"$OUT/secret")
+
+port=''
+for _ in $(seq 50); do
+	p=$((20000 + RANDOM % 30000))
+	if ! ss -Htln "sport = :$p" | grep -q .; then port=$p; break; fi
+done
+[[ -n $port ]] || { say "FAIL: no free TCP port for the VM link"; exit 1; }
+
+declare -A vm_pid=() # VM name -> background nvm_vm_boot subshell
+qemu_pid() { # NAME -> pid of that VM's QEMU, if it runs
+	local f=$OUT/qemu-$1.pid pid
+	[[ -f $f ]] || return 1
+	pid=$(<"$f")
+	[[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "-pidfile $f" || return 1
+	echo "$pid"
+}
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+cleanup() {
+	local rc=$? n pid
+	set +e
+	for n in "${!vm_pid[@]}"; do
+		if pid=$(qemu_pid "$n"); then
+			say "cleanup: killing QEMU of VM $n (pid $pid)"
+			kill -KILL "$pid"
+		fi
+	done
+	# Their nvm_vm_boot subshells end with QEMU (bounded: a QEMU that never wrote
+	# its pid file is stopped by its own VM timeout).
+	for n in "${!vm_pid[@]}"; do
+		for _ in $(seq 100); do kill -0 "${vm_pid[$n]}" 2>/dev/null || break; sleep 0.2; done
+	done
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'say "terminated"; exit 143' TERM INT
+
+boot() { # NAME ROLE TIMEOUT listen|connect
+	local name=$1 role=$2 tmo=$3 mode=$4 nvdimm=$OUT/pmem-${2:0:1}.img
+	nvm_vm_boot --results "$OUT" --name "$name" --cpus 1 --mem 1024 --timeout "$tmo" \
+		--nvdimm "$nvdimm:256M" --disk "$OUT/shared.img" "--net-$mode" "$port" \
+		--env "NVM_BIN=$NVM_BIN" --env "NVM_OUT=$OUT" \
+		--env "NVM_PC_TRANSPORT=$transport" --env "NVM_PC_FIO_RATE=${NVM_PC_FIO_RATE:-3m}" --env "NVM_PC_FIO_TRIGGER=${NVM_PC_FIO_TRIGGER:-18}" \
+		--qemu-arg -pidfile --qemu-arg "$OUT/qemu-$name.pid" \
+		-- /bin/bash "$node_script" "$role" >"$OUT/vm-$name.out" 2>&1 &
+	vm_pid[$name]=$!
+	say "booting VM $name ($role, $mode on 127.0.0.1:$port, NVDIMM $(basename "$nvdimm"), timeout ${tmo}s)"
+}
+vm_running() { kill -0 "${vm_pid[$1]}" 2>/dev/null; }
+# await NAME SECONDS VM...: until sync/NAME exists; fails on abort, on timeout,
+# or when one of the VMs that should produce it has ended.
+await() {
+	local name=$1 secs=$2 i v
+	shift 2
+	for ((i = 0; i < secs * 5; i++)); do
+		[[ -e $SYNC/$name ]] && return 0
+		[[ -e $SYNC/abort ]] && fail "a VM gave up: $(cat "$SYNC/abort")"
+		for v in "$@"; do vm_running "$v" || { sleep 1; [[ -e $SYNC/$name ]] && return 0; fail "VM $v ended before $name"; }; done
+		sleep 0.2
+	done
+	fail "timed out after ${secs}s waiting for $name"
+}
+fail() {
+	say "FAIL: $*"
+	mark abort "host: $*" 2>/dev/null || true
+	local n
+	for n in "${!vm_pid[@]}"; do
+		echo "---- last lines of node-${n}.log / console-$n.log ----"
+		tail -n 25 "$OUT/node-$n.log" 2>/dev/null || tail -n 25 "$OUT/console-$n.log" 2>/dev/null
+	done
+	# Give the guests a moment to see `abort` and leave their logs, then pull the plugs.
+	sleep 3
+	exit 1
+}
+
+say "results in $OUT; mirror link over $transport; accel $NVM_VM_ACCEL_NAME"
+boot b b 480 listen
+for _ in $(seq 150); do
+	ss -Htln "sport = :$port" | grep -q . && break
+	vm_running b || fail "VM b ended before listening on $port"
+	sleep 0.2
+done
+ss -Htln "sport = :$port" | grep -q . || fail "VM b's QEMU does not listen on $port"
+boot a a 300 connect
+
+await a-up 240 a b
+await b-up 240 a b
+say "both daemons up, mirroring over $transport; fio starts (trigger after ${NVM_PC_FIO_TRIGGER:-18}s)"
+await kill-a 200 a b
+
+# ----------------------------------------------------------- power cut ---
+qpid=$(qemu_pid a) || fail "no QEMU pid for VM a"
+kill -KILL "$qpid"
+t_kill=$EPOCHREALTIME
+mark a-killed "$t_kill"
+say "POWER CUT: SIGKILL to node-a's QEMU (pid $qpid)"
+for _ in $(seq 150); do vm_running a || break; sleep 0.2; done
+vm_running a && fail "VM a still running 30 s after SIGKILL to its QEMU"
+rc_a=0
+wait "${vm_pid[a]}" || rc_a=$?
+unset 'vm_pid[a]'
+[[ ! -e $OUT/guest-rc-a ]] || fail "node-a's guest command finished ($(cat "$OUT/guest-rc-a")): it was not cut mid-run"
+say "VM a is gone (nvm_vm_boot status $rc_a; its command never finished)"
+grep -h 'still alive' "$OUT/node-a.log" | tail -n 1 | sed 's/^/  node-a before the cut: /'
+
+await b-serving 120 b
+t_serving=$(<"$SYNC/b-serving")
+takeover_s=$(awk -v a="$t_kill" -v b="$t_serving" 'BEGIN { printf "%.1f", b - a }')
+say "node-b serves node-a's range ${takeover_s}s after the power cut (host clock; detection + claim + grace + replay)"
+python3 - "$OUT/status-b-after-takeover.json" <<-'EOF' || true
+	import json, sys
+	t = json.load(open(sys.argv[1]))["engine"]["takeover"]
+	print(f"  node-b's takeover: {t['records_done']}/{t['records_total']} record(s), "
+	      f"{t['bytes_done'] >> 20} MiB replayed, {t['elapsed_ms']} ms from claim to done")
+EOF
+
+await restart-a 300 b
+say "node-b verified every acknowledged write and wrote anew; rebooting node-a (same NVDIMM, same disk)"
+boot a2 a2 300 connect
+await a2-up 240 a2 b
+say "node-a is back and mirroring"
+await b-gaveback 180 a2 b
+say "giveback done"
+
+# Both guests finish on their own (bounded by their VM timeouts).
+for _ in $(seq 1500); do
+	vm_running a2 || vm_running b || break
+	[[ -e $SYNC/abort ]] && fail "a VM gave up: $(cat "$SYNC/abort")"
+	sleep 0.2
+done
+rc=()
+for n in a2 b; do
+	r=0
+	wait "${vm_pid[$n]}" || r=$?
+	unset "vm_pid[$n]"
+	rc+=("$r")
+done
+say "VM a2 exit ${rc[0]}, VM b exit ${rc[1]}"
+if [[ ${rc[0]} == 0 && ${rc[1]} == 0 ]]; then
+	rm -f "$OUT"/pmem-*.img "$OUT"/shared.img
+	say "PASS: power cut of node-a, takeover by node-b in ${takeover_s}s, verify passed; node-a rejoined, giveback, verify passed on both nodes ($((SECONDS - t0))s)"
+	exit 0
+fi
+if [[ ${rc[0]} =~ ^(0|77)$ && ${rc[1]} =~ ^(0|77)$ ]]; then
+	skip "a VM could not run its part (see node-*.log)"
+fi
+fail "VM a2 exit ${rc[0]}, VM b exit ${rc[1]} (see node-a2.log, node-b.log, daemon-*.log)"

@@ -1,0 +1,357 @@
+#!/bin/bash
+# tests/twovm/guest/power-cut-node.sh ROLE   (runs INSIDE one of the two VMs of
+# tests/twovm/40-power-cut.sh; ROLE is a = node-a's first boot, a2 = node-a
+# rebooted after the power cut, b = node-b, the survivor)
+#
+# Contract with the host orchestrator (40-power-cut.sh):
+#   - started by guest-init.sh as root in a VM booted by nvm_vm_boot with one
+#     emulated NVDIMM (/dev/pmem0: this node's NVRAM, a host file that outlives
+#     QEMU), the shared disk image as /dev/vda (the medium, the same file in both
+#     VMs), and a virtio-net NIC (eth0) on a QEMU socket netdev: the only link
+#     between the two VMs (node-b's QEMU listens, node-a's connects);
+#   - environment: NVM_BIN (release binaries), NVM_OUT (the test's results dir,
+#     writable 9p export visible to the host and to the other VM),
+#     NVM_PC_TRANSPORT (tcp | rdma), NVM_PC_FIO_* (write rate, trigger time;
+#     see the orchestrator);
+#   - coordination is by files in $NVM_OUT/sync, each created atomically
+#     (written to NAME.tmp, renamed), every wait bounded: a-up, b-up,
+#     a-ready (fio server and the background writer running on node-a),
+#     kill-a (written by node-b's fio trigger: cut node-a's power now),
+#     a-killed (host: QEMU of node-a is gone), b-serving (node-b took over),
+#     lun.sha256, restart-a (node-b has verified: boot node-a again),
+#     a2-up, b-gaveback, a2-done; a file `abort` (any side) makes everyone
+#     give up at once.  Nothing here waits without a bound.
+#   - exit status 0 = this node's part passed (guest-rc-NAME on the host),
+#     77 = cannot run here (SKIPPED), anything else = FAIL.  The host waits for
+#     node-a's first boot to be killed, so that VM never reports.
+# Logs: $NVM_OUT/node-ROLE.log (this script, also on the VM console),
+# daemon-ROLE.log, fio-*.log, status-*.json.
+set -euo pipefail
+
+role=${1:?usage: power-cut-node.sh a|a2|b}
+: "${NVM_BIN:?}" "${NVM_OUT:?}"
+NVMD=$NVM_BIN/nvmirrord
+NVMCTL=$NVM_BIN/nvmirrorctl
+SYNC=$NVM_OUT/sync
+node=node-${role:0:1}                      # node-a or node-b
+dev=/dev/ublkb$([[ $node == node-a ]] && echo 0 || echo 1)
+ip_a=10.77.0.1 ip_b=10.77.0.2
+fio_port=8765
+transport=${NVM_PC_TRANSPORT:-tcp}         # mirror link: tcp or rdma (Soft-RoCE on eth0)
+write_rate=${NVM_PC_FIO_RATE:-3m}          # the verified job (fio server on node-a)
+trigger_after=${NVM_PC_FIO_TRIGGER:-18}    # seconds after the fio client started
+work=/tmp/powercut
+mkdir -p "$work" "$NVM_OUT/state"
+cd "$work"
+exec > >(tee -a "$NVM_OUT/node-$role.log") 2>&1
+
+say() { printf '[%s %s] %s\n' "$(date +%T.%2N)" "$role" "$*"; }
+mark() { printf '%s\n' "${2:-$(date +%s.%N)}" >"$SYNC/$1.tmp" && mv -f "$SYNC/$1.tmp" "$SYNC/$1"; }
+fail() {
+	say "FAIL: $*"
+	mark abort "$role: $*" 2>/dev/null || true
+	exit 1
+}
+skip() { say "SKIPPED: $*"; exit 77; }
+# await NAME SECONDS: until the sync file NAME exists (or `abort` does)
+await() {
+	local i
+	for ((i = 0; i < $2 * 5; i++)); do
+		[[ -e $SYNC/$1 ]] && return 0
+		[[ -e $SYNC/abort ]] && fail "gave up waiting for $1: $(cat "$SYNC/abort")"
+		sleep 0.2
+	done
+	fail "timed out after $2 s waiting for $1"
+}
+
+daemon_pid=''
+cleanup() {
+	local rc=$?
+	set +e
+	if [[ -n $daemon_pid ]]; then
+		kill -TERM "$daemon_pid" 2>/dev/null
+		for _ in $(seq 100); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 0.2; done
+		kill -KILL "$daemon_pid" 2>/dev/null
+	fi
+	cp -f ./*.log "$NVM_OUT/" 2>/dev/null
+	exit "$rc"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- helpers ---
+st() { "$NVMCTL" --config node.toml status --json; }
+# q EXPR: a Python expression over the status JSON (s = all of it, e = s["engine"])
+q() {
+	st | python3 -c 'import json, sys
+s = json.load(sys.stdin); e = s["engine"]
+r = eval(sys.argv[1])
+print(r if isinstance(r, str) else json.dumps(r))' "$1"
+}
+# ok EXPR: true if the Python expression over the status JSON holds
+ok() {
+	st 2>/dev/null | python3 -c 'import json, sys
+s = json.load(sys.stdin); e = s["engine"]
+sys.exit(0 if eval(sys.argv[1]) else 1)' "$1" 2>/dev/null
+}
+# until_ok SECONDS WHAT EXPR
+until_ok() {
+	local i
+	for ((i = 0; i < $1 * 5; i++)); do
+		ok "$3" && return 0
+		[[ -e $SYNC/abort ]] && fail "gave up waiting for $2: $(cat "$SYNC/abort")"
+		if ((i == 25)) && grep -q 'ibv_reg_mr.*Bad address' "$NVM_OUT/daemon-$role.log" 2>/dev/null; then
+			# Linux >= 6.5 refuses long-term writable pins of page-cache-backed shared
+			# mappings (a mmap of /dev/pmemN is one): the NVRAM cannot be registered.
+			fail "the RDMA link cannot register the NVRAM (/dev/pmem0 mapping): $(grep -m1 'ibv_reg_mr' "$NVM_OUT/daemon-$role.log")"
+		fi
+		sleep 0.2
+	done
+	st >"$NVM_OUT/status-$role-timeout.json" 2>&1 || true
+	fail "$2: not reached within $1 s (status in status-$role-timeout.json)"
+}
+ranges() { q '[(r["owner"], r["epoch"], r["state"]) for r in e["ranges"]]'; }
+
+setup_net() {
+	local me=$1 nic=eth0
+	[[ -e /sys/class/net/$nic ]] || fail "no $nic: the VM has no link NIC"
+	ip link set "$nic" up
+	ip addr add "$me/24" dev "$nic"
+	if [[ $transport == rdma ]]; then
+		modprobe rdma_rxe || skip "modprobe rdma_rxe failed"
+		rdma link add nvmrxe0 type rxe netdev "$nic" || fail "rdma link add (rxe over $nic)"
+	fi
+	modprobe ublk_drv || fail "modprobe ublk_drv"
+	[[ -b /dev/pmem0 ]] || fail "no /dev/pmem0 (emulated NVDIMM)"
+	[[ -b /dev/vda ]] || fail "no /dev/vda (shared disk)"
+	command -v fio >/dev/null || skip "fio is not installed"
+	say "net: $me on $nic ($(cat /sys/class/net/$nic/address)), mirror link over $transport; NVRAM /dev/pmem0 $(($(blockdev --getsize64 /dev/pmem0) >> 20)) MiB, medium /dev/vda $(($(blockdev --getsize64 /dev/vda) >> 20)) MiB"
+}
+
+write_config() {
+	cat >node.toml <<-CFG
+	[node]
+	name = "$node"
+	control_socket = "$work/$node.sock"
+
+	[nvram]
+	path = "/dev/pmem0"
+	partitions = 2
+
+	[cluster]
+	id = 77
+	secret_file = "$NVM_OUT/secret"
+	transport = "$transport"
+	heartbeat_interval_ms = 200
+	heartbeat_timeout_ms = 1500
+	takeover = "auto"
+	degraded = "write-through"
+
+	[[cluster.node]]
+	name = "node-a"
+	address = "$ip_a:7800"
+
+	[[cluster.node]]
+	name = "node-b"
+	address = "$ip_b:7800"
+
+	[[lun]]
+	name = "lun0"
+	medium = "/dev/vda"
+	device_id = ${dev#/dev/ublkb}
+	ranges = 2
+	owners = ["node-a", "node-b"]
+	CFG
+}
+
+start_daemon() {
+	write_config
+	"$NVMD" --config node.toml --state-dir "$work/state" >>"$NVM_OUT/daemon-$role.log" 2>&1 &
+	daemon_pid=$!
+	"$NVMCTL" --config node.toml wait --timeout 120 >/dev/null ||
+		{ tail -20 "$NVM_OUT/daemon-$role.log"; fail "nvmirrord did not come up"; }
+	say "nvmirrord (pid $daemon_pid) serves $dev; replay: $(q 'e["replay"]'); ranges $(ranges)"
+}
+
+link_up='e["mirror"]["state"] == "mirroring" and (e["mirror"]["link"] or "").startswith("Up") and e["mirror"]["transport"] == "'$transport'"'
+
+# The jobs.  powercut: node-a writes it through its fio server, node-b's fio
+# client holds its verify state; it covers [16M, 112M): 48 MiB of node-a's range
+# 0 and 48 MiB of node-b's range 1 (reached from node-a by forwarding).  fio's
+# random map writes each block at most once, so a write done after the state
+# was saved never overwrites a block the state vouches for.
+job_powercut() { # DEV [extra option lines...]
+	local d=$1
+	shift
+	printf '%s\n' "[powercut]" "filename=$d" direct=1 ioengine=libaio iodepth=16 rw=randwrite \
+		bssplit=4k/50:16k/30:64k/20 offset=16M size=96M randseed=4242 verify=crc32c \
+		verify_fatal=1 verify_state_save=1 "$@"
+}
+# after: node-b writes [0, 16M) after the takeover (over what node-a's background
+# writer left there and still holds, unflushed, in its NVRAM).  If node-a ever
+# replayed those stale records, this verify would fail.
+job_after() { # DEV [extra option lines...]
+	local d=$1
+	shift
+	printf '%s\n' "[after]" "filename=$d" direct=1 ioengine=libaio iodepth=8 rw=write bs=64k \
+		offset=0 size=16M randseed=777 verify=crc32c verify_fatal=1 verify_state_save=1 "$@"
+}
+# verify JOBFN DEV LABEL: verify_only with the saved state (local-NAME-0-verify.state in cwd).
+# At queue depth 1: fio decides whether a read falls in the last iodepth writes
+# before the state was saved (of which only the completed ones are checked) by
+# the number of verify reads already COMPLETED, so with reads in flight it
+# checks too late and "verifies" writes that never happened (seen: zeroes at
+# offsets the writer had not yet issued, when forwarded reads were slower than
+# local ones).
+verify() {
+	local fn=$1 d=$2 label=$3 name
+	name=${fn#job_}
+	"$fn" "$d" verify_only=1 verify_state_load=1 iodepth=1 >"verify-$name.fio"
+	[[ -f local-$name-0-verify.state ]] || cp "$NVM_OUT/state/local-$name-0-verify.state" . ||
+		fail "no verify state for $name"
+	if ! fio --output-format=json --output="fio-verify-$name-$label.json" "verify-$name.fio"; then
+		tail -c 3000 "fio-verify-$name-$label.json"
+		cp -f "fio-verify-$name-$label.json" "$NVM_OUT/"
+		fail "fio verify of '$name' through $d ($label): an acknowledged write is wrong or missing"
+	fi
+	cp -f "fio-verify-$name-$label.json" "$NVM_OUT/"
+	local got
+	got=$(python3 -c 'import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+assert j["error"] == 0, j["error"]
+print(j["read"]["io_bytes"])' "fio-verify-$name-$label.json") || fail "fio verify of $name: bad JSON"
+	((got > 0)) || fail "fio verify of $name through $d read nothing"
+	say "verify '$name' through $d ($label): OK, $((got >> 10)) KiB verified"
+}
+lun_sha() { dd if="$dev" bs=1M iflag=direct status=none | sha256sum | cut -c1-64; }
+
+# ----------------------------------------------------------------- node-a ---
+run_a() {
+	setup_net $ip_a
+	start_daemon
+	until_ok 120 "mirror link up ($transport)" "$link_up"
+	mark a-up
+	await b-up 180
+	ranges | grep -q '"node-a", 1, "local"' || fail "unexpected ranges at start: $(ranges)"
+	# Keep every acknowledged write of node-a in the NVRAMs only: at the power
+	# cut node-b must replay all of them from its second store.
+	"$NVMCTL" --config node.toml flush pause >/dev/null
+	# A writer that is still writing when the power goes (the verified job stops
+	# at fio's trigger): 4k random writes into [0, 16M) of node-a's range.
+	fio --name=background --filename="$dev" --direct=1 --ioengine=libaio --iodepth=4 \
+		--rw=randwrite --bs=4k --offset=0 --size=16M --rate=1m --time_based --runtime=900 \
+		--output="$NVM_OUT/fio-background-a.log" &
+	fio --server="ip:$ip_a,$fio_port" >"$NVM_OUT/fio-server-a.log" 2>&1 &
+	local i
+	for ((i = 0; i < 100; i++)); do ss -ltn | grep -q ":$fio_port " && break; sleep 0.2; done
+	ss -ltn | grep -q ":$fio_port " || fail "fio --server is not listening on $ip_a:$fio_port"
+	say "flusher paused, background writer and fio server ($ip_a:$fio_port) running"
+	mark a-ready
+	# The power is cut while we wait here.
+	for ((i = 0; i < 300; i++)); do
+		[[ -e $SYNC/abort ]] && fail "aborted: $(cat "$SYNC/abort")"
+		if ((i % 5 == 0)); then
+			say "still alive: $(q '"%d record(s) unflushed, %d in flight, %d mirrored" % (sum(p["records_unflushed"] for p in e["partitions"]), sum(p["records_in_flight"] for p in e["partitions"]), e["mirror"]["mirrored_records"])' 2>/dev/null)"
+		fi
+		sleep 1
+	done
+	fail "still alive 300 s after a-ready: the host did not cut the power"
+}
+
+# ---------------------------------------------------------- node-a reboot ---
+run_a2() {
+	setup_net $ip_a
+	start_daemon
+	st >"$NVM_OUT/status-a2-start.json"
+	# node-b holds range 0 with a newer epoch: node-a must replay none of its own
+	# (stale) records, and must not claim the range.
+	ok 'e["replay"]["records"] == 0' || fail "node-a replayed records of a range it lost: $(q 'e["replay"]')"
+	ok 'e["replay"]["skipped_not_owned"] > 0' ||
+		fail "node-a's NVRAM held no records of range 0 (flusher was paused): $(q 'e["replay"]')"
+	ok '[(r["owner"], r["state"]) for r in e["ranges"]] == [("node-b", "remote"), ("node-b", "remote")] and e["ranges"][0]["epoch"] >= 2' ||
+		fail "after the restart node-a sees ranges $(ranges), expected both node-b's (range 0 with a new epoch)"
+	say "restart: skipped $(q 'e["replay"]["skipped_not_owned"]') stale record(s) of range 0, replayed none; ranges $(ranges)"
+	until_ok 120 "mirror link up again ($transport)" "$link_up"
+	mark a2-up
+	await b-gaveback 300
+	until_ok 30 "range 0 back on node-a" \
+		'[(r["owner"], r["state"]) for r in e["ranges"]] == [("node-a", "local"), ("node-b", "remote")] and e["ranges"][0]["epoch"] >= 3'
+	say "after giveback node-a sees $(ranges)"
+	verify job_powercut "$dev" after-giveback-a
+	verify job_after "$dev" after-giveback-a
+	local sum want
+	sum=$(lun_sha)
+	want=$(cat "$SYNC/lun.sha256")
+	[[ $sum == "$want" ]] || fail "the LUN read through node-a ($sum) differs from node-b's view before the restart ($want)"
+	say "whole LUN through $dev: sha256 $sum, as node-b read it before node-a came back"
+	"$NVMCTL" --config node.toml nvram inspect --json >"$NVM_OUT/nvram-a2-inspect.json" 2>&1 || true
+	st >"$NVM_OUT/status-a2-end.json"
+	mark a2-done ok
+	say "PASS (node-a): rejoined without touching node-b's ranges, giveback, verify passed"
+}
+
+# ----------------------------------------------------------------- node-b ---
+run_b() {
+	setup_net $ip_b
+	start_daemon
+	until_ok 180 "mirror link up ($transport)" "$link_up"
+	mark b-up
+	await a-ready 180
+	ok '[(r["owner"], r["epoch"], r["state"]) for r in e["ranges"]] == [("node-a", 1, "remote"), ("node-b", 1, "local")]' ||
+		fail "unexpected ranges before the power cut: $(ranges)"
+	job_powercut /dev/ublkb0 do_verify=0 "rate=$write_rate" >powercut-client.fio
+	# fio's trigger: at trigger_after s the client asks node-a's server for its
+	# verify state, stores it here (10.77.0.1-powercut-0-verify.state), then runs
+	# the local trigger, which asks the host to pull node-a's plug.
+	local trig="echo \$(date +%s.%N) >$SYNC/kill-a.tmp && mv -f $SYNC/kill-a.tmp $SYNC/kill-a"
+	say "fio client -> $ip_a:$fio_port: $write_rate random writes with verify; trigger at ${trigger_after}s"
+	timeout -k 5 $((trigger_after + 120)) fio --trigger-timeout="$trigger_after" --trigger="$trig" \
+		--client="$ip_a,$fio_port" powercut-client.fio >"$NVM_OUT/fio-client-b.log" 2>&1 &
+	local client=$!
+	await kill-a $((trigger_after + 90))
+	say "trigger fired: verify state received, the host cuts node-a's power"
+	until_ok 120 "takeover of node-a's range" \
+		'all(r["owner"] == "node-b" and r["state"] == "local" for r in e["ranges"]) and e["takeover"]["phase"] == "done"'
+	mark b-serving
+	st >"$NVM_OUT/status-b-after-takeover.json"
+	say "took over: ranges $(ranges); takeover $(q 'e["takeover"]'); mirror $(q 'e["mirror"]["state"]')"
+	local rc=0
+	wait "$client" || rc=$?
+	say "fio client ended with status $rc (its server lost power)"
+	[[ -f $ip_a-powercut-0-verify.state ]] || { tail -30 "$NVM_OUT/fio-client-b.log"; fail "the fio client received no verify state"; }
+	mv "$ip_a-powercut-0-verify.state" local-powercut-0-verify.state
+	cp local-powercut-0-verify.state "$NVM_OUT/state/"
+	verify job_powercut "$dev" after-takeover-b
+	# New writes by node-b over what node-a still has, unflushed, in its NVRAM.
+	job_after "$dev" do_verify=0 >after-write.fio
+	fio --output="$NVM_OUT/fio-after-write-b.log" after-write.fio || fail "fio writes on node-b after the takeover failed"
+	cp local-after-0-verify.state "$NVM_OUT/state/"
+	local sum
+	sum=$(lun_sha)
+	mark lun.sha256 "$sum"
+	say "wrote [0,16M) anew; whole LUN sha256 $sum; node-a may come back"
+	mark restart-a
+	await a2-up 300
+	until_ok 120 "mirroring with node-a again" "$link_up"
+	st >"$NVM_OUT/status-b-rejoined.json"
+	say "node-a rejoined: mirror $(q 'e["mirror"]["state"]') over $(q 'e["mirror"]["transport"]'), link $(q 'e["mirror"]["link"]')"
+	"$NVMCTL" --config node.toml giveback --timeout 120 || fail "giveback failed"
+	ok '[(r["owner"], r["state"]) for r in e["ranges"]] == [("node-a", "remote"), ("node-b", "local")] and e["ranges"][0]["epoch"] >= 3' ||
+		fail "after giveback node-b sees $(ranges)"
+	say "giveback done: $(ranges)"
+	mark b-gaveback
+	verify job_powercut "$dev" after-giveback-b
+	verify job_after "$dev" after-giveback-b
+	[[ $(lun_sha) == "$sum" ]] || fail "the LUN read through node-b after the giveback differs from before"
+	await a2-done 400
+	ok "$link_up" || fail "mirroring with node-a lost at the end"
+	st >"$NVM_OUT/status-b-end.json"
+	say "PASS (node-b): took over at the power cut, verify passed, node-a rejoined, giveback"
+}
+
+[[ -f $NVM_OUT/secret ]] || fail "no cluster secret in $NVM_OUT"
+case $role in
+a) run_a ;;
+a2) run_a2 ;;
+b) run_b ;;
+*) fail "unknown role $role" ;;
+esac
