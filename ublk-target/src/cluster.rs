@@ -87,6 +87,8 @@ pub struct Cluster {
     gates: Mutex<Vec<Vec<RangeState>>>,
     gate_opened: Notify,
     forwarder: std::sync::RwLock<Option<Arc<dyn Forwarder>>>,
+    /// Our flush marks as last written to the medium (see [`ownership::FlushMarks`]).
+    marks: Mutex<Option<ownership::FlushMarks>>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -111,6 +113,7 @@ impl Cluster {
             gates: Mutex::new(gates),
             gate_opened: Notify::new(),
             forwarder: std::sync::RwLock::new(None),
+            marks: Mutex::new(None),
         })
     }
 
@@ -306,6 +309,52 @@ impl Cluster {
             }
         }
         self.gate_opened.notify_waiters();
+    }
+
+    /// Partner unreachable: records on the medium that our `partition` is flushed through
+    /// `seq` (of NVRAM log `log_id`), so a takeover does not replay stale mirror copies.
+    pub fn record_flushed(
+        &self,
+        log_id: u64,
+        partitions: usize,
+        partition: u32,
+        seq: u64,
+    ) -> Result<(), ownership::TableError> {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let cluster_id = self.table().cluster_id;
+        if marks.is_none() {
+            // After a restart: continue from what the medium has (never move a mark back).
+            *marks = ownership::load_marks(self.store.as_ref(), cluster_id, self.me)?;
+        }
+        let m = marks.get_or_insert_with(|| ownership::FlushMarks {
+            cluster_id,
+            node: self.me,
+            log_id,
+            flushed_through: vec![0; partitions],
+        });
+        if m.log_id != log_id || m.flushed_through.len() != partitions {
+            *m = ownership::FlushMarks {
+                cluster_id,
+                node: self.me,
+                log_id,
+                flushed_through: vec![0; partitions],
+            };
+        }
+        let slot = m
+            .flushed_through
+            .get_mut(partition as usize)
+            .ok_or(ownership::TableError::TooLarge(partition as usize))?;
+        *slot = (*slot).max(seq);
+        ownership::save_marks(self.store.as_ref(), m)
+    }
+
+    /// The flush marks `node` left on the medium, if any.
+    pub fn flush_marks_of(
+        &self,
+        node: u32,
+    ) -> Result<Option<ownership::FlushMarks>, ownership::TableError> {
+        let cluster_id = self.table().cluster_id;
+        ownership::load_marks(self.store.as_ref(), cluster_id, node)
     }
 
     /// Fencing: re-reads the table on the medium and says whether we still own `range`

@@ -173,6 +173,9 @@ pub struct ReplayReport {
     pub salvaged_from_corruption: bool,
     /// Records of ranges another node took over while we were away (it replayed them).
     pub skipped_not_owned: usize,
+    /// Takeover: mirrored records the partner's flush marks show on the medium already.
+    #[serde(default)]
+    pub skipped_already_flushed: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -258,6 +261,9 @@ struct MirrorSlot {
     mirrored_records: AtomicU64,
     degraded_records: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// A write went without a mirror copy since the partner last (re)connected: until it
+    /// reconnects, flushes leave flush marks on the medium.
+    unmirrored: std::sync::atomic::AtomicBool,
 }
 
 impl MirrorSlot {
@@ -606,6 +612,7 @@ impl Engine {
                 policy: opts.degraded,
                 mirrored_records: AtomicU64::new(0),
                 degraded_records: AtomicU64::new(0),
+                unmirrored: Default::default(),
                 last_error: Mutex::new(None),
             }),
             second_store,
@@ -656,6 +663,38 @@ impl Engine {
                     c.still_owned(&checks)
                 },
             );
+            // Partner unreachable: the release cannot reach it, so flush marks on the medium
+            // tell a taking-over partner which of its copies are stale; then make sure we
+            // still own the ranges before the batch counts as flushed (write-through ack).
+            let (cluster, marks_mirror, log_id, nparts) = (
+                self.cluster.clone(),
+                self.mirror.clone(),
+                self.sb.log_id,
+                self.parts.len(),
+            );
+            let fence_after = fence.clone();
+            let synced: crate::flusher::SyncedHook = Arc::new(
+                move |partition: u32,
+                      batch: &[crate::log::RecordMeta]|
+                      -> Result<(), crate::flusher::Fence> {
+                    let Some(c) = &cluster else { return Ok(()) };
+                    if !marks_mirror.unmirrored.load(Ordering::SeqCst)
+                        && marks_mirror.current().is_some_and(|m| m.is_up())
+                    {
+                        return Ok(());
+                    }
+                    let Some(last) = batch.last() else {
+                        return Ok(());
+                    };
+                    c.record_flushed(log_id, nparts, partition, last.seq)
+                        .map_err(|e| {
+                            crate::flusher::Fence::Unreadable(format!(
+                                "writing flush marks to the medium: {e}"
+                            ))
+                        })?;
+                    fence_after(batch)
+                },
+            );
             let delegate_to = self.flush_delegate.clone();
             let delegate: crate::flusher::FlushDelegate =
                 Arc::new(move |partition: u32, first: u64, last: u64, count: usize| {
@@ -669,7 +708,16 @@ impl Engine {
                 std::thread::Builder::new()
                     .name(format!("flush-{}", part.id))
                     .spawn(move || {
-                        run_flusher(p, luns, batch_bytes, stats, on_released, fence, delegate)
+                        run_flusher(
+                            p,
+                            luns,
+                            batch_bytes,
+                            stats,
+                            on_released,
+                            fence,
+                            synced,
+                            delegate,
+                        )
                     })?,
             );
         }
@@ -685,6 +733,12 @@ impl Engine {
         if let Ok(mut l) = self.mirror.link.write() {
             *l = Some(m);
         }
+    }
+
+    /// The partner (re)connected and resynchronized its second store with our logs: flushes
+    /// need no flush marks until a write goes unmirrored again.
+    pub fn mirror_resynced(&self) {
+        self.mirror.unmirrored.store(false, Ordering::SeqCst);
     }
 
     pub fn detach_mirror(&self) {
@@ -718,8 +772,15 @@ impl Engine {
             return Ok(ReplayReport::default());
         };
         let media: Vec<Arc<dyn Medium>> = self.luns.iter().map(|l| l.medium.clone()).collect();
+        // What the partner flushed while it could not tell us (flush marks on the medium).
+        let marks = match &self.cluster {
+            Some(c) => c.flush_marks_of(1 - c.me).map_err(|e| {
+                ReplayError::Medium(format!("reading the partner's flush marks: {e}"))
+            })?,
+            None => None,
+        };
         let progress = self.takeover.clone();
-        let report = ss.replay_into(&media, &|records, bytes| {
+        let report = ss.replay_into(&media, marks.as_ref(), &|records, bytes| {
             if let Ok(mut p) = progress.lock() {
                 if let Some(p) = p.as_mut() {
                     p.records_done = records;
@@ -728,10 +789,11 @@ impl Engine {
             }
         })?;
         tracing::info!(
-            "takeover replay: {} mirrored record(s), {} bytes, written to the medium in {} ms",
+            "takeover replay: {} mirrored record(s), {} bytes, written to the medium in {} ms; {} skipped (the partner's flush marks show them on the medium)",
             report.records,
             report.bytes,
-            report.millis
+            report.millis,
+            report.skipped_already_flushed
         );
         Ok(report)
     }
@@ -1200,6 +1262,10 @@ impl Engine {
                         message: "NVRAM persister stopped before the write was durable".into(),
                     }),
                 };
+                if mirrored.is_err() && self.second_store.is_some() {
+                    // Before the flusher can take the record: its flush must leave marks.
+                    self.mirror.unmirrored.store(true, Ordering::SeqCst);
+                }
                 // Both answers are in: the flusher may take the record from now on.
                 if let Some(w) = s.wrap {
                     part.settle(w.seq);

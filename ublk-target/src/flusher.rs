@@ -24,6 +24,11 @@ pub enum Fence {
 /// Says whether this node may still write a batch's ranges to the medium (fencing).
 pub type FenceCheck = Arc<dyn Fn(&[RecordMeta]) -> Result<(), Fence> + Send + Sync>;
 
+/// Runs once a batch is on the medium, before its writes count as flushed (and before a
+/// write-through acknowledgement): with the partner unreachable it leaves flush marks on the
+/// medium and re-checks ownership (see [`crate::ownership::FlushMarks`]).
+pub type SyncedHook = Arc<dyn Fn(u32, &[RecordMeta]) -> Result<(), Fence> + Send + Sync>;
+
 /// Asks the partner to write the mirrored copies of a batch from its second store (our path
 /// to the medium failed): (partition, first seq, last seq, number of data records).
 pub type FlushDelegate = Arc<dyn Fn(u32, u64, u64, usize) -> Result<(), String> + Send + Sync>;
@@ -45,12 +50,20 @@ pub fn run_flusher(
     stats: Arc<FlusherStats>,
     on_released: Arc<dyn Fn(u32, u64) + Send + Sync>,
     fence: FenceCheck,
+    synced: SyncedHook,
     delegate: FlushDelegate,
 ) {
     let mut backoff = Duration::from_millis(10);
     while let Some(batch) = log.next_flush_batch(batch_bytes) {
-        let result = match fence(&batch) {
-            Ok(()) => flush_batch(&log, &luns, &batch),
+        // A failed medium write and an unreadable table both mean our path to the medium
+        // fails: retry, or let the partner write from its mirror.
+        let checked = fence(&batch).and_then(|()| {
+            write_batch(&luns, &log, &batch)
+                .map_err(Fence::Unreadable)
+                .and_then(|bytes| synced(log.id, &batch).map(|()| bytes))
+        });
+        let result = match checked {
+            Ok(bytes) => finish_batch(&log, &luns, &batch).map(|()| bytes),
             Err(Fence::Unreadable(why)) => Err(why),
             Err(Fence::Lost(why)) => {
                 tracing::error!(
@@ -123,7 +136,8 @@ pub fn run_flusher(
     }
 }
 
-fn flush_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> Result<u64, String> {
+/// Writes a batch to the medium and syncs it (not yet counted as flushed).
+fn write_batch(luns: &[Arc<Lun>], log: &PartitionLog, batch: &[RecordMeta]) -> Result<u64, String> {
     let mut touched = vec![false; luns.len()];
     let mut bytes = 0;
     for r in batch {
@@ -157,7 +171,6 @@ fn flush_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> R
                 .map_err(|e| format!("syncing {}: {e}", lun.medium.describe()))?;
         }
     }
-    finish_batch(log, luns, batch)?;
     Ok(bytes)
 }
 

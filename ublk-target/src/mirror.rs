@@ -142,10 +142,13 @@ impl SecondStoreArea {
     /// complete out of order, so a record may be here while an older one (in flight when
     /// the partner died, hence never acknowledged) is not. Every acknowledged record is
     /// here, because the partner acknowledges only after our persist.
-    /// `progress` hears (records, bytes) replayed so far after every record.
+    /// `progress` hears (records, bytes) replayed so far after every record. Records at or
+    /// below the partner's flush `marks` are skipped: they are on the medium already, and
+    /// newer writes the partner made without a mirror may have overwritten them there.
     pub fn replay_into(
         &self,
         media: &[Arc<dyn Medium>],
+        marks: Option<&crate::ownership::FlushMarks>,
         progress: &dyn Fn(u64, u64),
     ) -> Result<ReplayReport, ReplayError> {
         let started = std::time::Instant::now();
@@ -172,6 +175,14 @@ impl SecondStoreArea {
                     return Err(ReplayError::Corrupt(format!(
                         "partition {p}: mirrored records of two different logs (seq {seq})"
                     )));
+                }
+                let flushed = marks
+                    .filter(|m| m.log_id == header.log_id)
+                    .and_then(|m| m.flushed_through.get(p).copied())
+                    .unwrap_or(0);
+                if seq <= flushed {
+                    report.skipped_already_flushed += 1;
+                    continue;
                 }
                 let data = &log[at + HEADER_BYTES as usize
                     ..at + HEADER_BYTES as usize + header.data_len as usize];

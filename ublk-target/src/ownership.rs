@@ -132,6 +132,92 @@ impl OwnershipTable {
     }
 }
 
+pub const MARKS_MAGIC: u32 = 0x4d46_564e; // "NVFM"
+/// Slots 0 and 1 hold the table; slot `MARKS_SLOT + node` holds that node's flush marks.
+pub const MARKS_SLOT: u64 = 2;
+/// Partitions whose marks fit in one slot.
+pub const MAX_MARKS: usize = (SLOT_BYTES as usize - 64) / 8;
+
+/// How far each of a node's partitions is on the medium. The node writes them while its
+/// partner is unreachable (a release cannot travel over the link then), before it
+/// acknowledges a write that has no mirror copy. A partner that takes over skips the mirrored
+/// records at or below them: replaying those would put old data over newer writes the node
+/// made without a mirror.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlushMarks {
+    pub cluster_id: u64,
+    pub node: u32,
+    /// The NVRAM log the sequence numbers belong to.
+    pub log_id: u64,
+    /// Per partition: every record up to this sequence number is on the medium.
+    pub flushed_through: Vec<u64>,
+}
+
+impl FlushMarks {
+    pub fn encode(&self) -> Result<Vec<u8>, TableError> {
+        if self.flushed_through.len() > MAX_MARKS {
+            return Err(TableError::TooLarge(self.flushed_through.len()));
+        }
+        let mut b = vec![0u8; SLOT_BYTES as usize];
+        b[0..4].copy_from_slice(&MARKS_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&TABLE_VERSION.to_le_bytes());
+        b[8..16].copy_from_slice(&self.cluster_id.to_le_bytes());
+        b[16..20].copy_from_slice(&self.node.to_le_bytes());
+        b[20..28].copy_from_slice(&self.log_id.to_le_bytes());
+        b[28..32].copy_from_slice(&(self.flushed_through.len() as u32).to_le_bytes());
+        for (i, seq) in self.flushed_through.iter().enumerate() {
+            b[64 + i * 8..72 + i * 8].copy_from_slice(&seq.to_le_bytes());
+        }
+        let end = SLOT_BYTES as usize - 4;
+        let crc = crc32c::crc32c(&b[..end]);
+        b[end..].copy_from_slice(&crc.to_le_bytes());
+        Ok(b)
+    }
+
+    pub fn decode(b: &[u8]) -> Option<FlushMarks> {
+        if b.len() < SLOT_BYTES as usize {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        let end = SLOT_BYTES as usize - 4;
+        let n = u32_at(28) as usize;
+        if u32_at(0) != MARKS_MAGIC
+            || u32_at(4) != TABLE_VERSION
+            || crc32c::crc32c(&b[..end]) != u32_at(end)
+            || n > MAX_MARKS
+        {
+            return None;
+        }
+        Some(FlushMarks {
+            cluster_id: u64_at(8),
+            node: u32_at(16),
+            log_id: u64_at(20),
+            flushed_through: (0..n).map(|i| u64_at(64 + i * 8)).collect(),
+        })
+    }
+}
+
+/// `node`'s flush marks, if it ever wrote some (for this cluster).
+pub fn load_marks(
+    store: &dyn TableStore,
+    cluster_id: u64,
+    node: u32,
+) -> Result<Option<FlushMarks>, TableError> {
+    let mut buf = vec![0u8; SLOT_BYTES as usize];
+    store.read_slot(MARKS_SLOT + node as u64, &mut buf)?;
+    Ok(FlushMarks::decode(&buf).filter(|m| m.cluster_id == cluster_id && m.node == node))
+}
+
+pub fn save_marks(store: &dyn TableStore, m: &FlushMarks) -> Result<(), TableError> {
+    store.write_slot(MARKS_SLOT + m.node as u64, &m.encode()?)?;
+    Ok(())
+}
+
 /// Where the table is kept: reads and writes of whole 4 KiB slots, durable on return.
 pub trait TableStore: Send + Sync {
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()>;
@@ -254,7 +340,7 @@ impl TableStore for MediumTableStore {
 
 /// In memory, for tests.
 #[derive(Default)]
-pub struct MemTableStore(std::sync::Mutex<[Vec<u8>; 2]>);
+pub struct MemTableStore(std::sync::Mutex<[Vec<u8>; 4]>);
 
 impl TableStore for MemTableStore {
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {

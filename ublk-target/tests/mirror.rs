@@ -505,6 +505,38 @@ fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
     assert!(p.medium.snapshot()[..8192] == newer[..]);
 }
 
+#[test]
+fn takeover_does_not_replay_a_stale_mirror_copy_over_a_newer_degraded_write() {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    // A's acknowledged write, mirrored into B's second store, not yet flushed.
+    let old = pattern(11, 8192);
+    p.rt.block_on(p.a.write(0, 0, &old)).expect("A writes");
+    // The link breaks; both nodes live. A's release of `old` can no longer reach B.
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    p.a.cluster().expect("c").set_forwarder(None);
+    p.b.cluster().expect("c").set_forwarder(None);
+    // A, degraded (write-through), writes the same block again: flushed before the ack,
+    // with flush marks left on the medium for B.
+    p.a.set_flush_paused(false);
+    let newer = pattern(12, 8192);
+    p.rt.block_on(p.a.write(0, 0, &newer))
+        .expect("degraded write-through");
+    assert!(p.medium.snapshot()[..8192] == newer[..]);
+    // Now B takes over A's ranges: its copy of `old` is stale and must not be replayed.
+    let report =
+        p.b.take_over(0, Duration::from_millis(10))
+            .expect("takeover");
+    assert_eq!(report.records, 0, "stale mirror copy replayed: {report:?}");
+    assert_eq!(report.skipped_already_flushed, 1);
+    assert!(
+        p.medium.snapshot()[..8192] == newer[..],
+        "the acknowledged degraded write survived the takeover"
+    );
+    assert!(read_engine(&p, &p.b, 0, 8192) == newer);
+}
+
 /// The shared medium as one node sees it: its own path can be made to fail.
 struct PathView {
     inner: Arc<MemMedium>,

@@ -399,6 +399,7 @@ fn start_mirroring(
                     (rdma_link::LinkState::Up(_), false) => {
                         tracing::info!("partner {partner} connected: mirroring every write");
                         was_up = true;
+                        engine.mirror_resynced();
                         // Whatever is already on the medium may go from the partner's second
                         // store: after our restart it still holds copies of records that our
                         // start-up replay flushed, and replaying those later would write
