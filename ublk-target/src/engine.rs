@@ -708,16 +708,13 @@ impl Engine {
                 std::thread::Builder::new()
                     .name(format!("flush-{}", part.id))
                     .spawn(move || {
-                        run_flusher(
-                            p,
-                            luns,
-                            batch_bytes,
-                            stats,
+                        let hooks = crate::flusher::FlushHooks {
                             on_released,
                             fence,
                             synced,
                             delegate,
-                        )
+                        };
+                        run_flusher(p, luns, batch_bytes, stats, hooks)
                     })?,
             );
         }

@@ -43,16 +43,28 @@ pub struct FlusherStats {
     pub last_error: Mutex<Option<String>>,
 }
 
+/// What the flusher asks of the rest of the node around each batch.
+pub struct FlushHooks {
+    /// The batch is on the medium: the partner may drop its copies.
+    pub on_released: Arc<dyn Fn(u32, u64) + Send + Sync>,
+    pub fence: FenceCheck,
+    pub synced: SyncedHook,
+    pub delegate: FlushDelegate,
+}
+
 pub fn run_flusher(
     log: Arc<PartitionLog>,
     luns: Arc<Vec<Arc<Lun>>>,
     batch_bytes: u64,
     stats: Arc<FlusherStats>,
-    on_released: Arc<dyn Fn(u32, u64) + Send + Sync>,
-    fence: FenceCheck,
-    synced: SyncedHook,
-    delegate: FlushDelegate,
+    hooks: FlushHooks,
 ) {
+    let FlushHooks {
+        on_released,
+        fence,
+        synced,
+        delegate,
+    } = hooks;
     let mut backoff = Duration::from_millis(10);
     while let Some(batch) = log.next_flush_batch(batch_bytes) {
         // A failed medium write and an unreadable table both mean our path to the medium
