@@ -1,0 +1,767 @@
+#!/bin/bash
+# scripts/bench-guest.sh - the benchmark of issue #6, INSIDE the test VM (started by
+# scripts/bench.sh through nvm_vm_boot; runs as root on Debian's 6.12 kernel).
+#
+#   bench-guest.sh                 run every configuration, raw results into $BENCH_OUT/raw
+#   bench-guest.sh --one CONFIG    (internal) set up, measure and tear down one configuration
+#   bench-guest.sh --report DIR    (host or guest) print the Markdown report of DIR/raw
+#
+# Configurations (the same fio jobs, warm-up and run time for each):
+#   null     1: nvmirror-null, a ublk device that completes every I/O at once (ublk's floor)
+#   single   2: nvmirrord, one node, no partner (staging + flush)
+#   pmem     2b: the same with the NVRAM on the emulated NVDIMM /dev/pmem0
+#   rdma     3: two nvmirrords in this VM, mirror link over Soft-RoCE (rxe on a dummy netdev)
+#   tcp      4: the same over TCP (127.0.0.1)
+#   drbd     5: DRBD 8.4 (in-tree module) protocol C, two resources on 127.0.0.1 with swapped
+#               ports, fio on the primary's /dev/drbd0
+#   raw      6a: the loop device itself, O_DIRECT
+#   rawsync  6b: the loop device, O_DIRECT + fsync after every write
+# Medium for all: files on ext4 on the virtio disk (/dev/vda, the host's image), each behind a
+# loop device with direct I/O on (so a write reaches the virtio disk, not the guest's page
+# cache). nvmirror's NVRAM: a file in the VM's tmpfs for configurations 2-4 (like the VM
+# tests: on this kernel the RDMA link cannot register a /dev/pmemN mapping, ibv_reg_mr fails
+# with EFAULT), and the emulated NVDIMM /dev/pmem0 for 2b.
+#
+# Workloads (fio, --direct=1 --ioengine=io_uring, --ramp_time=$BENCH_RAMP, --runtime=$BENCH_RUNTIME):
+#   qd1    4 KiB random write, QD1   (clat p50 / p99 / p99.9)
+#   qd32w  4 KiB random write, QD32  (IOPS)
+#   seqw   128 KiB sequential write, QD8 (MiB/s)
+#   qd32r  4 KiB random read, QD32   (IOPS)
+#   mixed  4 KiB random 70% read / 30% write, QD16 (IOPS, read + write)
+# run BENCH_REPEATS times in that order per configuration (nothing drained in between).
+# Per daemon: peak RSS (VmHWM), anonymous RSS, CPU time (utime + stime) over the measured
+# runs, divided by the GiB written to the device under test.
+#
+# Environment: NVM_BIN (release binaries), BENCH_OUT (writable, host-visible), BENCH_RUNTIME
+# (s, default 4), BENCH_RAMP (s, default 1), BENCH_REPEATS (default 3), BENCH_CONFIGS (default
+# all, in the order above), BENCH_MEDIUM_MB (each medium file, default 1024), BENCH_REGION_MB
+# (the part fio uses, default 896), BENCH_NVRAM_MB (a node's own log, default 256), BENCH_PERF=1
+# (after the measured runs, profile one more run of each write workload with perf record -a).
+# After the measured runs of an nvmirror configuration, one extra QD1 run with the flusher
+# paused is reported as a diagnostic (not in the medians).
+set -uo pipefail
+
+CONFIG_ORDER=(null single pmem rdma tcp drbd raw rawsync)
+WORKLOADS=(qd1 qd32w seqw qd32r mixed)
+
+# =============================================================================== report ===
+# Reads DIR/raw/<config>/... (written below) and DIR/meta-*.env; prints Markdown.
+report() {
+	python3 - "$1" <<'PY'
+import json, os, statistics, sys
+
+out = sys.argv[1]
+raw = os.path.join(out, "raw")
+
+def env(path):
+    d = {}
+    try:
+        for line in open(path):
+            line = line.rstrip("\n")
+            if "=" in line and not line.startswith("#"):
+                k, v = line.split("=", 1)
+                d[k] = v
+    except OSError:
+        pass
+    return d
+
+meta = env(os.path.join(out, "meta-host.env"))
+meta.update(env(os.path.join(out, "meta-guest.env")))
+
+LABEL = {
+    "null": "1 ublk null device (floor)",
+    "single": "2 nvmirror, 1 node",
+    "pmem": "2b nvmirror, 1 node, NVRAM on /dev/pmem0",
+    "rdma": "3 nvmirror, 2 nodes, RDMA (rxe)",
+    "tcp": "4 nvmirror, 2 nodes, TCP",
+    "drbd": "5 DRBD 8.4 protocol C",
+    "raw": "6a loop, O_DIRECT",
+    "rawsync": "6b loop, O_DIRECT + fsync/write",
+}
+ORDER = ["null", "single", "pmem", "rdma", "tcp", "drbd", "raw", "rawsync"]
+# metric name -> (workload, extractor, unit, higher is better)
+def pct(side, p):
+    return lambda j: j["jobs"][0][side]["clat_ns"]["percentile"][p] / 1000.0
+METRICS = [
+    ("p50", "qd1", pct("write", "50.000000"), "µs", False),
+    ("p99", "qd1", pct("write", "99.000000"), "µs", False),
+    ("p99.9", "qd1", pct("write", "99.900000"), "µs", False),
+    ("qd32w", "qd32w", lambda j: j["jobs"][0]["write"]["iops"], "IOPS", True),
+    ("seqw", "seqw", lambda j: j["jobs"][0]["write"]["bw_bytes"] / 2**20, "MiB/s", True),
+    ("qd32r", "qd32r", lambda j: j["jobs"][0]["read"]["iops"], "IOPS", True),
+    ("mixed", "mixed", lambda j: j["jobs"][0]["read"]["iops"] + j["jobs"][0]["write"]["iops"], "IOPS", True),
+]
+
+configs = [c for c in ORDER if os.path.isdir(os.path.join(raw, c))]
+vals = {}      # (config, metric) -> [values]
+errors = {}
+for c in configs:
+    d = os.path.join(raw, c)
+    e = os.path.join(d, "error")
+    if os.path.exists(e):
+        errors[c] = open(e).read().strip().replace("\n", " ").replace("|", "/")
+    for name, wl, fn, _, _ in METRICS:
+        xs = []
+        for f in sorted(os.listdir(d)):
+            if f.startswith(wl + ".") and f.endswith(".json") and f.split(".")[1].isdigit():
+                try:
+                    j = json.load(open(os.path.join(d, f)))
+                    if j["jobs"][0].get("error", 0) == 0:
+                        xs.append(fn(j))
+                except (ValueError, KeyError, IndexError, OSError):
+                    pass
+        if xs:
+            vals[(c, name)] = xs
+
+def med(c, m):
+    xs = vals.get((c, m))
+    return statistics.median(xs) if xs else None
+
+def fmt(x):
+    if x is None:
+        return "n/a"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+def cell(c, m):
+    xs = vals.get((c, m))
+    if not xs:
+        return "n/a"
+    s = fmt(statistics.median(xs))
+    if len(xs) > 1:
+        s += f" ({fmt(min(xs))}–{fmt(max(xs))})"
+    return s
+
+def ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+def rfmt(r):
+    return "n/a" if r is None else f"{r:.2f}x"
+
+reps = meta.get("BENCH_REPEATS", "?")
+p = print
+p(f"Measured {meta.get('DATE', '?')} by `scripts/bench.sh`. Host: {meta.get('HOST_CPU', '?')}, "
+  f"{meta.get('HOST_CORES', '?')} cores. VM: {meta.get('ACCEL', '?').upper()}, "
+  f"{meta.get('GUEST_CPUS', '?')} vCPUs, {meta.get('GUEST_MEM_MIB', '?')} MiB RAM, kernel "
+  f"{meta.get('GUEST_KERNEL', '?')}.")
+p()
+p(f"Medium (every configuration): {meta.get('MEDIUM', '?')}. "
+  f"NVRAM: {meta.get('NVRAM', '?')}. fio {meta.get('FIO', '?')}, `--direct=1 --ioengine=io_uring`, "
+  f"{meta.get('BENCH_RAMP', '?')} s warm-up + {meta.get('BENCH_RUNTIME', '?')} s per run over the first "
+  f"{meta.get('BENCH_REGION_MB', '?')} MiB of each device; each cell is the median of {reps} runs "
+  f"(min–max). Workloads run in the order of the columns, nothing drained in between.")
+if meta.get("LOAD_NOTE"):
+    p()
+    p(meta["LOAD_NOTE"])
+p()
+hdr = ["configuration", "4K randwrite QD1 p50 µs", "p99 µs", "p99.9 µs",
+       "4K randwrite QD32 IOPS", "128K seq write QD8 MiB/s", "4K randread QD32 IOPS",
+       "70/30 randrw QD16 IOPS"]
+p("| " + " | ".join(hdr) + " |")
+p("|" + " --- |" * len(hdr))
+for c in configs:
+    if c in errors and not any((c, m[0]) in vals for m in METRICS):
+        p(f"| {LABEL[c]} | failed: {errors[c]} |" + " |" * (len(hdr) - 2))
+        continue
+    p(f"| {LABEL[c]} | " + " | ".join(cell(c, m[0]) for m in METRICS) + " |")
+p()
+p("Ratios of the medians, vs the ublk null floor (1) / vs DRBD protocol C (5). Latency: lower "
+  "is better; IOPS and MiB/s: higher is better.")
+p()
+rh = ["configuration", "QD1 p50", "QD1 p99", "QD32 randwrite", "seq write", "QD32 randread", "70/30 mixed"]
+p("| " + " | ".join(rh) + " |")
+p("|" + " --- |" * len(rh))
+for c in configs:
+    row = []
+    for m in ["p50", "p99", "qd32w", "seqw", "qd32r", "mixed"]:
+        row.append(f"{rfmt(ratio(med(c, m), med('null', m)))} / {rfmt(ratio(med(c, m), med('drbd', m)))}")
+    p(f"| {LABEL[c]} | " + " | ".join(row) + " |")
+p()
+
+# ---- resources
+p("Daemons: peak RSS (VmHWM, includes the touched NVRAM mapping), anonymous RSS at the end, "
+  "and CPU time (utime + stime) over all measured runs of the configuration (reads included) "
+  "per GiB written to the device under test.")
+p()
+p("| configuration | process | peak RSS MiB | anon RSS MiB | CPU s | GiB written | CPU s per GiB written |")
+p("| --- | --- | --- | --- | --- | --- | --- |")
+for c in configs:
+    d = os.path.join(raw, c)
+    for f in sorted(os.listdir(d)):
+        if not f.startswith("res-"):
+            continue
+        r = env(os.path.join(d, f))
+        try:
+            cpu = float(r.get("cpu_s", "nan"))
+            gib = float(r.get("written_bytes", "0")) / 2**30
+        except ValueError:
+            continue
+        hwm = r.get("hwm_kb", "")
+        anon = r.get("anon_kb", "")
+        hwm_s = f"{int(hwm) / 1024:.0f}" if hwm.isdigit() else "—"
+        anon_s = f"{int(anon) / 1024:.1f}" if anon.isdigit() else "—"
+        per = f"{cpu / gib:.1f}" if gib > 0 else "n/a"
+        p(f"| {LABEL[c]} | {r.get('name', f[4:])} | {hwm_s} | {anon_s} | {cpu:.1f} | {gib:.2f} | {per} |")
+p()
+
+# ---- targets
+def target(name, value, limit, higher, how):
+    if value is None:
+        return f"| {name} | n/a ({how}) | {'≥' if higher else '≤'} {limit}x | not measured |"
+    ok = value >= limit if higher else value <= limit
+    return f"| {name} | {value:.2f}x ({how}) | {'≥' if higher else '≤'} {limit}x | {'**met**' if ok else '**missed**'} |"
+
+medium_bw = med("raw", "seqw")
+link = {}
+try:
+    link["rdma"] = float(meta.get("LINK_RDMA_MIBS", ""))
+except ValueError:
+    link["rdma"] = None
+try:
+    link["tcp"] = float(meta.get("LINK_TCP_MIBS", ""))
+except ValueError:
+    link["tcp"] = None
+link["single"] = None
+
+p("| target | measured | goal | result |")
+p("| --- | --- | --- | --- |")
+for c in ["rdma", "tcp"]:
+    a, b = med(c, "p50"), med("single", "p50")
+    p(target(f"{LABEL[c]}: 4K QD1 write p50 vs 1 node", ratio(a, b), 1.5, False,
+             f"{fmt(a)} / {fmt(b)} µs"))
+    b = med("drbd", "p50")
+    p(target(f"{LABEL[c]}: 4K QD1 write p50 vs DRBD", ratio(a, b), 0.5, False,
+             f"{fmt(a)} / {fmt(b)} µs"))
+for c in ["single", "rdma", "tcp"]:
+    a = med(c, "qd32w")
+    b = med("null", "qd32w")
+    p(target(f"{LABEL[c]}: 4K QD32 randwrite IOPS vs null floor", ratio(a, b), 0.7, True,
+             f"{fmt(a)} / {fmt(b)}"))
+    b = med("drbd", "qd32w")
+    p(target(f"{LABEL[c]}: 4K QD32 randwrite IOPS vs DRBD", ratio(a, b), 2.0, True,
+             f"{fmt(a)} / {fmt(b)}"))
+for c in ["single", "rdma", "tcp"]:
+    a = med(c, "seqw")
+    cands = [x for x in (medium_bw, link.get(c)) if x]
+    floor = min(cands) if cands else None
+    what = "medium" if link.get(c) is None or (medium_bw is not None and medium_bw <= link[c]) else "link"
+    p(target(f"{LABEL[c]}: seq write vs min(medium, link)", ratio(a, floor), 0.8, True,
+             f"{fmt(a)} / {fmt(floor)} MiB/s, the {what}"))
+p()
+notes = []
+notes.append(f"Medium bandwidth = configuration 6a's 128K QD8 sequential write ({fmt(medium_bw)} MiB/s).")
+if link["rdma"] is not None:
+    notes.append(f"RDMA link bandwidth = `{meta.get('LINK_RDMA_HOW', 'ib_write_bw')}` on the same rxe device: {fmt(link['rdma'])} MiB/s.")
+if link["tcp"] is not None:
+    notes.append(f"TCP link bandwidth = {meta.get('LINK_TCP_HOW', 'a loopback TCP stream')}: {fmt(link['tcp'])} MiB/s.")
+for c in configs:
+    f = os.path.join(raw, c, "notes")
+    if os.path.exists(f):
+        for line in open(f):
+            line = line.strip()
+            if line:
+                notes.append(f"{LABEL[c]}: {line}")
+    if c in errors:
+        notes.append(f"{LABEL[c]}: ERROR: {errors[c]}")
+for n in notes:
+    p(f"- {n}")
+PY
+}
+
+if [[ ${1:-} == --report ]]; then
+	report "${2:?usage: bench-guest.sh --report DIR}"
+	exit $?
+fi
+
+# ================================================================= shared (in the VM) ===
+: "${NVM_BIN:?}" "${BENCH_OUT:?}"
+RUNTIME=${BENCH_RUNTIME:-4}
+RAMP=${BENCH_RAMP:-1}
+REPEATS=${BENCH_REPEATS:-3}
+MEDIUM_MB=${BENCH_MEDIUM_MB:-1024}
+REGION_MB=${BENCH_REGION_MB:-896}
+NVRAM_MB=${BENCH_NVRAM_MB:-256}
+NVMD=$NVM_BIN/nvmirrord
+NVMCTL=$NVM_BIN/nvmirrorctl
+NULLD=$NVM_BIN/nvmirror-null
+MNT=/bench
+RAW=$BENCH_OUT/raw
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+CLK_TCK=$(getconf CLK_TCK)
+
+say() { printf '[%s] %s\n' "$(date +%T)" "$*"; }
+
+# utime + stime of PIDs (summed), in seconds.
+cpu_of() {
+	local t=0 p f
+	for p in "$@"; do
+		[[ -r /proc/$p/stat ]] || continue
+		f=$(sed 's/.*) //' "/proc/$p/stat")
+		# after "pid (comm) ": state=1 ... utime=12 stime=13
+		t=$((t + $(awk '{ print $12 + $13 }' <<<"$f")))
+	done
+	awk -v t="$t" -v h="$CLK_TCK" 'BEGIN { printf "%.2f", t / h }'
+}
+status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null; }
+sectors_written() { awk '{ print $7 }' "/sys/block/$1/stat"; }
+
+# ============================================================ one configuration =========
+if [[ ${1:-} == --one ]]; then
+	CFG=$2
+	D=$RAW/$CFG
+	W=/run/bench-$CFG # scratch: configs, sockets, state, logs (tmpfs)
+	mkdir -p "$D" "$W" /bench-nvram
+	cd "$W" || exit 1
+	PIDS=()
+	LOOPS=()
+	EXTRA_CLEANUP=()
+	cfail() {
+		say "ERROR ($CFG): $*"
+		printf '%s\n' "$*" >>"$D/error"
+		exit 1
+	}
+	note() { printf '%s\n' "$*" >>"$D/notes"; }
+	# shellcheck disable=SC2317 # run by the EXIT trap
+	cleanup() {
+		set +e
+		local p c
+		for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+		for p in "${PIDS[@]}"; do
+			for _ in $(seq 600); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+			kill -KILL "$p" 2>/dev/null
+		done
+		for c in "${EXTRA_CLEANUP[@]}"; do eval "$c"; done
+		for f in /sys/class/ublk-char/ublkc*; do
+			[[ -e $f ]] && "$NVMCTL" del "${f##*ublkc}" >/dev/null 2>&1
+		done
+		for p in "${LOOPS[@]}"; do losetup -d "$p" 2>/dev/null; done
+		cp -f "$W"/*.log "$W"/*.toml "$W"/*.conf "$D/" 2>/dev/null
+		rm -f "$MNT/$CFG"-*.img
+		mountpoint -q /bench-nvram && umount /bench-nvram
+		cd / && rm -rf "$W"
+	}
+	trap cleanup EXIT
+	trap 'exit 143' TERM INT
+
+	# medium NAME VAR: VAR = a loop device (direct I/O) over a fresh, fully written file on
+	# the disk (not in a $(...) subshell: cfail and LOOPS must reach this shell)
+	medium() {
+		local f=$MNT/$CFG-$1.img dev
+		dd if=/dev/zero of="$f" bs=1M count="$MEDIUM_MB" oflag=direct status=none || cfail "writing $f"
+		dev=$(losetup --find --show --direct-io=on "$f") || cfail "losetup $f"
+		LOOPS+=("$dev")
+		[[ $(cat "/sys/block/${dev#/dev/}/loop/dio" 2>/dev/null) == 1 ]] || note "loop device $dev has no direct I/O"
+		printf -v "$2" '%s' "$dev"
+	}
+
+	# nvram NAME -> a path for that node's NVRAM: pmem = the NVDIMM (blanked), else a file
+	# in tmpfs that nvmirrord creates (and allocates) at the configured size
+	nvram() {
+		if [[ $1 == pmem ]]; then
+			[[ -b /dev/pmem0 ]] || cfail "no /dev/pmem0 (boot the VM with --nvdimm)"
+			dd if=/dev/zero of=/dev/pmem0 bs=1M count=1 oflag=direct status=none
+			echo /dev/pmem0
+		else
+			mountpoint -q /bench-nvram || mount -t tmpfs -o size=$((4 * NVRAM_MB + 64))m tmpfs /bench-nvram ||
+				cfail "mounting a tmpfs for the NVRAM files"
+			echo "/bench-nvram/nvram-$1.img"
+		fi
+	}
+
+	nvm_daemon() { # CONFIG LOGNAME
+		"$NVMD" --config "$1" --state-dir "$W/state" >>"$W/$2" 2>&1 &
+		PIDS+=($!)
+		LAST_PID=$!
+		echo "$LAST_PID" >>"$D/pids"
+		"$NVMCTL" --config "$1" wait --timeout 90 >/dev/null ||
+			cfail "nvmirrord ($1) did not come up: $(tail -3 "$W/$2" | tr '\n' ' ')"
+	}
+
+	node_config() { # FILE NAME NVRAM MB DEV_ID MEDIUM [CLUSTER_TOML]
+		cat >"$1" <<-CFG
+		[node]
+		name = "$2"
+		control_socket = "$W/$2.sock"
+
+		[nvram]
+		path = "$3"
+		size = "$4MiB"
+		partitions = 4
+		$7
+
+		[[lun]]
+		name = "lun0"
+		medium = "$6"
+		device_id = $5
+		queue_depth = 64
+		CFG
+	}
+
+	cluster_section() { # TRANSPORT ADDRESS
+		[[ -f $W/secret ]] || head -c 48 /dev/urandom | base64 >"$W/secret"
+		cat <<-CFG
+		[cluster]
+		id = 6
+		secret_file = "$W/secret"
+		transport = "$1"
+		heartbeat_interval_ms = 250
+		heartbeat_timeout_ms = 5000
+		takeover = "manual"
+
+		[[cluster.node]]
+		name = "node-a"
+		address = "$2:7801"
+
+		[[cluster.node]]
+		name = "node-b"
+		address = "$2:7802"
+		CFG
+	}
+
+	wait_link_up() { # CONFIG
+		for _ in $(seq 300); do
+			"$NVMCTL" --config "$1" status --json 2>/dev/null | grep -q '"link": "Up' && return 0
+			sleep 0.2
+		done
+		cfail "the mirror link of $1 did not come up"
+	}
+
+	setup_rxe() {
+		modprobe rdma_rxe || cfail "modprobe rdma_rxe"
+		modprobe dummy 2>/dev/null
+		ip link add bench0 type dummy || cfail "ip link add bench0 type dummy"
+		ip addr add 10.99.6.1/24 dev bench0 || cfail "ip addr add"
+		ip link set bench0 up || cfail "ip link set bench0 up"
+		EXTRA_CLEANUP+=("ip link del bench0 2>/dev/null")
+		rdma link add benchrxe0 type rxe netdev bench0 || cfail "rdma link add"
+		# removed before the netdev, after the daemons (cleanup order)
+		EXTRA_CLEANUP=("rdma link delete benchrxe0 2>/dev/null" "${EXTRA_CLEANUP[@]}")
+		for _ in $(seq 50); do rdma link show benchrxe0/1 2>/dev/null | grep -q ACTIVE && break; sleep 0.1; done
+	}
+
+	# The link's raw bandwidth (for the sequential-write target): perftest on the same rxe.
+	measure_rdma_bw() {
+		local gid
+		gid=$(ibv_devinfo -v -d benchrxe0 2>/dev/null | awk '/GID\[/ && index($0, "10.99.6.1") { gsub(/.*GID\[ */, ""); gsub(/\].*/, ""); print; exit }')
+		gid=${gid:-1}
+		timeout 60 ib_write_bw -d benchrxe0 -x "$gid" -p 18600 -s 65536 -D 3 >"$W/ib_write_bw.server.log" 2>&1 &
+		local srv=$!
+		sleep 1
+		timeout 60 ib_write_bw -d benchrxe0 -x "$gid" -p 18600 -s 65536 -D 3 10.99.6.1 >"$W/ib_write_bw.log" 2>&1
+		wait "$srv" 2>/dev/null
+		# columns: bytes iterations BW_peak BW_average[MB/s = 2^20 B/s] MsgRate
+		local bw
+		bw=$(awk '$1 == 65536 && NF >= 5 { print $4; exit }' "$W/ib_write_bw.log")
+		if [[ -n $bw ]]; then
+			{
+				echo "LINK_RDMA_MIBS=$bw"
+				echo "LINK_RDMA_HOW=ib_write_bw -s 65536 -D 3 (perftest, RC, MB/s = MiB/s)"
+			} >>"$BENCH_OUT/meta-guest.env"
+		else
+			note "ib_write_bw gave no figure: $(tail -2 "$W/ib_write_bw.log" | tr '\n' ' ')"
+		fi
+	}
+
+	# Loopback TCP stream (one connection, 1 MiB writes, 3 s): the TCP link's raw bandwidth.
+	measure_tcp_bw() {
+		local bw
+		bw=$(timeout 30 python3 - <<-'PY'
+		import socket, threading, time
+		srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+		port = srv.getsockname()[1]
+		got = [0]
+		def sink():
+		    c, _ = srv.accept()
+		    while True:
+		        b = c.recv(1 << 20)
+		        if not b:
+		            break
+		        got[0] += len(b)
+		t = threading.Thread(target=sink); t.start()
+		s = socket.create_connection(("127.0.0.1", port))
+		buf = b"x" * (1 << 20)
+		t0 = time.time()
+		while time.time() - t0 < 3:
+		    s.sendall(buf)
+		s.close(); t.join()
+		print(f"{got[0] / (time.time() - t0) / 2**20:.1f}")
+		PY
+		)
+		if [[ -n $bw ]]; then
+			{
+				echo "LINK_TCP_MIBS=$bw"
+				echo "LINK_TCP_HOW=one loopback TCP stream of 1 MiB writes for 3 s (python3, in the VM)"
+			} >>"$BENCH_OUT/meta-guest.env"
+		fi
+	}
+
+	m='' ma='' mb=''
+	DEV='' FIO_EXTRA=() RES_PIDS=() RES_NAMES=() STATUS_CFGS=() STAT_DEV=''
+	case $CFG in
+	null)
+		modprobe ublk_drv || cfail "modprobe ublk_drv"
+		"$NULLD" --id 0 --queues 1 --depth 64 --size $((MEDIUM_MB << 20)) >"$W/null.out" 2>"$W/null.log" &
+		PIDS+=($!)
+		echo "$!" >>"$D/pids"
+		RES_PIDS=($!) RES_NAMES=(nvmirror-null)
+		for _ in $(seq 100); do [[ -s $W/null.out && -b /dev/ublkb0 ]] && break; sleep 0.1; done
+		DEV=$(head -1 "$W/null.out")
+		[[ -b $DEV ]] || cfail "nvmirror-null did not come up: $(cat "$W/null.log")"
+		;;
+	single | pmem)
+		modprobe ublk_drv || cfail "modprobe ublk_drv"
+		medium m m
+		node_config "$W/single.toml" bench-single "$(nvram "$([[ $CFG == pmem ]] && echo pmem || echo single)")" "$NVRAM_MB" 0 "$m" ""
+		nvm_daemon "$W/single.toml" daemon-single.log
+		RES_PIDS=("$LAST_PID") RES_NAMES=(nvmirrord)
+		STATUS_CFGS=("$W/single.toml")
+		DEV=/dev/ublkb0
+		;;
+	rdma | tcp)
+		modprobe ublk_drv || cfail "modprobe ublk_drv"
+		addr=127.0.0.1
+		if [[ $CFG == rdma ]]; then
+			setup_rxe
+			addr=10.99.6.1
+			ulimit -l unlimited 2>/dev/null
+			measure_rdma_bw
+		else
+			measure_tcp_bw
+		fi
+		medium shared m
+		# Both nodes see the shared medium; node-a owns every range (owners = ["node-a"]), so
+		# fio on node-a's device measures staging + mirroring, never forwarding; node-b holds
+		# the mirror (second store) and serves nothing.
+		cs=$(cluster_section "$CFG" "$addr")
+		# NVRAM: half own logs, half the partner's mirror -> twice the single node's size.
+		node_config "$W/node-a.toml" node-a "$(nvram a)" $((2 * NVRAM_MB)) 0 "$m" "$cs"
+		node_config "$W/node-b.toml" node-b "$(nvram b)" $((2 * NVRAM_MB)) 1 "$m" "$cs"
+		for n in a b; do
+			printf 'ranges = 4\nowners = ["node-a"]\n' >>"$W/node-$n.toml"
+		done
+		nvm_daemon "$W/node-a.toml" daemon-a.log
+		pa=$LAST_PID
+		nvm_daemon "$W/node-b.toml" daemon-b.log
+		pb=$LAST_PID
+		wait_link_up "$W/node-a.toml"
+		wait_link_up "$W/node-b.toml"
+		RES_PIDS=("$pa" "$pb") RES_NAMES=("nvmirrord node-a (writes)" "nvmirrord node-b (mirror)")
+		STATUS_CFGS=("$W/node-a.toml" "$W/node-b.toml")
+		DEV=/dev/ublkb0
+		;;
+	drbd)
+		modprobe drbd || cfail "modprobe drbd"
+		# /var/lock -> /run/lock and /run is a fresh tmpfs in the VM; /var/lib/drbd is in the
+		# VM's RAM overlay (writable). The config is ours (drbdadm -c), not /etc/drbd.conf.
+		mkdir -p /run/lock /run/drbd /var/lib/drbd
+		medium a ma
+		medium b mb
+		host=$(uname -n)
+		cat >"$W/drbd.conf" <<-CFG
+		global { usage-count no; }
+		common { protocol C; }
+		# Two resources on this one host, each the other's peer: r0 (primary, fio) on $ma,
+		# r1 (its peer) on $mb; the "peer" host names only complete the pairs.
+		resource r0 {
+			on $host { device /dev/drbd0 minor 0; disk $ma; address 127.0.0.1:7790; meta-disk internal; }
+			on peer-r0 { device /dev/drbd0 minor 0; disk $ma; address 127.0.0.1:7791; meta-disk internal; }
+		}
+		resource r1 {
+			on $host { device /dev/drbd1 minor 1; disk $mb; address 127.0.0.1:7791; meta-disk internal; }
+			on peer-r1 { device /dev/drbd1 minor 1; disk $mb; address 127.0.0.1:7790; meta-disk internal; }
+		}
+		CFG
+		dadm() { drbdadm -c "$W/drbd.conf" "$@" >>"$W/drbd.log" 2>&1 || cfail "drbdadm $* failed: $(tail -2 "$W/drbd.log" | tr '\n' ' ')"; }
+		EXTRA_CLEANUP=("drbdadm -c '$W/drbd.conf' down all >>'$W/drbd.log' 2>&1")
+		for r in r0 r1; do printf 'yes\nyes\n' | dadm create-md --force "$r"; done
+		dadm up r0
+		dadm up r1
+		for _ in $(seq 100); do [[ $(grep -c 'cs:Connected' /proc/drbd) == 2 ]] && break; sleep 0.2; done
+		[[ $(grep -c 'cs:Connected' /proc/drbd) == 2 ]] || cfail "DRBD did not connect: $(tr '\n' ' ' </proc/drbd)"
+		# Fresh, identical (zeroed) backing devices: skip the initial sync.
+		dadm -- --clear-bitmap new-current-uuid r0
+		for _ in $(seq 100); do [[ $(grep -c 'ds:UpToDate/UpToDate' /proc/drbd) == 2 ]] && break; sleep 0.2; done
+		dadm primary r0
+		grep -q 'cs:Connected ro:Primary/Secondary ds:UpToDate/UpToDate C' /proc/drbd ||
+			cfail "DRBD r0 is not Connected Primary/Secondary UpToDate/UpToDate: $(tr '\n' ' ' </proc/drbd)"
+		cp /proc/drbd "$D/proc-drbd.start"
+		drbdsetup-84 show >"$D/drbdsetup-show.txt" 2>&1 || drbdsetup show >"$D/drbdsetup-show.txt" 2>&1
+		note "$(head -1 /proc/drbd | cut -d' ' -f1-2), drbd-utils $(dpkg-query -W -f='${Version}' drbd-utils 2>/dev/null), default options (no tuning; protocol C acks when the peer's write completed, no flush per write)"
+		DEV=/dev/drbd0
+		;;
+	raw | rawsync)
+		medium m DEV
+		[[ $CFG == rawsync ]] && FIO_EXTRA=(--fsync=1)
+		;;
+	*) cfail "unknown configuration $CFG" ;;
+	esac
+	STAT_DEV=${DEV#/dev/}
+
+	# Kernel threads of DRBD: their CPU is the closest thing to a daemon's.
+	if [[ $CFG == drbd ]]; then
+		mapfile -t kt < <(pgrep '^drbd_')
+		RES_PIDS=("${kt[@]}") RES_NAMES=("DRBD kernel threads (drbd_w/r/a_*, both resources)")
+	fi
+	say "$CFG: measuring $DEV (${RES_NAMES[*]:-no daemon})"
+	cpu0=()
+	for i in "${!RES_PIDS[@]}"; do
+		if [[ $CFG == drbd ]]; then cpu0[i]=$(cpu_of "${RES_PIDS[@]}"); break; fi
+		cpu0[i]=$(cpu_of "${RES_PIDS[$i]}")
+	done
+	sec0=$(sectors_written "$STAT_DEV")
+
+	fio_run() { # WORKLOAD REPEAT
+		local wl=$1 r=$2 job
+		case $wl in
+		qd1) job=(--rw=randwrite --bs=4k --iodepth=1) ;;
+		qd32w) job=(--rw=randwrite --bs=4k --iodepth=32) ;;
+		seqw) job=(--rw=write --bs=128k --iodepth=8) ;;
+		qd32r) job=(--rw=randread --bs=4k --iodepth=32) ;;
+		mixed) job=(--rw=randrw --rwmixread=70 --bs=4k --iodepth=16) ;;
+		esac
+		timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="$CFG-$wl" --filename="$DEV" --direct=1 \
+			--ioengine=io_uring --size="${REGION_MB}M" --time_based=1 --runtime="$RUNTIME" \
+			--ramp_time="$RAMP" --norandommap=1 --randrepeat=0 "${job[@]}" "${FIO_EXTRA[@]}" \
+			--output-format=json --output="$D/$wl.$r.json" >/dev/null 2>"$W/fio-$wl.$r.err" ||
+			{ note "fio $wl run $r failed: $(head -c 300 "$W/fio-$wl.$r.err" | tr '\n' ' ')"; return 0; }
+		# NVRAM fill right after the run (how much the flusher was behind).
+		local c
+		for c in "${STATUS_CFGS[@]:0:1}"; do
+			"$NVMCTL" --config "$c" status --json 2>/dev/null | python3 -c '
+import json, sys
+p = json.load(sys.stdin)["engine"]["partitions"]
+print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity_bytes"] for x in p))))' \
+				>>"$W/fill-$wl" 2>/dev/null
+		done
+	}
+	for r in $(seq 1 "$REPEATS"); do
+		for wl in "${WORKLOADS[@]}"; do
+			fio_run "$wl" "$r"
+		done
+		say "$CFG: repeat $r of $REPEATS done"
+	done
+
+	written=$((($(sectors_written "$STAT_DEV") - sec0) * 512))
+	for i in "${!RES_PIDS[@]}"; do
+		f=$D/res-$i
+		if [[ $CFG == drbd ]]; then
+			c1=$(cpu_of "${RES_PIDS[@]}")
+			printf 'name=%s\ncpu_s=%s\nwritten_bytes=%s\n' "${RES_NAMES[0]}" \
+				"$(awk -v a="${cpu0[0]}" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')" "$written" >"$f"
+			break
+		fi
+		p=${RES_PIDS[$i]}
+		c1=$(cpu_of "$p")
+		printf 'name=%s\nhwm_kb=%s\nanon_kb=%s\ncpu_s=%s\nwritten_bytes=%s\n' "${RES_NAMES[$i]}" \
+			"$(status_kb "$p" VmHWM)" "$(status_kb "$p" RssAnon)" \
+			"$(awk -v a="${cpu0[$i]}" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')" "$written" >"$f"
+	done
+	fills=''
+	for wl in "${WORKLOADS[@]}"; do
+		[[ -f $W/fill-$wl ]] && fills+="${fills:+, }$wl $(paste -sd/ "$W/fill-$wl")"
+	done
+	[[ -z $fills ]] || note "NVRAM fill (% of the node's own logs) right after each run: $fills"
+	for c in "${STATUS_CFGS[@]}"; do
+		"$NVMCTL" --config "$c" status --json >"$D/status-$(basename "$c" .toml).json" 2>/dev/null
+	done
+	if [[ $CFG == rdma || $CFG == tcp ]]; then
+		python3 - "$D/status-node-a.json" <<-'PY' >>"$D/notes" 2>/dev/null
+		import json, sys
+		m = json.load(open(sys.argv[1]))["engine"]["mirror"]
+		print(f"node-a's mirror at the end: link {str(m.get('link')).split('(')[0]}, {m.get('mirrored_records')} records mirrored, "
+		      f"{m.get('degraded_records')} degraded (written without a partner copy)")
+		PY
+	fi
+	[[ $CFG == drbd ]] && cp /proc/drbd "$D/proc-drbd.end"
+	# Diagnostic (not in the medians): QD1 again with the (first) node's flusher paused, to
+	# tell the staging path's own latency from the flusher's interference.
+	if ((${#STATUS_CFGS[@]})) && "$NVMCTL" --config "${STATUS_CFGS[0]}" flush pause >/dev/null 2>&1; then
+		fio_run qd1 nf
+		"$NVMCTL" --config "${STATUS_CFGS[0]}" flush resume >/dev/null 2>&1
+		python3 - "$D/qd1.nf.json" <<-'PY' >>"$D/notes" 2>/dev/null
+		import json, sys
+		w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+		p = w["clat_ns"]["percentile"]
+		print(f"diagnostic, one extra 4K QD1 run with the flusher paused (not in the medians): "
+		      f"p50 {p['50.000000'] / 1000:.0f} µs, p99 {p['99.000000'] / 1000:.0f} µs, {w['iops']:.0f} IOPS")
+		PY
+	fi
+	# Optional profile (BENCH_PERF=1): one more run of each write workload under a system-wide
+	# perf record (cpu-clock: the VM has no PMU), after the measured runs.
+	if [[ ${BENCH_PERF:-0} == 1 ]] && command -v perf >/dev/null; then
+		for wl in qd1 qd32w seqw; do
+			perf record -a -g -e cpu-clock -F 499 -o "$W/perf-$wl.data" >"$W/perf-$wl.log" 2>&1 &
+			pp=$!
+			# perf takes seconds to start under TCG: profile only once it records.
+			for _ in $(seq 100); do [[ -s $W/perf-$wl.data ]] && break; sleep 0.2; done
+			sleep 2
+			fio_run "$wl" perf
+			kill -INT "$pp"
+			wait "$pp"
+			cp "$W/perf-$wl.log" "$D/"
+			perf report -i "$W/perf-$wl.data" --stdio --no-children -g none --sort comm \
+				>"$D/perf-$wl.comm.txt" 2>/dev/null
+			perf report -i "$W/perf-$wl.data" --stdio --no-children -g none --sort comm,dso,symbol \
+				--percent-limit 0.3 >"$D/perf-$wl.sym.txt" 2>/dev/null
+			perf report -i "$W/perf-$wl.data" --stdio --no-children -G --percent-limit 2 \
+				--comm nvmirrord >"$D/perf-$wl.graph.txt" 2>/dev/null
+			rm -f "$W/perf-$wl.data"
+		done
+	fi
+	say "$CFG: done"
+	exit 0
+fi
+
+# ================================================================= main (in the VM) ======
+mkdir -p "$RAW"
+t_start=$SECONDS
+# Fresh ext4 on the benchmark disk (the host's image).
+disk=/dev/vda
+[[ -b $disk ]] || { echo "bench-guest: no virtio disk $disk (boot with --disk)"; exit 1; }
+mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$disk" || exit 1
+mkdir -p "$MNT" && mount "$disk" "$MNT" || exit 1
+nvram_desc="a file in the VM's tmpfs for 2, 3, 4 (the VM tests do the same; RDMA cannot register a /dev/pmemN mapping on this kernel: ibv_reg_mr fails with EFAULT), the emulated NVDIMM /dev/pmem0 (QEMU memory-backend-file on the host) for 2b; ${NVRAM_MB} MiB own log per node in 4 partitions (a cluster node's NVRAM is twice that: its own logs + the partner's mirror)"
+{
+	echo "GUEST_KERNEL=$(uname -r)"
+	echo "GUEST_CPUS=$(nproc)"
+	echo "GUEST_MEM_MIB=$(awk '/MemTotal/ { printf "%d", $2 / 1024 }' /proc/meminfo)"
+	echo "FIO=$(fio --version)"
+	echo "MEDIUM=a ${MEDIUM_MB} MiB file per device on ext4 on the virtio disk $disk (QEMU cache=none, the host's ${BENCH_DISK_DESC:-image}), fully written before use, behind a loop device with direct I/O"
+	echo "NVRAM=$nvram_desc"
+	echo "BENCH_RUNTIME=$RUNTIME"
+	echo "BENCH_RAMP=$RAMP"
+	echo "BENCH_REPEATS=$REPEATS"
+	echo "BENCH_REGION_MB=$REGION_MB"
+} >"$BENCH_OUT/meta-guest.env"
+
+read -r -a configs <<<"${BENCH_CONFIGS:-${CONFIG_ORDER[*]}}"
+for cfg in "${configs[@]}"; do
+	rm -rf "${RAW:?}/$cfg"
+	mkdir -p "$RAW/$cfg"
+	limit=$((180 + REPEATS * ${#WORKLOADS[@]} * (RAMP + RUNTIME + 15)))
+	say "=== configuration $cfg (time limit ${limit}s)"
+	t0=$SECONDS
+	timeout -k 20 "$limit" bash "$0" --one "$cfg"
+	rc=$?
+	((rc == 124)) && echo "timed out after ${limit}s" >>"$RAW/$cfg/error"
+	((rc != 0)) && [[ ! -s $RAW/$cfg/error ]] && echo "exited with status $rc" >>"$RAW/$cfg/error"
+	echo "$((SECONDS - t0))" >"$RAW/$cfg/seconds"
+	say "=== $cfg: status $rc after $((SECONDS - t0))s"
+	# Whatever a failed configuration left behind must not disturb the next one.
+	if [[ -f $RAW/$cfg/pids ]]; then
+		while read -r p; do kill -KILL "$p" 2>/dev/null; done <"$RAW/$cfg/pids"
+		rm -f "$RAW/$cfg/pids"
+	fi
+	for f in /sys/class/ublk-char/ublkc*; do [[ -e $f ]] && "$NVMCTL" del "${f##*ublkc}" >/dev/null 2>&1; done
+	[[ -f /run/bench-$cfg/drbd.conf ]] && drbdadm -c "/run/bench-$cfg/drbd.conf" down all >/dev/null 2>&1
+	rdma link delete benchrxe0 2>/dev/null
+	ip link del bench0 2>/dev/null
+	losetup -D 2>/dev/null
+	rm -f "$MNT"/*.img
+	mountpoint -q /bench-nvram && umount /bench-nvram
+done
+umount "$MNT"
+say "all configurations done in $((SECONDS - t_start))s"
