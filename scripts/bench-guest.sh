@@ -153,6 +153,9 @@ p(f"Medium (every configuration): {meta.get('MEDIUM', '?')}. "
   f"{meta.get('BENCH_RAMP', '?')} s warm-up + {meta.get('BENCH_RUNTIME', '?')} s per run over the first "
   f"{meta.get('BENCH_REGION_MB', '?')} MiB of each device; each cell is the median of {reps} runs "
   f"(min–max). Workloads run in the order of the columns, nothing drained in between.")
+if meta.get("BUILD"):
+    p()
+    p(f"Binaries: release build of {meta['BUILD']}.")
 if meta.get("LOAD_NOTE"):
     p()
     p(meta["LOAD_NOTE"])

@@ -91,6 +91,8 @@ host_cpu=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 	echo "HOST_CPU=$host_cpu"
 	echo "HOST_CORES=$(nproc)"
 	echo "ACCEL=$NVM_VM_ACCEL_NAME"
+	dirty=$(git -C "$repo" status --porcelain --untracked-files=no -- '*.rs' '*.toml' 2>/dev/null | awk '{ print $2 }' | paste -sd' ')
+	echo "BUILD=commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null)${dirty:+ plus uncommitted changes to $dirty}"
 } >"$out/meta-host.env"
 
 # Watch for other work on the machine while we measure (builds, other VMs): reported, not
