@@ -234,6 +234,8 @@ pub struct TakeoverProgress {
     pub bytes_total: u64,
     pub records_done: u64,
     pub bytes_done: u64,
+    /// Mirrored records not replayed: the partner's flush marks show them on the medium.
+    pub skipped_already_flushed: u64,
     /// Since the takeover began.
     pub elapsed_ms: u64,
     #[serde(skip)]
@@ -1182,6 +1184,11 @@ impl Engine {
             }
         };
         c.finish_takeover(&moved);
+        self.set_takeover(|p| {
+            if let Some(p) = p.as_mut() {
+                p.skipped_already_flushed = report.skipped_already_flushed as u64;
+            }
+        });
         self.takeover_phase("done".into());
         tracing::warn!(
             "takeover complete: now serving {} more range(s)",
