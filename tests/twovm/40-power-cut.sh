@@ -182,7 +182,7 @@ rc_a=0
 wait "${vm_pid[a]}" || rc_a=$?
 unset 'vm_pid[a]'
 [[ ! -e $OUT/guest-rc-a ]] || fail "node-a's guest command finished ($(cat "$OUT/guest-rc-a")): it was not cut mid-run"
-say "VM a is gone (nvm_vm_boot status $rc_a; its command never finished)"
+say "VM a is gone, its command never finished (nvm_vm_boot status $rc_a: it reports a SIGKILLed QEMU like a timeout)"
 grep -h 'still alive' "$OUT/node-a.log" | tail -n 1 | sed 's/^/  node-a before the cut: /'
 
 await b-serving 120 b

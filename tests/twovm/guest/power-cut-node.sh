@@ -184,7 +184,7 @@ job_powercut() { # DEV [extra option lines...]
 	shift
 	printf '%s\n' "[powercut]" "filename=$d" direct=1 ioengine=libaio iodepth=16 rw=randwrite \
 		bssplit=4k/50:16k/30:64k/20 offset=16M size=96M randseed=4242 verify=crc32c \
-		verify_fatal=1 verify_state_save=1 "$@"
+		verify_fatal=1 "$@"
 }
 # after: node-b writes [0, 16M) after the takeover (over what node-a's background
 # writer left there and still holds, unflushed, in its NVRAM).  If node-a ever
@@ -193,19 +193,20 @@ job_after() { # DEV [extra option lines...]
 	local d=$1
 	shift
 	printf '%s\n' "[after]" "filename=$d" direct=1 ioengine=libaio iodepth=8 rw=write bs=64k \
-		offset=0 size=16M randseed=777 verify=crc32c verify_fatal=1 verify_state_save=1 "$@"
+		offset=0 size=16M randseed=777 verify=crc32c verify_fatal=1 "$@"
 }
 # verify JOBFN DEV LABEL: verify_only with the saved state (local-NAME-0-verify.state in cwd).
-# At queue depth 1: fio decides whether a read falls in the last iodepth writes
-# before the state was saved (of which only the completed ones are checked) by
-# the number of verify reads already COMPLETED, so with reads in flight it
-# checks too late and "verifies" writes that never happened (seen: zeroes at
-# offsets the writer had not yet issued, when forwarded reads were slower than
-# local ones).
+# verify_state_save=0: a verify_only run of a write job would otherwise save ITS
+# state at exit over the loaded one (every write of the whole job), and the next
+# verify would check blocks that were never written (seen: zeroes).
+# iodepth=1: fio decides whether a read falls among the last iodepth writes
+# before the state was saved (only the completed ones may be checked) by the
+# number of verify reads already COMPLETED; with reads in flight it can issue a
+# read of a write that never completed before it notices (fio 3.33, verify.c).
 verify() {
 	local fn=$1 d=$2 label=$3 name
 	name=${fn#job_}
-	"$fn" "$d" verify_only=1 verify_state_load=1 iodepth=1 >"verify-$name.fio"
+	"$fn" "$d" verify_only=1 verify_state_load=1 verify_state_save=0 iodepth=1 >"verify-$name.fio"
 	[[ -f local-$name-0-verify.state ]] || cp "$NVM_OUT/state/local-$name-0-verify.state" . ||
 		fail "no verify state for $name"
 	if ! fio --output-format=json --output="fio-verify-$name-$label.json" "verify-$name.fio"; then
@@ -298,7 +299,7 @@ run_b() {
 	await a-ready 180
 	ok '[(r["owner"], r["epoch"], r["state"]) for r in e["ranges"]] == [("node-a", 1, "remote"), ("node-b", 1, "local")]' ||
 		fail "unexpected ranges before the power cut: $(ranges)"
-	job_powercut /dev/ublkb0 do_verify=0 "rate=$write_rate" >powercut-client.fio
+	job_powercut /dev/ublkb0 do_verify=0 verify_state_save=1 "rate=$write_rate" >powercut-client.fio
 	# fio's trigger: at trigger_after s the client asks node-a's server for its
 	# verify state, stores it here (10.77.0.1-powercut-0-verify.state), then runs
 	# the local trigger, which asks the host to pull node-a's plug.
@@ -322,7 +323,7 @@ run_b() {
 	cp local-powercut-0-verify.state "$NVM_OUT/state/"
 	verify job_powercut "$dev" after-takeover-b
 	# New writes by node-b over what node-a still has, unflushed, in its NVRAM.
-	job_after "$dev" do_verify=0 >after-write.fio
+	job_after "$dev" do_verify=0 verify_state_save=1 >after-write.fio
 	fio --output="$NVM_OUT/fio-after-write-b.log" after-write.fio || fail "fio writes on node-b after the takeover failed"
 	cp local-after-0-verify.state "$NVM_OUT/state/"
 	local sum
