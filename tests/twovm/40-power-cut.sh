@@ -7,7 +7,14 @@
 # NVDIMM as NVRAM (a host file behind memory-backend-file,share=on, so what the
 # guest stored survives QEMU's death), one shared raw disk image attached to both
 # (/dev/vda, cache=none, the medium) and a virtio-net link between them (QEMU
-# socket netdev) carrying Soft-RoCE: the mirror link is RDMA.  The LUN has two
+# socket netdev, 10.77.0.1 and 10.77.0.2) carrying the mirror link: TCP by
+# default, Soft-RoCE with NVM_PC_TRANSPORT=rdma.  RDMA does not work yet with an
+# NVDIMM as NVRAM: Linux >= 6.5 refuses to pin a shared file-backed mapping for
+# writing (a mmap of /dev/pmem0 is one), so ibv_reg_mr of the NVRAM fails with
+# EFAULT and the link never comes up; the guest then fails fast and says so.
+# (The single-VM RDMA tests keep their NVRAM in tmpfs files, which may be
+# pinned.)  The daemon needs a device-DAX NVRAM (/dev/daxN.M) or an anonymous
+# receive buffer for RDMA; until then CI runs this test over TCP.  The LUN has two
 # ranges: range 0 is node-a's, range 1 node-b's.  node-a's flusher is paused, so
 # every write node-a acknowledges lives only in the two NVRAMs.  fio writes with
 # verify=crc32c through node-a's /dev/ublkb0 into both ranges (range 1 by
@@ -48,6 +55,10 @@
 #     node-a reconnects) while a connecting one never reconnects.
 #   * Guest commands: `power-cut-node.sh b`, `... a` (first boot, killed),
 #     `... a2` (the reboot).  Each VM has 1 vCPU (two TCG VMs on 2 cores).
+# Knobs: NVM_PC_TRANSPORT (tcp | rdma), NVM_PC_FIO_RATE (3m: the verified
+# job's write rate), NVM_PC_FIO_TRIGGER (18: seconds of writing before the cut).
+# Takes about 3 minutes on 2 cores under TCG, most of it the verifies after the
+# giveback (queue depth 1, half of each read forwarded to the other node).
 # Exit: 0 PASS, 77 SKIP (cannot run here), else FAIL.  Logs and status JSON in
 # $NVM_OUT; the disk images are deleted after a PASS.
 set -euo pipefail

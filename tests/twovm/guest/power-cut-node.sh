@@ -19,7 +19,9 @@
 #     kill-a (written by node-b's fio trigger: cut node-a's power now),
 #     a-killed (host: QEMU of node-a is gone), b-serving (node-b took over),
 #     lun.sha256, restart-a (node-b has verified: boot node-a again),
-#     a2-up, b-gaveback, a2-done; a file `abort` (any side) makes everyone
+#     a2-up, b-gaveback, a2-done and b-done (each stays up until the other is
+#     done: node-a's reads of range 1 go through node-b's daemon and node-b
+#     checks the link at the end); a file `abort` (any side) makes everyone
 #     give up at once.  Nothing here waits without a bound.
 #   - exit status 0 = this node's part passed (guest-rc-NAME on the host),
 #     77 = cannot run here (SKIPPED), anything else = FAIL.  The host waits for
@@ -241,6 +243,7 @@ run_a() {
 	fio --name=background --filename="$dev" --direct=1 --ioengine=libaio --iodepth=4 \
 		--rw=randwrite --bs=4k --offset=0 --size=16M --rate=1m --time_based --runtime=900 \
 		--output="$NVM_OUT/fio-background-a.log" &
+	local background=$!
 	fio --server="ip:$ip_a,$fio_port" >"$NVM_OUT/fio-server-a.log" 2>&1 &
 	local i
 	for ((i = 0; i < 100; i++)); do ss -ltn | grep -q ":$fio_port " && break; sleep 0.2; done
@@ -250,6 +253,8 @@ run_a() {
 	# The power is cut while we wait here.
 	for ((i = 0; i < 300; i++)); do
 		[[ -e $SYNC/abort ]] && fail "aborted: $(cat "$SYNC/abort")"
+		# The cut must come while this writer writes.
+		kill -0 "$background" 2>/dev/null || fail "the background writer ended before the power cut"
 		if ((i % 5 == 0)); then
 			say "still alive: $(q '"%d record(s) unflushed, %d in flight, %d mirrored" % (sum(p["records_unflushed"] for p in e["partitions"]), sum(p["records_in_flight"] for p in e["partitions"]), e["mirror"]["mirrored_records"])' 2>/dev/null)"
 		fi
@@ -287,6 +292,8 @@ run_a2() {
 	"$NVMCTL" --config node.toml nvram inspect --json >"$NVM_OUT/nvram-a2-inspect.json" 2>&1 || true
 	st >"$NVM_OUT/status-a2-end.json"
 	mark a2-done ok
+	# Keep this daemon (and the link) up until node-b has made its last checks.
+	await b-done 400
 	say "PASS (node-a): rejoined without touching node-b's ranges, giveback, verify passed"
 }
 
@@ -343,9 +350,11 @@ run_b() {
 	verify job_powercut "$dev" after-giveback-b
 	verify job_after "$dev" after-giveback-b
 	[[ $(lun_sha) == "$sum" ]] || fail "the LUN read through node-b after the giveback differs from before"
-	await a2-done 400
 	ok "$link_up" || fail "mirroring with node-a lost at the end"
 	st >"$NVM_OUT/status-b-end.json"
+	mark b-done
+	# node-a's verify reads node-b's range through this daemon: stay up until it is done.
+	await a2-done 400
 	say "PASS (node-b): took over at the power cut, verify passed, node-a rejoined, giveback"
 }
 
