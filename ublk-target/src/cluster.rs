@@ -98,6 +98,9 @@ pub struct RangeStatus {
     pub owner: String,
     pub epoch: u64,
     pub state: String,
+    /// The owner the config gives this range (giveback returns it there).
+    #[serde(default)]
+    pub configured_owner: String,
 }
 
 impl Cluster {
@@ -409,6 +412,13 @@ impl Cluster {
                     range: r as u32,
                     owner: self.node_name(o.owner).to_owned(),
                     epoch: o.epoch,
+                    configured_owner: self
+                        .configured
+                        .luns
+                        .get(l)
+                        .and_then(|c| c.get(r))
+                        .map(|c| self.node_name(c.owner).to_owned())
+                        .unwrap_or_default(),
                     state: match gates.get(l).and_then(|g| g.get(r)) {
                         Some(RangeState::Local) => "local".into(),
                         Some(RangeState::Remote(_)) => "remote".into(),

@@ -609,7 +609,9 @@ impl Mr {
         let raw = unsafe { ibv_reg_mr(pd.raw, addr.cast(), len, access) };
         if raw.is_null() {
             return Err(last(
-                "ibv_reg_mr (is the memlock limit large enough? see `ulimit -l`)",
+                "ibv_reg_mr (ENOMEM: raise the memlock limit, see `ulimit -l`; EFAULT: the \
+                 kernel refuses to pin this memory long-term, e.g. an NVRAM mapped from \
+                 /dev/pmemN or a file on a disk filesystem: use tmpfs/DRAM or the TCP transport)",
             ));
         }
         Ok(Mr {
