@@ -64,6 +64,10 @@ enum Cmd {
     Takeover {
         #[arg(long)]
         force: bool,
+        /// Only this range, as LUN:RANGE (e.g. lun0:1); repeatable. Default: all of the
+        /// partner's ranges.
+        #[arg(long = "range", value_name = "LUN:RANGE")]
+        ranges: Vec<String>,
     },
     /// Give the partner back the ranges the config assigns to it (after a takeover, once the
     /// partner is back): their staged writes are flushed first.
@@ -292,9 +296,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             println!("all staged writes are on the medium");
         }
-        Cmd::Takeover { force } => {
+        Cmd::Takeover { force, ranges } => {
             let socket = socket_path(&cli)?;
-            let req = Request::Takeover { force: *force };
+            let req = Request::Takeover {
+                force: *force,
+                ranges: ranges.clone(),
+            };
             let worker = {
                 let socket = socket.clone();
                 std::thread::spawn(move || call(&socket, req, Duration::from_secs(3600)))

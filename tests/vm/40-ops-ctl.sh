@@ -2,7 +2,7 @@
 # Operations from a shell, against two live daemons: `config check` with good and bad files,
 # `status --json` parsed and checked, the human status, a non-root user refused by the control
 # socket, `handover` and `giveback` moving a range and back, `takeover` after a kill -9 with
-# the takeover's progress in status, `recover` restarting the killed node (its /dev/ublkb0
+# the takeover's progress in status (`--range` checked), `recover` restarting the killed node (its /dev/ublkb0
 # re-attached by user recovery), `list`/`features`; then the udev rule producing
 # /dev/disk/by-nvmirror/<lun> (udevadm test), `systemd-analyze verify` of the unit, and
 # scripts/install.sh staging every file. Data written before the moves is read back
@@ -126,7 +126,11 @@ nvm_wait_gone "$pid_a"
 for _ in $(seq 50); do link_up b || break; sleep 0.2; done
 link_up b && fail "node-b still reports mirroring 10 s after node-a died"
 [[ $(json b 's["engine"]["mirror"]["state"]') == degraded ]] || fail "node-b does not report degraded"
-expect_rc 0 "$NVMCTL" --config node-b.toml takeover
+expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:1
+grep -q "none of the given ranges belongs to node node-a" last.out || { cat last.out; fail "takeover of an own range: unclear error"; }
+expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:7
+grep -q "LUN lun0 has ranges 0 to 1" last.out || { cat last.out; fail "takeover of a range that does not exist: unclear error"; }
+expect_rc 0 "$NVMCTL" --config node-b.toml takeover --range lun0:0
 grep -q "takeover from node node-a: done" last.out || { cat last.out; fail "takeover did not report completion"; }
 json b 's["engine"]["takeover"]["phase"] == "done" and s["engine"]["takeover"]["records_done"] > 0' | grep -q True ||
 	fail "status: takeover progress missing ($(json b 's["engine"]["takeover"]'))"

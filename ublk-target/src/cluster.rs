@@ -204,10 +204,19 @@ impl Cluster {
         out
     }
 
-    /// Step 1 of a takeover: close the gates of `from`'s ranges, then make us their owner
-    /// with a new epoch, durably, on the medium. Returns the ranges moved.
-    pub fn begin_takeover(&self, from: u32) -> Result<Vec<(u32, u32)>, ownership::TableError> {
-        let moved = self.ranges_of(from);
+    /// Step 1 of a takeover: close the gates of `from`'s ranges (all, or those in `only`),
+    /// then make us their owner with a new epoch, durably, on the medium. Returns the ranges
+    /// moved.
+    pub fn begin_takeover(
+        &self,
+        from: u32,
+        only: Option<&[(u32, u32)]>,
+    ) -> Result<Vec<(u32, u32)>, ownership::TableError> {
+        let moved: Vec<(u32, u32)> = self
+            .ranges_of(from)
+            .into_iter()
+            .filter(|r| only.is_none_or(|o| o.contains(r)))
+            .collect();
         {
             let mut gates = self.gates();
             for &(l, r) in &moved {

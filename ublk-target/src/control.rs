@@ -26,6 +26,9 @@ pub enum Request {
     /// Refused while the partner is reachable unless `force`.
     Takeover {
         force: bool,
+        /// Only these ranges ("LUN:RANGE", LUN by name); empty: all of the partner's.
+        #[serde(default)]
+        ranges: Vec<String>,
     },
     /// Return the ranges the config gives the partner (after a takeover, once it is back).
     Giveback {

@@ -767,6 +767,14 @@ impl Engine {
     /// Takeover: writes every record the partner mirrored to us into the medium. Call it
     /// before serving the partner's ranges.
     pub fn replay_partner(&self) -> Result<ReplayReport, ReplayError> {
+        self.replay_partner_ranges(None)
+    }
+
+    /// Like [`Engine::replay_partner`], limited to the records of `only`'s (LUN, range)s.
+    fn replay_partner_ranges(
+        &self,
+        only: Option<&[(u32, u32)]>,
+    ) -> Result<ReplayReport, ReplayError> {
         let Some(ss) = &self.second_store else {
             return Ok(ReplayReport::default());
         };
@@ -779,7 +787,14 @@ impl Engine {
             None => None,
         };
         let progress = self.takeover.clone();
-        let report = ss.replay_into(&media, marks.as_ref(), &|records, bytes| {
+        let luns = self.luns.clone();
+        let selected = move |lun: u32, offset: u64| match (only, luns.get(lun as usize)) {
+            (None, _) => true,
+            (Some(o), Some(l)) => o.contains(&(lun, (offset / l.range_bytes) as u32)),
+            // A record of an unknown LUN: let the replay report it.
+            (Some(_), None) => true,
+        };
+        let report = ss.replay_into(&media, marks.as_ref(), &selected, &|records, bytes| {
             if let Ok(mut p) = progress.lock() {
                 if let Some(p) = p.as_mut() {
                     p.records_done = records;
@@ -1135,6 +1150,16 @@ impl Engine {
     /// replays the mirrored records, and only then serves them. I/O to those ranges waits
     /// meanwhile.
     pub fn take_over(&self, from: u32, grace: Duration) -> Result<ReplayReport, String> {
+        self.take_over_ranges(from, None, grace)
+    }
+
+    /// Takeover of some of `from`'s ranges (`only`: (LUN index, range) pairs), or all.
+    pub fn take_over_ranges(
+        &self,
+        from: u32,
+        only: Option<&[(u32, u32)]>,
+        grace: Duration,
+    ) -> Result<ReplayReport, String> {
         let c = self.cluster.as_ref().ok_or("not a cluster node")?;
         if from == c.me {
             return Err("a node cannot take over from itself".into());
@@ -1154,7 +1179,14 @@ impl Engine {
                 ..Default::default()
             })
         });
-        let moved = match c.begin_takeover(from) {
+        let moved = match c.begin_takeover(from, only) {
+            Ok(m) if m.is_empty() && only.is_some() => {
+                self.takeover_phase("failed: none of the given ranges is the partner's".into());
+                return Err(format!(
+                    "none of the given ranges belongs to node {} (see the ownership table in status)",
+                    c.node_name(from)
+                ));
+            }
             Ok(m) => m,
             Err(e) => {
                 self.takeover_phase(format!("failed: {e}"));
@@ -1174,7 +1206,7 @@ impl Engine {
         );
         std::thread::sleep(grace);
         self.takeover_phase("replaying".into());
-        let report = match self.replay_partner() {
+        let report = match self.replay_partner_ranges(only) {
             Ok(r) => r,
             Err(e) => {
                 // Leave the gates closed: serving these ranges now could lose writes.

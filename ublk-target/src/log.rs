@@ -102,6 +102,33 @@ pub struct PartitionLog {
     flush_wanted: Condvar,
     space_freed: Notify,
     released: Condvar,
+    /// Someone waits for the flusher (write-through ack, drain, a full log): no lingering.
+    flush_waiters: std::sync::atomic::AtomicUsize,
+}
+
+/// How long the flusher lets a small batch grow before it writes it: at low queue depth one
+/// medium sync then covers many records instead of one, and the flusher stops competing
+/// with the write path for CPU. Never applies while someone waits for a flush.
+const FLUSH_LINGER: Duration = Duration::from_millis(10);
+
+/// Counts a waiter for the flusher while alive (dropped on cancel too).
+struct FlushWaiter<'a>(&'a PartitionLog);
+
+impl<'a> FlushWaiter<'a> {
+    fn new(log: &'a PartitionLog) -> Self {
+        log.flush_waiters
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        log.flush_wanted.notify_all();
+        FlushWaiter(log)
+    }
+}
+
+impl Drop for FlushWaiter<'_> {
+    fn drop(&mut self) {
+        self.0
+            .flush_waiters
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Snapshot for status output.
@@ -160,6 +187,7 @@ impl PartitionLog {
             persist_wanted: Condvar::new(),
             flush_wanted: Condvar::new(),
             space_freed: Notify::new(),
+            flush_waiters: Default::default(),
             released: Condvar::new(),
         })
     }
@@ -210,6 +238,7 @@ impl PartitionLog {
         debug_assert!(kind != RecordKind::Wrap);
         let data_crc = crc32c::crc32c(data);
         let slot = RecordHeader::slot_bytes(data.len() as u64);
+        let mut waiting_for_space = None;
         let (record, wrap, acked_through, rx) = loop {
             let freed = self.space_freed.notified();
             tokio::pin!(freed);
@@ -276,8 +305,11 @@ impl PartitionLog {
                     break (record, wrap, st.acked_through, rx);
                 }
             }
+            // The log is full: the flusher must not linger.
+            waiting_for_space.get_or_insert_with(|| FlushWaiter::new(self));
             freed.await;
         };
+        drop(waiting_for_space);
 
         if let Some(w) = wrap {
             let h = RecordHeader {
@@ -351,6 +383,7 @@ impl PartitionLog {
 
     /// Resolves once record `seq` is on the medium (the write-through path).
     pub async fn flushed(&self, seq: u64) -> Result<(), LogError> {
+        let _waiter = FlushWaiter::new(self);
         loop {
             let freed = self.space_freed.notified();
             tokio::pin!(freed);
@@ -466,17 +499,23 @@ impl PartitionLog {
             }
             // Only settled records: their mirror copy (if any) has landed, so the release
             // that follows the flush reaches the partner after the copy, never before.
-            if !st.flush_paused
-                && st
-                    .durable
-                    .front()
-                    .is_some_and(|r| r.seq <= st.acked_through)
+            let mut wait = Duration::from_millis(200);
+            if let Some(oldest) = st
+                .durable
+                .front()
+                .filter(|r| !st.flush_paused && r.seq <= st.acked_through)
             {
-                break;
+                let age = oldest.appended.elapsed();
+                let small = st.used < max_bytes / 4;
+                let waited_for = self.flush_waiters.load(std::sync::atomic::Ordering::SeqCst) > 0;
+                if age >= FLUSH_LINGER || !small || waited_for {
+                    break;
+                }
+                wait = FLUSH_LINGER - age;
             }
             st = self
                 .flush_wanted
-                .wait_timeout(st, Duration::from_millis(200))
+                .wait_timeout(st, wait)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
@@ -548,6 +587,7 @@ impl PartitionLog {
     /// Blocks until every record appended so far is on the medium, or the timeout passes.
     pub fn wait_drained(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
+        let _waiter = FlushWaiter::new(self);
         let mut st = lock(&self.state);
         let target = st.next_seq - 1;
         while st.flushed_through < target && st.failed.is_none() {

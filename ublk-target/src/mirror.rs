@@ -145,16 +145,20 @@ impl SecondStoreArea {
     /// `progress` hears (records, bytes) replayed so far after every record. Records at or
     /// below the partner's flush `marks` are skipped: they are on the medium already, and
     /// newer writes the partner made without a mirror may have overwritten them there.
+    /// Only records `selected(lun, offset)` approves are replayed (and forgotten); the
+    /// others stay held for a later takeover of their ranges.
     pub fn replay_into(
         &self,
         media: &[Arc<dyn Medium>],
         marks: Option<&crate::ownership::FlushMarks>,
+        selected: &dyn Fn(u32, u64) -> bool,
         progress: &dyn Fn(u64, u64),
     ) -> Result<ReplayReport, ReplayError> {
         let started = std::time::Instant::now();
         let mut report = ReplayReport::default();
         let held: Vec<BTreeMap<u64, Held>> = self.held().clone();
         let mut touched = vec![false; media.len()];
+        let mut done: Vec<Vec<u64>> = vec![Vec::new(); held.len()];
         for (p, records) in held.iter().enumerate() {
             let part_base = self.base + p as u64 * self.layout.part_size;
             let log = self.region.slice(part_base, self.layout.part_size as usize);
@@ -168,9 +172,14 @@ impl SecondStoreArea {
                     _ => {
                         tracing::warn!(partition = p, seq, "mirrored record was overwritten by a newer one (already flushed by the partner); skipped");
                         report.discarded_unacknowledged += 1;
+                        done[p].push(seq);
                         continue;
                     }
                 };
+                if !selected(header.lun, header.offset) {
+                    continue;
+                }
+                done[p].push(seq);
                 if *log_id.get_or_insert(header.log_id) != header.log_id {
                     return Err(ReplayError::Corrupt(format!(
                         "partition {p}: mirrored records of two different logs (seq {seq})"
@@ -224,7 +233,15 @@ impl SecondStoreArea {
                 })?;
             }
         }
-        self.clear();
+        let mut now_held = self.held();
+        for (p, seqs) in done.iter().enumerate() {
+            if let Some(m) = now_held.get_mut(p) {
+                for seq in seqs {
+                    m.remove(seq);
+                }
+            }
+        }
+        drop(now_held);
         report.millis = started.elapsed().as_millis() as u64;
         Ok(report)
     }

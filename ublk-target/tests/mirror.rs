@@ -553,6 +553,45 @@ fn takeover_does_not_replay_a_stale_mirror_copy_over_a_newer_degraded_write() {
     assert!(read_engine(&p, &p.b, 0, 8192) == newer);
 }
 
+#[test]
+fn takeover_of_some_ranges_replays_only_theirs_and_keeps_the_rest_for_later() {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    let writes = spread_writes(&p, &p.a, 300);
+    let range_of = |off: u64| off / (LUN_SIZE / 4);
+    let in_range = |r: u64| writes.iter().filter(|(o, _)| range_of(*o) == r).count();
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    p.b.cluster().expect("c").set_forwarder(None);
+    // Range 1 is B's own: not the partner's, refused.
+    assert!(p
+        .b
+        .take_over_ranges(0, Some(&[(0, 1)]), Duration::from_millis(10))
+        .is_err());
+    let first =
+        p.b.take_over_ranges(0, Some(&[(0, 0)]), Duration::from_millis(10))
+            .expect("takeover of range 0");
+    assert_eq!(first.records, in_range(0));
+    let owners: Vec<(String, u64)> =
+        p.b.status()
+            .ranges
+            .iter()
+            .map(|r| (r.owner.clone(), r.epoch))
+            .collect();
+    assert_eq!(owners[0], ("b".to_string(), 2));
+    assert_eq!(owners[2], ("a".to_string(), 1), "range 2 stays A's");
+    let held = p.b.status().mirror.second_store.expect("ss").records;
+    assert_eq!(held, in_range(2), "range 2's copies are still held");
+    let second =
+        p.b.take_over_ranges(0, Some(&[(0, 2)]), Duration::from_millis(10))
+            .expect("takeover of range 2");
+    assert_eq!(second.records, in_range(2));
+    assert_eq!(p.b.status().mirror.second_store.expect("ss").records, 0);
+    for (off, d) in &writes {
+        assert!(read_engine(&p, &p.b, *off, d.len()) == *d, "B reads {off}");
+    }
+}
+
 /// The shared medium as one node sees it: its own path can be made to fail.
 struct PathView {
     inner: Arc<MemMedium>,

@@ -147,7 +147,7 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
                     tracing::info!("flusher resumed by nvmirrorctl");
                     Response::Ok
                 }
-                Request::Takeover { force } => {
+                Request::Takeover { force, ref ranges } => {
                     let Some(c) = engine.cluster() else {
                         return Response::Error {
                             message: "this node is not in a cluster".into(),
@@ -161,7 +161,11 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
                         };
                     }
                     let peer = 1 - c.me;
-                    match engine.take_over(peer, grace) {
+                    let only = match parse_ranges(&engine, ranges) {
+                        Ok(o) => o,
+                        Err(message) => return Response::Error { message },
+                    };
+                    match engine.take_over_ranges(peer, only.as_deref(), grace) {
                         Ok(_) => Response::Ok,
                         Err(message) => Response::Error { message },
                     }
@@ -430,6 +434,39 @@ fn start_mirroring(
         })
         .context("spawning the partner watcher")?;
     Ok(link)
+}
+
+/// "lun0:1" -> (LUN index, range); `None` for an empty list (all ranges).
+fn parse_ranges(engine: &Engine, specs: &[String]) -> Result<Option<Vec<(u32, u32)>>, String> {
+    if specs.is_empty() {
+        return Ok(None);
+    }
+    let luns = engine.status().luns;
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, range) = spec
+                .rsplit_once(':')
+                .ok_or_else(|| format!("range {spec:?}: write LUN:RANGE, e.g. lun0:1"))?;
+            let (i, lun) = luns
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.name == name)
+                .ok_or_else(|| format!("range {spec:?}: no LUN named {name:?}"))?;
+            let r: u32 = range
+                .parse()
+                .ok()
+                .filter(|r| *r < lun.ranges)
+                .ok_or_else(|| {
+                    format!(
+                        "range {spec:?}: LUN {name} has ranges 0 to {}",
+                        lun.ranges.saturating_sub(1)
+                    )
+                })?;
+            Ok((i as u32, r))
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(Some)
 }
 
 fn shutdown_link(link: rdma_link::Link) {
