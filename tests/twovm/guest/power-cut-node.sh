@@ -322,7 +322,19 @@ run_b() {
 	mark b-serving
 	st >"$NVM_OUT/status-b-after-takeover.json"
 	say "took over: ranges $(ranges); takeover $(q 'e["takeover"]'); mirror $(q 'e["mirror"]["state"]')"
-	local rc=0
+	# The client stored the verify state before it ran the trigger.  When the power
+	# went before node-a's fio sent its results, the client would wait for them
+	# (up to its timeout): stop it.
+	local rc=0 i p
+	for ((i = 0; i < 25; i++)); do kill -0 "$client" 2>/dev/null || break; sleep 0.2; done
+	if kill -0 "$client" 2>/dev/null; then
+		say "the fio client still waits for its powerless server: stopping it"
+		kill -TERM "$client" 2>/dev/null || true # timeout(1) passes it on to fio
+		for ((i = 0; i < 25; i++)); do kill -0 "$client" 2>/dev/null || break; sleep 0.2; done
+		# fio's client only asks its servers to quit on SIGTERM: kill it (the child of
+		# our timeout(1)).
+		for p in $(pgrep -P "$client" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+	fi
 	wait "$client" || rc=$?
 	say "fio client ended with status $rc (its server lost power)"
 	[[ -f $ip_a-powercut-0-verify.state ]] || { tail -30 "$NVM_OUT/fio-client-b.log"; fail "the fio client received no verify state"; }
