@@ -59,6 +59,17 @@ kill_leftovers() {
 	return 0
 }
 
+# Detach the loop devices backed by files under $1: a loop device keeps its deleted tmpfs
+# file, and so the test's RAM, alive after the unmount (tests create them in command
+# substitutions, where their own cleanup list is lost).
+detach_loops_below() {
+	local dir=$1 dev back
+	while read -r dev back; do
+		[[ $back == "$dir"/* ]] && losetup -d "$dev" 2>/dev/null
+	done < <(losetup -l -n -O NAME,BACK-FILE 2>/dev/null)
+	return 0
+}
+
 # Unmount everything at or below $1, deepest first.
 umount_below() {
 	local dir=$1 m
@@ -112,6 +123,7 @@ for file in "$@"; do
 	secs=$((SECONDS - start))
 	kill_leftovers "$pid" "$scratch"
 	dmesg >"$out/dmesg.log" 2>/dev/null || true
+	detach_loops_below "$scratch"
 	umount_below "$scratch"
 	rmdir "$scratch" 2>/dev/null || true
 	echo "rc=$rc secs=$secs timeout=$timed_out" >"$NVM_RESULTS/status/$name"
