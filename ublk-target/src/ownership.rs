@@ -44,6 +44,28 @@ pub enum TableError {
     Io(#[from] io::Error),
 }
 
+// Both kinds of 4 KiB slot (table, flush marks) end with a crc32c of everything before it.
+const SLOT_CRC_AT: usize = SLOT_BYTES as usize - 4;
+
+fn seal_slot(b: &mut [u8]) {
+    let crc = crc32c::crc32c(&b[..SLOT_CRC_AT]);
+    b[SLOT_CRC_AT..SLOT_BYTES as usize].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn slot_crc_ok(b: &[u8]) -> bool {
+    crc32c::crc32c(&b[..SLOT_CRC_AT]) == u32_at(b, SLOT_CRC_AT)
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[i..i + 8]);
+    u64::from_le_bytes(a)
+}
+
 impl OwnershipTable {
     pub fn encode(&self) -> Result<Vec<u8>, TableError> {
         let total: usize = self.luns.iter().map(|l| l.len()).sum();
@@ -72,9 +94,7 @@ impl OwnershipTable {
                 at += 12;
             }
         }
-        let end = SLOT_BYTES as usize - 4;
-        let crc = crc32c::crc32c(&b[..end]);
-        b[end..].copy_from_slice(&crc.to_le_bytes());
+        seal_slot(&mut b);
         Ok(b)
     }
 
@@ -82,17 +102,10 @@ impl OwnershipTable {
         if b.len() < SLOT_BYTES as usize {
             return None;
         }
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(a)
-        };
-        let end = SLOT_BYTES as usize - 4;
-        if u32_at(0) != TABLE_MAGIC
-            || u32_at(4) != TABLE_VERSION
-            || crc32c::crc32c(&b[..end]) != u32_at(end)
-        {
+        let u32_at = |i: usize| u32_at(b, i);
+        let u64_at = |i: usize| u64_at(b, i);
+        let end = SLOT_CRC_AT;
+        if u32_at(0) != TABLE_MAGIC || u32_at(4) != TABLE_VERSION || !slot_crc_ok(b) {
             return None;
         }
         let nluns = u32_at(24) as usize;
@@ -168,9 +181,7 @@ impl FlushMarks {
         for (i, seq) in self.flushed_through.iter().enumerate() {
             b[64 + i * 8..72 + i * 8].copy_from_slice(&seq.to_le_bytes());
         }
-        let end = SLOT_BYTES as usize - 4;
-        let crc = crc32c::crc32c(&b[..end]);
-        b[end..].copy_from_slice(&crc.to_le_bytes());
+        seal_slot(&mut b);
         Ok(b)
     }
 
@@ -178,17 +189,12 @@ impl FlushMarks {
         if b.len() < SLOT_BYTES as usize {
             return None;
         }
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(a)
-        };
-        let end = SLOT_BYTES as usize - 4;
+        let u32_at = |i: usize| u32_at(b, i);
+        let u64_at = |i: usize| u64_at(b, i);
         let n = u32_at(28) as usize;
         if u32_at(0) != MARKS_MAGIC
             || u32_at(4) != TABLE_VERSION
-            || crc32c::crc32c(&b[..end]) != u32_at(end)
+            || !slot_crc_ok(b)
             || n > MAX_MARKS
         {
             return None;
