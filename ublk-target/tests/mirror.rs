@@ -50,8 +50,38 @@ fn free_port() -> u16 {
         .expect("port")
 }
 
-fn link(e: &Arc<Engine>, role: Role, me: u32, peer: u32) -> Link {
-    link_with_timeout(e, role, me, peer, Duration::from_millis(500))
+/// Links `a` (listening) and `b` over TCP on loopback with heartbeat `timeout`, waits until
+/// both are up, and attaches each link as its engine's mirror.
+fn connect(
+    a: &Arc<Engine>,
+    b: &Arc<Engine>,
+    timeout: Duration,
+) -> (Link, Link, tokio::runtime::Runtime) {
+    let addr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let link_a = link_with_timeout(a, Role::Listen(addr), 1, 2, timeout);
+    let link_b = link_with_timeout(b, Role::Connect(addr), 2, 1, timeout);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            link_a.wait_up().await.expect("a up");
+            link_b.wait_up().await.expect("b up");
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "links not up: a={:?} b={:?}",
+                link_a.state(),
+                link_b.state()
+            )
+        })
+    });
+    a.attach_mirror(Arc::new(link_a.clone()));
+    b.attach_mirror(Arc::new(link_b.clone()));
+    (link_a, link_b, rt)
 }
 
 fn link_with_timeout(e: &Arc<Engine>, role: Role, me: u32, peer: u32, timeout: Duration) -> Link {
@@ -77,31 +107,7 @@ fn pair(degraded: DegradedPolicy) -> Pair {
     let medium = Arc::new(MemMedium::new(LUN_SIZE));
     let a = engine(&dir.path().join("nv-a"), "a", &medium, degraded);
     let b = engine(&dir.path().join("nv-b"), "b", &medium, degraded);
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let link_a = link(&a, Role::Listen(addr), 1, 2);
-    let link_b = link(&b, Role::Connect(addr), 2, 1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            link_a.wait_up().await.expect("a up");
-            link_b.wait_up().await.expect("b up");
-        })
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "links not up: a={:?} b={:?}",
-                link_a.state(),
-                link_b.state()
-            )
-        })
-    });
-    a.attach_mirror(Arc::new(link_a.clone()));
-    b.attach_mirror(Arc::new(link_b.clone()));
+    let (link_a, link_b, rt) = connect(&a, &b, Duration::from_millis(500));
     Pair {
         a,
         b,
@@ -362,20 +368,7 @@ fn cluster_pair() -> ClusterPair {
     let table = Arc::new(MemTableStore::default());
     let a = clustered(&dir.path().join("nv-a"), 0, &medium, &table);
     let b = clustered(&dir.path().join("nv-b"), 1, &medium, &table);
-    let addr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let link_a = link(&a, Role::Listen(addr), 1, 2);
-    let link_b = link(&b, Role::Connect(addr), 2, 1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        link_a.wait_up().await.expect("a up");
-        link_b.wait_up().await.expect("b up");
-    });
-    a.attach_mirror(Arc::new(link_a.clone()));
-    b.attach_mirror(Arc::new(link_b.clone()));
+    let (link_a, link_b, rt) = connect(&a, &b, Duration::from_millis(500));
     a.cluster()
         .expect("cluster")
         .set_forwarder(Some(direct(b.clone())));
@@ -653,20 +646,7 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
     };
     let a = open_with("a", view_a.clone());
     let b = open_with("b", shared.clone());
-    let addr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let link_a = link(&a, Role::Listen(addr), 1, 2);
-    let link_b = link(&b, Role::Connect(addr), 2, 1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        link_a.wait_up().await.expect("up");
-        link_b.wait_up().await.expect("up");
-    });
-    a.attach_mirror(Arc::new(link_a.clone()));
-    b.attach_mirror(Arc::new(link_b.clone()));
+    let (_link_a, _link_b, rt) = connect(&a, &b, Duration::from_millis(500));
     let partner = b.clone();
     a.set_flush_delegate(Some(Arc::new(move |p, first, last, count| {
         partner.write_for_partner(p, first, last, count).map(|_| ())
@@ -726,23 +706,10 @@ fn takeover_time_for_1_gib_of_staged_writes() {
         2 * GIB,
         &table,
     );
-    let addr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     // The daemon's default heartbeat timeout: a busy machine must not cut the link while
     // the GiB is staged (the flusher is paused, so degraded writes would wait for ever).
     let hb = Duration::from_secs(2);
-    let link_a = link_with_timeout(&a, Role::Listen(addr), 1, 2, hb);
-    let link_b = link_with_timeout(&b, Role::Connect(addr), 2, 1, hb);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        link_a.wait_up().await.expect("a up");
-        link_b.wait_up().await.expect("b up");
-    });
-    a.attach_mirror(Arc::new(link_a.clone()));
-    b.attach_mirror(Arc::new(link_b.clone()));
+    let (link_a, link_b, rt) = connect(&a, &b, hb);
     a.set_flush_paused(true);
     // 1 GiB of 512 KiB writes into node a's ranges (0 and 2 of 4), 16 in flight.
     let range = 2 * GIB / 4;
