@@ -40,7 +40,7 @@ NVM_APT_PACKAGES=(
 	fio rdma-core ibverbs-utils ibverbs-providers rdmacm-utils perftest
 	e2fsprogs xfsprogs iproute2 util-linux procps psmisc coreutils dmsetup
 	libclang-dev libibverbs-dev librdmacm-dev pkg-config
-	resource-agents libxml2-utils pacemaker-cli-utils drbd-utils
+	resource-agents libxml2-utils pacemaker-cli-utils drbd-utils ndctl
 )
 
 nvm_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

@@ -5,16 +5,11 @@
 #
 # What it shows: node-a and node-b are two VMs, each with its own emulated
 # NVDIMM as NVRAM (a host file behind memory-backend-file,share=on, so what the
-# guest stored survives QEMU's death), one shared raw disk image attached to both
-# (/dev/vda, cache=none, the medium) and a virtio-net link between them (QEMU
-# socket netdev, 10.77.0.1 and 10.77.0.2) carrying the mirror link: TCP by
-# default, Soft-RoCE with NVM_PC_TRANSPORT=rdma.  RDMA does not work yet with an
-# NVDIMM as NVRAM: Linux >= 6.5 refuses to pin a shared file-backed mapping for
-# writing (a mmap of /dev/pmem0 is one), so ibv_reg_mr of the NVRAM fails with
-# EFAULT and the link never comes up; the guest then fails fast and says so.
-# (The single-VM RDMA tests keep their NVRAM in tmpfs files, which may be
-# pinned.)  The daemon needs a device-DAX NVRAM (/dev/daxN.M) or an anonymous
-# receive buffer for RDMA; until then CI runs this test over TCP.  The LUN has two
+# guest stored survives QEMU's death; the guest uses it as device-DAX
+# /dev/dax0.0, the NVRAM an RDMA device can register), one shared raw disk image
+# attached to both (/dev/vda, cache=none, the medium) and a virtio-net link
+# between them (QEMU socket netdev, 10.77.0.1 and 10.77.0.2) carrying the mirror
+# link: Soft-RoCE (rxe) by default, TCP with NVM_PC_TRANSPORT=tcp.  The LUN has two
 # ranges: range 0 is node-a's, range 1 node-b's.  node-a's flusher is paused, so
 # every write node-a acknowledges lives only in the two NVRAMs.  fio writes with
 # verify=crc32c through node-a's /dev/ublkb0 into both ranges (range 1 by
@@ -55,7 +50,7 @@
 #     node-a reconnects) while a connecting one never reconnects.
 #   * Guest commands: `power-cut-node.sh b`, `... a` (first boot, killed),
 #     `... a2` (the reboot).  Each VM has 1 vCPU (two TCG VMs on 2 cores).
-# Knobs: NVM_PC_TRANSPORT (tcp | rdma), NVM_PC_FIO_RATE (3m: the verified
+# Knobs: NVM_PC_TRANSPORT (rdma | tcp), NVM_PC_FIO_RATE (3m: the verified
 # job's write rate), NVM_PC_FIO_TRIGGER (18: seconds of writing before the cut).
 # Takes about 3 minutes on 2 cores under TCG, most of it the verifies after the
 # giveback (queue depth 1, half of each read forwarded to the other node).
@@ -67,7 +62,7 @@ NVM_BIN=${NVM_BIN:-$NVM_REPO/target/release}
 # shellcheck source=scripts/vm/lib.sh
 source "$NVM_REPO/scripts/vm/lib.sh"
 
-transport=${NVM_PC_TRANSPORT:-tcp}
+transport=${NVM_PC_TRANSPORT:-rdma}
 [[ $transport == tcp || $transport == rdma ]] || { echo "NVM_PC_TRANSPORT must be tcp or rdma" >&2; exit 2; }
 OUT=$(mkdir -p "$NVM_OUT" && cd "$NVM_OUT" && pwd)
 SYNC=$OUT/sync

@@ -164,7 +164,7 @@ pub struct NodeSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NvramSection {
-    /// A file, a block device or /dev/pmemN.
+    /// A file, a block device, /dev/pmemN or device-DAX /dev/daxN.M (needed for RDMA).
     pub path: PathBuf,
     /// Size to use. Required when `path` is a file that does not exist yet (it is created);
     /// optional otherwise (default: the whole file or device).

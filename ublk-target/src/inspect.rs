@@ -40,8 +40,55 @@ pub struct InspectReport {
     pub partitions: Vec<PartitionReport>,
 }
 
+/// Reads NVRAM bytes without the daemon's lock (inspection is read-only): pread for a file
+/// or block device; device-DAX has no read(2), so it is mapped read-only.
+enum NvramReader {
+    Pread(File),
+    Mapped(memmap2::Mmap),
+}
+
+impl NvramReader {
+    fn open(path: &Path) -> std::io::Result<NvramReader> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        if !meta.file_type().is_char_device() {
+            return Ok(NvramReader::Pread(file));
+        }
+        let dax = crate::nvram::region::DaxDevice::probe(path, meta.rdev())
+            .map_err(std::io::Error::other)?;
+        // SAFETY: a read-only view; the bytes may change under us while a daemon runs, which
+        // the report tolerates (every structure it decodes is checksummed).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len((dax.size - dax.size % dax.align) as usize)
+                .map(&file)?
+        };
+        Ok(NvramReader::Mapped(map))
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            NvramReader::Pread(f) => f.read_exact_at(buf, offset),
+            NvramReader::Mapped(map) => {
+                let src = usize::try_from(offset)
+                    .ok()
+                    .and_then(|start| map.get(start..start.checked_add(buf.len())?))
+                    .ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("NVRAM read {offset}+{} beyond its end", buf.len()),
+                        )
+                    })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+        }
+    }
+}
+
 pub fn inspect(path: &Path) -> std::io::Result<InspectReport> {
-    let f = File::open(path)?;
+    let f = NvramReader::open(path)?;
     let mut head = vec![0u8; 4096];
     f.read_exact_at(&mut head, 0)?;
     let mut report = InspectReport {

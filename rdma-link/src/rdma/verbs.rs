@@ -611,7 +611,8 @@ impl Mr {
             return Err(last(
                 "ibv_reg_mr (ENOMEM: raise the memlock limit, see `ulimit -l`; EFAULT: the \
                  kernel refuses to pin this memory long-term, e.g. an NVRAM mapped from \
-                 /dev/pmemN or a file on a disk filesystem: use tmpfs/DRAM or the TCP transport)",
+                 /dev/pmemN or a file on a disk filesystem: put the NVRAM on device-DAX \
+                 (/dev/daxN.M, `ndctl create-namespace --mode=devdax`), or use the TCP transport)",
             ));
         }
         Ok(Mr {

@@ -5,13 +5,15 @@
 #
 # Contract with the host orchestrator (40-power-cut.sh):
 #   - started by guest-init.sh as root in a VM booted by nvm_vm_boot with one
-#     emulated NVDIMM (/dev/pmem0: this node's NVRAM, a host file that outlives
-#     QEMU), the shared disk image as /dev/vda (the medium, the same file in both
+#     emulated NVDIMM (this node's NVRAM, a host file that outlives QEMU; its
+#     first boot turns the NVDIMM's namespace into device-DAX /dev/dax0.0, the
+#     NVRAM an RDMA device can register, and a reboot finds it again), the
+#     shared disk image as /dev/vda (the medium, the same file in both
 #     VMs), and a virtio-net NIC (eth0) on a QEMU socket netdev: the only link
 #     between the two VMs (node-b's QEMU listens, node-a's connects);
 #   - environment: NVM_BIN (release binaries), NVM_OUT (the test's results dir,
 #     writable 9p export visible to the host and to the other VM),
-#     NVM_PC_TRANSPORT (tcp | rdma), NVM_PC_FIO_* (write rate, trigger time;
+#     NVM_PC_TRANSPORT (rdma | tcp), NVM_PC_FIO_* (write rate, trigger time;
 #     see the orchestrator);
 #   - coordination is by files in $NVM_OUT/sync, each created atomically
 #     (written to NAME.tmp, renamed), every wait bounded: a-up, b-up,
@@ -39,7 +41,7 @@ node=node-${role:0:1}                      # node-a or node-b
 dev=/dev/ublkb$([[ $node == node-a ]] && echo 0 || echo 1)
 ip_a=10.77.0.1 ip_b=10.77.0.2
 fio_port=8765
-transport=${NVM_PC_TRANSPORT:-tcp}         # mirror link: tcp or rdma (Soft-RoCE on eth0)
+transport=${NVM_PC_TRANSPORT:-rdma}        # mirror link: rdma (Soft-RoCE on eth0) or tcp
 write_rate=${NVM_PC_FIO_RATE:-3m}          # the verified job (fio server on node-a)
 trigger_after=${NVM_PC_FIO_TRIGGER:-18}    # seconds after the fio client started
 work=/tmp/powercut
@@ -101,10 +103,8 @@ until_ok() {
 	for ((i = 0; i < $1 * 5; i++)); do
 		ok "$3" && return 0
 		[[ -e $SYNC/abort ]] && fail "gave up waiting for $2: $(cat "$SYNC/abort")"
-		if ((i == 25)) && grep -q 'ibv_reg_mr.*Bad address' "$NVM_OUT/daemon-$role.log" 2>/dev/null; then
-			# Linux >= 6.5 refuses long-term writable pins of page-cache-backed shared
-			# mappings (a mmap of /dev/pmemN is one): the NVRAM cannot be registered.
-			fail "the RDMA link cannot register the NVRAM (/dev/pmem0 mapping): $(grep -m1 'ibv_reg_mr' "$NVM_OUT/daemon-$role.log")"
+		if ((i == 25)) && grep -q 'ibv_reg_mr' "$NVM_OUT/daemon-$role.log" 2>/dev/null; then
+			fail "the RDMA link cannot register the NVRAM ($nvram): $(grep -m1 'ibv_reg_mr' "$NVM_OUT/daemon-$role.log")"
 		fi
 		sleep 0.2
 	done
@@ -123,10 +123,31 @@ setup_net() {
 		rdma link add nvmrxe0 type rxe netdev "$nic" || fail "rdma link add (rxe over $nic)"
 	fi
 	modprobe ublk_drv || fail "modprobe ublk_drv"
-	[[ -b /dev/pmem0 ]] || fail "no /dev/pmem0 (emulated NVDIMM)"
+	setup_nvram
 	[[ -b /dev/vda ]] || fail "no /dev/vda (shared disk)"
 	command -v fio >/dev/null || skip "fio is not installed"
-	say "net: $me on $nic ($(cat /sys/class/net/$nic/address)), mirror link over $transport; NVRAM /dev/pmem0 $(($(blockdev --getsize64 /dev/pmem0) >> 20)) MiB, medium /dev/vda $(($(blockdev --getsize64 /dev/vda) >> 20)) MiB"
+	say "net: $me on $nic ($(cat /sys/class/net/$nic/address)), mirror link over $transport; NVRAM $nvram $(($(cat /sys/bus/dax/devices/dax0.0/size) >> 20)) MiB (device-DAX), medium /dev/vda $(($(blockdev --getsize64 /dev/vda) >> 20)) MiB"
+}
+
+# The NVRAM is the NVDIMM as device-DAX: an RDMA device can register it (Linux
+# >= 6.5 refuses to pin a page-cache mapping such as one of /dev/pmem0), and
+# stores reach it without a page cache.  The first boot converts the raw
+# namespace (writing its info block; the NVRAM is new then), a reboot finds the
+# device again with its contents.
+nvram=/dev/dax0.0
+setup_nvram() {
+	modprobe -a dax_pmem device_dax || fail "modprobe dax_pmem device_dax"
+	command -v ndctl >/dev/null || skip "ndctl is not installed"
+	if [[ $role != a2 ]]; then
+		ndctl create-namespace --force --reconfig=namespace0.0 --mode=devdax >"$work/ndctl.json" 2>&1 ||
+			fail "ndctl create-namespace --mode=devdax: $(cat "$work/ndctl.json")"
+	fi
+	local i
+	for ((i = 0; i < 50; i++)); do
+		[[ -c $nvram ]] && break
+		sleep 0.1
+	done
+	[[ -c $nvram ]] || fail "no $nvram (device-DAX on the emulated NVDIMM): $(ndctl list -N 2>&1 | tr -d '\n')"
 }
 
 write_config() {
@@ -136,7 +157,7 @@ write_config() {
 	control_socket = "$work/$node.sock"
 
 	[nvram]
-	path = "/dev/pmem0"
+	path = "$nvram"
 	partitions = 2
 
 	[cluster]
@@ -266,6 +287,16 @@ run_a() {
 # ---------------------------------------------------------- node-a reboot ---
 run_a2() {
 	setup_net $ip_a
+	# What the power cut left in node-a's NVRAM, read before the daemon opens it
+	# (device-DAX has no read(2): inspect maps it).
+	write_config
+	local staged
+	staged=$("$NVMCTL" --config node.toml nvram inspect --json | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+print(sum(p["records"] for p in r["partitions"]) if r["state"] == "valid" else "state " + r["state"])') ||
+		fail "nvmirrorctl nvram inspect $nvram failed"
+	[[ $staged =~ ^[0-9]+$ ]] && ((staged > 0)) || fail "node-a's NVRAM after the power cut: expected staged records, got: $staged"
+	say "node-a's NVRAM after the power cut (nvmirrorctl nvram inspect): valid, $staged record(s) staged"
 	start_daemon
 	st >"$NVM_OUT/status-a2-start.json"
 	# node-b holds range 0 with a newer epoch: node-a must replay none of its own

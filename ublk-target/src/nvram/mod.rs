@@ -4,6 +4,7 @@
 //! the per-partition checkpoints and the partition logs, `record` is the on-NVRAM format of
 //! one staged write, and `scan` reads a partition log back after a restart.
 
+pub mod cpu_cache;
 pub mod layout;
 pub mod record;
 pub mod region;

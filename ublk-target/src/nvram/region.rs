@@ -1,15 +1,21 @@
 //! A memory mapping of the whole NVRAM device with explicit durability.
 //!
-//! Writes are plain memory copies into a shared mapping; `persist` makes a range durable
-//! (msync(MS_SYNC): for a file this is a data sync, for a block device such as /dev/pmemN it
-//! writes the pages back through the driver and flushes the device cache). A process crash
-//! loses nothing that was copied, because the pages belong to the kernel; a power cut loses
-//! what was not persisted, which is why a write is acknowledged only after `persist`.
+//! Writes are plain memory copies into a shared mapping; `persist` makes a range durable:
+//! - a file or a block device such as /dev/pmemN goes through the page cache, so persisting is
+//!   msync(MS_SYNC) (a data sync for a file; for /dev/pmemN the pages are written back through
+//!   the driver and the device cache is flushed);
+//! - a device-DAX character device (/dev/daxN.M) maps the NVDIMM itself: persisting writes the
+//!   CPU cache lines back (`cpu_cache`). It is also the NVRAM an RDMA device can register:
+//!   Linux >= 6.5 refuses to pin page-cache mappings such as /dev/pmemN long-term.
+//!
+//! A process crash loses nothing that was copied, because the pages belong to the kernel (or
+//! are the NVDIMM); a power cut loses what was not persisted, which is why a write is
+//! acknowledged only after `persist`.
 
 use memmap2::{MmapOptions, MmapRaw};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +39,32 @@ pub enum RegionError {
     },
     #[error("cannot map NVRAM {path} into memory: {cause}")]
     Map { path: PathBuf, cause: io::Error },
+    #[error("NVRAM {path} is a character device but not a device-DAX one ({detail}); use /dev/daxN.M, /dev/pmemN, a block device or a file")]
+    NotDax { path: PathBuf, detail: String },
+    #[error("NVRAM {path}: nvram.size {wanted} is not a multiple of the device-DAX alignment {align}; use a multiple of it")]
+    Unaligned {
+        path: PathBuf,
+        wanted: u64,
+        align: u64,
+    },
+    #[error("NVRAM {path} is device-DAX, whose durability (CPU cache write-back) this build does not implement on this CPU architecture; use /dev/pmemN instead")]
+    DaxUnsupported { path: PathBuf },
+}
+
+/// How `persist` makes stores durable (see the module comment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Page-cache backed (file, block device): msync.
+    Msync,
+    /// Device-DAX: CPU cache-line write-back and a fence.
+    CpuCacheWriteback,
 }
 
 pub struct NvramRegion {
     path: PathBuf,
     map: MmapRaw,
     len: u64,
+    durability: Durability,
     // Kept open (and locked) for the mapping's lifetime.
     _file: File,
     _lock: nix::fcntl::Flock<File>,
@@ -83,8 +109,28 @@ impl NvramRegion {
             errno,
         })?;
         let meta = file.metadata().map_err(open_err)?;
+        let mut durability = Durability::Msync;
+        // Device-DAX refuses a mapping whose length is not a multiple of its alignment.
+        let mut map_align = 1;
         let actual = if meta.file_type().is_block_device() {
             block_device_size(&file).map_err(open_err)?
+        } else if meta.file_type().is_char_device() {
+            let dax = DaxDevice::probe(path, meta.rdev())?;
+            if !super::cpu_cache::supported() {
+                return Err(RegionError::DaxUnsupported {
+                    path: path.to_owned(),
+                });
+            }
+            if let Some(wanted) = size.filter(|w| w % dax.align != 0) {
+                return Err(RegionError::Unaligned {
+                    path: path.to_owned(),
+                    wanted,
+                    align: dax.align,
+                });
+            }
+            durability = Durability::CpuCacheWriteback;
+            map_align = dax.align;
+            dax.size
         } else {
             meta.len()
         };
@@ -104,7 +150,7 @@ impl NvramRegion {
                 }
             }
             Some(wanted) => wanted,
-            None => actual,
+            None => actual - actual % map_align,
         };
         let map = MmapOptions::new()
             .len(len as usize)
@@ -117,9 +163,15 @@ impl NvramRegion {
             path: path.to_owned(),
             map,
             len,
+            durability,
             _file: file,
             _lock: lock,
         })
+    }
+
+    /// How this NVRAM makes stores durable.
+    pub fn durability(&self) -> Durability {
+        self.durability
     }
 
     pub fn path(&self) -> &Path {
@@ -183,12 +235,59 @@ impl NvramRegion {
     /// Makes `[off, off+len)` durable on the NVRAM device.
     pub fn persist(&self, off: u64, len: u64) -> io::Result<()> {
         self.check(off, len as usize);
-        self.map.flush_range(off as usize, len as usize)
+        match self.durability {
+            Durability::Msync => self.map.flush_range(off as usize, len as usize),
+            // SAFETY: bounds checked above, so the range is inside the live mapping.
+            Durability::CpuCacheWriteback => unsafe {
+                super::cpu_cache::persist(self.map.as_ptr().add(off as usize), len as usize)
+            },
+        }
     }
 
     /// The mapping's base address and length, for registering it with an RDMA device.
     pub fn raw_parts(&self) -> (*mut u8, usize) {
         (self.map.as_mut_ptr(), self.len as usize)
+    }
+}
+
+/// What sysfs says about a device-DAX character device.
+pub(crate) struct DaxDevice {
+    pub(crate) size: u64,
+    pub(crate) align: u64,
+}
+
+impl DaxDevice {
+    pub(crate) fn probe(path: &Path, rdev: u64) -> Result<DaxDevice, RegionError> {
+        let not_dax = |detail: String| RegionError::NotDax {
+            path: path.to_owned(),
+            detail,
+        };
+        let sys = PathBuf::from(format!(
+            "/sys/dev/char/{}:{}",
+            nix::sys::stat::major(rdev),
+            nix::sys::stat::minor(rdev)
+        ));
+        let subsystem = std::fs::read_link(sys.join("subsystem"))
+            .map_err(|e| not_dax(format!("{}: {e}", sys.join("subsystem").display())))?;
+        if subsystem.file_name().and_then(|n| n.to_str()) != Some("dax") {
+            return Err(not_dax(format!("its subsystem is {}", subsystem.display())));
+        }
+        let read_u64 = |attr: &str| -> Result<u64, RegionError> {
+            let file = sys.join(attr);
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| not_dax(format!("{}: {e}", file.display())))?;
+            text.trim()
+                .parse()
+                .map_err(|_| not_dax(format!("{} holds {:?}", file.display(), text.trim())))
+        };
+        let size = read_u64("size")?;
+        // Kernels before 5.10 have no align attribute: their device-DAX alignment is 2 MiB.
+        let align = if sys.join("align").exists() {
+            read_u64("align")?.max(4096)
+        } else {
+            2 << 20
+        };
+        Ok(DaxDevice { size, align })
     }
 }
 
@@ -212,4 +311,36 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
     // SAFETY: BLKGETSIZE64 writes one u64 into the pointer we pass.
     unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
     Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_character_device_that_is_not_device_dax_is_refused_by_name() {
+        // /dev/null: a character device of the "mem" subsystem.
+        let path = Path::new("/dev/null");
+        match NvramRegion::open(path, None) {
+            Err(e @ RegionError::NotDax { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("/dev/null"), "{text}");
+                assert!(text.contains("/dev/daxN.M"), "{text}");
+            }
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("/dev/null was accepted as NVRAM"),
+        }
+    }
+
+    #[test]
+    fn a_file_nvram_persists_by_msync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let region = NvramRegion::open(&dir.path().join("nv"), Some(1 << 20)).expect("open");
+        assert_eq!(region.durability(), Durability::Msync);
+        region.write_at(4096, b"durable");
+        region.persist(4096, 7).expect("persist");
+        let mut back = [0u8; 7];
+        region.read_at(4096, &mut back);
+        assert_eq!(&back, b"durable");
+    }
 }
