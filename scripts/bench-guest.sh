@@ -258,6 +258,8 @@ notes = []
 notes.append(f"Medium bandwidth = configuration 6a's 128K QD8 sequential write ({fmt(medium_bw)} MiB/s).")
 if link["rdma"] is not None:
     notes.append(f"RDMA link bandwidth = `{meta.get('LINK_RDMA_HOW', 'ib_write_bw')}` on the same rxe device: {fmt(link['rdma'])} MiB/s.")
+if meta.get("LINK_RDMA_LAT_US"):
+    notes.append(f"RDMA link latency = `ib_write_lat -s 4160` (perftest, RC, median, half a round trip) on the same rxe device: {meta['LINK_RDMA_LAT_US']} µs. A mirrored write waits for a round trip (record there, acknowledgement back), so the link alone adds about {2 * float(meta['LINK_RDMA_LAT_US']):.0f} µs to a single node's latency.")
 if link["tcp"] is not None:
     notes.append(f"TCP link bandwidth = {meta.get('LINK_TCP_HOW', 'a loopback TCP stream')}: {fmt(link['tcp'])} MiB/s.")
 for c in configs:
@@ -465,6 +467,21 @@ if [[ ${1:-} == --one ]]; then
 			} >>"$BENCH_OUT/meta-guest.env"
 		else
 			note "ib_write_bw gave no figure: $(tail -2 "$W/ib_write_bw.log" | tr '\n' ' ')"
+		fi
+		# The link's latency floor for a mirrored 4K write: one RDMA WRITE of a record
+		# (4 KiB + its 64-byte header) there, an acknowledgement back.
+		timeout 60 ib_write_lat -d benchrxe0 -x "$gid" -p 18601 -s 4160 -n 500 >"$W/ib_write_lat.server.log" 2>&1 &
+		srv=$!
+		sleep 1
+		timeout 60 ib_write_lat -d benchrxe0 -x "$gid" -p 18601 -s 4160 -n 500 10.99.6.1 >"$W/ib_write_lat.log" 2>&1
+		wait "$srv" 2>/dev/null
+		# columns: bytes iterations t_min t_max t_typical t_avg ... (usec, half a round trip)
+		local lat
+		lat=$(awk '$1 == 4160 && NF >= 5 { print $5; exit }' "$W/ib_write_lat.log")
+		if [[ -n $lat ]]; then
+			echo "LINK_RDMA_LAT_US=$lat" >>"$BENCH_OUT/meta-guest.env"
+		else
+			note "ib_write_lat gave no figure: $(tail -2 "$W/ib_write_lat.log" | tr '\n' ' ')"
 		fi
 	}
 

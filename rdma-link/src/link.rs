@@ -537,9 +537,54 @@ impl Link {
 
     /// Mirror one record. Resolves Ok only once the peer reported the bytes durable in its second
     /// store; Err at once if the link is not up, and promptly if it fails while the post is in
-    /// flight. Waits for a window slot first. The source bytes must stay unchanged until this
-    /// resolves; when it resolves (either way) the link no longer reads them.
-    pub async fn post(&self, post: Post) -> Result<()> {
+    /// flight. The source bytes must stay unchanged until this resolves; when it resolves
+    /// (either way) the link no longer reads them.
+    ///
+    /// The post is handed to the link when this is called, not when the future is first
+    /// polled, so the caller can do its local work (persisting its own copy) while the record
+    /// travels; only when the window is full does the hand-off wait for the future.
+    pub fn post(
+        &self,
+        post: Post,
+    ) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        enum Start {
+            Failed(LinkError),
+            Sent(oneshot::Receiver<Result<()>>),
+            AwaitWindow(Arc<ConnHandle>, Post),
+        }
+        let start = match self.check_post(&post) {
+            Err(e) => Start::Failed(e),
+            Ok(h) => match h.window.clone().try_acquire_owned() {
+                Ok(permit) => match self.send_post(&h, post, permit) {
+                    Ok(rx) => Start::Sent(rx),
+                    Err(e) => Start::Failed(e),
+                },
+                Err(_) => Start::AwaitWindow(h, post),
+            },
+        };
+        let link = self.clone();
+        async move {
+            let rx = match start {
+                Start::Failed(e) => return Err(e),
+                Start::Sent(rx) => rx,
+                Start::AwaitWindow(h, post) => {
+                    let permit = match h.window.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return Err(link.not_up_error()),
+                    };
+                    link.send_post(&h, post, permit)?
+                }
+            };
+            match rx.await {
+                Ok(r) => r,
+                // The driver dropped the reply without answering: only on a runtime shutdown.
+                Err(_) => Err(link.not_up_error()),
+            }
+        }
+    }
+
+    /// The connection a post goes out on, once the post is checked against both regions.
+    fn check_post(&self, post: &Post) -> Result<Arc<ConnHandle>> {
         let h = self.shared.conn_lock().clone();
         let Some(h) = h else {
             return Err(self.not_up_error());
@@ -575,27 +620,25 @@ impl Link {
                 h.peer_max_record.min(self.shared.cfg.max_record)
             )));
         }
-        let permit = match h.window.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return Err(self.not_up_error()),
-        };
+        Ok(h)
+    }
+
+    fn send_post(
+        &self,
+        h: &ConnHandle,
+        post: Post,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<oneshot::Receiver<Result<()>>> {
         let (tx, rx) = oneshot::channel();
         self.shared.stats.posts.fetch_add(1, Ordering::Relaxed);
-        if h.cmd
+        h.cmd
             .send(Cmd::Post {
                 post,
                 permit,
                 reply: tx,
             })
-            .is_err()
-        {
-            return Err(self.not_up_error());
-        }
-        match rx.await {
-            Ok(r) => r,
-            // The driver dropped the reply without answering: only on a runtime shutdown.
-            Err(_) => Err(self.not_up_error()),
-        }
+            .map_err(|_| self.not_up_error())?;
+        Ok(rx)
     }
 
     /// Send `payload` to the peer's [`RequestHandler`] and wait for its answer. The payload is

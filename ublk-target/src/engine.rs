@@ -1,8 +1,9 @@
 //! The engine: LUNs, their ranges and partitions, and the data path.
 //!
 //! ```text
-//! write: split at LUN-range boundaries -> PartitionLog::append (copy into NVRAM, index)
-//!        -> await durable in NVRAM -> complete            [mirror post joins here later]
+//! write: split at LUN-range boundaries (pieces of the partner's ranges are forwarded)
+//!        -> PartitionLog::append (copy into NVRAM, index) -> mirror post (to the partner)
+//!        -> PartitionLog::commit (persist, on this thread) -> await both -> complete
 //!        ... flusher: medium write -> medium sync -> unindex -> checkpoint -> release
 //! read:  staged-extent index -> staged pieces from NVRAM, gaps from the medium
 //! start: superblock check -> scan every partition -> replay into the medium -> serve
@@ -1278,7 +1279,8 @@ impl Engine {
                     })
                 })
                 .await?;
-            // The copy goes to the partner at the same time as the local persist.
+            // The copy goes to the partner first, then this thread persists the local copy
+            // while it travels (group commit: with a committer at work, it takes ours).
             let post = mirror.as_ref().map(|m| {
                 m.post(rdma_link::Post {
                     partition: part.id,
@@ -1288,6 +1290,7 @@ impl Engine {
                     len: s.record.slot as u32,
                 })
             });
+            part.commit();
             staged.push((part, s, post));
         }
         // Local persist and mirror post of every piece run at once; the write completes when

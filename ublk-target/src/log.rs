@@ -9,9 +9,12 @@
 //! * `append` reserves space (waiting if the log is full: back-pressure, never an error),
 //!   copies header and data into the mapping, and hands back a future that resolves when
 //!   the record is durable.
-//! * The persister thread makes the longest copied prefix durable with one msync per
-//!   contiguous range and acknowledges those records in order, so the durable records are
-//!   always a prefix of the log (recovery relies on it, see `nvram::scan`).
+//! * `commit` (group commit), called by the writer right after its copy (and its mirror
+//!   post), makes the longest copied prefix durable with one persist per contiguous range and
+//!   acknowledges those records in order, so the durable records are always a prefix of the
+//!   log (recovery relies on it, see `nvram::scan`). One committer at a time: a writer that
+//!   finds another one at work leaves its record to it, so an uncontended write becomes
+//!   durable on its own thread without a hand-off, and concurrent ones share a persist.
 //! * The flusher takes durable records, writes them to the medium and calls `release`, which
 //!   persists a checkpoint first and only then lets the space be reused.
 
@@ -74,6 +77,8 @@ struct LogState {
     failed: Option<String>,
     shutdown: bool,
     flush_paused: bool,
+    /// A `commit` is persisting a batch (taken out of `pending`) right now.
+    committing: bool,
 }
 
 /// A record copied into the NVRAM (and its wrap marker, if it needed one).
@@ -105,6 +110,9 @@ pub struct PartitionLog {
     /// Someone waits for the flusher (write-through ack, drain, a full log): no lingering.
     flush_waiters: std::sync::atomic::AtomicUsize,
 }
+
+/// How often the persister thread looks for copied records nobody committed.
+const PERSIST_BACKSTOP: Duration = Duration::from_millis(100);
 
 /// How long the flusher lets a small batch grow before it writes it: at low queue depth one
 /// medium sync then covers many records instead of one, and the flusher stops competing
@@ -183,6 +191,7 @@ impl PartitionLog {
                 failed: None,
                 shutdown: false,
                 flush_paused: false,
+                committing: false,
             }),
             persist_wanted: Condvar::new(),
             flush_wanted: Condvar::new(),
@@ -352,9 +361,7 @@ impl PartitionLog {
                 p.copied = true;
             }
         }
-        if st.pending.front().is_some_and(|p| p.copied) {
-            self.persist_wanted.notify_one();
-        }
+        drop(st);
         Ok(Staged {
             record,
             wrap,
@@ -407,31 +414,21 @@ impl PartitionLog {
         }
     }
 
-    /// The persister: group commit of the copied prefix. Runs on its own thread until
-    /// `shutdown`.
-    pub fn run_persister(&self) {
+    /// Group commit: makes the longest copied prefix of the log durable and completes those
+    /// records, unless another thread is committing (it then takes ours too: it looks again
+    /// after its batch). Called by every writer after its copy, so no copied record waits.
+    pub fn commit(&self) {
         loop {
             let batch: Vec<Pending> = {
                 let mut st = lock(&self.state);
-                while !st.shutdown && !st.pending.front().is_some_and(|p| p.copied) {
-                    st = self
-                        .persist_wanted
-                        .wait(st)
-                        .unwrap_or_else(|p| p.into_inner());
-                }
-                if st.shutdown && !st.pending.front().is_some_and(|p| p.copied) {
-                    for mut p in st.pending.drain(..) {
-                        if let Some(tx) = p.done.take() {
-                            let _ = tx.send(Err(LogError::Shutdown { partition: self.id }));
-                        }
-                    }
-                    break;
-                }
                 let n = st.pending.iter().take_while(|p| p.copied).count();
+                if st.committing || n == 0 {
+                    return;
+                }
+                st.committing = true;
                 st.pending.drain(..n).collect()
             };
-
-            // After a failed msync the kernel may report later ones as fine although the
+            // After a failed persist the kernel may report later ones as fine although the
             // failed pages never reached the device: nothing after a failure is durable.
             let earlier_failure = lock(&self.state).failed.clone();
             let result = match earlier_failure {
@@ -439,6 +436,7 @@ impl PartitionLog {
                 None => self.persist_batch(&batch),
             };
             let mut st = lock(&self.state);
+            st.committing = false;
             match &result {
                 Ok(()) => {
                     if let Some(last) = batch.last() {
@@ -466,6 +464,33 @@ impl PartitionLog {
                     let _ = tx.send(r);
                 }
             }
+        }
+    }
+
+    /// Runs until `shutdown` on a thread of its own: commits what a writer that went away
+    /// between its copy and its commit left behind (a backstop: writers commit themselves),
+    /// and at shutdown fails the writes that never became durable.
+    pub fn run_persister(&self) {
+        loop {
+            self.commit();
+            let mut st = lock(&self.state);
+            if st.shutdown {
+                if !st.committing {
+                    for mut p in st.pending.drain(..) {
+                        if let Some(tx) = p.done.take() {
+                            let _ = tx.send(Err(LogError::Shutdown { partition: self.id }));
+                        }
+                    }
+                    break;
+                }
+                drop(st);
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let _ = self
+                .persist_wanted
+                .wait_timeout(st, PERSIST_BACKSTOP)
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 

@@ -44,8 +44,9 @@ pub trait Mirror: Send + Sync {
 
 impl Mirror for rdma_link::Link {
     fn post(&self, post: Post) -> PostFuture {
-        let link = self.clone();
-        Box::pin(async move { link.post(post).await.map_err(|e| e.to_string()) })
+        // Handed to the link now: the record travels while the caller persists its own copy.
+        let sent = rdma_link::Link::post(self, post);
+        Box::pin(async move { sent.await.map_err(|e| e.to_string()) })
     }
     fn release(&self, partition: u32, through_seq: u64) {
         // While the link is down the partner's second store is rebuilt on reconnect anyway.
