@@ -2,9 +2,9 @@
 //!
 //! One thread per ublk queue runs a single-threaded executor with one task per tag:
 //! fetch a request -> call the engine -> commit the result -> fetch the next. Engine futures
-//! complete on the engine's own threads (NVRAM persister), which cannot wake a thread
-//! sleeping in io_uring_enter; so every wake-up also writes the queue's eventfd, on which a
-//! read is always pending in the queue's ring.
+//! may complete on other threads (the mirror link's, another queue's group commit, the
+//! flusher for write-through), which cannot wake a thread sleeping in io_uring_enter; so every
+//! wake-up also writes the queue's eventfd, on which a read is always pending in the ring.
 
 use crate::config::{BLOCK_SIZE, MAX_IO_BYTES};
 use crate::engine::{Engine, IoError};
