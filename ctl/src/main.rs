@@ -369,6 +369,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|c| format!(", cluster {} over {:?}", c.id, c.transport).to_lowercase())
                     .unwrap_or_default()
             );
+            for warning in cfg.environment_warnings() {
+                eprintln!("warning: {warning}");
+            }
         }
         Cmd::UdevName { device } => {
             let id: i32 = device

@@ -253,6 +253,29 @@ impl NodeConfig {
 
     /// Checks the values that serde cannot: ranges, relations between fields, names.
     /// Sizes that depend on the devices (medium size, NVRAM size) are checked at open.
+    /// Problems the config cannot rule out by itself because they depend on this machine:
+    /// each a sentence with the fix. The daemon logs them at start; `config check` prints them.
+    pub fn environment_warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::FileTypeExt;
+        let mut warnings = Vec::new();
+        let rdma = self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.transport == TransportKind::Rdma);
+        let block_nvram =
+            std::fs::metadata(&self.nvram.path).is_ok_and(|m| m.file_type().is_block_device());
+        if rdma && block_nvram {
+            warnings.push(format!(
+                "nvram.path {} is a block device: on Linux >= 6.5 the RDMA transport cannot \
+                 register its mapping (ibv_reg_mr fails with EFAULT) and the mirror link will not \
+                 come up; put the NVRAM on device-DAX (/dev/daxN.M, `ndctl create-namespace \
+                 --mode=devdax`) or set cluster.transport = \"tcp\"",
+                self.nvram.path.display()
+            ));
+        }
+        warnings
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         valid_name("node.name", &self.node.name)?;
         let p = self.nvram.partitions;

@@ -70,6 +70,9 @@ fn run(args: Args, cfg: NodeConfig) -> anyhow::Result<()> {
         .unwrap_or_else(|_| args.config.clone())
         .display()
         .to_string();
+    for warning in cfg.environment_warnings() {
+        tracing::warn!("{warning}");
+    }
     let engine = Engine::open_config(&cfg, &config_path, OpenMode::Normal)?;
     let replay = engine.status().replay;
     tracing::info!(
