@@ -447,16 +447,23 @@ if [[ ${1:-} == --one ]]; then
 		for _ in $(seq 50); do rdma link show benchrxe0/1 2>/dev/null | grep -q ACTIVE && break; sleep 0.1; done
 	}
 
-	# The link's raw bandwidth (for the sequential-write target): perftest on the same rxe.
-	measure_rdma_bw() {
-		local gid
+	# perftest NAME PORT ARGS...: one perftest program (NAME: ib_write_bw, ib_write_lat) as
+	# server and client on the same rxe device; the client's report goes to $W/NAME.log.
+	perftest() {
+		local name=$1 port=$2 gid srv
+		shift 2
 		gid=$(ibv_devinfo -v -d benchrxe0 2>/dev/null | awk '/GID\[/ && index($0, "10.99.6.1") { gsub(/.*GID\[ */, ""); gsub(/\].*/, ""); print; exit }')
 		gid=${gid:-1}
-		timeout 60 ib_write_bw -d benchrxe0 -x "$gid" -p 18600 -s 65536 -D 3 >"$W/ib_write_bw.server.log" 2>&1 &
-		local srv=$!
+		timeout 60 "$name" -d benchrxe0 -x "$gid" -p "$port" "$@" >"$W/$name.server.log" 2>&1 &
+		srv=$!
 		sleep 1
-		timeout 60 ib_write_bw -d benchrxe0 -x "$gid" -p 18600 -s 65536 -D 3 10.99.6.1 >"$W/ib_write_bw.log" 2>&1
+		timeout 60 "$name" -d benchrxe0 -x "$gid" -p "$port" "$@" 10.99.6.1 >"$W/$name.log" 2>&1
 		wait "$srv" 2>/dev/null
+	}
+
+	# The link's raw bandwidth (for the sequential-write target) and latency floor.
+	measure_rdma_link() {
+		perftest ib_write_bw 18600 -s 65536 -D 3
 		# columns: bytes iterations BW_peak BW_average[MB/s = 2^20 B/s] MsgRate
 		local bw
 		bw=$(awk '$1 == 65536 && NF >= 5 { print $4; exit }' "$W/ib_write_bw.log")
@@ -468,13 +475,9 @@ if [[ ${1:-} == --one ]]; then
 		else
 			note "ib_write_bw gave no figure: $(tail -2 "$W/ib_write_bw.log" | tr '\n' ' ')"
 		fi
-		# The link's latency floor for a mirrored 4K write: one RDMA WRITE of a record
-		# (4 KiB + its 64-byte header) there, an acknowledgement back.
-		timeout 60 ib_write_lat -d benchrxe0 -x "$gid" -p 18601 -s 4160 -n 500 >"$W/ib_write_lat.server.log" 2>&1 &
-		srv=$!
-		sleep 1
-		timeout 60 ib_write_lat -d benchrxe0 -x "$gid" -p 18601 -s 4160 -n 500 10.99.6.1 >"$W/ib_write_lat.log" 2>&1
-		wait "$srv" 2>/dev/null
+		# A mirrored 4K write's floor: one RDMA WRITE of a record (4 KiB + its 64-byte
+		# header) there, an acknowledgement back.
+		perftest ib_write_lat 18601 -s 4160 -n 500
 		# columns: bytes iterations t_min t_max t_typical t_avg ... (usec, half a round trip)
 		local lat
 		lat=$(awk '$1 == 4160 && NF >= 5 { print $5; exit }' "$W/ib_write_lat.log")
@@ -547,7 +550,7 @@ if [[ ${1:-} == --one ]]; then
 			setup_rxe
 			addr=10.99.6.1
 			ulimit -l unlimited 2>/dev/null
-			measure_rdma_bw
+			measure_rdma_link
 		else
 			measure_tcp_bw
 		fi
