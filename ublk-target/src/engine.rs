@@ -352,17 +352,12 @@ impl Engine {
             });
         }
         let region = NvramRegion::open(&cfg.nvram.path, cfg.nvram.size.map(|s| s.0))?;
-        match region.durability() {
-            crate::nvram::region::Durability::Msync => {
-                tracing::info!(path = %region.path().display(), bytes = region.len(), "NVRAM mapped; durable by msync")
-            }
-            crate::nvram::region::Durability::CpuCacheWriteback => tracing::info!(
-                path = %region.path().display(),
-                bytes = region.len(),
-                instruction = crate::nvram::cpu_cache::instruction_name(),
-                "NVRAM is device-DAX; durable by CPU cache write-back"
-            ),
-        }
+        tracing::info!(
+            path = %region.path().display(),
+            bytes = region.len(),
+            "NVRAM mapped; durable by {}",
+            region.durability().describe()
+        );
         let cluster = match (&cfg.cluster, cfg.cluster_index(), table_at) {
             (Some(c), Some(me), Some((path, base))) => {
                 let store =

@@ -419,18 +419,17 @@ impl PartitionLog {
     /// after its batch). Called by every writer after its copy, so no copied record waits.
     pub fn commit(&self) {
         loop {
-            let batch: Vec<Pending> = {
+            let (batch, earlier_failure): (Vec<Pending>, Option<String>) = {
                 let mut st = lock(&self.state);
                 let n = st.pending.iter().take_while(|p| p.copied).count();
                 if st.committing || n == 0 {
                     return;
                 }
                 st.committing = true;
-                st.pending.drain(..n).collect()
+                (st.pending.drain(..n).collect(), st.failed.clone())
             };
             // After a failed persist the kernel may report later ones as fine although the
             // failed pages never reached the device: nothing after a failure is durable.
-            let earlier_failure = lock(&self.state).failed.clone();
             let result = match earlier_failure {
                 Some(msg) => Err(Arc::new(std::io::Error::other(msg))),
                 None => self.persist_batch(&batch),

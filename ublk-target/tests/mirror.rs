@@ -688,24 +688,11 @@ fn takeover_time_for_1_gib_of_staged_writes() {
     // Each partition must hold its 512 MiB share of the staged GiB (ranges 0 and 2 map to
     // two of the four partitions), in the first store and in the partner's second store.
     let nv = 9 * GIB / 2;
-    let a = clustered_sized(
-        &dir.path().join("nv-a"),
-        nv,
-        4,
-        0,
-        medium.clone(),
-        2 * GIB,
-        &table,
-    );
-    let b = clustered_sized(
-        &dir.path().join("nv-b"),
-        nv,
-        4,
-        1,
-        medium.clone(),
-        2 * GIB,
-        &table,
-    );
+    let node = |nvram: &str, index| {
+        let path = dir.path().join(nvram);
+        clustered_sized(&path, nv, 4, index, medium.clone(), 2 * GIB, &table)
+    };
+    let (a, b) = (node("nv-a", 0), node("nv-b", 1));
     // The daemon's default heartbeat timeout: a busy machine must not cut the link while
     // the GiB is staged (the flusher is paused, so degraded writes would wait for ever).
     let hb = Duration::from_secs(2);

@@ -60,6 +60,19 @@ pub enum Durability {
     CpuCacheWriteback,
 }
 
+impl Durability {
+    /// For logs: "msync", or the cache write-back with the instruction in use.
+    pub fn describe(self) -> String {
+        match self {
+            Durability::Msync => "msync".into(),
+            Durability::CpuCacheWriteback => format!(
+                "CPU cache write-back ({}; device-DAX)",
+                super::cpu_cache::instruction_name()
+            ),
+        }
+    }
+}
+
 pub struct NvramRegion {
     path: PathBuf,
     map: MmapRaw,
