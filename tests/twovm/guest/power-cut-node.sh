@@ -150,6 +150,9 @@ setup_nvram() {
 	[[ -c $nvram ]] || fail "no $nvram (device-DAX on the emulated NVDIMM): $(ndctl list -N 2>&1 | tr -d '\n')"
 }
 
+# Heartbeat timeout 3 s: two 1-vCPU TCG VMs on a busy 2-core host can stall a link thread
+# for 1.5 s (seen once in CI with 1.5 s: node-b declared node-a dead mid-verify, took over,
+# and a read it had forwarded to node-a failed with EIO).
 write_config() {
 	cat >node.toml <<-CFG
 	[node]
@@ -164,8 +167,8 @@ write_config() {
 	id = 77
 	secret_file = "$NVM_OUT/secret"
 	transport = "$transport"
-	heartbeat_interval_ms = 200
-	heartbeat_timeout_ms = 1500
+	heartbeat_interval_ms = 250
+	heartbeat_timeout_ms = 3000
 	takeover = "auto"
 	degraded = "write-through"
 
