@@ -415,6 +415,7 @@ if [[ ${1:-} == --one ]]; then
 		heartbeat_interval_ms = 250
 		heartbeat_timeout_ms = 5000
 		takeover = "manual"
+		${BENCH_BUSY_POLL_US:+busy_poll_us = $BENCH_BUSY_POLL_US}
 
 		[[cluster.node]]
 		name = "node-a"

@@ -11,13 +11,17 @@
 #   64 KiB throughput with a deep window; prints a Markdown table with ratios.
 #
 # Knobs: BENCH_LAT_N (QD1 posts, default 2000), BENCH_BW_N (64 KiB posts, default 3000),
-#        BENCH_QD (deep window, default 64).
+#        BENCH_QD (deep window, default 64), BENCH_BUSY_POLL_SWEEP (extra RDMA rows, one per
+#        busy-poll window in µs, e.g. "0 100 500").
 # vm-timeout: 280
 set -uo pipefail
 
 if [[ -z ${NVM_OUT:-} ]]; then
 	repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 	export NVM_RESULTS=${NVM_RESULTS:-$repo/target/vm-results/bench-$(date +%Y%m%d-%H%M%S)}
+	# The VM sees the repository (read-only), not this environment: hand the knobs over in a file.
+	mkdir -p "$repo/target"
+	declare -p $(compgen -v BENCH_) >"$repo/target/bench-link.env" 2>/dev/null || : >"$repo/target/bench-link.env"
 	"$repo/scripts/test.sh" --vm-only "$repo/scripts/bench-link.sh" || true
 	table=$NVM_RESULTS/tests/bench-link/bench-link.md
 	if [[ -f $table ]]; then
@@ -28,6 +32,8 @@ if [[ -z ${NVM_OUT:-} ]]; then
 	exit 1
 fi
 
+# shellcheck disable=SC1091
+[[ -f $NVM_REPO/target/bench-link.env ]] && source "$NVM_REPO/target/bench-link.env"
 BIN=$NVM_BIN/nvmirror-linktest
 ADDR=192.0.2.31 # RFC 5737 documentation range, on a dummy netdev inside the VM only
 LAT_N=${BENCH_LAT_N:-2000}
@@ -77,13 +83,15 @@ bw_avg=$(awk '$1 == 65536 && NF >= 5 { print $4; exit }' "$NVM_OUT/ib_write_bw.l
 
 # our link: a server per transport, then the QD1 latency and deep-window throughput runs.
 link() {
-	local tr=$1 port=$2 size=$3 qd=$4 n=$5 name=$6
-	"$BIN" server --transport "$tr" --listen "$ADDR:$port" --duration-s 200 --no-verify --region-mb 256 --window 128 >"$NVM_OUT/$name.server.log" 2>&1 &
+	local tr=$1 port=$2 size=$3 qd=$4 n=$5 name=$6 poll=${7:-}
+	local extra=()
+	[[ -n $poll ]] && extra=(--busy-poll-us "$poll")
+	"$BIN" server --transport "$tr" --listen "$ADDR:$port" --duration-s 200 --no-verify --region-mb 256 --window 128 "${extra[@]}" >"$NVM_OUT/$name.server.log" 2>&1 &
 	local srv=$!
 	pids+=($srv)
 	sleep 0.5
 	timeout 150 "$BIN" client --transport "$tr" --connect "$ADDR:$port" --size "$size" --qd "$qd" --count "$n" \
-		--region-mb 256 --window 128 >"$NVM_OUT/$name.log" 2>&1
+		--region-mb 256 --window 128 "${extra[@]}" >"$NVM_OUT/$name.log" 2>&1
 	kill -KILL "$srv" 2>/dev/null
 	grep RESULT "$NVM_OUT/$name.log" || echo "RESULT missing for $name" >&2
 }
@@ -92,6 +100,15 @@ link rdma 7401 4096 1 "$LAT_N" rdma-lat
 link rdma 7402 65536 "$QD" "$BW_N" rdma-bw
 link tcp 7403 4096 1 "$LAT_N" tcp-lat
 link tcp 7404 65536 "$QD" "$BW_N" tcp-bw
+
+# BENCH_BUSY_POLL_SWEEP="0 200 ...": the RDMA QD1 latency at each busy-poll window (µs).
+sweep=()
+port=7410
+for poll in ${BENCH_BUSY_POLL_SWEEP:-}; do
+	link rdma $((port++)) 4096 1 "$LAT_N" "rdma-lat-poll$poll" "$poll"
+	link rdma $((port++)) 65536 "$QD" "$BW_N" "rdma-bw-poll$poll" "$poll"
+	sweep+=("| RDMA link, busy poll $poll µs: QD1 p50 / p99, 64 KiB QD $QD | $(field "rdma-lat-poll$poll" p50_us) / $(field "rdma-lat-poll$poll" p99_us) µs, $(field "rdma-bw-poll$poll" MBps) MB/s | |")
+done
 
 r_p50=$(field rdma-lat p50_us) r_p99=$(field rdma-lat p99_us) r_bw=$(field rdma-bw MBps)
 t_p50=$(field tcp-lat p50_us) t_p99=$(field tcp-lat p99_us) t_bw=$(field tcp-bw MBps)
@@ -108,6 +125,7 @@ ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2fx", 
 	echo "| \`ib_write_bw -s 65536\` average | $bw_floor MB/s | floor |"
 	echo "| RDMA link, 64 KiB posts, QD $QD | $r_bw MB/s | $(ratio "$r_bw" "$bw_floor") |"
 	echo "| TCP link, 64 KiB posts, QD $QD | $t_bw MB/s | $(ratio "$t_bw" "$bw_floor") |"
+	for row in "${sweep[@]}"; do echo "$row"; done
 	echo
 	echo "RDMA vs TCP: latency p50 $(ratio "$t_p50" "$r_p50") lower on RDMA, throughput $(ratio "$r_bw" "$t_bw") of TCP."
 } | tee "$NVM_OUT/bench-link.md"

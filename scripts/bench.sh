@@ -24,6 +24,7 @@
 #                   workload per configuration: raw/<config>/perf-*.txt; docs not updated
 #   BENCH_VM_MEM (MiB, 3072), BENCH_VM_CPUS (2), BENCH_VM_TIMEOUT (s, 1140)
 #   BENCH_SKIP_BUILD=1  use target/release as it is
+#   BENCH_BUSY_POLL_US  the two-node configs' cluster.busy_poll_us (default: the daemon's)
 #   BENCH_UPDATE_DOCS=0|1  force (not) updating docs/benchmarks.md
 # Other engineers share the machine: run it as `flock /work/vm-run.lock scripts/bench.sh`.
 set -euo pipefail
@@ -118,7 +119,7 @@ nvm_vm_boot --results "$out" --name bench \
 	--env "BENCH_RUNTIME=$BENCH_RUNTIME" --env "BENCH_RAMP=$BENCH_RAMP" --env "BENCH_REPEATS=$BENCH_REPEATS" \
 	--env "BENCH_CONFIGS=${BENCH_CONFIGS:-}" --env "BENCH_MEDIUM_MB=$medium_mb" \
 	--env "BENCH_REGION_MB=${BENCH_REGION_MB:-896}" --env "BENCH_NVRAM_MB=$nvram_mb" \
-	--env "BENCH_PERF=${BENCH_PERF:-0}" \
+	--env "BENCH_PERF=${BENCH_PERF:-0}" --env "BENCH_BUSY_POLL_US=${BENCH_BUSY_POLL_US:-}" \
 	-- /bin/bash "$repo/scripts/bench-guest.sh" || vm_rc=$?
 vm_secs=$((SECONDS - t_vm))
 kill "$watch_pid" 2>/dev/null || true

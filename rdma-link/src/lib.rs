@@ -32,6 +32,7 @@ pub use bytes::Bytes;
 pub use error::{FrameError, HandshakeError, LinkError};
 pub use link::{
     Link, LinkConfig, LinkState, Post, RequestHandler, Role, SecondStore, Transport, UpInfo,
+    DEFAULT_BUSY_POLL_US,
 };
 pub use proto::{PartitionSeq, ResyncPoint};
 pub use rdma::{rdma_capabilities, RdmaCapabilities};

@@ -30,7 +30,10 @@ fn engine(nvram: &Path, node: &str, medium: &Arc<MemMedium>, mirrored: bool) -> 
         EngineOptions {
             node_name: node.into(),
             partitions: 4,
-            flush_batch_bytes: 8 * MIB,
+            flush: nvmirror::flusher::FlushPolicy {
+                batch_bytes: 8 * MIB,
+                linger: std::time::Duration::from_millis(10),
+            },
             mode: OpenMode::Normal,
             mirrored,
             degraded: DegradedPolicy::WriteThrough,

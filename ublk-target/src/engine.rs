@@ -13,7 +13,7 @@
 
 use crate::cluster::{wire, Cluster, ClusterSetup, RangeState, RangeStatus};
 use crate::config::{NodeConfig, BLOCK_SIZE};
-use crate::flusher::{run_flusher, FlusherStats};
+use crate::flusher::{run_flusher, FlushPolicy, FlusherStats};
 use crate::index::{Extent, Piece, Source, StagedIndex};
 use crate::log::{
     read_checkpoint, write_checkpoint, LogError, LogStart, PartitionLog, PartitionStatus,
@@ -246,7 +246,7 @@ pub struct TakeoverProgress {
 pub struct EngineOptions {
     pub node_name: String,
     pub partitions: u32,
-    pub flush_batch_bytes: u64,
+    pub flush: FlushPolicy,
     pub mode: OpenMode,
     /// Reserve a second store for a partner's mirrored partitions.
     pub mirrored: bool,
@@ -405,7 +405,10 @@ impl Engine {
         let opts = EngineOptions {
             node_name: cfg.node.name.clone(),
             partitions: cfg.nvram.partitions,
-            flush_batch_bytes: cfg.flusher.batch_bytes.0,
+            flush: FlushPolicy {
+                batch_bytes: cfg.flusher.batch_bytes.0,
+                linger: Duration::from_millis(cfg.flusher.linger_ms),
+            },
             mode,
             mirrored: cfg.cluster.is_some(),
             degraded: cfg
@@ -633,11 +636,11 @@ impl Engine {
             threads: Mutex::new(Vec::new()),
             replay: report,
         });
-        engine.start_threads(opts.flush_batch_bytes)?;
+        engine.start_threads(opts.flush)?;
         Ok(engine)
     }
 
-    fn start_threads(&self, batch_bytes: u64) -> Result<(), EngineError> {
+    fn start_threads(&self, policy: FlushPolicy) -> Result<(), EngineError> {
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         for part in &self.parts {
             let p = part.clone();
@@ -723,7 +726,7 @@ impl Engine {
                             synced,
                             delegate,
                         };
-                        run_flusher(p, luns, batch_bytes, stats, hooks)
+                        run_flusher(p, luns, policy, stats, hooks)
                     })?,
             );
         }

@@ -52,10 +52,20 @@ pub struct FlushHooks {
     pub delegate: FlushDelegate,
 }
 
+/// When the flusher writes: batches of at most `batch_bytes` (one medium sync each); a
+/// small batch waits up to `linger` to grow, so at low load one sync covers many records
+/// and the flusher does not compete with the write path for CPU (records are durable in
+/// NVRAM meanwhile, mirrored on a cluster).
+#[derive(Clone, Copy, Debug)]
+pub struct FlushPolicy {
+    pub batch_bytes: u64,
+    pub linger: Duration,
+}
+
 pub fn run_flusher(
     log: Arc<PartitionLog>,
     luns: Arc<Vec<Arc<Lun>>>,
-    batch_bytes: u64,
+    policy: FlushPolicy,
     stats: Arc<FlusherStats>,
     hooks: FlushHooks,
 ) {
@@ -66,7 +76,7 @@ pub fn run_flusher(
         delegate,
     } = hooks;
     let mut backoff = Duration::from_millis(10);
-    while let Some(batch) = log.next_flush_batch(batch_bytes) {
+    while let Some(batch) = log.next_flush_batch(policy.batch_bytes, policy.linger) {
         // A failed medium write and an unreadable table both mean our path to the medium
         // fails: retry, or let the partner write from its mirror.
         let checked = fence(&batch).and_then(|()| {

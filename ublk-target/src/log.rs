@@ -114,11 +114,6 @@ pub struct PartitionLog {
 /// How often the persister thread looks for copied records nobody committed.
 const PERSIST_BACKSTOP: Duration = Duration::from_millis(100);
 
-/// How long the flusher lets a small batch grow before it writes it: at low queue depth one
-/// medium sync then covers many records instead of one, and the flusher stops competing
-/// with the write path for CPU. Never applies while someone waits for a flush.
-const FLUSH_LINGER: Duration = Duration::from_millis(10);
-
 /// Counts a waiter for the flusher while alive (dropped on cancel too).
 struct FlushWaiter<'a>(&'a PartitionLog);
 
@@ -513,7 +508,9 @@ impl PartitionLog {
 
     /// Waits for durable records and returns the oldest ones, up to `max_bytes` of log
     /// (at least one record). Returns None on shutdown.
-    pub fn next_flush_batch(&self, max_bytes: u64) -> Option<Vec<RecordMeta>> {
+    /// `linger`: how long a small batch (under a quarter of `max_bytes`) may grow before it
+    /// is written; never applies while someone waits for a flush.
+    pub fn next_flush_batch(&self, max_bytes: u64, linger: Duration) -> Option<Vec<RecordMeta>> {
         let mut st = lock(&self.state);
         loop {
             // On shutdown whatever is staged stays in the NVRAM for the next start's replay
@@ -532,10 +529,10 @@ impl PartitionLog {
                 let age = oldest.appended.elapsed();
                 let small = st.used < max_bytes / 4;
                 let waited_for = self.flush_waiters.load(std::sync::atomic::Ordering::SeqCst) > 0;
-                if age >= FLUSH_LINGER || !small || waited_for {
+                if age >= linger || !small || waited_for {
                     break;
                 }
-                wait = FLUSH_LINGER - age;
+                wait = linger - age;
             }
             st = self
                 .flush_wanted

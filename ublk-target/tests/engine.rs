@@ -30,7 +30,10 @@ fn open(
         EngineOptions {
             node_name: node.into(),
             partitions: 2,
-            flush_batch_bytes: 4 * MIB,
+            flush: nvmirror::flusher::FlushPolicy {
+                batch_bytes: 4 * MIB,
+                linger: std::time::Duration::from_millis(10),
+            },
             mode,
             mirrored: false,
             degraded: nvmirror::mirror::DegradedPolicy::WriteThrough,
@@ -316,7 +319,10 @@ fn layout_change_with_staged_records_is_refused() {
         EngineOptions {
             node_name: "a".into(),
             partitions: 2,
-            flush_batch_bytes: 4 * MIB,
+            flush: nvmirror::flusher::FlushPolicy {
+                batch_bytes: 4 * MIB,
+                linger: std::time::Duration::from_millis(10),
+            },
             mode: OpenMode::Normal,
             mirrored: false,
             degraded: nvmirror::mirror::DegradedPolicy::WriteThrough,

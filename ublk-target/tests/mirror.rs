@@ -26,7 +26,10 @@ fn engine(
         EngineOptions {
             node_name: node.into(),
             partitions: 2,
-            flush_batch_bytes: 4 * MIB,
+            flush: nvmirror::flusher::FlushPolicy {
+                batch_bytes: 4 * MIB,
+                linger: std::time::Duration::from_millis(10),
+            },
             mode: OpenMode::Normal,
             mirrored: true,
             degraded,
@@ -330,7 +333,10 @@ fn clustered_sized(
         EngineOptions {
             node_name: ["a", "b"][me as usize].into(),
             partitions,
-            flush_batch_bytes: 4 * MIB,
+            flush: nvmirror::flusher::FlushPolicy {
+                batch_bytes: 4 * MIB,
+                linger: std::time::Duration::from_millis(10),
+            },
             mode: OpenMode::Normal,
             mirrored: true,
             degraded: DegradedPolicy::WriteThrough,
@@ -628,7 +634,10 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
             EngineOptions {
                 node_name: name.into(),
                 partitions: 2,
-                flush_batch_bytes: 4 * MIB,
+                flush: nvmirror::flusher::FlushPolicy {
+                    batch_bytes: 4 * MIB,
+                    linger: std::time::Duration::from_millis(10),
+                },
                 mode: OpenMode::Normal,
                 mirrored: true,
                 degraded: DegradedPolicy::WriteThrough,

@@ -14,7 +14,7 @@
 //!                                     link fails; every in-flight request must error)
 //! nvmirror-linktest caps              list RDMA devices and their FLUSH capability
 //! common: --secret S --cluster N --node N --peer N --window N --region-mb N
-//!         --hb-ms N --hb-timeout-ms N --timeout-s N
+//!         --hb-ms N --hb-timeout-ms N --timeout-s N --busy-poll-us N
 //! ```
 //! Every record's bytes are `seq` (8 bytes LE) followed by a pattern of its offset; the server
 //! checks them when the record arrives and reports `verified` / `bad` counts. The server's
@@ -166,6 +166,7 @@ fn config(a: &Args, role: Role, server: bool) -> AnyResult<LinkConfig> {
     c.window = a.num("window", 128)? as u32;
     c.max_record = 1 << 20;
     c.heartbeat_interval = Duration::from_millis(a.num("hb-ms", 200)?);
+    c.busy_poll = Duration::from_micros(a.num("busy-poll-us", rdma_link::DEFAULT_BUSY_POLL_US)?);
     c.heartbeat_timeout = Duration::from_millis(a.num("hb-timeout-ms", 3000)?);
     c.ack_timeout = Duration::from_millis(a.num("ack-timeout-ms", 10000)?);
     c.handshake_timeout = Duration::from_secs(5);

@@ -462,38 +462,37 @@ impl RdmaConn {
         verr(&self.shared, e)
     }
 
-    /// Take channel events and poll every completion; received messages go to `inbox`.
+    /// Take channel events and poll every completion; received messages go to `inbox`. Leaves
+    /// the CQ armed, so the next completion raises a channel event.
     fn pump(&mut self) -> Result<usize> {
         self.cq.take_events().map_err(|e| self.err(e))?;
+        self.poll_completions(true)
+    }
+
+    /// Handle every completion there is. `arm`: once the CQ is empty, arm it and look once
+    /// more (a completion that slipped in between raises no event). Busy polling does not arm:
+    /// on some providers (rxe) arming is a system call.
+    fn poll_completions(&mut self, arm: bool) -> Result<usize> {
         let mut total = 0;
         loop {
             self.comps.clear();
             let mut comps = std::mem::take(&mut self.comps);
-            let r = self.cq.poll(&mut comps, 256).map_err(|e| self.err(e));
+            let mut r = self.cq.poll(&mut comps, 256);
+            if arm && matches!(r, Ok(0)) {
+                r = self.cq.arm().and_then(|()| self.cq.poll(&mut comps, 256));
+            }
             let n = match r {
                 Ok(n) => n,
                 Err(e) => {
                     self.comps = comps;
-                    return Err(e);
+                    return Err(self.err(e));
                 }
             };
             if n == 0 {
-                // Re-arm, then poll once more: a completion that slipped in between raises no event.
-                self.cq.arm().map_err(|e| self.err(e))?;
-                let r = self.cq.poll(&mut comps, 256).map_err(|e| self.err(e));
-                let n2 = match r {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.comps = comps;
-                        return Err(e);
-                    }
-                };
-                if n2 == 0 {
-                    self.comps = comps;
-                    return Ok(total);
-                }
+                self.comps = comps;
+                return Ok(total);
             }
-            total += comps.len();
+            total += n;
             let res = comps.iter().try_for_each(|c| self.complete(c));
             self.comps = comps;
             res?;
@@ -915,12 +914,33 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
         Ok(())
     };
     conn.inbox.extend(early);
+    // Busy polling: until `hot_until`, completions are polled, not waited for (see
+    // `LinkConfig::busy_poll`); any traffic extends it.
+    let busy_poll = cfg.busy_poll;
+    let mut hot_until: Option<Instant> = None;
     let err: LinkError = 'main: loop {
         if let Err(e) = handle_inbox(&mut conn, &mut session)
             .and_then(|_| conn.flush(&mut session, &mut pending))
         {
             break 'main e;
         }
+        let hot = hot_until.is_some_and(|t| Instant::now() < t);
+        if !hot && hot_until.take().is_some() {
+            // Going back to sleeping on the channel: arm the CQ first, handling what came in.
+            match conn.pump() {
+                Ok(0) => {}
+                Ok(_) => {
+                    hot_until = Some(Instant::now() + busy_poll);
+                    continue 'main;
+                }
+                Err(e) => break 'main e,
+            }
+        }
+        let traffic = |hot_until: &mut Option<Instant>| {
+            if !busy_poll.is_zero() {
+                *hot_until = Some(Instant::now() + busy_poll);
+            }
+        };
         tokio::select! {
             biased;
             _ = stop.notified() => break 'main shared.down_err("replaced by a newer connection from the same peer"),
@@ -934,7 +954,16 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
                 }
                 break 'main LinkError::Closed;
             }
-            r = conn.wait() => if let Err(e) = r { break 'main e; },
+            r = conn.wait(), if !hot => match r {
+                Ok(()) => traffic(&mut hot_until),
+                Err(e) => break 'main e,
+            },
+            // Lets the runtime look at timers and sockets between two polls.
+            _ = tokio::task::yield_now(), if hot => match conn.poll_completions(false) {
+                Ok(0) => std::thread::yield_now(),
+                Ok(_) => traffic(&mut hot_until),
+                Err(e) => break 'main e,
+            },
             c = cmd_rx.recv() => {
                 let Some(c) = c else { break 'main shared.down_err("command channel closed") };
                 let mut next = Some(c);
@@ -953,6 +982,7 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
                         next = cmd_rx.try_recv().ok();
                     }
                 }
+                traffic(&mut hot_until);
             }
             _ = tick.tick() => if let Err(e) = session.on_tick() { break 'main e; },
             Some(a) = answer_rx.recv() => {

@@ -345,6 +345,7 @@ fn start_mirroring(
     let mut lc = rdma_link::LinkConfig::new(transport, role, c.id, me + 1, peer + 1, &secret);
     lc.heartbeat_interval = Duration::from_millis(c.heartbeat_interval_ms);
     lc.heartbeat_timeout = Duration::from_millis(c.heartbeat_timeout_ms);
+    lc.busy_poll = Duration::from_micros(c.busy_poll_us);
     let store: Arc<dyn rdma_link::SecondStore> = engine
         .second_store()
         .context("the NVRAM has no second store (format it for a cluster)")?;
