@@ -34,7 +34,7 @@ for cycle in $(seq 1 "$cycles"); do
 	say "cycle $cycle: nvmirrord $pid killed mid-run; restarting it"
 	# fio's in-flight I/O waits on the quiesced device; the restarted daemon recovers it.
 	nvm_start node.toml daemon.log
-	"$NVMCTL" --config node.toml status --json | grep -q '"attach": "recovered"' ||
+	nvm_status_has node.toml '"attach": "recovered"' ||
 		fail "the restarted daemon did not recover the device (ublk user recovery)"
 	wait "$fio_pid" || true
 	ls ./*verify.state >/dev/null 2>&1 || { cat fio-write-$cycle.log; fail "fio saved no verify state"; }

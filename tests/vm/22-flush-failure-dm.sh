@@ -17,7 +17,7 @@ nvm_cluster_config a "$dm_dev" manual tcp 127.0.0.1 7811
 nvm_cluster_config b "$shared" manual tcp 127.0.0.1 7811
 nvm_start node-a.toml daemon-a.log
 nvm_start node-b.toml daemon-b.log
-for _ in $(seq 100); do "$NVMCTL" --config node-a.toml status --json | grep -q '"link": "Up' && break; sleep 0.2; done
+for _ in $(seq 100); do nvm_status_has node-a.toml '"link": "Up' && break; sleep 0.2; done
 
 say "node-a's path to the medium now returns I/O errors"
 dmsetup suspend nvm-a-path

@@ -8,7 +8,7 @@ source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 medium=$(nvm_medium shared 320)
 for n in a b; do nvm_cluster_config $n "$medium" manual tcp 127.0.0.1 7821; done
-link_up() { "$NVMCTL" --config node-$1.toml status --json | grep -q '"link": "Up'; }
+link_up() { nvm_status_has "node-$1.toml" '"link": "Up'; }
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
 nvm_start node-b.toml daemon-b.log
@@ -25,7 +25,7 @@ say "node-a killed; node-b holds $held mirrored record(s) of it and, with takeov
 ((held > 0)) || fail "node-b holds no mirrored records of node-a"
 sleep 1.5 # past the heartbeat timeout: node-b must not take over by itself
 nvm_start node-a.toml daemon-a.log
-"$NVMCTL" --config node-a.toml status --json | grep -q '"attach": "recovered"' || fail "node-a did not recover /dev/ublkb0"
+nvm_status_has node-a.toml '"attach": "recovered"' || fail "node-a did not recover /dev/ublkb0"
 wait "$fio_pid" || true
 "$NVMCTL" --config node-b.toml status --json | python3 -c '
 import json, sys

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use verbs::{
     ChannelFd, CmEvent, CmId, CompChannel, Completion, Cq, EventChannel, Mr, Pd, Qp, RegBuf,
-    VerbsError,
+    SendBatch, VerbsError,
 };
 
 /// Bytes of one control-message slot (send and receive).
@@ -340,6 +340,8 @@ struct RdmaConn {
     cq_fd: AsyncFd<ChannelFd>,
     cm_fd: AsyncFd<ChannelFd>,
     qp: Qp,
+    /// Sends queued by `try_send*`, posted together by `post_queued`.
+    batch: SendBatch,
     local_mr: Option<Mr>,
     store_mr: Option<Mr>,
     recv: RegBuf,
@@ -427,6 +429,7 @@ impl RdmaConn {
         Ok(RdmaConn {
             cq_fd,
             cm_fd,
+            batch: SendBatch::new(&qp, 2 * send_slots),
             qp,
             local_mr,
             store_mr,
@@ -553,7 +556,7 @@ impl RdmaConn {
         Ok(())
     }
 
-    /// Send one chunk of a request / response; false if no chunk slot is free.
+    /// Queue one chunk of a request / response; false if no chunk slot is free.
     fn try_send_chunk(&mut self, hdr: &ChunkHdr, data: &[u8]) -> Result<bool> {
         if self.chunks_in_flight >= DATA_SLOTS {
             return Ok(false);
@@ -566,15 +569,12 @@ impl RdmaConn {
         let slot = self.send.slot_mut(i);
         slot[..CHUNK_HDR_LEN].copy_from_slice(&h);
         slot[CHUNK_HDR_LEN..CHUNK_HDR_LEN + data.len()].copy_from_slice(data);
-        if let Err(e) = self.qp.post_send(
+        self.batch.send(
             KIND_CHUNK | i as u64,
             &self.send,
             i,
             CHUNK_HDR_LEN + data.len(),
-        ) {
-            self.free_send.push(i);
-            return Err(self.err(e));
-        }
+        );
         self.chunks_in_flight += 1;
         Ok(true)
     }
@@ -619,7 +619,7 @@ impl RdmaConn {
         Ok(())
     }
 
-    /// Send a control message; false if no send slot is free (try again after completions).
+    /// Queue a control message; false if no send slot is free (try again after completions).
     fn try_send(&mut self, m: &Msg) -> Result<bool> {
         let Some(i) = self.free_send.pop() else {
             return Ok(false);
@@ -634,17 +634,12 @@ impl RdmaConn {
             )));
         }
         self.send.slot_mut(i)[..b.len()].copy_from_slice(&b);
-        if let Err(e) = self
-            .qp
-            .post_send(KIND_SEND | i as u64, &self.send, i, b.len())
-        {
-            self.free_send.push(i);
-            return Err(self.err(e));
-        }
+        self.batch
+            .send(KIND_SEND | i as u64, &self.send, i, b.len());
         Ok(true)
     }
 
-    /// Send a record (WRITE + notification); false if no send slot is free.
+    /// Queue a record (WRITE + notification); false if no send slot is free.
     fn try_send_record(&mut self, hdr: &RecordHdr, local_offset: u64) -> Result<bool> {
         let (Some(remote), Some(local), Some(mr)) =
             (self.peer_region, self.shared.local, self.local_mr.as_ref())
@@ -667,24 +662,16 @@ impl RdmaConn {
         );
         // SAFETY: the range is inside the local MR (checked by Link::post); the engine keeps it
         // unchanged until the post resolves, which is after this SEND completes or the QP is gone.
-        let r = unsafe {
-            self.qp.post_write_and_send(
+        unsafe {
+            self.batch.write(
                 KIND_WRITE | (hdr.tag & !KIND_MASK),
-                local.as_ptr() as u64 + local_offset,
-                hdr.len,
-                lkey,
+                (local.as_ptr() as u64 + local_offset, hdr.len, lkey),
                 remote.addr + hdr.offset,
                 remote.rkey,
-                KIND_SEND | i as u64,
-                &self.send,
-                i,
-                b.len(),
             )
         };
-        if let Err(e) = r {
-            self.free_send.push(i);
-            return Err(self.err(e));
-        }
+        self.batch
+            .send(KIND_SEND | i as u64, &self.send, i, b.len());
         Ok(true)
     }
 
@@ -720,6 +707,23 @@ impl RdmaConn {
 
     /// Send as much of the session outbox and the pending records as slots allow.
     fn flush(
+        &mut self,
+        session: &mut Session,
+        pending: &mut VecDeque<(RecordHdr, u64)>,
+    ) -> Result<()> {
+        let queued = self.queue_sends(session, pending);
+        let posted = self.post_queued();
+        queued.and(posted)
+    }
+
+    /// Post what `try_send*` queued, with one doorbell.
+    fn post_queued(&mut self) -> Result<()> {
+        self.qp
+            .post_batch(&mut self.batch)
+            .map_err(|e| verr(&self.shared, e))
+    }
+
+    fn queue_sends(
         &mut self,
         session: &mut Session,
         pending: &mut VecDeque<(RecordHdr, u64)>,
@@ -831,7 +835,7 @@ impl MsgIo for RdmaConn {
         while !self.try_send(m)? {
             self.wait().await?;
         }
-        Ok(())
+        self.post_queued()
     }
     async fn recv_msg(&mut self) -> Result<Msg> {
         loop {

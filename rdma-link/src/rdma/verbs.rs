@@ -738,78 +738,103 @@ impl Qp {
         })
     }
 
-    /// Post a signaled SEND of `len` bytes of slot `i` of `buf`.
-    pub(crate) fn post_send(&self, wr_id: u64, buf: &RegBuf, i: usize, len: usize) -> VResult<()> {
-        let mut sge = buf.sge(i, len);
+    /// Post every work request of `batch` with one call (one doorbell: on rxe one system
+    /// call instead of one per message), in order, then empty it. On an error some of them
+    /// may have been posted; the caller treats the connection as failed.
+    pub(crate) fn post_batch(&self, batch: &mut SendBatch) -> VResult<()> {
+        let n = batch.wrs.len();
+        if n == 0 {
+            return Ok(());
+        }
+        // Link the list now: the vectors do not grow (or move) until the call returns.
+        let sges = batch.sges.as_mut_ptr();
+        let wrs = batch.wrs.as_mut_ptr();
+        for k in 0..n {
+            // SAFETY: k < n = len of both vectors (one SGE per WR).
+            unsafe {
+                (*wrs.add(k)).sg_list = sges.add(k);
+                (*wrs.add(k)).next = if k + 1 < n {
+                    wrs.add(k + 1)
+                } else {
+                    ptr::null_mut()
+                };
+            }
+        }
+        let mut bad = ptr::null_mut();
+        // SAFETY: live QP; the WR list and its SGEs live for the call (the provider copies
+        // them); what they point at is the contract of SendBatch's methods.
+        let r = check("ibv_post_send", unsafe {
+            ibv_post_send(self.raw, wrs, &mut bad)
+        });
+        batch.wrs.clear();
+        batch.sges.clear();
+        r
+    }
+}
+
+/// Send-queue work requests gathered while the link handles a burst, posted together by
+/// [`Qp::post_batch`].
+pub(crate) struct SendBatch {
+    wrs: Vec<ibv_send_wr>,
+    sges: Vec<ibv_sge>,
+    max_inline: u32,
+}
+
+// SAFETY: only plain data and pointers into registered memory the connection owns; built
+// and posted on the connection's thread.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    pub(crate) fn new(qp: &Qp, capacity: usize) -> SendBatch {
+        SendBatch {
+            wrs: Vec::with_capacity(capacity),
+            sges: Vec::with_capacity(capacity),
+            max_inline: qp.max_inline,
+        }
+    }
+
+    /// Add a signaled SEND of `len` bytes of slot `i` of `buf`. The slot must stay reserved
+    /// (and unchanged) until its completion.
+    pub(crate) fn send(&mut self, wr_id: u64, buf: &RegBuf, i: usize, len: usize) {
         let mut wr = send_wr(
             wr_id,
-            &mut sge,
             ibv_wr_opcode::IBV_WR_SEND,
             ibv_send_flags::IBV_SEND_SIGNALED.0,
         );
         if len <= self.max_inline as usize {
             wr.send_flags |= ibv_send_flags::IBV_SEND_INLINE.0;
         }
-        let mut bad = ptr::null_mut();
-        // SAFETY: live QP; the slot stays reserved until its completion (see caller).
-        check("ibv_post_send (send)", unsafe {
-            ibv_post_send(self.raw, &mut wr, &mut bad)
-        })
+        self.wrs.push(wr);
+        self.sges.push(buf.sge(i, len));
     }
 
-    /// Post an unsignaled RDMA WRITE of `local[local_off..+len]` to `remote_addr`, chained with a
-    /// signaled SEND of slot `i` (the record notification). RC ordering makes the SEND arrive
-    /// after the written bytes are placed.
+    /// Add an unsignaled RDMA WRITE of `local_addr..+len` to `remote_addr`. Follow it with
+    /// a signaled SEND (the record notification): RC ordering makes that SEND arrive after
+    /// the written bytes are placed, and its completion says the WRITE is done.
     ///
     /// # Safety
     /// `local_addr..+len` must be inside memory registered as `lkey` and stay unchanged and
-    /// mapped until the SEND's completion (or the QP's destruction).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn post_write_and_send(
-        &self,
-        write_id: u64,
-        local_addr: u64,
-        len: u32,
-        lkey: u32,
+    /// mapped until the following SEND's completion (or the QP's destruction).
+    pub(crate) unsafe fn write(
+        &mut self,
+        wr_id: u64,
+        local: (u64, u32, u32),
         remote_addr: u64,
         rkey: u32,
-        send_id: u64,
-        buf: &RegBuf,
-        i: usize,
-        send_len: usize,
-    ) -> VResult<()> {
-        let mut sge_w = ibv_sge {
-            addr: local_addr,
-            length: len,
-            lkey,
-        };
-        let mut sge_s = buf.sge(i, send_len);
-        let mut send = send_wr(
-            send_id,
-            &mut sge_s,
-            ibv_wr_opcode::IBV_WR_SEND,
-            ibv_send_flags::IBV_SEND_SIGNALED.0,
-        );
-        if send_len <= self.max_inline as usize {
-            send.send_flags |= ibv_send_flags::IBV_SEND_INLINE.0;
-        }
-        let mut write = send_wr(write_id, &mut sge_w, ibv_wr_opcode::IBV_WR_RDMA_WRITE, 0);
-        write.wr.rdma = rdma_t { remote_addr, rkey };
-        write.next = &mut send;
-        let mut bad = ptr::null_mut();
-        // SAFETY: live QP; both WRs and SGEs live for the call (the provider copies them);
-        // the memory contract is the caller's.
-        check("ibv_post_send (write)", unsafe {
-            ibv_post_send(self.raw, &mut write, &mut bad)
-        })
+    ) {
+        let (addr, length, lkey) = local;
+        let mut wr = send_wr(wr_id, ibv_wr_opcode::IBV_WR_RDMA_WRITE, 0);
+        wr.wr.rdma = rdma_t { remote_addr, rkey };
+        self.wrs.push(wr);
+        self.sges.push(ibv_sge { addr, length, lkey });
     }
 }
 
-fn send_wr(wr_id: u64, sge: &mut ibv_sge, opcode: u32, flags: u32) -> ibv_send_wr {
-    // SAFETY: zeroed is a valid ibv_send_wr (null pointers, zero unions); fields set below.
+fn send_wr(wr_id: u64, opcode: u32, flags: u32) -> ibv_send_wr {
+    // SAFETY: zeroed is a valid ibv_send_wr (null pointers, zero unions); fields set below
+    // and the SGE / list links by Qp::post_batch.
     let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
     wr.wr_id = wr_id;
-    wr.sg_list = sge;
     wr.num_sge = 1;
     wr.opcode = opcode;
     wr.send_flags = flags;

@@ -83,6 +83,15 @@ nvm_start() {
 	fi
 }
 
+# nvm_status_has CONFIG TEXT: the daemon's `status --json` contains TEXT. The output is
+# captured first: under pipefail, `status --json | grep -q` fails whenever grep quits before
+# nvmirrorctl has written everything (nvmirrorctl then sees a closed pipe).
+nvm_status_has() {
+	local out
+	out=$("$NVMCTL" --config "$1" status --json 2>/dev/null) || return 1
+	[[ $out == *"$2"* ]]
+}
+
 # nvm_stop PID: graceful stop (drains), waits for exit
 nvm_stop() {
 	kill -TERM "$1"
