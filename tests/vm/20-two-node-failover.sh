@@ -33,7 +33,7 @@ dev[a]=/dev/ublkb0 dev[b]=/dev/ublkb1
 status_json() { "$NVMCTL" --config "node-$1.toml" status --json; }
 wait_mirroring() {
 	for _ in $(seq 300); do
-		status_json "$1" | grep -q '"link": "Up' && return 0
+		nvm_status_has "node-$1.toml" '"link": "Up' && return 0
 		sleep 0.2
 	done
 	fail "node-$1: the mirror link did not come up"
@@ -43,14 +43,26 @@ wait_mirroring b
 "$NVMCTL" --config node-a.toml status
 
 owner=a survivor=b
+# Cycle 1 also writes into node-a's range through node-b's device (forwarded to node-a)
+# across the kill: that I/O must wait for the takeover and complete, not fail.
+fwd=(--name=forwarded --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
+	--offset=0 --size=32M --number_ios=4000 --rate=1m --randseed=77
+	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
 for cycle in $(seq 1 "$cycles"); do
-	# fio covers the whole LUN: in cycle 1 half of it is node-b's and goes there by
-	# forwarding; later the owner holds every range.
-	size=318M
+	# fio covers the LUN from 32 MiB on (the first 32 MiB are the forwarded job's): in
+	# cycle 1 half of it is node-b's and goes there by forwarding; later the owner holds
+	# every range.
 	rm -f ./*verify.state
 	job=(--name=failover --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite
-		--bssplit=4k/50:16k/30:64k/20 --size=$size --randseed=$((500 + cycle))
+		--bssplit=4k/50:16k/30:64k/20 --offset=32M --size=286M --randseed=$((500 + cycle))
 		--verify=crc32c --verify_fatal=1 --verify_state_save=1)
+	fwd_pid=
+	if ((cycle == 1)); then
+		say "cycle 1: fio on node-$survivor (${dev[$survivor]}) into node-$owner's range, forwarded, across the kill"
+		fio "${fwd[@]}" --filename="${dev[$survivor]}" --do_verify=0 --output=fio-fwd-write.log &
+		fwd_pid=$!
+		sleep 1
+	fi
 	say "cycle $cycle: fio on node-$owner (${dev[$owner]}), then kill -9 of node-$owner's daemon"
 	fio "${job[@]}" --filename="${dev[$owner]}" --rate=6m --do_verify=0 \
 		--trigger-timeout=3 --trigger="kill -9 ${pid[$owner]}" --output=fio-write-$cycle.log &
@@ -80,6 +92,13 @@ print("epochs now:", [x["epoch"] for x in e["ranges"]])' || fail "node-$survivor
 		--output=fio-verify-$cycle.log ||
 		{ cat fio-verify-$cycle.log; tail -30 daemon-$survivor.log; fail "cycle $cycle: an acknowledged write was lost in the takeover"; }
 	say "cycle $cycle: verify through node-$survivor passed ($(grep -o 'READ: bw=[^,]*' fio-verify-$cycle.log))"
+	if [[ -n $fwd_pid ]]; then
+		wait "$fwd_pid" || { cat fio-fwd-write.log; tail -30 daemon-$survivor.log; fail "I/O forwarded to node-$owner failed when node-$owner died (it must wait for the takeover)"; }
+		fio "${fwd[@]}" --filename="${dev[$survivor]}" --verify_only=1 --verify_state_load=1 \
+			--output=fio-fwd-verify.log ||
+			{ cat fio-fwd-verify.log; fail "cycle 1: a write forwarded across the kill was lost"; }
+		say "cycle 1: the forwarded writes waited for the takeover, all 4000 completed and verify ($(grep -oE 'lat \((usec|msec)\): min=[^,]*, max=[^,]*' fio-fwd-write.log | tail -1))"
+	fi
 	say "cycle $cycle: restart node-$owner: it rejoins and the roles swap"
 	start_node $owner
 	wait_mirroring $owner

@@ -168,17 +168,21 @@ impl Cluster {
             let opened = self.gate_opened.notified();
             tokio::pin!(opened);
             opened.as_mut().enable();
-            let state = self
-                .gates()
-                .get(lun as usize)
-                .and_then(|l| l.get(range as usize))
-                .copied()
-                .unwrap_or(RangeState::Local);
+            let state = self.state(lun, range);
             if state != RangeState::TakingOver {
                 return state;
             }
             opened.await;
         }
+    }
+
+    /// Where I/O to `range` of `lun` goes right now (no waiting).
+    pub fn state(&self, lun: u32, range: u32) -> RangeState {
+        self.gates()
+            .get(lun as usize)
+            .and_then(|l| l.get(range as usize))
+            .copied()
+            .unwrap_or(RangeState::Local)
     }
 
     /// Whether the table says we own `range` of `lun`.

@@ -163,6 +163,26 @@ impl Lun {
     }
 }
 
+/// How long I/O to the partner's ranges waits, once the partner is unreachable, for a
+/// takeover to make the ranges ours (or for the partner to come back) before it fails with
+/// EIO. An automatic takeover needs about two heartbeat timeouts plus the replay; with
+/// `takeover = "manual"`, the operator or Pacemaker has this long.
+const PARTNER_LOSS_WAIT: Duration = Duration::from_secs(60);
+/// How often I/O waiting so looks again.
+const PARTNER_LOSS_POLL: Duration = Duration::from_millis(50);
+
+/// Why a routed read failed: the forward (the partner may be gone), or anything else.
+enum ReadFailure {
+    Forward(String),
+    Io(IoError),
+}
+
+impl From<IoError> for ReadFailure {
+    fn from(e: IoError) -> Self {
+        ReadFailure::Io(e)
+    }
+}
+
 /// What the start-up replay did.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ReplayReport {
@@ -910,6 +930,48 @@ impl Engine {
             })
     }
 
+    /// A forward to the partner failed. With the link up, the partner answered and its
+    /// error stands: false. With the link down (the partner died with the I/O in flight, or
+    /// before it), waits until a takeover makes one of the `remote` pieces' ranges ours or
+    /// the link is back: true, route the I/O again (a write's data is the same, so redoing
+    /// it is harmless; it was never acknowledged). False once `deadline` passes.
+    async fn partner_lost(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        remote: &[(u64, u64)],
+        deadline: Instant,
+    ) -> bool {
+        let Some(c) = &self.cluster else {
+            return false;
+        };
+        let link_up = || self.mirror.current().is_some_and(|m| m.is_up());
+        if link_up() {
+            return false;
+        }
+        let moved = || {
+            remote.iter().any(|&(at, n)| {
+                lun.pieces(at, n).into_iter().any(|(_, _, range)| {
+                    !matches!(
+                        c.state(lun_idx as u32, range - lun.first_range),
+                        RangeState::Remote(_)
+                    )
+                })
+            })
+        };
+        loop {
+            if moved() || link_up() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // A timer of its own reactor: engine futures also run on the ublk queue threads,
+            // which have no tokio runtime.
+            smol::Timer::after(PARTNER_LOSS_POLL).await;
+        }
+    }
+
     async fn route_write(
         &self,
         lun_idx: usize,
@@ -919,32 +981,38 @@ impl Engine {
         len: u64,
         data: &[u8],
     ) -> Result<(), IoError> {
-        let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
-        if all_local {
-            return self.stage(lun_idx, lun, kind, offset, len, data, &[]).await;
+        let deadline = Instant::now() + PARTNER_LOSS_WAIT;
+        loop {
+            let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
+            if all_local {
+                return self.stage(lun_idx, lun, kind, offset, len, data, &[]).await;
+            }
+            let fwd = self.forwarder()?;
+            let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match kind {
+                RecordKind::Data => fwd.write(
+                    lun_idx as u32,
+                    at,
+                    data[(at - offset) as usize..(at - offset + n) as usize].to_vec(),
+                ),
+                _ => fwd.write_zeroes(lun_idx as u32, at, n),
+            }));
+            let (local, forwarded) = futures::future::join(
+                self.stage(lun_idx, lun, kind, offset, len, data, &remote),
+                forwarded,
+            )
+            .await;
+            local?;
+            let Some(message) = forwarded.into_iter().find_map(Result::err) else {
+                return Ok(());
+            };
+            if !self.partner_lost(lun_idx, lun, &remote, deadline).await {
+                return Err(IoError {
+                    errno: libc::EIO,
+                    message: format!("forwarded to the owner: {message}"),
+                });
+            }
+            tracing::info!(offset, len, error = %message, "a forwarded write failed with the partner gone: routing it again after the takeover");
         }
-        let fwd = self.forwarder()?;
-        let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match kind {
-            RecordKind::Data => fwd.write(
-                lun_idx as u32,
-                at,
-                data[(at - offset) as usize..(at - offset + n) as usize].to_vec(),
-            ),
-            _ => fwd.write_zeroes(lun_idx as u32, at, n),
-        }));
-        let (local, forwarded) = futures::future::join(
-            self.stage(lun_idx, lun, kind, offset, len, data, &remote),
-            forwarded,
-        )
-        .await;
-        local?;
-        for r in forwarded {
-            r.map_err(|message| IoError {
-                errno: libc::EIO,
-                message: format!("forwarded to the owner: {message}"),
-            })?;
-        }
-        Ok(())
     }
 
     /// Reads, forwarding the parts the partner owns.
@@ -955,10 +1023,36 @@ impl Engine {
         out: &mut [u8],
     ) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
-        let (all_local, remote) = self.route(lun_idx, lun, offset, out.len() as u64).await;
-        if all_local {
-            return self.read(lun_idx, offset, out);
+        let deadline = Instant::now() + PARTNER_LOSS_WAIT;
+        loop {
+            let (all_local, remote) = self.route(lun_idx, lun, offset, out.len() as u64).await;
+            if all_local {
+                return self.read(lun_idx, offset, out);
+            }
+            match self.read_pieces(lun_idx, offset, out, &remote).await {
+                Err(ReadFailure::Forward(message)) => {
+                    if !self.partner_lost(lun_idx, lun, &remote, deadline).await {
+                        return Err(IoError {
+                            errno: libc::EIO,
+                            message: format!("forwarded read: {message}"),
+                        });
+                    }
+                    tracing::info!(offset, error = %message, "a forwarded read failed with the partner gone: routing it again after the takeover");
+                }
+                Err(ReadFailure::Io(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
         }
+    }
+
+    /// Reads `out` at `offset`: the `remote` pieces from the partner, the rest here.
+    async fn read_pieces(
+        &self,
+        lun_idx: usize,
+        offset: u64,
+        out: &mut [u8],
+        remote: &[(u64, u64)],
+    ) -> Result<(), ReadFailure> {
         let fwd = self.forwarder()?;
         let mut cursor = offset;
         let end = offset + out.len() as u64;
@@ -971,15 +1065,12 @@ impl Engine {
                 let data = fwd
                     .read(lun_idx as u32, at, n as u32)
                     .await
-                    .map_err(|message| IoError {
-                        errno: libc::EIO,
-                        message: format!("forwarded read: {message}"),
-                    })?;
+                    .map_err(ReadFailure::Forward)?;
                 if data.len() != n as usize {
-                    return Err(IoError {
+                    return Err(ReadFailure::Io(IoError {
                         errno: libc::EIO,
                         message: format!("forwarded read returned {} bytes, not {n}", data.len()),
-                    });
+                    }));
                 }
                 out[(at - offset) as usize..(at - offset + n) as usize].copy_from_slice(&data);
             }

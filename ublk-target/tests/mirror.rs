@@ -521,6 +521,53 @@ fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
 }
 
 #[test]
+fn io_forwarded_to_a_partner_that_died_waits_for_the_takeover_then_runs_here() {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    let old = pattern(21, 8192);
+    p.rt.block_on(p.a.write(0, 4096, &old)).expect("A writes");
+    // A dies: the link is down and every forward fails, as the daemon's would.
+    p.a.shutdown();
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    let gone: Arc<dyn Forwarder> = Arc::new(RequestForwarder(
+        |_req: Vec<u8>| -> ForwardFuture<Vec<u8>> {
+            Box::pin(async { Err("mirror link to node 1 is down".to_string()) })
+        },
+    ));
+    p.b.cluster().expect("c").set_forwarder(Some(gone));
+    // The takeover starts 300 ms later (the daemon's comes after the heartbeat timeout).
+    let b = p.b.clone();
+    let takeover = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        b.take_over(0, Duration::from_millis(10))
+    });
+    // A write and a read for A's range 0, issued while A is gone: both wait, neither fails.
+    let newer = pattern(22, 4096);
+    let mut read_meanwhile = vec![0u8; 8192];
+    let started = Instant::now();
+    let (wrote, read) = p.rt.block_on(async {
+        futures::join!(
+            p.b.write(0, 64 * 1024, &newer),
+            p.b.read_routed(0, 4096, &mut read_meanwhile)
+        )
+    });
+    wrote.expect("a write for the dead partner's range waits for the takeover");
+    read.expect("a read for the dead partner's range waits for the takeover");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "the write waited for the takeover ({waited:?})"
+    );
+    let report = takeover.join().expect("join").expect("takeover");
+    assert!(report.records >= 1, "{report:?}");
+    assert!(read_engine(&p, &p.b, 64 * 1024, 4096) == newer);
+    // A's acknowledged write came back through the replay, before the read was served.
+    assert!(read_meanwhile == old);
+    assert!(read_engine(&p, &p.b, 4096, 8192) == old);
+}
+
+#[test]
 fn takeover_does_not_replay_a_stale_mirror_copy_over_a_newer_degraded_write() {
     let p = cluster_pair();
     p.a.set_flush_paused(true);
