@@ -430,6 +430,8 @@ fn frame_down(shared: &Shared, e: FrameError) -> LinkError {
             "node {} closed the connection",
             shared.cfg.peer_node_id
         )),
+        // A reset or a dead route is the peer (or the network) going away, not bad traffic.
+        FrameError::Io(e) => shared.down_err(format!("connection lost: {e}")),
         e => {
             tracing::error!(peer = shared.cfg.peer_node_id, error = %e, "malformed mirror-link traffic; closing the connection");
             shared.down_err(format!("malformed traffic: {e}"))
