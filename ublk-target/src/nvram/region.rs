@@ -165,8 +165,11 @@ impl NvramRegion {
             Some(wanted) => wanted,
             None => actual - actual % map_align,
         };
+        // Populated (MAP_POPULATE): every page is mapped now, so the write path never takes a
+        // page fault on its first store into a log position or second-store slot.
         let map = MmapOptions::new()
             .len(len as usize)
+            .populate()
             .map_raw(&file)
             .map_err(|source| RegionError::Map {
                 path: path.to_owned(),
