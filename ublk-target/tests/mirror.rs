@@ -487,16 +487,22 @@ fn takeover_replays_before_serving_and_the_old_owner_is_fenced() {
         .is_err());
 }
 
-#[test]
-fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
-    let p = cluster_pair();
+/// A's acknowledged 8 KiB write at `off` (in its range 0), staged only (in A's NVRAM and B's
+/// mirror); then A dies: its engine stops and the link breaks. Returns the data.
+fn a_stages_then_dies(p: &ClusterPair, off: u64, seed: u64) -> Vec<u8> {
     p.a.set_flush_paused(true);
-    // A's acknowledged write to its range 0, staged only (in A's NVRAM and B's mirror).
-    let old = pattern(1, 8192);
-    p.rt.block_on(p.a.write(0, 0, &old)).expect("A writes");
+    let data = pattern(seed, 8192);
+    p.rt.block_on(p.a.write(0, off, &data)).expect("A writes");
     p.a.shutdown();
     p.link_a.clone().crash();
     wait_for("B to see A down", || !p.link_b.state().is_up());
+    data
+}
+
+#[test]
+fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
+    let p = cluster_pair();
+    a_stages_then_dies(&p, 0, 1);
     p.b.cluster().expect("c").set_forwarder(None);
 
     // Takeover with a long grace; meanwhile a new write to the same block arrives at B.
@@ -523,13 +529,8 @@ fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
 #[test]
 fn io_forwarded_to_a_partner_that_died_waits_for_the_takeover_then_runs_here() {
     let p = cluster_pair();
-    p.a.set_flush_paused(true);
-    let old = pattern(21, 8192);
-    p.rt.block_on(p.a.write(0, 4096, &old)).expect("A writes");
-    // A dies: the link is down and every forward fails, as the daemon's would.
-    p.a.shutdown();
-    p.link_a.clone().crash();
-    wait_for("B to see A down", || !p.link_b.state().is_up());
+    let old = a_stages_then_dies(&p, 4096, 21);
+    // Every forward to the dead A fails, as the daemon's would with the link down.
     let gone: Arc<dyn Forwarder> = Arc::new(RequestForwarder(
         |_req: Vec<u8>| -> ForwardFuture<Vec<u8>> {
             Box::pin(async { Err("mirror link to node 1 is down".to_string()) })
