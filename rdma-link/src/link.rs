@@ -83,10 +83,11 @@ pub struct LinkConfig {
     /// handler is wedged). Callers wanting a shorter, per-request bound wrap `request` in a
     /// timeout of their own.
     pub request_timeout: Duration,
-    /// After traffic, the RDMA link polls its completion queue for this long before it sleeps
-    /// on the completion channel: a completion arriving meanwhile costs no thread wake-up
-    /// (which dominates a QD1 round trip), at the price of one core spinning while the link
-    /// is busy. Zero: never poll, always sleep. TCP ignores it.
+    /// After traffic, the link thread keeps polling for this long before it sleeps: RDMA polls
+    /// its completion queue instead of waiting on the completion channel, TCP keeps its
+    /// runtime from parking so the socket is polled. A message arriving meanwhile costs no
+    /// thread wake-up (which dominates a QD1 round trip), at the price of one core spinning
+    /// while the link is busy. Zero: never poll, always sleep.
     pub busy_poll: Duration,
 }
 

@@ -9,7 +9,7 @@ use crate::link::{
 use crate::proto::{data_frame_header, encode_frame, record_frame_header, FrameReader, Msg};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -320,8 +320,15 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let peer_id = cfg.peer_node_id;
+    // Busy polling (see `LinkConfig::busy_poll`): until `hot_until` the runtime thread keeps
+    // yielding instead of parking, so the socket is polled (epoll with no timeout) and data
+    // that arrives costs no thread wake-up. Traffic extends it.
+    let busy_poll = cfg.busy_poll;
+    let mut hot_until: Option<Instant> = None;
     let err: LinkError = 'main: loop {
         let mut records = Vec::new();
+        let hot = hot_until.is_some_and(|t| Instant::now() < t);
+        let mut traffic = false;
         tokio::select! {
             biased;
             _ = stop.notified() => break 'main shared.down_err("replaced by a newer connection from the same peer"),
@@ -332,6 +339,7 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
             }
             m = in_rx.recv() => match m {
                 Some(Ok(msg)) => {
+                    traffic = true;
                     if let Err(e) = session.on_msg(msg) { break 'main e; }
                     // Handle whatever else already arrived before writing the replies.
                     while let Ok(m) = in_rx.try_recv() {
@@ -346,6 +354,7 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
             },
             c = cmd_rx.recv() => {
                 let Some(c) = c else { break 'main shared.down_err("command channel closed") };
+                traffic = true;
                 let mut next = Some(c);
                 let mut n = 0;
                 while let Some(c) = next.take() {
@@ -365,6 +374,7 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
             }
             _ = tick.tick() => if let Err(e) = session.on_tick() { break 'main e; },
             Some(a) = answer_rx.recv() => {
+                traffic = true;
                 session.on_answer(a);
                 while let Ok(a) = answer_rx.try_recv() {
                     session.on_answer(a);
@@ -372,6 +382,16 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
             }
             // More requests / answers to write than one turn's budget.
             _ = std::future::ready(()), if !session.data_out.is_empty() => {}
+            // Nothing happened: spin once more (the runtime polls the socket in between).
+            _ = tokio::task::yield_now(), if hot => {
+                std::thread::yield_now();
+                if session.outbox.is_empty() {
+                    continue 'main;
+                }
+            }
+        }
+        if traffic && !busy_poll.is_zero() {
+            hot_until = Some(Instant::now() + busy_poll);
         }
         // Write: control messages, then records, then flush — bounded by the heartbeat timeout
         // so a peer that stopped reading cannot block us forever.
