@@ -321,6 +321,9 @@ pub struct Engine {
     node: String,
     cluster: Option<Arc<Cluster>>,
     flush_delegate: DelegateSlot,
+    /// Forwarded I/O that fails because the partner is gone waits for a takeover (see
+    /// [`Engine::set_takeover_expected`]).
+    takeover_expected: std::sync::atomic::AtomicBool,
     takeover: Arc<Mutex<Option<TakeoverProgress>>>,
     mirror: Arc<MirrorSlot>,
     second_store: Option<Arc<SecondStoreArea>>,
@@ -638,6 +641,7 @@ impl Engine {
             node: opts.node_name,
             cluster,
             flush_delegate: Arc::default(),
+            takeover_expected: Default::default(),
             takeover: Arc::default(),
             mirror: Arc::new(MirrorSlot {
                 link: std::sync::RwLock::new(None),
@@ -766,6 +770,14 @@ impl Engine {
 
     /// The partner (re)connected and resynchronized its second store with our logs: flushes
     /// need no flush marks until a write goes unmirrored again.
+    /// Whether a takeover follows if the partner dies (the daemon sets it while the partner is
+    /// connected under `takeover = "auto"`). Then I/O forwarded to the partner that fails
+    /// with the link down waits for the takeover and runs here; otherwise it fails at once
+    /// rather than stalling (e.g. the kernel's partition scan while the partner is away).
+    pub fn set_takeover_expected(&self, expected: bool) {
+        self.takeover_expected.store(expected, Ordering::SeqCst);
+    }
+
     pub fn mirror_resynced(&self) {
         self.mirror.unmirrored.store(false, Ordering::SeqCst);
     }
@@ -931,10 +943,11 @@ impl Engine {
     }
 
     /// A forward to the partner failed. With the link up, the partner answered and its
-    /// error stands: false. With the link down (the partner died with the I/O in flight, or
-    /// before it), waits until a takeover makes one of the `remote` pieces' ranges ours or
-    /// the link is back: true, route the I/O again (a write's data is the same, so redoing
-    /// it is harmless; it was never acknowledged). False once `deadline` passes.
+    /// error stands: false; likewise when no takeover is expected. With the link down (the
+    /// partner died with the I/O in flight, or before it) and a takeover expected, waits
+    /// until the takeover makes one of the `remote` pieces' ranges ours or the link is back:
+    /// true, route the I/O again (a write's data is the same, so redoing it is harmless; it
+    /// was never acknowledged). False once `deadline` passes.
     async fn partner_lost(
         &self,
         lun_idx: usize,
@@ -946,7 +959,7 @@ impl Engine {
             return false;
         };
         let link_up = || self.mirror.current().is_some_and(|m| m.is_up());
-        if link_up() {
+        if link_up() || !self.takeover_expected.load(Ordering::SeqCst) {
             return false;
         }
         let moved = || {

@@ -529,6 +529,7 @@ fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
 #[test]
 fn io_forwarded_to_a_partner_that_died_waits_for_the_takeover_then_runs_here() {
     let p = cluster_pair();
+    p.b.set_takeover_expected(true);
     let old = a_stages_then_dies(&p, 4096, 21);
     // Every forward to the dead A fails, as the daemon's would with the link down.
     let gone: Arc<dyn Forwarder> = Arc::new(RequestForwarder(

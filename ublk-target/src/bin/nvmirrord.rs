@@ -408,6 +408,7 @@ fn start_mirroring(
                         tracing::info!("partner {partner} connected: mirroring every write");
                         was_up = true;
                         engine.mirror_resynced();
+                        engine.set_takeover_expected(policy == TakeoverPolicy::Auto);
                         // Whatever is already on the medium may go from the partner's second
                         // store: after our restart it still holds copies of records that our
                         // start-up replay flushed, and replaying those later would write
