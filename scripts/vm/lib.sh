@@ -179,9 +179,12 @@ nvm_vm_detect_accel() {
 		fi
 	fi
 	# shellcheck disable=SC2054 # the commas are QEMU syntax
+	# TCG without CMPXCHG16B: twice a guest died of a double fault right after the SLUB
+	# fast path's cmpxchg16b in kmalloc, with EFLAGS holding pointer bits (a TCG emulation
+	# fault, not guest code); without CX16 SLUB takes its locked path.
 	case $accel in
 	kvm) NVM_VM_ACCEL_ARGS=(-accel kvm -cpu host) ;;
-	tcg) NVM_VM_ACCEL_ARGS=(-accel tcg,thread=multi -cpu max) ;;
+	tcg) NVM_VM_ACCEL_ARGS=(-accel tcg,thread=multi -cpu max,cx16=off) ;;
 	*) nvm_die "NVM_VM_ACCEL must be kvm or tcg, not '$accel'" ;;
 	esac
 	NVM_VM_ACCEL_NAME=$accel
