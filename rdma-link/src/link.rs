@@ -45,6 +45,38 @@ pub enum Role {
     Connect(SocketAddr),
 }
 
+/// The busy-poll window of a connection loop (see [`LinkConfig::busy_poll`]): traffic opens
+/// or extends it; while it is open the loop polls instead of sleeping.
+pub(crate) struct BusyPoll {
+    window: Duration,
+    until: Option<Instant>,
+}
+
+impl BusyPoll {
+    pub(crate) fn new(window: Duration) -> BusyPoll {
+        BusyPoll {
+            window,
+            until: None,
+        }
+    }
+
+    /// Something was sent or received: keep polling for another window.
+    pub(crate) fn traffic(&mut self) {
+        if !self.window.is_zero() {
+            self.until = Some(Instant::now() + self.window);
+        }
+    }
+
+    pub(crate) fn is_hot(&self) -> bool {
+        self.until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// True once per window, when it has just run out (the loop goes back to sleeping).
+    pub(crate) fn cooled(&mut self) -> bool {
+        !self.is_hot() && self.until.take().is_some()
+    }
+}
+
 /// Default of [`LinkConfig::busy_poll`], in microseconds: long enough to span the gap
 /// between two writes at queue depth 1 (so the link thread never sleeps while a writer is
 /// active), short enough that an idle link stops spinning at once.

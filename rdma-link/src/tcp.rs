@@ -4,12 +4,13 @@
 use crate::error::{FrameError, LinkError, Result};
 use crate::handshake::{self, MsgIo, PeerInfo};
 use crate::link::{
-    finish_connection, seqs_summary, Cmd, ConnHandle, LinkState, Role, Session, Shared, UpInfo,
+    finish_connection, seqs_summary, BusyPoll, Cmd, ConnHandle, LinkState, Role, Session, Shared,
+    UpInfo,
 };
 use crate::proto::{data_frame_header, encode_frame, record_frame_header, FrameReader, Msg};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -320,14 +321,13 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let peer_id = cfg.peer_node_id;
-    // Busy polling (see `LinkConfig::busy_poll`): until `hot_until` the runtime thread keeps
+    // Busy polling (see `LinkConfig::busy_poll`): while hot the runtime thread keeps
     // yielding instead of parking, so the socket is polled (epoll with no timeout) and data
     // that arrives costs no thread wake-up. Traffic extends it.
-    let busy_poll = cfg.busy_poll;
-    let mut hot_until: Option<Instant> = None;
+    let mut busy = BusyPoll::new(cfg.busy_poll);
     let err: LinkError = 'main: loop {
         let mut records = Vec::new();
-        let hot = hot_until.is_some_and(|t| Instant::now() < t);
+        let hot = busy.is_hot();
         let mut traffic = false;
         tokio::select! {
             biased;
@@ -390,8 +390,8 @@ async fn run_connection(shared: Arc<Shared>, io: TcpIo, peer: PeerInfo) -> LinkE
                 }
             }
         }
-        if traffic && !busy_poll.is_zero() {
-            hot_until = Some(Instant::now() + busy_poll);
+        if traffic {
+            busy.traffic();
         }
         // Write: control messages, then records, then flush — bounded by the heartbeat timeout
         // so a peer that stopped reading cannot block us forever.

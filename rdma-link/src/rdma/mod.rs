@@ -20,7 +20,8 @@ mod verbs;
 use crate::error::{LinkError, Result};
 use crate::handshake::{self, MsgIo, PeerInfo};
 use crate::link::{
-    finish_connection, seqs_summary, Cmd, ConnHandle, LinkState, Role, Session, Shared, UpInfo,
+    finish_connection, seqs_summary, BusyPoll, Cmd, ConnHandle, LinkState, Role, Session, Shared,
+    UpInfo,
 };
 use crate::proto::{ChunkHdr, Msg, RecordHdr, RemoteRegion, CHUNK_HDR_LEN};
 use bytes::{Bytes, BytesMut};
@@ -918,33 +919,26 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
         Ok(())
     };
     conn.inbox.extend(early);
-    // Busy polling: until `hot_until`, completions are polled, not waited for (see
-    // `LinkConfig::busy_poll`); any traffic extends it.
-    let busy_poll = cfg.busy_poll;
-    let mut hot_until: Option<Instant> = None;
+    // While hot, completions are polled, not waited for.
+    let mut busy = BusyPoll::new(cfg.busy_poll);
     let err: LinkError = 'main: loop {
         if let Err(e) = handle_inbox(&mut conn, &mut session)
             .and_then(|_| conn.flush(&mut session, &mut pending))
         {
             break 'main e;
         }
-        let hot = hot_until.is_some_and(|t| Instant::now() < t);
-        if !hot && hot_until.take().is_some() {
+        if busy.cooled() {
             // Going back to sleeping on the channel: arm the CQ first, handling what came in.
             match conn.pump() {
                 Ok(0) => {}
                 Ok(_) => {
-                    hot_until = Some(Instant::now() + busy_poll);
+                    busy.traffic();
                     continue 'main;
                 }
                 Err(e) => break 'main e,
             }
         }
-        let traffic = |hot_until: &mut Option<Instant>| {
-            if !busy_poll.is_zero() {
-                *hot_until = Some(Instant::now() + busy_poll);
-            }
-        };
+        let hot = busy.is_hot();
         tokio::select! {
             biased;
             _ = stop.notified() => break 'main shared.down_err("replaced by a newer connection from the same peer"),
@@ -959,13 +953,13 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
                 break 'main LinkError::Closed;
             }
             r = conn.wait(), if !hot => match r {
-                Ok(()) => traffic(&mut hot_until),
+                Ok(()) => busy.traffic(),
                 Err(e) => break 'main e,
             },
             // Lets the runtime look at timers and sockets between two polls.
             _ = tokio::task::yield_now(), if hot => match conn.poll_completions(false) {
                 Ok(0) => std::thread::yield_now(),
-                Ok(_) => traffic(&mut hot_until),
+                Ok(_) => busy.traffic(),
                 Err(e) => break 'main e,
             },
             c = cmd_rx.recv() => {
@@ -986,7 +980,7 @@ async fn run_connection(shared: Arc<Shared>, mut conn: RdmaConn, peer: PeerInfo)
                         next = cmd_rx.try_recv().ok();
                     }
                 }
-                traffic(&mut hot_until);
+                busy.traffic();
             }
             _ = tick.tick() => if let Err(e) = session.on_tick() { break 'main e; },
             Some(a) = answer_rx.recv() => {
