@@ -163,10 +163,10 @@ impl Lun {
     }
 }
 
-/// How long I/O to the partner's ranges waits, once the partner is unreachable, for a
-/// takeover to make the ranges ours (or for the partner to come back) before it fails with
-/// EIO. An automatic takeover needs about two heartbeat timeouts plus the replay; with
-/// `takeover = "manual"`, the operator or Pacemaker has this long.
+/// How long I/O to the partner's ranges waits, once the partner is unreachable and a takeover
+/// is expected (see [`Engine::set_takeover_expected`]), for the takeover to make the ranges
+/// ours (or for the partner to come back) before it fails with EIO. An automatic takeover
+/// needs about two heartbeat timeouts plus the replay.
 const PARTNER_LOSS_WAIT: Duration = Duration::from_secs(60);
 /// How often I/O waiting so looks again.
 const PARTNER_LOSS_POLL: Duration = Duration::from_millis(50);
@@ -768,8 +768,6 @@ impl Engine {
         }
     }
 
-    /// The partner (re)connected and resynchronized its second store with our logs: flushes
-    /// need no flush marks until a write goes unmirrored again.
     /// Whether a takeover follows if the partner dies (the daemon sets it while the partner is
     /// connected under `takeover = "auto"`). Then I/O forwarded to the partner that fails
     /// with the link down waits for the takeover and runs here; otherwise it fails at once
@@ -778,6 +776,8 @@ impl Engine {
         self.takeover_expected.store(expected, Ordering::SeqCst);
     }
 
+    /// The partner (re)connected and resynchronized its second store with our logs: flushes
+    /// need no flush marks until a write goes unmirrored again.
     pub fn mirror_resynced(&self) {
         self.mirror.unmirrored.store(false, Ordering::SeqCst);
     }
