@@ -21,7 +21,11 @@ if [[ -z ${NVM_OUT:-} ]]; then
 	export NVM_RESULTS=${NVM_RESULTS:-$repo/target/vm-results/bench-$(date +%Y%m%d-%H%M%S)}
 	# The VM sees the repository (read-only), not this environment: hand the knobs over in a file.
 	mkdir -p "$repo/target"
-	declare -p $(compgen -v BENCH_) >"$repo/target/bench-link.env" 2>/dev/null || : >"$repo/target/bench-link.env"
+	knobs=$(compgen -v BENCH_ || true)
+	: >"$repo/target/bench-link.env"
+	# (declare -p without names would dump every variable)
+	# shellcheck disable=SC2086 # one name per word
+	[[ -n $knobs ]] && declare -p $knobs >"$repo/target/bench-link.env"
 	"$repo/scripts/test.sh" --vm-only "$repo/scripts/bench-link.sh" || true
 	table=$NVM_RESULTS/tests/bench-link/bench-link.md
 	if [[ -f $table ]]; then
