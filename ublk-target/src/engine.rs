@@ -947,13 +947,13 @@ impl Engine {
     /// partner died with the I/O in flight, or before it) and a takeover expected, waits
     /// until the takeover makes one of the `remote` pieces' ranges ours or the link is back:
     /// true, route the I/O again (a write's data is the same, so redoing it is harmless; it
-    /// was never acknowledged). False once `deadline` passes.
+    /// was never acknowledged). False once `deadline` (set at the first call) passes.
     async fn partner_lost(
         &self,
         lun_idx: usize,
         lun: &Lun,
         remote: &[(u64, u64)],
-        deadline: Instant,
+        deadline: &mut Option<Instant>,
     ) -> bool {
         let Some(c) = &self.cluster else {
             return false;
@@ -962,6 +962,7 @@ impl Engine {
         if link_up() || !self.takeover_expected.load(Ordering::SeqCst) {
             return false;
         }
+        let deadline = deadline.get_or_insert_with(|| Instant::now() + PARTNER_LOSS_WAIT);
         let moved = || {
             remote.iter().any(|&(at, n)| {
                 lun.pieces(at, n).into_iter().any(|(_, _, range)| {
@@ -976,7 +977,7 @@ impl Engine {
             if moved() || link_up() {
                 return true;
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= *deadline {
                 return false;
             }
             // A timer of its own reactor: engine futures also run on the ublk queue threads,
@@ -994,7 +995,8 @@ impl Engine {
         len: u64,
         data: &[u8],
     ) -> Result<(), IoError> {
-        let deadline = Instant::now() + PARTNER_LOSS_WAIT;
+        // Set at the first failed forward: the common path does not read the clock.
+        let mut deadline = None;
         loop {
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
             if all_local {
@@ -1018,7 +1020,10 @@ impl Engine {
             let Some(message) = forwarded.into_iter().find_map(Result::err) else {
                 return Ok(());
             };
-            if !self.partner_lost(lun_idx, lun, &remote, deadline).await {
+            if !self
+                .partner_lost(lun_idx, lun, &remote, &mut deadline)
+                .await
+            {
                 return Err(IoError {
                     errno: libc::EIO,
                     message: format!("forwarded to the owner: {message}"),
@@ -1036,7 +1041,8 @@ impl Engine {
         out: &mut [u8],
     ) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
-        let deadline = Instant::now() + PARTNER_LOSS_WAIT;
+        // Set at the first failed forward: the common path does not read the clock.
+        let mut deadline = None;
         loop {
             let (all_local, remote) = self.route(lun_idx, lun, offset, out.len() as u64).await;
             if all_local {
@@ -1044,7 +1050,10 @@ impl Engine {
             }
             match self.read_pieces(lun_idx, offset, out, &remote).await {
                 Err(ReadFailure::Forward(message)) => {
-                    if !self.partner_lost(lun_idx, lun, &remote, deadline).await {
+                    if !self
+                        .partner_lost(lun_idx, lun, &remote, &mut deadline)
+                        .await
+                    {
                         return Err(IoError {
                             errno: libc::EIO,
                             message: format!("forwarded read: {message}"),
