@@ -723,7 +723,7 @@ fn print_status(s: &DaemonStatus) {
                 "{} (partner unreachable; new writes: {})",
                 other.to_uppercase(),
                 match m.degraded_policy {
-                    Some(nvmirror::mirror::DegradedPolicy::Nvram) => "single NVRAM copy",
+                    Some(nvmirror::config::DegradedPolicy::Nvram) => "single NVRAM copy",
                     _ => "write-through to the medium",
                 }
             ),

@@ -10,9 +10,9 @@
 //! mirroring over the TCP link on loopback (tcp). The NVRAM is a file in /dev/shm, the medium
 //! in memory, so what is measured is the engine and the link. Prints microseconds per write.
 
+use nvmirror::config::DegradedPolicy;
 use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
 use nvmirror::medium::MemMedium;
-use nvmirror::mirror::DegradedPolicy;
 use nvmirror::nvram::NvramRegion;
 use rdma_link::{Link, LinkConfig, Role, SecondStore, Transport};
 use std::path::Path;
@@ -39,6 +39,7 @@ fn engine(nvram: &Path, node: &str, medium: &Arc<MemMedium>, mirrored: bool) -> 
             degraded: DegradedPolicy::WriteThrough,
             cluster: None,
             config_path: "write_path".into(),
+            host: nvmirror::host::system(),
         },
         vec![LunSpec {
             name: "lun0".into(),

@@ -8,10 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Block size the device advertises (logical and physical). Every I/O is a multiple of it.
-pub const BLOCK_SIZE: u64 = 4096;
-/// Largest single I/O the device accepts (the per-tag ublk buffer).
-pub const MAX_IO_BYTES: u64 = 512 * 1024;
+use crate::block::{BLOCK_SIZE, MAX_IO_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -97,6 +94,16 @@ pub enum TransportKind {
     Rdma,
 }
 
+/// What to do with a write whose mirror copy could not be made (partner down).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DegradedPolicy {
+    /// Acknowledge only once the write is on the medium: still two copies (NVRAM + medium).
+    WriteThrough,
+    /// Acknowledge from the local NVRAM alone: fast, but a single copy until it is flushed.
+    Nvram,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TakeoverPolicy {
@@ -125,7 +132,7 @@ pub struct ClusterSection {
     #[serde(default = "default_takeover")]
     pub takeover: TakeoverPolicy,
     #[serde(default = "default_degraded")]
-    pub degraded: crate::mirror::DegradedPolicy,
+    pub degraded: DegradedPolicy,
     /// Both nodes, in the same order on both; the first listens, the second connects.
     #[serde(rename = "node")]
     pub nodes: Vec<ClusterNode>,
@@ -156,8 +163,8 @@ fn default_busy_poll() -> u64 {
 fn default_takeover() -> TakeoverPolicy {
     TakeoverPolicy::Auto
 }
-fn default_degraded() -> crate::mirror::DegradedPolicy {
-    crate::mirror::DegradedPolicy::WriteThrough
+fn default_degraded() -> DegradedPolicy {
+    DegradedPolicy::WriteThrough
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -476,6 +483,23 @@ impl NodeConfig {
 impl LunSection {
     pub fn ranges(&self, partitions: u32) -> u32 {
         self.ranges.unwrap_or(partitions)
+    }
+
+    /// The configured owner of every range, as an index into the cluster's node list:
+    /// range `i` belongs to `owners[i % owners.len()]`, or without `owners` to the nodes in
+    /// turn. The one place this rule is written (the daemon's initial ownership table,
+    /// `nvmirrorctl config show` and through it the Pacemaker agent all use it).
+    pub fn range_owners(&self, partitions: u32, nodes: &[ClusterNode]) -> Vec<u32> {
+        let n = nodes.len().max(1) as u32;
+        (0..self.ranges(partitions))
+            .map(|r| match &self.owners {
+                Some(o) if !o.is_empty() => {
+                    let name = &o[r as usize % o.len()];
+                    nodes.iter().position(|x| &x.name == name).unwrap_or(0) as u32
+                }
+                _ => r % n,
+            })
+            .collect()
     }
 }
 

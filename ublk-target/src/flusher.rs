@@ -1,13 +1,21 @@
 //! The flusher: moves durable records from a partition log to the medium, in sequence
 //! order, then releases their log space.
 //!
-//! Order of one batch: write every record -> sync each medium touched -> drop the records
-//! from the staged-extent index (reads now go to the medium) -> `release` (checkpoint first,
-//! then the space is reusable). A medium error stops the batch and retries it after a pause:
-//! records are never dropped, and writers feel back-pressure once the log is full.
+//! Order of one batch: ask the node whether it may still write the batch's ranges (fencing)
+//! -> write every record and sync each medium touched (`apply`) -> let the node record it
+//! (flush marks) -> drop the records from the staged-extent index (reads now go to the
+//! medium) -> `release` (checkpoint first, then the space is reusable) -> tell the node,
+//! which tells the partner to drop its copies. A medium error stops the batch: the partner
+//! may write it from its mirror ([`FlushContext::delegate`]); otherwise it is retried after a
+//! pause. Records are never dropped, and writers feel back-pressure once the log is full.
+//!
+//! The flusher knows nothing of clusters or links: everything around a batch is asked of a
+//! [`FlushContext`], which the engine implements (and a test or the simulator may too).
 
-use crate::engine::Lun;
+use crate::apply::{Applier, ApplyError, RecordWrite};
+use crate::host::{BoxFuture, Host};
 use crate::log::{PartitionLog, RecordMeta};
+use crate::lun::Lun;
 use crate::nvram::record::{RecordKind, HEADER_BYTES};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,23 +23,31 @@ use std::time::Duration;
 
 /// Why a batch may not be written through our path.
 pub enum Fence {
-    /// The ranges belong to the partner now: never write them again.
+    /// The ranges belong to another node now: never write them again.
     Lost(String),
     /// The ownership table cannot be read through our path (the path is failing).
     Unreadable(String),
 }
 
-/// Says whether this node may still write a batch's ranges to the medium (fencing).
-pub type FenceCheck = Arc<dyn Fn(&[RecordMeta]) -> Result<(), Fence> + Send + Sync>;
-
-/// Runs once a batch is on the medium, before its writes count as flushed (and before a
-/// write-through acknowledgement): with the partner unreachable it leaves flush marks on the
-/// medium and re-checks ownership (see [`crate::ownership::FlushMarks`]).
-pub type SyncedHook = Arc<dyn Fn(u32, &[RecordMeta]) -> Result<(), Fence> + Send + Sync>;
-
-/// Asks the partner to write the mirrored copies of a batch from its second store (our path
-/// to the medium failed): (partition, first seq, last seq, number of data records).
-pub type FlushDelegate = Arc<dyn Fn(u32, u64, u64, usize) -> Result<(), String> + Send + Sync>;
+/// What the flusher asks of the rest of the node around each batch.
+pub trait FlushContext: Send + Sync {
+    /// Fencing, before the batch is written: may this node still write its ranges?
+    fn check_fence(&self, batch: &[RecordMeta]) -> Result<(), Fence>;
+    /// The batch is on the medium (synced) and does not count as flushed yet (nor as a
+    /// write-through acknowledgement): e.g. leave flush marks while the partner is away.
+    fn on_synced(&self, partition: u32, batch: &[RecordMeta]) -> Result<(), Fence>;
+    /// The batch is flushed and its log space released: the partner may drop its copies.
+    fn on_released(&self, partition: u32, through_seq: u64);
+    /// Our path to the medium failed: ask the partner to write records `first..=last` of
+    /// `partition` (`count` data records) from its second store.
+    fn delegate(
+        &self,
+        partition: u32,
+        first: u64,
+        last: u64,
+        count: usize,
+    ) -> BoxFuture<Result<(), String>>;
+}
 
 #[derive(Default)]
 pub struct FlusherStats {
@@ -43,13 +59,12 @@ pub struct FlusherStats {
     pub last_error: Mutex<Option<String>>,
 }
 
-/// What the flusher asks of the rest of the node around each batch.
-pub struct FlushHooks {
-    /// The batch is on the medium: the partner may drop its copies.
-    pub on_released: Arc<dyn Fn(u32, u64) + Send + Sync>,
-    pub fence: FenceCheck,
-    pub synced: SyncedHook,
-    pub delegate: FlushDelegate,
+impl FlusherStats {
+    fn set_last_error(&self, e: Option<String>) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = e;
+        }
+    }
 }
 
 /// When the flusher writes: batches of at most `batch_bytes` (one medium sync each); a
@@ -62,138 +77,151 @@ pub struct FlushPolicy {
     pub linger: Duration,
 }
 
-pub fn run_flusher(
-    log: Arc<PartitionLog>,
-    luns: Arc<Vec<Arc<Lun>>>,
-    policy: FlushPolicy,
-    stats: Arc<FlusherStats>,
-    hooks: FlushHooks,
-) {
-    let FlushHooks {
-        on_released,
-        fence,
-        synced,
-        delegate,
-    } = hooks;
-    let mut backoff = Duration::from_millis(10);
-    while let Some(batch) = log.next_flush_batch(policy.batch_bytes, policy.linger) {
-        // A failed medium write and an unreadable table both mean our path to the medium
-        // fails: retry, or let the partner write from its mirror.
-        let checked = fence(&batch).and_then(|()| {
-            write_batch(&luns, &log, &batch)
-                .map_err(Fence::Unreadable)
-                .and_then(|bytes| synced(log.id, &batch).map(|()| bytes))
-        });
-        let result = match checked {
-            Ok(bytes) => finish_batch(&log, &luns, &batch).map(|()| bytes),
-            Err(Fence::Unreadable(why)) => Err(why),
-            Err(Fence::Lost(why)) => {
-                tracing::error!(
-                    partition = log.id,
-                    "{why}; this partition stops flushing and fails its writes"
-                );
-                if let Ok(mut last) = stats.last_error.lock() {
-                    *last = Some(why.clone());
-                }
-                log.fail(why);
-                return;
-            }
-        };
-        match result {
-            Ok(bytes) => {
-                if let Some(last) = batch.last() {
-                    on_released(log.id, last.seq);
-                }
-                backoff = Duration::from_millis(10);
-                stats.bytes_flushed.fetch_add(bytes, Ordering::Relaxed);
-                stats.batches.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut e) = stats.last_error.lock() {
-                    *e = None;
-                }
-            }
-            Err(e) => {
-                stats.medium_errors.fetch_add(1, Ordering::Relaxed);
-                // Our path to the medium fails: the partner holds the same records in its
-                // second store and can write them through its own path.
-                let data: Vec<&RecordMeta> = batch
-                    .iter()
-                    .filter(|r| r.kind != RecordKind::Wrap)
-                    .collect();
-                if let (Some(first), Some(last)) = (data.first(), data.last()) {
-                    match delegate(log.id, first.seq, last.seq, data.len())
-                        .and_then(|()| finish_batch(&log, &luns, &batch))
-                    {
-                        Ok(()) => {
-                            stats.delegated_batches.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(
-                                partition = log.id,
-                                "medium path failed ({e}); the partner wrote seq {}..={} from its mirror",
-                                first.seq,
-                                last.seq
-                            );
-                            if let Ok(mut last_err) = stats.last_error.lock() {
-                                *last_err =
-                                    Some(format!("medium path failed, partner writes for us: {e}"));
-                            }
-                            on_released(log.id, last.seq);
-                            continue;
-                        }
-                        Err(why) => tracing::warn!(
-                            partition = log.id,
-                            "the partner could not write for us: {why}"
-                        ),
+/// One partition's flusher; [`Flusher::run`] is its background task.
+pub struct Flusher {
+    pub log: Arc<PartitionLog>,
+    pub luns: Arc<Vec<Arc<Lun>>>,
+    pub policy: FlushPolicy,
+    pub stats: Arc<FlusherStats>,
+    pub context: Arc<dyn FlushContext>,
+    pub host: Arc<dyn Host>,
+}
+
+/// Longest pause between two attempts of a batch whose medium write keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Flusher {
+    /// Flushes until the log shuts down, or for good stops once the partition is fenced.
+    pub async fn run(self) {
+        let log = &self.log;
+        let mut backoff = Duration::from_millis(10);
+        while let Some(batch) = log
+            .next_flush_batch(self.policy.batch_bytes, self.policy.linger)
+            .await
+        {
+            // A failed medium write and an unreadable table both mean our path to the medium
+            // fails: retry, or let the partner write from its mirror.
+            let written = self.context.check_fence(&batch).and_then(|()| {
+                let bytes = write_batch(&self.luns, log, &batch)
+                    .map_err(|e| Fence::Unreadable(e.to_string()))?;
+                self.context.on_synced(log.id, &batch)?;
+                Ok(bytes)
+            });
+            let failure = match written {
+                Ok(bytes) => match finish_batch(log, &self.luns, &batch) {
+                    Ok(()) => {
+                        self.batch_done(&batch, bytes);
+                        backoff = Duration::from_millis(10);
+                        continue;
                     }
+                    Err(e) => e,
+                },
+                Err(Fence::Unreadable(why)) => why,
+                Err(Fence::Lost(why)) => {
+                    tracing::error!(
+                        partition = log.id,
+                        "{why}; this partition stops flushing and fails its writes"
+                    );
+                    self.stats.set_last_error(Some(why.clone()));
+                    log.fail(why);
+                    return;
                 }
-                tracing::error!(
+            };
+            self.stats.medium_errors.fetch_add(1, Ordering::Relaxed);
+            if self.delegated(&batch, &failure).await {
+                continue;
+            }
+            tracing::error!(
+                partition = log.id,
+                "flush to medium failed: {failure}; records stay staged, retrying in {backoff:?}"
+            );
+            self.stats.set_last_error(Some(failure));
+            self.host.sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn batch_done(&self, batch: &[RecordMeta], bytes: u64) {
+        if let Some(last) = batch.last() {
+            self.context.on_released(self.log.id, last.seq);
+        }
+        self.stats.bytes_flushed.fetch_add(bytes, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.set_last_error(None);
+    }
+
+    /// Our path to the medium failed: the partner holds the same records in its second store
+    /// and can write them through its own path. True if it did (the batch is released).
+    async fn delegated(&self, batch: &[RecordMeta], failure: &str) -> bool {
+        let log = &self.log;
+        let data: Vec<&RecordMeta> = batch
+            .iter()
+            .filter(|r| r.kind != RecordKind::Wrap)
+            .collect();
+        let (Some(first), Some(last)) = (data.first(), data.last()) else {
+            return false;
+        };
+        let done = match self
+            .context
+            .delegate(log.id, first.seq, last.seq, data.len())
+            .await
+        {
+            Ok(()) => finish_batch(log, &self.luns, batch),
+            Err(why) => Err(why),
+        };
+        match done {
+            Ok(()) => {
+                self.stats.delegated_batches.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
                     partition = log.id,
-                    "flush to medium failed: {e}; records stay staged, retrying in {backoff:?}"
+                    "medium path failed ({failure}); the partner wrote seq {}..={} from its mirror",
+                    first.seq,
+                    last.seq
                 );
-                if let Ok(mut last) = stats.last_error.lock() {
-                    *last = Some(e);
+                self.stats.set_last_error(Some(format!(
+                    "medium path failed, partner writes for us: {failure}"
+                )));
+                if let Some(last) = batch.last() {
+                    self.context.on_released(log.id, last.seq);
                 }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                true
+            }
+            Err(why) => {
+                tracing::warn!(
+                    partition = log.id,
+                    "the partner could not write for us: {why}"
+                );
+                false
             }
         }
     }
 }
 
-/// Writes a batch to the medium and syncs it (not yet counted as flushed).
-fn write_batch(luns: &[Arc<Lun>], log: &PartitionLog, batch: &[RecordMeta]) -> Result<u64, String> {
-    let mut touched = vec![false; luns.len()];
-    let mut bytes = 0;
+/// Writes a batch to the medium and syncs it (not yet counted as flushed); returns its bytes.
+fn write_batch(
+    luns: &[Arc<Lun>],
+    log: &PartitionLog,
+    batch: &[RecordMeta],
+) -> Result<u64, ApplyError> {
+    let mut applier = Applier::new(luns);
     for r in batch {
-        if r.kind == RecordKind::Wrap {
-            continue;
-        }
-        let lun = &luns[r.lun as usize];
-        touched[r.lun as usize] = true;
         let data: &[u8] = match r.kind {
             RecordKind::Data => log
                 .region()
                 .slice(log.nvram_offset(r.pos) + HEADER_BYTES, r.len as usize),
             _ => &[],
         };
-        let res = crate::medium::apply_record(lun.medium.as_ref(), r.kind, r.offset, r.len, data);
-        res.map_err(|e| {
-            format!(
-                "writing seq {} ({} bytes at {}) to {}: {e}",
-                r.seq,
-                r.len,
-                r.offset,
-                lun.medium.describe()
-            )
+        applier.apply(&RecordWrite {
+            partition: log.id,
+            seq: r.seq,
+            kind: r.kind,
+            lun: r.lun,
+            offset: r.offset,
+            len: r.len,
+            data,
         })?;
-        bytes += r.len;
     }
-    for (i, lun) in luns.iter().enumerate() {
-        if touched[i] {
-            lun.medium
-                .sync()
-                .map_err(|e| format!("syncing {}: {e}", lun.medium.describe()))?;
-        }
-    }
-    Ok(bytes)
+    Ok(applier.sync()?.bytes)
 }
 
 /// The batch is on the medium (written by us or by the partner): unindex, checkpoint,
@@ -201,9 +229,10 @@ fn write_batch(luns: &[Arc<Lun>], log: &PartitionLog, batch: &[RecordMeta]) -> R
 fn finish_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> Result<(), String> {
     for r in batch {
         if r.kind != RecordKind::Wrap {
-            luns[r.lun as usize]
-                .index()
-                .remove_flushed(log.id, r.seq, r.offset, r.offset + r.len);
+            if let Some(lun) = luns.get(r.lun as usize) {
+                lun.index()
+                    .remove_flushed(log.id, r.seq, r.offset, r.offset + r.len);
+            }
         }
     }
     log.release(batch)

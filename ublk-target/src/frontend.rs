@@ -6,7 +6,7 @@
 //! flusher for write-through), which cannot wake a thread sleeping in io_uring_enter; so every
 //! wake-up also writes the queue's eventfd, on which a read is always pending in the ring.
 
-use crate::config::{BLOCK_SIZE, MAX_IO_BYTES};
+use crate::block::{BLOCK_SIZE, MAX_IO_BYTES};
 use crate::engine::{Engine, IoError};
 use anyhow::{bail, Context};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};

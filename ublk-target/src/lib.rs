@@ -1,11 +1,24 @@
-//! nvmirror: a block device whose writes are durable in NVRAM (and, later, mirrored to a
-//! partner node) before they are acknowledged, and flushed to the storage medium in the
-//! background.
+//! nvmirror: a block device whose writes are durable in NVRAM, mirrored to a partner node,
+//! before they are acknowledged, and flushed to the storage medium in the background.
 //!
-//! Data path, top to bottom: `frontend` (ublk queue) -> `engine` (split by LUN range) ->
-//! `log` (NVRAM staging, group commit) -> `flusher` (medium, then release). `index` serves
-//! reads of staged data; `nvram` is the on-device format; `medium` the backing storage.
+//! Data path, top to bottom: `frontend` (ublk queue) -> `engine` (`routing`, then
+//! `datapath`) -> `log` (NVRAM staging, group commit) -> `mirror` (the copy to the partner)
+//! -> `flusher` (`apply` to the medium, then release). `index` serves reads of staged data;
+//! `nvram` is the on-device format; `medium` the backing storage; `cluster` and `ownership`
+//! say who serves which range; `node` is the daemon's behaviour (link set-up, partner
+//! watch, control socket); `host` is the seam to the machine (time, tasks).
+//!
+//! Layers (a module imports only modules in layers below it; `tests/module_layers.rs`
+//! checks it):
+//! 1. `block`, `host`, `index`, `ownership`, `nvram`
+//! 2. `medium`, then `lun`, `config`, `apply`, `inspect`
+//! 3. `log`, then `flusher`, then `mirror`, then `cluster`
+//! 4. `engine`
+//! 5. `control`, `frontend`, then `devices`
+//! 6. `node`
 
+pub mod apply;
+pub mod block;
 pub mod cluster;
 pub mod config;
 pub mod control;
@@ -13,10 +26,13 @@ pub mod devices;
 pub mod engine;
 pub mod flusher;
 pub mod frontend;
+pub mod host;
 pub mod index;
 pub mod inspect;
 pub mod log;
+pub mod lun;
 pub mod medium;
 pub mod mirror;
+pub mod node;
 pub mod nvram;
 pub mod ownership;

@@ -17,12 +17,21 @@
 //!   durable on its own thread without a hand-off, and concurrent ones share a persist.
 //! * The flusher takes durable records, writes them to the medium and calls `release`, which
 //!   persists a checkpoint first and only then lets the space be reused.
+//!
+//! Invariants (checked after every locked section, see `LogState::check`): the records between
+//! tail and head occupy exactly `used` bytes; `flushed_through <= acked_through`, and
+//! `acked_through <= durable_through` unless the partition failed; durable and pending records
+//! are in sequence order. The background loops (`run_persister`, the flusher's
+//! `next_flush_batch`) are async and wait on the [`Host`]'s clock, so the same code runs on
+//! threads in the daemon and step by step in the simulator.
 
+use crate::host::Host;
 use crate::nvram::layout::{Layout, PartitionCheckpoint};
 use crate::nvram::record::{RecordHeader, RecordKind, HEADER_BYTES};
 use crate::nvram::NvramRegion;
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
@@ -79,6 +88,8 @@ struct LogState {
     flush_paused: bool,
     /// A `commit` is persisting a batch (taken out of `pending`) right now.
     committing: bool,
+    /// Log bytes of that batch (in neither queue while it persists).
+    committing_bytes: u64,
 }
 
 /// A record copied into the NVRAM (and its wrap marker, if it needed one).
@@ -102,11 +113,15 @@ pub struct PartitionLog {
     region: Arc<NvramRegion>,
     layout: Layout,
     log_id: u64,
+    host: Arc<dyn Host>,
     state: Mutex<LogState>,
-    persist_wanted: Condvar,
-    flush_wanted: Condvar,
+    /// Wakes the persister (shutdown).
+    persist_wanted: Notify,
+    /// Wakes the flusher: records settled, a waiter arrived, pause changed, shutdown.
+    flush_wanted: Notify,
     space_freed: Notify,
-    released: Condvar,
+    /// A batch was released (drain waiters look again).
+    released: Notify,
     /// Someone waits for the flusher (write-through ack, drain, a full log): no lingering.
     flush_waiters: std::sync::atomic::AtomicUsize,
 }
@@ -121,7 +136,7 @@ impl<'a> FlushWaiter<'a> {
     fn new(log: &'a PartitionLog) -> Self {
         log.flush_waiters
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        log.flush_wanted.notify_all();
+        log.flush_wanted.notify_one();
         FlushWaiter(log)
     }
 }
@@ -158,6 +173,94 @@ fn lock(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl LogState {
+    /// The log's invariants. The cheap ones hold in every build; the ones that walk the
+    /// queues run in debug builds (every test and the simulator).
+    fn check(&self, size: u64) {
+        assert!(
+            self.used <= size && self.head < size && self.tail < size,
+            "log bounds: head {} tail {} used {} size {size}",
+            self.head,
+            self.tail,
+            self.used
+        );
+        let span = (self.head + size - self.tail) % size;
+        assert!(
+            span == self.used || (span == 0 && self.used == size),
+            "log space: head {} tail {} span {span} but used {} (size {size})",
+            self.head,
+            self.tail,
+            self.used
+        );
+        assert!(
+            self.durable_through < self.next_seq && self.acked_through < self.next_seq,
+            "log seqs: durable {} acked {} next {}",
+            self.durable_through,
+            self.acked_through,
+            self.next_seq
+        );
+        assert!(
+            self.flushed_through <= self.acked_through
+                && self.flushed_through <= self.durable_through,
+            "flushed through {} beyond acked {} / durable {}",
+            self.flushed_through,
+            self.acked_through,
+            self.durable_through
+        );
+        // A failed persist or a shutdown settles writes that never became durable.
+        assert!(
+            self.failed.is_some() || self.shutdown || self.acked_through <= self.durable_through,
+            "settled through {} but durable only through {}",
+            self.acked_through,
+            self.durable_through
+        );
+        // At shutdown the pending writes are failed and dropped from the queue.
+        if cfg!(debug_assertions) && !self.shutdown {
+            let mut prev = self.flushed_through;
+            for r in &self.durable {
+                assert!(
+                    r.seq > prev && r.seq <= self.durable_through,
+                    "durable queue out of order at seq {}",
+                    r.seq
+                );
+                prev = r.seq;
+            }
+            for p in &self.pending {
+                assert!(
+                    p.meta.seq > prev,
+                    "pending queue out of order at seq {}",
+                    p.meta.seq
+                );
+                prev = p.meta.seq;
+            }
+            let queued: u64 = self.durable.iter().map(|r| r.slot).sum::<u64>()
+                + self.pending.iter().map(|p| p.meta.slot).sum::<u64>()
+                + self.committing_bytes;
+            assert_eq!(
+                queued, self.used,
+                "queued records do not add up to the used space"
+            );
+            assert!(
+                self.settled_ahead
+                    .iter()
+                    .all(|&s| s > self.acked_through + 1),
+                "a settled seq was left behind acked_through {}",
+                self.acked_through
+            );
+        }
+    }
+}
+
+/// Waits for `notified` or until `timeout` passed on the host's clock.
+async fn notified_or_timeout(
+    notified: impl Future<Output = ()>,
+    host: &dyn Host,
+    timeout: Duration,
+) {
+    let notified = std::pin::pin!(notified);
+    futures::future::select(notified, host.sleep(timeout)).await;
+}
+
 impl PartitionLog {
     pub fn new(
         id: u32,
@@ -165,12 +268,14 @@ impl PartitionLog {
         layout: Layout,
         log_id: u64,
         start: LogStart,
+        host: Arc<dyn Host>,
     ) -> Arc<PartitionLog> {
         Arc::new(PartitionLog {
             id,
             region,
             layout,
             log_id,
+            host,
             state: Mutex::new(LogState {
                 head: start.pos,
                 tail: start.pos,
@@ -187,12 +292,13 @@ impl PartitionLog {
                 shutdown: false,
                 flush_paused: false,
                 committing: false,
+                committing_bytes: 0,
             }),
-            persist_wanted: Condvar::new(),
-            flush_wanted: Condvar::new(),
+            persist_wanted: Notify::new(),
+            flush_wanted: Notify::new(),
             space_freed: Notify::new(),
             flush_waiters: Default::default(),
-            released: Condvar::new(),
+            released: Notify::new(),
         })
     }
 
@@ -259,7 +365,7 @@ impl PartitionLog {
                     return Err(LogError::Shutdown { partition: self.id });
                 }
                 if let Some((padding, pos)) = self.try_reserve(&st, slot) {
-                    let now = Instant::now();
+                    let now = self.host.now();
                     let mut wrap = None;
                     if padding > 0 {
                         let w = RecordMeta {
@@ -306,6 +412,7 @@ impl PartitionLog {
                         copied: false,
                         done: Some(tx),
                     });
+                    st.check(self.size());
                     break (record, wrap, st.acked_through, rx);
                 }
             }
@@ -368,6 +475,12 @@ impl PartitionLog {
     /// appended from now on carry the highest seq below which everything is settled.
     pub fn settle(&self, seq: u64) {
         let mut st = lock(&self.state);
+        assert!(
+            seq < st.next_seq,
+            "partition {}: settling seq {seq}, which was never appended (next {})",
+            self.id,
+            st.next_seq
+        );
         if seq <= st.acked_through {
             return;
         }
@@ -379,8 +492,9 @@ impl PartitionLog {
             }
             st.acked_through = next;
         }
+        st.check(self.size());
         drop(st);
-        self.flush_wanted.notify_all();
+        self.flush_wanted.notify_one();
     }
 
     /// Resolves once record `seq` is on the medium (the write-through path).
@@ -421,7 +535,9 @@ impl PartitionLog {
                     return;
                 }
                 st.committing = true;
-                (st.pending.drain(..n).collect(), st.failed.clone())
+                let batch: Vec<Pending> = st.pending.drain(..n).collect();
+                st.committing_bytes = batch.iter().map(|p| p.meta.slot).sum();
+                (batch, st.failed.clone())
             };
             // After a failed persist the kernel may report later ones as fine although the
             // failed pages never reached the device: nothing after a failure is durable.
@@ -431,13 +547,14 @@ impl PartitionLog {
             };
             let mut st = lock(&self.state);
             st.committing = false;
+            st.committing_bytes = 0;
             match &result {
                 Ok(()) => {
                     if let Some(last) = batch.last() {
                         st.durable_through = last.meta.seq;
                     }
                     st.durable.extend(batch.iter().map(|p| p.meta));
-                    self.flush_wanted.notify_all();
+                    self.flush_wanted.notify_one();
                 }
                 Err(e) => {
                     tracing::error!(
@@ -447,6 +564,7 @@ impl PartitionLog {
                     st.failed = Some(e.to_string());
                 }
             }
+            st.check(self.size());
             drop(st);
             for mut p in batch {
                 if let Some(tx) = p.done.take() {
@@ -461,30 +579,36 @@ impl PartitionLog {
         }
     }
 
-    /// Runs until `shutdown` on a thread of its own: commits what a writer that went away
+    /// Runs until `shutdown` as a background task: commits what a writer that went away
     /// between its copy and its commit left behind (a backstop: writers commit themselves),
     /// and at shutdown fails the writes that never became durable.
-    pub fn run_persister(&self) {
+    pub async fn run_persister(&self) {
         loop {
             self.commit();
-            let mut st = lock(&self.state);
-            if st.shutdown {
-                if !st.committing {
+            // Some(true): stop now; Some(false): a commit is under way, look again soon.
+            let stopping = {
+                let mut st = lock(&self.state);
+                if st.shutdown && !st.committing {
                     for mut p in st.pending.drain(..) {
                         if let Some(tx) = p.done.take() {
                             let _ = tx.send(Err(LogError::Shutdown { partition: self.id }));
                         }
                     }
-                    break;
                 }
-                drop(st);
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
+                st.shutdown.then_some(!st.committing)
+            };
+            match stopping {
+                Some(true) => break,
+                Some(false) => self.host.sleep(Duration::from_millis(1)).await,
+                None => {
+                    notified_or_timeout(
+                        self.persist_wanted.notified(),
+                        self.host.as_ref(),
+                        PERSIST_BACKSTOP,
+                    )
+                    .await
+                }
             }
-            let _ = self
-                .persist_wanted
-                .wait_timeout(st, PERSIST_BACKSTOP)
-                .unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -510,36 +634,44 @@ impl PartitionLog {
     /// (at least one record). Returns None on shutdown.
     /// `linger`: how long a small batch (under a quarter of `max_bytes`) may grow before it
     /// is written; never applies while someone waits for a flush.
-    pub fn next_flush_batch(&self, max_bytes: u64, linger: Duration) -> Option<Vec<RecordMeta>> {
-        let mut st = lock(&self.state);
+    pub async fn next_flush_batch(
+        &self,
+        max_bytes: u64,
+        linger: Duration,
+    ) -> Option<Vec<RecordMeta>> {
         loop {
-            // On shutdown whatever is staged stays in the NVRAM for the next start's replay
-            // (a graceful stop drains first).
-            if st.shutdown {
-                return None;
-            }
-            // Only settled records: their mirror copy (if any) has landed, so the release
-            // that follows the flush reaches the partner after the copy, never before.
-            let mut wait = Duration::from_millis(200);
-            if let Some(oldest) = st
-                .durable
-                .front()
-                .filter(|r| !st.flush_paused && r.seq <= st.acked_through)
-            {
-                let age = oldest.appended.elapsed();
-                let small = st.used < max_bytes / 4;
-                let waited_for = self.flush_waiters.load(std::sync::atomic::Ordering::SeqCst) > 0;
-                if age >= linger || !small || waited_for {
-                    break;
+            let wait = {
+                let st = lock(&self.state);
+                // On shutdown whatever is staged stays in the NVRAM for the next start's
+                // replay (a graceful stop drains first).
+                if st.shutdown {
+                    return None;
                 }
-                wait = linger - age;
-            }
-            st = self
-                .flush_wanted
-                .wait_timeout(st, wait)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+                // Only settled records: their mirror copy (if any) has landed, so the release
+                // that follows the flush reaches the partner after the copy, never before.
+                let mut wait = Duration::from_millis(200);
+                if let Some(oldest) = st
+                    .durable
+                    .front()
+                    .filter(|r| !st.flush_paused && r.seq <= st.acked_through)
+                {
+                    let age = self.host.now().saturating_duration_since(oldest.appended);
+                    let small = st.used < max_bytes / 4;
+                    let waited_for =
+                        self.flush_waiters.load(std::sync::atomic::Ordering::SeqCst) > 0;
+                    if age >= linger || !small || waited_for {
+                        return Some(Self::oldest_settled(&st, max_bytes));
+                    }
+                    wait = linger - age;
+                }
+                wait
+            };
+            notified_or_timeout(self.flush_wanted.notified(), self.host.as_ref(), wait).await;
         }
+    }
+
+    /// The oldest settled durable records, up to `max_bytes` of log (at least one).
+    fn oldest_settled(st: &LogState, max_bytes: u64) -> Vec<RecordMeta> {
         let mut bytes = 0;
         let mut batch = Vec::new();
         for r in st.durable.iter() {
@@ -549,7 +681,7 @@ impl PartitionLog {
             bytes += r.slot;
             batch.push(*r);
         }
-        Some(batch)
+        batch
     }
 
     /// The flusher has put `batch` (the oldest durable records, in order) on the medium:
@@ -585,8 +717,9 @@ impl PartitionLog {
         }
         st.tail = new_tail;
         st.flushed_through = last.seq;
+        st.check(self.size());
         drop(st);
-        self.released.notify_all();
+        self.released.notify_waiters();
         self.space_freed.notify_waiters();
         Ok(())
     }
@@ -596,40 +729,47 @@ impl PartitionLog {
     pub fn fail(&self, message: String) {
         lock(&self.state).failed = Some(message);
         self.space_freed.notify_waiters();
-        self.flush_wanted.notify_all();
-        self.released.notify_all();
+        self.flush_wanted.notify_one();
+        self.released.notify_waiters();
     }
 
     pub fn set_flush_paused(&self, paused: bool) {
         lock(&self.state).flush_paused = paused;
-        self.flush_wanted.notify_all();
+        self.flush_wanted.notify_one();
     }
 
-    /// Blocks until every record appended so far is on the medium, or the timeout passes.
-    pub fn wait_drained(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+    /// Resolves true once every record appended so far is on the medium, false if the
+    /// partition failed or `deadline` passed first.
+    pub async fn drained(&self, deadline: Instant) -> bool {
         let _waiter = FlushWaiter::new(self);
-        let mut st = lock(&self.state);
-        let target = st.next_seq - 1;
-        while st.flushed_through < target && st.failed.is_none() {
-            let now = Instant::now();
+        let target = lock(&self.state).next_seq - 1;
+        loop {
+            let released = self.released.notified();
+            let mut released = std::pin::pin!(released);
+            released.as_mut().enable();
+            {
+                let st = lock(&self.state);
+                if st.flushed_through >= target {
+                    return true;
+                }
+                if st.failed.is_some() {
+                    return false;
+                }
+            }
+            let now = self.host.now();
             if now >= deadline {
                 return false;
             }
-            st = self
-                .released
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            notified_or_timeout(released, self.host.as_ref(), deadline - now).await;
         }
-        st.flushed_through >= target
     }
 
     pub fn shutdown(&self) {
         lock(&self.state).shutdown = true;
-        self.persist_wanted.notify_all();
-        self.flush_wanted.notify_all();
+        self.persist_wanted.notify_one();
+        self.flush_wanted.notify_one();
         self.space_freed.notify_waiters();
+        self.released.notify_waiters();
     }
 
     pub fn status(&self) -> PartitionStatus {
@@ -647,7 +787,10 @@ impl PartitionLog {
             flush_lag_ms: st
                 .durable
                 .front()
-                .map(|r| r.appended.elapsed().as_millis() as u64)
+                .map(|r| {
+                    let age = self.host.now().saturating_duration_since(r.appended);
+                    age.as_millis() as u64
+                })
                 .unwrap_or(0),
             flush_paused: st.flush_paused,
             failed: st.failed.clone(),

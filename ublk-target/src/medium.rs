@@ -1,7 +1,7 @@
 //! The storage medium behind a LUN: a file or block device.
 //!
-//! Writes come only from the flusher (and replay), in sequence order, through the page
-//! cache and are made durable with one `sync` per batch. Reads use a second descriptor
+//! Writes come only from `apply` (the flusher and the replays), in sequence order, through
+//! the page cache and are made durable with one `sync` per batch. Reads use a second descriptor
 //! opened O_DIRECT, so they always see what is on the device, never a stale cached page
 //! (another node may write the same medium after a takeover).
 
@@ -21,23 +21,6 @@ pub trait Medium: Send + Sync {
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     fn describe(&self) -> String;
-}
-
-/// Puts one staged record on a medium: its data, or zeroes (a wrap marker changes nothing).
-/// `data` is the record's payload (empty for zero records).
-pub fn apply_record(
-    medium: &dyn Medium,
-    kind: crate::nvram::RecordKind,
-    offset: u64,
-    len: u64,
-    data: &[u8],
-) -> io::Result<()> {
-    use crate::nvram::RecordKind;
-    match kind {
-        RecordKind::Data => medium.write_at(data, offset),
-        RecordKind::Zero => medium.write_zeroes(offset, len),
-        RecordKind::Wrap => Ok(()),
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +79,7 @@ impl FileMedium {
                 })
             }
             Some(wanted) => wanted,
-            None if actual % crate::config::BLOCK_SIZE != 0 || actual == 0 => {
+            None if actual % crate::block::BLOCK_SIZE != 0 || actual == 0 => {
                 return Err(MediumError::Unaligned {
                     path: path.to_owned(),
                     actual,

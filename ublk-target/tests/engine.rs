@@ -36,9 +36,10 @@ fn open(
             },
             mode,
             mirrored: false,
-            degraded: nvmirror::mirror::DegradedPolicy::WriteThrough,
+            degraded: nvmirror::config::DegradedPolicy::WriteThrough,
             cluster: None,
             config_path: "test.toml".into(),
+            host: nvmirror::host::system(),
         },
         vec![LunSpec {
             name: "lun0".into(),
@@ -90,7 +91,7 @@ fn staged_writes_read_back_and_reach_the_medium() {
         .all(|&x| x == 0));
 
     e.set_flush_paused(false);
-    assert!(e.drain(Duration::from_secs(10)), "drain");
+    assert!(e.drain_blocking(Duration::from_secs(10)), "drain");
     let m = medium.snapshot();
     assert_eq!(&m[8192..8192 + 16384], &got[..]);
     assert_eq!(read(&e, 8192, 16384), got);
@@ -188,7 +189,7 @@ fn back_pressure_completes_more_data_than_the_nvram_holds() {
                 .expect("write under back-pressure");
         }
     });
-    assert!(e.drain(Duration::from_secs(30)));
+    assert!(e.drain_blocking(Duration::from_secs(30)));
     assert_eq!(medium.snapshot(), model);
     assert!(e.status().bytes_flushed >= 20 * MIB);
 }
@@ -208,14 +209,14 @@ fn write_zeroes_reads_as_zero_before_and_after_flush() {
     let rt = rt();
     rt.block_on(e.write(0, 0, &pattern(9, 65536)))
         .expect("write");
-    assert!(e.drain(Duration::from_secs(10)));
+    assert!(e.drain_blocking(Duration::from_secs(10)));
     e.set_flush_paused(true);
     rt.block_on(e.write_zeroes(0, 4096, 8192)).expect("zero");
     let got = read(&e, 0, 65536);
     assert!(got[4096..12288].iter().all(|&b| b == 0));
     assert_eq!(&got[..4096], &pattern(9, 65536)[..4096]);
     e.set_flush_paused(false);
-    assert!(e.drain(Duration::from_secs(10)));
+    assert!(e.drain_blocking(Duration::from_secs(10)));
     assert!(medium.snapshot()[4096..12288].iter().all(|&b| b == 0));
     assert_eq!(read(&e, 0, 65536), got);
 }
@@ -325,9 +326,10 @@ fn layout_change_with_staged_records_is_refused() {
             },
             mode: OpenMode::Normal,
             mirrored: false,
-            degraded: nvmirror::mirror::DegradedPolicy::WriteThrough,
+            degraded: nvmirror::config::DegradedPolicy::WriteThrough,
             cluster: None,
             config_path: "test.toml".into(),
+            host: nvmirror::host::system(),
         },
         vec![LunSpec {
             name: "lun0".into(),

@@ -1,9 +1,10 @@
 //! Two engines mirroring into each other over the TCP link on loopback, one shared medium
 //! in memory: the mirrored write path, release after flush, takeover replay, degraded mode.
 
+use futures::executor::block_on;
+use nvmirror::config::DegradedPolicy;
 use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
 use nvmirror::medium::MemMedium;
-use nvmirror::mirror::DegradedPolicy;
 use nvmirror::nvram::NvramRegion;
 use rdma_link::{Link, LinkConfig, Role, SecondStore, Transport};
 use std::path::Path;
@@ -35,6 +36,7 @@ fn engine(
             degraded,
             cluster: None,
             config_path: "test.toml".into(),
+            host: nvmirror::host::system(),
         },
         vec![LunSpec {
             name: "lun0".into(),
@@ -224,7 +226,7 @@ fn partner_replays_every_acknowledged_write_after_the_owner_dies() {
 fn second_store_empties_once_the_owner_flushed() {
     let p = pair(DegradedPolicy::WriteThrough);
     write_blocks(&p, &p.a, 0, 200, 5);
-    assert!(p.a.drain(Duration::from_secs(20)), "drain");
+    assert!(p.a.drain_blocking(Duration::from_secs(20)), "drain");
     let deadline = Instant::now() + Duration::from_secs(10);
     while p.b.status().mirror.second_store.map(|s| s.records) != Some(0) {
         assert!(
@@ -347,6 +349,7 @@ fn clustered_sized(
                 initial,
             }),
             config_path: "test.toml".into(),
+            host: nvmirror::host::system(),
         },
         vec![LunSpec {
             name: "lun0".into(),
@@ -445,9 +448,7 @@ fn takeover_replays_before_serving_and_the_old_owner_is_fenced() {
     p.a.cluster().expect("c").set_forwarder(None);
     p.b.cluster().expect("c").set_forwarder(None);
 
-    let report =
-        p.b.take_over(0, Duration::from_millis(10))
-            .expect("takeover");
+    let report = block_on(p.b.take_over(0, Duration::from_millis(10))).expect("takeover");
     assert!(report.records > 0);
     assert!(p
         .b
@@ -467,7 +468,7 @@ fn takeover_replays_before_serving_and_the_old_owner_is_fenced() {
     let newer = pattern(999, 8192);
     p.rt.block_on(p.b.write(0, writes[0].0, &newer))
         .expect("B writes");
-    assert!(p.b.drain(Duration::from_secs(10)));
+    assert!(p.b.drain_blocking(Duration::from_secs(10)));
     p.a.set_flush_paused(false);
     wait_for("A to be fenced", || {
         p.a.status()
@@ -507,7 +508,7 @@ fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
 
     // Takeover with a long grace; meanwhile a new write to the same block arrives at B.
     let b = p.b.clone();
-    let takeover = std::thread::spawn(move || b.take_over(0, Duration::from_millis(700)));
+    let takeover = std::thread::spawn(move || block_on(b.take_over(0, Duration::from_millis(700))));
     std::thread::sleep(Duration::from_millis(100));
     let newer = pattern(2, 8192);
     let started = Instant::now();
@@ -522,7 +523,7 @@ fn a_write_during_takeover_waits_and_is_not_overwritten_by_the_replay() {
     );
     // The replayed (older) record did not overwrite the newer write.
     assert!(read_engine(&p, &p.b, 0, 8192) == newer);
-    assert!(p.b.drain(Duration::from_secs(10)));
+    assert!(p.b.drain_blocking(Duration::from_secs(10)));
     assert!(p.medium.snapshot()[..8192] == newer[..]);
 }
 
@@ -542,7 +543,7 @@ fn io_forwarded_to_a_partner_that_died_waits_for_the_takeover_then_runs_here() {
     let b = p.b.clone();
     let takeover = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
-        b.take_over(0, Duration::from_millis(10))
+        block_on(b.take_over(0, Duration::from_millis(10)))
     });
     // A write and a read for A's range 0, issued while A is gone: both wait, neither fails.
     let newer = pattern(22, 4096);
@@ -589,9 +590,7 @@ fn takeover_does_not_replay_a_stale_mirror_copy_over_a_newer_degraded_write() {
         .expect("degraded write-through");
     assert!(p.medium.snapshot()[..8192] == newer[..]);
     // Now B takes over A's ranges: its copy of `old` is stale and must not be replayed.
-    let report =
-        p.b.take_over(0, Duration::from_millis(10))
-            .expect("takeover");
+    let report = block_on(p.b.take_over(0, Duration::from_millis(10))).expect("takeover");
     assert_eq!(report.records, 0, "stale mirror copy replayed: {report:?}");
     assert_eq!(report.skipped_already_flushed, 1);
     assert!(
@@ -612,13 +611,9 @@ fn takeover_of_some_ranges_replays_only_theirs_and_keeps_the_rest_for_later() {
     wait_for("B to see A down", || !p.link_b.state().is_up());
     p.b.cluster().expect("c").set_forwarder(None);
     // Range 1 is B's own: not the partner's, refused.
-    assert!(p
-        .b
-        .take_over_ranges(0, Some(&[(0, 1)]), Duration::from_millis(10))
-        .is_err());
-    let first =
-        p.b.take_over_ranges(0, Some(&[(0, 0)]), Duration::from_millis(10))
-            .expect("takeover of range 0");
+    assert!(block_on(p.b.take_over_ranges(0, Some(&[(0, 1)]), Duration::from_millis(10))).is_err());
+    let first = block_on(p.b.take_over_ranges(0, Some(&[(0, 0)]), Duration::from_millis(10)))
+        .expect("takeover of range 0");
     assert_eq!(first.records, in_range(0));
     let owners: Vec<(String, u64)> =
         p.b.status()
@@ -630,9 +625,8 @@ fn takeover_of_some_ranges_replays_only_theirs_and_keeps_the_rest_for_later() {
     assert_eq!(owners[2], ("a".to_string(), 1), "range 2 stays A's");
     let held = p.b.status().mirror.second_store.expect("ss").records;
     assert_eq!(held, in_range(2), "range 2's copies are still held");
-    let second =
-        p.b.take_over_ranges(0, Some(&[(0, 2)]), Duration::from_millis(10))
-            .expect("takeover of range 2");
+    let second = block_on(p.b.take_over_ranges(0, Some(&[(0, 2)]), Duration::from_millis(10)))
+        .expect("takeover of range 2");
     assert_eq!(second.records, in_range(2));
     assert_eq!(p.b.status().mirror.second_store.expect("ss").records, 0);
     for (off, d) in &writes {
@@ -692,6 +686,7 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
                 degraded: DegradedPolicy::WriteThrough,
                 cluster: None,
                 config_path: "test.toml".into(),
+                host: nvmirror::host::system(),
             },
             vec![LunSpec {
                 name: "lun0".into(),
@@ -707,7 +702,8 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
     let (_link_a, _link_b, rt) = connect(&a, &b, Duration::from_millis(500));
     let partner = b.clone();
     a.set_flush_delegate(Some(Arc::new(move |p, first, last, count| {
-        partner.write_for_partner(p, first, last, count).map(|_| ())
+        let written = partner.write_for_partner(p, first, last, count).map(|_| ());
+        Box::pin(async move { written })
     })));
 
     view_a
@@ -717,7 +713,7 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
     rt.block_on(a.write(0, 4096, &data))
         .expect("write while A's path is broken");
     assert!(
-        a.drain(Duration::from_secs(10)),
+        a.drain_blocking(Duration::from_secs(10)),
         "A's records reached the medium through B"
     );
     assert!(shared.snapshot()[4096..4096 + 65536] == data[..]);
@@ -788,7 +784,7 @@ fn takeover_time_for_1_gib_of_staged_writes() {
     let detection = died.elapsed();
     let grace = hb; // as the daemon: grace = heartbeat_timeout_ms
     let replay_started = Instant::now();
-    let report = b.take_over(0, grace).expect("takeover");
+    let report = block_on(b.take_over(0, grace)).expect("takeover");
     let takeover = replay_started.elapsed();
     assert_eq!(report.bytes, GIB);
     for &off in offsets.iter().step_by(97) {

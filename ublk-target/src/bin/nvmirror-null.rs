@@ -14,7 +14,7 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{sys, BufDesc, UblkError, UblkFlags};
-use nvmirror::config::{BLOCK_SIZE, MAX_IO_BYTES};
+use nvmirror::block::{BLOCK_SIZE, MAX_IO_BYTES};
 use std::io::Write;
 use std::rc::Rc;
 

@@ -8,7 +8,7 @@
 //! Every structure carries a crc32c; a checkpoint is written to the slot its generation
 //! selects, so a torn checkpoint write leaves the previous one intact.
 
-use crate::config::MAX_IO_BYTES;
+use crate::block::MAX_IO_BYTES;
 
 pub const SUPERBLOCK_MAGIC: &[u8; 8] = b"NVMIRLOG";
 pub const FORMAT_VERSION: u32 = 1;

@@ -1,83 +1,18 @@
-//! Mirroring: each record staged in this node's first store is copied into the partner's
-//! second store, and the partner's records land in ours.
-//!
-//! * [`Mirror`] is what the engine posts through (the `rdma-link` `Link`, or a fake in tests).
-//! * [`SecondStoreArea`] is the part of our NVRAM that holds the partner's partitions, with
-//!   the same geometry as its first store: a record at offset X of the partner's partition
-//!   log sits at offset X of the matching partition here. It tracks which records are
-//!   unreleased, and on takeover replays them into the medium with the same scan the local
-//!   restart uses.
+//! The second store: the part of our NVRAM that holds the partner's partitions, with the
+//! same geometry as its first store (a record at offset X of the partner's partition log sits
+//! at offset X of the matching partition here). The mirror link lands the partner's records
+//! here (`rdma_link::SecondStore`); this area tracks which are unreleased, and on a takeover
+//! replays them into the medium, or writes them for a partner whose medium path failed.
 
-use crate::engine::ReplayReport;
-use crate::medium::Medium;
+use crate::apply::{Applied, Applier, ApplyError, RecordWrite};
+use crate::lun::Lun;
 use crate::nvram::record::{RecordHeader, HEADER_BYTES};
 use crate::nvram::scan::CorruptRecord;
 use crate::nvram::{Layout, NvramRegion};
-use rdma_link::{PartitionSeq, Post, Region, ResyncPoint};
+use crate::ownership::FlushMarks;
+use rdma_link::{PartitionSeq, Region, ResyncPoint};
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-pub type PostFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
-
-/// Where the engine sends copies of its records.
-pub trait Mirror: Send + Sync {
-    /// Resolves Ok once the partner reports the bytes durable in its second store.
-    fn post(&self, post: Post) -> PostFuture;
-    /// The partner may reclaim everything of `partition` up to `through_seq`.
-    fn release(&self, partition: u32, through_seq: u64);
-    fn describe(&self) -> String;
-    /// Connected now (mirroring possible)?
-    fn is_up(&self) -> bool {
-        true
-    }
-    /// Transport name while connected ("tcp", "rdma").
-    fn transport(&self) -> Option<&'static str> {
-        None
-    }
-    /// Heartbeat round trip, if measured.
-    fn rtt(&self) -> Option<std::time::Duration> {
-        None
-    }
-}
-
-impl Mirror for rdma_link::Link {
-    fn post(&self, post: Post) -> PostFuture {
-        // Handed to the link now: the record travels while the caller persists its own copy.
-        let sent = rdma_link::Link::post(self, post);
-        Box::pin(async move { sent.await.map_err(|e| e.to_string()) })
-    }
-    fn release(&self, partition: u32, through_seq: u64) {
-        // While the link is down the partner's second store is rebuilt on reconnect anyway.
-        let _ = rdma_link::Link::release(self, partition, through_seq);
-    }
-    fn describe(&self) -> String {
-        format!("{:?}", self.state())
-    }
-    fn is_up(&self) -> bool {
-        self.state().is_up()
-    }
-    fn transport(&self) -> Option<&'static str> {
-        match self.state() {
-            rdma_link::LinkState::Up(info) => Some(info.transport.name()),
-            _ => None,
-        }
-    }
-    fn rtt(&self) -> Option<std::time::Duration> {
-        rdma_link::Link::rtt(self)
-    }
-}
-
-/// What to do with a write whose mirror copy could not be made (partner down).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DegradedPolicy {
-    /// Acknowledge only once the write is on the medium: still two copies (NVRAM + medium).
-    WriteThrough,
-    /// Acknowledge from the local NVRAM alone: fast, but a single copy until it is flushed.
-    Nvram,
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Held {
@@ -150,32 +85,26 @@ impl SecondStoreArea {
     /// others stay held for a later takeover of their ranges.
     pub fn replay_into(
         &self,
-        media: &[Arc<dyn Medium>],
-        marks: Option<&crate::ownership::FlushMarks>,
+        luns: &[Arc<Lun>],
+        marks: Option<&FlushMarks>,
         selected: &dyn Fn(u32, u64) -> bool,
         progress: &dyn Fn(u64, u64),
-    ) -> Result<ReplayReport, ReplayError> {
-        let started = std::time::Instant::now();
-        let mut report = ReplayReport::default();
+    ) -> Result<SecondStoreReplay, ReplayError> {
+        let mut report = SecondStoreReplay::default();
         let held: Vec<BTreeMap<u64, Held>> = self.held().clone();
-        let mut touched = vec![false; media.len()];
+        let mut applier = Applier::new(luns);
         let mut done: Vec<Vec<u64>> = vec![Vec::new(); held.len()];
         for (p, records) in held.iter().enumerate() {
-            let part_base = self.base + p as u64 * self.layout.part_size;
-            let log = self.region.slice(part_base, self.layout.part_size as usize);
+            let log = self.partition_log(p as u32);
             let mut log_id = None;
             for (&seq, held) in records {
-                let at = held.pos as usize;
-                let header = match RecordHeader::decode(&log[at..]) {
-                    Ok(h) if h.seq == seq && h.partition == p as u32 => h,
+                let Some(header) = self.held_header(log, p as u32, seq, held) else {
                     // Space is reused only after the partner flushed the record, so a record
                     // overwritten by a newer one is already on the medium.
-                    _ => {
-                        tracing::warn!(partition = p, seq, "mirrored record was overwritten by a newer one (already flushed by the partner); skipped");
-                        report.discarded_unacknowledged += 1;
-                        done[p].push(seq);
-                        continue;
-                    }
+                    tracing::warn!(partition = p, seq, "mirrored record was overwritten by a newer one (already flushed by the partner); skipped");
+                    report.overwritten += 1;
+                    done[p].push(seq);
+                    continue;
                 };
                 if !selected(header.lun, header.offset) {
                     continue;
@@ -194,46 +123,25 @@ impl SecondStoreArea {
                     report.skipped_already_flushed += 1;
                     continue;
                 }
-                let data = &log[at + HEADER_BYTES as usize
-                    ..at + HEADER_BYTES as usize + header.data_len as usize];
-                if at as u64 + header.slot() > self.layout.part_size
-                    || crc32c::crc32c(data) != header.data_crc
-                {
-                    return Err(ReplayError::Damaged(CorruptRecord {
+                let data = self.record_data(log, held, &header).ok_or_else(|| {
+                    ReplayError::Damaged(CorruptRecord {
                         partition: p as u32,
                         seq,
                         pos: held.pos,
                         problem: "damaged (data checksum mismatch) in the second store".into(),
                         proof_seq: seq,
-                    }));
-                }
-                let medium = media.get(header.lun as usize).ok_or_else(|| {
-                    ReplayError::Corrupt(format!(
-                        "record seq {seq} names LUN {} which is not configured",
-                        header.lun
-                    ))
+                    })
                 })?;
-                crate::medium::apply_record(
-                    medium.as_ref(),
-                    header.kind,
-                    header.offset,
-                    header.len as u64,
-                    data,
-                )
-                .map_err(|e| ReplayError::Medium(format!("seq {seq}: {e}")))?;
-                touched[header.lun as usize] = true;
-                report.records += 1;
-                report.bytes += header.len as u64;
-                progress(report.records as u64, report.bytes);
+                applier
+                    .apply(&record_write(p as u32, &header, data))
+                    .map_err(ReplayError::Apply)?;
+                let so_far = applier.applied();
+                progress(so_far.records as u64, so_far.bytes);
             }
         }
-        for (i, medium) in media.iter().enumerate() {
-            if touched[i] {
-                medium.sync().map_err(|e| {
-                    ReplayError::Medium(format!("syncing {}: {e}", medium.describe()))
-                })?;
-            }
-        }
+        let Applied { records, bytes } = applier.sync().map_err(ReplayError::Apply)?;
+        report.records = records;
+        report.bytes = bytes;
         let mut now_held = self.held();
         for (p, seqs) in done.iter().enumerate() {
             if let Some(m) = now_held.get_mut(p) {
@@ -242,10 +150,63 @@ impl SecondStoreArea {
                 }
             }
         }
-        drop(now_held);
-        report.millis = started.elapsed().as_millis() as u64;
         Ok(report)
     }
+
+    /// The bytes of the partner's partition `p` in our NVRAM.
+    fn partition_log(&self, p: u32) -> &[u8] {
+        let part_base = self.base + p as u64 * self.layout.part_size;
+        self.region.slice(part_base, self.layout.part_size as usize)
+    }
+
+    /// The header of held record `seq`, if it is still the record we were told about.
+    fn held_header(&self, log: &[u8], p: u32, seq: u64, held: &Held) -> Option<RecordHeader> {
+        let at = usize::try_from(held.pos).ok()?;
+        match RecordHeader::decode(log.get(at..)?) {
+            Ok(h) if h.seq == seq && h.partition == p => Some(h),
+            _ => None,
+        }
+    }
+
+    /// A held record's payload, if it fits its partition and matches its checksum.
+    fn record_data<'a>(
+        &self,
+        log: &'a [u8],
+        held: &Held,
+        header: &RecordHeader,
+    ) -> Option<&'a [u8]> {
+        let at = usize::try_from(held.pos).ok()?;
+        if held.pos.checked_add(header.slot())? > self.layout.part_size {
+            return None;
+        }
+        let start = at + HEADER_BYTES as usize;
+        let data = log.get(start..start + header.data_len as usize)?;
+        (crc32c::crc32c(data) == header.data_crc).then_some(data)
+    }
+}
+
+/// A mirrored record as a medium write.
+fn record_write<'a>(partition: u32, h: &RecordHeader, data: &'a [u8]) -> RecordWrite<'a> {
+    RecordWrite {
+        partition,
+        seq: h.seq,
+        kind: h.kind,
+        lun: h.lun,
+        offset: h.offset,
+        len: h.len as u64,
+        data,
+    }
+}
+
+/// What a takeover's replay of the second store did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SecondStoreReplay {
+    pub records: usize,
+    pub bytes: u64,
+    /// Held records a newer record overwrote: the partner flushed them before reusing space.
+    pub overwritten: usize,
+    /// Records at or below the partner's flush marks: on the medium already.
+    pub skipped_already_flushed: usize,
 }
 
 impl SecondStoreArea {
@@ -257,7 +218,7 @@ impl SecondStoreArea {
         first: u64,
         last: u64,
         count: usize,
-        media: &[Arc<dyn Medium>],
+        luns: &[Arc<Lun>],
     ) -> Result<usize, String> {
         let held: Vec<(u64, Held)> = self
             .held()
@@ -270,42 +231,25 @@ impl SecondStoreArea {
                 held.len()
             ));
         }
-        let part_base = self.base + partition as u64 * self.layout.part_size;
-        let log = self.region.slice(part_base, self.layout.part_size as usize);
-        let mut touched = vec![false; media.len()];
+        if partition >= self.layout.partitions {
+            return Err(format!("partition {partition} does not exist"));
+        }
+        let log = self.partition_log(partition);
+        let mut applier = Applier::new(luns);
         for (seq, h) in &held {
-            let at = h.pos as usize;
-            let header = match RecordHeader::decode(&log[at..]) {
-                Ok(hd) if hd.seq == *seq => hd,
-                _ => return Err(format!("mirrored record seq {seq} is not intact")),
-            };
-            let end = at + HEADER_BYTES as usize + header.data_len as usize;
-            if end > log.len() {
-                return Err(format!("mirrored record seq {seq} exceeds its partition"));
-            }
-            let data = &log[at + HEADER_BYTES as usize..end];
-            if crc32c::crc32c(data) != header.data_crc {
-                return Err(format!("mirrored record seq {seq}: data checksum mismatch"));
-            }
-            let medium = media
-                .get(header.lun as usize)
-                .ok_or_else(|| format!("record seq {seq} names an unknown LUN"))?;
-            crate::medium::apply_record(
-                medium.as_ref(),
-                header.kind,
-                header.offset,
-                header.len as u64,
-                data,
-            )
-            .map_err(|e| format!("writing seq {seq}: {e}"))?;
-            touched[header.lun as usize] = true;
+            let header = self
+                .held_header(log, partition, *seq, h)
+                .ok_or_else(|| format!("mirrored record seq {seq} is not intact"))?;
+            let data = self.record_data(log, h, &header).ok_or_else(|| {
+                format!(
+                    "mirrored record seq {seq}: data checksum mismatch or outside its partition"
+                )
+            })?;
+            applier
+                .apply(&record_write(partition, &header, data))
+                .map_err(|e| e.to_string())?;
         }
-        for (i, m) in media.iter().enumerate() {
-            if touched[i] {
-                m.sync()
-                    .map_err(|e| format!("syncing {}: {e}", m.describe()))?;
-            }
-        }
+        applier.sync().map_err(|e| e.to_string())?;
         rdma_link::SecondStore::on_release(self, partition, last);
         Ok(held.len())
     }
@@ -317,6 +261,8 @@ pub enum ReplayError {
     Damaged(CorruptRecord),
     #[error("second store is inconsistent: {0}")]
     Corrupt(String),
+    #[error("writing mirrored records to the medium failed: {0}")]
+    Apply(ApplyError),
     #[error("writing mirrored records to the medium failed: {0}")]
     Medium(String),
 }

@@ -1,76 +1,35 @@
-//! Which node serves which LUN range right now, and the request forwarding between nodes.
+//! Which node serves which LUN range right now: this node's view of the ownership table,
+//! and the gates its I/O passes.
 //!
 //! Each range is in one of three states on this node:
 //! * `Local`: we own it; its writes are staged here.
-//! * `Remote(node)`: the partner owns it; its I/O is forwarded to the partner.
+//! * `Remote(node)`: another node owns it; its I/O is forwarded there.
 //! * `TakingOver`: we are replaying the partner's mirrored records for it; I/O waits (it is
 //!   neither failed nor allowed to overtake the replay).
 //!
 //! The persistent truth is the ownership table on the shared medium (`ownership`); this is
-//! the node's view of it plus the gates.
+//! the node's view of it plus the gates. Nodes are numbered by their place in the cluster's
+//! node list ([`NodeId`]); each node's mirror lives on its [`Cluster::partner_of`].
 
+use super::forward::Forwarder;
+use crate::flusher::Fence;
 use crate::ownership::{self, OwnershipTable, RangeOwner, TableStore};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
+
+/// A node: its index in the cluster's node list (the same on every node).
+pub type NodeId = u32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RangeState {
     Local,
-    Remote(u32),
+    Remote(NodeId),
     TakingOver,
-}
-
-pub type ForwardFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send>>;
-
-/// Sends I/O for ranges the partner owns to the partner.
-pub trait Forwarder: Send + Sync {
-    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()>;
-    fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> ForwardFuture<()>;
-    fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>>;
-}
-
-/// A [`Forwarder`] over any request/response channel: `call` carries an encoded request to
-/// the owner and brings back its raw answer (see [`wire`]).
-pub struct RequestForwarder<C>(pub C);
-
-impl<C> RequestForwarder<C>
-where
-    C: Fn(Vec<u8>) -> ForwardFuture<Vec<u8>> + Send + Sync,
-{
-    fn ask(&self, req: Vec<u8>) -> ForwardFuture<Vec<u8>> {
-        let answer = (self.0)(req);
-        Box::pin(async move { wire::answer(&answer.await?).map(|d| d.to_vec()) })
-    }
-}
-
-impl<C> Forwarder for RequestForwarder<C>
-where
-    C: Fn(Vec<u8>) -> ForwardFuture<Vec<u8>> + Send + Sync,
-{
-    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()> {
-        let f = self.ask(wire::encode(
-            wire::OP_WRITE,
-            lun,
-            offset,
-            data.len() as u32,
-            &data,
-        ));
-        Box::pin(async move { f.await.map(|_| ()) })
-    }
-    fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> ForwardFuture<()> {
-        let f = self.ask(wire::encode(wire::OP_ZERO, lun, offset, len as u32, &[]));
-        Box::pin(async move { f.await.map(|_| ()) })
-    }
-    fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>> {
-        self.ask(wire::encode(wire::OP_READ, lun, offset, len, &[]))
-    }
 }
 
 pub struct ClusterSetup {
     /// Our index in `nodes`.
-    pub me: u32,
+    pub me: NodeId,
     pub nodes: Vec<String>,
     pub table_store: Box<dyn TableStore>,
     /// Written to the medium if it holds no table yet.
@@ -78,7 +37,7 @@ pub struct ClusterSetup {
 }
 
 pub struct Cluster {
-    pub me: u32,
+    pub me: NodeId,
     pub nodes: Vec<String>,
     /// The owners the config asks for; giveback returns ranges to them.
     configured: OwnershipTable,
@@ -145,7 +104,26 @@ impl Cluster {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn node_name(&self, i: u32) -> &str {
+    /// The node whose second store holds `node`'s mirror, which takes over `node`'s ranges
+    /// when it dies: the next node in the list (in a pair, the other one).
+    pub fn partner_of(&self, node: NodeId) -> NodeId {
+        let n = self.nodes.len().max(1) as NodeId;
+        (node + 1) % n
+    }
+
+    /// The nodes whose mirror we hold (in a pair, the other node).
+    pub fn mirrored_for_us(&self) -> Vec<NodeId> {
+        (0..self.nodes.len() as NodeId)
+            .filter(|&n| n != self.me && self.partner_of(n) == self.me)
+            .collect()
+    }
+
+    /// Our mirror partner: the node whose second store holds our records.
+    pub fn partner(&self) -> NodeId {
+        self.partner_of(self.me)
+    }
+
+    pub fn node_name(&self, i: NodeId) -> &str {
         self.nodes
             .get(i as usize)
             .map(|s| s.as_str())
@@ -375,8 +353,7 @@ impl Cluster {
 
     /// Fencing: re-reads the table on the medium and says whether we still own `range`
     /// of `lun` (ownership may have moved away while we were cut off).
-    pub fn still_owned(&self, checks: &[(u32, u32)]) -> Result<(), crate::flusher::Fence> {
-        use crate::flusher::Fence;
+    pub fn still_owned(&self, checks: &[(u32, u32)]) -> Result<(), Fence> {
         let t = match ownership::load(self.store.as_ref()) {
             Ok(Some(t)) => t,
             Ok(None) => {
@@ -442,109 +419,5 @@ impl Cluster {
             }
         }
         out
-    }
-}
-
-/// Wire format of a forwarded request and its answer (opaque to the link).
-pub mod wire {
-    pub const OP_WRITE: u8 = 1;
-    pub const OP_ZERO: u8 = 2;
-    pub const OP_READ: u8 = 3;
-    /// Write records `offset..=last` (last in the data) of partition `lun` from your second
-    /// store; `len` of them must be there.
-    pub const OP_WRITE_FOR_PARTNER: u8 = 4;
-    /// The ownership table changed on the medium (a giveback): re-read it.
-    pub const OP_RELOAD_OWNERSHIP: u8 = 5;
-    const HEADER: usize = 17;
-
-    #[derive(Debug, PartialEq, Eq)]
-    pub struct Request {
-        pub op: u8,
-        pub lun: u32,
-        pub offset: u64,
-        pub len: u32,
-        pub data: Vec<u8>,
-    }
-
-    pub fn encode(op: u8, lun: u32, offset: u64, len: u32, data: &[u8]) -> Vec<u8> {
-        let mut b = Vec::with_capacity(HEADER + data.len());
-        b.push(op);
-        b.extend_from_slice(&lun.to_le_bytes());
-        b.extend_from_slice(&offset.to_le_bytes());
-        b.extend_from_slice(&len.to_le_bytes());
-        b.extend_from_slice(data);
-        b
-    }
-
-    pub fn decode(b: &[u8]) -> Option<Request> {
-        if b.len() < HEADER {
-            return None;
-        }
-        let mut lun = [0u8; 4];
-        lun.copy_from_slice(&b[1..5]);
-        let mut off = [0u8; 8];
-        off.copy_from_slice(&b[5..13]);
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&b[13..17]);
-        let r = Request {
-            op: b[0],
-            lun: u32::from_le_bytes(lun),
-            offset: u64::from_le_bytes(off),
-            len: u32::from_le_bytes(len),
-            data: b[HEADER..].to_vec(),
-        };
-        let data_ok = match r.op {
-            OP_WRITE => r.data.len() == r.len as usize,
-            OP_ZERO | OP_READ | OP_RELOAD_OWNERSHIP => r.data.is_empty(),
-            OP_WRITE_FOR_PARTNER => r.data.len() == 8,
-            _ => false,
-        };
-        data_ok.then_some(r)
-    }
-
-    /// Answer: 0 + data on success, 1 + UTF-8 message on failure.
-    pub fn ok(data: &[u8]) -> Vec<u8> {
-        let mut b = Vec::with_capacity(1 + data.len());
-        b.push(0);
-        b.extend_from_slice(data);
-        b
-    }
-
-    pub fn err(msg: &str) -> Vec<u8> {
-        let mut b = vec![1];
-        b.extend_from_slice(msg.as_bytes());
-        b
-    }
-
-    pub fn answer(b: &[u8]) -> Result<&[u8], String> {
-        match b.split_first() {
-            Some((0, data)) => Ok(data),
-            Some((1, msg)) => Err(String::from_utf8_lossy(msg).into_owned()),
-            _ => Err("malformed answer from the partner".into()),
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-        #[test]
-        fn round_trip_and_rejects_malformed() {
-            let b = encode(OP_WRITE, 2, 8192, 3, &[1, 2, 3]);
-            assert_eq!(
-                decode(&b),
-                Some(Request {
-                    op: OP_WRITE,
-                    lun: 2,
-                    offset: 8192,
-                    len: 3,
-                    data: vec![1, 2, 3]
-                })
-            );
-            assert_eq!(decode(&b[..10]), None);
-            assert_eq!(decode(&encode(OP_WRITE, 0, 0, 5, &[1])), None);
-            assert_eq!(decode(&encode(9, 0, 0, 0, &[])), None);
-            assert_eq!(answer(&ok(&[7])), Ok(&[7u8][..]));
-            assert_eq!(answer(&err("no")), Err("no".to_string()));
-        }
     }
 }

@@ -1,0 +1,52 @@
+//! Forwarding: I/O to a range another node owns goes to that node as a request (see
+//! [`super::wire`]) and comes back as its answer.
+
+use super::wire;
+use std::future::Future;
+use std::pin::Pin;
+
+pub type ForwardFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send>>;
+
+/// Sends I/O for ranges the partner owns to the partner.
+pub trait Forwarder: Send + Sync {
+    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()>;
+    fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> ForwardFuture<()>;
+    fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>>;
+}
+
+/// A [`Forwarder`] over any request/response channel: `call` carries an encoded request to
+/// the owner and brings back its raw answer (see [`wire`]).
+pub struct RequestForwarder<C>(pub C);
+
+impl<C> RequestForwarder<C>
+where
+    C: Fn(Vec<u8>) -> ForwardFuture<Vec<u8>> + Send + Sync,
+{
+    fn ask(&self, req: Vec<u8>) -> ForwardFuture<Vec<u8>> {
+        let answer = (self.0)(req);
+        Box::pin(async move { wire::answer(&answer.await?).map(|d| d.to_vec()) })
+    }
+}
+
+impl<C> Forwarder for RequestForwarder<C>
+where
+    C: Fn(Vec<u8>) -> ForwardFuture<Vec<u8>> + Send + Sync,
+{
+    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()> {
+        let f = self.ask(wire::encode(
+            wire::OP_WRITE,
+            lun,
+            offset,
+            data.len() as u32,
+            &data,
+        ));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> ForwardFuture<()> {
+        let f = self.ask(wire::encode(wire::OP_ZERO, lun, offset, len as u32, &[]));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>> {
+        self.ask(wire::encode(wire::OP_READ, lun, offset, len, &[]))
+    }
+}

@@ -1,0 +1,11 @@
+//! The cluster as one node sees it: who owns which LUN range ([`Cluster`], `ranges`), how
+//! I/O to another node's range gets there ([`Forwarder`], `forward`), and the format of a
+//! forwarded request (`wire`). The engine routes every I/O through it; takeover and giveback
+//! change it.
+
+mod forward;
+mod ranges;
+pub mod wire;
+
+pub use forward::{ForwardFuture, Forwarder, RequestForwarder};
+pub use ranges::{Cluster, ClusterSetup, NodeId, RangeState, RangeStatus};

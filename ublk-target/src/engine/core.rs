@@ -1,0 +1,245 @@
+//! What an engine holds (`Engine`), how it is opened (`EngineOptions`, `OpenMode`), and
+//! how it fails (`EngineError` at start, `IoError` per request); plus the small accessors
+//! the daemon and the link need. Behaviour lives in the sibling files.
+
+use super::takeover_state::TakeoverState;
+use crate::cluster::Cluster;
+use crate::config::DegradedPolicy;
+use crate::flusher::{FlushPolicy, FlusherStats};
+use crate::host::{Host, TaskHandle};
+use crate::log::{LogError, PartitionLog};
+use crate::lun::Lun;
+use crate::medium::MediumError;
+use crate::mirror::{Mirror, MirrorSlot, SecondStoreArea};
+use crate::nvram::region::RegionError;
+use crate::nvram::scan::CorruptRecord;
+use crate::nvram::{Layout, NvramRegion, Superblock};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// How to treat what is found on the NVRAM at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Replay a valid log; format a blank device; refuse anything else.
+    Normal,
+    /// Replay the intact records before a damaged one, discard the rest, reformat.
+    Salvage,
+    /// Discard whatever is there and format (operator's explicit decision).
+    Format,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    #[error(transparent)]
+    Medium(#[from] MediumError),
+    #[error("NVRAM {path} holds data that is not an nvmirror log; refusing to overwrite it. If the device is meant for nvmirror, erase it with `nvmirrorctl nvram format --config {config} --force`")]
+    Foreign { path: PathBuf, config: String },
+    #[error("NVRAM {path} has a damaged superblock ({reason}); refusing to guess what it holds. Inspect it with `nvmirrorctl nvram inspect --config {config}`; if its staged writes are not needed, `nvmirrorctl nvram format --config {config} --force`")]
+    CorruptSuperblock {
+        path: PathBuf,
+        reason: String,
+        config: String,
+    },
+    #[error("NVRAM {path} was written in log format version {found}; this nvmirrord reads version {supported}. Start the nvmirrord that wrote it to drain the log, or discard it with `nvmirrorctl nvram format --config {config} --force`")]
+    Version {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+        config: String,
+    },
+    #[error("NVRAM {path} belongs to node {found:?}, but this is node {expected:?} (node.name); check nvram.path. If node {found:?}'s staged writes are no longer needed, `nvmirrorctl nvram format --config {config} --force`")]
+    WrongNode {
+        path: PathBuf,
+        found: String,
+        expected: String,
+        config: String,
+    },
+    #[error("NVRAM {path} holds {records} unflushed record(s) written for another LUN layout ({found}); the config now says ({expected}). Replaying them would put data at the wrong place: start nvmirrord with the old config to drain them, or discard them with `nvmirrorctl nvram format --config {config} --force`")]
+    Layout {
+        path: PathBuf,
+        found: String,
+        expected: String,
+        records: usize,
+        config: String,
+    },
+    #[error("NVRAM {path} is too small: {size} bytes cannot hold {partitions} partitions; use a bigger device or fewer partitions (nvram.partitions)")]
+    TooSmall {
+        path: PathBuf,
+        size: u64,
+        partitions: u32,
+    },
+    #[error("NVRAM {path}: {corrupt}. Refusing to start, so that no acknowledged write is lost silently. Inspect with `nvmirrorctl nvram inspect --config {config}`. To replay the intact records before it and DISCARD the rest, run `nvmirrorctl nvram salvage --config {config}`")]
+    CorruptRecord {
+        path: PathBuf,
+        corrupt: CorruptRecord,
+        config: String,
+    },
+    #[error("replaying the NVRAM log into the medium failed: {0}; nothing was discarded, fix the medium and start again")]
+    Replay(String),
+    #[error("NVRAM I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// An I/O request failed; `errno` goes back to the kernel.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct IoError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl IoError {
+    pub fn new(errno: i32, message: impl Into<String>) -> IoError {
+        IoError {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<LogError> for IoError {
+    fn from(e: LogError) -> Self {
+        IoError::new(libc::EIO, e.to_string())
+    }
+}
+
+/// What the start-up replay (or a takeover's replay) did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReplayReport {
+    pub records: usize,
+    pub bytes: u64,
+    pub discarded_unacknowledged: usize,
+    pub millis: u64,
+    pub formatted: bool,
+    pub salvaged_from_corruption: bool,
+    /// Records of ranges another node took over while we were away (it replayed them).
+    pub skipped_not_owned: usize,
+    /// Takeover: mirrored records the partner's flush marks show on the medium already.
+    #[serde(default)]
+    pub skipped_already_flushed: usize,
+}
+
+pub struct EngineOptions {
+    pub node_name: String,
+    pub partitions: u32,
+    pub flush: FlushPolicy,
+    pub mode: OpenMode,
+    /// Reserve a second store for a partner's mirrored partitions.
+    pub mirrored: bool,
+    pub degraded: DegradedPolicy,
+    /// Two-node operation: ranges, their owners, the table on the medium.
+    pub cluster: Option<crate::cluster::ClusterSetup>,
+    /// Shown in error messages as the `--config` argument of the recovery commands.
+    pub config_path: String,
+    /// The clock, timers and background tasks (`host::system()` on a real machine).
+    pub host: Arc<dyn Host>,
+}
+
+pub struct Engine {
+    pub(super) host: Arc<dyn Host>,
+    pub(super) node: String,
+    pub(super) cluster: Option<Arc<Cluster>>,
+    pub(super) takeover: TakeoverState,
+    pub(super) mirror: Arc<MirrorSlot>,
+    pub(super) second_store: Option<Arc<SecondStoreArea>>,
+    pub(super) region: Arc<NvramRegion>,
+    pub(super) sb: Superblock,
+    pub(super) parts: Vec<Arc<PartitionLog>>,
+    pub(super) luns: Arc<Vec<Arc<Lun>>>,
+    pub(super) flusher_stats: Arc<FlusherStats>,
+    pub(super) tasks: Mutex<Vec<TaskHandle>>,
+    pub(super) replay: ReplayReport,
+}
+
+impl Engine {
+    pub fn luns(&self) -> &[Arc<Lun>] {
+        &self.luns
+    }
+
+    pub fn host(&self) -> &Arc<dyn Host> {
+        &self.host
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    pub fn log_id(&self) -> u64 {
+        self.sb.log_id
+    }
+
+    /// Starts mirroring every new write through `m`.
+    pub fn attach_mirror(&self, m: Arc<dyn Mirror>) {
+        self.mirror.attach(Some(m));
+    }
+
+    pub fn detach_mirror(&self) {
+        self.mirror.attach(None);
+    }
+
+    /// The partner (re)connected and resynchronized its second store with our logs: flushes
+    /// need no flush marks until a write goes unmirrored again.
+    pub fn mirror_resynced(&self) {
+        self.mirror.partner_resynced();
+    }
+
+    /// The mirror link to the partner came up: mirroring resumes for every new write, and
+    /// `takeover_expected` says whether losing it again leads to a takeover (see
+    /// [`Engine::set_takeover_expected`]). Whatever is already on the medium may go from
+    /// the partner's second store: after our restart it still holds copies of records that
+    /// our start-up replay flushed, and replaying those later would write old data over new.
+    pub fn partner_connected(&self, takeover_expected: bool) {
+        self.mirror_resynced();
+        self.set_takeover_expected(takeover_expected);
+        if let Some(m) = self.mirror.current() {
+            for p in &self.parts {
+                let flushed = p.status().flushed_through;
+                if flushed > 0 {
+                    m.release(p.id, flushed);
+                }
+            }
+        }
+    }
+
+    /// This node's first store (all its partition logs) in the NVRAM mapping, for the mirror
+    /// link to send records from without a copy. Offsets in it are `store_offset`s.
+    pub fn local_region(&self) -> rdma_link::Region {
+        let layout = Layout::of(&self.sb);
+        let (ptr, _) = self.region.raw_parts();
+        let len = layout.partitions as u64 * layout.part_size;
+        // SAFETY: the first store is inside the mapping, which lives as long as the engine;
+        // the engine outlives the link it is given to (the daemon shuts the link down before
+        // dropping the engine); the link only reads the records it was asked to post.
+        unsafe { rdma_link::Region::new(ptr.add(layout.data_offset as usize), len as usize) }
+            .unwrap_or_else(|_| rdma_link::Region::leaked(0))
+    }
+
+    /// The area of our NVRAM that holds the partner's mirrored partitions.
+    pub fn second_store(&self) -> Option<Arc<SecondStoreArea>> {
+        self.second_store.clone()
+    }
+
+    /// Stops the background tasks; staged records stay in the NVRAM for the next start.
+    pub fn shutdown(&self) {
+        for p in &self.parts {
+            p.shutdown();
+        }
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

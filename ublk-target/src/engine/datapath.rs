@@ -1,0 +1,270 @@
+//! The data path of the ranges this node serves, top to bottom:
+//!
+//! ```text
+//! write -> stage: PartitionLog::append (copy into NVRAM, index the extent)
+//!                 -> mirror post (the copy travels to the partner's second store)
+//!                 -> PartitionLog::commit (persist the local copy meanwhile; group commit)
+//!       -> both durable: settle (the flusher may take the record) -> complete
+//!          (partner unreachable: `degraded` decides: write-through waits for the flusher)
+//! read  -> staged-extent index: staged pieces from NVRAM, gaps from the medium
+//! ```
+//! Writes and reads arrive here already routed (`routing`): every piece is in a range we
+//! serve, or is explicitly skipped because it was forwarded.
+
+use super::core::{Engine, IoError};
+use crate::config::DegradedPolicy;
+use crate::index::{Extent, Piece, Source};
+use crate::log::PartitionLog;
+use crate::lun::Lun;
+use crate::nvram::record::RecordKind;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Engine {
+    pub(super) fn lun_for(&self, lun: usize, offset: u64, len: u64) -> Result<&Arc<Lun>, IoError> {
+        let l = self
+            .luns
+            .get(lun)
+            .ok_or_else(|| IoError::new(libc::ENODEV, format!("no LUN {lun}")))?;
+        if !l.contains(offset, len) {
+            return Err(IoError::new(
+                libc::EINVAL,
+                format!(
+                    "I/O {offset}+{len} beyond the end of LUN {} ({})",
+                    l.name, l.size
+                ),
+            ));
+        }
+        Ok(l)
+    }
+
+    /// The staging log of a global range: ranges are spread over the partitions in turn.
+    fn partition_of(&self, global_range: u32) -> &Arc<PartitionLog> {
+        &self.parts[(global_range % self.parts.len() as u32) as usize]
+    }
+
+    /// Stages a write; returns once it is durable in the NVRAM (and mirrored). Pieces in
+    /// ranges another node owns are forwarded to it.
+    pub async fn write(&self, lun_idx: usize, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        let lun = self.lun_for(lun_idx, offset, data.len() as u64)?;
+        self.route_write(
+            lun_idx,
+            lun,
+            RecordKind::Data,
+            offset,
+            data.len() as u64,
+            data,
+        )
+        .await?;
+        lun.stats.writes.fetch_add(1, Ordering::Relaxed);
+        lun.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// WRITE_ZEROES and DISCARD: the range reads as zeroes once this returns.
+    pub async fn write_zeroes(&self, lun_idx: usize, offset: u64, len: u64) -> Result<(), IoError> {
+        let lun = self.lun_for(lun_idx, offset, len)?;
+        self.route_write(lun_idx, lun, RecordKind::Zero, offset, len, &[])
+            .await
+    }
+
+    /// Stages the pieces of an I/O that fall in ranges we serve (`skip`: pieces forwarded
+    /// to another node), mirrors them, and waits for both copies.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn stage(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+        skip: &[(u64, u64)],
+    ) -> Result<(), IoError> {
+        let mirror = self.mirror.current();
+        let mut staged = Vec::with_capacity(2);
+        for (at, n, range) in lun.pieces(offset, len) {
+            if skip.iter().any(|&(s, _)| s == at) {
+                continue;
+            }
+            let part = self.partition_of(range);
+            let payload: &[u8] = match kind {
+                RecordKind::Data => &data[(at - offset) as usize..(at - offset + n) as usize],
+                _ => &[],
+            };
+            let s = part
+                .append(kind, lun_idx as u32, at, n, payload, |seq, nvram_off| {
+                    lun.index().insert(Extent {
+                        start: at,
+                        end: at + n,
+                        partition: part.id,
+                        seq,
+                        src: match kind {
+                            RecordKind::Data => Source::Log { nvram_off },
+                            _ => Source::Zero,
+                        },
+                    })
+                })
+                .await?;
+            // The copy goes to the partner first, then this thread persists the local copy
+            // while it travels (group commit: with a committer at work, it takes ours).
+            let post = mirror.as_ref().map(|m| {
+                m.post(rdma_link::Post {
+                    partition: part.id,
+                    seq: s.record.seq,
+                    local_offset: part.store_offset(s.record.pos),
+                    remote_offset: part.store_offset(s.record.pos),
+                    len: s.record.slot as u32,
+                })
+            });
+            part.commit();
+            staged.push((part, s, post));
+        }
+        // Local persist and mirror post of every piece run at once; the write completes when
+        // all have answered.
+        let outcomes = futures::future::join_all(staged.into_iter().map(|(part, s, post)| {
+            let mirror_attached = mirror.is_some();
+            async move {
+                let (local, mirrored) = futures::future::join(s.durable, async move {
+                    match post {
+                        Some(p) => p.await,
+                        None => Err(String::from("no partner attached")),
+                    }
+                })
+                .await;
+                let local = match local {
+                    Ok(r) => r.map_err(IoError::from),
+                    Err(_) => Err(IoError::new(
+                        libc::EIO,
+                        "NVRAM persister stopped before the write was durable",
+                    )),
+                };
+                if mirrored.is_err() && self.second_store.is_some() {
+                    // Before the flusher can take the record: its flush must leave marks.
+                    self.mirror.note_unmirrored();
+                }
+                // Both answers are in: the flusher may take the record from now on.
+                if let Some(w) = s.wrap {
+                    part.settle(w.seq);
+                }
+                part.settle(s.record.seq);
+                match (local, mirrored) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Ok(())) => {
+                        self.mirror.note_mirrored();
+                        Ok(())
+                    }
+                    (Ok(()), Err(why)) => {
+                        self.degraded(part, s.record.seq, mirror_attached, why)
+                            .await
+                    }
+                }
+            }
+        }))
+        .await;
+        outcomes.into_iter().collect()
+    }
+
+    /// A write is durable locally but has no mirror copy.
+    async fn degraded(
+        &self,
+        part: &PartitionLog,
+        seq: u64,
+        had_mirror: bool,
+        why: String,
+    ) -> Result<(), IoError> {
+        if !had_mirror && self.second_store.is_none() {
+            // A single node by configuration: the NVRAM copy is the acknowledgement.
+            return Ok(());
+        }
+        self.mirror.note_degraded(why);
+        match self.mirror.policy {
+            DegradedPolicy::Nvram => Ok(()),
+            // Keep two copies: the NVRAM one and the medium.
+            DegradedPolicy::WriteThrough => part.flushed(seq).await.map_err(IoError::from),
+        }
+    }
+
+    /// Reads the newest data of ranges we serve: staged pieces from the NVRAM, the rest
+    /// from the medium.
+    pub fn read(&self, lun_idx: usize, offset: u64, out: &mut [u8]) -> Result<(), IoError> {
+        let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
+        let end = offset + out.len() as u64;
+        let gaps: Vec<(u64, u64)> = {
+            // Staged bytes are copied while the index lock pins them: the flusher unindexes
+            // a record before its space can be reused.
+            let index = lun.index();
+            let mut gaps = Vec::new();
+            for piece in index.lookup(offset, end) {
+                match piece {
+                    Piece::Staged(x) => {
+                        let dst = &mut out[(x.start - offset) as usize..(x.end - offset) as usize];
+                        match x.src {
+                            Source::Log { nvram_off } => self.region.read_at(nvram_off, dst),
+                            Source::Zero => dst.fill(0),
+                        }
+                    }
+                    Piece::Medium { start, end } => gaps.push((start, end)),
+                }
+            }
+            gaps
+        };
+        for (start, gap_end) in gaps {
+            let dst = &mut out[(start - offset) as usize..(gap_end - offset) as usize];
+            lun.medium.read_at(dst, start).map_err(|e| {
+                IoError::new(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("reading {} at {start}: {e}", lun.medium.describe()),
+                )
+            })?;
+        }
+        lun.stats.reads.fetch_add(1, Ordering::Relaxed);
+        lun.stats
+            .bytes_read
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads into a fresh buffer (for a forwarded read). The medium is read with O_DIRECT,
+    /// which needs a 4 KiB-aligned buffer.
+    pub fn read_to_vec(&self, lun_idx: usize, offset: u64, len: usize) -> Result<Vec<u8>, IoError> {
+        const ALIGN: usize = 4096;
+        let mut raw = vec![0u8; len + ALIGN];
+        let pad = raw.as_ptr().align_offset(ALIGN);
+        self.read(lun_idx, offset, &mut raw[pad..pad + len])?;
+        raw.drain(..pad);
+        raw.truncate(len);
+        Ok(raw)
+    }
+
+    /// FLUSH: nothing to do. Every completed write is already durable in the NVRAM (the
+    /// device advertises no volatile cache), so there is no cache to flush.
+    pub fn flush(&self) -> Result<(), IoError> {
+        Ok(())
+    }
+
+    pub fn set_flush_paused(&self, paused: bool) {
+        for p in &self.parts {
+            p.set_flush_paused(paused);
+        }
+    }
+
+    /// Resolves true once every staged write is on the medium, false after `timeout`.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = self.host.now() + timeout;
+        for p in &self.parts {
+            if !p.drained(deadline).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// [`Engine::drain`] for a plain thread (the control socket, shutdown).
+    pub fn drain_blocking(&self, timeout: Duration) -> bool {
+        futures::executor::block_on(self.drain(timeout))
+    }
+}

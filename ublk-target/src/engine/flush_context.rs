@@ -1,0 +1,81 @@
+//! What the flusher asks of this node around each batch (see [`FlushContext`]): fencing
+//! against the ownership table, flush marks while the partner cannot hear releases, the
+//! release itself, and the partner writing for us when our medium path fails.
+
+use super::takeover_state::DelegateSlot;
+use crate::cluster::Cluster;
+use crate::flusher::{Fence, FlushContext};
+use crate::host::BoxFuture;
+use crate::log::RecordMeta;
+use crate::lun::Lun;
+use crate::mirror::MirrorSlot;
+use crate::nvram::RecordKind;
+use std::sync::Arc;
+
+pub(super) struct NodeFlushContext {
+    pub(super) cluster: Option<Arc<Cluster>>,
+    pub(super) luns: Arc<Vec<Arc<Lun>>>,
+    pub(super) mirror: Arc<MirrorSlot>,
+    pub(super) log_id: u64,
+    pub(super) partitions: usize,
+    pub(super) delegate: DelegateSlot,
+}
+
+impl FlushContext for NodeFlushContext {
+    /// The medium's ownership table must still give us every range of the batch.
+    fn check_fence(&self, batch: &[RecordMeta]) -> Result<(), Fence> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        let mut checks: Vec<(u32, u32)> = batch
+            .iter()
+            .filter(|r| r.kind != RecordKind::Wrap)
+            .filter_map(|r| {
+                let lun = self.luns.get(r.lun as usize)?;
+                Some((r.lun, lun.range_of(r.offset)))
+            })
+            .collect();
+        checks.sort_unstable();
+        checks.dedup();
+        c.still_owned(&checks)
+    }
+
+    /// Partner unreachable: the release cannot reach it, so flush marks on the medium tell a
+    /// taking-over partner which of its copies are stale; then make sure we still own the
+    /// ranges before the batch counts as flushed (a write-through acknowledgement).
+    fn on_synced(&self, partition: u32, batch: &[RecordMeta]) -> Result<(), Fence> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        if !self.mirror.needs_flush_marks() {
+            return Ok(());
+        }
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        c.record_flushed(self.log_id, self.partitions, partition, last.seq)
+            .map_err(|e| Fence::Unreadable(format!("writing flush marks to the medium: {e}")))?;
+        self.check_fence(batch)
+    }
+
+    /// Once on the medium, the partner's copy can go.
+    fn on_released(&self, partition: u32, through_seq: u64) {
+        if let Some(m) = self.mirror.current() {
+            m.release(partition, through_seq);
+        }
+    }
+
+    fn delegate(
+        &self,
+        partition: u32,
+        first: u64,
+        last: u64,
+        count: usize,
+    ) -> BoxFuture<Result<(), String>> {
+        let d = self.delegate.read().ok().and_then(|d| d.clone());
+        match d {
+            Some(d) => d(partition, first, last, count),
+            None => Box::pin(async { Err("no partner to write for us".to_string()) }),
+        }
+    }
+}

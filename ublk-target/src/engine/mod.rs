@@ -1,0 +1,37 @@
+//! The engine: LUNs, their ranges and partitions, and the data path.
+//!
+//! ```text
+//! write: split at LUN-range boundaries (pieces of other nodes' ranges are forwarded)
+//!        -> PartitionLog::append (copy into NVRAM, index) -> mirror post (to the partner)
+//!        -> PartitionLog::commit (persist, on this thread) -> await both -> complete
+//!        ... flusher: fence -> medium write + sync -> flush marks -> unindex -> checkpoint
+//!                     -> release to the partner
+//! read:  staged-extent index -> staged pieces from NVRAM, gaps from the medium
+//! start: superblock check -> scan every partition -> replay into the medium -> serve
+//! ```
+//! One file per job: `core` (what an engine holds, its options and errors), `open`
+//! (start-up: check, scan, replay, format), `datapath` (write and read of ranges we
+//! serve), `routing` (which node serves an I/O; forwarding both ways), `takeover`
+//! (takeover, giveback, handover, writing for a partner whose medium path failed) with its
+//! bookkeeping in `takeover_state`, `flush_context` (what the flusher asks of the node) and
+//! `status`. Every file below `mod.rs` adds `impl Engine` blocks for its job; none imports
+//! `mod.rs`, which only declares and re-exports.
+//! The engine knows nothing of ublk, sockets or threads: the daemon's frontend calls
+//! `write`, `read_routed`, `write_zeroes` and `flush`; tests and the simulator call them
+//! directly with in-memory media, and everything time- or thread-related goes through the
+//! [`Host`].
+
+mod core;
+mod datapath;
+mod flush_context;
+mod open;
+mod routing;
+mod status;
+mod takeover;
+mod takeover_state;
+
+pub use self::core::{Engine, EngineError, EngineOptions, IoError, OpenMode, ReplayReport};
+pub use crate::lun::{Lun, LunSpec};
+pub use open::scan_all;
+pub use status::{EngineStatus, LunStatus, MirrorStatus};
+pub use takeover_state::{FlushDelegate, RangesToMove, TakeoverProgress};

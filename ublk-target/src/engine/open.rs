@@ -1,0 +1,519 @@
+//! Start-up: open the NVRAM and the media a config names, check what the NVRAM holds, replay
+//! its staged records into the media, and start the background tasks. No I/O is served
+//! before this is done.
+
+use super::core::{Engine, EngineError, EngineOptions, OpenMode, ReplayReport};
+use super::flush_context::NodeFlushContext;
+use super::takeover_state::TakeoverState;
+use crate::apply::{Applier, RecordWrite};
+use crate::block::BLOCK_SIZE;
+use crate::cluster::{Cluster, ClusterSetup};
+use crate::config::{DegradedPolicy, NodeConfig};
+use crate::flusher::{FlushPolicy, Flusher, FlusherStats};
+use crate::log::{read_checkpoint, write_checkpoint, LogStart, PartitionLog};
+use crate::lun::{Lun, LunSpec};
+use crate::medium::{FileMedium, Medium, MediumError};
+use crate::mirror::{MirrorSlot, SecondStoreArea};
+use crate::nvram::layout::{layout_text, SuperblockState, FORMAT_VERSION};
+use crate::nvram::scan::{scan_partition, ScanResult};
+use crate::nvram::{Layout, NvramRegion, PartitionCheckpoint, Superblock};
+use crate::ownership::{MediumTableStore, OwnershipTable, RangeOwner, METADATA_BYTES};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+impl Engine {
+    /// Opens the NVRAM and media named in `cfg`, replays the log, starts the background
+    /// tasks. No I/O should be accepted before this returns.
+    pub fn open_config(
+        cfg: &NodeConfig,
+        config_path: &str,
+        mode: OpenMode,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let mut specs = Vec::new();
+        let mut table_at = None;
+        for lun in &cfg.luns {
+            // A cluster keeps the ownership table at the end of the (shared) medium.
+            let reserve = if cfg.cluster.is_some() {
+                METADATA_BYTES
+            } else {
+                0
+            };
+            let whole = FileMedium::open(&lun.medium, None)?.size();
+            let usable = whole.saturating_sub(reserve) / BLOCK_SIZE * BLOCK_SIZE;
+            let size = lun.size.map(|s| s.0).unwrap_or(usable);
+            if size > usable {
+                return Err(EngineError::Medium(MediumError::TooSmall {
+                    path: lun.medium.clone(),
+                    actual: whole,
+                    wanted: size + reserve,
+                }));
+            }
+            if table_at.is_none() && reserve > 0 {
+                table_at = Some((lun.medium.clone(), whole - reserve));
+            }
+            let medium = FileMedium::open(&lun.medium, Some(size))?;
+            specs.push(LunSpec {
+                name: lun.name.clone(),
+                size,
+                ranges: lun.ranges(cfg.nvram.partitions),
+                medium: Arc::new(medium),
+            });
+        }
+        let region = NvramRegion::open(&cfg.nvram.path, cfg.nvram.size.map(|s| s.0))?;
+        tracing::info!(
+            path = %region.path().display(),
+            bytes = region.len(),
+            "NVRAM mapped; durable by {}",
+            region.durability().describe()
+        );
+        let cluster = match (&cfg.cluster, cfg.cluster_index(), table_at) {
+            (Some(c), Some(me), Some((path, base))) => {
+                let store = MediumTableStore::open(&path, base).map_err(|source| {
+                    EngineError::Medium(MediumError::Open {
+                        path: path.clone(),
+                        cause: source,
+                    })
+                })?;
+                let initial = OwnershipTable {
+                    cluster_id: c.id,
+                    generation: 1,
+                    luns: cfg
+                        .luns
+                        .iter()
+                        .map(|l| {
+                            l.range_owners(cfg.nvram.partitions, &c.nodes)
+                                .into_iter()
+                                .map(|owner| RangeOwner { owner, epoch: 1 })
+                                .collect()
+                        })
+                        .collect(),
+                };
+                Some(ClusterSetup {
+                    me,
+                    nodes: c.nodes.iter().map(|n| n.name.clone()).collect(),
+                    table_store: Box::new(store),
+                    initial,
+                })
+            }
+            _ => None,
+        };
+        let opts = EngineOptions {
+            node_name: cfg.node.name.clone(),
+            partitions: cfg.nvram.partitions,
+            flush: FlushPolicy {
+                batch_bytes: cfg.flusher.batch_bytes.0,
+                linger: Duration::from_millis(cfg.flusher.linger_ms),
+            },
+            mode,
+            mirrored: cfg.cluster.is_some(),
+            degraded: cfg
+                .cluster
+                .as_ref()
+                .map(|c| c.degraded)
+                .unwrap_or(DegradedPolicy::WriteThrough),
+            cluster,
+            config_path: config_path.to_owned(),
+            host: crate::host::system(),
+        };
+        Engine::open(region, opts, specs)
+    }
+
+    /// Opens an engine over an already opened NVRAM region and media.
+    pub fn open(
+        region: NvramRegion,
+        mut opts: EngineOptions,
+        specs: Vec<LunSpec>,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let started = opts.host.now();
+        let region = Arc::new(region);
+        let lun_shapes: Vec<(&str, u64, u32)> = specs
+            .iter()
+            .map(|s| (s.name.as_str(), s.size, s.ranges))
+            .collect();
+        let want_layout = layout_text(opts.partitions, opts.mirrored, &lun_shapes);
+        let luns = Lun::all(specs);
+        let path = region.path().to_owned();
+        let config = opts.config_path.clone();
+
+        // Ownership first: a restart replays only records of ranges this node still owns
+        // (the partner replayed the others from its second store when it took them over).
+        let cluster = match opts.cluster.take() {
+            Some(setup) => {
+                Some(Arc::new(Cluster::open(setup).map_err(|e| {
+                    EngineError::Replay(format!("ownership table: {e}"))
+                })?))
+            }
+            None => None,
+        };
+        let owned = |lun: u32, offset: u64| -> bool {
+            match (&cluster, luns.get(lun as usize)) {
+                (Some(c), Some(l)) => c.owns(lun, l.range_of(offset)),
+                _ => true,
+            }
+        };
+        let mut first = vec![0u8; 4096];
+        region.read_at(0, &mut first);
+        let mut report = ReplayReport::default();
+        let existing = match (Superblock::decode(&first), opts.mode) {
+            (_, OpenMode::Format) | (SuperblockState::Blank, _) => None,
+            (SuperblockState::Foreign, _) => return Err(EngineError::Foreign { path, config }),
+            (SuperblockState::Corrupt(reason), _) => {
+                return Err(EngineError::CorruptSuperblock {
+                    path,
+                    reason,
+                    config,
+                })
+            }
+            (SuperblockState::Valid(sb), _) => {
+                if sb.version != FORMAT_VERSION {
+                    return Err(EngineError::Version {
+                        path,
+                        found: sb.version,
+                        supported: FORMAT_VERSION,
+                        config,
+                    });
+                }
+                if sb.node_name != opts.node_name {
+                    return Err(EngineError::WrongNode {
+                        path,
+                        found: sb.node_name,
+                        expected: opts.node_name.clone(),
+                        config,
+                    });
+                }
+                Some(sb)
+            }
+        };
+
+        let (sb, starts) = match existing {
+            Some(sb) => {
+                let layout = Layout::of(&sb);
+                if layout.end() > region.len() {
+                    return Err(EngineError::CorruptSuperblock {
+                        path,
+                        reason: format!(
+                            "it describes {} bytes but the device has {}",
+                            layout.end(),
+                            region.len()
+                        ),
+                        config,
+                    });
+                }
+                let layout_ok = (0..sb.partitions)
+                    .any(|p| read_checkpoint(&region, &layout, p, sb.log_id).is_some());
+                if !layout_ok {
+                    // The superblock is intact but no partition has a checkpoint of its log:
+                    // a format was interrupted after the checkpoints were rewritten. Format
+                    // runs only on a blank device or after a replay, so nothing is staged.
+                    tracing::warn!(
+                        "NVRAM {}: an earlier format was interrupted; formatting again",
+                        path.display()
+                    );
+                    report.formatted = true;
+                    let (sb, starts) = format(&region, &opts, &want_layout)?;
+                    return Engine::finish_open(
+                        region, opts, luns, cluster, sb, starts, report, started,
+                    );
+                }
+                let scans = scan_all(&region, &sb, &config)?;
+                let corrupt = scans.iter().find_map(|(_, s)| s.corruption.clone());
+                let unflushed: usize = scans.iter().map(|(_, s)| s.records.len()).sum();
+                if sb.layout != want_layout && unflushed > 0 {
+                    return Err(EngineError::Layout {
+                        path,
+                        found: sb.layout.clone(),
+                        expected: want_layout,
+                        records: unflushed,
+                        config,
+                    });
+                }
+                if let Some(corrupt) = corrupt {
+                    if opts.mode != OpenMode::Salvage {
+                        return Err(EngineError::CorruptRecord {
+                            path,
+                            corrupt,
+                            config,
+                        });
+                    }
+                    tracing::warn!("salvaging: {corrupt}; replaying the intact records before it and discarding the rest");
+                    report.salvaged_from_corruption = true;
+                }
+                // Records name their LUN by index; a layout change with an empty log is fine.
+                replay(&region, &sb, &scans, &luns, &owned, &mut report)?;
+                if sb.layout != want_layout || report.salvaged_from_corruption {
+                    tracing::info!(
+                        "reformatting NVRAM {} for layout {want_layout}",
+                        path.display()
+                    );
+                    report.formatted = true;
+                    format(&region, &opts, &want_layout)?
+                } else {
+                    let starts = restart_points(&region, &sb, &scans)?;
+                    (sb, starts)
+                }
+            }
+            None => {
+                report.formatted = true;
+                tracing::info!(
+                    "formatting NVRAM {} for node {} ({want_layout})",
+                    path.display(),
+                    opts.node_name
+                );
+                format(&region, &opts, &want_layout)?
+            }
+        };
+        Engine::finish_open(region, opts, luns, cluster, sb, starts, report, started)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_open(
+        region: Arc<NvramRegion>,
+        opts: EngineOptions,
+        luns: Vec<Arc<Lun>>,
+        cluster: Option<Arc<Cluster>>,
+        sb: Superblock,
+        starts: Vec<LogStart>,
+        mut report: ReplayReport,
+        started: Instant,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let host = opts.host.clone();
+        report.millis = host.now().saturating_duration_since(started).as_millis() as u64;
+
+        let layout = Layout::of(&sb);
+        let parts: Vec<Arc<PartitionLog>> = starts
+            .into_iter()
+            .enumerate()
+            .map(|(p, start)| {
+                PartitionLog::new(
+                    p as u32,
+                    region.clone(),
+                    layout,
+                    sb.log_id,
+                    start,
+                    host.clone(),
+                )
+            })
+            .collect();
+
+        let second_store = SecondStoreArea::new(region.clone(), layout);
+        let engine = Arc::new(Engine {
+            host,
+            node: opts.node_name,
+            cluster,
+            takeover: TakeoverState::default(),
+            mirror: Arc::new(MirrorSlot::new(opts.degraded)),
+            second_store,
+            region,
+            sb,
+            parts,
+            luns: Arc::new(luns),
+            flusher_stats: Arc::new(FlusherStats::default()),
+            tasks: Mutex::new(Vec::new()),
+            replay: report,
+        });
+        engine.start_tasks(opts.flush)?;
+        Ok(engine)
+    }
+
+    /// One persister (the group-commit backstop) and one flusher per partition.
+    fn start_tasks(&self, policy: FlushPolicy) -> Result<(), EngineError> {
+        let context = Arc::new(NodeFlushContext {
+            cluster: self.cluster.clone(),
+            luns: self.luns.clone(),
+            mirror: self.mirror.clone(),
+            log_id: self.sb.log_id,
+            partitions: self.parts.len(),
+            delegate: self.takeover.delegate_slot(),
+        });
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for part in &self.parts {
+            let p = part.clone();
+            let persister = Box::pin(async move { p.run_persister().await });
+            tasks.push(
+                self.host
+                    .spawn(&format!("persist-{}", part.id), persister)?,
+            );
+            let flusher = Flusher {
+                log: part.clone(),
+                luns: self.luns.clone(),
+                policy,
+                stats: self.flusher_stats.clone(),
+                context: context.clone(),
+                host: self.host.clone(),
+            };
+            tasks.push(
+                self.host
+                    .spawn(&format!("flush-{}", part.id), Box::pin(flusher.run()))?,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Scans every partition from its checkpoint.
+pub fn scan_all(
+    region: &NvramRegion,
+    sb: &Superblock,
+    config: &str,
+) -> Result<Vec<(PartitionCheckpoint, ScanResult)>, EngineError> {
+    let layout = Layout::of(sb);
+    let mut out = Vec::new();
+    for p in 0..sb.partitions {
+        let cp = read_checkpoint(region, &layout, p, sb.log_id).ok_or_else(|| {
+            EngineError::CorruptSuperblock {
+                path: region.path().to_owned(),
+                reason: format!("no valid checkpoint for partition {p}"),
+                config: config.to_owned(),
+            }
+        })?;
+        let log = region.slice(layout.partition_base(p), layout.part_size as usize);
+        let scan = scan_partition(log, p, sb.log_id, cp.tail_off, cp.tail_seq);
+        out.push((cp, scan));
+    }
+    Ok(out)
+}
+
+/// Writes every scanned record of a range we own into its medium, in sequence order per
+/// partition, and syncs.
+fn replay(
+    region: &NvramRegion,
+    sb: &Superblock,
+    scans: &[(PartitionCheckpoint, ScanResult)],
+    luns: &[Arc<Lun>],
+    owned: &dyn Fn(u32, u64) -> bool,
+    report: &mut ReplayReport,
+) -> Result<(), EngineError> {
+    let layout = Layout::of(sb);
+    let mut applier = Applier::new(luns);
+    for (p, (_, scan)) in scans.iter().enumerate() {
+        report.discarded_unacknowledged += scan.discarded_tail;
+        if scan.discarded_tail > 0 {
+            tracing::warn!(
+                partition = p,
+                "dropping {} record(s) at the log tail that were never acknowledged (the node stopped while writing them)",
+                scan.discarded_tail
+            );
+        }
+        for r in &scan.records {
+            let h = &r.header;
+            if !owned(h.lun, h.offset) {
+                report.skipped_not_owned += 1;
+                continue;
+            }
+            let at = layout.partition_base(p as u32) + r.data_pos();
+            applier
+                .apply(&RecordWrite {
+                    partition: p as u32,
+                    seq: h.seq,
+                    kind: h.kind,
+                    lun: h.lun,
+                    offset: h.offset,
+                    len: h.len as u64,
+                    data: region.slice(at, h.data_len as usize),
+                })
+                .map_err(|e| EngineError::Replay(e.to_string()))?;
+        }
+    }
+    let applied = applier
+        .sync()
+        .map_err(|e| EngineError::Replay(e.to_string()))?;
+    report.records += applied.records;
+    report.bytes += applied.bytes;
+    if report.skipped_not_owned > 0 {
+        tracing::warn!(
+            "{} staged record(s) belong to ranges the partner took over; it replayed them from its mirror, so they are not replayed here",
+            report.skipped_not_owned
+        );
+    }
+    if report.records > 0 {
+        tracing::info!(
+            "replayed {} staged record(s), {} bytes, into the medium",
+            report.records,
+            report.bytes
+        );
+    }
+    Ok(())
+}
+
+/// After a replay, every partition restarts empty where its log ended.
+fn restart_points(
+    region: &NvramRegion,
+    sb: &Superblock,
+    scans: &[(PartitionCheckpoint, ScanResult)],
+) -> Result<Vec<LogStart>, EngineError> {
+    let layout = Layout::of(sb);
+    let mut starts = Vec::new();
+    for (p, (cp, scan)) in scans.iter().enumerate() {
+        // Skip over the seqs of a discarded tail so its leftovers never look current.
+        let next_seq = scan.next_seq.max(scan.max_seq_seen + 1);
+        let new = PartitionCheckpoint {
+            partition: p as u32,
+            log_id: sb.log_id,
+            generation: cp.generation + 1,
+            tail_off: scan.next_pos,
+            tail_seq: next_seq,
+        };
+        write_checkpoint(region, &layout, &new)?;
+        starts.push(LogStart {
+            pos: scan.next_pos,
+            next_seq,
+            checkpoint_generation: new.generation,
+        });
+    }
+    Ok(starts)
+}
+
+fn format(
+    region: &NvramRegion,
+    opts: &EngineOptions,
+    layout_desc: &str,
+) -> Result<(Superblock, Vec<LogStart>), EngineError> {
+    let layout = Layout::compute(region.len(), opts.partitions, opts.mirrored).ok_or(
+        EngineError::TooSmall {
+            path: region.path().to_owned(),
+            size: region.len(),
+            partitions: opts.partitions,
+        },
+    )?;
+    let sb = Superblock {
+        version: FORMAT_VERSION,
+        log_id: rand::random::<u64>() | 1,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        node_name: opts.node_name.clone(),
+        partitions: layout.partitions,
+        part_size: layout.part_size,
+        data_offset: layout.data_offset,
+        second_store: layout.second_store as u32,
+        layout: layout_desc.to_owned(),
+    };
+    // Checkpoints first, superblock last: a crash in between leaves the old superblock
+    // (whose log_id the new checkpoints do not match) or a blank device, never a mix.
+    let mut starts = Vec::new();
+    for p in 0..layout.partitions {
+        let blank = [0u8; PartitionCheckpoint::SLOT_BYTES as usize];
+        region.write_at(layout.checkpoint_offset(p, 1), &blank);
+        let cp = PartitionCheckpoint {
+            partition: p,
+            log_id: sb.log_id,
+            generation: 0,
+            tail_off: 0,
+            tail_seq: 1,
+        };
+        write_checkpoint(region, &layout, &cp)?;
+        region.persist(
+            layout.checkpoint_offset(p, 1),
+            PartitionCheckpoint::SLOT_BYTES,
+        )?;
+        starts.push(LogStart {
+            pos: 0,
+            next_seq: 1,
+            checkpoint_generation: 0,
+        });
+    }
+    region.write_at(0, &sb.encode());
+    region.persist(0, 4096)?;
+    Ok((sb, starts))
+}

@@ -1,0 +1,308 @@
+//! Routing: which node serves an I/O, and forwarding both ways.
+//!
+//! * Outgoing: an I/O is split at range boundaries; pieces in ranges another node owns go to
+//!   it through the cluster's [`Forwarder`], the rest to our own data path. While a range is
+//!   being taken over its I/O waits at the gate. A forward that fails because the owner died
+//!   waits (bounded) for the takeover that makes the range ours, then runs here.
+//! * Incoming: [`Engine::serve_forwarded`] serves what another node forwarded to us, only
+//!   if every piece is ours (a forwarded request is never forwarded again), and the
+//!   requests a partner makes of us (re-read the ownership table, write its mirrored records
+//!   when its medium path failed).
+
+use super::core::{Engine, IoError};
+use crate::cluster::{wire, Forwarder, RangeState};
+use crate::host::run_blocking;
+use crate::lun::Lun;
+use crate::nvram::record::RecordKind;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long I/O to another node's ranges waits, once that node is unreachable and a takeover
+/// is expected (see [`Engine::set_takeover_expected`]), for the takeover to make the ranges
+/// ours (or for the node to come back) before it fails with EIO. An automatic takeover
+/// needs about two heartbeat timeouts plus the replay.
+const PARTNER_LOSS_WAIT: Duration = Duration::from_secs(60);
+/// How often I/O waiting so looks again.
+const PARTNER_LOSS_POLL: Duration = Duration::from_millis(50);
+
+/// Why a routed read failed: the forward (the owner may be gone), or anything else.
+enum ReadFailure {
+    Forward(String),
+    Io(IoError),
+}
+
+impl From<IoError> for ReadFailure {
+    fn from(e: IoError) -> Self {
+        ReadFailure::Io(e)
+    }
+}
+
+impl Engine {
+    /// Splits an I/O into the part we serve and the parts other nodes own, waiting while
+    /// a range is being taken over. Returns (all local?, remote pieces as (offset, len)).
+    async fn route(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        offset: u64,
+        len: u64,
+    ) -> (bool, Vec<(u64, u64)>) {
+        let Some(c) = &self.cluster else {
+            return (true, Vec::new());
+        };
+        let mut all_local = true;
+        let mut remote = Vec::new();
+        for (at, n, range) in lun.pieces(offset, len) {
+            let local_range = range - lun.first_range;
+            if let RangeState::Remote(_) = c.route(lun_idx as u32, local_range).await {
+                all_local = false;
+                remote.push((at, n));
+            }
+        }
+        (all_local, remote)
+    }
+
+    fn forwarder(&self) -> Result<Arc<dyn Forwarder>, IoError> {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.forwarder())
+            .ok_or_else(|| {
+                IoError::new(
+                    libc::EIO,
+                    "the range is owned by the partner, which is unreachable (no takeover happened)",
+                )
+            })
+    }
+
+    /// A forward to the owner failed. With the link up, the owner answered and its error
+    /// stands: false; likewise when no takeover is expected. With the link down (the owner
+    /// died with the I/O in flight, or before it) and a takeover expected, waits until the
+    /// takeover makes one of the `remote` pieces' ranges ours or the link is back: true,
+    /// route the I/O again (a write's data is the same, so redoing it is harmless; it was
+    /// never acknowledged). False once `deadline` (set at the first call) passes.
+    async fn partner_lost(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        remote: &[(u64, u64)],
+        deadline: &mut Option<Instant>,
+    ) -> bool {
+        let Some(c) = &self.cluster else {
+            return false;
+        };
+        if self.mirror.is_up() || !self.takeover.expected() {
+            return false;
+        }
+        let deadline = *deadline.get_or_insert_with(|| self.host.now() + PARTNER_LOSS_WAIT);
+        let moved = || {
+            remote.iter().any(|&(at, n)| {
+                lun.pieces(at, n).into_iter().any(|(_, _, range)| {
+                    !matches!(
+                        c.state(lun_idx as u32, range - lun.first_range),
+                        RangeState::Remote(_)
+                    )
+                })
+            })
+        };
+        loop {
+            if moved() || self.mirror.is_up() {
+                return true;
+            }
+            if self.host.now() >= deadline {
+                return false;
+            }
+            self.host.sleep(PARTNER_LOSS_POLL).await;
+        }
+    }
+
+    pub(super) async fn route_write(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+    ) -> Result<(), IoError> {
+        // Set at the first failed forward: the common path does not read the clock.
+        let mut deadline = None;
+        loop {
+            let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
+            if all_local {
+                return self.stage(lun_idx, lun, kind, offset, len, data, &[]).await;
+            }
+            let fwd = self.forwarder()?;
+            let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match kind {
+                RecordKind::Data => fwd.write(
+                    lun_idx as u32,
+                    at,
+                    data[(at - offset) as usize..(at - offset + n) as usize].to_vec(),
+                ),
+                _ => fwd.write_zeroes(lun_idx as u32, at, n),
+            }));
+            let (local, forwarded) = futures::future::join(
+                self.stage(lun_idx, lun, kind, offset, len, data, &remote),
+                forwarded,
+            )
+            .await;
+            local?;
+            let Some(message) = forwarded.into_iter().find_map(Result::err) else {
+                return Ok(());
+            };
+            if !self
+                .partner_lost(lun_idx, lun, &remote, &mut deadline)
+                .await
+            {
+                return Err(IoError::new(
+                    libc::EIO,
+                    format!("forwarded to the owner: {message}"),
+                ));
+            }
+            tracing::info!(offset, len, error = %message, "a forwarded write failed with the partner gone: routing it again after the takeover");
+        }
+    }
+
+    /// Reads, forwarding the parts other nodes own.
+    pub async fn read_routed(
+        &self,
+        lun_idx: usize,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), IoError> {
+        let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
+        // Set at the first failed forward: the common path does not read the clock.
+        let mut deadline = None;
+        loop {
+            let (all_local, remote) = self.route(lun_idx, lun, offset, out.len() as u64).await;
+            if all_local {
+                return self.read(lun_idx, offset, out);
+            }
+            match self.read_pieces(lun_idx, offset, out, &remote).await {
+                Err(ReadFailure::Forward(message)) => {
+                    if !self
+                        .partner_lost(lun_idx, lun, &remote, &mut deadline)
+                        .await
+                    {
+                        return Err(IoError::new(
+                            libc::EIO,
+                            format!("forwarded read: {message}"),
+                        ));
+                    }
+                    tracing::info!(offset, error = %message, "a forwarded read failed with the partner gone: routing it again after the takeover");
+                }
+                Err(ReadFailure::Io(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    /// Reads `out` at `offset`: the `remote` pieces from their owner, the rest here.
+    async fn read_pieces(
+        &self,
+        lun_idx: usize,
+        offset: u64,
+        out: &mut [u8],
+        remote: &[(u64, u64)],
+    ) -> Result<(), ReadFailure> {
+        let fwd = self.forwarder()?;
+        let mut cursor = offset;
+        let end = offset + out.len() as u64;
+        for &(at, n) in remote.iter().chain(std::iter::once(&(end, 0))) {
+            if cursor < at {
+                let dst = &mut out[(cursor - offset) as usize..(at - offset) as usize];
+                self.read(lun_idx, cursor, dst)?;
+            }
+            if n > 0 {
+                let data = fwd
+                    .read(lun_idx as u32, at, n as u32)
+                    .await
+                    .map_err(ReadFailure::Forward)?;
+                if data.len() != n as usize {
+                    return Err(ReadFailure::Io(IoError::new(
+                        libc::EIO,
+                        format!("forwarded read returned {} bytes, not {n}", data.len()),
+                    )));
+                }
+                out[(at - offset) as usize..(at - offset + n) as usize].copy_from_slice(&data);
+            }
+            cursor = at + n;
+        }
+        Ok(())
+    }
+
+    /// Whether this node serves every byte of the range itself (waits out a takeover).
+    pub async fn serves_locally(&self, lun_idx: usize, offset: u64, len: u64) -> bool {
+        match self.lun_for(lun_idx, offset, len) {
+            Ok(lun) => self.route(lun_idx, lun, offset, len).await.0,
+            Err(_) => false,
+        }
+    }
+
+    /// Serves a request another node sent us: I/O to ranges we own, a request to re-read
+    /// the ownership table, or to write its mirrored records. Returns the encoded answer.
+    /// Medium reads and writes run through [`crate::host::Host::blocking`]: the caller is the
+    /// link's runtime, which also carries the heartbeats.
+    pub async fn serve_forwarded(self: Arc<Self>, request: &[u8]) -> Vec<u8> {
+        let Some(req) = wire::decode(request) else {
+            tracing::warn!(
+                "malformed forwarded request ({} bytes) rejected",
+                request.len()
+            );
+            return wire::err("malformed forwarded request");
+        };
+        let lun = req.lun as usize;
+        // Served only if every piece is ours: a forwarded request is never forwarded again.
+        let needs_ownership = matches!(req.op, wire::OP_WRITE | wire::OP_ZERO | wire::OP_READ);
+        if needs_ownership && !self.serves_locally(lun, req.offset, req.len as u64).await {
+            return wire::err(&format!(
+                "node {} does not own all of {}+{} on LUN {lun} (ownership moved?)",
+                self.node, req.offset, req.len
+            ));
+        }
+        let result = match req.op {
+            wire::OP_RELOAD_OWNERSHIP => {
+                return match self.cluster.as_ref().map(|c| c.reload()) {
+                    Some(Ok(())) => {
+                        tracing::info!("the partner changed range ownership: table re-read");
+                        wire::ok(&[])
+                    }
+                    Some(Err(e)) => wire::err(&e.to_string()),
+                    None => wire::err("not a cluster node"),
+                }
+            }
+            wire::OP_WRITE_FOR_PARTNER => {
+                let Some(last) = req.data.first_chunk::<8>().map(|b| u64::from_le_bytes(*b)) else {
+                    return wire::err("malformed write-for-partner request");
+                };
+                let engine = self.clone();
+                let written = run_blocking(self.host.as_ref(), move || {
+                    engine.write_for_partner(req.lun, req.offset, last, req.len as usize)
+                })
+                .await;
+                return match written {
+                    Ok(_) => wire::ok(&[]),
+                    Err(e) => wire::err(&e),
+                };
+            }
+            wire::OP_WRITE => self
+                .write(lun, req.offset, &req.data)
+                .await
+                .map(|_| Vec::new()),
+            wire::OP_ZERO => self
+                .write_zeroes(lun, req.offset, req.len as u64)
+                .await
+                .map(|_| Vec::new()),
+            _ => {
+                let engine = self.clone();
+                run_blocking(self.host.as_ref(), move || {
+                    engine.read_to_vec(lun, req.offset, req.len as usize)
+                })
+                .await
+            }
+        };
+        match result {
+            Ok(data) => wire::ok(&data),
+            Err(e) => wire::err(&e.message),
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! A snapshot of the engine for `nvmirrorctl status` (JSON and the human table), the
+//! Pacemaker agent and tests: partitions, LUNs, flusher, mirror, ranges, takeover.
+
+use super::core::{Engine, ReplayReport};
+use super::takeover_state::TakeoverProgress;
+use crate::cluster::RangeStatus;
+use crate::config::DegradedPolicy;
+use crate::log::PartitionStatus;
+use crate::mirror::SecondStoreStatus;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LunStatus {
+    pub name: String,
+    pub size: u64,
+    pub ranges: u32,
+    pub medium: String,
+    pub staged_extents: usize,
+    pub staged_bytes: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EngineStatus {
+    pub node: String,
+    pub nvram_path: String,
+    pub nvram_bytes: u64,
+    pub log_id: String,
+    pub partitions: Vec<PartitionStatus>,
+    pub luns: Vec<LunStatus>,
+    pub bytes_flushed: u64,
+    pub flush_batches: u64,
+    pub medium_errors: u64,
+    /// Flush batches the partner wrote for us (our medium path failed).
+    pub delegated_batches: u64,
+    pub last_medium_error: Option<String>,
+    pub replay: ReplayReport,
+    pub mirror: MirrorStatus,
+    /// Owner, epoch and state of every LUN range (two-node operation).
+    pub ranges: Vec<RangeStatus>,
+    /// The running or last takeover, if any since start.
+    pub takeover: Option<TakeoverProgress>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    pub attached: bool,
+    /// "mirroring" (partner connected), "degraded" (partner unreachable: single copy or
+    /// write-through, see `degraded_policy`), or "standalone" (no partner configured).
+    pub state: String,
+    /// The mirror link: "up", "connecting", "down", "closed", or "none" (no link attached).
+    #[serde(default)]
+    pub link_state: String,
+    /// Transport of the live connection ("tcp", "rdma").
+    pub transport: Option<String>,
+    /// Heartbeat round trip in microseconds.
+    pub rtt_us: Option<u64>,
+    /// The link's state in words (for people; scripts read `link_state`).
+    pub link: Option<String>,
+    pub degraded_policy: Option<DegradedPolicy>,
+    pub mirrored_records: u64,
+    /// Writes acknowledged without a mirror copy (partner unreachable).
+    pub degraded_records: u64,
+    pub last_error: Option<String>,
+    pub second_store: Option<SecondStoreStatus>,
+}
+
+impl Engine {
+    pub fn status(&self) -> EngineStatus {
+        let stats = &self.flusher_stats;
+        let mirror = self.mirror.current();
+        EngineStatus {
+            node: self.node.clone(),
+            nvram_path: self.region.path().display().to_string(),
+            nvram_bytes: self.region.len(),
+            log_id: format!("{:016x}", self.sb.log_id),
+            partitions: self.parts.iter().map(|p| p.status()).collect(),
+            luns: self
+                .luns
+                .iter()
+                .map(|l| {
+                    let ix = l.index();
+                    LunStatus {
+                        name: l.name.clone(),
+                        size: l.size,
+                        ranges: l.ranges,
+                        medium: l.medium.describe(),
+                        staged_extents: ix.extents(),
+                        staged_bytes: ix.staged_bytes(),
+                        reads: l.stats.reads.load(Ordering::Relaxed),
+                        writes: l.stats.writes.load(Ordering::Relaxed),
+                        bytes_read: l.stats.bytes_read.load(Ordering::Relaxed),
+                        bytes_written: l.stats.bytes_written.load(Ordering::Relaxed),
+                    }
+                })
+                .collect(),
+            bytes_flushed: stats.bytes_flushed.load(Ordering::Relaxed),
+            flush_batches: stats.batches.load(Ordering::Relaxed),
+            medium_errors: stats.medium_errors.load(Ordering::Relaxed),
+            delegated_batches: stats.delegated_batches.load(Ordering::Relaxed),
+            last_medium_error: stats.last_error.lock().ok().and_then(|e| e.clone()),
+            replay: self.replay.clone(),
+            mirror: MirrorStatus {
+                attached: mirror.is_some(),
+                state: match (&self.second_store, &mirror) {
+                    (None, _) => "standalone",
+                    (Some(_), Some(m)) if m.is_up() => "mirroring",
+                    (Some(_), _) => "degraded",
+                }
+                .into(),
+                link_state: mirror
+                    .as_ref()
+                    .map(|m| m.state_name())
+                    .unwrap_or("none")
+                    .into(),
+                transport: mirror
+                    .as_ref()
+                    .and_then(|m| m.transport())
+                    .map(String::from),
+                rtt_us: mirror
+                    .as_ref()
+                    .and_then(|m| m.rtt())
+                    .map(|d| d.as_micros() as u64),
+                link: mirror.as_ref().map(|m| m.describe()),
+                degraded_policy: self.second_store.as_ref().map(|_| self.mirror.policy),
+                mirrored_records: self.mirror.mirrored_records(),
+                degraded_records: self.mirror.degraded_records(),
+                last_error: self.mirror.last_error(),
+                second_store: self.second_store.as_ref().map(|s| s.status()),
+            },
+            ranges: self
+                .cluster
+                .as_ref()
+                .map(|c| c.status())
+                .unwrap_or_default(),
+            takeover: self.takeover.snapshot(self.host.now()),
+        }
+    }
+}

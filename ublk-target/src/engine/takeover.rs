@@ -1,0 +1,263 @@
+//! Moving ranges between nodes: takeover (a node died: claim its ranges with a new epoch,
+//! replay its mirrored records, then serve them), giveback and handover (planned moves:
+//! flush, then hand the ranges over with a new epoch), and writing a partner's mirrored
+//! records when its own medium path fails.
+//!
+//! A takeover closes the ranges' gates first, so their I/O waits rather than overtaking the
+//! replay; a failed replay leaves them closed (serving them could lose writes).
+
+use super::core::{Engine, ReplayReport};
+use super::takeover_state::{FlushDelegate, RangesToMove, TakeoverProgress};
+use crate::cluster::NodeId;
+use crate::mirror::ReplayError;
+use std::future::Future;
+use std::time::Duration;
+
+impl Engine {
+    /// Whether a takeover follows if the partner dies (the daemon sets it while the partner is
+    /// connected under `takeover = "auto"`). Then I/O forwarded to the partner that fails
+    /// with the link down waits for the takeover and runs here; otherwise it fails at once
+    /// rather than stalling (e.g. the kernel's partition scan while the partner is away).
+    pub fn set_takeover_expected(&self, expected: bool) {
+        self.takeover.set_expected(expected);
+    }
+
+    /// Lets the flusher ask the partner to write mirrored records when our medium path fails.
+    pub fn set_flush_delegate(&self, d: Option<FlushDelegate>) {
+        self.takeover.set_delegate(d);
+    }
+
+    fn takeover_phase(&self, phase: String) {
+        let now = self.host.now();
+        self.takeover.update(|p| {
+            if let Some(p) = p.as_mut() {
+                if phase == "done" || phase.starts_with("failed") {
+                    // Freeze the clock: status then shows how long the takeover took.
+                    if let Some(t) = p.started.take() {
+                        p.elapsed_ms = now.saturating_duration_since(t).as_millis() as u64;
+                    }
+                }
+                p.phase = phase;
+            }
+        });
+    }
+
+    /// Takes over every range `from` owns: claims them on the medium with a new epoch,
+    /// waits `grace` (the old owner's flusher sees the new epoch before its next batch),
+    /// replays the mirrored records, and only then serves them. I/O to those ranges waits
+    /// meanwhile.
+    pub async fn take_over(&self, from: NodeId, grace: Duration) -> Result<ReplayReport, String> {
+        self.take_over_ranges(from, None, grace).await
+    }
+
+    /// Takeover of some of `from`'s ranges (`only`: (LUN index, range) pairs), or all.
+    pub async fn take_over_ranges(
+        &self,
+        from: NodeId,
+        only: Option<&[(u32, u32)]>,
+        grace: Duration,
+    ) -> Result<ReplayReport, String> {
+        let c = self.cluster.as_ref().ok_or("not a cluster node")?;
+        if from == c.me {
+            return Err("a node cannot take over from itself".into());
+        }
+        let held = self
+            .second_store
+            .as_ref()
+            .map(|ss| ss.status())
+            .unwrap_or_default();
+        let started = self.host.now();
+        self.takeover.update(|p| {
+            *p = Some(TakeoverProgress {
+                from: c.node_name(from).to_string(),
+                phase: "claiming".into(),
+                records_total: held.records as u64,
+                bytes_total: held.bytes,
+                started: Some(started),
+                ..Default::default()
+            })
+        });
+        let moved = match c.begin_takeover(from, only) {
+            Ok(m) if m.is_empty() && only.is_some() => {
+                self.takeover_phase("failed: none of the given ranges is the partner's".into());
+                return Err(format!(
+                    "none of the given ranges belongs to node {} (see the ownership table in status)",
+                    c.node_name(from)
+                ));
+            }
+            Ok(m) => m,
+            Err(e) => {
+                self.takeover_phase(format!("failed: {e}"));
+                return Err(e.to_string());
+            }
+        };
+        self.takeover.update(|p| {
+            if let Some(p) = p.as_mut() {
+                p.ranges = moved.len();
+                p.phase = "grace".into();
+            }
+        });
+        tracing::warn!(
+            "taking over {} range(s) from node {}: epochs bumped on the medium; replaying its mirrored writes",
+            moved.len(),
+            c.node_name(from)
+        );
+        self.host.sleep(grace).await;
+        self.takeover_phase("replaying".into());
+        let report = match self.replay_mirror_of(from, only) {
+            Ok(r) => r,
+            Err(e) => {
+                // Leave the gates closed: serving these ranges now could lose writes.
+                let why = format!("takeover replay failed, ranges stay closed: {e}");
+                self.takeover_phase(format!("failed: {why}"));
+                return Err(why);
+            }
+        };
+        c.finish_takeover(&moved);
+        self.takeover.update(|p| {
+            if let Some(p) = p.as_mut() {
+                p.skipped_already_flushed = report.skipped_already_flushed as u64;
+            }
+        });
+        self.takeover_phase("done".into());
+        tracing::warn!(
+            "takeover complete: now serving {} more range(s)",
+            moved.len()
+        );
+        Ok(report)
+    }
+
+    /// Takeover: writes every record the partner mirrored to us into the medium. Call it
+    /// before serving the partner's ranges.
+    pub fn replay_partner(&self) -> Result<ReplayReport, ReplayError> {
+        let from = self.cluster.as_ref().map(|c| c.partner()).unwrap_or(0);
+        self.replay_mirror_of(from, None)
+    }
+
+    /// Replays the mirrored records `from` left in our second store, limited to `only`'s
+    /// (LUN, range)s if given.
+    fn replay_mirror_of(
+        &self,
+        from: NodeId,
+        only: Option<&[(u32, u32)]>,
+    ) -> Result<ReplayReport, ReplayError> {
+        let Some(ss) = &self.second_store else {
+            return Ok(ReplayReport::default());
+        };
+        let started = self.host.now();
+        // What the partner flushed while it could not tell us (flush marks on the medium).
+        let marks = match &self.cluster {
+            Some(c) => c.flush_marks_of(from).map_err(|e| {
+                ReplayError::Medium(format!("reading the partner's flush marks: {e}"))
+            })?,
+            None => None,
+        };
+        let progress = self.takeover.progress();
+        let luns = self.luns.clone();
+        let selected = move |lun: u32, offset: u64| match (only, luns.get(lun as usize)) {
+            (None, _) => true,
+            (Some(o), Some(l)) => o.contains(&(lun, l.range_of(offset))),
+            // A record of an unknown LUN: let the replay report it.
+            (Some(_), None) => true,
+        };
+        let replayed =
+            ss.replay_into(&self.luns, marks.as_ref(), &selected, &|records, bytes| {
+                if let Ok(mut p) = progress.lock() {
+                    if let Some(p) = p.as_mut() {
+                        p.records_done = records;
+                        p.bytes_done = bytes;
+                    }
+                }
+            })?;
+        let report = ReplayReport {
+            records: replayed.records,
+            bytes: replayed.bytes,
+            discarded_unacknowledged: replayed.overwritten,
+            skipped_already_flushed: replayed.skipped_already_flushed,
+            millis: self
+                .host
+                .now()
+                .saturating_duration_since(started)
+                .as_millis() as u64,
+            ..Default::default()
+        };
+        tracing::info!(
+            "takeover replay: {} mirrored record(s), {} bytes, written to the medium in {} ms; {} skipped (the partner's flush marks show them on the medium)",
+            report.records,
+            report.bytes,
+            report.millis,
+            report.skipped_already_flushed
+        );
+        Ok(report)
+    }
+
+    /// Planned move of ranges to the partner: giveback (the ranges the config gives the
+    /// partner, after a takeover) or handover (our own configured ranges, a switchover before
+    /// maintenance). Their I/O waits while every staged write is flushed (so the partner
+    /// starts from the medium), the table on the medium moves them to the partner with a new
+    /// epoch, `tell_partner` makes the partner re-read it, and then their I/O is forwarded to
+    /// the partner.
+    pub async fn give_back(
+        &self,
+        which: RangesToMove,
+        drain_timeout: Duration,
+        tell_partner: impl Future<Output = Result<(), String>>,
+    ) -> Result<usize, String> {
+        let c = self.cluster.as_ref().ok_or("not a cluster node")?;
+        let partner = c.partner();
+        let ranges = c.ranges_to_give_back(match which {
+            RangesToMove::PartnersRanges => partner,
+            RangesToMove::OwnRanges => c.me,
+        });
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        c.close_gates(&ranges);
+        let reopen = |why: String| {
+            c.finish_takeover(&ranges);
+            Err(why)
+        };
+        if !self.drain(drain_timeout).await {
+            return reopen(format!(
+                "staged writes did not reach the medium within {drain_timeout:?}; nothing was given back"
+            ));
+        }
+        if let Err(e) = c.hand_over(&ranges, partner) {
+            return reopen(format!("updating the ownership table: {e}"));
+        }
+        tracing::warn!(
+            "handed {} range(s) ({}) to node {}",
+            ranges.len(),
+            match which {
+                RangesToMove::PartnersRanges => "giveback of its configured ranges",
+                RangesToMove::OwnRanges => "handover of ours",
+            },
+            c.node_name(partner)
+        );
+        tell_partner.await.map_err(|e| {
+            format!(
+                "the table now gives {} range(s) to node {}, but it did not confirm ({e}); it reads the table at its next start",
+                ranges.len(),
+                c.node_name(partner)
+            )
+        })?;
+        Ok(ranges.len())
+    }
+
+    /// The partner's medium path failed: write its mirrored records through ours.
+    pub fn write_for_partner(
+        &self,
+        partition: u32,
+        first: u64,
+        last: u64,
+        count: usize,
+    ) -> Result<usize, String> {
+        let ss = self
+            .second_store
+            .as_ref()
+            .ok_or("this node keeps no second store")?;
+        let n = ss.write_for_partner(partition, first, last, count, &self.luns)?;
+        tracing::warn!(partition, "the partner's medium path failed: wrote its records {first}..={last} from our second store");
+        Ok(n)
+    }
+}

@@ -1,0 +1,98 @@
+//! The engine's takeover bookkeeping: where a takeover stands (for status), whether one is
+//! expected if the partner goes away, and how the flusher reaches the partner when our
+//! medium path fails. Plain state; the behaviour is in `takeover`.
+
+use crate::host::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// Asks the partner to write our mirrored records `first..=last` of a partition (`count`
+/// data records) from its second store, because our path to the medium failed.
+pub type FlushDelegate =
+    Arc<dyn Fn(u32, u64, u64, usize) -> BoxFuture<Result<(), String>> + Send + Sync>;
+
+/// Where the flusher finds the current delegate (set once the partner is connected).
+pub(super) type DelegateSlot = Arc<RwLock<Option<FlushDelegate>>>;
+
+/// Which ranges a planned move hands to the partner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangesToMove {
+    /// Giveback: the ranges the config assigns to the partner that we hold after a takeover.
+    PartnersRanges,
+    /// Handover: the ranges the config assigns to us (a switchover, e.g. before maintenance).
+    OwnRanges,
+}
+
+/// Where a takeover stands (for `nvmirrorctl status`: progress bar and ETA).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TakeoverProgress {
+    pub from: String,
+    pub ranges: usize,
+    /// "claiming", "grace", "replaying", "done" or "failed: <why>".
+    pub phase: String,
+    pub records_total: u64,
+    pub bytes_total: u64,
+    pub records_done: u64,
+    pub bytes_done: u64,
+    /// Mirrored records not replayed: the partner's flush marks show them on the medium.
+    pub skipped_already_flushed: u64,
+    /// Since the takeover began.
+    pub elapsed_ms: u64,
+    #[serde(skip)]
+    pub(super) started: Option<Instant>,
+}
+
+/// The engine's takeover bookkeeping.
+#[derive(Default)]
+pub(super) struct TakeoverState {
+    /// Forwarded I/O that fails because the partner is gone waits for a takeover (see
+    /// [`Engine::set_takeover_expected`]).
+    expected: AtomicBool,
+    progress: Arc<Mutex<Option<TakeoverProgress>>>,
+    delegate: DelegateSlot,
+}
+
+impl TakeoverState {
+    pub(super) fn expected(&self) -> bool {
+        self.expected.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_expected(&self, expected: bool) {
+        self.expected.store(expected, Ordering::SeqCst);
+    }
+
+    pub(super) fn delegate_slot(&self) -> DelegateSlot {
+        self.delegate.clone()
+    }
+
+    pub(super) fn set_delegate(&self, d: Option<FlushDelegate>) {
+        if let Ok(mut slot) = self.delegate.write() {
+            *slot = d;
+        }
+    }
+
+    /// The progress record the replay updates as it goes.
+    pub(super) fn progress(&self) -> Arc<Mutex<Option<TakeoverProgress>>> {
+        self.progress.clone()
+    }
+
+    pub(super) fn update(&self, f: impl FnOnce(&mut Option<TakeoverProgress>)) {
+        if let Ok(mut p) = self.progress.lock() {
+            f(&mut p);
+        }
+    }
+
+    /// The running or last takeover, its clock read at `now`.
+    pub(super) fn snapshot(&self, now: Instant) -> Option<TakeoverProgress> {
+        self.progress.lock().ok().and_then(|p| {
+            p.clone().map(|mut p| {
+                if let Some(t) = p.started {
+                    p.elapsed_ms = now.saturating_duration_since(t).as_millis() as u64;
+                }
+                p
+            })
+        })
+    }
+}

@@ -1,0 +1,177 @@
+//! Answers `nvmirrorctl` (one request from the control socket at a time per connection, on
+//! the control socket's threads): status, flusher pause/resume, drain, takeover, giveback,
+//! handover, and adding or deleting a LUN's device.
+
+use super::link::tell_partner_to_reload;
+use crate::control::{DaemonStatus, Request, Response};
+use crate::devices::DeviceSet;
+use crate::engine::{Engine, RangesToMove};
+use futures::executor::block_on;
+use rdma_link::Link;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct ControlHandler {
+    pub engine: Arc<Engine>,
+    pub devices: Arc<DeviceSet>,
+    pub link: Option<Link>,
+    /// The daemon's config file, for status and error messages.
+    pub config_path: String,
+    /// A manual takeover's grace period (the heartbeat timeout).
+    pub grace: Duration,
+}
+
+fn error(message: impl Into<String>) -> Response {
+    Response::Error {
+        message: message.into(),
+    }
+}
+
+impl ControlHandler {
+    pub fn handle(&self, req: Request) -> Response {
+        let engine = &self.engine;
+        match req {
+            Request::Status => Response::Status(Box::new(DaemonStatus {
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                config: self.config_path.clone(),
+                devices: self.devices.statuses(),
+                engine: engine.status(),
+            })),
+            Request::FlushPause => {
+                engine.set_flush_paused(true);
+                tracing::warn!("flusher paused by nvmirrorctl");
+                Response::Ok
+            }
+            Request::FlushResume => {
+                engine.set_flush_paused(false);
+                tracing::info!("flusher resumed by nvmirrorctl");
+                Response::Ok
+            }
+            Request::Takeover { force, ref ranges } => self.takeover(force, ranges),
+            Request::Giveback { timeout_secs } => {
+                self.move_ranges(RangesToMove::PartnersRanges, timeout_secs)
+            }
+            Request::Handover { timeout_secs } => {
+                self.move_ranges(RangesToMove::OwnRanges, timeout_secs)
+            }
+            Request::AddDevice { ref lun } => self.add_device(lun),
+            Request::DelDevice { ref lun } => {
+                let Some(i) = self.devices.lun_index(lun) else {
+                    return self.no_such_lun(lun);
+                };
+                match self.devices.del(i, Duration::from_secs(30)) {
+                    Ok(_) => Response::Ok,
+                    Err(e) => error(format!("{e:#}")),
+                }
+            }
+            Request::Drain { timeout_secs } => {
+                if engine.drain_blocking(Duration::from_secs(timeout_secs)) {
+                    Response::Ok
+                } else {
+                    error(format!(
+                        "staged writes did not reach the medium within {timeout_secs} s \
+                         (flusher paused or medium failing? see status)"
+                    ))
+                }
+            }
+        }
+    }
+
+    fn no_such_lun(&self, lun: &str) -> Response {
+        error(format!("no LUN named {lun:?} in {}", self.config_path))
+    }
+
+    fn takeover(&self, force: bool, ranges: &[String]) -> Response {
+        let Some(c) = self.engine.cluster() else {
+            return error("this node is not in a cluster");
+        };
+        if self.link.as_ref().is_some_and(|l| l.state().is_up()) && !force {
+            return error(
+                "the partner is reachable: taking over now would give two owners \
+                 the same ranges; stop it first, or use --force if it is fenced",
+            );
+        }
+        let only = match parse_ranges(&self.engine, ranges) {
+            Ok(o) => o,
+            Err(message) => return error(message),
+        };
+        let from = c.mirrored_for_us().first().copied().unwrap_or(c.partner());
+        match block_on(
+            self.engine
+                .take_over_ranges(from, only.as_deref(), self.grace),
+        ) {
+            Ok(_) => Response::Ok,
+            Err(message) => error(message),
+        }
+    }
+
+    fn move_ranges(&self, which: RangesToMove, timeout_secs: u64) -> Response {
+        let Some(l) = self.link.as_ref().filter(|l| l.state().is_up()) else {
+            return error("the partner is not connected: no one to hand ranges to");
+        };
+        let tell = tell_partner_to_reload(l);
+        match block_on(
+            self.engine
+                .give_back(which, Duration::from_secs(timeout_secs), tell),
+        ) {
+            Ok(_) => Response::Ok,
+            Err(message) => error(message),
+        }
+    }
+
+    fn add_device(&self, lun: &str) -> Response {
+        let Some(i) = self.devices.lun_index(lun) else {
+            return self.no_such_lun(lun);
+        };
+        let done = self.devices.add(i).and_then(|_| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !self.devices.statuses().iter().any(|d| d.lun == lun) {
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!(
+                        "the device of LUN {lun} did not come up within 30 s; see the daemon log"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        });
+        match done {
+            Ok(()) => Response::Ok,
+            Err(e) => error(format!("{e:#}")),
+        }
+    }
+}
+
+/// "lun0:1" -> (LUN index, range); `None` for an empty list (all ranges).
+fn parse_ranges(engine: &Engine, specs: &[String]) -> Result<Option<Vec<(u32, u32)>>, String> {
+    if specs.is_empty() {
+        return Ok(None);
+    }
+    let luns = engine.luns();
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, range) = spec
+                .rsplit_once(':')
+                .ok_or_else(|| format!("range {spec:?}: write LUN:RANGE, e.g. lun0:1"))?;
+            let (i, lun) = luns
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.name == name)
+                .ok_or_else(|| format!("range {spec:?}: no LUN named {name:?}"))?;
+            let r: u32 = range
+                .parse()
+                .ok()
+                .filter(|r| *r < lun.ranges)
+                .ok_or_else(|| {
+                    format!(
+                        "range {spec:?}: LUN {name} has ranges 0 to {}",
+                        lun.ranges.saturating_sub(1)
+                    )
+                })?;
+            Ok((i as u32, r))
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(Some)
+}

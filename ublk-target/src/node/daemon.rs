@@ -1,0 +1,182 @@
+//! A node daemon's life: open the engine (the NVRAM is replayed into the media BEFORE any
+//! device is added or recovered, so no request can read or write around a staged record),
+//! start the mirror link, serve every LUN as a ublk device and the control socket, tell
+//! systemd when ready, and on SIGTERM/SIGINT stop the devices and drain to the medium.
+
+use super::control_handler::ControlHandler;
+use super::link::start_link;
+use crate::config::NodeConfig;
+use crate::control;
+use crate::devices::DeviceSet;
+use crate::engine::{Engine, OpenMode};
+use crate::frontend::DeviceSpec;
+use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What `nvmirrord` is started with.
+pub struct DaemonArgs {
+    /// The node's TOML configuration.
+    pub config: PathBuf,
+    /// Where device ids are remembered between runs (for crash recovery).
+    pub state_dir: PathBuf,
+}
+
+/// Runs the node until a signal stops it (or every device stopped by itself).
+pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
+    // Signals are taken by one thread with sigwait; block them before any thread starts.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        signals.add(s);
+    }
+    signals.thread_block().context("blocking signals")?;
+
+    let config_path = std::fs::canonicalize(&args.config)
+        .unwrap_or_else(|_| args.config.clone())
+        .display()
+        .to_string();
+    for warning in cfg.environment_warnings() {
+        tracing::warn!("{warning}");
+    }
+    let engine = Engine::open_config(&cfg, &config_path, OpenMode::Normal)?;
+    let replay = engine.status().replay;
+    tracing::info!(
+        node = cfg.node.name,
+        "NVRAM ready: replayed {} record(s) ({} bytes) in {} ms{}",
+        replay.records,
+        replay.bytes,
+        replay.millis,
+        if replay.formatted {
+            ", freshly formatted"
+        } else {
+            ""
+        }
+    );
+
+    let link = match &cfg.cluster {
+        Some(c) => Some(start_link(&cfg, c, &engine)?.0),
+        None => None,
+    };
+
+    if let (Some(l), Some(c)) = (&link, &cfg.cluster) {
+        // Give a live partner a moment to connect, so that the kernel's first reads of the
+        // new device (partition scan) can reach the partner's ranges.
+        let deadline = std::time::Instant::now() + Duration::from_millis(c.heartbeat_timeout_ms);
+        while !l.state().is_up() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    let specs = cfg
+        .luns
+        .iter()
+        .enumerate()
+        .map(|(i, lun)| DeviceSpec {
+            lun_index: i,
+            lun_name: lun.name.clone(),
+            node: cfg.node.name.clone(),
+            size: engine.luns()[i].size,
+            dev_id: lun.device_id,
+            queues: lun.queues,
+            depth: lun.queue_depth,
+            config_path: config_path.clone(),
+            state_dir: args.state_dir.clone(),
+        })
+        .collect();
+    let devices = DeviceSet::new(engine.clone(), specs);
+    let socket = cfg.control_socket();
+    let handler = ControlHandler {
+        engine: engine.clone(),
+        devices: devices.clone(),
+        link: link.clone(),
+        config_path: config_path.clone(),
+        grace: Duration::from_millis(
+            cfg.cluster
+                .as_ref()
+                .map(|c| c.heartbeat_timeout_ms)
+                .unwrap_or(0),
+        ),
+    };
+    control::serve(&socket, Arc::new(move |req| handler.handle(req)))
+        .with_context(|| format!("control socket {}", socket.display()))?;
+
+    for i in 0..cfg.luns.len() {
+        devices.add(i)?;
+    }
+
+    // Wait for SIGTERM/SIGINT, or for every device to stop by itself.
+    let sig_thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || signals.wait())
+        .context("spawning the signal thread")?;
+    let mut ready = false;
+    loop {
+        if sig_thread.is_finished() {
+            break;
+        }
+        if devices.all_stopped_unexpectedly() {
+            break;
+        }
+        let live: Vec<String> = devices
+            .statuses()
+            .iter()
+            .map(|x| format!("{} on {}", x.lun, x.path))
+            .collect();
+        if !ready && live.len() == cfg.luns.len() {
+            // systemd (Type=notify): replay is done and every device is live.
+            ready = true;
+            let status = format!("serving {}", live.join(", "));
+            if let Err(e) = sd_notify::notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&status),
+            ]) {
+                tracing::warn!("telling systemd we are ready: {e}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let stop_signal = if sig_thread.is_finished() {
+        sig_thread.join().ok().and_then(|r| r.ok())
+    } else {
+        None
+    };
+    let failed = match stop_signal {
+        Some(sig) => {
+            tracing::info!("{sig:?}: stopping devices, then draining staged writes to the medium");
+            devices.stop_all()
+        }
+        None => devices.join_all(),
+    };
+    if !engine.drain_blocking(Duration::from_secs(120)) {
+        tracing::error!(
+            "staged writes remain in the NVRAM; they will be replayed at the next start"
+        );
+    }
+    engine.detach_mirror();
+    if let Some(l) = link {
+        shutdown_link(l);
+    }
+    engine.shutdown();
+    let _ = std::fs::remove_file(&socket);
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn shutdown_link(link: rdma_link::Link) {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(5), link.shutdown()).await;
+        }),
+        Err(_) => drop(link),
+    }
+}

@@ -1,0 +1,145 @@
+//! The mirror link of a cluster node: its configuration from the node's config, the
+//! transport it names (TCP or RDMA), and the wiring into the engine: the engine mirrors
+//! through it, forwards I/O for other nodes' ranges over it, asks the partner over it to
+//! write for us when our medium path fails, serves the partner's requests, and a
+//! [`PartnerWatch`] follows its state.
+
+use super::partner_watch::PartnerWatch;
+use crate::cluster::{wire, ForwardFuture, RequestForwarder};
+use crate::config::{ClusterSection, NodeConfig, TakeoverPolicy, TransportKind};
+use crate::engine::Engine;
+use crate::host::TaskHandle;
+use anyhow::Context;
+use rdma_link::{Link, LinkConfig, RequestHandler};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The link configuration `c` describes for this node (reads the cluster secret).
+pub fn link_config(cfg: &NodeConfig, c: &ClusterSection) -> anyhow::Result<LinkConfig> {
+    let secret = std::fs::read(&c.secret_file)
+        .with_context(|| format!("reading cluster.secret_file {}", c.secret_file.display()))?;
+    let secret: Vec<u8> = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        anyhow::bail!(
+            "cluster.secret_file {}: the secret must be at least 16 bytes (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+            c.secret_file.display()
+        );
+    }
+    let me = cfg
+        .cluster_index()
+        .context("node.name is not in [[cluster.node]]")?;
+    // The first node listens, the others connect to it (a pair: one link).
+    let peer = if me == 0 { 1 } else { 0 };
+    let first: std::net::SocketAddr = c.nodes[0]
+        .address
+        .parse()
+        .context("cluster.node[0].address")?;
+    let role = if me == 0 {
+        rdma_link::Role::Listen(first)
+    } else {
+        rdma_link::Role::Connect(first)
+    };
+    let transport = match c.transport {
+        TransportKind::Tcp => rdma_link::Transport::Tcp,
+        TransportKind::Rdma => rdma_link::Transport::Rdma,
+    };
+    let mut lc = LinkConfig::new(transport, role, c.id, me + 1, peer + 1, &secret);
+    lc.heartbeat_interval = Duration::from_millis(c.heartbeat_interval_ms);
+    lc.heartbeat_timeout = Duration::from_millis(c.heartbeat_timeout_ms);
+    lc.busy_poll = Duration::from_micros(c.busy_poll_us);
+    Ok(lc)
+}
+
+/// The handler of the partner's requests: I/O to ranges we own, and its requests of us.
+pub fn request_handler(engine: &Arc<Engine>) -> Arc<dyn RequestHandler> {
+    let served = engine.clone();
+    Arc::new(move |req: rdma_link::Bytes| {
+        let engine = served.clone();
+        async move { rdma_link::Bytes::from(engine.serve_forwarded(&req).await) }
+    })
+}
+
+/// Starts the mirror link `c` describes and wires it into `engine` (see [`attach_link`]).
+pub fn start_link(
+    cfg: &NodeConfig,
+    c: &ClusterSection,
+    engine: &Arc<Engine>,
+) -> anyhow::Result<(Link, TaskHandle)> {
+    let lc = link_config(cfg, c)?;
+    let store: Arc<dyn rdma_link::SecondStore> = engine
+        .second_store()
+        .context("the NVRAM has no second store (format it for a cluster)")?;
+    let link = Link::start_with_handler(
+        lc,
+        Some(engine.local_region()),
+        Some(store),
+        request_handler(engine),
+    )
+    .map_err(|e| anyhow::anyhow!("starting the mirror link: {e}"))?;
+    let grace = Duration::from_millis(c.heartbeat_timeout_ms);
+    let watcher =
+        attach_link(engine, &link, c.takeover, grace).context("spawning the partner watcher")?;
+    Ok((link, watcher))
+}
+
+/// Wires a started link into the engine: every new write is mirrored through it, I/O to the
+/// partner's ranges is forwarded over it, the flusher may ask the partner over it to write
+/// for us, and a [`PartnerWatch`] (a host task) follows its state, taking over with
+/// `takeover = "auto"` when the partner dies after `grace`.
+pub fn attach_link(
+    engine: &Arc<Engine>,
+    link: &Link,
+    policy: TakeoverPolicy,
+    grace: Duration,
+) -> std::io::Result<TaskHandle> {
+    engine.attach_mirror(Arc::new(link.clone()));
+    let partner = engine.cluster().map(|c| c.partner()).unwrap_or(0);
+    if let Some(c) = engine.cluster() {
+        // I/O for the partner's ranges goes to it as requests over the link.
+        let to_partner = link.clone();
+        c.set_forwarder(Some(Arc::new(RequestForwarder(
+            move |req: Vec<u8>| -> ForwardFuture<Vec<u8>> {
+                let link = to_partner.clone();
+                Box::pin(async move {
+                    link.request(req)
+                        .await
+                        .map(|a| a.to_vec())
+                        .map_err(|e| e.to_string())
+                })
+            },
+        ))));
+    }
+    // When our path to the medium fails, the partner writes our mirrored records.
+    let delegate_link = link.clone();
+    engine.set_flush_delegate(Some(Arc::new(
+        move |partition: u32, first: u64, last: u64, count: usize| {
+            let req = wire::encode(
+                wire::OP_WRITE_FOR_PARTNER,
+                partition,
+                first,
+                count as u32,
+                &last.to_le_bytes(),
+            );
+            let link = delegate_link.clone();
+            Box::pin(async move {
+                let answer = link.request(req).await.map_err(|e| e.to_string())?;
+                wire::answer(&answer).map(|_| ())
+            })
+        },
+    )));
+    let watch = PartnerWatch {
+        engine: engine.clone(),
+        link: link.clone(),
+        policy,
+        grace,
+        partner,
+    };
+    engine.host().spawn("partner-watch", Box::pin(watch.run()))
+}
+
+/// Asks the partner to re-read the ownership table (after a giveback or handover).
+pub async fn tell_partner_to_reload(link: &Link) -> Result<(), String> {
+    let req = wire::encode(wire::OP_RELOAD_OWNERSHIP, 0, 0, 0, &[]);
+    let answer = link.request(req).await.map_err(|e| e.to_string())?;
+    wire::answer(&answer).map(|_| ())
+}
