@@ -177,3 +177,48 @@ impl<F: Future> Future for CatchUnwind<F> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn tasks() -> Tasks {
+        Tasks::new(Arc::new(tokio::runtime::Handle::current()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tasks_are_counted_aborted_and_killed() {
+        let t = tasks();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let quick = t.spawn(async move {
+            r.fetch_add(1, Ordering::Relaxed);
+        });
+        let forever = t.spawn_abortable(std::future::pending());
+        let detached = t.spawn(std::future::pending());
+        drop(detached); // detached, not stopped
+        quick.join().await;
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
+        assert!(!forever.is_finished());
+        forever.abort();
+        forever.join().await;
+        assert_eq!(*t.live.borrow(), 1, "the detached task still runs");
+        // Killing stops every task, including one started afterwards.
+        t.kill();
+        let late = t.spawn(std::future::pending());
+        tokio::time::timeout(Duration::from_secs(1), t.idle())
+            .await
+            .expect("every task ends once killed");
+        assert!(late.is_finished());
+    }
+
+    #[tokio::test]
+    async fn a_panic_becomes_an_error() {
+        let r = CatchUnwind::new(async { panic!("on purpose") }).await;
+        assert_eq!(r, Err::<(), _>("on purpose".to_string()));
+        let r = CatchUnwind::new(async { 7 }).await;
+        assert_eq!(r, Ok(7));
+    }
+}
