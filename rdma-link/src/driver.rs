@@ -144,10 +144,12 @@ async fn listen_loop<C: Carrier>(shared: &Arc<Shared>, carrier: &Arc<C>, addr: S
             }
         }
     }
-    drop(listener);
+    // The connections end on the shutdown signal too. The listener goes last (as the RDMA
+    // transport always did: its connections' ids came from it).
     for t in conns {
         t.join().await;
     }
+    drop(listener);
 }
 
 /// One accepted connection: set up, handshake, then serve it until it fails.
