@@ -13,20 +13,24 @@
 //! The transcript covers both nonces, both node ids, the cluster id and the version, so a MAC
 //! cannot be replayed into another session. The secret never crosses the wire, and each side
 //! sends its RDMA region coordinates only to a peer that has already proven the secret.
+//!
+//! Runs over any [`MsgIo`] (a TCP stream, the RDMA QP's SEND/RECV, a custom network's
+//! connection) before the connection loop takes over.
 
 use crate::error::{HandshakeError, LinkError, Result};
-use crate::link::Shared;
 use crate::proto::{
     transport_name, Hello, Msg, NodeInfo, RemoteRegion, ResyncPoint, MAGIC, PROTOCOL_VERSION,
 };
+use crate::shared::Shared;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
+use std::future::Future;
 
-/// A message pipe used for the handshake (a TCP stream or the RDMA QP's SEND/RECV).
-pub(crate) trait MsgIo {
-    async fn send_msg(&mut self, m: &Msg) -> Result<()>;
-    async fn recv_msg(&mut self) -> Result<Msg>;
+/// A message pipe used for the handshake.
+pub(crate) trait MsgIo: Send {
+    fn send_msg(&mut self, m: &Msg) -> impl Future<Output = Result<()>> + Send;
+    fn recv_msg(&mut self) -> impl Future<Output = Result<Msg>> + Send;
 }
 
 /// What the handshake learned about the peer.

@@ -7,6 +7,9 @@
 //! The link also carries requests and responses ([`Link::request`] and [`RequestHandler`]):
 //! opaque payloads of up to `max_request` bytes, used to forward block I/O to the owning node.
 //!
+//! For a deterministic simulation, [`Link::start_over`] runs a real link over a custom
+//! [`Network`], with every task going through a [`Spawn`] of the caller's.
+//!
 //! ```no_run
 //! # async fn demo(nvram: *mut u8, nvram_len: usize, store: std::sync::Arc<dyn rdma_link::SecondStore>) -> Result<(), rdma_link::LinkError> {
 //! use rdma_link::{Link, LinkConfig, Post, Role, Transport};
@@ -20,20 +23,57 @@
 //! # Ok(()) }
 //! ```
 
+//! ## Module map and layers
+//!
+//! Bottom up; a module uses only modules above it in this list (no import cycles):
+//!
+//! | module | job |
+//! | --- | --- |
+//! | `error` | error types, written for the operator |
+//! | `region` | raw memory regions (the engine's NVRAM mapping) |
+//! | [`proto`] | the wire format, the same for every transport |
+//! | `config` | [`LinkConfig`], [`Role`], [`Transport`], defaults and checks |
+//! | `api` | what link and user exchange: [`Post`], [`LinkState`], [`SecondStore`], [`RequestHandler`] |
+//! | `busy` | the busy-poll window of a connection loop |
+//! | `spawn` | how the link runs its tasks ([`Spawn`]): counted, stoppable, panics caught |
+//! | `network` | the public seam for custom networks ([`Network`]) |
+//! | `shared` | state shared by the handle and the background tasks |
+//! | `session` | the per-connection protocol state machine (pure logic, unit-tested) |
+//! | `handshake` | version, identity and HMAC authentication over any message pipe |
+//! | `wire` | what a transport provides: `Carrier` (open/accept) and `Wire` (move messages) |
+//! | `driver` | the one connect loop, listen loop and connection loop, generic over `wire` |
+//! | `stream` | a message-stream connection: shared by `tcp` and `custom` |
+//! | `tcp` | TCP sockets and frames |
+//! | `custom` | the transport over a user's [`Network`] |
+//! | `rdma` | RDMA RC queue pairs (`verbs` → `cm` → `chunk` → `conn` → carrier) |
+//! | `link` | the public [`Link`] handle, which chooses the transport |
+
+mod api;
+mod busy;
+mod config;
+mod custom;
+mod driver;
 mod error;
 mod handshake;
 mod link;
+mod network;
 pub mod proto;
 mod rdma;
 mod region;
+mod session;
+mod shared;
+mod spawn;
+mod stream;
 mod tcp;
+mod wire;
 
+pub use api::{LinkState, Post, RequestHandler, SecondStore, UpInfo};
 pub use bytes::Bytes;
+pub use config::{LinkConfig, Role, Transport, DEFAULT_BUSY_POLL_US};
 pub use error::{FrameError, HandshakeError, LinkError};
-pub use link::{
-    Link, LinkConfig, LinkState, Post, RequestHandler, Role, SecondStore, Transport, UpInfo,
-    DEFAULT_BUSY_POLL_US,
-};
+pub use link::Link;
+pub use network::{Connection, Listener, MessageReceiver, MessageSender, NetFuture, Network};
 pub use proto::{PartitionSeq, ResyncPoint};
 pub use rdma::{rdma_capabilities, RdmaCapabilities};
 pub use region::Region;
+pub use spawn::{Spawn, Task};

@@ -3,7 +3,8 @@
 //! Every raw object has one RAII owner; an owner keeps an `Arc` of each object it depends on,
 //! so destruction always runs in a valid order whatever order the caller drops things in:
 //! QP -> MR -> CQ -> completion channel -> PD -> cm_id -> event channel.
-//! All `unsafe` of the RDMA transport lives in this file.
+//! All `unsafe` of the RDMA transport lives in this file — its one job, which is why it is
+//! longer than the other modules.
 
 use rdma_sys::*;
 use std::ffi::CStr;
@@ -27,6 +28,10 @@ impl std::fmt::Display for VerbsError {
 }
 
 pub(crate) type VResult<T> = Result<T, VerbsError>;
+
+/// Kernel `IB_UVERBS_DEVICE_FLUSH_GLOBAL` / `_PERSISTENT` bits of `device_cap_flags_ex`.
+pub(crate) const CAP_FLUSH_GLOBAL: u64 = 1 << 38;
+pub(crate) const CAP_FLUSH_PERSISTENT: u64 = 1 << 39;
 
 fn last(op: &'static str) -> VerbsError {
     VerbsError {

@@ -1,19 +1,9 @@
-//! The wire format shared by both transports.
-//!
-//! A message is `kind: u8` followed by a fixed little-endian body. Over TCP each message is a
-//! frame `len: u32 | crc32c(payload): u32 | payload`, and a `Record` message carries the record
-//! bytes right after its header inside the same frame. Over RDMA a message is the payload of one
-//! SEND (the fabric checks integrity), and record bytes travel separately by RDMA WRITE.
-//!
-//! Requests and responses (the link's RPC facility) carry an opaque payload. Over TCP the payload
-//! follows its header in the same frame; over RDMA a request / response is cut into `Chunk`
-//! SENDs (see [`ChunkHdr`]) that the receiver reassembles.
-//!
-//! Decoding never panics and never allocates more than the limits below, whatever the input.
+//! The messages of the link and their encoding: `kind: u8` followed by a fixed little-endian
+//! body (see the module documentation of `proto`).
 
+use super::codec::{R, W};
 use crate::error::FrameError;
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// "NVML" — first field of every hello, so a stray client is told apart from a version mismatch.
 pub const MAGIC: u32 = 0x4c4d_564e;
@@ -199,90 +189,20 @@ pub enum Msg {
     },
 }
 
-/// Header of one RDMA chunk of a request or response: the SEND carries `CHUNK_HDR_LEN` header
-/// bytes and then the payload bytes `[offset, offset + n)` of a message of `total` bytes.
-/// Chunks of one message are sent in order (RC keeps them in order).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkHdr {
-    /// `true`: part of a request; `false`: part of a response.
-    pub request: bool,
-    pub id: u64,
-    /// Response status (0 for requests).
-    pub status: u8,
-    pub total: u32,
-    pub offset: u32,
-}
-
-impl ChunkHdr {
-    pub fn encode(&self, out: &mut [u8; CHUNK_HDR_LEN]) {
-        out[0] = K_CHUNK;
-        out[1] = if self.request { K_REQUEST } else { K_RESPONSE };
-        out[2..10].copy_from_slice(&self.id.to_le_bytes());
-        out[10] = self.status;
-        out[11..15].copy_from_slice(&self.total.to_le_bytes());
-        out[15..19].copy_from_slice(&self.offset.to_le_bytes());
-    }
-
-    /// Decode the header at the start of a chunk SEND; the rest of `b` is the chunk's data.
-    pub fn decode(b: &[u8]) -> Result<ChunkHdr, FrameError> {
-        let mut r = R {
-            buf: b,
-            pos: 0,
-            what: "chunk",
-        };
-        if r.u8()? != K_CHUNK {
-            return Err(r.bad("not a chunk".into()));
-        }
-        let request = match r.u8()? {
-            K_REQUEST => true,
-            K_RESPONSE => false,
-            k => return Err(r.bad(format!("chunk of message kind {k}"))),
-        };
-        let id = r.u64()?;
-        let status = r.u8()?;
-        let total = r.u32()?;
-        let offset = r.u32()?;
-        if total > MAX_REQUEST_LEN {
-            return Err(FrameError::Oversized {
-                len: u64::from(total),
-                max: u64::from(MAX_REQUEST_LEN),
-            });
-        }
-        let data = b.len() - CHUNK_HDR_LEN;
-        if u64::from(offset) + data as u64 > u64::from(total) {
-            return Err(r.bad(format!(
-                "chunk [{offset}, +{data}) beyond the message's {total} bytes"
-            )));
-        }
-        Ok(ChunkHdr {
-            request,
-            id,
-            status,
-            total,
-            offset,
-        })
-    }
-}
-
-/// True if a payload's first byte starts an RDMA chunk.
-pub fn is_chunk(payload: &[u8]) -> bool {
-    payload.first() == Some(&K_CHUNK)
-}
-
 const K_HELLO: u8 = 1;
 const K_CHALLENGE: u8 = 2;
 const K_AUTH: u8 = 3;
 const K_WELCOME: u8 = 4;
 const K_REJECT: u8 = 5;
-const K_RECORD: u8 = 6;
+pub(super) const K_RECORD: u8 = 6;
 const K_ACK: u8 = 7;
 const K_RELEASE: u8 = 8;
 const K_PING: u8 = 9;
 const K_PONG: u8 = 10;
 const K_BYE: u8 = 11;
-const K_REQUEST: u8 = 12;
-const K_RESPONSE: u8 = 13;
-const K_CHUNK: u8 = 14;
+pub(super) const K_REQUEST: u8 = 12;
+pub(super) const K_RESPONSE: u8 = 13;
+pub(super) const K_CHUNK: u8 = 14;
 
 impl Msg {
     pub fn name(&self) -> &'static str {
@@ -595,214 +515,8 @@ pub fn decode_data(payload: Bytes) -> Result<Msg, FrameError> {
     Ok(with_payload(msg, payload.slice(start..)))
 }
 
-/// Frame header and message header of a request / response frame (the payload follows).
-pub fn data_frame_header(msg: &Msg) -> Option<(Vec<u8>, &Bytes)> {
-    let (h, payload) = msg.data_parts()?;
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + h.len());
-    let len = (h.len() + payload.len()) as u32;
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h), payload);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&h);
-    Some((out, payload))
-}
-
-/// Encode a complete TCP frame for a control message (not a record).
-pub fn encode_frame(msg: &Msg, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
-    msg.encode(out);
-    let payload = &out[start + FRAME_HEADER_LEN..];
-    let len = payload.len() as u32;
-    let crc = crc32c::crc32c(payload);
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-}
-
-/// Frame header for a record frame: the payload is the encoded header followed by `data`.
-pub fn record_frame_header(
-    hdr: &RecordHdr,
-    data: &[u8],
-) -> [u8; FRAME_HEADER_LEN + RECORD_HDR_LEN] {
-    let mut out = [0u8; FRAME_HEADER_LEN + RECORD_HDR_LEN];
-    let mut body = Vec::with_capacity(RECORD_HDR_LEN);
-    Msg::Record(*hdr).encode(&mut body);
-    let len = (RECORD_HDR_LEN + data.len()) as u32;
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&body), data);
-    out[0..4].copy_from_slice(&len.to_le_bytes());
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
-    out[8..].copy_from_slice(&body);
-    out
-}
-
-/// Reads TCP frames. Control payloads go to an internal buffer bounded by
-/// [`MAX_CONTROL_LEN`]; record bytes go straight to the slice the caller's sink returns
-/// (the receiver's second-store region), so a record is never copied twice.
-pub struct FrameReader {
-    max_record: u32,
-    max_request: u32,
-    buf: Vec<u8>,
-}
-
-impl FrameReader {
-    /// A reader accepting records up to `max_record` bytes and requests / responses up to
-    /// [`DEFAULT_MAX_REQUEST`] bytes of payload.
-    pub fn new(max_record: u32) -> Self {
-        Self::with_limits(max_record, DEFAULT_MAX_REQUEST)
-    }
-
-    pub fn with_limits(max_record: u32, max_request: u32) -> Self {
-        FrameReader {
-            max_record: max_record.min(MAX_RECORD_LEN),
-            max_request: max_request.min(MAX_REQUEST_LEN),
-            buf: Vec::new(),
-        }
-    }
-
-    /// Read the next frame. For a `Record`, `sink(hdr)` must return the destination of the
-    /// record bytes (exactly `hdr.len` long) or an error; the crc covers header and bytes and is
-    /// checked after they landed (the caller must not acknowledge a record before this returns Ok).
-    pub async fn read<'a, Rd, F>(&mut self, rd: &mut Rd, sink: F) -> Result<Msg, FrameError>
-    where
-        Rd: AsyncRead + Unpin,
-        F: FnOnce(&RecordHdr) -> Result<&'a mut [u8], FrameError>,
-    {
-        let mut head = [0u8; FRAME_HEADER_LEN];
-        // A clean EOF between frames is a close, not an error.
-        let n = rd.read(&mut head[..1]).await?;
-        if n == 0 {
-            return Err(FrameError::Closed);
-        }
-        rd.read_exact(&mut head[1..]).await?;
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        let max_data = RESPONSE_HDR_LEN + self.max_request as usize;
-        let max = (RECORD_HDR_LEN + self.max_record as usize)
-            .max(MAX_CONTROL_LEN)
-            .max(max_data);
-        if len > max {
-            return Err(FrameError::Oversized {
-                len: len as u64,
-                max: max as u64,
-            });
-        }
-        if len == 0 {
-            return Err(FrameError::Malformed {
-                what: "frame",
-                detail: "empty payload".into(),
-            });
-        }
-        // Peek the kind: records are read in two parts.
-        let mut kind = [0u8; 1];
-        rd.read_exact(&mut kind).await?;
-        if kind[0] == K_RECORD {
-            if len < RECORD_HDR_LEN {
-                return Err(FrameError::Malformed {
-                    what: "record",
-                    detail: format!("frame of {len} bytes"),
-                });
-            }
-            let mut hb = [0u8; RECORD_HDR_LEN];
-            hb[0] = K_RECORD;
-            rd.read_exact(&mut hb[1..]).await?;
-            let (msg, _) = decode_payload_prefix(&hb)?;
-            let Msg::Record(hdr) = msg else {
-                return Err(FrameError::Malformed {
-                    what: "record",
-                    detail: "not a record".into(),
-                });
-            };
-            let data_len = len - RECORD_HDR_LEN;
-            if hdr.len as usize != data_len {
-                return Err(FrameError::Malformed {
-                    what: "record",
-                    detail: format!("header says {} bytes, frame carries {data_len}", hdr.len),
-                });
-            }
-            if hdr.len > self.max_record {
-                return Err(FrameError::Oversized {
-                    len: u64::from(hdr.len),
-                    max: u64::from(self.max_record),
-                });
-            }
-            let dst = sink(&hdr)?;
-            if dst.len() != data_len {
-                return Err(FrameError::Malformed {
-                    what: "record",
-                    detail: "sink length".into(),
-                });
-            }
-            rd.read_exact(dst).await?;
-            let got = crc32c::crc32c_append(crc32c::crc32c(&hb), dst);
-            if got != crc {
-                return Err(FrameError::BadCrc { got, expected: crc });
-            }
-            return Ok(Msg::Record(hdr));
-        }
-        if kind[0] == K_REQUEST || kind[0] == K_RESPONSE {
-            if len > max_data {
-                return Err(FrameError::Oversized {
-                    len: len as u64,
-                    max: max_data as u64,
-                });
-            }
-            // A fresh buffer per message: the payload is handed on without a copy.
-            let mut b = vec![0u8; len];
-            b[0] = kind[0];
-            rd.read_exact(&mut b[1..]).await?;
-            let got = crc32c::crc32c(&b);
-            if got != crc {
-                return Err(FrameError::BadCrc { got, expected: crc });
-            }
-            let msg = decode_data(Bytes::from(b))?;
-            let n = match &msg {
-                Msg::Request { payload, .. } | Msg::Response { payload, .. } => payload.len(),
-                _ => 0,
-            };
-            if n > self.max_request as usize {
-                return Err(FrameError::Oversized {
-                    len: n as u64,
-                    max: u64::from(self.max_request),
-                });
-            }
-            return Ok(msg);
-        }
-        if len > MAX_CONTROL_LEN {
-            return Err(FrameError::Oversized {
-                len: len as u64,
-                max: MAX_CONTROL_LEN as u64,
-            });
-        }
-        self.buf.clear();
-        self.buf.resize(len, 0);
-        self.buf[0] = kind[0];
-        rd.read_exact(&mut self.buf[1..]).await?;
-        let got = crc32c::crc32c(&self.buf);
-        if got != crc {
-            return Err(FrameError::BadCrc { got, expected: crc });
-        }
-        Msg::decode(&self.buf)
-    }
-}
-
-struct W<'a>(&'a mut Vec<u8>);
-
+/// The message-level fields.
 impl W<'_> {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, v: &[u8]) {
-        self.0.extend_from_slice(v);
-    }
     fn string(&mut self, s: &str) {
         let mut end = s.len().min(MAX_REASON_LEN);
         while !s.is_char_boundary(end) {
@@ -852,49 +566,7 @@ impl W<'_> {
     }
 }
 
-struct R<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    what: &'static str,
-}
-
 impl R<'_> {
-    fn bad(&self, detail: String) -> FrameError {
-        FrameError::Malformed {
-            what: self.what,
-            detail,
-        }
-    }
-    fn take(&mut self, n: usize) -> Result<&[u8], FrameError> {
-        if self.buf.len() - self.pos < n {
-            return Err(self.bad(format!("truncated at byte {} (needs {n} more)", self.pos)));
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, FrameError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, FrameError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, FrameError> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(a))
-    }
-    fn u64(&mut self) -> Result<u64, FrameError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn arr32(&mut self) -> Result<[u8; 32], FrameError> {
-        let mut a = [0u8; 32];
-        a.copy_from_slice(self.take(32)?);
-        Ok(a)
-    }
     fn string(&mut self) -> Result<String, FrameError> {
         let n = self.u16()? as usize;
         if n > MAX_REASON_LEN {

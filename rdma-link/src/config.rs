@@ -1,0 +1,172 @@
+//! How a link is configured: which transport, who connects, the node ids and secret, and the
+//! windows, limits and timers — with their defaults and the checks run at start.
+
+use crate::error::{LinkError, Result};
+use crate::proto::{
+    DEFAULT_MAX_REQUEST, MAX_RECORD_LEN, MAX_REQUEST_LEN, TRANSPORT_RDMA, TRANSPORT_TCP,
+};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Which transport carries the mirror traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    /// RDMA RC via librdmacm; the address is the IP of the RDMA device (RoCE / IPoIB).
+    Rdma,
+}
+
+impl Transport {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Transport::Tcp => TRANSPORT_TCP,
+            Transport::Rdma => TRANSPORT_RDMA,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Rdma => "rdma",
+        }
+    }
+}
+
+/// Who opens the connection. One node of the pair listens, the other connects (and reconnects).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Listen(SocketAddr),
+    Connect(SocketAddr),
+}
+
+/// Default of [`LinkConfig::busy_poll`], in microseconds: long enough to span the gap
+/// between two writes at queue depth 1 (so the link thread never sleeps while a writer is
+/// active), short enough that an idle link stops spinning at once.
+pub const DEFAULT_BUSY_POLL_US: u64 = 1000;
+
+/// Configuration of one link (one peer).
+#[derive(Clone)]
+pub struct LinkConfig {
+    pub transport: Transport,
+    pub role: Role,
+    pub cluster_id: u64,
+    pub node_id: u32,
+    pub peer_node_id: u32,
+    /// Shared cluster secret (at least 16 bytes). Never sent; used as the HMAC key.
+    pub secret: Vec<u8>,
+    /// Opaque fingerprint of the NVRAM layout (partition table); must match on both nodes.
+    pub layout_tag: u64,
+    /// Posts in flight at most (the effective window is the smaller of both nodes' windows).
+    pub window: u32,
+    /// Largest record accepted, in bytes.
+    pub max_record: u32,
+    pub heartbeat_interval: Duration,
+    /// The peer is declared down when nothing arrived for this long.
+    pub heartbeat_timeout: Duration,
+    /// The link is declared down when a post stays unacknowledged for this long.
+    pub ack_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// Pause between connection attempts (connector).
+    pub reconnect_delay: Duration,
+    /// Requests this node serves concurrently; the peer keeps at most
+    /// min(its, ours) requests in flight to us.
+    pub request_window: u32,
+    /// Largest request / response payload, in bytes (both nodes' limits apply).
+    pub max_request: u32,
+    /// The link is declared down when a request stays unanswered for this long (the peer's
+    /// handler is wedged). Callers wanting a shorter, per-request bound wrap `request` in a
+    /// timeout of their own.
+    pub request_timeout: Duration,
+    /// After traffic, the link thread keeps polling for this long before it sleeps: RDMA polls
+    /// its completion queue instead of waiting on the completion channel, TCP keeps its
+    /// runtime from parking so the socket is polled. A message arriving meanwhile costs no
+    /// thread wake-up (which dominates a QD1 round trip), at the price of one core spinning
+    /// while the link is busy. Zero: never poll, always sleep. Not used over a custom
+    /// [`crate::Network`] (see [`crate::Link::start_over`]).
+    pub busy_poll: Duration,
+}
+
+impl LinkConfig {
+    pub fn new(
+        transport: Transport,
+        role: Role,
+        cluster_id: u64,
+        node_id: u32,
+        peer_node_id: u32,
+        secret: &[u8],
+    ) -> Self {
+        LinkConfig {
+            transport,
+            role,
+            cluster_id,
+            node_id,
+            peer_node_id,
+            secret: secret.to_vec(),
+            layout_tag: 0,
+            window: 64,
+            max_record: 1 << 20,
+            heartbeat_interval: Duration::from_millis(250),
+            heartbeat_timeout: Duration::from_secs(2),
+            ack_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            reconnect_delay: Duration::from_millis(200),
+            request_window: 32,
+            max_request: DEFAULT_MAX_REQUEST,
+            request_timeout: Duration::from_secs(30),
+            busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(LinkError::Config(m));
+        if self.secret.len() < 16 {
+            return bad(format!(
+                "the cluster secret is {} bytes; use at least 16 random bytes",
+                self.secret.len()
+            ));
+        }
+        if self.node_id == self.peer_node_id {
+            return bad(format!(
+                "node id {} and peer node id are equal; each node needs its own id",
+                self.node_id
+            ));
+        }
+        if self.window == 0 || self.window > 4096 {
+            return bad(format!("window {} out of range 1..=4096", self.window));
+        }
+        if self.max_record == 0 || self.max_record > MAX_RECORD_LEN {
+            return bad(format!(
+                "max_record {} out of range 1..={MAX_RECORD_LEN}",
+                self.max_record
+            ));
+        }
+        if self.request_window == 0 || self.request_window > 4096 {
+            return bad(format!(
+                "request window {} out of range 1..=4096",
+                self.request_window
+            ));
+        }
+        if self.max_request > MAX_REQUEST_LEN {
+            return bad(format!(
+                "max_request {} out of range 0..={MAX_REQUEST_LEN}",
+                self.max_request
+            ));
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request timeout must not be zero".into());
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
+            return bad(format!(
+                "heartbeat timeout {:?} must be longer than the interval {:?}",
+                self.heartbeat_timeout, self.heartbeat_interval
+            ));
+        }
+        Ok(())
+    }
+
+    /// How often a connection checks its timers and sends heartbeats.
+    pub(crate) fn tick_interval(&self) -> Duration {
+        self.heartbeat_interval
+            .min(self.heartbeat_timeout / 4)
+            .max(Duration::from_millis(1))
+    }
+}
