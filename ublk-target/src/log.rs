@@ -733,6 +733,11 @@ impl PartitionLog {
         self.released.notify_waiters();
     }
 
+    /// The partition stopped for good (fenced, or its NVRAM failed).
+    pub fn is_failed(&self) -> bool {
+        lock(&self.state).failed.is_some()
+    }
+
     pub fn set_flush_paused(&self, paused: bool) {
         lock(&self.state).flush_paused = paused;
         self.flush_wanted.notify_one();

@@ -40,7 +40,7 @@ impl Engine {
     }
 
     /// The staging log of a global range: ranges are spread over the partitions in turn.
-    fn partition_of(&self, global_range: u32) -> &Arc<PartitionLog> {
+    pub(super) fn partition_of(&self, global_range: u32) -> &Arc<PartitionLog> {
         &self.parts[(global_range % self.parts.len() as u32) as usize]
     }
 

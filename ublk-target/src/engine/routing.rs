@@ -230,6 +230,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether this node would serve I/O to `range` of LUN `lun` itself right now: the range
+    /// is ours and open (no takeover replaying it) and its partition has not stopped
+    /// (fenced, or its NVRAM failed). Never waits.
+    pub fn serves(&self, lun: usize, range: u32) -> bool {
+        let Some(l) = self.luns.get(lun) else {
+            return false;
+        };
+        let open = match &self.cluster {
+            Some(c) => c.state(lun as u32, range) == RangeState::Local,
+            None => true,
+        };
+        open && !self.partition_of(l.first_range + range).is_failed()
+    }
+
     /// Whether this node serves every byte of the range itself (waits out a takeover).
     pub async fn serves_locally(&self, lun_idx: usize, offset: u64, len: u64) -> bool {
         match self.lun_for(lun_idx, offset, len) {

@@ -2,10 +2,12 @@
 //!
 //! `region` maps the device and makes byte ranges durable, `layout` places the superblock,
 //! the per-partition checkpoints and the partition logs, `record` is the on-NVRAM format of
-//! one staged write, and `scan` reads a partition log back after a restart.
+//! one staged write, and `scan` reads a partition log back after a restart. `memory` is an
+//! NVRAM in process memory for the simulator.
 
 pub mod cpu_cache;
 pub mod layout;
+pub mod memory;
 pub mod record;
 pub mod region;
 pub mod scan;

@@ -12,11 +12,13 @@
 //! are the NVDIMM); a power cut loses what was not persisted, which is why a write is
 //! acknowledged only after `persist`.
 
+use super::memory::MemoryNvram;
 use memmap2::{MmapOptions, MmapRaw};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
@@ -58,6 +60,8 @@ pub enum Durability {
     Msync,
     /// Device-DAX: CPU cache-line write-back and a fence.
     CpuCacheWriteback,
+    /// Process memory that tracks what was persisted (the simulator's NVRAM).
+    Memory,
 }
 
 impl Durability {
@@ -69,18 +73,31 @@ impl Durability {
                 "CPU cache write-back ({}; device-DAX)",
                 super::cpu_cache::instruction_name()
             ),
+            Durability::Memory => "a persist in process memory (simulated NVRAM)".into(),
         }
     }
 }
 
 pub struct NvramRegion {
     path: PathBuf,
-    map: MmapRaw,
+    /// The first byte of the mapping (or of the in-memory NVRAM).
+    base: *mut u8,
     len: u64,
     durability: Durability,
-    // Kept open (and locked) for the mapping's lifetime.
-    _file: File,
-    _lock: nix::fcntl::Flock<File>,
+    backing: Backing,
+}
+
+/// What holds the bytes.
+enum Backing {
+    /// A file or device mapped shared; the file is kept open (and locked) for the mapping's
+    /// lifetime.
+    Mapped {
+        map: MmapRaw,
+        _file: File,
+        _lock: nix::fcntl::Flock<File>,
+    },
+    /// Process memory with explicit durability (the simulator's NVRAM).
+    Memory(Arc<MemoryNvram>),
 }
 
 // SAFETY: the mapping is plain shared memory; all access goes through the bounds-checked
@@ -177,12 +194,27 @@ impl NvramRegion {
             })?;
         Ok(NvramRegion {
             path: path.to_owned(),
-            map,
+            base: map.as_mut_ptr(),
             len,
             durability,
-            _file: file,
-            _lock: lock,
+            backing: Backing::Mapped {
+                map,
+                _file: file,
+                _lock: lock,
+            },
         })
+    }
+
+    /// An NVRAM in process memory (see [`MemoryNvram`]); several regions may be opened over
+    /// the same memory one after the other (a node's restarts).
+    pub fn in_memory(memory: Arc<MemoryNvram>) -> NvramRegion {
+        NvramRegion {
+            path: PathBuf::from(memory.name()),
+            base: memory.ptr(),
+            len: memory.len() as u64,
+            durability: Durability::Memory,
+            backing: Backing::Memory(memory),
+        }
     }
 
     /// How this NVRAM makes stores durable.
@@ -219,11 +251,7 @@ impl NvramRegion {
         // Sync impl); source and destination cannot overlap (one is process heap or a ublk
         // buffer, the other the mapping).
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.map.as_mut_ptr().add(off as usize),
-                data.len(),
-            )
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(off as usize), data.len())
         }
     }
 
@@ -232,11 +260,7 @@ impl NvramRegion {
         self.check(off, out.len());
         // SAFETY: bounds checked above; nobody writes this range while it is readable.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.map.as_ptr().add(off as usize),
-                out.as_mut_ptr(),
-                out.len(),
-            )
+            std::ptr::copy_nonoverlapping(self.base.add(off as usize), out.as_mut_ptr(), out.len())
         }
     }
 
@@ -245,24 +269,30 @@ impl NvramRegion {
         self.check(off, len);
         // SAFETY: bounds checked above; the range is stable while the caller holds it
         // (the flusher releases log space only after its medium write returned).
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off as usize), len) }
+        unsafe { std::slice::from_raw_parts(self.base.add(off as usize), len) }
     }
 
     /// Makes `[off, off+len)` durable on the NVRAM device.
     pub fn persist(&self, off: u64, len: u64) -> io::Result<()> {
         self.check(off, len as usize);
-        match self.durability {
-            Durability::Msync => self.map.flush_range(off as usize, len as usize),
+        match (&self.backing, self.durability) {
+            (Backing::Memory(m), _) => {
+                m.persist(off as usize, len as usize);
+                Ok(())
+            }
+            (Backing::Mapped { map, .. }, Durability::Msync) => {
+                map.flush_range(off as usize, len as usize)
+            }
             // SAFETY: bounds checked above, so the range is inside the live mapping.
-            Durability::CpuCacheWriteback => unsafe {
-                super::cpu_cache::persist(self.map.as_ptr().add(off as usize), len as usize)
+            (Backing::Mapped { .. }, _) => unsafe {
+                super::cpu_cache::persist(self.base.add(off as usize), len as usize)
             },
         }
     }
 
     /// The mapping's base address and length, for registering it with an RDMA device.
     pub fn raw_parts(&self) -> (*mut u8, usize) {
-        (self.map.as_mut_ptr(), self.len as usize)
+        (self.base, self.len as usize)
     }
 }
 

@@ -1,0 +1,286 @@
+//! What one seed runs: the cluster's settings and the faults, drawn from the seed up front, so
+//! that a seed names one exact scenario.
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::time::Duration;
+
+/// The kinds of fault the world injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// Both directions of the link deliver nothing (silently) for a while.
+    LinkCut,
+    /// One direction delivers nothing for a while.
+    OneWayCut,
+    /// The link goes down and up several times.
+    Flap,
+    /// Every message is slow for a while.
+    LatencyBurst,
+    /// One connection is reset.
+    Reset,
+    /// A message is delivered twice (the receiver must reject the stream).
+    Duplicate,
+    /// A node's process is killed (kill -9) and restarted later.
+    Kill,
+    /// A node loses power (NVRAM keeps only what was persisted, its page cache is lost) and
+    /// boots again later.
+    PowerCut,
+    /// A node's process is frozen (SIGSTOP) and later continues.
+    Pause,
+    /// A node's path to the shared disk fails for a while.
+    PathFailure,
+    /// The operator pauses a node's flusher for a while.
+    FlushPause,
+}
+
+impl FaultKind {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::LinkCut => "link-cut",
+            FaultKind::OneWayCut => "one-way-cut",
+            FaultKind::Flap => "flap",
+            FaultKind::LatencyBurst => "latency-burst",
+            FaultKind::Reset => "reset",
+            FaultKind::Duplicate => "duplicate",
+            FaultKind::Kill => "kill",
+            FaultKind::PowerCut => "power-cut",
+            FaultKind::Pause => "pause",
+            FaultKind::PathFailure => "path-failure",
+            FaultKind::FlushPause => "flush-pause",
+        }
+    }
+
+    pub const ALL: [FaultKind; 11] = [
+        FaultKind::LinkCut,
+        FaultKind::OneWayCut,
+        FaultKind::Flap,
+        FaultKind::LatencyBurst,
+        FaultKind::Reset,
+        FaultKind::Duplicate,
+        FaultKind::Kill,
+        FaultKind::PowerCut,
+        FaultKind::Pause,
+        FaultKind::PathFailure,
+        FaultKind::FlushPause,
+    ];
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Cut {
+        from: usize,
+        to: usize,
+        both: bool,
+        duration: Duration,
+    },
+    Flap {
+        period: Duration,
+        times: u32,
+    },
+    LatencyBurst {
+        duration: Duration,
+        latency: Duration,
+    },
+    Reset,
+    Duplicate,
+    Kill {
+        node: usize,
+        down: Duration,
+    },
+    PowerCut {
+        node: usize,
+        down: Duration,
+    },
+    Pause {
+        node: usize,
+        duration: Duration,
+    },
+    PathFailure {
+        node: usize,
+        duration: Duration,
+    },
+    FlushPause {
+        node: usize,
+        duration: Duration,
+    },
+}
+
+/// Which faults a run may draw, and how often.
+#[derive(Clone, Debug)]
+pub struct FaultMix {
+    pub kinds: Vec<(FaultKind, u32)>,
+    /// Faults per simulated second, on average.
+    pub rate: f64,
+    /// Force `takeover = "auto"` (true) or `"manual"` (false) instead of drawing it.
+    pub takeover_auto: Option<bool>,
+}
+
+impl FaultMix {
+    /// Every kind of fault.
+    pub fn all() -> FaultMix {
+        FaultMix {
+            kinds: vec![
+                (FaultKind::LinkCut, 3),
+                (FaultKind::OneWayCut, 2),
+                (FaultKind::Flap, 1),
+                (FaultKind::LatencyBurst, 2),
+                (FaultKind::Reset, 2),
+                (FaultKind::Duplicate, 1),
+                (FaultKind::Kill, 3),
+                (FaultKind::PowerCut, 3),
+                (FaultKind::Pause, 2),
+                (FaultKind::PathFailure, 2),
+                (FaultKind::FlushPause, 2),
+            ],
+            rate: 0.4,
+            takeover_auto: None,
+        }
+    }
+
+    /// Only `kinds`, equally likely.
+    pub fn only(kinds: &[FaultKind], rate: f64) -> FaultMix {
+        FaultMix {
+            kinds: kinds.iter().map(|k| (*k, 1)).collect(),
+            rate,
+            takeover_auto: None,
+        }
+    }
+
+    fn pick(&self, rng: &mut ChaCha8Rng) -> Option<FaultKind> {
+        let total: u32 = self.kinds.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut x = rng.gen_range(0..total);
+        for (k, w) in &self.kinds {
+            if x < *w {
+                return Some(*k);
+            }
+            x -= w;
+        }
+        None
+    }
+}
+
+/// The settings a seed runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub seed: u64,
+    pub duration: Duration,
+    pub lun_blocks: u64,
+    pub ranges: u32,
+    pub partitions: u32,
+    pub takeover_auto: bool,
+    pub degraded_nvram: bool,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub linger: Duration,
+    /// Client operations per simulated second.
+    pub op_rate: f64,
+    pub faults: Vec<(Duration, Fault)>,
+}
+
+fn between(rng: &mut ChaCha8Rng, lo: Duration, hi: Duration) -> Duration {
+    let (lo, hi) = (lo.as_micros() as u64, hi.as_micros() as u64);
+    Duration::from_micros(rng.gen_range(lo..=hi.max(lo)))
+}
+
+impl Settings {
+    /// Draws a scenario from `seed`: settings, then faults of `mix` over `duration`.
+    pub fn draw(seed: u64, duration: Duration, mix: &FaultMix) -> Settings {
+        let mut s = Self::draw_settings(seed, duration, mix);
+        if let Some(auto) = mix.takeover_auto {
+            s.takeover_auto = auto;
+        }
+        s
+    }
+
+    fn draw_settings(seed: u64, duration: Duration, mix: &FaultMix) -> Settings {
+        use rand::SeedableRng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x005e_ed0f_5ce9_a710);
+        let heartbeat_timeout = between(
+            &mut rng,
+            Duration::from_millis(300),
+            Duration::from_millis(1000),
+        );
+        let heartbeat_interval = heartbeat_timeout / 4;
+        // Log-uniform from 1 ms to 2 s: a flusher that writes at once, or lets records pile up.
+        let linger = Duration::from_micros((1000.0 * 2000f64.powf(rng.gen::<f64>())) as u64);
+        let ranges = [2, 4][rng.gen_range(0..2)];
+        let mut s = Settings {
+            seed,
+            duration,
+            lun_blocks: 64,
+            ranges,
+            partitions: 2,
+            takeover_auto: rng.gen_bool(0.85),
+            degraded_nvram: rng.gen_bool(0.4),
+            heartbeat_interval,
+            heartbeat_timeout,
+            linger,
+            op_rate: rng.gen_range(50.0..200.0),
+            faults: Vec::new(),
+        };
+        let t = heartbeat_timeout;
+        let mut at = Duration::from_millis(500);
+        let end = duration.saturating_sub(Duration::from_secs(1));
+        loop {
+            let gap = -(1.0 - rng.gen::<f64>()).ln() / mix.rate.max(1e-6);
+            at += Duration::from_secs_f64(gap);
+            if at >= end {
+                break;
+            }
+            let Some(kind) = mix.pick(&mut rng) else {
+                break;
+            };
+            let node = rng.gen_range(0..2);
+            let fault = match kind {
+                FaultKind::LinkCut => Fault::Cut {
+                    from: 0,
+                    to: 1,
+                    both: true,
+                    duration: between(&mut rng, t / 5, t * 5),
+                },
+                FaultKind::OneWayCut => Fault::Cut {
+                    from: node,
+                    to: 1 - node,
+                    both: false,
+                    duration: between(&mut rng, t / 5, t * 5),
+                },
+                FaultKind::Flap => Fault::Flap {
+                    period: between(&mut rng, t / 2, t * 3),
+                    times: rng.gen_range(2..6),
+                },
+                FaultKind::LatencyBurst => Fault::LatencyBurst {
+                    duration: between(&mut rng, t / 2, t * 4),
+                    latency: between(&mut rng, Duration::from_millis(5), t * 2),
+                },
+                FaultKind::Reset => Fault::Reset,
+                FaultKind::Duplicate => Fault::Duplicate,
+                FaultKind::Kill => Fault::Kill {
+                    node,
+                    down: between(&mut rng, t / 2, t * 6),
+                },
+                FaultKind::PowerCut => Fault::PowerCut {
+                    node,
+                    down: between(&mut rng, t / 2, t * 6),
+                },
+                FaultKind::Pause => Fault::Pause {
+                    node,
+                    duration: between(&mut rng, t / 4, t * 4),
+                },
+                FaultKind::PathFailure => Fault::PathFailure {
+                    node,
+                    duration: between(&mut rng, t / 2, t * 6),
+                },
+                FaultKind::FlushPause => Fault::FlushPause {
+                    node,
+                    duration: between(&mut rng, Duration::from_millis(100), Duration::from_secs(4)),
+                },
+            };
+            s.faults.push((at, fault));
+        }
+        s
+    }
+}

@@ -1,0 +1,1001 @@
+//! One simulated run: two nodes on one shared disk, each with its NVRAM, the real engine and
+//! the real mirror link between them over the simulated network; clients writing and reading
+//! through both nodes; the seed's faults; and the invariants, checked as the run goes:
+//!
+//! 1. every read returns the last acknowledged version of its block, or a later one whose
+//!    outcome is unknown (`model`): no acknowledged write lost, no data nobody wrote;
+//! 2. at most one node serves a LUN range at any instant (its gate open, its partition
+//!    alive);
+//! 3. a mirror copy is released only after the medium holds its data (checked when the
+//!    partner's second store hears the release);
+//! 4. the engine's own assertions (the log's invariants) never fire;
+//! 5. after the faults end, every operation completes (liveness), every block reads back
+//!    right through both nodes, and once drained the disk holds acknowledged data.
+//!
+//! The run stops at the first violation; the trace then ends with it.
+
+use crate::disk::SimDisk;
+use crate::faults::{Fault, Settings};
+use crate::life::{Life, SimHost, SimSpawner};
+use crate::model::{block_data, decode, Decoded, Model, BLOCK};
+use crate::net::{Latency, SimNet};
+use crate::trace::{self, SharedTrace, Trace, TraceLayer};
+use nvmirror::cluster::ClusterSetup;
+use nvmirror::config::{DegradedPolicy, TakeoverPolicy};
+use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
+use nvmirror::flusher::FlushPolicy;
+use nvmirror::host::Host;
+use nvmirror::mirror::SecondStoreArea;
+use nvmirror::nvram::memory::MemoryNvram;
+use nvmirror::nvram::{NvramRegion, RecordHeader, RecordKind};
+use nvmirror::ownership::{OwnershipTable, RangeOwner, METADATA_BYTES};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rdma_link::{Link, LinkConfig, Region, ResyncPoint, Role, SecondStore, Transport};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const NODES: usize = 2;
+const NVRAM_BYTES: usize = 12 << 20;
+const SECRET: &[u8] = b"simulated-cluster-secret-0123456789";
+const CLUSTER_ID: u64 = 7;
+/// After the faults: how long the cluster gets to settle before the final checks.
+const SETTLE: Duration = Duration::from_secs(5);
+/// An operation still running this long after the faults ended is stuck.
+const STUCK_AFTER: Duration = Duration::from_secs(90);
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub writes_acked: u64,
+    pub writes_failed: u64,
+    pub writes_lost_in_crash: u64,
+    pub reads_checked: u64,
+    pub reads_failed: u64,
+    pub faults: u64,
+    pub restarts: u64,
+}
+
+/// The result of one seed.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub seed: u64,
+    pub violations: Vec<String>,
+    pub trace: Vec<String>,
+    pub digest: u64,
+    pub stats: Stats,
+    pub simulated: Duration,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+thread_local! {
+    /// Panics of simulated tasks on this thread (tokio keeps them from unwinding further).
+    static PANICS: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let captured = PANICS.with(|p| {
+                if let Some(list) = p.borrow_mut().as_mut() {
+                    list.push(info.to_string().replace('\n', " "));
+                    true
+                } else {
+                    false
+                }
+            });
+            if !captured {
+                previous(info);
+            }
+        }));
+    });
+}
+
+#[derive(Clone, Copy, Debug)]
+enum OpKind {
+    Write,
+    Read,
+}
+
+struct Op {
+    node: usize,
+    kind: OpKind,
+    /// (block, version written) — version 0 for reads.
+    blocks: Vec<(u64, u64)>,
+    started: Instant,
+}
+
+/// What the run's tasks share.
+struct Shared {
+    trace: SharedTrace,
+    model: Mutex<Model>,
+    violations: Mutex<Vec<String>>,
+    ops: Mutex<BTreeMap<u64, Op>>,
+    stats: Mutex<Stats>,
+    disk: Arc<SimDisk>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn note(&self, line: impl AsRef<str>) {
+        trace::lock(&self.trace).push(line);
+    }
+
+    fn violate(&self, what: String) {
+        self.note(format!("VIOLATION: {what}"));
+        lock(&self.violations).push(what);
+    }
+
+    fn violated(&self) -> bool {
+        !lock(&self.violations).is_empty()
+    }
+
+    /// A write or read ended (the op task calls this; a crash ends its ops as unknown).
+    fn end_op(&self, id: u64, result: Result<Option<Vec<u8>>, String>) {
+        let Some(op) = lock(&self.ops).remove(&id) else {
+            return;
+        };
+        let mut model = lock(&self.model);
+        let mut stats = lock(&self.stats);
+        match op.kind {
+            OpKind::Write => {
+                let ok = result.is_ok();
+                for &(b, v) in &op.blocks {
+                    model.end_write(b, v, ok);
+                }
+                if ok {
+                    stats.writes_acked += 1;
+                } else {
+                    stats.writes_failed += 1;
+                }
+            }
+            OpKind::Read => {
+                for &(b, _) in &op.blocks {
+                    model.end_read(b);
+                }
+                match result {
+                    Ok(Some(data)) => {
+                        stats.reads_checked += 1;
+                        for (i, &(b, _)) in op.blocks.iter().enumerate() {
+                            if let Err(e) = model.check_read(b, &data[i * BLOCK..(i + 1) * BLOCK]) {
+                                drop(stats);
+                                drop(model);
+                                self.violate(format!("read through node n{}: {e}", op.node));
+                                return;
+                            }
+                        }
+                    }
+                    _ => stats.reads_failed += 1,
+                }
+            }
+        }
+    }
+
+    /// A node died: its operations in flight end with an unknown outcome.
+    fn node_died(&self, node: usize) {
+        let ids: Vec<u64> = lock(&self.ops)
+            .iter()
+            .filter(|(_, op)| op.node == node)
+            .map(|(id, _)| *id)
+            .collect();
+        let n = ids.len() as u64;
+        for id in ids {
+            self.end_op(id, Err("its node died".into()));
+        }
+        lock(&self.stats).writes_lost_in_crash += n;
+    }
+}
+
+/// The partner's second store, as the link sees it, with invariant 3 checked on release.
+struct CheckedStore {
+    inner: Arc<SecondStoreArea>,
+    node: usize,
+    lun_blocks: u64,
+    /// Records the link landed here, by (partition, seq): (offset, len) in the store.
+    held: Mutex<BTreeMap<(u32, u64), (u64, u32)>>,
+    shared: Arc<Shared>,
+}
+
+impl SecondStore for CheckedStore {
+    fn region(&self) -> Region {
+        self.inner.region()
+    }
+    fn persist(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.persist(offset, len)
+    }
+    fn on_record(&self, partition: u32, seq: u64, offset: u64, len: u32) {
+        lock(&self.held).insert((partition, seq), (offset, len));
+        self.inner.on_record(partition, seq, offset, len)
+    }
+    fn on_release(&self, partition: u32, through_seq: u64) {
+        let released: Vec<(u64, u32)> = {
+            let mut held = lock(&self.held);
+            let keys: Vec<(u32, u64)> = held
+                .range((partition, 0)..=(partition, through_seq))
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| held.remove(k)).collect()
+        };
+        let region = self.inner.region();
+        for (offset, len) in released {
+            let Some(bytes) = region.read_bytes(offset, len as usize) else {
+                continue;
+            };
+            let Ok(h) = RecordHeader::decode(&bytes) else {
+                // Overwritten since: the owner reused the space after flushing it.
+                continue;
+            };
+            if h.kind != RecordKind::Data || h.partition != partition || h.seq > through_seq {
+                continue;
+            }
+            let first = h.offset / BLOCK as u64;
+            let data = &bytes[64..64 + h.data_len as usize];
+            for (i, chunk) in data.chunks(BLOCK).enumerate() {
+                let block = first + i as u64;
+                if block >= self.lun_blocks {
+                    continue;
+                }
+                let Decoded::Version(v) = decode(block, chunk) else {
+                    continue;
+                };
+                let on_disk = decode(
+                    block,
+                    &self.shared.disk.durable(block * BLOCK as u64, BLOCK),
+                );
+                let fine = matches!(on_disk, Decoded::Version(d) if d >= v);
+                if !fine {
+                    self.shared.violate(format!(
+                        "node n{} was told to release partition {partition} seq {} (block {block} version {v}) but the disk holds {on_disk:?}: a mirror copy released before the medium held its data",
+                        self.node, h.seq
+                    ));
+                }
+            }
+        }
+        self.inner.on_release(partition, through_seq)
+    }
+    fn resync_point(&self) -> ResyncPoint {
+        self.inner.resync_point()
+    }
+}
+
+struct Running {
+    engine: Arc<Engine>,
+    /// Kept so the link lives as long as the process.
+    _link: Link,
+    life: Arc<Life>,
+}
+
+struct Node {
+    name: String,
+    nvram: Arc<MemoryNvram>,
+    run: Option<Running>,
+    /// Counts the node's starts: events aimed at an earlier life are dropped.
+    life_no: u32,
+}
+
+#[derive(Debug)]
+enum Event {
+    Fault(Fault),
+    CutEnd { from: usize, to: usize },
+    Restart { node: usize },
+    Resume { node: usize, life_no: u32 },
+    PathBack { node: usize },
+    FlushResume { node: usize, life_no: u32 },
+    IssueOp,
+    Check,
+    WriteBack,
+    Settle,
+    Final,
+}
+
+struct World {
+    s: Settings,
+    rng: ChaCha8Rng,
+    shared: Arc<Shared>,
+    disk: Arc<SimDisk>,
+    net: Arc<SimNet>,
+    nodes: Vec<Node>,
+    queue: BTreeMap<(Instant, u64), Event>,
+    next_event: u64,
+    next_op: u64,
+    cuts: BTreeMap<(usize, usize), u32>,
+    /// Ranges already reported as served twice (one violation per episode).
+    double_served: Vec<bool>,
+    faults_over: bool,
+    start: Instant,
+}
+
+fn addr(node: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, node as u8 + 1)), 7800)
+}
+
+/// Runs one seed's settings to the end (or to the first violation).
+pub fn run(s: &Settings, verbose: bool) -> Outcome {
+    install_panic_hook();
+    PANICS.with(|p| *p.borrow_mut() = Some(Vec::new()));
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("cannot build the simulation's runtime: {e}"),
+    };
+    let outcome = rt.block_on(async {
+        let trace = Trace::new();
+        let layer = TraceLayer {
+            trace: trace.clone(),
+            verbose,
+        };
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry().with(layer);
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let mut world = World::new(s, trace);
+        world.run().await;
+        world.outcome()
+    });
+    drop(rt);
+    PANICS.with(|p| *p.borrow_mut() = None);
+    outcome
+}
+
+impl World {
+    fn new(s: &Settings, trace: SharedTrace) -> World {
+        let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+        let lun_bytes = s.lun_blocks * BLOCK as u64;
+        let disk = SimDisk::new(NODES, lun_bytes, METADATA_BYTES);
+        let net_rng = ChaCha8Rng::seed_from_u64(rng.gen());
+        let net = SimNet::new(
+            net_rng,
+            Latency {
+                min: Duration::from_micros(30),
+                max: Duration::from_micros(400),
+            },
+            &(0..NODES).map(|n| addr(n).ip()).collect::<Vec<_>>(),
+        );
+        let shared = Arc::new(Shared {
+            trace,
+            model: Mutex::new(Model::new(s.lun_blocks as usize)),
+            violations: Mutex::new(Vec::new()),
+            ops: Mutex::new(BTreeMap::new()),
+            stats: Mutex::new(Stats::default()),
+            disk: disk.clone(),
+        });
+        let nodes = (0..NODES)
+            .map(|id| Node {
+                name: format!("n{id}"),
+                nvram: Arc::new(MemoryNvram::new(&format!("nvram-n{id}"), NVRAM_BYTES)),
+                run: None,
+                life_no: 0,
+            })
+            .collect();
+        World {
+            s: s.clone(),
+            rng,
+            shared,
+            disk,
+            net,
+            nodes,
+            queue: BTreeMap::new(),
+            next_event: 0,
+            next_op: 0,
+            cuts: BTreeMap::new(),
+            double_served: vec![false; s.ranges as usize],
+            faults_over: false,
+            start: Instant::now(),
+        }
+    }
+
+    fn at(&mut self, when: Instant, e: Event) {
+        self.next_event += 1;
+        self.queue.insert((when, self.next_event), e);
+    }
+
+    fn after(&mut self, d: Duration, e: Event) {
+        let when = Instant::now() + d;
+        self.at(when, e);
+    }
+
+    fn note(&self, line: impl AsRef<str>) {
+        self.shared.note(line);
+    }
+
+    fn outcome(&self) -> Outcome {
+        let trace = trace::lock(&self.shared.trace).lines().to_vec();
+        Outcome {
+            seed: self.s.seed,
+            violations: lock(&self.shared.violations).clone(),
+            digest: trace::digest(&trace),
+            trace,
+            stats: lock(&self.shared.stats).clone(),
+            simulated: Instant::now().duration_since(self.start),
+        }
+    }
+
+    async fn run(&mut self) {
+        self.note(format!(
+            "seed {}: {} ranges, takeover {}, degraded {}, heartbeat {:?}/{:?}, flusher linger {:?}, {:.0} ops/s, {} faults",
+            self.s.seed,
+            self.s.ranges,
+            if self.s.takeover_auto { "auto" } else { "manual" },
+            if self.s.degraded_nvram { "nvram" } else { "write-through" },
+            self.s.heartbeat_interval,
+            self.s.heartbeat_timeout,
+            self.s.linger,
+            self.s.op_rate,
+            self.s.faults.len()
+        ));
+        for n in 0..NODES {
+            self.start_node(n);
+        }
+        let start = self.start;
+        for (at, f) in self.s.faults.clone() {
+            self.at(start + at, Event::Fault(f));
+        }
+        self.after(Duration::from_millis(200), Event::IssueOp);
+        self.after(Duration::from_millis(1), Event::Check);
+        self.after(Duration::from_millis(300), Event::WriteBack);
+        self.at(start + self.s.duration, Event::Settle);
+        while let Some(((when, _), event)) = self.queue.pop_first() {
+            tokio::time::sleep_until(when).await;
+            self.collect_panics();
+            if self.shared.violated() {
+                return;
+            }
+            if let Event::Final = event {
+                self.final_checks().await;
+                return;
+            }
+            self.handle(event);
+        }
+    }
+
+    fn collect_panics(&self) {
+        let panics = PANICS.with(|p| p.borrow_mut().as_mut().map(std::mem::take));
+        for p in panics.unwrap_or_default() {
+            self.shared.violate(format!(
+                "a simulated task panicked (engine assertion?): {p}"
+            ));
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.s.heartbeat_timeout
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Fault(f) => {
+                if !self.faults_over {
+                    lock(&self.shared.stats).faults += 1;
+                    self.inject(f);
+                }
+            }
+            Event::CutEnd { from, to } => self.uncut(from, to),
+            Event::Restart { node } => {
+                if self.nodes[node].run.is_none() {
+                    self.net.power_on(node);
+                    lock(&self.shared.stats).restarts += 1;
+                    self.start_node(node);
+                }
+            }
+            Event::Resume { node, life_no } => {
+                if let Some(r) = self.live(node, life_no) {
+                    r.life.resume();
+                    self.note(format!("n{node} continues (SIGCONT)"));
+                }
+            }
+            Event::PathBack { node } => {
+                self.disk.set_path_failed(node, false);
+                self.note(format!("n{node}'s path to the disk works again"));
+            }
+            Event::FlushResume { node, life_no } => {
+                if let Some(r) = self.live(node, life_no) {
+                    r.engine.set_flush_paused(false);
+                    self.note(format!("n{node}: flusher resumed"));
+                }
+            }
+            Event::IssueOp => {
+                if !self.faults_over {
+                    self.issue_op();
+                    let gap = -(1.0 - self.rng.gen::<f64>()).ln() / self.s.op_rate;
+                    self.after(Duration::from_secs_f64(gap), Event::IssueOp);
+                }
+            }
+            Event::Check => {
+                self.check_serving();
+                self.after(Duration::from_millis(10), Event::Check);
+            }
+            Event::WriteBack => {
+                for n in 0..NODES {
+                    let rng = &mut self.rng;
+                    self.disk.write_back_some(n, |_| rng.gen_bool(0.3));
+                }
+                let gap = Duration::from_millis(self.rng.gen_range(50..1000));
+                self.after(gap, Event::WriteBack);
+            }
+            Event::Settle => self.settle(),
+            Event::Final => {}
+        }
+    }
+
+    fn live(&self, node: usize, life_no: u32) -> Option<&Running> {
+        let n = &self.nodes[node];
+        n.run.as_ref().filter(|_| n.life_no == life_no)
+    }
+
+    fn start_node(&mut self, id: usize) {
+        let s = &self.s;
+        let node = &mut self.nodes[id];
+        node.life_no += 1;
+        let life = Life::new(&node.name);
+        let host: Arc<dyn Host> = Arc::new(SimHost { life: life.clone() });
+        let initial = OwnershipTable {
+            cluster_id: CLUSTER_ID,
+            generation: 1,
+            luns: vec![(0..s.ranges)
+                .map(|r| RangeOwner {
+                    owner: r % NODES as u32,
+                    epoch: 1,
+                })
+                .collect()],
+        };
+        let opts = EngineOptions {
+            node_name: node.name.clone(),
+            partitions: s.partitions,
+            flush: FlushPolicy {
+                batch_bytes: 1 << 20,
+                linger: s.linger,
+            },
+            mode: OpenMode::Normal,
+            mirrored: true,
+            degraded: if s.degraded_nvram {
+                DegradedPolicy::Nvram
+            } else {
+                DegradedPolicy::WriteThrough
+            },
+            cluster: Some(ClusterSetup {
+                me: id as u32,
+                nodes: (0..NODES).map(|n| format!("n{n}")).collect(),
+                table_store: Box::new(self.disk.table_view(id)),
+                initial,
+            }),
+            config_path: "sim.toml".into(),
+            host,
+        };
+        let spec = LunSpec {
+            name: "lun0".into(),
+            size: s.lun_blocks * BLOCK as u64,
+            ranges: s.ranges,
+            medium: Arc::new(self.disk.lun_view(id)),
+        };
+        let region = NvramRegion::in_memory(node.nvram.clone());
+        let opened = life
+            .span()
+            .in_scope(|| Engine::open(region, opts, vec![spec]));
+        let engine = match opened {
+            Ok(e) => e,
+            Err(e) if self.disk.path_failed(id) => {
+                // The daemon refuses to start without its medium (it cannot read the
+                // ownership table); its service manager tries again later.
+                let name = node.name.clone();
+                self.shared.note(format!(
+                    "{name} cannot start while its path to the disk fails ({e}); retrying in 1 s"
+                ));
+                self.after(Duration::from_secs(1), Event::Restart { node: id });
+                return;
+            }
+            Err(e) => {
+                let name = node.name.clone();
+                self.shared
+                    .violate(format!("{name} could not start from its NVRAM: {e}"));
+                return;
+            }
+        };
+        let role = if id == 0 {
+            Role::Listen(addr(0))
+        } else {
+            Role::Connect(addr(0))
+        };
+        let peer = 1 - id as u32;
+        let mut lc = LinkConfig::new(
+            Transport::Tcp,
+            role,
+            CLUSTER_ID,
+            id as u32 + 1,
+            peer + 1,
+            SECRET,
+        );
+        lc.heartbeat_interval = s.heartbeat_interval;
+        lc.heartbeat_timeout = s.heartbeat_timeout;
+        let Some(area) = engine.second_store() else {
+            self.shared
+                .violate(format!("{} has no second store", node.name));
+            return;
+        };
+        let store = Arc::new(CheckedStore {
+            inner: area,
+            node: id,
+            lun_blocks: s.lun_blocks,
+            held: Mutex::new(BTreeMap::new()),
+            shared: self.shared.clone(),
+        });
+        let started = life.span().in_scope(|| {
+            Link::start_over(
+                lc,
+                Some(engine.local_region()),
+                Some(store),
+                Some(nvmirror::node::link::request_handler(&engine)),
+                self.net.for_node(id),
+                Arc::new(SimSpawner { life: life.clone() }),
+            )
+        });
+        let link = match started {
+            Ok(l) => l,
+            Err(e) => {
+                self.shared
+                    .violate(format!("{}: the link did not start: {e}", node.name));
+                return;
+            }
+        };
+        let policy = if s.takeover_auto {
+            TakeoverPolicy::Auto
+        } else {
+            TakeoverPolicy::Manual
+        };
+        if let Err(e) =
+            nvmirror::node::link::attach_link(&engine, &link, policy, s.heartbeat_timeout)
+        {
+            self.shared
+                .violate(format!("{}: wiring the link failed: {e}", node.name));
+            return;
+        }
+        let replay = engine.status().replay;
+        self.shared.note(format!(
+            "{} starts (life {}): replayed {} record(s){}",
+            node.name,
+            node.life_no,
+            replay.records,
+            if replay.skipped_not_owned > 0 {
+                format!(", skipped {} of ranges it lost", replay.skipped_not_owned)
+            } else {
+                String::new()
+            }
+        ));
+        node.run = Some(Running {
+            engine,
+            _link: link,
+            life,
+        });
+    }
+
+    /// kill -9 (`power` false) or a power cut of `node`.
+    fn stop_node(&mut self, node: usize, power: bool) -> bool {
+        let Some(run) = self.nodes[node].run.take() else {
+            return false;
+        };
+        if power {
+            self.net.power_off(node);
+        }
+        run.life.kill();
+        self.shared.node_died(node);
+        drop(run);
+        if power {
+            let rng = &mut self.rng;
+            let (dirty, survived) = self.disk.power_cut(node, |_| rng.gen_bool(0.5));
+            let rng = &mut self.rng;
+            let (lines, kept) = self.nodes[node].nvram.power_cut(|_| rng.gen_bool(0.5));
+            self.note(format!(
+                "n{node} loses power: {survived}/{dirty} dirty page(s) reached the disk, {kept}/{lines} unpersisted NVRAM line(s) survived"
+            ));
+        } else {
+            self.disk.process_died(node);
+            self.note(format!("n{node} is killed (kill -9)"));
+        }
+        true
+    }
+
+    fn cut(&mut self, from: usize, to: usize) {
+        let c = self.cuts.entry((from, to)).or_insert(0);
+        *c += 1;
+        if *c == 1 {
+            self.net.set_cut(from, to, true);
+        }
+    }
+
+    fn uncut(&mut self, from: usize, to: usize) {
+        if let Some(c) = self.cuts.get_mut(&(from, to)) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                self.cuts.remove(&(from, to));
+                self.net.set_cut(from, to, false);
+                self.note(format!("link n{from}->n{to} delivers again"));
+            }
+        }
+    }
+
+    fn inject(&mut self, f: Fault) {
+        self.note(format!("FAULT {f:?}"));
+        match f {
+            Fault::Cut {
+                from,
+                to,
+                both,
+                duration,
+            } => {
+                self.cut(from, to);
+                self.after(duration, Event::CutEnd { from, to });
+                if both {
+                    self.cut(to, from);
+                    self.after(duration, Event::CutEnd { from: to, to: from });
+                }
+            }
+            Fault::Flap { period, times } => {
+                for i in 0..times {
+                    let start = period * (2 * i);
+                    let end = period * (2 * i + 1);
+                    for (a, b) in [(0, 1), (1, 0)] {
+                        let now = Instant::now();
+                        self.at(
+                            now + start,
+                            Event::Fault(Fault::Cut {
+                                from: a,
+                                to: b,
+                                both: false,
+                                duration: end - start,
+                            }),
+                        );
+                    }
+                }
+            }
+            Fault::LatencyBurst { duration, latency } => {
+                self.net.latency_burst(Instant::now() + duration, latency);
+            }
+            Fault::Reset => {
+                let rng = &mut self.rng;
+                self.net.reset_one(|n| rng.gen_range(0..n));
+            }
+            Fault::Duplicate => {
+                let rng = &mut self.rng;
+                self.net.duplicate_one(|n| rng.gen_range(0..n));
+            }
+            Fault::Kill { node, down } | Fault::PowerCut { node, down } => {
+                let power = matches!(f, Fault::PowerCut { .. });
+                if self.stop_node(node, power) {
+                    self.after(down, Event::Restart { node });
+                }
+            }
+            Fault::Pause { node, duration } => {
+                if let Some(r) = &self.nodes[node].run {
+                    r.life.pause();
+                    let life_no = self.nodes[node].life_no;
+                    self.after(duration, Event::Resume { node, life_no });
+                }
+            }
+            Fault::PathFailure { node, duration } => {
+                self.disk.set_path_failed(node, true);
+                self.after(duration, Event::PathBack { node });
+            }
+            Fault::FlushPause { node, duration } => {
+                if let Some(r) = &self.nodes[node].run {
+                    r.engine.set_flush_paused(true);
+                    let life_no = self.nodes[node].life_no;
+                    self.after(duration, Event::FlushResume { node, life_no });
+                }
+            }
+        }
+    }
+
+    /// The faults are over: heal everything, bring every node back, stop new I/O; then, after
+    /// a while, the final checks.
+    fn settle(&mut self) {
+        self.faults_over = true;
+        self.note("faults end: network healed, paused nodes continue, paths and flushers back, dead nodes restart");
+        self.cuts.clear();
+        self.net.heal_all();
+        for n in 0..NODES {
+            self.disk.set_path_failed(n, false);
+            if let Some(r) = &self.nodes[n].run {
+                r.life.resume();
+                r.engine.set_flush_paused(false);
+            } else {
+                self.net.power_on(n);
+                self.start_node(n);
+            }
+        }
+        self.after(SETTLE + self.timeout() * 4, Event::Final);
+    }
+
+    fn issue_op(&mut self) {
+        let candidates: Vec<usize> = (0..NODES)
+            .filter(|&n| {
+                self.nodes[n]
+                    .run
+                    .as_ref()
+                    .is_some_and(|r| !r.life.is_paused())
+            })
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let node = candidates[self.rng.gen_range(0..candidates.len())];
+        let blocks_total = self.s.lun_blocks;
+        let write = self.rng.gen_bool(0.65);
+        let two = write && self.rng.gen_bool(0.2);
+        let mut first = None;
+        for _ in 0..8 {
+            let b = self.rng.gen_range(0..blocks_total - u64::from(two));
+            let model = lock(&self.shared.model);
+            if !(model.is_busy(b) || two && model.is_busy(b + 1)) {
+                first = Some(b);
+                break;
+            }
+        }
+        let Some(first) = first else { return };
+        let count = if two { 2 } else { 1 };
+        let id = self.next_op;
+        self.next_op += 1;
+        let mut blocks = Vec::new();
+        {
+            let mut model = lock(&self.shared.model);
+            for b in first..first + count {
+                if write {
+                    blocks.push((b, model.begin_write(b)));
+                } else {
+                    model.begin_read(b);
+                    blocks.push((b, 0));
+                }
+            }
+        }
+        let kind = if write { OpKind::Write } else { OpKind::Read };
+        lock(&self.shared.ops).insert(
+            id,
+            Op {
+                node,
+                kind,
+                blocks: blocks.clone(),
+                started: Instant::now(),
+            },
+        );
+        let Some(run) = &self.nodes[node].run else {
+            return;
+        };
+        let (engine, shared) = (run.engine.clone(), self.shared.clone());
+        let offset = first * BLOCK as u64;
+        run.life.spawn(async move {
+            let result = match kind {
+                OpKind::Write => {
+                    let mut data = Vec::with_capacity(blocks.len() * BLOCK);
+                    for &(b, v) in &blocks {
+                        data.extend_from_slice(&block_data(b, v));
+                    }
+                    engine
+                        .write(0, offset, &data)
+                        .await
+                        .map(|()| None)
+                        .map_err(|e| e.message)
+                }
+                OpKind::Read => {
+                    let mut buf = vec![0u8; blocks.len() * BLOCK];
+                    engine
+                        .read_routed(0, offset, &mut buf)
+                        .await
+                        .map(|()| Some(buf))
+                        .map_err(|e| e.message)
+                }
+            };
+            shared.end_op(id, result);
+        });
+    }
+
+    /// Invariant 2: at most one running node serves each range.
+    fn check_serving(&mut self) {
+        for r in 0..self.s.ranges {
+            let servers: Vec<usize> = (0..NODES)
+                .filter(|&n| {
+                    self.nodes[n]
+                        .run
+                        .as_ref()
+                        .is_some_and(|run| !run.life.is_paused() && run.engine.serves(0, r))
+                })
+                .collect();
+            let twice = servers.len() > 1;
+            if twice && !self.double_served[r as usize] {
+                let names: Vec<String> = servers.iter().map(|n| format!("n{n}")).collect();
+                self.shared.violate(format!(
+                    "range {r} is served by {} at once (split brain)",
+                    names.join(" and ")
+                ));
+            }
+            self.double_served[r as usize] = twice;
+        }
+    }
+
+    /// Invariant 5: liveness, every block through every node, and the drained disk.
+    async fn final_checks(&mut self) {
+        let deadline = Instant::now() + STUCK_AFTER;
+        while !lock(&self.shared.ops).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.collect_panics();
+        }
+        let stuck: Vec<String> = lock(&self.shared.ops)
+            .iter()
+            .map(|(id, op)| {
+                format!(
+                    "op {id} ({:?} of blocks {:?} on n{}) in flight since {:?} into the run",
+                    op.kind,
+                    op.blocks.iter().map(|b| b.0).collect::<Vec<_>>(),
+                    op.node,
+                    op.started.duration_since(self.start)
+                )
+            })
+            .collect();
+        if let Some(first) = stuck.first() {
+            self.shared.violate(format!(
+                "liveness: {} operation(s) never completed after the faults ended, e.g. {first}",
+                stuck.len()
+            ));
+            return;
+        }
+        for n in 0..NODES {
+            let Some(run) = &self.nodes[n].run else {
+                continue;
+            };
+            let engine = run.engine.clone();
+            for b in 0..self.s.lun_blocks {
+                let mut buf = vec![0u8; BLOCK];
+                match engine.read_routed(0, b * BLOCK as u64, &mut buf).await {
+                    Ok(()) => {
+                        if let Err(e) = lock(&self.shared.model).check_read(b, &buf) {
+                            self.shared.violate(format!("final read through n{n}: {e}"));
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        self.shared.violate(format!(
+                            "liveness: final read of block {b} through n{n} failed after the faults ended: {}",
+                            e.message
+                        ));
+                        return;
+                    }
+                }
+            }
+        }
+        let mut drained = true;
+        for n in 0..NODES {
+            if let Some(run) = &self.nodes[n].run {
+                drained &= run.engine.drain(Duration::from_secs(30)).await;
+            }
+        }
+        if !drained {
+            self.note("not every node drained within 30 s; the disk is not checked");
+            return;
+        }
+        for b in 0..self.s.lun_blocks {
+            let data = self.disk.durable(b * BLOCK as u64, BLOCK);
+            if let Err(e) = lock(&self.shared.model).check_read(b, &data) {
+                self.shared.violate(format!("the drained disk: {e}"));
+                return;
+            }
+        }
+        let st = lock(&self.shared.stats).clone();
+        self.note(format!(
+            "end: {} writes acknowledged, {} failed, {} lost in crashes; {} reads checked, {} failed; {} faults, {} restarts; every block verified through both nodes and on the drained disk",
+            st.writes_acked, st.writes_failed, st.writes_lost_in_crash, st.reads_checked, st.reads_failed, st.faults, st.restarts
+        ));
+    }
+}
