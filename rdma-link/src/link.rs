@@ -435,6 +435,13 @@ impl Link {
         }
     }
 
+    /// When the latest of our heartbeats that the peer answered was sent: the peer heard us
+    /// at that moment or later, so it will not call us silent before then plus its
+    /// heartbeat timeout. (The peer echoes the stamp; one from the future is ignored.)
+    pub fn peer_heard_us_at(&self) -> Option<std::time::Instant> {
+        self.shared.heard_at().map(|t| t.into_std())
+    }
+
     /// (posts started, posts acknowledged, posts failed, records received)
     pub fn counters(&self) -> (u64, u64, u64, u64) {
         let s = &self.shared.stats;

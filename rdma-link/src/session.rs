@@ -361,6 +361,7 @@ impl Session {
             }
             Msg::Pong { stamp } => {
                 self.shared.set_rtt(self.shared.stamp_age(stamp));
+                self.shared.set_heard(stamp);
                 Ok(())
             }
             Msg::Request { id, payload } => self.on_request(id, payload),

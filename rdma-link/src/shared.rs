@@ -20,6 +20,8 @@ use tokio::time::Instant;
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) rtt_ns: AtomicU64,
+    /// 1 + the stamp of the latest of our pings the peer answered (0: none yet).
+    pub(crate) heard_stamp: AtomicU64,
     pub(crate) posts: AtomicU64,
     pub(crate) acked: AtomicU64,
     pub(crate) failed: AtomicU64,
@@ -180,6 +182,24 @@ impl Shared {
         let old = self.stats.rtt_ns.load(Ordering::Relaxed);
         let v = if old == 0 { new } else { (old * 7 + new) / 8 };
         self.stats.rtt_ns.store(v, Ordering::Relaxed);
+    }
+
+    /// The peer answered our ping sent at `stamp`: it heard us then (a stamp from the
+    /// future is not believed).
+    pub(crate) fn set_heard(&self, stamp: u64) {
+        if stamp <= self.now_stamp() {
+            self.stats
+                .heard_stamp
+                .fetch_max(stamp.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// When the latest ping the peer answered was sent.
+    pub(crate) fn heard_at(&self) -> Option<Instant> {
+        match self.stats.heard_stamp.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.started + Duration::from_nanos(n - 1)),
+        }
     }
 
     pub(crate) fn now_stamp(&self) -> u64 {

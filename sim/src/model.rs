@@ -9,7 +9,7 @@
 //! or one of those later unknown ones. Anything else is a violation: an older version is a
 //! lost acknowledged write; bytes that decode to no version are data nobody wrote.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 pub const BLOCK: usize = 4096;
 const MAGIC: &[u8; 8] = b"NVMSIMv1";
@@ -58,15 +58,37 @@ pub fn decode(block: u64, data: &[u8]) -> Decoded {
     }
 }
 
+/// What the model knows of a version above a block's floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Failed, or in flight on a node that died: it may or may not have happened.
+    Unknown,
+    /// Acknowledged. `weak`: with `degraded = "nvram"` and no mirror copy (one NVRAM copy
+    /// until flushed); `excused`: a node failed since, so losing it is the documented
+    /// trade-off of that policy, not a bug.
+    Acked { weak: bool, excused: bool },
+}
+
 #[derive(Clone, Debug, Default)]
 struct BlockModel {
-    /// The last acknowledged version (0: the initial zeroes).
-    acked: u64,
-    /// Versions above `acked` whose writes may or may not have happened.
-    unknown: BTreeSet<u64>,
+    /// The last version acknowledged with two copies (0: the initial zeroes): a read must
+    /// never return anything older.
+    floor: u64,
+    /// Versions above the floor and what became of them.
+    above: BTreeMap<u64, Outcome>,
     /// The highest version issued so far.
     issued: u64,
     busy: bool,
+}
+
+impl BlockModel {
+    fn acked(&self) -> u64 {
+        self.above
+            .iter()
+            .rev()
+            .find(|(_, o)| matches!(o, Outcome::Acked { .. }))
+            .map_or(self.floor, |(v, _)| *v)
+    }
 }
 
 pub struct Model {
@@ -103,19 +125,32 @@ impl Model {
         b.busy = true;
     }
 
-    /// The write of `version` ended: acknowledged, or with an unknown outcome (an error, or
-    /// its node died).
-    pub fn end_write(&mut self, block: u64, version: u64, acknowledged: bool) {
+    /// The write of `version` ended: acknowledged (`weak`: see [`Outcome`]), or with an
+    /// unknown outcome (an error, or its node died).
+    pub fn end_write(&mut self, block: u64, version: u64, acknowledged: bool, weak: bool) {
         let b = &mut self.blocks[block as usize];
         b.busy = false;
-        if acknowledged {
-            if version > b.acked {
-                b.acked = version;
+        if version <= b.floor {
+            return;
+        }
+        match (acknowledged, weak) {
+            (true, false) => {
+                // Everything older can no longer legitimately show up.
+                b.floor = version;
+                b.above = b.above.split_off(&(version + 1));
             }
-            // Older writes can no longer legitimately show up.
-            b.unknown.retain(|&v| v > b.acked);
-        } else if version > b.acked {
-            b.unknown.insert(version);
+            (true, true) => {
+                b.above.insert(
+                    version,
+                    Outcome::Acked {
+                        weak: true,
+                        excused: false,
+                    },
+                );
+            }
+            (false, _) => {
+                b.above.insert(version, Outcome::Unknown);
+            }
         }
     }
 
@@ -123,29 +158,69 @@ impl Model {
         self.blocks[block as usize].busy = false;
     }
 
-    /// Checks what a read of `block` returned; `Err` describes the violation.
-    pub fn check_read(&self, block: u64, data: &[u8]) -> Result<u64, String> {
-        let b = &self.blocks[block as usize];
-        match decode(block, data) {
-            Decoded::Garbage => Err(format!(
-                "block {block}: read bytes nobody wrote (acknowledged version {})",
-                b.acked
-            )),
-            Decoded::Version(v) if v == b.acked || b.unknown.contains(&v) => Ok(v),
-            Decoded::Version(v) if v < b.acked => Err(format!(
-                "block {block}: LOST ACKNOWLEDGED WRITE: read version {v}, but version {} was acknowledged",
-                b.acked
-            )),
-            Decoded::Version(v) => Err(format!(
-                "block {block}: read version {v}, which was never written (acknowledged {}, issued {})",
-                b.acked, b.issued
-            )),
+    /// A node failed: weak acknowledged writes made so far may be lost (the trade-off of
+    /// `degraded = "nvram"` when a node fails while the pair is degraded).
+    pub fn node_failed(&mut self) {
+        for b in &mut self.blocks {
+            for o in b.above.values_mut() {
+                if let Outcome::Acked {
+                    weak: true,
+                    excused,
+                } = o
+                {
+                    *excused = true;
+                }
+            }
         }
     }
 
-    /// The oldest version a read of `block` may return now (for checks of the medium).
+    /// Checks what a read of `block` returned; `Err` describes the violation.
+    pub fn check_read(&self, block: u64, data: &[u8]) -> Result<u64, String> {
+        let b = &self.blocks[block as usize];
+        let acked = b.acked();
+        let v = match decode(block, data) {
+            Decoded::Garbage => {
+                return Err(format!(
+                    "block {block}: read bytes nobody wrote (acknowledged version {acked})"
+                ))
+            }
+            Decoded::Version(v) => v,
+        };
+        let known = v == b.floor || b.above.contains_key(&v);
+        // Every acknowledged version newer than what was read must be excusably lost.
+        let lost: Vec<u64> = b
+            .above
+            .range(v + 1..)
+            .filter(|(_, o)| {
+                !matches!(
+                    o,
+                    Outcome::Unknown
+                        | Outcome::Acked {
+                            weak: true,
+                            excused: true
+                        }
+                )
+            })
+            .map(|(v, _)| *v)
+            .collect();
+        if v < b.floor || !lost.is_empty() {
+            return Err(format!(
+                "block {block}: LOST ACKNOWLEDGED WRITE: read version {v}, but version {} was acknowledged",
+                lost.last().copied().unwrap_or(b.floor)
+            ));
+        }
+        if !known {
+            return Err(format!(
+                "block {block}: read version {v}, which was never written (acknowledged {acked}, issued {})",
+                b.issued
+            ));
+        }
+        Ok(v)
+    }
+
+    /// The latest acknowledged version of `block`.
     pub fn acked(&self, block: u64) -> u64 {
-        self.blocks[block as usize].acked
+        self.blocks[block as usize].acked()
     }
 }
 
@@ -168,17 +243,39 @@ mod tests {
     fn an_older_version_after_an_acknowledgement_is_a_lost_write() {
         let mut m = Model::new(1);
         let v1 = m.begin_write(0);
-        m.end_write(0, v1, true);
+        m.end_write(0, v1, true, false);
         let v2 = m.begin_write(0);
-        m.end_write(0, v2, false);
+        m.end_write(0, v2, false, false);
         assert_eq!(m.check_read(0, &block_data(0, 1)), Ok(1));
         assert_eq!(m.check_read(0, &block_data(0, 2)), Ok(2));
         let v3 = m.begin_write(0);
-        m.end_write(0, v3, true);
+        m.end_write(0, v3, true, false);
         assert!(m.check_read(0, &block_data(0, 2)).is_err());
         assert!(m
             .check_read(0, &block_data(0, 1))
             .unwrap_err()
             .contains("LOST ACKNOWLEDGED WRITE"));
+    }
+
+    #[test]
+    fn a_weak_write_may_be_lost_only_after_a_node_failed() {
+        let mut m = Model::new(1);
+        let v1 = m.begin_write(0);
+        m.end_write(0, v1, true, false);
+        let v2 = m.begin_write(0);
+        m.end_write(0, v2, true, true);
+        assert!(
+            m.check_read(0, &block_data(0, 1)).is_err(),
+            "no failure yet"
+        );
+        m.node_failed();
+        assert_eq!(m.check_read(0, &block_data(0, 1)), Ok(1));
+        assert_eq!(m.check_read(0, &block_data(0, 2)), Ok(2));
+        let v3 = m.begin_write(0);
+        m.end_write(0, v3, true, true);
+        assert!(
+            m.check_read(0, &block_data(0, 2)).is_err(),
+            "v3 is not excused"
+        );
     }
 }

@@ -25,6 +25,7 @@ use nvmirror::config::{DegradedPolicy, TakeoverPolicy};
 use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
 use nvmirror::flusher::FlushPolicy;
 use nvmirror::host::Host;
+use nvmirror::lease::DiskLease;
 use nvmirror::mirror::SecondStoreArea;
 use nvmirror::nvram::memory::MemoryNvram;
 use nvmirror::nvram::{NvramRegion, RecordHeader, RecordKind};
@@ -111,6 +112,8 @@ enum OpKind {
 struct Op {
     node: usize,
     kind: OpKind,
+    /// Writes without a mirror copy on any node when the op began (see `end_op`).
+    degraded_before: u64,
     /// (block, version written) — version 0 for reads.
     blocks: Vec<(u64, u64)>,
     started: Instant,
@@ -118,7 +121,13 @@ struct Op {
 
 /// What the run's tasks share.
 struct Shared {
+    /// The running engines, to count their degraded writes.
+    engines: Mutex<Vec<std::sync::Weak<Engine>>>,
     trace: SharedTrace,
+    /// `degraded = "nvram"`: writes without a mirror copy are acknowledged.
+    nvram_policy: bool,
+    /// Trace every client operation too.
+    verbose: bool,
     model: Mutex<Model>,
     violations: Mutex<Vec<String>>,
     ops: Mutex<BTreeMap<u64, Op>>,
@@ -131,6 +140,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Writes acknowledged without a mirror copy, on every running node.
+    fn degraded_total(&self) -> u64 {
+        lock(&self.engines)
+            .iter()
+            .filter_map(|e| e.upgrade())
+            .map(|e| e.degraded_writes())
+            .sum()
+    }
+
     fn note(&self, line: impl AsRef<str>) {
         trace::lock(&self.trace).push(line);
     }
@@ -145,17 +163,33 @@ impl Shared {
     }
 
     /// A write or read ended (the op task calls this; a crash ends its ops as unknown).
-    fn end_op(&self, id: u64, result: Result<Option<Vec<u8>>, String>) {
+    /// `degraded_now`: writes acknowledged without a mirror copy, on all nodes, now; if it
+    /// moved during the op and the policy is `degraded = "nvram"`, the write may have one
+    /// copy only (weak, see `model`).
+    fn end_op(&self, id: u64, result: Result<Option<Vec<u8>>, String>, degraded_now: u64) {
         let Some(op) = lock(&self.ops).remove(&id) else {
             return;
         };
+        if self.verbose {
+            self.note(format!(
+                "op {id}: {:?} of {:?} on n{}: {}",
+                op.kind,
+                op.blocks,
+                op.node,
+                match &result {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                }
+            ));
+        }
         let mut model = lock(&self.model);
         let mut stats = lock(&self.stats);
         match op.kind {
             OpKind::Write => {
                 let ok = result.is_ok();
+                let weak = self.nvram_policy && degraded_now != op.degraded_before;
                 for &(b, v) in &op.blocks {
-                    model.end_write(b, v, ok);
+                    model.end_write(b, v, ok, weak);
                 }
                 if ok {
                     stats.writes_acked += 1;
@@ -194,7 +228,7 @@ impl Shared {
             .collect();
         let n = ids.len() as u64;
         for id in ids {
-            self.end_op(id, Err("its node died".into()));
+            self.end_op(id, Err("its node died".into()), 0);
         }
         lock(&self.stats).writes_lost_in_crash += n;
     }
@@ -272,6 +306,135 @@ impl SecondStore for CheckedStore {
     }
 }
 
+/// What a node's boot needs (it runs as a task of the node's process).
+struct Boot {
+    id: usize,
+    name: String,
+    settings: Settings,
+    host: Arc<dyn Host>,
+    life: Arc<Life>,
+    table: Arc<dyn nvmirror::ownership::TableStore>,
+    lease: Arc<DiskLease>,
+    nvram: Arc<MemoryNvram>,
+    medium: Arc<crate::disk::DiskView>,
+    net: Arc<SimNet>,
+    shared: Arc<Shared>,
+    life_no: u32,
+}
+
+impl Boot {
+    async fn run(self) -> Result<Running, String> {
+        let s = &self.settings;
+        let id = self.id;
+        self.life.spawn(self.lease.clone().run());
+        self.lease.acquired().await;
+        let initial = OwnershipTable {
+            cluster_id: CLUSTER_ID,
+            generation: 1,
+            luns: vec![(0..s.ranges)
+                .map(|r| RangeOwner {
+                    owner: r % NODES as u32,
+                    epoch: 1,
+                })
+                .collect()],
+        };
+        let opts = EngineOptions {
+            node_name: self.name.clone(),
+            partitions: s.partitions,
+            flush: FlushPolicy {
+                batch_bytes: 1 << 20,
+                linger: s.linger,
+            },
+            mode: OpenMode::Normal,
+            mirrored: true,
+            degraded: if s.degraded_nvram {
+                DegradedPolicy::Nvram
+            } else {
+                DegradedPolicy::WriteThrough
+            },
+            cluster: Some(ClusterSetup {
+                me: id as u32,
+                nodes: (0..NODES).map(|n| format!("n{n}")).collect(),
+                table_store: self.table.clone(),
+                initial,
+                lease: Some(self.lease.clone()),
+                link_timeout: s.heartbeat_timeout,
+            }),
+            config_path: "sim.toml".into(),
+            host: self.host.clone(),
+        };
+        let spec = LunSpec {
+            name: "lun0".into(),
+            size: s.lun_blocks * BLOCK as u64,
+            ranges: s.ranges,
+            medium: self.medium.clone(),
+        };
+        let region = NvramRegion::in_memory(self.nvram.clone());
+        let engine = Engine::open(region, opts, vec![spec]).map_err(|e| e.to_string())?;
+        let role = if id == 0 {
+            Role::Listen(addr(0))
+        } else {
+            Role::Connect(addr(0))
+        };
+        let peer = 1 - id as u32;
+        let mut lc = LinkConfig::new(
+            Transport::Tcp,
+            role,
+            CLUSTER_ID,
+            id as u32 + 1,
+            peer + 1,
+            SECRET,
+        );
+        lc.heartbeat_interval = s.heartbeat_interval;
+        lc.heartbeat_timeout = s.heartbeat_timeout;
+        let area = engine
+            .second_store()
+            .ok_or_else(|| "the NVRAM has no second store".to_string())?;
+        let store = Arc::new(CheckedStore {
+            inner: area,
+            node: id,
+            lun_blocks: s.lun_blocks,
+            held: Mutex::new(BTreeMap::new()),
+            shared: self.shared.clone(),
+        });
+        let link = Link::start_over(
+            lc,
+            Some(engine.local_region()),
+            Some(store),
+            Some(nvmirror::node::link::request_handler(&engine)),
+            self.net.for_node(id),
+            Arc::new(SimSpawner {
+                life: self.life.clone(),
+            }),
+        )
+        .map_err(|e| format!("the link did not start: {e}"))?;
+        let policy = if s.takeover_auto {
+            TakeoverPolicy::Auto
+        } else {
+            TakeoverPolicy::Manual
+        };
+        nvmirror::node::link::attach_link(&engine, &link, policy, s.heartbeat_timeout)
+            .map_err(|e| format!("wiring the link failed: {e}"))?;
+        let replay = engine.status().replay;
+        self.shared.note(format!(
+            "{} starts (life {}): lease held, replayed {} record(s){}",
+            self.name,
+            self.life_no,
+            replay.records,
+            if replay.skipped_not_owned > 0 {
+                format!(", skipped {} of ranges it lost", replay.skipped_not_owned)
+            } else {
+                String::new()
+            }
+        ));
+        Ok(Running {
+            engine,
+            _link: link,
+            life: self.life,
+        })
+    }
+}
+
 struct Running {
     engine: Arc<Engine>,
     /// Kept so the link lives as long as the process.
@@ -283,6 +446,9 @@ struct Node {
     name: String,
     nvram: Arc<MemoryNvram>,
     run: Option<Running>,
+    /// A boot under way (its process), and where it leaves its result.
+    booting: Option<Arc<Life>>,
+    booted: Arc<Mutex<Option<Result<Running, String>>>>,
     /// Counts the node's starts: events aimed at an earlier life are dropped.
     life_no: u32,
 }
@@ -344,7 +510,7 @@ pub fn run(s: &Settings, verbose: bool) -> Outcome {
         use tracing_subscriber::layer::SubscriberExt;
         let subscriber = tracing_subscriber::registry().with(layer);
         let _guard = tracing::subscriber::set_default(subscriber);
-        let mut world = World::new(s, trace);
+        let mut world = World::new(s, trace, verbose);
         world.run().await;
         world.outcome()
     });
@@ -354,7 +520,7 @@ pub fn run(s: &Settings, verbose: bool) -> Outcome {
 }
 
 impl World {
-    fn new(s: &Settings, trace: SharedTrace) -> World {
+    fn new(s: &Settings, trace: SharedTrace, verbose: bool) -> World {
         let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
         let lun_bytes = s.lun_blocks * BLOCK as u64;
         let disk = SimDisk::new(NODES, lun_bytes, METADATA_BYTES);
@@ -368,7 +534,10 @@ impl World {
             &(0..NODES).map(|n| addr(n).ip()).collect::<Vec<_>>(),
         );
         let shared = Arc::new(Shared {
+            engines: Mutex::new((0..NODES).map(|_| std::sync::Weak::new()).collect()),
             trace,
+            nvram_policy: s.degraded_nvram,
+            verbose,
             model: Mutex::new(Model::new(s.lun_blocks as usize)),
             violations: Mutex::new(Vec::new()),
             ops: Mutex::new(BTreeMap::new()),
@@ -380,6 +549,8 @@ impl World {
                 name: format!("n{id}"),
                 nvram: Arc::new(MemoryNvram::new(&format!("nvram-n{id}"), NVRAM_BYTES)),
                 run: None,
+                booting: None,
+                booted: Arc::new(Mutex::new(None)),
                 life_no: 0,
             })
             .collect();
@@ -487,16 +658,20 @@ impl World {
             }
             Event::CutEnd { from, to } => self.uncut(from, to),
             Event::Restart { node } => {
-                if self.nodes[node].run.is_none() {
+                if self.nodes[node].run.is_none() && self.nodes[node].booting.is_none() {
                     self.net.power_on(node);
                     lock(&self.shared.stats).restarts += 1;
                     self.start_node(node);
                 }
             }
             Event::Resume { node, life_no } => {
-                if let Some(r) = self.live(node, life_no) {
-                    r.life.resume();
-                    self.note(format!("n{node} continues (SIGCONT)"));
+                if self.nodes[node].life_no == life_no {
+                    let life = (self.nodes[node].run.as_ref().map(|r| r.life.clone()))
+                        .or_else(|| self.nodes[node].booting.clone());
+                    if let Some(life) = life {
+                        life.resume();
+                        self.note(format!("n{node} continues (SIGCONT)"));
+                    }
                 }
             }
             Event::PathBack { node } => {
@@ -517,6 +692,7 @@ impl World {
                 }
             }
             Event::Check => {
+                self.adopt_booted();
                 self.check_serving();
                 self.after(Duration::from_millis(10), Event::Check);
             }
@@ -538,162 +714,92 @@ impl World {
         n.run.as_ref().filter(|_| n.life_no == life_no)
     }
 
+    /// Boots node `id`: like the daemon, it first holds its disk lease, then opens the
+    /// engine (replaying its NVRAM), then starts the mirror link. The boot runs as the
+    /// node's first task; the node serves once `adopt_booted` sees it done.
     fn start_node(&mut self, id: usize) {
         let s = &self.s;
         let node = &mut self.nodes[id];
         node.life_no += 1;
         let life = Life::new(&node.name);
         let host: Arc<dyn Host> = Arc::new(SimHost { life: life.clone() });
-        let initial = OwnershipTable {
-            cluster_id: CLUSTER_ID,
-            generation: 1,
-            luns: vec![(0..s.ranges)
-                .map(|r| RangeOwner {
-                    owner: r % NODES as u32,
-                    epoch: 1,
-                })
-                .collect()],
-        };
-        let opts = EngineOptions {
-            node_name: node.name.clone(),
-            partitions: s.partitions,
-            flush: FlushPolicy {
-                batch_bytes: 1 << 20,
-                linger: s.linger,
-            },
-            mode: OpenMode::Normal,
-            mirrored: true,
-            degraded: if s.degraded_nvram {
-                DegradedPolicy::Nvram
-            } else {
-                DegradedPolicy::WriteThrough
-            },
-            cluster: Some(ClusterSetup {
-                me: id as u32,
-                nodes: (0..NODES).map(|n| format!("n{n}")).collect(),
-                table_store: Box::new(self.disk.table_view(id)),
-                initial,
-            }),
-            config_path: "sim.toml".into(),
-            host,
-        };
-        let spec = LunSpec {
-            name: "lun0".into(),
-            size: s.lun_blocks * BLOCK as u64,
-            ranges: s.ranges,
-            medium: Arc::new(self.disk.lun_view(id)),
-        };
-        let region = NvramRegion::in_memory(node.nvram.clone());
-        let opened = life
-            .span()
-            .in_scope(|| Engine::open(region, opts, vec![spec]));
-        let engine = match opened {
-            Ok(e) => e,
-            Err(e) if self.disk.path_failed(id) => {
-                // The daemon refuses to start without its medium (it cannot read the
-                // ownership table); its service manager tries again later.
-                let name = node.name.clone();
-                self.shared.note(format!(
-                    "{name} cannot start while its path to the disk fails ({e}); retrying in 1 s"
-                ));
-                self.after(Duration::from_secs(1), Event::Restart { node: id });
-                return;
-            }
-            Err(e) => {
-                let name = node.name.clone();
-                self.shared
-                    .violate(format!("{name} could not start from its NVRAM: {e}"));
-                return;
-            }
-        };
-        let role = if id == 0 {
-            Role::Listen(addr(0))
-        } else {
-            Role::Connect(addr(0))
-        };
-        let peer = 1 - id as u32;
-        let mut lc = LinkConfig::new(
-            Transport::Tcp,
-            role,
+        let timing = s.lease_timing();
+        let table: Arc<dyn nvmirror::ownership::TableStore> = Arc::new(self.disk.table_view(id));
+        let lease = DiskLease::new(
+            host.clone(),
+            table.clone(),
             CLUSTER_ID,
-            id as u32 + 1,
-            peer + 1,
-            SECRET,
+            id as u32,
+            NODES as u32,
+            timing,
+            // Not from the world's stream: each process gets its own, reproducibly.
+            (self.s.seed ^ ((id as u64) << 56) ^ (node.life_no as u64) << 40)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                | 1,
         );
-        lc.heartbeat_interval = s.heartbeat_interval;
-        lc.heartbeat_timeout = s.heartbeat_timeout;
-        let Some(area) = engine.second_store() else {
-            self.shared
-                .violate(format!("{} has no second store", node.name));
-            return;
-        };
-        let store = Arc::new(CheckedStore {
-            inner: area,
-            node: id,
-            lun_blocks: s.lun_blocks,
-            held: Mutex::new(BTreeMap::new()),
+        let boot = Boot {
+            id,
+            name: node.name.clone(),
+            settings: s.clone(),
+            host,
+            life: life.clone(),
+            table,
+            lease,
+            nvram: node.nvram.clone(),
+            medium: Arc::new(self.disk.lun_view(id)),
+            net: self.net.clone(),
             shared: self.shared.clone(),
+            life_no: node.life_no,
+        };
+        let slot = node.booted.clone();
+        life.spawn(async move {
+            let result = boot.run().await;
+            *lock(&slot) = Some(result);
         });
-        let started = life.span().in_scope(|| {
-            Link::start_over(
-                lc,
-                Some(engine.local_region()),
-                Some(store),
-                Some(nvmirror::node::link::request_handler(&engine)),
-                self.net.for_node(id),
-                Arc::new(SimSpawner { life: life.clone() }),
-            )
-        });
-        let link = match started {
-            Ok(l) => l,
-            Err(e) => {
-                self.shared
-                    .violate(format!("{}: the link did not start: {e}", node.name));
-                return;
+        node.booting = Some(life);
+    }
+
+    /// Nodes whose boot finished start serving (or the boot's failure is judged).
+    fn adopt_booted(&mut self) {
+        for id in 0..NODES {
+            let Some(result) = lock(&self.nodes[id].booted).take() else {
+                continue;
+            };
+            let life = self.nodes[id].booting.take();
+            match result {
+                Ok(run) => {
+                    lock(&self.shared.engines)[id] = Arc::downgrade(&run.engine);
+                    self.nodes[id].run = Some(run);
+                }
+                Err(e) if self.disk.path_failed(id) => {
+                    // The daemon cannot start without its medium; its service manager tries
+                    // again later.
+                    self.shared.note(format!(
+                        "n{id} cannot start while its path to the disk fails ({e}); retrying in 1 s"
+                    ));
+                    if let Some(l) = life {
+                        l.kill();
+                    }
+                    self.after(Duration::from_secs(1), Event::Restart { node: id });
+                }
+                Err(e) => self.shared.violate(format!("n{id} could not start: {e}")),
             }
-        };
-        let policy = if s.takeover_auto {
-            TakeoverPolicy::Auto
-        } else {
-            TakeoverPolicy::Manual
-        };
-        if let Err(e) =
-            nvmirror::node::link::attach_link(&engine, &link, policy, s.heartbeat_timeout)
-        {
-            self.shared
-                .violate(format!("{}: wiring the link failed: {e}", node.name));
-            return;
         }
-        let replay = engine.status().replay;
-        self.shared.note(format!(
-            "{} starts (life {}): replayed {} record(s){}",
-            node.name,
-            node.life_no,
-            replay.records,
-            if replay.skipped_not_owned > 0 {
-                format!(", skipped {} of ranges it lost", replay.skipped_not_owned)
-            } else {
-                String::new()
-            }
-        ));
-        node.run = Some(Running {
-            engine,
-            _link: link,
-            life,
-        });
     }
 
     /// kill -9 (`power` false) or a power cut of `node`.
     fn stop_node(&mut self, node: usize, power: bool) -> bool {
-        let Some(run) = self.nodes[node].run.take() else {
-            return false;
+        let life = match (self.nodes[node].run.take(), self.nodes[node].booting.take()) {
+            (Some(run), _) => run.life.clone(),
+            (None, Some(booting)) => booting,
+            (None, None) => return false,
         };
+        *lock(&self.nodes[node].booted) = None;
         if power {
             self.net.power_off(node);
         }
-        run.life.kill();
+        life.kill();
         self.shared.node_died(node);
-        drop(run);
         if power {
             let rng = &mut self.rng;
             let (dirty, survived) = self.disk.power_cut(node, |_| rng.gen_bool(0.5));
@@ -730,6 +836,15 @@ impl World {
 
     fn inject(&mut self, f: Fault) {
         self.note(format!("FAULT {f:?}"));
+        if matches!(
+            f,
+            Fault::Kill { .. }
+                | Fault::PowerCut { .. }
+                | Fault::Pause { .. }
+                | Fault::PathFailure { .. }
+        ) {
+            lock(&self.shared.model).node_failed();
+        }
         match f {
             Fault::Cut {
                 from,
@@ -780,8 +895,10 @@ impl World {
                 }
             }
             Fault::Pause { node, duration } => {
-                if let Some(r) = &self.nodes[node].run {
-                    r.life.pause();
+                let life = (self.nodes[node].run.as_ref().map(|r| r.life.clone()))
+                    .or_else(|| self.nodes[node].booting.clone());
+                if let Some(life) = life {
+                    life.pause();
                     let life_no = self.nodes[node].life_no;
                     self.after(duration, Event::Resume { node, life_no });
                 }
@@ -812,7 +929,7 @@ impl World {
             if let Some(r) = &self.nodes[n].run {
                 r.life.resume();
                 r.engine.set_flush_paused(false);
-            } else {
+            } else if self.nodes[n].booting.is_none() {
                 self.net.power_on(n);
                 self.start_node(n);
             }
@@ -867,6 +984,7 @@ impl World {
             Op {
                 node,
                 kind,
+                degraded_before: self.shared.degraded_total(),
                 blocks: blocks.clone(),
                 started: Instant::now(),
             },
@@ -898,7 +1016,8 @@ impl World {
                         .map_err(|e| e.message)
                 }
             };
-            shared.end_op(id, result);
+            let degraded = shared.degraded_total();
+            shared.end_op(id, result, degraded);
         });
     }
 

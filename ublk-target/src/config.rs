@@ -131,11 +131,33 @@ pub struct ClusterSection {
     pub busy_poll_us: u64,
     #[serde(default = "default_takeover")]
     pub takeover: TakeoverPolicy,
+    /// Disk heartbeat: every node rewrites its slot on the shared medium this often...
+    #[serde(default = "default_disk_heartbeat")]
+    pub disk_heartbeat_ms: u64,
+    /// ... and each write keeps its lease (its right to serve) this long. A node whose
+    /// heartbeat stopped changing is dead after about 1.1 x this + the I/O timeout + one
+    /// heartbeat (see docs/arbitration.md).
+    #[serde(default = "default_disk_lease")]
+    pub disk_lease_ms: u64,
+    /// The longest a medium I/O may take; a slower heartbeat write does not renew the lease.
+    #[serde(default = "default_medium_io_timeout")]
+    pub medium_io_timeout_ms: u64,
     #[serde(default = "default_degraded")]
     pub degraded: DegradedPolicy,
     /// Both nodes, in the same order on both; the first listens, the second connects.
     #[serde(rename = "node")]
     pub nodes: Vec<ClusterNode>,
+}
+
+impl ClusterSection {
+    /// The disk lease's timing from the `disk_*` settings.
+    pub fn lease_timing(&self) -> crate::lease::LeaseTiming {
+        crate::lease::LeaseTiming {
+            renew: std::time::Duration::from_millis(self.disk_heartbeat_ms),
+            lease: std::time::Duration::from_millis(self.disk_lease_ms),
+            io_timeout: std::time::Duration::from_millis(self.medium_io_timeout_ms),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -159,6 +181,15 @@ fn default_hb_timeout() -> u64 {
 const MAX_BUSY_POLL_US: u64 = 10_000;
 fn default_busy_poll() -> u64 {
     rdma_link::DEFAULT_BUSY_POLL_US
+}
+fn default_disk_heartbeat() -> u64 {
+    1000
+}
+fn default_disk_lease() -> u64 {
+    4000
+}
+fn default_medium_io_timeout() -> u64 {
+    2000
 }
 fn default_takeover() -> TakeoverPolicy {
     TakeoverPolicy::Auto
@@ -391,6 +422,15 @@ impl NodeConfig {
                 return Err(invalid(
                     "cluster.heartbeat_timeout_ms",
                     "must be at least twice heartbeat_interval_ms (and the interval above 0)",
+                ));
+            }
+            if let Err(why) = c.lease_timing().check() {
+                return Err(invalid("cluster.disk_lease_ms", why));
+            }
+            if c.disk_lease_ms > 600_000 || c.medium_io_timeout_ms > 600_000 {
+                return Err(invalid(
+                    "cluster.disk_lease_ms",
+                    "disk_lease_ms and medium_io_timeout_ms must be at most 600000 (10 minutes)",
                 ));
             }
             if c.busy_poll_us > MAX_BUSY_POLL_US {

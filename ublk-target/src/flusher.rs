@@ -27,6 +27,9 @@ pub enum Fence {
     Lost(String),
     /// The ownership table cannot be read through our path (the path is failing).
     Unreadable(String),
+    /// Not now: this node may not write the medium at the moment (it does not hold its disk
+    /// lease); try again later, nobody writes for us.
+    Suspended(String),
 }
 
 /// What the flusher asks of the rest of the node around each batch.
@@ -117,6 +120,12 @@ impl Flusher {
                     Err(e) => e,
                 },
                 Err(Fence::Unreadable(why)) => why,
+                Err(Fence::Suspended(why)) => {
+                    self.stats.set_last_error(Some(why));
+                    self.host.sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
                 Err(Fence::Lost(why)) => {
                     tracing::error!(
                         partition = log.id,

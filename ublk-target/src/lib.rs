@@ -5,13 +5,14 @@
 //! `datapath`) -> `log` (NVRAM staging, group commit) -> `mirror` (the copy to the partner)
 //! -> `flusher` (`apply` to the medium, then release). `index` serves reads of staged data;
 //! `nvram` is the on-device format; `medium` the backing storage; `cluster` and `ownership`
-//! say who serves which range; `node` is the daemon's behaviour (link set-up, partner
+//! say who serves which range, `lease` (a heartbeat on the shared medium) who may serve and
+//! when a node is dead; `node` is the daemon's behaviour (link set-up, partner
 //! watch, control socket); `host` is the seam to the machine (time, tasks).
 //!
 //! Layers (a module imports only modules in layers below it; `tests/module_layers.rs`
 //! checks it):
 //! 1. `block`, `host`, `index`, `ownership`, `nvram`
-//! 2. `medium`, then `lun`, `config`, `apply`, `inspect`
+//! 2. `medium`, `lease`, then `lun`, `config`, `apply`, `inspect`
 //! 3. `log`, then `flusher`, then `mirror`, then `cluster`
 //! 4. `engine`
 //! 5. `control`, `frontend`, then `devices`
@@ -29,6 +30,7 @@ pub mod frontend;
 pub mod host;
 pub mod index;
 pub mod inspect;
+pub mod lease;
 pub mod log;
 pub mod lun;
 pub mod medium;

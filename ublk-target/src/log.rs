@@ -733,6 +733,17 @@ impl PartitionLog {
         self.released.notify_waiters();
     }
 
+    /// The records durable and settled but not yet on the medium (wrap markers left out):
+    /// what the partner's second store must hold.
+    pub fn unflushed(&self) -> Vec<RecordMeta> {
+        let st = lock(&self.state);
+        st.durable
+            .iter()
+            .filter(|r| r.seq <= st.acked_through && r.kind != RecordKind::Wrap)
+            .copied()
+            .collect()
+    }
+
     /// The partition stopped for good (fenced, or its NVRAM failed).
     pub fn is_failed(&self) -> bool {
         lock(&self.state).failed.is_some()

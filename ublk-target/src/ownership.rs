@@ -1,11 +1,13 @@
-//! Ownership of LUN ranges, persisted on the shared medium.
+//! The metadata area at the end of the shared medium (of LUN 0): 4 KiB slots written with
+//! O_DIRECT|O_DSYNC, each sealed with a crc32c.
 //!
-//! Each range of each LUN has an owner node and an epoch. The table lives in a small
-//! metadata area at the end of the (shared) medium of LUN 0: two 4 KiB slots written
-//! alternately with a generation and a crc32c, with O_DIRECT and a sync, so a torn update
-//! leaves the previous table readable. A takeover bumps the epoch of the ranges it moves;
-//! a node re-reads the table before each flush batch and stops flushing ranges whose epoch
-//! moved on without it (fencing).
+//! * slots 0 and 1: the ownership table. Each range of each LUN has an owner node and an
+//!   epoch; the two slots are written alternately with a generation, so a torn update leaves
+//!   the previous table readable. A takeover bumps the epoch of the ranges it moves; a node
+//!   re-reads the table before each flush batch and stops flushing ranges whose epoch moved on
+//!   without it (fencing).
+//! * slot `MARKS_SLOT + node`: that node's flush marks ([`FlushMarks`]).
+//! * slot `LEASE_SLOT + node`: that node's disk heartbeat ([`LeaseRecord`], see `lease`).
 
 use std::io;
 
@@ -224,6 +226,76 @@ pub fn save_marks(store: &dyn TableStore, m: &FlushMarks) -> Result<(), TableErr
     Ok(())
 }
 
+pub const LEASE_MAGIC: u32 = 0x4c48_564e; // "NVHL"
+/// Slot `LEASE_SLOT + node` holds that node's disk heartbeat.
+pub const LEASE_SLOT: u64 = 32;
+/// Nodes whose heartbeats fit before the end of the metadata area.
+pub const MAX_LEASE_NODES: u64 = METADATA_BYTES / SLOT_BYTES - LEASE_SLOT;
+
+/// One node's disk heartbeat: it rewrites its slot with the next `counter` every renewal
+/// interval while it holds its lease. A new process writes a new random `incarnation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseRecord {
+    pub cluster_id: u64,
+    pub node: u32,
+    pub incarnation: u64,
+    pub counter: u64,
+    /// The node gave its lease up on purpose (a clean stop): it serves nothing.
+    pub released: bool,
+}
+
+impl LeaseRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SLOT_BYTES as usize];
+        b[0..4].copy_from_slice(&LEASE_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&TABLE_VERSION.to_le_bytes());
+        b[8..16].copy_from_slice(&self.cluster_id.to_le_bytes());
+        b[16..20].copy_from_slice(&self.node.to_le_bytes());
+        b[20..28].copy_from_slice(&self.incarnation.to_le_bytes());
+        b[28..36].copy_from_slice(&self.counter.to_le_bytes());
+        b[36] = u8::from(self.released);
+        seal_slot(&mut b);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<LeaseRecord> {
+        if b.len() < SLOT_BYTES as usize
+            || u32_at(b, 0) != LEASE_MAGIC
+            || u32_at(b, 4) != TABLE_VERSION
+            || !slot_crc_ok(b)
+            || b[36] > 1
+        {
+            return None;
+        }
+        Some(LeaseRecord {
+            cluster_id: u64_at(b, 8),
+            node: u32_at(b, 16),
+            incarnation: u64_at(b, 20),
+            counter: u64_at(b, 28),
+            released: b[36] == 1,
+        })
+    }
+}
+
+/// `node`'s heartbeat as the medium has it (None: never written, or damaged).
+pub fn load_lease(
+    store: &dyn TableStore,
+    cluster_id: u64,
+    node: u32,
+) -> Result<Option<LeaseRecord>, TableError> {
+    let mut buf = vec![0u8; SLOT_BYTES as usize];
+    store.read_slot(LEASE_SLOT + node as u64, &mut buf)?;
+    Ok(LeaseRecord::decode(&buf).filter(|r| r.cluster_id == cluster_id && r.node == node))
+}
+
+pub fn save_lease(store: &dyn TableStore, r: &LeaseRecord) -> Result<(), TableError> {
+    if r.node as u64 >= MAX_LEASE_NODES {
+        return Err(TableError::TooLarge(r.node as usize));
+    }
+    store.write_slot(LEASE_SLOT + r.node as u64, &r.encode())?;
+    Ok(())
+}
+
 /// Where the table is kept: reads and writes of whole 4 KiB slots, durable on return.
 pub trait TableStore: Send + Sync {
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()>;
@@ -346,19 +418,20 @@ impl TableStore for MediumTableStore {
 
 /// In memory, for tests.
 #[derive(Default)]
-pub struct MemTableStore(std::sync::Mutex<[Vec<u8>; 4]>);
+pub struct MemTableStore(std::sync::Mutex<std::collections::BTreeMap<u64, Vec<u8>>>);
 
 impl TableStore for MemTableStore {
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
         let s = self.0.lock().map_err(|_| io::Error::other("poisoned"))?;
-        let src = &s[slot as usize];
         out[..SLOT_BYTES as usize].fill(0);
-        out[..src.len()].copy_from_slice(src);
+        if let Some(src) = s.get(&slot) {
+            out[..src.len()].copy_from_slice(src);
+        }
         Ok(())
     }
     fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
         let mut s = self.0.lock().map_err(|_| io::Error::other("poisoned"))?;
-        s[slot as usize] = data.to_vec();
+        s.insert(slot, data[..SLOT_BYTES as usize].to_vec());
         Ok(())
     }
 }
@@ -402,6 +475,29 @@ mod tests {
             .write_slot((t.generation + 1) % 2, &[0xab; 4096])
             .expect("w");
         assert_eq!(load(&store).expect("load"), Some(t));
+    }
+
+    #[test]
+    fn lease_records_round_trip_and_damage_is_refused() {
+        let r = LeaseRecord {
+            cluster_id: 7,
+            node: 1,
+            incarnation: 0xfeed,
+            counter: 42,
+            released: false,
+        };
+        let store = MemTableStore::default();
+        assert_eq!(load_lease(&store, 7, 1).expect("read"), None);
+        save_lease(&store, &r).expect("save");
+        assert_eq!(load_lease(&store, 7, 1).expect("read"), Some(r));
+        assert_eq!(
+            load_lease(&store, 8, 1).expect("read"),
+            None,
+            "another cluster"
+        );
+        let mut bad = r.encode();
+        bad[30] ^= 1;
+        assert_eq!(LeaseRecord::decode(&bad), None);
     }
 
     #[test]

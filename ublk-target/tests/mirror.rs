@@ -345,8 +345,10 @@ fn clustered_sized(
             cluster: Some(ClusterSetup {
                 me,
                 nodes: vec!["a".into(), "b".into()],
-                table_store: Box::new(SharedTable(table.clone())),
+                table_store: Arc::new(SharedTable(table.clone())),
                 initial,
+                lease: None,
+                link_timeout: Duration::from_millis(500),
             }),
             config_path: "test.toml".into(),
             host: nvmirror::host::system(),
@@ -702,7 +704,9 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
     let (_link_a, _link_b, rt) = connect(&a, &b, Duration::from_millis(500));
     let partner = b.clone();
     a.set_flush_delegate(Some(Arc::new(move |p, first, last, count| {
-        let written = partner.write_for_partner(p, first, last, count).map(|_| ());
+        let written = partner
+            .write_for_partner(0, p, first, last, count)
+            .map(|_| ());
         Box::pin(async move { written })
     })));
 

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 const REGION: usize = 1 << 20;
 
@@ -279,6 +280,13 @@ async fn a_ping_gets_a_pong_and_a_pong_measures_the_round_trip() {
     tokio::time::advance(Duration::from_millis(30)).await;
     f.session.on_msg(Msg::Pong { stamp }).unwrap();
     assert_eq!(load(&f.shared.stats.rtt_ns), 30_000_000);
+    // The pong proves the peer heard the ping when it was sent, not later.
+    let heard = f.shared.heard_at().expect("heard");
+    assert_eq!(Instant::now() - heard, Duration::from_millis(30));
+    // A stamp from the future is not believed.
+    let future = f.shared.now_stamp() + 1_000_000_000;
+    f.session.on_msg(Msg::Pong { stamp: future }).unwrap();
+    assert_eq!(f.shared.heard_at(), Some(heard));
 }
 
 #[tokio::test]

@@ -13,8 +13,10 @@
 
 use super::forward::Forwarder;
 use crate::flusher::Fence;
+use crate::lease::DiskLease;
 use crate::ownership::{self, OwnershipTable, RangeOwner, TableStore};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::Notify;
 
 /// A node: its index in the cluster's node list (the same on every node).
@@ -31,9 +33,15 @@ pub struct ClusterSetup {
     /// Our index in `nodes`.
     pub me: NodeId,
     pub nodes: Vec<String>,
-    pub table_store: Box<dyn TableStore>,
+    pub table_store: Arc<dyn TableStore>,
     /// Written to the medium if it holds no table yet.
     pub initial: OwnershipTable,
+    /// This node's disk lease, already held (see `lease`): the arbiter of who serves and
+    /// who may take over. None: no arbitration (unit tests of an engine pair).
+    pub lease: Option<Arc<DiskLease>>,
+    /// The mirror link's heartbeat timeout: the partner calls the link down after hearing
+    /// nothing from us for this long.
+    pub link_timeout: Duration,
 }
 
 pub struct Cluster {
@@ -41,7 +49,9 @@ pub struct Cluster {
     pub nodes: Vec<String>,
     /// The owners the config asks for; giveback returns ranges to them.
     configured: OwnershipTable,
-    store: Box<dyn TableStore>,
+    store: Arc<dyn TableStore>,
+    lease: Option<Arc<DiskLease>>,
+    link_timeout: Duration,
     table: Mutex<OwnershipTable>,
     gates: Mutex<Vec<Vec<RangeState>>>,
     gate_opened: Notify,
@@ -71,6 +81,8 @@ impl Cluster {
             nodes: setup.nodes,
             configured: setup.initial,
             store: setup.table_store,
+            lease: setup.lease,
+            link_timeout: setup.link_timeout,
             table: Mutex::new(table),
             gates: Mutex::new(gates),
             gate_opened: Notify::new(),
@@ -102,6 +114,28 @@ impl Cluster {
 
     fn table(&self) -> MutexGuard<'_, OwnershipTable> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn lease(&self) -> Option<&Arc<DiskLease>> {
+        self.lease.as_ref()
+    }
+
+    pub fn link_timeout(&self) -> Duration {
+        self.link_timeout
+    }
+
+    /// The owner of `range` of `lun` as the medium's table says now (re-read).
+    pub fn owner_on_medium(
+        &self,
+        lun: u32,
+        range: u32,
+    ) -> Result<Option<NodeId>, ownership::TableError> {
+        Ok(ownership::load(self.store.as_ref())?.and_then(|t| {
+            t.luns
+                .get(lun as usize)
+                .and_then(|l| l.get(range as usize))
+                .map(|o| o.owner)
+        }))
     }
 
     /// The node whose second store holds `node`'s mirror, which takes over `node`'s ranges
@@ -194,19 +228,59 @@ impl Cluster {
         from: u32,
         only: Option<&[(u32, u32)]>,
     ) -> Result<Vec<(u32, u32)>, ownership::TableError> {
-        let moved: Vec<(u32, u32)> = self
+        let wanted: Vec<(u32, u32)> = self
             .ranges_of(from)
             .into_iter()
             .filter(|r| only.is_none_or(|o| o.contains(r)))
             .collect();
-        {
-            let mut gates = self.gates();
-            for &(l, r) in &moved {
-                gates[l as usize][r as usize] = RangeState::TakingOver;
+        self.set_gates(&wanted, RangeState::TakingOver);
+        match self.claim(from, &wanted) {
+            Ok(moved) => {
+                // Ranges the medium no longer gives to `from` (it changed meanwhile) are not
+                // taken: route them as the medium says.
+                let left: Vec<(u32, u32)> = wanted
+                    .iter()
+                    .copied()
+                    .filter(|r| !moved.contains(r))
+                    .collect();
+                if !left.is_empty() {
+                    self.reload_ranges(&left);
+                }
+                Ok(moved)
+            }
+            Err(e) => {
+                // Nothing was claimed: their I/O goes to `from` again (never leave a gate
+                // closed on an error).
+                self.set_gates(&wanted, RangeState::Remote(from));
+                self.gate_opened.notify_waiters();
+                Err(e)
             }
         }
+    }
+
+    /// Writes us as the owner of those of `ranges` the medium still gives to `from`, each
+    /// with a new epoch (a compare-and-swap on the owner: only a node holding its lease
+    /// writes the table, and only for a node whose lease is dead). Returns the ranges taken.
+    fn claim(
+        &self,
+        from: u32,
+        ranges: &[(u32, u32)],
+    ) -> Result<Vec<(u32, u32)>, ownership::TableError> {
         // Re-read first: the medium is the truth (the partner may have changed it).
         let mut t = ownership::load(self.store.as_ref())?.unwrap_or_else(|| self.table().clone());
+        let moved: Vec<(u32, u32)> = ranges
+            .iter()
+            .copied()
+            .filter(|&(l, r)| {
+                t.luns
+                    .get(l as usize)
+                    .and_then(|x| x.get(r as usize))
+                    .is_some_and(|o| o.owner == from)
+            })
+            .collect();
+        if moved.is_empty() {
+            return Ok(moved);
+        }
         t.generation += 1;
         for &(l, r) in &moved {
             let e = &mut t.luns[l as usize][r as usize];
@@ -218,6 +292,35 @@ impl Cluster {
         ownership::save(self.store.as_ref(), &t)?;
         *self.table() = t;
         Ok(moved)
+    }
+
+    fn set_gates(&self, ranges: &[(u32, u32)], state: RangeState) {
+        let mut gates = self.gates();
+        for &(l, r) in ranges {
+            if let Some(g) = gates
+                .get_mut(l as usize)
+                .and_then(|x| x.get_mut(r as usize))
+            {
+                *g = state;
+            }
+        }
+    }
+
+    /// Routes `ranges` as the medium's table says now (best effort: on a read error they
+    /// keep their state).
+    fn reload_ranges(&self, ranges: &[(u32, u32)]) {
+        if let Ok(Some(t)) = ownership::load(self.store.as_ref()) {
+            let fresh = Self::gates_from(&t, self.me);
+            let mut gates = self.gates();
+            for &(l, r) in ranges {
+                if let Some(state) = fresh.get(l as usize).and_then(|x| x.get(r as usize)) {
+                    gates[l as usize][r as usize] = *state;
+                }
+            }
+            drop(gates);
+            *self.table() = t;
+        }
+        self.gate_opened.notify_waiters();
     }
 
     /// Ranges we own that the config gives to `node`: what a giveback returns.

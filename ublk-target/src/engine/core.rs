@@ -2,6 +2,7 @@
 //! how it fails (`EngineError` at start, `IoError` per request); plus the small accessors
 //! the daemon and the link need. Behaviour lives in the sibling files.
 
+use super::serving::ServingRight;
 use super::takeover_state::TakeoverState;
 use crate::cluster::Cluster;
 use crate::config::DegradedPolicy;
@@ -81,6 +82,8 @@ pub enum EngineError {
     Replay(String),
     #[error("NVRAM I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot hold this node's disk lease on the shared medium ({0}); check the medium path (every cluster node heartbeats there before it serves)")]
+    Lease(String),
 }
 
 /// An I/O request failed; `errno` goes back to the kernel.
@@ -152,6 +155,7 @@ pub struct Engine {
     pub(super) flusher_stats: Arc<FlusherStats>,
     pub(super) tasks: Mutex<Vec<TaskHandle>>,
     pub(super) replay: ReplayReport,
+    pub(super) serving: Arc<ServingRight>,
 }
 
 impl Engine {
@@ -175,6 +179,17 @@ impl Engine {
         self.sb.log_id
     }
 
+    /// Writes acknowledged without a mirror copy so far (the partner was unreachable).
+    pub fn degraded_writes(&self) -> u64 {
+        self.mirror.degraded_records()
+    }
+
+    /// Whether this node may serve its ranges now: it holds its disk lease, or the partner
+    /// still hears it over the mirror link (see `serving`). Always without a lease.
+    pub fn may_serve(&self) -> bool {
+        self.serving.may_serve()
+    }
+
     /// Starts mirroring every new write through `m`.
     pub fn attach_mirror(&self, m: Arc<dyn Mirror>) {
         self.mirror.attach(Some(m));
@@ -182,30 +197,6 @@ impl Engine {
 
     pub fn detach_mirror(&self) {
         self.mirror.attach(None);
-    }
-
-    /// The partner (re)connected and resynchronized its second store with our logs: flushes
-    /// need no flush marks until a write goes unmirrored again.
-    pub fn mirror_resynced(&self) {
-        self.mirror.partner_resynced();
-    }
-
-    /// The mirror link to the partner came up: mirroring resumes for every new write, and
-    /// `takeover_expected` says whether losing it again leads to a takeover (see
-    /// [`Engine::set_takeover_expected`]). Whatever is already on the medium may go from
-    /// the partner's second store: after our restart it still holds copies of records that
-    /// our start-up replay flushed, and replaying those later would write old data over new.
-    pub fn partner_connected(&self, takeover_expected: bool) {
-        self.mirror_resynced();
-        self.set_takeover_expected(takeover_expected);
-        if let Some(m) = self.mirror.current() {
-            for p in &self.parts {
-                let flushed = p.status().flushed_through;
-                if flushed > 0 {
-                    m.release(p.id, flushed);
-                }
-            }
-        }
     }
 
     /// This node's first store (all its partition logs) in the NVRAM mapping, for the mirror

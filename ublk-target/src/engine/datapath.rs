@@ -12,6 +12,14 @@
 //! serve, or is explicitly skipped because it was forwarded.
 
 use super::core::{Engine, IoError};
+
+/// Where a staged write ended up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Placement {
+    Done,
+    /// A range moved to another node while the write was staged: route it again.
+    Moved,
+}
 use crate::config::DegradedPolicy;
 use crate::index::{Extent, Piece, Source};
 use crate::log::PartitionLog;
@@ -72,7 +80,9 @@ impl Engine {
     }
 
     /// Stages the pieces of an I/O that fall in ranges we serve (`skip`: pieces forwarded
-    /// to another node), mirrors them, and waits for both copies.
+    /// to another node), mirrors them, and waits for both copies. `Moved`: a piece's range
+    /// stopped being ours meanwhile (another node took it while we did not hold our lease):
+    /// the write must be routed again, to its owner.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn stage(
         &self,
@@ -83,7 +93,7 @@ impl Engine {
         len: u64,
         data: &[u8],
         skip: &[(u64, u64)],
-    ) -> Result<(), IoError> {
+    ) -> Result<Placement, IoError> {
         let mirror = self.mirror.current();
         let mut staged = Vec::with_capacity(2);
         for (at, n, range) in lun.pieces(offset, len) {
@@ -165,7 +175,48 @@ impl Engine {
             }
         }))
         .await;
-        outcomes.into_iter().collect()
+        outcomes.into_iter().collect::<Result<(), IoError>>()?;
+        // Self-fencing: no acknowledgement without the right to serve (a lost lease, or a
+        // pause long enough for the partner to take over).
+        self.check_serving()?;
+        Ok(if self.still_ours(lun_idx, lun, offset, len, skip) {
+            Placement::Done
+        } else {
+            Placement::Moved
+        })
+    }
+
+    /// Whether the ranges of `[offset, offset+len)` (but `skip`) are still served here, as
+    /// they were when the I/O was routed: a node that lost its lease and then held it again
+    /// re-reads the table, and an I/O routed before that may have gone to a range that moved.
+    pub(super) fn still_ours(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        offset: u64,
+        len: u64,
+        skip: &[(u64, u64)],
+    ) -> bool {
+        let Some(c) = &self.cluster else {
+            return true;
+        };
+        lun.pieces(offset, len)
+            .into_iter()
+            .filter(|(at, _, _)| !skip.iter().any(|&(s, _)| s == *at))
+            .all(|(_, _, range)| {
+                c.state(lun_idx as u32, range - lun.first_range)
+                    == crate::cluster::RangeState::Local
+                    && !self.partition_of(range).is_failed()
+            })
+    }
+
+    /// Err(EIO) unless this node may serve its ranges now (see `serving`).
+    pub(super) fn check_serving(&self) -> Result<(), IoError> {
+        if self.serving.may_serve() {
+            Ok(())
+        } else {
+            Err(IoError::new(libc::EIO, self.serving.refusal()))
+        }
     }
 
     /// A write is durable locally but has no mirror copy.
@@ -221,6 +272,8 @@ impl Engine {
                 )
             })?;
         }
+        // No read of a range this node may no longer serve (its data may be stale).
+        self.check_serving()?;
         lun.stats.reads.fetch_add(1, Ordering::Relaxed);
         lun.stats
             .bytes_read

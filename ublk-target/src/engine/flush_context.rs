@@ -2,6 +2,7 @@
 //! against the ownership table, flush marks while the partner cannot hear releases, the
 //! release itself, and the partner writing for us when our medium path fails.
 
+use super::serving::ServingRight;
 use super::takeover_state::DelegateSlot;
 use crate::cluster::Cluster;
 use crate::flusher::{Fence, FlushContext};
@@ -19,14 +20,22 @@ pub(super) struct NodeFlushContext {
     pub(super) log_id: u64,
     pub(super) partitions: usize,
     pub(super) delegate: DelegateSlot,
+    pub(super) serving: Arc<ServingRight>,
 }
 
 impl FlushContext for NodeFlushContext {
-    /// The medium's ownership table must still give us every range of the batch.
+    /// Our disk lease must hold for the write's duration, and the medium's ownership table
+    /// must still give us every range of the batch.
     fn check_fence(&self, batch: &[RecordMeta]) -> Result<(), Fence> {
         let Some(c) = &self.cluster else {
             return Ok(());
         };
+        match self.serving.may_write_medium() {
+            Ok(()) => {}
+            // The partner hears us and writes the batch from its mirror.
+            Err((true, why)) => return Err(Fence::Unreadable(why)),
+            Err((false, why)) => return Err(Fence::Suspended(why)),
+        }
         let mut checks: Vec<(u32, u32)> = batch
             .iter()
             .filter(|r| r.kind != RecordKind::Wrap)

@@ -13,8 +13,9 @@
 //! (start-up: check, scan, replay, format), `datapath` (write and read of ranges we
 //! serve), `routing` (which node serves an I/O; forwarding both ways), `takeover`
 //! (takeover, giveback, handover, writing for a partner whose medium path failed) with its
-//! bookkeeping in `takeover_state`, `flush_context` (what the flusher asks of the node) and
-//! `status`. Every file below `mod.rs` adds `impl Engine` blocks for its job; none imports
+//! bookkeeping in `takeover_state`, `mirroring` (what happens when the partner connects:
+//! releases, re-mirroring what it lacks), `serving` (the right to serve: the disk lease, or the
+//! partner's word), `flush_context` (what the flusher asks of the node) and `status`. Every file below `mod.rs` adds `impl Engine` blocks for its job; none imports
 //! `mod.rs`, which only declares and re-exports.
 //! The engine knows nothing of ublk, sockets or threads: the daemon's frontend calls
 //! `write`, `read_routed`, `write_zeroes` and `flush`; tests and the simulator call them
@@ -24,8 +25,10 @@
 mod core;
 mod datapath;
 mod flush_context;
+mod mirroring;
 mod open;
 mod routing;
+mod serving;
 mod status;
 mod takeover;
 mod takeover_state;

@@ -4,6 +4,7 @@
 
 use super::core::{Engine, EngineError, EngineOptions, OpenMode, ReplayReport};
 use super::flush_context::NodeFlushContext;
+use super::serving::ServingRight;
 use super::takeover_state::TakeoverState;
 use crate::apply::{Applier, RecordWrite};
 use crate::block::BLOCK_SIZE;
@@ -59,6 +60,7 @@ impl Engine {
                 medium: Arc::new(medium),
             });
         }
+        let host = crate::host::system();
         let region = NvramRegion::open(&cfg.nvram.path, cfg.nvram.size.map(|s| s.0))?;
         tracing::info!(
             path = %region.path().display(),
@@ -88,11 +90,15 @@ impl Engine {
                         })
                         .collect(),
                 };
+                let store: Arc<dyn crate::ownership::TableStore> = Arc::new(store);
+                let lease = acquire_lease(&host, store.clone(), c, me)?;
                 Some(ClusterSetup {
                     me,
                     nodes: c.nodes.iter().map(|n| n.name.clone()).collect(),
-                    table_store: Box::new(store),
+                    table_store: store,
                     initial,
+                    lease: Some(lease),
+                    link_timeout: Duration::from_millis(c.heartbeat_timeout_ms),
                 })
             }
             _ => None,
@@ -113,7 +119,7 @@ impl Engine {
                 .unwrap_or(DegradedPolicy::WriteThrough),
             cluster,
             config_path: config_path.to_owned(),
-            host: crate::host::system(),
+            host,
         };
         Engine::open(region, opts, specs)
     }
@@ -296,12 +302,18 @@ impl Engine {
             .collect();
 
         let second_store = SecondStoreArea::new(region.clone(), layout);
+        let mirror = Arc::new(MirrorSlot::new(opts.degraded));
+        let serving = Arc::new(ServingRight::new(
+            host.clone(),
+            cluster.clone(),
+            mirror.clone(),
+        ));
         let engine = Arc::new(Engine {
             host,
             node: opts.node_name,
             cluster,
             takeover: TakeoverState::default(),
-            mirror: Arc::new(MirrorSlot::new(opts.degraded)),
+            mirror,
             second_store,
             region,
             sb,
@@ -310,6 +322,7 @@ impl Engine {
             flusher_stats: Arc::new(FlusherStats::default()),
             tasks: Mutex::new(Vec::new()),
             replay: report,
+            serving,
         });
         engine.start_tasks(opts.flush)?;
         Ok(engine)
@@ -324,6 +337,7 @@ impl Engine {
             log_id: self.sb.log_id,
             partitions: self.parts.len(),
             delegate: self.takeover.delegate_slot(),
+            serving: self.serving.clone(),
         });
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for part in &self.parts {
@@ -346,8 +360,92 @@ impl Engine {
                     .spawn(&format!("flush-{}", part.id), Box::pin(flusher.run()))?,
             );
         }
+        if let Some(c) = &self.cluster {
+            if let Some(lease) = c.lease() {
+                let follow = follow_lease(
+                    lease.clone(),
+                    c.clone(),
+                    self.serving.clone(),
+                    self.host.clone(),
+                );
+                tasks.push(self.host.spawn("lease-follow", Box::pin(follow))?);
+            }
+        }
         Ok(())
     }
+}
+
+/// Follows the disk lease: notes the mirror connection trusted while it holds, and re-reads
+/// the ownership table each time the lease is held again (another node may have taken our
+/// ranges while we did not hold it).
+async fn follow_lease(
+    lease: Arc<crate::lease::DiskLease>,
+    cluster: Arc<Cluster>,
+    serving: Arc<ServingRight>,
+    host: Arc<dyn crate::host::Host>,
+) {
+    let mut seen = lease.acquisitions();
+    loop {
+        serving.refresh();
+        let now = lease.acquisitions();
+        if now != seen {
+            seen = now;
+            match cluster.reload() {
+                Ok(()) => tracing::warn!(
+                    "disk lease held again: the ownership table is re-read before serving"
+                ),
+                Err(e) => tracing::error!(
+                    "re-reading the ownership table after regaining the disk lease: {e}"
+                ),
+            }
+        }
+        let changed = std::pin::pin!(lease.changed());
+        futures::future::select(changed, host.sleep(lease.timing().renew)).await;
+    }
+}
+
+/// Starts renewing this node's disk heartbeat and waits until the lease is held: only then
+/// is the ownership table the truth (see `lease`), and the start-up replay may write the
+/// medium.
+fn acquire_lease(
+    host: &Arc<dyn crate::host::Host>,
+    store: Arc<dyn crate::ownership::TableStore>,
+    c: &crate::config::ClusterSection,
+    me: u32,
+) -> Result<Arc<crate::lease::DiskLease>, EngineError> {
+    let timing = c.lease_timing();
+    let lease = crate::lease::DiskLease::new(
+        host.clone(),
+        store,
+        c.id,
+        me,
+        c.nodes.len() as u32,
+        timing,
+        rand::random::<u64>() | 1,
+    );
+    host.spawn("disk-lease", Box::pin(lease.clone().run()))?;
+    tracing::info!(
+        "acquiring the disk lease: heartbeats on the shared medium for {:?} before serving",
+        timing.settle()
+    );
+    let limit = timing.settle() + timing.renew * 5 + timing.io_timeout * 2;
+    let acquired = futures::executor::block_on(async {
+        let held = std::pin::pin!(lease.acquired());
+        matches!(
+            futures::future::select(held, host.sleep(limit)).await,
+            futures::future::Either::Left(_)
+        )
+    });
+    if !acquired {
+        return Err(EngineError::Lease(format!(
+            "no disk lease within {limit:?}: {}",
+            lease
+                .status()
+                .last_error
+                .unwrap_or_else(|| "the heartbeat writes did not complete".into())
+        )));
+    }
+    Ok(lease)
 }
 
 /// Scans every partition from its checkpoint.
@@ -494,7 +592,15 @@ fn format(
     let mut starts = Vec::new();
     for p in 0..layout.partitions {
         let blank = [0u8; PartitionCheckpoint::SLOT_BYTES as usize];
-        region.write_at(layout.checkpoint_offset(p, 1), &blank);
+        // Slot 1: the log's other checkpoint; 2 and 3: the second store's watermark of the
+        // partner's log (forgotten: a fresh format holds none of the partner's records).
+        for slot in 1..4 {
+            region.write_at(layout.checkpoint_offset(p, slot), &blank);
+            region.persist(
+                layout.checkpoint_offset(p, slot),
+                PartitionCheckpoint::SLOT_BYTES,
+            )?;
+        }
         let cp = PartitionCheckpoint {
             partition: p,
             log_id: sb.log_id,
@@ -503,10 +609,6 @@ fn format(
             tail_seq: 1,
         };
         write_checkpoint(region, &layout, &cp)?;
-        region.persist(
-            layout.checkpoint_offset(p, 1),
-            PartitionCheckpoint::SLOT_BYTES,
-        )?;
         starts.push(LogStart {
             pos: 0,
             next_seq: 1,

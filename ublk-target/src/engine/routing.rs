@@ -10,6 +10,7 @@
 //!   when its medium path failed).
 
 use super::core::{Engine, IoError};
+use super::datapath::Placement;
 use crate::cluster::{wire, Forwarder, RangeState};
 use crate::host::run_blocking;
 use crate::lun::Lun;
@@ -129,7 +130,20 @@ impl Engine {
         loop {
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
             if all_local {
-                return self.stage(lun_idx, lun, kind, offset, len, data, &[]).await;
+                match self
+                    .stage(lun_idx, lun, kind, offset, len, data, &[])
+                    .await?
+                {
+                    Placement::Done => return Ok(()),
+                    Placement::Moved => {
+                        tracing::info!(
+                            offset,
+                            len,
+                            "the write's range moved while it was staged: routing it again"
+                        );
+                        continue;
+                    }
+                }
             }
             let fwd = self.forwarder()?;
             let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match kind {
@@ -145,7 +159,14 @@ impl Engine {
                 forwarded,
             )
             .await;
-            local?;
+            if local? == Placement::Moved {
+                tracing::info!(
+                    offset,
+                    len,
+                    "the write's range moved while it was staged: routing it again"
+                );
+                continue;
+            }
             let Some(message) = forwarded.into_iter().find_map(Result::err) else {
                 return Ok(());
             };
@@ -173,9 +194,14 @@ impl Engine {
         // Set at the first failed forward: the common path does not read the clock.
         let mut deadline = None;
         loop {
-            let (all_local, remote) = self.route(lun_idx, lun, offset, out.len() as u64).await;
+            let len = out.len() as u64;
+            let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
             if all_local {
-                return self.read(lun_idx, offset, out);
+                self.read(lun_idx, offset, out)?;
+                if self.still_ours(lun_idx, lun, offset, len, &[]) {
+                    return Ok(());
+                }
+                continue;
             }
             match self.read_pieces(lun_idx, offset, out, &remote).await {
                 Err(ReadFailure::Forward(message)) => {
@@ -191,7 +217,8 @@ impl Engine {
                     tracing::info!(offset, error = %message, "a forwarded read failed with the partner gone: routing it again after the takeover");
                 }
                 Err(ReadFailure::Io(e)) => return Err(e),
-                Ok(()) => return Ok(()),
+                Ok(()) if self.still_ours(lun_idx, lun, offset, len, &remote) => return Ok(()),
+                Ok(()) => continue,
             }
         }
     }
@@ -232,7 +259,7 @@ impl Engine {
 
     /// Whether this node would serve I/O to `range` of LUN `lun` itself right now: the range
     /// is ours and open (no takeover replaying it) and its partition has not stopped
-    /// (fenced, or its NVRAM failed). Never waits.
+    /// (fenced, or its NVRAM failed) and this node may serve (its disk lease). Never waits.
     pub fn serves(&self, lun: usize, range: u32) -> bool {
         let Some(l) = self.luns.get(lun) else {
             return false;
@@ -241,7 +268,7 @@ impl Engine {
             Some(c) => c.state(lun as u32, range) == RangeState::Local,
             None => true,
         };
-        open && !self.partition_of(l.first_range + range).is_failed()
+        open && !self.partition_of(l.first_range + range).is_failed() && self.may_serve()
     }
 
     /// Whether this node serves every byte of the range itself (waits out a takeover).
@@ -289,8 +316,9 @@ impl Engine {
                     return wire::err("malformed write-for-partner request");
                 };
                 let engine = self.clone();
+                let from = self.cluster.as_ref().map(|c| c.partner()).unwrap_or(0);
                 let written = run_blocking(self.host.as_ref(), move || {
-                    engine.write_for_partner(req.lun, req.offset, last, req.len as usize)
+                    engine.write_for_partner(from, req.lun, req.offset, last, req.len as usize)
                 })
                 .await;
                 return match written {

@@ -44,6 +44,15 @@ pub struct EngineStatus {
     pub ranges: Vec<RangeStatus>,
     /// The running or last takeover, if any since start.
     pub takeover: Option<TakeoverProgress>,
+    /// This node's disk lease and its view of the others' (cluster nodes).
+    #[serde(default)]
+    pub lease: Option<crate::lease::LeaseStatus>,
+    /// Whether this node may serve its ranges now (its lease, or the partner's word).
+    #[serde(default)]
+    pub may_serve: bool,
+    /// Why a takeover is or is not happening now.
+    #[serde(default)]
+    pub takeover_note: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -67,6 +76,13 @@ pub struct MirrorStatus {
     pub degraded_records: u64,
     pub last_error: Option<String>,
     pub second_store: Option<SecondStoreStatus>,
+    /// Records still being copied to the partner after it (re)connected; the pair counts as
+    /// mirrored again once they are there.
+    #[serde(default)]
+    pub resync_left: u64,
+    /// A staged record lacks its mirror copy (flushes leave flush marks until it is copied).
+    #[serde(default)]
+    pub unmirrored: bool,
 }
 
 impl Engine {
@@ -131,6 +147,8 @@ impl Engine {
                 degraded_records: self.mirror.degraded_records(),
                 last_error: self.mirror.last_error(),
                 second_store: self.second_store.as_ref().map(|s| s.status()),
+                resync_left: self.mirror.resync_left(),
+                unmirrored: self.mirror.unmirrored().0,
             },
             ranges: self
                 .cluster
@@ -138,6 +156,13 @@ impl Engine {
                 .map(|c| c.status())
                 .unwrap_or_default(),
             takeover: self.takeover.snapshot(self.host.now()),
+            lease: self
+                .cluster
+                .as_ref()
+                .and_then(|c| c.lease())
+                .map(|l| l.status()),
+            may_serve: self.may_serve(),
+            takeover_note: self.takeover.note(),
         }
     }
 }

@@ -22,6 +22,12 @@ impl Engine {
         self.takeover.set_expected(expected);
     }
 
+    /// What the partner watch says about takeovers now ("the partner is alive on the disk:
+    /// no takeover while the link is down", ...), shown in status.
+    pub fn set_takeover_note(&self, note: Option<String>) {
+        self.takeover.set_note(note);
+    }
+
     /// Lets the flusher ask the partner to write mirrored records when our medium path fails.
     pub fn set_flush_delegate(&self, d: Option<FlushDelegate>) {
         self.takeover.set_delegate(d);
@@ -61,6 +67,9 @@ impl Engine {
         if from == c.me {
             return Err("a node cannot take over from itself".into());
         }
+        if c.lease().is_some_and(|l| !l.holds()) {
+            return Err("this node does not hold its disk lease, so it may not claim ranges on the medium; check its path to the medium".into());
+        }
         let held = self
             .second_store
             .as_ref()
@@ -91,6 +100,14 @@ impl Engine {
                 return Err(e.to_string());
             }
         };
+        // Until the replay, the partner's releases must not drop these ranges' copies.
+        if let Some(ss) = &self.second_store {
+            let (pinned, luns) = (moved.clone(), self.luns.clone());
+            ss.pin(Some(Box::new(move |lun: u32, offset: u64| {
+                luns.get(lun as usize)
+                    .is_some_and(|l| pinned.contains(&(lun, l.range_of(offset))))
+            })));
+        }
         self.takeover.update(|p| {
             if let Some(p) = p.as_mut() {
                 p.ranges = moved.len();
@@ -104,8 +121,15 @@ impl Engine {
         );
         self.host.sleep(grace).await;
         self.takeover_phase("replaying".into());
-        let report = match self.replay_mirror_of(from, only) {
-            Ok(r) => r,
+        // Only the records of the ranges moved now: a held copy of a range `from` no longer
+        // owned (it moved earlier, while `from` was cut off) is stale.
+        let report = match self.replay_mirror_of(from, Some(&moved)) {
+            Ok(r) => {
+                if let Some(ss) = &self.second_store {
+                    ss.pin(None);
+                }
+                r
+            }
             Err(e) => {
                 // Leave the gates closed: serving these ranges now could lose writes.
                 let why = format!("takeover replay failed, ranges stay closed: {e}");
@@ -244,9 +268,12 @@ impl Engine {
         Ok(ranges.len())
     }
 
-    /// The partner's medium path failed: write its mirrored records through ours.
+    /// Node `from`'s medium path failed: write its mirrored records through ours, only
+    /// records of ranges the medium's table still gives to `from` (never over a range that
+    /// moved, e.g. to us by a takeover, where newer data may be).
     pub fn write_for_partner(
         &self,
+        from: NodeId,
         partition: u32,
         first: u64,
         last: u64,
@@ -256,7 +283,27 @@ impl Engine {
             .second_store
             .as_ref()
             .ok_or("this node keeps no second store")?;
-        let n = ss.write_for_partner(partition, first, last, count, &self.luns)?;
+        if let Some(c) = &self.cluster {
+            if c.lease().is_some_and(|l| !l.holds()) {
+                return Err("this node does not hold its disk lease either".into());
+            }
+        }
+        let owners = self.cluster.as_ref().map(|c| {
+            let luns = self.luns.clone();
+            move |lun: u32, offset: u64| -> Result<bool, String> {
+                let range = luns.get(lun as usize).map_or(0, |l| l.range_of(offset));
+                c.owner_on_medium(lun, range)
+                    .map(|o| o == Some(from))
+                    .map_err(|e| format!("reading the ownership table: {e}"))
+            }
+        });
+        let allowed = |lun: u32, offset: u64| -> Result<bool, String> {
+            match &owners {
+                Some(check) => check(lun, offset),
+                None => Ok(true),
+            }
+        };
+        let n = ss.write_for_partner(partition, first, last, count, &self.luns, &allowed)?;
         tracing::warn!(partition, "the partner's medium path failed: wrote its records {first}..={last} from our second store");
         Ok(n)
     }

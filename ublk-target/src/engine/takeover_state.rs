@@ -52,11 +52,23 @@ pub(super) struct TakeoverState {
     expected: AtomicBool,
     progress: Arc<Mutex<Option<TakeoverProgress>>>,
     delegate: DelegateSlot,
+    /// Why no takeover is happening (or what it waits for), for status.
+    note: Mutex<Option<String>>,
 }
 
 impl TakeoverState {
     pub(super) fn expected(&self) -> bool {
         self.expected.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_note(&self, note: Option<String>) {
+        if let Ok(mut n) = self.note.lock() {
+            *n = note;
+        }
+    }
+
+    pub(super) fn note(&self) -> Option<String> {
+        self.note.lock().ok().and_then(|n| n.clone())
     }
 
     pub(super) fn set_expected(&self, expected: bool) {

@@ -48,6 +48,11 @@ pub trait Mirror: Send + Sync {
     fn rtt(&self) -> Option<std::time::Duration> {
         None
     }
+    /// While connected: the connection's generation and when the latest of our heartbeats
+    /// that the partner answered was sent (it heard us then, or later).
+    fn heard_by_partner(&self) -> Option<(u64, std::time::Instant)> {
+        None
+    }
 }
 
 impl Mirror for rdma_link::Link {
@@ -83,6 +88,12 @@ impl Mirror for rdma_link::Link {
     fn rtt(&self) -> Option<std::time::Duration> {
         rdma_link::Link::rtt(self)
     }
+    fn heard_by_partner(&self) -> Option<(u64, std::time::Instant)> {
+        match self.state() {
+            rdma_link::LinkState::Up(info) => Some((info.generation, self.peer_heard_us_at()?)),
+            _ => None,
+        }
+    }
 }
 
 /// The mirror the engine posts to, if any, and how it fared.
@@ -95,6 +106,11 @@ pub struct MirrorSlot {
     /// A write went without a mirror copy since the partner last (re)connected: until it
     /// resyncs, flushes leave flush marks on the medium.
     unmirrored: AtomicBool,
+    /// Counts writes that went without a mirror copy (a resync pass that saw none end can
+    /// declare the pair mirrored).
+    unmirrored_events: AtomicU64,
+    /// Records still to copy to the partner in the resync under way.
+    resync_left: AtomicU64,
 }
 
 impl MirrorSlot {
@@ -106,6 +122,8 @@ impl MirrorSlot {
             degraded_records: AtomicU64::new(0),
             last_error: Mutex::new(None),
             unmirrored: AtomicBool::new(false),
+            unmirrored_events: AtomicU64::new(0),
+            resync_left: AtomicU64::new(0),
         }
     }
 
@@ -132,7 +150,46 @@ impl MirrorSlot {
     /// A staged record has no mirror copy; called before the flusher can take it, so that
     /// its flush leaves marks.
     pub fn note_unmirrored(&self) {
+        self.unmirrored_events.fetch_add(1, Ordering::SeqCst);
         self.unmirrored.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a record lacks its mirror copy, and how many writes went unmirrored so far.
+    pub fn unmirrored(&self) -> (bool, u64) {
+        // Events first: a write that goes unmirrored after this read is seen by the caller's
+        // `partner_resynced_if`.
+        let events = self.unmirrored_events.load(Ordering::SeqCst);
+        (self.unmirrored.load(Ordering::SeqCst), events)
+    }
+
+    /// The partner got a copy of everything unflushed that existed when `events` was read:
+    /// mirrored again, unless another write went unmirrored since (then false: copy again).
+    pub fn partner_resynced_if(&self, events: u64) -> bool {
+        if self.unmirrored_events.load(Ordering::SeqCst) != events {
+            return false;
+        }
+        self.unmirrored.store(false, Ordering::SeqCst);
+        // A write may have gone unmirrored between the check and the store.
+        if self.unmirrored_events.load(Ordering::SeqCst) != events {
+            self.unmirrored.store(true, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    pub fn set_resync_left(&self, n: u64) {
+        self.resync_left.store(n, Ordering::Relaxed);
+    }
+
+    pub fn resync_done_one(&self) {
+        let _ = self
+            .resync_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Records still to copy to the partner before the pair counts as mirrored again.
+    pub fn resync_left(&self) -> u64 {
+        self.resync_left.load(Ordering::Relaxed)
     }
 
     /// A write is acknowledged (or about to be) without a mirror copy, because of `why`.
@@ -144,12 +201,6 @@ impl MirrorSlot {
                 *e = Some(why);
             }
         }
-    }
-
-    /// The partner (re)connected and resynchronized its second store with our logs: flushes
-    /// need no flush marks until a write goes unmirrored again.
-    pub fn partner_resynced(&self) {
-        self.unmirrored.store(false, Ordering::SeqCst);
     }
 
     /// Whether a flushed batch must leave flush marks on the medium: the partner cannot hear

@@ -3,12 +3,19 @@
 //! at offset X of the matching partition here). The mirror link lands the partner's records
 //! here (`rdma_link::SecondStore`); this area tracks which are unreleased, and on a takeover
 //! replays them into the medium, or writes them for a partner whose medium path failed.
+//!
+//! What is unreleased survives a restart of this node: per partner partition a watermark
+//! (the partner's log id and the seq it released through) is persisted in the partition's
+//! checkpoint block (slots 2 and 3, written alternately), and at start the index of held
+//! records is rebuilt by scanning the partition for intact records of that log above it.
+//! Records of another log (the partner reformatted: it replayed its old log first) are
+//! dropped; a record at or below the watermark is never held again.
 
 use crate::apply::{Applied, Applier, ApplyError, RecordWrite};
 use crate::lun::Lun;
 use crate::nvram::record::{RecordHeader, HEADER_BYTES};
 use crate::nvram::scan::CorruptRecord;
-use crate::nvram::{Layout, NvramRegion};
+use crate::nvram::{Layout, NvramRegion, PartitionCheckpoint};
 use crate::ownership::FlushMarks;
 use rdma_link::{PartitionSeq, Region, ResyncPoint};
 use std::collections::BTreeMap;
@@ -20,13 +27,34 @@ struct Held {
     len: u32,
 }
 
+/// What we hold of one partition of the partner.
+#[derive(Clone, Debug, Default)]
+struct PartnerPartition {
+    /// The partner's log the records belong to (None: nothing seen yet).
+    log_id: Option<u64>,
+    /// Every record of that log up to this seq is on the medium (released).
+    released: u64,
+    /// Generation of the persisted watermark (selects its slot).
+    generation: u64,
+    /// Unreleased records by seq.
+    records: BTreeMap<u64, Held>,
+}
+
+/// Checkpoint-block slots of the persisted watermark (slots 0 and 1 are the partition log's).
+const WATERMARK_SLOT: u64 = 2;
+
+/// Which records a release must not drop: those of ranges a takeover claimed and has not
+/// replayed yet, as (lun, offset) -> pinned.
+pub type Pin = Box<dyn Fn(u32, u64) -> bool + Send + Sync>;
+
 /// The partner's partitions inside our NVRAM.
 pub struct SecondStoreArea {
     region: Arc<NvramRegion>,
     layout: Layout,
     base: u64,
-    /// Per partition: unreleased records by seq.
-    held: Mutex<Vec<BTreeMap<u64, Held>>>,
+    /// Per partition: unreleased records, and the watermark.
+    held: Mutex<Vec<PartnerPartition>>,
+    pin: Mutex<Option<Pin>>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -37,27 +65,129 @@ pub struct SecondStoreStatus {
 }
 
 impl SecondStoreArea {
+    /// The second store of an NVRAM with `layout`, its index rebuilt from what it holds.
     pub fn new(region: Arc<NvramRegion>, layout: Layout) -> Option<Arc<SecondStoreArea>> {
         let base = layout.second_store_offset()?;
-        Some(Arc::new(SecondStoreArea {
+        let area = SecondStoreArea {
             region,
             layout,
             base,
-            held: Mutex::new(vec![BTreeMap::new(); layout.partitions as usize]),
-        }))
+            held: Mutex::new(vec![
+                PartnerPartition::default();
+                layout.partitions as usize
+            ]),
+            pin: Mutex::new(None),
+        };
+        let rebuilt: Vec<PartnerPartition> =
+            (0..layout.partitions).map(|p| area.rebuild(p)).collect();
+        let records: usize = rebuilt.iter().map(|p| p.records.len()).sum();
+        if records > 0 {
+            tracing::info!(
+                "second store: {records} unreleased record(s) of the partner found in the NVRAM"
+            );
+        }
+        *area.held() = rebuilt;
+        Some(Arc::new(area))
     }
 
-    fn held(&self) -> MutexGuard<'_, Vec<BTreeMap<u64, Held>>> {
+    /// While a takeover has claimed ranges and not yet replayed them, the partner's
+    /// releases (a restarted partner names everything it has on the medium, except what it
+    /// skipped because it lost the range) must not drop their records: `pin` says which.
+    pub fn pin(&self, pin: Option<Pin>) {
+        *self.pin.lock().unwrap_or_else(|p| p.into_inner()) = pin;
+    }
+
+    fn held(&self) -> MutexGuard<'_, Vec<PartnerPartition>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The persisted watermark of partner partition `p` (the newest valid slot).
+    fn read_watermark(&self, p: u32) -> Option<PartitionCheckpoint> {
+        (WATERMARK_SLOT..WATERMARK_SLOT + 2)
+            .filter_map(|slot| {
+                let mut buf = [0u8; 48];
+                self.region
+                    .read_at(self.layout.checkpoint_offset(p, slot), &mut buf);
+                PartitionCheckpoint::decode(&buf)
+            })
+            .filter(|c| c.partition == p)
+            .max_by_key(|c| c.generation)
+    }
+
+    /// Persists partner partition `p`'s watermark (its log id, released through).
+    fn write_watermark(&self, p: u32, pp: &mut PartnerPartition) {
+        let Some(log_id) = pp.log_id else { return };
+        pp.generation += 1;
+        let cp = PartitionCheckpoint {
+            partition: p,
+            log_id,
+            generation: pp.generation,
+            tail_off: 0,
+            tail_seq: pp.released + 1,
+        };
+        let off = self
+            .layout
+            .checkpoint_offset(p, WATERMARK_SLOT + pp.generation % 2);
+        self.region.write_at(off, &cp.encode());
+        if let Err(e) = self.region.persist(off, PartitionCheckpoint::SLOT_BYTES) {
+            tracing::error!(
+                partition = p,
+                "persisting the second store's watermark failed: {e}"
+            );
+        }
+    }
+
+    /// Rebuilds what we hold of partner partition `p`: the intact records of the watermark's
+    /// log above it. Without a watermark nothing is held: the first record the partner sends
+    /// writes one, so there is none only before any record arrived, or after this NVRAM was
+    /// formatted (its copies may be long released: the partner replays its own log).
+    fn rebuild(&self, p: u32) -> PartnerPartition {
+        let mark = self.read_watermark(p);
+        let log = self.partition_log(p);
+        let mut found: BTreeMap<u64, Vec<(u64, Held)>> = BTreeMap::new();
+        let mut pos = 0u64;
+        while pos + HEADER_BYTES <= self.layout.part_size {
+            let held = Held { pos, len: 0 };
+            if let Some(h) = self.held_header_any(log, p, &held) {
+                let held = Held {
+                    pos,
+                    len: h.slot() as u32,
+                };
+                if h.kind != crate::nvram::RecordKind::Wrap
+                    && self.record_data(log, &held, &h).is_some()
+                {
+                    found.entry(h.log_id).or_default().push((h.seq, held));
+                    pos += h.slot();
+                    continue;
+                }
+            }
+            pos += crate::nvram::record::RECORD_ALIGN;
+        }
+        let (log_id, released, generation) = match mark {
+            Some(m) => (Some(m.log_id), m.tail_seq.saturating_sub(1), m.generation),
+            None => (None, 0, 0),
+        };
+        let records = log_id
+            .and_then(|l| found.remove(&l))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(seq, _)| *seq > released)
+            .collect();
+        PartnerPartition {
+            log_id,
+            released,
+            generation,
+            records,
+        }
     }
 
     pub fn status(&self) -> SecondStoreStatus {
         let held = self.held();
         SecondStoreStatus {
-            records: held.iter().map(|m| m.len()).sum(),
+            records: held.iter().map(|m| m.records.len()).sum(),
             bytes: held
                 .iter()
-                .flat_map(|m| m.values())
+                .flat_map(|m| m.records.values())
                 .map(|h| h.len as u64)
                 .sum(),
             capacity_bytes: self.layout.second_store_len(),
@@ -67,7 +197,7 @@ impl SecondStoreArea {
     /// Forgets everything (the partner restarts mirroring from scratch).
     pub fn clear(&self) {
         for m in self.held().iter_mut() {
-            m.clear();
+            m.records.clear();
         }
     }
 
@@ -91,7 +221,8 @@ impl SecondStoreArea {
         progress: &dyn Fn(u64, u64),
     ) -> Result<SecondStoreReplay, ReplayError> {
         let mut report = SecondStoreReplay::default();
-        let held: Vec<BTreeMap<u64, Held>> = self.held().clone();
+        let held: Vec<BTreeMap<u64, Held>> =
+            self.held().iter().map(|p| p.records.clone()).collect();
         let mut applier = Applier::new(luns);
         let mut done: Vec<Vec<u64>> = vec![Vec::new(); held.len()];
         for (p, records) in held.iter().enumerate() {
@@ -146,7 +277,18 @@ impl SecondStoreArea {
         for (p, seqs) in done.iter().enumerate() {
             if let Some(m) = now_held.get_mut(p) {
                 for seq in seqs {
-                    m.remove(seq);
+                    m.records.remove(seq);
+                }
+                // Replayed records are on the medium: released, so that a restart of this
+                // node does not hold (and a later takeover replay) them again. The watermark
+                // stops below the oldest record still held.
+                let through = match m.records.keys().next() {
+                    Some(&oldest) => oldest - 1,
+                    None => seqs.iter().copied().max().unwrap_or(0),
+                };
+                if through > m.released {
+                    m.released = through;
+                    self.write_watermark(p as u32, m);
                 }
             }
         }
@@ -161,9 +303,14 @@ impl SecondStoreArea {
 
     /// The header of held record `seq`, if it is still the record we were told about.
     fn held_header(&self, log: &[u8], p: u32, seq: u64, held: &Held) -> Option<RecordHeader> {
+        self.held_header_any(log, p, held).filter(|h| h.seq == seq)
+    }
+
+    /// The intact header of partition `p` at `held.pos`, if there is one.
+    fn held_header_any(&self, log: &[u8], p: u32, held: &Held) -> Option<RecordHeader> {
         let at = usize::try_from(held.pos).ok()?;
         match RecordHeader::decode(log.get(at..)?) {
-            Ok(h) if h.seq == seq && h.partition == p => Some(h),
+            Ok(h) if h.partition == p => Some(h),
             _ => None,
         }
     }
@@ -212,6 +359,7 @@ pub struct SecondStoreReplay {
 impl SecondStoreArea {
     /// The partner's path to the medium failed: write its mirrored records `first..=last` of
     /// `partition` (exactly `count` of them must be here) through ours, then forget them.
+    /// `allowed(lun, offset)` must approve every record (the range is still the partner's).
     pub fn write_for_partner(
         &self,
         partition: u32,
@@ -219,11 +367,17 @@ impl SecondStoreArea {
         last: u64,
         count: usize,
         luns: &[Arc<Lun>],
+        allowed: &dyn Fn(u32, u64) -> Result<bool, String>,
     ) -> Result<usize, String> {
         let held: Vec<(u64, Held)> = self
             .held()
             .get(partition as usize)
-            .map(|m| m.range(first..=last).map(|(s, h)| (*s, *h)).collect())
+            .map(|m| {
+                m.records
+                    .range(first..=last)
+                    .map(|(s, h)| (*s, *h))
+                    .collect()
+            })
             .unwrap_or_default();
         if held.len() != count {
             return Err(format!(
@@ -245,6 +399,11 @@ impl SecondStoreArea {
                     "mirrored record seq {seq}: data checksum mismatch or outside its partition"
                 )
             })?;
+            if !allowed(header.lun, header.offset)? {
+                return Err(format!(
+                    "mirrored record seq {seq} is for a range that is no longer the partner's; not written"
+                ));
+            }
             applier
                 .apply(&record_write(partition, &header, data))
                 .map_err(|e| e.to_string())?;
@@ -298,20 +457,74 @@ impl rdma_link::SecondStore for SecondStoreArea {
             );
             return;
         }
-        if let Some(m) = self.held().get_mut(partition as usize) {
-            m.insert(
+        let pos = offset % part_size;
+        // The bytes are in place (persisted before this call): the header says which log.
+        let header = self.held_header(
+            self.partition_log(partition),
+            partition,
+            seq,
+            &Held { pos, len },
+        );
+        let Some(header) = header else {
+            tracing::warn!(
+                partition,
                 seq,
-                Held {
-                    pos: offset % part_size,
-                    len,
-                },
+                "mirrored record not intact after its persist; not held"
             );
+            return;
+        };
+        let mut held = self.held();
+        let Some(pp) = held.get_mut(partition as usize) else {
+            return;
+        };
+        if pp.log_id != Some(header.log_id) {
+            // A new log of the partner: it replayed its old one before formatting, so
+            // nothing of the old log is needed any more.
+            if pp.log_id.is_some() {
+                tracing::info!(
+                    partition,
+                    "the partner's log changed (it reformatted its NVRAM): dropping {} record(s) of its old log",
+                    pp.records.len()
+                );
+            }
+            pp.records.clear();
+            pp.log_id = Some(header.log_id);
+            pp.released = 0;
+            self.write_watermark(partition, pp);
+        }
+        // A copy of a record the partner already flushed and released (a re-mirror that
+        // crossed the release) is stale: never hold it again.
+        if seq > pp.released {
+            pp.records.insert(seq, Held { pos, len });
         }
     }
 
     fn on_release(&self, partition: u32, through_seq: u64) {
-        if let Some(m) = self.held().get_mut(partition as usize) {
-            *m = m.split_off(&(through_seq + 1));
+        let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
+        let log = self.partition_log(partition);
+        let mut held = self.held();
+        let Some(pp) = held.get_mut(partition as usize) else {
+            return;
+        };
+        let rest = pp.records.split_off(&(through_seq + 1));
+        let released = std::mem::replace(&mut pp.records, rest);
+        let mut kept_below = None;
+        if let Some(pin) = pin.as_ref() {
+            for (seq, h) in released {
+                let pinned = self
+                    .held_header(log, partition, seq, &h)
+                    .is_some_and(|hd| pin(hd.lun, hd.offset));
+                if pinned {
+                    kept_below.get_or_insert(seq);
+                    pp.records.insert(seq, h);
+                }
+            }
+        }
+        // The watermark stops below a pinned record.
+        let through = kept_below.map_or(through_seq, |s| s - 1).min(through_seq);
+        if through > pp.released {
+            pp.released = through;
+            self.write_watermark(partition, pp);
         }
     }
 
@@ -323,7 +536,7 @@ impl rdma_link::SecondStore for SecondStoreArea {
                 .iter()
                 .enumerate()
                 .filter_map(|(p, m)| {
-                    m.keys().next_back().map(|&seq| PartitionSeq {
+                    m.records.keys().next_back().map(|&seq| PartitionSeq {
                         partition: p as u32,
                         seq,
                     })

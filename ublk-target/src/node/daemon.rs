@@ -157,6 +157,17 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
             "staged writes remain in the NVRAM; they will be replayed at the next start"
         );
     }
+    // A clean stop with nothing staged gives the disk lease up: the partner may take over at
+    // once instead of waiting for the heartbeat to die.
+    let drained = engine.drain_blocking(Duration::ZERO);
+    if let Some(lease) = engine.cluster().and_then(|c| c.lease()) {
+        if drained && failed.is_none() {
+            match lease.release() {
+                Ok(()) => tracing::info!("disk lease released (clean stop, nothing staged)"),
+                Err(e) => tracing::warn!("releasing the disk lease: {e}"),
+            }
+        }
+    }
     engine.detach_mirror();
     if let Some(l) = link {
         shutdown_link(l);

@@ -1,23 +1,31 @@
-//! Watching the partner: when its mirror link comes up, mirroring resumes; when it goes
-//! down, this node runs degraded and, with `takeover = "auto"`, takes over the partner's
-//! ranges (claim, grace, replay, serve).
+//! Watching the partner: when its mirror link comes up, mirroring resumes; while it is down,
+//! this node runs degraded and, with `takeover = "auto"`, takes over the partner's ranges
+//! only once the partner is provably dead: its heartbeat on the shared medium has stopped
+//! (`lease::Verdict::Dead`) and the link has been down a little longer than the partner's
+//! own proof that we hear it could last (`engine::serving`). A link cut with both nodes
+//! alive moves nothing: each keeps its ranges.
 
 use crate::cluster::NodeId;
 use crate::config::TakeoverPolicy;
 use crate::engine::Engine;
+use crate::lease::Verdict;
 use rdma_link::{Link, LinkState};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct PartnerWatch {
     pub engine: Arc<Engine>,
     pub link: Link,
     pub policy: TakeoverPolicy,
-    /// How long a takeover waits between claiming the ranges and replaying them.
+    /// Without a disk lease (unit tests): how long a takeover waits between claiming the
+    /// ranges and replaying them. With one, the lease already proved the partner stopped.
     pub grace: Duration,
     /// The node whose mirror we hold (the one we take over from).
     pub partner: NodeId,
 }
+
+/// How often the watch looks at the partner's heartbeat while the link is down.
+const LOOK_EVERY: Duration = Duration::from_millis(250);
 
 impl PartnerWatch {
     /// Follows the link's state until the link is closed.
@@ -28,39 +36,91 @@ impl PartnerWatch {
             .cluster()
             .map(|c| c.node_name(self.partner).to_owned())
             .unwrap_or_default();
+        let host = self.engine.host().clone();
         let mut was_up = false;
+        let mut down_since = host.now();
         loop {
             let state = states.borrow_and_update().clone();
             match (&state, was_up) {
+                (LinkState::Closed, _) => return,
                 (LinkState::Up(_), false) => {
                     tracing::info!("partner {name} connected: mirroring every write");
                     was_up = true;
+                    self.engine.set_takeover_note(None);
                     self.engine
                         .partner_connected(self.policy == TakeoverPolicy::Auto);
                 }
-                (LinkState::Closed, _) => return,
                 (LinkState::Up(_), true) => {}
                 (_, true) => {
                     was_up = false;
+                    down_since = host.now();
                     tracing::warn!("partner {name} is down ({state:?}): running degraded");
-                    self.partner_down(&name).await;
                 }
                 (_, false) => {}
             }
-            if states.changed().await.is_err() {
+            if !was_up {
+                self.consider_takeover(&name, down_since).await;
+            }
+            let changed = std::pin::pin!(states.changed());
+            if let futures::future::Either::Left((Err(_), _)) =
+                futures::future::select(changed, host.sleep(LOOK_EVERY)).await
+            {
                 return;
             }
         }
     }
 
-    async fn partner_down(&self, name: &str) {
-        let owns = self
-            .engine
-            .cluster()
-            .is_some_and(|c| !c.ranges_of(self.partner).is_empty());
-        if self.policy == TakeoverPolicy::Auto && owns {
-            if let Err(e) = self.engine.take_over(self.partner, self.grace).await {
+    /// The link is down: take over if the partner is provably dead, else say why not.
+    async fn consider_takeover(&self, name: &str, down_since: Instant) {
+        let engine = &self.engine;
+        let Some(c) = engine.cluster() else { return };
+        if c.ranges_of(self.partner).is_empty() {
+            engine.set_takeover_note(None);
+            return;
+        }
+        if self.policy != TakeoverPolicy::Auto {
+            engine.set_takeover_note(Some(format!(
+                "takeover = manual: node {name}'s ranges wait for it or for `nvmirrorctl takeover` (a cluster manager)"
+            )));
+            return;
+        }
+        let grace = match c.lease() {
+            None => self.grace,
+            Some(lease) => {
+                let quiet = engine.host().now().saturating_duration_since(down_since);
+                // Longer than the partner's proof that we hear it can last.
+                let link_margin = c.link_timeout() / 2;
+                let wait = match lease.verdict(self.partner) {
+                    Verdict::Alive { ago } => format!(
+                        "node {name} is alive on the shared medium (heartbeat {} ms ago) but unreachable over the mirror link: no takeover, its ranges wait for the link",
+                        ago.as_millis()
+                    ),
+                    Verdict::Unknown => "this node does not hold its disk lease, so it cannot tell whether the partner is dead: no takeover".into(),
+                    Verdict::Absent => format!("node {name} has never written a heartbeat on the shared medium (never started): no takeover"),
+                    Verdict::Dead { .. } if quiet < link_margin => format!(
+                        "node {name} is dead on the shared medium; taking over once the link has been quiet for {link_margin:?}"
+                    ),
+                    Verdict::Dead { silent } => {
+                        tracing::warn!(
+                            "node {name}'s disk heartbeat has not changed for {} ms and the mirror link is down: taking over its ranges",
+                            silent.as_millis()
+                        );
+                        String::new()
+                    }
+                };
+                if !wait.is_empty() {
+                    engine.set_takeover_note(Some(wait));
+                    return;
+                }
+                Duration::ZERO
+            }
+        };
+        engine.set_takeover_note(Some(format!("taking over node {name}'s ranges")));
+        match engine.take_over(self.partner, grace).await {
+            Ok(_) => engine.set_takeover_note(None),
+            Err(e) => {
                 tracing::error!("automatic takeover from {name} failed: {e}");
+                engine.set_takeover_note(Some(format!("automatic takeover failed: {e}")));
             }
         }
     }

@@ -1,0 +1,90 @@
+//! When the partner (re)connects: it learns what it may release (our records already on
+//! the medium), and it gets a copy of every unflushed record it lacks (those staged while it
+//! was away, single-copy until now) before the pair counts as mirrored again: until then,
+//! flushes keep leaving flush marks on the medium.
+
+use super::core::Engine;
+use std::sync::Arc;
+
+impl Engine {
+    /// The mirror link to the partner came up: mirroring resumes for every new write, and
+    /// `takeover_expected` says whether losing it again leads to a takeover (see
+    /// [`Engine::set_takeover_expected`]). Whatever is already on the medium may go from the
+    /// partner's second store: after our restart it still holds copies of records that our
+    /// start-up replay flushed, and replaying those later would write old data over new.
+    /// Then the records it lacks are copied to it, in the background.
+    pub fn partner_connected(self: &Arc<Self>, takeover_expected: bool) {
+        self.set_takeover_expected(takeover_expected);
+        let Some(m) = self.mirror.current() else {
+            return;
+        };
+        // (Records our restart skipped because the partner took their ranges over are among
+        // them: its second store keeps those while its takeover is under way, see
+        // `SecondStoreArea::pin`.)
+        for p in &self.parts {
+            let flushed = p.status().flushed_through;
+            if flushed > 0 {
+                m.release(p.id, flushed);
+            }
+        }
+        let engine = self.clone();
+        let resync = async move { engine.remirror().await };
+        if let Err(e) = self.host.spawn("remirror", Box::pin(resync)) {
+            tracing::error!("cannot start copying the unmirrored records to the partner: {e}");
+        }
+    }
+
+    /// Copies every unflushed record to the partner until a pass ends with no write having
+    /// gone unmirrored since it began; then the pair counts as mirrored again.
+    async fn remirror(&self) {
+        loop {
+            let (unmirrored, events) = self.mirror.unmirrored();
+            if !unmirrored {
+                return;
+            }
+            let Some(m) = self.mirror.current() else {
+                return;
+            };
+            let posts: Vec<rdma_link::Post> = self
+                .parts
+                .iter()
+                .flat_map(|p| {
+                    p.unflushed().into_iter().map(move |r| rdma_link::Post {
+                        partition: p.id,
+                        seq: r.seq,
+                        local_offset: p.store_offset(r.pos),
+                        remote_offset: p.store_offset(r.pos),
+                        len: r.slot as u32,
+                    })
+                })
+                .collect();
+            if !posts.is_empty() {
+                tracing::info!(
+                    "copying {} record(s) staged while the partner was away to its second store",
+                    posts.len()
+                );
+            }
+            self.mirror.set_resync_left(posts.len() as u64);
+            let copies = posts.into_iter().map(|post| {
+                let sent = m.post(post);
+                async move {
+                    let r = sent.await;
+                    self.mirror.resync_done_one();
+                    r
+                }
+            });
+            let results = futures::future::join_all(copies).await;
+            self.mirror.set_resync_left(0);
+            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                tracing::warn!("copying staged records to the partner stopped: {e}; the next connection tries again");
+                return;
+            }
+            if self.mirror.partner_resynced_if(events) {
+                tracing::info!(
+                    "the partner holds a copy of every unflushed record: mirrored again"
+                );
+                return;
+            }
+        }
+    }
+}
