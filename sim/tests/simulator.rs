@@ -7,13 +7,9 @@ use std::time::Duration;
 /// Simulated seconds of faults and client I/O per seed in the sweep.
 const SECONDS: u64 = 6;
 
-/// What the sweep runs. Until the arbitration fix (#14) and the restart fixes (#15) land,
-/// automatic takeover is left out of it: with it the simulator finds the known bugs at once
-/// (see `known_bugs_are_found_by_their_seeds`).
+/// What the sweep runs: every kind of fault, the takeover policy drawn per seed.
 fn sweep_mix() -> FaultMix {
-    let mut mix = FaultMix::all();
-    mix.takeover_auto = Some(false);
-    mix
+    FaultMix::all()
 }
 
 fn show(o: &Outcome) -> String {
@@ -70,58 +66,79 @@ fn a_seed_replays_byte_for_byte() {
     assert_eq!(a.simulated, b.simulated);
 }
 
-/// A seed that found a bug: what it runs, and what it finds while the bug is there.
-struct KnownBug {
+/// A seed that found a bug, kept as a regression: it must pass now.
+struct Regression {
     what: &'static str,
     seed: u64,
+    /// Only these faults (empty: every kind).
     faults: &'static [FaultKind],
-    /// A violation the seed reports while the bug is there.
-    finds: &'static str,
+    /// Force `takeover = "auto"` (else drawn).
+    auto: bool,
 }
 
-const KNOWN_BUGS: &[KnownBug] = &[
-    KnownBug {
-        what: "#14: a silent link cut with both nodes on takeover = auto makes both owners",
+const REGRESSIONS: &[Regression] = &[
+    Regression {
+        what: "#14: a silent link cut with both nodes on takeover = auto made both owners (LOST ACKNOWLEDGED WRITE)",
         seed: 0,
         faults: &[FaultKind::LinkCut],
-        finds: "LOST ACKNOWLEDGED WRITE",
+        auto: true,
     },
-    KnownBug {
-        what: "#15: a partner's restart empties its second-store index; the owner's death then loses its staged writes",
+    Regression {
+        what: "#15: a partner's restart emptied its second-store index; the owner's death then lost its staged writes",
         seed: 1,
         faults: &[FaultKind::Kill, FaultKind::FlushPause],
-        finds: "LOST ACKNOWLEDGED WRITE",
+        auto: true,
     },
-    KnownBug {
-        what: "#15: a restarted node releases mirror copies of records it did not replay while its partner's takeover of their ranges is under way",
+    Regression {
+        what: "#15: a restarted node released mirror copies it had not replayed while its partner's takeover was under way",
         seed: 2,
         faults: &[FaultKind::Kill, FaultKind::PowerCut, FaultKind::FlushPause],
-        finds: "released before the medium held its data",
+        auto: true,
     },
-    KnownBug {
-        what: "#14: a node restarted within the heartbeat timeout is taken over while it serves",
+    Regression {
+        what: "#14: a node restarted within the heartbeat timeout was taken over while it served (split brain)",
         seed: 1,
         faults: &[FaultKind::Kill, FaultKind::PowerCut, FaultKind::FlushPause],
-        finds: "split brain",
+        auto: true,
+    },
+    Regression {
+        what: "#14: a heartbeat written right after a pause longer than the lease extended the lapsed lease (split brain)",
+        seed: 66,
+        faults: &[],
+        auto: true,
+    },
+    Regression {
+        what: "#14: a write routed before a lease lapse was acknowledged after the range had moved (LOST ACKNOWLEDGED WRITE)",
+        seed: 106,
+        faults: &[],
+        auto: true,
+    },
+    Regression {
+        what: "#15: a takeover whose table write failed left the gates closed: I/O waited forever (liveness)",
+        seed: 112,
+        faults: &[],
+        auto: true,
+    },
+    Regression {
+        what: "#15: both nodes lost power, one returned and took over with an empty second-store index (LOST ACKNOWLEDGED WRITE)",
+        seed: 124,
+        faults: &[],
+        auto: true,
     },
 ];
 
 #[test]
-fn known_bugs_are_found_by_their_seeds() {
-    for bug in KNOWN_BUGS {
-        let mut mix = FaultMix::only(bug.faults, FaultMix::all().rate);
-        mix.takeover_auto = Some(true);
-        let o = run(
-            &Settings::draw(bug.seed, Duration::from_secs(10), &mix),
-            false,
-        );
-        assert!(
-            o.violations.iter().any(|v| v.contains(bug.finds)),
-            "seed {} no longer finds {:?} ({}): {:?}; if the fix landed, make it a passing regression",
-            bug.seed,
-            bug.finds,
-            bug.what,
-            o.violations
-        );
+fn seeds_that_found_bugs_pass() {
+    for r in REGRESSIONS {
+        let mut mix = if r.faults.is_empty() {
+            FaultMix::all()
+        } else {
+            FaultMix::only(r.faults, FaultMix::all().rate)
+        };
+        if r.auto {
+            mix.takeover_auto = Some(true);
+        }
+        let o = run(&Settings::draw(r.seed, Duration::from_secs(10), &mix), false);
+        assert!(o.passed(), "regression ({}):\n{}", r.what, show(&o));
     }
 }
