@@ -3,11 +3,17 @@
 //! Exit codes: 0 success, 1 the operation failed, 2 bad usage or config, 3 the daemon is not
 //! running (or its socket cannot be reached).
 
+mod config_show;
+mod shell;
+mod status_facts;
+
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
+use config_show::{ConfigView, RangesOf};
 use nvmirror::config::{ByteSize, NodeConfig};
 use nvmirror::control::{self, DaemonStatus, Request, Response};
 use nvmirror::engine::{Engine, OpenMode};
+use status_facts::StatusFacts;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -34,15 +40,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Node, devices, NVRAM partitions, flush lag.
+    /// Node, devices, NVRAM partitions, flush lag, mirror, ranges, takeover.
+    #[command(after_help = STATUS_AFTER_HELP)]
     Status {
-        #[arg(long)]
+        /// Everything the daemon reports, as JSON.
+        #[arg(long, conflicts_with = "shell")]
         json: bool,
+        /// The facts a script acts on, as shell assignments to eval (listed below).
+        #[arg(long)]
+        shell: bool,
+        /// With --shell: count only the ranges the config gives NODE (a [[cluster.node]]
+        /// name; see `config show --ranges-of`). The config is --config, else the one the
+        /// daemon runs with.
+        #[arg(long, value_name = "NODE", requires = "shell")]
+        ranges_of: Option<String>,
     },
-    /// ublk devices on this host (any server) and their state.
+    /// ublk devices on this host (any server) and their state. With --config, only those
+    /// served for that config, including those its dead daemon left behind.
     List {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "ids")]
         json: bool,
+        /// Only the device ids, one per line (for scripts).
+        #[arg(long)]
+        ids: bool,
     },
     /// Wait until the daemon answers and serves every configured LUN.
     Wait {
@@ -132,7 +152,68 @@ enum Cmd {
 enum ConfigCmd {
     /// Validate FILE (syntax, every field, LUN ranges and owners); errors name the field.
     Check { file: PathBuf },
+    /// Print the config as the daemon resolves it: node, cluster nodes, transport, takeover
+    /// and degraded policies, NVRAM, and every LUN with its ranges and each range's
+    /// configured owner (`owners` applied, defaults filled in). Errors name the field.
+    #[command(after_help = CONFIG_SHOW_AFTER_HELP)]
+    Show {
+        /// The config file (default: --config).
+        file: Option<PathBuf>,
+        /// JSON for programs: {"schema": 1, "config", "node", "nvram", "flusher",
+        /// "cluster", "luns": [{..., "ranges", "range_owners"}], "ranges_of"}.
+        #[arg(long, conflicts_with = "shell")]
+        json: bool,
+        /// Shell assignments to eval (listed below), as the Pacemaker agent reads them.
+        #[arg(long)]
+        shell: bool,
+        /// Also list the ranges the config gives NODE (a [[cluster.node]] name): one
+        /// Pacemaker resource. Exit 2 if the config has no [cluster], NODE is not one of its
+        /// nodes, or it gives NODE no range.
+        #[arg(long, value_name = "NODE")]
+        ranges_of: Option<String>,
+    },
 }
+
+const CONFIG_SHOW_AFTER_HELP: &str = "\
+With --shell, one NAME=value line per variable, values quoted for a POSIX shell
+(eval \"$(nvmirrorctl --config FILE config show --shell)\"); every variable is always printed:
+  CF_CONFIG     the config file (absolute path)
+  CF_ME         this node (node.name)
+  CF_SOCKET     the daemon's control socket
+  CF_NODES      the cluster's nodes, space-separated (empty: single node)
+  CF_PARTNER    the other node (empty: single node)
+  CF_TRANSPORT  tcp or rdma (cluster.transport)
+  CF_TAKEOVER   auto or manual (cluster.takeover)
+  CF_DEGRADED   write-through or nvram (cluster.degraded)
+  CF_LUNS       LUN names, space-separated
+  CF_RANGES_OF  the --ranges-of node (empty without it)
+  CF_NRANGES    how many ranges it has (without --ranges-of: how many in all)
+  CF_RANGES     those ranges as LUN:RANGE, space-separated (the takeover --range spelling)
+
+Exit codes: 0 success, 2 the config is unreadable or invalid, or --ranges-of has no answer";
+
+const STATUS_AFTER_HELP: &str = "\
+With --shell, one NAME=value line per variable, values quoted for a POSIX shell
+(eval \"$(nvmirrorctl status --shell)\"); every variable is always printed. The range counts
+are over the ranges of --ranges-of, or every range without it:
+  ST_PID                the daemon's pid
+  ST_NODE               its node name
+  ST_RANGES_OF          the --ranges-of node (empty without it)
+  ST_NRANGES            ranges counted
+  ST_OWNED              of those, served here (owner this node, state local)
+  ST_TAKING             of those, being taken over by this node (state taking-over)
+  ST_HOLDERS            the other nodes that own some of them, space-separated
+  ST_LINK_UP            1 while the partner link is up (writes are mirrored), else 0
+  ST_LINK_STATE         the link: up, connecting, down, closed or none
+  ST_MIRROR             mirroring, degraded or standalone
+  ST_FAILED             failed partitions as \"PARTITION: reason; ...\" (empty: none)
+  ST_MEDIUM_ERRORS      medium errors since the daemon started
+  ST_LAST_MEDIUM_ERROR  the last of them (empty: none)
+  ST_TAKEOVER_PHASE     claiming, grace, replaying, done or \"failed: why\" (empty: no takeover)
+  ST_TAKEOVER_RECORDS   records that takeover replayed so far
+
+Exit codes: 0 success, 1 failed, 2 bad usage or config (with --ranges-of: also a node with
+no answer, as for config show), 3 daemon not running";
 
 #[derive(Subcommand)]
 enum NvramCmd {
@@ -239,6 +320,12 @@ fn call(socket: &Path, req: Request, timeout: Duration) -> anyhow::Result<Respon
     }
 }
 
+/// The ranges `config` gives `node`; no answer is a config problem (exit 2).
+fn resolve_ranges_of(config: &NodeConfig, path: &Path, node: &str) -> anyhow::Result<RangesOf> {
+    RangesOf::resolve(config, &path.display().to_string(), node)
+        .map_err(|e| CtlError::Usage(e.to_string()).into())
+}
+
 fn status(socket: &Path) -> anyhow::Result<DaemonStatus> {
     match call(socket, Request::Status, Duration::from_secs(10))? {
         Response::Status(s) => Ok(*s),
@@ -248,15 +335,42 @@ fn status(socket: &Path) -> anyhow::Result<DaemonStatus> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
-        Cmd::Status { json } => {
-            let s = status(&socket_path(&cli)?)?;
+        Cmd::Status {
+            json,
+            shell,
+            ranges_of,
+        } => {
+            let socket = socket_path(&cli)?;
+            // A config problem is reported as one (exit 2) before the daemon is asked.
+            let given = match (ranges_of, cli.config.is_some()) {
+                (Some(node), true) => {
+                    let (cfg, path) = load_config(&cli)?;
+                    Some(resolve_ranges_of(&cfg, &path, node)?)
+                }
+                _ => None,
+            };
+            let s = status(&socket)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
+            } else if *shell {
+                let of = match (ranges_of, given) {
+                    (Some(node), None) => {
+                        let path = PathBuf::from(&s.config);
+                        let cfg = NodeConfig::load(&path).map_err(|e| {
+                            CtlError::Usage(format!(
+                                "{e:#} (the config nvmirrord runs with; --config names another)"
+                            ))
+                        })?;
+                        Some(resolve_ranges_of(&cfg, &path, node)?)
+                    }
+                    (_, given) => given,
+                };
+                print!("{}", StatusFacts::new(&s, of.as_ref()).shell_vars().render());
             } else {
                 print_status(&s);
             }
         }
-        Cmd::List { json } => list(*json)?,
+        Cmd::List { json, ids } => list(*json, *ids, cli.config.as_deref())?,
         Cmd::Wait { timeout } => {
             let want = load_config(&cli).ok().map(|(c, _)| c.luns.len());
             let socket = socket_path(&cli)?;
@@ -371,6 +485,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             for warning in cfg.environment_warnings() {
                 eprintln!("warning: {warning}");
+            }
+        }
+        Cmd::Config {
+            cmd:
+                ConfigCmd::Show {
+                    file,
+                    json,
+                    shell,
+                    ranges_of,
+                },
+        } => {
+            let path = file.clone().or_else(|| cli.config.clone()).ok_or_else(|| {
+                CtlError::Usage("config show needs the config: FILE or --config FILE".into())
+            })?;
+            let cfg = NodeConfig::load(&path).map_err(|e| CtlError::Usage(format!("{e:#}")))?;
+            let of = match ranges_of {
+                Some(node) => Some(resolve_ranges_of(&cfg, &path, node)?),
+                None => None,
+            };
+            let view = ConfigView::new(&cfg, &path, of);
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else if *shell {
+                // Nothing on stderr: scripts capture both streams and eval on success.
+                print!("{}", view.shell_vars().render());
+            } else {
+                print!("{}", view.human());
+                for warning in cfg.environment_warnings() {
+                    eprintln!("warning: {warning}");
+                }
             }
         }
         Cmd::UdevName { device } => {
@@ -570,7 +714,21 @@ const FEATURE_NAMES: [(u64, &str); 10] = [
     (1024, "UPDATE_SIZE"),
 ];
 
-fn list(json: bool) -> anyhow::Result<()> {
+/// `list`: every ublk device, or with `config` only those whose nvmirror target data names
+/// that config file. The daemon records its config's canonical path there; the path as
+/// given is compared too, in case it could not be resolved.
+fn list(json: bool, ids_only: bool, config: Option<&Path>) -> anyhow::Result<()> {
+    let config_names: Option<Vec<String>> = config.map(|p| {
+        [
+            Some(p.to_owned()),
+            std::path::absolute(p).ok(),
+            std::fs::canonicalize(p).ok(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| p.display().to_string())
+        .collect()
+    });
     let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
         .map(|d| {
             d.flatten()
@@ -595,6 +753,15 @@ fn list(json: bool) -> anyhow::Result<()> {
         let target = ctrl
             .get_target_data_from_json()
             .and_then(|v| v.get("nvmirror").cloned());
+        if let Some(names) = &config_names {
+            let served_for = target
+                .as_ref()
+                .and_then(|t| t.get("config"))
+                .and_then(|c| c.as_str());
+            if !served_for.is_some_and(|c| names.iter().any(|n| n == c)) {
+                continue;
+            }
+        }
         rows.push(serde_json::json!({
             "id": id,
             "device": format!("/dev/ublkb{id}"),
@@ -609,8 +776,17 @@ fn list(json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
+    if ids_only {
+        for r in &rows {
+            println!("{}", r["id"]);
+        }
+        return Ok(());
+    }
     if rows.is_empty() {
-        println!("no ublk devices");
+        match config {
+            Some(c) => println!("no ublk devices for {}", c.display()),
+            None => println!("no ublk devices"),
+        }
         return Ok(());
     }
     println!(
