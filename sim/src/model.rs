@@ -125,9 +125,17 @@ impl Model {
         b.busy = true;
     }
 
-    /// The write of `version` ended: acknowledged (`weak`: see [`Outcome`]), or with an
-    /// unknown outcome (an error, or its node died).
-    pub fn end_write(&mut self, block: u64, version: u64, acknowledged: bool, weak: bool) {
+    /// The write of `version` ended: acknowledged (`weak`: see [`Outcome`]; `excused`: a node
+    /// is failing as it is acknowledged), or with an unknown outcome (an error, or its node
+    /// died).
+    pub fn end_write(
+        &mut self,
+        block: u64,
+        version: u64,
+        acknowledged: bool,
+        weak: bool,
+        excused: bool,
+    ) {
         let b = &mut self.blocks[block as usize];
         b.busy = false;
         if version <= b.floor {
@@ -144,7 +152,7 @@ impl Model {
                     version,
                     Outcome::Acked {
                         weak: true,
-                        excused: false,
+                        excused,
                     },
                 );
             }
@@ -243,13 +251,13 @@ mod tests {
     fn an_older_version_after_an_acknowledgement_is_a_lost_write() {
         let mut m = Model::new(1);
         let v1 = m.begin_write(0);
-        m.end_write(0, v1, true, false);
+        m.end_write(0, v1, true, false, false);
         let v2 = m.begin_write(0);
-        m.end_write(0, v2, false, false);
+        m.end_write(0, v2, false, false, false);
         assert_eq!(m.check_read(0, &block_data(0, 1)), Ok(1));
         assert_eq!(m.check_read(0, &block_data(0, 2)), Ok(2));
         let v3 = m.begin_write(0);
-        m.end_write(0, v3, true, false);
+        m.end_write(0, v3, true, false, false);
         assert!(m.check_read(0, &block_data(0, 2)).is_err());
         assert!(m
             .check_read(0, &block_data(0, 1))
@@ -261,9 +269,9 @@ mod tests {
     fn a_weak_write_may_be_lost_only_after_a_node_failed() {
         let mut m = Model::new(1);
         let v1 = m.begin_write(0);
-        m.end_write(0, v1, true, false);
+        m.end_write(0, v1, true, false, false);
         let v2 = m.begin_write(0);
-        m.end_write(0, v2, true, true);
+        m.end_write(0, v2, true, true, false);
         assert!(
             m.check_read(0, &block_data(0, 1)).is_err(),
             "no failure yet"
@@ -272,7 +280,7 @@ mod tests {
         assert_eq!(m.check_read(0, &block_data(0, 1)), Ok(1));
         assert_eq!(m.check_read(0, &block_data(0, 2)), Ok(2));
         let v3 = m.begin_write(0);
-        m.end_write(0, v3, true, true);
+        m.end_write(0, v3, true, true, false);
         assert!(
             m.check_read(0, &block_data(0, 2)).is_err(),
             "v3 is not excused"

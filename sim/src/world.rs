@@ -121,6 +121,9 @@ struct Op {
 
 /// What the run's tasks share.
 struct Shared {
+    /// Node faults in effect now (a failed path, a frozen process): a weak write
+    /// acknowledged meanwhile may be lost (see `model`).
+    impaired: std::sync::atomic::AtomicUsize,
     /// The running engines, to count their degraded writes.
     engines: Mutex<Vec<std::sync::Weak<Engine>>>,
     trace: SharedTrace,
@@ -188,8 +191,9 @@ impl Shared {
             OpKind::Write => {
                 let ok = result.is_ok();
                 let weak = self.nvram_policy && degraded_now != op.degraded_before;
+                let impaired = self.impaired.load(std::sync::atomic::Ordering::SeqCst) > 0;
                 for &(b, v) in &op.blocks {
-                    model.end_write(b, v, ok, weak);
+                    model.end_write(b, v, ok, weak, impaired);
                 }
                 if ok {
                     stats.writes_acked += 1;
@@ -534,6 +538,7 @@ impl World {
             &(0..NODES).map(|n| addr(n).ip()).collect::<Vec<_>>(),
         );
         let shared = Arc::new(Shared {
+            impaired: std::sync::atomic::AtomicUsize::new(0),
             engines: Mutex::new((0..NODES).map(|_| std::sync::Weak::new()).collect()),
             trace,
             nvram_policy: s.degraded_nvram,
@@ -673,8 +678,10 @@ impl World {
                         self.note(format!("n{node} continues (SIGCONT)"));
                     }
                 }
+                self.impair(-1);
             }
             Event::PathBack { node } => {
+                self.impair(-1);
                 self.disk.set_path_failed(node, false);
                 self.note(format!("n{node}'s path to the disk works again"));
             }
@@ -815,6 +822,16 @@ impl World {
         true
     }
 
+    fn impair(&self, delta: isize) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .shared
+            .impaired
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_add_signed(delta))
+            });
+    }
+
     fn cut(&mut self, from: usize, to: usize) {
         let c = self.cuts.entry((from, to)).or_insert(0);
         *c += 1;
@@ -898,12 +915,14 @@ impl World {
                 let life = (self.nodes[node].run.as_ref().map(|r| r.life.clone()))
                     .or_else(|| self.nodes[node].booting.clone());
                 if let Some(life) = life {
+                    self.impair(1);
                     life.pause();
                     let life_no = self.nodes[node].life_no;
                     self.after(duration, Event::Resume { node, life_no });
                 }
             }
             Fault::PathFailure { node, duration } => {
+                self.impair(1);
                 self.disk.set_path_failed(node, true);
                 self.after(duration, Event::PathBack { node });
             }
@@ -921,6 +940,9 @@ impl World {
     /// a while, the final checks.
     fn settle(&mut self) {
         self.faults_over = true;
+        self.shared
+            .impaired
+            .store(0, std::sync::atomic::Ordering::SeqCst);
         self.note("faults end: network healed, paused nodes continue, paths and flushers back, dead nodes restart");
         self.cuts.clear();
         self.net.heal_all();

@@ -1,9 +1,11 @@
 //! The storage medium behind a LUN: a file or block device.
 //!
-//! Writes come only from `apply` (the flusher and the replays), in sequence order, through
-//! the page cache and are made durable with one `sync` per batch. Reads use a second descriptor
-//! opened O_DIRECT, so they always see what is on the device, never a stale cached page
-//! (another node may write the same medium after a takeover).
+//! Writes come only from `apply` (the flusher and the replays), in sequence order, with
+//! O_DIRECT, and are made durable with one `sync` per batch. O_DIRECT because a write must
+//! have reached the device when it returns: a buffered one could sit in the page cache and
+//! land long after this node lost its lease (even after the process died), over what the
+//! node that took the range over wrote since. Reads use O_DIRECT too, so they always see what
+//! is on the device, never a stale cached page.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -41,10 +43,47 @@ pub enum MediumError {
 
 pub struct FileMedium {
     path: PathBuf,
-    writer: File,
-    direct_reader: File,
+    /// O_DIRECT for reads and writes.
+    direct: File,
     size: u64,
     is_block: bool,
+}
+
+/// Alignment of O_DIRECT buffers, offsets and lengths (the device's block size at most).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A zeroed, DIRECT_ALIGN-aligned buffer (what O_DIRECT writes from).
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn zeroed(len: usize) -> io::Result<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        std::ptr::NonNull::new(p)
+            .map(|ptr| AlignedBuf { ptr, len })
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: we own `len` bytes (at least) at `ptr`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if let Ok(layout) =
+            std::alloc::Layout::from_size_align(self.len.max(DIRECT_ALIGN), DIRECT_ALIGN)
+        {
+            // SAFETY: allocated in `zeroed` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+        }
+    }
 }
 
 impl FileMedium {
@@ -53,20 +92,16 @@ impl FileMedium {
             path: path.to_owned(),
             cause: source,
         };
-        let writer = OpenOptions::new()
+        let direct = OpenOptions::new()
             .read(true)
             .write(true)
-            .open(path)
-            .map_err(err)?;
-        let direct_reader = OpenOptions::new()
-            .read(true)
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .map_err(err)?;
-        let meta = writer.metadata().map_err(err)?;
+        let meta = direct.metadata().map_err(err)?;
         let is_block = meta.file_type().is_block_device();
         let actual = if is_block {
-            crate::nvram::region::block_device_size(&writer).map_err(err)?
+            crate::nvram::region::block_device_size(&direct).map_err(err)?
         } else {
             meta.len()
         };
@@ -89,8 +124,7 @@ impl FileMedium {
         };
         Ok(FileMedium {
             path: path.to_owned(),
-            writer,
-            direct_reader,
+            direct,
             size,
             is_block,
         })
@@ -103,11 +137,27 @@ impl Medium for FileMedium {
     }
 
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
-        self.writer.write_all_at(data, off)
+        let aligned = data.as_ptr() as usize % DIRECT_ALIGN == 0;
+        if aligned && data.len() % DIRECT_ALIGN == 0 && off % DIRECT_ALIGN as u64 == 0 {
+            return self.direct.write_all_at(data, off);
+        }
+        if data.len() % DIRECT_ALIGN != 0 || off % DIRECT_ALIGN as u64 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a write of {} bytes at {off} is not aligned to {DIRECT_ALIGN} bytes",
+                    data.len()
+                ),
+            ));
+        }
+        // Record data sits after its header in the NVRAM: copy it to an aligned buffer.
+        let mut buf = AlignedBuf::zeroed(data.len())?;
+        buf.as_mut().copy_from_slice(data);
+        self.direct.write_all_at(buf.as_mut(), off)
     }
 
     fn read_at(&self, out: &mut [u8], off: u64) -> io::Result<()> {
-        self.direct_reader.read_exact_at(out, off)
+        self.direct.read_exact_at(out, off)
     }
 
     fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
@@ -117,7 +167,7 @@ impl Medium for FileMedium {
         // SAFETY: plain syscall on an fd we own.
         let rc = unsafe {
             libc::fallocate(
-                self.writer.as_raw_fd(),
+                self.direct.as_raw_fd(),
                 mode,
                 off as libc::off_t,
                 len as libc::off_t,
@@ -129,11 +179,11 @@ impl Medium for FileMedium {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
-                let zeroes = vec![0u8; 1 << 20];
+                let mut zeroes = AlignedBuf::zeroed(1 << 20)?;
                 let mut done = 0;
                 while done < len {
-                    let n = (len - done).min(zeroes.len() as u64) as usize;
-                    self.writer.write_all_at(&zeroes[..n], off + done)?;
+                    let n = (len - done).min(1 << 20) as usize;
+                    self.write_at(&zeroes.as_mut()[..n], off + done)?;
                     done += n as u64;
                 }
                 Ok(())
@@ -143,7 +193,8 @@ impl Medium for FileMedium {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.writer.sync_data()
+        // The writes are on the device already; this flushes its volatile cache.
+        self.direct.sync_data()
     }
 
     fn describe(&self) -> String {
