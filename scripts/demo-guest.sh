@@ -41,6 +41,11 @@ secret_file = "$work/secret"
 transport = "$transport"
 heartbeat_interval_ms = 100
 heartbeat_timeout_ms = 1000
+# Disk heartbeat on the shared medium: node-a is dead once its heartbeat is unchanged for
+# 1.1 x 2 + 1 + 0.25 s (and the link is down); only then does node-b take over.
+disk_heartbeat_ms = 250
+disk_lease_ms = 2000
+medium_io_timeout_ms = 1000
 takeover = "auto"
 
 [[cluster.node]]
@@ -92,15 +97,15 @@ step "kill -9 node-a's daemon"
 kill -9 "$pid_a"
 wait "$pid_a" 2>/dev/null || true
 t0=$(date +%s.%N)
-for _ in $(seq 200); do
+for _ in $(seq 300); do
 	"$BIN/nvmirrorctl" --config node-b.toml status --json | python3 -c '
 import json, sys
 r = json.load(sys.stdin)["engine"]["ranges"]
 sys.exit(0 if all(x["owner"] == "node-b" and x["state"] == "local" for x in r) else 1)' && break
 	sleep 0.1
 done
-echo "node-b took over in $(python3 -c "import time; print(round(time.time() - $t0, 2))") s (heartbeat timeout 1 s):"
-grep -E "down|taking over|takeover|replay" daemon-b.log | sed 's/^[^ ]* *//' | tail -4
+echo "node-b took over in $(python3 -c "import time; print(round(time.time() - $t0, 2))") s (link down after 1 s, node-a's disk heartbeat dead after 3.45 s):"
+grep -E "down|heartbeat has not changed|taking over|takeover|replay" daemon-b.log | sed 's/^[^ ]* *//' | tail -5
 "$BIN/nvmirrorctl" --config node-b.toml status | sed -n '/LUN *RANGE/,/^$/p'
 
 # Degraded now (no partner): with the default write-through policy node-b acknowledges new

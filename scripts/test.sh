@@ -37,7 +37,7 @@
 #
 # Environment: NVM_RESULTS (results dir; default target/vm-results/<stamp>),
 # NVM_TEST_TIMEOUT (default per-test timeout, 300), NVM_VM_TIMEOUT (whole VM,
-# 1500), NVM_TWOVM_TIMEOUT (default per two-VM test, 600), NVM_VM_MEM,
+# 3000), NVM_TWOVM_TIMEOUT (default per two-VM test, 600), NVM_VM_MEM,
 # NVM_VM_CPUS, NVM_VM_ACCEL, NVM_VM_PMEM_SIZE, NVM_VM_CACHE, NVM_VM_QUIET=1,
 # NVM_VM_BOOT_OPTS (extra nvm_vm_boot options for the single-VM run,
 # word-split, e.g. "--disk /path/img --qemu-arg -s"); see scripts/vm/lib.sh.
@@ -169,7 +169,7 @@ run_vm_tests() {
 
 	local why_missing="the VM died before reporting it"
 	case $vm_rc in
-	124) why_missing="the VM hit its hard timeout (${NVM_VM_TIMEOUT:-1500}s)" ;;
+	124) why_missing="the VM hit its hard timeout (${NVM_VM_TIMEOUT:-3000}s)" ;;
 	125) why_missing="the VM crashed or failed to boot (see console-vm.log)" ;;
 	esac
 

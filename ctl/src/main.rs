@@ -919,6 +919,21 @@ fn print_status(s: &DaemonStatus) {
             ByteSize(ss.bytes),
             ByteSize(ss.capacity_bytes)
         );
+        if m.resync_left > 0 {
+            println!(
+                "resync: copying {} record(s) staged while the partner was away",
+                m.resync_left
+            );
+        } else if m.unmirrored {
+            println!("unmirrored: staged records lack their copy in the partner (flushes leave flush marks)");
+        }
+    }
+    if let Some(l) = &e.lease {
+        println!();
+        print_lease(l, e.may_serve);
+    }
+    if let Some(note) = &e.takeover_note {
+        println!("takeover: {note}");
     }
     if let Some(t) = &e.takeover {
         println!();
@@ -932,8 +947,17 @@ fn print_status(s: &DaemonStatus) {
         );
         for r in &e.ranges {
             println!(
-                "{:<5} {:<6} {:<12} {:>6}  {}",
-                r.lun, r.range, r.owner, r.epoch, r.state
+                "{:<5} {:<6} {:<12} {:>6}  {}{}",
+                r.lun,
+                r.range,
+                r.owner,
+                r.epoch,
+                r.state,
+                if r.state == "local" && !r.serving {
+                    " (not serving: see the lease)"
+                } else {
+                    ""
+                }
             );
         }
     }
@@ -948,6 +972,36 @@ fn print_status(s: &DaemonStatus) {
             .map(|m| format!(" (last: {m})"))
             .unwrap_or_default()
     );
+}
+
+/// The disk lease: held or not, when it runs out, what this node makes of the others.
+fn print_lease(l: &nvmirror::lease::LeaseStatus, may_serve: bool) {
+    let expires = match l.expires_in_ms {
+        Some(ms) if ms >= 0 => format!("expires in {:.1} s unless renewed", ms as f64 / 1000.0),
+        Some(ms) => format!("ran out {:.1} s ago", -ms as f64 / 1000.0),
+        None => "never renewed".into(),
+    };
+    println!(
+        "disk lease: {} ({expires}; heartbeat every {} ms, lease {} ms, {} renewals, {} failed){}",
+        format!("{:?}", l.state).to_uppercase(),
+        l.renew_ms,
+        l.lease_ms,
+        l.renewals,
+        l.failures,
+        if may_serve { "" } else { "; NOT SERVING" }
+    );
+    if let Some(e) = &l.last_error {
+        println!("            last error: {e}");
+    }
+    for p in &l.peers {
+        println!(
+            "            node {}: {} (heartbeat changed {:.1} s ago; dead after {:.1} s)",
+            p.node,
+            p.verdict,
+            p.last_change_ms_ago as f64 / 1000.0,
+            l.dead_after_ms as f64 / 1000.0
+        );
+    }
 }
 
 /// Takeover line: phase, a progress bar and an ETA while replaying.

@@ -25,7 +25,7 @@
 #   NVM_VM_ACCEL          kvm | tcg (default: probe kvm, fall back to tcg)
 #   NVM_VM_MEM            guest RAM in MiB (default 2048)
 #   NVM_VM_CPUS           guest vCPUs (default 2)
-#   NVM_VM_TIMEOUT        hard limit on one VM run in seconds (default 1500)
+#   NVM_VM_TIMEOUT        hard limit on one VM run in seconds (default 3000)
 #   NVM_VM_PMEM_SIZE      size of the default emulated NVDIMM (default 64M)
 #   NVM_VM_QUIET=1        do not echo the guest console to stdout
 
@@ -209,7 +209,7 @@ and powers off.  Without CMD it starts an interactive bash on the console.
                      guest-rc-NAME in DIR; use distinct names for 2-VM tests
   --mem MIB          guest RAM (default $NVM_VM_MEM or 2048)
   --cpus N           vCPUs (default $NVM_VM_CPUS or 2)
-  --timeout SECS     hard VM timeout (default $NVM_VM_TIMEOUT or 1500)
+  --timeout SECS     hard VM timeout (default $NVM_VM_TIMEOUT or 3000)
   --nvdimm FILE[:SIZE]  emulated NVDIMM backed by FILE (created sparse if
                      missing; kept if present so contents survive VM kills).
                      Repeatable -> /dev/pmem0, /dev/pmem1, ...  Default: one,
@@ -236,7 +236,7 @@ EOF
 # nvm_vm_boot [options] [-- CMD ARGS...]   (requires nvm_vm_prepare first)
 nvm_vm_boot() {
 	local results='' name=vm mem=${NVM_VM_MEM:-2048} cpus=${NVM_VM_CPUS:-2}
-	local timeout_s=${NVM_VM_TIMEOUT:-1500} no_nvdimm=0 interactive=0 append='' mac=''
+	local timeout_s=${NVM_VM_TIMEOUT:-3000} no_nvdimm=0 interactive=0 append='' mac=''
 	local nvdimms=() disks=() qemu_extra=() modules=() envs=() net=() cmd=()
 	while (($#)); do
 		case $1 in

@@ -138,7 +138,10 @@ fn seeds_that_found_bugs_pass() {
         if r.auto {
             mix.takeover_auto = Some(true);
         }
-        let o = run(&Settings::draw(r.seed, Duration::from_secs(10), &mix), false);
+        let o = run(
+            &Settings::draw(r.seed, Duration::from_secs(10), &mix),
+            false,
+        );
         assert!(o.passed(), "regression ({}):\n{}", r.what, show(&o));
     }
 }

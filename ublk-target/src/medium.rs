@@ -137,11 +137,14 @@ impl Medium for FileMedium {
     }
 
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
-        let aligned = data.as_ptr() as usize % DIRECT_ALIGN == 0;
-        if aligned && data.len() % DIRECT_ALIGN == 0 && off % DIRECT_ALIGN as u64 == 0 {
+        let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
+        if aligned
+            && data.len().is_multiple_of(DIRECT_ALIGN)
+            && off.is_multiple_of(DIRECT_ALIGN as u64)
+        {
             return self.direct.write_all_at(data, off);
         }
-        if data.len() % DIRECT_ALIGN != 0 || off % DIRECT_ALIGN as u64 != 0 {
+        if !data.len().is_multiple_of(DIRECT_ALIGN) || !off.is_multiple_of(DIRECT_ALIGN as u64) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(

@@ -140,6 +140,10 @@ nvm_cluster_config() {
 	transport = "$transport"
 	heartbeat_interval_ms = 100
 	heartbeat_timeout_ms = 1000
+	# Disk lease: a dead node's heartbeat is called dead after 1.1 x 2 + 1 + 0.25 s.
+	disk_heartbeat_ms = 250
+	disk_lease_ms = 2000
+	medium_io_timeout_ms = 1000
 	takeover = "$takeover"
 
 	[[cluster.node]]

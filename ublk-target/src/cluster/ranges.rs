@@ -70,6 +70,10 @@ pub struct RangeStatus {
     /// The owner the config gives this range (giveback returns it there).
     #[serde(default)]
     pub configured_owner: String,
+    /// This node serves the range right now (it owns it, no takeover is replaying it, its
+    /// partition is alive and the node may serve: its disk lease). Filled in by the engine.
+    #[serde(default)]
+    pub serving: bool,
 }
 
 impl Cluster {
@@ -518,6 +522,7 @@ impl Cluster {
                         Some(RangeState::TakingOver) => "taking-over".into(),
                         None => "?".into(),
                     },
+                    serving: false,
                 });
             }
         }

@@ -13,6 +13,7 @@ use super::core::{Engine, IoError};
 use super::datapath::Placement;
 use crate::cluster::{wire, Forwarder, RangeState};
 use crate::host::run_blocking;
+use crate::lease::Verdict;
 use crate::lun::Lun;
 use crate::nvram::record::RecordKind;
 use std::sync::Arc;
@@ -80,7 +81,9 @@ impl Engine {
     /// died with the I/O in flight, or before it) and a takeover expected, waits until the
     /// takeover makes one of the `remote` pieces' ranges ours or the link is back: true,
     /// route the I/O again (a write's data is the same, so redoing it is harmless; it was
-    /// never acknowledged). False once `deadline` (set at the first call) passes.
+    /// never acknowledged). False once `deadline` (set at the first call) passes, or once
+    /// the owner has stayed alive on the shared medium (its disk heartbeat renews) for longer
+    /// than a takeover would need: it is only unreachable, and no takeover will come.
     async fn partner_lost(
         &self,
         lun_idx: usize,
@@ -94,7 +97,12 @@ impl Engine {
         if self.mirror.is_up() || !self.takeover.expected() {
             return false;
         }
-        let deadline = *deadline.get_or_insert_with(|| self.host.now() + PARTNER_LOSS_WAIT);
+        let started = self.host.now();
+        let deadline = *deadline.get_or_insert_with(|| started + PARTNER_LOSS_WAIT);
+        let alive_wait = c
+            .lease()
+            .map(|l| l.timing().dead_after() + c.link_timeout() * 2);
+        let partner = c.partner();
         let moved = || {
             remote.iter().any(|&(at, n)| {
                 lun.pieces(at, n).into_iter().any(|(_, _, range)| {
@@ -109,10 +117,33 @@ impl Engine {
             if moved() || self.mirror.is_up() {
                 return true;
             }
-            if self.host.now() >= deadline {
+            let now = self.host.now();
+            if now >= deadline {
                 return false;
             }
+            if let (Some(lease), Some(wait)) = (c.lease(), alive_wait) {
+                if now.saturating_duration_since(started) > wait
+                    && matches!(lease.verdict(partner), Verdict::Alive { .. })
+                {
+                    return false;
+                }
+            }
             self.host.sleep(PARTNER_LOSS_POLL).await;
+        }
+    }
+
+    /// Why a forward to `partner` failed for good, in words for the operator.
+    fn forward_failure(&self, message: &str) -> String {
+        let Some(c) = &self.cluster else {
+            return message.to_owned();
+        };
+        let partner = c.partner();
+        match c.lease().map(|l| l.verdict(partner)) {
+            Some(Verdict::Alive { .. }) if !self.mirror.is_up() => format!(
+                "the range is served by node {}, which is alive (its disk heartbeat renews) but unreachable over the mirror link: {message}",
+                c.node_name(partner)
+            ),
+            _ => message.to_owned(),
         }
     }
 
@@ -176,7 +207,7 @@ impl Engine {
             {
                 return Err(IoError::new(
                     libc::EIO,
-                    format!("forwarded to the owner: {message}"),
+                    format!("forwarded to the owner: {}", self.forward_failure(&message)),
                 ));
             }
             tracing::info!(offset, len, error = %message, "a forwarded write failed with the partner gone: routing it again after the takeover");
@@ -211,7 +242,7 @@ impl Engine {
                     {
                         return Err(IoError::new(
                             libc::EIO,
-                            format!("forwarded read: {message}"),
+                            format!("forwarded read: {}", self.forward_failure(&message)),
                         ));
                     }
                     tracing::info!(offset, error = %message, "a forwarded read failed with the partner gone: routing it again after the takeover");

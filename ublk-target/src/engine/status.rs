@@ -153,7 +153,13 @@ impl Engine {
             ranges: self
                 .cluster
                 .as_ref()
-                .map(|c| c.status())
+                .map(|c| {
+                    let mut ranges = c.status();
+                    for r in &mut ranges {
+                        r.serving = self.serves(r.lun as usize, r.range);
+                    }
+                    ranges
+                })
                 .unwrap_or_default(),
             takeover: self.takeover.snapshot(self.host.now()),
             lease: self
