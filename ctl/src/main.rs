@@ -66,7 +66,7 @@ enum Cmd {
     },
     /// Wait until the daemon answers and serves every configured LUN.
     Wait {
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         timeout: u64,
     },
     /// Pause or resume moving staged writes to the medium.
@@ -76,7 +76,7 @@ enum Cmd {
     },
     /// Wait until every staged write is on the medium.
     Drain {
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         timeout: u64,
     },
     /// Take over the partner's LUN ranges: claim them on the medium, replay the partner's
@@ -92,13 +92,13 @@ enum Cmd {
     /// Give the partner back the ranges the config assigns to it (after a takeover, once the
     /// partner is back): their staged writes are flushed first.
     Giveback {
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         timeout: u64,
     },
     /// Hand this node's own configured ranges to the partner (switchover before maintenance):
     /// their staged writes are flushed first; the partner must be connected.
     Handover {
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         timeout: u64,
     },
     /// Restart the daemon of --config after a crash: it replays its NVRAM and re-attaches
@@ -113,7 +113,7 @@ enum Cmd {
         /// The daemon's log file.
         #[arg(long, default_value = "/var/log/nvmirrord.log")]
         log: PathBuf,
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         timeout: u64,
     },
     /// Check configuration files without starting anything.

@@ -417,6 +417,15 @@ impl NodeConfig {
                     ));
                 }
             }
+            if c.heartbeat_timeout_ms > 600_000 {
+                return Err(invalid(
+                    "cluster.heartbeat_timeout_ms",
+                    format!(
+                        "{} is too long; use at most 600000 (10 minutes)",
+                        c.heartbeat_timeout_ms
+                    ),
+                ));
+            }
             if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms < 2 * c.heartbeat_interval_ms
             {
                 return Err(invalid(
@@ -424,14 +433,20 @@ impl NodeConfig {
                     "must be at least twice heartbeat_interval_ms (and the interval above 0)",
                 ));
             }
+            for (field, value) in [
+                ("cluster.disk_heartbeat_ms", c.disk_heartbeat_ms),
+                ("cluster.disk_lease_ms", c.disk_lease_ms),
+                ("cluster.medium_io_timeout_ms", c.medium_io_timeout_ms),
+            ] {
+                if value > 600_000 {
+                    return Err(invalid(
+                        field,
+                        format!("{value} is too long; use at most 600000 (10 minutes)"),
+                    ));
+                }
+            }
             if let Err(why) = c.lease_timing().check() {
                 return Err(invalid("cluster.disk_lease_ms", why));
-            }
-            if c.disk_lease_ms > 600_000 || c.medium_io_timeout_ms > 600_000 {
-                return Err(invalid(
-                    "cluster.disk_lease_ms",
-                    "disk_lease_ms and medium_io_timeout_ms must be at most 600000 (10 minutes)",
-                ));
             }
             if c.busy_poll_us > MAX_BUSY_POLL_US {
                 return Err(invalid(
@@ -640,6 +655,26 @@ device_id = 3
         let e = err_of(&cluster("busy_poll_us = 50000"));
         assert!(
             e.contains("cluster.busy_poll_us") && e.contains("0 to never poll"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn huge_timings_are_refused_by_name() {
+        let cluster = |extra: &str| {
+            format!(
+                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
+                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
+            )
+        };
+        let e = err_of(&cluster("heartbeat_timeout_ms = 9223372036854775807"));
+        assert!(e.contains("cluster.heartbeat_timeout_ms"), "{e}");
+        let e = err_of(&cluster("disk_lease_ms = 9223372036854775807"));
+        assert!(e.contains("cluster.disk_lease_ms"), "{e}");
+        let e = err_of(&cluster("disk_lease_ms = 500"));
+        assert!(
+            e.contains("cluster.disk_lease_ms") && e.contains("twice"),
             "{e}"
         );
     }

@@ -36,6 +36,11 @@ pub enum Fence {
 pub trait FlushContext: Send + Sync {
     /// Fencing, before the batch is written: may this node still write its ranges?
     fn check_fence(&self, batch: &[RecordMeta]) -> Result<(), Fence>;
+    /// Before each medium write of the batch (cheap): may this node still write the medium
+    /// for as long as one write may take? (Its disk lease.)
+    fn may_write(&self) -> Result<(), Fence> {
+        Ok(())
+    }
     /// The batch is on the medium (synced) and does not count as flushed yet (nor as a
     /// write-through acknowledgement): e.g. leave flush marks while the partner is away.
     fn on_synced(&self, partition: u32, batch: &[RecordMeta]) -> Result<(), Fence>;
@@ -105,8 +110,7 @@ impl Flusher {
             // A failed medium write and an unreadable table both mean our path to the medium
             // fails: retry, or let the partner write from its mirror.
             let written = self.context.check_fence(&batch).and_then(|()| {
-                let bytes = write_batch(&self.luns, log, &batch)
-                    .map_err(|e| Fence::Unreadable(e.to_string()))?;
+                let bytes = write_batch(&self.luns, log, &batch, self.context.as_ref())?;
                 self.context.on_synced(log.id, &batch)?;
                 Ok(bytes)
             });
@@ -207,30 +211,37 @@ impl Flusher {
 }
 
 /// Writes a batch to the medium and syncs it (not yet counted as flushed); returns its bytes.
+/// Every write is preceded by the context's `may_write`: a long batch must not outlive the
+/// node's right to write.
 fn write_batch(
     luns: &[Arc<Lun>],
     log: &PartitionLog,
     batch: &[RecordMeta],
-) -> Result<u64, ApplyError> {
+    context: &dyn FlushContext,
+) -> Result<u64, Fence> {
+    let failed = |e: ApplyError| Fence::Unreadable(e.to_string());
     let mut applier = Applier::new(luns);
     for r in batch {
+        context.may_write()?;
         let data: &[u8] = match r.kind {
             RecordKind::Data => log
                 .region()
                 .slice(log.nvram_offset(r.pos) + HEADER_BYTES, r.len as usize),
             _ => &[],
         };
-        applier.apply(&RecordWrite {
-            partition: log.id,
-            seq: r.seq,
-            kind: r.kind,
-            lun: r.lun,
-            offset: r.offset,
-            len: r.len,
-            data,
-        })?;
+        applier
+            .apply(&RecordWrite {
+                partition: log.id,
+                seq: r.seq,
+                kind: r.kind,
+                lun: r.lun,
+                offset: r.offset,
+                len: r.len,
+                data,
+            })
+            .map_err(failed)?;
     }
-    Ok(applier.sync()?.bytes)
+    Ok(applier.sync().map_err(failed)?.bytes)
 }
 
 /// The batch is on the medium (written by us or by the partner): unindex, checkpoint,

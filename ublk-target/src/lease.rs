@@ -111,6 +111,8 @@ struct Inner {
     last_error: Option<String>,
     /// Bumped every time the lease is (re)gained: the engine re-reads the table then.
     acquisitions: u64,
+    /// Given up (a clean stop): no more heartbeats.
+    released: bool,
 }
 
 pub struct DiskLease {
@@ -190,6 +192,7 @@ impl DiskLease {
                 failures: 0,
                 last_error: None,
                 acquisitions: 0,
+                released: false,
             }),
             changed: Notify::new(),
             host,
@@ -204,6 +207,9 @@ impl DiskLease {
     /// is synchronous: on a real machine this task has a thread of its own.
     pub async fn run(self: Arc<Self>) {
         loop {
+            if lock(&self.inner).released {
+                return;
+            }
             let issued = self.renew_once();
             self.watch_others();
             let next = issued + self.timing.renew;
@@ -219,6 +225,9 @@ impl DiskLease {
         let issued = self.host.now();
         let record = {
             let mut st = lock(&self.inner);
+            if st.released {
+                return issued;
+            }
             st.counter += 1;
             LeaseRecord {
                 cluster_id: self.cluster_id,
@@ -369,6 +378,7 @@ impl DiskLease {
     pub fn release(&self) -> Result<(), String> {
         let record = {
             let mut st = lock(&self.inner);
+            st.released = true;
             st.state = LeaseState::Expired;
             st.valid_until = None;
             st.counter += 1;
@@ -545,9 +555,13 @@ mod tests {
         }
         assert!(matches!(a.verdict(1), Verdict::Alive { .. }));
         b.release().expect("release");
+        b.renew_once();
         a.renew_once();
         a.watch_others();
-        assert!(matches!(a.verdict(1), Verdict::Dead { .. }));
+        assert!(
+            matches!(a.verdict(1), Verdict::Dead { .. }),
+            "a renewal after the release writes nothing"
+        );
         assert!(!b.holds());
     }
 

@@ -9,10 +9,10 @@
       Writes 4 KiB O_DIRECT blocks FIRST, FIRST+STEP, ... (COUNT of them) in turn for
       SECONDS, each stamped with its block number and a version that counts up per block,
       logging "try BLK VER" before and "ack BLK VER" / "err BLK VER MSG" after each pwrite.
-  check LOG... -- IMAGE...
-      Every IMAGE (a copy of the LUN's first blocks, read through a node or from the
-      medium) holds, in every block a log wrote, its last acknowledged version or a later
-      version that was tried (its outcome unknown): never an older one, never garbage.
+  check BASE LOG... -- IMAGE...
+      Every IMAGE (a copy of the LUN's blocks from block BASE on, read through a node or
+      from the medium) holds, in every block a log wrote, its last acknowledged version or a
+      later version that was tried (its outcome unknown): never an older one, never garbage.
   serving STATUS_A STATUS_B
       From two `nvmirrorctl status --json` files: the ranges each node serves; exits 1 if a
       range is served by both (split brain).
@@ -99,6 +99,8 @@ def write(dev, first, step, count, seconds, log):
 
 
 def check(args):
+    base = int(args[0])
+    args = args[1:]
     split = args.index("--")
     logs, images = args[:split], args[split + 1:]
     acked, tried = {}, {}
@@ -113,7 +115,7 @@ def check(args):
     for name in images:
         img = open(name, "rb").read()
         for blk in sorted(tried):
-            data = img[blk * BLOCK:(blk + 1) * BLOCK]
+            data = img[(blk - base) * BLOCK:(blk - base + 1) * BLOCK]
             m = re.match(rb"blk (\d{6}) ver (\d{8}) ", data)
             ver = int(m.group(2)) if m and int(m.group(1)) == blk and data == stamp(blk, int(m.group(2))) else None
             if data == b"\0" * BLOCK:

@@ -96,6 +96,10 @@ impl Engine {
     ) -> Result<Placement, IoError> {
         let mirror = self.mirror.current();
         let mut staged = Vec::with_capacity(2);
+        // A piece that cannot be staged fails the write, but the pieces staged before it
+        // still go through to their settlement below: a record that is never settled
+        // would hold its partition's acknowledged-through mark back for good.
+        let mut failed = None;
         for (at, n, range) in lun.pieces(offset, len) {
             if skip.iter().any(|&(s, _)| s == at) {
                 continue;
@@ -105,7 +109,7 @@ impl Engine {
                 RecordKind::Data => &data[(at - offset) as usize..(at - offset + n) as usize],
                 _ => &[],
             };
-            let s = part
+            let appended = part
                 .append(kind, lun_idx as u32, at, n, payload, |seq, nvram_off| {
                     lun.index().insert(Extent {
                         start: at,
@@ -118,7 +122,14 @@ impl Engine {
                         },
                     })
                 })
-                .await?;
+                .await;
+            let s = match appended {
+                Ok(s) => s,
+                Err(e) => {
+                    failed = Some(IoError::from(e));
+                    break;
+                }
+            };
             // The copy goes to the partner first, then this thread persists the local copy
             // while it travels (group commit: with a committer at work, it takes ours).
             let post = mirror.as_ref().map(|m| {
@@ -175,6 +186,9 @@ impl Engine {
             }
         }))
         .await;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         outcomes.into_iter().collect::<Result<(), IoError>>()?;
         // Self-fencing: no acknowledgement without the right to serve (a lost lease, or a
         // pause long enough for the partner to take over).
@@ -307,7 +321,11 @@ impl Engine {
 
     /// Resolves true once every staged write is on the medium, false after `timeout`.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        let deadline = self.host.now() + timeout;
+        // A huge timeout (from the control socket) means "no deadline", not a panic.
+        let now = self.host.now();
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(u32::MAX as u64));
         for p in &self.parts {
             if !p.drained(deadline).await {
                 return false;

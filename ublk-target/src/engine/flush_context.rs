@@ -30,12 +30,7 @@ impl FlushContext for NodeFlushContext {
         let Some(c) = &self.cluster else {
             return Ok(());
         };
-        match self.serving.may_write_medium() {
-            Ok(()) => {}
-            // The partner hears us and writes the batch from its mirror.
-            Err((true, why)) => return Err(Fence::Unreadable(why)),
-            Err((false, why)) => return Err(Fence::Suspended(why)),
-        }
+        self.may_write()?;
         let mut checks: Vec<(u32, u32)> = batch
             .iter()
             .filter(|r| r.kind != RecordKind::Wrap)
@@ -47,6 +42,15 @@ impl FlushContext for NodeFlushContext {
         checks.sort_unstable();
         checks.dedup();
         c.still_owned(&checks)
+    }
+
+    fn may_write(&self) -> Result<(), Fence> {
+        match self.serving.may_write_medium() {
+            Ok(()) => Ok(()),
+            // The partner hears us and writes the batch from its mirror.
+            Err((true, why)) => Err(Fence::Unreadable(why)),
+            Err((false, why)) => Err(Fence::Suspended(why)),
+        }
     }
 
     /// Partner unreachable: the release cannot reach it, so flush marks on the medium tell a

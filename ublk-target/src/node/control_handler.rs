@@ -21,6 +21,10 @@ pub struct ControlHandler {
     pub grace: Duration,
 }
 
+/// The longest timeout a request may ask for (a day): larger numbers are refused, not
+/// wrapped or panicked on.
+const MAX_TIMEOUT_SECS: u64 = 86_400;
+
 fn error(message: impl Into<String>) -> Response {
     Response::Error {
         message: message.into(),
@@ -30,6 +34,16 @@ fn error(message: impl Into<String>) -> Response {
 impl ControlHandler {
     pub fn handle(&self, req: Request) -> Response {
         let engine = &self.engine;
+        if let Request::Drain { timeout_secs }
+        | Request::Giveback { timeout_secs }
+        | Request::Handover { timeout_secs } = req
+        {
+            if timeout_secs > MAX_TIMEOUT_SECS {
+                return error(format!(
+                    "timeout_secs {timeout_secs} is too long; use at most {MAX_TIMEOUT_SECS} (a day)"
+                ));
+            }
+        }
         match req {
             Request::Status => Response::Status(Box::new(DaemonStatus {
                 version: env!("CARGO_PKG_VERSION").into(),
