@@ -125,7 +125,6 @@ restore() { # NODE-that-lost-its-range
 
 cycle() { # N KIND
 	local n=$1 kind=$2 epochs_before
-	rm -f w-a.log w-b.log
 	epochs_before=$(q b '[r["epoch"] for r in e["ranges"]]')
 	case $kind in
 	cut-both | oneway-ab | oneway-ba | cut-short)

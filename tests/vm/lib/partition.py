@@ -7,8 +7,9 @@
       RST: a silent cut). SIGSTOP of the proxy cuts both at once.
   write DEV FIRST STEP COUNT SECONDS LOG
       Writes 4 KiB O_DIRECT blocks FIRST, FIRST+STEP, ... (COUNT of them) in turn for
-      SECONDS, each stamped with its block number and a version that counts up per block,
-      logging "try BLK VER" before and "ack BLK VER" / "err BLK VER MSG" after each pwrite.
+      SECONDS, each stamped with its block number and a version that counts up per block
+      (continuing from what LOG already holds), logging "try BLK VER" before and
+      "ack BLK VER" / "err BLK VER MSG" after each pwrite.
   check BASE LOG... -- IMAGE...
       Every IMAGE (a copy of the LUN's blocks from block BASE on, read through a node or
       from the medium) holds, in every block a log wrote, its last acknowledged version or a
@@ -77,8 +78,14 @@ def write(dev, first, step, count, seconds, log):
     first, step, count, seconds = int(first), int(step), int(count), float(seconds)
     fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
     buf = mmap.mmap(-1, BLOCK)
-    out = open(log, "a", buffering=1)
+    # Versions keep counting up across runs appending to the same log.
     ver = {}
+    if os.path.exists(log):
+        for line in open(log):
+            f = line.split()
+            if len(f) >= 3:
+                ver[int(f[1])] = max(ver.get(int(f[1]), 0), int(f[2]))
+    out = open(log, "a", buffering=1)
     end = time.time() + seconds
     i = 0
     while time.time() < end:
