@@ -24,6 +24,9 @@
 //! are in sequence order. The background loops (`run_persister`, the flusher's
 //! `next_flush_batch`) are async and wait on the [`Host`]'s clock, so the same code runs on
 //! threads in the daemon and step by step in the simulator.
+//!
+//! The file is long (~850 lines) because it is one job: the record state machine above and the
+//! lock that guards it. Splitting the states over files would spread that lock's rules.
 
 use crate::host::Host;
 use crate::nvram::layout::{Layout, PartitionCheckpoint};

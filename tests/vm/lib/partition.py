@@ -14,11 +14,11 @@
       Every IMAGE (a copy of the LUN's blocks from block BASE on, read through a node or
       from the medium) holds, in every block a log wrote, its last acknowledged version or a
       later version that was tried (its outcome unknown): never an older one, never garbage.
-  serving STATUS_A STATUS_B
-      From two `nvmirrorctl status --json` files: the ranges each node serves; exits 1 if a
-      range is served by both (split brain).
+  monitor NVMCTL PERIOD LOG SPLIT CONFIG...
+      Every PERIOD seconds, each node's `nvmirrorctl status --json`: logs which node serves
+      which range to LOG, and a range served by two nodes at once (split brain) to SPLIT.
 """
-import json, mmap, os, re, signal, socket, sys, threading, time
+import json, mmap, os, re, signal, socket, subprocess, sys, threading, time
 
 BLOCK = 4096
 
@@ -138,19 +138,40 @@ def check(args):
     return 1 if bad else 0
 
 
-def serving(a, b):
+def served_by(statuses):
+    """{(lun, range): [nodes serving it]} from the nodes' status documents."""
     served = {}
-    for name in (a, b):
-        try:
-            e = json.load(open(name))["engine"]
-        except (OSError, ValueError, KeyError):
-            continue
+    for e in statuses:
         for r in e.get("ranges", []):
             if r.get("serving"):
                 served.setdefault((r["lun"], r["range"]), []).append(e["node"])
-    both = {k: v for k, v in served.items() if len(v) > 1}
-    print(" ".join("%d:%d=%s" % (k[0], k[1], "+".join(v)) for k, v in sorted(served.items())))
-    return 1 if both else 0
+    return served
+
+
+def monitor(nvmctl, period, log, split, *configs):
+    """Polls every node's status back to back, forever, in one process (a Python start per
+    sample costs a second in the emulated VM). Each sample goes to LOG; a range served by two
+    nodes at once goes to SPLIT too."""
+    period = float(period)
+    with open(log, "a") as out:
+        while True:
+            statuses = []
+            for cfg in configs:
+                try:
+                    doc = subprocess.run([nvmctl, "--config", cfg, "status", "--json"],
+                                         capture_output=True, timeout=10).stdout
+                    statuses.append(json.loads(doc)["engine"])
+                except (OSError, ValueError, KeyError, subprocess.TimeoutExpired):
+                    pass  # a node that is down or frozen serves nothing we can see
+            served = served_by(statuses)
+            line = " ".join("%d:%d=%s" % (k[0], k[1], "+".join(v)) for k, v in sorted(served.items()))
+            stamp_ = time.strftime("%H:%M:%S")
+            out.write("%s %s\n" % (stamp_, line))
+            out.flush()
+            if any(len(v) > 1 for v in served.values()):
+                with open(split, "a") as f:
+                    f.write("%s %s\n" % (stamp_, line))
+            time.sleep(period)
 
 
 if __name__ == "__main__":
@@ -161,7 +182,7 @@ if __name__ == "__main__":
         write(*rest)
     elif cmd == "check":
         sys.exit(check(rest))
-    elif cmd == "serving":
-        sys.exit(serving(*rest))
+    elif cmd == "monitor":
+        monitor(*rest)
     else:
         sys.exit("unknown command " + cmd)

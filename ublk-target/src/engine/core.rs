@@ -17,6 +17,7 @@ use crate::nvram::scan::CorruptRecord;
 use crate::nvram::{Layout, NvramRegion, Superblock};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// How to treat what is found on the NVRAM at start.
@@ -156,6 +157,39 @@ pub struct Engine {
     pub(super) tasks: Mutex<Vec<TaskHandle>>,
     pub(super) replay: ReplayReport,
     pub(super) serving: Arc<ServingRight>,
+    /// Set by `shutdown`: the engine's endless tasks (lease-follow) end on it.
+    pub(super) stopping: Arc<Stopping>,
+}
+
+/// A one-way "the engine is stopping" signal for its background tasks.
+#[derive(Default)]
+pub(super) struct Stopping {
+    set: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stopping {
+    pub(super) fn stop(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub(super) fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once `stop` was called.
+    pub(super) async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_set() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl Engine {
@@ -219,6 +253,7 @@ impl Engine {
 
     /// Stops the background tasks; staged records stay in the NVRAM for the next start.
     pub fn shutdown(&self) {
+        self.stopping.stop();
         for p in &self.parts {
             p.shutdown();
         }

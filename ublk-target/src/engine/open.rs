@@ -2,7 +2,7 @@
 //! its staged records into the media, and start the background tasks. No I/O is served
 //! before this is done.
 
-use super::core::{Engine, EngineError, EngineOptions, OpenMode, ReplayReport};
+use super::core::{Engine, EngineError, EngineOptions, OpenMode, ReplayReport, Stopping};
 use super::flush_context::NodeFlushContext;
 use super::serving::ServingRight;
 use super::takeover_state::TakeoverState;
@@ -323,6 +323,7 @@ impl Engine {
             tasks: Mutex::new(Vec::new()),
             replay: report,
             serving,
+            stopping: Arc::default(),
         });
         engine.start_tasks(opts.flush)?;
         Ok(engine)
@@ -367,6 +368,7 @@ impl Engine {
                     c.clone(),
                     self.serving.clone(),
                     self.host.clone(),
+                    self.stopping.clone(),
                 );
                 tasks.push(self.host.spawn("lease-follow", Box::pin(follow))?);
             }
@@ -383,9 +385,10 @@ async fn follow_lease(
     cluster: Arc<Cluster>,
     serving: Arc<ServingRight>,
     host: Arc<dyn crate::host::Host>,
+    stopping: Arc<Stopping>,
 ) {
     let mut seen = lease.acquisitions();
-    loop {
+    while !stopping.is_set() {
         serving.refresh();
         let now = lease.acquisitions();
         if now != seen {
@@ -400,7 +403,9 @@ async fn follow_lease(
             }
         }
         let changed = std::pin::pin!(lease.changed());
-        futures::future::select(changed, host.sleep(lease.timing().renew)).await;
+        let stop = std::pin::pin!(stopping.wait());
+        let tick = futures::future::select(changed, host.sleep(lease.timing().renew));
+        futures::future::select(stop, tick).await;
     }
 }
 

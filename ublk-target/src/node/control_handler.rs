@@ -81,11 +81,28 @@ impl ControlHandler {
             }
             Request::Drain { timeout_secs } => {
                 if engine.drain_blocking(Duration::from_secs(timeout_secs)) {
-                    Response::Ok
-                } else {
+                    return Response::Ok;
+                }
+                // A failed partition never drains: say why at once instead of a timeout.
+                let failed: Vec<String> = engine
+                    .status()
+                    .partitions
+                    .iter()
+                    .filter_map(|p| {
+                        p.failed
+                            .as_ref()
+                            .map(|f| format!("partition {}: {f}", p.partition))
+                    })
+                    .collect();
+                if failed.is_empty() {
                     error(format!(
                         "staged writes did not reach the medium within {timeout_secs} s \
                          (flusher paused or medium failing? see status)"
+                    ))
+                } else {
+                    error(format!(
+                        "staged writes cannot reach the medium from this node: {}",
+                        failed.join("; ")
                     ))
                 }
             }
