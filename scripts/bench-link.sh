@@ -8,11 +8,18 @@
 # In the VM (started by the harness, NVM_OUT set): on one Soft-RoCE device (rxe on a dummy
 #   netdev) runs perftest's ib_write_lat -s 4096 and ib_write_bw -s 65536 (the floor), then
 #   nvmirror-linktest over RDMA and over TCP: 4 KiB post-to-durable-ack latency at QD1 and
-#   64 KiB throughput with a deep window; prints a Markdown table with ratios.
+#   64 KiB throughput with a deep window; prints a Markdown table with ratios. The link runs
+#   with its default, every message authenticated (frame MACs); the same four runs with
+#   `--frame-mac 0` give the cost of the MACs (rows "... without frame MACs").
+#
+# Binaries: $CARGO_TARGET_DIR/release (else target/release) of the repository, as
+#   scripts/test.sh finds them: `CARGO_TARGET_DIR=DIR cargo build --release --workspace`, then
+#   `CARGO_TARGET_DIR=DIR scripts/bench-link.sh`.
 #
 # Knobs: BENCH_LAT_N (QD1 posts, default 2000), BENCH_BW_N (64 KiB posts, default 3000),
 #        BENCH_QD (deep window, default 64), BENCH_BUSY_POLL_SWEEP (extra RDMA rows, one per
-#        busy-poll window in µs, e.g. "0 100 500").
+#        busy-poll window in µs, e.g. "0 100 500"), BENCH_MAC_COMPARE (default 1; 0 skips the
+#        runs without frame MACs).
 # vm-timeout: 280
 set -uo pipefail
 
@@ -86,10 +93,12 @@ perf ib_write_bw 18532 -s 65536 -n "$BW_N"
 bw_avg=$(awk '$1 == 65536 && NF >= 5 { print $4; exit }' "$NVM_OUT/ib_write_bw.log")
 
 # our link: a server per transport, then the QD1 latency and deep-window throughput runs.
+# link TRANSPORT PORT SIZE QD COUNT NAME [BUSY_POLL_US] [FRAME_MAC 0|1]
 link() {
-	local tr=$1 port=$2 size=$3 qd=$4 n=$5 name=$6 poll=${7:-}
+	local tr=$1 port=$2 size=$3 qd=$4 n=$5 name=$6 poll=${7:-} mac=${8:-}
 	local extra=()
-	[[ -n $poll ]] && extra=(--busy-poll-us "$poll")
+	[[ -n $poll ]] && extra+=(--busy-poll-us "$poll")
+	[[ -n $mac ]] && extra+=(--frame-mac "$mac")
 	"$BIN" server --transport "$tr" --listen "$ADDR:$port" --duration-s 200 --no-verify --region-mb 256 --window 128 "${extra[@]}" >"$NVM_OUT/$name.server.log" 2>&1 &
 	local srv=$!
 	pids+=($srv)
@@ -100,10 +109,26 @@ link() {
 	grep RESULT "$NVM_OUT/$name.log" || echo "RESULT missing for $name" >&2
 }
 field() { grep -o "$2=[0-9.]*" "$NVM_OUT/$1.log" | head -1 | cut -d= -f2; }
+# delta WITH WITHOUT: "+12.3"; pct WITH WITHOUT: throughput change in percent
+delta() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { printf "%+.1f", a - b }'; }
+pct() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%+.1f%%", 100 * (a - b) / b; else print "n/a" }'; }
 link rdma 7401 4096 1 "$LAT_N" rdma-lat
 link rdma 7402 65536 "$QD" "$BW_N" rdma-bw
 link tcp 7403 4096 1 "$LAT_N" tcp-lat
 link tcp 7404 65536 "$QD" "$BW_N" tcp-bw
+
+# The same without frame MACs: what authenticating every message and record costs.
+mac_rows=()
+if [[ ${BENCH_MAC_COMPARE:-1} != 0 ]]; then
+	link rdma 7405 4096 1 "$LAT_N" rdma-lat-nomac "" 0
+	link rdma 7406 65536 "$QD" "$BW_N" rdma-bw-nomac "" 0
+	link tcp 7407 4096 1 "$LAT_N" tcp-lat-nomac "" 0
+	link tcp 7408 65536 "$QD" "$BW_N" tcp-bw-nomac "" 0
+	for tr in rdma tcp; do
+		TR=$(echo "$tr" | tr a-z A-Z)
+		mac_rows+=("| $TR link without frame MACs: 4 KiB QD1 p50 / p99, 64 KiB QD $QD | $(field "$tr-lat-nomac" p50_us) / $(field "$tr-lat-nomac" p99_us) µs, $(field "$tr-bw-nomac" MBps) MB/s | MACs cost: QD1 p50 $(delta "$(field "$tr-lat" p50_us)" "$(field "$tr-lat-nomac" p50_us)") µs, 64 KiB $(pct "$(field "$tr-bw" MBps)" "$(field "$tr-bw-nomac" MBps)") |")
+	done
+fi
 
 # BENCH_BUSY_POLL_SWEEP="0 200 ...": the RDMA QD1 latency at each busy-poll window (µs).
 sweep=()
@@ -127,11 +152,12 @@ ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2fx", 
 	echo "| --- | --- | --- |"
 	echo "| \`ib_write_lat -s 4096\` typical / p99 (half a round trip) | ${lat_typ:-?} / ${lat_p99:-?} µs | |"
 	echo "| round trip floor: 2 x \`ib_write_lat\` typical | $rtt µs | floor |"
-	echo "| RDMA link, 4 KiB post -> durable ack, QD1, p50 / p99 | $r_p50 / $r_p99 µs | $(ratio "$r_p50" "$rtt") |"
+	echo "| RDMA link, 4 KiB post -> durable ack, QD1, p50 / p99 (frame MACs on, the default) | $r_p50 / $r_p99 µs | $(ratio "$r_p50" "$rtt") |"
 	echo "| TCP link, 4 KiB post -> durable ack, QD1, p50 / p99 | $t_p50 / $t_p99 µs | $(ratio "$t_p50" "$rtt") |"
 	echo "| \`ib_write_bw -s 65536\` average | $bw_floor MB/s | floor |"
 	echo "| RDMA link, 64 KiB posts, QD $QD | $r_bw MB/s | $(ratio "$r_bw" "$bw_floor") |"
 	echo "| TCP link, 64 KiB posts, QD $QD | $t_bw MB/s | $(ratio "$t_bw" "$bw_floor") |"
+	for row in "${mac_rows[@]}"; do echo "$row"; done
 	for row in "${sweep[@]}"; do echo "$row"; done
 	echo
 	echo "RDMA vs TCP: latency p50 $(ratio "$t_p50" "$r_p50") lower on RDMA, throughput $(ratio "$r_bw" "$t_bw") of TCP."

@@ -18,8 +18,19 @@ pub trait SecondStore: Send + Sync + 'static {
     /// Make `[offset, offset+len)` durable (cache flush / msync). The acknowledgement is sent only
     /// after this returned Ok; an Err is reported to the sender's post.
     fn persist(&self, offset: u64, len: u64) -> std::io::Result<()>;
-    /// A record is durable and about to be acknowledged.
+    /// A record is durable and about to be acknowledged (called by the default
+    /// [`SecondStore::hold_record`]; a store that may refuse records implements that instead).
     fn on_record(&self, _partition: u32, _seq: u64, _offset: u64, _len: u32) {}
+    /// A record is durable (`persist` returned Ok): hold it, or refuse it. `Ok` acknowledges it
+    /// as held and the sender's post succeeds; `Err(reason)` acknowledges it as refused and the
+    /// sender's post fails with [`LinkError::RecordRefused`] carrying `reason` — for a record
+    /// this store cannot account for (outside its partition, an unknown partition: the nodes'
+    /// layouts disagree). Either way the link stays up. The default calls
+    /// [`SecondStore::on_record`] and holds everything.
+    fn hold_record(&self, partition: u32, seq: u64, offset: u64, len: u32) -> Result<(), String> {
+        self.on_record(partition, seq, offset, len);
+        Ok(())
+    }
     /// The peer flushed its records of `partition` up to `through_seq` to its medium: their
     /// second-store space may be reclaimed.
     fn on_release(&self, _partition: u32, _through_seq: u64) {}

@@ -5,7 +5,7 @@ use crate::error::{LinkError, Result};
 use crate::proto::{
     DEFAULT_MAX_REQUEST, MAX_RECORD_LEN, MAX_REQUEST_LEN, TRANSPORT_RDMA, TRANSPORT_TCP,
 };
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// Which transport carries the mirror traffic.
@@ -65,6 +65,22 @@ pub struct LinkConfig {
     /// The link is declared down when a post stays unacknowledged for this long.
     pub ack_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// Listener: how long an incoming connection may take from being accepted until the
+    /// connector has proven the secret. Until then it holds one of a few pending slots (at
+    /// most 16, at most 4 per source address); a stranger that connects and says nothing is
+    /// dropped after this. Short: the partner authenticates within a few round trips.
+    pub accept_timeout: Duration,
+    /// Listener: the IP address the partner connects from, if known (usually its cluster
+    /// address). Its connections are never turned away because strangers hold the pending
+    /// slots: a stranger's pending connection is dropped to make room. Without it, the address
+    /// of the last authenticated connection is used the same way.
+    pub peer_ip: Option<IpAddr>,
+    /// Authenticate every message after the handshake with a MAC under a key of this
+    /// connection (keyed BLAKE3 over a per-direction sequence number and the message, a
+    /// record's bytes included), so that nobody on the network path can inject, alter, replay
+    /// or reorder traffic — e.g. write the partner's second store. Both nodes must agree. On
+    /// by default; off only to measure what it costs.
+    pub frame_mac: bool,
     /// Pause between connection attempts (connector).
     pub reconnect_delay: Duration,
     /// Requests this node serves concurrently; the peer keeps at most
@@ -108,6 +124,9 @@ impl LinkConfig {
             heartbeat_timeout: Duration::from_secs(2),
             ack_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
+            accept_timeout: Duration::from_secs(1),
+            peer_ip: None,
+            frame_mac: true,
             reconnect_delay: Duration::from_millis(200),
             request_window: 32,
             max_request: DEFAULT_MAX_REQUEST,
@@ -149,6 +168,12 @@ impl LinkConfig {
             return bad(format!(
                 "max_request {} out of range 0..={MAX_REQUEST_LEN}",
                 self.max_request
+            ));
+        }
+        if self.accept_timeout.is_zero() || self.handshake_timeout.is_zero() {
+            return bad(format!(
+                "handshake timeout {:?} and accept timeout {:?} must not be zero",
+                self.handshake_timeout, self.accept_timeout
             ));
         }
         if self.request_timeout.is_zero() {

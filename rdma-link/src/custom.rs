@@ -6,7 +6,7 @@
 use crate::error::{FrameError, LinkError, Result};
 use crate::handshake::PeerInfo;
 use crate::network::{Connection, Listener, MessageReceiver, MessageSender, Network};
-use crate::proto::{decode_message, Msg, RecordHdr};
+use crate::proto::{decode_message_mac, FrameMac, Msg, RecordHdr};
 use crate::shared::Shared;
 use crate::stream::{dial, MsgRead, MsgWrite, RecordSink, StreamIo, StreamWire};
 use crate::wire::Carrier;
@@ -25,8 +25,16 @@ fn net_io(shared: &Shared, c: Connection) -> NetIo {
         max_record: shared.cfg.max_record,
         // No request payloads before authentication.
         max_request: 0,
+        mac: None,
     };
-    StreamIo::new(shared, NetWrite { tx: c.sender }, rd)
+    StreamIo::new(
+        shared,
+        NetWrite {
+            tx: c.sender,
+            mac: None,
+        },
+        rd,
+    )
 }
 
 impl Carrier for NetCarrier {
@@ -70,39 +78,57 @@ impl Carrier for NetCarrier {
         "custom network".into()
     }
 
-    fn established(&self, shared: &Arc<Shared>, conn: NetIo, _peer: &PeerInfo) -> Self::Wire {
-        conn.into_wire(shared)
+    fn established(&self, shared: &Arc<Shared>, conn: NetIo, peer: &PeerInfo) -> Self::Wire {
+        conn.into_wire(shared, peer.keys.as_ref())
     }
 }
 
+/// Sends whole messages; after the handshake each ends in its MAC.
 pub(crate) struct NetWrite {
     tx: Box<dyn MessageSender>,
+    mac: Option<FrameMac>,
+}
+
+impl NetWrite {
+    /// Append the MAC of the message in `b` (if frames are authenticated) and send it.
+    async fn seal_and_send(&mut self, mut b: Vec<u8>) -> io::Result<()> {
+        if let Some(mac) = &mut self.mac {
+            let tag = mac.tag(&[&b]);
+            b.extend_from_slice(&tag);
+        }
+        self.tx.send(b.into()).await
+    }
 }
 
 impl MsgWrite for NetWrite {
     async fn control(&mut self, m: &Msg) -> io::Result<()> {
         let mut b = Vec::with_capacity(64);
         m.encode(&mut b);
-        self.tx.send(b.into()).await
+        self.seal_and_send(b).await
     }
 
     async fn record(&mut self, hdr: &RecordHdr, data: &[u8]) -> io::Result<()> {
-        let mut b = Vec::with_capacity(crate::proto::RECORD_HDR_LEN + data.len());
+        let mut b =
+            Vec::with_capacity(crate::proto::RECORD_HDR_LEN + data.len() + crate::proto::TAG_LEN);
         Msg::Record(*hdr).encode(&mut b);
         b.extend_from_slice(data);
-        self.tx.send(b.into()).await
+        self.seal_and_send(b).await
     }
 
     async fn data(&mut self, m: &Msg) -> io::Result<usize> {
         let Some((head, payload)) = m.data_parts() else {
             return Ok(0);
         };
-        let mut b = Vec::with_capacity(head.len() + payload.len());
+        let mut b = Vec::with_capacity(head.len() + payload.len() + crate::proto::TAG_LEN);
         b.extend_from_slice(&head);
         b.extend_from_slice(payload);
         let n = b.len();
-        self.tx.send(b.into()).await?;
+        self.seal_and_send(b).await?;
         Ok(n)
+    }
+
+    fn start_mac(&mut self, mac: FrameMac) {
+        self.mac = Some(mac);
     }
 
     // Messages go out whole; nothing is buffered here.
@@ -122,15 +148,27 @@ pub(crate) struct NetRead {
     rx: Box<dyn MessageReceiver>,
     max_record: u32,
     max_request: u32,
+    mac: Option<FrameMac>,
 }
 
 impl MsgRead for NetRead {
     async fn read(&mut self, sink: &RecordSink) -> Result<Msg, FrameError> {
         let m: Bytes = self.rx.recv().await?.ok_or(FrameError::Closed)?;
-        decode_message(m, self.max_record, self.max_request, |h| sink.place(h))
+        // The MAC is checked before a record's bytes are copied into the second store.
+        decode_message_mac(
+            m,
+            self.max_record,
+            self.max_request,
+            self.mac.as_mut(),
+            |h| sink.place(h),
+        )
     }
 
     fn allow_requests(&mut self, max_request: u32) {
         self.max_request = max_request;
+    }
+
+    fn start_mac(&mut self, mac: FrameMac) {
+        self.mac = Some(mac);
     }
 }

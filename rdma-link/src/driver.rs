@@ -1,7 +1,8 @@
 //! The link's background work, written once for every transport ([`Carrier`] / [`Wire`]): the
-//! connector's reconnect loop, the listener's accept loop with a bound on pending connections,
-//! the handshake with its timeouts, and the connection loop that feeds the [`Session`] with
-//! commands, messages, ticks and handler answers and has the wire send what it queued.
+//! connector's reconnect loop, the listener's accept loop with its bounds on unauthenticated
+//! connections (see [`Admission`]), the handshake with its timeouts, and the connection loop
+//! that feeds the [`Session`] with commands, messages, ticks and handler answers and has the
+//! wire send what it queued.
 //!
 //! Every `select!` here is `biased` (stop and shutdown first, then arrivals, then commands):
 //! tokio would otherwise pick among ready branches at random, and a simulation could not replay.
@@ -17,13 +18,19 @@ use crate::shared::{Answer, ConnHandle, Shared};
 use crate::spawn::{CatchUnwind, TaskHandle};
 use crate::wire::{Carrier, Wire};
 use bytes::Bytes;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::time::Instant;
 
-/// Handshaking and established connections a listener keeps at most; more are turned away.
+/// Unauthenticated (pending) incoming connections a listener keeps at most.
 const MAX_PENDING: usize = 16;
+/// Pending incoming connections from one source address at most.
+const MAX_PENDING_PER_SOURCE: usize = 4;
+/// How often the listener says how many connections it turned away.
+const TURNED_AWAY_REPORT: Duration = Duration::from_secs(10);
 /// Commands taken from the handle per turn of the connection loop, so a flood of posts cannot
 /// starve the other branches.
 const CMD_BATCH: usize = 64;
@@ -59,8 +66,7 @@ async fn connect_loop<C: Carrier>(shared: &Arc<Shared>, carrier: &Arc<C>, addr: 
         shared.set_state_if_not_up(LinkState::Connecting);
         let attempt = async {
             let mut conn = carrier.connect(shared, addr).await?;
-            let region = carrier.store_region(&conn);
-            let peer = tokio::time::timeout(hs, handshake::connector(&mut conn, shared, region))
+            let peer = tokio::time::timeout(hs, handshake::connector(&mut conn, shared))
                 .await
                 .map_err(|_| handshake_timeout(shared))??;
             Ok::<_, LinkError>((conn, peer))
@@ -118,7 +124,7 @@ async fn listen_loop<C: Carrier>(shared: &Arc<Shared>, carrier: &Arc<C>, addr: S
         }
     };
     tracing::info!(%addr, "mirror link listening ({})", C::NAME);
-    let mut conns: Vec<TaskHandle> = Vec::new();
+    let mut admission = Admission::new(shared.cfg.peer_ip);
     loop {
         let r = tokio::select! {
             biased;
@@ -127,15 +133,20 @@ async fn listen_loop<C: Carrier>(shared: &Arc<Shared>, carrier: &Arc<C>, addr: S
         };
         match r {
             Ok(Some((pending, from))) => {
-                conns.retain(|t| !t.is_finished());
-                // Bound the number of half-open / handshaking connections.
-                if conns.len() >= MAX_PENDING {
-                    tracing::warn!(from = ?from, "too many pending mirror-link connections; refusing this one");
+                let ip = from.map(|a| a.ip());
+                if !admission.make_room(ip) {
                     carrier.refuse(pending);
                     continue;
                 }
-                let task = incoming(shared.clone(), carrier.clone(), pending, from);
-                conns.push(shared.tasks.spawn(task));
+                let state = Arc::new(AtomicU8::new(PENDING));
+                let task = incoming(
+                    shared.clone(),
+                    carrier.clone(),
+                    pending,
+                    from,
+                    state.clone(),
+                );
+                admission.admit(ip, state, shared.tasks.spawn_abortable(task));
             }
             Ok(None) => {}
             Err(e) => {
@@ -146,33 +157,228 @@ async fn listen_loop<C: Carrier>(shared: &Arc<Shared>, carrier: &Arc<C>, addr: S
     }
     // The connections end on the shutdown signal too. The listener goes last (as the RDMA
     // transport always did: its connections' ids came from it).
-    for t in conns {
+    for t in admission.into_tasks() {
         t.join().await;
     }
     drop(listener);
 }
 
-/// One accepted connection: set up, handshake, then serve it until it fails.
+/// States of an incoming connection, shared by its task and the listener: accepted, nothing
+/// valid heard yet; its hello passed the checks (it knows the cluster's public facts); it
+/// proved the secret; dropped by the listener.
+const PENDING: u8 = 0;
+const HELLO: u8 = 1;
+const AUTHENTICATED: u8 = 2;
+const EVICTED: u8 = 3;
+
+/// Move `state` from pending (with or without a hello) to `to`; false if it was not pending.
+fn leave_pending(state: &AtomicU8, to: u8) -> bool {
+    state
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+            matches!(s, PENDING | HELLO).then_some(to)
+        })
+        .is_ok()
+}
+
+struct Incoming {
+    from: Option<IpAddr>,
+    since: Instant,
+    state: Arc<AtomicU8>,
+    task: TaskHandle,
+}
+
+impl Incoming {
+    fn pending(&self) -> bool {
+        !self.task.is_finished() && matches!(self.state.load(Ordering::Acquire), PENDING | HELLO)
+    }
+    /// Pending and nothing valid heard yet.
+    fn idle(&self) -> bool {
+        !self.task.is_finished() && self.state.load(Ordering::Acquire) == PENDING
+    }
+}
+
+/// Who gets a slot among the listener's unauthenticated connections, so that strangers cannot
+/// keep the partner out (issue #15, item 7):
+///
+/// * an incoming connection must authenticate within `accept_timeout` (see `incoming`);
+/// * at most [`MAX_PENDING_PER_SOURCE`] pending connections per source address: one more from
+///   the same address replaces that address's oldest;
+/// * at most [`MAX_PENDING`] pending connections: when full, a newcomer replaces the oldest
+///   pending connection of the address holding the most slots, preferring connections that
+///   have not even sent a valid hello, and never one from the partner's address (`peer_ip`, or
+///   the address of the last authenticated connection). So idle strangers cannot push out a
+///   partner that is handshaking (it sends its hello at once), strangers from other addresses
+///   cannot push out the partner's address at all, and a stranger's connection gets no more
+///   than a share of the slots while it lasts;
+/// * authenticated connections hold no pending slot.
+///
+/// A newcomer is turned away only when no slot can be freed without evicting the partner.
+/// Left open: before the first authenticated connection (and without `peer_ip`), strangers
+/// from many addresses that send valid hellos (the cluster id and node ids are not secret)
+/// and keep reconnecting can still crowd the partner out; they cannot once its address is
+/// known.
+struct Admission {
+    conns: Vec<Incoming>,
+    configured_peer: Option<IpAddr>,
+    learned_peer: Option<IpAddr>,
+    turned_away: u64,
+    evicted: u64,
+    last_report: Instant,
+}
+
+impl Admission {
+    fn new(configured_peer: Option<IpAddr>) -> Admission {
+        Admission {
+            conns: Vec::new(),
+            configured_peer,
+            learned_peer: None,
+            turned_away: 0,
+            evicted: 0,
+            last_report: Instant::now(),
+        }
+    }
+
+    fn is_peer(&self, ip: Option<IpAddr>) -> bool {
+        ip.is_some() && (ip == self.configured_peer || ip == self.learned_peer)
+    }
+
+    /// Forget finished connections and learn the partner's address from authenticated ones.
+    fn tidy(&mut self) {
+        self.conns.retain(|c| !c.task.is_finished());
+        for c in &self.conns {
+            if c.state.load(Ordering::Acquire) == AUTHENTICATED && c.from.is_some() {
+                self.learned_peer = c.from;
+            }
+        }
+    }
+
+    /// Drop pending connection `i` (unless it authenticated this very moment).
+    fn evict(&mut self, i: usize) -> bool {
+        let c = &self.conns[i];
+        if !leave_pending(&c.state, EVICTED) {
+            return false;
+        }
+        tracing::debug!(from = ?c.from, age = ?c.since.elapsed(), "dropping a pending mirror-link connection to make room");
+        c.task.abort();
+        self.conns.swap_remove(i);
+        self.evicted += 1;
+        true
+    }
+
+    /// Make room for a connection from `ip`; false: turn it away.
+    fn make_room(&mut self, ip: Option<IpAddr>) -> bool {
+        self.tidy();
+        let ok = self.make_room_inner(ip);
+        if !ok {
+            self.turned_away += 1;
+        }
+        if (self.turned_away > 0 || self.evicted > 0)
+            && self.last_report.elapsed() >= TURNED_AWAY_REPORT
+        {
+            tracing::warn!(
+                turned_away = self.turned_away,
+                dropped = self.evicted,
+                last_from = ?ip,
+                "unauthenticated mirror-link connections turned away or dropped to make room (a stranger or a scanner on the mirror network?)"
+            );
+            self.turned_away = 0;
+            self.evicted = 0;
+            self.last_report = Instant::now();
+        }
+        ok
+    }
+
+    /// The oldest of `candidates`, preferring idle ones.
+    fn oldest(&self, candidates: impl Iterator<Item = usize> + Clone) -> Option<usize> {
+        let idle = candidates
+            .clone()
+            .filter(|&i| self.conns[i].idle())
+            .min_by_key(|&i| self.conns[i].since);
+        idle.or_else(|| candidates.min_by_key(|&i| self.conns[i].since))
+    }
+
+    fn make_room_inner(&mut self, ip: Option<IpAddr>) -> bool {
+        // The per-source bound: the newcomer replaces one of its own address's.
+        let same =
+            (0..self.conns.len()).filter(|&i| self.conns[i].pending() && self.conns[i].from == ip);
+        if same.clone().count() >= MAX_PENDING_PER_SOURCE {
+            return self.oldest(same).is_some_and(|i| self.evict(i));
+        }
+        let pending = self.conns.iter().filter(|c| c.pending()).count();
+        if pending < MAX_PENDING {
+            return true;
+        }
+        // Full: one of the address holding the most slots, never the partner's.
+        let mut per_source: Vec<(Option<IpAddr>, usize)> = Vec::new();
+        for c in self.conns.iter().filter(|c| c.pending()) {
+            if self.is_peer(c.from) {
+                continue;
+            }
+            match per_source.iter_mut().find(|(a, _)| *a == c.from) {
+                Some((_, n)) => *n += 1,
+                None => per_source.push((c.from, 1)),
+            }
+        }
+        let Some(most) = per_source.iter().map(|(_, n)| *n).max() else {
+            return false;
+        };
+        let victims = (0..self.conns.len()).filter(|&i| {
+            let c = &self.conns[i];
+            c.pending()
+                && !self.is_peer(c.from)
+                && per_source.iter().any(|(a, n)| *a == c.from && *n == most)
+        });
+        self.oldest(victims).is_some_and(|i| self.evict(i))
+    }
+
+    fn admit(&mut self, from: Option<IpAddr>, state: Arc<AtomicU8>, task: TaskHandle) {
+        self.conns.push(Incoming {
+            from,
+            since: Instant::now(),
+            state,
+            task,
+        });
+    }
+
+    fn into_tasks(self) -> impl Iterator<Item = TaskHandle> {
+        self.conns.into_iter().map(|c| c.task)
+    }
+}
+
+/// One accepted connection: set up, handshake, then serve it until it fails. It must prove
+/// the secret within `accept_timeout` of being accepted; `state` tells the listener whether it
+/// still holds a pending slot.
 async fn incoming<C: Carrier>(
     shared: Arc<Shared>,
     carrier: Arc<C>,
     pending: C::Pending,
     from: Option<SocketAddr>,
+    state: Arc<AtomicU8>,
 ) {
     let hs = shared.cfg.handshake_timeout;
+    let deadline = Instant::now() + shared.cfg.accept_timeout;
+    let late = || LinkError::Handshake {
+        peer: shared.cfg.peer_node_id,
+        source: HandshakeError::AcceptTimeout(shared.cfg.accept_timeout),
+    };
     let setup = async {
-        let mut conn = carrier.establish(&shared, pending).await?;
-        let region = carrier.store_region(&conn);
-        let peer = tokio::time::timeout(hs, handshake::acceptor(&mut conn, &shared, region))
+        let mut conn = tokio::time::timeout_at(deadline, carrier.establish(&shared, pending))
+            .await
+            .map_err(|_| late())??;
+        let hello_ok = || {
+            let _ = state.compare_exchange(PENDING, HELLO, Ordering::AcqRel, Ordering::Acquire);
+        };
+        let handshake = handshake::acceptor(&mut conn, &shared, deadline, &hello_ok);
+        let peer = tokio::time::timeout(hs, handshake)
             .await
             .map_err(|_| handshake_timeout(&shared))??;
         Ok::<_, LinkError>((conn, peer))
     };
-    match tokio::time::timeout(hs * 2, setup)
-        .await
-        .unwrap_or_else(|_| Err(handshake_timeout(&shared)))
-    {
+    match setup.await {
         Ok((conn, peer)) => {
+            if !leave_pending(&state, AUTHENTICATED) {
+                return; // dropped by the listener a moment ago
+            }
             let via = carrier.describe(&conn);
             tracing::info!(peer = shared.peer(), from = ?from, %via, "mirror link up ({}, acceptor)", C::NAME);
             serve(&shared, carrier.as_ref(), conn, peer).await;

@@ -33,6 +33,15 @@ pub enum HandshakeError {
         ours: &'static str,
         theirs: &'static str,
     },
+    #[error("frame authentication is {ours} on node {node} but {theirs} on node {peer}; configure the same frame_mac on both nodes")]
+    FrameMac {
+        node: u32,
+        ours: &'static str,
+        peer: u32,
+        theirs: &'static str,
+    },
+    #[error("an incoming connection did not authenticate within {0:?} of being accepted (a stranger, or a partner too slow to connect); dropped it")]
+    AcceptTimeout(std::time::Duration),
     #[error("the peer rejected the handshake: {0}")]
     PeerRejected(String),
     #[error("unexpected message during the handshake: {0}")]
@@ -58,6 +67,8 @@ pub enum FrameError {
         len: u64,
         region_len: u64,
     },
+    #[error("message {seq} of this connection failed its authentication (MAC mismatch): forged, altered, replayed or reordered traffic on the mirror network")]
+    BadMac { seq: u64 },
     #[error("connection closed by the peer")]
     Closed,
     #[error("I/O error: {0}")]
@@ -94,6 +105,13 @@ pub enum LinkError {
         partition: u32,
         seq: u64,
         message: String,
+    },
+    #[error("node {peer} refused to hold record (partition {partition}, seq {seq}): {reason}; the two nodes' NVRAM layouts (LUN size, ranges, partitions) must agree")]
+    RecordRefused {
+        peer: u32,
+        partition: u32,
+        seq: u64,
+        reason: String,
     },
     #[error("handshake with node {peer} failed: {source}")]
     Handshake { peer: u32, source: HandshakeError },

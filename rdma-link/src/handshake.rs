@@ -1,36 +1,49 @@
-//! Connection handshake: version, cluster, node ids, layout and mutual HMAC authentication.
+//! Connection handshake: version, cluster, node ids, layout and mutual HMAC authentication,
+//! then the session keys that authenticate every later message.
 //!
 //! ```text
 //! connector                                  acceptor
 //!   Hello{version, cluster, ids, nonce_c, info}  ->
 //!                                            checks version, cluster, ids, layout
-//!   <-  Challenge{hello(nonce_s, info), mac_a = HMAC(secret, "acceptor"  | transcript)}
+//!   <-  Challenge{hello(nonce_s, info), mac_a = HMAC(secret, "acceptor"  | transcript), flags}
 //!   checks the same, verifies mac_a (the acceptor knows the secret)
-//!   Auth{mac_c = HMAC(secret, "connector" | transcript), resync, region}  ->
+//!   Auth{mac_c = HMAC(secret, "connector" | transcript | resync, region), resync, region}  ->
 //!                                            verifies mac_c (the connector knows the secret)
-//!   <-  Welcome{resync, region}                    (or Reject{reason} at any step, both ways)
+//!   <-  Welcome{mac_w = HMAC(secret, "welcome" | transcript | resync, region), resync, region}
+//!   verifies mac_w                                 (or Reject{reason} at any step, both ways)
+//!   -- from here on every message of both sides carries a MAC under the session keys --
 //! ```
-//! The transcript covers both nonces, both node ids, the cluster id and the version, so a MAC
-//! cannot be replayed into another session. The secret never crosses the wire, and each side
-//! sends its RDMA region coordinates only to a peer that has already proven the secret.
+//! The handshake's own messages go without frame MACs (each proves itself), so a refusal at
+//! any step reaches the other side as a plain `Reject` it can read. The session keys are
+//! derived from the same transcript, one per direction, and handed to the transport with the
+//! [`PeerInfo`]; the first message after `Welcome` in either direction is the first with a MAC.
+//! The transcript (see [`crate::proto::Transcript`]) covers both nonces, both node ids, the
+//! cluster id, the version, both hellos' facts and the acceptor's flags, so a MAC cannot be
+//! replayed into another session and nothing either side announced can be changed on the way.
+//! The secret never crosses the wire. Each side sets up what only the peer may use — on RDMA
+//! its second store, registered for remote writes — and sends its coordinates only once the
+//! peer has proven the secret (`MsgIo::authenticated`).
 //!
 //! Runs over any [`MsgIo`] (a TCP stream, the RDMA QP's SEND/RECV, a custom network's
 //! connection) before the connection loop takes over.
 
 use crate::error::{HandshakeError, LinkError, Result};
 use crate::proto::{
-    transport_name, Hello, Msg, NodeInfo, RemoteRegion, ResyncPoint, MAGIC, PROTOCOL_VERSION,
+    proof_payload, transport_name, Hello, Msg, NodeInfo, Proof, RemoteRegion, ResyncPoint,
+    SessionKeys, Side, Transcript, FLAG_FRAME_MAC, MAGIC, PROTOCOL_VERSION,
 };
 use crate::shared::Shared;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
-use sha2::Sha256;
 use std::future::Future;
+use tokio::time::Instant;
 
 /// A message pipe used for the handshake.
 pub(crate) trait MsgIo: Send {
     fn send_msg(&mut self, m: &Msg) -> impl Future<Output = Result<()>> + Send;
     fn recv_msg(&mut self) -> impl Future<Output = Result<Msg>> + Send;
+    /// The peer has proven the secret: set up what only it may use (RDMA: register our second
+    /// store for its remote writes) and return the coordinates to send it.
+    fn authenticated(&mut self) -> Result<Option<RemoteRegion>>;
 }
 
 /// What the handshake learned about the peer.
@@ -39,33 +52,24 @@ pub(crate) struct PeerInfo {
     pub info: NodeInfo,
     pub resync: ResyncPoint,
     pub region: Option<RemoteRegion>,
+    /// The frame keys of this connection (None: frame MACs are off on both nodes).
+    pub keys: Option<SessionKeys>,
 }
 
-const LABEL_ACCEPTOR: &[u8] = b"nvmirror-link acceptor";
-const LABEL_CONNECTOR: &[u8] = b"nvmirror-link connector";
+fn our_flags(shared: &Shared) -> u8 {
+    if shared.cfg.frame_mac {
+        FLAG_FRAME_MAC
+    } else {
+        0
+    }
+}
 
-fn mac(
-    secret: &[u8],
-    label: &[u8],
-    cluster: u64,
-    connector: u32,
-    acceptor: u32,
-    nonce_c: &[u8; 32],
-    nonce_a: &[u8; 32],
-) -> Hmac<Sha256> {
-    // HMAC accepts keys of any length; new_from_slice cannot fail for Hmac.
-    let mut m = match <Hmac<Sha256> as Mac>::new_from_slice(secret) {
-        Ok(m) => m,
-        Err(_) => unreachable!("HMAC takes keys of any length"),
-    };
-    m.update(label);
-    m.update(&PROTOCOL_VERSION.to_le_bytes());
-    m.update(&cluster.to_le_bytes());
-    m.update(&connector.to_le_bytes());
-    m.update(&acceptor.to_le_bytes());
-    m.update(nonce_c);
-    m.update(nonce_a);
-    m
+fn on_off(flags: u8) -> &'static str {
+    if flags & FLAG_FRAME_MAC != 0 {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 fn our_hello(shared: &Shared, nonce: [u8; 32]) -> Hello {
@@ -124,8 +128,8 @@ fn check_hello(shared: &Shared, h: &Hello) -> Result<(), HandshakeError> {
     }
     if h.info.layout_tag != cfg.layout_tag {
         return Err(HandshakeError::Layout(format!(
-            "layout tag {:#x} here, {:#x} on node {}",
-            cfg.layout_tag, h.info.layout_tag, h.from_node
+            "node {} has layout tag {:#x}, node {} has layout tag {:#x}",
+            cfg.node_id, cfg.layout_tag, h.from_node, h.info.layout_tag
         )));
     }
     let my_first = shared.local.map_or(0, |r| r.len() as u64);
@@ -190,138 +194,163 @@ fn nonce() -> [u8; 32] {
     n
 }
 
-pub(crate) async fn connector<I: MsgIo>(
-    io: &mut I,
-    shared: &Shared,
-    region: Option<RemoteRegion>,
-) -> Result<PeerInfo> {
+/// Both nodes' hellos and the acceptor's flags, as the proofs and keys see them.
+fn transcript(hello_c: &Hello, hello_a: &Hello, flags_a: u8) -> Transcript {
+    Transcript {
+        cluster_id: hello_c.cluster_id,
+        connector: hello_c.from_node,
+        acceptor: hello_a.from_node,
+        nonce_c: hello_c.nonce,
+        nonce_a: hello_a.nonce,
+        info_c: hello_c.info,
+        info_a: hello_a.info,
+        flags_a,
+    }
+}
+
+pub(crate) async fn connector<I: MsgIo>(io: &mut I, shared: &Shared) -> Result<PeerInfo> {
     let cfg = &shared.cfg;
-    let nonce_c = nonce();
-    io.send_msg(&Msg::Hello(our_hello(shared, nonce_c))).await?;
-    let (hello, mac_a) = match io.recv_msg().await? {
-        Msg::Challenge { hello, mac } => (hello, mac),
+    let ours = our_hello(shared, nonce());
+    io.send_msg(&Msg::Hello(ours.clone())).await?;
+    let (hello, mac_a, flags) = match io.recv_msg().await? {
+        Msg::Challenge { hello, mac, flags } => (hello, mac, flags),
         m => return Err(unexpected(shared, m, "challenge")),
     };
     if let Err(e) = check_hello(shared, &hello) {
         return Err(reject(io, shared, e).await);
     }
-    let m = mac(
-        &cfg.secret,
-        LABEL_ACCEPTOR,
-        cfg.cluster_id,
-        cfg.node_id,
-        cfg.peer_node_id,
-        &nonce_c,
-        &hello.nonce,
-    );
-    if m.verify_slice(&mac_a).is_err() {
-        return Err(reject(
-            io,
-            shared,
-            HandshakeError::Auth {
-                peer: cfg.peer_node_id,
-            },
-        )
-        .await);
+    let t = transcript(&ours, &hello, flags);
+    if !t.verify(&cfg.secret, Proof::Challenge, &[], &mac_a) {
+        let e = HandshakeError::Auth {
+            peer: cfg.peer_node_id,
+        };
+        return Err(reject(io, shared, e).await);
     }
-    let mac_c = mac(
-        &cfg.secret,
-        LABEL_CONNECTOR,
-        cfg.cluster_id,
-        cfg.node_id,
-        cfg.peer_node_id,
-        &nonce_c,
-        &hello.nonce,
-    )
-    .finalize()
-    .into_bytes();
+    if flags != our_flags(shared) {
+        let e = HandshakeError::FrameMac {
+            node: cfg.node_id,
+            ours: on_off(our_flags(shared)),
+            peer: cfg.peer_node_id,
+            theirs: on_off(flags),
+        };
+        return Err(reject(io, shared, e).await);
+    }
+    // The acceptor has proven the secret.
+    let region = io.authenticated()?;
     let resync = shared
         .store
         .as_ref()
         .map(|s| s.resync_point())
         .unwrap_or_default();
+    let mac = t.proof(&cfg.secret, Proof::Auth, &proof_payload(&resync, &region));
     io.send_msg(&Msg::Auth {
-        mac: mac_c.into(),
+        mac,
         resync,
         region,
     })
     .await?;
-    match io.recv_msg().await? {
-        Msg::Welcome { resync, region } => Ok(PeerInfo {
-            info: hello.info,
+    let (mac_w, resync, region) = match io.recv_msg().await? {
+        Msg::Welcome {
+            mac,
             resync,
             region,
-        }),
-        m => Err(unexpected(shared, m, "welcome")),
+        } => (mac, resync, region),
+        m => return Err(unexpected(shared, m, "welcome")),
+    };
+    if !t.verify(
+        &cfg.secret,
+        Proof::Welcome,
+        &proof_payload(&resync, &region),
+        &mac_w,
+    ) {
+        let e = HandshakeError::Auth {
+            peer: cfg.peer_node_id,
+        };
+        return Err(reject(io, shared, e).await);
     }
+    Ok(PeerInfo {
+        info: hello.info,
+        resync,
+        region,
+        keys: cfg.frame_mac.then(|| t.keys(&cfg.secret, Side::Connector)),
+    })
 }
 
+/// `unauthenticated_until`: the connector must have proven the secret by then (a stranger
+/// holds an accept slot no longer). `hello_ok` is called once its hello passed the checks.
 pub(crate) async fn acceptor<I: MsgIo>(
     io: &mut I,
     shared: &Shared,
-    region: Option<RemoteRegion>,
+    unauthenticated_until: Instant,
+    hello_ok: &(dyn Fn() + Sync),
 ) -> Result<PeerInfo> {
     let cfg = &shared.cfg;
-    let hello = match io.recv_msg().await? {
+    let late = || fail(shared, HandshakeError::AcceptTimeout(cfg.accept_timeout));
+    let hello = match tokio::time::timeout_at(unauthenticated_until, io.recv_msg())
+        .await
+        .map_err(|_| late())??
+    {
         Msg::Hello(h) => h,
         m => return Err(unexpected(shared, m, "hello")),
     };
     if let Err(e) = check_hello(shared, &hello) {
         return Err(reject(io, shared, e).await);
     }
-    let nonce_a = nonce();
-    let mac_a = mac(
-        &cfg.secret,
-        LABEL_ACCEPTOR,
-        cfg.cluster_id,
-        cfg.peer_node_id,
-        cfg.node_id,
-        &hello.nonce,
-        &nonce_a,
-    )
-    .finalize()
-    .into_bytes();
+    hello_ok();
+    let ours = our_hello(shared, nonce());
+    let flags = our_flags(shared);
+    let t = transcript(&hello, &ours, flags);
     io.send_msg(&Msg::Challenge {
-        hello: our_hello(shared, nonce_a),
-        mac: mac_a.into(),
+        hello: ours,
+        mac: t.proof(&cfg.secret, Proof::Challenge, &[]),
+        flags,
     })
     .await?;
-    let (mac_c, resync_c, region_c) = match io.recv_msg().await? {
-        Msg::Auth {
-            mac,
-            resync,
-            region,
-        } => (mac, resync, region),
-        m => return Err(unexpected(shared, m, "auth")),
-    };
-    let m = mac(
+    let (mac_c, resync_c, region_c) =
+        match tokio::time::timeout_at(unauthenticated_until, io.recv_msg())
+            .await
+            .map_err(|_| late())??
+        {
+            Msg::Auth {
+                mac,
+                resync,
+                region,
+            } => (mac, resync, region),
+            m => return Err(unexpected(shared, m, "auth")),
+        };
+    if !t.verify(
         &cfg.secret,
-        LABEL_CONNECTOR,
-        cfg.cluster_id,
-        cfg.peer_node_id,
-        cfg.node_id,
-        &hello.nonce,
-        &nonce_a,
-    );
-    if m.verify_slice(&mac_c).is_err() {
-        return Err(reject(
-            io,
-            shared,
-            HandshakeError::Auth {
-                peer: cfg.peer_node_id,
-            },
-        )
-        .await);
+        Proof::Auth,
+        &proof_payload(&resync_c, &region_c),
+        &mac_c,
+    ) {
+        let e = HandshakeError::Auth {
+            peer: cfg.peer_node_id,
+        };
+        return Err(reject(io, shared, e).await);
     }
+    // The connector has proven the secret.
+    let region = io.authenticated()?;
     let resync = shared
         .store
         .as_ref()
         .map(|s| s.resync_point())
         .unwrap_or_default();
-    io.send_msg(&Msg::Welcome { resync, region }).await?;
+    let mac = t.proof(
+        &cfg.secret,
+        Proof::Welcome,
+        &proof_payload(&resync, &region),
+    );
+    io.send_msg(&Msg::Welcome {
+        mac,
+        resync,
+        region,
+    })
+    .await?;
     Ok(PeerInfo {
         info: hello.info,
         resync: resync_c,
         region: region_c,
+        keys: cfg.frame_mac.then(|| t.keys(&cfg.secret, Side::Acceptor)),
     })
 }

@@ -31,7 +31,7 @@
 //! | --- | --- |
 //! | `error` | error types, written for the operator |
 //! | `region` | raw memory regions (the engine's NVRAM mapping) |
-//! | [`proto`] | the wire format, the same for every transport |
+//! | [`proto`] | the wire format, the same for every transport, and its cryptography (`auth`) |
 //! | `config` | [`LinkConfig`], [`Role`], [`Transport`], defaults and checks |
 //! | `api` | what link and user exchange: [`Post`], [`LinkState`], [`SecondStore`], [`RequestHandler`] |
 //! | `busy` | the busy-poll window of a connection loop |
@@ -45,7 +45,7 @@
 //! | `stream` | a message-stream connection: shared by `tcp` and `custom` |
 //! | `tcp` | TCP sockets and frames |
 //! | `custom` | the transport over a user's [`Network`] |
-//! | `rdma` | RDMA RC queue pairs (`verbs` → `cm` → `chunk` → `conn` → carrier) |
+//! | `rdma` | RDMA RC queue pairs (`verbs` → `cm` → `chunk` → `inbound` → `conn` → carrier) |
 //! | `link` | the public [`Link`] handle, which chooses the transport |
 
 mod api;

@@ -10,7 +10,9 @@
 
 use crate::api::{Post, RequestHandler};
 use crate::error::{LinkError, Result};
-use crate::proto::{status_text, Msg, RecordHdr, STATUS_NO_HANDLER, STATUS_OK, STATUS_TOO_LARGE};
+use crate::proto::{
+    status_text, AckStatus, Msg, RecordHdr, STATUS_NO_HANDLER, STATUS_OK, STATUS_TOO_LARGE,
+};
 use crate::shared::{Answer, Cmd, Shared, Stats};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -308,7 +310,7 @@ impl Session {
         Ok(())
     }
 
-    fn on_ack(&mut self, tag: u64, partition: u32, seq: u64, ok: bool) -> Result<()> {
+    fn on_ack(&mut self, tag: u64, partition: u32, seq: u64, status: AckStatus) -> Result<()> {
         let Some(p) = self.inflight.remove(&tag) else {
             return Err(self.protocol(format!("acknowledgement for unknown post tag {tag}")));
         };
@@ -320,18 +322,33 @@ impl Session {
             let _ = p.reply.send(Err(e.clone()));
             return Err(e);
         }
-        if ok {
-            Stats::count(&self.shared.stats.acked);
-            let _ = p.reply.send(Ok(()));
-        } else {
-            Stats::count(&self.shared.stats.failed);
-            let _ = p.reply.send(Err(LinkError::PersistFailed {
-                peer: self.shared.peer(),
-                partition,
-                seq,
-                message: "the partner's persist (flush/msync) failed; see its log".into(),
-            }));
-        }
+        let peer = self.shared.peer();
+        let result = match status {
+            AckStatus::Held => {
+                Stats::count(&self.shared.stats.acked);
+                Ok(())
+            }
+            AckStatus::PersistFailed(why) => {
+                Stats::count(&self.shared.stats.failed);
+                Err(LinkError::PersistFailed {
+                    peer,
+                    partition,
+                    seq,
+                    message: format!("the partner's persist (flush/msync) failed: {why}"),
+                })
+            }
+            AckStatus::Refused(reason) => {
+                Stats::count(&self.shared.stats.failed);
+                tracing::error!(peer, partition, seq, %reason, "the partner refused to hold a mirrored record");
+                Err(LinkError::RecordRefused {
+                    peer,
+                    partition,
+                    seq,
+                    reason,
+                })
+            }
+        };
+        let _ = p.reply.send(result);
         Ok(())
     }
 
@@ -344,8 +361,8 @@ impl Session {
                 tag,
                 partition,
                 seq,
-                ok,
-            } => self.on_ack(tag, partition, seq, ok),
+                status,
+            } => self.on_ack(tag, partition, seq, status),
             Msg::Release {
                 partition,
                 through_seq,
@@ -393,14 +410,17 @@ impl Session {
                 self.protocol("peer sent a record but this node has no second store".into())
             );
         };
-        let ok = match store.persist(h.offset, u64::from(h.len)) {
-            Ok(()) => {
-                store.on_record(h.partition, h.seq, h.offset, h.len);
-                true
-            }
+        let status = match store.persist(h.offset, u64::from(h.len)) {
+            Ok(()) => match store.hold_record(h.partition, h.seq, h.offset, h.len) {
+                Ok(()) => AckStatus::Held,
+                Err(reason) => {
+                    tracing::error!(partition = h.partition, seq = h.seq, offset = h.offset, len = h.len, %reason, "refusing a mirrored record");
+                    AckStatus::Refused(reason)
+                }
+            },
             Err(e) => {
                 tracing::error!(partition = h.partition, seq = h.seq, offset = h.offset, len = h.len, error = %e, "persisting a mirrored record failed");
-                false
+                AckStatus::PersistFailed(e.to_string())
             }
         };
         Stats::count(&self.shared.stats.records_in);
@@ -409,7 +429,7 @@ impl Session {
             tag: h.tag,
             partition: h.partition,
             seq: h.seq,
-            ok,
+            status,
         });
         Ok(())
     }

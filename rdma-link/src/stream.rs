@@ -1,13 +1,14 @@
 //! A connection that carries whole messages in order over a reliable stream: a TCP socket
 //! (`tcp`) or a custom network's connection (`custom`). Those two supply the halves
 //! ([`MsgWrite`], [`MsgRead`]); this module has what they share — the handshake I/O, the
-//! reader task that lands record bytes straight in the second store, and the write turn (control
-//! messages, then records, then requests and answers within a budget, bounded by the heartbeat
-//! timeout so a peer that stopped reading cannot block the link forever).
+//! reader task that lands record bytes in the second store (after their MAC held), and the write
+//! turn (control messages, then records, then requests and answers within a budget, bounded by
+//! the heartbeat timeout so a peer that stopped reading cannot block the link forever). After
+//! the handshake both halves authenticate every message with the connection's keys.
 
 use crate::error::{FrameError, HandshakeError, LinkError, Result};
 use crate::handshake::MsgIo;
-use crate::proto::{Msg, RecordHdr};
+use crate::proto::{FrameMac, Msg, RecordHdr, SessionKeys};
 use crate::region::Region;
 use crate::session::Session;
 use crate::shared::Shared;
@@ -45,6 +46,8 @@ pub(crate) trait MsgWrite: Send + 'static {
     fn is_idle(&self) -> bool;
     /// Close our direction (the peer reads the end of the stream).
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+    /// From the next message on, append a MAC to every message.
+    fn start_mac(&mut self, mac: FrameMac);
 }
 
 /// The receiving half of a stream connection.
@@ -54,6 +57,9 @@ pub(crate) trait MsgRead: Send + 'static {
     fn read(&mut self, sink: &RecordSink) -> impl Future<Output = Result<Msg, FrameError>> + Send;
     /// Authentication succeeded: accept requests and responses up to `max_request` bytes.
     fn allow_requests(&mut self, max_request: u32);
+    /// From the next message on, every message must carry a valid MAC; a record's bytes reach
+    /// the second store only once its MAC held.
+    fn start_mac(&mut self, mac: FrameMac);
 }
 
 /// Where the reader puts the bytes of a received record.
@@ -131,10 +137,19 @@ impl<W: MsgWrite, R: MsgRead> StreamIo<W, R> {
         }
     }
 
-    /// After the handshake: start the reader task and hand over the writer.
-    pub(crate) fn into_wire(self, shared: &Arc<Shared>) -> StreamWire<W> {
-        let StreamIo { wr, mut rd, .. } = self;
+    /// After the handshake: start the reader task and hand over the writer; from here on every
+    /// message carries a MAC under `keys` (if any).
+    pub(crate) fn into_wire(
+        self,
+        shared: &Arc<Shared>,
+        keys: Option<&SessionKeys>,
+    ) -> StreamWire<W> {
+        let StreamIo { mut wr, mut rd, .. } = self;
         rd.allow_requests(shared.cfg.max_request);
+        if let Some(k) = keys {
+            wr.start_mac(FrameMac::new(k.tx));
+            rd.start_mac(FrameMac::new(k.rx));
+        }
         let sink = RecordSink::Store {
             region: shared.store.as_ref().map(|s| s.region()),
             max_record: shared.cfg.max_record,
@@ -184,6 +199,10 @@ impl<W: MsgWrite, R: MsgRead> MsgIo for StreamIo<W, R> {
                 },
                 e => LinkError::Frame { peer, source: e },
             })
+    }
+
+    fn authenticated(&mut self) -> Result<Option<crate::proto::RemoteRegion>> {
+        Ok(None)
     }
 }
 

@@ -6,7 +6,8 @@
 use crate::error::{FrameError, LinkError, Result};
 use crate::handshake::PeerInfo;
 use crate::proto::{
-    data_frame_header, encode_frame, record_frame_header, FrameReader, Msg, RecordHdr,
+    data_frame_header, encode_frame_mac, record_frame_header, FrameMac, FrameReader, Msg,
+    RecordHdr, FRAME_HEADER_LEN,
 };
 use crate::shared::Shared;
 use crate::stream::{dial, MsgRead, MsgWrite, RecordSink, StreamIo, StreamWire};
@@ -31,6 +32,7 @@ fn tcp_io(shared: &Shared, s: TcpStream) -> Result<TcpIo> {
     let wr = TcpWrite {
         wr: BufWriter::with_capacity(SOCKET_BUF, wr),
         buf: Vec::new(),
+        mac: None,
     };
     let rd = TcpRead {
         rd: BufReader::with_capacity(SOCKET_BUF, rd),
@@ -85,28 +87,35 @@ impl Carrier for TcpCarrier {
         "socket".into()
     }
 
-    fn established(&self, shared: &Arc<Shared>, conn: TcpIo, _peer: &PeerInfo) -> Self::Wire {
-        conn.into_wire(shared)
+    fn established(&self, shared: &Arc<Shared>, conn: TcpIo, peer: &PeerInfo) -> Self::Wire {
+        conn.into_wire(shared, peer.keys.as_ref())
     }
 }
 
-/// Writes frames into a buffered socket.
+/// Writes frames into a buffered socket; after the handshake each frame is followed by its MAC.
 pub(crate) struct TcpWrite {
     wr: BufWriter<OwnedWriteHalf>,
     /// Scratch for encoding control frames.
     buf: Vec<u8>,
+    mac: Option<FrameMac>,
 }
 
 impl MsgWrite for TcpWrite {
     async fn control(&mut self, m: &Msg) -> io::Result<()> {
         self.buf.clear();
-        encode_frame(m, &mut self.buf);
+        encode_frame_mac(m, self.mac.as_mut(), &mut self.buf);
         self.wr.write_all(&self.buf).await
     }
 
     async fn record(&mut self, hdr: &RecordHdr, data: &[u8]) -> io::Result<()> {
-        self.wr.write_all(&record_frame_header(hdr, data)).await?;
-        self.wr.write_all(data).await
+        let head = record_frame_header(hdr, data);
+        self.wr.write_all(&head).await?;
+        self.wr.write_all(data).await?;
+        if let Some(mac) = &mut self.mac {
+            let tag = mac.tag(&[&head[FRAME_HEADER_LEN..], data]);
+            self.wr.write_all(&tag).await?;
+        }
+        Ok(())
     }
 
     async fn data(&mut self, m: &Msg) -> io::Result<usize> {
@@ -115,7 +124,15 @@ impl MsgWrite for TcpWrite {
         };
         self.wr.write_all(&head).await?;
         self.wr.write_all(payload).await?;
+        if let Some(mac) = &mut self.mac {
+            let tag = mac.tag(&[&head[FRAME_HEADER_LEN..], payload]);
+            self.wr.write_all(&tag).await?;
+        }
         Ok(head.len() + payload.len())
+    }
+
+    fn start_mac(&mut self, mac: FrameMac) {
+        self.mac = Some(mac);
     }
 
     async fn flush(&mut self) -> io::Result<()> {
@@ -144,6 +161,10 @@ impl MsgRead for TcpRead {
     }
 
     fn allow_requests(&mut self, max_request: u32) {
-        self.reader = FrameReader::with_limits(self.max_record, max_request);
+        self.reader.set_limits(self.max_record, max_request);
+    }
+
+    fn start_mac(&mut self, mac: FrameMac) {
+        self.reader.set_mac(mac);
     }
 }

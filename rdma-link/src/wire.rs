@@ -9,7 +9,6 @@
 
 use crate::error::Result;
 use crate::handshake::{MsgIo, PeerInfo};
-use crate::proto::RemoteRegion;
 use crate::session::Session;
 use crate::shared::Shared;
 use std::future::Future;
@@ -62,16 +61,11 @@ pub(crate) trait Carrier: Send + Sync + 'static {
         pending: Self::Pending,
     ) -> impl Future<Output = Result<Self::Conn>> + Send;
 
-    /// Coordinates of our second store for the peer to write into (RDMA); sent in the
-    /// handshake only after the peer proved the secret.
-    fn store_region(&self, _conn: &Self::Conn) -> Option<RemoteRegion> {
-        None
-    }
-
     /// For logs: what carries this connection (peer address, RDMA device).
     fn describe(&self, conn: &Self::Conn) -> String;
 
-    /// The handshake succeeded: the connection becomes the connection loop's wire.
+    /// The handshake succeeded: the connection becomes the connection loop's wire; from its
+    /// first message on, it authenticates every message with `peer.keys` (if any).
     fn established(&self, shared: &Arc<Shared>, conn: Self::Conn, peer: &PeerInfo) -> Self::Wire;
 }
 

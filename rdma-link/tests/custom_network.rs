@@ -39,6 +39,8 @@ struct NetState {
     listeners: BTreeMap<SocketAddr, mpsc::UnboundedSender<(Connection, SocketAddr)>>,
     pipes: Vec<Weak<Mutex<Pipe>>>,
     next_port: u16,
+    /// Alter one byte of this many of the next record messages sent (an attacker on the path).
+    tamper_records: u32,
 }
 
 struct NetInner {
@@ -81,6 +83,9 @@ impl SimNet {
         }
         self.bump();
     }
+    fn tamper_records(&self, n: u32) {
+        self.0.state.lock().unwrap().tamper_records = n;
+    }
     fn partitioned(&self) -> bool {
         self.0.state.lock().unwrap().partitioned
     }
@@ -120,6 +125,21 @@ fn reset() -> io::Error {
 
 impl MessageSender for End {
     fn send(&mut self, message: Bytes) -> NetFuture<'_, io::Result<()>> {
+        let is_record = matches!(
+            rdma_link::proto::decode_payload_prefix(&message),
+            Ok((rdma_link::proto::Msg::Record(_), _))
+        );
+        let message = {
+            let mut st = self.net.0.state.lock().unwrap();
+            if is_record && st.tamper_records > 0 {
+                st.tamper_records -= 1;
+                let mut m = message.to_vec();
+                m[rdma_link::proto::RECORD_HDR_LEN] ^= 0x80; // the record's first byte
+                Bytes::from(m)
+            } else {
+                message
+            }
+        };
         let r = {
             let mut p = self.pipe.lock().unwrap();
             if p.reset {
@@ -558,6 +578,63 @@ fn a_link_over_a_simulated_network_runs_in_simulated_time() {
         wall < simulated / 4,
         "a paused clock must not wait for real time ({wall:?})"
     );
+}
+
+/// A record altered on the way is refused before its bytes reach the store: its post fails,
+/// the connection is closed, and after the reconnect the same post lands intact.
+async fn tampered_record_scenario() {
+    let net = SimNet::new(LATENCY);
+    let addr: SocketAddr = "10.0.0.2:7470".parse().unwrap();
+    let store = Arc::new(Store(Region::leaked(REGION)));
+    let local = Region::leaked(REGION);
+    let srv = server(&net, &Arc::new(NodeCtl::default()), &store, addr);
+    let client = Link::start_over(
+        cfg(Role::Connect(addr), 1, 2),
+        Some(local),
+        None,
+        None,
+        Arc::new(net.clone()),
+        Arc::new(NodeSpawner(Arc::new(NodeCtl::default()))),
+    )
+    .unwrap();
+    until(&client, "up", up_at(1)).await;
+    for r in post_many(&client, local, 1, 4) {
+        r.await.unwrap().unwrap();
+    }
+    net.tamper_records(1);
+    let r = post_many(&client, local, 5, 1)
+        .pop()
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r, Err(LinkError::Down { reason, .. }) if reason.contains("closed the connection") || reason.contains("lost")),
+        "an altered record must not be acknowledged: {r:?}"
+    );
+    let off = 5 * 4096;
+    assert_eq!(
+        store.0.read_bytes(off, 4096).unwrap(),
+        vec![0u8; 4096],
+        "the altered bytes reached the second store"
+    );
+    until(&srv, "down", down).await;
+    until(&client, "up again", up_at(2)).await;
+    for r in post_many(&client, local, 5, 1) {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(store.0.read_bytes(off, 4096), local.read_bytes(off, 4096));
+    client.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[test]
+fn a_record_altered_in_flight_is_refused_and_never_lands() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(tampered_record_scenario());
 }
 
 #[test]

@@ -4,10 +4,12 @@ mod common;
 
 use common::*;
 use hmac::{Hmac, Mac};
-use rdma_link::proto::{self, Hello, Msg, NodeInfo, MAGIC, PROTOCOL_VERSION};
+use rdma_link::proto::{
+    self, FrameMac, FrameReader, Hello, Msg, NodeInfo, MAGIC, PROTOCOL_VERSION,
+};
 use rdma_link::{HandshakeError, LinkError, LinkState, Post, Region};
 use sha2::Sha256;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -443,23 +445,112 @@ struct Solo {
     server: rdma_link::Link,
 }
 
-/// Complete the handshake by hand as node 1 (the wire protocol, independently written).
-async fn fake_authenticated_client(addr: std::net::SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let nonce_c = [7u8; 32];
-    send(&mut s, &Msg::Hello(hello(PROTOCOL_VERSION, nonce_c))).await;
-    let Ok(Msg::Challenge { hello: h, .. }) = recv(&mut s).await else {
-        panic!("no challenge")
-    };
+/// HMAC-SHA256(secret, label | version | cluster | ids | nonces | both hellos' facts | flags | extra)
+/// — the handshake's transcript, written here from the protocol's description.
+#[allow(clippy::too_many_arguments)]
+fn transcript_mac(
+    label: &[u8],
+    nonce_c: &[u8; 32],
+    c: &Hello,
+    a: &Hello,
+    flags: u8,
+    extra: &[u8],
+) -> [u8; 32] {
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(SECRET).unwrap();
-    m.update(b"nvmirror-link connector");
+    m.update(label);
     m.update(&PROTOCOL_VERSION.to_le_bytes());
     m.update(&CLUSTER.to_le_bytes());
     m.update(&1u32.to_le_bytes());
     m.update(&2u32.to_le_bytes());
-    m.update(&nonce_c);
-    m.update(&h.nonce);
-    let mac: [u8; 32] = m.finalize().into_bytes().into();
+    m.update(nonce_c);
+    m.update(&a.nonce);
+    for i in [&c.info, &a.info] {
+        m.update(&i.first_len.to_le_bytes());
+        m.update(&i.second_len.to_le_bytes());
+        m.update(&i.layout_tag.to_le_bytes());
+        m.update(&i.window.to_le_bytes());
+        m.update(&i.max_record.to_le_bytes());
+        m.update(&[i.transport]);
+        m.update(&i.request_window.to_le_bytes());
+        m.update(&i.max_request.to_le_bytes());
+    }
+    m.update(&[flags]);
+    m.update(extra);
+    m.finalize().into_bytes().into()
+}
+
+/// A connection authenticated by hand as node 1, with its frame keys: `tx` seals what we send,
+/// `rd` checks what the server sends.
+struct Fake {
+    s: TcpStream,
+    tx: FrameMac,
+    rd: FrameReader,
+}
+
+impl Fake {
+    /// Send a control message or a request / response, sealed.
+    async fn send(&mut self, m: &Msg) {
+        let mut b = Vec::new();
+        if m.is_data() {
+            let (head, payload) = proto::data_frame_header(m).unwrap();
+            b.extend_from_slice(&head);
+            b.extend_from_slice(payload);
+            b.extend_from_slice(&self.tx.tag(&[&head[proto::FRAME_HEADER_LEN..], payload]));
+        } else {
+            proto::encode_frame_mac(m, Some(&mut self.tx), &mut b);
+        }
+        self.s.write_all(&b).await.unwrap();
+    }
+
+    /// The bytes of a record frame, sealed (the next message's MAC).
+    fn record_frame(&mut self, hdr: &proto::RecordHdr, data: &[u8]) -> Vec<u8> {
+        let head = proto::record_frame_header(hdr, data);
+        let mut b = head.to_vec();
+        b.extend_from_slice(data);
+        b.extend_from_slice(&self.tx.tag(&[&head[proto::FRAME_HEADER_LEN..], data]));
+        b
+    }
+
+    async fn recv(&mut self) -> Result<Msg, rdma_link::FrameError> {
+        self.rd
+            .read(&mut self.s, |_| Err(rdma_link::FrameError::Closed))
+            .await
+    }
+
+    /// The next message that is not a heartbeat.
+    async fn recv_no_ping(&mut self) -> Result<Msg, rdma_link::FrameError> {
+        loop {
+            match within(3, self.recv()).await {
+                Ok(Msg::Ping { stamp }) => self.send(&Msg::Pong { stamp }).await,
+                Ok(Msg::Pong { .. }) => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Complete the handshake by hand as node 1 (the wire protocol, independently written).
+async fn fake_authenticated_client(addr: std::net::SocketAddr) -> Fake {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let nonce_c = [7u8; 32];
+    let ours = hello(PROTOCOL_VERSION, nonce_c);
+    send(&mut s, &Msg::Hello(ours.clone())).await;
+    let Ok(Msg::Challenge {
+        hello: h, flags, ..
+    }) = recv(&mut s).await
+    else {
+        panic!("no challenge")
+    };
+    // resync point: two empty lists; region: none.
+    let carried = [0u8, 0, 0, 0, 0];
+    let mac = transcript_mac(
+        b"nvmirror-link connector",
+        &nonce_c,
+        &ours,
+        &h,
+        flags,
+        &carried,
+    );
     send(
         &mut s,
         &Msg::Auth {
@@ -470,7 +561,30 @@ async fn fake_authenticated_client(addr: std::net::SocketAddr) -> TcpStream {
     )
     .await;
     assert!(matches!(recv(&mut s).await, Ok(Msg::Welcome { .. })));
-    s
+    assert_eq!(flags, proto::FLAG_FRAME_MAC, "frame MACs are on by default");
+    let tx = transcript_mac(
+        b"nvmirror-link frame key connector->acceptor",
+        &nonce_c,
+        &ours,
+        &h,
+        flags,
+        &[],
+    );
+    let rx = transcript_mac(
+        b"nvmirror-link frame key acceptor->connector",
+        &nonce_c,
+        &ours,
+        &h,
+        flags,
+        &[],
+    );
+    let mut rd = FrameReader::new(1 << 20);
+    rd.set_mac(FrameMac::new(rx));
+    Fake {
+        s,
+        tx: FrameMac::new(tx),
+        rd,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -506,7 +620,7 @@ async fn malformed_frames_close_the_connection_and_the_server_keeps_serving() {
         assert!(p.client.state().is_up());
     }
     // After authentication too: a record frame with a bad crc drops that connection.
-    let mut s = fake_authenticated_client(p.addr).await;
+    let mut f = fake_authenticated_client(p.addr).await;
     let hdr = proto::RecordHdr {
         tag: 1,
         partition: 0,
@@ -516,11 +630,12 @@ async fn malformed_frames_close_the_connection_and_the_server_keeps_serving() {
     };
     let mut frame = proto::record_frame_header(&hdr, &[9u8; 16]).to_vec();
     frame.extend_from_slice(&[8u8; 16]); // not the bytes the crc covers
-    s.write_all(&frame).await.unwrap();
-    expect_closed(&mut s).await;
+    frame.extend_from_slice(&f.tx.tag(&[&frame[proto::FRAME_HEADER_LEN..]]));
+    f.s.write_all(&frame).await.unwrap();
+    expect_closed(&mut f.s).await;
     wait_down_with(&p.server, "checksum mismatch").await;
     // An oversized record claim after authentication.
-    let mut s = fake_authenticated_client(p.addr).await;
+    let mut f = fake_authenticated_client(p.addr).await;
     let hdr = proto::RecordHdr {
         tag: 1,
         partition: 0,
@@ -528,11 +643,9 @@ async fn malformed_frames_close_the_connection_and_the_server_keeps_serving() {
         offset: REGION as u64 - 8,
         len: 16,
     };
-    s.write_all(&proto::record_frame_header(&hdr, &[1u8; 16]))
-        .await
-        .unwrap();
-    s.write_all(&[1u8; 16]).await.unwrap();
-    expect_closed(&mut s).await;
+    let frame = f.record_frame(&hdr, &[1u8; 16]);
+    f.s.write_all(&frame).await.unwrap();
+    expect_closed(&mut f.s).await;
     wait_down_with(&p.server, "does not fit").await;
     // The real client reconnects (its connection was replaced by the fake ones).
     within(10, async {
@@ -568,85 +681,360 @@ async fn malformed_request_traffic_closes_the_connection() {
     .await;
     expect_closed(&mut s).await;
     // On the wire: the server has no handler and says so in the response to our id.
-    let mut s = fake_authenticated_client(p.addr).await;
-    send(
-        &mut s,
-        &Msg::Request {
-            id: 77,
-            payload: b"hello"[..].into(),
-        },
-    )
+    let mut f = fake_authenticated_client(p.addr).await;
+    f.send(&Msg::Request {
+        id: 77,
+        payload: b"hello"[..].into(),
+    })
     .await;
-    loop {
-        match within(3, recv(&mut s)).await {
-            Ok(Msg::Response {
-                id,
-                status,
-                payload,
-            }) => {
-                assert_eq!(
-                    (id, status, payload.len()),
-                    (77, proto::STATUS_NO_HANDLER, 0)
-                );
-                break;
-            }
-            Ok(Msg::Ping { .. } | Msg::Pong { .. }) => {}
-            other => panic!("expected a response, got {other:?}"),
-        }
+    match f.recv_no_ping().await {
+        Ok(Msg::Response {
+            id,
+            status,
+            payload,
+        }) => assert_eq!(
+            (id, status, payload.len()),
+            (77, proto::STATUS_NO_HANDLER, 0)
+        ),
+        other => panic!("expected a response, got {other:?}"),
     }
     // A response to a request never made.
-    send(
-        &mut s,
-        &Msg::Response {
-            id: 5,
-            status: 0,
-            payload: b"x"[..].into(),
-        },
-    )
+    f.send(&Msg::Response {
+        id: 5,
+        status: 0,
+        payload: b"x"[..].into(),
+    })
     .await;
-    expect_closed(&mut s).await;
+    expect_closed(&mut f.s).await;
     wait_down_with(&p.server, "response to unknown request id 5").await;
     // A request larger than the server's limit.
-    let mut s = fake_authenticated_client(p.addr).await;
+    let mut f = fake_authenticated_client(p.addr).await;
     let big = Msg::Request {
         id: 1,
         payload: vec![0u8; proto::DEFAULT_MAX_REQUEST as usize + 1].into(),
     };
     let (head, payload) = proto::data_frame_header(&big).unwrap();
-    s.write_all(&head).await.unwrap();
-    let _ = s.write_all(payload).await; // the server may close before reading it all
-    expect_closed(&mut s).await;
+    let tag = f.tx.tag(&[&head[proto::FRAME_HEADER_LEN..], payload]);
+    f.s.write_all(&head).await.unwrap();
+    // The server may close before reading it all.
+    if f.s.write_all(payload).await.is_ok() {
+        let _ = f.s.write_all(&tag).await;
+    }
+    expect_closed(&mut f.s).await;
     wait_down_with(&p.server, "exceeds the limit").await;
     // More requests in flight than the request window (32): a handler that never answers.
     p.server
         .set_request_handler(Some(Arc::new(|_p: rdma_link::Bytes| {
             std::future::pending::<rdma_link::Bytes>()
         })));
-    let mut s = fake_authenticated_client(p.addr).await;
+    let mut f = fake_authenticated_client(p.addr).await;
     for id in 1..=33u64 {
-        send(
-            &mut s,
-            &Msg::Request {
-                id,
-                payload: vec![id as u8; 100].into(),
-            },
-        )
+        f.send(&Msg::Request {
+            id,
+            payload: vec![id as u8; 100].into(),
+        })
         .await;
     }
-    expect_closed(&mut s).await;
+    expect_closed(&mut f.s).await;
     wait_down_with(&p.server, "exceeded the request window of 32").await;
     // A request id reused while in service.
-    let mut s = fake_authenticated_client(p.addr).await;
+    let mut f = fake_authenticated_client(p.addr).await;
     for _ in 0..2 {
-        send(
-            &mut s,
-            &Msg::Request {
-                id: 9,
-                payload: b"again"[..].into(),
-            },
-        )
+        f.send(&Msg::Request {
+            id: 9,
+            payload: b"again"[..].into(),
+        })
         .await;
     }
-    expect_closed(&mut s).await;
+    expect_closed(&mut f.s).await;
     wait_down_with(&p.server, "request id 9 reused").await;
+}
+
+// ---- issue #15: the link under attack --------------------------------------------------------
+
+/// A TCP connection from `ip` (a loopback address: the partner is 127.0.0.1).
+async fn connect_from(ip: [u8; 4], to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::from((ip, 0)))?;
+    sock.connect(to).await
+}
+
+/// `n` strangers from `ips` (in turn) that connect, say nothing, and reconnect as soon as the
+/// server drops them, until `stop`. Returns how many connections they made.
+fn idle_strangers(
+    to: std::net::SocketAddr,
+    ips: &[[u8; 4]],
+    n: usize,
+    stop: &Arc<AtomicBool>,
+) -> Arc<AtomicU64> {
+    let made = Arc::new(AtomicU64::new(0));
+    for i in 0..n {
+        let (ip, stop, made) = (ips[i % ips.len()], stop.clone(), made.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut s) = connect_from(ip, to).await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                made.fetch_add(1, Ordering::Relaxed);
+                let mut buf = [0u8; 256];
+                loop {
+                    tokio::select! {
+                        r = s.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { break },
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                            if stop.load(Ordering::Relaxed) { return; }
+                        }
+                    }
+                }
+            }
+        });
+    }
+    made
+}
+
+/// The partner gets in while `strangers` hold connections, within `secs`, twice (the second
+/// time the listener knows its address).
+async fn partner_gets_in_despite(ips: &[[u8; 4]]) {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let server = server(addr, &store, |_| {});
+    let stop = Arc::new(AtomicBool::new(false));
+    let made = idle_strangers(addr, ips, 20, &stop);
+    // Let them fill every slot there is.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        made.load(Ordering::Relaxed) >= 16,
+        "the strangers did not connect"
+    );
+    for round in 0..2 {
+        let local = Region::leaked(REGION);
+        let t0 = std::time::Instant::now();
+        let c = client(addr, local, |_| {});
+        let up = tokio::time::timeout(Duration::from_millis(1500), c.wait_up()).await;
+        assert!(
+            matches!(up, Ok(Ok(_))),
+            "round {round}: the partner was kept out by 20 idle strangers ({} connections made); state {:?}",
+            made.load(Ordering::Relaxed),
+            c.state()
+        );
+        println!("round {round}: partner up after {:?}", t0.elapsed());
+        fill(&local, 0, 4096, 1);
+        c.post(post(1, 0, 4096)).await.unwrap();
+        c.shutdown().await;
+    }
+    // The strangers were dropped and came back all along.
+    assert!(
+        made.load(Ordering::Relaxed) > 20,
+        "strangers were never dropped"
+    );
+    stop.store(true, Ordering::Relaxed);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_strangers_from_one_address_do_not_keep_the_partner_out() {
+    partner_gets_in_despite(&[[127, 0, 0, 2]]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_strangers_from_many_addresses_do_not_keep_the_partner_out() {
+    let ips: Vec<[u8; 4]> = (2..22).map(|i| [127, 0, 0, i]).collect();
+    partner_gets_in_despite(&ips).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_that_says_nothing_is_dropped_after_the_accept_timeout() {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let _server = server(addr, &store, |c| {
+        c.accept_timeout = Duration::from_millis(300)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut s = connect_from([127, 0, 0, 3], addr).await.unwrap();
+    let t0 = std::time::Instant::now();
+    expect_closed(&mut s).await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "dropped after {took:?} (accept timeout 300 ms)"
+    );
+    wait_down_with(&_server, "did not authenticate within").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_another_layout_tag_is_refused_on_both_sides() {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let s = server(addr, &store, |c| c.layout_tag = 0x1111);
+    let c = client(addr, Region::leaked(REGION), |c| c.layout_tag = 0x2222);
+    let rc = wait_down_with(&c, "layout mismatch").await;
+    let rs = wait_down_with(&s, "layout mismatch").await;
+    for r in [&rc, &rs] {
+        assert!(
+            r.contains("0x1111")
+                && r.contains("0x2222")
+                && r.contains("node 1")
+                && r.contains("node 2"),
+            "{r}"
+        );
+    }
+    assert!(!c.state().is_up() && !s.state().is_up());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_store_refuses_fails_its_post_and_the_link_stays_up() {
+    let p = pair().await;
+    *p.store.refuse_partition.lock().unwrap() = Some(2);
+    fill(&p.local, 0, 4096, 2);
+    // post(seq) goes to partition seq % 3.
+    match p.client.post(post(2, 0, 4096)).await {
+        Err(
+            e @ LinkError::RecordRefused {
+                partition: 2,
+                seq: 2,
+                ..
+            },
+        ) => {
+            let t = e.to_string();
+            assert!(
+                t.contains("not in this node's layout") && t.contains("node 2"),
+                "{t}"
+            );
+        }
+        other => panic!("a refused record must fail its post, got {other:?}"),
+    }
+    // Not held; the link stays up and other records are.
+    p.client.post(post(3, 4096, 4096)).await.unwrap();
+    assert_eq!(p.store.log.lock().unwrap().records, vec![(0, 3)]);
+    assert!(p.client.state().is_up());
+    let (posts, acked, failed, _) = p.client.counters();
+    assert_eq!((posts, acked, failed), (2, 1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_version_peer_is_refused_with_a_clear_error() {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let server = server(addr, &store, |_| {});
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A node of the previous release: its hello has the same layout, version 2.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    send(&mut s, &Msg::Hello(hello(2, [1; 32]))).await;
+    match within(3, recv(&mut s)).await {
+        Ok(Msg::Reject { reason }) => assert!(
+            reason.contains("version mismatch") && reason.contains("v3") && reason.contains("v2"),
+            "{reason}"
+        ),
+        other => panic!("expected a reject, got {other:?}"),
+    }
+    expect_closed(&mut s).await;
+    wait_down_with(&server, "the peer speaks v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_without_a_valid_mac_are_rejected_and_nothing_is_acknowledged() {
+    // Only a server: we are node 1, by hand.
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let server = server(addr, &store, |_| {});
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rec = |tag: u64, seq: u64, offset: u64| proto::RecordHdr {
+        tag,
+        partition: 0,
+        seq,
+        offset,
+        len: 4096,
+    };
+    // Read until the server closes; no acknowledgement may come.
+    async fn no_ack_then_closed(f: &mut Fake) {
+        loop {
+            match within(3, f.recv()).await {
+                Ok(Msg::Ack { tag, .. }) => panic!("record {tag} was acknowledged"),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    // 1. A legitimate record is held and acknowledged.
+    let mut f = fake_authenticated_client(addr).await;
+    let frame = f.record_frame(&rec(1, 1, 0), &[0xa1; 4096]);
+    f.s.write_all(&frame).await.unwrap();
+    assert!(matches!(
+        f.recv_no_ping().await,
+        Ok(Msg::Ack {
+            tag: 1,
+            status: proto::AckStatus::Held,
+            ..
+        })
+    ));
+    // 2. Injected by someone without the keys: a record frame with a valid crc (what the
+    //    version 2 protocol accepted as a medium write) and a made-up MAC.
+    let mut forged = proto::record_frame_header(&rec(2, 2, 8192), &[0xbd; 4096]).to_vec();
+    forged.extend_from_slice(&[0xbd; 4096]);
+    forged.extend_from_slice(&[0u8; proto::TAG_LEN]);
+    f.s.write_all(&forged).await.unwrap();
+    no_ack_then_closed(&mut f).await;
+    wait_down_with(&server, "failed its authentication").await;
+
+    // 3. Replayed: the same sealed record twice; the copy is refused.
+    let mut f = fake_authenticated_client(addr).await;
+    let frame = f.record_frame(&rec(3, 3, 4096), &[0xc3; 4096]);
+    f.s.write_all(&frame).await.unwrap();
+    assert!(matches!(
+        f.recv_no_ping().await,
+        Ok(Msg::Ack { tag: 3, .. })
+    ));
+    f.s.write_all(&frame).await.unwrap();
+    no_ack_then_closed(&mut f).await;
+
+    // 4. Altered on the way: one byte of a sealed record changed (and the crc fixed up).
+    let mut f = fake_authenticated_client(addr).await;
+    let mut frame = f.record_frame(&rec(4, 4, 12288), &[0xd4; 4096]);
+    let data_at = proto::FRAME_HEADER_LEN + proto::RECORD_HDR_LEN;
+    frame[data_at + 100] ^= 0x01;
+    let crc = crc32c::crc32c(&frame[proto::FRAME_HEADER_LEN..data_at + 4096]);
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    f.s.write_all(&frame).await.unwrap();
+    no_ack_then_closed(&mut f).await;
+
+    // 5. An injected control message (a release would let the engine reclaim its copies).
+    let mut f = fake_authenticated_client(addr).await;
+    send(
+        &mut f.s,
+        &Msg::Release {
+            partition: 0,
+            through_seq: 99,
+        },
+    )
+    .await;
+    no_ack_then_closed(&mut f).await;
+
+    // Only the authentic records were held, and the forged bytes never reached the store.
+    let log = store.log.lock().unwrap();
+    assert_eq!(log.records, vec![(0, 1), (0, 3)]);
+    assert!(log.releases.is_empty(), "a forged release was delivered");
+    let region = &store.region;
+    assert_eq!(region.read_bytes(8192, 4096).unwrap(), vec![0u8; 4096]);
+    assert_eq!(region.read_bytes(12288, 4096).unwrap(), vec![0u8; 4096]);
+    assert_eq!(region.read_bytes(0, 4096).unwrap(), vec![0xa1; 4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_mac_settings_must_agree_and_off_on_both_still_works() {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    let s = server(addr, &store, |_| {});
+    let c = client(addr, Region::leaked(REGION), |c| c.frame_mac = false);
+    let rc = wait_down_with(&c, "frame authentication").await;
+    let rs = wait_down_with(&s, "frame authentication").await;
+    assert!(rc.contains("off on node 1 but on on node 2"), "{rc}");
+    assert!(rs.contains("off on node 1 but on on node 2"), "{rs}");
+    c.shutdown().await;
+    s.shutdown().await;
+    // Off on both nodes (to measure what the MACs cost): records still land byte-exact.
+    let p = pair_with(|c| c.frame_mac = false, |c| c.frame_mac = false).await;
+    let data = fill(&p.local, 0, 8192, 5);
+    p.client.post(post(1, 0, 8192)).await.unwrap();
+    assert_eq!(p.store.region.read_bytes(0, 8192).unwrap(), data);
 }

@@ -255,9 +255,10 @@ impl SecondStore for CheckedStore {
     fn persist(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.inner.persist(offset, len)
     }
-    fn on_record(&self, partition: u32, seq: u64, offset: u64, len: u32) {
+    fn hold_record(&self, partition: u32, seq: u64, offset: u64, len: u32) -> Result<(), String> {
+        self.inner.hold_record(partition, seq, offset, len)?;
         lock(&self.held).insert((partition, seq), (offset, len));
-        self.inner.on_record(partition, seq, offset, len)
+        Ok(())
     }
     fn on_release(&self, partition: u32, through_seq: u64) {
         let released: Vec<(u64, u32)> = {

@@ -811,3 +811,62 @@ fn takeover_time_for_1_gib_of_staged_writes() {
         (detection + takeover).as_millis()
     );
 }
+
+/// An engine like [`engine`] with `partitions` logs and one LUN of `lun_size` bytes.
+fn engine_shaped(nvram: &Path, partitions: u32, lun_size: u64) -> Arc<Engine> {
+    let region = NvramRegion::open(nvram, Some(24 * MIB)).expect("nvram");
+    Engine::open(
+        region,
+        EngineOptions {
+            node_name: "a".into(),
+            partitions,
+            flush: nvmirror::flusher::FlushPolicy {
+                batch_bytes: 4 * MIB,
+                linger: Duration::from_millis(10),
+            },
+            mode: OpenMode::Normal,
+            mirrored: true,
+            degraded: DegradedPolicy::WriteThrough,
+            cluster: None,
+            config_path: "test.toml".into(),
+            host: nvmirror::host::system(),
+        },
+        vec![LunSpec {
+            name: "lun0".into(),
+            size: lun_size,
+            ranges: 4,
+            medium: Arc::new(MemMedium::new(lun_size)),
+        }],
+    )
+    .expect("engine")
+}
+
+#[test]
+fn nodes_whose_layouts_differ_have_different_mirror_layout_tags() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let base = engine_shaped(&dir.path().join("a"), 2, LUN_SIZE);
+    let same = engine_shaped(&dir.path().join("b"), 2, LUN_SIZE);
+    let more_partitions = engine_shaped(&dir.path().join("c"), 3, LUN_SIZE);
+    let bigger_lun = engine_shaped(&dir.path().join("d"), 2, 2 * LUN_SIZE);
+    let (tag, text) = base.mirror_layout();
+    assert_eq!(same.mirror_layout().0, tag, "{text}");
+    assert_ne!(more_partitions.mirror_layout().0, tag);
+    assert_ne!(bigger_lun.mirror_layout().0, tag);
+    assert!(text.contains("nvram log"), "{text}");
+}
+
+#[test]
+fn a_mirrored_record_outside_its_partition_is_refused_not_held() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let e = engine_shaped(&dir.path().join("a"), 2, LUN_SIZE);
+    let store = e.second_store().expect("mirrored layout");
+    let part_size = store.region().len() as u64 / 2;
+    // Partition 0's record placed in partition 1's log, and a partition that does not exist.
+    let outside = store.hold_record(0, 1, part_size + 4096, 4096);
+    let unknown = store.hold_record(5, 1, 0, 4096);
+    for refused in [outside, unknown] {
+        let reason = refused.expect_err("refused");
+        assert!(reason.contains("layouts differ"), "{reason}");
+    }
+    assert_eq!(store.status().records, 0);
+}

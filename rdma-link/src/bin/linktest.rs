@@ -15,6 +15,8 @@
 //! nvmirror-linktest caps              list RDMA devices and their FLUSH capability
 //! common: --secret S --cluster N --node N --peer N --window N --region-mb N
 //!         --hb-ms N --hb-timeout-ms N --timeout-s N --busy-poll-us N
+//!         --layout-tag N (default 0)  --frame-mac 0|1 (default 1: every message authenticated;
+//!         0 only to measure what that costs, on both sides)
 //! ```
 //! Every record's bytes are `seq` (8 bytes LE) followed by a pattern of its offset; the server
 //! checks them when the record arrives and reports `verified` / `bad` counts. The server's
@@ -171,6 +173,12 @@ fn config(a: &Args, role: Role, server: bool) -> AnyResult<LinkConfig> {
     c.ack_timeout = Duration::from_millis(a.num("ack-timeout-ms", 10000)?);
     c.handshake_timeout = Duration::from_secs(5);
     c.reconnect_delay = Duration::from_millis(200);
+    c.layout_tag = a.num("layout-tag", 0)?;
+    c.frame_mac = match a.num("frame-mac", 1)? {
+        0 => false,
+        1 => true,
+        v => return Err(format!("--frame-mac {v}: 0 or 1").into()),
+    };
     Ok(c)
 }
 

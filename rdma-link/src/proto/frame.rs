@@ -2,6 +2,7 @@
 //! where the caller says), RDMA chunks of requests and responses ([`ChunkHdr`]), and the whole
 //! messages of a custom network — with the receiver's limits checked.
 
+use super::auth::{split_tag, FrameMac, TAG_LEN};
 use super::codec::R;
 use super::msg::{
     decode_data, decode_payload_prefix, Msg, RecordHdr, CHUNK_HDR_LEN, DEFAULT_MAX_REQUEST,
@@ -36,6 +37,17 @@ pub fn encode_frame(msg: &Msg, out: &mut Vec<u8>) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Encode a complete TCP frame for a control message, followed by its MAC when `mac` is given
+/// (after the handshake's challenge).
+pub fn encode_frame_mac(msg: &Msg, mac: Option<&mut FrameMac>, out: &mut Vec<u8>) {
+    let start = out.len();
+    encode_frame(msg, out);
+    if let Some(mac) = mac {
+        let tag = mac.tag(&[&out[start + FRAME_HEADER_LEN..]]);
+        out.extend_from_slice(&tag);
+    }
+}
+
 /// Frame header for a record frame: the payload is the encoded header followed by `data`.
 pub fn record_frame_header(
     hdr: &RecordHdr,
@@ -54,11 +66,17 @@ pub fn record_frame_header(
 
 /// Reads TCP frames. Control payloads go to an internal buffer bounded by
 /// [`MAX_CONTROL_LEN`]; record bytes go straight to the slice the caller's sink returns
-/// (the receiver's second-store region), so a record is never copied twice.
+/// (the receiver's second-store region), so a record is never copied twice — unless frames
+/// are authenticated ([`FrameReader::set_mac`]): then each frame's MAC (after its payload) is
+/// checked, and a record's bytes are read into a buffer of the reader's, checked, and only
+/// then copied to the sink's slice, so that a forged record never changes the second store.
 pub struct FrameReader {
     max_record: u32,
     max_request: u32,
     buf: Vec<u8>,
+    mac: Option<FrameMac>,
+    /// A record's bytes until its MAC is checked (at most `max_record`).
+    bounce: Vec<u8>,
 }
 
 impl FrameReader {
@@ -73,7 +91,32 @@ impl FrameReader {
             max_record: max_record.min(MAX_RECORD_LEN),
             max_request: max_request.min(MAX_REQUEST_LEN),
             buf: Vec::new(),
+            mac: None,
+            bounce: Vec::new(),
         }
+    }
+
+    /// Change the limits (requests are refused until the peer is authenticated).
+    pub fn set_limits(&mut self, max_record: u32, max_request: u32) {
+        self.max_record = max_record.min(MAX_RECORD_LEN);
+        self.max_request = max_request.min(MAX_REQUEST_LEN);
+    }
+
+    /// From the next frame on, every frame must carry a valid MAC under `mac`.
+    pub fn set_mac(&mut self, mac: FrameMac) {
+        self.mac = Some(mac);
+    }
+
+    async fn read_tag<Rd: AsyncRead + Unpin>(
+        &self,
+        rd: &mut Rd,
+    ) -> Result<Option<[u8; TAG_LEN]>, FrameError> {
+        if self.mac.is_none() {
+            return Ok(None);
+        }
+        let mut tag = [0u8; TAG_LEN];
+        rd.read_exact(&mut tag).await?;
+        Ok(Some(tag))
     }
 
     /// Read the next frame. For a `Record`, `sink(hdr)` must return the destination of the
@@ -130,11 +173,28 @@ impl FrameReader {
                 });
             };
             let dst = record_destination(&hdr, len - RECORD_HDR_LEN, self.max_record, sink)?;
-            rd.read_exact(dst).await?;
-            let got = crc32c::crc32c_append(crc32c::crc32c(&hb), dst);
+            let Some(mac) = &mut self.mac else {
+                rd.read_exact(dst).await?;
+                let got = crc32c::crc32c_append(crc32c::crc32c(&hb), dst);
+                if got != crc {
+                    return Err(FrameError::BadCrc { got, expected: crc });
+                }
+                return Ok(Msg::Record(hdr));
+            };
+            // Authenticated frames: the bytes reach the second store only once their MAC held.
+            self.bounce.clear();
+            self.bounce.resize(dst.len(), 0);
+            rd.read_exact(&mut self.bounce).await?;
+            let mut tag = [0u8; TAG_LEN];
+            rd.read_exact(&mut tag).await?;
+            let got = crc32c::crc32c_append(crc32c::crc32c(&hb), &self.bounce);
             if got != crc {
                 return Err(FrameError::BadCrc { got, expected: crc });
             }
+            let mut h = mac.start();
+            h.update(&hb).update(&self.bounce);
+            mac.verify(h, &tag)?;
+            dst.copy_from_slice(&self.bounce);
             return Ok(Msg::Record(hdr));
         }
         if kind[0] == K_REQUEST || kind[0] == K_RESPONSE {
@@ -148,9 +208,13 @@ impl FrameReader {
             let mut b = vec![0u8; len];
             b[0] = kind[0];
             rd.read_exact(&mut b[1..]).await?;
+            let tag = self.read_tag(rd).await?;
             let got = crc32c::crc32c(&b);
             if got != crc {
                 return Err(FrameError::BadCrc { got, expected: crc });
+            }
+            if let (Some(mac), Some(tag)) = (&mut self.mac, tag) {
+                mac.check(&[&b], &tag)?;
             }
             return decode_data_within(Bytes::from(b), self.max_request);
         }
@@ -164,9 +228,13 @@ impl FrameReader {
         self.buf.resize(len, 0);
         self.buf[0] = kind[0];
         rd.read_exact(&mut self.buf[1..]).await?;
+        let tag = self.read_tag(rd).await?;
         let got = crc32c::crc32c(&self.buf);
         if got != crc {
             return Err(FrameError::BadCrc { got, expected: crc });
+        }
+        if let (Some(mac), Some(tag)) = (&mut self.mac, tag) {
+            mac.check(&[&self.buf], &tag)?;
         }
         Msg::decode(&self.buf)
     }
@@ -281,6 +349,29 @@ where
     }
 }
 
+/// [`decode_message`] for a message that ends in a MAC ([`TAG_LEN`] bytes) when `mac` is given:
+/// the MAC is checked before anything is decoded or copied.
+pub fn decode_message_mac<'a, F>(
+    message: Bytes,
+    max_record: u32,
+    max_request: u32,
+    mac: Option<&mut FrameMac>,
+    sink: F,
+) -> Result<Msg, FrameError>
+where
+    F: FnOnce(&RecordHdr) -> Result<&'a mut [u8], FrameError>,
+{
+    let message = match mac {
+        None => message,
+        Some(mac) => {
+            let (body, tag) = split_tag(&message)?;
+            mac.check(&[body], tag)?;
+            message.slice(..body.len())
+        }
+    };
+    decode_message(message, max_record, max_request, sink)
+}
+
 /// Header of one RDMA chunk of a request or response: the SEND carries `CHUNK_HDR_LEN` header
 /// bytes and then the payload bytes `[offset, offset + n)` of a message of `total` bytes.
 /// Chunks of one message are sent in order (RC keeps them in order).
@@ -349,4 +440,9 @@ impl ChunkHdr {
 /// True if a payload's first byte starts an RDMA chunk.
 pub fn is_chunk(payload: &[u8]) -> bool {
     payload.first() == Some(&K_CHUNK)
+}
+
+/// Whether a message is a record (its header; over RDMA its bytes came by RDMA WRITE).
+pub fn is_record(payload: &[u8]) -> bool {
+    payload.first() == Some(&K_RECORD)
 }

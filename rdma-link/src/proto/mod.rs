@@ -13,15 +13,21 @@
 //! Over a custom network (see `network`) a message is the payload alone, a record followed by its
 //! bytes ([`decode_message`]).
 //!
+//! After the handshake's challenge every message carries a MAC of [`TAG_LEN`] bytes at its end
+//! (TCP: after the frame's payload; a custom network: at the end of the message; RDMA: at the
+//! end of the SEND, and a record's MAC covers the bytes its RDMA WRITE placed): see `auth`.
+//!
 //! Decoding never panics and never allocates more than the `MAX_*` limits, whatever the input.
 //!
 //! Files, bottom up: `codec` (little-endian fields), `msg` (the messages, their encoding and
-//! decoding), `frame` (how messages are carried: TCP frames, RDMA chunks, the whole messages of
+//! decoding), `auth` (handshake proofs, session keys, frame MACs), `frame` (how messages are carried: TCP frames, RDMA chunks, the whole messages of
 //! a custom network, with the limits checked on receipt). Everything is re-exported here.
 
+mod auth;
 mod codec;
 mod frame;
 mod msg;
 
+pub use auth::*;
 pub use frame::*;
 pub use msg::*;

@@ -7,8 +7,13 @@ use bytes::Bytes;
 
 /// "NVML" — first field of every hello, so a stray client is told apart from a version mismatch.
 pub const MAGIC: u32 = 0x4c4d_564e;
-/// Version of this wire protocol. Bump on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version of this wire protocol. Bump on any incompatible change. The hello keeps the layout
+/// of version 2 (magic, version, then the same fields), so that nodes of different versions
+/// still read each other's hello and refuse with a clear "version mismatch" on both sides.
+///
+/// * 3: every message after the handshake's challenge carries a MAC (see [`super::auth`]); the
+///   challenge carries the acceptor's flags; an ack says why a record was not held.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes of the TCP frame header (`len`, `crc`).
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Largest non-record message (a hello with two full resync lists fits).
@@ -80,7 +85,7 @@ pub struct ResyncPoint {
 }
 
 /// Static facts a node announces in its hello.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     /// Length of the region this node posts from (its first store); 0 if it never posts.
     pub first_len: u64,
@@ -129,14 +134,32 @@ pub struct RecordHdr {
     pub len: u32,
 }
 
+/// What became of a record, as its ack tells the sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckStatus {
+    /// Persisted and held: the post succeeds.
+    Held,
+    /// The receiver's persist (flush / msync) failed; the text says how.
+    PersistFailed(String),
+    /// The receiver's second store will not hold this record (e.g. it lies outside the
+    /// record's partition: the nodes' layouts disagree); the text says why.
+    Refused(String),
+}
+
+const ACK_PERSIST_FAILED: u8 = 0;
+const ACK_HELD: u8 = 1;
+const ACK_REFUSED: u8 = 2;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     /// Connector -> acceptor.
     Hello(Hello),
-    /// Acceptor -> connector: its own hello plus proof that it knows the secret.
+    /// Acceptor -> connector: its own hello plus proof that it knows the secret, and its
+    /// flags ([`super::auth::FLAG_FRAME_MAC`]).
     Challenge {
         hello: Hello,
         mac: [u8; 32],
+        flags: u8,
     },
     /// Connector -> acceptor: proof that the connector knows the secret, and its resync point
     /// and (RDMA) second-store coordinates — the acceptor has already proven itself.
@@ -145,8 +168,10 @@ pub enum Msg {
         resync: ResyncPoint,
         region: Option<RemoteRegion>,
     },
-    /// Acceptor -> connector: accepted.
+    /// Acceptor -> connector: accepted; `mac` proves the acceptor sent this resync point and
+    /// region.
     Welcome {
+        mac: [u8; 32],
         resync: ResyncPoint,
         region: Option<RemoteRegion>,
     },
@@ -155,12 +180,12 @@ pub enum Msg {
     },
     /// A mirror record. Over TCP its bytes follow in the same frame.
     Record(RecordHdr),
-    /// `ok == false`: the receiver could not persist; `reason` says why.
+    /// The receiver's answer to a record: held, or why not.
     Ack {
         tag: u64,
         partition: u32,
         seq: u64,
-        ok: bool,
+        status: AckStatus,
     },
     Release {
         partition: u32,
@@ -263,10 +288,11 @@ impl Msg {
                 w.u8(K_HELLO);
                 w.hello(h);
             }
-            Msg::Challenge { hello, mac } => {
+            Msg::Challenge { hello, mac, flags } => {
                 w.u8(K_CHALLENGE);
                 w.hello(hello);
                 w.bytes(mac);
+                w.u8(*flags);
             }
             Msg::Auth {
                 mac,
@@ -278,8 +304,13 @@ impl Msg {
                 w.resync(resync);
                 w.region(region);
             }
-            Msg::Welcome { resync, region } => {
+            Msg::Welcome {
+                mac,
+                resync,
+                region,
+            } => {
                 w.u8(K_WELCOME);
+                w.bytes(mac);
                 w.resync(resync);
                 w.region(region);
             }
@@ -299,13 +330,23 @@ impl Msg {
                 tag,
                 partition,
                 seq,
-                ok,
+                status,
             } => {
                 w.u8(K_ACK);
                 w.u64(*tag);
                 w.u32(*partition);
                 w.u64(*seq);
-                w.u8(u8::from(*ok));
+                match status {
+                    AckStatus::Held => w.u8(ACK_HELD),
+                    AckStatus::PersistFailed(why) => {
+                        w.u8(ACK_PERSIST_FAILED);
+                        w.string(why);
+                    }
+                    AckStatus::Refused(why) => {
+                        w.u8(ACK_REFUSED);
+                        w.string(why);
+                    }
+                }
             }
             Msg::Release {
                 partition,
@@ -361,14 +402,33 @@ pub fn decode_payload_prefix(payload: &[u8]) -> Result<(Msg, usize), FrameError>
     let msg = match kind {
         K_HELLO => {
             r.what = "hello";
-            Msg::Hello(r.hello()?)
+            let h = r.hello()?;
+            if h.magic != MAGIC || h.version != PROTOCOL_VERSION {
+                // Another protocol (or version): its hello is read as far as magic and version,
+                // so that the handshake can say which; the rest is not ours to interpret.
+                return Ok((Msg::Hello(h), payload.len()));
+            }
+            Msg::Hello(h)
         }
         K_CHALLENGE => {
             r.what = "challenge";
             let hello = r.hello()?;
+            if hello.magic != MAGIC || hello.version != PROTOCOL_VERSION {
+                // Another protocol: only the hello's head is ours to read.
+                return Ok((
+                    Msg::Challenge {
+                        hello,
+                        mac: [0; 32],
+                        flags: 0,
+                    },
+                    payload.len(),
+                ));
+            }
+            let mac = r.arr32()?;
             Msg::Challenge {
                 hello,
-                mac: r.arr32()?,
+                mac,
+                flags: r.u8()?,
             }
         }
         K_AUTH => {
@@ -383,8 +443,10 @@ pub fn decode_payload_prefix(payload: &[u8]) -> Result<(Msg, usize), FrameError>
         }
         K_WELCOME => {
             r.what = "welcome";
+            let mac = r.arr32()?;
             let resync = r.resync()?;
             Msg::Welcome {
+                mac,
                 resync,
                 region: r.region()?,
             }
@@ -415,16 +477,17 @@ pub fn decode_payload_prefix(payload: &[u8]) -> Result<(Msg, usize), FrameError>
             let tag = r.u64()?;
             let partition = r.u32()?;
             let seq = r.u64()?;
-            let ok = match r.u8()? {
-                0 => false,
-                1 => true,
-                v => return Err(r.bad(format!("ok flag {v}"))),
+            let status = match r.u8()? {
+                ACK_HELD => AckStatus::Held,
+                ACK_PERSIST_FAILED => AckStatus::PersistFailed(r.string()?),
+                ACK_REFUSED => AckStatus::Refused(r.string()?),
+                v => return Err(r.bad(format!("ack status {v}"))),
             };
             Msg::Ack {
                 tag,
                 partition,
                 seq,
-                ok,
+                status,
             }
         }
         K_RELEASE => {
@@ -515,6 +578,16 @@ pub fn decode_data(payload: Bytes) -> Result<Msg, FrameError> {
     Ok(with_payload(msg, payload.slice(start..)))
 }
 
+/// What an `Auth` or `Welcome` proof covers besides the transcript: the message's resync point
+/// and region, as they are encoded on the wire.
+pub fn proof_payload(resync: &ResyncPoint, region: &Option<RemoteRegion>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = W(&mut out);
+    w.resync(resync);
+    w.region(region);
+    out
+}
+
 /// The message-level fields.
 impl W<'_> {
     fn string(&mut self, s: &str) {
@@ -575,10 +648,26 @@ impl R<'_> {
         let b = self.take(n)?;
         Ok(String::from_utf8_lossy(b).into_owned())
     }
+    /// A hello. Of a hello with another magic or version only those two fields are read
+    /// (the rest is zero): the handshake refuses it by them.
     fn hello(&mut self) -> Result<Hello, FrameError> {
+        let magic = self.u32()?;
+        let version = self.u16()?;
+        if magic != MAGIC || version != PROTOCOL_VERSION {
+            self.pos = self.buf.len();
+            return Ok(Hello {
+                magic,
+                version,
+                cluster_id: 0,
+                from_node: 0,
+                to_node: 0,
+                nonce: [0; 32],
+                info: NodeInfo::default(),
+            });
+        }
         Ok(Hello {
-            magic: self.u32()?,
-            version: self.u16()?,
+            magic,
+            version,
             cluster_id: self.u64()?,
             from_node: self.u32()?,
             to_node: self.u32()?,

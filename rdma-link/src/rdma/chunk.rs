@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 /// Bytes of one message slot (send and receive); a control message or a chunk fills one.
 pub(super) const SLOT: usize = 4096;
-/// Payload bytes per chunk.
-pub(super) const CHUNK_DATA: usize = SLOT - CHUNK_HDR_LEN;
+/// Payload bytes per chunk (room is left for the MAC at the end of every SEND).
+pub(super) const CHUNK_DATA: usize = SLOT - CHUNK_HDR_LEN - crate::proto::TAG_LEN;
 
 /// A request / response being reassembled from chunks.
 pub(super) struct Partial {

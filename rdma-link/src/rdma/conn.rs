@@ -4,21 +4,32 @@
 //! header (no copy on either side), requests and responses as chunk SENDs in slots of their own
 //! (see `chunk`). Everything a pass of the connection loop queues goes to the QP with one
 //! doorbell. Implements the handshake's `MsgIo` and the connection loop's `Wire`.
+//!
+//! Before the peer has proven the secret the connection has no memory registration a remote
+//! peer could use: our second store is registered for remote writes (and our first store for
+//! local reads) only in `MsgIo::authenticated`, its rkey sent in the handshake's `Auth` or
+//! `Welcome`; request / response chunks are refused until then (`inbound`). After the handshake
+//! every SEND ends in a MAC; a record's MAC covers the bytes its WRITE placed, computed by the
+//! sender over its first store and checked by the receiver over its second store before it
+//! persists or acknowledges anything.
 
-use super::chunk::{reassemble, Partial, CHUNK_DATA, SLOT};
+use super::chunk::{CHUNK_DATA, SLOT};
 use super::cm::{readable, verr};
+use super::inbound::Inbound;
 use super::verbs::{
     self, ChannelFd, CmId, CompChannel, Completion, Cq, Mr, Pd, Qp, RegBuf, SendBatch, VerbsError,
     CAP_FLUSH_GLOBAL, CAP_FLUSH_PERSISTENT,
 };
 use crate::error::{LinkError, Result};
 use crate::handshake::{MsgIo, PeerInfo};
-use crate::proto::{ChunkHdr, Msg, RecordHdr, RemoteRegion, CHUNK_HDR_LEN};
+use crate::proto::{
+    ChunkHdr, FrameMac, Msg, RecordHdr, RemoteRegion, SessionKeys, CHUNK_HDR_LEN, TAG_LEN,
+};
 use crate::session::Session;
 use crate::shared::Shared;
 use crate::wire::Wire;
 use rdma_sys::rdma_cm_event_type as ev;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
@@ -48,7 +59,7 @@ pub(crate) struct RdmaConn {
     recv: RegBuf,
     send: RegBuf,
     cq: Cq,
-    _pd: Arc<Pd>,
+    pd: Arc<Pd>,
     cm_id: Arc<CmId>,
     shared: Arc<Shared>,
     free_send: Vec<usize>,
@@ -57,9 +68,15 @@ pub(crate) struct RdmaConn {
     chunks_in_flight: usize,
     /// Bytes of the front of `Session::data_out` already sent.
     data_cursor: usize,
-    /// Requests / responses being reassembled, by (is request, id). Only looked up, never
-    /// iterated: its order cannot show in behaviour.
-    partial: HashMap<(bool, u64), Partial>,
+    /// Checks and decodes what arrives (MACs, authentication, chunk reassembly).
+    inbound: Inbound,
+    /// Until the connection loop takes over (`start`), received SENDs are kept as they came
+    /// and decoded one at a time: the first messages after the handshake carry MACs the
+    /// handshake's reader does not expect yet.
+    live: bool,
+    raw: VecDeque<Vec<u8>>,
+    /// The MAC state of our messages (after the handshake, if frames are authenticated).
+    tx_mac: Option<FrameMac>,
     /// Something arrived since the session last looked (chunks do not reach the session).
     rx_activity: bool,
     inbox: VecDeque<Msg>,
@@ -94,27 +111,6 @@ impl RdmaConn {
         .map_err(e)?;
         let recv = RegBuf::new(&pd, recv_slots, SLOT).map_err(e)?;
         let send = RegBuf::new(&pd, send_slots, SLOT).map_err(e)?;
-        let local_mr = match shared.local {
-            // SAFETY: the Region contract keeps the memory mapped for the link's life, longer
-            // than this MR (dropped with the connection).
-            Some(r) => Some(
-                unsafe { Mr::register(&pd, r.as_ptr(), r.len(), verbs::ACCESS_LOCAL) }
-                    .map_err(e)?,
-            ),
-            None => None,
-        };
-        let store_mr = match &shared.store {
-            Some(s) => {
-                let r = s.region();
-                // SAFETY: as above; remote write access is given only to the authenticated peer
-                // (the rkey is sent after authentication).
-                Some(
-                    unsafe { Mr::register(&pd, r.as_ptr(), r.len(), verbs::ACCESS_REMOTE_WRITE) }
-                        .map_err(e)?,
-                )
-            }
-            None => None,
-        };
         if let Some(caps) = pd.device_caps_ex() {
             tracing::info!(
                 device = %id.device_name(),
@@ -137,19 +133,29 @@ impl RdmaConn {
             cm_fd,
             batch: SendBatch::new(&qp, 2 * send_slots),
             qp,
-            local_mr,
-            store_mr,
+            local_mr: None,
+            store_mr: None,
             recv,
             send,
             cq,
-            _pd: pd,
+            pd,
             cm_id: id,
             shared: shared.clone(),
             free_send: (0..send_slots).rev().collect(),
             send_slots,
             chunks_in_flight: 0,
             data_cursor: 0,
-            partial: HashMap::new(),
+            inbound: Inbound::new(
+                (
+                    shared.cfg.max_request,
+                    2 * shared.cfg.request_window as usize,
+                ),
+                shared.store.as_ref().map(|s| s.region()),
+                shared.cfg.max_record,
+            ),
+            live: false,
+            raw: VecDeque::new(),
+            tx_mac: None,
             rx_activity: false,
             inbox: VecDeque::new(),
             comps: Vec::with_capacity(64),
@@ -157,7 +163,42 @@ impl RdmaConn {
         })
     }
 
-    pub(super) fn store_region(&self) -> Option<RemoteRegion> {
+    /// The peer has proven the secret: register our regions (the second store for its remote
+    /// writes) and accept its requests and responses.
+    fn register_regions(&mut self) -> Result<()> {
+        let shared = self.shared.clone();
+        let e = |e| verr(&shared, e);
+        if let (None, Some(r)) = (&self.local_mr, shared.local) {
+            // SAFETY: the Region contract keeps the memory mapped for the link's life, longer
+            // than this MR (dropped with the connection).
+            let mr = unsafe { Mr::register(&self.pd, r.as_ptr(), r.len(), verbs::ACCESS_LOCAL) }
+                .map_err(e)?;
+            self.local_mr = Some(mr);
+        }
+        if let (None, Some(s)) = (&self.store_mr, &shared.store) {
+            let r = s.region();
+            // SAFETY: as above; remote write access goes only to this authenticated peer (the
+            // rkey is sent in the handshake's last step, after its proof).
+            let mr =
+                unsafe { Mr::register(&self.pd, r.as_ptr(), r.len(), verbs::ACCESS_REMOTE_WRITE) }
+                    .map_err(e)?;
+            self.store_mr = Some(mr);
+        }
+        self.inbound.authenticated();
+        Ok(())
+    }
+
+    /// The connection loop takes over: messages carry MACs under `keys` from here on.
+    pub(super) fn start(&mut self, peer_region: Option<RemoteRegion>, keys: Option<&SessionKeys>) {
+        self.peer_region = peer_region;
+        if let Some(k) = keys {
+            self.tx_mac = Some(FrameMac::new(k.tx));
+            self.inbound.start_mac(FrameMac::new(k.rx));
+        }
+        self.live = true;
+    }
+
+    fn store_region(&self) -> Option<RemoteRegion> {
         let (mr, s) = (self.store_mr.as_ref()?, self.shared.store.as_ref()?);
         let r = s.region();
         Some(RemoteRegion {
@@ -236,14 +277,11 @@ impl RdmaConn {
                 let len = (c.byte_len as usize).min(SLOT);
                 let bytes = &self.recv.slot(slot)[..len];
                 // Decode / copy out of the slot before it is posted again.
-                let msg = if crate::proto::is_chunk(bytes) {
-                    let limits = (
-                        self.shared.cfg.max_request,
-                        2 * self.shared.cfg.request_window as usize,
-                    );
-                    reassemble(&mut self.partial, bytes, limits)
+                let msg = if self.live {
+                    self.inbound.open(bytes)
                 } else {
-                    Msg::decode(bytes).map(Some).map_err(|e| e.to_string())
+                    self.raw.push_back(bytes.to_vec());
+                    Ok(None)
                 };
                 self.qp
                     .post_recv(c.wr_id, &self.recv, slot)
@@ -251,15 +289,39 @@ impl RdmaConn {
                 match msg {
                     Ok(Some(m)) => self.inbox.push_back(m),
                     Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(peer = self.shared.peer(), error = %e, "malformed RDMA message; closing the connection");
-                        return Err(self.shared.down_err(format!("malformed traffic: {e}")));
-                    }
+                    Err(e) => return Err(self.malformed(e)),
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    fn malformed(&self, e: String) -> LinkError {
+        tracing::error!(peer = self.shared.peer(), error = %e, "malformed RDMA message; closing the connection");
+        self.shared.down_err(format!("malformed traffic: {e}"))
+    }
+
+    /// Decode the next SEND kept from before the connection loop took over.
+    fn open_raw(&mut self) -> Result<Option<Option<Msg>>> {
+        let Some(b) = self.raw.pop_front() else {
+            return Ok(None);
+        };
+        match self.inbound.open(&b) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => Err(self.malformed(e)),
+        }
+    }
+
+    /// Put our MAC at the end of the `len` bytes in send slot `i`; returns the new length.
+    fn seal(&mut self, i: usize, len: usize, data: &[u8]) -> usize {
+        let Some(mac) = self.tx_mac.as_mut() else {
+            return len;
+        };
+        let slot = self.send.slot_mut(i);
+        let tag = mac.tag(&[&slot[..len], data]);
+        slot[len..len + TAG_LEN].copy_from_slice(&tag);
+        len + TAG_LEN
     }
 
     /// Queue one chunk of a request / response; false if no chunk slot is free.
@@ -275,12 +337,8 @@ impl RdmaConn {
         let slot = self.send.slot_mut(i);
         slot[..CHUNK_HDR_LEN].copy_from_slice(&h);
         slot[CHUNK_HDR_LEN..CHUNK_HDR_LEN + data.len()].copy_from_slice(data);
-        self.batch.send(
-            KIND_CHUNK | i as u64,
-            &self.send,
-            i,
-            CHUNK_HDR_LEN + data.len(),
-        );
+        let len = self.seal(i, CHUNK_HDR_LEN + data.len(), &[]);
+        self.batch.send(KIND_CHUNK | i as u64, &self.send, i, len);
         self.chunks_in_flight += 1;
         Ok(true)
     }
@@ -332,7 +390,8 @@ impl RdmaConn {
         };
         let mut b = Vec::with_capacity(64);
         m.encode(&mut b);
-        if b.len() > SLOT {
+        if b.len() + TAG_LEN > SLOT {
+            self.free_send.push(i);
             return Err(self.shared.down_err(format!(
                 "{} message of {} bytes exceeds the RDMA slot of {SLOT} bytes",
                 m.name(),
@@ -340,8 +399,8 @@ impl RdmaConn {
             )));
         }
         self.send.slot_mut(i)[..b.len()].copy_from_slice(&b);
-        self.batch
-            .send(KIND_SEND | i as u64, &self.send, i, b.len());
+        let len = self.seal(i, b.len(), &[]);
+        self.batch.send(KIND_SEND | i as u64, &self.send, i, len);
         Ok(true)
     }
 
@@ -366,6 +425,19 @@ impl RdmaConn {
             local.check(local_offset, u64::from(hdr.len))
                 && hdr.offset + u64::from(hdr.len) <= remote.len
         );
+        // The MAC covers the header and the bytes the WRITE carries.
+        let len = if self.tx_mac.is_some() {
+            // SAFETY: the engine keeps the source bytes of a post unchanged until it resolves.
+            let Some(data) = (unsafe { local.slice(local_offset, hdr.len as usize) }) else {
+                self.free_send.push(i);
+                return Err(self
+                    .shared
+                    .down_err("internal: post outside the local region".to_string()));
+            };
+            self.seal(i, b.len(), data)
+        } else {
+            b.len()
+        };
         // SAFETY: the range is inside the local MR (checked by Link::post); the engine keeps it
         // unchanged until the post resolves, which is after this SEND completes or the QP is gone.
         unsafe {
@@ -376,8 +448,7 @@ impl RdmaConn {
                 remote.rkey,
             )
         };
-        self.batch
-            .send(KIND_SEND | i as u64, &self.send, i, b.len());
+        self.batch.send(KIND_SEND | i as u64, &self.send, i, len);
         Ok(true)
     }
 
@@ -449,6 +520,12 @@ impl RdmaConn {
         if std::mem::take(&mut self.rx_activity) {
             session.touch();
         }
+        // First what arrived before the connection loop took over, in order.
+        while let Some(m) = self.open_raw()? {
+            if let Some(m) = m {
+                self.inbox.push_back(m);
+            }
+        }
         while let Some(m) = self.inbox.pop_front() {
             if let Msg::Record(h) = &m {
                 // The peer's WRITE has placed the bytes already; the header must match the
@@ -470,11 +547,18 @@ impl MsgIo for RdmaConn {
     }
     async fn recv_msg(&mut self) -> Result<Msg> {
         loop {
-            if let Some(m) = self.inbox.pop_front() {
+            if let Some(Some(m)) = self.open_raw()? {
                 return Ok(m);
             }
-            self.wait().await?;
+            if self.raw.is_empty() {
+                self.wait().await?;
+            }
         }
+    }
+
+    fn authenticated(&mut self) -> Result<Option<RemoteRegion>> {
+        self.register_regions()?;
+        Ok(self.store_region())
     }
 }
 

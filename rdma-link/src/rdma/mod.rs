@@ -15,18 +15,23 @@
 //! * Completions are driven from tokio: the completion channel's fd is non-blocking and
 //!   registered with `AsyncFd` (see README for the measurement behind this choice).
 //!
+//! * Nothing a stranger could use exists before the handshake: the regions are registered, and
+//!   request chunks accepted, only once the peer has proven the secret. After the handshake every
+//!   SEND ends in a MAC (a record's covers the bytes its WRITE placed).
+//!
 //! Modules, bottom up: `verbs` (all unsafe verbs / rdma_cm calls), `cm` (waiting for events),
-//! `chunk` (reassembly), `conn` (one connection: slots, completions, sends); this file opens
-//! and accepts connections (the [`Carrier`]) and probes the devices.
+//! `chunk` (reassembly), `inbound` (checking and decoding what arrives), `conn` (one connection:
+//! slots, completions, sends); this file opens and accepts connections (the [`Carrier`]) and
+//! probes the devices.
 
 mod chunk;
 mod cm;
 mod conn;
+mod inbound;
 mod verbs;
 
 use crate::error::Result;
 use crate::handshake::PeerInfo;
-use crate::proto::RemoteRegion;
 use crate::shared::Shared;
 use crate::wire::Carrier;
 use cm::{cm_afd, expect_event, next_event, verr};
@@ -148,7 +153,10 @@ impl Carrier for RdmaCarrier {
             unsafe { CmId::from_request(raw, ch2) }
         });
         match setup {
-            Ok(id) => Ok(Some((id, None))),
+            Ok(id) => {
+                let from = id.peer_addr();
+                Ok(Some((id, from)))
+            }
             Err(e) => {
                 // One bad request does not stop the listener.
                 tracing::warn!(error = %e, "cannot take an RDMA connection request");
@@ -184,16 +192,12 @@ impl Carrier for RdmaCarrier {
         Ok(conn)
     }
 
-    fn store_region(&self, conn: &RdmaConn) -> Option<RemoteRegion> {
-        conn.store_region()
-    }
-
     fn describe(&self, conn: &RdmaConn) -> String {
         format!("device {}", conn.qp.id().device_name())
     }
 
     fn established(&self, _shared: &Arc<Shared>, mut conn: RdmaConn, peer: &PeerInfo) -> RdmaConn {
-        conn.peer_region = peer.region;
+        conn.start(peer.region, peer.keys.as_ref());
         conn
     }
 }

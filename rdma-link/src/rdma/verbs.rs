@@ -345,6 +345,30 @@ impl CmId {
         unsafe { rdma_disconnect(self.raw) };
     }
 
+    /// The remote address of a connected id or of a connection request, if it is IPv4 / IPv6.
+    pub(crate) fn peer_addr(&self) -> Option<SocketAddr> {
+        // SAFETY: live id; `route.addr` is plain data librdmacm fills in for a connection
+        // request (and after address resolution); reading the union as sockaddr_storage, the
+        // largest member, copies whatever it holds.
+        let ss: libc::sockaddr_storage =
+            unsafe { (*self.raw).route.addr.dst_addr_union.dst_storage };
+        match i32::from(ss.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the family says this storage holds a sockaddr_in.
+                let sin = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in) };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says this storage holds a sockaddr_in6.
+                let sin6 = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in6) };
+                let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                Some(SocketAddr::from((ip, u16::from_be(sin6.sin6_port))))
+            }
+            _ => None,
+        }
+    }
+
     /// The device context the id is bound to (null before address resolution).
     fn verbs(&self) -> *mut ibv_context {
         // SAFETY: live id.

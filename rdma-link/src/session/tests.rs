@@ -24,6 +24,8 @@ struct Store {
     region: Region,
     calls: Mutex<Calls>,
     fail_offset: Mutex<Option<u64>>,
+    /// Records of this partition are refused (as a store of another layout would).
+    refuse_partition: Mutex<Option<u32>>,
 }
 
 impl SecondStore for Store {
@@ -37,8 +39,12 @@ impl SecondStore for Store {
         self.calls.lock().unwrap().persisted.push((offset, len));
         Ok(())
     }
-    fn on_record(&self, partition: u32, seq: u64, _offset: u64, _len: u32) {
+    fn hold_record(&self, partition: u32, seq: u64, _offset: u64, _len: u32) -> Result<(), String> {
+        if *self.refuse_partition.lock().unwrap() == Some(partition) {
+            return Err(format!("partition {partition} does not exist here"));
+        }
         self.calls.lock().unwrap().records.push((partition, seq));
+        Ok(())
     }
     fn on_release(&self, partition: u32, through_seq: u64) {
         self.calls
@@ -85,6 +91,7 @@ fn fixture_with(
         region: Region::leaked(REGION),
         calls: Mutex::default(),
         fail_offset: Mutex::default(),
+        refuse_partition: Mutex::default(),
     });
     let shared = Arc::new(Shared::new(
         cfg(),
@@ -143,7 +150,11 @@ fn ack(tag: u64, seq: u64, ok: bool) -> Msg {
         tag,
         partition: 0,
         seq,
-        ok,
+        status: if ok {
+            AckStatus::Held
+        } else {
+            AckStatus::PersistFailed("injected".into())
+        },
     }
 }
 
@@ -210,7 +221,7 @@ async fn an_ack_for_an_unknown_tag_or_another_record_is_a_protocol_error() {
         tag: 77,
         partition: 3,
         seq: 5,
-        ok: true,
+        status: AckStatus::Held,
     }));
     assert!(e.contains("unknown post tag 77"), "{e}");
 }
@@ -235,7 +246,7 @@ async fn records_are_persisted_then_acknowledged_within_the_window() {
     let oks: Vec<(u64, bool)> = acks
         .iter()
         .map(|m| match m {
-            Msg::Ack { tag, ok, .. } => (*tag, *ok),
+            Msg::Ack { tag, status, .. } => (*tag, *status == AckStatus::Held),
             other => panic!("expected an ack, got {other:?}"),
         })
         .collect();
@@ -245,6 +256,44 @@ async fn records_are_persisted_then_acknowledged_within_the_window() {
     );
     f.session.on_msg(record(105, 5)).unwrap();
     assert_eq!(load(&f.shared.stats.records_in), 5);
+}
+
+#[tokio::test]
+async fn a_record_the_store_refuses_is_acknowledged_as_refused_and_fails_its_post() {
+    // Receiving side: persisted, refused by the store, acknowledged with the store's reason.
+    let mut f = fixture();
+    *f.store.refuse_partition.lock().unwrap() = Some(1);
+    f.session.on_msg(record(7, 1)).unwrap();
+    assert!(f.store.calls.lock().unwrap().records.is_empty());
+    match controls(&mut f.session).as_slice() {
+        [Msg::Ack {
+            tag: 7,
+            status: AckStatus::Refused(why),
+            ..
+        }] => assert!(why.contains("partition 1 does not exist"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Sending side: the post fails with the reason; the link stays up.
+    let (tag, mut rx) = post(&mut f.session, 3);
+    f.session
+        .on_msg(Msg::Ack {
+            tag,
+            partition: 0,
+            seq: 3,
+            status: AckStatus::Refused("outside partition 0".into()),
+        })
+        .unwrap();
+    match rx.try_recv() {
+        Ok(Err(e @ LinkError::RecordRefused { seq: 3, .. })) => {
+            let t = e.to_string();
+            assert!(
+                t.contains("outside partition 0") && t.contains("layouts"),
+                "{t}"
+            );
+        }
+        other => panic!("expected RecordRefused, got {other:?}"),
+    }
+    assert_eq!(load(&f.shared.stats.failed), 1);
 }
 
 #[tokio::test]

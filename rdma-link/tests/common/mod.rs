@@ -47,6 +47,8 @@ pub struct MemStore {
     pub gate: (Mutex<bool>, Condvar),
     /// persist sleeps this long
     pub delay: Mutex<Duration>,
+    /// records of this partition are refused (as a store of another layout would)
+    pub refuse_partition: Mutex<Option<u32>>,
 }
 
 impl MemStore {
@@ -58,6 +60,7 @@ impl MemStore {
             fail_offset: Mutex::new(None),
             gate: (Mutex::new(false), Condvar::new()),
             delay: Mutex::new(Duration::ZERO),
+            refuse_partition: Mutex::new(None),
         })
     }
     pub fn close_gate(&self) {
@@ -104,8 +107,14 @@ impl SecondStore for MemStore {
             .push((offset, len, crc32c::crc32c(&bytes)));
         Ok(())
     }
-    fn on_record(&self, partition: u32, seq: u64, _offset: u64, _len: u32) {
+    fn hold_record(&self, partition: u32, seq: u64, _offset: u64, _len: u32) -> Result<(), String> {
+        if *self.refuse_partition.lock().unwrap() == Some(partition) {
+            return Err(format!(
+                "partition {partition} is not in this node's layout"
+            ));
+        }
         self.log.lock().unwrap().records.push((partition, seq));
+        Ok(())
     }
     fn on_release(&self, partition: u32, through_seq: u64) {
         self.log

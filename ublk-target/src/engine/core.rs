@@ -246,6 +246,18 @@ impl Engine {
             .unwrap_or_else(|_| rdma_link::Region::leaked(0))
     }
 
+    /// What the partner must agree on for our records to land in its second store where its
+    /// takeover replay expects them: the NVRAM geometry (partitions, log size) and the LUN
+    /// shapes. The text is logged so that two nodes' disagreeing layouts can be compared; the
+    /// tag (the first 8 bytes of its BLAKE3 hash) is checked in the link handshake.
+    pub fn mirror_layout(&self) -> (u64, String) {
+        let text = format!("{}; nvram log {} bytes", self.sb.layout, self.sb.part_size);
+        let hash = blake3::hash(text.as_bytes());
+        let mut tag = [0u8; 8];
+        tag.copy_from_slice(&hash.as_bytes()[..8]);
+        (u64::from_le_bytes(tag), text)
+    }
+
     /// The area of our NVRAM that holds the partner's mirrored partitions.
     pub fn second_store(&self) -> Option<Arc<SecondStoreArea>> {
         self.second_store.clone()

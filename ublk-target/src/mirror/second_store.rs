@@ -446,16 +446,21 @@ impl rdma_link::SecondStore for SecondStoreArea {
         self.region.persist(self.base + offset, len)
     }
 
-    fn on_record(&self, partition: u32, seq: u64, offset: u64, len: u32) {
+    /// Holds a record the partner's post just made durable here, or says why it cannot: the
+    /// partner's post then fails instead of counting a copy nobody could replay.
+    fn hold_record(&self, partition: u32, seq: u64, offset: u64, len: u32) -> Result<(), String> {
         let part_size = self.layout.part_size;
         if partition >= self.layout.partitions || offset / part_size != partition as u64 {
             tracing::warn!(
                 partition,
                 seq,
                 offset,
-                "mirrored record outside its partition; ignored"
+                "mirrored record outside its partition; refused"
             );
-            return;
+            return Err(format!(
+                "record {seq} of partition {partition} at second-store offset {offset} is outside that partition here ({} partitions of {part_size} bytes): the nodes' layouts differ",
+                self.layout.partitions
+            ));
         }
         let pos = offset % part_size;
         // The bytes are in place (persisted before this call): the header says which log.
@@ -469,13 +474,15 @@ impl rdma_link::SecondStore for SecondStoreArea {
             tracing::warn!(
                 partition,
                 seq,
-                "mirrored record not intact after its persist; not held"
+                "mirrored record not intact after its persist; refused"
             );
-            return;
+            return Err(format!(
+                "record {seq} of partition {partition} is not intact in the second store after its persist"
+            ));
         };
         let mut held = self.held();
         let Some(pp) = held.get_mut(partition as usize) else {
-            return;
+            return Err(format!("partition {partition} has no second store here"));
         };
         if pp.log_id != Some(header.log_id) {
             // A new log of the partner: it replayed its old one before formatting, so
@@ -497,6 +504,7 @@ impl rdma_link::SecondStore for SecondStoreArea {
         if seq > pp.released {
             pp.records.insert(seq, Held { pos, len });
         }
+        Ok(())
     }
 
     fn on_release(&self, partition: u32, through_seq: u64) {

@@ -65,7 +65,10 @@ pub fn start_link(
     c: &ClusterSection,
     engine: &Arc<Engine>,
 ) -> anyhow::Result<(Link, TaskHandle)> {
-    let lc = link_config(cfg, c)?;
+    let mut lc = link_config(cfg, c)?;
+    let (layout_tag, layout) = engine.mirror_layout();
+    lc.layout_tag = layout_tag;
+    tracing::info!(layout_tag = %format!("{layout_tag:016x}"), "mirror layout: {layout}");
     let store: Arc<dyn rdma_link::SecondStore> = engine
         .second_store()
         .context("the NVRAM has no second store (format it for a cluster)")?;
