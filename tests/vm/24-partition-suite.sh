@@ -106,7 +106,7 @@ takeover_by() { # NODE: wait until NODE serves every range
 restore() { # NODE-that-lost-its-range
 	local lost=$1 other
 	other=$([[ $1 == a ]] && echo b || echo a)
-	kill -9 "${pid[$lost]}" 2>/dev/null
+	kill -9 "${pid[$lost]}" 2>/dev/null || true # already dead after cut-kill
 	nvm_wait_gone "${pid[$lost]}"
 	"$NVMCTL" del "${dev[$lost]#/dev/ublkb}" >/dev/null 2>&1 || true
 	nvm_wait_dev_gone "${dev[$lost]#/dev/ublkb}"

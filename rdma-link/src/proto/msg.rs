@@ -1,5 +1,6 @@
 //! The messages of the link and their encoding: `kind: u8` followed by a fixed little-endian
-//! body (see the module documentation of `proto`).
+//! body (see the module documentation of `proto`). One job, the wire format of every message
+//! kind, kept in one file so that an encoder and its decoder are read side by side.
 
 use super::codec::{R, W};
 use crate::error::FrameError;
