@@ -41,10 +41,10 @@ pub(crate) struct PeerInfo {
     pub region: Option<RemoteRegion>,
 }
 
-const LABEL_ACCEPTOR: &[u8] = b"nvmirror-link acceptor";
-const LABEL_CONNECTOR: &[u8] = b"nvmirror-link connector";
+pub(crate) const LABEL_ACCEPTOR: &[u8] = b"nvmirror-link acceptor";
+pub(crate) const LABEL_CONNECTOR: &[u8] = b"nvmirror-link connector";
 
-fn mac(
+pub(crate) fn mac(
     secret: &[u8],
     label: &[u8],
     cluster: u64,
