@@ -47,6 +47,7 @@
 //! | `custom` | the transport over a user's [`Network`] |
 //! | `rdma` | RDMA RC queue pairs (`verbs` → `cm` → `chunk` → `inbound` → `conn` → carrier) |
 //! | `link` | the public [`Link`] handle, which chooses the transport |
+//! | `fuzzing` | bodies of the fuzz targets in `fuzz/` (hidden; for them and their corpus replay only) |
 
 mod api;
 mod busy;
@@ -54,6 +55,10 @@ mod config;
 mod custom;
 mod driver;
 mod error;
+/// Entry points of the fuzz targets in `fuzz/` and of their corpus replay; public only for
+/// them (the handshake is crate-internal), not part of the API.
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod link;
 mod network;

@@ -17,6 +17,8 @@
 //! 4. `engine`
 //! 5. `control`, `frontend`, then `devices`
 //! 6. `node`
+//! 7. `fuzzing` (hidden: the bodies of the fuzz targets in `fuzz/`, for them and their corpus
+//!    replay only)
 
 pub mod apply;
 pub mod block;
@@ -27,6 +29,8 @@ pub mod devices;
 pub mod engine;
 pub mod flusher;
 pub mod frontend;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod index;
 pub mod inspect;

@@ -16,8 +16,12 @@ pub const TABLE_VERSION: u32 = 1;
 pub const SLOT_BYTES: u64 = 4096;
 /// Bytes reserved at the end of the medium for the table (both slots, room to grow).
 pub const METADATA_BYTES: u64 = 1 << 20;
-/// Entries that fit in one slot after the header.
-pub const MAX_ENTRIES: usize = (SLOT_BYTES as usize - 64) / 12;
+// Both kinds of 4 KiB slot (table, flush marks) end with a crc32c of everything before it.
+const SLOT_CRC_AT: usize = SLOT_BYTES as usize - 4;
+/// LUNs the header has range counts for.
+pub const MAX_LUNS: usize = 16;
+/// Entries that fit in one slot, between the header and the checksum.
+pub const MAX_ENTRIES: usize = (SLOT_CRC_AT - 64) / 12;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RangeOwner {
@@ -38,6 +42,8 @@ pub struct OwnershipTable {
 pub enum TableError {
     #[error("the ownership table has {0} ranges in all; at most {MAX_ENTRIES} fit (use fewer lun ranges)")]
     TooLarge(usize),
+    #[error("the ownership table has {0} LUNs; at most {MAX_LUNS} fit (use fewer LUNs)")]
+    TooManyLuns(usize),
     #[error("the ownership table on the medium belongs to cluster {found}, this node is in cluster {expected}; check the medium path and cluster.id")]
     WrongCluster { found: u64, expected: u64 },
     #[error("the ownership table on the medium describes {found} LUN range(s), the config {expected}; every node must use the same LUN layout")]
@@ -45,9 +51,6 @@ pub enum TableError {
     #[error("ownership table I/O: {0}")]
     Io(#[from] io::Error),
 }
-
-// Both kinds of 4 KiB slot (table, flush marks) end with a crc32c of everything before it.
-const SLOT_CRC_AT: usize = SLOT_BYTES as usize - 4;
 
 fn seal_slot(b: &mut [u8]) {
     let crc = crc32c::crc32c(&b[..SLOT_CRC_AT]);
@@ -74,6 +77,10 @@ impl OwnershipTable {
         if total > MAX_ENTRIES {
             return Err(TableError::TooLarge(total));
         }
+        // The header has room for MAX_LUNS range counts: a table with more could not be read back.
+        if self.luns.len() > MAX_LUNS {
+            return Err(TableError::TooManyLuns(self.luns.len()));
+        }
         let mut b = vec![0u8; SLOT_BYTES as usize];
         b[0..4].copy_from_slice(&TABLE_MAGIC.to_le_bytes());
         b[4..8].copy_from_slice(&TABLE_VERSION.to_le_bytes());
@@ -86,7 +93,7 @@ impl OwnershipTable {
         for l in &self.luns {
             counts.push(l.len() as u16);
         }
-        for (i, c) in counts.iter().enumerate().take(16) {
+        for (i, c) in counts.iter().enumerate() {
             b[28 + i * 2..30 + i * 2].copy_from_slice(&c.to_le_bytes());
         }
         for l in &self.luns {
@@ -111,7 +118,7 @@ impl OwnershipTable {
             return None;
         }
         let nluns = u32_at(24) as usize;
-        if nluns > 16 {
+        if nluns > MAX_LUNS {
             return None;
         }
         let mut luns = Vec::new();
@@ -150,8 +157,8 @@ impl OwnershipTable {
 pub const MARKS_MAGIC: u32 = 0x4d46_564e; // "NVFM"
 /// Slots 0 and 1 hold the table; slot `MARKS_SLOT + node` holds that node's flush marks.
 pub const MARKS_SLOT: u64 = 2;
-/// Partitions whose marks fit in one slot.
-pub const MAX_MARKS: usize = (SLOT_BYTES as usize - 64) / 8;
+/// Partitions whose marks fit in one slot, between the header and the checksum.
+pub const MAX_MARKS: usize = (SLOT_CRC_AT - 64) / 8;
 
 /// How far each of a node's partitions is on the medium. The node writes them while its
 /// partner is unreachable (a release cannot travel over the link then), before it

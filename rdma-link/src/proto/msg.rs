@@ -589,15 +589,22 @@ pub fn proof_payload(resync: &ResyncPoint, region: &Option<RemoteRegion>) -> Vec
     out
 }
 
+/// The part of a reject / bye reason that is kept: at most [`MAX_REASON_LEN`] bytes, cut at a
+/// character boundary.
+fn kept_reason(s: &str) -> &str {
+    let mut end = s.len().min(MAX_REASON_LEN);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// The message-level fields.
 impl W<'_> {
     fn string(&mut self, s: &str) {
-        let mut end = s.len().min(MAX_REASON_LEN);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.u16(end as u16);
-        self.bytes(&s.as_bytes()[..end]);
+        let s = kept_reason(s);
+        self.u16(s.len() as u16);
+        self.bytes(s.as_bytes());
     }
     fn hello(&mut self, h: &Hello) {
         self.u32(h.magic);
@@ -647,7 +654,9 @@ impl R<'_> {
             return Err(self.bad(format!("text of {n} bytes")));
         }
         let b = self.take(n)?;
-        Ok(String::from_utf8_lossy(b).into_owned())
+        // Each invalid byte becomes a 3-byte U+FFFD: keep what the writer would, so a decoded
+        // reason encodes back to itself.
+        Ok(kept_reason(&String::from_utf8_lossy(b)).to_owned())
     }
     /// A hello. Of a hello with another magic or version only those two fields are read
     /// (the rest is zero): the handshake refuses it by them.

@@ -7,12 +7,12 @@ use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 
 /// Bytes of one message slot (send and receive); a control message or a chunk fills one.
-pub(super) const SLOT: usize = 4096;
+pub(crate) const SLOT: usize = 4096;
 /// Payload bytes per chunk (room is left for the MAC at the end of every SEND).
 pub(super) const CHUNK_DATA: usize = SLOT - CHUNK_HDR_LEN - crate::proto::TAG_LEN;
 
 /// A request / response being reassembled from chunks.
-pub(super) struct Partial {
+pub(crate) struct Partial {
     status: u8,
     total: u32,
     buf: BytesMut,
@@ -20,7 +20,7 @@ pub(super) struct Partial {
 
 /// Add one received chunk; returns the message once complete. `limits`: (largest payload we
 /// accept, most messages under reassembly at once). Errors are protocol violations.
-pub(super) fn reassemble(
+pub(crate) fn reassemble(
     partial: &mut HashMap<(bool, u64), Partial>,
     bytes: &[u8],
     limits: (u32, usize),

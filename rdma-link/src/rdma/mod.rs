@@ -24,7 +24,8 @@
 //! slots, completions, sends); this file opens and accepts connections (the [`Carrier`]) and
 //! probes the devices.
 
-mod chunk;
+// Crate-visible for the fuzz target of the reassembly (`crate::fuzzing`).
+pub(crate) mod chunk;
 mod cm;
 mod conn;
 mod inbound;

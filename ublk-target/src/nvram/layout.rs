@@ -142,7 +142,7 @@ impl Superblock {
         let Some(layout) = text(MAX_LAYOUT_TEXT) else {
             return SuperblockState::Corrupt("layout field is damaged".into());
         };
-        SuperblockState::Valid(Superblock {
+        let sb = Superblock {
             version,
             log_id,
             created_unix,
@@ -152,7 +152,50 @@ impl Superblock {
             data_offset,
             second_store,
             layout,
-        })
+        };
+        match sb.check_geometry() {
+            Ok(()) => SuperblockState::Valid(sb),
+            Err(problem) => SuperblockState::Corrupt(problem),
+        }
+    }
+
+    /// The engine computes every offset from these fields: they must not overflow, and in this
+    /// format they must be what a format writes (checkpoints right before the logs, 4 KiB logs).
+    /// Of another format version only the overflow is checked: its rules may differ, and the
+    /// version mismatch is the error to report.
+    fn check_geometry(&self) -> Result<(), String> {
+        if Layout::of(self).checked_end().is_none() {
+            return Err(format!(
+                "{} partitions of {} bytes from offset {} do not fit in 64 bits",
+                self.partitions, self.part_size, self.data_offset
+            ));
+        }
+        if self.version != FORMAT_VERSION {
+            return Ok(());
+        }
+        if self.partitions == 0 {
+            return Err("it has no partitions".into());
+        }
+        let metadata = Layout::metadata_bytes(self.partitions);
+        if self.data_offset != metadata {
+            return Err(format!(
+                "the logs start at byte {} but the checkpoints of {} partitions end at byte {metadata}",
+                self.data_offset, self.partitions
+            ));
+        }
+        if self.part_size == 0 || !self.part_size.is_multiple_of(META_BLOCK) {
+            return Err(format!(
+                "the partition size {} is not a non-zero multiple of 4 KiB",
+                self.part_size
+            ));
+        }
+        if self.second_store > 1 {
+            return Err(format!(
+                "the second-store flag is {} (0 or 1)",
+                self.second_store
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -175,7 +218,8 @@ impl Layout {
     pub fn compute(len: u64, partitions: u32, second_store: bool) -> Option<Layout> {
         let data_offset = Self::metadata_bytes(partitions);
         let logs = partitions as u64 * if second_store { 2 } else { 1 };
-        let per = len.checked_sub(data_offset)? / logs;
+        // No partitions: nothing to split (and no division by zero).
+        let per = len.checked_sub(data_offset)?.checked_div(logs)?;
         let part_size = per / META_BLOCK * META_BLOCK;
         (part_size >= MIN_PARTITION_BYTES).then_some(Layout {
             partitions,
@@ -219,6 +263,13 @@ impl Layout {
 
     pub fn end(&self) -> u64 {
         self.partition_base(self.partitions) + self.second_store_len()
+    }
+
+    /// `end`, or None if it overflows (only a damaged superblock describes such a layout).
+    fn checked_end(&self) -> Option<u64> {
+        let logs = u64::from(self.partitions) * if self.second_store { 2 } else { 1 };
+        logs.checked_mul(self.part_size)?
+            .checked_add(self.data_offset)
     }
 }
 

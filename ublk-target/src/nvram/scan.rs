@@ -90,6 +90,11 @@ pub fn scan_partition(
         if header.seq != expect {
             break format!("missing (record seq {} is there)", header.seq);
         }
+        // No log gets near the last sequence number: a record there is damage, and no record
+        // could follow it.
+        let Some(after) = expect.checked_add(1) else {
+            break "damaged (its sequence number is the largest possible)".into();
+        };
         let slot = header.slot();
         if pos + slot > len || header.data_len > header.len && header.kind == RecordKind::Data {
             break "damaged (length beyond the partition)".into();
@@ -99,15 +104,24 @@ pub fn scan_partition(
         if crc32c::crc32c(data) != header.data_crc {
             break "damaged (data checksum mismatch)".into();
         }
+        let step = if header.kind == RecordKind::Wrap {
+            len - pos
+        } else {
+            slot
+        };
+        // The log never writes past its oldest record: a chain that does has gone around
+        // the partition and would replay the same bytes twice.
+        if advanced + step > len {
+            break "damaged (it overlaps the start of the scan)".into();
+        }
+        advanced += step;
         if header.kind == RecordKind::Wrap {
-            advanced += len - pos;
             pos = 0;
         } else {
             records.push(ScannedRecord { header, pos });
-            advanced += slot;
             pos += slot;
         }
-        expect += 1;
+        expect = after;
     };
 
     // Where the chain ended: is there proof that record `expect` was acknowledged?

@@ -1,0 +1,5 @@
+//! Fuzz target `handshake`: the body is `rdma_link::fuzzing::handshake` (replayed by
+//! `rdma-link/tests/fuzz_corpus.rs`).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rdma_link::fuzzing::handshake(data));
