@@ -153,3 +153,77 @@ impl<'a> Applier<'a> {
         Ok(self.applied)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lun::LunSpec;
+    use crate::medium::{Medium, MemMedium};
+
+    const SIZE: u64 = 1 << 20;
+
+    fn lun() -> (Vec<Arc<Lun>>, Arc<MemMedium>) {
+        let medium = Arc::new(MemMedium::new(SIZE));
+        let luns = Lun::all(vec![LunSpec {
+            name: "lun0".into(),
+            size: SIZE,
+            ranges: 2,
+            medium: medium.clone(),
+        }]);
+        (luns, medium)
+    }
+
+    fn record(seq: u64, lun: u32, offset: u64, len: u64, data: &[u8]) -> RecordWrite<'_> {
+        RecordWrite {
+            partition: 0,
+            seq,
+            kind: RecordKind::Data,
+            lun,
+            offset,
+            len,
+            data,
+        }
+    }
+
+    /// A damaged or foreign record (a takeover replays the partner's bytes) is refused by
+    /// name and writes nothing: not past the LUN's end (where the ownership table lives), not
+    /// with an offset that wraps around, not into a LUN that does not exist.
+    #[test]
+    fn records_that_do_not_fit_their_lun_are_refused_and_write_nothing() {
+        let (luns, medium) = lun();
+        let mut applier = Applier::new(&luns);
+        let block = [0xabu8; 4096];
+        let past_end = applier.apply(&record(1, 0, SIZE - 2048, 4096, &block));
+        assert!(
+            matches!(past_end, Err(ApplyError::OutOfBounds { .. })),
+            "{past_end:?}"
+        );
+        let wraps = applier.apply(&record(2, 0, u64::MAX - 1024, 4096, &block));
+        assert!(
+            matches!(wraps, Err(ApplyError::OutOfBounds { .. })),
+            "{wraps:?}"
+        );
+        let unknown = applier.apply(&record(3, 7, 0, 4096, &block));
+        assert!(
+            matches!(unknown, Err(ApplyError::UnknownLun { .. })),
+            "{unknown:?}"
+        );
+        let short = applier.apply(&record(4, 0, 0, 8192, &block));
+        assert!(
+            matches!(short, Err(ApplyError::LengthMismatch { .. })),
+            "{short:?}"
+        );
+        assert_eq!(applier.applied(), Applied::default());
+        let mut back = vec![0u8; SIZE as usize];
+        medium.read_at(&mut back, 0).expect("read");
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "a refused record reached the medium"
+        );
+        // A record that fits still goes through after the refusals.
+        applier
+            .apply(&record(5, 0, 4096, 4096, &block))
+            .expect("fits");
+        assert_eq!(applier.sync().expect("sync").records, 1);
+    }
+}

@@ -339,3 +339,69 @@ impl Engine {
         futures::executor::block_on(self.drain(timeout))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::{Engine, EngineOptions, LunSpec, OpenMode};
+    use crate::medium::MemMedium;
+    use crate::nvram::NvramRegion;
+    use futures::executor::block_on;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    const MIB: u64 = 1 << 20;
+
+    /// A write split over two partitions whose second piece cannot be staged fails, and its
+    /// first piece is still settled: before, the write returned at once and the first piece's
+    /// record was never acknowledged, so its partition never flushed again.
+    #[test]
+    fn a_write_whose_second_piece_fails_still_settles_the_first() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let region = NvramRegion::open(&dir.path().join("nv"), Some(16 * MIB)).expect("nvram");
+        let engine = Engine::open(
+            region,
+            EngineOptions {
+                node_name: "a".into(),
+                partitions: 2,
+                flush: crate::flusher::FlushPolicy {
+                    batch_bytes: MIB,
+                    linger: Duration::from_millis(5),
+                },
+                mode: OpenMode::Normal,
+                mirrored: false,
+                degraded: crate::config::DegradedPolicy::WriteThrough,
+                cluster: None,
+                config_path: "test.toml".into(),
+                host: crate::host::system(),
+            },
+            vec![LunSpec {
+                name: "lun0".into(),
+                size: 8 * MIB,
+                ranges: 2,
+                medium: Arc::new(MemMedium::new(8 * MIB)),
+            }],
+        )
+        .expect("engine");
+        let boundary = engine.luns[0].range_bytes;
+        // Range 1 lives in partition 1: make its log refuse new records.
+        engine.partition_of(1).shutdown();
+        let straddling = block_on(engine.write(0, boundary - 4096, &[7u8; 8192]));
+        assert!(straddling.is_err(), "the second piece cannot be staged");
+        block_on(engine.write(0, 0, &[1u8; 4096])).expect("a write to partition 0");
+        let p0 = engine.partition_of(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = p0.status();
+            if s.flushed_through + 1 == s.next_seq {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "partition 0 stopped flushing: {:?}",
+                (s.acked_through, s.flushed_through, s.next_seq)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        engine.shutdown();
+    }
+}
