@@ -21,12 +21,24 @@ fn engine(
     medium: &Arc<MemMedium>,
     degraded: DegradedPolicy,
 ) -> Arc<Engine> {
+    open_engine(nvram, node, 2, LUN_SIZE, medium.clone(), degraded)
+}
+
+/// A mirrored engine with `partitions` logs and one LUN of `lun_size` bytes in 4 ranges.
+fn open_engine(
+    nvram: &Path,
+    node: &str,
+    partitions: u32,
+    lun_size: u64,
+    medium: Arc<dyn nvmirror::medium::Medium>,
+    degraded: DegradedPolicy,
+) -> Arc<Engine> {
     let region = NvramRegion::open(nvram, Some(24 * MIB)).expect("nvram");
     Engine::open(
         region,
         EngineOptions {
             node_name: node.into(),
-            partitions: 2,
+            partitions,
             flush: nvmirror::flusher::FlushPolicy {
                 batch_bytes: 4 * MIB,
                 linger: std::time::Duration::from_millis(10),
@@ -40,9 +52,9 @@ fn engine(
         },
         vec![LunSpec {
             name: "lun0".into(),
-            size: LUN_SIZE,
+            size: lun_size,
             ranges: 4,
-            medium: medium.clone(),
+            medium,
         }],
     )
     .expect("engine")
@@ -674,30 +686,14 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
         broken: std::sync::atomic::AtomicBool::new(false),
     });
     let open_with = |name: &str, medium: Arc<dyn nvmirror::medium::Medium>| {
-        Engine::open(
-            NvramRegion::open(&dir.path().join(name), Some(24 * MIB)).expect("nvram"),
-            EngineOptions {
-                node_name: name.into(),
-                partitions: 2,
-                flush: nvmirror::flusher::FlushPolicy {
-                    batch_bytes: 4 * MIB,
-                    linger: std::time::Duration::from_millis(10),
-                },
-                mode: OpenMode::Normal,
-                mirrored: true,
-                degraded: DegradedPolicy::WriteThrough,
-                cluster: None,
-                config_path: "test.toml".into(),
-                host: nvmirror::host::system(),
-            },
-            vec![LunSpec {
-                name: "lun0".into(),
-                size: LUN_SIZE,
-                ranges: 4,
-                medium,
-            }],
+        open_engine(
+            &dir.path().join(name),
+            name,
+            2,
+            LUN_SIZE,
+            medium,
+            DegradedPolicy::WriteThrough,
         )
-        .expect("engine")
     };
     let a = open_with("a", view_a.clone());
     let b = open_with("b", shared.clone());
@@ -812,33 +808,16 @@ fn takeover_time_for_1_gib_of_staged_writes() {
     );
 }
 
-/// An engine like [`engine`] with `partitions` logs and one LUN of `lun_size` bytes.
 fn engine_shaped(nvram: &Path, partitions: u32, lun_size: u64) -> Arc<Engine> {
-    let region = NvramRegion::open(nvram, Some(24 * MIB)).expect("nvram");
-    Engine::open(
-        region,
-        EngineOptions {
-            node_name: "a".into(),
-            partitions,
-            flush: nvmirror::flusher::FlushPolicy {
-                batch_bytes: 4 * MIB,
-                linger: Duration::from_millis(10),
-            },
-            mode: OpenMode::Normal,
-            mirrored: true,
-            degraded: DegradedPolicy::WriteThrough,
-            cluster: None,
-            config_path: "test.toml".into(),
-            host: nvmirror::host::system(),
-        },
-        vec![LunSpec {
-            name: "lun0".into(),
-            size: lun_size,
-            ranges: 4,
-            medium: Arc::new(MemMedium::new(lun_size)),
-        }],
+    let medium = Arc::new(MemMedium::new(lun_size));
+    open_engine(
+        nvram,
+        "a",
+        partitions,
+        lun_size,
+        medium,
+        DegradedPolicy::WriteThrough,
     )
-    .expect("engine")
 }
 
 #[test]
