@@ -26,7 +26,7 @@ results=$repo/target/demo/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$results"
 nvm_log "booting the VM; the demo's own output follows"
 set +e
-nvm_vm_boot --results "$results" --name demo --env "NVM_BIN=$repo/target/release" --env "DEMO_TRANSPORT=${DEMO_TRANSPORT:-tcp}" \
+nvm_vm_boot --results "$results" --name demo --env "NVM_BIN=${CARGO_TARGET_DIR:-$repo/target}/release" --env "DEMO_TRANSPORT=${DEMO_TRANSPORT:-tcp}" \
 	-- "$repo/scripts/demo-guest.sh"
 rc=$?
 set -e
