@@ -50,6 +50,8 @@
 #     node-a reconnects) while a connecting one never reconnects.
 #   * Guest commands: `power-cut-node.sh b`, `... a` (first boot, killed),
 #     `... a2` (the reboot).  Each VM has 1 vCPU (two TCG VMs on 2 cores).
+#   * The host-side helpers (boot, await, power_cut, cleanup) are shared with
+#     41-power-cut-both.sh: tests/twovm/lib/power-cut-host.sh.
 # Knobs: NVM_PC_TRANSPORT (rdma | tcp), NVM_PC_FIO_RATE (3m: the verified
 # job's write rate), NVM_PC_FIO_TRIGGER (18: seconds of writing before the cut).
 # Takes about 3 minutes on 2 cores under TCG, most of it the verifies after the
@@ -62,114 +64,12 @@ NVM_BIN=${NVM_BIN:-$NVM_REPO/target/release}
 # shellcheck source=scripts/vm/lib.sh
 source "$NVM_REPO/scripts/vm/lib.sh"
 
-transport=${NVM_PC_TRANSPORT:-rdma}
-[[ $transport == tcp || $transport == rdma ]] || { echo "NVM_PC_TRANSPORT must be tcp or rdma" >&2; exit 2; }
-OUT=$(mkdir -p "$NVM_OUT" && cd "$NVM_OUT" && pwd)
-SYNC=$OUT/sync
-node_script=$NVM_REPO/tests/twovm/guest/power-cut-node.sh
-t0=$SECONDS
-say() { printf '[%s host +%ss] %s\n' "$(date +%T)" "$((SECONDS - t0))" "$*"; }
-mark() { printf '%s\n' "${2:-$(date +%s.%N)}" >"$SYNC/$1.tmp" && mv -f "$SYNC/$1.tmp" "$SYNC/$1"; }
-skip() { say "SKIPPED: $*"; exit 77; }
-
-for b in nvmirrord nvmirrorctl; do
-	[[ -x $NVM_BIN/$b ]] || { say "FAIL: $NVM_BIN/$b missing (cargo build --release)"; exit 1; }
-done
-command -v fio >/dev/null || skip "fio is not installed on the host (the VMs run the host's userspace)"
-command -v python3 >/dev/null || skip "python3 is not installed on the host"
-
-nvm_vm_prepare
-nvm_vm_detect_accel # once here, not in each background boot
-export NVM_VM_QUIET=1 # two consoles would interleave: they go to console-NAME.log
-
-# Fresh state: the NVDIMMs and the disk start zeroed (sparse files).
-rm -rf "$SYNC" "$OUT/state" "$OUT"/pmem-*.img "$OUT"/shared.img "$OUT"/guest-rc-* "$OUT"/qemu-*.pid
-mkdir -p "$SYNC" "$OUT/state"
-truncate -s 129M "$OUT/shared.img" # 1 MiB ownership table + a 128 MiB LUN (2 ranges of 64 MiB)
-(umask 077 && head -c 48 /dev/urandom | base64 >"$OUT/secret")
-
-port=''
-for _ in $(seq 50); do
-	p=$((20000 + RANDOM % 30000))
-	if ! ss -Htln "sport = :$p" | grep -q .; then port=$p; break; fi
-done
-[[ -n $port ]] || { say "FAIL: no free TCP port for the VM link"; exit 1; }
-
-declare -A vm_pid=() # VM name -> background nvm_vm_boot subshell
-qemu_pid() { # NAME -> pid of that VM's QEMU, if it runs
-	local f=$OUT/qemu-$1.pid pid
-	[[ -f $f ]] || return 1
-	pid=$(<"$f")
-	[[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "-pidfile $f" || return 1
-	echo "$pid"
-}
-# shellcheck disable=SC2317 # invoked by the EXIT trap
-cleanup() {
-	local rc=$? n pid
-	set +e
-	for n in "${!vm_pid[@]}"; do
-		if pid=$(qemu_pid "$n"); then
-			say "cleanup: killing QEMU of VM $n (pid $pid)"
-			kill -KILL "$pid"
-		fi
-	done
-	# Their nvm_vm_boot subshells end with QEMU (bounded: a QEMU that never wrote
-	# its pid file is stopped by its own VM timeout).
-	for n in "${!vm_pid[@]}"; do
-		for _ in $(seq 100); do kill -0 "${vm_pid[$n]}" 2>/dev/null || break; sleep 0.2; done
-	done
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'say "terminated"; exit 143' TERM INT
-
-boot() { # NAME ROLE TIMEOUT listen|connect
-	local name=$1 role=$2 tmo=$3 mode=$4 nvdimm=$OUT/pmem-${2:0:1}.img
-	nvm_vm_boot --results "$OUT" --name "$name" --cpus 1 --mem 1024 --timeout "$tmo" \
-		--nvdimm "$nvdimm:256M" --disk "$OUT/shared.img" "--net-$mode" "$port" \
-		--env "NVM_BIN=$NVM_BIN" --env "NVM_OUT=$OUT" \
-		--env "NVM_PC_TRANSPORT=$transport" --env "NVM_PC_FIO_RATE=${NVM_PC_FIO_RATE:-3m}" --env "NVM_PC_FIO_TRIGGER=${NVM_PC_FIO_TRIGGER:-18}" \
-		--qemu-arg -pidfile --qemu-arg "$OUT/qemu-$name.pid" \
-		-- /bin/bash "$node_script" "$role" >"$OUT/vm-$name.out" 2>&1 &
-	vm_pid[$name]=$!
-	say "booting VM $name ($role, $mode on 127.0.0.1:$port, NVDIMM $(basename "$nvdimm"), timeout ${tmo}s)"
-}
-vm_running() { kill -0 "${vm_pid[$1]}" 2>/dev/null; }
-# await NAME SECONDS VM...: until sync/NAME exists; fails on abort, on timeout,
-# or when one of the VMs that should produce it has ended.
-await() {
-	local name=$1 secs=$2 i v
-	shift 2
-	for ((i = 0; i < secs * 5; i++)); do
-		[[ -e $SYNC/$name ]] && return 0
-		[[ -e $SYNC/abort ]] && fail "a VM gave up: $(cat "$SYNC/abort")"
-		for v in "$@"; do vm_running "$v" || { sleep 1; [[ -e $SYNC/$name ]] && return 0; fail "VM $v ended before $name"; }; done
-		sleep 0.2
-	done
-	fail "timed out after ${secs}s waiting for $name"
-}
-fail() {
-	say "FAIL: $*"
-	mark abort "host: $*" 2>/dev/null || true
-	local n
-	for n in "${!vm_pid[@]}"; do
-		echo "---- last lines of node-${n}.log / console-$n.log ----"
-		tail -n 25 "$OUT/node-$n.log" 2>/dev/null || tail -n 25 "$OUT/console-$n.log" 2>/dev/null
-	done
-	# Give the guests a moment to see `abort` and leave their logs, then pull the plugs.
-	sleep 3
-	exit 1
-}
+# shellcheck source=tests/twovm/lib/power-cut-host.sh
+source "$NVM_REPO/tests/twovm/lib/power-cut-host.sh"
+pc_setup
 
 say "results in $OUT; mirror link over $transport; accel $NVM_VM_ACCEL_NAME"
-boot b b 480 listen
-for _ in $(seq 150); do
-	ss -Htln "sport = :$port" | grep -q . && break
-	vm_running b || fail "VM b ended before listening on $port"
-	sleep 0.2
-done
-ss -Htln "sport = :$port" | grep -q . || fail "VM b's QEMU does not listen on $port"
-boot a a 300 connect
+boot_pair 480 300
 
 await a-up 240 a b
 await b-up 240 a b
@@ -177,18 +77,8 @@ say "both daemons up, mirroring over $transport; fio starts (trigger after ${NVM
 await kill-a 200 a b
 
 # ----------------------------------------------------------- power cut ---
-qpid=$(qemu_pid a) || fail "no QEMU pid for VM a"
-kill -KILL "$qpid"
-t_kill=$EPOCHREALTIME
+power_cut a
 mark a-killed "$t_kill"
-say "POWER CUT: SIGKILL to node-a's QEMU (pid $qpid)"
-for _ in $(seq 150); do vm_running a || break; sleep 0.2; done
-vm_running a && fail "VM a still running 30 s after SIGKILL to its QEMU"
-rc_a=0
-wait "${vm_pid[a]}" || rc_a=$?
-unset 'vm_pid[a]'
-[[ ! -e $OUT/guest-rc-a ]] || fail "node-a's guest command finished ($(cat "$OUT/guest-rc-a")): it was not cut mid-run"
-say "VM a is gone, its command never finished (nvm_vm_boot status $rc_a: it reports a SIGKILLed QEMU like a timeout)"
 grep -h 'still alive' "$OUT/node-a.log" | tail -n 1 | sed 's/^/  node-a before the cut: /'
 
 await b-serving 120 b

@@ -1,9 +1,11 @@
 #!/bin/bash
 # tests/twovm/guest/power-cut-node.sh ROLE   (runs INSIDE one of the two VMs of
-# tests/twovm/40-power-cut.sh; ROLE is a = node-a's first boot, a2 = node-a
-# rebooted after the power cut, b = node-b, the survivor)
+# tests/twovm/40-power-cut.sh or 41-power-cut-both.sh; ROLE is a = node-a's
+# first boot, a2 = node-a rebooted after the power cut, b = node-b's first boot
+# (the survivor in 40; cut with node-a in 41), b2 = node-b rebooted alone after
+# both lost power (41))
 #
-# Contract with the host orchestrator (40-power-cut.sh):
+# Contract with the host orchestrators (40-power-cut.sh, 41-power-cut-both.sh):
 #   - started by guest-init.sh as root in a VM booted by nvm_vm_boot with one
 #     emulated NVDIMM (this node's NVRAM, a host file that outlives QEMU; its
 #     first boot turns the NVDIMM's namespace into device-DAX /dev/dax0.0, the
@@ -14,7 +16,8 @@
 #   - environment: NVM_BIN (release binaries), NVM_OUT (the test's results dir,
 #     writable 9p export visible to the host and to the other VM),
 #     NVM_PC_TRANSPORT (rdma | tcp), NVM_PC_FIO_* (write rate, trigger time;
-#     see the orchestrator);
+#     see the orchestrator), NVM_PC_CUT (a: only node-a loses power, test 40;
+#     both: node-a and node-b do, test 41);
 #   - coordination is by files in $NVM_OUT/sync, each created atomically
 #     (written to NAME.tmp, renamed), every wait bounded: a-up, b-up,
 #     a-ready (fio server and the background writer running on node-a),
@@ -23,16 +26,22 @@
 #     lun.sha256, restart-a (node-b has verified: boot node-a again),
 #     a2-up, b-gaveback, a2-done and b-done (each stays up until the other is
 #     done: node-a's reads of range 1 go through node-b's daemon and node-b
-#     checks the link at the end); a file `abort` (any side) makes everyone
-#     give up at once.  Nothing here waits without a bound.
+#     checks the link at the end).  With NVM_PC_CUT=both (test 41) the trigger
+#     writes kill-both instead of kill-a, once it has put the verify state on
+#     the results dir (state/local-powercut-0-verify.state: node-b's RAM does
+#     not survive the cut); the host kills both QEMUs and boots node-b alone
+#     (b2), which writes b2-start (just before its daemon starts), b-serving
+#     (node-a's range taken over) and b2-done.  A file `abort` (any side)
+#     makes everyone give up at once.  Nothing here waits without a bound.
 #   - exit status 0 = this node's part passed (guest-rc-NAME on the host),
 #     77 = cannot run here (SKIPPED), anything else = FAIL.  The host waits for
-#     node-a's first boot to be killed, so that VM never reports.
+#     node-a's first boot (and, in 41, node-b's) to be killed, so that VM
+#     never reports.
 # Logs: $NVM_OUT/node-ROLE.log (this script, also on the VM console),
 # daemon-ROLE.log, fio-*.log, status-*.json.
 set -euo pipefail
 
-role=${1:?usage: power-cut-node.sh a|a2|b}
+role=${1:?usage: power-cut-node.sh a|a2|b|b2}
 : "${NVM_BIN:?}" "${NVM_OUT:?}"
 NVMD=$NVM_BIN/nvmirrord
 NVMCTL=$NVM_BIN/nvmirrorctl
@@ -44,6 +53,7 @@ fio_port=8765
 transport=${NVM_PC_TRANSPORT:-rdma}        # mirror link: rdma (Soft-RoCE on eth0) or tcp
 write_rate=${NVM_PC_FIO_RATE:-3m}          # the verified job (fio server on node-a)
 trigger_after=${NVM_PC_FIO_TRIGGER:-18}    # seconds after the fio client started
+cut=${NVM_PC_CUT:-a}                       # whose power goes: a (test 40) or both (test 41)
 work=/tmp/powercut
 mkdir -p "$work" "$NVM_OUT/state"
 cd "$work"
@@ -138,7 +148,7 @@ nvram=/dev/dax0.0
 setup_nvram() {
 	modprobe -a dax_pmem device_dax || fail "modprobe dax_pmem device_dax"
 	command -v ndctl >/dev/null || skip "ndctl is not installed"
-	if [[ $role != a2 ]]; then
+	if [[ $role != *2 ]]; then
 		ndctl create-namespace --force --reconfig=namespace0.0 --mode=devdax >"$work/ndctl.json" 2>&1 ||
 			fail "ndctl create-namespace --mode=devdax: $(cat "$work/ndctl.json")"
 	fi
@@ -345,16 +355,44 @@ run_b() {
 	# verify state, stores it here (10.77.0.1-powercut-0-verify.state), then runs
 	# the local trigger, which asks the host to pull node-a's plug.
 	local trig="echo \$(date +%s.%N) >$SYNC/kill-a.tmp && mv -f $SYNC/kill-a.tmp $SYNC/kill-a"
+	if [[ $cut == both ]]; then
+		# node-b loses its power too, and with it this RAM: the trigger first puts
+		# the verify state fio has just stored here on the results dir (9p), then
+		# asks for the cut.
+		cat >trigger.sh <<-EOF
+		st='$NVM_OUT/state/local-powercut-0-verify.state'
+		if cp '$work/$ip_a-powercut-0-verify.state' "\$st.tmp" && mv -f "\$st.tmp" "\$st"; then
+			echo \$(date +%s.%N) >'$SYNC/kill-both.tmp' && mv -f '$SYNC/kill-both.tmp' '$SYNC/kill-both'
+		else
+			echo "b: fio's trigger found no verify state to save" >'$SYNC/abort'
+		fi
+		EOF
+		trig="bash $work/trigger.sh"
+	fi
 	say "fio client -> $ip_a:$fio_port: $write_rate random writes with verify; trigger at ${trigger_after}s"
 	timeout -k 5 $((trigger_after + 120)) fio --trigger-timeout="$trigger_after" --trigger="$trig" \
 		--client="$ip_a,$fio_port" powercut-client.fio >"$NVM_OUT/fio-client-b.log" 2>&1 &
 	local client=$!
+	if [[ $cut == both ]]; then
+		await kill-both $((trigger_after + 90))
+		say "trigger fired: verify state saved on the results dir, the host cuts the power of both nodes"
+		local i
+		for ((i = 0; i < 300; i++)); do
+			[[ -e $SYNC/abort ]] && fail "aborted: $(cat "$SYNC/abort")"
+			if ((i % 5 == 0)); then
+				say "still alive: $(q '"second store holds %d record(s) of node-a, mirror %s" % (e["mirror"]["second_store"]["records"], e["mirror"]["state"])' 2>/dev/null)"
+			fi
+			sleep 1
+		done
+		fail "still alive 300 s after kill-both: the host did not cut the power"
+	fi
 	await kill-a $((trigger_after + 90))
 	say "trigger fired: verify state received, the host cuts node-a's power"
 	until_ok 120 "takeover of node-a's range" \
 		'all(r["owner"] == "node-b" and r["state"] == "local" for r in e["ranges"]) and e["takeover"]["phase"] == "done"'
-	mark b-serving
+	# The status first: the host reads it as soon as it sees b-serving.
 	st >"$NVM_OUT/status-b-after-takeover.json"
+	mark b-serving
 	say "took over: ranges $(ranges); takeover $(q 'e["takeover"]'); mirror $(q 'e["mirror"]["state"]')"
 	# The client stored the verify state before it ran the trigger.  When the power
 	# went before node-a's fio sent its results, the client would wait for them
@@ -404,10 +442,70 @@ run_b() {
 	say "PASS (node-b): took over at the power cut, verify passed, node-a rejoined, giveback"
 }
 
+# ------------------------------------------ node-b, back alone (test 41) ---
+# Both nodes lost their power; only node-b returns (same NVDIMM, same disk).  Its
+# daemon rebuilds its second store from the NVRAM, finds node-a's heartbeat on
+# the shared medium dead, takes over range 0 and replays node-a's mirrored
+# writes (node-a's flusher was paused: none of them is on the medium).
+run_b2() {
+	setup_net $ip_b
+	write_config
+	local staged
+	staged=$("$NVMCTL" --config node.toml nvram inspect --json | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+print("valid, %d record(s) of its own staged" % sum(p["records"] for p in r["partitions"]) if r["state"] == "valid" else "state " + r["state"])') ||
+		fail "nvmirrorctl nvram inspect $nvram failed"
+	say "node-b's NVRAM after the power cut (nvmirrorctl nvram inspect): $staged"
+	[[ $staged == valid* ]] || fail "node-b's NVRAM is not valid after the power cut: $staged"
+	local t_start t_serving
+	t_start=$(date +%s.%N)
+	mark b2-start "$t_start"
+	start_daemon
+	st >"$NVM_OUT/status-b2-start.json"
+	say "rebuilt at start (daemon log): $(grep -ho 'second store: .*' "$NVM_OUT/daemon-$role.log" | head -n 1); second store now (a takeover replays and drops): $(q 'e["mirror"]["second_store"]')"
+	until_ok 120 "takeover of node-a's range (node-a's disk heartbeat stopped at the cut)" \
+		'all(r["owner"] == "node-b" and r["state"] == "local" for r in e["ranges"]) and (e.get("takeover") or {}).get("phase") == "done"'
+	t_serving=$(date +%s.%N)
+	mark b-serving "$t_serving"
+	st >"$NVM_OUT/status-b2-after-takeover.json"
+	# This poll (each status call costs ~0.7 s of a TCG vCPU, and start_daemon
+	# makes a few) lags the daemon: its log says when it served.
+	local timeline
+	timeline=$(python3 -c 'import datetime, sys
+t0 = float(sys.argv[1]); at = {}
+steps = [("lease", "disk lease held"), ("dead", "disk heartbeat has not changed"),
+         ("replayed", "takeover complete"), ("live", "is live on")]
+for line in open(sys.argv[2]):
+    for k, pat in steps:
+        if pat in line and k not in at:
+            ts = datetime.datetime.strptime(line[:26], "%Y-%m-%dT%H:%M:%S.%f")
+            at[k] = ts.replace(tzinfo=datetime.timezone.utc).timestamp() - t0
+missing = [k for k, _ in steps if k not in at]
+if missing:
+    sys.exit("daemon log lacks: " + ", ".join(missing))
+print("%.1f s (disk lease held +%.1f s, node-a declared dead +%.1f s, replay done +%.1f s, device live +%.1f s)"
+      % (max(at["replayed"], at["live"]), at["lease"], at["dead"], at["replayed"], at["live"]))' "$t_start" "$NVM_OUT/daemon-$role.log" 2>&1) ||
+		fail "node-b's daemon log does not show the takeover steps: $timeline"
+	mark b2-timeline "$timeline"
+	say "daemon timeline from its start: serving after $timeline"
+	say "took over $(awk -v a="$t_start" -v b="$t_serving" 'BEGIN { printf "%.1f", b - a }') s after the daemon started: ranges $(ranges); takeover $(q 'e["takeover"]'); mirror $(q 'e["mirror"]["state"]')"
+	ok 'e["takeover"]["from"] == "node-a" and e["takeover"]["records_done"] > 0 and e["ranges"][0]["epoch"] >= 2' ||
+		fail "the takeover replayed none of node-a's mirrored writes (or not from node-a): $(q 'e["takeover"]')"
+	local dead
+	dead=$(grep -ho "node node-a's disk heartbeat has not changed for [0-9]* ms" "$NVM_OUT/daemon-$role.log" | head -n 1) || true
+	[[ -n $dead ]] || fail "node-b's daemon log does not say node-a's disk heartbeat was dead before the takeover"
+	say "daemon: $dead (and the link down): took over"
+	verify job_powercut "$dev" after-restart-b2
+	mark b2-done
+	say "PASS (node-b): back alone after both lost power, took over node-a's range, replayed $(q 'e["takeover"]["records_done"]') record(s), verify passed"
+}
+
 [[ -f $NVM_OUT/secret ]] || fail "no cluster secret in $NVM_OUT"
+[[ $cut == a || $cut == both ]] || fail "NVM_PC_CUT must be a or both, not $cut"
 case $role in
 a) run_a ;;
 a2) run_a2 ;;
 b) run_b ;;
+b2) run_b2 ;;
 *) fail "unknown role $role" ;;
 esac
