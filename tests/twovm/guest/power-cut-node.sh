@@ -390,9 +390,12 @@ run_b() {
 	say "trigger fired: verify state received, the host cuts node-a's power"
 	until_ok 120 "takeover of node-a's range" \
 		'all(r["owner"] == "node-b" and r["state"] == "local" for r in e["ranges"]) and e["takeover"]["phase"] == "done"'
-	# The status first: the host reads it as soon as it sees b-serving.
+	# The status first (the host reads it as soon as it sees b-serving), stamped with the
+	# time the takeover was seen done.
+	local t_done
+	t_done=$(date +%s.%N)
 	st >"$NVM_OUT/status-b-after-takeover.json"
-	mark b-serving
+	mark b-serving "$t_done"
 	say "took over: ranges $(ranges); takeover $(q 'e["takeover"]'); mirror $(q 'e["mirror"]["state"]')"
 	# The client stored the verify state before it ran the trigger.  When the power
 	# went before node-a's fio sent its results, the client would wait for them
