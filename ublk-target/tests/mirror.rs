@@ -288,6 +288,63 @@ fn degraded_nvram_policy_acknowledges_from_the_local_copy() {
     assert_eq!(p.a.status().mirror.degraded_records, 1);
 }
 
+/// Writes acknowledged from one NVRAM copy while the partner was away (`degraded = "nvram"`)
+/// are copied to it when it connects, before the pair counts as mirrored again: the owner's
+/// death afterwards loses none of them. Before, they stayed single-copy until flushed.
+#[test]
+fn writes_staged_while_the_partner_was_away_are_mirrored_when_it_connects() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let medium = Arc::new(MemMedium::new(LUN_SIZE));
+    let a = engine(
+        &dir.path().join("nv-a"),
+        "a",
+        &medium,
+        DegradedPolicy::Nvram,
+    );
+    let b = engine(
+        &dir.path().join("nv-b"),
+        "b",
+        &medium,
+        DegradedPolicy::Nvram,
+    );
+    a.set_flush_paused(true);
+    // No partner yet: acknowledged from A's NVRAM alone.
+    let alone: Vec<(u64, Vec<u8>)> = (0..20u64)
+        .map(|i| (i * 8192, pattern(500 + i, 4096)))
+        .collect();
+    for (off, data) in &alone {
+        futures::executor::block_on(a.write(0, *off, data)).expect("degraded write");
+    }
+    assert_eq!(a.status().mirror.degraded_records, 20);
+
+    let (link_a, link_b, rt) = connect(&a, &b, Duration::from_millis(500));
+    {
+        let _in_runtime = rt.enter();
+        a.partner_connected(true);
+    }
+    wait_for("B to hold the records A staged alone", || {
+        b.status().mirror.second_store.map(|s| s.records) == Some(20)
+    });
+    wait_for("A to count the pair as mirrored again", || {
+        a.status().mirror.resync_left == 0
+    });
+    assert!(medium.snapshot().iter().all(|&x| x == 0), "nothing flushed");
+
+    // A dies; B replays A's records from its second store.
+    a.shutdown();
+    link_a.crash();
+    wait_for("B to see the link down", || !link_b.state().is_up());
+    let report = b.replay_partner().expect("replay");
+    assert_eq!(report.records, 20, "replayed");
+    let m = medium.snapshot();
+    for (off, data) in &alone {
+        assert!(
+            m[*off as usize..*off as usize + data.len()] == data[..],
+            "the write A acknowledged alone at {off} is lost"
+        );
+    }
+}
+
 // ---- two nodes owning ranges of one LUN: forwarding, takeover, fencing ----
 
 use nvmirror::cluster::{ClusterSetup, ForwardFuture, Forwarder, RequestForwarder};
