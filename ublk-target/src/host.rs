@@ -109,3 +109,44 @@ impl Host for SystemHost {
         Box::pin(smol::unblock(work))
     }
 }
+
+/// A clock a test moves by hand; timers never fire, spawned tasks never run.
+#[cfg(test)]
+pub(crate) struct ManualClock {
+    base: Instant,
+    offset: std::sync::Mutex<Duration>,
+}
+
+#[cfg(test)]
+impl Default for ManualClock {
+    fn default() -> ManualClock {
+        ManualClock {
+            base: Instant::now(),
+            offset: std::sync::Mutex::new(Duration::ZERO),
+        }
+    }
+}
+
+#[cfg(test)]
+impl ManualClock {
+    pub(crate) fn advance(&self, d: Duration) {
+        *self.offset.lock().unwrap_or_else(|p| p.into_inner()) += d;
+    }
+}
+
+#[cfg(test)]
+impl Host for ManualClock {
+    fn now(&self) -> Instant {
+        self.base + *self.offset.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn sleep(&self, _: Duration) -> BoxFuture<()> {
+        Box::pin(std::future::pending())
+    }
+    fn spawn(&self, _: &str, _: BoxFuture<()>) -> std::io::Result<TaskHandle> {
+        Ok(TaskHandle::detached())
+    }
+    fn blocking(&self, work: Box<dyn FnOnce() + Send>) -> BoxFuture<()> {
+        work();
+        Box::pin(std::future::ready(()))
+    }
+}

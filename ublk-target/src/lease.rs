@@ -221,7 +221,7 @@ impl DiskLease {
     }
 
     /// One heartbeat write; returns when it was issued.
-    fn renew_once(&self) -> Instant {
+    pub(crate) fn renew_once(&self) -> Instant {
         let issued = self.host.now();
         let record = {
             let mut st = lock(&self.inner);
@@ -300,7 +300,7 @@ impl DiskLease {
         }
     }
 
-    fn watch_others(&self) {
+    pub(crate) fn watch_others(&self) {
         let n = lock(&self.inner).watched.len() as u32;
         for node in (0..n).filter(|&x| x != self.me) {
             // An unreadable slot (our path fails) leaves the last view: `verdict` then
@@ -446,33 +446,8 @@ impl DiskLease {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::ManualClock;
     use crate::ownership::MemTableStore;
-
-    /// A clock the test moves by hand.
-    struct ManualClock {
-        base: Instant,
-        offset: Mutex<Duration>,
-    }
-
-    impl Host for ManualClock {
-        fn now(&self) -> Instant {
-            self.base + *self.offset.lock().unwrap_or_else(|p| p.into_inner())
-        }
-        fn sleep(&self, _: Duration) -> crate::host::BoxFuture<()> {
-            Box::pin(std::future::pending())
-        }
-        fn spawn(
-            &self,
-            _: &str,
-            _: crate::host::BoxFuture<()>,
-        ) -> std::io::Result<crate::host::TaskHandle> {
-            Ok(crate::host::TaskHandle::detached())
-        }
-        fn blocking(&self, work: Box<dyn FnOnce() + Send>) -> crate::host::BoxFuture<()> {
-            work();
-            Box::pin(std::future::ready(()))
-        }
-    }
 
     fn timing() -> LeaseTiming {
         LeaseTiming {
@@ -484,13 +459,8 @@ mod tests {
 
     #[test]
     fn a_lease_is_held_after_settling_and_expires_without_renewals() {
-        let clock = Arc::new(ManualClock {
-            base: Instant::now(),
-            offset: Mutex::new(Duration::ZERO),
-        });
-        let advance = |d: u64| {
-            *clock.offset.lock().expect("clock") += Duration::from_millis(d);
-        };
+        let clock = Arc::new(ManualClock::default());
+        let advance = |d: u64| clock.advance(Duration::from_millis(d));
         let store = Arc::new(MemTableStore::default());
         let a = DiskLease::new(clock.clone(), store.clone(), 1, 0, 2, timing(), 11);
         let b = DiskLease::new(clock.clone(), store, 1, 1, 2, timing(), 22);
@@ -540,10 +510,7 @@ mod tests {
 
     #[test]
     fn a_released_heartbeat_is_dead_at_once() {
-        let clock = Arc::new(ManualClock {
-            base: Instant::now(),
-            offset: Mutex::new(Duration::ZERO),
-        });
+        let clock = Arc::new(ManualClock::default());
         let store = Arc::new(MemTableStore::default());
         let a = DiskLease::new(clock.clone(), store.clone(), 1, 0, 2, timing(), 1);
         let b = DiskLease::new(clock.clone(), store, 1, 1, 2, timing(), 2);
@@ -551,7 +518,7 @@ mod tests {
             a.renew_once();
             b.renew_once();
             a.watch_others();
-            *clock.offset.lock().expect("clock") += Duration::from_millis(100);
+            clock.advance(Duration::from_millis(100));
         }
         assert!(matches!(a.verdict(1), Verdict::Alive { .. }));
         b.release().expect("release");

@@ -15,8 +15,10 @@
       from the medium) holds, in every block a log wrote, its last acknowledged version or a
       later version that was tried (its outcome unknown): never an older one, never garbage.
   monitor NVMCTL PERIOD LOG SPLIT CONFIG...
-      Every PERIOD seconds, each node's `nvmirrorctl status --json`: logs which node serves
-      which range to LOG, and a range served by two nodes at once (split brain) to SPLIT.
+      The nodes' `nvmirrorctl status --json` in turn, a round every PERIOD seconds: logs
+      which ranges each serves to LOG, and a range served by two nodes at once (split brain:
+      one node serves it at the same epoch just before and just after the other does) to
+      SPLIT.
 """
 import json, mmap, os, re, signal, socket, subprocess, sys, threading, time
 
@@ -138,40 +140,52 @@ def check(args):
     return 1 if bad else 0
 
 
-def served_by(statuses):
-    """{(lun, range): [nodes serving it]} from the nodes' status documents."""
-    served = {}
-    for e in statuses:
-        for r in e.get("ranges", []):
-            if r.get("serving"):
-                served.setdefault((r["lun"], r["range"]), []).append(e["node"])
-    return served
+def served_by(e):
+    """{(lun, range): epoch} of the ranges one node's status document says it serves."""
+    return {(r["lun"], r["range"]): r["epoch"] for r in e.get("ranges", []) if r.get("serving")}
 
 
 def monitor(nvmctl, period, log, split, *configs):
-    """Polls every node's status back to back, forever, in one process (a Python start per
-    sample costs a second in the emulated VM). Each sample goes to LOG; a range served by two
-    nodes at once goes to SPLIT too."""
+    """Polls the nodes' statuses in turn (a, b, a, b, ...), forever, in one process (a Python
+    start per sample costs a second in the emulated VM). Each sample goes to LOG.
+
+    Two samples are never taken at the same instant (one takes 0.1-0.3 s under emulation), so
+    a giveback between them would look like two owners. A range is reported to SPLIT only
+    when a node served it, at the same epoch, in the samples just before and just after one
+    in which the other node served it: the first node served it throughout (a move away and
+    back would change the epoch), so both served it at the middle sample's time."""
     period = float(period)
+    samples = []  # (node index, {(lun, range): epoch}) of the last three samples
+    turn = 0
     with open(log, "a") as out:
         while True:
-            statuses = []
-            for cfg in configs:
-                try:
-                    doc = subprocess.run([nvmctl, "--config", cfg, "status", "--json"],
-                                         capture_output=True, timeout=10).stdout
-                    statuses.append(json.loads(doc)["engine"])
-                except (OSError, ValueError, KeyError, subprocess.TimeoutExpired):
-                    pass  # a node that is down or frozen serves nothing we can see
-            served = served_by(statuses)
-            line = " ".join("%d:%d=%s" % (k[0], k[1], "+".join(v)) for k, v in sorted(served.items()))
+            cfg = configs[turn % len(configs)]
+            node = turn % len(configs)
+            turn += 1
+            try:
+                doc = subprocess.run([nvmctl, "--config", cfg, "status", "--json"],
+                                     capture_output=True, timeout=10).stdout
+                served = served_by(json.loads(doc)["engine"])
+            except (OSError, ValueError, KeyError, subprocess.TimeoutExpired):
+                served = {}  # a node that is down or frozen serves nothing we can see
+            samples = (samples + [(node, served)])[-3:]
             stamp_ = time.strftime("%H:%M:%S")
-            out.write("%s %s\n" % (stamp_, line))
+            line = "%s node %d serves %s" % (stamp_, node, " ".join(
+                "%d:%d@%d" % (k[0], k[1], v) for k, v in sorted(served.items())) or "nothing")
+            out.write(line + "\n")
             out.flush()
-            if any(len(v) > 1 for v in served.values()):
-                with open(split, "a") as f:
-                    f.write("%s %s\n" % (stamp_, line))
-            time.sleep(period)
+            if len(samples) == 3 and samples[0][0] == samples[2][0] != samples[1][0]:
+                (x, before), (y, middle), (_, after) = samples
+                both = [k for k in middle
+                        if k in before and k in after and before[k] == after[k]]
+                if both:
+                    with open(split, "a") as f:
+                        f.write("%s range(s) %s served by node %d (epoch %s, before and after) "
+                                "and by node %d in between\n" % (
+                                    stamp_, " ".join("%d:%d" % k for k in both), x,
+                                    ",".join(str(before[k]) for k in both), y))
+            if node == len(configs) - 1:
+                time.sleep(period)
 
 
 if __name__ == "__main__":

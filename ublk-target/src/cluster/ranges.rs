@@ -15,6 +15,7 @@ use super::forward::Forwarder;
 use crate::flusher::Fence;
 use crate::lease::DiskLease;
 use crate::ownership::{self, OwnershipTable, RangeOwner, TableStore};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -58,6 +59,9 @@ pub struct Cluster {
     forwarder: std::sync::RwLock<Option<Arc<dyn Forwarder>>>,
     /// Our flush marks as last written to the medium (see [`ownership::FlushMarks`]).
     marks: Mutex<Option<ownership::FlushMarks>>,
+    /// The lease acquisition (`DiskLease::acquisitions`) during which the table was last
+    /// read from the medium: the view is the truth only if the lease has not lapsed since.
+    table_read_during: AtomicU64,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -78,6 +82,7 @@ pub struct RangeStatus {
 
 impl Cluster {
     pub fn open(setup: ClusterSetup) -> Result<Cluster, ownership::TableError> {
+        let acquisition = setup.lease.as_ref().map_or(0, |l| l.acquisitions());
         let table = ownership::load_or_init(setup.table_store.as_ref(), &setup.initial)?;
         let gates = Self::gates_from(&table, setup.me);
         Ok(Cluster {
@@ -92,6 +97,7 @@ impl Cluster {
             gate_opened: Notify::new(),
             forwarder: std::sync::RwLock::new(None),
             marks: Mutex::new(None),
+            table_read_during: AtomicU64::new(acquisition),
         })
     }
 
@@ -126,6 +132,15 @@ impl Cluster {
 
     pub fn link_timeout(&self) -> Duration {
         self.link_timeout
+    }
+
+    /// The table was read from the medium since the lease was last (re)gained. A node
+    /// whose lease lapsed may have lost ranges meanwhile: until it re-reads the table, its
+    /// view is stale and it must not serve by it, lease or not.
+    pub fn table_is_current(&self) -> bool {
+        self.lease
+            .as_ref()
+            .is_none_or(|l| l.acquisitions() == self.table_read_during.load(Ordering::SeqCst))
     }
 
     /// The owner of `range` of `lun` as the medium's table says now (re-read).
@@ -382,6 +397,8 @@ impl Cluster {
     /// Re-reads the table on the medium (the partner changed it, e.g. gave ranges back) and
     /// routes accordingly. Ranges being taken over keep their closed gates.
     pub fn reload(&self) -> Result<(), ownership::TableError> {
+        // Noted before the read: a lapse during it leaves the view stale, to be read again.
+        let acquisition = self.lease.as_ref().map_or(0, |l| l.acquisitions());
         let Some(t) = ownership::load(self.store.as_ref())? else {
             return Ok(());
         };
@@ -397,6 +414,7 @@ impl Cluster {
             }
         }
         *self.table() = t;
+        self.table_read_during.store(acquisition, Ordering::SeqCst);
         self.gate_opened.notify_waiters();
         Ok(())
     }
@@ -527,5 +545,79 @@ impl Cluster {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::ManualClock;
+    use crate::lease::LeaseTiming;
+    use crate::ownership::MemTableStore;
+
+    /// Found by the partition suite (tests/vm/24, cycle "stop-b"): a node paused past its
+    /// lease, taken over, resumed, regained its lease and, until its lease follower got to
+    /// re-read the table, served the range it had lost by its stale view.
+    #[test]
+    fn a_node_whose_lease_lapsed_does_not_trust_its_view_until_it_rereads_the_table() {
+        let clock = Arc::new(ManualClock::default());
+        let step = Duration::from_millis(100);
+        let timing = LeaseTiming {
+            renew: step,
+            lease: step * 4,
+            io_timeout: step,
+        };
+        let store = Arc::new(MemTableStore::default());
+        let a = DiskLease::new(clock.clone(), store.clone(), 7, 0, 2, timing, 1);
+        let b = DiskLease::new(clock.clone(), store.clone(), 7, 1, 2, timing, 2);
+        let renew = |who: &[&Arc<DiskLease>], times: usize| {
+            for _ in 0..times {
+                for l in who {
+                    l.renew_once();
+                    l.watch_others();
+                }
+                clock.advance(step);
+            }
+        };
+        renew(&[&a, &b], 6);
+        assert!(a.holds() && b.holds());
+        let initial = OwnershipTable {
+            cluster_id: 7,
+            generation: 1,
+            luns: vec![vec![
+                RangeOwner { owner: 0, epoch: 1 },
+                RangeOwner { owner: 1, epoch: 1 },
+            ]],
+        };
+        let view = Cluster::open(ClusterSetup {
+            me: 0,
+            nodes: vec!["node-a".into(), "node-b".into()],
+            table_store: store.clone(),
+            initial: initial.clone(),
+            lease: Some(a.clone()),
+            link_timeout: Duration::from_secs(1),
+        })
+        .expect("open");
+        assert!(view.table_is_current());
+        assert_eq!(view.state(0, 0), RangeState::Local);
+
+        // node-a is paused past its lease; node-b declares it dead and takes range 0.
+        renew(&[&b], 14);
+        assert!(matches!(b.verdict(0), crate::lease::Verdict::Dead { .. }));
+        let mut taken = initial;
+        taken.generation += 1;
+        taken.luns[0][0] = RangeOwner { owner: 1, epoch: 2 };
+        ownership::save(store.as_ref(), &taken).expect("save");
+
+        // node-a resumes and holds its lease again after the settle period...
+        renew(&[&a, &b], 6);
+        assert!(a.holds(), "node-a holds its lease again");
+        // ... but its view still says range 0 is its own: it must not be trusted.
+        assert_eq!(view.state(0, 0), RangeState::Local);
+        assert!(!view.table_is_current());
+
+        view.reload().expect("reload");
+        assert!(view.table_is_current());
+        assert_eq!(view.state(0, 0), RangeState::Remote(1));
     }
 }

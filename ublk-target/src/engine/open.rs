@@ -377,9 +377,10 @@ impl Engine {
     }
 }
 
-/// Follows the disk lease: notes the mirror connection trusted while it holds, and re-reads
-/// the ownership table each time the lease is held again (another node may have taken our
-/// ranges while we did not hold it).
+/// Follows the disk lease: re-reads the ownership table each time the lease is held again
+/// (another node may have taken our ranges while we did not hold it; until then this node
+/// serves nothing, see `Cluster::table_is_current`), and notes the mirror connection
+/// trusted while it holds.
 async fn follow_lease(
     lease: Arc<crate::lease::DiskLease>,
     cluster: Arc<Cluster>,
@@ -387,21 +388,24 @@ async fn follow_lease(
     host: Arc<dyn crate::host::Host>,
     stopping: Arc<Stopping>,
 ) {
-    let mut seen = lease.acquisitions();
+    let mut failed_during = None;
     while !stopping.is_set() {
-        serving.refresh();
-        let now = lease.acquisitions();
-        if now != seen {
-            seen = now;
+        if lease.holds() && !cluster.table_is_current() {
             match cluster.reload() {
-                Ok(()) => tracing::warn!(
-                    "disk lease held again: the ownership table is re-read before serving"
+                Ok(()) if cluster.table_is_current() => tracing::warn!(
+                    "disk lease held again: the ownership table was re-read before serving"
                 ),
-                Err(e) => tracing::error!(
-                    "re-reading the ownership table after regaining the disk lease: {e}"
-                ),
+                Ok(()) => {}
+                Err(e) if failed_during != Some(lease.acquisitions()) => {
+                    failed_during = Some(lease.acquisitions());
+                    tracing::error!(
+                        "re-reading the ownership table after regaining the disk lease (this node serves nothing until it can): {e}"
+                    )
+                }
+                Err(_) => {}
             }
         }
+        serving.refresh();
         let changed = std::pin::pin!(lease.changed());
         let stop = std::pin::pin!(stopping.wait());
         let tick = futures::future::select(changed, host.sleep(lease.timing().renew));

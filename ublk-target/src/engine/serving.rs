@@ -10,6 +10,10 @@
 //! serving while the partner writes its batches for it. A connection that dropped in
 //! between proves nothing (the partner may have taken over meanwhile), until the lease is
 //! held again and the ownership table re-read.
+//!
+//! The lease alone is not enough either: a node that held it, lost it (paused, medium path
+//! down) and gained it again may have lost ranges in between, so it serves by the lease
+//! only once it has re-read the ownership table since (`Cluster::table_is_current`).
 
 use crate::cluster::Cluster;
 use crate::host::Host;
@@ -49,7 +53,7 @@ impl ServingRight {
         let Some(lease) = self.cluster.as_ref().and_then(|c| c.lease()) else {
             return;
         };
-        if lease.holds() {
+        if lease.holds() && self.cluster.as_ref().is_some_and(|c| c.table_is_current()) {
             let generation = self
                 .mirror
                 .current()
@@ -67,7 +71,7 @@ impl ServingRight {
         let Some(lease) = c.lease() else {
             return true;
         };
-        lease.holds() || self.partner_hears_us(c)
+        (lease.holds() && c.table_is_current()) || self.partner_hears_us(c)
     }
 
     fn partner_hears_us(&self, c: &Cluster) -> bool {
@@ -89,7 +93,7 @@ impl ServingRight {
             return Ok(());
         };
         let io = lease.timing().io_timeout;
-        if lease.holds_for(io) {
+        if lease.holds_for(io) && c.table_is_current() {
             return Ok(());
         }
         let heard = self.partner_hears_us(c);
