@@ -931,6 +931,7 @@ fn print_status(s: &DaemonStatus) {
     if let Some(l) = &e.lease {
         println!();
         print_lease(l, e.may_serve);
+        print_watchdog(s.watchdog.as_ref());
     }
     if let Some(note) = &e.takeover_note {
         println!("takeover: {note}");
@@ -1001,6 +1002,27 @@ fn print_lease(l: &nvmirror::lease::LeaseStatus, may_serve: bool) {
             p.last_change_ms_ago as f64 / 1000.0,
             l.dead_after_ms as f64 / 1000.0
         );
+    }
+}
+
+/// The self-fence: the watchdog petted while no medium write hangs, or its absence.
+fn print_watchdog(w: Option<&nvmirror::watchdog::WatchdogStatus>) {
+    match w {
+        Some(w) if w.petting => println!(
+            "watchdog: {} armed, {} s, petted {:.1} s ago",
+            w.device,
+            w.timeout_s,
+            w.last_pet_ms_ago as f64 / 1000.0
+        ),
+        Some(w) => println!(
+            "watchdog: {} NOT PETTED for {:.1} s (a medium write hung): this machine resets within {} s",
+            w.device,
+            w.last_pet_ms_ago as f64 / 1000.0,
+            w.timeout_s
+        ),
+        None => println!(
+            "watchdog: none (no self-fence if a medium write hangs; see cluster.watchdog)"
+        ),
     }
 }
 

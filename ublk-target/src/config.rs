@@ -144,6 +144,15 @@ pub struct ClusterSection {
     pub medium_io_timeout_ms: u64,
     #[serde(default = "default_degraded")]
     pub degraded: DegradedPolicy,
+    /// The watchdog device this node pets while none of its medium writes hangs (its
+    /// self-fence, see `watchdog`): "/dev/watchdog" (a hardware watchdog or `softdog`).
+    /// Unset: no self-fence (`config check` warns when `takeover = "auto"`).
+    #[serde(default)]
+    pub watchdog: Option<PathBuf>,
+    /// The watchdog's timeout in whole seconds; at most what the disk lease timing allows
+    /// (the default).
+    #[serde(default)]
+    pub watchdog_timeout_s: Option<u32>,
     /// Both nodes, in the same order on both; the first listens, the second connects.
     #[serde(rename = "node")]
     pub nodes: Vec<ClusterNode>,
@@ -157,6 +166,12 @@ impl ClusterSection {
             lease: std::time::Duration::from_millis(self.disk_lease_ms),
             io_timeout: std::time::Duration::from_millis(self.medium_io_timeout_ms),
         }
+    }
+
+    /// The watchdog's timeout: as configured, or the longest the lease timing allows.
+    pub fn watchdog_timeout(&self) -> u32 {
+        self.watchdog_timeout_s
+            .unwrap_or_else(|| crate::watchdog::max_timeout(&self.lease_timing()))
     }
 }
 
@@ -334,6 +349,18 @@ impl NodeConfig {
                 self.nvram.path.display()
             ));
         }
+        if let Some(c) = &self.cluster {
+            match &c.watchdog {
+                None if c.takeover == TakeoverPolicy::Auto => warnings.push(
+                    "cluster.watchdog is not set: with takeover = \"auto\" this node has no self-fence, so a medium write that hangs past medium_io_timeout_ms (a path that queues I/O) could land after the partner took the range over; set watchdog = \"/dev/watchdog\" (`modprobe softdog` where the machine has no hardware watchdog), or fence with Pacemaker (takeover = \"manual\", docs/pacemaker.md)".into(),
+                ),
+                Some(w) if !w.exists() => warnings.push(format!(
+                    "cluster.watchdog {} does not exist: the daemon will refuse to start; load a watchdog driver (`modprobe softdog` where the machine has none)",
+                    w.display()
+                )),
+                _ => {}
+            }
+        }
         warnings
     }
 
@@ -447,6 +474,30 @@ impl NodeConfig {
             }
             if let Err(why) = c.lease_timing().check() {
                 return Err(invalid("cluster.disk_lease_ms", why));
+            }
+            if c.watchdog.is_some() || c.watchdog_timeout_s.is_some() {
+                let most = crate::watchdog::max_timeout(&c.lease_timing());
+                if most == 0 {
+                    return Err(invalid(
+                        "cluster.watchdog",
+                        "the disk lease timing leaves no room for a watchdog of at least 1 s: it must fire before the partner may take over; raise cluster.medium_io_timeout_ms or cluster.disk_heartbeat_ms (their sum over 1.1, minus 0.25 s, is the longest watchdog timeout)",
+                    ));
+                }
+                match c.watchdog_timeout_s {
+                    Some(t) if t == 0 || t > most => {
+                        return Err(invalid(
+                            "cluster.watchdog_timeout_s",
+                            format!("{t} s does not fit: use 1 to {most} s with these disk lease timings (the watchdog must reset this node before the partner may take over), or leave it unset"),
+                        ))
+                    }
+                    Some(_) if c.watchdog.is_none() => {
+                        return Err(invalid(
+                            "cluster.watchdog_timeout_s",
+                            "is set but cluster.watchdog is not; set watchdog = \"/dev/watchdog\" or remove the timeout",
+                        ))
+                    }
+                    _ => {}
+                }
             }
             if c.busy_poll_us > MAX_BUSY_POLL_US {
                 return Err(invalid(
@@ -677,6 +728,58 @@ device_id = 3
             e.contains("cluster.disk_lease_ms") && e.contains("twice"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_watchdog_timeout_must_fire_before_a_takeover() {
+        let cluster = |extra: &str| {
+            format!(
+                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
+                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
+            )
+        };
+        // The defaults leave room for 2 s: (2 s + 1 s) / 1.1 - 0.25 s.
+        let c = NodeConfig::parse(&cluster("watchdog = \"/dev/watchdog\"")).expect("valid");
+        assert_eq!(c.cluster.as_ref().map(|c| c.watchdog_timeout()), Some(2));
+        let e = err_of(&cluster(
+            "watchdog = \"/dev/watchdog\"\nwatchdog_timeout_s = 3",
+        ));
+        assert!(
+            e.contains("cluster.watchdog_timeout_s") && e.contains("1 to 2 s"),
+            "{e}"
+        );
+        let e = err_of(&cluster("watchdog_timeout_s = 2"));
+        assert!(
+            e.contains("cluster.watchdog_timeout_s") && e.contains("cluster.watchdog is not"),
+            "{e}"
+        );
+        let e = err_of(&cluster(
+            "watchdog = \"/dev/watchdog\"\ndisk_heartbeat_ms = 250\ndisk_lease_ms = 2000\nmedium_io_timeout_ms = 500",
+        ));
+        assert!(
+            e.contains("cluster.watchdog") && e.contains("no room"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_node_on_auto_takeover_without_a_watchdog_is_warned_about() {
+        let text = format!(
+            "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n\
+             [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+             [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
+        );
+        let c = NodeConfig::parse(&text).expect("valid");
+        let w = c.environment_warnings().join("\n");
+        assert!(w.contains("cluster.watchdog is not set"), "{w}");
+        let c = NodeConfig::parse(&text.replace(
+            "[cluster]\nid = 1\n",
+            "[cluster]\nid = 1\nwatchdog = \"/nonexistent/watchdog\"\n",
+        ))
+        .expect("valid");
+        let w = c.environment_warnings().join("\n");
+        assert!(w.contains("/nonexistent/watchdog does not exist"), "{w}");
     }
 
     #[test]

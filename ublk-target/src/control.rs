@@ -66,6 +66,9 @@ pub struct DaemonStatus {
     pub config: String,
     pub devices: Vec<DeviceStatus>,
     pub engine: EngineStatus,
+    /// The self-fence, if a watchdog is configured.
+    #[serde(default)]
+    pub watchdog: Option<crate::watchdog::WatchdogStatus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

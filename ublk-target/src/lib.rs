@@ -6,13 +6,14 @@
 //! -> `flusher` (`apply` to the medium, then release). `index` serves reads of staged data;
 //! `nvram` is the on-device format; `medium` the backing storage; `cluster` and `ownership`
 //! say who serves which range, `lease` (a heartbeat on the shared medium) who may serve and
-//! when a node is dead; `node` is the daemon's behaviour (link set-up, partner
+//! when a node is dead, `watchdog` the self-fence when a medium write hangs (it watches
+//! `medium_writes`); `node` is the daemon's behaviour (link set-up, partner
 //! watch, control socket); `host` is the seam to the machine (time, tasks).
 //!
 //! Layers (a module imports only modules in layers below it; `tests/module_layers.rs`
 //! checks it):
-//! 1. `block`, `host`, `index`, `ownership`, `nvram`
-//! 2. `medium`, `lease`, then `lun`, `config`, `apply`, `inspect`
+//! 1. `block`, `host`, `index`, `medium_writes`, then `ownership`, `nvram`
+//! 2. `medium`, `lease`, `watchdog`, then `lun`, `config`, `apply`, `inspect`
 //! 3. `log`, then `flusher`, then `mirror`, then `cluster`
 //! 4. `engine`
 //! 5. `control`, `frontend`, then `devices`
@@ -38,7 +39,9 @@ pub mod lease;
 pub mod log;
 pub mod lun;
 pub mod medium;
+pub mod medium_writes;
 pub mod mirror;
 pub mod node;
 pub mod nvram;
 pub mod ownership;
+pub mod watchdog;

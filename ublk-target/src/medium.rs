@@ -7,6 +7,7 @@
 //! node that took the range over wrote since. Reads use O_DIRECT too, so they always see what
 //! is on the device, never a stale cached page.
 
+use crate::medium_writes::WriteInFlight;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -137,6 +138,7 @@ impl Medium for FileMedium {
     }
 
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
+        let _in_flight = WriteInFlight::start();
         let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
         if aligned
             && data.len().is_multiple_of(DIRECT_ALIGN)
@@ -164,6 +166,7 @@ impl Medium for FileMedium {
     }
 
     fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        let _in_flight = WriteInFlight::start();
         // ZERO_RANGE works on block devices (it zeroes) and most filesystems; fall back to
         // writing zeroes where it is not supported (tmpfs, old filesystems).
         let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
@@ -196,6 +199,7 @@ impl Medium for FileMedium {
     }
 
     fn sync(&self) -> io::Result<()> {
+        let _in_flight = WriteInFlight::start();
         // The writes are on the device already; this flushes its volatile cache.
         self.direct.sync_data()
     }

@@ -415,6 +415,7 @@ impl TableStore for MediumTableStore {
     }
     fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
+        let _in_flight = crate::medium_writes::WriteInFlight::start();
         let mut b = AlignedBlock::new()?;
         b.as_mut().copy_from_slice(&data[..SLOT_BYTES as usize]);
         self.file

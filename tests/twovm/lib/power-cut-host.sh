@@ -4,12 +4,12 @@
 # after scripts/vm/lib.sh, at top level, with NVM_REPO, NVM_OUT and NVM_BIN set;
 # not a test itself (tests/twovm/*.sh are; subdirectories are not).
 #
-# Sets transport, OUT, SYNC, node_script, t0, port and vm_pid (VM name -> its
+# Sets transport, OUT, SYNC, node_script (unless the test set it), t0, port and vm_pid (VM name -> its
 # background nvm_vm_boot subshell), the EXIT/TERM/INT traps (no QEMU outlives
 # the test), and defines:
 #   pc_setup               checks, VM preparation, fresh state, a free port
 #   say MSG / skip MSG / fail MSG / mark NAME [CONTENT]
-#   boot NAME ROLE TIMEOUT listen|connect   (extra guest env: pc_boot_env)
+#   boot NAME ROLE TIMEOUT listen|connect [PORT]   (extra guest env: pc_boot_env)
 #   boot_pair TMO_B TMO_A  node-b's QEMU listens on $port, then node-a connects
 #   vm_running NAME / qemu_pid NAME / await NAME SECONDS VM...
 #   power_cut NAME...      SIGKILL to those VMs' QEMUs (one kill), sets t_kill
@@ -21,7 +21,7 @@ transport=${NVM_PC_TRANSPORT:-rdma}
 [[ $transport == tcp || $transport == rdma ]] || { echo "NVM_PC_TRANSPORT must be tcp or rdma" >&2; exit 2; }
 OUT=$(mkdir -p "$NVM_OUT" && cd "$NVM_OUT" && pwd)
 SYNC=$OUT/sync
-node_script=$NVM_REPO/tests/twovm/guest/power-cut-node.sh
+node_script=${node_script:-$NVM_REPO/tests/twovm/guest/power-cut-node.sh}
 t0=$SECONDS
 port=''
 t_kill=''
@@ -88,18 +88,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'say "terminated"; exit 143' TERM INT
 
-boot() { # NAME ROLE TIMEOUT listen|connect
-	local name=$1 role=$2 tmo=$3 mode=$4 nvdimm=$OUT/pmem-${2:0:1}.img
+boot() { # NAME ROLE TIMEOUT listen|connect [PORT]
+	local name=$1 role=$2 tmo=$3 mode=$4 link_port=${5:-$port} nvdimm=$OUT/pmem-${2:0:1}.img
 	# shellcheck disable=SC2086 # pc_boot_env: whole words
 	nvm_vm_boot --results "$OUT" --name "$name" --cpus 1 --mem 1024 --timeout "$tmo" \
-		--nvdimm "$nvdimm:256M" --disk "$OUT/shared.img" "--net-$mode" "$port" \
+		--nvdimm "$nvdimm:256M" --disk "$OUT/shared.img" "--net-$mode" "$link_port" \
 		--env "NVM_BIN=$NVM_BIN" --env "NVM_OUT=$OUT" \
 		--env "NVM_PC_TRANSPORT=$transport" --env "NVM_PC_FIO_RATE=${NVM_PC_FIO_RATE:-3m}" --env "NVM_PC_FIO_TRIGGER=${NVM_PC_FIO_TRIGGER:-18}" \
 		$pc_boot_env \
 		--qemu-arg -pidfile --qemu-arg "$OUT/qemu-$name.pid" \
 		-- /bin/bash "$node_script" "$role" >"$OUT/vm-$name.out" 2>&1 &
 	vm_pid[$name]=$!
-	say "booting VM $name ($role, $mode on 127.0.0.1:$port, NVDIMM $(basename "$nvdimm"), timeout ${tmo}s)"
+	say "booting VM $name ($role, $mode on 127.0.0.1:$link_port, NVDIMM $(basename "$nvdimm"), timeout ${tmo}s)"
 }
 vm_running() { kill -0 "${vm_pid[$1]}" 2>/dev/null; }
 # await NAME SECONDS VM...: until sync/NAME exists; fails on abort, on timeout,

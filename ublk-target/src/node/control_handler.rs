@@ -17,6 +17,8 @@ pub struct ControlHandler {
     pub link: Option<Link>,
     /// The daemon's config file, for status and error messages.
     pub config_path: String,
+    /// The self-fence, for status.
+    pub watchdog: Option<crate::watchdog::WatchdogView>,
     /// A manual takeover's grace period (the heartbeat timeout).
     pub grace: Duration,
 }
@@ -51,6 +53,7 @@ impl ControlHandler {
                 config: self.config_path.clone(),
                 devices: self.devices.statuses(),
                 engine: engine.status(),
+                watchdog: self.watchdog.as_ref().map(|w| w.status()),
             })),
             Request::FlushPause => {
                 engine.set_flush_paused(true);

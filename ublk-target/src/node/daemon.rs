@@ -10,6 +10,7 @@ use crate::control;
 use crate::devices::DeviceSet;
 use crate::engine::{Engine, OpenMode};
 use crate::frontend::DeviceSpec;
+use crate::watchdog::Watchdog;
 use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +43,18 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     for warning in cfg.environment_warnings() {
         tracing::warn!("{warning}");
     }
+    // Armed before the replay: from the first medium write on, a hung one resets the node.
+    let watchdog = match cfg
+        .cluster
+        .as_ref()
+        .and_then(|c| Some((c, c.watchdog.as_ref()?)))
+    {
+        Some((c, device)) => Some(
+            Watchdog::arm(device, c.watchdog_timeout(), c.lease_timing().io_timeout)
+                .map_err(|e| anyhow::anyhow!("cluster.watchdog: {e}"))?,
+        ),
+        None => None,
+    };
     let engine = Engine::open_config(&cfg, &config_path, OpenMode::Normal)?;
     let replay = engine.status().replay;
     tracing::info!(
@@ -94,6 +107,7 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         devices: devices.clone(),
         link: link.clone(),
         config_path: config_path.clone(),
+        watchdog: watchdog.as_ref().map(|w| w.view()),
         grace: Duration::from_millis(
             cfg.cluster
                 .as_ref()
@@ -174,6 +188,8 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     }
     engine.shutdown();
     let _ = std::fs::remove_file(&socket);
+    // Every medium write has ended: stop the watchdog counting.
+    drop(watchdog);
     match failed {
         Some(e) => Err(e),
         None => Ok(()),
