@@ -933,6 +933,21 @@ fn print_status(s: &DaemonStatus) {
         print_lease(l, e.may_serve);
         print_watchdog(s.watchdog.as_ref());
     }
+    for r in &e.reservations {
+        println!(
+            "reservation on {}: our key {} {}; holder {} (type {}); keys {}",
+            r.device,
+            r.my_key,
+            if r.registered {
+                "registered"
+            } else {
+                "NOT REGISTERED (preempted: the medium refuses our writes)"
+            },
+            r.holder.as_deref().unwrap_or("none"),
+            r.kind.map_or("-".into(), |k| k.to_string()),
+            r.keys.join(", ")
+        );
+    }
     if let Some(note) = &e.takeover_note {
         println!("takeover: {note}");
     }

@@ -364,6 +364,7 @@ impl Boot {
                 initial,
                 lease: Some(self.lease.clone()),
                 link_timeout: s.heartbeat_timeout,
+                reservations: Vec::new(),
             }),
             config_path: "sim.toml".into(),
             host: self.host.clone(),

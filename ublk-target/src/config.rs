@@ -104,6 +104,14 @@ pub enum DegradedPolicy {
     Nvram,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReservationMode {
+    #[default]
+    None,
+    Scsi3,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TakeoverPolicy {
@@ -149,6 +157,11 @@ pub struct ClusterSection {
     /// Unset: no self-fence (`config check` warns when `takeover = "auto"`).
     #[serde(default)]
     pub watchdog: Option<PathBuf>,
+    /// Fencing at the device: "scsi3" registers this node's key with every LUN's medium and
+    /// preempts a dead partner's key on takeover (SCSI-3 persistent reservations; the medium
+    /// must be a SCSI disk). "none": the disk lease and the watchdog alone.
+    #[serde(default)]
+    pub reservations: ReservationMode,
     /// The watchdog's timeout in whole seconds; at most what the disk lease timing allows
     /// (the default).
     #[serde(default)]

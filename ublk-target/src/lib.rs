@@ -12,7 +12,7 @@
 //!
 //! Layers (a module imports only modules in layers below it; `tests/module_layers.rs`
 //! checks it):
-//! 1. `block`, `host`, `index`, `medium_writes`, then `ownership`, `nvram`
+//! 1. `block`, `host`, `index`, `medium_writes`, `reservation`, then `ownership`, `nvram`
 //! 2. `medium`, `lease`, `watchdog`, then `lun`, `config`, `apply`, `inspect`
 //! 3. `log`, then `flusher`, then `mirror`, then `cluster`
 //! 4. `engine`
@@ -44,4 +44,5 @@ pub mod mirror;
 pub mod node;
 pub mod nvram;
 pub mod ownership;
+pub mod reservation;
 pub mod watchdog;

@@ -418,6 +418,7 @@ fn clustered_sized(
                 initial,
                 lease: None,
                 link_timeout: Duration::from_millis(500),
+                reservations: Vec::new(),
             }),
             config_path: "test.toml".into(),
             host: nvmirror::host::system(),

@@ -15,6 +15,7 @@ use super::forward::Forwarder;
 use crate::flusher::Fence;
 use crate::lease::DiskLease;
 use crate::ownership::{self, OwnershipTable, RangeOwner, TableStore};
+use crate::reservation::Reservation;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -43,6 +44,9 @@ pub struct ClusterSetup {
     /// The mirror link's heartbeat timeout: the partner calls the link down after hearing
     /// nothing from us for this long.
     pub link_timeout: Duration,
+    /// Persistent reservations on the media, already registered (`reservation`); empty
+    /// without `cluster.reservations = "scsi3"`.
+    pub reservations: Vec<Reservation>,
 }
 
 pub struct Cluster {
@@ -62,6 +66,8 @@ pub struct Cluster {
     /// The lease acquisition (`DiskLease::acquisitions`) during which the table was last
     /// read from the medium: the view is the truth only if the lease has not lapsed since.
     table_read_during: AtomicU64,
+    reservations: Vec<Reservation>,
+    cluster_id: u64,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -84,6 +90,7 @@ impl Cluster {
     pub fn open(setup: ClusterSetup) -> Result<Cluster, ownership::TableError> {
         let acquisition = setup.lease.as_ref().map_or(0, |l| l.acquisitions());
         let table = ownership::load_or_init(setup.table_store.as_ref(), &setup.initial)?;
+        let cluster_id = table.cluster_id;
         let gates = Self::gates_from(&table, setup.me);
         Ok(Cluster {
             me: setup.me,
@@ -98,6 +105,8 @@ impl Cluster {
             forwarder: std::sync::RwLock::new(None),
             marks: Mutex::new(None),
             table_read_during: AtomicU64::new(acquisition),
+            cluster_id,
+            reservations: setup.reservations,
         })
     }
 
@@ -132,6 +141,21 @@ impl Cluster {
 
     pub fn link_timeout(&self) -> Duration {
         self.link_timeout
+    }
+
+    /// Fences `node` at the device (a takeover of all its ranges): removes its key from
+    /// every medium's persistent reservation. Ok(false) without reservations.
+    pub fn preempt(&self, node: NodeId) -> Result<bool, String> {
+        let victim = crate::reservation::key_of(self.cluster_id, node);
+        let mut any = false;
+        for r in &self.reservations {
+            any |= r.preempt(victim).map_err(|e| e.to_string())?;
+        }
+        Ok(any)
+    }
+
+    pub fn reservation_status(&self) -> Vec<crate::reservation::ReservationStatus> {
+        self.reservations.iter().map(|r| r.status()).collect()
     }
 
     /// The table was read from the medium since the lease was last (re)gained. A node
@@ -596,6 +620,7 @@ mod tests {
             initial: initial.clone(),
             lease: Some(a.clone()),
             link_timeout: Duration::from_secs(1),
+            reservations: Vec::new(),
         })
         .expect("open");
         assert!(view.table_is_current());

@@ -85,6 +85,8 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
     #[error("cannot hold this node's disk lease on the shared medium ({0}); check the medium path (every cluster node heartbeats there before it serves)")]
     Lease(String),
+    #[error("{0}")]
+    Reservation(String),
 }
 
 /// An I/O request failed; `errno` goes back to the kernel.

@@ -91,6 +91,11 @@ impl Engine {
                         .collect(),
                 };
                 let store: Arc<dyn crate::ownership::TableStore> = Arc::new(store);
+                // Registered before the first heartbeat: with a registrants-only reservation
+                // standing, an unregistered node cannot write even that. Registering grants
+                // the device's permission only; what this node writes is still decided by
+                // its lease and the ownership table.
+                let reservations = register_reservations(cfg, c, me)?;
                 let lease = acquire_lease(&host, store.clone(), c, me)?;
                 Some(ClusterSetup {
                     me,
@@ -99,6 +104,7 @@ impl Engine {
                     initial,
                     lease: Some(lease),
                     link_timeout: Duration::from_millis(c.heartbeat_timeout_ms),
+                    reservations,
                 })
             }
             _ => None,
@@ -411,6 +417,41 @@ async fn follow_lease(
         let tick = futures::future::select(changed, host.sleep(lease.timing().renew));
         futures::future::select(stop, tick).await;
     }
+}
+
+/// With `cluster.reservations = "scsi3"`: registers this node's key with every LUN's medium
+/// (before anything is written there) and makes sure a "registrants only" reservation
+/// stands.
+fn register_reservations(
+    cfg: &crate::config::NodeConfig,
+    c: &crate::config::ClusterSection,
+    me: u32,
+) -> Result<Vec<crate::reservation::Reservation>, EngineError> {
+    if c.reservations != crate::config::ReservationMode::Scsi3 {
+        return Ok(Vec::new());
+    }
+    let key = crate::reservation::key_of(c.id, me);
+    let mut paths: Vec<&std::path::Path> = cfg.luns.iter().map(|l| l.medium.as_path()).collect();
+    paths.sort();
+    paths.dedup();
+    let mut out = Vec::new();
+    for path in paths {
+        let r = crate::reservation::Reservation::open(path, key)
+            .and_then(|r| r.register_and_reserve().map(|()| r))
+            .map_err(|e| {
+                EngineError::Reservation(format!(
+                    "cluster.reservations = \"scsi3\": registering key {key:#018x} with {} failed: {e}; use a SCSI medium that supports persistent reservations, or set reservations = \"none\"",
+                    path.display()
+                ))
+            })?;
+        tracing::info!(
+            "persistent reservation: key {key:#018x} registered with {} ({:?})",
+            path.display(),
+            r.status()
+        );
+        out.push(r);
+    }
+    Ok(out)
 }
 
 /// Starts renewing this node's disk heartbeat and waits until the lease is held: only then

@@ -53,6 +53,9 @@ pub struct EngineStatus {
     /// Why a takeover is or is not happening now.
     #[serde(default)]
     pub takeover_note: Option<String>,
+    /// The media's persistent reservations (`cluster.reservations = "scsi3"`).
+    #[serde(default)]
+    pub reservations: Vec<crate::reservation::ReservationStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -169,6 +172,11 @@ impl Engine {
                 .map(|l| l.status()),
             may_serve: self.may_serve(),
             takeover_note: self.takeover.note(),
+            reservations: self
+                .cluster
+                .as_ref()
+                .map(|c| c.reservation_status())
+                .unwrap_or_default(),
         }
     }
 }

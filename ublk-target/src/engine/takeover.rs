@@ -100,6 +100,21 @@ impl Engine {
                 return Err(e.to_string());
             }
         };
+        // A takeover of everything the partner owned fences it at the device too: whatever
+        // write it still has queued is refused by the disk (SCSI-3 reservations, if set).
+        if only.is_none() {
+            match c.preempt(from) {
+                Ok(true) => tracing::warn!(
+                    "persistent reservation: node {}'s key preempted; the medium refuses its writes",
+                    c.node_name(from)
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    "persistent reservation: preempting node {}'s key failed ({e}); only the disk lease fences it",
+                    c.node_name(from)
+                ),
+            }
+        }
         // Until the replay, the partner's releases must not drop these ranges' copies.
         if let Some(ss) = &self.second_store {
             let (pinned, luns) = (moved.clone(), self.luns.clone());
