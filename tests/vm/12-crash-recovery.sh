@@ -42,7 +42,7 @@ for cycle in $(seq 1 "$cycles"); do
 	say "cycle $cycle: daemon replayed $replayed record(s) from the NVRAM"
 	if ((cycle % 2 == 0)) && ((replayed == 0)); then fail "flusher was paused but nothing was replayed"; fi
 	fio "${job[@]}" --verify_only=1 --verify_state_load=1 --output=fio-verify-$cycle.log ||
-		{ cat fio-verify-$cycle.log; fail "cycle $cycle: verify after crash failed: an acknowledged write was lost"; }
+		{ cat fio-verify-$cycle.log; nvm_explain_verify_failure fio-verify-$cycle.log daemon*.log; fail "cycle $cycle: verify after crash failed: an acknowledged write was lost"; }
 	say "cycle $cycle: verify passed ($(grep -o 'READ: bw=[^,]*' fio-verify-$cycle.log))"
 done
 say "PASS: $cycles crash/recover cycles, no acknowledged write lost"

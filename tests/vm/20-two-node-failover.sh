@@ -90,7 +90,12 @@ print("epochs now:", [x["epoch"] for x in e["ranges"]])' || fail "node-$survivor
 	ls ./*verify.state >/dev/null 2>&1 || { cat fio-write-$cycle.log; fail "fio saved no verify state"; }
 	fio "${job[@]}" --filename="${dev[$survivor]}" --verify_only=1 --verify_state_load=1 \
 		--output=fio-verify-$cycle.log ||
-		{ cat fio-verify-$cycle.log; tail -30 daemon-$survivor.log; fail "cycle $cycle: an acknowledged write was lost in the takeover"; }
+		{
+			cat fio-verify-$cycle.log
+			tail -30 daemon-$survivor.log
+			nvm_explain_verify_failure fio-verify-$cycle.log daemon-$survivor.log daemon-$owner.log
+			fail "cycle $cycle: an acknowledged write was lost in the takeover"
+		}
 	say "cycle $cycle: verify through node-$survivor passed ($(grep -o 'READ: bw=[^,]*' fio-verify-$cycle.log))"
 	if [[ -n $fwd_pid ]]; then
 		wait "$fwd_pid" || { cat fio-fwd-write.log; tail -30 daemon-$survivor.log; fail "I/O forwarded to node-$owner failed when node-$owner died (it must wait for the takeover)"; }

@@ -307,8 +307,14 @@ pub struct LunSection {
     pub queue_depth: u16,
 }
 
-fn default_queues() -> u16 {
-    1
+/// Most queues a LUN gets by default: one per CPU up to this (each queue is a thread that
+/// stages, mirrors and reads on its own io_uring).
+pub const DEFAULT_QUEUES_MAX: u16 = 4;
+
+/// One queue per CPU, at most [`DEFAULT_QUEUES_MAX`].
+pub fn default_queues() -> u16 {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get().min(DEFAULT_QUEUES_MAX as usize) as u16)
 }
 fn default_depth() -> u16 {
     64
@@ -664,7 +670,8 @@ device_id = 3
         assert_eq!(c.node.name, "node-a");
         assert_eq!(c.nvram.size, Some(ByteSize(64 << 20)));
         assert_eq!(c.luns[0].size, Some(ByteSize(1 << 30)));
-        assert_eq!(c.luns[0].queues, 1);
+        assert_eq!(c.luns[0].queues, default_queues());
+        assert!((1..=DEFAULT_QUEUES_MAX).contains(&c.luns[0].queues));
         assert_eq!(c.luns[0].queue_depth, 64);
         assert_eq!(c.luns[0].ranges(c.nvram.partitions), 4);
         assert_eq!(

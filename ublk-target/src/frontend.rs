@@ -7,7 +7,8 @@
 //! wake-up also writes the queue's eventfd, on which a read is always pending in the ring.
 
 use crate::block::{BLOCK_SIZE, MAX_IO_BYTES};
-use crate::engine::{Engine, IoError};
+use crate::engine::{Engine, IoError, MediumReads};
+use crate::medium::Medium;
 use anyhow::{bail, Context};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
@@ -15,6 +16,7 @@ use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{sys, BufDesc, UblkError, UblkFlags};
 use std::future::Future;
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -172,9 +174,10 @@ fn set_params(dev: &mut UblkDev, size: u64) {
     let shift = BLOCK_SIZE.trailing_zeros() as u8;
     let tgt = &mut dev.tgt;
     tgt.dev_size = size;
-    // One SQE per tag plus the eventfd read.
-    tgt.sq_depth = depth * 2;
-    tgt.cq_depth = depth * 2;
+    // One SQE per tag, a medium read or two per tag, and the eventfd read (a full ring is
+    // submitted and retried, not an error).
+    tgt.sq_depth = depth * 3;
+    tgt.cq_depth = depth * 3;
     tgt.params = sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
         basic: sys::ublk_param_basic {
@@ -199,6 +202,45 @@ fn set_params(dev: &mut UblkDev, size: u64) {
         },
         ..Default::default()
     };
+}
+
+/// Reads the medium on the queue's own io_uring: a queue keeps as many reads in flight as it
+/// has tags, and its thread never blocks on one.
+struct RingReads;
+
+impl MediumReads for RingReads {
+    async fn read(&self, medium: &dyn Medium, out: &mut [u8], off: u64) -> io::Result<()> {
+        let Some(fd) = medium.direct_read_fd() else {
+            return medium.read_at(out, off);
+        };
+        let mut done = 0usize;
+        while done < out.len() {
+            let rest = &mut out[done..];
+            // The buffer is the tag's, which lives until the queue thread exits; the tag's
+            // task completes this read before it commits the request.
+            let sqe = io_uring::opcode::Read::new(
+                io_uring::types::Fd(fd),
+                rest.as_mut_ptr(),
+                rest.len() as u32,
+            )
+            .offset(off + done as u64)
+            .build();
+            let res = ublk_submit_sqe_async(sqe, libublk::UblkUringData::Target as u64)
+                .await
+                .map_err(|e| io::Error::other(format!("queueing a medium read: {e}")))?;
+            match res {
+                n if n < 0 => return Err(io::Error::from_raw_os_error(-n)),
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the medium ended before the read did",
+                    ))
+                }
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Wakes the task and kicks the queue thread out of io_uring_enter.
@@ -322,7 +364,12 @@ async fn handle(
     let result: Result<(), IoError> = match op {
         sys::UBLK_IO_OP_READ => {
             Kicked {
-                inner: Box::pin(engine.read_routed(lun, offset, &mut buf[..bytes as usize])),
+                inner: Box::pin(engine.read_routed_via(
+                    lun,
+                    offset,
+                    &mut buf[..bytes as usize],
+                    &RingReads,
+                )),
                 eventfd,
             }
             .await

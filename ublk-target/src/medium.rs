@@ -24,6 +24,11 @@ pub trait Medium: Send + Sync {
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     fn describe(&self) -> String;
+    /// The file descriptor, opened with O_DIRECT, that reads may be issued on asynchronously
+    /// (io_uring) with 4 KiB-aligned buffers, offsets and lengths; None: only `read_at`.
+    fn direct_read_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +168,10 @@ impl Medium for FileMedium {
 
     fn read_at(&self, out: &mut [u8], off: u64) -> io::Result<()> {
         self.direct.read_exact_at(out, off)
+    }
+
+    fn direct_read_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.direct.as_raw_fd())
     }
 
     fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {

@@ -100,6 +100,20 @@ nvm_stop() {
 }
 
 # nvm_wait_gone PID
+# nvm_explain_verify_failure FIO_LOG DAEMON_LOG...: what a failed fio verify saw, compactly and
+# last (CI shows only a log's tail): fio's first errors, then each daemon's errors and lease
+# changes.
+nvm_explain_verify_failure() {
+	local fio_log=$1 d
+	shift
+	echo "---- $fio_log: first errors ----"
+	grep -m8 -iE 'verify|error|bad|crc|fio:' "$fio_log" || tail -5 "$fio_log"
+	for d in "$@"; do
+		echo "---- $d: errors and lease changes (last 12) ----"
+		grep -E 'ERROR|lease (held|expired)|took over|replay' "$d" | tail -12
+	done
+}
+
 nvm_wait_gone() {
 	for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
 	fail "process $1 still alive after 60 s"

@@ -12,6 +12,7 @@
 //! serve, or is explicitly skipped because it was forwarded.
 
 use super::core::{Engine, IoError};
+use super::medium_reads::MediumReads;
 
 /// Where a staged write ended up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +29,16 @@ use crate::nvram::record::RecordKind;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// `[start, end)` of a read that no staged write covers: the medium has its newest data.
+type Gap = (u64, u64);
+
+fn medium_read_error(lun: &Lun, start: u64, e: std::io::Error) -> IoError {
+    IoError::new(
+        e.raw_os_error().unwrap_or(libc::EIO),
+        format!("reading {} at {start}: {e}", lun.medium.describe()),
+    )
+}
 
 impl Engine {
     pub(super) fn lun_for(&self, lun: usize, offset: u64, len: u64) -> Result<&Arc<Lun>, IoError> {
@@ -254,44 +265,92 @@ impl Engine {
     }
 
     /// Reads the newest data of ranges we serve: staged pieces from the NVRAM, the rest
-    /// from the medium.
+    /// from the medium, on this thread.
     pub fn read(&self, lun_idx: usize, offset: u64, out: &mut [u8]) -> Result<(), IoError> {
-        let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
-        let end = offset + out.len() as u64;
-        let gaps: Vec<(u64, u64)> = {
-            // Staged bytes are copied while the index lock pins them: the flusher unindexes
-            // a record before its space can be reused.
-            let index = lun.index();
-            let mut gaps = Vec::new();
-            for piece in index.lookup(offset, end) {
-                match piece {
-                    Piece::Staged(x) => {
-                        let dst = &mut out[(x.start - offset) as usize..(x.end - offset) as usize];
-                        match x.src {
-                            Source::Log { nvram_off } => self.region.read_at(nvram_off, dst),
-                            Source::Zero => dst.fill(0),
-                        }
-                    }
-                    Piece::Medium { start, end } => gaps.push((start, end)),
-                }
-            }
-            gaps
-        };
+        let (lun, gaps) = self.read_staged(lun_idx, offset, out)?;
         for (start, gap_end) in gaps {
             let dst = &mut out[(start - offset) as usize..(gap_end - offset) as usize];
-            lun.medium.read_at(dst, start).map_err(|e| {
-                IoError::new(
-                    e.raw_os_error().unwrap_or(libc::EIO),
-                    format!("reading {} at {start}: {e}", lun.medium.describe()),
-                )
-            })?;
+            lun.medium
+                .read_at(dst, start)
+                .map_err(|e| medium_read_error(lun, start, e))?;
         }
-        // No read of a range this node may no longer serve (its data may be stale).
+        self.read_done(lun, out.len())
+    }
+
+    /// The same as [`Engine::read`], with the medium's part read through `reads` (the
+    /// frontend's io_uring: many reads in flight, none blocking the queue thread).
+    pub(super) async fn read_via<R: MediumReads>(
+        &self,
+        lun_idx: usize,
+        offset: u64,
+        out: &mut [u8],
+        reads: &R,
+    ) -> Result<(), IoError> {
+        let (lun, gaps) = self.read_staged(lun_idx, offset, out)?;
+        if !gaps.is_empty() {
+            // Every gap at once: one piece of a read does not wait for the one before it.
+            let mut rest = &mut out[..];
+            let mut at = offset;
+            let mut dsts = Vec::with_capacity(gaps.len());
+            for &(start, gap_end) in &gaps {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - at) as usize);
+                let (dst, tail) = tail.split_at_mut((gap_end - start) as usize);
+                dsts.push((start, dst));
+                rest = tail;
+                at = gap_end;
+            }
+            let medium = lun.medium.as_ref();
+            let results =
+                futures::future::join_all(dsts.into_iter().map(|(start, dst)| async move {
+                    (start, reads.read(medium, dst, start).await)
+                }))
+                .await;
+            for (start, result) in results {
+                result.map_err(|e| medium_read_error(lun, start, e))?;
+            }
+        }
+        self.read_done(lun, out.len())
+    }
+
+    /// Copies the staged pieces of `[offset, offset + out.len())` into `out`; returns the
+    /// gaps, which the medium holds the newest data of (reading them may race only with
+    /// later writes, never show older data: a record leaves the index only once it is on
+    /// the medium).
+    fn read_staged(
+        &self,
+        lun_idx: usize,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(&Arc<Lun>, Vec<Gap>), IoError> {
+        let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
+        let end = offset + out.len() as u64;
+        // Staged bytes are copied while the index lock pins them: the flusher unindexes
+        // a record before its space can be reused.
+        let index = lun.index();
+        let mut gaps = Vec::new();
+        for piece in index.lookup(offset, end) {
+            match piece {
+                Piece::Staged(x) => {
+                    let dst = &mut out[(x.start - offset) as usize..(x.end - offset) as usize];
+                    match x.src {
+                        Source::Log { nvram_off } => self.region.read_at(nvram_off, dst),
+                        Source::Zero => dst.fill(0),
+                    }
+                }
+                Piece::Medium { start, end } => gaps.push((start, end)),
+            }
+        }
+        Ok((lun, gaps))
+    }
+
+    /// The end of every read: none of a range this node may no longer serve (its data may
+    /// be stale), and the statistics.
+    fn read_done(&self, lun: &Lun, len: usize) -> Result<(), IoError> {
         self.check_serving()?;
         lun.stats.reads.fetch_add(1, Ordering::Relaxed);
         lun.stats
             .bytes_read
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
+            .fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
 

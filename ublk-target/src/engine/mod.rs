@@ -25,6 +25,7 @@
 mod core;
 mod datapath;
 mod flush_context;
+mod medium_reads;
 mod mirroring;
 mod open;
 mod routing;
@@ -35,6 +36,7 @@ mod takeover_state;
 
 pub use self::core::{Engine, EngineError, EngineOptions, IoError, OpenMode, ReplayReport};
 pub use crate::lun::{Lun, LunSpec};
+pub use medium_reads::{BlockingMediumReads, MediumReads};
 pub use open::scan_all;
 pub use status::{EngineStatus, LunStatus, MirrorStatus};
 pub use takeover_state::{FlushDelegate, RangesToMove, TakeoverProgress};

@@ -11,6 +11,7 @@
 
 use super::core::{Engine, IoError};
 use super::datapath::Placement;
+use super::medium_reads::{BlockingMediumReads, MediumReads};
 use crate::cluster::{wire, Forwarder, RangeState};
 use crate::host::run_blocking;
 use crate::lease::Verdict;
@@ -214,12 +215,24 @@ impl Engine {
         }
     }
 
-    /// Reads, forwarding the parts other nodes own.
+    /// Reads, forwarding the parts other nodes own; the medium is read on this thread.
     pub async fn read_routed(
         &self,
         lun_idx: usize,
         offset: u64,
         out: &mut [u8],
+    ) -> Result<(), IoError> {
+        self.read_routed_via(lun_idx, offset, out, &BlockingMediumReads)
+            .await
+    }
+
+    /// Reads, forwarding the parts other nodes own; the medium is read through `reads`.
+    pub async fn read_routed_via<R: MediumReads>(
+        &self,
+        lun_idx: usize,
+        offset: u64,
+        out: &mut [u8],
+        reads: &R,
     ) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
         // Set at the first failed forward: the common path does not read the clock.
@@ -228,13 +241,13 @@ impl Engine {
             let len = out.len() as u64;
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
             if all_local {
-                self.read(lun_idx, offset, out)?;
+                self.read_via(lun_idx, offset, out, reads).await?;
                 if self.still_ours(lun_idx, lun, offset, len, &[]) {
                     return Ok(());
                 }
                 continue;
             }
-            match self.read_pieces(lun_idx, offset, out, &remote).await {
+            match self.read_pieces(lun_idx, offset, out, &remote, reads).await {
                 Err(ReadFailure::Forward(message)) => {
                     if !self
                         .partner_lost(lun_idx, lun, &remote, &mut deadline)
@@ -255,12 +268,13 @@ impl Engine {
     }
 
     /// Reads `out` at `offset`: the `remote` pieces from their owner, the rest here.
-    async fn read_pieces(
+    async fn read_pieces<R: MediumReads>(
         &self,
         lun_idx: usize,
         offset: u64,
         out: &mut [u8],
         remote: &[(u64, u64)],
+        reads: &R,
     ) -> Result<(), ReadFailure> {
         let fwd = self.forwarder()?;
         let mut cursor = offset;
@@ -268,7 +282,7 @@ impl Engine {
         for &(at, n) in remote.iter().chain(std::iter::once(&(end, 0))) {
             if cursor < at {
                 let dst = &mut out[(cursor - offset) as usize..(at - offset) as usize];
-                self.read(lun_idx, cursor, dst)?;
+                self.read_via(lun_idx, cursor, dst, reads).await?;
             }
             if n > 0 {
                 let data = fwd
