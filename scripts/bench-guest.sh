@@ -402,6 +402,7 @@ if [[ ${1:-} == --one ]]; then
 		medium = "$6"
 		device_id = $5
 		queue_depth = 64
+		${BENCH_QUEUES:+queues = $BENCH_QUEUES}
 		CFG
 	}
 

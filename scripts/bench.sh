@@ -25,6 +25,7 @@
 #   BENCH_VM_MEM (MiB, 3072), BENCH_VM_CPUS (2), BENCH_VM_TIMEOUT (s, 1140)
 #   BENCH_SKIP_BUILD=1  use target/release as it is
 #   BENCH_BUSY_POLL_US  the two-node configs' cluster.busy_poll_us (default: the daemon's)
+#   BENCH_QUEUES    the nvmirror configs' lun queues (default: the daemon's, one per vCPU up to 4)
 #   BENCH_UPDATE_DOCS=0|1  force (not) updating docs/benchmarks.md
 # Other engineers share the machine: run it as `flock /work/vm-run.lock scripts/bench.sh`.
 set -euo pipefail
@@ -120,6 +121,7 @@ nvm_vm_boot --results "$out" --name bench \
 	--env "BENCH_CONFIGS=${BENCH_CONFIGS:-}" --env "BENCH_MEDIUM_MB=$medium_mb" \
 	--env "BENCH_REGION_MB=${BENCH_REGION_MB:-896}" --env "BENCH_NVRAM_MB=$nvram_mb" \
 	--env "BENCH_PERF=${BENCH_PERF:-0}" --env "BENCH_BUSY_POLL_US=${BENCH_BUSY_POLL_US:-}" \
+	--env "BENCH_QUEUES=${BENCH_QUEUES:-}" \
 	-- /bin/bash "$repo/scripts/bench-guest.sh" || vm_rc=$?
 vm_secs=$((SECONDS - t_vm))
 kill "$watch_pid" 2>/dev/null || true
@@ -150,7 +152,7 @@ cat "$out/results.md"
 
 # docs/benchmarks.md: replace the part between the markers (the rest is prose kept by hand).
 update_docs=0
-[[ $quick != 1 && -z ${BENCH_CONFIGS:-} && ${BENCH_PERF:-0} != 1 && $vm_rc == 0 ]] && update_docs=1
+[[ $quick != 1 && -z ${BENCH_CONFIGS:-} && -z ${BENCH_QUEUES:-} && ${BENCH_PERF:-0} != 1 && $vm_rc == 0 ]] && update_docs=1
 [[ -z ${BENCH_UPDATE_DOCS:-} ]] || update_docs=$BENCH_UPDATE_DOCS
 if [[ $update_docs == 1 ]]; then
 	doc=$repo/docs/benchmarks.md
