@@ -243,10 +243,13 @@ impl MediumReads for RingReads {
     }
 }
 
-/// Wakes the task and kicks the queue thread out of io_uring_enter.
+/// Wakes the task and, when woken from another thread, kicks the queue thread out of
+/// io_uring_enter. A wake-up on the queue thread itself (a medium read completed on its
+/// ring) needs no kick: the thread is running its executor.
 struct QueueWaker {
     task: Waker,
     eventfd: i32,
+    queue_thread: std::thread::ThreadId,
 }
 
 impl Wake for QueueWaker {
@@ -255,6 +258,9 @@ impl Wake for QueueWaker {
     }
     fn wake_by_ref(self: &Arc<Self>) {
         self.task.wake_by_ref();
+        if std::thread::current().id() == self.queue_thread {
+            return;
+        }
         let one = 1u64.to_ne_bytes();
         // SAFETY: writing 8 bytes to an eventfd the queue owns for its whole lifetime (the
         // engine completes every request before the queue thread exits). A failed write
@@ -267,17 +273,40 @@ impl Wake for QueueWaker {
 struct Kicked<F> {
     inner: F,
     eventfd: i32,
+    /// The task's waker and the kicking waker built from it at the first poll (rebuilt only
+    /// if the task's waker changes): no allocation per poll.
+    wakers: Option<(Waker, Waker)>,
+}
+
+impl<F> Kicked<F> {
+    fn new(inner: F, eventfd: i32) -> Kicked<F> {
+        Kicked {
+            inner,
+            eventfd,
+            wakers: None,
+        }
+    }
 }
 
 impl<F: Future + Unpin> Future for Kicked<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
-        let waker = Waker::from(Arc::new(QueueWaker {
-            task: cx.waker().clone(),
-            eventfd: self.eventfd,
-        }));
-        let mut cx2 = TaskContext::from_waker(&waker);
-        Pin::new(&mut self.inner).poll(&mut cx2)
+        let this = &mut *self;
+        let wakers = match this.wakers.take() {
+            Some((task, kicking)) if task.will_wake(cx.waker()) => (task, kicking),
+            _ => {
+                let kicking = Waker::from(Arc::new(QueueWaker {
+                    task: cx.waker().clone(),
+                    eventfd: this.eventfd,
+                    queue_thread: std::thread::current().id(),
+                }));
+                (cx.waker().clone(), kicking)
+            }
+        };
+        let mut cx2 = TaskContext::from_waker(&wakers.1);
+        let polled = Pin::new(&mut this.inner).poll(&mut cx2);
+        this.wakers = Some(wakers);
+        polled
     }
 }
 
@@ -363,31 +392,27 @@ async fn handle(
     }
     let result: Result<(), IoError> = match op {
         sys::UBLK_IO_OP_READ => {
-            Kicked {
-                inner: Box::pin(engine.read_routed_via(
+            Kicked::new(
+                Box::pin(engine.read_routed_via(
                     lun,
                     offset,
                     &mut buf[..bytes as usize],
                     &RingReads,
                 )),
                 eventfd,
-            }
+            )
             .await
         }
         sys::UBLK_IO_OP_WRITE => {
-            Kicked {
-                inner: Box::pin(engine.write(lun, offset, &buf[..bytes as usize])),
+            Kicked::new(
+                Box::pin(engine.write(lun, offset, &buf[..bytes as usize])),
                 eventfd,
-            }
+            )
             .await
         }
         sys::UBLK_IO_OP_FLUSH => engine.flush(),
         sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
-            Kicked {
-                inner: Box::pin(engine.write_zeroes(lun, offset, bytes)),
-                eventfd,
-            }
-            .await
+            Kicked::new(Box::pin(engine.write_zeroes(lun, offset, bytes)), eventfd).await
         }
         _ => return -libc::EOPNOTSUPP,
     };
