@@ -934,6 +934,13 @@ fn print_status(s: &DaemonStatus) {
         print_watchdog(s.watchdog.as_ref());
     }
     for r in &e.reservations {
+        if let Some(error) = &r.error {
+            println!(
+                "reservation on {}: our key {}; cannot read the device's registrations: {error}",
+                r.device, r.my_key
+            );
+            continue;
+        }
         println!(
             "reservation on {}: our key {} {}; holder {} (type {}); keys {}",
             r.device,

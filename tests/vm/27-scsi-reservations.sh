@@ -97,8 +97,11 @@ done
 dd if=/dev/urandom of=data bs=1M count=8 status=none
 dd if=data of=/dev/ublkb0 bs=1M oflag=direct status=none || fail "writing through node-a"
 cmp <(dd if=/dev/ublkb1 bs=1M count=8 iflag=direct status=none) data || fail "node-b reads other data than node-a wrote"
-"$NVMCTL" --config node-a.toml status | grep -q "reservation on $sd_a: our key $key_a registered" ||
-	fail "node-a's status does not show its registration"
+# Captured first: under pipefail, `status | grep -q` fails when grep quits before status has
+# written its last line (status then dies of EPIPE).
+status_a=$("$NVMCTL" --config node-a.toml status)
+grep -q "reservation on $sd_a: our key $key_a registered" <<<"$status_a" ||
+	fail "node-a's status does not show its registration: $(grep -i reservation <<<"$status_a")"
 
 say "3. node-a is killed: node-b takes over and preempts node-a's key"
 kill -9 "$pid_a"

@@ -29,6 +29,17 @@ const PREEMPT: u8 = 0x04;
 pub const TYPE_WRITE_EXCLUSIVE_REGISTRANTS_ONLY: u8 = 0x05;
 /// The SAM status of a command refused because of a reservation.
 const RESERVATION_CONFLICT: u8 = 0x18;
+/// The SAM status of a command that did not run; the sense data say why.
+const CHECK_CONDITION: u8 = 0x02;
+/// The sense key that only reports an event on this I_T nexus (another initiator changed the
+/// registrations or the reservation, the device was reset): the command did not run and is
+/// to be sent again. Each event is reported once, to whichever command comes first.
+const UNIT_ATTENTION: u8 = 0x06;
+/// Sends of one command that may meet a unit attention (events queue up: a reset and a
+/// reservation change can both be pending).
+const UNIT_ATTENTION_SENDS: usize = 5;
+/// `driver_status` of SG_IO when sense data was returned.
+const DRIVER_SENSE: u16 = 0x08;
 const SG_IO: libc::c_ulong = 0x2285;
 const SG_DXFER_NONE: i32 = -1;
 const SG_DXFER_TO_DEV: i32 = -2;
@@ -79,6 +90,10 @@ pub struct ReservationStatus {
     /// This node's key (hex) and whether it is registered.
     pub my_key: String,
     pub registered: bool,
+    /// Why the device's registrations could not be read (the fields above are then empty,
+    /// not a statement that this node lost its registration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One medium's persistent reservation, seen from this node.
@@ -166,8 +181,20 @@ impl Reservation {
 
     pub fn status(&self) -> ReservationStatus {
         let hex = |k: u64| format!("{k:#018x}");
-        let keys = self.read_keys().unwrap_or_default();
-        let held = self.read_reservation().ok().flatten();
+        let (keys, held) = match self
+            .read_keys()
+            .and_then(|keys| self.read_reservation().map(|held| (keys, held)))
+        {
+            Ok(read) => read,
+            Err(e) => {
+                return ReservationStatus {
+                    device: self.path.display().to_string(),
+                    my_key: hex(self.key),
+                    error: Some(e.to_string()),
+                    ..ReservationStatus::default()
+                }
+            }
+        };
         ReservationStatus {
             device: self.path.display().to_string(),
             registered: keys.contains(&self.key),
@@ -175,6 +202,7 @@ impl Reservation {
             holder: held.map(|(k, _)| hex(k)),
             kind: held.map(|(_, t)| t),
             my_key: hex(self.key),
+            error: None,
         }
     }
 
@@ -198,7 +226,19 @@ impl Reservation {
         io::Error::new(e.kind(), format!("{what} on {}: {e}", self.path.display()))
     }
 
+    /// Sends a command, again after each unit attention (up to [`UNIT_ATTENTION_SENDS`]).
     fn sg_io(&self, cdb: &[u8], direction: i32, data: &mut [u8]) -> io::Result<()> {
+        let mut sends = 1;
+        loop {
+            match self.sg_io_once(cdb, direction, data) {
+                Err(SgError::UnitAttention(_)) if sends < UNIT_ATTENTION_SENDS => sends += 1,
+                Err(SgError::UnitAttention(e) | SgError::Failed(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    fn sg_io_once(&self, cdb: &[u8], direction: i32, data: &mut [u8]) -> Result<(), SgError> {
         let mut sense = [0u8; 32];
         let mut hdr = SgIoHdr {
             interface_id: b'S' as i32,
@@ -234,34 +274,71 @@ impl Reservation {
         let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), SG_IO as _, &mut hdr) };
         if rc < 0 {
             let e = io::Error::last_os_error();
-            return Err(io::Error::new(
+            return Err(SgError::Failed(io::Error::new(
                 e.kind(),
                 format!("{e} (is it a SCSI device? reservations need one)"),
-            ));
+            )));
         }
         if hdr.status == RESERVATION_CONFLICT {
-            return Err(io::Error::new(
+            return Err(SgError::Failed(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "RESERVATION CONFLICT (another node preempted this node's key)",
-            ));
+            )));
         }
-        if hdr.status != 0 || hdr.host_status != 0 || hdr.driver_status & 0x0f != 0 {
+        // DRIVER_SENSE (8) only says sense data came back: with status GOOD that is not an
+        // error. Any other driver status (timeout, error, ...) is.
+        let driver_failed = !matches!(hdr.driver_status & 0x0f, 0 | DRIVER_SENSE);
+        if hdr.status != 0 || hdr.host_status != 0 || driver_failed {
             let n = usize::from(hdr.sb_len_wr).min(sense.len());
-            return Err(io::Error::other(format!(
+            let e = io::Error::other(format!(
                 "SCSI status {:#04x}, host {:#06x}, driver {:#06x}, sense {:02x?}",
                 hdr.status,
                 hdr.host_status,
                 hdr.driver_status,
                 &sense[..n]
-            )));
+            ));
+            if hdr.status == CHECK_CONDITION && sense_key(&sense[..n]) == Some(UNIT_ATTENTION) {
+                return Err(SgError::UnitAttention(e));
+            }
+            return Err(SgError::Failed(e));
         }
         Ok(())
+    }
+}
+
+/// How one SG_IO command failed.
+enum SgError {
+    /// Not run because of an event to report (send it again).
+    UnitAttention(io::Error),
+    Failed(io::Error),
+}
+
+/// The sense key of fixed-format (0x70, 0x71) or descriptor-format (0x72, 0x73) sense data.
+fn sense_key(sense: &[u8]) -> Option<u8> {
+    match sense.first()? & 0x7f {
+        0x70 | 0x71 => sense.get(2).map(|b| b & 0x0f),
+        0x72 | 0x73 => sense.get(1).map(|b| b & 0x0f),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A unit attention (here "registrations preempted", ASC 0x2a/0x05, and "power on or
+    /// reset", 0x29) is told apart from real errors in both sense formats.
+    #[test]
+    fn unit_attention_is_recognised_in_both_sense_formats() {
+        let fixed = [0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x2a, 0x05];
+        let descriptor = [0x72, 0x06, 0x29, 0x00, 0, 0, 0, 0];
+        let illegal_request = [0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0];
+        assert_eq!(sense_key(&fixed), Some(UNIT_ATTENTION));
+        assert_eq!(sense_key(&descriptor), Some(UNIT_ATTENTION));
+        assert_eq!(sense_key(&illegal_request), Some(0x05));
+        assert_eq!(sense_key(&[]), None);
+        assert_eq!(sense_key(&[0x70, 0]), None);
+    }
 
     #[test]
     fn keys_differ_per_node_and_cluster_and_are_never_zero() {
