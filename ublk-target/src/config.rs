@@ -134,8 +134,9 @@ pub struct ClusterSection {
     pub heartbeat_interval_ms: u64,
     #[serde(default = "default_hb_timeout")]
     pub heartbeat_timeout_ms: u64,
-    /// RDMA: after traffic, poll the completion queue this long before sleeping (0 = never).
-    #[serde(default = "default_busy_poll")]
+    /// After traffic, poll the link this long before sleeping (0 = never); the default
+    /// depends on the CPUs there are ([`default_busy_poll_us`]).
+    #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
     #[serde(default = "default_takeover")]
     pub takeover: TakeoverPolicy,
@@ -207,8 +208,19 @@ fn default_hb_timeout() -> u64 {
 }
 /// Longest busy-poll window: beyond it a core spins without saving anything measurable.
 const MAX_BUSY_POLL_US: u64 = 10_000;
-fn default_busy_poll() -> u64 {
-    rdma_link::DEFAULT_BUSY_POLL_US
+/// Fewest CPUs on which the link busy-polls by default. A polling link thread keeps a core
+/// busy that the queue threads, the flusher and the application also need: on 2 vCPUs,
+/// turning it off doubled mirrored 4 KiB write IOPS (docs/benchmarks.md).
+pub const BUSY_POLL_MIN_CPUS: usize = 4;
+
+/// [`rdma_link::DEFAULT_BUSY_POLL_US`] with at least [`BUSY_POLL_MIN_CPUS`] CPUs, else 0.
+pub fn default_busy_poll_us() -> u64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= BUSY_POLL_MIN_CPUS {
+        rdma_link::DEFAULT_BUSY_POLL_US
+    } else {
+        0
+    }
 }
 fn default_disk_heartbeat() -> u64 {
     1000
@@ -368,6 +380,7 @@ impl NodeConfig {
                 self.nvram.path.display()
             ));
         }
+        warnings.extend(self.stranded_nvram_warnings());
         if let Some(c) = &self.cluster {
             match &c.watchdog {
                 None if c.takeover == TakeoverPolicy::Auto => warnings.push(
@@ -379,6 +392,56 @@ impl NodeConfig {
                 )),
                 _ => {}
             }
+        }
+        warnings
+    }
+
+    /// A LUN range stages in one NVRAM partition (global range % partitions), so a layout
+    /// where a node's ranges map to fewer partitions than there are leaves the rest of its
+    /// log empty until a takeover, and a burst to one range fills a partition's share alone.
+    pub fn stranded_nvram_warnings(&self) -> Vec<String> {
+        let p = self.nvram.partitions.max(1);
+        let nodes: Vec<String> = match &self.cluster {
+            Some(c) => c.nodes.iter().map(|n| n.name.clone()).collect(),
+            None => vec![self.node.name.clone()],
+        };
+        let cluster_nodes = self.cluster.as_ref().map_or(&[][..], |c| &c.nodes[..]);
+        let mut used = vec![std::collections::BTreeSet::new(); nodes.len()];
+        let mut first_range = 0u32;
+        for lun in &self.luns {
+            for (r, owner) in lun.range_owners(p, cluster_nodes).iter().enumerate() {
+                if let Some(set) = used.get_mut(*owner as usize) {
+                    set.insert((first_range + r as u32) % p);
+                }
+            }
+            first_range += lun.ranges(p);
+        }
+        let mut warnings = Vec::new();
+        for (name, set) in nodes.iter().zip(&used) {
+            if set.len() as u32 >= p {
+                continue;
+            }
+            let fix = if nodes.len() > 1 {
+                let owners: Vec<String> = nodes
+                    .iter()
+                    .flat_map(|n| std::iter::repeat_n(format!("{n:?}"), p as usize))
+                    .collect();
+                format!(
+                    "give each LUN ranges = {} (partitions x nodes) and owners = [{}] \
+                     (each node's ranges in a row, so they fall in different partitions)",
+                    p as usize * nodes.len(),
+                    owners.join(", ")
+                )
+            } else {
+                format!("give the LUNs {p} ranges in all (lun.ranges), or set nvram.partitions to their number")
+            };
+            warnings.push(format!(
+                "node {name} stages its writes in {} of its {p} NVRAM partitions ({:?}): a range \
+                 stages in one partition, so the others stay empty until a takeover and a burst of \
+                 writes to one range can use only 1/{p} of the log; {fix}",
+                set.len(),
+                set
+            ));
         }
         warnings
     }
@@ -722,11 +785,61 @@ device_id = 3
         };
         let c = NodeConfig::parse(&cluster("")).expect("valid");
         let busy = c.cluster.map(|c| c.busy_poll_us);
-        assert_eq!(busy, Some(rdma_link::DEFAULT_BUSY_POLL_US));
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let expected = if cpus >= BUSY_POLL_MIN_CPUS {
+            rdma_link::DEFAULT_BUSY_POLL_US
+        } else {
+            0
+        };
+        assert_eq!(busy, Some(expected), "{cpus} CPUs");
         let e = err_of(&cluster("busy_poll_us = 50000"));
         assert!(
             e.contains("cluster.busy_poll_us") && e.contains("0 to never poll"),
             "{e}"
+        );
+    }
+
+    /// A layout whose ranges fall in fewer NVRAM partitions than there are is named, with
+    /// the layout that uses them all; that layout (the examples') draws no warning.
+    #[test]
+    fn a_layout_that_strands_nvram_partitions_is_warned_about() {
+        let two_nodes = |lun: &str| {
+            format!(
+                "{}{lun}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n\
+                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n",
+                GOOD.trim_end()
+            )
+        };
+        let c = NodeConfig::parse(&two_nodes(
+            "\nranges = 2\nowners = [\"node-a\", \"node-b\"]",
+        ))
+        .expect("valid");
+        let w = c.stranded_nvram_warnings().join("\n");
+        assert!(
+            w.contains("node node-a stages its writes in 1 of its 4 NVRAM partitions")
+                && w.contains("node node-b stages its writes in 1 of its 4")
+                && w.contains("ranges = 8"),
+            "{w}"
+        );
+        let spread = two_nodes(
+            "\nranges = 8\nowners = [\"node-a\", \"node-a\", \"node-a\", \"node-a\", \
+             \"node-b\", \"node-b\", \"node-b\", \"node-b\"]",
+        );
+        let c = NodeConfig::parse(&spread).expect("valid");
+        assert_eq!(c.stranded_nvram_warnings(), Vec::<String>::new());
+        // Alternating owners over an even number of partitions use half of each node's.
+        let c = NodeConfig::parse(&two_nodes("\nranges = 8")).expect("valid");
+        assert!(c.stranded_nvram_warnings()[0].contains("2 of its 4"));
+        // One node: fewer ranges than partitions.
+        let c = NodeConfig::parse(&format!("{}\nranges = 2\n", GOOD.trim_end())).expect("valid");
+        let w = c.stranded_nvram_warnings().join("\n");
+        assert!(w.contains("2 of its 4") && w.contains("lun.ranges"), "{w}");
+        assert_eq!(
+            NodeConfig::parse(GOOD)
+                .expect("valid")
+                .stranded_nvram_warnings(),
+            Vec::<String>::new()
         );
     }
 

@@ -12,6 +12,7 @@
 //! The flusher knows nothing of clusters or links: everything around a batch is asked of a
 //! [`FlushContext`], which the engine implements (and a test or the simulator may too).
 
+pub use crate::apply::Fence;
 use crate::apply::{Applier, ApplyError, RecordWrite};
 use crate::host::{BoxFuture, Host};
 use crate::log::{PartitionLog, RecordMeta};
@@ -20,17 +21,6 @@ use crate::nvram::record::{RecordKind, HEADER_BYTES};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Why a batch may not be written through our path.
-pub enum Fence {
-    /// The ranges belong to another node now: never write them again.
-    Lost(String),
-    /// The ownership table cannot be read through our path (the path is failing).
-    Unreadable(String),
-    /// Not now: this node may not write the medium at the moment (it does not hold its disk
-    /// lease); try again later, nobody writes for us.
-    Suspended(String),
-}
 
 /// What the flusher asks of the rest of the node around each batch.
 pub trait FlushContext: Send + Sync {
@@ -211,18 +201,21 @@ impl Flusher {
 }
 
 /// Writes a batch to the medium and syncs it (not yet counted as flushed); returns its bytes.
-/// Every write is preceded by the context's `may_write`: a long batch must not outlive the
-/// node's right to write.
+/// The context's `may_write` gates every medium write (the applier merges adjacent records
+/// into one write): a long batch must not outlive the node's right to write.
 fn write_batch(
     luns: &[Arc<Lun>],
     log: &PartitionLog,
     batch: &[RecordMeta],
     context: &dyn FlushContext,
 ) -> Result<u64, Fence> {
-    let failed = |e: ApplyError| Fence::Unreadable(e.to_string());
-    let mut applier = Applier::new(luns);
+    let fence_of = |e: ApplyError| match e {
+        ApplyError::Fenced(fence) => fence,
+        e => Fence::Unreadable(e.to_string()),
+    };
+    let gate = || context.may_write();
+    let mut applier = Applier::gated(luns, &gate);
     for r in batch {
-        context.may_write()?;
         let data: &[u8] = match r.kind {
             RecordKind::Data => log
                 .region()
@@ -239,9 +232,9 @@ fn write_batch(
                 len: r.len,
                 data,
             })
-            .map_err(failed)?;
+            .map_err(fence_of)?;
     }
-    Ok(applier.sync().map_err(failed)?.bytes)
+    Ok(applier.sync().map_err(fence_of)?.bytes)
 }
 
 /// The batch is on the medium (written by us or by the partner): unindex, checkpoint,

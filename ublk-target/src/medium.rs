@@ -59,13 +59,13 @@ pub struct FileMedium {
 const DIRECT_ALIGN: usize = 4096;
 
 /// A zeroed, DIRECT_ALIGN-aligned buffer (what O_DIRECT writes from).
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn zeroed(len: usize) -> io::Result<AlignedBuf> {
+    pub(crate) fn zeroed(len: usize) -> io::Result<AlignedBuf> {
         let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
             .map_err(|e| io::Error::other(e.to_string()))?;
         // SAFETY: the layout has a non-zero size.
@@ -75,11 +75,14 @@ impl AlignedBuf {
             .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))
     }
 
-    fn as_mut(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
         // SAFETY: we own `len` bytes (at least) at `ptr`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
+
+// SAFETY: the buffer is plain memory owned by this value alone.
+unsafe impl Send for AlignedBuf {}
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
@@ -232,6 +235,8 @@ pub struct MemMedium {
     data: std::sync::Mutex<Vec<u8>>,
     pub fail_writes: std::sync::atomic::AtomicBool,
     pub syncs: std::sync::atomic::AtomicU64,
+    /// Data writes (`write_at` calls) so far.
+    pub writes: std::sync::atomic::AtomicU64,
 }
 
 impl MemMedium {
@@ -265,6 +270,8 @@ impl Medium for MemMedium {
     }
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
         self.check_fail()?;
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut d = self.lock();
         d[off as usize..off as usize + data.len()].copy_from_slice(data);
         Ok(())
