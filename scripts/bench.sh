@@ -60,8 +60,8 @@ if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
 		# shellcheck source=/dev/null
 		source "$HOME/.cargo/env"
 	fi
-	nvm_log "cargo build --release --workspace"
-	cargo build --release --workspace
+	nvm_log "cargo build --release --workspace --examples"
+	cargo build --release --workspace --examples
 fi
 bin=${CARGO_TARGET_DIR:-$repo/target}
 [[ $bin == /* ]] || bin=$repo/$bin

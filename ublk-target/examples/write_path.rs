@@ -5,10 +5,12 @@
 //! valgrind --tool=callgrind target/release/examples/write_path tcp 2000 1
 //! ```
 //!
-//! `write_path single|tcp [WRITES] [QUEUE_DEPTH]` writes WRITES random 4 KiB blocks (default
-//! 20000) at QUEUE_DEPTH (default 1) into one node (single) or into node a of two engines
-//! mirroring over the TCP link on loopback (tcp). The NVRAM is a file in /dev/shm, the medium
-//! in memory, so what is measured is the engine and the link. Prints microseconds per write.
+//! `write_path single|tcp [WRITES] [QUEUE_DEPTH] [BLOCK_KIB]` writes WRITES random blocks of
+//! BLOCK_KIB (default 4) KiB (default 20000 writes) at QUEUE_DEPTH (default 1) into one node
+//! (single) or into node a of two engines mirroring over the TCP link on loopback (tcp). The
+//! NVRAM is a file in /dev/shm, the medium in memory, so what is measured is the engine and
+//! the link. Prints microseconds per write, and first what the record checksum (crc32c) and
+//! the copy of one block cost on this CPU (under QEMU TCG both are emulated).
 
 use nvmirror::config::DegradedPolicy;
 use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
@@ -21,7 +23,6 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const LUN_SIZE: u64 = 256 * MIB;
-const BLOCK: usize = 4096;
 
 fn engine(nvram: &Path, node: &str, medium: &Arc<MemMedium>, mirrored: bool) -> Arc<Engine> {
     let region = NvramRegion::open(nvram, Some(64 * MIB)).expect("nvram");
@@ -69,10 +70,16 @@ fn main() {
     let mode = args.get(1).map(String::as_str).unwrap_or("single");
     let writes: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20_000);
     let depth: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
-    if mode != "single" && mode != "tcp" {
-        eprintln!("usage: write_path single|tcp [WRITES] [QUEUE_DEPTH]");
+    let block_kib: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(4);
+    if mode != "single" && mode != "tcp"
+        || !(4..=512).contains(&block_kib)
+        || !block_kib.is_multiple_of(4)
+    {
+        eprintln!("usage: write_path single|tcp [WRITES] [QUEUE_DEPTH] [BLOCK_KIB: 4..512, a multiple of 4]");
         std::process::exit(2);
     }
+    let block = block_kib << 10;
+    per_block_costs(block);
     let dir = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm");
     let medium = Arc::new(MemMedium::new(LUN_SIZE));
     let mirrored = mode == "tcp";
@@ -106,8 +113,8 @@ fn main() {
         (b, la, lb)
     });
 
-    let data = vec![0x5au8; BLOCK];
-    let blocks = LUN_SIZE / BLOCK as u64;
+    let data = vec![0x5au8; block];
+    let blocks = LUN_SIZE / block as u64;
     let started = Instant::now();
     rt.block_on(async {
         let mut lanes = Vec::new();
@@ -120,7 +127,7 @@ fn main() {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    let off = (x % blocks) * BLOCK as u64;
+                    let off = (x % blocks) * block as u64;
                     a.write(0, off, &data).await.expect("write");
                 }
             });
@@ -130,10 +137,35 @@ fn main() {
     let took = started.elapsed();
     let done = writes / depth * depth;
     println!(
-        "{mode}: {done} x 4 KiB writes at QD{depth} in {:.2} s: {:.1} us per write, {:.0} IOPS",
+        "{mode}: {done} x {block_kib} KiB writes at QD{depth} in {:.2} s: {:.1} us per write, {:.0} IOPS",
         took.as_secs_f64(),
         took.as_secs_f64() * 1e6 / done as f64,
         done as f64 / took.as_secs_f64()
     );
     a.shutdown();
+}
+
+/// What a record's checksum and one copy of its data cost here, per block.
+fn per_block_costs(block: usize) {
+    let data = vec![0xa5u8; block];
+    let mut copy = vec![0u8; block];
+    let rounds = (64 << 20) / block;
+    let started = Instant::now();
+    let mut crc = 0;
+    for _ in 0..rounds {
+        crc ^= crc32c::crc32c(std::hint::black_box(&data));
+    }
+    let crc_us = started.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        copy.copy_from_slice(std::hint::black_box(&data));
+        std::hint::black_box(&copy);
+    }
+    let copy_us = started.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+    println!(
+        "per {} KiB block: crc32c {crc_us:.1} us ({:.0} MB/s), copy {copy_us:.1} us ({:.0} MB/s) [{crc:x}]",
+        block >> 10,
+        block as f64 / crc_us,
+        block as f64 / copy_us
+    );
 }

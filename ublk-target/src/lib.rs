@@ -39,6 +39,7 @@ pub mod lease;
 pub mod log;
 pub mod lun;
 pub mod medium;
+mod medium_ring;
 pub mod medium_writes;
 pub mod mirror;
 pub mod node;
