@@ -10,17 +10,20 @@
 #   null     1: nvmirror-null, a ublk device that completes every I/O at once (ublk's floor)
 #   single   2: nvmirrord, one node, no partner (staging + flush)
 #   pmem     2b: the same with the NVRAM on the emulated NVDIMM /dev/pmem0
-#   rdma     3: two nvmirrords in this VM, mirror link over Soft-RoCE (rxe on a dummy netdev)
-#   tcp      4: the same over TCP (127.0.0.1)
+#   rdma     3: two nvmirrords in this VM, mirror link over Soft-RoCE (rxe on a dummy netdev),
+#               each node's NVRAM on device-DAX (/dev/daxN.0 on an emulated NVDIMM of its own)
+#   tcp      4: the same over TCP (127.0.0.1), NVRAM in tmpfs
 #   drbd     5: DRBD 8.4 (in-tree module) protocol C, two resources on 127.0.0.1 with swapped
 #               ports, fio on the primary's /dev/drbd0
 #   raw      6a: the loop device itself, O_DIRECT
 #   rawsync  6b: the loop device, O_DIRECT + fsync after every write
+#   scale    one node with 1, 2 and 4 ublk queues, each under 1, 2 and 4 fio jobs (4 KiB random
+#            write and read, QD32 per job, one run each), and the daemon's anonymous RSS
 # Medium for all: files on ext4 on the virtio disk (/dev/vda, the host's image), each behind a
 # loop device with direct I/O on (so a write reaches the virtio disk, not the guest's page
-# cache). nvmirror's NVRAM: a file in the VM's tmpfs for configurations 2-4 (like the VM
-# tests: on this kernel the RDMA link cannot register a /dev/pmemN mapping, ibv_reg_mr fails
-# with EFAULT), and the emulated NVDIMM /dev/pmem0 for 2b.
+# cache). nvmirror's NVRAM: a file in the VM's tmpfs for configurations 2 and 4, the emulated
+# NVDIMM /dev/pmem0 for 2b, and device-DAX on two more emulated NVDIMMs for 3 (on this kernel
+# the RDMA link cannot register a /dev/pmemN mapping, ibv_reg_mr fails with EFAULT).
 #
 # Workloads (fio, --direct=1 --ioengine=io_uring, --ramp_time=$BENCH_RAMP, --runtime=$BENCH_RUNTIME):
 #   qd1    4 KiB random write, QD1   (clat p50 / p99 / p99.9)
@@ -41,7 +44,7 @@
 # paused is reported as a diagnostic (not in the medians).
 set -uo pipefail
 
-CONFIG_ORDER=(null single pmem rdma tcp drbd raw rawsync)
+CONFIG_ORDER=(null single pmem rdma tcp drbd raw rawsync scale)
 WORKLOADS=(qd1 qd32w seqw qd32r mixed)
 
 # =============================================================================== report ===
@@ -72,7 +75,7 @@ LABEL = {
     "null": "1 ublk null device (floor)",
     "single": "2 nvmirror, 1 node",
     "pmem": "2b nvmirror, 1 node, NVRAM on /dev/pmem0",
-    "rdma": "3 nvmirror, 2 nodes, RDMA (rxe)",
+    "rdma": "3 nvmirror, 2 nodes, RDMA (rxe), NVRAM on device-DAX",
     "tcp": "4 nvmirror, 2 nodes, TCP",
     "drbd": "5 DRBD 8.4 protocol C",
     "raw": "6a loop, O_DIRECT",
@@ -210,6 +213,38 @@ for c in configs:
         p(f"| {LABEL[c]} | {r.get('name', f[4:])} | {hwm_s} | {anon_s} | {cpu:.1f} | {gib:.2f} | {per} |")
 p()
 
+# ---- scale: queues x fio jobs (one node)
+scale_dir = os.path.join(raw, "scale")
+scale_rss = {}
+if os.path.isdir(scale_dir):
+    try:
+        for line in open(os.path.join(scale_dir, "rss")):
+            q, anon, hwm = line.split()
+            scale_rss[int(q)] = (int(anon), int(hwm))
+    except (OSError, ValueError):
+        pass
+    def scale_iops(q, jobs, wl):
+        try:
+            j = json.load(open(os.path.join(scale_dir, f"q{q}-j{jobs}-{wl}.json")))
+            side = "write" if wl == "randwrite" else "read"
+            return j["jobs"][0][side]["iops"] if j["jobs"][0].get("error", 0) == 0 else None
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+    p("One node (configuration 2's set-up) with 1, 2 and 4 ublk queues, under 1, 2 and 4 fio jobs "
+      "of 4K random I/O at QD32 each (one run per cell): IOPS, write / read, and the daemon's "
+      "anonymous RSS after the runs.")
+    p()
+    p("| ublk queues | 1 job | 2 jobs | 4 jobs | anon RSS MiB |")
+    p("| --- | --- | --- | --- | --- |")
+    for q in (1, 2, 4):
+        cells = [f"{fmt(scale_iops(q, j, 'randwrite'))} / {fmt(scale_iops(q, j, 'randread'))}" for j in (1, 2, 4)]
+        rss = f"{scale_rss[q][0] / 1024:.1f}" if q in scale_rss else "n/a"
+        p(f"| {q} | " + " | ".join(cells) + f" | {rss} |")
+    if os.path.exists(os.path.join(scale_dir, "error")):
+        p()
+        p("scale: ERROR: " + open(os.path.join(scale_dir, "error")).read().strip().replace("\n", " "))
+    p()
+
 # ---- targets
 def target(name, value, limit, higher, how):
     if value is None:
@@ -229,30 +264,49 @@ except ValueError:
     link["tcp"] = None
 link["single"] = None
 
+p("Targets of issue #16 (same-run ratios; the engine rows are host CPU microseconds).")
+p()
 p("| target | measured | goal | result |")
 p("| --- | --- | --- | --- |")
+raw_r, raw_mixed = med("raw", "qd32r"), med("raw", "mixed")
+a = med("single", "qd32r")
+p(target("1 node, 4K randread QD32 vs raw medium (6a)", ratio(a, raw_r), 0.9, True, f"{fmt(a)} / {fmt(raw_r)}"))
+a = med("single", "mixed")
+p(target("1 node, 70/30 QD16 vs raw medium", ratio(a, raw_mixed), 0.8, True, f"{fmt(a)} / {fmt(raw_mixed)}"))
+a = med("single", "seqw")
+p(target("1 node, 128K seq write vs medium", ratio(a, medium_bw), 0.8, True, f"{fmt(a)} / {fmt(medium_bw)} MiB/s"))
 for c in ["rdma", "tcp"]:
-    a, b = med(c, "p50"), med("single", "p50")
-    p(target(f"{LABEL[c]}: 4K QD1 write p50 vs 1 node", ratio(a, b), 1.5, False,
-             f"{fmt(a)} / {fmt(b)} µs"))
-    b = med("drbd", "p50")
-    p(target(f"{LABEL[c]}: 4K QD1 write p50 vs DRBD", ratio(a, b), 0.5, False,
-             f"{fmt(a)} / {fmt(b)} µs"))
-for c in ["single", "rdma", "tcp"]:
-    a = med(c, "qd32w")
-    b = med("null", "qd32w")
-    p(target(f"{LABEL[c]}: 4K QD32 randwrite IOPS vs null floor", ratio(a, b), 0.7, True,
-             f"{fmt(a)} / {fmt(b)}"))
-    b = med("drbd", "qd32w")
-    p(target(f"{LABEL[c]}: 4K QD32 randwrite IOPS vs DRBD", ratio(a, b), 2.0, True,
-             f"{fmt(a)} / {fmt(b)}"))
-for c in ["single", "rdma", "tcp"]:
+    short = "RDMA" if c == "rdma" else "TCP"
+    a, b = med(c, "qd32w"), med("drbd", "qd32w")
+    p(target(f"2 nodes {short}, 4K randwrite QD32 vs DRBD C", ratio(a, b), 2.0, True, f"{fmt(a)} / {fmt(b)}"))
     a = med(c, "seqw")
     cands = [x for x in (medium_bw, link.get(c)) if x]
     floor = min(cands) if cands else None
     what = "medium" if link.get(c) is None or (medium_bw is not None and medium_bw <= link[c]) else "link"
-    p(target(f"{LABEL[c]}: seq write vs min(medium, link)", ratio(a, floor), 0.8, True,
+    p(target(f"2 nodes {short}, seq write vs min(medium, link)", ratio(a, floor), 0.8, True,
              f"{fmt(a)} / {fmt(floor)} MiB/s, the {what}"))
+    a = med(c, "qd32r")
+    p(target(f"2 nodes {short}, randread QD32 vs raw medium", ratio(a, raw_r), 0.9, True, f"{fmt(a)} / {fmt(raw_r)}"))
+    for m, goal in (("p50", 0.3), ("p99", 0.5)):
+        a, b = med(c, m), med("drbd", m)
+        p(target(f"2 nodes {short}, 4K QD1 {m} vs DRBD C", ratio(a, b), goal, False, f"{fmt(a)} / {fmt(b)} µs"))
+
+def absolute(name, value, limit, unit, how):
+    if value is None:
+        return f"| {name} | n/a | ≤ {limit} {unit} | not measured |"
+    return f"| {name} | {fmt(value)} {unit} ({how}) | ≤ {limit} {unit} | {'**met**' if value <= limit else '**missed**'} |"
+
+for key, name, limit in (("ENGINE_HOST_SINGLE", "engine on the host, CPU per 4K write at QD32, 1 node", 2),
+                         ("ENGINE_HOST_TCP", "engine on the host, CPU per 4K write at QD32, mirrored over TCP", 8)):
+    try:
+        wall, cpu = (float(x) for x in meta.get(key, "").split())
+    except ValueError:
+        wall = cpu = None
+    p(absolute(name, cpu, limit, "µs", f"all threads; {fmt(wall)} µs wall per write" if wall else ""))
+rss4 = scale_rss.get(4)
+p(absolute("daemon anonymous RSS with 4 queues", rss4[0] / 1024 if rss4 else None, 64, "MiB",
+           f"peak RSS {rss4[1] / 1024:.0f} MiB with the NVRAM mapping" if rss4 else ""))
+p()
 p()
 notes = []
 notes.append(f"Medium bandwidth = configuration 6a's 128K QD8 sequential write ({fmt(medium_bw)} MiB/s).")
@@ -377,6 +431,9 @@ if [[ ${1:-} == --one ]]; then
 	nvram() {
 		if [[ $1 == pmem ]]; then
 			[[ -b /dev/pmem0 ]] || cfail "no /dev/pmem0 (boot the VM with --nvdimm)"
+			# The first NVDIMM (the others are for device-DAX): same size as scripts/bench.sh gave it.
+			[[ $(blockdev --getsize64 /dev/pmem0) == $(((NVRAM_MB + 64) << 20)) ]] ||
+				cfail "/dev/pmem0 is not the $((NVRAM_MB + 64)) MiB NVDIMM scripts/bench.sh gives for 2b"
 			dd if=/dev/zero of=/dev/pmem0 bs=1M count=1 oflag=direct status=none
 			echo /dev/pmem0
 		else
@@ -384,6 +441,27 @@ if [[ ${1:-} == --one ]]; then
 				cfail "mounting a tmpfs for the NVRAM files"
 			echo "/bench-nvram/nvram-$1.img"
 		fi
+	}
+
+	# dax_nvram N -> /dev/daxX.Y: the Nth (1 or 2) emulated NVDIMM of 2 x NVRAM_MB + 64 MiB
+	# (scripts/bench.sh gives two), its raw namespace turned into device-DAX
+	dax_nvram() {
+		local ns out
+		modprobe -a dax_pmem device_dax 2>/dev/null
+		command -v ndctl >/dev/null || cfail "ndctl is not installed"
+		ns=$(ndctl list -N 2>/dev/null | python3 -c '
+import json, sys
+want = (2 * int(sys.argv[1]) + 64) << 20
+found = [n["dev"] for n in json.load(sys.stdin) if n.get("size") == want]
+print(found[int(sys.argv[2]) - 1] if len(found) >= int(sys.argv[2]) else "")' "$NVRAM_MB" "$1")
+		[[ -n $ns ]] || cfail "no NVDIMM namespace of $((2 * NVRAM_MB + 64)) MiB number $1 (scripts/bench.sh boots the VM with two): $(ndctl list -N 2>&1 | tr -d '\n')"
+		out=$(ndctl create-namespace --force --reconfig="$ns" --mode=devdax 2>&1) ||
+			cfail "ndctl create-namespace --reconfig=$ns --mode=devdax: $out"
+		out=$(printf '%s' "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["daxregion"]["devices"][0]["chardev"])') ||
+			cfail "no device-DAX chardev in ndctl's answer"
+		for _ in $(seq 50); do [[ -c /dev/$out ]] && break; sleep 0.1; done
+		[[ -c /dev/$out ]] || cfail "no /dev/$out after ndctl create-namespace"
+		echo "/dev/$out"
 	}
 
 	nvm_daemon() { # CONFIG LOGNAME
@@ -403,7 +481,7 @@ if [[ ${1:-} == --one ]]; then
 
 		[nvram]
 		path = "$3"
-		size = "$4MiB"
+		${4:+size = "$4MiB"}
 		partitions = 4
 		$7
 
@@ -572,8 +650,16 @@ if [[ ${1:-} == --one ]]; then
 		# the mirror (second store) and serves nothing.
 		cs=$(cluster_section "$CFG" "$addr")
 		# NVRAM: half own logs, half the partner's mirror -> twice the single node's size.
-		node_config "$W/node-a.toml" node-a "$(nvram a)" $((2 * NVRAM_MB)) 0 "$m" "$cs"
-		node_config "$W/node-b.toml" node-b "$(nvram b)" $((2 * NVRAM_MB)) 1 "$m" "$cs"
+		# RDMA: device-DAX, as in production (the whole device: its size less its metadata).
+		if [[ $CFG == rdma ]]; then
+			nva=$(dax_nvram 1) || exit 1
+			nvb=$(dax_nvram 2) || exit 1
+			node_config "$W/node-a.toml" node-a "$nva" "" 0 "$m" "$cs"
+			node_config "$W/node-b.toml" node-b "$nvb" "" 1 "$m" "$cs"
+		else
+			node_config "$W/node-a.toml" node-a "$(nvram a)" $((2 * NVRAM_MB)) 0 "$m" "$cs"
+			node_config "$W/node-b.toml" node-b "$(nvram b)" $((2 * NVRAM_MB)) 1 "$m" "$cs"
+		fi
 		for n in a b; do
 			printf 'ranges = 4\nowners = ["node-a"]\n' >>"$W/node-$n.toml"
 		done
@@ -586,6 +672,37 @@ if [[ ${1:-} == --one ]]; then
 		RES_PIDS=("$pa" "$pb") RES_NAMES=("nvmirrord node-a (writes)" "nvmirrord node-b (mirror)")
 		STATUS_CFGS=("$W/node-a.toml" "$W/node-b.toml")
 		DEV=/dev/ublkb0
+		;;
+	scale)
+		# One node, 1, 2 and 4 ublk queues, each under 1, 2 and 4 fio jobs (QD32 each); one
+		# run per cell. The daemon's anonymous RSS after each queue count's runs.
+		modprobe ublk_drv || cfail "modprobe ublk_drv"
+		medium m m
+		for q in 1 2 4; do
+			nv=$(nvram "scale$q")
+			BENCH_QUEUES=$q node_config "$W/scale-$q.toml" bench-scale "$nv" "$NVRAM_MB" 0 "$m" ""
+			nvm_daemon "$W/scale-$q.toml" "daemon-scale-$q.log"
+			for jobs in 1 2 4; do
+				for wl in randwrite randread; do
+					timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="scale-q$q-j$jobs-$wl" \
+						--filename=/dev/ublkb0 --direct=1 --ioengine=io_uring --size="${REGION_MB}M" \
+						--time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap=1 \
+						--randrepeat=0 --rw="$wl" --bs=4k --iodepth=32 --numjobs="$jobs" \
+						--group_reporting=1 --output-format=json \
+						--output="$D/q$q-j$jobs-$wl.json" >/dev/null 2>"$W/fio-scale.err" ||
+						note "fio scale q$q j$jobs $wl failed: $(head -c 300 "$W/fio-scale.err" | tr '\n' ' ')"
+				done
+			done
+			printf '%s %s %s\n' "$q" "$(status_kb "$LAST_PID" RssAnon)" "$(status_kb "$LAST_PID" VmHWM)" >>"$D/rss"
+			kill -TERM "$LAST_PID"
+			for _ in $(seq 300); do kill -0 "$LAST_PID" 2>/dev/null || break; sleep 0.2; done
+			kill -0 "$LAST_PID" 2>/dev/null && cfail "nvmirrord with $q queues did not stop"
+			for f in /sys/class/ublk-char/ublkc*; do [[ -e $f ]] && "$NVMCTL" del "${f##*ublkc}" >/dev/null 2>&1; done
+			rm -f "$nv"
+			say "scale: $q queues done"
+		done
+		say "$CFG: done"
+		exit 0
 		;;
 	drbd)
 		modprobe drbd || cfail "modprobe drbd"

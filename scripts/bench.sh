@@ -9,8 +9,12 @@
 # docs/benchmarks.md. Benchmarks are not part of CI's pass/fail.
 #
 # Configurations (see scripts/bench-guest.sh): 1 ublk null device, 2 nvmirror one node
-# (2b: NVRAM on an emulated NVDIMM instead of a tmpfs file), 3 nvmirror two nodes over RDMA (rxe), 4 the same over TCP, 5 DRBD protocol C,
-# 6 the loop device with O_DIRECT and with O_DIRECT + fsync per write.
+# (2b: NVRAM on an emulated NVDIMM instead of a tmpfs file), 3 nvmirror two nodes over RDMA
+# (rxe; NVRAM on device-DAX, as RDMA needs in production), 4 the same over TCP (NVRAM in
+# tmpfs), 5 DRBD protocol C, 6 the loop device with O_DIRECT and with O_DIRECT + fsync per
+# write, and "scale": one node with 1, 2 and 4 ublk queues under 1, 2 and 4 fio jobs (and
+# the daemon's memory with each queue count). Before the VM boots, the engine alone on the
+# host (examples/write_path, CPU per 4 KiB write).
 #
 # Knobs (environment):
 #   BENCH_RUNTIME   seconds measured per fio run (default 4)
@@ -22,7 +26,7 @@
 #                   fio uses (896), a node's own NVRAM log (256)
 #   BENCH_PERF=1    also profile (perf record -a, cpu-clock) one extra run of each write
 #                   workload per configuration: raw/<config>/perf-*.txt; docs not updated
-#   BENCH_VM_MEM (MiB, 3072), BENCH_VM_CPUS (2), BENCH_VM_TIMEOUT (s, 1140)
+#   BENCH_VM_MEM (MiB, 3072), BENCH_VM_CPUS (2), BENCH_VM_TIMEOUT (s, 1700)
 #   BENCH_SKIP_BUILD=1  use target/release as it is
 #   BENCH_BUSY_POLL_US  the two-node configs' cluster.busy_poll_us (default: the daemon's)
 #   BENCH_QUEUES    the nvmirror configs' lun queues (default: the daemon's, one per vCPU up to 4)
@@ -52,7 +56,7 @@ medium_mb=${BENCH_MEDIUM_MB:-1024}
 nvram_mb=${BENCH_NVRAM_MB:-256}
 vm_mem=${BENCH_VM_MEM:-3072}
 vm_cpus=${BENCH_VM_CPUS:-2}
-vm_timeout=${BENCH_VM_TIMEOUT:-1140}
+vm_timeout=${BENCH_VM_TIMEOUT:-1700}
 
 nvm_ensure_apt_packages "${NVM_APT_PACKAGES[@]}" python3
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
@@ -97,6 +101,25 @@ host_cpu=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 	echo "BUILD=commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null)${dirty:+ plus uncommitted changes to $dirty}"
 } >"$out/meta-host.env"
 
+# The engine alone on the host's CPUs (issue #16's CPU-per-write targets): 4 KiB random
+# writes at QD32 into one node and into two nodes mirroring over loopback TCP, NVRAM in
+# /dev/shm, medium in memory; the median of 3 runs of wall and CPU time per write. Measured
+# before the VM boots, so nothing else of ours runs.
+engine_host() { # MODE -> "WALL CPU" (µs per write), or nothing
+	local i
+	for i in 1 2 3; do
+		timeout 120 "$bin/examples/write_path" "$1" 200000 32 4 2>/dev/null | tail -1
+	done | sed -n 's/.* \([0-9.]*\) us per write, .* \([0-9.]*\) us CPU per write$/\1 \2/p' |
+		sort -n -k2 | sed -n 2p
+}
+if [[ -x $bin/examples/write_path && -d /dev/shm ]]; then
+	for mode in single tcp; do
+		read -r wall cpu < <(engine_host "$mode") || true
+		[[ -n ${cpu:-} ]] && echo "ENGINE_HOST_${mode^^}=$wall $cpu" >>"$out/meta-host.env"
+	done
+	nvm_log "engine on the host (µs per 4K write at QD32, wall and CPU): $(grep ENGINE_HOST "$out/meta-host.env" | tr '\n' ' ')"
+fi
+
 # Watch for other work on the machine while we measure (builds, other VMs): reported, not
 # prevented. One sample every 5 s: load average, compiler processes, QEMU processes.
 (
@@ -115,6 +138,7 @@ t_vm=$SECONDS
 nvm_vm_boot --results "$out" --name bench \
 	--mem "$vm_mem" --cpus "$vm_cpus" --timeout "$vm_timeout" \
 	--nvdimm "$out/pmem0.img:$((nvram_mb + 64))M" \
+	--nvdimm "$out/dax-a.img:$((2 * nvram_mb + 64))M" --nvdimm "$out/dax-b.img:$((2 * nvram_mb + 64))M" \
 	--disk "$img" \
 	--env "NVM_BIN=$bin" --env "BENCH_OUT=$out" --env "BENCH_DISK_DESC=$disk_desc" \
 	--env "BENCH_RUNTIME=$BENCH_RUNTIME" --env "BENCH_RAMP=$BENCH_RAMP" --env "BENCH_REPEATS=$BENCH_REPEATS" \

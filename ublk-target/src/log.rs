@@ -93,6 +93,33 @@ struct LogState {
     committing: bool,
     /// Log bytes of that batch (in neither queue while it persists).
     committing_bytes: u64,
+    /// What a new durable or settled record must change for the waiting flusher to care.
+    flusher_wake: FlusherWake,
+}
+
+/// When a writer's commit or settlement wakes the flusher. Waking a sleeping thread per
+/// write costs more CPU than the write itself (a futex wake, a context switch and a timer
+/// re-armed), so writers wake it only when its last decision could change; every other
+/// reason (waiters, pause, failure, shutdown) wakes it unconditionally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FlusherWake {
+    /// Nothing was ready to flush (or the flusher is between batches): any new record.
+    AnyRecord,
+    /// A small batch is lingering until its oldest record is old enough: only the log
+    /// reaching this many used bytes ends the linger early.
+    UsedReaches(u64),
+    /// Flushing is paused: only `set_flush_paused` matters.
+    Never,
+}
+
+impl FlusherWake {
+    fn wanted(self, used: u64) -> bool {
+        match self {
+            FlusherWake::AnyRecord => true,
+            FlusherWake::UsedReaches(limit) => used >= limit,
+            FlusherWake::Never => false,
+        }
+    }
 }
 
 /// A record copied into the NVRAM (and its wrap marker, if it needed one).
@@ -296,6 +323,7 @@ impl PartitionLog {
                 flush_paused: false,
                 committing: false,
                 committing_bytes: 0,
+                flusher_wake: FlusherWake::AnyRecord,
             }),
             persist_wanted: Notify::new(),
             flush_wanted: Notify::new(),
@@ -496,8 +524,11 @@ impl PartitionLog {
             st.acked_through = next;
         }
         st.check(self.size());
+        let wake = st.flusher_wake.wanted(st.used);
         drop(st);
-        self.flush_wanted.notify_one();
+        if wake {
+            self.flush_wanted.notify_one();
+        }
     }
 
     /// Resolves once record `seq` is on the medium (the write-through path).
@@ -557,7 +588,9 @@ impl PartitionLog {
                         st.durable_through = last.meta.seq;
                     }
                     st.durable.extend(batch.iter().map(|p| p.meta));
-                    self.flush_wanted.notify_one();
+                    if st.flusher_wake.wanted(st.used) {
+                        self.flush_wanted.notify_one();
+                    }
                 }
                 Err(e) => {
                     tracing::error!(
@@ -644,7 +677,7 @@ impl PartitionLog {
     ) -> Option<Vec<RecordMeta>> {
         loop {
             let wait = {
-                let st = lock(&self.state);
+                let mut st = lock(&self.state);
                 // On shutdown whatever is staged stays in the NVRAM for the next start's
                 // replay (a graceful stop drains first).
                 if st.shutdown {
@@ -653,6 +686,11 @@ impl PartitionLog {
                 // Only settled records: their mirror copy (if any) has landed, so the release
                 // that follows the flush reaches the partner after the copy, never before.
                 let mut wait = Duration::from_millis(200);
+                st.flusher_wake = if st.flush_paused {
+                    FlusherWake::Never
+                } else {
+                    FlusherWake::AnyRecord
+                };
                 if let Some(oldest) = st
                     .durable
                     .front()
@@ -663,8 +701,11 @@ impl PartitionLog {
                     let waited_for =
                         self.flush_waiters.load(std::sync::atomic::Ordering::SeqCst) > 0;
                     if age >= linger || !small || waited_for {
+                        // Busy with a batch: it looks at the log again before it sleeps.
+                        st.flusher_wake = FlusherWake::AnyRecord;
                         return Some(Self::oldest_settled(&st, max_bytes));
                     }
+                    st.flusher_wake = FlusherWake::UsedReaches(max_bytes / 4);
                     wait = linger - age;
                 }
                 wait

@@ -24,16 +24,28 @@ fn open(
     node: &str,
     mode: OpenMode,
 ) -> Result<Arc<Engine>, EngineError> {
+    let flush = nvmirror::flusher::FlushPolicy {
+        batch_bytes: 4 * MIB,
+        linger: std::time::Duration::from_millis(10),
+    };
+    open_with(nvram, nvram_size, medium, node, mode, flush)
+}
+
+fn open_with(
+    nvram: &Path,
+    nvram_size: u64,
+    medium: &Arc<MemMedium>,
+    node: &str,
+    mode: OpenMode,
+    flush: nvmirror::flusher::FlushPolicy,
+) -> Result<Arc<Engine>, EngineError> {
     let region = NvramRegion::open(nvram, Some(nvram_size))?;
     Engine::open(
         region,
         EngineOptions {
             node_name: node.into(),
             partitions: 2,
-            flush: nvmirror::flusher::FlushPolicy {
-                batch_bytes: 4 * MIB,
-                linger: std::time::Duration::from_millis(10),
-            },
+            flush,
             mode,
             mirrored: false,
             degraded: nvmirror::config::DegradedPolicy::WriteThrough,
@@ -98,6 +110,52 @@ fn staged_writes_read_back_and_reach_the_medium() {
     let st = e.status();
     assert_eq!(st.luns[0].staged_extents, 0);
     assert!(st.partitions.iter().all(|p| p.used_bytes == 0));
+}
+
+/// Writers wake the lingering flusher only when their batch could end the linger: a lone
+/// small write stays staged through it, a batch that grows to a quarter of the flush batch
+/// size is flushed at once, not when the linger ends.
+#[test]
+fn a_batch_that_grows_ends_the_flushers_linger_early() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let medium = Arc::new(MemMedium::new(LUN_SIZE));
+    let flush = nvmirror::flusher::FlushPolicy {
+        batch_bytes: 256 * 1024,
+        linger: Duration::from_secs(20),
+    };
+    let e = open_with(
+        &dir.path().join("nvram"),
+        16 * MIB,
+        &medium,
+        "a",
+        OpenMode::Normal,
+        flush,
+    )
+    .expect("open");
+    let rt = rt();
+    let started = std::time::Instant::now();
+    let first = pattern(7, 4096);
+    rt.block_on(e.write(0, 0, &first)).expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        medium.snapshot()[..4096].iter().all(|&x| x == 0),
+        "a lone small write waits for the linger"
+    );
+    // 16 more 4 KiB records in the same partition: the log holds over 64 KiB.
+    let more = pattern(8, 4096);
+    for i in 1..=16u64 {
+        rt.block_on(e.write(0, i * 4096, &more)).expect("write");
+    }
+    // The batch that crossed the quarter is flushed (the first write with it); what came
+    // after it may linger again.
+    while medium.snapshot()[..4096] != first[..] {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the grown batch was not flushed before the 20 s linger: {:?}",
+            e.status().partitions
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
