@@ -443,8 +443,8 @@ if [[ ${1:-} == --one ]]; then
 		fi
 	}
 
-	# dax_nvram N -> /dev/daxX.Y: the Nth (1 or 2) emulated NVDIMM of 2 x NVRAM_MB + 64 MiB
-	# (scripts/bench.sh gives two), its raw namespace turned into device-DAX
+	# dax_nvram -> /dev/daxX.Y: the first raw namespace of 2 x NVRAM_MB + 64 MiB (scripts/bench.sh
+	# gives two such NVDIMMs; each call converts one) turned into device-DAX
 	dax_nvram() {
 		local ns out
 		modprobe -a dax_pmem device_dax 2>/dev/null
@@ -452,9 +452,9 @@ if [[ ${1:-} == --one ]]; then
 		ns=$(ndctl list -N 2>/dev/null | python3 -c '
 import json, sys
 want = (2 * int(sys.argv[1]) + 64) << 20
-found = [n["dev"] for n in json.load(sys.stdin) if n.get("size") == want]
-print(found[int(sys.argv[2]) - 1] if len(found) >= int(sys.argv[2]) else "")' "$NVRAM_MB" "$1")
-		[[ -n $ns ]] || cfail "no NVDIMM namespace of $((2 * NVRAM_MB + 64)) MiB number $1 (scripts/bench.sh boots the VM with two): $(ndctl list -N 2>&1 | tr -d '\n')"
+found = sorted(n["dev"] for n in json.load(sys.stdin) if n.get("size") == want and n.get("mode") == "raw")
+print(found[0] if found else "")' "$NVRAM_MB")
+		[[ -n $ns ]] || cfail "no raw NVDIMM namespace of $((2 * NVRAM_MB + 64)) MiB left (scripts/bench.sh boots the VM with two): $(ndctl list -N 2>&1 | tr -d '\n')"
 		out=$(ndctl create-namespace --force --reconfig="$ns" --mode=devdax 2>&1) ||
 			cfail "ndctl create-namespace --reconfig=$ns --mode=devdax: $out"
 		out=$(printf '%s' "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["daxregion"]["devices"][0]["chardev"])') ||
@@ -473,7 +473,9 @@ print(found[int(sys.argv[2]) - 1] if len(found) >= int(sys.argv[2]) else "")' "$
 			cfail "nvmirrord ($1) did not come up: $(tail -3 "$W/$2" | tr '\n' ' ')"
 	}
 
-	node_config() { # FILE NAME NVRAM MB DEV_ID MEDIUM [CLUSTER_TOML]
+	node_config() { # FILE NAME NVRAM MB DEV_ID MEDIUM [CLUSTER_TOML]; MB empty: the whole device
+		local size_line=''
+		[[ -z $4 ]] || size_line="size = \"$4MiB\""
 		cat >"$1" <<-CFG
 		[node]
 		name = "$2"
@@ -481,7 +483,7 @@ print(found[int(sys.argv[2]) - 1] if len(found) >= int(sys.argv[2]) else "")' "$
 
 		[nvram]
 		path = "$3"
-		${4:+size = "$4MiB"}
+		$size_line
 		partitions = 4
 		$7
 
@@ -652,8 +654,8 @@ print(found[int(sys.argv[2]) - 1] if len(found) >= int(sys.argv[2]) else "")' "$
 		# NVRAM: half own logs, half the partner's mirror -> twice the single node's size.
 		# RDMA: device-DAX, as in production (the whole device: its size less its metadata).
 		if [[ $CFG == rdma ]]; then
-			nva=$(dax_nvram 1) || exit 1
-			nvb=$(dax_nvram 2) || exit 1
+			nva=$(dax_nvram) || exit 1
+			nvb=$(dax_nvram) || exit 1
 			node_config "$W/node-a.toml" node-a "$nva" "" 0 "$m" "$cs"
 			node_config "$W/node-b.toml" node-b "$nvb" "" 1 "$m" "$cs"
 		else
