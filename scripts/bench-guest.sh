@@ -39,7 +39,7 @@
 # (s, default 4), BENCH_RAMP (s, default 1), BENCH_REPEATS (default 3), BENCH_CONFIGS (default
 # all, in the order above), BENCH_MEDIUM_MB (each medium file, default 1024), BENCH_REGION_MB
 # (the part fio uses, default 896), BENCH_NVRAM_MB (a node's own log, default 256), BENCH_PERF=1
-# (after the measured runs, profile one more run of each write workload with perf record -a).
+# (after the measured runs, profile one more run of each write workload and of the 70/30 mix with perf record -a).
 # After the measured runs of an nvmirror configuration, one extra QD1 run with the flusher
 # paused is reported as a diagnostic (not in the medians).
 set -uo pipefail
@@ -324,6 +324,12 @@ if meta.get("ENGINE_ALONE"):
                  f"{100 * float(crc.group(1)) / float(per.group(1)):.0f}% of that time per write: "
                  "under TCG the crc32c instruction is emulated, natively it runs at several GB/s.")
     notes.append(f"The engine alone on this VM's CPUs (`examples/write_path single 1000 8 128`: NVRAM in tmpfs, medium in memory, no ublk, no medium I/O): {alone}.{share}")
+for c in ("rdma", "tcp"):
+    try:
+        p50, p99, busy = meta.get(f"LINK_STACK_{c.upper()}", "").split()
+        notes.append(f"nvmirror's link alone over {'RDMA (rxe)' if c == 'rdma' else 'TCP'} (`nvmirror-linktest`, 4 KiB post to durable acknowledgement, QD1, busy poll {busy} µs as the daemons here; no engine, no ublk): p50 {float(p50):.0f} µs, p99 {float(p99):.0f} µs.")
+    except ValueError:
+        pass
 if link["tcp"] is not None:
     notes.append(f"TCP link bandwidth = {meta.get('LINK_TCP_HOW', 'a loopback TCP stream')}: {fmt(link['tcp'])} MiB/s.")
 for c in configs:
@@ -356,6 +362,7 @@ NVRAM_MB=${BENCH_NVRAM_MB:-256}
 NVMD=$NVM_BIN/nvmirrord
 NVMCTL=$NVM_BIN/nvmirrorctl
 NULLD=$NVM_BIN/nvmirror-null
+LINKTEST=$NVM_BIN/nvmirror-linktest
 MNT=/bench
 RAW=$BENCH_OUT/raw
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -581,6 +588,29 @@ print(found[0] if found else "")' "$NVRAM_MB")
 	}
 
 	# Loopback TCP stream (one connection, 1 MiB writes, 3 s): the TCP link's raw bandwidth.
+	# measure_link_stack TRANSPORT ADDRESS: nvmirror's own link alone (nvmirror-linktest, no
+	# engine, no ublk): 4 KiB posts to a durable acknowledgement at QD1, with the busy polling
+	# the daemons use here. Tells the link stack's share of a mirrored write from the rest.
+	measure_link_stack() {
+		local t=$1 addr=$2 busy secret srv res
+		busy=${BENCH_BUSY_POLL_US:-$(($(nproc) >= 4 ? 1000 : 0))}
+		secret=$(head -c 32 /dev/urandom | base64)
+		local common=(--transport "$t" --secret "$secret" --cluster 9 --busy-poll-us "$busy" --region-mb 64)
+		timeout 120 "$LINKTEST" server "${common[@]}" --listen "$addr:7950" --node 2 --peer 1 \
+			--duration-s 100 >"$W/linktest-server.log" 2>&1 &
+		srv=$!
+		sleep 1
+		res=$(timeout 100 "$LINKTEST" client "${common[@]}" --connect "$addr:7950" --node 1 --peer 2 \
+			--count 1000 --size 4096 --qd 1 2>"$W/linktest-client.log" | grep '^RESULT' | tail -1)
+		kill "$srv" 2>/dev/null
+		wait "$srv" 2>/dev/null
+		if [[ $res =~ p50_us=([0-9.]+)\ p99_us=([0-9.]+) ]]; then
+			echo "LINK_STACK_${t^^}=${BASH_REMATCH[1]} ${BASH_REMATCH[2]} $busy" >>"$BENCH_OUT/meta-guest.env"
+		else
+			note "nvmirror-linktest ($t) gave no figure: $(tail -2 "$W/linktest-client.log" | tr '\n' ' ')"
+		fi
+	}
+
 	measure_tcp_bw() {
 		local bw
 		bw=$(timeout 30 python3 - <<-'PY'
@@ -646,6 +676,7 @@ print(found[0] if found else "")' "$NVRAM_MB")
 		else
 			measure_tcp_bw
 		fi
+		measure_link_stack "$CFG" "$addr"
 		medium shared m
 		# Both nodes see the shared medium; node-a owns every range (owners = ["node-a"]), so
 		# fio on node-a's device measures staging + mirroring, never forwarding; node-b holds
@@ -846,7 +877,7 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 	# Optional profile (BENCH_PERF=1): one more run of each write workload under a system-wide
 	# perf record (cpu-clock: the VM has no PMU), after the measured runs.
 	if [[ ${BENCH_PERF:-0} == 1 ]] && command -v perf >/dev/null; then
-		for wl in qd1 qd32w seqw; do
+		for wl in qd1 qd32w seqw mixed; do
 			perf record -a -g -e cpu-clock -F 499 -o "$W/perf-$wl.data" >"$W/perf-$wl.log" 2>&1 &
 			pp=$!
 			# perf takes seconds to start under TCG: profile only once it records.
