@@ -908,7 +908,7 @@ disk=/dev/vda
 [[ -b $disk ]] || { echo "bench-guest: no virtio disk $disk (boot with --disk)"; exit 1; }
 mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$disk" || exit 1
 mkdir -p "$MNT" && mount "$disk" "$MNT" || exit 1
-nvram_desc="a file in the VM's tmpfs for 2, 3, 4 (the VM tests do the same; RDMA cannot register a /dev/pmemN mapping on this kernel: ibv_reg_mr fails with EFAULT), the emulated NVDIMM /dev/pmem0 (QEMU memory-backend-file on the host) for 2b; ${NVRAM_MB} MiB own log per node in 4 partitions (a cluster node's NVRAM is twice that: its own logs + the partner's mirror)"
+nvram_desc="a file in the VM's tmpfs for 2 and 4 (as in the VM tests), the emulated NVDIMM /dev/pmem0 (QEMU memory-backend-file on the host) for 2b, device-DAX on two more emulated NVDIMMs for 3 (RDMA cannot register a /dev/pmemN mapping on this kernel: ibv_reg_mr fails with EFAULT; the whole device, about 2 x the own log); ${NVRAM_MB} MiB own log per node in 4 partitions (a cluster node's NVRAM is twice that: its own logs + the partner's mirror)"
 {
 	echo "GUEST_KERNEL=$(uname -r)"
 	echo "GUEST_CPUS=$(nproc)"

@@ -2,8 +2,10 @@
 # scripts/bench.sh - nvmirror side by side with its floor and with DRBD, in one VM run (issue #6).
 #
 # On a Debian 12 host as root: installs what it needs (scripts/vm/lib.sh), builds the release
-# binaries, creates a virtio disk image (a real file on the host, next to the results), boots
-# ONE test VM with an emulated NVDIMM that runs scripts/bench-guest.sh, and prints the
+# binaries, measures the engine alone on the host (examples/write_path), creates a virtio disk
+# image (a real file on the host, next to the results), boots ONE test VM with three emulated
+# NVDIMMs (2b's /dev/pmem0 and the two device-DAX NVRAMs of configuration 3) that runs
+# scripts/bench-guest.sh, and prints the
 # Markdown report. The report is saved to target/bench/<stamp>/results.md, and a full run
 # (not BENCH_QUICK, every configuration) also replaces the results section of
 # docs/benchmarks.md. Benchmarks are not part of CI's pass/fail.
