@@ -66,8 +66,9 @@ if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
 		# shellcheck source=/dev/null
 		source "$HOME/.cargo/env"
 	fi
-	nvm_log "cargo build --release --workspace --examples"
-	cargo build --release --workspace --examples
+	# --bins as well: a target flag alone (--examples) builds only those targets.
+	nvm_log "cargo build --release --workspace --bins --examples"
+	cargo build --release --workspace --bins --examples
 fi
 bin=${CARGO_TARGET_DIR:-$repo/target}
 [[ $bin == /* ]] || bin=$repo/$bin
