@@ -43,6 +43,24 @@ pub enum Role {
 /// active), short enough that an idle link stops spinning at once.
 pub const DEFAULT_BUSY_POLL_US: u64 = 1000;
 
+/// Fewest CPUs on which a link busy-polls by default. A polling link thread keeps a core
+/// busy that the queue threads, the flusher, the application (and, with Soft-RoCE, the
+/// kernel's RDMA work) also need: on 2 vCPUs, turning it off doubled mirrored 4 KiB write
+/// IOPS (docs/benchmarks.md), and two polling linktest processes starved rxe long enough to
+/// miss heartbeats.
+pub const BUSY_POLL_MIN_CPUS: usize = 4;
+
+/// [`DEFAULT_BUSY_POLL_US`] with at least [`BUSY_POLL_MIN_CPUS`] CPUs, else 0: the busy-poll
+/// window a link uses unless configured otherwise.
+pub fn default_busy_poll_us() -> u64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= BUSY_POLL_MIN_CPUS {
+        DEFAULT_BUSY_POLL_US
+    } else {
+        0
+    }
+}
+
 /// Configuration of one link (one peer).
 #[derive(Clone)]
 pub struct LinkConfig {
@@ -131,7 +149,7 @@ impl LinkConfig {
             request_window: 32,
             max_request: DEFAULT_MAX_REQUEST,
             request_timeout: Duration::from_secs(30),
-            busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),
+            busy_poll: Duration::from_micros(default_busy_poll_us()),
         }
     }
 

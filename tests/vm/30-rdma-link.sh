@@ -191,7 +191,10 @@ kill -KILL "$srv6" 2>/dev/null
 start srv7 server "${common[@]}" --listen "$ADDR:7307" --duration-s 100 --rpc-delay-ms 300
 srv7=$last_pid
 wait_log "$OUT/srv7.log" "SERVER listening" 10
-start cli7 client "${common[@]}" --connect "$ADDR:7307" --mode rpc --size 262144 --qd 32 --expect-peer-death --timeout-s 20
+# 64 KiB x QD 16 keeps 1 MiB in flight: enough that the kill lands mid-request, little enough
+# that a slow Soft-RoCE (TCG on a loaded 2-core host moved 3.5 MB/s in CI) still delivers the
+# first answers and heartbeats well inside the 3 s heartbeat timeout.
+start cli7 client "${common[@]}" --connect "$ADDR:7307" --mode rpc --size 65536 --qd 16 --expect-peer-death --timeout-s 20
 cli7=$last_pid
 if wait_log "$OUT/cli7.log" STREAMING 60; then
 	kill -KILL "$srv7"

@@ -9,6 +9,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::block::{BLOCK_SIZE, MAX_IO_BYTES};
+/// The busy-poll default follows the CPUs there are; the rule lives with the link.
+pub use rdma_link::{default_busy_poll_us, BUSY_POLL_MIN_CPUS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -208,20 +210,6 @@ fn default_hb_timeout() -> u64 {
 }
 /// Longest busy-poll window: beyond it a core spins without saving anything measurable.
 const MAX_BUSY_POLL_US: u64 = 10_000;
-/// Fewest CPUs on which the link busy-polls by default. A polling link thread keeps a core
-/// busy that the queue threads, the flusher and the application also need: on 2 vCPUs,
-/// turning it off doubled mirrored 4 KiB write IOPS (docs/benchmarks.md).
-pub const BUSY_POLL_MIN_CPUS: usize = 4;
-
-/// [`rdma_link::DEFAULT_BUSY_POLL_US`] with at least [`BUSY_POLL_MIN_CPUS`] CPUs, else 0.
-pub fn default_busy_poll_us() -> u64 {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus >= BUSY_POLL_MIN_CPUS {
-        rdma_link::DEFAULT_BUSY_POLL_US
-    } else {
-        0
-    }
-}
 fn default_disk_heartbeat() -> u64 {
     1000
 }

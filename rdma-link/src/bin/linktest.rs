@@ -168,7 +168,7 @@ fn config(a: &Args, role: Role, server: bool) -> AnyResult<LinkConfig> {
     c.window = a.num("window", 128)? as u32;
     c.max_record = 1 << 20;
     c.heartbeat_interval = Duration::from_millis(a.num("hb-ms", 200)?);
-    c.busy_poll = Duration::from_micros(a.num("busy-poll-us", rdma_link::DEFAULT_BUSY_POLL_US)?);
+    c.busy_poll = Duration::from_micros(a.num("busy-poll-us", rdma_link::default_busy_poll_us())?);
     c.heartbeat_timeout = Duration::from_millis(a.num("hb-timeout-ms", 3000)?);
     c.ack_timeout = Duration::from_millis(a.num("ack-timeout-ms", 10000)?);
     c.handshake_timeout = Duration::from_secs(5);
