@@ -93,7 +93,7 @@ impl NetWrite {
     /// Append the MAC of the message in `b` (if frames are authenticated) and send it.
     async fn seal_and_send(&mut self, mut b: Vec<u8>) -> io::Result<()> {
         if let Some(mac) = &mut self.mac {
-            let tag = mac.tag(&[&b]);
+            let tag = mac.tag(&b, &[]);
             b.extend_from_slice(&tag);
         }
         self.tx.send(b.into()).await

@@ -152,7 +152,8 @@ fn seal_frames(bytes: &mut [u8], mut mac: Option<FrameMac>) {
         if let Some(mac) = &mut mac {
             // The MAC covers the whole payload: a record's header and bytes, a request's
             // header and payload, a control message.
-            let tag = mac.tag(&[&bytes[start..end]]);
+            let (head, body) = bytes[start..end].split_at(proto::mac_head_len(&bytes[start..end]));
+            let tag = mac.tag(head, body);
             bytes[end..end + TAG_LEN].copy_from_slice(&tag);
         }
         at = end + tag_len;
@@ -177,7 +178,7 @@ fn write_frame(msg: &Msg, record: Option<&[u8]>, mac: Option<&mut FrameMac>, out
     out.extend_from_slice(&head);
     out.extend_from_slice(body);
     if let Some(mac) = mac {
-        out.extend_from_slice(&mac.tag(&[&head[FRAME_HEADER_LEN..], body]));
+        out.extend_from_slice(&mac.tag(&head[FRAME_HEADER_LEN..], body));
     }
 }
 
@@ -240,7 +241,7 @@ fn whole_message(input: &[u8], seal: bool, macs: bool) -> bool {
     let mut message = input.to_vec();
     if seal && macs && message.len() > TAG_LEN {
         let body = message.len() - TAG_LEN;
-        let tag = FrameMac::new(FUZZ_FRAME_KEY).tag(&[&message[..body]]);
+        let tag = FrameMac::new(FUZZ_FRAME_KEY).tag(&message[..body], &[]);
         message[body..].copy_from_slice(&tag);
     }
     let mut region = vec![0u8; FUZZ_MAX_RECORD as usize];
@@ -270,7 +271,7 @@ fn whole_message(input: &[u8], seal: bool, macs: bool) -> bool {
         _ => {}
     }
     if macs {
-        let tag = FrameMac::new(FUZZ_FRAME_KEY).tag(&[&again]);
+        let tag = FrameMac::new(FUZZ_FRAME_KEY).tag(&again, &[]);
         again.extend_from_slice(&tag);
     }
     let mut scratch = vec![0u8; FUZZ_MAX_RECORD as usize];
@@ -846,7 +847,7 @@ pub mod seeds {
             }
             let mut with_mac = whole.clone();
             with_mac[0] |= FLAG_FRAME_MACS;
-            let tag = FrameMac::new(FUZZ_FRAME_KEY).tag(&[&with_mac[1..]]);
+            let tag = FrameMac::new(FUZZ_FRAME_KEY).tag(&with_mac[1..], &[]);
             with_mac.extend_from_slice(&tag);
             out.push((format!("message-{}", m.name()), whole));
             out.push((format!("message-{}-mac", m.name()), with_mac));

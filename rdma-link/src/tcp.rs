@@ -112,7 +112,7 @@ impl MsgWrite for TcpWrite {
         self.wr.write_all(&head).await?;
         self.wr.write_all(data).await?;
         if let Some(mac) = &mut self.mac {
-            let tag = mac.tag(&[&head[FRAME_HEADER_LEN..], data]);
+            let tag = mac.tag(&head[FRAME_HEADER_LEN..], data);
             self.wr.write_all(&tag).await?;
         }
         Ok(())
@@ -125,7 +125,7 @@ impl MsgWrite for TcpWrite {
         self.wr.write_all(&head).await?;
         self.wr.write_all(payload).await?;
         if let Some(mac) = &mut self.mac {
-            let tag = mac.tag(&[&head[FRAME_HEADER_LEN..], payload]);
+            let tag = mac.tag(&head[FRAME_HEADER_LEN..], payload);
             self.wr.write_all(&tag).await?;
         }
         Ok(head.len() + payload.len())

@@ -244,7 +244,7 @@ proptest! {
         let head = proto::record_frame_header(&hdr, &rec);
         wire.extend_from_slice(&head);
         wire.extend_from_slice(&rec);
-        wire.extend_from_slice(&tx.tag(&[&head[FRAME_HEADER_LEN..], &rec]));
+        wire.extend_from_slice(&tx.tag(&head[FRAME_HEADER_LEN..], &rec));
         let ((got, end), scratch) = read_all_with(&wire, Some(key));
         prop_assert!(matches!(end, FrameError::Closed), "ended with {end}");
         let mut want = msgs.clone();

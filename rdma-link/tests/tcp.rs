@@ -495,7 +495,7 @@ impl Fake {
             let (head, payload) = proto::data_frame_header(m).unwrap();
             b.extend_from_slice(&head);
             b.extend_from_slice(payload);
-            b.extend_from_slice(&self.tx.tag(&[&head[proto::FRAME_HEADER_LEN..], payload]));
+            b.extend_from_slice(&self.tx.tag(&head[proto::FRAME_HEADER_LEN..], payload));
         } else {
             proto::encode_frame_mac(m, Some(&mut self.tx), &mut b);
         }
@@ -507,7 +507,7 @@ impl Fake {
         let head = proto::record_frame_header(hdr, data);
         let mut b = head.to_vec();
         b.extend_from_slice(data);
-        b.extend_from_slice(&self.tx.tag(&[&head[proto::FRAME_HEADER_LEN..], data]));
+        b.extend_from_slice(&self.tx.tag(&head[proto::FRAME_HEADER_LEN..], data));
         b
     }
 
@@ -630,7 +630,11 @@ async fn malformed_frames_close_the_connection_and_the_server_keeps_serving() {
     };
     let mut frame = proto::record_frame_header(&hdr, &[9u8; 16]).to_vec();
     frame.extend_from_slice(&[8u8; 16]); // not the bytes the crc covers
-    frame.extend_from_slice(&f.tx.tag(&[&frame[proto::FRAME_HEADER_LEN..]]));
+    frame.extend_from_slice(&{
+        let payload = &frame[proto::FRAME_HEADER_LEN..];
+        let (head, body) = payload.split_at(proto::mac_head_len(payload));
+        f.tx.tag(head, body)
+    });
     f.s.write_all(&frame).await.unwrap();
     expect_closed(&mut f.s).await;
     wait_down_with(&p.server, "checksum mismatch").await;
@@ -714,7 +718,7 @@ async fn malformed_request_traffic_closes_the_connection() {
         payload: vec![0u8; proto::DEFAULT_MAX_REQUEST as usize + 1].into(),
     };
     let (head, payload) = proto::data_frame_header(&big).unwrap();
-    let tag = f.tx.tag(&[&head[proto::FRAME_HEADER_LEN..], payload]);
+    let tag = f.tx.tag(&head[proto::FRAME_HEADER_LEN..], payload);
     f.s.write_all(&head).await.unwrap();
     // The server may close before reading it all.
     if f.s.write_all(payload).await.is_ok() {
@@ -922,7 +926,7 @@ async fn an_old_version_peer_is_refused_with_a_clear_error() {
     send(&mut s, &Msg::Hello(hello(2, [1; 32]))).await;
     match within(3, recv(&mut s)).await {
         Ok(Msg::Reject { reason }) => assert!(
-            reason.contains("version mismatch") && reason.contains("v3") && reason.contains("v2"),
+            reason.contains("version mismatch") && reason.contains("v4") && reason.contains("v2"),
             "{reason}"
         ),
         other => panic!("expected a reject, got {other:?}"),

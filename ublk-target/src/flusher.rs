@@ -237,14 +237,27 @@ fn write_batch(
     Ok(applier.sync().map_err(fence_of)?.bytes)
 }
 
+/// Records unindexed under one acquisition of a LUN's index lock (each removal is a few
+/// B-tree steps: the lock is held for microseconds).
+const UNINDEX_RUN: usize = 64;
+
 /// The batch is on the medium (written by us or by the partner): unindex, checkpoint,
 /// free the space.
 fn finish_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> Result<(), String> {
-    for r in batch {
-        if r.kind != RecordKind::Wrap {
-            if let Some(lun) = luns.get(r.lun as usize) {
-                lun.index()
-                    .remove_flushed(log.id, r.seq, r.offset, r.offset + r.len);
+    // One lock of a LUN's index per run of records, not per record: the writers and readers
+    // of that LUN take the same lock on every I/O. Runs stay short so none of them waits long.
+    for run in batch.chunks(UNINDEX_RUN) {
+        for (lun_idx, lun) in luns.iter().enumerate() {
+            let mut mine = run
+                .iter()
+                .filter(|r| r.kind != RecordKind::Wrap && r.lun as usize == lun_idx)
+                .peekable();
+            if mine.peek().is_none() {
+                continue;
+            }
+            let mut index = lun.index();
+            for r in mine {
+                index.remove_flushed(log.id, r.seq, r.offset, r.offset + r.len);
             }
         }
     }

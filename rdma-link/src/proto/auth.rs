@@ -11,11 +11,15 @@
 //! * **Session keys**: one per direction, `HMAC-SHA256(secret, label | transcript)` (the
 //!   expand step of HKDF with the secret as the pseudo-random key; the nonces make them fresh
 //!   for every connection).
-//! * **Frame MAC**: keyed BLAKE3 over `sequence number (u64 LE) | message bytes`, truncated to
-//!   [`TAG_LEN`] bytes and appended to the message. For a record the message bytes are its
-//!   header followed by the record's bytes. The sequence number counts the messages of one
-//!   direction from 0; it is not sent, so a replayed, dropped, reordered or injected message
-//!   fails the check of the one that follows.
+//! * **Frame MAC**: keyed BLAKE3 over `body | head | head length (u64 LE) | sequence number
+//!   (u64 LE)`, truncated to [`TAG_LEN`] bytes and appended to the message. `head` is the
+//!   message's header (a control message is all head), `body` the bytes it carries (a
+//!   record's, a request's or response's payload), so the bulk bytes start the hash on a
+//!   BLAKE3 chunk boundary, where it hashes several chunks at once (4 KiB: 1.3 µs instead of
+//!   3.3 µs with the header in front, on this project's host); the head's length makes the
+//!   split unambiguous. The sequence number counts the messages of one direction from 0; it
+//!   is not sent, so a replayed, dropped, reordered or injected message fails the check of the
+//!   one that follows.
 //!
 //! Public so that tools and tests can speak the protocol (see `tests/tcp.rs`).
 
@@ -160,16 +164,6 @@ impl std::fmt::Debug for FrameMac {
     }
 }
 
-/// A MAC being computed over the parts of one message.
-pub struct MacHasher(blake3::Hasher);
-
-impl MacHasher {
-    pub fn update(&mut self, bytes: &[u8]) -> &mut Self {
-        self.0.update(bytes);
-        self
-    }
-}
-
 impl FrameMac {
     pub fn new(key: [u8; 32]) -> FrameMac {
         FrameMac { key, seq: 0 }
@@ -180,32 +174,27 @@ impl FrameMac {
         self.seq
     }
 
-    /// Start the MAC of the next message.
-    pub fn start(&self) -> MacHasher {
+    fn compute(&self, head: &[u8], body: &[u8]) -> [u8; TAG_LEN] {
         let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(body);
+        h.update(head);
+        h.update(&(head.len() as u64).to_le_bytes());
         h.update(&self.seq.to_le_bytes());
-        MacHasher(h)
+        truncate(&h)
     }
 
-    /// Finish the MAC of the next message (sender): its tag, and the sequence moves on.
-    pub fn seal(&mut self, h: MacHasher) -> [u8; TAG_LEN] {
+    /// The tag of the next message, `head` followed by `body` (sender); the sequence moves on.
+    pub fn tag(&mut self, head: &[u8], body: &[u8]) -> [u8; TAG_LEN] {
+        let t = self.compute(head, body);
         self.seq += 1;
-        truncate(&h.0)
+        t
     }
 
-    /// The tag of the next message made of `parts` (sender).
-    pub fn tag(&mut self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
-        let mut h = self.start();
-        for p in parts {
-            h.update(p);
-        }
-        self.seal(h)
-    }
-
-    /// Check the tag of the next message (receiver, constant time). The sequence moves on only
-    /// on success: after a failure the connection is closed anyway.
-    pub fn verify(&mut self, h: MacHasher, tag: &[u8]) -> Result<(), FrameError> {
-        let want = truncate(&h.0);
+    /// Check the tag of the next message, `head` followed by `body` (receiver, constant
+    /// time). The sequence moves on only on success: after a failure the connection is
+    /// closed anyway.
+    pub fn check(&mut self, head: &[u8], body: &[u8], tag: &[u8]) -> Result<(), FrameError> {
+        let want = self.compute(head, body);
         let mut diff = u8::from(tag.len() != TAG_LEN);
         for (a, b) in want.iter().zip(tag.iter()) {
             diff |= a ^ b;
@@ -215,15 +204,6 @@ impl FrameMac {
         }
         self.seq += 1;
         Ok(())
-    }
-
-    /// Check the tag of the next message made of `parts` (receiver).
-    pub fn check(&mut self, parts: &[&[u8]], tag: &[u8]) -> Result<(), FrameError> {
-        let mut h = self.start();
-        for p in parts {
-            h.update(p);
-        }
-        self.verify(h, tag)
     }
 }
 
@@ -253,24 +233,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tags_bind_key_sequence_and_bytes() {
+    fn tags_bind_key_sequence_split_and_bytes() {
         let (mut tx, mut rx) = (FrameMac::new([1; 32]), FrameMac::new([1; 32]));
-        let t0 = tx.tag(&[b"hello", b" world"]);
-        let t1 = tx.tag(&[b"hello world"]);
+        let t0 = tx.tag(b"hello", b" world");
+        let t1 = tx.tag(b"hello", b" world");
         assert_ne!(t0, t1, "the sequence number is in the MAC");
         // Replaying message 1 in place of message 0 fails; the right order passes.
-        assert!(rx.clone().check(&[b"hello world"], &t1).is_err());
-        rx.check(&[b"hello world"], &t0).unwrap();
-        rx.check(&[b"hello", b" world"], &t1).unwrap();
+        assert!(rx.clone().check(b"hello", b" world", &t1).is_err());
+        // The same bytes split elsewhere between header and body are another message.
+        assert!(rx.clone().check(b"hello world", b"", &t0).is_err());
+        assert!(rx.clone().check(b"hello ", b"world", &t0).is_err());
+        rx.check(b"hello", b" world", &t0).unwrap();
+        rx.check(b"hello", b" world", &t1).unwrap();
         // Another key, one flipped bit, a short tag: refused.
         let mut other = FrameMac::new([2; 32]);
-        let t = tx.tag(&[b"x"]);
-        assert!(other.check(&[b"x"], &t).is_err());
+        let t = tx.tag(b"x", b"");
+        assert!(other.check(b"x", b"", &t).is_err());
         let mut bad = t;
         bad[3] ^= 1;
-        assert!(rx.clone().check(&[b"x"], &bad).is_err());
-        assert!(rx.clone().check(&[b"x"], &t[..8]).is_err());
-        rx.check(&[b"x"], &t).unwrap();
+        assert!(rx.clone().check(b"x", b"", &bad).is_err());
+        assert!(rx.clone().check(b"x", b"", &t[..8]).is_err());
+        rx.check(b"x", b"", &t).unwrap();
         assert_eq!((tx.seq(), rx.seq()), (3, 3));
     }
 }

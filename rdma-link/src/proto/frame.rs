@@ -7,7 +7,7 @@ use super::codec::R;
 use super::msg::{
     decode_data, decode_payload_prefix, Msg, RecordHdr, CHUNK_HDR_LEN, DEFAULT_MAX_REQUEST,
     FRAME_HEADER_LEN, K_CHUNK, K_RECORD, K_REQUEST, K_RESPONSE, MAX_CONTROL_LEN, MAX_RECORD_LEN,
-    MAX_REQUEST_LEN, RECORD_HDR_LEN, RESPONSE_HDR_LEN,
+    MAX_REQUEST_LEN, RECORD_HDR_LEN, REQUEST_HDR_LEN, RESPONSE_HDR_LEN,
 };
 use crate::error::FrameError;
 use bytes::Bytes;
@@ -23,6 +23,19 @@ pub fn data_frame_header(msg: &Msg) -> Option<(Vec<u8>, &Bytes)> {
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&h);
     Some((out, payload))
+}
+
+/// Where the MAC's head ends in a TCP frame's payload (see [`FrameMac`]): after the message
+/// header of a record, request or response (their bytes are the body); a control message is
+/// all head. A payload too short for its header is all head (its MAC or decoding fails).
+pub fn mac_head_len(payload: &[u8]) -> usize {
+    let head = match payload.first() {
+        Some(&K_RECORD) => RECORD_HDR_LEN,
+        Some(&K_REQUEST) => REQUEST_HDR_LEN,
+        Some(&K_RESPONSE) => RESPONSE_HDR_LEN,
+        _ => payload.len(),
+    };
+    head.min(payload.len())
 }
 
 /// Encode a complete TCP frame for a control message (not a record).
@@ -43,7 +56,9 @@ pub fn encode_frame_mac(msg: &Msg, mac: Option<&mut FrameMac>, out: &mut Vec<u8>
     let start = out.len();
     encode_frame(msg, out);
     if let Some(mac) = mac {
-        let tag = mac.tag(&[&out[start + FRAME_HEADER_LEN..]]);
+        let payload = &out[start + FRAME_HEADER_LEN..];
+        let (head, body) = payload.split_at(mac_head_len(payload));
+        let tag = mac.tag(head, body);
         out.extend_from_slice(&tag);
     }
 }
@@ -191,9 +206,7 @@ impl FrameReader {
             if got != crc {
                 return Err(FrameError::BadCrc { got, expected: crc });
             }
-            let mut h = mac.start();
-            h.update(&hb).update(&self.bounce);
-            mac.verify(h, &tag)?;
+            mac.check(&hb, &self.bounce, &tag)?;
             dst.copy_from_slice(&self.bounce);
             return Ok(Msg::Record(hdr));
         }
@@ -214,7 +227,8 @@ impl FrameReader {
                 return Err(FrameError::BadCrc { got, expected: crc });
             }
             if let (Some(mac), Some(tag)) = (&mut self.mac, tag) {
-                mac.check(&[&b], &tag)?;
+                let (head, body) = b.split_at(mac_head_len(&b));
+                mac.check(head, body, &tag)?;
             }
             return decode_data_within(Bytes::from(b), self.max_request);
         }
@@ -234,7 +248,7 @@ impl FrameReader {
             return Err(FrameError::BadCrc { got, expected: crc });
         }
         if let (Some(mac), Some(tag)) = (&mut self.mac, tag) {
-            mac.check(&[&self.buf], &tag)?;
+            mac.check(&self.buf, &[], &tag)?;
         }
         Msg::decode(&self.buf)
     }
@@ -365,7 +379,7 @@ where
         None => message,
         Some(mac) => {
             let (body, tag) = split_tag(&message)?;
-            mac.check(&[body], tag)?;
+            mac.check(body, &[], tag)?;
             message.slice(..body.len())
         }
     };

@@ -319,7 +319,7 @@ impl RdmaConn {
             return len;
         };
         let slot = self.send.slot_mut(i);
-        let tag = mac.tag(&[&slot[..len], data]);
+        let tag = mac.tag(&slot[..len], data);
         slot[len..len + TAG_LEN].copy_from_slice(&tag);
         len + TAG_LEN
     }

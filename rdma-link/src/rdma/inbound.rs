@@ -88,7 +88,7 @@ impl Inbound {
                 } else {
                     &[]
                 };
-                mac.check(&[body, data], tag).map_err(|e| e.to_string())?;
+                mac.check(body, data, tag).map_err(|e| e.to_string())?;
                 body
             }
         };
@@ -124,7 +124,7 @@ mod tests {
 
     fn sealed(mac: &mut FrameMac, body: &[u8], data: &[u8]) -> Vec<u8> {
         let mut v = body.to_vec();
-        v.extend_from_slice(&mac.tag(&[body, data]));
+        v.extend_from_slice(&mac.tag(body, data));
         v
     }
 

@@ -141,8 +141,8 @@ impl Engine {
                     break;
                 }
             };
-            // The copy goes to the partner first, then this thread persists the local copy
-            // while it travels (group commit: with a committer at work, it takes ours).
+            // The copy goes to the partner first; the local copy is persisted below, while
+            // it travels.
             let post = mirror.as_ref().map(|m| {
                 m.post(rdma_link::Post {
                     partition: part.id,
@@ -152,8 +152,17 @@ impl Engine {
                     len: s.record.slot as u32,
                 })
             });
-            part.commit();
             staged.push((part, s, post));
+        }
+        // Group commit: let the other writers this thread has ready (a queue's tags that
+        // arrived together) stage theirs first, so that one persist (one msync, or one fence
+        // after the cache-line write-backs) makes all of them durable instead of one each.
+        // A committer at work on another thread takes ours too.
+        if !staged.is_empty() {
+            smol::future::yield_now().await;
+        }
+        for (part, _, _) in &staged {
+            part.commit();
         }
         // Local persist and mirror post of every piece run at once; the write completes when
         // all have answered.
