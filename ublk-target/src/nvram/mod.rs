@@ -8,6 +8,7 @@
 pub mod cpu_cache;
 pub mod layout;
 pub mod memory;
+pub mod out_of_sync;
 pub mod record;
 pub mod region;
 pub mod scan;
