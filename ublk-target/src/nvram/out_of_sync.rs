@@ -77,9 +77,17 @@ impl Geometry {
         )
     }
 
-    fn check(&self) -> Result<(), OutOfSyncError> {
+    /// A valid region size, and room for the map in the `space` bytes set aside at `offset`.
+    fn fits(&self, offset: u64, space: u64) -> Result<(), OutOfSyncError> {
         if self.region_bytes < 4096 || !self.region_bytes.is_power_of_two() {
             return Err(OutOfSyncError::BadRegionSize(self.region_bytes));
+        }
+        if self.nvram_bytes() > space {
+            return Err(OutOfSyncError::TooSmall {
+                offset,
+                needed: self.nvram_bytes(),
+                given: space,
+            });
         }
         Ok(())
     }
@@ -109,15 +117,8 @@ impl OutOfSyncMap {
         space: u64,
         geometry: Geometry,
     ) -> Result<OutOfSyncMap, OutOfSyncError> {
-        geometry.check()?;
+        geometry.fits(offset, space)?;
         let needed = geometry.nvram_bytes();
-        if needed > space {
-            return Err(OutOfSyncError::TooSmall {
-                offset,
-                needed,
-                given: space,
-            });
-        }
         region.write_at(
             offset + HEADER_BYTES,
             &vec![0u8; (needed - HEADER_BYTES) as usize],
@@ -139,14 +140,7 @@ impl OutOfSyncMap {
         space: u64,
         geometry: Geometry,
     ) -> Result<OutOfSyncMap, OutOfSyncError> {
-        geometry.check()?;
-        if space < HEADER_BYTES {
-            return Err(OutOfSyncError::TooSmall {
-                offset,
-                needed: geometry.nvram_bytes(),
-                given: space,
-            });
-        }
+        geometry.fits(offset, space)?;
         let mut head = [0u8; HEADER_BYTES as usize];
         region.read_at(offset, &mut head);
         let found = decode_header(&head, offset)?;
@@ -155,13 +149,6 @@ impl OutOfSyncMap {
                 offset,
                 found: found.describe(),
                 wanted: geometry.describe(),
-            });
-        }
-        if geometry.nvram_bytes() > space {
-            return Err(OutOfSyncError::TooSmall {
-                offset,
-                needed: geometry.nvram_bytes(),
-                given: space,
             });
         }
         Ok(OutOfSyncMap::new(region, offset, geometry))
