@@ -34,6 +34,68 @@ struct Args {
     /// Force the takeover policy of both nodes: auto or manual (default: drawn per seed).
     #[arg(long)]
     takeover: Option<String>,
+    /// Simulate the majority lease planned for shared-nothing mode (`cluster::quorum`)
+    /// instead of the two-node cluster; uses --seeds, --from, --seed and --seconds.
+    #[arg(long)]
+    quorum: bool,
+    /// With --quorum: the number of voters.
+    #[arg(long, default_value_t = 3)]
+    voters: u32,
+    /// With --quorum: the clocks' largest rate error, parts per million.
+    #[arg(long, default_value_t = 20_000)]
+    drift_ppm: u64,
+    /// With --quorum: run with a deliberate flaw, to see the simulator catch it:
+    /// no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs.
+    #[arg(long)]
+    flaw: Option<String>,
+}
+
+fn quorum(args: &Args) -> Result<bool, String> {
+    let mut flaws = nvmirror::cluster::quorum::Flaws::default();
+    match args.flaw.as_deref() {
+        None => {}
+        Some("no-drift-margin") => flaws.no_drift_margin = true,
+        Some("no-quiet-after-restart") => flaws.no_quiet_after_restart = true,
+        Some("count-stale-answers") => flaws.count_stale_answers = true,
+        Some("reuse-epochs") => flaws.reuse_epochs = true,
+        Some(other) => return Err(format!("--flaw {other:?}: unknown (see --help)")),
+    }
+    if !(1..=9).contains(&args.voters) {
+        return Err(format!("--voters {}: use 1 to 9", args.voters));
+    }
+    let settings = nvmirror_sim::quorum::QuorumSettings {
+        nodes: args.voters,
+        seconds: args.seconds,
+        max_drift_ppm: args.drift_ppm.min(400_000),
+        flaws,
+        ..Default::default()
+    };
+    let seeds = match args.seed {
+        Some(s) => s..s + 1,
+        None => args.from..args.from + args.seeds,
+    };
+    let (mut failed, mut ran) = (0, 0);
+    let first = seeds.start;
+    for seed in seeds {
+        ran += 1;
+        let o = nvmirror_sim::quorum::run_quorum(seed, settings);
+        if let Some(v) = &o.violation {
+            failed += 1;
+            println!("seed {seed}: FAIL: {v}");
+            if !args.keep_going {
+                break;
+            }
+        } else if args.seed.is_some() {
+            println!(
+                "seed {seed}: PASS: held {:.0}% of the time, {} tenures, {} messages",
+                100.0 * o.held_steps as f64 / o.steps.max(1) as f64,
+                o.tenures,
+                o.messages
+            );
+        }
+    }
+    println!("quorum: {ran} seed(s) from {first}: {failed} failed");
+    Ok(failed == 0)
 }
 
 fn mix_of(names: &[String]) -> Result<FaultMix, String> {
@@ -60,6 +122,15 @@ fn mix_of(names: &[String]) -> Result<FaultMix, String> {
 
 fn main() {
     let args = Args::parse();
+    if args.quorum {
+        match quorum(&args) {
+            Ok(passed) => std::process::exit(if passed { 0 } else { 1 }),
+            Err(e) => {
+                eprintln!("nvmirror-sim: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
     let mix = match mix_of(&args.faults).and_then(|mut m| {
         m.takeover_auto = match args.takeover.as_deref() {
             None => None,
