@@ -11,6 +11,7 @@ pub mod faults;
 pub mod life;
 pub mod model;
 pub mod net;
+pub mod policing;
 pub mod quorum;
 pub mod trace;
 pub mod world;

@@ -4,6 +4,7 @@
 //! change it.
 
 mod forward;
+pub mod policing;
 pub mod quorum;
 mod ranges;
 pub mod wire;
