@@ -3,7 +3,9 @@
 //! only once the partner is provably dead: its heartbeat on the shared medium has stopped
 //! (`lease::Verdict::Dead`) and the link has been down a little longer than the partner's
 //! own proof that we hear it could last (`engine::serving`). A link cut with both nodes
-//! alive moves nothing: each keeps its ranges.
+//! alive moves nothing: each keeps its ranges. A partner whose heartbeat never shows on our
+//! medium while it is connected is on another medium: that is reported, and never taken
+//! over.
 
 use crate::cluster::NodeId;
 use crate::config::TakeoverPolicy;
@@ -24,7 +26,7 @@ pub struct PartnerWatch {
     pub partner: NodeId,
 }
 
-/// How often the watch looks at the partner's heartbeat while the link is down.
+/// How often the watch looks at the partner's heartbeat.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
 
 impl PartnerWatch {
@@ -39,6 +41,9 @@ impl PartnerWatch {
         let host = self.engine.host().clone();
         let mut was_up = false;
         let mut down_since = host.now();
+        let mut up_since = host.now();
+        // The partner was connected while its heartbeat stayed absent from our medium.
+        let mut not_on_our_medium = false;
         loop {
             let state = states.borrow_and_update().clone();
             match (&state, was_up) {
@@ -46,11 +51,15 @@ impl PartnerWatch {
                 (LinkState::Up(_), false) => {
                     tracing::info!("partner {name} connected: mirroring every write");
                     was_up = true;
+                    up_since = host.now();
+                    not_on_our_medium = false;
                     self.engine.set_takeover_note(None);
                     self.engine
                         .partner_connected(self.policy == TakeoverPolicy::Auto);
                 }
-                (LinkState::Up(_), true) => {}
+                (LinkState::Up(_), true) => {
+                    self.check_same_medium(&name, up_since, &mut not_on_our_medium)
+                }
                 (_, true) => {
                     was_up = false;
                     down_since = host.now();
@@ -59,7 +68,8 @@ impl PartnerWatch {
                 (_, false) => {}
             }
             if !was_up {
-                self.consider_takeover(&name, down_since).await;
+                self.consider_takeover(&name, down_since, not_on_our_medium)
+                    .await;
             }
             let changed = std::pin::pin!(states.changed());
             if let futures::future::Either::Left((Err(_), _)) =
@@ -70,8 +80,44 @@ impl PartnerWatch {
         }
     }
 
+    /// The link is up: the partner holds its disk lease (it connects only once it does), so
+    /// its heartbeat must show on our medium within a few renewals. If it never does, the
+    /// two configs name different media: the disk lease cannot arbitrate between them (and
+    /// a takeover would serve this medium's stale copy of the partner's flushed writes).
+    /// Say so loudly; `consider_takeover` then refuses with the same reason.
+    fn check_same_medium(&self, name: &str, up_since: Instant, reported: &mut bool) {
+        let Some(lease) = self.engine.cluster().and_then(|c| c.lease().cloned()) else {
+            return;
+        };
+        let host = self.engine.host();
+        let patience = lease.timing().dead_after() * 2;
+        let absent = matches!(lease.verdict(self.partner), Verdict::Absent);
+        if absent && host.now().saturating_duration_since(up_since) >= patience {
+            if !*reported {
+                tracing::error!(
+                    "partner {name} has been connected over the mirror link for {} ms, but its disk heartbeat never appeared on this node's medium ({}): the two nodes do not see the same medium. Each node's lun.medium must be the same shared disk (shared-nothing mode, each node with its own disk, is not implemented: issue #17). Until that is fixed this node will not take over {name}'s ranges",
+                    patience.as_millis(),
+                    self.engine
+                        .luns()
+                        .iter()
+                        .map(|l| format!("{}: {}", l.name, l.medium.describe()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.engine.set_takeover_note(Some(format!(
+                    "node {name} is connected but its disk heartbeat never appeared on this node's medium: the nodes do not see the same medium (check lun.medium on both)"
+                )));
+                *reported = true;
+            }
+        } else if !absent && *reported {
+            tracing::info!("partner {name}'s disk heartbeat now shows on this node's medium");
+            self.engine.set_takeover_note(None);
+            *reported = false;
+        }
+    }
+
     /// The link is down: take over if the partner is provably dead, else say why not.
-    async fn consider_takeover(&self, name: &str, down_since: Instant) {
+    async fn consider_takeover(&self, name: &str, down_since: Instant, not_on_our_medium: bool) {
         let engine = &self.engine;
         let Some(c) = engine.cluster() else { return };
         if c.ranges_of(self.partner).is_empty() {
@@ -96,6 +142,9 @@ impl PartnerWatch {
                         ago.as_millis()
                     ),
                     Verdict::Unknown => "this node does not hold its disk lease, so it cannot tell whether the partner is dead: no takeover".into(),
+                    Verdict::Absent if not_on_our_medium => format!(
+                        "node {name} was connected but its heartbeat never appeared on this node's medium: the two nodes do not see the same medium, so no takeover (see the error in the log)"
+                    ),
                     Verdict::Absent => format!("node {name} has never written a heartbeat on the shared medium (never started): no takeover"),
                     Verdict::Dead { .. } if quiet < link_margin => format!(
                         "node {name} is dead on the shared medium; taking over once the link has been quiet for {link_margin:?}"
