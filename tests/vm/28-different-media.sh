@@ -3,7 +3,7 @@
 # shared-nothing mode does not exist yet). The disk lease cannot arbitrate then, and a
 # takeover would serve this medium's stale copy of the partner's flushed writes. Each node
 # must say so (log ERROR, status) while the link is up, and after node-a's kill -9 node-b
-# must not take node-a's range over.
+# must not take node-a's range over, by itself or when told to (a manual takeover).
 # vm-timeout: 200
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -44,4 +44,10 @@ print("owners:", owners, "| takeover note:", note)
 sys.exit(0 if "node-a" in owners and "same medium" in note else 1)
 PY
 say "ok: node-b did not take over, and says why"
+# A manual takeover (what Pacemaker's promote runs) is refused for the same reason.
+if out=$("$NVMCTL" --config node-b.toml takeover 2>&1); then
+	fail "a manual takeover was accepted: $out"
+fi
+grep -q 'do not see the same medium' <<<"$out" || fail "takeover refused for another reason: $out"
+say "ok: manual takeover refused: $out"
 echo "ok: different media are reported and never taken over"

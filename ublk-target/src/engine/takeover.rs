@@ -28,6 +28,17 @@ impl Engine {
         self.takeover.set_note(note);
     }
 
+    /// The partner watch found the partner's disk heartbeat missing from our medium while
+    /// the partner was connected (`true`), or showing again (`false`): a manual takeover is
+    /// refused meanwhile unless forced.
+    pub fn set_partner_elsewhere(&self, elsewhere: bool) {
+        self.takeover.set_partner_elsewhere(elsewhere);
+    }
+
+    pub fn partner_elsewhere(&self) -> bool {
+        self.takeover.partner_elsewhere()
+    }
+
     /// Lets the flusher ask the partner to write mirrored records when our medium path fails.
     pub fn set_flush_delegate(&self, d: Option<FlushDelegate>) {
         self.takeover.set_delegate(d);

@@ -54,6 +54,9 @@ pub(super) struct TakeoverState {
     delegate: DelegateSlot,
     /// Why no takeover is happening (or what it waits for), for status.
     note: Mutex<Option<String>>,
+    /// The partner was connected while its disk heartbeat never showed on our medium: the
+    /// two nodes do not share the medium, so a takeover would serve a stale copy.
+    partner_elsewhere: AtomicBool,
 }
 
 impl TakeoverState {
@@ -69,6 +72,14 @@ impl TakeoverState {
 
     pub(super) fn note(&self) -> Option<String> {
         self.note.lock().ok().and_then(|n| n.clone())
+    }
+
+    pub(super) fn partner_elsewhere(&self) -> bool {
+        self.partner_elsewhere.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_partner_elsewhere(&self, elsewhere: bool) {
+        self.partner_elsewhere.store(elsewhere, Ordering::SeqCst);
     }
 
     pub(super) fn set_expected(&self, expected: bool) {

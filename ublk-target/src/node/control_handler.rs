@@ -126,6 +126,14 @@ impl ControlHandler {
                  the same ranges; stop it first, or use --force if it is fenced",
             );
         }
+        if self.engine.partner_elsewhere() && !force {
+            return error(
+                "the partner was connected but its disk heartbeat never appeared on this \
+                 node's medium: the nodes do not see the same medium, and a takeover would \
+                 serve this medium's stale copy of the partner's flushed writes. Fix \
+                 lun.medium on both nodes (one shared disk); --force overrides",
+            );
+        }
         let only = match parse_ranges(&self.engine, ranges) {
             Ok(o) => o,
             Err(message) => return error(message),

@@ -108,11 +108,13 @@ impl PartnerWatch {
                     "node {name} is connected but its disk heartbeat never appeared on this node's medium: the nodes do not see the same medium (check lun.medium on both)"
                 )));
                 *reported = true;
+                self.engine.set_partner_elsewhere(true);
             }
         } else if !absent && *reported {
             tracing::info!("partner {name}'s disk heartbeat now shows on this node's medium");
             self.engine.set_takeover_note(None);
             *reported = false;
+            self.engine.set_partner_elsewhere(false);
         }
     }
 
