@@ -226,6 +226,24 @@ impl Model {
         Ok(v)
     }
 
+    /// Whether `version` of `block` may be missing from the medium after its mirror copy
+    /// was released: a newer version was acknowledged since (this one can no longer be
+    /// read), or its write was never acknowledged (failed, or its node died), or it is a
+    /// weak acknowledgement a node failure excused. Such a record may be dropped, and must
+    /// be when its range moved to another node meanwhile (it would overwrite newer data).
+    pub fn may_be_dropped(&self, block: u64, version: u64) -> bool {
+        let b = &self.blocks[block as usize];
+        version < b.floor
+            || matches!(
+                b.above.get(&version),
+                Some(Outcome::Unknown)
+                    | Some(Outcome::Acked {
+                        weak: true,
+                        excused: true
+                    })
+            )
+    }
+
     /// The latest acknowledged version of `block`.
     pub fn acked(&self, block: u64) -> u64 {
         self.blocks[block as usize].acked()

@@ -793,6 +793,11 @@ impl PartitionLog {
         lock(&self.state).failed.is_some()
     }
 
+    /// Why the partition stopped, if it did.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.state).failed.clone()
+    }
+
     pub fn set_flush_paused(&self, paused: bool) {
         lock(&self.state).flush_paused = paused;
         self.flush_wanted.notify_one();

@@ -244,6 +244,31 @@ impl Engine {
             })
     }
 
+    /// Err(EIO) if a piece of `[offset, offset + len)` stages in a partition that stopped for
+    /// good (fenced, or its NVRAM failed). Its range is not served from here: the index may
+    /// still hold records that never became acknowledged writes (a write staged, then
+    /// refused) or that another node has superseded, and they would shadow the medium's
+    /// newer data (the simulator's seed 100040 read back an unacknowledged version that
+    /// way, over a replayed acknowledged one). Before this check, a routed read of such a
+    /// range also looped without end: the gate said local, `still_ours` said no.
+    pub(super) fn check_partitions(&self, lun: &Lun, offset: u64, len: u64) -> Result<(), IoError> {
+        for (_, _, range) in lun.pieces(offset, len) {
+            let part = self.partition_of(range);
+            if let Some(why) = part.failure() {
+                return Err(IoError::new(
+                    libc::EIO,
+                    format!(
+                        "LUN {} range {} stages in NVRAM partition {}, which stopped: {why}",
+                        lun.name,
+                        range - lun.first_range,
+                        part.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Err(EIO) unless this node may serve its ranges now (see `serving`).
     pub(super) fn check_serving(&self) -> Result<(), IoError> {
         if self.serving.may_serve() {
@@ -333,6 +358,7 @@ impl Engine {
     ) -> Result<(&Arc<Lun>, Vec<Gap>), IoError> {
         let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
         let end = offset + out.len() as u64;
+        self.check_partitions(lun, offset, out.len() as u64)?;
         // Staged bytes are copied while the index lock pins them: the flusher unindexes
         // a record before its space can be reused.
         let index = lun.index();

@@ -245,6 +245,8 @@ impl Engine {
                 if self.still_ours(lun_idx, lun, offset, len, &[]) {
                     return Ok(());
                 }
+                // The range moved meanwhile (route it again), or its partition stopped,
+                // which the next read's `read_staged` refuses.
                 continue;
             }
             match self.read_pieces(lun_idx, offset, out, &remote, reads).await {
