@@ -145,3 +145,19 @@ fn seeds_that_found_bugs_pass() {
         assert!(o.passed(), "regression ({}):\n{}", r.what, show(&o));
     }
 }
+
+/// Seeds of the wider sweep of 2026-12-01 (20 simulated seconds each, every fault; see
+/// docs/simulator.md): before the fixes, 100049 hung (a read of a range whose partition was
+/// fenced looped without end), 100306 read an acknowledged write's older version (a write
+/// staged without the right to serve, then refused, was later replayed over newer data), and
+/// 100128 tripped the release check on copies of refused writes (a checker refinement).
+#[test]
+fn wider_sweep_seeds_pass() {
+    for seed in [100_049, 100_128, 100_306] {
+        let o = run(
+            &Settings::draw(seed, Duration::from_secs(20), &FaultMix::all()),
+            false,
+        );
+        assert!(o.passed(), "seed {seed}:\n{}", show(&o));
+    }
+}

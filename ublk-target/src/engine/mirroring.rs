@@ -45,9 +45,14 @@ impl Engine {
             let Some(m) = self.mirror.current() else {
                 return;
             };
+            // A partition that stopped (fenced: its node lost a range while it could not
+            // hear about it) holds records the range's new owner has superseded, or writes
+            // that were refused and never acknowledged: handing them on would let a later
+            // takeover by the partner replay them over newer data (simulator seed 100306).
             let posts: Vec<rdma_link::Post> = self
                 .parts
                 .iter()
+                .filter(|p| !p.is_failed())
                 .flat_map(|p| {
                     p.unflushed().into_iter().map(move |r| rdma_link::Post {
                         partition: p.id,
