@@ -19,7 +19,7 @@
 use nvmirror::cluster::quorum::{DurableVote, Flaws, QuorumMessage, QuorumNode, QuorumTiming};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 
 const MS: u64 = 1_000_000;
 
@@ -78,44 +78,12 @@ impl Node {
     }
 }
 
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct InFlight {
-    /// Reversed, so the heap pops the earliest.
-    at: std::cmp::Reverse<(u64, u64)>,
-    to: u32,
-    from: u32,
-    msg: Msg,
-}
+/// Messages in flight, by delivery time and then sending order: (real ns, seq) -> (to, message).
+type InFlight = BTreeMap<(u64, u64), (u32, QuorumMessage)>;
 
-#[derive(PartialEq, Eq, PartialOrd, Ord, Clone)]
-enum Msg {
-    Ask(u64, u64),
-    Answer(u64, u64, bool, u64),
-}
-
-fn pack(m: &QuorumMessage) -> (u32, Msg) {
+fn sender(m: &QuorumMessage) -> u32 {
     match *m {
-        QuorumMessage::Ask { from, round, epoch } => (from, Msg::Ask(round, epoch)),
-        QuorumMessage::Answer {
-            from,
-            round,
-            epoch,
-            granted,
-            seen_epoch,
-        } => (from, Msg::Answer(round, epoch, granted, seen_epoch)),
-    }
-}
-
-fn unpack(from: u32, m: &Msg) -> QuorumMessage {
-    match *m {
-        Msg::Ask(round, epoch) => QuorumMessage::Ask { from, round, epoch },
-        Msg::Answer(round, epoch, granted, seen_epoch) => QuorumMessage::Answer {
-            from,
-            round,
-            epoch,
-            granted,
-            seen_epoch,
-        },
+        QuorumMessage::Ask { from, .. } | QuorumMessage::Answer { from, .. } => from,
     }
 }
 
@@ -150,7 +118,7 @@ pub fn run_quorum(seed: u64, s: QuorumSettings) -> QuorumOutcome {
     let end = faults_end + 10 * lease + 2000 * MS;
     // Cut directions: (from, to) -> until.
     let mut cut: BTreeMap<(u32, u32), u64> = BTreeMap::new();
-    let mut queue: BinaryHeap<InFlight> = BinaryHeap::new();
+    let mut queue: InFlight = BTreeMap::new();
     let mut seq = 0u64;
     let mut out = QuorumOutcome::default();
     let mut epoch_holder: BTreeMap<u64, u32> = BTreeMap::new();
@@ -216,24 +184,20 @@ pub fn run_quorum(seed: u64, s: QuorumSettings) -> QuorumOutcome {
             }
         }
         // Deliver what is due.
-        while queue.peek().is_some_and(|m| m.at.0 .0 <= real) {
-            let Some(m) = queue.pop() else { break };
-            let to = m.to as usize;
+        while let Some(entry) = queue.first_entry().filter(|e| e.key().0 <= real) {
+            let (to, msg) = entry.remove();
+            let to = to as usize;
             if !nodes[to].up {
                 continue;
             }
             if !nodes[to].running(real) {
                 // A paused process reads its socket when it resumes.
                 seq += 1;
-                let at = nodes[to].paused_until;
-                queue.push(InFlight {
-                    at: std::cmp::Reverse((at, seq)),
-                    ..m
-                });
+                queue.insert((nodes[to].paused_until, seq), (to as u32, msg));
                 continue;
             }
             let now = nodes[to].local(real);
-            let answers = nodes[to].sm.receive(now, unpack(m.from, &m.msg));
+            let answers = nodes[to].sm.receive(now, msg);
             votes[to] = nodes[to].sm.durable_vote();
             send(
                 &mut queue, &mut seq, &mut rng, &cut, real, faulty, answers, &mut out,
@@ -310,7 +274,7 @@ pub fn run_quorum(seed: u64, s: QuorumSettings) -> QuorumOutcome {
 
 #[allow(clippy::too_many_arguments)]
 fn send(
-    queue: &mut BinaryHeap<InFlight>,
+    queue: &mut InFlight,
     seq: &mut u64,
     rng: &mut ChaCha8Rng,
     cut: &BTreeMap<(u32, u32), u64>,
@@ -320,7 +284,7 @@ fn send(
     out: &mut QuorumOutcome,
 ) {
     for (to, m) in msgs {
-        let (from, msg) = pack(&m);
+        let from = sender(&m);
         out.messages += 1;
         if cut.get(&(from, to)).is_some_and(|&until| real < until) {
             continue;
@@ -339,12 +303,7 @@ fn send(
                 rng.gen_range(0..40) * MS
             };
             *seq += 1;
-            queue.push(InFlight {
-                at: std::cmp::Reverse((real + delay, *seq)),
-                to,
-                from,
-                msg: msg.clone(),
-            });
+            queue.insert((real + delay, *seq), (to, m.clone()));
         }
     }
 }
