@@ -231,9 +231,13 @@ impl Model {
     /// read), or its write was never acknowledged (failed, or its node died), or it is a
     /// weak acknowledgement a node failure excused. Such a record may be dropped, and must
     /// be when its range moved to another node meanwhile (it would overwrite newer data).
+    /// So may the record of a write still in flight: its node lost the range after staging
+    /// it (a void record killed it), and the write is routed again to the new owner; were
+    /// it acknowledged from the dropped record instead, the reads would catch the loss.
     pub fn may_be_dropped(&self, block: u64, version: u64) -> bool {
         let b = &self.blocks[block as usize];
         version < b.floor
+            || (b.busy && version == b.issued)
             || matches!(
                 b.above.get(&version),
                 Some(Outcome::Unknown)

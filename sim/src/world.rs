@@ -248,6 +248,32 @@ struct CheckedStore {
     shared: Arc<Shared>,
 }
 
+impl CheckedStore {
+    /// Whether a record still held here carries `version` (or newer) of `block`: the owner
+    /// staged the write again (its first record died when it lost the range meanwhile, see
+    /// `nvram::void`), so releasing the first copy loses nothing.
+    fn holds_version(&self, block: u64, version: u64) -> bool {
+        let region = self.inner.region();
+        let held: Vec<(u64, u32)> = lock(&self.held).values().copied().collect();
+        held.into_iter().any(|(offset, len)| {
+            let Some(bytes) = region.read_bytes(offset, len as usize) else {
+                return false;
+            };
+            let Ok(h) = RecordHeader::decode(&bytes) else {
+                return false;
+            };
+            let first = h.offset / BLOCK as u64;
+            if h.kind != RecordKind::Data || block < first {
+                return false;
+            }
+            let at = 64 + ((block - first) as usize) * BLOCK;
+            at + BLOCK <= 64 + h.data_len as usize
+                && at + BLOCK <= bytes.len()
+                && matches!(decode(block, &bytes[at..at + BLOCK]), Decoded::Version(d) if d >= version)
+        })
+    }
+}
+
 impl SecondStore for CheckedStore {
     fn region(&self) -> Region {
         self.inner.region()
@@ -296,7 +322,8 @@ impl SecondStore for CheckedStore {
                     &self.shared.disk.durable(block * BLOCK as u64, BLOCK),
                 );
                 let fine = matches!(on_disk, Decoded::Version(d) if d >= v)
-                    || lock(&self.shared.model).may_be_dropped(block, v);
+                    || lock(&self.shared.model).may_be_dropped(block, v)
+                    || self.holds_version(block, v);
                 if !fine {
                     self.shared.violate(format!(
                         "node n{} was told to release partition {partition} seq {} (block {block} version {v}) but the disk holds {on_disk:?}: a mirror copy released before the medium held its data",

@@ -93,6 +93,8 @@ print("epochs now:", [x["epoch"] for x in e["ranges"]])' || fail "node-$survivor
 		{
 			cat fio-verify-$cycle.log
 			tail -30 daemon-$survivor.log
+			echo "---- fio-write-$cycle.log (the writer, before and across the kill): errors ----"
+			grep -m5 -iE 'error|err=' fio-write-$cycle.log | cut -c1-300
 			nvm_explain_verify_failure fio-verify-$cycle.log daemon-$survivor.log daemon-$owner.log
 			fail "cycle $cycle: an acknowledged write was lost in the takeover"
 		}

@@ -185,7 +185,8 @@ impl<'a> Applier<'a> {
             *last
         );
         *last = r.seq;
-        if r.kind == RecordKind::Wrap {
+        // Markers: nothing to write (a void record's dead records are skipped by its caller).
+        if matches!(r.kind, RecordKind::Wrap | RecordKind::Void) {
             return Ok(());
         }
         let lun = self
@@ -228,7 +229,7 @@ impl<'a> Applier<'a> {
                         source,
                     })?;
             }
-            RecordKind::Wrap => {}
+            RecordKind::Wrap | RecordKind::Void => {}
         }
         self.touched[r.lun as usize] = true;
         self.applied.records += 1;

@@ -31,9 +31,15 @@ pub trait FlushContext: Send + Sync {
     fn may_write(&self) -> Result<(), Fence> {
         Ok(())
     }
-    /// The batch is on the medium (synced) and does not count as flushed yet (nor as a
+    /// The batch (`written`: its records that went to the medium, `through_seq`: its last
+    /// record) is on the medium (synced) and does not count as flushed yet (nor as a
     /// write-through acknowledgement): e.g. leave flush marks while the partner is away.
-    fn on_synced(&self, partition: u32, batch: &[RecordMeta]) -> Result<(), Fence>;
+    fn on_synced(
+        &self,
+        partition: u32,
+        through_seq: u64,
+        written: &[RecordMeta],
+    ) -> Result<(), Fence>;
     /// The batch is flushed and its log space released: the partner may drop its copies.
     fn on_released(&self, partition: u32, through_seq: u64);
     /// Our path to the medium failed: ask the partner to write records `first..=last` of
@@ -97,11 +103,29 @@ impl Flusher {
             .next_flush_batch(self.policy.batch_bytes, self.policy.linger)
             .await
         {
+            // Dead records (of a range this node lost meanwhile, see `nvram::void`) are
+            // released unwritten; only the live ones are fenced and written.
+            let live = log.live_records(&batch);
+            let through_seq = batch.last().map_or(0, |r| r.seq);
+            let dead: Vec<u64> = batch
+                .iter()
+                .filter(|r| matches!(r.kind, RecordKind::Data | RecordKind::Zero))
+                .filter(|r| !live.iter().any(|l| l.seq == r.seq))
+                .map(|r| r.seq)
+                .collect();
+            if !dead.is_empty() {
+                tracing::info!(
+                    partition = log.id,
+                    "released unwritten: {} dead record(s) (seq {:?}) of ranges this node lost after staging them",
+                    dead.len(),
+                    dead
+                );
+            }
             // A failed medium write and an unreadable table both mean our path to the medium
             // fails: retry, or let the partner write from its mirror.
-            let written = self.context.check_fence(&batch).and_then(|()| {
-                let bytes = write_batch(&self.luns, log, &batch, self.context.as_ref())?;
-                self.context.on_synced(log.id, &batch)?;
+            let written = self.context.check_fence(&live).and_then(|()| {
+                let bytes = write_batch(&self.luns, log, &live, self.context.as_ref())?;
+                self.context.on_synced(log.id, through_seq, &live)?;
                 Ok(bytes)
             });
             let failure = match written {
@@ -126,12 +150,19 @@ impl Flusher {
                         "{why}; this partition stops flushing and fails its writes"
                     );
                     self.stats.set_last_error(Some(why.clone()));
-                    log.fail(why);
+                    log.fence(why);
                     return;
                 }
             };
             self.stats.medium_errors.fetch_add(1, Ordering::Relaxed);
-            if self.delegated(&batch, &failure).await {
+            // The partner writes a batch by its seqs: not one with dead or void records (it
+            // may hold the dead ones without the void record that kills them).
+            let delegable = batch
+                .iter()
+                .filter(|r| r.kind != RecordKind::Wrap)
+                .map(|r| r.seq)
+                .eq(live.iter().map(|r| r.seq));
+            if delegable && self.delegated(&batch, &failure).await {
                 continue;
             }
             tracing::error!(
@@ -250,7 +281,8 @@ fn finish_batch(log: &PartitionLog, luns: &[Arc<Lun>], batch: &[RecordMeta]) -> 
         for (lun_idx, lun) in luns.iter().enumerate() {
             let mut mine = run
                 .iter()
-                .filter(|r| r.kind != RecordKind::Wrap && r.lun as usize == lun_idx)
+                .filter(|r| matches!(r.kind, RecordKind::Data | RecordKind::Zero))
+                .filter(|r| r.lun as usize == lun_idx)
                 .peekable();
             if mine.peek().is_none() {
                 continue;

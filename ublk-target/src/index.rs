@@ -139,6 +139,24 @@ impl StagedIndex {
         }
     }
 
+    /// Drops every record of `partition` below `below_seq` within `[start, end)`: the node
+    /// lost that range after staging them (a void record, see `nvram::void`), so reads must
+    /// not see them.
+    pub fn remove_dead(&mut self, partition: u32, below_seq: u64, start: u64, end: u64) {
+        for x in self.overlapping(start, end) {
+            if x.partition != partition || x.seq >= below_seq {
+                continue;
+            }
+            self.take(x.start);
+            if x.start < start {
+                self.put(x.clip(x.start, start));
+            }
+            if x.end > end {
+                self.put(x.clip(end, x.end));
+            }
+        }
+    }
+
     /// Splits `[start, end)` into staged pieces and medium gaps, in LUN order.
     pub fn lookup(&self, start: u64, end: u64) -> Vec<Piece> {
         let mut pieces = Vec::new();

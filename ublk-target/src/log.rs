@@ -31,6 +31,7 @@
 use crate::host::Host;
 use crate::nvram::layout::{Layout, PartitionCheckpoint};
 use crate::nvram::record::{RecordHeader, RecordKind, HEADER_BYTES};
+use crate::nvram::void::{VoidMark, VoidMarks};
 use crate::nvram::NvramRegion;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -44,6 +45,8 @@ pub enum LogError {
     Persist { partition: u32, message: String },
     #[error("NVRAM partition {partition} is shutting down")]
     Shutdown { partition: u32 },
+    #[error("record {seq} of NVRAM partition {partition} died unwritten: this node lost its range after staging it")]
+    Dead { partition: u32, seq: u64 },
 }
 
 /// What the flusher needs to know about a durable record.
@@ -87,6 +90,9 @@ struct LogState {
     durable: VecDeque<RecordMeta>,
     checkpoint_generation: u64,
     failed: Option<String>,
+    /// The failure is a fence (the node lost a range), not a failed persist: the NVRAM
+    /// still works, and void records may still be written (see `append_void`).
+    fenced: bool,
     shutdown: bool,
     flush_paused: bool,
     /// A `commit` is persisting a batch (taken out of `pending`) right now.
@@ -95,7 +101,17 @@ struct LogState {
     committing_bytes: u64,
     /// What a new durable or settled record must change for the waiting flusher to care.
     flusher_wake: FlusherWake,
+    /// Spans of ranges this node lost: the records below each mark are dead (never flushed,
+    /// never read). Forgotten once released past. See `nvram::void`.
+    voids: VoidMarks,
+    /// Seqs of the latest dead records released unwritten (at most `RELEASED_DEAD_KEPT`): a
+    /// writer that waits for its record's flush, or looks after settling it, learns its
+    /// write did not happen.
+    released_dead: std::collections::BTreeSet<u64>,
 }
+
+/// How many released dead seqs a partition remembers (a writer asks within moments).
+const RELEASED_DEAD_KEPT: usize = 4096;
 
 /// When a writer's commit or settlement wakes the flusher. Waking a sleeping thread per
 /// write costs more CPU than the write itself (a futex wake, a context switch and a timer
@@ -154,6 +170,9 @@ pub struct PartitionLog {
     released: Notify,
     /// Someone waits for the flusher (write-through ack, drain, a full log): no lingering.
     flush_waiters: std::sync::atomic::AtomicUsize,
+    /// This node ever lost a range of this partition (a void mark was set): until then a
+    /// writer's `is_dead` needs no lock.
+    ever_voided: std::sync::atomic::AtomicBool,
 }
 
 /// How often the persister thread looks for copied records nobody committed.
@@ -319,16 +338,20 @@ impl PartitionLog {
                 durable: VecDeque::new(),
                 checkpoint_generation: start.checkpoint_generation,
                 failed: None,
+                fenced: false,
                 shutdown: false,
                 flush_paused: false,
                 committing: false,
                 committing_bytes: 0,
                 flusher_wake: FlusherWake::AnyRecord,
+                voids: VoidMarks::default(),
+                released_dead: Default::default(),
             }),
             persist_wanted: Notify::new(),
             flush_wanted: Notify::new(),
             space_freed: Notify::new(),
             flush_waiters: Default::default(),
+            ever_voided: Default::default(),
             released: Notify::new(),
         })
     }
@@ -387,10 +410,14 @@ impl PartitionLog {
             {
                 let mut st = lock(&self.state);
                 if let Some(msg) = &st.failed {
-                    return Err(LogError::Persist {
-                        partition: self.id,
-                        message: msg.clone(),
-                    });
+                    // A fenced partition takes void records still: they keep its dead
+                    // records from a replay after the restart that revives it.
+                    if !(st.fenced && kind == RecordKind::Void) {
+                        return Err(LogError::Persist {
+                            partition: self.id,
+                            message: msg.clone(),
+                        });
+                    }
                 }
                 if st.shutdown {
                     return Err(LogError::Shutdown { partition: self.id });
@@ -478,7 +505,12 @@ impl PartitionLog {
             lun,
             partition: self.id,
             offset,
-            len: len as u32,
+            // A void record's span is its payload (a range may exceed 32 bits).
+            len: if kind == RecordKind::Void {
+                0
+            } else {
+                len as u32
+            },
             data_len: data.len() as u32,
             acked_through,
             data_crc,
@@ -500,6 +532,69 @@ impl PartitionLog {
             wrap,
             durable: rx,
         })
+    }
+
+    /// This node lost (or is about to take back) the range `[start, end)` of LUN `lun`: every
+    /// record of it staged so far is dead from now on, for the flusher (which skips it) and
+    /// for `is_dead`. Returns the mark's seq bound. The void record that makes it durable
+    /// follows with [`PartitionLog::append_void`].
+    pub fn void_span(&self, lun: u32, start: u64, end: u64) -> u64 {
+        let mut st = lock(&self.state);
+        self.ever_voided
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let below_seq = st.next_seq;
+        st.voids.add(VoidMark {
+            lun,
+            start,
+            end,
+            below_seq,
+        });
+        below_seq
+    }
+
+    /// Appends the void record of a span marked with [`PartitionLog::void_span`]: the mark
+    /// then also covers what was staged in between (writes routed before the range moved),
+    /// and a restart or the partner's replay honours it.
+    pub async fn append_void(&self, lun: u32, start: u64, end: u64) -> Result<Staged, LogError> {
+        let payload = VoidMark::payload(start, end);
+        self.append(
+            RecordKind::Void,
+            lun,
+            start,
+            end - start,
+            &payload,
+            |seq, _| lock(&self.state).voids.raise(lun, start, end, seq),
+        )
+        .await
+    }
+
+    /// Whether a record staged as (`lun`, `[offset, offset + len)`, `seq`) is dead: the node
+    /// lost its range after it was staged (or the flusher released it unwritten for that).
+    pub fn is_dead(&self, lun: u32, offset: u64, len: u64, seq: u64) -> bool {
+        // Set under the state lock before any mark: a writer that sees false took its seq
+        // before a mark could cover it, or checks after it (the lock orders them).
+        if !self.ever_voided.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        let st = lock(&self.state);
+        (!st.voids.is_empty() && st.voids.covers(lun, offset, len, seq))
+            || st.released_dead.contains(&seq)
+    }
+
+    /// Whether the flusher released record `seq` unwritten because it was dead.
+    pub fn released_dead(&self, seq: u64) -> bool {
+        lock(&self.state).released_dead.contains(&seq)
+    }
+
+    /// The records of `batch` the flusher writes: data and zero records that are not dead.
+    pub fn live_records(&self, batch: &[RecordMeta]) -> Vec<RecordMeta> {
+        let st = lock(&self.state);
+        batch
+            .iter()
+            .filter(|r| matches!(r.kind, RecordKind::Data | RecordKind::Zero))
+            .filter(|r| st.voids.is_empty() || !st.voids.covers(r.lun, r.offset, r.len, r.seq))
+            .copied()
+            .collect()
     }
 
     /// The engine is done with record `seq` (acknowledged, or failed for good). Records
@@ -541,6 +636,12 @@ impl PartitionLog {
             {
                 let st = lock(&self.state);
                 if st.flushed_through >= seq {
+                    if st.released_dead.contains(&seq) {
+                        return Err(LogError::Dead {
+                            partition: self.id,
+                            seq,
+                        });
+                    }
                     return Ok(());
                 }
                 if let Some(msg) = &st.failed {
@@ -571,7 +672,8 @@ impl PartitionLog {
                 st.committing = true;
                 let batch: Vec<Pending> = st.pending.drain(..n).collect();
                 st.committing_bytes = batch.iter().map(|p| p.meta.slot).sum();
-                (batch, st.failed.clone())
+                // A fence does not make the NVRAM fail.
+                (batch, st.failed.clone().filter(|_| !st.fenced))
             };
             // After a failed persist the kernel may report later ones as fine although the
             // failed pages never reached the device: nothing after a failure is durable.
@@ -598,6 +700,7 @@ impl PartitionLog {
                         "NVRAM persist failed: {e}; failing writes"
                     );
                     st.failed = Some(e.to_string());
+                    st.fenced = false;
                 }
             }
             st.check(self.size());
@@ -750,6 +853,18 @@ impl PartitionLog {
 
         let mut st = lock(&self.state);
         st.checkpoint_generation = generation;
+        if !st.voids.is_empty() {
+            let dead: Vec<u64> = batch
+                .iter()
+                .filter(|r| matches!(r.kind, RecordKind::Data | RecordKind::Zero))
+                .filter(|r| st.voids.covers(r.lun, r.offset, r.len, r.seq))
+                .map(|r| r.seq)
+                .collect();
+            st.released_dead.extend(dead);
+            while st.released_dead.len() > RELEASED_DEAD_KEPT {
+                st.released_dead.pop_first();
+            }
+        }
         for r in batch {
             let front = st.durable.pop_front();
             assert_eq!(
@@ -761,6 +876,7 @@ impl PartitionLog {
         }
         st.tail = new_tail;
         st.flushed_through = last.seq;
+        st.voids.forget_through(last.seq);
         st.check(self.size());
         drop(st);
         self.released.notify_waiters();
@@ -771,7 +887,28 @@ impl PartitionLog {
     /// Stops the partition for good (fenced, or the NVRAM failed): new writes and writers
     /// waiting for the flusher get an error.
     pub fn fail(&self, message: String) {
-        lock(&self.state).failed = Some(message);
+        {
+            let mut st = lock(&self.state);
+            st.failed = Some(message);
+            st.fenced = false;
+        }
+        self.failed_wake();
+    }
+
+    /// Stops the partition until the node restarts because it lost a range it has records
+    /// of: like [`PartitionLog::fail`], but its NVRAM still takes void records.
+    pub fn fence(&self, message: String) {
+        {
+            let mut st = lock(&self.state);
+            if st.failed.is_none() {
+                st.fenced = true;
+            }
+            st.failed = Some(message);
+        }
+        self.failed_wake();
+    }
+
+    fn failed_wake(&self) {
         self.space_freed.notify_waiters();
         self.flush_wanted.notify_one();
         self.released.notify_waiters();

@@ -439,6 +439,7 @@ struct ClusterPair {
     link_a: Link,
     link_b: Link,
     medium: Arc<MemMedium>,
+    table: Arc<MemTableStore>,
     rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
@@ -462,6 +463,7 @@ fn cluster_pair() -> ClusterPair {
         link_a,
         link_b,
         medium,
+        table,
         rt,
         _dir: dir,
     }
@@ -558,6 +560,100 @@ fn takeover_replays_before_serving_and_the_old_owner_is_fenced() {
         .rt
         .block_on(p.a.write(0, writes[0].0, &pattern(5, 4096)))
         .is_err());
+}
+
+/// Simulator seed 200380 on real engines: A acknowledges v1 in its range 0, is cut off, B
+/// takes over and acknowledges v2 there (write-through), B dies, A takes everything over.
+/// A's own v1 is still in its log: it must never be read, flushed (`restart` false) or
+/// replayed at A's next start (`restart` true) over v2.
+fn a_takes_back_a_range_it_lost(restart: bool) {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    let off = 4096 * 3; // range 0: A's
+    let v1 = pattern(71, 8192);
+    p.rt.block_on(p.a.write(0, off, &v1)).expect("A writes v1");
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    p.a.cluster().expect("c").set_forwarder(None);
+    p.b.cluster().expect("c").set_forwarder(None);
+    block_on(p.b.take_over(0, Duration::from_millis(10))).expect("B takes over");
+    let v2 = pattern(72, 8192);
+    p.rt.block_on(p.b.write(0, off, &v2)).expect("B writes v2");
+    assert!(p.b.drain_blocking(Duration::from_secs(10)));
+    p.b.shutdown();
+
+    // A takes everything: its view of the table is stale (it never heard of B's takeover).
+    let report = block_on(p.a.take_over(1, Duration::from_millis(10))).expect("A takes over");
+    assert_eq!(
+        report.records, 0,
+        "B ran degraded: nothing mirrored to replay"
+    );
+    assert!(p
+        .a
+        .status()
+        .ranges
+        .iter()
+        .all(|r| r.owner == "a" && r.state == "local"));
+    assert_eq!(
+        read_engine(&p, &p.a, off, 8192),
+        v2,
+        "A reads v2, not its own v1"
+    );
+    let on_medium = |what: &str| {
+        let m = p.medium.snapshot();
+        assert!(m[off as usize..off as usize + 8192] == v2[..], "{what}");
+    };
+    if !restart {
+        p.a.set_flush_paused(false);
+        assert!(p.a.drain_blocking(Duration::from_secs(10)), "A drains");
+        assert!(
+            p.a.status().partitions.iter().all(|x| x.failed.is_none()),
+            "A's flusher skipped its dead record rather than fence the partition"
+        );
+        on_medium("A's flusher did not write v1 over v2");
+        return;
+    }
+    // v1 and the void record that kills it are still in A's log. A stops (its NVRAM is
+    // free once the last reference to its engine is gone) and starts again.
+    let ClusterPair {
+        a,
+        b,
+        link_a,
+        link_b,
+        medium,
+        table,
+        rt,
+        _dir,
+    } = p;
+    a.shutdown();
+    drop((a, link_a, b, link_b));
+    let nvram = _dir.path().join("nv-a");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while NvramRegion::open(&nvram, None).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = clustered(&nvram, 0, &medium, &table);
+    let on_medium = |what: &str| {
+        let m = medium.snapshot();
+        assert!(m[off as usize..off as usize + 8192] == v2[..], "{what}");
+    };
+    let replay = a.status().replay;
+    assert!(replay.skipped_dead >= 1, "{replay:?}");
+    on_medium("A's start-up replay did not write v1 over v2");
+    let mut buf = vec![0u8; 8192];
+    rt.block_on(a.read_routed(0, off, &mut buf)).expect("read");
+    assert_eq!(buf, v2);
+    a.shutdown();
+}
+
+#[test]
+fn a_node_that_takes_back_a_range_it_lost_never_flushes_its_old_records() {
+    a_takes_back_a_range_it_lost(false);
+}
+
+#[test]
+fn a_node_that_takes_back_a_range_it_lost_never_replays_its_old_records_at_restart() {
+    a_takes_back_a_range_it_lost(true);
 }
 
 /// A's acknowledged 8 KiB write at `off` (in its range 0), staged only (in A's NVRAM and B's

@@ -101,17 +101,18 @@ nvm_stop() {
 
 # nvm_wait_gone PID
 # nvm_explain_verify_failure FIO_LOG DAEMON_LOG...: what a failed fio verify saw, compactly and
-# last (CI shows only a log's tail): fio's first errors, then each daemon's errors and lease
-# changes.
+# last (CI shows only a log's tail): each daemon's errors and lease changes, then fio's first
+# errors and its summary of what it checked (the lines that say what was lost come last).
 nvm_explain_verify_failure() {
 	local fio_log=$1 d
 	shift
-	echo "---- $fio_log: first errors ----"
-	grep -m8 -iE 'verify|error|bad|crc|fio:' "$fio_log" || tail -5 "$fio_log"
 	for d in "$@"; do
-		echo "---- $d: errors and lease changes (last 12) ----"
-		grep -E 'ERROR|lease (held|expired)|took over|replay' "$d" | tail -12
+		echo "---- $d: errors, lease changes, takeovers (last 10) ----"
+		grep -E 'ERROR|lease (held|expired)|took over|taking over|takeover|replay' "$d" | tail -10 | cut -c1-300
 	done
+	echo "---- $fio_log: first errors ----"
+	grep -m8 -iE 'verify|error|bad|crc|fio:|expected|received' "$fio_log" | cut -c1-300 || tail -5 "$fio_log"
+	grep -m3 -E 'err=|READ:' "$fio_log" | cut -c1-300
 }
 
 nvm_wait_gone() {

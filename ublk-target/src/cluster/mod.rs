@@ -10,4 +10,4 @@ mod ranges;
 pub mod wire;
 
 pub use forward::{ForwardFuture, Forwarder, RequestForwarder};
-pub use ranges::{Cluster, ClusterSetup, NodeId, RangeState, RangeStatus};
+pub use ranges::{Cluster, ClusterSetup, LunRange, NodeId, RangeState, RangeStatus, Reloaded};

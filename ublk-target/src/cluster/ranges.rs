@@ -86,6 +86,20 @@ pub struct RangeStatus {
     pub serving: bool,
 }
 
+/// A range of a LUN: (LUN index, range of the LUN).
+pub type LunRange = (u32, u32);
+
+/// What a re-read of the ownership table found.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Ranges that were ours and moved since we last read the table (another node's now,
+    /// or ours again under a newer epoch).
+    pub lost: Vec<LunRange>,
+    /// Those of them that are ours again: their gates stay closed until
+    /// [`Cluster::finish_takeover`].
+    pub held_again: Vec<LunRange>,
+}
+
 impl Cluster {
     pub fn open(setup: ClusterSetup) -> Result<Cluster, ownership::TableError> {
         let acquisition = setup.lease.as_ref().map_or(0, |l| l.acquisitions());
@@ -421,26 +435,64 @@ impl Cluster {
     /// Re-reads the table on the medium (the partner changed it, e.g. gave ranges back) and
     /// routes accordingly. Ranges being taken over keep their closed gates.
     pub fn reload(&self) -> Result<(), ownership::TableError> {
+        let reloaded = self.reload_noting_losses(&mut |_| {})?;
+        self.finish_takeover(&reloaded.held_again);
+        Ok(())
+    }
+
+    /// [`Cluster::reload`], and which ranges we lost since we last read the table: ours then,
+    /// another node's now or ours under a newer epoch (taken from us and given back). Before
+    /// the new table counts as read, `on_lost` hears of them (the node kills its records of
+    /// them). The gates of the ranges held again stay closed until the caller's
+    /// [`Cluster::finish_takeover`].
+    pub fn reload_noting_losses(
+        &self,
+        on_lost: &mut dyn FnMut(&[LunRange]),
+    ) -> Result<Reloaded, ownership::TableError> {
         // Noted before the read: a lapse during it leaves the view stale, to be read again.
         let acquisition = self.lease.as_ref().map_or(0, |l| l.acquisitions());
         let Some(t) = ownership::load(self.store.as_ref())? else {
-            return Ok(());
+            return Ok(Reloaded::default());
         };
+        let (mut lost, mut ours_again, mut held_again) = (Vec::new(), Vec::new(), Vec::new());
+        {
+            let known = self.table();
+            for (l, ranges) in t.luns.iter().enumerate() {
+                for (r, now) in ranges.iter().enumerate() {
+                    let was = known.luns.get(l).and_then(|x| x.get(r));
+                    if was.is_some_and(|w| w.owner == self.me && w != now) {
+                        lost.push((l as u32, r as u32));
+                        if now.owner == self.me {
+                            ours_again.push((l as u32, r as u32));
+                        }
+                    }
+                }
+            }
+        }
+        if !lost.is_empty() {
+            on_lost(&lost);
+        }
         let fresh = Self::gates_from(&t, self.me);
         {
             let mut gates = self.gates();
             for (l, ranges) in fresh.into_iter().enumerate() {
                 for (r, state) in ranges.into_iter().enumerate() {
-                    if gates[l][r] != RangeState::TakingOver {
-                        gates[l][r] = state;
+                    if gates[l][r] == RangeState::TakingOver {
+                        continue;
                     }
+                    gates[l][r] = if ours_again.contains(&(l as u32, r as u32)) {
+                        held_again.push((l as u32, r as u32));
+                        RangeState::TakingOver
+                    } else {
+                        state
+                    };
                 }
             }
         }
         *self.table() = t;
         self.table_read_during.store(acquisition, Ordering::SeqCst);
         self.gate_opened.notify_waiters();
-        Ok(())
+        Ok(Reloaded { lost, held_again })
     }
 
     /// Last step of a takeover: the replay is done, open the gates.

@@ -126,6 +126,9 @@ pub struct ReplayReport {
     /// Takeover: mirrored records the partner's flush marks show on the medium already.
     #[serde(default)]
     pub skipped_already_flushed: usize,
+    /// Records of a range this node lost after staging them (killed by a void record).
+    #[serde(default)]
+    pub skipped_dead: usize,
 }
 
 pub struct EngineOptions {

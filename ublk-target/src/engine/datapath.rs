@@ -23,7 +23,7 @@ pub(super) enum Placement {
 }
 use crate::config::DegradedPolicy;
 use crate::index::{Extent, Piece, Source};
-use crate::log::PartitionLog;
+use crate::log::{PartitionLog, RecordMeta};
 use crate::lun::Lun;
 use crate::nvram::record::RecordKind;
 use std::sync::atomic::Ordering;
@@ -172,8 +172,12 @@ impl Engine {
         for (part, _, _) in &staged {
             part.commit();
         }
+        let pieces: Vec<_> = staged
+            .iter()
+            .map(|(part, s, _)| (*part, s.record, s.wrap))
+            .collect();
         // Local persist and mirror post of every piece run at once; the write completes when
-        // all have answered.
+        // all have answered. Each answer says whether its record was settled already.
         let outcomes = futures::future::join_all(staged.into_iter().map(|(part, s, post)| {
             let mirror_attached = mirror.is_some();
             async move {
@@ -195,37 +199,55 @@ impl Engine {
                     // Before the flusher can take the record: its flush must leave marks.
                     self.mirror.note_unmirrored();
                 }
-                // Both answers are in: the flusher may take the record from now on.
-                if let Some(w) = s.wrap {
-                    part.settle(w.seq);
-                }
-                part.settle(s.record.seq);
                 match (local, mirrored) {
-                    (Err(e), _) => Err(e),
+                    (Err(e), _) => (Err(e), false),
                     (Ok(()), Ok(())) => {
                         self.mirror.note_mirrored();
-                        Ok(())
+                        (Ok(()), false)
                     }
                     (Ok(()), Err(why)) => {
-                        self.degraded(part, s.record.seq, mirror_attached, why)
-                            .await
+                        // A write-through acknowledgement waits for the flusher, which takes
+                        // settled records only. (A record it releases dead shows below.)
+                        settle(part, &s.record, s.wrap);
+                        let seq = s.record.seq;
+                        let result = self.degraded(part, seq, mirror_attached, why).await;
+                        match result {
+                            Err(_) if part.released_dead(seq) => (Ok(()), true),
+                            r => (r, true),
+                        }
                     }
                 }
             }
         }))
         .await;
+        // Self-fencing: no acknowledgement without the right to serve (a lost lease, or a
+        // pause long enough for the partner to take over).
+        let serving = self.check_serving();
+        // A piece whose range this node lost after it was staged is dead (a void record, see
+        // `lost_ranges`): it never reaches the medium, so the write is routed again. Asked
+        // after the right to serve (a node that re-read the table has killed what it lost)
+        // and before settling (the flusher cannot release a record before it is settled).
+        let died = pieces
+            .iter()
+            .any(|(part, r, _)| part.is_dead(r.lun, r.offset, r.len, r.seq));
+        // Both answers are in and the write's fate is decided: the flusher may take them.
+        for ((part, r, wrap), (_, settled)) in pieces.iter().zip(&outcomes) {
+            if !settled {
+                settle(part, r, *wrap);
+            }
+        }
         if let Some(e) = failed {
             return Err(e);
         }
-        outcomes.into_iter().collect::<Result<(), IoError>>()?;
-        // Self-fencing: no acknowledgement without the right to serve (a lost lease, or a
-        // pause long enough for the partner to take over).
-        self.check_serving()?;
-        Ok(if self.still_ours(lun_idx, lun, offset, len, skip) {
-            Placement::Done
-        } else {
-            Placement::Moved
-        })
+        outcomes.into_iter().try_for_each(|(r, _)| r)?;
+        serving?;
+        Ok(
+            if !died && self.still_ours(lun_idx, lun, offset, len, skip) {
+                Placement::Done
+            } else {
+                Placement::Moved
+            },
+        )
     }
 
     /// Whether the ranges of `[offset, offset+len)` (but `skip`) are still served here, as
@@ -440,6 +462,14 @@ impl Engine {
     pub fn drain_blocking(&self, timeout: Duration) -> bool {
         futures::executor::block_on(self.drain(timeout))
     }
+}
+
+/// The engine is done with a staged record (and its wrap marker): the flusher may take it.
+fn settle(part: &PartitionLog, record: &RecordMeta, wrap: Option<RecordMeta>) {
+    if let Some(w) = wrap {
+        part.settle(w.seq);
+    }
+    part.settle(record.seq);
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ impl FlushContext for NodeFlushContext {
         self.may_write()?;
         let mut checks: Vec<(u32, u32)> = batch
             .iter()
-            .filter(|r| r.kind != RecordKind::Wrap)
+            .filter(|r| matches!(r.kind, RecordKind::Data | RecordKind::Zero))
             .filter_map(|r| {
                 let lun = self.luns.get(r.lun as usize)?;
                 Some((r.lun, lun.range_of(r.offset)))
@@ -56,19 +56,21 @@ impl FlushContext for NodeFlushContext {
     /// Partner unreachable: the release cannot reach it, so flush marks on the medium tell a
     /// taking-over partner which of its copies are stale; then make sure we still own the
     /// ranges before the batch counts as flushed (a write-through acknowledgement).
-    fn on_synced(&self, partition: u32, batch: &[RecordMeta]) -> Result<(), Fence> {
+    fn on_synced(
+        &self,
+        partition: u32,
+        through_seq: u64,
+        written: &[RecordMeta],
+    ) -> Result<(), Fence> {
         let Some(c) = &self.cluster else {
             return Ok(());
         };
         if !self.mirror.needs_flush_marks() {
             return Ok(());
         }
-        let Some(last) = batch.last() else {
-            return Ok(());
-        };
-        c.record_flushed(self.log_id, self.partitions, partition, last.seq)
+        c.record_flushed(self.log_id, self.partitions, partition, through_seq)
             .map_err(|e| Fence::Unreadable(format!("writing flush marks to the medium: {e}")))?;
-        self.check_fence(batch)
+        self.check_fence(written)
     }
 
     /// Once on the medium, the partner's copy can go.

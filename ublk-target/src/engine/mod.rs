@@ -13,7 +13,8 @@
 //! (start-up: check, scan, replay, format), `datapath` (write and read of ranges we
 //! serve), `routing` (which node serves an I/O; forwarding both ways), `takeover`
 //! (takeover, giveback, handover, writing for a partner whose medium path failed) with its
-//! bookkeeping in `takeover_state`, `mirroring` (what happens when the partner connects:
+//! bookkeeping in `takeover_state`, `lost_ranges` (killing our records of ranges we lost:
+//! void records), `mirroring` (what happens when the partner connects:
 //! releases, re-mirroring what it lacks), `serving` (the right to serve: the disk lease, or the
 //! partner's word), `flush_context` (what the flusher asks of the node) and `status`. Every file below `mod.rs` adds `impl Engine` blocks for its job; none imports
 //! `mod.rs`, which only declares and re-exports.
@@ -25,6 +26,7 @@
 mod core;
 mod datapath;
 mod flush_context;
+mod lost_ranges;
 mod medium_reads;
 mod mirroring;
 mod open;

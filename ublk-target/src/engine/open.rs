@@ -16,7 +16,8 @@ use crate::lun::{Lun, LunSpec};
 use crate::medium::{FileMedium, Medium, MediumError};
 use crate::mirror::{MirrorSlot, SecondStoreArea};
 use crate::nvram::layout::{layout_text, SuperblockState, FORMAT_VERSION};
-use crate::nvram::scan::{scan_partition, ScanResult};
+use crate::nvram::scan::{scan_partition, ScanResult, ScannedRecord};
+use crate::nvram::void::VoidMarks;
 use crate::nvram::{Layout, NvramRegion, PartitionCheckpoint, Superblock};
 use crate::ownership::{MediumTableStore, OwnershipTable, RangeOwner, METADATA_BYTES};
 use std::sync::{Arc, Mutex};
@@ -332,6 +333,7 @@ impl Engine {
             stopping: Arc::default(),
         });
         engine.start_tasks(opts.flush)?;
+        engine.follow_the_lease()?;
         Ok(engine)
     }
 
@@ -367,18 +369,26 @@ impl Engine {
                     .spawn(&format!("flush-{}", part.id), Box::pin(flusher.run()))?,
             );
         }
-        if let Some(c) = &self.cluster {
-            if let Some(lease) = c.lease() {
-                let follow = follow_lease(
-                    lease.clone(),
-                    c.clone(),
-                    self.serving.clone(),
-                    self.host.clone(),
-                    self.stopping.clone(),
-                );
-                tasks.push(self.host.spawn("lease-follow", Box::pin(follow))?);
-            }
-        }
+        Ok(())
+    }
+
+    /// On a cluster with a disk lease: starts [`follow_lease`].
+    fn follow_the_lease(self: &Arc<Self>) -> Result<(), EngineError> {
+        let Some(lease) = self.cluster.as_ref().and_then(|c| c.lease()) else {
+            return Ok(());
+        };
+        let follow = follow_lease(
+            lease.clone(),
+            Arc::downgrade(self),
+            self.serving.clone(),
+            self.host.clone(),
+            self.stopping.clone(),
+        );
+        let task = self.host.spawn("lease-follow", Box::pin(follow))?;
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
         Ok(())
     }
 }
@@ -387,17 +397,25 @@ impl Engine {
 /// (another node may have taken our ranges while we did not hold it; until then this node
 /// serves nothing, see `Cluster::table_is_current`), and notes the mirror connection
 /// trusted while it holds.
+/// The engine is held weakly (it owns this task): the task ends with it.
 async fn follow_lease(
     lease: Arc<crate::lease::DiskLease>,
-    cluster: Arc<Cluster>,
+    engine: std::sync::Weak<Engine>,
     serving: Arc<ServingRight>,
     host: Arc<dyn crate::host::Host>,
     stopping: Arc<Stopping>,
 ) {
     let mut failed_during = None;
     while !stopping.is_set() {
+        let Some(cluster) = engine.upgrade().and_then(|e| e.cluster.clone()) else {
+            return;
+        };
         if lease.holds() && !cluster.table_is_current() {
-            match cluster.reload() {
+            let reloaded = match engine.upgrade() {
+                Some(e) => e.reload_ownership().await,
+                None => return,
+            };
+            match reloaded {
                 Ok(()) if cluster.table_is_current() => tracing::warn!(
                     "disk lease held again: the ownership table was re-read before serving"
                 ),
@@ -542,10 +560,20 @@ fn replay(
                 scan.discarded_tail
             );
         }
+        let payload_of = |r: &ScannedRecord| {
+            let at = layout.partition_base(p as u32) + r.data_pos();
+            region.slice(at, r.header.data_len as usize)
+        };
+        // Records of a range this node lost after staging them are dead (`nvram::void`).
+        let dead = VoidMarks::of_records(scan.records.iter().map(|r| (&r.header, payload_of(r))));
         for r in &scan.records {
             let h = &r.header;
             if !owned(h.lun, h.offset) {
                 report.skipped_not_owned += 1;
+                continue;
+            }
+            if dead.covers(h.lun, h.offset, h.len as u64, h.seq) {
+                report.skipped_dead += 1;
                 continue;
             }
             let at = layout.partition_base(p as u32) + r.data_pos();
@@ -571,6 +599,12 @@ fn replay(
         tracing::warn!(
             "{} staged record(s) belong to ranges the partner took over; it replayed them from its mirror, so they are not replayed here",
             report.skipped_not_owned
+        );
+    }
+    if report.skipped_dead > 0 {
+        tracing::warn!(
+            "{} staged record(s) belong to ranges this node lost after staging them (void records); not replayed",
+            report.skipped_dead
         );
     }
     if report.records > 0 {

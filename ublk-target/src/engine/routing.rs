@@ -17,6 +17,7 @@ use crate::host::run_blocking;
 use crate::lease::Verdict;
 use crate::lun::Lun;
 use crate::nvram::record::RecordKind;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -326,6 +327,41 @@ impl Engine {
         }
     }
 
+    /// A write another node forwarded to us as the owner: staged here or refused, never
+    /// routed on. If the range moves away while it is staged, the sender (which routes it
+    /// again itself) hears so; routing it from here too would land it a second time, later,
+    /// over newer writes (a ghost write: simulator seed 100589).
+    async fn write_as_owner(
+        &self,
+        lun_idx: usize,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+    ) -> Result<(), IoError> {
+        let lun = self.lun_for(lun_idx, offset, len)?;
+        if kind == RecordKind::Data && data.len() as u64 != len {
+            return Err(IoError::new(
+                libc::EINVAL,
+                "forwarded write: its data does not match its length",
+            ));
+        }
+        match self.stage(lun_idx, lun, kind, offset, len, data, &[]).await? {
+            Placement::Done => {
+                lun.stats.writes.fetch_add(1, Ordering::Relaxed);
+                lun.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            Placement::Moved => Err(IoError::new(
+                libc::EIO,
+                format!(
+                    "node {}: the range of {offset}+{len} moved away while the forwarded write was staged (ownership moved?)",
+                    self.node
+                ),
+            )),
+        }
+    }
+
     /// Serves a request another node sent us: I/O to ranges we own, a request to re-read
     /// the ownership table, or to write its mirrored records. Returns the encoded answer.
     /// Medium reads and writes run through [`crate::host::Host::blocking`]: the caller is the
@@ -349,14 +385,16 @@ impl Engine {
         }
         let result = match req.op {
             wire::OP_RELOAD_OWNERSHIP => {
-                return match self.cluster.as_ref().map(|c| c.reload()) {
-                    Some(Ok(())) => {
+                if self.cluster.is_none() {
+                    return wire::err("not a cluster node");
+                }
+                return match self.reload_ownership().await {
+                    Ok(()) => {
                         tracing::info!("the partner changed range ownership: table re-read");
                         wire::ok(&[])
                     }
-                    Some(Err(e)) => wire::err(&e.to_string()),
-                    None => wire::err("not a cluster node"),
-                }
+                    Err(e) => wire::err(&e),
+                };
             }
             wire::OP_WRITE_FOR_PARTNER => {
                 let Some(last) = req.data.first_chunk::<8>().map(|b| u64::from_le_bytes(*b)) else {
@@ -374,11 +412,11 @@ impl Engine {
                 };
             }
             wire::OP_WRITE => self
-                .write(lun, req.offset, &req.data)
+                .write_as_owner(lun, RecordKind::Data, req.offset, req.len as u64, &req.data)
                 .await
                 .map(|_| Vec::new()),
             wire::OP_ZERO => self
-                .write_zeroes(lun, req.offset, req.len as u64)
+                .write_as_owner(lun, RecordKind::Zero, req.offset, req.len as u64, &[])
                 .await
                 .map(|_| Vec::new()),
             _ => {

@@ -81,6 +81,11 @@ impl Engine {
         if c.lease().is_some_and(|l| !l.holds()) {
             return Err("this node does not hold its disk lease, so it may not claim ranges on the medium; check its path to the medium".into());
         }
+        // The table first: while this node could not hear of it, ranges may have moved
+        // (away from it, too: its records of those die, see `lost_ranges`).
+        if let Err(e) = self.reload_ownership().await {
+            return Err(format!("re-reading the ownership table: {e}"));
+        }
         let held = self
             .second_store
             .as_ref()
@@ -97,6 +102,20 @@ impl Engine {
                 ..Default::default()
             })
         });
+        // Our own records of those ranges (staged before we lost them, if we ever held them)
+        // die first, durably, before the table makes the ranges ours: the new data is on the
+        // medium or in our second store, and our old records must never land over it.
+        let wanted: Vec<(u32, u32)> = c
+            .ranges_of(from)
+            .into_iter()
+            .filter(|r| only.is_none_or(|o| o.contains(r)))
+            .collect();
+        if let Err(e) = self.void_ranges(&wanted).await {
+            self.takeover_phase(format!("failed: {e}"));
+            return Err(format!(
+                "killing this node's old records of the ranges failed, nothing was taken: {e}"
+            ));
+        }
         let moved = match c.begin_takeover(from, only) {
             Ok(m) if m.is_empty() && only.is_some() => {
                 self.takeover_phase("failed: none of the given ranges is the partner's".into());

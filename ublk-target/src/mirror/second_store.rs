@@ -13,8 +13,9 @@
 
 use crate::apply::{Applied, Applier, ApplyError, RecordWrite};
 use crate::lun::Lun;
-use crate::nvram::record::{RecordHeader, HEADER_BYTES};
+use crate::nvram::record::{RecordHeader, RecordKind, HEADER_BYTES};
 use crate::nvram::scan::CorruptRecord;
+use crate::nvram::void::VoidMarks;
 use crate::nvram::{Layout, NvramRegion, PartitionCheckpoint};
 use crate::ownership::FlushMarks;
 use rdma_link::{PartitionSeq, Region, ResyncPoint};
@@ -227,6 +228,7 @@ impl SecondStoreArea {
         let mut done: Vec<Vec<u64>> = vec![Vec::new(); held.len()];
         for (p, records) in held.iter().enumerate() {
             let log = self.partition_log(p as u32);
+            let dead = self.void_marks(log, p as u32, records.iter());
             let mut log_id = None;
             for (&seq, held) in records {
                 let Some(header) = self.held_header(log, p as u32, seq, held) else {
@@ -252,6 +254,10 @@ impl SecondStoreArea {
                     .unwrap_or(0);
                 if seq <= flushed {
                     report.skipped_already_flushed += 1;
+                    continue;
+                }
+                if dead.covers(header.lun, header.offset, header.len as u64, seq) {
+                    report.dead += 1;
                     continue;
                 }
                 let data = self.record_data(log, held, &header).ok_or_else(|| {
@@ -293,6 +299,25 @@ impl SecondStoreArea {
             }
         }
         Ok(report)
+    }
+
+    /// What the void records among `records` of partner partition `p` kill (`nvram::void`).
+    fn void_marks<'a>(
+        &self,
+        log: &[u8],
+        p: u32,
+        records: impl Iterator<Item = (&'a u64, &'a Held)>,
+    ) -> VoidMarks {
+        let voids: Vec<(RecordHeader, &[u8])> = records
+            .filter_map(|(&seq, held)| {
+                let header = self.held_header(log, p, seq, held)?;
+                if header.kind != RecordKind::Void {
+                    return None;
+                }
+                Some((header, self.record_data(log, held, &header)?))
+            })
+            .collect();
+        VoidMarks::of_records(voids.iter().map(|(h, d)| (h, *d)))
     }
 
     /// The bytes of the partner's partition `p` in our NVRAM.
@@ -354,6 +379,8 @@ pub struct SecondStoreReplay {
     pub overwritten: usize,
     /// Records at or below the partner's flush marks: on the medium already.
     pub skipped_already_flushed: usize,
+    /// Records of a range the partner lost after staging them (killed by its void record).
+    pub dead: usize,
 }
 
 impl SecondStoreArea {
@@ -389,6 +416,12 @@ impl SecondStoreArea {
             return Err(format!("partition {partition} does not exist"));
         }
         let log = self.partition_log(partition);
+        let every_held: Vec<(u64, Held)> = self
+            .held()
+            .get(partition as usize)
+            .map(|m| m.records.iter().map(|(s, h)| (*s, *h)).collect())
+            .unwrap_or_default();
+        let dead = self.void_marks(log, partition, every_held.iter().map(|(s, h)| (s, h)));
         let mut applier = Applier::new(luns);
         for (seq, h) in &held {
             let header = self
@@ -399,6 +432,11 @@ impl SecondStoreArea {
                     "mirrored record seq {seq}: data checksum mismatch or outside its partition"
                 )
             })?;
+            if dead.covers(header.lun, header.offset, header.len as u64, *seq)
+                || header.kind == RecordKind::Void
+            {
+                continue;
+            }
             if !allowed(header.lun, header.offset)? {
                 return Err(format!(
                     "mirrored record seq {seq} is for a range that is no longer the partner's; not written"

@@ -2,7 +2,8 @@
 //!
 //! `region` maps the device and makes byte ranges durable, `layout` places the superblock,
 //! the per-partition checkpoints and the partition logs, `record` is the on-NVRAM format of
-//! one staged write, and `scan` reads a partition log back after a restart. `memory` is an
+//! one staged write, `scan` reads a partition log back after a restart, and `void` is the
+//! record that kills a node's older records of a range it lost. `memory` is an
 //! NVRAM in process memory for the simulator.
 
 pub mod cpu_cache;
@@ -12,6 +13,7 @@ pub mod out_of_sync;
 pub mod record;
 pub mod region;
 pub mod scan;
+pub mod void;
 
 pub use layout::{Layout, PartitionCheckpoint, Superblock};
 pub use record::{RecordHeader, RecordKind};

@@ -25,6 +25,9 @@ pub enum RecordKind {
     Zero = 2,
     /// Padding: the rest of the partition is unused; the next record is at its start.
     Wrap = 3,
+    /// Every earlier record of this partition in a span of the LUN is dead (the node lost
+    /// that range meanwhile); the span is the payload. See `nvram::void`.
+    Void = 4,
 }
 
 impl RecordKind {
@@ -33,6 +36,7 @@ impl RecordKind {
             1 => Some(RecordKind::Data),
             2 => Some(RecordKind::Zero),
             3 => Some(RecordKind::Wrap),
+            4 => Some(RecordKind::Void),
             _ => None,
         }
     }

@@ -1,0 +1,139 @@
+//! Ranges this node lost: its own staged records of them die.
+//!
+//! A node that was paused or cut off can lose ranges to the partner without hearing of it
+//! until its lease lapses and it re-reads the ownership table, and it can take them back
+//! later (a takeover when the partner dies, a giveback). Whatever it staged for those ranges
+//! before is stale by then: the acknowledged writes were replayed by the partner from its
+//! mirror and maybe overwritten since, the others were never acknowledged. So when this node
+//! learns of a loss (re-reading the table), and before it takes ranges over, it kills its
+//! records of them with a void record (`nvram::void`): in memory at once (the flusher skips
+//! them, the index drops them), then durably, so a restart or the partner's replay skips
+//! them too.
+
+use super::core::Engine;
+
+impl Engine {
+    /// Kills this node's staged records of `ranges` ((LUN index, range of the LUN)) and waits
+    /// until the void records are durable here (and mirrored, if the partner is there).
+    pub(super) async fn void_ranges(&self, ranges: &[(u32, u32)]) -> Result<(), String> {
+        let spans = self.mark_dead(ranges);
+        self.write_voids(&spans).await
+    }
+
+    /// The in-memory half of [`Engine::void_ranges`], at once (no waiting): the flusher and
+    /// reads stop seeing the records. Returns the spans (LUN, global range, start, end) for
+    /// [`Engine::write_voids`].
+    fn mark_dead(&self, ranges: &[(u32, u32)]) -> Vec<(u32, u32, u64, u64)> {
+        let spans: Vec<(u32, u32, u64, u64)> = ranges
+            .iter()
+            .filter_map(|&(l, r)| {
+                let lun = self.luns.get(l as usize)?;
+                let start = r as u64 * lun.range_bytes;
+                let end = (start + lun.range_bytes).min(lun.size);
+                (start < end).then_some((l, lun.first_range + r, start, end))
+            })
+            .collect();
+        if !spans.is_empty() {
+            tracing::info!(
+                "void records: this node's staged records of {} range(s) die ({:?})",
+                spans.len(),
+                ranges
+            );
+        }
+        for &(l, global, start, end) in &spans {
+            let part = self.partition_of(global);
+            let below = part.void_span(l, start, end);
+            self.luns[l as usize]
+                .index()
+                .remove_dead(part.id, below, start, end);
+        }
+        spans
+    }
+
+    /// The durable half: a void record per span, persisted here and posted to the partner.
+    async fn write_voids(&self, spans: &[(u32, u32, u64, u64)]) -> Result<(), String> {
+        if spans.is_empty() {
+            return Ok(());
+        }
+        let mirror = self.mirror.current();
+        let mut staged = Vec::with_capacity(spans.len());
+        for &(l, global, start, end) in spans {
+            let part = self.partition_of(global);
+            let s = part
+                .append_void(l, start, end)
+                .await
+                .map_err(|e| format!("writing the void record of range {global}: {e}"))?;
+            let post = mirror.as_ref().map(|m| {
+                m.post(rdma_link::Post {
+                    partition: part.id,
+                    seq: s.record.seq,
+                    local_offset: part.store_offset(s.record.pos),
+                    remote_offset: part.store_offset(s.record.pos),
+                    len: s.record.slot as u32,
+                })
+            });
+            staged.push((part.clone(), s, post, (l, start, end)));
+        }
+        for (part, _, _, _) in &staged {
+            part.commit();
+        }
+        let mut failure = None;
+        for (part, s, post, (l, start, end)) in staged {
+            let local = s.durable.await;
+            let mirrored = match post {
+                Some(p) => p.await,
+                None => Err(String::from("no partner attached")),
+            };
+            if mirrored.is_err() && self.second_store.is_some() {
+                // The catch-up copies it when the partner is back.
+                self.mirror.note_unmirrored();
+            }
+            if let Some(w) = s.wrap {
+                part.settle(w.seq);
+            }
+            part.settle(s.record.seq);
+            // Also dead: what was staged between the mark and its void record (writes
+            // routed before the range moved; `stage` routes them again).
+            self.luns[l as usize]
+                .index()
+                .remove_dead(part.id, s.record.seq, start, end);
+            match local {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(format!("persisting a void record: {e}")),
+                Err(_) => failure = Some("the NVRAM persister stopped".into()),
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Re-reads the ownership table (the lease was held again, or the partner changed the
+    /// table) and kills our records of every range we lost since we last looked. A range we
+    /// hold again after losing it in between opens only after its void record is durable:
+    /// a write to it must never stage below that record.
+    pub async fn reload_ownership(&self) -> Result<(), String> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        // The records die before the re-read table lets the flusher write again (it would
+        // find them in a range that is not ours, and fence the partition).
+        let mut spans = Vec::new();
+        let crate::cluster::Reloaded { lost, held_again } = c
+            .reload_noting_losses(&mut |lost| spans = self.mark_dead(lost))
+            .map_err(|e| e.to_string())?;
+        if lost.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            "{} range(s) moved away from this node since it last read the ownership table: its staged records of them are void",
+            lost.len()
+        );
+        let voided = self.write_voids(&spans).await;
+        // Open them even if the record failed: a failed persist fails the partition, which
+        // then serves nothing anyway.
+        c.finish_takeover(&held_again);
+        voided
+    }
+}
