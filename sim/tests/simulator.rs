@@ -151,9 +151,15 @@ fn seeds_that_found_bugs_pass() {
 /// fenced looped without end), 100306 read an acknowledged write's older version (a write
 /// staged without the right to serve, then refused, was later replayed over newer data), and
 /// 100128 tripped the release check on copies of refused writes (a checker refinement).
+/// Then (void records): 200058, 200380 and 200425 read a node's own old version of a range it
+/// had lost and taken back; 100589 wrote a ghost copy of a forwarded write over newer ones
+/// (a stale node routed it on); 200488 acknowledged a write whose record the flusher had just
+/// released as dead (the check came after the settle).
 #[test]
 fn wider_sweep_seeds_pass() {
-    for seed in [100_049, 100_128, 100_306] {
+    for seed in [
+        100_049, 100_128, 100_306, 100_589, 200_058, 200_380, 200_425, 200_488,
+    ] {
         let o = run(
             &Settings::draw(seed, Duration::from_secs(20), &FaultMix::all()),
             false,
