@@ -7,12 +7,13 @@
 # After every cycle the checker reads every written block through both devices and, once
 # drained, from the medium: each holds its last acknowledged version or a later one in
 # flight; and the monitor never saw a range served by both nodes at once.
-# Cycles (NVM_PARTITION_CYCLES, default all 20): silent two-way cuts longer than the
+# Cycles (NVM_PARTITION_CYCLES, default all 21): silent two-way cuts longer than the
 # takeover time (no range may move), one-way losses each way, a short cut, a link flapping
 # every 1-2 s for a minute, a cut plus kill -9 of a node (its ranges move once its disk
 # heartbeat is dead), SIGSTOP of a daemon longer than the lease then SIGCONT (taken over;
 # on SIGCONT it must not serve), and the loss of node-a's medium path with the link up
-# (no takeover: node-b writes node-a's batches, node-a keeps serving).
+# (no takeover: node-b writes node-a's batches, node-a keeps serving), and a frozen node
+# that comes back without a restart and takes every range back when its partner dies.
 # vm-timeout: 1200
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -191,6 +192,32 @@ cycle() { # N KIND
 		fenced=$who verify "cycle $n (SIGSTOP of node-$who longer than its lease: taken over; after SIGCONT it serves nothing)"
 		restore "$who"
 		;;
+	stop-takeback)
+		# Simulator seed 200380 on a real kernel: node-a is frozen until node-b took its range,
+		# resumes WITHOUT a restart (its NVRAM still holds its records of the range it lost),
+		# then node-b dies and node-a takes every range back. Its own old records must die
+		# (void records): never read, flushed or replayed over what node-b acknowledged.
+		writers 22
+		sleep 1.5
+		kill -STOP "${pid[a]}"
+		takeover_by b
+		sleep 1
+		kill -CONT "${pid[a]}"
+		until_true 60 "node-a back in the pair after SIGCONT" both_mirroring
+		sleep 2
+		kill -9 "${pid[b]}"
+		local t0=$SECONDS
+		takeover_by a
+		local took=$((SECONDS - t0))
+		"$NVMCTL" del "${dev[b]#/dev/ublkb}" >/dev/null 2>&1 || true
+		wait_writers
+		[[ $(q a '[p["failed"] for p in e["partitions"]]') != *[a-z]* ]] ||
+			fail "cycle $n (stop-takeback): a partition of node-a stopped: $(q a '[p["failed"] for p in e["partitions"]]')"
+		grep -q "staged records of .* range(s) die" daemon-a.log ||
+			fail "cycle $n (stop-takeback): node-a never killed its records of the range it lost"
+		verify "cycle $n (SIGSTOP of node-a until node-b took its range, SIGCONT without a restart, kill -9 of node-b: node-a took every range back in ${took} s; its own old records void)"
+		restore b
+		;;
 	pathloss-a)
 		writers 12
 		sleep 1.5
@@ -212,7 +239,8 @@ cycle() { # N KIND
 }
 
 kinds=(cut-both oneway-ab oneway-ba cut-short stop-a cut-kill pathloss-a cut-both oneway-ab
-	oneway-ba cut-both stop-b cut-short pathloss-a cut-kill oneway-ab oneway-ba cut-both stop-a flap)
+	oneway-ba cut-both stop-b cut-short pathloss-a cut-kill oneway-ab oneway-ba cut-both stop-a flap
+	stop-takeback)
 cycles=${NVM_PARTITION_CYCLES:-${#kinds[@]}}
 for ((i = 0; i < cycles; i++)); do
 	cycle $((i + 1)) "${kinds[i % ${#kinds[@]}]}"

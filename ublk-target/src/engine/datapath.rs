@@ -151,15 +151,9 @@ impl Engine {
             };
             // The copy goes to the partner first; the local copy is persisted below, while
             // it travels.
-            let post = mirror.as_ref().map(|m| {
-                m.post(rdma_link::Post {
-                    partition: part.id,
-                    seq: s.record.seq,
-                    local_offset: part.store_offset(s.record.pos),
-                    remote_offset: part.store_offset(s.record.pos),
-                    len: s.record.slot as u32,
-                })
-            });
+            let post = mirror
+                .as_ref()
+                .map(|m| m.post(mirror_post(part, &s.record)));
             staged.push((part, s, post));
         }
         // Group commit: let the other writers this thread has ready (a queue's tags that
@@ -461,6 +455,18 @@ impl Engine {
     /// [`Engine::drain`] for a plain thread (the control socket, shutdown).
     pub fn drain_blocking(&self, timeout: Duration) -> bool {
         futures::executor::block_on(self.drain(timeout))
+    }
+}
+
+/// The copy of a staged record to the partner: the same bytes at the same place of its
+/// second store.
+pub(super) fn mirror_post(part: &PartitionLog, record: &RecordMeta) -> rdma_link::Post {
+    rdma_link::Post {
+        partition: part.id,
+        seq: record.seq,
+        local_offset: part.store_offset(record.pos),
+        remote_offset: part.store_offset(record.pos),
+        len: record.slot as u32,
     }
 }
 

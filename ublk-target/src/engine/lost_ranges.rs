@@ -11,6 +11,7 @@
 //! them too.
 
 use super::core::Engine;
+use super::datapath::mirror_post;
 
 impl Engine {
     /// Kills this node's staged records of `ranges` ((LUN index, range of the LUN)) and waits
@@ -63,15 +64,9 @@ impl Engine {
                 .append_void(l, start, end)
                 .await
                 .map_err(|e| format!("writing the void record of range {global}: {e}"))?;
-            let post = mirror.as_ref().map(|m| {
-                m.post(rdma_link::Post {
-                    partition: part.id,
-                    seq: s.record.seq,
-                    local_offset: part.store_offset(s.record.pos),
-                    remote_offset: part.store_offset(s.record.pos),
-                    len: s.record.slot as u32,
-                })
-            });
+            let post = mirror
+                .as_ref()
+                .map(|m| m.post(mirror_post(part, &s.record)));
             staged.push((part.clone(), s, post, (l, start, end)));
         }
         for (part, _, _, _) in &staged {

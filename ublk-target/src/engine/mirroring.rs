@@ -4,6 +4,7 @@
 //! flushes keep leaving flush marks on the medium.
 
 use super::core::Engine;
+use super::datapath::mirror_post;
 use std::sync::Arc;
 
 impl Engine {
@@ -54,13 +55,12 @@ impl Engine {
                 .iter()
                 .filter(|p| !p.is_failed())
                 .flat_map(|p| {
-                    p.unflushed().into_iter().map(move |r| rdma_link::Post {
-                        partition: p.id,
-                        seq: r.seq,
-                        local_offset: p.store_offset(r.pos),
-                        remote_offset: p.store_offset(r.pos),
-                        len: r.slot as u32,
-                    })
+                    // Nor dead records (of a range this node lost, `lost_ranges`): the
+                    // partner might hold them without the void record that kills them.
+                    p.unflushed()
+                        .into_iter()
+                        .filter(|r| !p.is_dead(r.lun, r.offset, r.len, r.seq))
+                        .map(|r| mirror_post(p, &r))
                 })
                 .collect();
             if !posts.is_empty() {
