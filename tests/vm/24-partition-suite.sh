@@ -148,6 +148,7 @@ cycle() { # N KIND
 		;;
 	flap)
 		writers 62
+		local i # the cycle loop's counter is also called i
 		for i in $(seq 20); do
 			kill -STOP "$proxy"
 			sleep "1.$((RANDOM % 10))"

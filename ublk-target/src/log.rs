@@ -548,6 +548,7 @@ impl PartitionLog {
             start,
             end,
             below_seq,
+            awaiting_record: true,
         });
         below_seq
     }

@@ -58,12 +58,18 @@ impl Engine {
         }
         let mirror = self.mirror.current();
         let mut staged = Vec::with_capacity(spans.len());
+        let mut failure = None;
         for &(l, global, start, end) in spans {
             let part = self.partition_of(global);
-            let s = part
-                .append_void(l, start, end)
-                .await
-                .map_err(|e| format!("writing the void record of range {global}: {e}"))?;
+            let s = match part.append_void(l, start, end).await {
+                Ok(s) => s,
+                Err(e) => {
+                    // The records appended before it are still settled below: an unsettled
+                    // record would hold its partition's flushing back for good.
+                    failure = Some(format!("writing the void record of range {global}: {e}"));
+                    break;
+                }
+            };
             let post = mirror
                 .as_ref()
                 .map(|m| m.post(mirror_post(part, &s.record)));
@@ -72,7 +78,6 @@ impl Engine {
         for (part, _, _, _) in &staged {
             part.commit();
         }
-        let mut failure = None;
         for (part, s, post, (l, start, end)) in staged {
             let local = s.durable.await;
             let mirrored = match post {
@@ -94,8 +99,12 @@ impl Engine {
                 .remove_dead(part.id, s.record.seq, start, end);
             match local {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => failure = Some(format!("persisting a void record: {e}")),
-                Err(_) => failure = Some("the NVRAM persister stopped".into()),
+                Ok(Err(e)) => {
+                    failure.get_or_insert(format!("persisting a void record: {e}"));
+                }
+                Err(_) => {
+                    failure.get_or_insert("the NVRAM persister stopped".into());
+                }
             }
         }
         match failure {

@@ -27,6 +27,9 @@ pub struct VoidMark {
     pub start: u64,
     pub end: u64,
     pub below_seq: u64,
+    /// Set in memory ahead of its void record, which has not got its seq yet: the mark
+    /// stays until then (it will cover more).
+    pub awaiting_record: bool,
 }
 
 impl VoidMark {
@@ -58,6 +61,7 @@ impl VoidMark {
             start,
             end,
             below_seq: header.seq,
+            awaiting_record: false,
         })
     }
 }
@@ -81,9 +85,10 @@ impl VoidMarks {
     }
 
     /// Forgets the marks that can no longer cover anything: every record below them is
-    /// released (`released_through`: the highest released seq).
+    /// released (`released_through`: the highest released seq), and they will not grow.
     pub fn forget_through(&mut self, released_through: u64) {
-        self.0.retain(|m| m.below_seq > released_through + 1);
+        self.0
+            .retain(|m| m.awaiting_record || m.below_seq > released_through + 1);
     }
 
     /// The marks the void records among `records` (header, payload) stand for.
@@ -102,6 +107,7 @@ impl VoidMarks {
         for m in self.0.iter_mut() {
             if m.lun == lun && m.start == start && m.end == end && m.below_seq < below_seq {
                 m.below_seq = below_seq;
+                m.awaiting_record = false;
             }
         }
     }
@@ -168,10 +174,14 @@ mod tests {
             start: 0,
             end: 10,
             below_seq: 5,
+            awaiting_record: true,
         });
-        marks.forget_through(3);
+        marks.forget_through(9);
+        assert!(!marks.is_empty(), "kept until its void record has a seq");
+        marks.raise(0, 0, 10, 12);
+        marks.forget_through(10);
         assert!(!marks.is_empty());
-        marks.forget_through(4);
+        marks.forget_through(11);
         assert!(marks.is_empty());
     }
 }
