@@ -154,11 +154,13 @@ fn seeds_that_found_bugs_pass() {
 /// Then (void records): 200058, 200380 and 200425 read a node's own old version of a range it
 /// had lost and taken back; 100589 wrote a ghost copy of a forwarded write over newer ones
 /// (a stale node routed it on); 200488 acknowledged a write whose record the flusher had just
-/// released as dead (the check came after the settle).
+/// released as dead (the check came after the settle). 600048: a node resumed from a pause
+/// judged its partner's heartbeat dead on the clock alone, without reading it again, and took
+/// over ranges the partner (restarted meanwhile) was serving: split brain.
 #[test]
 fn wider_sweep_seeds_pass() {
     for seed in [
-        100_049, 100_128, 100_306, 100_589, 200_058, 200_380, 200_425, 200_488,
+        100_049, 100_128, 100_306, 100_589, 200_058, 200_380, 200_425, 200_488, 600_048,
     ] {
         let o = run(
             &Settings::draw(seed, Duration::from_secs(20), &FaultMix::all()),

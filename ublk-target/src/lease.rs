@@ -96,6 +96,19 @@ struct Watched {
     record: Option<LeaseRecord>,
     /// When the record last changed as seen here (or when watching began).
     changed_at: Instant,
+    /// When it was last read. Death is judged on what was seen, from `changed_at` to
+    /// here, never on the clock alone: a node that was paused (or could not read) saw
+    /// nothing meanwhile, and must look again before it calls a heartbeat dead (simulator
+    /// seed 600048: resumed after 2.4 s, a node took over ranges its partner, restarted
+    /// meanwhile, was serving).
+    seen_at: Instant,
+}
+
+impl Watched {
+    /// How long the record had not changed, as of the last read.
+    fn seen_silent(&self) -> Duration {
+        self.seen_at.saturating_duration_since(self.changed_at)
+    }
 }
 
 struct Inner {
@@ -186,6 +199,7 @@ impl DiskLease {
                     .map(|_| Watched {
                         record: None,
                         changed_at: now,
+                        seen_at: now,
                     })
                     .collect(),
                 renewals: 0,
@@ -315,6 +329,7 @@ impl DiskLease {
                 w.record = record;
                 w.changed_at = now;
             }
+            w.seen_at = now;
         }
     }
 
@@ -368,7 +383,9 @@ impl DiskLease {
         let silent = now.saturating_duration_since(w.changed_at);
         match w.record {
             None => Verdict::Absent,
-            Some(r) if r.released || silent >= self.timing.dead_after() => Verdict::Dead { silent },
+            Some(r) if r.released || w.seen_silent() >= self.timing.dead_after() => Verdict::Dead {
+                silent: w.seen_silent(),
+            },
             Some(_) => Verdict::Alive { ago: silent },
         }
     }
@@ -429,7 +446,11 @@ impl DiskLease {
                         verdict: match (st.state, w.record) {
                             (LeaseState::Held, None) => "absent",
                             (LeaseState::Held, Some(r)) if r.released => "released",
-                            (LeaseState::Held, _) if silent >= self.timing.dead_after() => "dead",
+                            (LeaseState::Held, _)
+                                if w.seen_silent() >= self.timing.dead_after() =>
+                            {
+                                "dead"
+                            }
                             (LeaseState::Held, _) => "alive",
                             _ => "unknown",
                         }
