@@ -104,6 +104,13 @@ pub enum Fault {
         node: usize,
         duration: Duration,
     },
+    /// The operator moves ranges home (`nvmirrorctl giveback`, or Pacemaker's demote): every
+    /// running node hands the partner the ranges the config gives the partner that it holds.
+    /// With `then_stop`, node `victim` is killed (or loses power) that long after: a crash
+    /// while the ranges change hands.
+    Giveback {
+        then_stop: Option<(usize, bool, Duration)>,
+    },
 }
 
 /// Which faults a run may draw, and how often.
@@ -114,6 +121,9 @@ pub struct FaultMix {
     pub rate: f64,
     /// Force `takeover = "auto"` (true) or `"manual"` (false) instead of drawing it.
     pub takeover_auto: Option<bool>,
+    /// Operator givebacks after the faults that can move ranges (drawn from a stream of
+    /// their own, so the other faults of a seed stay as they were without them).
+    pub givebacks: bool,
 }
 
 impl FaultMix {
@@ -135,7 +145,15 @@ impl FaultMix {
             ],
             rate: 0.4,
             takeover_auto: None,
+            givebacks: true,
         }
+    }
+
+    /// The same mix without operator givebacks: the scenarios seeds named before givebacks
+    /// were simulated.
+    pub fn without_givebacks(mut self) -> FaultMix {
+        self.givebacks = false;
+        self
     }
 
     /// Only `kinds`, equally likely.
@@ -144,6 +162,7 @@ impl FaultMix {
             kinds: kinds.iter().map(|k| (*k, 1)).collect(),
             rate,
             takeover_auto: None,
+            givebacks: false,
         }
     }
 
@@ -303,6 +322,48 @@ impl Settings {
             };
             s.faults.push((at, fault));
         }
+        if mix.givebacks {
+            s.faults.extend(draw_givebacks(seed, &s.faults, t, end));
+        }
         s
     }
+}
+
+/// Givebacks after the faults that can move ranges (a takeover follows them), some soon
+/// after the fault ends (the node that lost its ranges may not have noticed yet), some with
+/// a node crashing while the ranges change hands.
+fn draw_givebacks(
+    seed: u64,
+    faults: &[(Duration, Fault)],
+    t: Duration,
+    end: Duration,
+) -> Vec<(Duration, Fault)> {
+    use rand::SeedableRng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x61fe_bac4_0000_0001);
+    let mut out = Vec::new();
+    for (at, f) in faults {
+        let over = match f {
+            Fault::Cut { duration, .. }
+            | Fault::Pause { duration, .. }
+            | Fault::PathFailure { duration, .. } => *at + *duration,
+            Fault::Kill { down, .. } | Fault::PowerCut { down, .. } => *at + *down,
+            _ => continue,
+        };
+        if !rng.gen_bool(0.5) {
+            continue;
+        }
+        let when = over + between(&mut rng, Duration::ZERO, t * 4);
+        if when >= end {
+            continue;
+        }
+        let then_stop = rng.gen_bool(0.3).then(|| {
+            (
+                rng.gen_range(0..2),
+                rng.gen_bool(0.5),
+                between(&mut rng, Duration::ZERO, Duration::from_millis(50)),
+            )
+        });
+        out.push((when, Fault::Giveback { then_stop }));
+    }
+    out
 }

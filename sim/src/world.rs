@@ -463,7 +463,7 @@ impl Boot {
         ));
         Ok(Running {
             engine,
-            _link: link,
+            link,
             life: self.life,
         })
     }
@@ -471,8 +471,8 @@ impl Boot {
 
 struct Running {
     engine: Arc<Engine>,
-    /// Kept so the link lives as long as the process.
-    _link: Link,
+    /// Lives as long as the process; givebacks ask the partner through it.
+    link: Link,
     life: Arc<Life>,
 }
 
@@ -963,7 +963,48 @@ impl World {
                     self.after(duration, Event::FlushResume { node, life_no });
                 }
             }
+            Fault::Giveback { then_stop } => {
+                for n in 0..NODES {
+                    self.give_back(n);
+                }
+                if let Some((victim, power, after)) = then_stop {
+                    let down = self.timeout() * 2;
+                    let f = if power {
+                        Fault::PowerCut { node: victim, down }
+                    } else {
+                        Fault::Kill { node: victim, down }
+                    };
+                    self.after(after, Event::Fault(f));
+                }
+            }
         }
+    }
+
+    /// What `nvmirrorctl giveback` does on `node` (if it runs and is not paused): hand the
+    /// partner the ranges its config gives the partner, flushed first.
+    fn give_back(&self, node: usize) {
+        let Some(r) = self.nodes[node]
+            .run
+            .as_ref()
+            .filter(|r| !r.life.is_paused())
+        else {
+            return;
+        };
+        let (engine, link, shared) = (r.engine.clone(), r.link.clone(), self.shared.clone());
+        r.life.spawn(async move {
+            let moved = engine
+                .give_back(
+                    nvmirror::engine::RangesToMove::PartnersRanges,
+                    Duration::from_secs(2),
+                    || nvmirror::node::link::tell_partner_to_reload(&link),
+                )
+                .await;
+            match moved {
+                Ok(0) => {}
+                Ok(n) => shared.note(format!("n{node}: gave {n} range(s) back")),
+                Err(e) => shared.note(format!("n{node}: giveback failed: {e}")),
+            }
+        });
     }
 
     /// The faults are over: heal everything, bring every node back, stop new I/O; then, after

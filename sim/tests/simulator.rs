@@ -130,8 +130,9 @@ const REGRESSIONS: &[Regression] = &[
 #[test]
 fn seeds_that_found_bugs_pass() {
     for r in REGRESSIONS {
+        // Found before operator givebacks were simulated: their scenarios as they were.
         let mut mix = if r.faults.is_empty() {
-            FaultMix::all()
+            FaultMix::all().without_givebacks()
         } else {
             FaultMix::only(r.faults, FaultMix::all().rate)
         };
@@ -162,6 +163,31 @@ fn wider_sweep_seeds_pass() {
     for seed in [
         100_049, 100_128, 100_306, 100_589, 200_058, 200_380, 200_425, 200_488, 600_048,
     ] {
+        let o = run(
+            &Settings::draw(
+                seed,
+                Duration::from_secs(20),
+                &FaultMix::all().without_givebacks(),
+            ),
+            false,
+        );
+        assert!(o.passed(), "seed {seed}:\n{}", show(&o));
+    }
+}
+
+/// Seeds that found bugs once operator givebacks were simulated (20 simulated seconds, every
+/// fault): 7 gave ranges back to a node still booting, which then replayed its stale records
+/// of them over newer data (LOST ACKNOWLEDGED WRITE; the partner must now confirm it re-read
+/// the table before the move); 17 gave ranges to a node that never heard of it (the notice
+/// was lost with the link) and forwarded their I/O to it for good (liveness; a node now
+/// re-reads the table when asked for I/O of a range the table gives it); 51 reopened a range
+/// as its own after a failed giveback although it had lost the range meanwhile (split
+/// brain); 388 handed over a range taken from it meanwhile, bumping its epoch, so its real
+/// owner voided its own acknowledged records (LOST ACKNOWLEDGED WRITE; the move now checks
+/// the entry it holds).
+#[test]
+fn giveback_seeds_pass() {
+    for seed in [7, 17, 51, 388] {
         let o = run(
             &Settings::draw(seed, Duration::from_secs(20), &FaultMix::all()),
             false,

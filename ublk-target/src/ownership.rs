@@ -50,6 +50,8 @@ pub enum TableError {
     Layout { found: String, expected: String },
     #[error("ownership table I/O: {0}")]
     Io(#[from] io::Error),
+    #[error("{0}")]
+    Moved(String),
 }
 
 fn seal_slot(b: &mut [u8]) {

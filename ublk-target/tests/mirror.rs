@@ -3,7 +3,7 @@
 
 use futures::executor::block_on;
 use nvmirror::config::DegradedPolicy;
-use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
+use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode, RangesToMove};
 use nvmirror::medium::MemMedium;
 use nvmirror::nvram::NvramRegion;
 use rdma_link::{Link, LinkConfig, Role, SecondStore, Transport};
@@ -654,6 +654,88 @@ fn a_node_that_takes_back_a_range_it_lost_never_flushes_its_old_records() {
 #[test]
 fn a_node_that_takes_back_a_range_it_lost_never_replays_its_old_records_at_restart() {
     a_takes_back_a_range_it_lost(true);
+}
+
+/// A loses its range while cut off and never hears of it; B gives the range back, and A
+/// dies as the move's notice reaches it (before it re-read the table). A's restart must not
+/// replay its stale record over what B wrote: the giveback first has A re-read the table
+/// (which voids the record durably), and only then moves the range.
+#[test]
+fn a_giveback_to_a_node_that_lost_the_range_unnoticed_leaves_it_nothing_stale_to_replay() {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    let off = 4096 * 5; // range 0: A's
+    let v1 = pattern(81, 8192);
+    p.rt.block_on(p.a.write(0, off, &v1)).expect("A writes v1");
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    p.a.cluster().expect("c").set_forwarder(None);
+    p.b.cluster().expect("c").set_forwarder(None);
+    block_on(p.b.take_over(0, Duration::from_millis(10))).expect("B takes over");
+    let v2 = pattern(82, 8192);
+    p.rt.block_on(p.b.write(0, off, &v2)).expect("B writes v2");
+
+    // The partner's side of `tell_partner_to_reload`: A re-reads its table when asked, but
+    // dies as the notice that the range is its own again reaches it.
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let tell = || {
+        asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let moved =
+            p.b.cluster()
+                .expect("c")
+                .owner_on_medium(0, 0)
+                .expect("table")
+                == Some(0);
+        let a = p.a.clone();
+        async move {
+            if moved {
+                Err("node a died".to_string())
+            } else {
+                a.reload_ownership().await
+            }
+        }
+    };
+    let moved =
+        block_on(p.b.give_back(RangesToMove::PartnersRanges, Duration::from_secs(10), tell));
+    assert!(
+        moved.is_err_and(|e| e.contains("did not confirm")),
+        "the move happened, its notice failed"
+    );
+    assert!(
+        p.medium.snapshot()[off as usize..off as usize + 8192] == v2[..],
+        "B drained v2 before the move"
+    );
+
+    let ClusterPair {
+        a,
+        b,
+        link_a,
+        link_b,
+        medium,
+        table,
+        rt,
+        _dir,
+    } = p;
+    a.shutdown();
+    b.shutdown();
+    drop((a, link_a, b, link_b));
+    let nvram = _dir.path().join("nv-a");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while NvramRegion::open(&nvram, None).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = clustered(&nvram, 0, &medium, &table);
+    let replay = a.status().replay;
+    assert!(
+        medium.snapshot()[off as usize..off as usize + 8192] == v2[..],
+        "A's start-up replay did not write v1 over v2"
+    );
+    assert!(replay.skipped_dead >= 1, "{replay:?}");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let mut buf = vec![0u8; 8192];
+    rt.block_on(a.read_routed(0, off, &mut buf)).expect("read");
+    assert_eq!(buf, v2);
+    a.shutdown();
 }
 
 /// A's acknowledged 8 KiB write at `off` (in its range 0), staged only (in A's NVRAM and B's

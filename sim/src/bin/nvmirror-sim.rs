@@ -31,6 +31,9 @@ struct Args {
     /// path-failure, flush-pause.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
+    /// No operator givebacks (the scenarios seeds named before they were simulated).
+    #[arg(long)]
+    no_givebacks: bool,
     /// Force the takeover policy of both nodes: auto or manual (default: drawn per seed).
     #[arg(long)]
     takeover: Option<String>,
@@ -138,6 +141,9 @@ fn main() {
             Some("manual") => Some(false),
             Some(other) => return Err(format!("--takeover {other:?}: use auto or manual")),
         };
+        if args.no_givebacks {
+            m.givebacks = false;
+        }
         Ok(m)
     }) {
         Ok(m) => m,

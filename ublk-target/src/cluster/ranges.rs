@@ -408,10 +408,67 @@ impl Cluster {
         }
     }
 
+    /// The owners and epochs of `ranges` in the table as last read.
+    pub fn owners_of(&self, ranges: &[(u32, u32)]) -> Vec<RangeOwner> {
+        let t = self.table();
+        ranges
+            .iter()
+            .map(|&(l, r)| t.luns[l as usize][r as usize])
+            .collect()
+    }
+
+    /// A planned move failed after [`Cluster::close_gates`]: each range opens as the table
+    /// (as last read) says. `held` are their entries when the gates closed. A range the
+    /// table moved meanwhile routes to its new owner; one that is ours under a newer epoch
+    /// (lost and given back while the gate was closed: a re-read skips closed gates) stays
+    /// closed and is returned, for the caller to void our records of it first.
+    pub fn reopen_after_failed_move(
+        &self,
+        ranges: &[(u32, u32)],
+        held: &[RangeOwner],
+    ) -> Vec<(u32, u32)> {
+        let now = self.owners_of(ranges);
+        let mut regained = Vec::new();
+        {
+            let mut gates = self.gates();
+            for ((&(l, r), then), now) in ranges.iter().zip(held).zip(now) {
+                gates[l as usize][r as usize] = if now.owner != self.me {
+                    RangeState::Remote(now.owner)
+                } else if now == *then {
+                    RangeState::Local
+                } else {
+                    regained.push((l, r));
+                    RangeState::TakingOver
+                };
+            }
+        }
+        self.gate_opened.notify_waiters();
+        regained
+    }
+
     /// Giveback: `to` owns `ranges` from now on, with a new epoch, durably on the medium.
-    /// Their gates then send I/O to `to`.
-    pub fn hand_over(&self, ranges: &[(u32, u32)], to: u32) -> Result<(), ownership::TableError> {
+    /// Their gates then send I/O to `to`. Only if the medium's table still gives each range
+    /// to us with the entry in `held` (what we held when the move began): a range taken from
+    /// us meanwhile is not ours to give, and bumping its epoch would make its owner think it
+    /// lost it.
+    pub fn hand_over(
+        &self,
+        ranges: &[(u32, u32)],
+        held: &[RangeOwner],
+        to: u32,
+    ) -> Result<(), ownership::TableError> {
         let mut t = ownership::load(self.store.as_ref())?.unwrap_or_else(|| self.table().clone());
+        for (&(l, r), then) in ranges.iter().zip(held) {
+            let now = t.luns[l as usize][r as usize];
+            if now != *then || now.owner != self.me {
+                return Err(ownership::TableError::Moved(format!(
+                    "range {r} of LUN {l} moved while the move waited (the table gives it to node {} with epoch {}; this node held epoch {}); the table is unchanged",
+                    self.node_name(now.owner),
+                    now.epoch,
+                    then.epoch
+                )));
+            }
+        }
         t.generation += 1;
         for &(l, r) in ranges {
             let e = &mut t.luns[l as usize][r as usize];

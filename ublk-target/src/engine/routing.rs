@@ -134,6 +134,36 @@ impl Engine {
         }
     }
 
+    /// A forward was refused, or the partner forwarded us I/O we do not serve: if the table
+    /// on the medium gives us a range of `pieces` that we route to the partner (a planned
+    /// move whose notice was lost with the link), re-read the table. True if we did. Reads
+    /// the table on this thread: only on these failure paths.
+    async fn notice_moves_to_us(&self, lun_idx: usize, lun: &Lun, pieces: &[(u64, u64)]) -> bool {
+        let Some(c) = &self.cluster else {
+            return false;
+        };
+        let moved_here = pieces.iter().any(|&(at, n)| {
+            lun.pieces(at, n).into_iter().any(|(_, _, range)| {
+                let local = range - lun.first_range;
+                matches!(c.state(lun_idx as u32, local), RangeState::Remote(_))
+                    && matches!(c.owner_on_medium(lun_idx as u32, local), Ok(Some(o)) if o == c.me)
+            })
+        });
+        if !moved_here {
+            return false;
+        }
+        tracing::warn!(
+            "the ownership table gives this node ranges it routed to the partner (a move it was not told of): re-reading it"
+        );
+        match self.reload_ownership().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "re-reading the ownership table failed");
+                false
+            }
+        }
+    }
+
     /// Why a forward to `partner` failed for good, in words for the operator.
     fn forward_failure(&self, message: &str) -> String {
         let Some(c) = &self.cluster else {
@@ -160,6 +190,7 @@ impl Engine {
     ) -> Result<(), IoError> {
         // Set at the first failed forward: the common path does not read the clock.
         let mut deadline = None;
+        let mut table_reread = false;
         loop {
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
             if all_local {
@@ -203,6 +234,10 @@ impl Engine {
             let Some(message) = forwarded.into_iter().find_map(Result::err) else {
                 return Ok(());
             };
+            if !table_reread && self.notice_moves_to_us(lun_idx, lun, &remote).await {
+                table_reread = true;
+                continue;
+            }
             if !self
                 .partner_lost(lun_idx, lun, &remote, &mut deadline)
                 .await
@@ -238,6 +273,7 @@ impl Engine {
         let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
         // Set at the first failed forward: the common path does not read the clock.
         let mut deadline = None;
+        let mut table_reread = false;
         loop {
             let len = out.len() as u64;
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
@@ -252,6 +288,10 @@ impl Engine {
             }
             match self.read_pieces(lun_idx, offset, out, &remote, reads).await {
                 Err(ReadFailure::Forward(message)) => {
+                    if !table_reread && self.notice_moves_to_us(lun_idx, lun, &remote).await {
+                        table_reread = true;
+                        continue;
+                    }
                     if !self
                         .partner_lost(lun_idx, lun, &remote, &mut deadline)
                         .await
@@ -327,6 +367,17 @@ impl Engine {
         }
     }
 
+    /// [`Engine::serves_locally`] once more after re-reading the table, if it gives us ranges
+    /// we route to the partner (the partner forwards us I/O of ranges it moved to us).
+    async fn serves_after_reread(&self, lun_idx: usize, offset: u64, len: u64) -> bool {
+        let Ok(lun) = self.lun_for(lun_idx, offset, len) else {
+            return false;
+        };
+        self.notice_moves_to_us(lun_idx, lun, &[(offset, len)])
+            .await
+            && self.serves_locally(lun_idx, offset, len).await
+    }
+
     /// A write another node forwarded to us as the owner: staged here or refused, never
     /// routed on. If the range moves away while it is staged, the sender (which routes it
     /// again itself) hears so; routing it from here too would land it a second time, later,
@@ -377,7 +428,12 @@ impl Engine {
         let lun = req.lun as usize;
         // Served only if every piece is ours: a forwarded request is never forwarded again.
         let needs_ownership = matches!(req.op, wire::OP_WRITE | wire::OP_ZERO | wire::OP_READ);
-        if needs_ownership && !self.serves_locally(lun, req.offset, req.len as u64).await {
+        if needs_ownership
+            && !self.serves_locally(lun, req.offset, req.len as u64).await
+            && !self
+                .serves_after_reread(lun, req.offset, req.len as u64)
+                .await
+        {
             return wire::err(&format!(
                 "node {} does not own all of {}+{} on LUN {lun} (ownership moved?)",
                 self.node, req.offset, req.len

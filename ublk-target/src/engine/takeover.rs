@@ -263,15 +263,19 @@ impl Engine {
     /// Planned move of ranges to the partner: giveback (the ranges the config gives the
     /// partner, after a takeover) or handover (our own configured ranges, a switchover before
     /// maintenance). Their I/O waits while every staged write is flushed (so the partner
-    /// starts from the medium), the table on the medium moves them to the partner with a new
-    /// epoch, `tell_partner` makes the partner re-read it, and then their I/O is forwarded to
-    /// the partner.
-    pub async fn give_back(
+    /// starts from the medium), `tell_partner` makes the partner re-read the table (and void
+    /// what it lost unnoticed), the table on the medium moves them to the partner with a new
+    /// epoch, `tell_partner` makes the partner re-read it again, and then their I/O is
+    /// forwarded to the partner.
+    pub async fn give_back<Told>(
         &self,
         which: RangesToMove,
         drain_timeout: Duration,
-        tell_partner: impl Future<Output = Result<(), String>>,
-    ) -> Result<usize, String> {
+        tell_partner: impl Fn() -> Told,
+    ) -> Result<usize, String>
+    where
+        Told: Future<Output = Result<(), String>>,
+    {
         let c = self.cluster.as_ref().ok_or("not a cluster node")?;
         let partner = c.partner();
         let ranges = c.ranges_to_give_back(match which {
@@ -281,18 +285,41 @@ impl Engine {
         if ranges.is_empty() {
             return Ok(0);
         }
+        let held = c.owners_of(&ranges);
         c.close_gates(&ranges);
-        let reopen = |why: String| {
-            c.finish_takeover(&ranges);
+        // The ranges may have moved while their gates were closed (we were cut off and the
+        // partner took them): they open as the table now says, never as ours by default.
+        let (ranges, held) = (&ranges, &held);
+        let reopen = |why: String| async move {
+            let regained = c.reopen_after_failed_move(ranges, held);
+            if !regained.is_empty() {
+                if let Err(e) = self.void_ranges(&regained).await {
+                    tracing::error!(error = %e, "voiding our records of ranges lost and regained during a failed move");
+                }
+                c.finish_takeover(&regained);
+            }
             Err(why)
         };
         if !self.drain(drain_timeout).await {
             return reopen(format!(
                 "staged writes did not reach the medium within {drain_timeout:?}; nothing was given back"
-            ));
+            ))
+            .await;
         }
-        if let Err(e) = c.hand_over(&ranges, partner) {
-            return reopen(format!("updating the ownership table: {e}"));
+        // The partner first re-reads the table as it stands: if it lost these ranges without
+        // noticing (paused or cut off when we took them), its staged records of them die
+        // durably now (void records), before the table gives them back. Else a crash of the
+        // partner right after the move would replay those stale records over what we wrote
+        // since. A partner that does not answer is not running its engine, and gets nothing.
+        if let Err(e) = tell_partner().await {
+            return reopen(format!(
+                "node {} did not confirm it re-read the ownership table ({e}); nothing was given back",
+                c.node_name(partner)
+            ))
+            .await;
+        }
+        if let Err(e) = c.hand_over(ranges, held, partner) {
+            return reopen(format!("updating the ownership table: {e}")).await;
         }
         tracing::warn!(
             "handed {} range(s) ({}) to node {}",
@@ -303,7 +330,7 @@ impl Engine {
             },
             c.node_name(partner)
         );
-        tell_partner.await.map_err(|e| {
+        tell_partner().await.map_err(|e| {
             format!(
                 "the table now gives {} range(s) to node {}, but it did not confirm ({e}); it reads the table at its next start",
                 ranges.len(),

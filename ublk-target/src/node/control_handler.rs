@@ -152,7 +152,7 @@ impl ControlHandler {
         let Some(l) = self.link.as_ref().filter(|l| l.state().is_up()) else {
             return error("the partner is not connected: no one to hand ranges to");
         };
-        let tell = tell_partner_to_reload(l);
+        let tell = || tell_partner_to_reload(l);
         match block_on(
             self.engine
                 .give_back(which, Duration::from_secs(timeout_secs), tell),
