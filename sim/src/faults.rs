@@ -111,6 +111,12 @@ pub enum Fault {
     Giveback {
         then_stop: Option<(usize, bool, Duration)>,
     },
+    /// The operator moves `node`'s own configured ranges to the partner (`nvmirrorctl
+    /// handover`, a switchover before maintenance); `then_stop` as for a giveback.
+    Handover {
+        node: usize,
+        then_stop: Option<(usize, bool, Duration)>,
+    },
 }
 
 /// Which faults a run may draw, and how often.
@@ -124,6 +130,9 @@ pub struct FaultMix {
     /// Operator givebacks after the faults that can move ranges (drawn from a stream of
     /// their own, so the other faults of a seed stay as they were without them).
     pub givebacks: bool,
+    /// Operator handovers at random times, each followed by a giveback (a stream of their
+    /// own too).
+    pub handovers: bool,
 }
 
 impl FaultMix {
@@ -146,6 +155,7 @@ impl FaultMix {
             rate: 0.4,
             takeover_auto: None,
             givebacks: true,
+            handovers: true,
         }
     }
 
@@ -153,6 +163,14 @@ impl FaultMix {
     /// were simulated.
     pub fn without_givebacks(mut self) -> FaultMix {
         self.givebacks = false;
+        self.handovers = false;
+        self
+    }
+
+    /// The same mix without operator handovers (the scenarios seeds named before they were
+    /// simulated).
+    pub fn without_handovers(mut self) -> FaultMix {
+        self.handovers = false;
         self
     }
 
@@ -163,6 +181,7 @@ impl FaultMix {
             rate,
             takeover_auto: None,
             givebacks: false,
+            handovers: false,
         }
     }
 
@@ -325,6 +344,9 @@ impl Settings {
         if mix.givebacks {
             s.faults.extend(draw_givebacks(seed, &s.faults, t, end));
         }
+        if mix.handovers {
+            s.faults.extend(draw_handovers(seed, end));
+        }
         s
     }
 }
@@ -356,14 +378,44 @@ fn draw_givebacks(
         if when >= end {
             continue;
         }
-        let then_stop = rng.gen_bool(0.3).then(|| {
-            (
-                rng.gen_range(0..2),
-                rng.gen_bool(0.5),
-                between(&mut rng, Duration::ZERO, Duration::from_millis(50)),
-            )
-        });
+        let then_stop = maybe_crash(&mut rng);
         out.push((when, Fault::Giveback { then_stop }));
+    }
+    out
+}
+
+/// A node killed or powered off up to 50 ms after an operator's move, 30% of the time.
+fn maybe_crash(rng: &mut ChaCha8Rng) -> Option<(usize, bool, Duration)> {
+    rng.gen_bool(0.3).then(|| {
+        (
+            rng.gen_range(0..2),
+            rng.gen_bool(0.5),
+            between(rng, Duration::ZERO, Duration::from_millis(50)),
+        )
+    })
+}
+
+/// Switchovers at random times (about one per 8 simulated seconds), each followed by a
+/// giveback 0.2-3 s later that brings the ranges home again. A stream of its own (as the
+/// givebacks after faults), so adding it left those as they were.
+fn draw_handovers(seed: u64, end: Duration) -> Vec<(Duration, Fault)> {
+    use rand::SeedableRng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4a4d_0000_0000_0002);
+    let mut out = Vec::new();
+    let mut at = Duration::from_millis(500);
+    loop {
+        at += Duration::from_secs_f64(-(1.0 - rng.gen::<f64>()).ln() * 8.0);
+        if at >= end {
+            break;
+        }
+        let node = rng.gen_range(0..2);
+        let then_stop = maybe_crash(&mut rng);
+        out.push((at, Fault::Handover { node, then_stop }));
+        let back = at + between(&mut rng, Duration::from_millis(200), Duration::from_secs(3));
+        if back < end {
+            let then_stop = maybe_crash(&mut rng);
+            out.push((back, Fault::Giveback { then_stop }));
+        }
     }
     out
 }

@@ -22,7 +22,7 @@ use crate::net::{Latency, SimNet};
 use crate::trace::{self, SharedTrace, Trace, TraceLayer};
 use nvmirror::cluster::ClusterSetup;
 use nvmirror::config::{DegradedPolicy, TakeoverPolicy};
-use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
+use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode, RangesToMove};
 use nvmirror::flusher::FlushPolicy;
 use nvmirror::host::Host;
 use nvmirror::lease::DiskLease;
@@ -963,9 +963,14 @@ impl World {
                     self.after(duration, Event::FlushResume { node, life_no });
                 }
             }
-            Fault::Giveback { then_stop } => {
-                for n in 0..NODES {
-                    self.give_back(n);
+            Fault::Giveback { then_stop } | Fault::Handover { then_stop, .. } => {
+                match f {
+                    Fault::Handover { node, .. } => self.move_ranges(node, RangesToMove::OwnRanges),
+                    _ => {
+                        for n in 0..NODES {
+                            self.move_ranges(n, RangesToMove::PartnersRanges);
+                        }
+                    }
                 }
                 if let Some((victim, power, after)) = then_stop {
                     let down = self.timeout() * 2;
@@ -980,9 +985,10 @@ impl World {
         }
     }
 
-    /// What `nvmirrorctl giveback` does on `node` (if it runs and is not paused): hand the
-    /// partner the ranges its config gives the partner, flushed first.
-    fn give_back(&self, node: usize) {
+    /// What `nvmirrorctl giveback` (or `handover`) does on `node`, if it runs and is not
+    /// paused: hand the partner the ranges its config gives the partner (or this node),
+    /// flushed first.
+    fn move_ranges(&self, node: usize, which: RangesToMove) {
         let Some(r) = self.nodes[node]
             .run
             .as_ref()
@@ -992,17 +998,19 @@ impl World {
         };
         let (engine, link, shared) = (r.engine.clone(), r.link.clone(), self.shared.clone());
         r.life.spawn(async move {
+            let what = match which {
+                RangesToMove::PartnersRanges => "giveback",
+                RangesToMove::OwnRanges => "handover",
+            };
             let moved = engine
-                .give_back(
-                    nvmirror::engine::RangesToMove::PartnersRanges,
-                    Duration::from_secs(2),
-                    || nvmirror::node::link::tell_partner_to_reload(&link),
-                )
+                .give_back(which, Duration::from_secs(2), || {
+                    nvmirror::node::link::tell_partner_to_reload(&link)
+                })
                 .await;
             match moved {
                 Ok(0) => {}
-                Ok(n) => shared.note(format!("n{node}: gave {n} range(s) back")),
-                Err(e) => shared.note(format!("n{node}: giveback failed: {e}")),
+                Ok(n) => shared.note(format!("n{node}: {what}: moved {n} range(s)")),
+                Err(e) => shared.note(format!("n{node}: {what} failed: {e}")),
             }
         });
     }

@@ -31,9 +31,13 @@ struct Args {
     /// path-failure, flush-pause.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
-    /// No operator givebacks (the scenarios seeds named before they were simulated).
+    /// No operator givebacks or handovers (the scenarios seeds named before they were
+    /// simulated).
     #[arg(long)]
     no_givebacks: bool,
+    /// No operator handovers (the scenarios seeds named before they were simulated).
+    #[arg(long)]
+    no_handovers: bool,
     /// Force the takeover policy of both nodes: auto or manual (default: drawn per seed).
     #[arg(long)]
     takeover: Option<String>,
@@ -142,7 +146,10 @@ fn main() {
             Some(other) => return Err(format!("--takeover {other:?}: use auto or manual")),
         };
         if args.no_givebacks {
-            m.givebacks = false;
+            m = m.without_givebacks();
+        }
+        if args.no_handovers {
+            m = m.without_handovers();
         }
         Ok(m)
     }) {

@@ -490,15 +490,9 @@ impl Cluster {
     }
 
     /// Re-reads the table on the medium (the partner changed it, e.g. gave ranges back) and
-    /// routes accordingly. Ranges being taken over keep their closed gates.
-    pub fn reload(&self) -> Result<(), ownership::TableError> {
-        let reloaded = self.reload_noting_losses(&mut |_| {})?;
-        self.finish_takeover(&reloaded.held_again);
-        Ok(())
-    }
-
-    /// [`Cluster::reload`], and which ranges we lost since we last read the table: ours then,
-    /// another node's now or ours under a newer epoch (taken from us and given back). Before
+    /// routes accordingly (ranges being taken over keep their closed gates), and returns
+    /// which ranges we lost since we last read the table: ours then, another node's now or
+    /// ours under a newer epoch (taken from us and given back). Before
     /// the new table counts as read, `on_lost` hears of them (the node kills its records of
     /// them). The gates of the ranges held again stay closed until the caller's
     /// [`Cluster::finish_takeover`].
@@ -750,7 +744,7 @@ mod tests {
         assert_eq!(view.state(0, 0), RangeState::Local);
         assert!(!view.table_is_current());
 
-        view.reload().expect("reload");
+        view.reload_noting_losses(&mut |_| {}).expect("reload");
         assert!(view.table_is_current());
         assert_eq!(view.state(0, 0), RangeState::Remote(1));
     }

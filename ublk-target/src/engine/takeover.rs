@@ -302,7 +302,7 @@ impl Engine {
         };
         if !self.drain(drain_timeout).await {
             return reopen(format!(
-                "staged writes did not reach the medium within {drain_timeout:?}; nothing was given back"
+                "staged writes did not reach the medium within {drain_timeout:?}; no range moved"
             ))
             .await;
         }
@@ -313,7 +313,7 @@ impl Engine {
         // since. A partner that does not answer is not running its engine, and gets nothing.
         if let Err(e) = tell_partner().await {
             return reopen(format!(
-                "node {} did not confirm it re-read the ownership table ({e}); nothing was given back",
+                "node {} did not confirm it re-read the ownership table ({e}); no range moved",
                 c.node_name(partner)
             ))
             .await;
