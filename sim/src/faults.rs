@@ -117,6 +117,12 @@ pub enum Fault {
         node: usize,
         then_stop: Option<(usize, bool, Duration)>,
     },
+    /// The operator takes the partner's ranges over on `node` (`nvmirrorctl takeover`
+    /// without --force): refused while the link is up, then it waits for the partner's disk
+    /// heartbeat to stop, or gives up.
+    Takeover {
+        node: usize,
+    },
 }
 
 /// Which faults a run may draw, and how often.
@@ -133,6 +139,9 @@ pub struct FaultMix {
     /// Operator handovers at random times, each followed by a giveback (a stream of their
     /// own too).
     pub handovers: bool,
+    /// With `takeover = "manual"`: the operator's takeovers (`nvmirrorctl takeover`, what
+    /// Pacemaker's promote runs) after faults that cut a node off or stop it.
+    pub takeovers: bool,
 }
 
 impl FaultMix {
@@ -156,6 +165,7 @@ impl FaultMix {
             takeover_auto: None,
             givebacks: true,
             handovers: true,
+            takeovers: true,
         }
     }
 
@@ -164,13 +174,15 @@ impl FaultMix {
     pub fn without_givebacks(mut self) -> FaultMix {
         self.givebacks = false;
         self.handovers = false;
+        self.takeovers = false;
         self
     }
 
-    /// The same mix without operator handovers (the scenarios seeds named before they were
-    /// simulated).
+    /// The same mix without operator handovers and takeovers, with only the givebacks after
+    /// faults (the scenarios the giveback seeds were found in).
     pub fn without_handovers(mut self) -> FaultMix {
         self.handovers = false;
+        self.takeovers = false;
         self
     }
 
@@ -182,6 +194,7 @@ impl FaultMix {
             takeover_auto: None,
             givebacks: false,
             handovers: false,
+            takeovers: false,
         }
     }
 
@@ -242,6 +255,12 @@ impl Settings {
         let mut s = Self::draw_settings(seed, duration, mix);
         if let Some(auto) = mix.takeover_auto {
             s.takeover_auto = auto;
+        }
+        if mix.takeovers && !s.takeover_auto {
+            let t = s.heartbeat_timeout;
+            let end = duration.saturating_sub(Duration::from_secs(1));
+            let takeovers = draw_takeovers(seed, &s.faults, t, end);
+            s.faults.extend(takeovers);
         }
         s
     }
@@ -393,6 +412,38 @@ fn maybe_crash(rng: &mut ChaCha8Rng) -> Option<(usize, bool, Duration)> {
             between(rng, Duration::ZERO, Duration::from_millis(50)),
         )
     })
+}
+
+/// With `takeover = "manual"`: after most faults that cut a node off or stop it, the
+/// operator runs a takeover on the other node 0-3 heartbeat timeouts later (while the fault
+/// may still last: a cut node is alive, a paused one frozen, a killed one down).
+fn draw_takeovers(
+    seed: u64,
+    faults: &[(Duration, Fault)],
+    t: Duration,
+    end: Duration,
+) -> Vec<(Duration, Fault)> {
+    use rand::SeedableRng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7a6e_0000_0000_0003);
+    let mut out = Vec::new();
+    for (at, f) in faults {
+        let victim = match f {
+            Fault::Cut { from, .. } => *from,
+            Fault::Pause { node, .. }
+            | Fault::Kill { node, .. }
+            | Fault::PowerCut { node, .. }
+            | Fault::PathFailure { node, .. } => *node,
+            _ => continue,
+        };
+        if !rng.gen_bool(0.7) {
+            continue;
+        }
+        let when = *at + between(&mut rng, Duration::ZERO, t * 3);
+        if when < end {
+            out.push((when, Fault::Takeover { node: 1 - victim }));
+        }
+    }
+    out
 }
 
 /// Switchovers at random times (about one per 8 simulated seconds), each followed by a

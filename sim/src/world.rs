@@ -963,6 +963,7 @@ impl World {
                     self.after(duration, Event::FlushResume { node, life_no });
                 }
             }
+            Fault::Takeover { node } => self.operator_takeover(node),
             Fault::Giveback { then_stop } | Fault::Handover { then_stop, .. } => {
                 match f {
                     Fault::Handover { node, .. } => self.move_ranges(node, RangesToMove::OwnRanges),
@@ -983,6 +984,42 @@ impl World {
                 }
             }
         }
+    }
+
+    /// What `nvmirrorctl takeover` (no --force) does on `node`, if it runs and is not
+    /// paused: refused while the partner is connected; else waits for the partner's disk
+    /// heartbeat to stop (or gives up), then claims and replays the partner's ranges.
+    fn operator_takeover(&self, node: usize) {
+        let Some(r) = self.nodes[node]
+            .run
+            .as_ref()
+            .filter(|r| !r.life.is_paused())
+        else {
+            return;
+        };
+        if r.link.state().is_up() {
+            self.note(format!(
+                "n{node}: takeover refused: the partner is reachable"
+            ));
+            return;
+        }
+        let (engine, shared) = (r.engine.clone(), self.shared.clone());
+        let from = 1 - node as u32;
+        r.life.spawn(async move {
+            let taken = match engine.await_partner_silence(from).await {
+                Ok(()) => engine
+                    .take_over_ranges(from, None, Duration::from_millis(100))
+                    .await
+                    .map(|r| r.records),
+                Err(e) => Err(e),
+            };
+            match taken {
+                Ok(n) => shared.note(format!(
+                    "n{node}: operator takeover done ({n} record(s) replayed)"
+                )),
+                Err(e) => shared.note(format!("n{node}: operator takeover refused: {e}")),
+            }
+        });
     }
 
     /// What `nvmirrorctl giveback` (or `handover`) does on `node`, if it runs and is not

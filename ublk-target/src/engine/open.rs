@@ -332,6 +332,9 @@ impl Engine {
             serving,
             stopping: Arc::default(),
         });
+        engine
+            .finish_noted_takeover()
+            .map_err(EngineError::Replay)?;
         engine.start_tasks(opts.flush)?;
         engine.follow_the_lease()?;
         Ok(engine)
@@ -678,7 +681,8 @@ fn format(
         let blank = [0u8; PartitionCheckpoint::SLOT_BYTES as usize];
         // Slot 1: the log's other checkpoint; 2 and 3: the second store's watermark of the
         // partner's log (forgotten: a fresh format holds none of the partner's records).
-        for slot in 1..4 {
+        // Slot 4 (partition 0's): a takeover note (`nvram::takeover_note`), none after a format.
+        for slot in 1..5 {
             region.write_at(layout.checkpoint_offset(p, slot), &blank);
             region.persist(
                 layout.checkpoint_offset(p, slot),

@@ -8,10 +8,16 @@
 
 use super::core::{Engine, ReplayReport};
 use super::takeover_state::{FlushDelegate, RangesToMove, TakeoverProgress};
-use crate::cluster::NodeId;
+use crate::cluster::{NodeId, RangeState};
+use crate::lease::Verdict;
 use crate::mirror::ReplayError;
+use crate::nvram::takeover_note::{self, TakeoverNote};
+use crate::nvram::Layout;
 use std::future::Future;
 use std::time::Duration;
+
+/// How often an operator's takeover looks at the partner's heartbeat while it waits.
+const SILENCE_POLL: Duration = Duration::from_millis(100);
 
 impl Engine {
     /// Whether a takeover follows if the partner dies (the daemon sets it while the partner is
@@ -67,6 +73,53 @@ impl Engine {
         self.take_over_ranges(from, None, grace).await
     }
 
+    /// An operator's takeover (`nvmirrorctl takeover` without `--force`, Pacemaker's
+    /// promote) needs `from` stopped: with the link down it may only be cut off, and still
+    /// serve its ranges. Waits (at most the lease's `dead_after` plus two renewals) until the
+    /// disk lease judges its heartbeat dead, as an automatic takeover does; an error if it
+    /// keeps renewing. Without a disk lease there is nothing to wait for.
+    pub async fn await_partner_silence(&self, from: NodeId) -> Result<(), String> {
+        let Some(lease) = self.cluster.as_ref().and_then(|c| c.lease()) else {
+            return Ok(());
+        };
+        let timing = lease.timing();
+        let deadline = self.host.now() + timing.dead_after() + timing.renew * 2;
+        let name = self
+            .cluster
+            .as_ref()
+            .map_or(String::new(), |c| c.node_name(from).to_string());
+        let mut said = false;
+        loop {
+            // The link counts as much as the heartbeat (an automatic takeover needs both
+            // silent): a partner whose medium path failed serves on while we write for it.
+            if self.mirror.is_up() {
+                return Err(format!(
+                    "node {name} is reachable over the mirror link: it is running; taking over now would give two owners the same ranges"
+                ));
+            }
+            match lease.verdict(from) {
+                // Unknown: this node does not hold its own lease; the takeover refuses.
+                Verdict::Dead { .. } | Verdict::Absent | Verdict::Unknown => return Ok(()),
+                Verdict::Alive { ago } => {
+                    if self.host.now() >= deadline {
+                        return Err(format!(
+                            "node {name}'s disk heartbeat still renews (it changed {} ms ago): it is running, only unreachable, and may serve its ranges; stop it or fence it (a fenced, powered-off node: --force takes over without waiting)",
+                            ago.as_millis()
+                        ));
+                    }
+                    if !said {
+                        tracing::warn!(
+                            "takeover: waiting for node {name}'s disk heartbeat to stop (at most {} ms)",
+                            (timing.dead_after() + timing.renew * 2).as_millis()
+                        );
+                        said = true;
+                    }
+                    self.host.sleep(SILENCE_POLL).await;
+                }
+            }
+        }
+    }
+
     /// Takeover of some of `from`'s ranges (`only`: (LUN index, range) pairs), or all.
     pub async fn take_over_ranges(
         &self,
@@ -81,6 +134,7 @@ impl Engine {
         if c.lease().is_some_and(|l| !l.holds()) {
             return Err("this node does not hold its disk lease, so it may not claim ranges on the medium; check its path to the medium".into());
         }
+        let _moving = self.takeover.begin_move()?;
         // The table first: while this node could not hear of it, ranges may have moved
         // (away from it, too: its records of those die, see `lost_ranges`).
         if let Err(e) = self.reload_ownership().await {
@@ -116,8 +170,24 @@ impl Engine {
                 "killing this node's old records of the ranges failed, nothing was taken: {e}"
             ));
         }
+        // Noted before the claim, cleared after the replay: a crash in between is finished
+        // at the next start (`nvram::takeover_note`).
+        let note = TakeoverNote {
+            from,
+            ranges: wanted
+                .iter()
+                .filter_map(|&(l, r)| self.luns.get(l as usize).map(|lun| lun.first_range + r))
+                .collect(),
+        };
+        if let Err(e) = self.write_takeover_note(Some(&note)) {
+            self.takeover_phase(format!("failed: {e}"));
+            return Err(format!(
+                "noting the takeover in the NVRAM failed, nothing was taken: {e}"
+            ));
+        }
         let moved = match c.begin_takeover(from, only) {
             Ok(m) if m.is_empty() && only.is_some() => {
+                let _ = self.write_takeover_note(None);
                 self.takeover_phase("failed: none of the given ranges is the partner's".into());
                 return Err(format!(
                     "none of the given ranges belongs to node {} (see the ownership table in status)",
@@ -126,6 +196,10 @@ impl Engine {
             }
             Ok(m) => m,
             Err(e) => {
+                // Nothing was claimed (`begin_takeover`): nothing to finish at a restart.
+                if let Err(e) = self.write_takeover_note(None) {
+                    tracing::error!(error = %e, "clearing the takeover note in the NVRAM failed");
+                }
                 self.takeover_phase(format!("failed: {e}"));
                 return Err(e.to_string());
             }
@@ -173,6 +247,15 @@ impl Engine {
                 if let Some(ss) = &self.second_store {
                     ss.pin(None);
                 }
+                // Before the gates open: once we write these ranges, replaying the note's
+                // records again at a restart would land them over newer data.
+                if let Err(e) = self.write_takeover_note(None) {
+                    let why = format!(
+                        "clearing the takeover note in the NVRAM failed, ranges stay closed: {e}"
+                    );
+                    self.takeover_phase(format!("failed: {why}"));
+                    return Err(why);
+                }
                 r
             }
             Err(e) => {
@@ -194,6 +277,49 @@ impl Engine {
             moved.len()
         );
         Ok(report)
+    }
+
+    fn write_takeover_note(&self, note: Option<&TakeoverNote>) -> std::io::Result<()> {
+        takeover_note::write(&self.region, &Layout::of(&self.sb), note)
+    }
+
+    /// At start, before anything is served: a takeover this node had claimed but not
+    /// replayed when it stopped is finished (the partner's mirrored writes of those of the
+    /// noted ranges the table gives us go to the medium), then the note is cleared.
+    pub(super) fn finish_noted_takeover(&self) -> Result<(), String> {
+        let Some(note) = takeover_note::read(&self.region, &Layout::of(&self.sb)) else {
+            return Ok(());
+        };
+        if let Some(c) = &self.cluster {
+            let ours: Vec<(u32, u32)> = self
+                .luns
+                .iter()
+                .enumerate()
+                .flat_map(|(l, lun)| {
+                    (0..lun.ranges)
+                        .filter(|r| note.ranges.contains(&(lun.first_range + r)))
+                        .map(move |r| (l as u32, r))
+                })
+                .filter(|&(l, r)| c.state(l, r) == RangeState::Local)
+                .collect();
+            if !ours.is_empty() {
+                tracing::warn!(
+                    "a takeover of {} range(s) from node {} was under way when this node stopped: replaying its mirrored writes now",
+                    ours.len(),
+                    c.node_name(note.from)
+                );
+                let report = self
+                    .replay_mirror_of(note.from, Some(&ours))
+                    .map_err(|e| format!("finishing the interrupted takeover's replay: {e}"))?;
+                tracing::warn!(
+                    "interrupted takeover finished: {} mirrored record(s), {} bytes, written to the medium",
+                    report.records,
+                    report.bytes
+                );
+            }
+        }
+        self.write_takeover_note(None)
+            .map_err(|e| format!("clearing the takeover note in the NVRAM: {e}"))
     }
 
     /// Takeover: writes every record the partner mirrored to us into the medium. Call it
@@ -285,6 +411,7 @@ impl Engine {
         if ranges.is_empty() {
             return Ok(0);
         }
+        let _moving = self.takeover.begin_move()?;
         let held = c.owners_of(&ranges);
         c.close_gates(&ranges);
         // The ranges may have moved while their gates were closed (we were cut off and the

@@ -57,9 +57,36 @@ pub(super) struct TakeoverState {
     /// The partner was connected while its disk heartbeat never showed on our medium: the
     /// two nodes do not share the medium, so a takeover would serve a stale copy.
     partner_elsewhere: AtomicBool,
+    /// A takeover or a planned move (giveback, handover) is under way: one at a time, or a
+    /// handover could give away a range a takeover has claimed and not replayed yet
+    /// (simulator seed 700188).
+    moving: AtomicBool,
+}
+
+/// Held while a range move runs; lets the next one start when dropped.
+pub(super) struct MoveGuard<'a>(&'a AtomicBool);
+
+impl Drop for MoveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl TakeoverState {
+    /// Starts a range move, or says which kind of move is under way.
+    pub(super) fn begin_move(&self) -> Result<MoveGuard<'_>, String> {
+        match self
+            .moving
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => Ok(MoveGuard(&self.moving)),
+            Err(_) => Err(
+                "another range move (takeover, giveback or handover) is under way on this node; try again when it is done"
+                    .into(),
+            ),
+        }
+    }
+
     pub(super) fn expected(&self) -> bool {
         self.expected.load(Ordering::SeqCst)
     }

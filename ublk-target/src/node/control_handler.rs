@@ -139,6 +139,11 @@ impl ControlHandler {
             Err(message) => return error(message),
         };
         let from = c.mirrored_for_us().first().copied().unwrap_or(c.partner());
+        if !force {
+            if let Err(message) = block_on(self.engine.await_partner_silence(from)) {
+                return error(message);
+            }
+        }
         match block_on(
             self.engine
                 .take_over_ranges(from, only.as_deref(), self.grace),

@@ -3,8 +3,9 @@
 //! `region` maps the device and makes byte ranges durable, `layout` places the superblock,
 //! the per-partition checkpoints and the partition logs, `record` is the on-NVRAM format of
 //! one staged write, `scan` reads a partition log back after a restart, and `void` is the
-//! record that kills a node's older records of a range it lost. `memory` is an
-//! NVRAM in process memory for the simulator.
+//! record that kills a node's older records of a range it lost. `takeover_note` keeps a
+//! takeover's ranges from its claim to the end of its replay. `memory` is an NVRAM in
+//! process memory for the simulator.
 
 pub mod cpu_cache;
 pub mod layout;
@@ -13,6 +14,7 @@ pub mod out_of_sync;
 pub mod record;
 pub mod region;
 pub mod scan;
+pub mod takeover_note;
 pub mod void;
 
 pub use layout::{Layout, PartitionCheckpoint, Superblock};
