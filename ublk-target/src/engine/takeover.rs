@@ -18,6 +18,8 @@ use std::time::Duration;
 
 /// How often an operator's takeover looks at the partner's heartbeat while it waits.
 const SILENCE_POLL: Duration = Duration::from_millis(100);
+/// How often a takeover whose replay failed (the medium failing) tries it again.
+const REPLAY_RETRY: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Whether a takeover follows if the partner dies (the daemon sets it while the partner is
@@ -242,29 +244,40 @@ impl Engine {
         self.takeover_phase("replaying".into());
         // Only the records of the ranges moved now: a held copy of a range `from` no longer
         // owned (it moved earlier, while `from` was cut off) is stale.
-        let report = match self.replay_mirror_of(from, Some(&moved)) {
-            Ok(r) => {
-                if let Some(ss) = &self.second_store {
-                    ss.pin(None);
+        let mut last_failure = String::new();
+        let report = loop {
+            match self.replay_mirror_of(from, Some(&moved)) {
+                Ok(r) => break r,
+                Err(e) => {
+                    // The gates stay closed (serving these ranges now could lose writes)
+                    // until the replay succeeds: the medium may come back (a path failure),
+                    // and nothing else would replay it while this node runs (the partner
+                    // skips ranges it lost). A restart finishes it too (the note).
+                    let why = format!("takeover replay failed, ranges stay closed: {e}");
+                    if self.stopping.is_set() {
+                        self.takeover_phase(format!("failed: {why}"));
+                        return Err(why);
+                    }
+                    if why != last_failure {
+                        tracing::error!("{why}; retrying every {REPLAY_RETRY:?}");
+                        last_failure = why.clone();
+                    }
+                    self.takeover_phase(format!("retrying: {why}"));
+                    self.host.sleep(REPLAY_RETRY).await;
                 }
-                // Before the gates open: once we write these ranges, replaying the note's
-                // records again at a restart would land them over newer data.
-                if let Err(e) = self.write_takeover_note(None) {
-                    let why = format!(
-                        "clearing the takeover note in the NVRAM failed, ranges stay closed: {e}"
-                    );
-                    self.takeover_phase(format!("failed: {why}"));
-                    return Err(why);
-                }
-                r
-            }
-            Err(e) => {
-                // Leave the gates closed: serving these ranges now could lose writes.
-                let why = format!("takeover replay failed, ranges stay closed: {e}");
-                self.takeover_phase(format!("failed: {why}"));
-                return Err(why);
             }
         };
+        if let Some(ss) = &self.second_store {
+            ss.pin(None);
+        }
+        // Before the gates open: once we write these ranges, replaying the note's records
+        // again at a restart would land them over newer data.
+        if let Err(e) = self.write_takeover_note(None) {
+            let why =
+                format!("clearing the takeover note in the NVRAM failed, ranges stay closed: {e}");
+            self.takeover_phase(format!("failed: {why}"));
+            return Err(why);
+        }
         c.finish_takeover(&moved);
         self.takeover.update(|p| {
             if let Some(p) = p.as_mut() {
