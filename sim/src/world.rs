@@ -986,15 +986,19 @@ impl World {
         }
     }
 
+    /// `node`'s process, if it runs and is not paused (an operator's command reaches it).
+    fn unpaused(&self, node: usize) -> Option<&Running> {
+        self.nodes[node]
+            .run
+            .as_ref()
+            .filter(|r| !r.life.is_paused())
+    }
+
     /// What `nvmirrorctl takeover` (no --force) does on `node`, if it runs and is not
     /// paused: refused while the partner is connected; else waits for the partner's disk
     /// heartbeat to stop (or gives up), then claims and replays the partner's ranges.
     fn operator_takeover(&self, node: usize) {
-        let Some(r) = self.nodes[node]
-            .run
-            .as_ref()
-            .filter(|r| !r.life.is_paused())
-        else {
+        let Some(r) = self.unpaused(node) else {
             return;
         };
         if r.link.state().is_up() {
@@ -1026,11 +1030,7 @@ impl World {
     /// paused: hand the partner the ranges its config gives the partner (or this node),
     /// flushed first.
     fn move_ranges(&self, node: usize, which: RangesToMove) {
-        let Some(r) = self.nodes[node]
-            .run
-            .as_ref()
-            .filter(|r| !r.life.is_paused())
-        else {
+        let Some(r) = self.unpaused(node) else {
             return;
         };
         let (engine, link, shared) = (r.engine.clone(), r.link.clone(), self.shared.clone());

@@ -160,17 +160,18 @@ fn seeds_that_found_bugs_pass() {
 /// over ranges the partner (restarted meanwhile) was serving: split brain.
 #[test]
 fn wider_sweep_seeds_pass() {
-    for seed in [
-        100_049, 100_128, 100_306, 100_589, 200_058, 200_380, 200_425, 200_488, 600_048,
-    ] {
-        let o = run(
-            &Settings::draw(
-                seed,
-                Duration::from_secs(20),
-                &FaultMix::all().without_givebacks(),
-            ),
-            false,
-        );
+    seeds_pass(
+        &[
+            100_049, 100_128, 100_306, 100_589, 200_058, 200_380, 200_425, 200_488, 600_048,
+        ],
+        &FaultMix::all().without_givebacks(),
+    );
+}
+
+/// Each of `seeds`, 20 simulated seconds of `mix`, passes.
+fn seeds_pass(seeds: &[u64], mix: &FaultMix) {
+    for &seed in seeds {
+        let o = run(&Settings::draw(seed, Duration::from_secs(20), mix), false);
         assert!(o.passed(), "seed {seed}:\n{}", show(&o));
     }
 }
@@ -187,17 +188,7 @@ fn wider_sweep_seeds_pass() {
 /// the entry it holds).
 #[test]
 fn giveback_seeds_pass() {
-    for seed in [7, 17, 51, 388] {
-        let o = run(
-            &Settings::draw(
-                seed,
-                Duration::from_secs(20),
-                &FaultMix::all().without_handovers(),
-            ),
-            false,
-        );
-        assert!(o.passed(), "seed {seed}:\n{}", show(&o));
-    }
+    seeds_pass(&[7, 17, 51, 388], &FaultMix::all().without_handovers());
 }
 
 /// Seeds that found bugs once the operator's takeovers were simulated (`takeover =
@@ -214,8 +205,5 @@ fn giveback_seeds_pass() {
 fn operator_takeover_seeds_pass() {
     let mut mix = FaultMix::all();
     mix.takeover_auto = Some(false);
-    for seed in [189, 386, 1000, 700_188] {
-        let o = run(&Settings::draw(seed, Duration::from_secs(20), &mix), false);
-        assert!(o.passed(), "seed {seed}:\n{}", show(&o));
-    }
+    seeds_pass(&[189, 386, 1000, 700_188], &mix);
 }

@@ -613,26 +613,13 @@ fn a_takes_back_a_range_it_lost(restart: bool) {
         on_medium("A's flusher did not write v1 over v2");
         return;
     }
-    // v1 and the void record that kills it are still in A's log. A stops (its NVRAM is
-    // free once the last reference to its engine is gone) and starts again.
-    let ClusterPair {
+    // v1 and the void record that kills it are still in A's log.
+    let Restarted {
         a,
-        b,
-        link_a,
-        link_b,
         medium,
-        table,
         rt,
         _dir,
-    } = p;
-    a.shutdown();
-    drop((a, link_a, b, link_b));
-    let nvram = _dir.path().join("nv-a");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while NvramRegion::open(&nvram, None).is_err() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let a = clustered(&nvram, 0, &medium, &table);
+    } = restart_a(p);
     let on_medium = |what: &str| {
         let m = medium.snapshot();
         assert!(m[off as usize..off as usize + 8192] == v2[..], "{what}");
@@ -706,6 +693,36 @@ fn a_giveback_to_a_node_that_lost_the_range_unnoticed_leaves_it_nothing_stale_to
         "B drained v2 before the move"
     );
 
+    let Restarted {
+        a,
+        medium,
+        rt,
+        _dir,
+    } = restart_a(p);
+    let replay = a.status().replay;
+    assert!(
+        medium.snapshot()[off as usize..off as usize + 8192] == v2[..],
+        "A's start-up replay did not write v1 over v2"
+    );
+    assert!(replay.skipped_dead >= 1, "{replay:?}");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let mut buf = vec![0u8; 8192];
+    rt.block_on(a.read_routed(0, off, &mut buf)).expect("read");
+    assert_eq!(buf, v2);
+    a.shutdown();
+}
+
+/// Node A started again from its NVRAM, on the pair's medium and table.
+struct Restarted {
+    a: Arc<Engine>,
+    medium: Arc<MemMedium>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+/// Stops both nodes (A's NVRAM is free once the last reference to its engine is gone) and
+/// starts A again.
+fn restart_a(p: ClusterPair) -> Restarted {
     let ClusterPair {
         a,
         b,
@@ -725,17 +742,12 @@ fn a_giveback_to_a_node_that_lost_the_range_unnoticed_leaves_it_nothing_stale_to
         std::thread::sleep(Duration::from_millis(20));
     }
     let a = clustered(&nvram, 0, &medium, &table);
-    let replay = a.status().replay;
-    assert!(
-        medium.snapshot()[off as usize..off as usize + 8192] == v2[..],
-        "A's start-up replay did not write v1 over v2"
-    );
-    assert!(replay.skipped_dead >= 1, "{replay:?}");
-    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
-    let mut buf = vec![0u8; 8192];
-    rt.block_on(a.read_routed(0, off, &mut buf)).expect("read");
-    assert_eq!(buf, v2);
-    a.shutdown();
+    Restarted {
+        a,
+        medium,
+        rt,
+        _dir,
+    }
 }
 
 /// A's acknowledged 8 KiB write at `off` (in its range 0), staged only (in A's NVRAM and B's
