@@ -567,18 +567,8 @@ fn takeover_replays_before_serving_and_the_old_owner_is_fenced() {
 /// A's own v1 is still in its log: it must never be read, flushed (`restart` false) or
 /// replayed at A's next start (`restart` true) over v2.
 fn a_takes_back_a_range_it_lost(restart: bool) {
-    let p = cluster_pair();
-    p.a.set_flush_paused(true);
     let off = 4096 * 3; // range 0: A's
-    let v1 = pattern(71, 8192);
-    p.rt.block_on(p.a.write(0, off, &v1)).expect("A writes v1");
-    p.link_a.clone().crash();
-    wait_for("B to see A down", || !p.link_b.state().is_up());
-    p.a.cluster().expect("c").set_forwarder(None);
-    p.b.cluster().expect("c").set_forwarder(None);
-    block_on(p.b.take_over(0, Duration::from_millis(10))).expect("B takes over");
-    let v2 = pattern(72, 8192);
-    p.rt.block_on(p.b.write(0, off, &v2)).expect("B writes v2");
+    let (p, v2) = a_loses_its_range_to_b(off, 71);
     assert!(p.b.drain_blocking(Duration::from_secs(10)));
     p.b.shutdown();
 
@@ -649,18 +639,8 @@ fn a_node_that_takes_back_a_range_it_lost_never_replays_its_old_records_at_resta
 /// (which voids the record durably), and only then moves the range.
 #[test]
 fn a_giveback_to_a_node_that_lost_the_range_unnoticed_leaves_it_nothing_stale_to_replay() {
-    let p = cluster_pair();
-    p.a.set_flush_paused(true);
     let off = 4096 * 5; // range 0: A's
-    let v1 = pattern(81, 8192);
-    p.rt.block_on(p.a.write(0, off, &v1)).expect("A writes v1");
-    p.link_a.clone().crash();
-    wait_for("B to see A down", || !p.link_b.state().is_up());
-    p.a.cluster().expect("c").set_forwarder(None);
-    p.b.cluster().expect("c").set_forwarder(None);
-    block_on(p.b.take_over(0, Duration::from_millis(10))).expect("B takes over");
-    let v2 = pattern(82, 8192);
-    p.rt.block_on(p.b.write(0, off, &v2)).expect("B writes v2");
+    let (p, v2) = a_loses_its_range_to_b(off, 81);
 
     // The partner's side of `tell_partner_to_reload`: A re-reads its table when asked, but
     // dies as the notice that the range is its own again reaches it.
@@ -710,6 +690,24 @@ fn a_giveback_to_a_node_that_lost_the_range_unnoticed_leaves_it_nothing_stale_to
     rt.block_on(a.read_routed(0, off, &mut buf)).expect("read");
     assert_eq!(buf, v2);
     a.shutdown();
+}
+
+/// A acknowledges v1 at `off` (its range 0; its flusher paused, so v1 stays staged), is cut
+/// off without hearing of anything after; B takes range 0 over and acknowledges v2 there.
+/// Returns the pair and v2 (v1 is pattern `seed`, v2 pattern `seed + 1`).
+fn a_loses_its_range_to_b(off: u64, seed: u64) -> (ClusterPair, Vec<u8>) {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    let v1 = pattern(seed, 8192);
+    p.rt.block_on(p.a.write(0, off, &v1)).expect("A writes v1");
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    p.a.cluster().expect("c").set_forwarder(None);
+    p.b.cluster().expect("c").set_forwarder(None);
+    block_on(p.b.take_over(0, Duration::from_millis(10))).expect("B takes over");
+    let v2 = pattern(seed + 1, 8192);
+    p.rt.block_on(p.b.write(0, off, &v2)).expect("B writes v2");
+    (p, v2)
 }
 
 /// Node A started again from its NVRAM, on the pair's medium and table.
