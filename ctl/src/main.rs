@@ -933,6 +933,15 @@ fn print_status(s: &DaemonStatus) {
         print_lease(l, e.may_serve);
         print_watchdog(s.watchdog.as_ref());
     }
+    if e.storage == "own" {
+        println!("storage: each node its own medium");
+        for (node, stale) in &e.outdated_media {
+            println!(
+                "OUTDATED: node {node}'s medium misses writes of {} range(s) {stale:?}; it takes none of them over until a resync",
+                stale.len()
+            );
+        }
+    }
     for r in &e.reservations {
         if let Some(error) = &r.error {
             println!(

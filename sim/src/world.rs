@@ -386,6 +386,7 @@ impl Boot {
                 DegradedPolicy::WriteThrough
             },
             cluster: Some(ClusterSetup {
+                storage: nvmirror::config::StorageMode::Shared,
                 me: id as u32,
                 nodes: (0..NODES).map(|n| format!("n{n}")).collect(),
                 table_store: self.table.clone(),

@@ -114,6 +114,19 @@ pub enum ReservationMode {
     Scsi3,
 }
 
+/// Where a cluster's LUNs live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageMode {
+    /// One medium per LUN that every node sees (dual-ported SAS, iSCSI); the ownership
+    /// table and the disk leases sit at its end.
+    #[default]
+    Shared,
+    /// Each node its own medium per LUN; every write reaches both (shared-nothing). The
+    /// table and the leases sit on `cluster.arbiter`, a small device both nodes see.
+    Own,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TakeoverPolicy {
@@ -169,6 +182,13 @@ pub struct ClusterSection {
     /// (the default).
     #[serde(default)]
     pub watchdog_timeout_s: Option<u32>,
+    /// "shared" (default): both nodes write one medium per LUN. "own": each node its own.
+    #[serde(default)]
+    pub storage: StorageMode,
+    /// With `storage = "own"`: a small device (at least 1 MiB) both nodes see, holding the
+    /// ownership table and the disk leases (as sbd's disk does), e.g. an iSCSI LUN.
+    #[serde(default)]
+    pub arbiter: Option<PathBuf>,
     /// Both nodes, in the same order on both; the first listens, the second connects.
     #[serde(rename = "node")]
     pub nodes: Vec<ClusterNode>,
@@ -569,6 +589,35 @@ impl NodeConfig {
                     _ => {}
                 }
             }
+            match (c.storage, &c.arbiter) {
+                (StorageMode::Own, None) => {
+                    return Err(invalid(
+                        "cluster.arbiter",
+                        "storage = \"own\" needs a small device both nodes see for the ownership table and the disk leases; set arbiter = \"/dev/disk/by-id/...\" (at least 1 MiB)",
+                    ))
+                }
+                (StorageMode::Shared, Some(_)) => {
+                    return Err(invalid(
+                        "cluster.arbiter",
+                        "is only used with storage = \"own\"; with a shared medium the table sits at its end: remove it",
+                    ))
+                }
+                _ => {}
+            }
+            if c.storage == StorageMode::Own {
+                if c.reservations != ReservationMode::None {
+                    return Err(invalid(
+                        "cluster.reservations",
+                        "SCSI-3 reservations fence a shared medium; with storage = \"own\" no medium is shared: use reservations = \"none\"",
+                    ));
+                }
+                if let Some(i) = self.luns.iter().position(|l| l.size.is_none()) {
+                    return Err(invalid(
+                        format!("lun[{i}].size"),
+                        "with storage = \"own\" each node has its own medium and both must present the same LUN: set the size explicitly (the same on both nodes)",
+                    ));
+                }
+            }
             if c.busy_poll_us > MAX_BUSY_POLL_US {
                 return Err(invalid(
                     "cluster.busy_poll_us",
@@ -760,6 +809,38 @@ device_id = 3
         assert!(e.contains("lun[0].size") && e.contains("4096"), "{e}");
         let e = err_of(&GOOD.replace("name = \"lun0\"", "name = \"lun 0\""));
         assert!(e.contains("lun[0].name"), "{e}");
+    }
+
+    #[test]
+    fn own_storage_needs_an_arbiter_and_explicit_lun_sizes() {
+        let cluster = |lun_size: &str, extra: &str| {
+            format!(
+                "{}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
+                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n",
+                GOOD.replace("size = \"1GiB\"", lun_size)
+            )
+        };
+        let sized = "size = \"1GiB\"";
+        let c = NodeConfig::parse(&cluster(sized, "")).expect("valid");
+        assert_eq!(c.cluster.map(|c| c.storage), Some(StorageMode::Shared));
+        let e = err_of(&cluster(sized, "storage = \"own\""));
+        assert!(
+            e.contains("cluster.arbiter") && e.contains("both nodes see"),
+            "{e}"
+        );
+        let e = err_of(&cluster(sized, "arbiter = \"/dev/sdz\""));
+        assert!(
+            e.contains("cluster.arbiter") && e.contains("only used"),
+            "{e}"
+        );
+        let own = "storage = \"own\"\narbiter = \"/dev/sdz\"";
+        let c = NodeConfig::parse(&cluster(sized, own)).expect("valid");
+        assert_eq!(c.cluster.map(|c| c.storage), Some(StorageMode::Own));
+        let e = err_of(&cluster("", own));
+        assert!(e.contains("lun[0].size") && e.contains("same"), "{e}");
+        let e = err_of(&cluster(sized, &format!("{own}\nreservations = \"scsi3\"")));
+        assert!(e.contains("cluster.reservations"), "{e}");
     }
 
     #[test]

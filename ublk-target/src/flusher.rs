@@ -3,7 +3,7 @@
 //!
 //! Order of one batch: ask the node whether it may still write the batch's ranges (fencing)
 //! -> write every record and sync each medium touched (`apply`) -> let the node record it
-//! (flush marks) -> drop the records from the staged-extent index (reads now go to the
+//! (flush marks; with a medium per node, the partner writes the batch to its own) -> drop the records from the staged-extent index (reads now go to the
 //! medium) -> `release` (checkpoint first, then the space is reusable) -> tell the node,
 //! which tells the partner to drop its copies. A medium error stops the batch: the partner
 //! may write it from its mirror ([`FlushContext::delegate`]); otherwise it is retried after a
@@ -40,6 +40,17 @@ pub trait FlushContext: Send + Sync {
         through_seq: u64,
         written: &[RecordMeta],
     ) -> Result<(), Fence>;
+    /// The batch (`batch`, of which `live` went to our medium) is synced there. With a
+    /// medium per node, the partner's must hold it too before the log space is released
+    /// (or be marked as missing it). Default: nothing to do (one shared medium).
+    fn copy_to_partner(
+        &self,
+        _partition: u32,
+        _batch: &[RecordMeta],
+        _live: &[RecordMeta],
+    ) -> BoxFuture<Result<(), Fence>> {
+        Box::pin(async { Ok(()) })
+    }
     /// The batch is flushed and its log space released: the partner may drop its copies.
     fn on_released(&self, partition: u32, through_seq: u64);
     /// Our path to the medium failed: ask the partner to write records `first..=last` of
@@ -128,6 +139,14 @@ impl Flusher {
                 self.context.on_synced(log.id, through_seq, &live)?;
                 Ok(bytes)
             });
+            let written = match written {
+                Ok(bytes) => self
+                    .context
+                    .copy_to_partner(log.id, &batch, &live)
+                    .await
+                    .map(|()| bytes),
+                Err(e) => Err(e),
+            };
             let failure = match written {
                 Ok(bytes) => match finish_batch(log, &self.luns, &batch) {
                     Ok(()) => {

@@ -412,6 +412,7 @@ fn clustered_sized(
             mirrored: true,
             degraded: DegradedPolicy::WriteThrough,
             cluster: Some(ClusterSetup {
+                storage: nvmirror::config::StorageMode::Shared,
                 me,
                 nodes: vec!["a".into(), "b".into()],
                 table_store: Arc::new(SharedTable(table.clone())),

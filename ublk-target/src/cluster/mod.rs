@@ -4,6 +4,7 @@
 //! change it.
 
 mod forward;
+pub mod outdated;
 pub mod policing;
 pub mod quorum;
 mod ranges;

@@ -12,6 +12,8 @@
 //! node list ([`NodeId`]); each node's mirror lives on its [`Cluster::partner_of`].
 
 use super::forward::Forwarder;
+use super::outdated::OutdatedMedia;
+use crate::config::StorageMode;
 use crate::flusher::Fence;
 use crate::lease::DiskLease;
 use crate::ownership::{self, OwnershipTable, RangeOwner, TableStore};
@@ -47,6 +49,8 @@ pub struct ClusterSetup {
     /// Persistent reservations on the media, already registered (`reservation`); empty
     /// without `cluster.reservations = "scsi3"`.
     pub reservations: Vec<Reservation>,
+    /// Shared medium, or each node its own (`outdated` marks then guard range moves).
+    pub storage: StorageMode,
 }
 
 pub struct Cluster {
@@ -68,6 +72,11 @@ pub struct Cluster {
     table_read_during: AtomicU64,
     reservations: Vec<Reservation>,
     cluster_id: u64,
+    /// With `storage = "own"`: which node's medium misses which ranges' writes.
+    outdated: Option<OutdatedMedia>,
+    /// What we marked outdated so far, per node (our slot, which only we write): a range
+    /// marked already costs no I/O. One read-modify-write of the slot at a time.
+    marking: Mutex<Option<Vec<std::collections::BTreeSet<u32>>>>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -106,6 +115,11 @@ impl Cluster {
         let table = ownership::load_or_init(setup.table_store.as_ref(), &setup.initial)?;
         let cluster_id = table.cluster_id;
         let gates = Self::gates_from(&table, setup.me);
+        let outdated = (setup.storage == StorageMode::Own).then(|| OutdatedMedia {
+            cluster_id,
+            nodes: setup.nodes.len() as u32,
+            ranges: table.luns.iter().map(|l| l.len() as u32).sum(),
+        });
         Ok(Cluster {
             me: setup.me,
             nodes: setup.nodes,
@@ -121,6 +135,8 @@ impl Cluster {
             table_read_during: AtomicU64::new(acquisition),
             cluster_id,
             reservations: setup.reservations,
+            outdated,
+            marking: Mutex::new(None),
         })
     }
 
@@ -182,6 +198,11 @@ impl Cluster {
     }
 
     /// The owner of `range` of `lun` as the medium's table says now (re-read).
+    /// The ownership table as the medium holds it now.
+    pub fn table_on_medium(&self) -> Result<Option<OwnershipTable>, ownership::TableError> {
+        ownership::load(self.store.as_ref())
+    }
+
     pub fn owner_on_medium(
         &self,
         lun: u32,
@@ -557,6 +578,79 @@ impl Cluster {
         self.gate_opened.notify_waiters();
     }
 
+    /// Each node keeps its own medium (`storage = "own"`).
+    pub fn own_storage(&self) -> bool {
+        self.outdated.is_some()
+    }
+
+    /// (LUN, range) -> the range's global number (LUNs' ranges numbered in order).
+    fn global_range(&self, (lun, range): LunRange) -> u32 {
+        let t = self.table();
+        t.luns
+            .iter()
+            .take(lun as usize)
+            .map(|l| l.len() as u32)
+            .sum::<u32>()
+            + range
+    }
+
+    /// With `storage = "own"`: durably marks `node`'s medium as missing writes of `ranges`
+    /// (see `outdated`); call it before the write is acknowledged or the copy dropped.
+    /// Nothing to do with a shared medium.
+    pub fn mark_outdated(
+        &self,
+        node: NodeId,
+        ranges: &[LunRange],
+    ) -> Result<(), ownership::TableError> {
+        let Some(media) = &self.outdated else {
+            return Ok(());
+        };
+        let global: std::collections::BTreeSet<u32> =
+            ranges.iter().map(|&r| self.global_range(r)).collect();
+        let mut marked = self.marking.lock().unwrap_or_else(|p| p.into_inner());
+        if marked
+            .as_ref()
+            .and_then(|m| m.get(node as usize))
+            .is_some_and(|m| global.is_subset(m))
+        {
+            return Ok(());
+        }
+        let wrote = media.mark(self.store.as_ref(), self.me, node, &global)?;
+        let known = marked.get_or_insert_with(|| vec![Default::default(); self.nodes.len()]);
+        if let Some(m) = known.get_mut(node as usize) {
+            m.extend(global.iter().copied());
+        }
+        if wrote {
+            tracing::warn!(
+                "node {}'s medium now misses writes of {} range(s) {:?} (marked outdated on the arbiter; it may not take them over until a resync)",
+                self.node_name(node),
+                ranges.len(),
+                ranges
+            );
+        }
+        Ok(())
+    }
+
+    /// With `storage = "own"`: the (LUN, range)s whose writes `node`'s medium misses.
+    pub fn outdated_ranges(&self, node: NodeId) -> Result<Vec<LunRange>, ownership::TableError> {
+        let Some(media) = &self.outdated else {
+            return Ok(Vec::new());
+        };
+        let global = media.of(self.store.as_ref(), node)?;
+        let t = self.table();
+        let mut out = Vec::new();
+        let mut first = 0u32;
+        for (lun, ranges) in t.luns.iter().enumerate() {
+            for r in 0..ranges.len() as u32 {
+                if global.contains(&(first + r)) {
+                    out.push((lun as u32, r));
+                }
+            }
+            first += ranges.len() as u32;
+        }
+        Ok(out)
+    }
+
     /// Partner unreachable: records on the medium that our `partition` is flushed through
     /// `seq` (of NVRAM log `log_id`), so a takeover does not replay stale mirror copies.
     pub fn record_flushed(
@@ -717,6 +811,7 @@ mod tests {
             ]],
         };
         let view = Cluster::open(ClusterSetup {
+            storage: StorageMode::Shared,
             me: 0,
             nodes: vec!["node-a".into(), "node-b".into()],
             table_store: store.clone(),

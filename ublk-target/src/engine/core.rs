@@ -87,6 +87,12 @@ pub enum EngineError {
     Lease(String),
     #[error("{0}")]
     Reservation(String),
+    #[error("the arbiter {path} (cluster.arbiter) is {size} bytes; it must hold at least {wanted} (the ownership table and the disk leases): use a bigger device")]
+    ArbiterTooSmall {
+        path: PathBuf,
+        size: u64,
+        wanted: u64,
+    },
 }
 
 /// An I/O request failed; `errno` goes back to the kernel.

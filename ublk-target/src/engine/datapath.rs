@@ -22,6 +22,7 @@ pub(super) enum Placement {
     Moved,
 }
 use crate::config::DegradedPolicy;
+use crate::host::run_blocking;
 use crate::index::{Extent, Piece, Source};
 use crate::log::{PartitionLog, RecordMeta};
 use crate::lun::Lun;
@@ -204,7 +205,11 @@ impl Engine {
                         // settled records only. (A record it releases dead shows below.)
                         settle(part, &s.record, s.wrap);
                         let seq = s.record.seq;
-                        let result = self.degraded(part, seq, mirror_attached, why).await;
+                        let range = self
+                            .luns
+                            .get(s.record.lun as usize)
+                            .map(|l| (s.record.lun, l.range_of(s.record.offset)));
+                        let result = self.degraded(part, seq, range, mirror_attached, why).await;
                         match result {
                             Err(_) if part.released_dead(seq) => (Ok(()), true),
                             r => (r, true),
@@ -307,6 +312,7 @@ impl Engine {
         &self,
         part: &PartitionLog,
         seq: u64,
+        range: Option<(u32, u32)>,
         had_mirror: bool,
         why: String,
     ) -> Result<(), IoError> {
@@ -315,6 +321,20 @@ impl Engine {
             return Ok(());
         }
         self.mirror.note_degraded(why);
+        // Each node its own medium: the partner's will miss this write, so it must never
+        // take the range over (stale) before a resync. Durable before the acknowledgement.
+        if let (Some(c), Some(range)) = (self.cluster.clone().filter(|c| c.own_storage()), range) {
+            let marked = run_blocking(self.host.as_ref(), move || {
+                c.mark_outdated(c.partner(), &[range])
+            })
+            .await;
+            marked.map_err(|e| {
+                IoError::new(
+                    libc::EIO,
+                    format!("the partner is away and marking its medium outdated on the arbiter failed: {e}"),
+                )
+            })?;
+        }
         match self.mirror.policy {
             DegradedPolicy::Nvram => Ok(()),
             // Keep two copies: the NVRAM one and the medium.

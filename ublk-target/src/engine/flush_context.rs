@@ -73,6 +73,60 @@ impl FlushContext for NodeFlushContext {
         self.check_fence(written)
     }
 
+    /// Each node its own medium: the partner writes the batch from its second store to its
+    /// medium (the request our medium-path failures use). If it cannot (unreachable, or the
+    /// batch has records it never got), its medium is marked outdated for the batch's
+    /// ranges before our log lets the records go: it then never takes them over stale.
+    fn copy_to_partner(
+        &self,
+        partition: u32,
+        batch: &[RecordMeta],
+        live: &[RecordMeta],
+    ) -> BoxFuture<Result<(), Fence>> {
+        let Some(c) = self.cluster.clone().filter(|c| c.own_storage()) else {
+            return Box::pin(async { Ok(()) });
+        };
+        let data: Vec<u64> = batch
+            .iter()
+            .filter(|r| r.kind != RecordKind::Wrap)
+            .map(|r| r.seq)
+            .collect();
+        // The partner writes a batch by its seqs: not one with dead or void records.
+        let whole = data.iter().copied().eq(live.iter().map(|r| r.seq));
+        let mut ranges: Vec<(u32, u32)> = live
+            .iter()
+            .filter(|r| matches!(r.kind, RecordKind::Data | RecordKind::Zero))
+            .filter_map(|r| Some((r.lun, self.luns.get(r.lun as usize)?.range_of(r.offset))))
+            .collect();
+        ranges.sort_unstable();
+        ranges.dedup();
+        let asked = match (whole, data.first(), data.last()) {
+            (true, Some(&first), Some(&last)) => {
+                Some(self.ask_partner_to_write(partition, first, last, data.len()))
+            }
+            _ => None,
+        };
+        Box::pin(async move {
+            let why = match asked {
+                Some(asked) => match asked.await {
+                    Ok(()) => return Ok(()),
+                    Err(why) => why,
+                },
+                None if ranges.is_empty() => return Ok(()),
+                None => "the batch holds records of a range this node lost".to_string(),
+            };
+            tracing::warn!(
+                partition,
+                "the partner's medium did not get this batch ({why})"
+            );
+            c.mark_outdated(c.partner(), &ranges).map_err(|e| {
+                Fence::Unreadable(format!(
+                    "marking the partner's medium outdated on the arbiter failed: {e}"
+                ))
+            })
+        })
+    }
+
     /// Once on the medium, the partner's copy can go.
     fn on_released(&self, partition: u32, through_seq: u64) {
         if let Some(m) = self.mirror.current() {
@@ -81,6 +135,27 @@ impl FlushContext for NodeFlushContext {
     }
 
     fn delegate(
+        &self,
+        partition: u32,
+        first: u64,
+        last: u64,
+        count: usize,
+    ) -> BoxFuture<Result<(), String>> {
+        if self.cluster.as_ref().is_some_and(|c| c.own_storage()) {
+            // Our records stay staged until our own medium is back: the partner writing its
+            // medium would leave ours without them.
+            return Box::pin(async {
+                Err("with storage = \"own\" the partner cannot write our medium for us".into())
+            });
+        }
+        self.ask_partner_to_write(partition, first, last, count)
+    }
+}
+
+impl NodeFlushContext {
+    /// Asks the partner to write our records `first..=last` of `partition` (`count` of them)
+    /// from its second store to the medium it writes.
+    fn ask_partner_to_write(
         &self,
         partition: u32,
         first: u64,

@@ -9,7 +9,7 @@ use super::takeover_state::TakeoverState;
 use crate::apply::{Applier, RecordWrite};
 use crate::block::BLOCK_SIZE;
 use crate::cluster::{Cluster, ClusterSetup};
-use crate::config::{DegradedPolicy, NodeConfig};
+use crate::config::{DegradedPolicy, NodeConfig, StorageMode};
 use crate::flusher::{FlushPolicy, Flusher, FlusherStats};
 use crate::log::{read_checkpoint, write_checkpoint, LogStart, PartitionLog};
 use crate::lun::{Lun, LunSpec};
@@ -32,10 +32,28 @@ impl Engine {
         mode: OpenMode,
     ) -> Result<Arc<Engine>, EngineError> {
         let mut specs = Vec::new();
-        let mut table_at = None;
+        // Each node its own media: the ownership table and the leases live on the arbiter.
+        let own_storage = cfg
+            .cluster
+            .as_ref()
+            .filter(|c| c.storage == StorageMode::Own);
+        let mut table_at = match own_storage.and_then(|c| c.arbiter.as_ref()) {
+            Some(arbiter) => {
+                let size = FileMedium::open(arbiter, None)?.size();
+                if size < METADATA_BYTES {
+                    return Err(EngineError::ArbiterTooSmall {
+                        path: arbiter.clone(),
+                        size,
+                        wanted: METADATA_BYTES,
+                    });
+                }
+                Some((arbiter.clone(), 0))
+            }
+            None => None,
+        };
         for lun in &cfg.luns {
             // A cluster keeps the ownership table at the end of the (shared) medium.
-            let reserve = if cfg.cluster.is_some() {
+            let reserve = if cfg.cluster.is_some() && own_storage.is_none() {
                 METADATA_BYTES
             } else {
                 0
@@ -106,6 +124,7 @@ impl Engine {
                     lease: Some(lease),
                     link_timeout: Duration::from_millis(c.heartbeat_timeout_ms),
                     reservations,
+                    storage: c.storage,
                 })
             }
             _ => None,
@@ -309,6 +328,28 @@ impl Engine {
             .collect();
 
         let second_store = SecondStoreArea::new(region.clone(), layout);
+        if let (Some(ss), Some(c)) = (&second_store, cluster.clone().filter(|c| c.own_storage())) {
+            // A mirror copy dropped before it reached our medium leaves our medium outdated.
+            let luns = luns.clone();
+            ss.keep_own_medium(Box::new(move |dropped: Option<&[(u32, u64)]>| {
+                let mut ranges: Vec<(u32, u32)> = match dropped {
+                    Some(d) => d
+                        .iter()
+                        .filter_map(|&(lun, off)| {
+                            Some((lun, luns.get(lun as usize)?.range_of(off)))
+                        })
+                        .collect(),
+                    None => luns
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(l, lun)| (0..lun.ranges).map(move |r| (l as u32, r)))
+                        .collect(),
+                };
+                ranges.sort_unstable();
+                ranges.dedup();
+                c.mark_outdated(c.me, &ranges).map_err(|e| e.to_string())
+            }));
+        }
         let mirror = Arc::new(MirrorSlot::new(opts.degraded));
         let serving = Arc::new(ServingRight::new(
             host.clone(),

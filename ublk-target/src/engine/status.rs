@@ -56,6 +56,13 @@ pub struct EngineStatus {
     /// The media's persistent reservations (`cluster.reservations = "scsi3"`).
     #[serde(default)]
     pub reservations: Vec<crate::reservation::ReservationStatus>,
+    /// "shared" or "own" (each node its own medium); empty on a single node.
+    #[serde(default)]
+    pub storage: String,
+    /// With `storage = "own"`: per node, the (LUN, range)s its medium misses writes of
+    /// (marked outdated on the arbiter; only nodes with any are listed).
+    #[serde(default)]
+    pub outdated_media: std::collections::BTreeMap<String, Vec<(u32, u32)>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -176,6 +183,24 @@ impl Engine {
                 .cluster
                 .as_ref()
                 .map(|c| c.reservation_status())
+                .unwrap_or_default(),
+            storage: match &self.cluster {
+                Some(c) if c.own_storage() => "own".into(),
+                Some(_) => "shared".into(),
+                None => String::new(),
+            },
+            outdated_media: self
+                .cluster
+                .as_ref()
+                .filter(|c| c.own_storage())
+                .map(|c| {
+                    (0..c.nodes.len() as u32)
+                        .filter_map(|n| {
+                            let stale = c.outdated_ranges(n).ok()?;
+                            (!stale.is_empty()).then(|| (c.node_name(n).to_string(), stale))
+                        })
+                        .collect()
+                })
                 .unwrap_or_default(),
         }
     }

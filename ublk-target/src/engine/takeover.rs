@@ -166,6 +166,28 @@ impl Engine {
             .into_iter()
             .filter(|r| only.is_none_or(|o| o.contains(r)))
             .collect();
+        // Each node its own medium: ours must hold every acknowledged write of the ranges
+        // (else we would serve old data), and the partner's misses what we write from now.
+        if c.own_storage() {
+            let stale = c
+                .outdated_ranges(c.me)
+                .map_err(|e| format!("reading the outdated-media marks on the arbiter: {e}"))?;
+            let stale: Vec<_> = wanted.iter().filter(|r| stale.contains(r)).collect();
+            if !stale.is_empty() {
+                self.takeover_phase("failed: this node's medium is outdated".into());
+                return Err(format!(
+                    "this node's medium misses acknowledged writes of {} of these range(s) {stale:?} (it was away, or dropped mirror copies, while they were written): taking them over would serve old data; nothing was taken. A resync would bring it up to date (not implemented yet: see docs/shared-nothing.md)",
+                    stale.len()
+                ));
+            }
+            if let Err(e) = c.mark_outdated(from, &wanted) {
+                self.takeover_phase(format!("failed: {e}"));
+                return Err(format!(
+                    "marking node {}'s medium outdated on the arbiter failed, nothing was taken: {e}",
+                    c.node_name(from)
+                ));
+            }
+        }
         if let Err(e) = self.void_ranges(&wanted).await {
             self.takeover_phase(format!("failed: {e}"));
             return Err(format!(
@@ -354,7 +376,9 @@ impl Engine {
         };
         let started = self.host.now();
         // What the partner flushed while it could not tell us (flush marks on the medium).
+        // (With a medium per node they describe the partner's medium, not ours: none apply.)
         let marks = match &self.cluster {
+            Some(c) if c.own_storage() => None,
             Some(c) => c.flush_marks_of(from).map_err(|e| {
                 ReplayError::Medium(format!("reading the partner's flush marks: {e}"))
             })?,
@@ -446,6 +470,27 @@ impl Engine {
             ))
             .await;
         }
+        // Each node its own medium: the partner's must hold every write of the ranges.
+        if c.own_storage() {
+            let stale = match c.outdated_ranges(partner) {
+                Ok(stale) => stale,
+                Err(e) => {
+                    return reopen(format!(
+                        "reading the outdated-media marks on the arbiter: {e}; no range moved"
+                    ))
+                    .await
+                }
+            };
+            let stale: Vec<_> = ranges.iter().filter(|r| stale.contains(r)).collect();
+            if !stale.is_empty() {
+                return reopen(format!(
+                    "node {}'s medium misses acknowledged writes of {} of these range(s) {stale:?} (it was away while they were written); it needs a resync first (not implemented yet: see docs/shared-nothing.md); no range moved",
+                    c.node_name(partner),
+                    stale.len()
+                ))
+                .await;
+            }
+        }
         // The partner first re-reads the table as it stands: if it lost these ranges without
         // noticing (paused or cut off when we took them), its staged records of them die
         // durably now (void records), before the table gives them back. Else a crash of the
@@ -500,13 +545,24 @@ impl Engine {
                 return Err("this node does not hold its disk lease either".into());
             }
         }
+        // The table is read once per request, not per record.
+        let table = std::cell::OnceCell::new();
         let owners = self.cluster.as_ref().map(|c| {
             let luns = self.luns.clone();
             move |lun: u32, offset: u64| -> Result<bool, String> {
                 let range = luns.get(lun as usize).map_or(0, |l| l.range_of(offset));
-                c.owner_on_medium(lun, range)
-                    .map(|o| o == Some(from))
-                    .map_err(|e| format!("reading the ownership table: {e}"))
+                let t = match table.get() {
+                    Some(t) => t,
+                    None => {
+                        let read = c
+                            .table_on_medium()
+                            .map_err(|e| format!("reading the ownership table: {e}"))?;
+                        table.get_or_init(|| read)
+                    }
+                };
+                Ok(t.as_ref()
+                    .and_then(|t| t.luns.get(lun as usize)?.get(range as usize))
+                    .is_some_and(|o| o.owner == from))
             }
         });
         let allowed = |lun: u32, offset: u64| -> Result<bool, String> {
@@ -516,7 +572,12 @@ impl Engine {
             }
         };
         let n = ss.write_for_partner(partition, first, last, count, &self.luns, &allowed)?;
-        tracing::warn!(partition, "the partner's medium path failed: wrote its records {first}..={last} from our second store");
+        if self.cluster.as_ref().is_some_and(|c| c.own_storage()) {
+            // Each node its own medium: this is how the partner's writes reach ours.
+            tracing::debug!(partition, "wrote the partner's records {first}..={last} ({n}) from our second store to our medium");
+        } else {
+            tracing::warn!(partition, "the partner's medium path failed: wrote its records {first}..={last} from our second store");
+        }
         Ok(n)
     }
 }

@@ -48,6 +48,11 @@ const WATERMARK_SLOT: u64 = 2;
 /// replayed yet, as (lun, offset) -> pinned.
 pub type Pin = Box<dyn Fn(u32, u64) -> bool + Send + Sync>;
 
+/// With a medium per node (`storage = "own"`): durably marks our medium as missing the
+/// records at these (lun, offset)s (None: records whose header is gone, so every range),
+/// before they are dropped unwritten. Err: keep them.
+pub type MarkOwnOutdated = Box<dyn Fn(Option<&[(u32, u64)]>) -> Result<(), String> + Send + Sync>;
+
 /// The partner's partitions inside our NVRAM.
 pub struct SecondStoreArea {
     region: Arc<NvramRegion>,
@@ -56,6 +61,8 @@ pub struct SecondStoreArea {
     /// Per partition: unreleased records, and the watermark.
     held: Mutex<Vec<PartnerPartition>>,
     pin: Mutex<Option<Pin>>,
+    /// Set with a medium per node: a release never drops a copy our medium lacks unmarked.
+    own_medium: Mutex<Option<MarkOwnOutdated>>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -78,6 +85,7 @@ impl SecondStoreArea {
                 layout.partitions as usize
             ]),
             pin: Mutex::new(None),
+            own_medium: Mutex::new(None),
         };
         let rebuilt: Vec<PartnerPartition> =
             (0..layout.partitions).map(|p| area.rebuild(p)).collect();
@@ -96,6 +104,95 @@ impl SecondStoreArea {
     /// skipped because it lost the range) must not drop their records: `pin` says which.
     pub fn pin(&self, pin: Option<Pin>) {
         *self.pin.lock().unwrap_or_else(|p| p.into_inner()) = pin;
+    }
+
+    /// With a medium per node: every held copy must reach our medium (the partner asks,
+    /// `write_for_partner`), and one a release drops unwritten marks our medium outdated.
+    pub fn keep_own_medium(&self, mark: MarkOwnOutdated) {
+        *self.own_medium.lock().unwrap_or_else(|p| p.into_inner()) = Some(mark);
+    }
+
+    fn own_medium_kept(&self) -> bool {
+        self.own_medium
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Drops the held records through `through_seq` of `partition` (they are on the
+    /// medium), except pinned ones, and moves the watermark.
+    fn release_held(&self, partition: u32, through_seq: u64) {
+        let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
+        let log = self.partition_log(partition);
+        let mut held = self.held();
+        let Some(pp) = held.get_mut(partition as usize) else {
+            return;
+        };
+        let rest = pp.records.split_off(&(through_seq + 1));
+        let released = std::mem::replace(&mut pp.records, rest);
+        let mut kept_below = None;
+        if let Some(pin) = pin.as_ref() {
+            for (seq, h) in released {
+                let pinned = self
+                    .held_header(log, partition, seq, &h)
+                    .is_some_and(|hd| pin(hd.lun, hd.offset));
+                if pinned {
+                    kept_below.get_or_insert(seq);
+                    pp.records.insert(seq, h);
+                }
+            }
+        }
+        // The watermark stops below a pinned record.
+        let through = kept_below.map_or(through_seq, |s| s - 1).min(through_seq);
+        if through > pp.released {
+            pp.released = through;
+            self.write_watermark(partition, pp);
+        }
+    }
+
+    /// With a medium per node, before a release through `through_seq` of `partition`: marks
+    /// our medium outdated for the copies it would drop unwritten. False: keep them.
+    fn mark_before_drop(&self, partition: u32, through_seq: u64) -> bool {
+        let own = self.own_medium.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mark) = own.as_ref() else {
+            return true;
+        };
+        let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
+        let log = self.partition_log(partition);
+        let (dropped, headless) = {
+            let held = self.held();
+            let Some(pp) = held.get(partition as usize) else {
+                return true;
+            };
+            let mut headless = false;
+            let mut dropped = Vec::new();
+            for (&seq, h) in pp.records.range(..=through_seq) {
+                match self.held_header(log, partition, seq, h) {
+                    // A pinned copy stays held (a takeover replays it).
+                    Some(hd) if pin.as_ref().is_some_and(|p| p(hd.lun, hd.offset)) => {}
+                    Some(hd) if matches!(hd.kind, RecordKind::Data | RecordKind::Zero) => {
+                        dropped.push((hd.lun, hd.offset))
+                    }
+                    Some(_) => {}
+                    None => headless = true,
+                }
+            }
+            (dropped, headless)
+        };
+        drop(pin);
+        if dropped.is_empty() && !headless {
+            return true;
+        }
+        match mark((!headless).then_some(dropped.as_slice())) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(
+                    partition,
+                    "mirrored record(s) our medium lacks would be dropped, and marking it outdated failed ({e}): kept"
+                );
+                false
+            }
+        }
     }
 
     fn held(&self) -> MutexGuard<'_, Vec<PartnerPartition>> {
@@ -422,8 +519,20 @@ impl SecondStoreArea {
             .map(|m| m.records.iter().map(|(s, h)| (*s, *h)).collect())
             .unwrap_or_default();
         let dead = self.void_marks(log, partition, every_held.iter().map(|(s, h)| (s, h)));
+        // With a medium per node the partner's request is the normal way its records reach
+        // ours: older held copies it never asked for (it replayed them itself at a restart)
+        // go first, in sequence order, so that our medium applies its writes in its order.
+        let older: Vec<(u64, Held)> = if self.own_medium_kept() {
+            every_held
+                .iter()
+                .filter(|(s, _)| *s < first)
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut applier = Applier::new(luns);
-        for (seq, h) in &held {
+        for (seq, h) in older.iter().chain(&held) {
             let header = self
                 .held_header(log, partition, *seq, h)
                 .ok_or_else(|| format!("mirrored record seq {seq} is not intact"))?;
@@ -447,8 +556,8 @@ impl SecondStoreArea {
                 .map_err(|e| e.to_string())?;
         }
         applier.sync().map_err(|e| e.to_string())?;
-        rdma_link::SecondStore::on_release(self, partition, last);
-        Ok(held.len())
+        self.release_held(partition, last);
+        Ok(older.len() + held.len())
     }
 }
 
@@ -518,6 +627,14 @@ impl rdma_link::SecondStore for SecondStoreArea {
                 "record {seq} of partition {partition} is not intact in the second store after its persist"
             ));
         };
+        let old_log_dropped = self.held().get(partition as usize).is_some_and(|pp| {
+            pp.log_id.is_some_and(|l| l != header.log_id) && !pp.records.is_empty()
+        });
+        if old_log_dropped && !self.mark_before_drop(partition, u64::MAX) {
+            return Err(format!(
+                "partition {partition}: the partner's log changed and our medium lacks copies of its old log that could not be marked outdated"
+            ));
+        }
         let mut held = self.held();
         let Some(pp) = held.get_mut(partition as usize) else {
             return Err(format!("partition {partition} has no second store here"));
@@ -546,31 +663,8 @@ impl rdma_link::SecondStore for SecondStoreArea {
     }
 
     fn on_release(&self, partition: u32, through_seq: u64) {
-        let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
-        let log = self.partition_log(partition);
-        let mut held = self.held();
-        let Some(pp) = held.get_mut(partition as usize) else {
-            return;
-        };
-        let rest = pp.records.split_off(&(through_seq + 1));
-        let released = std::mem::replace(&mut pp.records, rest);
-        let mut kept_below = None;
-        if let Some(pin) = pin.as_ref() {
-            for (seq, h) in released {
-                let pinned = self
-                    .held_header(log, partition, seq, &h)
-                    .is_some_and(|hd| pin(hd.lun, hd.offset));
-                if pinned {
-                    kept_below.get_or_insert(seq);
-                    pp.records.insert(seq, h);
-                }
-            }
-        }
-        // The watermark stops below a pinned record.
-        let through = kept_below.map_or(through_seq, |s| s - 1).min(through_seq);
-        if through > pp.released {
-            pp.released = through;
-            self.write_watermark(partition, pp);
+        if self.mark_before_drop(partition, through_seq) {
+            self.release_held(partition, through_seq);
         }
     }
 

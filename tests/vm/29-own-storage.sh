@@ -1,0 +1,106 @@
+#!/bin/bash
+# Shared-nothing, step 1 (issue #17): `storage = "own"`, each node its own medium, the
+# ownership table and disk leases on a small shared arbiter device.
+# 1. fio writes the whole LUN through node-a (half of it forwarded to node-b): after a drain
+#    both media hold the same bytes (cmp), no node is marked outdated, and every write
+#    verifies through node-b's device.
+# 2. node-a's flusher is paused, 300 more blocks are written, node-a is kill -9'd: node-b
+#    takes over, replays them from its second store into ITS medium, and fio verifies every
+#    acknowledged write through node-b's device. node-a's medium is marked outdated for the
+#    range (it misses the replayed writes and everything node-b writes alone).
+# 3. node-a restarts; a giveback of its range is refused (its medium is outdated, a resync
+#    does not exist yet) and nothing moves; every write still verifies through both devices.
+# vm-timeout: 300
+source "$NVM_REPO/tests/vm/lib/nvm.sh"
+nvm_init
+arbiter=$(nvm_medium arbiter 4)
+ma=$(nvm_medium medium-a 40)
+mb=$(nvm_medium medium-b 40)
+lun_mib=32
+for n in a b; do
+	medium=$ma
+	[[ $n == b ]] && medium=$mb
+	nvm_cluster_config $n "$medium" auto tcp 127.0.0.1 7851
+	sed -i "s|^takeover = .*|&\nstorage = \"own\"\narbiter = \"$arbiter\"|" node-$n.toml
+	echo "size = \"${lun_mib}MiB\"" >>node-$n.toml
+done
+"$NVMCTL" config check node-a.toml >/dev/null || { "$NVMCTL" config check node-a.toml; fail "config check of the own-storage config"; }
+grep -v '^arbiter' node-a.toml >no-arbiter.toml
+out=$("$NVMCTL" config check no-arbiter.toml 2>&1) && fail "a config with storage = own and no arbiter passed the check"
+grep -q 'cluster.arbiter' <<<"$out" || fail "config check does not name cluster.arbiter: $out"
+
+field() { "$NVMCTL" --config "node-$1.toml" status --json | python3 -c "import json,sys; e=json.load(sys.stdin)['engine']; print($2)"; }
+link_up() { nvm_status_has "node-$1.toml" '"link": "Up'; }
+wait_link() {
+	for _ in $(seq 300); do link_up a && link_up b && return 0; sleep 0.2; done
+	fail "the mirror link did not come up"
+}
+nvm_start node-a.toml daemon-a.log
+pid_a=$NVM_LAST_PID
+nvm_start node-b.toml daemon-b.log
+pid_b=$NVM_LAST_PID
+wait_link
+[[ $(field a 'e["storage"]') == own ]] || fail "node-a's status does not say storage = own"
+
+say "1. fio over the whole LUN through node-a (node-b's range forwarded), then a drain"
+whole=(--name=whole --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bsrange=4k-64k
+	--size=${lun_mib}M --number_ios=3000 --randseed=2901 --verify=crc32c --verify_fatal=1)
+fio "${whole[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-whole.log ||
+	{ cat fio-whole.log; fail "fio write through node-a"; }
+"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
+"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+for n in a b; do
+	held=$(field $n 'e["mirror"]["second_store"]["records"]')
+	[[ $held == 0 ]] || fail "node-$n's second store still holds $held record(s) after both drained"
+	stale=$(field $n 'e["outdated_media"]')
+	[[ $stale == "{}" ]] || fail "node-$n reports outdated media after a clean run: $stale"
+done
+cmp -n $((lun_mib << 20)) "$ma" "$mb" ||
+	fail "the two media differ after the drain: both nodes must apply every write"
+say "ok: both media hold the same $lun_mib MiB after the drain (cmp)"
+fio "${whole[@]}" --filename=/dev/ublkb1 --verify_only=1 --output=fio-whole-verify.log ||
+	{ cat fio-whole-verify.log; fail "verify through node-b"; }
+
+say "2. node-a's flusher paused, 300 more blocks, kill -9 node-a"
+"$NVMCTL" --config node-a.toml flush pause >/dev/null || fail "flush pause"
+staged=(--name=staged --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
+	--offset=0 --size=8M --number_ios=300 --randseed=2902
+	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
+fio "${staged[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-staged.log ||
+	{ cat fio-staged.log; fail "fio staged writes"; }
+kill -9 "$pid_a"
+nvm_wait_gone "$pid_a"
+for _ in $(seq 300); do
+	[[ $(field b '",".join(x["owner"] + "/" + x["state"] for x in e["ranges"])') == "node-b/local,node-b/local" ]] && break
+	sleep 0.1
+done
+[[ $(field b 'e["ranges"][0]["owner"]') == node-b ]] ||
+	{ "$NVMCTL" --config node-b.toml status; tail -20 daemon-b.log; fail "node-b did not take over"; }
+replayed=$(field b '(e.get("takeover") or {}).get("records_done", 0)')
+say "node-b took over and replayed $replayed mirrored record(s) into its own medium"
+((replayed >= 300)) || { tail -20 daemon-b.log; fail "takeover replayed $replayed records, expected at least 300"; }
+"$NVMCTL" del 0 >/dev/null 2>&1 || true
+fio "${staged[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-staged-verify.log ||
+	{ cat fio-staged-verify.log; fail "an acknowledged write was lost after node-b took over"; }
+stale=$(field b 'e["outdated_media"].get("node-a", [])')
+[[ $stale == *"[0, 0]"* ]] ||
+	fail "node-a's medium should be marked outdated for range 0 after the takeover, status says: $stale"
+say "ok: every acknowledged write verifies through node-b; node-a's medium is marked outdated for $stale"
+
+say "3. node-a restarts; a giveback to its outdated medium is refused"
+nvm_start node-a.toml daemon-a.log
+pid_a=$NVM_LAST_PID
+wait_link
+out=$("$NVMCTL" --config node-b.toml giveback --timeout 30 2>&1) &&
+	fail "giveback to a node whose medium is outdated succeeded: $out"
+grep -q 'misses acknowledged writes' <<<"$out" || fail "giveback refused without naming the outdated medium: $out"
+[[ $(field b '",".join(x["owner"] for x in e["ranges"])') == "node-b,node-b" ]] ||
+	fail "a range moved although the giveback was refused"
+say "ok: giveback refused: $(tail -1 <<<"$out")"
+fio "${staged[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-final-b.log ||
+	{ cat fio-final-b.log; fail "verify through node-b after the refused giveback"; }
+fio "${staged[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 --output=fio-final-a.log ||
+	{ cat fio-final-a.log; fail "verify through node-a (forwarded to node-b) after the refused giveback"; }
+nvm_stop "$pid_a"
+nvm_stop "$pid_b"
+say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, and an outdated medium gets nothing back"
