@@ -937,7 +937,7 @@ fn print_status(s: &DaemonStatus) {
         println!("storage: each node its own medium");
         for (node, stale) in &e.outdated_media {
             println!(
-                "OUTDATED: node {node}'s medium misses writes of {} range(s) {stale:?}; it takes none of them over until a resync",
+                "OUTDATED: node {node}'s medium misses writes of {} range(s) {stale:?}; it takes none of them over until a resync (which runs while the link is up) copies them",
                 stale.len()
             );
         }

@@ -133,6 +133,8 @@ pub struct FaultMix {
     pub rate: f64,
     /// Force `takeover = "auto"` (true) or `"manual"` (false) instead of drawing it.
     pub takeover_auto: Option<bool>,
+    /// `storage = "own"`: each node its own disk, the table on a third (the arbiter).
+    pub own_storage: bool,
     /// Operator givebacks after the faults that can move ranges (drawn from a stream of
     /// their own, so the other faults of a seed stay as they were without them).
     pub givebacks: bool,
@@ -163,6 +165,7 @@ impl FaultMix {
             ],
             rate: 0.4,
             takeover_auto: None,
+            own_storage: false,
             givebacks: true,
             handovers: true,
             takeovers: true,
@@ -192,6 +195,7 @@ impl FaultMix {
             kinds: kinds.iter().map(|k| (*k, 1)).collect(),
             rate,
             takeover_auto: None,
+            own_storage: false,
             givebacks: false,
             handovers: false,
             takeovers: false,
@@ -223,6 +227,8 @@ pub struct Settings {
     pub ranges: u32,
     pub partitions: u32,
     pub takeover_auto: bool,
+    /// Each node its own disk (`storage = "own"`).
+    pub own_storage: bool,
     pub degraded_nvram: bool,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -256,6 +262,7 @@ impl Settings {
         if let Some(auto) = mix.takeover_auto {
             s.takeover_auto = auto;
         }
+        s.own_storage = mix.own_storage;
         if mix.takeovers && !s.takeover_auto {
             let t = s.heartbeat_timeout;
             let end = duration.saturating_sub(Duration::from_secs(1));
@@ -291,6 +298,7 @@ impl Settings {
             ranges,
             partitions: 2,
             takeover_auto: rng.gen_bool(0.85),
+            own_storage: false,
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,
             heartbeat_timeout,

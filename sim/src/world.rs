@@ -135,7 +135,8 @@ struct Shared {
     violations: Mutex<Vec<String>>,
     ops: Mutex<BTreeMap<u64, Op>>,
     stats: Mutex<Stats>,
-    disk: Arc<SimDisk>,
+    /// Per node: the disk its LUN lives on (the same one for both, unless `storage = "own"`).
+    media: Vec<Arc<SimDisk>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -317,11 +318,16 @@ impl SecondStore for CheckedStore {
                 let Decoded::Version(v) = decode(block, chunk) else {
                     continue;
                 };
-                let on_disk = decode(
-                    block,
-                    &self.shared.disk.durable(block * BLOCK as u64, BLOCK),
-                );
-                let fine = matches!(on_disk, Decoded::Version(d) if d >= v)
+                // The release comes once the owner's medium holds the batch; with a medium
+                // per node, ours may hold it instead (our takeover replayed it; a copy
+                // dropped unwritten marks ours outdated, checked at the end).
+                let holds = |disk: &SimDisk| {
+                    let on_disk = decode(block, &disk.durable(block * BLOCK as u64, BLOCK));
+                    (matches!(on_disk, Decoded::Version(d) if d >= v), on_disk)
+                };
+                let (owner_holds, on_disk) = holds(&self.shared.media[1 - self.node]);
+                let fine = owner_holds
+                    || holds(&self.shared.media[self.node]).0
                     || lock(&self.shared.model).may_be_dropped(block, v)
                     || self.holds_version(block, v);
                 if !fine {
@@ -386,7 +392,11 @@ impl Boot {
                 DegradedPolicy::WriteThrough
             },
             cluster: Some(ClusterSetup {
-                storage: nvmirror::config::StorageMode::Shared,
+                storage: if s.own_storage {
+                    nvmirror::config::StorageMode::Own
+                } else {
+                    nvmirror::config::StorageMode::Shared
+                },
                 me: id as u32,
                 nodes: (0..NODES).map(|n| format!("n{n}")).collect(),
                 table_store: self.table.clone(),
@@ -507,7 +517,10 @@ struct World {
     s: Settings,
     rng: ChaCha8Rng,
     shared: Arc<Shared>,
+    /// The shared disk: the LUN and the table, or with `storage = "own"` the arbiter
+    /// (the table only; each node's LUN is on its own disk in `media`).
     disk: Arc<SimDisk>,
+    media: Vec<Arc<SimDisk>>,
     net: Arc<SimNet>,
     nodes: Vec<Node>,
     queue: BTreeMap<(Instant, u64), Event>,
@@ -517,6 +530,10 @@ struct World {
     /// Ranges already reported as served twice (one violation per episode).
     double_served: Vec<bool>,
     faults_over: bool,
+    /// With a medium per node, a write before the link is up marks the partner's medium
+    /// outdated for good (no resync yet): the clients wait for both nodes to mirror, so
+    /// that a run without faults checks both media.
+    clients_started: bool,
     start: Instant,
 }
 
@@ -559,6 +576,12 @@ impl World {
         let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
         let lun_bytes = s.lun_blocks * BLOCK as u64;
         let disk = SimDisk::new(NODES, lun_bytes, METADATA_BYTES);
+        let media: Vec<Arc<SimDisk>> = (0..NODES)
+            .map(|_| match s.own_storage {
+                true => SimDisk::new(NODES, lun_bytes, METADATA_BYTES),
+                false => disk.clone(),
+            })
+            .collect();
         let net_rng = ChaCha8Rng::seed_from_u64(rng.gen());
         let net = SimNet::new(
             net_rng,
@@ -578,7 +601,7 @@ impl World {
             violations: Mutex::new(Vec::new()),
             ops: Mutex::new(BTreeMap::new()),
             stats: Mutex::new(Stats::default()),
-            disk: disk.clone(),
+            media: media.clone(),
         });
         let nodes = (0..NODES)
             .map(|id| Node {
@@ -595,6 +618,7 @@ impl World {
             rng,
             shared,
             disk,
+            media,
             net,
             nodes,
             queue: BTreeMap::new(),
@@ -603,6 +627,7 @@ impl World {
             cuts: BTreeMap::new(),
             double_served: vec![false; s.ranges as usize],
             faults_over: false,
+            clients_started: false,
             start: Instant::now(),
         }
     }
@@ -619,6 +644,15 @@ impl World {
 
     fn note(&self, line: impl AsRef<str>) {
         self.shared.note(line);
+    }
+
+    /// Every disk a node's I/O reaches: the shared one, and its own with `storage = "own"`.
+    fn disks_of(&self, node: usize) -> Vec<Arc<SimDisk>> {
+        let mut d = vec![self.disk.clone()];
+        if self.s.own_storage {
+            d.push(self.media[node].clone());
+        }
+        d
     }
 
     fn outcome(&self) -> Outcome {
@@ -713,7 +747,9 @@ impl World {
             }
             Event::PathBack { node } => {
                 self.impair(-1);
-                self.disk.set_path_failed(node, false);
+                for d in self.disks_of(node) {
+                    d.set_path_failed(node, false);
+                }
                 self.note(format!("n{node}'s path to the disk works again"));
             }
             Event::FlushResume { node, life_no } => {
@@ -721,6 +757,16 @@ impl World {
                     r.engine.set_flush_paused(false);
                     self.note(format!("n{node}: flusher resumed"));
                 }
+            }
+            Event::IssueOp if self.s.own_storage && !self.clients_started => {
+                // With a medium per node the clients start once both nodes mirror.
+                let mirroring = self.nodes.iter().all(|n| {
+                    n.run
+                        .as_ref()
+                        .is_some_and(|r| r.engine.status().mirror.state == "mirroring")
+                });
+                self.clients_started = mirroring;
+                self.after(Duration::from_millis(20), Event::IssueOp);
             }
             Event::IssueOp => {
                 if !self.faults_over {
@@ -736,8 +782,10 @@ impl World {
             }
             Event::WriteBack => {
                 for n in 0..NODES {
-                    let rng = &mut self.rng;
-                    self.disk.write_back_some(n, |_| rng.gen_bool(0.3));
+                    for d in self.disks_of(n) {
+                        let rng = &mut self.rng;
+                        d.write_back_some(n, |_| rng.gen_bool(0.3));
+                    }
                 }
                 let gap = Duration::from_millis(self.rng.gen_range(50..1000));
                 self.after(gap, Event::WriteBack);
@@ -784,7 +832,7 @@ impl World {
             table,
             lease,
             nvram: node.nvram.clone(),
-            medium: Arc::new(self.disk.lun_view(id)),
+            medium: Arc::new(self.media[id].lun_view(id)),
             net: self.net.clone(),
             shared: self.shared.clone(),
             life_no: node.life_no,
@@ -839,15 +887,22 @@ impl World {
         life.kill();
         self.shared.node_died(node);
         if power {
-            let rng = &mut self.rng;
-            let (dirty, survived) = self.disk.power_cut(node, |_| rng.gen_bool(0.5));
+            let (mut dirty, mut survived) = (0, 0);
+            for d in self.disks_of(node) {
+                let rng = &mut self.rng;
+                let (lost, kept) = d.power_cut(node, |_| rng.gen_bool(0.5));
+                dirty += lost;
+                survived += kept;
+            }
             let rng = &mut self.rng;
             let (lines, kept) = self.nodes[node].nvram.power_cut(|_| rng.gen_bool(0.5));
             self.note(format!(
                 "n{node} loses power: {survived}/{dirty} dirty page(s) reached the disk, {kept}/{lines} unpersisted NVRAM line(s) survived"
             ));
         } else {
-            self.disk.process_died(node);
+            for d in self.disks_of(node) {
+                d.process_died(node);
+            }
             self.note(format!("n{node} is killed (kill -9)"));
         }
         true
@@ -954,7 +1009,9 @@ impl World {
             }
             Fault::PathFailure { node, duration } => {
                 self.impair(1);
-                self.disk.set_path_failed(node, true);
+                for d in self.disks_of(node) {
+                    d.set_path_failed(node, true);
+                }
                 self.after(duration, Event::PathBack { node });
             }
             Fault::FlushPause { node, duration } => {
@@ -1064,7 +1121,9 @@ impl World {
         self.cuts.clear();
         self.net.heal_all();
         for n in 0..NODES {
-            self.disk.set_path_failed(n, false);
+            for d in self.disks_of(n) {
+                d.set_path_failed(n, false);
+            }
             if let Some(r) = &self.nodes[n].run {
                 r.life.resume();
                 r.engine.set_flush_paused(false);
@@ -1183,6 +1242,68 @@ impl World {
         }
     }
 
+    /// With `storage = "own"`, once drained: every node's disk holds the acknowledged data of
+    /// every range it is not marked outdated for (both media converge), and no node owns a
+    /// range its medium is outdated for. False after a violation.
+    fn check_own_media(&self) -> bool {
+        let Some(engine) = self
+            .nodes
+            .iter()
+            .find_map(|n| n.run.as_ref().map(|r| r.engine.clone()))
+        else {
+            self.note("no node runs at the end: the media are not checked");
+            return true;
+        };
+        let status = engine.status();
+        let range_blocks = self.s.lun_blocks / self.s.ranges as u64;
+        for n in 0..NODES {
+            let stale = status
+                .outdated_media
+                .get(&format!("n{n}"))
+                .cloned()
+                .unwrap_or_default();
+            for r in &status.ranges {
+                if r.owner == format!("n{n}") && stale.contains(&(r.lun, r.range)) {
+                    self.shared.violate(format!(
+                        "n{n} owns range {} but its medium is marked outdated for it",
+                        r.range
+                    ));
+                    return false;
+                }
+            }
+            for b in 0..self.s.lun_blocks {
+                if stale.contains(&(0, (b / range_blocks) as u32)) {
+                    continue;
+                }
+                let data = self.media[n].durable(b * BLOCK as u64, BLOCK);
+                if let Err(e) = lock(&self.shared.model).check_read(b, &data) {
+                    self.shared.violate(format!(
+                        "n{n}'s drained disk (not marked outdated for block {b}'s range {}): {e}",
+                        b / range_blocks
+                    ));
+                    return false;
+                }
+            }
+            if !stale.is_empty() {
+                // Only a fault that breaks a node, its path or the link may leave a medium
+                // behind: with flusher pauses alone, both media must converge.
+                let harmless = self
+                    .s
+                    .faults
+                    .iter()
+                    .all(|(_, f)| matches!(f, Fault::FlushPause { .. }));
+                if harmless {
+                    self.shared.violate(format!(
+                        "n{n}'s medium is marked outdated for {stale:?} although no fault broke a node, a path or the link: the media diverged"
+                    ));
+                    return false;
+                }
+                self.note(format!("n{n}'s medium is marked outdated for {stale:?}"));
+            }
+        }
+        true
+    }
+
     /// Invariant 5: liveness, every block through every node, and the drained disk.
     async fn final_checks(&mut self) {
         let deadline = Instant::now() + STUCK_AFTER;
@@ -1243,11 +1364,17 @@ impl World {
             self.note("not every node drained within 30 s; the disk is not checked");
             return;
         }
-        for b in 0..self.s.lun_blocks {
-            let data = self.disk.durable(b * BLOCK as u64, BLOCK);
-            if let Err(e) = lock(&self.shared.model).check_read(b, &data) {
-                self.shared.violate(format!("the drained disk: {e}"));
+        if self.s.own_storage {
+            if !self.check_own_media() {
                 return;
+            }
+        } else {
+            for b in 0..self.s.lun_blocks {
+                let data = self.disk.durable(b * BLOCK as u64, BLOCK);
+                if let Err(e) = lock(&self.shared.model).check_read(b, &data) {
+                    self.shared.violate(format!("the drained disk: {e}"));
+                    return;
+                }
             }
         }
         let st = lock(&self.shared.stats).clone();

@@ -8,8 +8,10 @@
 #    takes over, replays them from its second store into ITS medium, and fio verifies every
 #    acknowledged write through node-b's device. node-a's medium is marked outdated for the
 #    range (it misses the replayed writes and everything node-b writes alone).
-# 3. node-a restarts; a giveback of its range is refused (its medium is outdated, a resync
-#    does not exist yet) and nothing moves; every write still verifies through both devices.
+# 3. node-b writes alone; a giveback to node-a (down, outdated) is refused, nothing moves.
+# 4. node-a restarts; node-b resyncs the outdated ranges onto node-a's medium (the marks are
+#    withdrawn), the giveback then works, every write verifies through both devices, and
+#    after a drain both media are identical again.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -87,20 +89,45 @@ stale=$(field b 'e["outdated_media"].get("node-a", [])')
 	fail "node-a's medium should be marked outdated for range 0 after the takeover, status says: $stale"
 say "ok: every acknowledged write verifies through node-b; node-a's medium is marked outdated for $stale"
 
-say "3. node-a restarts; a giveback to its outdated medium is refused"
+say "3. node-b writes alone; a giveback to node-a (down, outdated) is refused"
+alone=(--name=alone --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
+	--offset=16M --size=8M --number_ios=300 --randseed=2903
+	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
+fio "${alone[@]}" --filename=/dev/ublkb1 --do_verify=0 --output=fio-alone.log ||
+	{ cat fio-alone.log; fail "fio writes on node-b alone"; }
+out=$("$NVMCTL" --config node-b.toml giveback --timeout 30 2>&1) &&
+	fail "giveback to a node that is down (and outdated) succeeded: $out"
+[[ $(field b '",".join(x["owner"] for x in e["ranges"])') == "node-b,node-b" ]] ||
+	fail "a range moved although the giveback was refused"
+stale=$(field b 'e["outdated_media"].get("node-a", [])')
+[[ $stale == *"[0, 0]"* ]] || fail "node-a's medium is no longer marked outdated for range 0: $stale"
+say "ok: giveback refused ($(tail -1 <<<"$out")); node-a's medium is outdated for $stale"
+
+say "4. node-a restarts: node-b resyncs both ranges onto node-a's medium, then the giveback works"
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
 wait_link
-out=$("$NVMCTL" --config node-b.toml giveback --timeout 30 2>&1) &&
-	fail "giveback to a node whose medium is outdated succeeded: $out"
-grep -q 'misses acknowledged writes' <<<"$out" || fail "giveback refused without naming the outdated medium: $out"
-[[ $(field b '",".join(x["owner"] for x in e["ranges"])') == "node-b,node-b" ]] ||
-	fail "a range moved although the giveback was refused"
-say "ok: giveback refused: $(tail -1 <<<"$out")"
-fio "${staged[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-final-b.log ||
-	{ cat fio-final-b.log; fail "verify through node-b after the refused giveback"; }
-fio "${staged[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 --output=fio-final-a.log ||
-	{ cat fio-final-a.log; fail "verify through node-a (forwarded to node-b) after the refused giveback"; }
+for _ in $(seq 300); do
+	[[ $(field b 'e["outdated_media"]') == "{}" ]] && break
+	sleep 0.2
+done
+stale=$(field b 'e["outdated_media"]')
+[[ $stale == "{}" ]] || { tail -20 daemon-b.log; fail "the resync did not clear the outdated marks: $stale"; }
+grep -h 'resync: LUN' daemon-b.log | sed 's/^.*resync: /  resync: /'
+"$NVMCTL" --config node-b.toml giveback --timeout 60 >/dev/null || fail "giveback after the resync"
+[[ $(field a '",".join(x["owner"] for x in e["ranges"])') == "node-a,node-b" ]] ||
+	fail "after the giveback node-a does not own range 0 again"
+for dev in /dev/ublkb0 /dev/ublkb1; do
+	fio "${staged[@]}" --filename=$dev --verify_only=1 --verify_state_load=1 --output=fio-final-staged.log ||
+		{ cat fio-final-staged.log; fail "the staged writes do not verify through $dev after the giveback"; }
+	fio "${alone[@]}" --filename=$dev --verify_only=1 --verify_state_load=1 --output=fio-final-alone.log ||
+		{ cat fio-final-alone.log; fail "node-b's lone writes do not verify through $dev after the giveback"; }
+done
+"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
+"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+cmp -n $((lun_mib << 20)) "$ma" "$mb" ||
+	fail "the two media differ after the resync, the giveback and a drain"
+say "ok: after the resync and the giveback both media are identical again (cmp)"
 nvm_stop "$pid_a"
 nvm_stop "$pid_b"
-say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, and an outdated medium gets nothing back"
+say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical"

@@ -41,6 +41,10 @@ struct Args {
     /// Force the takeover policy of both nodes: auto or manual (default: drawn per seed).
     #[arg(long)]
     takeover: Option<String>,
+    /// Where the LUN lives: shared (one disk both nodes see, the default) or own (each node
+    /// its own disk; the ownership table and leases on a third disk, the arbiter).
+    #[arg(long, default_value = "shared")]
+    storage: String,
     /// Simulate the majority lease planned for shared-nothing mode (`cluster::quorum`)
     /// instead of the two-node cluster; uses --seeds, --from, --seed and --seconds.
     #[arg(long)]
@@ -144,6 +148,11 @@ fn main() {
             Some("auto") => Some(true),
             Some("manual") => Some(false),
             Some(other) => return Err(format!("--takeover {other:?}: use auto or manual")),
+        };
+        m.own_storage = match args.storage.as_str() {
+            "shared" => false,
+            "own" => true,
+            other => return Err(format!("--storage {other:?}: use shared or own")),
         };
         if args.no_givebacks {
             m = m.without_givebacks();

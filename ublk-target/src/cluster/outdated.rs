@@ -4,92 +4,111 @@
 //! reaches both. When one cannot (the partner is away, a mirror copy was dropped before it was
 //! written), the node that knows marks the other (or itself) outdated for the range, durably
 //! and BEFORE the write is acknowledged or the copy is dropped. A node never takes over, or is
-//! given back, a range its medium is outdated for: it would serve old data. The marks are
-//! sticky; a resync (not implemented yet) is what clears them.
+//! given back, a range its medium is outdated for: it would serve old data. A resync (not
+//! implemented yet) is what will clear a mark.
 //!
-//! Each node writes only its own slot (`OUTDATED_SLOT + writer`, on the arbiter next to the
-//! table), so two nodes marking at once never lose each other's marks; a node's outdated
-//! ranges are the union over every writer's slot. A slot that is neither blank nor intact (a
-//! torn write) counts as "every range of every node outdated": the safe reading.
+//! A mark names the range's epoch in the ownership table when it was made, and counts only
+//! while the range is still at that epoch. A node cut off without knowing it lost a range
+//! (paused past its lease) may still try to mark the new owner for writes it can no longer
+//! acknowledge; the new owner's epoch makes such a mark void. A valid mark also stops the
+//! epoch from moving on: the moves it blocks are exactly those that would bump it.
+//!
+//! Slot `OUTDATED_SLOT + writer * MAX_NODES + subject` holds the marks `writer` made about
+//! `subject`'s medium: only `writer` writes it, so two nodes marking at once never lose each
+//! other's marks. A slot that is neither blank nor intact (a torn write) counts as every
+//! range outdated at every epoch: the safe reading.
+
+use crate::ownership::{TableError, TableStore, SLOT_BYTES};
+use std::collections::BTreeMap;
 
 /// A node: its index in the cluster's node list (as `ranges::NodeId`).
 type NodeId = u32;
-use crate::ownership::{TableError, TableStore, SLOT_BYTES};
-use std::collections::BTreeSet;
 
 const OUTDATED_MAGIC: u32 = 0x444f_564e; // "NVOD"
-const OUTDATED_VERSION: u32 = 1;
-/// Slot of writer `n`'s marks: after the flush marks, before the leases.
+const OUTDATED_VERSION: u32 = 2;
+/// First slot of the marks: after the flush marks, before the leases (slot 32).
 pub const OUTDATED_SLOT: u64 = 16;
+/// Nodes the slots have room for (`MAX_NODES` squared slots from `OUTDATED_SLOT`).
+pub const MAX_NODES: u32 = 4;
 const HEADER: usize = 32;
 const CRC_AT: usize = SLOT_BYTES as usize - 4;
+/// Ranges one slot holds an epoch for.
+pub const MAX_RANGES: usize = (CRC_AT - HEADER) / 8;
 
-/// One writer's marks: per node, the global ranges whose data its medium misses.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OutdatedMarks {
-    pub per_node: Vec<BTreeSet<u32>>,
+/// What one slot says: per global range, the epoch at which it was marked (absent: not).
+/// `Every`: the slot is damaged, every range counts as outdated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Marks {
+    Epochs(BTreeMap<u32, u64>),
+    Every,
 }
 
-impl OutdatedMarks {
-    fn encode(&self, cluster_id: u64, writer: NodeId, ranges: u32) -> Result<Vec<u8>, TableError> {
-        let row = (ranges as usize).div_ceil(8);
-        if HEADER + row * self.per_node.len() > CRC_AT {
-            return Err(TableError::TooLarge(ranges as usize));
-        }
-        let mut b = vec![0u8; SLOT_BYTES as usize];
-        b[0..4].copy_from_slice(&OUTDATED_MAGIC.to_le_bytes());
-        b[4..8].copy_from_slice(&OUTDATED_VERSION.to_le_bytes());
-        b[8..16].copy_from_slice(&cluster_id.to_le_bytes());
-        b[16..20].copy_from_slice(&writer.to_le_bytes());
-        b[20..24].copy_from_slice(&(self.per_node.len() as u32).to_le_bytes());
-        b[24..28].copy_from_slice(&ranges.to_le_bytes());
-        for (n, set) in self.per_node.iter().enumerate() {
-            for &r in set.iter().filter(|&&r| r < ranges) {
-                b[HEADER + n * row + r as usize / 8] |= 1 << (r % 8);
-            }
-        }
-        let crc = crc32c::crc32c(&b[..CRC_AT]);
-        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
-        Ok(b)
+fn encode(
+    marks: &BTreeMap<u32, u64>,
+    cluster_id: u64,
+    writer: NodeId,
+    subject: NodeId,
+    ranges: u32,
+) -> Result<Vec<u8>, TableError> {
+    if ranges as usize > MAX_RANGES {
+        return Err(TableError::TooLarge(ranges as usize));
     }
+    let mut b = vec![0u8; SLOT_BYTES as usize];
+    b[0..4].copy_from_slice(&OUTDATED_MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&OUTDATED_VERSION.to_le_bytes());
+    b[8..16].copy_from_slice(&cluster_id.to_le_bytes());
+    b[16..20].copy_from_slice(&writer.to_le_bytes());
+    b[20..24].copy_from_slice(&subject.to_le_bytes());
+    b[24..28].copy_from_slice(&ranges.to_le_bytes());
+    for (&r, &epoch) in marks.iter().filter(|(&r, _)| r < ranges) {
+        let at = HEADER + r as usize * 8;
+        b[at..at + 8].copy_from_slice(&epoch.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b[..CRC_AT]);
+    b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+    Ok(b)
+}
 
-    /// None: blank (nothing marked). Err: damaged or not ours (the caller reads it as all).
-    fn decode(b: &[u8], cluster_id: u64, writer: NodeId) -> Result<Option<Self>, String> {
-        if b.iter().all(|&x| x == 0) {
-            return Ok(None);
-        }
-        let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let stored = word(CRC_AT);
-        if b.len() < SLOT_BYTES as usize
-            || word(0) != OUTDATED_MAGIC
-            || crc32c::crc32c(&b[..CRC_AT]) != stored
-        {
-            return Err("damaged (torn write or foreign data)".into());
-        }
-        if word(4) != OUTDATED_VERSION {
-            return Err(format!("version {} is unknown", word(4)));
-        }
-        let found = u64::from_le_bytes(b[8..16].try_into().map_err(|_| "short slot")?);
-        if found != cluster_id || word(16) != writer {
-            return Err(format!(
-                "belongs to cluster {found} node {}, not cluster {cluster_id} node {writer}",
-                word(16)
-            ));
-        }
-        let (nodes, ranges) = (word(20) as usize, word(24));
-        let row = (ranges as usize).div_ceil(8);
-        if HEADER + row * nodes > CRC_AT {
-            return Err("its size fields do not fit the slot".into());
-        }
-        let per_node = (0..nodes)
-            .map(|n| {
-                (0..ranges)
-                    .filter(|&r| b[HEADER + n * row + r as usize / 8] & (1 << (r % 8)) != 0)
-                    .collect()
-            })
-            .collect();
-        Ok(Some(OutdatedMarks { per_node }))
+/// Ok(None): blank. Err: damaged or not this writer's marks about this subject.
+fn decode(
+    b: &[u8],
+    cluster_id: u64,
+    writer: NodeId,
+    subject: NodeId,
+) -> Result<Option<BTreeMap<u32, u64>>, String> {
+    if b.len() < SLOT_BYTES as usize {
+        return Err("short slot".into());
     }
+    if b.iter().all(|&x| x == 0) {
+        return Ok(None);
+    }
+    let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let long = |at: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[at..at + 8]);
+        u64::from_le_bytes(x)
+    };
+    if word(0) != OUTDATED_MAGIC || crc32c::crc32c(&b[..CRC_AT]) != word(CRC_AT) {
+        return Err("damaged (torn write or foreign data)".into());
+    }
+    if word(4) != OUTDATED_VERSION {
+        return Err(format!("version {} is unknown", word(4)));
+    }
+    if long(8) != cluster_id || word(16) != writer || word(20) != subject {
+        return Err(format!(
+            "belongs to cluster {} (node {} about node {}), not cluster {cluster_id} (node {writer} about node {subject})",
+            long(8),
+            word(16),
+            word(20)
+        ));
+    }
+    let ranges = (word(24) as usize).min(MAX_RANGES) as u32;
+    Ok(Some(
+        (0..ranges)
+            .map(|r| (r, long(HEADER + r as usize * 8)))
+            .filter(|&(_, epoch)| epoch != 0)
+            .collect(),
+    ))
 }
 
 /// The outdated marks of a cluster of `nodes` nodes and `ranges` global ranges on the arbiter.
@@ -100,62 +119,112 @@ pub struct OutdatedMedia {
 }
 
 impl OutdatedMedia {
-    fn load(&self, store: &dyn TableStore, writer: NodeId) -> Result<OutdatedMarks, TableError> {
+    fn slot(writer: NodeId, subject: NodeId) -> u64 {
+        OUTDATED_SLOT + (writer * MAX_NODES + subject) as u64
+    }
+
+    fn load(
+        &self,
+        store: &dyn TableStore,
+        writer: NodeId,
+        subject: NodeId,
+    ) -> Result<Marks, TableError> {
+        if writer >= MAX_NODES || subject >= MAX_NODES {
+            return Err(TableError::TooLarge(writer.max(subject) as usize));
+        }
         let mut buf = vec![0u8; SLOT_BYTES as usize];
-        store.read_slot(OUTDATED_SLOT + writer as u64, &mut buf)?;
-        let empty = || OutdatedMarks {
-            per_node: vec![BTreeSet::new(); self.nodes as usize],
-        };
-        match OutdatedMarks::decode(&buf, self.cluster_id, writer) {
-            Ok(Some(mut m)) => {
-                m.per_node.resize(self.nodes as usize, BTreeSet::new());
-                Ok(m)
-            }
-            Ok(None) => Ok(empty()),
+        store.read_slot(Self::slot(writer, subject), &mut buf)?;
+        match decode(&buf, self.cluster_id, writer, subject) {
+            Ok(m) => Ok(Marks::Epochs(m.unwrap_or_default())),
             Err(why) => {
                 tracing::error!(
-                    writer,
-                    "the outdated-media marks node {writer} keeps on the arbiter are {why}: counting every range of every node as outdated"
+                    "the marks node {writer} keeps on the arbiter about node {subject}'s medium are {why}: counting every range of it as outdated"
                 );
-                Ok(OutdatedMarks {
-                    per_node: vec![(0..self.ranges).collect(); self.nodes as usize],
-                })
+                Ok(Marks::Every)
             }
         }
     }
 
-    /// The ranges `node`'s medium misses writes of, by every writer's marks.
-    pub fn of(&self, store: &dyn TableStore, node: NodeId) -> Result<BTreeSet<u32>, TableError> {
-        let mut all = BTreeSet::new();
+    /// The global ranges `subject`'s medium misses writes of: marked by any writer at the
+    /// epoch `epoch_of` gives the range now.
+    pub fn of(
+        &self,
+        store: &dyn TableStore,
+        subject: NodeId,
+        epoch_of: &dyn Fn(u32) -> Option<u64>,
+    ) -> Result<Vec<u32>, TableError> {
+        let mut out = std::collections::BTreeSet::new();
         for writer in 0..self.nodes {
-            let marks = self.load(store, writer)?;
-            if let Some(set) = marks.per_node.get(node as usize) {
-                all.extend(set.iter().copied());
+            match self.load(store, writer, subject)? {
+                Marks::Every => out.extend(0..self.ranges),
+                Marks::Epochs(m) => out.extend(
+                    m.iter()
+                        .filter(|(&r, &e)| epoch_of(r) == Some(e))
+                        .map(|(&r, _)| r),
+                ),
             }
         }
-        Ok(all)
+        Ok(out.into_iter().collect())
     }
 
-    /// Writer `me` marks `node`'s medium outdated for `ranges` (durable on return). Cheap
-    /// when they are all marked already: one slot read, no write.
+    /// Writer `me` marks `subject`'s medium outdated for `ranges`, each (global range,
+    /// epoch) at the epoch it has now. Durable on return; true if the slot was written.
     pub fn mark(
         &self,
         store: &dyn TableStore,
         me: NodeId,
-        node: NodeId,
-        ranges: &BTreeSet<u32>,
+        subject: NodeId,
+        ranges: &[(u32, u64)],
     ) -> Result<bool, TableError> {
-        let mut marks = self.load(store, me)?;
-        let Some(set) = marks.per_node.get_mut(node as usize) else {
-            return Err(TableError::TooLarge(node as usize));
+        let mut marks = match self.load(store, me, subject)? {
+            Marks::Epochs(m) => m,
+            // Rewritten whole: every range marked at every epoch it may have is not
+            // expressible, so at the epochs given and at the highest one for the rest.
+            Marks::Every => {
+                let top = ranges.iter().map(|&(_, e)| e).max().unwrap_or(1);
+                (0..self.ranges).map(|r| (r, top)).collect()
+            }
         };
-        if ranges.is_subset(set) {
+        let before = marks.clone();
+        for &(r, epoch) in ranges {
+            marks.insert(r, epoch);
+        }
+        if marks == before {
             return Ok(false);
         }
-        set.extend(ranges.iter().copied());
-        let data = marks.encode(self.cluster_id, me, self.ranges)?;
-        store.write_slot(OUTDATED_SLOT + me as u64, &data)?;
+        let data = encode(&marks, self.cluster_id, me, subject, self.ranges)?;
+        store.write_slot(Self::slot(me, subject), &data)?;
         Ok(true)
+    }
+}
+
+impl OutdatedMedia {
+    /// Writer `me` withdraws its marks about `subject`'s medium for `ranges` (global), once a
+    /// resync copied them. A damaged slot is rewritten with every other range marked at the
+    /// epoch `epoch_of` gives it. Durable on return.
+    pub fn clear(
+        &self,
+        store: &dyn TableStore,
+        me: NodeId,
+        subject: NodeId,
+        ranges: &[u32],
+        epoch_of: &dyn Fn(u32) -> Option<u64>,
+    ) -> Result<(), TableError> {
+        let mut marks = match self.load(store, me, subject)? {
+            Marks::Epochs(m) => m,
+            Marks::Every => (0..self.ranges)
+                .filter_map(|r| Some((r, epoch_of(r)?)))
+                .collect(),
+        };
+        let before = marks.clone();
+        for r in ranges {
+            marks.remove(r);
+        }
+        if marks != before {
+            let data = encode(&marks, self.cluster_id, me, subject, self.ranges)?;
+            store.write_slot(Self::slot(me, subject), &data)?;
+        }
+        Ok(())
     }
 }
 
@@ -173,32 +242,49 @@ mod tests {
     }
 
     #[test]
-    fn marks_are_sticky_per_writer_and_united_across_writers() {
+    fn a_mark_counts_while_its_range_keeps_the_epoch_and_writers_do_not_clash() {
         let (store, m) = (MemTableStore::default(), media());
-        assert!(m.of(&store, 1).expect("read").is_empty());
-        assert!(m.mark(&store, 0, 1, &[3, 17].into()).expect("mark"));
+        let at_one = |_: u32| Some(1);
+        assert!(m.of(&store, 1, &at_one).expect("read").is_empty());
+        assert!(m.mark(&store, 0, 1, &[(3, 1), (17, 1)]).expect("mark"));
         assert!(
-            !m.mark(&store, 0, 1, &[3].into()).expect("again"),
+            !m.mark(&store, 0, 1, &[(3, 1)]).expect("again"),
             "no write when marked"
         );
-        assert!(m.mark(&store, 1, 1, &[5].into()).expect("self"));
-        assert_eq!(m.of(&store, 1).expect("read"), [3, 5, 17].into());
-        assert!(m.of(&store, 0).expect("read").is_empty());
+        assert!(m.mark(&store, 1, 1, &[(5, 1)]).expect("self"));
+        assert_eq!(m.of(&store, 1, &at_one).expect("read"), vec![3, 5, 17]);
+        assert!(m.of(&store, 0, &at_one).expect("read").is_empty());
+        // Range 3 moved on (a new epoch): its mark is void.
+        let moved = |r: u32| Some(if r == 3 { 2 } else { 1 });
+        assert_eq!(m.of(&store, 1, &moved).expect("read"), vec![5, 17]);
+        // A resync of range 17 withdraws node 0's mark; node 1's own mark of 5 stays.
+        m.clear(&store, 0, 1, &[17], &at_one).expect("clear");
+        assert_eq!(m.of(&store, 1, &at_one).expect("read"), vec![3, 5]);
     }
 
     #[test]
     fn a_damaged_or_foreign_slot_counts_as_every_range_outdated() {
         let (store, m) = (MemTableStore::default(), media());
-        m.mark(&store, 0, 1, &[2].into()).expect("mark");
+        let at_one = |_: u32| Some(1);
+        m.mark(&store, 0, 1, &[(2, 1)]).expect("mark");
         let mut buf = vec![0u8; SLOT_BYTES as usize];
-        store.read_slot(OUTDATED_SLOT, &mut buf).expect("read");
-        buf[HEADER] ^= 0x40;
-        store.write_slot(OUTDATED_SLOT, &buf).expect("write");
-        assert_eq!(m.of(&store, 0).expect("read").len(), 20);
+        let slot = OutdatedMedia::slot(0, 1);
+        store.read_slot(slot, &mut buf).expect("read");
+        buf[HEADER + 16] ^= 0x40;
+        store.write_slot(slot, &buf).expect("write");
+        assert_eq!(m.of(&store, 1, &at_one).expect("read").len(), 20);
         let other = OutdatedMedia {
             cluster_id: 10,
             ..media()
         };
-        assert_eq!(other.of(&store, 1).expect("read").len(), 20);
+        store
+            .write_slot(slot, &{
+                let mut b = buf.clone();
+                b[HEADER + 16] ^= 0x40;
+                b
+            })
+            .expect("repair");
+        assert_eq!(m.of(&store, 1, &at_one).expect("read"), vec![2]);
+        assert_eq!(other.of(&store, 1, &at_one).expect("read").len(), 20);
     }
 }

@@ -76,7 +76,7 @@ pub struct Cluster {
     outdated: Option<OutdatedMedia>,
     /// What we marked outdated so far, per node (our slot, which only we write): a range
     /// marked already costs no I/O. One read-modify-write of the slot at a time.
-    marking: Mutex<Option<Vec<std::collections::BTreeSet<u32>>>>,
+    marking: Mutex<std::collections::BTreeMap<NodeId, std::collections::BTreeMap<u32, u64>>>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -136,7 +136,7 @@ impl Cluster {
             cluster_id,
             reservations: setup.reservations,
             outdated,
-            marking: Mutex::new(None),
+            marking: Mutex::new(Default::default()),
         })
     }
 
@@ -583,20 +583,21 @@ impl Cluster {
         self.outdated.is_some()
     }
 
-    /// (LUN, range) -> the range's global number (LUNs' ranges numbered in order).
-    fn global_range(&self, (lun, range): LunRange) -> u32 {
-        let t = self.table();
-        t.luns
+    /// (LUN, range) -> (its global number, its epoch in our view of the table).
+    fn global_range(&self, t: &OwnershipTable, (lun, range): LunRange) -> Option<(u32, u64)> {
+        let first: u32 = t
+            .luns
             .iter()
             .take(lun as usize)
             .map(|l| l.len() as u32)
-            .sum::<u32>()
-            + range
+            .sum();
+        let entry = t.luns.get(lun as usize)?.get(range as usize)?;
+        Some((first + range, entry.epoch))
     }
 
     /// With `storage = "own"`: durably marks `node`'s medium as missing writes of `ranges`
-    /// (see `outdated`); call it before the write is acknowledged or the copy dropped.
-    /// Nothing to do with a shared medium.
+    /// at their current epochs (see `outdated`); call it before the write is acknowledged
+    /// or the copy dropped. Nothing to do with a shared medium.
     pub fn mark_outdated(
         &self,
         node: NodeId,
@@ -605,24 +606,23 @@ impl Cluster {
         let Some(media) = &self.outdated else {
             return Ok(());
         };
-        let global: std::collections::BTreeSet<u32> =
-            ranges.iter().map(|&r| self.global_range(r)).collect();
-        let mut marked = self.marking.lock().unwrap_or_else(|p| p.into_inner());
-        if marked
-            .as_ref()
-            .and_then(|m| m.get(node as usize))
-            .is_some_and(|m| global.is_subset(m))
-        {
+        let marks: Vec<(u32, u64)> = {
+            let t = self.table();
+            ranges
+                .iter()
+                .filter_map(|&r| self.global_range(&t, r))
+                .collect()
+        };
+        let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
+        let made = known.entry(node).or_default();
+        if marks.iter().all(|(r, e)| made.get(r) == Some(e)) {
             return Ok(());
         }
-        let wrote = media.mark(self.store.as_ref(), self.me, node, &global)?;
-        let known = marked.get_or_insert_with(|| vec![Default::default(); self.nodes.len()]);
-        if let Some(m) = known.get_mut(node as usize) {
-            m.extend(global.iter().copied());
-        }
+        let wrote = media.mark(self.store.as_ref(), self.me, node, &marks)?;
+        made.extend(marks.iter().copied());
         if wrote {
             tracing::warn!(
-                "node {}'s medium now misses writes of {} range(s) {:?} (marked outdated on the arbiter; it may not take them over until a resync)",
+                "node {}'s medium now misses writes of {} range(s) {:?} (marked outdated on the arbiter; it may not take them over until a resync copies them)",
                 self.node_name(node),
                 ranges.len(),
                 ranges
@@ -631,24 +631,58 @@ impl Cluster {
         Ok(())
     }
 
-    /// With `storage = "own"`: the (LUN, range)s whose writes `node`'s medium misses.
+    /// With `storage = "own"`, after a resync copied `ranges` to `node`'s medium: withdraws
+    /// our marks about it for them.
+    pub fn clear_outdated(
+        &self,
+        node: NodeId,
+        ranges: &[LunRange],
+    ) -> Result<(), ownership::TableError> {
+        let Some(media) = &self.outdated else {
+            return Ok(());
+        };
+        let t = self.table().clone();
+        let globals: Vec<u32> = ranges
+            .iter()
+            .filter_map(|&r| self.global_range(&t, r).map(|(g, _)| g))
+            .collect();
+        let epochs: Vec<u64> = t.luns.iter().flatten().map(|o| o.epoch).collect();
+        let epoch_of = |g: u32| epochs.get(g as usize).copied();
+        let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
+        media.clear(self.store.as_ref(), self.me, node, &globals, &epoch_of)?;
+        if let Some(made) = known.get_mut(&node) {
+            for g in &globals {
+                made.remove(g);
+            }
+        }
+        tracing::info!(
+            "node {}'s medium holds {} range(s) {:?} again (resynced): marks withdrawn",
+            self.node_name(node),
+            ranges.len(),
+            ranges
+        );
+        Ok(())
+    }
+
+    /// With `storage = "own"`: the (LUN, range)s whose writes `node`'s medium misses (marks
+    /// made at the epoch our view of the table gives the range now).
     pub fn outdated_ranges(&self, node: NodeId) -> Result<Vec<LunRange>, ownership::TableError> {
         let Some(media) = &self.outdated else {
             return Ok(Vec::new());
         };
-        let global = media.of(self.store.as_ref(), node)?;
-        let t = self.table();
-        let mut out = Vec::new();
-        let mut first = 0u32;
+        let t = self.table().clone();
+        let mut by_global = Vec::new();
         for (lun, ranges) in t.luns.iter().enumerate() {
-            for r in 0..ranges.len() as u32 {
-                if global.contains(&(first + r)) {
-                    out.push((lun as u32, r));
-                }
+            for (r, entry) in ranges.iter().enumerate() {
+                by_global.push(((lun as u32, r as u32), entry.epoch));
             }
-            first += ranges.len() as u32;
         }
-        Ok(out)
+        let epoch_of = |g: u32| by_global.get(g as usize).map(|&(_, e)| e);
+        let stale = media.of(self.store.as_ref(), node, &epoch_of)?;
+        Ok(stale
+            .into_iter()
+            .filter_map(|g| by_global.get(g as usize).map(|&(r, _)| r))
+            .collect())
     }
 
     /// Partner unreachable: records on the medium that our `partition` is flushed through

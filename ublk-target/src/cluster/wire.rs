@@ -9,6 +9,12 @@ pub const OP_READ: u8 = 3;
 pub const OP_WRITE_FOR_PARTNER: u8 = 4;
 /// The ownership table changed on the medium (a giveback): re-read it.
 pub const OP_RELOAD_OWNERSHIP: u8 = 5;
+/// Resync (`storage = "own"`): write `data` at `offset` of LUN `lun` on your own medium, a
+/// range the sender owns and your medium is outdated for.
+pub const OP_RESYNC_WRITE: u8 = 6;
+/// Resync done: range `offset` of LUN `lun` is copied; sync your medium and withdraw your
+/// marks of it.
+pub const OP_RESYNC_DONE: u8 = 7;
 const HEADER: usize = 17;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -48,8 +54,8 @@ pub fn decode(b: &[u8]) -> Option<Request> {
         data: b[HEADER..].to_vec(),
     };
     let data_ok = match r.op {
-        OP_WRITE => r.data.len() == r.len as usize,
-        OP_ZERO | OP_READ | OP_RELOAD_OWNERSHIP => r.data.is_empty(),
+        OP_WRITE | OP_RESYNC_WRITE => r.data.len() == r.len as usize,
+        OP_ZERO | OP_READ | OP_RELOAD_OWNERSHIP | OP_RESYNC_DONE => r.data.is_empty(),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,
         _ => false,
     };

@@ -30,6 +30,7 @@ mod lost_ranges;
 mod medium_reads;
 mod mirroring;
 mod open;
+mod resync;
 mod routing;
 mod serving;
 mod status;

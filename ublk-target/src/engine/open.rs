@@ -332,21 +332,34 @@ impl Engine {
             // A mirror copy dropped before it reached our medium leaves our medium outdated.
             let luns = luns.clone();
             ss.keep_own_medium(Box::new(move |dropped: Option<&[(u32, u64)]>| {
+                // Only ranges we do not serve. Of a range we own, every write goes through
+                // us: the partner's copies are from before our takeover (which replayed them)
+                // or staged by it unaware that the range had moved (never acknowledged, and
+                // never to be written). Copies whose header a newer record overwrote (None):
+                // the partner released them, which it does only once we wrote them or it
+                // marked us outdated; marked again, to be safe.
+                let not_ours =
+                    |&(l, r): &(u32, u32)| c.state(l, r) != crate::cluster::RangeState::Local;
                 let mut ranges: Vec<(u32, u32)> = match dropped {
                     Some(d) => d
                         .iter()
                         .filter_map(|&(lun, off)| {
                             Some((lun, luns.get(lun as usize)?.range_of(off)))
                         })
+                        .filter(not_ours)
                         .collect(),
                     None => luns
                         .iter()
                         .enumerate()
                         .flat_map(|(l, lun)| (0..lun.ranges).map(move |r| (l as u32, r)))
+                        .filter(not_ours)
                         .collect(),
                 };
                 ranges.sort_unstable();
                 ranges.dedup();
+                if ranges.is_empty() {
+                    return Ok(());
+                }
                 c.mark_outdated(c.me, &ranges).map_err(|e| e.to_string())
             }));
         }

@@ -467,6 +467,26 @@ impl Engine {
                     Err(e) => wire::err(&e),
                 };
             }
+            wire::OP_RESYNC_WRITE | wire::OP_RESYNC_DONE => {
+                let engine = self.clone();
+                let from = self.cluster.as_ref().map(|c| c.partner()).unwrap_or(0);
+                let done = run_blocking(self.host.as_ref(), move || {
+                    if req.op == wire::OP_RESYNC_WRITE {
+                        engine.apply_resync_write(from, req.lun, req.offset, &req.data)
+                    } else {
+                        let range = u32::try_from(req.offset).unwrap_or(u32::MAX);
+                        engine.finish_resync(from, req.lun, range)
+                    }
+                })
+                .await;
+                return match done {
+                    Ok(()) => wire::ok(&[]),
+                    Err(e) => {
+                        tracing::warn!("partner's resync request refused: {e}");
+                        wire::err(&e)
+                    }
+                };
+            }
             wire::OP_WRITE => self
                 .write_as_owner(lun, RecordKind::Data, req.offset, req.len as u64, &req.data)
                 .await

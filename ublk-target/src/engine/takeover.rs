@@ -166,8 +166,8 @@ impl Engine {
             .into_iter()
             .filter(|r| only.is_none_or(|o| o.contains(r)))
             .collect();
-        // Each node its own medium: ours must hold every acknowledged write of the ranges
-        // (else we would serve old data), and the partner's misses what we write from now.
+        // Each node its own medium: ours must hold every acknowledged write of the ranges,
+        // else we would serve old data. (The old owner's is marked after the claim, below.)
         if c.own_storage() {
             let stale = c
                 .outdated_ranges(c.me)
@@ -176,15 +176,8 @@ impl Engine {
             if !stale.is_empty() {
                 self.takeover_phase("failed: this node's medium is outdated".into());
                 return Err(format!(
-                    "this node's medium misses acknowledged writes of {} of these range(s) {stale:?} (it was away, or dropped mirror copies, while they were written): taking them over would serve old data; nothing was taken. A resync would bring it up to date (not implemented yet: see docs/shared-nothing.md)",
+                    "this node's medium misses acknowledged writes of {} of these range(s) {stale:?} (it was away, or dropped mirror copies, while they were written): taking them over would serve old data; nothing was taken. The owner resyncs them onto this medium while the link is up (`nvmirrorctl status` shows what is outdated)",
                     stale.len()
-                ));
-            }
-            if let Err(e) = c.mark_outdated(from, &wanted) {
-                self.takeover_phase(format!("failed: {e}"));
-                return Err(format!(
-                    "marking node {}'s medium outdated on the arbiter failed, nothing was taken: {e}",
-                    c.node_name(from)
                 ));
             }
         }
@@ -268,7 +261,18 @@ impl Engine {
         // owned (it moved earlier, while `from` was cut off) is stale.
         let mut last_failure = String::new();
         let report = loop {
-            match self.replay_mirror_of(from, Some(&moved)) {
+            // Each node its own medium: the old owner's misses what the replay writes and
+            // whatever we write from now (marked at the new epochs, before the gates open).
+            let marked = c.mark_outdated(from, &moved).map_err(|e| {
+                format!(
+                    "marking node {}'s medium outdated on the arbiter: {e}",
+                    c.node_name(from)
+                )
+            });
+            match marked.and_then(|()| {
+                self.replay_mirror_of(from, Some(&moved))
+                    .map_err(|e| e.to_string())
+            }) {
                 Ok(r) => break r,
                 Err(e) => {
                     // The gates stay closed (serving these ranges now could lose writes)
@@ -343,6 +347,9 @@ impl Engine {
                     ours.len(),
                     c.node_name(note.from)
                 );
+                c.mark_outdated(note.from, &ours).map_err(|e| {
+                    format!("finishing the interrupted takeover: marking node {}'s medium outdated: {e}", c.node_name(note.from))
+                })?;
                 let report = self
                     .replay_mirror_of(note.from, Some(&ours))
                     .map_err(|e| format!("finishing the interrupted takeover's replay: {e}"))?;
@@ -484,7 +491,7 @@ impl Engine {
             let stale: Vec<_> = ranges.iter().filter(|r| stale.contains(r)).collect();
             if !stale.is_empty() {
                 return reopen(format!(
-                    "node {}'s medium misses acknowledged writes of {} of these range(s) {stale:?} (it was away while they were written); it needs a resync first (not implemented yet: see docs/shared-nothing.md); no range moved",
+                    "node {}'s medium misses acknowledged writes of {} of these range(s) {stale:?} (it was away while they were written); it needs a resync first, which runs by itself while the link is up (see OUTDATED in `nvmirrorctl status`); no range moved",
                     c.node_name(partner),
                     stale.len()
                 ))

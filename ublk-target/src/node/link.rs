@@ -137,7 +137,13 @@ pub fn attach_link(
         grace,
         partner,
     };
-    engine.host().spawn("partner-watch", Box::pin(watch.run()))
+    let resync = super::partner_watch::resync_while_up(engine.clone(), link.clone());
+    engine.host().spawn(
+        "partner-watch",
+        Box::pin(async move {
+            futures::future::join(watch.run(), resync).await;
+        }),
+    )
 }
 
 /// Asks the partner to re-read the ownership table (after a giveback or handover).

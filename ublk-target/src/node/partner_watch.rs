@@ -28,6 +28,47 @@ pub struct PartnerWatch {
 
 /// How often the watch looks at the partner's heartbeat.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
+/// With `storage = "own"`: how often, while the link is up, the outdated marks are looked
+/// at for ranges to resync.
+const RESYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// With `storage = "own"`, until the link closes: while it is up, copies every range we own
+/// that the partner's medium is outdated for (`engine::resync`).
+pub async fn resync_while_up(engine: Arc<Engine>, link: Link) {
+    if !engine.cluster().is_some_and(|c| c.own_storage()) {
+        return;
+    }
+    let host = engine.host().clone();
+    let mut last_error = String::new();
+    loop {
+        host.sleep(RESYNC_EVERY).await;
+        match &*link.subscribe().borrow() {
+            LinkState::Closed => return,
+            LinkState::Up(_) => {}
+            _ => continue,
+        }
+        let to_partner = link.clone();
+        let asked = engine
+            .resync_partner(|req: Vec<u8>| {
+                let link = to_partner.clone();
+                async move {
+                    link.request(req)
+                        .await
+                        .map(|a| a.to_vec())
+                        .map_err(|e| e.to_string())
+                }
+            })
+            .await;
+        match asked {
+            Ok(_) => last_error.clear(),
+            Err(e) if e != last_error => {
+                tracing::error!("resync failed (retried while the link is up): {e}");
+                last_error = e;
+            }
+            Err(_) => {}
+        }
+    }
+}
 
 impl PartnerWatch {
     /// Follows the link's state until the link is closed.

@@ -1,0 +1,202 @@
+//! Resync (`storage = "own"`): the owner of a range copies it onto the partner's medium when
+//! that medium is marked outdated for it (`cluster::outdated`), then both withdraw their marks.
+//!
+//! One range at a time, as a range move: its I/O waits (its gate closes), every staged write
+//! is flushed (so our medium holds the range, and the partner has every batch that the
+//! copy does not cover), the range is read from our medium and written onto the partner's in
+//! chunks, the partner syncs and withdraws its own marks, we withdraw ours, and the range
+//! opens again. Nothing writes the range meanwhile, so the copy is its exact state. The
+//! price is the range's I/O pausing for its copy: configure more, smaller ranges for large
+//! LUNs (a resync that copies while writes continue is the next step, docs/shared-nothing.md).
+
+use super::core::Engine;
+use crate::cluster::{wire, NodeId, RangeState};
+use crate::host::run_blocking;
+use crate::medium::AlignedBuf;
+use std::future::Future;
+use std::time::Duration;
+
+/// Bytes per resync request (well under the link's largest request).
+const RESYNC_CHUNK: usize = 256 << 10;
+/// How long the flush before a range's copy may take.
+const RESYNC_DRAIN: Duration = Duration::from_secs(60);
+
+impl Engine {
+    /// Copies every range we own that the partner's medium is outdated for; `ask` sends one
+    /// request to the partner and returns its answer. Returns the ranges copied.
+    pub async fn resync_partner<Asked>(
+        &self,
+        ask: impl Fn(Vec<u8>) -> Asked,
+    ) -> Result<usize, String>
+    where
+        Asked: Future<Output = Result<Vec<u8>, String>>,
+    {
+        let Some(c) = self.cluster.as_ref().filter(|c| c.own_storage()) else {
+            return Ok(0);
+        };
+        let partner = c.partner();
+        let stale: Vec<(u32, u32)> = c
+            .outdated_ranges(partner)
+            .map_err(|e| format!("reading the outdated-media marks: {e}"))?
+            .into_iter()
+            .filter(|&(l, r)| c.state(l, r) == RangeState::Local)
+            .collect();
+        let mut copied = 0;
+        for range in stale {
+            self.resync_range(partner, range, &ask).await?;
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
+    async fn resync_range<Asked>(
+        &self,
+        partner: NodeId,
+        (l, r): (u32, u32),
+        ask: &impl Fn(Vec<u8>) -> Asked,
+    ) -> Result<(), String>
+    where
+        Asked: Future<Output = Result<Vec<u8>, String>>,
+    {
+        let c = self.cluster.as_ref().ok_or("not a cluster node")?;
+        let lun = self
+            .luns
+            .get(l as usize)
+            .cloned()
+            .ok_or_else(|| format!("LUN {l} does not exist"))?;
+        let _moving = self.takeover.begin_move()?;
+        let ranges = [(l, r)];
+        let held = c.owners_of(&ranges);
+        c.close_gates(&ranges);
+        let copied = async {
+            if !self.drain(RESYNC_DRAIN).await {
+                return Err(format!(
+                    "staged writes did not reach the medium within {RESYNC_DRAIN:?}"
+                ));
+            }
+            // Still ours after the gate closed (a move may have raced the close).
+            if c.owners_of(&ranges) != held || held.iter().any(|o| o.owner != c.me) {
+                return Err("the range moved".to_string());
+            }
+            let start = r as u64 * lun.range_bytes;
+            let end = (start + lun.range_bytes).min(lun.size);
+            tracing::warn!(
+                "resync: copying LUN {} range {r} ({} bytes) to node {}'s medium; its I/O waits meanwhile",
+                lun.name,
+                end - start,
+                c.node_name(partner)
+            );
+            let mut at = start;
+            while at < end {
+                let len = (end - at).min(RESYNC_CHUNK as u64) as usize;
+                let medium = lun.medium.clone();
+                let chunk = run_blocking(self.host.as_ref(), move || {
+                    let mut buf = AlignedBuf::zeroed(len)?;
+                    medium.read_at(buf.as_mut(), at)?;
+                    Ok::<_, std::io::Error>(buf.as_slice().to_vec())
+                })
+                .await
+                .map_err(|e| format!("reading our medium at {at}: {e}"))?;
+                let req = wire::encode(wire::OP_RESYNC_WRITE, l, at, len as u32, &chunk);
+                wire::answer(&ask(req).await?)?;
+                at += len as u64;
+            }
+            let done = wire::encode(wire::OP_RESYNC_DONE, l, r as u64, 0, &[]);
+            wire::answer(&ask(done).await?)?;
+            c.clear_outdated(partner, &ranges)
+                .map_err(|e| format!("withdrawing our marks on the arbiter: {e}"))?;
+            Ok(end - start)
+        }
+        .await;
+        // Open as the table says (never as ours by default; see `give_back`).
+        let regained = c.reopen_after_failed_move(&ranges, &held);
+        if !regained.is_empty() {
+            if let Err(e) = self.void_ranges(&regained).await {
+                tracing::error!(error = %e, "voiding our records of a range lost and regained during a resync");
+            }
+            c.finish_takeover(&regained);
+        }
+        match copied {
+            Ok(bytes) => {
+                tracing::warn!(
+                    "resync: LUN {} range {r} ({bytes} bytes) copied; node {}'s medium is up to date for it",
+                    lun.name,
+                    c.node_name(partner)
+                );
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "resync of LUN {} range {r} to node {}: {e}",
+                lun.name,
+                c.node_name(partner)
+            )),
+        }
+    }
+
+    /// The partner's resync: `data` goes to our medium at `offset` of LUN `lun`, a range the
+    /// table gives to `from` (never one we serve).
+    pub fn apply_resync_write(
+        &self,
+        from: NodeId,
+        lun: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let (_, l) = self.resync_target(from, lun, offset, data.len() as u64)?;
+        l.medium
+            .write_at(data, offset)
+            .map_err(|e| format!("writing our medium at {offset}: {e}"))
+    }
+
+    /// The partner's resync of range `range` of LUN `lun` is complete: make it durable, then
+    /// withdraw our own marks of it.
+    pub fn finish_resync(&self, from: NodeId, lun: u32, range: u32) -> Result<(), String> {
+        let l = self
+            .luns
+            .get(lun as usize)
+            .ok_or_else(|| format!("LUN {lun} does not exist"))?;
+        let (c, _) = self.resync_target(from, lun, range as u64 * l.range_bytes, 0)?;
+        l.medium
+            .sync()
+            .map_err(|e| format!("syncing our medium: {e}"))?;
+        c.clear_outdated(c.me, &[(lun, range)])
+            .map_err(|e| format!("withdrawing our marks on the arbiter: {e}"))
+    }
+
+    fn resync_target(
+        &self,
+        from: NodeId,
+        lun: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(&crate::cluster::Cluster, &crate::lun::Lun), String> {
+        let c = self
+            .cluster
+            .as_ref()
+            .filter(|c| c.own_storage())
+            .ok_or("a resync needs storage = \"own\"")?;
+        let l = self
+            .luns
+            .get(lun as usize)
+            .ok_or_else(|| format!("LUN {lun} does not exist"))?;
+        let end = offset.checked_add(len).filter(|&e| e <= l.size);
+        let range = l.range_of(offset);
+        if end.is_none() || (len > 0 && l.range_of(offset + len - 1) != range) {
+            return Err(format!(
+                "resync write {offset}+{len} does not fit one range of LUN {}",
+                l.name
+            ));
+        }
+        let owner = c
+            .owner_on_medium(lun, range)
+            .map_err(|e| format!("reading the ownership table: {e}"))?;
+        if owner != Some(from) || owner == Some(c.me) {
+            return Err(format!(
+                "LUN {} range {range} is not node {}'s on the medium: no resync of it",
+                l.name,
+                c.node_name(from)
+            ));
+        }
+        Ok((c, l))
+    }
+}
