@@ -41,6 +41,10 @@ impl Engine {
             .into_iter()
             .filter(|&(l, r)| c.state(l, r) == RangeState::Local)
             .collect();
+        if !stale.is_empty() && self.parts.iter().any(|p| p.status().flush_paused) {
+            // The flush before a copy could not finish: the range's I/O would only wait.
+            return Err("the flusher is paused (nvmirrorctl flush resume)".into());
+        }
         let mut copied = 0;
         for range in stale {
             self.resync_range(partner, range, &ask).await?;
