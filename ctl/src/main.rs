@@ -480,7 +480,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.luns.len(),
                 cfg.cluster
                     .as_ref()
-                    .map(|c| format!(", cluster {} over {:?}", c.id, c.transport).to_lowercase())
+                    .map(|c| {
+                        let own = match (c.storage, &c.arbiter) {
+                            (nvmirror::config::StorageMode::Own, Some(a)) => {
+                                format!(", each node its own medium, arbiter {}", a.display())
+                            }
+                            _ => String::new(),
+                        };
+                        format!("{}{own}", format!(", cluster {} over {:?}", c.id, c.transport).to_lowercase())
+                    })
                     .unwrap_or_default()
             );
             for warning in cfg.environment_warnings() {

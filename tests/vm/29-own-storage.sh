@@ -26,7 +26,8 @@ for n in a b; do
 	sed -i "s|^takeover = .*|&\nstorage = \"own\"\narbiter = \"$arbiter\"|" node-$n.toml
 	echo "size = \"${lun_mib}MiB\"" >>node-$n.toml
 done
-"$NVMCTL" config check node-a.toml >/dev/null || { "$NVMCTL" config check node-a.toml; fail "config check of the own-storage config"; }
+out=$("$NVMCTL" config check node-a.toml 2>&1) || fail "config check of the own-storage config: $out"
+grep -q "each node its own medium, arbiter $arbiter" <<<"$out" || fail "config check does not name the mode and the arbiter: $out"
 grep -v '^arbiter' node-a.toml >no-arbiter.toml
 out=$("$NVMCTL" config check no-arbiter.toml 2>&1) && fail "a config with storage = own and no arbiter passed the check"
 grep -q 'cluster.arbiter' <<<"$out" || fail "config check does not name cluster.arbiter: $out"
