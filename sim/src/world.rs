@@ -1265,8 +1265,8 @@ impl World {
             for r in &status.ranges {
                 if r.owner == format!("n{n}") && stale.contains(&(r.lun, r.range)) {
                     self.shared.violate(format!(
-                        "n{n} owns range {} but its medium is marked outdated for it",
-                        r.range
+                        "n{n} owns range {} but its medium is marked outdated for it (marks: {:?})",
+                        r.range, status.outdated_media
                     ));
                     return false;
                 }

@@ -224,12 +224,17 @@ fn own_media_converge_without_faults_that_break_anything() {
 /// holds every acknowledged write once drained. Seed 1164 found a node marking its own medium
 /// outdated for a range it owned (dropping the partner's never-acknowledged copies of it,
 /// staged while the partner had not heard of the move): the cluster was then stuck with an
-/// owner it could never move a range back to.
+/// owner it could never move a range back to. Seed 2627 found a bug of claim set A too: a
+/// node whose partition had stopped (fenced) with a record of a range it lost, unkilled by a
+/// void record, was given the range back; its restart replayed that record over newer data
+/// (LOST ACKNOWLEDGED WRITE; a node with a stopped partition now refuses ranges until it
+/// restarts). Its fix then showed a node marking the new owner outdated for a write it had
+/// staged before learning of the move (only an owner marks the other node now).
 #[test]
 fn own_media_seeds_pass() {
     let mut mix = FaultMix::all();
     mix.own_storage = true;
-    seeds_pass(&[1164, 10, 11, 12], &mix);
+    seeds_pass(&[1164, 2627, 10, 11, 12], &mix);
     mix.takeover_auto = Some(false);
     seeds_pass(&[20, 21], &mix);
 }

@@ -606,13 +606,23 @@ impl Cluster {
         let Some(media) = &self.outdated else {
             return Ok(());
         };
+        // Only the owner knows what the other misses, and a node marks itself only for
+        // ranges it does not own. A node that learned of a move just now (its writes of the
+        // range were staged before, and fail) must not mark the new owner at the new epoch.
         let marks: Vec<(u32, u64)> = {
             let t = self.table();
             ranges
                 .iter()
+                .filter(|&&(l, r)| {
+                    let owner = t.luns.get(l as usize).and_then(|x| x.get(r as usize));
+                    owner.is_some_and(|o| (o.owner == self.me) != (node == self.me))
+                })
                 .filter_map(|&r| self.global_range(&t, r))
                 .collect()
         };
+        if marks.is_empty() {
+            return Ok(());
+        }
         let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
         let made = known.entry(node).or_default();
         if marks.iter().all(|(r, e)| made.get(r) == Some(e)) {
