@@ -6,6 +6,7 @@
 mod config_show;
 mod shell;
 mod status_facts;
+mod verify_report;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
@@ -138,6 +139,20 @@ enum Cmd {
         id: Option<u32>,
         #[arg(long)]
         lun: Option<String>,
+    },
+    /// Compare this node's medium with the partner's, block by block (crc32c per 4 KiB), for
+    /// every range this node serves (`storage = "own"`; ranges the partner serves are
+    /// verified there). Writes continue; a difference is confirmed with the range's I/O
+    /// paused. Exit 1 if the media differ or a range could not be compared.
+    Verify {
+        /// Copy every difference from this node's medium (the one its reads come from) onto
+        /// the partner's.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        timeout: u64,
     },
     /// ublk features the running kernel offers.
     Features,
@@ -444,6 +459,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(t) => print_takeover(&t),
                 None => println!("takeover complete: this node serves the partner's ranges"),
             }
+        }
+        Cmd::Verify {
+            repair,
+            json,
+            timeout,
+        } => {
+            let req = Request::Verify { repair: *repair };
+            let report = match call(&socket_path(&cli)?, req, Duration::from_secs(*timeout))? {
+                Response::Verified(r) => *r,
+                other => bail!("unexpected answer: {other:?}"),
+            };
+            verify_report::print(&report, *json)?;
         }
         Cmd::Giveback { timeout } => {
             call(

@@ -12,6 +12,9 @@
 # 4. node-a restarts; node-b resyncs the outdated ranges onto node-a's medium (the marks are
 #    withdrawn), the giveback then works, every write verifies through both devices, and
 #    after a drain both media are identical again.
+# 5. `nvmirrorctl verify` on each node finds its ranges identical while fio writes (no false
+#    difference), names a 4 KiB block changed behind the daemons' backs on node-b's medium,
+#    and `verify --repair` copies it back from node-a (cmp identical).
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -129,6 +132,33 @@ done
 cmp -n $((lun_mib << 20)) "$ma" "$mb" ||
 	fail "the two media differ after the resync, the giveback and a drain"
 say "ok: after the resync and the giveback both media are identical again (cmp)"
+
+say "5. online verify: no false difference while fio writes, then a changed block is found and repaired"
+busy=(--name=busy --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
+	--size=${lun_mib}M --time_based --runtime=8 --randseed=2905)
+fio "${busy[@]}" --filename=/dev/ublkb0 --output=fio-busy.log &
+fio_pid=$!
+sleep 1
+out=$("$NVMCTL" --config node-a.toml verify 2>&1) ||
+	{ printf '%s\n' "$out"; fail "verify while fio writes reported a difference the media do not have"; }
+wait $fio_pid || { cat fio-busy.log; fail "fio during the verify"; }
+grep -q "lun0 range 0: identical" <<<"$out" || fail "verify on node-a does not report range 0 identical: $out"
+grep -q "lun0 range 1: served by node-b" <<<"$out" || fail "verify on node-a does not leave range 1 to node-b: $out"
+out=$("$NVMCTL" --config node-b.toml verify 2>&1) || fail "verify on node-b: $out"
+grep -q "lun0 range 1: identical" <<<"$out" || fail "verify on node-b does not report range 1 identical: $out"
+# 4 KiB of noise at 5 MiB (range 0, node-a's) written behind both daemons' backs onto node-b's medium.
+dd if=/dev/urandom of="$mb" bs=4k seek=1280 count=1 oflag=direct conv=notrunc status=none
+out=$("$NVMCTL" --config node-a.toml verify 2>&1) && fail "verify did not notice a changed block on node-b's medium: $out"
+grep -q "lun0 range 0: DIFFER at 5242880+4096 (4096 bytes)" <<<"$out" ||
+	fail "verify does not name the changed block (5242880+4096): $out"
+say "ok: verify names the changed block: $(grep DIFFER <<<"$out")"
+out=$("$NVMCTL" --config node-a.toml verify --repair 2>&1) || fail "verify --repair: $out"
+grep -q "lun0 range 0: repaired at 5242880+4096" <<<"$out" || fail "verify --repair did not repair the block: $out"
+out=$("$NVMCTL" --config node-a.toml verify 2>&1) || fail "verify after the repair still finds a difference: $out"
+"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
+"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+cmp -n $((lun_mib << 20)) "$ma" "$mb" || fail "the two media differ after verify --repair and a drain"
+say "ok: verify --repair copied the block back from node-a; the media are identical (cmp)"
 nvm_stop "$pid_a"
 nvm_stop "$pid_b"
-say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical"
+say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical; verify finds and repairs a changed block"

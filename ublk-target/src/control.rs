@@ -1,7 +1,7 @@
 //! The control socket between `nvmirrord` and `nvmirrorctl`: one JSON request per line, one
 //! JSON response per line, over a root-only Unix socket.
 
-use crate::engine::EngineStatus;
+use crate::engine::{EngineStatus, VerifyReport};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -46,6 +46,12 @@ pub enum Request {
     DelDevice {
         lun: String,
     },
+    /// Compare our medium with the partner's for every range we serve (`storage = "own"`);
+    /// with `repair`, copy differences from ours onto the partner's.
+    Verify {
+        #[serde(default)]
+        repair: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,6 +82,7 @@ pub struct DaemonStatus {
 pub enum Response {
     Ok,
     Status(Box<DaemonStatus>),
+    Verified(Box<VerifyReport>),
     Error { message: String },
 }
 

@@ -15,6 +15,11 @@ pub const OP_RESYNC_WRITE: u8 = 6;
 /// Resync done: range `offset` of LUN `lun` is copied; sync your medium and withdraw your
 /// marks of it.
 pub const OP_RESYNC_DONE: u8 = 7;
+/// Verify (`storage = "own"`): answer crc32c digests of your medium's blocks of LUN `lun` at
+/// `offset..offset + len`.
+pub const OP_VERIFY_DIGESTS: u8 = 8;
+/// Sync your medium of LUN `lun` (after a verify's repair).
+pub const OP_SYNC_MEDIUM: u8 = 9;
 const HEADER: usize = 17;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -55,7 +60,8 @@ pub fn decode(b: &[u8]) -> Option<Request> {
     };
     let data_ok = match r.op {
         OP_WRITE | OP_RESYNC_WRITE => r.data.len() == r.len as usize,
-        OP_ZERO | OP_READ | OP_RELOAD_OWNERSHIP | OP_RESYNC_DONE => r.data.is_empty(),
+        OP_ZERO | OP_READ | OP_RELOAD_OWNERSHIP | OP_RESYNC_DONE | OP_VERIFY_DIGESTS
+        | OP_SYNC_MEDIUM => r.data.is_empty(),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,
         _ => false,
     };
@@ -102,7 +108,11 @@ mod tests {
         );
         assert_eq!(decode(&b[..10]), None);
         assert_eq!(decode(&encode(OP_WRITE, 0, 0, 5, &[1])), None);
-        assert_eq!(decode(&encode(9, 0, 0, 0, &[])), None);
+        assert_eq!(decode(&encode(200, 0, 0, 0, &[])), None);
+        // Verify requests carry no data: one that does is malformed.
+        assert!(decode(&encode(OP_VERIFY_DIGESTS, 0, 4096, 4096, &[])).is_some());
+        assert_eq!(decode(&encode(OP_VERIFY_DIGESTS, 0, 0, 1, &[0])), None);
+        assert_eq!(decode(&encode(OP_SYNC_MEDIUM, 0, 0, 0, &[1])), None);
         assert_eq!(answer(&ok(&[7])), Ok(&[7u8][..]));
         assert_eq!(answer(&err("no")), Err("no".to_string()));
     }

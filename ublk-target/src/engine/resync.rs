@@ -12,14 +12,12 @@
 use super::core::Engine;
 use crate::cluster::{wire, NodeId, RangeState};
 use crate::host::run_blocking;
+use crate::lun::Lun;
 use crate::medium::AlignedBuf;
 use std::future::Future;
-use std::time::Duration;
 
 /// Bytes per resync request (well under the link's largest request).
 const RESYNC_CHUNK: usize = 256 << 10;
-/// How long the flush before a range's copy may take.
-const RESYNC_DRAIN: Duration = Duration::from_secs(60);
 
 impl Engine {
     /// Copies every range we own that the partner's medium is outdated for; `ask` sends one
@@ -63,78 +61,62 @@ impl Engine {
         Asked: Future<Output = Result<Vec<u8>, String>>,
     {
         let c = self.cluster.as_ref().ok_or("not a cluster node")?;
-        let lun = self
-            .luns
-            .get(l as usize)
-            .cloned()
-            .ok_or_else(|| format!("LUN {l} does not exist"))?;
-        let _moving = self.takeover.begin_move()?;
         let ranges = [(l, r)];
-        let held = c.owners_of(&ranges);
-        c.close_gates(&ranges);
-        let copied = async {
-            if !self.drain(RESYNC_DRAIN).await {
-                return Err(format!(
-                    "staged writes did not reach the medium within {RESYNC_DRAIN:?}"
-                ));
-            }
-            // Still ours after the gate closed (a move may have raced the close).
-            if c.owners_of(&ranges) != held || held.iter().any(|o| o.owner != c.me) {
-                return Err("the range moved".to_string());
-            }
-            let start = r as u64 * lun.range_bytes;
-            let end = (start + lun.range_bytes).min(lun.size);
-            tracing::warn!(
-                "resync: copying LUN {} range {r} ({} bytes) to node {}'s medium; its I/O waits meanwhile",
-                lun.name,
-                end - start,
-                c.node_name(partner)
-            );
-            let mut at = start;
-            while at < end {
-                let len = (end - at).min(RESYNC_CHUNK as u64) as usize;
-                let medium = lun.medium.clone();
-                let chunk = run_blocking(self.host.as_ref(), move || {
-                    let mut buf = AlignedBuf::zeroed(len)?;
-                    medium.read_at(buf.as_mut(), at)?;
-                    Ok::<_, std::io::Error>(buf.as_slice().to_vec())
-                })
-                .await
-                .map_err(|e| format!("reading our medium at {at}: {e}"))?;
-                let req = wire::encode(wire::OP_RESYNC_WRITE, l, at, len as u32, &chunk);
-                wire::answer(&ask(req).await?)?;
-                at += len as u64;
-            }
-            let done = wire::encode(wire::OP_RESYNC_DONE, l, r as u64, 0, &[]);
-            wire::answer(&ask(done).await?)?;
-            c.clear_outdated(partner, &ranges)
-                .map_err(|e| format!("withdrawing our marks on the arbiter: {e}"))?;
-            Ok(end - start)
-        }
-        .await;
-        // Open as the table says (never as ours by default; see `give_back`).
-        let regained = c.reopen_after_failed_move(&ranges, &held);
-        if !regained.is_empty() {
-            if let Err(e) = self.void_ranges(&regained).await {
-                tracing::error!(error = %e, "voiding our records of a range lost and regained during a resync");
-            }
-            c.finish_takeover(&regained);
-        }
-        match copied {
-            Ok(bytes) => {
+        let copied = self
+            .with_range_paused((l, r), |lun| async move {
+                let start = r as u64 * lun.range_bytes;
+                let end = (start + lun.range_bytes).min(lun.size);
                 tracing::warn!(
-                    "resync: LUN {} range {r} ({bytes} bytes) copied; node {}'s medium is up to date for it",
+                    "resync: copying LUN {} range {r} ({} bytes) to node {}'s medium; its I/O waits meanwhile",
                     lun.name,
+                    end - start,
+                    c.node_name(partner)
+                );
+                let mut at = start;
+                while at < end {
+                    let len = (end - at).min(RESYNC_CHUNK as u64) as usize;
+                    let chunk = self.read_own_medium(&lun, at, len).await?;
+                    let req = wire::encode(wire::OP_RESYNC_WRITE, l, at, len as u32, &chunk);
+                    wire::answer(&ask(req).await?)?;
+                    at += len as u64;
+                }
+                let done = wire::encode(wire::OP_RESYNC_DONE, l, r as u64, 0, &[]);
+                wire::answer(&ask(done).await?)?;
+                c.clear_outdated(partner, &ranges)
+                    .map_err(|e| format!("withdrawing our marks on the arbiter: {e}"))?;
+                Ok((lun.name.clone(), end - start))
+            })
+            .await;
+        match copied {
+            Ok((name, bytes)) => {
+                tracing::warn!(
+                    "resync: LUN {name} range {r} ({bytes} bytes) copied; node {}'s medium is up to date for it",
                     c.node_name(partner)
                 );
                 Ok(())
             }
             Err(e) => Err(format!(
-                "resync of LUN {} range {r} to node {}: {e}",
-                lun.name,
+                "resync of LUN {l} range {r} to node {}: {e}",
                 c.node_name(partner)
             )),
         }
+    }
+
+    /// `len` bytes of our own medium of `lun` at `at`, read off the async runtime.
+    pub(super) async fn read_own_medium(
+        &self,
+        lun: &Lun,
+        at: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, String> {
+        let medium = lun.medium.clone();
+        run_blocking(self.host.as_ref(), move || {
+            let mut buf = AlignedBuf::zeroed(len)?;
+            medium.read_at(buf.as_mut(), at)?;
+            Ok::<_, std::io::Error>(buf.as_slice().to_vec())
+        })
+        .await
+        .map_err(|e| format!("reading our medium at {at}: {e}"))
     }
 
     /// The partner's resync: `data` goes to our medium at `offset` of LUN `lun`, a range the

@@ -501,6 +501,24 @@ impl Engine {
                     }
                 };
             }
+            wire::OP_VERIFY_DIGESTS | wire::OP_SYNC_MEDIUM => {
+                let engine = self.clone();
+                let done = run_blocking(self.host.as_ref(), move || {
+                    if req.op == wire::OP_VERIFY_DIGESTS {
+                        engine.medium_digests(req.lun, req.offset, req.len)
+                    } else {
+                        engine.sync_medium_for_partner(req.lun).map(|_| Vec::new())
+                    }
+                })
+                .await;
+                return match done {
+                    Ok(data) => wire::ok(&data),
+                    Err(e) => {
+                        tracing::warn!("partner's verify request refused: {e}");
+                        wire::err(&e)
+                    }
+                };
+            }
             wire::OP_WRITE => self
                 .write_as_owner(lun, RecordKind::Data, req.offset, req.len as u64, &req.data)
                 .await

@@ -1,6 +1,6 @@
 //! Answers `nvmirrorctl` (one request from the control socket at a time per connection, on
 //! the control socket's threads): status, flusher pause/resume, drain, takeover, giveback,
-//! handover, and adding or deleting a LUN's device.
+//! handover, verify, and adding or deleting a LUN's device.
 
 use super::link::tell_partner_to_reload;
 use crate::control::{DaemonStatus, Request, Response};
@@ -72,6 +72,7 @@ impl ControlHandler {
             Request::Handover { timeout_secs } => {
                 self.move_ranges(RangesToMove::OwnRanges, timeout_secs)
             }
+            Request::Verify { repair } => self.verify(repair),
             Request::AddDevice { ref lun } => self.add_device(lun),
             Request::DelDevice { ref lun } => {
                 let Some(i) = self.devices.lun_index(lun) else {
@@ -163,6 +164,27 @@ impl ControlHandler {
                 .give_back(which, Duration::from_secs(timeout_secs), tell),
         ) {
             Ok(_) => Response::Ok,
+            Err(message) => error(message),
+        }
+    }
+
+    fn verify(&self, repair: bool) -> Response {
+        let Some(l) = self.link.as_ref().filter(|l| l.state().is_up()) else {
+            return error(
+                "the partner is not connected: there is no second medium to compare with",
+            );
+        };
+        let ask = |req: Vec<u8>| {
+            let link = l.clone();
+            async move {
+                link.request(req)
+                    .await
+                    .map(|a| a.to_vec())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match block_on(self.engine.verify_partner(repair, ask)) {
+            Ok(report) => Response::Verified(Box::new(report)),
             Err(message) => error(message),
         }
     }
