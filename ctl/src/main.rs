@@ -976,6 +976,17 @@ fn print_status(s: &DaemonStatus) {
                 stale.len()
             );
         }
+        if let Some(j) = &e.range_job {
+            println!(
+                "{} of {} range {}: {} of {} ({}%)",
+                j.job,
+                j.lun,
+                j.range,
+                ByteSize(j.bytes_done),
+                ByteSize(j.bytes_total),
+                j.bytes_done * 100 / j.bytes_total.max(1)
+            );
+        }
     }
     for r in &e.reservations {
         if let Some(error) = &r.error {

@@ -39,6 +39,9 @@ fn describe(v: &Verdict) -> String {
         Verdict::Repaired { extents } => format!("repaired at {}", extents_text(extents)),
         Verdict::ServedElsewhere { node } => format!("served by {node}: verify it there"),
         Verdict::Outdated => "partner's medium is outdated for it: the resync copies it".into(),
+        Verdict::OutdatedHere => {
+            "this node's medium is outdated for it: the repair copies it from the partner".into()
+        }
         Verdict::Failed { error } => format!("NOT COMPARED: {error}"),
     }
 }

@@ -100,6 +100,12 @@ pub enum Fault {
         node: usize,
         duration: Duration,
     },
+    /// With `storage = "own"`: a node's own medium (not the arbiter) fails every read and
+    /// write for a while.
+    MediumFailure {
+        node: usize,
+        duration: Duration,
+    },
     FlushPause {
         node: usize,
         duration: Duration,
@@ -144,6 +150,9 @@ pub struct FaultMix {
     /// With `takeover = "manual"`: the operator's takeovers (`nvmirrorctl takeover`, what
     /// Pacemaker's promote runs) after faults that cut a node off or stop it.
     pub takeovers: bool,
+    /// With `storage = "own"`: a node's own medium fails now and then (a stream of its own,
+    /// so the other faults of every seed stay as they were).
+    pub medium_failures: bool,
 }
 
 impl FaultMix {
@@ -169,6 +178,7 @@ impl FaultMix {
             givebacks: true,
             handovers: true,
             takeovers: true,
+            medium_failures: true,
         }
     }
 
@@ -199,6 +209,7 @@ impl FaultMix {
             givebacks: false,
             handovers: false,
             takeovers: false,
+            medium_failures: false,
         }
     }
 
@@ -263,6 +274,10 @@ impl Settings {
             s.takeover_auto = auto;
         }
         s.own_storage = mix.own_storage;
+        if mix.own_storage && mix.medium_failures {
+            let end = duration.saturating_sub(Duration::from_secs(1));
+            s.faults.extend(draw_medium_failures(seed, end));
+        }
         if mix.takeovers && !s.takeover_auto {
             let t = s.heartbeat_timeout;
             let end = duration.saturating_sub(Duration::from_secs(1));
@@ -452,6 +467,24 @@ fn draw_takeovers(
         }
     }
     out
+}
+
+/// Own media failing (`storage = "own"`), about one per 10 simulated seconds, each for
+/// 0.3-4 s.
+fn draw_medium_failures(seed: u64, end: Duration) -> Vec<(Duration, Fault)> {
+    use rand::SeedableRng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x3ed1_0000_0000_0004);
+    let mut out = Vec::new();
+    let mut at = Duration::from_millis(500);
+    loop {
+        at += Duration::from_secs_f64(-(1.0 - rng.gen::<f64>()).ln() * 10.0);
+        if at >= end {
+            return out;
+        }
+        let node = rng.gen_range(0..2);
+        let duration = between(&mut rng, Duration::from_millis(300), Duration::from_secs(4));
+        out.push((at, Fault::MediumFailure { node, duration }));
+    }
 }
 
 /// Switchovers at random times (about one per 8 simulated seconds), each followed by a

@@ -15,6 +15,10 @@
 # 5. `nvmirrorctl verify` on each node finds its ranges identical while fio writes (no false
 #    difference), names a 4 KiB block changed behind the daemons' backs on node-b's medium,
 #    and `verify --repair` copies it back from node-a (cmp identical).
+# 6. node-a's medium fails (device-mapper error target): fio writes and reads through node-a
+#    go on (node-b writes node-a's batches to its medium, node-a's medium is marked outdated,
+#    reads come from node-b's medium), a handover is refused; the medium works again, node-a
+#    repairs it from node-b's (marks withdrawn), and both media are identical.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -22,8 +26,15 @@ arbiter=$(nvm_medium arbiter 4)
 ma=$(nvm_medium medium-a 40)
 mb=$(nvm_medium medium-b 40)
 lun_mib=32
+# node-a reaches its medium through device-mapper, so that step 6 can make it fail.
+modprobe dm_mod || fail "modprobe dm_mod"
+sectors_a=$(blockdev --getsz "$ma")
+dmsetup create nvm29-a --table "0 $sectors_a linear $ma 0" || fail "dmsetup create"
+dm_a=/dev/dm-$(dmsetup info -c --noheadings -o minor nvm29-a | tr -d ' ')
+[[ -b $dm_a ]] || fail "$dm_a missing"
+nvm_extra_cleanup() { dmsetup remove --force nvm29-a 2>/dev/null; }
 for n in a b; do
-	medium=$ma
+	medium=$dm_a
 	[[ $n == b ]] && medium=$mb
 	nvm_cluster_config $n "$medium" auto tcp 127.0.0.1 7851
 	sed -i "s|^takeover = .*|&\nstorage = \"own\"\narbiter = \"$arbiter\"|" node-$n.toml
@@ -35,6 +46,12 @@ grep -v '^arbiter' node-a.toml >no-arbiter.toml
 out=$("$NVMCTL" config check no-arbiter.toml 2>&1) && fail "a config with storage = own and no arbiter passed the check"
 grep -q 'cluster.arbiter' <<<"$out" || fail "config check does not name cluster.arbiter: $out"
 
+# node-a writes its loop device through device-mapper, which bypasses the loop device's page
+# cache: drop it before comparing.
+same_media() {
+	blockdev --flushbufs "$ma" "$mb" && echo 3 >/proc/sys/vm/drop_caches &&
+		cmp -n $((lun_mib << 20)) "$ma" "$mb"
+}
 field() { "$NVMCTL" --config "node-$1.toml" status --json | python3 -c "import json,sys; e=json.load(sys.stdin)['engine']; print($2)"; }
 link_up() { nvm_status_has "node-$1.toml" '"link": "Up'; }
 wait_link() {
@@ -61,7 +78,7 @@ for n in a b; do
 	stale=$(field $n 'e["outdated_media"]')
 	[[ $stale == "{}" ]] || fail "node-$n reports outdated media after a clean run: $stale"
 done
-cmp -n $((lun_mib << 20)) "$ma" "$mb" ||
+same_media ||
 	fail "the two media differ after the drain: both nodes must apply every write"
 say "ok: both media hold the same $lun_mib MiB after the drain (cmp)"
 fio "${whole[@]}" --filename=/dev/ublkb1 --verify_only=1 --output=fio-whole-verify.log ||
@@ -129,7 +146,7 @@ for dev in /dev/ublkb0 /dev/ublkb1; do
 done
 "$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
 "$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
-cmp -n $((lun_mib << 20)) "$ma" "$mb" ||
+same_media ||
 	fail "the two media differ after the resync, the giveback and a drain"
 say "ok: after the resync and the giveback both media are identical again (cmp)"
 
@@ -157,8 +174,45 @@ grep -q "lun0 range 0: repaired at 5242880+4096" <<<"$out" || fail "verify --rep
 out=$("$NVMCTL" --config node-a.toml verify 2>&1) || fail "verify after the repair still finds a difference: $out"
 "$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
 "$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
-cmp -n $((lun_mib << 20)) "$ma" "$mb" || fail "the two media differ after verify --repair and a drain"
+same_media || fail "the two media differ after verify --repair and a drain"
 say "ok: verify --repair copied the block back from node-a; the media are identical (cmp)"
+
+say "6. node-a's own medium fails (dm error): writes and reads go on through node-a, then the repair"
+dm_switch() {
+	dmsetup suspend nvm29-a && dmsetup load nvm29-a --table "0 $sectors_a $1" &&
+		dmsetup resume nvm29-a || fail "switching node-a's medium to $1"
+}
+dm_switch error
+failing=(--name=failing --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
+	--offset=0 --size=16M --number_ios=400 --randseed=2906
+	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
+fio "${failing[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-failing.log ||
+	{ cat fio-failing.log; tail -20 daemon-a.log; fail "writes through node-a with its medium failing"; }
+"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null ||
+	{ tail -20 daemon-a.log; fail "node-a's staged writes did not drain (node-b should write them)"; }
+stale=$(field a 'e["outdated_media"].get("node-a", [])')
+[[ $stale == *"[0, 0]"* ]] || fail "node-a's medium should be marked outdated for range 0 after its writes failed: $stale"
+fio "${failing[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 --output=fio-failing-verify.log ||
+	{ cat fio-failing-verify.log; tail -20 daemon-a.log; fail "reads through node-a with its medium failing"; }
+served=$(field a 'e["luns"][0]["reads_from_partner"]')
+((served > 0)) || fail "node-a counts no reads served from node-b's medium"
+out=$("$NVMCTL" --config node-a.toml handover --timeout 30 2>&1) &&
+	fail "a handover of a range node-a's medium is outdated for succeeded: $out"
+say "ok: node-a wrote and read back 400 blocks with its medium failing ($served read(s) from node-b's medium); its medium is marked outdated for $stale"
+dm_switch "linear $ma 0"
+for _ in $(seq 300); do
+	[[ $(field a 'e["outdated_media"]') == "{}" ]] && break
+	sleep 0.2
+done
+[[ $(field a 'e["outdated_media"]') == "{}" ]] ||
+	{ tail -20 daemon-a.log; fail "node-a's medium was not repaired once it worked again: $(field a 'e["outdated_media"]')"; }
+grep -h 'repair: LUN' daemon-a.log | sed 's/^.*repair: /  repair: /'
+"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
+"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+same_media || fail "the two media differ after the repair and a drain"
+fio "${failing[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 --output=fio-repaired.log ||
+	{ cat fio-repaired.log; fail "the writes made while node-a's medium failed do not verify after the repair"; }
+say "ok: node-a's medium repaired from node-b's (marks withdrawn); the media are identical (cmp)"
 nvm_stop "$pid_a"
 nvm_stop "$pid_b"
-say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical; verify finds and repairs a changed block"
+say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical; verify finds and repairs a changed block; a failed medium is served around and repaired"

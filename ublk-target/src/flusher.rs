@@ -53,11 +53,12 @@ pub trait FlushContext: Send + Sync {
     }
     /// The batch is flushed and its log space released: the partner may drop its copies.
     fn on_released(&self, partition: u32, through_seq: u64);
-    /// Our path to the medium failed: ask the partner to write records `first..=last` of
-    /// `partition` (`count` data records) from its second store.
+    /// Our path to the medium failed: ask the partner to write `batch`, records
+    /// `first..=last` of `partition` (`count` data records), from its second store.
     fn delegate(
         &self,
         partition: u32,
+        batch: &[RecordMeta],
         first: u64,
         last: u64,
         count: usize,
@@ -216,7 +217,7 @@ impl Flusher {
         };
         let done = match self
             .context
-            .delegate(log.id, first.seq, last.seq, data.len())
+            .delegate(log.id, batch, first.seq, last.seq, data.len())
             .await
         {
             Ok(()) => finish_batch(log, &self.luns, batch),

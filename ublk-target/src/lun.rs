@@ -22,6 +22,8 @@ pub struct LunStats {
     pub writes: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Medium reads that failed here and were served from the partner's medium.
+    pub reads_from_partner: AtomicU64,
 }
 
 pub struct Lun {

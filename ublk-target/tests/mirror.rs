@@ -899,6 +899,8 @@ fn takeover_of_some_ranges_replays_only_theirs_and_keeps_the_rest_for_later() {
 struct PathView {
     inner: Arc<MemMedium>,
     broken: std::sync::atomic::AtomicBool,
+    /// Reads fail too (else only writes).
+    reads_broken: std::sync::atomic::AtomicBool,
 }
 impl nvmirror::medium::Medium for PathView {
     fn size(&self) -> u64 {
@@ -911,6 +913,9 @@ impl nvmirror::medium::Medium for PathView {
         self.inner.write_at(data, off)
     }
     fn read_at(&self, out: &mut [u8], off: u64) -> std::io::Result<()> {
+        if self.reads_broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
         self.inner.read_at(out, off)
     }
     fn write_zeroes(&self, off: u64, len: u64) -> std::io::Result<()> {
@@ -931,6 +936,7 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
     let view_a = Arc::new(PathView {
         inner: shared.clone(),
         broken: std::sync::atomic::AtomicBool::new(false),
+        reads_broken: std::sync::atomic::AtomicBool::new(false),
     });
     let open_with = |name: &str, medium: Arc<dyn nvmirror::medium::Medium>| {
         open_engine(
@@ -967,6 +973,68 @@ fn when_the_owners_medium_path_fails_the_partner_writes_its_mirrored_copy() {
     let st = a.status();
     assert!(st.delegated_batches >= 1 && st.medium_errors >= 1, "{st:?}");
     assert_eq!(b.status().mirror.second_store.map(|s| s.records), Some(0));
+}
+
+#[test]
+fn reads_the_owners_medium_path_fails_come_from_the_partners_medium() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shared = Arc::new(MemMedium::new(LUN_SIZE));
+    let table = Arc::new(MemTableStore::default());
+    let view_a = Arc::new(PathView {
+        inner: shared.clone(),
+        broken: std::sync::atomic::AtomicBool::new(false),
+        reads_broken: std::sync::atomic::AtomicBool::new(false),
+    });
+    let a = clustered_sized(
+        &dir.path().join("nv-a"),
+        24 * MIB,
+        2,
+        0,
+        view_a.clone(),
+        LUN_SIZE,
+        &table,
+    );
+    let b = clustered(&dir.path().join("nv-b"), 1, &shared, &table);
+    let (_link_a, _link_b, rt) = connect(&a, &b, Duration::from_millis(500));
+    let cluster_a = a.cluster().expect("cluster");
+    cluster_a.set_forwarder(Some(direct(b.clone())));
+    b.cluster()
+        .expect("cluster")
+        .set_forwarder(Some(direct(a.clone())));
+    // One write per 1 MiB: every range (A serves 0 and 2) gets some; all reach the medium.
+    let writes: Vec<(u64, Vec<u8>)> = (0..LUN_SIZE / MIB)
+        .map(|i| (i * MIB + (i % 5) * 4096, pattern(40 + i, 8192)))
+        .collect();
+    rt.block_on(async {
+        for (off, d) in &writes {
+            a.write(0, *off, d).await.expect("write");
+        }
+    });
+    assert!(a.drain_blocking(Duration::from_secs(10)), "A drains");
+    assert!(b.drain_blocking(Duration::from_secs(10)), "B drains");
+
+    view_a
+        .reads_broken
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for (off, d) in &writes {
+        let mut buf = vec![0u8; d.len()];
+        rt.block_on(a.read_routed(0, *off, &mut buf))
+            .unwrap_or_else(|e| panic!("A reads {off} with its medium path failing: {e:?}"));
+        assert!(buf == *d, "A read {off}: not the acknowledged data");
+    }
+    let served = a.status().luns[0].reads_from_partner;
+    assert!(
+        served >= writes.len() as u64 / 2,
+        "reads served by B: {served}"
+    );
+
+    // With no partner to ask, the read fails and says why.
+    cluster_a.set_forwarder(None);
+    let mut buf = vec![0u8; 4096];
+    let e = rt
+        .block_on(a.read_routed(0, 0, &mut buf))
+        .expect_err("a read with a failed path and no partner");
+    assert_eq!(e.errno, libc::EIO, "{e:?}");
 }
 
 /// Takeover time for 1 GiB of staged writes (the number the issue asks for), on this

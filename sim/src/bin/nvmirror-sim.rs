@@ -38,6 +38,10 @@ struct Args {
     /// No operator handovers (the scenarios seeds named before they were simulated).
     #[arg(long)]
     no_handovers: bool,
+    /// With --storage own: no own-medium failures (the scenarios seeds named before they
+    /// were simulated).
+    #[arg(long)]
+    no_medium_failures: bool,
     /// Force the takeover policy of both nodes: auto or manual (default: drawn per seed).
     #[arg(long)]
     takeover: Option<String>,
@@ -156,6 +160,9 @@ fn main() {
         };
         if args.no_givebacks {
             m = m.without_givebacks();
+        }
+        if args.no_medium_failures {
+            m.medium_failures = false;
         }
         if args.no_handovers {
             m = m.without_handovers();

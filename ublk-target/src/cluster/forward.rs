@@ -12,6 +12,8 @@ pub trait Forwarder: Send + Sync {
     fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()>;
     fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> ForwardFuture<()>;
     fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>>;
+    /// Bytes of the partner's medium (not its data path): for a read our medium path failed.
+    fn read_medium(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>>;
 }
 
 /// A [`Forwarder`] over any request/response channel: `call` carries an encoded request to
@@ -48,5 +50,8 @@ where
     }
     fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>> {
         self.ask(wire::encode(wire::OP_READ, lun, offset, len, &[]))
+    }
+    fn read_medium(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>> {
+        self.ask(wire::encode(wire::OP_READ_MEDIUM, lun, offset, len, &[]))
     }
 }

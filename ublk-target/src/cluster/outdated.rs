@@ -288,3 +288,39 @@ mod tests {
         assert_eq!(other.of(&store, 1, &at_one).expect("read").len(), 20);
     }
 }
+
+/// The ranges this node's own medium is outdated for, in memory for the read path: a read
+/// asks only an atomic flag while there are none.
+#[derive(Default)]
+pub struct StaleRanges {
+    any: std::sync::atomic::AtomicBool,
+    ranges: std::sync::RwLock<std::collections::BTreeSet<(u32, u32)>>,
+}
+
+impl StaleRanges {
+    pub fn contains(&self, range: (u32, u32)) -> bool {
+        use std::sync::atomic::Ordering;
+        self.any.load(Ordering::Acquire)
+            && self
+                .ranges
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&range)
+    }
+
+    pub fn add(&self, ranges: &[(u32, u32)]) {
+        let mut set = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+        set.extend(ranges.iter().copied());
+        self.any
+            .store(!set.is_empty(), std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn remove(&self, ranges: &[(u32, u32)]) {
+        let mut set = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+        for r in ranges {
+            set.remove(r);
+        }
+        self.any
+            .store(!set.is_empty(), std::sync::atomic::Ordering::Release);
+    }
+}

@@ -12,7 +12,7 @@
 //! node list ([`NodeId`]); each node's mirror lives on its [`Cluster::partner_of`].
 
 use super::forward::Forwarder;
-use super::outdated::OutdatedMedia;
+use super::outdated::{OutdatedMedia, StaleRanges};
 use crate::config::StorageMode;
 use crate::flusher::Fence;
 use crate::lease::DiskLease;
@@ -77,6 +77,9 @@ pub struct Cluster {
     /// What we marked outdated so far, per node (our slot, which only we write): a range
     /// marked already costs no I/O. One read-modify-write of the slot at a time.
     marking: Mutex<std::collections::BTreeMap<NodeId, std::collections::BTreeMap<u32, u64>>>,
+    /// The ranges our own medium is marked outdated for (`storage = "own"`): their reads
+    /// come from the partner's medium.
+    stale_here: StaleRanges,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -137,6 +140,7 @@ impl Cluster {
             reservations: setup.reservations,
             outdated,
             marking: Mutex::new(Default::default()),
+            stale_here: StaleRanges::default(),
         })
     }
 
@@ -641,6 +645,64 @@ impl Cluster {
         Ok(())
     }
 
+    /// With `storage = "own"`: our medium failed to take a flush batch of `ranges`, which we
+    /// own, and the partner writes it to its own: durably marks our medium outdated for
+    /// them before the batch leaves our log. Until a repair copies them back
+    /// (`engine::resync`), their reads come from the partner's medium, we never copy them
+    /// to the partner and never hand them over (the mark would not follow the new epoch).
+    pub fn mark_own_medium_outdated(
+        &self,
+        ranges: &[LunRange],
+    ) -> Result<(), ownership::TableError> {
+        let Some(media) = &self.outdated else {
+            return Ok(());
+        };
+        let (owned, marks): (Vec<LunRange>, Vec<(u32, u64)>) = {
+            let t = self.table();
+            ranges
+                .iter()
+                .filter(|&&(l, r)| {
+                    t.luns
+                        .get(l as usize)
+                        .and_then(|x| x.get(r as usize))
+                        .is_some_and(|o| o.owner == self.me)
+                })
+                .filter_map(|&r| Some((r, self.global_range(&t, r)?)))
+                .unzip()
+        };
+        let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
+        let made = known.entry(self.me).or_default();
+        if !marks.iter().all(|(r, e)| made.get(r) == Some(e)) {
+            media.mark(self.store.as_ref(), self.me, self.me, &marks)?;
+            made.extend(marks.iter().copied());
+            tracing::error!(
+                "our own medium misses writes of {} range(s) {owned:?} (its writes fail; marked outdated on the arbiter): their reads come from node {}'s medium until a repair",
+                owned.len(),
+                self.node_name(self.partner())
+            );
+        }
+        self.stale_here.add(&owned);
+        Ok(())
+    }
+
+    /// With `storage = "own"`: whether our medium is marked outdated for `range` of `lun`
+    /// (as this node knows it: loaded at start, kept as it marks and clears). Cheap.
+    pub fn own_medium_outdated(&self, lun: u32, range: u32) -> bool {
+        self.stale_here.contains((lun, range))
+    }
+
+    /// Whether our medium is outdated for any of `ranges`.
+    pub fn own_medium_outdated_any(&self, ranges: &[LunRange]) -> bool {
+        ranges.iter().any(|&(l, r)| self.own_medium_outdated(l, r))
+    }
+
+    /// At start: which ranges our medium is marked outdated for (by anyone).
+    pub fn load_own_outdated(&self) -> Result<(), ownership::TableError> {
+        let stale = self.outdated_ranges(self.me)?;
+        self.stale_here.add(&stale);
+        Ok(())
+    }
+
     /// With `storage = "own"`, after a resync copied `ranges` to `node`'s medium: withdraws
     /// our marks about it for them.
     pub fn clear_outdated(
@@ -664,6 +726,9 @@ impl Cluster {
             for g in &globals {
                 made.remove(g);
             }
+        }
+        if node == self.me {
+            self.stale_here.remove(ranges);
         }
         tracing::info!(
             "node {}'s medium holds {} range(s) {:?} again (resynced): marks withdrawn",

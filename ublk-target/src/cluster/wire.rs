@@ -20,6 +20,9 @@ pub const OP_RESYNC_DONE: u8 = 7;
 pub const OP_VERIFY_DIGESTS: u8 = 8;
 /// Sync your medium of LUN `lun` (after a verify's repair).
 pub const OP_SYNC_MEDIUM: u8 = 9;
+/// Our path to the medium failed a read: answer `len` bytes of your medium of LUN `lun` at
+/// `offset` (a part no staged write of ours covers).
+pub const OP_READ_MEDIUM: u8 = 10;
 const HEADER: usize = 17;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -61,7 +64,7 @@ pub fn decode(b: &[u8]) -> Option<Request> {
     let data_ok = match r.op {
         OP_WRITE | OP_RESYNC_WRITE => r.data.len() == r.len as usize,
         OP_ZERO | OP_READ | OP_RELOAD_OWNERSHIP | OP_RESYNC_DONE | OP_VERIFY_DIGESTS
-        | OP_SYNC_MEDIUM => r.data.is_empty(),
+        | OP_SYNC_MEDIUM | OP_READ_MEDIUM => r.data.is_empty(),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,
         _ => false,
     };

@@ -34,7 +34,17 @@ use std::time::Duration;
 /// `[start, end)` of a read that no staged write covers: the medium has its newest data.
 type Gap = (u64, u64);
 
-fn medium_read_error(lun: &Lun, start: u64, e: std::io::Error) -> IoError {
+fn stale_here_error(lun: &Lun, start: u64) -> IoError {
+    IoError::new(
+        libc::EIO,
+        format!(
+            "this node's own medium is outdated for LUN {} at {start} (its writes failed)",
+            lun.name
+        ),
+    )
+}
+
+pub(super) fn medium_read_error(lun: &Lun, start: u64, e: std::io::Error) -> IoError {
     IoError::new(
         e.raw_os_error().unwrap_or(libc::EIO),
         format!("reading {} at {start}: {e}", lun.medium.describe()),
@@ -324,6 +334,14 @@ impl Engine {
         // Each node its own medium: the partner's will miss this write, so it must never
         // take the range over (stale) before a resync. Durable before the acknowledgement.
         if let (Some(c), Some(range)) = (self.cluster.clone().filter(|c| c.own_storage()), range) {
+            if c.own_medium_outdated(range.0, range.1) {
+                // Ours misses writes of the range and the partner's would miss this one: no
+                // medium would hold the range whole, and nothing could resync it.
+                return Err(IoError::new(
+                    libc::EIO,
+                    "the partner is away and this node's own medium is outdated for the range (its writes failed): no medium can take this write",
+                ));
+            }
             let marked = run_blocking(self.host.as_ref(), move || {
                 c.mark_outdated(c.partner(), &[range])
             })
@@ -347,6 +365,9 @@ impl Engine {
     pub fn read(&self, lun_idx: usize, offset: u64, out: &mut [u8]) -> Result<(), IoError> {
         let (lun, gaps) = self.read_staged(lun_idx, offset, out)?;
         for (start, gap_end) in gaps {
+            if self.gap_is_stale_here(lun_idx, lun, start, gap_end) {
+                return Err(stale_here_error(lun, start));
+            }
             let dst = &mut out[(start - offset) as usize..(gap_end - offset) as usize];
             lun.medium
                 .read_at(dst, start)
@@ -380,14 +401,42 @@ impl Engine {
             let medium = lun.medium.as_ref();
             let results =
                 futures::future::join_all(dsts.into_iter().map(|(start, dst)| async move {
-                    (start, reads.read(medium, dst, start).await)
+                    let end = start + dst.len() as u64;
+                    if self.gap_is_stale_here(lun_idx, lun, start, end) {
+                        let ours = stale_here_error(lun, start);
+                        return self
+                            .read_partners_medium(lun_idx, lun, start, dst, ours)
+                            .await;
+                    }
+                    match reads.read(medium, dst, start).await {
+                        Ok(()) => Ok(()),
+                        Err(e) => {
+                            let ours = medium_read_error(lun, start, e);
+                            self.read_partners_medium(lun_idx, lun, start, dst, ours)
+                                .await
+                        }
+                    }
                 }))
                 .await;
-            for (start, result) in results {
-                result.map_err(|e| medium_read_error(lun, start, e))?;
-            }
+            results.into_iter().collect::<Result<Vec<()>, IoError>>()?;
         }
         self.read_done(lun, out.len())
+    }
+
+    /// Whether our own medium is outdated for a range `start..end` of `lun` touches: its
+    /// unstaged data is on the partner's medium only (`storage = "own"`).
+    pub(super) fn gap_is_stale_here(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        start: u64,
+        end: u64,
+    ) -> bool {
+        let Some(c) = &self.cluster else {
+            return false;
+        };
+        (lun.range_of(start)..=lun.range_of(end.max(start + 1) - 1))
+            .any(|r| c.own_medium_outdated(lun_idx as u32, r))
     }
 
     /// Copies the staged pieces of `[offset, offset + out.len())` into `out`; returns the

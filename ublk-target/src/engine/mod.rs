@@ -16,7 +16,11 @@
 //! bookkeeping in `takeover_state`, `lost_ranges` (killing our records of ranges we lost:
 //! void records), `mirroring` (what happens when the partner connects:
 //! releases, re-mirroring what it lacks), `serving` (the right to serve: the disk lease, or the
-//! partner's word), `flush_context` (what the flusher asks of the node) and `status`. Every file below `mod.rs` adds `impl Engine` blocks for its job; none imports
+//! partner's word), `flush_context` (what the flusher asks of the node), `partner_reads`
+//! (reads our medium cannot serve, from the partner's), and with `storage = "own"`:
+//! `resync` (copying a range onto the partner's outdated medium, or repairing ours from
+//! it), `verify` (comparing both media online), both through `range_pause` (a job on one
+//! range with its I/O paused); and `status`. Every file below `mod.rs` adds `impl Engine` blocks for its job; none imports
 //! `mod.rs`, which only declares and re-exports.
 //! The engine knows nothing of ublk, sockets or threads: the daemon's frontend calls
 //! `write`, `read_routed`, `write_zeroes` and `flush`; tests and the simulator call them
@@ -30,6 +34,7 @@ mod lost_ranges;
 mod medium_reads;
 mod mirroring;
 mod open;
+mod partner_reads;
 mod range_pause;
 mod resync;
 mod routing;
@@ -44,5 +49,5 @@ pub use crate::lun::{Lun, LunSpec};
 pub use medium_reads::{BlockingMediumReads, MediumReads};
 pub use open::scan_all;
 pub use status::{EngineStatus, LunStatus, MirrorStatus};
-pub use takeover_state::{FlushDelegate, RangesToMove, TakeoverProgress};
+pub use takeover_state::{FlushDelegate, RangeJob, RangesToMove, TakeoverProgress};
 pub use verify::{RangeVerified, Verdict, VerifyReport};

@@ -171,9 +171,13 @@ impl Engine {
         // (the partner replayed the others from its second store when it took them over).
         let cluster = match opts.cluster.take() {
             Some(setup) => {
-                Some(Arc::new(Cluster::open(setup).map_err(|e| {
-                    EngineError::Replay(format!("ownership table: {e}"))
-                })?))
+                let c = Cluster::open(setup)
+                    .map_err(|e| EngineError::Replay(format!("ownership table: {e}")))?;
+                // Ranges our own medium misses writes of are read from the partner's.
+                c.load_own_outdated().map_err(|e| {
+                    EngineError::Replay(format!("the outdated-media marks on the arbiter: {e}"))
+                })?;
+                Some(Arc::new(c))
             }
             None => None,
         };
@@ -329,9 +333,29 @@ impl Engine {
 
         let second_store = SecondStoreArea::new(region.clone(), layout);
         if let (Some(ss), Some(c)) = (&second_store, cluster.clone().filter(|c| c.own_storage())) {
-            // A mirror copy dropped before it reached our medium leaves our medium outdated.
+            // A mirror copy dropped before it reached our medium leaves our medium outdated,
+            // unless it is written first: it is, where the partner's own medium misses the
+            // range (its writes failed), since ours must then hold every write.
+            let write_first = {
+                let (c, luns) = (c.clone(), luns.clone());
+                Box::new(move |copies: &[(u32, u64)]| -> Vec<bool> {
+                    let theirs = c.outdated_ranges(c.partner()).unwrap_or_default();
+                    copies
+                        .iter()
+                        .map(|&(lun, off)| {
+                            let Some(l) = luns.get(lun as usize) else {
+                                return false;
+                            };
+                            let r = l.range_of(off);
+                            c.state(lun, r) == crate::cluster::RangeState::Remote(c.partner())
+                                && theirs.contains(&(lun, r))
+                        })
+                        .collect()
+                })
+            };
+            let own_luns = Arc::new(luns.clone());
             let luns = luns.clone();
-            ss.keep_own_medium(Box::new(move |dropped: Option<&[(u32, u64)]>| {
+            let mark = Box::new(move |dropped: Option<&[(u32, u64)]>| {
                 // Only ranges we do not serve. Of a range we own, every write goes through
                 // us: the partner's copies are from before our takeover (which replayed them)
                 // or staged by it unaware that the range had moved (never acknowledged, and
@@ -361,7 +385,12 @@ impl Engine {
                     return Ok(());
                 }
                 c.mark_outdated(c.me, &ranges).map_err(|e| e.to_string())
-            }));
+            });
+            ss.keep_own_medium(crate::mirror::OwnMedium {
+                mark,
+                write_first,
+                luns: own_luns,
+            });
         }
         let mirror = Arc::new(MirrorSlot::new(opts.degraded));
         let serving = Arc::new(ServingRight::new(

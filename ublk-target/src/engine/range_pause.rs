@@ -5,6 +5,7 @@
 //! time).
 
 use super::core::Engine;
+use super::takeover_state::RangeJob;
 use crate::lun::Lun;
 use std::future::Future;
 use std::sync::Arc;
@@ -56,5 +57,36 @@ impl Engine {
             c.finish_takeover(&regained);
         }
         done
+    }
+
+    /// Status: `job` on range `range` of `lun` has done `bytes_done` of `bytes_total`.
+    pub(super) fn note_range_job(
+        &self,
+        job: &str,
+        lun: &crate::lun::Lun,
+        range: u32,
+        bytes_done: u64,
+        bytes_total: u64,
+    ) {
+        *self
+            .takeover
+            .range_job
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(RangeJob {
+            job: job.into(),
+            lun: lun.name.clone(),
+            range,
+            bytes_done,
+            bytes_total,
+        });
+    }
+
+    /// Status: no range job under way.
+    pub(super) fn end_range_job(&self) {
+        *self
+            .takeover
+            .range_job
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 }

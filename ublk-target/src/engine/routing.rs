@@ -501,20 +501,20 @@ impl Engine {
                     }
                 };
             }
-            wire::OP_VERIFY_DIGESTS | wire::OP_SYNC_MEDIUM => {
+            wire::OP_VERIFY_DIGESTS | wire::OP_SYNC_MEDIUM | wire::OP_READ_MEDIUM => {
                 let engine = self.clone();
-                let done = run_blocking(self.host.as_ref(), move || {
-                    if req.op == wire::OP_VERIFY_DIGESTS {
-                        engine.medium_digests(req.lun, req.offset, req.len)
-                    } else {
-                        engine.sync_medium_for_partner(req.lun).map(|_| Vec::new())
+                let done = run_blocking(self.host.as_ref(), move || match req.op {
+                    wire::OP_VERIFY_DIGESTS => engine.medium_digests(req.lun, req.offset, req.len),
+                    wire::OP_READ_MEDIUM => {
+                        engine.read_medium_for_partner(req.lun, req.offset, req.len)
                     }
+                    _ => engine.sync_medium_for_partner(req.lun).map(|_| Vec::new()),
                 })
                 .await;
                 return match done {
                     Ok(data) => wire::ok(&data),
                     Err(e) => {
-                        tracing::warn!("partner's verify request refused: {e}");
+                        tracing::warn!("partner's medium request (op {}) refused: {e}", req.op);
                         wire::err(&e)
                     }
                 };
@@ -527,13 +527,25 @@ impl Engine {
                 .write_as_owner(lun, RecordKind::Zero, req.offset, req.len as u64, &[])
                 .await
                 .map(|_| Vec::new()),
-            _ => {
-                let engine = self.clone();
-                run_blocking(self.host.as_ref(), move || {
-                    engine.read_to_vec(lun, req.offset, req.len as usize)
-                })
-                .await
-            }
+            _ => match self.lun_for(lun, req.offset, req.len as u64) {
+                // Our medium is outdated for the range: its unstaged part comes from the
+                // partner's medium (asked over the link; no medium read blocks here).
+                Ok(l)
+                    if self.gap_is_stale_here(lun, l, req.offset, req.offset + req.len as u64) =>
+                {
+                    let mut buf = vec![0u8; req.len as usize];
+                    self.read_via(lun, req.offset, &mut buf, &BlockingMediumReads)
+                        .await
+                        .map(|()| buf)
+                }
+                _ => {
+                    let engine = self.clone();
+                    run_blocking(self.host.as_ref(), move || {
+                        engine.read_to_vec(lun, req.offset, req.len as usize)
+                    })
+                    .await
+                }
+            },
         };
         match result {
             Ok(data) => wire::ok(&data),

@@ -22,6 +22,9 @@ pub struct LunStatus {
     pub writes: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Medium reads that failed on this node and were served from the partner's medium.
+    #[serde(default)]
+    pub reads_from_partner: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -63,6 +66,9 @@ pub struct EngineStatus {
     /// (marked outdated on the arbiter; only nodes with any are listed).
     #[serde(default)]
     pub outdated_media: std::collections::BTreeMap<String, Vec<(u32, u32)>>,
+    /// With `storage = "own"`: the resync, repair or verify of a range under way.
+    #[serde(default)]
+    pub range_job: Option<super::takeover_state::RangeJob>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -121,6 +127,7 @@ impl Engine {
                         writes: l.stats.writes.load(Ordering::Relaxed),
                         bytes_read: l.stats.bytes_read.load(Ordering::Relaxed),
                         bytes_written: l.stats.bytes_written.load(Ordering::Relaxed),
+                        reads_from_partner: l.stats.reads_from_partner.load(Ordering::Relaxed),
                     }
                 })
                 .collect(),
@@ -189,6 +196,12 @@ impl Engine {
                 Some(_) => "shared".into(),
                 None => String::new(),
             },
+            range_job: self
+                .takeover
+                .range_job
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             outdated_media: self
                 .cluster
                 .as_ref()

@@ -455,6 +455,14 @@ impl Engine {
         if ranges.is_empty() {
             return Ok(0);
         }
+        // The mark of a range our medium misses writes of names its epoch: a move would void
+        // it, and a later move back would serve our stale medium.
+        if let Some(r) = ranges.iter().find(|&&(l, r)| c.own_medium_outdated(l, r)) {
+            return Err(format!(
+                "this node's own medium is outdated for range {r:?} (its writes failed): it is repaired from node {}'s medium first, by itself while the link is up and our medium works; no range moved",
+                c.node_name(partner)
+            ));
+        }
         let _moving = self.takeover.begin_move()?;
         let held = c.owners_of(&ranges);
         c.close_gates(&ranges);

@@ -44,9 +44,22 @@ pub struct TakeoverProgress {
     pub(super) started: Option<Instant>,
 }
 
+/// A copy or comparison of one range under way (`storage = "own"`), for status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeJob {
+    /// "resync" (to the partner's medium), "repair" (of ours from the partner's) or "verify".
+    pub job: String,
+    pub lun: String,
+    pub range: u32,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
 /// The engine's takeover bookkeeping.
 #[derive(Default)]
 pub(super) struct TakeoverState {
+    /// The range job under way, if any.
+    pub(super) range_job: Mutex<Option<RangeJob>>,
     /// Forwarded I/O that fails because the partner is gone waits for a takeover (see
     /// [`Engine::set_takeover_expected`]).
     expected: AtomicBool,

@@ -58,6 +58,9 @@ pub enum Verdict {
     },
     /// The partner's medium is marked outdated for the range: the resync copies it whole.
     Outdated,
+    /// Our own medium is marked outdated for the range (its writes failed): the repair
+    /// copies it from the partner's.
+    OutdatedHere,
     /// Could not be compared.
     Failed {
         error: String,
@@ -108,12 +111,15 @@ impl Engine {
                         },
                     ),
                     RangeState::Local if outdated.contains(&(l, r)) => (0, Verdict::Outdated),
-                    RangeState::Local => (
-                        end - start,
-                        self.verify_range(l, r, repair, &ask)
-                            .await
-                            .unwrap_or_else(|error| Verdict::Failed { error }),
-                    ),
+                    RangeState::Local if c.own_medium_outdated(l, r) => (0, Verdict::OutdatedHere),
+                    RangeState::Local => {
+                        let verdict = self.verify_range(l, r, repair, &ask).await;
+                        self.end_range_job();
+                        (
+                            end - start,
+                            verdict.unwrap_or_else(|error| Verdict::Failed { error }),
+                        )
+                    }
                 };
                 if verdict.is_bad() {
                     tracing::warn!(
@@ -155,6 +161,7 @@ impl Engine {
         let mut suspects = Vec::new();
         let mut at = start;
         while at < end {
+            self.note_range_job("verify", &lun, r, at - start, end - start);
             let len = (end - at).min(VERIFY_CHUNK as u64);
             suspects.extend(self.differing(l, &lun, (at, len), ask).await?);
             at += len;

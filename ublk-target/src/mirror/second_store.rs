@@ -53,6 +53,18 @@ pub type Pin = Box<dyn Fn(u32, u64) -> bool + Send + Sync>;
 /// before they are dropped unwritten. Err: keep them.
 pub type MarkOwnOutdated = Box<dyn Fn(Option<&[(u32, u64)]>) -> Result<(), String> + Send + Sync>;
 
+/// With a medium per node: of the copies a release would drop unwritten, at these
+/// (lun, offset)s, which to write to our medium first instead of marking it outdated (the
+/// partner's own medium misses them: ours must stay the one that holds every write).
+pub type WriteBeforeDrop = Box<dyn Fn(&[(u32, u64)]) -> Vec<bool> + Send + Sync>;
+
+/// What a release does with copies our medium lacks (`storage = "own"`).
+pub struct OwnMedium {
+    pub mark: MarkOwnOutdated,
+    pub write_first: WriteBeforeDrop,
+    pub luns: Arc<Vec<Arc<Lun>>>,
+}
+
 /// The partner's partitions inside our NVRAM.
 pub struct SecondStoreArea {
     region: Arc<NvramRegion>,
@@ -62,7 +74,7 @@ pub struct SecondStoreArea {
     held: Mutex<Vec<PartnerPartition>>,
     pin: Mutex<Option<Pin>>,
     /// Set with a medium per node: a release never drops a copy our medium lacks unmarked.
-    own_medium: Mutex<Option<MarkOwnOutdated>>,
+    own_medium: Mutex<Option<OwnMedium>>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -108,8 +120,8 @@ impl SecondStoreArea {
 
     /// With a medium per node: every held copy must reach our medium (the partner asks,
     /// `write_for_partner`), and one a release drops unwritten marks our medium outdated.
-    pub fn keep_own_medium(&self, mark: MarkOwnOutdated) {
-        *self.own_medium.lock().unwrap_or_else(|p| p.into_inner()) = Some(mark);
+    pub fn keep_own_medium(&self, own: OwnMedium) {
+        *self.own_medium.lock().unwrap_or_else(|p| p.into_inner()) = Some(own);
     }
 
     fn own_medium_kept(&self) -> bool {
@@ -154,12 +166,12 @@ impl SecondStoreArea {
     /// our medium outdated for the copies it would drop unwritten. False: keep them.
     fn mark_before_drop(&self, partition: u32, through_seq: u64) -> bool {
         let own = self.own_medium.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mark) = own.as_ref() else {
+        let Some(own) = own.as_ref() else {
             return true;
         };
         let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
         let log = self.partition_log(partition);
-        let (dropped, headless) = {
+        let (dropped, headless, every_held) = {
             let held = self.held();
             let Some(pp) = held.get(partition as usize) else {
                 return true;
@@ -171,19 +183,56 @@ impl SecondStoreArea {
                     // A pinned copy stays held (a takeover replays it).
                     Some(hd) if pin.as_ref().is_some_and(|p| p(hd.lun, hd.offset)) => {}
                     Some(hd) if matches!(hd.kind, RecordKind::Data | RecordKind::Zero) => {
-                        dropped.push((hd.lun, hd.offset))
+                        dropped.push((seq, *h, hd))
                     }
                     Some(_) => {}
                     None => headless = true,
                 }
             }
-            (dropped, headless)
+            let every: Vec<(u64, Held)> = pp.records.iter().map(|(s, h)| (*s, *h)).collect();
+            (dropped, headless, every)
         };
         drop(pin);
         if dropped.is_empty() && !headless {
             return true;
         }
-        match mark((!headless).then_some(dropped.as_slice())) {
+        let keys: Vec<(u32, u64)> = dropped
+            .iter()
+            .map(|(_, _, hd)| (hd.lun, hd.offset))
+            .collect();
+        let write = (own.write_first)(&keys);
+        let to_write: Vec<&(u64, Held, RecordHeader)> = dropped
+            .iter()
+            .zip(&write)
+            .filter(|(_, w)| **w)
+            .map(|(d, _)| d)
+            .collect();
+        let mut unwritten: Vec<(u32, u64)> = dropped
+            .iter()
+            .zip(&write)
+            .filter(|(_, w)| !**w)
+            .map(|((_, _, hd), _)| (hd.lun, hd.offset))
+            .collect();
+        if !to_write.is_empty() {
+            let dead = self.void_marks(log, partition, every_held.iter().map(|(s, h)| (s, h)));
+            match self.write_dropped(log, partition, &to_write, &dead, &own.luns) {
+                Ok(n) => tracing::info!(
+                    partition,
+                    "wrote {n} mirrored record(s) to our medium before dropping them: the partner's medium misses their ranges"
+                ),
+                Err(e) => {
+                    tracing::error!(
+                        partition,
+                        "writing mirrored records to our medium before dropping them failed ({e}): marking it outdated instead"
+                    );
+                    unwritten.extend(to_write.iter().map(|(_, _, hd)| (hd.lun, hd.offset)));
+                }
+            }
+        }
+        if unwritten.is_empty() && !headless {
+            return true;
+        }
+        match (own.mark)((!headless).then_some(unwritten.as_slice())) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(
@@ -193,6 +242,33 @@ impl SecondStoreArea {
                 false
             }
         }
+    }
+
+    /// Writes held copies (in seq order) to our medium, skipping dead ones; returns how many.
+    fn write_dropped(
+        &self,
+        log: &[u8],
+        partition: u32,
+        records: &[&(u64, Held, RecordHeader)],
+        dead: &VoidMarks,
+        luns: &[Arc<Lun>],
+    ) -> Result<usize, String> {
+        let mut applier = Applier::new(luns);
+        let mut written = 0;
+        for (seq, h, header) in records {
+            if dead.covers(header.lun, header.offset, header.len as u64, *seq) {
+                continue;
+            }
+            let data = self
+                .record_data(log, h, header)
+                .ok_or_else(|| format!("mirrored record seq {seq} is not intact"))?;
+            applier
+                .apply(&record_write(partition, header, data))
+                .map_err(|e| e.to_string())?;
+            written += 1;
+        }
+        applier.sync().map_err(|e| e.to_string())?;
+        Ok(written)
     }
 
     fn held(&self) -> MutexGuard<'_, Vec<PartnerPartition>> {
@@ -277,6 +353,13 @@ impl SecondStoreArea {
             generation,
             records,
         }
+    }
+
+    /// Whether record `seq` of the partner's `partition` is held (e.g. pinned past a release).
+    pub fn holds(&self, partition: u32, seq: u64) -> bool {
+        self.held()
+            .get(partition as usize)
+            .is_some_and(|pp| pp.records.contains_key(&seq))
     }
 
     pub fn status(&self) -> SecondStoreStatus {
@@ -532,6 +615,7 @@ impl SecondStoreArea {
             Vec::new()
         };
         let mut applier = Applier::new(luns);
+        let asked_from = held.first().map_or(first, |(s, _)| *s);
         for (seq, h) in older.iter().chain(&held) {
             let header = self
                 .held_header(log, partition, *seq, h)
@@ -547,6 +631,12 @@ impl SecondStoreArea {
                 continue;
             }
             if !allowed(header.lun, header.offset)? {
+                if *seq < asked_from {
+                    // An older copy of a range the partner lost since: the new owner
+                    // replayed it at its takeover, or it was never acknowledged. Never ours
+                    // to write.
+                    continue;
+                }
                 return Err(format!(
                     "mirrored record seq {seq} is for a range that is no longer the partner's; not written"
                 ));
