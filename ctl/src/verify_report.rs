@@ -40,7 +40,7 @@ fn describe(v: &Verdict) -> String {
         Verdict::ServedElsewhere { node } => format!("served by {node}: verify it there"),
         Verdict::Outdated => "partner's medium is outdated for it: the resync copies it".into(),
         Verdict::OutdatedHere => {
-            "this node's medium is outdated for it: the repair copies it from the partner".into()
+            "this node's medium is marked outdated for it: not compared".into()
         }
         Verdict::Failed { error } => format!("NOT COMPARED: {error}"),
     }

@@ -14,24 +14,18 @@ medium=$(nvm_medium shared 320)
 nvm_cluster_config a "$medium" manual tcp 127.0.0.1 7831
 nvm_cluster_config b "$medium" auto tcp 127.0.0.1 7831
 blocks=200
-field() { "$NVMCTL" --config "node-$1.toml" status --json | python3 -c "import json,sys; e=json.load(sys.stdin)['engine']; print($2)"; }
-link_up() { nvm_status_has "node-$1.toml" '"link": "Up'; }
-wait_link() {
-	for _ in $(seq 300); do link_up a && link_up b && return 0; sleep 0.2; done
-	fail "the mirror link did not come up"
-}
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
 nvm_start node-b.toml daemon-b.log
 pid_b=$NVM_LAST_PID
-wait_link
+nvm_wait_link
 "$NVMCTL" --config node-a.toml flush pause >/dev/null || fail "flush pause"
 job=(--name=staged --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
 	--offset=0 --size=8M --number_ios=$blocks --randseed=2515
 	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
 fio "${job[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-write.log ||
 	{ cat fio-write.log; fail "fio write"; }
-held=$(field b 'e["mirror"]["second_store"]["records"]')
+held=$(nvm_field b 'e["mirror"]["second_store"]["records"]')
 say "node-a wrote $blocks blocks with its flusher paused; node-b holds $held mirrored record(s)"
 ((held >= blocks)) || fail "node-b holds $held mirrored records, expected at least $blocks"
 
@@ -39,24 +33,24 @@ say "node-b's daemon restarts (graceful stop, start)"
 nvm_stop "$pid_b"
 nvm_start node-b.toml daemon-b.log
 pid_b=$NVM_LAST_PID
-wait_link
-rebuilt=$(field b 'e["mirror"]["second_store"]["records"]')
+nvm_wait_link
+rebuilt=$(nvm_field b 'e["mirror"]["second_store"]["records"]')
 say "after the restart node-b's second store holds $rebuilt record(s)"
 ((rebuilt >= blocks)) ||
 	{ tail -20 daemon-b.log; fail "node-b's restart dropped mirrored copies: $rebuilt of $held left"; }
 # node-a still counts the pair as mirrored and has flushed nothing.
-[[ $(field a 'e["ranges"][0]["owner"]') == node-a ]] || fail "node-a lost its range"
+[[ $(nvm_field a 'e["ranges"][0]["owner"]') == node-a ]] || fail "node-a lost its range"
 
 say "kill -9 node-a before it flushed; node-b must take over and replay the mirrored writes"
 kill -9 "$pid_a"
 nvm_wait_gone "$pid_a"
 for _ in $(seq 300); do
-	[[ $(field b '",".join(x["owner"] + "/" + x["state"] for x in e["ranges"])') == "node-b/local,node-b/local" ]] && break
+	[[ $(nvm_field b '",".join(x["owner"] + "/" + x["state"] for x in e["ranges"])') == "node-b/local,node-b/local" ]] && break
 	sleep 0.1
 done
-[[ $(field b 'e["ranges"][0]["owner"]') == node-b ]] ||
+[[ $(nvm_field b 'e["ranges"][0]["owner"]') == node-b ]] ||
 	{ "$NVMCTL" --config node-b.toml status; tail -20 daemon-b.log; fail "node-b did not take over"; }
-replayed=$(field b '(e.get("takeover") or {}).get("records_done", 0)')
+replayed=$(nvm_field b '(e.get("takeover") or {}).get("records_done", 0)')
 say "node-b took over and replayed $replayed mirrored record(s)"
 ((replayed >= blocks)) || { tail -20 daemon-b.log; fail "takeover replayed $replayed records, expected at least $blocks"; }
 "$NVMCTL" del 0 >/dev/null 2>&1 || true

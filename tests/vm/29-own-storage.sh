@@ -15,10 +15,9 @@
 # 5. `nvmirrorctl verify` on each node finds its ranges identical while fio writes (no false
 #    difference), names a 4 KiB block changed behind the daemons' backs on node-b's medium,
 #    and `verify --repair` copies it back from node-a (cmp identical).
-# 6. node-a's medium fails (device-mapper error target): fio writes and reads through node-a
-#    go on (node-b writes node-a's batches to its medium, node-a's medium is marked outdated,
-#    reads come from node-b's medium), a handover is refused; the medium works again, node-a
-#    repairs it from node-b's (marks withdrawn), and both media are identical.
+# 6. node-a's medium fails (device-mapper error target): reads through node-a come from
+#    node-b's medium, writes stay staged in node-a's NVRAM (and mirrored); the medium works
+#    again, the staged writes reach both media, and both are identical.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -52,18 +51,12 @@ same_media() {
 	blockdev --flushbufs "$ma" "$mb" && echo 3 >/proc/sys/vm/drop_caches &&
 		cmp -n $((lun_mib << 20)) "$ma" "$mb"
 }
-field() { "$NVMCTL" --config "node-$1.toml" status --json | python3 -c "import json,sys; e=json.load(sys.stdin)['engine']; print($2)"; }
-link_up() { nvm_status_has "node-$1.toml" '"link": "Up'; }
-wait_link() {
-	for _ in $(seq 300); do link_up a && link_up b && return 0; sleep 0.2; done
-	fail "the mirror link did not come up"
-}
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
 nvm_start node-b.toml daemon-b.log
 pid_b=$NVM_LAST_PID
-wait_link
-[[ $(field a 'e["storage"]') == own ]] || fail "node-a's status does not say storage = own"
+nvm_wait_link
+[[ $(nvm_field a 'e["storage"]') == own ]] || fail "node-a's status does not say storage = own"
 
 say "1. fio over the whole LUN through node-a (node-b's range forwarded), then a drain"
 whole=(--name=whole --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bsrange=4k-64k
@@ -73,9 +66,9 @@ fio "${whole[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-whole.log ||
 "$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
 "$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
 for n in a b; do
-	held=$(field $n 'e["mirror"]["second_store"]["records"]')
+	held=$(nvm_field $n 'e["mirror"]["second_store"]["records"]')
 	[[ $held == 0 ]] || fail "node-$n's second store still holds $held record(s) after both drained"
-	stale=$(field $n 'e["outdated_media"]')
+	stale=$(nvm_field $n 'e["outdated_media"]')
 	[[ $stale == "{}" ]] || fail "node-$n reports outdated media after a clean run: $stale"
 done
 same_media ||
@@ -94,18 +87,18 @@ fio "${staged[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-staged.log 
 kill -9 "$pid_a"
 nvm_wait_gone "$pid_a"
 for _ in $(seq 300); do
-	[[ $(field b '",".join(x["owner"] + "/" + x["state"] for x in e["ranges"])') == "node-b/local,node-b/local" ]] && break
+	[[ $(nvm_field b '",".join(x["owner"] + "/" + x["state"] for x in e["ranges"])') == "node-b/local,node-b/local" ]] && break
 	sleep 0.1
 done
-[[ $(field b 'e["ranges"][0]["owner"]') == node-b ]] ||
+[[ $(nvm_field b 'e["ranges"][0]["owner"]') == node-b ]] ||
 	{ "$NVMCTL" --config node-b.toml status; tail -20 daemon-b.log; fail "node-b did not take over"; }
-replayed=$(field b '(e.get("takeover") or {}).get("records_done", 0)')
+replayed=$(nvm_field b '(e.get("takeover") or {}).get("records_done", 0)')
 say "node-b took over and replayed $replayed mirrored record(s) into its own medium"
 ((replayed >= 300)) || { tail -20 daemon-b.log; fail "takeover replayed $replayed records, expected at least 300"; }
 "$NVMCTL" del 0 >/dev/null 2>&1 || true
 fio "${staged[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-staged-verify.log ||
 	{ cat fio-staged-verify.log; fail "an acknowledged write was lost after node-b took over"; }
-stale=$(field b 'e["outdated_media"].get("node-a", [])')
+stale=$(nvm_field b 'e["outdated_media"].get("node-a", [])')
 [[ $stale == *"[0, 0]"* ]] ||
 	fail "node-a's medium should be marked outdated for range 0 after the takeover, status says: $stale"
 say "ok: every acknowledged write verifies through node-b; node-a's medium is marked outdated for $stale"
@@ -118,25 +111,25 @@ fio "${alone[@]}" --filename=/dev/ublkb1 --do_verify=0 --output=fio-alone.log ||
 	{ cat fio-alone.log; fail "fio writes on node-b alone"; }
 out=$("$NVMCTL" --config node-b.toml giveback --timeout 30 2>&1) &&
 	fail "giveback to a node that is down (and outdated) succeeded: $out"
-[[ $(field b '",".join(x["owner"] for x in e["ranges"])') == "node-b,node-b" ]] ||
+[[ $(nvm_field b '",".join(x["owner"] for x in e["ranges"])') == "node-b,node-b" ]] ||
 	fail "a range moved although the giveback was refused"
-stale=$(field b 'e["outdated_media"].get("node-a", [])')
+stale=$(nvm_field b 'e["outdated_media"].get("node-a", [])')
 [[ $stale == *"[0, 0]"* ]] || fail "node-a's medium is no longer marked outdated for range 0: $stale"
 say "ok: giveback refused ($(tail -1 <<<"$out")); node-a's medium is outdated for $stale"
 
 say "4. node-a restarts: node-b resyncs both ranges onto node-a's medium, then the giveback works"
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
-wait_link
+nvm_wait_link
 for _ in $(seq 300); do
-	[[ $(field b 'e["outdated_media"]') == "{}" ]] && break
+	[[ $(nvm_field b 'e["outdated_media"]') == "{}" ]] && break
 	sleep 0.2
 done
-stale=$(field b 'e["outdated_media"]')
+stale=$(nvm_field b 'e["outdated_media"]')
 [[ $stale == "{}" ]] || { tail -20 daemon-b.log; fail "the resync did not clear the outdated marks: $stale"; }
 grep -h 'resync: LUN' daemon-b.log | sed 's/^.*resync: /  resync: /'
 "$NVMCTL" --config node-b.toml giveback --timeout 60 >/dev/null || fail "giveback after the resync"
-[[ $(field a '",".join(x["owner"] for x in e["ranges"])') == "node-a,node-b" ]] ||
+[[ $(nvm_field a '",".join(x["owner"] for x in e["ranges"])') == "node-a,node-b" ]] ||
 	fail "after the giveback node-a does not own range 0 again"
 for dev in /dev/ublkb0 /dev/ublkb1; do
 	fio "${staged[@]}" --filename=$dev --verify_only=1 --verify_state_load=1 --output=fio-final-staged.log ||
@@ -177,42 +170,37 @@ out=$("$NVMCTL" --config node-a.toml verify 2>&1) || fail "verify after the repa
 same_media || fail "the two media differ after verify --repair and a drain"
 say "ok: verify --repair copied the block back from node-a; the media are identical (cmp)"
 
-say "6. node-a's own medium fails (dm error): writes and reads go on through node-a, then the repair"
+say "6. node-a's own medium fails (dm error): its reads come from node-b's medium, its writes stay staged"
 dm_switch() {
 	dmsetup suspend nvm29-a && dmsetup load nvm29-a --table "0 $sectors_a $1" &&
 		dmsetup resume nvm29-a || fail "switching node-a's medium to $1"
 }
-dm_switch error
-failing=(--name=failing --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
+before=(--name=before --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
 	--offset=0 --size=16M --number_ios=400 --randseed=2906
 	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
-fio "${failing[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-failing.log ||
-	{ cat fio-failing.log; tail -20 daemon-a.log; fail "writes through node-a with its medium failing"; }
-"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null ||
-	{ tail -20 daemon-a.log; fail "node-a's staged writes did not drain (node-b should write them)"; }
-stale=$(field a 'e["outdated_media"].get("node-a", [])')
-[[ $stale == *"[0, 0]"* ]] || fail "node-a's medium should be marked outdated for range 0 after its writes failed: $stale"
-fio "${failing[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 --output=fio-failing-verify.log ||
-	{ cat fio-failing-verify.log; tail -20 daemon-a.log; fail "reads through node-a with its medium failing"; }
-served=$(field a 'e["luns"][0]["reads_from_partner"]')
-((served > 0)) || fail "node-a counts no reads served from node-b's medium"
-out=$("$NVMCTL" --config node-a.toml handover --timeout 30 2>&1) &&
-	fail "a handover of a range node-a's medium is outdated for succeeded: $out"
-say "ok: node-a wrote and read back 400 blocks with its medium failing ($served read(s) from node-b's medium); its medium is marked outdated for $stale"
-dm_switch "linear $ma 0"
-for _ in $(seq 300); do
-	[[ $(field a 'e["outdated_media"]') == "{}" ]] && break
-	sleep 0.2
-done
-[[ $(field a 'e["outdated_media"]') == "{}" ]] ||
-	{ tail -20 daemon-a.log; fail "node-a's medium was not repaired once it worked again: $(field a 'e["outdated_media"]')"; }
-grep -h 'repair: LUN' daemon-a.log | sed 's/^.*repair: /  repair: /'
+fio "${before[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-before.log ||
+	{ cat fio-before.log; fail "fio writes through node-a"; }
 "$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
+dm_switch error
+fio "${before[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 --output=fio-failing-verify.log ||
+	{ cat fio-failing-verify.log; tail -20 daemon-a.log; fail "reads through node-a with its medium failing"; }
+served=$(nvm_field a 'e["luns"][0]["reads_from_partner"]')
+((served > 0)) || fail "node-a counts no reads served from node-b's medium"
+during=(--name=during --direct=1 --ioengine=libaio --iodepth=4 --rw=randwrite --bs=4k
+	--offset=0 --size=16M --number_ios=32 --randseed=2907
+	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
+fio "${during[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-during.log ||
+	{ cat fio-during.log; fail "writes through node-a with its medium failing (they stay staged)"; }
+errors=$(nvm_field a 'e["medium_errors"]')
+((errors > 0)) || fail "node-a reports no medium error while its medium fails"
+say "ok: node-a read back 400 blocks with its medium failing ($served read(s) from node-b's medium); 32 more writes are staged ($errors medium error(s))"
+dm_switch "linear $ma 0"
+"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "node-a did not drain once its medium worked again"
 "$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
-same_media || fail "the two media differ after the repair and a drain"
-fio "${failing[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 --output=fio-repaired.log ||
-	{ cat fio-repaired.log; fail "the writes made while node-a's medium failed do not verify after the repair"; }
-say "ok: node-a's medium repaired from node-b's (marks withdrawn); the media are identical (cmp)"
+same_media || fail "the two media differ after node-a's medium came back and a drain"
+fio "${during[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-during-verify.log ||
+	{ cat fio-during-verify.log; fail "the writes staged while node-a's medium failed do not verify through node-b"; }
+say "ok: node-a's medium works again, the staged writes reached both media (cmp identical)"
 nvm_stop "$pid_a"
 nvm_stop "$pid_b"
-say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical; verify finds and repairs a changed block; a failed medium is served around and repaired"
+say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical; verify finds and repairs a changed block; a failed medium is read around"

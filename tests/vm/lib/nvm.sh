@@ -92,6 +92,22 @@ nvm_status_has() {
 	[[ $out == *"$2"* ]]
 }
 
+# nvm_field NODE EXPR: a Python expression over node-NODE's engine status `e` (JSON), e.g.
+# nvm_field a 'e["storage"]'
+nvm_field() {
+	"$NVMCTL" --config "node-$1.toml" status --json |
+		python3 -c "import json,sys; e=json.load(sys.stdin)['engine']; print($2)"
+}
+
+# nvm_wait_link: waits until node-a and node-b both report their mirror link up (60 s).
+nvm_wait_link() {
+	for _ in $(seq 300); do
+		nvm_status_has node-a.toml '"link": "Up' && nvm_status_has node-b.toml '"link": "Up' && return 0
+		sleep 0.2
+	done
+	fail "the mirror link did not come up"
+}
+
 # nvm_stop PID: graceful stop (drains), waits for exit
 nvm_stop() {
 	kill -TERM "$1"

@@ -77,8 +77,8 @@ pub struct Cluster {
     /// What we marked outdated so far, per node (our slot, which only we write): a range
     /// marked already costs no I/O. One read-modify-write of the slot at a time.
     marking: Mutex<std::collections::BTreeMap<NodeId, std::collections::BTreeMap<u32, u64>>>,
-    /// The ranges our own medium is marked outdated for (`storage = "own"`): their reads
-    /// come from the partner's medium.
+    /// The ranges our own medium is marked outdated for (`storage = "own"`): never served
+    /// from it (an owner is never outdated for its range; checked, not assumed).
     stale_here: StaleRanges,
 }
 
@@ -645,55 +645,10 @@ impl Cluster {
         Ok(())
     }
 
-    /// With `storage = "own"`: our medium failed to take a flush batch of `ranges`, which we
-    /// own, and the partner writes it to its own: durably marks our medium outdated for
-    /// them before the batch leaves our log. Until a repair copies them back
-    /// (`engine::resync`), their reads come from the partner's medium, we never copy them
-    /// to the partner and never hand them over (the mark would not follow the new epoch).
-    pub fn mark_own_medium_outdated(
-        &self,
-        ranges: &[LunRange],
-    ) -> Result<(), ownership::TableError> {
-        let Some(media) = &self.outdated else {
-            return Ok(());
-        };
-        let (owned, marks): (Vec<LunRange>, Vec<(u32, u64)>) = {
-            let t = self.table();
-            ranges
-                .iter()
-                .filter(|&&(l, r)| {
-                    t.luns
-                        .get(l as usize)
-                        .and_then(|x| x.get(r as usize))
-                        .is_some_and(|o| o.owner == self.me)
-                })
-                .filter_map(|&r| Some((r, self.global_range(&t, r)?)))
-                .unzip()
-        };
-        let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
-        let made = known.entry(self.me).or_default();
-        if !marks.iter().all(|(r, e)| made.get(r) == Some(e)) {
-            media.mark(self.store.as_ref(), self.me, self.me, &marks)?;
-            made.extend(marks.iter().copied());
-            tracing::error!(
-                "our own medium misses writes of {} range(s) {owned:?} (its writes fail; marked outdated on the arbiter): their reads come from node {}'s medium until a repair",
-                owned.len(),
-                self.node_name(self.partner())
-            );
-        }
-        self.stale_here.add(&owned);
-        Ok(())
-    }
-
     /// With `storage = "own"`: whether our medium is marked outdated for `range` of `lun`
     /// (as this node knows it: loaded at start, kept as it marks and clears). Cheap.
     pub fn own_medium_outdated(&self, lun: u32, range: u32) -> bool {
         self.stale_here.contains((lun, range))
-    }
-
-    /// Whether our medium is outdated for any of `ranges`.
-    pub fn own_medium_outdated_any(&self, ranges: &[LunRange]) -> bool {
-        ranges.iter().any(|&(l, r)| self.own_medium_outdated(l, r))
     }
 
     /// At start: which ranges our medium is marked outdated for (by anyone).

@@ -38,7 +38,7 @@ fn stale_here_error(lun: &Lun, start: u64) -> IoError {
     IoError::new(
         libc::EIO,
         format!(
-            "this node's own medium is outdated for LUN {} at {start} (its writes failed)",
+            "this node's own medium is marked outdated for LUN {} at {start}",
             lun.name
         ),
     )
@@ -339,7 +339,7 @@ impl Engine {
                 // medium would hold the range whole, and nothing could resync it.
                 return Err(IoError::new(
                     libc::EIO,
-                    "the partner is away and this node's own medium is outdated for the range (its writes failed): no medium can take this write",
+                    "the partner is away and this node's own medium is marked outdated for the range: no medium can take this write",
                 ));
             }
             let marked = run_blocking(self.host.as_ref(), move || {

@@ -18,8 +18,7 @@
 //! releases, re-mirroring what it lacks), `serving` (the right to serve: the disk lease, or the
 //! partner's word), `flush_context` (what the flusher asks of the node), `partner_reads`
 //! (reads our medium cannot serve, from the partner's), and with `storage = "own"`:
-//! `resync` (copying a range onto the partner's outdated medium, or repairing ours from
-//! it), `verify` (comparing both media online), both through `range_pause` (a job on one
+//! `resync` (copying a range onto the partner's outdated medium), `verify` (comparing both media online), both through `range_pause` (a job on one
 //! range with its I/O paused); and `status`. Every file below `mod.rs` adds `impl Engine` blocks for its job; none imports
 //! `mod.rs`, which only declares and re-exports.
 //! The engine knows nothing of ublk, sockets or threads: the daemon's frontend calls

@@ -333,27 +333,7 @@ impl Engine {
 
         let second_store = SecondStoreArea::new(region.clone(), layout);
         if let (Some(ss), Some(c)) = (&second_store, cluster.clone().filter(|c| c.own_storage())) {
-            // A mirror copy dropped before it reached our medium leaves our medium outdated,
-            // unless it is written first: it is, where the partner's own medium misses the
-            // range (its writes failed), since ours must then hold every write.
-            let write_first = {
-                let (c, luns) = (c.clone(), luns.clone());
-                Box::new(move |copies: &[(u32, u64)]| -> Vec<bool> {
-                    let theirs = c.outdated_ranges(c.partner()).unwrap_or_default();
-                    copies
-                        .iter()
-                        .map(|&(lun, off)| {
-                            let Some(l) = luns.get(lun as usize) else {
-                                return false;
-                            };
-                            let r = l.range_of(off);
-                            c.state(lun, r) == crate::cluster::RangeState::Remote(c.partner())
-                                && theirs.contains(&(lun, r))
-                        })
-                        .collect()
-                })
-            };
-            let own_luns = Arc::new(luns.clone());
+            // A mirror copy dropped before it reached our medium leaves our medium outdated.
             let luns = luns.clone();
             let mark = Box::new(move |dropped: Option<&[(u32, u64)]>| {
                 // Only ranges we do not serve. Of a range we own, every write goes through
@@ -386,11 +366,7 @@ impl Engine {
                 }
                 c.mark_outdated(c.me, &ranges).map_err(|e| e.to_string())
             });
-            ss.keep_own_medium(crate::mirror::OwnMedium {
-                mark,
-                write_first,
-                luns: own_luns,
-            });
+            ss.keep_own_medium(mark);
         }
         let mirror = Arc::new(MirrorSlot::new(opts.degraded));
         let serving = Arc::new(ServingRight::new(

@@ -1,7 +1,5 @@
 //! Resync (`storage = "own"`): the owner of a range copies it onto the partner's medium when
 //! that medium is marked outdated for it (`cluster::outdated`), then both withdraw their marks.
-//! Its mirror image, the repair: the owner whose own medium failed writes (the partner wrote
-//! its batches meanwhile) copies the range from the partner's medium onto its own.
 //!
 //! One range at a time, as a range move: its I/O waits (its gate closes), every staged write
 //! is flushed (so our medium holds the range, and the partner has every batch that the
@@ -124,107 +122,6 @@ impl Engine {
         })
         .await
         .map_err(|e| format!("reading our medium at {at}: {e}"))
-    }
-
-    /// Repairs every range we serve that our own medium is outdated for (its writes failed
-    /// and the partner wrote our batches to its medium): copies it from the partner's
-    /// medium onto ours, then withdraws the marks. Fails, to be retried, while our medium
-    /// still fails. Returns the ranges repaired.
-    pub async fn repair_own_medium<Asked>(
-        &self,
-        ask: impl Fn(Vec<u8>) -> Asked,
-    ) -> Result<usize, String>
-    where
-        Asked: Future<Output = Result<Vec<u8>, String>>,
-    {
-        let Some(c) = self.cluster.as_ref().filter(|c| c.own_storage()) else {
-            return Ok(0);
-        };
-        let stale: Vec<(u32, u32)> = self
-            .luns
-            .iter()
-            .enumerate()
-            .flat_map(|(l, lun)| (0..lun.ranges).map(move |r| (l as u32, r)))
-            .filter(|&(l, r)| c.own_medium_outdated(l, r) && c.state(l, r) == RangeState::Local)
-            .collect();
-        if stale.is_empty() {
-            return Ok(0);
-        }
-        if self.parts.iter().any(|p| p.status().flush_paused) {
-            return Err("the flusher is paused (nvmirrorctl flush resume)".into());
-        }
-        let theirs = c
-            .outdated_ranges(c.partner())
-            .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
-        let mut repaired = 0;
-        for range in stale {
-            if theirs.contains(&range) {
-                return Err(format!(
-                    "both media are outdated for LUN {} range {}: neither holds every write; nothing is copied",
-                    range.0, range.1
-                ));
-            }
-            let done = self.repair_range(range, &ask).await;
-            self.end_range_job();
-            done?;
-            repaired += 1;
-        }
-        Ok(repaired)
-    }
-
-    async fn repair_range<Asked>(
-        &self,
-        (l, r): (u32, u32),
-        ask: &impl Fn(Vec<u8>) -> Asked,
-    ) -> Result<(), String>
-    where
-        Asked: Future<Output = Result<Vec<u8>, String>>,
-    {
-        let c = self.cluster.as_ref().ok_or("not a cluster node")?;
-        let partner = c.node_name(c.partner());
-        let repaired = self
-            .with_range_paused((l, r), |lun| async move {
-                let start = r as u64 * lun.range_bytes;
-                let end = (start + lun.range_bytes).min(lun.size);
-                let mut at = start;
-                while at < end {
-                    self.note_range_job("repair", &lun, r, at - start, end - start);
-                    let len = (end - at).min(RESYNC_CHUNK as u64) as usize;
-                    let req = wire::encode(wire::OP_READ_MEDIUM, l, at, len as u32, &[]);
-                    let theirs = ask(req).await?;
-                    let data = wire::answer(&theirs)?.to_vec();
-                    if data.len() != len {
-                        return Err(format!(
-                            "node {partner} answered {} bytes of its medium, not {len}",
-                            data.len()
-                        ));
-                    }
-                    let medium = lun.medium.clone();
-                    run_blocking(self.host.as_ref(), move || medium.write_at(&data, at))
-                        .await
-                        .map_err(|e| format!("writing our medium at {at}: {e}"))?;
-                    at += len as u64;
-                }
-                let medium = lun.medium.clone();
-                run_blocking(self.host.as_ref(), move || medium.sync())
-                    .await
-                    .map_err(|e| format!("syncing our medium: {e}"))?;
-                c.clear_outdated(c.me, &[(l, r)])
-                    .map_err(|e| format!("withdrawing the marks on the arbiter: {e}"))?;
-                Ok((lun.name.clone(), end - start))
-            })
-            .await;
-        match repaired {
-            Ok((name, bytes)) => {
-                tracing::warn!(
-                    "repair: LUN {name} range {r} ({bytes} bytes) copied from node {partner}'s medium; ours is up to date for it again"
-                );
-                Ok(())
-            }
-            Err(e) => Err(format!(
-                "repair of LUN {l} range {r} from node {partner}'s medium: {e}"
-            )),
-        }
     }
 
     /// The partner's resync: `data` goes to our medium at `offset` of LUN `lun`, a range the

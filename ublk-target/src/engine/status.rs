@@ -66,7 +66,7 @@ pub struct EngineStatus {
     /// (marked outdated on the arbiter; only nodes with any are listed).
     #[serde(default)]
     pub outdated_media: std::collections::BTreeMap<String, Vec<(u32, u32)>>,
-    /// With `storage = "own"`: the resync, repair or verify of a range under way.
+    /// With `storage = "own"`: the resync or verify of a range under way.
     #[serde(default)]
     pub range_job: Option<super::takeover_state::RangeJob>,
 }

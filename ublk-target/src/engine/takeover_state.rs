@@ -47,7 +47,7 @@ pub struct TakeoverProgress {
 /// A copy or comparison of one range under way (`storage = "own"`), for status.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeJob {
-    /// "resync" (to the partner's medium), "repair" (of ours from the partner's) or "verify".
+    /// "resync" (to the partner's medium) or "verify".
     pub job: String,
     pub lun: String,
     pub range: u32,

@@ -58,8 +58,8 @@ pub enum Verdict {
     },
     /// The partner's medium is marked outdated for the range: the resync copies it whole.
     Outdated,
-    /// Our own medium is marked outdated for the range (its writes failed): the repair
-    /// copies it from the partner's.
+    /// Our own medium is marked outdated for the range (never the case for a range we serve;
+    /// checked, not assumed): nothing is compared.
     OutdatedHere,
     /// Could not be compared.
     Failed {

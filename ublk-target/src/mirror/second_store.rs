@@ -53,18 +53,6 @@ pub type Pin = Box<dyn Fn(u32, u64) -> bool + Send + Sync>;
 /// before they are dropped unwritten. Err: keep them.
 pub type MarkOwnOutdated = Box<dyn Fn(Option<&[(u32, u64)]>) -> Result<(), String> + Send + Sync>;
 
-/// With a medium per node: of the copies a release would drop unwritten, at these
-/// (lun, offset)s, which to write to our medium first instead of marking it outdated (the
-/// partner's own medium misses them: ours must stay the one that holds every write).
-pub type WriteBeforeDrop = Box<dyn Fn(&[(u32, u64)]) -> Vec<bool> + Send + Sync>;
-
-/// What a release does with copies our medium lacks (`storage = "own"`).
-pub struct OwnMedium {
-    pub mark: MarkOwnOutdated,
-    pub write_first: WriteBeforeDrop,
-    pub luns: Arc<Vec<Arc<Lun>>>,
-}
-
 /// The partner's partitions inside our NVRAM.
 pub struct SecondStoreArea {
     region: Arc<NvramRegion>,
@@ -74,7 +62,7 @@ pub struct SecondStoreArea {
     held: Mutex<Vec<PartnerPartition>>,
     pin: Mutex<Option<Pin>>,
     /// Set with a medium per node: a release never drops a copy our medium lacks unmarked.
-    own_medium: Mutex<Option<OwnMedium>>,
+    own_medium: Mutex<Option<MarkOwnOutdated>>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -120,8 +108,8 @@ impl SecondStoreArea {
 
     /// With a medium per node: every held copy must reach our medium (the partner asks,
     /// `write_for_partner`), and one a release drops unwritten marks our medium outdated.
-    pub fn keep_own_medium(&self, own: OwnMedium) {
-        *self.own_medium.lock().unwrap_or_else(|p| p.into_inner()) = Some(own);
+    pub fn keep_own_medium(&self, mark: MarkOwnOutdated) {
+        *self.own_medium.lock().unwrap_or_else(|p| p.into_inner()) = Some(mark);
     }
 
     fn own_medium_kept(&self) -> bool {
@@ -166,12 +154,12 @@ impl SecondStoreArea {
     /// our medium outdated for the copies it would drop unwritten. False: keep them.
     fn mark_before_drop(&self, partition: u32, through_seq: u64) -> bool {
         let own = self.own_medium.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(own) = own.as_ref() else {
+        let Some(mark) = own.as_ref() else {
             return true;
         };
         let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
         let log = self.partition_log(partition);
-        let (dropped, headless, every_held) = {
+        let (dropped, headless) = {
             let held = self.held();
             let Some(pp) = held.get(partition as usize) else {
                 return true;
@@ -183,56 +171,19 @@ impl SecondStoreArea {
                     // A pinned copy stays held (a takeover replays it).
                     Some(hd) if pin.as_ref().is_some_and(|p| p(hd.lun, hd.offset)) => {}
                     Some(hd) if matches!(hd.kind, RecordKind::Data | RecordKind::Zero) => {
-                        dropped.push((seq, *h, hd))
+                        dropped.push((hd.lun, hd.offset))
                     }
                     Some(_) => {}
                     None => headless = true,
                 }
             }
-            let every: Vec<(u64, Held)> = pp.records.iter().map(|(s, h)| (*s, *h)).collect();
-            (dropped, headless, every)
+            (dropped, headless)
         };
         drop(pin);
         if dropped.is_empty() && !headless {
             return true;
         }
-        let keys: Vec<(u32, u64)> = dropped
-            .iter()
-            .map(|(_, _, hd)| (hd.lun, hd.offset))
-            .collect();
-        let write = (own.write_first)(&keys);
-        let to_write: Vec<&(u64, Held, RecordHeader)> = dropped
-            .iter()
-            .zip(&write)
-            .filter(|(_, w)| **w)
-            .map(|(d, _)| d)
-            .collect();
-        let mut unwritten: Vec<(u32, u64)> = dropped
-            .iter()
-            .zip(&write)
-            .filter(|(_, w)| !**w)
-            .map(|((_, _, hd), _)| (hd.lun, hd.offset))
-            .collect();
-        if !to_write.is_empty() {
-            let dead = self.void_marks(log, partition, every_held.iter().map(|(s, h)| (s, h)));
-            match self.write_dropped(log, partition, &to_write, &dead, &own.luns) {
-                Ok(n) => tracing::info!(
-                    partition,
-                    "wrote {n} mirrored record(s) to our medium before dropping them: the partner's medium misses their ranges"
-                ),
-                Err(e) => {
-                    tracing::error!(
-                        partition,
-                        "writing mirrored records to our medium before dropping them failed ({e}): marking it outdated instead"
-                    );
-                    unwritten.extend(to_write.iter().map(|(_, _, hd)| (hd.lun, hd.offset)));
-                }
-            }
-        }
-        if unwritten.is_empty() && !headless {
-            return true;
-        }
-        match (own.mark)((!headless).then_some(unwritten.as_slice())) {
+        match mark((!headless).then_some(dropped.as_slice())) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(
@@ -242,33 +193,6 @@ impl SecondStoreArea {
                 false
             }
         }
-    }
-
-    /// Writes held copies (in seq order) to our medium, skipping dead ones; returns how many.
-    fn write_dropped(
-        &self,
-        log: &[u8],
-        partition: u32,
-        records: &[&(u64, Held, RecordHeader)],
-        dead: &VoidMarks,
-        luns: &[Arc<Lun>],
-    ) -> Result<usize, String> {
-        let mut applier = Applier::new(luns);
-        let mut written = 0;
-        for (seq, h, header) in records {
-            if dead.covers(header.lun, header.offset, header.len as u64, *seq) {
-                continue;
-            }
-            let data = self
-                .record_data(log, h, header)
-                .ok_or_else(|| format!("mirrored record seq {seq} is not intact"))?;
-            applier
-                .apply(&record_write(partition, header, data))
-                .map_err(|e| e.to_string())?;
-            written += 1;
-        }
-        applier.sync().map_err(|e| e.to_string())?;
-        Ok(written)
     }
 
     fn held(&self) -> MutexGuard<'_, Vec<PartnerPartition>> {
@@ -587,8 +511,13 @@ impl SecondStoreArea {
             })
             .unwrap_or_default();
         if held.len() != count {
+            let have: std::collections::BTreeSet<u64> = held.iter().map(|(s, _)| *s).collect();
+            let lacking: Vec<u64> = (first..=last)
+                .filter(|s| !have.contains(s))
+                .take(8)
+                .collect();
             return Err(format!(
-                "partition {partition}: {} of the {count} records {first}..={last} are in the second store (some were never mirrored)",
+                "partition {partition}: {} of the {count} records {first}..={last} are in the second store (some were never mirrored; not held: {lacking:?}, wrap markers among them)",
                 held.len()
             ));
         }

@@ -3,6 +3,7 @@
 //! handover, verify, and adding or deleting a LUN's device.
 
 use super::link::tell_partner_to_reload;
+use super::partner_watch::ask_partner;
 use crate::control::{DaemonStatus, Request, Response};
 use crate::devices::DeviceSet;
 use crate::engine::{Engine, RangesToMove};
@@ -174,15 +175,7 @@ impl ControlHandler {
                 "the partner is not connected: there is no second medium to compare with",
             );
         };
-        let ask = |req: Vec<u8>| {
-            let link = l.clone();
-            async move {
-                link.request(req)
-                    .await
-                    .map(|a| a.to_vec())
-                    .map_err(|e| e.to_string())
-            }
-        };
+        let ask = |req: Vec<u8>| ask_partner(l.clone(), req);
         match block_on(self.engine.verify_partner(repair, ask)) {
             Ok(report) => Response::Verified(Box::new(report)),
             Err(message) => error(message),

@@ -32,9 +32,8 @@ const LOOK_EVERY: Duration = Duration::from_millis(250);
 /// at for ranges to resync.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// With `storage = "own"`, until the link closes: while it is up, repairs every range we own
-/// that our own medium is outdated for, then copies every range we own that the partner's
-/// medium is outdated for (`engine::resync`).
+/// With `storage = "own"`, until the link closes: while it is up, copies every range we own
+/// that the partner's medium is outdated for (`engine::resync`).
 pub async fn resync_while_up(engine: Arc<Engine>, link: Link) {
     if !engine.cluster().is_some_and(|c| c.own_storage()) {
         return;
@@ -48,20 +47,9 @@ pub async fn resync_while_up(engine: Arc<Engine>, link: Link) {
             LinkState::Up(_) => {}
             _ => continue,
         }
-        let to_partner = link.clone();
-        let ask = |req: Vec<u8>| {
-            let link = to_partner.clone();
-            async move {
-                link.request(req)
-                    .await
-                    .map(|a| a.to_vec())
-                    .map_err(|e| e.to_string())
-            }
-        };
-        let asked = match engine.repair_own_medium(ask).await {
-            Ok(_) => engine.resync_partner(ask).await,
-            Err(e) => Err(e),
-        };
+        let asked = engine
+            .resync_partner(|req: Vec<u8>| ask_partner(link.clone(), req))
+            .await;
         match asked {
             Ok(_) => last_error.clear(),
             Err(e) if e != last_error => {
@@ -219,4 +207,12 @@ impl PartnerWatch {
             }
         }
     }
+}
+
+/// One request to the partner and its raw answer (the engine's resync and verify ask so).
+pub async fn ask_partner(link: Link, req: Vec<u8>) -> Result<Vec<u8>, String> {
+    link.request(req)
+        .await
+        .map(|a| a.to_vec())
+        .map_err(|e| e.to_string())
 }
