@@ -41,6 +41,8 @@
 # NVM_VM_CPUS, NVM_VM_ACCEL, NVM_VM_PMEM_SIZE, NVM_VM_CACHE, NVM_VM_QUIET=1,
 # NVM_VM_BOOT_OPTS (extra nvm_vm_boot options for the single-VM run,
 # word-split, e.g. "--disk /path/img --qemu-arg -s"); see scripts/vm/lib.sh.
+# NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42; CI runs
+# the short ones, about 6 minutes less); NVM_PARTITION_CYCLES caps test 24's.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
@@ -153,6 +155,8 @@ run_vm_tests() {
 	nvm_vm_prepare
 	local envs=(--env "NVM_REPO=$repo" --env "NVM_BIN=$bin_dir/release")
 	[[ -z ${NVM_TEST_TIMEOUT:-} ]] || envs+=(--env "NVM_TEST_TIMEOUT=$NVM_TEST_TIMEOUT")
+	[[ -z ${NVM_SOAK:-} ]] || envs+=(--env "NVM_SOAK=$NVM_SOAK")
+	[[ -z ${NVM_PARTITION_CYCLES:-} ]] || envs+=(--env "NVM_PARTITION_CYCLES=$NVM_PARTITION_CYCLES")
 	local -a extra=()
 	# shellcheck disable=SC2206 # word splitting is the documented interface
 	[[ -z ${NVM_VM_BOOT_OPTS:-} ]] || extra=($NVM_VM_BOOT_OPTS)

@@ -7,7 +7,8 @@
 # After every cycle the checker reads every written block through both devices and, once
 # drained, from the medium: each holds its last acknowledged version or a later one in
 # flight; and the monitor never saw a range served by both nodes at once.
-# Cycles (NVM_PARTITION_CYCLES, default all 21): silent two-way cuts longer than the
+# Cycles: each kind once (10) by default; NVM_SOAK=1 runs the 21-cycle sequence (kinds
+# repeated in a different order), NVM_PARTITION_CYCLES caps the count. Kinds: silent two-way cuts longer than the
 # takeover time (no range may move), one-way losses each way, a short cut, a link flapping
 # every 1-2 s for a minute, a cut plus kill -9 of a node (its ranges move once its disk
 # heartbeat is dead), SIGSTOP of a daemon longer than the lease then SIGCONT (taken over;
@@ -239,9 +240,13 @@ cycle() { # N KIND
 	esac
 }
 
-kinds=(cut-both oneway-ab oneway-ba cut-short stop-a cut-kill pathloss-a cut-both oneway-ab
-	oneway-ba cut-both stop-b cut-short pathloss-a cut-kill oneway-ab oneway-ba cut-both stop-a flap
-	stop-takeback)
+if [[ ${NVM_SOAK:-0} == 1 ]]; then
+	kinds=(cut-both oneway-ab oneway-ba cut-short stop-a cut-kill pathloss-a cut-both oneway-ab
+		oneway-ba cut-both stop-b cut-short pathloss-a cut-kill oneway-ab oneway-ba cut-both stop-a flap
+		stop-takeback)
+else
+	kinds=(cut-both oneway-ab oneway-ba cut-short stop-a cut-kill pathloss-a stop-b flap stop-takeback)
+fi
 cycles=${NVM_PARTITION_CYCLES:-${#kinds[@]}}
 for ((i = 0; i < cycles; i++)); do
 	cycle $((i + 1)) "${kinds[i % ${#kinds[@]}]}"
