@@ -976,6 +976,20 @@ fn print_status(s: &DaemonStatus) {
                 stale.len()
             );
         }
+        for l in &e.luns {
+            match l.out_of_sync_bytes {
+                Some(b) if b > 0 => println!(
+                    "out of sync: {} of LUN {} in this node's map (what the next resync copies from here)",
+                    ByteSize(b),
+                    l.name
+                ),
+                Some(_) => {}
+                None => println!(
+                    "LUN {}: no out-of-sync map in this NVRAM: a resync copies whole ranges",
+                    l.name
+                ),
+            }
+        }
         if let Some(j) = &e.range_job {
             println!(
                 "{} of {} range {}: {} of {} ({}%)",

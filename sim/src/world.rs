@@ -22,12 +22,14 @@ use crate::net::{Latency, SimNet};
 use crate::trace::{self, SharedTrace, Trace, TraceLayer};
 use nvmirror::cluster::ClusterSetup;
 use nvmirror::config::{DegradedPolicy, TakeoverPolicy};
+use nvmirror::engine::OutOfSyncOptions;
 use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode, RangesToMove};
 use nvmirror::flusher::FlushPolicy;
 use nvmirror::host::Host;
 use nvmirror::lease::DiskLease;
 use nvmirror::mirror::SecondStoreArea;
 use nvmirror::nvram::memory::MemoryNvram;
+use nvmirror::nvram::out_of_sync::Fresh;
 use nvmirror::nvram::{NvramRegion, RecordHeader, RecordKind};
 use nvmirror::ownership::{OwnershipTable, RangeOwner, METADATA_BYTES};
 use rand::{Rng, SeedableRng};
@@ -412,6 +414,12 @@ impl Boot {
                 reservations: Vec::new(),
             }),
             config_path: "sim.toml".into(),
+            // Small regions: the simulated ranges are a few blocks long. Both disks start
+            // zeroed, so new maps may say "in sync" (the first resync is partial too).
+            out_of_sync: OutOfSyncOptions {
+                region_bytes: BLOCK as u64,
+                first_format: Fresh::InSync,
+            },
             host: self.host.clone(),
         };
         let spec = LunSpec {

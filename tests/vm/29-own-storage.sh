@@ -18,6 +18,9 @@
 # 6. node-a's medium fails (device-mapper error target): reads through node-a come from
 #    node-b's medium, writes stay staged in node-a's NVRAM (and mirrored); the medium works
 #    again, the staged writes reach both media, and both are identical.
+# 7. node-b is killed, node-a takes its range and writes 24 blocks alone: its status counts
+#    their out-of-sync regions, and once node-b is back the resync copies only those (not
+#    the 32 MiB), after which both media are identical and every write verifies via node-b.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -201,6 +204,47 @@ same_media || fail "the two media differ after node-a's medium came back and a d
 fio "${during[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-during-verify.log ||
 	{ cat fio-during-verify.log; fail "the writes staged while node-a's medium failed do not verify through node-b"; }
 say "ok: node-a's medium works again, the staged writes reached both media (cmp identical)"
+
+say "7. kill -9 node-b, 24 blocks through node-a alone: the resync copies only their regions"
+kill -9 "$pid_b"
+nvm_wait_gone "$pid_b"
+"$NVMCTL" del 1 >/dev/null 2>&1 || true
+for _ in $(seq 300); do
+	[[ $(nvm_field a '",".join(x["owner"] for x in e["ranges"])') == "node-a,node-a" ]] && break
+	sleep 0.1
+done
+[[ $(nvm_field a '",".join(x["owner"] for x in e["ranges"])') == "node-a,node-a" ]] ||
+	{ tail -20 daemon-a.log; fail "node-a did not take node-b's range over"; }
+few=(--name=few --direct=1 --ioengine=libaio --iodepth=4 --rw=randwrite --bs=4k
+	--size=${lun_mib}M --number_ios=24 --randseed=2908
+	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
+fio "${few[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-few.log ||
+	{ cat fio-few.log; fail "fio writes through node-a alone"; }
+"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
+oos=$(nvm_field a 'e["luns"][0]["out_of_sync_bytes"]')
+((oos > 0 && oos <= 24 * 65536)) ||
+	fail "node-a's status counts $oos out-of-sync bytes after 24 4 KiB writes without node-b (expected 1..24 regions of 64 KiB)"
+"$NVMCTL" --config node-a.toml status | grep -q "^out of sync: " || fail "status does not print the out-of-sync bytes"
+nvm_start node-b.toml daemon-b.log
+pid_b=$NVM_LAST_PID
+nvm_wait_link
+for _ in $(seq 300); do
+	[[ $(nvm_field a 'e["outdated_media"]') == "{}" ]] && break
+	sleep 0.2
+done
+[[ $(nvm_field a 'e["outdated_media"]') == "{}" ]] ||
+	{ tail -20 daemon-a.log; fail "node-a's resync did not clear node-b's outdated marks"; }
+grep -h 'resync: LUN .* copied' daemon-a.log | sed 's/^.*resync: /  resync: /'
+copied=$(grep -ho 'copied [0-9]* of its' daemon-a.log | awk '{s += $2} END {print s + 0}')
+# node-b's own map adds what its log held when it was killed (nothing much: it was idle).
+((copied > 0 && copied <= 2 << 20)) ||
+	fail "the resync copied $copied bytes for 24 4 KiB writes (node-a's map: $oos out of sync, of $((lun_mib << 20)))"
+"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
+"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+same_media || fail "the two media differ after the out-of-sync resync"
+fio "${few[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-few-verify.log ||
+	{ cat fio-few-verify.log; fail "the writes made without node-b do not verify through node-b"; }
+say "ok: the resync copied $copied bytes ($oos out of sync in node-a's map) of $lun_mib MiB; the media are identical (cmp)"
 nvm_stop "$pid_a"
 nvm_stop "$pid_b"
-say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical; verify finds and repairs a changed block; a failed medium is read around"
+say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical; verify finds and repairs a changed block; a failed medium is read around; a resync copies only out-of-sync regions"

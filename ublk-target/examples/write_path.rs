@@ -41,6 +41,7 @@ fn engine(nvram: &Path, node: &str, medium: &Arc<MemMedium>, mirrored: bool) -> 
             degraded: DegradedPolicy::WriteThrough,
             cluster: None,
             config_path: "write_path".into(),
+            out_of_sync: Default::default(),
             host: nvmirror::host::system(),
         },
         vec![LunSpec {

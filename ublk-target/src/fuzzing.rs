@@ -190,6 +190,7 @@ fn layout_compute(input: &[u8]) {
         part_size: l.part_size,
         data_offset: l.data_offset,
         second_store: u32::from(l.second_store),
+        oos_offset: 0,
         layout: String::new(),
     };
     assert_eq!(
@@ -586,6 +587,7 @@ pub mod seeds {
                 data_offset: l.data_offset,
                 second_store: 1,
                 layout: "partitions=4;mirrored;lun0:1073741824:4".into(),
+                oos_offset: 0,
             };
             let mut b = vec![1];
             let encoded = sb.encode();

@@ -75,6 +75,12 @@ impl Lun {
         (offset / self.range_bytes) as u32
     }
 
+    /// Bytes `[start, end)` of range `range` (of this LUN).
+    pub fn range_span(&self, range: u32) -> (u64, u64) {
+        let start = (range as u64 * self.range_bytes).min(self.size);
+        (start, (start + self.range_bytes).min(self.size))
+    }
+
     /// Whether `[offset, offset+len)` lies inside the LUN.
     pub fn contains(&self, offset: u64, len: u64) -> bool {
         offset.checked_add(len).is_some_and(|end| end <= self.size)

@@ -51,6 +51,7 @@ fn open_with(
             degraded: nvmirror::config::DegradedPolicy::WriteThrough,
             cluster: None,
             config_path: "test.toml".into(),
+            out_of_sync: Default::default(),
             host: nvmirror::host::system(),
         },
         vec![LunSpec {
@@ -387,6 +388,7 @@ fn layout_change_with_staged_records_is_refused() {
             degraded: nvmirror::config::DegradedPolicy::WriteThrough,
             cluster: None,
             config_path: "test.toml".into(),
+            out_of_sync: Default::default(),
             host: nvmirror::host::system(),
         },
         vec![LunSpec {

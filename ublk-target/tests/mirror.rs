@@ -48,6 +48,7 @@ fn open_engine(
             degraded,
             cluster: None,
             config_path: "test.toml".into(),
+            out_of_sync: Default::default(),
             host: nvmirror::host::system(),
         },
         vec![LunSpec {
@@ -422,6 +423,7 @@ fn clustered_sized(
                 reservations: Vec::new(),
             }),
             config_path: "test.toml".into(),
+            out_of_sync: Default::default(),
             host: nvmirror::host::system(),
         },
         vec![LunSpec {

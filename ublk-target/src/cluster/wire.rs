@@ -23,6 +23,9 @@ pub const OP_SYNC_MEDIUM: u8 = 9;
 /// Our path to the medium failed a read: answer `len` bytes of your medium of LUN `lun` at
 /// `offset` (a part no staged write of ours covers).
 pub const OP_READ_MEDIUM: u8 = 10;
+/// Resync (`storage = "own"`): answer the out-of-sync parts of range `offset` of LUN `lun`
+/// in your out-of-sync map, as (offset, len) pairs of u64 (the whole range without a map).
+pub const OP_OUT_OF_SYNC: u8 = 11;
 const HEADER: usize = 17;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -32,6 +35,24 @@ pub struct Request {
     pub offset: u64,
     pub len: u32,
     pub data: Vec<u8>,
+}
+
+/// (offset, len) runs as an answer's bytes.
+pub fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
+    runs.iter()
+        .flat_map(|&(o, l)| o.to_le_bytes().into_iter().chain(l.to_le_bytes()))
+        .collect()
+}
+
+/// The runs of an `OP_OUT_OF_SYNC` answer, or None if it is not a whole number of pairs.
+pub fn decode_runs(b: &[u8]) -> Option<Vec<(u64, u64)>> {
+    if !b.len().is_multiple_of(16) {
+        return None;
+    }
+    let word = |c: &[u8]| c.first_chunk::<8>().map(|w| u64::from_le_bytes(*w));
+    b.chunks_exact(16)
+        .map(|c| Some((word(c)?, word(&c[8..])?)))
+        .collect()
 }
 
 pub fn encode(op: u8, lun: u32, offset: u64, len: u32, data: &[u8]) -> Vec<u8> {
@@ -64,7 +85,7 @@ pub fn decode(b: &[u8]) -> Option<Request> {
     let data_ok = match r.op {
         OP_WRITE | OP_RESYNC_WRITE => r.data.len() == r.len as usize,
         OP_ZERO | OP_READ | OP_RELOAD_OWNERSHIP | OP_RESYNC_DONE | OP_VERIFY_DIGESTS
-        | OP_SYNC_MEDIUM | OP_READ_MEDIUM => r.data.is_empty(),
+        | OP_SYNC_MEDIUM | OP_READ_MEDIUM | OP_OUT_OF_SYNC => r.data.is_empty(),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,
         _ => false,
     };
@@ -116,6 +137,10 @@ mod tests {
         assert!(decode(&encode(OP_VERIFY_DIGESTS, 0, 4096, 4096, &[])).is_some());
         assert_eq!(decode(&encode(OP_VERIFY_DIGESTS, 0, 0, 1, &[0])), None);
         assert_eq!(decode(&encode(OP_SYNC_MEDIUM, 0, 0, 0, &[1])), None);
+        let runs = vec![(0, 65536), (1 << 20, 131072)];
+        assert_eq!(decode_runs(&encode_runs(&runs)), Some(runs));
+        assert_eq!(decode_runs(&[0; 17]), None);
+        assert_eq!(decode_runs(&[]), Some(vec![]));
         assert_eq!(answer(&ok(&[7])), Ok(&[7u8][..]));
         assert_eq!(answer(&err("no")), Err("no".to_string()));
     }

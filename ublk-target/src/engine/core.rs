@@ -12,6 +12,7 @@ use crate::log::{LogError, PartitionLog};
 use crate::lun::Lun;
 use crate::medium::MediumError;
 use crate::mirror::{Mirror, MirrorSlot, SecondStoreArea};
+use crate::nvram::out_of_sync::{Fresh, REGION_BYTES};
 use crate::nvram::region::RegionError;
 use crate::nvram::scan::CorruptRecord;
 use crate::nvram::{Layout, NvramRegion, Superblock};
@@ -149,8 +150,30 @@ pub struct EngineOptions {
     pub cluster: Option<crate::cluster::ClusterSetup>,
     /// Shown in error messages as the `--config` argument of the recovery commands.
     pub config_path: String,
+    /// The out-of-sync maps (`storage = "own"`; `nvram::out_of_sync`).
+    pub out_of_sync: OutOfSyncOptions,
     /// The clock, timers and background tasks (`host::system()` on a real machine).
     pub host: Arc<dyn Host>,
+}
+
+/// How the out-of-sync maps are made.
+#[derive(Clone, Copy, Debug)]
+pub struct OutOfSyncOptions {
+    /// LUN bytes per bit.
+    pub region_bytes: u64,
+    /// What the maps of a blank NVRAM's first format say. Out of sync (the default) unless
+    /// both media are known identical then (the simulator's zeroed disks); a later format
+    /// (a layout change, a salvage, a damaged map) always says out of sync.
+    pub first_format: Fresh,
+}
+
+impl Default for OutOfSyncOptions {
+    fn default() -> Self {
+        OutOfSyncOptions {
+            region_bytes: REGION_BYTES,
+            first_format: Fresh::OutOfSync,
+        }
+    }
 }
 
 pub struct Engine {
@@ -160,6 +183,9 @@ pub struct Engine {
     pub(super) takeover: TakeoverState,
     pub(super) mirror: Arc<MirrorSlot>,
     pub(super) second_store: Option<Arc<SecondStoreArea>>,
+    /// `storage = "own"`: the regions where our medium and the partner's may differ
+    /// (`nvram::out_of_sync`); None without own storage or maps.
+    pub(super) out_of_sync: Option<Arc<crate::nvram::out_of_sync::LunMaps>>,
     pub(super) region: Arc<NvramRegion>,
     pub(super) sb: Superblock,
     pub(super) parts: Vec<Arc<PartitionLog>>,

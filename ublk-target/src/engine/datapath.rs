@@ -579,6 +579,7 @@ mod tests {
                 degraded: crate::config::DegradedPolicy::WriteThrough,
                 cluster: None,
                 config_path: "test.toml".into(),
+                out_of_sync: Default::default(),
                 host: crate::host::system(),
             },
             vec![LunSpec {

@@ -10,6 +10,7 @@ use crate::host::BoxFuture;
 use crate::log::RecordMeta;
 use crate::lun::Lun;
 use crate::mirror::MirrorSlot;
+use crate::nvram::out_of_sync::LunMaps;
 use crate::nvram::RecordKind;
 use std::sync::Arc;
 
@@ -21,6 +22,9 @@ pub(super) struct NodeFlushContext {
     pub(super) partitions: usize,
     pub(super) delegate: DelegateSlot,
     pub(super) serving: Arc<ServingRight>,
+    /// `storage = "own"`: where the two media may differ (marked for a batch the partner's
+    /// medium did not get, before our log lets it go).
+    pub(super) out_of_sync: Option<Arc<LunMaps>>,
 }
 
 impl FlushContext for NodeFlushContext {
@@ -94,6 +98,12 @@ impl FlushContext for NodeFlushContext {
         // The partner writes a batch by its seqs: not one with dead or void records.
         let whole = data.iter().copied().eq(live.iter().map(|r| r.seq));
         let ranges = self.ranges_of(live);
+        let extents: Vec<(u32, u64, u64)> = batch
+            .iter()
+            .filter(|r| r.kind != RecordKind::Wrap)
+            .map(|r| (r.lun, r.offset, r.len))
+            .collect();
+        let maps = self.out_of_sync.clone();
         let asked = match (whole, data.first(), data.last()) {
             (true, Some(&first), Some(&last)) => {
                 Some(self.ask_partner_to_write(partition, first, last, data.len()))
@@ -113,6 +123,14 @@ impl FlushContext for NodeFlushContext {
                 partition,
                 "the partner's medium did not get this batch ({why})"
             );
+            if let Some(maps) = maps {
+                for (lun, offset, len) in extents {
+                    maps.mark(lun, offset, len);
+                }
+                maps.persist().map_err(|e| {
+                    Fence::Unreadable(format!("persisting the out-of-sync map failed: {e}"))
+                })?;
+            }
             c.mark_outdated(c.partner(), &ranges).map_err(|e| {
                 Fence::Unreadable(format!(
                     "marking the partner's medium outdated on the arbiter failed: {e}"

@@ -43,7 +43,9 @@ mod takeover;
 mod takeover_state;
 mod verify;
 
-pub use self::core::{Engine, EngineError, EngineOptions, IoError, OpenMode, ReplayReport};
+pub use self::core::{
+    Engine, EngineError, EngineOptions, IoError, OpenMode, OutOfSyncOptions, ReplayReport,
+};
 pub use crate::lun::{Lun, LunSpec};
 pub use medium_reads::{BlockingMediumReads, MediumReads};
 pub use open::scan_all;

@@ -16,6 +16,7 @@ use crate::lun::{Lun, LunSpec};
 use crate::medium::{FileMedium, Medium, MediumError};
 use crate::mirror::{MirrorSlot, SecondStoreArea};
 use crate::nvram::layout::{layout_text, SuperblockState, FORMAT_VERSION};
+use crate::nvram::out_of_sync::{Fresh, LunMaps};
 use crate::nvram::scan::{scan_partition, ScanResult, ScannedRecord};
 use crate::nvram::void::VoidMarks;
 use crate::nvram::{Layout, NvramRegion, PartitionCheckpoint, Superblock};
@@ -145,6 +146,7 @@ impl Engine {
                 .unwrap_or(DegradedPolicy::WriteThrough),
             cluster,
             config_path: config_path.to_owned(),
+            out_of_sync: Default::default(),
             host,
         };
         Engine::open(region, opts, specs)
@@ -181,6 +183,14 @@ impl Engine {
             }
             None => None,
         };
+        // Each node its own medium: the out-of-sync maps live at the NVRAM's end.
+        let oos_luns: Option<Vec<u64>> = cluster
+            .as_ref()
+            .filter(|c| c.own_storage())
+            .map(|_| luns.iter().map(|l| l.size).collect());
+        // What our log held at this start: our medium may hold these writes (replayed now,
+        // or flushed before the stop) and the partner's not (docs/shared-nothing.md).
+        let mut restart_extents: Vec<(u32, u64, u64)> = Vec::new();
         let owned = |lun: u32, offset: u64| -> bool {
             match (&cluster, luns.get(lun as usize)) {
                 (Some(c), Some(l)) => c.owns(lun, l.range_of(offset)),
@@ -190,6 +200,7 @@ impl Engine {
         let mut first = vec![0u8; 4096];
         region.read_at(0, &mut first);
         let mut report = ReplayReport::default();
+        let blank = Superblock::decode(&first) == SuperblockState::Blank;
         let existing = match (Superblock::decode(&first), opts.mode) {
             (_, OpenMode::Format) | (SuperblockState::Blank, _) => None,
             (SuperblockState::Foreign, _) => return Err(EngineError::Foreign { path, config }),
@@ -246,12 +257,25 @@ impl Engine {
                         path.display()
                     );
                     report.formatted = true;
-                    let (sb, starts) = format(&region, &opts, &want_layout)?;
+                    let (sb, starts) =
+                        format(&region, &opts, &want_layout, oos_luns.as_deref(), false)?;
                     return Engine::finish_open(
-                        region, opts, luns, cluster, sb, starts, report, started,
+                        region,
+                        opts,
+                        luns,
+                        cluster,
+                        (sb, starts),
+                        restart_extents,
+                        report,
+                        started,
                     );
                 }
                 let scans = scan_all(&region, &sb, &config)?;
+                restart_extents.extend(scans.iter().flat_map(|(_, s)| {
+                    s.records
+                        .iter()
+                        .map(|r| (r.header.lun, r.header.offset, u64::from(r.header.len)))
+                }));
                 let corrupt = scans.iter().find_map(|(_, s)| s.corruption.clone());
                 let unflushed: usize = scans.iter().map(|(_, s)| s.records.len()).sum();
                 if sb.layout != want_layout && unflushed > 0 {
@@ -282,7 +306,7 @@ impl Engine {
                         path.display()
                     );
                     report.formatted = true;
-                    format(&region, &opts, &want_layout)?
+                    format(&region, &opts, &want_layout, oos_luns.as_deref(), false)?
                 } else {
                     let starts = restart_points(&region, &sb, &scans)?;
                     (sb, starts)
@@ -295,10 +319,19 @@ impl Engine {
                     path.display(),
                     opts.node_name
                 );
-                format(&region, &opts, &want_layout)?
+                format(&region, &opts, &want_layout, oos_luns.as_deref(), blank)?
             }
         };
-        Engine::finish_open(region, opts, luns, cluster, sb, starts, report, started)
+        Engine::finish_open(
+            region,
+            opts,
+            luns,
+            cluster,
+            (sb, starts),
+            restart_extents,
+            report,
+            started,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -307,8 +340,8 @@ impl Engine {
         opts: EngineOptions,
         luns: Vec<Arc<Lun>>,
         cluster: Option<Arc<Cluster>>,
-        sb: Superblock,
-        starts: Vec<LogStart>,
+        (sb, starts): (Superblock, Vec<LogStart>),
+        restart_extents: Vec<(u32, u64, u64)>,
         mut report: ReplayReport,
         started: Instant,
     ) -> Result<Arc<Engine>, EngineError> {
@@ -332,10 +365,26 @@ impl Engine {
             .collect();
 
         let second_store = SecondStoreArea::new(region.clone(), layout);
+        let out_of_sync = open_out_of_sync_maps(&region, &sb, &opts, cluster.as_deref(), &luns)?;
+        if let Some(maps) = &out_of_sync {
+            // Before anything runs: our log's writes of the last run and the partner's
+            // copies we hold may be on one medium only.
+            let held = second_store
+                .as_ref()
+                .map(|ss| ss.held_extents(&|_, _| true))
+                .unwrap_or_default();
+            for &(lun, offset, len) in restart_extents.iter().chain(&held) {
+                maps.mark(lun, offset, len);
+            }
+            maps.persist().map_err(|e| {
+                EngineError::Replay(format!("persisting the out-of-sync maps: {e}"))
+            })?;
+        }
         if let (Some(ss), Some(c)) = (&second_store, cluster.clone().filter(|c| c.own_storage())) {
             // A mirror copy dropped before it reached our medium leaves our medium outdated.
             let luns = luns.clone();
-            let mark = Box::new(move |dropped: Option<&[(u32, u64)]>| {
+            let maps = out_of_sync.clone();
+            let mark = Box::new(move |dropped: Option<&[(u32, u64, u64)]>| {
                 // Only ranges we do not serve. Of a range we own, every write goes through
                 // us: the partner's copies are from before our takeover (which replayed them)
                 // or staged by it unaware that the range had moved (never acknowledged, and
@@ -344,12 +393,12 @@ impl Engine {
                 // marked us outdated; marked again, to be safe.
                 let not_ours =
                     |&(l, r): &(u32, u32)| c.state(l, r) != crate::cluster::RangeState::Local;
+                let range_of =
+                    |lun: u32, off: u64| Some((lun, luns.get(lun as usize)?.range_of(off)));
                 let mut ranges: Vec<(u32, u32)> = match dropped {
                     Some(d) => d
                         .iter()
-                        .filter_map(|&(lun, off)| {
-                            Some((lun, luns.get(lun as usize)?.range_of(off)))
-                        })
+                        .filter_map(|&(lun, off, _)| range_of(lun, off))
                         .filter(not_ours)
                         .collect(),
                     None => luns
@@ -363,6 +412,26 @@ impl Engine {
                 ranges.dedup();
                 if ranges.is_empty() {
                     return Ok(());
+                }
+                if let Some(maps) = &maps {
+                    match dropped {
+                        Some(d) => d
+                            .iter()
+                            .filter(|&&(lun, off, _)| {
+                                range_of(lun, off).is_some_and(|r| not_ours(&r))
+                            })
+                            .for_each(|&(lun, off, len)| maps.mark(lun, off, len)),
+                        None => {
+                            for &(l, r) in &ranges {
+                                if let Some(lun) = luns.get(l as usize) {
+                                    let (start, end) = lun.range_span(r);
+                                    maps.mark(l, start, end - start);
+                                }
+                            }
+                        }
+                    }
+                    maps.persist()
+                        .map_err(|e| format!("persisting the out-of-sync maps: {e}"))?;
                 }
                 c.mark_outdated(c.me, &ranges).map_err(|e| e.to_string())
             });
@@ -381,6 +450,7 @@ impl Engine {
             takeover: TakeoverState::default(),
             mirror,
             second_store,
+            out_of_sync,
             region,
             sb,
             parts,
@@ -409,6 +479,7 @@ impl Engine {
             partitions: self.parts.len(),
             delegate: self.takeover.delegate_slot(),
             serving: self.serving.clone(),
+            out_of_sync: self.out_of_sync.clone(),
         });
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for part in &self.parts {
@@ -707,18 +778,68 @@ fn restart_points(
     Ok(starts)
 }
 
+/// Formats the NVRAM: checkpoints, the out-of-sync maps (`oos_luns`: the LUN sizes, with
+/// `storage = "own"`) at the end, then the superblock.
+/// The out-of-sync maps of a node with its own medium (None otherwise, or when the NVRAM was
+/// formatted without them: then every resync copies whole ranges).
+fn open_out_of_sync_maps(
+    region: &Arc<NvramRegion>,
+    sb: &Superblock,
+    opts: &EngineOptions,
+    cluster: Option<&Cluster>,
+    luns: &[Arc<Lun>],
+) -> Result<Option<Arc<LunMaps>>, EngineError> {
+    if !cluster.is_some_and(|c| c.own_storage()) {
+        return Ok(None);
+    }
+    let sizes: Vec<u64> = luns.iter().map(|l| l.size).collect();
+    let fits = sb
+        .oos_offset
+        .checked_add(LunMaps::nvram_bytes(&sizes, opts.out_of_sync.region_bytes))
+        .is_some_and(|end| end <= region.len());
+    if sb.oos_offset == 0 || !fits {
+        tracing::warn!(
+            "NVRAM {}: no room for out-of-sync maps (formatted without them): every resync copies whole ranges; `nvmirrorctl nvram format` (daemon stopped, log drained) adds them",
+            region.path().display()
+        );
+        return Ok(None);
+    }
+    LunMaps::open(
+        region.clone(),
+        sb.oos_offset,
+        &sizes,
+        opts.out_of_sync.region_bytes,
+    )
+    .map(|m| Some(Arc::new(m)))
+    .map_err(|e| EngineError::Replay(format!("opening the out-of-sync maps: {e}")))
+}
+
+/// `blank`: the NVRAM held no log before (`OutOfSyncOptions::first_format` applies).
 fn format(
-    region: &NvramRegion,
+    region: &Arc<NvramRegion>,
     opts: &EngineOptions,
     layout_desc: &str,
+    oos_luns: Option<&[u64]>,
+    blank: bool,
 ) -> Result<(Superblock, Vec<LogStart>), EngineError> {
-    let layout = Layout::compute(region.len(), opts.partitions, opts.mirrored).ok_or(
-        EngineError::TooSmall {
-            path: region.path().to_owned(),
-            size: region.len(),
-            partitions: opts.partitions,
-        },
-    )?;
+    let region_bytes = opts.out_of_sync.region_bytes;
+    let fresh = if blank {
+        opts.out_of_sync.first_format
+    } else {
+        Fresh::OutOfSync
+    };
+    let oos_bytes = oos_luns.map_or(0, |l| LunMaps::nvram_bytes(l, region_bytes));
+    let layout = Layout::compute(
+        region.len().saturating_sub(oos_bytes),
+        opts.partitions,
+        opts.mirrored,
+    )
+    .ok_or(EngineError::TooSmall {
+        path: region.path().to_owned(),
+        size: region.len(),
+        partitions: opts.partitions,
+    })?;
+    let oos_offset = if oos_luns.is_some() { layout.end() } else { 0 };
     let sb = Superblock {
         version: FORMAT_VERSION,
         log_id: rand::random::<u64>() | 1,
@@ -732,6 +853,7 @@ fn format(
         data_offset: layout.data_offset,
         second_store: layout.second_store as u32,
         layout: layout_desc.to_owned(),
+        oos_offset,
     };
     // Checkpoints first, superblock last: a crash in between leaves the old superblock
     // (whose log_id the new checkpoints do not match) or a blank device, never a mix.
@@ -761,6 +883,10 @@ fn format(
             next_seq: 1,
             checkpoint_generation: 0,
         });
+    }
+    if let Some(sizes) = oos_luns {
+        LunMaps::format(region.clone(), oos_offset, sizes, region_bytes, fresh)
+            .map_err(|e| EngineError::Replay(format!("formatting the out-of-sync maps: {e}")))?;
     }
     region.write_at(0, &sb.encode());
     region.persist(0, 4096)?;

@@ -3,11 +3,13 @@
 //!
 //! One range at a time, as a range move: its I/O waits (its gate closes), every staged write
 //! is flushed (so our medium holds the range, and the partner has every batch that the
-//! copy does not cover), the range is read from our medium and written onto the partner's in
-//! chunks, the partner syncs and withdraws its own marks, we withdraw ours, and the range
+//! copy does not cover), the out-of-sync parts of the range (the regions our out-of-sync
+//! map or the partner's marks: `nvram::out_of_sync`; the whole range without maps) are read
+//! from our medium and written onto the partner's in chunks, the partner syncs, clears its
+//! map's regions of the range and withdraws its own marks, we do the same, and the range
 //! opens again. Nothing writes the range meanwhile, so the copy is its exact state. The
-//! price is the range's I/O pausing for its copy: configure more, smaller ranges for large
-//! LUNs (a resync that copies while writes continue is the next step, docs/shared-nothing.md).
+//! price is the range's I/O pausing for its copy (a resync that copies while writes continue
+//! is the next step, docs/shared-nothing.md).
 
 use super::core::Engine;
 use crate::cluster::{wire, NodeId, RangeState};
@@ -68,34 +70,45 @@ impl Engine {
         let ranges = [(l, r)];
         let copied = self
             .with_range_paused((l, r), |lun| async move {
-                let start = r as u64 * lun.range_bytes;
-                let end = (start + lun.range_bytes).min(lun.size);
+                let (start, end) = lun.range_span(r);
+                let runs = self.out_of_sync_parts(l, r, (start, end), ask).await;
+                let total: u64 = runs.iter().map(|&(_, len)| len).sum();
                 tracing::warn!(
-                    "resync: copying LUN {} range {r} ({} bytes) to node {}'s medium; its I/O waits meanwhile",
+                    "resync: copying {total} out-of-sync byte(s) of LUN {} range {r} ({} bytes) in {} run(s) to node {}'s medium; its I/O waits meanwhile",
                     lun.name,
                     end - start,
+                    runs.len(),
                     c.node_name(partner)
                 );
-                let mut at = start;
-                while at < end {
-                    self.note_range_job("resync", &lun, r, at - start, end - start);
-                    let len = (end - at).min(RESYNC_CHUNK as u64) as usize;
-                    let chunk = self.read_own_medium(&lun, at, len).await?;
-                    let req = wire::encode(wire::OP_RESYNC_WRITE, l, at, len as u32, &chunk);
-                    wire::answer(&ask(req).await?)?;
-                    at += len as u64;
+                let mut done_bytes = 0;
+                for (run_start, run_len) in runs.iter().copied() {
+                    let mut at = run_start;
+                    while at < run_start + run_len {
+                        self.note_range_job("resync", &lun, r, done_bytes, total);
+                        let len = (run_start + run_len - at).min(RESYNC_CHUNK as u64) as usize;
+                        let chunk = self.read_own_medium(&lun, at, len).await?;
+                        let req = wire::encode(wire::OP_RESYNC_WRITE, l, at, len as u32, &chunk);
+                        wire::answer(&ask(req).await?)?;
+                        at += len as u64;
+                        done_bytes += len as u64;
+                    }
                 }
                 let done = wire::encode(wire::OP_RESYNC_DONE, l, r as u64, 0, &[]);
                 wire::answer(&ask(done).await?)?;
+                if let Some(maps) = &self.out_of_sync {
+                    maps.clear_within(l, start, end);
+                    maps.persist()
+                        .map_err(|e| format!("persisting our out-of-sync map: {e}"))?;
+                }
                 c.clear_outdated(partner, &ranges)
                     .map_err(|e| format!("withdrawing our marks on the arbiter: {e}"))?;
-                Ok((lun.name.clone(), end - start))
+                Ok((lun.name.clone(), total, end - start, runs.len()))
             })
             .await;
         match copied {
-            Ok((name, bytes)) => {
+            Ok((name, bytes, range_bytes, runs)) => {
                 tracing::warn!(
-                    "resync: LUN {name} range {r} ({bytes} bytes) copied; node {}'s medium is up to date for it",
+                    "resync: LUN {name} range {r}: copied {bytes} of its {range_bytes} bytes ({runs} out-of-sync run(s)); node {}'s medium is up to date for it",
                     c.node_name(partner)
                 );
                 Ok(())
@@ -105,6 +118,78 @@ impl Engine {
                 c.node_name(partner)
             )),
         }
+    }
+
+    /// What of range `r` of LUN `l` (bytes `span`) the copy must cover: the union of our
+    /// map's out-of-sync parts and the partner's (the whole range where a map is missing or
+    /// the partner cannot answer).
+    async fn out_of_sync_parts<Asked>(
+        &self,
+        l: u32,
+        r: u32,
+        (start, end): (u64, u64),
+        ask: &impl Fn(Vec<u8>) -> Asked,
+    ) -> Vec<(u64, u64)>
+    where
+        Asked: Future<Output = Result<Vec<u8>, String>>,
+    {
+        let whole = vec![(start, end - start)];
+        let Some(maps) = &self.out_of_sync else {
+            return whole;
+        };
+        let req = wire::encode(wire::OP_OUT_OF_SYNC, l, r as u64, 0, &[]);
+        let theirs = match ask(req)
+            .await
+            .and_then(|a| wire::answer(&a).map(wire::decode_runs))
+        {
+            Ok(runs) => runs,
+            Err(e) => {
+                tracing::warn!("resync: the partner's out-of-sync map of LUN {l} range {r} is unknown ({e}): copying the whole range");
+                None
+            }
+        };
+        let Some(theirs) = theirs else {
+            return whole;
+        };
+        let mut runs: Vec<(u64, u64)> = maps
+            .runs_within(l, start, end)
+            .into_iter()
+            .chain(theirs)
+            // Only what lies inside the range (a partner's answer is input).
+            .filter_map(|(o, len)| {
+                let (from, to) = (o.max(start), o.saturating_add(len).min(end));
+                (from < to).then_some((from, to))
+            })
+            .collect();
+        runs.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (from, to) in runs {
+            match merged.last_mut() {
+                Some((_, last_to)) if from <= *last_to => *last_to = (*last_to).max(to),
+                _ => merged.push((from, to)),
+            }
+        }
+        merged.into_iter().map(|(f, t)| (f, t - f)).collect()
+    }
+
+    /// The partner's resync of range `range` of LUN `lun` asks what our out-of-sync map
+    /// holds of it (the whole range without a map).
+    pub fn out_of_sync_runs(
+        &self,
+        from: NodeId,
+        lun: u32,
+        range: u32,
+    ) -> Result<Vec<(u64, u64)>, String> {
+        let l = self
+            .luns
+            .get(lun as usize)
+            .ok_or_else(|| format!("LUN {lun} does not exist"))?;
+        let (start, end) = l.range_span(range);
+        self.resync_target(from, lun, start, 0)?;
+        Ok(match &self.out_of_sync {
+            Some(maps) => maps.runs_within(lun, start, end),
+            None => vec![(start, end - start)],
+        })
     }
 
     /// `len` bytes of our own medium of `lun` at `at`, read off the async runtime.
@@ -150,6 +235,12 @@ impl Engine {
         l.medium
             .sync()
             .map_err(|e| format!("syncing our medium: {e}"))?;
+        if let Some(maps) = &self.out_of_sync {
+            let (start, end) = l.range_span(range);
+            maps.clear_within(lun, start, end);
+            maps.persist()
+                .map_err(|e| format!("persisting our out-of-sync map: {e}"))?;
+        }
         c.clear_outdated(c.me, &[(lun, range)])
             .map_err(|e| format!("withdrawing our marks on the arbiter: {e}"))
     }

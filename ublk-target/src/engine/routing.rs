@@ -481,20 +481,26 @@ impl Engine {
                     Err(e) => wire::err(&e),
                 };
             }
-            wire::OP_RESYNC_WRITE | wire::OP_RESYNC_DONE => {
+            wire::OP_RESYNC_WRITE | wire::OP_RESYNC_DONE | wire::OP_OUT_OF_SYNC => {
                 let engine = self.clone();
                 let from = self.cluster.as_ref().map(|c| c.partner()).unwrap_or(0);
                 let done = run_blocking(self.host.as_ref(), move || {
-                    if req.op == wire::OP_RESYNC_WRITE {
-                        engine.apply_resync_write(from, req.lun, req.offset, &req.data)
-                    } else {
-                        let range = u32::try_from(req.offset).unwrap_or(u32::MAX);
-                        engine.finish_resync(from, req.lun, range)
+                    let range = u32::try_from(req.offset).unwrap_or(u32::MAX);
+                    match req.op {
+                        wire::OP_RESYNC_WRITE => engine
+                            .apply_resync_write(from, req.lun, req.offset, &req.data)
+                            .map(|()| Vec::new()),
+                        wire::OP_OUT_OF_SYNC => engine
+                            .out_of_sync_runs(from, req.lun, range)
+                            .map(|runs| wire::encode_runs(&runs)),
+                        _ => engine
+                            .finish_resync(from, req.lun, range)
+                            .map(|()| Vec::new()),
                     }
                 })
                 .await;
                 return match done {
-                    Ok(()) => wire::ok(&[]),
+                    Ok(answer) => wire::ok(&answer),
                     Err(e) => {
                         tracing::warn!("partner's resync request refused: {e}");
                         wire::err(&e)

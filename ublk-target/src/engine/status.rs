@@ -25,6 +25,10 @@ pub struct LunStatus {
     /// Medium reads that failed on this node and were served from the partner's medium.
     #[serde(default)]
     pub reads_from_partner: u64,
+    /// `storage = "own"`: bytes of the ranges marked outdated (for either node) that our
+    /// out-of-sync map holds, what the next resync copies from our side (None: no map).
+    #[serde(default)]
+    pub out_of_sync_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -105,6 +109,22 @@ impl Engine {
     pub fn status(&self) -> EngineStatus {
         let stats = &self.flusher_stats;
         let mirror = self.mirror.current();
+        let outdated_media: std::collections::BTreeMap<String, Vec<(u32, u32)>> = self
+            .cluster
+            .as_ref()
+            .filter(|c| c.own_storage())
+            .map(|c| {
+                (0..c.nodes.len() as u32)
+                    .filter_map(|n| {
+                        let stale = c.outdated_ranges(n).ok()?;
+                        (!stale.is_empty()).then(|| (c.node_name(n).to_string(), stale))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut outdated: Vec<(u32, u32)> = outdated_media.values().flatten().copied().collect();
+        outdated.sort_unstable();
+        outdated.dedup();
         EngineStatus {
             node: self.node.clone(),
             nvram_path: self.region.path().display().to_string(),
@@ -114,7 +134,8 @@ impl Engine {
             luns: self
                 .luns
                 .iter()
-                .map(|l| {
+                .enumerate()
+                .map(|(li, l)| {
                     let ix = l.index();
                     LunStatus {
                         name: l.name.clone(),
@@ -128,6 +149,19 @@ impl Engine {
                         bytes_read: l.stats.bytes_read.load(Ordering::Relaxed),
                         bytes_written: l.stats.bytes_written.load(Ordering::Relaxed),
                         reads_from_partner: l.stats.reads_from_partner.load(Ordering::Relaxed),
+                        out_of_sync_bytes: self.out_of_sync.as_ref().map(|maps| {
+                            outdated
+                                .iter()
+                                .filter(|&&(ol, _)| ol as usize == li)
+                                .map(|&(_, r)| {
+                                    let (start, end) = l.range_span(r);
+                                    maps.runs_within(li as u32, start, end)
+                                        .iter()
+                                        .map(|&(_, len)| len)
+                                        .sum::<u64>()
+                                })
+                                .sum()
+                        }),
                     }
                 })
                 .collect(),
@@ -202,19 +236,7 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
-            outdated_media: self
-                .cluster
-                .as_ref()
-                .filter(|c| c.own_storage())
-                .map(|c| {
-                    (0..c.nodes.len() as u32)
-                        .filter_map(|n| {
-                            let stale = c.outdated_ranges(n).ok()?;
-                            (!stale.is_empty()).then(|| (c.node_name(n).to_string(), stale))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            outdated_media,
         }
     }
 }

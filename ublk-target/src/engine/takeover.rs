@@ -262,13 +262,13 @@ impl Engine {
         let mut last_failure = String::new();
         let report = loop {
             // Each node its own medium: the old owner's misses what the replay writes and
-            // whatever we write from now (marked at the new epochs, before the gates open).
-            let marked = c.mark_outdated(from, &moved).map_err(|e| {
-                format!(
-                    "marking node {}'s medium outdated on the arbiter: {e}",
-                    c.node_name(from)
-                )
-            });
+            // whatever we write from now (marked at the new epochs, before the gates open;
+            // the replay's regions in our out-of-sync map, the later writes as the flusher
+            // finds the partner away).
+            let marked = self
+                .mark_out_of_sync_copies(&moved)
+                .and_then(|()| c.mark_outdated(from, &moved).map_err(|e| e.to_string()))
+                .map_err(|e| format!("marking node {}'s medium outdated: {e}", c.node_name(from)));
             match marked.and_then(|()| {
                 self.replay_mirror_of(from, Some(&moved))
                     .map_err(|e| e.to_string())
@@ -347,6 +347,8 @@ impl Engine {
                     ours.len(),
                     c.node_name(note.from)
                 );
+                self.mark_out_of_sync_copies(&ours)
+                    .map_err(|e| format!("finishing the interrupted takeover: {e}"))?;
                 c.mark_outdated(note.from, &ours).map_err(|e| {
                     format!("finishing the interrupted takeover: marking node {}'s medium outdated: {e}", c.node_name(note.from))
                 })?;
@@ -373,6 +375,24 @@ impl Engine {
 
     /// Replays the mirrored records `from` left in our second store, limited to `only`'s
     /// (LUN, range)s if given.
+    /// Marks the regions of the held copies of `ranges` in the out-of-sync maps (if any):
+    /// a replay writes them to our medium only.
+    fn mark_out_of_sync_copies(&self, ranges: &[(u32, u32)]) -> Result<(), String> {
+        let (Some(maps), Some(ss)) = (&self.out_of_sync, &self.second_store) else {
+            return Ok(());
+        };
+        let luns = self.luns.clone();
+        let selected = |lun: u32, offset: u64| {
+            luns.get(lun as usize)
+                .is_some_and(|l| ranges.contains(&(lun, l.range_of(offset))))
+        };
+        for (lun, offset, len) in ss.held_extents(&selected) {
+            maps.mark(lun, offset, len);
+        }
+        maps.persist()
+            .map_err(|e| format!("persisting the out-of-sync map: {e}"))
+    }
+
     fn replay_mirror_of(
         &self,
         from: NodeId,

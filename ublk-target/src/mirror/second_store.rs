@@ -49,9 +49,10 @@ const WATERMARK_SLOT: u64 = 2;
 pub type Pin = Box<dyn Fn(u32, u64) -> bool + Send + Sync>;
 
 /// With a medium per node (`storage = "own"`): durably marks our medium as missing the
-/// records at these (lun, offset)s (None: records whose header is gone, so every range),
-/// before they are dropped unwritten. Err: keep them.
-pub type MarkOwnOutdated = Box<dyn Fn(Option<&[(u32, u64)]>) -> Result<(), String> + Send + Sync>;
+/// records at these (lun, offset, len)s (None: records whose header is gone, so every
+/// range), before they are dropped unwritten. Err: keep them.
+pub type MarkOwnOutdated =
+    Box<dyn Fn(Option<&[(u32, u64, u64)]>) -> Result<(), String> + Send + Sync>;
 
 /// The partner's partitions inside our NVRAM.
 pub struct SecondStoreArea {
@@ -171,7 +172,7 @@ impl SecondStoreArea {
                     // A pinned copy stays held (a takeover replays it).
                     Some(hd) if pin.as_ref().is_some_and(|p| p(hd.lun, hd.offset)) => {}
                     Some(hd) if matches!(hd.kind, RecordKind::Data | RecordKind::Zero) => {
-                        dropped.push((hd.lun, hd.offset))
+                        dropped.push((hd.lun, hd.offset, u64::from(hd.len)))
                     }
                     Some(_) => {}
                     None => headless = true,
@@ -297,6 +298,24 @@ impl SecondStoreArea {
                 .sum(),
             capacity_bytes: self.layout.second_store_len(),
         }
+    }
+
+    /// (lun, offset, len) of every held copy whose header is intact and that `selected`
+    /// (lun, offset) approves: writes one medium may get and the other not.
+    pub fn held_extents(&self, selected: &dyn Fn(u32, u64) -> bool) -> Vec<(u32, u64, u64)> {
+        let held = self.held();
+        let mut out = Vec::new();
+        for (p, pp) in held.iter().enumerate() {
+            let log = self.partition_log(p as u32);
+            for (&seq, h) in &pp.records {
+                if let Some(hd) = self.held_header(log, p as u32, seq, h) {
+                    if hd.kind != RecordKind::Wrap && selected(hd.lun, hd.offset) {
+                        out.push((hd.lun, hd.offset, u64::from(hd.len)));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Forgets everything (the partner restarts mirroring from scratch).

@@ -4,6 +4,8 @@
 //! 0            superblock (4 KiB): identity of this log and the layout it was formatted for
 //! 4 KiB        one 4 KiB checkpoint block per partition (two alternating slots)
 //! data_offset  partition 0 log | partition 1 log | ...   (part_size each)
+//!              [second store: the partner's partitions, same geometry]
+//! oos_offset   [storage = "own": one out-of-sync map per LUN (`nvram::out_of_sync`)]
 //! ```
 //! Every structure carries a crc32c; a checkpoint is written to the slot its generation
 //! selects, so a torn checkpoint write leaves the previous one intact.
@@ -65,6 +67,9 @@ pub struct Superblock {
     pub second_store: u32,
     /// Canonical description of the LUN layout the log was written for (see `layout_text`).
     pub layout: String,
+    /// Where the out-of-sync maps start (`storage = "own"`), 0 for none. Superblocks written
+    /// before the field existed hold zeroes there: no maps.
+    pub oos_offset: u64,
 }
 
 /// Why a superblock could not be used.
@@ -97,6 +102,7 @@ impl Superblock {
         let layout = &self.layout.as_bytes()[..self.layout.len().min(MAX_LAYOUT_TEXT)];
         f.put(&(layout.len() as u32).to_le_bytes());
         f.put(layout);
+        f.put(&self.oos_offset.to_le_bytes());
         let end = META_BLOCK as usize - 4;
         let crc = crc32c::crc32c(&buf[..end]);
         buf[end..].copy_from_slice(&crc.to_le_bytes());
@@ -142,6 +148,10 @@ impl Superblock {
         let Some(layout) = text(MAX_LAYOUT_TEXT) else {
             return SuperblockState::Corrupt("layout field is damaged".into());
         };
+        if pos + 8 > end {
+            return SuperblockState::Corrupt("the out-of-sync map field is cut off".into());
+        }
+        let oos_offset = get_u64(buf, &mut pos);
         let sb = Superblock {
             version,
             log_id,
@@ -152,6 +162,7 @@ impl Superblock {
             data_offset,
             second_store,
             layout,
+            oos_offset,
         };
         match sb.check_geometry() {
             Ok(()) => SuperblockState::Valid(sb),
@@ -187,6 +198,13 @@ impl Superblock {
             return Err(format!(
                 "the partition size {} is not a non-zero multiple of 4 KiB",
                 self.part_size
+            ));
+        }
+        if self.oos_offset != 0 && self.oos_offset < Layout::of(self).end() {
+            return Err(format!(
+                "the out-of-sync maps start at byte {} inside the logs (which end at byte {})",
+                self.oos_offset,
+                Layout::of(self).end()
             ));
         }
         if self.second_store > 1 {
@@ -357,6 +375,7 @@ mod tests {
             data_offset: Layout::metadata_bytes(4),
             second_store: 0,
             layout: "partitions=4;lun0:1073741824:4".into(),
+            oos_offset: 0,
         }
     }
 

@@ -16,8 +16,10 @@
 //! Clearing (after a region was copied) may be lost the same way, with the same harmless
 //! outcome.
 //!
-//! Not wired into the engine yet: shared-nothing mode itself does not exist (see
-//! docs/shared-nothing.md).
+//! A new map (a format) says every region is out of sync: nothing tells a fresh NVRAM what
+//! its node's medium missed before, so the first resync of a range copies it whole; from
+//! then on only what was marked. [`LunMaps`] holds one map per LUN, where the superblock's
+//! `oos_offset` says (docs/shared-nothing.md says where the engine marks and reads them).
 
 use super::NvramRegion;
 use std::collections::BTreeSet;
@@ -93,6 +95,15 @@ impl Geometry {
     }
 }
 
+/// What a newly formatted map says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fresh {
+    /// Every region in sync (tests, and nothing else: see the module's comment).
+    InSync,
+    /// Every region out of sync: a node that knows nothing of its medium's past.
+    OutOfSync,
+}
+
 pub struct OutOfSyncMap {
     region: Arc<NvramRegion>,
     /// Where the header starts in the NVRAM; the bits follow it.
@@ -110,18 +121,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl OutOfSyncMap {
-    /// Writes an empty map (every region in sync) at `offset` and makes it durable.
+    /// Writes a new map at `offset`, every region as `fresh` says, and makes it durable.
     pub fn format(
         region: Arc<NvramRegion>,
         offset: u64,
         space: u64,
         geometry: Geometry,
+        fresh: Fresh,
     ) -> Result<OutOfSyncMap, OutOfSyncError> {
         geometry.fits(offset, space)?;
         let needed = geometry.nvram_bytes();
+        let fill = if fresh == Fresh::OutOfSync { 0xff } else { 0 };
         region.write_at(
             offset + HEADER_BYTES,
-            &vec![0u8; (needed - HEADER_BYTES) as usize],
+            &vec![fill; (needed - HEADER_BYTES) as usize],
         );
         region.write_at(offset, &encode_header(geometry));
         region
@@ -227,25 +240,152 @@ impl OutOfSyncMap {
 
     /// The out-of-sync regions, as (first byte, length) runs in LUN order.
     pub fn runs(&self) -> Vec<(u64, u64)> {
-        let regions = self.geometry.regions();
-        let mut bits = vec![0u8; regions.div_ceil(8) as usize];
-        self.region.read_at(self.bits_offset(), &mut bits);
-        let mut runs: Vec<(u64, u64)> = Vec::new();
+        self.runs_within(0, self.geometry.lun_bytes)
+    }
+
+    /// The out-of-sync parts of `[start, end)`: the marked regions that overlap it, cut to
+    /// it, as runs in LUN order.
+    pub fn runs_within(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let rb = self.geometry.region_bytes;
-        for index in (0..regions).filter(|i| bits[(i / 8) as usize] & (1 << (i % 8)) != 0) {
-            let start = index * rb;
-            let len = rb.min(self.geometry.lun_bytes - start);
+        let end = end.min(self.geometry.lun_bytes);
+        if start >= end {
+            return Vec::new();
+        }
+        let (first, last) = (start / rb, end.div_ceil(rb));
+        // Whole bytes of bits, from the one holding `first`.
+        let byte0 = first / 8;
+        let mut bits = vec![0u8; (last.div_ceil(8) - byte0) as usize];
+        self.region.read_at(self.bits_offset() + byte0, &mut bits);
+        let marked = |i: u64| bits[(i / 8 - byte0) as usize] & (1 << (i % 8)) != 0;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for index in (first..last).filter(|&i| marked(i)) {
+            let from = (index * rb).max(start);
+            let to = ((index + 1) * rb).min(end);
             match runs.last_mut() {
-                Some((s, l)) if *s + *l == start => *l += len,
-                _ => runs.push((start, len)),
+                Some((s, l)) if *s + *l == from => *l += to - from,
+                _ => runs.push((from, to - from)),
             }
         }
         runs
     }
 
+    /// `[start, end)` was copied: clears the regions wholly inside it (and the LUN's short
+    /// last region if `end` is the LUN's end). A region that straddles the edge stays marked:
+    /// its other part was not copied.
+    pub fn clear_within(&self, start: u64, end: u64) {
+        let rb = self.geometry.region_bytes;
+        let end = end.min(self.geometry.lun_bytes);
+        let last = if end == self.geometry.lun_bytes {
+            end.div_ceil(rb)
+        } else {
+            end / rb
+        };
+        for index in start.div_ceil(rb)..last {
+            self.clear(index);
+        }
+    }
+
     /// Bytes of the LUN that are out of sync (for `status`).
     pub fn out_of_sync_bytes(&self) -> u64 {
         self.runs().iter().map(|(_, l)| l).sum()
+    }
+}
+
+/// Region size of the engine's maps: 16 bits per MiB of LUN, 2 MiB of NVRAM per TiB. (The
+/// simulator uses 4 KiB, so that its small ranges hold many regions.)
+pub const REGION_BYTES: u64 = 64 << 10;
+
+/// One map per LUN, back to back from an offset (the superblock's `oos_offset`).
+pub struct LunMaps {
+    maps: Vec<OutOfSyncMap>,
+}
+
+impl LunMaps {
+    fn geometries(lun_bytes: &[u64], region_bytes: u64) -> impl Iterator<Item = Geometry> + '_ {
+        lun_bytes.iter().map(move |&b| Geometry {
+            lun_bytes: b,
+            region_bytes,
+        })
+    }
+
+    /// NVRAM bytes the maps of LUNs of `lun_bytes` take, in whole 4 KiB blocks.
+    pub fn nvram_bytes(lun_bytes: &[u64], region_bytes: u64) -> u64 {
+        let all: u64 = Self::geometries(lun_bytes, region_bytes.max(1))
+            .map(|g| g.nvram_bytes())
+            .sum();
+        all.div_ceil(4096) * 4096
+    }
+
+    /// New maps, every region of every LUN as `fresh` says (out of sync but where both
+    /// media are known identical: see the module's comment).
+    pub fn format(
+        region: Arc<NvramRegion>,
+        offset: u64,
+        lun_bytes: &[u64],
+        region_bytes: u64,
+        fresh: Fresh,
+    ) -> Result<LunMaps, OutOfSyncError> {
+        let mut at = offset;
+        let mut maps = Vec::new();
+        for g in Self::geometries(lun_bytes, region_bytes) {
+            let space = g.nvram_bytes();
+            maps.push(OutOfSyncMap::format(region.clone(), at, space, g, fresh)?);
+            at += space;
+        }
+        Ok(LunMaps { maps })
+    }
+
+    /// The maps written at `offset`; a missing, damaged or foreign one is formatted anew
+    /// (every region out of sync: a full resync of what gets resynced), with a warning.
+    pub fn open(
+        region: Arc<NvramRegion>,
+        offset: u64,
+        lun_bytes: &[u64],
+        region_bytes: u64,
+    ) -> Result<LunMaps, OutOfSyncError> {
+        let mut at = offset;
+        let mut maps = Vec::new();
+        for (lun, g) in Self::geometries(lun_bytes, region_bytes).enumerate() {
+            let space = g.nvram_bytes();
+            let map = match OutOfSyncMap::open(region.clone(), at, space, g) {
+                Ok(map) => map,
+                Err(e) => {
+                    tracing::warn!("LUN {lun}: {e}");
+                    OutOfSyncMap::format(region.clone(), at, space, g, Fresh::OutOfSync)?
+                }
+            };
+            maps.push(map);
+            at += space;
+        }
+        Ok(LunMaps { maps })
+    }
+
+    /// Marks what `[offset, offset + len)` of LUN `lun` touches (durable after `persist`).
+    pub fn mark(&self, lun: u32, offset: u64, len: u64) {
+        if let Some(m) = self.maps.get(lun as usize) {
+            m.mark(offset, len);
+        }
+    }
+
+    /// Makes every earlier mark and clear durable.
+    pub fn persist(&self) -> io::Result<()> {
+        self.maps.iter().try_for_each(|m| m.persist())
+    }
+
+    /// See [`OutOfSyncMap::runs_within`]; a LUN without a map is out of sync whole.
+    pub fn runs_within(&self, lun: u32, start: u64, end: u64) -> Vec<(u64, u64)> {
+        match self.maps.get(lun as usize) {
+            Some(m) => m.runs_within(start, end),
+            None if start < end => vec![(start, end - start)],
+            None => Vec::new(),
+        }
+    }
+
+    /// See [`OutOfSyncMap::clear_within`] (durable after `persist`).
+    pub fn clear_within(&self, lun: u32, start: u64, end: u64) {
+        if let Some(m) = self.maps.get(lun as usize) {
+            m.clear_within(start, end);
+        }
     }
 }
 
@@ -311,7 +451,7 @@ mod tests {
     #[test]
     fn marks_cover_every_touched_region_and_runs_merge() {
         let (_, region) = nvram();
-        let map = OutOfSyncMap::format(region, AT, 8 * KIB, G).expect("format");
+        let map = OutOfSyncMap::format(region, AT, 8 * KIB, G, Fresh::InSync).expect("format");
         assert_eq!(G.regions(), 513);
         assert_eq!(map.runs(), vec![]);
         map.mark(64 * KIB - 512, 1024); // straddles regions 0 and 1
@@ -333,12 +473,56 @@ mod tests {
     }
 
     #[test]
+    fn a_range_reads_its_own_part_and_clears_only_regions_wholly_inside() {
+        let (_, region) = nvram();
+        let map = OutOfSyncMap::format(region, AT, 8 * KIB, G, Fresh::InSync).expect("format");
+        map.mark(0, 3 * 64 * KIB); // regions 0..3
+        map.mark(20 * 64 * KIB, 1); // region 20
+                                    // A "range" of bytes 100 KiB..1300 KiB: cut to it, region 20 (1280..1344 KiB) too.
+        let (start, end) = (100 * KIB, 1300 * KIB);
+        assert_eq!(
+            map.runs_within(start, end),
+            vec![(100 * KIB, 92 * KIB), (1280 * KIB, 20 * KIB)]
+        );
+        assert_eq!(map.runs_within(end, end), vec![]);
+        map.clear_within(start, end);
+        // Region 1 (64..128 KiB) and region 20 straddle the edges: still marked, as is
+        // region 0 (outside); region 2 is clear.
+        assert_eq!(map.runs(), vec![(0, 128 * KIB), (20 * 64 * KIB, 64 * KIB)]);
+        // The LUN's short last region is cleared by a span that ends at the LUN's end.
+        map.mark(G.lun_bytes - 1, 1);
+        map.clear_within(512 * 64 * KIB, G.lun_bytes);
+        assert_eq!(map.runs().len(), 2);
+    }
+
+    #[test]
+    fn new_lun_maps_say_everything_is_out_of_sync_and_damage_resets_to_that() {
+        let (_, region) = nvram();
+        let sizes = [G.lun_bytes, 2 << 20];
+        let bytes = LunMaps::nvram_bytes(&sizes, REGION_BYTES);
+        assert_eq!(bytes % 4096, 0);
+        let maps = LunMaps::format(region.clone(), AT, &sizes, REGION_BYTES, Fresh::OutOfSync)
+            .expect("format");
+        assert_eq!(maps.runs_within(1, 0, 2 << 20), vec![(0, 2 << 20)]);
+        maps.clear_within(1, 0, 2 << 20);
+        maps.persist().expect("persist");
+        let maps = LunMaps::open(region.clone(), AT, &sizes, REGION_BYTES).expect("open");
+        assert_eq!(maps.runs_within(1, 0, 2 << 20), vec![]);
+        assert_eq!(maps.runs_within(0, 0, 64 * KIB), vec![(0, 64 * KIB)]);
+        // LUN 1's header damaged: that map alone starts over, all out of sync.
+        region.write_at(AT + G.nvram_bytes() + 17, &[0x5a]);
+        let maps = LunMaps::open(region, AT, &sizes, REGION_BYTES).expect("open");
+        assert_eq!(maps.runs_within(1, 4096, 8192), vec![(4096, 4096)]);
+        assert_eq!(maps.runs_within(0, 0, 64 * KIB), vec![(0, 64 * KIB)]);
+    }
+
+    #[test]
     fn foreign_damaged_and_mismatched_maps_are_refused_with_the_way_out() {
         let (_, region) = nvram();
         let e = OutOfSyncMap::open(region.clone(), AT, 8 * KIB, G).err();
         assert_eq!(e, Some(OutOfSyncError::Missing { offset: AT }));
         assert!(e.expect("err").to_string().contains("full resync"));
-        OutOfSyncMap::format(region.clone(), AT, 8 * KIB, G).expect("format");
+        OutOfSyncMap::format(region.clone(), AT, 8 * KIB, G, Fresh::InSync).expect("format");
         let other = Geometry {
             lun_bytes: G.lun_bytes * 2,
             ..G
@@ -352,14 +536,14 @@ mod tests {
             .err()
             .expect("a damaged header is refused");
         assert!(e.to_string().contains("checksum"), "{e}");
-        let small = OutOfSyncMap::format(region.clone(), AT, 64, G).err();
+        let small = OutOfSyncMap::format(region.clone(), AT, 64, G, Fresh::InSync).err();
         assert!(matches!(small, Some(OutOfSyncError::TooSmall { .. })));
         let bad = Geometry {
             region_bytes: 5000,
             ..G
         };
         assert_eq!(
-            OutOfSyncMap::format(region, AT, 8 * KIB, bad).err(),
+            OutOfSyncMap::format(region, AT, 8 * KIB, bad, Fresh::InSync).err(),
             Some(OutOfSyncError::BadRegionSize(5000))
         );
     }
@@ -390,7 +574,7 @@ mod tests {
             keep in proptest::collection::vec(any::<bool>(), 256),
         ) {
             let (mem, region) = nvram();
-            let map = OutOfSyncMap::format(region, AT, 8 * KIB, G).expect("format");
+            let map = OutOfSyncMap::format(region, AT, 8 * KIB, G, Fresh::InSync).expect("format");
             // What the bits are now, and what must survive (set at the last persist).
             let mut now = vec![false; G.regions() as usize];
             let mut ever = now.clone();
@@ -439,7 +623,8 @@ mod tests {
     #[test]
     fn concurrent_marks_are_durable_when_each_persist_returns() {
         let (mem, region) = nvram();
-        let map = Arc::new(OutOfSyncMap::format(region, AT, 8 * KIB, G).expect("format"));
+        let map =
+            Arc::new(OutOfSyncMap::format(region, AT, 8 * KIB, G, Fresh::InSync).expect("format"));
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
                 let map = map.clone();
