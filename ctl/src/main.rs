@@ -149,6 +149,11 @@ enum Cmd {
         /// the partner's.
         #[arg(long)]
         repair: bool,
+        /// Read at most this many MiB per second of each medium for the comparison (as
+        /// DRBD's verify is throttled by its resync rate), so that the application's I/O
+        /// keeps the media; unlimited without it.
+        #[arg(long, value_name = "MIB_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
+        rate: Option<u64>,
         #[arg(long)]
         json: bool,
         #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -462,10 +467,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Verify {
             repair,
+            rate,
             json,
             timeout,
         } => {
-            let req = Request::Verify { repair: *repair };
+            let req = Request::Verify {
+                repair: *repair,
+                rate: rate.map(|mib| mib.saturating_mul(1 << 20)),
+            };
             let report = match call(&socket_path(&cli)?, req, Duration::from_secs(*timeout))? {
                 Response::Verified(r) => *r,
                 other => bail!("unexpected answer: {other:?}"),

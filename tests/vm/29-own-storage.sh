@@ -13,7 +13,7 @@
 #    withdrawn), the giveback then works, every write verifies through both devices, and
 #    after a drain both media are identical again.
 # 5. `nvmirrorctl verify` on each node finds its ranges identical while fio writes (no false
-#    difference), names a 4 KiB block changed behind the daemons' backs on node-b's medium,
+#    difference; node-b's throttled to 8 MiB/s with --rate), names a 4 KiB block changed behind the daemons' backs on node-b's medium,
 #    and `verify --repair` copies it back from node-a (cmp identical).
 # 6. node-a's medium fails (device-mapper error target): reads through node-a come from
 #    node-b's medium, writes stay staged in node-a's NVRAM (and mirrored); the medium works
@@ -21,7 +21,9 @@
 # 7. node-b is killed, node-a takes its range and writes 24 blocks alone: its status counts
 #    their out-of-sync regions, and once node-b is back the resync copies only those (not
 #    the 32 MiB), after which both media are identical and every write verifies via node-b.
-# vm-timeout: 300
+# 8. node-b is replaced (new NVRAM, zeroed medium): on start it finds it ran in the cluster
+#    before, marks its medium outdated for every range, and node-a copies both whole.
+# vm-timeout: 420
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 arbiter=$(nvm_medium arbiter 4)
@@ -157,8 +159,13 @@ out=$("$NVMCTL" --config node-a.toml verify 2>&1) ||
 wait $fio_pid || { cat fio-busy.log; fail "fio during the verify"; }
 grep -q "lun0 range 0: identical" <<<"$out" || fail "verify on node-a does not report range 0 identical: $out"
 grep -q "lun0 range 1: served by node-b" <<<"$out" || fail "verify on node-a does not leave range 1 to node-b: $out"
-out=$("$NVMCTL" --config node-b.toml verify 2>&1) || fail "verify on node-b: $out"
+t0=$(date +%s%3N)
+out=$("$NVMCTL" --config node-b.toml verify --rate 8 2>&1) || fail "verify --rate 8 on node-b: $out"
+took_ms=$(($(date +%s%3N) - t0))
 grep -q "lun0 range 1: identical" <<<"$out" || fail "verify on node-b does not report range 1 identical: $out"
+# 16 MiB at 8 MiB/s: the last 15 of its 1 MiB requests wait their turn.
+((took_ms >= 1800)) || fail "verify --rate 8 of a 16 MiB range took $took_ms ms (at least 1875 expected)"
+say "ok: verify --rate 8 compared node-b's 16 MiB range in $took_ms ms"
 # 4 KiB of noise at 5 MiB (range 0, node-a's) written behind both daemons' backs onto node-b's medium.
 dd if=/dev/urandom of="$mb" bs=4k seek=1280 count=1 oflag=direct conv=notrunc status=none
 out=$("$NVMCTL" --config node-a.toml verify 2>&1) && fail "verify did not notice a changed block on node-b's medium: $out"
@@ -245,6 +252,31 @@ same_media || fail "the two media differ after the out-of-sync resync"
 fio "${few[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-few-verify.log ||
 	{ cat fio-few-verify.log; fail "the writes made without node-b do not verify through node-b"; }
 say "ok: the resync copied $copied bytes ($oos out of sync in node-a's map) of $lun_mib MiB; the media are identical (cmp)"
+
+say "8. node-b replaced (new NVRAM, blank medium): it marks its medium outdated, node-a copies it whole"
+kill -9 "$pid_b"
+nvm_wait_gone "$pid_b"
+"$NVMCTL" del 1 >/dev/null 2>&1 || true
+size_b=$(stat -c %s nvram-b.img)
+rm -f nvram-b.img
+truncate -s "$size_b" nvram-b.img
+dd if=/dev/zero of="$mb" bs=1M count=$lun_mib oflag=direct conv=notrunc status=none
+nvm_start node-b.toml daemon-b.log
+pid_b=$NVM_LAST_PID
+grep -q "ran in the cluster before (a replaced node or NVRAM): its medium is marked outdated for 2 range" daemon-b.log ||
+	{ tail -20 daemon-b.log; fail "node-b, started with a new NVRAM, did not mark its medium outdated for both ranges"; }
+nvm_wait_link
+for _ in $(seq 300); do
+	[[ $(nvm_field a 'e["outdated_media"]') == "{}" ]] && break
+	sleep 0.2
+done
+[[ $(nvm_field a 'e["outdated_media"]') == "{}" ]] ||
+	{ tail -20 daemon-a.log; fail "node-a did not resync the replaced node-b"; }
+whole=$(grep -ho 'copied [0-9]* of its' daemon-a.log | tail -2 | awk '{s += $2} END {print s + 0}')
+((whole == lun_mib << 20)) || fail "the resync to the replaced node copied $whole bytes, not the whole $lun_mib MiB"
+"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
+same_media || fail "the replaced node's medium differs from node-a's after its full resync"
+say "ok: the replaced node-b got all $lun_mib MiB copied; the media are identical (cmp)"
 nvm_stop "$pid_a"
 nvm_stop "$pid_b"
-say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical; verify finds and repairs a changed block; a failed medium is read around; a resync copies only out-of-sync regions"
+say "PASS: own media converge, a takeover serves every acknowledged write from the survivor's medium, an outdated medium gets nothing back until the resync, then both media are identical; verify finds and repairs a changed block; a failed medium is read around; a resync copies only out-of-sync regions, a replaced node all"

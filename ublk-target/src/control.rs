@@ -51,6 +51,9 @@ pub enum Request {
     Verify {
         #[serde(default)]
         repair: bool,
+        /// Bytes per second to compare at most (None: unlimited).
+        #[serde(default)]
+        rate: Option<u64>,
     },
 }
 

@@ -4,8 +4,8 @@
 //! reaches both. When one cannot (the partner is away, a mirror copy was dropped before it was
 //! written), the node that knows marks the other (or itself) outdated for the range, durably
 //! and BEFORE the write is acknowledged or the copy is dropped. A node never takes over, or is
-//! given back, a range its medium is outdated for: it would serve old data. A resync (not
-//! implemented yet) is what will clear a mark.
+//! given back, a range its medium is outdated for: it would serve old data. A resync
+//! (`engine::resync`) is what clears a mark.
 //!
 //! A mark names the range's epoch in the ownership table when it was made, and counts only
 //! while the range is still at that epoch. A node cut off without knowing it lost a range
@@ -199,6 +199,30 @@ impl OutdatedMedia {
 }
 
 impl OutdatedMedia {
+    /// Whether node `me` ran in this cluster before: its slot of marks about itself was
+    /// ever written (`note_ran` writes it, empty, at every start). A damaged slot counts as
+    /// written.
+    pub fn ran_before(&self, store: &dyn TableStore, me: NodeId) -> Result<bool, TableError> {
+        if me >= MAX_NODES {
+            return Err(TableError::TooLarge(me as usize));
+        }
+        let mut buf = vec![0u8; SLOT_BYTES as usize];
+        store.read_slot(Self::slot(me, me), &mut buf)?;
+        Ok(!matches!(decode(&buf, self.cluster_id, me, me), Ok(None)))
+    }
+
+    /// Records that `me` ran: its slot about itself is written (empty) if it is blank.
+    pub fn note_ran(&self, store: &dyn TableStore, me: NodeId) -> Result<(), TableError> {
+        if self.ran_before(store, me)? {
+            return Ok(());
+        }
+        let data = encode(&BTreeMap::new(), self.cluster_id, me, me, self.ranges)?;
+        store.write_slot(Self::slot(me, me), &data)?;
+        Ok(())
+    }
+}
+
+impl OutdatedMedia {
     /// Writer `me` withdraws its marks about `subject`'s medium for `ranges` (global), once a
     /// resync copied them. A damaged slot is rewritten with every other range marked at the
     /// epoch `epoch_of` gives it. Durable on return.
@@ -239,6 +263,20 @@ mod tests {
             nodes: 2,
             ranges: 20,
         }
+    }
+
+    #[test]
+    fn a_node_that_ran_is_remembered_without_marking_anything() {
+        let (store, m) = (MemTableStore::default(), media());
+        assert!(!m.ran_before(&store, 1).expect("read"));
+        m.note_ran(&store, 1).expect("note");
+        assert!(m.ran_before(&store, 1).expect("read"));
+        assert!(!m.ran_before(&store, 0).expect("read"), "only node 1 ran");
+        assert!(m.of(&store, 1, &|_| Some(1)).expect("read").is_empty());
+        // Marks about itself (a release that dropped copies) survive a later note.
+        assert!(m.mark(&store, 1, 1, &[(4, 1)]).expect("mark"));
+        m.note_ran(&store, 1).expect("note");
+        assert_eq!(m.of(&store, 1, &|_| Some(1)).expect("read"), vec![4]);
     }
 
     #[test]

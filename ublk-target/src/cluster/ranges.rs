@@ -651,6 +651,66 @@ impl Cluster {
         self.stale_here.contains((lun, range))
     }
 
+    /// With `storage = "own"`, at a start with a blank NVRAM: if this node ran in the cluster
+    /// before (a replaced node, or its NVRAM replaced), nothing tells what its medium misses:
+    /// marks it outdated for every range it does not own (a full resync follows), except
+    /// those the partner's medium is outdated for (ours may be the only copy left; warned).
+    /// Then records that this node ran. Returns the ranges marked.
+    pub fn outdate_unknown_medium(&self) -> Result<Vec<LunRange>, ownership::TableError> {
+        let Some(media) = &self.outdated else {
+            return Ok(Vec::new());
+        };
+        let mut marked = Vec::new();
+        if media.ran_before(self.store.as_ref(), self.me)? {
+            let partner_stale = self.outdated_ranges(self.partner())?;
+            let t = self.table().clone();
+            let all: Vec<LunRange> = t
+                .luns
+                .iter()
+                .enumerate()
+                .flat_map(|(l, rs)| (0..rs.len() as u32).map(move |r| (l as u32, r)))
+                .collect();
+            let (kept, mark): (Vec<LunRange>, Vec<LunRange>) =
+                all.into_iter().partition(|r| partner_stale.contains(r));
+            if !kept.is_empty() {
+                tracing::error!(
+                    "this node's NVRAM is new but it ran in the cluster before, and node {}'s medium is outdated for range(s) {kept:?}: ours is not marked outdated for them (it may hold the only copy); check it with `nvmirrorctl verify` once both are up",
+                    self.node_name(self.partner())
+                );
+            }
+            let owned: Vec<LunRange> = mark
+                .iter()
+                .copied()
+                .filter(|&(l, r)| self.state(l, r) == RangeState::Local)
+                .collect();
+            if !owned.is_empty() {
+                tracing::error!(
+                    "this node's NVRAM is new but it ran in the cluster before, and it owns range(s) {owned:?}: their medium's history is unknown; hand them to the partner (`nvmirrorctl handover`) so that its resync copies them here"
+                );
+            }
+            self.mark_outdated(self.me, &mark)?;
+            marked = mark
+                .into_iter()
+                .filter(|&(l, r)| self.state(l, r) != RangeState::Local)
+                .collect();
+            tracing::warn!(
+                "this node's NVRAM is new but it ran in the cluster before (a replaced node or NVRAM): its medium is marked outdated for {} range(s) until the partner's resync copies them whole",
+                marked.len()
+            );
+        }
+        media.note_ran(self.store.as_ref(), self.me)?;
+        Ok(marked)
+    }
+
+    /// With `storage = "own"`: records on the arbiter that this node ran (see
+    /// `outdate_unknown_medium`).
+    pub fn note_ran(&self) -> Result<(), ownership::TableError> {
+        match &self.outdated {
+            Some(media) => media.note_ran(self.store.as_ref(), self.me),
+            None => Ok(()),
+        }
+    }
+
     /// At start: which ranges our medium is marked outdated for (by anyone).
     pub fn load_own_outdated(&self) -> Result<(), ownership::TableError> {
         let stale = self.outdated_ranges(self.me)?;

@@ -201,6 +201,20 @@ impl Engine {
         region.read_at(0, &mut first);
         let mut report = ReplayReport::default();
         let blank = Superblock::decode(&first) == SuperblockState::Blank;
+        if let Some(c) = cluster.as_ref().filter(|c| c.own_storage() && blank) {
+            // A new NVRAM on a node that ran before: nothing knows what its medium missed.
+            c.outdate_unknown_medium()
+                .and_then(|_| c.load_own_outdated())
+                .map_err(|e| {
+                    EngineError::Replay(format!(
+                        "marking a medium of unknown history outdated: {e}"
+                    ))
+                })?;
+        } else if let Some(c) = cluster.as_ref().filter(|c| c.own_storage()) {
+            c.note_ran().map_err(|e| {
+                EngineError::Replay(format!("noting this node on the arbiter: {e}"))
+            })?;
+        }
         let existing = match (Superblock::decode(&first), opts.mode) {
             (_, OpenMode::Format) | (SuperblockState::Blank, _) => None,
             (SuperblockState::Foreign, _) => return Err(EngineError::Foreign { path, config }),

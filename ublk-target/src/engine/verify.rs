@@ -77,9 +77,12 @@ impl Verdict {
 impl Engine {
     /// Compares every range we serve with the partner's medium; `ask` sends one request to
     /// the partner and returns its answer. With `repair`, differences are copied from ours.
+    /// `rate`: at most this many bytes per second are read for the comparison (None: as
+    /// fast as the media go).
     pub async fn verify_partner<Asked>(
         &self,
         repair: bool,
+        rate: Option<u64>,
         ask: impl Fn(Vec<u8>) -> Asked,
     ) -> Result<VerifyReport, String>
     where
@@ -93,6 +96,11 @@ impl Engine {
             .outdated_ranges(partner)
             .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
         let mut ranges = Vec::new();
+        let mut pace = Pace {
+            start: self.host.now(),
+            bytes: 0,
+            rate: rate.filter(|&r| r > 0),
+        };
         for (l, lun) in self.luns.iter().enumerate() {
             let l = l as u32;
             for r in 0..lun.ranges {
@@ -113,7 +121,7 @@ impl Engine {
                     RangeState::Local if outdated.contains(&(l, r)) => (0, Verdict::Outdated),
                     RangeState::Local if c.own_medium_outdated(l, r) => (0, Verdict::OutdatedHere),
                     RangeState::Local => {
-                        let verdict = self.verify_range(l, r, repair, &ask).await;
+                        let verdict = self.verify_range(l, r, repair, &mut pace, &ask).await;
                         self.end_range_job();
                         (
                             end - start,
@@ -147,6 +155,7 @@ impl Engine {
         l: u32,
         r: u32,
         repair: bool,
+        pace: &mut Pace,
         ask: &impl Fn(Vec<u8>) -> Asked,
     ) -> Result<Verdict, String>
     where
@@ -165,6 +174,10 @@ impl Engine {
             let len = (end - at).min(VERIFY_CHUNK as u64);
             suspects.extend(self.differing(l, &lun, (at, len), ask).await?);
             at += len;
+            pace.bytes += len;
+            if let Some(wait) = pace.ahead_by(self.host.now()) {
+                self.host.sleep(wait).await;
+            }
         }
         if suspects.is_empty() {
             return Ok(Verdict::Identical);
@@ -280,6 +293,21 @@ impl Engine {
 }
 
 /// Bytes `start..end` of range `r` of `lun`.
+/// The verify's rate limit: how far the bytes compared so far are ahead of the rate.
+pub(super) struct Pace {
+    start: std::time::Instant,
+    bytes: u64,
+    rate: Option<u64>,
+}
+
+impl Pace {
+    fn ahead_by(&self, now: std::time::Instant) -> Option<std::time::Duration> {
+        let due = std::time::Duration::from_secs_f64(self.bytes as f64 / self.rate? as f64);
+        due.checked_sub(now.saturating_duration_since(self.start))
+            .filter(|d| !d.is_zero())
+    }
+}
+
 fn span_of(lun: &Lun, r: u32) -> (u64, u64) {
     let start = r as u64 * lun.range_bytes;
     (start, (start + lun.range_bytes).min(lun.size))
@@ -306,6 +334,21 @@ fn merge(extents: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pace_waits_only_when_ahead_of_the_rate() {
+        let start = std::time::Instant::now();
+        let mut p = Pace {
+            start,
+            bytes: 4 << 20,
+            rate: Some(2 << 20),
+        };
+        let second = std::time::Duration::from_secs(1);
+        assert_eq!(p.ahead_by(start + second), Some(second));
+        assert_eq!(p.ahead_by(start + 3 * second), None);
+        p.rate = None;
+        assert_eq!(p.ahead_by(start), None);
+    }
 
     #[test]
     fn adjacent_blocks_merge_up_to_one_request() {

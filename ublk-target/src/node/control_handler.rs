@@ -73,7 +73,7 @@ impl ControlHandler {
             Request::Handover { timeout_secs } => {
                 self.move_ranges(RangesToMove::OwnRanges, timeout_secs)
             }
-            Request::Verify { repair } => self.verify(repair),
+            Request::Verify { repair, rate } => self.verify(repair, rate),
             Request::AddDevice { ref lun } => self.add_device(lun),
             Request::DelDevice { ref lun } => {
                 let Some(i) = self.devices.lun_index(lun) else {
@@ -169,14 +169,14 @@ impl ControlHandler {
         }
     }
 
-    fn verify(&self, repair: bool) -> Response {
+    fn verify(&self, repair: bool, rate: Option<u64>) -> Response {
         let Some(l) = self.link.as_ref().filter(|l| l.state().is_up()) else {
             return error(
                 "the partner is not connected: there is no second medium to compare with",
             );
         };
         let ask = |req: Vec<u8>| ask_partner(l.clone(), req);
-        match block_on(self.engine.verify_partner(repair, ask)) {
+        match block_on(self.engine.verify_partner(repair, rate, ask)) {
             Ok(report) => Response::Verified(Box::new(report)),
             Err(message) => error(message),
         }
