@@ -56,6 +56,27 @@ same_media() {
 	blockdev --flushbufs "$ma" "$mb" && echo 3 >/proc/sys/vm/drop_caches &&
 		cmp -n $((lun_mib << 20)) "$ma" "$mb"
 }
+# resynced N: waits until node-N's status lists no outdated medium (its resync is done).
+resynced() {
+	for _ in $(seq 300); do
+		[[ $(nvm_field $1 'e["outdated_media"]') == "{}" ]] && return 0
+		sleep 0.2
+	done
+	tail -20 daemon-$1.log
+	fail "node-$1's resync did not clear the outdated marks: $(nvm_field $1 'e["outdated_media"]')"
+}
+# kill_b: kill -9 node-b, delete its device, wait until node-a serves both ranges.
+kill_b() {
+	kill -9 "$pid_b"
+	nvm_wait_gone "$pid_b"
+	"$NVMCTL" del 1 >/dev/null 2>&1 || true
+	for _ in $(seq 300); do
+		[[ $(nvm_field a '",".join(x["owner"] for x in e["ranges"])') == "node-a,node-a" ]] && return 0
+		sleep 0.1
+	done
+	tail -20 daemon-a.log
+	fail "node-a did not take node-b's range over"
+}
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
 nvm_start node-b.toml daemon-b.log
@@ -126,12 +147,7 @@ say "4. node-a restarts: node-b resyncs both ranges onto node-a's medium, then t
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
 nvm_wait_link
-for _ in $(seq 300); do
-	[[ $(nvm_field b 'e["outdated_media"]') == "{}" ]] && break
-	sleep 0.2
-done
-stale=$(nvm_field b 'e["outdated_media"]')
-[[ $stale == "{}" ]] || { tail -20 daemon-b.log; fail "the resync did not clear the outdated marks: $stale"; }
+resynced b
 grep -h 'resync: LUN' daemon-b.log | sed 's/^.*resync: /  resync: /'
 "$NVMCTL" --config node-b.toml giveback --timeout 60 >/dev/null || fail "giveback after the resync"
 [[ $(nvm_field a '",".join(x["owner"] for x in e["ranges"])') == "node-a,node-b" ]] ||
@@ -213,15 +229,7 @@ fio "${during[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 
 say "ok: node-a's medium works again, the staged writes reached both media (cmp identical)"
 
 say "7. kill -9 node-b, 24 blocks through node-a alone: the resync copies only their regions"
-kill -9 "$pid_b"
-nvm_wait_gone "$pid_b"
-"$NVMCTL" del 1 >/dev/null 2>&1 || true
-for _ in $(seq 300); do
-	[[ $(nvm_field a '",".join(x["owner"] for x in e["ranges"])') == "node-a,node-a" ]] && break
-	sleep 0.1
-done
-[[ $(nvm_field a '",".join(x["owner"] for x in e["ranges"])') == "node-a,node-a" ]] ||
-	{ tail -20 daemon-a.log; fail "node-a did not take node-b's range over"; }
+kill_b
 few=(--name=few --direct=1 --ioengine=libaio --iodepth=4 --rw=randwrite --bs=4k
 	--size=${lun_mib}M --number_ios=24 --randseed=2908
 	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
@@ -235,12 +243,7 @@ oos=$(nvm_field a 'e["luns"][0]["out_of_sync_bytes"]')
 nvm_start node-b.toml daemon-b.log
 pid_b=$NVM_LAST_PID
 nvm_wait_link
-for _ in $(seq 300); do
-	[[ $(nvm_field a 'e["outdated_media"]') == "{}" ]] && break
-	sleep 0.2
-done
-[[ $(nvm_field a 'e["outdated_media"]') == "{}" ]] ||
-	{ tail -20 daemon-a.log; fail "node-a's resync did not clear node-b's outdated marks"; }
+resynced a
 grep -h 'resync: LUN .* copied' daemon-a.log | sed 's/^.*resync: /  resync: /'
 copied=$(grep -ho 'copied [0-9]* of its' daemon-a.log | awk '{s += $2} END {print s + 0}')
 # node-b's own map adds what its log held when it was killed (nothing much: it was idle).
@@ -254,9 +257,7 @@ fio "${few[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --o
 say "ok: the resync copied $copied bytes ($oos out of sync in node-a's map) of $lun_mib MiB; the media are identical (cmp)"
 
 say "8. node-b replaced (new NVRAM, blank medium): it marks its medium outdated, node-a copies it whole"
-kill -9 "$pid_b"
-nvm_wait_gone "$pid_b"
-"$NVMCTL" del 1 >/dev/null 2>&1 || true
+kill_b
 size_b=$(stat -c %s nvram-b.img)
 rm -f nvram-b.img
 truncate -s "$size_b" nvram-b.img
@@ -266,12 +267,7 @@ pid_b=$NVM_LAST_PID
 grep -q "ran in the cluster before (a replaced node or NVRAM): its medium is marked outdated for 2 range" daemon-b.log ||
 	{ tail -20 daemon-b.log; fail "node-b, started with a new NVRAM, did not mark its medium outdated for both ranges"; }
 nvm_wait_link
-for _ in $(seq 300); do
-	[[ $(nvm_field a 'e["outdated_media"]') == "{}" ]] && break
-	sleep 0.2
-done
-[[ $(nvm_field a 'e["outdated_media"]') == "{}" ]] ||
-	{ tail -20 daemon-a.log; fail "node-a did not resync the replaced node-b"; }
+resynced a
 whole=$(grep -ho 'copied [0-9]* of its' daemon-a.log | tail -2 | awk '{s += $2} END {print s + 0}')
 ((whole == lun_mib << 20)) || fail "the resync to the replaced node copied $whole bytes, not the whole $lun_mib MiB"
 "$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"

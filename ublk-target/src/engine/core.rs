@@ -186,6 +186,10 @@ pub struct Engine {
     /// `storage = "own"`: the regions where our medium and the partner's may differ
     /// (`nvram::out_of_sync`); None without own storage or maps.
     pub(super) out_of_sync: Option<Arc<crate::nvram::out_of_sync::LunMaps>>,
+    /// (LUN, range)s of which our second store dropped copies unwritten (our medium was
+    /// marked outdated for them) since the partner's resync last asked for our map of the
+    /// range: a resync that was copying it meanwhile may have missed them (`engine::resync`).
+    pub(super) dropped_during_resync: Arc<Mutex<std::collections::BTreeSet<(u32, u32)>>>,
     pub(super) region: Arc<NvramRegion>,
     pub(super) sb: Superblock,
     pub(super) parts: Vec<Arc<PartitionLog>>,

@@ -379,6 +379,7 @@ impl Engine {
             .collect();
 
         let second_store = SecondStoreArea::new(region.clone(), layout);
+        let dropped_during_resync = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
         let out_of_sync = open_out_of_sync_maps(&region, &sb, &opts, cluster.as_deref(), &luns)?;
         if let Some(maps) = &out_of_sync {
             // Before anything runs: our log's writes of the last run and the partner's
@@ -398,6 +399,7 @@ impl Engine {
             // A mirror copy dropped before it reached our medium leaves our medium outdated.
             let luns = luns.clone();
             let maps = out_of_sync.clone();
+            let dropped_ranges = dropped_during_resync.clone();
             let mark = Box::new(move |dropped: Option<&[(u32, u64, u64)]>| {
                 // Only ranges we do not serve. Of a range we own, every write goes through
                 // us: the partner's copies are from before our takeover (which replayed them)
@@ -447,7 +449,12 @@ impl Engine {
                     maps.persist()
                         .map_err(|e| format!("persisting the out-of-sync maps: {e}"))?;
                 }
-                c.mark_outdated(c.me, &ranges).map_err(|e| e.to_string())
+                c.mark_outdated(c.me, &ranges).map_err(|e| e.to_string())?;
+                dropped_ranges
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(ranges);
+                Ok(())
             });
             ss.keep_own_medium(mark);
         }
@@ -465,6 +472,7 @@ impl Engine {
             mirror,
             second_store,
             out_of_sync,
+            dropped_during_resync,
             region,
             sb,
             parts,

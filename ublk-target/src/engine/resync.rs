@@ -134,9 +134,8 @@ impl Engine {
         Asked: Future<Output = Result<Vec<u8>, String>>,
     {
         let whole = vec![(start, end - start)];
-        let Some(maps) = &self.out_of_sync else {
-            return whole;
-        };
+        // Asked even without a map of ours: the question starts the partner's watch for
+        // copies it drops meanwhile (`finish_resync`).
         let req = wire::encode(wire::OP_OUT_OF_SYNC, l, r as u64, 0, &[]);
         let theirs = match ask(req)
             .await
@@ -148,7 +147,7 @@ impl Engine {
                 None
             }
         };
-        let Some(theirs) = theirs else {
+        let (Some(theirs), Some(maps)) = (theirs, &self.out_of_sync) else {
             return whole;
         };
         let mut runs: Vec<(u64, u64)> = maps
@@ -186,6 +185,10 @@ impl Engine {
             .ok_or_else(|| format!("LUN {lun} does not exist"))?;
         let (start, end) = l.range_span(range);
         self.resync_target(from, lun, start, 0)?;
+        self.dropped_during_resync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(lun, range));
         Ok(match &self.out_of_sync {
             Some(maps) => maps.runs_within(lun, start, end),
             None => vec![(start, end - start)],
@@ -232,6 +235,18 @@ impl Engine {
             .get(lun as usize)
             .ok_or_else(|| format!("LUN {lun} does not exist"))?;
         let (c, _) = self.resync_target(from, lun, range as u64 * l.range_bytes, 0)?;
+        if self
+            .dropped_during_resync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(lun, range))
+        {
+            // The copy may have passed their regions already: keep the marks, copy again.
+            return Err(format!(
+                "copies of LUN {} range {range} were dropped unwritten while it was copied: it must be copied again",
+                l.name
+            ));
+        }
         l.medium
             .sync()
             .map_err(|e| format!("syncing our medium: {e}"))?;
