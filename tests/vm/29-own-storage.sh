@@ -56,6 +56,11 @@ same_media() {
 	blockdev --flushbufs "$ma" "$mb" && echo 3 >/proc/sys/vm/drop_caches &&
 		cmp -n $((lun_mib << 20)) "$ma" "$mb"
 }
+# drain_both: every staged write of both nodes on their media.
+drain_both() {
+	"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a ($1)"
+	"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b ($1)"
+}
 # resynced N: waits until node-N's status lists no outdated medium (its resync is done).
 resynced() {
 	for _ in $(seq 300); do
@@ -89,8 +94,7 @@ whole=(--name=whole --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --b
 	--size=${lun_mib}M --number_ios=3000 --randseed=2901 --verify=crc32c --verify_fatal=1)
 fio "${whole[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-whole.log ||
 	{ cat fio-whole.log; fail "fio write through node-a"; }
-"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
-"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+drain_both "after the whole-LUN fio"
 for n in a b; do
 	held=$(nvm_field $n 'e["mirror"]["second_store"]["records"]')
 	[[ $held == 0 ]] || fail "node-$n's second store still holds $held record(s) after both drained"
@@ -158,8 +162,7 @@ for dev in /dev/ublkb0 /dev/ublkb1; do
 	fio "${alone[@]}" --filename=$dev --verify_only=1 --verify_state_load=1 --output=fio-final-alone.log ||
 		{ cat fio-final-alone.log; fail "node-b's lone writes do not verify through $dev after the giveback"; }
 done
-"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
-"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+drain_both "after the giveback"
 same_media ||
 	fail "the two media differ after the resync, the giveback and a drain"
 say "ok: after the resync and the giveback both media are identical again (cmp)"
@@ -191,8 +194,7 @@ say "ok: verify names the changed block: $(grep DIFFER <<<"$out")"
 out=$("$NVMCTL" --config node-a.toml verify --repair 2>&1) || fail "verify --repair: $out"
 grep -q "lun0 range 0: repaired at 5242880+4096" <<<"$out" || fail "verify --repair did not repair the block: $out"
 out=$("$NVMCTL" --config node-a.toml verify 2>&1) || fail "verify after the repair still finds a difference: $out"
-"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
-"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+drain_both "after verify --repair"
 same_media || fail "the two media differ after verify --repair and a drain"
 say "ok: verify --repair copied the block back from node-a; the media are identical (cmp)"
 
@@ -221,8 +223,7 @@ errors=$(nvm_field a 'e["medium_errors"]')
 ((errors > 0)) || fail "node-a reports no medium error while its medium fails"
 say "ok: node-a read back 400 blocks with its medium failing ($served read(s) from node-b's medium); 32 more writes are staged ($errors medium error(s))"
 dm_switch "linear $ma 0"
-"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "node-a did not drain once its medium worked again"
-"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+drain_both "once node-a's medium worked again"
 same_media || fail "the two media differ after node-a's medium came back and a drain"
 fio "${during[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-during-verify.log ||
 	{ cat fio-during-verify.log; fail "the writes staged while node-a's medium failed do not verify through node-b"; }
@@ -249,8 +250,7 @@ copied=$(grep -ho 'copied [0-9]* of its' daemon-a.log | awk '{s += $2} END {prin
 # node-b's own map adds what its log held when it was killed (nothing much: it was idle).
 ((copied > 0 && copied <= 2 << 20)) ||
 	fail "the resync copied $copied bytes for 24 4 KiB writes (node-a's map: $oos out of sync, of $((lun_mib << 20)))"
-"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
-"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b"
+drain_both "after the out-of-sync resync"
 same_media || fail "the two media differ after the out-of-sync resync"
 fio "${few[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-few-verify.log ||
 	{ cat fio-few-verify.log; fail "the writes made without node-b do not verify through node-b"; }

@@ -247,7 +247,7 @@ impl Engine {
         };
 
         let (sb, starts) = match existing {
-            Some(sb) => {
+            Some(sb) => 'existing: {
                 let layout = Layout::of(&sb);
                 if layout.end() > region.len() {
                     return Err(EngineError::CorruptSuperblock {
@@ -271,18 +271,13 @@ impl Engine {
                         path.display()
                     );
                     report.formatted = true;
-                    let (sb, starts) =
-                        format(&region, &opts, &want_layout, oos_luns.as_deref(), false)?;
-                    return Engine::finish_open(
-                        region,
-                        opts,
-                        luns,
-                        cluster,
-                        (sb, starts),
-                        restart_extents,
-                        report,
-                        started,
-                    );
+                    break 'existing format(
+                        &region,
+                        &opts,
+                        &want_layout,
+                        oos_luns.as_deref(),
+                        false,
+                    )?;
                 }
                 let scans = scan_all(&region, &sb, &config)?;
                 restart_extents.extend(scans.iter().flat_map(|(_, s)| {
