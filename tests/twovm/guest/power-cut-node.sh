@@ -11,11 +11,13 @@
 #     first boot turns the NVDIMM's namespace into device-DAX /dev/dax0.0, the
 #     NVRAM an RDMA device can register, and a reboot finds it again), the
 #     shared disk image as /dev/vda (the medium, the same file in both
-#     VMs), and a virtio-net NIC (eth0) on a QEMU socket netdev: the only link
+#     VMs; with NVM_PC_STORAGE=own, test 43, /dev/vda is this node's own
+#     medium and /dev/vdb the small arbiter disk both VMs share), and a
+#     virtio-net NIC (eth0) on a QEMU socket netdev: the only link
 #     between the two VMs (node-b's QEMU listens, node-a's connects);
 #   - environment: NVM_BIN (release binaries), NVM_OUT (the test's results dir,
 #     writable 9p export visible to the host and to the other VM),
-#     NVM_PC_TRANSPORT (rdma | tcp), NVM_PC_FIO_* (write rate, trigger time;
+#     NVM_PC_TRANSPORT (rdma | tcp), NVM_PC_STORAGE (shared | own), NVM_PC_FIO_* (write rate, trigger time;
 #     see the orchestrator), NVM_PC_CUT (a: only node-a loses power, test 40;
 #     both: node-a and node-b do, test 41);
 #   - coordination is by files in $NVM_OUT/sync, each created atomically
@@ -54,6 +56,8 @@ transport=${NVM_PC_TRANSPORT:-rdma}        # mirror link: rdma (Soft-RoCE on eth
 write_rate=${NVM_PC_FIO_RATE:-3m}          # the verified job (fio server on node-a)
 trigger_after=${NVM_PC_FIO_TRIGGER:-18}    # seconds after the fio client started
 cut=${NVM_PC_CUT:-a}                       # whose power goes: a (test 40) or both (test 41)
+storage=${NVM_PC_STORAGE:-shared}          # shared: one medium (40, 41); own: each node its own (43)
+lun_mib=128
 work=/tmp/powercut
 mkdir -p "$work" "$NVM_OUT/state"
 cd "$work"
@@ -134,9 +138,10 @@ setup_net() {
 	fi
 	modprobe ublk_drv || fail "modprobe ublk_drv"
 	setup_nvram
-	[[ -b /dev/vda ]] || fail "no /dev/vda (shared disk)"
+	[[ -b /dev/vda ]] || fail "no /dev/vda (the medium)"
+	[[ $storage == shared || -b /dev/vdb ]] || fail "no /dev/vdb (the arbiter disk of storage = own)"
 	command -v fio >/dev/null || skip "fio is not installed"
-	say "net: $me on $nic ($(cat /sys/class/net/$nic/address)), mirror link over $transport; NVRAM $nvram $(($(cat /sys/bus/dax/devices/dax0.0/size) >> 20)) MiB (device-DAX), medium /dev/vda $(($(blockdev --getsize64 /dev/vda) >> 20)) MiB"
+	say "net: $me on $nic ($(cat /sys/class/net/$nic/address)), mirror link over $transport; NVRAM $nvram $(($(cat /sys/bus/dax/devices/dax0.0/size) >> 20)) MiB (device-DAX), storage $storage: medium /dev/vda $(($(blockdev --getsize64 /dev/vda) >> 20)) MiB"
 }
 
 # The NVRAM is the NVDIMM as device-DAX: an RDMA device can register it (Linux
@@ -181,6 +186,7 @@ write_config() {
 	heartbeat_timeout_ms = 3000
 	takeover = "auto"
 	degraded = "write-through"
+	$([[ $storage == own ]] && printf 'storage = "own"\narbiter = "/dev/vdb"')
 
 	[[cluster.node]]
 	name = "node-a"
@@ -196,7 +202,20 @@ write_config() {
 	device_id = ${dev#/dev/ublkb}
 	ranges = 2
 	owners = ["node-a", "node-b"]
+	$([[ $storage == own ]] && echo "size = \"${lun_mib}MiB\"")
 	CFG
+}
+
+# own_media_agree: (storage = own) every staged write of this node on both media, then
+# `nvmirrorctl verify` compares this node's range on both media online.  The host compares
+# the two disk images byte for byte once both VMs are done.
+own_media_agree() {
+	[[ $storage == own ]] || return 0
+	"$NVMCTL" --config node.toml drain --timeout 120 >/dev/null || fail "drain on $node"
+	local out
+	out=$("$NVMCTL" --config node.toml verify 2>&1) || fail "nvmirrorctl verify on $node found the media different: $out"
+	grep -q "range $1: identical" <<<"$out" || fail "nvmirrorctl verify on $node does not report range $1 identical: $out"
+	say "drained; nvmirrorctl verify: $(grep "range $1:" <<<"$out")"
 }
 
 start_daemon() {
@@ -333,6 +352,7 @@ print(sum(p["records"] for p in r["partitions"]) if r["state"] == "valid" else "
 	want=$(cat "$SYNC/lun.sha256")
 	[[ $sum == "$want" ]] || fail "the LUN read through node-a ($sum) differs from node-b's view before the restart ($want)"
 	say "whole LUN through $dev: sha256 $sum, as node-b read it before node-a came back"
+	own_media_agree 0
 	"$NVMCTL" --config node.toml nvram inspect --json >"$NVM_OUT/nvram-a2-inspect.json" 2>&1 || true
 	st >"$NVM_OUT/status-a2-end.json"
 	mark a2-done ok
@@ -397,6 +417,12 @@ run_b() {
 	st >"$NVM_OUT/status-b-after-takeover.json"
 	mark b-serving "$t_done"
 	say "took over: ranges $(ranges); takeover $(q 'e["takeover"]'); mirror $(q 'e["mirror"]["state"]')"
+	if [[ $storage == own ]]; then
+		# node-a's medium misses the writes node-b replayed: marked before node-b served them.
+		ok '[0, 0] in e["outdated_media"].get("node-a", [])' ||
+			fail "node-a's medium is not marked outdated for range 0 after the takeover: $(q 'e["outdated_media"]')"
+		say "node-a's medium is marked outdated for $(q 'e["outdated_media"]["node-a"]')"
+	fi
 	# The client stored the verify state before it ran the trigger.  When the power
 	# went before node-a's fio sent its results, the client would wait for them
 	# (up to its timeout): stop it.
@@ -429,6 +455,12 @@ run_b() {
 	until_ok 120 "mirroring with node-a again" "$link_up"
 	st >"$NVM_OUT/status-b-rejoined.json"
 	say "node-a rejoined: mirror $(q 'e["mirror"]["state"]') over $(q 'e["mirror"]["transport"]'), link $(q 'e["mirror"]["link"]')"
+	if [[ $storage == own ]]; then
+		# A range goes back only to a medium that holds it: node-b first copies what node-a's
+		# medium missed (and the marks are withdrawn).
+		until_ok 300 "resync onto node-a's medium" 'e["outdated_media"] == {}'
+		say "resync done: $(grep -ho 'resync: LUN.*' "$NVM_OUT/daemon-$role.log" | tr '\n' ';')"
+	fi
 	"$NVMCTL" --config node.toml giveback --timeout 120 || fail "giveback failed"
 	ok '[(r["owner"], r["state"]) for r in e["ranges"]] == [("node-a", "remote"), ("node-b", "local")] and e["ranges"][0]["epoch"] >= 3' ||
 		fail "after giveback node-b sees $(ranges)"
@@ -437,6 +469,7 @@ run_b() {
 	verify job_powercut "$dev" after-giveback-b
 	verify job_after "$dev" after-giveback-b
 	[[ $(lun_sha) == "$sum" ]] || fail "the LUN read through node-b after the giveback differs from before"
+	own_media_agree 1
 	ok "$link_up" || fail "mirroring with node-a lost at the end"
 	st >"$NVM_OUT/status-b-end.json"
 	mark b-done
@@ -505,6 +538,7 @@ print("%.1f s (disk lease held +%.1f s, node-a declared dead +%.1f s, replay don
 
 [[ -f $NVM_OUT/secret ]] || fail "no cluster secret in $NVM_OUT"
 [[ $cut == a || $cut == both ]] || fail "NVM_PC_CUT must be a or both, not $cut"
+[[ $storage == shared || $storage == own ]] || fail "NVM_PC_STORAGE must be shared or own, not $storage"
 case $role in
 a) run_a ;;
 a2) run_a2 ;;

@@ -4,7 +4,7 @@
 # after scripts/vm/lib.sh, at top level, with NVM_REPO, NVM_OUT and NVM_BIN set;
 # not a test itself (tests/twovm/*.sh are; subdirectories are not).
 #
-# Sets transport, OUT, SYNC, node_script (unless the test set it), t0, port and vm_pid (VM name -> its
+# Sets transport, storage, OUT, SYNC, node_script (unless the test set it), t0, port and vm_pid (VM name -> its
 # background nvm_vm_boot subshell), the EXIT/TERM/INT traps (no QEMU outlives
 # the test), and defines:
 #   pc_setup               checks, VM preparation, fresh state, a free port
@@ -19,6 +19,10 @@
 
 transport=${NVM_PC_TRANSPORT:-rdma}
 [[ $transport == tcp || $transport == rdma ]] || { echo "NVM_PC_TRANSPORT must be tcp or rdma" >&2; exit 2; }
+# shared: one disk image both VMs attach (claim set A); own: each VM its own medium image
+# plus a small shared arbiter image (shared-nothing mode, issue #17).
+storage=${NVM_PC_STORAGE:-shared}
+[[ $storage == shared || $storage == own ]] || { echo "NVM_PC_STORAGE must be shared or own" >&2; exit 2; }
 OUT=$(mkdir -p "$NVM_OUT" && cd "$NVM_OUT" && pwd)
 SYNC=$OUT/sync
 node_script=${node_script:-$NVM_REPO/tests/twovm/guest/power-cut-node.sh}
@@ -54,9 +58,16 @@ pc_setup() {
 	export NVM_VM_QUIET=1 # two consoles would interleave: they go to console-NAME.log
 
 	# Fresh state: the NVDIMMs and the disk start zeroed (sparse files).
-	rm -rf "$SYNC" "$OUT/state" "$OUT"/pmem-*.img "$OUT"/shared.img "$OUT"/guest-rc-* "$OUT"/qemu-*.pid
+	rm -rf "$SYNC" "$OUT/state" "$OUT"/pmem-*.img "$OUT"/shared.img "$OUT"/medium-?.img "$OUT"/arbiter.img "$OUT"/guest-rc-* "$OUT"/qemu-*.pid
 	mkdir -p "$SYNC" "$OUT/state"
-	truncate -s 129M "$OUT/shared.img" # 1 MiB ownership table + a 128 MiB LUN (2 ranges of 64 MiB)
+	if [[ $storage == shared ]]; then
+		truncate -s 129M "$OUT/shared.img" # 1 MiB ownership table + a 128 MiB LUN (2 ranges of 64 MiB)
+	else
+		# Each node's own medium holds the 128 MiB LUN only; the table and the disk leases
+		# live on the arbiter.
+		truncate -s 128M "$OUT/medium-a.img" "$OUT/medium-b.img"
+		truncate -s 4M "$OUT/arbiter.img"
+	fi
 	(umask 077 && head -c 48 /dev/urandom | base64 >"$OUT/secret")
 	port=$(pc_free_port) || { say "FAIL: no free TCP port for the VM link"; exit 1; }
 }
@@ -88,13 +99,21 @@ cleanup() {
 trap cleanup EXIT
 trap 'say "terminated"; exit 143' TERM INT
 
+# vm_disks ROLE: the --disk words of a node (/dev/vda = its medium, /dev/vdb = the arbiter).
+vm_disks() {
+	if [[ $storage == shared ]]; then
+		echo "--disk $OUT/shared.img"
+	else
+		echo "--disk $OUT/medium-${1:0:1}.img --disk $OUT/arbiter.img"
+	fi
+}
 boot() { # NAME ROLE TIMEOUT listen|connect [PORT]
 	local name=$1 role=$2 tmo=$3 mode=$4 link_port=${5:-$port} nvdimm=$OUT/pmem-${2:0:1}.img
-	# shellcheck disable=SC2086 # pc_boot_env: whole words
+	# shellcheck disable=SC2046,SC2086 # vm_disks, pc_boot_env: whole words
 	nvm_vm_boot --results "$OUT" --name "$name" --cpus 1 --mem 1024 --timeout "$tmo" \
-		--nvdimm "$nvdimm:256M" --disk "$OUT/shared.img" "--net-$mode" "$link_port" \
+		--nvdimm "$nvdimm:256M" $(vm_disks "$role") "--net-$mode" "$link_port" \
 		--env "NVM_BIN=$NVM_BIN" --env "NVM_OUT=$OUT" \
-		--env "NVM_PC_TRANSPORT=$transport" --env "NVM_PC_FIO_RATE=${NVM_PC_FIO_RATE:-3m}" --env "NVM_PC_FIO_TRIGGER=${NVM_PC_FIO_TRIGGER:-18}" \
+		--env "NVM_PC_TRANSPORT=$transport" --env "NVM_PC_STORAGE=$storage" --env "NVM_PC_FIO_RATE=${NVM_PC_FIO_RATE:-3m}" --env "NVM_PC_FIO_TRIGGER=${NVM_PC_FIO_TRIGGER:-18}" \
 		$pc_boot_env \
 		--qemu-arg -pidfile --qemu-arg "$OUT/qemu-$name.pid" \
 		-- /bin/bash "$node_script" "$role" >"$OUT/vm-$name.out" 2>&1 &

@@ -1,0 +1,20 @@
+#!/bin/bash
+# tests/twovm/43-power-cut-own.sh - test 40's power cut in shared-nothing mode (issue #17).
+# Runs ON THE HOST (a two-VM test; contract at the top of scripts/test.sh).
+# twovm-timeout: 660
+#
+# Two VMs, each with its own emulated NVDIMM as NVRAM and ITS OWN disk as the medium
+# (`cluster.storage = "own"`), plus a 4 MiB disk both attach as the arbiter (ownership table
+# and disk leases), and a virtio-net link carrying the mirror link (Soft-RoCE; TCP with
+# NVM_PC_TRANSPORT=tcp).  node-a's flusher is paused, fio writes with verify through node-a
+# into both ranges, the host SIGKILLs node-a's QEMU mid-write.  node-b takes range 0 over
+# (arbiter lease), replays node-a's mirrored writes into ITS medium, marks node-a's medium
+# outdated, and every acknowledged write verifies through node-b; node-b then writes
+# [0,16M) alone.  node-a boots again: it replays nothing of the range it lost, node-b
+# resyncs node-a's medium (the marks are withdrawn), gives range 0 back, and both fio
+# verifies pass through both nodes.  Finally both nodes drain, `nvmirrorctl verify`
+# reports each range identical on both media, and the host finds the two disk images
+# byte-identical.  The scenario and its checks are 40-power-cut.sh's (NVM_PC_STORAGE=own).
+set -euo pipefail
+: "${NVM_REPO:?}"
+NVM_PC_STORAGE=own exec bash "$NVM_REPO/tests/twovm/40-power-cut.sh"
