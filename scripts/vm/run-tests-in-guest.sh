@@ -111,6 +111,13 @@ for file in "$@"; do
 		timed_out=1
 		echo "NVM-TEST-TIMEOUT $name after ${tmo}s: killing its process group"
 		echo "=== vm-test runner: TIMEOUT after ${tmo}s, killing process group $pid ===" >>"$log"
+		# A test stuck in uninterruptible I/O never runs its exit trap: keep its daemon logs
+		# (and a last status of every daemon still answering) for the post-mortem.
+		cp -f "$scratch"/*.log "$out/" 2>/dev/null || true
+		for cfg in "$scratch"/*.toml; do
+			[[ -f $cfg ]] || continue
+			timeout 10 "$NVM_BIN/nvmirrorctl" --config "$cfg" status >"$out/timeout-status-$(basename "$cfg" .toml).txt" 2>&1 || true
+		done
 		kill -TERM -- "-$pid" 2>/dev/null || true
 		for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 		kill -KILL -- "-$pid" 2>/dev/null || true

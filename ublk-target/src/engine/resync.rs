@@ -16,10 +16,23 @@ use crate::cluster::{wire, NodeId, RangeState};
 use crate::host::run_blocking;
 use crate::lun::Lun;
 use crate::medium::AlignedBuf;
+use futures::{StreamExt, TryStreamExt};
 use std::future::Future;
 
 /// Bytes per resync request (well under the link's largest request).
 const RESYNC_CHUNK: usize = 256 << 10;
+/// Resync requests in flight at once.
+const RESYNC_IN_FLIGHT: usize = 4;
+
+/// A run `(start, len)` of a resync as its requests: `(offset, len)` of at most
+/// `RESYNC_CHUNK` bytes each. (A named function, not a closure: the resync's future must be
+/// `Send`, which a closure over a borrowed run defeats.)
+fn chunks_of_run((start, len): (u64, u64)) -> impl Iterator<Item = (u64, usize)> {
+    let end = start + len;
+    (start..end)
+        .step_by(RESYNC_CHUNK)
+        .map(move |at| (at, (end - at).min(RESYNC_CHUNK as u64) as usize))
+}
 
 impl Engine {
     /// Copies every range we own that the partner's medium is outdated for; `ask` sends one
@@ -80,19 +93,26 @@ impl Engine {
                     runs.len(),
                     c.node_name(partner)
                 );
-                let mut done_bytes = 0;
-                for (run_start, run_len) in runs.iter().copied() {
-                    let mut at = run_start;
-                    while at < run_start + run_len {
-                        self.note_range_job("resync", &lun, r, done_bytes, total);
-                        let len = (run_start + run_len - at).min(RESYNC_CHUNK as u64) as usize;
-                        let chunk = self.read_own_medium(&lun, at, len).await?;
+                // Several chunks in flight: our medium's read of one overlaps the link and
+                // the partner's write of others (nothing else writes the range, so their
+                // order does not matter).
+                let chunks = runs.clone().into_iter().flat_map(chunks_of_run);
+                let lun_ref = &lun;
+                let mut copies = futures::stream::iter(chunks)
+                    .map(|(at, len)| async move {
+                        let chunk = self.read_own_medium(lun_ref, at, len).await?;
                         let req = wire::encode(wire::OP_RESYNC_WRITE, l, at, len as u32, &chunk);
                         wire::answer(&ask(req).await?)?;
-                        at += len as u64;
-                        done_bytes += len as u64;
-                    }
+                        Ok::<u64, String>(len as u64)
+                    })
+                    .buffer_unordered(RESYNC_IN_FLIGHT);
+                let mut done_bytes = 0;
+                self.note_range_job("resync", &lun, r, done_bytes, total);
+                while let Some(copied) = copies.try_next().await? {
+                    done_bytes += copied;
+                    self.note_range_job("resync", &lun, r, done_bytes, total);
                 }
+                drop(copies);
                 let done = wire::encode(wire::OP_RESYNC_DONE, l, r as u64, 0, &[]);
                 wire::answer(&ask(done).await?)?;
                 if let Some(maps) = &self.out_of_sync {
