@@ -38,7 +38,7 @@ NVM_VM_CACHE=${NVM_VM_CACHE:-/var/cache/nvmirror-vm}
 NVM_APT_PACKAGES=(
 	qemu-system-x86 busybox-static cpio kmod xz-utils
 	fio rdma-core ibverbs-utils ibverbs-providers rdmacm-utils perftest
-	e2fsprogs xfsprogs iproute2 util-linux procps psmisc coreutils dmsetup
+	e2fsprogs xfsprogs btrfs-progs iproute2 util-linux procps psmisc coreutils dmsetup
 	libclang-dev libibverbs-dev librdmacm-dev pkg-config
 	resource-agents libxml2-utils pacemaker-cli-utils drbd-utils ndctl
 )

@@ -59,6 +59,17 @@ kill_leftovers() {
 	return 0
 }
 
+# Delete every ublk device a killed test left.  Their daemons are gone, and a device that
+# waits for a new daemon (user recovery) holds its I/O: a process blocked on it (and an
+# unmount of a filesystem on it) would wait forever.  Deleting it fails that I/O.
+delete_ublk_devices() {
+	local f
+	for f in /sys/class/ublk-char/ublkc*; do
+		[[ -e $f ]] && timeout 30 "$NVM_BIN/nvmirrorctl" del "${f##*ublkc}" >/dev/null 2>&1
+	done
+	return 0
+}
+
 # Detach the loop devices backed by files under $1: a loop device keeps its deleted tmpfs
 # file, and so the test's RAM, alive after the unmount (tests create them in command
 # substitutions, where their own cleanup list is lost).
@@ -129,6 +140,7 @@ for file in "$@"; do
 	fi
 	secs=$((SECONDS - start))
 	kill_leftovers "$pid" "$scratch"
+	delete_ublk_devices
 	dmesg >"$out/dmesg.log" 2>/dev/null || true
 	detach_loops_below "$scratch"
 	umount_below "$scratch"
