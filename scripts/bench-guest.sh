@@ -13,6 +13,8 @@
 #   rdma     3: two nvmirrords in this VM, mirror link over Soft-RoCE (rxe on a dummy netdev),
 #               each node's NVRAM on device-DAX (/dev/daxN.0 on an emulated NVDIMM of its own)
 #   tcp      4: the same over TCP (127.0.0.1), NVRAM in tmpfs
+#   own      4o: configuration 4 in shared-nothing mode (`storage = "own"`, issue #17): each
+#               node its own medium (as DRBD's two backing devices), a 4 MiB arbiter
 #   drbd     5: DRBD 8.4 (in-tree module) protocol C, two resources on 127.0.0.1 with swapped
 #               ports, fio on the primary's /dev/drbd0
 #   raw      6a: the loop device itself, O_DIRECT
@@ -44,7 +46,7 @@
 # paused is reported as a diagnostic (not in the medians).
 set -uo pipefail
 
-CONFIG_ORDER=(null single pmem rdma tcp drbd raw rawsync scale)
+CONFIG_ORDER=(null single pmem rdma tcp own drbd raw rawsync scale)
 WORKLOADS=(qd1 qd32w seqw qd32r mixed)
 
 # =============================================================================== report ===
@@ -77,11 +79,12 @@ LABEL = {
     "pmem": "2b nvmirror, 1 node, NVRAM on /dev/pmem0",
     "rdma": "3 nvmirror, 2 nodes, RDMA (rxe), NVRAM on device-DAX",
     "tcp": "4 nvmirror, 2 nodes, TCP",
+    "own": "4o nvmirror, 2 nodes, TCP, each its own medium",
     "drbd": "5 DRBD 8.4 protocol C",
     "raw": "6a loop, O_DIRECT",
     "rawsync": "6b loop, O_DIRECT + fsync/write",
 }
-ORDER = ["null", "single", "pmem", "rdma", "tcp", "drbd", "raw", "rawsync"]
+ORDER = ["null", "single", "pmem", "rdma", "tcp", "own", "drbd", "raw", "rawsync"]
 # metric name -> (workload, extractor, unit, higher is better)
 def pct(side, p):
     return lambda j: j["jobs"][0][side]["clat_ns"]["percentile"][p] / 1000.0
@@ -308,6 +311,19 @@ p(absolute("daemon anonymous RSS with 4 queues", rss4[0] / 1024 if rss4 else Non
            f"peak RSS {rss4[1] / 1024:.0f} MiB with the NVRAM mapping" if rss4 else ""))
 p()
 p()
+if "own" in configs:
+    p("Targets of issue #17's benchmark: shared-nothing (configuration 4o) against DRBD protocol C, "
+      "which also keeps one backing device per node; reads against the raw medium.")
+    p()
+    p("| target | measured | goal | result |")
+    p("| --- | --- | --- | --- |")
+    a, b = med("own", "p50"), med("drbd", "p50")
+    p(target("shared-nothing, 4K QD1 write p50 vs DRBD C", ratio(a, b), 0.5, False, f"{fmt(a)} / {fmt(b)} µs"))
+    a, b = med("own", "qd32w"), med("drbd", "qd32w")
+    p(target("shared-nothing, 4K randwrite QD32 vs DRBD C", ratio(a, b), 1.5, True, f"{fmt(a)} / {fmt(b)}"))
+    a = med("own", "qd32r")
+    p(target("shared-nothing, 4K randread QD32 vs raw medium", ratio(a, raw_r), 0.9, True, f"{fmt(a)} / {fmt(raw_r)}"))
+    p()
 notes = []
 notes.append(f"Medium bandwidth = configuration 6a's 128K QD8 sequential write ({fmt(medium_bw)} MiB/s).")
 if link["rdma"] is not None:
@@ -665,7 +681,7 @@ print(found[0] if found else "")' "$NVRAM_MB")
 		STATUS_CFGS=("$W/single.toml")
 		DEV=/dev/ublkb0
 		;;
-	rdma | tcp)
+	rdma | tcp | own)
 		modprobe ublk_drv || cfail "modprobe ublk_drv"
 		addr=127.0.0.1
 		if [[ $CFG == rdma ]]; then
@@ -673,15 +689,24 @@ print(found[0] if found else "")' "$NVRAM_MB")
 			addr=10.99.6.1
 			ulimit -l unlimited 2>/dev/null
 			measure_rdma_link
-		else
+		elif [[ $CFG == tcp ]]; then
 			measure_tcp_bw
 		fi
-		measure_link_stack "$CFG" "$addr"
+		[[ $CFG == own ]] || measure_link_stack "$CFG" "$addr"
+		# Both nodes see the shared medium (own: each node its own, m and mb); node-a owns
+		# every range (owners = ["node-a"]), so fio on node-a's device measures staging +
+		# mirroring, never forwarding; node-b holds the mirror (second store) and serves
+		# nothing (own: it also writes every record to its medium when node-a asks).
 		medium shared m
-		# Both nodes see the shared medium; node-a owns every range (owners = ["node-a"]), so
-		# fio on node-a's device measures staging + mirroring, never forwarding; node-b holds
-		# the mirror (second store) and serves nothing.
-		cs=$(cluster_section "$CFG" "$addr")
+		mb=$m
+		cs=$(cluster_section "$([[ $CFG == own ]] && echo tcp || echo "$CFG")" "$addr")
+		if [[ $CFG == own ]]; then
+			medium own-b mb
+			truncate -s 4M "$MNT/own-arbiter.img"
+			arbiter=$(losetup --find --show "$MNT/own-arbiter.img") || cfail "losetup of the arbiter"
+			LOOPS+=("$arbiter")
+			cs=$(sed "s|^takeover = .*|&\nstorage = \"own\"\narbiter = \"$arbiter\"|" <<<"$cs")
+		fi
 		# NVRAM: half own logs, half the partner's mirror -> twice the single node's size.
 		# RDMA: device-DAX, as in production (the whole device: its size less its metadata).
 		if [[ $CFG == rdma ]]; then
@@ -691,10 +716,11 @@ print(found[0] if found else "")' "$NVRAM_MB")
 			node_config "$W/node-b.toml" node-b "$nvb" "" 1 "$m" "$cs"
 		else
 			node_config "$W/node-a.toml" node-a "$(nvram a)" $((2 * NVRAM_MB)) 0 "$m" "$cs"
-			node_config "$W/node-b.toml" node-b "$(nvram b)" $((2 * NVRAM_MB)) 1 "$m" "$cs"
+			node_config "$W/node-b.toml" node-b "$(nvram b)" $((2 * NVRAM_MB)) 1 "$mb" "$cs"
 		fi
 		for n in a b; do
 			printf 'ranges = 4\nowners = ["node-a"]\n' >>"$W/node-$n.toml"
+			[[ $CFG != own ]] || printf 'size = "%sMiB"\n' "$MEDIUM_MB" >>"$W/node-$n.toml"
 		done
 		nvm_daemon "$W/node-a.toml" daemon-a.log
 		pa=$LAST_PID
@@ -852,7 +878,7 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 	for c in "${STATUS_CFGS[@]}"; do
 		"$NVMCTL" --config "$c" status --json >"$D/status-$(basename "$c" .toml).json" 2>/dev/null
 	done
-	if [[ $CFG == rdma || $CFG == tcp ]]; then
+	if [[ $CFG == rdma || $CFG == tcp || $CFG == own ]]; then
 		python3 - "$D/status-node-a.json" <<-'PY' >>"$D/notes" 2>/dev/null
 		import json, sys
 		m = json.load(open(sys.argv[1]))["engine"]["mirror"]

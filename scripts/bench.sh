@@ -13,7 +13,8 @@
 # Configurations (see scripts/bench-guest.sh): 1 ublk null device, 2 nvmirror one node
 # (2b: NVRAM on an emulated NVDIMM instead of a tmpfs file), 3 nvmirror two nodes over RDMA
 # (rxe; NVRAM on device-DAX, as RDMA needs in production), 4 the same over TCP (NVRAM in
-# tmpfs), 5 DRBD protocol C, 6 the loop device with O_DIRECT and with O_DIRECT + fsync per
+# tmpfs), 4o configuration 4 in shared-nothing mode (each node its own medium), 5 DRBD
+# protocol C, 6 the loop device with O_DIRECT and with O_DIRECT + fsync per
 # write, and "scale": one node with 1, 2 and 4 ublk queues under 1, 2 and 4 fio jobs (and
 # the daemon's memory with each queue count). Before the VM boots, the engine alone on the
 # host (examples/write_path, CPU per 4 KiB write).
