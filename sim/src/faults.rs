@@ -153,6 +153,10 @@ pub struct FaultMix {
     /// With `storage = "own"`: a node's own medium fails now and then (a stream of its own,
     /// so the other faults of every seed stay as they were).
     pub medium_failures: bool,
+    /// Blocking work (medium I/O) takes a few simulated milliseconds instead of none: its
+    /// effects happen at once, the task that waits for it resumes later, so other tasks run
+    /// in between (a read then reports bytes that may have changed since).
+    pub io_delay: bool,
 }
 
 impl FaultMix {
@@ -179,6 +183,7 @@ impl FaultMix {
             handovers: true,
             takeovers: true,
             medium_failures: true,
+            io_delay: false,
         }
     }
 
@@ -210,6 +215,7 @@ impl FaultMix {
             handovers: false,
             takeovers: false,
             medium_failures: false,
+            io_delay: false,
         }
     }
 
@@ -240,6 +246,8 @@ pub struct Settings {
     pub takeover_auto: bool,
     /// Each node its own disk (`storage = "own"`).
     pub own_storage: bool,
+    /// See [`FaultMix::io_delay`].
+    pub io_delay: bool,
     pub degraded_nvram: bool,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -274,6 +282,7 @@ impl Settings {
             s.takeover_auto = auto;
         }
         s.own_storage = mix.own_storage;
+        s.io_delay = mix.io_delay;
         if mix.own_storage && mix.medium_failures {
             let end = duration.saturating_sub(Duration::from_secs(1));
             s.faults.extend(draw_medium_failures(seed, end));
@@ -314,6 +323,7 @@ impl Settings {
             partitions: 2,
             takeover_auto: rng.gen_bool(0.85),
             own_storage: false,
+            io_delay: false,
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,
             heartbeat_timeout,

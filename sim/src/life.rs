@@ -9,6 +9,7 @@
 use nvmirror::host::{BoxFuture, Host, TaskHandle};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -122,6 +123,9 @@ impl Future for Guarded {
 /// The engine's `Host` inside the simulation.
 pub struct SimHost {
     pub life: Arc<Life>,
+    /// With `--io-delay`: a counter whose hash (with the seed) draws each blocking call's
+    /// delay, reproducibly.
+    pub io_delay: Option<(u64, AtomicU64)>,
 }
 
 impl Host for SimHost {
@@ -141,7 +145,20 @@ impl Host for SimHost {
     fn blocking(&self, work: Box<dyn FnOnce() + Send>) -> BoxFuture<()> {
         // Simulated I/O never blocks: run it here, in simulated zero time.
         work();
-        Box::pin(std::future::ready(()))
+        match &self.io_delay {
+            None => Box::pin(std::future::ready(())),
+            Some((seed, calls)) => {
+                // splitmix64 of (seed, call number): 0-2 ms, in whole microseconds.
+                let mut z = seed
+                    ^ calls
+                        .fetch_add(1, Ordering::Relaxed)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                Box::pin(tokio::time::sleep(Duration::from_micros(z % 2000)))
+            }
+        }
     }
 }
 

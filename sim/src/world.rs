@@ -38,6 +38,7 @@ use rdma_link::{Link, LinkConfig, Region, ResyncPoint, Role, SecondStore, Transp
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -828,7 +829,15 @@ impl World {
         let node = &mut self.nodes[id];
         node.life_no += 1;
         let life = Life::new(&node.name);
-        let host: Arc<dyn Host> = Arc::new(SimHost { life: life.clone() });
+        let host: Arc<dyn Host> = Arc::new(SimHost {
+            life: life.clone(),
+            io_delay: s.io_delay.then(|| {
+                (
+                    s.seed ^ ((id as u64) << 48) ^ node.life_no as u64,
+                    AtomicU64::new(0),
+                )
+            }),
+        });
         let timing = s.lease_timing();
         let table: Arc<dyn nvmirror::ownership::TableStore> = Arc::new(self.disk.table_view(id));
         let lease = DiskLease::new(

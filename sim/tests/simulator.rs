@@ -254,3 +254,16 @@ fn own_medium_failure_seeds_pass() {
     mix.own_storage = true;
     seeds_pass(&[79, 204, 415, 297], &mix);
 }
+
+/// `storage = "own"` with medium I/O taking simulated time (`--io-delay`), so a resync's copy
+/// and the flusher's batches interleave. Without the copy fence (`copy_fence.rs`: a chunk
+/// and an overlapping batch never run at once), seeds 283, 316 and 389 (7 of 200-1199) left
+/// a copy older than a batch on the partner's disk after the resync withdrew its marks
+/// (LOST ACKNOWLEDGED WRITE on the drained disk).
+#[test]
+fn resync_while_writing_seeds_pass() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.io_delay = true;
+    seeds_pass(&[283, 316, 389], &mix);
+}

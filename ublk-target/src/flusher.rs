@@ -14,6 +14,7 @@
 
 pub use crate::apply::Fence;
 use crate::apply::{Applier, ApplyError, RecordWrite};
+use crate::copy_fence::{CopyFence, Holder};
 use crate::host::{BoxFuture, Host};
 use crate::log::{PartitionLog, RecordMeta};
 use crate::lun::Lun;
@@ -50,6 +51,12 @@ pub trait FlushContext: Send + Sync {
         _live: &[RecordMeta],
     ) -> BoxFuture<Result<(), Fence>> {
         Box::pin(async { Ok(()) })
+    }
+    /// With a medium per node: the fence that orders a resync's copies against batches
+    /// (`copy_fence`). A batch holds its extents in it from its medium write to the end of
+    /// `copy_to_partner`. Default: none (one shared medium).
+    fn copy_fence(&self) -> Option<&Arc<CopyFence>> {
+        None
     }
     /// The batch is flushed and its log space released: the partner may drop its copies.
     fn on_released(&self, partition: u32, through_seq: u64);
@@ -133,6 +140,19 @@ impl Flusher {
                     dead
                 );
             }
+            // No resync copy of these extents may run between our medium write and the
+            // partner's (held until the end of this batch's turn).
+            let _fenced = match self.context.copy_fence() {
+                Some(fence) => {
+                    let extents: Vec<_> = live
+                        .iter()
+                        .filter(|r| matches!(r.kind, RecordKind::Data | RecordKind::Zero))
+                        .map(|r| (r.lun, r.offset, r.len))
+                        .collect();
+                    Some(fence.enter(Holder::Batch, &extents).await)
+                }
+                None => None,
+            };
             // A failed medium write and an unreadable table both mean our path to the medium
             // fails: retry, or let the partner write from its mirror.
             let written = self.context.check_fence(&live).and_then(|()| {

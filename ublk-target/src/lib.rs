@@ -26,6 +26,7 @@ pub mod block;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod copy_fence;
 pub mod devices;
 pub mod engine;
 pub mod flusher;

@@ -49,6 +49,10 @@ struct Args {
     /// its own disk; the ownership table and leases on a third disk, the arbiter).
     #[arg(long, default_value = "shared")]
     storage: String,
+    /// Medium I/O takes a few simulated milliseconds (its effect at once, the waiting task
+    /// resumes later), so tasks interleave around it; the default runs it in zero time.
+    #[arg(long)]
+    io_delay: bool,
     /// Simulate the majority lease planned for shared-nothing mode (`cluster::quorum`)
     /// instead of the two-node cluster; uses --seeds, --from, --seed and --seconds.
     #[arg(long)]
@@ -158,6 +162,7 @@ fn main() {
             "own" => true,
             other => return Err(format!("--storage {other:?}: use shared or own")),
         };
+        m.io_delay = args.io_delay;
         if args.no_givebacks {
             m = m.without_givebacks();
         }

@@ -190,6 +190,8 @@ pub struct Engine {
     /// marked outdated for them) since the partner's resync last asked for our map of the
     /// range: a resync that was copying it meanwhile may have missed them (`engine::resync`).
     pub(super) dropped_during_resync: Arc<Mutex<std::collections::BTreeSet<(u32, u32)>>>,
+    /// `storage = "own"`: orders the resync's copies against the flusher's batches.
+    pub(super) copy_fence: Arc<crate::copy_fence::CopyFence>,
     pub(super) region: Arc<NvramRegion>,
     pub(super) sb: Superblock,
     pub(super) parts: Vec<Arc<PartitionLog>>,

@@ -5,6 +5,7 @@
 use super::serving::ServingRight;
 use super::takeover_state::DelegateSlot;
 use crate::cluster::Cluster;
+use crate::copy_fence::CopyFence;
 use crate::flusher::{Fence, FlushContext};
 use crate::host::BoxFuture;
 use crate::log::RecordMeta;
@@ -12,6 +13,7 @@ use crate::lun::Lun;
 use crate::mirror::MirrorSlot;
 use crate::nvram::out_of_sync::LunMaps;
 use crate::nvram::RecordKind;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub(super) struct NodeFlushContext {
@@ -25,6 +27,12 @@ pub(super) struct NodeFlushContext {
     /// `storage = "own"`: where the two media may differ (marked for a batch the partner's
     /// medium did not get, before our log lets it go).
     pub(super) out_of_sync: Option<Arc<LunMaps>>,
+    /// Batches in a row the partner's medium did not get: the first is logged as a warning,
+    /// the rest only counted (every batch while the partner is away would flood the log).
+    pub(super) partner_misses: Arc<AtomicU64>,
+    /// `storage = "own"`: orders the resync's copies against our batches, and counts the
+    /// batches the partner's medium missed per range.
+    pub(super) copy_fence: Option<Arc<CopyFence>>,
 }
 
 impl FlushContext for NodeFlushContext {
@@ -104,6 +112,8 @@ impl FlushContext for NodeFlushContext {
             .map(|r| (r.lun, r.offset, r.len))
             .collect();
         let maps = self.out_of_sync.clone();
+        let misses = self.partner_misses.clone();
+        let fence = self.copy_fence.clone();
         let asked = match (whole, data.first(), data.last()) {
             (true, Some(&first), Some(&last)) => {
                 Some(self.ask_partner_to_write(partition, first, last, data.len()))
@@ -113,16 +123,34 @@ impl FlushContext for NodeFlushContext {
         Box::pin(async move {
             let why = match asked {
                 Some(asked) => match asked.await {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        let missed = misses.swap(0, Ordering::Relaxed);
+                        if missed > 0 {
+                            tracing::info!(
+                                "the partner's medium gets our batches again ({missed} batch(es) missed before: marked out of sync, a resync copies them)"
+                            );
+                        }
+                        return Ok(());
+                    }
                     Err(why) => why,
                 },
                 None if ranges.is_empty() => return Ok(()),
                 None => "the batch holds records of a range this node lost".to_string(),
             };
-            tracing::warn!(
-                partition,
-                "the partner's medium did not get this batch ({why})"
-            );
+            if let Some(fence) = &fence {
+                fence.note_missed(&ranges);
+            }
+            if misses.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    partition,
+                    "the partner's medium did not get this batch ({why}); it is marked out of sync and outdated, and later batches it misses are only counted until it gets one again"
+                );
+            } else {
+                tracing::debug!(
+                    partition,
+                    "the partner's medium did not get this batch ({why})"
+                );
+            }
             if let Some(maps) = maps {
                 for (lun, offset, len) in extents {
                     maps.mark(lun, offset, len);
@@ -137,6 +165,10 @@ impl FlushContext for NodeFlushContext {
                 ))
             })
         })
+    }
+
+    fn copy_fence(&self) -> Option<&Arc<CopyFence>> {
+        self.copy_fence.as_ref()
     }
 
     /// Once on the medium, the partner's copy can go.

@@ -10,6 +10,7 @@ use crate::apply::{Applier, RecordWrite};
 use crate::block::BLOCK_SIZE;
 use crate::cluster::{Cluster, ClusterSetup};
 use crate::config::{DegradedPolicy, NodeConfig, StorageMode};
+use crate::copy_fence::CopyFence;
 use crate::flusher::{FlushPolicy, Flusher, FlusherStats};
 use crate::log::{read_checkpoint, write_checkpoint, LogStart, PartitionLog};
 use crate::lun::{Lun, LunSpec};
@@ -468,6 +469,7 @@ impl Engine {
             second_store,
             out_of_sync,
             dropped_during_resync,
+            copy_fence: CopyFence::new(),
             region,
             sb,
             parts,
@@ -497,6 +499,12 @@ impl Engine {
             delegate: self.takeover.delegate_slot(),
             serving: self.serving.clone(),
             out_of_sync: self.out_of_sync.clone(),
+            partner_misses: Default::default(),
+            copy_fence: self
+                .cluster
+                .as_ref()
+                .filter(|c| c.own_storage())
+                .map(|_| self.copy_fence.clone()),
         });
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for part in &self.parts {

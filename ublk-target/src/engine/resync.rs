@@ -1,18 +1,20 @@
 //! Resync (`storage = "own"`): the owner of a range copies it onto the partner's medium when
 //! that medium is marked outdated for it (`cluster::outdated`), then both withdraw their marks.
 //!
-//! One range at a time, as a range move: its I/O waits (its gate closes), every staged write
-//! is flushed (so our medium holds the range, and the partner has every batch that the
-//! copy does not cover), the out-of-sync parts of the range (the regions our out-of-sync
-//! map or the partner's marks: `nvram::out_of_sync`; the whole range without maps) are read
-//! from our medium and written onto the partner's in chunks, the partner syncs, clears its
-//! map's regions of the range and withdraws its own marks, we do the same, and the range
-//! opens again. Nothing writes the range meanwhile, so the copy is its exact state. The
-//! price is the range's I/O pausing for its copy (a resync that copies while writes continue
-//! is the next step, docs/shared-nothing.md).
+//! One range at a time, while its I/O continues: the out-of-sync parts of the range (the
+//! regions our out-of-sync map or the partner's marks: `nvram::out_of_sync`; the whole range
+//! without maps) are read from our medium and written onto the partner's in chunks. Writes
+//! meanwhile reach both media through the flusher as always; the copy fence
+//! (`crate::copy_fence`) keeps a chunk and an overlapping batch from interleaving, so the
+//! partner's medium never ends with a chunk older than a batch. At the end the range's I/O
+//! pauses for a moment (its gate closes and every staged write is flushed to both media), and
+//! unless the partner's medium missed a batch of the range during the copy (then its marks
+//! stay and the copy runs again), the partner syncs, clears its map's regions of the range
+//! and withdraws its own marks, we do the same, and the range opens again.
 
 use super::core::Engine;
 use crate::cluster::{wire, NodeId, RangeState};
+use crate::copy_fence::Holder;
 use crate::host::run_blocking;
 use crate::lun::Lun;
 use crate::medium::AlignedBuf;
@@ -81,50 +83,76 @@ impl Engine {
     {
         let c = self.cluster.as_ref().ok_or("not a cluster node")?;
         let ranges = [(l, r)];
-        let copied = self
-            .with_range_paused((l, r), |lun| async move {
-                let (start, end) = lun.range_span(r);
-                let runs = self.out_of_sync_parts(l, r, (start, end), ask).await;
-                let total: u64 = runs.iter().map(|&(_, len)| len).sum();
-                tracing::warn!(
-                    "resync: copying {total} out-of-sync byte(s) of LUN {} range {r} ({} bytes) in {} run(s) to node {}'s medium; its I/O waits meanwhile",
-                    lun.name,
-                    end - start,
-                    runs.len(),
-                    c.node_name(partner)
-                );
-                // Several chunks in flight: our medium's read of one overlaps the link and
-                // the partner's write of others (nothing else writes the range, so their
-                // order does not matter).
-                let chunks = runs.clone().into_iter().flat_map(chunks_of_run);
-                let lun_ref = &lun;
-                let mut copies = futures::stream::iter(chunks)
-                    .map(|(at, len)| async move {
-                        let chunk = self.read_own_medium(lun_ref, at, len).await?;
-                        let req = wire::encode(wire::OP_RESYNC_WRITE, l, at, len as u32, &chunk);
-                        wire::answer(&ask(req).await?)?;
-                        Ok::<u64, String>(len as u64)
-                    })
-                    .buffer_unordered(RESYNC_IN_FLIGHT);
-                let mut done_bytes = 0;
-                self.note_range_job("resync", &lun, r, done_bytes, total);
-                while let Some(copied) = copies.try_next().await? {
-                    done_bytes += copied;
-                    self.note_range_job("resync", &lun, r, done_bytes, total);
-                }
-                drop(copies);
-                let done = wire::encode(wire::OP_RESYNC_DONE, l, r as u64, 0, &[]);
-                wire::answer(&ask(done).await?)?;
-                if let Some(maps) = &self.out_of_sync {
-                    maps.clear_within(l, start, end);
-                    maps.persist()
-                        .map_err(|e| format!("persisting our out-of-sync map: {e}"))?;
-                }
-                c.clear_outdated(partner, &ranges)
-                    .map_err(|e| format!("withdrawing our marks on the arbiter: {e}"))?;
-                Ok((lun.name.clone(), total, end - start, runs.len()))
+        let lun = self
+            .luns
+            .get(l as usize)
+            .cloned()
+            .ok_or_else(|| format!("LUN {l} does not exist"))?;
+        let (start, end) = lun.range_span(r);
+        // A batch of the range the partner's medium misses from now on marks its regions
+        // out of sync again: the marks must then outlive this resync (checked at its end).
+        let missed_before = self.copy_fence.missed((l, r));
+        let runs = self.out_of_sync_parts(l, r, (start, end), ask).await;
+        let total: u64 = runs.iter().map(|&(_, len)| len).sum();
+        tracing::warn!(
+            "resync: copying {total} out-of-sync byte(s) of LUN {} range {r} ({} bytes) in {} run(s) to node {}'s medium while its I/O continues",
+            lun.name,
+            end - start,
+            runs.len(),
+            c.node_name(partner)
+        );
+        // Several chunks in flight: our medium's read of one overlaps the link and the
+        // partner's write of others. Each holds its extent in the copy fence from our read
+        // to the partner's answer, so no batch of the range overtakes it on the partner's
+        // medium with newer bytes (`copy_fence`).
+        let chunks = runs.clone().into_iter().flat_map(chunks_of_run);
+        let (lun_ref, fence) = (&lun, &self.copy_fence);
+        let mut copies = futures::stream::iter(chunks)
+            .map(|(at, len)| async move {
+                let _held = fence.enter(Holder::Copy, &[(l, at, len as u64)]).await;
+                let chunk = self.read_own_medium(lun_ref, at, len).await?;
+                let req = wire::encode(wire::OP_RESYNC_WRITE, l, at, len as u32, &chunk);
+                wire::answer(&ask(req).await?)?;
+                Ok::<u64, String>(len as u64)
             })
-            .await;
+            .buffer_unordered(RESYNC_IN_FLIGHT);
+        let mut done_bytes = 0;
+        self.note_range_job("resync", &lun, r, done_bytes, total);
+        let copied = async {
+            while let Some(copied) = copies.try_next().await? {
+                done_bytes += copied;
+                self.note_range_job("resync", &lun, r, done_bytes, total);
+            }
+            Ok::<(), String>(())
+        }
+        .await;
+        drop(copies);
+        // The end, with the range's I/O paused for a moment: every staged write on both media
+        // (or marked as missed), then the marks go on both sides.
+        let copied = match copied {
+            Err(e) => Err(e),
+            Ok(()) => {
+                self.with_range_paused((l, r), |lun| async move {
+                    if self.copy_fence.missed((l, r)) != missed_before {
+                        return Err(
+                            "the partner's medium missed a batch of the range during the copy: copying again"
+                                .to_string(),
+                        );
+                    }
+                    let done = wire::encode(wire::OP_RESYNC_DONE, l, r as u64, 0, &[]);
+                    wire::answer(&ask(done).await?)?;
+                    if let Some(maps) = &self.out_of_sync {
+                        maps.clear_within(l, start, end);
+                        maps.persist()
+                            .map_err(|e| format!("persisting our out-of-sync map: {e}"))?;
+                    }
+                    c.clear_outdated(partner, &ranges)
+                        .map_err(|e| format!("withdrawing our marks on the arbiter: {e}"))?;
+                    Ok((lun.name.clone(), total, end - start, runs.len()))
+                })
+                .await
+            }
+        };
         match copied {
             Ok((name, bytes, range_bytes, runs)) => {
                 tracing::warn!(
