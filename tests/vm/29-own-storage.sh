@@ -40,9 +40,7 @@ nvm_extra_cleanup() { dmsetup remove --force nvm29-a 2>/dev/null; }
 for n in a b; do
 	medium=$dm_a
 	[[ $n == b ]] && medium=$mb
-	nvm_cluster_config $n "$medium" auto tcp 127.0.0.1 7851
-	sed -i "s|^takeover = .*|&\nstorage = \"own\"\narbiter = \"$arbiter\"|" node-$n.toml
-	echo "size = \"${lun_mib}MiB\"" >>node-$n.toml
+	nvm_own_storage_config $n "$medium" "$arbiter" $lun_mib 7851
 done
 out=$("$NVMCTL" config check node-a.toml 2>&1) || fail "config check of the own-storage config: $out"
 grep -q "each node its own medium, arbiter $arbiter" <<<"$out" || fail "config check does not name the mode and the arbiter: $out"

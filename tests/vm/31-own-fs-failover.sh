@@ -28,9 +28,7 @@ mb=$(nvm_medium medium-b $lun_mib)
 for n in a b; do
 	medium=$ma
 	[[ $n == b ]] && medium=$mb
-	nvm_cluster_config $n "$medium" auto tcp 127.0.0.1 7861
-	sed -i "s|^takeover = .*|&\nstorage = \"own\"\narbiter = \"$arbiter\"|" node-$n.toml
-	echo "size = \"${lun_mib}MiB\"" >>node-$n.toml
+	nvm_own_storage_config $n "$medium" "$arbiter" $lun_mib 7861
 	# The writes staged while node-a's flusher is paused (files plus the filesystem's
 	# journal and metadata) must fit in range 0's partition: 128 MiB of NVRAM gives each of
 	# the 4 partitions 16 MiB (half the NVRAM is the second store).

@@ -148,6 +148,16 @@ nvm_wait_dev_gone() {
 	fail "ublk device $1 still exists 30 s after its deletion"
 }
 
+# nvm_own_storage_config NODE(a|b) MEDIUM ARBITER LUN_MIB PORT
+# nvm_cluster_config's node-NODE.toml in shared-nothing mode (`storage = "own"`): MEDIUM is
+# the node's own, the table and leases live on ARBITER, the LUN is LUN_MIB, TCP on PORT.
+nvm_own_storage_config() {
+	local n=$1 medium=$2 arbiter=$3 lun_mib=$4 port=$5
+	nvm_cluster_config "$n" "$medium" auto tcp 127.0.0.1 "$port"
+	sed -i "s|^takeover = .*|&\nstorage = \"own\"\narbiter = \"$arbiter\"|" "node-$n.toml"
+	echo "size = \"${lun_mib}MiB\"" >>"node-$n.toml"
+}
+
 # nvm_cluster_config NODE(a|b) MEDIUM TAKEOVER [TRANSPORT [ADDRESS [PORT]]]
 # Writes node-NODE.toml for a two-node cluster sharing MEDIUM: node-a serves /dev/ublkb0,
 # node-b /dev/ublkb1, the LUN has 2 ranges (range 0 node-a's, range 1 node-b's); the
