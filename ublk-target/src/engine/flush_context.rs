@@ -137,9 +137,6 @@ impl FlushContext for NodeFlushContext {
                 None if ranges.is_empty() => return Ok(()),
                 None => "the batch holds records of a range this node lost".to_string(),
             };
-            if let Some(fence) = &fence {
-                fence.note_missed(&ranges);
-            }
             if misses.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!(
                     partition,
@@ -151,19 +148,27 @@ impl FlushContext for NodeFlushContext {
                     "the partner's medium did not get this batch ({why})"
                 );
             }
-            if let Some(maps) = maps {
-                for (lun, offset, len) in extents {
-                    maps.mark(lun, offset, len);
+            let marked = (|| {
+                if let Some(maps) = maps {
+                    for (lun, offset, len) in extents {
+                        maps.mark(lun, offset, len);
+                    }
+                    maps.persist().map_err(|e| {
+                        Fence::Unreadable(format!("persisting the out-of-sync map failed: {e}"))
+                    })?;
                 }
-                maps.persist().map_err(|e| {
-                    Fence::Unreadable(format!("persisting the out-of-sync map failed: {e}"))
-                })?;
+                c.mark_outdated(c.partner(), &ranges).map_err(|e| {
+                    Fence::Unreadable(format!(
+                        "marking the partner's medium outdated on the arbiter failed: {e}"
+                    ))
+                })
+            })();
+            // Counted after the marks: a resync that saw this count also sees the marks in
+            // the map it reads next; one that saw the count before notices it changed.
+            if let Some(fence) = &fence {
+                fence.note_missed(&ranges);
             }
-            c.mark_outdated(c.partner(), &ranges).map_err(|e| {
-                Fence::Unreadable(format!(
-                    "marking the partner's medium outdated on the arbiter failed: {e}"
-                ))
-            })
+            marked
         })
     }
 
