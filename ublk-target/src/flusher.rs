@@ -141,8 +141,8 @@ impl Flusher {
                 );
             }
             // No resync copy of these extents may run between our medium write and the
-            // partner's (held until the end of this batch's turn).
-            let _fenced = match self.context.copy_fence() {
+            // partner's (held until this batch is done or about to back off).
+            let fenced = match self.context.copy_fence() {
                 Some(fence) => {
                     let extents: Vec<_> = live
                         .iter()
@@ -180,6 +180,9 @@ impl Flusher {
                 Err(Fence::Unreadable(why)) => why,
                 Err(Fence::Suspended(why)) => {
                     self.stats.set_last_error(Some(why));
+                    // A resync chunk may copy these extents while we wait: the next attempt
+                    // writes both media again.
+                    drop(fenced);
                     self.host.sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
@@ -210,6 +213,7 @@ impl Flusher {
                 "flush to medium failed: {failure}; records stay staged, retrying in {backoff:?}"
             );
             self.stats.set_last_error(Some(failure));
+            drop(fenced);
             self.host.sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
