@@ -113,7 +113,7 @@ impl Model {
     /// A write of `block` starts; returns its version.
     pub fn begin_write(&mut self, block: u64) -> u64 {
         let b = &mut self.blocks[block as usize];
-        debug_assert!(!b.busy);
+        assert!(!b.busy);
         b.busy = true;
         b.issued += 1;
         b.issued
@@ -121,7 +121,7 @@ impl Model {
 
     pub fn begin_read(&mut self, block: u64) {
         let b = &mut self.blocks[block as usize];
-        debug_assert!(!b.busy);
+        assert!(!b.busy);
         b.busy = true;
     }
 

@@ -560,6 +560,8 @@ fn addr(node: usize) -> SocketAddr {
 /// Runs one seed's settings to the end (or to the first violation).
 pub fn run(s: &Settings, verbose: bool) -> Outcome {
     install_panic_hook();
+    // Every log invariant, also in the release build CI tests with.
+    nvmirror::log::audit_queues();
     PANICS.with(|p| *p.borrow_mut() = Some(Vec::new()));
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()

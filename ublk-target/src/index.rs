@@ -48,7 +48,7 @@ impl Extent {
     fn is_newer_than(&self, other: &Extent) -> bool {
         // Overlapping extents always come from one partition (a LUN range maps to one),
         // where seq orders writes.
-        debug_assert_eq!(self.partition, other.partition);
+        assert_eq!(self.partition, other.partition);
         self.seq > other.seq
     }
 }
@@ -93,7 +93,7 @@ impl StagedIndex {
     }
 
     fn put(&mut self, x: Extent) {
-        debug_assert!(x.start < x.end);
+        assert!(x.start < x.end);
         self.bytes += x.end - x.start;
         self.map.insert(x.start, x);
     }

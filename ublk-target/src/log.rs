@@ -35,6 +35,7 @@ use crate::nvram::void::{VoidMark, VoidMarks};
 use crate::nvram::NvramRegion;
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
@@ -216,6 +217,15 @@ pub struct PartitionStatus {
     pub failed: Option<String>,
 }
 
+/// Set by `audit_queues`: walk the queues on every check (see `LogState::check`).
+static QUEUE_AUDIT: AtomicBool = AtomicBool::new(false);
+
+/// Makes every log check its queues in full, also in a release build: the simulator and the
+/// engine's tests call it, so running them with `--release` keeps every invariant checked.
+pub fn audit_queues() {
+    QUEUE_AUDIT.store(true, Ordering::Relaxed);
+}
+
 fn lock(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
     // A panic while holding the lock is a bug; the state is still consistent enough to
     // report, and refusing to continue would only turn one bug into a hang.
@@ -224,7 +234,8 @@ fn lock(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
 
 impl LogState {
     /// The log's invariants. The cheap ones hold in every build; the ones that walk the
-    /// queues run in debug builds (every test and the simulator).
+    /// queues run in debug builds and wherever `audit_queues` was called (the simulator,
+    /// which CI runs in a release build).
     fn check(&self, size: u64) {
         assert!(
             self.used <= size && self.head < size && self.tail < size,
@@ -264,7 +275,7 @@ impl LogState {
             self.durable_through
         );
         // At shutdown the pending writes are failed and dropped from the queue.
-        if cfg!(debug_assertions) && !self.shutdown {
+        if (cfg!(debug_assertions) || QUEUE_AUDIT.load(Ordering::Relaxed)) && !self.shutdown {
             let mut prev = self.flushed_through;
             for r in &self.durable {
                 assert!(
@@ -399,7 +410,7 @@ impl PartitionLog {
         data: &[u8],
         on_copied: impl FnOnce(u64, u64),
     ) -> Result<Staged, LogError> {
-        debug_assert!(kind != RecordKind::Wrap);
+        assert!(kind != RecordKind::Wrap);
         let data_crc = crc32c::crc32c(data);
         let slot = RecordHeader::slot_bytes(data.len() as u64);
         let mut waiting_for_space = None;

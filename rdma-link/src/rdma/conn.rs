@@ -421,7 +421,7 @@ impl RdmaConn {
         Msg::Record(*hdr).encode(&mut b);
         self.send.slot_mut(i)[..b.len()].copy_from_slice(&b);
         // Bounds were checked by Link::post against both regions.
-        debug_assert!(
+        assert!(
             local.check(local_offset, u64::from(hdr.len))
                 && hdr.offset + u64::from(hdr.len) <= remote.len
         );

@@ -221,7 +221,7 @@ impl QuorumNode {
         };
         let mine = self.receive(now, ask.clone());
         for (to, answer) in mine {
-            debug_assert_eq!(to, self.me);
+            assert_eq!(to, self.me);
             self.receive(now, answer);
         }
         (0..self.timing.voters)
