@@ -159,6 +159,13 @@ enum Cmd {
         #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         timeout: u64,
     },
+    /// Set how many MiB per second a resync copies at most (`storage = "own"`), 0 for no
+    /// limit, until the daemon restarts (then `cluster.resync_rate_mib_s` applies again); a
+    /// resync under way follows at once.
+    ResyncRate {
+        #[arg(value_name = "MIB_PER_S")]
+        rate: u64,
+    },
     /// ublk features the running kernel offers.
     Features,
     /// Look at or repair the NVRAM log (needs --config).
@@ -480,6 +487,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 other => bail!("unexpected answer: {other:?}"),
             };
             verify_report::print(&report, *json)?;
+        }
+        Cmd::ResyncRate { rate } => {
+            let bytes = Some(rate.saturating_mul(1 << 20)).filter(|&b| b > 0);
+            call(
+                &socket_path(&cli)?,
+                Request::ResyncRate { rate: bytes },
+                Duration::from_secs(10),
+            )?;
+            match bytes {
+                Some(_) => println!("resync rate limit: {rate} MiB/s"),
+                None => println!("resync rate limit: none"),
+            }
         }
         Cmd::Giveback { timeout } => {
             call(
@@ -998,6 +1017,10 @@ fn print_status(s: &DaemonStatus) {
                     l.name
                 ),
             }
+        }
+        match e.resync_rate {
+            Some(rate) => println!("resync rate limit: {}/s", ByteSize(rate)),
+            None => println!("resync rate limit: none"),
         }
         if let Some(j) = &e.range_job {
             println!(

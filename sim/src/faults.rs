@@ -157,6 +157,9 @@ pub struct FaultMix {
     /// effects happen at once, the task that waits for it resumes later, so other tasks run
     /// in between (a read then reports bytes that may have changed since).
     pub io_delay: bool,
+    /// With `storage = "own"`: the resync's rate limit in bytes per simulated second
+    /// (None: none), which keeps a resync running while more faults and writes arrive.
+    pub resync_rate: Option<u64>,
 }
 
 impl FaultMix {
@@ -184,6 +187,7 @@ impl FaultMix {
             takeovers: true,
             medium_failures: true,
             io_delay: false,
+            resync_rate: None,
         }
     }
 
@@ -216,6 +220,7 @@ impl FaultMix {
             takeovers: false,
             medium_failures: false,
             io_delay: false,
+            resync_rate: None,
         }
     }
 
@@ -248,6 +253,8 @@ pub struct Settings {
     pub own_storage: bool,
     /// See [`FaultMix::io_delay`].
     pub io_delay: bool,
+    /// See [`FaultMix::resync_rate`].
+    pub resync_rate: Option<u64>,
     pub degraded_nvram: bool,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -283,6 +290,7 @@ impl Settings {
         }
         s.own_storage = mix.own_storage;
         s.io_delay = mix.io_delay;
+        s.resync_rate = mix.resync_rate;
         if mix.own_storage && mix.medium_failures {
             let end = duration.saturating_sub(Duration::from_secs(1));
             s.faults.extend(draw_medium_failures(seed, end));
@@ -324,6 +332,7 @@ impl Settings {
             takeover_auto: rng.gen_bool(0.85),
             own_storage: false,
             io_delay: false,
+            resync_rate: None,
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,
             heartbeat_timeout,

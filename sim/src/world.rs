@@ -420,6 +420,7 @@ impl Boot {
             out_of_sync: OutOfSyncOptions {
                 region_bytes: BLOCK as u64,
                 first_format: Fresh::InSync,
+                resync_rate: s.resync_rate,
             },
             host: self.host.clone(),
         };

@@ -267,3 +267,14 @@ fn resync_while_writing_seeds_pass() {
     mix.io_delay = true;
     seeds_pass(&[283, 316, 389], &mix);
 }
+
+/// The same with the resync held to 64 KiB per simulated second (a range of the simulated LUN
+/// takes 2 s to copy), so faults, takeovers and writes land while a resync is under way.
+#[test]
+fn rate_limited_resync_seeds_pass() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.io_delay = true;
+    mix.resync_rate = Some(64 << 10);
+    seeds_pass(&[0, 1, 2, 3, 4, 5], &mix);
+}

@@ -21,6 +21,8 @@
 # 7. node-b is killed, node-a takes its range and writes 24 blocks alone: its status counts
 #    their out-of-sync regions, and once node-b is back the resync copies only those (not
 #    the 32 MiB), after which both media are identical and every write verifies via node-b.
+#    This resync runs at 1 MiB/s (`nvmirrorctl resync-rate 1`): its log's timestamps show
+#    it took at least as long as that rate allows.
 # 8. node-b is replaced (new NVRAM, zeroed medium): on start it finds it ran in the cluster
 #    before, marks its medium outdated for every range, and node-a copies both whole.
 # vm-timeout: 420
@@ -239,6 +241,10 @@ oos=$(nvm_field a 'e["luns"][0]["out_of_sync_bytes"]')
 ((oos > 0 && oos <= 24 * 65536)) ||
 	fail "node-a's status counts $oos out-of-sync bytes after 24 4 KiB writes without node-b (expected 1..24 regions of 64 KiB)"
 "$NVMCTL" --config node-a.toml status | grep -q "^out of sync: " || fail "status does not print the out-of-sync bytes"
+# This resync at 1 MiB/s (set at run time), timed from node-a's log.
+"$NVMCTL" --config node-a.toml resync-rate 1 | grep -qx "resync rate limit: 1 MiB/s" || fail "nvmirrorctl resync-rate 1"
+[[ $(nvm_field a 'e["resync_rate"]') == $((1 << 20)) ]] || fail "status does not show the resync rate set: $(nvm_field a 'e["resync_rate"]')"
+log_from=$(($(wc -l <daemon-a.log) + 1))
 nvm_start node-b.toml daemon-b.log
 pid_b=$NVM_LAST_PID
 nvm_wait_link
@@ -248,6 +254,19 @@ copied=$(grep -ho 'copied [0-9]* of its' daemon-a.log | awk '{s += $2} END {prin
 # node-b's own map adds what its log held when it was killed (nothing much: it was idle).
 ((copied > 0 && copied <= 2 << 20)) ||
 	fail "the resync copied $copied bytes for 24 4 KiB writes (node-a's map: $oos out of sync, of $((lun_mib << 20)))"
+# The log's timestamps (tracing's RFC 3339) of the first copy and the last "copied".
+this_resync=$(tail -n "+$log_from" daemon-a.log | grep 'resync: ')
+grep -q 'copying .* at most 1 MiB/s' <<<"$this_resync" || fail "node-a's resync does not say it copies at most 1 MiB/s: $this_resync"
+t_first=$(date -d "$(grep 'resync: copying' <<<"$this_resync" | head -1 | cut -d' ' -f1)" +%s%N)
+t_last=$(date -d "$(grep 'resync: LUN .* copied' <<<"$this_resync" | tail -1 | cut -d' ' -f1)" +%s%N)
+took_ms=$(((t_last - t_first) / 1000000))
+# Each range's copy takes at least its bytes / rate (ranges one after the other).
+this_copied=$(grep -o 'copied [0-9]* of its' <<<"$this_resync" | awk '{s += $2} END {print s + 0}')
+floor_ms=$((this_copied * 1000 / (1 << 20)))
+((this_copied > 0 && took_ms >= floor_ms)) ||
+	fail "the resync of $this_copied bytes at 1 MiB/s took $took_ms ms (at least $floor_ms expected)"
+say "ok: the resync at 1 MiB/s copied $this_copied bytes in $took_ms ms (at least $floor_ms at that rate)"
+"$NVMCTL" --config node-a.toml resync-rate 0 | grep -qx "resync rate limit: none" || fail "nvmirrorctl resync-rate 0"
 drain_both "after the out-of-sync resync"
 same_media || fail "the two media differ after the out-of-sync resync"
 fio "${few[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-few-verify.log ||

@@ -189,6 +189,11 @@ pub struct ClusterSection {
     /// ownership table and the disk leases (as sbd's disk does), e.g. an iSCSI LUN.
     #[serde(default)]
     pub arbiter: Option<PathBuf>,
+    /// With `storage = "own"`: the most MiB per second a resync reads from this node's
+    /// medium to copy onto the partner's (DRBD's `c-max-rate` plays this part), so
+    /// the application's I/O keeps most of the medium; 0: as fast as the media go.
+    #[serde(default = "default_resync_rate")]
+    pub resync_rate_mib_s: u64,
     /// Both nodes, in the same order on both; the first listens, the second connects.
     #[serde(rename = "node")]
     pub nodes: Vec<ClusterNode>,
@@ -238,6 +243,9 @@ fn default_disk_lease() -> u64 {
 }
 fn default_medium_io_timeout() -> u64 {
     2000
+}
+fn default_resync_rate() -> u64 {
+    100
 }
 fn default_takeover() -> TakeoverPolicy {
     TakeoverPolicy::Auto

@@ -55,6 +55,13 @@ pub enum Request {
         #[serde(default)]
         rate: Option<u64>,
     },
+    /// Set the resync's rate limit (`storage = "own"`) until the daemon restarts; a resync
+    /// under way follows at once.
+    ResyncRate {
+        /// Bytes per second to copy at most (None: unlimited).
+        #[serde(default)]
+        rate: Option<u64>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -53,6 +53,10 @@ struct Args {
     /// resumes later), so tasks interleave around it; the default runs it in zero time.
     #[arg(long)]
     io_delay: bool,
+    /// With --storage own: the resync copies at most this many KiB per simulated second
+    /// (a LUN is 256 KiB), so resyncs last while faults and writes go on.
+    #[arg(long, value_name = "KIB_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
+    resync_rate: Option<u64>,
     /// Simulate the majority lease planned for shared-nothing mode (`cluster::quorum`)
     /// instead of the two-node cluster; uses --seeds, --from, --seed and --seconds.
     #[arg(long)]
@@ -163,6 +167,7 @@ fn main() {
             other => return Err(format!("--storage {other:?}: use shared or own")),
         };
         m.io_delay = args.io_delay;
+        m.resync_rate = args.resync_rate.map(|kib| kib << 10);
         if args.no_givebacks {
             m = m.without_givebacks();
         }

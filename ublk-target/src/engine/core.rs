@@ -156,7 +156,7 @@ pub struct EngineOptions {
     pub host: Arc<dyn Host>,
 }
 
-/// How the out-of-sync maps are made.
+/// How the out-of-sync maps are made, and how fast the resync they drive copies.
 #[derive(Clone, Copy, Debug)]
 pub struct OutOfSyncOptions {
     /// LUN bytes per bit.
@@ -165,6 +165,8 @@ pub struct OutOfSyncOptions {
     /// both media are known identical then (the simulator's zeroed disks); a later format
     /// (a layout change, a salvage, a damaged map) always says out of sync.
     pub first_format: Fresh,
+    /// The resync's limit in bytes per second (`cluster.resync_rate_mib_s`); None: none.
+    pub resync_rate: Option<u64>,
 }
 
 impl Default for OutOfSyncOptions {
@@ -172,6 +174,7 @@ impl Default for OutOfSyncOptions {
         OutOfSyncOptions {
             region_bytes: REGION_BYTES,
             first_format: Fresh::OutOfSync,
+            resync_rate: None,
         }
     }
 }
@@ -192,6 +195,9 @@ pub struct Engine {
     pub(super) dropped_during_resync: Arc<Mutex<std::collections::BTreeSet<(u32, u32)>>>,
     /// `storage = "own"`: orders the resync's copies against the flusher's batches.
     pub(super) copy_fence: Arc<crate::copy_fence::CopyFence>,
+    /// The resync's rate limit in bytes per second, 0: none (`cluster.resync_rate_mib_s`,
+    /// changed at run time by `nvmirrorctl resync-rate`).
+    pub(super) resync_rate: std::sync::atomic::AtomicU64,
     pub(super) region: Arc<NvramRegion>,
     pub(super) sb: Superblock,
     pub(super) parts: Vec<Arc<PartitionLog>>,

@@ -33,6 +33,7 @@ mod lost_ranges;
 mod medium_reads;
 mod mirroring;
 mod open;
+mod pace;
 mod partner_reads;
 mod range_pause;
 mod resync;

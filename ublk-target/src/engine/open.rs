@@ -2,7 +2,9 @@
 //! its staged records into the media, and start the background tasks. No I/O is served
 //! before this is done.
 
-use super::core::{Engine, EngineError, EngineOptions, OpenMode, ReplayReport, Stopping};
+use super::core::{
+    Engine, EngineError, EngineOptions, OpenMode, OutOfSyncOptions, ReplayReport, Stopping,
+};
 use super::flush_context::NodeFlushContext;
 use super::serving::ServingRight;
 use super::takeover_state::TakeoverState;
@@ -147,7 +149,14 @@ impl Engine {
                 .unwrap_or(DegradedPolicy::WriteThrough),
             cluster,
             config_path: config_path.to_owned(),
-            out_of_sync: Default::default(),
+            out_of_sync: OutOfSyncOptions {
+                resync_rate: cfg
+                    .cluster
+                    .as_ref()
+                    .map(|c| c.resync_rate_mib_s.saturating_mul(1 << 20))
+                    .filter(|&rate| rate > 0),
+                ..Default::default()
+            },
             host,
         };
         Engine::open(region, opts, specs)
@@ -470,6 +479,7 @@ impl Engine {
             out_of_sync,
             dropped_during_resync,
             copy_fence: CopyFence::new(),
+            resync_rate: opts.out_of_sync.resync_rate.unwrap_or(0).into(),
             region,
             sb,
             parts,

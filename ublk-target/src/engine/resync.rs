@@ -13,6 +13,7 @@
 //! and withdraws its own marks, we do the same, and the range opens again.
 
 use super::core::Engine;
+use super::pace::Pace;
 use crate::cluster::{wire, NodeId, RangeState};
 use crate::copy_fence::Holder;
 use crate::host::run_blocking;
@@ -72,6 +73,31 @@ impl Engine {
         Ok(copied)
     }
 
+    /// The resync's rate limit in bytes per second (None: none).
+    pub fn resync_rate(&self) -> Option<u64> {
+        Some(self.resync_rate.load(std::sync::atomic::Ordering::Relaxed)).filter(|&r| r > 0)
+    }
+
+    /// Changes the resync's rate limit (None: none); a resync under way follows at once.
+    pub fn set_resync_rate(&self, rate: Option<u64>) {
+        self.resync_rate
+            .store(rate.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waits until `bytes` copied so far are within the resync's rate limit (which may have
+    /// changed since the copy started).
+    async fn keep_resync_pace(&self, pace: &std::sync::Mutex<Pace>, bytes: u64) {
+        let wait = {
+            let mut pace = pace.lock().unwrap_or_else(|p| p.into_inner());
+            let now = self.host.now();
+            pace.follow(self.resync_rate(), bytes, now);
+            pace.wait_after(bytes, now)
+        };
+        if let Some(wait) = wait {
+            self.host.sleep(wait).await;
+        }
+    }
+
     async fn resync_range<Asked>(
         &self,
         partner: NodeId,
@@ -94,8 +120,13 @@ impl Engine {
         let missed_before = self.copy_fence.missed((l, r));
         let runs = self.out_of_sync_parts(l, r, (start, end), ask).await;
         let total: u64 = runs.iter().map(|&(_, len)| len).sum();
+        let limit = match self.resync_rate() {
+            Some(rate) if rate % (1 << 20) == 0 => format!("at most {} MiB/s", rate >> 20),
+            Some(rate) => format!("at most {} KiB/s", rate.div_ceil(1 << 10)),
+            None => "with no rate limit".to_string(),
+        };
         tracing::warn!(
-            "resync: copying {total} out-of-sync byte(s) of LUN {} range {r} ({} bytes) in {} run(s) to node {}'s medium while its I/O continues",
+            "resync: copying {total} out-of-sync byte(s) of LUN {} range {r} ({} bytes) in {} run(s) to node {}'s medium, {limit}, while its I/O continues",
             lun.name,
             end - start,
             runs.len(),
@@ -105,10 +136,21 @@ impl Engine {
         // partner's write of others. Each holds its extent in the copy fence from our read
         // to the partner's answer, so no batch of the range overtakes it on the partner's
         // medium with newer bytes (`copy_fence`).
-        let chunks = runs.clone().into_iter().flat_map(chunks_of_run);
-        let (lun_ref, fence) = (&lun, &self.copy_fence);
+        // Each chunk starts when the bytes before it are within the rate limit.
+        let chunks =
+            runs.clone()
+                .into_iter()
+                .flat_map(chunks_of_run)
+                .scan(0u64, |before, (at, len)| {
+                    let chunk = (*before, at, len);
+                    *before += len as u64;
+                    Some(chunk)
+                });
+        let pace = std::sync::Mutex::new(Pace::new(self.host.now(), self.resync_rate()));
+        let (lun_ref, fence, pace) = (&lun, &self.copy_fence, &pace);
         let mut copies = futures::stream::iter(chunks)
-            .map(|(at, len)| async move {
+            .map(|(before, at, len)| async move {
+                self.keep_resync_pace(pace, before).await;
                 let _held = fence.enter(Holder::Copy, &[(l, at, len as u64)]).await;
                 let chunk = self.read_own_medium(lun_ref, at, len).await?;
                 let req = wire::encode(wire::OP_RESYNC_WRITE, l, at, len as u32, &chunk);
@@ -123,6 +165,8 @@ impl Engine {
                 done_bytes += copied;
                 self.note_range_job("resync", &lun, r, done_bytes, total);
             }
+            // The last chunk's bytes count too: a range's copy takes at least bytes / rate.
+            self.keep_resync_pace(pace, total).await;
             Ok::<(), String>(())
         }
         .await;

@@ -73,6 +73,9 @@ pub struct EngineStatus {
     /// With `storage = "own"`: the resync or verify of a range under way.
     #[serde(default)]
     pub range_job: Option<super::takeover_state::RangeJob>,
+    /// With `storage = "own"`: the resync's rate limit in bytes per second (None: none).
+    #[serde(default)]
+    pub resync_rate: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -237,6 +240,7 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             outdated_media,
+            resync_rate: self.resync_rate(),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! and compared once more.
 
 use super::core::Engine;
+use super::pace::Pace;
 use crate::cluster::{wire, RangeState};
 use crate::lun::Lun;
 use crate::medium::AlignedBuf;
@@ -96,11 +97,8 @@ impl Engine {
             .outdated_ranges(partner)
             .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
         let mut ranges = Vec::new();
-        let mut pace = Pace {
-            start: self.host.now(),
-            bytes: 0,
-            rate: rate.filter(|&r| r > 0),
-        };
+        // The rate limit, and the bytes compared so far.
+        let mut pace = (Pace::new(self.host.now(), rate), 0);
         for (l, lun) in self.luns.iter().enumerate() {
             let l = l as u32;
             for r in 0..lun.ranges {
@@ -155,7 +153,7 @@ impl Engine {
         l: u32,
         r: u32,
         repair: bool,
-        pace: &mut Pace,
+        (pace, compared): &mut (Pace, u64),
         ask: &impl Fn(Vec<u8>) -> Asked,
     ) -> Result<Verdict, String>
     where
@@ -174,8 +172,8 @@ impl Engine {
             let len = (end - at).min(VERIFY_CHUNK as u64);
             suspects.extend(self.differing(l, &lun, (at, len), ask).await?);
             at += len;
-            pace.bytes += len;
-            if let Some(wait) = pace.ahead_by(self.host.now()) {
+            *compared += len;
+            if let Some(wait) = pace.wait_after(*compared, self.host.now()) {
                 self.host.sleep(wait).await;
             }
         }
@@ -293,21 +291,6 @@ impl Engine {
 }
 
 /// Bytes `start..end` of range `r` of `lun`.
-/// The verify's rate limit: how far the bytes compared so far are ahead of the rate.
-pub(super) struct Pace {
-    start: std::time::Instant,
-    bytes: u64,
-    rate: Option<u64>,
-}
-
-impl Pace {
-    fn ahead_by(&self, now: std::time::Instant) -> Option<std::time::Duration> {
-        let due = std::time::Duration::from_secs_f64(self.bytes as f64 / self.rate? as f64);
-        due.checked_sub(now.saturating_duration_since(self.start))
-            .filter(|d| !d.is_zero())
-    }
-}
-
 fn span_of(lun: &Lun, r: u32) -> (u64, u64) {
     let start = r as u64 * lun.range_bytes;
     (start, (start + lun.range_bytes).min(lun.size))
@@ -334,21 +317,6 @@ fn merge(extents: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_pace_waits_only_when_ahead_of_the_rate() {
-        let start = std::time::Instant::now();
-        let mut p = Pace {
-            start,
-            bytes: 4 << 20,
-            rate: Some(2 << 20),
-        };
-        let second = std::time::Duration::from_secs(1);
-        assert_eq!(p.ahead_by(start + second), Some(second));
-        assert_eq!(p.ahead_by(start + 3 * second), None);
-        p.rate = None;
-        assert_eq!(p.ahead_by(start), None);
-    }
 
     #[test]
     fn adjacent_blocks_merge_up_to_one_request() {

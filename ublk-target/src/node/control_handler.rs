@@ -74,6 +74,22 @@ impl ControlHandler {
                 self.move_ranges(RangesToMove::OwnRanges, timeout_secs)
             }
             Request::Verify { repair, rate } => self.verify(repair, rate),
+            Request::ResyncRate { rate } => {
+                if !engine.cluster().is_some_and(|c| c.own_storage()) {
+                    return error(
+                        "a resync copies between the nodes' own media: it needs cluster.storage = \"own\"",
+                    );
+                }
+                engine.set_resync_rate(rate);
+                tracing::warn!(
+                    "resync rate limit set by nvmirrorctl: {}",
+                    match rate {
+                        Some(r) => format!("{} MiB/s", r.div_ceil(1 << 20)),
+                        None => "none".into(),
+                    }
+                );
+                Response::Ok
+            }
             Request::AddDevice { ref lun } => self.add_device(lun),
             Request::DelDevice { ref lun } => {
                 let Some(i) = self.devices.lun_index(lun) else {
