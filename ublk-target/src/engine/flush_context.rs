@@ -7,7 +7,7 @@ use super::takeover_state::DelegateSlot;
 use crate::cluster::Cluster;
 use crate::copy_fence::CopyFence;
 use crate::flusher::{Fence, FlushContext};
-use crate::host::BoxFuture;
+use crate::host::{BoxFuture, Host};
 use crate::log::RecordMeta;
 use crate::lun::Lun;
 use crate::mirror::MirrorSlot;
@@ -15,6 +15,7 @@ use crate::nvram::out_of_sync::LunMaps;
 use crate::nvram::RecordKind;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub(super) struct NodeFlushContext {
     pub(super) cluster: Option<Arc<Cluster>>,
@@ -33,6 +34,19 @@ pub(super) struct NodeFlushContext {
     /// `storage = "own"`: orders the resync's copies against our batches, and counts the
     /// batches the partner's medium missed per range.
     pub(super) copy_fence: Option<Arc<CopyFence>>,
+    /// The clock (`copy_to_partner` waits out a link blip on it).
+    pub(super) host: Arc<dyn Host>,
+}
+
+/// How often a batch the partner missed because the link was down looks at the link again.
+const BLIP_RETRY_EVERY: Duration = Duration::from_millis(100);
+
+/// How long a batch the partner missed waits for the link to come back before marking the
+/// partner's medium outdated: two heartbeat timeouts (the link is called down after one,
+/// then reconnects), so a blip costs a short flush delay instead of a resync and, until
+/// that resync, the partner's right to take the range over.
+fn blip_grace(c: &Cluster) -> Duration {
+    c.link_timeout() * 2
 }
 
 impl FlushContext for NodeFlushContext {
@@ -114,26 +128,47 @@ impl FlushContext for NodeFlushContext {
         let maps = self.out_of_sync.clone();
         let misses = self.partner_misses.clone();
         let fence = self.copy_fence.clone();
-        let asked = match (whole, data.first(), data.last()) {
+        let ask = match (whole, data.first(), data.last()) {
             (true, Some(&first), Some(&last)) => {
-                Some(self.ask_partner_to_write(partition, first, last, data.len()))
+                let delegate = self.delegate.read().ok().and_then(|d| d.clone());
+                let count = data.len();
+                Some(move || match &delegate {
+                    Some(d) => d(partition, first, last, count),
+                    None => Box::pin(async { Err("no partner to write for us".to_string()) }),
+                })
             }
             _ => None,
         };
+        let (host, mirror, grace) = (self.host.clone(), self.mirror.clone(), blip_grace(&c));
         Box::pin(async move {
-            let why = match asked {
-                Some(asked) => match asked.await {
-                    Ok(()) => {
-                        let missed = misses.swap(0, Ordering::Relaxed);
-                        if missed > 0 {
-                            tracing::info!(
-                                "the partner's medium gets our batches again ({missed} batch(es) missed before: marked out of sync, a resync copies them)"
-                            );
+            let why = match ask {
+                Some(ask) => {
+                    // Safe to wait: until this batch ends, the partner keeps its copies of
+                    // the batch's records, which a takeover would replay into its medium.
+                    let give_up_at = host.now() + grace;
+                    loop {
+                        let why = match ask().await {
+                            Ok(()) => {
+                                let missed = misses.swap(0, Ordering::Relaxed);
+                                if missed > 0 {
+                                    tracing::info!(
+                                        "the partner's medium gets our batches again ({missed} batch(es) missed before: marked out of sync, a resync copies them)"
+                                    );
+                                }
+                                return Ok(());
+                            }
+                            Err(why) => why,
+                        };
+                        // A partner that answered with an error, or a link down for longer
+                        // than a blip, gets its marks now.
+                        if mirror.is_up() || host.now() >= give_up_at {
+                            break why;
                         }
-                        return Ok(());
+                        while !mirror.is_up() && host.now() < give_up_at {
+                            host.sleep(BLIP_RETRY_EVERY).await;
+                        }
                     }
-                    Err(why) => why,
-                },
+                }
                 None if ranges.is_empty() => return Ok(()),
                 None => "the batch holds records of a range this node lost".to_string(),
             };

@@ -515,6 +515,7 @@ impl Engine {
                 .as_ref()
                 .filter(|c| c.own_storage())
                 .map(|_| self.copy_fence.clone()),
+            host: self.host.clone(),
         });
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for part in &self.parts {
