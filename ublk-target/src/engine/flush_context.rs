@@ -160,8 +160,13 @@ impl FlushContext for NodeFlushContext {
                             Err(why) => why,
                         };
                         // A partner that answered with an error, or a link down for longer
-                        // than a blip, gets its marks now.
-                        if mirror.is_up() || host.now() >= give_up_at {
+                        // than a blip, gets its marks now; so do the batches after one that
+                        // gave up, until the partner gets one again (each waiting out the
+                        // grace would hold the flush back for as long as the partner is away).
+                        if mirror.is_up()
+                            || host.now() >= give_up_at
+                            || misses.load(Ordering::Relaxed) > 0
+                        {
                             break why;
                         }
                         while !mirror.is_up() && host.now() < give_up_at {
