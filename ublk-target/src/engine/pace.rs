@@ -73,7 +73,7 @@ mod tests {
         assert_eq!(p.wait_after(65 << 20, start + 2 * second), None);
         // The same rate again changes nothing; lifting it waits no more.
         p.follow(Some(1 << 20), 70 << 20, start + 3 * second);
-        assert_eq!(p.wait_after(66 << 20, start + second), Some(second));
+        assert_eq!(p.wait_after(66 << 20, start + second), Some(2 * second));
         p.follow(Some(0), 70 << 20, start + 3 * second);
         assert_eq!(p.wait_after(80 << 20, start + 3 * second), None);
     }
