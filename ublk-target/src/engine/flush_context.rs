@@ -130,12 +130,7 @@ impl FlushContext for NodeFlushContext {
         let fence = self.copy_fence.clone();
         let ask = match (whole, data.first(), data.last()) {
             (true, Some(&first), Some(&last)) => {
-                let delegate = self.delegate.read().ok().and_then(|d| d.clone());
-                let count = data.len();
-                Some(move || match &delegate {
-                    Some(d) => d(partition, first, last, count),
-                    None => Box::pin(async { Err("no partner to write for us".to_string()) }),
-                })
+                Some(self.partner_writer(partition, first, last, data.len()))
             }
             _ => None,
         };
@@ -265,8 +260,20 @@ impl NodeFlushContext {
         last: u64,
         count: usize,
     ) -> BoxFuture<Result<(), String>> {
+        self.partner_writer(partition, first, last, count)()
+    }
+
+    /// The request that has the partner write records `first..=last` (`count` of them) of
+    /// `partition` from its second store to its medium, as often as it is called.
+    fn partner_writer(
+        &self,
+        partition: u32,
+        first: u64,
+        last: u64,
+        count: usize,
+    ) -> impl Fn() -> BoxFuture<Result<(), String>> + Send + 'static {
         let d = self.delegate.read().ok().and_then(|d| d.clone());
-        match d {
+        move || match &d {
             Some(d) => d(partition, first, last, count),
             None => Box::pin(async { Err("no partner to write for us".to_string()) }),
         }
