@@ -22,9 +22,9 @@
 # holds).  node-a boots again with the same NVDIMM and disk: its daemon replays
 # nothing of the range it lost (and says it skipped it), rejoins, mirroring
 # restarts (node-b's status: "mirroring" over rdma), `nvmirrorctl giveback` on
-# node-b returns range 0, and both fio verifies pass through BOTH nodes' devices;
-# the whole LUN reads the same through both as it read through node-b before
-# node-a came back.
+# node-b returns range 0, both fio verifies pass through node-a's device, and
+# the whole LUN reads the same through both nodes' devices as it read through
+# node-b before node-a came back.
 #
 # Design:
 #   * Where fio's verify state lives: fio --server runs on node-a, the fio

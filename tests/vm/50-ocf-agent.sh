@@ -39,12 +39,40 @@ mount -t overlay ocf-agents -o "lowerdir=$RD,upperdir=$PWD/ocf-upper,workdir=$PW
 	fail "cannot put an overlay on $RD"
 nvm_extra_cleanup() {
 	umount "$RD" 2>/dev/null || umount -l "$RD" 2>/dev/null
-	cp -f ./*.toml "$NVM_OUT/" 2>/dev/null
+	cp -f ./*.toml pcmk-attrs.log "$NVM_OUT/" 2>/dev/null
 }
 AGENT=$RD/nvmirror/nvmirror
 # The test's scratch dir is 0700 (tmpfs default): ocf-tester runs `su nobody ... meta-data`.
 chmod 755 "$PWD" ocf-upper ocf-upper/nvmirror
 [[ -x $AGENT ]] || fail "the agent is not at $AGENT after the overlay mount"
+
+# No Pacemaker runs here, so the agent's crm_attribute / crm_master calls (promotion score,
+# degraded attribute) would each fail after about a second of TCG start-up and reach no one.
+# Stand-ins record them instead (ocf-shellfuncs calls them as $HA_SBIN_DIR/...), and the test
+# checks the promotion scores the agent set: the values Pacemaker would have placed by.
+mkdir -p pcmk-sbin
+for tool in crm_attribute crm_master; do
+	cat >pcmk-sbin/$tool <<-EOS
+		#!/bin/sh
+		echo "\${OCF_RESKEY_CRM_meta_on_node:-?} \${OCF_RESOURCE_INSTANCE:-?} $tool \$*" >>"$PWD/pcmk-attrs.log"
+	EOS
+	chmod 755 pcmk-sbin/$tool
+done
+export HA_SBIN_DIR=$PWD/pcmk-sbin PATH=$PWD/pcmk-sbin:$PATH
+# score NODE RES: the promotion score the agent last set for RES on node-NODE ("none" once
+# deleted, "unset" if never set).
+score() {
+	awk -v who="pcmk-$1 $2" '
+		index($0, who " crm_master ") == 1 || index($0, who " crm_attribute -p ") == 1 {
+			v = "none"; for (i = 4; i <= NF; i++) if ($i == "-v") v = $(i + 1); last = v }
+		END { print (last == "" ? "unset" : last) }' pcmk-attrs.log 2>/dev/null || echo unset
+}
+# want_score NODE RES VALUE WHY
+want_score() {
+	local got
+	got=$(score "$1" "$2")
+	[[ $got == "$3" ]] || fail "$4: promotion score of $2 on node-$1 is $got, want $3"
+}
 
 medium=$(nvm_medium shared 130)
 for n in a b; do nvm_cluster_config $n "$medium" manual tcp 127.0.0.1 7851; done
@@ -138,6 +166,8 @@ expect 8 "probe of a promoted resource" a resA a monitor OCF_RESKEY_CRM_meta_int
 expect 0 "unpromoted on the partner" b resA a monitor
 expect 8 "promoted on its home" b resB b monitor
 expect 0 "unpromoted on the partner" a resB b monitor
+want_score a resA 1000 "home node serving its ranges"
+want_score b resA 10 "partner connected, ranges elsewhere"
 
 say "a promote on node-b while node-a serves resA's ranges and is connected is refused"
 expect 1 "promote against a live, connected owner" b resA a promote OCF_RESKEY_handover_wait=3
@@ -167,11 +197,13 @@ expect 1 "unpromoted, daemon killed" a resB b monitor
 for _ in $(seq 100); do link_up b || break; sleep 0.1; done
 link_up b && fail "node-b still sees the link up 10 s after node-a's death"
 expect 0 "partner dead, not yet promoted" b resA a monitor
+want_score b resA 5 "partner gone, ranges elsewhere: takeover candidate"
 grep -q "degraded: the partner link is down" agent-b.log || fail "no degraded warning on node-b"
 
 say "promote resA on node-b: takeover with replay of node-a's mirrored writes"
 expect 0 "promote on the survivor" b resA a promote
 expect 8 "promoted on the survivor" b resA a monitor
+want_score b resA 500 "the survivor serving the ranges it took over"
 st b | python3 -c '
 import json, sys
 e = json.load(sys.stdin)["engine"]
@@ -196,6 +228,7 @@ track_daemon a
 expect 0 "start" a resB b start
 wait_link
 expect 0 "restarted home node, ranges elsewhere" a resA a monitor
+want_score a resA 900 "home node back and connected (failback)"
 [[ $(owners a) == "node-b/remote node-b/remote" ]] || fail "node-a after its restart sees $(owners a)"
 
 say "failback: demote on node-b (giveback), promote on node-a"

@@ -466,8 +466,10 @@ run_b() {
 		fail "after giveback node-b sees $(ranges)"
 	say "giveback done: $(ranges)"
 	mark b-gaveback
-	verify job_powercut "$dev" after-giveback-b
-	verify job_after "$dev" after-giveback-b
+	# The whole LUN through node-b (range 0 forwarded to node-a) must read as it did before
+	# node-a came back. No fio verify here: node-a verifies both jobs after the giveback and
+	# reads the same sha256, so these bytes are the verified ones (fio verify of both jobs
+	# through the forwarding took about 80 s of CI under TCG for nothing more).
 	[[ $(lun_sha) == "$sum" ]] || fail "the LUN read through node-b after the giveback differs from before"
 	own_media_agree 1
 	ok "$link_up" || fail "mirroring with node-a lost at the end"
