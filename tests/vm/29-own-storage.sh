@@ -4,6 +4,10 @@
 # 1. fio writes the whole LUN through node-a (half of it forwarded to node-b): after a drain
 #    both media hold the same bytes (cmp), no node is marked outdated, and every write
 #    verifies through node-b's device.
+# 1b. Overlapping writers: node-a and node-b write the same 64 blocks (straddling both ranges)
+#    at once for 12 s; after a drain every block reads the same through both devices and on
+#    both media, and holds a value a single disk could hold (no acknowledged write that
+#    started later lost to an earlier one; tests/vm/lib/overlap.py), and the media are equal.
 # 2. node-a's flusher is paused, 300 more blocks are written, node-a is kill -9'd: node-b
 #    takes over, replays them from its second store into ITS medium, and fio verifies every
 #    acknowledged write through node-b's device. node-a's medium is marked outdated for the
@@ -25,7 +29,7 @@
 #    it took at least as long as that rate allows.
 # 8. node-b is replaced (new NVRAM, zeroed medium): on start it finds it ran in the cluster
 #    before, marks its medium outdated for every range, and node-a copies both whole.
-# vm-timeout: 420
+# vm-timeout: 480
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 arbiter=$(nvm_medium arbiter 4)
@@ -106,6 +110,29 @@ same_media ||
 say "ok: both media hold the same $lun_mib MiB after the drain (cmp)"
 fio "${whole[@]}" --filename=/dev/ublkb1 --verify_only=1 --output=fio-whole-verify.log ||
 	{ cat fio-whole-verify.log; fail "verify through node-b"; }
+
+say "1b. overlapping writers: node-a and node-b write the same 64 blocks at once"
+# 32 blocks at the end of node-a's range and 32 at the start of node-b's: each writer's
+# writes to the other's range are forwarded, so the range's owner orders both writers.
+O="python3 $NVM_REPO/tests/vm/lib/overlap.py"
+first=$(((lun_mib << 20) / 2 / 4096 - 32))
+$O write /dev/ublkb0 a $first 64 12 2911 overlap-a.log &
+wa=$!
+$O write /dev/ublkb1 b $first 64 12 2912 overlap-b.log || fail "the overlapping writer on node-b failed"
+wait $wa || fail "the overlapping writer on node-a failed"
+drain_both "after the overlapping writers"
+for n in 0 1; do
+	dd if=/dev/ublkb$n of=overlap-dev$n.img bs=4096 skip=$first count=64 iflag=direct status=none ||
+		fail "read the overlapped blocks through /dev/ublkb$n"
+done
+for m in "$ma" "$mb"; do
+	dd if="$m" of="overlap-medium-${m##*/}.img" bs=4096 skip=$first count=64 iflag=direct status=none ||
+		fail "read the overlapped blocks from $m"
+done
+out=$($O check $first 64 a=overlap-a.log b=overlap-b.log -- overlap-dev0.img overlap-dev1.img \
+	overlap-medium-*.img) || { echo "$out"; fail "overlapping writers: a device or medium holds a value a disk could not"; }
+say "ok: $out (through both devices and on both media)"
+same_media || fail "the two media differ after the overlapping writers and a drain"
 
 say "2. node-a's flusher paused, 300 more blocks, kill -9 node-a"
 "$NVMCTL" --config node-a.toml flush pause >/dev/null || fail "flush pause"
