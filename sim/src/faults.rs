@@ -131,6 +131,46 @@ pub enum Fault {
     },
 }
 
+impl Fault {
+    /// Whether, with `storage = "own"`, no medium may ever be marked outdated in a run whose
+    /// faults are all like this one: nothing stops a node or its paths, and the link never
+    /// goes down. A silent cut or a latency burst well inside the link's heartbeat timeout
+    /// `link_timeout` does not take it down; an operator's flusher pause delays flushing only.
+    /// (A reset or a duplicated message does take the link down until it reconnects: a write
+    /// in between runs degraded, and its range's mark on the partner's medium is right.)
+    pub fn leaves_media_equal(&self, link_timeout: Duration) -> bool {
+        match self {
+            Fault::FlushPause { .. } => true,
+            Fault::Cut { duration, .. } => *duration * 10 < link_timeout * 6,
+            Fault::LatencyBurst { latency, .. } => *latency * 3 < link_timeout,
+            _ => false,
+        }
+    }
+}
+
+/// Whether, with `storage = "own"`, no medium may ever be marked outdated in a run with these
+/// faults: each is a blip ([`Fault::leaves_media_equal`]) and the link's blips lie at least
+/// `link_timeout` apart (short cuts back to back add up to a long one).
+pub fn only_blips(faults: &[(Duration, Fault)], link_timeout: Duration) -> bool {
+    let mut by_time: Vec<&(Duration, Fault)> = faults.iter().collect();
+    by_time.sort_by_key(|(at, _)| *at);
+    let mut link_quiet_from = Duration::ZERO;
+    for (at, f) in by_time {
+        if !f.leaves_media_equal(link_timeout) {
+            return false;
+        }
+        let lasts = match f {
+            Fault::Cut { duration, .. } | Fault::LatencyBurst { duration, .. } => *duration,
+            _ => continue,
+        };
+        if *at < link_quiet_from {
+            return false;
+        }
+        link_quiet_from = *at + lasts + link_timeout;
+    }
+    true
+}
+
 /// Which faults a run may draw, and how often.
 #[derive(Clone, Debug)]
 pub struct FaultMix {

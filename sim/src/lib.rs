@@ -16,5 +16,5 @@ pub mod quorum;
 pub mod trace;
 pub mod world;
 
-pub use faults::{Fault, FaultKind, FaultMix, Settings};
+pub use faults::{only_blips, Fault, FaultKind, FaultMix, Settings};
 pub use world::{run, Outcome, Stats};

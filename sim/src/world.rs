@@ -15,7 +15,7 @@
 //! The run stops at the first violation; the trace then ends with it.
 
 use crate::disk::SimDisk;
-use crate::faults::{Fault, Settings};
+use crate::faults::{self, Fault, Settings};
 use crate::life::{Life, SimHost, SimSpawner};
 use crate::model::{block_data, decode, Decoded, Model, BLOCK};
 use crate::net::{Latency, SimNet};
@@ -51,6 +51,8 @@ const CLUSTER_ID: u64 = 7;
 const SETTLE: Duration = Duration::from_secs(5);
 /// An operation still running this long after the faults ended is stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(90);
+/// The warning a node logs when it marks a medium outdated (`Cluster::mark_outdated`).
+const MARK_WARNING: &str = "(marked outdated on the arbiter;";
 
 /// What a run did.
 #[derive(Clone, Debug, Default)]
@@ -1299,6 +1301,26 @@ impl World {
         };
         let status = engine.status();
         let range_blocks = self.s.lun_blocks / self.s.ranges as u64;
+        // Only a fault that breaks a node, its path or the link for long may leave a medium
+        // behind, even for a while: with flusher pauses and link blips alone, no node may
+        // mark a medium outdated at any time (not only at the end, when resyncs have run).
+        let harmless = faults::only_blips(&self.s.faults, self.s.heartbeat_timeout);
+        if harmless {
+            let marks: Vec<String> = trace::lock(&self.shared.trace)
+                .lines()
+                .iter()
+                .filter(|l| l.contains(MARK_WARNING))
+                .cloned()
+                .collect();
+            if let Some(first) = marks.first() {
+                self.shared.violate(format!(
+                    "{} medium(s) marked outdated although no fault broke a node, a path or the link for long (faults: {:?}); the first: {first}",
+                    marks.len(),
+                    self.s.faults
+                ));
+                return false;
+            }
+        }
         for n in 0..NODES {
             let stale = status
                 .outdated_media
@@ -1328,16 +1350,9 @@ impl World {
                 }
             }
             if !stale.is_empty() {
-                // Only a fault that breaks a node, its path or the link may leave a medium
-                // behind: with flusher pauses alone, both media must converge.
-                let harmless = self
-                    .s
-                    .faults
-                    .iter()
-                    .all(|(_, f)| matches!(f, Fault::FlushPause { .. }));
                 if harmless {
                     self.shared.violate(format!(
-                        "n{n}'s medium is marked outdated for {stale:?} although no fault broke a node, a path or the link: the media diverged"
+                        "n{n}'s medium is marked outdated for {stale:?} although no fault broke a node, a path or the link for long (faults: {:?}): the media diverged", self.s.faults
                     ));
                     return false;
                 }

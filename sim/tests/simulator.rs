@@ -1,7 +1,7 @@
 //! The simulator in `cargo test`: a sweep of random seeds that must keep every invariant, a
 //! seed replayed twice to the same trace, and the seeds that found the known bugs.
 
-use nvmirror_sim::{run, FaultKind, FaultMix, Outcome, Settings};
+use nvmirror_sim::{only_blips, run, Fault, FaultKind, FaultMix, Outcome, Settings};
 use std::time::Duration;
 
 /// Simulated seconds of faults and client I/O per seed in the sweep.
@@ -277,4 +277,52 @@ fn rate_limited_resync_seeds_pass() {
     mix.io_delay = true;
     mix.resync_rate = Some(64 << 10);
     seeds_pass(&[0, 1, 2, 3, 4, 5], &mix);
+}
+
+/// With `storage = "own"`, faults that never take the link down (silent cuts and latency
+/// bursts well inside the heartbeat timeout) and flusher pauses must never mark a medium
+/// outdated, not even for a while (the run checks the trace for marks): a flush batch that
+/// waited out a blip gets through. The drawn cuts and bursts are shortened to blips and
+/// spaced a link timeout apart.
+#[test]
+fn link_blips_mark_no_medium() {
+    let mut mix = FaultMix::only(
+        &[
+            FaultKind::LinkCut,
+            FaultKind::OneWayCut,
+            FaultKind::LatencyBurst,
+            FaultKind::FlushPause,
+        ],
+        FaultMix::all().rate * 2.0,
+    );
+    mix.own_storage = true;
+    for seed in 0..12 {
+        let mut s = Settings::draw(seed, Duration::from_secs(20), &mix);
+        let t = s.heartbeat_timeout;
+        // Shorten the link's faults to blips, and keep only those a link timeout apart.
+        let mut link_quiet_from = Duration::ZERO;
+        s.faults.retain_mut(|(at, f)| {
+            let lasts = match f {
+                Fault::Cut { duration, .. } => {
+                    *duration = (*duration).min(t / 2);
+                    *duration
+                }
+                Fault::LatencyBurst {
+                    duration, latency, ..
+                } => {
+                    *latency = (*latency).min(t / 4);
+                    *duration
+                }
+                _ => return true,
+            };
+            let keep = *at >= link_quiet_from;
+            if keep {
+                link_quiet_from = *at + lasts + t;
+            }
+            keep
+        });
+        assert!(only_blips(&s.faults, t), "seed {seed}: {:?}", s.faults);
+        let o = run(&s, false);
+        assert!(o.passed(), "seed {seed}:\n{}", show(&o));
+    }
 }
