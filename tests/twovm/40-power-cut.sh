@@ -22,9 +22,10 @@
 # holds).  node-a boots again with the same NVDIMM and disk: its daemon replays
 # nothing of the range it lost (and says it skipped it), rejoins, mirroring
 # restarts (node-b's status: "mirroring" over rdma), `nvmirrorctl giveback` on
-# node-b returns range 0, both fio verifies pass through node-a's device, and
-# the whole LUN reads the same through both nodes' devices as it read through
-# node-b before node-a came back.
+# node-b returns range 0, fio verifies node-b's new writes through node-a's
+# device, and the whole LUN reads the same through both nodes' devices as it
+# read through node-b before node-a came back (when node-b had verified the
+# power-cut writes).
 #
 # Design:
 #   * Where fio's verify state lives: fio --server runs on node-a, the fio

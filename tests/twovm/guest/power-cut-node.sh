@@ -345,7 +345,9 @@ print(sum(p["records"] for p in r["partitions"]) if r["state"] == "valid" else "
 	until_ok 30 "range 0 back on node-a" \
 		'[(r["owner"], r["state"]) for r in e["ranges"]] == [("node-a", "local"), ("node-b", "remote")] and e["ranges"][0]["epoch"] >= 3'
 	say "after giveback node-a sees $(ranges)"
-	verify job_powercut "$dev" after-giveback-a
+	# fio verifies the job node-b wrote alone; the power-cut job, which node-b verified after
+	# its takeover and nobody wrote since, is covered by the whole-LUN checksum below (fio
+	# verify of it here read half through the forwarding: about 60 s of CI under TCG).
 	verify job_after "$dev" after-giveback-a
 	local sum want
 	sum=$(lun_sha)
@@ -467,8 +469,8 @@ run_b() {
 	say "giveback done: $(ranges)"
 	mark b-gaveback
 	# The whole LUN through node-b (range 0 forwarded to node-a) must read as it did before
-	# node-a came back. No fio verify here: node-a verifies both jobs after the giveback and
-	# reads the same sha256, so these bytes are the verified ones (fio verify of both jobs
+	# node-a came back. No fio verify here: node-a verifies the job written after the takeover
+	# and reads the same sha256, so these bytes are the verified ones (fio verify of both jobs
 	# through the forwarding took about 80 s of CI under TCG for nothing more).
 	[[ $(lun_sha) == "$sum" ]] || fail "the LUN read through node-b after the giveback differs from before"
 	own_media_agree 1
