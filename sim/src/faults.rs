@@ -146,6 +146,14 @@ impl Fault {
             _ => false,
         }
     }
+
+    /// How long a fault of the link lasts (a cut or a latency burst); None for the others.
+    pub fn link_span(&self) -> Option<Duration> {
+        match self {
+            Fault::Cut { duration, .. } | Fault::LatencyBurst { duration, .. } => Some(*duration),
+            _ => None,
+        }
+    }
 }
 
 /// Whether, with `storage = "own"`, no medium may ever be marked outdated in a run with these
@@ -159,9 +167,8 @@ pub fn only_blips(faults: &[(Duration, Fault)], link_timeout: Duration) -> bool 
         if !f.leaves_media_equal(link_timeout) {
             return false;
         }
-        let lasts = match f {
-            Fault::Cut { duration, .. } | Fault::LatencyBurst { duration, .. } => *duration,
-            _ => continue,
+        let Some(lasts) = f.link_span() else {
+            continue;
         };
         if *at < link_quiet_from {
             return false;

@@ -302,18 +302,13 @@ fn link_blips_mark_no_medium() {
         // Shorten the link's faults to blips, and keep only those a link timeout apart.
         let mut link_quiet_from = Duration::ZERO;
         s.faults.retain_mut(|(at, f)| {
-            let lasts = match f {
-                Fault::Cut { duration, .. } => {
-                    *duration = (*duration).min(t / 2);
-                    *duration
-                }
-                Fault::LatencyBurst {
-                    duration, latency, ..
-                } => {
-                    *latency = (*latency).min(t / 4);
-                    *duration
-                }
-                _ => return true,
+            match f {
+                Fault::Cut { duration, .. } => *duration = (*duration).min(t / 2),
+                Fault::LatencyBurst { latency, .. } => *latency = (*latency).min(t / 4),
+                _ => {}
+            }
+            let Some(lasts) = f.link_span() else {
+                return true;
             };
             let keep = *at >= link_quiet_from;
             if keep {

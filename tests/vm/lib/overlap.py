@@ -109,12 +109,11 @@ def check(args):
             data = img[(blk - first) * BLOCK:(blk - first + 1) * BLOCK]
             value = value_of(data, blk)
             values.append(value)
-            if not legal(value, writes.get(blk, {})):
-                w = writes.get(blk, {})
-                last = max((x[1], k) for k, x in w.items() if x[1] is not None) if any(
-                    x[1] is not None for x in w.values()) else None
+            w = writes.get(blk, {})
+            if not legal(value, w):
+                acked = [(x[1], k) for k, x in w.items() if x[1] is not None]
                 report("%s: block %d holds %s, which a later acknowledged write must have "
-                       "replaced (last acknowledged: %s)" % (name, blk, value, last and last[1]))
+                       "replaced (last acknowledged: %s)" % (name, blk, value, max(acked)[1] if acked else None))
         if len(set(values)) > 1:
             report("block %d differs between images: %s" % (
                 blk, ", ".join("%s=%s" % (n, v) for n, v in zip(images, values))))
