@@ -240,9 +240,19 @@ fn own_media_seeds_pass() {
     seeds_pass(&[20, 21], &mix);
 }
 
-/// `storage = "own"` with own disks failing (besides every other fault: the records of a
-/// node whose disk fails stay staged, and its reads come from the partner's disk). Seeds
-/// 204 and 415 (LOST ACKNOWLEDGED WRITE): a read that the owner's failing disk could not
+/// `storage = "own"` with own disks failing (besides every other fault: a batch the disk of
+/// a node fails goes, its data sent along, to the partner's disk after the node's is marked
+/// outdated; its reads come from the partner's disk; the repair copies the regions back).
+/// Seed 4: a node whose disk had failed was killed; at its restart it replayed its records
+/// into its outdated disk and released them, and the partner dropped its copies unwritten
+/// and marked its own disk outdated too: no disk held every write (the partner now writes
+/// such copies to its disk first). Seeds 1276 and 1765 stuck a node when the partner wrote
+/// such batches from its copies, which a link flap had left incomplete (the data now goes
+/// with the request). Seed 271: a batch shipped during a giveback's drain marked the disk
+/// at the epoch the move then ended (a move checks again after its drain). Seed 354: a node
+/// restarted with its disk outdated, replayed its log into it and read the range from the
+/// partner's disk, which lacked those records (the range now waits for the partner to write
+/// its copies). Seeds 204 and 415 (LOST ACKNOWLEDGED WRITE): a read that the owner's failing disk could not
 /// serve was answered from the partner's disk, outdated for the range at an epoch the
 /// partner, cut off, did not know of (the owner now checks the partner's marks in its own
 /// view of the table first). Seed 79: the checker counted as released the copies a
@@ -252,7 +262,7 @@ fn own_media_seeds_pass() {
 fn own_medium_failure_seeds_pass() {
     let mut mix = FaultMix::all();
     mix.own_storage = true;
-    seeds_pass(&[79, 204, 415, 297], &mix);
+    seeds_pass(&[4, 79, 204, 271, 297, 354, 415, 1276, 1765], &mix);
 }
 
 /// `storage = "own"` with medium I/O taking simulated time (`--io-delay`), so a resync's copy
@@ -277,6 +287,20 @@ fn rate_limited_resync_seeds_pass() {
     mix.io_delay = true;
     mix.resync_rate = Some(64 << 10);
     seeds_pass(&[0, 1, 2, 3, 4, 5], &mix);
+}
+
+/// `storage = "own"` with a rate-limited resync and no `--io-delay`. Seed 3170 (LOST
+/// ACKNOWLEDGED WRITE): a restarted owner replayed its log into its medium, the partner
+/// dropped its copies of those records unwritten and marked its own medium outdated, at the
+/// epoch a concurrent handover of the range to it then ended: the mark no longer counted,
+/// and the new owner served the range from a medium that lacked them. A planned move now
+/// has the partner write every copy it holds of our flushed records to its medium first.
+#[test]
+fn move_after_restart_seeds_pass() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.resync_rate = Some(64 << 10);
+    seeds_pass(&[3170], &mix);
 }
 
 /// With `storage = "own"`, faults that never take the link down (silent cuts and latency

@@ -20,8 +20,10 @@
 #    difference; node-b's throttled to 8 MiB/s with --rate), names a 4 KiB block changed behind the daemons' backs on node-b's medium,
 #    and `verify --repair` copies it back from node-a (cmp identical).
 # 6. node-a's medium fails (device-mapper error target): reads through node-a come from
-#    node-b's medium, writes stay staged in node-a's NVRAM (and mirrored); the medium works
-#    again, the staged writes reach both media, and both are identical.
+#    node-b's medium; more than node-a's whole log is written to its range, and the batches
+#    its medium fails go, their data sent along, to node-b's medium (node-a's is marked
+#    outdated); every write verifies through node-a. The medium works again: node-a repairs
+#    it from node-b's (the marks go), and after a drain both media are identical.
 # 7. node-b is killed, node-a takes its range and writes 24 blocks alone: its status counts
 #    their out-of-sync regions, and once node-b is back the resync copies only those (not
 #    the 32 MiB), after which both media are identical and every write verifies via node-b.
@@ -225,7 +227,7 @@ drain_both "after verify --repair"
 same_media || fail "the two media differ after verify --repair and a drain"
 say "ok: verify --repair copied the block back from node-a; the media are identical (cmp)"
 
-say "6. node-a's own medium fails (dm error): its reads come from node-b's medium, its writes stay staged"
+say "6. node-a's own medium fails (dm error): reads from node-b's medium, writes shipped to node-b's medium, then the repair"
 dm_switch() {
 	dmsetup suspend nvm29-a && dmsetup load nvm29-a --table "0 $sectors_a $1" &&
 		dmsetup resume nvm29-a || fail "switching node-a's medium to $1"
@@ -241,20 +243,34 @@ fio "${before[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 
 	{ cat fio-failing-verify.log; tail -20 daemon-a.log; fail "reads through node-a with its medium failing"; }
 served=$(nvm_field a 'e["luns"][0]["reads_from_partner"]')
 ((served > 0)) || fail "node-a counts no reads served from node-b's medium"
-during=(--name=during --direct=1 --ioengine=libaio --iodepth=4 --rw=randwrite --bs=4k
-	--offset=0 --size=16M --number_ios=32 --randseed=2907
-	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
-fio "${during[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-during.log ||
-	{ cat fio-during.log; fail "writes through node-a with its medium failing (they stay staged)"; }
+# More than node-a's whole log goes to its range (lun0 range 0, the first 16 MiB): the
+# batches its medium fails go to node-b's medium, so the log never fills for good.
+log_bytes=$(nvm_field a 'sum(p["capacity_bytes"] for p in e["partitions"])')
+passes=$(((log_bytes >> 24) + 2))
+for pass in $(seq "$passes"); do
+	during=(--name=during --direct=1 --ioengine=libaio --iodepth=8 --rw=write --bs=128k
+		--offset=0 --size=16M --randseed=$((2907 + pass))
+		--verify=crc32c --verify_fatal=1 --verify_state_save=1)
+	timeout 300 fio "${during[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-during.log ||
+		{ cat fio-during.log; tail -20 daemon-a.log; fail "writes through node-a with its medium failing (pass $pass of $passes)"; }
+done
 errors=$(nvm_field a 'e["medium_errors"]')
-((errors > 0)) || fail "node-a reports no medium error while its medium fails"
-say "ok: node-a read back 400 blocks with its medium failing ($served read(s) from node-b's medium); 32 more writes are staged ($errors medium error(s))"
+shipped=$(nvm_field a 'e["delegated_batches"]')
+marked=$(nvm_field a 'e["outdated_media"].get("node-a", [])')
+((errors > 0 && shipped > 0)) ||
+	fail "node-a reports $errors medium error(s) and $shipped batch(es) node-b's medium took while its own fails"
+[[ $marked == *"(0, 0)"* || $marked == *"[0, 0]"* ]] || fail "node-a's medium is not marked outdated for range 0: $marked"
+say "ok: with node-a's medium failing it read back 400 blocks ($served read(s) from node-b's medium) and wrote $((passes * 16)) MiB to its range (its log holds $((log_bytes >> 20)) MiB): $shipped batch(es) went to node-b's medium, node-a's is marked outdated for $marked"
+fio "${during[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 --output=fio-during-verify-a.log ||
+	{ cat fio-during-verify-a.log; fail "the writes made while node-a's medium failed do not verify through node-a"; }
 dm_switch "linear $ma 0"
-drain_both "once node-a's medium worked again"
-same_media || fail "the two media differ after node-a's medium came back and a drain"
+resynced a
+grep -q 'repair: LUN lun0 range 0: copied' daemon-a.log || fail "node-a's log does not report the repair of range 0"
+drain_both "once node-a's medium was repaired"
+same_media || fail "the two media differ after node-a's medium was repaired and a drain"
 fio "${during[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-during-verify.log ||
-	{ cat fio-during-verify.log; fail "the writes staged while node-a's medium failed do not verify through node-b"; }
-say "ok: node-a's medium works again, the staged writes reached both media (cmp identical)"
+	{ cat fio-during-verify.log; fail "the writes made while node-a's medium failed do not verify through node-b"; }
+say "ok: node-a's medium works again: $(grep -o 'repair: LUN lun0 range 0: copied [0-9]* byte(s)' daemon-a.log | tail -1) from node-b's medium; the media are identical (cmp)"
 
 say "7. kill -9 node-b, 24 blocks through node-a alone: the resync copies only their regions"
 kill_b

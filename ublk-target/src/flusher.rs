@@ -6,8 +6,9 @@
 //! (flush marks; with a medium per node, the partner writes the batch to its own) -> drop the records from the staged-extent index (reads now go to the
 //! medium) -> `release` (checkpoint first, then the space is reusable) -> tell the node,
 //! which tells the partner to drop its copies. A medium error stops the batch: the partner
-//! may write it from its mirror ([`FlushContext::delegate`]); otherwise it is retried after a
-//! pause. Records are never dropped, and writers feel back-pressure once the log is full.
+//! may write it from its mirror ([`FlushContext::delegate`]) or, each node with its own
+//! medium, take it with its data sent along ([`FlushContext::ship_to_partner`]); otherwise it
+//! is retried after a pause. Records are never dropped, and writers feel back-pressure once the log is full.
 //!
 //! The flusher knows nothing of clusters or links: everything around a batch is asked of a
 //! [`FlushContext`], which the engine implements (and a test or the simulator may too).
@@ -44,11 +45,12 @@ pub trait FlushContext: Send + Sync {
     /// The batch (`batch`, of which `live` went to our medium) is synced there. With a
     /// medium per node, the partner's must hold it too before the log space is released
     /// (or be marked as missing it). Default: nothing to do (one shared medium).
-    fn copy_to_partner(
+    fn copy_to_partner<'d>(
         &self,
         _partition: u32,
         _batch: &[RecordMeta],
         _live: &[RecordMeta],
+        _data_of: &dyn Fn(&RecordMeta) -> &'d [u8],
     ) -> BoxFuture<Result<(), Fence>> {
         Box::pin(async { Ok(()) })
     }
@@ -56,6 +58,19 @@ pub trait FlushContext: Send + Sync {
     /// (`copy_fence`). A batch holds its extents in it from its medium write to the end of
     /// `copy_to_partner`. Default: none (one shared medium).
     fn copy_fence(&self) -> Option<&Arc<CopyFence>> {
+        None
+    }
+    /// With a medium per node, our medium failed the batch (`live`: its records to write,
+    /// through seq `through_seq`): the partner's medium takes them, their data sent along
+    /// (`data_of`), once ours is marked as missing them. None: not this node's way (one
+    /// shared medium: [`Self::delegate`]).
+    fn ship_to_partner<'d>(
+        &self,
+        _partition: u32,
+        _through_seq: u64,
+        _live: &[RecordMeta],
+        _data_of: &dyn Fn(&RecordMeta) -> &'d [u8],
+    ) -> Option<BoxFuture<Result<(), String>>> {
         None
     }
     /// The batch is flushed and its log space released: the partner may drop its copies.
@@ -163,7 +178,7 @@ impl Flusher {
             let written = match written {
                 Ok(bytes) => self
                     .context
-                    .copy_to_partner(log.id, &batch, &live)
+                    .copy_to_partner(log.id, &batch, &live, &|r| record_data(log, r))
                     .await
                     .map(|()| bytes),
                 Err(e) => Err(e),
@@ -198,6 +213,28 @@ impl Flusher {
                 }
             };
             self.stats.medium_errors.fetch_add(1, Ordering::Relaxed);
+            let data_of = |r: &RecordMeta| record_data(log, r);
+            let ship = self
+                .context
+                .ship_to_partner(log.id, through_seq, &live, &data_of);
+            let shipping = ship.is_some();
+            if let Some(ship) = ship {
+                let shipped = match ship.await {
+                    Ok(()) => finish_batch(log, &self.luns, &batch),
+                    Err(why) => Err(why),
+                };
+                match shipped {
+                    Ok(()) => {
+                        self.partner_took(&batch, &failure, "took the batch, sent along");
+                        backoff = Duration::from_millis(10);
+                        continue;
+                    }
+                    Err(why) => tracing::warn!(
+                        partition = log.id,
+                        "the partner's medium could not take the batch our medium failed: {why}"
+                    ),
+                }
+            }
             // The partner writes a batch by its seqs: not one with dead or void records (it
             // may hold the dead ones without the void record that kills them).
             let delegable = batch
@@ -205,7 +242,7 @@ impl Flusher {
                 .filter(|r| r.kind != RecordKind::Wrap)
                 .map(|r| r.seq)
                 .eq(live.iter().map(|r| r.seq));
-            if delegable && self.delegated(&batch, &failure).await {
+            if !shipping && delegable && self.delegated(&batch, &failure).await {
                 continue;
             }
             tracing::error!(
@@ -226,6 +263,22 @@ impl Flusher {
         self.stats.bytes_flushed.fetch_add(bytes, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.set_last_error(None);
+    }
+
+    /// The partner's medium took a batch ours failed (`how`), and its log space is free.
+    fn partner_took(&self, batch: &[RecordMeta], failure: &str, how: &str) {
+        self.stats.delegated_batches.fetch_add(1, Ordering::Relaxed);
+        let seqs = (batch.first().map(|r| r.seq), batch.last().map(|r| r.seq));
+        if let (Some(first), Some(last)) = seqs {
+            tracing::warn!(
+                partition = self.log.id,
+                "medium path failed ({failure}); the partner {how}: seq {first}..={last}"
+            );
+            self.context.on_released(self.log.id, last);
+        }
+        self.stats.set_last_error(Some(format!(
+            "medium path failed, partner writes for us: {failure}"
+        )));
     }
 
     /// Our path to the medium failed: the partner holds the same records in its second store
@@ -249,19 +302,7 @@ impl Flusher {
         };
         match done {
             Ok(()) => {
-                self.stats.delegated_batches.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    partition = log.id,
-                    "medium path failed ({failure}); the partner wrote seq {}..={} from its mirror",
-                    first.seq,
-                    last.seq
-                );
-                self.stats.set_last_error(Some(format!(
-                    "medium path failed, partner writes for us: {failure}"
-                )));
-                if let Some(last) = batch.last() {
-                    self.context.on_released(log.id, last.seq);
-                }
+                self.partner_took(batch, failure, "wrote it from its mirror");
                 true
             }
             Err(why) => {
@@ -291,12 +332,7 @@ fn write_batch(
     let gate = || context.may_write();
     let mut applier = Applier::gated(luns, &gate);
     for r in batch {
-        let data: &[u8] = match r.kind {
-            RecordKind::Data => log
-                .region()
-                .slice(log.nvram_offset(r.pos) + HEADER_BYTES, r.len as usize),
-            _ => &[],
-        };
+        let data = record_data(log, r);
         applier
             .apply(&RecordWrite {
                 partition: log.id,
@@ -310,6 +346,16 @@ fn write_batch(
             .map_err(fence_of)?;
     }
     Ok(applier.sync().map_err(fence_of)?.bytes)
+}
+
+/// The payload of a staged record in the NVRAM (empty unless a data record).
+fn record_data<'a>(log: &'a PartitionLog, r: &RecordMeta) -> &'a [u8] {
+    match r.kind {
+        RecordKind::Data => log
+            .region()
+            .slice(log.nvram_offset(r.pos) + HEADER_BYTES, r.len as usize),
+        _ => &[],
+    }
 }
 
 /// Records unindexed under one acquisition of a LUN's index lock (each removal is a few

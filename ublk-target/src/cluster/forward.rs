@@ -14,6 +14,18 @@ pub trait Forwarder: Send + Sync {
     fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>>;
     /// Bytes of the partner's medium (not its data path): for a read our medium path failed.
     fn read_medium(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>>;
+    /// Each node its own medium, and ours failed a flush batch of `partition`: the partner
+    /// writes these records (see [`wire::OP_WRITE_RECORDS_FOR_PARTNER`]) to its medium.
+    fn write_records(
+        &self,
+        partition: u32,
+        through_seq: u64,
+        chunk_flags: u32,
+        records: Vec<u8>,
+    ) -> ForwardFuture<()>;
+    /// Each node its own medium: the partner writes every copy it holds of our `partition`
+    /// through `through_seq` to its medium (see [`wire::OP_WRITE_HELD_FOR_PARTNER`]).
+    fn write_held(&self, partition: u32, through_seq: u64) -> ForwardFuture<()>;
 }
 
 /// A [`Forwarder`] over any request/response channel: `call` carries an encoded request to
@@ -53,5 +65,31 @@ where
     }
     fn read_medium(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>> {
         self.ask(wire::encode(wire::OP_READ_MEDIUM, lun, offset, len, &[]))
+    }
+    fn write_records(
+        &self,
+        partition: u32,
+        through_seq: u64,
+        chunk_flags: u32,
+        records: Vec<u8>,
+    ) -> ForwardFuture<()> {
+        let f = self.ask(wire::encode(
+            wire::OP_WRITE_RECORDS_FOR_PARTNER,
+            partition,
+            through_seq,
+            chunk_flags,
+            &records,
+        ));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn write_held(&self, partition: u32, through_seq: u64) -> ForwardFuture<()> {
+        let f = self.ask(wire::encode(
+            wire::OP_WRITE_HELD_FOR_PARTNER,
+            partition,
+            through_seq,
+            0,
+            &[],
+        ));
+        Box::pin(async move { f.await.map(|_| ()) })
     }
 }

@@ -78,8 +78,13 @@ pub struct Cluster {
     /// marked already costs no I/O. One read-modify-write of the slot at a time.
     marking: Mutex<std::collections::BTreeMap<NodeId, std::collections::BTreeMap<u32, u64>>>,
     /// The ranges our own medium is marked outdated for (`storage = "own"`): never served
-    /// from it (an owner is never outdated for its range; checked, not assumed).
+    /// from it. We may own such a range only after our medium failed a batch of it (the
+    /// partner's medium took the batch) and until the repair copies it back.
     stale_here: StaleRanges,
+    /// Per range we own: flush batches our own medium missed (the partner's took them). A
+    /// repair clears the range's marks only if none came while it copied; counted and
+    /// compared under this lock.
+    own_misses: Mutex<std::collections::BTreeMap<LunRange, u64>>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -141,6 +146,7 @@ impl Cluster {
             outdated,
             marking: Mutex::new(Default::default()),
             stale_here: StaleRanges::default(),
+            own_misses: Mutex::new(Default::default()),
         })
     }
 
@@ -643,6 +649,81 @@ impl Cluster {
             );
         }
         Ok(())
+    }
+
+    /// With `storage = "own"`: our medium failed a flush batch of `ranges`, which we own, and
+    /// the partner's medium takes it instead. Durably marks ours outdated for them first
+    /// (their reads then come from the partner's medium; they are never copied to the
+    /// partner nor handed over until the repair in `engine::resync`), and counts the batch.
+    /// `note_regions` records where (our out-of-sync map), under the same lock as the count.
+    pub fn mark_own_medium_missed(
+        &self,
+        ranges: &[LunRange],
+        note_regions: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), String> {
+        let Some(media) = &self.outdated else {
+            return Ok(());
+        };
+        let mut misses = self.own_misses.lock().unwrap_or_else(|p| p.into_inner());
+        note_regions()?;
+        let (owned, marks): (Vec<LunRange>, Vec<(u32, u64)>) = {
+            let t = self.table();
+            ranges
+                .iter()
+                .filter(|&&(l, r)| {
+                    let owner = t.luns.get(l as usize).and_then(|x| x.get(r as usize));
+                    owner.is_some_and(|o| o.owner == self.me)
+                })
+                .filter_map(|&r| Some((r, self.global_range(&t, r)?)))
+                .unzip()
+        };
+        if owned.iter().any(|&r| !self.stale_here.contains(r)) {
+            media
+                .mark(self.store.as_ref(), self.me, self.me, &marks)
+                .map_err(|e| format!("marking our medium outdated on the arbiter: {e}"))?;
+            let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
+            known
+                .entry(self.me)
+                .or_default()
+                .extend(marks.iter().copied());
+            tracing::error!(
+                "our own medium misses writes of range(s) {owned:?} (a flush batch failed on it; node {}'s medium took it; marked outdated on the arbiter): their reads come from node {}'s medium until the repair",
+                self.node_name(self.partner()),
+                self.node_name(self.partner())
+            );
+        }
+        self.stale_here.add(&owned);
+        for r in owned {
+            *misses.entry(r).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// How many flush batches of `range` our own medium missed so far (see
+    /// [`Self::mark_own_medium_missed`]).
+    pub fn own_medium_misses(&self, range: LunRange) -> u64 {
+        let misses = self.own_misses.lock().unwrap_or_else(|p| p.into_inner());
+        misses.get(&range).copied().unwrap_or(0)
+    }
+
+    /// A repair copied `range` from the partner's medium onto ours: `clear_regions` (our
+    /// out-of-sync map's regions of it), then our marks of it go, unless a batch missed our
+    /// medium since the repair saw `seen` misses (false: the repair must run again). Under
+    /// the lock that counts misses, so a batch's regions noted meanwhile are never cleared.
+    pub fn finish_own_repair(
+        &self,
+        range: LunRange,
+        seen: u64,
+        clear_regions: impl FnOnce() -> Result<(), String>,
+    ) -> Result<bool, String> {
+        let misses = self.own_misses.lock().unwrap_or_else(|p| p.into_inner());
+        if misses.get(&range).copied().unwrap_or(0) != seen {
+            return Ok(false);
+        }
+        clear_regions()?;
+        self.clear_outdated(self.me, &[range])
+            .map_err(|e| format!("withdrawing the marks on the arbiter: {e}"))?;
+        Ok(true)
     }
 
     /// With `storage = "own"`: whether our medium is marked outdated for `range` of `lun`

@@ -26,7 +26,88 @@ pub const OP_READ_MEDIUM: u8 = 10;
 /// Resync (`storage = "own"`): answer the out-of-sync parts of range `offset` of LUN `lun`
 /// in your out-of-sync map, as (offset, len) pairs of u64 (the whole range without a map).
 pub const OP_OUT_OF_SYNC: u8 = 11;
+/// Each node its own medium, and ours failed a flush batch: write these records (their data
+/// sent along, see [`encode_records`]) of partition `lun` to your medium, in order. `len`
+/// holds [`FIRST_CHUNK`] and [`LAST_CHUNK`]; on the first chunk, older copies you hold of the
+/// partition go first; after the last, drop your copies through seq `offset`.
+pub const OP_WRITE_RECORDS_FOR_PARTNER: u8 = 12;
+/// `OP_WRITE_RECORDS_FOR_PARTNER`: the batch's first request.
+pub const FIRST_CHUNK: u32 = 1;
+/// `OP_WRITE_RECORDS_FOR_PARTNER`: the batch's last request.
+pub const LAST_CHUNK: u32 = 2;
+/// Each node its own medium, and ours is outdated for ranges whose records our start
+/// replayed into it: write every copy you hold of partition `lun` through seq `offset` to
+/// your medium, then drop them.
+pub const OP_WRITE_HELD_FOR_PARTNER: u8 = 13;
 const HEADER: usize = 17;
+/// A shipped record's header: seq, kind, lun, offset, len.
+const RECORD_HEADER: usize = 8 + 1 + 4 + 8 + 8;
+
+/// One record of an `OP_WRITE_RECORDS_FOR_PARTNER` request (data only for `KIND_DATA`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ShippedRecord<'a> {
+    pub seq: u64,
+    pub zero: bool,
+    pub lun: u32,
+    pub offset: u64,
+    pub len: u64,
+    pub data: &'a [u8],
+}
+
+const KIND_DATA: u8 = 1;
+const KIND_ZERO: u8 = 2;
+
+/// Bytes one record takes in a request.
+pub fn shipped_len(r: &ShippedRecord<'_>) -> usize {
+    RECORD_HEADER + r.data.len()
+}
+
+/// Appends `r` to a request's data.
+pub fn encode_record(out: &mut Vec<u8>, r: &ShippedRecord<'_>) {
+    out.extend_from_slice(&r.seq.to_le_bytes());
+    out.push(if r.zero { KIND_ZERO } else { KIND_DATA });
+    out.extend_from_slice(&r.lun.to_le_bytes());
+    out.extend_from_slice(&r.offset.to_le_bytes());
+    out.extend_from_slice(&r.len.to_le_bytes());
+    out.extend_from_slice(r.data);
+}
+
+/// The records of an `OP_WRITE_RECORDS_FOR_PARTNER` request, or None if malformed (a data
+/// record's bytes are `len` long, a zero record has none, seqs ascend, nothing is left over).
+pub fn decode_records(mut b: &[u8]) -> Option<Vec<ShippedRecord<'_>>> {
+    let mut out: Vec<ShippedRecord<'_>> = Vec::new();
+    while !b.is_empty() {
+        let (head, rest) = b.split_at_checked(RECORD_HEADER)?;
+        let u64_at = |at: usize| {
+            head.get(at..at + 8)?
+                .first_chunk::<8>()
+                .map(|w| u64::from_le_bytes(*w))
+        };
+        let seq = u64_at(0)?;
+        let zero = match head[8] {
+            KIND_DATA => false,
+            KIND_ZERO => true,
+            _ => return None,
+        };
+        let lun = u32::from_le_bytes(*head.get(9..13)?.first_chunk::<4>()?);
+        let (offset, len) = (u64_at(13)?, u64_at(21)?);
+        let bytes = if zero { 0 } else { usize::try_from(len).ok()? };
+        let (data, rest) = rest.split_at_checked(bytes)?;
+        if out.last().is_some_and(|p| p.seq >= seq) || len == 0 {
+            return None;
+        }
+        out.push(ShippedRecord {
+            seq,
+            zero,
+            lun,
+            offset,
+            len,
+            data,
+        });
+        b = rest;
+    }
+    (!out.is_empty()).then_some(out)
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Request {
@@ -84,9 +165,19 @@ pub fn decode(b: &[u8]) -> Option<Request> {
     };
     let data_ok = match r.op {
         OP_WRITE | OP_RESYNC_WRITE => r.data.len() == r.len as usize,
-        OP_ZERO | OP_READ | OP_RELOAD_OWNERSHIP | OP_RESYNC_DONE | OP_VERIFY_DIGESTS
-        | OP_SYNC_MEDIUM | OP_READ_MEDIUM | OP_OUT_OF_SYNC => r.data.is_empty(),
+        OP_ZERO
+        | OP_READ
+        | OP_RELOAD_OWNERSHIP
+        | OP_RESYNC_DONE
+        | OP_VERIFY_DIGESTS
+        | OP_SYNC_MEDIUM
+        | OP_READ_MEDIUM
+        | OP_OUT_OF_SYNC
+        | OP_WRITE_HELD_FOR_PARTNER => r.data.is_empty(),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,
+        OP_WRITE_RECORDS_FOR_PARTNER => {
+            r.len & !(FIRST_CHUNK | LAST_CHUNK) == 0 && decode_records(&r.data).is_some()
+        }
         _ => false,
     };
     data_ok.then_some(r)
@@ -142,6 +233,52 @@ mod tests {
         assert_eq!(decode_runs(&[0; 17]), None);
         assert_eq!(decode_runs(&[]), Some(vec![]));
         assert_eq!(answer(&ok(&[7])), Ok(&[7u8][..]));
+        let recs = [
+            ShippedRecord {
+                seq: 4,
+                zero: false,
+                lun: 1,
+                offset: 4096,
+                len: 3,
+                data: &[9, 8, 7],
+            },
+            ShippedRecord {
+                seq: 6,
+                zero: true,
+                lun: 0,
+                offset: 0,
+                len: 1 << 20,
+                data: &[],
+            },
+        ];
+        let mut data = Vec::new();
+        recs.iter().for_each(|r| encode_record(&mut data, r));
+        assert_eq!(data.len(), recs.iter().map(shipped_len).sum::<usize>());
+        assert_eq!(decode_records(&data).as_deref(), Some(&recs[..]));
+        let req = encode(
+            OP_WRITE_RECORDS_FOR_PARTNER,
+            2,
+            6,
+            FIRST_CHUNK | LAST_CHUNK,
+            &data,
+        );
+        assert!(decode(&req).is_some());
+        // Truncated, trailing bytes, seqs out of order, unknown flags: malformed.
+        assert_eq!(decode_records(&data[..data.len() - 1]), None);
+        assert_eq!(decode_records(&data[..RECORD_HEADER + 1]), None);
+        let mut swapped = Vec::new();
+        recs.iter()
+            .rev()
+            .for_each(|r| encode_record(&mut swapped, r));
+        assert_eq!(decode_records(&swapped), None);
+        assert_eq!(
+            decode(&encode(OP_WRITE_RECORDS_FOR_PARTNER, 2, 6, 4, &data)),
+            None
+        );
+        assert_eq!(
+            decode(&encode(OP_WRITE_RECORDS_FOR_PARTNER, 2, 6, 1, &[])),
+            None
+        );
         assert_eq!(answer(&err("no")), Err("no".to_string()));
     }
 }

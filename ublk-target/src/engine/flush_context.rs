@@ -4,7 +4,7 @@
 
 use super::serving::ServingRight;
 use super::takeover_state::DelegateSlot;
-use crate::cluster::Cluster;
+use crate::cluster::{wire, Cluster};
 use crate::copy_fence::CopyFence;
 use crate::flusher::{Fence, FlushContext};
 use crate::host::{BoxFuture, Host};
@@ -103,15 +103,32 @@ impl FlushContext for NodeFlushContext {
     /// medium (the request our medium-path failures use). If it cannot (unreachable, or the
     /// batch has records it never got), its medium is marked outdated for the batch's
     /// ranges before our log lets the records go: it then never takes them over stale.
-    fn copy_to_partner(
+    fn copy_to_partner<'d>(
         &self,
         partition: u32,
         batch: &[RecordMeta],
         live: &[RecordMeta],
+        data_of: &dyn Fn(&RecordMeta) -> &'d [u8],
     ) -> BoxFuture<Result<(), Fence>> {
         let Some(c) = self.cluster.clone().filter(|c| c.own_storage()) else {
             return Box::pin(async { Ok(()) });
         };
+        let ranges = self.ranges_of(live);
+        if ranges.iter().any(|&(l, r)| c.own_medium_outdated(l, r)) {
+            // Our medium misses earlier writes of these ranges: the partner's is the one that
+            // holds them all, so it must get this batch too (marking it would leave no
+            // complete medium). The data goes along: a link flap may have left the partner's
+            // copies incomplete (simulator seeds 1276 and 1765 stuck a node that asked by seq).
+            let through_seq = batch.last().map_or(0, |r| r.seq);
+            let shipped = self.ship(partition, through_seq, live, data_of, false);
+            return Box::pin(async move {
+                shipped.await.map_err(|why| {
+                    Fence::Suspended(format!(
+                        "our medium is outdated for the batch's ranges and the partner's did not take the batch ({why}): the records stay staged"
+                    ))
+                })
+            });
+        }
         let data: Vec<u64> = batch
             .iter()
             .filter(|r| r.kind != RecordKind::Wrap)
@@ -119,7 +136,6 @@ impl FlushContext for NodeFlushContext {
             .collect();
         // The partner writes a batch by its seqs: not one with dead or void records.
         let whole = data.iter().copied().eq(live.iter().map(|r| r.seq));
-        let ranges = self.ranges_of(live);
         let extents: Vec<(u32, u64, u64)> = batch
             .iter()
             .filter(|r| r.kind != RecordKind::Wrap)
@@ -207,6 +223,20 @@ impl FlushContext for NodeFlushContext {
         })
     }
 
+    /// Each node its own medium, and ours failed the batch: ours is marked as missing it
+    /// (and the batch counted, see `Cluster::mark_own_medium_missed`), then the partner
+    /// writes the records, sent along, to its medium.
+    fn ship_to_partner<'d>(
+        &self,
+        partition: u32,
+        through_seq: u64,
+        live: &[RecordMeta],
+        data_of: &dyn Fn(&RecordMeta) -> &'d [u8],
+    ) -> Option<BoxFuture<Result<(), String>>> {
+        self.cluster.as_ref().filter(|c| c.own_storage())?;
+        Some(self.ship(partition, through_seq, live, data_of, true))
+    }
+
     fn copy_fence(&self) -> Option<&Arc<CopyFence>> {
         self.copy_fence.as_ref()
     }
@@ -238,7 +268,99 @@ impl FlushContext for NodeFlushContext {
     }
 }
 
+/// The most one shipping request carries (the link's requests are at most 1 MiB + 4 KiB).
+const SHIP_REQUEST_BYTES: usize = 1 << 20;
+
 impl NodeFlushContext {
+    /// Sends the data and zero records of `live` (of a batch through `through_seq`) to the
+    /// partner, which writes them to its medium (`wire::OP_WRITE_RECORDS_FOR_PARTNER`), in requests of at most
+    /// [`SHIP_REQUEST_BYTES`]. `ours_missed`: our medium failed them, so it is marked
+    /// outdated for their ranges first. Refused while the partner's medium is outdated for
+    /// one of them (neither medium would hold the range whole).
+    fn ship<'d>(
+        &self,
+        partition: u32,
+        through_seq: u64,
+        live: &[RecordMeta],
+        data_of: &dyn Fn(&RecordMeta) -> &'d [u8],
+        ours_missed: bool,
+    ) -> BoxFuture<Result<(), String>> {
+        let Some(c) = self.cluster.clone() else {
+            return Box::pin(async { Err("not a cluster node".to_string()) });
+        };
+        let ranges = self.ranges_of(live);
+        let mut requests: Vec<Vec<u8>> = Vec::new();
+        let mut current = Vec::new();
+        for r in live
+            .iter()
+            .filter(|r| matches!(r.kind, RecordKind::Data | RecordKind::Zero))
+        {
+            let record = wire::ShippedRecord {
+                seq: r.seq,
+                zero: r.kind == RecordKind::Zero,
+                lun: r.lun,
+                offset: r.offset,
+                len: r.len,
+                data: data_of(r),
+            };
+            if !current.is_empty()
+                && current.len() + wire::shipped_len(&record) > SHIP_REQUEST_BYTES
+            {
+                requests.push(std::mem::take(&mut current));
+            }
+            wire::encode_record(&mut current, &record);
+        }
+        if !current.is_empty() {
+            requests.push(current);
+        }
+        let up = self.mirror.is_up();
+        let maps = self.out_of_sync.clone().filter(|_| ours_missed);
+        let extents: Vec<(u32, u64, u64)> = live
+            .iter()
+            .filter(|r| matches!(r.kind, RecordKind::Data | RecordKind::Zero))
+            .map(|r| (r.lun, r.offset, r.len))
+            .collect();
+        Box::pin(async move {
+            if requests.is_empty() {
+                return Ok(());
+            }
+            let fwd = c
+                .forwarder()
+                .filter(|_| up)
+                .ok_or("the link to the partner is down")?;
+            let theirs = c
+                .outdated_ranges(c.partner())
+                .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
+            if let Some(r) = ranges.iter().find(|r| theirs.contains(r)) {
+                return Err(format!(
+                    "node {}'s medium is outdated for range {r:?} too: no medium would hold the batch",
+                    c.node_name(c.partner())
+                ));
+            }
+            if ours_missed {
+                // Where ours misses them: the repair copies those regions back.
+                c.mark_own_medium_missed(&ranges, || {
+                    let Some(maps) = maps else {
+                        return Ok(());
+                    };
+                    for (lun, offset, len) in extents {
+                        maps.mark(lun, offset, len);
+                    }
+                    maps.persist()
+                        .map_err(|e| format!("persisting the out-of-sync map: {e}"))
+                })?;
+            }
+            let last = requests.len() - 1;
+            for (i, records) in requests.into_iter().enumerate() {
+                let first_flag = if i == 0 { wire::FIRST_CHUNK } else { 0 };
+                let last_flag = if i == last { wire::LAST_CHUNK } else { 0 };
+                fwd.write_records(partition, through_seq, first_flag | last_flag, records)
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
     /// The (LUN, range)s of a batch's data records.
     fn ranges_of(&self, records: &[RecordMeta]) -> Vec<(u32, u32)> {
         let mut ranges: Vec<(u32, u32)> = records

@@ -18,7 +18,8 @@
 //! releases, re-mirroring what it lacks), `serving` (the right to serve: the disk lease, or the
 //! partner's word), `flush_context` (what the flusher asks of the node), `partner_reads`
 //! (reads our medium cannot serve, from the partner's), and with `storage = "own"`:
-//! `resync` (copying a range onto the partner's outdated medium), `verify` (comparing both media online), both through `range_pause` (a job on one
+//! `resync` (copying a range onto the partner's outdated medium), `repair` (copying it back
+//! onto ours after our medium failed batches), `verify` (comparing both media online), both through `range_pause` (a job on one
 //! range with its I/O paused); and `status`. Every file below `mod.rs` adds `impl Engine` blocks for its job; none imports
 //! `mod.rs`, which only declares and re-exports.
 //! The engine knows nothing of ublk, sockets or threads: the daemon's frontend calls
@@ -36,6 +37,8 @@ mod open;
 mod pace;
 mod partner_reads;
 mod range_pause;
+mod repair;
+mod restart_sync;
 mod resync;
 mod routing;
 mod serving;

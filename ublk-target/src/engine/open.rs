@@ -6,6 +6,7 @@ use super::core::{
     Engine, EngineError, EngineOptions, OpenMode, OutOfSyncOptions, ReplayReport, Stopping,
 };
 use super::flush_context::NodeFlushContext;
+use super::restart_sync::RestartSync;
 use super::serving::ServingRight;
 use super::takeover_state::TakeoverState;
 use crate::apply::{Applier, RecordWrite};
@@ -201,6 +202,7 @@ impl Engine {
         // What our log held at this start: our medium may hold these writes (replayed now,
         // or flushed before the stop) and the partner's not (docs/shared-nothing.md).
         let mut restart_extents: Vec<(u32, u64, u64)> = Vec::new();
+        let mut restart_sync = RestartSync::default();
         let owned = |lun: u32, offset: u64| -> bool {
             match (&cluster, luns.get(lun as usize)) {
                 (Some(c), Some(l)) => c.owns(lun, l.range_of(offset)),
@@ -295,6 +297,9 @@ impl Engine {
                         .iter()
                         .map(|r| (r.header.lun, r.header.offset, u64::from(r.header.len)))
                 }));
+                if let Some(c) = cluster.as_ref().filter(|c| c.own_storage()) {
+                    restart_sync = RestartSync::of_scans(c, &luns, &scans);
+                }
                 let corrupt = scans.iter().find_map(|(_, s)| s.corruption.clone());
                 let unflushed: usize = scans.iter().map(|(_, s)| s.records.len()).sum();
                 if sb.layout != want_layout && unflushed > 0 {
@@ -347,7 +352,7 @@ impl Engine {
             luns,
             cluster,
             (sb, starts),
-            restart_extents,
+            (restart_extents, restart_sync),
             report,
             started,
         )
@@ -360,7 +365,7 @@ impl Engine {
         luns: Vec<Arc<Lun>>,
         cluster: Option<Arc<Cluster>>,
         (sb, starts): (Superblock, Vec<LogStart>),
-        restart_extents: Vec<(u32, u64, u64)>,
+        (restart_extents, restart_sync): (Vec<(u32, u64, u64)>, RestartSync),
         mut report: ReplayReport,
         started: Instant,
     ) -> Result<Arc<Engine>, EngineError> {
@@ -401,7 +406,26 @@ impl Engine {
             })?;
         }
         if let (Some(ss), Some(c)) = (&second_store, cluster.clone().filter(|c| c.own_storage())) {
-            // A mirror copy dropped before it reached our medium leaves our medium outdated.
+            // A mirror copy dropped before it reached our medium leaves our medium outdated,
+            // unless it is written first: it is where the partner's own medium misses the
+            // range (its writes failed), since ours must then hold every write.
+            let write_first = {
+                let (c, luns) = (c.clone(), luns.clone());
+                Box::new(move |copies: &[(u32, u64)]| -> Vec<bool> {
+                    let theirs = c.outdated_ranges(c.partner()).unwrap_or_default();
+                    copies
+                        .iter()
+                        .map(|&(lun, offset)| {
+                            let Some(r) = luns.get(lun as usize).map(|l| l.range_of(offset)) else {
+                                return false;
+                            };
+                            c.state(lun, r) == crate::cluster::RangeState::Remote(c.partner())
+                                && theirs.contains(&(lun, r))
+                        })
+                        .collect()
+                })
+            };
+            let own_luns = Arc::new(luns.clone());
             let luns = luns.clone();
             let maps = out_of_sync.clone();
             let dropped_ranges = dropped_during_resync.clone();
@@ -461,7 +485,11 @@ impl Engine {
                     .extend(ranges);
                 Ok(())
             });
-            ss.keep_own_medium(mark);
+            ss.keep_own_medium(crate::mirror::OwnMedium {
+                mark,
+                write_first,
+                luns: own_luns,
+            });
         }
         let mirror = Arc::new(MirrorSlot::new(opts.degraded));
         let serving = Arc::new(ServingRight::new(
@@ -478,6 +506,7 @@ impl Engine {
             second_store,
             out_of_sync,
             dropped_during_resync,
+            restart_sync: Mutex::new(restart_sync),
             copy_fence: CopyFence::new(),
             resync_rate: opts.out_of_sync.resync_rate.unwrap_or(0).into(),
             region,
@@ -490,6 +519,7 @@ impl Engine {
             serving,
             stopping: Arc::default(),
         });
+        engine.hold_restart_sync();
         engine
             .finish_noted_takeover()
             .map_err(EngineError::Replay)?;

@@ -481,6 +481,38 @@ impl Engine {
                     Err(e) => wire::err(&e),
                 };
             }
+            wire::OP_WRITE_HELD_FOR_PARTNER => {
+                let engine = self.clone();
+                let from = self.cluster.as_ref().map(|c| c.partner()).unwrap_or(0);
+                let written = run_blocking(self.host.as_ref(), move || {
+                    engine.write_held_for_partner(from, req.lun, req.offset)
+                })
+                .await;
+                return match written {
+                    Ok(_) => wire::ok(&[]),
+                    Err(e) => {
+                        tracing::warn!(
+                            "the partner's request to write our copies was refused: {e}"
+                        );
+                        wire::err(&e)
+                    }
+                };
+            }
+            wire::OP_WRITE_RECORDS_FOR_PARTNER => {
+                let engine = self.clone();
+                let from = self.cluster.as_ref().map(|c| c.partner()).unwrap_or(0);
+                let written = run_blocking(self.host.as_ref(), move || {
+                    engine.write_shipped_for_partner(from, req.lun, req.offset, req.len, &req.data)
+                })
+                .await;
+                return match written {
+                    Ok(_) => wire::ok(&[]),
+                    Err(e) => {
+                        tracing::warn!("the partner's shipped records were refused: {e}");
+                        wire::err(&e)
+                    }
+                };
+            }
             wire::OP_RESYNC_WRITE | wire::OP_RESYNC_DONE | wire::OP_OUT_OF_SYNC => {
                 let engine = self.clone();
                 let from = self.cluster.as_ref().map(|c| c.partner()).unwrap_or(0);

@@ -8,11 +8,13 @@
 
 use super::core::{Engine, ReplayReport};
 use super::takeover_state::{FlushDelegate, RangesToMove, TakeoverProgress};
+use crate::apply::RecordWrite;
+use crate::cluster::wire;
 use crate::cluster::{NodeId, RangeState};
 use crate::lease::Verdict;
 use crate::mirror::ReplayError;
 use crate::nvram::takeover_note::{self, TakeoverNote};
-use crate::nvram::Layout;
+use crate::nvram::{Layout, RecordKind};
 use std::future::Future;
 use std::time::Duration;
 
@@ -507,6 +509,25 @@ impl Engine {
         }
         // Each node its own medium: the partner's must hold every write of the ranges.
         if c.own_storage() {
+            // Copies it holds that we never asked it to write (records our restart replayed
+            // into our medium) go to its medium now: dropped later, they would mark it
+            // outdated at the epoch this move ends (simulator seed 3170 with --storage own).
+            if let Err(e) = self.partner_writes_held().await {
+                return reopen(format!(
+                    "node {} did not write the copies it holds of our records: {e}; no range moved",
+                    c.node_name(partner)
+                ))
+                .await;
+            }
+            // A batch our medium failed during the drain went to the partner's and marked
+            // ours, at the epoch the move would end (simulator seed 271 with --storage own).
+            if let Some(r) = ranges.iter().find(|&&(l, r)| c.own_medium_outdated(l, r)) {
+                return reopen(format!(
+                    "this node's own medium became outdated for range {r:?} while the staged writes drained (a batch failed on it): it is repaired from node {}'s medium first; no range moved",
+                    c.node_name(partner)
+                ))
+                .await;
+            }
             let stale = match c.outdated_ranges(partner) {
                 Ok(stale) => stale,
                 Err(e) => {
@@ -580,32 +601,7 @@ impl Engine {
                 return Err("this node does not hold its disk lease either".into());
             }
         }
-        // The table is read once per request, not per record.
-        let table = std::cell::OnceCell::new();
-        let owners = self.cluster.as_ref().map(|c| {
-            let luns = self.luns.clone();
-            move |lun: u32, offset: u64| -> Result<bool, String> {
-                let range = luns.get(lun as usize).map_or(0, |l| l.range_of(offset));
-                let t = match table.get() {
-                    Some(t) => t,
-                    None => {
-                        let read = c
-                            .table_on_medium()
-                            .map_err(|e| format!("reading the ownership table: {e}"))?;
-                        table.get_or_init(|| read)
-                    }
-                };
-                Ok(t.as_ref()
-                    .and_then(|t| t.luns.get(lun as usize)?.get(range as usize))
-                    .is_some_and(|o| o.owner == from))
-            }
-        });
-        let allowed = |lun: u32, offset: u64| -> Result<bool, String> {
-            match &owners {
-                Some(check) => check(lun, offset),
-                None => Ok(true),
-            }
-        };
+        let allowed = self.owned_by_checker(from);
         let n = ss.write_for_partner(partition, first, last, count, &self.luns, &allowed)?;
         if self.cluster.as_ref().is_some_and(|c| c.own_storage()) {
             // Each node its own medium: this is how the partner's writes reach ours.
@@ -614,5 +610,174 @@ impl Engine {
             tracing::warn!(partition, "the partner's medium path failed: wrote its records {first}..={last} from our second store");
         }
         Ok(n)
+    }
+
+    /// Whether a record at (lun, offset) is of a range the ownership table on the medium
+    /// gives to `from` (read once, at the first record asked about).
+    fn owned_by_checker(&self, from: NodeId) -> impl Fn(u32, u64) -> Result<bool, String> + '_ {
+        let table = std::cell::OnceCell::new();
+        move |lun: u32, offset: u64| -> Result<bool, String> {
+            let Some(c) = &self.cluster else {
+                return Ok(true);
+            };
+            let range = self
+                .luns
+                .get(lun as usize)
+                .map_or(0, |l| l.range_of(offset));
+            let t = match table.get() {
+                Some(t) => t,
+                None => {
+                    let read = c
+                        .table_on_medium()
+                        .map_err(|e| format!("reading the ownership table: {e}"))?;
+                    table.get_or_init(|| read)
+                }
+            };
+            Ok(t.as_ref()
+                .and_then(|t| t.luns.get(lun as usize)?.get(range as usize))
+                .is_some_and(|o| o.owner == from))
+        }
+    }
+
+    /// `storage = "own"`: the partner's medium failed a flush batch of its `partition` and it
+    /// sent the records along (`request`, see `wire::OP_WRITE_RECORDS_FOR_PARTNER`): writes
+    /// them to our medium. Refused where ours is marked outdated too (neither medium would
+    /// then hold the range whole) or the range is no longer the partner's.
+    pub fn write_shipped_for_partner(
+        &self,
+        from: NodeId,
+        partition: u32,
+        through_seq: u64,
+        chunk_flags: u32,
+        records: &[u8],
+    ) -> Result<usize, String> {
+        let ss = self
+            .second_store
+            .as_ref()
+            .ok_or("this node keeps no second store")?;
+        let c = self
+            .cluster
+            .as_ref()
+            .filter(|c| c.own_storage())
+            .ok_or("records are shipped only between nodes with a medium each")?;
+        if c.lease().is_some_and(|l| !l.holds()) {
+            return Err("this node does not hold its disk lease either".into());
+        }
+        let shipped = wire::decode_records(records).ok_or("malformed shipped records")?;
+        let ours = c
+            .outdated_ranges(c.me)
+            .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
+        let mut writes = Vec::with_capacity(shipped.len());
+        for r in &shipped {
+            let lun = self.luns.get(r.lun as usize).ok_or_else(|| {
+                format!("shipped record seq {}: LUN {} does not exist", r.seq, r.lun)
+            })?;
+            let fits = r.offset.checked_add(r.len).is_some_and(|e| e <= lun.size);
+            if !fits {
+                return Err(format!(
+                    "shipped record seq {}: {}+{} is outside LUN {}",
+                    r.seq, r.offset, r.len, lun.name
+                ));
+            }
+            let range = (r.lun, lun.range_of(r.offset));
+            if ours.contains(&range) {
+                return Err(format!(
+                    "node {}'s medium is outdated for LUN {} range {} too: neither medium would hold it whole",
+                    self.node, lun.name, range.1
+                ));
+            }
+            writes.push(RecordWrite {
+                partition,
+                seq: r.seq,
+                kind: if r.zero {
+                    RecordKind::Zero
+                } else {
+                    RecordKind::Data
+                },
+                lun: r.lun,
+                offset: r.offset,
+                len: r.len,
+                data: r.data,
+            });
+        }
+        let chunk = (
+            chunk_flags & wire::FIRST_CHUNK != 0,
+            chunk_flags & wire::LAST_CHUNK != 0,
+        );
+        let allowed = self.owned_by_checker(from);
+        let n = ss.write_shipped_for_partner(
+            partition,
+            through_seq,
+            chunk,
+            &writes,
+            &self.luns,
+            &allowed,
+        )?;
+        tracing::debug!(
+            partition,
+            "the partner's medium failed a batch: wrote its {n} record(s) through seq {through_seq} to our medium"
+        );
+        Ok(n)
+    }
+
+    /// `storage = "own"`: the partner restarted with its medium outdated for ranges whose
+    /// records it replayed into it: writes every copy we hold of its `partition` through
+    /// `through_seq` to our medium (see `engine::restart_sync`). Refused where ours is
+    /// outdated too.
+    pub fn write_held_for_partner(
+        &self,
+        from: NodeId,
+        partition: u32,
+        through_seq: u64,
+    ) -> Result<usize, String> {
+        let ss = self
+            .second_store
+            .as_ref()
+            .ok_or("this node keeps no second store")?;
+        let c = self
+            .cluster
+            .as_ref()
+            .filter(|c| c.own_storage())
+            .ok_or("held copies are written this way only between nodes with a medium each")?;
+        if c.lease().is_some_and(|l| !l.holds()) {
+            return Err("this node does not hold its disk lease either".into());
+        }
+        let ours = c
+            .outdated_ranges(c.me)
+            .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
+        let allowed = self.owned_by_checker(from);
+        let luns = self.luns.clone();
+        let not_outdated_here = |lun: u32, offset: u64| -> Result<bool, String> {
+            let range = luns.get(lun as usize).map_or(0, |l| l.range_of(offset));
+            if ours.contains(&(lun, range)) {
+                return Err(format!(
+                    "node {}'s medium is outdated for LUN {lun} range {range} too: neither medium would hold it whole",
+                    self.node
+                ));
+            }
+            allowed(lun, offset)
+        };
+        let n =
+            ss.write_held_for_partner(partition, through_seq, &self.luns, &not_outdated_here)?;
+        tracing::info!(
+            partition,
+            "the partner restarted with its medium outdated: wrote the {n} copies we held of its records through seq {through_seq} to our medium"
+        );
+        Ok(n)
+    }
+
+    /// `storage = "own"`, before a planned move: the partner writes every copy it holds of
+    /// our records that we flushed to its medium (after the move's drain, these are only
+    /// records our restart replayed into our medium and never asked it to write).
+    async fn partner_writes_held(&self) -> Result<(), String> {
+        let c = self.cluster.as_ref().ok_or("not a cluster node")?;
+        let fwd = c.forwarder().ok_or("the link to the partner is down")?;
+        for p in &self.parts {
+            let through = p.status().flushed_through;
+            if through > 0 {
+                fwd.write_held(p.id, through).await?;
+            }
+        }
+        Ok(())
     }
 }

@@ -10,7 +10,9 @@
 
 mod second_store;
 
-pub use second_store::{ReplayError, SecondStoreArea, SecondStoreReplay, SecondStoreStatus};
+pub use second_store::{
+    OwnMedium, ReplayError, SecondStoreArea, SecondStoreReplay, SecondStoreStatus,
+};
 
 use crate::config::DegradedPolicy;
 use rdma_link::Post;

@@ -54,6 +54,19 @@ pub type Pin = Box<dyn Fn(u32, u64) -> bool + Send + Sync>;
 pub type MarkOwnOutdated =
     Box<dyn Fn(Option<&[(u32, u64, u64)]>) -> Result<(), String> + Send + Sync>;
 
+/// With a medium per node: whether each copy at (lun, offset) that a release would drop
+/// unwritten goes to our medium first instead of marking it outdated: where the partner's
+/// own medium misses the range (its writes failed), ours must stay the one that holds every
+/// write.
+pub type WriteBeforeDrop = Box<dyn Fn(&[(u32, u64)]) -> Vec<bool> + Send + Sync>;
+
+/// What a release does with copies our medium lacks (`storage = "own"`).
+pub struct OwnMedium {
+    pub mark: MarkOwnOutdated,
+    pub write_first: WriteBeforeDrop,
+    pub luns: Arc<Vec<Arc<Lun>>>,
+}
+
 /// The partner's partitions inside our NVRAM.
 pub struct SecondStoreArea {
     region: Arc<NvramRegion>,
@@ -63,7 +76,7 @@ pub struct SecondStoreArea {
     held: Mutex<Vec<PartnerPartition>>,
     pin: Mutex<Option<Pin>>,
     /// Set with a medium per node: a release never drops a copy our medium lacks unmarked.
-    own_medium: Mutex<Option<MarkOwnOutdated>>,
+    own_medium: Mutex<Option<OwnMedium>>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -109,8 +122,8 @@ impl SecondStoreArea {
 
     /// With a medium per node: every held copy must reach our medium (the partner asks,
     /// `write_for_partner`), and one a release drops unwritten marks our medium outdated.
-    pub fn keep_own_medium(&self, mark: MarkOwnOutdated) {
-        *self.own_medium.lock().unwrap_or_else(|p| p.into_inner()) = Some(mark);
+    pub fn keep_own_medium(&self, own: OwnMedium) {
+        *self.own_medium.lock().unwrap_or_else(|p| p.into_inner()) = Some(own);
     }
 
     fn own_medium_kept(&self) -> bool {
@@ -155,36 +168,85 @@ impl SecondStoreArea {
     /// our medium outdated for the copies it would drop unwritten. False: keep them.
     fn mark_before_drop(&self, partition: u32, through_seq: u64) -> bool {
         let own = self.own_medium.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mark) = own.as_ref() else {
+        let Some(own) = own.as_ref() else {
             return true;
         };
         let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
         let log = self.partition_log(partition);
-        let (dropped, headless) = {
+        let (mut dropped, to_write, every_held, headless) = {
             let held = self.held();
             let Some(pp) = held.get(partition as usize) else {
                 return true;
             };
             let mut headless = false;
-            let mut dropped = Vec::new();
+            let mut unwritten = Vec::new();
             for (&seq, h) in pp.records.range(..=through_seq) {
                 match self.held_header(log, partition, seq, h) {
                     // A pinned copy stays held (a takeover replays it).
                     Some(hd) if pin.as_ref().is_some_and(|p| p(hd.lun, hd.offset)) => {}
                     Some(hd) if matches!(hd.kind, RecordKind::Data | RecordKind::Zero) => {
-                        dropped.push((hd.lun, hd.offset, u64::from(hd.len)))
+                        unwritten.push((seq, *h, hd))
                     }
                     Some(_) => {}
                     None => headless = true,
                 }
             }
-            (dropped, headless)
+            let keys: Vec<(u32, u64)> = unwritten
+                .iter()
+                .map(|(_, _, hd)| (hd.lun, hd.offset))
+                .collect();
+            let first = if keys.is_empty() {
+                Vec::new()
+            } else {
+                (own.write_first)(&keys)
+            };
+            let (mut dropped, mut to_write) = (Vec::new(), Vec::new());
+            for (i, (seq, h, hd)) in unwritten.into_iter().enumerate() {
+                if first.get(i).copied().unwrap_or(false) {
+                    to_write.push((seq, h));
+                } else {
+                    dropped.push((hd.lun, hd.offset, u64::from(hd.len)));
+                }
+            }
+            let every: Vec<(u64, Held)> = pp.records.iter().map(|(s, h)| (*s, *h)).collect();
+            (dropped, to_write, every, headless)
         };
         drop(pin);
+        if !to_write.is_empty() {
+            let mut applier = Applier::new(&own.luns);
+            let written = self
+                .apply_held(
+                    partition,
+                    &to_write,
+                    &every_held,
+                    0,
+                    &mut applier,
+                    &|_, _| Ok(true),
+                )
+                .and_then(|()| applier.sync().map(|_| ()).map_err(|e| e.to_string()));
+            match written {
+                Ok(()) => tracing::info!(
+                    partition,
+                    "wrote {} mirrored record(s) to our medium before dropping them: the partner's own medium misses their ranges",
+                    to_write.len()
+                ),
+                Err(e) => {
+                    tracing::error!(
+                        partition,
+                        "writing mirrored records to our medium before dropping them failed ({e}): marking it outdated instead"
+                    );
+                    for (seq, h) in &to_write {
+                        if let Some(hd) = self.held_header(log, partition, *seq, h) {
+                            dropped.push((hd.lun, hd.offset, u64::from(hd.len)));
+                        }
+                    }
+                }
+            }
+        }
         if dropped.is_empty() && !headless {
             return true;
         }
-        match mark((!headless).then_some(dropped.as_slice())) {
+        match (own.mark)((!headless).then_some(dropped.as_slice())) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(
@@ -543,28 +605,58 @@ impl SecondStoreArea {
         if partition >= self.layout.partitions {
             return Err(format!("partition {partition} does not exist"));
         }
-        let log = self.partition_log(partition);
         let every_held: Vec<(u64, Held)> = self
             .held()
             .get(partition as usize)
             .map(|m| m.records.iter().map(|(s, h)| (*s, *h)).collect())
             .unwrap_or_default();
-        let dead = self.void_marks(log, partition, every_held.iter().map(|(s, h)| (s, h)));
-        // With a medium per node the partner's request is the normal way its records reach
-        // ours: older held copies it never asked for (it replayed them itself at a restart)
-        // go first, in sequence order, so that our medium applies its writes in its order.
-        let older: Vec<(u64, Held)> = if self.own_medium_kept() {
-            every_held
-                .iter()
-                .filter(|(s, _)| *s < first)
-                .copied()
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let older = self.older_unasked(first, &every_held);
         let mut applier = Applier::new(luns);
         let asked_from = held.first().map_or(first, |(s, _)| *s);
-        for (seq, h) in older.iter().chain(&held) {
+        let records: Vec<(u64, Held)> = older.iter().chain(&held).copied().collect();
+        self.apply_held(
+            partition,
+            &records,
+            &every_held,
+            asked_from,
+            &mut applier,
+            allowed,
+        )?;
+        applier.sync().map_err(|e| e.to_string())?;
+        self.release_held(partition, last);
+        Ok(older.len() + held.len())
+    }
+
+    /// With a medium per node the partner's request is the normal way its records reach
+    /// ours: older held copies it never asked for (it replayed them itself at a restart) go
+    /// first, in sequence order, so that our medium applies its writes in its order.
+    fn older_unasked(&self, first: u64, every_held: &[(u64, Held)]) -> Vec<(u64, Held)> {
+        if !self.own_medium_kept() {
+            return Vec::new();
+        }
+        every_held
+            .iter()
+            .filter(|(s, _)| *s < first)
+            .copied()
+            .collect()
+    }
+
+    /// Applies held copies `records` of `partition` (in order) through `applier`, skipping
+    /// dead and void ones; a copy of a range that is no longer the partner's is skipped if
+    /// older than `asked_from` (the new owner replayed it, or it was never acknowledged),
+    /// else an error.
+    fn apply_held(
+        &self,
+        partition: u32,
+        records: &[(u64, Held)],
+        every_held: &[(u64, Held)],
+        asked_from: u64,
+        applier: &mut Applier<'_>,
+        allowed: &dyn Fn(u32, u64) -> Result<bool, String>,
+    ) -> Result<(), String> {
+        let log = self.partition_log(partition);
+        let dead = self.void_marks(log, partition, every_held.iter().map(|(s, h)| (s, h)));
+        for (seq, h) in records {
             let header = self
                 .held_header(log, partition, *seq, h)
                 .ok_or_else(|| format!("mirrored record seq {seq} is not intact"))?;
@@ -580,9 +672,6 @@ impl SecondStoreArea {
             }
             if !allowed(header.lun, header.offset)? {
                 if *seq < asked_from {
-                    // An older copy of a range the partner lost since: the new owner
-                    // replayed it at its takeover, or it was never acknowledged. Never ours
-                    // to write.
                     continue;
                 }
                 return Err(format!(
@@ -593,9 +682,101 @@ impl SecondStoreArea {
                 .apply(&record_write(partition, &header, data))
                 .map_err(|e| e.to_string())?;
         }
+        Ok(())
+    }
+
+    /// With a medium per node: the partner restarted with its medium outdated for ranges it
+    /// replayed records of (see `engine::restart_sync`): writes every copy we hold of its
+    /// `partition` through `through_seq` (in order; dead ones and those of ranges no longer
+    /// the partner's skipped) to our medium, then drops them.
+    pub fn write_held_for_partner(
+        &self,
+        partition: u32,
+        through_seq: u64,
+        luns: &[Arc<Lun>],
+        allowed: &dyn Fn(u32, u64) -> Result<bool, String>,
+    ) -> Result<usize, String> {
+        if partition >= self.layout.partitions {
+            return Err(format!("partition {partition} does not exist"));
+        }
+        let every_held: Vec<(u64, Held)> = self
+            .held()
+            .get(partition as usize)
+            .map(|m| m.records.iter().map(|(s, h)| (*s, *h)).collect())
+            .unwrap_or_default();
+        let asked: Vec<(u64, Held)> = every_held
+            .iter()
+            .filter(|(s, _)| *s <= through_seq)
+            .copied()
+            .collect();
+        let mut applier = Applier::new(luns);
+        self.apply_held(
+            partition,
+            &asked,
+            &every_held,
+            u64::MAX,
+            &mut applier,
+            allowed,
+        )?;
         applier.sync().map_err(|e| e.to_string())?;
-        self.release_held(partition, last);
-        Ok(older.len() + held.len())
+        self.release_held(partition, through_seq);
+        Ok(asked.len())
+    }
+
+    /// With a medium per node: the partner's medium failed a flush batch of `partition` and
+    /// it sent the batch's records along (`shipped`, in seq order, through `through_seq`):
+    /// writes them to our medium (not from our copies, which a link flap may have left
+    /// incomplete). On the batch's first request the older copies it never asked for go
+    /// first; after its last, our copies through `through_seq` go. `allowed` as for
+    /// [`Self::write_for_partner`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_shipped_for_partner(
+        &self,
+        partition: u32,
+        through_seq: u64,
+        chunk: (bool, bool),
+        shipped: &[RecordWrite<'_>],
+        luns: &[Arc<Lun>],
+        allowed: &dyn Fn(u32, u64) -> Result<bool, String>,
+    ) -> Result<usize, String> {
+        if partition >= self.layout.partitions {
+            return Err(format!("partition {partition} does not exist"));
+        }
+        let (first_chunk, last_chunk) = chunk;
+        let mut applier = Applier::new(luns);
+        let mut older = 0;
+        if first_chunk {
+            let every_held: Vec<(u64, Held)> = self
+                .held()
+                .get(partition as usize)
+                .map(|m| m.records.iter().map(|(s, h)| (*s, *h)).collect())
+                .unwrap_or_default();
+            let below = shipped.first().map_or(through_seq + 1, |r| r.seq);
+            let unasked = self.older_unasked(below, &every_held);
+            self.apply_held(
+                partition,
+                &unasked,
+                &every_held,
+                below,
+                &mut applier,
+                allowed,
+            )?;
+            older = unasked.len();
+        }
+        for r in shipped {
+            if !allowed(r.lun, r.offset)? {
+                return Err(format!(
+                    "shipped record seq {} is for a range that is no longer the partner's; not written",
+                    r.seq
+                ));
+            }
+            applier.apply(r).map_err(|e| e.to_string())?;
+        }
+        applier.sync().map_err(|e| e.to_string())?;
+        if last_chunk {
+            self.release_held(partition, through_seq);
+        }
+        Ok(older + shipped.len())
     }
 }
 

@@ -32,7 +32,8 @@ const LOOK_EVERY: Duration = Duration::from_millis(250);
 /// at for ranges to resync.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// With `storage = "own"`, until the link closes: while it is up, copies every range we own
+/// With `storage = "own"`, until the link closes: while it is up, repairs every range we own
+/// that our own medium is outdated for (`engine::repair`), then copies every range we own
 /// that the partner's medium is outdated for (`engine::resync`).
 pub async fn resync_while_up(engine: Arc<Engine>, link: Link) {
     if !engine.cluster().is_some_and(|c| c.own_storage()) {
@@ -47,9 +48,15 @@ pub async fn resync_while_up(engine: Arc<Engine>, link: Link) {
             LinkState::Up(_) => {}
             _ => continue,
         }
-        let asked = engine
-            .resync_partner(|req: Vec<u8>| ask_partner(link.clone(), req))
-            .await;
+        let ask = |req: Vec<u8>| ask_partner(link.clone(), req);
+        let asked = match engine.finish_restart_sync(ask).await {
+            Ok(()) => engine.repair_own_medium(ask).await,
+            Err(e) => Err(e),
+        };
+        let asked = match asked {
+            Ok(_) => engine.resync_partner(ask).await,
+            Err(e) => Err(e),
+        };
         match asked {
             Ok(_) => last_error.clear(),
             Err(e) if e != last_error => {

@@ -1,0 +1,117 @@
+//! A start with our own medium outdated for ranges we own (`storage = "own"`): our medium
+//! failed batches of them, which went to the partner's medium, so their reads come from the
+//! partner's. The start replays our log into our medium as always; the records of those
+//! ranges are then on our (outdated) medium only, and reads from the partner's would miss
+//! them (simulator seed 354 with --storage own: a read answered an older version). So those
+//! ranges stay closed until the partner has written its copies of these records (it holds
+//! every one we replayed: acknowledged writes of a range ours is outdated for were
+//! mirrored) to its medium, once the link is up.
+
+use super::core::Engine;
+use crate::cluster::{wire, Cluster, LunRange, RangeState};
+use crate::lun::Lun;
+use crate::nvram::scan::ScanResult;
+use crate::nvram::PartitionCheckpoint;
+use std::future::Future;
+use std::sync::Arc;
+
+/// What the partner's medium must get before some ranges serve after this start.
+#[derive(Debug, Default)]
+pub struct RestartSync {
+    /// Ranges we own, our medium outdated for, with records replayed at this start.
+    ranges: Vec<LunRange>,
+    /// Per partition: the last seq replayed (the partner writes its copies through it).
+    through: Vec<(u32, u64)>,
+}
+
+impl RestartSync {
+    /// From the scan of our log at this start.
+    pub(super) fn of_scans(
+        c: &Cluster,
+        luns: &[Arc<Lun>],
+        scans: &[(PartitionCheckpoint, ScanResult)],
+    ) -> RestartSync {
+        let mut sync = RestartSync::default();
+        for (p, (_, scan)) in scans.iter().enumerate() {
+            let mut last = None;
+            for r in &scan.records {
+                let h = &r.header;
+                let Some(lun) = luns.get(h.lun as usize) else {
+                    continue;
+                };
+                let range = (h.lun, lun.range_of(h.offset));
+                if c.owns(range.0, range.1) && c.own_medium_outdated(range.0, range.1) {
+                    sync.ranges.push(range);
+                    last = Some(h.seq);
+                }
+            }
+            if let Some(last) = last {
+                sync.through.push((p as u32, last));
+            }
+        }
+        sync.ranges.sort_unstable();
+        sync.ranges.dedup();
+        sync
+    }
+}
+
+impl Engine {
+    /// At the start: the ranges waiting for the partner stay closed (their I/O waits).
+    pub(super) fn hold_restart_sync(&self) {
+        let (Some(c), sync) = (&self.cluster, self.restart_sync_state()) else {
+            return;
+        };
+        if sync.ranges.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            "our own medium is outdated for range(s) {:?}, and this start replayed records of them into it: they serve once node {}'s medium has them too (when the link is up)",
+            sync.ranges,
+            c.node_name(c.partner())
+        );
+        c.close_gates(&sync.ranges);
+    }
+
+    fn restart_sync_state(&self) -> std::sync::MutexGuard<'_, RestartSync> {
+        self.restart_sync.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// While the link is up: has the partner write its copies of the records this start
+    /// replayed into our outdated medium to its own, then opens those ranges.
+    pub async fn finish_restart_sync<Asked>(
+        &self,
+        ask: impl Fn(Vec<u8>) -> Asked,
+    ) -> Result<(), String>
+    where
+        Asked: Future<Output = Result<Vec<u8>, String>>,
+    {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        let through = self.restart_sync_state().through.clone();
+        if through.is_empty() {
+            return Ok(());
+        }
+        for (partition, last) in through {
+            let req = wire::encode(wire::OP_WRITE_HELD_FOR_PARTNER, partition, last, 0, &[]);
+            wire::answer(&ask(req).await?).map_err(|e| {
+                format!(
+                    "node {} did not write its copies of partition {partition} through seq {last} to its medium: {e}",
+                    c.node_name(c.partner())
+                )
+            })?;
+        }
+        let ranges = std::mem::take(&mut *self.restart_sync_state()).ranges;
+        // Only ranges still closed and ours: one may have moved meanwhile.
+        let open: Vec<LunRange> = ranges
+            .into_iter()
+            .filter(|&(l, r)| c.state(l, r) == RangeState::TakingOver && c.owns(l, r))
+            .collect();
+        c.finish_takeover(&open);
+        tracing::warn!(
+            "node {}'s medium has the records this start replayed of range(s) {open:?}: they serve again",
+            c.node_name(c.partner())
+        );
+        Ok(())
+    }
+}
