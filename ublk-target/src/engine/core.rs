@@ -195,7 +195,7 @@ pub struct Engine {
     pub(super) dropped_during_resync: Arc<Mutex<std::collections::BTreeSet<(u32, u32)>>>,
     /// `storage = "own"`: records of ranges our medium is outdated for that this start
     /// replayed into it; the partner's medium gets them before the ranges serve.
-    pub(super) restart_sync: Mutex<super::restart_sync::RestartSync>,
+    pub(super) restart_sync: Mutex<super::takeover_state::RestartSync>,
     /// `storage = "own"`: orders the resync's copies against the flusher's batches.
     pub(super) copy_fence: Arc<crate::copy_fence::CopyFence>,
     /// The resync's rate limit in bytes per second, 0: none (`cluster.resync_rate_mib_s`,

@@ -6,9 +6,8 @@ use super::core::{
     Engine, EngineError, EngineOptions, OpenMode, OutOfSyncOptions, ReplayReport, Stopping,
 };
 use super::flush_context::NodeFlushContext;
-use super::restart_sync::RestartSync;
 use super::serving::ServingRight;
-use super::takeover_state::TakeoverState;
+use super::takeover_state::{RestartSync, TakeoverState};
 use crate::apply::{Applier, RecordWrite};
 use crate::block::BLOCK_SIZE;
 use crate::cluster::{Cluster, ClusterSetup};

@@ -8,52 +8,9 @@
 //! mirrored) to its medium, once the link is up.
 
 use super::core::Engine;
-use crate::cluster::{wire, Cluster, LunRange, RangeState};
-use crate::lun::Lun;
-use crate::nvram::scan::ScanResult;
-use crate::nvram::PartitionCheckpoint;
+use super::takeover_state::RestartSync;
+use crate::cluster::{wire, LunRange, RangeState};
 use std::future::Future;
-use std::sync::Arc;
-
-/// What the partner's medium must get before some ranges serve after this start.
-#[derive(Debug, Default)]
-pub struct RestartSync {
-    /// Ranges we own, our medium outdated for, with records replayed at this start.
-    ranges: Vec<LunRange>,
-    /// Per partition: the last seq replayed (the partner writes its copies through it).
-    through: Vec<(u32, u64)>,
-}
-
-impl RestartSync {
-    /// From the scan of our log at this start.
-    pub(super) fn of_scans(
-        c: &Cluster,
-        luns: &[Arc<Lun>],
-        scans: &[(PartitionCheckpoint, ScanResult)],
-    ) -> RestartSync {
-        let mut sync = RestartSync::default();
-        for (p, (_, scan)) in scans.iter().enumerate() {
-            let mut last = None;
-            for r in &scan.records {
-                let h = &r.header;
-                let Some(lun) = luns.get(h.lun as usize) else {
-                    continue;
-                };
-                let range = (h.lun, lun.range_of(h.offset));
-                if c.owns(range.0, range.1) && c.own_medium_outdated(range.0, range.1) {
-                    sync.ranges.push(range);
-                    last = Some(h.seq);
-                }
-            }
-            if let Some(last) = last {
-                sync.through.push((p as u32, last));
-            }
-        }
-        sync.ranges.sort_unstable();
-        sync.ranges.dedup();
-        sync
-    }
-}
 
 impl Engine {
     /// At the start: the ranges waiting for the partner stay closed (their I/O waits).

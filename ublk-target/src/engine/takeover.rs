@@ -10,9 +10,9 @@ use super::core::{Engine, ReplayReport};
 use super::takeover_state::{FlushDelegate, RangesToMove, TakeoverProgress};
 use crate::apply::RecordWrite;
 use crate::cluster::wire;
-use crate::cluster::{NodeId, RangeState};
+use crate::cluster::{LunRange, NodeId, RangeState};
 use crate::lease::Verdict;
-use crate::mirror::ReplayError;
+use crate::mirror::{ReplayError, SecondStoreArea};
 use crate::nvram::takeover_note::{self, TakeoverNote};
 use crate::nvram::{Layout, RecordKind};
 use std::future::Future;
@@ -651,22 +651,8 @@ impl Engine {
         chunk_flags: u32,
         records: &[u8],
     ) -> Result<usize, String> {
-        let ss = self
-            .second_store
-            .as_ref()
-            .ok_or("this node keeps no second store")?;
-        let c = self
-            .cluster
-            .as_ref()
-            .filter(|c| c.own_storage())
-            .ok_or("records are shipped only between nodes with a medium each")?;
-        if c.lease().is_some_and(|l| !l.holds()) {
-            return Err("this node does not hold its disk lease either".into());
-        }
+        let (ss, ours) = self.own_medium_request()?;
         let shipped = wire::decode_records(records).ok_or("malformed shipped records")?;
-        let ours = c
-            .outdated_ranges(c.me)
-            .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
         let mut writes = Vec::with_capacity(shipped.len());
         for r in &shipped {
             let lun = self.luns.get(r.lun as usize).ok_or_else(|| {
@@ -730,21 +716,7 @@ impl Engine {
         partition: u32,
         through_seq: u64,
     ) -> Result<usize, String> {
-        let ss = self
-            .second_store
-            .as_ref()
-            .ok_or("this node keeps no second store")?;
-        let c = self
-            .cluster
-            .as_ref()
-            .filter(|c| c.own_storage())
-            .ok_or("held copies are written this way only between nodes with a medium each")?;
-        if c.lease().is_some_and(|l| !l.holds()) {
-            return Err("this node does not hold its disk lease either".into());
-        }
-        let ours = c
-            .outdated_ranges(c.me)
-            .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
+        let (ss, ours) = self.own_medium_request()?;
         let allowed = self.owned_by_checker(from);
         let luns = self.luns.clone();
         let not_outdated_here = |lun: u32, offset: u64| -> Result<bool, String> {
@@ -779,5 +751,25 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The partner asks us (each node its own medium) to write its records to our medium:
+    /// our second store and the ranges our medium is outdated for, if we may write at all.
+    fn own_medium_request(&self) -> Result<(&SecondStoreArea, Vec<LunRange>), String> {
+        let ss = self
+            .second_store
+            .as_deref()
+            .ok_or("this node keeps no second store")?;
+        let c =
+            self.cluster.as_ref().filter(|c| c.own_storage()).ok_or(
+                "the partner's records reach our medium this way only with a medium per node",
+            )?;
+        if c.lease().is_some_and(|l| !l.holds()) {
+            return Err("this node does not hold its disk lease either".into());
+        }
+        let ours = c
+            .outdated_ranges(c.me)
+            .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
+        Ok((ss, ours))
     }
 }

@@ -2,7 +2,11 @@
 //! expected if the partner goes away, and how the flusher reaches the partner when our
 //! medium path fails. Plain state; the behaviour is in `takeover`.
 
+use crate::cluster::{Cluster, LunRange};
 use crate::host::BoxFuture;
+use crate::lun::Lun;
+use crate::nvram::scan::ScanResult;
+use crate::nvram::PartitionCheckpoint;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -157,5 +161,46 @@ impl TakeoverState {
                 p
             })
         })
+    }
+}
+
+/// What the partner's medium must get before some ranges serve after this start
+/// (`engine::restart_sync`).
+#[derive(Debug, Default)]
+pub struct RestartSync {
+    /// Ranges we own, our medium outdated for, with records replayed at this start.
+    pub(super) ranges: Vec<LunRange>,
+    /// Per partition: the last seq replayed (the partner writes its copies through it).
+    pub(super) through: Vec<(u32, u64)>,
+}
+
+impl RestartSync {
+    /// From the scan of our log at this start.
+    pub(super) fn of_scans(
+        c: &Cluster,
+        luns: &[Arc<Lun>],
+        scans: &[(PartitionCheckpoint, ScanResult)],
+    ) -> RestartSync {
+        let mut sync = RestartSync::default();
+        for (p, (_, scan)) in scans.iter().enumerate() {
+            let mut last = None;
+            for r in &scan.records {
+                let h = &r.header;
+                let Some(lun) = luns.get(h.lun as usize) else {
+                    continue;
+                };
+                let range = (h.lun, lun.range_of(h.offset));
+                if c.owns(range.0, range.1) && c.own_medium_outdated(range.0, range.1) {
+                    sync.ranges.push(range);
+                    last = Some(h.seq);
+                }
+            }
+            if let Some(last) = last {
+                sync.through.push((p as u32, last));
+            }
+        }
+        sync.ranges.sort_unstable();
+        sync.ranges.dedup();
+        sync
     }
 }
