@@ -316,7 +316,11 @@ impl Engine {
         let (_, l) = self.resync_target(from, lun, offset, data.len() as u64)?;
         l.medium
             .write_at(data, offset)
-            .map_err(|e| format!("writing our medium at {offset}: {e}"))
+            .map_err(|e| format!("writing our medium at {offset}: {e}"))?;
+        if let Some(ss) = &self.second_store {
+            ss.forget_resynced(lun, offset, data.len() as u64);
+        }
+        Ok(())
     }
 
     /// The partner's resync of range `range` of LUN `lun` is complete: make it durable, then

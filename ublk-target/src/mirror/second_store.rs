@@ -39,6 +39,9 @@ struct PartnerPartition {
     generation: u64,
     /// Unreleased records by seq.
     records: BTreeMap<u64, Held>,
+    /// The highest seq the partner said it flushed (its releases), even where we kept the
+    /// copies (marking our medium outdated failed): those are on its medium.
+    heard_flushed: u64,
 }
 
 /// Checkpoint-block slots of the persisted watermark (slots 0 and 1 are the partition log's).
@@ -339,6 +342,7 @@ impl SecondStoreArea {
             released,
             generation,
             records,
+            heard_flushed: released,
         }
     }
 
@@ -381,6 +385,40 @@ impl SecondStoreArea {
     }
 
     /// Forgets everything (the partner restarts mirroring from scratch).
+    /// With a medium per node, the partner's resync wrote `lun` at `offset..offset + len` of
+    /// our medium from its own: the copies we still hold there of records it said it
+    /// flushed are older than those bytes (the copy fence keeps its batches of the extent
+    /// from landing on its medium between its read and our write). Applied later as copies
+    /// it never asked us to write, they would overwrite them (simulator seed 3581 with
+    /// --storage own: copies kept when marking failed, written after the resync): forgotten.
+    /// In memory only: after a restart the partner's next release drops them.
+    pub fn forget_resynced(&self, lun: u32, offset: u64, len: u64) -> usize {
+        let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.held();
+        let mut forgotten = 0;
+        for (p, pp) in held.iter_mut().enumerate() {
+            let log = self.partition_log(p as u32);
+            let flushed = pp.heard_flushed;
+            pp.records.retain(|&seq, h| {
+                if seq > flushed {
+                    return true;
+                }
+                let Some(hd) = self.held_header(log, p as u32, seq, h) else {
+                    return true;
+                };
+                let overlaps = hd.lun == lun
+                    && hd.offset < offset.saturating_add(len)
+                    && offset < hd.offset.saturating_add(u64::from(hd.len));
+                let forget = overlaps
+                    && matches!(hd.kind, RecordKind::Data | RecordKind::Zero)
+                    && !pin.as_ref().is_some_and(|pinned| pinned(hd.lun, hd.offset));
+                forgotten += usize::from(forget);
+                !forget
+            });
+        }
+        forgotten
+    }
+
     pub fn clear(&self) {
         for m in self.held().iter_mut() {
             m.records.clear();
@@ -871,6 +909,7 @@ impl rdma_link::SecondStore for SecondStoreArea {
             pp.records.clear();
             pp.log_id = Some(header.log_id);
             pp.released = 0;
+            pp.heard_flushed = 0;
             self.write_watermark(partition, pp);
         }
         // A copy of a record the partner already flushed and released (a re-mirror that
@@ -882,6 +921,9 @@ impl rdma_link::SecondStore for SecondStoreArea {
     }
 
     fn on_release(&self, partition: u32, through_seq: u64) {
+        if let Some(pp) = self.held().get_mut(partition as usize) {
+            pp.heard_flushed = pp.heard_flushed.max(through_seq);
+        }
         if self.mark_before_drop(partition, through_seq) {
             self.release_held(partition, through_seq);
         }
