@@ -7,9 +7,10 @@
 //! through the life, blocking work run inline (simulated I/O does not block).
 
 use nvmirror::host::{BoxFuture, Host, TaskHandle};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -123,9 +124,8 @@ impl Future for Guarded {
 /// The engine's `Host` inside the simulation.
 pub struct SimHost {
     pub life: Arc<Life>,
-    /// With `--io-delay`: a counter whose hash (with the seed) draws each blocking call's
-    /// delay, reproducibly.
-    pub io_delay: Option<(u64, AtomicU64)>,
+    /// With `--io-delay`: draws each blocking call's delay, reproducibly (seeded per life).
+    pub io_delay: Option<Mutex<ChaCha8Rng>>,
 }
 
 impl Host for SimHost {
@@ -147,16 +147,13 @@ impl Host for SimHost {
         work();
         match &self.io_delay {
             None => Box::pin(std::future::ready(())),
-            Some((seed, calls)) => {
-                // splitmix64 of (seed, call number): 0-2 ms, in whole microseconds.
-                let mut z = seed
-                    ^ calls
-                        .fetch_add(1, Ordering::Relaxed)
-                        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^= z >> 31;
-                Box::pin(tokio::time::sleep(Duration::from_micros(z % 2000)))
+            Some(rng) => {
+                // 0-2 ms, in whole microseconds.
+                let us = rng
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .gen_range(0..2000);
+                Box::pin(tokio::time::sleep(Duration::from_micros(us)))
             }
         }
     }

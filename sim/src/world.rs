@@ -38,7 +38,6 @@ use rdma_link::{Link, LinkConfig, Region, ResyncPoint, Role, SecondStore, Transp
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -837,10 +836,9 @@ impl World {
         let host: Arc<dyn Host> = Arc::new(SimHost {
             life: life.clone(),
             io_delay: s.io_delay.then(|| {
-                (
+                Mutex::new(ChaCha8Rng::seed_from_u64(
                     s.seed ^ ((id as u64) << 48) ^ node.life_no as u64,
-                    AtomicU64::new(0),
-                )
+                ))
             }),
         });
         let timing = s.lease_timing();
@@ -1115,7 +1113,7 @@ impl World {
         r.life.spawn(async move {
             let taken = match engine.await_partner_silence(from).await {
                 Ok(()) => engine
-                    .take_over_ranges(from, None, Duration::from_millis(100))
+                    .take_over_ranges(from, None, Duration::from_millis(100), true)
                     .await
                     .map(|r| r.records),
                 Err(e) => Err(e),

@@ -265,11 +265,44 @@ fn own_medium_failure_seeds_pass() {
     seeds_pass(&[4, 79, 204, 271, 297, 354, 415, 1276, 1765], &mix);
 }
 
+/// Claim set A (one shared disk), found by the sweep of 2026-12-03 (seeds 1500-4499). Seed
+/// 3101 (split brain): n0 read its dead partner's heartbeat, was paused 1.5 s, and on
+/// resuming took the ranges over on that old reading while n1, restarted meanwhile, served
+/// them (a verdict of death now needs a recent read, and the takeover asks again right
+/// before its claim). Seed 4387 (LOST ACKNOWLEDGED WRITE): n1's takeover was interrupted
+/// (killed before its replay); n0, which had lost the range, released its records of it
+/// unwritten as dead and wrote flush marks past them; n1's restart then skipped its copy of
+/// an acknowledged write as "on the medium" (the marks now carry the ranges their writer
+/// lost, and where their partition stood then).
+#[test]
+fn takeover_freshness_and_lost_range_marks_seeds_pass() {
+    seeds_pass(&[3101, 4387], &FaultMix::all());
+}
+
+/// `storage = "own"`, found by the sweep of 2026-12-03 (own seeds 6000-8999). Seed 6473 (a
+/// bug of claim set A too): a takeover's replay failed on the taker's failing disk and was
+/// retried; meanwhile the old owner came back, read the table and voided its records of the
+/// range, and the retried replay honoured that void record: it skipped the copy of an
+/// acknowledged write as dead, and it was released unwritten (LOST ACKNOWLEDGED WRITE). A
+/// void record now carries the epoch its writer read, and a takeover replay honours only
+/// voids written under an older epoch than its claim. Seed 7469 (liveness): a node restarted
+/// with its disk outdated kept a range closed until the partner wrote its copies; the range
+/// moved to the partner meanwhile, and its gate stayed closed for good (it now opens as the
+/// table says).
+#[test]
+fn void_epoch_and_restart_sync_seeds_pass() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    seeds_pass(&[6473, 7469], &mix);
+}
+
 /// `storage = "own"` with medium I/O taking simulated time (`--io-delay`), so a resync's copy
 /// and the flusher's batches interleave. Without the copy fence (`copy_fence.rs`: a chunk
 /// and an overlapping batch never run at once), seeds 283, 316 and 389 (7 of 200-1199) left
 /// a copy older than a batch on the partner's disk after the resync withdrew its marks
-/// (LOST ACKNOWLEDGED WRITE on the drained disk).
+/// (LOST ACKNOWLEDGED WRITE on the drained disk). That was with the delays drawn by a
+/// hand-rolled hash; since they come from ChaCha8 (2026-12-03) the seeds draw other delays
+/// and run here as three more samples.
 #[test]
 fn resync_while_writing_seeds_pass() {
     let mut mix = FaultMix::all();

@@ -386,6 +386,15 @@ fn encode_tables(input: &[u8]) {
         flushed_through: (0..counts.iter().sum::<usize>().min(MAX_MARKS + 1))
             .map(word)
             .collect(),
+        lost: (0..(word(3) % 4) as usize)
+            .map(|i| crate::ownership::LostRange {
+                lun: word(4 + i) as u32,
+                range: (word(4 + i) >> 32) as u32,
+                epoch: word(8 + i),
+                partition: word(12 + i) as u32,
+                flushed_through: word(16 + i),
+            })
+            .collect(),
     };
     if let Ok(b) = marks.encode() {
         assert_eq!(
@@ -692,6 +701,13 @@ pub mod seeds {
             node: 0,
             log_id: SEED_LOG_ID,
             flushed_through: vec![3, 0, 9, 12],
+            lost: vec![crate::ownership::LostRange {
+                lun: 0,
+                range: 1,
+                epoch: 2,
+                partition: 1,
+                flushed_through: 0,
+            }],
         };
         if let Ok(b) = marks.encode() {
             let mut s = vec![1 | FLAG_SEAL];

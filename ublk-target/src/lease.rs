@@ -381,13 +381,29 @@ impl DiskLease {
             return Verdict::Unknown;
         };
         let silent = now.saturating_duration_since(w.changed_at);
+        // A silence seen long ago proves nothing now: the node may have restarted since and
+        // hold its lease again (its settle period counts from its first new heartbeat, so a
+        // claim must follow a recent read; simulator seed 3101: paused between its last read
+        // and the takeover, a node claimed ranges its restarted partner was serving).
+        let fresh = now.saturating_duration_since(w.seen_at) <= self.fresh_for();
         match w.record {
             None => Verdict::Absent,
-            Some(r) if r.released || w.seen_silent() >= self.timing.dead_after() => Verdict::Dead {
+            Some(r) if r.released => Verdict::Dead {
+                silent: w.seen_silent(),
+            },
+            Some(_) if fresh && w.seen_silent() >= self.timing.dead_after() => Verdict::Dead {
                 silent: w.seen_silent(),
             },
             Some(_) => Verdict::Alive { ago: silent },
         }
+    }
+
+    /// How old the last read of another node's heartbeat may be for a verdict of death: the
+    /// watch reads every renewal, and a read takes at most the I/O timeout. A node that
+    /// restarts heartbeats for `settle()` (twice that) before it reads the table, so a claim
+    /// written right after such a verdict is in the table it reads.
+    fn fresh_for(&self) -> Duration {
+        self.timing.renew + self.timing.io_timeout
     }
 
     /// A clean stop: marks the heartbeat released (the partner may take over at once) and

@@ -559,6 +559,7 @@ impl PartitionLog {
             start,
             end,
             below_seq,
+            epoch: None,
             awaiting_record: true,
         });
         below_seq
@@ -566,9 +567,16 @@ impl PartitionLog {
 
     /// Appends the void record of a span marked with [`PartitionLog::void_span`]: the mark
     /// then also covers what was staged in between (writes routed before the range moved),
-    /// and a restart or the partner's replay honours it.
-    pub async fn append_void(&self, lun: u32, start: u64, end: u64) -> Result<Staged, LogError> {
-        let payload = VoidMark::payload(start, end);
+    /// and a restart or the partner's replay honours it. `epoch`: the range's epoch in the
+    /// table as read when voiding (see `nvram::void`).
+    pub async fn append_void(
+        &self,
+        lun: u32,
+        start: u64,
+        end: u64,
+        epoch: u64,
+    ) -> Result<Staged, LogError> {
+        let payload = VoidMark::payload(start, end, epoch);
         self.append(
             RecordKind::Void,
             lun,

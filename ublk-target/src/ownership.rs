@@ -173,14 +173,67 @@ pub struct FlushMarks {
     pub node: u32,
     /// The NVRAM log the sequence numbers belong to.
     pub log_id: u64,
-    /// Per partition: every record up to this sequence number is on the medium.
+    /// Per partition: every record up to this sequence number is on the medium, except the
+    /// records of `lost` ranges above their own bound.
     pub flushed_through: Vec<u64>,
+    /// Ranges this node lost with records of them staged: those records died unwritten (the
+    /// flusher released them as dead), so `flushed_through` passing them does not mean they
+    /// are on the medium. A takeover replay under `epoch` (the claim this node learned of)
+    /// must replay the copies above `flushed_through` here (simulator seed 4387: a
+    /// restarted taker's replay skipped, by the marks, the copy of an acknowledged write the
+    /// old owner had released dead).
+    #[serde(default)]
+    pub lost: Vec<LostRange>,
 }
 
+/// See [`FlushMarks::lost`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LostRange {
+    pub lun: u32,
+    pub range: u32,
+    /// The range's epoch in the table the node read when it learned of the loss.
+    pub epoch: u64,
+    /// The partition the range stages in, and how far it was on the medium then.
+    pub partition: u32,
+    pub flushed_through: u64,
+}
+
+const LOST_RANGE_BYTES: usize = 32;
+
 impl FlushMarks {
+    /// The replay bound for a copy of `partition` in (`lun`, `range`) by a takeover that
+    /// claimed the range under `claimed_epoch` (None: unknown, the lowest bound applies).
+    pub fn flushed_bound(
+        &self,
+        partition: u32,
+        lun: u32,
+        range: u32,
+        claimed_epoch: Option<u64>,
+    ) -> u64 {
+        let marks = self
+            .flushed_through
+            .get(partition as usize)
+            .copied()
+            .unwrap_or(0);
+        self.lost
+            .iter()
+            .filter(|l| l.lun == lun && l.range == range && l.partition == partition)
+            .filter(|l| claimed_epoch.is_none_or(|e| l.epoch >= e))
+            .map(|l| l.flushed_through)
+            .fold(marks, u64::min)
+    }
+
+    /// How many lost ranges fit in the slot beside `partitions` marks.
+    pub fn lost_room(partitions: usize) -> usize {
+        SLOT_CRC_AT.saturating_sub(64 + partitions * 8) / LOST_RANGE_BYTES
+    }
+
     pub fn encode(&self) -> Result<Vec<u8>, TableError> {
         if self.flushed_through.len() > MAX_MARKS {
             return Err(TableError::TooLarge(self.flushed_through.len()));
+        }
+        if self.lost.len() > Self::lost_room(self.flushed_through.len()) {
+            return Err(TableError::TooLarge(self.lost.len()));
         }
         let mut b = vec![0u8; SLOT_BYTES as usize];
         b[0..4].copy_from_slice(&MARKS_MAGIC.to_le_bytes());
@@ -191,6 +244,17 @@ impl FlushMarks {
         b[28..32].copy_from_slice(&(self.flushed_through.len() as u32).to_le_bytes());
         for (i, seq) in self.flushed_through.iter().enumerate() {
             b[64 + i * 8..72 + i * 8].copy_from_slice(&seq.to_le_bytes());
+        }
+        // Bytes 32..36 were zero before lost ranges existed: an older slot reads as none.
+        b[32..36].copy_from_slice(&(self.lost.len() as u32).to_le_bytes());
+        let at = 64 + self.flushed_through.len() * 8;
+        for (i, l) in self.lost.iter().enumerate() {
+            let e = &mut b[at + i * LOST_RANGE_BYTES..at + (i + 1) * LOST_RANGE_BYTES];
+            e[0..4].copy_from_slice(&l.lun.to_le_bytes());
+            e[4..8].copy_from_slice(&l.range.to_le_bytes());
+            e[8..16].copy_from_slice(&l.epoch.to_le_bytes());
+            e[16..20].copy_from_slice(&l.partition.to_le_bytes());
+            e[24..32].copy_from_slice(&l.flushed_through.to_le_bytes());
         }
         seal_slot(&mut b);
         Ok(b)
@@ -203,18 +267,33 @@ impl FlushMarks {
         let u32_at = |i: usize| u32_at(b, i);
         let u64_at = |i: usize| u64_at(b, i);
         let n = u32_at(28) as usize;
+        let lost = u32_at(32) as usize;
         if u32_at(0) != MARKS_MAGIC
             || u32_at(4) != TABLE_VERSION
             || !slot_crc_ok(b)
             || n > MAX_MARKS
+            || lost > Self::lost_room(n)
         {
             return None;
         }
+        let at = 64 + n * 8;
         Some(FlushMarks {
             cluster_id: u64_at(8),
             node: u32_at(16),
             log_id: u64_at(20),
             flushed_through: (0..n).map(|i| u64_at(64 + i * 8)).collect(),
+            lost: (0..lost)
+                .map(|i| {
+                    let e = at + i * LOST_RANGE_BYTES;
+                    LostRange {
+                        lun: u32_at(e),
+                        range: u32_at(e + 4),
+                        epoch: u64_at(e + 8),
+                        partition: u32_at(e + 16),
+                        flushed_through: u64_at(e + 24),
+                    }
+                })
+                .collect(),
         })
     }
 }
@@ -526,5 +605,42 @@ mod tests {
             load_or_init(&store, &shape),
             Err(TableError::Layout { .. })
         ));
+    }
+
+    #[test]
+    fn flush_marks_keep_lost_ranges_and_bound_only_the_claim_they_saw() {
+        let lost = LostRange {
+            lun: 0,
+            range: 1,
+            epoch: 4,
+            partition: 1,
+            flushed_through: 10,
+        };
+        let m = FlushMarks {
+            cluster_id: 7,
+            node: 0,
+            log_id: 9,
+            flushed_through: vec![50, 60],
+            lost: vec![lost],
+        };
+        let b = m.encode().expect("fits");
+        assert_eq!(FlushMarks::decode(&b), Some(m.clone()));
+        // The claim the node learned of (epoch 4) replays above 10; an older claim's replay
+        // (done before that loss) and other ranges or partitions follow the marks.
+        assert_eq!(m.flushed_bound(1, 0, 1, Some(4)), 10);
+        assert_eq!(m.flushed_bound(1, 0, 1, None), 10);
+        assert_eq!(m.flushed_bound(1, 0, 1, Some(5)), 60);
+        assert_eq!(m.flushed_bound(1, 0, 0, Some(4)), 60);
+        assert_eq!(m.flushed_bound(0, 0, 1, Some(4)), 50);
+        // A slot written before lost ranges existed (bytes 32..36 zero) reads as none.
+        let mut old = m.clone();
+        old.lost.clear();
+        let b = old.encode().expect("fits");
+        assert_eq!(u32_at(&b, 32), 0);
+        assert_eq!(FlushMarks::decode(&b).map(|d| d.lost.len()), Some(0));
+        // More lost ranges than the slot holds are refused, not truncated silently.
+        let mut full = m;
+        full.lost = vec![lost; FlushMarks::lost_room(2) + 1];
+        assert!(full.encode().is_err());
     }
 }

@@ -874,9 +874,13 @@ fn takeover_of_some_ranges_replays_only_theirs_and_keeps_the_rest_for_later() {
     wait_for("B to see A down", || !p.link_b.state().is_up());
     p.b.cluster().expect("c").set_forwarder(None);
     // Range 1 is B's own: not the partner's, refused.
-    assert!(block_on(p.b.take_over_ranges(0, Some(&[(0, 1)]), Duration::from_millis(10))).is_err());
-    let first = block_on(p.b.take_over_ranges(0, Some(&[(0, 0)]), Duration::from_millis(10)))
-        .expect("takeover of range 0");
+    assert!(
+        block_on(p.b.take_over_ranges(0, Some(&[(0, 1)]), Duration::from_millis(10), false))
+            .is_err()
+    );
+    let first =
+        block_on(p.b.take_over_ranges(0, Some(&[(0, 0)]), Duration::from_millis(10), false))
+            .expect("takeover of range 0");
     assert_eq!(first.records, in_range(0));
     let owners: Vec<(String, u64)> =
         p.b.status()
@@ -888,8 +892,9 @@ fn takeover_of_some_ranges_replays_only_theirs_and_keeps_the_rest_for_later() {
     assert_eq!(owners[2], ("a".to_string(), 1), "range 2 stays A's");
     let held = p.b.status().mirror.second_store.expect("ss").records;
     assert_eq!(held, in_range(2), "range 2's copies are still held");
-    let second = block_on(p.b.take_over_ranges(0, Some(&[(0, 2)]), Duration::from_millis(10)))
-        .expect("takeover of range 2");
+    let second =
+        block_on(p.b.take_over_ranges(0, Some(&[(0, 2)]), Duration::from_millis(10), false))
+            .expect("takeover of range 2");
     assert_eq!(second.records, in_range(2));
     assert_eq!(p.b.status().mirror.second_store.expect("ss").records, 0);
     for (off, d) in &writes {

@@ -67,6 +67,9 @@ pub struct Cluster {
     forwarder: std::sync::RwLock<Option<Arc<dyn Forwarder>>>,
     /// Our flush marks as last written to the medium (see [`ownership::FlushMarks`]).
     marks: Mutex<Option<ownership::FlushMarks>>,
+    /// Ranges we lost (with the epoch we learned of), not yet in the marks: the next marks
+    /// write bounds them where their partition was then (`FlushMarks::lost`).
+    lost_since_marks: Mutex<Vec<(LunRange, u64)>>,
     /// The lease acquisition (`DiskLease::acquisitions`) during which the table was last
     /// read from the medium: the view is the truth only if the lease has not lapsed since.
     table_read_during: AtomicU64,
@@ -140,6 +143,7 @@ impl Cluster {
             gate_opened: Notify::new(),
             forwarder: std::sync::RwLock::new(None),
             marks: Mutex::new(None),
+            lost_since_marks: Mutex::new(Vec::new()),
             table_read_during: AtomicU64::new(acquisition),
             cluster_id,
             reservations: setup.reservations,
@@ -552,6 +556,17 @@ impl Cluster {
             }
         }
         if !lost.is_empty() {
+            // Before the records die: the flusher releases dead ones unwritten, and the marks
+            // it writes then must not count them as on the medium.
+            let mut noted = self
+                .lost_since_marks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for &(l, r) in &lost {
+                noted.retain(|(x, _)| *x != (l, r));
+                noted.push(((l, r), t.luns[l as usize][r as usize].epoch));
+            }
+            drop(noted);
             on_lost(&lost);
         }
         let fresh = Self::gates_from(&t, self.me);
@@ -575,6 +590,23 @@ impl Cluster {
         self.table_read_during.store(acquisition, Ordering::SeqCst);
         self.gate_opened.notify_waiters();
         Ok(Reloaded { lost, held_again })
+    }
+
+    /// Opens the gates of `ranges` as the table (as last read) says: ours serve here, the
+    /// others' I/O goes to their owner.
+    pub fn open_as_the_table_says(&self, ranges: &[(u32, u32)]) {
+        let owners = self.owners_of(ranges);
+        {
+            let mut gates = self.gates();
+            for (&(l, r), now) in ranges.iter().zip(owners) {
+                gates[l as usize][r as usize] = if now.owner == self.me {
+                    RangeState::Local
+                } else {
+                    RangeState::Remote(now.owner)
+                };
+            }
+        }
+        self.gate_opened.notify_waiters();
     }
 
     /// Last step of a takeover: the replay is done, open the gates.
@@ -876,6 +908,7 @@ impl Cluster {
             node: self.me,
             log_id,
             flushed_through: vec![0; partitions],
+            lost: Vec::new(),
         });
         if m.log_id != log_id || m.flushed_through.len() != partitions {
             *m = ownership::FlushMarks {
@@ -883,7 +916,42 @@ impl Cluster {
                 node: self.me,
                 log_id,
                 flushed_through: vec![0; partitions],
+                lost: Vec::new(),
             };
+        }
+        // Ranges lost since the last write: bounded where their partition is now, before
+        // this batch (which may release their records dead) moves it on.
+        let newly_lost = std::mem::take(
+            &mut *self
+                .lost_since_marks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if !newly_lost.is_empty() {
+            let t = self.table().clone();
+            for ((lun, range), epoch) in newly_lost {
+                let Some((global, _)) = self.global_range(&t, (lun, range)) else {
+                    continue;
+                };
+                // The engine spreads ranges over the partitions in turn (`partition_of`).
+                let p = global % partitions.max(1) as u32;
+                let through = m.flushed_through.get(p as usize).copied().unwrap_or(0);
+                m.lost.retain(|l| (l.lun, l.range) != (lun, range));
+                m.lost.push(ownership::LostRange {
+                    lun,
+                    range,
+                    epoch,
+                    partition: p,
+                    flushed_through: through,
+                });
+            }
+            // The oldest go first when the slot is full.
+            let room = ownership::FlushMarks::lost_room(partitions);
+            if m.lost.len() > room {
+                m.lost.sort_by_key(|l| l.epoch);
+                let excess = m.lost.len() - room;
+                m.lost.drain(..excess);
+            }
         }
         let slot = m
             .flushed_through

@@ -61,7 +61,19 @@ impl Engine {
         let mut failure = None;
         for &(l, global, start, end) in spans {
             let part = self.partition_of(global);
-            let s = match part.append_void(l, start, end).await {
+            // The epoch the table (as last read) gives the range: a takeover replay under
+            // that epoch must still replay our acknowledged records (`nvram::void`).
+            let epoch = self
+                .cluster
+                .as_ref()
+                .zip(self.luns.get(l as usize))
+                .and_then(|(c, lun)| {
+                    c.owners_of(&[(l, global - lun.first_range)])
+                        .first()
+                        .copied()
+                })
+                .map_or(0, |o| o.epoch);
+            let s = match part.append_void(l, start, end, epoch).await {
                 Ok(s) => s,
                 Err(e) => {
                     // The records appended before it are still settled below: an unsettled

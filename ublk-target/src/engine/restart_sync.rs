@@ -59,12 +59,14 @@ impl Engine {
             })?;
         }
         let ranges = std::mem::take(&mut *self.restart_sync_state()).ranges;
-        // Only ranges still closed and ours: one may have moved meanwhile.
+        // Only ranges still closed. One may have moved to the partner meanwhile (its
+        // takeover, which a re-read does not open a closed gate for): its I/O goes there
+        // now, or it waited for good (simulator seed 7469 with --storage own).
         let open: Vec<LunRange> = ranges
             .into_iter()
-            .filter(|&(l, r)| c.state(l, r) == RangeState::TakingOver && c.owns(l, r))
+            .filter(|&(l, r)| c.state(l, r) == RangeState::TakingOver)
             .collect();
-        c.finish_takeover(&open);
+        c.open_as_the_table_says(&open);
         tracing::warn!(
             "node {}'s medium has the records this start replayed of range(s) {open:?}: they serve again",
             c.node_name(c.partner())

@@ -74,7 +74,7 @@ impl Engine {
     /// replays the mirrored records, and only then serves them. I/O to those ranges waits
     /// meanwhile.
     pub async fn take_over(&self, from: NodeId, grace: Duration) -> Result<ReplayReport, String> {
-        self.take_over_ranges(from, None, grace).await
+        self.take_over_ranges(from, None, grace, true).await
     }
 
     /// An operator's takeover (`nvmirrorctl takeover` without `--force`, Pacemaker's
@@ -125,11 +125,14 @@ impl Engine {
     }
 
     /// Takeover of some of `from`'s ranges (`only`: (LUN index, range) pairs), or all.
+    /// `require_silence`: the disk lease must judge `from` dead right before the claim (not
+    /// for `--force`, where the operator vouches that it is fenced).
     pub async fn take_over_ranges(
         &self,
         from: NodeId,
         only: Option<&[(u32, u32)]>,
         grace: Duration,
+        require_silence: bool,
     ) -> Result<ReplayReport, String> {
         let c = self.cluster.as_ref().ok_or("not a cluster node")?;
         if from == c.me {
@@ -203,6 +206,22 @@ impl Engine {
             return Err(format!(
                 "noting the takeover in the NVRAM failed, nothing was taken: {e}"
             ));
+        }
+        // Judged again right before the claim, on a fresh read of its heartbeat: the steps
+        // above wait for the medium, and a pause of this node among them may have let
+        // `from` restart and settle meanwhile (`DiskLease::verdict`). Nothing in between.
+        if let (true, Some(lease)) = (require_silence, c.lease()) {
+            if let Verdict::Alive { ago } = lease.verdict(from) {
+                if let Err(e) = self.write_takeover_note(None) {
+                    tracing::error!(error = %e, "clearing the takeover note in the NVRAM failed");
+                }
+                self.takeover_phase("failed: the partner's heartbeat is alive".into());
+                return Err(format!(
+                    "node {}'s disk heartbeat is not proven dead right before the claim (it changed {} ms ago, or was not read since this node was held up): nothing was taken",
+                    c.node_name(from),
+                    ago.as_millis()
+                ));
+            }
         }
         let moved = match c.begin_takeover(from, only) {
             Ok(m) if m.is_empty() && only.is_some() => {
@@ -421,15 +440,30 @@ impl Engine {
             // A record of an unknown LUN: let the replay report it.
             (Some(_), None) => true,
         };
-        let replayed =
-            ss.replay_into(&self.luns, marks.as_ref(), &selected, &|records, bytes| {
+        // The epochs our claim holds the ranges under, in the table as last read.
+        let cluster = self.cluster.clone();
+        let luns = self.luns.clone();
+        let claimed_epoch = move |lun: u32, offset: u64| {
+            let (c, l) = (cluster.as_ref()?, luns.get(lun as usize)?);
+            let range = (lun, l.range_of(offset));
+            c.owns(range.0, range.1)
+                .then(|| c.owners_of(&[range]).first().map(|o| o.epoch))
+                .flatten()
+        };
+        let replayed = ss.replay_into(
+            &self.luns,
+            marks.as_ref(),
+            &selected,
+            &claimed_epoch,
+            &|records, bytes| {
                 if let Ok(mut p) = progress.lock() {
                     if let Some(p) = p.as_mut() {
                         p.records_done = records;
                         p.bytes_done = bytes;
                     }
                 }
-            })?;
+            },
+        )?;
         let report = ReplayReport {
             records: replayed.records,
             bytes: replayed.bytes,

@@ -436,12 +436,15 @@ impl SecondStoreArea {
     /// below the partner's flush `marks` are skipped: they are on the medium already, and
     /// newer writes the partner made without a mirror may have overwritten them there.
     /// Only records `selected(lun, offset)` approves are replayed (and forgotten); the
-    /// others stay held for a later takeover of their ranges.
+    /// others stay held for a later takeover of their ranges. `claimed_epoch(lun, offset)`
+    /// is the epoch the takeover holds the record's range under: the partner's void records
+    /// written under it or later do not kill records for this replay (`nvram::void`).
     pub fn replay_into(
         &self,
         luns: &[Arc<Lun>],
         marks: Option<&FlushMarks>,
         selected: &dyn Fn(u32, u64) -> bool,
+        claimed_epoch: &dyn Fn(u32, u64) -> Option<u64>,
         progress: &dyn Fn(u64, u64),
     ) -> Result<SecondStoreReplay, ReplayError> {
         let mut report = SecondStoreReplay::default();
@@ -473,13 +476,27 @@ impl SecondStoreArea {
                 }
                 let flushed = marks
                     .filter(|m| m.log_id == header.log_id)
-                    .and_then(|m| m.flushed_through.get(p).copied())
+                    .map(|m| {
+                        // A range its old owner lost to this claim: its records above the
+                        // bound died there unwritten (`FlushMarks::lost`).
+                        let range = luns
+                            .get(header.lun as usize)
+                            .map_or(u32::MAX, |l| l.range_of(header.offset));
+                        let claimed = claimed_epoch(header.lun, header.offset);
+                        m.flushed_bound(p as u32, header.lun, range, claimed)
+                    })
                     .unwrap_or(0);
                 if seq <= flushed {
                     report.skipped_already_flushed += 1;
                     continue;
                 }
-                if dead.covers(header.lun, header.offset, header.len as u64, seq) {
+                if dead.kill_in_replay(
+                    header.lun,
+                    header.offset,
+                    header.len as u64,
+                    seq,
+                    claimed_epoch(header.lun, header.offset),
+                ) {
                     report.dead += 1;
                     continue;
                 }

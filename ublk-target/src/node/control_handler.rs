@@ -164,7 +164,7 @@ impl ControlHandler {
         }
         match block_on(
             self.engine
-                .take_over_ranges(from, only.as_deref(), self.grace),
+                .take_over_ranges(from, only.as_deref(), self.grace, !force),
         ) {
             Ok(_) => Response::Ok,
             Err(message) => error(message),

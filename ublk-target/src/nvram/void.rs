@@ -10,14 +10,25 @@
 //! the newer data (simulator seed 200380: a read returned a node's own version 5 of a block
 //! after the other node had acknowledged versions 6 to 12).
 //!
-//! The span is the payload (16 bytes: start and end, byte offsets into the LUN); the
-//! header's `offset` is the start and its `len` is 0 (a range may be larger than the
-//! header's 32-bit length field).
+//! The payload is the span (start and end, byte offsets into the LUN) and the range's epoch
+//! in the ownership table the writer read when it voided (24 bytes; a 16-byte payload, without
+//! the epoch, is still read). The header's `offset` is the start and its `len` is 0 (a range
+//! may be larger than the header's 32-bit length field).
+//!
+//! The epoch says which takeovers a void binds. A takeover replay of the range under epoch E
+//! honours the old owner's voids written under an epoch below E only: those kill records a
+//! replay of an earlier move already wrote (or writes never acknowledged). A void written
+//! under E itself, by an old owner that read the table after the claim and before the replay
+//! finished (the replay was retried: the taker's medium failed), covers the acknowledged
+//! writes this replay exists for (simulator seed 6473 with `--storage own`: the copy of an
+//! acknowledged write skipped as dead, then released).
 
 use super::record::{RecordHeader, RecordKind};
 
-/// Payload bytes of a void record.
-pub const VOID_PAYLOAD_BYTES: usize = 16;
+/// Payload bytes of a void record: start, end, epoch.
+pub const VOID_PAYLOAD_BYTES: usize = 24;
+/// Payload bytes of a void record written before it carried the epoch.
+const VOID_PAYLOAD_BYTES_NO_EPOCH: usize = 16;
 
 /// `[start, end)` of LUN `lun`: every record of the partition before `below_seq` that
 /// overlaps it is dead.
@@ -27,6 +38,9 @@ pub struct VoidMark {
     pub start: u64,
     pub end: u64,
     pub below_seq: u64,
+    /// The range's epoch in the table the writer read when it voided (None: a record
+    /// written without it, or a mark in memory, where it does not matter).
+    pub epoch: Option<u64>,
     /// Set in memory ahead of its void record, which has not got its seq yet: the mark
     /// stays until then (it will cover more).
     pub awaiting_record: bool,
@@ -41,26 +55,47 @@ impl VoidMark {
             && self.start < offset.saturating_add(len.max(1))
     }
 
-    /// The payload of the void record for `[start, end)`.
-    pub fn payload(start: u64, end: u64) -> [u8; VOID_PAYLOAD_BYTES] {
+    /// Whether a takeover replay under `epoch` (None: unknown) must honour this mark: see
+    /// the module's comment.
+    pub fn binds_replay_under(&self, epoch: Option<u64>) -> bool {
+        match (self.epoch, epoch) {
+            (Some(voided), Some(claimed)) => voided < claimed,
+            _ => true,
+        }
+    }
+
+    /// The payload of the void record for `[start, end)`, written under `epoch`.
+    pub fn payload(start: u64, end: u64, epoch: u64) -> [u8; VOID_PAYLOAD_BYTES] {
         let mut b = [0u8; VOID_PAYLOAD_BYTES];
         b[..8].copy_from_slice(&start.to_le_bytes());
-        b[8..].copy_from_slice(&end.to_le_bytes());
+        b[8..16].copy_from_slice(&end.to_le_bytes());
+        b[16..].copy_from_slice(&epoch.to_le_bytes());
         b
     }
 
     /// The mark a void record on the NVRAM stands for (None: not a well-formed void record).
     pub fn of_record(header: &RecordHeader, payload: &[u8]) -> Option<VoidMark> {
-        if header.kind != RecordKind::Void || payload.len() != VOID_PAYLOAD_BYTES {
+        if header.kind != RecordKind::Void
+            || !matches!(
+                payload.len(),
+                VOID_PAYLOAD_BYTES | VOID_PAYLOAD_BYTES_NO_EPOCH
+            )
+        {
             return None;
         }
-        let start = u64::from_le_bytes(payload[..8].try_into().ok()?);
-        let end = u64::from_le_bytes(payload[8..].try_into().ok()?);
+        let word = |i: usize| payload[i..i + 8].try_into().ok().map(u64::from_le_bytes);
+        let (start, end) = (word(0)?, word(8)?);
+        let epoch = if payload.len() == VOID_PAYLOAD_BYTES {
+            Some(word(16)?)
+        } else {
+            None
+        };
         (start < end).then_some(VoidMark {
             lun: header.lun,
             start,
             end,
             below_seq: header.seq,
+            epoch,
             awaiting_record: false,
         })
     }
@@ -82,6 +117,21 @@ impl VoidMarks {
     /// Whether a record (`lun`, `[offset, offset + len)`, `seq`) is dead.
     pub fn covers(&self, lun: u32, offset: u64, len: u64, seq: u64) -> bool {
         self.0.iter().any(|m| m.covers(lun, offset, len, seq))
+    }
+
+    /// Whether a takeover replay under `epoch` skips the record as dead: only the marks that
+    /// bind it count ([`VoidMark::binds_replay_under`]).
+    pub fn kill_in_replay(
+        &self,
+        lun: u32,
+        offset: u64,
+        len: u64,
+        seq: u64,
+        epoch: Option<u64>,
+    ) -> bool {
+        self.0
+            .iter()
+            .any(|m| m.binds_replay_under(epoch) && m.covers(lun, offset, len, seq))
     }
 
     /// Forgets the marks that can no longer cover anything: every record below them is
@@ -135,8 +185,9 @@ mod tests {
 
     #[test]
     fn a_void_record_kills_older_overlapping_records_only() {
-        let payload = VoidMark::payload(4096, 8192);
+        let payload = VoidMark::payload(4096, 8192, 3);
         let mark = VoidMark::of_record(&header(RecordKind::Void, 10), &payload).expect("void");
+        assert_eq!(mark.epoch, Some(3));
         let marks = VoidMarks::of_records([(&header(RecordKind::Void, 10), &payload[..])]);
         assert!(mark.covers(2, 4096, 4096, 9));
         assert!(marks.covers(2, 0, 8192, 3), "overlapping the start");
@@ -150,12 +201,12 @@ mod tests {
 
     #[test]
     fn malformed_void_records_are_not_marks() {
-        let payload = VoidMark::payload(8192, 4096);
+        let payload = VoidMark::payload(8192, 4096, 1);
         assert_eq!(
             VoidMark::of_record(&header(RecordKind::Void, 1), &payload),
             None
         );
-        let payload = VoidMark::payload(0, 4096);
+        let payload = VoidMark::payload(0, 4096, 1);
         assert_eq!(
             VoidMark::of_record(&header(RecordKind::Data, 1), &payload),
             None
@@ -167,6 +218,26 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_honours_only_voids_written_under_an_older_epoch() {
+        let v = |epoch| VoidMark::payload(0, 8192, epoch);
+        let (p3, p5) = (v(3), v(5));
+        let marks = VoidMarks::of_records([
+            (&header(RecordKind::Void, 10), &p3[..]),
+            (&header(RecordKind::Void, 20), &p5[..]),
+        ]);
+        // Under epoch 5 (the claim the void of seq 20 saw): only the older void binds.
+        assert!(marks.kill_in_replay(2, 0, 4096, 9, Some(5)));
+        assert!(!marks.kill_in_replay(2, 0, 4096, 15, Some(5)));
+        // A later claim honours both; an unknown epoch honours every void.
+        assert!(marks.kill_in_replay(2, 0, 4096, 15, Some(6)));
+        assert!(marks.kill_in_replay(2, 0, 4096, 15, None));
+        // A void written without the epoch binds every replay.
+        let old: Vec<u8> = p5[..16].to_vec();
+        let legacy = VoidMarks::of_records([(&header(RecordKind::Void, 20), &old[..])]);
+        assert!(legacy.kill_in_replay(2, 0, 4096, 15, Some(5)));
+    }
+
+    #[test]
     fn marks_are_forgotten_once_released_past() {
         let mut marks = VoidMarks::default();
         marks.add(VoidMark {
@@ -174,6 +245,7 @@ mod tests {
             start: 0,
             end: 10,
             below_seq: 5,
+            epoch: None,
             awaiting_record: true,
         });
         marks.forget_through(9);
