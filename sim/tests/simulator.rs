@@ -279,8 +279,8 @@ fn takeover_freshness_and_lost_range_marks_seeds_pass() {
     seeds_pass(&[3101, 4387], &FaultMix::all());
 }
 
-/// `storage = "own"`, found by the sweep of 2026-12-03 (own seeds 6000-8999). Seed 6473 (a
-/// bug of claim set A too): a takeover's replay failed on the taker's failing disk and was
+/// `storage = "own"`, found by the sweep of 2026-12-03 (own seeds 6000-8999). Seeds 6473 and
+/// 7431, one mechanism (a bug of claim set A too): a takeover's replay failed on the taker's failing disk and was
 /// retried; meanwhile the old owner came back, read the table and voided its records of the
 /// range, and the retried replay honoured that void record: it skipped the copy of an
 /// acknowledged write as dead, and it was released unwritten (LOST ACKNOWLEDGED WRITE). A
@@ -293,7 +293,7 @@ fn takeover_freshness_and_lost_range_marks_seeds_pass() {
 fn void_epoch_and_restart_sync_seeds_pass() {
     let mut mix = FaultMix::all();
     mix.own_storage = true;
-    seeds_pass(&[6473, 7469], &mix);
+    seeds_pass(&[6473, 7431, 7469], &mix);
 }
 
 /// `storage = "own"` with medium I/O taking simulated time (`--io-delay`), so a resync's copy
