@@ -412,7 +412,7 @@ impl NodeConfig {
         warnings
     }
 
-    /// A LUN range stages in one NVRAM partition (global range % partitions), so a layout
+    /// A LUN range stages in one NVRAM partition ([`partition_of_range`]), so a layout
     /// where a node's ranges map to fewer partitions than there are leaves the rest of its
     /// log empty until a takeover, and a burst to one range fills a partition's share alone.
     pub fn stranded_nvram_warnings(&self) -> Vec<String> {
@@ -427,7 +427,7 @@ impl NodeConfig {
         for lun in &self.luns {
             for (r, owner) in lun.range_owners(p, cluster_nodes).iter().enumerate() {
                 if let Some(set) = used.get_mut(*owner as usize) {
-                    set.insert((first_range + r as u32) % p);
+                    set.insert(partition_of_range(first_range + r as u32, p as usize));
                 }
             }
             first_range += lun.ranges(p);
@@ -750,6 +750,12 @@ fn valid_name(field: &str, name: &str) -> Result<(), ConfigError> {
             format!("{name:?} is not a valid name; use 1-63 characters from [A-Za-z0-9._-]"),
         ))
     }
+}
+
+/// The NVRAM partition a global range (ranges of all LUNs numbered in order) stages in:
+/// ranges are spread over the partitions in turn.
+pub fn partition_of_range(global_range: u32, partitions: usize) -> u32 {
+    global_range % partitions.max(1) as u32
 }
 
 #[cfg(test)]

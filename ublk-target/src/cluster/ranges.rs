@@ -933,8 +933,7 @@ impl Cluster {
                 let Some((global, _)) = self.global_range(&t, (lun, range)) else {
                     continue;
                 };
-                // The engine spreads ranges over the partitions in turn (`partition_of`).
-                let p = global % partitions.max(1) as u32;
+                let p = crate::config::partition_of_range(global, partitions);
                 let through = m.flushed_through.get(p as usize).copied().unwrap_or(0);
                 m.lost.retain(|l| (l.lun, l.range) != (lun, range));
                 m.lost.push(ownership::LostRange {

@@ -71,7 +71,7 @@ impl Engine {
 
     /// The staging log of a global range: ranges are spread over the partitions in turn.
     pub(super) fn partition_of(&self, global_range: u32) -> &Arc<PartitionLog> {
-        &self.parts[(global_range % self.parts.len() as u32) as usize]
+        &self.parts[crate::config::partition_of_range(global_range, self.parts.len()) as usize]
     }
 
     /// Stages a write; returns once it is durable in the NVRAM (and mirrored). Pieces in
