@@ -156,7 +156,8 @@ run_vm_tests() {
 
 	init_results
 	nvm_vm_prepare
-	local envs=(--env "NVM_REPO=$repo" --env "NVM_BIN=$bin_dir/release")
+	nvm_ensure_promtool
+	local envs=(--env "NVM_REPO=$repo" --env "NVM_BIN=$bin_dir/release" --env "NVM_PROMTOOL=$NVM_PROMTOOL")
 	[[ -z ${NVM_TEST_TIMEOUT:-} ]] || envs+=(--env "NVM_TEST_TIMEOUT=$NVM_TEST_TIMEOUT")
 	[[ -z ${NVM_SOAK:-} ]] || envs+=(--env "NVM_SOAK=$NVM_SOAK")
 	[[ -z ${NVM_PARTITION_CYCLES:-} ]] || envs+=(--env "NVM_PARTITION_CYCLES=$NVM_PARTITION_CYCLES")

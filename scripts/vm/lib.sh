@@ -14,6 +14,7 @@
 #
 # Main entry points:
 #   nvm_ensure_apt_packages PKG...   install missing Debian packages
+#   nvm_ensure_promtool              promtool (from Debian's prometheus) into the cache; sets NVM_PROMTOOL
 #   nvm_vm_prepare                   kernel + initramfs into the cache; sets
 #                                    NVM_KVER NVM_KERNEL NVM_INITRD NVM_MODROOT
 #   nvm_vm_boot [opts] [-- CMD ARGS] boot one VM (see nvm_vm_boot_usage)
@@ -107,6 +108,29 @@ nvm__fetch_kernel() {
 	depmod -b "$dest.tmp" "$ver"
 	mv "$dest.tmp" "$dest"
 	touch "$dest/.complete"
+}
+
+# Sets NVM_PROMTOOL to Prometheus's `promtool` (the metrics test checks a scrape with it),
+# unpacked from Debian's prometheus package into $NVM_VM_CACHE/promtool: installing the
+# package would start a Prometheus server on the test machine.
+nvm_ensure_promtool() {
+	local dest=$NVM_VM_CACHE/promtool tmp
+	NVM_PROMTOOL=$dest/usr/bin/promtool
+	[[ -x $NVM_PROMTOOL ]] && return 0
+	mkdir -p "$NVM_VM_CACHE"
+	tmp=$(mktemp -d "$NVM_VM_CACHE/.dl.XXXXXX")
+	nvm_log "downloading prometheus (apt-get download) for its promtool; not installed on the host"
+	if ! (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root prometheus >&2); then
+		nvm_log "download failed; refreshing apt lists and retrying"
+		apt-get update -q >&2 || true
+		(cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root prometheus >&2) ||
+			{ rm -rf "$tmp"; nvm_die "cannot download the prometheus package (for promtool)"; }
+	fi
+	rm -rf "$dest" "$dest.tmp"
+	dpkg -x "$(echo "$tmp"/*.deb)" "$dest.tmp"
+	rm -rf "$tmp"
+	[[ -x $dest.tmp/usr/bin/promtool ]] || nvm_die "no usr/bin/promtool in the prometheus package"
+	mv "$dest.tmp" "$dest"
 }
 
 # Sets NVM_KVER, NVM_KERNEL (vmlinuz), NVM_MODROOT (dir holding

@@ -5,7 +5,9 @@
 # the takeover's progress in status (`--range` checked), `recover` restarting the killed node (its /dev/ublkb0
 # re-attached by user recovery), `list`/`features`; then the udev rule producing
 # /dev/disk/by-nvmirror/<lun> (udevadm test), `systemd-analyze verify` of the unit, and
-# scripts/install.sh staging every file. Data written before the moves is read back
+# scripts/install.sh staging every file. Both daemons serve metrics ([metrics] listen): a scrape
+# passes `promtool check metrics` and counts the writes, the OpenMetrics form ends in # EOF,
+# and after the takeover the survivor's scrape shows it done and the range owned. Data written before the moves is read back
 # (checksums) after each of them.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
@@ -40,12 +42,17 @@ sed 's/127.0.0.1:7842/127.0.0.1/' node-a.toml >bad-addr.toml
 expect_rc 2 "$NVMCTL" config check bad-addr.toml
 grep -q 'cluster.node\[1\].address' last.out || { cat last.out; fail "config check does not name cluster.node[1].address"; }
 expect_rc 2 "$NVMCTL" config check no-such-file.toml
+cp node-a.toml bad-metrics.toml && printf '\n[metrics]\nlisten = "localhost"\n' >>bad-metrics.toml
+expect_rc 2 "$NVMCTL" config check bad-metrics.toml
+grep -q 'metrics.listen.*127.0.0.1:9477' last.out || { cat last.out; fail "config check does not name metrics.listen with an example"; }
+printf '\n[metrics]\nlisten = "127.0.0.1:9477"\n' >>node-a.toml
+printf '\n[metrics]\nlisten = "127.0.0.1:9478"\n' >>node-b.toml
 # RDMA with a block-device NVRAM is valid but cannot work on this kernel: warned, with the fix.
 sed -e 's/^transport = "tcp"/transport = "rdma"/' -e "s|^path = \".*nvram-a.img\"|path = \"$medium\"|" node-a.toml >rdma-blockdev.toml
 grep -q "^path = \"$medium\"" rdma-blockdev.toml || fail "could not point the NVRAM at $medium"
 expect_rc 0 "$NVMCTL" config check rdma-blockdev.toml
 grep -q "warning: nvram.path $medium is a block device.*device-DAX" last.out || { cat last.out; fail "config check: no warning for RDMA with a block-device NVRAM"; }
-say "config check: examples and generated configs valid; unknown key, bad address, missing file refused (exit 2, field named); RDMA with a block-device NVRAM warned"
+say "config check: examples and generated configs valid; unknown key, bad address, bad metrics address, missing file refused (exit 2, field named); RDMA with a block-device NVRAM warned"
 
 # --- a daemon that is not running ------------------------------------------------------------
 expect_rc 3 "$NVMCTL" --config node-a.toml status
@@ -96,6 +103,30 @@ check_data() { # check_data DEVICE WHEN
 }
 check_data /dev/ublkb1 "before any move"
 
+# --- metrics -------------------------------------------------------------------------------------
+PROMTOOL=${NVM_PROMTOOL:-}
+[[ -x $PROMTOOL ]] || fail "no promtool (NVM_PROMTOOL=${PROMTOOL:-unset}; scripts/test.sh unpacks it from Debian's prometheus)"
+metric() { # metric FILE 'name{labels}' -> its value
+	awk -v m="$2" '$1 == m { print $2; found = 1 } END { exit !found }' "$1" || fail "no sample $2 in $1"
+}
+curl -sf http://127.0.0.1:9477/metrics >scrape-a.txt || fail "node-a's metrics endpoint did not answer"
+cp scrape-a.txt "$NVM_OUT/"
+"$PROMTOOL" check metrics <scrape-a.txt >promtool.out 2>&1 || { cat promtool.out; fail "promtool check metrics found problems in node-a's scrape"; }
+writes=$(metric scrape-a.txt 'nvmirror_lun_ios_total{lun="lun0",op="write"}')
+((writes >= 16)) || fail "metrics: $writes writes counted, 16 MiB were written in 1 MiB requests"
+[[ $(metric scrape-a.txt 'nvmirror_lun_io_latency_seconds_count{lun="lun0",op="write"}') == "$writes" ]] ||
+	fail "metrics: the write latency histogram's count differs from the write counter"
+(($(metric scrape-a.txt 'nvmirror_lun_io_bytes_total{lun="lun0",op="write"}') >= 16 * 1048576)) ||
+	fail "metrics: fewer than 16 MiB written"
+[[ $(metric scrape-a.txt 'nvmirror_link_up') == 1.0 && $(metric scrape-a.txt 'nvmirror_range_owned{lun="lun0",range="0"}') == 1.0 &&
+	$(metric scrape-a.txt 'nvmirror_range_owned{lun="lun0",range="1"}') == 0.0 ]] ||
+	fail "metrics: link or range ownership wrong: $(grep -E '^nvmirror_(link_up|range_owned)' scrape-a.txt)"
+curl -sf -H 'Accept: application/openmetrics-text; version=1.0.0' http://127.0.0.1:9477/metrics >scrape-a.om || fail "OpenMetrics scrape failed"
+[[ $(tail -n1 scrape-a.om) == "# EOF" ]] || fail "the OpenMetrics scrape does not end in # EOF"
+code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:9477/) || true
+[[ $code == 404 ]] || fail "GET / answered $code, expected 404"
+say "metrics: node-a's scrape passes promtool check metrics; $writes writes counted, histogram agrees, link up, range 0 owned; OpenMetrics form ends in # EOF"
+
 # --- handover and giveback --------------------------------------------------------------------
 expect_rc 0 "$NVMCTL" --config node-a.toml handover
 [[ $(owners a) == "node-b/2 node-b/1" && $(owners b) == "node-b/2 node-b/1" ]] ||
@@ -143,7 +174,16 @@ json b 's["engine"]["takeover"]["phase"] == "done" and s["engine"]["takeover"]["
 check_data /dev/ublkb1 "after takeover"
 [[ $(dd if=/dev/ublkb1 bs=1M count=4 skip=16 iflag=direct status=none | md5sum) == $(head -c 4M p0 | md5sum) ]] ||
 	fail "a write staged (not flushed) on node-a was lost by the takeover"
-say "takeover: $(json b 's["engine"]["takeover"]["records_done"]') mirrored record(s) replayed; data intact"
+curl -sf http://127.0.0.1:9478/metrics >scrape-b.txt || fail "node-b's metrics endpoint did not answer"
+cp scrape-b.txt "$NVM_OUT/"
+"$PROMTOOL" check metrics <scrape-b.txt >promtool.out 2>&1 || { cat promtool.out; fail "promtool check metrics found problems in node-b's scrape"; }
+[[ $(metric scrape-b.txt 'nvmirror_takeover_phase{from="node-a",phase="done"}') == 1.0 &&
+	$(metric scrape-b.txt 'nvmirror_range_owned{lun="lun0",range="0"}') == 1.0 &&
+	$(metric scrape-b.txt 'nvmirror_range_epoch{lun="lun0",range="0"}') == 4.0 &&
+	$(metric scrape-b.txt 'nvmirror_link_up') == 0.0 &&
+	$(metric scrape-b.txt 'nvmirror_mirror_state{state="degraded"}') == 1.0 ]] ||
+	fail "metrics: node-b's scrape does not show the takeover: $(grep -E '^nvmirror_(takeover|range_owned|range_epoch|link_up|mirror_state)' scrape-b.txt)"
+say "takeover: $(json b 's["engine"]["takeover"]["records_done"]') mirrored record(s) replayed; data intact; node-b's metrics show it done, range 0 owned at epoch 4, degraded"
 
 [[ $(python3 -c 'import json,sys; print([d["state"] for d in json.load(sys.stdin) if d["id"] == 0][0])' \
 	< <("$NVMCTL" list --json)) == QUIESCED ]] || fail "list: /dev/ublkb0 not QUIESCED after its daemon died"

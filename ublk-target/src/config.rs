@@ -87,6 +87,17 @@ pub struct NodeConfig {
     pub cluster: Option<ClusterSection>,
     #[serde(rename = "lun")]
     pub luns: Vec<LunSection>,
+    /// The OpenMetrics endpoint; absent: off.
+    pub metrics: Option<MetricsSection>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address and port of the HTTP endpoint serving `/metrics` (OpenMetrics text), such as
+    /// "127.0.0.1:9477". It has no authentication: keep it on localhost or a management
+    /// network.
+    pub listen: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -397,6 +408,11 @@ impl NodeConfig {
             ));
         }
         warnings.extend(self.stranded_nvram_warnings());
+        if let Some(addr) = self.metrics_listen().filter(|a| !a.ip().is_loopback()) {
+            warnings.push(format!(
+                "metrics.listen {addr} is not a loopback address: anyone who can reach it reads the node's state (there is no authentication); keep it on a management network or firewall the port"
+            ));
+        }
         if let Some(c) = &self.cluster {
             match &c.watchdog {
                 None if c.takeover == TakeoverPolicy::Auto => warnings.push(
@@ -464,6 +480,17 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         valid_name("node.name", &self.node.name)?;
+        if let Some(m) = &self.metrics {
+            if m.listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!(
+                        "{:?} is not an address and port; write e.g. \"127.0.0.1:9477\" (or \"[::1]:9477\"), or remove [metrics] to turn the endpoint off",
+                        m.listen
+                    ),
+                ));
+            }
+        }
         let p = self.nvram.partitions;
         if !(1..=256).contains(&p) {
             return Err(invalid(
@@ -705,6 +732,11 @@ impl NodeConfig {
             .map(|i| i as u32)
     }
 
+    /// Where the metrics endpoint listens (None: off). `validate` checked the address.
+    pub fn metrics_listen(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref()?.listen.parse().ok()
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.node
             .control_socket
@@ -777,6 +809,35 @@ medium = "/tmp/medium.img"
 size = "1GiB"
 device_id = 3
 "#;
+
+    #[test]
+    fn the_metrics_endpoint_is_off_by_default_and_its_address_is_checked() {
+        assert_eq!(
+            NodeConfig::parse(GOOD).expect("valid").metrics_listen(),
+            None
+        );
+        let on = format!("{GOOD}\n[metrics]\nlisten = \"127.0.0.1:9477\"\n");
+        let c = NodeConfig::parse(&on).expect("valid");
+        assert_eq!(c.metrics_listen(), Some("127.0.0.1:9477".parse().unwrap()));
+        assert!(!c
+            .environment_warnings()
+            .iter()
+            .any(|w| w.contains("metrics")));
+        let bad = format!("{GOOD}\n[metrics]\nlisten = \"localhost\"\n");
+        match NodeConfig::parse(&bad) {
+            Err(ConfigError::Invalid { field, problem }) => {
+                assert_eq!(field, "metrics.listen");
+                assert!(problem.contains("127.0.0.1:9477"), "{problem}");
+            }
+            other => panic!("expected metrics.listen to be refused, got {other:?}"),
+        }
+        let open = format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9477\"\n");
+        let c = NodeConfig::parse(&open).expect("valid");
+        assert!(c
+            .environment_warnings()
+            .iter()
+            .any(|w| w.contains("metrics.listen 0.0.0.0:9477 is not a loopback address")));
+    }
 
     #[test]
     fn parses_a_good_config_with_defaults() {

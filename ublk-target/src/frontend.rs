@@ -8,6 +8,7 @@
 
 use crate::block::{BLOCK_SIZE, MAX_IO_BYTES};
 use crate::engine::{Engine, IoError, MediumReads};
+use crate::io_latency::IoKind;
 use crate::medium::Medium;
 use anyhow::{bail, Context};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -390,8 +391,16 @@ async fn handle(
     if matches!(op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE) && bytes as usize > buf.len() {
         return -libc::EINVAL;
     }
-    let result: Result<(), IoError> = match op {
-        sys::UBLK_IO_OP_READ => {
+    let kind = match op {
+        sys::UBLK_IO_OP_READ => IoKind::Read,
+        sys::UBLK_IO_OP_WRITE => IoKind::Write,
+        sys::UBLK_IO_OP_FLUSH => IoKind::Flush,
+        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => IoKind::Discard,
+        _ => return -libc::EOPNOTSUPP,
+    };
+    let started = Instant::now();
+    let result: Result<(), IoError> = match kind {
+        IoKind::Read => {
             Kicked::new(
                 Box::pin(engine.read_routed_via(
                     lun,
@@ -403,19 +412,24 @@ async fn handle(
             )
             .await
         }
-        sys::UBLK_IO_OP_WRITE => {
+        IoKind::Write => {
             Kicked::new(
                 Box::pin(engine.write(lun, offset, &buf[..bytes as usize])),
                 eventfd,
             )
             .await
         }
-        sys::UBLK_IO_OP_FLUSH => engine.flush(),
-        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
+        IoKind::Flush => engine.flush(),
+        IoKind::Discard => {
             Kicked::new(Box::pin(engine.write_zeroes(lun, offset, bytes)), eventfd).await
         }
-        _ => return -libc::EOPNOTSUPP,
     };
+    if let Some(l) = engine.luns().get(lun) {
+        l.stats
+            .latency
+            .of(kind)
+            .record(started.elapsed(), result.is_ok());
+    }
     match result {
         Ok(()) => bytes as i32,
         Err(e) => {

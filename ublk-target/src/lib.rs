@@ -12,7 +12,7 @@
 //!
 //! Layers (a module imports only modules in layers below it; `tests/module_layers.rs`
 //! checks it):
-//! 1. `block`, `host`, `index`, `medium_writes`, `reservation`, then `ownership`, `nvram`
+//! 1. `block`, `host`, `index`, `io_latency`, `medium_writes`, `reservation`, then `ownership`, `nvram`
 //! 2. `medium`, `lease`, `watchdog`, then `lun`, `config`, `apply`, `inspect`
 //! 3. `log`, then `flusher`, then `mirror`, then `cluster`
 //! 4. `engine`
@@ -36,6 +36,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod index;
 pub mod inspect;
+pub mod io_latency;
 pub mod lease;
 pub mod log;
 pub mod lun;

@@ -4,6 +4,7 @@
 
 pub use crate::block::{BLOCK_SIZE, MAX_IO_BYTES};
 use crate::index::StagedIndex;
+use crate::io_latency::LunLatency;
 use crate::medium::Medium;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,6 +25,8 @@ pub struct LunStats {
     pub bytes_written: AtomicU64,
     /// Medium reads that failed here and were served from the partner's medium.
     pub reads_from_partner: AtomicU64,
+    /// Latency of the device's I/O as its queues saw it (the metrics endpoint).
+    pub latency: LunLatency,
 }
 
 pub struct Lun {

@@ -568,3 +568,76 @@ proptest::proptest! {
         e.shutdown();
     }
 }
+
+/// The metrics endpoint's text: the LUN's I/O (counters, bytes, the latency histogram), the
+/// NVRAM partitions and the node, in OpenMetrics form (the VM test runs `promtool check
+/// metrics` on a live daemon's scrape).
+#[test]
+fn a_scrape_shows_the_luns_io_and_the_nvram_in_openmetrics_text() {
+    use nvmirror::io_latency::IoKind;
+    use nvmirror::node::metrics;
+    let dir = tempfile::tempdir().expect("tmp");
+    let medium = Arc::new(MemMedium::new(LUN_SIZE));
+    let e = open(
+        &dir.path().join("nvram"),
+        16 * MIB,
+        &medium,
+        "a",
+        OpenMode::Normal,
+    )
+    .expect("open");
+    e.set_flush_paused(true);
+    rt().block_on(e.write(0, 0, &pattern(3, 8192)))
+        .expect("write");
+    let lat = &e.luns()[0].stats.latency;
+    lat.of(IoKind::Write)
+        .record(Duration::from_micros(30), true);
+    lat.of(IoKind::Read).record(Duration::from_millis(2), false);
+    let scrape = metrics::Scrape {
+        status: nvmirror::control::DaemonStatus {
+            version: "test".into(),
+            pid: 1,
+            config: "test.toml".into(),
+            devices: Vec::new(),
+            engine: e.status(),
+            watchdog: None,
+        },
+        latency: metrics::latency_of(&e),
+    };
+    let text = metrics::encode(&scrape, metrics::Format::OpenMetrics).expect("encode");
+    let has = |line: &str| {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        )
+    };
+    has(r#"# TYPE nvmirror_lun_ios counter"#);
+    has(r#"nvmirror_lun_ios_total{lun="lun0",op="write"} 1"#);
+    has(r#"nvmirror_lun_io_errors_total{lun="lun0",op="read"} 1"#);
+    has(r#"nvmirror_lun_io_bytes_total{lun="lun0",op="write"} 8192"#);
+    has(r#"# TYPE nvmirror_lun_io_latency_seconds histogram"#);
+    has(r#"nvmirror_lun_io_latency_seconds_bucket{le="0.000025",lun="lun0",op="write"} 0"#);
+    has(r#"nvmirror_lun_io_latency_seconds_bucket{le="0.00005",lun="lun0",op="write"} 1"#);
+    has(r#"nvmirror_lun_io_latency_seconds_bucket{le="+Inf",lun="lun0",op="write"} 1"#);
+    has(r#"nvmirror_lun_io_latency_seconds_count{lun="lun0",op="read"} 1"#);
+    has(r#"nvmirror_lun_staged_bytes{lun="lun0"} 8192.0"#);
+    has(r#"nvmirror_nvram_unflushed_records{partition="0"} 1.0"#);
+    has(r#"nvmirror_flush_paused 1.0"#);
+    has(r#"nvmirror_mirror_state{state="standalone"} 1.0"#);
+    assert!(
+        text.lines().any(|l| l
+            .starts_with(r#"nvmirror_node_info{node="a",version="test",log_id=""#)
+            && l.ends_with(r#"storage="single"} 1.0"#)),
+        "no node_info line in:\n{text}"
+    );
+    assert_eq!(text.lines().last(), Some("# EOF"));
+    // The classic text format (what curl and `promtool check metrics` get): the family is
+    // named as its samples, and there is no `# EOF`.
+    let classic = metrics::encode(&scrape, metrics::Format::PrometheusText).expect("encode");
+    assert!(classic.contains("# TYPE nvmirror_lun_ios_total counter\n"));
+    assert!(classic.contains("nvmirror_lun_ios_total{lun=\"lun0\",op=\"write\"} 1\n"));
+    assert!(!classic.contains("# EOF"));
+    if let Ok(dump) = std::env::var("NVM_METRICS_DUMP") {
+        std::fs::write(dump, &classic).expect("dump");
+    }
+}

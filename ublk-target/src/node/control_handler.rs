@@ -35,6 +35,18 @@ fn error(message: impl Into<String>) -> Response {
 }
 
 impl ControlHandler {
+    /// What `nvmirrorctl status` and the metrics endpoint show.
+    pub fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            config: self.config_path.clone(),
+            devices: self.devices.statuses(),
+            engine: self.engine.status(),
+            watchdog: self.watchdog.as_ref().map(|w| w.status()),
+        }
+    }
+
     pub fn handle(&self, req: Request) -> Response {
         let engine = &self.engine;
         if let Request::Drain { timeout_secs }
@@ -48,14 +60,7 @@ impl ControlHandler {
             }
         }
         match req {
-            Request::Status => Response::Status(Box::new(DaemonStatus {
-                version: env!("CARGO_PKG_VERSION").into(),
-                pid: std::process::id(),
-                config: self.config_path.clone(),
-                devices: self.devices.statuses(),
-                engine: engine.status(),
-                watchdog: self.watchdog.as_ref().map(|w| w.status()),
-            })),
+            Request::Status => Response::Status(Box::new(self.status())),
             Request::FlushPause => {
                 engine.set_flush_paused(true);
                 tracing::warn!("flusher paused by nvmirrorctl");

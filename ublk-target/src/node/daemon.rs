@@ -102,7 +102,7 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         .collect();
     let devices = DeviceSet::new(engine.clone(), specs);
     let socket = cfg.control_socket();
-    let handler = ControlHandler {
+    let handler = Arc::new(ControlHandler {
         engine: engine.clone(),
         devices: devices.clone(),
         link: link.clone(),
@@ -114,9 +114,20 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
                 .map(|c| c.heartbeat_timeout_ms)
                 .unwrap_or(0),
         ),
-    };
-    control::serve(&socket, Arc::new(move |req| handler.handle(req)))
+    });
+    let control = handler.clone();
+    control::serve(&socket, Arc::new(move |req| control.handle(req)))
         .with_context(|| format!("control socket {}", socket.display()))?;
+    if let Some(addr) = cfg.metrics_listen() {
+        let engine = engine.clone();
+        super::metrics::serve(
+            addr,
+            Arc::new(move || super::metrics::Scrape {
+                status: handler.status(),
+                latency: super::metrics::latency_of(&engine),
+            }),
+        )?;
+    }
 
     for i in 0..cfg.luns.len() {
         devices.add(i)?;
