@@ -4,6 +4,8 @@
 //! running (or its socket cannot be reached).
 
 mod config_show;
+mod events;
+mod health;
 mod shell;
 mod status_facts;
 mod verify_report;
@@ -55,6 +57,47 @@ enum Cmd {
         /// daemon runs with.
         #[arg(long, value_name = "NODE", requires = "shell")]
         ranges_of: Option<String>,
+    },
+    /// One verdict for monitoring, as a Nagios/Icinga plugin: exit 0 OK, 1 WARNING (serving
+    /// with less redundancy: partner away, flusher behind, medium errors, a takeover or
+    /// resync pending), 2 CRITICAL (a stopped partition, a missing device, the lease lost, a
+    /// failed takeover, or the daemon not running), 3 UNKNOWN (bad usage, no answer).
+    Health {
+        /// The verdict and every finding as JSON ({"schema": 1, "severity", ...}).
+        #[arg(long)]
+        json: bool,
+        /// WARNING when a partition's oldest unflushed write is this many seconds old.
+        #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+        lag_warn: f64,
+        /// CRITICAL from this flush lag on.
+        #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+        lag_crit: f64,
+        /// WARNING when a partition's NVRAM log is this full (percent).
+        #[arg(long, default_value_t = 80.0, value_name = "PERCENT")]
+        fill_warn: f64,
+        /// CRITICAL from this fill on.
+        #[arg(long, default_value_t = 95.0, value_name = "PERCENT")]
+        fill_crit: f64,
+    },
+    /// Follow the node's state as a stream of lines, like `drbdsetup events2`: the current
+    /// state (`exists ...`, then `exists -`), then a `change`, `create` or `destroy` line
+    /// whenever the node, a device, an NVRAM partition, a range (owner, epoch, state,
+    /// serving), a takeover or a resync changes. Built on polling `status`: changes within
+    /// one interval merge. A daemon that stops shows as `destroy` lines; the stream goes on.
+    Events {
+        /// One JSON object per line ({"schema": 1, "unix_ms", "what", "object", "name",
+        /// "fields"}).
+        #[arg(long)]
+        json: bool,
+        /// How often to look, in milliseconds.
+        #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(20..=60_000))]
+        interval_ms: u64,
+        /// Stop after this many seconds (default: until interrupted).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+        timeout: Option<u64>,
+        /// Print the current state and stop.
+        #[arg(long)]
+        now: bool,
     },
     /// ublk devices on this host (any server) and their state. With --config, only those
     /// served for that config, including those its dead daemon left behind.
@@ -264,6 +307,9 @@ fn main() {
     // SAFETY: setting a signal disposition to its default before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    if let Cmd::Health { .. } = cli.cmd {
+        std::process::exit(health_check(&cli));
+    }
     match run(cli) {
         Ok(()) => {}
         Err(e) => {
@@ -360,6 +406,103 @@ fn status(socket: &Path) -> anyhow::Result<DaemonStatus> {
     }
 }
 
+/// `events`: prints the node's state, then its changes, until `timeout` (or at once with
+/// `now`).
+fn follow_events(
+    socket: &Path,
+    json: bool,
+    interval_ms: u64,
+    timeout: Option<u64>,
+    now: bool,
+) -> anyhow::Result<()> {
+    let print = |events: &[events::Event]| -> anyhow::Result<()> {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        for e in events {
+            if json {
+                let mut v = serde_json::to_value(e)?;
+                v["schema"] = 1.into();
+                v["unix_ms"] = unix_ms.into();
+                println!("{v}");
+            } else {
+                println!("{}", e.render());
+            }
+        }
+        Ok(())
+    };
+    let mut last = events::snapshot(&status(socket)?);
+    print(&events::existing(&last))?;
+    if json {
+        println!(r#"{{"schema":1,"what":"exists","object":"-"}}"#);
+    } else {
+        println!("exists -");
+    }
+    if now {
+        return Ok(());
+    }
+    let deadline = timeout.map(|t| Instant::now() + Duration::from_secs(t));
+    while deadline.is_none_or(|d| Instant::now() < d) {
+        std::thread::sleep(Duration::from_millis(interval_ms));
+        // A daemon that is gone (or not answering) has no objects: they show as destroyed,
+        // and as created again when it is back.
+        let current = status(socket)
+            .map(|s| events::snapshot(&s))
+            .unwrap_or_default();
+        print(&events::diff(&last, &current))?;
+        last = current;
+    }
+    Ok(())
+}
+
+/// `health`: prints the verdict and returns the plugin exit code.
+fn health_check(cli: &Cli) -> i32 {
+    const UNKNOWN: i32 = 3;
+    let Cmd::Health {
+        json,
+        lag_warn,
+        lag_crit,
+        fill_warn,
+        fill_crit,
+    } = &cli.cmd
+    else {
+        return UNKNOWN;
+    };
+    let limits = health::Limits {
+        flush_lag_warn: *lag_warn,
+        flush_lag_crit: *lag_crit,
+        nvram_fill_warn: *fill_warn,
+        nvram_fill_crit: *fill_crit,
+    };
+    match socket_path(cli).and_then(|socket| status(&socket)) {
+        Ok(s) => {
+            let h = health::assess(&s, &limits);
+            if *json {
+                match serde_json::to_string_pretty(&h) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        println!("UNKNOWN: encoding the verdict: {e}");
+                        return UNKNOWN;
+                    }
+                }
+            } else {
+                print!("{}", h.render());
+            }
+            h.severity.exit_code()
+        }
+        Err(e) => match e.downcast_ref::<CtlError>() {
+            Some(CtlError::NoDaemon(why)) => {
+                println!("CRITICAL: {why}");
+                health::Severity::Critical.exit_code()
+            }
+            _ => {
+                println!("UNKNOWN: {e:#}");
+                UNKNOWN
+            }
+        },
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
         Cmd::Status {
@@ -447,22 +590,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let socket = socket.clone();
                 std::thread::spawn(move || call(&socket, req, Duration::from_secs(3600)))
             };
-            // In a terminal, show the replay's progress while the takeover runs.
-            use std::io::IsTerminal;
-            let tty = std::io::stdout().is_terminal();
+            // In a terminal, show the replay's progress while the takeover runs (indicatif
+            // draws on stderr, and not at all when it is not a terminal).
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "takeover from node {prefix}: {msg} [{bar:30}] {percent}% {binary_bytes}/{binary_total_bytes}, ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("#>."),
+            );
             while !worker.is_finished() {
                 std::thread::sleep(Duration::from_millis(300));
-                if let (true, Ok(s)) = (tty, status(&socket)) {
+                if bar.is_hidden() {
+                    continue;
+                }
+                if let Ok(s) = status(&socket) {
                     if let Some(t) = s.engine.takeover.filter(|t| t.phase != "done") {
-                        print!("\r\x1b[K");
-                        print_takeover(&t);
-                        print!("\x1b[1A");
+                        bar.set_prefix(t.from.clone());
+                        bar.set_message(t.phase.clone());
+                        bar.set_length(t.bytes_total);
+                        bar.set_position(t.bytes_done);
                     }
                 }
             }
-            if tty {
-                print!("\r\x1b[K");
-            }
+            bar.finish_and_clear();
             worker
                 .join()
                 .map_err(|_| anyhow!("the takeover request thread panicked"))??;
@@ -634,6 +785,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow!("deleting ublk device {id}: {e}"))?;
             println!("deleted /dev/ublkb{id} (its pending I/O fails; unmount what used it)");
         }
+        Cmd::Health { .. } => std::process::exit(health_check(&cli)),
+        Cmd::Events {
+            json,
+            interval_ms,
+            timeout,
+            now,
+        } => follow_events(&socket_path(&cli)?, *json, *interval_ms, *timeout, *now)?,
         Cmd::Features => match libublk::ctrl::UblkCtrl::get_features() {
             Some(f) => {
                 println!("ublk driver features: {f:#x}");

@@ -8,7 +8,10 @@
 # scripts/install.sh staging every file. Both daemons serve metrics ([metrics] listen): a scrape
 # passes `promtool check metrics` and counts the writes, the OpenMetrics form ends in # EOF,
 # and after the takeover the survivor's scrape shows it done and the range owned. Data written before the moves is read back
-# (checksums) after each of them.
+# (checksums) after each of them. `health` gives OK, WARNING (partner gone) and CRITICAL
+# (daemon gone) with the plugin exit codes; `events` streams the partner's loss, the range's
+# move and the takeover. SIGHUP is logged and ignored; with JOURNAL_STREAM set the
+# daemon logs to journald's socket (a stand-in here) with each event's priority.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -62,6 +65,7 @@ grep -q "not running" last.out || { cat last.out; fail "no clear 'not running' m
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
 nvm_start node-b.toml daemon-b.log
+pid_b=$NVM_LAST_PID
 wait_link a
 wait_link b
 json a 's["engine"]["node"] == "node-a" and s["pid"] > 0 and s["devices"][0]["path"] == "/dev/ublkb0"' | grep -q True ||
@@ -74,6 +78,9 @@ json a 's["engine"]["mirror"]["second_store"]["capacity_bytes"] > 0 and len(s["e
 grep -q "MIRRORING over tcp" status-a.txt || { cat status-a.txt; fail "human status does not show the mirror state"; }
 grep -q "node-b" status-a.txt || fail "human status does not show the range owners"
 say "status: JSON fields and the human table check out ($(owners a))"
+expect_rc 0 "$NVMCTL" --config node-a.toml health
+grep -q "^OK: node node-a mirroring over tcp; 1 range(s) served here" last.out || { cat last.out; fail "health of a mirrored pair is not OK"; }
+say "health: $(head -n1 last.out)"
 
 # --- the control socket refuses other users -----------------------------------------------------
 rc=0
@@ -155,6 +162,12 @@ say "del --lun / add --lun: the device went away and came back as /dev/ublkb0; t
 # --- takeover after a crash, then recover ---------------------------------------------------------
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover
 grep -q "partner is reachable" last.out || { cat last.out; fail "takeover with a live partner was not refused clearly"; }
+expect_rc 0 "$NVMCTL" --config node-b.toml events --now
+grep -q "^exists range lun0:0 epoch:3 owner:node-a serving:no state:remote$" last.out && [[ $(tail -n1 last.out) == "exists -" ]] ||
+	{ cat last.out; fail "events --now: not the current state"; }
+"$NVMCTL" --config node-b.toml events --json --interval-ms 100 --timeout 120 >events-b.json 2>events-b.err &
+events_pid=$!
+NVM_DAEMON_PIDS+=("$events_pid")
 "$NVMCTL" --config node-a.toml flush pause >/dev/null
 dd if=p0 of=/dev/ublkb0 bs=1M count=4 seek=16 oflag=direct status=none # staged only, mirrored
 kill -9 "$pid_a"
@@ -162,6 +175,15 @@ nvm_wait_gone "$pid_a"
 for _ in $(seq 50); do link_up b || break; sleep 0.2; done
 link_up b && fail "node-b still reports mirroring 10 s after node-a died"
 [[ $(json b 's["engine"]["mirror"]["state"]') == degraded ]] || fail "node-b does not report degraded"
+expect_rc 1 "$NVMCTL" --config node-b.toml health
+grep -q "^WARNING: node node-b degraded" last.out && grep -q "^  warning: the partner is unreachable" last.out ||
+	{ cat last.out; fail "health of a node whose partner died is not WARNING"; }
+expect_rc 1 "$NVMCTL" --config node-b.toml health --json
+python3 -c 'import json,sys; h=json.load(sys.stdin); assert h["schema"] == 1 and h["severity"] == "warning" and h["findings"], h' <last.out ||
+	fail "health --json: $(cat last.out)"
+expect_rc 2 "$NVMCTL" --config node-a.toml health
+grep -q "^CRITICAL: nvmirrord is not running" last.out || { cat last.out; fail "health of a dead daemon is not CRITICAL"; }
+say "health: node-b WARNING (partner unreachable), node-a CRITICAL (not running)"
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:1
 grep -q "none of the given ranges belongs to node node-a" last.out || { cat last.out; fail "takeover of an own range: unclear error"; }
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:7
@@ -184,6 +206,19 @@ cp scrape-b.txt "$NVM_OUT/"
 	$(metric scrape-b.txt 'nvmirror_mirror_state{state="degraded"}') == 1.0 ]] ||
 	fail "metrics: node-b's scrape does not show the takeover: $(grep -E '^nvmirror_(takeover|range_owned|range_epoch|link_up|mirror_state)' scrape-b.txt)"
 say "takeover: $(json b 's["engine"]["takeover"]["records_done"]') mirrored record(s) replayed; data intact; node-b's metrics show it done, range 0 owned at epoch 4, degraded"
+kill "$events_pid"
+python3 - events-b.json <<'PY' || { cp events-b.json events-b.err "$NVM_OUT/"; fail "events: node-b's stream does not show the partner's loss and the takeover"; }
+import json, sys
+evs = [json.loads(l) for l in open(sys.argv[1])]
+assert all(e["schema"] == 1 for e in evs)
+changes = [e for e in evs if e["what"] in ("change", "create")]
+lost = [e for e in changes if e["object"] == "node" and e["fields"].get("mirror") == "degraded"]
+moved = [e for e in changes if e["object"] == "range" and e["name"] == "lun0:0" and e["fields"].get("owner") == "node-b"]
+done = [e for e in changes if e["object"] == "takeover" and e["fields"].get("phase") == "done"]
+assert lost and moved and done, (lost, moved, done)
+assert lost[0]["unix_ms"] <= moved[0]["unix_ms"], "the range moved before the partner was seen gone"
+PY
+say "events: node-b's stream showed the partner lost (mirror degraded), range lun0:0 to node-b, the takeover done"
 
 [[ $(python3 -c 'import json,sys; print([d["state"] for d in json.load(sys.stdin) if d["id"] == 0][0])' \
 	< <("$NVMCTL" list --json)) == QUIESCED ]] || fail "list: /dev/ublkb0 not QUIESCED after its daemon died"
@@ -204,6 +239,82 @@ say "recover restarted node-a and re-attached /dev/ublkb0; giveback returned ran
 
 expect_rc 0 "$NVMCTL" features
 grep -q "USER_RECOVERY .*yes" last.out || { cat last.out; fail "features: USER_RECOVERY not reported"; }
+
+# --- SIGHUP, and logging to the journal ------------------------------------------------------------
+# SIGHUP's default action would kill the daemon undrained: it is logged and ignored.
+kill -HUP "$pid_b"
+sleep 1
+kill -0 "$pid_b" 2>/dev/null || fail "SIGHUP stopped node-b's daemon"
+grep -q "SIGHUP ignored" daemon-b.log || fail "node-b did not log the SIGHUP"
+link_up b || fail "node-b stopped mirroring after SIGHUP"
+# Under systemd (JOURNAL_STREAM names stderr's device:inode) the daemon logs to journald's
+# socket with each event's priority. journald is not running in the test VM: a stand-in
+# listens on its socket and keeps every entry.
+mkdir -p /run/systemd/journal
+python3 - /run/systemd/journal/socket journal.txt <<'PY' &
+import os, socket, sys
+path, out = sys.argv[1], sys.argv[2]
+if os.path.exists(path):
+    os.unlink(path)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(path)
+with open(out, "ab", buffering=0) as f:
+    while True:
+        d = s.recv(1 << 20)
+        f.write(len(d).to_bytes(4, "little") + d)
+PY
+journal_pid=$!
+NVM_DAEMON_PIDS+=("$journal_pid")
+for _ in $(seq 50); do [[ -S /run/systemd/journal/socket ]] && break; sleep 0.1; done
+kill -TERM "$pid_b"
+nvm_wait_gone "$pid_b"
+: >daemon-b2.log
+stream=$(stat -c '%d:%i' daemon-b2.log)
+export JOURNAL_STREAM=$stream
+nvm_start node-b.toml daemon-b2.log
+unset JOURNAL_STREAM
+pid_b=$NVM_LAST_PID
+wait_link b
+kill -HUP "$pid_b"
+sleep 1
+kill -0 "$pid_b" 2>/dev/null || fail "SIGHUP stopped node-b's daemon (journal logging)"
+python3 - journal.txt <<'PY' || { cp journal.txt "$NVM_OUT/"; fail "the journal stand-in's entries are not as expected (journal.txt in the results)"; }
+import sys
+raw, entries, i = open(sys.argv[1], "rb").read(), [], 0
+while i + 4 <= len(raw):
+    n = int.from_bytes(raw[i:i + 4], "little")
+    entries.append(raw[i + 4:i + 4 + n])
+    i += 4 + n
+entries = [e for e in entries if e]
+def fields(e):
+    # journald's native protocol: KEY=VALUE lines, or KEY, a 64-bit little-endian length,
+    # the value and a newline (tracing-journald uses the second form).
+    out, i = {}, 0
+    while i < len(e):
+        nl = e.find(b"\n", i)
+        nl = len(e) if nl < 0 else nl
+        line = e[i:nl]
+        if b"=" in line:
+            k, v = line.split(b"=", 1)
+            out[k] = v
+            i = nl + 1
+        elif line:
+            n = int.from_bytes(e[nl + 1:nl + 9], "little")
+            out[line] = e[nl + 9:nl + 9 + n]
+            i = nl + 9 + n + 1
+        else:
+            i = nl + 1
+    return out
+es = [fields(e) for e in entries]
+assert all(e.get(b"SYSLOG_IDENTIFIER") == b"nvmirrord" for e in es), "entries without SYSLOG_IDENTIFIER=nvmirrord"
+hup = [e for e in es if e.get(b"MESSAGE", b"").startswith(b"SIGHUP ignored")]
+assert hup and hup[0].get(b"PRIORITY") == b"4", ("the SIGHUP warning is missing or not at priority 4", hup)
+ready = [e for e in es if b"NVRAM ready" in e.get(b"MESSAGE", b"")]
+assert ready and ready[0].get(b"PRIORITY") == b"6", ("the start message is missing or not at priority 6 (info)", ready)
+print(len(es), "journal entries")
+PY
+grep -q "SIGHUP ignored" daemon-b2.log && fail "with JOURNAL_STREAM set the daemon still logged to stderr"
+say "SIGHUP: logged and ignored (daemon still mirroring); under JOURNAL_STREAM the daemon logs to the journal socket: SIGHUP warning at priority 4, start at 6, identifier nvmirrord"
 
 # --- udev: the rule names the device -----------------------------------------------------------------
 mkdir -p /etc/udev/rules.d

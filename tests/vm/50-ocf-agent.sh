@@ -39,6 +39,7 @@ mount -t overlay ocf-agents -o "lowerdir=$RD,upperdir=$PWD/ocf-upper,workdir=$PW
 	fail "cannot put an overlay on $RD"
 nvm_extra_cleanup() {
 	umount "$RD" 2>/dev/null || umount -l "$RD" 2>/dev/null
+	umount /usr/share/resource-agents 2>/dev/null
 	cp -f ./*.toml pcmk-attrs.log "$NVM_OUT/" 2>/dev/null
 }
 AGENT=$RD/nvmirror/nvmirror
@@ -131,10 +132,39 @@ sed 's/^ranges = 2$/ranges = 2\nbogus_key = 1/' node-a.toml >bad.toml
 rc=0; out=$(validate "${good[@]}" --option "config=$PWD/bad.toml") || rc=$?
 ((rc != 0)) && grep -q "bogus_key" <<<"$out" || fail "validate with an invalid config: rc $rc, output: $out"
 say "crm_resource --validate (invalid config): rc $rc (names bogus_key)"
+for bad in ranges_of='node a' peer_wait=soon handover_wait=-1; do
+	rc=0; out=$(validate "${good[@]}" --option "$bad") || rc=$?
+	((rc == 6)) && grep -q "ocf-exit-reason" <<<"$out" ||
+		fail "validate with $bad: rc $rc (want 6, OCF_ERR_CONFIGURED: wrong everywhere), output: $out"
+done
+say "crm_resource --validate (bad parameter values: ranges_of, peer_wait, handover_wait): rc 6 (OCF_ERR_CONFIGURED)"
+# OCF 1.1: the metadata says so, and the waits are reloadable (reload-agent).
+meta=$(OCF_ROOT=/usr/lib/ocf "$AGENT" meta-data)
+xmllint --noout - <<<"$meta" || fail "the agent's metadata is not well-formed XML"
+[[ $(xmllint --xpath 'string(/resource-agent/version)' - <<<"$meta") == 1.1 ]] || fail "metadata: OCF version is not 1.1"
+[[ $(xmllint --xpath 'string(//parameter[@name="peer_wait"]/@reloadable)' - <<<"$meta") == 1 ]] || fail "metadata: peer_wait is not reloadable"
+xmllint --xpath '//action[@name="reload-agent"]' - <<<"$meta" >/dev/null || fail "metadata: no reload-agent action"
+[[ $(xmllint --xpath 'count(//action[@role="Master" or @role="Slave"])' - <<<"$meta") == 0 ]] || fail "metadata: OCF 1.0 role names"
+say "metadata: OCF 1.1, Promoted/Unpromoted monitors, reload-agent with peer_wait and handover_wait reloadable"
 rc=0; out=$(validate "${good[@]}" --option "nvmirrorctl=/nonexistent/nvmirrorctl") || rc=$?
 ((rc == 5)) || fail "validate with a missing nvmirrorctl: rc $rc (want 5, not installed): $out"
 
 # --- 2. ocf-tester on node-a, node-b's daemon running -----------------------------------
+# ocf-tester validates the metadata against resource-agents' ra-api-1.dtd, which in Debian 12
+# (4.12) predates OCF 1.1: it lacks the reload-agent action and the reloadable attribute. An
+# overlay gives it the DTD with just those two additions of the OCF 1.1 standard.
+DTD_DIR=/usr/share/resource-agents
+mkdir -p dtd-upper dtd-work
+python3 - "$DTD_DIR/ra-api-1.dtd" dtd-upper/ra-api-1.dtd <<'PY' || fail "cannot extend ra-api-1.dtd with OCF 1.1"
+import re, sys
+dtd = open(sys.argv[1]).read()
+dtd, n1 = re.subn(r"\|reload\|", "|reload|reload-agent|", dtd, count=1)
+dtd, n2 = re.subn(r'(<!ATTLIST parameter[^>]*unique\s+\(1\|0\)\s+"0")>', r'\1\n        reloadable (1|0) "0">', dtd, count=1)
+assert n1 == 1 and n2 == 1, (n1, n2)
+open(sys.argv[2], "w").write(dtd)
+PY
+mount -t overlay ra-dtd -o "lowerdir=$DTD_DIR,upperdir=$PWD/dtd-upper,workdir=$PWD/dtd-work" "$DTD_DIR" ||
+	fail "cannot put an overlay on $DTD_DIR"
 expect 0 "node-b up for ocf-tester" b resA a start
 track_daemon b
 say "ocf-tester on node-a (resA, ranges_of=node-a)"

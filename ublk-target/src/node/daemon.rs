@@ -31,6 +31,7 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     for s in [
         nix::sys::signal::Signal::SIGTERM,
         nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
     ] {
         signals.add(s);
     }
@@ -55,7 +56,10 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let engine = Engine::open_config(&cfg, &config_path, OpenMode::Normal)?;
+    let engine = {
+        let _replaying = StartNotifier::start();
+        Engine::open_config(&cfg, &config_path, OpenMode::Normal)?
+    };
     let replay = engine.status().replay;
     tracing::info!(
         node = cfg.node.name,
@@ -136,12 +140,23 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     // Wait for SIGTERM/SIGINT, or for every device to stop by itself.
     let sig_thread = std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || signals.wait())
+        .spawn(move || wait_for_stop_signal(&signals))
         .context("spawning the signal thread")?;
     let mut ready = false;
+    // systemd's WatchdogSec: petted while the engine answers a status snapshot (it takes the
+    // locks the data path and the flusher share, so a deadlock there stops the petting).
+    let watchdog_every = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut last_pet = std::time::Instant::now();
     loop {
         if sig_thread.is_finished() {
             break;
+        }
+        if watchdog_every.is_some_and(|every| last_pet.elapsed() >= every) {
+            let _ = engine.status();
+            if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]) {
+                tracing::warn!("petting systemd's watchdog: {e}");
+            }
+            last_pet = std::time::Instant::now();
         }
         if devices.all_stopped_unexpectedly() {
             break;
@@ -204,6 +219,75 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     match failed {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Waits for SIGTERM or SIGINT. SIGHUP (a closed terminal, `kill -HUP`) must not stop the
+/// daemon as its default action would, undrained: the config is read at start only, so it
+/// is logged and ignored.
+fn wait_for_stop_signal(
+    signals: &nix::sys::signal::SigSet,
+) -> nix::Result<nix::sys::signal::Signal> {
+    loop {
+        match signals.wait()? {
+            nix::sys::signal::Signal::SIGHUP => tracing::warn!(
+                "SIGHUP ignored: the config is read at start only; restart the daemon to apply a change (a restart replays the NVRAM and keeps the devices)"
+            ),
+            sig => return Ok(sig),
+        }
+    }
+}
+
+/// Tells systemd what the start is doing while the NVRAM is replayed (before READY=1), and
+/// extends the start timeout while it does: a large NVRAM replayed into a slow medium may
+/// take longer than `TimeoutStartSec`. A replay stuck on a hung medium write is the
+/// watchdog's business (`cluster.watchdog`), not the start timeout's.
+struct StartNotifier {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StartNotifier {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn start() -> StartNotifier {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("start-notify".into())
+            .spawn(move || {
+                let began = std::time::Instant::now();
+                loop {
+                    let status = format!(
+                        "replaying the NVRAM into the media ({} s)",
+                        began.elapsed().as_secs()
+                    );
+                    let _ = sd_notify::notify(&[
+                        sd_notify::NotifyState::Status(&status),
+                        sd_notify::NotifyState::ExtendTimeoutUsec(
+                            (3 * Self::EVERY).as_micros() as u32
+                        ),
+                    ]);
+                    if stopped.recv_timeout(Self::EVERY)
+                        != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    {
+                        return;
+                    }
+                }
+            })
+            .ok();
+        StartNotifier {
+            stop: Some(stop),
+            thread,
+        }
+    }
+}
+
+impl Drop for StartNotifier {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
