@@ -41,7 +41,8 @@
 # NVM_VM_CPUS, NVM_VM_ACCEL, NVM_VM_PMEM_SIZE, NVM_VM_CACHE, NVM_VM_QUIET=1,
 # NVM_VM_BOOT_OPTS (extra nvm_vm_boot options for the single-VM run,
 # word-split, e.g. "--disk /path/img --qemu-arg -s"); see scripts/vm/lib.sh.
-# NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42; CI runs
+# NVM_MSRV_CHECK=1 also builds the workspace with the Rust version Cargo.toml declares
+# (rustup installs it). NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42; CI runs
 # the short ones, about 6 minutes less); NVM_PARTITION_CYCLES caps test 24's.
 set -euo pipefail
 
@@ -96,6 +97,19 @@ run_cargo() {
 	# --release reuses the build above (a debug build of everything takes 4 more minutes
 	# on 2 cores); overflow checks stay on for our crates (Cargo.toml) and the simulator
 	# turns on the log's full invariant checks itself (nvmirror::log::audit_queues).
+	if [[ ${NVM_MSRV_CHECK:-0} == 1 ]]; then
+		# Our own code against the declared MSRV (the dependencies' declared ones are checked
+		# by ublk-target/tests/msrv.rs in every run). Off in CI: it is a second compile.
+		local msrv
+		msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' "$repo/Cargo.toml")
+		nvm_log "MSRV check: cargo +$msrv check --workspace --all-targets"
+		if rustup toolchain install "$msrv" --profile minimal >&2 &&
+			CARGO_TARGET_DIR=$repo/target/msrv cargo "+$msrv" check --workspace --all-targets --locked; then
+			add_item "MSRV $msrv: cargo check" PASS "" ""
+		else
+			add_item "MSRV $msrv: cargo check" FAIL "does not build with Rust $msrv" ""
+		fi
+	fi
 	nvm_log "cargo test --release --workspace"
 	if cargo test --release --workspace 2>&1 | tee "$log"; then
 		add_item "cargo test --release --workspace" PASS "" ""

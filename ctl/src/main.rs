@@ -6,6 +6,7 @@
 mod config_show;
 mod events;
 mod health;
+mod json_out;
 mod shell;
 mod status_facts;
 mod verify_report;
@@ -521,7 +522,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let s = status(&socket)?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                println!("{}", json_out::versioned(&s)?);
             } else if *shell {
                 let of = match (ranges_of, given) {
                     (Some(node), None) => {
@@ -808,7 +809,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let r = nvmirror::inspect::inspect(&cfg.nvram.path)
                         .with_context(|| format!("reading NVRAM {}", cfg.nvram.path.display()))?;
                     if *json {
-                        println!("{}", serde_json::to_string_pretty(&r)?);
+                        println!("{}", json_out::versioned(&r)?);
                     } else {
                         print_inspect(&r);
                     }
@@ -994,7 +995,10 @@ fn list(json: bool, ids_only: bool, config: Option<&Path>) -> anyhow::Result<()>
         }));
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!(
+            "{}",
+            json_out::versioned(&serde_json::json!({ "devices": rows }))?
+        );
         return Ok(());
     }
     if ids_only {

@@ -6,7 +6,7 @@ use nvmirror::engine::{Verdict, VerifyReport};
 
 pub fn print(report: &VerifyReport, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        println!("{}", crate::json_out::versioned(report)?);
     } else {
         for r in &report.ranges {
             println!("{} range {}: {}", r.lun, r.range, describe(&r.verdict));

@@ -68,7 +68,7 @@ nvm_start node-b.toml daemon-b.log
 pid_b=$NVM_LAST_PID
 wait_link a
 wait_link b
-json a 's["engine"]["node"] == "node-a" and s["pid"] > 0 and s["devices"][0]["path"] == "/dev/ublkb0"' | grep -q True ||
+json a 's["schema"] == 1 and s["engine"]["node"] == "node-a" and s["pid"] > 0 and s["devices"][0]["path"] == "/dev/ublkb0"' | grep -q True ||
 	fail "status --json: node/pid/device wrong"
 [[ $(json a 's["engine"]["mirror"]["transport"]') == tcp ]] || fail "status --json: transport is not tcp"
 [[ $(owners a) == "node-a/1 node-b/1" ]] || fail "ownership table: $(owners a)"
@@ -220,7 +220,7 @@ assert lost[0]["unix_ms"] <= moved[0]["unix_ms"], "the range moved before the pa
 PY
 say "events: node-b's stream showed the partner lost (mirror degraded), range lun0:0 to node-b, the takeover done"
 
-[[ $(python3 -c 'import json,sys; print([d["state"] for d in json.load(sys.stdin) if d["id"] == 0][0])' \
+[[ $(python3 -c 'import json,sys; print([d["state"] for d in json.load(sys.stdin)["devices"] if d["id"] == 0][0])' \
 	< <("$NVMCTL" list --json)) == QUIESCED ]] || fail "list: /dev/ublkb0 not QUIESCED after its daemon died"
 expect_rc 0 "$NVMCTL" --config node-a.toml recover --state-dir "$PWD/state" --nvmirrord "$NVMD" --log "$PWD/daemon-a.log" --timeout 60
 grep -q "lun0 /dev/ublkb0 (recovered)" last.out || { cat last.out; fail "recover did not re-attach /dev/ublkb0"; }
@@ -229,7 +229,9 @@ NVM_DAEMON_PIDS+=("$pid_a")
 wait_link b
 "$NVMCTL" list --json | python3 -c '
 import json, sys
-d = [x for x in json.load(sys.stdin) if x["id"] == 0][0]
+j = json.load(sys.stdin)
+assert j["schema"] == 1, j
+d = [x for x in j["devices"] if x["id"] == 0][0]
 assert d["state"] == "LIVE" and d["pid"] == int(sys.argv[1]) and d["nvmirror"]["lun"] == "lun0", d' "$pid_a" ||
 	fail "list: recovered device not LIVE under the new daemon"
 expect_rc 0 "$NVMCTL" --config node-b.toml giveback

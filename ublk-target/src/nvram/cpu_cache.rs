@@ -26,9 +26,16 @@ struct CacheWriteback {
 #[cfg(target_arch = "x86_64")]
 fn detect() -> CacheWriteback {
     use std::arch::x86_64::{__cpuid, __cpuid_count};
-    // Leaf 7 is read only when leaf 0 says it exists.
-    let leaf7 = (__cpuid(0).eax >= 7).then(|| __cpuid_count(7, 0).ebx);
-    let leaf1 = __cpuid(1).ebx;
+    // Leaf 7 is read only when leaf 0 says it exists. The `unsafe` is for Rust before 1.94,
+    // which marked these intrinsics unsafe (our MSRV is older).
+    // SAFETY: CPUID exists on every x86_64 CPU.
+    #[allow(unused_unsafe)]
+    let (leaf7, leaf1) = unsafe {
+        (
+            (__cpuid(0).eax >= 7).then(|| __cpuid_count(7, 0).ebx),
+            __cpuid(1).ebx,
+        )
+    };
     // CPUID.1:EBX[15:8] is the CLFLUSH line size in 8-byte units; 64 when it is not reported.
     let line = match ((leaf1 >> 8) & 0xff) as usize * 8 {
         0 => 64,
