@@ -42,8 +42,9 @@
 # NVM_VM_BOOT_OPTS (extra nvm_vm_boot options for the single-VM run,
 # word-split, e.g. "--disk /path/img --qemu-arg -s"); see scripts/vm/lib.sh.
 # NVM_MSRV_CHECK=1 also builds the workspace with the Rust version Cargo.toml declares
-# (rustup installs it). NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42; CI runs
-# the short ones, about 6 minutes less); NVM_PARTITION_CYCLES caps test 24's.
+# (rustup installs it). NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42,
+# ocf-tester in 50; CI runs the short ones, about 8 minutes less); NVM_PARTITION_CYCLES caps
+# test 24's.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
@@ -172,6 +173,14 @@ run_vm_tests() {
 	nvm_vm_prepare
 	nvm_ensure_promtool
 	local envs=(--env "NVM_REPO=$repo" --env "NVM_BIN=$bin_dir/release" --env "NVM_PROMTOOL=$NVM_PROMTOOL")
+	# The Debian package for 41-deb-package, built here (natively: xz under TCG takes a minute).
+	local deb
+	if deb=$(CARGO_TARGET_DIR=$bin_dir bash "$repo/scripts/package-deb.sh" --no-build --out "$results/deb" 2>"$results/package-deb.log" | tail -n1) &&
+		[[ -f $deb ]]; then
+		envs+=(--env "NVM_DEB=$deb")
+	else
+		nvm_log "scripts/package-deb.sh failed (see $results/package-deb.log); 41-deb-package builds the package itself"
+	fi
 	[[ -z ${NVM_TEST_TIMEOUT:-} ]] || envs+=(--env "NVM_TEST_TIMEOUT=$NVM_TEST_TIMEOUT")
 	[[ -z ${NVM_SOAK:-} ]] || envs+=(--env "NVM_SOAK=$NVM_SOAK")
 	[[ -z ${NVM_PARTITION_CYCLES:-} ]] || envs+=(--env "NVM_PARTITION_CYCLES=$NVM_PARTITION_CYCLES")

@@ -257,13 +257,19 @@ pub fn assess(s: &DaemonStatus, limits: &Limits) -> Health {
         );
     }
 
-    let served = e.ranges.iter().filter(|r| r.serving).count();
+    // A single node has no ownership table: it serves every LUN it has a device for.
+    let served = if e.ranges.is_empty() {
+        format!("{} LUN(s) served", s.devices.len())
+    } else {
+        let n = e.ranges.iter().filter(|r| r.serving).count();
+        format!("{n} range(s) served here")
+    };
     let mirror = match (m.state.as_str(), &m.transport) {
         ("mirroring", Some(t)) => format!("mirroring over {t}"),
         (state, _) => state.to_string(),
     };
     let summary = format!(
-        "node {} {mirror}; {served} range(s) served here; NVRAM {worst_fill:.0}% full; flush lag {worst_lag:.1} s",
+        "node {} {mirror}; {served}; NVRAM {worst_fill:.0}% full; flush lag {worst_lag:.1} s",
         e.node
     );
     Health {

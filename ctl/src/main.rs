@@ -5,6 +5,7 @@
 
 mod config_show;
 mod events;
+mod gen_docs;
 mod health;
 mod json_out;
 mod shell;
@@ -59,8 +60,9 @@ enum Cmd {
         #[arg(long, value_name = "NODE", requires = "shell")]
         ranges_of: Option<String>,
     },
-    /// One verdict for monitoring, as a Nagios/Icinga plugin: exit 0 OK, 1 WARNING (serving
-    /// with less redundancy: partner away, flusher behind, medium errors, a takeover or
+    /// One verdict on the node for monitoring (a Nagios/Icinga plugin).
+    ///
+    /// Exit 0 OK, 1 WARNING (serving with less redundancy: partner away, flusher behind, medium errors, a takeover or
     /// resync pending), 2 CRITICAL (a stopped partition, a missing device, the lease lost, a
     /// failed takeover, or the daemon not running), 3 UNKNOWN (bad usage, no answer).
     Health {
@@ -80,8 +82,9 @@ enum Cmd {
         #[arg(long, default_value_t = 95.0, value_name = "PERCENT")]
         fill_crit: f64,
     },
-    /// Follow the node's state as a stream of lines, like `drbdsetup events2`: the current
-    /// state (`exists ...`, then `exists -`), then a `change`, `create` or `destroy` line
+    /// Follow the node's state as a stream of lines, like `drbdsetup events2`.
+    ///
+    /// First the current state (`exists ...`, then `exists -`), then a `change`, `create` or `destroy` line
     /// whenever the node, a device, an NVRAM partition, a range (owner, epoch, state,
     /// serving), a takeover or a resync changes. Built on polling `status`: changes within
     /// one interval merge. A daemon that stops shows as `destroy` lines; the stream goes on.
@@ -166,6 +169,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// For packages: write man pages (DIR/man8) and shell completions (DIR/completions) of
+    /// nvmirrorctl and nvmirrord.
+    #[command(hide = true)]
+    GenDocs { dir: PathBuf },
     /// For udev: print "LUN NODE" of an nvmirror device (e.g. ublkb0); fails for others.
     #[command(hide = true)]
     UdevName { device: String },
@@ -787,6 +794,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("deleted /dev/ublkb{id} (its pending I/O fails; unmount what used it)");
         }
         Cmd::Health { .. } => std::process::exit(health_check(&cli)),
+        Cmd::GenDocs { dir } => {
+            use clap::CommandFactory;
+            let files = gen_docs::generate(Cli::command(), dir)?;
+            println!("wrote {} file(s) under {}", files.len(), dir.display());
+        }
         Cmd::Events {
             json,
             interval_ms,

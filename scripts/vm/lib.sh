@@ -41,7 +41,7 @@ NVM_APT_PACKAGES=(
 	fio rdma-core ibverbs-utils ibverbs-providers rdmacm-utils perftest
 	e2fsprogs xfsprogs btrfs-progs iproute2 util-linux procps psmisc coreutils dmsetup
 	libclang-dev libibverbs-dev librdmacm-dev pkg-config
-	resource-agents libxml2-utils pacemaker-cli-utils drbd-utils ndctl
+	resource-agents libxml2-utils pacemaker-cli-utils drbd-utils ndctl dpkg-dev
 )
 
 nvm_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

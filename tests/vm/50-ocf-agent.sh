@@ -6,7 +6,8 @@
 # /dev/ublkb0 is node-a's device, /dev/ublkb1 node-b's.
 #
 # 1. crm_resource --validate with good and bad parameters (agent looked up by class/provider).
-# 2. ocf-tester on node-a (resA) while node-b's daemon runs and is connected.
+# 2. The metadata validated against ra-api-1.dtd (with OCF 1.1's additions); with NVM_SOAK=1
+#    also ocf-tester on node-a (resA) while node-b's daemon runs and is connected.
 # 3. The roles driven by calling the agent as Pacemaker would (OCF env vars): start on both
 #    nodes, promote on the home nodes (monitor 8 there, 0 on the partner), data written
 #    through node-a with its flusher paused (so it exists only in the NVRAMs), kill -9 of
@@ -165,19 +166,28 @@ open(sys.argv[2], "w").write(dtd)
 PY
 mount -t overlay ra-dtd -o "lowerdir=$DTD_DIR,upperdir=$PWD/dtd-upper,workdir=$PWD/dtd-work" "$DTD_DIR" ||
 	fail "cannot put an overlay on $DTD_DIR"
+OCF_ROOT=/usr/lib/ocf "$AGENT" meta-data | (cd "$DTD_DIR" && xmllint --noout --valid -) ||
+	fail "the agent's metadata does not conform to ra-api-1.dtd (with OCF 1.1's additions)"
+say "metadata: valid against ra-api-1.dtd with OCF 1.1's additions"
 expect 0 "node-b up for ocf-tester" b resA a start
 track_daemon b
-say "ocf-tester on node-a (resA, ranges_of=node-a)"
-ocf-tester -v -n resA -o "config=$PWD/node-a.toml" -o ranges_of=node-a -o "nvmirrord=$NVMD" \
-	-o "nvmirrorctl=$NVMCTL" -o "state_dir=$PWD/state-a" -o "run_dir=$PWD/run" \
-	-o "daemon_log=$PWD/daemon-a.log" "$AGENT" >ocf-tester.log 2>&1 ||
-	{ cat ocf-tester.log; fail "ocf-tester failed"; }
-grep -q "passed all tests" ocf-tester.log || { cat ocf-tester.log; fail "ocf-tester did not report success"; }
-tail -n 1 ocf-tester.log
-[[ -e run/node-a/nvmirrord.pid ]] && fail "ocf-tester's last stop left node-a's pid file"
-[[ -e /sys/class/ublk-char/ublkc0 ]] && fail "node-a's /dev/ublkb0 still exists after ocf-tester's stop"
-[[ $(owners b) == "node-a/remote node-b/local" ]] || fail "ranges after ocf-tester: $(owners b)"
-say "ocf-tester passed; node-a stopped cleanly, range 0 still node-a's (home demote keeps it)"
+# ocf-tester takes about 70 s under TCG; CI's hour is tight, so it runs with NVM_SOAK=1. The
+# role checks below drive every action it does (and more) with the exit codes checked.
+if [[ ${NVM_SOAK:-0} == 1 ]]; then
+	say "ocf-tester on node-a (resA, ranges_of=node-a)"
+	ocf-tester -v -n resA -o "config=$PWD/node-a.toml" -o ranges_of=node-a -o "nvmirrord=$NVMD" \
+		-o "nvmirrorctl=$NVMCTL" -o "state_dir=$PWD/state-a" -o "run_dir=$PWD/run" \
+		-o "daemon_log=$PWD/daemon-a.log" "$AGENT" >ocf-tester.log 2>&1 ||
+		{ cat ocf-tester.log; fail "ocf-tester failed"; }
+	grep -q "passed all tests" ocf-tester.log || { cat ocf-tester.log; fail "ocf-tester did not report success"; }
+	tail -n 1 ocf-tester.log
+	[[ -e run/node-a/nvmirrord.pid ]] && fail "ocf-tester's last stop left node-a's pid file"
+	[[ -e /sys/class/ublk-char/ublkc0 ]] && fail "node-a's /dev/ublkb0 still exists after ocf-tester's stop"
+	say "ocf-tester passed; node-a stopped cleanly, range 0 still node-a's (home demote keeps it)"
+else
+	say "ocf-tester not run (it runs with NVM_SOAK=1)"
+fi
+[[ $(owners b) == "node-a/remote node-b/local" ]] || fail "ranges with node-a stopped: $(owners b)"
 
 # --- 3. roles ---------------------------------------------------------------------------
 expect 0 "start" a resA a start
@@ -322,4 +332,4 @@ alive "$pid_b" && fail "node-b's daemon still runs after its last resource stopp
 nvm_wait_dev_gone 1
 expect 7 "stopped" b resB b monitor
 expect 0 "stop of a stopped resource" b resB b stop
-say "PASS: ocf-tester, crm_resource --validate, and the roles across kill -9, takeover, failback and switchover"
+say "PASS: crm_resource --validate, the metadata, $([[ ${NVM_SOAK:-0} == 1 ]] && echo "ocf-tester, ")and the roles across kill -9, takeover, failback and switchover"

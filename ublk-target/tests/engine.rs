@@ -604,7 +604,7 @@ fn a_scrape_shows_the_luns_io_and_the_nvram_in_openmetrics_text() {
         },
         latency: metrics::latency_of(&e),
     };
-    let text = metrics::encode(&scrape, metrics::Format::OpenMetrics).expect("encode");
+    let text = metrics::encode(scrape.clone(), metrics::Format::OpenMetrics).expect("encode");
     let has = |line: &str| {
         assert!(
             text.lines().any(|l| l == line),
@@ -633,7 +633,7 @@ fn a_scrape_shows_the_luns_io_and_the_nvram_in_openmetrics_text() {
     assert_eq!(text.lines().last(), Some("# EOF"));
     // The classic text format (what curl and `promtool check metrics` get): the family is
     // named as its samples, and there is no `# EOF`.
-    let classic = metrics::encode(&scrape, metrics::Format::PrometheusText).expect("encode");
+    let classic = metrics::encode(scrape, metrics::Format::PrometheusText).expect("encode");
     assert!(classic.contains("# TYPE nvmirror_lun_ios_total counter\n"));
     assert!(classic.contains("nvmirror_lun_ios_total{lun=\"lun0\",op=\"write\"} 1\n"));
     assert!(!classic.contains("# EOF"));

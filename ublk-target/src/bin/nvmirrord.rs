@@ -3,22 +3,7 @@
 
 use clap::Parser;
 use nvmirror::config::NodeConfig;
-use nvmirror::node::daemon::{self, DaemonArgs};
-use std::path::PathBuf;
-
-#[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "nvmirror node daemon: NVRAM-staged ublk block devices"
-)]
-struct Args {
-    /// The node's TOML configuration.
-    #[arg(long, short)]
-    config: PathBuf,
-    /// Where device ids are remembered between runs (for crash recovery).
-    #[arg(long, default_value = "/run/nvmirror")]
-    state_dir: PathBuf,
-}
+use nvmirror::node::daemon::{self, DaemonArgs, DaemonCli};
 
 /// Exit codes (documented in the README).
 const EXIT_CONFIG: i32 = 2;
@@ -26,7 +11,7 @@ const EXIT_START: i32 = 1;
 
 fn main() {
     let journal = init_logging();
-    let args = Args::parse();
+    let args = DaemonCli::parse();
     let cfg = match NodeConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => fatal(journal, EXIT_CONFIG, &e.to_string()),

@@ -1,11 +1,11 @@
-//! The metrics endpoint (`[metrics] listen`): `GET /metrics` answers with the node's state for
-//! Prometheus, in the OpenMetrics text format or the classic one (see [`Format`]). Every scrape takes the same snapshot as
-//! `nvmirrorctl status` plus the LUNs' latency histograms and encodes it with
-//! `prometheus_client`: nothing is kept between scrapes, and the data path pays only for its
-//! histograms (`io_latency`).
+//! The metrics endpoint (`[metrics] listen`): `GET /metrics` answers with the node's state
+//! for Prometheus, in the OpenMetrics text format or the classic one (see [`Format`]). Every
+//! scrape takes the same snapshot as `nvmirrorctl status` plus the LUNs' latency histograms
+//! and encodes it with `prometheus_client`: nothing is kept between scrapes, and the data path
+//! pays only for its histograms (`io_latency`).
 //!
-//! One thread serves the endpoint with `tiny_http`, one request at a time: a scrape takes
-//! about a millisecond, and a slow client cannot touch the data path.
+//! One thread answers the scrapes with `tiny_http`, one at a time (a scrape takes about a
+//! millisecond); nothing of it runs on the data path.
 
 use crate::control::DaemonStatus;
 use crate::io_latency::{HistogramSnapshot, IoKind};
@@ -16,8 +16,8 @@ use prometheus_client::registry::{Registry, Unit};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// One scrape's data.
-#[derive(Debug)]
+/// One scrape's data (the collector `prometheus_client` encodes).
+#[derive(Clone, Debug)]
 pub struct Scrape {
     pub status: DaemonStatus,
     /// Per LUN (in the engine's order, as `status.engine.luns`): each kind's histogram.
@@ -79,7 +79,7 @@ fn answer(request: tiny_http::Request, source: &ScrapeSource) {
             .map(|h| h.value.as_str()),
     );
     let response = match (request.method(), path) {
-        (tiny_http::Method::Get, "/metrics") => match encode(&source(), format) {
+        (tiny_http::Method::Get, "/metrics") => match encode(source(), format) {
             Ok(text) => {
                 tiny_http::Response::from_string(text).with_header(header(format.content_type()))
             }
@@ -103,12 +103,9 @@ fn header(content_type: &str) -> tiny_http::Header {
 }
 
 /// The scrape as text in `format` (every name prefixed `nvmirror_`).
-pub fn encode(scrape: &Scrape, format: Format) -> Result<String, std::fmt::Error> {
+pub fn encode(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("nvmirror");
-    registry.register_collector(Box::new(NodeCollector(Arc::new(ScrapeView {
-        status: scrape.status.clone(),
-        latency: scrape.latency.clone(),
-    }))));
+    registry.register_collector(Box::new(scrape));
     let mut text = String::new();
     match format {
         Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut text, &registry)?,
@@ -118,15 +115,6 @@ pub fn encode(scrape: &Scrape, format: Format) -> Result<String, std::fmt::Error
     }
     Ok(text)
 }
-
-#[derive(Debug)]
-struct ScrapeView {
-    status: DaemonStatus,
-    latency: Vec<Vec<(IoKind, HistogramSnapshot)>>,
-}
-
-#[derive(Debug)]
-struct NodeCollector(Arc<ScrapeView>);
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -190,9 +178,9 @@ fn one(v: f64) -> Vec<(Labels, f64)> {
     vec![(Vec::new(), v)]
 }
 
-impl prometheus_client::collector::Collector for NodeCollector {
+impl prometheus_client::collector::Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let s = &self.0.status;
+        let s = &self.status;
         let e = &s.engine;
         let mut f = Family {
             encoder: &mut encoder,
@@ -222,15 +210,11 @@ impl prometheus_client::collector::Collector for NodeCollector {
         // Per LUN: the device's I/O as its queues saw it.
         let lun = |i: usize| e.luns.get(i).map_or_else(String::new, |l| l.name.clone());
         let kinds = || {
-            self.0
-                .latency
-                .iter()
-                .enumerate()
-                .flat_map(move |(i, kinds)| {
-                    kinds
-                        .iter()
-                        .map(move |(k, h)| (vec![("lun", lun(i)), ("op", k.name().into())], h))
-                })
+            self.latency.iter().enumerate().flat_map(move |(i, kinds)| {
+                kinds
+                    .iter()
+                    .map(move |(k, h)| (vec![("lun", lun(i)), ("op", k.name().into())], h))
+            })
         };
         f.counter(
             "lun_ios",
