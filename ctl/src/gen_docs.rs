@@ -12,7 +12,7 @@ pub fn generate(ctl: clap::Command, out: &Path) -> anyhow::Result<Vec<PathBuf>> 
     let man8 = out.join("man8");
     std::fs::create_dir_all(&man8).with_context(|| format!("creating {}", man8.display()))?;
     let mut written = Vec::new();
-    for cmd in [ctl, nvmirror::node::daemon::DaemonCli::command()] {
+    for cmd in [ctl, nvmirror::node::daemon::DaemonArgs::command()] {
         let name = cmd.get_name().to_string();
         let mut built = cmd.clone().disable_help_subcommand(true);
         built.build();

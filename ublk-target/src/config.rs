@@ -87,14 +87,14 @@ pub struct NodeConfig {
     pub cluster: Option<ClusterSection>,
     #[serde(rename = "lun")]
     pub luns: Vec<LunSection>,
-    /// The OpenMetrics endpoint; absent: off.
+    /// The metrics endpoint (docs/metrics.md); absent: off.
     pub metrics: Option<MetricsSection>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSection {
-    /// Address and port of the HTTP endpoint serving `/metrics` (OpenMetrics text), such as
+    /// Address and port of the HTTP endpoint serving `/metrics` for Prometheus, such as
     /// "127.0.0.1:9477". It has no authentication: keep it on localhost or a management
     /// network.
     pub listen: String,

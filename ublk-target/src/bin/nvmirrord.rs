@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use nvmirror::config::NodeConfig;
-use nvmirror::node::daemon::{self, DaemonArgs, DaemonCli};
+use nvmirror::node::daemon::{self, DaemonArgs};
 
 /// Exit codes (documented in the README).
 const EXIT_CONFIG: i32 = 2;
@@ -11,14 +11,10 @@ const EXIT_START: i32 = 1;
 
 fn main() {
     let journal = init_logging();
-    let args = DaemonCli::parse();
+    let args = DaemonArgs::parse();
     let cfg = match NodeConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => fatal(journal, EXIT_CONFIG, &e.to_string()),
-    };
-    let args = DaemonArgs {
-        config: args.config,
-        state_dir: args.state_dir,
     };
     if let Err(e) = daemon::run(args, cfg) {
         fatal(journal, EXIT_START, &format!("{e:#}"));

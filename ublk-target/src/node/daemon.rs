@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `nvmirrord`'s command line (here, not in the binary, so that `nvmirrorctl` can write
-/// its man page and completions).
+/// What `nvmirrord` is started with: its command line (here, not in the binary, so that
+/// `nvmirrorctl` can write its man page and completions).
 #[derive(clap::Parser, Debug)]
 #[command(
     name = "nvmirrord",
@@ -25,20 +25,12 @@ use std::time::Duration;
     about = "nvmirror node daemon: NVRAM-staged, mirrored ublk block devices",
     after_help = "Exit codes: 0 stopped cleanly (SIGTERM/SIGINT, staged writes drained), 1 could not start or failed, 2 invalid config (the message names the field)"
 )]
-pub struct DaemonCli {
+pub struct DaemonArgs {
     /// The node's TOML configuration.
     #[arg(long, short)]
     pub config: PathBuf,
     /// Where device ids are remembered between runs (for crash recovery).
     #[arg(long, default_value = "/run/nvmirror")]
-    pub state_dir: PathBuf,
-}
-
-/// What `nvmirrord` is started with.
-pub struct DaemonArgs {
-    /// The node's TOML configuration.
-    pub config: PathBuf,
-    /// Where device ids are remembered between runs (for crash recovery).
     pub state_dir: PathBuf,
 }
 
