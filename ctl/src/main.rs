@@ -62,9 +62,10 @@ enum Cmd {
     },
     /// One verdict on the node for monitoring (a Nagios/Icinga plugin).
     ///
-    /// Exit 0 OK, 1 WARNING (serving with less redundancy: partner away, flusher behind, medium errors, a takeover or
-    /// resync pending), 2 CRITICAL (a stopped partition, a missing device, the lease lost, a
-    /// failed takeover, or the daemon not running), 3 UNKNOWN (bad usage, no answer).
+    /// Exit 0 OK, 1 WARNING (serving with less redundancy: partner away, flusher behind,
+    /// medium errors, a takeover or resync pending), 2 CRITICAL (a stopped partition, a
+    /// missing device, the lease lost, a failed takeover, or the daemon not running), 3
+    /// UNKNOWN (bad usage, no answer).
     Health {
         /// The verdict and every finding as JSON ({"schema": 1, "severity", ...}).
         #[arg(long)]
@@ -84,9 +85,9 @@ enum Cmd {
     },
     /// Follow the node's state as a stream of lines, like `drbdsetup events2`.
     ///
-    /// First the current state (`exists ...`, then `exists -`), then a `change`, `create` or `destroy` line
-    /// whenever the node, a device, an NVRAM partition, a range (owner, epoch, state,
-    /// serving), a takeover or a resync changes. Built on polling `status`: changes within
+    /// First the current state (`exists ...`, then `exists -`), then a `change`, `create` or
+    /// `destroy` line whenever the node, a device, an NVRAM partition, a range (owner,
+    /// epoch, state, serving), a takeover or a resync changes. Built on polling `status`: changes within
     /// one interval merge. A daemon that stops shows as `destroy` lines; the stream goes on.
     Events {
         /// One JSON object per line ({"schema": 1, "unix_ms", "what", "object", "name",
@@ -315,9 +316,6 @@ fn main() {
     // SAFETY: setting a signal disposition to its default before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    if let Cmd::Health { .. } = cli.cmd {
-        std::process::exit(health_check(&cli));
-    }
     match run(cli) {
         Ok(()) => {}
         Err(e) => {
