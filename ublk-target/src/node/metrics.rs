@@ -174,7 +174,8 @@ fn flag(b: bool) -> f64 {
     }
 }
 
-fn one(v: f64) -> Vec<(Labels, f64)> {
+/// A family of one unlabelled sample.
+fn one<T>(v: T) -> Vec<(Labels, T)> {
     vec![(Vec::new(), v)]
 }
 
@@ -347,25 +348,25 @@ impl prometheus_client::collector::Collector for Scrape {
             "flushed",
             "Bytes the flusher wrote to the medium.",
             Some(Unit::Bytes),
-            [(Vec::new(), e.bytes_flushed)],
+            one(e.bytes_flushed),
         )?;
         f.counter(
             "flush_batches",
             "Batches the flusher wrote to the medium.",
             None,
-            [(Vec::new(), e.flush_batches)],
+            one(e.flush_batches),
         )?;
         f.counter(
             "medium_errors",
             "Medium writes or syncs that failed.",
             None,
-            [(Vec::new(), e.medium_errors)],
+            one(e.medium_errors),
         )?;
         f.counter(
             "delegated_batches",
             "Flush batches the partner wrote for us because our medium path failed.",
             None,
-            [(Vec::new(), e.delegated_batches)],
+            one(e.delegated_batches),
         )?;
 
         // The mirror.
@@ -394,13 +395,13 @@ impl prometheus_client::collector::Collector for Scrape {
             "mirrored_records",
             "Records copied to the partner's second store.",
             None,
-            [(Vec::new(), m.mirrored_records)],
+            one(m.mirrored_records),
         )?;
         f.counter(
             "degraded_records",
             "Writes acknowledged without a mirror copy (partner unreachable).",
             None,
-            [(Vec::new(), m.degraded_records)],
+            one(m.degraded_records),
         )?;
         f.gauge(
             "mirror_resync_left_records",
@@ -491,13 +492,13 @@ impl prometheus_client::collector::Collector for Scrape {
                 "lease_renewals",
                 "Renewals of this node's disk lease.",
                 None,
-                [(Vec::new(), lease.renewals)],
+                one(lease.renewals),
             )?;
             f.counter(
                 "lease_failures",
                 "Failed renewals of this node's disk lease.",
                 None,
-                [(Vec::new(), lease.failures)],
+                one(lease.failures),
             )?;
         }
 
