@@ -104,6 +104,13 @@ for kv in "${NVM_GUEST_ENV[@]}"; do
 done
 export NVM_RESULTS NVM_VM_NAME NVM_KVER
 
+# nvm_systemd=1 (tests of the systemd unit): systemd becomes PID 1 and runs the command as
+# a service (scripts/vm/guest-systemd.sh).
+if [[ " $(</proc/cmdline) " == *" nvm_systemd=1 "* ]]; then
+	trap - ERR EXIT
+	exec /bin/bash "$(dirname "${BASH_SOURCE[0]}")/guest-systemd.sh" boot
+fi
+
 read -r up _ </proc/uptime
 echo "NVM-VM-READY $NVM_VM_NAME kernel=$(uname -r) uptime=${up}s"
 

@@ -163,11 +163,39 @@ pub fn serve(
     };
     ctrl.run_target(tgt_init, q_fn, move |c: &UblkCtrl| on_started(c, attach))
         .map_err(|e| anyhow::anyhow!("running ublk device {dev_id}: {e}"))?;
-    // Stopped on purpose: remove the device (an added one is removed when `ctrl` drops).
-    if attach == Attach::Recovered {
+    // Stopped on purpose: remove the device. The asynchronous delete returns at once even
+    // when a holder (a mount, a device-mapper table) still has /dev/ublkbN open, which a
+    // synchronous one (what dropping `ctrl` would do) waits for, forever, before the staged
+    // writes were drained. Kernels before 6.9 lack it; they get the synchronous delete.
+    if ctrl.del_dev_async().is_err() {
         let _ = ctrl.del_dev();
     }
+    wait_until_freed(dev_id);
     Ok(())
+}
+
+/// Waits (bounded) until the kernel has freed a deleted device, so that a daemon started
+/// next finds its id free, as a synchronous delete guaranteed; a device still held open
+/// stays until its holder lets go, which is said, not waited for. A synchronous delete of
+/// the deleted device is what waits: on a thread of its own, left blocked in the kernel
+/// when the holder stays (the process's exit interrupts it).
+fn wait_until_freed(dev_id: u32) {
+    let (freed, on_freed) = std::sync::mpsc::channel();
+    let waiter = std::thread::Builder::new()
+        .name(format!("ublk-free-{dev_id}"))
+        .spawn(move || {
+            if let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) {
+                let _ = ctrl.del_dev();
+            }
+            let _ = freed.send(());
+        });
+    if waiter.is_ok() && on_freed.recv_timeout(Duration::from_secs(10)).is_err() {
+        tracing::warn!(
+            "/dev/ublkb{dev_id} is deleted but still held open (a mount, or a device-mapper or \
+             LVM table on it?): the kernel frees it when that holder closes it, and until then \
+             device id {dev_id} cannot be used again"
+        );
+    }
 }
 
 fn set_params(dev: &mut UblkDev, size: u64) {

@@ -1,6 +1,6 @@
 #!/bin/bash
 # tests/twovm/guest/power-cut-node.sh ROLE   (runs INSIDE one of the two VMs of
-# tests/twovm/40-power-cut.sh or 41-power-cut-both.sh; ROLE is a = node-a's
+# tests/twovm/40-power-cut.sh, 41-power-cut-both.sh, 43-power-cut-own.sh or 44-power-cut-fs.sh; ROLE is a = node-a's
 # first boot, a2 = node-a rebooted after the power cut, b = node-b's first boot
 # (the survivor in 40; cut with node-a in 41), b2 = node-b rebooted alone after
 # both lost power (41))
@@ -35,6 +35,11 @@
 #     (b2), which writes b2-start (just before its daemon starts), b-serving
 #     (node-a's range taken over) and b2-done.  A file `abort` (any side)
 #     makes everyone give up at once.  Nothing here waits without a bound.
+#   - with NVM_PC_LOAD=fs (test 44, a 640 MiB LUN in NVM_PC_LUN_MIB) the roles a and b
+#     run filesystems instead of fio (tests/vm/lib/fs-churn.sh): a-up, b-up, kill-a
+#     (written by node-a itself once its loads ran NVM_PC_CHURN_SECONDS with the flusher
+#     running and as long again paused), a-killed, b-serving, b-done; the loads' journals
+#     are in $NVM_OUT/journals;
 #   - exit status 0 = this node's part passed (guest-rc-NAME on the host),
 #     77 = cannot run here (SKIPPED), anything else = FAIL.  The host waits for
 #     node-a's first boot (and, in 41, node-b's) to be killed, so that VM
@@ -57,7 +62,9 @@ write_rate=${NVM_PC_FIO_RATE:-3m}          # the verified job (fio server on nod
 trigger_after=${NVM_PC_FIO_TRIGGER:-18}    # seconds after the fio client started
 cut=${NVM_PC_CUT:-a}                       # whose power goes: a (test 40) or both (test 41)
 storage=${NVM_PC_STORAGE:-shared}          # shared: one medium (40, 41); own: each node its own (43)
-lun_mib=128
+load=${NVM_PC_LOAD:-fio}                   # fio: fio with verify; fs: three filesystems under churn (44)
+lun_mib=${NVM_PC_LUN_MIB:-128}
+churn_s=${NVM_PC_CHURN_SECONDS:-10}        # (fs) load before the flusher pauses, and again before the cut
 work=/tmp/powercut
 mkdir -p "$work" "$NVM_OUT/state"
 cd "$work"
@@ -482,6 +489,69 @@ run_b() {
 	say "PASS (node-b): took over at the power cut, verify passed, node-a rejoined, giveback"
 }
 
+# ------------------------------------- filesystems under churn (test 44) ---
+# node-a: ext4, xfs and btrfs on slices of its device (tests/vm/lib/fs-churn.sh), a
+# metadata-heavy load on each whose journals (what fsync made durable) live on the results
+# dir; the flusher pauses halfway; then node-a asks for its own power cut, loads running.
+run_a_fs() {
+	setup_net $ip_a
+	start_daemon
+	until_ok 120 "mirror link up ($transport)" "$link_up"
+	mark a-up
+	await b-up 180
+	mkdir -p "$NVM_OUT/journals"
+	churn_start "$dev" a "$NVM_OUT/journals"
+	sleep "$churn_s"
+	"$NVMCTL" --config node.toml flush pause >/dev/null || fail "flush pause"
+	say "flusher paused: from here this node's acknowledged writes live only in the two NVRAMs"
+	sleep "$churn_s"
+	churn_alive
+	say "durable operations so far: $(churn_journal_lines "$NVM_OUT/journals"); $(q '"%d record(s) unflushed" % sum(p["records_unflushed"] for p in e["partitions"])')"
+	mark kill-a
+	local i
+	for ((i = 0; i < 300; i++)); do
+		[[ -e $SYNC/abort ]] && fail "aborted: $(cat "$SYNC/abort")"
+		churn_alive # the cut must come while the loads run
+		((i % 5 == 0)) && say "still alive: durable operations $(churn_journal_lines "$NVM_OUT/journals")"
+		sleep 1
+	done
+	fail "still alive 300 s after kill-a: the host did not cut the power"
+}
+
+# node-b: takes node-a's range over at the power cut, then mounts the three filesystems
+# through its own device: every fsync'ed change is there, every checker clean.
+run_b_fs() {
+	setup_net $ip_b
+	start_daemon
+	until_ok 180 "mirror link up ($transport)" "$link_up"
+	mark b-up
+	await kill-a 300
+	until_ok 120 "takeover of node-a's range" \
+		'all(r["owner"] == "node-b" and r["state"] == "local" for r in e["ranges"]) and e["takeover"]["phase"] == "done"'
+	local t_done
+	t_done=$(date +%s.%N)
+	st >"$NVM_OUT/status-b-after-takeover.json"
+	mark b-serving "$t_done"
+	say "took over: ranges $(ranges); takeover $(q 'e["takeover"]')"
+	ok 'e["takeover"]["records_done"] > 0' || fail "the takeover replayed none of node-a's mirrored writes: $(q 'e["takeover"]')"
+	await a-killed 60
+	churn_verify "$dev" b "$NVM_OUT/journals"
+	# The slices still hold $dev open: the daemon must stop anyway, drained, and say so
+	# (a synchronous ublk delete waited for the holder forever).
+	local i
+	kill -TERM "$daemon_pid"
+	for ((i = 0; i < 150; i++)); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 0.2; done
+	kill -0 "$daemon_pid" 2>/dev/null && fail "nvmirrord did not stop within 30 s of SIGTERM while device-mapper held $dev open"
+	wait "$daemon_pid" || fail "nvmirrord exited with status $? at SIGTERM while device-mapper held $dev open"
+	daemon_pid=''
+	grep -q 'still held open' "$NVM_OUT/daemon-$role.log" ||
+		fail "nvmirrord stopped without saying that $dev was still held open"
+	say "ok: SIGTERM with $dev still held open by the slices: nvmirrord stopped in $((i / 5)) s and said why the device lingers"
+	churn_cleanup
+	mark b-done
+	say "PASS (node-b): took over at the power cut; ext4, xfs and btrfs hold every fsync'ed change and are clean"
+}
+
 # ------------------------------------------ node-b, back alone (test 41) ---
 # Both nodes lost their power; only node-b returns (same NVDIMM, same disk).  Its
 # daemon rebuilds its second store from the NVRAM, finds node-a's heartbeat on
@@ -543,6 +613,18 @@ print("%.1f s (disk lease held +%.1f s, node-a declared dead +%.1f s, replay don
 [[ -f $NVM_OUT/secret ]] || fail "no cluster secret in $NVM_OUT"
 [[ $cut == a || $cut == both ]] || fail "NVM_PC_CUT must be a or both, not $cut"
 [[ $storage == shared || $storage == own ]] || fail "NVM_PC_STORAGE must be shared or own, not $storage"
+if [[ $load == fs ]]; then
+	# shellcheck source=tests/vm/lib/fs-churn.sh
+	source "$(dirname "$0")/../../vm/lib/fs-churn.sh"
+	churn_require
+	[[ $lun_mib == "$CHURN_LUN_MIB" ]] || fail "the LUN is $lun_mib MiB; the filesystems' slices need $CHURN_LUN_MIB"
+	case $role in
+	a) run_a_fs ;;
+	b) run_b_fs ;;
+	*) fail "role $role has no filesystem part" ;;
+	esac
+	exit 0
+fi
 case $role in
 a) run_a ;;
 a2) run_a2 ;;

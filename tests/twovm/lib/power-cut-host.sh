@@ -4,7 +4,7 @@
 # after scripts/vm/lib.sh, at top level, with NVM_REPO, NVM_OUT and NVM_BIN set;
 # not a test itself (tests/twovm/*.sh are; subdirectories are not).
 #
-# Sets transport, storage, OUT, SYNC, node_script (unless the test set it), t0, port and vm_pid (VM name -> its
+# Sets transport, storage, load, lun_mib, OUT, SYNC, node_script (unless the test set it), t0, port and vm_pid (VM name -> its
 # background nvm_vm_boot subshell), the EXIT/TERM/INT traps (no QEMU outlives
 # the test), and defines:
 #   pc_setup               checks, VM preparation, fresh state, a free port
@@ -23,6 +23,11 @@ transport=${NVM_PC_TRANSPORT:-rdma}
 # plus a small shared arbiter image (shared-nothing mode, issue #17).
 storage=${NVM_PC_STORAGE:-shared}
 [[ $storage == shared || $storage == own ]] || { echo "NVM_PC_STORAGE must be shared or own" >&2; exit 2; }
+# fio: fio writes with verify (40, 41, 43); fs: ext4, xfs and btrfs under a metadata-heavy
+# load (44), which needs a bigger LUN (xfs refuses filesystems below 300 MB).
+load=${NVM_PC_LOAD:-fio}
+[[ $load == fio || $load == fs ]] || { echo "NVM_PC_LOAD must be fio or fs" >&2; exit 2; }
+lun_mib=$([[ $load == fs ]] && echo 640 || echo 128)
 OUT=$(mkdir -p "$NVM_OUT" && cd "$NVM_OUT" && pwd)
 SYNC=$OUT/sync
 node_script=${node_script:-$NVM_REPO/tests/twovm/guest/power-cut-node.sh}
@@ -61,11 +66,11 @@ pc_setup() {
 	rm -rf "$SYNC" "$OUT/state" "$OUT"/pmem-*.img "$OUT"/shared.img "$OUT"/medium-?.img "$OUT"/arbiter.img "$OUT"/guest-rc-* "$OUT"/qemu-*.pid
 	mkdir -p "$SYNC" "$OUT/state"
 	if [[ $storage == shared ]]; then
-		truncate -s 129M "$OUT/shared.img" # 1 MiB ownership table + a 128 MiB LUN (2 ranges of 64 MiB)
+		truncate -s $((lun_mib + 1))M "$OUT/shared.img" # 1 MiB ownership table + the LUN (2 ranges)
 	else
 		# Each node's own medium holds the 128 MiB LUN only; the table and the disk leases
 		# live on the arbiter.
-		truncate -s 128M "$OUT/medium-a.img" "$OUT/medium-b.img"
+		truncate -s ${lun_mib}M "$OUT/medium-a.img" "$OUT/medium-b.img"
 		truncate -s 4M "$OUT/arbiter.img"
 	fi
 	(umask 077 && head -c 48 /dev/urandom | base64 >"$OUT/secret")
@@ -113,7 +118,7 @@ boot() { # NAME ROLE TIMEOUT listen|connect [PORT]
 	nvm_vm_boot --results "$OUT" --name "$name" --cpus 1 --mem 1024 --timeout "$tmo" \
 		--nvdimm "$nvdimm:256M" $(vm_disks "$role") "--net-$mode" "$link_port" \
 		--env "NVM_BIN=$NVM_BIN" --env "NVM_OUT=$OUT" \
-		--env "NVM_PC_TRANSPORT=$transport" --env "NVM_PC_STORAGE=$storage" --env "NVM_PC_FIO_RATE=${NVM_PC_FIO_RATE:-3m}" --env "NVM_PC_FIO_TRIGGER=${NVM_PC_FIO_TRIGGER:-18}" \
+		--env "NVM_PC_TRANSPORT=$transport" --env "NVM_PC_STORAGE=$storage" --env "NVM_PC_LOAD=$load" --env "NVM_PC_LUN_MIB=$lun_mib" --env "NVM_PC_CHURN_SECONDS=${NVM_PC_CHURN_SECONDS:-10}" --env "NVM_PC_FIO_RATE=${NVM_PC_FIO_RATE:-3m}" --env "NVM_PC_FIO_TRIGGER=${NVM_PC_FIO_TRIGGER:-18}" \
 		$pc_boot_env \
 		--qemu-arg -pidfile --qemu-arg "$OUT/qemu-$name.pid" \
 		-- /bin/bash "$node_script" "$role" >"$OUT/vm-$name.out" 2>&1 &
