@@ -128,7 +128,15 @@ resolve_tests() {
 	tests=() twovm_tests=()
 	if ((${#names[@]} == 0)); then
 		for f in "$repo"/tests/vm/*.sh; do [[ -f $f ]] && tests+=("$f"); done
-		for f in "$repo"/tests/twovm/*.sh; do [[ -f $f ]] && twovm_tests+=("$f"); done
+		for f in "$repo"/tests/twovm/*.sh; do
+			[[ -f $f ]] || continue
+			# A test marked `# soak-only:` runs with NVM_SOAK=1 or when named.
+			if [[ ${NVM_SOAK:-0} != 1 ]] && grep -q '^# soak-only:' "$f"; then
+				nvm_log "not running $(basename "$f" .sh) (soak-only: NVM_SOAK=1 or name it)"
+				continue
+			fi
+			twovm_tests+=("$f")
+		done
 		return 0
 	fi
 	for n in "${names[@]}"; do

@@ -81,7 +81,7 @@ qemu_pid() { # NAME -> pid of that VM's QEMU, if it runs
 	local f=$OUT/qemu-$1.pid pid
 	[[ -f $f ]] || return 1
 	pid=$(<"$f")
-	[[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "-pidfile $f" || return 1
+	[[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "-pidfile $f" || return 1
 	echo "$pid"
 }
 # shellcheck disable=SC2317 # invoked by the EXIT trap

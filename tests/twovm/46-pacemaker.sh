@@ -1,0 +1,109 @@
+#!/bin/bash
+# tests/twovm/46-pacemaker.sh - a real Pacemaker cluster with fencing (issue #19 item 1).
+# Runs ON THE HOST (a two-VM test; contract at the top of scripts/test.sh).
+# twovm-timeout: 720
+# soak-only: runs with NVM_SOAK=1 or when named (about 5 minutes under TCG; CI has no room)
+#
+# Two VMs with systemd as PID 1 (nvm_systemd=1), one shared disk (the medium), a virtio-net
+# link.  Each runs corosync (knet over the link, crypto off) and Pacemaker from Debian's
+# packages, started by systemd (tests/twovm/guest/pacemaker-node.sh).  The CIB: fencing by
+# fence_nvmvm (tests/twovm/guest/fence_nvmvm: it asks this script to kill the fenced node's
+# QEMU and succeeds once it is dead), a promotable clone of ocf:nvmirror:nvmirror for node-a's
+# ranges (active/passive: the config gives node-a every range; takeover = "manual", the
+# cluster decides), and an ocf:heartbeat:Filesystem (ext4 on /dev/ublkb0) colocated with the
+# promoted role and ordered after the promotion.  node-a is promoted, Pacemaker mounts the
+# filesystem there, a metadata-heavy load (tests/vm/lib/fs_churn.py) runs on it with its
+# journal of fsync'ed changes on the results dir; then this script SIGKILLs node-a's QEMU (a
+# power cut).  Pacemaker on node-b loses node-a, fences it (fence_nvmvm -> this script,
+# which confirms: the VM is dead), promotes nvmirror on node-b (the agent's takeover: new
+# epoch, replay of node-a's mirrored writes) and mounts the filesystem there; every fsync'ed
+# change is there.  crm_mon output before and after is in the log.
+# Not yet here: a planned switchover and failback, a daemon killed and recovered by
+# Pacemaker (test 50 drives those agent actions by hand).
+# Exit: 0 PASS, 77 SKIP (cannot run here), else FAIL.
+set -euo pipefail
+: "${NVM_REPO:?}" "${NVM_OUT:?}"
+NVM_BIN=${NVM_BIN:-$NVM_REPO/target/release}
+# shellcheck source=scripts/vm/lib.sh
+source "$NVM_REPO/scripts/vm/lib.sh"
+export NVM_PC_TRANSPORT=tcp
+node_script=$NVM_REPO/tests/twovm/guest/pacemaker-node.sh
+# net.ifnames=0: udev (running under systemd) would rename eth0.
+pc_boot_env="--append nvm_systemd=1 --append net.ifnames=0 --env NVM_REPO=$NVM_REPO"
+# shellcheck source=tests/twovm/lib/power-cut-host.sh
+source "$NVM_REPO/tests/twovm/lib/power-cut-host.sh"
+# corosync and pacemaker run in the VMs from the host's userspace: installed here for this
+# test only, with their services kept from starting on the host (policy-rc.d).
+if ! command -v corosync >/dev/null || ! command -v pacemakerd >/dev/null; then
+	policy_made=0
+	if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy_made=1
+	fi
+	nvm_ensure_apt_packages corosync pacemaker || true
+	((policy_made)) && rm -f /usr/sbin/policy-rc.d
+fi
+for t in corosync pacemakerd; do
+	command -v $t >/dev/null || skip "$t is not installed on the host (scripts/test.sh installs corosync and pacemaker)"
+done
+[[ -x /lib/systemd/systemd ]] || skip "no /lib/systemd/systemd on the host"
+pc_setup
+
+# fenced NAME: a fence request for node-NAME was honoured (its VM is dead now).
+honour_fence_requests() {
+	local f n p
+	for f in "$SYNC"/fence-node-?; do
+		[[ -e $f ]] || continue
+		n=${f##*-}
+		[[ -e $SYNC/fenced-node-$n ]] && continue
+		if p=$(qemu_pid "$n"); then
+			say "FENCE: Pacemaker fences node-$n: SIGKILL to its QEMU (pid $p)"
+			kill -KILL "$p"
+			for _ in $(seq 100); do qemu_pid "$n" >/dev/null || break; sleep 0.2; done
+		else
+			say "FENCE: Pacemaker fences node-$n: its VM is already dead"
+		fi
+		mark "fenced-node-$n"
+		[[ $n == b ]] && fail "Pacemaker fenced node-b, the survivor"
+	done
+	return 0
+}
+# wait_for NAME SECONDS VM...: await, honouring fence requests meanwhile
+wait_for() {
+	local name=$1 secs=$2 i v
+	shift 2
+	for ((i = 0; i < secs * 5; i++)); do
+		honour_fence_requests
+		[[ -e $SYNC/$name ]] && return 0
+		[[ -e $SYNC/abort ]] && fail "a VM gave up: $(cat "$SYNC/abort")"
+		for v in "$@"; do vm_running "$v" || { sleep 1; [[ -e $SYNC/$name ]] && return 0; fail "VM $v ended before $name"; }; done
+		sleep 0.2
+	done
+	fail "timed out after ${secs}s waiting for $name"
+}
+
+say "results in $OUT; two VMs with systemd as PID 1, corosync and Pacemaker; accel $NVM_VM_ACCEL_NAME"
+boot_pair 660 500
+wait_for a-up 360 a b
+wait_for b-up 360 a b
+say "Pacemaker runs on both nodes; node-a configures fencing, the nvmirror clone and the filesystem"
+wait_for a-fs 360 a b
+sed 's/^/  /' "$OUT/crm_mon-before.txt"
+wait_for kill-a 120 a b
+power_cut a
+mark a-killed "$t_kill"
+wait_for b-done 420 b
+t_done=$(<"$SYNC/b-done")
+say "node-b serves the filesystem $(awk -v a="$t_kill" -v b="$t_done" 'BEGIN { printf "%.0f", b - a }') s after the power cut (detection, fencing, promotion with takeover, mount)"
+sed 's/^/  /' "$OUT/crm_mon-after.txt"
+r=0
+wait "${vm_pid[b]}" || r=$?
+unset "vm_pid[b]"
+grep -h 'ok: \|fencing: ' "$OUT/node-b.log" | sed 's/^/  /'
+[[ -e $SYNC/fenced-node-a ]] || fail "node-b serves, but nobody asked to fence node-a"
+if [[ $r == 0 ]]; then
+	rm -f "$OUT"/pmem-*.img "$OUT"/shared.img
+	say "PASS: Pacemaker fenced node-a after its power cut, promoted nvmirror on node-b and mounted the filesystem there; every fsync'ed change present ($((SECONDS - t0))s)"
+	exit 0
+fi
+[[ $r == 77 ]] && skip "node-b could not run its part (see node-b.log)"
+fail "VM b exit $r (see node-b.log, crm_mon-b-fail.txt, journal-b.log)"
