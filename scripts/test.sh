@@ -43,8 +43,9 @@
 # word-split, e.g. "--disk /path/img --qemu-arg -s"); see scripts/vm/lib.sh.
 # NVM_MSRV_CHECK=1 also builds the workspace with the Rust version Cargo.toml declares
 # (rustup installs it). NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42,
-# ocf-tester in 50, all three filesystems in 31; CI runs the short ones, about 10 minutes
-# less); NVM_PARTITION_CYCLES caps test 24's.
+# ocf-tester in 50, all three filesystems in 31) and the tests marked `# soak-only:` in
+# tests/twovm (43-power-cut-own, 46-pacemaker): about 25 minutes more than CI's run;
+# NVM_PARTITION_CYCLES caps test 24's.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }

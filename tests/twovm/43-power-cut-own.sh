@@ -2,6 +2,9 @@
 # tests/twovm/43-power-cut-own.sh - test 40's power cut in shared-nothing mode (issue #17).
 # Runs ON THE HOST (a two-VM test; contract at the top of scripts/test.sh).
 # twovm-timeout: 660
+# soak-only: runs with NVM_SOAK=1 or when named (about 5 minutes under TCG: the CI hour has no
+# room for it next to the rest; 29-own-storage and 31-own-fs-failover cover storage = "own"
+# across kill -9 in CI)
 #
 # Two VMs, each with its own emulated NVDIMM as NVRAM and ITS OWN disk as the medium
 # (`cluster.storage = "own"`), plus a 4 MiB disk both attach as the arbiter (ownership table

@@ -1,8 +1,8 @@
 #!/bin/bash
 # tests/twovm/46-pacemaker.sh - a real Pacemaker cluster with fencing (issue #19 item 1).
 # Runs ON THE HOST (a two-VM test; contract at the top of scripts/test.sh).
-# twovm-timeout: 720
-# soak-only: runs with NVM_SOAK=1 or when named (about 5 minutes under TCG; CI has no room)
+# twovm-timeout: 1200
+# soak-only: runs with NVM_SOAK=1 or when named (about 10 minutes under TCG; CI has no room)
 #
 # Two VMs with systemd as PID 1 (nvm_systemd=1), one shared disk (the medium), a virtio-net
 # link.  Each runs corosync (knet over the link, crypto off) and Pacemaker from Debian's
@@ -17,9 +17,12 @@
 # power cut).  Pacemaker on node-b loses node-a, fences it (fence_nvmvm -> this script,
 # which confirms: the VM is dead), promotes nvmirror on node-b (the agent's takeover: new
 # epoch, replay of node-a's mirrored writes) and mounts the filesystem there; every fsync'ed
-# change is there.  crm_mon output before and after is in the log.
-# Not yet here: a planned switchover and failback, a daemon killed and recovered by
-# Pacemaker (test 50 drives those agent actions by hand).
+# change is there.  Before the cut, a planned switchover: the load stops,
+# `crm_resource --move` of the promoted role to node-b (unmount, demote = handover, promote,
+# mount there; node-b checks the files), then `crm_resource --clear` and the promotion
+# scores bring it home (demote = giveback on node-b, promote and mount on node-a, checked
+# again).  crm_mon output before and after is in the log.
+# Not yet here: a daemon killed and recovered by Pacemaker.
 # Exit: 0 PASS, 77 SKIP (cannot run here), else FAIL.
 set -euo pipefail
 : "${NVM_REPO:?}" "${NVM_OUT:?}"
@@ -48,7 +51,7 @@ done
 [[ -x /lib/systemd/systemd ]] || skip "no /lib/systemd/systemd on the host"
 pc_setup
 
-# fenced NAME: a fence request for node-NAME was honoured (its VM is dead now).
+# Every fence-node-X request: kill that VM (if it still runs), then confirm with fenced-node-X.
 honour_fence_requests() {
 	local f n p
 	for f in "$SYNC"/fence-node-?; do
@@ -67,31 +70,25 @@ honour_fence_requests() {
 	done
 	return 0
 }
-# wait_for NAME SECONDS VM...: await, honouring fence requests meanwhile
-wait_for() {
-	local name=$1 secs=$2 i v
-	shift 2
-	for ((i = 0; i < secs * 5; i++)); do
-		honour_fence_requests
-		[[ -e $SYNC/$name ]] && return 0
-		[[ -e $SYNC/abort ]] && fail "a VM gave up: $(cat "$SYNC/abort")"
-		for v in "$@"; do vm_running "$v" || { sleep 1; [[ -e $SYNC/$name ]] && return 0; fail "VM $v ended before $name"; }; done
-		sleep 0.2
-	done
-	fail "timed out after ${secs}s waiting for $name"
-}
+pc_await_hook() { honour_fence_requests; }
 
 say "results in $OUT; two VMs with systemd as PID 1, corosync and Pacemaker; accel $NVM_VM_ACCEL_NAME"
-boot_pair 660 500
-wait_for a-up 360 a b
-wait_for b-up 360 a b
+boot_pair 1100 900
+await a-up 360 a b
+await b-up 360 a b
 say "Pacemaker runs on both nodes; node-a configures fencing, the nvmirror clone and the filesystem"
-wait_for a-fs 360 a b
+await a-fs 360 a b
 sed 's/^/  /' "$OUT/crm_mon-before.txt"
-wait_for kill-a 120 a b
+say "switchover to node-b and failback (crm_resource --move, --clear)"
+await moved-b 420 a b
+grep -h 'switchover' "$OUT/node-a.log" | tail -n 1 | sed 's/^/  /'
+await failed-back 480 a b
+grep -h 'ok: switchover' "$OUT/node-b.log" | sed 's/^/  /'
+grep -h 'ok: failback' "$OUT/node-a.log" | sed 's/^/  /'
+await kill-a 120 a b
 power_cut a
 mark a-killed "$t_kill"
-wait_for b-done 420 b
+await b-done 420 b
 t_done=$(<"$SYNC/b-done")
 say "node-b serves the filesystem $(awk -v a="$t_kill" -v b="$t_done" 'BEGIN { printf "%.0f", b - a }') s after the power cut (detection, fencing, promotion with takeover, mount)"
 sed 's/^/  /' "$OUT/crm_mon-after.txt"

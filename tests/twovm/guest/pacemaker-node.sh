@@ -8,7 +8,8 @@
 # device id 0 on both nodes) colocated with the promoted role.
 # Sync files in $NVM_OUT/sync (atomic, every wait bounded, `abort` stops everyone):
 #   a-up, b-up (Pacemaker online on that node), a-fs (node-a promoted and the filesystem
-#   mounted there), kill-a (node-a's load has been running: cut its power; written by
+#   mounted there), moved-b (node-a moved the promoted role to node-b), b-checked (node-b
+#   verified the files there), failed-back (back on node-a, verified), kill-a (node-a's load has been running: cut its power; written by
 #   node-a), fence-node-X (fence_nvmvm asks the host to kill node-X's VM), fenced-node-X
 #   (host: it is dead), b-done (node-b promoted, the filesystem mounted there, every
 #   fsync'ed change verified).
@@ -206,10 +207,34 @@ a)
 	until_mon 120 "the filesystem started on node-a" 'fs.*Started node-a'
 	mountpoint -q /mnt/nv || fail "Pacemaker says fs started, but /mnt/nv is not a mount point"
 	crm_mon -1 >"$NVM_OUT/crm_mon-before.txt"
+	mark a-fs
+	# A planned switchover: the load stops, `crm_resource --move` of the promoted role to
+	# node-b (Pacemaker unmounts here, demotes here: handover, promotes there, mounts there),
+	# node-b checks every fsync'ed change, then `--clear` lets the promotion scores bring
+	# it back home (demote there: giveback, promote here) and this node checks again.
+	mkdir -p /mnt/nv/moved
+	python3 "$churn" run /mnt/nv/moved "$NVM_OUT/journal-move" --seed 45 2>"$NVM_OUT/churn-move.log" &
+	load=$!
+	sleep 8
+	kill "$load"
+	wait "$load" || true
+	say "switchover: the load stopped after $(grep -c '^[PAD] ' "$NVM_OUT/journal-move") durable operations; crm_resource --move of the promoted role to node-b"
+	crm_resource --move -r nv-clone --promoted -N node-b || fail "crm_resource --move"
+	until_mon 300 "switchover to node-b" 'fs.*Started node-b'
+	t_moved=$SECONDS
+	mark moved-b
+	await b-checked 120
+	crm_mon -1 >"$NVM_OUT/crm_mon-switched.txt"
+	crm_resource --clear -r nv-clone || fail "crm_resource --clear"
+	say "failback: crm_resource --clear; the promotion scores bring the ranges home"
+	until_mon 300 "failback to node-a" 'fs.*Started node-a'
+	grep -Eq 'Promoted: \[ node-a \]' <(crm_mon -1) || fail "the filesystem is back on node-a but nvmirror is not promoted here"
+	result=$(python3 "$churn" check /mnt/nv/moved "$NVM_OUT/journal-move") || { echo "$result"; fail "after the failback an fsync'ed change is lost or wrong"; }
+	say "ok: failback done $((SECONDS - t_moved)) s after the switchover; $result"
+	mark failed-back
 	mkdir -p /mnt/nv/churn
 	python3 "$churn" run /mnt/nv/churn "$NVM_OUT/journal-pcmk" --seed 46 2>"$NVM_OUT/churn-a.log" &
 	load=$!
-	mark a-fs
 	sleep 10
 	kill -0 "$load" 2>/dev/null || fail "the load stopped: $(cat "$NVM_OUT/churn-a.log")"
 	say "the load has made $(grep -c '^[PAD] ' "$NVM_OUT/journal-pcmk") operations durable; cut my power"
@@ -218,6 +243,12 @@ a)
 	fail "still alive 300 s after kill-a"
 	;;
 b)
+	await moved-b 900
+	mountpoint -q /mnt/nv || fail "Pacemaker moved the filesystem here, but /mnt/nv is not mounted"
+	grep -Eq 'Promoted: \[ node-b \]' <(crm_mon -1) || fail "the filesystem runs here but nvmirror is not promoted here"
+	result=$(python3 "$churn" check /mnt/nv/moved "$NVM_OUT/journal-move") || { echo "$result"; fail "after the switchover an fsync'ed change is lost or wrong"; }
+	say "ok: switchover: promoted here, the filesystem mounted by Pacemaker; $result"
+	mark b-checked
 	await kill-a 600
 	say "node-a's power goes: Pacemaker must fence it, promote nvmirror here (takeover) and mount the filesystem"
 	until_mon 300 "nvmirror promoted and the filesystem started on node-b" 'fs.*Started node-b'
@@ -227,8 +258,10 @@ b)
 	grep -q 'successful' "$NVM_OUT/fence-history.txt" || fail "no successful fencing of node-a in the history: $(cat "$NVM_OUT/fence-history.txt")"
 	say "fencing: $(head -n 1 "$NVM_OUT/fence-history.txt")"
 	mountpoint -q /mnt/nv || fail "/mnt/nv is not mounted on node-b"
-	result=$(python3 "$churn" check /mnt/nv/churn "$NVM_OUT/journal-pcmk") || { echo "$result"; fail "an fsync'ed change is lost or wrong on node-b"; }
-	say "ok: $result"
+	for j in moved:journal-move churn:journal-pcmk; do
+		result=$(python3 "$churn" check "/mnt/nv/${j%%:*}" "$NVM_OUT/${j#*:}") || { echo "$result"; fail "an fsync'ed change is lost or wrong on node-b"; }
+		say "ok: $result"
+	done
 	"$NVM_BIN/nvmirrorctl" --config /etc/nvmirror/pair.toml status >"$NVM_OUT/status-b.txt" 2>&1 || true
 	mark b-done
 	say "PASS (node-b): fenced node-a, promoted here with takeover, the filesystem mounted by Pacemaker holds every fsync'ed change"

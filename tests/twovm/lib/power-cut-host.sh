@@ -127,11 +127,13 @@ boot() { # NAME ROLE TIMEOUT listen|connect [PORT]
 }
 vm_running() { kill -0 "${vm_pid[$1]}" 2>/dev/null; }
 # await NAME SECONDS VM...: until sync/NAME exists; fails on abort, on timeout,
-# or when one of the VMs that should produce it has ended.
+# or when one of the VMs that should produce it has ended.  A test may define
+# pc_await_hook, run at every poll (46-pacemaker.sh honours fence requests there).
 await() {
 	local name=$1 secs=$2 i v
 	shift 2
 	for ((i = 0; i < secs * 5; i++)); do
+		if declare -F pc_await_hook >/dev/null; then pc_await_hook; fi
 		[[ -e $SYNC/$name ]] && return 0
 		[[ -e $SYNC/abort ]] && fail "a VM gave up: $(cat "$SYNC/abort")"
 		for v in "$@"; do vm_running "$v" || { sleep 1; [[ -e $SYNC/$name ]] && return 0; fail "VM $v ended before $name"; }; done
