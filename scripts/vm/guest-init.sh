@@ -108,7 +108,7 @@ export NVM_RESULTS NVM_VM_NAME NVM_KVER
 # a service (scripts/vm/guest-systemd.sh).
 if [[ " $(</proc/cmdline) " == *" nvm_systemd=1 "* ]]; then
 	trap - ERR EXIT
-	exec /bin/bash "$(dirname "${BASH_SOURCE[0]}")/guest-systemd.sh" boot
+	exec /bin/bash "$(dirname "${BASH_SOURCE[0]}")/guest-systemd.sh" boot "$conf"
 fi
 
 read -r up _ </proc/uptime

@@ -2,21 +2,18 @@
 # Runs the guest command of the test VM under systemd as PID 1 (nvm_vm_boot --append
 # nvm_systemd=1), for tests of the systemd unit itself.
 #
-#   guest-systemd.sh boot   exec'ed by guest-init.sh (PID 1) once the system is set up:
-#                           writes a target and a service that runs the command, then
-#                           exec's systemd, which starts only that target and what it
-#                           needs (sysinit: journald, udev, tmpfiles, ...)
-#   guest-systemd.sh run    the service: the command from the VM config with its
-#                           environment, its exit status in $NVM_RESULTS/guest-rc-NAME as
-#                           guest-init.sh writes it, then power off
+#   guest-systemd.sh boot CONF   exec'ed by guest-init.sh (PID 1) once the system is set up:
+#                                writes a target and a service that runs the command, then
+#                                exec's systemd, which starts only that target and what it
+#                                needs (sysinit: journald, udev, tmpfiles, ...)
+#   guest-systemd.sh run CONF    the service: the command from the VM config with its
+#                                environment, its exit status in $NVM_RESULTS/guest-rc-NAME as
+#                                guest-init.sh writes it, then power off
 set -euo pipefail
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-conf=
-for arg in $(</proc/cmdline); do
-	case $arg in nvm_conf=*) conf=${arg#nvm_conf=} ;; esac
-done
-[[ -n $conf && -f $conf ]] || { echo "NVM-VM-FATAL: no VM config (nvm_conf=$conf)"; exit 1; }
+conf=${2:-}
+[[ -n $conf && -f $conf ]] || { echo "NVM-VM-FATAL: guest-systemd.sh: no VM config ('$conf')"; exit 1; }
 # shellcheck source=/dev/null
 source "$conf"
 
@@ -35,7 +32,7 @@ boot)
 	Description=nvmirror test VM: the guest command
 	[Service]
 	Type=exec
-	ExecStart=/bin/bash $(realpath "$0") run
+	ExecStart=/bin/bash $(realpath "$0") run $conf
 	StandardInput=null
 	StandardOutput=tty
 	StandardError=tty
@@ -59,7 +56,7 @@ run)
 	sleep 60
 	;;
 *)
-	echo "usage: guest-systemd.sh boot|run" >&2
+	echo "usage: guest-systemd.sh boot|run VM-CONFIG" >&2
 	exit 2
 	;;
 esac
