@@ -11,7 +11,9 @@
 # 3. The roles driven by calling the agent as Pacemaker would (OCF env vars): start on both
 #    nodes, promote on the home nodes (monitor 8 there, 0 on the partner), data written
 #    through node-a with its flusher paused (so it exists only in the NVRAMs), kill -9 of
-#    node-a's daemon (monitor 9 for the promoted resA, 1 for the unpromoted resB there),
+#    node-a's daemon (monitor 9 for the promoted resA, 1 for the unpromoted resB there,
+#    with restart_crashed=false; by default, tried first with writes in flight, the monitor
+#    restarts it in place and the device and the writes survive),
 #    promote of resA on node-b = takeover with replay, the data read back through node-b,
 #    node-a restarted, demote on node-b = giveback, promote on node-a, data again; then a
 #    switchover driven by the pre-demote notification (handover), a refused promote while
@@ -133,7 +135,7 @@ sed 's/^ranges = 2$/ranges = 2\nbogus_key = 1/' node-a.toml >bad.toml
 rc=0; out=$(validate "${good[@]}" --option "config=$PWD/bad.toml") || rc=$?
 ((rc != 0)) && grep -q "bogus_key" <<<"$out" || fail "validate with an invalid config: rc $rc, output: $out"
 say "crm_resource --validate (invalid config): rc $rc (names bogus_key)"
-for bad in ranges_of='node a' peer_wait=soon handover_wait=-1; do
+for bad in ranges_of='node a' peer_wait=soon handover_wait=-1 restart_crashed=maybe; do
 	rc=0; out=$(validate "${good[@]}" --option "$bad") || rc=$?
 	((rc == 6)) && grep -q "ocf-exit-reason" <<<"$out" ||
 		fail "validate with $bad: rc $rc (want 6, OCF_ERR_CONFIGURED: wrong everywhere), output: $out"
@@ -214,6 +216,40 @@ expect 1 "promote against a live, connected owner" b resA a promote OCF_RESKEY_h
 grep -q "node-a holds the ranges of node-a and is connected" agent-b.log || fail "no clear refusal message"
 expect 0 "after the refused promote" b resA a monitor
 
+# A crash under a promoted resource with writes in flight: the recurring monitor restarts the
+# daemon in place (restart_crashed, the default). ublk recovery keeps /dev/ublkb0, so the
+# writes waiting on the dead daemon complete without an error and read back; Pacemaker's own
+# recovery would have had to unmount a filesystem from the dead device first.
+head -c 8M /dev/urandom >inflight.bin
+pid_a=$(dpid a)
+(
+	for i in $(seq 0 31); do
+		timeout 90 dd if=inflight.bin of=/dev/ublkb0 bs=256K skip="$i" seek=$((64 + i)) count=1 \
+			oflag=direct conv=notrunc status=none || exit 1
+		sleep 0.05
+	done
+) &
+writer=$!
+sleep 0.5
+say "kill -9 node-a's daemon (pid $pid_a) while a writer runs through /dev/ublkb0"
+kill -9 "$pid_a"
+for _ in $(seq 100); do alive "$pid_a" || break; sleep 0.1; done
+alive "$pid_a" && fail "node-a's daemon survived kill -9"
+expect 8 "promoted, daemon killed: restarted in place by the monitor" a resA a monitor
+track_daemon a
+[[ $(dpid a) != "$pid_a" ]] && alive "$(dpid a)" || fail "no new daemon after the monitor's restart"
+grep -q "restarted in place (pid $(dpid a); restart 1 since boot" agent-a.log || fail "no restart warning in node-a's agent log"
+grep -q "recovering /dev/ublkb0 left by a previous nvmirrord" daemon-a.log ||
+	fail "the restarted daemon did not recover /dev/ublkb0 in place"
+grep -q "crm_attribute -l reboot -n nvmirror-restarts-node-a -v 1" pcmk-attrs.log ||
+	fail "no node attribute nvmirror-restarts-node-a=1"
+wait "$writer" || fail "a write in flight across the crash failed (the device did not survive the restart)"
+got=$(timeout 60 dd if=/dev/ublkb0 bs=1M skip=16 count=8 iflag=direct status=none | sha256sum | cut -d' ' -f1)
+[[ $got == "$(sha256sum <inflight.bin | cut -d' ' -f1)" ]] || fail "the 8 MiB written across the crash read back wrong"
+expect 0 "unpromoted resB on the restarted daemon" a resB b monitor
+wait_link
+say "ok: the monitor restarted node-a's daemon in place (pid $pid_a -> $(dpid a)); /dev/ublkb0 recovered, the writes in flight completed, 8 MiB read back"
+
 # Data: 4 MiB at 1 MiB into range 0 (node-a's), with node-a's flusher paused: it exists only
 # in node-a's NVRAM and in node-b's second store (a partition holds about 6 MiB here: more
 # would wait for the paused flusher).
@@ -231,9 +267,11 @@ say "kill -9 node-a's daemon (pid $pid_a)"
 kill -9 "$pid_a"
 for _ in $(seq 100); do alive "$pid_a" || break; sleep 0.1; done
 alive "$pid_a" && fail "node-a's daemon survived kill -9"
-expect 9 "promoted, daemon killed" a resA a monitor
+# restart_crashed=false: the crash is Pacemaker's to recover (the takeover below).
+expect 9 "promoted, daemon killed" a resA a monitor OCF_RESKEY_restart_crashed=false
 grep -q "is not running but resA is promoted here" agent-a.log || fail "no crash message for resA"
-expect 1 "unpromoted, daemon killed" a resB b monitor
+expect 1 "unpromoted, daemon killed" a resB b monitor OCF_RESKEY_restart_crashed=false
+expect 9 "a probe never restarts the daemon" a resA a monitor OCF_RESKEY_CRM_meta_interval=0
 for _ in $(seq 100); do link_up b || break; sleep 0.1; done
 link_up b && fail "node-b still sees the link up 10 s after node-a's death"
 expect 0 "partner dead, not yet promoted" b resA a monitor
