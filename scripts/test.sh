@@ -43,9 +43,9 @@
 # word-split, e.g. "--disk /path/img --qemu-arg -s"); see scripts/vm/lib.sh.
 # NVM_MSRV_CHECK=1 also builds the workspace with the Rust version Cargo.toml declares
 # (rustup installs it). NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42,
-# ocf-tester in 50, all three filesystems in 31) and the tests marked `# soak-only:` in
-# tests/twovm (43-power-cut-own, 46-pacemaker): about 25 minutes more than CI's run;
-# NVM_PARTITION_CYCLES caps test 24's.
+# more kill cycles in 20 and 21, ocf-tester in 50, all three filesystems in 31, the
+# switchover in 46) and the tests marked `# soak-only:` in tests/twovm (43-power-cut-own,
+# 44-power-cut-fs): about 25 minutes more than CI's run; NVM_PARTITION_CYCLES caps test 24's.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
@@ -91,9 +91,12 @@ run_cargo() {
 	fi
 	local log=$repo/target/cargo-test.log
 	mkdir -p "$repo/target"
-	nvm_log "cargo build --release --workspace"
-	if ! cargo build --release --workspace; then
-		add_item "cargo build --release --workspace" FAIL "build failed" ""
+	# --all-targets: the tests' dev-dependencies turn on features of shared dependencies
+	# (resolver 2), so building the binaries alone compiled the daemon's dependency chain a
+	# second time for `cargo test` (100 s on 2 cores).
+	nvm_log "cargo build --release --workspace --all-targets"
+	if ! cargo build --release --workspace --all-targets; then
+		add_item "cargo build --release --workspace --all-targets" FAIL "build failed" ""
 		return 0
 	fi
 	# --release reuses the build above (a debug build of everything takes 4 more minutes
