@@ -12,8 +12,8 @@
 #   verified the files there), failed-back (back on node-a, verified), kill-a (node-a's
 #   load has been running, its daemon was killed and restarted in place by the agent's
 #   monitor: cut its power; written by node-a), fence-node-X (fence_nvmvm asks the host
-#   to kill node-X's VM), fenced-node-X (host: it is dead), b-done (node-b promoted, the filesystem mounted there, every
-#   fsync'ed change verified).
+#   to kill node-X's VM), fenced-node-X (host: it is dead), b-done (node-b promoted, the
+#   filesystem mounted there, every fsync'ed change verified).
 # Environment: NVM_BIN, NVM_REPO, NVM_OUT.  Exit 0 = this node's part passed, 77 = SKIP.
 set -euo pipefail
 role=${1:?usage: pacemaker-node.sh a|b}
@@ -203,8 +203,8 @@ configure_fs() {
 }
 
 churn=$NVM_REPO/tests/vm/lib/fs_churn.py
-# With NVM_SOAK=1 (CI has no room for its four minutes under TCG; test 50 drives the same
-# handover and giveback through the agent):
+# With NVM_SOAK=1 (CI has no room for its minutes under TCG; test 50 drives the same
+# handover and giveback through the agent without Pacemaker):
 switchover_and_failback() {
 	# A planned switchover: the load stops, `crm_resource --move` of the promoted role to
 	# node-b (Pacemaker unmounts here, demotes here: handover, promotes there, mounts there),
