@@ -163,6 +163,8 @@ configure() {
 	</primitive>" || fail "cibadmin: the fence device"
 	local ia='' p
 	for p in "${nv[@]}"; do ia+="<nvpair id=\"nv-${p%%=*}\" name=\"${p%%=*}\" value=\"${p#*=}\"/>"; done
+	# Monitors every 10 s (promoted) and 20 s: more keeps the 1-vCPU TCG VMs busy. Their
+	# timeout covers a crashed daemon's restart in place (restart_crashed): 12-45 s under TCG.
 	cibadmin -C -o resources -X "<clone id=\"nv-clone\">
 	  <meta_attributes id=\"nv-clone-meta\">
 	    <nvpair id=\"nv-promotable\" name=\"promotable\" value=\"true\"/>
@@ -176,8 +178,8 @@ configure() {
 	      <op id=\"nv-stop\" name=\"stop\" interval=\"0s\" timeout=\"180s\"/>
 	      <op id=\"nv-promote\" name=\"promote\" interval=\"0s\" timeout=\"180s\"/>
 	      <op id=\"nv-demote\" name=\"demote\" interval=\"0s\" timeout=\"120s\"/>
-	      <op id=\"nv-mon-p\" name=\"monitor\" interval=\"10s\" role=\"Promoted\" timeout=\"60s\"/>
-	      <op id=\"nv-mon-u\" name=\"monitor\" interval=\"20s\" role=\"Unpromoted\" timeout=\"60s\"/>
+	      <op id=\"nv-mon-p\" name=\"monitor\" interval=\"10s\" role=\"Promoted\" timeout=\"90s\"/>
+	      <op id=\"nv-mon-u\" name=\"monitor\" interval=\"20s\" role=\"Unpromoted\" timeout=\"90s\"/>
 	    </operations>
 	  </primitive>
 	</clone>" || fail "cibadmin: the nvmirror clone"
