@@ -44,8 +44,9 @@
 # NVM_MSRV_CHECK=1 also builds the workspace with the Rust version Cargo.toml declares
 # (rustup installs it). NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42,
 # more kill cycles in 20 and 21, ocf-tester in 50, all three filesystems in 31, the
-# switchover in 46) and the tests marked `# soak-only:` in tests/twovm (43-power-cut-own,
-# 44-power-cut-fs): about 25 minutes more than CI's run; NVM_PARTITION_CYCLES caps test 24's.
+# switchover in 46) and the tests marked `# soak-only:` (21-two-node-failover-rdma,
+# twovm/43-power-cut-own, twovm/44-power-cut-fs): about 25 minutes more than CI's run;
+# NVM_PARTITION_CYCLES caps test 24's.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
@@ -126,20 +127,22 @@ run_cargo() {
 [[ $mode != vm ]] || echo "NOTE: --vm-only: using the binaries already in target/release as they are"
 
 # --------------------------------------------------------------- VM tests ---
+# A test marked `# soak-only:` runs with NVM_SOAK=1 or when named.
+soak_only() {
+	[[ ${NVM_SOAK:-0} != 1 ]] && grep -q '^# soak-only:' "$1" || return 1
+	nvm_log "not running $(basename "$1" .sh) (soak-only: NVM_SOAK=1 or name it)"
+}
+
 # Sets tests (single-VM test files) and twovm_tests (two-VM test files).
 resolve_tests() {
 	local n f
 	tests=() twovm_tests=()
 	if ((${#names[@]} == 0)); then
-		for f in "$repo"/tests/vm/*.sh; do [[ -f $f ]] && tests+=("$f"); done
+		for f in "$repo"/tests/vm/*.sh; do
+			[[ -f $f ]] && ! soak_only "$f" && tests+=("$f")
+		done
 		for f in "$repo"/tests/twovm/*.sh; do
-			[[ -f $f ]] || continue
-			# A test marked `# soak-only:` runs with NVM_SOAK=1 or when named.
-			if [[ ${NVM_SOAK:-0} != 1 ]] && grep -q '^# soak-only:' "$f"; then
-				nvm_log "not running $(basename "$f" .sh) (soak-only: NVM_SOAK=1 or name it)"
-				continue
-			fi
-			twovm_tests+=("$f")
+			[[ -f $f ]] && ! soak_only "$f" && twovm_tests+=("$f")
 		done
 		return 0
 	fi
