@@ -30,7 +30,8 @@ OUT=$(cd "$NVM_OUT" && pwd)
 rm -f "$OUT"/guest-rc-*
 say "booting one VM with systemd as PID 1 (accel $NVM_VM_ACCEL_NAME)"
 rc=0
-nvm_vm_boot --results "$OUT" --name sd --cpus 1 --mem 1024 --timeout 240 --no-nvdimm \
+# Two vCPUs: the host has two cores and this test boots one VM.
+nvm_vm_boot --results "$OUT" --name sd --cpus 2 --mem 1024 --timeout 240 --no-nvdimm \
 	--append nvm_systemd=1 \
 	--env "NVM_BIN=$NVM_BIN" --env "NVM_REPO=$NVM_REPO" --env "NVM_OUT=$OUT" \
 	-- /bin/bash "$NVM_REPO/tests/twovm/guest/systemd-unit-node.sh" >"$OUT/vm-sd.out" 2>&1 || rc=$?
