@@ -185,10 +185,7 @@ nvm_vm_prepare() {
 # Acceleration
 # ---------------------------------------------------------------------------
 
-# Sets NVM_VM_ACCEL_ARGS.  KVM is used only if a short probe boot under KVM
-# ends cleanly: on some nested hypervisors /dev/kvm exists but QEMU aborts
-# ("failed to set MSR 0x10a").  The probe boots our kernel with no root fs and
-# panic=-1, so it reboots at once and -no-reboot makes QEMU exit 0.
+# nvm__kvm_probe: 0 when a short boot under KVM ends cleanly.
 nvm__kvm_probe() {
 	local out pid i
 	out=$(mktemp)
@@ -214,6 +211,10 @@ nvm__kvm_probe() {
 	return "$rc"
 }
 
+# Sets NVM_VM_ACCEL_ARGS.  KVM is used only if a short probe boot under KVM
+# ends cleanly: on some nested hypervisors /dev/kvm exists but QEMU aborts
+# ("failed to set MSR 0x10a").  The probe boots our kernel with no root fs and
+# panic=-1, so it reboots at once and -no-reboot makes QEMU exit 0.
 nvm_vm_detect_accel() {
 	[[ -n ${NVM_VM_ACCEL_ARGS+x} ]] && return 0
 	local accel=${NVM_VM_ACCEL:-}

@@ -16,10 +16,10 @@
 # nvmirrord under the mounted filesystem with the load running; the agent's next promoted
 # monitor restarts it in place (ublk user recovery: the device, the mount and the load
 # survive, nothing moves; the restart is counted in a node attribute).  Then this script
-# SIGKILLs node-a's QEMU (a power cut).  Pacemaker on node-b loses node-a, fences it (fence_nvmvm -> this script,
-# which confirms: the VM is dead), promotes nvmirror on node-b (the agent's takeover: new
-# epoch, replay of node-a's mirrored writes) and mounts the filesystem there; every fsync'ed
-# change is there.  With NVM_SOAK=1, before the load: a planned switchover: a load stops,
+# SIGKILLs node-a's QEMU (a power cut).  Pacemaker on node-b loses node-a, fences it
+# (fence_nvmvm -> this script, which confirms: the VM is dead), promotes nvmirror on node-b
+# (the agent's takeover: new epoch, replay of node-a's mirrored writes) and mounts the
+# filesystem there; every fsync'ed change is there.  With NVM_SOAK=1, before the load: a planned switchover: a load stops,
 # `crm_resource --move` of the promoted role to node-b (unmount, demote = handover, promote,
 # mount there; node-b checks the files), then `crm_resource --clear` and the promotion
 # scores bring it home (demote = giveback on node-b, promote and mount on node-a, checked
