@@ -32,7 +32,8 @@ NVM_BIN=${NVM_BIN:-$NVM_REPO/target/release}
 source "$NVM_REPO/scripts/vm/lib.sh"
 export NVM_PC_TRANSPORT=tcp
 node_script=$NVM_REPO/tests/twovm/guest/pacemaker-node.sh
-# net.ifnames=0: udev (running under systemd) would rename eth0.
+# net.ifnames=0: udev (running under systemd) would rename eth0 (the guest finds the link by
+# its MAC address in any case: the CI machine's udev named it ens5 even so).
 pc_boot_env="--append nvm_systemd=1 --append net.ifnames=0 --env NVM_REPO=$NVM_REPO --env NVM_SOAK=${NVM_SOAK:-0}"
 # shellcheck source=tests/twovm/lib/power-cut-host.sh
 source "$NVM_REPO/tests/twovm/lib/power-cut-host.sh"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # tests/twovm/guest/pacemaker-node.sh ROLE (a | b): one node of the Pacemaker cluster of
 # tests/twovm/46-pacemaker.sh, INSIDE its VM, under systemd as PID 1 (nvm_systemd=1).
-# corosync (knet over eth0, the VMs' only link) and Pacemaker from Debian's packages,
+# corosync (knet over the virtio-net link, the VMs' only one) and Pacemaker from Debian's packages,
 # started by systemd; fencing by fence_nvmvm (the host kills the fenced node's QEMU); a
 # promotable clone of ocf:nvmirror:nvmirror for the ranges the config gives node-a
 # (active/passive: all of them) and an ocf:heartbeat:Filesystem (ext4 on /dev/ublkb0,
@@ -61,14 +61,28 @@ done
 modprobe ublk_drv || fail "modprobe ublk_drv"
 
 # ------------------------------------------------------------ the node ---
-# Under systemd, udev's coldplug loads virtio_net and names the link (net.ifnames=0: eth0);
-# this script may start before it has.
+# Under systemd, udev's coldplug loads virtio_net and names the link, and this script may start
+# before it has.  The name depends on the host's udev rules and .link files (the CI machine
+# named it ens5 despite net.ifnames=0), so the link is found by the MAC address lib.sh gives
+# it (52:54:00:4e:56:0X), after udev has settled, so no rename follows.
+nic_by_mac() {
+	local d
+	for d in /sys/class/net/*; do
+		[[ $(cat "$d/address" 2>/dev/null) == 52:54:00:4e:56:0? ]] && { echo "${d##*/}"; return 0; }
+	done
+	return 1
+}
+nic=''
 for ((i = 0; i < 100; i++)); do
-	[[ -e /sys/class/net/eth0 ]] && break
+	nic=$(nic_by_mac) && break
 	sleep 0.3
 done
-ip link set eth0 up || fail "no eth0 30 s after boot: $(ls /sys/class/net)"
-ip addr add "$([[ $role == a ]] && echo $ip_a || echo $ip_b)/24" dev eth0
+[[ -n $nic ]] || fail "no virtio-net link 30 s after boot: $(ls /sys/class/net)"
+udevadm settle --timeout=15 || say "udevadm settle timed out; using the link as named now"
+nic=$(nic_by_mac) || fail "the virtio-net link went away: $(ls /sys/class/net)"
+say "the link to the partner is $nic"
+ip link set "$nic" up || fail "ip link set $nic up"
+ip addr add "$([[ $role == a ]] && echo $ip_a || echo $ip_b)/24" dev "$nic"
 install -m 0755 "$NVM_REPO/tests/twovm/guest/fence_nvmvm" /usr/sbin/fence_nvmvm
 install -D -m 0755 "$NVM_REPO/scripts/ocf/nvmirror" /usr/lib/ocf/resource.d/nvmirror/nvmirror
 mkdir -p /etc/nvmirror /var/lib/nvmirror
