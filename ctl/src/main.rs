@@ -4,7 +4,6 @@
 //! running (or its socket cannot be reached).
 
 mod config_show;
-mod events;
 mod gen_docs;
 mod health;
 mod json_out;
@@ -18,6 +17,7 @@ use config_show::{ConfigView, RangesOf};
 use nvmirror::config::{ByteSize, NodeConfig};
 use nvmirror::control::{self, DaemonStatus, Request, Response};
 use nvmirror::engine::{Engine, OpenMode};
+use nvmirror::state_events as events;
 use status_facts::StatusFacts;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -87,15 +87,16 @@ enum Cmd {
     ///
     /// First the current state (`exists ...`, then `exists -`), then a `change`, `create` or
     /// `destroy` line whenever the node, a device, an NVRAM partition, a range (owner,
-    /// epoch, state, serving), a takeover or a resync changes. Built on polling `status`: changes within
-    /// one interval merge. A daemon that stops shows as `destroy` lines; the stream goes on.
+    /// epoch, state, serving), a takeover or a resync changes. The daemon pushes each change
+    /// over one connection; it checks its state every interval, so changes within one
+    /// interval merge. A daemon that stops shows as `destroy` lines; the stream goes on.
     Events {
         /// One JSON object per line ({"schema": 1, "unix_ms", "what", "object", "name",
         /// "fields"}).
         #[arg(long)]
         json: bool,
-        /// How often to look, in milliseconds.
-        #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(20..=60_000))]
+        /// How often the daemon checks its state for changes, in milliseconds.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(20..=60_000))]
         interval_ms: u64,
         /// Stop after this many seconds (default: until interrupted).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
@@ -413,7 +414,8 @@ fn status(socket: &Path) -> anyhow::Result<DaemonStatus> {
 }
 
 /// `events`: prints the node's state, then its changes, until `timeout` (or at once with
-/// `now`).
+/// `now`). The changes come pushed over one connection (`Request::Watch`); a daemon from
+/// before that request is polled instead.
 fn follow_events(
     socket: &Path,
     json: bool,
@@ -447,14 +449,41 @@ fn follow_events(
     if now {
         return Ok(());
     }
+    let interval = Duration::from_millis(interval_ms);
     let deadline = timeout.map(|t| Instant::now() + Duration::from_secs(t));
-    while deadline.is_none_or(|d| Instant::now() < d) {
-        std::thread::sleep(Duration::from_millis(interval_ms));
+    let left = || deadline.map_or(Duration::from_secs(3600), |d| d - Instant::now().min(d));
+    let mut watch: Option<control::Watch> = None;
+    let mut old_daemon = false;
+    while !left().is_zero() {
         // A daemon that is gone (or not answering) has no objects: they show as destroyed,
         // and as created again when it is back.
-        let current = status(socket)
-            .map(|s| events::snapshot(&s))
-            .unwrap_or_default();
+        let current = if old_daemon {
+            std::thread::sleep(interval.min(left()));
+            status(socket).map(|s| events::snapshot(&s)).ok()
+        } else {
+            let pushed = match watch.as_mut() {
+                Some(w) => w.next(left()),
+                None => control::Watch::start(socket, interval_ms).and_then(|mut w| {
+                    let first = w.next(Duration::from_secs(10));
+                    watch = Some(w);
+                    first
+                }),
+            };
+            match pushed {
+                Ok(Some(s)) => Some(events::snapshot(&s)),
+                Ok(None) => continue,
+                Err(e) if e.to_string().contains("unknown variant `watch`") => {
+                    old_daemon = true;
+                    continue;
+                }
+                Err(_) => {
+                    watch = None;
+                    std::thread::sleep(interval.min(left()));
+                    None
+                }
+            }
+        };
+        let current = current.unwrap_or_default();
         print(&events::diff(&last, &current))?;
         last = current;
     }

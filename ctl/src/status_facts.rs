@@ -124,46 +124,8 @@ mod tests {
     /// node-b's view after taking over part of node-a's ranges: lun0 range 0 is node-a's
     /// configured range now served here, range 1 is node-b's own, range 2 (node-a's) is
     /// being taken over, range 3 (node-a's) is still node-a's.
-    const STATUS: &str = r#"{
-      "version": "0.1.0", "pid": 4242, "config": "/etc/nvmirror/node-b.toml",
-      "devices": [{"lun": "lun0", "dev_id": 1, "path": "/dev/ublkb1", "attach": "added",
-                   "queues": 1, "depth": 64, "pid": 4242}],
-      "engine": {
-        "node": "node-b", "nvram_path": "/dev/dax0.0", "nvram_bytes": 262144000,
-        "log_id": "fbb1cf34701401c1",
-        "partitions": [
-          {"partition": 0, "capacity_bytes": 65531904, "used_bytes": 0, "records_unflushed": 0,
-           "records_in_flight": 0, "next_seq": 1, "durable_through": 0, "acked_through": 0,
-           "flushed_through": 0, "flush_lag_ms": 0, "flush_paused": false, "failed": null},
-          {"partition": 1, "capacity_bytes": 65531904, "used_bytes": 0, "records_unflushed": 0,
-           "records_in_flight": 0, "next_seq": 1, "durable_through": 0, "acked_through": 0,
-           "flushed_through": 0, "flush_lag_ms": 0, "flush_paused": false,
-           "failed": "fenced: epoch 3 on the medium is newer than ours (2)"}
-        ],
-        "luns": [{"name": "lun0", "size": 134217728, "ranges": 4, "medium": "/dev/vda",
-                  "staged_extents": 0, "staged_bytes": 0, "reads": 0, "writes": 0,
-                  "bytes_read": 0, "bytes_written": 0}],
-        "bytes_flushed": 0, "flush_batches": 0, "medium_errors": 3, "delegated_batches": 0,
-        "last_medium_error": "write at 4096: Input/output error (os error 5)",
-        "replay": {"records": 0, "bytes": 0, "discarded_unacknowledged": 0, "millis": 1,
-                   "formatted": false, "salvaged_from_corruption": false,
-                   "skipped_not_owned": 0, "skipped_already_flushed": 0},
-        "mirror": {"attached": true, "state": "degraded", "link_state": "connecting",
-                   "transport": null, "rtt_us": null, "link": "Connecting",
-                   "degraded_policy": "write-through", "mirrored_records": 10,
-                   "degraded_records": 0, "last_error": null,
-                   "second_store": {"records": 0, "bytes": 0, "capacity_bytes": 131063808}},
-        "ranges": [
-          {"lun": 0, "range": 0, "owner": "node-b", "epoch": 2, "state": "local", "configured_owner": "node-a"},
-          {"lun": 0, "range": 1, "owner": "node-b", "epoch": 1, "state": "local", "configured_owner": "node-b"},
-          {"lun": 0, "range": 2, "owner": "node-b", "epoch": 2, "state": "taking-over", "configured_owner": "node-a"},
-          {"lun": 0, "range": 3, "owner": "node-a", "epoch": 1, "state": "remote", "configured_owner": "node-b"}
-        ],
-        "takeover": {"from": "node-a", "ranges": 2, "phase": "replaying", "records_total": 90,
-                     "bytes_total": 1000, "records_done": 17, "bytes_done": 100,
-                     "skipped_already_flushed": 0, "elapsed_ms": 800}
-      }
-    }"#;
+    /// A node-b mid-takeover, with a failed partition (shared with the library's tests).
+    const STATUS: &str = include_str!("../../ublk-target/tests/data/status-node-b.json");
 
     fn status() -> DaemonStatus {
         match serde_json::from_str(STATUS) {

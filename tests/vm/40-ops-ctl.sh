@@ -10,7 +10,7 @@
 # and after the takeover the survivor's scrape shows it done and the range owned. Data written before the moves is read back
 # (checksums) after each of them. `health` gives OK, WARNING (partner gone) and CRITICAL
 # (daemon gone) with the plugin exit codes; `events` streams the partner's loss, the range's
-# move and the takeover. SIGHUP is logged and ignored; with JOURNAL_STREAM set the
+# move and the takeover, and the node's own stream shows its daemon gone and back. SIGHUP is logged and ignored; with JOURNAL_STREAM set the
 # daemon logs to journald's socket (a stand-in here) with each event's priority.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
@@ -168,6 +168,10 @@ grep -q "^exists range lun0:0 epoch:3 owner:node-a serving:no state:remote$" las
 "$NVMCTL" --config node-b.toml events --json --interval-ms 100 --timeout 120 >events-b.json 2>events-b.err &
 events_pid=$!
 NVM_DAEMON_PIDS+=("$events_pid")
+# node-a's own stream runs across its kill -9 and the recover: destroyed, then created again.
+"$NVMCTL" --config node-a.toml events --interval-ms 100 --timeout 300 >events-a.txt 2>events-a.err &
+events_a_pid=$!
+NVM_DAEMON_PIDS+=("$events_a_pid")
 "$NVMCTL" --config node-a.toml flush pause >/dev/null
 dd if=p0 of=/dev/ublkb0 bs=1M count=4 seek=16 oflag=direct status=none # staged only, mirrored
 kill -9 "$pid_a"
@@ -238,6 +242,23 @@ expect_rc 0 "$NVMCTL" --config node-b.toml giveback
 [[ $(owners a) == "node-a/5 node-b/1" ]] || fail "after the second giveback: $(owners a)"
 check_data /dev/ublkb0 "after recover and giveback"
 say "recover restarted node-a and re-attached /dev/ublkb0; giveback returned range 0; data intact"
+kill "$events_a_pid"
+python3 - events-a.txt <<'PY' || { cp events-a.txt events-a.err "$NVM_OUT/"; fail "events: node-a's stream does not show its daemon gone and back"; }
+import sys
+lines = [l.rstrip("\n") for l in open(sys.argv[1])]
+first_end = lines.index("exists -")
+rest = lines[first_end + 1:]
+gone = rest.index("destroy node node-a")
+back = next(i for i, l in enumerate(rest) if i > gone and l.startswith("create node node-a "))
+# Range lun0:0 as the stream tells it from the daemon's return on: created, then changed.
+r0 = {}
+for l in rest[back:]:
+    w = l.split()
+    if w[1:3] == ["range", "lun0:0"] and w[0] in ("create", "change"):
+        r0.update(kv.split(":", 1) for kv in w[3:])
+assert r0.get("owner") == "node-a" and r0.get("epoch") == "5", (r0, rest)
+PY
+say "events: node-a's stream showed its daemon destroyed at the kill, created again by recover, range lun0:0 back at epoch 5"
 
 expect_rc 0 "$NVMCTL" features
 grep -q "USER_RECOVERY .*yes" last.out || { cat last.out; fail "features: USER_RECOVERY not reported"; }

@@ -62,7 +62,22 @@ pub enum Request {
         #[serde(default)]
         rate: Option<u64>,
     },
+    /// A stream, not one answer: a `Status` now and again each time the node's state changes
+    /// (as the `SameState` given to `serve` judges it), checked every `interval_ms` in the
+    /// daemon, until the client hangs up or sends anything.
+    Watch {
+        #[serde(default = "default_watch_interval_ms")]
+        interval_ms: u64,
+    },
 }
+
+fn default_watch_interval_ms() -> u64 {
+    100
+}
+
+/// The range `Request::Watch` accepts for its interval: finer would spin the control
+/// thread, coarser would hide a takeover's phases.
+pub const WATCH_INTERVAL_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceStatus {
@@ -99,10 +114,15 @@ pub enum Response {
 /// Line length cap: a request is a few dozen bytes; anything longer is not ours.
 const MAX_LINE: usize = 64 * 1024;
 
+/// Whether two statuses show the same state, for `Request::Watch`: counters that move with
+/// every write must not count as changes (the node passes `state_events::same_state`).
+pub type SameState = fn(&DaemonStatus, &DaemonStatus) -> bool;
+
 /// Binds the socket (root-only) and serves requests on a background thread.
 pub fn serve(
     path: &Path,
     handler: Arc<dyn Fn(Request) -> Response + Send + Sync>,
+    same_state: SameState,
 ) -> std::io::Result<PathBuf> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -131,7 +151,7 @@ pub fn serve(
                         let h = handler.clone();
                         let _ = std::thread::Builder::new()
                             .name("control-conn".into())
-                            .spawn(move || serve_conn(stream, h));
+                            .spawn(move || serve_conn(stream, h, same_state));
                     }
                     Err(e) => tracing::warn!("control socket accept: {e}"),
                 }
@@ -140,7 +160,11 @@ pub fn serve(
     Ok(path.to_owned())
 }
 
-fn serve_conn(stream: UnixStream, handler: Arc<dyn Fn(Request) -> Response + Send + Sync>) {
+fn serve_conn(
+    stream: UnixStream,
+    handler: Arc<dyn Fn(Request) -> Response + Send + Sync>,
+    same_state: SameState,
+) {
     let mut out = match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -172,6 +196,16 @@ fn serve_conn(stream: UnixStream, handler: Arc<dyn Fn(Request) -> Response + Sen
             return;
         }
         let resp = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(Request::Watch { interval_ms }) if WATCH_INTERVAL_MS.contains(&interval_ms) => {
+                return stream_changes(&mut out, handler.as_ref(), same_state, interval_ms);
+            }
+            Ok(Request::Watch { interval_ms }) => Response::Error {
+                message: format!(
+                    "interval_ms {interval_ms} is out of range: use {} to {}",
+                    WATCH_INTERVAL_MS.start(),
+                    WATCH_INTERVAL_MS.end()
+                ),
+            },
             Ok(req) => handler(req),
             Err(e) => Response::Error {
                 message: format!("malformed request: {e}"),
@@ -184,6 +218,58 @@ fn serve_conn(stream: UnixStream, handler: Arc<dyn Fn(Request) -> Response + Sen
     }
 }
 
+/// `Request::Watch`: pushes the status whenever its snapshot changes. The wait between two
+/// checks is a read on the connection, so a client that hangs up (or writes) ends the stream
+/// at once instead of at the next change.
+fn stream_changes(
+    out: &mut UnixStream,
+    handler: &(dyn Fn(Request) -> Response + Send + Sync),
+    same_state: SameState,
+    interval_ms: u64,
+) {
+    let mut probe = match out.try_clone() {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    // A client that stops reading (a paused `nvmirrorctl events`) is dropped, not waited
+    // for: the thread is the only thing it holds.
+    if probe
+        .set_read_timeout(Some(Duration::from_millis(interval_ms)))
+        .and_then(|()| out.set_write_timeout(Some(Duration::from_secs(30))))
+        .is_err()
+    {
+        return;
+    }
+    let mut last: Option<Box<DaemonStatus>> = None;
+    loop {
+        let resp = handler(Request::Status);
+        let unchanged = match (&resp, &last) {
+            (Response::Status(now), Some(before)) => same_state(before, now),
+            _ => false,
+        };
+        if !unchanged {
+            if reply(out, &resp).is_err() {
+                return;
+            }
+            last = match resp {
+                Response::Status(now) => Some(now),
+                _ => None,
+            };
+        }
+        match probe.read(&mut [0u8; 1]) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            // End of file, bytes or a broken connection: the client is done.
+            _ => return,
+        }
+    }
+}
+
 fn reply(out: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
     let mut text = serde_json::to_string(resp).map_err(std::io::Error::other)?;
     text.push('\n');
@@ -191,6 +277,80 @@ fn reply(out: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
 }
 
 use std::io::Read as _;
+
+/// The client side of `Request::Watch`: one connection, one status per change.
+pub struct Watch {
+    reader: BufReader<UnixStream>,
+    /// A line cut short by a timeout, completed by the next call.
+    partial: Vec<u8>,
+}
+
+/// The longest status line a client reads.
+const MAX_STATUS_LINE: usize = 64 << 20;
+
+impl Watch {
+    pub fn start(path: &Path, interval_ms: u64) -> std::io::Result<Watch> {
+        let mut s = UnixStream::connect(path)?;
+        let mut text = serde_json::to_string(&Request::Watch { interval_ms })
+            .map_err(std::io::Error::other)?;
+        text.push('\n');
+        s.write_all(text.as_bytes())?;
+        Ok(Watch {
+            reader: BufReader::new(s),
+            partial: Vec::new(),
+        })
+    }
+
+    /// The next status the daemon pushes: `Ok(None)` when none came within `timeout`, an
+    /// error when the daemon hung up, refused the request or sent something unreadable.
+    pub fn next(&mut self, timeout: Duration) -> std::io::Result<Option<DaemonStatus>> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        let limit = (MAX_STATUS_LINE.saturating_sub(self.partial.len()) as u64).max(1);
+        match (&mut self.reader)
+            .take(limit)
+            .read_until(b'\n', &mut self.partial)
+        {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) if self.partial.last() != Some(&b'\n') => {
+                return Err(if self.partial.len() >= MAX_STATUS_LINE {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "a status line from nvmirrord longer than 64 MiB",
+                    )
+                } else {
+                    std::io::ErrorKind::UnexpectedEof.into()
+                });
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let line = std::mem::take(&mut self.partial);
+        match serde_json::from_slice(&line) {
+            Ok(Response::Status(s)) => Ok(Some(*s)),
+            Ok(Response::Error { message }) => Err(std::io::Error::other(message)),
+            Ok(other) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected answer from nvmirrord: {other:?}"),
+            )),
+            Err(e) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected answer from nvmirrord: {e}"),
+            )),
+        }
+    }
+}
 
 /// Client side: sends one request and reads the response.
 pub fn call(path: &Path, req: &Request, timeout: Duration) -> std::io::Result<Response> {

@@ -8,7 +8,8 @@
 //! say who serves which range, `lease` (a heartbeat on the shared medium) who may serve and
 //! when a node is dead, `watchdog` the self-fence when a medium write hangs (it watches
 //! `medium_writes`); `node` is the daemon's behaviour (link set-up, partner
-//! watch, control socket); `host` is the seam to the machine (time, tasks).
+//! watch, control socket); `state_events` is what `nvmirrorctl events` streams; `host` is
+//! the seam to the machine (time, tasks).
 //!
 //! Layers (a module imports only modules in layers below it; `tests/module_layers.rs`
 //! checks it):
@@ -16,7 +17,7 @@
 //! 2. `medium`, `lease`, `watchdog`, then `lun`, `config`, `apply`, `inspect`
 //! 3. `log`, then `flusher`, then `mirror`, then `cluster`
 //! 4. `engine`
-//! 5. `control`, `frontend`, then `devices`
+//! 5. `control`, `frontend`, then `devices`, `state_events`
 //! 6. `node`
 //! 7. `fuzzing` (hidden: the bodies of the fuzz targets in `fuzz/`, for them and their corpus
 //!    replay only)
@@ -48,4 +49,5 @@ pub mod node;
 pub mod nvram;
 pub mod ownership;
 pub mod reservation;
+pub mod state_events;
 pub mod watchdog;

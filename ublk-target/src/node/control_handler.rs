@@ -95,6 +95,8 @@ impl ControlHandler {
                 );
                 Response::Ok
             }
+            // The control socket streams it itself, calling back here for each status.
+            Request::Watch { .. } => error("watch is a stream, served by the control socket"),
             Request::AddDevice { ref lun } => self.add_device(lun),
             Request::DelDevice { ref lun } => {
                 let Some(i) = self.devices.lun_index(lun) else {

@@ -130,8 +130,12 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         ),
     });
     let control = handler.clone();
-    control::serve(&socket, Arc::new(move |req| control.handle(req)))
-        .with_context(|| format!("control socket {}", socket.display()))?;
+    control::serve(
+        &socket,
+        Arc::new(move |req| control.handle(req)),
+        crate::state_events::same_state,
+    )
+    .with_context(|| format!("control socket {}", socket.display()))?;
     if let Some(addr) = cfg.metrics_listen() {
         let engine = engine.clone();
         super::metrics::serve(

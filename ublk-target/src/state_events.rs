@@ -1,12 +1,14 @@
-//! `nvmirrorctl events`: the node's state changes as a stream of lines, in the manner of
-//! `drbdsetup events2`. The current state first (`exists` lines, then `exists -`), then one
-//! `change`, `create` or `destroy` line per object whose fields changed.
+//! The node's state as objects with fields, and the events between two states: what
+//! `nvmirrorctl events` prints, in the manner of `drbdsetup events2`. The current state first
+//! (`exists` lines, then `exists -`), then one `change`, `create` or `destroy` line per object
+//! whose fields changed.
 //!
-//! The daemon has no push channel: the stream comes from polling its status, so two changes
-//! within one poll interval show as one, and a state that lasts less than an interval may
-//! not show at all. `status` stays the source of truth.
+//! The daemon pushes a status over the control socket (`Request::Watch`) each time this
+//! snapshot of it changes (`same_state`), checked every interval in the daemon itself; so two changes within
+//! one interval show as one, and a state that lasts less than an interval may not show at
+//! all. `status` stays the source of truth.
 
-use nvmirror::control::DaemonStatus;
+use crate::control::DaemonStatus;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -98,6 +100,11 @@ pub fn snapshot(s: &DaemonStatus) -> Snapshot {
         );
     }
     out
+}
+
+/// Whether nothing `snapshot` covers differs (the daemon's test for pushing a status).
+pub fn same_state(a: &DaemonStatus, b: &DaemonStatus) -> bool {
+    snapshot(a) == snapshot(b)
 }
 
 /// What changed from `old` to `new`.
