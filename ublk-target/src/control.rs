@@ -257,17 +257,21 @@ fn stream_changes(
             };
         }
         match probe.read(&mut [0u8; 1]) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if no_data_yet(&e) => {}
             // End of file, bytes or a broken connection: the client is done.
             _ => return,
         }
     }
+}
+
+/// A read that ended by its timeout (or a signal), not by the peer.
+fn no_data_yet(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
 }
 
 fn reply(out: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
@@ -324,16 +328,7 @@ impl Watch {
                 });
             }
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                return Ok(None);
-            }
+            Err(e) if no_data_yet(&e) => return Ok(None),
             Err(e) => return Err(e),
         }
         let line = std::mem::take(&mut self.partial);
