@@ -463,10 +463,13 @@ fn follow_events(
         } else {
             let pushed = match watch.as_mut() {
                 Some(w) => w.next(left()),
+                // The first status comes at once from a daemon that answers at all.
                 None => control::Watch::start(socket, interval_ms).and_then(|mut w| {
-                    let first = w.next(Duration::from_secs(10));
+                    let first = w.next(Duration::from_secs(10))?;
                     watch = Some(w);
                     first
+                        .map(Some)
+                        .ok_or_else(|| std::io::ErrorKind::TimedOut.into())
                 }),
             };
             match pushed {

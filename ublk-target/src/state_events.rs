@@ -4,9 +4,9 @@
 //! whose fields changed.
 //!
 //! The daemon pushes a status over the control socket (`Request::Watch`) each time this
-//! snapshot of it changes (`same_state`), checked every interval in the daemon itself; so two changes within
-//! one interval show as one, and a state that lasts less than an interval may not show at
-//! all. `status` stays the source of truth.
+//! snapshot of it changes (`same_state`), checked every interval in the daemon itself; so
+//! two changes within one interval show as one, and a state that lasts less than an interval
+//! may not show at all. `status` stays the source of truth.
 
 use crate::control::DaemonStatus;
 use serde::Serialize;
