@@ -14,7 +14,7 @@
 //! Layers (a module imports only modules in layers below it; `tests/module_layers.rs`
 //! checks it):
 //! 1. `block`, `host`, `index`, `io_latency`, `medium_writes`, `reservation`, then `ownership`, `nvram`
-//! 2. `medium`, `lease`, `watchdog`, then `lun`, `config`, `apply`, `inspect`
+//! 2. `medium`, `lease`, `watchdog`, then `lun`, `config`, `apply`, `inspect`, `shipping`
 //! 3. `log`, then `flusher`, then `mirror`, then `cluster`
 //! 4. `engine`
 //! 5. `control`, `frontend`, then `devices`, `state_events`
@@ -49,5 +49,6 @@ pub mod node;
 pub mod nvram;
 pub mod ownership;
 pub mod reservation;
+pub mod shipping;
 pub mod state_events;
 pub mod watchdog;
