@@ -325,6 +325,22 @@ impl LogFile {
         self.next_seq
     }
 
+    pub fn source_log_id(&self) -> u64 {
+        self.source_log_id
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The same open file, known by the name it was renamed to.
+    pub fn renamed(self, path: &Path) -> LogFile {
+        LogFile {
+            path: path.to_owned(),
+            ..self
+        }
+    }
+
     pub fn first_seq(&self) -> u64 {
         self.first_seq
     }

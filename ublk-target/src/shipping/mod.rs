@@ -5,7 +5,9 @@
 //! Built so far (step 2's storage side, not yet wired to the link or the daemon):
 //! `sequencer` puts a partition's records back in sequence order (gaps held, duplicates
 //! dropped, an overdue gap reported); `log_file` appends them durably and checks them when
-//! reopened (a torn last append cut off, damage refused).
+//! reopened (a torn last append cut off, damage refused); `image` applies a partition's log
+//! to the image at a consistency point and starts the log file again after it.
 
+pub mod image;
 pub mod log_file;
 pub mod sequencer;
