@@ -38,6 +38,54 @@ pub enum Role {
     Connect(SocketAddr),
 }
 
+/// What a node is to its peer: one of a mirrored pair (claim set A), or in log shipping
+/// (claim set C) a source whose records go to a destination that keeps them for N sources.
+/// A link joins a pair node to a pair node, or a source to a destination; the handshake
+/// refuses any other combination, naming both roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodeRole {
+    #[default]
+    Pair,
+    Source,
+    Destination,
+}
+
+impl NodeRole {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            NodeRole::Pair => 0,
+            NodeRole::Source => 1,
+            NodeRole::Destination => 2,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Option<NodeRole> {
+        match code {
+            0 => Some(NodeRole::Pair),
+            1 => Some(NodeRole::Source),
+            2 => Some(NodeRole::Destination),
+            _ => None,
+        }
+    }
+
+    /// The role a peer of this one must have.
+    pub fn counterpart(self) -> NodeRole {
+        match self {
+            NodeRole::Pair => NodeRole::Pair,
+            NodeRole::Source => NodeRole::Destination,
+            NodeRole::Destination => NodeRole::Source,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeRole::Pair => "a node of a mirrored pair",
+            NodeRole::Source => "a log-shipping source",
+            NodeRole::Destination => "a log-shipping destination",
+        }
+    }
+}
+
 /// Default of [`LinkConfig::busy_poll`], in microseconds: long enough to span the gap
 /// between two writes at queue depth 1 (so the link thread never sleeps while a writer is
 /// active), short enough that an idle link stops spinning at once.
@@ -66,6 +114,8 @@ pub fn default_busy_poll_us() -> u64 {
 pub struct LinkConfig {
     pub transport: Transport,
     pub role: Role,
+    /// What this node is to the peer (default: a pair node).
+    pub node_role: NodeRole,
     pub cluster_id: u64,
     pub node_id: u32,
     pub peer_node_id: u32,
@@ -131,6 +181,7 @@ impl LinkConfig {
         LinkConfig {
             transport,
             role,
+            node_role: NodeRole::Pair,
             cluster_id,
             node_id,
             peer_node_id,

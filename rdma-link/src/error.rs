@@ -28,6 +28,12 @@ pub enum HandshakeError {
     Auth { peer: u32 },
     #[error("layout mismatch: {0}; both nodes need the same NVRAM layout")]
     Layout(String),
+    #[error("role mismatch: this node is {ours} but the peer is {theirs}; {fix}")]
+    Role {
+        ours: &'static str,
+        theirs: &'static str,
+        fix: &'static str,
+    },
     #[error("transport mismatch: we use {ours}, the peer uses {theirs}; configure the same mirror transport on both nodes")]
     Transport {
         ours: &'static str,

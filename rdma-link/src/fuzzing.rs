@@ -741,6 +741,7 @@ pub mod seeds {
                 transport: Transport::Tcp.code(),
                 request_window: 32,
                 max_request: DEFAULT_MAX_REQUEST,
+                role: 0,
             },
         }
     }

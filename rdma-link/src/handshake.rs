@@ -27,6 +27,7 @@
 //! Runs over any [`MsgIo`] (a TCP stream, the RDMA QP's SEND/RECV, a custom network's
 //! connection) before the connection loop takes over.
 
+use crate::config::NodeRole;
 use crate::error::{HandshakeError, LinkError, Result};
 use crate::proto::{
     proof_payload, transport_name, Hello, Msg, NodeInfo, Proof, RemoteRegion, ResyncPoint,
@@ -90,6 +91,7 @@ fn our_hello(shared: &Shared, nonce: [u8; 32]) -> Hello {
             transport: cfg.transport.code(),
             request_window: cfg.request_window,
             max_request: cfg.max_request,
+            role: cfg.node_role.code(),
         },
     }
 }
@@ -110,6 +112,18 @@ fn check_hello(shared: &Shared, h: &Hello) -> Result<(), HandshakeError> {
         return Err(HandshakeError::Cluster {
             ours: cfg.cluster_id,
             theirs: h.cluster_id,
+        });
+    }
+    let theirs = NodeRole::from_code(h.info.role);
+    if theirs != Some(cfg.node_role.counterpart()) {
+        return Err(HandshakeError::Role {
+            ours: cfg.node_role.name(),
+            theirs: theirs.map_or("of a role this version does not know", |r| r.name()),
+            fix: match cfg.node_role {
+                NodeRole::Pair => "a pair node links only to its partner; check the address it connects to or listens on",
+                NodeRole::Source => "a source links only to its destination; check [shipping] destination",
+                NodeRole::Destination => "a destination links only to sources; check the source's [shipping] destination and this listen address",
+            },
         });
     }
     if h.from_node != cfg.peer_node_id || h.to_node != cfg.node_id {

@@ -75,7 +75,8 @@ mod wire;
 pub use api::{LinkState, Post, RequestHandler, SecondStore, UpInfo};
 pub use bytes::Bytes;
 pub use config::{
-    default_busy_poll_us, LinkConfig, Role, Transport, BUSY_POLL_MIN_CPUS, DEFAULT_BUSY_POLL_US,
+    default_busy_poll_us, LinkConfig, NodeRole, Role, Transport, BUSY_POLL_MIN_CPUS,
+    DEFAULT_BUSY_POLL_US,
 };
 pub use error::{FrameError, HandshakeError, LinkError};
 pub use link::Link;

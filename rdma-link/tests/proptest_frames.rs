@@ -92,6 +92,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                 transport: i.5,
                 request_window: i.3 ^ 7,
                 max_request: i.4 >> 1,
+                role: i.5 ^ 1,
             },
         });
     prop_oneof![

@@ -7,7 +7,7 @@ use hmac::{Hmac, Mac};
 use rdma_link::proto::{
     self, FrameMac, FrameReader, Hello, Msg, NodeInfo, MAGIC, PROTOCOL_VERSION,
 };
-use rdma_link::{HandshakeError, LinkError, LinkState, Post, Region};
+use rdma_link::{HandshakeError, LinkError, LinkState, NodeRole, Post, Region};
 use sha2::Sha256;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -379,6 +379,40 @@ async fn wrong_cluster_and_node_are_rejected_on_both_sides() {
     within(5, c.wait_up()).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_roles_are_rejected_naming_both() {
+    let addr = free_addr();
+    let store = MemStore::new(REGION);
+    // A destination listening for a source: a pair node and another destination are refused.
+    let s = server(addr, &store, |s| s.node_role = NodeRole::Destination);
+    let c = client(addr, Region::leaked(REGION), |_| {});
+    let rs = wait_down_with(&s, "role mismatch").await;
+    assert!(
+        rs.contains(
+            "this node is a log-shipping destination but the peer is a node of a mirrored pair"
+        ),
+        "{rs}"
+    );
+    wait_down_with(&c, "role mismatch").await;
+    c.shutdown().await;
+    let c = client(addr, Region::leaked(REGION), |c| {
+        c.node_role = NodeRole::Destination
+    });
+    let rc = wait_down_with(&c, "role mismatch").await;
+    assert!(
+        rc.contains(
+            "this node is a log-shipping destination but the peer is a log-shipping destination"
+        ),
+        "{rc}"
+    );
+    c.shutdown().await;
+    // A source gets in.
+    let c = client(addr, Region::leaked(REGION), |c| {
+        c.node_role = NodeRole::Source
+    });
+    within(5, c.wait_up()).await.unwrap();
+}
+
 fn hello(version: u16, nonce: [u8; 32]) -> Hello {
     Hello {
         magic: MAGIC,
@@ -396,6 +430,7 @@ fn hello(version: u16, nonce: [u8; 32]) -> Hello {
             transport: proto::TRANSPORT_TCP,
             request_window: 16,
             max_request: proto::DEFAULT_MAX_REQUEST,
+            role: 0,
         },
     }
 }
@@ -473,6 +508,7 @@ fn transcript_mac(
         m.update(&[i.transport]);
         m.update(&i.request_window.to_le_bytes());
         m.update(&i.max_request.to_le_bytes());
+        m.update(&[i.role]);
     }
     m.update(&[flags]);
     m.update(extra);
@@ -926,7 +962,9 @@ async fn an_old_version_peer_is_refused_with_a_clear_error() {
     send(&mut s, &Msg::Hello(hello(2, [1; 32]))).await;
     match within(3, recv(&mut s)).await {
         Ok(Msg::Reject { reason }) => assert!(
-            reason.contains("version mismatch") && reason.contains("v4") && reason.contains("v2"),
+            reason.contains("version mismatch")
+                && reason.contains(&format!("v{PROTOCOL_VERSION}"))
+                && reason.contains("v2"),
             "{reason}"
         ),
         other => panic!("expected a reject, got {other:?}"),

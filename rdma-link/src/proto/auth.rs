@@ -90,6 +90,7 @@ fn info_bytes(m: &mut Hmac<Sha256>, i: &NodeInfo) {
     m.update(&[i.transport]);
     m.update(&i.request_window.to_le_bytes());
     m.update(&i.max_request.to_le_bytes());
+    m.update(&[i.role]);
 }
 
 impl Transcript {

@@ -16,7 +16,7 @@ pub const MAGIC: u32 = 0x4c4d_564e;
 ///   challenge carries the acceptor's flags; an ack says why a record was not held.
 /// * 4: the frame MAC hashes a message's bytes before its header (a record's bytes on a BLAKE3
 ///   chunk boundary: 2.5x faster at 4 KiB).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Bytes of the TCP frame header (`len`, `crc`).
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Largest non-record message (a hello with two full resync lists fits).
@@ -105,6 +105,8 @@ pub struct NodeInfo {
     pub request_window: u32,
     /// Largest request / response payload this node accepts.
     pub max_request: u32,
+    /// What this node is to the peer ([`crate::NodeRole::code`]).
+    pub role: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -623,6 +625,7 @@ impl W<'_> {
         self.u8(h.info.transport);
         self.u32(h.info.request_window);
         self.u32(h.info.max_request);
+        self.u8(h.info.role);
     }
     fn seqs(&mut self, v: &[PartitionSeq]) {
         let n = v.len().min(MAX_RESYNC_ENTRIES);
@@ -693,6 +696,7 @@ impl R<'_> {
                 transport: self.u8()?,
                 request_window: self.u32()?,
                 max_request: self.u32()?,
+                role: self.u8()?,
             },
         })
     }
