@@ -8,7 +8,7 @@
 //! what the daemon does with the same ranges).
 
 use crate::shell::ShellVars;
-use nvmirror::config::{ByteSize, LunSection, NodeConfig};
+use nvmirror::config::{ByteSize, LunSection, NodeConfig, ShippingRole, ShippingSection};
 use serde::Serialize;
 use std::fmt;
 use std::path::Path;
@@ -163,6 +163,9 @@ pub struct ConfigView {
     pub flusher: FlusherView,
     /// Absent for a single node.
     pub cluster: Option<ClusterView>,
+    /// Log shipping (claim set C): the section as configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shipping: Option<ShippingSection>,
     pub luns: Vec<LunView>,
     /// Only with `--ranges-of`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -242,6 +245,7 @@ impl ConfigView {
                 name: cfg.node.name.clone(),
                 control_socket: cfg.control_socket().display().to_string(),
             },
+            shipping: cfg.shipping.clone(),
             nvram: NvramView {
                 path: cfg.nvram.path.display().to_string(),
                 size: cfg.nvram.size.map(|s| s.0),
@@ -369,11 +373,38 @@ impl ConfigView {
             ByteSize(self.flusher.batch_bytes),
             self.flusher.linger_ms
         );
-        match &self.cluster {
-            None => {
+        match (&self.cluster, &self.shipping) {
+            (None, Some(s)) if s.role == ShippingRole::Source => {
+                let dest = s.destination.as_ref();
+                let _ = writeln!(
+                    o,
+                    "shipping source (group {}, {}): every record also goes to destination {} at {}",
+                    s.id,
+                    format!("{:?}", s.transport).to_lowercase(),
+                    dest.map_or("?", |d| d.name.as_str()),
+                    dest.map_or("?", |d| d.address.as_str())
+                );
+            }
+            (None, Some(s)) => {
+                let _ = writeln!(
+                    o,
+                    "shipping destination (group {}, {}) of {} source(s):",
+                    s.id,
+                    format!("{:?}", s.transport).to_lowercase(),
+                    s.sources.len()
+                );
+                for src in &s.sources {
+                    let _ = writeln!(
+                        o,
+                        "  {} on {}, NVRAM area {}",
+                        src.name, src.listen, src.nvram_size
+                    );
+                }
+            }
+            (None, None) => {
                 let _ = writeln!(o, "cluster none (single node: it owns every range)");
             }
-            Some(c) => {
+            (Some(c), _) => {
                 let nodes: Vec<String> = c
                     .nodes
                     .iter()

@@ -406,6 +406,29 @@ fn resolve_ranges_of(config: &NodeConfig, path: &Path, node: &str) -> anyhow::Re
         .map_err(|e| CtlError::Usage(e.to_string()).into())
 }
 
+/// A log-shipping destination's status: per source, its link and what is held of it.
+fn print_destination_status(d: &control::DestinationStatus) {
+    println!(
+        "node {} (log-shipping destination, nvmirrord {} pid {}, config {})",
+        d.node, d.version, d.pid, d.config
+    );
+    for s in &d.sources {
+        println!(
+            "  source {}: link {}{} (listening on {}), held {} record(s), {} of {} bytes",
+            s.name,
+            s.link,
+            s.link_error
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
+            s.listen,
+            s.held_records,
+            s.held_bytes,
+            s.capacity_bytes
+        );
+    }
+}
+
 fn status(socket: &Path) -> anyhow::Result<DaemonStatus> {
     match call(socket, Request::Status, Duration::from_secs(10))? {
         Response::Status(s) => Ok(*s),
@@ -557,7 +580,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let s = status(&socket)?;
+            let s = match call(&socket, Request::Status, Duration::from_secs(10))? {
+                Response::Status(s) => *s,
+                Response::Destination(d) if *json => {
+                    println!("{}", json_out::versioned(&d)?);
+                    return Ok(());
+                }
+                Response::Destination(d) if !*shell && ranges_of.is_none() => {
+                    print_destination_status(&d);
+                    return Ok(());
+                }
+                Response::Destination(_) => bail!(
+                    "this daemon is a log-shipping destination: it serves no LUN or range, so only `status` and `status --json` apply"
+                ),
+                other => bail!("unexpected answer: {other:?}"),
+            };
             if *json {
                 println!("{}", json_out::versioned(&s)?);
             } else if *shell {

@@ -85,7 +85,11 @@ pub struct NodeConfig {
     pub flusher: FlusherSection,
     /// Two-node operation; absent for a single node.
     pub cluster: Option<ClusterSection>,
-    #[serde(rename = "lun")]
+    /// Log shipping (claim set C): this node is a source or the destination; absent
+    /// otherwise. A node is in a pair or in log shipping, not both.
+    pub shipping: Option<ShippingSection>,
+    /// The LUNs this node serves (none on a log-shipping destination).
+    #[serde(default, rename = "lun")]
     pub luns: Vec<LunSection>,
     /// The metrics endpoint (docs/metrics.md); absent: off.
     pub metrics: Option<MetricsSection>,
@@ -224,6 +228,72 @@ impl ClusterSection {
     pub fn watchdog_timeout(&self) -> u32 {
         self.watchdog_timeout_s
             .unwrap_or_else(|| crate::watchdog::max_timeout(&self.lease_timing()))
+    }
+}
+
+/// Which end of log shipping a node is (docs/log-shipping.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShippingRole {
+    /// Serves its LUNs from its own medium and sends every staged record to the destination;
+    /// a write is acknowledged once both NVRAMs hold it.
+    Source,
+    /// Keeps each source's records in an NVRAM area of its own.
+    Destination,
+}
+
+/// Log shipping: N sources send their NVRAM records to one destination.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShippingSection {
+    pub role: ShippingRole,
+    /// Identifies the group: the destination and its sources agree on it.
+    pub id: u64,
+    /// File holding the shared secret (at least 16 bytes) that authenticates the other end.
+    pub secret_file: PathBuf,
+    #[serde(default = "default_transport")]
+    pub transport: TransportKind,
+    #[serde(default = "default_hb_interval")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_hb_timeout")]
+    pub heartbeat_timeout_ms: u64,
+    #[serde(default = "default_busy_poll_us")]
+    pub busy_poll_us: u64,
+    /// Source: how a write is acknowledged while the destination is away.
+    #[serde(default = "default_degraded")]
+    pub degraded: DegradedPolicy,
+    /// Source: the destination's node name and the address it listens on for this source.
+    pub destination: Option<ShippingDestination>,
+    /// Destination: every source, in a fixed order (each has an NVRAM area here, in order).
+    #[serde(default, rename = "source")]
+    pub sources: Vec<ShippedSource>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShippingDestination {
+    pub name: String,
+    /// host:port the destination listens on for this source.
+    pub address: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShippedSource {
+    /// The source's node.name.
+    pub name: String,
+    /// ip:port this destination listens on for this source (one port per source).
+    pub listen: String,
+    /// The source's nvram.size: its NVRAM area here has the same geometry, so each record
+    /// lands at the offset it has in the source's log.
+    pub nvram_size: ByteSize,
+}
+
+impl ShippingSection {
+    /// The id a node `name` has on a log-shipping link: both ends derive it from the names
+    /// they are configured with, so a source that reaches another source's port is refused.
+    pub fn link_node_id(name: &str) -> u32 {
+        crc32c::crc32c(name.as_bytes()) | 1
     }
 }
 
@@ -432,6 +502,10 @@ impl NodeConfig {
     /// where a node's ranges map to fewer partitions than there are leaves the rest of its
     /// log empty until a takeover, and a burst to one range fills a partition's share alone.
     pub fn stranded_nvram_warnings(&self) -> Vec<String> {
+        if self.luns.is_empty() {
+            // A log-shipping destination: its NVRAM holds the sources' partitions.
+            return Vec::new();
+        }
         let p = self.nvram.partitions.max(1);
         let nodes: Vec<String> = match &self.cluster {
             Some(c) => c.nodes.iter().map(|n| n.name.clone()).collect(),
@@ -536,11 +610,18 @@ impl NodeConfig {
                 ),
             ));
         }
-        if self.luns.is_empty() {
+        let destination = self
+            .shipping
+            .as_ref()
+            .is_some_and(|s| s.role == ShippingRole::Destination);
+        if self.luns.is_empty() && !destination {
             return Err(invalid(
                 "lun",
                 "no LUN is configured; add a [[lun]] table with name and medium",
             ));
+        }
+        if let Some(s) = &self.shipping {
+            self.validate_shipping(s)?;
         }
         if let Some(c) = &self.cluster {
             if c.nodes.len() != 2 {
@@ -569,22 +650,7 @@ impl NodeConfig {
                     ));
                 }
             }
-            if c.heartbeat_timeout_ms > 600_000 {
-                return Err(invalid(
-                    "cluster.heartbeat_timeout_ms",
-                    format!(
-                        "{} is too long; use at most 600000 (10 minutes)",
-                        c.heartbeat_timeout_ms
-                    ),
-                ));
-            }
-            if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms < 2 * c.heartbeat_interval_ms
-            {
-                return Err(invalid(
-                    "cluster.heartbeat_timeout_ms",
-                    "must be at least twice heartbeat_interval_ms (and the interval above 0)",
-                ));
-            }
+            check_heartbeat("cluster", c.heartbeat_interval_ms, c.heartbeat_timeout_ms)?;
             for (field, value) in [
                 ("cluster.disk_heartbeat_ms", c.disk_heartbeat_ms),
                 ("cluster.disk_lease_ms", c.disk_lease_ms),
@@ -717,6 +783,129 @@ impl NodeConfig {
         Ok(())
     }
 
+    fn validate_shipping(&self, s: &ShippingSection) -> Result<(), ConfigError> {
+        if self.cluster.is_some() {
+            return Err(invalid(
+                "shipping",
+                "a node is either one of a [cluster] pair or in log shipping, not both: remove one of the sections",
+            ));
+        }
+        check_heartbeat("shipping", s.heartbeat_interval_ms, s.heartbeat_timeout_ms)?;
+        if s.busy_poll_us > MAX_BUSY_POLL_US {
+            return Err(invalid(
+                "shipping.busy_poll_us",
+                format!(
+                    "{} is too long; use at most {MAX_BUSY_POLL_US} (0: never poll)",
+                    s.busy_poll_us
+                ),
+            ));
+        }
+        match s.role {
+            ShippingRole::Source => {
+                if !s.sources.is_empty() {
+                    return Err(invalid(
+                        "shipping.source",
+                        "is the destination's list of sources; a source names its destination in [shipping.destination] instead",
+                    ));
+                }
+                let Some(d) = &s.destination else {
+                    return Err(invalid(
+                        "shipping.destination",
+                        "a source needs its destination: add [shipping.destination] with name and address (the destination's listen address for this source)",
+                    ));
+                };
+                valid_name("shipping.destination.name", &d.name)?;
+                if d.name == self.node.name {
+                    return Err(invalid(
+                        "shipping.destination.name",
+                        "names this node; the destination is another node",
+                    ));
+                }
+                if d.address.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(invalid(
+                        "shipping.destination.address",
+                        format!("{:?} is not ip:port, e.g. \"192.168.10.9:7801\"", d.address),
+                    ));
+                }
+            }
+            ShippingRole::Destination => {
+                if s.destination.is_some() {
+                    return Err(invalid(
+                        "shipping.destination",
+                        "is for sources; this node is the destination: list its sources as [[shipping.source]]",
+                    ));
+                }
+                if !self.luns.is_empty() {
+                    return Err(invalid(
+                        "lun",
+                        "a log-shipping destination serves no LUN of its own (a source's image is served after `export`, which is not built yet): remove the [[lun]] tables",
+                    ));
+                }
+                if !(1..=64).contains(&s.sources.len()) {
+                    return Err(invalid(
+                        "shipping.source",
+                        format!("{} sources are listed; a destination serves 1 to 64 ([[shipping.source]] with name, listen and nvram_size)", s.sources.len()),
+                    ));
+                }
+                let min = self.min_nvram_bytes();
+                let mut ids = vec![ShippingSection::link_node_id(&self.node.name)];
+                for (i, src) in s.sources.iter().enumerate() {
+                    let f = |k: &str| format!("shipping.source[{i}].{k}");
+                    valid_name(&f("name"), &src.name)?;
+                    if src.name == self.node.name
+                        || s.sources[..i].iter().any(|o| o.name == src.name)
+                    {
+                        return Err(invalid(
+                            f("name"),
+                            format!("{:?} is used twice (or names this node)", src.name),
+                        ));
+                    }
+                    if src.listen.parse::<std::net::SocketAddr>().is_err() {
+                        return Err(invalid(
+                            f("listen"),
+                            format!("{:?} is not ip:port, e.g. \"0.0.0.0:7801\"", src.listen),
+                        ));
+                    }
+                    if s.sources[..i].iter().any(|o| o.listen == src.listen) {
+                        return Err(invalid(
+                            f("listen"),
+                            format!(
+                                "{} is used twice: each source needs its own port",
+                                src.listen
+                            ),
+                        ));
+                    }
+                    if src.nvram_size.0 < min {
+                        return Err(invalid(
+                            f("nvram_size"),
+                            format!("{} is smaller than any source's NVRAM can be with {} partitions ({}); set the source's nvram.size here", src.nvram_size, self.nvram.partitions, ByteSize(min)),
+                        ));
+                    }
+                    let id = ShippingSection::link_node_id(&src.name);
+                    if ids.contains(&id) {
+                        return Err(invalid(f("name"), format!("{:?} has the same link id as another node here; rename one of them", src.name)));
+                    }
+                    ids.push(id);
+                }
+                let needed = self.destination_nvram_bytes();
+                if let Some(size) = self.nvram.size.filter(|n| n.0 < needed) {
+                    return Err(invalid(
+                        "nvram.size",
+                        format!("{size} cannot hold the sources' NVRAM areas ({}, the sum of their nvram_size); use at least that", ByteSize(needed)),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A destination's NVRAM: one area per source, each as large as that source's NVRAM.
+    pub fn destination_nvram_bytes(&self) -> u64 {
+        self.shipping
+            .as_ref()
+            .map_or(0, |s| s.sources.iter().map(|x| x.nvram_size.0).sum())
+    }
+
     /// The smallest NVRAM that holds the metadata plus four maximum-size writes per partition.
     pub fn min_nvram_bytes(&self) -> u64 {
         crate::nvram::layout::Layout::metadata_bytes(self.nvram.partitions)
@@ -766,6 +955,23 @@ impl LunSection {
             })
             .collect()
     }
+}
+
+/// The link heartbeat of `section` (`cluster` or `shipping`).
+fn check_heartbeat(section: &str, interval_ms: u64, timeout_ms: u64) -> Result<(), ConfigError> {
+    if timeout_ms > 600_000 {
+        return Err(invalid(
+            format!("{section}.heartbeat_timeout_ms"),
+            format!("{timeout_ms} is too long; use at most 600000 (10 minutes)"),
+        ));
+    }
+    if interval_ms == 0 || timeout_ms < 2 * interval_ms {
+        return Err(invalid(
+            format!("{section}.heartbeat_timeout_ms"),
+            "must be at least twice heartbeat_interval_ms (and the interval above 0)",
+        ));
+    }
+    Ok(())
 }
 
 fn valid_name(field: &str, name: &str) -> Result<(), ConfigError> {
@@ -1086,5 +1292,101 @@ device_id = 3
     fn missing_lun_is_explained() {
         let e = err_of("[node]\nname=\"a\"\n[nvram]\npath=\"/x\"\nlun = []\n");
         assert!(e.contains("lun"), "{e}");
+    }
+
+    const SOURCE: &str = r#"
+[shipping]
+role = "source"
+id = 77
+secret_file = "/etc/nvmirror/secret"
+
+[shipping.destination]
+name = "dest"
+address = "192.168.10.9:7841"
+"#;
+
+    const DESTINATION: &str = r#"
+[node]
+name = "dest"
+
+[nvram]
+path = "/tmp/nvram.img"
+size = "128MiB"
+partitions = 4
+
+[shipping]
+role = "destination"
+id = 77
+secret_file = "/etc/nvmirror/secret"
+
+[[shipping.source]]
+name = "node-a"
+listen = "0.0.0.0:7841"
+nvram_size = "64MiB"
+
+[[shipping.source]]
+name = "node-b"
+listen = "0.0.0.0:7842"
+nvram_size = "64MiB"
+"#;
+
+    #[test]
+    fn log_shipping_source_and_destination_configs_parse() {
+        let src = NodeConfig::parse(&format!("{GOOD}{SOURCE}")).expect("valid source");
+        let s = src.shipping.as_ref().expect("shipping");
+        assert_eq!(s.role, ShippingRole::Source);
+        assert_eq!(s.degraded, DegradedPolicy::WriteThrough);
+        let dest = NodeConfig::parse(DESTINATION).expect("valid destination");
+        assert!(dest.luns.is_empty());
+        assert_eq!(dest.destination_nvram_bytes(), 128 << 20);
+        assert!(dest.environment_warnings().is_empty());
+        assert_ne!(
+            ShippingSection::link_node_id("node-a"),
+            ShippingSection::link_node_id("dest")
+        );
+    }
+
+    #[test]
+    fn log_shipping_mistakes_name_the_field_and_the_fix() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                DESTINATION.replace("size = \"128MiB\"", "size = \"96MiB\""),
+                "nvram.size`: 96.0 MiB cannot hold the sources' NVRAM areas (128.0 MiB",
+            ),
+            (
+                DESTINATION.replace("0.0.0.0:7842", "0.0.0.0:7841"),
+                "shipping.source[1].listen`: 0.0.0.0:7841 is used twice",
+            ),
+            (
+                DESTINATION.replace("name = \"node-b\"", "name = \"dest\""),
+                "shipping.source[1].name`",
+            ),
+            (
+                format!("{DESTINATION}\n[[lun]]\nname = \"lun0\"\nmedium = \"/tmp/m\"\n"),
+                "a log-shipping destination serves no LUN",
+            ),
+            (
+                format!("{GOOD}{}", SOURCE.replace("[shipping.destination]", "[shipping.nowhere]")),
+                "nowhere",
+            ),
+            (
+                format!("{GOOD}{}", &SOURCE[..SOURCE.find("[shipping.destination]").unwrap_or(0)]),
+                "shipping.destination`: a source needs its destination",
+            ),
+            (
+                format!("{GOOD}{}", SOURCE.replace("192.168.10.9:7841", "dest:7841")),
+                "shipping.destination.address`: \"dest:7841\" is not ip:port",
+            ),
+            (
+                format!(
+                    "{GOOD}{SOURCE}\n[cluster]\nid = 1\nsecret_file = \"/s\"\n[[cluster.node]]\nname = \"node-a\"\naddress = \"127.0.0.1:1\"\n[[cluster.node]]\nname = \"node-b\"\naddress = \"127.0.0.1:2\"\n"
+                ),
+                "either one of a [cluster] pair or in log shipping",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err_of(&text);
+            assert!(e.contains(want), "wanted {want:?} in: {e}");
+        }
     }
 }

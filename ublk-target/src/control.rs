@@ -102,11 +102,36 @@ pub struct DaemonStatus {
     pub watchdog: Option<crate::watchdog::WatchdogStatus>,
 }
 
+/// A log-shipping destination's answer to `Status`: what it holds of each source.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DestinationStatus {
+    pub version: String,
+    pub pid: u32,
+    pub config: String,
+    pub node: String,
+    pub sources: Vec<ShippedSourceStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShippedSourceStatus {
+    pub name: String,
+    pub listen: String,
+    /// "up", "connecting", "down" or "closed".
+    pub link: String,
+    /// Why the link is down, if it is.
+    pub link_error: Option<String>,
+    /// Records of the source held in its NVRAM area here (not yet released by the source).
+    pub held_records: usize,
+    pub held_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
     Ok,
     Status(Box<DaemonStatus>),
+    Destination(Box<DestinationStatus>),
     Verified(Box<VerifyReport>),
     Error { message: String },
 }

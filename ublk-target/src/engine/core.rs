@@ -310,6 +310,11 @@ impl Engine {
         (u64::from_le_bytes(tag), text)
     }
 
+    /// The staging logs' geometry: how many partitions, of how many bytes each.
+    pub fn log_geometry(&self) -> (u32, u64) {
+        (self.sb.partitions, self.sb.part_size)
+    }
+
     /// The area of our NVRAM that holds the partner's mirrored partitions.
     pub fn second_store(&self) -> Option<Arc<SecondStoreArea>> {
         self.second_store.clone()

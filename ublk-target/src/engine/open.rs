@@ -146,6 +146,7 @@ impl Engine {
                 .cluster
                 .as_ref()
                 .map(|c| c.degraded)
+                .or(cfg.shipping.as_ref().map(|s| s.degraded))
                 .unwrap_or(DegradedPolicy::WriteThrough),
             cluster,
             config_path: config_path.to_owned(),

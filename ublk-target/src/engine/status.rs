@@ -176,10 +176,11 @@ impl Engine {
             replay: self.replay.clone(),
             mirror: MirrorStatus {
                 attached: mirror.is_some(),
-                state: match (&self.second_store, &mirror) {
-                    (None, _) => "standalone",
-                    (Some(_), Some(m)) if m.is_up() => "mirroring",
-                    (Some(_), _) => "degraded",
+                // A pair node has a second store; a log-shipping source has only its link.
+                state: match (self.second_store.is_some(), &mirror) {
+                    (false, None) => "standalone",
+                    (_, Some(m)) if m.is_up() => "mirroring",
+                    _ => "degraded",
                 }
                 .into(),
                 link_state: mirror
@@ -196,7 +197,8 @@ impl Engine {
                     .and_then(|m| m.rtt())
                     .map(|d| d.as_micros() as u64),
                 link: mirror.as_ref().map(|m| m.describe()),
-                degraded_policy: self.second_store.as_ref().map(|_| self.mirror.policy),
+                degraded_policy: (self.second_store.is_some() || mirror.is_some())
+                    .then_some(self.mirror.policy),
                 mirrored_records: self.mirror.mirrored_records(),
                 degraded_records: self.mirror.degraded_records(),
                 last_error: self.mirror.last_error(),

@@ -93,6 +93,31 @@ impl SecondStoreArea {
     /// The second store of an NVRAM with `layout`, its index rebuilt from what it holds.
     pub fn new(region: Arc<NvramRegion>, layout: Layout) -> Option<Arc<SecondStoreArea>> {
         let base = layout.second_store_offset()?;
+        Some(Self::at(region, layout, base))
+    }
+
+    /// A log-shipping destination's area of one source: `region` is laid out like that
+    /// source's NVRAM (metadata blocks, then `partitions` logs of `part_size`), and each of
+    /// its records lands at the offset it has there. Block 0 is the area's own header
+    /// (`shipping::area`); the watermarks use the partitions' metadata blocks as in a node's
+    /// NVRAM.
+    pub fn of_source(
+        region: Arc<NvramRegion>,
+        partitions: u32,
+        part_size: u64,
+    ) -> Arc<SecondStoreArea> {
+        let data_offset = Layout::metadata_bytes(partitions);
+        // `second_store` makes the capacity `partitions * part_size`; `base` says where.
+        let layout = Layout {
+            partitions,
+            part_size,
+            data_offset,
+            second_store: true,
+        };
+        Self::at(region, layout, data_offset)
+    }
+
+    fn at(region: Arc<NvramRegion>, layout: Layout, base: u64) -> Arc<SecondStoreArea> {
         let area = SecondStoreArea {
             region,
             layout,
@@ -113,7 +138,7 @@ impl SecondStoreArea {
             );
         }
         *area.held() = rebuilt;
-        Some(Arc::new(area))
+        Arc::new(area)
     }
 
     /// While a takeover has claimed ranges and not yet replayed them, the partner's

@@ -4,8 +4,9 @@
 //! systemd when ready, and on SIGTERM/SIGINT stop the devices and drain to the medium.
 
 use super::control_handler::ControlHandler;
-use super::link::start_link;
-use crate::config::NodeConfig;
+use super::link::{shutdown_link, start_link, start_source_link};
+use super::signals::{block_stop_signals, wait_for_stop_signal};
+use crate::config::{NodeConfig, ShippingRole};
 use crate::control;
 use crate::devices::DeviceSet;
 use crate::engine::{Engine, OpenMode};
@@ -36,21 +37,16 @@ pub struct DaemonArgs {
 
 /// Runs the node until a signal stops it (or every device stopped by itself).
 pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
-    // Signals are taken by one thread with sigwait; block them before any thread starts.
-    let mut signals = nix::sys::signal::SigSet::empty();
-    for s in [
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGHUP,
-    ] {
-        signals.add(s);
+    let signals = block_stop_signals()?;
+    if cfg
+        .shipping
+        .as_ref()
+        .is_some_and(|s| s.role == ShippingRole::Destination)
+    {
+        return super::destination::run(cfg, &config_path(&args), signals);
     }
-    signals.thread_block().context("blocking signals")?;
 
-    let config_path = std::fs::canonicalize(&args.config)
-        .unwrap_or_else(|_| args.config.clone())
-        .display()
-        .to_string();
+    let config_path = config_path(&args);
     for warning in cfg.environment_warnings() {
         tracing::warn!("{warning}");
     }
@@ -84,9 +80,10 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         }
     );
 
-    let link = match &cfg.cluster {
-        Some(c) => Some(start_link(&cfg, c, &engine)?.0),
-        None => None,
+    let link = match (&cfg.cluster, &cfg.shipping) {
+        (Some(c), _) => Some(start_link(&cfg, c, &engine)?.0),
+        (None, Some(s)) => Some(start_source_link(&cfg, s, &engine)?.0),
+        (None, None) => None,
     };
 
     if let (Some(l), Some(c)) = (&link, &cfg.cluster) {
@@ -236,20 +233,11 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     }
 }
 
-/// Waits for SIGTERM or SIGINT. SIGHUP (a closed terminal, `kill -HUP`) must not stop the
-/// daemon as its default action would, undrained: the config is read at start only, so it
-/// is logged and ignored.
-fn wait_for_stop_signal(
-    signals: &nix::sys::signal::SigSet,
-) -> nix::Result<nix::sys::signal::Signal> {
-    loop {
-        match signals.wait()? {
-            nix::sys::signal::Signal::SIGHUP => tracing::warn!(
-                "SIGHUP ignored: the config is read at start only; restart the daemon to apply a change (a restart replays the NVRAM and keeps the devices)"
-            ),
-            sig => return Ok(sig),
-        }
-    }
+fn config_path(args: &DaemonArgs) -> String {
+    std::fs::canonicalize(&args.config)
+        .unwrap_or_else(|_| args.config.clone())
+        .display()
+        .to_string()
 }
 
 /// Tells systemd what the start is doing while the NVRAM is replayed (before READY=1), and
@@ -302,17 +290,5 @@ impl Drop for StartNotifier {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-fn shutdown_link(link: rdma_link::Link) {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(async {
-            let _ = tokio::time::timeout(Duration::from_secs(5), link.shutdown()).await;
-        }),
-        Err(_) => drop(link),
     }
 }

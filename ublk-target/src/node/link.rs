@@ -6,7 +6,7 @@
 
 use super::partner_watch::PartnerWatch;
 use crate::cluster::{wire, ForwardFuture, RequestForwarder};
-use crate::config::{ClusterSection, NodeConfig, TakeoverPolicy, TransportKind};
+use crate::config::{ClusterSection, NodeConfig, ShippingSection, TakeoverPolicy, TransportKind};
 use crate::engine::Engine;
 use crate::host::TaskHandle;
 use anyhow::Context;
@@ -14,17 +14,23 @@ use rdma_link::{Link, LinkConfig, RequestHandler};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The link configuration `c` describes for this node (reads the cluster secret).
-pub fn link_config(cfg: &NodeConfig, c: &ClusterSection) -> anyhow::Result<LinkConfig> {
-    let secret = std::fs::read(&c.secret_file)
-        .with_context(|| format!("reading cluster.secret_file {}", c.secret_file.display()))?;
+/// The shared secret in `path` (the config field `field`), at least 16 bytes.
+pub fn read_secret(field: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let secret =
+        std::fs::read(path).with_context(|| format!("reading {field} {}", path.display()))?;
     let secret: Vec<u8> = secret.trim_ascii().to_vec();
     if secret.len() < 16 {
         anyhow::bail!(
-            "cluster.secret_file {}: the secret must be at least 16 bytes (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
-            c.secret_file.display()
+            "{field} {}: the secret must be at least 16 bytes (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+            path.display()
         );
     }
+    Ok(secret)
+}
+
+/// The link configuration `c` describes for this node (reads the cluster secret).
+pub fn link_config(cfg: &NodeConfig, c: &ClusterSection) -> anyhow::Result<LinkConfig> {
+    let secret = read_secret("cluster.secret_file", &c.secret_file)?;
     let me = cfg
         .cluster_index()
         .context("node.name is not in [[cluster.node]]")?;
@@ -151,4 +157,98 @@ pub async fn tell_partner_to_reload(link: &Link) -> Result<(), String> {
     let req = wire::encode(wire::OP_RELOAD_OWNERSHIP, 0, 0, 0, &[]);
     let answer = link.request(req).await.map_err(|e| e.to_string())?;
     wire::answer(&answer).map(|_| ())
+}
+
+/// The link of one log-shipping peer, as `s` and the names describe it (the ids on the link
+/// come from the node names, see [`ShippingSection::link_node_id`]).
+pub fn shipping_link_config(
+    s: &ShippingSection,
+    role: rdma_link::Role,
+    node_role: rdma_link::NodeRole,
+    me: &str,
+    peer: &str,
+    layout_tag: u64,
+) -> anyhow::Result<LinkConfig> {
+    let secret = read_secret("shipping.secret_file", &s.secret_file)?;
+    let transport = match s.transport {
+        TransportKind::Tcp => rdma_link::Transport::Tcp,
+        TransportKind::Rdma => rdma_link::Transport::Rdma,
+    };
+    let mut lc = LinkConfig::new(
+        transport,
+        role,
+        s.id,
+        ShippingSection::link_node_id(me),
+        ShippingSection::link_node_id(peer),
+        &secret,
+    );
+    lc.node_role = node_role;
+    lc.layout_tag = layout_tag;
+    lc.heartbeat_interval = Duration::from_millis(s.heartbeat_interval_ms);
+    lc.heartbeat_timeout = Duration::from_millis(s.heartbeat_timeout_ms);
+    lc.busy_poll = Duration::from_micros(s.busy_poll_us);
+    Ok(lc)
+}
+
+/// A log-shipping source's link to its destination: every staged record is posted to the
+/// destination's NVRAM area for us and a write is acknowledged once both hold it (while
+/// the destination is away, the degraded policy decides); when it (re)connects it learns
+/// what we flushed and gets the records it lacks, as a pair's partner does. The
+/// destination takes nothing over and sends no requests.
+pub fn start_source_link(
+    cfg: &NodeConfig,
+    s: &ShippingSection,
+    engine: &Arc<Engine>,
+) -> anyhow::Result<(Link, TaskHandle)> {
+    let dest = s
+        .destination
+        .as_ref()
+        .context("shipping.destination is missing")?;
+    let address: std::net::SocketAddr = dest
+        .address
+        .parse()
+        .context("shipping.destination.address")?;
+    let (partitions, part_size) = engine.log_geometry();
+    let (tag, text) = crate::shipping::area::Geometry {
+        partitions,
+        part_size,
+    }
+    .link_tag();
+    tracing::info!(destination = dest.name, %address, "shipping layout: {text}");
+    let lc = shipping_link_config(
+        s,
+        rdma_link::Role::Connect(address),
+        rdma_link::NodeRole::Source,
+        &cfg.node.name,
+        &dest.name,
+        tag,
+    )?;
+    let link = Link::start(lc, Some(engine.local_region()), None)
+        .map_err(|e| anyhow::anyhow!("starting the link to destination {}: {e}", dest.name))?;
+    engine.attach_mirror(Arc::new(link.clone()));
+    let watch = PartnerWatch {
+        engine: engine.clone(),
+        link: link.clone(),
+        policy: TakeoverPolicy::Manual,
+        grace: Duration::ZERO,
+        partner: 0,
+    };
+    let watcher = engine
+        .host()
+        .spawn("destination-watch", Box::pin(watch.run()))
+        .context("spawning the destination watcher")?;
+    Ok((link, watcher))
+}
+
+/// Closes a link, waiting at most 5 s for it to say goodbye.
+pub fn shutdown_link(link: rdma_link::Link) {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(5), link.shutdown()).await;
+        }),
+        Err(_) => drop(link),
+    }
 }

@@ -2,11 +2,13 @@
 //! starting the mirror link a config describes and wiring it into the engine (`link`),
 //! watching the partner and taking over when it dies (`partner_watch`), answering
 //! `nvmirrorctl` (`control_handler`), the OpenMetrics endpoint (`metrics`), and the daemon's life from start-up to a drained
-//! stop (`daemon`). `nvmirrord`'s `main` only parses its arguments and calls
+//! stop (`daemon`), or a log-shipping destination's (`destination`). `nvmirrord`'s `main` only parses its arguments and calls
 //! [`daemon::run`].
 
 pub mod control_handler;
 pub mod daemon;
+pub mod destination;
 pub mod link;
 pub mod metrics;
 pub mod partner_watch;
+pub mod signals;

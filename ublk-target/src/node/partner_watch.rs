@@ -76,7 +76,8 @@ impl PartnerWatch {
             .engine
             .cluster()
             .map(|c| c.node_name(self.partner).to_owned())
-            .unwrap_or_default();
+            // Without a cluster the link goes to a log-shipping destination.
+            .unwrap_or_else(|| "(the log-shipping destination)".to_owned());
         let host = self.engine.host().clone();
         let mut was_up = false;
         let mut down_since = host.now();

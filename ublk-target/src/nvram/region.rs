@@ -98,6 +98,12 @@ enum Backing {
     },
     /// Process memory with explicit durability (the simulator's NVRAM).
     Memory(Arc<MemoryNvram>),
+    /// A part of another region (a log-shipping destination's NVRAM area of one source),
+    /// starting at `offset` in it.
+    Window {
+        parent: Arc<NvramRegion>,
+        offset: u64,
+    },
 }
 
 // SAFETY: the mapping is plain shared memory; all access goes through the bounds-checked
@@ -217,6 +223,27 @@ impl NvramRegion {
         }
     }
 
+    /// The `len` bytes of `parent` from `offset` on, as a region of their own (offsets
+    /// relative to `offset`); None if they do not lie inside `parent`.
+    pub fn window(parent: &Arc<NvramRegion>, offset: u64, len: u64) -> Option<NvramRegion> {
+        let end = offset.checked_add(len)?;
+        if end > parent.len {
+            return None;
+        }
+        Some(NvramRegion {
+            path: parent.path.clone(),
+            // SAFETY: offset + len lies inside the parent's mapping (checked above), which
+            // lives as long as this window (it holds an Arc of the parent).
+            base: unsafe { parent.base.add(offset as usize) },
+            len,
+            durability: parent.durability,
+            backing: Backing::Window {
+                parent: parent.clone(),
+                offset,
+            },
+        })
+    }
+
     /// How this NVRAM makes stores durable.
     pub fn durability(&self) -> Durability {
         self.durability
@@ -276,6 +303,7 @@ impl NvramRegion {
     pub fn persist(&self, off: u64, len: u64) -> io::Result<()> {
         self.check(off, len as usize);
         match (&self.backing, self.durability) {
+            (Backing::Window { parent, offset }, _) => parent.persist(offset + off, len),
             (Backing::Memory(m), _) => {
                 m.persist(off as usize, len as usize);
                 Ok(())

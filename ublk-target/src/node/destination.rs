@@ -1,0 +1,152 @@
+//! A log-shipping destination's life (claim set C, docs/log-shipping.md): open its NVRAM
+//! and one area per source in it, listen for each source on that source's port, hold
+//! every record a source posts until the source releases it, answer `nvmirrorctl status`,
+//! and stop on SIGTERM/SIGINT.
+//!
+//! Built so far (step 1): the records are held in NVRAM and released when the source has
+//! flushed them to its own medium. Log files, images, consistency points and `export`
+//! (steps 2-4, the storage side of which is `crate::shipping`) are not wired in yet.
+
+use super::link::{shipping_link_config, shutdown_link};
+use super::signals::wait_for_stop_signal;
+use crate::config::{NodeConfig, ShippingRole};
+use crate::control::{self, DestinationStatus, Request, Response, ShippedSourceStatus};
+use crate::nvram::NvramRegion;
+use crate::shipping::area::{open_areas, SourceArea};
+use anyhow::Context;
+use rdma_link::{Link, LinkState};
+use std::sync::Arc;
+
+/// One source as the destination serves it.
+struct Served {
+    area: SourceArea,
+    listen: String,
+    link: Link,
+}
+
+/// Runs the destination until SIGTERM/SIGINT (`signals` are blocked already).
+pub fn run(
+    cfg: NodeConfig,
+    config_path: &str,
+    signals: nix::sys::signal::SigSet,
+) -> anyhow::Result<()> {
+    let s = cfg
+        .shipping
+        .as_ref()
+        .filter(|s| s.role == ShippingRole::Destination)
+        .context("not a log-shipping destination")?;
+    let nvram = Arc::new(
+        NvramRegion::open(&cfg.nvram.path, cfg.nvram.size.map(|b| b.0))
+            .with_context(|| format!("nvram.path {}", cfg.nvram.path.display()))?,
+    );
+    let list: Vec<(String, u64)> = s
+        .sources
+        .iter()
+        .map(|x| (x.name.clone(), x.nvram_size.0))
+        .collect();
+    let areas = open_areas(&nvram, cfg.nvram.partitions, &list)?;
+    let mut served = Vec::new();
+    for (area, src) in areas.into_iter().zip(&s.sources) {
+        let listen: std::net::SocketAddr = src
+            .listen
+            .parse()
+            .with_context(|| format!("shipping.source {} listen", src.name))?;
+        let (tag, text) = area.geometry.link_tag();
+        tracing::info!(source = src.name, %listen, "listening for the source: {text}");
+        let lc = shipping_link_config(
+            s,
+            rdma_link::Role::Listen(listen),
+            rdma_link::NodeRole::Destination,
+            &cfg.node.name,
+            &src.name,
+            tag,
+        )?;
+        let store: Arc<dyn rdma_link::SecondStore> = area.held.clone();
+        let link = Link::start(lc, None, Some(store))
+            .map_err(|e| anyhow::anyhow!("starting the link for source {}: {e}", src.name))?;
+        served.push(Served {
+            area,
+            listen: src.listen.clone(),
+            link,
+        });
+    }
+    let served = Arc::new(served);
+
+    let socket = cfg.control_socket();
+    let config_path = config_path.to_owned();
+    let node = cfg.node.name.clone();
+    let answering = served.clone();
+    control::serve(
+        &socket,
+        Arc::new(move |req| match req {
+            Request::Status => Response::Destination(Box::new(status(
+                &node,
+                &config_path,
+                &answering,
+            ))),
+            other => Response::Error {
+                message: format!(
+                    "a log-shipping destination answers only status so far; {other:?} is for nodes that serve LUNs"
+                ),
+            },
+        }),
+        // A destination has no DaemonStatus to watch.
+        |_, _| true,
+    )
+    .with_context(|| format!("control socket {}", socket.display()))?;
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "log-shipping destination of {} source(s)",
+            served.len()
+        )),
+    ]) {
+        tracing::warn!("telling systemd we are ready: {e}");
+    }
+    tracing::info!(
+        sources = served.len(),
+        "log-shipping destination ready: holding each source's records in its NVRAM area"
+    );
+    let sig = wait_for_stop_signal(&signals).context("waiting for a signal")?;
+    tracing::info!("{sig:?}: closing the sources' links; their records stay in the NVRAM");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    for s in served.iter() {
+        shutdown_link(s.link.clone());
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn status(node: &str, config: &str, served: &[Served]) -> DestinationStatus {
+    DestinationStatus {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        config: config.to_owned(),
+        node: node.to_owned(),
+        sources: served
+            .iter()
+            .map(|s| {
+                let held = s.area.held.status();
+                let state = s.link.state();
+                ShippedSourceStatus {
+                    name: s.area.source.clone(),
+                    listen: s.listen.clone(),
+                    link: match &state {
+                        LinkState::Up(_) => "up",
+                        LinkState::Connecting => "connecting",
+                        LinkState::Down(_) => "down",
+                        LinkState::Closed => "closed",
+                    }
+                    .to_owned(),
+                    link_error: match &state {
+                        LinkState::Down(e) => Some(e.to_string()),
+                        _ => None,
+                    },
+                    held_records: held.records,
+                    held_bytes: held.bytes,
+                    capacity_bytes: held.capacity_bytes,
+                }
+            })
+            .collect(),
+    }
+}
