@@ -432,6 +432,10 @@ fn print_destination_status(d: &control::DestinationStatus) {
 fn status(socket: &Path) -> anyhow::Result<DaemonStatus> {
     match call(socket, Request::Status, Duration::from_secs(10))? {
         Response::Status(s) => Ok(*s),
+        Response::Destination(d) => bail!(
+            "{} is a log-shipping destination: it serves no LUN, so this command does not apply; `nvmirrorctl status` shows what it holds of each source",
+            d.node
+        ),
         other => bail!("unexpected answer: {other:?}"),
     }
 }

@@ -140,6 +140,13 @@ fn check_hello(shared: &Shared, h: &Hello) -> Result<(), HandshakeError> {
             theirs: transport_name(h.info.transport),
         });
     }
+    if h.info.layout_tag != cfg.layout_tag && cfg.node_role != NodeRole::Pair {
+        return Err(HandshakeError::Layout(format!(
+            "the source's NVRAM log geometry (layout tag {:#x}) is not that of its area on the destination ({:#x}); give the destination's [[shipping.source]] nvram_size the source's nvram.size, with the same nvram.partitions on both (each side logs its geometry at start: \"shipping layout\" / \"listening for the source\")",
+            if cfg.node_role == NodeRole::Source { cfg.layout_tag } else { h.info.layout_tag },
+            if cfg.node_role == NodeRole::Source { h.info.layout_tag } else { cfg.layout_tag },
+        )));
+    }
     if h.info.layout_tag != cfg.layout_tag {
         return Err(HandshakeError::Layout(format!(
             "node {} has layout tag {:#x}, node {} has layout tag {:#x}",

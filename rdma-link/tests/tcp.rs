@@ -406,6 +406,14 @@ async fn wrong_roles_are_rejected_naming_both() {
         "{rc}"
     );
     c.shutdown().await;
+    // A source with another log geometry is told how to make them agree.
+    let c = client(addr, Region::leaked(REGION), |c| {
+        c.node_role = NodeRole::Source;
+        c.layout_tag = 99;
+    });
+    let rc = wait_down_with(&c, "layout mismatch").await;
+    assert!(rc.contains("nvram_size the source's nvram.size"), "{rc}");
+    c.shutdown().await;
     // A source gets in.
     let c = client(addr, Region::leaked(REGION), |c| {
         c.node_role = NodeRole::Source

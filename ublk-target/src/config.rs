@@ -835,6 +835,12 @@ impl NodeConfig {
                         "is for sources; this node is the destination: list its sources as [[shipping.source]]",
                     ));
                 }
+                if self.metrics.is_some() {
+                    return Err(invalid(
+                        "metrics",
+                        "a log-shipping destination has no metrics endpoint yet (`nvmirrorctl status` shows what it holds of each source): remove [metrics]",
+                    ));
+                }
                 if !self.luns.is_empty() {
                     return Err(invalid(
                         "lun",

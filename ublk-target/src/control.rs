@@ -278,7 +278,8 @@ fn stream_changes(
             }
             last = match resp {
                 Response::Status(now) => Some(now),
-                _ => None,
+                // Nothing to follow (a log-shipping destination's status, an error).
+                _ => return,
             };
         }
         match probe.read(&mut [0u8; 1]) {
