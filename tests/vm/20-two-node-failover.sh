@@ -15,12 +15,8 @@ cycles=${NVM_FAILOVER_CYCLES:-3}
 [[ ${NVM_SOAK:-0} != 1 || -n ${NVM_FAILOVER_CYCLES:-} ]] || cycles=5
 addr_a=127.0.0.1
 if [[ $transport == rdma ]]; then
-	modprobe rdma_rxe || fail "modprobe rdma_rxe"
-	ip link add nvm0 type dummy && ip addr add 10.99.0.1/24 dev nvm0 && ip link set nvm0 up
-	rdma link add nvmrxe0 type rxe netdev nvm0 || fail "rdma link add"
+	nvm_rxe_up
 	addr_a=10.99.0.1
-	# After the daemons are gone (removing an rxe device that has users blocks).
-	nvm_extra_cleanup() { rdma link delete nvmrxe0 2>/dev/null; ip link del nvm0 2>/dev/null; }
 fi
 medium=$(nvm_medium shared 320)
 for n in a b; do nvm_cluster_config $n "$medium" auto "$transport" "$addr_a" 7801; done

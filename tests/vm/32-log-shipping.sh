@@ -14,12 +14,8 @@ head -c 48 /dev/urandom | base64 >secret
 transport=${NVM_TRANSPORT:-tcp}
 addr=127.0.0.1
 if [[ $transport == rdma ]]; then
-	modprobe rdma_rxe || fail "modprobe rdma_rxe"
-	ip link add nvm0 type dummy && ip addr add 10.99.0.1/24 dev nvm0 && ip link set nvm0 up
-	rdma link add nvmrxe0 type rxe netdev nvm0 || fail "rdma link add"
+	nvm_rxe_up
 	addr=10.99.0.1
-	# After the daemons are gone (removing an rxe device that has users blocks).
-	nvm_extra_cleanup() { rdma link delete nvmrxe0 2>/dev/null; ip link del nvm0 2>/dev/null; }
 fi
 sources=(src1 src2 src3)
 fio_pids=()

@@ -39,6 +39,16 @@ nvm_cleanup() {
 	exit $rc
 }
 
+# nvm_rxe_up: a Soft-RoCE device (nvmrxe0) over a dummy interface with address 10.99.0.1,
+# for daemons whose links run over RDMA in one VM; removed by nvm_cleanup once no daemon
+# uses it (removing an rxe device that has users blocks).
+nvm_rxe_up() {
+	modprobe rdma_rxe || fail "modprobe rdma_rxe"
+	ip link add nvm0 type dummy && ip addr add 10.99.0.1/24 dev nvm0 && ip link set nvm0 up
+	rdma link add nvmrxe0 type rxe netdev nvm0 || fail "rdma link add"
+	nvm_extra_cleanup() { rdma link delete nvmrxe0 2>/dev/null; ip link del nvm0 2>/dev/null; }
+}
+
 # nvm_medium NAME SIZE_MB -> prints a loop device over a fresh file
 nvm_medium() {
 	truncate -s "${2}M" "$PWD/$1.img"
