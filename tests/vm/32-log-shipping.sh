@@ -6,7 +6,8 @@
 # sources' own counts); once the sources drained to their media the destination has let
 # all of them go. fio verify passes on every source. A pair node that reaches the
 # destination is refused with both roles named, and the destination keeps serving. A
-# destination killed and restarted finds every held record again in its NVRAM.
+# destination killed and restarted finds every held record again in its NVRAM, and a source
+# with degraded = "nvram" sends it the writes it acknowledged alone meanwhile.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -86,7 +87,7 @@ for i in 0 1 2; do
 	transport = "$transport"
 	heartbeat_interval_ms = 100
 	heartbeat_timeout_ms = 1000
-	degraded = "write-through"
+	degraded = "$([[ $s == src3 ]] && echo nvram || echo write-through)"
 
 	[shipping.destination]
 	name = "dest"
@@ -100,6 +101,18 @@ for _ in $(seq 100); do
 done
 [[ $(dest_field 'sum(s["link"] == "up" for s in d["sources"])') == 3 ]] ||
 	{ dest_field 'd["sources"]'; fail "not every source's link came up"; }
+# mirror_of NAME: "STATE MIRRORED DEGRADED" of source NAME's mirror.
+mirror_of() {
+	local out
+	out=$("$NVMCTL" --config "$1.toml" status --json) || fail "no status from $1"
+	python3 -c '
+import json, sys
+m = json.loads(sys.argv[1])["engine"]["mirror"]
+print(m["state"], m["mirrored_records"], m["degraded_records"])' "$out"
+}
+for s in "${sources[@]}"; do
+	for _ in $(seq 100); do [[ $(mirror_of "$s") == mirroring* ]] && break; sleep 0.2; done
+done
 say "all three sources are connected to the destination"
 
 # 384 writes of 16 KiB spread over the LUN (all four partitions), which the paused
@@ -116,10 +129,7 @@ done
 for p in "${fio_pids[@]}"; do wait "$p" || fail "fio's write pass failed (fio-write-*.log)"; done
 for i in 0 1 2; do
 	s=${sources[i]}
-	read -r state mirrored degraded < <("$NVMCTL" --config "$s.toml" status --json | python3 -c '
-import json, sys
-m = json.load(sys.stdin)["engine"]["mirror"]
-print(m["state"], m["mirrored_records"], m["degraded_records"])')
+	read -r state mirrored degraded <<<"$(mirror_of "$s")"
 	h=$(held "$s")
 	say "$s: mirror $state, $mirrored record(s) mirrored, $degraded degraded; the destination holds $h"
 	[[ $state == mirroring ]] || fail "$s is not mirroring to the destination"
@@ -127,22 +137,39 @@ print(m["state"], m["mirrored_records"], m["degraded_records"])')
 	((mirrored >= 384 && h >= 384)) || fail "$s: 384 writes of 16 KiB, but $mirrored mirrored and $h held"
 done
 
-# The destination killed and restarted: it finds every held record again in its NVRAM
-# areas (none was resent: no write went unmirrored meanwhile).
+# The destination killed: src3 (degraded = "nvram") acknowledges 64 more writes from its
+# own NVRAM alone. Restarted, the destination finds every held record again in its NVRAM
+# areas, and src3 sends it the 64 it lacks.
 kill -9 "$dest_pid"
 nvm_wait_gone "$dest_pid"
+for _ in $(seq 100); do [[ $(mirror_of src3) == degraded* ]] && break; sleep 0.2; done
+[[ $(mirror_of src3) == degraded* ]] || fail "src3 did not notice the destination's death"
+outage=(--direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=16k --offset=60M --size=4M
+	--io_size=1M --verify=crc32c --verify_fatal=1 --verify_state_save=1 --name=src3-outage
+	--randseed=49 --filename=/dev/ublkb2)
+fio "${outage[@]}" --do_verify=0 --output=fio-write-src3-outage.log || fail "fio's outage writes failed"
+read -r _ _ degraded <<<"$(mirror_of src3)"
+((degraded >= 64)) || fail "src3 acknowledged $degraded write(s) without the destination, not 64"
 "$NVMD" --config dest.toml --state-dir "$PWD/state" >>daemon-dest.log 2>&1 &
 NVM_DAEMON_PIDS+=($!)
 dest_pid=$!
-for _ in $(seq 100); do
-	[[ $(dest_field 'sum(s["link"] == "up" for s in d["sources"])' 2>/dev/null) == 3 ]] && break
+want() { if [[ $1 == src3 ]]; then echo 448; else echo 384; fi; }
+for _ in $(seq 150); do
+	short=0
+	for s in "${sources[@]}"; do
+		h=$(held "$s" 2>/dev/null) || h=0
+		((h >= $(want "$s"))) || short=1
+	done
+	((short == 0)) && break
 	sleep 0.2
 done
+[[ $(dest_field 'sum(s["link"] == "up" for s in d["sources"])') == 3 ]] ||
+	{ dest_field 'd["sources"]'; fail "not every source reconnected to the restarted destination"; }
 for s in "${sources[@]}"; do
 	h=$(held "$s")
-	((h >= 384)) || fail "after its restart the destination holds $h record(s) of $s, not 384"
+	((h >= $(want "$s"))) || fail "after its restart the destination holds $h record(s) of $s, not $(want "$s")"
 done
-say "the destination, killed and restarted, holds every record again: $(grep -c 'unreleased record(s) of the partner found' daemon-dest.log) area(s) rebuilt from its NVRAM"
+say "the destination, killed and restarted, holds every record again ($(grep -c 'unreleased record(s) of the partner found' daemon-dest.log) area(s) rebuilt from its NVRAM), and the 64 that src3 acknowledged alone meanwhile: $(held src3) held of src3"
 
 for i in 0 1 2; do
 	s=${sources[i]}
@@ -163,6 +190,8 @@ for i in 0 1 2; do
 		--verify_state_load=1 --output="fio-verify-$s.log" ||
 		{ cat "fio-verify-$s.log"; fail "fio verify failed on $s"; }
 done
+fio "${outage[@]}" --verify_only=1 --verify_state_load=1 --output=fio-verify-src3-outage.log ||
+	{ cat fio-verify-src3-outage.log; fail "fio verify failed on src3's outage writes"; }
 kill -0 "$dest_pid" || fail "the destination died"
 "$NVMCTL" --config dest.toml status
 say "PASS ($transport): three sources shipped every write into the destination's NVRAM before acknowledging it; fio verify passed on each"

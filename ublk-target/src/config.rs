@@ -872,13 +872,22 @@ impl NodeConfig {
                             format!("{:?} is not ip:port, e.g. \"0.0.0.0:7801\"", src.listen),
                         ));
                     }
-                    if s.sources[..i].iter().any(|o| o.listen == src.listen) {
+                    if s.sources[..i]
+                        .iter()
+                        .any(|o| same_port(&o.listen, &src.listen))
+                    {
                         return Err(invalid(
                             f("listen"),
                             format!(
                                 "{} is used twice: each source needs its own port",
                                 src.listen
                             ),
+                        ));
+                    }
+                    if src.nvram_size.0 % BLOCK_SIZE != 0 {
+                        return Err(invalid(
+                            f("nvram_size"),
+                            format!("{} is not a multiple of 4 KiB (the areas lie one after the other); give the source's nvram.size, which must be one too", src.nvram_size),
                         ));
                     }
                     if src.nvram_size.0 < min {
@@ -907,9 +916,12 @@ impl NodeConfig {
 
     /// A destination's NVRAM: one area per source, each as large as that source's NVRAM.
     pub fn destination_nvram_bytes(&self) -> u64 {
-        self.shipping
-            .as_ref()
-            .map_or(0, |s| s.sources.iter().map(|x| x.nvram_size.0).sum())
+        self.shipping.as_ref().map_or(0, |s| {
+            s.sources
+                .iter()
+                .try_fold(0u64, |sum, x| sum.checked_add(x.nvram_size.0))
+                .unwrap_or(u64::MAX)
+        })
     }
 
     /// The smallest NVRAM that holds the metadata plus four maximum-size writes per partition.
@@ -960,6 +972,21 @@ impl LunSection {
                 _ => r % n,
             })
             .collect()
+    }
+}
+
+/// Whether two listen addresses (valid `ip:port`) would bind the same port: the same
+/// address, or the same port with either one a wildcard (0.0.0.0, [::]).
+fn same_port(a: &str, b: &str) -> bool {
+    match (
+        a.parse::<std::net::SocketAddr>(),
+        b.parse::<std::net::SocketAddr>(),
+    ) {
+        (Ok(a), Ok(b)) => {
+            a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        }
+        _ => a == b,
     }
 }
 
@@ -1362,6 +1389,14 @@ nvram_size = "64MiB"
             (
                 DESTINATION.replace("0.0.0.0:7842", "0.0.0.0:7841"),
                 "shipping.source[1].listen`: 0.0.0.0:7841 is used twice",
+            ),
+            (
+                DESTINATION.replace("0.0.0.0:7842", "127.0.0.1:7841"),
+                "shipping.source[1].listen`: 127.0.0.1:7841 is used twice",
+            ),
+            (
+                DESTINATION.replace("nvram_size = \"64MiB\"", "nvram_size = 67108865"),
+                "is not a multiple of 4 KiB",
             ),
             (
                 DESTINATION.replace("name = \"node-b\"", "name = \"dest\""),

@@ -68,6 +68,8 @@ pub enum EngineError {
         records: usize,
         config: String,
     },
+    #[error("{config} is a log-shipping destination's config: its NVRAM {path} holds the sources' areas, not a node's log, so no engine (and no `nvmirrorctl nvram` command) opens it; a source's area is cleared as the destination's start-up error says")]
+    Destination { path: PathBuf, config: String },
     #[error("NVRAM {path} is too small: {size} bytes cannot hold {partitions} partitions; use a bigger device or fewer partitions (nvram.partitions)")]
     TooSmall {
         path: PathBuf,

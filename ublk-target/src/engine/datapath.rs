@@ -200,7 +200,9 @@ impl Engine {
                         "NVRAM persister stopped before the write was durable",
                     )),
                 };
-                if mirrored.is_err() && self.second_store.is_some() {
+                // A pair node (it has a second store) or a log-shipping source (its mirror is
+                // the destination's link): the copy it lacks is sent when the link returns.
+                if mirrored.is_err() && (self.second_store.is_some() || mirror_attached) {
                     // Before the flusher can take the record: its flush must leave marks.
                     self.mirror.note_unmirrored();
                 }

@@ -35,6 +35,16 @@ impl Engine {
         config_path: &str,
         mode: OpenMode,
     ) -> Result<Arc<Engine>, EngineError> {
+        if cfg
+            .shipping
+            .as_ref()
+            .is_some_and(|s| s.role == crate::config::ShippingRole::Destination)
+        {
+            return Err(EngineError::Destination {
+                path: cfg.nvram.path.clone(),
+                config: config_path.to_owned(),
+            });
+        }
         let mut specs = Vec::new();
         // Each node its own media: the ownership table and the leases live on the arbiter.
         let own_storage = cfg

@@ -69,32 +69,47 @@ pub enum AreaError {
         size: u64,
         partitions: u32,
     },
-    #[error("the NVRAM area of source {name} (at byte {offset} of {path}) {problem}. If its records are not needed (every source has flushed its writes), clear the area with `dd if=/dev/zero of={path} bs=4096 seek={block} count=1 conv=notrunc` and restart; it is formatted anew")]
+    #[error("the NVRAM area of source {name} (at byte {offset} of {path}) {problem}. If its records are not needed (the source has flushed every write), clear the area's metadata with `dd if=/dev/zero of={path} bs=4096 seek={block} count={blocks} conv=notrunc` (a file or block device; on device-DAX zero the same bytes with `daxio`) and restart: it is formatted anew")]
     Refused {
         name: String,
         path: String,
         offset: u64,
         block: u64,
+        blocks: u64,
         problem: String,
     },
 }
 
-fn encode_header(source: &str, g: Geometry) -> [u8; 128] {
+/// What an area's header says: whose records it holds, with what geometry, and where the
+/// area lies in the destination's NVRAM (a shifted area must not read as its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Header {
+    source: String,
+    geometry: Geometry,
+    offset: u64,
+    len: u64,
+}
+
+const NAME_AT: usize = 40;
+
+fn encode_header(h: &Header) -> [u8; 128] {
     let mut b = [0u8; 128];
     b[0..8].copy_from_slice(MAGIC);
     b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    b[12..16].copy_from_slice(&g.partitions.to_le_bytes());
-    b[16..24].copy_from_slice(&g.part_size.to_le_bytes());
-    let name = &source.as_bytes()[..source.len().min(NAME_MAX)];
-    b[24] = name.len() as u8;
-    b[25..25 + name.len()].copy_from_slice(name);
+    b[12..16].copy_from_slice(&h.geometry.partitions.to_le_bytes());
+    b[16..24].copy_from_slice(&h.geometry.part_size.to_le_bytes());
+    b[24..32].copy_from_slice(&h.offset.to_le_bytes());
+    b[32..40].copy_from_slice(&h.len.to_le_bytes());
+    let name = &h.source.as_bytes()[..h.source.len().min(NAME_MAX)];
+    b[NAME_AT] = name.len() as u8;
+    b[NAME_AT + 1..NAME_AT + 1 + name.len()].copy_from_slice(name);
     let crc = crc32c::crc32c(&b[..HEADER_BYTES]);
     b[HEADER_BYTES..].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
-/// The source and geometry an intact header names.
-fn decode_header(b: &[u8; 128]) -> Option<(String, Geometry)> {
+/// The header, if intact.
+fn decode_header(b: &[u8; 128]) -> Option<Header> {
     let crc = u32::from_le_bytes(b[HEADER_BYTES..].try_into().ok()?);
     if &b[0..8] != MAGIC || crc32c::crc32c(&b[..HEADER_BYTES]) != crc {
         return None;
@@ -104,15 +119,16 @@ fn decode_header(b: &[u8; 128]) -> Option<(String, Geometry)> {
     if u32_at(8)? != VERSION {
         return None;
     }
-    let len = (b[24] as usize).min(NAME_MAX);
-    let name = String::from_utf8_lossy(&b[25..25 + len]).into_owned();
-    Some((
-        name,
-        Geometry {
+    let len = (b[NAME_AT] as usize).min(NAME_MAX);
+    Some(Header {
+        source: String::from_utf8_lossy(&b[NAME_AT + 1..NAME_AT + 1 + len]).into_owned(),
+        geometry: Geometry {
             partitions: u32_at(12)?,
             part_size: u64_at(16)?,
         },
-    ))
+        offset: u64_at(24)?,
+        len: u64_at(32)?,
+    })
 }
 
 /// Opens (or formats, when blank) the area of every source, in the config's order:
@@ -123,7 +139,10 @@ pub fn open_areas(
     sources: &[(String, u64)],
 ) -> Result<Vec<SourceArea>, AreaError> {
     let path = nvram.path().display().to_string();
-    let need: u64 = sources.iter().map(|(_, size)| size).sum();
+    let need = sources
+        .iter()
+        .try_fold(0u64, |sum, (_, size)| sum.checked_add(*size))
+        .unwrap_or(u64::MAX);
     if nvram.len() < need {
         return Err(AreaError::TooSmall {
             path,
@@ -140,32 +159,42 @@ pub fn open_areas(
                 size: *size,
                 partitions,
             })?;
+        let meta = Layout::metadata_bytes(geometry.partitions);
         let refused = |problem: String| AreaError::Refused {
             name: source.clone(),
             path: path.clone(),
             offset,
             block: offset / META_BLOCK,
+            blocks: meta / META_BLOCK,
             problem,
         };
         let region = Arc::new(
             NvramRegion::window(nvram, offset, *size)
                 .ok_or_else(|| refused("lies beyond the NVRAM".into()))?,
         );
+        let want = Header {
+            source: source.clone(),
+            geometry,
+            offset,
+            len: *size,
+        };
         let mut header = [0u8; 128];
         region.read_at(0, &mut header);
         match decode_header(&header) {
-            Some((name, g)) if name == *source && g == geometry => {}
-            Some((name, g)) => {
+            Some(found) if found == want => {}
+            Some(found) => {
                 return Err(refused(format!(
-                    "holds the records of source {name} ({} partitions of {} bytes), but the config puts source {source} ({} partitions of {} bytes) there: the [[shipping.source]] list changed order, or a size changed",
-                    g.partitions, g.part_size, geometry.partitions, geometry.part_size
+                    "holds the records of source {} ({} partitions of {} bytes, an area of {} bytes at byte {}), but the config puts source {source} ({} partitions of {} bytes, {} bytes) here: the [[shipping.source]] list changed order, or a size changed",
+                    found.source, found.geometry.partitions, found.geometry.part_size, found.len, found.offset, geometry.partitions, geometry.part_size, size
                 )))
             }
-            None if header.iter().all(|&b| b == 0) => format(&region, source, geometry)
+            // Blank only if every metadata block is: a header lost with watermarks left
+            // behind is damage (or another layout's area), not a fresh device.
+            None if is_zero(&region, meta) => format(&region, &want)
                 .map_err(|e| refused(format!("could not be formatted: {e}")))?,
             None => {
                 return Err(refused(
-                    "holds something that is not a log-shipping area (another node's NVRAM, or damage)".into(),
+                    "holds something that is not a log-shipping area (another node's NVRAM, an area of another layout, or damage)".into(),
                 ))
             }
         }
@@ -186,19 +215,26 @@ pub fn open_areas(
     Ok(areas)
 }
 
-/// A blank area: its metadata blocks (the watermarks) zeroed, then the header, durably.
-fn format(region: &NvramRegion, source: &str, g: Geometry) -> std::io::Result<()> {
-    let meta = Layout::metadata_bytes(g.partitions);
-    let zero = vec![0u8; META_BLOCK as usize];
-    let mut off = META_BLOCK;
-    while off < meta {
-        region.write_at(off, &zero);
-        off += META_BLOCK;
+/// Whether the first `len` bytes of `region` are all zero.
+fn is_zero(region: &NvramRegion, len: u64) -> bool {
+    let mut block = vec![0u8; META_BLOCK as usize];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(META_BLOCK) as usize;
+        region.read_at(off, &mut block[..n]);
+        if block[..n].iter().any(|&b| b != 0) {
+            return false;
+        }
+        off += n as u64;
     }
-    region.persist(0, meta)?;
-    region.write_at(0, &encode_header(source, g));
+    true
+}
+
+/// A blank area: its header, durably (its metadata blocks are zero already).
+fn format(region: &NvramRegion, header: &Header) -> std::io::Result<()> {
+    region.write_at(0, &encode_header(header));
     region.persist(0, 128)?;
-    tracing::info!(source, "NVRAM area formatted");
+    tracing::info!(source = header.source, "NVRAM area formatted");
     Ok(())
 }
 
@@ -246,6 +282,35 @@ mod tests {
             .to_string();
         assert!(
             e.contains("holds the records of source src1") && e.contains("dd if=/dev/zero"),
+            "{e}"
+        );
+        // An area whose size changed by less than its rounding slack (the geometry is the
+        // same) is refused too: the areas after it would have moved.
+        let nv = nvram(32 * MIB);
+        open_areas(&nv, 2, &sources(&[("src1", 16 * MIB), ("src2", 16 * MIB)])).unwrap();
+        let e = open_areas(
+            &nv,
+            2,
+            &sources(&[("src1", 16 * MIB - 4096), ("src2", 16 * MIB)]),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("source src1") && e.contains("a size changed"),
+            "{e}"
+        );
+        // Past that area: one whose header is gone but whose watermarks are not is not blank.
+        let nv = nvram(16 * MIB);
+        open_areas(&nv, 2, &sources(&[("src1", 16 * MIB)])).unwrap();
+        nv.write_at(4096, &[7u8; 48]);
+        nv.write_at(0, &[0u8; 128]);
+        let e = open_areas(&nv, 2, &sources(&[("src1", 16 * MIB)]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("not a log-shipping area") && e.contains("count=3"),
             "{e}"
         );
         let other = nvram(16 * MIB);
