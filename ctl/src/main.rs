@@ -226,6 +226,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NvramCmd,
     },
+    /// Check a log-shipping destination's log files (read-only): each file's partition,
+    /// source log, seqs, records and bytes; a damaged record is named. PATH is a source's
+    /// directory (`shipping.dir`/SOURCE) or one file.
+    LogFiles {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -426,6 +434,25 @@ fn print_destination_status(d: &control::DestinationStatus) {
             s.held_bytes,
             s.capacity_bytes
         );
+        if let Some(e) = &s.log_error {
+            println!("    log files: FAILING ({e})");
+        }
+        for p in &s.log_files {
+            let Some(file) = &p.file else { continue };
+            println!(
+                "    partition {}: {file} seq {}..{} ({} bytes), {} record(s) appended since start, {} gap(s){}",
+                p.partition,
+                p.first_seq,
+                p.next_seq.saturating_sub(1),
+                p.file_bytes,
+                p.appended_records,
+                p.gaps,
+                p.waiting_for
+                    .as_ref()
+                    .map(|w| format!("; {w}"))
+                    .unwrap_or_default()
+            );
+        }
     }
 }
 
@@ -885,6 +912,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             None => bail!("cannot read ublk features: is ublk_drv loaded (modprobe ublk_drv) and the kernel 6.5 or newer?"),
         },
+        Cmd::LogFiles { path, json } => {
+            let files: Vec<PathBuf> = if path.is_dir() {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .collect();
+                v.sort();
+                v
+            } else {
+                vec![path.clone()]
+            };
+            let summaries = files
+                .iter()
+                .map(|f| nvmirror::shipping::log_file::summarize(f))
+                .collect::<Result<Vec<_>, _>>()?;
+            if *json {
+                println!(
+                    "{}",
+                    json_out::versioned(&serde_json::json!({ "files": summaries }))?
+                );
+            } else {
+                for f in &summaries {
+                    println!(
+                        "{}: partition {} log {} seq {}..{}: {} record(s), {} wrap marker(s), {} bytes{}",
+                        f.file,
+                        f.partition,
+                        f.source_log_id,
+                        f.first_seq,
+                        f.next_seq.saturating_sub(1),
+                        f.records,
+                        f.wrap_markers,
+                        f.bytes,
+                        if f.torn_bytes > 0 {
+                            format!(", then {} bytes of a torn last append", f.torn_bytes)
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+            }
+        }
         Cmd::Nvram { cmd } => {
             let (cfg, path) = load_config(&cli)?;
             match cmd {

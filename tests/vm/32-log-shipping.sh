@@ -1,13 +1,19 @@
 #!/bin/bash
-# Claim set C, step 1 (docs/log-shipping.md): three sources and one destination, four
-# daemons over TCP (over RDMA, Soft-RoCE, with NVM_TRANSPORT=rdma: test 33). Each source stages its writes, posts every record into its own NVRAM
-# area on the destination and acknowledges a write once both hold it. With the sources'
-# flushers paused the destination holds every record fio wrote (counted against the
-# sources' own counts); once the sources drained to their media the destination has let
-# all of them go. fio verify passes on every source. A pair node that reaches the
-# destination is refused with both roles named, and the destination keeps serving. A
-# destination killed and restarted finds every held record again in its NVRAM, and a source
-# with degraded = "nvram" sends it the writes it acknowledged alone meanwhile.
+# Claim set C, steps 1 and 2 (docs/log-shipping.md): three sources and one destination, four
+# daemons over TCP (over RDMA, Soft-RoCE, with NVM_TRANSPORT=rdma: test 33). Each source
+# stages its writes, posts every record into its own NVRAM area on the destination and
+# acknowledges a write once both hold it. The destination appends each source's records
+# to its log files in sequence order (`nvmirrorctl log-files` checks every record) and then
+# lets them leave its NVRAM: with the sources' flushers paused, the files hold every record
+# fio wrote (counted against the sources' own counts). A destination killed and restarted
+# goes on with its files, and a source with degraded = "nvram" sends it the writes it
+# acknowledged alone meanwhile; no file has a gap. The sources then drain, each batch
+# leaving a source's log only once the destination confirms it is in its log file. With the
+# destination away for longer than two heartbeat timeouts, src1's batches leave its log
+# without it; back, the destination ends src1's file before what it never got (a gap,
+# counted and named) and confirms src1's later batches again. fio
+# verify passes on every source. A pair node that reaches the destination is refused with
+# both roles named, and the destination keeps serving.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -21,13 +27,19 @@ fi
 sources=(src1 src2 src3)
 fio_pids=()
 port=7841
+declare -A before
 
 # dest_field EXPR: a Python expression over the destination's status `d` (JSON).
 dest_field() {
 	"$NVMCTL" --config dest.toml status --json | python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"
 }
-# held NAME: records of source NAME held in its NVRAM area on the destination.
-held() { dest_field "[s['held_records'] for s in d['sources'] if s['name'] == '$1'][0]"; }
+# logged NAME: records of source NAME in its log files on the destination, after checking
+# every file (wrap markers not counted).
+logged() {
+	"$NVMCTL" log-files "logs/$1" --json | python3 -c "import json,sys; print(sum(f['records'] for f in json.load(sys.stdin)['files']))"
+}
+# gaps: segments ended by records that never arrived, over every source and partition.
+gaps() { dest_field 'sum(p["gaps"] for s in d["sources"] for p in s["log_files"])'; }
 
 {
 	cat <<-CFG
@@ -47,6 +59,7 @@ held() { dest_field "[s['held_records'] for s in d['sources'] if s['name'] == '$
 	transport = "$transport"
 	heartbeat_interval_ms = 100
 	heartbeat_timeout_ms = 1000
+	dir = "$PWD/logs"
 	CFG
 	for i in 0 1 2; do
 		cat <<-CFG
@@ -127,19 +140,38 @@ for i in 0 1 2; do
 	fio_pids+=($!)
 done
 for p in "${fio_pids[@]}"; do wait "$p" || fail "fio's write pass failed (fio-write-*.log)"; done
+# logged_all: waits until the log files hold at least `want NAME` records of every source
+# and the destination's NVRAM areas are empty.
+want() { if [[ $1 == src3 ]]; then echo "${src3_want:-384}"; else echo 384; fi; }
+logged_all() {
+	local short s
+	for _ in $(seq 150); do
+		short=0
+		for s in "${sources[@]}"; do
+			(($(logged "$s" 2>/dev/null || echo 0) >= $(want "$s"))) || short=1
+		done
+		((short == 0)) && [[ $(dest_field 'sum(s["held_records"] for s in d["sources"])' 2>/dev/null) == 0 ]] && return 0
+		sleep 0.2
+	done
+	dest_field 'd["sources"]'
+	fail "$1: the log files do not hold every record, or the NVRAM areas are not empty"
+}
+logged_all "after fio's writes"
 for i in 0 1 2; do
 	s=${sources[i]}
 	read -r state mirrored degraded <<<"$(mirror_of "$s")"
-	h=$(held "$s")
-	say "$s: mirror $state, $mirrored record(s) mirrored, $degraded degraded; the destination holds $h"
+	l=$(logged "$s")
+	say "$s: mirror $state, $mirrored record(s) mirrored, $degraded degraded; its log files on the destination hold $l"
 	[[ $state == mirroring ]] || fail "$s is not mirroring to the destination"
 	((degraded == 0)) || fail "$s acknowledged $degraded write(s) without the destination's copy"
-	((mirrored >= 384 && h >= 384)) || fail "$s: 384 writes of 16 KiB, but $mirrored mirrored and $h held"
+	((mirrored >= 384 && l == mirrored)) || fail "$s: 384 writes of 16 KiB, $mirrored mirrored, but $l in its log files"
+	before[$s]=$l
 done
+"$NVMCTL" log-files logs/src1
 
 # The destination killed: src3 (degraded = "nvram") acknowledges 64 more writes from its
-# own NVRAM alone. Restarted, the destination finds every held record again in its NVRAM
-# areas, and src3 sends it the 64 it lacks.
+# own NVRAM alone. Restarted, the destination goes on with its log files, and src3 sends it
+# the 64 it lacks: they are logged once each.
 kill -9 "$dest_pid"
 nvm_wait_gone "$dest_pid"
 for _ in $(seq 100); do [[ $(mirror_of src3) == degraded* ]] && break; sleep 0.2; done
@@ -153,36 +185,69 @@ read -r _ _ degraded <<<"$(mirror_of src3)"
 "$NVMD" --config dest.toml --state-dir "$PWD/state" >>daemon-dest.log 2>&1 &
 NVM_DAEMON_PIDS+=($!)
 dest_pid=$!
-want() { if [[ $1 == src3 ]]; then echo 448; else echo 384; fi; }
-for _ in $(seq 150); do
-	short=0
-	for s in "${sources[@]}"; do
-		h=$(held "$s" 2>/dev/null) || h=0
-		((h >= $(want "$s"))) || short=1
-	done
-	((short == 0)) && break
-	sleep 0.2
-done
+src3_want=448
+logged_all "after the destination's restart"
 [[ $(dest_field 'sum(s["link"] == "up" for s in d["sources"])') == 3 ]] ||
 	{ dest_field 'd["sources"]'; fail "not every source reconnected to the restarted destination"; }
 for s in "${sources[@]}"; do
-	h=$(held "$s")
-	((h >= $(want "$s"))) || fail "after its restart the destination holds $h record(s) of $s, not $(want "$s")"
+	extra=0
+	[[ $s == src3 ]] && extra=64
+	(($(logged "$s") == before[$s] + extra)) ||
+		fail "after its restart the log files hold $(logged "$s") records of $s, not ${before[$s]} + $extra (each record once)"
 done
-say "the destination, killed and restarted, holds every record again ($(grep -c 'unreleased record(s) of the partner found' daemon-dest.log) area(s) rebuilt from its NVRAM), and the 64 that src3 acknowledged alone meanwhile: $(held src3) held of src3"
+(($(gaps) == 0)) || fail "a log file has a gap: $(dest_field 'd["sources"]')"
+say "the destination, killed and restarted, went on with its log files, and src3 sent it the 64 writes it acknowledged alone meanwhile: $(logged src3) logged of src3, no gap"
 
+# Each flushed batch leaves a source's log only once the destination says its log file
+# holds it: the drains end, and the destination confirmed every batch.
 for i in 0 1 2; do
 	s=${sources[i]}
 	"$NVMCTL" --config "$s.toml" flush resume >/dev/null
-	"$NVMCTL" --config "$s.toml" drain --timeout 60 >/dev/null
+	"$NVMCTL" --config "$s.toml" drain --timeout 60 >/dev/null ||
+		{ tail -5 "daemon-$s.log"; fail "$s did not drain: the destination did not confirm its batches"; }
 done
-for _ in $(seq 50); do
-	[[ $(dest_field 'sum(s["held_records"] for s in d["sources"])') == 0 ]] && break
-	sleep 0.2
-done
-left=$(dest_field 'sum(s["held_records"] for s in d["sources"])')
-((left == 0)) || fail "the destination still holds $left record(s) the sources flushed and released"
-say "the sources drained to their media; the destination let every record go"
+(($(gaps) == 0)) || fail "a log file has a gap after the drain: $(dest_field 'd["sources"]')"
+say "the sources drained to their media, each batch confirmed in the destination's log files"
+
+# The destination away for longer than a source waits for it: src1 (write-through) goes on
+# writing and flushing, and after two heartbeat timeouts its batches leave its log without
+# the destination. Back, the destination ends src1's log file before the records it never
+# got and starts a new one (the gap counted in status and named in its log), and src1's
+# later batches are confirmed again.
+start_destination() {
+	"$NVMD" --config dest.toml --state-dir "$PWD/state" >>daemon-dest.log 2>&1 &
+	NVM_DAEMON_PIDS+=($!)
+	dest_pid=$!
+	for _ in $(seq 150); do
+		[[ $(dest_field 'sum(s["link"] == "up" for s in d["sources"])' 2>/dev/null) == 3 ]] && return 0
+		sleep 0.2
+	done
+	fail "not every source reconnected to the restarted destination"
+}
+kill -9 "$dest_pid"
+nvm_wait_gone "$dest_pid"
+for _ in $(seq 100); do [[ $(mirror_of src1) == degraded* ]] && break; sleep 0.2; done
+away=(--direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=16k --offset=60M --size=4M
+	--io_size=1M --verify=crc32c --verify_fatal=1 --verify_state_save=1 --filename=/dev/ublkb0)
+fio "${away[@]}" --name=src1-away --randseed=51 --do_verify=0 --output=fio-write-src1-away.log ||
+	fail "src1's writes while the destination was away failed"
+"$NVMCTL" --config src1.toml drain --timeout 60 >/dev/null ||
+	{ tail -5 daemon-src1.log; fail "src1 did not drain while the destination was away"; }
+grep -q "the destination is away: flushed batches leave our log without it" daemon-src1.log ||
+	fail "src1 does not say its batches left its log without the destination"
+start_destination
+fio "${away[@]}" --name=src1-back --randseed=52 --io_size=512K --do_verify=0 --output=fio-write-src1-back.log ||
+	fail "src1's writes after the destination came back failed"
+"$NVMCTL" --config src1.toml drain --timeout 60 >/dev/null ||
+	{ tail -5 daemon-src1.log; fail "src1 did not drain after the destination came back"; }
+g=$(dest_field '[sum(p["gaps"] for p in s["log_files"]) for s in d["sources"] if s["name"] == "src1"][0]')
+((g >= 1)) || fail "the destination counts no gap in src1's log files: $(dest_field 'd["sources"][0]')"
+grep -q "never reached this destination" daemon-dest.log || fail "the destination's log does not name the gap"
+((g == $(gaps))) || fail "a gap in the log files of a source that never lost the destination"
+"$NVMCTL" log-files logs/src1 >log-files-src1.txt || fail "src1's log files do not check out after the gap"
+say "the destination away: src1's batches left its log without it; back, it logged $g gap(s): $(grep -o 'records [0-9]*\.\.[0-9]* never reached this destination' daemon-dest.log | head -1)"
+fio "${away[@]}" --name=src1-back --randseed=52 --io_size=512K --verify_only=1 --verify_state_load=1 \
+	--output=fio-verify-src1-back.log || { cat fio-verify-src1-back.log; fail "fio verify failed on src1's last writes"; }
 
 for i in 0 1 2; do
 	s=${sources[i]}
@@ -194,4 +259,4 @@ fio "${outage[@]}" --verify_only=1 --verify_state_load=1 --output=fio-verify-src
 	{ cat fio-verify-src3-outage.log; fail "fio verify failed on src3's outage writes"; }
 kill -0 "$dest_pid" || fail "the destination died"
 "$NVMCTL" --config dest.toml status
-say "PASS ($transport): three sources shipped every write into the destination's NVRAM before acknowledging it; fio verify passed on each"
+say "PASS ($transport): three sources shipped every write into the destination's NVRAM before acknowledging it, the destination's log files hold each record once in order; fio verify passed on each"

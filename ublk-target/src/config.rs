@@ -267,6 +267,9 @@ pub struct ShippingSection {
     /// Destination: every source, in a fixed order (each has an NVRAM area here, in order).
     #[serde(default, rename = "source")]
     pub sources: Vec<ShippedSource>,
+    /// Destination: where each source's log files go (`DIR/SOURCE/`), on storage whose
+    /// fdatasync means durable.
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -802,6 +805,12 @@ impl NodeConfig {
         }
         match s.role {
             ShippingRole::Source => {
+                if s.dir.is_some() {
+                    return Err(invalid(
+                        "shipping.dir",
+                        "is where the destination keeps the sources' log files; a source keeps none: remove it",
+                    ));
+                }
                 if !s.sources.is_empty() {
                     return Err(invalid(
                         "shipping.source",
@@ -834,6 +843,21 @@ impl NodeConfig {
                         "shipping.destination",
                         "is for sources; this node is the destination: list its sources as [[shipping.source]]",
                     ));
+                }
+                match &s.dir {
+                    None => {
+                        return Err(invalid(
+                            "shipping.dir",
+                            "the destination writes each source's records to log files in it: add dir = \"/var/lib/nvmirror/shipping\" (a directory on durable storage)",
+                        ))
+                    }
+                    Some(d) if !d.is_absolute() => {
+                        return Err(invalid(
+                            "shipping.dir",
+                            format!("{} is relative; give an absolute path", d.display()),
+                        ))
+                    }
+                    Some(_) => {}
                 }
                 if self.metrics.is_some() {
                     return Err(invalid(
@@ -1351,6 +1375,7 @@ partitions = 4
 role = "destination"
 id = 77
 secret_file = "/etc/nvmirror/secret"
+dir = "/var/lib/nvmirror/shipping"
 
 [[shipping.source]]
 name = "node-a"
@@ -1405,6 +1430,14 @@ nvram_size = "64MiB"
             (
                 format!("{DESTINATION}\n[[lun]]\nname = \"lun0\"\nmedium = \"/tmp/m\"\n"),
                 "a log-shipping destination serves no LUN",
+            ),
+            (
+                DESTINATION.replace("dir = \"/var/lib/nvmirror/shipping\"\n", ""),
+                "shipping.dir`: the destination writes each source's records to log files",
+            ),
+            (
+                DESTINATION.replace("/var/lib/nvmirror/shipping", "logs"),
+                "shipping.dir`: logs is relative",
             ),
             (
                 format!("{GOOD}{}", SOURCE.replace("[shipping.destination]", "[shipping.nowhere]")),

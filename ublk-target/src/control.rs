@@ -120,10 +120,16 @@ pub struct ShippedSourceStatus {
     pub link: String,
     /// Why the link is down, if it is.
     pub link_error: Option<String>,
-    /// Records of the source held in its NVRAM area here (not yet released by the source).
+    /// Records of the source held in its NVRAM area here (not yet in its log files).
     pub held_records: usize,
     pub held_bytes: u64,
     pub capacity_bytes: u64,
+    /// The source's log files, per partition.
+    #[serde(default)]
+    pub log_files: Vec<crate::shipping::log_writer::PartitionLogStatus>,
+    /// Why appending to them fails now, if it does (the records wait in the NVRAM).
+    #[serde(default)]
+    pub log_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

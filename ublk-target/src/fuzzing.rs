@@ -538,6 +538,10 @@ pub fn forward_wire(data: &[u8]) {
             data,
             "forwarded request round trip"
         );
+        if r.op == wire::OP_SHIP_LOGGED {
+            let asked = wire::ShipLogged::of(&r).expect("a log question decode accepted");
+            assert_eq!(asked.encode(), data, "log question round trip");
+        }
     }
     match wire::answer(data) {
         Ok(payload) => assert_eq!(wire::ok(payload), data, "answer round trip"),
@@ -754,6 +758,17 @@ pub mod seeds {
             (
                 "reload-ownership".into(),
                 wire::encode(wire::OP_RELOAD_OWNERSHIP, 0, 0, 0, &[]),
+            ),
+            (
+                "ship-logged".into(),
+                wire::ShipLogged {
+                    partition: 1,
+                    through_seq: 90,
+                    log_id: SEED_LOG_ID,
+                    first_seq: 60,
+                    wraps: vec![77],
+                }
+                .encode(),
             ),
             ("answer-ok".into(), wire::ok(b"data")),
             ("answer-err".into(), wire::err("range not owned here")),

@@ -39,6 +39,11 @@ pub const LAST_CHUNK: u32 = 2;
 /// replayed into it: write every copy you hold of partition `lun` through seq `offset` to
 /// your medium, then drop them.
 pub const OP_WRITE_HELD_FOR_PARTNER: u8 = 13;
+/// Log shipping, source to destination, before the source's log lets a flushed batch go:
+/// answer once your log file holds our records of partition `lun` through seq `offset`
+/// (durably). `data`: our log id, the batch's first seq (everything before it has left our
+/// log), then the seqs of the batch's wrap markers (never posted: no record to wait for).
+pub const OP_SHIP_LOGGED: u8 = 14;
 const HEADER: usize = 17;
 /// A shipped record's header: seq, kind, lun, offset, len.
 const RECORD_HEADER: usize = 8 + 1 + 4 + 8 + 8;
@@ -175,12 +180,51 @@ pub fn decode(b: &[u8]) -> Option<Request> {
         | OP_OUT_OF_SYNC
         | OP_WRITE_HELD_FOR_PARTNER => r.data.is_empty(),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,
+        OP_SHIP_LOGGED => r.data.len() >= 16 && r.data.len().is_multiple_of(8),
         OP_WRITE_RECORDS_FOR_PARTNER => {
             r.len & !(FIRST_CHUNK | LAST_CHUNK) == 0 && decode_records(&r.data).is_some()
         }
         _ => false,
     };
     data_ok.then_some(r)
+}
+
+/// What an `OP_SHIP_LOGGED` request asks (see there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShipLogged {
+    pub partition: u32,
+    pub through_seq: u64,
+    pub log_id: u64,
+    pub first_seq: u64,
+    pub wraps: Vec<u64>,
+}
+
+impl ShipLogged {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut data = Vec::with_capacity(16 + 8 * self.wraps.len());
+        data.extend_from_slice(&self.log_id.to_le_bytes());
+        data.extend_from_slice(&self.first_seq.to_le_bytes());
+        for w in &self.wraps {
+            data.extend_from_slice(&w.to_le_bytes());
+        }
+        encode(OP_SHIP_LOGGED, self.partition, self.through_seq, 0, &data)
+    }
+
+    /// From a request `decode` accepted with op `OP_SHIP_LOGGED`.
+    pub fn of(r: &Request) -> Option<ShipLogged> {
+        let mut words = r.data.chunks_exact(8).map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            u64::from_le_bytes(b)
+        });
+        Some(ShipLogged {
+            partition: r.lun,
+            through_seq: r.offset,
+            log_id: words.next()?,
+            first_seq: words.next()?,
+            wraps: words.collect(),
+        })
+    }
 }
 
 /// Answer: 0 + data on success, 1 + UTF-8 message on failure.
@@ -226,6 +270,16 @@ mod tests {
         assert_eq!(decode(&encode(200, 0, 0, 0, &[])), None);
         // Verify requests carry no data: one that does is malformed.
         assert!(decode(&encode(OP_VERIFY_DIGESTS, 0, 4096, 4096, &[])).is_some());
+        let asked = ShipLogged {
+            partition: 3,
+            through_seq: 90,
+            log_id: 7,
+            first_seq: 60,
+            wraps: vec![71, 88],
+        };
+        let back = decode(&asked.encode()).and_then(|r| ShipLogged::of(&r));
+        assert_eq!(back, Some(asked));
+        assert_eq!(decode(&encode(OP_SHIP_LOGGED, 0, 1, 0, &[0; 12])), None);
         assert_eq!(decode(&encode(OP_VERIFY_DIGESTS, 0, 0, 1, &[0])), None);
         assert_eq!(decode(&encode(OP_SYNC_MEDIUM, 0, 0, 0, &[1])), None);
         let runs = vec![(0, 65536), (1 << 20, 131072)];

@@ -10,7 +10,7 @@ use crate::flusher::{Fence, FlushContext};
 use crate::host::{BoxFuture, Host};
 use crate::log::RecordMeta;
 use crate::lun::Lun;
-use crate::mirror::MirrorSlot;
+use crate::mirror::{Mirror, MirrorSlot};
 use crate::nvram::out_of_sync::LunMaps;
 use crate::nvram::RecordKind;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +111,14 @@ impl FlushContext for NodeFlushContext {
         data_of: &dyn Fn(&RecordMeta) -> &'d [u8],
     ) -> BoxFuture<Result<(), Fence>> {
         let Some(c) = self.cluster.clone().filter(|c| c.own_storage()) else {
+            let shipping = self
+                .cluster
+                .is_none()
+                .then(|| self.mirror.current())
+                .flatten();
+            if let Some((m, grace)) = shipping.and_then(|m| m.keeps_log().map(|g| (m, g))) {
+                return self.batch_in_destination_log(m, grace, partition, batch);
+            }
             return Box::pin(async { Ok(()) });
         };
         let ranges = self.ranges_of(live);
@@ -362,6 +370,70 @@ impl NodeFlushContext {
     }
 
     /// The (LUN, range)s of a batch's data records.
+    /// A log-shipping source: the batch leaves our log once the destination's log file has
+    /// it. While the destination is away for longer than `grace` (a blip costs a short
+    /// flush delay), batches go without it: serving goes on, and its log files get a gap
+    /// there (the destination sees it from the next batch's first seq and says so).
+    fn batch_in_destination_log(
+        &self,
+        m: Arc<dyn Mirror>,
+        grace: Duration,
+        partition: u32,
+        batch: &[RecordMeta],
+    ) -> BoxFuture<Result<(), Fence>> {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            return Box::pin(async { Ok(()) });
+        };
+        let asked = wire::ShipLogged {
+            partition,
+            through_seq: last.seq,
+            log_id: self.log_id,
+            first_seq: first.seq,
+            wraps: batch
+                .iter()
+                .filter(|r| r.kind == RecordKind::Wrap)
+                .map(|r| r.seq)
+                .collect(),
+        };
+        let (host, misses) = (self.host.clone(), self.partner_misses.clone());
+        Box::pin(async move {
+            let give_up_at = host.now() + grace;
+            loop {
+                if m.is_up() {
+                    match m.logged(asked.clone()).await {
+                        Ok(()) => {
+                            let missed = misses.swap(0, Ordering::Relaxed);
+                            if missed > 0 {
+                                tracing::info!(
+                                    "the destination logs our batches again ({missed} batch(es) left our log without it: its log files have a gap there)"
+                                );
+                            }
+                            return Ok(());
+                        }
+                        Err(why) if m.is_up() => {
+                            return Err(Fence::Suspended(format!(
+                                "the destination has not logged partition {partition} through seq {} yet ({why}): the batch stays in our log",
+                                asked.through_seq
+                            )))
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if host.now() >= give_up_at || misses.load(Ordering::Relaxed) > 0 {
+                    break;
+                }
+                host.sleep(BLIP_RETRY_EVERY).await;
+            }
+            if misses.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    partition,
+                    "the destination is away: flushed batches leave our log without it, so its log files get a gap (later batches are only counted until it logs one again)"
+                );
+            }
+            Ok(())
+        })
+    }
+
     fn ranges_of(&self, records: &[RecordMeta]) -> Vec<(u32, u32)> {
         let mut ranges: Vec<(u32, u32)> = records
             .iter()

@@ -440,6 +440,12 @@ impl Engine {
             ));
         }
         let result = match req.op {
+            wire::OP_SHIP_LOGGED => {
+                return wire::err(&format!(
+                    "node {} serves LUNs; only a log-shipping destination keeps log files",
+                    self.node
+                ));
+            }
             wire::OP_RELOAD_OWNERSHIP => {
                 if self.cluster.is_none() {
                     return wire::err("not a cluster node");

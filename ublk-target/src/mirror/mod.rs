@@ -55,6 +55,18 @@ pub trait Mirror: Send + Sync {
     fn heard_by_partner(&self) -> Option<(u64, std::time::Instant)> {
         None
     }
+    /// A log-shipping destination keeps our records in log files: a flushed batch may leave
+    /// our log only once they are there ([`Mirror::logged`]). Some(grace): how long a batch
+    /// waits for a destination that is away before our log lets it go without it. None: the
+    /// partner keeps no log (a pair's partner drops its copies once we flushed them).
+    fn keeps_log(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Resolves Ok once the destination's log file holds `asked` (see
+    /// [`crate::cluster::wire::OP_SHIP_LOGGED`]).
+    fn logged(&self, _asked: crate::cluster::wire::ShipLogged) -> PostFuture {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 impl Mirror for rdma_link::Link {

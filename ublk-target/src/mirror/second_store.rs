@@ -80,6 +80,9 @@ pub struct SecondStoreArea {
     pin: Mutex<Option<Pin>>,
     /// Set with a medium per node: a release never drops a copy our medium lacks unmarked.
     own_medium: Mutex<Option<OwnMedium>>,
+    /// A log-shipping destination's area: records leave once they are in the log file
+    /// ([`SecondStoreArea::release_logged`]), whatever the source flushed.
+    until_logged: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -128,6 +131,7 @@ impl SecondStoreArea {
             ]),
             pin: Mutex::new(None),
             own_medium: Mutex::new(None),
+            until_logged: Default::default(),
         };
         let rebuilt: Vec<PartnerPartition> =
             (0..layout.partitions).map(|p| area.rebuild(p)).collect();
@@ -369,6 +373,59 @@ impl SecondStoreArea {
             records,
             heard_flushed: released,
         }
+    }
+
+    /// A log-shipping destination's area: records stay until the log file has them
+    /// ([`Self::release_logged`]); the source's releases (it flushed them) do not drop them.
+    pub fn keep_until_logged(&self) {
+        self.until_logged
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The source's log that `partition`'s held records belong to, and the seq every
+    /// record through which has left this area.
+    pub fn log_state(&self, partition: u32) -> Option<(Option<u64>, u64)> {
+        let held = self.held();
+        let pp = held.get(partition as usize)?;
+        Some((pp.log_id, pp.released))
+    }
+
+    /// The lowest seq held of `partition` at or above `from`.
+    pub fn held_from(&self, partition: u32, from: u64) -> Option<u64> {
+        let held = self.held();
+        let pp = held.get(partition as usize)?;
+        pp.records.range(from..).next().map(|(&seq, _)| seq)
+    }
+
+    /// A copy of held record `seq` of `partition` of log `log_id` (header, data), checked
+    /// against its checksums after the copy. None: not held, or no longer intact.
+    pub fn copy_held(
+        &self,
+        log_id: u64,
+        partition: u32,
+        seq: u64,
+    ) -> Option<(RecordHeader, Vec<u8>, u64)> {
+        let held = *self.held().get(partition as usize)?.records.get(&seq)?;
+        let log = self.partition_log(partition);
+        let header = self
+            .held_header(log, partition, seq, &held)
+            .filter(|h| h.log_id == log_id)?;
+        let at = usize::try_from(held.pos).ok()?;
+        if held.pos.checked_add(header.slot())? > self.layout.part_size {
+            return None;
+        }
+        let start = at + HEADER_BYTES as usize;
+        let data = log.get(start..start + header.data_len as usize)?.to_vec();
+        // Checked on the copy: the bytes in the NVRAM may change under us once the source
+        // reused the space (it went on without us while we were away).
+        let again = RecordHeader::decode(log.get(at..)?).ok();
+        (again == Some(header) && crc32c::crc32c(&data) == header.data_crc)
+            .then_some((header, data, held.pos))
+    }
+
+    /// The log file holds `partition`'s records through `through_seq`: they leave the area.
+    pub fn release_logged(&self, partition: u32, through_seq: u64) {
+        self.release_held(partition, through_seq);
     }
 
     /// Whether record `seq` of the partner's `partition` is held (e.g. pinned past a release).
@@ -965,6 +1022,9 @@ impl rdma_link::SecondStore for SecondStoreArea {
     fn on_release(&self, partition: u32, through_seq: u64) {
         if let Some(pp) = self.held().get_mut(partition as usize) {
             pp.heard_flushed = pp.heard_flushed.max(through_seq);
+        }
+        if self.until_logged.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
         }
         if self.mark_before_drop(partition, through_seq) {
             self.release_held(partition, through_seq);

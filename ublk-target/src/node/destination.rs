@@ -1,27 +1,60 @@
 //! A log-shipping destination's life (claim set C, docs/log-shipping.md): open its NVRAM
 //! and one area per source in it, listen for each source on that source's port, hold
-//! every record a source posts until the source releases it, answer `nvmirrorctl status`,
-//! and stop on SIGTERM/SIGINT.
+//! every record a source posts until its log file has it (`shipping::log_writer`, a
+//! thread per source), answer the source's "is this batch logged?" and `nvmirrorctl
+//! status`, and stop on SIGTERM/SIGINT.
 //!
-//! Built so far (step 1): the records are held in NVRAM and released when the source has
-//! flushed them to its own medium. Log files, images, consistency points and `export`
-//! (steps 2-4, the storage side of which is `crate::shipping`) are not wired in yet.
+//! Built so far (steps 1 and 2). Images, consistency points and `export` (steps 3-4, the
+//! storage side of which is `crate::shipping::image`) are not wired in yet.
 
 use super::link::{shipping_link_config, shutdown_link};
 use super::signals::wait_for_stop_signal;
+use crate::cluster::wire;
 use crate::config::{NodeConfig, ShippingRole};
 use crate::control::{self, DestinationStatus, Request, Response, ShippedSourceStatus};
 use crate::nvram::NvramRegion;
 use crate::shipping::area::{open_areas, SourceArea};
+use crate::shipping::log_writer::SourceLogs;
 use anyhow::Context;
 use rdma_link::{Link, LinkState};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// One source as the destination serves it.
 struct Served {
     area: SourceArea,
     listen: String,
     link: Link,
+    logs: Arc<SourceLogs>,
+}
+
+/// How long the destination holds a source's "is this batch logged?" before answering
+/// "not yet" (the source asks again; well inside the link's request timeout).
+const LOGGED_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Serves a source's requests: only `OP_SHIP_LOGGED`.
+fn log_questions(logs: Arc<SourceLogs>) -> Arc<dyn rdma_link::RequestHandler> {
+    Arc::new(move |payload: rdma_link::Bytes| {
+        let logs = logs.clone();
+        async move {
+            let asked = wire::decode(&payload)
+                .filter(|r| r.op == wire::OP_SHIP_LOGGED)
+                .and_then(|r| wire::ShipLogged::of(&r));
+            let Some(asked) = asked else {
+                tracing::warn!(
+                    "a source sent a request that is not a log question (op {:?}): refused",
+                    payload.first()
+                );
+                return rdma_link::Bytes::from(wire::err(
+                    "a log-shipping destination answers only whether a batch is in its log file",
+                ));
+            };
+            rdma_link::Bytes::from(match logs.wait_logged(&asked, LOGGED_PATIENCE).await {
+                Ok(()) => wire::ok(&[]),
+                Err(e) => wire::err(&e),
+            })
+        }
+    })
 }
 
 /// Runs the destination until SIGTERM/SIGINT (`signals` are blocked already).
@@ -45,7 +78,12 @@ pub fn run(
         .map(|x| (x.name.clone(), x.nvram_size.0))
         .collect();
     let areas = open_areas(&nvram, cfg.nvram.partitions, &list)?;
+    let dir = s
+        .dir
+        .as_ref()
+        .context("shipping.dir is missing (config check names it)")?;
     let mut served = Vec::new();
+    let mut writers = Vec::new();
     for (area, src) in areas.into_iter().zip(&s.sources) {
         let listen: std::net::SocketAddr = src
             .listen
@@ -61,13 +99,21 @@ pub fn run(
             &src.name,
             tag,
         )?;
+        area.held.keep_until_logged();
+        let logs = SourceLogs::open(dir, &src.name, area.held.clone(), cfg.nvram.partitions)
+            .with_context(|| format!("the log files of source {}", src.name))?;
+        writers.push(
+            logs.start()
+                .with_context(|| format!("starting the log writer of source {}", src.name))?,
+        );
         let store: Arc<dyn rdma_link::SecondStore> = area.held.clone();
-        let link = Link::start(lc, None, Some(store))
+        let link = Link::start_with_handler(lc, None, Some(store), log_questions(logs.clone()))
             .map_err(|e| anyhow::anyhow!("starting the link for source {}: {e}", src.name))?;
         served.push(Served {
             area,
             listen: src.listen.clone(),
             link,
+            logs,
         });
     }
     let served = Arc::new(served);
@@ -105,13 +151,17 @@ pub fn run(
     }
     tracing::info!(
         sources = served.len(),
-        "log-shipping destination ready: holding each source's records in its NVRAM area"
+        "log-shipping destination ready: each source's records go to its NVRAM area, then its log files"
     );
     let sig = wait_for_stop_signal(&signals).context("waiting for a signal")?;
     tracing::info!("{sig:?}: closing the sources' links; their records stay in the NVRAM");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     for s in served.iter() {
         shutdown_link(s.link.clone());
+        s.logs.stop();
+    }
+    for w in writers {
+        let _ = w.join();
     }
     let _ = std::fs::remove_file(&socket);
     Ok(())
@@ -127,6 +177,7 @@ fn status(node: &str, config: &str, served: &[Served]) -> DestinationStatus {
             .iter()
             .map(|s| {
                 let held = s.area.held.status();
+                let (log_files, log_error) = s.logs.status();
                 let state = s.link.state();
                 ShippedSourceStatus {
                     name: s.area.source.clone(),
@@ -145,6 +196,8 @@ fn status(node: &str, config: &str, served: &[Served]) -> DestinationStatus {
                     held_records: held.records,
                     held_bytes: held.bytes,
                     capacity_bytes: held.capacity_bytes,
+                    log_files,
+                    log_error,
                 }
             })
             .collect(),

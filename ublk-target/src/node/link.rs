@@ -192,9 +192,10 @@ pub fn shipping_link_config(
 
 /// A log-shipping source's link to its destination: every staged record is posted to the
 /// destination's NVRAM area for us and a write is acknowledged once both hold it (while
-/// the destination is away, the degraded policy decides); when it (re)connects it learns
-/// what we flushed and gets the records it lacks, as a pair's partner does. The
-/// destination takes nothing over and sends no requests.
+/// the destination is away, the degraded policy decides); when it (re)connects it gets the
+/// records it lacks, as a pair's partner does. A flushed batch leaves our log once the
+/// destination's log file holds it. The destination takes nothing over and sends no
+/// requests.
 pub fn start_source_link(
     cfg: &NodeConfig,
     s: &ShippingSection,
@@ -225,7 +226,11 @@ pub fn start_source_link(
     )?;
     let link = Link::start(lc, Some(engine.local_region()), None)
         .map_err(|e| anyhow::anyhow!("starting the link to destination {}: {e}", dest.name))?;
-    engine.attach_mirror(Arc::new(link.clone()));
+    engine.attach_mirror(Arc::new(ToDestination {
+        link: link.clone(),
+        // As a pair's batch waits out a link blip: two heartbeat timeouts.
+        away_grace: Duration::from_millis(s.heartbeat_timeout_ms) * 2,
+    }));
     let watch = PartnerWatch {
         engine: engine.clone(),
         link: link.clone(),
@@ -250,5 +255,49 @@ pub fn shutdown_link(link: rdma_link::Link) {
             let _ = tokio::time::timeout(Duration::from_secs(5), link.shutdown()).await;
         }),
         Err(_) => drop(link),
+    }
+}
+
+/// The mirror of a log-shipping source: the link, plus asking the destination whether its
+/// log file holds a batch (`wire::OP_SHIP_LOGGED`).
+struct ToDestination {
+    link: Link,
+    away_grace: Duration,
+}
+
+impl crate::mirror::Mirror for ToDestination {
+    fn post(&self, post: rdma_link::Post) -> crate::mirror::PostFuture {
+        crate::mirror::Mirror::post(&self.link, post)
+    }
+    fn release(&self, partition: u32, through_seq: u64) {
+        crate::mirror::Mirror::release(&self.link, partition, through_seq)
+    }
+    fn describe(&self) -> String {
+        crate::mirror::Mirror::describe(&self.link)
+    }
+    fn is_up(&self) -> bool {
+        crate::mirror::Mirror::is_up(&self.link)
+    }
+    fn state_name(&self) -> &'static str {
+        crate::mirror::Mirror::state_name(&self.link)
+    }
+    fn transport(&self) -> Option<&'static str> {
+        crate::mirror::Mirror::transport(&self.link)
+    }
+    fn rtt(&self) -> Option<Duration> {
+        self.link.rtt()
+    }
+    fn heard_by_partner(&self) -> Option<(u64, std::time::Instant)> {
+        crate::mirror::Mirror::heard_by_partner(&self.link)
+    }
+    fn keeps_log(&self) -> Option<Duration> {
+        Some(self.away_grace)
+    }
+    fn logged(&self, asked: wire::ShipLogged) -> crate::mirror::PostFuture {
+        let (link, req) = (self.link.clone(), asked.encode());
+        Box::pin(async move {
+            let answer = link.request(req).await.map_err(|e| e.to_string())?;
+            wire::answer(&answer).map(|_| ())
+        })
     }
 }

@@ -156,10 +156,6 @@ impl LogFile {
             path: path.to_owned(),
             source,
         };
-        let not_ours = |why: &str| LogFileError::NotALogFile {
-            path: path.to_owned(),
-            why: why.into(),
-        };
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -167,63 +163,14 @@ impl LogFile {
             .map_err(io_err)?;
         let mut buf = Vec::new();
         file.read_to_end(&mut buf).map_err(io_err)?;
-        if buf.len() < FILE_HEADER_BYTES as usize || &buf[0..8] != MAGIC {
-            return Err(not_ours("no log file header"));
-        }
-        let u32_at = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
-        let u64_at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&buf[i..i + 8]);
-            u64::from_le_bytes(a)
-        };
-        if crc32c::crc32c(&buf[..60]) != u32_at(60) {
-            return Err(not_ours("file header checksum"));
-        }
-        if u32_at(8) != VERSION {
-            return Err(not_ours(&format!(
-                "format version {}, this nvmirror reads {VERSION}",
-                u32_at(8)
-            )));
-        }
-        let (partition, source_log_id, first_seq) = (u32_at(12), u64_at(16), u64_at(24));
-        let mut at = FILE_HEADER_BYTES as usize;
-        let mut next_seq = first_seq;
-        while at < buf.len() {
-            match check_record(&buf, at) {
-                Ok((h, end)) => {
-                    if h.log_id != source_log_id || h.partition != partition {
-                        return Err(LogFileError::Damaged {
-                            path: path.to_owned(),
-                            offset: at as u64,
-                            why: format!(
-                                "a record of log {:016x} partition {} in the file of log \
-                                 {source_log_id:016x} partition {partition}",
-                                h.log_id, h.partition
-                            ),
-                        });
-                    }
-                    if h.seq != next_seq {
-                        return Err(LogFileError::Damaged {
-                            path: path.to_owned(),
-                            offset: at as u64,
-                            why: format!("seq {} where seq {next_seq} belongs", h.seq),
-                        });
-                    }
-                    next_seq += 1;
-                    at = end;
-                }
-                Err(why) => {
-                    if Self::good_record_after(&buf, at, next_seq) {
-                        return Err(LogFileError::Damaged {
-                            path: path.to_owned(),
-                            offset: at as u64,
-                            why,
-                        });
-                    }
-                    break;
-                }
-            }
-        }
+        let Checked {
+            partition,
+            source_log_id,
+            first_seq,
+            next_seq,
+            end: at,
+            ..
+        } = check_all(path, &buf)?;
         let torn_bytes = (buf.len() - at) as u64;
         if torn_bytes > 0 {
             file.set_len(at as u64)
@@ -341,6 +288,10 @@ impl LogFile {
         }
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn first_seq(&self) -> u64 {
         self.first_seq
     }
@@ -381,6 +332,135 @@ impl LogFile {
         }
         Ok(out)
     }
+}
+
+/// What a log file holds, checked record by record.
+struct Checked {
+    partition: u32,
+    source_log_id: u64,
+    first_seq: u64,
+    next_seq: u64,
+    /// Where the intact records end (a torn last append follows).
+    end: usize,
+    /// Records other than wrap markers, and markers.
+    data_records: u64,
+    markers: u64,
+}
+
+fn check_all(path: &Path, buf: &[u8]) -> Result<Checked, LogFileError> {
+    let not_ours = |why: &str| LogFileError::NotALogFile {
+        path: path.to_owned(),
+        why: why.into(),
+    };
+    if buf.len() < FILE_HEADER_BYTES as usize || &buf[0..8] != MAGIC {
+        return Err(not_ours("no log file header"));
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+    let u64_at = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&buf[i..i + 8]);
+        u64::from_le_bytes(a)
+    };
+    if crc32c::crc32c(&buf[..60]) != u32_at(60) {
+        return Err(not_ours("file header checksum"));
+    }
+    if u32_at(8) != VERSION {
+        return Err(not_ours(&format!(
+            "format version {}, this nvmirror reads {VERSION}",
+            u32_at(8)
+        )));
+    }
+    let (partition, source_log_id, first_seq) = (u32_at(12), u64_at(16), u64_at(24));
+    let mut at = FILE_HEADER_BYTES as usize;
+    let mut next_seq = first_seq;
+    let (mut data_records, mut markers) = (0u64, 0u64);
+    while at < buf.len() {
+        match check_record(buf, at) {
+            Ok((h, end)) => {
+                if h.log_id != source_log_id || h.partition != partition {
+                    return Err(LogFileError::Damaged {
+                        path: path.to_owned(),
+                        offset: at as u64,
+                        why: format!(
+                            "a record of log {:016x} partition {} in the file of log \
+                                 {source_log_id:016x} partition {partition}",
+                            h.log_id, h.partition
+                        ),
+                    });
+                }
+                if h.seq != next_seq {
+                    return Err(LogFileError::Damaged {
+                        path: path.to_owned(),
+                        offset: at as u64,
+                        why: format!("seq {} where seq {next_seq} belongs", h.seq),
+                    });
+                }
+                next_seq += 1;
+                if h.kind == RecordKind::Wrap {
+                    markers += 1;
+                } else {
+                    data_records += 1;
+                }
+                at = end;
+            }
+            Err(why) => {
+                if LogFile::good_record_after(buf, at, next_seq) {
+                    return Err(LogFileError::Damaged {
+                        path: path.to_owned(),
+                        offset: at as u64,
+                        why,
+                    });
+                }
+                break;
+            }
+        }
+    }
+    Ok(Checked {
+        partition,
+        source_log_id,
+        first_seq,
+        next_seq,
+        end: at,
+        data_records,
+        markers,
+    })
+}
+
+/// A log file as `nvmirrorctl log-files` shows it (read-only: a torn tail is reported,
+/// not cut off).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogFileSummary {
+    pub file: String,
+    pub partition: u32,
+    pub source_log_id: String,
+    pub first_seq: u64,
+    /// The seq the next record would have.
+    pub next_seq: u64,
+    /// Records other than wrap markers (the source skipping its partition's end).
+    pub records: u64,
+    pub wrap_markers: u64,
+    pub bytes: u64,
+    pub torn_bytes: u64,
+}
+
+/// Checks the log file at `path` without changing it.
+pub fn summarize(path: &Path) -> Result<LogFileSummary, LogFileError> {
+    let buf = std::fs::read(path).map_err(|source| LogFileError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let c = check_all(path, &buf)?;
+    Ok(LogFileSummary {
+        file: path.display().to_string(),
+        partition: c.partition,
+        source_log_id: format!("{:016x}", c.source_log_id),
+        first_seq: c.first_seq,
+        next_seq: c.next_seq,
+        records: c.data_records,
+        wrap_markers: c.markers,
+        bytes: c.end as u64,
+        torn_bytes: (buf.len() - c.end) as u64,
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,648 @@
+//! The destination's writer of one source's log files (claim set C, step 2 of
+//! docs/log-shipping.md): it appends the records the source's NVRAM area holds to
+//! `DIR/SOURCE/pN-LOGID-FIRSTSEQ.log`, one file per source partition and log segment, in
+//! sequence order, fdatasyncs each batch, and only then lets the records leave the area.
+//!
+//! The area itself puts records back in order: they wait in the NVRAM, indexed by seq, until
+//! the one before them is in the file. A missing seq is one of:
+//! * a wrap marker (the source skips the end of its partition; never posted): the source
+//!   names them when it asks whether a batch is logged, and the writer appends a marker;
+//! * a record still on its way: the writer waits (a gap open for [`GAP_REPORT_AFTER`] is
+//!   reported in status, naming the partition and the seq, and waited for still);
+//! * a record the source no longer has (it flushed it while we were away, and the batch
+//!   left its log without us): the source's next question says where its log starts, and
+//!   the file ends there; a new segment starts at the next record we hold, and the gap is
+//!   counted and logged.
+//!
+//! The source's flusher asks (`wire::OP_SHIP_LOGGED`) before its log lets a batch go:
+//! [`SourceLogs::wait_logged`] answers once the file holds it.
+
+use super::log_file::{LogFile, LogFileError};
+use crate::mirror::SecondStoreArea;
+use crate::nvram::record::{RecordHeader, RecordKind};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The most one append carries.
+const BATCH_BYTES: usize = 4 << 20;
+/// How often the writer looks at the area when nothing woke it.
+const POLL: Duration = Duration::from_millis(20);
+/// A gap open this long with later records waiting behind it shows in status.
+pub const GAP_REPORT_AFTER: Duration = Duration::from_secs(10);
+
+/// What the writer knows of one source partition.
+#[derive(Debug, Default)]
+struct PartitionLog {
+    /// The file appended to now (its log id is the source log it belongs to).
+    segment: Option<LogFile>,
+    /// With no segment: the seq the next one starts at (after a gap).
+    resume_at: Option<u64>,
+    /// From the source's questions, for its log `hint_log`: every seq through `gone_through`
+    /// has left its log; `wraps` are markers it never posted.
+    hint_log: Option<u64>,
+    gone_through: u64,
+    wraps: BTreeSet<u64>,
+    /// Records appended since the daemon started (markers included).
+    appended: u64,
+    appended_bytes: u64,
+    /// Segments ended by records that never arrived.
+    gaps: u64,
+    /// Since when the record the file needs next has been missing while later ones wait.
+    waiting_since: Option<(u64, Instant)>,
+}
+
+impl PartitionLog {
+    fn logged_through(&self, log_id: u64) -> Option<u64> {
+        self.segment
+            .as_ref()
+            .filter(|f| f.source_log_id() == log_id)
+            .map(|f| f.next_seq() - 1)
+    }
+}
+
+/// One partition as status shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionLogStatus {
+    pub partition: u32,
+    /// The current log file (None before the first record).
+    pub file: Option<String>,
+    /// Its first seq and the seq it needs next.
+    pub first_seq: u64,
+    pub next_seq: u64,
+    pub file_bytes: u64,
+    pub appended_records: u64,
+    pub appended_bytes: u64,
+    pub gaps: u64,
+    /// A record that has not arrived for [`GAP_REPORT_AFTER`] while later ones wait.
+    pub waiting_for: Option<String>,
+}
+
+/// The log files of one source, and the thread that writes them.
+pub struct SourceLogs {
+    source: String,
+    dir: PathBuf,
+    area: Arc<SecondStoreArea>,
+    parts: Mutex<Vec<PartitionLog>>,
+    /// The last append or sync error (the records stay in the NVRAM; retried).
+    error: Mutex<Option<String>>,
+    /// Bumped after every append: `wait_logged` looks again.
+    progress: tokio::sync::watch::Sender<u64>,
+    stop: AtomicBool,
+    thread: Mutex<Option<std::thread::Thread>>,
+}
+
+impl SourceLogs {
+    /// Opens (or starts) the log files of `source` in `dir/source`: the newest segment of
+    /// each partition for the log the area holds records of is checked and continued (a
+    /// torn last append cut off; damage refuses, naming the file). What the files already
+    /// hold leaves the area.
+    pub fn open(
+        dir: &Path,
+        source: &str,
+        area: Arc<SecondStoreArea>,
+        partitions: u32,
+    ) -> Result<Arc<SourceLogs>, LogFileError> {
+        let dir = dir.join(source);
+        std::fs::create_dir_all(&dir).map_err(|e| LogFileError::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
+        let mut parts = Vec::new();
+        for p in 0..partitions {
+            let mut part = PartitionLog::default();
+            if let Some((Some(log_id), _)) = area.log_state(p) {
+                if let Some(path) = newest_segment(&dir, p, log_id)? {
+                    let opened = LogFile::open(&path)?;
+                    if opened.torn_bytes > 0 {
+                        tracing::warn!(
+                            source,
+                            file = %path.display(),
+                            "cut off {} byte(s) of a torn last append (never synced, so never confirmed to the source)",
+                            opened.torn_bytes
+                        );
+                    }
+                    let through = opened.log.next_seq() - 1;
+                    area.release_logged(p, through);
+                    part.segment = Some(opened.log);
+                }
+            }
+            parts.push(part);
+        }
+        Ok(Arc::new(SourceLogs {
+            source: source.to_owned(),
+            dir,
+            area,
+            parts: Mutex::new(parts),
+            error: Mutex::new(None),
+            progress: tokio::sync::watch::channel(0).0,
+            stop: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        }))
+    }
+
+    /// Starts the writer thread (it ends after [`Self::stop`]).
+    pub fn start(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let me = self.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("log-{}", self.source))
+            .spawn(move || {
+                while !me.stop.load(Ordering::Relaxed) {
+                    if !me.pass() {
+                        std::thread::park_timeout(POLL);
+                    }
+                }
+            })?;
+        *lock(&self.thread) = Some(handle.thread().clone());
+        Ok(handle)
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(t) = lock(&self.thread).as_ref() {
+            t.unpark();
+        }
+    }
+
+    /// The source asks whether its records of `asked.partition` through `asked.through_seq`
+    /// are in the log file (its question also says where its log starts and which seqs
+    /// are wrap markers). Ok once they are; Err after `patience` (it asks again).
+    pub async fn wait_logged(
+        &self,
+        asked: &crate::cluster::wire::ShipLogged,
+        patience: Duration,
+    ) -> Result<(), String> {
+        {
+            let mut parts = lock(&self.parts);
+            let Some(part) = parts.get_mut(asked.partition as usize) else {
+                return Err(format!(
+                    "partition {} is not one of the {} this destination keeps for {}",
+                    asked.partition,
+                    parts.len(),
+                    self.source
+                ));
+            };
+            if part.hint_log != Some(asked.log_id) {
+                part.hint_log = Some(asked.log_id);
+                part.gone_through = 0;
+                part.wraps.clear();
+            }
+            part.gone_through = part.gone_through.max(asked.first_seq.saturating_sub(1));
+            part.wraps.extend(asked.wraps.iter().copied());
+        }
+        self.wake();
+        let mut seen = self.progress.subscribe();
+        let logged = |me: &Self| {
+            let in_file = lock(&me.parts)
+                .get(asked.partition as usize)
+                .and_then(|p| p.logged_through(asked.log_id))
+                .is_some_and(|t| t >= asked.through_seq);
+            // Or gone from the area: logged in an earlier file, or skipped as a gap.
+            in_file
+                || me
+                    .area
+                    .log_state(asked.partition)
+                    .is_some_and(|(log, released)| {
+                        log == Some(asked.log_id) && released >= asked.through_seq
+                    })
+        };
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            if logged(self) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, seen.changed())
+                .await
+                .is_err()
+            {
+                let why = lock(&self.error)
+                    .clone()
+                    .unwrap_or_else(|| "records before it have not arrived yet".to_string());
+                return Err(format!(
+                    "{}'s log file of partition {} does not hold seq {} yet: {why}",
+                    self.source, asked.partition, asked.through_seq
+                ));
+            }
+        }
+    }
+
+    /// One look at every partition; true if something was appended.
+    fn pass(&self) -> bool {
+        let mut any = false;
+        let partitions = lock(&self.parts).len() as u32;
+        for p in 0..partitions {
+            match self.write_partition(p) {
+                Ok(n) => any |= n > 0,
+                Err(e) => {
+                    let text = e.to_string();
+                    let mut last = lock(&self.error);
+                    if last.as_deref() != Some(&text) {
+                        tracing::error!(
+                            source = self.source,
+                            partition = p,
+                            "writing the log file failed ({text}); the records stay in the NVRAM and the source waits"
+                        );
+                    }
+                    *last = Some(text);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        if any {
+            *lock(&self.error) = None;
+            self.progress.send_modify(|n| *n += 1);
+        }
+        any
+    }
+
+    /// Appends what partition `p` can continue its file with; the number of records.
+    fn write_partition(&self, p: u32) -> Result<usize, LogFileError> {
+        let Some((Some(log_id), released)) = self.area.log_state(p) else {
+            return Ok(0);
+        };
+        // Planned under the lock; the file I/O happens with only this partition's segment
+        // taken out of it (the gate's questions keep being answered meanwhile).
+        let (mut segment, mut next) = {
+            let mut parts = lock(&self.parts);
+            let Some(part) = parts.get_mut(p as usize) else {
+                return Ok(0);
+            };
+            if part
+                .segment
+                .as_ref()
+                .is_some_and(|f| f.source_log_id() != log_id)
+            {
+                tracing::info!(
+                    source = self.source,
+                    partition = p,
+                    "the source's log changed (it formatted its NVRAM): a new log file follows"
+                );
+                part.segment = None;
+                part.resume_at = None;
+            }
+            if part.hint_log.is_some_and(|l| l != log_id) {
+                part.hint_log = None;
+                part.gone_through = 0;
+                part.wraps.clear();
+            }
+            let next = match &part.segment {
+                Some(f) => f.next_seq(),
+                None => part.resume_at.unwrap_or(0).max(released + 1),
+            };
+            (part.segment.take(), next)
+        };
+        let result = self.append_run(p, log_id, &mut segment, &mut next);
+        let mut parts = lock(&self.parts);
+        let Some(part) = parts.get_mut(p as usize) else {
+            return result;
+        };
+        part.segment = segment;
+        if let Ok(n) = &result {
+            if *n == 0 {
+                self.note_missing(p, part, log_id, next);
+            } else {
+                part.waiting_since = None;
+            }
+        }
+        result
+    }
+
+    /// Appends the records from `next` on that are here (and markers the source named),
+    /// syncs, and lets them leave the area.
+    fn append_run(
+        &self,
+        p: u32,
+        log_id: u64,
+        segment: &mut Option<LogFile>,
+        next: &mut u64,
+    ) -> Result<usize, LogFileError> {
+        let wraps: BTreeSet<u64> = lock(&self.parts)
+            .get(p as usize)
+            .map(|x| x.wraps.clone())
+            .unwrap_or_default();
+        let mut run: Vec<(RecordHeader, Vec<u8>)> = Vec::new();
+        let mut bytes = 0usize;
+        let mut seq = *next;
+        while bytes < BATCH_BYTES {
+            if let Some((h, data, _)) = self.area.copy_held(log_id, p, seq) {
+                bytes += h.slot() as usize;
+                run.push((h, data));
+            } else if wraps.contains(&seq) {
+                run.push((wrap_marker(log_id, p, seq), Vec::new()));
+            } else {
+                break;
+            }
+            seq += 1;
+        }
+        if run.is_empty() {
+            return Ok(0);
+        }
+        let file = match segment {
+            Some(f) => f,
+            None => {
+                let path = segment_path(&self.dir, p, log_id, *next);
+                tracing::info!(source = self.source, partition = p, file = %path.display(), "new log file");
+                segment.insert(LogFile::create(&path, log_id, p, *next)?)
+            }
+        };
+        let refs: Vec<(RecordHeader, &[u8])> = run.iter().map(|(h, d)| (*h, &d[..])).collect();
+        file.append(&refs)?;
+        file.sync()?;
+        let through = seq - 1;
+        self.area.release_logged(p, through);
+        *next = seq;
+        let mut parts = lock(&self.parts);
+        if let Some(part) = parts.get_mut(p as usize) {
+            part.appended += run.len() as u64;
+            part.appended_bytes += bytes as u64;
+            part.wraps = part.wraps.split_off(&seq);
+            part.resume_at = None;
+        }
+        Ok(run.len())
+    }
+
+    /// Nothing could be appended at `next`: a record on its way (wait; report a long wait),
+    /// or one the source no longer has (end the segment there).
+    fn note_missing(&self, p: u32, part: &mut PartitionLog, log_id: u64, next: u64) {
+        let Some(later) = self.area.held_from(p, next) else {
+            part.waiting_since = None;
+            return;
+        };
+        let gone = part.hint_log == Some(log_id) && next <= part.gone_through;
+        if !gone {
+            match part.waiting_since {
+                Some((seq, _)) if seq == next => {}
+                _ => part.waiting_since = Some((next, Instant::now())),
+            }
+            return;
+        }
+        // The source's log starts after `next`: what we lack of it through `gone_through`
+        // never comes; from the next record we hold (or the first the source still has) on,
+        // the file goes on.
+        let resume = later.min(part.gone_through + 1);
+        if let Some(f) = part.segment.take() {
+            part.gaps += 1;
+            tracing::warn!(
+                source = self.source,
+                partition = p,
+                "records {next}..{} never reached this destination (the source flushed them while we were away): log file {} ends before them, the next one starts at seq {resume}",
+                resume - 1,
+                f.path().display()
+            );
+        } else {
+            tracing::info!(
+                source = self.source,
+                partition = p,
+                "the source's log starts at seq {resume} for us: the first log file starts there"
+            );
+        }
+        // Late copies of the skipped records must not stay held for ever.
+        self.area.release_logged(p, resume - 1);
+        part.resume_at = Some(resume);
+        part.waiting_since = None;
+    }
+
+    /// Status of every partition.
+    pub fn status(&self) -> (Vec<PartitionLogStatus>, Option<String>) {
+        let now = Instant::now();
+        let parts = lock(&self.parts);
+        let list = parts
+            .iter()
+            .enumerate()
+            .map(|(p, x)| PartitionLogStatus {
+                partition: p as u32,
+                file: x.segment.as_ref().map(|f| f.path().display().to_string()),
+                first_seq: x.segment.as_ref().map_or(0, |f| f.first_seq()),
+                next_seq: x.segment.as_ref().map_or(0, |f| f.next_seq()),
+                file_bytes: x.segment.as_ref().map_or(0, |f| f.len()),
+                appended_records: x.appended,
+                appended_bytes: x.appended_bytes,
+                gaps: x.gaps,
+                waiting_for: x.waiting_since.and_then(|(seq, since)| {
+                    let open = now.saturating_duration_since(since);
+                    (open >= GAP_REPORT_AFTER).then(|| {
+                        format!(
+                            "seq {seq} has not arrived for {} s while later records wait",
+                            open.as_secs()
+                        )
+                    })
+                }),
+            })
+            .collect();
+        (list, lock(&self.error).clone())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The marker that stands for a wrap the source skipped (it posts none): the file's seqs
+/// stay contiguous.
+fn wrap_marker(log_id: u64, partition: u32, seq: u64) -> RecordHeader {
+    RecordHeader {
+        kind: RecordKind::Wrap,
+        flags: 0,
+        log_id,
+        seq,
+        lun: 0,
+        partition,
+        offset: 0,
+        len: 0,
+        data_len: 0,
+        acked_through: 0,
+        data_crc: crc32c::crc32c(&[]),
+    }
+}
+
+/// `DIR/pN-LOGID-FIRSTSEQ.log`: names sort by partition, log and first seq.
+pub fn segment_path(dir: &Path, partition: u32, log_id: u64, first_seq: u64) -> PathBuf {
+    dir.join(format!("p{partition}-{log_id:016x}-{first_seq:020}.log"))
+}
+
+/// The segment of `partition` and `log_id` with the highest first seq in `dir`.
+fn newest_segment(
+    dir: &Path,
+    partition: u32,
+    log_id: u64,
+) -> Result<Option<PathBuf>, LogFileError> {
+    let prefix = format!("p{partition}-{log_id:016x}-");
+    let entries = std::fs::read_dir(dir).map_err(|e| LogFileError::Io {
+        path: dir.to_owned(),
+        source: e,
+    })?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix) && n.ends_with(".log"))
+        .collect();
+    names.sort();
+    Ok(names.pop().map(|n| dir.join(n)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::wire::ShipLogged;
+    use crate::nvram::memory::MemoryNvram;
+    use crate::nvram::NvramRegion;
+    use crate::shipping::area::open_areas;
+    use crate::shipping::log_file::summarize;
+    use rdma_link::SecondStore;
+
+    const LOG: u64 = 0xabc;
+    const MIB: u64 = 1 << 20;
+
+    struct Fixture {
+        area: Arc<SecondStoreArea>,
+        part_size: u64,
+        /// Where partition 0's next record lands.
+        pos: u64,
+        dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let nv = Arc::new(NvramRegion::in_memory(Arc::new(MemoryNvram::new(
+            "dest",
+            (8 * MIB) as usize,
+        ))));
+        let areas = open_areas(&nv, 2, &[("src1".to_string(), 8 * MIB)]).expect("area");
+        let area = areas[0].held.clone();
+        area.keep_until_logged();
+        Fixture {
+            part_size: areas[0].geometry.part_size,
+            area,
+            pos: 0,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    impl Fixture {
+        /// Record `seq` of partition 0 lands (as a post would put it) and is held.
+        fn land(&mut self, seq: u64) {
+            let data = vec![seq as u8; 4096];
+            let h = RecordHeader {
+                kind: RecordKind::Data,
+                flags: 0,
+                log_id: LOG,
+                seq,
+                lun: 0,
+                partition: 0,
+                offset: seq * 4096,
+                len: 4096,
+                data_len: 4096,
+                acked_through: 0,
+                data_crc: crc32c::crc32c(&data),
+            };
+            let region = self.area.region();
+            assert!(region.write_bytes(self.pos, &h.encode()));
+            assert!(region.write_bytes(self.pos + 64, &data));
+            self.area
+                .hold_record(0, seq, self.pos, h.slot() as u32)
+                .expect("held");
+            self.pos += h.slot();
+            assert!(self.pos < self.part_size);
+        }
+
+        fn logs(&self) -> Arc<SourceLogs> {
+            SourceLogs::open(self.dir.path(), "src1", self.area.clone(), 2).expect("open")
+        }
+
+        fn files(&self) -> Vec<crate::shipping::log_file::LogFileSummary> {
+            let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("src1"))
+                .expect("dir")
+                .map(|e| e.expect("entry").path())
+                .collect();
+            names.sort();
+            names
+                .iter()
+                .map(|p| summarize(p).expect("intact"))
+                .collect()
+        }
+    }
+
+    fn ask(
+        logs: &SourceLogs,
+        first_seq: u64,
+        through_seq: u64,
+        wraps: Vec<u64>,
+    ) -> Result<(), String> {
+        ask_within(logs, first_seq, through_seq, wraps, Duration::from_secs(5))
+    }
+
+    fn ask_within(
+        logs: &SourceLogs,
+        first_seq: u64,
+        through_seq: u64,
+        wraps: Vec<u64>,
+        patience: Duration,
+    ) -> Result<(), String> {
+        let asked = ShipLogged {
+            partition: 0,
+            through_seq,
+            log_id: LOG,
+            first_seq,
+            wraps,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(logs.wait_logged(&asked, patience))
+    }
+
+    #[test]
+    fn records_go_to_the_file_in_order_once_and_then_leave_the_nvram() {
+        let mut f = fixture();
+        // Out of order: 2 waits in the NVRAM until 1 is there.
+        f.pos = 4160;
+        f.land(2);
+        f.pos = 0;
+        let logs = f.logs();
+        assert!(!logs.pass());
+        f.land(1);
+        f.pos = 2 * 4160;
+        assert!(logs.pass());
+        assert_eq!(f.area.status().records, 0);
+        // A copy that comes again (a resend after a reconnect) is not held, so not logged.
+        f.pos = 0;
+        f.land(1);
+        assert_eq!(f.area.status().records, 0);
+        f.pos = 2 * 4160;
+        // 3 is a wrap marker the source never posts: it says so when it asks.
+        f.land(4);
+        assert!(!logs.pass());
+        let writer = logs.start().expect("thread");
+        ask(&logs, 1, 4, vec![3]).expect("logged through 4");
+        let files = f.files();
+        assert_eq!(files.len(), 1);
+        assert_eq!((files[0].first_seq, files[0].next_seq), (1, 5));
+        assert_eq!((files[0].records, files[0].wrap_markers), (3, 1));
+        // 5 and 6 never come: the source's next question starts at 7.
+        f.land(7);
+        ask(&logs, 7, 7, vec![]).expect("logged through 7");
+        let files = f.files();
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert_eq!((files[1].first_seq, files[1].next_seq), (7, 8));
+        assert_eq!(logs.status().0[0].gaps, 1);
+        // Not yet there: "not yet", not a wait for ever.
+        let e = ask_within(&logs, 7, 8, vec![], Duration::from_millis(200))
+            .expect_err("seq 8 was never posted");
+        assert!(e.contains("does not hold seq 8 yet"), "{e}");
+        logs.stop();
+        writer.join().expect("writer");
+        // After a restart the newest file goes on.
+        f.land(8);
+        let again = f.logs();
+        assert!(again.pass());
+        let files = f.files();
+        assert_eq!((files[1].first_seq, files[1].next_seq), (7, 9));
+        assert_eq!(f.area.status().records, 0);
+    }
+}
