@@ -226,6 +226,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NvramCmd,
     },
+    /// On a log-shipping destination, after source NAME died: put every record its NVRAM
+    /// area holds into its log files, then build each of its LUNs as an image file
+    /// (`shipping.dir`/NAME/lunN.img) from them, in sequence order. Refused while the source
+    /// is connected, and when the files lack part of its history (a gap, or a start after
+    /// its first writes) unless --force.
+    Export {
+        #[arg(long)]
+        source: String,
+        /// Each image's length at least: the source's LUN size (e.g. 64MiB).
+        #[arg(long)]
+        size: Option<nvmirror::config::ByteSize>,
+        /// Build the images from what there is, gaps and all; overwrite existing images.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a log-shipping destination's log files (read-only): each file's partition,
     /// source log, seqs, records and bytes; a damaged record is named. PATH is a source's
     /// directory (`shipping.dir`/SOURCE) or one file.
@@ -912,6 +929,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             None => bail!("cannot read ublk features: is ublk_drv loaded (modprobe ublk_drv) and the kernel 6.5 or newer?"),
         },
+        Cmd::Export {
+            source,
+            size,
+            force,
+            json,
+        } => {
+            let req = Request::Export {
+                source: source.clone(),
+                size: size.as_ref().map(|b| b.0),
+                force: *force,
+            };
+            let r = match call(&socket_path(&cli)?, req, Duration::from_secs(600))? {
+                Response::Exported(r) => *r,
+                other => bail!("unexpected answer: {other:?}"),
+            };
+            if *json {
+                println!("{}", json_out::versioned(&r)?);
+            } else {
+                for m in &r.missing {
+                    println!("MISSING (--force): {m}");
+                }
+                for u in &r.unacknowledged {
+                    println!("in flight when the source died, never acknowledged: {u}");
+                }
+                for i in &r.images {
+                    println!(
+                        "source {} LUN {}: {} ({} record(s), {} bytes written)",
+                        r.source, i.lun, i.path, i.records, i.bytes
+                    );
+                }
+                println!("export of {}: {} log file(s) applied", r.source, r.files);
+            }
+        }
         Cmd::LogFiles { path, json } => {
             let files: Vec<PathBuf> = if path.is_dir() {
                 let mut v: Vec<PathBuf> = std::fs::read_dir(path)

@@ -46,16 +46,22 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => parse_size::Config::new()
-                .with_binary()
-                .parse_size(s.trim())
-                .map(ByteSize)
-                .map_err(|e| {
-                    serde::de::Error::custom(format!(
-                        "{s:?} is not a size ({e}); write e.g. \"64MiB\", \"1GiB\" or a byte count"
-                    ))
-                }),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
         }
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ByteSize, String> {
+        parse_size::Config::new()
+            .with_binary()
+            .parse_size(s.trim())
+            .map(ByteSize)
+            .map_err(|e| {
+                format!("{s:?} is not a size ({e}); write e.g. \"64MiB\", \"1GiB\" or a byte count")
+            })
     }
 }
 

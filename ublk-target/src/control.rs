@@ -14,6 +14,15 @@ use std::time::Duration;
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// Log-shipping destination: source `source` is gone; build its volume's images from
+    /// its log files (`shipping::export`). `size`: each image's length at least.
+    Export {
+        source: String,
+        #[serde(default)]
+        size: Option<u64>,
+        #[serde(default)]
+        force: bool,
+    },
     /// Stop moving staged writes to the medium (maintenance; writes continue until the
     /// NVRAM is full, then wait).
     FlushPause,
@@ -139,6 +148,7 @@ pub enum Response {
     Status(Box<DaemonStatus>),
     Destination(Box<DestinationStatus>),
     Verified(Box<VerifyReport>),
+    Exported(Box<crate::shipping::export::ExportReport>),
     Error { message: String },
 }
 

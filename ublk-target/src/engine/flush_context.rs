@@ -36,10 +36,17 @@ pub(super) struct NodeFlushContext {
     pub(super) copy_fence: Option<Arc<CopyFence>>,
     /// The clock (`copy_to_partner` waits out a link blip on it).
     pub(super) host: Arc<dyn Host>,
+    /// Bytes per partition of our log (a record's offset in the region the mirror posts
+    /// from: `PartitionLog::store_offset`).
+    pub(super) part_size: u64,
 }
 
 /// How often a batch the partner missed because the link was down looks at the link again.
 const BLIP_RETRY_EVERY: Duration = Duration::from_millis(100);
+
+/// Log shipping: how often a batch whose records the destination has not logged yet is
+/// posted to it again before the flusher backs off and writes the batch again.
+const NOT_YET_RESENDS: u32 = 2;
 
 /// How long a batch the partner missed waits for the link to come back before marking the
 /// partner's medium outdated: two heartbeat timeouts (the link is called down after one,
@@ -395,11 +402,33 @@ impl NodeFlushContext {
                 .map(|r| r.seq)
                 .collect(),
         };
+        // A record the destination never got while the link stayed up (a post that failed
+        // as the link came up, one it refused) would hold the batch for good: before asking
+        // again after a "not yet", the batch's records go to it once more (holding a copy
+        // twice, or one already logged, changes nothing there).
+        let posts: Vec<rdma_link::Post> = batch
+            .iter()
+            .filter(|r| r.kind != RecordKind::Wrap)
+            .map(|r| rdma_link::Post {
+                partition,
+                seq: r.seq,
+                local_offset: u64::from(partition) * self.part_size + r.pos,
+                remote_offset: u64::from(partition) * self.part_size + r.pos,
+                len: r.slot as u32,
+            })
+            .collect();
         let (host, misses) = (self.host.clone(), self.partner_misses.clone());
         Box::pin(async move {
             let give_up_at = host.now() + grace;
+            let mut not_yet = 0;
             loop {
                 if m.is_up() {
+                    if not_yet > 0 {
+                        let sent: Vec<_> = posts.iter().map(|p| m.post(*p)).collect();
+                        for s in sent {
+                            let _ = s.await;
+                        }
+                    }
                     match m.logged(asked.clone()).await {
                         Ok(()) => {
                             let missed = misses.swap(0, Ordering::Relaxed);
@@ -409,6 +438,10 @@ impl NodeFlushContext {
                                 );
                             }
                             return Ok(());
+                        }
+                        Err(_) if m.is_up() && not_yet < NOT_YET_RESENDS => {
+                            not_yet += 1;
+                            continue;
                         }
                         Err(why) if m.is_up() => {
                             return Err(Fence::Suspended(format!(

@@ -556,6 +556,7 @@ impl Engine {
                 .filter(|c| c.own_storage())
                 .map(|_| self.copy_fence.clone()),
             host: self.host.clone(),
+            part_size: self.sb.part_size,
         });
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for part in &self.parts {

@@ -168,12 +168,21 @@ impl SecondStoreArea {
     /// Drops the held records through `through_seq` of `partition` (they are on the
     /// medium), except pinned ones, and moves the watermark.
     fn release_held(&self, partition: u32, through_seq: u64) {
+        self.release_held_of(None, partition, through_seq)
+    }
+
+    /// `release_held`, only while the held records are of source log `log_id` (if given):
+    /// a seq of an older log must not move a newer log's watermark.
+    fn release_held_of(&self, log_id: Option<u64>, partition: u32, through_seq: u64) {
         let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
         let log = self.partition_log(partition);
         let mut held = self.held();
         let Some(pp) = held.get_mut(partition as usize) else {
             return;
         };
+        if log_id.is_some_and(|l| pp.log_id != Some(l)) {
+            return;
+        }
         let rest = pp.records.split_off(&(through_seq + 1));
         let released = std::mem::replace(&mut pp.records, rest);
         let mut kept_below = None;
@@ -423,9 +432,31 @@ impl SecondStoreArea {
             .then_some((header, data, held.pos))
     }
 
-    /// The log file holds `partition`'s records through `through_seq`: they leave the area.
-    pub fn release_logged(&self, partition: u32, through_seq: u64) {
-        self.release_held(partition, through_seq);
+    /// The log file holds `partition`'s records of source log `log_id` through
+    /// `through_seq`: they leave the area (nothing, if the area holds another log by now).
+    pub fn release_logged(&self, log_id: u64, partition: u32, through_seq: u64) {
+        self.release_held_of(Some(log_id), partition, through_seq);
+    }
+
+    /// Forgets the held records of `partition` through `through_seq` that are no longer
+    /// intact records of log `log_id` (the source reused their space: it went on without
+    /// us); how many. They never reach the log file, and the writer must not wait on them.
+    pub fn forget_overwritten(&self, log_id: u64, partition: u32, through_seq: u64) -> usize {
+        let log = self.partition_log(partition);
+        let mut held = self.held();
+        let Some(pp) = held.get_mut(partition as usize) else {
+            return 0;
+        };
+        let before = pp.records.len();
+        pp.records.retain(|&seq, h| {
+            if seq > through_seq {
+                return true;
+            }
+            self.held_header(log, partition, seq, h)
+                .filter(|hd| hd.log_id == log_id)
+                .is_some_and(|hd| self.record_data(log, h, &hd).is_some())
+        });
+        before - pp.records.len()
     }
 
     /// Whether record `seq` of the partner's `partition` is held (e.g. pinned past a release).
@@ -998,7 +1029,16 @@ impl rdma_link::SecondStore for SecondStoreArea {
         if pp.log_id != Some(header.log_id) {
             // A new log of the partner: it replayed its old one before formatting, so
             // nothing of the old log is needed any more.
-            if pp.log_id.is_some() {
+            if pp.log_id.is_some()
+                && self.until_logged.load(std::sync::atomic::Ordering::Relaxed)
+                && !pp.records.is_empty()
+            {
+                tracing::warn!(
+                    partition,
+                    "the source's log changed (it reformatted its NVRAM): {} record(s) of its old log were not in the log files yet and are dropped (the source replayed them into its medium before formatting)",
+                    pp.records.len()
+                );
+            } else if pp.log_id.is_some() {
                 tracing::info!(
                     partition,
                     "the partner's log changed (it reformatted its NVRAM): dropping {} record(s) of its old log",

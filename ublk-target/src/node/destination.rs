@@ -130,9 +130,14 @@ pub fn run(
                 &config_path,
                 &answering,
             ))),
+            Request::Export {
+                source,
+                size,
+                force,
+            } => export(&answering, &source, size, force),
             other => Response::Error {
                 message: format!(
-                    "a log-shipping destination answers only status so far; {other:?} is for nodes that serve LUNs"
+                    "a log-shipping destination answers only status and export; {other:?} is for nodes that serve LUNs"
                 ),
             },
         }),
@@ -166,6 +171,47 @@ pub fn run(
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
+
+/// `nvmirrorctl export`: source `name` is gone; its images are built from its log files
+/// once every record its NVRAM area holds is in them.
+fn export(served: &[Served], name: &str, size: Option<u64>, force: bool) -> Response {
+    let error = |message: String| Response::Error { message };
+    let Some(s) = served.iter().find(|s| s.area.source == name) else {
+        let names: Vec<&str> = served.iter().map(|s| s.area.source.as_str()).collect();
+        return error(format!(
+            "no source {name:?} here; this destination keeps {}",
+            names.join(", ")
+        ));
+    };
+    if s.link.state().is_up() {
+        return error(format!(
+            "source {name} is connected: export is for a source that is gone (stop it, or make sure it is dead, first)"
+        ));
+    }
+    tracing::warn!(
+        source = name,
+        "export: the source is gone; building its images from its log files"
+    );
+    let in_flight = match s.logs.log_everything_held(EXPORT_LOG_TIMEOUT) {
+        Ok(skipped) => skipped,
+        Err(e) => return error(e),
+    };
+    match crate::shipping::export::export(s.logs.dir(), name, size, force, &in_flight) {
+        Ok(report) => {
+            tracing::info!(
+                source = name,
+                "export: {} image(s) built from {} log file(s)",
+                report.images.len(),
+                report.files
+            );
+            Response::Exported(Box::new(report))
+        }
+        Err(e) => error(e.to_string()),
+    }
+}
+
+/// How long an export waits for the records still in the NVRAM to reach the log files.
+const EXPORT_LOG_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn status(node: &str, config: &str, served: &[Served]) -> DestinationStatus {
     DestinationStatus {

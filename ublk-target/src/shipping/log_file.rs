@@ -66,6 +66,9 @@ pub struct LogFile {
     first_seq: u64,
     next_seq: u64,
     len: u64,
+    /// As of the last successful `sync` (or the open): what is durable.
+    synced_next_seq: u64,
+    synced_len: u64,
 }
 
 /// What `LogFile::open` found.
@@ -147,11 +150,21 @@ impl LogFile {
             first_seq,
             next_seq: first_seq,
             len: FILE_HEADER_BYTES,
+            synced_next_seq: first_seq,
+            synced_len: FILE_HEADER_BYTES,
         })
     }
 
     /// Opens an existing log file, checking every record; a torn last append is cut off.
     pub fn open(path: &Path) -> Result<Opened, LogFileError> {
+        Self::open_synced_through(path, u64::MAX)
+    }
+
+    /// `open`, knowing that no record above seq `synced_through` was ever confirmed synced
+    /// (the destination still holds them in its NVRAM): bad bytes followed only by such
+    /// records are a torn append (a power cut may persist a later page of it and not an
+    /// earlier one), not damage.
+    pub fn open_synced_through(path: &Path, synced_through: u64) -> Result<Opened, LogFileError> {
         let io_err = |source| LogFileError::Io {
             path: path.to_owned(),
             source,
@@ -170,7 +183,7 @@ impl LogFile {
             next_seq,
             end: at,
             ..
-        } = check_all(path, &buf)?;
+        } = check_all(path, &buf, synced_through)?;
         let torn_bytes = (buf.len() - at) as u64;
         if torn_bytes > 0 {
             file.set_len(at as u64)
@@ -190,6 +203,8 @@ impl LogFile {
                 first_seq,
                 next_seq,
                 len: at as u64,
+                synced_next_seq: next_seq,
+                synced_len: at as u64,
             },
             torn_bytes,
         })
@@ -197,11 +212,11 @@ impl LogFile {
 
     /// Whether an intact record with a later seq follows the bad bytes at `bad` (then they
     /// are damage, not a torn tail). Records are 64-byte aligned, so every slot is tried.
-    fn good_record_after(buf: &[u8], bad: usize, missing_seq: u64) -> bool {
+    fn good_record_after(buf: &[u8], bad: usize, missing_seq: u64, synced_through: u64) -> bool {
         let align = RECORD_ALIGN as usize;
-        (bad + align..buf.len())
-            .step_by(align)
-            .any(|at| matches!(check_record(buf, at), Ok((h, _)) if h.seq > missing_seq))
+        (bad + align..buf.len()).step_by(align).any(|at| {
+            matches!(check_record(buf, at), Ok((h, _)) if h.seq > missing_seq && h.seq <= synced_through)
+        })
     }
 
     /// Appends records (in sequence order, continuing the file) in one write. They are
@@ -247,12 +262,14 @@ impl LogFile {
             out.resize(out.len().next_multiple_of(RECORD_ALIGN as usize), 0);
             seq += 1;
         }
-        self.file
-            .write_all(&out)
-            .map_err(|source| LogFileError::Io {
+        if let Err(source) = self.file.write_all(&out) {
+            // Part of it may be in the file: cut it off, or the next append would follow it.
+            let _ = self.file.set_len(self.len);
+            return Err(LogFileError::Io {
                 path: self.path.clone(),
                 source,
-            })?;
+            });
+        }
         self.len += out.len() as u64;
         self.next_seq = seq;
         Ok(())
@@ -260,11 +277,33 @@ impl LogFile {
 
     /// Makes every appended record durable (fdatasync): only then may the destination
     /// release them from its NVRAM.
-    pub fn sync(&self) -> Result<(), LogFileError> {
+    pub fn sync(&mut self) -> Result<(), LogFileError> {
         self.file.sync_data().map_err(|source| LogFileError::Io {
             path: self.path.clone(),
             source,
-        })
+        })?;
+        self.synced_next_seq = self.next_seq;
+        self.synced_len = self.len;
+        Ok(())
+    }
+
+    /// After a failed append or sync: back to what the last sync made durable (after a
+    /// failed fdatasync, nothing written since counts; the records are appended again).
+    pub fn roll_back_unsynced(&mut self) -> Result<(), LogFileError> {
+        self.file
+            .set_len(self.synced_len)
+            .map_err(|source| LogFileError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.len = self.synced_len;
+        self.next_seq = self.synced_next_seq;
+        Ok(())
+    }
+
+    /// The seq after the last durable record.
+    pub fn synced_next_seq(&self) -> u64 {
+        self.synced_next_seq
     }
 
     /// The seq the next append must start with.
@@ -347,7 +386,7 @@ struct Checked {
     markers: u64,
 }
 
-fn check_all(path: &Path, buf: &[u8]) -> Result<Checked, LogFileError> {
+fn check_all(path: &Path, buf: &[u8], synced_through: u64) -> Result<Checked, LogFileError> {
     let not_ours = |why: &str| LogFileError::NotALogFile {
         path: path.to_owned(),
         why: why.into(),
@@ -404,7 +443,7 @@ fn check_all(path: &Path, buf: &[u8]) -> Result<Checked, LogFileError> {
                 at = end;
             }
             Err(why) => {
-                if LogFile::good_record_after(buf, at, next_seq) {
+                if LogFile::good_record_after(buf, at, next_seq, synced_through) {
                     return Err(LogFileError::Damaged {
                         path: path.to_owned(),
                         offset: at as u64,
@@ -449,7 +488,7 @@ pub fn summarize(path: &Path) -> Result<LogFileSummary, LogFileError> {
         path: path.to_owned(),
         source,
     })?;
-    let c = check_all(path, &buf)?;
+    let c = check_all(path, &buf, u64::MAX)?;
     Ok(LogFileSummary {
         file: path.display().to_string(),
         partition: c.partition,
@@ -490,6 +529,47 @@ mod tests {
     fn append(log: &mut LogFile, recs: &[(RecordHeader, Vec<u8>)]) -> Result<(), LogFileError> {
         let refs: Vec<(RecordHeader, &[u8])> = recs.iter().map(|(h, d)| (*h, &d[..])).collect();
         log.append(&refs)
+    }
+
+    #[test]
+    fn a_failed_sync_rolls_back_to_the_last_durable_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p2.log");
+        let mut log = LogFile::create(&path, LOG, 2, 1).unwrap();
+        append(&mut log, &[record(1, 1, 4096)]).unwrap();
+        log.sync().unwrap();
+        append(&mut log, &[record(2, 2, 4096), record(3, 3, 4096)]).unwrap();
+        assert_eq!((log.next_seq(), log.synced_next_seq()), (4, 2));
+        log.roll_back_unsynced().unwrap();
+        assert_eq!(log.next_seq(), 2);
+        append(&mut log, &[record(2, 7, 4096)]).unwrap();
+        log.sync().unwrap();
+        let back = LogFile::open(&path).unwrap().log.read_all().unwrap();
+        assert_eq!(
+            back.iter()
+                .map(|r| (r.header.seq, r.data[0]))
+                .collect::<Vec<_>>(),
+            vec![(1, 1), (2, 7)]
+        );
+    }
+
+    #[test]
+    fn bad_bytes_followed_only_by_unconfirmed_records_are_a_torn_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs = [record(1, 1, 4096), record(2, 2, 4096), record(3, 3, 4096)];
+        let path = file_with(dir.path(), &recs);
+        // Record 2's data lost (a page of the last append not on disk), 3's there.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        let at = FILE_HEADER_BYTES + recs[0].0.slot() + HEADER_BYTES + 100;
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xee; 8], at).unwrap();
+        // Synced through 3: damage. Through 1 (2 and 3 still in the NVRAM): torn.
+        assert!(matches!(
+            LogFile::open_synced_through(&path, 3),
+            Err(LogFileError::Damaged { .. })
+        ));
+        let opened = LogFile::open_synced_through(&path, 1).unwrap();
+        assert_eq!(opened.log.next_seq(), 2);
+        assert!(opened.torn_bytes > 0);
     }
 
     fn file_with(dir: &Path, recs: &[(RecordHeader, Vec<u8>)]) -> PathBuf {

@@ -52,6 +52,9 @@ struct PartitionLog {
     gaps: u64,
     /// Since when the record the file needs next has been missing while later ones wait.
     waiting_since: Option<(u64, Instant)>,
+    /// The source log this partition had a file of since the daemon started: a skip in it
+    /// is a gap (before the first file, it is only where our copy of the log begins).
+    seen_log: Option<u64>,
 }
 
 impl PartitionLog {
@@ -59,7 +62,7 @@ impl PartitionLog {
         self.segment
             .as_ref()
             .filter(|f| f.source_log_id() == log_id)
-            .map(|f| f.next_seq() - 1)
+            .map(|f| f.synced_next_seq() - 1)
     }
 }
 
@@ -91,6 +94,11 @@ pub struct SourceLogs {
     /// Bumped after every append: `wait_logged` looks again.
     progress: tokio::sync::watch::Sender<u64>,
     stop: AtomicBool,
+    /// Export: the source is gone, so a missing record never comes (it was never
+    /// acknowledged, or it left the source's log while we were away): skip it.
+    source_gone: AtomicBool,
+    /// What was skipped so (partition, first seq, last seq), for the export's report.
+    skipped_gone: Mutex<Vec<(u32, u64, u64)>>,
     thread: Mutex<Option<std::thread::Thread>>,
 }
 
@@ -113,19 +121,19 @@ impl SourceLogs {
         let mut parts = Vec::new();
         for p in 0..partitions {
             let mut part = PartitionLog::default();
-            if let Some((Some(log_id), _)) = area.log_state(p) {
-                if let Some(path) = newest_segment(&dir, p, log_id)? {
-                    let opened = LogFile::open(&path)?;
+            if let Some((Some(log_id), released)) = area.log_state(p) {
+                if let Some(opened) = open_newest_segment(&dir, p, log_id, released)? {
                     if opened.torn_bytes > 0 {
                         tracing::warn!(
                             source,
-                            file = %path.display(),
+                            file = %opened.log.path().display(),
                             "cut off {} byte(s) of a torn last append (never synced, so never confirmed to the source)",
                             opened.torn_bytes
                         );
                     }
                     let through = opened.log.next_seq() - 1;
-                    area.release_logged(p, through);
+                    area.release_logged(log_id, p, through);
+                    part.seen_log = Some(log_id);
                     part.segment = Some(opened.log);
                 }
             }
@@ -139,6 +147,8 @@ impl SourceLogs {
             error: Mutex::new(None),
             progress: tokio::sync::watch::channel(0).0,
             stop: AtomicBool::new(false),
+            source_gone: AtomicBool::new(false),
+            skipped_gone: Mutex::new(Vec::new()),
             thread: Mutex::new(None),
         }))
     }
@@ -157,6 +167,38 @@ impl SourceLogs {
             })?;
         *lock(&self.thread) = Some(handle.thread().clone());
         Ok(handle)
+    }
+
+    /// The source's log files' directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Before an export (the source is gone): every record the area holds goes to the log
+    /// files, the missing ones skipped (counted as gaps). Ok: the seqs skipped so, as
+    /// (partition, first, last): writes in flight when the source died, never acknowledged
+    /// (unless the source ran degraded and acknowledged them alone). Err if the area is not
+    /// empty within `timeout` (the files cannot be written).
+    pub fn log_everything_held(&self, timeout: Duration) -> Result<Vec<(u32, u64, u64)>, String> {
+        self.source_gone.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        let result = loop {
+            self.wake();
+            let held = self.area.status().records;
+            if held == 0 {
+                break Ok(std::mem::take(&mut *lock(&self.skipped_gone)));
+            }
+            if Instant::now() >= deadline {
+                let why = lock(&self.error).clone().unwrap_or_default();
+                break Err(format!(
+                    "{} record(s) of {} are still in the NVRAM after {timeout:?}, not in its log files {why}",
+                    held, self.source
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        self.source_gone.store(false, Ordering::Relaxed);
+        result
     }
 
     pub fn stop(&self) {
@@ -298,10 +340,22 @@ impl SourceLogs {
             (part.segment.take(), next)
         };
         let result = self.append_run(p, log_id, &mut segment, &mut next);
+        if result.is_err() {
+            // Nothing appended since the last good sync counts: back to it (or, if even that
+            // fails, to no open file: the next pass starts a file after what is released).
+            if let Some(f) = segment.as_mut() {
+                if f.roll_back_unsynced().is_err() {
+                    segment = None;
+                }
+            }
+        }
         let mut parts = lock(&self.parts);
         let Some(part) = parts.get_mut(p as usize) else {
             return result;
         };
+        if segment.is_some() {
+            part.seen_log = Some(log_id);
+        }
         part.segment = segment;
         if let Ok(n) = &result {
             if *n == 0 {
@@ -355,7 +409,7 @@ impl SourceLogs {
         file.append(&refs)?;
         file.sync()?;
         let through = seq - 1;
-        self.area.release_logged(p, through);
+        self.area.release_logged(log_id, p, through);
         *next = seq;
         let mut parts = lock(&self.parts);
         if let Some(part) = parts.get_mut(p as usize) {
@@ -370,30 +424,54 @@ impl SourceLogs {
     /// Nothing could be appended at `next`: a record on its way (wait; report a long wait),
     /// or one the source no longer has (end the segment there).
     fn note_missing(&self, p: u32, part: &mut PartitionLog, log_id: u64, next: u64) {
-        let Some(later) = self.area.held_from(p, next) else {
-            part.waiting_since = None;
-            return;
-        };
-        let gone = part.hint_log == Some(log_id) && next <= part.gone_through;
+        let source_gone = self.source_gone.load(Ordering::Relaxed);
+        let gone = source_gone || (part.hint_log == Some(log_id) && next <= part.gone_through);
         if !gone {
-            match part.waiting_since {
-                Some((seq, _)) if seq == next => {}
-                _ => part.waiting_since = Some((next, Instant::now())),
+            match (self.area.held_from(p, next), part.waiting_since) {
+                (None, _) => part.waiting_since = None,
+                (Some(_), Some((seq, _))) if seq == next => {}
+                (Some(_), _) => part.waiting_since = Some((next, Instant::now())),
             }
             return;
         }
-        // The source's log starts after `next`: what we lack of it through `gone_through`
-        // never comes; from the next record we hold (or the first the source still has) on,
-        // the file goes on.
-        let resume = later.min(part.gone_through + 1);
-        if let Some(f) = part.segment.take() {
+        // What we lack through `gone_through` never comes (every seq of it left the
+        // source's log; with the source gone, every seq). Held copies whose space the
+        // source reused meanwhile are no longer records: forgotten, never waited on.
+        let limit = if source_gone {
+            u64::MAX
+        } else {
+            part.gone_through
+        };
+        let overwritten = self.area.forget_overwritten(log_id, p, limit);
+        let resume = match self.area.held_from(p, next) {
+            Some(later) if source_gone => later,
+            Some(later) => later.min(part.gone_through + 1),
+            None if source_gone => {
+                part.waiting_since = None;
+                return;
+            }
+            None => part.gone_through + 1,
+        };
+        if resume <= next {
+            return;
+        }
+        let why = if source_gone {
+            "the source is gone: they were never acknowledged, or it flushed them while we were away"
+        } else {
+            "the source flushed them while we were away"
+        };
+        if part.seen_log == Some(log_id) {
             part.gaps += 1;
             tracing::warn!(
                 source = self.source,
                 partition = p,
-                "records {next}..{} never reached this destination (the source flushed them while we were away): log file {} ends before them, the next one starts at seq {resume}",
+                "records {next}..{} never reached this destination ({why}{}): the log file ends before them, the next one starts at seq {resume}",
                 resume - 1,
-                f.path().display()
+                if overwritten > 0 {
+                    format!("; {overwritten} copy(ies) we held were overwritten before they were logged")
+                } else {
+                    String::new()
+                }
             );
         } else {
             tracing::info!(
@@ -402,8 +480,12 @@ impl SourceLogs {
                 "the source's log starts at seq {resume} for us: the first log file starts there"
             );
         }
+        part.segment = None;
+        if source_gone {
+            lock(&self.skipped_gone).push((p, next, resume - 1));
+        }
         // Late copies of the skipped records must not stay held for ever.
-        self.area.release_logged(p, resume - 1);
+        self.area.release_logged(log_id, p, resume - 1);
         part.resume_at = Some(resume);
         part.waiting_since = None;
     }
@@ -466,12 +548,16 @@ pub fn segment_path(dir: &Path, partition: u32, log_id: u64, first_seq: u64) -> 
     dir.join(format!("p{partition}-{log_id:016x}-{first_seq:020}.log"))
 }
 
-/// The segment of `partition` and `log_id` with the highest first seq in `dir`.
-fn newest_segment(
+/// The segment of `partition` and `log_id` with the highest first seq in `dir`, opened (see
+/// `LogFile::open_synced_through`). A newest file too short to hold its header was being
+/// created when the destination stopped (no record was ever confirmed from it): removed,
+/// and the one before it continued.
+fn open_newest_segment(
     dir: &Path,
     partition: u32,
     log_id: u64,
-) -> Result<Option<PathBuf>, LogFileError> {
+    synced_through: u64,
+) -> Result<Option<super::log_file::Opened>, LogFileError> {
     let prefix = format!("p{partition}-{log_id:016x}-");
     let entries = std::fs::read_dir(dir).map_err(|e| LogFileError::Io {
         path: dir.to_owned(),
@@ -483,7 +569,23 @@ fn newest_segment(
         .filter(|n| n.starts_with(&prefix) && n.ends_with(".log"))
         .collect();
     names.sort();
-    Ok(names.pop().map(|n| dir.join(n)))
+    while let Some(name) = names.pop() {
+        let path = dir.join(name);
+        match LogFile::open_synced_through(&path, synced_through) {
+            Ok(opened) => return Ok(Some(opened)),
+            Err(LogFileError::NotALogFile { .. })
+                if std::fs::metadata(&path).is_ok_and(|m| m.len() < 64) =>
+            {
+                tracing::warn!(file = %path.display(), "removing a log file whose creation a stop interrupted (no header)");
+                std::fs::remove_file(&path).map_err(|e| LogFileError::Io {
+                    path: path.clone(),
+                    source: e,
+                })?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -644,5 +746,44 @@ mod tests {
         let files = f.files();
         assert_eq!((files[1].first_seq, files[1].next_seq), (7, 9));
         assert_eq!(f.area.status().records, 0);
+    }
+
+    #[test]
+    fn a_held_copy_the_source_overwrote_is_forgotten_not_waited_on() {
+        let mut f = fixture();
+        f.land(1);
+        let logs = f.logs();
+        assert!(logs.pass());
+        // 3 is held, 2 never came; then the source, gone on without us, reuses 3's space
+        // for seq 9 (its post of 9 lost), and says its log starts at 10.
+        let at = f.pos + 4160;
+        f.pos = at;
+        f.land(3);
+        f.pos = at;
+        let h = RecordHeader {
+            kind: RecordKind::Data,
+            flags: 0,
+            log_id: LOG,
+            seq: 9,
+            lun: 0,
+            partition: 0,
+            offset: 0,
+            len: 4096,
+            data_len: 4096,
+            acked_through: 0,
+            data_crc: crc32c::crc32c(&[9u8; 4096]),
+        };
+        assert!(f.area.region().write_bytes(at, &h.encode()));
+        f.pos = at + 2 * 4160;
+        f.land(10);
+        let writer = logs.start().expect("thread");
+        ask(&logs, 10, 10, vec![]).expect("logged through 10");
+        let files = f.files();
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert_eq!((files[1].first_seq, files[1].next_seq), (10, 11));
+        assert_eq!(f.area.status().records, 0);
+        assert_eq!(logs.status().0[0].gaps, 1);
+        logs.stop();
+        writer.join().expect("writer");
     }
 }

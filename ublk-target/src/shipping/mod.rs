@@ -11,6 +11,7 @@
 //! the image at a consistency point and starts the log file again after it (step 3).
 
 pub mod area;
+pub mod export;
 pub mod image;
 pub mod log_file;
 pub mod log_writer;
