@@ -974,10 +974,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 vec![path.clone()]
             };
-            let summaries = files
+            let mut summaries = files
                 .iter()
                 .map(|f| nvmirror::shipping::log_file::summarize(f))
                 .collect::<Result<Vec<_>, _>>()?;
+            // By partition as a number (p10 after p2), then by seq.
+            summaries.sort_by_key(|f| (f.partition, f.source_log_id.clone(), f.first_seq));
             if *json {
                 println!(
                     "{}",

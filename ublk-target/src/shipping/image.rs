@@ -40,7 +40,7 @@ pub enum ImageError {
         len: u64,
         size: u64,
     },
-    #[error("seq {seq}: a {kind:?} record has no meaning in a shipped log (only data and zero)")]
+    #[error("seq {seq}: a {kind:?} record has no meaning in a shipped log (only data, zero and wrap markers)")]
     UnexpectedKind { seq: u64, kind: RecordKind },
 }
 
@@ -102,6 +102,8 @@ pub fn consistency_point(
         match h.kind {
             RecordKind::Data => image.write_all_at(&r.data, h.offset),
             RecordKind::Zero => image.write_all_at(&vec![0u8; h.len as usize], h.offset),
+            // A wrap marker (the source skipped its partition's end) writes nothing.
+            RecordKind::Wrap => continue,
             kind => return Err(ImageError::UnexpectedKind { seq: h.seq, kind }),
         }
         .map_err(io_err(image_path))?;
