@@ -227,19 +227,29 @@ enum Cmd {
         cmd: NvramCmd,
     },
     /// On a log-shipping destination, after source NAME died: put every record its NVRAM
-    /// area holds into its log files, then build each of its LUNs as an image file
-    /// (`shipping.dir`/NAME/lunN.img) from them, in sequence order. Refused while the source
-    /// is connected, and when the files lack part of its history (a gap, or a start after
-    /// its first writes) unless --force.
+    /// area holds into its log files, then apply them to its images (one per LUN,
+    /// `shipping.dir`/NAME/lunN.img), which are then its volume. Refused while the source is
+    /// connected, when the images lack part of its history (a gap, or a start after its
+    /// first writes), and a second time, unless --force.
     Export {
         #[arg(long)]
         source: String,
         /// Each image's length at least: the source's LUN size (e.g. 64MiB).
         #[arg(long)]
         size: Option<nvmirror::config::ByteSize>,
-        /// Build the images from what there is, gaps and all; overwrite existing images.
+        /// Export the images with what there is, gaps and all; or export them again.
         #[arg(long)]
         force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// On a log-shipping destination: a consistency point of every partition of source NAME
+    /// now. What its log files hold is applied, in sequence order, to its images
+    /// (`shipping.dir`/NAME/lunN.img), which are synced; then the files are removed. (The
+    /// destination also makes one whenever the source goes round an NVRAM partition.)
+    Checkpoint {
+        #[arg(long)]
+        source: String,
         #[arg(long)]
         json: bool,
     },
@@ -455,6 +465,17 @@ fn print_destination_status(d: &control::DestinationStatus) {
             println!("    log files: FAILING ({e})");
         }
         for p in &s.log_files {
+            if p.points > 0 {
+                println!(
+                    "    partition {}: images hold its writes through seq {} (log {}), {} consistency point(s), the last {} s ago; {} record(s) not applied yet",
+                    p.partition,
+                    p.applied_through,
+                    p.image_log.as_deref().unwrap_or("-"),
+                    p.points,
+                    now_unix().saturating_sub(p.last_point_unix),
+                    p.unapplied_records
+                );
+            }
             let Some(file) = &p.file else { continue };
             println!(
                 "    partition {}: {file} seq {}..{} ({} bytes), {} record(s) appended since start, {} gap(s){}",
@@ -471,6 +492,12 @@ fn print_destination_status(d: &control::DestinationStatus) {
             );
         }
     }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn status(socket: &Path) -> anyhow::Result<DaemonStatus> {
@@ -955,11 +982,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 for i in &r.images {
                     println!(
-                        "source {} LUN {}: {} ({} record(s), {} bytes written)",
-                        r.source, i.lun, i.path, i.records, i.bytes
+                        "source {} LUN {}: {} ({} bytes)",
+                        r.source, i.lun, i.path, i.bytes
                     );
                 }
-                println!("export of {}: {} log file(s) applied", r.source, r.files);
+                println!(
+                    "export of {}: the last consistency point applied {} record(s) from {} log file(s); the images hold {} record(s) in all",
+                    r.source, r.records, r.files, r.applied_records
+                );
+                if let Some(c) = &r.serve_config {
+                    println!("serve the images as an ordinary single node: nvmirrord --config {c}");
+                }
+            }
+        }
+        Cmd::Checkpoint { source, json } => {
+            let req = Request::Checkpoint {
+                source: source.clone(),
+            };
+            let r = match call(&socket_path(&cli)?, req, Duration::from_secs(600))? {
+                Response::Checkpointed(r) => *r,
+                other => bail!("unexpected answer: {other:?}"),
+            };
+            if *json {
+                println!("{}", json_out::versioned(&r)?);
+            } else {
+                for p in &r.points {
+                    println!(
+                        "source {} partition {}: {} record(s), {} bytes from {} log file(s) applied; the images hold its writes through seq {}",
+                        r.source, p.partition, p.records, p.bytes, p.files, p.applied_through
+                    );
+                }
+                for m in &r.missing {
+                    println!("the images lack: {m}");
+                }
             }
         }
         Cmd::LogFiles { path, json } => {

@@ -13,9 +13,11 @@
 # without it; back, the destination ends src1's file before what it never got (a gap,
 # counted and named) and confirms src1's later batches again. fio
 # verify passes on every source. A pair node that reaches the destination is refused with
-# both roles named, and the destination keeps serving. Last, src2 dies mid-fio; `export`
-# builds its LUN from the destination's log files, and fio verifies every acknowledged write
-# on the image.
+# both roles named, and the destination keeps serving. Step 3: after each consistency
+# point (`nvmirrorctl checkpoint`) a drained source's medium and the destination's image of
+# it have the same checksum, and the log files are gone; after src1's gap its images say
+# what they lack. Last, src2 dies mid-fio; `export` brings its image up to date from the
+# destination's log files, and fio verifies every acknowledged write on the image.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -29,7 +31,7 @@ fi
 sources=(src1 src2 src3)
 fio_pids=()
 port=7841
-declare -A before src_pid
+declare -A before src_pid medium
 
 # dest_field EXPR: a Python expression over the destination's status `d` (JSON).
 dest_field() {
@@ -100,7 +102,8 @@ say "a pair node reaching the destination was refused: $(grep -o 'role mismatch[
 
 for i in 0 1 2; do
 	s=${sources[i]}
-	nvm_config "$s.toml" "$s" "$PWD/nvram-$s.img" 32 "$(nvm_medium "medium-$s" 64)" "$i"
+	medium[$s]=$(nvm_medium "medium-$s" 64)
+	nvm_config "$s.toml" "$s" "$PWD/nvram-$s.img" 32 "${medium[$s]}" "$i"
 	cat >>"$s.toml" <<-CFG
 
 	[shipping]
@@ -223,6 +226,34 @@ for s in "${sources[@]}"; do
 done
 say "the sources drained to their media, each batch confirmed in the destination's log files"
 
+# Consistency points (step 3): the destination applies a source's log files to its image
+# and removes them; the drained source's medium and the image then have the same checksum.
+# image_is_medium NAME: compares them (the image ends after its last write: zeros beyond).
+image_is_medium() {
+	local sums
+	# (crc32, not sha256: under TCG it costs a fraction.)
+	sums=$(dd if="${medium[$1]}" iflag=direct bs=1M status=none | python3 -c 'import sys, zlib
+n = int(sys.argv[2])
+img = open(sys.argv[1], "rb").read()
+assert len(img) <= n, f"the image is {len(img)} bytes, the LUN {n}"
+print(f"{zlib.crc32(sys.stdin.buffer.read()):08x} {zlib.crc32(img + bytes(n - len(img))):08x}")' "logs/$1/lun0.img" $((64 << 20))) || return 1
+	say "$1: crc32 of its medium and of the destination's image of it: $sums"
+	[[ ${sums% *} == "${sums#* }" ]]
+}
+# checkpoint NAME: a consistency point of every partition of NAME; no log file stays.
+checkpoint() {
+	"$NVMCTL" --config dest.toml checkpoint --source "$1" >"checkpoint-$1.txt" 2>&1 ||
+		{ cat "checkpoint-$1.txt"; fail "the checkpoint of $1 failed"; }
+	cat "checkpoint-$1.txt"
+	! ls "logs/$1"/*.log >/dev/null 2>&1 || { ls -l "logs/$1"; fail "log files of $1 remain after its checkpoint"; }
+}
+for s in "${sources[@]}"; do
+	checkpoint "$s"
+	grep -q "lack" "checkpoint-$s.txt" && fail "$s's images lack part of its history"
+	image_is_medium "$s" || fail "after a consistency point the destination's image of $s differs from $s's medium"
+done
+say "after a consistency point the destination's image of each source equals the source's medium (crc32), and its log files are gone"
+
 # The destination away for longer than a source waits for it: src1 (write-through) goes on
 # writing and flushing, and after two heartbeat timeouts its batches leave its log without
 # the destination. Back, the destination ends src1's log file before the records it never
@@ -263,6 +294,12 @@ grep -q "never reached this destination" daemon-dest.log || fail "the destinatio
 ((g == $(gaps))) || fail "a gap in the log files of a source that never lost the destination"
 "$NVMCTL" log-files logs/src1 >log-files-src1.txt || fail "src1's log files do not check out after the gap"
 say "the destination away: src1's batches left its log without it; back, it logged $g gap(s): $(grep -o 'records [0-9]*\.\.[0-9]* never reached this destination' daemon-dest.log | head -1)"
+# Its images now lack those writes, and say so.
+"$NVMCTL" --config dest.toml checkpoint --source src1 >checkpoint-src1-gap.txt 2>&1 ||
+	{ cat checkpoint-src1-gap.txt; fail "the checkpoint of src1 after its gap failed"; }
+grep -q "the images lack: partition [0-9]*: seqs [0-9]*\.\.[0-9]* of log [0-9a-f]* never reached the destination" checkpoint-src1-gap.txt ||
+	{ cat checkpoint-src1-gap.txt; fail "src1's images do not say they lack the writes of its gap"; }
+say "src1's images say what they lack: $(grep -m1 -o 'partition [0-9]*: seqs [0-9.]*' checkpoint-src1-gap.txt)"
 fio "${away[@]}" --name=src1-back --randseed=52 --io_size=512K --verify_only=1 --verify_state_load=1 \
 	--output=fio-verify-src1-back.log || { cat fio-verify-src1-back.log; fail "fio verify failed on src1's last writes"; }
 
@@ -302,17 +339,44 @@ grep -q "source src1 is connected" <<<"$out" || fail "export of a connected sour
 "$NVMCTL" --config dest.toml export --source src2 --size 64MiB >export-src2.txt 2>&1 ||
 	{ cat export-src2.txt; fail "export of src2 failed"; }
 cat export-src2.txt
+out=$("$NVMCTL" --config dest.toml export --source src2 2>&1) && fail "a second export of src2: $out"
+grep -q "exported before" <<<"$out" || fail "a second export does not say why it is refused: $out"
 image=logs/src2/lun0.img
 # (The image is a file on the scratch file system: buffered I/O.)
 fio "${last[@]}" --filename="$image" --direct=0 --verify_only=1 --verify_state_load=1 --verify_state_save=0 \
 	--output=fio-verify-src2-image.log ||
 	{ cat fio-verify-src2-image.log; fail "an acknowledged write of src2 is not in its exported image"; }
 say "src2 died mid-fio: its image, exported from the destination's log files, verifies ($(grep -o 'READ: bw=[^,]*' fio-verify-src2-image.log))"
+# Served as an ordinary single node (export wrote its config), the image verifies through
+# its own /dev/ublkbN and takes new writes.
+grep -q "nvmirrord --config $PWD/logs/src2/serve.toml" export-src2.txt || fail "export does not say how to serve the images"
+nvm_start logs/src2/serve.toml daemon-src2-image.log
+serve_pid=$NVM_LAST_PID
+dev=$("$NVMCTL" --config logs/src2/serve.toml status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["devices"][0]["path"])')
+fio "${last[@]}" --filename="$dev" --verify_only=1 --verify_state_load=1 --verify_state_save=0 \
+	--output=fio-verify-src2-served.log ||
+	{ cat fio-verify-src2-served.log; fail "an acknowledged write of src2 does not verify through its served image ($dev)"; }
+dd if=/dev/urandom of=served-blocks bs=4k count=16 status=none
+dd if=served-blocks of="$dev" bs=4k seek=100 oflag=direct status=none || fail "writing to the served image failed"
+cmp -n $((16 * 4096)) served-blocks <(dd if="$dev" bs=4k skip=100 count=16 iflag=direct status=none) ||
+	fail "the served image does not read back what was written to it"
+kill "$serve_pid"
+nvm_wait_gone "$serve_pid"
+say "src2's images served by a single node as $dev: fio verify passes, new writes read back"
 # src2 itself comes back from its NVRAM with the same writes.
 nvm_start src2.toml daemon-src2.log
 "$NVMCTL" --config src2.toml drain --timeout 60 >/dev/null || fail "the restarted src2 did not drain"
 fio "${last[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --verify_state_save=0 --output=fio-verify-src2-last.log ||
 	{ cat fio-verify-src2-last.log; fail "src2's acknowledged writes do not verify after its restart"; }
+
+# The next consistency point too: src3 writes more (nothing verifies these blocks later),
+# drains, and after the point its image equals its medium again.
+dd if=/dev/urandom of=/dev/ublkb2 bs=16k count=64 seek=1000 oflag=direct status=none || fail "src3's last writes failed"
+"$NVMCTL" --config src3.toml drain --timeout 60 >/dev/null || fail "src3 did not drain"
+checkpoint src3
+grep -q ": [1-9][0-9]* record(s)" checkpoint-src3.txt || fail "src3's second consistency point applied nothing"
+image_is_medium src3 || fail "after its second consistency point the destination's image of src3 differs from its medium"
+say "src3's second consistency point: its image equals its medium again ($(dest_field '[p["points"] for s in d["sources"] if s["name"] == "src3" for p in s["log_files"]]') points per partition)"
 
 kill -0 "$dest_pid" || fail "the destination died"
 "$NVMCTL" --config dest.toml status

@@ -23,6 +23,11 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Log-shipping destination: a consistency point of every partition of source
+    /// `source` now (its log files applied to its images, `shipping::image`).
+    Checkpoint {
+        source: String,
+    },
     /// Stop moving staged writes to the medium (maintenance; writes continue until the
     /// NVRAM is full, then wait).
     FlushPause,
@@ -149,7 +154,18 @@ pub enum Response {
     Destination(Box<DestinationStatus>),
     Verified(Box<VerifyReport>),
     Exported(Box<crate::shipping::export::ExportReport>),
+    Checkpointed(Box<CheckpointReport>),
     Error { message: String },
+}
+
+/// What `nvmirrorctl checkpoint` did on a log-shipping destination.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    pub source: String,
+    pub points: Vec<crate::shipping::image::Point>,
+    /// What the images lack of the source's history (they are not its volume).
+    #[serde(default)]
+    pub missing: Vec<String>,
 }
 
 /// Line length cap: a request is a few dozen bytes; anything longer is not ours.

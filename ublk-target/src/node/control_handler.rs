@@ -79,9 +79,10 @@ impl ControlHandler {
                 self.move_ranges(RangesToMove::OwnRanges, timeout_secs)
             }
             Request::Verify { repair, rate } => self.verify(repair, rate),
-            Request::Export { .. } => {
-                error("export is for a log-shipping destination; this node serves LUNs".to_string())
-            }
+            Request::Export { .. } | Request::Checkpoint { .. } => error(
+                "export and checkpoint are for a log-shipping destination; this node serves LUNs"
+                    .to_string(),
+            ),
             Request::ResyncRate { rate } => {
                 if !engine.cluster().is_some_and(|c| c.own_storage()) {
                     return error(

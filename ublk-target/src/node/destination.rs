@@ -135,9 +135,10 @@ pub fn run(
                 size,
                 force,
             } => export(&answering, &source, size, force),
+            Request::Checkpoint { source } => checkpoint(&answering, &source),
             other => Response::Error {
                 message: format!(
-                    "a log-shipping destination answers only status and export; {other:?} is for nodes that serve LUNs"
+                    "a log-shipping destination answers only status, checkpoint and export; {other:?} is for nodes that serve LUNs"
                 ),
             },
         }),
@@ -172,46 +173,87 @@ pub fn run(
     Ok(())
 }
 
-/// `nvmirrorctl export`: source `name` is gone; its images are built from its log files
-/// once every record its NVRAM area holds is in them.
+/// The source named `name`, or an error naming the ones this destination keeps.
+fn find<'a>(served: &'a [Served], name: &str) -> Result<&'a Served, Response> {
+    served
+        .iter()
+        .find(|s| s.area.source == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = served.iter().map(|s| s.area.source.as_str()).collect();
+            Response::Error {
+                message: format!(
+                    "no source {name:?} here; this destination keeps {}",
+                    names.join(", ")
+                ),
+            }
+        })
+}
+
+/// `nvmirrorctl export`: source `name` is gone; its images are brought up to date from its
+/// log files once every record its NVRAM area holds is in them (`shipping::export`).
 fn export(served: &[Served], name: &str, size: Option<u64>, force: bool) -> Response {
-    let error = |message: String| Response::Error { message };
-    let Some(s) = served.iter().find(|s| s.area.source == name) else {
-        let names: Vec<&str> = served.iter().map(|s| s.area.source.as_str()).collect();
-        return error(format!(
-            "no source {name:?} here; this destination keeps {}",
-            names.join(", ")
-        ));
+    let s = match find(served, name) {
+        Ok(s) => s,
+        Err(e) => return e,
     };
     if s.link.state().is_up() {
-        return error(format!(
-            "source {name} is connected: export is for a source that is gone (stop it, or make sure it is dead, first)"
-        ));
+        return Response::Error {
+            message: format!(
+                "source {name} is connected: export is for a source that is gone (stop it, or make sure it is dead, first)"
+            ),
+        };
     }
     tracing::warn!(
         source = name,
-        "export: the source is gone; building its images from its log files"
+        "export: the source is gone; bringing its images up to date from its log files"
     );
-    let in_flight = match s.logs.log_everything_held(EXPORT_LOG_TIMEOUT) {
-        Ok(skipped) => skipped,
-        Err(e) => return error(e),
-    };
-    match crate::shipping::export::export(s.logs.dir(), name, size, force, &in_flight) {
+    match crate::shipping::export::export(&s.logs, name, size, force, EXPORT_TIMEOUT) {
         Ok(report) => {
             tracing::info!(
                 source = name,
-                "export: {} image(s) built from {} log file(s)",
+                "export: {} image(s), {} record(s) from {} log file(s) applied by the last consistency point",
                 report.images.len(),
+                report.records,
                 report.files
             );
             Response::Exported(Box::new(report))
         }
-        Err(e) => error(e.to_string()),
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     }
 }
 
-/// How long an export waits for the records still in the NVRAM to reach the log files.
-const EXPORT_LOG_TIMEOUT: Duration = Duration::from_secs(30);
+/// `nvmirrorctl checkpoint --source NAME`: a consistency point of every partition of the
+/// source now (what its log files hold goes to its images).
+fn checkpoint(served: &[Served], name: &str) -> Response {
+    let s = match find(served, name) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    if let Some(at) = s.logs.image_state().exported_unix {
+        return Response::Error {
+            message: format!(
+                "the images of {name} were exported (Unix time {at}) and belong to whoever serves them now; the destination no longer applies its log files to them"
+            ),
+        };
+    }
+    match s.logs.checkpoint(Vec::new(), EXPORT_TIMEOUT) {
+        Ok(points) => {
+            let state = s.logs.image_state();
+            Response::Checkpointed(Box::new(crate::control::CheckpointReport {
+                source: name.to_owned(),
+                points,
+                missing: state.missing(),
+            }))
+        }
+        Err(message) => Response::Error { message },
+    }
+}
+
+/// How long an export or a checkpoint waits for the records still in the NVRAM to reach the
+/// log files, and for the consistency point.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn status(node: &str, config: &str, served: &[Served]) -> DestinationStatus {
     DestinationStatus {

@@ -1,43 +1,46 @@
 //! `nvmirrorctl export --source NAME` on the destination (claim set C, step 4): the source
-//! is gone, so its volume is rebuilt from its log files: every record of every partition,
-//! in sequence order, applied to an image per LUN (`DIR/SOURCE/lunN.img`), which is then
-//! synced. Partitions hold disjoint LUN ranges (a range stages in exactly one partition),
-//! so applying them one after the other keeps every block's writes in their order.
+//! is gone, so its volume is what the destination's images of it hold (`shipping::image`),
+//! brought up to date: every record the source's NVRAM area still holds goes to the log
+//! files, and a last consistency point applies the files to the images (`DIR/SOURCE/lunN.img`),
+//! which are synced and from then on are the source's LUNs.
 //!
-//! The image starts from zeros: it is the source's volume only if the files hold its whole
+//! The images start from zeros: they are the source's volume only if they got its whole
 //! history, from seq 1 of its log, without a gap. Otherwise export refuses, naming what is
-//! missing (`force` applies what there is and lists it).
+//! missing (`force` exports what there is and lists it). Writes in flight when the source
+//! died (never acknowledged) are reported, not counted as missing.
 
-use super::log_file::{LogFile, LogFileError};
-use crate::nvram::record::RecordKind;
-use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use super::image::{image_path, ImageState, Point};
+use super::log_writer::SourceLogs;
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error(transparent)]
-    Log(#[from] LogFileError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{dir} holds no log file: nothing of this source was ever logged")]
+    #[error(transparent)]
+    Image(#[from] super::image::ImageError),
+    #[error("{0}")]
+    NotLogged(String),
+    #[error("{dir} holds no image and no log file: nothing of this source was ever logged")]
     Empty { dir: PathBuf },
     #[error(
-        "the log files do not hold the source's whole history, so an image built from them \
-         would not be its volume: {}. Add --force to build it anyway from what there is",
+        "the images do not hold the source's whole history, so they are not its volume: {}. \
+         They hold every write the destination got (its log files are applied); add --force \
+         to export them anyway",
         .missing.join("; ")
     )]
     Incomplete { missing: Vec<String> },
     #[error(
-        "{path} exists (exported before?): move it away, or add --force to build it again \
-         (whatever was written to it since is lost)"
+        "the images of this source were exported before (Unix time {at}) and may have been \
+         written since; add --force to export them again as they are"
     )]
-    ImageExists { path: PathBuf },
+    Exported { at: u64 },
 }
 
 /// One LUN's image.
@@ -46,194 +49,182 @@ pub struct ExportedImage {
     pub lun: u32,
     pub path: String,
     pub bytes: u64,
-    pub records: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExportReport {
     pub source: String,
     pub images: Vec<ExportedImage>,
-    /// Log files applied.
+    /// Log files applied by the export's consistency point, and their records.
     pub files: usize,
-    /// What the files lack (only with `force`; export refuses otherwise).
+    #[serde(default)]
+    pub records: u64,
+    /// Records applied to the images by every consistency point, this one included.
+    #[serde(default)]
+    pub applied_records: u64,
+    /// What the images lack (only with `force`; export refuses otherwise).
     pub missing: Vec<String>,
     /// Seqs that never reached the destination and were in flight when the source died:
     /// never acknowledged (with `degraded = "nvram"`, possibly acknowledged by the source
     /// alone). Not a reason to refuse.
     #[serde(default)]
     pub unacknowledged: Vec<String>,
+    /// A single-node config that serves the images as `/dev/ublkbN`
+    /// (`nvmirrord --config PATH`).
+    #[serde(default)]
+    pub serve_config: Option<String>,
 }
 
-/// One log file, known by its name (`log_writer::segment_path`).
-#[derive(Debug)]
-struct Segment {
-    path: PathBuf,
-    partition: u32,
-    log_id: u64,
-    first_seq: u64,
-}
+/// The serving node's NVRAM (a file next to the images; edit the config for real NVRAM).
+const SERVE_NVRAM: &str = "64MiB";
 
-fn parse_name(path: &Path) -> Option<Segment> {
-    let name = path.file_name()?.to_str()?.strip_suffix(".log")?;
-    let mut parts = name.strip_prefix('p')?.split('-');
-    let partition = parts.next()?.parse().ok()?;
-    let log_id = u64::from_str_radix(parts.next()?, 16).ok()?;
-    let first_seq = parts.next()?.parse().ok()?;
-    parts.next().is_none().then(|| Segment {
-        path: path.to_owned(),
-        partition,
-        log_id,
-        first_seq,
-    })
-}
-
-/// Builds the images of the source whose log files are in `dir` (see the module doc).
+/// Exports the images of the source whose log files `logs` writes (see the module doc).
 /// `size`: each image's length at least (the source's LUN size); without it, an image ends
-/// after its last write. `in_flight`: (partition, first, last) seqs skipped because the
-/// source died with them in flight (`SourceLogs::log_everything_held`): such a gap is
-/// reported, not refused.
+/// after its last write. `timeout` bounds the wait for the NVRAM's records to be logged and
+/// for the last consistency point.
 pub fn export(
-    dir: &Path,
+    logs: &SourceLogs,
     source: &str,
     size: Option<u64>,
     force: bool,
-    in_flight: &[(u32, u64, u64)],
+    timeout: Duration,
+) -> Result<ExportReport, ExportError> {
+    if let Some(at) = logs.image_state().exported_unix {
+        if !force {
+            return Err(ExportError::Exported { at });
+        }
+    }
+    let in_flight = logs
+        .log_everything_held(timeout)
+        .map_err(ExportError::NotLogged)?;
+    let points = logs
+        .checkpoint(in_flight, timeout)
+        .map_err(ExportError::NotLogged)?;
+    let mut report = finish(
+        logs.dir(),
+        source,
+        &logs.image_state(),
+        &points,
+        size,
+        force,
+    )?;
+    logs.mark_exported()?;
+    report.serve_config = Some(write_serve_config(logs.dir(), source, &report.images)?);
+    Ok(report)
+}
+
+/// After the last consistency point: refuses images that lack part of the history (unless
+/// `force`), sizes and syncs them, and reports.
+fn finish(
+    dir: &Path,
+    source: &str,
+    state: &ImageState,
+    points: &[Point],
+    size: Option<u64>,
+    force: bool,
 ) -> Result<ExportReport, ExportError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| ExportError::Io { path, source }
     };
-    let mut segments: Vec<Segment> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| parse_name(&e.path()))
-        .collect();
-    if segments.is_empty() {
+    if state.partitions.values().all(|p| p.log_id.is_none()) {
         return Err(ExportError::Empty {
             dir: dir.to_owned(),
         });
     }
-    segments.sort_by_key(|s| (s.partition, s.first_seq));
-    let mut logs: Vec<u64> = segments.iter().map(|s| s.log_id).collect();
-    logs.sort_unstable();
-    logs.dedup();
-    let mut missing = Vec::new();
-    let mut unacknowledged = Vec::new();
-    if logs.len() > 1 {
-        missing.push(format!(
-            "the source formatted its NVRAM while shipping (logs {}): which came first is not recorded",
-            logs.iter()
-                .map(|l| format!("{l:016x}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    // Open every file (a torn last append is cut off) and check the seqs run on.
-    let mut opened: BTreeMap<u32, Vec<LogFile>> = BTreeMap::new();
-    for s in &segments {
-        let log = LogFile::open(&s.path)?.log;
-        let list = opened.entry(s.partition).or_default();
-        let expected = list.last().map_or(1, |prev: &LogFile| prev.next_seq());
-        let skipped_at_death =
-            in_flight.contains(&(s.partition, expected, log.first_seq().wrapping_sub(1)));
-        if log.first_seq() != expected && skipped_at_death {
-            unacknowledged.push(format!(
-                "partition {}: seqs {}..{}",
-                s.partition,
-                expected,
-                log.first_seq() - 1
-            ));
-        } else if log.first_seq() != expected && logs.len() == 1 {
-            missing.push(match list.last() {
-                None => format!(
-                    "partition {}: the files start at seq {}, not 1 (shipping began after the source's first writes)",
-                    s.partition,
-                    log.first_seq()
-                ),
-                Some(_) => format!(
-                    "partition {}: seqs {}..{} (a gap: the destination was away while the source flushed them)",
-                    s.partition,
-                    expected,
-                    log.first_seq() - 1
-                ),
-            });
-        }
-        list.push(log);
-    }
+    let missing = state.missing();
     if !missing.is_empty() && !force {
         return Err(ExportError::Incomplete { missing });
     }
-    let mut images: BTreeMap<u32, (PathBuf, File, ExportedImage)> = BTreeMap::new();
-    for log in opened.values().flatten() {
-        for r in log.read_all()? {
-            let h = r.header;
-            let zero;
-            let data: &[u8] = match h.kind {
-                RecordKind::Data => &r.data,
-                RecordKind::Zero => {
-                    zero = vec![0u8; h.len as usize];
-                    &zero
-                }
-                // Markers and voids write nothing (a source has no partner whose ranges
-                // it could lose, so it writes no voids).
-                RecordKind::Wrap | RecordKind::Void => continue,
-            };
-            let (path, file, image) = match images.entry(h.lun) {
-                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    let path = dir.join(format!("lun{}.img", h.lun));
-                    if path.exists() && !force {
-                        return Err(ExportError::ImageExists { path });
-                    }
-                    let file = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(&path)
-                        .map_err(io(&path))?;
-                    let image = ExportedImage {
-                        lun: h.lun,
-                        path: path.display().to_string(),
-                        bytes: 0,
-                        records: 0,
-                    };
-                    v.insert((path, file, image))
-                }
-            };
-            file.write_all_at(data, h.offset).map_err(io(path))?;
-            image.records += 1;
-            image.bytes += data.len() as u64;
-        }
-    }
     let mut report = ExportReport {
         source: source.to_owned(),
-        images: Vec::new(),
-        files: segments.len(),
+        files: points.iter().map(|p| p.files).sum(),
+        records: points.iter().map(|p| p.records).sum(),
+        applied_records: state.partitions.values().map(|p| p.applied_records).sum(),
         missing,
-        unacknowledged,
+        unacknowledged: points
+            .iter()
+            .flat_map(|p| p.unacknowledged.clone())
+            .collect(),
+        ..ExportReport::default()
     };
-    for (_, (path, file, image)) in images {
-        if let Some(size) = size {
-            let len = file.metadata().map_err(io(&path))?.len();
-            if len < size {
-                file.set_len(size).map_err(io(&path))?;
-            }
+    let mut luns: Vec<u32> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix("lun")?.strip_suffix(".img")?.parse().ok()
+        })
+        .collect();
+    luns.sort_unstable();
+    for lun in luns {
+        let path = image_path(dir, lun);
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let len = file.metadata().map_err(io(&path))?.len();
+        // A LUN is a whole number of 4 KiB blocks.
+        let bytes = size.unwrap_or(0).max(len).next_multiple_of(4096);
+        if bytes > len {
+            file.set_len(bytes).map_err(io(&path))?;
         }
         file.sync_all().map_err(io(&path))?;
-        report.images.push(image);
+        report.images.push(ExportedImage {
+            lun,
+            path: path.display().to_string(),
+            bytes,
+        });
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
     Ok(report)
+}
+
+/// Writes `DIR/serve.toml`: a single node serving each image as a LUN (the exported source
+/// is then an ordinary single node), with its NVRAM in a file next to them. Returns its path.
+fn write_serve_config(
+    dir: &Path,
+    source: &str,
+    images: &[ExportedImage],
+) -> Result<String, ExportError> {
+    let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let path = dir.join("serve.toml");
+    let mut text = format!(
+        "# Written by `nvmirrorctl export --source {source}`: the source's LUNs, served by a\n\
+         # single node from the images the destination kept of them. Start it with\n\
+         #   nvmirrord --config {}\n\
+         # (the NVRAM below is a file: for a node that keeps running, put it on real NVRAM).\n\n\
+         [node]\nname = {}\ncontrol_socket = {}\n\n[nvram]\npath = {}\nsize = \"{SERVE_NVRAM}\"\npartitions = 4\n",
+        path.display(),
+        quote(&format!("{source}-image")),
+        quote(&dir.join("serve.sock").display().to_string()),
+        quote(&dir.join("serve-nvram.img").display().to_string()),
+    );
+    for image in images {
+        text.push_str(&format!(
+            "\n[[lun]]\nname = {}\nmedium = {}\n",
+            quote(&format!("{source}-lun{}", image.lun)),
+            quote(&image.path)
+        ));
+    }
+    let tmp = dir.join("serve.toml.next");
+    let io = |p: &Path| {
+        let path = p.to_owned();
+        move |source| ExportError::Io { path, source }
+    };
+    std::fs::write(&tmp, text).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(path.display().to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nvram::record::RecordHeader;
+    use crate::nvram::record::{RecordHeader, RecordKind};
+    use crate::shipping::image::consistency_point;
+    use crate::shipping::log_file::LogFile;
     use crate::shipping::log_writer::segment_path;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
 
     const LOG: u64 = 0x5eed;
 
@@ -285,11 +276,24 @@ mod tests {
         b
     }
 
+    /// The last consistency point of every partition, as export runs it.
+    fn last_points(
+        dir: &Path,
+        state: &mut ImageState,
+        in_flight: &[(u32, u64, u64)],
+    ) -> Vec<Point> {
+        (0..2)
+            .map(|p| consistency_point(dir, state, p, Some(LOG), in_flight).expect("point"))
+            .collect()
+    }
+
     #[test]
     fn the_image_holds_every_logged_write_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        // Partition 0: block 0 written twice, then zeroed block 1; a wrap marker between.
+        let mut state = ImageState::default();
+        // Partition 0: block 0 written twice, then zeroed block 1; a wrap marker between,
+        // and a consistency point after seq 3.
         file(
             d,
             0,
@@ -300,6 +304,7 @@ mod tests {
                 record(0, 3, RecordKind::Wrap, 0, 0),
             ],
         );
+        consistency_point(d, &mut state, 0, Some(LOG), &[]).expect("point");
         file(
             d,
             0,
@@ -310,18 +315,17 @@ mod tests {
             ],
         );
         file(d, 1, 1, &[record(1, 1, RecordKind::Data, 1 << 20, 9)]);
-        let r = export(d, "src", Some(2 << 20), false, &[]).expect("export");
-        assert_eq!(r.files, 3);
+        let points = last_points(d, &mut state, &[]);
+        let r = finish(d, "src", &state, &points, Some(2 << 20), false).expect("export");
+        assert_eq!(r.files, 2);
+        assert_eq!(r.records, 3);
+        assert_eq!(r.applied_records, 5);
         assert_eq!(r.images.len(), 1);
-        assert_eq!(r.images[0].records, 5);
         let img = d.join("lun0.img");
         assert_eq!(block(&img, 0), vec![4; 4096]);
         assert_eq!(block(&img, 4096), vec![0; 4096]);
         assert_eq!(block(&img, 1 << 20), vec![9; 4096]);
         assert_eq!(std::fs::metadata(&img).expect("meta").len(), 2 << 20);
-        // Again: refused, the image exists.
-        let e = export(d, "src", None, false, &[]).expect_err("exists");
-        assert!(e.to_string().contains("exported before"), "{e}");
     }
 
     #[test]
@@ -332,19 +336,50 @@ mod tests {
         file(d, 0, 5, &[record(0, 5, RecordKind::Data, 0, 5)]);
         file(d, 1, 3, &[record(1, 3, RecordKind::Data, 8192, 3)]);
         // A gap the source's death made (writes in flight) is reported, not refused.
-        let r = export(d, "src", None, false, &[(0, 2, 4), (1, 1, 2)]).expect("in flight");
+        let mut state = ImageState::default();
+        let points = last_points(d, &mut state, &[(0, 2, 4), (1, 1, 2)]);
+        let r = finish(d, "src", &state, &points, None, false).expect("in flight");
         assert_eq!(r.unacknowledged.len(), 2, "{r:?}");
-        std::fs::remove_file(d.join("lun0.img")).expect("rm");
-        let e = export(d, "src", None, false, &[])
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        file(d, 0, 1, &[record(0, 1, RecordKind::Data, 0, 1)]);
+        file(d, 0, 5, &[record(0, 5, RecordKind::Data, 0, 5)]);
+        file(d, 1, 3, &[record(1, 3, RecordKind::Data, 8192, 3)]);
+        let mut state = ImageState::default();
+        let points = last_points(d, &mut state, &[]);
+        let e = finish(d, "src", &state, &points, None, false)
             .expect_err("gap")
             .to_string();
-        assert!(e.contains("partition 0: seqs 2..4 (a gap"), "{e}");
+        assert!(e.contains("partition 0: seqs 2..4 of log"), "{e}");
         assert!(
-            e.contains("partition 1: the files start at seq 3, not 1"),
+            e.contains("partition 1: seqs 1..2 of log 0000000000005eed: shipping began after"),
             "{e}"
         );
-        let r = export(d, "src", None, true, &[]).expect("forced");
+        let r = finish(d, "src", &state, &points, None, true).expect("forced");
         assert_eq!(r.missing.len(), 2);
         assert_eq!(block(&d.join("lun0.img"), 0), vec![5; 4096]);
+    }
+
+    #[test]
+    fn the_serve_config_is_a_valid_single_node_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let images = [ExportedImage {
+            lun: 0,
+            path: dir.path().join("lun0.img").display().to_string(),
+            bytes: 1 << 20,
+        }];
+        let path = write_serve_config(dir.path(), "src2", &images).expect("write");
+        let cfg = crate::config::NodeConfig::load(Path::new(&path)).expect("a valid config");
+        assert_eq!(cfg.node.name, "src2-image");
+        assert_eq!(cfg.luns.len(), 1);
+    }
+
+    #[test]
+    fn nothing_logged_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e =
+            finish(dir.path(), "src", &ImageState::default(), &[], None, false).expect_err("empty");
+        assert!(matches!(e, ExportError::Empty { .. }), "{e}");
     }
 }

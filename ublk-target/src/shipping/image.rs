@@ -1,17 +1,32 @@
-//! Consistency points on the destination (claim set C, claims 1, 3, 15, 22, 23): a source
-//! partition's logged records, through the seq the source names, are applied in order to
-//! the destination's image of the source's volume; the image is synced; only then is the
-//! log file started again after that seq (records that arrived beyond it carried over).
+//! Consistency points on the destination (claim set C, step 3; claims 1, 3, 15, 22, 23):
+//! every log file of a source partition is applied, in sequence order, to the destination's
+//! images of the source's LUNs (`DIR/SOURCE/lunN.img`), the images are synced, what was
+//! applied is recorded (`DIR/SOURCE/images.json`), and only then are the files removed.
+//! The log files so hold only what came after the last consistency point.
 //!
-//! A crash anywhere in between is safe: until the new log file has replaced the old one, the
-//! old one still begins right after the previous consistency point, and applying it again
-//! from its start ends in the same image (the same writes in the same order).
+//! Partitions hold disjoint LUN ranges (a range stages in exactly one partition), so each
+//! partition's records can be applied on their own: after a point of partition p, the
+//! images' ranges of p equal the source's volume as its writes through that seq made it.
+//!
+//! A crash anywhere is safe. Before the record of what was applied is replaced, applying
+//! the same files again from their start rewrites the same blocks in the same order (a
+//! suffix of an ordered sequence of writes, replayed over its own result, ends in the same
+//! state); after it, the records it covers are skipped and their files removed.
+//!
+//! The images start from zeros: they equal the source's volume only if the files held its
+//! whole history (from seq 1 of its log, without a gap). What they lack is recorded with
+//! the partition (`missing`): export refuses such images unless forced.
 
 use super::log_file::{LogFile, LogFileError};
 use crate::nvram::record::RecordKind;
-use std::fs::File;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+/// The record of what the images hold, in the source's log directory.
+pub const STATE_FILE: &str = "images.json";
+const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -24,143 +39,386 @@ pub enum ImageError {
         source: std::io::Error,
     },
     #[error(
-        "consistency point through seq {through}: the log file holds seqs {first} to {last} \
-         (a gap would be lost: the source must resend from seq {})",
-        last + 1
+        "{path} is not a record of nvmirror images ({why}); move it away to start the images \
+         again from the log files (they then lack what earlier consistency points applied)"
     )]
-    NotLoggedYet { through: u64, first: u64, last: u64 },
-    #[error(
-        "{path}: seq {seq} writes {len} bytes at {offset}, beyond the image's {size} bytes \
-         (image_size smaller than the source's LUN?)"
-    )]
+    BadState { path: PathBuf, why: String },
+    #[error("{path}: seq {seq} writes {len} bytes at {offset}, past the largest file offset")]
     BeyondImage {
         path: PathBuf,
         seq: u64,
         offset: u64,
         len: u64,
-        size: u64,
     },
-    #[error("seq {seq}: a {kind:?} record has no meaning in a shipped log (only data, zero and wrap markers)")]
-    UnexpectedKind { seq: u64, kind: RecordKind },
 }
 
-/// What a consistency point did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Applied {
-    pub records: u64,
-    pub bytes: u64,
-    /// Records beyond the consistency point carried into the new log file.
-    pub carried: u64,
+/// What the images hold of one source partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionImage {
+    /// The source log the images follow in this partition, and its last seq applied.
+    pub log_id: Option<u64>,
+    pub applied_through: u64,
+    /// Logs applied to their end before the source went on with a newer one (it formatted
+    /// its NVRAM): a file of theirs found later is removed, not applied again.
+    #[serde(default)]
+    pub finished_logs: Vec<u64>,
+    pub points: u64,
+    pub applied_records: u64,
+    pub applied_bytes: u64,
+    /// Unix seconds of the last consistency point.
+    pub last_point_unix: u64,
+    /// Writes the images never got, so they are not the source's volume.
+    #[serde(default)]
+    pub missing: Vec<String>,
 }
 
-/// Applies the log's records through `through` to `image`, syncs the image, and starts the
-/// log file again at `through + 1` (returned). `image_size` bounds the writes.
-pub fn consistency_point(
-    log: LogFile,
-    log_path: &Path,
-    image: &File,
-    image_path: &Path,
-    image_size: u64,
-    through: u64,
-) -> Result<(LogFile, Applied), ImageError> {
-    let first = log.first_seq();
-    let last = log.next_seq().saturating_sub(1);
-    if through >= log.next_seq() {
-        return Err(ImageError::NotLoggedYet {
-            through,
-            first,
-            last,
-        });
-    }
-    let io_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| ImageError::Io { path, source }
-    };
-    let records = log.read_all()?;
-    let mut applied = Applied {
-        records: 0,
-        bytes: 0,
-        carried: 0,
-    };
-    let mut rest = Vec::new();
-    for r in records {
-        let h = r.header;
-        if h.seq > through {
-            rest.push(r);
-            continue;
-        }
-        let len = h.len as u64;
-        if h.offset.checked_add(len).is_none_or(|end| end > image_size) {
-            return Err(ImageError::BeyondImage {
-                path: image_path.to_owned(),
-                seq: h.seq,
-                offset: h.offset,
-                len,
-                size: image_size,
+/// What the images of one source hold (`images.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageState {
+    pub version: u32,
+    pub partitions: BTreeMap<u32, PartitionImage>,
+    /// Unix seconds of the export: from then on whoever serves the images writes them.
+    #[serde(default)]
+    pub exported_unix: Option<u64>,
+}
+
+impl ImageState {
+    /// The record in `dir`, or an empty one if there is none yet.
+    pub fn load(dir: &Path) -> Result<ImageState, ImageError> {
+        let path = dir.join(STATE_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(ImageState {
+                    version: STATE_VERSION,
+                    ..ImageState::default()
+                })
+            }
+            Err(source) => return Err(ImageError::Io { path, source }),
+        };
+        let state: ImageState =
+            serde_json::from_slice(&text).map_err(|e| ImageError::BadState {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+        if state.version != STATE_VERSION {
+            return Err(ImageError::BadState {
+                path,
+                why: format!(
+                    "version {}, this nvmirror knows {STATE_VERSION}",
+                    state.version
+                ),
             });
         }
-        match h.kind {
-            RecordKind::Data => image.write_all_at(&r.data, h.offset),
-            RecordKind::Zero => image.write_all_at(&vec![0u8; h.len as usize], h.offset),
-            // A wrap marker (the source skipped its partition's end) writes nothing.
-            RecordKind::Wrap => continue,
-            kind => return Err(ImageError::UnexpectedKind { seq: h.seq, kind }),
+        Ok(state)
+    }
+
+    /// Replaces the record in `dir` durably (a new file renamed over the old one).
+    pub fn save(&self, dir: &Path) -> Result<(), ImageError> {
+        let path = dir.join(STATE_FILE);
+        let tmp = dir.join(format!("{STATE_FILE}.next"));
+        let text = serde_json::to_vec_pretty(self).map_err(|e| ImageError::BadState {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        let io = |p: &Path| {
+            let path = p.to_owned();
+            move |source| ImageError::Io { path, source }
+        };
+        let f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all_at(&text, 0)
+            .and_then(|_| f.sync_all())
+            .map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        sync_dir(dir)
+    }
+
+    /// Every partition's missing writes, named.
+    pub fn missing(&self) -> Vec<String> {
+        self.partitions
+            .iter()
+            .flat_map(|(p, x)| x.missing.iter().map(move |m| format!("partition {p}: {m}")))
+            .collect()
+    }
+}
+
+/// What one consistency point of one partition did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Point {
+    pub partition: u32,
+    /// The source log and seq the partition's images now hold the writes through.
+    pub log_id: Option<u64>,
+    pub applied_through: u64,
+    pub records: u64,
+    pub bytes: u64,
+    /// Log files applied and removed.
+    pub files: usize,
+    /// Seqs skipped because the source died with them in flight (export only).
+    #[serde(default)]
+    pub unacknowledged: Vec<String>,
+}
+
+/// One log file, known by its name (`log_writer::segment_path`).
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub path: PathBuf,
+    pub partition: u32,
+    pub log_id: u64,
+    pub first_seq: u64,
+}
+
+fn parse_segment_name(path: &Path) -> Option<Segment> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".log")?;
+    let mut parts = name.strip_prefix('p')?.split('-');
+    let partition = parts.next()?.parse().ok()?;
+    let log_id = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let first_seq = parts.next()?.parse().ok()?;
+    parts.next().is_none().then(|| Segment {
+        path: path.to_owned(),
+        partition,
+        log_id,
+        first_seq,
+    })
+}
+
+/// The log files in `dir` (of `partition` only, if given), by partition, log, first seq.
+pub fn list_segments(dir: &Path, partition: Option<u32>) -> Result<Vec<Segment>, ImageError> {
+    let mut segments: Vec<Segment> = std::fs::read_dir(dir)
+        .map_err(|source| ImageError::Io {
+            path: dir.to_owned(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| parse_segment_name(&e.path()))
+        .filter(|s| partition.is_none_or(|p| s.partition == p))
+        .collect();
+    segments.sort_by_key(|s| (s.partition, s.log_id, s.first_seq));
+    Ok(segments)
+}
+
+/// The image of LUN `lun` of the source whose directory is `dir`.
+pub fn image_path(dir: &Path, lun: u32) -> PathBuf {
+    dir.join(format!("lun{lun}.img"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ImageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| ImageError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// A consistency point of partition `p` (see the module doc): every log file of it in
+/// `dir` is applied to the images, in order, then the images are synced, `state` is saved,
+/// and the files are removed. No file of `p` may be appended to meanwhile (the writer
+/// closes its file first). `current_log`: the source log the writer appends now (files of
+/// another log are older). `in_flight`: (partition, first, last) seqs skipped because the
+/// source died with them in flight: reported, not counted as missing.
+pub fn consistency_point(
+    dir: &Path,
+    state: &mut ImageState,
+    p: u32,
+    current_log: Option<u64>,
+    in_flight: &[(u32, u64, u64)],
+) -> Result<Point, ImageError> {
+    let segments = list_segments(dir, Some(p))?;
+    let mut part = state.partitions.get(&p).cloned().unwrap_or_default();
+    let mut point = Point {
+        partition: p,
+        log_id: part.log_id,
+        applied_through: part.applied_through,
+        ..Point::default()
+    };
+    if segments.is_empty() {
+        return Ok(point);
+    }
+    // The order of the logs: the one the images follow, then older ones, then the current.
+    let mut logs: Vec<u64> = segments.iter().map(|s| s.log_id).collect();
+    logs.dedup();
+    let mut order: Vec<u64> = Vec::new();
+    if let Some(l) = part.log_id.filter(|l| logs.contains(l)) {
+        order.push(l);
+    }
+    let others: Vec<u64> = logs
+        .iter()
+        .copied()
+        .filter(|l| Some(*l) != part.log_id && Some(*l) != current_log)
+        .filter(|l| !part.finished_logs.contains(l))
+        .collect();
+    if others.len() > 1 {
+        part.missing.push(format!(
+            "the source formatted its NVRAM more than once between consistency points (logs {}): \
+             their order is not recorded, so they were applied in an arbitrary one",
+            others
+                .iter()
+                .map(|l| format!("{l:016x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    order.extend(others);
+    if let Some(c) = current_log.filter(|c| logs.contains(c) && !order.contains(c)) {
+        order.push(c);
+    }
+
+    let mut images: BTreeMap<u32, File> = BTreeMap::new();
+    let mut created = false;
+    for log in order {
+        // The images follow no log yet: their first record must be seq 1 of it.
+        let mut first_ever = false;
+        let mut expected = if part.log_id == Some(log) {
+            part.applied_through + 1
+        } else {
+            // A newer log: the one the images followed is done.
+            if let Some(prev) = part.log_id {
+                part.finished_logs.push(prev);
+            }
+            first_ever = part.log_id.is_none();
+            part.log_id = Some(log);
+            part.applied_through = 0;
+            1
+        };
+        for seg in segments.iter().filter(|s| s.log_id == log) {
+            let file = LogFile::open(&seg.path)?.log;
+            point.files += 1;
+            for r in file.read_all()? {
+                let h = r.header;
+                if h.seq < expected {
+                    continue; // applied by an earlier point whose files outlived it
+                }
+                if h.seq > expected {
+                    if in_flight.contains(&(p, expected, h.seq - 1)) {
+                        point
+                            .unacknowledged
+                            .push(format!("partition {p}: seqs {expected}..{}", h.seq - 1));
+                    } else if first_ever && expected == 1 {
+                        part.missing.push(format!(
+                            "seqs 1..{} of log {log:016x}: shipping began after the source's first writes",
+                            h.seq - 1
+                        ));
+                    } else {
+                        part.missing.push(format!(
+                            "seqs {expected}..{} of log {log:016x} never reached the destination \
+                             (it was away while the source flushed them)",
+                            h.seq - 1
+                        ));
+                    }
+                }
+                first_ever = false;
+                expected = h.seq + 1;
+                part.applied_through = h.seq;
+                let zero;
+                let data: &[u8] = match h.kind {
+                    RecordKind::Data => &r.data,
+                    RecordKind::Zero => {
+                        zero = vec![0u8; h.len as usize];
+                        &zero
+                    }
+                    // Markers and voids write nothing (a source has no partner whose
+                    // ranges it could lose, so it writes no voids).
+                    RecordKind::Wrap | RecordKind::Void => continue,
+                };
+                let path = image_path(dir, h.lun);
+                if h.offset
+                    .checked_add(h.len as u64)
+                    .is_none_or(|end| end > i64::MAX as u64)
+                {
+                    return Err(ImageError::BeyondImage {
+                        path,
+                        seq: h.seq,
+                        offset: h.offset,
+                        len: h.len as u64,
+                    });
+                }
+                let image = match images.entry(h.lun) {
+                    std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        created |= !path.exists();
+                        let f = OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(&path)
+                            .map_err(|source| ImageError::Io {
+                                path: path.clone(),
+                                source,
+                            })?;
+                        v.insert(f)
+                    }
+                };
+                image
+                    .write_all_at(data, h.offset)
+                    .map_err(|source| ImageError::Io { path, source })?;
+                point.records += 1;
+                point.bytes += h.len as u64;
+            }
         }
-        .map_err(io_err(image_path))?;
-        applied.records += 1;
-        applied.bytes += len;
     }
-    image.sync_data().map_err(io_err(image_path))?;
-    // The new file under a temporary name, then renamed over the old one: the old file
-    // stays whole until the new one is complete and durable.
-    let tmp = log_path.with_extension("log.next");
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
-        _ => {}
+    for (lun, image) in &images {
+        image.sync_data().map_err(|source| ImageError::Io {
+            path: image_path(dir, *lun),
+            source,
+        })?;
     }
-    let mut next = LogFile::create(&tmp, log.source_log_id(), log.partition(), through + 1)?;
-    let carried: Vec<_> = rest.iter().map(|r| (r.header, &r.data[..])).collect();
-    next.append(&carried)?;
-    next.sync()?;
-    std::fs::rename(&tmp, log_path).map_err(io_err(log_path))?;
-    if let Some(dir) = log_path.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
+    if created {
+        sync_dir(dir)?;
     }
-    applied.carried = carried.len() as u64;
-    drop(log);
-    Ok((next.renamed(log_path), applied))
+    part.points += 1;
+    part.applied_records += point.records;
+    part.applied_bytes += point.bytes;
+    part.last_point_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    point.log_id = part.log_id;
+    point.applied_through = part.applied_through;
+    let mut next = state.clone();
+    next.partitions.insert(p, part);
+    next.save(dir)?;
+    *state = next;
+    for seg in &segments {
+        std::fs::remove_file(&seg.path).map_err(|source| ImageError::Io {
+            path: seg.path.clone(),
+            source,
+        })?;
+    }
+    sync_dir(dir)?;
+    Ok(point)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nvram::record::RecordHeader;
+    use crate::shipping::log_writer::segment_path;
     use proptest::prelude::*;
 
     const LOG: u64 = 0xabc;
-    const IMAGE: u64 = 64 << 10;
+    const IMAGE: usize = 64 << 10;
 
-    fn write(seq: u64, offset: u64, len: u32, fill: u8, zero: bool) -> (RecordHeader, Vec<u8>) {
-        let data = if zero {
-            Vec::new()
-        } else {
+    fn write(
+        seq: u64,
+        offset: u64,
+        len: u32,
+        fill: u8,
+        kind: RecordKind,
+    ) -> (RecordHeader, Vec<u8>) {
+        let data = if kind == RecordKind::Data {
             vec![fill; len as usize]
+        } else {
+            Vec::new()
         };
         let h = RecordHeader {
-            kind: if zero {
-                RecordKind::Zero
-            } else {
-                RecordKind::Data
-            },
+            kind,
             flags: 0,
             log_id: LOG,
             seq,
             lun: 0,
             partition: 0,
             offset,
-            len,
+            len: if kind == RecordKind::Wrap { 0 } else { len },
             data_len: data.len() as u32,
             acked_through: seq - 1,
             data_crc: crc32c::crc32c(&data),
@@ -168,93 +426,169 @@ mod tests {
         (h, data)
     }
 
+    fn log_segment(dir: &Path, recs: &[(RecordHeader, Vec<u8>)]) {
+        let Some((first, _)) = recs.first() else {
+            return;
+        };
+        let mut f = LogFile::create(&segment_path(dir, 0, LOG, first.seq), LOG, 0, first.seq)
+            .expect("create");
+        let refs: Vec<_> = recs.iter().map(|(h, d)| (*h, &d[..])).collect();
+        f.append(&refs).expect("append");
+        f.sync().expect("sync");
+    }
+
+    fn read_image(dir: &Path) -> Vec<u8> {
+        let mut got = std::fs::read(image_path(dir, 0)).unwrap_or_default();
+        got.resize(IMAGE, 0);
+        got
+    }
+
     proptest! {
-        /// Writes logged in order, consistency points at arbitrary seqs (some of them
-        /// repeated after a crash before the log was started again): after each one the
-        /// image equals the volume the writes made through that seq.
+        /// Writes logged in segments, consistency points after some of them (some repeated
+        /// after a crash that left the applied files in place, some after a crash before
+        /// the record was saved): after each one the image equals the volume the writes
+        /// made through that seq, and the files are gone.
         #[test]
         fn the_image_equals_the_volume_at_each_consistency_point(
-            writes in proptest::collection::vec((0u64..60, 1u32..8, any::<u8>(), any::<bool>()), 1..60),
-            points in proptest::collection::vec(0usize..60, 1..6),
-            crash_before_rotate in any::<bool>(),
+            writes in proptest::collection::vec((0u64..60, 1u32..8, any::<u8>(), 0u8..8), 1..60),
+            cuts in proptest::collection::vec(0usize..60, 1..6),
+            crash in 0u8..3,
         ) {
             let dir = tempfile::tempdir().expect("tempdir");
-            let log_path = dir.path().join("p0.log");
-            let image_path = dir.path().join("image");
-            let image = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&image_path)
-                .expect("image");
-            image.set_len(IMAGE).expect("size");
-            let recs: Vec<_> = writes.iter().enumerate().map(|(i, &(block, blocks, fill, zero))| {
-                write(i as u64 + 1, block * 512, blocks * 512, fill, zero)
+            let recs: Vec<_> = writes.iter().enumerate().map(|(i, &(block, blocks, fill, k))| {
+                let kind = match k { 0 => RecordKind::Zero, 1 => RecordKind::Wrap, _ => RecordKind::Data };
+                write(i as u64 + 1, block * 512, blocks * 512, fill, kind)
             }).collect();
-            let mut log = LogFile::create(&log_path, LOG, 0, 1).expect("create");
-            let refs: Vec<_> = recs.iter().map(|(h, d)| (*h, &d[..])).collect();
-            log.append(&refs).expect("append");
-            log.sync().expect("sync");
-
-            let mut points: Vec<u64> = points.iter().map(|&p| (p % recs.len()) as u64 + 1).collect();
-            points.sort_unstable();
-            points.dedup();
-            let mut model = vec![0u8; IMAGE as usize];
-            let mut modelled = 0u64;
-            for through in points {
-                if crash_before_rotate {
-                    // Applied and synced, then a crash: the old log file is still there and
-                    // is applied again from its start.
-                    let (_, _) = consistency_point(
-                        LogFile::open(&log_path).expect("reopen").log,
-                        &dir.path().join("scratch.log"), &image, &image_path, IMAGE, through,
-                    ).expect("apply");
-                    std::fs::remove_file(dir.path().join("scratch.log")).expect("rm");
+            let mut cuts: Vec<usize> = cuts.iter().map(|&c| c % recs.len() + 1).collect();
+            cuts.push(recs.len());
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut state = ImageState::load(dir.path()).expect("load");
+            let mut model = vec![0u8; IMAGE];
+            let mut done = 0usize;
+            for cut in cuts {
+                log_segment(dir.path(), &recs[done..cut]);
+                match crash {
+                    // The point ran, then a crash before its files were removed: they are
+                    // found again next time and skipped.
+                    1 => {
+                        let kept: Vec<_> = list_segments(dir.path(), Some(0)).expect("list").iter().map(|s| {
+                            let copy = s.path.with_extension("keep");
+                            std::fs::copy(&s.path, &copy).expect("copy");
+                            (copy, s.path.clone())
+                        }).collect();
+                        consistency_point(dir.path(), &mut state, 0, Some(LOG), &[]).expect("point");
+                        for (copy, path) in kept {
+                            std::fs::rename(copy, path).expect("put back");
+                        }
+                    }
+                    // Applied and synced, then a crash before the record was saved: the
+                    // files are applied again from the old record.
+                    2 => {
+                        let mut scratch = state.clone();
+                        let kept: Vec<_> = list_segments(dir.path(), Some(0)).expect("list").iter().map(|s| {
+                            let copy = s.path.with_extension("keep");
+                            std::fs::copy(&s.path, &copy).expect("copy");
+                            (copy, s.path.clone())
+                        }).collect();
+                        consistency_point(dir.path(), &mut scratch, 0, Some(LOG), &[]).expect("point");
+                        for (copy, path) in kept {
+                            std::fs::rename(copy, path).expect("put back");
+                        }
+                    }
+                    _ => {}
                 }
-                let (next, applied) = consistency_point(log, &log_path, &image, &image_path, IMAGE, through)
-                    .expect("consistency point");
-                log = next;
-                for (h, d) in &recs[modelled as usize..through as usize] {
+                let point = consistency_point(dir.path(), &mut state, 0, Some(LOG), &[]).expect("point");
+                for (h, d) in &recs[done..cut] {
                     let span = h.offset as usize..(h.offset + h.len as u64) as usize;
                     match h.kind {
                         RecordKind::Zero => model[span].fill(0),
-                        _ => model[span].copy_from_slice(d),
+                        RecordKind::Data => model[span].copy_from_slice(d),
+                        _ => {}
                     }
                 }
-                prop_assert_eq!(applied.records, through - modelled);
-                prop_assert_eq!(applied.carried, recs.len() as u64 - through);
-                modelled = through;
-                let mut got = vec![0u8; IMAGE as usize];
-                image.read_exact_at(&mut got, 0).expect("read image");
-                prop_assert!(got == model, "image differs from the volume at seq {}", through);
-                let reopened = LogFile::open(&log_path).expect("reopen");
-                prop_assert_eq!(reopened.log.first_seq(), through + 1);
-                prop_assert_eq!(reopened.log.next_seq(), recs.len() as u64 + 1);
+                if crash != 1 {
+                    let expected = recs[done..cut].iter().filter(|(h, _)| h.kind != RecordKind::Wrap).count();
+                    prop_assert_eq!(point.records, expected as u64);
+                }
+                prop_assert_eq!(point.applied_through, cut as u64);
+                done = cut;
+                prop_assert!(read_image(dir.path()) == model, "image differs from the volume at seq {}", cut);
+                prop_assert!(list_segments(dir.path(), None).expect("list").is_empty());
+                prop_assert_eq!(&ImageState::load(dir.path()).expect("reload"), &state);
+                prop_assert!(state.missing().is_empty());
             }
         }
     }
 
     #[test]
-    fn a_point_beyond_the_log_or_a_write_beyond_the_image_is_refused() {
+    fn a_gap_and_a_late_start_are_recorded_as_missing_and_in_flight_seqs_are_not() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log_path = dir.path().join("p0.log");
-        let image_path = dir.path().join("image");
-        let image = File::create(&image_path).expect("image");
-        let mut log = LogFile::create(&log_path, LOG, 0, 1).expect("create");
-        let (h, d) = write(1, IMAGE - 512, 1024, 1, false);
-        log.append(&[(h, &d[..])]).expect("append");
-        let log = match consistency_point(log, &log_path, &image, &image_path, IMAGE, 2) {
-            Err(ImageError::NotLoggedYet {
-                through: 2,
-                first: 1,
-                last: 1,
-            }) => LogFile::open(&log_path).expect("reopen").log,
-            other => panic!("a point beyond the log: {other:?}"),
-        };
-        assert!(matches!(
-            consistency_point(log, &log_path, &image, &image_path, IMAGE, 1),
-            Err(ImageError::BeyondImage { seq: 1, .. })
-        ));
+        let recs: Vec<_> = (1..=10)
+            .map(|s| write(s, s * 512, 512, s as u8, RecordKind::Data))
+            .collect();
+        // Shipping began at seq 3.
+        log_segment(dir.path(), &recs[2..5]);
+        let mut state = ImageState::load(dir.path()).expect("load");
+        consistency_point(dir.path(), &mut state, 0, Some(LOG), &[]).expect("point");
+        assert_eq!(state.missing().len(), 1, "{:?}", state.missing());
+        assert!(
+            state.missing()[0].contains("seqs 1..2"),
+            "{:?}",
+            state.missing()
+        );
+        // Seqs 6..7 never arrived, 9 was in flight when the source died.
+        log_segment(dir.path(), &recs[7..8]);
+        log_segment(dir.path(), &recs[9..10]);
+        let point =
+            consistency_point(dir.path(), &mut state, 0, Some(LOG), &[(0, 9, 9)]).expect("point");
+        assert_eq!(point.applied_through, 10);
+        assert_eq!(
+            point.unacknowledged,
+            vec!["partition 0: seqs 9..9".to_string()]
+        );
+        let missing = state.missing();
+        assert_eq!(missing.len(), 2, "{missing:?}");
+        assert!(missing[1].contains("seqs 6..7"), "{missing:?}");
+    }
+
+    #[test]
+    fn a_newer_log_follows_the_old_one_and_old_files_found_later_are_not_applied_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old: Vec<_> = (1..=3)
+            .map(|s| write(s, 0, 512, 1, RecordKind::Data))
+            .collect();
+        log_segment(dir.path(), &old);
+        let mut state = ImageState::load(dir.path()).expect("load");
+        consistency_point(dir.path(), &mut state, 0, Some(LOG), &[]).expect("point");
+        // The source formatted its NVRAM: a new log from seq 1.
+        const NEW: u64 = 0xdef;
+        let (mut h, d) = write(1, 0, 512, 2, RecordKind::Data);
+        h.log_id = NEW;
+        let mut f =
+            LogFile::create(&segment_path(dir.path(), 0, NEW, 1), NEW, 0, 1).expect("create");
+        f.append(&[(h, &d[..])]).expect("append");
+        f.sync().expect("sync");
+        drop(f);
+        consistency_point(dir.path(), &mut state, 0, Some(NEW), &[]).expect("point");
+        assert_eq!(read_image(dir.path())[0], 2);
+        assert!(state.missing().is_empty(), "{:?}", state.missing());
+        // A file of the old log turns up again (a crash before its removal was durable).
+        log_segment(dir.path(), &old);
+        consistency_point(dir.path(), &mut state, 0, Some(NEW), &[]).expect("point");
+        assert_eq!(
+            read_image(dir.path())[0],
+            2,
+            "the old log was applied again"
+        );
+        assert!(list_segments(dir.path(), None).expect("list").is_empty());
+    }
+
+    #[test]
+    fn a_damaged_record_file_is_refused_with_the_way_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(STATE_FILE), b"{not json").expect("write");
+        let e = ImageState::load(dir.path()).expect_err("garbage accepted");
+        assert!(e.to_string().contains("move it away"), "{e}");
     }
 }

@@ -16,7 +16,16 @@
 //!
 //! The source's flusher asks (`wire::OP_SHIP_LOGGED`) before its log lets a batch go:
 //! [`SourceLogs::wait_logged`] answers once the file holds it.
+//!
+//! Consistency points (step 3, `shipping::image`) run on this thread too, so no file is
+//! applied while it is appended to: when the source's partition filled (the writer appends
+//! the wrap marker the source named: it went round its partition) and on
+//! [`SourceLogs::checkpoint`] (`nvmirrorctl checkpoint`, and `export`). The file being
+//! appended to is closed first; the next record starts a new one. A point is I/O on the
+//! writer thread, so while it runs the source's questions wait: a slow image slows the
+//! source down (back-pressure) and drops nothing.
 
+use super::image::{self, ImageError, ImageState, Point};
 use super::log_file::{LogFile, LogFileError};
 use crate::mirror::SecondStoreArea;
 use crate::nvram::record::{RecordHeader, RecordKind};
@@ -38,8 +47,10 @@ pub const GAP_REPORT_AFTER: Duration = Duration::from_secs(10);
 struct PartitionLog {
     /// The file appended to now (its log id is the source log it belongs to).
     segment: Option<LogFile>,
-    /// With no segment: the seq the next one starts at (after a gap).
-    resume_at: Option<u64>,
+    /// With no segment: the source log and seq the next one starts at (after a gap).
+    resume_at: Option<(u64, u64)>,
+    /// The source went round this partition: a consistency point is due.
+    point_due: bool,
     /// From the source's questions, for its log `hint_log`: every seq through `gone_through`
     /// has left its log; `wraps` are markers it never posted.
     hint_log: Option<u64>,
@@ -81,6 +92,27 @@ pub struct PartitionLogStatus {
     pub gaps: u64,
     /// A record that has not arrived for [`GAP_REPORT_AFTER`] while later ones wait.
     pub waiting_for: Option<String>,
+    /// The images hold this partition's writes through this seq (of `image_log`).
+    #[serde(default)]
+    pub applied_through: u64,
+    #[serde(default)]
+    pub image_log: Option<String>,
+    /// Consistency points so far, and the last one's time (Unix seconds, 0: none).
+    #[serde(default)]
+    pub points: u64,
+    #[serde(default)]
+    pub last_point_unix: u64,
+    /// Records in the log file not yet applied to the images (the lag).
+    #[serde(default)]
+    pub unapplied_records: u64,
+    #[serde(default)]
+    pub unapplied_bytes: u64,
+}
+
+/// A checkpoint asked of the writer thread.
+struct PointRequest {
+    in_flight: Vec<(u32, u64, u64)>,
+    reply: std::sync::mpsc::Sender<Result<Vec<Point>, String>>,
 }
 
 /// The log files of one source, and the thread that writes them.
@@ -100,6 +132,9 @@ pub struct SourceLogs {
     /// What was skipped so (partition, first seq, last seq), for the export's report.
     skipped_gone: Mutex<Vec<(u32, u64, u64)>>,
     thread: Mutex<Option<std::thread::Thread>>,
+    /// What the images hold (`shipping::image`), as last saved.
+    images: Mutex<ImageState>,
+    point_request: Mutex<Option<PointRequest>>,
 }
 
 impl SourceLogs {
@@ -112,12 +147,13 @@ impl SourceLogs {
         source: &str,
         area: Arc<SecondStoreArea>,
         partitions: u32,
-    ) -> Result<Arc<SourceLogs>, LogFileError> {
+    ) -> Result<Arc<SourceLogs>, ImageError> {
         let dir = dir.join(source);
         std::fs::create_dir_all(&dir).map_err(|e| LogFileError::Io {
             path: dir.clone(),
             source: e,
         })?;
+        let images = ImageState::load(&dir)?;
         let mut parts = Vec::new();
         for p in 0..partitions {
             let mut part = PartitionLog::default();
@@ -135,6 +171,10 @@ impl SourceLogs {
                     area.release_logged(log_id, p, through);
                     part.seen_log = Some(log_id);
                     part.segment = Some(opened.log);
+                } else if images.partitions.get(&p).and_then(|i| i.log_id) == Some(log_id) {
+                    // Every file of this log went to the images at a consistency point: a
+                    // skip after what they hold is a gap all the same.
+                    part.seen_log = Some(log_id);
                 }
             }
             parts.push(part);
@@ -150,6 +190,8 @@ impl SourceLogs {
             source_gone: AtomicBool::new(false),
             skipped_gone: Mutex::new(Vec::new()),
             thread: Mutex::new(None),
+            images: Mutex::new(images),
+            point_request: Mutex::new(None),
         }))
     }
 
@@ -199,6 +241,51 @@ impl SourceLogs {
         };
         self.source_gone.store(false, Ordering::Relaxed);
         result
+    }
+
+    /// A consistency point of every partition (`nvmirrorctl checkpoint`, `export`): what
+    /// the log files hold is applied to the images, which are synced, and the files
+    /// removed. Runs on the writer thread; Err if it fails or takes longer than `timeout`.
+    /// `in_flight`: seqs the source died with in flight (export), reported, not missing.
+    pub fn checkpoint(
+        &self,
+        in_flight: Vec<(u32, u64, u64)>,
+        timeout: Duration,
+    ) -> Result<Vec<Point>, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        {
+            let mut pending = lock(&self.point_request);
+            if pending.is_some() {
+                return Err(format!(
+                    "a checkpoint of {} is already running",
+                    self.source
+                ));
+            }
+            *pending = Some(PointRequest { in_flight, reply });
+        }
+        self.wake();
+        match answer.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "the checkpoint of {} did not finish within {timeout:?} (it goes on; see status)",
+                self.source
+            )),
+        }
+    }
+
+    /// What the images hold.
+    pub fn image_state(&self) -> ImageState {
+        lock(&self.images).clone()
+    }
+
+    /// Records the export in the images' state.
+    pub fn mark_exported(&self) -> Result<(), ImageError> {
+        let mut images = lock(&self.images);
+        let mut next = images.clone();
+        next.exported_unix = Some(unix_now());
+        next.save(&self.dir)?;
+        *images = next;
+        Ok(())
     }
 
     pub fn stop(&self) {
@@ -300,7 +387,71 @@ impl SourceLogs {
             *lock(&self.error) = None;
             self.progress.send_modify(|n| *n += 1);
         }
+        self.run_points(partitions);
         any
+    }
+
+    /// The consistency points that are due, and a checkpoint if one was asked for.
+    fn run_points(&self, partitions: u32) {
+        let request = lock(&self.point_request).take();
+        if let Some(req) = request {
+            let result = (0..partitions)
+                .map(|p| self.point(p, &req.in_flight))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                tracing::error!(source = self.source, "checkpoint failed: {e}");
+            }
+            let _ = req.reply.send(result);
+            return;
+        }
+        if lock(&self.images).exported_unix.is_some() {
+            // The images belong to whoever serves them since the export: the files stay.
+            return;
+        }
+        for p in 0..partitions {
+            let due = lock(&self.parts)
+                .get(p as usize)
+                .is_some_and(|x| x.point_due);
+            if !due {
+                continue;
+            }
+            match self.point(p, &[]) {
+                Ok(done) => tracing::info!(
+                    source = self.source,
+                    partition = p,
+                    "consistency point (the source went round its partition): {} record(s), {} bytes applied to the images, which hold its writes through seq {}",
+                    done.records,
+                    done.bytes,
+                    done.applied_through
+                ),
+                Err(e) => {
+                    // Retried at the next pass; the files stay until it works.
+                    let text = format!("consistency point of partition {p}: {e}");
+                    tracing::error!(source = self.source, "{text}");
+                    *lock(&self.error) = Some(text);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    /// A consistency point of partition `p` (`image::consistency_point`), with the file
+    /// being appended to closed first.
+    fn point(&self, p: u32, in_flight: &[(u32, u64, u64)]) -> Result<Point, ImageError> {
+        let current = self.area.log_state(p).and_then(|(log, _)| log);
+        if let Some(part) = lock(&self.parts).get_mut(p as usize) {
+            // Synced through its last append (a failed one was rolled back); the next
+            // record starts a new file after what the area released.
+            part.segment = None;
+        }
+        let mut state = self.image_state();
+        let done = image::consistency_point(&self.dir, &mut state, p, current, in_flight)?;
+        *lock(&self.images) = state;
+        if let Some(part) = lock(&self.parts).get_mut(p as usize) {
+            part.point_due = false;
+        }
+        Ok(done)
     }
 
     /// Appends what partition `p` can continue its file with; the number of records.
@@ -327,6 +478,8 @@ impl SourceLogs {
                 );
                 part.segment = None;
                 part.resume_at = None;
+                // The old log's files are applied before the new log's first record.
+                part.point_due = true;
             }
             if part.hint_log.is_some_and(|l| l != log_id) {
                 part.hint_log = None;
@@ -335,7 +488,10 @@ impl SourceLogs {
             }
             let next = match &part.segment {
                 Some(f) => f.next_seq(),
-                None => part.resume_at.unwrap_or(0).max(released + 1),
+                None => match part.resume_at {
+                    Some((log, seq)) if log == log_id => seq.max(released + 1),
+                    _ => released + 1,
+                },
             };
             (part.segment.take(), next)
         };
@@ -417,6 +573,8 @@ impl SourceLogs {
             part.appended_bytes += bytes as u64;
             part.wraps = part.wraps.split_off(&seq);
             part.resume_at = None;
+            // A wrap marker: the source went round its partition ("its partition filled").
+            part.point_due |= run.iter().any(|(h, _)| h.kind == RecordKind::Wrap);
         }
         Ok(run.len())
     }
@@ -486,7 +644,7 @@ impl SourceLogs {
         }
         // Late copies of the skipped records must not stay held for ever.
         self.area.release_logged(log_id, p, resume - 1);
-        part.resume_at = Some(resume);
+        part.resume_at = Some((log_id, resume));
         part.waiting_since = None;
     }
 
@@ -494,6 +652,7 @@ impl SourceLogs {
     pub fn status(&self) -> (Vec<PartitionLogStatus>, Option<String>) {
         let now = Instant::now();
         let parts = lock(&self.parts);
+        let images = lock(&self.images);
         let list = parts
             .iter()
             .enumerate()
@@ -515,10 +674,40 @@ impl SourceLogs {
                         )
                     })
                 }),
+                ..image_status(images.partitions.get(&(p as u32)), x.segment.as_ref())
             })
             .collect();
         (list, lock(&self.error).clone())
     }
+}
+
+/// The image side of a partition's status: what the images hold, and what of the current
+/// log file they do not yet.
+fn image_status(
+    image: Option<&image::PartitionImage>,
+    file: Option<&LogFile>,
+) -> PartitionLogStatus {
+    let mut s = PartitionLogStatus::default();
+    if let Some(i) = image {
+        s.applied_through = i.applied_through;
+        s.image_log = i.log_id.map(|l| format!("{l:016x}"));
+        s.points = i.points;
+        s.last_point_unix = i.last_point_unix;
+    }
+    if let Some(f) = file {
+        let applied = image
+            .filter(|i| i.log_id == Some(f.source_log_id()))
+            .map_or(0, |i| i.applied_through);
+        s.unapplied_records = f.next_seq().saturating_sub(f.first_seq().max(applied + 1));
+        s.unapplied_bytes = f.len().saturating_sub(64);
+    }
+    s
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -660,6 +849,7 @@ mod tests {
             let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("src1"))
                 .expect("dir")
                 .map(|e| e.expect("entry").path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
                 .collect();
             names.sort();
             names
@@ -722,30 +912,53 @@ mod tests {
         assert!(!logs.pass());
         let writer = logs.start().expect("thread");
         ask(&logs, 1, 4, vec![3]).expect("logged through 4");
-        let files = f.files();
-        assert_eq!(files.len(), 1);
-        assert_eq!((files[0].first_seq, files[0].next_seq), (1, 5));
-        assert_eq!((files[0].records, files[0].wrap_markers), (3, 1));
+        // The wrap marker (the source went round its partition) makes a consistency point:
+        // the file is applied to the image and removed.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while logs.status().0[0].points == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no consistency point after a wrap"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(logs.status().0[0].applied_through, 4);
+        assert!(f.files().is_empty(), "{:?}", f.files());
+        let image = std::fs::read(f.dir.path().join("src1/lun0.img")).expect("image");
+        for seq in [1u64, 2, 4] {
+            let at = seq as usize * 4096;
+            assert_eq!(image[at..at + 4096], vec![seq as u8; 4096][..], "seq {seq}");
+        }
         // 5 and 6 never come: the source's next question starts at 7.
         f.land(7);
         ask(&logs, 7, 7, vec![]).expect("logged through 7");
         let files = f.files();
-        assert_eq!(files.len(), 2, "{files:?}");
-        assert_eq!((files[1].first_seq, files[1].next_seq), (7, 8));
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!((files[0].first_seq, files[0].next_seq), (7, 8));
         assert_eq!(logs.status().0[0].gaps, 1);
+        // An explicit checkpoint applies it, and the images record the gap.
+        let points = logs
+            .checkpoint(Vec::new(), Duration::from_secs(5))
+            .expect("checkpoint");
+        assert_eq!((points[0].records, points[0].applied_through), (1, 7));
+        let missing = logs.image_state().missing();
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(missing[0].contains("seqs 5..6"), "{missing:?}");
+        assert!(f.files().is_empty());
         // Not yet there: "not yet", not a wait for ever.
         let e = ask_within(&logs, 7, 8, vec![], Duration::from_millis(200))
             .expect_err("seq 8 was never posted");
         assert!(e.contains("does not hold seq 8 yet"), "{e}");
         logs.stop();
         writer.join().expect("writer");
-        // After a restart the newest file goes on.
+        // After a restart a new file starts after the point.
         f.land(8);
         let again = f.logs();
         assert!(again.pass());
         let files = f.files();
-        assert_eq!((files[1].first_seq, files[1].next_seq), (7, 9));
+        assert_eq!((files[0].first_seq, files[0].next_seq), (8, 9));
         assert_eq!(f.area.status().records, 0);
+        assert_eq!(again.status().0[0].applied_through, 7);
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //! a log file per source partition and applies it to an image of the source's volume at
 //! consistency points. The design and order of work are in `docs/log-shipping.md`.
 //!
-//! Built so far (steps 1 and 2, used by `node::destination`): `area` cuts a destination's
-//! NVRAM into one area per source, each laid out like that source's NVRAM, where its
-//! records wait until they are in the log file; `log_writer` appends them there in sequence
-//! order (the area's index by seq is what puts them back in order) and answers the source's
-//! question whether a batch is logged; `log_file` is the file format (a torn last append cut
-//! off on reopening, damage refused). Not yet wired in: `image` applies a partition's log to
-//! the image at a consistency point and starts the log file again after it (step 3).
+//! Built so far (steps 1 to 3, and step 4's export; used by `node::destination`): `area`
+//! cuts a destination's NVRAM into one area per source, each laid out like that source's
+//! NVRAM, where its records wait until they are in the log file; `log_writer` appends them
+//! there in sequence order (the area's index by seq is what puts them back in order),
+//! answers the source's question whether a batch is logged, and runs the consistency
+//! points; `log_file` is the file format (a torn last append cut off on reopening, damage
+//! refused); `image` applies a partition's log files to the images of the source's LUNs at
+//! a consistency point, records what they hold and removes the files; `export` brings the
+//! images of a dead source up to date and hands them over.
 
 pub mod area;
 pub mod export;
