@@ -378,6 +378,56 @@ grep -q ": [1-9][0-9]* record(s)" checkpoint-src3.txt || fail "src3's second con
 image_is_medium src3 || fail "after its second consistency point the destination's image of src3 differs from its medium"
 say "src3's second consistency point: its image equals its medium again ($(dest_field '[p["points"] for s in d["sources"] if s["name"] == "src3" for p in s["log_files"]]') points per partition)"
 
+# Delivery faults (the TCP run only: they are injected above the transport): src3 restarts
+# with NVMIRROR_TEST_SHIP_FAULTS, so every 5th record is posted twice, every 7th held back
+# while later ones overtake it, and the 50th never posted (its post claims success). With
+# src3's flusher paused the destination holds the records after the missing one and its
+# status names the missing seq; then src3's flusher asks for its batches, re-posts them,
+# the gap fills, and the log files hold every record once and in order (`log-files`
+# checks the order; counted against what src3 mirrored); after a point its image equals
+# its medium, and fio verifies on src3.
+if [[ $transport == tcp ]]; then
+	kill "${src_pid[src3]}"
+	nvm_wait_gone "${src_pid[src3]}"
+	NVMIRROR_TEST_SHIP_FAULTS=duplicate,reorder,drop-once nvm_start src3.toml daemon-src3.log
+	src_pid[src3]=$NVM_LAST_PID
+	grep -q "TEST FAULTS on the way to the destination" daemon-src3.log || fail "src3 does not say it runs with test faults"
+	for _ in $(seq 100); do [[ $(mirror_of src3) == mirroring* ]] && break; sleep 0.2; done
+	read -r _ m0 _ <<<"$(mirror_of src3)"
+	"$NVMCTL" --config src3.toml flush pause >/dev/null
+	faults=(--direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=16k --size=60M --io_size=2M
+		--verify=crc32c --verify_fatal=1 --verify_state_save=1 --name=src3-faults --randseed=81
+		--filename=/dev/ublkb2)
+	fio "${faults[@]}" --do_verify=0 --output=fio-write-src3-faults.log || fail "src3's writes under delivery faults failed"
+	read -r _ m1 degraded <<<"$(mirror_of src3)"
+	((degraded == 0)) || fail "src3 acknowledged $degraded write(s) without the destination under delivery faults"
+	waiting=
+	for _ in $(seq 150); do
+		waiting=$(dest_field '[p["waiting_for"] for s in d["sources"] if s["name"] == "src3" for p in s["log_files"] if p["waiting_for"]]')
+		[[ $waiting == *"has not arrived"* ]] && break
+		sleep 0.2
+	done
+	[[ $waiting == *"has not arrived"* ]] || fail "the destination does not name the record src3 never posted: $waiting"
+	say "src3's 50th record never posted: the destination's status says $waiting"
+	"$NVMCTL" --config src3.toml flush resume >/dev/null
+	"$NVMCTL" --config src3.toml drain --timeout 90 >/dev/null ||
+		{ tail -5 daemon-src3.log; fail "src3 did not drain under delivery faults"; }
+	dups=$(grep -c "test fault: duplicated" daemon-src3.log)
+	held=$(grep -c "test fault: held back" daemon-src3.log)
+	dropped=$(grep -c "test fault: dropped" daemon-src3.log)
+	((dups > 0 && held > 0 && dropped == 1)) || fail "the faults did not happen: $dups duplicated, $held held back, $dropped dropped"
+	"$NVMCTL" log-files logs/src3 >log-files-src3-faults.txt || { cat log-files-src3-faults.txt; fail "src3's log files do not check out after delivery faults"; }
+	l=$(logged src3)
+	((l == m1 - m0)) || fail "under delivery faults src3 mirrored $((m1 - m0)) records, its log files hold $l (each must be there once)"
+	(($(dest_field '[sum(p["gaps"] for p in s["log_files"]) for s in d["sources"] if s["name"] == "src3"][0]') == 0)) ||
+		fail "the record src3 re-posted was counted as a gap"
+	checkpoint src3
+	image_is_medium src3 || fail "after delivery faults the destination's image of src3 differs from its medium"
+	fio "${faults[@]}" --verify_only=1 --verify_state_load=1 --output=fio-verify-src3-faults.log ||
+		{ cat fio-verify-src3-faults.log; fail "fio verify failed on src3's writes under delivery faults"; }
+	say "delivery faults ($dups duplicated, $held held back, 1 never posted): the files hold each of src3's $l records once, in order; its image equals its medium"
+fi
+
 kill -0 "$dest_pid" || fail "the destination died"
 "$NVMCTL" --config dest.toml status
 say "PASS ($transport): three sources shipped every write into the destination's NVRAM before acknowledging it, the destination's log files hold each record once in order; fio verify passed on each"

@@ -5,6 +5,7 @@
 //! [`PartnerWatch`] follows its state.
 
 use super::partner_watch::PartnerWatch;
+use super::ship_faults::ShipFaults;
 use crate::cluster::{wire, ForwardFuture, RequestForwarder};
 use crate::config::{ClusterSection, NodeConfig, ShippingSection, TakeoverPolicy, TransportKind};
 use crate::engine::Engine;
@@ -226,10 +227,19 @@ pub fn start_source_link(
     )?;
     let link = Link::start(lc, Some(engine.local_region()), None)
         .map_err(|e| anyhow::anyhow!("starting the link to destination {}: {e}", dest.name))?;
+    let faults = ShipFaults::from_env()?;
+    if faults.is_some() {
+        tracing::warn!(
+            "{}: TEST FAULTS on the way to the destination ({:?}); never set this in production",
+            super::ship_faults::ENV,
+            std::env::var(super::ship_faults::ENV).unwrap_or_default()
+        );
+    }
     engine.attach_mirror(Arc::new(ToDestination {
         link: link.clone(),
         // As a pair's batch waits out a link blip: two heartbeat timeouts.
         away_grace: Duration::from_millis(s.heartbeat_timeout_ms) * 2,
+        faults: faults.map(|f| (f, engine.host().clone())),
     }));
     let watch = PartnerWatch {
         engine: engine.clone(),
@@ -263,11 +273,16 @@ pub fn shutdown_link(link: rdma_link::Link) {
 struct ToDestination {
     link: Link,
     away_grace: Duration,
+    /// Tests only (`node::ship_faults`).
+    faults: Option<(ShipFaults, Arc<dyn crate::host::Host>)>,
 }
 
 impl crate::mirror::Mirror for ToDestination {
     fn post(&self, post: rdma_link::Post) -> crate::mirror::PostFuture {
-        crate::mirror::Mirror::post(&self.link, post)
+        match &self.faults {
+            None => crate::mirror::Mirror::post(&self.link, post),
+            Some((faults, host)) => faults.post(&self.link, host, post),
+        }
     }
     fn release(&self, partition: u32, through_seq: u64) {
         crate::mirror::Mirror::release(&self.link, partition, through_seq)

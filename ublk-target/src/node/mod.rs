@@ -11,4 +11,5 @@ pub mod destination;
 pub mod link;
 pub mod metrics;
 pub mod partner_watch;
+pub mod ship_faults;
 pub mod signals;

@@ -221,8 +221,8 @@ mod tests {
     use super::*;
     use crate::nvram::record::{RecordHeader, RecordKind};
     use crate::shipping::image::consistency_point;
+    use crate::shipping::log_file::segment_path;
     use crate::shipping::log_file::LogFile;
-    use crate::shipping::log_writer::segment_path;
     use std::fs::File;
     use std::os::unix::fs::FileExt;
 

@@ -158,7 +158,7 @@ pub struct Point {
     pub unacknowledged: Vec<String>,
 }
 
-/// One log file, known by its name (`log_writer::segment_path`).
+/// One log file, known by its name (`log_file::segment_path`).
 #[derive(Debug, Clone)]
 pub struct Segment {
     pub path: PathBuf,
@@ -392,7 +392,7 @@ pub fn consistency_point(
 mod tests {
     use super::*;
     use crate::nvram::record::RecordHeader;
-    use crate::shipping::log_writer::segment_path;
+    use crate::shipping::log_file::segment_path;
     use proptest::prelude::*;
 
     const LOG: u64 = 0xabc;

@@ -57,6 +57,12 @@ pub enum LogFileError {
     },
 }
 
+/// `DIR/pN-LOGID-FIRSTSEQ.log`: names sort by partition, log and first seq (one file per
+/// source partition and log segment).
+pub fn segment_path(dir: &Path, partition: u32, log_id: u64, first_seq: u64) -> PathBuf {
+    dir.join(format!("p{partition}-{log_id:016x}-{first_seq:020}.log"))
+}
+
 #[derive(Debug)]
 pub struct LogFile {
     file: File,

@@ -26,7 +26,7 @@
 //! source down (back-pressure) and drops nothing.
 
 use super::image::{self, ImageError, ImageState, Point};
-use super::log_file::{LogFile, LogFileError};
+use super::log_file::{segment_path, LogFile, LogFileError};
 use crate::mirror::SecondStoreArea;
 use crate::nvram::record::{RecordHeader, RecordKind};
 use std::collections::BTreeSet;
@@ -730,11 +730,6 @@ fn wrap_marker(log_id: u64, partition: u32, seq: u64) -> RecordHeader {
         acked_through: 0,
         data_crc: crc32c::crc32c(&[]),
     }
-}
-
-/// `DIR/pN-LOGID-FIRSTSEQ.log`: names sort by partition, log and first seq.
-pub fn segment_path(dir: &Path, partition: u32, log_id: u64, first_seq: u64) -> PathBuf {
-    dir.join(format!("p{partition}-{log_id:016x}-{first_seq:020}.log"))
 }
 
 /// The segment of `partition` and `log_id` with the highest first seq in `dir`, opened (see
