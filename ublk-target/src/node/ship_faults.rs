@@ -71,7 +71,7 @@ impl ShipFaults {
             );
             return Box::pin(async { Ok(()) });
         }
-        if self.duplicate && n % DUPLICATE_EVERY == 0 {
+        if self.duplicate && n.is_multiple_of(DUPLICATE_EVERY) {
             tracing::info!(
                 partition = post.partition,
                 seq = post.seq,
@@ -80,7 +80,7 @@ impl ShipFaults {
             // Posted at once; its answer is not waited for.
             drop(Mirror::post(link, post));
         }
-        if self.reorder && n % REORDER_EVERY == 0 {
+        if self.reorder && n.is_multiple_of(REORDER_EVERY) {
             tracing::info!(
                 partition = post.partition,
                 seq = post.seq,
