@@ -465,15 +465,20 @@ fn print_destination_status(d: &control::DestinationStatus) {
             println!("    log files: FAILING ({e})");
         }
         for p in &s.log_files {
-            if p.points > 0 {
+            if p.points > 0 || p.unapplied_records > 0 {
                 println!(
-                    "    partition {}: images hold its writes through seq {} (log {}), {} consistency point(s), the last {} s ago; {} record(s) not applied yet",
+                    "    partition {}: images hold its writes through seq {} (log {}), {} consistency point(s), the last {} s ago; {} record(s) not applied yet{}",
                     p.partition,
                     p.applied_through,
                     p.image_log.as_deref().unwrap_or("-"),
                     p.points,
                     now_unix().saturating_sub(p.last_point_unix),
-                    p.unapplied_records
+                    p.unapplied_records,
+                    if p.unapplied_records > 0 {
+                        format!(" (for {} s)", p.unapplied_for_s)
+                    } else {
+                        String::new()
+                    }
                 );
             }
             let Some(file) = &p.file else { continue };

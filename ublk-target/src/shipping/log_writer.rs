@@ -51,6 +51,9 @@ struct PartitionLog {
     resume_at: Option<(u64, u64)>,
     /// The source went round this partition: a consistency point is due.
     point_due: bool,
+    /// Since when the log files hold records the images do not (since the first append
+    /// after the last point; after a restart, since the restart).
+    unapplied_since: Option<Instant>,
     /// From the source's questions, for its log `hint_log`: every seq through `gone_through`
     /// has left its log; `wraps` are markers it never posted.
     hint_log: Option<u64>,
@@ -107,6 +110,9 @@ pub struct PartitionLogStatus {
     pub unapplied_records: u64,
     #[serde(default)]
     pub unapplied_bytes: u64,
+    /// How long the log files have held records the images do not (the lag in time).
+    #[serde(default)]
+    pub unapplied_for_s: u64,
 }
 
 /// A checkpoint asked of the writer thread.
@@ -170,6 +176,7 @@ impl SourceLogs {
                     let through = opened.log.next_seq() - 1;
                     area.release_logged(log_id, p, through);
                     part.seen_log = Some(log_id);
+                    part.unapplied_since = Some(Instant::now());
                     part.segment = Some(opened.log);
                 } else if images.partitions.get(&p).and_then(|i| i.log_id) == Some(log_id) {
                     // Every file of this log went to the images at a consistency point: a
@@ -450,6 +457,7 @@ impl SourceLogs {
         *lock(&self.images) = state;
         if let Some(part) = lock(&self.parts).get_mut(p as usize) {
             part.point_due = false;
+            part.unapplied_since = None;
         }
         Ok(done)
     }
@@ -573,6 +581,7 @@ impl SourceLogs {
             part.appended_bytes += bytes as u64;
             part.wraps = part.wraps.split_off(&seq);
             part.resume_at = None;
+            part.unapplied_since.get_or_insert_with(Instant::now);
             // A wrap marker: the source went round its partition ("its partition filled").
             part.point_due |= run.iter().any(|(h, _)| h.kind == RecordKind::Wrap);
         }
@@ -674,6 +683,9 @@ impl SourceLogs {
                         )
                     })
                 }),
+                unapplied_for_s: x
+                    .unapplied_since
+                    .map_or(0, |t| now.saturating_duration_since(t).as_secs()),
                 ..image_status(images.partitions.get(&(p as u32)), x.segment.as_ref())
             })
             .collect();
