@@ -21,6 +21,9 @@
 #   rawsync  6b: the loop device, O_DIRECT + fsync after every write
 #   scale    one node with 1, 2 and 4 ublk queues, each under 1, 2 and 4 fio jobs (4 KiB random
 #            write and read, QD32 per job, one run each), and the daemon's anonymous RSS
+#   ship     claim set C: 1, 2 and 3 log-shipping sources (TCP) into one destination, writing
+#            at once: per-source 4K random write QD1 latency and QD32 IOPS, the destination's
+#            ingest against its disk's sequential write bandwidth
 # Medium for all: files on ext4 on the virtio disk (/dev/vda, the host's image), each behind a
 # loop device with direct I/O on (so a write reaches the virtio disk, not the guest's page
 # cache). nvmirror's NVRAM: a file in the VM's tmpfs for configurations 2 and 4, the emulated
@@ -46,7 +49,7 @@
 # paused is reported as a diagnostic (not in the medians).
 set -uo pipefail
 
-CONFIG_ORDER=(null single pmem rdma tcp own drbd raw rawsync scale)
+CONFIG_ORDER=(null single pmem rdma tcp own drbd raw rawsync scale ship)
 WORKLOADS=(qd1 qd32w seqw qd32r mixed)
 
 # =============================================================================== report ===
@@ -246,6 +249,52 @@ if os.path.isdir(scale_dir):
     if os.path.exists(os.path.join(scale_dir, "error")):
         p()
         p("scale: ERROR: " + open(os.path.join(scale_dir, "error")).read().strip().replace("\n", " "))
+    p()
+
+# ---- ship: N log-shipping sources into one destination (claim set C)
+ship_dir = os.path.join(raw, "ship")
+if os.path.isdir(ship_dir):
+    def ship_job(n, wl, i):
+        try:
+            j = json.load(open(os.path.join(ship_dir, f"n{n}-{wl}-src{i}.json")))
+            return j["jobs"][0] if j["jobs"][0].get("error", 0) == 0 else None
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+    ingest = {}
+    try:
+        for line in open(os.path.join(ship_dir, "ingest")):
+            n, wl, b0, b1, t0, t1 = line.split()
+            ingest[(int(n), wl)] = (int(b1) - int(b0)) / 2**20 / max(float(t1) - float(t0), 1e-9)
+    except (OSError, ValueError):
+        pass
+    disk_bw = None
+    try:
+        disk_bw = json.load(open(os.path.join(ship_dir, "disk.json")))["jobs"][0]["write"]["bw_bytes"] / 2**20
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    p("Log shipping (claim set C, issue #18): 1, 2 and 3 sources (TCP, NVRAM in tmpfs, "
+      "`degraded = \"write-through\"`) writing at once into one destination whose log files "
+      "and images are on the disk. Per source (median over the active sources): 4K random "
+      "write QD1 p50 / p99 µs and QD32 IOPS; the destination's ingest = bytes appended to "
+      "its log files per second of the QD32 run (the fio runs' warm-up included), against "
+      f"the same disk's sequential write bandwidth (fio 1 MiB QD4: {fmt(disk_bw)} MiB/s).")
+    p()
+    p("| sources | QD1 p50 µs | QD1 p99 µs | QD32 IOPS per source | QD32 IOPS in all | ingest MiB/s | ingest / disk |")
+    p("| --- | --- | --- | --- | --- | --- | --- |")
+    for n in (1, 2, 3):
+        qd1 = [ship_job(n, "qd1", i) for i in range(1, n + 1)]
+        qd32 = [ship_job(n, "qd32", i) for i in range(1, n + 1)]
+        p50 = [j["write"]["clat_ns"]["percentile"]["50.000000"] / 1000 for j in qd1 if j]
+        p99 = [j["write"]["clat_ns"]["percentile"]["99.000000"] / 1000 for j in qd1 if j]
+        iops = [j["write"]["iops"] for j in qd32 if j]
+        ing = ingest.get((n, "qd32"))
+        p(f"| {n} | {fmt(statistics.median(p50)) if p50 else 'n/a'} | {fmt(statistics.median(p99)) if p99 else 'n/a'} "
+          f"| {fmt(statistics.median(iops)) if iops else 'n/a'} | {fmt(sum(iops)) if len(iops) == n else 'n/a'} "
+          f"| {fmt(ing)} | {'n/a' if ratio(ing, disk_bw) is None else f'{100 * ratio(ing, disk_bw):.2f}%'} |")
+    for f in ("error", "notes"):
+        if os.path.exists(os.path.join(ship_dir, f)):
+            p()
+            p(f"ship: {f}: " + open(os.path.join(ship_dir, f)).read().strip().replace("\n", " "))
     p()
 
 # ---- targets
@@ -760,6 +809,81 @@ print(found[0] if found else "")' "$NVRAM_MB")
 			rm -f "$nv"
 			say "scale: $q queues done"
 		done
+		say "$CFG: done"
+		exit 0
+		;;
+	ship)
+		# Claim set C (issue #18): 1, 2 and 3 log-shipping sources (TCP) into one destination,
+		# whose log files and images are on the disk (next to the media). With n sources
+		# writing at once: each source's 4K random write latency at QD1 and IOPS at QD32; the
+		# destination's ingest (bytes its log files took per second, from its status) against
+		# the disk's own sequential write bandwidth (fio, 1 MiB QD4, a file on the same disk).
+		modprobe ublk_drv || cfail "modprobe ublk_drv"
+		MEDIUM_MB=256
+		SHIP_NVRAM_MB=64
+		head -c 48 /dev/urandom | base64 >"$W/secret"
+		mkdir -p "$MNT/ship-logs"
+		EXTRA_CLEANUP+=("rm -rf '$MNT/ship-logs' '$MNT/ship-disk.img'")
+		link_lines="id = 8
+secret_file = \"$W/secret\"
+transport = \"tcp\"
+heartbeat_interval_ms = 250
+heartbeat_timeout_ms = 5000"
+		{
+			printf '[node]\nname = "dest"\ncontrol_socket = "%s/dest.sock"\n\n' "$W"
+			printf '[nvram]\npath = "%s"\nsize = "%sMiB"\npartitions = 4\n\n' "$(nvram dest)" $((3 * SHIP_NVRAM_MB))
+			printf '[shipping]\nrole = "destination"\n%s\ndir = "%s"\n' "$link_lines" "$MNT/ship-logs"
+			for i in 1 2 3; do
+				printf '\n[[shipping.source]]\nname = "src%s"\nlisten = "127.0.0.1:%s"\nnvram_size = "%sMiB"\n' \
+					"$i" $((7860 + i)) "$SHIP_NVRAM_MB"
+			done
+		} >"$W/dest.toml"
+		"$NVMD" --config "$W/dest.toml" --state-dir "$W/state" >>"$W/daemon-dest.log" 2>&1 &
+		PIDS+=($!)
+		echo "$!" >>"$D/pids"
+		for _ in $(seq 150); do "$NVMCTL" --config "$W/dest.toml" status >/dev/null 2>&1 && break; sleep 0.2; done
+		for i in 1 2 3; do
+			medium "src$i" ms
+			node_config "$W/src$i.toml" "src$i" "$(nvram "src$i")" "$SHIP_NVRAM_MB" $((i - 1)) "$ms" \
+				"$(printf '[shipping]\nrole = "source"\n%s\ndegraded = "write-through"\n\n[shipping.destination]\nname = "dest"\naddress = "127.0.0.1:%s"' "$link_lines" $((7860 + i)))"
+			nvm_daemon "$W/src$i.toml" "daemon-src$i.log"
+		done
+		for i in 1 2 3; do
+			for _ in $(seq 150); do
+				"$NVMCTL" --config "$W/src$i.toml" status --json 2>/dev/null | python3 -c '
+import json, sys
+sys.exit(0 if json.load(sys.stdin)["engine"]["mirror"]["state"] == "mirroring" else 1)' && break
+				sleep 0.2
+			done
+		done
+		ingested() { # bytes the destination's log files took so far, over every source
+			"$NVMCTL" --config "$W/dest.toml" status --json |
+				python3 -c 'import json, sys; print(sum(p["appended_bytes"] for s in json.load(sys.stdin)["sources"] for p in s["log_files"]))'
+		}
+		for n in 1 2 3; do
+			for wl in qd1 qd32; do
+				qd=${wl#qd}
+				b0=$(ingested) t0=$(date +%s.%N)
+				fpids=()
+				for i in $(seq "$n"); do
+					timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="ship-n$n-$wl-src$i" \
+						--filename=/dev/ublkb$((i - 1)) --direct=1 --ioengine=io_uring --size=200M \
+						--time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap=1 \
+						--randrepeat=0 --rw=randwrite --bs=4k --iodepth="$qd" --output-format=json \
+						--output="$D/n$n-$wl-src$i.json" >/dev/null 2>"$W/fio-ship-$i.err" &
+					fpids+=($!)
+				done
+				for f in "${fpids[@]}"; do wait "$f" || note "fio n$n $wl failed: $(head -c 300 "$W"/fio-ship-*.err | tr '\n' ' ')"; done
+				b1=$(ingested) t1=$(date +%s.%N)
+				echo "$n $wl $b0 $b1 $t0 $t1" >>"$D/ingest"
+			done
+			say "ship: $n source(s) done"
+		done
+		timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name=ship-disk --filename="$MNT/ship-disk.img" --size=512M \
+			--direct=1 --ioengine=io_uring --rw=write --bs=1M --iodepth=4 --time_based=1 --runtime="$RUNTIME" \
+			--ramp_time="$RAMP" --output-format=json --output="$D/disk.json" >/dev/null 2>"$W/fio-disk.err" ||
+			note "fio on the destination's disk failed: $(head -c 300 "$W/fio-disk.err" | tr '\n' ' ')"
+		"$NVMCTL" --config "$W/dest.toml" status >"$D/dest-status.txt" 2>&1
 		say "$CFG: done"
 		exit 0
 		;;

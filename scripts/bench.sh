@@ -16,7 +16,8 @@
 # tmpfs), 4o configuration 4 in shared-nothing mode (each node its own medium), 5 DRBD
 # protocol C, 6 the loop device with O_DIRECT and with O_DIRECT + fsync per
 # write, and "scale": one node with 1, 2 and 4 ublk queues under 1, 2 and 4 fio jobs (and
-# the daemon's memory with each queue count). Before the VM boots, the engine alone on the
+# the daemon's memory with each queue count), and "ship": 1, 2 and 3 log-shipping sources into
+# one destination (claim set C). Before the VM boots, the engine alone on the
 # host (examples/write_path, CPU per 4 KiB write).
 #
 # Knobs (environment):

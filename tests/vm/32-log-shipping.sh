@@ -341,6 +341,10 @@ grep -q "source src1 is connected" <<<"$out" || fail "export of a connected sour
 cat export-src2.txt
 out=$("$NVMCTL" --config dest.toml export --source src2 2>&1) && fail "a second export of src2: $out"
 grep -q "exported before" <<<"$out" || fail "a second export does not say why it is refused: $out"
+# The exported source's link is closed: if src2 comes back it must not ship into files
+# nobody applies any more (the images are served elsewhere).
+[[ $(dest_field '[s["link"] for s in d["sources"] if s["name"] == "src2"][0]') == closed ]] ||
+	fail "the destination still listens for the exported src2: $(dest_field 'd["sources"][1]')"
 image=logs/src2/lun0.img
 # (The image is a file on the scratch file system: buffered I/O.)
 fio "${last[@]}" --filename="$image" --direct=0 --verify_only=1 --verify_state_load=1 --verify_state_save=0 \
@@ -363,7 +367,8 @@ cmp -n $((16 * 4096)) served-blocks <(dd if="$dev" bs=4k skip=100 count=16 iflag
 kill "$serve_pid"
 nvm_wait_gone "$serve_pid"
 say "src2's images served by a single node as $dev: fio verify passes, new writes read back"
-# src2 itself comes back from its NVRAM with the same writes.
+# src2 itself comes back from its NVRAM with the same writes (alone: the destination no
+# longer takes its records).
 nvm_start src2.toml daemon-src2.log
 "$NVMCTL" --config src2.toml drain --timeout 60 >/dev/null || fail "the restarted src2 did not drain"
 fio "${last[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --verify_state_save=0 --output=fio-verify-src2-last.log ||

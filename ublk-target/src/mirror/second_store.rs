@@ -83,6 +83,9 @@ pub struct SecondStoreArea {
     /// A log-shipping destination's area: records leave once they are in the log file
     /// ([`SecondStoreArea::release_logged`]), whatever the source flushed.
     until_logged: std::sync::atomic::AtomicBool,
+    /// In that mode: records of a source's old log dropped before they were logged, as
+    /// (partition, old log, first seq, last seq), for the log writer to record.
+    dropped_unlogged: Mutex<Vec<(u32, u64, u64, u64)>>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -132,6 +135,7 @@ impl SecondStoreArea {
             pin: Mutex::new(None),
             own_medium: Mutex::new(None),
             until_logged: Default::default(),
+            dropped_unlogged: Mutex::new(Vec::new()),
         };
         let rebuilt: Vec<PartnerPartition> =
             (0..layout.partitions).map(|p| area.rebuild(p)).collect();
@@ -386,6 +390,16 @@ impl SecondStoreArea {
 
     /// A log-shipping destination's area: records stay until the log file has them
     /// ([`Self::release_logged`]); the source's releases (it flushed them) do not drop them.
+    /// Records of old source logs dropped before they were logged (see the field), taken.
+    pub fn take_dropped_unlogged(&self) -> Vec<(u32, u64, u64, u64)> {
+        std::mem::take(
+            &mut *self
+                .dropped_unlogged
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
     pub fn keep_until_logged(&self) {
         self.until_logged
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1038,6 +1052,16 @@ impl rdma_link::SecondStore for SecondStoreArea {
                     "the source's log changed (it reformatted its NVRAM): {} record(s) of its old log were not in the log files yet and are dropped (the source replayed them into its medium before formatting)",
                     pp.records.len()
                 );
+                if let (Some(old), Some(first), Some(last)) = (
+                    pp.log_id,
+                    pp.records.keys().next().copied(),
+                    pp.records.keys().next_back().copied(),
+                ) {
+                    self.dropped_unlogged
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((partition, old, first, last));
+                }
             } else if pp.log_id.is_some() {
                 tracing::info!(
                     partition,

@@ -109,6 +109,15 @@ pub fn run(
         let store: Arc<dyn rdma_link::SecondStore> = area.held.clone();
         let link = Link::start_with_handler(lc, None, Some(store), log_questions(logs.clone()))
             .map_err(|e| anyhow::anyhow!("starting the link for source {}: {e}", src.name))?;
+        if let Some(at) = logs.image_state().exported_unix {
+            // Its images were handed over: whoever serves them now owns the volume, so the
+            // source (if it comes back) must not ship into files nobody applies.
+            tracing::warn!(
+                source = src.name,
+                "exported at Unix time {at}: its link stays closed (giving the images back is not built)"
+            );
+            shutdown_link(link.clone());
+        }
         served.push(Served {
             area,
             listen: src.listen.clone(),
@@ -211,11 +220,12 @@ fn export(served: &[Served], name: &str, size: Option<u64>, force: bool) -> Resp
         Ok(report) => {
             tracing::info!(
                 source = name,
-                "export: {} image(s), {} record(s) from {} log file(s) applied by the last consistency point",
+                "export: {} image(s), {} record(s) from {} log file(s) applied by the last consistency point; the source's link is closed",
                 report.images.len(),
                 report.records,
                 report.files
             );
+            shutdown_link(s.link.clone());
             Response::Exported(Box::new(report))
         }
         Err(e) => Response::Error {

@@ -89,17 +89,18 @@ pub fn export(
     force: bool,
     timeout: Duration,
 ) -> Result<ExportReport, ExportError> {
-    if let Some(at) = logs.image_state().exported_unix {
-        if !force {
-            return Err(ExportError::Exported { at });
+    let points = match logs.image_state().exported_unix {
+        Some(at) if !force => return Err(ExportError::Exported { at }),
+        // Again: the images as they are (they may have been written since), nothing applied.
+        Some(_) => Vec::new(),
+        None => {
+            let in_flight = logs
+                .log_everything_held(timeout)
+                .map_err(ExportError::NotLogged)?;
+            logs.checkpoint(in_flight, timeout)
+                .map_err(ExportError::NotLogged)?
         }
-    }
-    let in_flight = logs
-        .log_everything_held(timeout)
-        .map_err(ExportError::NotLogged)?;
-    let points = logs
-        .checkpoint(in_flight, timeout)
-        .map_err(ExportError::NotLogged)?;
+    };
     let mut report = finish(
         logs.dir(),
         source,
@@ -211,8 +212,14 @@ fn write_serve_config(
         let path = p.to_owned();
         move |source| ExportError::Io { path, source }
     };
-    std::fs::write(&tmp, text).map_err(io(&tmp))?;
+    let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    std::os::unix::fs::FileExt::write_all_at(&f, text.as_bytes(), 0)
+        .and_then(|()| f.sync_all())
+        .map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
     Ok(path.display().to_string())
 }
 
@@ -220,7 +227,7 @@ fn write_serve_config(
 mod tests {
     use super::*;
     use crate::nvram::record::{RecordHeader, RecordKind};
-    use crate::shipping::image::consistency_point;
+    use crate::shipping::image::{consistency_point, list_segments};
     use crate::shipping::log_file::segment_path;
     use crate::shipping::log_file::LogFile;
     use std::fs::File;
@@ -283,7 +290,15 @@ mod tests {
         in_flight: &[(u32, u64, u64)],
     ) -> Vec<Point> {
         (0..2)
-            .map(|p| consistency_point(dir, state, p, Some(LOG), in_flight).expect("point"))
+            .map(|p| {
+                let released = list_segments(dir, Some(p))
+                    .expect("list")
+                    .iter()
+                    .map(|s| LogFile::open(&s.path).expect("open").log.next_seq() - 1)
+                    .max()
+                    .unwrap_or(0);
+                consistency_point(dir, state, p, Some(LOG), released, in_flight).expect("point")
+            })
             .collect()
     }
 
@@ -304,7 +319,7 @@ mod tests {
                 record(0, 3, RecordKind::Wrap, 0, 0),
             ],
         );
-        consistency_point(d, &mut state, 0, Some(LOG), &[]).expect("point");
+        consistency_point(d, &mut state, 0, Some(LOG), 3, &[]).expect("point");
         file(
             d,
             0,

@@ -201,6 +201,19 @@ pub fn image_path(dir: &Path, lun: u32) -> PathBuf {
     dir.join(format!("lun{lun}.img"))
 }
 
+/// Zeroes `len` bytes at `offset` (a zero record may cover up to a GiB: written in pieces).
+fn write_zeroes(image: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let zeros = vec![0u8; PIECE.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = PIECE.min(len - done);
+        image.write_all_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), ImageError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -214,13 +227,17 @@ fn sync_dir(dir: &Path) -> Result<(), ImageError> {
 /// `dir` is applied to the images, in order, then the images are synced, `state` is saved,
 /// and the files are removed. No file of `p` may be appended to meanwhile (the writer
 /// closes its file first). `current_log`: the source log the writer appends now (files of
-/// another log are older). `in_flight`: (partition, first, last) seqs skipped because the
-/// source died with them in flight: reported, not counted as missing.
+/// another log are older). `released`: the seq through which the current log's records
+/// left the destination's NVRAM (logged, or skipped as never coming): what the files lack
+/// of it is missing. `in_flight`: (partition, first, last) seqs skipped because the source
+/// died with them in flight: reported, not counted as missing, unless a later record says
+/// the source had acknowledged them.
 pub fn consistency_point(
     dir: &Path,
     state: &mut ImageState,
     p: u32,
     current_log: Option<u64>,
+    released: u64,
     in_flight: &[(u32, u64, u64)],
 ) -> Result<Point, ImageError> {
     let segments = list_segments(dir, Some(p))?;
@@ -231,7 +248,9 @@ pub fn consistency_point(
         applied_through: part.applied_through,
         ..Point::default()
     };
-    if segments.is_empty() {
+    let end_gap =
+        current_log.is_some_and(|c| part.log_id == Some(c) && released > part.applied_through);
+    if segments.is_empty() && !end_gap {
         return Ok(point);
     }
     // The order of the logs: the one the images follow, then older ones, then the current.
@@ -280,19 +299,52 @@ pub fn consistency_point(
             part.applied_through = 0;
             1
         };
+        // Seqs skipped as in flight at the source's death: unacknowledged unless a later
+        // record's acked_through covers them.
+        let mut in_flight_here: Vec<(u64, u64)> = Vec::new();
         for seg in segments.iter().filter(|s| s.log_id == log) {
-            let file = LogFile::open(&seg.path)?.log;
+            let released_here = if Some(log) == current_log {
+                released
+            } else {
+                u64::MAX
+            };
+            let opened = match LogFile::open_synced_through(&seg.path, released_here) {
+                Err(LogFileError::NotALogFile { .. })
+                    if std::fs::metadata(&seg.path).is_ok_and(|m| m.len() < 64) =>
+                {
+                    // Its creation was cut short: it never held a record.
+                    tracing::warn!(file = %seg.path.display(), "a log file without a whole header (its creation was cut short) is skipped and removed");
+                    continue;
+                }
+                other => other?,
+            };
+            if opened.torn_bytes > 0 {
+                tracing::error!(
+                    file = %seg.path.display(),
+                    "a closed log file ended in {} damaged byte(s): the records there are missing from the images",
+                    opened.torn_bytes
+                );
+            }
+            let file = opened.log;
             point.files += 1;
             for r in file.read_all()? {
                 let h = r.header;
                 if h.seq < expected {
                     continue; // applied by an earlier point whose files outlived it
                 }
+                in_flight_here.retain(|&(first, last)| {
+                    let acknowledged = h.acked_through >= first;
+                    if acknowledged {
+                        part.missing.push(format!(
+                            "seqs {first}..{last} of log {log:016x}: acknowledged by the source (seq {} says so) but never logged here",
+                            h.seq
+                        ));
+                    }
+                    !acknowledged
+                });
                 if h.seq > expected {
                     if in_flight.contains(&(p, expected, h.seq - 1)) {
-                        point
-                            .unacknowledged
-                            .push(format!("partition {p}: seqs {expected}..{}", h.seq - 1));
+                        in_flight_here.push((expected, h.seq - 1));
                     } else if first_ever && expected == 1 {
                         part.missing.push(format!(
                             "seqs 1..{} of log {log:016x}: shipping began after the source's first writes",
@@ -309,13 +361,9 @@ pub fn consistency_point(
                 first_ever = false;
                 expected = h.seq + 1;
                 part.applied_through = h.seq;
-                let zero;
-                let data: &[u8] = match h.kind {
-                    RecordKind::Data => &r.data,
-                    RecordKind::Zero => {
-                        zero = vec![0u8; h.len as usize];
-                        &zero
-                    }
+                let data: Option<&[u8]> = match h.kind {
+                    RecordKind::Data => Some(&r.data),
+                    RecordKind::Zero => None,
                     // Markers and voids write nothing (a source has no partner whose
                     // ranges it could lose, so it writes no voids).
                     RecordKind::Wrap | RecordKind::Void => continue,
@@ -349,12 +397,35 @@ pub fn consistency_point(
                         v.insert(f)
                     }
                 };
-                image
-                    .write_all_at(data, h.offset)
-                    .map_err(|source| ImageError::Io { path, source })?;
+                match data {
+                    Some(data) => image.write_all_at(data, h.offset),
+                    None => write_zeroes(image, h.offset, h.len as u64),
+                }
+                .map_err(|source| ImageError::Io { path, source })?;
                 point.records += 1;
                 point.bytes += h.len as u64;
             }
+        }
+        point.unacknowledged.extend(
+            in_flight_here
+                .iter()
+                .map(|(first, last)| format!("partition {p}: seqs {first}..{last}")),
+        );
+    }
+    // Seqs that left the NVRAM without reaching a file, after everything the files hold.
+    if let Some(log) = current_log.filter(|&c| part.log_id == Some(c)) {
+        if released > part.applied_through {
+            let first = part.applied_through + 1;
+            if in_flight.contains(&(p, first, released)) {
+                point
+                    .unacknowledged
+                    .push(format!("partition {p}: seqs {first}..{released}"));
+            } else {
+                part.missing.push(format!(
+                    "seqs {first}..{released} of log {log:016x} never reached the destination's log files"
+                ));
+            }
+            part.applied_through = released;
         }
     }
     for (lun, image) in &images {
@@ -477,7 +548,7 @@ mod tests {
                             std::fs::copy(&s.path, &copy).expect("copy");
                             (copy, s.path.clone())
                         }).collect();
-                        consistency_point(dir.path(), &mut state, 0, Some(LOG), &[]).expect("point");
+                        consistency_point(dir.path(), &mut state, 0, Some(LOG), cut as u64, &[]).expect("point");
                         for (copy, path) in kept {
                             std::fs::rename(copy, path).expect("put back");
                         }
@@ -491,14 +562,14 @@ mod tests {
                             std::fs::copy(&s.path, &copy).expect("copy");
                             (copy, s.path.clone())
                         }).collect();
-                        consistency_point(dir.path(), &mut scratch, 0, Some(LOG), &[]).expect("point");
+                        consistency_point(dir.path(), &mut scratch, 0, Some(LOG), cut as u64, &[]).expect("point");
                         for (copy, path) in kept {
                             std::fs::rename(copy, path).expect("put back");
                         }
                     }
                     _ => {}
                 }
-                let point = consistency_point(dir.path(), &mut state, 0, Some(LOG), &[]).expect("point");
+                let point = consistency_point(dir.path(), &mut state, 0, Some(LOG), cut as u64, &[]).expect("point");
                 for (h, d) in &recs[done..cut] {
                     let span = h.offset as usize..(h.offset + h.len as u64) as usize;
                     match h.kind {
@@ -530,7 +601,7 @@ mod tests {
         // Shipping began at seq 3.
         log_segment(dir.path(), &recs[2..5]);
         let mut state = ImageState::load(dir.path()).expect("load");
-        consistency_point(dir.path(), &mut state, 0, Some(LOG), &[]).expect("point");
+        consistency_point(dir.path(), &mut state, 0, Some(LOG), 5, &[]).expect("point");
         assert_eq!(state.missing().len(), 1, "{:?}", state.missing());
         assert!(
             state.missing()[0].contains("seqs 1..2"),
@@ -540,8 +611,8 @@ mod tests {
         // Seqs 6..7 never arrived, 9 was in flight when the source died.
         log_segment(dir.path(), &recs[7..8]);
         log_segment(dir.path(), &recs[9..10]);
-        let point =
-            consistency_point(dir.path(), &mut state, 0, Some(LOG), &[(0, 9, 9)]).expect("point");
+        let point = consistency_point(dir.path(), &mut state, 0, Some(LOG), 10, &[(0, 9, 9)])
+            .expect("point");
         assert_eq!(point.applied_through, 10);
         assert_eq!(
             point.unacknowledged,
@@ -553,6 +624,36 @@ mod tests {
     }
 
     #[test]
+    fn acknowledged_writes_never_logged_are_missing_even_when_the_source_died() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut recs: Vec<_> = (1..=10)
+            .map(|s| write(s, s * 512, 512, s as u8, RecordKind::Data))
+            .collect();
+        // Seq 8 says every record through 5 was acknowledged: the skipped 4..5 were not
+        // merely in flight (the source ran degraded and acknowledged them alone).
+        recs[7].0.acked_through = 5;
+        recs[7].0.data_crc = crc32c::crc32c(&recs[7].1);
+        log_segment(dir.path(), &recs[0..3]);
+        log_segment(dir.path(), &recs[5..8]);
+        let mut state = ImageState::default();
+        // Released through 10: 9..10 left the NVRAM without reaching a file.
+        let point = consistency_point(dir.path(), &mut state, 0, Some(LOG), 10, &[(0, 4, 5)])
+            .expect("point");
+        assert!(point.unacknowledged.is_empty(), "{point:?}");
+        let missing = state.missing();
+        assert_eq!(missing.len(), 2, "{missing:?}");
+        assert!(
+            missing[0].contains("seqs 4..5") && missing[0].contains("acknowledged"),
+            "{missing:?}"
+        );
+        assert!(missing[1].contains("seqs 9..10"), "{missing:?}");
+        assert_eq!(point.applied_through, 10);
+        // Nothing new: the end gap is not reported twice.
+        consistency_point(dir.path(), &mut state, 0, Some(LOG), 10, &[]).expect("point");
+        assert_eq!(state.missing().len(), 2);
+    }
+
+    #[test]
     fn a_newer_log_follows_the_old_one_and_old_files_found_later_are_not_applied_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let old: Vec<_> = (1..=3)
@@ -560,7 +661,7 @@ mod tests {
             .collect();
         log_segment(dir.path(), &old);
         let mut state = ImageState::load(dir.path()).expect("load");
-        consistency_point(dir.path(), &mut state, 0, Some(LOG), &[]).expect("point");
+        consistency_point(dir.path(), &mut state, 0, Some(LOG), 3, &[]).expect("point");
         // The source formatted its NVRAM: a new log from seq 1.
         const NEW: u64 = 0xdef;
         let (mut h, d) = write(1, 0, 512, 2, RecordKind::Data);
@@ -570,12 +671,12 @@ mod tests {
         f.append(&[(h, &d[..])]).expect("append");
         f.sync().expect("sync");
         drop(f);
-        consistency_point(dir.path(), &mut state, 0, Some(NEW), &[]).expect("point");
+        consistency_point(dir.path(), &mut state, 0, Some(NEW), 1, &[]).expect("point");
         assert_eq!(read_image(dir.path())[0], 2);
         assert!(state.missing().is_empty(), "{:?}", state.missing());
         // A file of the old log turns up again (a crash before its removal was durable).
         log_segment(dir.path(), &old);
-        consistency_point(dir.path(), &mut state, 0, Some(NEW), &[]).expect("point");
+        consistency_point(dir.path(), &mut state, 0, Some(NEW), 1, &[]).expect("point");
         assert_eq!(
             read_image(dir.path())[0],
             2,

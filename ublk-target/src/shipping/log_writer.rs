@@ -141,6 +141,8 @@ pub struct SourceLogs {
     /// What the images hold (`shipping::image`), as last saved.
     images: Mutex<ImageState>,
     point_request: Mutex<Option<PointRequest>>,
+    /// Held while a consistency point runs or the export is recorded.
+    applying: Mutex<()>,
 }
 
 impl SourceLogs {
@@ -176,8 +178,13 @@ impl SourceLogs {
                     let through = opened.log.next_seq() - 1;
                     area.release_logged(log_id, p, through);
                     part.seen_log = Some(log_id);
-                    part.unapplied_since = Some(Instant::now());
-                    part.segment = Some(opened.log);
+                    if through >= released {
+                        part.unapplied_since = Some(Instant::now());
+                        part.segment = Some(opened.log);
+                    }
+                    // Else it ends before what left the NVRAM (a consistency point applied it
+                    // and stopped before removing it, or a gap followed it): the next record
+                    // starts a new file, and the next point skips what was applied.
                 } else if images.partitions.get(&p).and_then(|i| i.log_id) == Some(log_id) {
                     // Every file of this log went to the images at a consistency point: a
                     // skip after what they hold is a gap all the same.
@@ -199,6 +206,7 @@ impl SourceLogs {
             thread: Mutex::new(None),
             images: Mutex::new(images),
             point_request: Mutex::new(None),
+            applying: Mutex::new(()),
         }))
     }
 
@@ -287,6 +295,7 @@ impl SourceLogs {
 
     /// Records the export in the images' state.
     pub fn mark_exported(&self) -> Result<(), ImageError> {
+        let _applying = lock(&self.applying);
         let mut images = lock(&self.images);
         let mut next = images.clone();
         next.exported_unix = Some(unix_now());
@@ -402,6 +411,13 @@ impl SourceLogs {
     fn run_points(&self, partitions: u32) {
         let request = lock(&self.point_request).take();
         if let Some(req) = request {
+            if let Some(at) = lock(&self.images).exported_unix {
+                let _ = req.reply.send(Err(format!(
+                    "the images of {} were exported (Unix time {at}): no more consistency points",
+                    self.source
+                )));
+                return;
+            }
             let result = (0..partitions)
                 .map(|p| self.point(p, &req.in_flight))
                 .collect::<Result<Vec<_>, _>>()
@@ -446,14 +462,31 @@ impl SourceLogs {
     /// A consistency point of partition `p` (`image::consistency_point`), with the file
     /// being appended to closed first.
     fn point(&self, p: u32, in_flight: &[(u32, u64, u64)]) -> Result<Point, ImageError> {
-        let current = self.area.log_state(p).and_then(|(log, _)| log);
+        let (current, released) = match self.area.log_state(p) {
+            Some((log, released)) => (log, released),
+            None => (None, 0),
+        };
+        // One point or export record at a time (they share images.json and its temporary).
+        let _applying = lock(&self.applying);
         if let Some(part) = lock(&self.parts).get_mut(p as usize) {
             // Synced through its last append (a failed one was rolled back); the next
             // record starts a new file after what the area released.
             part.segment = None;
         }
         let mut state = self.image_state();
-        let done = image::consistency_point(&self.dir, &mut state, p, current, in_flight)?;
+        // Records of the source's old log the area dropped before they reached a file (it
+        // formatted its NVRAM): the images never get them.
+        let dropped = self.area.take_dropped_unlogged();
+        if !dropped.is_empty() {
+            for (q, old, first, last) in dropped {
+                state.partitions.entry(q).or_default().missing.push(format!(
+                    "seqs {first}..{last} of log {old:016x} were dropped from the destination's NVRAM when the source formatted its own, before they reached a log file"
+                ));
+            }
+            state.save(&self.dir)?;
+        }
+        let done =
+            image::consistency_point(&self.dir, &mut state, p, current, released, in_flight)?;
         *lock(&self.images) = state;
         if let Some(part) = lock(&self.parts).get_mut(p as usize) {
             part.point_due = false;
@@ -824,11 +857,16 @@ mod tests {
     impl Fixture {
         /// Record `seq` of partition 0 lands (as a post would put it) and is held.
         fn land(&mut self, seq: u64) {
+            self.land_of(LOG, seq)
+        }
+
+        /// The same, of source log `log`.
+        fn land_of(&mut self, log: u64, seq: u64) {
             let data = vec![seq as u8; 4096];
             let h = RecordHeader {
                 kind: RecordKind::Data,
                 flags: 0,
-                log_id: LOG,
+                log_id: log,
                 seq,
                 lun: 0,
                 partition: 0,
@@ -966,6 +1004,30 @@ mod tests {
         assert_eq!((files[0].first_seq, files[0].next_seq), (8, 9));
         assert_eq!(f.area.status().records, 0);
         assert_eq!(again.status().0[0].applied_through, 7);
+    }
+
+    #[test]
+    fn records_of_an_old_log_dropped_before_they_were_logged_are_missing_from_the_images() {
+        let mut f = fixture();
+        let logs = f.logs();
+        f.land(1);
+        assert!(logs.pass());
+        // 3 waits for 2, then the source formats its NVRAM: a new log's record drops it.
+        f.land(3);
+        assert!(!logs.pass());
+        f.pos = 0;
+        f.land_of(LOG + 1, 1);
+        let points = (0..2)
+            .map(|p| logs.point(p, &[]).expect("point"))
+            .collect::<Vec<_>>();
+        assert_eq!(points[0].applied_through, 1);
+        let missing = logs.image_state().missing();
+        assert!(
+            missing
+                .iter()
+                .any(|m| m.contains("seqs 3..3") && m.contains("dropped")),
+            "{missing:?}"
+        );
     }
 
     #[test]
