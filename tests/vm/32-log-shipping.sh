@@ -433,6 +433,45 @@ if [[ $transport == tcp ]]; then
 	say "delivery faults ($dups duplicated, $held held back, 1 never posted): the files hold each of src3's $l records once, in order; its image equals its medium"
 fi
 
+# A full destination disk (TCP run only): after a consistency point closes src1's log file,
+# its next one is made on a 1 MiB file system mounted over src1's log directory. The
+# destination cannot append (its status says why), so it confirms no batch: src1's batches
+# stay in its log and its drain cannot end (back-pressure), and nothing is dropped. Given
+# room, the destination logs every record, src1 drains, and every write verifies.
+if [[ $transport == tcp ]]; then
+	"$NVMCTL" --config dest.toml checkpoint --source src1 >checkpoint-src1-full.txt 2>&1 ||
+		{ cat checkpoint-src1-full.txt; fail "the checkpoint of src1 failed"; }
+	mount -t tmpfs -o size=1m tmpfs logs/src1
+	g0=$(dest_field '[sum(p["gaps"] for p in s["log_files"]) for s in d["sources"] if s["name"] == "src1"][0]')
+	read -r _ m0 _ <<<"$(mirror_of src1)"
+	full=(--direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=16k --size=60M --io_size=4M
+		--verify=crc32c --verify_fatal=1 --verify_state_save=1 --name=src1-full --randseed=91
+		--filename=/dev/ublkb0)
+	fio "${full[@]}" --do_verify=0 --output=fio-write-src1-full.log || fail "src1's writes with the destination's disk full failed"
+	why=
+	for _ in $(seq 150); do
+		why=$(dest_field '[s["log_error"] for s in d["sources"] if s["name"] == "src1"][0]')
+		[[ $why == *"No space left"* ]] && break
+		sleep 0.2
+	done
+	[[ $why == *"No space left"* ]] || fail "the destination's status does not say its disk is full: $why"
+	if "$NVMCTL" --config src1.toml drain --timeout 8 >/dev/null 2>&1; then
+		fail "src1 drained although the destination could log none of its batches"
+	fi
+	say "the destination's disk full: \"$why\"; src1's batches stay in its log (its drain does not end)"
+	mount -o remount,size=64m logs/src1
+	"$NVMCTL" --config src1.toml drain --timeout 90 >/dev/null ||
+		{ tail -5 daemon-src1.log; fail "src1 did not drain once the destination had room again"; }
+	read -r _ m1 degraded <<<"$(mirror_of src1)"
+	l=$(logged src1)
+	((l == m1 - m0)) || fail "src1 mirrored $((m1 - m0)) records while the destination's disk was full, its log files hold $l"
+	(($(dest_field '[sum(p["gaps"] for p in s["log_files"]) for s in d["sources"] if s["name"] == "src1"][0]') == g0)) ||
+		fail "a gap in src1's log files after its disk was full"
+	fio "${full[@]}" --verify_only=1 --verify_state_load=1 --output=fio-verify-src1-full.log ||
+		{ cat fio-verify-src1-full.log; fail "fio verify failed on src1's writes made while the destination's disk was full"; }
+	say "given room again, the destination logged all $l of src1's records (none dropped), src1 drained, and fio verifies"
+fi
+
 kill -0 "$dest_pid" || fail "the destination died"
 "$NVMCTL" --config dest.toml status
 say "PASS ($transport): three sources shipped every write into the destination's NVRAM before acknowledging it, the destination's log files hold each record once in order; fio verify passed on each"
