@@ -343,13 +343,18 @@ mod tests {
         assert_eq!(std::fs::metadata(&img).expect("meta").len(), 2 << 20);
     }
 
+    /// Partition 0 lacks seqs 2..4; partition 1's files start at seq 3.
+    fn gap_and_late_start(d: &Path) {
+        file(d, 0, 1, &[record(0, 1, RecordKind::Data, 0, 1)]);
+        file(d, 0, 5, &[record(0, 5, RecordKind::Data, 0, 5)]);
+        file(d, 1, 3, &[record(1, 3, RecordKind::Data, 8192, 3)]);
+    }
+
     #[test]
     fn a_gap_or_a_late_start_is_refused_naming_the_seqs_unless_forced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        file(d, 0, 1, &[record(0, 1, RecordKind::Data, 0, 1)]);
-        file(d, 0, 5, &[record(0, 5, RecordKind::Data, 0, 5)]);
-        file(d, 1, 3, &[record(1, 3, RecordKind::Data, 8192, 3)]);
+        gap_and_late_start(d);
         // A gap the source's death made (writes in flight) is reported, not refused.
         let mut state = ImageState::default();
         let points = last_points(d, &mut state, &[(0, 2, 4), (1, 1, 2)]);
@@ -358,9 +363,7 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        file(d, 0, 1, &[record(0, 1, RecordKind::Data, 0, 1)]);
-        file(d, 0, 5, &[record(0, 5, RecordKind::Data, 0, 5)]);
-        file(d, 1, 3, &[record(1, 3, RecordKind::Data, 8192, 3)]);
+        gap_and_late_start(d);
         let mut state = ImageState::default();
         let points = last_points(d, &mut state, &[]);
         let e = finish(d, "src", &state, &points, None, false)

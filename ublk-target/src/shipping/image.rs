@@ -508,6 +508,24 @@ mod tests {
         f.sync().expect("sync");
     }
 
+    /// A consistency point of partition 0 whose files come back afterwards (a crash before
+    /// their removal was durable).
+    fn point_leaving_the_files(dir: &Path, state: &mut ImageState, released: u64) {
+        let kept: Vec<_> = list_segments(dir, Some(0))
+            .expect("list")
+            .iter()
+            .map(|s| {
+                let copy = s.path.with_extension("keep");
+                std::fs::copy(&s.path, &copy).expect("copy");
+                (copy, s.path.clone())
+            })
+            .collect();
+        consistency_point(dir, state, 0, Some(LOG), released, &[]).expect("point");
+        for (copy, path) in kept {
+            std::fs::rename(copy, path).expect("put back");
+        }
+    }
+
     fn read_image(dir: &Path) -> Vec<u8> {
         let mut got = std::fs::read(image_path(dir, 0)).unwrap_or_default();
         got.resize(IMAGE, 0);
@@ -542,31 +560,10 @@ mod tests {
                 match crash {
                     // The point ran, then a crash before its files were removed: they are
                     // found again next time and skipped.
-                    1 => {
-                        let kept: Vec<_> = list_segments(dir.path(), Some(0)).expect("list").iter().map(|s| {
-                            let copy = s.path.with_extension("keep");
-                            std::fs::copy(&s.path, &copy).expect("copy");
-                            (copy, s.path.clone())
-                        }).collect();
-                        consistency_point(dir.path(), &mut state, 0, Some(LOG), cut as u64, &[]).expect("point");
-                        for (copy, path) in kept {
-                            std::fs::rename(copy, path).expect("put back");
-                        }
-                    }
+                    1 => point_leaving_the_files(dir.path(), &mut state, cut as u64),
                     // Applied and synced, then a crash before the record was saved: the
                     // files are applied again from the old record.
-                    2 => {
-                        let mut scratch = state.clone();
-                        let kept: Vec<_> = list_segments(dir.path(), Some(0)).expect("list").iter().map(|s| {
-                            let copy = s.path.with_extension("keep");
-                            std::fs::copy(&s.path, &copy).expect("copy");
-                            (copy, s.path.clone())
-                        }).collect();
-                        consistency_point(dir.path(), &mut scratch, 0, Some(LOG), cut as u64, &[]).expect("point");
-                        for (copy, path) in kept {
-                            std::fs::rename(copy, path).expect("put back");
-                        }
-                    }
+                    2 => point_leaving_the_files(dir.path(), &mut state.clone(), cut as u64),
                     _ => {}
                 }
                 let point = consistency_point(dir.path(), &mut state, 0, Some(LOG), cut as u64, &[]).expect("point");
