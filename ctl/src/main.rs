@@ -1417,6 +1417,9 @@ fn print_status(s: &DaemonStatus) {
             println!("unmirrored: staged records lack their copy in the partner (flushes leave flush marks)");
         }
     }
+    if let Some(sh) = &e.shipping {
+        print_shipping_lag(m, sh);
+    }
     if let Some(l) = &e.lease {
         println!();
         print_lease(l, e.may_serve);
@@ -1644,6 +1647,64 @@ fn print_inspect(r: &nvmirror::inspect::InspectReport) {
                 String::new()
             },
             p.corruption.as_ref().map(|c| format!("\n    CORRUPT: {c}")).unwrap_or_default()
+        );
+    }
+}
+
+/// A log-shipping source: its link to the destination and, per partition, how far the
+/// destination's log files lag behind our log.
+fn print_shipping_lag(
+    m: &nvmirror::engine::MirrorStatus,
+    sh: &nvmirror::engine::ShippingSourceStatus,
+) {
+    println!();
+    println!(
+        "destination: link {}{}; {} write(s) shipped, {} acknowledged without it{}",
+        m.link_state,
+        m.transport
+            .as_ref()
+            .map(|t| format!(" over {t}"))
+            .unwrap_or_default(),
+        m.mirrored_records,
+        m.degraded_records,
+        m.last_error
+            .as_ref()
+            .map(|x| format!("; last outage: {x}"))
+            .unwrap_or_default()
+    );
+    for p in &sh.partitions {
+        let confirmed = match (p.confirmed_through, p.confirmed_age_ms) {
+            (Some(seq), Some(ms)) => format!("logged through seq {seq} ({ms} ms ago)"),
+            _ => "nothing confirmed since start".to_owned(),
+        };
+        let waiting = p
+            .waiting
+            .as_ref()
+            .map(|w| {
+                format!(
+                    "; batch {}..{} waits for it for {} ms ({} question(s))",
+                    w.first_seq, w.through_seq, w.waiting_ms, w.asks
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  partition {}: {confirmed}; {} record(s), {} in our log not confirmed yet (oldest {} ms){waiting}",
+            p.partition,
+            p.unconfirmed_records,
+            ByteSize(p.unconfirmed_bytes),
+            p.oldest_unconfirmed_ms
+        );
+    }
+    if m.resync_left > 0 {
+        println!(
+            "  sending it {} record(s) acknowledged while it was away",
+            m.resync_left
+        );
+    }
+    if sh.batches_without_destination > 0 {
+        println!(
+            "  {} flushed batch(es) left our log without it since start: its log files have a gap there",
+            sh.batches_without_destination
         );
     }
 }

@@ -221,6 +221,21 @@ for i in 0 1 2; do
 		{ tail -5 "daemon-$s.log"; fail "$s did not drain: the destination did not confirm its batches"; }
 done
 (($(gaps) == 0)) || fail "a log file has a gap after the drain: $(dest_field 'd["sources"]')"
+# The sources' own view of the lag: nothing in their logs unconfirmed, each partition that
+# shipped confirmed through some seq.
+ship_field() {
+	local out
+	out=$("$NVMCTL" --config "$1.toml" status --json) || fail "no status from $1"
+	python3 -c 'import json, sys
+d = json.loads(sys.argv[1])["engine"]["shipping"]
+print(eval(sys.argv[2]))' "$out" "$2"
+}
+for s in "${sources[@]}"; do
+	[[ $(ship_field "$s" 'sum(p["unconfirmed_records"] for p in d["partitions"])') == 0 ]] ||
+		fail "$s drained but its status counts records the destination has not confirmed: $(ship_field "$s" d)"
+	[[ $(ship_field "$s" 'any(p["confirmed_through"] for p in d["partitions"])') == True ]] ||
+		fail "$s's status shows no seq the destination confirmed: $(ship_field "$s" d)"
+done
 for s in "${sources[@]}"; do
 	one_file_each "$s" || { "$NVMCTL" log-files "logs/$s"; fail "$s's log has more than one file in a partition"; }
 done
@@ -280,6 +295,8 @@ fio "${away[@]}" --name=src1-away --randseed=51 --do_verify=0 --output=fio-write
 	{ tail -5 daemon-src1.log; fail "src1 did not drain while the destination was away"; }
 grep -q "the destination is away: flushed batches leave our log without it" daemon-src1.log ||
 	fail "src1 does not say its batches left its log without the destination"
+left=$(ship_field src1 'd["batches_without_destination"]')
+((left >= 1)) || fail "src1's status counts no batch that left its log without the destination"
 start_destination
 # src1 itself sees the link up again (else its next writes would go degraded too).
 for _ in $(seq 100); do [[ $(mirror_of src1) == mirroring* ]] && break; sleep 0.2; done
@@ -458,7 +475,11 @@ if [[ $transport == tcp ]]; then
 	if "$NVMCTL" --config src1.toml drain --timeout 8 >/dev/null 2>&1; then
 		fail "src1 drained although the destination could log none of its batches"
 	fi
-	say "the destination's disk full: \"$why\"; src1's batches stay in its log (its drain does not end)"
+	# src1's own status shows the lag: a flushed batch waiting for the destination.
+	waits=$(ship_field src1 '" ".join(str(p["waiting"]["asks"]) for p in d["partitions"] if p["waiting"])')
+	[[ -n $waits ]] || fail "src1's status shows no batch waiting for the destination: $(ship_field src1 d)"
+	"$NVMCTL" --config src1.toml status | grep -E '^destination:|^  partition' || true
+	say "the destination's disk full: \"$why\"; src1's batches stay in its log (its drain does not end; its status shows batches waiting, asked $waits time(s))"
 	mount -o remount,size=64m logs/src1
 	"$NVMCTL" --config src1.toml drain --timeout 90 >/dev/null ||
 		{ tail -5 daemon-src1.log; fail "src1 did not drain once the destination had room again"; }

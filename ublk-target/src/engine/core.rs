@@ -213,6 +213,8 @@ pub struct Engine {
     pub(super) serving: Arc<ServingRight>,
     /// Set by `shutdown`: the engine's endless tasks (lease-follow) end on it.
     pub(super) stopping: Arc<Stopping>,
+    /// A log-shipping source: what its destination confirmed of its log (status).
+    pub(super) ship_lag: Arc<super::ship_lag::ShipLag>,
 }
 
 /// A one-way "the engine is stopping" signal for its background tasks.

@@ -39,6 +39,8 @@ pub(super) struct NodeFlushContext {
     /// Bytes per partition of our log (a record's offset in the region the mirror posts
     /// from: `PartitionLog::store_offset`).
     pub(super) part_size: u64,
+    /// A log-shipping source: what the destination confirmed, for status.
+    pub(super) ship_lag: Arc<super::ship_lag::ShipLag>,
 }
 
 /// How often a batch the partner missed because the link was down looks at the link again.
@@ -376,7 +378,6 @@ impl NodeFlushContext {
         })
     }
 
-    /// The (LUN, range)s of a batch's data records.
     /// A log-shipping source: the batch leaves our log once the destination's log file has
     /// it. While the destination is away for longer than `grace` (a blip costs a short
     /// flush delay), batches go without it: serving goes on, and its log files get a gap
@@ -418,6 +419,7 @@ impl NodeFlushContext {
             })
             .collect();
         let (host, misses) = (self.host.clone(), self.partner_misses.clone());
+        let lag = self.ship_lag.clone();
         Box::pin(async move {
             let give_up_at = host.now() + grace;
             let mut not_yet = 0;
@@ -429,8 +431,10 @@ impl NodeFlushContext {
                             let _ = s.await;
                         }
                     }
+                    lag.asking(partition, asked.first_seq, asked.through_seq, host.now());
                     match m.logged(asked.clone()).await {
                         Ok(()) => {
+                            lag.confirmed(partition, asked.through_seq, host.now());
                             let missed = misses.swap(0, Ordering::Relaxed);
                             if missed > 0 {
                                 tracing::info!(
@@ -457,6 +461,7 @@ impl NodeFlushContext {
                 }
                 host.sleep(BLIP_RETRY_EVERY).await;
             }
+            lag.gave_up(partition, true);
             if misses.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!(
                     partition,
@@ -467,6 +472,7 @@ impl NodeFlushContext {
         })
     }
 
+    /// The (LUN, range)s of a batch's data records.
     fn ranges_of(&self, records: &[RecordMeta]) -> Vec<(u32, u32)> {
         let mut ranges: Vec<(u32, u32)> = records
             .iter()

@@ -16,7 +16,7 @@
 //! bookkeeping in `takeover_state`, `lost_ranges` (killing our records of ranges we lost:
 //! void records), `mirroring` (what happens when the partner connects:
 //! releases, re-mirroring what it lacks), `serving` (the right to serve: the disk lease, or the
-//! partner's word), `flush_context` (what the flusher asks of the node), `partner_reads`
+//! partner's word), `flush_context` (what the flusher asks of the node; a log-shipping source's lag behind its destination in `ship_lag`), `partner_reads`
 //! (reads our medium cannot serve, from the partner's), and with `storage = "own"`:
 //! `resync` (copying a range onto the partner's outdated medium), `repair` (copying it back
 //! onto ours after our medium failed batches), `verify` (comparing both media online), both through `range_pause` (a job on one
@@ -42,6 +42,7 @@ mod restart_sync;
 mod resync;
 mod routing;
 mod serving;
+mod ship_lag;
 mod status;
 mod takeover;
 mod takeover_state;
@@ -53,6 +54,7 @@ pub use self::core::{
 pub use crate::lun::{Lun, LunSpec};
 pub use medium_reads::{BlockingMediumReads, MediumReads};
 pub use open::scan_all;
+pub use ship_lag::{PartitionShipLag, ShippingSourceStatus, WaitingBatch};
 pub use status::{EngineStatus, LunStatus, MirrorStatus};
 pub use takeover_state::{FlushDelegate, RangeJob, RangesToMove, TakeoverProgress};
 pub use verify::{RangeVerified, Verdict, VerifyReport};

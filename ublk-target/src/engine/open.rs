@@ -507,6 +507,7 @@ impl Engine {
             cluster.clone(),
             mirror.clone(),
         ));
+        let part_count = parts.len();
         let engine = Arc::new(Engine {
             host,
             node: opts.node_name,
@@ -528,6 +529,7 @@ impl Engine {
             replay: report,
             serving,
             stopping: Arc::default(),
+            ship_lag: Arc::new(super::ship_lag::ShipLag::new(part_count)),
         });
         engine.hold_restart_sync();
         engine
@@ -557,6 +559,7 @@ impl Engine {
                 .map(|_| self.copy_fence.clone()),
             host: self.host.clone(),
             part_size: self.sb.part_size,
+            ship_lag: self.ship_lag.clone(),
         });
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for part in &self.parts {

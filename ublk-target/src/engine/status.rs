@@ -76,6 +76,9 @@ pub struct EngineStatus {
     /// With `storage = "own"`: the resync's rate limit in bytes per second (None: none).
     #[serde(default)]
     pub resync_rate: Option<u64>,
+    /// A log-shipping source: how far its destination's log files lag behind its log.
+    #[serde(default)]
+    pub shipping: Option<super::ship_lag::ShippingSourceStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -112,6 +115,7 @@ impl Engine {
     pub fn status(&self) -> EngineStatus {
         let stats = &self.flusher_stats;
         let mirror = self.mirror.current();
+        let partitions: Vec<_> = self.parts.iter().map(|p| p.status()).collect();
         let outdated_media: std::collections::BTreeMap<String, Vec<(u32, u32)>> = self
             .cluster
             .as_ref()
@@ -133,7 +137,7 @@ impl Engine {
             nvram_path: self.region.path().display().to_string(),
             nvram_bytes: self.region.len(),
             log_id: format!("{:016x}", self.sb.log_id),
-            partitions: self.parts.iter().map(|p| p.status()).collect(),
+            partitions: partitions.clone(),
             luns: self
                 .luns
                 .iter()
@@ -243,6 +247,10 @@ impl Engine {
                 .clone(),
             outdated_media,
             resync_rate: self.resync_rate(),
+            shipping: mirror
+                .as_ref()
+                .filter(|m| self.cluster.is_none() && m.keeps_log().is_some())
+                .map(|_| self.ship_lag.status(&partitions, self.host.now())),
         }
     }
 }
