@@ -253,6 +253,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// On a log-shipping destination, after `export`: give source NAME its volume back. Stop
+    /// the node serving the images first (refused while its control socket answers); when
+    /// the source next starts, it drains its log, copies every block of its medium that
+    /// differs from the images, and ships again. Until then an exported source refuses to
+    /// serve.
+    ReturnImage {
+        #[arg(long)]
+        source: String,
+    },
     /// Check a log-shipping destination's log files (read-only): each file's partition,
     /// source log, seqs, records and bytes; a damaged record is named. PATH is a source's
     /// directory (`shipping.dir`/SOURCE) or one file.
@@ -461,6 +470,17 @@ fn print_destination_status(d: &control::DestinationStatus) {
             s.held_bytes,
             s.capacity_bytes
         );
+        match (s.volume.as_str(), s.volume_since_unix) {
+            ("exported", Some(at)) => println!(
+                "    volume EXPORTED {} s ago: served from the images; the source may not serve (nvmirrorctl return-image gives it back)",
+                now_unix().saturating_sub(at)
+            ),
+            ("returning", Some(at)) => println!(
+                "    volume RETURNING (given back {} s ago): the source takes it from the images at its next start",
+                now_unix().saturating_sub(at)
+            ),
+            _ => {}
+        }
         if let Some(e) = &s.log_error {
             println!("    log files: FAILING ({e})");
         }
@@ -1020,6 +1040,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for m in &r.missing {
                     println!("the images lack: {m}");
                 }
+            }
+        }
+        Cmd::ReturnImage { source } => {
+            let req = Request::ReturnImage {
+                source: source.clone(),
+            };
+            match call(&socket_path(&cli)?, req, Duration::from_secs(30))? {
+                Response::Ok => println!(
+                    "the images of {source} go back to it when it next starts: it copies what differs from them onto its medium, then ships again"
+                ),
+                other => bail!("unexpected answer: {other:?}"),
             }
         }
         Cmd::LogFiles { path, json } => {

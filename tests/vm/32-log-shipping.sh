@@ -358,10 +358,8 @@ grep -q "source src1 is connected" <<<"$out" || fail "export of a connected sour
 cat export-src2.txt
 out=$("$NVMCTL" --config dest.toml export --source src2 2>&1) && fail "a second export of src2: $out"
 grep -q "exported before" <<<"$out" || fail "a second export does not say why it is refused: $out"
-# The exported source's link is closed: if src2 comes back it must not ship into files
-# nobody applies any more (the images are served elsewhere).
-[[ $(dest_field '[s["link"] for s in d["sources"] if s["name"] == "src2"][0]') == closed ]] ||
-	fail "the destination still listens for the exported src2: $(dest_field 'd["sources"][1]')"
+[[ $(dest_field '[s["volume"] for s in d["sources"] if s["name"] == "src2"][0]') == exported ]] ||
+	fail "the destination's status does not say src2's volume is exported: $(dest_field 'd["sources"][1]')"
 image=logs/src2/lun0.img
 # (The image is a file on the scratch file system: buffered I/O.)
 fio "${last[@]}" --filename="$image" --direct=0 --verify_only=1 --verify_state_load=1 --verify_state_save=0 \
@@ -377,19 +375,51 @@ dev=$("$NVMCTL" --config logs/src2/serve.toml status --json | python3 -c 'import
 fio "${last[@]}" --filename="$dev" --verify_only=1 --verify_state_load=1 --verify_state_save=0 \
 	--output=fio-verify-src2-served.log ||
 	{ cat fio-verify-src2-served.log; fail "an acknowledged write of src2 does not verify through its served image ($dev)"; }
+# (Past the end of fio's blocks: they verify through src2 later.)
 dd if=/dev/urandom of=served-blocks bs=4k count=16 status=none
-dd if=served-blocks of="$dev" bs=4k seek=100 oflag=direct status=none || fail "writing to the served image failed"
-cmp -n $((16 * 4096)) served-blocks <(dd if="$dev" bs=4k skip=100 count=16 iflag=direct status=none) ||
+dd if=served-blocks of="$dev" bs=4k seek=15616 oflag=direct status=none || fail "writing to the served image failed"
+cmp -n $((16 * 4096)) served-blocks <(dd if="$dev" bs=4k skip=15616 count=16 iflag=direct status=none) ||
 	fail "the served image does not read back what was written to it"
+# One volume, one server: the images are not given back while their node runs.
+out=$("$NVMCTL" --config dest.toml return-image --source src2 2>&1) && fail "return-image while the images are served: $out"
+grep -q "is running" <<<"$out" || fail "return-image while the images are served does not say why it is refused: $out"
 kill "$serve_pid"
 nvm_wait_gone "$serve_pid"
 say "src2's images served by a single node as $dev: fio verify passes, new writes read back"
-# src2 itself comes back from its NVRAM with the same writes (alone: the destination no
-# longer takes its records).
+# src2 comes back: the destination says its volume was exported, and it refuses to serve.
+rc=0
+timeout 60 "$NVMD" --config src2.toml --state-dir "$PWD/state" >>daemon-src2.log 2>&1 || rc=$?
+((rc != 0 && rc != 124)) || fail "src2 served (exit $rc) although its volume was exported and served elsewhere"
+grep -q "the destination exported our volume" daemon-src2.log ||
+	{ tail -5 daemon-src2.log; fail "src2 does not say why it refuses to serve"; }
+say "src2, exported, refuses to serve (exit $rc): \"$(grep -o 'the destination exported our volume[^:]*' daemon-src2.log | tail -1)\""
+# Given back (`return-image`), src2 drains its log, copies every block of its medium that
+# differs from the image, and ships again: what the image's node wrote reads back through
+# src2, fio verifies, and new writes go through the log files to the image again.
+"$NVMCTL" --config dest.toml return-image --source src2 || fail "return-image of src2 failed"
+[[ $(dest_field '[s["volume"] for s in d["sources"] if s["name"] == "src2"][0]') == returning ]] ||
+	fail "the destination's status does not say src2's volume is being returned"
 nvm_start src2.toml daemon-src2.log
-"$NVMCTL" --config src2.toml drain --timeout 60 >/dev/null || fail "the restarted src2 did not drain"
+src_pid[src2]=$NVM_LAST_PID
+taken=$(grep -o "taken back from the destination's image: [0-9]* of [0-9]* byte(s) differed" daemon-src2.log | tail -1)
+[[ -n $taken ]] || { tail -5 daemon-src2.log; fail "src2 did not take its volume back from the image"; }
+# Only what differs crosses: at least the image node's 64 KiB, far less than the LUN.
+read -r copied compared <<<"$(sed 's/.*image: \([0-9]*\) of \([0-9]*\) .*/\1 \2/' <<<"$taken")"
+((copied >= 65536 && copied < compared / 4)) || fail "src2 copied $copied of $compared bytes back: not the changes only"
+cmp -n $((16 * 4096)) served-blocks <(dd if=/dev/ublkb1 bs=4k skip=15616 count=16 iflag=direct status=none) ||
+	fail "src2 lacks what the image's node wrote after the export"
 fio "${last[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --verify_state_save=0 --output=fio-verify-src2-last.log ||
-	{ cat fio-verify-src2-last.log; fail "src2's acknowledged writes do not verify after its restart"; }
+	{ cat fio-verify-src2-last.log; fail "src2's acknowledged writes do not verify after it took its volume back"; }
+dd if=/dev/urandom of=/dev/ublkb1 bs=16k count=64 seek=1000 oflag=direct status=none || fail "src2's writes after its return failed"
+"$NVMCTL" --config src2.toml drain --timeout 60 >/dev/null ||
+	{ tail -5 daemon-src2.log; fail "src2 did not drain after its return: the destination does not log it again"; }
+[[ $(dest_field '[s["volume"] for s in d["sources"] if s["name"] == "src2"][0]') == shipping ]] ||
+	fail "the destination's status does not say src2 ships again after its return"
+checkpoint src2
+grep -q "lack" "checkpoint-src2.txt" && fail "src2's images lack part of its history after its return"
+grep -q ": [1-9][0-9]* record(s)" checkpoint-src2.txt || fail "src2's point after its return applied nothing"
+image_is_medium src2 || fail "after src2's return and a consistency point its image differs from its medium"
+say "src2 took its volume back ($taken) and ships again: after a point its image equals its medium"
 
 # The next consistency point too: src3 writes more (nothing verifies these blocks later),
 # drains, and after the point its image equals its medium again.

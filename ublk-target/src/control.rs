@@ -28,6 +28,11 @@ pub enum Request {
     Checkpoint {
         source: String,
     },
+    /// Log-shipping destination: the exported images of source `source` go back to it when
+    /// it next connects (it copies what differs onto its medium, then ships again).
+    ReturnImage {
+        source: String,
+    },
     /// Stop moving staged writes to the medium (maintenance; writes continue until the
     /// NVRAM is full, then wait).
     FlushPause,
@@ -144,6 +149,13 @@ pub struct ShippedSourceStatus {
     /// Why appending to them fails now, if it does (the records wait in the NVRAM).
     #[serde(default)]
     pub log_error: Option<String>,
+    /// What our copy of the source's volume is: "shipping", "exported" (served from the
+    /// images; the source may not serve) or "returning" (given back; the source takes it
+    /// at its next start), with the Unix time of the export or the return.
+    #[serde(default)]
+    pub volume: String,
+    #[serde(default)]
+    pub volume_since_unix: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -542,6 +542,13 @@ pub fn forward_wire(data: &[u8]) {
             let asked = wire::ShipLogged::of(&r).expect("a log question decode accepted");
             assert_eq!(asked.encode(), data, "log question round trip");
         }
+        if r.op == wire::OP_SHIP_RETURNED {
+            let returned = wire::ShipReturned::of(&r).expect("a return decode accepted");
+            assert_eq!(returned.encode(), data, "return round trip");
+        }
+    }
+    if let Some(state) = data.get(1..).and_then(wire::ShipState::decode) {
+        assert_eq!(&state.encode()[..], &data[1..], "volume state round trip");
     }
     match wire::answer(data) {
         Ok(payload) => assert_eq!(wire::ok(payload), data, "answer round trip"),

@@ -44,6 +44,15 @@ pub const OP_WRITE_HELD_FOR_PARTNER: u8 = 13;
 /// (durably). `data`: our log id, the batch's first seq (everything before it has left our
 /// log), then the seqs of the batch's wrap markers (never posted: no record to wait for).
 pub const OP_SHIP_LOGGED: u8 = 14;
+/// Log shipping, source to destination, before the source serves: answer what the
+/// destination's copy of our volume is now ([`ShipState`]). With `Returning`, the source
+/// takes its volume back from the images (`OP_VERIFY_DIGESTS` and `OP_READ_MEDIUM` then read
+/// the images), then says `OP_SHIP_RETURNED`.
+pub const OP_SHIP_STATE: u8 = 15;
+/// Log shipping: our medium now holds what your images hold, and our log is empty through
+/// seq `through` of each partition (`data`: our log id, then one u64 per partition); log
+/// our next records after those, and apply them to the images again.
+pub const OP_SHIP_RETURNED: u8 = 16;
 const HEADER: usize = 17;
 /// A shipped record's header: seq, kind, lun, offset, len.
 const RECORD_HEADER: usize = 8 + 1 + 4 + 8 + 8;
@@ -178,7 +187,9 @@ pub fn decode(b: &[u8]) -> Option<Request> {
         | OP_SYNC_MEDIUM
         | OP_READ_MEDIUM
         | OP_OUT_OF_SYNC
+        | OP_SHIP_STATE
         | OP_WRITE_HELD_FOR_PARTNER => r.data.is_empty(),
+        OP_SHIP_RETURNED => r.data.len() >= 8 && r.data.len().is_multiple_of(8),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,
         OP_SHIP_LOGGED => r.data.len() >= 16 && r.data.len().is_multiple_of(8),
         OP_WRITE_RECORDS_FOR_PARTNER => {
@@ -223,6 +234,73 @@ impl ShipLogged {
             log_id: words.next()?,
             first_seq: words.next()?,
             wraps: words.collect(),
+        })
+    }
+}
+
+/// What a log-shipping destination's copy of a source's volume is (`OP_SHIP_STATE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShipState {
+    /// The destination logs the source's records and applies them to its images.
+    Shipping,
+    /// The images were exported (Unix time): someone else serves the volume now, so the
+    /// source must not.
+    Exported(u64),
+    /// Exported, and the operator gave the volume back to the source (`nvmirrorctl
+    /// return-image`, Unix time): the source copies what differs from the images.
+    Returning(u64),
+}
+
+impl ShipState {
+    pub fn encode(self) -> Vec<u8> {
+        let (tag, at) = match self {
+            ShipState::Shipping => (0u8, 0),
+            ShipState::Exported(at) => (1, at),
+            ShipState::Returning(at) => (2, at),
+        };
+        let mut b = vec![tag];
+        b.extend_from_slice(&at.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<ShipState> {
+        let (&tag, rest) = b.split_first()?;
+        let at = u64::from_le_bytes(*rest.first_chunk::<8>()?);
+        match (tag, rest.len()) {
+            (0, 8) if at == 0 => Some(ShipState::Shipping),
+            (1, 8) => Some(ShipState::Exported(at)),
+            (2, 8) => Some(ShipState::Returning(at)),
+            _ => None,
+        }
+    }
+}
+
+/// What an `OP_SHIP_RETURNED` request says (see there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShipReturned {
+    pub log_id: u64,
+    /// Per partition, the last seq the source's log had when it took its volume back.
+    pub through: Vec<u64>,
+}
+
+impl ShipReturned {
+    pub fn encode(&self) -> Vec<u8> {
+        let data: Vec<u8> = std::iter::once(self.log_id)
+            .chain(self.through.iter().copied())
+            .flat_map(u64::to_le_bytes)
+            .collect();
+        encode(OP_SHIP_RETURNED, 0, 0, 0, &data)
+    }
+
+    /// From a request `decode` accepted with op `OP_SHIP_RETURNED`.
+    pub fn of(r: &Request) -> Option<ShipReturned> {
+        let mut words = r
+            .data
+            .chunks_exact(8)
+            .filter_map(|c| c.first_chunk::<8>().map(|w| u64::from_le_bytes(*w)));
+        Some(ShipReturned {
+            log_id: words.next()?,
+            through: words.collect(),
         })
     }
 }
@@ -280,6 +358,24 @@ mod tests {
         let back = decode(&asked.encode()).and_then(|r| ShipLogged::of(&r));
         assert_eq!(back, Some(asked));
         assert_eq!(decode(&encode(OP_SHIP_LOGGED, 0, 1, 0, &[0; 12])), None);
+        let returned = ShipReturned {
+            log_id: 9,
+            through: vec![5, 0, 77],
+        };
+        let back = decode(&returned.encode()).and_then(|r| ShipReturned::of(&r));
+        assert_eq!(back, Some(returned));
+        assert_eq!(decode(&encode(OP_SHIP_RETURNED, 0, 0, 0, &[0; 7])), None);
+        assert_eq!(decode(&encode(OP_SHIP_STATE, 0, 0, 0, &[0])), None);
+        for s in [
+            ShipState::Shipping,
+            ShipState::Exported(17),
+            ShipState::Returning(u64::MAX),
+        ] {
+            assert_eq!(ShipState::decode(&s.encode()), Some(s));
+        }
+        assert_eq!(ShipState::decode(&[3; 9]), None);
+        assert_eq!(ShipState::decode(&[1; 8]), None);
+        assert_eq!(ShipState::decode(&[0, 1, 0, 0, 0, 0, 0, 0, 0]), None);
         assert_eq!(decode(&encode(OP_VERIFY_DIGESTS, 0, 0, 1, &[0])), None);
         assert_eq!(decode(&encode(OP_SYNC_MEDIUM, 0, 0, 0, &[1])), None);
         let runs = vec![(0, 65536), (1 << 20, 131072)];

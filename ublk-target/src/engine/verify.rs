@@ -218,7 +218,7 @@ impl Engine {
 
     /// The blocks of `(at, len)` (at most `VERIFY_CHUNK`) that differ between our medium and
     /// the partner's, merged into extents.
-    async fn differing<Asked>(
+    pub(super) async fn differing<Asked>(
         &self,
         l: u32,
         lun: &Lun,
@@ -296,7 +296,8 @@ fn span_of(lun: &Lun, r: u32) -> (u64, u64) {
     (start, (start + lun.range_bytes).min(lun.size))
 }
 
-fn digests(data: &[u8]) -> Vec<u8> {
+/// crc32c per `VERIFY_BLOCK` of `data`, little-endian (the answer to `OP_VERIFY_DIGESTS`).
+pub fn digests(data: &[u8]) -> Vec<u8> {
     data.chunks(VERIFY_BLOCK)
         .flat_map(|b| crc32c::crc32c(b).to_le_bytes())
         .collect()

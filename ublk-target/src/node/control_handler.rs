@@ -79,8 +79,8 @@ impl ControlHandler {
                 self.move_ranges(RangesToMove::OwnRanges, timeout_secs)
             }
             Request::Verify { repair, rate } => self.verify(repair, rate),
-            Request::Export { .. } | Request::Checkpoint { .. } => error(
-                "export and checkpoint are for a log-shipping destination; this node serves LUNs"
+            Request::Export { .. } | Request::Checkpoint { .. } | Request::ReturnImage { .. } => error(
+                "export, checkpoint and return-image are for a log-shipping destination; this node serves LUNs"
                     .to_string(),
             ),
             Request::ResyncRate { rate } => {

@@ -86,6 +86,12 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         (None, None) => None,
     };
 
+    if let (Some(l), Some(s), None) = (&link, &cfg.shipping, &cfg.cluster) {
+        // Before any device: the destination may have exported our volume (then another
+        // node serves it), or be giving it back.
+        let wait = Duration::from_millis(s.heartbeat_timeout_ms).max(Duration::from_secs(5));
+        super::ship_return::before_serving(&engine, l, wait)?;
+    }
     if let (Some(l), Some(c)) = (&link, &cfg.cluster) {
         // Give a live partner a moment to connect, so that the kernel's first reads of the
         // new device (partition scan) can reach the partner's ranges.

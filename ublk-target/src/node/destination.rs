@@ -32,29 +32,89 @@ struct Served {
 /// "not yet" (the source asks again; well inside the link's request timeout).
 const LOGGED_PATIENCE: Duration = Duration::from_secs(5);
 
-/// Serves a source's requests: only `OP_SHIP_LOGGED`.
-fn log_questions(logs: Arc<SourceLogs>) -> Arc<dyn rdma_link::RequestHandler> {
+/// How long the destination's writer may take to record a source's return.
+const RETURN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves a source's requests: whether a batch is in its log file (`OP_SHIP_LOGGED`), what
+/// our copy of its volume is (`OP_SHIP_STATE`), and, once its exported images were given
+/// back (`nvmirrorctl return-image`), their digests and blocks (`OP_VERIFY_DIGESTS`,
+/// `OP_READ_MEDIUM`) and the end of the return (`OP_SHIP_RETURNED`).
+fn source_requests(logs: Arc<SourceLogs>) -> Arc<dyn rdma_link::RequestHandler> {
     Arc::new(move |payload: rdma_link::Bytes| {
         let logs = logs.clone();
         async move {
-            let asked = wire::decode(&payload)
-                .filter(|r| r.op == wire::OP_SHIP_LOGGED)
-                .and_then(|r| wire::ShipLogged::of(&r));
-            let Some(asked) = asked else {
-                tracing::warn!(
-                    "a source sent a request that is not a log question (op {:?}): refused",
-                    payload.first()
-                );
-                return rdma_link::Bytes::from(wire::err(
-                    "a log-shipping destination answers only whether a batch is in its log file",
-                ));
+            let answer = match wire::decode(&payload) {
+                Some(r) => answer_source(&logs, r).await,
+                None => Err(format!(
+                    "a malformed request (op {:?}, {} bytes)",
+                    payload.first(),
+                    payload.len()
+                )),
             };
-            rdma_link::Bytes::from(match logs.wait_logged(&asked, LOGGED_PATIENCE).await {
-                Ok(()) => wire::ok(&[]),
-                Err(e) => wire::err(&e),
+            rdma_link::Bytes::from(match answer {
+                Ok(data) => wire::ok(&data),
+                Err(e) => {
+                    tracing::warn!(source = logs.source(), "a source's request refused: {e}");
+                    wire::err(&e)
+                }
             })
         }
     })
+}
+
+async fn answer_source(logs: &Arc<SourceLogs>, r: wire::Request) -> Result<Vec<u8>, String> {
+    let state = logs.ship_state();
+    let returning = matches!(state, wire::ShipState::Returning(_));
+    match r.op {
+        wire::OP_SHIP_STATE => Ok(state.encode()),
+        wire::OP_SHIP_LOGGED => {
+            let asked = wire::ShipLogged::of(&r).ok_or("a malformed log question")?;
+            match state {
+                wire::ShipState::Shipping => logs
+                    .wait_logged(&asked, LOGGED_PATIENCE)
+                    .await
+                    .map(|()| Vec::new()),
+                // The source drains before it takes its volume back: the images, not these
+                // records, are its volume.
+                wire::ShipState::Returning(_) => Ok(Vec::new()),
+                wire::ShipState::Exported(at) => Err(format!(
+                    "your volume was exported at Unix time {at} and is served from the destination's images: nothing of yours is logged any more"
+                )),
+            }
+        }
+        wire::OP_VERIFY_DIGESTS | wire::OP_READ_MEDIUM if returning => {
+            if r.len == 0 || r.len as usize > crate::engine::VERIFY_CHUNK {
+                return Err(format!(
+                    "an image span of {} bytes (1 to {} per request)",
+                    r.len,
+                    crate::engine::VERIFY_CHUNK
+                ));
+            }
+            let (dir, op) = (logs.dir().to_owned(), r.op);
+            let read = tokio::task::spawn_blocking(move || {
+                crate::shipping::image::read_image(&dir, r.lun, r.offset, r.len as usize)
+            })
+            .await
+            .map_err(|e| format!("reading the image: {e}"))?
+            .map_err(|e| format!("reading the image of LUN {}: {e}", r.lun))?;
+            Ok(if op == wire::OP_READ_MEDIUM {
+                read
+            } else {
+                crate::engine::digests(&read)
+            })
+        }
+        wire::OP_SHIP_RETURNED if returning => {
+            let returned = wire::ShipReturned::of(&r).ok_or("a malformed return")?;
+            let logs = logs.clone();
+            tokio::task::spawn_blocking(move || logs.returned(returned, RETURN_TIMEOUT))
+                .await
+                .map_err(|e| format!("recording the return: {e}"))?
+                .map(|()| Vec::new())
+        }
+        op => Err(format!(
+            "op {op} is not a log-shipping request, or not in this state of your volume ({state:?})"
+        )),
+    }
 }
 
 /// Runs the destination until SIGTERM/SIGINT (`signals` are blocked already).
@@ -107,16 +167,22 @@ pub fn run(
                 .with_context(|| format!("starting the log writer of source {}", src.name))?,
         );
         let store: Arc<dyn rdma_link::SecondStore> = area.held.clone();
-        let link = Link::start_with_handler(lc, None, Some(store), log_questions(logs.clone()))
-            .map_err(|e| anyhow::anyhow!("starting the link for source {}: {e}", src.name))?;
-        if let Some(at) = logs.image_state().exported_unix {
-            // Its images were handed over: whoever serves them now owns the volume, so the
-            // source (if it comes back) must not ship into files nobody applies.
-            tracing::warn!(
+        let link =
+            Link::start_with_handler(lc, None, Some(store), source_requests(logs.clone()))
+                .map_err(|e| anyhow::anyhow!("starting the link for source {}: {e}", src.name))?;
+        match logs.ship_state() {
+            // Its images were handed over: whoever serves them now owns the volume. The link
+            // stays open so that the source, if it comes back, hears so and does not serve
+            // (`OP_SHIP_STATE`); what it sends is not logged.
+            wire::ShipState::Exported(at) => tracing::warn!(
                 source = src.name,
-                "exported at Unix time {at}: its link stays closed (giving the images back is not built)"
-            );
-            shutdown_link(link.clone());
+                "exported at Unix time {at}: its records are not logged, and it may not serve until its volume is returned (nvmirrorctl return-image)"
+            ),
+            wire::ShipState::Returning(at) => tracing::warn!(
+                source = src.name,
+                "exported, and given back at Unix time {at}: the source takes its volume back from the images when it connects"
+            ),
+            wire::ShipState::Shipping => {}
         }
         served.push(Served {
             area,
@@ -145,9 +211,10 @@ pub fn run(
                 force,
             } => export(&answering, &source, size, force),
             Request::Checkpoint { source } => checkpoint(&answering, &source),
+            Request::ReturnImage { source } => return_image(&answering, &source),
             other => Response::Error {
                 message: format!(
-                    "a log-shipping destination answers only status, checkpoint and export; {other:?} is for nodes that serve LUNs"
+                    "a log-shipping destination answers only status, checkpoint, export and return-image; {other:?} is for nodes that serve LUNs"
                 ),
             },
         }),
@@ -220,17 +287,45 @@ fn export(served: &[Served], name: &str, size: Option<u64>, force: bool) -> Resp
         Ok(report) => {
             tracing::info!(
                 source = name,
-                "export: {} image(s), {} record(s) from {} log file(s) applied by the last consistency point; the source's link is closed",
+                "export: {} image(s), {} record(s) from {} log file(s) applied by the last consistency point; the source may not serve until its volume is returned",
                 report.images.len(),
                 report.records,
                 report.files
             );
-            shutdown_link(s.link.clone());
             Response::Exported(Box::new(report))
         }
         Err(e) => Response::Error {
             message: e.to_string(),
         },
+    }
+}
+
+/// `nvmirrorctl return-image --source NAME`: the exported images go back to the source
+/// when it next connects. Refused while the node that `export` set up to serve them runs
+/// (its control socket answers): two servers of one volume must never be.
+fn return_image(served: &[Served], name: &str) -> Response {
+    let s = match find(served, name) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let socket = s.logs.dir().join(crate::shipping::export::SERVE_SOCKET);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        return Response::Error {
+            message: format!(
+                "the node serving the images of {name} is running (its control socket {} answers): stop it first, so that only one node serves the volume",
+                socket.display()
+            ),
+        };
+    }
+    match s.logs.allow_return() {
+        Ok(at) => {
+            tracing::warn!(
+                source = name,
+                "return-image: the images go back to the source when it next connects (allowed at Unix time {at})"
+            );
+            Response::Ok
+        }
+        Err(message) => Response::Error { message },
     }
 }
 
@@ -296,6 +391,16 @@ fn status(node: &str, config: &str, served: &[Served]) -> DestinationStatus {
                     capacity_bytes: held.capacity_bytes,
                     log_files,
                     log_error,
+                    volume: match s.logs.ship_state() {
+                        wire::ShipState::Shipping => "shipping",
+                        wire::ShipState::Exported(_) => "exported",
+                        wire::ShipState::Returning(_) => "returning",
+                    }
+                    .to_owned(),
+                    volume_since_unix: match s.logs.ship_state() {
+                        wire::ShipState::Shipping => None,
+                        wire::ShipState::Exported(at) | wire::ShipState::Returning(at) => Some(at),
+                    },
                 }
             })
             .collect(),

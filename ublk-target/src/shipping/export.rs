@@ -77,6 +77,9 @@ pub struct ExportReport {
 
 /// The serving node's NVRAM (a file next to the images; edit the config for real NVRAM).
 const SERVE_NVRAM: &str = "64MiB";
+/// The control socket of the node `serve.toml` describes (in the source's directory):
+/// `return-image` refuses while it answers.
+pub const SERVE_SOCKET: &str = "serve.sock";
 
 /// Exports the images of the source whose log files `logs` writes (see the module doc).
 /// `size`: each image's length at least (the source's LUN size); without it, an image ends
@@ -197,7 +200,7 @@ fn write_serve_config(
          [node]\nname = {}\ncontrol_socket = {}\n\n[nvram]\npath = {}\nsize = \"{SERVE_NVRAM}\"\npartitions = 4\n",
         path.display(),
         quote(&format!("{source}-image")),
-        quote(&dir.join("serve.sock").display().to_string()),
+        quote(&dir.join(SERVE_SOCKET).display().to_string()),
         quote(&dir.join("serve-nvram.img").display().to_string()),
     );
     for image in images {

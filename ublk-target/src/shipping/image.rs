@@ -80,6 +80,10 @@ pub struct ImageState {
     /// Unix seconds of the export: from then on whoever serves the images writes them.
     #[serde(default)]
     pub exported_unix: Option<u64>,
+    /// Unix seconds of `nvmirrorctl return-image`: the source, when it next connects,
+    /// copies what differs from the images onto its medium and ships again.
+    #[serde(default)]
+    pub returning_unix: Option<u64>,
 }
 
 impl ImageState {
@@ -199,6 +203,26 @@ pub fn list_segments(dir: &Path, partition: Option<u32>) -> Result<Vec<Segment>,
 /// The image of LUN `lun` of the source whose directory is `dir`.
 pub fn image_path(dir: &Path, lun: u32) -> PathBuf {
     dir.join(format!("lun{lun}.img"))
+}
+
+/// `len` bytes of the image of LUN `lun` at `offset` (zeros beyond its end, or without one:
+/// an image is as long as its last write).
+pub fn read_image(dir: &Path, lun: u32, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let file = match File::open(image_path(dir, lun)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(buf),
+        Err(e) => return Err(e),
+    };
+    let mut done = 0;
+    while done < len {
+        let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(buf)
 }
 
 /// Zeroes `len` bytes at `offset` (a zero record may cover up to a GiB: written in pieces).

@@ -121,6 +121,12 @@ struct PointRequest {
     reply: std::sync::mpsc::Sender<Result<Vec<Point>, String>>,
 }
 
+/// The source took its volume back (`wire::OP_SHIP_RETURNED`), asked of the writer thread.
+struct ReturnRequest {
+    returned: crate::cluster::wire::ShipReturned,
+    reply: std::sync::mpsc::Sender<Result<(), String>>,
+}
+
 /// The log files of one source, and the thread that writes them.
 pub struct SourceLogs {
     source: String,
@@ -141,6 +147,9 @@ pub struct SourceLogs {
     /// What the images hold (`shipping::image`), as last saved.
     images: Mutex<ImageState>,
     point_request: Mutex<Option<PointRequest>>,
+    return_request: Mutex<Option<ReturnRequest>>,
+    /// Records of an exported source were dropped (said once).
+    dropped_exported: AtomicBool,
     /// Held while a consistency point runs or the export is recorded.
     applying: Mutex<()>,
 }
@@ -206,6 +215,8 @@ impl SourceLogs {
             thread: Mutex::new(None),
             images: Mutex::new(images),
             point_request: Mutex::new(None),
+            return_request: Mutex::new(None),
+            dropped_exported: AtomicBool::new(false),
             applying: Mutex::new(()),
         }))
     }
@@ -224,6 +235,11 @@ impl SourceLogs {
             })?;
         *lock(&self.thread) = Some(handle.thread().clone());
         Ok(handle)
+    }
+
+    /// The source's name.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The source's log files' directory.
@@ -304,6 +320,58 @@ impl SourceLogs {
         Ok(())
     }
 
+    /// What our copy of the source's volume is now (the source asks before it serves).
+    pub fn ship_state(&self) -> crate::cluster::wire::ShipState {
+        use crate::cluster::wire::ShipState;
+        let images = lock(&self.images);
+        match (images.exported_unix, images.returning_unix) {
+            (Some(_), Some(at)) => ShipState::Returning(at),
+            (Some(at), None) => ShipState::Exported(at),
+            (None, _) => ShipState::Shipping,
+        }
+    }
+
+    /// `nvmirrorctl return-image`: the exported images go back to the source when it next
+    /// connects (recorded, so a restart of either side keeps it).
+    pub fn allow_return(&self) -> Result<u64, String> {
+        let _applying = lock(&self.applying);
+        let mut images = lock(&self.images);
+        if images.exported_unix.is_none() {
+            return Err(format!(
+                "the images of {} were never exported: the source has its volume",
+                self.source
+            ));
+        }
+        if let Some(at) = images.returning_unix {
+            return Ok(at);
+        }
+        let mut next = images.clone();
+        let at = unix_now();
+        next.returning_unix = Some(at);
+        next.save(&self.dir).map_err(|e| e.to_string())?;
+        *images = next;
+        Ok(at)
+    }
+
+    /// The source copied the images onto its medium and its log is empty through
+    /// `returned.through`: from its next records on, the files and the images follow it
+    /// again. Runs on the writer thread (no file is written meanwhile).
+    pub fn returned(
+        &self,
+        returned: crate::cluster::wire::ShipReturned,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        *lock(&self.return_request) = Some(ReturnRequest { returned, reply });
+        self.wake();
+        answer.recv_timeout(timeout).unwrap_or_else(|_| {
+            Err(format!(
+                "the destination's writer of {} did not record the return within {timeout:?}",
+                self.source
+            ))
+        })
+    }
+
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         self.wake();
@@ -379,8 +447,20 @@ impl SourceLogs {
 
     /// One look at every partition; true if something was appended.
     fn pass(&self) -> bool {
-        let mut any = false;
         let partitions = lock(&self.parts).len() as u32;
+        if let Some(req) = lock(&self.return_request).take() {
+            let result = self.record_return(&req.returned).map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                tracing::error!(source = self.source, "recording the return failed: {e}");
+            }
+            let _ = req.reply.send(result);
+        }
+        if lock(&self.images).exported_unix.is_some() {
+            self.drop_exported_records();
+            self.run_points(partitions);
+            return false;
+        }
+        let mut any = false;
         for p in 0..partitions {
             match self.write_partition(p) {
                 Ok(n) => any |= n > 0,
@@ -405,6 +485,85 @@ impl SourceLogs {
         }
         self.run_points(partitions);
         any
+    }
+
+    /// Since the export the images are someone else's volume: records the source still
+    /// sends (what it resends at a reconnect) are not logged; it must take its volume back
+    /// before it serves again (`OP_SHIP_STATE`).
+    fn drop_exported_records(&self) {
+        if self.area.status().records == 0 {
+            return;
+        }
+        if !self.dropped_exported.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                source = self.source,
+                "the source sent records after its images were exported: dropped (its volume is served from the images now)"
+            );
+        }
+        self.area.clear();
+    }
+
+    /// `OP_SHIP_RETURNED`, on the writer thread: the images equal the source's medium, and
+    /// its log is empty through `returned.through`. Left-over files go, the state says the
+    /// images follow the source's log from there, and each partition's next file starts
+    /// after it.
+    fn record_return(
+        &self,
+        returned: &crate::cluster::wire::ShipReturned,
+    ) -> Result<(), ImageError> {
+        let bad = |why: String| ImageError::BadState {
+            path: self.dir.join(image::STATE_FILE),
+            why,
+        };
+        let partitions = lock(&self.parts).len();
+        if returned.through.len() != partitions {
+            return Err(bad(format!(
+                "the source names {} partition(s), this destination keeps {partitions}",
+                returned.through.len()
+            )));
+        }
+        let _applying = lock(&self.applying);
+        {
+            let mut images = lock(&self.images);
+            if images.returning_unix.is_none() {
+                return Err(bad("the source says it took its volume back, but no return was allowed (nvmirrorctl return-image)".into()));
+            }
+            for seg in image::list_segments(&self.dir, None)? {
+                std::fs::remove_file(&seg.path).map_err(|source| ImageError::Io {
+                    path: seg.path.clone(),
+                    source,
+                })?;
+            }
+            let mut next = images.clone();
+            next.exported_unix = None;
+            next.returning_unix = None;
+            for (p, &through) in returned.through.iter().enumerate() {
+                let state = next.partitions.entry(p as u32).or_default();
+                state.log_id = Some(returned.log_id);
+                state.applied_through = through;
+                state.missing.clear();
+            }
+            next.save(&self.dir)?;
+            *images = next;
+        }
+        self.area.clear();
+        let mut parts = lock(&self.parts);
+        for (p, (part, &through)) in parts.iter_mut().zip(&returned.through).enumerate() {
+            self.area.release_logged(returned.log_id, p as u32, through);
+            *part = PartitionLog {
+                resume_at: Some((returned.log_id, through + 1)),
+                seen_log: Some(returned.log_id),
+                ..PartitionLog::default()
+            };
+        }
+        self.dropped_exported.store(false, Ordering::Relaxed);
+        tracing::info!(
+            source = self.source,
+            "the source took its volume back from the images: its records after seqs {:?} of log {:016x} are logged and applied again",
+            returned.through,
+            returned.log_id
+        );
+        Ok(())
     }
 
     /// The consistency points that are due, and a checkpoint if one was asked for.
@@ -1004,6 +1163,65 @@ mod tests {
         assert_eq!((files[0].first_seq, files[0].next_seq), (8, 9));
         assert_eq!(f.area.status().records, 0);
         assert_eq!(again.status().0[0].applied_through, 7);
+    }
+
+    #[test]
+    fn an_exported_source_is_not_logged_until_it_takes_its_volume_back() {
+        use crate::cluster::wire::{ShipReturned, ShipState};
+        let mut f = fixture();
+        let logs = f.logs();
+        f.land(1);
+        assert!(logs.pass());
+        assert_eq!(logs.ship_state(), ShipState::Shipping);
+        logs.mark_exported().expect("export recorded");
+        assert!(matches!(logs.ship_state(), ShipState::Exported(_)));
+        // What the source still sends (a resend at a reconnect) is dropped, not logged.
+        f.land(2);
+        assert!(!logs.pass());
+        assert_eq!(f.area.status().records, 0);
+        assert_eq!(f.files().len(), 1);
+        let writer = logs.start().expect("thread");
+        let back = || ShipReturned {
+            log_id: LOG,
+            through: vec![5, 0],
+        };
+        let e = logs
+            .returned(back(), Duration::from_secs(5))
+            .expect_err("a return nobody allowed");
+        assert!(e.contains("no return was allowed"), "{e}");
+        let at = logs.allow_return().expect("allowed");
+        assert_eq!(logs.ship_state(), ShipState::Returning(at));
+        assert_eq!(
+            logs.allow_return(),
+            Ok(at),
+            "allowing it again changes nothing"
+        );
+        let e = logs
+            .returned(
+                ShipReturned {
+                    log_id: LOG,
+                    through: vec![5],
+                },
+                Duration::from_secs(5),
+            )
+            .expect_err("one partition named of two");
+        assert!(e.contains("names 1 partition(s)"), "{e}");
+        logs.returned(back(), Duration::from_secs(5))
+            .expect("the return recorded");
+        assert_eq!(logs.ship_state(), ShipState::Shipping);
+        let state = ImageState::load(&f.dir.path().join("src1")).expect("saved");
+        assert_eq!(state.partitions[&0].applied_through, 5);
+        assert_eq!(state.partitions[&0].log_id, Some(LOG));
+        assert_eq!((state.exported_unix, state.returning_unix), (None, None));
+        // The old files are gone; the source's next record is logged with no gap.
+        f.land(6);
+        ask(&logs, 6, 6, vec![]).expect("logged through 6");
+        let files = f.files();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!((files[0].first_seq, files[0].next_seq), (6, 7));
+        assert_eq!(logs.status().0[0].gaps, 0);
+        logs.stop();
+        writer.join().expect("writer");
     }
 
     #[test]
