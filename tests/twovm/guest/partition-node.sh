@@ -32,14 +32,8 @@ mkdir -p "$work"
 cd "$work"
 exec > >(tee -a "$NVM_OUT/node-$role.log") 2>&1
 
-say() { printf '[%s %s] %s\n' "$(date +%T.%2N)" "$role" "$*"; }
-mark() { printf '%s\n' "${2:-$(date +%s.%N)}" >"$SYNC/$1.tmp" && mv -f "$SYNC/$1.tmp" "$SYNC/$1"; }
-fail() {
-	say "FAIL: $*"
-	mark abort "$role: $*" 2>/dev/null || true
-	exit 1
-}
-skip() { say "SKIPPED: $*"; exit 77; }
+# shellcheck source=tests/twovm/guest/lib/guest-node.sh
+source "$(dirname "$0")/lib/guest-node.sh"
 
 cleanup() {
 	local rc=$? pid
@@ -176,23 +170,9 @@ giveback() { "$NVMCTL" --config node.toml giveback --timeout 60 >/dev/null; }
 
 # ------------------------------------------------------------------ set-up ---
 setup() {
-	local me=$1 nic=eth0 i
-	[[ -e /sys/class/net/$nic ]] || fail "no $nic: the VM has no link NIC"
-	ip link set "$nic" up
-	ip addr add "$me/24" dev "$nic"
-	if [[ $transport == rdma ]]; then
-		modprobe rdma_rxe || skip "modprobe rdma_rxe failed"
-		rdma link add nvmrxe0 type rxe netdev "$nic" || fail "rdma link add (rxe over $nic)"
-	fi
-	modprobe ublk_drv || fail "modprobe ublk_drv"
-	modprobe -a dax_pmem device_dax || fail "modprobe dax_pmem device_dax"
-	command -v ndctl >/dev/null || skip "ndctl is not installed"
-	ndctl create-namespace --force --reconfig=namespace0.0 --mode=devdax >ndctl.json 2>&1 ||
-		fail "ndctl create-namespace --mode=devdax: $(cat ndctl.json)"
-	for ((i = 0; i < 50; i++)); do [[ -c $nvram ]] && break; sleep 0.1; done
-	[[ -c $nvram ]] || fail "no $nvram (device-DAX on the emulated NVDIMM)"
+	guest_link_and_devdax "$1"
 	[[ -b /dev/vda ]] || fail "no /dev/vda (shared disk)"
-	say "net: $me on $nic, mirror link over $transport; NVRAM $nvram, medium /dev/vda"
+	say "net: $1 on eth0, mirror link over $transport; NVRAM $nvram, medium /dev/vda"
 }
 
 setup "$([[ $role == a ]] && echo $ip_a || echo $ip_b)"

@@ -36,23 +36,8 @@ mkdir -p "$work"
 cd "$work"
 exec > >(tee -a "$NVM_OUT/node-$role.log") 2>&1
 
-say() { printf '[%s %s] %s\n' "$(date +%T.%2N)" "$role" "$*"; }
-mark() { printf '%s\n' "${2:-$(date +%s.%N)}" >"$SYNC/$1.tmp" && mv -f "$SYNC/$1.tmp" "$SYNC/$1"; }
-fail() {
-	say "FAIL: $*"
-	mark abort "$role: $*" 2>/dev/null || true
-	exit 1
-}
-skip() { say "SKIPPED: $*"; exit 77; }
-await() { # NAME SECONDS
-	local i
-	for ((i = 0; i < $2 * 5; i++)); do
-		[[ -e $SYNC/$1 ]] && return 0
-		[[ -e $SYNC/abort ]] && fail "gave up waiting for $1: $(cat "$SYNC/abort")"
-		sleep 0.2
-	done
-	fail "timed out after $2 s waiting for $1"
-}
+# shellcheck source=tests/twovm/guest/lib/guest-node.sh
+source "$(dirname "$0")/lib/guest-node.sh"
 
 pids=()
 cleanup() {
@@ -87,24 +72,10 @@ until_field() { # SECONDS CONFIG EXPR WANT WHAT
 }
 
 setup() { # MY_IP
-	local nic=eth0 i
-	[[ -e /sys/class/net/$nic ]] || fail "no $nic: the VM has no link NIC"
-	ip link set "$nic" up
-	ip addr add "$1/24" dev "$nic"
-	if [[ $transport == rdma ]]; then
-		modprobe rdma_rxe || skip "modprobe rdma_rxe failed"
-		rdma link add nvmrxe0 type rxe netdev "$nic" || fail "rdma link add (rxe over $nic)"
-	fi
-	modprobe ublk_drv || fail "modprobe ublk_drv"
-	modprobe -a dax_pmem device_dax || fail "modprobe dax_pmem device_dax"
-	command -v ndctl >/dev/null || skip "ndctl is not installed"
+	guest_link_and_devdax "$1"
 	command -v fio >/dev/null || skip "fio is not installed"
-	ndctl create-namespace --force --reconfig=namespace0.0 --mode=devdax >ndctl.json 2>&1 ||
-		fail "ndctl create-namespace --mode=devdax: $(cat ndctl.json)"
-	for ((i = 0; i < 50; i++)); do [[ -c $nvram ]] && break; sleep 0.1; done
-	[[ -c $nvram ]] || fail "no $nvram (device-DAX on the emulated NVDIMM)"
 	[[ -b /dev/vda ]] || fail "no /dev/vda"
-	say "net: $1 on $nic, shipping link over $transport; NVRAM $nvram; disk /dev/vda $(($(blockdev --getsize64 /dev/vda) >> 20)) MiB"
+	say "net: $1 on eth0, shipping link over $transport; NVRAM $nvram; disk /dev/vda $(($(blockdev --getsize64 /dev/vda) >> 20)) MiB"
 }
 
 shipping_common() {
