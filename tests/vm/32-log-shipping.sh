@@ -18,7 +18,7 @@
 # it have the same checksum, and the log files are gone; after src1's gap its images say
 # what they lack. Last, src2 dies mid-fio; `export` brings its image up to date from the
 # destination's log files, and fio verifies every acknowledged write on the image.
-# vm-timeout: 300
+# vm-timeout: 420
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 head -c 48 /dev/urandom | base64 >secret
@@ -377,15 +377,27 @@ fio "${last[@]}" --filename="$dev" --verify_only=1 --verify_state_load=1 --verif
 	{ cat fio-verify-src2-served.log; fail "an acknowledged write of src2 does not verify through its served image ($dev)"; }
 # (Past the end of fio's blocks: they verify through src2 later.)
 dd if=/dev/urandom of=served-blocks bs=4k count=16 status=none
+# Its flusher paused: these writes stay in its NVRAM until it drains.
+"$NVMCTL" --config logs/src2/serve.toml flush pause >/dev/null
 dd if=served-blocks of="$dev" bs=4k seek=15616 oflag=direct status=none || fail "writing to the served image failed"
 cmp -n $((16 * 4096)) served-blocks <(dd if="$dev" bs=4k skip=15616 count=16 iflag=direct status=none) ||
 	fail "the served image does not read back what was written to it"
 # One volume, one server: the images are not given back while their node runs.
 out=$("$NVMCTL" --config dest.toml return-image --source src2 2>&1) && fail "return-image while the images are served: $out"
 grep -q "is running" <<<"$out" || fail "return-image while the images are served does not say why it is refused: $out"
-kill "$serve_pid"
+out=$("$NVMCTL" --config dest.toml return-image --source src1 2>&1) && fail "return-image of a connected source: $out"
+grep -q "src1 is connected" <<<"$out" || fail "return-image of a connected source does not say why it is refused: $out"
+# Killed, the images' node leaves its writes in its NVRAM: no return until they are in the
+# images (it drains when started again and stopped cleanly).
+kill -9 "$serve_pid"
 nvm_wait_gone "$serve_pid"
-say "src2's images served by a single node as $dev: fio verify passes, new writes read back"
+"$NVMCTL" del "${dev#/dev/ublkb}" >/dev/null 2>&1 || true
+out=$("$NVMCTL" --config dest.toml return-image --source src2 2>&1) && fail "return-image after the images' node was killed undrained: $out"
+grep -q "stopped without draining" <<<"$out" || fail "return-image after an undrained images' node does not say why it is refused: $out"
+nvm_start logs/src2/serve.toml daemon-src2-image.log
+kill "$NVM_LAST_PID"
+nvm_wait_gone "$NVM_LAST_PID"
+say "src2's images served by a single node as $dev: fio verify passes, new writes read back; return-image refused while it runs, for a connected source, and after its node was killed undrained"
 # src2 comes back: the destination says its volume was exported, and it refuses to serve.
 rc=0
 timeout 60 "$NVMD" --config src2.toml --state-dir "$PWD/state" >>daemon-src2.log 2>&1 || rc=$?
@@ -397,6 +409,7 @@ say "src2, exported, refuses to serve (exit $rc): \"$(grep -o 'the destination e
 # differs from the image, and ships again: what the image's node wrote reads back through
 # src2, fio verifies, and new writes go through the log files to the image again.
 "$NVMCTL" --config dest.toml return-image --source src2 || fail "return-image of src2 failed"
+[[ -f logs/src2/serve.toml.returned && ! -e logs/src2/serve.toml ]] || fail "the images' node's config was not retired by return-image"
 [[ $(dest_field '[s["volume"] for s in d["sources"] if s["name"] == "src2"][0]') == returning ]] ||
 	fail "the destination's status does not say src2's volume is being returned"
 nvm_start src2.toml daemon-src2.log

@@ -38,13 +38,23 @@ const RETURN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves a source's requests: whether a batch is in its log file (`OP_SHIP_LOGGED`), what
 /// our copy of its volume is (`OP_SHIP_STATE`), and, once its exported images were given
 /// back (`nvmirrorctl return-image`), their digests and blocks (`OP_VERIFY_DIGESTS`,
-/// `OP_READ_MEDIUM`) and the end of the return (`OP_SHIP_RETURNED`).
-fn source_requests(logs: Arc<SourceLogs>) -> Arc<dyn rdma_link::RequestHandler> {
+/// `OP_READ_MEDIUM`) and the end of the return (`OP_SHIP_RETURNED`). `link` is filled in
+/// once the link runs: a return is answered only on the connection whose `OP_SHIP_STATE`
+/// heard "returning" (a source that starts by asking), never to one that serves already.
+fn source_requests(
+    logs: Arc<SourceLogs>,
+    link: Arc<std::sync::OnceLock<Link>>,
+) -> Arc<dyn rdma_link::RequestHandler> {
+    let taking_back = Arc::new(std::sync::Mutex::new(None));
     Arc::new(move |payload: rdma_link::Bytes| {
-        let logs = logs.clone();
+        let source = Source {
+            logs: logs.clone(),
+            link: link.clone(),
+            taking_back: taking_back.clone(),
+        };
         async move {
             let answer = match wire::decode(&payload) {
-                Some(r) => answer_source(&logs, r).await,
+                Some(r) => source.answer(r).await,
                 None => Err(format!(
                     "a malformed request (op {:?}, {} bytes)",
                     payload.first(),
@@ -54,7 +64,10 @@ fn source_requests(logs: Arc<SourceLogs>) -> Arc<dyn rdma_link::RequestHandler> 
             rdma_link::Bytes::from(match answer {
                 Ok(data) => wire::ok(&data),
                 Err(e) => {
-                    tracing::warn!(source = logs.source(), "a source's request refused: {e}");
+                    tracing::warn!(
+                        source = source.logs.source(),
+                        "a source's request refused: {e}"
+                    );
                     wire::err(&e)
                 }
             })
@@ -62,57 +75,122 @@ fn source_requests(logs: Arc<SourceLogs>) -> Arc<dyn rdma_link::RequestHandler> 
     })
 }
 
-async fn answer_source(logs: &Arc<SourceLogs>, r: wire::Request) -> Result<Vec<u8>, String> {
-    let state = logs.ship_state();
-    let returning = matches!(state, wire::ShipState::Returning(_));
-    match r.op {
-        wire::OP_SHIP_STATE => Ok(state.encode()),
-        wire::OP_SHIP_LOGGED => {
-            let asked = wire::ShipLogged::of(&r).ok_or("a malformed log question")?;
-            match state {
-                wire::ShipState::Shipping => logs
-                    .wait_logged(&asked, LOGGED_PATIENCE)
+/// What one source's requests are answered from.
+struct Source {
+    logs: Arc<SourceLogs>,
+    link: Arc<std::sync::OnceLock<Link>>,
+    /// The link's connection generation on which the source asked and heard "returning".
+    taking_back: Arc<std::sync::Mutex<Option<u64>>>,
+}
+
+impl Source {
+    fn generation(&self) -> Option<u64> {
+        match self.link.get()?.state() {
+            LinkState::Up(info) => Some(info.generation),
+            _ => None,
+        }
+    }
+
+    /// This connection asked for the state and heard "returning" (so it serves nothing).
+    fn is_taking_back(&self) -> bool {
+        let asked = *self.taking_back.lock().unwrap_or_else(|p| p.into_inner());
+        asked.is_some() && asked == self.generation()
+    }
+
+    async fn answer(&self, r: wire::Request) -> Result<Vec<u8>, String> {
+        let logs = &self.logs;
+        let mut state = logs.ship_state();
+        if let wire::ShipState::Returning(at) = state {
+            // The images' node started again after return-image: the volume is served
+            // from the images, so it is not the source's to take.
+            if let Err(e) = images_node_idle(logs.dir()) {
+                tracing::warn!(source = logs.source(), "{e}");
+                state = wire::ShipState::Exported(at);
+            }
+        }
+        match (r.op, state) {
+            (wire::OP_SHIP_STATE, _) => {
+                if matches!(state, wire::ShipState::Returning(_)) {
+                    *self.taking_back.lock().unwrap_or_else(|p| p.into_inner()) =
+                        self.generation();
+                }
+                Ok(state.encode())
+            }
+            (wire::OP_SHIP_LOGGED, wire::ShipState::Shipping) => {
+                let asked = wire::ShipLogged::of(&r).ok_or("a malformed log question")?;
+                logs.wait_logged(&asked, LOGGED_PATIENCE)
                     .await
-                    .map(|()| Vec::new()),
-                // The source drains before it takes its volume back: the images, not these
-                // records, are its volume.
-                wire::ShipState::Returning(_) => Ok(Vec::new()),
-                wire::ShipState::Exported(at) => Err(format!(
-                    "your volume was exported at Unix time {at} and is served from the destination's images: nothing of yours is logged any more"
-                )),
+                    .map(|()| Vec::new())
             }
-        }
-        wire::OP_VERIFY_DIGESTS | wire::OP_READ_MEDIUM if returning => {
-            if r.len == 0 || r.len as usize > crate::engine::VERIFY_CHUNK {
-                return Err(format!(
-                    "an image span of {} bytes (1 to {} per request)",
-                    r.len,
-                    crate::engine::VERIFY_CHUNK
-                ));
+            // The source drains before it takes its volume back: the images, not these
+            // records, are its volume.
+            (wire::OP_SHIP_LOGGED, wire::ShipState::Returning(_)) if self.is_taking_back() => {
+                Ok(Vec::new())
             }
-            let (dir, op) = (logs.dir().to_owned(), r.op);
-            let read = tokio::task::spawn_blocking(move || {
-                crate::shipping::image::read_image(&dir, r.lun, r.offset, r.len as usize)
-            })
-            .await
-            .map_err(|e| format!("reading the image: {e}"))?
-            .map_err(|e| format!("reading the image of LUN {}: {e}", r.lun))?;
-            Ok(if op == wire::OP_READ_MEDIUM {
-                read
-            } else {
-                crate::engine::digests(&read)
-            })
-        }
-        wire::OP_SHIP_RETURNED if returning => {
-            let returned = wire::ShipReturned::of(&r).ok_or("a malformed return")?;
-            let logs = logs.clone();
-            tokio::task::spawn_blocking(move || logs.returned(returned, RETURN_TIMEOUT))
+            (wire::OP_SHIP_LOGGED, _) => Err(
+                "your volume was exported and is served from the destination's images (or is being given back to a start of yours that asks first): nothing of yours is logged; stop serving and start again".into(),
+            ),
+            (wire::OP_VERIFY_DIGESTS | wire::OP_READ_MEDIUM, wire::ShipState::Returning(_))
+                if self.is_taking_back() =>
+            {
+                let (dir, op) = (logs.dir().to_owned(), r.op);
+                let read = tokio::task::spawn_blocking(move || {
+                    crate::shipping::image::read_image(&dir, r.lun, r.offset, r.len as usize)
+                })
                 .await
-                .map_err(|e| format!("recording the return: {e}"))?
-                .map(|()| Vec::new())
+                .map_err(|e| format!("reading the image: {e}"))??;
+                // (read_image bounds the span: at most READ_IMAGE_MAX, one request.)
+                Ok(if op == wire::OP_READ_MEDIUM {
+                    read
+                } else {
+                    crate::engine::digests(&read)
+                })
+            }
+            (wire::OP_SHIP_RETURNED, wire::ShipState::Returning(_)) if self.is_taking_back() => {
+                let returned = wire::ShipReturned::of(&r).ok_or("a malformed return")?;
+                let logs = logs.clone();
+                tokio::task::spawn_blocking(move || logs.returned(returned, RETURN_TIMEOUT))
+                    .await
+                    .map_err(|e| format!("recording the return: {e}"))?
+                    .map(|()| Vec::new())
+            }
+            (op, state) => Err(format!(
+                "op {op} is not a log-shipping request, or not one this connection may make now (volume {state:?})"
+            )),
         }
-        op => Err(format!(
-            "op {op} is not a log-shipping request, or not in this state of your volume ({state:?})"
+    }
+}
+
+/// Ok if the node `export` set up to serve the images is not running and left nothing in
+/// its NVRAM that the images lack (it was stopped cleanly: drained); Err says which.
+fn images_node_idle(dir: &std::path::Path) -> Result<(), String> {
+    use crate::shipping::export::{SERVE_CONFIG, SERVE_NVRAM_FILE, SERVE_SOCKET};
+    let socket = dir.join(SERVE_SOCKET);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        return Err(format!(
+            "the node serving the images is running (its control socket {} answers): stop it first, so that only one node serves the volume",
+            socket.display()
+        ));
+    }
+    let nvram = dir.join(SERVE_NVRAM_FILE);
+    if !nvram.exists() {
+        return Ok(());
+    }
+    let report = crate::inspect::inspect(&nvram)
+        .map_err(|e| format!("reading the images' node's NVRAM {}: {e}", nvram.display()))?;
+    let held: usize = report.partitions.iter().map(|p| p.records).sum();
+    match report.state.as_str() {
+        "blank" => Ok(()),
+        "valid" if held == 0 => Ok(()),
+        "valid" => Err(format!(
+            "the node serving the images stopped without draining: its NVRAM {} holds {held} write(s) the images lack. Start it again (nvmirrord --config {}, or the .returned copy) and stop it with SIGTERM, which drains it",
+            nvram.display(),
+            dir.join(SERVE_CONFIG).display()
+        )),
+        other => Err(format!(
+            "the images' node's NVRAM {} is {other} ({}): check it with nvmirrorctl nvram inspect before giving the volume back",
+            nvram.display(),
+            report.detail.unwrap_or_default()
         )),
     }
 }
@@ -167,9 +245,15 @@ pub fn run(
                 .with_context(|| format!("starting the log writer of source {}", src.name))?,
         );
         let store: Arc<dyn rdma_link::SecondStore> = area.held.clone();
-        let link =
-            Link::start_with_handler(lc, None, Some(store), source_requests(logs.clone()))
-                .map_err(|e| anyhow::anyhow!("starting the link for source {}: {e}", src.name))?;
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let link = Link::start_with_handler(
+            lc,
+            None,
+            Some(store),
+            source_requests(logs.clone(), cell.clone()),
+        )
+        .map_err(|e| anyhow::anyhow!("starting the link for source {}: {e}", src.name))?;
+        let _ = cell.set(link.clone());
         match logs.ship_state() {
             // Its images were handed over: whoever serves them now owns the volume. The link
             // stays open so that the source, if it comes back, hears so and does not serve
@@ -301,27 +385,41 @@ fn export(served: &[Served], name: &str, size: Option<u64>, force: bool) -> Resp
 }
 
 /// `nvmirrorctl return-image --source NAME`: the exported images go back to the source
-/// when it next connects. Refused while the node that `export` set up to serve them runs
-/// (its control socket answers): two servers of one volume must never be.
+/// when it next starts. Refused while the source is connected (it must start again and ask),
+/// while the node `export` set up to serve the images runs, and when that node left writes
+/// in its NVRAM (two servers of one volume must never be, and its writes must be in the
+/// images first). Its config is then renamed, so it is not started again by mistake.
 fn return_image(served: &[Served], name: &str) -> Response {
     let s = match find(served, name) {
         Ok(s) => s,
         Err(e) => return e,
     };
-    let socket = s.logs.dir().join(crate::shipping::export::SERVE_SOCKET);
-    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+    if s.link.state().is_up() {
         return Response::Error {
             message: format!(
-                "the node serving the images of {name} is running (its control socket {} answers): stop it first, so that only one node serves the volume",
-                socket.display()
+                "source {name} is connected: stop it first (it takes its volume back when it starts again)"
             ),
         };
+    }
+    let dir = s.logs.dir();
+    if let Err(message) = images_node_idle(dir) {
+        return Response::Error { message };
+    }
+    let config = dir.join(crate::shipping::export::SERVE_CONFIG);
+    if config.exists() {
+        let retired = config.with_extension("toml.returned");
+        if let Err(e) = std::fs::rename(&config, &retired) {
+            return Response::Error {
+                message: format!("retiring {}: {e}", config.display()),
+            };
+        }
     }
     match s.logs.allow_return() {
         Ok(at) => {
             tracing::warn!(
                 source = name,
-                "return-image: the images go back to the source when it next connects (allowed at Unix time {at})"
+                "return-image: the images go back to the source when it next starts (allowed at Unix time {at}); {} is retired",
+                config.display()
             );
             Response::Ok
         }

@@ -80,6 +80,9 @@ const SERVE_NVRAM: &str = "64MiB";
 /// The control socket of the node `serve.toml` describes (in the source's directory):
 /// `return-image` refuses while it answers.
 pub const SERVE_SOCKET: &str = "serve.sock";
+/// The config `export` writes for the node serving the images, and that node's NVRAM.
+pub const SERVE_CONFIG: &str = "serve.toml";
+pub const SERVE_NVRAM_FILE: &str = "serve-nvram.img";
 
 /// Exports the images of the source whose log files `logs` writes (see the module doc).
 /// `size`: each image's length at least (the source's LUN size); without it, an image ends
@@ -191,7 +194,7 @@ fn write_serve_config(
     images: &[ExportedImage],
 ) -> Result<String, ExportError> {
     let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
-    let path = dir.join("serve.toml");
+    let path = dir.join(SERVE_CONFIG);
     let mut text = format!(
         "# Written by `nvmirrorctl export --source {source}`: the source's LUNs, served by a\n\
          # single node from the images the destination kept of them. Start it with\n\
@@ -201,7 +204,7 @@ fn write_serve_config(
         path.display(),
         quote(&format!("{source}-image")),
         quote(&dir.join(SERVE_SOCKET).display().to_string()),
-        quote(&dir.join("serve-nvram.img").display().to_string()),
+        quote(&dir.join(SERVE_NVRAM_FILE).display().to_string()),
     );
     for image in images {
         text.push_str(&format!(

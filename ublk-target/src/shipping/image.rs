@@ -205,18 +205,42 @@ pub fn image_path(dir: &Path, lun: u32) -> PathBuf {
     dir.join(format!("lun{lun}.img"))
 }
 
-/// `len` bytes of the image of LUN `lun` at `offset` (zeros beyond its end, or without one:
-/// an image is as long as its last write).
-pub fn read_image(dir: &Path, lun: u32, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+/// The most one [`read_image`] reads (a request's worth).
+pub const READ_IMAGE_MAX: usize = 1 << 20;
+
+/// `len` bytes (1 to [`READ_IMAGE_MAX`]) of the image of LUN `lun` at `offset`, for a source
+/// taking its volume back (zeros beyond the image's end: an image is as long as its last
+/// write, or `export --size`). Err for a LUN without an image (it was never exported: taken
+/// as zeros it would wipe the source's medium) and for a span that does not fit.
+pub fn read_image(dir: &Path, lun: u32, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    let path = image_path(dir, lun);
+    if len == 0
+        || len > READ_IMAGE_MAX
+        || offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > i64::MAX as u64)
+    {
+        return Err(format!("an image span of {len} bytes at {offset} (1 to {READ_IMAGE_MAX} bytes, inside the image)"));
+    }
+    let file = File::open(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "there is no image of LUN {lun} ({}): the export made none",
+            path.display()
+        ),
+        _ => format!("opening {}: {e}", path.display()),
+    })?;
     let mut buf = vec![0u8; len];
-    let file = match File::open(image_path(dir, lun)) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(buf),
-        Err(e) => return Err(e),
-    };
     let mut done = 0;
     while done < len {
-        let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+        let n = file
+            .read_at(&mut buf[done..], offset + done as u64)
+            .map_err(|e| {
+                format!(
+                    "reading {} at {}: {e}",
+                    path.display(),
+                    offset + done as u64
+                )
+            })?;
         if n == 0 {
             break;
         }
@@ -492,6 +516,21 @@ mod tests {
 
     const LOG: u64 = 0xabc;
     const IMAGE: usize = 64 << 10;
+
+    #[test]
+    fn an_image_reads_as_written_then_zeros_and_a_missing_one_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = super::read_image(dir.path(), 0, 0, 4096).expect_err("no image");
+        assert!(e.contains("no image of LUN 0"), "{e}");
+        std::fs::write(image_path(dir.path(), 0), [7u8; 6000]).expect("image");
+        let got = super::read_image(dir.path(), 0, 4096, 4096).expect("read");
+        assert_eq!(&got[..1904], &[7u8; 1904][..]);
+        assert!(got[1904..].iter().all(|&b| b == 0), "zeros past the end");
+        for (offset, len) in [(0, 0), (0, READ_IMAGE_MAX + 1), (u64::MAX - 10, 4096)] {
+            let e = super::read_image(dir.path(), 0, offset, len).expect_err("a bad span");
+            assert!(e.contains("image span"), "{e}");
+        }
+    }
 
     fn write(
         seq: u64,

@@ -194,10 +194,21 @@ impl SourceLogs {
                     // Else it ends before what left the NVRAM (a consistency point applied it
                     // and stopped before removing it, or a gap followed it): the next record
                     // starts a new file, and the next point skips what was applied.
-                } else if images.partitions.get(&p).and_then(|i| i.log_id) == Some(log_id) {
+                } else if let Some(applied) = images
+                    .partitions
+                    .get(&p)
+                    .filter(|i| i.log_id == Some(log_id))
+                    .map(|i| i.applied_through)
+                {
                     // Every file of this log went to the images at a consistency point: a
-                    // skip after what they hold is a gap all the same.
+                    // skip after what they hold is a gap all the same. What the area still
+                    // holds at or below it is in the images (a return, whose watermark may
+                    // not have been persisted): it leaves, and the next file starts after.
                     part.seen_log = Some(log_id);
+                    if applied > released {
+                        area.release_logged(log_id, p, applied);
+                        part.resume_at = applied.checked_add(1).map(|next| (log_id, next));
+                    }
                 }
             }
             parts.push(part);
@@ -448,7 +459,8 @@ impl SourceLogs {
     /// One look at every partition; true if something was appended.
     fn pass(&self) -> bool {
         let partitions = lock(&self.parts).len() as u32;
-        if let Some(req) = lock(&self.return_request).take() {
+        let asked = lock(&self.return_request).take();
+        if let Some(req) = asked {
             let result = self.record_return(&req.returned).map_err(|e| e.to_string());
             if let Err(e) = &result {
                 tracing::error!(source = self.source, "recording the return failed: {e}");
@@ -522,34 +534,38 @@ impl SourceLogs {
                 returned.through.len()
             )));
         }
-        let _applying = lock(&self.applying);
-        {
-            let mut images = lock(&self.images);
-            if images.returning_unix.is_none() {
-                return Err(bad("the source says it took its volume back, but no return was allowed (nvmirrorctl return-image)".into()));
-            }
-            for seg in image::list_segments(&self.dir, None)? {
-                std::fs::remove_file(&seg.path).map_err(|source| ImageError::Io {
-                    path: seg.path.clone(),
-                    source,
-                })?;
-            }
-            let mut next = images.clone();
-            next.exported_unix = None;
-            next.returning_unix = None;
-            for (p, &through) in returned.through.iter().enumerate() {
-                let state = next.partitions.entry(p as u32).or_default();
-                state.log_id = Some(returned.log_id);
-                state.applied_through = through;
-                state.missing.clear();
-            }
-            next.save(&self.dir)?;
-            *images = next;
+        if returned.through.contains(&u64::MAX) {
+            return Err(bad("the source names seq 2^64-1: no log gets there".into()));
         }
+        let _applying = lock(&self.applying);
+        let mut next = self.image_state();
+        if next.returning_unix.is_none() {
+            return Err(bad("the source says it took its volume back, but no return was allowed (nvmirrorctl return-image)".into()));
+        }
+        for seg in image::list_segments(&self.dir, None)? {
+            std::fs::remove_file(&seg.path).map_err(|source| ImageError::Io {
+                path: seg.path.clone(),
+                source,
+            })?;
+        }
+        // What the source sent while exported is not its volume; the area's watermark moves
+        // to where its log stands (persisted) before the state says the images follow it,
+        // so a restart in between neither logs those records nor waits for older seqs.
         self.area.clear();
-        let mut parts = lock(&self.parts);
-        for (p, (part, &through)) in parts.iter_mut().zip(&returned.through).enumerate() {
+        for (p, &through) in returned.through.iter().enumerate() {
             self.area.release_logged(returned.log_id, p as u32, through);
+        }
+        next.exported_unix = None;
+        next.returning_unix = None;
+        for (p, &through) in returned.through.iter().enumerate() {
+            let state = next.partitions.entry(p as u32).or_default();
+            state.log_id = Some(returned.log_id);
+            state.applied_through = through;
+            state.missing.clear();
+        }
+        next.save(&self.dir)?;
+        *lock(&self.images) = next;
+        for (part, &through) in lock(&self.parts).iter_mut().zip(&returned.through) {
             *part = PartitionLog {
                 resume_at: Some((returned.log_id, through + 1)),
                 seen_log: Some(returned.log_id),
