@@ -71,8 +71,8 @@ until_field() { # SECONDS CONFIG EXPR WANT WHAT
 	fail "$5: not reached within $1 s (status in status-$role-timeout.json)"
 }
 
-setup() { # MY_IP
-	guest_link_and_devdax "$1"
+setup() { # MY_IP [keep: a reboot finds its device-DAX NVRAM as it was]
+	guest_link_and_devdax "$@"
 	command -v fio >/dev/null || skip "fio is not installed"
 	[[ -b /dev/vda ]] || fail "no /dev/vda"
 	say "net: $1 on eth0, shipping link over $transport; NVRAM $nvram; disk /dev/vda $(($(blockdev --getsize64 /dev/vda) >> 20)) MiB"
@@ -99,9 +99,7 @@ job_powercut() { # DEV [extra option lines...]
 }
 
 # ----------------------------------------------------------------- source ---
-run_a() {
-	setup $ip_a
-	await b-up 240
+start_source() {
 	cat >src1.toml <<-CFG
 	[node]
 	name = "src1"
@@ -126,12 +124,18 @@ run_a() {
 	name = "dest"
 	address = "$ip_b:$ship_port"
 	CFG
-	"$NVMD" --config src1.toml --state-dir "$work/state" >>"$NVM_OUT/daemon-a.log" 2>&1 &
+	"$NVMD" --config src1.toml --state-dir "$work/state" >>"$NVM_OUT/daemon-$role.log" 2>&1 &
 	pids+=($!)
-	"$NVMCTL" --config src1.toml wait --timeout 120 >/dev/null ||
-		{ tail -20 "$NVM_OUT/daemon-a.log"; fail "nvmirrord (source) did not come up"; }
+	"$NVMCTL" --config src1.toml wait --timeout 180 >/dev/null ||
+		{ tail -20 "$NVM_OUT/daemon-$role.log"; fail "nvmirrord (source) did not come up"; }
 	until_field 120 src1.toml 's["engine"]["mirror"]["state"]' mirroring "the source's link to the destination"
 	say "source up, shipping to $ip_b:$ship_port over $(field src1.toml 's["engine"]["mirror"]["transport"]')"
+}
+
+run_a() {
+	setup $ip_a
+	await b-up 240
+	start_source
 	mark a-up
 	# A writer still writing when the power goes (the verified job stops at fio's
 	# trigger): [0, 16M), outside the verified job's blocks.
@@ -242,13 +246,57 @@ print(j["read"]["io_bytes"])' fio-verify-image.json) || fail "fio verify: bad JS
 	dd if=new-blocks of="$dev" bs=64k seek=200 oflag=direct status=none || fail "writing to the served image"
 	cmp <(dd if="$dev" bs=64k skip=200 count=16 iflag=direct status=none) new-blocks ||
 		fail "new writes to the served image do not read back"
+	say "the exported image verifies through $dev and takes new writes"
+	# Give the volume back: the images' node stops (drained), return-image, and the
+	# rebooted source takes it (its verify state and the new blocks go along).
+	cp -f local-powercut-0-verify.state new-blocks "$NVM_OUT/state/"
+	kill -TERM "${pids[-1]}"
+	for ((i = 0; i < 150; i++)); do kill -0 "${pids[-1]}" 2>/dev/null || break; sleep 0.2; done
+	kill -0 "${pids[-1]}" 2>/dev/null && fail "the images' node did not stop within 30 s"
+	"$NVMCTL" --config dest.toml return-image --source src1 || fail "return-image of src1 failed"
+	[[ $(field dest.toml 's["sources"][0]["volume"]') == returning ]] || fail "the destination does not say src1's volume is being returned"
+	mark b-returned
+	await a2-done 300
+	[[ $(field dest.toml 's["sources"][0]["volume"]') == shipping ]] ||
+		fail "src1 took its volume back but the destination's status says $(field dest.toml 's["sources"][0]["volume"]')"
+	until_field 60 dest.toml 's["sources"][0]["link"]' up "src1's link after its return"
 	mark b-done
-	say "PASS (destination): src1 lost power mid-write; exported, its image verifies through $dev and takes new writes"
+	say "PASS (destination): src1 lost power mid-write; exported, its image verified through $dev and took new writes; given back, src1 took it and ships again"
+}
+
+# -------------------------------------------------------- source, rebooted ---
+run_a2() {
+	setup $ip_a keep
+	await b-returned 60
+	# Its start replays its NVRAM, asks the destination about its volume, hears that it is
+	# being given back, drains, copies what differs from the image, then serves.
+	start_source
+	local taken
+	taken=$(grep -o "taken back from the destination's image: [0-9]* of [0-9]* byte(s) differed" "$NVM_OUT/daemon-a2.log" | tail -1)
+	[[ -n $taken ]] || { tail -20 "$NVM_OUT/daemon-a2.log"; fail "the rebooted source did not take its volume back"; }
+	say "$taken"
+	cp "$NVM_OUT/state/local-powercut-0-verify.state" .
+	job_powercut /dev/ublkb0 verify_only=1 verify_state_load=1 verify_state_save=0 iodepth=1 >verify-powercut.fio
+	fio --output-format=json --output=fio-verify-a2.json verify-powercut.fio ||
+		{ tail -c 3000 fio-verify-a2.json; cp -f fio-verify-a2.json "$NVM_OUT/"; fail "fio verify through the source after its return: an acknowledged write is wrong or missing"; }
+	cp -f fio-verify-a2.json "$NVM_OUT/"
+	cmp <(dd if=/dev/ublkb0 bs=64k skip=200 count=16 iflag=direct status=none) "$NVM_OUT/state/new-blocks" ||
+		fail "the source lacks what was written to its exported image"
+	# Shipping again: new writes reach the destination's log file and leave the log.
+	dd if=/dev/urandom of=/dev/ublkb0 bs=64k count=16 seek=300 oflag=direct status=none || fail "writing after the return"
+	"$NVMCTL" --config src1.toml drain --timeout 120 >/dev/null ||
+		{ tail -10 "$NVM_OUT/daemon-a2.log"; fail "the source did not drain after its return: the destination does not confirm its batches"; }
+	[[ $(field src1.toml 'sum(p["unconfirmed_records"] for p in s["engine"]["shipping"]["partitions"])') == 0 ]] ||
+		fail "records the destination has not confirmed after the drain"
+	mark a2-done
+	await b-done 120
+	say "PASS (source, rebooted): took its volume back from the image ($taken), every acknowledged write and the image's new writes verify, and it ships again"
 }
 
 [[ -f $NVM_OUT/secret ]] || fail "no secret in $NVM_OUT"
 case $role in
 a) run_a ;;
+a2) run_a2 ;;
 b) run_b ;;
 *) fail "unknown role $role" ;;
 esac

@@ -89,7 +89,9 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     if let (Some(l), Some(s), None) = (&link, &cfg.shipping, &cfg.cluster) {
         // Before any device: the destination may have exported our volume (then another
         // node serves it), or be giving it back.
-        let wait = Duration::from_millis(s.heartbeat_timeout_ms).max(Duration::from_secs(5));
+        // (Two heartbeat timeouts, as long as a batch waits out a blip, and at least 5 s:
+        // a connection over RDMA takes seconds to set up on a loaded host.)
+        let wait = (Duration::from_millis(s.heartbeat_timeout_ms) * 2).max(Duration::from_secs(5));
         super::ship_return::before_serving(&engine, l, wait)?;
     }
     if let (Some(l), Some(c)) = (&link, &cfg.cluster) {

@@ -1,11 +1,11 @@
 //! A log-shipping destination's life (claim set C, docs/log-shipping.md): open its NVRAM
 //! and one area per source in it, listen for each source on that source's port, hold
 //! every record a source posts until its log file has it (`shipping::log_writer`, a
-//! thread per source), answer the source's "is this batch logged?" and `nvmirrorctl
-//! status`, and stop on SIGTERM/SIGINT.
-//!
-//! Built so far (steps 1 and 2). Images, consistency points and `export` (steps 3-4, the
-//! storage side of which is `crate::shipping::image`) are not wired in yet.
+//! thread per source), answer the source's requests (is this batch logged? what is our
+//! copy of your volume? and, while giving an exported volume back, the image's digests and
+//! blocks) and `nvmirrorctl` (status, checkpoint, export, return-image), and stop on
+//! SIGTERM/SIGINT. The images and their consistency points are `crate::shipping::image`,
+//! run by the log writer; export is `crate::shipping::export`.
 
 use super::link::{shipping_link_config, shutdown_link};
 use super::signals::wait_for_stop_signal;

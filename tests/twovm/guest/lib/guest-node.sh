@@ -3,9 +3,10 @@
 # (sourced by tests/twovm/guest/ship-power-cut-node.sh and partition-node.sh after they set
 # role, SYNC and, for guest_link_and_devdax, transport and nvram); not a test itself.
 #   say MSG / mark NAME [CONTENT] / fail MSG / skip MSG / await NAME SECONDS
-#   guest_link_and_devdax MY_IP   eth0 up with MY_IP/24 (Soft-RoCE on it with
+#   guest_link_and_devdax MY_IP [keep]   eth0 up with MY_IP/24 (Soft-RoCE on it with
 #                                 transport=rdma), ublk_drv, and the emulated NVDIMM's
-#                                 namespace as device-DAX at $nvram
+#                                 namespace as device-DAX at $nvram (made on a first boot,
+#                                 found again with "keep" on a reboot)
 
 say() { printf '[%s %s] %s\n' "$(date +%T.%2N)" "$role" "$*"; }
 # mark NAME [CONTENT]: the sync file NAME, created atomically (tmp + rename).
@@ -27,8 +28,8 @@ await() {
 	fail "timed out after $2 s waiting for $1"
 }
 
-guest_link_and_devdax() {
-	local me=$1 nic=eth0 i
+guest_link_and_devdax() { # MY_IP [keep]
+	local me=$1 keep=${2:-} nic=eth0 i
 	[[ -e /sys/class/net/$nic ]] || fail "no $nic: the VM has no link NIC"
 	ip link set "$nic" up
 	ip addr add "$me/24" dev "$nic"
@@ -39,8 +40,12 @@ guest_link_and_devdax() {
 	modprobe ublk_drv || fail "modprobe ublk_drv"
 	modprobe -a dax_pmem device_dax || fail "modprobe dax_pmem device_dax"
 	command -v ndctl >/dev/null || skip "ndctl is not installed"
-	ndctl create-namespace --force --reconfig=namespace0.0 --mode=devdax >ndctl.json 2>&1 ||
-		fail "ndctl create-namespace --mode=devdax: $(cat ndctl.json)"
+	# A first boot turns the raw namespace into device-DAX (the NVRAM is new then); a
+	# reboot ("keep") finds it again with its contents.
+	if [[ $keep != keep ]]; then
+		ndctl create-namespace --force --reconfig=namespace0.0 --mode=devdax >ndctl.json 2>&1 ||
+			fail "ndctl create-namespace --mode=devdax: $(cat ndctl.json)"
+	fi
 	for ((i = 0; i < 50; i++)); do [[ -c $nvram ]] && break; sleep 0.1; done
 	[[ -c $nvram ]] || fail "no $nvram (device-DAX on the emulated NVDIMM)"
 }
