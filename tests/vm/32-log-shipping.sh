@@ -17,7 +17,10 @@
 # point (`nvmirrorctl checkpoint`) a drained source's medium and the destination's image of
 # it have the same checksum, and the log files are gone; after src1's gap its images say
 # what they lack. Last, src2 dies mid-fio; `export` brings its image up to date from the
-# destination's log files, and fio verifies every acknowledged write on the image.
+# destination's log files, and fio verifies every acknowledged write on the image. Served
+# by a single node, the image takes writes; src2, started while the destination is away,
+# serves until it reconnects and hears of the export, then stops; given back
+# (`return-image`), src2 takes its volume back with only the changed blocks copied.
 # vm-timeout: 420
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -398,6 +401,32 @@ nvm_start logs/src2/serve.toml daemon-src2-image.log
 kill "$NVM_LAST_PID"
 nvm_wait_gone "$NVM_LAST_PID"
 say "src2's images served by a single node as $dev: fio verify passes, new writes read back; return-image refused while it runs, for a connected source, and after its node was killed undrained"
+# src2 comes back while the destination is away: it cannot ask what became of its volume,
+# so it serves (saying it does not know) and acknowledges writes alone. The destination
+# back, src2 asks again on the new connection, hears that its volume was exported and
+# stops serving it: reads and writes get EIO, its status and log say why. (What it wrote
+# meanwhile is not in the images: the return below overwrites it with the images' blocks.)
+kill -9 "$dest_pid"
+nvm_wait_gone "$dest_pid"
+nvm_start src2.toml daemon-src2.log
+cut_off_pid=$NVM_LAST_PID
+grep -q "serving without knowing whether it exported our volume" daemon-src2.log ||
+	{ tail -5 daemon-src2.log; fail "src2 does not say it serves without knowing what became of its volume"; }
+dd if=/dev/urandom of=cut-off-blocks bs=4k count=16 status=none
+dd if=cut-off-blocks of=/dev/ublkb1 bs=4k seek=15616 oflag=direct status=none || fail "src2's writes while cut off failed"
+start_destination
+for _ in $(seq 100); do grep -q "this node stopped serving it" daemon-src2.log && break; sleep 0.2; done
+grep -q "this node stopped serving it" daemon-src2.log ||
+	{ tail -5 daemon-src2.log; fail "src2 reconnected and went on serving its exported volume"; }
+dd if=cut-off-blocks of=/dev/ublkb1 bs=4k seek=15616 oflag=direct status=none 2>/dev/null &&
+	fail "src2 took a write after the destination said its volume was exported"
+dd if=/dev/ublkb1 of=/dev/null bs=4k skip=15616 count=1 iflag=direct status=none 2>/dev/null &&
+	fail "src2 served a read after the destination said its volume was exported"
+nvm_status_has src2.toml "stopped serving it" || fail "src2's status does not say why it stopped serving"
+kill -9 "$cut_off_pid"
+nvm_wait_gone "$cut_off_pid"
+"$NVMCTL" del 1 >/dev/null 2>&1 || true
+say "src2, started while the destination was away, served; reconnected, it heard its volume was exported and stopped serving it (writes and reads get EIO)"
 # src2 comes back: the destination says its volume was exported, and it refuses to serve.
 rc=0
 timeout 60 "$NVMD" --config src2.toml --state-dir "$PWD/state" >>daemon-src2.log 2>&1 || rc=$?
@@ -420,7 +449,7 @@ taken=$(grep -o "taken back from the destination's image: [0-9]* of [0-9]* byte(
 read -r copied compared <<<"$(sed 's/.*image: \([0-9]*\) of \([0-9]*\) .*/\1 \2/' <<<"$taken")"
 ((copied >= 65536 && copied < compared / 4)) || fail "src2 copied $copied of $compared bytes back: not the changes only"
 cmp -n $((16 * 4096)) served-blocks <(dd if=/dev/ublkb1 bs=4k skip=15616 count=16 iflag=direct status=none) ||
-	fail "src2 lacks what the image's node wrote after the export"
+	fail "src2 lacks what the image's node wrote after the export (or kept what it wrote cut off)"
 fio "${last[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --verify_state_save=0 --output=fio-verify-src2-last.log ||
 	{ cat fio-verify-src2-last.log; fail "src2's acknowledged writes do not verify after it took its volume back"; }
 dd if=/dev/urandom of=/dev/ublkb1 bs=16k count=64 seek=1000 oflag=direct status=none || fail "src2's writes after its return failed"

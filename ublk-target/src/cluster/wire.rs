@@ -53,6 +53,9 @@ pub const OP_SHIP_STATE: u8 = 15;
 /// seq `through` of each partition (`data`: our log id, then one u64 per partition); log
 /// our next records after those, and apply them to the images again.
 pub const OP_SHIP_RETURNED: u8 = 16;
+/// Log shipping, while the source takes its volume back: how long is your image of LUN
+/// `lun`? (Answer: the length, a u64; past it the image reads as zeros.)
+pub const OP_IMAGE_LEN: u8 = 17;
 const HEADER: usize = 17;
 /// A shipped record's header: seq, kind, lun, offset, len.
 const RECORD_HEADER: usize = 8 + 1 + 4 + 8 + 8;
@@ -188,6 +191,7 @@ pub fn decode(b: &[u8]) -> Option<Request> {
         | OP_READ_MEDIUM
         | OP_OUT_OF_SYNC
         | OP_SHIP_STATE
+        | OP_IMAGE_LEN
         | OP_WRITE_HELD_FOR_PARTNER => r.data.is_empty(),
         OP_SHIP_RETURNED => r.data.len() >= 8 && r.data.len().is_multiple_of(8),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,
@@ -366,6 +370,8 @@ mod tests {
         assert_eq!(back, Some(returned));
         assert_eq!(decode(&encode(OP_SHIP_RETURNED, 0, 0, 0, &[0; 7])), None);
         assert_eq!(decode(&encode(OP_SHIP_STATE, 0, 0, 0, &[0])), None);
+        assert_eq!(decode(&encode(OP_IMAGE_LEN, 0, 0, 0, &[0])), None);
+        assert!(decode(&encode(OP_IMAGE_LEN, 2, 0, 0, &[])).is_some_and(|r| r.lun == 2));
         for s in [
             ShipState::Shipping,
             ShipState::Exported(17),

@@ -49,6 +49,21 @@ impl Engine {
                 p.id
             ));
         }
+        let image_len = wire::answer(&ask(wire::encode(wire::OP_IMAGE_LEN, l, 0, 0, &[])).await?)
+            .map_err(|e| format!("the length of the image of LUN {}: {e}", lun.name))
+            .and_then(|a| {
+                Ok(u64::from_le_bytes(a.try_into().map_err(|_| {
+                    format!("the destination's answer about the length of the image of LUN {} is malformed", lun.name)
+                })?))
+            })?;
+        // The images' node served the image at its own length: blocks it wrote past our end
+        // would be lost here without a word.
+        if image_len > lun.size {
+            return Err(format!(
+                "the destination's image of LUN {} is {image_len} bytes, longer than the LUN here ({} bytes): what the images' node wrote past our end would be lost. Make the LUN (lun.size and its medium) at least {image_len} bytes, or, if nothing past {} bytes matters, truncate the image (truncate -s {} on the destination's lunN.img) and start again",
+                lun.name, lun.size, lun.size, lun.size
+            ));
+        }
         let mut report = TakenBack {
             lun: lun.name.clone(),
             ..TakenBack::default()
@@ -88,6 +103,16 @@ impl Engine {
             .await
             .map_err(|e| format!("syncing our medium: {e}"))?;
         Ok(report)
+    }
+
+    /// The destination serves our volume from its images (it was exported while we were cut
+    /// off from it): from now on this node serves none of it. Every partition stops, so
+    /// reads and writes get EIO; what the partitions hold stays in the NVRAM until the next
+    /// start, which takes the volume back (or refuses to serve) as the destination says.
+    pub fn stop_serving_volume(&self, why: &str) {
+        for p in &self.parts {
+            p.fail(why.to_owned());
+        }
     }
 
     /// Per partition, the last seq our log has handed out (an empty log: everything

@@ -93,6 +93,8 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         // a connection over RDMA takes seconds to set up on a loaded host.)
         let wait = (Duration::from_millis(s.heartbeat_timeout_ms) * 2).max(Duration::from_secs(5));
         super::ship_return::before_serving(&engine, l, wait)?;
+        // And again at every reconnect: an export while we were cut off stops us then.
+        super::ship_return::watch_volume(engine.clone(), l.clone())?;
     }
     if let (Some(l), Some(c)) = (&link, &cfg.cluster) {
         // Give a live partner a moment to connect, so that the kernel's first reads of the

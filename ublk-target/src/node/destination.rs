@@ -146,6 +146,9 @@ impl Source {
                     crate::engine::digests(&read)
                 })
             }
+            (wire::OP_IMAGE_LEN, wire::ShipState::Returning(_)) if self.is_taking_back() => {
+                crate::shipping::image::image_len(logs.dir(), r.lun).map(|n| n.to_le_bytes().to_vec())
+            }
             (wire::OP_SHIP_RETURNED, wire::ShipState::Returning(_)) if self.is_taking_back() => {
                 let returned = wire::ShipReturned::of(&r).ok_or("a malformed return")?;
                 let logs = logs.clone();

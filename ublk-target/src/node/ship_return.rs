@@ -11,12 +11,17 @@
 //!
 //! A destination that cannot be reached within the wait cannot say: the source serves as
 //! before (it cannot tell a dead destination from an export; fencing a source before its
-//! export is what keeps it from serving a volume served elsewhere).
+//! export is what keeps it from serving a volume served elsewhere). So the source asks
+//! again at every reconnect (`watch_volume`): a source cut off while the destination
+//! exported its volume hears "exported" (or "returning") when the link comes back and stops
+//! serving at once (every partition stops: EIO), keeping what it wrote meanwhile in its
+//! NVRAM for the next start. Its writes while it was cut off are not in the images: an
+//! export without fencing can lose them (docs/log-shipping.md).
 
 use crate::cluster::wire;
 use crate::engine::Engine;
 use anyhow::{bail, Context};
-use rdma_link::Link;
+use rdma_link::{Link, LinkState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,12 +53,8 @@ pub fn before_serving(engine: &Arc<Engine>, link: &Link, wait: Duration) -> anyh
         }
     };
     let state = rt
-        .block_on(ask(wire::encode(wire::OP_SHIP_STATE, 0, 0, 0, &[])))
-        .map_err(|e| anyhow::anyhow!("asking the destination about our volume: {e}"))?;
-    let state = wire::answer(&state)
-        .ok()
-        .and_then(wire::ShipState::decode)
-        .context("the destination's answer about our volume is malformed")?;
+        .block_on(volume_state(link))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     match state {
         wire::ShipState::Shipping => Ok(()),
         wire::ShipState::Exported(at) => bail!(
@@ -94,6 +95,74 @@ pub fn before_serving(engine: &Arc<Engine>, link: &Link, wait: Duration) -> anyh
                 returned.through
             );
             Ok(())
+        }
+    }
+}
+
+/// Asks the destination over `link` what its copy of our volume is.
+async fn volume_state(link: &Link) -> Result<wire::ShipState, String> {
+    let answer = link
+        .request(wire::encode(wire::OP_SHIP_STATE, 0, 0, 0, &[]))
+        .await
+        .map_err(|e| format!("asking the destination about our volume: {e}"))?;
+    wire::answer(&answer)
+        .map_err(|e| format!("the destination did not say what became of our volume: {e}"))
+        .and_then(|a| {
+            wire::ShipState::decode(a)
+                .ok_or_else(|| "the destination's answer about our volume is malformed".into())
+        })
+}
+
+/// While this node serves: asks the destination about our volume on every connection of
+/// `link` (each new generation), and stops serving it (`Engine::stop_serving_volume`) once
+/// the destination says it exported it. Runs on a thread of its own until the link closes.
+pub fn watch_volume(
+    engine: Arc<Engine>,
+    link: Link,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("a runtime for the volume watch")?;
+    std::thread::Builder::new()
+        .name("volume-watch".into())
+        .spawn(move || rt.block_on(ask_at_every_connection(engine, link)))
+        .context("spawning the volume watch")
+}
+
+async fn ask_at_every_connection(engine: Arc<Engine>, link: Link) {
+    let mut states = link.subscribe();
+    let mut asked_on = None;
+    loop {
+        let up = match &*states.borrow_and_update() {
+            LinkState::Closed => return,
+            LinkState::Up(info) => Some(info.generation),
+            _ => None,
+        };
+        if let Some(generation) = up.filter(|g| asked_on != Some(*g)) {
+            match volume_state(&link).await {
+                Ok(wire::ShipState::Shipping) => asked_on = Some(generation),
+                Ok(wire::ShipState::Exported(at) | wire::ShipState::Returning(at)) => {
+                    let why = format!(
+                        "the destination says it exported our volume (Unix time {at}) while this node was cut off from it, and serves it from its images: this node stopped serving it. Writes acknowledged here since the cut are not in the images. Stop this node; it takes the volume back when started after `nvmirrorctl return-image --source {}` on the destination",
+                        engine.node_name()
+                    );
+                    tracing::error!("{why}");
+                    engine.stop_serving_volume(&why);
+                    return;
+                }
+                // The link went down under the question: the next connection asks again.
+                Err(e) if !link.state().is_up() => tracing::debug!("{e}"),
+                Err(e) => {
+                    // A destination that cannot answer is no proof of an export: keep
+                    // serving, as before the connection.
+                    tracing::warn!("{e}; asking again at the next connection");
+                    asked_on = Some(generation);
+                }
+            }
+        }
+        if states.changed().await.is_err() {
+            return;
         }
     }
 }

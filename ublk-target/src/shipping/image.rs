@@ -205,6 +205,20 @@ pub fn image_path(dir: &Path, lun: u32) -> PathBuf {
     dir.join(format!("lun{lun}.img"))
 }
 
+/// The length of the image of LUN `lun` (an error if the export made none).
+pub fn image_len(dir: &Path, lun: u32) -> Result<u64, String> {
+    let path = image_path(dir, lun);
+    std::fs::metadata(&path)
+        .map(|m| m.len())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "there is no image of LUN {lun} ({}): the export made none",
+                path.display()
+            ),
+            _ => format!("reading the length of {}: {e}", path.display()),
+        })
+}
+
 /// The most one [`read_image`] reads (a request's worth).
 pub const READ_IMAGE_MAX: usize = 1 << 20;
 
