@@ -254,19 +254,31 @@ if os.path.isdir(scale_dir):
 # ---- ship: N log-shipping sources into one destination (claim set C)
 ship_dir = os.path.join(raw, "ship")
 if os.path.isdir(ship_dir):
-    def ship_job(n, wl, i):
+    def ship_job(n, wl, i, r):
         try:
-            j = json.load(open(os.path.join(ship_dir, f"n{n}-{wl}-src{i}.json")))
+            j = json.load(open(os.path.join(ship_dir, f"n{n}-{wl}-src{i}-r{r}.json")))
             return j["jobs"][0] if j["jobs"][0].get("error", 0) == 0 else None
         except (OSError, ValueError, KeyError, IndexError):
             return None
     ingest = {}
     try:
         for line in open(os.path.join(ship_dir, "ingest")):
-            n, wl, b0, b1, t0, t1 = line.split()
-            ingest[(int(n), wl)] = (int(b1) - int(b0)) / 2**20 / max(float(t1) - float(t0), 1e-9)
+            n, wl, r, b0, b1, t0, t1 = line.split()
+            ingest[(int(n), wl, int(r))] = (int(b1) - int(b0)) / 2**20 / max(float(t1) - float(t0), 1e-9)
     except (OSError, ValueError):
         pass
+    ship_repeats = sorted({r for (_, _, r) in ingest}) or [1]
+
+    def spread(xs):
+        """The median over the repeats, and their range."""
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return "n/a"
+        s = fmt(statistics.median(xs))
+        return s + (f" ({fmt(min(xs))}–{fmt(max(xs))})" if len(xs) > 1 else "")
+
+    def med_or_none(xs):
+        return statistics.median(xs) if xs else None
     disk_bw = None
     try:
         disk_bw = json.load(open(os.path.join(ship_dir, "disk.json")))["jobs"][0]["write"]["bw_bytes"] / 2**20
@@ -277,20 +289,26 @@ if os.path.isdir(ship_dir):
       "and images are on the disk. Per source (median over the active sources): 4K random "
       "write QD1 p50 / p99 µs and QD32 IOPS; the destination's ingest = bytes appended to "
       "its log files per second of the QD32 run (the fio runs' warm-up included), against "
-      f"the same disk's sequential write bandwidth (fio 1 MiB QD4: {fmt(disk_bw)} MiB/s).")
+      f"the same disk's sequential write bandwidth (fio 1 MiB QD4: {fmt(disk_bw)} MiB/s). "
+      f"Each cell: the median of {len(ship_repeats)} run(s) (min–max).")
     p()
     p("| sources | QD1 p50 µs | QD1 p99 µs | QD32 IOPS per source | QD32 IOPS in all | ingest MiB/s | ingest / disk |")
     p("| --- | --- | --- | --- | --- | --- | --- |")
     for n in (1, 2, 3):
-        qd1 = [ship_job(n, "qd1", i) for i in range(1, n + 1)]
-        qd32 = [ship_job(n, "qd32", i) for i in range(1, n + 1)]
-        p50 = [j["write"]["clat_ns"]["percentile"]["50.000000"] / 1000 for j in qd1 if j]
-        p99 = [j["write"]["clat_ns"]["percentile"]["99.000000"] / 1000 for j in qd1 if j]
-        iops = [j["write"]["iops"] for j in qd32 if j]
-        ing = ingest.get((n, "qd32"))
-        p(f"| {n} | {fmt(statistics.median(p50)) if p50 else 'n/a'} | {fmt(statistics.median(p99)) if p99 else 'n/a'} "
-          f"| {fmt(statistics.median(iops)) if iops else 'n/a'} | {fmt(sum(iops)) if len(iops) == n else 'n/a'} "
-          f"| {fmt(ing)} | {'n/a' if ratio(ing, disk_bw) is None else f'{100 * ratio(ing, disk_bw):.2f}%'} |")
+        p50, p99, per_source, in_all, ing = [], [], [], [], []
+        for r in ship_repeats:
+            qd1 = [ship_job(n, "qd1", i, r) for i in range(1, n + 1)]
+            qd32 = [ship_job(n, "qd32", i, r) for i in range(1, n + 1)]
+            p50.append(med_or_none([j["write"]["clat_ns"]["percentile"]["50.000000"] / 1000 for j in qd1 if j]))
+            p99.append(med_or_none([j["write"]["clat_ns"]["percentile"]["99.000000"] / 1000 for j in qd1 if j]))
+            iops = [j["write"]["iops"] for j in qd32 if j]
+            per_source.append(med_or_none(iops))
+            in_all.append(sum(iops) if len(iops) == n else None)
+            ing.append(ingest.get((n, "qd32", r)))
+        share = [ratio(x, disk_bw) for x in ing]
+        share = [100 * x for x in share if x is not None]
+        p(f"| {n} | {spread(p50)} | {spread(p99)} | {spread(per_source)} | {spread(in_all)} "
+          f"| {spread(ing)} | {f'{statistics.median(share):.2f}%' if share else 'n/a'} |")
     for f in ("error", "notes"):
         if os.path.exists(os.path.join(ship_dir, f)):
             p()
@@ -861,23 +879,25 @@ sys.exit(0 if json.load(sys.stdin)["engine"]["mirror"]["state"] == "mirroring" e
 				python3 -c 'import json, sys; print(sum(p["appended_bytes"] for s in json.load(sys.stdin)["sources"] for p in s["log_files"]))'
 		}
 		for n in 1 2 3; do
-			for wl in qd1 qd32; do
-				qd=${wl#qd}
-				b0=$(ingested) t0=$(date +%s.%N)
-				fpids=()
-				for i in $(seq "$n"); do
-					timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="ship-n$n-$wl-src$i" \
-						--filename=/dev/ublkb$((i - 1)) --direct=1 --ioengine=io_uring --size=200M \
-						--time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap=1 \
-						--randrepeat=0 --rw=randwrite --bs=4k --iodepth="$qd" --output-format=json \
-						--output="$D/n$n-$wl-src$i.json" >/dev/null 2>"$W/fio-ship-$i.err" &
-					fpids+=($!)
+			for r in $(seq "$REPEATS"); do
+				for wl in qd1 qd32; do
+					qd=${wl#qd}
+					b0=$(ingested) t0=$(date +%s.%N)
+					fpids=()
+					for i in $(seq "$n"); do
+						timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="ship-n$n-$wl-src$i" \
+							--filename=/dev/ublkb$((i - 1)) --direct=1 --ioengine=io_uring --size=200M \
+							--time_based=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap=1 \
+							--randrepeat=0 --rw=randwrite --bs=4k --iodepth="$qd" --output-format=json \
+							--output="$D/n$n-$wl-src$i-r$r.json" >/dev/null 2>"$W/fio-ship-$i.err" &
+						fpids+=($!)
+					done
+					for f in "${fpids[@]}"; do wait "$f" || note "fio n$n $wl failed: $(head -c 300 "$W"/fio-ship-*.err | tr '\n' ' ')"; done
+					b1=$(ingested) t1=$(date +%s.%N)
+					echo "$n $wl $r $b0 $b1 $t0 $t1" >>"$D/ingest"
 				done
-				for f in "${fpids[@]}"; do wait "$f" || note "fio n$n $wl failed: $(head -c 300 "$W"/fio-ship-*.err | tr '\n' ' ')"; done
-				b1=$(ingested) t1=$(date +%s.%N)
-				echo "$n $wl $b0 $b1 $t0 $t1" >>"$D/ingest"
 			done
-			say "ship: $n source(s) done"
+			say "ship: $n source(s) done ($REPEATS repeat(s))"
 		done
 		timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name=ship-disk --filename="$MNT/ship-disk.img" --size=512M \
 			--direct=1 --ioengine=io_uring --rw=write --bs=1M --iodepth=4 --time_based=1 --runtime="$RUNTIME" \

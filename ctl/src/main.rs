@@ -7,6 +7,7 @@ mod config_show;
 mod gen_docs;
 mod health;
 mod json_out;
+mod serve_images;
 mod shell;
 mod status_facts;
 mod verify_report;
@@ -240,6 +241,12 @@ enum Cmd {
         /// Export the images with what there is, gaps and all; or export them again.
         #[arg(long)]
         force: bool,
+        /// Then serve the images here as /dev/ublkbN: start a detached nvmirrord with the
+        /// config the export wrote (serve.toml; its log is serve-node.out next to it) and wait for
+        /// its devices. Under systemd or Pacemaker, run that config as a unit or resource
+        /// instead.
+        #[arg(long)]
+        serve: bool,
         #[arg(long)]
         json: bool,
     },
@@ -985,6 +992,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             source,
             size,
             force,
+            serve,
             json,
         } => {
             let req = Request::Export {
@@ -996,8 +1004,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Response::Exported(r) => *r,
                 other => bail!("unexpected answer: {other:?}"),
             };
+            let served = match (&r.serve_config, serve) {
+                (Some(c), true) => Some(serve_images::serve_images(Path::new(c), status)?),
+                (None, true) => bail!("the destination wrote no config to serve the images with"),
+                (_, false) => None,
+            };
             if *json {
-                println!("{}", json_out::versioned(&r)?);
+                #[derive(serde::Serialize)]
+                struct Exported<'a> {
+                    #[serde(flatten)]
+                    report: &'a nvmirror::shipping::export::ExportReport,
+                    serving: &'a Option<serve_images::ImagesNode>,
+                }
+                let out = Exported {
+                    report: &r,
+                    serving: &served,
+                };
+                println!("{}", json_out::versioned(&out)?);
             } else {
                 for m in &r.missing {
                     println!("MISSING (--force): {m}");
@@ -1015,8 +1038,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "export of {}: the last consistency point applied {} record(s) from {} log file(s); the images hold {} record(s) in all",
                     r.source, r.records, r.files, r.applied_records
                 );
-                if let Some(c) = &r.serve_config {
-                    println!("serve the images as an ordinary single node: nvmirrord --config {c}");
+                match (&served, &r.serve_config) {
+                    (Some(n), _) => {
+                        for (lun, path) in &n.devices {
+                            println!("serving the image of LUN {lun} as {path}");
+                        }
+                        match n.pid {
+                            Some(pid) => println!(
+                                "the images' node runs as pid {pid} (log {}); stop it with SIGTERM, which drains it, before return-image",
+                                n.log.display()
+                            ),
+                            None => println!("the images' node was running already"),
+                        }
+                    }
+                    (None, Some(c)) => println!(
+                        "serve the images as an ordinary single node: nvmirrord --config {c} (or export --serve)"
+                    ),
+                    (None, None) => {}
                 }
             }
         }

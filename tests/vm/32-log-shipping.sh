@@ -369,12 +369,19 @@ fio "${last[@]}" --filename="$image" --direct=0 --verify_only=1 --verify_state_l
 	--output=fio-verify-src2-image.log ||
 	{ cat fio-verify-src2-image.log; fail "an acknowledged write of src2 is not in its exported image"; }
 say "src2 died mid-fio: its image, exported from the destination's log files, verifies ($(grep -o 'READ: bw=[^,]*' fio-verify-src2-image.log))"
-# Served as an ordinary single node (export wrote its config), the image verifies through
-# its own /dev/ublkbN and takes new writes.
+# Served as an ordinary single node (export wrote its config; `export --force --serve`
+# reports again and starts that node detached), the image verifies through its own
+# /dev/ublkbN and takes new writes.
 grep -q "nvmirrord --config $PWD/logs/src2/serve.toml" export-src2.txt || fail "export does not say how to serve the images"
-nvm_start logs/src2/serve.toml daemon-src2-image.log
-serve_pid=$NVM_LAST_PID
-dev=$("$NVMCTL" --config logs/src2/serve.toml status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["devices"][0]["path"])')
+"$NVMCTL" --config dest.toml export --source src2 --force --serve >export-src2-serve.txt 2>&1 ||
+	{ cat export-src2-serve.txt; tail -5 logs/src2/serve-node.out; fail "export --serve of src2 failed"; }
+serve_pid=$(sed -n "s/.*the images' node runs as pid \([0-9]*\) .*/\1/p" export-src2-serve.txt)
+[[ -n $serve_pid ]] || { cat export-src2-serve.txt; fail "export --serve does not name the images' node"; }
+NVM_DAEMON_PIDS+=("$serve_pid")
+dev=$(sed -n 's/^serving the image of LUN .* as \(\/dev\/ublkb[0-9]*\)$/\1/p' export-src2-serve.txt)
+[[ -b $dev ]] || { cat export-src2-serve.txt; fail "export --serve does not name a block device it serves"; }
+[[ $("$NVMCTL" --config logs/src2/serve.toml status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])') == "$serve_pid" ]] ||
+	fail "the images' node's status does not name the pid export --serve gave"
 fio "${last[@]}" --filename="$dev" --verify_only=1 --verify_state_load=1 --verify_state_save=0 \
 	--output=fio-verify-src2-served.log ||
 	{ cat fio-verify-src2-served.log; fail "an acknowledged write of src2 does not verify through its served image ($dev)"; }

@@ -135,6 +135,9 @@ pub struct SourceLogs {
     parts: Mutex<Vec<PartitionLog>>,
     /// The last append or sync error (the records stay in the NVRAM; retried).
     error: Mutex<Option<String>>,
+    /// The last failed automatic consistency point (its files stay; retried). Apart from
+    /// `error`: an append that works says nothing of the images.
+    point_error: Mutex<Option<String>>,
     /// Bumped after every append: `wait_logged` looks again.
     progress: tokio::sync::watch::Sender<u64>,
     stop: AtomicBool,
@@ -219,6 +222,7 @@ impl SourceLogs {
             area,
             parts: Mutex::new(parts),
             error: Mutex::new(None),
+            point_error: Mutex::new(None),
             progress: tokio::sync::watch::channel(0).0,
             stop: AtomicBool::new(false),
             source_gone: AtomicBool::new(false),
@@ -615,19 +619,22 @@ impl SourceLogs {
                 continue;
             }
             match self.point(p, &[]) {
-                Ok(done) => tracing::info!(
-                    source = self.source,
-                    partition = p,
-                    "consistency point (the source went round its partition): {} record(s), {} bytes applied to the images, which hold its writes through seq {}",
-                    done.records,
-                    done.bytes,
-                    done.applied_through
-                ),
+                Ok(done) => {
+                    *lock(&self.point_error) = None;
+                    tracing::info!(
+                        source = self.source,
+                        partition = p,
+                        "consistency point (the source went round its partition): {} record(s), {} bytes applied to the images, which hold its writes through seq {}",
+                        done.records,
+                        done.bytes,
+                        done.applied_through
+                    )
+                }
                 Err(e) => {
                     // Retried at the next pass; the files stay until it works.
                     let text = format!("consistency point of partition {p}: {e}");
                     tracing::error!(source = self.source, "{text}");
-                    *lock(&self.error) = Some(text);
+                    *lock(&self.point_error) = Some(text);
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
@@ -897,7 +904,11 @@ impl SourceLogs {
                 ..image_status(images.partitions.get(&(p as u32)), x.segment.as_ref())
             })
             .collect();
-        (list, lock(&self.error).clone())
+        let errors: Vec<String> = [lock(&self.error).clone(), lock(&self.point_error).clone()]
+            .into_iter()
+            .flatten()
+            .collect();
+        (list, (!errors.is_empty()).then(|| errors.join("; ")))
     }
 }
 
