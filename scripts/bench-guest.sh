@@ -262,12 +262,17 @@ if os.path.isdir(ship_dir):
             return None
     ingest = {}
     try:
-        for line in open(os.path.join(ship_dir, "ingest")):
+        ingest_lines = open(os.path.join(ship_dir, "ingest")).read().splitlines()
+    except OSError:
+        ingest_lines = []
+    for line in ingest_lines:
+        try:  # (a line whose status read failed is skipped, not the rest)
             n, wl, r, b0, b1, t0, t1 = line.split()
             ingest[(int(n), wl, int(r))] = (int(b1) - int(b0)) / 2**20 / max(float(t1) - float(t0), 1e-9)
-    except (OSError, ValueError):
-        pass
-    ship_repeats = sorted({r for (_, _, r) in ingest}) or [1]
+        except ValueError:
+            pass
+    ship_repeats = sorted({int(m.group(1)) for f in os.listdir(ship_dir)
+                           for m in [re.match(r"n\d+-qd\d+-src\d+-r(\d+)\.json$", f)] if m}) or [1]
 
     def spread(xs):
         """The median over the repeats, and their range."""

@@ -242,9 +242,9 @@ enum Cmd {
         #[arg(long)]
         force: bool,
         /// Then serve the images here as /dev/ublkbN: start a detached nvmirrord with the
-        /// config the export wrote (serve.toml; its log is serve-node.out next to it) and wait for
-        /// its devices. Under systemd or Pacemaker, run that config as a unit or resource
-        /// instead.
+        /// config the export wrote (serve.toml; its log is serve-node.out next to it) and wait
+        /// for its devices (after an export without it: `export --force --serve`). Under
+        /// systemd or Pacemaker, run that config as a unit or resource instead.
         #[arg(long)]
         serve: bool,
         #[arg(long)]
@@ -1004,23 +1004,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Response::Exported(r) => *r,
                 other => bail!("unexpected answer: {other:?}"),
             };
-            let served = match (&r.serve_config, serve) {
-                (Some(c), true) => Some(serve_images::serve_images(Path::new(c), status)?),
-                (None, true) => bail!("the destination wrote no config to serve the images with"),
-                (_, false) => None,
+            // The export is done whatever serving does: its report is shown first.
+            let serve_images = || match &r.serve_config {
+                Some(c) => serve_images::serve_images(Path::new(c), status)
+                    .context("the export is done, but serving its images failed"),
+                None => Err(anyhow!(
+                    "the export is done, but the destination wrote no config to serve its images with"
+                )),
             };
             if *json {
                 #[derive(serde::Serialize)]
                 struct Exported<'a> {
                     #[serde(flatten)]
                     report: &'a nvmirror::shipping::export::ExportReport,
-                    serving: &'a Option<serve_images::ImagesNode>,
+                    serving: Option<serve_images::ImagesNode>,
                 }
+                let (serving, failed) = match serve.then(serve_images).transpose() {
+                    Ok(node) => (node, None),
+                    Err(e) => (None, Some(e)),
+                };
                 let out = Exported {
                     report: &r,
-                    serving: &served,
+                    serving,
                 };
                 println!("{}", json_out::versioned(&out)?);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
             } else {
                 for m in &r.missing {
                     println!("MISSING (--force): {m}");
@@ -1038,23 +1048,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "export of {}: the last consistency point applied {} record(s) from {} log file(s); the images hold {} record(s) in all",
                     r.source, r.records, r.files, r.applied_records
                 );
-                match (&served, &r.serve_config) {
-                    (Some(n), _) => {
-                        for (lun, path) in &n.devices {
-                            println!("serving the image of LUN {lun} as {path}");
-                        }
-                        match n.pid {
-                            Some(pid) => println!(
-                                "the images' node runs as pid {pid} (log {}); stop it with SIGTERM, which drains it, before return-image",
-                                n.log.display()
-                            ),
-                            None => println!("the images' node was running already"),
-                        }
+                if *serve {
+                    let n = serve_images()?;
+                    for (lun, path) in &n.devices {
+                        println!("serving the image of LUN {lun} as {path}");
                     }
-                    (None, Some(c)) => println!(
-                        "serve the images as an ordinary single node: nvmirrord --config {c} (or export --serve)"
-                    ),
-                    (None, None) => {}
+                    match n.pid {
+                        Some(pid) => println!(
+                            "the images' node runs as pid {pid} (log {}); stop it with SIGTERM, which drains it, before return-image",
+                            n.log.display()
+                        ),
+                        None => println!("the images' node was running already"),
+                    }
+                } else if let Some(c) = &r.serve_config {
+                    println!(
+                        "serve the images as an ordinary single node: nvmirrord --config {c} (or export --force --serve)"
+                    );
                 }
             }
         }

@@ -1,8 +1,9 @@
 //! `nvmirrorctl export --serve`: after an export, start the node that serves the source's
 //! images (the single-node config the export wrote, `serve.toml`) and wait until its
 //! devices are up. It runs as a detached `nvmirrord` (a session of its own, so it outlives
-//! this command and the terminal), logging to `serve-node.out` next to the images, with its
-//! device-id state in `state/` there (a crash of it is recovered like any node's). Under
+//! this command and the terminal), logging to `serve-node.out` next to the images, with
+//! the daemon's default state dir (as the by-hand start export prints: a crash of it is
+//! recovered by starting it that way again). Under
 //! systemd or Pacemaker, run `nvmirrord --config …/serve.toml` as a unit or resource
 //! instead: they supervise it, this does not.
 
@@ -57,8 +58,6 @@ pub fn serve_images(
     let mut cmd = Command::new(&daemon);
     cmd.arg("--config")
         .arg(serve_config)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);

@@ -425,10 +425,13 @@ start_destination
 for _ in $(seq 100); do grep -q "this node stopped serving it" daemon-src2.log && break; sleep 0.2; done
 grep -q "this node stopped serving it" daemon-src2.log ||
 	{ tail -5 daemon-src2.log; fail "src2 reconnected and went on serving its exported volume"; }
-dd if=cut-off-blocks of=/dev/ublkb1 bs=4k seek=15616 oflag=direct status=none 2>/dev/null &&
+kill -0 "$cut_off_pid" || fail "src2 exited instead of refusing I/O"
+out=$(dd if=cut-off-blocks of=/dev/ublkb1 bs=4k seek=15616 oflag=direct status=none 2>&1) &&
 	fail "src2 took a write after the destination said its volume was exported"
-dd if=/dev/ublkb1 of=/dev/null bs=4k skip=15616 count=1 iflag=direct status=none 2>/dev/null &&
+grep -q "Input/output error" <<<"$out" || fail "src2's refused write did not fail with EIO: $out"
+out=$(dd if=/dev/ublkb1 of=/dev/null bs=4k skip=15616 count=1 iflag=direct status=none 2>&1) &&
 	fail "src2 served a read after the destination said its volume was exported"
+grep -q "Input/output error" <<<"$out" || fail "src2's refused read did not fail with EIO: $out"
 nvm_status_has src2.toml "stopped serving it" || fail "src2's status does not say why it stopped serving"
 kill -9 "$cut_off_pid"
 nvm_wait_gone "$cut_off_pid"

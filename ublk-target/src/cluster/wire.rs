@@ -47,8 +47,13 @@ pub const OP_SHIP_LOGGED: u8 = 14;
 /// Log shipping, source to destination, before the source serves: answer what the
 /// destination's copy of our volume is now ([`ShipState`]). With `Returning`, the source
 /// takes its volume back from the images (`OP_VERIFY_DIGESTS` and `OP_READ_MEDIUM` then read
-/// the images), then says `OP_SHIP_RETURNED`.
+/// the images), then says `OP_SHIP_RETURNED`. `offset` says who asks:
+/// [`SHIP_STATE_BEFORE_SERVING`] (a source starting, which takes a returning volume back on
+/// this connection) or [`SHIP_STATE_WHILE_SERVING`] (a serving source checking that its
+/// volume was not exported meanwhile: it takes nothing back).
 pub const OP_SHIP_STATE: u8 = 15;
+pub const SHIP_STATE_BEFORE_SERVING: u64 = 0;
+pub const SHIP_STATE_WHILE_SERVING: u64 = 1;
 /// Log shipping: our medium now holds what your images hold, and our log is empty through
 /// seq `through` of each partition (`data`: our log id, then one u64 per partition); log
 /// our next records after those, and apply them to the images again.

@@ -60,8 +60,12 @@ impl Engine {
         // would be lost here without a word.
         if image_len > lun.size {
             return Err(format!(
-                "the destination's image of LUN {} is {image_len} bytes, longer than the LUN here ({} bytes): what the images' node wrote past our end would be lost. Make the LUN (lun.size and its medium) at least {image_len} bytes, or, if nothing past {} bytes matters, truncate the image (truncate -s {} on the destination's lunN.img) and start again",
-                lun.name, lun.size, lun.size, lun.size
+                "the destination's image of LUN {} is {image_len} bytes, longer than the LUN here ({} bytes): what the images' node wrote past our end would be lost. Make the LUN (lun.size and its medium) at least {image_len} bytes, or, if nothing past {} bytes matters, truncate the image (on the destination: truncate -s {} SHIPPING_DIR/{}/lun{l}.img) and start again",
+                lun.name,
+                lun.size,
+                lun.size,
+                lun.size,
+                self.node_name()
             ));
         }
         let mut report = TakenBack {

@@ -110,7 +110,11 @@ impl Source {
         }
         match (r.op, state) {
             (wire::OP_SHIP_STATE, _) => {
-                if matches!(state, wire::ShipState::Returning(_)) {
+                // Only a starting source takes the volume back on this connection; one that
+                // serves already (it asks again while it serves) stops instead.
+                if matches!(state, wire::ShipState::Returning(_))
+                    && r.offset == wire::SHIP_STATE_BEFORE_SERVING
+                {
                     *self.taking_back.lock().unwrap_or_else(|p| p.into_inner()) =
                         self.generation();
                 }

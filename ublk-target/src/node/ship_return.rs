@@ -53,7 +53,7 @@ pub fn before_serving(engine: &Arc<Engine>, link: &Link, wait: Duration) -> anyh
         }
     };
     let state = rt
-        .block_on(volume_state(link))
+        .block_on(volume_state(link, false))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     match state {
         wire::ShipState::Shipping => Ok(()),
@@ -99,10 +99,17 @@ pub fn before_serving(engine: &Arc<Engine>, link: &Link, wait: Duration) -> anyh
     }
 }
 
-/// Asks the destination over `link` what its copy of our volume is.
-async fn volume_state(link: &Link) -> Result<wire::ShipState, String> {
+/// Asks the destination over `link` what its copy of our volume is; `serving`: we serve
+/// already (so a "returning" answer is not ours to act on now: the destination must not
+/// treat this connection as the one taking the volume back).
+async fn volume_state(link: &Link, serving: bool) -> Result<wire::ShipState, String> {
+    let asker = if serving {
+        wire::SHIP_STATE_WHILE_SERVING
+    } else {
+        wire::SHIP_STATE_BEFORE_SERVING
+    };
     let answer = link
-        .request(wire::encode(wire::OP_SHIP_STATE, 0, 0, 0, &[]))
+        .request(wire::encode(wire::OP_SHIP_STATE, 0, asker, 0, &[]))
         .await
         .map_err(|e| format!("asking the destination about our volume: {e}"))?;
     wire::answer(&answer)
@@ -114,8 +121,10 @@ async fn volume_state(link: &Link) -> Result<wire::ShipState, String> {
 }
 
 /// While this node serves: asks the destination about our volume on every connection of
-/// `link` (each new generation), and stops serving it (`Engine::stop_serving_volume`) once
-/// the destination says it exported it. Runs on a thread of its own until the link closes.
+/// `link` (each new generation) and every [`ASK_EVERY`] while it stays up (an export that
+/// began just before a reconnect, or a question that failed), and stops serving it
+/// (`Engine::stop_serving_volume`) once the destination says it exported it. Runs on a
+/// thread of its own until the link closes.
 pub fn watch_volume(
     engine: Arc<Engine>,
     link: Link,
@@ -126,26 +135,37 @@ pub fn watch_volume(
         .context("a runtime for the volume watch")?;
     std::thread::Builder::new()
         .name("volume-watch".into())
-        .spawn(move || rt.block_on(ask_at_every_connection(engine, link)))
+        .spawn(move || rt.block_on(keep_asking(engine, link)))
         .context("spawning the volume watch")
 }
 
-async fn ask_at_every_connection(engine: Arc<Engine>, link: Link) {
+/// How often a serving source asks again while its link stays up.
+const ASK_EVERY: Duration = Duration::from_secs(5);
+
+async fn keep_asking(engine: Arc<Engine>, link: Link) {
     let mut states = link.subscribe();
-    let mut asked_on = None;
+    let mut asked: Option<(u64, Instant)> = None;
+    let mut warned_on = None;
     loop {
         let up = match &*states.borrow_and_update() {
             LinkState::Closed => return,
             LinkState::Up(info) => Some(info.generation),
             _ => None,
         };
-        if let Some(generation) = up.filter(|g| asked_on != Some(*g)) {
-            match volume_state(&link).await {
-                Ok(wire::ShipState::Shipping) => asked_on = Some(generation),
-                Ok(wire::ShipState::Exported(at) | wire::ShipState::Returning(at)) => {
+        let due = |g: u64| asked.is_none_or(|(on, at)| on != g || at.elapsed() >= ASK_EVERY);
+        if let Some(generation) = up.filter(|&g| due(g)) {
+            asked = Some((generation, Instant::now()));
+            match volume_state(&link, true).await {
+                Ok(wire::ShipState::Shipping) => {}
+                Ok(state @ (wire::ShipState::Exported(at) | wire::ShipState::Returning(at))) => {
+                    let then = if matches!(state, wire::ShipState::Returning(_)) {
+                        "it was given back since (return-image): stop this node and start it again, and it takes the volume back"
+                    } else {
+                        "stop this node; it takes the volume back when started after `nvmirrorctl return-image --source NAME` on the destination"
+                    };
                     let why = format!(
-                        "the destination says it exported our volume (Unix time {at}) while this node was cut off from it, and serves it from its images: this node stopped serving it. Writes acknowledged here since the cut are not in the images. Stop this node; it takes the volume back when started after `nvmirrorctl return-image --source {}` on the destination",
-                        engine.node_name()
+                        "the destination says it exported our volume (Unix time {at}) while this node was cut off from it, and serves it from its images: this node stopped serving it. Writes acknowledged here since the cut are not in the images; {}",
+                        then.replace("NAME", engine.node_name())
                     );
                     tracing::error!("{why}");
                     engine.stop_serving_volume(&why);
@@ -153,15 +173,20 @@ async fn ask_at_every_connection(engine: Arc<Engine>, link: Link) {
                 }
                 // The link went down under the question: the next connection asks again.
                 Err(e) if !link.state().is_up() => tracing::debug!("{e}"),
-                Err(e) => {
-                    // A destination that cannot answer is no proof of an export: keep
-                    // serving, as before the connection.
-                    tracing::warn!("{e}; asking again at the next connection");
-                    asked_on = Some(generation);
+                // A destination that cannot answer is no proof of an export: keep serving,
+                // and ask again in a while.
+                Err(e) if warned_on != Some(generation) => {
+                    tracing::warn!("{e}; asking again every {ASK_EVERY:?}");
+                    warned_on = Some(generation);
                 }
+                Err(e) => tracing::debug!("{e}"),
             }
         }
-        if states.changed().await.is_err() {
+        let changed = std::pin::pin!(states.changed());
+        let tick = std::pin::pin!(tokio::time::sleep(ASK_EVERY));
+        if let futures::future::Either::Left((Err(_), _)) =
+            futures::future::select(changed, tick).await
+        {
             return;
         }
     }

@@ -135,9 +135,10 @@ pub struct SourceLogs {
     parts: Mutex<Vec<PartitionLog>>,
     /// The last append or sync error (the records stay in the NVRAM; retried).
     error: Mutex<Option<String>>,
-    /// The last failed automatic consistency point (its files stay; retried). Apart from
-    /// `error`: an append that works says nothing of the images.
-    point_error: Mutex<Option<String>>,
+    /// Per partition, the last failed automatic consistency point (its files stay;
+    /// retried), until a point of that partition works. Apart from `error`: an append that
+    /// works says nothing of the images.
+    point_errors: Mutex<std::collections::BTreeMap<u32, String>>,
     /// Bumped after every append: `wait_logged` looks again.
     progress: tokio::sync::watch::Sender<u64>,
     stop: AtomicBool,
@@ -222,7 +223,7 @@ impl SourceLogs {
             area,
             parts: Mutex::new(parts),
             error: Mutex::new(None),
-            point_error: Mutex::new(None),
+            point_errors: Mutex::new(Default::default()),
             progress: tokio::sync::watch::channel(0).0,
             stop: AtomicBool::new(false),
             source_gone: AtomicBool::new(false),
@@ -598,7 +599,7 @@ impl SourceLogs {
                 return;
             }
             let result = (0..partitions)
-                .map(|p| self.point(p, &req.in_flight))
+                .map(|p| self.point_noted(p, &req.in_flight))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string());
             if let Err(e) = &result {
@@ -618,9 +619,8 @@ impl SourceLogs {
             if !due {
                 continue;
             }
-            match self.point(p, &[]) {
+            match self.point_noted(p, &[]) {
                 Ok(done) => {
-                    *lock(&self.point_error) = None;
                     tracing::info!(
                         source = self.source,
                         partition = p,
@@ -634,11 +634,18 @@ impl SourceLogs {
                     // Retried at the next pass; the files stay until it works.
                     let text = format!("consistency point of partition {p}: {e}");
                     tracing::error!(source = self.source, "{text}");
-                    *lock(&self.point_error) = Some(text);
+                    lock(&self.point_errors).insert(p, text);
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
         }
+    }
+
+    /// [`Self::point`], and a point of `p` that works ends the error an earlier one left.
+    fn point_noted(&self, p: u32, in_flight: &[(u32, u64, u64)]) -> Result<Point, ImageError> {
+        let done = self.point(p, in_flight)?;
+        lock(&self.point_errors).remove(&p);
+        Ok(done)
     }
 
     /// A consistency point of partition `p` (`image::consistency_point`), with the file
@@ -904,9 +911,10 @@ impl SourceLogs {
                 ..image_status(images.partitions.get(&(p as u32)), x.segment.as_ref())
             })
             .collect();
-        let errors: Vec<String> = [lock(&self.error).clone(), lock(&self.point_error).clone()]
-            .into_iter()
-            .flatten()
+        let errors: Vec<String> = lock(&self.error)
+            .iter()
+            .cloned()
+            .chain(lock(&self.point_errors).values().cloned())
             .collect();
         (list, (!errors.is_empty()).then(|| errors.join("; ")))
     }
