@@ -13,8 +13,7 @@
 //! thread in the process, and first what the record checksum (crc32c), the copy and the
 //! link's frame MAC (BLAKE3) of one block cost on this CPU (under QEMU TCG all are emulated).
 
-use nvmirror::config::DegradedPolicy;
-use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
+use nvmirror::engine::{Engine, EngineOptions, LunSpec};
 use nvmirror::medium::{Medium, MemMedium};
 use nvmirror::nvram::NvramRegion;
 use rdma_link::{Link, LinkConfig, Role, SecondStore, Transport};
@@ -30,19 +29,13 @@ fn engine(nvram: &Path, node: &str, medium: &Arc<MemMedium>, mirrored: bool) -> 
     Engine::open(
         region,
         EngineOptions {
-            node_name: node.into(),
-            partitions: 4,
             flush: nvmirror::flusher::FlushPolicy {
                 batch_bytes: 8 * MIB,
                 linger: std::time::Duration::from_millis(10),
             },
-            mode: OpenMode::Normal,
             mirrored,
-            degraded: DegradedPolicy::WriteThrough,
-            cluster: None,
             config_path: "write_path".into(),
-            out_of_sync: Default::default(),
-            host: nvmirror::host::system(),
+            ..EngineOptions::single_node(node, 4)
         },
         vec![LunSpec {
             name: "lun0".into(),

@@ -43,16 +43,9 @@ fn open_with(
     Engine::open(
         region,
         EngineOptions {
-            node_name: node.into(),
-            partitions: 2,
             flush,
             mode,
-            mirrored: false,
-            degraded: nvmirror::config::DegradedPolicy::WriteThrough,
-            cluster: None,
-            config_path: "test.toml".into(),
-            out_of_sync: Default::default(),
-            host: nvmirror::host::system(),
+            ..EngineOptions::single_node(node, 2)
         },
         vec![LunSpec {
             name: "lun0".into(),
@@ -376,21 +369,7 @@ fn layout_change_with_staged_records_is_refused() {
     let region = NvramRegion::open(&nv, Some(16 * MIB)).expect("region");
     let err = Engine::open(
         region,
-        EngineOptions {
-            node_name: "a".into(),
-            partitions: 2,
-            flush: nvmirror::flusher::FlushPolicy {
-                batch_bytes: 4 * MIB,
-                linger: std::time::Duration::from_millis(10),
-            },
-            mode: OpenMode::Normal,
-            mirrored: false,
-            degraded: nvmirror::config::DegradedPolicy::WriteThrough,
-            cluster: None,
-            config_path: "test.toml".into(),
-            out_of_sync: Default::default(),
-            host: nvmirror::host::system(),
-        },
+        EngineOptions::single_node("a", 2),
         vec![LunSpec {
             name: "lun0".into(),
             size: LUN_SIZE / 2,

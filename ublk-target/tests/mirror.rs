@@ -37,19 +37,9 @@ fn open_engine(
     Engine::open(
         region,
         EngineOptions {
-            node_name: node.into(),
-            partitions,
-            flush: nvmirror::flusher::FlushPolicy {
-                batch_bytes: 4 * MIB,
-                linger: std::time::Duration::from_millis(10),
-            },
-            mode: OpenMode::Normal,
             mirrored: true,
             degraded,
-            cluster: None,
-            config_path: "test.toml".into(),
-            out_of_sync: Default::default(),
-            host: nvmirror::host::system(),
+            ..EngineOptions::single_node(node, partitions)
         },
         vec![LunSpec {
             name: "lun0".into(),

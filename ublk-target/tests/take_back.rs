@@ -5,7 +5,7 @@
 //! `node::destination` does.
 
 use nvmirror::cluster::wire;
-use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode};
+use nvmirror::engine::{Engine, EngineOptions, LunSpec};
 use nvmirror::medium::MemMedium;
 use nvmirror::nvram::NvramRegion;
 use std::path::Path;
@@ -26,21 +26,7 @@ fn open(nvram: &Path, medium: &Arc<MemMedium>) -> Arc<Engine> {
     let region = NvramRegion::open(nvram, Some(16 * MIB)).expect("nvram");
     Engine::open(
         region,
-        EngineOptions {
-            node_name: "src1".into(),
-            partitions: 2,
-            flush: nvmirror::flusher::FlushPolicy {
-                batch_bytes: MIB,
-                linger: Duration::from_millis(5),
-            },
-            mode: OpenMode::Normal,
-            mirrored: false,
-            degraded: nvmirror::config::DegradedPolicy::WriteThrough,
-            cluster: None,
-            config_path: "test.toml".into(),
-            out_of_sync: Default::default(),
-            host: nvmirror::host::system(),
-        },
+        EngineOptions::single_node("src1", 2),
         vec![LunSpec {
             name: "lun0".into(),
             size: LUN_SIZE,

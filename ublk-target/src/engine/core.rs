@@ -158,6 +158,29 @@ pub struct EngineOptions {
     pub host: Arc<dyn Host>,
 }
 
+impl EngineOptions {
+    /// One node's options with the usual defaults (tests, examples, tools): a normal open,
+    /// no partner and no second store, write-through when degraded, 4 MiB flush batches
+    /// lingering 10 ms, the real machine's clock. Set what differs with `..`.
+    pub fn single_node(node_name: &str, partitions: u32) -> EngineOptions {
+        EngineOptions {
+            node_name: node_name.into(),
+            partitions,
+            flush: FlushPolicy {
+                batch_bytes: 4 << 20,
+                linger: std::time::Duration::from_millis(10),
+            },
+            mode: OpenMode::Normal,
+            mirrored: false,
+            degraded: DegradedPolicy::WriteThrough,
+            cluster: None,
+            config_path: "test.toml".into(),
+            out_of_sync: OutOfSyncOptions::default(),
+            host: crate::host::system(),
+        }
+    }
+}
+
 /// How the out-of-sync maps are made, and how fast the resync they drive copies.
 #[derive(Clone, Copy, Debug)]
 pub struct OutOfSyncOptions {

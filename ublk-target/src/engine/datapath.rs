@@ -551,7 +551,7 @@ fn settle(part: &PartitionLog, record: &RecordMeta, wrap: Option<RecordMeta>) {
 
 #[cfg(test)]
 mod tests {
-    use crate::engine::{Engine, EngineOptions, LunSpec, OpenMode};
+    use crate::engine::{Engine, EngineOptions, LunSpec};
     use crate::medium::MemMedium;
     use crate::nvram::NvramRegion;
     use futures::executor::block_on;
@@ -570,19 +570,11 @@ mod tests {
         let engine = Engine::open(
             region,
             EngineOptions {
-                node_name: "a".into(),
-                partitions: 2,
                 flush: crate::flusher::FlushPolicy {
                     batch_bytes: MIB,
                     linger: Duration::from_millis(5),
                 },
-                mode: OpenMode::Normal,
-                mirrored: false,
-                degraded: crate::config::DegradedPolicy::WriteThrough,
-                cluster: None,
-                config_path: "test.toml".into(),
-                out_of_sync: Default::default(),
-                host: crate::host::system(),
+                ..EngineOptions::single_node("a", 2)
             },
             vec![LunSpec {
                 name: "lun0".into(),
