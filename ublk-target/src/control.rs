@@ -287,30 +287,29 @@ fn serve_conn(
     }
 }
 
-/// `Request::Watch`: pushes the status whenever its snapshot changes. The wait between two
-/// checks is a read on the connection, so a client that hangs up (or writes) ends the stream
-/// at once instead of at the next change.
+/// `Request::Watch`: pushes the status whenever its snapshot changes. It takes a snapshot as
+/// soon as the engine raises a transition (`transitions::changed`), and every `interval_ms`
+/// for what raises none. While it waits it looks for the client hanging up (or writing)
+/// every [`HANGUP_CHECK`], so a gone client ends the stream soon, not at the next change.
 fn stream_changes(
     out: &mut UnixStream,
     handler: &(dyn Fn(Request) -> Response + Send + Sync),
     same_state: SameState,
     interval_ms: u64,
 ) {
-    let mut probe = match out.try_clone() {
-        Ok(p) => p,
-        Err(_) => return,
-    };
     // A client that stops reading (a paused `nvmirrorctl events`) is dropped, not waited
     // for: the thread is the only thing it holds.
-    if probe
-        .set_read_timeout(Some(Duration::from_millis(interval_ms)))
-        .and_then(|()| out.set_write_timeout(Some(Duration::from_secs(30))))
+    if out
+        .set_write_timeout(Some(Duration::from_secs(30)))
         .is_err()
     {
         return;
     }
+    let interval = Duration::from_millis(interval_ms);
     let mut last: Option<Box<DaemonStatus>> = None;
     loop {
+        // Read before the snapshot: a transition during it wakes the wait below at once.
+        let seen = crate::transitions::count();
         let resp = handler(Request::Status);
         let unchanged = match (&resp, &last) {
             (Response::Status(now), Some(before)) => same_state(before, now),
@@ -326,11 +325,39 @@ fn stream_changes(
                 _ => return,
             };
         }
-        match probe.read(&mut [0u8; 1]) {
-            Err(e) if no_data_yet(&e) => {}
-            // End of file, bytes or a broken connection: the client is done.
-            _ => return,
+        let poll_at = std::time::Instant::now() + interval;
+        loop {
+            let left = poll_at.saturating_duration_since(std::time::Instant::now());
+            if crate::transitions::wait_for_change(seen, left.min(HANGUP_CHECK)) {
+                break;
+            }
+            if client_done(out) {
+                return;
+            }
+            if left <= HANGUP_CHECK {
+                break;
+            }
         }
+    }
+}
+
+/// How often a stream that waits for a transition looks whether its client hung up.
+const HANGUP_CHECK: Duration = Duration::from_millis(250);
+
+/// The client hung up, wrote something (a stream takes no requests) or the connection
+/// broke: peeks without blocking and without taking the bytes.
+fn client_done(conn: &UnixStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    match recv(
+        conn.as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => false,
+        // End of file, bytes or an error.
+        _ => true,
     }
 }
 

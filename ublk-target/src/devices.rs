@@ -92,12 +92,14 @@ impl DeviceSet {
                     pid: std::process::id(),
                 });
             }
+            crate::transitions::changed();
         };
         let lun_name = spec.lun_name.clone();
         let result = frontend::serve(self.engine.clone(), spec, started);
         if let Ok(mut d) = self.live.lock() {
             d.retain(|x| x.lun != lun_name);
         }
+        crate::transitions::changed();
         result
     }
 

@@ -279,6 +279,7 @@ impl DiskLease {
                     );
                     drop(st);
                     self.changed.notify_waiters();
+                    crate::transitions::changed();
                 }
             }
             other => {
@@ -311,6 +312,7 @@ impl DiskLease {
                 st.last_error.as_deref().unwrap_or("no renewal")
             );
             self.changed.notify_waiters();
+            crate::transitions::changed();
         }
     }
 
@@ -424,6 +426,7 @@ impl DiskLease {
             }
         };
         self.changed.notify_waiters();
+        crate::transitions::changed();
         save_lease(self.store.as_ref(), &record).map_err(|e| e.to_string())
     }
 

@@ -51,4 +51,5 @@ pub mod ownership;
 pub mod reservation;
 pub mod shipping;
 pub mod state_events;
+pub mod transitions;
 pub mod watchdog;

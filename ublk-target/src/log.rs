@@ -721,6 +721,7 @@ impl PartitionLog {
                     );
                     st.failed = Some(e.to_string());
                     st.fenced = false;
+                    crate::transitions::changed();
                 }
             }
             st.check(self.size());
@@ -929,6 +930,7 @@ impl PartitionLog {
     }
 
     fn failed_wake(&self) {
+        crate::transitions::changed();
         self.space_freed.notify_waiters();
         self.flush_wanted.notify_one();
         self.released.notify_waiters();
@@ -957,6 +959,7 @@ impl PartitionLog {
 
     pub fn set_flush_paused(&self, paused: bool) {
         lock(&self.state).flush_paused = paused;
+        crate::transitions::changed();
         self.flush_wanted.notify_one();
     }
 

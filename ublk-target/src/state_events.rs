@@ -4,9 +4,13 @@
 //! whose fields changed.
 //!
 //! The daemon pushes a status over the control socket (`Request::Watch`) each time this
-//! snapshot of it changes (`same_state`), checked every interval in the daemon itself; so
-//! two changes within one interval show as one, and a state that lasts less than an interval
-//! may not show at all. `status` stays the source of truth.
+//! snapshot of it changes (`same_state`). Every place that changes a state the snapshot
+//! follows calls [`crate::transitions::changed`] (a partition failing or its flushing pausing, a range's gate or
+//! owner, the mirror link, a takeover's phase, the disk lease, a device), and the stream
+//! takes its snapshot at once; the interval is only the fallback for what has no such call
+//! (the lease running out with time). So each state shows, unless it lasts less than one
+//! snapshot (well under a millisecond) or the client reads slower than the states change;
+//! `status` stays the source of truth.
 
 use crate::control::DaemonStatus;
 use serde::Serialize;

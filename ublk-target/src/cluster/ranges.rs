@@ -344,7 +344,7 @@ impl Cluster {
                 // Nothing was claimed: their I/O goes to `from` again (never leave a gate
                 // closed on an error).
                 self.set_gates(&wanted, RangeState::Remote(from));
-                self.gate_opened.notify_waiters();
+                self.routes_changed();
                 Err(e)
             }
         }
@@ -383,6 +383,7 @@ impl Cluster {
         }
         ownership::save(self.store.as_ref(), &t)?;
         *self.table() = t;
+        crate::transitions::changed();
         Ok(moved)
     }
 
@@ -396,6 +397,13 @@ impl Cluster {
                 *g = state;
             }
         }
+        crate::transitions::changed();
+    }
+
+    /// Gates or owners changed: wake the I/O waiting at a gate and the event streams.
+    fn routes_changed(&self) {
+        self.gate_opened.notify_waiters();
+        crate::transitions::changed();
     }
 
     /// Routes `ranges` as the medium's table says now (best effort: on a read error they
@@ -412,7 +420,7 @@ impl Cluster {
             drop(gates);
             *self.table() = t;
         }
-        self.gate_opened.notify_waiters();
+        self.routes_changed();
     }
 
     /// Ranges we own that the config gives to `node`: what a giveback returns.
@@ -441,6 +449,7 @@ impl Cluster {
         for &(l, r) in ranges {
             gates[l as usize][r as usize] = RangeState::TakingOver;
         }
+        crate::transitions::changed();
     }
 
     /// The owners and epochs of `ranges` in the table as last read.
@@ -477,7 +486,7 @@ impl Cluster {
                 };
             }
         }
-        self.gate_opened.notify_waiters();
+        self.routes_changed();
         regained
     }
 
@@ -520,7 +529,7 @@ impl Cluster {
                 gates[l as usize][r as usize] = RangeState::Remote(to);
             }
         }
-        self.gate_opened.notify_waiters();
+        self.routes_changed();
         Ok(())
     }
 
@@ -588,7 +597,7 @@ impl Cluster {
         }
         *self.table() = t;
         self.table_read_during.store(acquisition, Ordering::SeqCst);
-        self.gate_opened.notify_waiters();
+        self.routes_changed();
         Ok(Reloaded { lost, held_again })
     }
 
@@ -606,7 +615,7 @@ impl Cluster {
                 };
             }
         }
-        self.gate_opened.notify_waiters();
+        self.routes_changed();
     }
 
     /// Last step of a takeover: the replay is done, open the gates.
@@ -617,7 +626,7 @@ impl Cluster {
                 gates[l as usize][r as usize] = RangeState::Local;
             }
         }
-        self.gate_opened.notify_waiters();
+        self.routes_changed();
     }
 
     /// Each node keeps its own medium (`storage = "own"`).
@@ -672,6 +681,7 @@ impl Cluster {
         }
         let wrote = media.mark(self.store.as_ref(), self.me, node, &marks)?;
         made.extend(marks.iter().copied());
+        crate::transitions::changed();
         if wrote {
             tracing::warn!(
                 "node {}'s medium now misses writes of {} range(s) {:?} (marked outdated on the arbiter; it may not take them over until a resync copies them)",
@@ -858,6 +868,7 @@ impl Cluster {
         if node == self.me {
             self.stale_here.remove(ranges);
         }
+        crate::transitions::changed();
         tracing::info!(
             "node {}'s medium holds {} range(s) {:?} again (resynced): marks withdrawn",
             self.node_name(node),

@@ -68,17 +68,26 @@ impl Engine {
         bytes_done: u64,
         bytes_total: u64,
     ) {
-        *self
+        let mut now = self
             .takeover
             .range_job
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(RangeJob {
+            .unwrap_or_else(|p| p.into_inner());
+        // Progress alone is no transition for the event stream; a new job is.
+        let new_job = now
+            .as_ref()
+            .is_none_or(|j| j.job != job || j.lun != lun.name || j.range != range);
+        *now = Some(RangeJob {
             job: job.into(),
             lun: lun.name.clone(),
             range,
             bytes_done,
             bytes_total,
         });
+        drop(now);
+        if new_job {
+            crate::transitions::changed();
+        }
     }
 
     /// Status: no range job under way.
@@ -88,5 +97,6 @@ impl Engine {
             .range_job
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
+        crate::transitions::changed();
     }
 }

@@ -149,6 +149,7 @@ impl TakeoverState {
         if let Ok(mut p) = self.progress.lock() {
             f(&mut p);
         }
+        crate::transitions::changed();
     }
 
     /// The running or last takeover, its clock read at `now`.

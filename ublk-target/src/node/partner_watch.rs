@@ -84,8 +84,14 @@ impl PartnerWatch {
         let mut up_since = host.now();
         // The partner was connected while its heartbeat stayed absent from our medium.
         let mut not_on_our_medium = false;
+        let mut last_state: Option<std::mem::Discriminant<LinkState>> = None;
         loop {
             let state = states.borrow_and_update().clone();
+            // The node's link and mirror state as the event stream shows them.
+            if last_state != Some(std::mem::discriminant(&state)) {
+                last_state = Some(std::mem::discriminant(&state));
+                crate::transitions::changed();
+            }
             match (&state, was_up) {
                 (LinkState::Closed, _) => return,
                 (LinkState::Up(_), false) => {
