@@ -90,15 +90,16 @@ enum Cmd {
     /// `destroy` line whenever the node, a device, an NVRAM partition, a range (owner,
     /// epoch, state, serving), a takeover or a resync changes. The daemon pushes each change
     /// over one connection as the engine raises it, so every state shows unless it lasts
-    /// less than one snapshot of the node (well under a millisecond). A daemon that stops
-    /// shows as `destroy` lines; the stream goes on.
+    /// less than taking one snapshot of the node (a status read). A daemon that stops shows
+    /// as `destroy` lines; the stream goes on.
     Events {
         /// One JSON object per line ({"schema": 1, "unix_ms", "what", "object", "name",
         /// "fields"}).
         #[arg(long)]
         json: bool,
-        /// How often the daemon also checks for what changes with time alone (a disk
-        /// lease running out), in milliseconds; every other change is pushed at once.
+        /// How often the daemon also checks for what changes with time or on the other
+        /// node alone (its disk lease running out, the partner no longer vouching for it),
+        /// in milliseconds; every other change is pushed at once.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(20..=60_000))]
         interval_ms: u64,
         /// Stop after this many seconds (default: until interrupted).

@@ -308,6 +308,11 @@ fn stream_changes(
     let interval = Duration::from_millis(interval_ms);
     let mut last: Option<Box<DaemonStatus>> = None;
     loop {
+        // Also here, not only while waiting: a stream woken by transitions all the time
+        // would otherwise never look.
+        if client_done(out) {
+            return;
+        }
         // Read before the snapshot: a transition during it wakes the wait below at once.
         let seen = crate::transitions::count();
         let resp = handler(Request::Status);

@@ -5,12 +5,15 @@
 //!
 //! The daemon pushes a status over the control socket (`Request::Watch`) each time this
 //! snapshot of it changes (`same_state`). Every place that changes a state the snapshot
-//! follows calls [`crate::transitions::changed`] (a partition failing or its flushing pausing, a range's gate or
-//! owner, the mirror link, a takeover's phase, the disk lease, a device), and the stream
-//! takes its snapshot at once; the interval is only the fallback for what has no such call
-//! (the lease running out with time). So each state shows, unless it lasts less than one
-//! snapshot (well under a millisecond) or the client reads slower than the states change;
-//! `status` stays the source of truth.
+//! follows calls [`crate::transitions::changed`] (a partition failing or its flushing pausing,
+//! a range's gate or owner, a medium marked outdated, the mirror link, a takeover's phase,
+//! the disk lease, a device), and the stream takes its snapshot at once; the interval is only
+//! the fallback for what changes with time or on the other node alone (this node's lease
+//! running out, the partner no longer vouching for it, marks the partner makes about this
+//! node's medium). So each state shows unless it lasts less than taking one snapshot (a
+//! status read: about a millisecond, more with `storage = "own"`, where it reads the
+//! arbiter's marks) or the client reads slower than the states change; `status` stays the
+//! source of truth.
 
 use crate::control::DaemonStatus;
 use serde::Serialize;

@@ -728,6 +728,7 @@ impl Cluster {
                 .entry(self.me)
                 .or_default()
                 .extend(marks.iter().copied());
+            crate::transitions::changed();
             tracing::error!(
                 "our own medium misses writes of range(s) {owned:?} (a flush batch failed on it; node {}'s medium took it; marked outdated on the arbiter): their reads come from node {}'s medium until the repair",
                 self.node_name(self.partner()),

@@ -84,14 +84,17 @@ impl PartnerWatch {
         let mut up_since = host.now();
         // The partner was connected while its heartbeat stayed absent from our medium.
         let mut not_on_our_medium = false;
-        let mut last_state: Option<std::mem::Discriminant<LinkState>> = None;
+        // The node's link and mirror state as the event stream shows them, raised by a task
+        // of its own: this loop can wait out a whole takeover.
+        let raising = self.engine.host().spawn(
+            "link-events",
+            Box::pin(raise_link_changes(self.link.subscribe())),
+        );
+        if let Err(e) = raising {
+            tracing::warn!("no task for the link's state changes ({e}): `nvmirrorctl events` shows them at its polls only");
+        }
         loop {
             let state = states.borrow_and_update().clone();
-            // The node's link and mirror state as the event stream shows them.
-            if last_state != Some(std::mem::discriminant(&state)) {
-                last_state = Some(std::mem::discriminant(&state));
-                crate::transitions::changed();
-            }
             match (&state, was_up) {
                 (LinkState::Closed, _) => return,
                 (LinkState::Up(_), false) => {
@@ -219,6 +222,18 @@ impl PartnerWatch {
                 tracing::error!("automatic takeover from {name} failed: {e}");
                 engine.set_takeover_note(Some(format!("automatic takeover failed: {e}")));
             }
+        }
+    }
+}
+
+/// Raises each state of the link for the event stream until the link is closed.
+async fn raise_link_changes(mut states: tokio::sync::watch::Receiver<LinkState>) {
+    loop {
+        crate::transitions::changed();
+        if matches!(*states.borrow_and_update(), LinkState::Closed)
+            || states.changed().await.is_err()
+        {
+            return;
         }
     }
 }
