@@ -107,18 +107,7 @@ await b-gaveback 180 a2 b
 say "giveback done"
 
 # Both guests finish on their own (bounded by their VM timeouts).
-for _ in $(seq 1500); do
-	vm_running a2 || vm_running b || break
-	[[ -e $SYNC/abort ]] && fail "a VM gave up: $(cat "$SYNC/abort")"
-	sleep 0.2
-done
-rc=()
-for n in a2 b; do
-	r=0
-	wait "${vm_pid[$n]}" || r=$?
-	unset "vm_pid[$n]"
-	rc+=("$r")
-done
+collect_exits 1500 a2 b
 say "VM a2 exit ${rc[0]}, VM b exit ${rc[1]}"
 if [[ ${rc[0]} == 0 && ${rc[1]} == 0 ]]; then
 	if [[ $storage == own ]]; then

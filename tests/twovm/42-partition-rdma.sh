@@ -174,17 +174,7 @@ for kind in "${cycles[@]}"; do
 done
 
 mark finish
-for _ in $(seq 300); do
-	vm_running a || vm_running b || break
-	sleep 0.2
-done
-rc=()
-for v in a b; do
-	r=0
-	wait "${vm_pid[$v]}" || r=$?
-	unset "vm_pid[$v]"
-	rc+=("$r")
-done
+collect_exits 300 a b
 say "VM a exit ${rc[0]}, VM b exit ${rc[1]}; relay: $(tr '\n' ';' <"$OUT/relay.log")"
 if [[ ${rc[0]} == 0 && ${rc[1]} == 0 ]]; then
 	rm -f "$OUT"/pmem-*.img "$OUT"/shared.img

@@ -51,17 +51,7 @@ say "the destination exported the source's volume, verified it, wrote to it and 
 boot a2 a2 300 connect
 await a2-done 300 a2 b
 await b-done 120 b
-for _ in $(seq 600); do
-	vm_running a2 || vm_running b || break
-	sleep 0.2
-done
-rc=()
-for n in a2 b; do
-	r=0
-	wait "${vm_pid[$n]}" || r=$?
-	unset "vm_pid[$n]"
-	rc+=("$r")
-done
+collect_exits 600 a2 b
 say "VM a2 exit ${rc[0]}, VM b exit ${rc[1]}"
 if [[ ${rc[0]} == 0 && ${rc[1]} == 0 ]]; then
 	rm -f "$OUT"/pmem-*.img "$OUT"/medium-?.img "$OUT"/arbiter.img

@@ -451,6 +451,9 @@ say "src2, exported, refuses to serve (exit $rc): \"$(grep -o 'the destination e
 [[ -f logs/src2/serve.toml.returned && ! -e logs/src2/serve.toml ]] || fail "the images' node's config was not retired by return-image"
 [[ $(dest_field '[s["volume"] for s in d["sources"] if s["name"] == "src2"][0]') == returning ]] ||
 	fail "the destination's status does not say src2's volume is being returned"
+out=$("$NVMCTL" --config dest.toml export --source src2 --force 2>&1) && fail "export --force of a volume being given back: $out"
+grep -q "being given back" <<<"$out" || fail "export --force after return-image does not say why it is refused: $out"
+[[ -f logs/src2/serve.toml.returned && ! -e logs/src2/serve.toml ]] || fail "a refused export wrote the images' node's config again"
 nvm_start src2.toml daemon-src2.log
 src_pid[src2]=$NVM_LAST_PID
 taken=$(grep -o "taken back from the destination's image: [0-9]* of [0-9]* byte(s) differed" daemon-src2.log | tail -1)

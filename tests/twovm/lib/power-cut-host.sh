@@ -126,6 +126,27 @@ boot() { # NAME ROLE TIMEOUT listen|connect [PORT]
 	say "booting VM $name ($role, $mode on 127.0.0.1:$link_port, NVDIMM $(basename "$nvdimm"), timeout ${tmo}s)"
 }
 vm_running() { kill -0 "${vm_pid[$1]}" 2>/dev/null; }
+
+# Waits up to TICKS x 0.2 s for the named VMs to finish on their own (failing at once if a
+# guest gave up), then collects their exit codes into the array `rc`, in the order named.
+collect_exits() { # TICKS NAME...
+	local ticks=$1 n r
+	shift
+	for _ in $(seq "$ticks"); do
+		r=
+		for n in "$@"; do vm_running "$n" && r=running; done
+		[[ -n $r ]] || break
+		[[ -e $SYNC/abort ]] && fail "a VM gave up: $(cat "$SYNC/abort")"
+		sleep 0.2
+	done
+	rc=()
+	for n in "$@"; do
+		r=0
+		wait "${vm_pid[$n]}" || r=$?
+		unset "vm_pid[$n]"
+		rc+=("$r")
+	done
+}
 # await NAME SECONDS VM...: until sync/NAME exists; fails on abort, on timeout,
 # or when one of the VMs that should produce it has ended.  A test may define
 # pc_await_hook, run at every poll (46-pacemaker.sh honours fence requests there).

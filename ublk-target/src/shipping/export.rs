@@ -41,6 +41,13 @@ pub enum ExportError {
          written since; add --force to export them again as they are"
     )]
     Exported { at: u64 },
+    #[error(
+        "the images of this source are being given back (return-image at Unix time {at}): \
+         the source takes its volume back at its next start, and serving the images as well \
+         would let two nodes serve it. Wait until the source has taken it back (the \
+         destination's status shows it shipping again), then export anew"
+    )]
+    Returning { at: u64 },
 }
 
 /// One LUN's image.
@@ -95,6 +102,10 @@ pub fn export(
     force: bool,
     timeout: Duration,
 ) -> Result<ExportReport, ExportError> {
+    // Not even with `force`: once given back, the images are the source's to take.
+    if let crate::cluster::wire::ShipState::Returning(at) = logs.ship_state() {
+        return Err(ExportError::Returning { at });
+    }
     let points = match logs.image_state().exported_unix {
         Some(at) if !force => return Err(ExportError::Exported { at }),
         // Again: the images as they are (they may have been written since), nothing applied.

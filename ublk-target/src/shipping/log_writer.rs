@@ -1231,6 +1231,11 @@ mod tests {
             Ok(at),
             "allowing it again changes nothing"
         );
+        // The images are the source's to take now: no export again, even forced.
+        let e = crate::shipping::export::export(&logs, "src", None, true, Duration::from_secs(5))
+            .expect_err("an export of images being given back");
+        assert!(e.to_string().contains("being given back"), "{e}");
+        assert_eq!(logs.ship_state(), ShipState::Returning(at));
         let e = logs
             .returned(
                 ShipReturned {
