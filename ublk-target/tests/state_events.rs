@@ -48,18 +48,24 @@ fn paused(s: &DaemonStatus) -> Vec<bool> {
     s.engine.partitions.iter().map(|p| p.flush_paused).collect()
 }
 
-#[test]
-fn a_state_shorter_than_the_polling_interval_is_pushed_as_it_happens() {
+/// An engine, its control socket, and a stream of its status with a minute between polls
+/// (anything pushed sooner was raised by the engine), with the first status it pushed.
+fn watched_engine() -> (tempfile::TempDir, Arc<Engine>, control::Watch, DaemonStatus) {
     let dir = tempfile::tempdir().expect("tmp");
     let engine = open(dir.path());
     let socket = dir.path().join("control.sock");
     serve(engine.clone(), &socket);
-    // A minute between polls: anything pushed sooner was raised by the engine.
     let mut watch = control::Watch::start(&socket, 60_000).expect("watch");
     let first = watch
         .next(Duration::from_secs(10))
         .expect("first status")
         .expect("the current state at once");
+    (dir, engine, watch, first)
+}
+
+#[test]
+fn a_state_shorter_than_the_polling_interval_is_pushed_as_it_happens() {
+    let (_dir, engine, mut watch, first) = watched_engine();
     assert_eq!(paused(&first), [false, false]);
 
     let started = Instant::now();
@@ -88,15 +94,7 @@ fn a_state_shorter_than_the_polling_interval_is_pushed_as_it_happens() {
 
 #[test]
 fn a_failed_partition_is_pushed_with_its_reason() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let engine = open(dir.path());
-    let socket = dir.path().join("control.sock");
-    serve(engine.clone(), &socket);
-    let mut watch = control::Watch::start(&socket, 60_000).expect("watch");
-    let first = watch
-        .next(Duration::from_secs(10))
-        .expect("first status")
-        .expect("the current state at once");
+    let (_dir, engine, mut watch, first) = watched_engine();
     let before = state_events::snapshot(&first);
 
     engine.stop_serving_volume("the destination exported this volume");

@@ -103,9 +103,8 @@ pub fn export(
     timeout: Duration,
 ) -> Result<ExportReport, ExportError> {
     // Not even with `force`: once given back, the images are the source's to take.
-    if let crate::cluster::wire::ShipState::Returning(at) = logs.ship_state() {
-        return Err(ExportError::Returning { at });
-    }
+    logs.not_being_returned()
+        .map_err(|at| ExportError::Returning { at })?;
     let points = match logs.image_state().exported_unix {
         Some(at) if !force => return Err(ExportError::Exported { at }),
         // Again: the images as they are (they may have been written since), nothing applied.
