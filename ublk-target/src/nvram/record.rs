@@ -67,6 +67,31 @@ pub enum HeaderProblem {
 }
 
 impl RecordHeader {
+    /// A data record of `data` at `offset` of LUN 0, for tests that build logs; each sets
+    /// what else it needs with struct update syntax.
+    #[cfg(test)]
+    pub(crate) fn test_data(
+        log_id: u64,
+        partition: u32,
+        seq: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> RecordHeader {
+        RecordHeader {
+            kind: RecordKind::Data,
+            flags: 0,
+            log_id,
+            seq,
+            lun: 0,
+            partition,
+            offset,
+            len: data.len() as u32,
+            data_len: data.len() as u32,
+            acked_through: 0,
+            data_crc: crc32c::crc32c(data),
+        }
+    }
+
     /// Bytes the record occupies in the log, header and padding included.
     pub fn slot_bytes(data_len: u64) -> u64 {
         (HEADER_BYTES + data_len).div_ceil(RECORD_ALIGN) * RECORD_ALIGN

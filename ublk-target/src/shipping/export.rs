@@ -265,16 +265,8 @@ mod tests {
         };
         let h = RecordHeader {
             kind,
-            flags: 0,
-            log_id: LOG,
-            seq,
-            lun: 0,
-            partition,
-            offset,
             len: if kind == RecordKind::Wrap { 0 } else { 4096 },
-            data_len: data.len() as u32,
-            acked_through: 0,
-            data_crc: crc32c::crc32c(&data),
+            ..RecordHeader::test_data(LOG, partition, seq, offset, &data)
         };
         (h, data)
     }

@@ -560,16 +560,9 @@ mod tests {
         };
         let h = RecordHeader {
             kind,
-            flags: 0,
-            log_id: LOG,
-            seq,
-            lun: 0,
-            partition: 0,
-            offset,
             len: if kind == RecordKind::Wrap { 0 } else { len },
-            data_len: data.len() as u32,
             acked_through: seq - 1,
-            data_crc: crc32c::crc32c(&data),
+            ..RecordHeader::test_data(LOG, 0, seq, offset, &data)
         };
         (h, data)
     }

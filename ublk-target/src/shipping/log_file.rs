@@ -517,17 +517,8 @@ mod tests {
     fn record(seq: u64, fill: u8, len: usize) -> (RecordHeader, Vec<u8>) {
         let data = vec![fill; len];
         let h = RecordHeader {
-            kind: RecordKind::Data,
-            flags: 0,
-            log_id: LOG,
-            seq,
-            lun: 0,
-            partition: 2,
-            offset: seq * 4096,
-            len: len as u32,
-            data_len: len as u32,
             acked_through: seq.saturating_sub(1),
-            data_crc: crc32c::crc32c(&data),
+            ..RecordHeader::test_data(LOG, 2, seq, seq * 4096, &data)
         };
         (h, data)
     }

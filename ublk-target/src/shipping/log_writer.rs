@@ -1066,19 +1066,7 @@ mod tests {
         /// The same, of source log `log`.
         fn land_of(&mut self, log: u64, seq: u64) {
             let data = vec![seq as u8; 4096];
-            let h = RecordHeader {
-                kind: RecordKind::Data,
-                flags: 0,
-                log_id: log,
-                seq,
-                lun: 0,
-                partition: 0,
-                offset: seq * 4096,
-                len: 4096,
-                data_len: 4096,
-                acked_through: 0,
-                data_crc: crc32c::crc32c(&data),
-            };
+            let h = RecordHeader::test_data(log, 0, seq, seq * 4096, &data);
             let region = self.area.region();
             assert!(region.write_bytes(self.pos, &h.encode()));
             assert!(region.write_bytes(self.pos + 64, &data));
@@ -1306,19 +1294,7 @@ mod tests {
         f.pos = at;
         f.land(3);
         f.pos = at;
-        let h = RecordHeader {
-            kind: RecordKind::Data,
-            flags: 0,
-            log_id: LOG,
-            seq: 9,
-            lun: 0,
-            partition: 0,
-            offset: 0,
-            len: 4096,
-            data_len: 4096,
-            acked_through: 0,
-            data_crc: crc32c::crc32c(&[9u8; 4096]),
-        };
+        let h = RecordHeader::test_data(LOG, 0, 9, 0, &[9u8; 4096]);
         assert!(f.area.region().write_bytes(at, &h.encode()));
         f.pos = at + 2 * 4160;
         f.land(10);
@@ -1394,19 +1370,7 @@ mod tests {
             let data: Vec<u8> = (0..blocks * 4096)
                 .map(|i| (seq as u8).wrapping_mul(31) ^ (i / 512) as u8)
                 .collect();
-            let h = RecordHeader {
-                kind: RecordKind::Data,
-                flags: 0,
-                log_id: LOG,
-                seq,
-                lun: 0,
-                partition: 0,
-                offset,
-                len: data.len() as u32,
-                data_len: data.len() as u32,
-                acked_through: 0,
-                data_crc: crc32c::crc32c(&data),
-            };
+            let h = RecordHeader::test_data(LOG, 0, seq, offset, &data);
             stream.push((h, pos, data));
             pos += h.slot();
         }
