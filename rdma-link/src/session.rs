@@ -63,6 +63,12 @@ pub(crate) struct Session {
     serving: BTreeSet<u64>,
     last_rx: Instant,
     last_ping: Instant,
+    /// When `on_tick` last ran. A tick long after the previous one means this loop was not
+    /// running (its thread unscheduled): the peer's messages of that time may still wait in
+    /// the transport, so silence is not judged on that tick (see `on_tick`).
+    last_tick: Instant,
+    /// A tick after a stall of ours already passed over the silence; the next one judges it.
+    stall_excused: bool,
     /// Control messages to send, in order.
     outbox: VecDeque<Msg>,
     /// Acks in `outbox`: records received and not acknowledged on the wire yet. A peer that
@@ -88,6 +94,8 @@ impl Session {
             serving: BTreeSet::new(),
             last_rx: now,
             last_ping: now,
+            last_tick: now,
+            stall_excused: false,
             outbox: VecDeque::new(),
             acks_queued: 0,
             records: VecDeque::new(),
@@ -462,13 +470,30 @@ impl Session {
     pub(crate) fn on_tick(&mut self) -> Result<()> {
         let cfg = &self.shared.cfg;
         let now = Instant::now();
+        let since_tick = now.duration_since(self.last_tick);
+        self.last_tick = now;
+        let stalled = since_tick > cfg.tick_interval() * 2;
+        if stalled && since_tick > cfg.heartbeat_timeout / 2 {
+            tracing::warn!(
+                peer = cfg.peer_node_id,
+                "the mirror link's loop did not run for {since_tick:?} (its thread was not scheduled or blocked)"
+            );
+        }
         let silent = now.duration_since(self.last_rx);
         if silent > cfg.heartbeat_timeout {
+            // After a stall of ours, what the peer sent meanwhile is handled first (the loop
+            // takes arrivals before ticks): one tick later, and only once in a row, so a
+            // loop that keeps stalling still finds a dead peer.
+            if stalled && !self.stall_excused {
+                self.stall_excused = true;
+                return Ok(());
+            }
             return Err(self.shared.down_err(format!(
-                "no heartbeat or message from node {} for {:?} (timeout {:?})",
-                cfg.peer_node_id, silent, cfg.heartbeat_timeout
+                "no heartbeat or message from node {} for {:?} (timeout {:?}; this loop's previous check was {:?} before)",
+                cfg.peer_node_id, silent, cfg.heartbeat_timeout, since_tick
             )));
         }
+        self.stall_excused = false;
         if let Some((_, oldest)) = self.inflight.first_key_value() {
             if now.duration_since(oldest.sent) > cfg.ack_timeout {
                 return Err(self.shared.down_err(format!(

@@ -386,6 +386,38 @@ async fn heartbeats_are_sent_when_due_and_a_silent_peer_times_out() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn after_a_stall_of_our_loop_the_peers_queued_messages_count_before_silence_does() {
+    let mut f = fixture();
+    f.session.on_tick().unwrap();
+    // Our loop did not run for 3 s (tick interval 100 ms, timeout 1 s): the first tick after
+    // it passes over the silence, and the peer's queued heartbeat is handled next.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    f.session.on_tick().unwrap();
+    f.session.on_msg(Msg::Pong { stamp: 0 }).unwrap();
+    tokio::time::advance(Duration::from_millis(100)).await;
+    f.session.on_tick().unwrap();
+    // A loop that keeps stalling still finds a silent peer: excused once in a row only.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    f.session.on_tick().unwrap();
+    tokio::time::advance(Duration::from_secs(3)).await;
+    let e = error_text(f.session.on_tick());
+    assert!(
+        e.contains("no heartbeat or message from node 2 for 6.1s")
+            && e.contains("previous check was 3s before"),
+        "{e}"
+    );
+    // Without a stall of ours the silence is judged on time.
+    let mut f = fixture();
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        f.session.on_tick().unwrap();
+    }
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let e = error_text(f.session.on_tick());
+    assert!(e.contains("for 1.1s"), "{e}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_unacknowledged_post_times_out_after_the_ack_timeout() {
     let mut f = fixture();
     let (_, mut rx) = post(&mut f.session, 1);
