@@ -476,7 +476,7 @@ impl Session {
         if stalled && since_tick > cfg.heartbeat_timeout / 2 {
             tracing::warn!(
                 peer = cfg.peer_node_id,
-                "the mirror link's loop did not run for {since_tick:?} (its thread was not scheduled or blocked)"
+                "the mirror link's loop checked its timers {since_tick:?} after the previous check (its thread was not scheduled, blocked, or busy)"
             );
         }
         let silent = now.duration_since(self.last_rx);

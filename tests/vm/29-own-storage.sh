@@ -52,7 +52,7 @@ for n in a b; do
 	# Steps 5 and 6 load both daemons at once on 2 TCG vCPUs: node-a heard nothing from
 	# node-b for 1.0 s once (CI, 97c6d4e) and for 2.08 s once (CI, b3323c9, step 6 as its
 	# first batch failed), the link was called down and a write failed. The link now logs
-	# a stall of its own loop ("did not run for"); 3 s absorbs the stalls seen so far.
+	# a stall of its own loop ("checked its timers ... after"); 3 s absorbs the stalls seen so far.
 	sed -i 's/^heartbeat_timeout_ms = .*/heartbeat_timeout_ms = 3000/' node-$n.toml
 done
 out=$("$NVMCTL" config check node-a.toml 2>&1) || fail "config check of the own-storage config: $out"
