@@ -100,6 +100,12 @@ pub enum Fault {
         node: usize,
         duration: Duration,
     },
+    /// A node's mirror-link thread stops (blocked or unscheduled) while the rest of the node
+    /// runs: its heartbeats, acknowledgements and requests stop, its engine goes on.
+    LinkStall {
+        node: usize,
+        duration: Duration,
+    },
     /// With `storage = "own"`: a node's own medium (not the arbiter) fails every read and
     /// write for a while.
     MediumFailure {
@@ -200,6 +206,10 @@ pub struct FaultMix {
     /// With `storage = "own"`: a node's own medium fails now and then (a stream of its own,
     /// so the other faults of every seed stay as they were).
     pub medium_failures: bool,
+    /// A node's link thread stalls now and then ([`Fault::LinkStall`]; a stream of its own,
+    /// so the other faults of every seed stay as they were). Off in [`FaultMix::all`]: the
+    /// seeds named before it was simulated keep their scenarios.
+    pub link_stalls: bool,
     /// Blocking work (medium I/O) takes a few simulated milliseconds instead of none: its
     /// effects happen at once, the task that waits for it resumes later, so other tasks run
     /// in between (a read then reports bytes that may have changed since).
@@ -233,6 +243,7 @@ impl FaultMix {
             handovers: true,
             takeovers: true,
             medium_failures: true,
+            link_stalls: false,
             io_delay: false,
             resync_rate: None,
         }
@@ -255,6 +266,12 @@ impl FaultMix {
         self
     }
 
+    /// The same mix with link-thread stalls ([`FaultMix::link_stalls`]).
+    pub fn with_link_stalls(mut self) -> FaultMix {
+        self.link_stalls = true;
+        self
+    }
+
     /// Only `kinds`, equally likely.
     pub fn only(kinds: &[FaultKind], rate: f64) -> FaultMix {
         FaultMix {
@@ -266,6 +283,7 @@ impl FaultMix {
             handovers: false,
             takeovers: false,
             medium_failures: false,
+            link_stalls: false,
             io_delay: false,
             resync_rate: None,
         }
@@ -341,6 +359,11 @@ impl Settings {
         if mix.own_storage && mix.medium_failures {
             let end = duration.saturating_sub(Duration::from_secs(1));
             s.faults.extend(draw_medium_failures(seed, end));
+        }
+        if mix.link_stalls {
+            let end = duration.saturating_sub(Duration::from_secs(1));
+            s.faults
+                .extend(draw_link_stalls(seed, end, s.heartbeat_timeout));
         }
         if mix.takeovers && !s.takeover_auto {
             let t = s.heartbeat_timeout;
@@ -533,6 +556,24 @@ fn draw_takeovers(
         }
     }
     out
+}
+
+/// Link-thread stalls, about one per 8 simulated seconds, each for 0.2 to 3 heartbeat
+/// timeouts (shorter ones the link must ride out, longer ones the partner sees as silence).
+fn draw_link_stalls(seed: u64, end: Duration, timeout: Duration) -> Vec<(Duration, Fault)> {
+    use rand::SeedableRng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x11c5_7a11_0000_0005);
+    let mut out = Vec::new();
+    let mut at = Duration::from_millis(500);
+    loop {
+        at += Duration::from_secs_f64(-(1.0 - rng.gen::<f64>()).ln() * 8.0);
+        if at >= end {
+            return out;
+        }
+        let node = rng.gen_range(0..2);
+        let duration = between(&mut rng, timeout / 5, timeout * 3);
+        out.push((at, Fault::LinkStall { node, duration }));
+    }
 }
 
 /// Own media failing (`storage = "own"`), about one per 10 simulated seconds, each for

@@ -159,13 +159,67 @@ impl Host for SimHost {
     }
 }
 
-/// The link's spawner inside the simulation: its tasks belong to the node's life.
+/// Holds back some tasks of a running process while the rest of it runs: the mirror link's
+/// thread blocked or unscheduled (its heartbeats stop, the engine goes on). Killing or
+/// freezing the process still goes through its [`Life`].
+#[derive(Default)]
+pub struct Stall {
+    state: Mutex<(bool, Vec<Waker>)>,
+}
+
+impl Stall {
+    fn state(&self) -> MutexGuard<'_, (bool, Vec<Waker>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stop(&self) {
+        self.state().0 = true;
+    }
+
+    pub fn go(&self) {
+        let held = {
+            let mut st = self.state();
+            st.0 = false;
+            std::mem::take(&mut st.1)
+        };
+        for w in held {
+            w.wake();
+        }
+    }
+}
+
+/// A task that runs only while its [`Stall`] lets it.
+struct Stallable {
+    inner: rdma_link::Task,
+    stall: Arc<Stall>,
+}
+
+impl Future for Stallable {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        {
+            let mut st = self.stall.state();
+            if st.0 {
+                st.1.push(cx.waker().clone());
+                return Poll::Pending;
+            }
+        }
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// The link's spawner inside the simulation: its tasks belong to the node's life, and
+/// `stall` holds them back alone.
 pub struct SimSpawner {
     pub life: Arc<Life>,
+    pub stall: Arc<Stall>,
 }
 
 impl rdma_link::Spawn for SimSpawner {
     fn spawn(&self, task: rdma_link::Task) {
-        self.life.spawn(task);
+        self.life.spawn(Stallable {
+            inner: task,
+            stall: self.stall.clone(),
+        });
     }
 }

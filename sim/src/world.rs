@@ -16,7 +16,7 @@
 
 use crate::disk::SimDisk;
 use crate::faults::{self, Fault, Settings};
-use crate::life::{Life, SimHost, SimSpawner};
+use crate::life::{Life, SimHost, SimSpawner, Stall};
 use crate::model::{block_data, decode, Decoded, Model, BLOCK};
 use crate::net::{Latency, SimNet};
 use crate::trace::{self, SharedTrace, Trace, TraceLayer};
@@ -369,6 +369,8 @@ struct Boot {
     net: Arc<SimNet>,
     shared: Arc<Shared>,
     life_no: u32,
+    /// Holds back the link's tasks alone (see [`Fault::LinkStall`]).
+    link_stall: Arc<Stall>,
 }
 
 impl Boot {
@@ -467,6 +469,7 @@ impl Boot {
             self.net.for_node(id),
             Arc::new(SimSpawner {
                 life: self.life.clone(),
+                stall: self.link_stall.clone(),
             }),
         )
         .map_err(|e| format!("the link did not start: {e}"))?;
@@ -526,6 +529,8 @@ struct Node {
     booted: Arc<Mutex<Option<Result<Running, String>>>>,
     /// Counts the node's starts: events aimed at an earlier life are dropped.
     life_no: u32,
+    /// The current life's link stall (see [`Fault::LinkStall`]).
+    link_stall: Arc<Stall>,
 }
 
 #[derive(Debug)]
@@ -534,6 +539,7 @@ enum Event {
     CutEnd { from: usize, to: usize },
     Restart { node: usize },
     Resume { node: usize, life_no: u32 },
+    LinkGo { node: usize, life_no: u32 },
     PathBack { node: usize },
     MediumBack { node: usize },
     FlushResume { node: usize, life_no: u32 },
@@ -644,6 +650,7 @@ impl World {
                 booting: None,
                 booted: Arc::new(Mutex::new(None)),
                 life_no: 0,
+                link_stall: Arc::default(),
             })
             .collect();
         World {
@@ -778,6 +785,13 @@ impl World {
                 }
                 self.impair(-1);
             }
+            Event::LinkGo { node, life_no } => {
+                if self.nodes[node].life_no == life_no {
+                    self.nodes[node].link_stall.go();
+                    self.note(format!("n{node}'s link runs again"));
+                }
+                self.impair(-1);
+            }
             Event::MediumBack { node } => {
                 self.impair(-1);
                 self.media[node].set_path_failed(node, false);
@@ -845,6 +859,7 @@ impl World {
         let s = &self.s;
         let node = &mut self.nodes[id];
         node.life_no += 1;
+        node.link_stall = Arc::default();
         let life = Life::new(&node.name);
         let host: Arc<dyn Host> = Arc::new(SimHost {
             life: life.clone(),
@@ -881,6 +896,7 @@ impl World {
             net: self.net.clone(),
             shared: self.shared.clone(),
             life_no: node.life_no,
+            link_stall: node.link_stall.clone(),
         };
         let slot = node.booted.clone();
         life.spawn(async move {
@@ -1057,6 +1073,12 @@ impl World {
                     let life_no = self.nodes[node].life_no;
                     self.after(duration, Event::Resume { node, life_no });
                 }
+            }
+            Fault::LinkStall { node, duration } => {
+                self.impair(1);
+                self.nodes[node].link_stall.stop();
+                let life_no = self.nodes[node].life_no;
+                self.after(duration, Event::LinkGo { node, life_no });
             }
             Fault::PathFailure { node, duration } => {
                 self.impair(1);

@@ -42,6 +42,11 @@ struct Args {
     /// were simulated).
     #[arg(long)]
     no_medium_failures: bool,
+    /// Also stall a node's mirror-link thread now and then while the rest of it runs (its
+    /// heartbeats stop, its engine goes on). Off by default so that seeds named before keep
+    /// their scenarios.
+    #[arg(long)]
+    link_stalls: bool,
     /// Force the takeover policy of both nodes: auto or manual (default: drawn per seed).
     #[arg(long)]
     takeover: Option<String>,
@@ -173,6 +178,9 @@ fn main() {
         }
         if args.no_medium_failures {
             m.medium_failures = false;
+        }
+        if args.link_stalls {
+            m = m.with_link_stalls();
         }
         if args.no_handovers {
             m = m.without_handovers();
