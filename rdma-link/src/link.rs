@@ -392,6 +392,15 @@ impl Link {
         self.shared.state.borrow().clone()
     }
 
+    /// The current connection's generation while the link is up, else None (no clone of
+    /// the state: cheap enough to ask per request).
+    pub fn up_generation(&self) -> Option<u64> {
+        match &*self.shared.state.borrow() {
+            LinkState::Up(info) => Some(info.generation),
+            _ => None,
+        }
+    }
+
     /// A receiver that sees every state change (`changed().await`).
     pub fn subscribe(&self) -> watch::Receiver<LinkState> {
         self.shared.state.subscribe()

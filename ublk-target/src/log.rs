@@ -48,6 +48,8 @@ pub enum LogError {
     Shutdown { partition: u32 },
     #[error("record {seq} of NVRAM partition {partition} died unwritten: this node lost its range after staging it")]
     Dead { partition: u32, seq: u64 },
+    #[error("not staged in NVRAM partition {partition}: {why}")]
+    Refused { partition: u32, why: String },
 }
 
 /// What the flusher needs to know about a durable record.
@@ -401,6 +403,9 @@ impl PartitionLog {
     /// `on_copied(seq, nvram_offset_of_data)` runs after the bytes are in the NVRAM and
     /// before the record can become durable (so before the flusher can see it): the engine
     /// indexes the record there. Returns a future that resolves when the record is durable.
+    /// `placeable` is asked each time the record may take its place (before each try for
+    /// space): an error refuses it (`LogError::Refused`), nothing staged.
+    #[allow(clippy::too_many_arguments)]
     pub async fn append(
         &self,
         kind: RecordKind,
@@ -408,6 +413,7 @@ impl PartitionLog {
         offset: u64,
         len: u64,
         data: &[u8],
+        placeable: &(dyn Fn() -> Result<(), String> + Sync),
         on_copied: impl FnOnce(u64, u64),
     ) -> Result<Staged, LogError> {
         assert!(kind != RecordKind::Wrap);
@@ -418,6 +424,14 @@ impl PartitionLog {
             let freed = self.space_freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
+            // Asked each time the record may get its place (no wait between this and the
+            // reservation below): a writer that waited for space may no longer be wanted.
+            if let Err(why) = placeable() {
+                return Err(LogError::Refused {
+                    partition: self.id,
+                    why,
+                });
+            }
             {
                 let mut st = lock(&self.state);
                 if let Some(msg) = &st.failed {
@@ -583,6 +597,7 @@ impl PartitionLog {
             start,
             end - start,
             &payload,
+            &|| Ok(()),
             |seq, _| lock(&self.state).voids.raise(lun, start, end, seq),
         )
         .await

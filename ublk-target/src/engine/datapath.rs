@@ -104,7 +104,8 @@ impl Engine {
     /// Stages the pieces of an I/O that fall in ranges we serve (`skip`: pieces forwarded
     /// to another node), mirrors them, and waits for both copies. `Moved`: a piece's range
     /// stopped being ours meanwhile (another node took it while we did not hold our lease):
-    /// the write must be routed again, to its owner.
+    /// the write must be routed again, to its owner. `placeable` is asked each time a piece
+    /// may get its place in the log ([`always_placeable`] for our own clients' writes).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn stage(
         &self,
@@ -115,6 +116,7 @@ impl Engine {
         len: u64,
         data: &[u8],
         skip: &[(u64, u64)],
+        placeable: &(dyn Fn() -> Result<(), String> + Sync),
     ) -> Result<Placement, IoError> {
         let mirror = self.mirror.current();
         let mut staged = Vec::with_capacity(2);
@@ -140,18 +142,26 @@ impl Engine {
                 _ => &[],
             };
             let appended = part
-                .append(kind, lun_idx as u32, at, n, payload, |seq, nvram_off| {
-                    lun.index().insert(Extent {
-                        start: at,
-                        end: at + n,
-                        partition: part.id,
-                        seq,
-                        src: match kind {
-                            RecordKind::Data => Source::Log { nvram_off },
-                            _ => Source::Zero,
-                        },
-                    })
-                })
+                .append(
+                    kind,
+                    lun_idx as u32,
+                    at,
+                    n,
+                    payload,
+                    placeable,
+                    |seq, nvram_off| {
+                        lun.index().insert(Extent {
+                            start: at,
+                            end: at + n,
+                            partition: part.id,
+                            seq,
+                            src: match kind {
+                                RecordKind::Data => Source::Log { nvram_off },
+                                _ => Source::Zero,
+                            },
+                        })
+                    },
+                )
                 .await;
             let s = match appended {
                 Ok(s) => s,
@@ -547,6 +557,11 @@ fn settle(part: &PartitionLog, record: &RecordMeta, wrap: Option<RecordMeta>) {
         part.settle(w.seq);
     }
     part.settle(record.seq);
+}
+
+/// What our own clients' writes are: wanted until they are staged.
+pub(super) fn always_placeable() -> Result<(), String> {
+    Ok(())
 }
 
 #[cfg(test)]

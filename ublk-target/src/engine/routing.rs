@@ -10,7 +10,7 @@
 //!   when its medium path failed).
 
 use super::core::{Engine, IoError};
-use super::datapath::Placement;
+use super::datapath::{always_placeable, Placement};
 use super::medium_reads::{BlockingMediumReads, MediumReads};
 use crate::cluster::{wire, Forwarder, RangeState};
 use crate::host::run_blocking;
@@ -195,7 +195,16 @@ impl Engine {
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
             if all_local {
                 match self
-                    .stage(lun_idx, lun, kind, offset, len, data, &[])
+                    .stage(
+                        lun_idx,
+                        lun,
+                        kind,
+                        offset,
+                        len,
+                        data,
+                        &[],
+                        &always_placeable,
+                    )
                     .await?
                 {
                     Placement::Done => return Ok(()),
@@ -219,7 +228,16 @@ impl Engine {
                 _ => fwd.write_zeroes(lun_idx as u32, at, n),
             }));
             let (local, forwarded) = futures::future::join(
-                self.stage(lun_idx, lun, kind, offset, len, data, &remote),
+                self.stage(
+                    lun_idx,
+                    lun,
+                    kind,
+                    offset,
+                    len,
+                    data,
+                    &remote,
+                    &always_placeable,
+                ),
                 forwarded,
             )
             .await;
@@ -382,6 +400,14 @@ impl Engine {
     /// routed on. If the range moves away while it is staged, the sender (which routes it
     /// again itself) hears so; routing it from here too would land it a second time, later,
     /// over newer writes (a ghost write: simulator seed 100589).
+    ///
+    /// It stages only while the connection that delivered it is still the link's current
+    /// one (`delivered_on`, asked just before each piece takes its place in the log). A
+    /// handler can run long after its request came (waiting for log space or a gate, or its
+    /// thread held up): staged after its connection ended, it could land over a newer write
+    /// our own client was acknowledged for meanwhile, from a sender that died (simulator
+    /// seeds 827 and 2845 with `--link-stalls`). Refusing it is allowed: its sender never
+    /// had an answer.
     async fn write_as_owner(
         &self,
         lun_idx: usize,
@@ -389,6 +415,7 @@ impl Engine {
         offset: u64,
         len: u64,
         data: &[u8],
+        delivered_on: Option<u64>,
     ) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, len)?;
         if kind == RecordKind::Data && data.len() as u64 != len {
@@ -397,7 +424,20 @@ impl Engine {
                 "forwarded write: its data does not match its length",
             ));
         }
-        match self.stage(lun_idx, lun, kind, offset, len, data, &[]).await? {
+        let mirror = &self.mirror;
+        let placeable = move || -> Result<(), String> {
+            let now = mirror.current().and_then(|m| m.connection());
+            match (delivered_on, now) {
+                (Some(came), Some(now)) if came == now => Ok(()),
+                _ => Err(format!(
+                    "the connection that delivered this forwarded write ended before it was staged (delivered on {delivered_on:?}, now {now:?})"
+                )),
+            }
+        };
+        match self
+            .stage(lun_idx, lun, kind, offset, len, data, &[], &placeable)
+            .await?
+        {
             Placement::Done => {
                 lun.stats.writes.fetch_add(1, Ordering::Relaxed);
                 lun.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
@@ -426,6 +466,8 @@ impl Engine {
             return wire::err("malformed forwarded request");
         };
         let lun = req.lun as usize;
+        // The connection this request came on (the handler starts as it arrives).
+        let delivered_on = self.mirror.current().and_then(|m| m.connection());
         // Served only if every piece is ours: a forwarded request is never forwarded again.
         let needs_ownership = matches!(req.op, wire::OP_WRITE | wire::OP_ZERO | wire::OP_READ);
         if needs_ownership
@@ -564,11 +606,25 @@ impl Engine {
                 };
             }
             wire::OP_WRITE => self
-                .write_as_owner(lun, RecordKind::Data, req.offset, req.len as u64, &req.data)
+                .write_as_owner(
+                    lun,
+                    RecordKind::Data,
+                    req.offset,
+                    req.len as u64,
+                    &req.data,
+                    delivered_on,
+                )
                 .await
                 .map(|_| Vec::new()),
             wire::OP_ZERO => self
-                .write_as_owner(lun, RecordKind::Zero, req.offset, req.len as u64, &[])
+                .write_as_owner(
+                    lun,
+                    RecordKind::Zero,
+                    req.offset,
+                    req.len as u64,
+                    &[],
+                    delivered_on,
+                )
                 .await
                 .map(|_| Vec::new()),
             _ => match self.lun_for(lun, req.offset, req.len as u64) {

@@ -55,6 +55,10 @@ pub trait Mirror: Send + Sync {
     fn heard_by_partner(&self) -> Option<(u64, std::time::Instant)> {
         None
     }
+    /// While connected: the connection's generation (it grows with every new connection).
+    fn connection(&self) -> Option<u64> {
+        None
+    }
     /// A log-shipping destination keeps our records in log files: a flushed batch may leave
     /// our log only once they are there ([`Mirror::logged`]). Some(grace): how long a batch
     /// waits for a destination that is away before our log lets it go without it. None: the
@@ -101,6 +105,9 @@ impl Mirror for rdma_link::Link {
     }
     fn rtt(&self) -> Option<std::time::Duration> {
         rdma_link::Link::rtt(self)
+    }
+    fn connection(&self) -> Option<u64> {
+        self.up_generation()
     }
     fn heard_by_partner(&self) -> Option<(u64, std::time::Instant)> {
         match self.state() {
