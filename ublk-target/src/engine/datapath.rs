@@ -101,11 +101,27 @@ impl Engine {
             .await
     }
 
+    /// [`Engine::stage`] for a write of our own clients: wanted until it is staged.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn stage_own(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+        skip: &[(u64, u64)],
+    ) -> Result<Placement, IoError> {
+        self.stage(lun_idx, lun, kind, offset, len, data, skip, &|| Ok(()))
+            .await
+    }
+
     /// Stages the pieces of an I/O that fall in ranges we serve (`skip`: pieces forwarded
     /// to another node), mirrors them, and waits for both copies. `Moved`: a piece's range
     /// stopped being ours meanwhile (another node took it while we did not hold our lease):
     /// the write must be routed again, to its owner. `placeable` is asked each time a piece
-    /// may get its place in the log ([`always_placeable`] for our own clients' writes).
+    /// may get its place in the log (see [`Engine::stage_own`] for our own clients' writes).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn stage(
         &self,
@@ -557,11 +573,6 @@ fn settle(part: &PartitionLog, record: &RecordMeta, wrap: Option<RecordMeta>) {
         part.settle(w.seq);
     }
     part.settle(record.seq);
-}
-
-/// What our own clients' writes are: wanted until they are staged.
-pub(super) fn always_placeable() -> Result<(), String> {
-    Ok(())
 }
 
 #[cfg(test)]

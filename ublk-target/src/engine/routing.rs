@@ -10,7 +10,7 @@
 //!   when its medium path failed).
 
 use super::core::{Engine, IoError};
-use super::datapath::{always_placeable, Placement};
+use super::datapath::Placement;
 use super::medium_reads::{BlockingMediumReads, MediumReads};
 use crate::cluster::{wire, Forwarder, RangeState};
 use crate::host::run_blocking;
@@ -195,16 +195,7 @@ impl Engine {
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
             if all_local {
                 match self
-                    .stage(
-                        lun_idx,
-                        lun,
-                        kind,
-                        offset,
-                        len,
-                        data,
-                        &[],
-                        &always_placeable,
-                    )
+                    .stage_own(lun_idx, lun, kind, offset, len, data, &[])
                     .await?
                 {
                     Placement::Done => return Ok(()),
@@ -228,16 +219,7 @@ impl Engine {
                 _ => fwd.write_zeroes(lun_idx as u32, at, n),
             }));
             let (local, forwarded) = futures::future::join(
-                self.stage(
-                    lun_idx,
-                    lun,
-                    kind,
-                    offset,
-                    len,
-                    data,
-                    &remote,
-                    &always_placeable,
-                ),
+                self.stage_own(lun_idx, lun, kind, offset, len, data, &remote),
                 forwarded,
             )
             .await;
