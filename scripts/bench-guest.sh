@@ -14,7 +14,8 @@
 #               each node's NVRAM on device-DAX (/dev/daxN.0 on an emulated NVDIMM of its own)
 #   tcp      4: the same over TCP (127.0.0.1), NVRAM in tmpfs
 #   own      4o: configuration 4 in shared-nothing mode (`storage = "own"`, issue #17): each
-#               node its own medium (as DRBD's two backing devices), a 4 MiB arbiter
+#               node its own medium (as DRBD's two backing devices), a 4 MiB arbiter;
+#               then the cost of contention (both nodes writing one portion, a note)
 #   drbd     5: DRBD 8.4 (in-tree module) protocol C, two resources on 127.0.0.1 with swapped
 #               ports, fio on the primary's /dev/drbd0
 #   raw      6a: the loop device itself, O_DIRECT
@@ -1047,6 +1048,38 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 		p = w["clat_ns"]["percentile"]
 		print(f"diagnostic, one extra 4K QD1 run with the flusher paused (not in the medians): "
 		      f"p50 {p['50.000000'] / 1000:.0f} µs, p99 {p['99.000000'] / 1000:.0f} µs, {w['iops']:.0f} IOPS")
+		PY
+	fi
+	# Shared-nothing (issue #17): the cost of contention. Every range is node-a's (it holds
+	# the write priority), so node-b's writes to them are forwarded to it. 4K random writes
+	# at QD16 to one 64 MiB portion: node-a alone, node-b alone, then both at once.
+	if [[ $CFG == own ]]; then
+		contend() { # NAME DEVICE
+			timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="contend-$1" --filename="$2" \
+				--direct=1 --ioengine=io_uring --size=64M --time_based=1 --runtime="$RUNTIME" \
+				--ramp_time="$RAMP" --norandommap=1 --randrepeat=0 --rw=randwrite --bs=4k \
+				--iodepth=16 --output-format=json --output="$D/contend-$1.json" \
+				>/dev/null 2>"$W/fio-contend-$1.err" ||
+				note "fio contend $1 failed: $(head -c 300 "$W/fio-contend-$1.err" | tr '\n' ' ')"
+		}
+		contend a-alone /dev/ublkb0
+		contend b-alone /dev/ublkb1
+		contend a-both /dev/ublkb0 &
+		both_a=$!
+		contend b-both /dev/ublkb1
+		wait "$both_a"
+		python3 - "$D" <<-'PY' >>"$D/notes" 2>/dev/null
+		import json, sys
+		def w(name):
+		    j = json.load(open(f"{sys.argv[1]}/contend-{name}.json"))["jobs"][0]["write"]
+		    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000
+		(a, pa), (b, pb) = w("a-alone"), w("b-alone")
+		(a2, pa2), (b2, pb2) = w("a-both"), w("b-both")
+		print(f"contention (issue #17), 4K random writes QD16 to one 64 MiB portion whose write "
+		      f"priority node-a holds (node-b's writes forwarded to it), one run each: node-a alone "
+		      f"{a:.0f} IOPS (p50 {pa:.0f} µs); node-b alone {b:.0f} (p50 {pb:.0f} µs); both at once "
+		      f"node-a {a2:.0f} (p50 {pa2:.0f} µs) + node-b {b2:.0f} (p50 {pb2:.0f} µs) = "
+		      f"{a2 + b2:.0f}, {(a2 + b2) / max(a, 1):.2f}x node-a alone")
 		PY
 	fi
 	# Optional profile (BENCH_PERF=1): one more run of each write workload under a system-wide
