@@ -558,40 +558,50 @@ fn draw_takeovers(
     out
 }
 
-/// Link-thread stalls, about one per 8 simulated seconds, each for 0.2 to 3 heartbeat
-/// timeouts (shorter ones the link must ride out, longer ones the partner sees as silence).
-fn draw_link_stalls(seed: u64, end: Duration, timeout: Duration) -> Vec<(Duration, Fault)> {
+/// A stream of faults of its own (seeded by `seed ^ stream`), so adding it leaves the other
+/// faults of every seed as they were: from 0.5 s on, exponential gaps of `mean_gap` seconds
+/// on average until `end`, each at a random node, `fault` drawing the rest.
+fn node_fault_stream(
+    seed: u64,
+    stream: u64,
+    mean_gap: f64,
+    end: Duration,
+    mut fault: impl FnMut(&mut ChaCha8Rng, usize) -> Fault,
+) -> Vec<(Duration, Fault)> {
     use rand::SeedableRng;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x11c5_7a11_0000_0005);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ stream);
     let mut out = Vec::new();
     let mut at = Duration::from_millis(500);
     loop {
-        at += Duration::from_secs_f64(-(1.0 - rng.gen::<f64>()).ln() * 8.0);
+        at += Duration::from_secs_f64(-(1.0 - rng.gen::<f64>()).ln() * mean_gap);
         if at >= end {
             return out;
         }
         let node = rng.gen_range(0..2);
-        let duration = between(&mut rng, timeout / 5, timeout * 3);
-        out.push((at, Fault::LinkStall { node, duration }));
+        out.push((at, fault(&mut rng, node)));
     }
+}
+
+/// Link-thread stalls, about one per 8 simulated seconds, each for 0.2 to 3 heartbeat
+/// timeouts (shorter ones the link must ride out, longer ones the partner sees as silence).
+fn draw_link_stalls(seed: u64, end: Duration, timeout: Duration) -> Vec<(Duration, Fault)> {
+    node_fault_stream(seed, 0x11c5_7a11_0000_0005, 8.0, end, |rng, node| {
+        Fault::LinkStall {
+            node,
+            duration: between(rng, timeout / 5, timeout * 3),
+        }
+    })
 }
 
 /// Own media failing (`storage = "own"`), about one per 10 simulated seconds, each for
 /// 0.3-4 s.
 fn draw_medium_failures(seed: u64, end: Duration) -> Vec<(Duration, Fault)> {
-    use rand::SeedableRng;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x3ed1_0000_0000_0004);
-    let mut out = Vec::new();
-    let mut at = Duration::from_millis(500);
-    loop {
-        at += Duration::from_secs_f64(-(1.0 - rng.gen::<f64>()).ln() * 10.0);
-        if at >= end {
-            return out;
+    node_fault_stream(seed, 0x3ed1_0000_0000_0004, 10.0, end, |rng, node| {
+        Fault::MediumFailure {
+            node,
+            duration: between(rng, Duration::from_millis(300), Duration::from_secs(4)),
         }
-        let node = rng.gen_range(0..2);
-        let duration = between(&mut rng, Duration::from_millis(300), Duration::from_secs(4));
-        out.push((at, Fault::MediumFailure { node, duration }));
-    }
+    })
 }
 
 /// Switchovers at random times (about one per 8 simulated seconds), each followed by a
