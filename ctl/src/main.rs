@@ -1506,6 +1506,12 @@ fn print_status(s: &DaemonStatus) {
         print_lease(l, e.may_serve);
         print_watchdog(s.watchdog.as_ref());
     }
+    if e.write_priority {
+        println!(
+            "write priority: follows the writer ({} range(s) moved on request since the start)",
+            e.write_priority_moves
+        );
+    }
     if e.storage == "own" {
         println!("storage: each node its own medium");
         for (node, stale) in &e.outdated_media {

@@ -217,6 +217,10 @@ pub struct FaultMix {
     /// With `storage = "own"`: the resync's rate limit in bytes per simulated second
     /// (None: none), which keeps a resync running while more faults and writes arrive.
     pub resync_rate: Option<u64>,
+    /// Write priority follows the writer (`cluster.write_priority`): a node that keeps
+    /// forwarding writes to a range asks its owner for it. Draws nothing, so every seed
+    /// keeps its faults; off in [`FaultMix::all`].
+    pub write_priority: bool,
 }
 
 impl FaultMix {
@@ -246,6 +250,7 @@ impl FaultMix {
             link_stalls: false,
             io_delay: false,
             resync_rate: None,
+            write_priority: false,
         }
     }
 
@@ -286,6 +291,7 @@ impl FaultMix {
             link_stalls: false,
             io_delay: false,
             resync_rate: None,
+            write_priority: false,
         }
     }
 
@@ -320,6 +326,8 @@ pub struct Settings {
     pub io_delay: bool,
     /// See [`FaultMix::resync_rate`].
     pub resync_rate: Option<u64>,
+    /// See [`FaultMix::write_priority`].
+    pub write_priority: bool,
     pub degraded_nvram: bool,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -356,6 +364,7 @@ impl Settings {
         s.own_storage = mix.own_storage;
         s.io_delay = mix.io_delay;
         s.resync_rate = mix.resync_rate;
+        s.write_priority = mix.write_priority;
         if mix.own_storage && mix.medium_failures {
             let end = duration.saturating_sub(Duration::from_secs(1));
             s.faults.extend(draw_medium_failures(seed, end));
@@ -403,6 +412,7 @@ impl Settings {
             own_storage: false,
             io_delay: false,
             resync_rate: None,
+            write_priority: false,
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,
             heartbeat_timeout,

@@ -23,7 +23,9 @@ use crate::trace::{self, SharedTrace, Trace, TraceLayer};
 use nvmirror::cluster::ClusterSetup;
 use nvmirror::config::{DegradedPolicy, TakeoverPolicy};
 use nvmirror::engine::OutOfSyncOptions;
-use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode, RangesToMove};
+use nvmirror::engine::{
+    Engine, EngineOptions, LunSpec, OpenMode, RangesToMove, WritePriorityPolicy,
+};
 use nvmirror::flusher::FlushPolicy;
 use nvmirror::host::Host;
 use nvmirror::lease::DiskLease;
@@ -435,6 +437,13 @@ impl Boot {
         };
         let region = NvramRegion::in_memory(self.nvram.clone());
         let engine = Engine::open(region, opts, vec![spec]).map_err(|e| e.to_string())?;
+        // Quick to ask and to give up a range (a 30 ms hold), so that ranges move often,
+        // bouncing between two writers too.
+        engine.set_write_priority(s.write_priority.then_some(WritePriorityPolicy {
+            ask_after_forwarded: 3,
+            window: Duration::from_secs(1),
+            min_hold: Duration::from_millis(30),
+        }));
         let role = if id == 0 {
             Role::Listen(addr(0))
         } else {
@@ -1174,6 +1183,7 @@ impl World {
             let what = match which {
                 RangesToMove::PartnersRanges => "giveback",
                 RangesToMove::OwnRanges => "handover",
+                RangesToMove::Asked { .. } => "asked hand-over",
             };
             let moved = engine
                 .give_back(which, Duration::from_secs(2), || {

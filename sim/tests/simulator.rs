@@ -70,6 +70,34 @@ fn link_stalls_keep_every_invariant() {
     }
 }
 
+/// Write priority that follows the writer, with a 30 ms hold: ranges bounce between the
+/// nodes (planned moves under forwarded I/O, faults and takeovers) and nothing may break.
+#[test]
+fn ranges_handed_to_their_writer_keep_every_invariant() {
+    for own in [false, true] {
+        let mut mix = FaultMix::all();
+        mix.own_storage = own;
+        mix.write_priority = true;
+        let mut moves = 0;
+        for seed in 0..40 {
+            let o = run(
+                &Settings::draw(seed, Duration::from_secs(SECONDS), &mix),
+                false,
+            );
+            assert!(o.passed(), "own storage {own}: {}", show(&o));
+            moves += o
+                .trace
+                .iter()
+                .filter(|l| l.contains("asked for by the partner"))
+                .count();
+        }
+        assert!(
+            moves >= 40,
+            "own storage {own}: only {moves} range(s) moved on request"
+        );
+    }
+}
+
 /// The first sweep with link stalls (2026-12-04) found own 827 and shared 2845, one
 /// mechanism (LOST ACKNOWLEDGED WRITE): a node forwarded a write and died; the owner's handler
 /// of it, held back by the stall, staged it after a newer write of the same block that the

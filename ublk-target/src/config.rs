@@ -215,6 +215,11 @@ pub struct ClusterSection {
     /// the application's I/O keeps most of the medium; 0: as fast as the media go.
     #[serde(default = "default_resync_rate")]
     pub resync_rate_mib_s: u64,
+    /// Write priority follows the writer: a range this node keeps writing to through the
+    /// partner is handed over to it (see [`WritePrioritySection`]). Unset: ranges stay where
+    /// the config, a takeover or an operator put them.
+    #[serde(default)]
+    pub write_priority: Option<WritePrioritySection>,
     /// Both nodes, in the same order on both; the first listens, the second connects.
     #[serde(rename = "node")]
     pub nodes: Vec<ClusterNode>,
@@ -334,6 +339,33 @@ fn default_disk_lease() -> u64 {
 fn default_medium_io_timeout() -> u64 {
     2000
 }
+/// `[cluster.write_priority]`: when a node asks the partner for a range it writes to
+/// (issue #17's policing protocol, hand-over part; `engine::write_priority`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WritePrioritySection {
+    /// Writes to one range forwarded to its owner within `window_ms` after which this node
+    /// asks for the range.
+    #[serde(default = "default_ask_after_forwarded")]
+    pub ask_after_forwarded: u32,
+    #[serde(default = "default_priority_window")]
+    pub window_ms: u64,
+    /// An owner that wrote to a range itself within this keeps it (so two writers do not
+    /// bounce it); a node that was refused asks again only after this.
+    #[serde(default = "default_min_hold")]
+    pub min_hold_ms: u64,
+}
+
+fn default_ask_after_forwarded() -> u32 {
+    256
+}
+fn default_priority_window() -> u64 {
+    1000
+}
+fn default_min_hold() -> u64 {
+    5000
+}
+
 fn default_resync_rate() -> u64 {
     100
 }
@@ -726,6 +758,26 @@ impl NodeConfig {
                         format!("lun[{i}].size"),
                         "with storage = \"own\" each node has its own medium and both must present the same LUN: set the size explicitly (the same on both nodes)",
                     ));
+                }
+            }
+            if let Some(w) = &c.write_priority {
+                if c.takeover == TakeoverPolicy::Manual {
+                    return Err(invalid(
+                        "cluster.write_priority",
+                        "moves ranges by itself, but with takeover = \"manual\" the cluster manager (Pacemaker) decides where they are served: remove [cluster.write_priority]",
+                    ));
+                }
+                for (field, value) in [
+                    ("ask_after_forwarded", u64::from(w.ask_after_forwarded)),
+                    ("window_ms", w.window_ms),
+                    ("min_hold_ms", w.min_hold_ms),
+                ] {
+                    if value == 0 {
+                        return Err(invalid(
+                            format!("cluster.write_priority.{field}"),
+                            "must be at least 1; remove [cluster.write_priority] to keep ranges where they are",
+                        ));
+                    }
                 }
             }
             if c.busy_poll_us > MAX_BUSY_POLL_US {
@@ -1185,6 +1237,37 @@ device_id = 3
         assert!(e.contains("lun[0].size") && e.contains("same"), "{e}");
         let e = err_of(&cluster(sized, &format!("{own}\nreservations = \"scsi3\"")));
         assert!(e.contains("cluster.reservations"), "{e}");
+    }
+
+    #[test]
+    fn write_priority_is_off_by_default_and_checked() {
+        let cluster = |extra: &str, table: &str| {
+            format!(
+                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
+                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n{table}"
+            )
+        };
+        let c = NodeConfig::parse(&cluster("", "")).expect("valid");
+        assert!(c.cluster.is_some_and(|c| c.write_priority.is_none()));
+        let c = NodeConfig::parse(&cluster("", "[cluster.write_priority]\n")).expect("valid");
+        let w = c.cluster.and_then(|c| c.write_priority).expect("set");
+        assert_eq!(
+            (w.ask_after_forwarded, w.window_ms, w.min_hold_ms),
+            (256, 1000, 5000)
+        );
+        let e = err_of(&cluster("", "[cluster.write_priority]\nmin_hold_ms = 0\n"));
+        assert!(e.contains("cluster.write_priority.min_hold_ms"), "{e}");
+        let e = err_of(&cluster(
+            "takeover = \"manual\"",
+            "[cluster.write_priority]\nask_after_forwarded = 8\n",
+        ));
+        assert!(
+            e.contains("cluster.write_priority") && e.contains("Pacemaker"),
+            "{e}"
+        );
+        let e = err_of(&cluster("", "[cluster.write_priority]\nask_after = 8\n"));
+        assert!(e.contains("ask_after"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use futures::executor::block_on;
 use nvmirror::config::DegradedPolicy;
-use nvmirror::engine::{Engine, EngineOptions, LunSpec, OpenMode, RangesToMove};
+use nvmirror::engine::{
+    Engine, EngineOptions, LunSpec, OpenMode, RangesToMove, WritePriorityPolicy,
+};
 use nvmirror::medium::MemMedium;
 use nvmirror::nvram::NvramRegion;
 use rdma_link::{Link, LinkConfig, Role, SecondStore, Transport};
@@ -502,6 +504,90 @@ fn writes_to_the_partners_ranges_are_forwarded_and_both_nodes_read_the_same() {
         assert!(read_engine(&p, &p.b, *off, d.len()) == *d, "B reads {off}");
     }
     assert_eq!(sa.ranges.iter().filter(|r| r.state == "local").count(), 2);
+}
+
+fn follow_the_writer(p: &ClusterPair, min_hold: Duration) {
+    for e in [&p.a, &p.b] {
+        e.set_write_priority(Some(WritePriorityPolicy {
+            ask_after_forwarded: 8,
+            window: Duration::from_secs(10),
+            min_hold,
+        }));
+    }
+}
+
+/// 16 writes of 8 KiB through `e` into range `range` (16 MiB each), at 64 KiB steps.
+fn writes_into_range(
+    p: &ClusterPair,
+    e: &Arc<Engine>,
+    range: u64,
+    seed: u64,
+) -> Vec<(u64, Vec<u8>)> {
+    let writes: Vec<(u64, Vec<u8>)> = (0..16)
+        .map(|i| (range * 16 * MIB + i * 64 * 1024, pattern(seed + i, 8192)))
+        .collect();
+    p.rt.block_on(async {
+        for (off, d) in &writes {
+            e.write(0, *off, d).await.expect("write");
+        }
+    });
+    writes
+}
+
+#[test]
+fn a_range_the_partner_keeps_writing_to_is_handed_over_to_it() {
+    let p = cluster_pair();
+    follow_the_writer(&p, Duration::from_millis(1));
+    assert!(p.a.serves(0, 0) && !p.b.serves(0, 0));
+    // B writes range 0 (A's) only: after 8 forwarded writes it asks, and A hands it over.
+    let first = writes_into_range(&p, &p.b, 0, 10);
+    wait_for("range 0 to move to B", || {
+        p.b.serves(0, 0) && !p.a.serves(0, 0)
+    });
+    wait_for("both to count the move", || {
+        p.a.write_priority_moves() == 1 && p.b.write_priority_moves() == 1
+    });
+    for (off, d) in &first {
+        assert!(read_engine(&p, &p.a, *off, d.len()) == *d, "A reads {off}");
+        assert!(read_engine(&p, &p.b, *off, d.len()) == *d, "B reads {off}");
+    }
+    // The next writes (over the same blocks) are staged on B itself.
+    p.b.set_flush_paused(true);
+    let staged = |e: &Arc<Engine>| -> usize {
+        e.status()
+            .partitions
+            .iter()
+            .map(|x| x.records_unflushed)
+            .sum()
+    };
+    let before = staged(&p.b);
+    let second = writes_into_range(&p, &p.b, 0, 40);
+    assert_eq!(
+        staged(&p.b),
+        before + second.len(),
+        "B stages range 0 itself now"
+    );
+    for (off, d) in &second {
+        assert!(read_engine(&p, &p.a, *off, d.len()) == *d, "A reads {off}");
+        assert!(read_engine(&p, &p.b, *off, d.len()) == *d, "B reads {off}");
+    }
+    // Range 2 (A's too) was never asked for.
+    assert!(p.a.serves(0, 2));
+}
+
+#[test]
+fn an_owner_that_writes_to_its_range_itself_keeps_it() {
+    let p = cluster_pair();
+    follow_the_writer(&p, Duration::from_secs(60));
+    writes_into_range(&p, &p.a, 0, 70);
+    let from_b = writes_into_range(&p, &p.b, 0, 80);
+    // B asked (8 forwarded writes) and was refused: A wrote to range 0 within the hold.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(p.a.serves(0, 0) && !p.b.serves(0, 0));
+    assert_eq!(p.a.write_priority_moves() + p.b.write_priority_moves(), 0);
+    for (off, d) in &from_b {
+        assert!(read_engine(&p, &p.a, *off, d.len()) == *d, "A reads {off}");
+    }
 }
 
 #[test]

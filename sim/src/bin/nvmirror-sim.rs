@@ -62,6 +62,10 @@ struct Args {
     /// (a LUN is 256 KiB), so resyncs last while faults and writes go on.
     #[arg(long, value_name = "KIB_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
     resync_rate: Option<u64>,
+    /// Write priority follows the writer (`cluster.write_priority`): a node that keeps
+    /// forwarding writes to a range asks its owner to hand it over.
+    #[arg(long)]
+    write_priority: bool,
     /// Simulate the majority lease planned for shared-nothing mode (`cluster::quorum`)
     /// instead of the two-node cluster; uses --seeds, --from, --seed and --seconds.
     #[arg(long)]
@@ -172,6 +176,7 @@ fn main() {
             other => return Err(format!("--storage {other:?}: use shared or own")),
         };
         m.io_delay = args.io_delay;
+        m.write_priority = args.write_priority;
         m.resync_rate = args.resync_rate.map(|kib| kib << 10);
         if args.no_givebacks {
             m = m.without_givebacks();

@@ -26,6 +26,12 @@ pub trait Forwarder: Send + Sync {
     /// Each node its own medium: the partner writes every copy it holds of our `partition`
     /// through `through_seq` to its medium (see [`wire::OP_WRITE_HELD_FOR_PARTNER`]).
     fn write_held(&self, partition: u32, through_seq: u64) -> ForwardFuture<()>;
+    /// We keep writing to `range` of `lun`, which the partner owns: ask it to hand the range
+    /// over (see [`wire::OP_ASK_FOR_RANGE`]).
+    fn ask_for_range(&self, lun: u32, range: u32) -> ForwardFuture<()>;
+    /// Ranges moved: the partner re-reads the ownership table (see
+    /// [`wire::OP_RELOAD_OWNERSHIP`]).
+    fn reload_ownership(&self) -> ForwardFuture<()>;
 }
 
 /// A [`Forwarder`] over any request/response channel: `call` carries an encoded request to
@@ -90,6 +96,20 @@ where
             0,
             &[],
         ));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn ask_for_range(&self, lun: u32, range: u32) -> ForwardFuture<()> {
+        let f = self.ask(wire::encode(
+            wire::OP_ASK_FOR_RANGE,
+            lun,
+            u64::from(range),
+            0,
+            &[],
+        ));
+        Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn reload_ownership(&self) -> ForwardFuture<()> {
+        let f = self.ask(wire::encode(wire::OP_RELOAD_OWNERSHIP, 0, 0, 0, &[]));
         Box::pin(async move { f.await.map(|_| ()) })
     }
 }

@@ -61,6 +61,13 @@ pub const OP_SHIP_RETURNED: u8 = 16;
 /// Log shipping, while the source takes its volume back: how long is your image of LUN
 /// `lun`? (Answer: the length, a u64; past it the image reads as zeros.)
 pub const OP_IMAGE_LEN: u8 = 17;
+/// Write priority follows the writer: the sender keeps forwarding writes to range `offset` of
+/// LUN `lun` and asks us to hand it over (`engine::write_priority`). Answered once the range
+/// moved (we told the sender to re-read the table), or with why we keep it.
+pub const OP_ASK_FOR_RANGE: u8 = 18;
+/// In a refusal of forwarded I/O: the range is not (or no longer) the answering node's. The
+/// sender waits for a move in progress and routes the I/O again.
+pub const OWNERSHIP_MOVED: &str = "(ownership moved?)";
 const HEADER: usize = 17;
 /// A shipped record's header: seq, kind, lun, offset, len.
 const RECORD_HEADER: usize = 8 + 1 + 4 + 8 + 8;
@@ -197,6 +204,7 @@ pub fn decode(b: &[u8]) -> Option<Request> {
         | OP_OUT_OF_SYNC
         | OP_SHIP_STATE
         | OP_IMAGE_LEN
+        | OP_ASK_FOR_RANGE
         | OP_WRITE_HELD_FOR_PARTNER => r.data.is_empty(),
         OP_SHIP_RETURNED => r.data.len() >= 8 && r.data.len().is_multiple_of(8),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,
@@ -377,6 +385,8 @@ mod tests {
         assert_eq!(decode(&encode(OP_SHIP_STATE, 0, 0, 0, &[0])), None);
         assert_eq!(decode(&encode(OP_IMAGE_LEN, 0, 0, 0, &[0])), None);
         assert!(decode(&encode(OP_IMAGE_LEN, 2, 0, 0, &[])).is_some_and(|r| r.lun == 2));
+        assert_eq!(decode(&encode(OP_ASK_FOR_RANGE, 0, 3, 0, &[1])), None);
+        assert!(decode(&encode(OP_ASK_FOR_RANGE, 1, 3, 0, &[])).is_some_and(|r| r.offset == 3));
         for s in [
             ShipState::Shipping,
             ShipState::Exported(17),

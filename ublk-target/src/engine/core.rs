@@ -236,6 +236,8 @@ pub struct Engine {
     pub(super) serving: Arc<ServingRight>,
     /// Set by `shutdown`: the engine's endless tasks (lease-follow) end on it.
     pub(super) stopping: Arc<Stopping>,
+    /// Write priority that follows the writer (`cluster.write_priority`; off by default).
+    pub(super) write_demand: super::write_demand::WriteDemand,
     /// A log-shipping source: what its destination confirmed of its log (status).
     pub(super) ship_lag: Arc<super::ship_lag::ShipLag>,
 }

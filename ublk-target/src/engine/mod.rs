@@ -19,7 +19,7 @@
 //! partner's word), `flush_context` (what the flusher asks of the node; a log-shipping source's lag behind its destination in `ship_lag`), `partner_reads`
 //! (reads our medium cannot serve, from the partner's), and with `storage = "own"`:
 //! `resync` (copying a range onto the partner's outdated medium), `repair` (copying it back
-//! onto ours after our medium failed batches), `verify` (comparing both media online), `take_back` (a log-shipping source taking its volume back from the destination's images), both through `range_pause` (a job on one
+//! onto ours after our medium failed batches), `verify` (comparing both media online), `write_priority` (a range handed to the node that keeps writing to it; its counts in `write_demand`), `take_back` (a log-shipping source taking its volume back from the destination's images), both through `range_pause` (a job on one
 //! range with its I/O paused); and `status`. Every file below `mod.rs` adds `impl Engine` blocks for its job; none imports
 //! `mod.rs`, which only declares and re-exports.
 //! The engine knows nothing of ublk, sockets or threads: the daemon's frontend calls
@@ -48,6 +48,8 @@ mod take_back;
 mod takeover;
 mod takeover_state;
 mod verify;
+mod write_demand;
+mod write_priority;
 
 pub use self::core::{
     Engine, EngineError, EngineOptions, IoError, OpenMode, OutOfSyncOptions, ReplayReport,
@@ -60,3 +62,4 @@ pub use status::{EngineStatus, LunStatus, MirrorStatus};
 pub use take_back::TakenBack;
 pub use takeover_state::{FlushDelegate, RangeJob, RangesToMove, TakeoverProgress};
 pub use verify::{digests, RangeVerified, Verdict, VerifyReport, VERIFY_CHUNK};
+pub use write_demand::WritePriorityPolicy;

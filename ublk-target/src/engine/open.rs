@@ -170,7 +170,18 @@ impl Engine {
             },
             host,
         };
-        Engine::open(region, opts, specs)
+        let engine = Engine::open(region, opts, specs)?;
+        engine.set_write_priority(
+            cfg.cluster
+                .as_ref()
+                .and_then(|c| c.write_priority.as_ref())
+                .map(|w| super::write_demand::WritePriorityPolicy {
+                    ask_after_forwarded: w.ask_after_forwarded,
+                    window: Duration::from_millis(w.window_ms),
+                    min_hold: Duration::from_millis(w.min_hold_ms),
+                }),
+        );
+        Ok(engine)
     }
 
     /// Opens an engine over an already opened NVRAM region and media.
@@ -523,13 +534,14 @@ impl Engine {
             region,
             sb,
             parts,
-            luns: Arc::new(luns),
+            luns: Arc::new(luns.clone()),
             flusher_stats: Arc::new(FlusherStats::default()),
             tasks: Mutex::new(Vec::new()),
             replay: report,
             serving,
             stopping: Arc::default(),
             ship_lag: Arc::new(super::ship_lag::ShipLag::new(part_count)),
+            write_demand: super::write_demand::WriteDemand::new(started, &luns),
         });
         engine.hold_restart_sync();
         engine

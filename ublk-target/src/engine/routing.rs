@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 const PARTNER_LOSS_WAIT: Duration = Duration::from_secs(60);
 /// How often I/O waiting so looks again.
 const PARTNER_LOSS_POLL: Duration = Duration::from_millis(50);
+/// How long a forward refused because its range is moving is tried again: longer than a
+/// planned move's drain (`engine::write_priority`'s 10 s).
+const MOVE_WAIT: Duration = Duration::from_secs(30);
+const MOVE_POLL: Duration = Duration::from_millis(20);
 
 /// Why a routed read failed: the forward (the owner may be gone), or anything else.
 enum ReadFailure {
@@ -105,18 +109,8 @@ impl Engine {
             .lease()
             .map(|l| l.timing().dead_after() + c.link_timeout() * 2);
         let partner = c.partner();
-        let moved = || {
-            remote.iter().any(|&(at, n)| {
-                lun.pieces(at, n).into_iter().any(|(_, _, range)| {
-                    !matches!(
-                        c.state(lun_idx as u32, range - lun.first_range),
-                        RangeState::Remote(_)
-                    )
-                })
-            })
-        };
         loop {
-            if moved() || self.mirror.is_up() {
+            if self.moved_to_us_meanwhile(lun_idx, lun, remote) || self.mirror.is_up() {
                 return true;
             }
             let now = self.host.now();
@@ -132,6 +126,39 @@ impl Engine {
             }
             self.host.sleep(PARTNER_LOSS_POLL).await;
         }
+    }
+
+    /// A forward failed, and a range of `pieces` we routed to the partner is no longer
+    /// routed there: it moved to us (or is moving) while the forward ran. The owner refuses
+    /// a forwarded write whose range moved away before it was staged (a planned move waits
+    /// for the range's I/O, then tells us before the refusal reaches us), so route it again.
+    fn moved_to_us_meanwhile(&self, lun_idx: usize, lun: &Lun, pieces: &[(u64, u64)]) -> bool {
+        let Some(c) = &self.cluster else {
+            return false;
+        };
+        pieces.iter().any(|&(at, n)| {
+            lun.pieces(at, n).into_iter().any(|(_, _, range)| {
+                !matches!(
+                    c.state(lun_idx as u32, range - lun.first_range),
+                    RangeState::Remote(_)
+                )
+            })
+        })
+    }
+
+    /// The owner refused a forward because the range moved or is moving (a planned move
+    /// closes the range's gate, drains, moves it in the table and then tells us): wait a
+    /// moment and route again, for at most [`MOVE_WAIT`] after the first such refusal.
+    async fn wait_out_a_move(&self, message: &str, deadline: &mut Option<Instant>) -> bool {
+        if !message.contains(wire::OWNERSHIP_MOVED) || !self.mirror.is_up() {
+            return false;
+        }
+        let now = self.host.now();
+        if now >= *deadline.get_or_insert(now + MOVE_WAIT) {
+            return false;
+        }
+        self.host.sleep(MOVE_POLL).await;
+        true
     }
 
     /// A forward was refused, or the partner forwarded us I/O we do not serve: if the table
@@ -190,6 +217,7 @@ impl Engine {
     ) -> Result<(), IoError> {
         // Set at the first failed forward: the common path does not read the clock.
         let mut deadline = None;
+        let mut move_deadline = None;
         let mut table_reread = false;
         loop {
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
@@ -198,7 +226,10 @@ impl Engine {
                     .stage_own(lun_idx, lun, kind, offset, len, data, &[])
                     .await?
                 {
-                    Placement::Done => return Ok(()),
+                    Placement::Done => {
+                        self.note_local_write(lun_idx, lun, offset, len, &[]);
+                        return Ok(());
+                    }
                     Placement::Moved => {
                         tracing::info!(
                             offset,
@@ -232,10 +263,19 @@ impl Engine {
                 continue;
             }
             let Some(message) = forwarded.into_iter().find_map(Result::err) else {
+                self.note_local_write(lun_idx, lun, offset, len, &remote);
+                self.note_forwarded(lun_idx, lun, &remote);
                 return Ok(());
             };
+            if self.moved_to_us_meanwhile(lun_idx, lun, &remote) {
+                tracing::info!(offset, len, "the owner refused a forwarded write of a range that moved to us meanwhile: routing it again");
+                continue;
+            }
             if !table_reread && self.notice_moves_to_us(lun_idx, lun, &remote).await {
                 table_reread = true;
+                continue;
+            }
+            if self.wait_out_a_move(&message, &mut move_deadline).await {
                 continue;
             }
             if !self
@@ -273,6 +313,7 @@ impl Engine {
         let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
         // Set at the first failed forward: the common path does not read the clock.
         let mut deadline = None;
+        let mut move_deadline = None;
         let mut table_reread = false;
         loop {
             let len = out.len() as u64;
@@ -288,8 +329,14 @@ impl Engine {
             }
             match self.read_pieces(lun_idx, offset, out, &remote, reads).await {
                 Err(ReadFailure::Forward(message)) => {
+                    if self.moved_to_us_meanwhile(lun_idx, lun, &remote) {
+                        continue;
+                    }
                     if !table_reread && self.notice_moves_to_us(lun_idx, lun, &remote).await {
                         table_reread = true;
+                        continue;
+                    }
+                    if self.wait_out_a_move(&message, &mut move_deadline).await {
                         continue;
                     }
                     if !self
@@ -428,8 +475,9 @@ impl Engine {
             Placement::Moved => Err(IoError::new(
                 libc::EIO,
                 format!(
-                    "node {}: the range of {offset}+{len} moved away while the forwarded write was staged (ownership moved?)",
-                    self.node
+                    "node {}: the range of {offset}+{len} moved away while the forwarded write was staged {}",
+                    self.node,
+                    wire::OWNERSHIP_MOVED
                 ),
             )),
         }
@@ -459,8 +507,11 @@ impl Engine {
                 .await
         {
             return wire::err(&format!(
-                "node {} does not own all of {}+{} on LUN {lun} (ownership moved?)",
-                self.node, req.offset, req.len
+                "node {} does not own all of {}+{} on LUN {lun} {}",
+                self.node,
+                req.offset,
+                req.len,
+                wire::OWNERSHIP_MOVED
             ));
         }
         let result = match req.op {
@@ -493,6 +544,15 @@ impl Engine {
                         tracing::info!("the partner changed range ownership: table re-read");
                         wire::ok(&[])
                     }
+                    Err(e) => wire::err(&e),
+                };
+            }
+            wire::OP_ASK_FOR_RANGE => {
+                let Ok(range) = u32::try_from(req.offset) else {
+                    return wire::err("malformed ask for a range");
+                };
+                return match self.hand_over_on_request(req.lun, range).await {
+                    Ok(()) => wire::ok(&[]),
                     Err(e) => wire::err(&e),
                 };
             }

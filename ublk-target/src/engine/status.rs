@@ -79,6 +79,12 @@ pub struct EngineStatus {
     /// A log-shipping source: how far its destination's log files lag behind its log.
     #[serde(default)]
     pub shipping: Option<super::ship_lag::ShippingSourceStatus>,
+    /// `cluster.write_priority`: whether write priority follows the writer here.
+    #[serde(default)]
+    pub write_priority: bool,
+    /// Ranges moved because one node asked for them (handed over by us or to us).
+    #[serde(default)]
+    pub write_priority_moves: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -251,6 +257,8 @@ impl Engine {
                 .as_ref()
                 .filter(|m| self.cluster.is_none() && m.keeps_log().is_some())
                 .map(|_| self.ship_lag.status(&partitions, self.host.now())),
+            write_priority: self.write_priority_enabled(),
+            write_priority_moves: self.write_priority_moves(),
         }
     }
 }

@@ -504,10 +504,12 @@ impl Engine {
     {
         let c = self.cluster.as_ref().ok_or("not a cluster node")?;
         let partner = c.partner();
-        let ranges = c.ranges_to_give_back(match which {
-            RangesToMove::PartnersRanges => partner,
-            RangesToMove::OwnRanges => c.me,
-        });
+        let ranges = match which {
+            RangesToMove::PartnersRanges => c.ranges_to_give_back(partner),
+            RangesToMove::OwnRanges => c.ranges_to_give_back(c.me),
+            RangesToMove::Asked { lun, range } if c.owns(lun, range) => vec![(lun, range)],
+            RangesToMove::Asked { .. } => Vec::new(),
+        };
         if ranges.is_empty() {
             return Ok(0);
         }
@@ -602,6 +604,7 @@ impl Engine {
             match which {
                 RangesToMove::PartnersRanges => "giveback of its configured ranges",
                 RangesToMove::OwnRanges => "handover of ours",
+                RangesToMove::Asked { .. } => "asked for by the partner, which keeps writing to it",
             },
             c.node_name(partner)
         );

@@ -27,6 +27,9 @@ pub enum RangesToMove {
     PartnersRanges,
     /// Handover: the ranges the config assigns to us (a switchover, e.g. before maintenance).
     OwnRanges,
+    /// One range the partner asked for because it keeps writing to it (write priority
+    /// follows the writer, `engine::write_priority`), if we own it.
+    Asked { lun: u32, range: u32 },
 }
 
 /// Where a takeover stands (for `nvmirrorctl status`: progress bar and ETA).

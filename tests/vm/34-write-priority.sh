@@ -1,0 +1,105 @@
+#!/bin/bash
+# Issue 17, item 2 (hand-over of write priority): with [cluster.write_priority] a range's
+# priority follows the node that writes it. Two daemons, one shared medium, TCP, two ranges
+# (range 0 node-a's, range 1 node-b's).
+#  1. node-b writes only into range 0: its writes are forwarded to node-a until node-b has
+#     forwarded `ask_after_forwarded` of them, then it asks and node-a hands range 0 over
+#     (owner node-b on both nodes, epoch up). Every write verifies through both devices.
+#  2. Both write range 0 at once: node-a's writes are forwarded, node-a asks, and node-b
+#     refuses (it wrote range 0 itself within min_hold): range 0 stays node-b's.
+#  3. node-a alone writes range 0 again: once node-b has not written it for min_hold, it
+#     hands range 0 back. Every write of every step verifies through both devices.
+# vm-timeout: 300
+source "$NVM_REPO/tests/vm/lib/nvm.sh"
+nvm_init
+medium=$(nvm_medium shared 128)
+for n in a b; do
+	nvm_cluster_config $n "$medium" auto tcp 127.0.0.1 7851
+	cat >>node-$n.toml <<-CFG
+
+	[cluster.write_priority]
+	ask_after_forwarded = 64
+	window_ms = 2000
+	min_hold_ms = 3000
+	CFG
+done
+"$NVMCTL" config check node-a.toml >/dev/null || fail "config check of node-a.toml"
+nvm_start node-a.toml daemon-a.log
+nvm_start node-b.toml daemon-b.log
+nvm_wait_link
+
+owner0() { nvm_field "$1" 'e["ranges"][0]["owner"] + "/" + str(e["ranges"][0]["epoch"])'; }
+# wait_owner NODE-NAME SECONDS: until both nodes' status give range 0 to NODE-NAME.
+wait_owner() {
+	local i
+	for i in $(seq $(($2 * 5))); do
+		[[ $(owner0 a) == "$1"/* && $(owner0 b) == "$1"/* ]] && return 0
+		sleep 0.2
+	done
+	return 1
+}
+[[ $(owner0 a) == node-a/* ]] || fail "range 0 should start as node-a's: $(owner0 a)"
+epoch0=$(owner0 a)
+epoch0=${epoch0#*/}
+
+# job NAME OFFSET SEED: 3000 random 4 KiB writes in 12 MiB at OFFSET (each block at most once;
+# the jobs write apart: a verify cannot tell which job wrote a block).
+job() {
+	echo --name="$1" --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k \
+		--offset="$2" --size=12M --number_ios=3000 --randseed="$3" \
+		--verify=crc32c --verify_fatal=1 --verify_state_save=1
+}
+# verify_on DEV NAME OFFSET SEED
+verify_on() {
+	fio $(job "$2" "$3" "$4") --filename="$1" --verify_only=1 --verify_state_load=1 \
+		--output="verify-$2-$(basename "$1").log" ||
+		{ nvm_explain_verify_failure "verify-$2-$(basename "$1").log" daemon-a.log daemon-b.log; fail "$2: a write does not read back through $1"; }
+}
+
+say "1. node-b writes only into node-a's range 0"
+fio $(job b-first 0 341) --filename=/dev/ublkb1 --do_verify=0 --output=fio-b-first.log ||
+	{ cat fio-b-first.log; fail "fio through node-b"; }
+wait_owner node-b 20 ||
+	{ grep -i 'write priority\|range' daemon-a.log daemon-b.log | tail; fail "range 0 did not move to node-b: a says $(owner0 a), b says $(owner0 b)"; }
+epoch1=$(owner0 b)
+epoch1=${epoch1#*/}
+((epoch1 > epoch0)) || fail "range 0 moved without a new epoch ($epoch0 -> $epoch1)"
+grep -q 'asked for by the partner' daemon-a.log || fail "node-a's log does not name the hand-over"
+moves=$(nvm_field b 'e["write_priority_moves"]')
+say "range 0 moved to node-b at epoch $epoch1 (was $epoch0); node-b counts $moves move(s)"
+((moves == 1)) || fail "node-b counts $moves moves, expected 1"
+verify_on /dev/ublkb0 b-first 0 341
+verify_on /dev/ublkb1 b-first 0 341
+
+say "2. both nodes write range 0 at once: node-b keeps it"
+fio $(job b-both 12M 342) --filename=/dev/ublkb1 --do_verify=0 --output=fio-b-both.log &
+fio_b=$!
+fio $(job a-both 24M 343) --filename=/dev/ublkb0 --do_verify=0 --output=fio-a-both.log &
+fio_a=$!
+wait $fio_b || { cat fio-b-both.log; fail "fio through node-b (contended)"; }
+wait $fio_a || { cat fio-a-both.log; fail "fio through node-a (contended)"; }
+[[ $(owner0 a) == "node-b/$epoch1" && $(owner0 b) == "node-b/$epoch1" ]] ||
+	fail "range 0 moved while node-b wrote it too: a says $(owner0 a), b says $(owner0 b)"
+grep -q 'keeps the range we write to' daemon-a.log ||
+	{ grep -i 'write priority' daemon-a.log | tail -5; fail "node-a never asked, or was not refused"; }
+say "node-a asked and was refused; range 0 stayed node-b's at epoch $epoch1"
+for dev in /dev/ublkb0 /dev/ublkb1; do
+	verify_on $dev b-both 12M 342
+	verify_on $dev a-both 24M 343
+done
+
+say "3. node-a alone writes range 0: after node-b's minimum hold it comes back"
+sleep 3
+fio $(job a-back 36M 344) --filename=/dev/ublkb0 --do_verify=0 --output=fio-a-back.log ||
+	{ cat fio-a-back.log; fail "fio through node-a"; }
+wait_owner node-a 20 ||
+	{ grep -i 'write priority' daemon-a.log daemon-b.log | tail; fail "range 0 did not come back to node-a: a says $(owner0 a), b says $(owner0 b)"; }
+range1=$(nvm_field a 'e["ranges"][1]["owner"]')
+[[ $range1 == node-b ]] || fail "range 1 (node-b's, written by nobody) moved to $range1"
+for dev in /dev/ublkb0 /dev/ublkb1; do
+	verify_on $dev b-first 0 341
+	verify_on $dev b-both 12M 342
+	verify_on $dev a-both 24M 343
+	verify_on $dev a-back 36M 344
+done
+say "PASS: range 0 went to the node writing it ($(owner0 a) now), stayed under contention, came back; every write verified through both devices"

@@ -1,0 +1,150 @@
+//! What write priority that follows the writer (`write_priority`) counts: per range, when our
+//! own clients last wrote to it, and how many writes we forwarded to its owner lately. No
+//! engine here: `write_priority` asks and answers with these counts.
+
+use crate::lun::Lun;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// When to ask for a range and how long to keep one (`cluster.write_priority`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WritePriorityPolicy {
+    /// Forwarded writes to one range within `window` after which we ask its owner for it.
+    pub ask_after_forwarded: u32,
+    pub window: Duration,
+    /// An owner that wrote to the range itself this recently keeps it; an asker waits this
+    /// long before asking for the same range again.
+    pub min_hold: Duration,
+}
+
+/// Forwarded writes to one range of the other node's, counted for the next ask.
+#[derive(Default)]
+struct Demand {
+    window_start: Option<Instant>,
+    forwarded: u32,
+    /// When we last asked for the range (answered or not).
+    asked: Option<Instant>,
+}
+
+pub(super) struct WriteDemand {
+    enabled: AtomicBool,
+    policy: Mutex<Option<WritePriorityPolicy>>,
+    /// The clock's zero for `local_write_ms`.
+    base: Instant,
+    /// Per LUN and range: milliseconds after `base` (plus one; 0 = never) of our clients'
+    /// last write to it.
+    local_write_ms: Vec<Vec<AtomicU64>>,
+    forwarded: Mutex<HashMap<(u32, u32), Demand>>,
+    /// Ranges moved because one node asked for them (handed over by us or to us).
+    moves: Arc<AtomicU64>,
+}
+
+impl WriteDemand {
+    pub(super) fn new(base: Instant, luns: &[Arc<Lun>]) -> WriteDemand {
+        WriteDemand {
+            enabled: AtomicBool::new(false),
+            policy: Mutex::new(None),
+            base,
+            local_write_ms: luns
+                .iter()
+                .map(|l| (0..l.ranges).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            forwarded: Mutex::new(HashMap::new()),
+            moves: Arc::default(),
+        }
+    }
+
+    pub(super) fn set_policy(&self, policy: Option<WritePriorityPolicy>) {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+        self.enabled.store(policy.is_some(), Ordering::Relaxed);
+    }
+
+    pub(super) fn policy(&self) -> Option<WritePriorityPolicy> {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// The counter of moves, for a task that ends after the engine's borrow does.
+    pub(super) fn moves(&self) -> &Arc<AtomicU64> {
+        &self.moves
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_millis() as u64 + 1
+    }
+
+    /// Our client wrote `len` bytes at `offset` of `lun` at `now`; the pieces in `remote`
+    /// (offset, len) went to the partner, the rest was ours.
+    pub(super) fn note_local_write(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        (offset, len): (u64, u64),
+        remote: &[(u64, u64)],
+        now: Instant,
+    ) {
+        let Some(slots) = self.local_write_ms.get(lun_idx) else {
+            return;
+        };
+        let now = self.millis(now);
+        for r in lun.range_of(offset)..=lun.range_of(offset + len.max(1) - 1) {
+            if remote.iter().any(|&(at, _)| lun.range_of(at) == r) {
+                continue;
+            }
+            if let Some(s) = slots.get(r as usize) {
+                s.store(now, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// How long ago (at `now`) our clients last wrote to `range` of `lun`; None: never.
+    pub(super) fn since_local_write(&self, lun: u32, range: u32, now: Instant) -> Option<Duration> {
+        let at = self
+            .local_write_ms
+            .get(lun as usize)
+            .and_then(|l| l.get(range as usize))
+            .map_or(0, |s| s.load(Ordering::Relaxed));
+        (at != 0).then(|| Duration::from_millis(self.millis(now).saturating_sub(at)))
+    }
+
+    /// Writes of `pieces` (offset, len) of `lun` were forwarded to their owner at `now`:
+    /// counts them, and returns the (LUN, range)s to ask the owner for now.
+    pub(super) fn note_forwarded(
+        &self,
+        policy: &WritePriorityPolicy,
+        lun_idx: usize,
+        lun: &Lun,
+        pieces: &[(u64, u64)],
+        now: Instant,
+    ) -> Vec<(u32, u32)> {
+        let mut ask = Vec::new();
+        let mut demand = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
+        for &(at, n) in pieces {
+            for r in lun.range_of(at)..=lun.range_of(at + n.max(1) - 1) {
+                let d = demand.entry((lun_idx as u32, r)).or_default();
+                if d.window_start
+                    .is_none_or(|s| now.saturating_duration_since(s) > policy.window)
+                {
+                    d.window_start = Some(now);
+                    d.forwarded = 0;
+                }
+                d.forwarded += 1;
+                let rested = d
+                    .asked
+                    .is_none_or(|a| now.saturating_duration_since(a) >= policy.min_hold);
+                if d.forwarded >= policy.ask_after_forwarded && rested {
+                    d.asked = Some(now);
+                    d.forwarded = 0;
+                    d.window_start = None;
+                    ask.push((lun_idx as u32, r));
+                }
+            }
+        }
+        ask
+    }
+}

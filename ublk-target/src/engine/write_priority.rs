@@ -1,0 +1,148 @@
+//! Write priority follows the writer (issue #17's policing protocol, its hand-over): a range's
+//! owner holds its write priority, and a write to a range the other node owns is forwarded to
+//! it. When this node keeps forwarding writes to one range (`ask_after_forwarded` within
+//! `window`) it asks the owner for the range; the owner hands it over (the planned move of
+//! `give_back`: the range's I/O waits, every staged write reaches the medium, the table moves
+//! it with a new epoch, the asker re-reads the table) unless it wrote to the range itself
+//! within `min_hold`: under contention the holder keeps the priority and the other node goes
+//! on forwarding, so a range never bounces between two writers. An asker that was refused
+//! asks again only after `min_hold`. The counts live in `write_demand`.
+//!
+//! Off unless `cluster.write_priority` is set (`Engine::set_write_priority`); then a local
+//! write stores the time in its range's slot (one atomic store) and nothing else.
+
+use super::core::Engine;
+use super::takeover_state::RangesToMove;
+use super::write_demand::WritePriorityPolicy;
+use crate::lun::Lun;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// How long the owner's hand-over may wait for its staged writes to reach the medium.
+const HAND_OVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Engine {
+    /// Turns write priority that follows the writer on (with its policy) or off.
+    pub fn set_write_priority(&self, policy: Option<WritePriorityPolicy>) {
+        self.write_demand.set_policy(policy);
+    }
+
+    pub fn write_priority_enabled(&self) -> bool {
+        self.write_demand.enabled()
+    }
+
+    /// Ranges moved between the nodes because one asked for them (handed over or taken).
+    pub fn write_priority_moves(&self) -> u64 {
+        self.write_demand.moves().load(Ordering::Relaxed)
+    }
+
+    /// Our client wrote `len` bytes at `offset` of `lun`; the pieces in `remote` went to the
+    /// partner, the rest was ours.
+    pub(super) fn note_local_write(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        offset: u64,
+        len: u64,
+        remote: &[(u64, u64)],
+    ) {
+        if self.write_demand.enabled() {
+            let now = self.host.now();
+            self.write_demand
+                .note_local_write(lun_idx, lun, (offset, len), remote, now);
+        }
+    }
+
+    /// Writes of `pieces` (offset, len) were forwarded to their owner and acknowledged: count
+    /// them, and ask the owner for a range we keep writing to.
+    pub(super) fn note_forwarded(&self, lun_idx: usize, lun: &Lun, pieces: &[(u64, u64)]) {
+        if !self.write_demand.enabled() {
+            return;
+        }
+        let Some(policy) = self.write_demand.policy() else {
+            return;
+        };
+        let now = self.host.now();
+        for (lun, range) in self
+            .write_demand
+            .note_forwarded(&policy, lun_idx, lun, pieces, now)
+        {
+            self.ask_for_range(lun, range);
+        }
+    }
+
+    /// Asks the owner for `range` of `lun` in the background; the owner's hand-over makes us
+    /// re-read the table, after which our writes to it are local.
+    fn ask_for_range(&self, lun: u32, range: u32) {
+        let Some(fwd) = self.cluster.as_ref().and_then(|c| c.forwarder()) else {
+            return;
+        };
+        let moves = self.write_demand.moves().clone();
+        let asked = Box::pin(async move {
+            match fwd.ask_for_range(lun, range).await {
+                Ok(()) => {
+                    moves.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        lun,
+                        range,
+                        "the partner handed us the range we kept writing to (write priority)"
+                    );
+                }
+                Err(e) => tracing::info!(
+                    lun,
+                    range,
+                    "the partner keeps the range we write to (write priority): {e}"
+                ),
+            }
+        });
+        // Detached: it ends with the answer, or when the link goes down.
+        if let Err(e) = self.host.spawn("ask-write-priority", asked) {
+            tracing::warn!("asking the partner for a range: no task: {e}");
+        }
+    }
+
+    /// The partner asks for `range` of `lun`, which it keeps writing to through us: hand it
+    /// over, unless write priority is off here, the range is not ours, or our own clients
+    /// wrote to it within the minimum hold (we keep it, the partner goes on forwarding).
+    pub(super) async fn hand_over_on_request(&self, lun: u32, range: u32) -> Result<(), String> {
+        let policy = self.write_demand.policy().ok_or_else(|| {
+            format!(
+                "write priority does not follow the writer on node {} (cluster.write_priority is not set)",
+                self.node
+            )
+        })?;
+        let c = self.cluster.as_ref().ok_or("not a cluster node")?;
+        if !c.owns(lun, range) {
+            return Err(format!(
+                "node {} does not own range {range} of LUN {lun}",
+                self.node
+            ));
+        }
+        let now = self.host.now();
+        if let Some(ago) = self
+            .write_demand
+            .since_local_write(lun, range, now)
+            .filter(|&ago| ago < policy.min_hold)
+        {
+            return Err(format!(
+                "node {} wrote to range {range} of LUN {lun} itself {} ms ago: it keeps the write priority until {} ms after its last write",
+                self.node,
+                ago.as_millis(),
+                policy.min_hold.as_millis()
+            ));
+        }
+        let fwd = c.forwarder().ok_or("no link to the partner")?;
+        let moved = self
+            .give_back(
+                RangesToMove::Asked { lun, range },
+                HAND_OVER_DRAIN_TIMEOUT,
+                || fwd.reload_ownership(),
+            )
+            .await?;
+        if moved == 0 {
+            return Err(format!("range {range} of LUN {lun} could not move"));
+        }
+        self.write_demand.moves().fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
