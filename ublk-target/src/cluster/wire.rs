@@ -68,6 +68,9 @@ pub const OP_ASK_FOR_RANGE: u8 = 18;
 /// In a refusal of forwarded I/O: the range is not (or no longer) the answering node's. The
 /// sender waits for a move in progress and routes the I/O again.
 pub const OWNERSHIP_MOVED: &str = "(ownership moved?)";
+/// In a refusal of a forwarded write: not staged now (the answering node has not heard the
+/// sender lately); the sender waits a moment and routes it again.
+pub const TRY_AGAIN: &str = "(try again)";
 const HEADER: usize = 17;
 /// A shipped record's header: seq, kind, lun, offset, len.
 const RECORD_HEADER: usize = 8 + 1 + 4 + 8 + 8;

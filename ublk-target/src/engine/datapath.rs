@@ -549,6 +549,31 @@ impl Engine {
         true
     }
 
+    /// [`Engine::drain`] of the partitions `ranges` (LUN, range) stage in: every write of
+    /// theirs staged before the call is on the medium (a range stages in one partition, see
+    /// `config::partition_of_range`), while the other partitions go on as they are.
+    pub(super) async fn drain_ranges(&self, ranges: &[(u32, u32)], timeout: Duration) -> bool {
+        let now = self.host.now();
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(u32::MAX as u64));
+        let mut parts: Vec<u32> = ranges
+            .iter()
+            .filter_map(|&(l, r)| self.luns.get(l as usize).map(|lun| lun.first_range + r))
+            .map(|global| self.partition_of(global).id)
+            .collect();
+        parts.sort_unstable();
+        parts.dedup();
+        for id in parts {
+            if let Some(p) = self.parts.iter().find(|p| p.id == id) {
+                if !p.drained(deadline).await {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// [`Engine::drain`] for a plain thread (the control socket, shutdown).
     pub fn drain_blocking(&self, timeout: Duration) -> bool {
         futures::executor::block_on(self.drain(timeout))

@@ -147,10 +147,12 @@ impl Engine {
     }
 
     /// The owner refused a forward because the range moved or is moving (a planned move
-    /// closes the range's gate, drains, moves it in the table and then tells us): wait a
-    /// moment and route again, for at most [`MOVE_WAIT`] after the first such refusal.
+    /// closes the range's gate, drains, moves it in the table and then tells us), or asked
+    /// us to try again (it has not heard us lately): wait a moment and route again, for at
+    /// most [`MOVE_WAIT`] after the first such refusal.
     async fn wait_out_a_move(&self, message: &str, deadline: &mut Option<Instant>) -> bool {
-        if !message.contains(wire::OWNERSHIP_MOVED) || !self.mirror.is_up() {
+        let again = message.contains(wire::OWNERSHIP_MOVED) || message.contains(wire::TRY_AGAIN);
+        if !again || !self.mirror.is_up() {
             return false;
         }
         let now = self.host.now();
@@ -431,7 +433,12 @@ impl Engine {
     /// over newer writes (a ghost write: simulator seed 100589).
     ///
     /// It stages only while the connection that delivered it is still the link's current
-    /// one (`delivered_on`, asked just before each piece takes its place in the log). A
+    /// one (`delivered_on`, asked just before each piece takes its place in the log), and
+    /// the sender answered one of our heartbeats within half the heartbeat timeout (else the
+    /// sender, if it lives, is told to try again): after our link's own thread stalled, a
+    /// handler may run before the link loop has found the connection dead (simulator seed
+    /// 79 with `--storage own --link-stalls --write-priority`: a dead node's write staged
+    /// over a newer one of our own client's, in the instant the stall ended). A
     /// handler can run long after its request came (waiting for log space or a gate, or its
     /// thread held up): staged after its connection ended, it could land over a newer write
     /// our own client was acknowledged for meanwhile, from a sender that died (simulator
@@ -453,14 +460,31 @@ impl Engine {
                 "forwarded write: its data does not match its length",
             ));
         }
-        let mirror = &self.mirror;
+        let (mirror, host) = (&self.mirror, &self.host);
+        // How recently the sender must have answered one of our heartbeats (see above).
+        let fresh_for = self.cluster.as_ref().map(|c| c.link_timeout() / 2);
         let placeable = move || -> Result<(), String> {
-            let now = mirror.current().and_then(|m| m.connection());
+            let current = mirror.current();
+            let now = current.as_ref().and_then(|m| m.connection());
             match (delivered_on, now) {
-                (Some(came), Some(now)) if came == now => Ok(()),
-                _ => Err(format!(
-                    "the connection that delivered this forwarded write ended before it was staged (delivered on {delivered_on:?}, now {now:?})"
+                (Some(came), Some(now)) if came == now => {}
+                _ => {
+                    return Err(format!(
+                        "the connection that delivered this forwarded write ended before it was staged (delivered on {delivered_on:?}, now {now:?})"
+                    ))
+                }
+            }
+            let heard = current
+                .and_then(|m| m.heard_by_partner())
+                .filter(|&(generation, _)| Some(generation) == delivered_on)
+                .map(|(_, at)| at);
+            match (heard, fresh_for) {
+                (Some(at), Some(fresh)) if host.now() >= at + fresh => Err(format!(
+                    "the sender of this forwarded write last answered a heartbeat {} ms ago: not staged until it is heard again {}",
+                    host.now().saturating_duration_since(at).as_millis(),
+                    wire::TRY_AGAIN
                 )),
+                _ => Ok(()),
             }
         };
         match self

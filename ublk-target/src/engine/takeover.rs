@@ -537,7 +537,7 @@ impl Engine {
             }
             Err(why)
         };
-        if !self.drain(drain_timeout).await {
+        if !self.drain_ranges(ranges, drain_timeout).await {
             return reopen(format!(
                 "staged writes did not reach the medium within {drain_timeout:?}; no range moved"
             ))
