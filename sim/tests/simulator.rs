@@ -98,6 +98,18 @@ fn ranges_handed_to_their_writer_keep_every_invariant() {
     }
 }
 
+/// Seed 79 (own storage, link stalls, write priority): when a stall of the owner's link
+/// thread ended, a forwarded write's handler ran before the link loop found its sender dead
+/// and staged the dead node's write over a newer acknowledged one. A forwarded write is now
+/// placed only while its sender answered a heartbeat within half the heartbeat timeout.
+#[test]
+fn write_priority_seeds_pass() {
+    let mut mix = FaultMix::all().with_link_stalls();
+    mix.own_storage = true;
+    mix.write_priority = true;
+    seeds_pass(&[79], &mix);
+}
+
 /// The first sweep with link stalls (2026-12-04) found own 827 and shared 2845, one
 /// mechanism (LOST ACKNOWLEDGED WRITE): a node forwarded a write and died; the owner's handler
 /// of it, held back by the stall, staged it after a newer write of the same block that the
