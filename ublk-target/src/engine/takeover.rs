@@ -488,7 +488,7 @@ impl Engine {
 
     /// Planned move of ranges to the partner: giveback (the ranges the config gives the
     /// partner, after a takeover) or handover (our own configured ranges, a switchover before
-    /// maintenance). Their I/O waits while every staged write is flushed (so the partner
+    /// maintenance). Their I/O waits while every staged write of their partitions is flushed (so the partner
     /// starts from the medium), `tell_partner` makes the partner re-read the table (and void
     /// what it lost unnoticed), the table on the medium moves them to the partner with a new
     /// epoch, `tell_partner` makes the partner re-read it again, and then their I/O is
@@ -744,9 +744,9 @@ impl Engine {
     }
 
     /// `storage = "own"`: the partner restarted with its medium outdated for ranges whose
-    /// records it replayed into it: writes every copy we hold of its `partition` through
-    /// `through_seq` to our medium (see `engine::restart_sync`). Refused where ours is
-    /// outdated too.
+    /// records it replayed into it (see `engine::restart_sync`), or is about to move ranges
+    /// (`partner_writes_held`): writes every copy we hold of its `partition` through
+    /// `through_seq` to our medium. Refused where ours is outdated too.
     pub fn write_held_for_partner(
         &self,
         from: NodeId,
@@ -770,7 +770,7 @@ impl Engine {
             ss.write_held_for_partner(partition, through_seq, &self.luns, &not_outdated_here)?;
         tracing::info!(
             partition,
-            "the partner restarted with its medium outdated: wrote the {n} copies we held of its records through seq {through_seq} to our medium"
+            "the partner asked (after its restart, or before a range move): wrote the {n} copies we held of its records through seq {through_seq} to our medium"
         );
         Ok(n)
     }
