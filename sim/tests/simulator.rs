@@ -110,6 +110,19 @@ fn write_priority_seeds_pass() {
     seeds_pass(&[79], &mix);
 }
 
+/// Seed 3371 with own storage (the 2026-12-05 sweep, without link stalls): ranges asked for
+/// every few milliseconds held the one-at-a-time move slot, and a hand-over whose drain waited
+/// 10 s on a failing medium path, so the repair of an outdated medium never ran before the
+/// end. An asked hand-over now yields to a failing flush, a lease not held and any outdated
+/// mark, and its drain waits at most 2 s.
+#[test]
+fn asked_hand_overs_yield_to_resync_and_repair() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.write_priority = true;
+    seeds_pass(&[3371], &mix);
+}
+
 /// The first sweep with link stalls (2026-12-04) found own 827 and shared 2845, one
 /// mechanism (LOST ACKNOWLEDGED WRITE): a node forwarded a write and died; the owner's handler
 /// of it, held back by the stall, staged it after a newer write of the same block that the

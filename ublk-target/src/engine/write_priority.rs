@@ -18,8 +18,9 @@ use crate::lun::Lun;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// How long the owner's hand-over may wait for its staged writes to reach the medium.
-const HAND_OVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the owner's hand-over may wait for its staged writes to reach the medium. The
+/// range's I/O waits meanwhile, for a move that only saves the asker a forward: short.
+const HAND_OVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Engine {
     /// Turns write priority that follows the writer on (with its policy) or off.
@@ -131,6 +132,7 @@ impl Engine {
                 policy.min_hold.as_millis()
             ));
         }
+        self.fit_to_hand_over(c)?;
         let fwd = c.forwarder().ok_or("no link to the partner")?;
         let moved = self
             .give_back(
@@ -143,6 +145,49 @@ impl Engine {
             return Err(format!("range {range} of LUN {lun} could not move"));
         }
         self.write_demand.moves().fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether this node may start an asked hand-over now. It is an optimisation, so it
+    /// yields to anything that would make it wait or fail after the range's I/O stopped:
+    /// a flush that fails (the drain would time out with the gate closed), a lease not held,
+    /// and a resync or repair that is due (an outdated mark stands): those range jobs take
+    /// the same one-at-a-time move slot, and asks every few milliseconds would starve them
+    /// (simulator seed 3371 with --storage own --write-priority).
+    fn fit_to_hand_over(&self, c: &crate::cluster::Cluster) -> Result<(), String> {
+        if c.lease().is_some_and(|l| !l.holds()) {
+            return Err(format!(
+                "node {} does not hold its disk lease; no range moves until it does",
+                self.node
+            ));
+        }
+        let flush_error = self
+            .flusher_stats
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone());
+        if let Some(e) = flush_error {
+            return Err(format!(
+                "node {}'s flusher reports a failure ({e}); no range moves until a batch reaches the medium",
+                self.node
+            ));
+        }
+        if c.own_storage() {
+            let me = c.me;
+            for node in [me, c.partner()] {
+                let marks = c
+                    .outdated_ranges(node)
+                    .map_err(|e| format!("reading the outdated-media marks: {e}"))?;
+                if !marks.is_empty() {
+                    return Err(format!(
+                        "node {}'s medium is marked outdated for {} range(s): its resync or repair goes first",
+                        c.node_name(node),
+                        marks.len()
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
