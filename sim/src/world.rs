@@ -436,6 +436,9 @@ impl Boot {
             medium: self.medium.clone(),
         };
         let region = NvramRegion::in_memory(self.nvram.clone());
+        if let Some(setup) = &opts.cluster {
+            nvmirror::engine::wait_for_claimers(setup, &self.host).await;
+        }
         let engine = Engine::open(region, opts, vec![spec]).map_err(|e| e.to_string())?;
         // Quick to ask and to give up a range (a 30 ms hold), so that ranges move often,
         // bouncing between two writers too.

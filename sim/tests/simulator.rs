@@ -123,6 +123,19 @@ fn asked_hand_overs_yield_to_resync_and_repair() {
     seeds_pass(&[3371], &mix);
 }
 
+/// Seed 4755 (shared medium, write priority), two overlapping failures: n1 lost its power, n0
+/// took its ranges over and was killed after the claim, before its replay; n1 restarted and
+/// skipped its own records of the claimed ranges (the table gave them to n0), then took every
+/// range back from the dead n0 and replayed only n0's records (LOST ACKNOWLEDGED WRITE). A
+/// claim is now noted on the medium until its replay ends (`cluster::claim_note`), and a
+/// start replays its own records of ranges claimed by a node whose heartbeat is dead.
+#[test]
+fn an_unfinished_claim_leaves_the_old_owner_its_records() {
+    let mut mix = FaultMix::all();
+    mix.write_priority = true;
+    seeds_pass(&[4755], &mix);
+}
+
 /// The first sweep with link stalls (2026-12-04) found own 827 and shared 2845, one
 /// mechanism (LOST ACKNOWLEDGED WRITE): a node forwarded a write and died; the owner's handler
 /// of it, held back by the stall, staged it after a newer write of the same block that the

@@ -8,6 +8,8 @@
 //!   without it (fencing).
 //! * slot `MARKS_SLOT + node`: that node's flush marks ([`FlushMarks`]).
 //! * slot `LEASE_SLOT + node`: that node's disk heartbeat ([`LeaseRecord`], see `lease`).
+//! * slot `OUTDATED_SLOT + ...` (`cluster::outdated`) and `CLAIM_SLOT + node`
+//!   (`cluster::claim_note`): outdated-medium marks and a takeover's unfinished claim.
 
 use std::io;
 
@@ -317,8 +319,10 @@ pub fn save_marks(store: &dyn TableStore, m: &FlushMarks) -> Result<(), TableErr
 pub const LEASE_MAGIC: u32 = 0x4c48_564e; // "NVHL"
 /// Slot `LEASE_SLOT + node` holds that node's disk heartbeat.
 pub const LEASE_SLOT: u64 = 32;
-/// Nodes whose heartbeats fit before the end of the metadata area.
-pub const MAX_LEASE_NODES: u64 = METADATA_BYTES / SLOT_BYTES - LEASE_SLOT;
+/// Slot `CLAIM_SLOT + node` holds that node's unfinished takeover claim (`cluster::claim_note`).
+pub const CLAIM_SLOT: u64 = 240;
+/// Nodes whose heartbeats fit before the claim notes.
+pub const MAX_LEASE_NODES: u64 = CLAIM_SLOT - LEASE_SLOT;
 
 /// One node's disk heartbeat: it rewrites its slot with the next `counter` every renewal
 /// interval while it holds its lease. A new process writes a new random `incarnation`.

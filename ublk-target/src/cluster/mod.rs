@@ -3,6 +3,7 @@
 //! forwarded request (`wire`). The engine routes every I/O through it; takeover and giveback
 //! change it.
 
+pub mod claim_note;
 mod forward;
 pub mod outdated;
 pub mod policing;

@@ -13,7 +13,8 @@
 //! (start-up: check, scan, replay, format), `datapath` (write and read of ranges we
 //! serve), `routing` (which node serves an I/O; forwarding both ways), `takeover`
 //! (takeover, giveback, handover, writing for a partner whose medium path failed) with its
-//! bookkeeping in `takeover_state`, `lost_ranges` (killing our records of ranges we lost:
+//! bookkeeping in `takeover_state` (and at start `unfinished_claims`: ranges taken from us
+//! by a node that died before replaying them), `lost_ranges` (killing our records of ranges we lost:
 //! void records), `mirroring` (what happens when the partner connects:
 //! releases, re-mirroring what it lacks), `serving` (the right to serve: the disk lease, or the
 //! partner's word), `flush_context` (what the flusher asks of the node; a log-shipping source's lag behind its destination in `ship_lag`), `partner_reads`
@@ -47,6 +48,7 @@ mod status;
 mod take_back;
 mod takeover;
 mod takeover_state;
+mod unfinished_claims;
 mod verify;
 mod write_demand;
 mod write_priority;
@@ -61,5 +63,6 @@ pub use ship_lag::{PartitionShipLag, ShippingSourceStatus, WaitingBatch};
 pub use status::{EngineStatus, LunStatus, MirrorStatus};
 pub use take_back::TakenBack;
 pub use takeover_state::{FlushDelegate, RangeJob, RangesToMove, TakeoverProgress};
+pub use unfinished_claims::wait_for_claimers;
 pub use verify::{digests, RangeVerified, Verdict, VerifyReport, VERIFY_CHUNK};
 pub use write_demand::WritePriorityPolicy;

@@ -8,6 +8,7 @@ use super::core::{
 use super::flush_context::NodeFlushContext;
 use super::serving::ServingRight;
 use super::takeover_state::{RestartSync, TakeoverState};
+use super::unfinished_claims::{records_to_replay_for_dead_claimers, wait_for_claimers};
 use crate::apply::{Applier, RecordWrite};
 use crate::block::BLOCK_SIZE;
 use crate::cluster::{Cluster, ClusterSetup};
@@ -130,7 +131,7 @@ impl Engine {
                 // its lease and the ownership table.
                 let reservations = register_reservations(cfg, c, me)?;
                 let lease = acquire_lease(&host, store.clone(), c, me)?;
-                Some(ClusterSetup {
+                let setup = ClusterSetup {
                     me,
                     nodes: c.nodes.iter().map(|n| n.name.clone()).collect(),
                     table_store: store,
@@ -139,7 +140,9 @@ impl Engine {
                     link_timeout: Duration::from_millis(c.heartbeat_timeout_ms),
                     reservations,
                     storage: c.storage,
-                })
+                };
+                futures::executor::block_on(wait_for_claimers(&setup, &host));
+                Some(setup)
             }
             _ => None,
         };
@@ -224,9 +227,17 @@ impl Engine {
         // or flushed before the stop) and the partner's not (docs/shared-nothing.md).
         let mut restart_extents: Vec<(u32, u64, u64)> = Vec::new();
         let mut restart_sync = RestartSync::default();
+        // Ranges claimed from us by a node that died before replaying them: ours to replay.
+        let claimed_unreplayed = cluster
+            .as_ref()
+            .map(|c| records_to_replay_for_dead_claimers(c))
+            .unwrap_or_default();
         let owned = |lun: u32, offset: u64| -> bool {
             match (&cluster, luns.get(lun as usize)) {
-                (Some(c), Some(l)) => c.owns(lun, l.range_of(offset)),
+                (Some(c), Some(l)) => {
+                    let range = l.range_of(offset);
+                    c.owns(lun, range) || claimed_unreplayed.contains(&(lun, range))
+                }
                 _ => true,
             }
         };

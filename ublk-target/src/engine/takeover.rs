@@ -235,6 +235,9 @@ impl Engine {
             Ok(m) => m,
             Err(e) => {
                 // Nothing was claimed (`begin_takeover`): nothing to finish at a restart.
+                if let Err(e) = c.clear_claim_note() {
+                    tracing::error!(error = %e, "clearing the takeover's claim note on the medium failed (the next start clears it)");
+                }
                 if let Err(e) = self.write_takeover_note(None) {
                     tracing::error!(error = %e, "clearing the takeover note in the NVRAM failed");
                 }
@@ -318,7 +321,16 @@ impl Engine {
             ss.pin(None);
         }
         // Before the gates open: once we write these ranges, replaying the note's records
-        // again at a restart would land them over newer data.
+        // again at a restart would land them over newer data, and so would the old owner's
+        // replay of its own records if the claim note on the medium stood. That one goes
+        // first: while the NVRAM note stands, a restart finishes and clears both.
+        if let Err(e) = c.clear_claim_note() {
+            let why = format!(
+                "clearing the takeover's claim note on the medium failed, ranges stay closed: {e}"
+            );
+            self.takeover_phase(format!("failed: {why}"));
+            return Err(why);
+        }
         if let Err(e) = self.write_takeover_note(None) {
             let why =
                 format!("clearing the takeover note in the NVRAM failed, ranges stay closed: {e}");
@@ -348,6 +360,12 @@ impl Engine {
     /// noted ranges the table gives us go to the medium), then the note is cleared.
     pub(super) fn finish_noted_takeover(&self) -> Result<(), String> {
         let Some(note) = takeover_note::read(&self.region, &Layout::of(&self.sb)) else {
+            // A claim note without the NVRAM note is one whose claim failed: it goes.
+            if let Some(c) = &self.cluster {
+                c.clear_claim_note().map_err(|e| {
+                    format!("clearing a failed takeover's claim note on the medium: {e}")
+                })?;
+            }
             return Ok(());
         };
         if let Some(c) = &self.cluster {
@@ -382,6 +400,9 @@ impl Engine {
                     report.bytes
                 );
             }
+            c.clear_claim_note().map_err(|e| {
+                format!("clearing the interrupted takeover's claim note on the medium: {e}")
+            })?;
         }
         self.write_takeover_note(None)
             .map_err(|e| format!("clearing the takeover note in the NVRAM: {e}"))
