@@ -21,6 +21,30 @@ pub(super) enum Placement {
     /// A range moved to another node while the write was staged: route it again.
     Moved,
 }
+
+/// One write as the data path carries it from routing to staging: its LUN, where, the kind
+/// of record, and its data (`len` bytes for `RecordKind::Data`, empty otherwise).
+#[derive(Clone, Copy)]
+pub(super) struct WriteOp<'a> {
+    pub lun_idx: usize,
+    pub lun: &'a Lun,
+    pub kind: RecordKind,
+    pub offset: u64,
+    pub len: u64,
+    pub data: &'a [u8],
+}
+
+impl<'a> WriteOp<'a> {
+    /// The data of its piece `[at, at + n)`: empty unless it writes data.
+    pub(super) fn payload(&self, at: u64, n: u64) -> &'a [u8] {
+        match self.kind {
+            RecordKind::Data => {
+                &self.data[(at - self.offset) as usize..(at - self.offset + n) as usize]
+            }
+            _ => &[],
+        }
+    }
+}
 use crate::config::DegradedPolicy;
 use crate::host::run_blocking;
 use crate::index::{Extent, Piece, Source};
@@ -78,14 +102,14 @@ impl Engine {
     /// ranges another node owns are forwarded to it.
     pub async fn write(&self, lun_idx: usize, offset: u64, data: &[u8]) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, data.len() as u64)?;
-        self.route_write(
+        self.route_write(WriteOp {
             lun_idx,
             lun,
-            RecordKind::Data,
+            kind: RecordKind::Data,
             offset,
-            data.len() as u64,
+            len: data.len() as u64,
             data,
-        )
+        })
         .await?;
         lun.stats.writes.fetch_add(1, Ordering::Relaxed);
         lun.stats
@@ -97,24 +121,24 @@ impl Engine {
     /// WRITE_ZEROES and DISCARD: the range reads as zeroes once this returns.
     pub async fn write_zeroes(&self, lun_idx: usize, offset: u64, len: u64) -> Result<(), IoError> {
         let lun = self.lun_for(lun_idx, offset, len)?;
-        self.route_write(lun_idx, lun, RecordKind::Zero, offset, len, &[])
-            .await
+        self.route_write(WriteOp {
+            lun_idx,
+            lun,
+            kind: RecordKind::Zero,
+            offset,
+            len,
+            data: &[],
+        })
+        .await
     }
 
     /// [`Engine::stage`] for a write of our own clients: wanted until it is staged.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn stage_own(
         &self,
-        lun_idx: usize,
-        lun: &Lun,
-        kind: RecordKind,
-        offset: u64,
-        len: u64,
-        data: &[u8],
+        w: WriteOp<'_>,
         skip: &[(u64, u64)],
     ) -> Result<Placement, IoError> {
-        self.stage(lun_idx, lun, kind, offset, len, data, skip, &|| Ok(()))
-            .await
+        self.stage(w, skip, &|| Ok(())).await
     }
 
     /// Stages the pieces of an I/O that fall in ranges we serve (`skip`: pieces forwarded
@@ -122,18 +146,20 @@ impl Engine {
     /// stopped being ours meanwhile (another node took it while we did not hold our lease):
     /// the write must be routed again, to its owner. `placeable` is asked each time a piece
     /// may get its place in the log (see [`Engine::stage_own`] for our own clients' writes).
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn stage(
         &self,
-        lun_idx: usize,
-        lun: &Lun,
-        kind: RecordKind,
-        offset: u64,
-        len: u64,
-        data: &[u8],
+        w: WriteOp<'_>,
         skip: &[(u64, u64)],
         placeable: &(dyn Fn() -> Result<(), String> + Sync),
     ) -> Result<Placement, IoError> {
+        let WriteOp {
+            lun_idx,
+            lun,
+            kind,
+            offset,
+            len,
+            ..
+        } = w;
         let mirror = self.mirror.current();
         let mut staged = Vec::with_capacity(2);
         // A piece that cannot be staged fails the write, but the pieces staged before it
@@ -153,10 +179,7 @@ impl Engine {
                 self.check_serving()?;
             }
             let part = self.partition_of(range);
-            let payload: &[u8] = match kind {
-                RecordKind::Data => &data[(at - offset) as usize..(at - offset + n) as usize],
-                _ => &[],
-            };
+            let payload = w.payload(at, n);
             let appended = part
                 .append(
                     kind,

@@ -10,7 +10,7 @@
 //!   when its medium path failed).
 
 use super::core::{Engine, IoError};
-use super::datapath::Placement;
+use super::datapath::{Placement, WriteOp};
 use super::medium_reads::{BlockingMediumReads, MediumReads};
 use crate::cluster::{wire, Forwarder, RangeState};
 use crate::host::run_blocking;
@@ -208,15 +208,15 @@ impl Engine {
         }
     }
 
-    pub(super) async fn route_write(
-        &self,
-        lun_idx: usize,
-        lun: &Lun,
-        kind: RecordKind,
-        offset: u64,
-        len: u64,
-        data: &[u8],
-    ) -> Result<(), IoError> {
+    pub(super) async fn route_write(&self, w: WriteOp<'_>) -> Result<(), IoError> {
+        let WriteOp {
+            lun_idx,
+            lun,
+            kind,
+            offset,
+            len,
+            ..
+        } = w;
         // Set at the first failed forward: the common path does not read the clock.
         let mut deadline = None;
         let mut move_deadline = None;
@@ -224,12 +224,9 @@ impl Engine {
         loop {
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
             if all_local {
-                match self
-                    .stage_own(lun_idx, lun, kind, offset, len, data, &[])
-                    .await?
-                {
+                match self.stage_own(w, &[]).await? {
                     Placement::Done => {
-                        self.note_local_write(lun_idx, lun, offset, len, &[]);
+                        self.note_local_write(&w, &[]);
                         return Ok(());
                     }
                     Placement::Moved => {
@@ -244,18 +241,11 @@ impl Engine {
             }
             let fwd = self.forwarder()?;
             let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match kind {
-                RecordKind::Data => fwd.write(
-                    lun_idx as u32,
-                    at,
-                    data[(at - offset) as usize..(at - offset + n) as usize].to_vec(),
-                ),
+                RecordKind::Data => fwd.write(lun_idx as u32, at, w.payload(at, n).to_vec()),
                 _ => fwd.write_zeroes(lun_idx as u32, at, n),
             }));
-            let (local, forwarded) = futures::future::join(
-                self.stage_own(lun_idx, lun, kind, offset, len, data, &remote),
-                forwarded,
-            )
-            .await;
+            let (local, forwarded) =
+                futures::future::join(self.stage_own(w, &remote), forwarded).await;
             if local? == Placement::Moved {
                 tracing::info!(
                     offset,
@@ -265,7 +255,7 @@ impl Engine {
                 continue;
             }
             let Some(message) = forwarded.into_iter().find_map(Result::err) else {
-                self.note_local_write(lun_idx, lun, offset, len, &remote);
+                self.note_local_write(&w, &remote);
                 self.note_forwarded(lun_idx, lun, &remote);
                 return Ok(());
             };
@@ -487,9 +477,15 @@ impl Engine {
                 _ => Ok(()),
             }
         };
-        match self
-            .stage(lun_idx, lun, kind, offset, len, data, &[], &placeable)
-            .await?
+        let w = WriteOp {
+            lun_idx,
+            lun,
+            kind,
+            offset,
+            len,
+            data,
+        };
+        match self.stage(w, &[], &placeable).await?
         {
             Placement::Done => {
                 lun.stats.writes.fetch_add(1, Ordering::Relaxed);

@@ -12,6 +12,7 @@
 //! write stores the time in its range's slot (one atomic store) and nothing else.
 
 use super::core::Engine;
+use super::datapath::WriteOp;
 use super::takeover_state::RangesToMove;
 use super::write_demand::WritePriorityPolicy;
 use crate::lun::Lun;
@@ -37,20 +38,12 @@ impl Engine {
         self.write_demand.moves().load(Ordering::Relaxed)
     }
 
-    /// Our client wrote `len` bytes at `offset` of `lun`; the pieces in `remote` went to the
-    /// partner, the rest was ours.
-    pub(super) fn note_local_write(
-        &self,
-        lun_idx: usize,
-        lun: &Lun,
-        offset: u64,
-        len: u64,
-        remote: &[(u64, u64)],
-    ) {
+    /// Our client wrote `w`; the pieces in `remote` went to the partner, the rest was ours.
+    pub(super) fn note_local_write(&self, w: &WriteOp<'_>, remote: &[(u64, u64)]) {
         if self.write_demand.enabled() {
             let now = self.host.now();
             self.write_demand
-                .note_local_write(lun_idx, lun, (offset, len), remote, now);
+                .note_local_write(w.lun_idx, w.lun, (w.offset, w.len), remote, now);
         }
     }
 
