@@ -209,14 +209,7 @@ impl Engine {
     }
 
     pub(super) async fn route_write(&self, w: WriteOp<'_>) -> Result<(), IoError> {
-        let WriteOp {
-            lun_idx,
-            lun,
-            kind,
-            offset,
-            len,
-            ..
-        } = w;
+        let (lun_idx, lun, offset, len) = (w.lun_idx, w.lun, w.offset, w.len);
         // Set at the first failed forward: the common path does not read the clock.
         let mut deadline = None;
         let mut move_deadline = None;
@@ -240,7 +233,7 @@ impl Engine {
                 }
             }
             let fwd = self.forwarder()?;
-            let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match kind {
+            let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match w.kind {
                 RecordKind::Data => fwd.write(lun_idx as u32, at, w.payload(at, n).to_vec()),
                 _ => fwd.write_zeroes(lun_idx as u32, at, n),
             }));
