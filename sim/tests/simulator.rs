@@ -128,12 +128,17 @@ fn asked_hand_overs_yield_to_resync_and_repair() {
 /// skipped its own records of the claimed ranges (the table gave them to n0), then took every
 /// range back from the dead n0 and replayed only n0's records (LOST ACKNOWLEDGED WRITE). A
 /// claim is now noted on the medium until its replay ends (`cluster::claim_note`), and a
-/// start replays its own records of ranges claimed by a node whose heartbeat is dead.
+/// start replays its own records of ranges claimed by a node whose heartbeat is dead. Own
+/// storage seed 149 takes that path too (into its own medium, which the claimer had marked
+/// outdated: it waits for the claimer's return).
 #[test]
 fn an_unfinished_claim_leaves_the_old_owner_its_records() {
     let mut mix = FaultMix::all();
     mix.write_priority = true;
     seeds_pass(&[4755], &mix);
+    let mut own = FaultMix::all();
+    own.own_storage = true;
+    seeds_pass(&[149], &own);
 }
 
 /// The first sweep with link stalls (2026-12-04) found own 827 and shared 2845, one

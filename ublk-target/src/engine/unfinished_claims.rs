@@ -1,4 +1,4 @@
-//! At start, with one shared medium: ranges the partner claimed from us (a takeover) whose
+//! At start: ranges the partner claimed from us (a takeover) whose
 //! replay it never finished (`cluster::claim_note`). The partner served nothing of them since
 //! the claim, so our own staged records of them are the newest data there is; skipping them,
 //! as a start does for ranges the table gives another node, would lose them should we later
@@ -11,11 +11,13 @@
 //! waits (a few lease periods at most) for its note to clear or its heartbeat to die; past
 //! that our records of those ranges are skipped as before, and it is said why.
 //!
-//! With a medium per node the old owner's medium is marked outdated by the claim; that case
-//! is not handled here (README, "Not done yet").
+//! With a medium per node (`storage = "own"`) our records go to our own medium, and our
+//! start marks their extents out of sync as it does for every record it finds (the
+//! claimer's medium may lack them). If the claimer marked our medium outdated for those
+//! ranges before it died, the mark stands: we cannot take them over until the claimer
+//! returns, replays its copies and resyncs us.
 
 use crate::cluster::{Cluster, ClusterSetup, LunRange};
-use crate::config::StorageMode;
 use crate::host::Host;
 use crate::lease::{DiskLease, Verdict};
 use crate::ownership::TableError;
@@ -33,17 +35,13 @@ fn claims_by_verdict(lease: &DiskLease, claims: Claims) -> (Claims, Claims) {
     })
 }
 
-/// With a shared medium and a held lease, before `Engine::open`: while a node that claimed
+/// With a held lease, before `Engine::open`: while a node that claimed
 /// ranges from us is alive and has not finished replaying them, waits for it (its note to
 /// clear) or for its heartbeat to read as dead, at most a few lease periods. A dead node's
 /// heartbeat reads as dead only once it was watched silent for the lease's `dead_after`,
 /// which a start that just gained its lease has not done yet.
 pub async fn wait_for_claimers(setup: &ClusterSetup, host: &Arc<dyn Host>) {
-    let Some(lease) = setup
-        .lease
-        .as_ref()
-        .filter(|_| setup.storage == StorageMode::Shared)
-    else {
+    let Some(lease) = setup.lease.as_ref() else {
         return;
     };
     let timing = lease.timing();
@@ -79,7 +77,7 @@ pub async fn wait_for_claimers(setup: &ClusterSetup, host: &Arc<dyn Host>) {
 /// The ranges whose records this start replays although the table gives them to another
 /// node: claimed from us by a node now dead that never replayed them.
 pub(super) fn records_to_replay_for_dead_claimers(c: &Cluster) -> Vec<LunRange> {
-    let Some(lease) = c.lease().filter(|_| !c.own_storage()) else {
+    let Some(lease) = c.lease() else {
         return Vec::new();
     };
     let claims = c.unfinished_claims_on_us().unwrap_or_else(|e: TableError| {
