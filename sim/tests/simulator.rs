@@ -141,6 +141,21 @@ fn an_unfinished_claim_leaves_the_old_owner_its_records() {
     seeds_pass(&[149], &own);
 }
 
+/// Seed 41695 with I/O delays (shared medium), overlapping failures: n0 staged a write as
+/// its lease lapsed and refused it; n1 took n0's ranges over; the link came back and n0
+/// copied its unmirrored records, that one among them, into n1's second store, where they
+/// stayed (n0 never flushed them). n0, killed and restarted while n1 was down, took every
+/// range back and voided its old records, but the void records never reached n1; n0 lost its
+/// power, and n1's takeover replayed the stale copy over newer acknowledged writes (LOST
+/// ACKNOWLEDGED WRITE). A node's void records now also go into its flush marks on the medium
+/// (`FlushMarks::voided`), which a replay honours.
+#[test]
+fn voids_the_partner_never_got_are_honoured_from_the_flush_marks() {
+    let mut mix = FaultMix::all();
+    mix.io_delay = true;
+    seeds_pass(&[41695], &mix);
+}
+
 /// The first sweep with link stalls (2026-12-04) found own 827 and shared 2845, one
 /// mechanism (LOST ACKNOWLEDGED WRITE): a node forwarded a write and died; the owner's handler
 /// of it, held back by the stall, staged it after a newer write of the same block that the

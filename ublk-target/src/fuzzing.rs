@@ -395,6 +395,15 @@ fn encode_tables(input: &[u8]) {
                 flushed_through: word(16 + i),
             })
             .collect(),
+        voided: (0..(word(20) % 3) as usize)
+            .map(|i| crate::ownership::VoidedRange {
+                lun: word(21 + i) as u32,
+                range: (word(21 + i) >> 32) as u32,
+                epoch: word(24 + i),
+                partition: word(27 + i) as u32,
+                below_seq: word(30 + i),
+            })
+            .collect(),
     };
     if let Ok(b) = marks.encode() {
         assert_eq!(
@@ -718,6 +727,13 @@ pub mod seeds {
                 epoch: 2,
                 partition: 1,
                 flushed_through: 0,
+            }],
+            voided: vec![crate::ownership::VoidedRange {
+                lun: 0,
+                range: 2,
+                epoch: 3,
+                partition: 0,
+                below_seq: 7,
             }],
         };
         if let Ok(b) = marks.encode() {

@@ -186,6 +186,26 @@ pub struct FlushMarks {
     /// old owner had released dead).
     #[serde(default)]
     pub lost: Vec<LostRange>,
+    /// Ranges whose records below a seq this node voided (void records, `nvram::void`): the
+    /// partner may never get the void records themselves (the link was down, and this node
+    /// died before it came back), and its copies of those records are stale for any later
+    /// claim (simulator seed 41695: a second takeover replayed an old copy over newer
+    /// writes). A replay honours them as it honours void records.
+    #[serde(default)]
+    pub voided: Vec<VoidedRange>,
+}
+
+/// See [`FlushMarks::voided`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VoidedRange {
+    pub lun: u32,
+    pub range: u32,
+    /// The range's epoch in the table the node read when it voided: binds replays under a
+    /// later epoch only (`nvram::void::VoidMark::binds_replay_under`).
+    pub epoch: u64,
+    pub partition: u32,
+    /// Every record of the range in `partition` below this seq is dead.
+    pub below_seq: u64,
 }
 
 /// See [`FlushMarks::lost`].
@@ -225,7 +245,26 @@ impl FlushMarks {
             .fold(marks, u64::min)
     }
 
-    /// How many lost ranges fit in the slot beside `partitions` marks.
+    /// Whether a copy of `partition` in (`lun`, `range`) with `seq` is dead for a takeover
+    /// replay under `claimed_epoch` (None: unknown, every void binds).
+    pub fn voided_kills(
+        &self,
+        partition: u32,
+        lun: u32,
+        range: u32,
+        seq: u64,
+        claimed_epoch: Option<u64>,
+    ) -> bool {
+        self.voided.iter().any(|v| {
+            v.partition == partition
+                && v.lun == lun
+                && v.range == range
+                && seq < v.below_seq
+                && claimed_epoch.is_none_or(|e| v.epoch < e)
+        })
+    }
+
+    /// How many lost and voided ranges fit in the slot beside `partitions` marks.
     pub fn lost_room(partitions: usize) -> usize {
         SLOT_CRC_AT.saturating_sub(64 + partitions * 8) / LOST_RANGE_BYTES
     }
@@ -234,8 +273,8 @@ impl FlushMarks {
         if self.flushed_through.len() > MAX_MARKS {
             return Err(TableError::TooLarge(self.flushed_through.len()));
         }
-        if self.lost.len() > Self::lost_room(self.flushed_through.len()) {
-            return Err(TableError::TooLarge(self.lost.len()));
+        if self.lost.len() + self.voided.len() > Self::lost_room(self.flushed_through.len()) {
+            return Err(TableError::TooLarge(self.lost.len() + self.voided.len()));
         }
         let mut b = vec![0u8; SLOT_BYTES as usize];
         b[0..4].copy_from_slice(&MARKS_MAGIC.to_le_bytes());
@@ -258,6 +297,17 @@ impl FlushMarks {
             e[16..20].copy_from_slice(&l.partition.to_le_bytes());
             e[24..32].copy_from_slice(&l.flushed_through.to_le_bytes());
         }
+        // Bytes 36..40 were zero before voided ranges existed: an older slot reads as none.
+        b[36..40].copy_from_slice(&(self.voided.len() as u32).to_le_bytes());
+        let at = at + self.lost.len() * LOST_RANGE_BYTES;
+        for (i, v) in self.voided.iter().enumerate() {
+            let e = &mut b[at + i * LOST_RANGE_BYTES..at + (i + 1) * LOST_RANGE_BYTES];
+            e[0..4].copy_from_slice(&v.lun.to_le_bytes());
+            e[4..8].copy_from_slice(&v.range.to_le_bytes());
+            e[8..16].copy_from_slice(&v.epoch.to_le_bytes());
+            e[16..20].copy_from_slice(&v.partition.to_le_bytes());
+            e[24..32].copy_from_slice(&v.below_seq.to_le_bytes());
+        }
         seal_slot(&mut b);
         Ok(b)
     }
@@ -270,15 +320,17 @@ impl FlushMarks {
         let u64_at = |i: usize| u64_at(b, i);
         let n = u32_at(28) as usize;
         let lost = u32_at(32) as usize;
+        let voided = u32_at(36) as usize;
         if u32_at(0) != MARKS_MAGIC
             || u32_at(4) != TABLE_VERSION
             || !slot_crc_ok(b)
             || n > MAX_MARKS
-            || lost > Self::lost_room(n)
+            || lost + voided > Self::lost_room(n)
         {
             return None;
         }
         let at = 64 + n * 8;
+        let voided_at = at + lost * LOST_RANGE_BYTES;
         Some(FlushMarks {
             cluster_id: u64_at(8),
             node: u32_at(16),
@@ -293,6 +345,18 @@ impl FlushMarks {
                         epoch: u64_at(e + 8),
                         partition: u32_at(e + 16),
                         flushed_through: u64_at(e + 24),
+                    }
+                })
+                .collect(),
+            voided: (0..voided)
+                .map(|i| {
+                    let e = voided_at + i * LOST_RANGE_BYTES;
+                    VoidedRange {
+                        lun: u32_at(e),
+                        range: u32_at(e + 4),
+                        epoch: u64_at(e + 8),
+                        partition: u32_at(e + 16),
+                        below_seq: u64_at(e + 24),
                     }
                 })
                 .collect(),
@@ -626,6 +690,7 @@ mod tests {
             log_id: 9,
             flushed_through: vec![50, 60],
             lost: vec![lost],
+            voided: Vec::new(),
         };
         let b = m.encode().expect("fits");
         assert_eq!(FlushMarks::decode(&b), Some(m.clone()));
@@ -642,6 +707,35 @@ mod tests {
         let b = old.encode().expect("fits");
         assert_eq!(u32_at(&b, 32), 0);
         assert_eq!(FlushMarks::decode(&b).map(|d| d.lost.len()), Some(0));
+        // Voided ranges travel beside them, and kill copies below their seq for a later
+        // claim only.
+        let mut with_voids = m.clone();
+        with_voids.voided.push(VoidedRange {
+            lun: 0,
+            range: 1,
+            epoch: 4,
+            partition: 1,
+            below_seq: 30,
+        });
+        let b = with_voids.encode().expect("fits");
+        assert_eq!(FlushMarks::decode(&b), Some(with_voids.clone()));
+        assert!(with_voids.voided_kills(1, 0, 1, 29, Some(5)));
+        assert!(
+            !with_voids.voided_kills(1, 0, 1, 30, Some(5)),
+            "at or above the bound"
+        );
+        assert!(
+            !with_voids.voided_kills(1, 0, 1, 29, Some(4)),
+            "a claim at the void's epoch"
+        );
+        assert!(
+            !with_voids.voided_kills(0, 0, 1, 29, Some(5)),
+            "another partition"
+        );
+        assert!(
+            !with_voids.voided_kills(1, 0, 0, 29, Some(5)),
+            "another range"
+        );
         // More lost ranges than the slot holds are refused, not truncated silently.
         let mut full = m;
         full.lost = vec![lost; FlushMarks::lost_room(2) + 1];

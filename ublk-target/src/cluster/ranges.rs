@@ -944,27 +944,7 @@ impl Cluster {
         seq: u64,
     ) -> Result<(), ownership::TableError> {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        let cluster_id = self.table().cluster_id;
-        if marks.is_none() {
-            // After a restart: continue from what the medium has (never move a mark back).
-            *marks = ownership::load_marks(self.store.as_ref(), cluster_id, self.me)?;
-        }
-        let m = marks.get_or_insert_with(|| ownership::FlushMarks {
-            cluster_id,
-            node: self.me,
-            log_id,
-            flushed_through: vec![0; partitions],
-            lost: Vec::new(),
-        });
-        if m.log_id != log_id || m.flushed_through.len() != partitions {
-            *m = ownership::FlushMarks {
-                cluster_id,
-                node: self.me,
-                log_id,
-                flushed_through: vec![0; partitions],
-                lost: Vec::new(),
-            };
-        }
+        let m = self.current_marks(&mut marks, log_id, partitions)?;
         // Ranges lost since the last write: bounded where their partition is now, before
         // this batch (which may release their records dead) moves it on.
         let newly_lost = std::mem::take(
@@ -990,8 +970,13 @@ impl Cluster {
                     flushed_through: through,
                 });
             }
-            // The oldest go first when the slot is full.
+            // The oldest go first when the slot is full: voided ranges before lost ones.
             let room = ownership::FlushMarks::lost_room(partitions);
+            if m.lost.len() + m.voided.len() > room {
+                m.voided.sort_by_key(|v| v.epoch);
+                let excess = (m.lost.len() + m.voided.len() - room).min(m.voided.len());
+                m.voided.drain(..excess);
+            }
             if m.lost.len() > room {
                 m.lost.sort_by_key(|l| l.epoch);
                 let excess = m.lost.len() - room;
@@ -1003,6 +988,76 @@ impl Cluster {
             .get_mut(partition as usize)
             .ok_or(ownership::TableError::TooLarge(partition as usize))?;
         *slot = (*slot).max(seq);
+        ownership::save_marks(self.store.as_ref(), m)
+    }
+
+    /// Our flush marks as the medium has them (loaded once after a start), started afresh
+    /// for a new log or layout.
+    fn current_marks<'m>(
+        &self,
+        marks: &'m mut Option<ownership::FlushMarks>,
+        log_id: u64,
+        partitions: usize,
+    ) -> Result<&'m mut ownership::FlushMarks, ownership::TableError> {
+        let cluster_id = self.table().cluster_id;
+        if marks.is_none() {
+            // After a restart: continue from what the medium has (never move a mark back).
+            *marks = ownership::load_marks(self.store.as_ref(), cluster_id, self.me)?;
+        }
+        let fresh = || ownership::FlushMarks {
+            cluster_id,
+            node: self.me,
+            log_id,
+            flushed_through: vec![0; partitions],
+            lost: Vec::new(),
+            voided: Vec::new(),
+        };
+        let m = marks.get_or_insert_with(fresh);
+        if m.log_id != log_id || m.flushed_through.len() != partitions {
+            *m = fresh();
+        }
+        Ok(m)
+    }
+
+    /// With one shared medium: records in our flush marks that our records of these ranges
+    /// below the given seqs are dead (`voids`: LUN, range, partition, below_seq), under the
+    /// epochs the table gives the ranges now, before the void records are written. The
+    /// partner gets the void records over the link; the marks reach it when the link is
+    /// down and we die before it comes back (`FlushMarks::voided`).
+    pub fn record_voided(
+        &self,
+        log_id: u64,
+        partitions: usize,
+        voids: &[(u32, u32, u32, u64)],
+    ) -> Result<(), ownership::TableError> {
+        if self.own_storage() || voids.is_empty() {
+            return Ok(());
+        }
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let epochs: Vec<u64> = voids
+            .iter()
+            .map(|&(l, r, _, _)| self.owners_of(&[(l, r)]).first().map_or(0, |o| o.epoch))
+            .collect();
+        let m = self.current_marks(&mut marks, log_id, partitions)?;
+        for (&(lun, range, partition, below_seq), epoch) in voids.iter().zip(epochs) {
+            // A newer void of the range covers what an older one did.
+            m.voided
+                .retain(|v| (v.lun, v.range, v.partition) != (lun, range, partition));
+            m.voided.push(ownership::VoidedRange {
+                lun,
+                range,
+                epoch,
+                partition,
+                below_seq,
+            });
+        }
+        // The oldest go first when the slot is full (lost ranges keep their room).
+        let room = ownership::FlushMarks::lost_room(partitions).saturating_sub(m.lost.len());
+        if m.voided.len() > room {
+            m.voided.sort_by_key(|v| v.epoch);
+            let excess = m.voided.len() - room;
+            m.voided.drain(..excess);
+        }
         ownership::save_marks(self.store.as_ref(), m)
     }
 

@@ -13,6 +13,15 @@
 use super::core::Engine;
 use super::datapath::mirror_post;
 
+/// A range's span whose records died in memory (`mark_dead`), for its void record.
+struct DeadSpan {
+    lun: u32,
+    /// The global range number (`Lun::first_range` + range).
+    global: u32,
+    start: u64,
+    end: u64,
+}
+
 impl Engine {
     /// Kills this node's staged records of `ranges` ((LUN index, range of the LUN)) and waits
     /// until the void records are durable here (and mirrored, if the partner is there).
@@ -22,9 +31,8 @@ impl Engine {
     }
 
     /// The in-memory half of [`Engine::void_ranges`], at once (no waiting): the flusher and
-    /// reads stop seeing the records. Returns the spans (LUN, global range, start, end) for
-    /// [`Engine::write_voids`].
-    fn mark_dead(&self, ranges: &[(u32, u32)]) -> Vec<(u32, u32, u64, u64)> {
+    /// reads stop seeing the records. Returns the spans for [`Engine::write_voids`].
+    fn mark_dead(&self, ranges: &[(u32, u32)]) -> Vec<DeadSpan> {
         let spans: Vec<(u32, u32, u64, u64)> = ranges
             .iter()
             .filter_map(|&(l, r)| {
@@ -41,25 +49,45 @@ impl Engine {
                 ranges
             );
         }
-        for &(l, global, start, end) in &spans {
-            let part = self.partition_of(global);
-            let below = part.void_span(l, start, end);
-            self.luns[l as usize]
-                .index()
-                .remove_dead(part.id, below, start, end);
-        }
         spans
+            .into_iter()
+            .map(|(l, global, start, end)| {
+                let part = self.partition_of(global);
+                let below = part.void_span(l, start, end);
+                self.luns[l as usize]
+                    .index()
+                    .remove_dead(part.id, below, start, end);
+                DeadSpan {
+                    lun: l,
+                    global,
+                    start,
+                    end,
+                }
+            })
+            .collect()
     }
 
     /// The durable half: a void record per span, persisted here and posted to the partner.
-    async fn write_voids(&self, spans: &[(u32, u32, u64, u64)]) -> Result<(), String> {
+    /// With one shared medium the void records also go into our flush marks before this
+    /// returns (before a takeover claims the ranges, or a regained range opens): the partner
+    /// honours them should it never get the records themselves (the link down, and this
+    /// node dead before it comes back; simulator seed 41695).
+    async fn write_voids(&self, spans: &[DeadSpan]) -> Result<(), String> {
         if spans.is_empty() {
             return Ok(());
         }
+
         let mirror = self.mirror.current();
         let mut staged = Vec::with_capacity(spans.len());
         let mut failure = None;
-        for &(l, global, start, end) in spans {
+        for &DeadSpan {
+            lun: l,
+            global,
+            start,
+            end,
+            ..
+        } in spans
+        {
             let part = self.partition_of(global);
             // The epoch the table (as last read) gives the range: a takeover replay under
             // that epoch must still replay our acknowledged records (`nvram::void`).
@@ -90,6 +118,7 @@ impl Engine {
         for (part, _, _, _) in &staged {
             part.commit();
         }
+        let mut durable = Vec::with_capacity(staged.len());
         for (part, s, post, (l, start, end)) in staged {
             let local = s.durable.await;
             let mirrored = match post {
@@ -110,13 +139,21 @@ impl Engine {
                 .index()
                 .remove_dead(part.id, s.record.seq, start, end);
             match local {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    let range = self.luns[l as usize].range_of(start);
+                    durable.push((l, range, part.id, s.record.seq));
+                }
                 Ok(Err(e)) => {
                     failure.get_or_insert(format!("persisting a void record: {e}"));
                 }
                 Err(_) => {
                     failure.get_or_insert("the NVRAM persister stopped".into());
                 }
+            }
+        }
+        if let Some(c) = &self.cluster {
+            if let Err(e) = c.record_voided(self.sb.log_id, self.parts.len(), &durable) {
+                failure.get_or_insert(format!("noting the void records in our flush marks: {e}"));
             }
         }
         match failure {

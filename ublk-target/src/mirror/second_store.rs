@@ -601,8 +601,8 @@ impl SecondStoreArea {
                         "partition {p}: mirrored records of two different logs (seq {seq})"
                     )));
                 }
+                let marks = marks.filter(|m| m.log_id == header.log_id);
                 let flushed = marks
-                    .filter(|m| m.log_id == header.log_id)
                     .map(|m| {
                         // A range its old owner lost to this claim: its records above the
                         // bound died there unwritten (`FlushMarks::lost`).
@@ -615,6 +615,16 @@ impl SecondStoreArea {
                     .unwrap_or(0);
                 if seq <= flushed {
                     report.skipped_already_flushed += 1;
+                    continue;
+                }
+                // Voided by the partner where we never saw the void record (its flush marks).
+                let range = luns
+                    .get(header.lun as usize)
+                    .map_or(u32::MAX, |l| l.range_of(header.offset));
+                let claimed = claimed_epoch(header.lun, header.offset);
+                if marks.is_some_and(|m| m.voided_kills(p as u32, header.lun, range, seq, claimed))
+                {
+                    report.dead += 1;
                     continue;
                 }
                 if dead.kill_in_replay(
