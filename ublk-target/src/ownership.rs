@@ -286,27 +286,27 @@ impl FlushMarks {
         for (i, seq) in self.flushed_through.iter().enumerate() {
             b[64 + i * 8..72 + i * 8].copy_from_slice(&seq.to_le_bytes());
         }
-        // Bytes 32..36 were zero before lost ranges existed: an older slot reads as none.
+        // Bytes 32..36 (36..40) were zero before lost (voided) ranges existed: an older slot
+        // reads as having none.
         b[32..36].copy_from_slice(&(self.lost.len() as u32).to_le_bytes());
-        let at = 64 + self.flushed_through.len() * 8;
-        for (i, l) in self.lost.iter().enumerate() {
-            let e = &mut b[at + i * LOST_RANGE_BYTES..at + (i + 1) * LOST_RANGE_BYTES];
-            e[0..4].copy_from_slice(&l.lun.to_le_bytes());
-            e[4..8].copy_from_slice(&l.range.to_le_bytes());
-            e[8..16].copy_from_slice(&l.epoch.to_le_bytes());
-            e[16..20].copy_from_slice(&l.partition.to_le_bytes());
-            e[24..32].copy_from_slice(&l.flushed_through.to_le_bytes());
-        }
-        // Bytes 36..40 were zero before voided ranges existed: an older slot reads as none.
         b[36..40].copy_from_slice(&(self.voided.len() as u32).to_le_bytes());
-        let at = at + self.lost.len() * LOST_RANGE_BYTES;
-        for (i, v) in self.voided.iter().enumerate() {
-            let e = &mut b[at + i * LOST_RANGE_BYTES..at + (i + 1) * LOST_RANGE_BYTES];
-            e[0..4].copy_from_slice(&v.lun.to_le_bytes());
-            e[4..8].copy_from_slice(&v.range.to_le_bytes());
-            e[8..16].copy_from_slice(&v.epoch.to_le_bytes());
-            e[16..20].copy_from_slice(&v.partition.to_le_bytes());
-            e[24..32].copy_from_slice(&v.below_seq.to_le_bytes());
+        let lost = self.lost.iter().map(|l| RangeEntry {
+            lun: l.lun,
+            range: l.range,
+            epoch: l.epoch,
+            partition: l.partition,
+            seq: l.flushed_through,
+        });
+        let voided = self.voided.iter().map(|v| RangeEntry {
+            lun: v.lun,
+            range: v.range,
+            epoch: v.epoch,
+            partition: v.partition,
+            seq: v.below_seq,
+        });
+        let at = 64 + self.flushed_through.len() * 8;
+        for (i, entry) in lost.chain(voided).enumerate() {
+            entry.put(&mut b[at + i * LOST_RANGE_BYTES..at + (i + 1) * LOST_RANGE_BYTES]);
         }
         seal_slot(&mut b);
         Ok(b)
@@ -329,38 +329,62 @@ impl FlushMarks {
         {
             return None;
         }
-        let at = 64 + n * 8;
-        let voided_at = at + lost * LOST_RANGE_BYTES;
+        let entry = |i: usize| RangeEntry::at(b, 64 + n * 8 + i * LOST_RANGE_BYTES);
         Some(FlushMarks {
             cluster_id: u64_at(8),
             node: u32_at(16),
             log_id: u64_at(20),
             flushed_through: (0..n).map(|i| u64_at(64 + i * 8)).collect(),
             lost: (0..lost)
-                .map(|i| {
-                    let e = at + i * LOST_RANGE_BYTES;
-                    LostRange {
-                        lun: u32_at(e),
-                        range: u32_at(e + 4),
-                        epoch: u64_at(e + 8),
-                        partition: u32_at(e + 16),
-                        flushed_through: u64_at(e + 24),
-                    }
+                .map(entry)
+                .map(|e| LostRange {
+                    lun: e.lun,
+                    range: e.range,
+                    epoch: e.epoch,
+                    partition: e.partition,
+                    flushed_through: e.seq,
                 })
                 .collect(),
-            voided: (0..voided)
-                .map(|i| {
-                    let e = voided_at + i * LOST_RANGE_BYTES;
-                    VoidedRange {
-                        lun: u32_at(e),
-                        range: u32_at(e + 4),
-                        epoch: u64_at(e + 8),
-                        partition: u32_at(e + 16),
-                        below_seq: u64_at(e + 24),
-                    }
+            voided: (lost..lost + voided)
+                .map(entry)
+                .map(|e| VoidedRange {
+                    lun: e.lun,
+                    range: e.range,
+                    epoch: e.epoch,
+                    partition: e.partition,
+                    below_seq: e.seq,
                 })
                 .collect(),
         })
+    }
+}
+
+/// How a lost or a voided range sits in the marks slot: 32 bytes, its seq (the bound) last.
+struct RangeEntry {
+    lun: u32,
+    range: u32,
+    epoch: u64,
+    partition: u32,
+    seq: u64,
+}
+
+impl RangeEntry {
+    fn put(&self, e: &mut [u8]) {
+        e[0..4].copy_from_slice(&self.lun.to_le_bytes());
+        e[4..8].copy_from_slice(&self.range.to_le_bytes());
+        e[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        e[16..20].copy_from_slice(&self.partition.to_le_bytes());
+        e[24..32].copy_from_slice(&self.seq.to_le_bytes());
+    }
+
+    fn at(b: &[u8], e: usize) -> RangeEntry {
+        RangeEntry {
+            lun: u32_at(b, e),
+            range: u32_at(b, e + 4),
+            epoch: u64_at(b, e + 8),
+            partition: u32_at(b, e + 16),
+            seq: u64_at(b, e + 24),
+        }
     }
 }
 
