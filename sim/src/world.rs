@@ -1463,6 +1463,11 @@ impl World {
                 )
             })
             .collect();
+        if self.shared.verbose {
+            for s in &stuck {
+                self.shared.note(format!("stuck: {s}"));
+            }
+        }
         if let Some(first) = stuck.first() {
             self.shared.violate(format!(
                 "liveness: {} operation(s) never completed after the faults ended, e.g. {first}",

@@ -141,6 +141,22 @@ fn an_unfinished_claim_leaves_the_old_owner_its_records() {
     seeds_pass(&[149], &own);
 }
 
+/// Seed 31444 with its own storage, manual takeover and write priority: n0 owned range 0
+/// with its own medium outdated for it (batches went to n1's medium) and lost its power;
+/// its start replayed its log into its medium and waited, range closed, for n1's medium to
+/// get the same records (the restart sync), but lost its power again before the link came
+/// up. The next start had no records to replay, so nothing waited: the range opened, and
+/// the repair copied n1's older bytes over ours (LOST ACKNOWLEDGED WRITE). The restart
+/// sync is now noted in the NVRAM before the log advances, until the partner has them.
+#[test]
+fn a_restart_sync_survives_another_restart() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.write_priority = true;
+    mix.takeover_auto = Some(false);
+    seeds_pass(&[31444], &mix);
+}
+
 /// Seed 41695 with I/O delays (shared medium), overlapping failures: n0 staged a write as
 /// its lease lapsed and refused it; n1 took n0's ranges over; the link came back and n0
 /// copied its unmirrored records, that one among them, into n1's second store, where they

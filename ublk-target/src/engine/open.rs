@@ -21,6 +21,7 @@ use crate::medium::{FileMedium, Medium, MediumError};
 use crate::mirror::{MirrorSlot, SecondStoreArea};
 use crate::nvram::layout::{layout_text, SuperblockState, FORMAT_VERSION};
 use crate::nvram::out_of_sync::{Fresh, LunMaps};
+use crate::nvram::restart_sync_note::{self, RestartSyncNote};
 use crate::nvram::scan::{scan_partition, ScanResult, ScannedRecord};
 use crate::nvram::void::VoidMarks;
 use crate::nvram::{Layout, NvramRegion, PartitionCheckpoint, Superblock};
@@ -226,7 +227,7 @@ impl Engine {
         // What our log held at this start: our medium may hold these writes (replayed now,
         // or flushed before the stop) and the partner's not (docs/shared-nothing.md).
         let mut restart_extents: Vec<(u32, u64, u64)> = Vec::new();
-        let mut restart_sync = RestartSync::default();
+        let mut restart_sync = (RestartSync::default(), Vec::new());
         // Ranges claimed from us by a node that died before replaying them: ours to replay.
         let claimed_unreplayed = cluster
             .as_ref()
@@ -330,7 +331,21 @@ impl Engine {
                         .map(|r| (r.header.lun, r.header.offset, u64::from(r.header.len)))
                 }));
                 if let Some(c) = cluster.as_ref().filter(|c| c.own_storage()) {
-                    restart_sync = RestartSync::of_scans(c, &luns, &scans);
+                    let earlier: Vec<_> = (0..sb.partitions)
+                        .map(|p| restart_sync_note::read(&region, &layout, p))
+                        .collect();
+                    let (sync, notes) = RestartSync::of_scans(c, &luns, &scans, &earlier);
+                    if sb.layout != want_layout && !sync.ranges.is_empty() {
+                        return Err(EngineError::Replay(format!(
+                            "NVRAM {}: a restart sync is unfinished for range(s) {:?} (our medium is outdated for them and holds records the partner's medium may lack; docs/shared-nothing.md), and the config changes the NVRAM layout ({} -> {want_layout}), which would forget it: start nvmirrord with the old config until `nvmirrorctl status` shows the ranges serving, then change it",
+                            path.display(),
+                            sync.ranges,
+                            sb.layout
+                        )));
+                    }
+                    // Durable before the log advances past the replayed records.
+                    write_restart_sync_notes(&region, &layout, &earlier, &notes)?;
+                    restart_sync = (sync, notes);
                 }
                 let corrupt = scans.iter().find_map(|(_, s)| s.corruption.clone());
                 let unflushed: usize = scans.iter().map(|(_, s)| s.records.len()).sum();
@@ -362,7 +377,11 @@ impl Engine {
                         path.display()
                     );
                     report.formatted = true;
-                    format(&region, &opts, &want_layout, oos_luns.as_deref(), false)?
+                    let (sb, starts) =
+                        format(&region, &opts, &want_layout, oos_luns.as_deref(), false)?;
+                    // A salvage keeps the layout: the notes mean the same after it.
+                    write_restart_sync_notes(&region, &Layout::of(&sb), &[], &restart_sync.1)?;
+                    (sb, starts)
                 } else {
                     let starts = restart_points(&region, &sb, &scans)?;
                     (sb, starts)
@@ -384,7 +403,7 @@ impl Engine {
             luns,
             cluster,
             (sb, starts),
-            (restart_extents, restart_sync),
+            (restart_extents, restart_sync.0),
             report,
             started,
         )
@@ -854,6 +873,28 @@ fn replay(
 }
 
 /// After a replay, every partition restarts empty where its log ended.
+/// Writes this start's restart sync notes (`notes`, per partition) and clears those of
+/// `earlier` (what the NVRAM held) no longer needed.
+fn write_restart_sync_notes(
+    region: &NvramRegion,
+    layout: &Layout,
+    earlier: &[Option<RestartSyncNote>],
+    notes: &[Option<RestartSyncNote>],
+) -> Result<(), EngineError> {
+    for p in 0..notes.len().max(earlier.len()) {
+        let note = notes.get(p).and_then(|n| n.as_ref());
+        let was = earlier.get(p).and_then(|n| n.as_ref());
+        if note.is_some() || was.is_some() {
+            restart_sync_note::write(region, layout, p as u32, note).map_err(|e| {
+                EngineError::Replay(format!(
+                    "writing the restart sync note of partition {p}: {e}"
+                ))
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn restart_points(
     region: &NvramRegion,
     sb: &Superblock,
@@ -965,8 +1006,9 @@ fn format(
         let blank = [0u8; PartitionCheckpoint::SLOT_BYTES as usize];
         // Slot 1: the log's other checkpoint; 2 and 3: the second store's watermark of the
         // partner's log (forgotten: a fresh format holds none of the partner's records).
-        // Slot 4 (partition 0's): a takeover note (`nvram::takeover_note`), none after a format.
-        for slot in 1..5 {
+        // Slot 4 (partition 0's): a takeover note (`nvram::takeover_note`), none after a format;
+        // slot 5: a restart sync note (`nvram::restart_sync_note`), rewritten by the caller.
+        for slot in 1..6 {
             region.write_at(layout.checkpoint_offset(p, slot), &blank);
             region.persist(
                 layout.checkpoint_offset(p, slot),

@@ -5,11 +5,14 @@
 //! them (simulator seed 354 with --storage own: a read answered an older version). So those
 //! ranges stay closed until the partner has written its copies of these records (it holds
 //! every one we replayed: acknowledged writes of a range ours is outdated for were
-//! mirrored) to its medium, once the link is up.
+//! mirrored) to its medium, once the link is up. Until then the NVRAM notes them
+//! (`nvram::restart_sync_note`): a stop before it happens must not forget them (seed 31444).
 
 use super::core::Engine;
 use super::takeover_state::RestartSync;
 use crate::cluster::{wire, LunRange, RangeState};
+use crate::nvram::restart_sync_note;
+use crate::nvram::Layout;
 use std::future::Future;
 
 impl Engine {
@@ -49,13 +52,21 @@ impl Engine {
         if through.is_empty() {
             return Ok(());
         }
-        for (partition, last) in through {
+        for &(partition, last) in &through {
             let req = wire::encode(wire::OP_WRITE_HELD_FOR_PARTNER, partition, last, 0, &[]);
             wire::answer(&ask(req).await?).map_err(|e| {
                 format!(
                     "node {} did not write its copies of partition {partition} through seq {last} to its medium: {e}",
                     c.node_name(c.partner())
                 )
+            })?;
+        }
+        // The partner has the records: the notes go before the ranges open (a start that
+        // still found them would only wait for the partner once more).
+        let layout = Layout::of(&self.sb);
+        for &(partition, _) in &through {
+            restart_sync_note::write(&self.region, &layout, partition, None).map_err(|e| {
+                format!("clearing the restart sync note of partition {partition}: {e}")
             })?;
         }
         let ranges = std::mem::take(&mut *self.restart_sync_state()).ranges;

@@ -5,6 +5,7 @@
 use crate::cluster::{Cluster, LunRange};
 use crate::host::BoxFuture;
 use crate::lun::Lun;
+use crate::nvram::restart_sync_note::RestartSyncNote;
 use crate::nvram::scan::ScanResult;
 use crate::nvram::PartitionCheckpoint;
 use serde::{Deserialize, Serialize};
@@ -172,39 +173,68 @@ impl TakeoverState {
 /// (`engine::restart_sync`).
 #[derive(Debug, Default)]
 pub struct RestartSync {
-    /// Ranges we own, our medium outdated for, with records replayed at this start.
+    /// Ranges we own, our medium outdated for, with records replayed at this start (or at
+    /// an earlier one whose restart sync did not finish).
     pub(super) ranges: Vec<LunRange>,
     /// Per partition: the last seq replayed (the partner writes its copies through it).
     pub(super) through: Vec<(u32, u64)>,
 }
 
 impl RestartSync {
-    /// From the scan of our log at this start.
+    /// From the scan of our log at this start and the notes an earlier start left
+    /// (`earlier`, per partition; `nvram::restart_sync_note`). Also returns, per partition,
+    /// the note to keep until the partner has written its copies (None: nothing to wait
+    /// for). Only ranges we own that our medium is outdated for count.
     pub(super) fn of_scans(
         c: &Cluster,
         luns: &[Arc<Lun>],
         scans: &[(PartitionCheckpoint, ScanResult)],
-    ) -> RestartSync {
+        earlier: &[Option<RestartSyncNote>],
+    ) -> (RestartSync, Vec<Option<RestartSyncNote>>) {
+        let waits = |(l, r): LunRange| c.owns(l, r) && c.own_medium_outdated(l, r);
+        let of_global = |g: u32| {
+            luns.iter().enumerate().find_map(|(l, lun)| {
+                (lun.first_range..lun.first_range + lun.ranges)
+                    .contains(&g)
+                    .then(|| (l as u32, g - lun.first_range))
+            })
+        };
         let mut sync = RestartSync::default();
+        let mut notes = Vec::with_capacity(scans.len());
         for (p, (_, scan)) in scans.iter().enumerate() {
-            let mut last = None;
+            let mut note = RestartSyncNote::default();
+            if let Some(e) = earlier.get(p).and_then(|e| e.as_ref()) {
+                for &g in &e.ranges {
+                    if of_global(g).is_some_and(waits) {
+                        note.ranges.push(g);
+                        note.through = note.through.max(e.through);
+                    }
+                }
+            }
             for r in &scan.records {
                 let h = &r.header;
                 let Some(lun) = luns.get(h.lun as usize) else {
                     continue;
                 };
-                let range = (h.lun, lun.range_of(h.offset));
-                if c.owns(range.0, range.1) && c.own_medium_outdated(range.0, range.1) {
-                    sync.ranges.push(range);
-                    last = Some(h.seq);
+                let range = lun.range_of(h.offset);
+                if waits((h.lun, range)) {
+                    note.ranges.push(lun.first_range + range);
+                    note.through = note.through.max(h.seq);
                 }
             }
-            if let Some(last) = last {
-                sync.through.push((p as u32, last));
+            note.ranges.sort_unstable();
+            note.ranges.dedup();
+            if note.ranges.is_empty() {
+                notes.push(None);
+            } else {
+                sync.ranges
+                    .extend(note.ranges.iter().filter_map(|&g| of_global(g)));
+                sync.through.push((p as u32, note.through));
+                notes.push(Some(note));
             }
         }
         sync.ranges.sort_unstable();
         sync.ranges.dedup();
-        sync
+        (sync, notes)
     }
 }

@@ -4,7 +4,8 @@
 //! the per-partition checkpoints and the partition logs, `record` is the on-NVRAM format of
 //! one staged write, `scan` reads a partition log back after a restart, and `void` is the
 //! record that kills a node's older records of a range it lost. `takeover_note` keeps a
-//! takeover's ranges from its claim to the end of its replay. `memory` is an NVRAM in
+//! takeover's ranges from its claim to the end of its replay, `restart_sync_note` the ranges
+//! a start replayed into our outdated own medium until the partner's has them. `memory` is an NVRAM in
 //! process memory for the simulator.
 
 pub mod cpu_cache;
@@ -13,6 +14,7 @@ pub mod memory;
 pub mod out_of_sync;
 pub mod record;
 pub mod region;
+pub mod restart_sync_note;
 pub mod scan;
 pub mod takeover_note;
 pub mod void;

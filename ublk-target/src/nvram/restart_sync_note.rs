@@ -1,0 +1,125 @@
+//! A restart sync under way (`storage = "own"`), noted in this node's NVRAM.
+//!
+//! A start replays our log into our medium even for ranges our medium is outdated for, and
+//! then advances the log past the replayed records. Those ranges stay closed until the
+//! partner has written its copies of the records to its medium (`engine::restart_sync`).
+//! If this node stops again before that, the next start finds no records to replay and
+//! would open the ranges with the partner's medium missing them, and the repair would copy
+//! the partner's older bytes over ours (simulator seed 31444 with --storage own --takeover
+//! manual --write-priority). So before the log advances, each partition's note keeps the
+//! last seq replayed and the ranges it touched; a start reads the notes back, and they are
+//! cleared once the partner has written its copies.
+
+use super::layout::{Layout, PartitionCheckpoint};
+use super::region::NvramRegion;
+use std::io;
+
+/// "RSYN".
+const MAGIC: u32 = 0x4e59_5352;
+/// In each partition's metadata block: slots 0-1 hold its log checkpoints, 2-3 the second
+/// store's watermark, 4 (partition 0's) the takeover note.
+const SLOT: u64 = 5;
+const _: () = assert!((SLOT + 1) * PartitionCheckpoint::SLOT_BYTES <= super::layout::META_BLOCK);
+const BYTES: usize = PartitionCheckpoint::SLOT_BYTES as usize;
+/// magic, through, bitmap length in bits; the crc32c at the end.
+const HEAD: usize = 16;
+const CRC_AT: usize = BYTES - 4;
+/// Range numbers (global, over every LUN) the bitmap can hold; the ownership table holds
+/// fewer (`ownership::MAX_ENTRIES`).
+pub const MAX_RANGES: usize = (CRC_AT - HEAD) * 8;
+
+/// One partition's part: its records through seq `through` were replayed into our
+/// outdated medium, of `ranges` (global range numbers, `Lun::first_range` + range).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestartSyncNote {
+    pub through: u64,
+    pub ranges: Vec<u32>,
+}
+
+impl RestartSyncNote {
+    fn encode(&self) -> io::Result<[u8; BYTES]> {
+        let mut b = [0u8; BYTES];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..12].copy_from_slice(&self.through.to_le_bytes());
+        b[12..16].copy_from_slice(&(MAX_RANGES as u32).to_le_bytes());
+        for &r in &self.ranges {
+            let r = r as usize;
+            if r >= MAX_RANGES {
+                return Err(io::Error::other(format!(
+                    "range {r} does not fit the restart sync note (at most {MAX_RANGES} ranges)"
+                )));
+            }
+            b[HEAD + r / 8] |= 1 << (r % 8);
+        }
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        Ok(b)
+    }
+
+    /// None for an empty slot. A damaged note also reads as none: it was being written
+    /// (before the log advanced: the records are still in the log) or cleared (after the
+    /// partner wrote its copies).
+    fn decode(b: &[u8; BYTES]) -> Option<RestartSyncNote> {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        if u32_at(0) != MAGIC || u32_at(CRC_AT) != crc32c::crc32c(&b[..CRC_AT]) {
+            return None;
+        }
+        let mut through = [0u8; 8];
+        through.copy_from_slice(&b[4..12]);
+        let bits = (u32_at(12) as usize).min(MAX_RANGES);
+        let ranges = (0..bits)
+            .filter(|&r| b[HEAD + r / 8] & (1 << (r % 8)) != 0)
+            .map(|r| r as u32)
+            .collect();
+        Some(RestartSyncNote {
+            through: u64::from_le_bytes(through),
+            ranges,
+        })
+    }
+}
+
+/// Writes (or with `None` clears) partition `p`'s note, durably.
+pub fn write(
+    region: &NvramRegion,
+    layout: &Layout,
+    p: u32,
+    note: Option<&RestartSyncNote>,
+) -> io::Result<()> {
+    let bytes = match note {
+        Some(n) => n.encode()?,
+        None => [0u8; BYTES],
+    };
+    let off = layout.checkpoint_offset(p, SLOT);
+    region.write_at(off, &bytes);
+    region.persist(off, BYTES as u64)
+}
+
+/// Partition `p`'s note, if a restart sync was under way when this node stopped.
+pub fn read(region: &NvramRegion, layout: &Layout, p: u32) -> Option<RestartSyncNote> {
+    let mut b = [0u8; BYTES];
+    region.read_at(layout.checkpoint_offset(p, SLOT), &mut b);
+    RestartSyncNote::decode(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_note_round_trips_and_damage_reads_as_none() {
+        let n = RestartSyncNote {
+            through: 0x0102_0304_0506_0708,
+            ranges: vec![0, 3, 9, MAX_RANGES as u32 - 1],
+        };
+        let mut b = n.encode().expect("fits");
+        assert_eq!(RestartSyncNote::decode(&b), Some(n));
+        b[HEAD] ^= 0x40;
+        assert_eq!(RestartSyncNote::decode(&b), None, "a torn note is no note");
+        assert_eq!(RestartSyncNote::decode(&[0u8; BYTES]), None);
+        let too_far = RestartSyncNote {
+            through: 1,
+            ranges: vec![MAX_RANGES as u32],
+        };
+        assert!(too_far.encode().is_err());
+    }
+}
