@@ -778,7 +778,9 @@ print(found[0] if found else "")' "$NVRAM_MB")
 			truncate -s 4M "$MNT/own-arbiter.img"
 			arbiter=$(losetup --find --show "$MNT/own-arbiter.img") || cfail "losetup of the arbiter"
 			LOOPS+=("$arbiter")
-			cs=$(sed "s|^takeover = .*|&\nstorage = \"own\"\narbiter = \"$arbiter\"|" <<<"$cs")
+			# takeover = "auto": `nvmirrorctl write-priority on` (the contention runs) is
+			# refused with "manual"; with a 5 s heartbeat timeout nothing is taken over.
+			cs=$(sed "s|^takeover = .*|takeover = \"auto\"\nstorage = \"own\"\narbiter = \"$arbiter\"|" <<<"$cs")
 		fi
 		# NVRAM: half own logs, half the partner's mirror -> twice the single node's size.
 		# RDMA: device-DAX, as in production (the whole device: its size less its metadata).
@@ -1081,6 +1083,45 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 		      f"node-a {a2:.0f} (p50 {pa2:.0f} µs) + node-b {b2:.0f} (p50 {pb2:.0f} µs) = "
 		      f"{a2 + b2:.0f}, {(a2 + b2) / max(a, 1):.2f}x node-a alone")
 		PY
+		# The same with write priority following the writer (`nvmirrorctl write-priority on`,
+		# the config's defaults: ask after 256 forwarded writes within 1 s, keep a range
+		# written within 5 s). node-b alone: it asks, node-a hands the range over once its
+		# own last write is 5 s old (hence the pause), then node-b's writes are local. Both
+		# at once: the holder keeps it and the other forwards (no bouncing).
+		if "$NVMCTL" --config "$W/node-a.toml" write-priority on >/dev/null 2>"$W/wp.err" &&
+			"$NVMCTL" --config "$W/node-b.toml" write-priority on >/dev/null 2>>"$W/wp.err"; then
+			sleep 6
+			contend wp-b-alone /dev/ublkb1
+			moves_b=$("$NVMCTL" --config "$W/node-b.toml" status --json |
+				python3 -c 'import json,sys; print(json.load(sys.stdin)["engine"]["write_priority_moves"])')
+			contend wp-a-both /dev/ublkb0 &
+			both_a=$!
+			contend wp-b-both /dev/ublkb1
+			wait "$both_a"
+			moves_all=$("$NVMCTL" --config "$W/node-b.toml" status --json |
+				python3 -c 'import json,sys; print(json.load(sys.stdin)["engine"]["write_priority_moves"])')
+			python3 - "$D" "$moves_b" "$moves_all" <<-'PY' >>"$D/notes" 2>/dev/null
+			import json, sys
+			def w(name):
+			    j = json.load(open(f"{sys.argv[1]}/contend-{name}.json"))["jobs"][0]["write"]
+			    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000
+			(a, pa) = w("a-alone")
+			(b, pb) = w("wp-b-alone")
+			(a2, pa2), (b2, pb2) = w("wp-a-both"), w("wp-b-both")
+			print(f"contention with write priority following the writer (nvmirrorctl write-priority on, "
+			      f"default policy), same portion, one run each: node-b alone {b:.0f} IOPS (p50 {pb:.0f} µs, "
+			      f"{b / max(a, 1):.2f}x node-a alone; {sys.argv[2]} range move(s) on request by then); "
+			      f"both at once node-a {a2:.0f} (p50 {pa2:.0f} µs) + node-b {b2:.0f} (p50 {pb2:.0f} µs) = "
+			      f"{a2 + b2:.0f}, {(a2 + b2) / max(a, 1):.2f}x node-a alone; {sys.argv[3]} move(s) in all")
+			PY
+			"$NVMCTL" --config "$W/node-a.toml" write-priority off >/dev/null 2>&1
+			"$NVMCTL" --config "$W/node-b.toml" write-priority off >/dev/null 2>&1
+			# Every range back to node-a (the configured owner) for what follows.
+			"$NVMCTL" --config "$W/node-b.toml" giveback >/dev/null 2>&1 ||
+				note "giveback after the write-priority runs failed"
+		else
+			note "write-priority on refused: $(head -c 300 "$W/wp.err" | tr '\n' ' ')"
+		fi
 	fi
 	# Optional profile (BENCH_PERF=1): one more run of each write workload under a system-wide
 	# perf record (cpu-clock: the VM has no PMU), after the measured runs.

@@ -223,6 +223,13 @@ enum Cmd {
         #[arg(value_name = "MIB_PER_S")]
         rate: u64,
     },
+    /// Turn write priority that follows the writer on or off on this node until the daemon
+    /// restarts (then `[cluster.write_priority]` applies again; `on` without that section uses
+    /// its defaults). A range moves on request only when both nodes have it on.
+    WritePriority {
+        #[arg(value_enum)]
+        state: OnOff,
+    },
     /// ublk features the running kernel offers.
     Features,
     /// Look at or repair the NVRAM log (needs --config).
@@ -280,6 +287,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -835,6 +848,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(_) => println!("resync rate limit: {rate} MiB/s"),
                 None => println!("resync rate limit: none"),
             }
+        }
+        Cmd::WritePriority { state } => {
+            let on = *state == OnOff::On;
+            call(
+                &socket_path(&cli)?,
+                Request::WritePriority { on },
+                Duration::from_secs(10),
+            )?;
+            println!(
+                "write priority that follows the writer: {}",
+                if on { "on" } else { "off" }
+            );
         }
         Cmd::Giveback { timeout } => {
             call(

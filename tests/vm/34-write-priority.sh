@@ -102,4 +102,17 @@ for dev in /dev/ublkb0 /dev/ublkb1; do
 	verify_on $dev a-both 24M 343
 	verify_on $dev a-back 36M 344
 done
-say "PASS: range 0 went to the node writing it ($(owner0 a) now), stayed under contention, came back; every write verified through both devices"
+say "4. nvmirrorctl write-priority off on node-b: its writes to range 0 stay forwarded"
+"$NVMCTL" --config node-b.toml write-priority off | grep -q 'off' || fail "write-priority off"
+[[ $(nvm_field b 'e["write_priority"]') == False ]] || fail "node-b's status still says write priority is on"
+back=$(owner0 a)
+fio $(job b-off 48M 345) --filename=/dev/ublkb1 --do_verify=0 --output=fio-b-off.log ||
+	{ cat fio-b-off.log; fail "fio through node-b (write priority off)"; }
+[[ $(owner0 a) == "$back" && $(owner0 b) == "$back" ]] ||
+	fail "range 0 moved with node-b's write priority off: a says $(owner0 a), b says $(owner0 b) (was $back)"
+"$NVMCTL" --config node-b.toml write-priority on | grep -q 'on' || fail "write-priority on"
+[[ $(nvm_field b 'e["write_priority"]') == True ]] || fail "node-b's status does not say write priority is on again"
+for dev in /dev/ublkb0 /dev/ublkb1; do
+	verify_on $dev b-off 48M 345
+done
+say "PASS: range 0 went to the node writing it, stayed under contention, came back, stayed with node-b's write priority off ($(owner0 a) now); every write verified through both devices"

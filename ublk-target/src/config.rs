@@ -356,6 +356,16 @@ pub struct WritePrioritySection {
     pub min_hold_ms: u64,
 }
 
+impl Default for WritePrioritySection {
+    fn default() -> Self {
+        WritePrioritySection {
+            ask_after_forwarded: default_ask_after_forwarded(),
+            window_ms: default_priority_window(),
+            min_hold_ms: default_min_hold(),
+        }
+    }
+}
+
 fn default_ask_after_forwarded() -> u32 {
     256
 }

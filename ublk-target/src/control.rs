@@ -81,6 +81,11 @@ pub enum Request {
         #[serde(default)]
         rate: Option<u64>,
     },
+    /// Turn write priority that follows the writer (`cluster.write_priority`) on or off on
+    /// this node until the daemon restarts (then the config applies again).
+    WritePriority {
+        on: bool,
+    },
     /// A stream, not one answer: a `Status` now and again each time the node's state changes
     /// (as the `SameState` given to `serve` judges it), checked every `interval_ms` in the
     /// daemon, until the client hangs up or sends anything.

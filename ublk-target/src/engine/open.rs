@@ -179,11 +179,7 @@ impl Engine {
             cfg.cluster
                 .as_ref()
                 .and_then(|c| c.write_priority.as_ref())
-                .map(|w| super::write_demand::WritePriorityPolicy {
-                    ask_after_forwarded: w.ask_after_forwarded,
-                    window: Duration::from_millis(w.window_ms),
-                    min_hold: Duration::from_millis(w.min_hold_ms),
-                }),
+                .map(super::write_demand::WritePriorityPolicy::from),
         );
         Ok(engine)
     }

@@ -2,6 +2,7 @@
 //! own clients last wrote to it, and how many writes we forwarded to its owner lately. No
 //! engine here: `write_priority` asks and answers with these counts.
 
+use crate::config::WritePrioritySection;
 use crate::lun::Lun;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +18,16 @@ pub struct WritePriorityPolicy {
     /// An owner that wrote to the range itself this recently keeps it; an asker waits this
     /// long before asking for the same range again.
     pub min_hold: Duration,
+}
+
+impl From<&WritePrioritySection> for WritePriorityPolicy {
+    fn from(w: &WritePrioritySection) -> Self {
+        WritePriorityPolicy {
+            ask_after_forwarded: w.ask_after_forwarded,
+            window: Duration::from_millis(w.window_ms),
+            min_hold: Duration::from_millis(w.min_hold_ms),
+        }
+    }
 }
 
 /// Forwarded writes to one range of the other node's, counted for the next ask.

@@ -6,7 +6,7 @@ use super::link::tell_partner_to_reload;
 use super::partner_watch::ask_partner;
 use crate::control::{DaemonStatus, Request, Response};
 use crate::devices::DeviceSet;
-use crate::engine::{Engine, RangesToMove};
+use crate::engine::{Engine, RangesToMove, WritePriorityPolicy};
 use futures::executor::block_on;
 use rdma_link::Link;
 use std::sync::Arc;
@@ -22,6 +22,9 @@ pub struct ControlHandler {
     pub watchdog: Option<crate::watchdog::WatchdogView>,
     /// A manual takeover's grace period (the heartbeat timeout).
     pub grace: Duration,
+    /// What `nvmirrorctl write-priority on` sets: the config's `[cluster.write_priority]` or
+    /// its defaults; why it is refused on this node otherwise.
+    pub write_priority: Result<WritePriorityPolicy, String>,
 }
 
 /// The longest timeout a request may ask for (a day): larger numbers are refused, not
@@ -83,6 +86,19 @@ impl ControlHandler {
                 "export, checkpoint and return-image are for a log-shipping destination; this node serves LUNs"
                     .to_string(),
             ),
+            Request::WritePriority { on } => {
+                let policy = match (&self.write_priority, on) {
+                    (_, false) => None,
+                    (Ok(p), true) => Some(*p),
+                    (Err(why), true) => return error(why.clone()),
+                };
+                engine.set_write_priority(policy);
+                tracing::warn!(
+                    "write priority that follows the writer turned {} by nvmirrorctl",
+                    if on { "on" } else { "off" }
+                );
+                Response::Ok
+            }
             Request::ResyncRate { rate } => {
                 if !engine.cluster().is_some_and(|c| c.own_storage()) {
                     return error(

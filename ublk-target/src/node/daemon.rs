@@ -6,10 +6,10 @@
 use super::control_handler::ControlHandler;
 use super::link::{shutdown_link, start_link, start_source_link};
 use super::signals::{block_stop_signals, wait_for_stop_signal};
-use crate::config::{NodeConfig, ShippingRole};
+use crate::config::{NodeConfig, ShippingRole, TakeoverPolicy, WritePrioritySection};
 use crate::control;
 use crate::devices::DeviceSet;
-use crate::engine::{Engine, OpenMode};
+use crate::engine::{Engine, OpenMode, WritePriorityPolicy};
 use crate::frontend::DeviceSpec;
 use crate::watchdog::Watchdog;
 use anyhow::Context;
@@ -135,6 +135,7 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
                 .map(|c| c.heartbeat_timeout_ms)
                 .unwrap_or(0),
         ),
+        write_priority: write_priority_on_request(&cfg),
     });
     let control = handler.clone();
     control::serve(
@@ -301,4 +302,22 @@ impl Drop for StartNotifier {
             let _ = t.join();
         }
     }
+}
+
+/// What `nvmirrorctl write-priority on` may set on this node (the same rules as the config's
+/// `[cluster.write_priority]`).
+fn write_priority_on_request(cfg: &NodeConfig) -> Result<WritePriorityPolicy, String> {
+    let Some(c) = &cfg.cluster else {
+        return Err(
+            "write priority moves ranges between cluster nodes: this node has no [cluster]".into(),
+        );
+    };
+    if c.takeover == TakeoverPolicy::Manual {
+        return Err("with takeover = \"manual\" the cluster manager (Pacemaker) decides where ranges are served: write priority stays off".into());
+    }
+    Ok(WritePriorityPolicy::from(
+        c.write_priority
+            .as_ref()
+            .unwrap_or(&WritePrioritySection::default()),
+    ))
 }
