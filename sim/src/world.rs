@@ -1463,9 +1463,18 @@ impl World {
                 )
             })
             .collect();
-        if self.shared.verbose {
+        if self.shared.verbose && !stuck.is_empty() {
             for s in &stuck {
                 self.shared.note(format!("stuck: {s}"));
+            }
+            for (n, node) in self.nodes.iter().enumerate() {
+                if let Some(c) = node.run.as_ref().and_then(|r| r.engine.cluster().cloned()) {
+                    let states: Vec<String> = (0..self.s.ranges)
+                        .map(|r| format!("{r}: {:?}", c.state(0, r)))
+                        .collect();
+                    self.shared
+                        .note(format!("stuck: n{n}'s ranges {}", states.join(", ")));
+                }
             }
         }
         if let Some(first) = stuck.first() {

@@ -157,6 +157,21 @@ fn a_restart_sync_survives_another_restart() {
     seeds_pass(&[31444], &mix);
 }
 
+/// Seed 6473 with its own storage, write priority, link stalls and I/O delays: n1's
+/// automatic takeover replayed n0's records, but clearing its claim note on the arbiter
+/// failed (n1's path to it had failed), and the takeover gave up with the ranges closed:
+/// nothing opened range 1 again, and n1's I/O to it waited for good (liveness). Clearing
+/// the takeover's notes is now retried as the replay is.
+#[test]
+fn a_takeover_retries_clearing_its_notes() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.write_priority = true;
+    mix.link_stalls = true;
+    mix.io_delay = true;
+    seeds_pass(&[6473], &mix);
+}
+
 /// Seed 41695 with I/O delays (shared medium), overlapping failures: n0 staged a write as
 /// its lease lapsed and refused it; n1 took n0's ranges over; the link came back and n0
 /// copied its unmirrored records, that one among them, into n1's second store, where they

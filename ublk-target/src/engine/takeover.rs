@@ -283,40 +283,23 @@ impl Engine {
         self.takeover_phase("replaying".into());
         // Only the records of the ranges moved now: a held copy of a range `from` no longer
         // owned (it moved earlier, while `from` was cut off) is stale.
-        let mut last_failure = String::new();
-        let report = loop {
-            // Each node its own medium: the old owner's misses what the replay writes and
-            // whatever we write from now (marked at the new epochs, before the gates open;
-            // the replay's regions in our out-of-sync map, the later writes as the flusher
-            // finds the partner away).
-            let marked = self
-                .mark_out_of_sync_copies(&moved)
-                .and_then(|()| c.mark_outdated(from, &moved).map_err(|e| e.to_string()))
-                .map_err(|e| format!("marking node {}'s medium outdated: {e}", c.node_name(from)));
-            match marked.and_then(|()| {
-                self.replay_mirror_of(from, Some(&moved))
-                    .map_err(|e| e.to_string())
-            }) {
-                Ok(r) => break r,
-                Err(e) => {
-                    // The gates stay closed (serving these ranges now could lose writes)
-                    // until the replay succeeds: the medium may come back (a path failure),
-                    // and nothing else would replay it while this node runs (the partner
-                    // skips ranges it lost). A restart finishes it too (the note).
-                    let why = format!("takeover replay failed, ranges stay closed: {e}");
-                    if self.stopping.is_set() {
-                        self.takeover_phase(format!("failed: {why}"));
-                        return Err(why);
-                    }
-                    if why != last_failure {
-                        tracing::error!("{why}; retrying every {REPLAY_RETRY:?}");
-                        last_failure = why.clone();
-                    }
-                    self.takeover_phase(format!("retrying: {why}"));
-                    self.host.sleep(REPLAY_RETRY).await;
-                }
-            }
-        };
+        // Each node its own medium: the old owner's misses what the replay writes and whatever
+        // we write from now (marked at the new epochs, before the gates open; the replay's
+        // regions in our out-of-sync map, the later writes as the flusher finds the partner
+        // away).
+        let report = self
+            .retry_with_ranges_closed("takeover replay", || {
+                self.mark_out_of_sync_copies(&moved)
+                    .and_then(|()| c.mark_outdated(from, &moved).map_err(|e| e.to_string()))
+                    .map_err(|e| {
+                        format!("marking node {}'s medium outdated: {e}", c.node_name(from))
+                    })
+                    .and_then(|()| {
+                        self.replay_mirror_of(from, Some(&moved))
+                            .map_err(|e| e.to_string())
+                    })
+            })
+            .await?;
         if let Some(ss) = &self.second_store {
             ss.pin(None);
         }
@@ -324,19 +307,15 @@ impl Engine {
         // again at a restart would land them over newer data, and so would the old owner's
         // replay of its own records if the claim note on the medium stood. That one goes
         // first: while the NVRAM note stands, a restart finishes and clears both.
-        if let Err(e) = c.clear_claim_note() {
-            let why = format!(
-                "clearing the takeover's claim note on the medium failed, ranges stay closed: {e}"
-            );
-            self.takeover_phase(format!("failed: {why}"));
-            return Err(why);
-        }
-        if let Err(e) = self.write_takeover_note(None) {
-            let why =
-                format!("clearing the takeover note in the NVRAM failed, ranges stay closed: {e}");
-            self.takeover_phase(format!("failed: {why}"));
-            return Err(why);
-        }
+        // Retried as the replay is: nothing else opens the ranges while this node runs (a
+        // failed clear once left them closed for good: simulator seed 6473, a path failure).
+        self.retry_with_ranges_closed("clearing the takeover's notes", || {
+            c.clear_claim_note()
+                .map_err(|e| format!("the claim note on the medium: {e}"))?;
+            self.write_takeover_note(None)
+                .map_err(|e| format!("the takeover note in the NVRAM: {e}"))
+        })
+        .await?;
         c.finish_takeover(&moved);
         self.takeover.update(|p| {
             if let Some(p) = p.as_mut() {
@@ -349,6 +328,34 @@ impl Engine {
             moved.len()
         );
         Ok(report)
+    }
+
+    /// Runs a takeover's `step` until it succeeds, every [`REPLAY_RETRY`], while the taken
+    /// ranges stay closed (serving them before it could lose writes, and a path failure may
+    /// pass); gives up only when the engine stops (a restart finishes it: the note).
+    async fn retry_with_ranges_closed<T>(
+        &self,
+        what: &str,
+        mut step: impl FnMut() -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut last_failure = String::new();
+        loop {
+            let e = match step() {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let why = format!("{what} failed, ranges stay closed: {e}");
+            if self.stopping.is_set() {
+                self.takeover_phase(format!("failed: {why}"));
+                return Err(why);
+            }
+            if why != last_failure {
+                tracing::error!("{why}; retrying every {REPLAY_RETRY:?}");
+                last_failure = why.clone();
+            }
+            self.takeover_phase(format!("retrying: {why}"));
+            self.host.sleep(REPLAY_RETRY).await;
+        }
     }
 
     fn write_takeover_note(&self, note: Option<&TakeoverNote>) -> std::io::Result<()> {

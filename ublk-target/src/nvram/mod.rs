@@ -5,13 +5,14 @@
 //! one staged write, `scan` reads a partition log back after a restart, and `void` is the
 //! record that kills a node's older records of a range it lost. `takeover_note` keeps a
 //! takeover's ranges from its claim to the end of its replay, `restart_sync_note` the ranges
-//! a start replayed into our outdated own medium until the partner's has them. `memory` is an NVRAM in
-//! process memory for the simulator.
+//! a start replayed into our outdated own medium until the partner's has them (both in the
+//! layout of `range_note`). `memory` is an NVRAM in process memory for the simulator.
 
 pub mod cpu_cache;
 pub mod layout;
 pub mod memory;
 pub mod out_of_sync;
+pub mod range_note;
 pub mod record;
 pub mod region;
 pub mod restart_sync_note;

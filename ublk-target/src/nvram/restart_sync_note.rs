@@ -10,7 +10,8 @@
 //! last seq replayed and the ranges it touched; a start reads the notes back, and they are
 //! cleared once the partner has written its copies.
 
-use super::layout::{Layout, PartitionCheckpoint};
+use super::layout::{Layout, PartitionCheckpoint, META_BLOCK};
+use super::range_note::{self, BYTES};
 use super::region::NvramRegion;
 use std::io;
 
@@ -19,14 +20,9 @@ const MAGIC: u32 = 0x4e59_5352;
 /// In each partition's metadata block: slots 0-1 hold its log checkpoints, 2-3 the second
 /// store's watermark, 4 (partition 0's) the takeover note.
 const SLOT: u64 = 5;
-const _: () = assert!((SLOT + 1) * PartitionCheckpoint::SLOT_BYTES <= super::layout::META_BLOCK);
-const BYTES: usize = PartitionCheckpoint::SLOT_BYTES as usize;
-/// magic, through, bitmap length in bits; the crc32c at the end.
-const HEAD: usize = 16;
-const CRC_AT: usize = BYTES - 4;
-/// Range numbers (global, over every LUN) the bitmap can hold; the ownership table holds
-/// fewer (`ownership::MAX_ENTRIES`).
-pub const MAX_RANGES: usize = (CRC_AT - HEAD) * 8;
+const _: () = assert!((SLOT + 1) * PartitionCheckpoint::SLOT_BYTES <= META_BLOCK);
+/// Range numbers (global, over every LUN) the note can hold.
+pub const MAX_RANGES: usize = range_note::max_ranges(8);
 
 /// One partition's part: its records through seq `through` were replayed into our
 /// outdated medium, of `ranges` (global range numbers, `Lun::first_range` + range).
@@ -38,43 +34,21 @@ pub struct RestartSyncNote {
 
 impl RestartSyncNote {
     fn encode(&self) -> io::Result<[u8; BYTES]> {
-        let mut b = [0u8; BYTES];
-        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        b[4..12].copy_from_slice(&self.through.to_le_bytes());
-        b[12..16].copy_from_slice(&(MAX_RANGES as u32).to_le_bytes());
-        for &r in &self.ranges {
-            let r = r as usize;
-            if r >= MAX_RANGES {
-                return Err(io::Error::other(format!(
-                    "range {r} does not fit the restart sync note (at most {MAX_RANGES} ranges)"
-                )));
-            }
-            b[HEAD + r / 8] |= 1 << (r % 8);
-        }
-        let crc = crc32c::crc32c(&b[..CRC_AT]);
-        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
-        Ok(b)
+        range_note::encode(
+            MAGIC,
+            &self.through.to_le_bytes(),
+            &self.ranges,
+            "restart sync note",
+        )
     }
 
     /// None for an empty slot. A damaged note also reads as none: it was being written
     /// (before the log advanced: the records are still in the log) or cleared (after the
     /// partner wrote its copies).
     fn decode(b: &[u8; BYTES]) -> Option<RestartSyncNote> {
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        if u32_at(0) != MAGIC || u32_at(CRC_AT) != crc32c::crc32c(&b[..CRC_AT]) {
-            return None;
-        }
-        let mut through = [0u8; 8];
-        through.copy_from_slice(&b[4..12]);
-        let bits = (u32_at(12) as usize).min(MAX_RANGES);
-        let ranges = (0..bits)
-            .filter(|&r| b[HEAD + r / 8] & (1 << (r % 8)) != 0)
-            .map(|r| r as u32)
-            .collect();
-        Some(RestartSyncNote {
-            through: u64::from_le_bytes(through),
-            ranges,
-        })
+        let (fields, ranges) = range_note::decode(MAGIC, 8, b)?;
+        let through = u64::from_le_bytes(fields.try_into().ok()?);
+        Some(RestartSyncNote { through, ranges })
     }
 }
 
@@ -89,16 +63,12 @@ pub fn write(
         Some(n) => n.encode()?,
         None => [0u8; BYTES],
     };
-    let off = layout.checkpoint_offset(p, SLOT);
-    region.write_at(off, &bytes);
-    region.persist(off, BYTES as u64)
+    range_note::write(region, layout.checkpoint_offset(p, SLOT), &bytes)
 }
 
 /// Partition `p`'s note, if a restart sync was under way when this node stopped.
 pub fn read(region: &NvramRegion, layout: &Layout, p: u32) -> Option<RestartSyncNote> {
-    let mut b = [0u8; BYTES];
-    region.read_at(layout.checkpoint_offset(p, SLOT), &mut b);
-    RestartSyncNote::decode(&b)
+    RestartSyncNote::decode(&range_note::read(region, layout.checkpoint_offset(p, SLOT)))
 }
 
 #[cfg(test)]
@@ -113,7 +83,7 @@ mod tests {
         };
         let mut b = n.encode().expect("fits");
         assert_eq!(RestartSyncNote::decode(&b), Some(n));
-        b[HEAD] ^= 0x40;
+        b[16] ^= 0x40;
         assert_eq!(RestartSyncNote::decode(&b), None, "a torn note is no note");
         assert_eq!(RestartSyncNote::decode(&[0u8; BYTES]), None);
         let too_far = RestartSyncNote {

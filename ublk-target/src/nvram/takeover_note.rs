@@ -9,7 +9,8 @@
 //! anything is served. The ranges' gates stay closed from the claim to the end of the
 //! replay, so nothing newer than the mirrored records can have been written to them.
 
-use super::layout::{Layout, PartitionCheckpoint};
+use super::layout::Layout;
+use super::range_note::{self, BYTES};
 use super::region::NvramRegion;
 use std::io;
 
@@ -18,13 +19,8 @@ const MAGIC: u32 = 0x4e4f_4b54;
 /// In partition 0's metadata block: slots 0-1 hold its log checkpoints, 2-3 the second
 /// store's watermark of the partner's partition 0.
 const SLOT: u64 = 4;
-const BYTES: usize = PartitionCheckpoint::SLOT_BYTES as usize;
-/// magic, from, bitmap length in bits; the crc32c at the end.
-const HEAD: usize = 12;
-const CRC_AT: usize = BYTES - 4;
-/// Range numbers (global, over every LUN) the bitmap can hold; the ownership table holds
-/// fewer (`ownership::MAX_ENTRIES`).
-pub const MAX_RANGES: usize = (CRC_AT - HEAD) * 8;
+/// Range numbers (global, over every LUN) the note can hold.
+pub const MAX_RANGES: usize = range_note::max_ranges(4);
 
 /// The partner `from` whose ranges (global range numbers, `Lun::first_range` + range)
 /// this node claims.
@@ -36,41 +32,21 @@ pub struct TakeoverNote {
 
 impl TakeoverNote {
     fn encode(&self) -> io::Result<[u8; BYTES]> {
-        let mut b = [0u8; BYTES];
-        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        b[4..8].copy_from_slice(&self.from.to_le_bytes());
-        b[8..12].copy_from_slice(&(MAX_RANGES as u32).to_le_bytes());
-        for &r in &self.ranges {
-            let r = r as usize;
-            if r >= MAX_RANGES {
-                return Err(io::Error::other(format!(
-                    "range {r} does not fit the takeover note (at most {MAX_RANGES} ranges)"
-                )));
-            }
-            b[HEAD + r / 8] |= 1 << (r % 8);
-        }
-        let crc = crc32c::crc32c(&b[..CRC_AT]);
-        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
-        Ok(b)
+        range_note::encode(
+            MAGIC,
+            &self.from.to_le_bytes(),
+            &self.ranges,
+            "takeover note",
+        )
     }
 
     /// None for an empty slot; a damaged note also reads as none (it was being written or
     /// cleared when the node died: a torn write of the note comes before the claim, a torn
     /// clear after the replay).
     fn decode(b: &[u8; BYTES]) -> Option<TakeoverNote> {
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        if u32_at(0) != MAGIC || u32_at(CRC_AT) != crc32c::crc32c(&b[..CRC_AT]) {
-            return None;
-        }
-        let bits = (u32_at(8) as usize).min(MAX_RANGES);
-        let ranges = (0..bits)
-            .filter(|&r| b[HEAD + r / 8] & (1 << (r % 8)) != 0)
-            .map(|r| r as u32)
-            .collect();
-        Some(TakeoverNote {
-            from: u32_at(4),
-            ranges,
-        })
+        let (fields, ranges) = range_note::decode(MAGIC, 4, b)?;
+        let from = u32::from_le_bytes(fields.try_into().ok()?);
+        Some(TakeoverNote { from, ranges })
     }
 }
 
@@ -80,16 +56,12 @@ pub fn write(region: &NvramRegion, layout: &Layout, note: Option<&TakeoverNote>)
         Some(n) => n.encode()?,
         None => [0u8; BYTES],
     };
-    let off = layout.checkpoint_offset(0, SLOT);
-    region.write_at(off, &bytes);
-    region.persist(off, BYTES as u64)
+    range_note::write(region, layout.checkpoint_offset(0, SLOT), &bytes)
 }
 
 /// The note, if a takeover was under way when this node stopped.
 pub fn read(region: &NvramRegion, layout: &Layout) -> Option<TakeoverNote> {
-    let mut b = [0u8; BYTES];
-    region.read_at(layout.checkpoint_offset(0, SLOT), &mut b);
-    TakeoverNote::decode(&b)
+    TakeoverNote::decode(&range_note::read(region, layout.checkpoint_offset(0, SLOT)))
 }
 
 #[cfg(test)]
@@ -104,7 +76,7 @@ mod tests {
         };
         let mut b = n.encode().expect("fits");
         assert_eq!(TakeoverNote::decode(&b), Some(n));
-        b[HEAD] ^= 0x40;
+        b[12] ^= 0x40;
         assert_eq!(TakeoverNote::decode(&b), None, "a torn note is no note");
         assert_eq!(TakeoverNote::decode(&[0u8; BYTES]), None);
         let too_far = TakeoverNote {
