@@ -230,18 +230,27 @@ impl Shared {
         }
     }
 
-    /// A node died: its operations in flight end with an unknown outcome.
-    fn node_died(&self, node: usize) {
+    /// A node died: its operations in flight end with an unknown outcome, `settle` later.
+    /// Until then their blocks stay busy (no client issues another operation on them): a
+    /// write the dead node forwarded may still be staged by the owner until the owner refuses
+    /// it, once the sender has not answered a heartbeat for half the heartbeat timeout or the
+    /// link has dropped the connection (at most a timeout and one check after the last
+    /// message; `serve_forwarded`). A write the client issued on the owner at the instant of
+    /// the death was concurrent with it, and either may land last (seed 7510).
+    fn node_died(self: &Arc<Self>, node: usize, settle: Duration) {
         let ids: Vec<u64> = lock(&self.ops)
             .iter()
             .filter(|(_, op)| op.node == node)
             .map(|(id, _)| *id)
             .collect();
-        let n = ids.len() as u64;
-        for id in ids {
-            self.end_op(id, Err("its node died".into()), 0);
-        }
-        lock(&self.stats).writes_lost_in_crash += n;
+        lock(&self.stats).writes_lost_in_crash += ids.len() as u64;
+        let shared = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(settle).await;
+            for id in ids {
+                shared.end_op(id, Err("its node died".into()), 0);
+            }
+        });
     }
 }
 
@@ -963,7 +972,8 @@ impl World {
             self.net.power_off(node);
         }
         life.kill();
-        self.shared.node_died(node);
+        self.shared
+            .node_died(node, self.s.heartbeat_timeout + self.s.heartbeat_interval);
         if power {
             let (mut dirty, mut survived) = (0, 0);
             for d in self.disks_of(node) {

@@ -172,6 +172,20 @@ fn a_takeover_retries_clearing_its_notes() {
     seeds_pass(&[6473], &mix);
 }
 
+/// Seed 7510 with its own storage and manual takeover: n1 was killed with a write forwarded
+/// to n0 still being staged there, and at the same instant the client wrote the same block
+/// through n0; n0 staged the forwarded write last (the two were concurrent: n0 had not yet
+/// seen the link drop). The model now ends a dead node's operations a heartbeat timeout and
+/// interval after the death (their blocks stay busy until then), the window in which the
+/// owner may still stage what the dead node forwarded; after it, a newer write must win.
+#[test]
+fn a_dead_nodes_forwarded_write_is_concurrent_until_the_owner_can_refuse_it() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.takeover_auto = Some(false);
+    seeds_pass(&[7510], &mix);
+}
+
 /// Seed 41695 with I/O delays (shared medium), overlapping failures: n0 staged a write as
 /// its lease lapsed and refused it; n1 took n0's ranges over; the link came back and n0
 /// copied its unmirrored records, that one among them, into n1's second store, where they
