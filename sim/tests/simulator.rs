@@ -157,6 +157,42 @@ fn a_restart_sync_survives_another_restart() {
     seeds_pass(&[31444], &mix);
 }
 
+/// Seeds 30020, 8286, 8430 and 9592, each node its own storage: a node whose medium was
+/// outdated for a range restarted and replayed its log into that medium, then told the
+/// partner it could drop its copies of those records; the partner's medium was failing, so
+/// instead of writing them it marked itself outdated, and both media stayed outdated for
+/// the range (liveness: its writes waited for good). The restarting node's log now keeps
+/// those records until the partner's medium has them (`log::KeptReplay`).
+#[test]
+fn a_restart_keeps_its_replayed_records_until_the_partners_medium_has_them() {
+    let mut own = FaultMix::all();
+    own.own_storage = true;
+    seeds_pass(&[8430, 9592], &own);
+    let mut manual = own.clone();
+    manual.takeover_auto = Some(false);
+    manual.write_priority = true;
+    seeds_pass(&[30020], &manual);
+    let mut stalls = own.clone();
+    stalls.write_priority = true;
+    stalls.link_stalls = true;
+    stalls.io_delay = true;
+    seeds_pass(&[8286], &stalls);
+}
+
+/// Seed 720 (own storage, manual takeover, write priority), found once the log kept the
+/// replayed records: the partner refused to write its copies of them for the restart sync
+/// because its own medium was outdated for another range among them, which only the
+/// restarting node's resync could mend, and that waited for the restart sync. The partner
+/// now skips copies of ranges only its own medium misses.
+#[test]
+fn a_restart_sync_skips_ranges_only_the_partners_medium_misses() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.takeover_auto = Some(false);
+    mix.write_priority = true;
+    seeds_pass(&[720], &mix);
+}
+
 /// Seed 6473 with its own storage, write priority, link stalls and I/O delays: n1's
 /// automatic takeover replayed n0's records, but clearing its claim note on the arbiter
 /// failed (n1's path to it had failed), and the takeover gave up with the ranges closed:

@@ -258,7 +258,8 @@ impl Flusher {
 
     fn batch_done(&self, batch: &[RecordMeta], bytes: u64) {
         if let Some(last) = batch.last() {
-            self.context.on_released(self.log.id, last.seq);
+            let through = self.log.partner_may_release(last.seq);
+            self.context.on_released(self.log.id, through);
         }
         self.stats.bytes_flushed.fetch_add(bytes, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -274,7 +275,8 @@ impl Flusher {
                 partition = self.log.id,
                 "medium path failed ({failure}); the partner {how}: seq {first}..={last}"
             );
-            self.context.on_released(self.log.id, last);
+            let through = self.log.partner_may_release(last);
+            self.context.on_released(self.log.id, through);
         }
         self.stats.set_last_error(Some(format!(
             "medium path failed, partner writes for us: {failure}"

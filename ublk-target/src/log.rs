@@ -111,6 +111,8 @@ struct LogState {
     /// writer that waits for its record's flush, or looks after settling it, learns its
     /// write did not happen.
     released_dead: std::collections::BTreeSet<u64>,
+    /// Records a start replayed and keeps (see [`KeptReplay`]).
+    kept: Option<Kept>,
 }
 
 /// How many released dead seqs a partition remembers (a writer asks within moments).
@@ -155,6 +157,34 @@ pub struct LogStart {
     pub pos: u64,
     pub next_seq: u64,
     pub checkpoint_generation: u64,
+    /// Records the start replayed but keeps (see [`KeptReplay`]).
+    pub kept: Option<KeptReplay>,
+}
+
+/// Records a start replayed into the medium but keeps in the log until
+/// [`PartitionLog::release_kept`]: their space stays used and the checkpoint stays before
+/// them, so a restart replays them again, and the partner is not told it may drop its copies
+/// of them (`engine::restart_sync`: our own medium is outdated for some of their ranges, and
+/// the partner's medium must get them first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeptReplay {
+    /// The checkpoint's tail: where the oldest of them is, and its seq.
+    pub tail: u64,
+    pub tail_seq: u64,
+    /// Their log bytes (wrap padding included), from `tail` to the start's position.
+    pub bytes: u64,
+    /// The seq after them (the start's first).
+    pub end_seq: u64,
+}
+
+/// The kept records and what the flusher released behind them meanwhile: the checkpoint
+/// moves past both at once.
+#[derive(Clone, Copy, Debug)]
+struct Kept {
+    replay: KeptReplay,
+    /// The tail and tail seq of the latest release behind them, and the bytes released.
+    released: Option<(u64, u64)>,
+    released_bytes: u64,
 }
 
 pub struct PartitionLog {
@@ -176,6 +206,10 @@ pub struct PartitionLog {
     /// This node ever lost a range of this partition (a void mark was set): until then a
     /// writer's `is_dead` needs no lock.
     ever_voided: std::sync::atomic::AtomicBool,
+    /// Held by `release` and `release_kept` from reading where the tail goes to freeing the
+    /// space behind it, so that a checkpoint never lags the space it frees (the flusher and
+    /// the restart sync; writers never take it).
+    releasing: Mutex<()>,
 }
 
 /// How often the persister thread looks for copied records nobody committed.
@@ -228,7 +262,7 @@ pub fn audit_queues() {
     QUEUE_AUDIT.store(true, Ordering::Relaxed);
 }
 
-fn lock(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock is a bug; the state is still consistent enough to
     // report, and refusing to continue would only turn one bug into a hang.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -297,7 +331,8 @@ impl LogState {
             }
             let queued: u64 = self.durable.iter().map(|r| r.slot).sum::<u64>()
                 + self.pending.iter().map(|p| p.meta.slot).sum::<u64>()
-                + self.committing_bytes;
+                + self.committing_bytes
+                + self.kept.map_or(0, |k| k.replay.bytes + k.released_bytes);
             assert_eq!(
                 queued, self.used,
                 "queued records do not add up to the used space"
@@ -340,8 +375,8 @@ impl PartitionLog {
             host,
             state: Mutex::new(LogState {
                 head: start.pos,
-                tail: start.pos,
-                used: 0,
+                tail: start.kept.map_or(start.pos, |k| k.tail),
+                used: start.kept.map_or(0, |k| k.bytes),
                 next_seq: start.next_seq,
                 durable_through: start.next_seq - 1,
                 acked_through: start.next_seq - 1,
@@ -359,6 +394,11 @@ impl PartitionLog {
                 flusher_wake: FlusherWake::AnyRecord,
                 voids: VoidMarks::default(),
                 released_dead: Default::default(),
+                kept: start.kept.map(|replay| Kept {
+                    replay,
+                    released: None,
+                    released_bytes: 0,
+                }),
             }),
             persist_wanted: Notify::new(),
             flush_wanted: Notify::new(),
@@ -366,6 +406,7 @@ impl PartitionLog {
             flush_waiters: Default::default(),
             ever_voided: Default::default(),
             released: Notify::new(),
+            releasing: Mutex::new(()),
         })
     }
 
@@ -499,7 +540,22 @@ impl PartitionLog {
                     break (record, wrap, st.acked_through, rx);
                 }
             }
-            // The log is full: the flusher must not linger.
+            // The log is full. Records a start kept for its restart sync go first (and only
+            // when full): their partner may be away for long, and writes must not wait for it.
+            if self.keeps_replayed() {
+                tracing::warn!(
+                    partition = self.id,
+                    "the log is full: the records the last start replayed and kept until the partner's medium has them go now (the partner may drop its copies; the ranges stay closed until it has written them)"
+                );
+                if let Err(e) = self.release_kept() {
+                    return Err(LogError::Persist {
+                        partition: self.id,
+                        message: format!("moving the checkpoint past the kept records: {e}"),
+                    });
+                }
+                continue;
+            }
+            // The flusher must not linger.
             waiting_for_space.get_or_insert_with(|| FlushWaiter::new(self));
             freed.await;
         };
@@ -877,18 +933,14 @@ impl PartitionLog {
         if new_tail >= self.size() {
             new_tail = 0;
         }
-        let generation = lock(&self.state).checkpoint_generation + 1;
-        let cp = PartitionCheckpoint {
-            partition: self.id,
-            log_id: self.log_id,
-            generation,
-            tail_off: new_tail,
-            tail_seq: last.seq + 1,
-        };
-        write_checkpoint(&self.region, &self.layout, &cp)?;
-
+        // Behind kept records the checkpoint stays, and so does the space: both move when
+        // they go (`release_kept`).
+        let _releasing = lock(&self.releasing);
+        let kept = lock(&self.state).kept.is_some();
+        if !kept {
+            self.write_tail(new_tail, last.seq + 1)?;
+        }
         let mut st = lock(&self.state);
-        st.checkpoint_generation = generation;
         if !st.voids.is_empty() {
             let dead: Vec<u64> = batch
                 .iter()
@@ -901,6 +953,7 @@ impl PartitionLog {
                 st.released_dead.pop_first();
             }
         }
+        let mut bytes = 0;
         for r in batch {
             let front = st.durable.pop_front();
             assert_eq!(
@@ -908,9 +961,18 @@ impl PartitionLog {
                 Some(r.seq),
                 "flusher released records out of order"
             );
-            st.used -= r.slot;
+            bytes += r.slot;
         }
-        st.tail = new_tail;
+        match st.kept.as_mut() {
+            Some(k) => {
+                k.released = Some((new_tail, last.seq + 1));
+                k.released_bytes += bytes;
+            }
+            None => {
+                st.used -= bytes;
+                st.tail = new_tail;
+            }
+        }
         st.flushed_through = last.seq;
         st.voids.forget_through(last.seq);
         st.check(self.size());
@@ -918,6 +980,63 @@ impl PartitionLog {
         self.released.notify_waiters();
         self.space_freed.notify_waiters();
         Ok(())
+    }
+
+    /// Persists a checkpoint with the log's tail at `tail` (seq `tail_seq`).
+    fn write_tail(&self, tail: u64, tail_seq: u64) -> std::io::Result<()> {
+        let generation = lock(&self.state).checkpoint_generation + 1;
+        let cp = PartitionCheckpoint {
+            partition: self.id,
+            log_id: self.log_id,
+            generation,
+            tail_off: tail,
+            tail_seq,
+        };
+        write_checkpoint(&self.region, &self.layout, &cp)?;
+        lock(&self.state).checkpoint_generation = generation;
+        Ok(())
+    }
+
+    /// The records the start kept (see [`KeptReplay`]) may go: the checkpoint moves past
+    /// them and past whatever the flusher released behind them, and their space is free.
+    /// Returns the seq the partner may now release its copies through.
+    pub fn release_kept(&self) -> std::io::Result<u64> {
+        let _releasing = lock(&self.releasing);
+        let Some(k) = lock(&self.state).kept else {
+            return Ok(self.partner_release_through());
+        };
+        let end = (k.replay.tail + k.replay.bytes) % self.size();
+        let (tail, tail_seq) = k.released.unwrap_or((end, k.replay.end_seq));
+        self.write_tail(tail, tail_seq)?;
+        let mut st = lock(&self.state);
+        st.used -= k.replay.bytes + k.released_bytes;
+        st.tail = tail;
+        st.kept = None;
+        st.check(self.size());
+        let through = st.flushed_through;
+        drop(st);
+        self.space_freed.notify_waiters();
+        Ok(through)
+    }
+
+    /// Through which seq the partner may drop its copies of our records: those the flusher
+    /// released, short of records the start keeps.
+    pub fn partner_release_through(&self) -> u64 {
+        let flushed = lock(&self.state).flushed_through;
+        self.partner_may_release(flushed)
+    }
+
+    /// `through`, or less: never records the start keeps or anything after them.
+    pub fn partner_may_release(&self, through: u64) -> u64 {
+        match lock(&self.state).kept {
+            Some(k) => through.min(k.replay.tail_seq - 1),
+            None => through,
+        }
+    }
+
+    /// Whether the start kept records it replayed (see [`KeptReplay`]).
+    pub fn keeps_replayed(&self) -> bool {
+        lock(&self.state).kept.is_some()
     }
 
     /// Stops the partition for good (fenced, or the NVRAM failed): new writes and writers

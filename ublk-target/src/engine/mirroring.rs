@@ -23,7 +23,8 @@ impl Engine {
         // them: its second store keeps those while its takeover is under way, see
         // `SecondStoreArea::pin`.)
         for p in &self.parts {
-            let flushed = p.status().flushed_through;
+            // Not records a start keeps until the partner's medium has them (`restart_sync`).
+            let flushed = p.partner_release_through();
             if flushed > 0 {
                 m.release(p.id, flushed);
             }

@@ -15,7 +15,7 @@ use crate::cluster::{Cluster, ClusterSetup};
 use crate::config::{DegradedPolicy, NodeConfig, StorageMode};
 use crate::copy_fence::CopyFence;
 use crate::flusher::{FlushPolicy, Flusher, FlusherStats};
-use crate::log::{read_checkpoint, write_checkpoint, LogStart, PartitionLog};
+use crate::log::{read_checkpoint, write_checkpoint, KeptReplay, LogStart, PartitionLog};
 use crate::lun::{Lun, LunSpec};
 use crate::medium::{FileMedium, Medium, MediumError};
 use crate::mirror::{MirrorSlot, SecondStoreArea};
@@ -379,7 +379,8 @@ impl Engine {
                     write_restart_sync_notes(&region, &Layout::of(&sb), &[], &restart_sync.1)?;
                     (sb, starts)
                 } else {
-                    let starts = restart_points(&region, &sb, &scans)?;
+                    let keep: Vec<u32> = restart_sync.0.through.iter().map(|&(p, _)| p).collect();
+                    let starts = restart_points(&region, &sb, &scans, &keep)?;
                     (sb, starts)
                 }
             }
@@ -891,28 +892,47 @@ fn write_restart_sync_notes(
     Ok(())
 }
 
+/// Where each partition's log goes on after the start's replay: past the replayed records,
+/// except in the partitions of `keep` (a restart sync waits for the partner's medium, see
+/// `engine::restart_sync`), whose logs keep them ([`KeptReplay`]).
 fn restart_points(
     region: &NvramRegion,
     sb: &Superblock,
     scans: &[(PartitionCheckpoint, ScanResult)],
+    keep: &[u32],
 ) -> Result<Vec<LogStart>, EngineError> {
     let layout = Layout::of(sb);
     let mut starts = Vec::new();
     for (p, (cp, scan)) in scans.iter().enumerate() {
         // Skip over the seqs of a discarded tail so its leftovers never look current.
         let next_seq = scan.next_seq.max(scan.max_seq_seen + 1);
+        // Kept records and the new ones must follow each other seq by seq (a scan stops at
+        // a gap), so not after a discarded tail: the restart sync note covers that case.
+        let kept =
+            (keep.contains(&(p as u32)) && next_seq == scan.next_seq && !scan.records.is_empty())
+                .then(|| {
+                    let bytes = (scan.next_pos + layout.part_size - cp.tail_off) % layout.part_size;
+                    KeptReplay {
+                        tail: cp.tail_off,
+                        tail_seq: cp.tail_seq,
+                        // A log the records filled whole ends where it began.
+                        bytes: if bytes == 0 { layout.part_size } else { bytes },
+                        end_seq: next_seq,
+                    }
+                });
         let new = PartitionCheckpoint {
             partition: p as u32,
             log_id: sb.log_id,
             generation: cp.generation + 1,
-            tail_off: scan.next_pos,
-            tail_seq: next_seq,
+            tail_off: kept.map_or(scan.next_pos, |k| k.tail),
+            tail_seq: kept.map_or(next_seq, |k| k.tail_seq),
         };
         write_checkpoint(region, &layout, &new)?;
         starts.push(LogStart {
             pos: scan.next_pos,
             next_seq,
             checkpoint_generation: new.generation,
+            kept,
         });
     }
     Ok(starts)
@@ -1023,6 +1043,7 @@ fn format(
             pos: 0,
             next_seq: 1,
             checkpoint_generation: 0,
+            kept: None,
         });
     }
     if let Some(sizes) = oos_luns {

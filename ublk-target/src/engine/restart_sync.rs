@@ -5,7 +5,9 @@
 //! them (simulator seed 354 with --storage own: a read answered an older version). So those
 //! ranges stay closed until the partner has written its copies of these records (it holds
 //! every one we replayed: acknowledged writes of a range ours is outdated for were
-//! mirrored) to its medium, once the link is up. Until then the NVRAM notes them
+//! mirrored) to its medium, once the link is up. Until then our log keeps the replayed
+//! records (`log::KeptReplay`: the partner is not told to drop its copies, which it could
+//! not always write to its medium then, seed 30020), and the NVRAM notes the ranges
 //! (`nvram::restart_sync_note`): a stop before it happens must not forget them (seed 31444).
 
 use super::core::Engine;
@@ -68,6 +70,19 @@ impl Engine {
             restart_sync_note::write(&self.region, &layout, partition, None).map_err(|e| {
                 format!("clearing the restart sync note of partition {partition}: {e}")
             })?;
+        }
+        // Our log kept the replayed records until now (`log::KeptReplay`): they may go, and
+        // the partner, whose medium has them, may drop its copies.
+        for &(partition, _) in &through {
+            let Some(log) = self.parts.iter().find(|p| p.id == partition) else {
+                continue;
+            };
+            let releasable = log.release_kept().map_err(|e| {
+                format!("moving partition {partition}'s checkpoint past the replayed records: {e}")
+            })?;
+            if let Some(m) = self.mirror.current() {
+                m.release(partition, releasable);
+            }
         }
         let ranges = std::mem::take(&mut *self.restart_sync_state()).ranges;
         // Only ranges still closed. One may have moved to the partner meanwhile (its

@@ -774,7 +774,9 @@ impl Engine {
     /// `storage = "own"`: the partner restarted with its medium outdated for ranges whose
     /// records it replayed into it (see `engine::restart_sync`), or is about to move ranges
     /// (`partner_writes_held`): writes every copy we hold of its `partition` through
-    /// `through_seq` to our medium. Refused where ours is outdated too.
+    /// `through_seq` to our medium. Copies of a range ours is outdated for are skipped (its
+    /// resync copies the range from the partner's medium), unless the partner's is outdated
+    /// for it too: then neither medium would hold it whole, and the request is refused.
     pub fn write_held_for_partner(
         &self,
         from: NodeId,
@@ -782,11 +784,22 @@ impl Engine {
         through_seq: u64,
     ) -> Result<usize, String> {
         let (ss, ours) = self.own_medium_request()?;
+        // Refusing for a range only ours misses would hold the partner's restart sync up
+        // until our resync, which waits for that very restart sync (simulator seed 720).
+        let theirs = match &self.cluster {
+            Some(c) if !ours.is_empty() => c
+                .outdated_ranges(from)
+                .map_err(|e| format!("reading the outdated-media marks: {e}"))?,
+            _ => Vec::new(),
+        };
         let allowed = self.owned_by_checker(from);
         let luns = self.luns.clone();
         let not_outdated_here = |lun: u32, offset: u64| -> Result<bool, String> {
             let range = luns.get(lun as usize).map_or(0, |l| l.range_of(offset));
             if ours.contains(&(lun, range)) {
+                if !theirs.contains(&(lun, range)) {
+                    return Ok(false);
+                }
                 return Err(format!(
                     "node {}'s medium is outdated for LUN {lun} range {range} too: neither medium would hold it whole",
                     self.node
