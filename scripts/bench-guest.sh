@@ -15,7 +15,8 @@
 #   tcp      4: the same over TCP (127.0.0.1), NVRAM in tmpfs
 #   own      4o: configuration 4 in shared-nothing mode (`storage = "own"`, issue #17): each
 #               node its own medium (as DRBD's two backing devices), a 4 MiB arbiter;
-#               then the cost of contention (both nodes writing one portion, a note)
+#               then the cost of contention (both nodes writing one portion, a note) and
+#               node-b's reads of node-a's ranges, forwarded and under a read lease (a note)
 #   drbd     5: DRBD 8.4 (in-tree module) protocol C, two resources on 127.0.0.1 with swapped
 #               ports, fio on the primary's /dev/drbd0
 #   raw      6a: the loop device itself, O_DIRECT
@@ -1121,6 +1122,40 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 				note "giveback after the write-priority runs failed"
 		else
 			note "write-priority on refused: $(head -c 300 "$W/wp.err" | tr '\n' ' ')"
+		fi
+		# Reads of node-a's ranges through node-b: forwarded (the default), then served from
+		# node-b's own medium and second store under node-a's read lease (`nvmirrorctl
+		# local-reads on`), against node-a reading its own. 4K random reads QD32, same portion.
+		readb() { # NAME DEVICE
+			timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="readb-$1" --filename="$2" \
+				--direct=1 --ioengine=io_uring --size=64M --time_based=1 --runtime="$RUNTIME" \
+				--ramp_time="$RAMP" --norandommap=1 --randrepeat=0 --rw=randread --bs=4k \
+				--iodepth=32 --output-format=json --output="$D/readb-$1.json" \
+				>/dev/null 2>"$W/fio-readb-$1.err" ||
+				note "fio readb $1 failed: $(head -c 300 "$W/fio-readb-$1.err" | tr '\n' ' ')"
+		}
+		readb a-own /dev/ublkb0
+		readb b-forwarded /dev/ublkb1
+		if "$NVMCTL" --config "$W/node-b.toml" local-reads on >/dev/null 2>"$W/lr.err"; then
+			sleep 2
+			readb b-local /dev/ublkb1
+			leased=$("$NVMCTL" --config "$W/node-b.toml" status --json |
+				python3 -c 'import json,sys; print(json.load(sys.stdin)["engine"]["luns"][0]["reads_leased"])')
+			"$NVMCTL" --config "$W/node-b.toml" local-reads off >/dev/null 2>&1
+			python3 - "$D" "$leased" <<-'PY' >>"$D/notes" 2>/dev/null
+			import json, sys
+			def r(name):
+			    j = json.load(open(f"{sys.argv[1]}/readb-{name}.json"))["jobs"][0]["read"]
+			    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000
+			(a, pa), (f, pf), (l, pl) = r("a-own"), r("b-forwarded"), r("b-local")
+			print(f"reads of node-a's ranges through node-b (issue #17), 4K random reads QD32 to one "
+			      f"64 MiB portion, one run each: node-a (the owner) {a:.0f} IOPS (p50 {pa:.0f} µs); "
+			      f"node-b forwarded {f:.0f} (p50 {pf:.0f} µs, {f / max(a, 1):.2f}x); node-b under "
+			      f"node-a's read lease (nvmirrorctl local-reads on) {l:.0f} (p50 {pl:.0f} µs, "
+			      f"{l / max(a, 1):.2f}x; {sys.argv[2]} read(s) served locally)")
+			PY
+		else
+			note "local-reads on refused: $(head -c 300 "$W/lr.err" | tr '\n' ' ')"
 		fi
 	fi
 	# Optional profile (BENCH_PERF=1): one more run of each write workload under a system-wide

@@ -230,6 +230,13 @@ enum Cmd {
         #[arg(value_enum)]
         state: OnOff,
     },
+    /// With `storage = "own"`: read the partner's ranges from this node's own medium and
+    /// second store under the partner's read lease (on), or forward those reads (off), until
+    /// the daemon restarts (then `cluster.local_reads` applies again).
+    LocalReads {
+        #[arg(value_enum)]
+        state: OnOff,
+    },
     /// ublk features the running kernel offers.
     Features,
     /// Look at or repair the NVRAM log (needs --config).
@@ -858,6 +865,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             println!(
                 "write priority that follows the writer: {}",
+                if on { "on" } else { "off" }
+            );
+        }
+        Cmd::LocalReads { state } => {
+            let on = *state == OnOff::On;
+            call(
+                &socket_path(&cli)?,
+                Request::LocalReads { on },
+                Duration::from_secs(10),
+            )?;
+            println!(
+                "local reads of the partner's ranges: {}",
                 if on { "on" } else { "off" }
             );
         }
@@ -1539,6 +1558,12 @@ fn print_status(s: &DaemonStatus) {
     }
     if e.storage == "own" {
         println!("storage: each node its own medium");
+        if e.local_reads {
+            let leased: u64 = e.luns.iter().map(|l| l.reads_leased).sum();
+            println!(
+                "local reads: the partner's ranges are read here under its read lease ({leased} read(s) so far)"
+            );
+        }
         for (node, stale) in &e.outdated_media {
             println!(
                 "OUTDATED: node {node}'s medium misses writes of {} range(s) {stale:?}; it takes none of them over until a resync (which runs while the link is up) copies them",

@@ -221,6 +221,9 @@ pub struct FaultMix {
     /// forwarding writes to a range asks its owner for it. Draws nothing, so every seed
     /// keeps its faults; off in [`FaultMix::all`].
     pub write_priority: bool,
+    /// With `storage = "own"`: reads of the partner's ranges served locally under its read
+    /// lease (`cluster.local_reads`). Draws nothing; off in [`FaultMix::all`].
+    pub local_reads: bool,
 }
 
 impl FaultMix {
@@ -251,6 +254,7 @@ impl FaultMix {
             io_delay: false,
             resync_rate: None,
             write_priority: false,
+            local_reads: false,
         }
     }
 
@@ -292,6 +296,7 @@ impl FaultMix {
             io_delay: false,
             resync_rate: None,
             write_priority: false,
+            local_reads: false,
         }
     }
 
@@ -328,6 +333,8 @@ pub struct Settings {
     pub resync_rate: Option<u64>,
     /// See [`FaultMix::write_priority`].
     pub write_priority: bool,
+    /// See [`FaultMix::local_reads`].
+    pub local_reads: bool,
     pub degraded_nvram: bool,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -365,6 +372,7 @@ impl Settings {
         s.io_delay = mix.io_delay;
         s.resync_rate = mix.resync_rate;
         s.write_priority = mix.write_priority;
+        s.local_reads = mix.local_reads;
         if mix.own_storage && mix.medium_failures {
             let end = duration.saturating_sub(Duration::from_secs(1));
             s.faults.extend(draw_medium_failures(seed, end));
@@ -413,6 +421,7 @@ impl Settings {
             io_delay: false,
             resync_rate: None,
             write_priority: false,
+            local_reads: false,
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,
             heartbeat_timeout,

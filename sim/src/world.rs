@@ -143,6 +143,8 @@ struct Shared {
     stats: Mutex<Stats>,
     /// Per node: the disk its LUN lives on (the same one for both, unless `storage = "own"`).
     media: Vec<Arc<SimDisk>>,
+    /// Reads of the partner's ranges served locally by engines that have ended.
+    local_reads_ended: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -456,6 +458,7 @@ impl Boot {
             window: Duration::from_secs(1),
             min_hold: Duration::from_millis(30),
         }));
+        engine.set_local_reads(s.local_reads && s.own_storage)?;
         let role = if id == 0 {
             Role::Listen(addr(0))
         } else {
@@ -515,6 +518,7 @@ impl Boot {
         ));
         Ok(Running {
             engine,
+            local_reads_ended: self.shared.local_reads_ended.clone(),
             link,
             life: self.life,
         })
@@ -523,6 +527,8 @@ impl Boot {
 
 struct Running {
     engine: Arc<Engine>,
+    /// Where its local reads are counted when it ends.
+    local_reads_ended: Arc<std::sync::atomic::AtomicU64>,
     /// Lives as long as the process; givebacks ask the partner through it.
     link: Link,
     life: Arc<Life>,
@@ -534,6 +540,10 @@ struct Running {
 /// seed stayed allocated (about 15 MB a seed: a sweep of 2000 seeds ran out of memory).
 impl Drop for Running {
     fn drop(&mut self) {
+        self.local_reads_ended.fetch_add(
+            self.engine.local_reads_served(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.link.set_request_handler(None);
         if let Some(c) = self.engine.cluster() {
             c.set_forwarder(None);
@@ -661,6 +671,7 @@ impl World {
             violations: Mutex::new(Vec::new()),
             ops: Mutex::new(BTreeMap::new()),
             stats: Mutex::new(Stats::default()),
+            local_reads_ended: Arc::default(),
             media: media.clone(),
         });
         let nodes = (0..NODES)
@@ -1551,9 +1562,19 @@ impl World {
             }
         }
         let st = lock(&self.shared.stats).clone();
+        let local_reads = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.run.as_ref())
+            .map(|r| r.engine.local_reads_served())
+            .sum::<u64>()
+            + self
+                .shared
+                .local_reads_ended
+                .load(std::sync::atomic::Ordering::Relaxed);
         self.note(format!(
-            "end: {} writes acknowledged, {} failed, {} lost in crashes; {} reads checked, {} failed; {} faults, {} restarts; every block verified through both nodes and on the drained disk",
-            st.writes_acked, st.writes_failed, st.writes_lost_in_crash, st.reads_checked, st.reads_failed, st.faults, st.restarts
+            "end: {} writes acknowledged, {} failed, {} lost in crashes; {} reads checked ({} served under a read lease), {} failed; {} faults, {} restarts; every block verified through both nodes and on the drained disk",
+            st.writes_acked, st.writes_failed, st.writes_lost_in_crash, st.reads_checked, local_reads, st.reads_failed, st.faults, st.restarts
         ));
     }
 }

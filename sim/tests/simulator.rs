@@ -580,3 +580,27 @@ fn link_blips_mark_no_medium() {
         assert!(o.passed(), "seed {seed}:\n{}", show(&o));
     }
 }
+
+/// Local reads under the owner's read lease (`cluster.local_reads`). Seeds 21, 37, 53, 175,
+/// 466, 566 and 594 each read a block's older version through the non-owner when the owner
+/// acknowledged writes without it at once after a connection reset (an engine without the
+/// owner's wait for the lease to run out). Seed 684 (with write priority, link stalls and
+/// delayed I/O) read a write the owner had voided (its version from before a takeover and a
+/// hand-back) over the newer one on the medium: a held void record now sends the read to the
+/// owner, and leases are granted only while the partner holds every unflushed record. Seeds
+/// 832 and 1083 (liveness): a degraded write waited out the lease, the link came back and the
+/// owner's medium failed a batch meanwhile, and the waited mark then left both media outdated;
+/// such a write now posts its record again and needs no mark once the partner holds it.
+#[test]
+fn local_reads_return_every_acknowledged_write() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.local_reads = true;
+    seeds_pass(&[21, 37, 53, 175, 466, 566, 594, 832], &mix);
+    let mut mix = FaultMix::all().with_link_stalls();
+    mix.own_storage = true;
+    mix.local_reads = true;
+    mix.write_priority = true;
+    mix.io_delay = true;
+    seeds_pass(&[684, 1083], &mix);
+}

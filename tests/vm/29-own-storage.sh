@@ -8,6 +8,11 @@
 #    at once for 12 s; after a drain every block reads the same through both devices and on
 #    both media, and holds a value a single disk could hold (no acknowledged write that
 #    started later lost to an earlier one; tests/vm/lib/overlap.py), and the media are equal.
+# Both nodes run with `local_reads = true`: each reads the other's range from its own medium
+# and second store under the owner's read lease, in every step.
+# 2a. With node-a's flusher paused, node-b reads the 300 blocks node-a just wrote to its own
+#    range: fio verifies them through node-b's device, and node-b's status counts at least
+#    half of those reads as served locally (from its second store: on neither medium yet).
 # 2. node-a's flusher is paused, 300 more blocks are written, node-a is kill -9'd: node-b
 #    takes over, replays them from its second store into ITS medium, and fio verifies every
 #    acknowledged write through node-b's device. node-a's medium is marked outdated for the
@@ -54,6 +59,9 @@ for n in a b; do
 	# first batch failed), the link was called down and a write failed. The link now logs
 	# a stall of its own loop ("checked its timers ... after"); 3 s absorbs the stalls seen so far.
 	sed -i 's/^heartbeat_timeout_ms = .*/heartbeat_timeout_ms = 3000/' node-$n.toml
+	# Each node reads the other's range from its own medium and second store under the
+	# owner's read lease (every step below runs so; step 2a checks the reads stay local).
+	sed -i 's/^storage = "own"$/&\nlocal_reads = true/' node-$n.toml
 done
 out=$("$NVMCTL" config check node-a.toml 2>&1) || fail "config check of the own-storage config: $out"
 grep -q "each node its own medium, arbiter $arbiter" <<<"$out" || fail "config check does not name the mode and the arbiter: $out"
@@ -148,6 +156,25 @@ staged=(--name=staged --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --
 	--verify=crc32c --verify_fatal=1 --verify_state_save=1)
 fio "${staged[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-staged.log ||
 	{ cat fio-staged.log; fail "fio staged writes"; }
+say "2a. node-b reads them (node-a's range) locally: from its second store, under node-a's read lease"
+held=$(nvm_field b 'e["mirror"]["second_store"]["records"]')
+((held >= 300)) || fail "node-b's second store holds $held record(s), not the 300 staged on node-a"
+leased0=$(nvm_field b 'e["luns"][0]["reads_leased"]')
+fio "${staged[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_save=0 --output=fio-staged-b.log ||
+	{ cat fio-staged-b.log; fail "node-b read node-a's staged writes wrong"; }
+leased=$(($(nvm_field b 'e["luns"][0]["reads_leased"]') - leased0))
+# 300 reads; a lease renewal late under TCG forwards a few instead.
+((leased >= 150)) || fail "only $leased of node-b's 300 reads of node-a's range were served locally"
+"$NVMCTL" --config node-b.toml status | grep -q '^local reads: ' || fail "status does not say local reads are on"
+say "ok: node-b read the 300 staged blocks correctly, $leased of its reads served locally"
+out=$("$NVMCTL" --config node-b.toml local-reads off) || fail "local-reads off: $out"
+leased0=$(nvm_field b 'e["luns"][0]["reads_leased"]')
+fio "${staged[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_save=0 --output=fio-staged-b2.log ||
+	{ cat fio-staged-b2.log; fail "node-b read node-a's staged writes wrong (forwarded)"; }
+[[ $(nvm_field b 'e["luns"][0]["reads_leased"]') == "$leased0" ]] ||
+	fail "node-b served reads of node-a's range locally with local reads off"
+"$NVMCTL" --config node-b.toml local-reads on >/dev/null || fail "local-reads on"
+say "ok: with local-reads off the same reads were all forwarded (and verified)"
 kill -9 "$pid_a"
 nvm_wait_gone "$pid_a"
 for _ in $(seq 300); do

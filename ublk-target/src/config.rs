@@ -220,6 +220,12 @@ pub struct ClusterSection {
     /// the config, a takeover or an operator put them.
     #[serde(default)]
     pub write_priority: Option<WritePrioritySection>,
+    /// With `storage = "own"`: reads of the partner's ranges are served from this node's own
+    /// medium and second store while the partner grants a read lease (`cluster::ReadLeases`),
+    /// instead of crossing the link. The price: after the link drops, the partner's writes
+    /// without us wait up to 0.6 heartbeat timeouts for the lease to run out.
+    #[serde(default)]
+    pub local_reads: bool,
     /// Both nodes, in the same order on both; the first listens, the second connects.
     #[serde(rename = "node")]
     pub nodes: Vec<ClusterNode>,
@@ -769,6 +775,12 @@ impl NodeConfig {
                         "with storage = \"own\" each node has its own medium and both must present the same LUN: set the size explicitly (the same on both nodes)",
                     ));
                 }
+            }
+            if c.local_reads && c.storage != StorageMode::Own {
+                return Err(invalid(
+                    "cluster.local_reads",
+                    "serves the partner's ranges from this node's own medium, which only storage = \"own\" has: remove local_reads or set storage = \"own\"",
+                ));
             }
             if let Some(w) = &c.write_priority {
                 if c.takeover == TakeoverPolicy::Manual {

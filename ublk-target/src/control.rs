@@ -86,6 +86,11 @@ pub enum Request {
     WritePriority {
         on: bool,
     },
+    /// With `storage = "own"`: serve reads of the partner's ranges here under its read lease
+    /// (`cluster.local_reads`), or forward them, until the daemon restarts.
+    LocalReads {
+        on: bool,
+    },
     /// A stream, not one answer: a `Status` now and again each time the node's state changes
     /// (as the `SameState` given to `serve` judges it), checked every `interval_ms` in the
     /// daemon, until the client hangs up or sends anything.

@@ -25,6 +25,9 @@ pub struct LunStats {
     pub bytes_written: AtomicU64,
     /// Medium reads that failed here and were served from the partner's medium.
     pub reads_from_partner: AtomicU64,
+    /// Read pieces of the partner's ranges served here under its read lease
+    /// (`cluster.local_reads`) instead of forwarded.
+    pub reads_leased: AtomicU64,
     /// Latency of the device's I/O as its queues saw it (the metrics endpoint).
     pub latency: LunLatency,
 }

@@ -66,6 +66,10 @@ struct Args {
     /// forwarding writes to a range asks its owner to hand it over.
     #[arg(long)]
     write_priority: bool,
+    /// With --storage own: reads of the partner's ranges are served locally under its read
+    /// lease (`cluster.local_reads`).
+    #[arg(long)]
+    local_reads: bool,
     /// Simulate the majority lease planned for shared-nothing mode (`cluster::quorum`)
     /// instead of the two-node cluster; uses --seeds, --from, --seed and --seconds.
     #[arg(long)]
@@ -177,6 +181,7 @@ fn main() {
         };
         m.io_delay = args.io_delay;
         m.write_priority = args.write_priority;
+        m.local_reads = args.local_reads;
         m.resync_rate = args.resync_rate.map(|kib| kib << 10);
         if args.no_givebacks {
             m = m.without_givebacks();

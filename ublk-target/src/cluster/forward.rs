@@ -32,6 +32,8 @@ pub trait Forwarder: Send + Sync {
     /// Ranges moved: the partner re-reads the ownership table (see
     /// [`wire::OP_RELOAD_OWNERSHIP`]).
     fn reload_ownership(&self) -> ForwardFuture<()>;
+    /// Asks the partner for a read lease (see [`wire::OP_READ_LEASE`]); the raw answer.
+    fn read_lease(&self) -> ForwardFuture<Vec<u8>>;
 }
 
 /// A [`Forwarder`] over any request/response channel: `call` carries an encoded request to
@@ -111,5 +113,8 @@ where
     fn reload_ownership(&self) -> ForwardFuture<()> {
         let f = self.ask(wire::encode(wire::OP_RELOAD_OWNERSHIP, 0, 0, 0, &[]));
         Box::pin(async move { f.await.map(|_| ()) })
+    }
+    fn read_lease(&self) -> ForwardFuture<Vec<u8>> {
+        self.ask(wire::encode(wire::OP_READ_LEASE, 0, 0, 0, &[]))
     }
 }

@@ -9,7 +9,9 @@ pub mod outdated;
 pub mod policing;
 pub mod quorum;
 mod ranges;
+mod read_lease;
 pub mod wire;
 
 pub use forward::{ForwardFuture, Forwarder, RequestForwarder};
 pub use ranges::{Cluster, ClusterSetup, LunRange, NodeId, RangeState, RangeStatus, Reloaded};
+pub use read_lease::ReadLeases;

@@ -89,6 +89,9 @@ pub struct Cluster {
     /// repair clears the range's marks only if none came while it copied; counted and
     /// compared under this lock.
     own_misses: Mutex<std::collections::BTreeMap<LunRange, u64>>,
+    /// With `storage = "own"`: the partner's leases to read our ranges locally, and ours
+    /// to read its ranges (`read_lease`).
+    read_leases: Option<super::read_lease::ReadLeases>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -152,6 +155,11 @@ impl Cluster {
             marking: Mutex::new(Default::default()),
             stale_here: StaleRanges::default(),
             own_misses: Mutex::new(Default::default()),
+            // Half the heartbeat timeout: a cut the link notices (no message for the
+            // timeout) finds the partner's lease run out already, and a degraded write
+            // waits for nothing more.
+            read_leases: (setup.storage == StorageMode::Own)
+                .then(|| super::read_lease::ReadLeases::new(setup.link_timeout / 2)),
         })
     }
 
@@ -186,6 +194,11 @@ impl Cluster {
 
     pub fn link_timeout(&self) -> Duration {
         self.link_timeout
+    }
+
+    /// With `storage = "own"`: the read leases (see `read_lease`).
+    pub fn read_leases(&self) -> Option<&super::read_lease::ReadLeases> {
+        self.read_leases.as_ref()
     }
 
     /// Fences `node` at the device (a takeover of all its ranges): removes its key from
@@ -713,6 +726,13 @@ impl Cluster {
         if marks.iter().all(|(r, e)| made.get(r) == Some(e)) {
             return Ok(());
         }
+        if node != self.me {
+            // Not granted to the partner's read leases until the marks go. The caller has
+            // waited out those granted before (`engine::local_reads::wait_out_read_leases`).
+            if let Some(leases) = &self.read_leases {
+                leases.marked(ranges);
+            }
+        }
         let wrote = media.mark(self.store.as_ref(), self.me, node, &marks)?;
         made.extend(marks.iter().copied());
         crate::transitions::changed();
@@ -902,6 +922,8 @@ impl Cluster {
         }
         if node == self.me {
             self.stale_here.remove(ranges);
+        } else if let Some(leases) = &self.read_leases {
+            leases.grant_again(ranges);
         }
         crate::transitions::changed();
         tracing::info!(

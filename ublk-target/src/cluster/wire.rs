@@ -67,6 +67,10 @@ pub const OP_IMAGE_LEN: u8 = 17;
 pub const OP_ASK_FOR_RANGE: u8 = 18;
 /// In a refusal of forwarded I/O: the range is not (or no longer) the answering node's. The
 /// sender waits for a move in progress and routes the I/O again.
+/// Each node its own medium: may the asker read our ranges from its own medium and second
+/// store for a while (`cluster::ReadLeases`)? The answer: the (lun, range) pairs granted, as
+/// runs (see [`encode_runs`]).
+pub const OP_READ_LEASE: u8 = 19;
 pub const OWNERSHIP_MOVED: &str = "(ownership moved?)";
 /// In a refusal of a forwarded write: not staged now (the answering node has not heard the
 /// sender lately); the sender waits a moment and routes it again.
@@ -208,6 +212,7 @@ pub fn decode(b: &[u8]) -> Option<Request> {
         | OP_SHIP_STATE
         | OP_IMAGE_LEN
         | OP_ASK_FOR_RANGE
+        | OP_READ_LEASE
         | OP_WRITE_HELD_FOR_PARTNER => r.data.is_empty(),
         OP_SHIP_RETURNED => r.data.len() >= 8 && r.data.len().is_multiple_of(8),
         OP_WRITE_FOR_PARTNER => r.data.len() == 8,

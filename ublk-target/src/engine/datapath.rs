@@ -270,7 +270,9 @@ impl Engine {
                             .luns
                             .get(s.record.lun as usize)
                             .map(|l| (s.record.lun, l.range_of(s.record.offset)));
-                        let result = self.degraded(part, seq, range, mirror_attached, why).await;
+                        let result = self
+                            .degraded(part, &s.record, range, mirror_attached, why)
+                            .await;
                         match result {
                             Err(_) if part.released_dead(seq) => (Ok(()), true),
                             r => (r, true),
@@ -372,7 +374,7 @@ impl Engine {
     async fn degraded(
         &self,
         part: &PartitionLog,
-        seq: u64,
+        record: &RecordMeta,
         range: Option<(u32, u32)>,
         had_mirror: bool,
         why: String,
@@ -393,6 +395,11 @@ impl Engine {
                     "the partner is away and this node's own medium is marked outdated for the range: no medium can take this write",
                 ));
             }
+            let (_deciding, waited) =
+                super::local_reads::wait_out_read_leases(&c, self.host.as_ref(), &[range]).await;
+            if waited && self.mirror_after_the_wait(part, record).await {
+                return self.degraded_policy(part, record.seq).await;
+            }
             let marked = run_blocking(self.host.as_ref(), move || {
                 c.mark_outdated(c.partner(), &[range])
             })
@@ -404,10 +411,42 @@ impl Engine {
                 )
             })?;
         }
+        self.degraded_policy(part, record.seq).await
+    }
+
+    /// What a write without a mirror copy waits for: nothing (`degraded = "nvram"`), or the
+    /// medium (two copies: the NVRAM one and the medium).
+    async fn degraded_policy(&self, part: &PartitionLog, seq: u64) -> Result<(), IoError> {
         match self.mirror.policy {
             DegradedPolicy::Nvram => Ok(()),
-            // Keep two copies: the NVRAM one and the medium.
             DegradedPolicy::WriteThrough => part.flushed(seq).await.map_err(IoError::from),
+        }
+    }
+
+    /// A degraded write waited for the partner's read lease to run out (`local_reads`), and
+    /// the link may have come back meanwhile: posts its record again. True once the partner
+    /// holds the copy: no mark is needed (and none is made, which would leave both media
+    /// outdated should ours fail a batch next: simulator seeds 832 and 1083). Not for a dead
+    /// record (the re-mirroring skips those too) or a stopped partition. A copy that crossed
+    /// the record's flush is harmless: the partner's write of that batch finds it held, or
+    /// refuses the batch, and the flusher marks the partner then.
+    async fn mirror_after_the_wait(&self, part: &PartitionLog, record: &RecordMeta) -> bool {
+        if part.is_failed() || part.is_dead(record.lun, record.offset, record.len, record.seq) {
+            return false;
+        }
+        let Some(m) = self.mirror.current().filter(|m| m.is_up()) else {
+            return false;
+        };
+        match m.post(mirror_post(part, record)).await {
+            Ok(()) => {
+                tracing::info!(
+                    partition = part.id,
+                    seq = record.seq,
+                    "the link came back while the write waited for the partner's read lease: its copy is mirrored now, no mark"
+                );
+                true
+            }
+            Err(_) => false,
         }
     }
 

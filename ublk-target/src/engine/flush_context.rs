@@ -216,6 +216,8 @@ impl FlushContext for NodeFlushContext {
                     "the partner's medium did not get this batch ({why})"
                 );
             }
+            let (_deciding, _) =
+                super::local_reads::wait_out_read_leases(&c, host.as_ref(), &ranges).await;
             let marked = (|| {
                 if let Some(maps) = maps {
                     for (lun, offset, len) in extents {

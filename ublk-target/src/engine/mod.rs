@@ -31,6 +31,7 @@
 mod core;
 mod datapath;
 mod flush_context;
+mod local_reads;
 mod lost_ranges;
 mod medium_reads;
 mod mirroring;

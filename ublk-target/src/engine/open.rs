@@ -181,6 +181,9 @@ impl Engine {
                 .and_then(|c| c.write_priority.as_ref())
                 .map(super::write_demand::WritePriorityPolicy::from),
         );
+        engine
+            .set_local_reads(cfg.cluster.as_ref().is_some_and(|c| c.local_reads))
+            .map_err(|e| EngineError::Io(std::io::Error::other(e)))?;
         Ok(engine)
     }
 

@@ -352,6 +352,7 @@ impl Engine {
         reads: &R,
     ) -> Result<(), ReadFailure> {
         let fwd = self.forwarder()?;
+        let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
         let mut cursor = offset;
         let end = offset + out.len() as u64;
         for &(at, n) in remote.iter().chain(std::iter::once(&(end, 0))) {
@@ -359,7 +360,8 @@ impl Engine {
                 let dst = &mut out[(cursor - offset) as usize..(at - offset) as usize];
                 self.read_via(lun_idx, cursor, dst, reads).await?;
             }
-            if n > 0 {
+            let here = &mut out[(at - offset) as usize..(at - offset + n) as usize];
+            if n > 0 && !self.read_locally(lun_idx, lun, at, here, reads).await {
                 let data = fwd
                     .read(lun_idx as u32, at, n as u32)
                     .await
@@ -370,7 +372,7 @@ impl Engine {
                         format!("forwarded read returned {} bytes, not {n}", data.len()),
                     )));
                 }
-                out[(at - offset) as usize..(at - offset + n) as usize].copy_from_slice(&data);
+                here.copy_from_slice(&data);
             }
             cursor = at + n;
         }
@@ -557,6 +559,12 @@ impl Engine {
                         tracing::info!("the partner changed range ownership: table re-read");
                         wire::ok(&[])
                     }
+                    Err(e) => wire::err(&e),
+                };
+            }
+            wire::OP_READ_LEASE => {
+                return match self.grant_read_lease().await {
+                    Ok(granted) => wire::ok(&granted),
                     Err(e) => wire::err(&e),
                 };
             }

@@ -25,6 +25,9 @@ pub struct LunStatus {
     /// Medium reads that failed on this node and were served from the partner's medium.
     #[serde(default)]
     pub reads_from_partner: u64,
+    /// Read pieces of the partner's ranges served here under its read lease.
+    #[serde(default)]
+    pub reads_leased: u64,
     /// `storage = "own"`: bytes of the ranges marked outdated (for either node) that our
     /// out-of-sync map holds, what the next resync copies from our side (None: no map).
     #[serde(default)]
@@ -85,6 +88,9 @@ pub struct EngineStatus {
     /// Ranges moved because one node asked for them (handed over by us or to us).
     #[serde(default)]
     pub write_priority_moves: u64,
+    /// `cluster.local_reads`: reads of the partner's ranges served here under its lease.
+    #[serde(default)]
+    pub local_reads: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -162,6 +168,7 @@ impl Engine {
                         bytes_read: l.stats.bytes_read.load(Ordering::Relaxed),
                         bytes_written: l.stats.bytes_written.load(Ordering::Relaxed),
                         reads_from_partner: l.stats.reads_from_partner.load(Ordering::Relaxed),
+                        reads_leased: l.stats.reads_leased.load(Ordering::Relaxed),
                         out_of_sync_bytes: self.out_of_sync.as_ref().map(|maps| {
                             outdated
                                 .iter()
@@ -259,6 +266,7 @@ impl Engine {
                 .map(|_| self.ship_lag.status(&partitions, self.host.now())),
             write_priority: self.write_priority_enabled(),
             write_priority_moves: self.write_priority_moves(),
+            local_reads: self.local_reads_enabled(),
         }
     }
 }

@@ -10,6 +10,7 @@
 
 mod second_store;
 
+pub use second_store::held_reads::HeldRead;
 pub use second_store::{
     OwnMedium, ReplayError, SecondStoreArea, SecondStoreReplay, SecondStoreStatus,
 };

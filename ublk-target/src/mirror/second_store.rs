@@ -22,6 +22,8 @@ use rdma_link::{PartitionSeq, Region, ResyncPoint};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub(super) mod held_reads;
+
 #[derive(Clone, Copy, Debug)]
 struct Held {
     pos: u64,

@@ -99,6 +99,16 @@ impl ControlHandler {
                 );
                 Response::Ok
             }
+            Request::LocalReads { on } => match engine.set_local_reads(on) {
+                Ok(()) => {
+                    tracing::warn!(
+                        "local reads of the partner's ranges turned {} by nvmirrorctl",
+                        if on { "on" } else { "off" }
+                    );
+                    Response::Ok
+                }
+                Err(e) => error(e),
+            },
             Request::ResyncRate { rate } => {
                 if !engine.cluster().is_some_and(|c| c.own_storage()) {
                     return error(

@@ -287,6 +287,12 @@ impl prometheus_client::collector::Collector for Scrape {
             None,
             per_lun(&|l| l.reads_from_partner),
         )?;
+        f.counter(
+            "lun_reads_leased",
+            "Reads of the partner's ranges served here under its read lease (cluster.local_reads).",
+            None,
+            per_lun(&|l| l.reads_leased),
+        )?;
         f.gauge(
             "lun_out_of_sync",
             "storage = \"own\": bytes our out-of-sync map holds, what the next resync copies.",
