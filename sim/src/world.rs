@@ -264,6 +264,8 @@ struct CheckedStore {
     /// Records the link landed here, by (partition, seq): (offset, len) in the store.
     held: Mutex<BTreeMap<(u32, u64), (u64, u32)>>,
     shared: Arc<Shared>,
+    /// The node's engine (weakly: it holds the link, which holds this store).
+    engine: std::sync::Weak<Engine>,
 }
 
 impl CheckedStore {
@@ -289,6 +291,19 @@ impl CheckedStore {
                 && at + BLOCK <= bytes.len()
                 && matches!(decode(block, &bytes[at..at + BLOCK]), Decoded::Version(d) if d >= version)
         })
+    }
+
+    /// Whether this node's own log stages `version` (or newer) of `block`: the owner's record
+    /// died (it lost the range after staging it, `nvram::void`) and the write, routed again,
+    /// was staged here as the range's new owner (seed 6810: the dead record released before
+    /// this node's record of the version reached the medium).
+    fn staged_here(&self, block: u64, version: u64) -> bool {
+        self.engine
+            .upgrade()
+            .and_then(|e| e.staged_copy(0, block * BLOCK as u64, BLOCK))
+            .is_some_and(
+                |bytes| matches!(decode(block, &bytes), Decoded::Version(d) if d >= version),
+            )
     }
 }
 
@@ -353,7 +368,8 @@ impl SecondStore for CheckedStore {
                 let fine = owner_holds
                     || holds(&self.shared.media[self.node]).0
                     || lock(&self.shared.model).may_be_dropped(block, v)
-                    || self.holds_version(block, v);
+                    || self.holds_version(block, v)
+                    || self.staged_here(block, v);
                 if !fine {
                     self.shared.violate(format!(
                         "node n{} was told to release partition {partition} seq {} (block {block} version {v}) but the disk holds {on_disk:?}: a mirror copy released before the medium held its data",
@@ -484,6 +500,7 @@ impl Boot {
             lun_blocks: s.lun_blocks,
             held: Mutex::new(BTreeMap::new()),
             shared: self.shared.clone(),
+            engine: Arc::downgrade(&engine),
         });
         let link = Link::start_over(
             lc,

@@ -561,6 +561,21 @@ impl Engine {
         Ok((lun, gaps))
     }
 
+    /// The bytes of LUN `lun_idx` at `offset..offset + len` if one record staged in this
+    /// node's log covers them whole: where a version lives (the simulator's checker asks).
+    pub fn staged_copy(&self, lun_idx: usize, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let lun = self.luns.get(lun_idx)?;
+        let index = lun.index();
+        let [Piece::Staged(x)] = index.lookup(offset, offset + len as u64)[..] else {
+            return None;
+        };
+        let mut out = vec![0u8; len];
+        if let Source::Log { nvram_off } = x.src {
+            self.region.read_at(nvram_off, &mut out);
+        }
+        Some(out)
+    }
+
     /// The end of every read: none of a range this node may no longer serve (its data may
     /// be stale), and the statistics.
     fn read_done(&self, lun: &Lun, len: usize) -> Result<(), IoError> {
