@@ -1123,9 +1123,10 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 		else
 			note "write-priority on refused: $(head -c 300 "$W/wp.err" | tr '\n' ' ')"
 		fi
-		# Reads of node-a's ranges through node-b: forwarded (the default), then served from
-		# node-b's own medium and second store under node-a's read lease (`nvmirrorctl
-		# local-reads on`), against node-a reading its own. 4K random reads QD32, same portion.
+		# Reads of node-a's ranges through node-b: forwarded (`nvmirrorctl local-reads off`),
+		# then served from node-b's own medium and second store under node-a's read lease
+		# (on, the default with own storage), against node-a reading its own. 4K random
+		# reads QD32, same portion.
 		readb() { # NAME DEVICE
 			timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="readb-$1" --filename="$2" \
 				--direct=1 --ioengine=io_uring --size=64M --time_based=1 --runtime="$RUNTIME" \
@@ -1135,13 +1136,14 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 				note "fio readb $1 failed: $(head -c 300 "$W/fio-readb-$1.err" | tr '\n' ' ')"
 		}
 		readb a-own /dev/ublkb0
+		"$NVMCTL" --config "$W/node-b.toml" local-reads off >/dev/null 2>&1 ||
+			note "local-reads off refused"
 		readb b-forwarded /dev/ublkb1
 		if "$NVMCTL" --config "$W/node-b.toml" local-reads on >/dev/null 2>"$W/lr.err"; then
 			sleep 2
 			readb b-local /dev/ublkb1
 			leased=$("$NVMCTL" --config "$W/node-b.toml" status --json |
 				python3 -c 'import json,sys; print(json.load(sys.stdin)["engine"]["luns"][0]["reads_leased"])')
-			"$NVMCTL" --config "$W/node-b.toml" local-reads off >/dev/null 2>&1
 			python3 - "$D" "$leased" <<-'PY' >>"$D/notes" 2>/dev/null
 			import json, sys
 			def r(name):
@@ -1150,8 +1152,8 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 			(a, pa), (f, pf), (l, pl) = r("a-own"), r("b-forwarded"), r("b-local")
 			print(f"reads of node-a's ranges through node-b (issue #17), 4K random reads QD32 to one "
 			      f"64 MiB portion, one run each: node-a (the owner) {a:.0f} IOPS (p50 {pa:.0f} µs); "
-			      f"node-b forwarded {f:.0f} (p50 {pf:.0f} µs, {f / max(a, 1):.2f}x); node-b under "
-			      f"node-a's read lease (nvmirrorctl local-reads on) {l:.0f} (p50 {pl:.0f} µs, "
+			      f"node-b forwarded (local-reads off) {f:.0f} (p50 {pf:.0f} µs, {f / max(a, 1):.2f}x); node-b under "
+			      f"node-a's read lease (local-reads on, the default) {l:.0f} (p50 {pl:.0f} µs, "
 			      f"{l / max(a, 1):.2f}x; {sys.argv[2]} read(s) served locally)")
 			PY
 		else

@@ -220,18 +220,25 @@ pub struct ClusterSection {
     /// the config, a takeover or an operator put them.
     #[serde(default)]
     pub write_priority: Option<WritePrioritySection>,
-    /// With `storage = "own"`: reads of the partner's ranges are served from this node's own
-    /// medium and second store while the partner grants a read lease (`cluster::ReadLeases`),
-    /// instead of crossing the link. The price: after the link drops, the partner's writes
-    /// without us wait up to 0.6 heartbeat timeouts for the lease to run out.
+    /// With `storage = "own"` (on unless set to false): reads of the partner's ranges are
+    /// served from this node's own medium and second store while the partner grants a read
+    /// lease (`cluster::ReadLeases`), instead of crossing the link. The price: after a
+    /// connection reset, the partner's first write without us of a range waits up to 0.6
+    /// heartbeat timeouts for the lease to run out. See [`ClusterSection::local_reads_on`].
     #[serde(default)]
-    pub local_reads: bool,
+    pub local_reads: Option<bool>,
     /// Both nodes, in the same order on both; the first listens, the second connects.
     #[serde(rename = "node")]
     pub nodes: Vec<ClusterNode>,
 }
 
 impl ClusterSection {
+    /// Whether this node reads the partner's ranges locally under its read lease: with
+    /// `storage = "own"`, unless `local_reads = false`.
+    pub fn local_reads_on(&self) -> bool {
+        self.storage == StorageMode::Own && self.local_reads != Some(false)
+    }
+
     /// The disk lease's timing from the `disk_*` settings.
     pub fn lease_timing(&self) -> crate::lease::LeaseTiming {
         crate::lease::LeaseTiming {
@@ -776,7 +783,7 @@ impl NodeConfig {
                     ));
                 }
             }
-            if c.local_reads && c.storage != StorageMode::Own {
+            if c.local_reads == Some(true) && c.storage != StorageMode::Own {
                 return Err(invalid(
                     "cluster.local_reads",
                     "serves the partner's ranges from this node's own medium, which only storage = \"own\" has: remove local_reads or set storage = \"own\"",
@@ -1259,6 +1266,36 @@ device_id = 3
         assert!(e.contains("lun[0].size") && e.contains("same"), "{e}");
         let e = err_of(&cluster(sized, &format!("{own}\nreservations = \"scsi3\"")));
         assert!(e.contains("cluster.reservations"), "{e}");
+    }
+
+    #[test]
+    fn local_reads_are_on_with_own_storage_unless_turned_off_and_refused_without_it() {
+        let cluster = |extra: &str| {
+            format!(
+                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
+                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
+            )
+        };
+        let on = |extra: &str| {
+            NodeConfig::parse(&cluster(extra))
+                .expect("valid")
+                .cluster
+                .is_some_and(|c| c.local_reads_on())
+        };
+        let own = "storage = \"own\"\narbiter = \"/dev/sdz\"";
+        assert!(on(own));
+        assert!(!on(&format!("{own}\nlocal_reads = false")));
+        assert!(
+            !on(""),
+            "a shared medium has no local reads of the partner's ranges"
+        );
+        assert!(!on("local_reads = false"));
+        let e = err_of(&cluster("local_reads = true"));
+        assert!(
+            e.contains("cluster.local_reads") && e.contains("own"),
+            "{e}"
+        );
     }
 
     #[test]

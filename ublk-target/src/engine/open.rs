@@ -182,7 +182,7 @@ impl Engine {
                 .map(super::write_demand::WritePriorityPolicy::from),
         );
         engine
-            .set_local_reads(cfg.cluster.as_ref().is_some_and(|c| c.local_reads))
+            .set_local_reads(cfg.cluster.as_ref().is_some_and(|c| c.local_reads_on()))
             .map_err(|e| EngineError::Io(std::io::Error::other(e)))?;
         Ok(engine)
     }
