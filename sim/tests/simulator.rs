@@ -614,3 +614,18 @@ fn local_reads_return_every_acknowledged_write() {
 fn a_dead_record_released_while_its_write_is_staged_by_the_new_owner_passes() {
     seeds_pass(&[6810], &FaultMix::all());
 }
+
+/// Seed 2288 (own storage, a resync held to 64 KiB/s, delayed I/O; LOST ACKNOWLEDGED WRITE
+/// on n1's drained disk): n0's resync had written all of range 0 onto n1's medium and was
+/// waiting out its rate limit when n1 lost its power with the copied bytes in its page cache;
+/// once n1 was back the resync's last request made n1's medium durable and withdrew the marks,
+/// over bytes the power cut had lost. A resync now finishes only in the life of the node
+/// that answered its first question (`Engine::finish_resync`); else it copies again.
+#[test]
+fn a_resync_does_not_finish_across_a_restart_of_its_target() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.io_delay = true;
+    mix.resync_rate = Some(64 << 10);
+    seeds_pass(&[2288], &mix);
+}

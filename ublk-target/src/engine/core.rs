@@ -218,6 +218,9 @@ pub struct Engine {
     /// marked outdated for them) since the partner's resync last asked for our map of the
     /// range: a resync that was copying it meanwhile may have missed them (`engine::resync`).
     pub(super) dropped_during_resync: Arc<Mutex<std::collections::BTreeSet<(u32, u32)>>>,
+    /// (LUN, range)s whose resync onto our medium the partner began in this life of the
+    /// node (it asked for our out-of-sync runs): only those may finish (`finish_resync`).
+    pub(super) resyncs_begun: Mutex<std::collections::BTreeSet<(u32, u32)>>,
     /// `storage = "own"`: records of ranges our medium is outdated for that this start
     /// replayed into it; the partner's medium gets them before the ranges serve.
     pub(super) restart_sync: Mutex<super::takeover_state::RestartSync>,

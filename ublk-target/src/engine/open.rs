@@ -558,6 +558,7 @@ impl Engine {
             second_store,
             out_of_sync,
             dropped_during_resync,
+            resyncs_begun: Mutex::default(),
             restart_sync: Mutex::new(restart_sync),
             copy_fence: CopyFence::new(),
             resync_rate: opts.out_of_sync.resync_rate.unwrap_or(0).into(),
