@@ -157,6 +157,31 @@ impl StagedIndex {
         }
     }
 
+    /// Copies the staged pieces of `[offset, offset + out.len())` into `out` (`read_log`
+    /// fetches the bytes of a piece in the log, by its source offset; a zero piece is
+    /// zeroed); returns the gaps, `[start, end)`, whose bytes are on the medium.
+    pub fn copy_staged(
+        &self,
+        offset: u64,
+        out: &mut [u8],
+        mut read_log: impl FnMut(u64, &mut [u8]),
+    ) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        for piece in self.lookup(offset, offset + out.len() as u64) {
+            match piece {
+                Piece::Staged(x) => {
+                    let dst = &mut out[(x.start - offset) as usize..(x.end - offset) as usize];
+                    match x.src {
+                        Source::Log { nvram_off } => read_log(nvram_off, dst),
+                        Source::Zero => dst.fill(0),
+                    }
+                }
+                Piece::Medium { start, end } => gaps.push((start, end)),
+            }
+        }
+        gaps
+    }
+
     /// Splits `[start, end)` into staged pieces and medium gaps, in LUN order.
     pub fn lookup(&self, start: u64, end: u64) -> Vec<Piece> {
         let mut pieces = Vec::new();

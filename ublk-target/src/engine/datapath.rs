@@ -540,24 +540,12 @@ impl Engine {
         out: &mut [u8],
     ) -> Result<(&Arc<Lun>, Vec<Gap>), IoError> {
         let lun = self.lun_for(lun_idx, offset, out.len() as u64)?;
-        let end = offset + out.len() as u64;
         self.check_partitions(lun, offset, out.len() as u64)?;
         // Staged bytes are copied while the index lock pins them: the flusher unindexes
         // a record before its space can be reused.
-        let index = lun.index();
-        let mut gaps = Vec::new();
-        for piece in index.lookup(offset, end) {
-            match piece {
-                Piece::Staged(x) => {
-                    let dst = &mut out[(x.start - offset) as usize..(x.end - offset) as usize];
-                    match x.src {
-                        Source::Log { nvram_off } => self.region.read_at(nvram_off, dst),
-                        Source::Zero => dst.fill(0),
-                    }
-                }
-                Piece::Medium { start, end } => gaps.push((start, end)),
-            }
-        }
+        let gaps = lun
+            .index()
+            .copy_staged(offset, out, |at, dst| self.region.read_at(at, dst));
         Ok((lun, gaps))
     }
 

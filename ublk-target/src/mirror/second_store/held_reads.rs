@@ -10,7 +10,7 @@
 //! are dropped from the read (an older copy that still looks intact must not show through).
 
 use super::{Held, SecondStoreArea};
-use crate::index::{Extent, Piece, Source, StagedIndex};
+use crate::index::{Extent, Source, StagedIndex};
 use crate::nvram::record::{RecordHeader, RecordKind, HEADER_BYTES};
 
 /// What [`SecondStoreArea::read_held`] could not serve from the held records.
@@ -89,23 +89,11 @@ impl SecondStoreArea {
                 },
             });
         }
-        let mut gaps = Vec::new();
-        for piece in index.lookup(offset, end) {
-            match piece {
-                Piece::Staged(x) => {
-                    let dst = &mut out[(x.start - offset) as usize..(x.end - offset) as usize];
-                    match x.src {
-                        Source::Log { nvram_off } => {
-                            let c = kept[(nvram_off >> 32) as usize];
-                            let at = (nvram_off & u64::from(u32::MAX)) as usize;
-                            dst.copy_from_slice(&c.payload[at..at + dst.len()]);
-                        }
-                        Source::Zero => dst.fill(0),
-                    }
-                }
-                Piece::Medium { start, end } => gaps.push((start, end)),
-            }
-        }
+        let gaps = index.copy_staged(offset, out, |source, dst| {
+            let c = kept[(source >> 32) as usize];
+            let at = (source & u64::from(u32::MAX)) as usize;
+            dst.copy_from_slice(&c.payload[at..at + dst.len()]);
+        });
         HeldRead::Gaps(gaps)
     }
 
@@ -130,5 +118,124 @@ impl SecondStoreArea {
                 .held_header(log, partition, seq, h)
                 .is_some_and(|again| again == *header);
         intact.then_some(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvram::memory::MemoryNvram;
+    use crate::nvram::record::RecordHeader;
+    use crate::nvram::void::VoidMark;
+    use crate::nvram::NvramRegion;
+    use rdma_link::SecondStore;
+    use std::sync::Arc;
+
+    const PART: u64 = 1 << 20;
+    const B: usize = 4096;
+
+    struct Store {
+        area: Arc<SecondStoreArea>,
+        region: Arc<NvramRegion>,
+        base: u64,
+        next: u64,
+    }
+
+    impl Store {
+        fn new() -> Store {
+            let region = Arc::new(NvramRegion::in_memory(Arc::new(MemoryNvram::new(
+                "held-reads",
+                (crate::nvram::Layout::metadata_bytes(1) + PART) as usize,
+            ))));
+            let area = SecondStoreArea::of_source(region.clone(), 1, PART);
+            Store {
+                area,
+                region,
+                base: crate::nvram::Layout::metadata_bytes(1),
+                next: 0,
+            }
+        }
+
+        /// Lands a record of the partner as its mirror post would: bytes, then the hold.
+        fn land(&mut self, h: RecordHeader, data: &[u8]) -> u64 {
+            let at = self.next;
+            self.region.write_at(self.base + at, &h.encode());
+            self.region.write_at(self.base + at + HEADER_BYTES, data);
+            self.area
+                .hold_record(0, h.seq, at, h.slot() as u32)
+                .expect("held");
+            self.next += h.slot();
+            at
+        }
+
+        fn data(&mut self, seq: u64, block: u64, fill: &[u8]) -> u64 {
+            self.land(
+                RecordHeader::test_data(7, 0, seq, block * B as u64, fill),
+                fill,
+            )
+        }
+
+        fn read(&self, block: u64, blocks: usize) -> (Vec<u8>, HeldRead) {
+            let mut out = vec![0xeeu8; blocks * B];
+            let r = self.area.read_held(0, 0, block * B as u64, &mut out);
+            (out, r)
+        }
+    }
+
+    #[test]
+    fn the_newest_held_record_wins_and_the_rest_are_gaps() {
+        let mut s = Store::new();
+        s.data(1, 0, &[b'a'; 2 * B]);
+        s.data(2, 1, &[b'b'; B]);
+        let (out, r) = s.read(0, 3);
+        assert_eq!(r, HeldRead::Gaps(vec![(2 * B as u64, 3 * B as u64)]));
+        assert!(out[..B].iter().all(|&x| x == b'a'));
+        assert!(out[B..2 * B].iter().all(|&x| x == b'b'));
+        assert!(
+            out[2 * B..].iter().all(|&x| x == 0xee),
+            "a gap is left alone"
+        );
+        // A zero record over the first block.
+        let zero = RecordHeader {
+            kind: RecordKind::Zero,
+            len: B as u32,
+            data_len: 0,
+            data_crc: crc32c::crc32c(&[]),
+            ..RecordHeader::test_data(7, 0, 3, 0, &[])
+        };
+        s.land(zero, &[]);
+        let (out, _) = s.read(0, 1);
+        assert!(out.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn a_reused_slot_drops_its_record_and_every_older_one() {
+        let mut s = Store::new();
+        s.data(1, 0, &[b'a'; B]);
+        let second = s.data(2, 1, &[b'b'; B]);
+        s.data(3, 2, &[b'c'; B]);
+        // The partner released through seq 2 and reused seq 2's slot before its release
+        // reached us: seq 1 still looks intact but is on our medium, as seq 2 is.
+        s.region
+            .write_at(s.base + second + HEADER_BYTES, &[b'x'; 100]);
+        let (out, r) = s.read(0, 3);
+        assert_eq!(r, HeldRead::Gaps(vec![(0, 2 * B as u64)]));
+        assert!(out[2 * B..].iter().all(|&x| x == b'c'));
+    }
+
+    #[test]
+    fn a_held_void_record_of_the_lun_sends_the_read_to_the_owner() {
+        let mut s = Store::new();
+        s.data(1, 0, &[b'a'; B]);
+        let payload = VoidMark::payload(0, PART, 3);
+        let void = RecordHeader {
+            kind: RecordKind::Void,
+            len: 0,
+            data_len: payload.len() as u32,
+            data_crc: crc32c::crc32c(&payload),
+            ..RecordHeader::test_data(7, 0, 2, 0, &[])
+        };
+        s.land(void, &payload);
+        assert_eq!(s.read(8, 1).1, HeldRead::Unsure);
     }
 }
