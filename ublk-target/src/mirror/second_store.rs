@@ -28,6 +28,38 @@ pub(super) mod held_reads;
 struct Held {
     pos: u64,
     len: u32,
+    /// What its header said when the record was held: its LUN, its span of it and its kind
+    /// (local reads look for overlapping records without decoding every header).
+    lun: u32,
+    start: u64,
+    end: u64,
+    kind: RecordKind,
+}
+
+impl Held {
+    /// Where a header may be (not yet read).
+    fn probe(pos: u64) -> Held {
+        Held {
+            pos,
+            len: 0,
+            lun: 0,
+            start: 0,
+            end: 0,
+            kind: RecordKind::Wrap,
+        }
+    }
+
+    /// The record whose header `h` is at `pos`.
+    fn of(pos: u64, h: &RecordHeader) -> Held {
+        Held {
+            pos,
+            len: h.slot() as u32,
+            lun: h.lun,
+            start: h.offset,
+            end: h.offset.saturating_add(u64::from(h.len)),
+            kind: h.kind,
+        }
+    }
 }
 
 /// What we hold of one partition of the partner.
@@ -355,12 +387,8 @@ impl SecondStoreArea {
         let mut found: BTreeMap<u64, Vec<(u64, Held)>> = BTreeMap::new();
         let mut pos = 0u64;
         while pos + HEADER_BYTES <= self.layout.part_size {
-            let held = Held { pos, len: 0 };
-            if let Some(h) = self.held_header_any(log, p, &held) {
-                let held = Held {
-                    pos,
-                    len: h.slot() as u32,
-                };
+            if let Some(h) = self.held_header_any(log, p, &Held::probe(pos)) {
+                let held = Held::of(pos, &h);
                 if h.kind != crate::nvram::RecordKind::Wrap
                     && self.record_data(log, &held, &h).is_some()
                 {
@@ -1028,7 +1056,10 @@ impl rdma_link::SecondStore for SecondStoreArea {
             self.partition_log(partition),
             partition,
             seq,
-            &Held { pos, len },
+            &Held {
+                len,
+                ..Held::probe(pos)
+            },
         );
         let Some(header) = header else {
             tracing::warn!(
@@ -1090,7 +1121,7 @@ impl rdma_link::SecondStore for SecondStoreArea {
         // A copy of a record the partner already flushed and released (a re-mirror that
         // crossed the release) is stale: never hold it again.
         if seq > pp.released {
-            pp.records.insert(seq, Held { pos, len });
+            pp.records.insert(seq, Held::of(pos, &header));
         }
         Ok(())
     }

@@ -36,11 +36,11 @@ impl SecondStoreArea {
     /// partner partition `partition` hold, newest seq first; returns the gaps.
     pub fn read_held(&self, partition: u32, lun: u32, offset: u64, out: &mut [u8]) -> HeldRead {
         let end = offset + out.len() as u64;
-        let overlaps = |h: &RecordHeader| {
-            h.lun == lun && h.offset < end && offset < h.offset.saturating_add(u64::from(h.len))
-        };
+        let overlaps = |h: &Held| h.lun == lun && h.start < end && offset < h.end;
         let mut copied = Vec::new();
         // The highest seq found overwritten: it, and every record below it, was released.
+        // (Only records overlapping the read matter: any that could supersede one of them
+        // overlaps it too.)
         let mut gone = 0u64;
         {
             let held = self.held();
@@ -49,16 +49,16 @@ impl SecondStoreArea {
             };
             let log = self.partition_log(partition);
             for (&seq, h) in &pp.records {
+                match h.kind {
+                    // Its span is in its payload (`nvram::void`); any void of the LUN will do.
+                    RecordKind::Void if h.lun == lun => return HeldRead::Unsure,
+                    RecordKind::Data | RecordKind::Zero if overlaps(h) => {}
+                    _ => continue,
+                }
                 let Some(header) = self.held_header(log, partition, seq, h) else {
                     gone = gone.max(seq);
                     continue;
                 };
-                match header.kind {
-                    // Its span is in its payload (`nvram::void`); any void of the LUN will do.
-                    RecordKind::Void if header.lun == lun => return HeldRead::Unsure,
-                    RecordKind::Data | RecordKind::Zero if overlaps(&header) => {}
-                    _ => continue,
-                }
                 match self.copy_checked(log, partition, seq, h, &header) {
                     Some(payload) => copied.push(Copied {
                         seq,
