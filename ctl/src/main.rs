@@ -917,9 +917,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .as_ref()
                     .map(|c| {
                         let own = match (c.storage, &c.arbiter) {
-                            (nvmirror::config::StorageMode::Own, Some(a)) => {
-                                format!(", each node its own medium, arbiter {}", a.display())
-                            }
+                            (nvmirror::config::StorageMode::Own, Some(a)) => format!(
+                                ", each node its own medium, arbiter {}, {}",
+                                a.display(),
+                                if c.local_reads_on() {
+                                    "the partner's ranges read here under its read lease"
+                                } else {
+                                    "reads of the partner's ranges forwarded"
+                                }
+                            ),
                             _ => String::new(),
                         };
                         format!("{}{own}", format!(", cluster {} over {:?}", c.id, c.transport).to_lowercase())

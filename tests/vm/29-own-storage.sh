@@ -65,6 +65,7 @@ for n in a b; do
 done
 out=$("$NVMCTL" config check node-a.toml 2>&1) || fail "config check of the own-storage config: $out"
 grep -q "each node its own medium, arbiter $arbiter" <<<"$out" || fail "config check does not name the mode and the arbiter: $out"
+grep -q "read here under its read lease" <<<"$out" || fail "config check does not say the partner's ranges are read locally: $out"
 grep -v '^arbiter' node-a.toml >no-arbiter.toml
 out=$("$NVMCTL" config check no-arbiter.toml 2>&1) && fail "a config with storage = own and no arbiter passed the check"
 grep -q 'cluster.arbiter' <<<"$out" || fail "config check does not name cluster.arbiter: $out"
