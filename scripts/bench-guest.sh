@@ -1057,14 +1057,16 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 	# the write priority), so node-b's writes to them are forwarded to it. 4K random writes
 	# at QD16 to one 64 MiB portion: node-a alone, node-b alone, then both at once.
 	if [[ $CFG == own ]]; then
-		contend() { # NAME DEVICE
-			timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="contend-$1" --filename="$2" \
+		# portion_fio NAME DEVICE RW IODEPTH: one 4K run over the portion, into $D/NAME.json.
+		portion_fio() {
+			timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="$1" --filename="$2" \
 				--direct=1 --ioengine=io_uring --size=64M --time_based=1 --runtime="$RUNTIME" \
-				--ramp_time="$RAMP" --norandommap=1 --randrepeat=0 --rw=randwrite --bs=4k \
-				--iodepth=16 --output-format=json --output="$D/contend-$1.json" \
-				>/dev/null 2>"$W/fio-contend-$1.err" ||
-				note "fio contend $1 failed: $(head -c 300 "$W/fio-contend-$1.err" | tr '\n' ' ')"
+				--ramp_time="$RAMP" --norandommap=1 --randrepeat=0 --rw="$3" --bs=4k \
+				--iodepth="$4" --output-format=json --output="$D/$1.json" \
+				>/dev/null 2>"$W/fio-$1.err" ||
+				note "fio $1 failed: $(head -c 300 "$W/fio-$1.err" | tr '\n' ' ')"
 		}
+		contend() { portion_fio "contend-$1" "$2" randwrite 16; } # NAME DEVICE
 		contend a-alone /dev/ublkb0
 		contend b-alone /dev/ublkb1
 		contend a-both /dev/ublkb0 &
@@ -1127,14 +1129,7 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 		# then served from node-b's own medium and second store under node-a's read lease
 		# (on, the default with own storage), against node-a reading its own. 4K random
 		# reads QD32, same portion.
-		readb() { # NAME DEVICE
-			timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="readb-$1" --filename="$2" \
-				--direct=1 --ioengine=io_uring --size=64M --time_based=1 --runtime="$RUNTIME" \
-				--ramp_time="$RAMP" --norandommap=1 --randrepeat=0 --rw=randread --bs=4k \
-				--iodepth=32 --output-format=json --output="$D/readb-$1.json" \
-				>/dev/null 2>"$W/fio-readb-$1.err" ||
-				note "fio readb $1 failed: $(head -c 300 "$W/fio-readb-$1.err" | tr '\n' ' ')"
-		}
+		readb() { portion_fio "readb-$1" "$2" randread 32; } # NAME DEVICE
 		readb a-own /dev/ublkb0
 		"$NVMCTL" --config "$W/node-b.toml" local-reads off >/dev/null 2>&1 ||
 			note "local-reads off refused"
