@@ -629,3 +629,26 @@ fn a_resync_does_not_finish_across_a_restart_of_its_target() {
     mix.resync_rate = Some(64 << 10);
     seeds_pass(&[2288], &mix);
 }
+
+/// Two liveness seeds with local reads, 2026-12-05. Seed 12820 (with write priority, link
+/// stalls and delayed I/O): n0, whose NVRAM partition 0 had stopped (fenced: it lost range 0
+/// during a link stall), took all of n1's ranges over when n1 lost its power; range 0 stages
+/// in the stopped partition, so it stayed unserved, and n1, back at once, could not get it
+/// back. A takeover now takes nothing while a wanted range stages in a stopped partition.
+/// Seed 16886 (with `takeover = "manual"`): a degraded write waited out the read lease, the
+/// node's own medium failed a batch of the range meanwhile, and its mark of the partner's
+/// medium then left both media outdated; the write now fails instead.
+#[test]
+fn a_stopped_partition_takes_nothing_and_a_waited_write_checks_our_medium_again() {
+    let mut mix = FaultMix::all().with_link_stalls();
+    mix.own_storage = true;
+    mix.local_reads = true;
+    mix.write_priority = true;
+    mix.io_delay = true;
+    seeds_pass(&[12820], &mix);
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.local_reads = true;
+    mix.takeover_auto = Some(false);
+    seeds_pass(&[16886], &mix);
+}

@@ -387,18 +387,27 @@ impl Engine {
         // Each node its own medium: the partner's will miss this write, so it must never
         // take the range over (stale) before a resync. Durable before the acknowledgement.
         if let (Some(c), Some(range)) = (self.cluster.clone().filter(|c| c.own_storage()), range) {
-            if c.own_medium_outdated(range.0, range.1) {
-                // Ours misses writes of the range and the partner's would miss this one: no
-                // medium would hold the range whole, and nothing could resync it.
-                return Err(IoError::new(
+            // Ours misses writes of the range and the partner's would miss this one: no
+            // medium would hold the range whole, and nothing could resync it.
+            let neither = || {
+                IoError::new(
                     libc::EIO,
                     "the partner is away and this node's own medium is marked outdated for the range: no medium can take this write",
-                ));
+                )
+            };
+            if c.own_medium_outdated(range.0, range.1) {
+                return Err(neither());
             }
             let (_deciding, waited) =
                 super::local_reads::wait_out_read_leases(&c, self.host.as_ref(), &[range]).await;
             if waited && self.mirror_after_the_wait(part, record).await {
                 return self.degraded_policy(part, record.seq).await;
+            }
+            // Asked again after the wait: our medium may have failed a batch of the range
+            // meanwhile (simulator seed 16886 with `--storage own --local-reads --takeover
+            // manual`: the mark then left both media outdated for good).
+            if waited && c.own_medium_outdated(range.0, range.1) {
+                return Err(neither());
             }
             let marked = run_blocking(self.host.as_ref(), move || {
                 c.mark_outdated(c.partner(), &[range])

@@ -171,6 +171,25 @@ impl Engine {
             .into_iter()
             .filter(|r| only.is_none_or(|o| o.contains(r)))
             .collect();
+        // A range that stages in a partition of ours that stopped (fenced, or its NVRAM
+        // failed) could not be served here until this daemon restarts, and taken it would
+        // stay so even once `from` is back (simulator seed 12820 with `--storage own`):
+        // nothing is taken; `from` keeps its ranges, or a restarted daemon takes them.
+        let stopped: Vec<(u32, u32, String)> = wanted
+            .iter()
+            .filter_map(|&(l, r)| {
+                let lun = self.luns.get(l as usize)?;
+                let why = self.partition_of(lun.first_range + r).failure()?;
+                Some((l, r, why))
+            })
+            .collect();
+        if let Some((_, _, why)) = stopped.first() {
+            self.takeover_phase("failed: a partition of this node stopped".into());
+            let ranges: Vec<(u32, u32)> = stopped.iter().map(|&(l, r, _)| (l, r)).collect();
+            return Err(format!(
+                "range(s) {ranges:?} stage in an NVRAM partition of this node that stopped ({why}): this node cannot serve them until its daemon restarts (restart nvmirrord, then take over); nothing was taken"
+            ));
+        }
         // Each node its own medium: ours must hold every acknowledged write of the ranges,
         // else we would serve old data. (The old owner's is marked after the claim, below.)
         if c.own_storage() {
