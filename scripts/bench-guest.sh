@@ -1125,6 +1125,46 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 		else
 			note "write-priority on refused: $(head -c 300 "$W/wp.err" | tr '\n' ' ')"
 		fi
+		# Writes queued until granted (`nvmirrorctl write-priority queue --min-hold-ms 250`):
+		# a write to a range the other node holds waits for the range instead of being
+		# forwarded. node-b alone: its first writes wait for the hand-over, the rest are
+		# local. Both at once: the nodes take turns of at least 250 ms, each turn a move.
+		if "$NVMCTL" --config "$W/node-a.toml" write-priority queue --min-hold-ms 250 >/dev/null 2>"$W/wq.err" &&
+			"$NVMCTL" --config "$W/node-b.toml" write-priority queue --min-hold-ms 250 >/dev/null 2>>"$W/wq.err"; then
+			engine_field() { # NODE FIELD
+				"$NVMCTL" --config "$W/node-$1.toml" status --json |
+					python3 -c "import json,sys; print(json.load(sys.stdin)['engine']['$2'])"
+			}
+			contend q-b-alone /dev/ublkb1
+			moves_b=$(engine_field b write_priority_moves)
+			contend q-a-both /dev/ublkb0 &
+			both_a=$!
+			contend q-b-both /dev/ublkb1
+			wait "$both_a"
+			moves_all=$(engine_field b write_priority_moves)
+			queued="node-a $(engine_field a writes_queued) queued, $(engine_field a writes_queued_then_forwarded) forwarded; node-b $(engine_field b writes_queued) queued, $(engine_field b writes_queued_then_forwarded) forwarded"
+			python3 - "$D" "$moves_b" "$moves_all" "$queued" <<-'PY' >>"$D/notes" 2>/dev/null
+			import json, sys
+			def w(name):
+			    j = json.load(open(f"{sys.argv[1]}/contend-{name}.json"))["jobs"][0]["write"]
+			    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000
+			(a, pa) = w("a-alone")
+			(b, pb) = w("q-b-alone")
+			(a2, pa2), (b2, pb2) = w("q-a-both"), w("q-b-both")
+			print(f"contention with writes queued until granted (nvmirrorctl write-priority queue "
+			      f"--min-hold-ms 250), same portion, one run each: node-b alone {b:.0f} IOPS "
+			      f"(p50 {pb:.0f} µs, {b / max(a, 1):.2f}x node-a alone; node-b counts {sys.argv[2]} "
+			      f"move(s) by then); both at once node-a {a2:.0f} (p50 {pa2:.0f} µs) + node-b {b2:.0f} "
+			      f"(p50 {pb2:.0f} µs) = {a2 + b2:.0f}, {(a2 + b2) / max(a, 1):.2f}x node-a alone; "
+			      f"node-b counts {sys.argv[3]} move(s) in all; writes {sys.argv[4]}")
+			PY
+			"$NVMCTL" --config "$W/node-a.toml" write-priority off >/dev/null 2>&1
+			"$NVMCTL" --config "$W/node-b.toml" write-priority off >/dev/null 2>&1
+			"$NVMCTL" --config "$W/node-b.toml" giveback >/dev/null 2>&1 ||
+				note "giveback after the queued-write runs failed"
+		else
+			note "write-priority queue refused: $(head -c 300 "$W/wq.err" | tr '\n' ' ')"
+		fi
 		# Reads of node-a's ranges through node-b: forwarded (`nvmirrorctl local-reads off`),
 		# then served from node-b's own medium and second store under node-a's read lease
 		# (on, the default with own storage), against node-a reading its own. 4K random

@@ -225,10 +225,16 @@ enum Cmd {
     },
     /// Turn write priority that follows the writer on or off on this node until the daemon
     /// restarts (then `[cluster.write_priority]` applies again; `on` without that section uses
-    /// its defaults). A range moves on request only when both nodes have it on.
+    /// its defaults). `queue`: on, and a write to a range the partner holds waits until the
+    /// range is handed over instead of being forwarded (`queue_writes`). A range moves on
+    /// request only when both nodes have it on.
     WritePriority {
         #[arg(value_enum)]
-        state: OnOff,
+        state: WritePriorityState,
+        /// With on or queue: keep a range at least this long (`min_hold_ms`) instead of the
+        /// config's value.
+        #[arg(long, value_name = "MS")]
+        min_hold_ms: Option<u64>,
     },
     /// With `storage = "own"`: read the partner's ranges from this node's own medium and
     /// second store under the partner's read lease (on), or forward those reads (off), until
@@ -300,6 +306,14 @@ enum Cmd {
 enum OnOff {
     On,
     Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WritePriorityState {
+    On,
+    Off,
+    /// On, with writes to the partner's ranges queued until the range is granted.
+    Queue,
 }
 
 #[derive(Subcommand)]
@@ -856,16 +870,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => println!("resync rate limit: none"),
             }
         }
-        Cmd::WritePriority { state } => {
-            let on = *state == OnOff::On;
+        Cmd::WritePriority { state, min_hold_ms } => {
+            let on = *state != WritePriorityState::Off;
+            let queue = *state == WritePriorityState::Queue;
             call(
                 &socket_path(&cli)?,
-                Request::WritePriority { on },
+                Request::WritePriority {
+                    on,
+                    queue,
+                    min_hold_ms: *min_hold_ms,
+                },
                 Duration::from_secs(10),
             )?;
             println!(
                 "write priority that follows the writer: {}",
-                if on { "on" } else { "off" }
+                match state {
+                    WritePriorityState::On => "on",
+                    WritePriorityState::Off => "off",
+                    WritePriorityState::Queue =>
+                        "on, writes to the partner's ranges queued until granted",
+                }
             );
         }
         Cmd::LocalReads { state } => {
@@ -1561,6 +1585,12 @@ fn print_status(s: &DaemonStatus) {
             "write priority: follows the writer ({} range(s) moved on request since the start)",
             e.write_priority_moves
         );
+        if e.write_priority_queues {
+            println!(
+                "  writes to the partner's ranges wait for the range: {} queued, {} of them forwarded after all",
+                e.writes_queued, e.writes_queued_then_forwarded
+            );
+        }
     }
     if e.storage == "own" {
         println!("storage: each node its own medium");

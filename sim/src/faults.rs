@@ -221,6 +221,10 @@ pub struct FaultMix {
     /// forwarding writes to a range asks its owner for it. Draws nothing, so every seed
     /// keeps its faults; off in [`FaultMix::all`].
     pub write_priority: bool,
+    /// With `write_priority`: a write to a range the partner holds waits until the range is
+    /// handed over (`cluster.write_priority.queue_writes`) instead of being forwarded. Draws
+    /// nothing; off in [`FaultMix::all`].
+    pub queue_writes: bool,
     /// With `storage = "own"`: reads of the partner's ranges served locally under its read
     /// lease (`cluster.local_reads`). Draws nothing; off in [`FaultMix::all`].
     pub local_reads: bool,
@@ -254,6 +258,7 @@ impl FaultMix {
             io_delay: false,
             resync_rate: None,
             write_priority: false,
+            queue_writes: false,
             local_reads: false,
         }
     }
@@ -296,6 +301,7 @@ impl FaultMix {
             io_delay: false,
             resync_rate: None,
             write_priority: false,
+            queue_writes: false,
             local_reads: false,
         }
     }
@@ -333,6 +339,8 @@ pub struct Settings {
     pub resync_rate: Option<u64>,
     /// See [`FaultMix::write_priority`].
     pub write_priority: bool,
+    /// See [`FaultMix::queue_writes`].
+    pub queue_writes: bool,
     /// See [`FaultMix::local_reads`].
     pub local_reads: bool,
     pub degraded_nvram: bool,
@@ -371,7 +379,8 @@ impl Settings {
         s.own_storage = mix.own_storage;
         s.io_delay = mix.io_delay;
         s.resync_rate = mix.resync_rate;
-        s.write_priority = mix.write_priority;
+        s.write_priority = mix.write_priority || mix.queue_writes;
+        s.queue_writes = mix.queue_writes;
         s.local_reads = mix.local_reads;
         if mix.own_storage && mix.medium_failures {
             let end = duration.saturating_sub(Duration::from_secs(1));
@@ -421,6 +430,7 @@ impl Settings {
             io_delay: false,
             resync_rate: None,
             write_priority: false,
+            queue_writes: false,
             local_reads: false,
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,

@@ -115,7 +115,8 @@ where
         let target = event.metadata().target();
         let wanted = level <= Level::WARN
             || (level <= Level::INFO
-                && (self.verbose || target.starts_with("nvmirror::engine::takeover")));
+                && (self.verbose || target.starts_with("nvmirror::engine::takeover")))
+            || (self.verbose && std::env::var_os("NVM_SIM_DEBUG").is_some());
         if !wanted {
             return;
         }

@@ -473,6 +473,7 @@ impl Boot {
             ask_after_forwarded: 3,
             window: Duration::from_secs(1),
             min_hold: Duration::from_millis(30),
+            queue_for: s.queue_writes.then(|| Duration::from_secs(2)),
         }));
         engine.set_local_reads(s.local_reads && s.own_storage)?;
         let role = if id == 0 {

@@ -652,3 +652,19 @@ fn a_stopped_partition_takes_nothing_and_a_waited_write_checks_our_medium_again(
     mix.takeover_auto = Some(false);
     seeds_pass(&[16886], &mix);
 }
+
+/// Queued writes (`write_priority.queue_writes`, claim set B's "a write without priority is
+/// queued until granted"). Seeds 604 and 789 (one shared disk) and 531 (own storage, local
+/// reads), 2026-12-05, liveness: a write spanning two ranges waited for the first while the
+/// second, ours when the write was routed, moved to the partner; the link then went down,
+/// the wait ended, and the write staged that second piece on the stale routing, a record of
+/// a range no longer ours, which fenced the partition. A write that waited is routed again.
+#[test]
+fn queued_writes_wait_for_their_range_and_are_routed_again() {
+    let mut mix = FaultMix::all();
+    mix.queue_writes = true;
+    seeds_pass(&[3, 604, 789], &mix);
+    mix.own_storage = true;
+    mix.local_reads = true;
+    seeds_pass(&[531], &mix);
+}

@@ -367,6 +367,13 @@ pub struct WritePrioritySection {
     /// bounce it); a node that was refused asks again only after this.
     #[serde(default = "default_min_hold")]
     pub min_hold_ms: u64,
+    /// True: a write to a range the partner holds is queued until the partner hands the range
+    /// over (after it held it for `min_hold_ms`), then staged here; it is forwarded only if
+    /// the range has not come within `queue_timeout_ms`. False: it is forwarded at once.
+    #[serde(default)]
+    pub queue_writes: bool,
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout_ms: u64,
 }
 
 impl Default for WritePrioritySection {
@@ -375,6 +382,8 @@ impl Default for WritePrioritySection {
             ask_after_forwarded: default_ask_after_forwarded(),
             window_ms: default_priority_window(),
             min_hold_ms: default_min_hold(),
+            queue_writes: false,
+            queue_timeout_ms: default_queue_timeout(),
         }
     }
 }
@@ -387,6 +396,9 @@ fn default_priority_window() -> u64 {
 }
 fn default_min_hold() -> u64 {
     5000
+}
+fn default_queue_timeout() -> u64 {
+    10000
 }
 
 fn default_resync_rate() -> u64 {
@@ -800,6 +812,7 @@ impl NodeConfig {
                     ("ask_after_forwarded", u64::from(w.ask_after_forwarded)),
                     ("window_ms", w.window_ms),
                     ("min_hold_ms", w.min_hold_ms),
+                    ("queue_timeout_ms", w.queue_timeout_ms),
                 ] {
                     if value == 0 {
                         return Err(invalid(
@@ -1327,6 +1340,19 @@ device_id = 3
         );
         let e = err_of(&cluster("", "[cluster.write_priority]\nask_after = 8\n"));
         assert!(e.contains("ask_after"), "{e}");
+        assert!(!w.queue_writes && w.queue_timeout_ms == 10000);
+        let c = NodeConfig::parse(&cluster(
+            "",
+            "[cluster.write_priority]\nqueue_writes = true\nmin_hold_ms = 100\n",
+        ))
+        .expect("valid");
+        let w = c.cluster.and_then(|c| c.write_priority).expect("set");
+        assert!(w.queue_writes && w.min_hold_ms == 100);
+        let e = err_of(&cluster(
+            "",
+            "[cluster.write_priority]\nqueue_writes = true\nqueue_timeout_ms = 0\n",
+        ));
+        assert!(e.contains("cluster.write_priority.queue_timeout_ms"), "{e}");
     }
 
     #[test]

@@ -85,6 +85,13 @@ pub enum Request {
     /// this node until the daemon restarts (then the config applies again).
     WritePriority {
         on: bool,
+        /// With `on`: writes to the partner's ranges wait for the range (queued until
+        /// granted) instead of being forwarded, whatever `queue_writes` says.
+        #[serde(default)]
+        queue: bool,
+        /// With `on`: this `min_hold_ms` instead of the config's.
+        #[serde(default)]
+        min_hold_ms: Option<u64>,
     },
     /// With `storage = "own"`: serve reads of the partner's ranges here under its read lease
     /// (`cluster.local_reads`), or forward them, until the daemon restarts.

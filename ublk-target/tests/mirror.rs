@@ -512,6 +512,19 @@ fn follow_the_writer(p: &ClusterPair, min_hold: Duration) {
             ask_after_forwarded: 8,
             window: Duration::from_secs(10),
             min_hold,
+            queue_for: None,
+        }));
+    }
+}
+
+/// Write priority with queued writes: a write to the partner's range waits for the range.
+fn queue_for_the_range(p: &ClusterPair, min_hold: Duration, queue_for: Duration) {
+    for e in [&p.a, &p.b] {
+        e.set_write_priority(Some(WritePriorityPolicy {
+            ask_after_forwarded: 8,
+            window: Duration::from_secs(10),
+            min_hold,
+            queue_for: Some(queue_for),
         }));
     }
 }
@@ -1244,4 +1257,73 @@ fn a_mirrored_record_outside_its_partition_is_refused_not_held() {
         assert!(reason.contains("layouts differ"), "{reason}");
     }
     assert_eq!(store.status().records, 0);
+}
+
+#[test]
+fn a_write_without_priority_waits_for_the_range_and_is_staged_where_it_was_written() {
+    let p = cluster_pair();
+    queue_for_the_range(&p, Duration::from_millis(200), Duration::from_secs(20));
+    assert!(p.a.serves(0, 0) && !p.b.serves(0, 0));
+    let staged = |e: &Arc<Engine>| -> usize {
+        e.status()
+            .partitions
+            .iter()
+            .map(|x| x.records_unflushed)
+            .sum()
+    };
+    p.b.set_flush_paused(true);
+    // B's first write to range 0 (A's) waits until A hands the range over; then every write
+    // is staged on B: none is forwarded.
+    let from_b = writes_into_range(&p, &p.b, 0, 90);
+    assert!(p.b.serves(0, 0) && !p.a.serves(0, 0), "range 0 moved to B");
+    assert_eq!(staged(&p.b), from_b.len(), "B staged every write itself");
+    assert_eq!(
+        p.b.write_priority_queued(),
+        (1, 0),
+        "one write waited, none forwarded"
+    );
+    assert_eq!(p.b.write_priority_moves(), 1);
+    p.b.set_flush_paused(false);
+    // Now A writes range 0: it waits until B held the range for its 200 ms turn.
+    let asked = Instant::now();
+    let from_a = writes_into_range(&p, &p.a, 0, 100);
+    assert!(
+        asked.elapsed() >= Duration::from_millis(100),
+        "A waited for B's turn ({:?})",
+        asked.elapsed()
+    );
+    assert!(
+        p.a.serves(0, 0) && !p.b.serves(0, 0),
+        "range 0 moved back to A"
+    );
+    assert_eq!(p.a.write_priority_queued(), (1, 0));
+    for (off, d) in &from_a {
+        assert!(read_engine(&p, &p.a, *off, d.len()) == *d, "A reads {off}");
+        assert!(read_engine(&p, &p.b, *off, d.len()) == *d, "B reads {off}");
+    }
+    // Range 2 (A's) was never asked for.
+    assert!(p.a.serves(0, 2));
+    let _ = from_b;
+}
+
+#[test]
+fn a_queued_write_is_forwarded_when_the_range_does_not_come_in_time() {
+    let p = cluster_pair();
+    // A hands nothing over: write priority is off there, so B's asks are refused.
+    queue_for_the_range(&p, Duration::from_millis(50), Duration::from_millis(100));
+    p.a.set_write_priority(None);
+    let from_b = writes_into_range(&p, &p.b, 0, 110);
+    assert!(
+        p.a.serves(0, 0) && !p.b.serves(0, 0),
+        "range 0 stayed with A"
+    );
+    let (queued, forwarded) = p.b.write_priority_queued();
+    assert!(
+        queued >= 1 && forwarded == queued,
+        "{queued} queued, {forwarded} forwarded"
+    );
+    for (off, d) in &from_b {
+        assert!(read_engine(&p, &p.a, *off, d.len()) == *d, "A reads {off}");
+        assert!(read_engine(&p, &p.b, *off, d.len()) == *d, "B reads {off}");
+    }
 }

@@ -66,6 +66,11 @@ struct Args {
     /// forwarding writes to a range asks its owner to hand it over.
     #[arg(long)]
     write_priority: bool,
+    /// Write priority with queued writes (`cluster.write_priority.queue_writes`): a write to
+    /// a range the partner holds waits until the partner hands it over (implies
+    /// --write-priority).
+    #[arg(long)]
+    queue_writes: bool,
     /// With --storage own: reads of the partner's ranges are served locally under its read
     /// lease (`cluster.local_reads`).
     #[arg(long)]
@@ -181,6 +186,7 @@ fn main() {
         };
         m.io_delay = args.io_delay;
         m.write_priority = args.write_priority;
+        m.queue_writes = args.queue_writes;
         m.local_reads = args.local_reads;
         m.resync_rate = args.resync_rate.map(|kib| kib << 10);
         if args.no_givebacks {

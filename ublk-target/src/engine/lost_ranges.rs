@@ -173,9 +173,19 @@ impl Engine {
         // The records die before the re-read table lets the flusher write again (it would
         // find them in a range that is not ours, and fence the partition).
         let mut spans = Vec::new();
+        let ours_before = self.write_demand.enabled().then(|| c.ranges_of(c.me));
         let crate::cluster::Reloaded { lost, held_again } = c
             .reload_noting_losses(&mut |lost| spans = self.mark_dead(lost))
             .map_err(|e| e.to_string())?;
+        if let Some(before) = ours_before {
+            // Write priority's turns count from here (a queued write's ask returns later).
+            let now = self.host.now();
+            for (lun, range) in c.ranges_of(c.me) {
+                if !before.contains(&(lun, range)) {
+                    self.write_demand.note_handed_to_us(lun, range, now);
+                }
+            }
+        }
         if lost.is_empty() {
             return Ok(());
         }

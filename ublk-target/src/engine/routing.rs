@@ -213,9 +213,17 @@ impl Engine {
         // Set at the first failed forward: the common path does not read the clock.
         let mut deadline = None;
         let mut move_deadline = None;
+        let mut queue_deadline = None;
         let mut table_reread = false;
         loop {
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
+            if !all_local
+                && self
+                    .queue_for_priority(lun_idx, lun, &remote, &mut queue_deadline)
+                    .await
+            {
+                continue;
+            }
             if all_local {
                 match self.stage_own(w, &[]).await? {
                     Placement::Done => {

@@ -88,6 +88,16 @@ pub struct EngineStatus {
     /// Ranges moved because one node asked for them (handed over by us or to us).
     #[serde(default)]
     pub write_priority_moves: u64,
+    /// `cluster.write_priority.queue_writes`: writes to the partner's ranges wait for the
+    /// range instead of being forwarded.
+    #[serde(default)]
+    pub write_priority_queues: bool,
+    /// Writes that waited for a range the partner held, and those of them forwarded after
+    /// all (the range did not come within `queue_timeout_ms`).
+    #[serde(default)]
+    pub writes_queued: u64,
+    #[serde(default)]
+    pub writes_queued_then_forwarded: u64,
     /// `cluster.local_reads`: reads of the partner's ranges served here under its lease.
     #[serde(default)]
     pub local_reads: bool,
@@ -266,6 +276,9 @@ impl Engine {
                 .map(|_| self.ship_lag.status(&partitions, self.host.now())),
             write_priority: self.write_priority_enabled(),
             write_priority_moves: self.write_priority_moves(),
+            write_priority_queues: self.write_priority_queues(),
+            writes_queued: self.write_priority_queued().0,
+            writes_queued_then_forwarded: self.write_priority_queued().1,
             local_reads: self.local_reads_enabled(),
         }
     }

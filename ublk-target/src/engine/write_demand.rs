@@ -1,6 +1,7 @@
 //! What write priority that follows the writer (`write_priority`) counts: per range, when our
-//! own clients last wrote to it, and how many writes we forwarded to its owner lately. No
-//! engine here: `write_priority` asks and answers with these counts.
+//! own clients last wrote to it, when it was last handed to us, and how many writes we
+//! forwarded to its owner lately; and per range one lock that queued writes ask through. No
+//! engine here: `write_priority` asks and answers with these.
 
 use crate::config::WritePrioritySection;
 use crate::lun::Lun;
@@ -16,8 +17,12 @@ pub struct WritePriorityPolicy {
     pub ask_after_forwarded: u32,
     pub window: Duration,
     /// An owner that wrote to the range itself this recently keeps it; an asker waits this
-    /// long before asking for the same range again.
+    /// long before asking for the same range again. With `queue_for`: a range handed to us
+    /// stays ours at least this long, then goes to the first node that asks.
     pub min_hold: Duration,
+    /// Set: a write to a range the partner holds waits (queued) until the range is handed to
+    /// us, at most this long, and only then is forwarded. None: it is forwarded at once.
+    pub queue_for: Option<Duration>,
 }
 
 impl From<&WritePrioritySection> for WritePriorityPolicy {
@@ -26,6 +31,9 @@ impl From<&WritePrioritySection> for WritePriorityPolicy {
             ask_after_forwarded: w.ask_after_forwarded,
             window: Duration::from_millis(w.window_ms),
             min_hold: Duration::from_millis(w.min_hold_ms),
+            queue_for: w
+                .queue_writes
+                .then(|| Duration::from_millis(w.queue_timeout_ms)),
         }
     }
 }
@@ -47,9 +55,27 @@ pub(super) struct WriteDemand {
     /// Per LUN and range: milliseconds after `base` (plus one; 0 = never) of our clients'
     /// last write to it.
     local_write_ms: Vec<Vec<AtomicU64>>,
+    /// Per LUN and range: as `local_write_ms`, when the partner last handed it to us.
+    handed_to_us_ms: Vec<Vec<AtomicU64>>,
     forwarded: Mutex<HashMap<(u32, u32), Demand>>,
+    /// Per (LUN, range) the partner holds: queued writes ask for it one at a time, so one ask
+    /// is out and the writes behind it find the range ours once it came.
+    asking: Mutex<HashMap<(u32, u32), AskLock>>,
     /// Ranges moved because one node asked for them (handed over by us or to us).
     moves: Arc<AtomicU64>,
+    /// Writes that waited for write priority (`queue_for`), and those of them forwarded
+    /// after all because the range did not come in time.
+    queued: AtomicU64,
+    queue_timeouts: AtomicU64,
+}
+
+/// The queue of writes waiting for one range: held by the write whose ask is out.
+type AskLock = Arc<futures::lock::Mutex<()>>;
+
+fn range_slots(luns: &[Arc<Lun>]) -> Vec<Vec<AtomicU64>> {
+    luns.iter()
+        .map(|l| (0..l.ranges).map(|_| AtomicU64::new(0)).collect())
+        .collect()
 }
 
 impl WriteDemand {
@@ -58,12 +84,13 @@ impl WriteDemand {
             enabled: AtomicBool::new(false),
             policy: Mutex::new(None),
             base,
-            local_write_ms: luns
-                .iter()
-                .map(|l| (0..l.ranges).map(|_| AtomicU64::new(0)).collect())
-                .collect(),
+            local_write_ms: range_slots(luns),
+            handed_to_us_ms: range_slots(luns),
             forwarded: Mutex::new(HashMap::new()),
+            asking: Mutex::new(HashMap::new()),
             moves: Arc::default(),
+            queued: AtomicU64::new(0),
+            queue_timeouts: AtomicU64::new(0),
         }
     }
 
@@ -115,12 +142,60 @@ impl WriteDemand {
 
     /// How long ago (at `now`) our clients last wrote to `range` of `lun`; None: never.
     pub(super) fn since_local_write(&self, lun: u32, range: u32, now: Instant) -> Option<Duration> {
-        let at = self
-            .local_write_ms
+        self.since(&self.local_write_ms, lun, range, now)
+    }
+
+    /// The partner handed `range` of `lun` to us at `now`.
+    pub(super) fn note_handed_to_us(&self, lun: u32, range: u32, now: Instant) {
+        if let Some(s) = self
+            .handed_to_us_ms
+            .get(lun as usize)
+            .and_then(|l| l.get(range as usize))
+        {
+            s.store(self.millis(now), Ordering::Relaxed);
+        }
+    }
+
+    /// How long ago (at `now`) the partner last handed `range` of `lun` to us; None: never.
+    pub(super) fn since_handed_to_us(
+        &self,
+        lun: u32,
+        range: u32,
+        now: Instant,
+    ) -> Option<Duration> {
+        self.since(&self.handed_to_us_ms, lun, range, now)
+    }
+
+    fn since(
+        &self,
+        slots: &[Vec<AtomicU64>],
+        lun: u32,
+        range: u32,
+        now: Instant,
+    ) -> Option<Duration> {
+        let at = slots
             .get(lun as usize)
             .and_then(|l| l.get(range as usize))
             .map_or(0, |s| s.load(Ordering::Relaxed));
         (at != 0).then(|| Duration::from_millis(self.millis(now).saturating_sub(at)))
+    }
+
+    /// The lock queued writes to `range` of `lun` ask the partner through.
+    pub(super) fn asking(&self, lun: u32, range: u32) -> AskLock {
+        self.asking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((lun, range))
+            .or_default()
+            .clone()
+    }
+
+    pub(super) fn queued(&self) -> &AtomicU64 {
+        &self.queued
+    }
+
+    pub(super) fn queue_timeouts(&self) -> &AtomicU64 {
+        &self.queue_timeouts
     }
 
     /// Writes of `pieces` (offset, len) of `lun` were forwarded to their owner at `now`:

@@ -8,6 +8,15 @@
 //! on forwarding, so a range never bounces between two writers. An asker that was refused
 //! asks again only after `min_hold`. The counts live in `write_demand`.
 //!
+//! With `queue_writes` (claim set B's "a write without priority is queued until granted"),
+//! a write to a range the partner holds is not forwarded: it waits while this node asks for
+//! the range (one ask per range at a time; the writes behind it find the range ours once it
+//! came), and is staged here once the range is. The holder hands a range over once it has
+//! held it for `min_hold`, whether it writes to it or not, so two writers take turns of at
+//! least `min_hold` each and neither starves. A write whose range has not come within
+//! `queue_for` (the holder cannot move it: its lease, a failing flush, a resync first) is
+//! forwarded after all, and so is one asked while the link is down.
+//!
 //! Off unless `cluster.write_priority` is set (`Engine::set_write_priority`); then a local
 //! write stores the time in its range's slot (one atomic store) and nothing else.
 
@@ -15,9 +24,10 @@ use super::core::Engine;
 use super::datapath::WriteOp;
 use super::takeover_state::RangesToMove;
 use super::write_demand::WritePriorityPolicy;
+use crate::cluster::RangeState;
 use crate::lun::Lun;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long the owner's hand-over may wait for its staged writes to reach the medium. The
 /// range's I/O waits meanwhile, for a move that only saves the asker a forward: short.
@@ -38,6 +48,110 @@ impl Engine {
         self.write_demand.moves().load(Ordering::Relaxed)
     }
 
+    /// Whether writes to the partner's ranges wait for the range (`queue_writes`).
+    pub fn write_priority_queues(&self) -> bool {
+        self.write_demand.enabled()
+            && self
+                .write_demand
+                .policy()
+                .is_some_and(|p| p.queue_for.is_some())
+    }
+
+    /// Writes that waited for a range the partner held (`queue_writes`), and those of them
+    /// forwarded after all.
+    pub fn write_priority_queued(&self) -> (u64, u64) {
+        (
+            self.write_demand.queued().load(Ordering::Relaxed),
+            self.write_demand.queue_timeouts().load(Ordering::Relaxed),
+        )
+    }
+
+    /// With `queue_writes`: the pieces of a write in `remote` fall in ranges the partner
+    /// holds. Waits until the first of those ranges is ours (asking for it, or behind the
+    /// write that asks), the link goes down, or `deadline` (set at the first call) passes.
+    /// True: it waited, route the write again. False (no wait): forward what is remote;
+    /// so without `queue_writes`, without a link, and after the deadline.
+    pub(super) async fn queue_for_priority(
+        &self,
+        lun_idx: usize,
+        lun: &Lun,
+        remote: &[(u64, u64)],
+        deadline: &mut Option<Instant>,
+    ) -> bool {
+        let Some(wait) = self
+            .write_demand
+            .policy()
+            .filter(|_| self.write_demand.enabled())
+            .and_then(|p| p.queue_for.map(|q| (q, p.min_hold)))
+        else {
+            return false;
+        };
+        let (queue_for, min_hold) = wait;
+        let Some(c) = self.cluster.as_ref() else {
+            return false;
+        };
+        let Some(&(at, _)) = remote.first() else {
+            return false;
+        };
+        let lun_no = lun_idx as u32;
+        let range = lun.range_of(at);
+        let until = *deadline.get_or_insert_with(|| {
+            self.write_demand.queued().fetch_add(1, Ordering::Relaxed);
+            self.host.now() + queue_for
+        });
+        // Asked again while refused: often enough that a turn is not lost, rarely enough that
+        // the asks cost the holder nothing.
+        let retry = (min_hold / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        // Once this waited, the routing the caller holds is stale (ranges moved meanwhile):
+        // whatever ends the wait, the write is routed again before it is staged or forwarded.
+        let mut waited = false;
+        loop {
+            if self.host.now() >= until {
+                if waited {
+                    self.write_demand
+                        .queue_timeouts()
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return waited;
+            }
+            let Some(fwd) = c.forwarder().filter(|_| self.mirror.is_up()) else {
+                return waited;
+            };
+            waited = true;
+            // The queue itself: held across the ask, so one ask per range is out at a time.
+            let asking = self.write_demand.asking(lun_no, range);
+            let turn = asking.lock().await;
+            if !matches!(c.route(lun_no, range).await, RangeState::Remote(_)) {
+                return true;
+            }
+            match fwd.ask_for_range(lun_no, range).await {
+                Ok(()) => {
+                    self.note_handed_to_us(lun_no, range);
+                    return true;
+                }
+                Err(e) => tracing::debug!(
+                    lun = lun_no,
+                    range,
+                    "a queued write waits: the partner keeps the range for now: {e}"
+                ),
+            }
+            drop(turn);
+            let left = until.saturating_duration_since(self.host.now());
+            if self.mirror.is_up() && !left.is_zero() {
+                self.host.sleep(retry.min(left)).await;
+            }
+        }
+    }
+
+    fn note_handed_to_us(&self, lun: u32, range: u32) {
+        self.write_demand.moves().fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            lun,
+            range,
+            "the partner handed us the range we write to (write priority)"
+        );
+    }
+
     /// Our client wrote `w`; the pieces in `remote` went to the partner, the rest was ours.
     pub(super) fn note_local_write(&self, w: &WriteOp<'_>, remote: &[(u64, u64)]) {
         if self.write_demand.enabled() {
@@ -53,7 +167,9 @@ impl Engine {
         if !self.write_demand.enabled() {
             return;
         }
-        let Some(policy) = self.write_demand.policy() else {
+        // With queued writes the writes ask themselves; these were forwarded because their
+        // range did not come in time.
+        let Some(policy) = self.write_demand.policy().filter(|p| p.queue_for.is_none()) else {
             return;
         };
         let now = self.host.now();
@@ -113,7 +229,21 @@ impl Engine {
             ));
         }
         let now = self.host.now();
-        if let Some(ago) = self
+        if policy.queue_for.is_some() {
+            // Queued writes: turns of at least `min_hold` from when the range came to us.
+            if let Some(ago) = self
+                .write_demand
+                .since_handed_to_us(lun, range, now)
+                .filter(|&ago| ago < policy.min_hold)
+            {
+                return Err(format!(
+                    "node {} got range {range} of LUN {lun} {} ms ago: it keeps the write priority for {} ms",
+                    self.node,
+                    ago.as_millis(),
+                    policy.min_hold.as_millis()
+                ));
+            }
+        } else if let Some(ago) = self
             .write_demand
             .since_local_write(lun, range, now)
             .filter(|&ago| ago < policy.min_hold)

@@ -4,6 +4,7 @@
 
 use super::link::tell_partner_to_reload;
 use super::partner_watch::ask_partner;
+use crate::config::WritePrioritySection;
 use crate::control::{DaemonStatus, Request, Response};
 use crate::devices::DeviceSet;
 use crate::engine::{Engine, RangesToMove, WritePriorityPolicy};
@@ -86,16 +87,41 @@ impl ControlHandler {
                 "export, checkpoint and return-image are for a log-shipping destination; this node serves LUNs"
                     .to_string(),
             ),
-            Request::WritePriority { on } => {
+            Request::WritePriority {
+                on,
+                queue,
+                min_hold_ms,
+            } => {
                 let policy = match (&self.write_priority, on) {
                     (_, false) => None,
-                    (Ok(p), true) => Some(*p),
+                    (Ok(p), true) => {
+                        let mut p = *p;
+                        if queue && p.queue_for.is_none() {
+                            p.queue_for = Some(Duration::from_millis(
+                                WritePrioritySection::default().queue_timeout_ms,
+                            ));
+                        }
+                        match min_hold_ms {
+                            Some(0) => return error("the minimum hold must be at least 1 ms".to_string()),
+                            Some(ms) => p.min_hold = Duration::from_millis(ms),
+                            None => {}
+                        }
+                        Some(p)
+                    }
                     (Err(why), true) => return error(why.clone()),
                 };
                 engine.set_write_priority(policy);
                 tracing::warn!(
-                    "write priority that follows the writer turned {} by nvmirrorctl",
-                    if on { "on" } else { "off" }
+                    "write priority that follows the writer turned {} by nvmirrorctl{}",
+                    if on { "on" } else { "off" },
+                    match policy {
+                        Some(p) => format!(
+                            " (writes without it {}, minimum hold {} ms)",
+                            if p.queue_for.is_some() { "queue" } else { "are forwarded" },
+                            p.min_hold.as_millis()
+                        ),
+                        None => String::new(),
+                    }
                 );
                 Response::Ok
             }
