@@ -137,17 +137,7 @@ wa=$!
 $O write /dev/ublkb1 b $first 64 12 2912 overlap-b.log || fail "the overlapping writer on node-b failed"
 wait $wa || fail "the overlapping writer on node-a failed"
 drain_both "after the overlapping writers"
-for n in 0 1; do
-	dd if=/dev/ublkb$n of=overlap-dev$n.img bs=4096 skip=$first count=64 iflag=direct status=none ||
-		fail "read the overlapped blocks through /dev/ublkb$n"
-done
-for m in "$ma" "$mb"; do
-	dd if="$m" of="overlap-medium-${m##*/}.img" bs=4096 skip=$first count=64 iflag=direct status=none ||
-		fail "read the overlapped blocks from $m"
-done
-out=$($O check $first 64 a=overlap-a.log b=overlap-b.log -- overlap-dev0.img overlap-dev1.img \
-	overlap-medium-*.img) || { echo "$out"; fail "overlapping writers: a device or medium holds a value a disk could not"; }
-say "ok: $out (through both devices and on both media)"
+nvm_overlap_check $first 64 "$ma" "$mb"
 same_media || fail "the two media differ after the overlapping writers and a drain"
 
 say "2. node-a's flusher paused, 300 more blocks, kill -9 node-a"

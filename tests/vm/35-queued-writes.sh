@@ -94,17 +94,7 @@ for n in a b; do
 	[[ ${q#*/} == 0 ]] || fail "node-$n forwarded $q (queued/forwarded) writes: a queued write must wait for the range"
 done
 drain_both "after the overlapping writers"
-for n in 0 1; do
-	dd if=/dev/ublkb$n of=overlap-dev$n.img bs=4096 skip=$blk count=64 iflag=direct status=none ||
-		fail "read the overlapped blocks through /dev/ublkb$n"
-done
-for m in "$ma" "$mb"; do
-	dd if="$m" of="overlap-medium-${m##*/}.img" bs=4096 skip=$blk count=64 iflag=direct status=none ||
-		fail "read the overlapped blocks from $m"
-done
-out=$($O check $blk 64 a=overlap-a.log b=overlap-b.log -- overlap-dev0.img overlap-dev1.img \
-	overlap-medium-*.img) || { echo "$out"; fail "overlapping writers: a device or medium holds a value a disk could not"; }
-say "ok: $out (through both devices and on both media)"
+nvm_overlap_check $blk 64 "$ma" "$mb"
 same_media || fail "the two media differ after the overlapping writers and a drain"
 for dev in /dev/ublkb0 /dev/ublkb1; do
 	fio "${first[@]}" --filename=$dev --verify_only=1 --verify_state_load=1 \

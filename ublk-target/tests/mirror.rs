@@ -547,6 +547,15 @@ fn writes_into_range(
     writes
 }
 
+/// Records staged in `e`'s log and not yet on the medium.
+fn records_unflushed(e: &Arc<Engine>) -> usize {
+    e.status()
+        .partitions
+        .iter()
+        .map(|x| x.records_unflushed)
+        .sum()
+}
+
 #[test]
 fn a_range_the_partner_keeps_writing_to_is_handed_over_to_it() {
     let p = cluster_pair();
@@ -567,17 +576,14 @@ fn a_range_the_partner_keeps_writing_to_is_handed_over_to_it() {
     // The next writes (over the same blocks) are staged on B itself. Its flusher pauses
     // once idle: a pause does not stop a batch under way, which would flush records counted
     // before it (seen under load in CI).
-    let staged = |e: &Arc<Engine>| -> usize {
-        e.status()
-            .partitions
-            .iter()
-            .map(|x| x.records_unflushed)
-            .sum()
-    };
-    wait_for("B's flusher to catch up", || staged(&p.b) == 0);
+    wait_for("B's flusher to catch up", || records_unflushed(&p.b) == 0);
     p.b.set_flush_paused(true);
     let second = writes_into_range(&p, &p.b, 0, 40);
-    assert_eq!(staged(&p.b), second.len(), "B stages range 0 itself now");
+    assert_eq!(
+        records_unflushed(&p.b),
+        second.len(),
+        "B stages range 0 itself now"
+    );
     for (off, d) in &second {
         assert!(read_engine(&p, &p.a, *off, d.len()) == *d, "A reads {off}");
         assert!(read_engine(&p, &p.b, *off, d.len()) == *d, "B reads {off}");
@@ -1264,19 +1270,16 @@ fn a_write_without_priority_waits_for_the_range_and_is_staged_where_it_was_writt
     let p = cluster_pair();
     queue_for_the_range(&p, Duration::from_millis(200), Duration::from_secs(20));
     assert!(p.a.serves(0, 0) && !p.b.serves(0, 0));
-    let staged = |e: &Arc<Engine>| -> usize {
-        e.status()
-            .partitions
-            .iter()
-            .map(|x| x.records_unflushed)
-            .sum()
-    };
     p.b.set_flush_paused(true);
     // B's first write to range 0 (A's) waits until A hands the range over; then every write
     // is staged on B: none is forwarded.
     let from_b = writes_into_range(&p, &p.b, 0, 90);
     assert!(p.b.serves(0, 0) && !p.a.serves(0, 0), "range 0 moved to B");
-    assert_eq!(staged(&p.b), from_b.len(), "B staged every write itself");
+    assert_eq!(
+        records_unflushed(&p.b),
+        from_b.len(),
+        "B staged every write itself"
+    );
     assert_eq!(
         p.b.write_priority_queued(),
         (1, 0),

@@ -158,6 +158,27 @@ nvm_wait_dev_gone() {
 	fail "ublk device $1 still exists 30 s after its deletion"
 }
 
+# nvm_overlap_check FIRST COUNT MEDIUM...: after the overlapping writers of overlap.py
+# (overlap-a.log through /dev/ublkb0, overlap-b.log through /dev/ublkb1) and a drain, reads
+# blocks FIRST..FIRST+COUNT-1 through both devices and from each MEDIUM and checks that every
+# block holds a value one disk could hold, the same in all of them; says the checker's line.
+nvm_overlap_check() {
+	local first=$1 count=$2 n m out
+	shift 2
+	for n in 0 1; do
+		dd if=/dev/ublkb$n of=overlap-dev$n.img bs=4096 skip=$first count=$count iflag=direct status=none ||
+			fail "read the overlapped blocks through /dev/ublkb$n"
+	done
+	for m in "$@"; do
+		dd if="$m" of="overlap-medium-${m##*/}.img" bs=4096 skip=$first count=$count iflag=direct status=none ||
+			fail "read the overlapped blocks from $m"
+	done
+	out=$(python3 "$NVM_REPO/tests/vm/lib/overlap.py" check $first $count a=overlap-a.log b=overlap-b.log \
+		-- overlap-dev0.img overlap-dev1.img overlap-medium-*.img) ||
+		{ echo "$out"; fail "overlapping writers: a device or medium holds a value a disk could not"; }
+	say "ok: $out (through both devices and on both media)"
+}
+
 # nvm_own_storage_config NODE(a|b) MEDIUM ARBITER LUN_MIB PORT
 # nvm_cluster_config's node-NODE.toml in shared-nothing mode (`storage = "own"`): MEDIUM is
 # the node's own, the table and leases live on ARBITER, the LUN is LUN_MIB, TCP on PORT.

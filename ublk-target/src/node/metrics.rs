@@ -293,6 +293,24 @@ impl prometheus_client::collector::Collector for Scrape {
             None,
             per_lun(&|l| l.reads_leased),
         )?;
+        f.counter(
+            "write_priority_moves",
+            "Ranges moved because a node asked for them (cluster.write_priority), counted on both nodes of each move.",
+            None,
+            one(e.write_priority_moves),
+        )?;
+        f.counter(
+            "writes_queued",
+            "Writes to the partner's ranges that waited for the range (write_priority.queue_writes).",
+            None,
+            one(e.writes_queued),
+        )?;
+        f.counter(
+            "writes_queued_then_forwarded",
+            "Queued writes forwarded after all: the range did not come within queue_timeout_ms.",
+            None,
+            one(e.writes_queued_then_forwarded),
+        )?;
         f.gauge(
             "lun_out_of_sync",
             "storage = \"own\": bytes our out-of-sync map holds, what the next resync copies.",
