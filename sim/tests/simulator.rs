@@ -659,6 +659,14 @@ fn a_stopped_partition_takes_nothing_and_a_waited_write_checks_our_medium_again(
 /// second, ours when the write was routed, moved to the partner; the link then went down,
 /// the wait ended, and the write staged that second piece on the stale routing, a record of
 /// a range no longer ours, which fenced the partition. A write that waited is routed again.
+///
+/// Seed 8983 (own storage, local reads, a resync held to 64 KiB/s; LOST ACKNOWLEDGED WRITE,
+/// a bug of local reads that the queued writes' moves uncovered): n1 restarted after a power
+/// cut and released the records n0 held for it; n0's medium missed some, so n0 marked itself
+/// outdated for n1's range 1 on the arbiter and dropped the copies, but its local reads check
+/// `own_medium_outdated`, which such a mark did not update (only a start loaded it), and a
+/// read under n1's lease returned the older version from n0's medium. A mark of our own
+/// medium now updates it at once.
 #[test]
 fn queued_writes_wait_for_their_range_and_are_routed_again() {
     let mut mix = FaultMix::all();
@@ -667,4 +675,6 @@ fn queued_writes_wait_for_their_range_and_are_routed_again() {
     mix.own_storage = true;
     mix.local_reads = true;
     seeds_pass(&[531], &mix);
+    mix.resync_rate = Some(64 << 10);
+    seeds_pass(&[8983], &mix);
 }

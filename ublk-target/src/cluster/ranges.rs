@@ -707,7 +707,7 @@ impl Cluster {
         // Only the owner knows what the other misses, and a node marks itself only for
         // ranges it does not own. A node that learned of a move just now (its writes of the
         // range were staged before, and fail) must not mark the new owner at the new epoch.
-        let marks: Vec<(u32, u64)> = {
+        let (kept, marks): (Vec<LunRange>, Vec<(u32, u64)>) = {
             let t = self.table();
             ranges
                 .iter()
@@ -715,8 +715,8 @@ impl Cluster {
                     let owner = t.luns.get(l as usize).and_then(|x| x.get(r as usize));
                     owner.is_some_and(|o| (o.owner == self.me) != (node == self.me))
                 })
-                .filter_map(|&r| self.global_range(&t, r))
-                .collect()
+                .filter_map(|&r| self.global_range(&t, r).map(|g| (r, g)))
+                .unzip()
         };
         if marks.is_empty() {
             return Ok(());
@@ -735,6 +735,13 @@ impl Cluster {
         }
         let wrote = media.mark(self.store.as_ref(), self.me, node, &marks)?;
         made.extend(marks.iter().copied());
+        if node == self.me {
+            // As `load_own_outdated` does at a start: our medium is behind for these ranges
+            // of the partner's, so our local reads of them stop (they check after reading,
+            // and the copies go only after this mark; simulator seed 8983) and our takeover
+            // of them waits for the resync.
+            self.stale_here.add(&kept);
+        }
         crate::transitions::changed();
         if wrote {
             tracing::warn!(
