@@ -70,17 +70,6 @@ grep -v '^arbiter' node-a.toml >no-arbiter.toml
 out=$("$NVMCTL" config check no-arbiter.toml 2>&1) && fail "a config with storage = own and no arbiter passed the check"
 grep -q 'cluster.arbiter' <<<"$out" || fail "config check does not name cluster.arbiter: $out"
 
-# node-a writes its loop device through device-mapper, which bypasses the loop device's page
-# cache: drop it before comparing.
-same_media() {
-	blockdev --flushbufs "$ma" "$mb" && echo 3 >/proc/sys/vm/drop_caches &&
-		cmp -n $((lun_mib << 20)) "$ma" "$mb"
-}
-# drain_both: every staged write of both nodes on their media.
-drain_both() {
-	"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a ($1)"
-	"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b ($1)"
-}
 # resynced N: waits until node-N's status lists no outdated medium (its resync is done).
 resynced() {
 	for _ in $(seq 300); do
@@ -114,14 +103,14 @@ whole=(--name=whole --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --b
 	--size=${lun_mib}M --number_ios=3000 --randseed=2901 --verify=crc32c --verify_fatal=1)
 fio "${whole[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-whole.log ||
 	{ cat fio-whole.log; fail "fio write through node-a"; }
-drain_both "after the whole-LUN fio"
+nvm_drain_both "after the whole-LUN fio"
 for n in a b; do
 	held=$(nvm_field $n 'e["mirror"]["second_store"]["records"]')
 	[[ $held == 0 ]] || fail "node-$n's second store still holds $held record(s) after both drained"
 	stale=$(nvm_field $n 'e["outdated_media"]')
 	[[ $stale == "{}" ]] || fail "node-$n reports outdated media after a clean run: $stale"
 done
-same_media ||
+nvm_same_media $lun_mib "$ma" "$mb" ||
 	fail "the two media differ after the drain: both nodes must apply every write"
 say "ok: both media hold the same $lun_mib MiB after the drain (cmp)"
 fio "${whole[@]}" --filename=/dev/ublkb1 --verify_only=1 --output=fio-whole-verify.log ||
@@ -136,9 +125,9 @@ $O write /dev/ublkb0 a $first 64 12 2911 overlap-a.log &
 wa=$!
 $O write /dev/ublkb1 b $first 64 12 2912 overlap-b.log || fail "the overlapping writer on node-b failed"
 wait $wa || fail "the overlapping writer on node-a failed"
-drain_both "after the overlapping writers"
+nvm_drain_both "after the overlapping writers"
 nvm_overlap_check $first 64 "$ma" "$mb"
-same_media || fail "the two media differ after the overlapping writers and a drain"
+nvm_same_media $lun_mib "$ma" "$mb" || fail "the two media differ after the overlapping writers and a drain"
 
 say "2. node-a's flusher paused, 300 more blocks, kill -9 node-a"
 "$NVMCTL" --config node-a.toml flush pause >/dev/null || fail "flush pause"
@@ -214,8 +203,8 @@ for dev in /dev/ublkb0 /dev/ublkb1; do
 	fio "${alone[@]}" --filename=$dev --verify_only=1 --verify_state_load=1 --output=fio-final-alone.log ||
 		{ cat fio-final-alone.log; fail "node-b's lone writes do not verify through $dev after the giveback"; }
 done
-drain_both "after the giveback"
-same_media ||
+nvm_drain_both "after the giveback"
+nvm_same_media $lun_mib "$ma" "$mb" ||
 	fail "the two media differ after the resync, the giveback and a drain"
 say "ok: after the resync and the giveback both media are identical again (cmp)"
 
@@ -246,8 +235,8 @@ say "ok: verify names the changed block: $(grep DIFFER <<<"$out")"
 out=$("$NVMCTL" --config node-a.toml verify --repair 2>&1) || fail "verify --repair: $out"
 grep -q "lun0 range 0: repaired at 5242880+4096" <<<"$out" || fail "verify --repair did not repair the block: $out"
 out=$("$NVMCTL" --config node-a.toml verify 2>&1) || fail "verify after the repair still finds a difference: $out"
-drain_both "after verify --repair"
-same_media || fail "the two media differ after verify --repair and a drain"
+nvm_drain_both "after verify --repair"
+nvm_same_media $lun_mib "$ma" "$mb" || fail "the two media differ after verify --repair and a drain"
 say "ok: verify --repair copied the block back from node-a; the media are identical (cmp)"
 
 say "6. node-a's own medium fails (dm error): reads from node-b's medium, writes shipped to node-b's medium, then the repair"
@@ -289,8 +278,8 @@ fio "${during[@]}" --filename=/dev/ublkb0 --verify_only=1 --verify_state_load=1 
 dm_switch "linear $ma 0"
 resynced a
 grep -q 'repair: LUN lun0 range 0: copied' daemon-a.log || fail "node-a's log does not report the repair of range 0"
-drain_both "once node-a's medium was repaired"
-same_media || fail "the two media differ after node-a's medium was repaired and a drain"
+nvm_drain_both "once node-a's medium was repaired"
+nvm_same_media $lun_mib "$ma" "$mb" || fail "the two media differ after node-a's medium was repaired and a drain"
 fio "${during[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-during-verify.log ||
 	{ cat fio-during-verify.log; fail "the writes made while node-a's medium failed do not verify through node-b"; }
 say "ok: node-a's medium works again: $(grep -o 'repair: LUN lun0 range 0: copied [0-9]* byte(s)' daemon-a.log | tail -1) from node-b's medium; the media are identical (cmp)"
@@ -333,8 +322,8 @@ floor_ms=$((this_copied * 1000 / (1 << 20)))
 	fail "the resync of $this_copied bytes at 1 MiB/s took $took_ms ms (at least $floor_ms expected)"
 say "ok: the resync at 1 MiB/s copied $this_copied bytes in $took_ms ms (at least $floor_ms at that rate)"
 "$NVMCTL" --config node-a.toml resync-rate 0 | grep -qx "resync rate limit: none" || fail "nvmirrorctl resync-rate 0"
-drain_both "after the out-of-sync resync"
-same_media || fail "the two media differ after the out-of-sync resync"
+nvm_drain_both "after the out-of-sync resync"
+nvm_same_media $lun_mib "$ma" "$mb" || fail "the two media differ after the out-of-sync resync"
 fio "${few[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_load=1 --output=fio-few-verify.log ||
 	{ cat fio-few-verify.log; fail "the writes made without node-b do not verify through node-b"; }
 say "ok: the resync copied $copied bytes ($oos out of sync in node-a's map) of $lun_mib MiB; the media are identical (cmp)"
@@ -354,7 +343,7 @@ resynced a
 whole=$(grep -ho 'copied [0-9]* of its' daemon-a.log | tail -2 | awk '{s += $2} END {print s + 0}')
 ((whole == lun_mib << 20)) || fail "the resync to the replaced node copied $whole bytes, not the whole $lun_mib MiB"
 "$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a"
-same_media || fail "the replaced node's medium differs from node-a's after its full resync"
+nvm_same_media $lun_mib "$ma" "$mb" || fail "the replaced node's medium differs from node-a's after its full resync"
 say "ok: the replaced node-b got all $lun_mib MiB copied; the media are identical (cmp)"
 nvm_stop "$pid_a"
 nvm_stop "$pid_b"

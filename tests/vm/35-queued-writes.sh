@@ -43,14 +43,6 @@ moves() { nvm_field "$1" 'e["write_priority_moves"]'; }
 [[ $(nvm_field b 'e["write_priority_queues"]') == True ]] || fail "node-b's status does not say writes queue"
 epoch0=$(owner0 a)
 epoch0=${epoch0#*/}
-same_media() {
-	blockdev --flushbufs "$ma" "$mb" && echo 3 >/proc/sys/vm/drop_caches &&
-		cmp -n $((lun_mib << 20)) "$ma" "$mb"
-}
-drain_both() {
-	"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a ($1)"
-	"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b ($1)"
-}
 
 say "1. node-b writes only into node-a's range 0: its writes wait for the range, none is forwarded"
 first=(--name=b-first --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
@@ -93,9 +85,9 @@ for n in a b; do
 	q=$(queued $n)
 	[[ ${q#*/} == 0 ]] || fail "node-$n forwarded $q (queued/forwarded) writes: a queued write must wait for the range"
 done
-drain_both "after the overlapping writers"
+nvm_drain_both "after the overlapping writers"
 nvm_overlap_check $blk 64 "$ma" "$mb"
-same_media || fail "the two media differ after the overlapping writers and a drain"
+nvm_same_media $lun_mib "$ma" "$mb" || fail "the two media differ after the overlapping writers and a drain"
 for dev in /dev/ublkb0 /dev/ublkb1; do
 	fio "${first[@]}" --filename=$dev --verify_only=1 --verify_state_load=1 \
 		--output="verify-b-first-again-${dev##*/}.log" ||

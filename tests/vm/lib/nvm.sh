@@ -158,6 +158,21 @@ nvm_wait_dev_gone() {
 	fail "ublk device $1 still exists 30 s after its deletion"
 }
 
+# nvm_drain_both WHY: every staged write of node-a and node-b (node-a.toml, node-b.toml) on
+# their media.
+nvm_drain_both() {
+	"$NVMCTL" --config node-a.toml drain --timeout 60 >/dev/null || fail "drain node-a ($1)"
+	"$NVMCTL" --config node-b.toml drain --timeout 60 >/dev/null || fail "drain node-b ($1)"
+}
+
+# nvm_same_media LUN_MIB MEDIUM-A MEDIUM-B: whether both media hold the same first LUN_MIB
+# MiB. A daemon may write its medium through device-mapper, which bypasses the loop
+# device's page cache: drop it before comparing.
+nvm_same_media() {
+	blockdev --flushbufs "$2" "$3" && echo 3 >/proc/sys/vm/drop_caches &&
+		cmp -n $(($1 << 20)) "$2" "$3"
+}
+
 # nvm_overlap_check FIRST COUNT MEDIUM...: after the overlapping writers of overlap.py
 # (overlap-a.log through /dev/ublkb0, overlap-b.log through /dev/ublkb1) and a drain, reads
 # blocks FIRST..FIRST+COUNT-1 through both devices and from each MEDIUM and checks that every
