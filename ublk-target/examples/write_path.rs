@@ -66,11 +66,15 @@ fn main() {
     let writes: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20_000);
     let depth: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
     let block_kib: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(4);
+    if mode == "held-reads" {
+        held_reads(writes);
+        return;
+    }
     if mode != "single" && mode != "tcp"
         || !(4..=512).contains(&block_kib)
         || !block_kib.is_multiple_of(4)
     {
-        eprintln!("usage: write_path single|tcp [WRITES] [QUEUE_DEPTH] [BLOCK_KIB: 4..512, a multiple of 4]");
+        eprintln!("usage: write_path single|tcp [WRITES] [QUEUE_DEPTH] [BLOCK_KIB: 4..512, a multiple of 4]\n       write_path held-reads [WRITES]");
         std::process::exit(2);
     }
     let block = block_kib << 10;
@@ -193,4 +197,92 @@ fn per_block_costs(block: usize) {
         block as f64 / copy_us,
         block as f64 / mac_us
     );
+}
+
+/// `held-reads`: node a writes WRITES random 4 KiB blocks with its flusher paused, so node b's
+/// second store holds every one of them; then node b serves 4 KiB reads from what it holds
+/// (`SecondStoreArea::read_held`, what a local read under a read lease does before it reads
+/// its medium). Prints the time per read against the number of records held.
+fn held_reads(writes: u64) {
+    let dir = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm");
+    let medium = Arc::new(MemMedium::new(LUN_SIZE));
+    let a = engine(&dir.path().join("nv-a"), "a", &medium, true);
+    let b = engine(&dir.path().join("nv-b"), "b", &medium, true);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}").parse().expect("address");
+    let (la, lb) = (
+        link(&a, Role::Listen(addr), 1, 2),
+        link(&b, Role::Connect(addr), 2, 1),
+    );
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            la.wait_up().await.expect("a up");
+            lb.wait_up().await.expect("b up");
+        })
+        .await
+        .expect("the link came up")
+    });
+    a.attach_mirror(Arc::new(la.clone()));
+    b.attach_mirror(Arc::new(lb.clone()));
+    a.set_flush_paused(true);
+    const BLOCK: u64 = 4096;
+    let blocks = LUN_SIZE / BLOCK;
+    let data = vec![0x5au8; BLOCK as usize];
+    let next = |x: &mut u64| {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x % blocks) * BLOCK
+    };
+    rt.block_on(async {
+        let lanes = (0..32u64).map(|lane| {
+            let (a, data) = (a.clone(), data.clone());
+            async move {
+                let mut x = lane.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                for _ in 0..writes / 32 {
+                    let off = next(&mut x);
+                    a.write(0, off, &data).await.expect("write");
+                }
+            }
+        });
+        futures::future::join_all(lanes).await;
+    });
+    let store = b.second_store().expect("mirrored layout");
+    // What `cluster.local_reads` switches on (its read leases need an arbiter; here the
+    // reads go to the store directly). NVM_HELD_UNINDEXED=1 measures the plain scan.
+    store.index_for_reads(std::env::var_os("NVM_HELD_UNINDEXED").is_none());
+    let held = store.status().records;
+    let ranges = 4u64;
+    let range_size = LUN_SIZE / ranges;
+    let mut out = vec![0u8; BLOCK as usize];
+    let reads: u64 = std::env::var("NVM_HELD_READS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let mut found = 0u64;
+    let started = Instant::now();
+    for _ in 0..reads {
+        let off = next(&mut x);
+        let partition = nvmirror::config::partition_of_range((off / range_size) as u32, 4);
+        match store.read_held(partition, 0, off, &mut out) {
+            nvmirror::mirror::HeldRead::Gaps(g) if g.is_empty() => found += 1,
+            _ => {}
+        }
+    }
+    let took = started.elapsed();
+    println!(
+        "held-reads: {reads} reads of 4 KiB from {held} held records ({found} served whole from them): {:.2} us per read",
+        took.as_secs_f64() * 1e6 / reads as f64
+    );
+    a.set_flush_paused(false);
+    a.shutdown();
+    b.shutdown();
 }

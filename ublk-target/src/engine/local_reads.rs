@@ -28,6 +28,11 @@ impl Engine {
                 Ok(())
             };
         };
+        // Built before the first lease is asked for: each local read then looks only at the
+        // held records overlapping it.
+        if let Some(store) = self.second_store() {
+            store.index_for_reads(on);
+        }
         if !leases.set_reading(on) {
             return Ok(());
         }

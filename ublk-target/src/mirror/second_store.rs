@@ -23,44 +23,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub(super) mod held_reads;
+mod held_records;
 
-#[derive(Clone, Copy, Debug)]
-struct Held {
-    pos: u64,
-    len: u32,
-    /// What its header said when the record was held: its LUN, its span of it and its kind
-    /// (local reads look for overlapping records without decoding every header).
-    lun: u32,
-    start: u64,
-    end: u64,
-    kind: RecordKind,
-}
-
-impl Held {
-    /// Where a header may be (not yet read).
-    fn probe(pos: u64) -> Held {
-        Held {
-            pos,
-            len: 0,
-            lun: 0,
-            start: 0,
-            end: 0,
-            kind: RecordKind::Wrap,
-        }
-    }
-
-    /// The record whose header `h` is at `pos`.
-    fn of(pos: u64, h: &RecordHeader) -> Held {
-        Held {
-            pos,
-            len: h.slot() as u32,
-            lun: h.lun,
-            start: h.offset,
-            end: h.offset.saturating_add(u64::from(h.len)),
-            kind: h.kind,
-        }
-    }
-}
+use held_records::{Held, HeldRecords};
 
 /// What we hold of one partition of the partner.
 #[derive(Clone, Debug, Default)]
@@ -72,7 +37,7 @@ struct PartnerPartition {
     /// Generation of the persisted watermark (selects its slot).
     generation: u64,
     /// Unreleased records by seq.
-    records: BTreeMap<u64, Held>,
+    records: HeldRecords,
     /// The highest seq the partner said it flushed (its releases), even where we kept the
     /// copies (marking our medium outdated failed): those are on its medium.
     heard_flushed: u64,
@@ -221,8 +186,7 @@ impl SecondStoreArea {
         if log_id.is_some_and(|l| pp.log_id != Some(l)) {
             return;
         }
-        let rest = pp.records.split_off(&(through_seq + 1));
-        let released = std::mem::replace(&mut pp.records, rest);
+        let released = pp.records.take_through(through_seq);
         let mut kept_below = None;
         if let Some(pin) = pin.as_ref() {
             for (seq, h) in released {
@@ -334,6 +298,14 @@ impl SecondStoreArea {
                 );
                 false
             }
+        }
+    }
+
+    /// Local reads (`held_reads`) are served from this area: keep the held records indexed
+    /// by span, or stop keeping the index.
+    pub fn index_for_reads(&self, on: bool) {
+        for pp in self.held().iter_mut() {
+            pp.records.set_indexed(on);
         }
     }
 
@@ -605,8 +577,11 @@ impl SecondStoreArea {
         progress: &dyn Fn(u64, u64),
     ) -> Result<SecondStoreReplay, ReplayError> {
         let mut report = SecondStoreReplay::default();
-        let held: Vec<BTreeMap<u64, Held>> =
-            self.held().iter().map(|p| p.records.clone()).collect();
+        let held: Vec<BTreeMap<u64, Held>> = self
+            .held()
+            .iter()
+            .map(|p| p.records.iter().map(|(s, h)| (*s, *h)).collect())
+            .collect();
         let mut applier = Applier::new(luns);
         let mut done: Vec<Vec<u64>> = vec![Vec::new(); held.len()];
         for (p, records) in held.iter().enumerate() {

@@ -36,7 +36,6 @@ impl SecondStoreArea {
     /// partner partition `partition` hold, newest seq first; returns the gaps.
     pub fn read_held(&self, partition: u32, lun: u32, offset: u64, out: &mut [u8]) -> HeldRead {
         let end = offset + out.len() as u64;
-        let overlaps = |h: &Held| h.lun == lun && h.start < end && offset < h.end;
         let mut copied = Vec::new();
         // The highest seq found overwritten: it, and every record below it, was released.
         // (Only records overlapping the read matter: any that could supersede one of them
@@ -47,14 +46,13 @@ impl SecondStoreArea {
             let Some(pp) = held.get(partition as usize) else {
                 return HeldRead::Gaps(vec![(offset, end)]);
             };
+            // A void's span is in its payload (`nvram::void`); any void of the LUN will do.
+            if pp.records.holds_void(lun) {
+                return HeldRead::Unsure;
+            }
             let log = self.partition_log(partition);
-            for (&seq, h) in &pp.records {
-                match h.kind {
-                    // Its span is in its payload (`nvram::void`); any void of the LUN will do.
-                    RecordKind::Void if h.lun == lun => return HeldRead::Unsure,
-                    RecordKind::Data | RecordKind::Zero if overlaps(h) => {}
-                    _ => continue,
-                }
+            for (seq, h) in pp.records.overlapping(lun, offset, end) {
+                let h = &h;
                 let Some(header) = self.held_header(log, partition, seq, h) else {
                     gone = gone.max(seq);
                     continue;
