@@ -228,6 +228,10 @@ pub struct FaultMix {
     /// With `storage = "own"`: reads of the partner's ranges served locally under its read
     /// lease (`cluster.local_reads`). Draws nothing; off in [`FaultMix::all`].
     pub local_reads: bool,
+    /// The nodes' clocks run at different rates: one this fraction fast, the other as much
+    /// slow (drawn from a stream of its own, so every seed keeps its faults). None: both
+    /// exact, as before.
+    pub clock_drift: Option<f64>,
 }
 
 impl FaultMix {
@@ -260,6 +264,7 @@ impl FaultMix {
             write_priority: false,
             queue_writes: false,
             local_reads: false,
+            clock_drift: None,
         }
     }
 
@@ -303,6 +308,7 @@ impl FaultMix {
             write_priority: false,
             queue_writes: false,
             local_reads: false,
+            clock_drift: None,
         }
     }
 
@@ -343,6 +349,8 @@ pub struct Settings {
     pub queue_writes: bool,
     /// See [`FaultMix::local_reads`].
     pub local_reads: bool,
+    /// Each node's clock rate against real time (see [`FaultMix::clock_drift`]).
+    pub clock_rates: [f64; 2],
     pub degraded_nvram: bool,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -382,6 +390,13 @@ impl Settings {
         s.write_priority = mix.write_priority || mix.queue_writes;
         s.queue_writes = mix.queue_writes;
         s.local_reads = mix.local_reads;
+        if let Some(drift) = mix.clock_drift {
+            use rand::SeedableRng;
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc10c_0000_0000_0001);
+            let fast = rng.gen_range(0..2);
+            s.clock_rates[fast] = 1.0 + drift;
+            s.clock_rates[1 - fast] = 1.0 - drift;
+        }
         if mix.own_storage && mix.medium_failures {
             let end = duration.saturating_sub(Duration::from_secs(1));
             s.faults.extend(draw_medium_failures(seed, end));
@@ -432,6 +447,7 @@ impl Settings {
             write_priority: false,
             queue_writes: false,
             local_reads: false,
+            clock_rates: [1.0, 1.0],
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,
             heartbeat_timeout,

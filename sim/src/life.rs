@@ -121,20 +121,48 @@ impl Future for Guarded {
     }
 }
 
+/// A node's monotonic clock: it runs at `rate` times the simulation's (real) time from
+/// `origin` on, so two nodes measure the same interval differently (`--clock-drift`). The
+/// mirror link's timers run on real time: each clock of a node stays within the drift the
+/// engine's leases allow for, as every clock of a real node is.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeClock {
+    pub origin: tokio::time::Instant,
+    pub rate: f64,
+}
+
+impl NodeClock {
+    /// Real time `at` as this clock reads it.
+    fn read(&self, at: tokio::time::Instant) -> Instant {
+        let since = at.saturating_duration_since(self.origin);
+        self.origin.into_std() + since.mul_f64(self.rate)
+    }
+
+    /// How much real time passes while this clock advances `d`.
+    fn real(&self, d: Duration) -> Duration {
+        d.div_f64(self.rate)
+    }
+}
+
 /// The engine's `Host` inside the simulation.
 pub struct SimHost {
     pub life: Arc<Life>,
     /// With `--io-delay`: draws each blocking call's delay, reproducibly (seeded per life).
     pub io_delay: Option<Mutex<ChaCha8Rng>>,
+    pub clock: NodeClock,
 }
 
 impl Host for SimHost {
     fn now(&self) -> Instant {
-        tokio::time::Instant::now().into_std()
+        self.clock.read(tokio::time::Instant::now())
     }
 
     fn sleep(&self, d: Duration) -> BoxFuture<()> {
-        Box::pin(tokio::time::sleep(d))
+        Box::pin(tokio::time::sleep(self.clock.real(d)))
+    }
+
+    fn link_instant(&self, at: Instant) -> Instant {
+        self.clock.read(tokio::time::Instant::from_std(at))
     }
 
     fn spawn(&self, _name: &str, task: BoxFuture<()>) -> std::io::Result<TaskHandle> {

@@ -16,7 +16,7 @@
 
 use crate::disk::SimDisk;
 use crate::faults::{self, Fault, Settings};
-use crate::life::{Life, SimHost, SimSpawner, Stall};
+use crate::life::{Life, NodeClock, SimHost, SimSpawner, Stall};
 use crate::model::{block_data, decode, Decoded, Model, BLOCK};
 use crate::net::{Latency, SimNet};
 use crate::trace::{self, SharedTrace, Trace, TraceLayer};
@@ -132,6 +132,10 @@ struct Shared {
     impaired: std::sync::atomic::AtomicUsize,
     /// The running engines, to count their degraded writes.
     engines: Mutex<Vec<std::sync::Weak<Engine>>>,
+    /// Degraded writes of the engines that ended: a node's death must not take its count
+    /// out of the total (seed 9076: the partner's death cancelled out the survivor's new
+    /// degraded writes, and a write acknowledged with one NVRAM copy counted as mirrored).
+    degraded_of_dead: std::sync::atomic::AtomicU64,
     trace: SharedTrace,
     /// `degraded = "nvram"`: writes without a mirror copy are acknowledged.
     nvram_policy: bool,
@@ -158,7 +162,10 @@ impl Shared {
             .iter()
             .filter_map(|e| e.upgrade())
             .map(|e| e.degraded_writes())
-            .sum()
+            .sum::<u64>()
+            + self
+                .degraded_of_dead
+                .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn note(&self, line: impl AsRef<str>) {
@@ -682,6 +689,7 @@ impl World {
         let shared = Arc::new(Shared {
             impaired: std::sync::atomic::AtomicUsize::new(0),
             engines: Mutex::new((0..NODES).map(|_| std::sync::Weak::new()).collect()),
+            degraded_of_dead: Default::default(),
             trace,
             nvram_policy: s.degraded_nvram,
             verbose,
@@ -880,6 +888,7 @@ impl World {
             Event::Check => {
                 self.adopt_booted();
                 self.check_serving();
+                self.restart_fenced();
                 self.after(Duration::from_millis(10), Event::Check);
             }
             Event::WriteBack => {
@@ -912,6 +921,10 @@ impl World {
         node.link_stall = Arc::default();
         let life = Life::new(&node.name);
         let host: Arc<dyn Host> = Arc::new(SimHost {
+            clock: NodeClock {
+                origin: self.start,
+                rate: s.clock_rates[id],
+            },
             life: life.clone(),
             io_delay: s.io_delay.then(|| {
                 Mutex::new(ChaCha8Rng::seed_from_u64(
@@ -989,10 +1002,36 @@ impl World {
         }
     }
 
+    /// A daemon whose NVRAM partition was fenced exits so that its service manager starts
+    /// it again (`Engine::restart_wanted`, `node::daemon`): as a crash, a second later.
+    fn restart_fenced(&mut self) {
+        for node in 0..NODES {
+            let why = self.nodes[node]
+                .run
+                .as_ref()
+                .and_then(|r| r.engine.restart_wanted());
+            let Some(why) = why else { continue };
+            self.note(format!("n{node} exits to be restarted: {why}"));
+            lock(&self.shared.model).node_failed();
+            if self.stop_node(node, false) {
+                self.after(Duration::from_secs(1), Event::Restart { node });
+            }
+        }
+    }
+
     /// kill -9 (`power` false) or a power cut of `node`.
     fn stop_node(&mut self, node: usize, power: bool) -> bool {
         let life = match (self.nodes[node].run.take(), self.nodes[node].booting.take()) {
-            (Some(run), _) => run.life.clone(),
+            (Some(run), _) => {
+                let ended = std::mem::take(&mut lock(&self.shared.engines)[node]);
+                if let Some(engine) = ended.upgrade() {
+                    self.shared.degraded_of_dead.fetch_add(
+                        engine.degraded_writes(),
+                        std::sync::atomic::Ordering::SeqCst,
+                    );
+                }
+                run.life.clone()
+            }
             (None, Some(booting)) => booting,
             (None, None) => return false,
         };

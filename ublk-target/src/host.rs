@@ -44,6 +44,12 @@ pub trait Host: Send + Sync + 'static {
     /// Runs blocking work (a medium read for the partner) without blocking the caller's
     /// executor, e.g. the mirror link's runtime, which also carries the heartbeats.
     fn blocking(&self, work: Box<dyn FnOnce() + Send>) -> BoxFuture<()>;
+    /// An instant the mirror link took (on the process's monotonic clock, as the link's
+    /// heartbeat times are) on [`Host::now`]'s clock. The same on a real machine; the
+    /// simulator runs a node's clock at another rate than its link's (`--clock-drift`).
+    fn link_instant(&self, at: Instant) -> Instant {
+        at
+    }
 }
 
 /// Runs `f` through [`Host::blocking`] and returns its result.

@@ -1086,6 +1086,11 @@ impl PartitionLog {
         lock(&self.state).failed.is_some()
     }
 
+    /// The partition stopped because it was fenced (its NVRAM works).
+    pub fn is_fenced(&self) -> bool {
+        lock(&self.state).fenced
+    }
+
     /// Why the partition stopped, if it did.
     pub fn failure(&self) -> Option<String> {
         lock(&self.state).failed.clone()

@@ -75,6 +75,11 @@ struct Args {
     /// lease (`cluster.local_reads`).
     #[arg(long)]
     local_reads: bool,
+    /// The nodes' clocks run at different rates: one PERCENT fast, the other PERCENT slow
+    /// (the leases allow for two clocks 10% apart: up to 4.7 stays within that; more tries
+    /// what happens beyond it).
+    #[arg(long, value_name = "PERCENT", value_parser = parse_drift)]
+    clock_drift: Option<f64>,
     /// Simulate the majority lease planned for shared-nothing mode (`cluster::quorum`)
     /// instead of the two-node cluster; uses --seeds, --from, --seed and --seconds.
     #[arg(long)]
@@ -188,6 +193,7 @@ fn main() {
         m.write_priority = args.write_priority;
         m.queue_writes = args.queue_writes;
         m.local_reads = args.local_reads;
+        m.clock_drift = args.clock_drift.map(|percent| percent / 100.0);
         m.resync_rate = args.resync_rate.map(|kib| kib << 10);
         if args.no_givebacks {
             m = m.without_givebacks();
@@ -252,4 +258,16 @@ fn main() {
         simulated.as_secs_f64() / wall.as_secs_f64()
     );
     std::process::exit(if failures == 0 { 0 } else { 1 });
+}
+
+/// `--clock-drift`: a percentage from 0 to 50.
+fn parse_drift(s: &str) -> Result<f64, String> {
+    let percent: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number (a percentage, e.g. 4.5)"))?;
+    if (0.0..=50.0).contains(&percent) {
+        Ok(percent)
+    } else {
+        Err(format!("{percent} is outside 0-50 (percent)"))
+    }
 }

@@ -353,6 +353,20 @@ impl Engine {
     }
 
     /// Stops the background tasks; staged records stay in the NVRAM for the next start.
+    /// Why this daemon should restart, if it should: an NVRAM partition of ours was fenced
+    /// (the node lost a range it had staged records of before it heard of the loss). Every
+    /// range that stages in that partition is unserved until a start replays the NVRAM
+    /// (skipping the lost range's records), and a takeover of such a range is refused; a
+    /// restart, as after a crash, serves them again within seconds.
+    pub fn restart_wanted(&self) -> Option<String> {
+        let p = self.parts.iter().find(|p| p.is_fenced())?;
+        Some(format!(
+            "NVRAM partition {} stopped: {}",
+            p.id,
+            p.failure().unwrap_or_default()
+        ))
+    }
+
     pub fn shutdown(&self) {
         self.stopping.stop();
         for p in &self.parts {

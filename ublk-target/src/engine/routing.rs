@@ -470,7 +470,7 @@ impl Engine {
             let heard = current
                 .and_then(|m| m.heard_by_partner())
                 .filter(|&(generation, _)| Some(generation) == delivered_on)
-                .map(|(_, at)| at);
+                .map(|(_, at)| host.link_instant(at));
             match (heard, fresh_for) {
                 (Some(at), Some(fresh)) if host.now() >= at + fresh => Err(format!(
                     "the sender of this forwarded write last answered a heartbeat {} ms ago: not staged until it is heard again {}",

@@ -80,7 +80,7 @@ impl ServingRight {
             return false;
         };
         generation + 1 == self.trusted_connection.load(Ordering::SeqCst)
-            && self.host.now() < heard + c.link_timeout().mul_f64(VOUCH)
+            && self.host.now() < self.host.link_instant(heard) + c.link_timeout().mul_f64(VOUCH)
     }
 
     /// May this node write the medium now (the write must land before the lease runs out)?

@@ -183,6 +183,9 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         if devices.all_stopped_unexpectedly() {
             break;
         }
+        if let Some(why) = engine.restart_wanted() {
+            restart_by_exiting(&why);
+        }
         let live: Vec<String> = devices
             .statuses()
             .iter()
@@ -249,6 +252,25 @@ fn config_path(args: &DaemonArgs) -> String {
         .unwrap_or_else(|_| args.config.clone())
         .display()
         .to_string()
+}
+
+/// Exit status of a daemon that stops so that its service manager starts it again
+/// (`nvmirrord@.service` restarts on failure, the OCF agent's monitor restarts a crashed
+/// daemon in place): EX_TEMPFAIL.
+pub const EXIT_RESTART: i32 = 75;
+
+/// Ends the process as a crash would: no drain, the disk lease kept, the ublk devices left
+/// for the next start to recover (their I/O waits meanwhile), the watchdog (if armed) still
+/// counting, so a medium write that hangs cannot outlive it. The next start replays the
+/// NVRAM and serves what this one could not.
+fn restart_by_exiting(why: &str) -> ! {
+    tracing::error!(
+        "{why}; exiting (status {EXIT_RESTART}) so that the service manager starts the daemon again: a start replays the NVRAM and serves the partition's ranges again (without a service manager, start it again or run nvmirrorctl recover)"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+        "restarting: an NVRAM partition was fenced",
+    )]);
+    std::process::exit(EXIT_RESTART)
 }
 
 /// Tells systemd what the start is doing while the NVRAM is replayed (before READY=1), and
