@@ -60,6 +60,31 @@ fn link(e: &Arc<Engine>, role: Role, me: u32, peer: u32) -> Link {
     Link::start(cfg, Some(e.local_region()), Some(store)).expect("link")
 }
 
+/// Links `a` and `b` over TCP on loopback, each the other's mirror, once both ends are up.
+/// The links live as long as what this returns.
+fn mirror_pair(a: &Arc<Engine>, b: &Arc<Engine>, rt: &tokio::runtime::Runtime) -> (Link, Link) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}").parse().expect("address");
+    let (la, lb) = (
+        link(a, Role::Listen(addr), 1, 2),
+        link(b, Role::Connect(addr), 2, 1),
+    );
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            la.wait_up().await.expect("a up");
+            lb.wait_up().await.expect("b up");
+        })
+        .await
+        .expect("the link came up")
+    });
+    a.attach_mirror(Arc::new(la.clone()));
+    b.attach_mirror(Arc::new(lb.clone()));
+    (la, lb)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("single");
@@ -95,26 +120,8 @@ fn main() {
     // Kept alive for the run: node b and both ends of the link.
     let _partner = mirrored.then(|| {
         let b = engine(&dir.path().join("nv-b"), "b", &medium, true);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let addr = format!("127.0.0.1:{port}").parse().expect("address");
-        let (la, lb) = (
-            link(&a, Role::Listen(addr), 1, 2),
-            link(&b, Role::Connect(addr), 2, 1),
-        );
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), async {
-                la.wait_up().await.expect("a up");
-                lb.wait_up().await.expect("b up");
-            })
-            .await
-            .expect("the link came up")
-        });
-        a.attach_mirror(Arc::new(la.clone()));
-        b.attach_mirror(Arc::new(lb.clone()));
-        (b, la, lb)
+        let links = mirror_pair(&a, &b, &rt);
+        (b, links)
     });
 
     let data = vec![0x5au8; block];
@@ -212,25 +219,7 @@ fn held_reads(writes: u64) {
         .enable_all()
         .build()
         .expect("runtime");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}").parse().expect("address");
-    let (la, lb) = (
-        link(&a, Role::Listen(addr), 1, 2),
-        link(&b, Role::Connect(addr), 2, 1),
-    );
-    rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            la.wait_up().await.expect("a up");
-            lb.wait_up().await.expect("b up");
-        })
-        .await
-        .expect("the link came up")
-    });
-    a.attach_mirror(Arc::new(la.clone()));
-    b.attach_mirror(Arc::new(lb.clone()));
+    let _links = mirror_pair(&a, &b, &rt);
     a.set_flush_paused(true);
     const BLOCK: u64 = 4096;
     let blocks = LUN_SIZE / BLOCK;
