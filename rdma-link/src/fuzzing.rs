@@ -45,7 +45,7 @@ const MODE_TCP_FRAMES: u8 = 0;
 const MODE_WHOLE_MESSAGE: u8 = 1;
 const MODE_PAYLOAD: u8 = 2;
 const MODE_RDMA_CHUNKS: u8 = 3;
-/// `link_frames`: compute the crc32c (and, with [`FLAG_FRAME_MACS`], the MAC) of every TCP
+/// `link_frames`: compute the crc32c (with [`FLAG_FRAME_MACS`], the MAC instead) of every TCP
 /// frame, or the MAC of a whole message, as a sender does, before reading them.
 pub const FLAG_SEAL_FRAMES: u8 = 0b100;
 /// `link_frames`: TCP frames and whole messages are read as after the handshake with frame
@@ -147,7 +147,11 @@ fn seal_frames(bytes: &mut [u8], mut mac: Option<FrameMac>) {
         else {
             return;
         };
-        let crc = crc32c::crc32c(&bytes[start..end]);
+        // With MACs the crc field is not checked, and a sender leaves it 0.
+        let crc = match mac {
+            Some(_) => 0,
+            None => crc32c::crc32c(&bytes[start..end]),
+        };
         bytes[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
         if let Some(mac) = &mut mac {
             // The MAC covers the whole payload: a record's header and bytes, a request's
@@ -162,10 +166,13 @@ fn seal_frames(bytes: &mut [u8], mut mac: Option<FrameMac>) {
 
 /// A message as a TCP sender writes it (with its MAC when `mac` is given).
 fn write_frame(msg: &Msg, record: Option<&[u8]>, mac: Option<&mut FrameMac>, out: &mut Vec<u8>) {
+    let check = proto::FrameCrc::with_macs(mac.is_some());
     let (head, body): (Vec<u8>, &[u8]) = match (msg, record) {
-        (Msg::Record(h), Some(bytes)) => (proto::record_frame_header(h, bytes).to_vec(), bytes),
+        (Msg::Record(h), Some(bytes)) => {
+            (proto::record_frame_header(h, bytes, check).to_vec(), bytes)
+        }
         (Msg::Request { .. } | Msg::Response { .. }, _) => {
-            let Some((head, payload)) = proto::data_frame_header(msg) else {
+            let Some((head, payload)) = proto::data_frame_header(msg, check) else {
                 panic!("{} has no data frame header", msg.name());
             };
             (head, &payload[..])

@@ -1,4 +1,5 @@
-//! The TCP transport: frames of `len | crc32c | payload` over one tokio `TcpStream` per peer.
+//! The TCP transport: frames of `len | crc32c | payload` (after the handshake `len | 0 |
+//! payload | MAC`) over one tokio `TcpStream` per peer.
 //! Only what is specific to sockets lives here — connecting, listening, and writing and reading
 //! frames (record bytes are read from the socket straight into the second-store region); the
 //! connection itself is a `stream` connection.
@@ -6,7 +7,7 @@
 use crate::error::{FrameError, LinkError, Result};
 use crate::handshake::PeerInfo;
 use crate::proto::{
-    data_frame_header, encode_frame_mac, record_frame_header, FrameMac, FrameReader, Msg,
+    data_frame_header, encode_frame_mac, record_frame_header, FrameCrc, FrameMac, FrameReader, Msg,
     RecordHdr, FRAME_HEADER_LEN,
 };
 use crate::shared::Shared;
@@ -108,7 +109,7 @@ impl MsgWrite for TcpWrite {
     }
 
     async fn record(&mut self, hdr: &RecordHdr, data: &[u8]) -> io::Result<()> {
-        let head = record_frame_header(hdr, data);
+        let head = record_frame_header(hdr, data, FrameCrc::with_macs(self.mac.is_some()));
         self.wr.write_all(&head).await?;
         self.wr.write_all(data).await?;
         if let Some(mac) = &mut self.mac {
@@ -119,7 +120,8 @@ impl MsgWrite for TcpWrite {
     }
 
     async fn data(&mut self, m: &Msg) -> io::Result<usize> {
-        let Some((head, payload)) = data_frame_header(m) else {
+        let Some((head, payload)) = data_frame_header(m, FrameCrc::with_macs(self.mac.is_some()))
+        else {
             return Ok(0);
         };
         self.wr.write_all(&head).await?;

@@ -2,8 +2,8 @@
 
 use proptest::prelude::*;
 use rdma_link::proto::{
-    self, AckStatus, FrameMac, FrameReader, Hello, Msg, NodeInfo, PartitionSeq, RecordHdr,
-    RemoteRegion, ResyncPoint, FRAME_HEADER_LEN,
+    self, AckStatus, FrameCrc, FrameMac, FrameReader, Hello, Msg, NodeInfo, PartitionSeq,
+    RecordHdr, RemoteRegion, ResyncPoint, FRAME_HEADER_LEN,
 };
 use rdma_link::FrameError;
 
@@ -208,7 +208,7 @@ proptest! {
             proto::encode_frame(m, &mut wire);
         }
         let hdr = RecordHdr { tag: 9, partition: 1, seq: 2, offset: 3, len: rec.len() as u32 };
-        wire.extend_from_slice(&proto::record_frame_header(&hdr, &rec));
+        wire.extend_from_slice(&proto::record_frame_header(&hdr, &rec, FrameCrc::Computed));
         wire.extend_from_slice(&rec);
         let (got, end) = read_all(&wire);
         prop_assert!(matches!(end, FrameError::Closed), "ended with {end}");
@@ -242,7 +242,7 @@ proptest! {
             proto::encode_frame_mac(m, Some(&mut tx), &mut wire);
         }
         let hdr = RecordHdr { tag: 9, partition: 1, seq: 2, offset: 3, len: rec.len() as u32 };
-        let head = proto::record_frame_header(&hdr, &rec);
+        let head = proto::record_frame_header(&hdr, &rec, FrameCrc::CoveredByMac);
         wire.extend_from_slice(&head);
         wire.extend_from_slice(&rec);
         wire.extend_from_slice(&tx.tag(&head[FRAME_HEADER_LEN..], &rec));

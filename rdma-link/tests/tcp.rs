@@ -536,7 +536,8 @@ impl Fake {
     async fn send(&mut self, m: &Msg) {
         let mut b = Vec::new();
         if m.is_data() {
-            let (head, payload) = proto::data_frame_header(m).unwrap();
+            let (head, payload) =
+                proto::data_frame_header(m, proto::FrameCrc::CoveredByMac).unwrap();
             b.extend_from_slice(&head);
             b.extend_from_slice(payload);
             b.extend_from_slice(&self.tx.tag(&head[proto::FRAME_HEADER_LEN..], payload));
@@ -548,7 +549,7 @@ impl Fake {
 
     /// The bytes of a record frame, sealed (the next message's MAC).
     fn record_frame(&mut self, hdr: &proto::RecordHdr, data: &[u8]) -> Vec<u8> {
-        let head = proto::record_frame_header(hdr, data);
+        let head = proto::record_frame_header(hdr, data, proto::FrameCrc::CoveredByMac);
         let mut b = head.to_vec();
         b.extend_from_slice(data);
         b.extend_from_slice(&self.tx.tag(&head[proto::FRAME_HEADER_LEN..], data));
@@ -663,7 +664,8 @@ async fn malformed_frames_close_the_connection_and_the_server_keeps_serving() {
         p.client.post(post(1, 0, 4096)).await.unwrap();
         assert!(p.client.state().is_up());
     }
-    // After authentication too: a record frame with a bad crc drops that connection.
+    // After authentication too: a record frame with a crc (the MAC replaces it) drops that
+    // connection.
     let mut f = fake_authenticated_client(p.addr).await;
     let hdr = proto::RecordHdr {
         tag: 1,
@@ -672,8 +674,9 @@ async fn malformed_frames_close_the_connection_and_the_server_keeps_serving() {
         offset: 0,
         len: 16,
     };
-    let mut frame = proto::record_frame_header(&hdr, &[9u8; 16]).to_vec();
-    frame.extend_from_slice(&[8u8; 16]); // not the bytes the crc covers
+    let mut frame =
+        proto::record_frame_header(&hdr, &[9u8; 16], proto::FrameCrc::Computed).to_vec();
+    frame.extend_from_slice(&[9u8; 16]);
     frame.extend_from_slice(&{
         let payload = &frame[proto::FRAME_HEADER_LEN..];
         let (head, body) = payload.split_at(proto::mac_head_len(payload));
@@ -681,7 +684,7 @@ async fn malformed_frames_close_the_connection_and_the_server_keeps_serving() {
     });
     f.s.write_all(&frame).await.unwrap();
     expect_closed(&mut f.s).await;
-    wait_down_with(&p.server, "checksum mismatch").await;
+    wait_down_with(&p.server, "in a frame with a MAC (must be 0)").await;
     // An oversized record claim after authentication.
     let mut f = fake_authenticated_client(p.addr).await;
     let hdr = proto::RecordHdr {
@@ -761,7 +764,7 @@ async fn malformed_request_traffic_closes_the_connection() {
         id: 1,
         payload: vec![0u8; proto::DEFAULT_MAX_REQUEST as usize + 1].into(),
     };
-    let (head, payload) = proto::data_frame_header(&big).unwrap();
+    let (head, payload) = proto::data_frame_header(&big, proto::FrameCrc::CoveredByMac).unwrap();
     let tag = f.tx.tag(&head[proto::FRAME_HEADER_LEN..], payload);
     f.s.write_all(&head).await.unwrap();
     // The server may close before reading it all.
@@ -1018,9 +1021,14 @@ async fn frames_without_a_valid_mac_are_rejected_and_nothing_is_acknowledged() {
             ..
         })
     ));
-    // 2. Injected by someone without the keys: a record frame with a valid crc (what the
-    //    version 2 protocol accepted as a medium write) and a made-up MAC.
-    let mut forged = proto::record_frame_header(&rec(2, 2, 8192), &[0xbd; 4096]).to_vec();
+    // 2. Injected by someone without the keys: a well-formed record frame (what the version 2
+    //    protocol accepted as a medium write) with a made-up MAC.
+    let mut forged = proto::record_frame_header(
+        &rec(2, 2, 8192),
+        &[0xbd; 4096],
+        proto::FrameCrc::CoveredByMac,
+    )
+    .to_vec();
     forged.extend_from_slice(&[0xbd; 4096]);
     forged.extend_from_slice(&[0u8; proto::TAG_LEN]);
     f.s.write_all(&forged).await.unwrap();

@@ -1,6 +1,11 @@
 //! How messages are carried: TCP frames (`len | crc32c | payload`, records read straight to
 //! where the caller says), RDMA chunks of requests and responses ([`ChunkHdr`]), and the whole
 //! messages of a custom network — with the receiver's limits checked.
+//!
+//! A TCP frame's crc32c guards the handshake only. Once frames carry MACs ([`FrameMac`]) the
+//! MAC covers every byte the crc would, so the crc is neither computed nor checked
+//! ([`FrameCrc::CoveredByMac`]: the field is sent as 0): it cost two passes over every record
+//! (one per node) for nothing the MAC misses, as RDMA messages never had one.
 
 use super::auth::{split_tag, FrameMac, TAG_LEN};
 use super::codec::R;
@@ -13,12 +18,39 @@ use crate::error::FrameError;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+/// Whether a TCP frame's header carries the crc32c of its payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameCrc {
+    /// Before the frame MACs start (the handshake, or a link without MACs).
+    Computed,
+    /// The frame's MAC covers the payload: the field is 0 (the receiver refuses anything else).
+    CoveredByMac,
+}
+
+impl FrameCrc {
+    /// The rule for a connection whose frames do (`true`) or do not carry MACs.
+    pub fn with_macs(macs: bool) -> FrameCrc {
+        if macs {
+            FrameCrc::CoveredByMac
+        } else {
+            FrameCrc::Computed
+        }
+    }
+
+    fn of(self, parts: &[&[u8]]) -> u32 {
+        match self {
+            FrameCrc::CoveredByMac => 0,
+            FrameCrc::Computed => parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p)),
+        }
+    }
+}
+
 /// Frame header and message header of a request / response frame (the payload follows).
-pub fn data_frame_header(msg: &Msg) -> Option<(Vec<u8>, &Bytes)> {
+pub fn data_frame_header(msg: &Msg, check: FrameCrc) -> Option<(Vec<u8>, &Bytes)> {
     let (h, payload) = msg.data_parts()?;
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + h.len());
     let len = (h.len() + payload.len()) as u32;
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h), payload);
+    let crc = check.of(&[&h, payload]);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&h);
@@ -38,23 +70,27 @@ pub fn mac_head_len(payload: &[u8]) -> usize {
     head.min(payload.len())
 }
 
-/// Encode a complete TCP frame for a control message (not a record).
+/// Encode a complete TCP frame for a control message (not a record), with its crc32c.
 pub fn encode_frame(msg: &Msg, out: &mut Vec<u8>) {
+    encode_frame_checked(msg, FrameCrc::Computed, out)
+}
+
+fn encode_frame_checked(msg: &Msg, check: FrameCrc, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
     msg.encode(out);
     let payload = &out[start + FRAME_HEADER_LEN..];
     let len = payload.len() as u32;
-    let crc = crc32c::crc32c(payload);
+    let crc = check.of(&[payload]);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Encode a complete TCP frame for a control message, followed by its MAC when `mac` is given
-/// (after the handshake's challenge).
+/// (after the handshake's challenge; then without a crc).
 pub fn encode_frame_mac(msg: &Msg, mac: Option<&mut FrameMac>, out: &mut Vec<u8>) {
     let start = out.len();
-    encode_frame(msg, out);
+    encode_frame_checked(msg, FrameCrc::with_macs(mac.is_some()), out);
     if let Some(mac) = mac {
         let payload = &out[start + FRAME_HEADER_LEN..];
         let (head, body) = payload.split_at(mac_head_len(payload));
@@ -67,12 +103,13 @@ pub fn encode_frame_mac(msg: &Msg, mac: Option<&mut FrameMac>, out: &mut Vec<u8>
 pub fn record_frame_header(
     hdr: &RecordHdr,
     data: &[u8],
+    check: FrameCrc,
 ) -> [u8; FRAME_HEADER_LEN + RECORD_HDR_LEN] {
     let mut out = [0u8; FRAME_HEADER_LEN + RECORD_HDR_LEN];
     let mut body = Vec::with_capacity(RECORD_HDR_LEN);
     Msg::Record(*hdr).encode(&mut body);
     let len = (RECORD_HDR_LEN + data.len()) as u32;
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&body), data);
+    let crc = check.of(&[&body, data]);
     out[0..4].copy_from_slice(&len.to_le_bytes());
     out[4..8].copy_from_slice(&crc.to_le_bytes());
     out[8..].copy_from_slice(&body);
@@ -83,8 +120,9 @@ pub fn record_frame_header(
 /// [`MAX_CONTROL_LEN`]; record bytes go straight to the slice the caller's sink returns
 /// (the receiver's second-store region), so a record is never copied twice — unless frames
 /// are authenticated ([`FrameReader::set_mac`]): then each frame's MAC (after its payload) is
-/// checked, and a record's bytes are read into a buffer of the reader's, checked, and only
-/// then copied to the sink's slice, so that a forged record never changes the second store.
+/// checked instead of its crc, and a record's bytes are read into a buffer of the reader's,
+/// checked, and only then copied to the sink's slice, so that a forged record never changes
+/// the second store.
 pub struct FrameReader {
     max_record: u32,
     max_request: u32,
@@ -135,8 +173,9 @@ impl FrameReader {
     }
 
     /// Read the next frame. For a `Record`, `sink(hdr)` must return the destination of the
-    /// record bytes (exactly `hdr.len` long) or an error; the crc covers header and bytes and is
-    /// checked after they landed (the caller must not acknowledge a record before this returns Ok).
+    /// record bytes (exactly `hdr.len` long) or an error; the crc (or the MAC) covers header and
+    /// bytes and is checked before this returns (the caller must not acknowledge a record before
+    /// this returns Ok; without MACs the bytes land before the check).
     pub async fn read<'a, Rd, F>(&mut self, rd: &mut Rd, sink: F) -> Result<Msg, FrameError>
     where
         Rd: AsyncRead + Unpin,
@@ -167,6 +206,12 @@ impl FrameReader {
                 detail: "empty payload".into(),
             });
         }
+        if self.mac.is_some() && crc != 0 {
+            return Err(FrameError::Malformed {
+                what: "frame",
+                detail: format!("crc field {crc:#010x} in a frame with a MAC (must be 0)"),
+            });
+        }
         // Peek the kind: records are read in two parts.
         let mut kind = [0u8; 1];
         rd.read_exact(&mut kind).await?;
@@ -190,10 +235,7 @@ impl FrameReader {
             let dst = record_destination(&hdr, len - RECORD_HDR_LEN, self.max_record, sink)?;
             let Some(mac) = &mut self.mac else {
                 rd.read_exact(dst).await?;
-                let got = crc32c::crc32c_append(crc32c::crc32c(&hb), dst);
-                if got != crc {
-                    return Err(FrameError::BadCrc { got, expected: crc });
-                }
+                check_crc(crc, &[&hb, dst])?;
                 return Ok(Msg::Record(hdr));
             };
             // Authenticated frames: the bytes reach the second store only once their MAC held.
@@ -202,10 +244,6 @@ impl FrameReader {
             rd.read_exact(&mut self.bounce).await?;
             let mut tag = [0u8; TAG_LEN];
             rd.read_exact(&mut tag).await?;
-            let got = crc32c::crc32c_append(crc32c::crc32c(&hb), &self.bounce);
-            if got != crc {
-                return Err(FrameError::BadCrc { got, expected: crc });
-            }
             mac.check(&hb, &self.bounce, &tag)?;
             dst.copy_from_slice(&self.bounce);
             return Ok(Msg::Record(hdr));
@@ -222,13 +260,12 @@ impl FrameReader {
             b[0] = kind[0];
             rd.read_exact(&mut b[1..]).await?;
             let tag = self.read_tag(rd).await?;
-            let got = crc32c::crc32c(&b);
-            if got != crc {
-                return Err(FrameError::BadCrc { got, expected: crc });
-            }
-            if let (Some(mac), Some(tag)) = (&mut self.mac, tag) {
-                let (head, body) = b.split_at(mac_head_len(&b));
-                mac.check(head, body, &tag)?;
+            match (&mut self.mac, tag) {
+                (Some(mac), Some(tag)) => {
+                    let (head, body) = b.split_at(mac_head_len(&b));
+                    mac.check(head, body, &tag)?;
+                }
+                _ => check_crc(crc, &[&b])?,
             }
             return decode_data_within(Bytes::from(b), self.max_request);
         }
@@ -243,15 +280,21 @@ impl FrameReader {
         self.buf[0] = kind[0];
         rd.read_exact(&mut self.buf[1..]).await?;
         let tag = self.read_tag(rd).await?;
-        let got = crc32c::crc32c(&self.buf);
-        if got != crc {
-            return Err(FrameError::BadCrc { got, expected: crc });
-        }
-        if let (Some(mac), Some(tag)) = (&mut self.mac, tag) {
-            mac.check(&self.buf, &[], &tag)?;
+        match (&mut self.mac, tag) {
+            (Some(mac), Some(tag)) => mac.check(&self.buf, &[], &tag)?,
+            _ => check_crc(crc, &[&self.buf])?,
         }
         Msg::decode(&self.buf)
     }
+}
+
+/// A frame without a MAC: its crc32c must match the payload (`parts` in order).
+fn check_crc(expected: u32, parts: &[&[u8]]) -> Result<(), FrameError> {
+    let got = FrameCrc::Computed.of(parts);
+    if got != expected {
+        return Err(FrameError::BadCrc { got, expected });
+    }
+    Ok(())
 }
 
 /// Check a received record header against the bytes that came with it and our limit; returns

@@ -16,7 +16,8 @@ pub const MAGIC: u32 = 0x4c4d_564e;
 ///   challenge carries the acceptor's flags; an ack says why a record was not held.
 /// * 4: the frame MAC hashes a message's bytes before its header (a record's bytes on a BLAKE3
 ///   chunk boundary: 2.5x faster at 4 KiB).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// * 6: a TCP frame that carries a MAC carries no crc32c (the field must be 0).
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Bytes of the TCP frame header (`len`, `crc`).
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Largest non-record message (a hello with two full resync lists fits).
