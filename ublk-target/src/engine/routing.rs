@@ -214,6 +214,9 @@ impl Engine {
         let mut deadline = None;
         let mut move_deadline = None;
         let mut queue_deadline = None;
+        // A write that queued for its range and is forwarded after all counts once, however
+        // often it is routed again.
+        let mut counted_as_queued_then_forwarded = false;
         let mut table_reread = false;
         loop {
             let (all_local, remote) = self.route(lun_idx, lun, offset, len).await;
@@ -241,6 +244,12 @@ impl Engine {
                 }
             }
             let fwd = self.forwarder()?;
+            if queue_deadline.is_some() && !counted_as_queued_then_forwarded {
+                counted_as_queued_then_forwarded = true;
+                self.write_demand
+                    .queued_then_forwarded()
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match w.kind {
                 RecordKind::Data => fwd.write(lun_idx as u32, at, w.payload(at, n).to_vec()),
                 _ => fwd.write_zeroes(lun_idx as u32, at, n),

@@ -64,9 +64,9 @@ pub(super) struct WriteDemand {
     /// Ranges moved because one node asked for them (handed over by us or to us).
     moves: Arc<AtomicU64>,
     /// Writes that waited for write priority (`queue_for`), and those of them forwarded
-    /// after all because the range did not come in time.
+    /// after all (the range did not come in time, or the link was down).
     queued: AtomicU64,
-    queue_timeouts: AtomicU64,
+    queued_then_forwarded: AtomicU64,
 }
 
 /// The queue of writes waiting for one range: held by the write whose ask is out.
@@ -90,7 +90,7 @@ impl WriteDemand {
             asking: Mutex::new(HashMap::new()),
             moves: Arc::default(),
             queued: AtomicU64::new(0),
-            queue_timeouts: AtomicU64::new(0),
+            queued_then_forwarded: AtomicU64::new(0),
         }
     }
 
@@ -194,8 +194,8 @@ impl WriteDemand {
         &self.queued
     }
 
-    pub(super) fn queue_timeouts(&self) -> &AtomicU64 {
-        &self.queue_timeouts
+    pub(super) fn queued_then_forwarded(&self) -> &AtomicU64 {
+        &self.queued_then_forwarded
     }
 
     /// Writes of `pieces` (offset, len) of `lun` were forwarded to their owner at `now`:

@@ -62,7 +62,9 @@ impl Engine {
     pub fn write_priority_queued(&self) -> (u64, u64) {
         (
             self.write_demand.queued().load(Ordering::Relaxed),
-            self.write_demand.queue_timeouts().load(Ordering::Relaxed),
+            self.write_demand
+                .queued_then_forwarded()
+                .load(Ordering::Relaxed),
         )
     }
 
@@ -107,11 +109,6 @@ impl Engine {
         let mut waited = false;
         loop {
             if self.host.now() >= until {
-                if waited {
-                    self.write_demand
-                        .queue_timeouts()
-                        .fetch_add(1, Ordering::Relaxed);
-                }
                 return waited;
             }
             let Some(fwd) = c.forwarder().filter(|_| self.mirror.is_up()) else {
