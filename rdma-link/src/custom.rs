@@ -8,7 +8,7 @@ use crate::handshake::PeerInfo;
 use crate::network::{Connection, Listener, MessageReceiver, MessageSender, Network};
 use crate::proto::{decode_message_mac, FrameMac, Msg, RecordHdr};
 use crate::shared::Shared;
-use crate::stream::{dial, MsgRead, MsgWrite, RecordSink, StreamIo, StreamWire};
+use crate::stream::{dial, MsgRead, MsgWrite, RecordBytes, RecordSink, StreamIo, StreamWire};
 use crate::wire::Carrier;
 use bytes::Bytes;
 use std::io;
@@ -107,7 +107,8 @@ impl MsgWrite for NetWrite {
         self.seal_and_send(b).await
     }
 
-    async fn record(&mut self, hdr: &RecordHdr, data: &[u8]) -> io::Result<()> {
+    async fn record(&mut self, hdr: &RecordHdr, data: RecordBytes) -> io::Result<()> {
+        let data = data.get();
         let mut b =
             Vec::with_capacity(crate::proto::RECORD_HDR_LEN + data.len() + crate::proto::TAG_LEN);
         Msg::Record(*hdr).encode(&mut b);

@@ -33,11 +33,12 @@ const CLOSE_WAIT: Duration = Duration::from_millis(100);
 pub(crate) trait MsgWrite: Send + 'static {
     /// Write one control message (buffered until `flush`).
     fn control(&mut self, m: &Msg) -> impl Future<Output = io::Result<()>> + Send;
-    /// Write one record: its header and its bytes.
+    /// Write one record: its header and its bytes. The bytes may be sent as late as the next
+    /// `flush` (they stay unchanged until then, see [`RecordBytes`]).
     fn record(
         &mut self,
         hdr: &RecordHdr,
-        data: &[u8],
+        data: RecordBytes,
     ) -> impl Future<Output = io::Result<()>> + Send;
     /// Write one request or response; returns the bytes it took.
     fn data(&mut self, m: &Msg) -> impl Future<Output = io::Result<usize>> + Send;
@@ -60,6 +61,40 @@ pub(crate) trait MsgRead: Send + 'static {
     /// From the next message on, every message must carry a valid MAC; a record's bytes reach
     /// the second store only once its MAC held.
     fn start_mac(&mut self, mac: FrameMac);
+}
+
+/// The bytes of a posted record in our local region, which a writer may send without copying
+/// them first.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RecordBytes {
+    region: Region,
+    offset: u64,
+    len: usize,
+}
+
+impl RecordBytes {
+    /// `None` if the range is outside `region`.
+    ///
+    /// # Safety
+    /// No one may write `[offset, offset + len)` of `region` until the connection's writer has
+    /// sent these bytes or the connection is closed: the post contract (the engine keeps a
+    /// post's source bytes unchanged until its future resolves, which happens only after the
+    /// peer acknowledged the record or after the connection closed).
+    pub(crate) unsafe fn new(region: Region, offset: u64, len: usize) -> Option<RecordBytes> {
+        region.check(offset, len as u64).then_some(RecordBytes {
+            region,
+            offset,
+            len,
+        })
+    }
+
+    pub(crate) fn get(&self) -> &[u8] {
+        // SAFETY: in bounds (checked in `new`), and unchanged per `new`'s contract.
+        match unsafe { self.region.slice(self.offset, self.len) } {
+            Some(b) => b,
+            None => unreachable!("checked in RecordBytes::new"),
+        }
+    }
 }
 
 /// Where the reader puts the bytes of a received record.
@@ -241,8 +276,11 @@ impl<W: MsgWrite> StreamWire<W> {
                 return Err(io::Error::other("a record to send but no local region"));
             };
             // SAFETY: the engine keeps the source bytes of a post unchanged until its future
-            // resolves, which happens only after this write (success or connection failure).
-            let Some(data) = (unsafe { local.slice(r.local_offset, r.hdr.len as usize) }) else {
+            // resolves, which happens only after the peer acknowledged them (so after this
+            // connection sent them) or after this connection closed.
+            let Some(data) =
+                (unsafe { RecordBytes::new(local, r.local_offset, r.hdr.len as usize) })
+            else {
                 return Err(io::Error::other("post outside the local region"));
             };
             self.wr.record(&r.hdr, data).await?;

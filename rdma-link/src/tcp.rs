@@ -11,12 +11,14 @@ use crate::proto::{
     RecordHdr, FRAME_HEADER_LEN,
 };
 use crate::shared::Shared;
-use crate::stream::{dial, MsgRead, MsgWrite, RecordSink, StreamIo, StreamWire};
+use crate::stream::{dial, MsgRead, MsgWrite, RecordBytes, RecordSink, StreamIo, StreamWire};
 use crate::wire::Carrier;
-use std::io;
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -30,11 +32,7 @@ fn tcp_io(shared: &Shared, s: TcpStream) -> Result<TcpIo> {
     s.set_nodelay(true)
         .map_err(|e| LinkError::io("setting TCP_NODELAY on the mirror link", e))?;
     let (rd, wr) = s.into_split();
-    let wr = TcpWrite {
-        wr: BufWriter::with_capacity(SOCKET_BUF, wr),
-        buf: Vec::new(),
-        mac: None,
-    };
+    let wr = TcpWrite::new(wr);
     let rd = TcpRead {
         rd: BufReader::with_capacity(SOCKET_BUF, rd),
         // No request payloads before authentication.
@@ -93,44 +91,127 @@ impl Carrier for TcpCarrier {
     }
 }
 
-/// Writes frames into a buffered socket; after the handshake each frame is followed by its MAC.
+/// Writes frames to the socket; after the handshake each frame is followed by its MAC.
+///
+/// Nothing is copied into a buffer but the small parts (frame and message headers, control
+/// messages, MACs): a record's bytes are sent from our first store and a request's or
+/// response's payload from its `Bytes`, gathered with `writev` at `flush` (or once
+/// [`SOCKET_BUF`] bytes wait).
 pub(crate) struct TcpWrite {
-    wr: BufWriter<OwnedWriteHalf>,
-    /// Scratch for encoding control frames.
-    buf: Vec<u8>,
+    sock: OwnedWriteHalf,
+    /// The small parts of what waits to be sent, in the order `pieces` names them.
+    small: Vec<u8>,
+    /// What waits to be sent, in order.
+    pieces: VecDeque<Piece>,
+    /// Bytes of the first piece already sent.
+    first_sent: usize,
+    /// Bytes in `pieces`, less `first_sent`.
+    waiting: usize,
     mac: Option<FrameMac>,
+}
+
+enum Piece {
+    Small { start: usize, end: usize },
+    Record(RecordBytes),
+    Payload(Bytes),
+}
+
+/// Most pieces one `writev` takes (Linux's `IOV_MAX` is 1024).
+const MAX_IOVECS: usize = 512;
+
+impl TcpWrite {
+    fn new(sock: OwnedWriteHalf) -> TcpWrite {
+        TcpWrite {
+            sock,
+            small: Vec::new(),
+            pieces: VecDeque::new(),
+            first_sent: 0,
+            waiting: 0,
+            mac: None,
+        }
+    }
+
+    fn frame_crc(&self) -> FrameCrc {
+        FrameCrc::with_macs(self.mac.is_some())
+    }
+
+    /// Queue `bytes` as small parts (copied).
+    fn push_small(&mut self, bytes: &[u8]) {
+        let at = self.small.len();
+        self.small.extend_from_slice(bytes);
+        self.note_small(at);
+    }
+
+    /// The small parts from `at` to the end of `small` were appended: queue them.
+    fn note_small(&mut self, at: usize) {
+        let end = self.small.len();
+        self.waiting += end - at;
+        if let Some(Piece::Small { end: last, .. }) = self.pieces.back_mut() {
+            if *last == at {
+                *last = end;
+                return;
+            }
+        }
+        self.pieces.push_back(Piece::Small { start: at, end });
+    }
+
+    fn push(&mut self, piece: Piece) {
+        self.waiting += piece_bytes(&self.small, &piece).len();
+        self.pieces.push_back(piece);
+    }
+
+    /// Send early once a socket buffer's worth waits, so a long turn keeps the wire busy.
+    async fn flush_if_full(&mut self) -> io::Result<()> {
+        if self.waiting >= SOCKET_BUF {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+fn piece_bytes<'a>(small: &'a [u8], piece: &'a Piece) -> &'a [u8] {
+    match piece {
+        Piece::Small { start, end } => &small[*start..*end],
+        Piece::Record(r) => r.get(),
+        Piece::Payload(b) => b,
+    }
 }
 
 impl MsgWrite for TcpWrite {
     async fn control(&mut self, m: &Msg) -> io::Result<()> {
-        self.buf.clear();
-        encode_frame_mac(m, self.mac.as_mut(), &mut self.buf);
-        self.wr.write_all(&self.buf).await
+        let at = self.small.len();
+        encode_frame_mac(m, self.mac.as_mut(), &mut self.small);
+        self.note_small(at);
+        self.flush_if_full().await
     }
 
-    async fn record(&mut self, hdr: &RecordHdr, data: &[u8]) -> io::Result<()> {
-        let head = record_frame_header(hdr, data, FrameCrc::with_macs(self.mac.is_some()));
-        self.wr.write_all(&head).await?;
-        self.wr.write_all(data).await?;
+    async fn record(&mut self, hdr: &RecordHdr, data: RecordBytes) -> io::Result<()> {
+        let head = record_frame_header(hdr, data.get(), self.frame_crc());
+        self.push_small(&head);
+        self.push(Piece::Record(data));
         if let Some(mac) = &mut self.mac {
-            let tag = mac.tag(&head[FRAME_HEADER_LEN..], data);
-            self.wr.write_all(&tag).await?;
+            let tag = mac.tag(&head[FRAME_HEADER_LEN..], data.get());
+            self.push_small(&tag);
         }
-        Ok(())
+        self.flush_if_full().await
     }
 
     async fn data(&mut self, m: &Msg) -> io::Result<usize> {
-        let Some((head, payload)) = data_frame_header(m, FrameCrc::with_macs(self.mac.is_some()))
-        else {
+        let Some((head, payload)) = data_frame_header(m, self.frame_crc()) else {
             return Ok(0);
         };
-        self.wr.write_all(&head).await?;
-        self.wr.write_all(payload).await?;
-        if let Some(mac) = &mut self.mac {
-            let tag = mac.tag(&head[FRAME_HEADER_LEN..], payload);
-            self.wr.write_all(&tag).await?;
+        let n = head.len() + payload.len();
+        self.push_small(&head);
+        let tag = self
+            .mac
+            .as_mut()
+            .map(|mac| mac.tag(&head[FRAME_HEADER_LEN..], payload));
+        self.push(Piece::Payload(payload.clone()));
+        if let Some(tag) = tag {
+            self.push_small(&tag);
         }
-        Ok(head.len() + payload.len())
+        self.flush_if_full().await?;
+        Ok(n)
     }
 
     fn start_mac(&mut self, mac: FrameMac) {
@@ -138,15 +219,53 @@ impl MsgWrite for TcpWrite {
     }
 
     async fn flush(&mut self) -> io::Result<()> {
-        self.wr.flush().await
+        let TcpWrite {
+            sock,
+            small,
+            pieces,
+            first_sent,
+            waiting,
+            ..
+        } = self;
+        while !pieces.is_empty() {
+            let slices: Vec<IoSlice<'_>> = pieces
+                .iter()
+                .take(MAX_IOVECS)
+                .enumerate()
+                .map(|(i, p)| {
+                    let b = piece_bytes(small, p);
+                    IoSlice::new(if i == 0 { &b[*first_sent..] } else { b })
+                })
+                .collect();
+            let mut n = sock.write_vectored(&slices).await?;
+            drop(slices);
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            *waiting -= n;
+            while let Some(p) = pieces.front() {
+                let left = piece_bytes(small, p).len() - *first_sent;
+                if n < left {
+                    *first_sent += n;
+                    break;
+                }
+                n -= left;
+                *first_sent = 0;
+                pieces.pop_front();
+            }
+        }
+        small.clear();
+        Ok(())
     }
 
     fn is_idle(&self) -> bool {
-        self.wr.buffer().is_empty()
+        self.pieces.is_empty()
     }
 
     async fn close(&mut self) {
-        let _ = self.wr.shutdown().await;
+        // What still waits is dropped: the connection is going away.
+        self.pieces.clear();
+        let _ = self.sock.shutdown().await;
     }
 }
 
