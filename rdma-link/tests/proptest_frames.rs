@@ -19,9 +19,34 @@ fn read_all(bytes: &[u8]) -> (Vec<Msg>, FrameError) {
 }
 
 /// The same with frame MACs under `key`; also returns the scratch buffer records landed in.
+/// Read twice: all bytes buffered at once (a record's MAC is checked where the bytes are), and
+/// 5 bytes at a time (its bytes are gathered first); both must give the same.
 fn read_all_with(bytes: &[u8], key: Option<[u8; 32]>) -> ((Vec<Msg>, FrameError), Vec<u8>) {
+    let whole = read_all_buffered(bytes, key, bytes.len().max(1));
+    let piecemeal = read_all_buffered(bytes, key, 5);
+    assert_eq!(
+        whole.0 .0, piecemeal.0 .0,
+        "the messages depend on the buffering"
+    );
+    assert_eq!(
+        whole.0 .1.to_string(),
+        piecemeal.0 .1.to_string(),
+        "the error depends on the buffering"
+    );
+    assert!(
+        whole.1 == piecemeal.1,
+        "the records depend on the buffering"
+    );
+    whole
+}
+
+fn read_all_buffered(
+    bytes: &[u8],
+    key: Option<[u8; 32]>,
+    buffer: usize,
+) -> ((Vec<Msg>, FrameError), Vec<u8>) {
     rt().block_on(async {
-        let mut rd = bytes;
+        let mut rd = tokio::io::BufReader::with_capacity(buffer, bytes);
         let mut r = FrameReader::new(64 * 1024);
         if let Some(k) = key {
             r.set_mac(FrameMac::new(k));

@@ -12,7 +12,7 @@ use sha2::Sha256;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 fn post(seq: u64, off: u64, len: u32) -> Post {
@@ -451,7 +451,15 @@ async fn send(s: &mut TcpStream, m: &Msg) {
 
 async fn recv(s: &mut TcpStream) -> Result<Msg, rdma_link::FrameError> {
     let mut r = proto::FrameReader::new(1 << 20);
-    r.read(s, |_| Err(rdma_link::FrameError::Closed)).await
+    r.read(&mut unbuffered(s), |_| Err(rdma_link::FrameError::Closed))
+        .await
+}
+
+/// The socket as the buffered reader `FrameReader` wants, buffering nothing past what a read
+/// asked for (a reader of capacity 1 passes every read through once it is empty), so that
+/// dropping it after a frame loses nothing.
+fn unbuffered(s: &mut TcpStream) -> BufReader<&mut TcpStream> {
+    BufReader::with_capacity(1, s)
 }
 
 /// Read until EOF (the server closed the connection); fails the test if it stays open.
@@ -558,7 +566,9 @@ impl Fake {
 
     async fn recv(&mut self) -> Result<Msg, rdma_link::FrameError> {
         self.rd
-            .read(&mut self.s, |_| Err(rdma_link::FrameError::Closed))
+            .read(&mut unbuffered(&mut self.s), |_| {
+                Err(rdma_link::FrameError::Closed)
+            })
             .await
     }
 

@@ -16,7 +16,7 @@ use super::msg::{
 };
 use crate::error::FrameError;
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt};
 
 /// Whether a TCP frame's header carries the crc32c of its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,9 +120,9 @@ pub fn record_frame_header(
 /// [`MAX_CONTROL_LEN`]; record bytes go straight to the slice the caller's sink returns
 /// (the receiver's second-store region), so a record is never copied twice — unless frames
 /// are authenticated ([`FrameReader::set_mac`]): then each frame's MAC (after its payload) is
-/// checked instead of its crc, and a record's bytes are read into a buffer of the reader's,
-/// checked, and only then copied to the sink's slice, so that a forged record never changes
-/// the second store.
+/// checked instead of its crc, and a record's bytes are checked where the buffered reader holds
+/// them (or, when it holds only part of them, in a buffer of this reader's) and only then
+/// copied to the sink's slice, so that a forged record never changes the second store.
 pub struct FrameReader {
     max_record: u32,
     max_request: u32,
@@ -178,7 +178,7 @@ impl FrameReader {
     /// this returns Ok; without MACs the bytes land before the check).
     pub async fn read<'a, Rd, F>(&mut self, rd: &mut Rd, sink: F) -> Result<Msg, FrameError>
     where
-        Rd: AsyncRead + Unpin,
+        Rd: AsyncBufRead + Unpin,
         F: FnOnce(&RecordHdr) -> Result<&'a mut [u8], FrameError>,
     {
         let mut head = [0u8; FRAME_HEADER_LEN];
@@ -239,6 +239,16 @@ impl FrameReader {
                 return Ok(Msg::Record(hdr));
             };
             // Authenticated frames: the bytes reach the second store only once their MAC held.
+            // Checked where the reader buffered them when it holds them all (one copy, into
+            // the second store), else gathered in a buffer of ours first.
+            let buffered = rd.fill_buf().await?;
+            if buffered.len() >= dst.len() + TAG_LEN {
+                let (body, rest) = buffered.split_at(dst.len());
+                mac.check(&hb, body, &rest[..TAG_LEN])?;
+                dst.copy_from_slice(body);
+                rd.consume(dst.len() + TAG_LEN);
+                return Ok(Msg::Record(hdr));
+            }
             self.bounce.clear();
             self.bounce.resize(dst.len(), 0);
             rd.read_exact(&mut self.bounce).await?;
