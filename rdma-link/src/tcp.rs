@@ -145,6 +145,9 @@ impl TcpWrite {
     /// The small parts from `at` to the end of `small` were appended: queue them.
     fn note_small(&mut self, at: usize) {
         let end = self.small.len();
+        if end == at {
+            return;
+        }
         self.waiting += end - at;
         if let Some(Piece::Small { end: last, .. }) = self.pieces.back_mut() {
             if *last == at {
@@ -155,9 +158,13 @@ impl TcpWrite {
         self.pieces.push_back(Piece::Small { start: at, end });
     }
 
+    /// Queue `piece` (an empty one is left out: `flush` sends only non-empty slices).
     fn push(&mut self, piece: Piece) {
-        self.waiting += piece_bytes(&self.small, &piece).len();
-        self.pieces.push_back(piece);
+        let n = piece_bytes(&self.small, &piece).len();
+        if n > 0 {
+            self.waiting += n;
+            self.pieces.push_back(piece);
+        }
     }
 
     /// Send early once a socket buffer's worth waits, so a long turn keeps the wire busy.
