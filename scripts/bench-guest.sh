@@ -13,6 +13,8 @@
 #   rdma     3: two nvmirrords in this VM, mirror link over Soft-RoCE (rxe on a dummy netdev),
 #               each node's NVRAM on device-DAX (/dev/daxN.0 on an emulated NVDIMM of its own)
 #   tcp      4: the same over TCP (127.0.0.1), NVRAM in tmpfs
+#   tcp-nomac 4m: configuration 4 with `cluster.frame_mac = false` (frames carry crc32c, only
+#               the handshake is authenticated: DRBD's default), to show what the MACs cost
 #   own      4o: configuration 4 in shared-nothing mode (`storage = "own"`, issue #17): each
 #               node its own medium (as DRBD's two backing devices), a 4 MiB arbiter;
 #               then the cost of contention (both nodes writing one portion, a note) and
@@ -51,7 +53,7 @@
 # paused is reported as a diagnostic (not in the medians).
 set -uo pipefail
 
-CONFIG_ORDER=(null single pmem rdma tcp own drbd raw rawsync scale ship)
+CONFIG_ORDER=(null single pmem rdma tcp tcp-nomac own drbd raw rawsync scale ship)
 WORKLOADS=(qd1 qd32w seqw qd32r mixed)
 
 # =============================================================================== report ===
@@ -84,12 +86,13 @@ LABEL = {
     "pmem": "2b nvmirror, 1 node, NVRAM on /dev/pmem0",
     "rdma": "3 nvmirror, 2 nodes, RDMA (rxe), NVRAM on device-DAX",
     "tcp": "4 nvmirror, 2 nodes, TCP",
+    "tcp-nomac": "4m nvmirror, 2 nodes, TCP, no frame MACs (`frame_mac = false`)",
     "own": "4o nvmirror, 2 nodes, TCP, each its own medium",
     "drbd": "5 DRBD 8.4 protocol C",
     "raw": "6a loop, O_DIRECT",
     "rawsync": "6b loop, O_DIRECT + fsync/write",
 }
-ORDER = ["null", "single", "pmem", "rdma", "tcp", "own", "drbd", "raw", "rawsync"]
+ORDER = ["null", "single", "pmem", "rdma", "tcp", "tcp-nomac", "own", "drbd", "raw", "rawsync"]
 # metric name -> (workload, extractor, unit, higher is better)
 def pct(side, p):
     return lambda j: j["jobs"][0][side]["clat_ns"]["percentile"][p] / 1000.0
@@ -368,6 +371,14 @@ for c in ["rdma", "tcp"]:
         a, b = med(c, m), med("drbd", m)
         p(target(f"2 nodes {short}, 4K QD1 {m} vs DRBD C", ratio(a, b), goal, False, f"{fmt(a)} / {fmt(b)} µs"))
 
+if "tcp-nomac" in configs:
+    # Not a target row: the same targets with the frame MACs off, to show their share.
+    a, b = med("tcp-nomac", "qd32w"), med("drbd", "qd32w")
+    p(target("(4m) 2 nodes TCP without frame MACs, 4K randwrite QD32 vs DRBD C", ratio(a, b), 2.0, True, f"{fmt(a)} / {fmt(b)}"))
+    for m, goal in (("p50", 0.3), ("p99", 0.5)):
+        a, b = med("tcp-nomac", m), med("drbd", m)
+        p(target(f"(4m) 2 nodes TCP without frame MACs, 4K QD1 {m} vs DRBD C", ratio(a, b), goal, False, f"{fmt(a)} / {fmt(b)} µs"))
+
 def absolute(name, value, limit, unit, how):
     if value is None:
         return f"| {name} | n/a | ≤ {limit} {unit} | not measured |"
@@ -380,6 +391,13 @@ for key, name, limit in (("ENGINE_HOST_SINGLE", "engine on the host, CPU per 4K 
     except ValueError:
         wall = cpu = None
     p(absolute(name, cpu, limit, "µs", f"all threads; {fmt(wall)} µs wall per write" if wall else ""))
+try:
+    # Not a target row: the mirrored engine without frame MACs, to show their share.
+    wall, cpu = (float(x) for x in meta.get("ENGINE_HOST_TCP_NOMAC", "").split())
+    p(absolute("(4m) engine on the host, CPU per 4K write at QD32, mirrored over TCP without frame MACs",
+               cpu, 8, "µs", f"all threads; {fmt(wall)} µs wall per write"))
+except ValueError:
+    pass
 rss4 = scale_rss.get(4)
 p(absolute("daemon anonymous RSS with 4 queues", rss4[0] / 1024 if rss4 else None, 64, "MiB",
            f"peak RSS {rss4[1] / 1024:.0f} MiB with the NVRAM mapping" if rss4 else ""))
@@ -755,7 +773,7 @@ print(found[0] if found else "")' "$NVRAM_MB")
 		STATUS_CFGS=("$W/single.toml")
 		DEV=/dev/ublkb0
 		;;
-	rdma | tcp | own)
+	rdma | tcp | tcp-nomac | own)
 		modprobe ublk_drv || cfail "modprobe ublk_drv"
 		addr=127.0.0.1
 		if [[ $CFG == rdma ]]; then
@@ -766,14 +784,15 @@ print(found[0] if found else "")' "$NVRAM_MB")
 		elif [[ $CFG == tcp ]]; then
 			measure_tcp_bw
 		fi
-		[[ $CFG == own ]] || measure_link_stack "$CFG" "$addr"
+		[[ $CFG == own || $CFG == tcp-nomac ]] || measure_link_stack "$CFG" "$addr"
 		# Both nodes see the shared medium (own: each node its own, m and mb); node-a owns
 		# every range (owners = ["node-a"]), so fio on node-a's device measures staging +
 		# mirroring, never forwarding; node-b holds the mirror (second store) and serves
 		# nothing (own: it also writes every record to its medium when node-a asks).
 		medium shared m
 		mb=$m
-		cs=$(cluster_section "$([[ $CFG == own ]] && echo tcp || echo "$CFG")" "$addr")
+		cs=$(cluster_section "$([[ $CFG == rdma ]] && echo rdma || echo tcp)" "$addr")
+		[[ $CFG != tcp-nomac ]] || cs=$(sed 's|^takeover = .*|&\nframe_mac = false|' <<<"$cs")
 		if [[ $CFG == own ]]; then
 			medium own-b mb
 			truncate -s 4M "$MNT/own-arbiter.img"
@@ -1031,7 +1050,7 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 	for c in "${STATUS_CFGS[@]}"; do
 		"$NVMCTL" --config "$c" status --json >"$D/status-$(basename "$c" .toml).json" 2>/dev/null
 	done
-	if [[ $CFG == rdma || $CFG == tcp || $CFG == own ]]; then
+	if [[ $CFG == rdma || $CFG == tcp || $CFG == tcp-nomac || $CFG == own ]]; then
 		python3 - "$D/status-node-a.json" <<-'PY' >>"$D/notes" 2>/dev/null
 		import json, sys
 		m = json.load(open(sys.argv[1]))["engine"]["mirror"]

@@ -118,9 +118,10 @@ engine_host() { # MODE -> "WALL CPU" (µs per write), or nothing
 		sort -n -k2 | sed -n 2p
 }
 if [[ -x $bin/examples/write_path && -d /dev/shm ]]; then
-	for mode in single tcp; do
+	for mode in single tcp tcp-nomac; do
 		read -r wall cpu < <(engine_host "$mode") || true
-		[[ -n ${cpu:-} ]] && echo "ENGINE_HOST_${mode^^}=$wall $cpu" >>"$out/meta-host.env"
+		key=${mode^^}
+		[[ -n ${cpu:-} ]] && echo "ENGINE_HOST_${key//-/_}=$wall $cpu" >>"$out/meta-host.env"
 	done
 	nvm_log "engine on the host (µs per 4K write at QD32, wall and CPU): $(grep ENGINE_HOST "$out/meta-host.env" | tr '\n' ' ')"
 fi

@@ -201,6 +201,7 @@ pub struct ClusterView {
     pub heartbeat_interval_ms: u64,
     pub heartbeat_timeout_ms: u64,
     pub busy_poll_us: u64,
+    pub frame_mac: bool,
     pub secret_file: String,
     /// In config order: the first listens, the second connects.
     pub nodes: Vec<ClusterNodeView>,
@@ -263,6 +264,7 @@ impl ConfigView {
                 heartbeat_interval_ms: c.heartbeat_interval_ms,
                 heartbeat_timeout_ms: c.heartbeat_timeout_ms,
                 busy_poll_us: c.busy_poll_us,
+                frame_mac: c.frame_mac,
                 secret_file: c.secret_file.display().to_string(),
                 nodes: c
                     .nodes

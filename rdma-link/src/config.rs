@@ -147,7 +147,8 @@ pub struct LinkConfig {
     /// connection (keyed BLAKE3 over a per-direction sequence number and the message, a
     /// record's bytes included), so that nobody on the network path can inject, alter, replay
     /// or reorder traffic — e.g. write the partner's second store. Both nodes must agree. On
-    /// by default; off only to measure what it costs.
+    /// by default; off (the daemon's `cluster.frame_mac = false`) for a dedicated link or an
+    /// isolated fabric, where TCP frames carry a crc32c instead.
     pub frame_mac: bool,
     /// Pause between connection attempts (connector).
     pub reconnect_delay: Duration,

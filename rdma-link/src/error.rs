@@ -39,7 +39,7 @@ pub enum HandshakeError {
         ours: &'static str,
         theirs: &'static str,
     },
-    #[error("frame authentication is {ours} on node {node} but {theirs} on node {peer}; configure the same frame_mac on both nodes")]
+    #[error("frame authentication is {ours} on node {node} but {theirs} on node {peer}; set the same cluster.frame_mac on both nodes")]
     FrameMac {
         node: u32,
         ours: &'static str,

@@ -7,15 +7,36 @@
 # 200 mirrored writes, and fio verifies every acknowledged write through node-b's device.
 # node-a's takeover policy is manual (node-b's clean stop must not hand it node-b's range);
 # node-b's is auto.
+# Both nodes run with `cluster.frame_mac = false` (the handshake alone proves the secret,
+# frames carry crc32c): the whole path works without frame MACs, and a node-b with MACs on
+# is refused, naming the setting.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 medium=$(nvm_medium shared 320)
 nvm_cluster_config a "$medium" manual tcp 127.0.0.1 7831
 nvm_cluster_config b "$medium" auto tcp 127.0.0.1 7831
+cp node-b.toml node-b-macs.toml
+for n in a b; do sed -i 's|^takeover = .*|&\nframe_mac = false|' "node-$n.toml"; done
+"$NVMCTL" config check node-a.toml >check-a.log 2>&1 || { cat check-a.log; fail "config check"; }
+grep -q 'cluster.frame_mac = false' check-a.log || { cat check-a.log; fail "config check did not warn about frame_mac = false"; }
 blocks=200
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
+
+say "node-b with frame MACs on against node-a with them off: the link must be refused"
+nvm_start node-b-macs.toml daemon-b-macs.log
+pid_macs=$NVM_LAST_PID
+for _ in $(seq 100); do
+	grep -q 'set the same cluster.frame_mac on both nodes' daemon-b-macs.log && break
+	sleep 0.1
+done
+grep -q 'set the same cluster.frame_mac on both nodes' daemon-b-macs.log ||
+	{ tail -5 daemon-b-macs.log; fail "node-b (MACs on) did not refuse node-a (MACs off) by the setting's name"; }
+nvm_status_has node-b-macs.toml '"link": "Up' && fail "the link came up with frame MACs on one node only"
+say "refused: $(grep -m1 -o 'frame authentication is[^"]*' daemon-b-macs.log)"
+nvm_stop "$pid_macs"
+
 nvm_start node-b.toml daemon-b.log
 pid_b=$NVM_LAST_PID
 nvm_wait_link

@@ -5,9 +5,10 @@
 //! valgrind --tool=callgrind target/release/examples/write_path tcp 2000 1
 //! ```
 //!
-//! `write_path single|tcp [WRITES] [QUEUE_DEPTH] [BLOCK_KIB]` writes WRITES random blocks of
-//! BLOCK_KIB (default 4) KiB (default 20000 writes) at QUEUE_DEPTH (default 1) into one node
-//! (single) or into node a of two engines mirroring over the TCP link on loopback (tcp). The
+//! `write_path single|tcp|tcp-nomac [WRITES] [QUEUE_DEPTH] [BLOCK_KIB]` writes WRITES random
+//! blocks of BLOCK_KIB (default 4) KiB (default 20000 writes) at QUEUE_DEPTH (default 1) into
+//! one node (single) or into node a of two engines mirroring over the TCP link on loopback
+//! (tcp; tcp-nomac: without frame MACs, as `cluster.frame_mac = false`). The
 //! NVRAM is a file in /dev/shm, the medium in memory, so what is measured is the engine and
 //! the link. Prints microseconds per write (wall clock) and the CPU time per write of every
 //! thread in the process, and first what the record checksum (crc32c), the copy and the
@@ -47,8 +48,8 @@ fn engine(nvram: &Path, node: &str, medium: &Arc<MemMedium>, mirrored: bool) -> 
     .expect("engine")
 }
 
-fn link(e: &Arc<Engine>, role: Role, me: u32, peer: u32) -> Link {
-    let cfg = LinkConfig::new(
+fn link(e: &Arc<Engine>, role: Role, me: u32, peer: u32, frame_mac: bool) -> Link {
+    let mut cfg = LinkConfig::new(
         Transport::Tcp,
         role,
         7,
@@ -56,21 +57,27 @@ fn link(e: &Arc<Engine>, role: Role, me: u32, peer: u32) -> Link {
         peer,
         b"write-path-profiling-secret",
     );
+    cfg.frame_mac = frame_mac;
     let store: Arc<dyn SecondStore> = e.second_store().expect("mirrored layout");
     Link::start(cfg, Some(e.local_region()), Some(store)).expect("link")
 }
 
 /// Links `a` and `b` over TCP on loopback, each the other's mirror, once both ends are up.
 /// The links live as long as what this returns.
-fn mirror_pair(a: &Arc<Engine>, b: &Arc<Engine>, rt: &tokio::runtime::Runtime) -> (Link, Link) {
+fn mirror_pair(
+    a: &Arc<Engine>,
+    b: &Arc<Engine>,
+    rt: &tokio::runtime::Runtime,
+    frame_mac: bool,
+) -> (Link, Link) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
     let addr = format!("127.0.0.1:{port}").parse().expect("address");
     let (la, lb) = (
-        link(a, Role::Listen(addr), 1, 2),
-        link(b, Role::Connect(addr), 2, 1),
+        link(a, Role::Listen(addr), 1, 2, frame_mac),
+        link(b, Role::Connect(addr), 2, 1, frame_mac),
     );
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -95,11 +102,11 @@ fn main() {
         held_reads(writes);
         return;
     }
-    if mode != "single" && mode != "tcp"
+    if !["single", "tcp", "tcp-nomac"].contains(&mode)
         || !(4..=512).contains(&block_kib)
         || !block_kib.is_multiple_of(4)
     {
-        eprintln!("usage: write_path single|tcp [WRITES] [QUEUE_DEPTH] [BLOCK_KIB: 4..512, a multiple of 4]\n       write_path held-reads [WRITES]");
+        eprintln!("usage: write_path single|tcp|tcp-nomac [WRITES] [QUEUE_DEPTH] [BLOCK_KIB: 4..512, a multiple of 4]\n       write_path held-reads [WRITES]");
         std::process::exit(2);
     }
     let block = block_kib << 10;
@@ -111,7 +118,7 @@ fn main() {
     medium
         .write_zeroes(0, LUN_SIZE)
         .expect("an in-memory medium");
-    let mirrored = mode == "tcp";
+    let mirrored = mode != "single";
     let a = engine(&dir.path().join("nv-a"), "a", &medium, mirrored);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -120,7 +127,7 @@ fn main() {
     // Kept alive for the run: node b and both ends of the link.
     let _partner = mirrored.then(|| {
         let b = engine(&dir.path().join("nv-b"), "b", &medium, true);
-        let links = mirror_pair(&a, &b, &rt);
+        let links = mirror_pair(&a, &b, &rt, mode == "tcp");
         (b, links)
     });
 
@@ -219,7 +226,7 @@ fn held_reads(writes: u64) {
         .enable_all()
         .build()
         .expect("runtime");
-    let _links = mirror_pair(&a, &b, &rt);
+    let _links = mirror_pair(&a, &b, &rt, true);
     a.set_flush_paused(true);
     const BLOCK: u64 = 4096;
     let blocks = LUN_SIZE / BLOCK;

@@ -174,6 +174,14 @@ pub struct ClusterSection {
     /// depends on the CPUs there are ([`default_busy_poll_us`]).
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
+    /// Authenticate every mirror-link message after the handshake with a MAC (keyed
+    /// BLAKE3), so that nobody on the network path can inject, alter or replay traffic (write
+    /// the partner's second store). `false` authenticates the handshake only and guards the
+    /// frames against accidents alone (crc32c over TCP; RDMA's own ICRC, and the records'
+    /// crc32c, checked before a mirrored copy is used), as DRBD does by default: for a
+    /// dedicated back-to-back link or an isolated fabric. Both nodes must agree.
+    #[serde(default = "default_frame_mac")]
+    pub frame_mac: bool,
     #[serde(default = "default_takeover")]
     pub takeover: TakeoverPolicy,
     /// Disk heartbeat: every node rewrites its slot on the shared medium this often...
@@ -404,6 +412,10 @@ fn default_queue_timeout() -> u64 {
 fn default_resync_rate() -> u64 {
     100
 }
+fn default_frame_mac() -> bool {
+    true
+}
+
 fn default_takeover() -> TakeoverPolicy {
     TakeoverPolicy::Auto
 }
@@ -557,6 +569,12 @@ impl NodeConfig {
         if let Some(addr) = self.metrics_listen().filter(|a| !a.ip().is_loopback()) {
             warnings.push(format!(
                 "metrics.listen {addr} is not a loopback address: anyone who can reach it reads the node's state (there is no authentication); keep it on a management network or firewall the port"
+            ));
+        }
+        if let Some(c) = self.cluster.as_ref().filter(|c| !c.frame_mac) {
+            warnings.push(format!(
+                "cluster.frame_mac = false: only the handshake proves the cluster secret; afterwards anyone who can reach the mirror link's path ({}) can inject or alter its messages, e.g. write the partner's second store. Use it only on a dedicated link or an isolated fabric; remove the line to authenticate every message",
+                c.nodes.iter().map(|n| n.address.as_str()).collect::<Vec<_>>().join(", ")
             ));
         }
         if let Some(c) = &self.cluster {
@@ -1353,6 +1371,35 @@ device_id = 3
             "[cluster.write_priority]\nqueue_writes = true\nqueue_timeout_ms = 0\n",
         ));
         assert!(e.contains("cluster.write_priority.queue_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn frame_macs_are_on_unless_turned_off_and_off_is_warned_about() {
+        let cluster = |extra: &str| {
+            format!(
+                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
+                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
+            )
+        };
+        let on = NodeConfig::parse(&cluster("")).expect("valid");
+        assert_eq!(on.cluster.as_ref().map(|c| c.frame_mac), Some(true));
+        assert!(
+            !on.environment_warnings()
+                .iter()
+                .any(|w| w.contains("frame_mac")),
+            "{:?}",
+            on.environment_warnings()
+        );
+        let off = NodeConfig::parse(&cluster("frame_mac = false")).expect("valid");
+        assert_eq!(off.cluster.as_ref().map(|c| c.frame_mac), Some(false));
+        let w = off.environment_warnings().join("\n");
+        assert!(
+            w.contains("cluster.frame_mac = false") && w.contains("10.0.0.2:7800"),
+            "{w}"
+        );
+        let e = err_of(&cluster("frame_mac = \"no\""));
+        assert!(e.contains("frame_mac"), "{e}");
     }
 
     #[test]

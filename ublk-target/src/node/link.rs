@@ -54,6 +54,7 @@ pub fn link_config(cfg: &NodeConfig, c: &ClusterSection) -> anyhow::Result<LinkC
     lc.heartbeat_interval = Duration::from_millis(c.heartbeat_interval_ms);
     lc.heartbeat_timeout = Duration::from_millis(c.heartbeat_timeout_ms);
     lc.busy_poll = Duration::from_micros(c.busy_poll_us);
+    lc.frame_mac = c.frame_mac;
     Ok(lc)
 }
 
