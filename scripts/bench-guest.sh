@@ -12,6 +12,7 @@
 #   pmem     2b: the same with the NVRAM on the emulated NVDIMM /dev/pmem0
 #   rdma     3: two nvmirrords in this VM, mirror link over Soft-RoCE (rxe on a dummy netdev),
 #               each node's NVRAM on device-DAX (/dev/daxN.0 on an emulated NVDIMM of its own)
+#   rdma-nomac 3m: configuration 3 with `cluster.frame_mac = false` (no MAC per message)
 #   tcp      4: the same over TCP (127.0.0.1), NVRAM in tmpfs
 #   tcp-nomac 4m: configuration 4 with `cluster.frame_mac = false` (frames carry crc32c, only
 #               the handshake is authenticated: DRBD's default), to show what the MACs cost
@@ -53,7 +54,7 @@
 # paused is reported as a diagnostic (not in the medians).
 set -uo pipefail
 
-CONFIG_ORDER=(null single pmem rdma tcp tcp-nomac own drbd raw rawsync scale ship)
+CONFIG_ORDER=(null single pmem rdma rdma-nomac tcp tcp-nomac own drbd raw rawsync scale ship)
 WORKLOADS=(qd1 qd32w seqw qd32r mixed)
 
 # =============================================================================== report ===
@@ -85,6 +86,7 @@ LABEL = {
     "single": "2 nvmirror, 1 node",
     "pmem": "2b nvmirror, 1 node, NVRAM on /dev/pmem0",
     "rdma": "3 nvmirror, 2 nodes, RDMA (rxe), NVRAM on device-DAX",
+    "rdma-nomac": "3m nvmirror, 2 nodes, RDMA (rxe), no frame MACs (`frame_mac = false`)",
     "tcp": "4 nvmirror, 2 nodes, TCP",
     "tcp-nomac": "4m nvmirror, 2 nodes, TCP, no frame MACs (`frame_mac = false`)",
     "own": "4o nvmirror, 2 nodes, TCP, each its own medium",
@@ -92,7 +94,7 @@ LABEL = {
     "raw": "6a loop, O_DIRECT",
     "rawsync": "6b loop, O_DIRECT + fsync/write",
 }
-ORDER = ["null", "single", "pmem", "rdma", "tcp", "tcp-nomac", "own", "drbd", "raw", "rawsync"]
+ORDER = ["null", "single", "pmem", "rdma", "rdma-nomac", "tcp", "tcp-nomac", "own", "drbd", "raw", "rawsync"]
 # metric name -> (workload, extractor, unit, higher is better)
 def pct(side, p):
     return lambda j: j["jobs"][0][side]["clat_ns"]["percentile"][p] / 1000.0
@@ -371,13 +373,15 @@ for c in ["rdma", "tcp"]:
         a, b = med(c, m), med("drbd", m)
         p(target(f"2 nodes {short}, 4K QD1 {m} vs DRBD C", ratio(a, b), goal, False, f"{fmt(a)} / {fmt(b)} µs"))
 
-if "tcp-nomac" in configs:
-    # Not a target row: the same targets with the frame MACs off, to show their share.
-    a, b = med("tcp-nomac", "qd32w"), med("drbd", "qd32w")
-    p(target("(4m) 2 nodes TCP without frame MACs, 4K randwrite QD32 vs DRBD C", ratio(a, b), 2.0, True, f"{fmt(a)} / {fmt(b)}"))
+for c, short in (("rdma-nomac", "(3m) 2 nodes RDMA"), ("tcp-nomac", "(4m) 2 nodes TCP")):
+    # Not target rows: the same targets with the frame MACs off, to show their share.
+    if c not in configs:
+        continue
+    a, b = med(c, "qd32w"), med("drbd", "qd32w")
+    p(target(f"{short} without frame MACs, 4K randwrite QD32 vs DRBD C", ratio(a, b), 2.0, True, f"{fmt(a)} / {fmt(b)}"))
     for m, goal in (("p50", 0.3), ("p99", 0.5)):
-        a, b = med("tcp-nomac", m), med("drbd", m)
-        p(target(f"(4m) 2 nodes TCP without frame MACs, 4K QD1 {m} vs DRBD C", ratio(a, b), goal, False, f"{fmt(a)} / {fmt(b)} µs"))
+        a, b = med(c, m), med("drbd", m)
+        p(target(f"{short} without frame MACs, 4K QD1 {m} vs DRBD C", ratio(a, b), goal, False, f"{fmt(a)} / {fmt(b)} µs"))
 
 def absolute(name, value, limit, unit, how):
     if value is None:
@@ -579,6 +583,18 @@ print(found[0] if found else "")' "$NVRAM_MB")
 		echo "/dev/$out"
 	}
 
+	# After the daemons stopped: the device-DAX namespaces back to raw, for the next
+	# configuration's dax_nvram.
+	dax_to_raw() {
+		local ns
+		for ns in $(ndctl list -N 2>/dev/null | python3 -c '
+import json, sys
+print(" ".join(n["dev"] for n in json.load(sys.stdin) if n.get("mode") == "devdax"))'); do
+			ndctl create-namespace --force --reconfig="$ns" --mode=raw >/dev/null 2>&1 ||
+				say "could not turn $ns back to raw"
+		done
+	}
+
 	nvm_daemon() { # CONFIG LOGNAME
 		"$NVMD" --config "$1" --state-dir "$W/state" >>"$W/$2" 2>&1 &
 		PIDS+=($!)
@@ -773,26 +789,26 @@ print(found[0] if found else "")' "$NVRAM_MB")
 		STATUS_CFGS=("$W/single.toml")
 		DEV=/dev/ublkb0
 		;;
-	rdma | tcp | tcp-nomac | own)
+	rdma | rdma-nomac | tcp | tcp-nomac | own)
 		modprobe ublk_drv || cfail "modprobe ublk_drv"
 		addr=127.0.0.1
-		if [[ $CFG == rdma ]]; then
+		if [[ $CFG == rdma* ]]; then
 			setup_rxe
 			addr=10.99.6.1
 			ulimit -l unlimited 2>/dev/null
-			measure_rdma_link
+			[[ $CFG != rdma ]] || measure_rdma_link
 		elif [[ $CFG == tcp ]]; then
 			measure_tcp_bw
 		fi
-		[[ $CFG == own || $CFG == tcp-nomac ]] || measure_link_stack "$CFG" "$addr"
+		[[ $CFG == own || $CFG == *-nomac ]] || measure_link_stack "$CFG" "$addr"
 		# Both nodes see the shared medium (own: each node its own, m and mb); node-a owns
 		# every range (owners = ["node-a"]), so fio on node-a's device measures staging +
 		# mirroring, never forwarding; node-b holds the mirror (second store) and serves
 		# nothing (own: it also writes every record to its medium when node-a asks).
 		medium shared m
 		mb=$m
-		cs=$(cluster_section "$([[ $CFG == rdma ]] && echo rdma || echo tcp)" "$addr")
-		[[ $CFG != tcp-nomac ]] || cs=$(sed 's|^takeover = .*|&\nframe_mac = false|' <<<"$cs")
+		cs=$(cluster_section "$([[ $CFG == rdma* ]] && echo rdma || echo tcp)" "$addr")
+		[[ $CFG != *-nomac ]] || cs=$(sed 's|^takeover = .*|&\nframe_mac = false|' <<<"$cs")
 		if [[ $CFG == own ]]; then
 			medium own-b mb
 			truncate -s 4M "$MNT/own-arbiter.img"
@@ -804,9 +820,10 @@ print(found[0] if found else "")' "$NVRAM_MB")
 		fi
 		# NVRAM: half own logs, half the partner's mirror -> twice the single node's size.
 		# RDMA: device-DAX, as in production (the whole device: its size less its metadata).
-		if [[ $CFG == rdma ]]; then
+		if [[ $CFG == rdma* ]]; then
 			nva=$(dax_nvram) || exit 1
 			nvb=$(dax_nvram) || exit 1
+			EXTRA_CLEANUP+=(dax_to_raw)
 			node_config "$W/node-a.toml" node-a "$nva" "" 0 "$m" "$cs"
 			node_config "$W/node-b.toml" node-b "$nvb" "" 1 "$m" "$cs"
 		else
@@ -1050,7 +1067,7 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 	for c in "${STATUS_CFGS[@]}"; do
 		"$NVMCTL" --config "$c" status --json >"$D/status-$(basename "$c" .toml).json" 2>/dev/null
 	done
-	if [[ $CFG == rdma || $CFG == tcp || $CFG == tcp-nomac || $CFG == own ]]; then
+	if [[ $CFG == rdma* || $CFG == tcp* || $CFG == own ]]; then
 		python3 - "$D/status-node-a.json" <<-'PY' >>"$D/notes" 2>/dev/null
 		import json, sys
 		m = json.load(open(sys.argv[1]))["engine"]["mirror"]

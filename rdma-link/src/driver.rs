@@ -13,6 +13,7 @@ use crate::config::Role;
 use crate::error::{HandshakeError, LinkError};
 use crate::handshake::{self, PeerInfo};
 use crate::proto::{PartitionSeq, STATUS_HANDLER_FAILED, STATUS_OK};
+use crate::refusals::Verdict;
 use crate::session::{Job, Session};
 use crate::shared::{Answer, ConnHandle, Shared};
 use crate::spawn::{CatchUnwind, TaskHandle};
@@ -61,7 +62,9 @@ fn handshake_timeout(shared: &Shared) -> LinkError {
 async fn connect_loop<C: Carrier>(shared: &Arc<Shared>, carrier: &Arc<C>, addr: SocketAddr) {
     let mut sd = shared.shutdown.subscribe();
     let hs = shared.cfg.handshake_timeout;
-    let mut failed_attempts = 0u64;
+    // The last failure said at warn level in this outage: a retry that fails the same way
+    // goes to debug, one that fails differently (the partner came up, but refuses us) is said.
+    let mut last_said: Option<String> = None;
     while !shared.is_shutdown() {
         shared.set_state_if_not_up(LinkState::Connecting);
         let attempt = async {
@@ -78,19 +81,21 @@ async fn connect_loop<C: Carrier>(shared: &Arc<Shared>, carrier: &Arc<C>, addr: 
         };
         match res {
             Ok((conn, peer)) => {
-                failed_attempts = 0;
+                last_said = None;
                 let via = carrier.describe(&conn);
                 tracing::info!(peer = shared.peer(), %addr, %via, "mirror link up ({}, connector)", C::NAME);
                 serve(shared, carrier.as_ref(), conn, peer).await;
             }
             Err(e) => {
-                // Say it once per outage; the retries every reconnect_delay go to debug.
-                if failed_attempts == 0 {
+                // Say each kind of failure once per outage; the retries every
+                // reconnect_delay that fail the same way go to debug.
+                let text = e.to_string();
+                if last_said.as_deref() != Some(text.as_str()) {
                     tracing::warn!(peer = shared.peer(), %addr, error = %e, "mirror link connection attempt failed; retrying");
+                    last_said = Some(text);
                 } else {
                     tracing::debug!(peer = shared.peer(), %addr, error = %e, "mirror link connection attempt failed");
                 }
-                failed_attempts += 1;
                 shared.set_state_if_not_up(LinkState::Down(e));
             }
         }
@@ -380,11 +385,35 @@ async fn incoming<C: Carrier>(
                 return; // dropped by the listener a moment ago
             }
             let via = carrier.describe(&conn);
+            let refused = shared.refusals.clear();
+            if refused > 0 {
+                tracing::info!(
+                    "the last refused mirror-link connection repeated {refused} more time(s)"
+                );
+            }
             tracing::info!(peer = shared.peer(), from = ?from, %via, "mirror link up ({}, acceptor)", C::NAME);
             serve(&shared, carrier.as_ref(), conn, peer).await;
         }
         Err(e) => {
-            tracing::warn!(from = ?from, error = %e, "refused a mirror-link connection");
+            let reason = e.to_string();
+            match shared
+                .refusals
+                .note(from.map(|a| a.ip()), &reason, Instant::now())
+            {
+                Verdict::Log { repeats_before: 0 } => {
+                    tracing::warn!(from = ?from, error = %e, "refused a mirror-link connection")
+                }
+                Verdict::Log { repeats_before } => tracing::warn!(
+                    from = ?from,
+                    error = %e,
+                    "refused a mirror-link connection (the refusal before repeated {repeats_before} more time(s))"
+                ),
+                Verdict::Repeat => tracing::debug!(
+                    from = ?from,
+                    error = %e,
+                    "refused a mirror-link connection (as before; counted)"
+                ),
+            }
             shared.set_state_if_not_up(LinkState::Down(e));
         }
     }

@@ -190,7 +190,9 @@ fn fail(shared: &Shared, e: HandshakeError) -> LinkError {
 
 /// Tell the peer why we refuse (best effort) and return our error.
 async fn reject<I: MsgIo>(io: &mut I, shared: &Shared, e: HandshakeError) -> LinkError {
-    tracing::warn!(peer = shared.cfg.peer_node_id, error = %e, "rejecting mirror-link handshake");
+    // At debug: the caller's loop logs the returned error (the connector once per outage and
+    // kind, the acceptor per refused connection), so a retried mismatch does not flood the log.
+    tracing::debug!(peer = shared.cfg.peer_node_id, error = %e, "rejecting mirror-link handshake");
     let _ = io
         .send_msg(&Msg::Reject {
             reason: e.to_string(),

@@ -64,6 +64,7 @@ mod link;
 mod network;
 pub mod proto;
 mod rdma;
+mod refusals;
 mod region;
 mod session;
 mod shared;

@@ -7,6 +7,7 @@
 use crate::api::{LinkState, Post, RequestHandler, SecondStore, UpInfo};
 use crate::config::LinkConfig;
 use crate::error::{LinkError, Result};
+use crate::refusals::Refusals;
 use crate::region::Region;
 use crate::spawn::{Spawn, Tasks};
 use bytes::Bytes;
@@ -87,6 +88,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) tasks: Tasks,
+    /// The listener's refused connections, so that a retrying peer's are said once.
+    pub(crate) refusals: Refusals,
     next_generation: AtomicU64,
     next_tag: AtomicU64,
     /// Origin of heartbeat stamps (tokio's clock: paused in a simulation).
@@ -111,6 +114,7 @@ impl Shared {
             stats: Stats::default(),
             shutdown: watch::Sender::new(false),
             tasks: Tasks::new(spawner),
+            refusals: Refusals::default(),
             next_generation: AtomicU64::new(0),
             next_tag: AtomicU64::new(0),
             started: Instant::now(),

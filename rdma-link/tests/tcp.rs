@@ -199,7 +199,20 @@ async fn proxy(to: std::net::SocketAddr) -> Proxy {
     let s2 = silent.clone();
     tokio::spawn(async move {
         while let Ok((a, _)) = l.accept().await {
-            let Ok(b) = TcpStream::connect(to).await else {
+            // The server's listener starts in the background: under load the first
+            // connection can arrive before it listens (the client would then wait out its
+            // 30 s reconnect delay), so retry the upstream connect for a while.
+            let mut upstream = None;
+            for _ in 0..250 {
+                match TcpStream::connect(to).await {
+                    Ok(b) => {
+                        upstream = Some(b);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            let Some(b) = upstream else {
                 continue;
             };
             let (ar, aw) = a.into_split();
