@@ -1301,15 +1301,8 @@ device_id = 3
 
     #[test]
     fn local_reads_are_on_with_own_storage_unless_turned_off_and_refused_without_it() {
-        let cluster = |extra: &str| {
-            format!(
-                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
-                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
-                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
-            )
-        };
         let on = |extra: &str| {
-            NodeConfig::parse(&cluster(extra))
+            NodeConfig::parse(&two_nodes_with(extra))
                 .expect("valid")
                 .cluster
                 .is_some_and(|c| c.local_reads_on())
@@ -1322,7 +1315,7 @@ device_id = 3
             "a shared medium has no local reads of the partner's ranges"
         );
         assert!(!on("local_reads = false"));
-        let e = err_of(&cluster("local_reads = true"));
+        let e = err_of(&two_nodes_with("local_reads = true"));
         assert!(
             e.contains("cluster.local_reads") && e.contains("own"),
             "{e}"
@@ -1373,16 +1366,18 @@ device_id = 3
         assert!(e.contains("cluster.write_priority.queue_timeout_ms"), "{e}");
     }
 
+    /// A valid two-node config whose `[cluster]` section also holds `extra`.
+    fn two_nodes_with(extra: &str) -> String {
+        format!(
+            "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
+             [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+             [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
+        )
+    }
+
     #[test]
     fn frame_macs_are_on_unless_turned_off_and_off_is_warned_about() {
-        let cluster = |extra: &str| {
-            format!(
-                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
-                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
-                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
-            )
-        };
-        let on = NodeConfig::parse(&cluster("")).expect("valid");
+        let on = NodeConfig::parse(&two_nodes_with("")).expect("valid");
         assert_eq!(on.cluster.as_ref().map(|c| c.frame_mac), Some(true));
         assert!(
             !on.environment_warnings()
@@ -1391,27 +1386,20 @@ device_id = 3
             "{:?}",
             on.environment_warnings()
         );
-        let off = NodeConfig::parse(&cluster("frame_mac = false")).expect("valid");
+        let off = NodeConfig::parse(&two_nodes_with("frame_mac = false")).expect("valid");
         assert_eq!(off.cluster.as_ref().map(|c| c.frame_mac), Some(false));
         let w = off.environment_warnings().join("\n");
         assert!(
             w.contains("cluster.frame_mac = false") && w.contains("10.0.0.2:7800"),
             "{w}"
         );
-        let e = err_of(&cluster("frame_mac = \"no\""));
+        let e = err_of(&two_nodes_with("frame_mac = \"no\""));
         assert!(e.contains("frame_mac"), "{e}");
     }
 
     #[test]
     fn busy_poll_is_bounded_and_defaults() {
-        let cluster = |extra: &str| {
-            format!(
-                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
-                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
-                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
-            )
-        };
-        let c = NodeConfig::parse(&cluster("")).expect("valid");
+        let c = NodeConfig::parse(&two_nodes_with("")).expect("valid");
         let busy = c.cluster.map(|c| c.busy_poll_us);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let expected = if cpus >= BUSY_POLL_MIN_CPUS {
@@ -1420,7 +1408,7 @@ device_id = 3
             0
         };
         assert_eq!(busy, Some(expected), "{cpus} CPUs");
-        let e = err_of(&cluster("busy_poll_us = 50000"));
+        let e = err_of(&two_nodes_with("busy_poll_us = 50000"));
         assert!(
             e.contains("cluster.busy_poll_us") && e.contains("0 to never poll"),
             "{e}"
@@ -1473,18 +1461,13 @@ device_id = 3
 
     #[test]
     fn huge_timings_are_refused_by_name() {
-        let cluster = |extra: &str| {
-            format!(
-                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
-                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
-                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
-            )
-        };
-        let e = err_of(&cluster("heartbeat_timeout_ms = 9223372036854775807"));
+        let e = err_of(&two_nodes_with(
+            "heartbeat_timeout_ms = 9223372036854775807",
+        ));
         assert!(e.contains("cluster.heartbeat_timeout_ms"), "{e}");
-        let e = err_of(&cluster("disk_lease_ms = 9223372036854775807"));
+        let e = err_of(&two_nodes_with("disk_lease_ms = 9223372036854775807"));
         assert!(e.contains("cluster.disk_lease_ms"), "{e}");
-        let e = err_of(&cluster("disk_lease_ms = 500"));
+        let e = err_of(&two_nodes_with("disk_lease_ms = 500"));
         assert!(
             e.contains("cluster.disk_lease_ms") && e.contains("twice"),
             "{e}"
@@ -1493,29 +1476,22 @@ device_id = 3
 
     #[test]
     fn the_watchdog_timeout_must_fire_before_a_takeover() {
-        let cluster = |extra: &str| {
-            format!(
-                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{extra}\n\
-                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
-                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
-            )
-        };
         // The defaults leave room for 2 s: (2 s + 1 s) / 1.1 - 0.25 s.
-        let c = NodeConfig::parse(&cluster("watchdog = \"/dev/watchdog\"")).expect("valid");
+        let c = NodeConfig::parse(&two_nodes_with("watchdog = \"/dev/watchdog\"")).expect("valid");
         assert_eq!(c.cluster.as_ref().map(|c| c.watchdog_timeout()), Some(2));
-        let e = err_of(&cluster(
+        let e = err_of(&two_nodes_with(
             "watchdog = \"/dev/watchdog\"\nwatchdog_timeout_s = 3",
         ));
         assert!(
             e.contains("cluster.watchdog_timeout_s") && e.contains("1 to 2 s"),
             "{e}"
         );
-        let e = err_of(&cluster("watchdog_timeout_s = 2"));
+        let e = err_of(&two_nodes_with("watchdog_timeout_s = 2"));
         assert!(
             e.contains("cluster.watchdog_timeout_s") && e.contains("cluster.watchdog is not"),
             "{e}"
         );
-        let e = err_of(&cluster(
+        let e = err_of(&two_nodes_with(
             "watchdog = \"/dev/watchdog\"\ndisk_heartbeat_ms = 250\ndisk_lease_ms = 2000\nmedium_io_timeout_ms = 500",
         ));
         assert!(
