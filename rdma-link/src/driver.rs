@@ -400,13 +400,12 @@ async fn incoming<C: Carrier>(
                 .refusals
                 .note(from.map(|a| a.ip()), &reason, Instant::now())
             {
-                Verdict::Log { repeats_before: 0 } => {
-                    tracing::warn!(from = ?from, error = %e, "refused a mirror-link connection")
-                }
+                // repeats_before: how often the refusal logged before this one recurred.
                 Verdict::Log { repeats_before } => tracing::warn!(
                     from = ?from,
                     error = %e,
-                    "refused a mirror-link connection (the refusal before repeated {repeats_before} more time(s))"
+                    repeats_before,
+                    "refused a mirror-link connection"
                 ),
                 Verdict::Repeat => tracing::debug!(
                     from = ?from,
