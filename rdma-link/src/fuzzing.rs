@@ -150,7 +150,7 @@ fn seal_frames(bytes: &mut [u8], mut mac: Option<FrameMac>) {
         // With MACs the crc field is not checked, and a sender leaves it 0.
         let crc = match mac {
             Some(_) => 0,
-            None => crc32c::crc32c(&bytes[start..end]),
+            None => crate::checksum::crc32c(&bytes[start..end]),
         };
         bytes[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
         if let Some(mac) = &mut mac {

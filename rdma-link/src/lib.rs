@@ -29,6 +29,7 @@
 //!
 //! | module | job |
 //! | --- | --- |
+//! | [`checksum`] | crc32c by the faster of the CPU's instruction and tables (timed at first use) |
 //! | `error` | error types, written for the operator |
 //! | `region` | raw memory regions (the engine's NVRAM mapping) |
 //! | [`proto`] | the wire format, the same for every transport, and its cryptography (`auth`) |
@@ -51,6 +52,7 @@
 
 mod api;
 mod busy;
+pub mod checksum;
 mod config;
 mod custom;
 mod driver;

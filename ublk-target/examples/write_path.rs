@@ -188,7 +188,7 @@ fn per_block_costs(block: usize) {
     let started = Instant::now();
     let mut crc = 0;
     for _ in 0..rounds {
-        crc ^= crc32c::crc32c(std::hint::black_box(&data));
+        crc ^= rdma_link::checksum::crc32c(std::hint::black_box(&data));
     }
     let crc_us = started.elapsed().as_secs_f64() * 1e6 / rounds as f64;
     let started = Instant::now();
@@ -205,9 +205,10 @@ fn per_block_costs(block: usize) {
     }
     let mac_us = started.elapsed().as_secs_f64() * 1e6 / rounds as f64;
     println!(
-        "per {} KiB block: crc32c {crc_us:.1} us ({:.0} MB/s), copy {copy_us:.1} us ({:.0} MB/s), frame MAC (BLAKE3) {mac_us:.1} us ({:.0} MB/s) [{crc:x}{tag:x}]",
+        "per {} KiB block: crc32c {crc_us:.1} us ({:.0} MB/s; {}), copy {copy_us:.1} us ({:.0} MB/s), frame MAC (BLAKE3) {mac_us:.1} us ({:.0} MB/s) [{crc:x}{tag:x}]",
         block >> 10,
         block as f64 / crc_us,
+        rdma_link::checksum::choice(),
         block as f64 / copy_us,
         block as f64 / mac_us
     );

@@ -328,7 +328,7 @@ impl ShippingSection {
     /// The id a node `name` has on a log-shipping link: both ends derive it from the names
     /// they are configured with, so a source that reaches another source's port is refused.
     pub fn link_node_id(name: &str) -> u32 {
-        crc32c::crc32c(name.as_bytes()) | 1
+        rdma_link::checksum::crc32c(name.as_bytes()) | 1
     }
 }
 

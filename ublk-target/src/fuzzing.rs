@@ -58,7 +58,7 @@ impl Fields<'_> {
 }
 
 fn put_crc(b: &mut [u8], covered: usize) {
-    let crc = crc32c::crc32c(&b[..covered]);
+    let crc = rdma_link::checksum::crc32c(&b[..covered]);
     b[covered..covered + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -218,7 +218,7 @@ fn seal_records(log: &mut [u8]) {
                 as usize;
         let data = pos + header;
         if let Some(data) = log.get(data..data.saturating_add(data_len)) {
-            let crc = crc32c::crc32c(data);
+            let crc = rdma_link::checksum::crc32c(data);
             log[pos + RECORD_DATA_CRC_AT..pos + RECORD_HEADER_CRC_AT]
                 .copy_from_slice(&crc.to_le_bytes());
         }
@@ -263,7 +263,7 @@ fn checked_scan(data: &[u8]) -> crate::nvram::scan::ScanResult {
         assert!(rec.pos + h.slot() <= len, "record beyond the log");
         let data = &log[rec.data_pos() as usize..][..h.data_len as usize];
         assert_eq!(
-            crc32c::crc32c(data),
+            rdma_link::checksum::crc32c(data),
             h.data_crc,
             "record with bad data returned"
         );
@@ -586,7 +586,7 @@ pub mod seeds {
             len: if kind == RecordKind::Wrap { 0 } else { 4096 },
             data_len: data.len() as u32,
             acked_through: seq.saturating_sub(1),
-            data_crc: crc32c::crc32c(data),
+            data_crc: rdma_link::checksum::crc32c(data),
         }
     }
 

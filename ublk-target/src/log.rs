@@ -458,7 +458,7 @@ impl PartitionLog {
         on_copied: impl FnOnce(u64, u64),
     ) -> Result<Staged, LogError> {
         assert!(kind != RecordKind::Wrap);
-        let data_crc = crc32c::crc32c(data);
+        let data_crc = rdma_link::checksum::crc32c(data);
         let slot = RecordHeader::slot_bytes(data.len() as u64);
         let mut waiting_for_space = None;
         let (record, wrap, acked_through, rx) = loop {
@@ -573,7 +573,7 @@ impl PartitionLog {
                 len: 0,
                 data_len: 0,
                 acked_through,
-                data_crc: crc32c::crc32c(&[]),
+                data_crc: rdma_link::checksum::crc32c(&[]),
             };
             self.region.write_at(self.nvram_offset(w.pos), &h.encode());
         }

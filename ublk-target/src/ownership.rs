@@ -57,12 +57,12 @@ pub enum TableError {
 }
 
 fn seal_slot(b: &mut [u8]) {
-    let crc = crc32c::crc32c(&b[..SLOT_CRC_AT]);
+    let crc = rdma_link::checksum::crc32c(&b[..SLOT_CRC_AT]);
     b[SLOT_CRC_AT..SLOT_BYTES as usize].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn slot_crc_ok(b: &[u8]) -> bool {
-    crc32c::crc32c(&b[..SLOT_CRC_AT]) == u32_at(b, SLOT_CRC_AT)
+    rdma_link::checksum::crc32c(&b[..SLOT_CRC_AT]) == u32_at(b, SLOT_CRC_AT)
 }
 
 fn u32_at(b: &[u8], i: usize) -> u32 {

@@ -40,7 +40,9 @@ impl FrameCrc {
     fn of(self, parts: &[&[u8]]) -> u32 {
         match self {
             FrameCrc::CoveredByMac => 0,
-            FrameCrc::Computed => parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p)),
+            FrameCrc::Computed => parts
+                .iter()
+                .fold(0, |c, p| crate::checksum::crc32c_append(c, p)),
         }
     }
 }

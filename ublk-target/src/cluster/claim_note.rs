@@ -56,7 +56,7 @@ impl ClaimNote {
             let at = HEADER + r as usize * 8;
             b[at..at + 8].copy_from_slice(&epoch.to_le_bytes());
         }
-        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        let crc = rdma_link::checksum::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         Ok(b)
     }
@@ -75,7 +75,7 @@ impl ClaimNote {
         };
         if word(0) != CLAIM_MAGIC
             || word(4) != CLAIM_VERSION
-            || crc32c::crc32c(&b[..CRC_AT]) != word(CRC_AT)
+            || rdma_link::checksum::crc32c(&b[..CRC_AT]) != word(CRC_AT)
             || long(8) != cluster_id
             || word(16) != taker
         {

@@ -64,7 +64,7 @@ fn encode(
         let at = HEADER + r as usize * 8;
         b[at..at + 8].copy_from_slice(&epoch.to_le_bytes());
     }
-    let crc = crc32c::crc32c(&b[..CRC_AT]);
+    let crc = rdma_link::checksum::crc32c(&b[..CRC_AT]);
     b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
     Ok(b)
 }
@@ -88,7 +88,7 @@ fn decode(
         x.copy_from_slice(&b[at..at + 8]);
         u64::from_le_bytes(x)
     };
-    if word(0) != OUTDATED_MAGIC || crc32c::crc32c(&b[..CRC_AT]) != word(CRC_AT) {
+    if word(0) != OUTDATED_MAGIC || rdma_link::checksum::crc32c(&b[..CRC_AT]) != word(CRC_AT) {
         return Err("damaged (torn write or foreign data)".into());
     }
     if word(4) != OUTDATED_VERSION {

@@ -299,7 +299,7 @@ fn span_of(lun: &Lun, r: u32) -> (u64, u64) {
 /// crc32c per `VERIFY_BLOCK` of `data`, little-endian (the answer to `OP_VERIFY_DIGESTS`).
 pub fn digests(data: &[u8]) -> Vec<u8> {
     data.chunks(VERIFY_BLOCK)
-        .flat_map(|b| crc32c::crc32c(b).to_le_bytes())
+        .flat_map(|b| rdma_link::checksum::crc32c(b).to_le_bytes())
         .collect()
 }
 

@@ -444,7 +444,7 @@ impl SecondStoreArea {
         // Checked on the copy: the bytes in the NVRAM may change under us once the source
         // reused the space (it went on without us while we were away).
         let again = RecordHeader::decode(log.get(at..)?).ok();
-        (again == Some(header) && crc32c::crc32c(&data) == header.data_crc)
+        (again == Some(header) && rdma_link::checksum::crc32c(&data) == header.data_crc)
             .then_some((header, data, held.pos))
     }
 
@@ -735,7 +735,7 @@ impl SecondStoreArea {
         }
         let start = at + HEADER_BYTES as usize;
         let data = log.get(start..start + header.data_len as usize)?;
-        (crc32c::crc32c(data) == header.data_crc).then_some(data)
+        (rdma_link::checksum::crc32c(data) == header.data_crc).then_some(data)
     }
 }
 

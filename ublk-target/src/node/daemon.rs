@@ -62,6 +62,8 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Chosen (timed) once, before the replay checks every staged record with it.
+    tracing::info!("{}", rdma_link::checksum::choice());
     let engine = {
         let _replaying = StartNotifier::start();
         Engine::open_config(&cfg, &config_path, OpenMode::Normal)?

@@ -104,7 +104,7 @@ impl Superblock {
         f.put(layout);
         f.put(&self.oos_offset.to_le_bytes());
         let end = META_BLOCK as usize - 4;
-        let crc = crc32c::crc32c(&buf[..end]);
+        let crc = rdma_link::checksum::crc32c(&buf[..end]);
         buf[end..].copy_from_slice(&crc.to_le_bytes());
         buf
     }
@@ -122,7 +122,7 @@ impl Superblock {
         }
         let end = META_BLOCK as usize - 4;
         let stored = u32::from_le_bytes([buf[end], buf[end + 1], buf[end + 2], buf[end + 3]]);
-        if crc32c::crc32c(&buf[..end]) != stored {
+        if rdma_link::checksum::crc32c(&buf[..end]) != stored {
             return SuperblockState::Corrupt("superblock checksum mismatch".into());
         }
         let mut pos = 8;
@@ -333,7 +333,7 @@ impl PartitionCheckpoint {
         f.put(&self.generation.to_le_bytes());
         f.put(&self.tail_off.to_le_bytes());
         f.put(&self.tail_seq.to_le_bytes());
-        let crc = crc32c::crc32c(&buf[..44]);
+        let crc = rdma_link::checksum::crc32c(&buf[..44]);
         buf[44..].copy_from_slice(&crc.to_le_bytes());
         buf
     }
@@ -347,7 +347,7 @@ impl PartitionCheckpoint {
             return None;
         }
         let stored = u32::from_le_bytes([buf[44], buf[45], buf[46], buf[47]]);
-        if crc32c::crc32c(&buf[..44]) != stored {
+        if rdma_link::checksum::crc32c(&buf[..44]) != stored {
             return None;
         }
         Some(PartitionCheckpoint {

@@ -395,7 +395,7 @@ fn encode_header(g: Geometry) -> [u8; HEADER_BYTES as usize] {
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
     h[16..24].copy_from_slice(&g.lun_bytes.to_le_bytes());
     h[24..32].copy_from_slice(&g.region_bytes.to_le_bytes());
-    let crc = crc32c::crc32c(&h[..60]);
+    let crc = rdma_link::checksum::crc32c(&h[..60]);
     h[60..].copy_from_slice(&crc.to_le_bytes());
     h
 }
@@ -410,7 +410,7 @@ fn decode_header(h: &[u8; HEADER_BYTES as usize], offset: u64) -> Result<Geometr
         return Err(OutOfSyncError::Missing { offset });
     }
     let crc = word(60..64) as u32;
-    if crc != crc32c::crc32c(&h[..60]) {
+    if crc != rdma_link::checksum::crc32c(&h[..60]) {
         return Err(OutOfSyncError::Damaged {
             offset,
             what: "header checksum mismatch".into(),

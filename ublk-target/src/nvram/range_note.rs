@@ -33,7 +33,7 @@ pub fn encode(magic: u32, fields: &[u8], ranges: &[u32], what: &str) -> io::Resu
         }
         b[head + r / 8] |= 1 << (r % 8);
     }
-    let crc = crc32c::crc32c(&b[..CRC_AT]);
+    let crc = rdma_link::checksum::crc32c(&b[..CRC_AT]);
     b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
     Ok(b)
 }
@@ -42,7 +42,7 @@ pub fn encode(magic: u32, fields: &[u8], ranges: &[u32], what: &str) -> io::Resu
 /// slot, or one that holds another kind of note.
 pub fn decode(magic: u32, fields_len: usize, b: &[u8; BYTES]) -> Option<(&[u8], Vec<u32>)> {
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    if u32_at(0) != magic || u32_at(CRC_AT) != crc32c::crc32c(&b[..CRC_AT]) {
+    if u32_at(0) != magic || u32_at(CRC_AT) != rdma_link::checksum::crc32c(&b[..CRC_AT]) {
         return None;
     }
     let head = 8 + fields_len;

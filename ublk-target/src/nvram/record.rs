@@ -88,7 +88,7 @@ impl RecordHeader {
             len: data.len() as u32,
             data_len: data.len() as u32,
             acked_through: 0,
-            data_crc: crc32c::crc32c(data),
+            data_crc: rdma_link::checksum::crc32c(data),
         }
     }
 
@@ -116,7 +116,7 @@ impl RecordHeader {
         b[44..48].copy_from_slice(&self.data_len.to_le_bytes());
         b[48..56].copy_from_slice(&self.acked_through.to_le_bytes());
         b[56..60].copy_from_slice(&self.data_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..60]);
+        let crc = rdma_link::checksum::crc32c(&b[..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -134,7 +134,7 @@ impl RecordHeader {
         if u32_at(0) != MAGIC {
             return Err(HeaderProblem::NoMagic);
         }
-        if crc32c::crc32c(&b[..60]) != u32_at(60) {
+        if rdma_link::checksum::crc32c(&b[..60]) != u32_at(60) {
             return Err(HeaderProblem::Damaged);
         }
         if u16::from_le_bytes([b[4], b[5]]) != RECORD_VERSION {

@@ -101,7 +101,7 @@ pub fn scan_partition(
         }
         let data = &log[(pos + HEADER_BYTES) as usize
             ..(pos + HEADER_BYTES) as usize + header.data_len as usize];
-        if crc32c::crc32c(data) != header.data_crc {
+        if rdma_link::checksum::crc32c(data) != header.data_crc {
             break "damaged (data checksum mismatch)".into();
         }
         let step = if header.kind == RecordKind::Wrap {
@@ -197,7 +197,7 @@ mod tests {
                     len: 0,
                     data_len: 0,
                     acked_through,
-                    data_crc: crc32c::crc32c(&[]),
+                    data_crc: rdma_link::checksum::crc32c(&[]),
                 };
                 self.log[self.pos as usize..self.pos as usize + 64].copy_from_slice(&wrap.encode());
                 self.seq += 1;
@@ -214,7 +214,7 @@ mod tests {
                 len: data.len() as u32,
                 data_len: data.len() as u32,
                 acked_through,
-                data_crc: crc32c::crc32c(data),
+                data_crc: rdma_link::checksum::crc32c(data),
             };
             let p = self.pos as usize;
             self.log[p..p + 64].copy_from_slice(&h.encode());

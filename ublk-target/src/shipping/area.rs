@@ -103,7 +103,7 @@ fn encode_header(h: &Header) -> [u8; 128] {
     let name = &h.source.as_bytes()[..h.source.len().min(NAME_MAX)];
     b[NAME_AT] = name.len() as u8;
     b[NAME_AT + 1..NAME_AT + 1 + name.len()].copy_from_slice(name);
-    let crc = crc32c::crc32c(&b[..HEADER_BYTES]);
+    let crc = rdma_link::checksum::crc32c(&b[..HEADER_BYTES]);
     b[HEADER_BYTES..].copy_from_slice(&crc.to_le_bytes());
     b
 }
@@ -111,7 +111,7 @@ fn encode_header(h: &Header) -> [u8; 128] {
 /// The header, if intact.
 fn decode_header(b: &[u8; 128]) -> Option<Header> {
     let crc = u32::from_le_bytes(b[HEADER_BYTES..].try_into().ok()?);
-    if &b[0..8] != MAGIC || crc32c::crc32c(&b[..HEADER_BYTES]) != crc {
+    if &b[0..8] != MAGIC || rdma_link::checksum::crc32c(&b[..HEADER_BYTES]) != crc {
         return None;
     }
     let u32_at = |o: usize| b[o..o + 4].try_into().ok().map(u32::from_le_bytes);

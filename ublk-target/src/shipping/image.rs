@@ -699,7 +699,7 @@ mod tests {
         // Seq 8 says every record through 5 was acknowledged: the skipped 4..5 were not
         // merely in flight (the source ran degraded and acknowledged them alone).
         recs[7].0.acked_through = 5;
-        recs[7].0.data_crc = crc32c::crc32c(&recs[7].1);
+        recs[7].0.data_crc = rdma_link::checksum::crc32c(&recs[7].1);
         log_segment(dir.path(), &recs[0..3]);
         log_segment(dir.path(), &recs[5..8]);
         let mut state = ImageState::default();

@@ -92,7 +92,7 @@ fn encode_file_header(partition: u32, source_log_id: u64, first_seq: u64) -> [u8
     b[12..16].copy_from_slice(&partition.to_le_bytes());
     b[16..24].copy_from_slice(&source_log_id.to_le_bytes());
     b[24..32].copy_from_slice(&first_seq.to_le_bytes());
-    let crc = crc32c::crc32c(&b[..60]);
+    let crc = rdma_link::checksum::crc32c(&b[..60]);
     b[60..64].copy_from_slice(&crc.to_le_bytes());
     b
 }
@@ -117,7 +117,7 @@ fn check_record(buf: &[u8], at: usize) -> Result<(RecordHeader, usize), String> 
             buf.len().saturating_sub(data_start)
         ));
     }
-    if crc32c::crc32c(&buf[data_start..data_end]) != header.data_crc {
+    if rdma_link::checksum::crc32c(&buf[data_start..data_end]) != header.data_crc {
         return Err("data checksum".into());
     }
     Ok((header, slot_end))
@@ -255,7 +255,7 @@ impl LogFile {
             }
             let intact = h.data_len as usize == data.len()
                 && (h.kind != RecordKind::Data || h.len as usize == data.len())
-                && crc32c::crc32c(data) == h.data_crc;
+                && rdma_link::checksum::crc32c(data) == h.data_crc;
             if !intact {
                 return Err(LogFileError::Damaged {
                     path: self.path.clone(),
@@ -406,7 +406,7 @@ fn check_all(path: &Path, buf: &[u8], synced_through: u64) -> Result<Checked, Lo
         a.copy_from_slice(&buf[i..i + 8]);
         u64::from_le_bytes(a)
     };
-    if crc32c::crc32c(&buf[..60]) != u32_at(60) {
+    if rdma_link::checksum::crc32c(&buf[..60]) != u32_at(60) {
         return Err(not_ours("file header checksum"));
     }
     if u32_at(8) != VERSION {

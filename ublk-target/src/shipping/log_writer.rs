@@ -976,7 +976,7 @@ fn wrap_marker(log_id: u64, partition: u32, seq: u64) -> RecordHeader {
         len: 0,
         data_len: 0,
         acked_through: 0,
-        data_crc: crc32c::crc32c(&[]),
+        data_crc: rdma_link::checksum::crc32c(&[]),
     }
 }
 

@@ -111,7 +111,7 @@ impl SecondStoreArea {
         let start = usize::try_from(h.pos).ok()? + HEADER_BYTES as usize;
         let payload = log.get(start..start + header.data_len as usize)?.to_vec();
         let intact = payload.len() as u64 == u64::from(header.len)
-            && crc32c::crc32c(&payload) == header.data_crc
+            && rdma_link::checksum::crc32c(&payload) == header.data_crc
             && self
                 .held_header(log, partition, seq, h)
                 .is_some_and(|again| again == *header);
@@ -198,7 +198,7 @@ mod tests {
             kind: RecordKind::Zero,
             len: B as u32,
             data_len: 0,
-            data_crc: crc32c::crc32c(&[]),
+            data_crc: rdma_link::checksum::crc32c(&[]),
             ..RecordHeader::test_data(7, 0, 3, 0, &[])
         };
         s.land(zero, &[]);
@@ -230,7 +230,7 @@ mod tests {
             kind: RecordKind::Void,
             len: 0,
             data_len: payload.len() as u32,
-            data_crc: crc32c::crc32c(&payload),
+            data_crc: rdma_link::checksum::crc32c(&payload),
             ..RecordHeader::test_data(7, 0, 2, 0, &[])
         };
         s.land(void, &payload);
