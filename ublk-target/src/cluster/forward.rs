@@ -9,7 +9,8 @@ pub type ForwardFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Sen
 
 /// Sends I/O for ranges the partner owns to the partner.
 pub trait Forwarder: Send + Sync {
-    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()>;
+    /// `data` is copied once, into the request, before this returns.
+    fn write(&self, lun: u32, offset: u64, data: &[u8]) -> ForwardFuture<()>;
     fn write_zeroes(&self, lun: u32, offset: u64, len: u64) -> ForwardFuture<()>;
     fn read(&self, lun: u32, offset: u64, len: u32) -> ForwardFuture<Vec<u8>>;
     /// Bytes of the partner's medium (not its data path): for a read our medium path failed.
@@ -54,13 +55,13 @@ impl<C> Forwarder for RequestForwarder<C>
 where
     C: Fn(Vec<u8>) -> ForwardFuture<Vec<u8>> + Send + Sync,
 {
-    fn write(&self, lun: u32, offset: u64, data: Vec<u8>) -> ForwardFuture<()> {
+    fn write(&self, lun: u32, offset: u64, data: &[u8]) -> ForwardFuture<()> {
         let f = self.ask(wire::encode(
             wire::OP_WRITE,
             lun,
             offset,
             data.len() as u32,
-            &data,
+            data,
         ));
         Box::pin(async move { f.await.map(|_| ()) })
     }

@@ -251,7 +251,7 @@ impl Engine {
                     .fetch_add(1, Ordering::Relaxed);
             }
             let forwarded = futures::future::join_all(remote.iter().map(|&(at, n)| match w.kind {
-                RecordKind::Data => fwd.write(lun_idx as u32, at, w.payload(at, n).to_vec()),
+                RecordKind::Data => fwd.write(lun_idx as u32, at, w.payload(at, n)),
                 _ => fwd.write_zeroes(lun_idx as u32, at, n),
             }));
             let (local, forwarded) =

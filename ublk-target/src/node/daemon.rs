@@ -38,6 +38,9 @@ pub struct DaemonArgs {
 /// Runs the node until a signal stops it (or every device stopped by itself).
 pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     let signals = block_stop_signals()?;
+    // Which crc32c implementation this process uses (chosen at its first checksum, which may
+    // have been the config check's): every role says it before touching NVRAM.
+    tracing::info!("{}", rdma_link::checksum::choice());
     if cfg
         .shipping
         .as_ref()
@@ -62,8 +65,6 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    // Chosen (timed) once, before the replay checks every staged record with it.
-    tracing::info!("{}", rdma_link::checksum::choice());
     let engine = {
         let _replaying = StartNotifier::start();
         Engine::open_config(&cfg, &config_path, OpenMode::Normal)?
