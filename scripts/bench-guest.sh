@@ -11,6 +11,9 @@
 #   single   2: nvmirrord, one node, no partner (staging + flush)
 #   single-ins 2i: configuration 2 computing crc32c by the CPU's instruction only
 #               (`NVMIRROR_CRC32C=instruction`), against the engine's timed choice in 2
+#   single-pin 2p: configuration 2 with each ublk queue thread pinned to the CPUs the kernel
+#               maps to its queue (`lun.pin_queues = true`, libublk's placement), against 2's
+#               queue threads free to run on any CPU (the default)
 #   pmem     2b: the same with the NVRAM on the emulated NVDIMM /dev/pmem0
 #   rdma     3: two nvmirrords in this VM, mirror link over Soft-RoCE (rxe on a dummy netdev),
 #               each node's NVRAM on device-DAX (/dev/daxN.0 on an emulated NVDIMM of its own)
@@ -51,12 +54,13 @@
 # (s, default 4), BENCH_RAMP (s, default 1), BENCH_REPEATS (default 3), BENCH_CONFIGS (default
 # all, in the order above), BENCH_MEDIUM_MB (each medium file, default 1024), BENCH_REGION_MB
 # (the part fio uses, default 896), BENCH_NVRAM_MB (a node's own log, default 256), BENCH_PERF=1
-# (after the measured runs, profile one more run of each write workload and of the 70/30 mix with perf record -a).
+# (after the measured runs, profile one more run of each write workload and of the 70/30 mix with perf record -a;
+# BENCH_PERF_WORKLOADS names others, e.g. "qd32r").
 # After the measured runs of an nvmirror configuration, one extra QD1 run with the flusher
 # paused is reported as a diagnostic (not in the medians).
 set -uo pipefail
 
-CONFIG_ORDER=(null single single-ins pmem rdma rdma-nomac tcp tcp-nomac own drbd raw rawsync scale ship)
+CONFIG_ORDER=(null single single-ins single-pin pmem rdma rdma-nomac tcp tcp-nomac own drbd raw rawsync scale ship)
 WORKLOADS=(qd1 qd32w seqw qd32r mixed)
 
 # =============================================================================== report ===
@@ -87,6 +91,7 @@ LABEL = {
     "null": "1 ublk null device (floor)",
     "single": "2 nvmirror, 1 node",
     "single-ins": "2i nvmirror, 1 node, crc32c by the CPU instruction (`NVMIRROR_CRC32C=instruction`)",
+    "single-pin": "2p nvmirror, 1 node, queue threads pinned to their queue's CPU (`lun.pin_queues = true`)",
     "pmem": "2b nvmirror, 1 node, NVRAM on /dev/pmem0",
     "rdma": "3 nvmirror, 2 nodes, RDMA (rxe), NVRAM on device-DAX",
     "rdma-nomac": "3m nvmirror, 2 nodes, RDMA (rxe), no frame MACs (`frame_mac = false`)",
@@ -97,7 +102,7 @@ LABEL = {
     "raw": "6a loop, O_DIRECT",
     "rawsync": "6b loop, O_DIRECT + fsync/write",
 }
-ORDER = ["null", "single", "single-ins", "pmem", "rdma", "rdma-nomac", "tcp", "tcp-nomac", "own", "drbd", "raw", "rawsync"]
+ORDER = ["null", "single", "single-ins", "single-pin", "pmem", "rdma", "rdma-nomac", "tcp", "tcp-nomac", "own", "drbd", "raw", "rawsync"]
 # metric name -> (workload, extractor, unit, higher is better)
 def pct(side, p):
     return lambda j: j["jobs"][0][side]["clat_ns"]["percentile"][p] / 1000.0
@@ -629,6 +634,7 @@ print(" ".join(n["dev"] for n in json.load(sys.stdin) if n.get("mode") == "devda
 		device_id = $5
 		queue_depth = 64
 		${BENCH_QUEUES:+queues = $BENCH_QUEUES}
+		${PIN_QUEUES:+pin_queues = true}
 		CFG
 	}
 
@@ -785,9 +791,10 @@ print(" ".join(n["dev"] for n in json.load(sys.stdin) if n.get("mode") == "devda
 		DEV=$(head -1 "$W/null.out")
 		[[ -b $DEV ]] || cfail "nvmirror-null did not come up: $(cat "$W/null.log")"
 		;;
-	single | single-ins | pmem)
+	single | single-ins | single-pin | pmem)
 		modprobe ublk_drv || cfail "modprobe ublk_drv"
 		medium m m
+		[[ $CFG == single-pin ]] && PIN_QUEUES=1
 		node_config "$W/single.toml" bench-single "$(nvram "$([[ $CFG == pmem ]] && echo pmem || echo single)")" "$NVRAM_MB" 0 "$m" ""
 		if [[ $CFG == single-ins ]]; then
 			NVMIRROR_CRC32C=instruction nvm_daemon "$W/single.toml" daemon-single.log
@@ -1243,7 +1250,7 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 	# Optional profile (BENCH_PERF=1): one more run of each write workload under a system-wide
 	# perf record (cpu-clock: the VM has no PMU), after the measured runs.
 	if [[ ${BENCH_PERF:-0} == 1 ]] && command -v perf >/dev/null; then
-		for wl in qd1 qd32w seqw mixed; do
+		for wl in ${BENCH_PERF_WORKLOADS:-qd1 qd32w seqw mixed}; do
 			perf record -a -g -e cpu-clock -F 499 -o "$W/perf-$wl.data" >"$W/perf-$wl.log" 2>&1 &
 			pp=$!
 			# perf takes seconds to start under TCG: profile only once it records.

@@ -29,7 +29,8 @@
 #   BENCH_MEDIUM_MB / BENCH_REGION_MB / BENCH_NVRAM_MB  medium file size (1024), the part
 #                   fio uses (896), a node's own NVRAM log (256)
 #   BENCH_PERF=1    also profile (perf record -a, cpu-clock) one extra run of each write
-#                   workload per configuration: raw/<config>/perf-*.txt; docs not updated
+#                   workload per configuration: raw/<config>/perf-*.txt; docs not updated;
+#                   BENCH_PERF_WORKLOADS="qd32r mixed" names the workloads (qd1 qd32w seqw qd32r mixed)
 #   BENCH_VM_MEM (MiB, 3072), BENCH_VM_CPUS (2), BENCH_VM_TIMEOUT (s, 2100)
 #   BENCH_SKIP_BUILD=1  use target/release as it is
 #   BENCH_BUSY_POLL_US  the two-node configs' cluster.busy_poll_us (default: the daemon's)
@@ -150,7 +151,7 @@ nvm_vm_boot --results "$out" --name bench \
 	--env "BENCH_RUNTIME=$BENCH_RUNTIME" --env "BENCH_RAMP=$BENCH_RAMP" --env "BENCH_REPEATS=$BENCH_REPEATS" \
 	--env "BENCH_CONFIGS=${BENCH_CONFIGS:-}" --env "BENCH_MEDIUM_MB=$medium_mb" \
 	--env "BENCH_REGION_MB=${BENCH_REGION_MB:-896}" --env "BENCH_NVRAM_MB=$nvram_mb" \
-	--env "BENCH_PERF=${BENCH_PERF:-0}" --env "BENCH_BUSY_POLL_US=${BENCH_BUSY_POLL_US:-}" \
+	--env "BENCH_PERF=${BENCH_PERF:-0}" --env "BENCH_PERF_WORKLOADS=${BENCH_PERF_WORKLOADS:-}" --env "BENCH_BUSY_POLL_US=${BENCH_BUSY_POLL_US:-}" \
 	--env "BENCH_QUEUES=${BENCH_QUEUES:-}" \
 	-- /bin/bash "$repo/scripts/bench-guest.sh" || vm_rc=$?
 vm_secs=$((SECONDS - t_vm))

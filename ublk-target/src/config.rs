@@ -502,6 +502,12 @@ pub struct LunSection {
     pub queues: u16,
     #[serde(default = "default_depth")]
     pub queue_depth: u16,
+    /// Keep each queue's thread on the CPUs the kernel maps to that queue (libublk's
+    /// placement). Default false: any CPU the daemon may use, since with one queue per CPU
+    /// the mapped set is the submitter's own CPU, which the queue thread then has to share
+    /// with the process whose I/O it serves.
+    #[serde(default)]
+    pub pin_queues: bool,
 }
 
 /// Most queues a LUN gets by default: one per CPU up to this (each queue is a thread that
@@ -1229,6 +1235,7 @@ device_id = 3
         assert_eq!(c.luns[0].queues, default_queues());
         assert!((1..=DEFAULT_QUEUES_MAX).contains(&c.luns[0].queues));
         assert_eq!(c.luns[0].queue_depth, 64);
+        assert!(!c.luns[0].pin_queues);
         assert_eq!(c.luns[0].ranges(c.nvram.partitions), 4);
         assert_eq!(
             c.control_socket(),
@@ -1244,6 +1251,16 @@ device_id = 3
     fn bad_size_names_the_value_and_the_fix() {
         let e = err_of(&GOOD.replace("\"1GiB\"", "\"1 gigabyte\""));
         assert!(e.contains("1 gigabyte") && e.contains("GiB"), "{e}");
+    }
+
+    #[test]
+    fn queue_threads_are_unpinned_unless_asked() {
+        let c =
+            NodeConfig::parse(&GOOD.replace("device_id = 3", "device_id = 3\npin_queues = true"))
+                .expect("valid");
+        assert!(c.luns[0].pin_queues);
+        let e = err_of(&GOOD.replace("device_id = 3", "device_id = 3\npin_queues = \"yes\""));
+        assert!(e.contains("pin_queues"), "{e}");
     }
 
     #[test]

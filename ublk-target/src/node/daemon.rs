@@ -120,6 +120,7 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
             dev_id: lun.device_id,
             queues: lun.queues,
             depth: lun.queue_depth,
+            pin_queues: lun.pin_queues,
             config_path: config_path.clone(),
             state_dir: args.state_dir.clone(),
         })
