@@ -31,7 +31,7 @@
 #   BENCH_PERF=1    also profile (perf record -a, cpu-clock) one extra run of each write
 #                   workload per configuration: raw/<config>/perf-*.txt; docs not updated;
 #                   BENCH_PERF_WORKLOADS="qd32r mixed" names the workloads (qd1 qd32w seqw qd32r mixed)
-#   BENCH_VM_MEM (MiB, 3072), BENCH_VM_CPUS (2), BENCH_VM_TIMEOUT (s, 2100)
+#   BENCH_VM_MEM (MiB, 3072), BENCH_VM_CPUS (2), BENCH_VM_TIMEOUT (s, 2500)
 #   BENCH_SKIP_BUILD=1  use target/release as it is
 #   BENCH_BUSY_POLL_US  the two-node configs' cluster.busy_poll_us (default: the daemon's)
 #   BENCH_QUEUES    the nvmirror configs' lun queues (default: the daemon's, one per vCPU up to 4)
@@ -61,7 +61,7 @@ medium_mb=${BENCH_MEDIUM_MB:-1024}
 nvram_mb=${BENCH_NVRAM_MB:-256}
 vm_mem=${BENCH_VM_MEM:-3072}
 vm_cpus=${BENCH_VM_CPUS:-2}
-vm_timeout=${BENCH_VM_TIMEOUT:-2100}
+vm_timeout=${BENCH_VM_TIMEOUT:-2500}
 
 nvm_ensure_apt_packages "${NVM_APT_PACKAGES[@]}" python3
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
