@@ -27,7 +27,8 @@ struct Args {
     /// Device id (/dev/ublkbID); -1 lets the kernel pick.
     #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
     id: i32,
-    /// Number of ublk queues (nvmirrord's default: 1).
+    /// Number of ublk queues (nvmirrord's default: one per CPU, at most 4). With one queue its
+    /// thread may run on any CPU, as nvmirrord's queue threads may.
     #[arg(long, default_value_t = 1)]
     queues: u16,
     /// Queue depth (nvmirrord's default: 64).
