@@ -1108,16 +1108,16 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 	# Shared-nothing (issue #17): the cost of contention. Every range is node-a's (it holds
 	# the write priority), so node-b's writes to them are forwarded to it. 4K random writes
 	# at QD16 to one 64 MiB portion: node-a alone, node-b alone, then both at once.
+	# portion_fio NAME DEVICE RW IODEPTH: one 4K run over the portion, into $D/NAME.json.
+	portion_fio() {
+		timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="$1" --filename="$2" \
+			--direct=1 --ioengine=io_uring --size=64M --time_based=1 --runtime="$RUNTIME" \
+			--ramp_time="$RAMP" --norandommap=1 --randrepeat=0 --rw="$3" --bs=4k \
+			--iodepth="$4" --output-format=json --output="$D/$1.json" \
+			>/dev/null 2>"$W/fio-$1.err" ||
+			note "fio $1 failed: $(head -c 300 "$W/fio-$1.err" | tr '\n' ' ')"
+	}
 	if [[ $CFG == own ]]; then
-		# portion_fio NAME DEVICE RW IODEPTH: one 4K run over the portion, into $D/NAME.json.
-		portion_fio() {
-			timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="$1" --filename="$2" \
-				--direct=1 --ioengine=io_uring --size=64M --time_based=1 --runtime="$RUNTIME" \
-				--ramp_time="$RAMP" --norandommap=1 --randrepeat=0 --rw="$3" --bs=4k \
-				--iodepth="$4" --output-format=json --output="$D/$1.json" \
-				>/dev/null 2>"$W/fio-$1.err" ||
-				note "fio $1 failed: $(head -c 300 "$W/fio-$1.err" | tr '\n' ' ')"
-		}
 		contend() { portion_fio "contend-$1" "$2" randwrite 16; } # NAME DEVICE
 		contend a-alone /dev/ublkb0
 		contend b-alone /dev/ublkb1
@@ -1217,10 +1217,12 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 		else
 			note "write-priority queue refused: $(head -c 300 "$W/wq.err" | tr '\n' ' ')"
 		fi
-		# Reads of node-a's ranges through node-b: forwarded (`nvmirrorctl local-reads off`),
-		# then served from node-b's own medium and second store under node-a's read lease
-		# (on, the default with own storage), against node-a reading its own. 4K random
-		# reads QD32, same portion.
+	fi
+	# Reads of node-a's ranges through node-b: forwarded (`nvmirrorctl local-reads off`),
+	# then served from node-b's medium (its own, or the shared one) and second store under
+	# node-a's read lease (on by default with own storage, turned on here with a shared
+	# medium), against node-a reading its own. 4K random reads QD32, same portion.
+	if [[ $CFG == own || $CFG == tcp ]]; then
 		readb() { portion_fio "readb-$1" "$2" randread 32; } # NAME DEVICE
 		readb a-own /dev/ublkb0
 		"$NVMCTL" --config "$W/node-b.toml" local-reads off >/dev/null 2>&1 ||
@@ -1231,16 +1233,16 @@ print("%.0f" % (100.0 * sum(x["used_bytes"] for x in p) / max(1, sum(x["capacity
 			readb b-local /dev/ublkb1
 			leased=$("$NVMCTL" --config "$W/node-b.toml" status --json |
 				python3 -c 'import json,sys; print(json.load(sys.stdin)["engine"]["luns"][0]["reads_leased"])')
-			python3 - "$D" "$leased" <<-'PY' >>"$D/notes" 2>/dev/null
+			python3 - "$D" "$leased" "$([[ $CFG == own ]] && echo "each node its own medium" || echo "a shared medium")" <<-'PY' >>"$D/notes" 2>/dev/null
 			import json, sys
 			def r(name):
 			    j = json.load(open(f"{sys.argv[1]}/readb-{name}.json"))["jobs"][0]["read"]
 			    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000
 			(a, pa), (f, pf), (l, pl) = r("a-own"), r("b-forwarded"), r("b-local")
-			print(f"reads of node-a's ranges through node-b (issue #17), 4K random reads QD32 to one "
+			print(f"reads of node-a's ranges through node-b ({sys.argv[3]}), 4K random reads QD32 to one "
 			      f"64 MiB portion, one run each: node-a (the owner) {a:.0f} IOPS (p50 {pa:.0f} µs); "
 			      f"node-b forwarded (local-reads off) {f:.0f} (p50 {pf:.0f} µs, {f / max(a, 1):.2f}x); node-b under "
-			      f"node-a's read lease (local-reads on, the default) {l:.0f} (p50 {pl:.0f} µs, "
+			      f"node-a's read lease (local-reads on) {l:.0f} (p50 {pl:.0f} µs, "
 			      f"{l / max(a, 1):.2f}x; {sys.argv[2]} read(s) served locally)")
 			PY
 		else

@@ -236,7 +236,7 @@ enum Cmd {
         #[arg(long, value_name = "MS")]
         min_hold_ms: Option<u64>,
     },
-    /// With `storage = "own"`: read the partner's ranges from this node's own medium and
+    /// Read the partner's ranges from this node's medium (its own, or the shared one) and
     /// second store under the partner's read lease (on), or forward those reads (off), until
     /// the daemon restarts (then `cluster.local_reads` applies again).
     LocalReads {

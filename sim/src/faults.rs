@@ -225,8 +225,8 @@ pub struct FaultMix {
     /// handed over (`cluster.write_priority.queue_writes`) instead of being forwarded. Draws
     /// nothing; off in [`FaultMix::all`].
     pub queue_writes: bool,
-    /// With `storage = "own"`: reads of the partner's ranges served locally under its read
-    /// lease (`cluster.local_reads`). Draws nothing; off in [`FaultMix::all`].
+    /// Reads of the partner's ranges served locally under its read lease
+    /// (`cluster.local_reads`), with either storage. Draws nothing; off in [`FaultMix::all`].
     pub local_reads: bool,
     /// The nodes' clocks run at different rates: one this fraction fast, the other as much
     /// slow (drawn from a stream of its own, so every seed keeps its faults). None: both

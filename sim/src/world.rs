@@ -451,6 +451,7 @@ impl Boot {
                 initial,
                 lease: Some(self.lease.clone()),
                 link_timeout: s.heartbeat_timeout,
+                forward_wait: std::time::Duration::from_secs(60),
                 reservations: Vec::new(),
             }),
             config_path: "sim.toml".into(),
@@ -482,7 +483,7 @@ impl Boot {
             min_hold: Duration::from_millis(30),
             queue_for: s.queue_writes.then(|| Duration::from_secs(2)),
         }));
-        engine.set_local_reads(s.local_reads && s.own_storage)?;
+        engine.set_local_reads(s.local_reads)?;
         let role = if id == 0 {
             Role::Listen(addr(0))
         } else {

@@ -2,7 +2,8 @@
 # Operations from a shell, against two live daemons: `config check` with good and bad files,
 # `status --json` parsed and checked, the human status, a non-root user refused by the control
 # socket, `handover` and `giveback` moving a range and back, `takeover` after a kill -9 with
-# the takeover's progress in status (`--range` checked), `recover` restarting the killed node (its /dev/ublkb0
+# the takeover's progress in status (`--range` checked) while a read and a write through node-b
+# to node-a's range wait for it (cluster.forward_wait_s) and then complete, `recover` restarting the killed node (its /dev/ublkb0
 # re-attached by user recovery), `list`/`features`; then the udev rule producing
 # /dev/disk/by-nvmirror/<lun> (udevadm test), `systemd-analyze verify` of the unit, and
 # scripts/install.sh staging every file. Both daemons serve metrics ([metrics] listen): a scrape
@@ -189,6 +190,17 @@ python3 -c 'import json,sys; h=json.load(sys.stdin); assert h["schema"] == 1 and
 expect_rc 2 "$NVMCTL" --config node-a.toml health
 grep -q "^CRITICAL: nvmirrord is not running" last.out || { cat last.out; fail "health of a dead daemon is not CRITICAL"; }
 say "health: node-b WARNING (partner unreachable), node-a CRITICAL (not running)"
+# I/O through node-b to node-a's range rides out node-a's loss (cluster.forward_wait_s, 60 s by
+# default) until the takeover below makes the range node-b's: it waits, then completes. The
+# read is of blocks staged on node-a only, so it must wait for the takeover's replay too.
+head -c 1M /dev/urandom >p2
+dd if=/dev/ublkb1 of=rode-out.bin bs=1M count=4 skip=16 iflag=direct status=none 2>rode-out-r.err &
+ride_read=$!
+dd if=p2 of=/dev/ublkb1 bs=1M seek=21 oflag=direct status=none 2>rode-out-w.err &
+ride_write=$!
+sleep 3
+kill -0 "$ride_read" 2>/dev/null && kill -0 "$ride_write" 2>/dev/null ||
+	fail "I/O through node-b to node-a's range ended with no takeover yet (it should wait): $(cat rode-out-r.err rode-out-w.err)"
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:1
 grep -q "none of the given ranges belongs to node node-a" last.out || { cat last.out; fail "takeover of an own range: unclear error"; }
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:7
@@ -199,6 +211,13 @@ json b 's["engine"]["takeover"]["phase"] == "done" and s["engine"]["takeover"]["
 	fail "status: takeover progress missing ($(json b 's["engine"]["takeover"]'))"
 [[ $(owners b) == "node-b/4 node-b/1" ]] || fail "after takeover: $(owners b)"
 check_data /dev/ublkb1 "after takeover"
+rc_r=0 rc_w=0
+wait "$ride_read" || rc_r=$?
+wait "$ride_write" || rc_w=$?
+((rc_r == 0 && rc_w == 0)) || fail "I/O that waited through node-a's loss failed after the takeover (read rc $rc_r, write rc $rc_w): $(cat rode-out-r.err rode-out-w.err)"
+cmp -s rode-out.bin <(head -c 4M p0) || fail "the read that waited through node-a's loss returned other bytes than node-a had staged"
+cmp -s p2 <(dd if=/dev/ublkb1 bs=1M count=1 skip=21 iflag=direct status=none) || fail "the write that waited through node-a's loss does not read back"
+say "a read and a write through node-b to node-a's range waited through node-a's loss (still pending 3 s after the kill) and completed after the takeover: the read returned the replayed bytes, the write reads back"
 [[ $(dd if=/dev/ublkb1 bs=1M count=4 skip=16 iflag=direct status=none | md5sum) == $(head -c 4M p0 | md5sum) ]] ||
 	fail "a write staged (not flushed) on node-a was lost by the takeover"
 curl -sf http://127.0.0.1:9478/metrics >scrape-b.txt || fail "node-b's metrics endpoint did not answer"

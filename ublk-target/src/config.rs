@@ -184,6 +184,13 @@ pub struct ClusterSection {
     pub frame_mac: bool,
     #[serde(default = "default_takeover")]
     pub takeover: TakeoverPolicy,
+    /// How long I/O to the partner's ranges rides out the partner's loss (the link down
+    /// after it was up) before it fails with EIO: it waits for a takeover to make the range
+    /// ours (this node's under `takeover = "auto"`, the operator's or Pacemaker's under
+    /// `manual`) or for the partner's return (a restart in place), then runs. 0: fail at
+    /// once. Before the partner first connects, such I/O fails at once whatever this says.
+    #[serde(default = "default_forward_wait")]
+    pub forward_wait_s: u64,
     /// Disk heartbeat: every node rewrites its slot on the shared medium this often...
     #[serde(default = "default_disk_heartbeat")]
     pub disk_heartbeat_ms: u64,
@@ -228,9 +235,10 @@ pub struct ClusterSection {
     /// the config, a takeover or an operator put them.
     #[serde(default)]
     pub write_priority: Option<WritePrioritySection>,
-    /// With `storage = "own"` (on unless set to false): reads of the partner's ranges are
-    /// served from this node's own medium and second store while the partner grants a read
-    /// lease (`cluster::ReadLeases`), instead of crossing the link. The price: after a
+    /// Reads of the partner's ranges are served from this node's medium (its own, or the
+    /// shared one) and second store while the partner grants a read lease
+    /// (`cluster::ReadLeases`), instead of crossing the link. On unless set to false with
+    /// `storage = "own"`; off unless set to true with a shared medium. The price: after a
     /// connection reset, the partner's first write without us of a range waits up to 0.6
     /// heartbeat timeouts for the lease to run out. See [`ClusterSection::local_reads_on`].
     #[serde(default)]
@@ -242,9 +250,13 @@ pub struct ClusterSection {
 
 impl ClusterSection {
     /// Whether this node reads the partner's ranges locally under its read lease: with
-    /// `storage = "own"`, unless `local_reads = false`.
+    /// `storage = "own"` unless `local_reads = false`; with a shared medium only if
+    /// `local_reads = true`.
     pub fn local_reads_on(&self) -> bool {
-        self.storage == StorageMode::Own && self.local_reads != Some(false)
+        match self.storage {
+            StorageMode::Own => self.local_reads != Some(false),
+            StorageMode::Shared => self.local_reads == Some(true),
+        }
     }
 
     /// The disk lease's timing from the `disk_*` settings.
@@ -291,6 +303,10 @@ pub struct ShippingSection {
     pub heartbeat_timeout_ms: u64,
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
+    /// As `cluster.frame_mac`: every message after the handshake carries a MAC (on by
+    /// default). The destination's setting applies to all its sources, which must agree.
+    #[serde(default = "default_frame_mac")]
+    pub frame_mac: bool,
     /// Source: how a write is acknowledged while the destination is away.
     #[serde(default = "default_degraded")]
     pub degraded: DegradedPolicy,
@@ -414,6 +430,10 @@ fn default_resync_rate() -> u64 {
 }
 fn default_frame_mac() -> bool {
     true
+}
+
+fn default_forward_wait() -> u64 {
+    60
 }
 
 fn default_takeover() -> TakeoverPolicy {
@@ -581,6 +601,21 @@ impl NodeConfig {
             warnings.push(format!(
                 "cluster.frame_mac = false: only the handshake proves the cluster secret; afterwards anyone who can reach the mirror link's path ({}) can inject or alter its messages, e.g. write the partner's second store. Use it only on a dedicated link or an isolated fabric; remove the line to authenticate every message",
                 c.nodes.iter().map(|n| n.address.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if let Some(s) = self.shipping.as_ref().filter(|s| !s.frame_mac) {
+            let path = match (&s.destination, s.sources.is_empty()) {
+                (Some(d), _) => d.address.clone(),
+                (None, false) => s
+                    .sources
+                    .iter()
+                    .map(|x| x.listen.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                (None, true) => "the log-shipping links".into(),
+            };
+            warnings.push(format!(
+                "shipping.frame_mac = false: only the handshake proves the group's secret; afterwards anyone who can reach the log-shipping link's path ({path}) can inject or alter its messages, e.g. records in the destination's log files. Use it only on a dedicated link or an isolated fabric; remove the line to authenticate every message"
             ));
         }
         if let Some(c) = &self.cluster {
@@ -751,6 +786,12 @@ impl NodeConfig {
                 }
             }
             check_heartbeat("cluster", c.heartbeat_interval_ms, c.heartbeat_timeout_ms)?;
+            if c.forward_wait_s > 3600 {
+                return Err(invalid(
+                    "cluster.forward_wait_s",
+                    format!("{} s is too long: I/O would hang that long; use at most 3600 (an hour), e.g. 60, or 0 to fail at once", c.forward_wait_s),
+                ));
+            }
             for (field, value) in [
                 ("cluster.disk_heartbeat_ms", c.disk_heartbeat_ms),
                 ("cluster.disk_lease_ms", c.disk_lease_ms),
@@ -818,12 +859,6 @@ impl NodeConfig {
                         "with storage = \"own\" each node has its own medium and both must present the same LUN: set the size explicitly (the same on both nodes)",
                     ));
                 }
-            }
-            if c.local_reads == Some(true) && c.storage != StorageMode::Own {
-                return Err(invalid(
-                    "cluster.local_reads",
-                    "serves the partner's ranges from this node's own medium, which only storage = \"own\" has: remove local_reads or set storage = \"own\"",
-                ));
             }
             if let Some(w) = &c.write_priority {
                 if c.takeover == TakeoverPolicy::Manual {
@@ -1317,7 +1352,7 @@ device_id = 3
     }
 
     #[test]
-    fn local_reads_are_on_with_own_storage_unless_turned_off_and_refused_without_it() {
+    fn local_reads_are_on_with_own_storage_unless_turned_off_and_opt_in_with_a_shared_medium() {
         let on = |extra: &str| {
             NodeConfig::parse(&two_nodes_with(extra))
                 .expect("valid")
@@ -1329,14 +1364,10 @@ device_id = 3
         assert!(!on(&format!("{own}\nlocal_reads = false")));
         assert!(
             !on(""),
-            "a shared medium has no local reads of the partner's ranges"
+            "with a shared medium local reads are off unless asked for"
         );
         assert!(!on("local_reads = false"));
-        let e = err_of(&two_nodes_with("local_reads = true"));
-        assert!(
-            e.contains("cluster.local_reads") && e.contains("own"),
-            "{e}"
-        );
+        assert!(on("local_reads = true"));
     }
 
     #[test]
@@ -1474,6 +1505,21 @@ device_id = 3
                 .stranded_nvram_warnings(),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn forwarded_io_rides_out_a_partner_loss_for_a_minute_unless_set() {
+        let c = NodeConfig::parse(&two_nodes_with("")).expect("valid");
+        assert_eq!(c.cluster.as_ref().map(|c| c.forward_wait_s), Some(60));
+        let c = NodeConfig::parse(&two_nodes_with("forward_wait_s = 0")).expect("valid");
+        assert_eq!(c.cluster.as_ref().map(|c| c.forward_wait_s), Some(0));
+        let e = err_of(&two_nodes_with("forward_wait_s = 86400"));
+        assert!(
+            e.contains("cluster.forward_wait_s") && e.contains("3600"),
+            "{e}"
+        );
+        let e = err_of(&two_nodes_with("forward_wait_s = -1"));
+        assert!(e.contains("forward_wait_s"), "{e}");
     }
 
     #[test]
@@ -1616,6 +1662,22 @@ nvram_size = "64MiB"
             ShippingSection::link_node_id("node-a"),
             ShippingSection::link_node_id("dest")
         );
+    }
+
+    #[test]
+    fn shipping_frame_macs_are_on_unless_turned_off_and_off_is_warned_about() {
+        let src = NodeConfig::parse(&format!("{GOOD}{SOURCE}")).expect("valid source");
+        assert_eq!(src.shipping.as_ref().map(|s| s.frame_mac), Some(true));
+        let off = DESTINATION.replace("id = 77\n", "id = 77\nframe_mac = false\n");
+        let dest = NodeConfig::parse(&off).expect("valid destination");
+        assert_eq!(dest.shipping.as_ref().map(|s| s.frame_mac), Some(false));
+        let w = dest.environment_warnings().join("\n");
+        assert!(
+            w.contains("shipping.frame_mac = false") && w.contains("0.0.0.0:7841, 0.0.0.0:7842"),
+            "{w}"
+        );
+        let e = err_of(&DESTINATION.replace("id = 77\n", "id = 77\nframe_mac = 0\n"));
+        assert!(e.contains("frame_mac"), "{e}");
     }
 
     #[test]

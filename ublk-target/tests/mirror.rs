@@ -313,7 +313,7 @@ fn writes_staged_while_the_partner_was_away_are_mirrored_when_it_connects() {
     let (link_a, link_b, rt) = connect(&a, &b, Duration::from_millis(500));
     {
         let _in_runtime = rt.enter();
-        a.partner_connected(true);
+        a.partner_connected();
     }
     wait_for("B to hold the records A staged alone", || {
         b.status().mirror.second_store.map(|s| s.records) == Some(20)
@@ -412,6 +412,7 @@ fn clustered_sized(
                 initial,
                 lease: None,
                 link_timeout: Duration::from_millis(500),
+                forward_wait: Duration::from_secs(60),
                 reservations: Vec::new(),
             }),
             config_path: "test.toml".into(),

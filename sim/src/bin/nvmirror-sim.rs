@@ -71,8 +71,8 @@ struct Args {
     /// --write-priority).
     #[arg(long)]
     queue_writes: bool,
-    /// With --storage own: reads of the partner's ranges are served locally under its read
-    /// lease (`cluster.local_reads`).
+    /// Reads of the partner's ranges are served locally (from the node's medium, its own
+    /// or the shared one, and second store) under its read lease (`cluster.local_reads`).
     #[arg(long)]
     local_reads: bool,
     /// The nodes' clocks run at different rates: one PERCENT fast, the other PERCENT slow

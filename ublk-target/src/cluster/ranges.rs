@@ -47,6 +47,9 @@ pub struct ClusterSetup {
     /// The mirror link's heartbeat timeout: the partner calls the link down after hearing
     /// nothing from us for this long.
     pub link_timeout: Duration,
+    /// How long I/O to the partner's ranges rides out the partner's loss
+    /// (`cluster.forward_wait_s`); zero: it fails at once.
+    pub forward_wait: Duration,
     /// Persistent reservations on the media, already registered (`reservation`); empty
     /// without `cluster.reservations = "scsi3"`.
     pub reservations: Vec<Reservation>,
@@ -62,6 +65,7 @@ pub struct Cluster {
     store: Arc<dyn TableStore>,
     lease: Option<Arc<DiskLease>>,
     link_timeout: Duration,
+    forward_wait: Duration,
     table: Mutex<OwnershipTable>,
     gates: Mutex<Vec<Vec<RangeState>>>,
     gate_opened: Notify,
@@ -142,6 +146,7 @@ impl Cluster {
             store: setup.table_store,
             lease: setup.lease,
             link_timeout: setup.link_timeout,
+            forward_wait: setup.forward_wait,
             table: Mutex::new(table),
             gates: Mutex::new(gates),
             gate_opened: Notify::new(),
@@ -157,9 +162,9 @@ impl Cluster {
             own_misses: Mutex::new(Default::default()),
             // Half the heartbeat timeout: a cut the link notices (no message for the
             // timeout) finds the partner's lease run out already, and a degraded write
-            // waits for nothing more.
-            read_leases: (setup.storage == StorageMode::Own)
-                .then(|| super::read_lease::ReadLeases::new(setup.link_timeout / 2)),
+            // waits for nothing more. Kept in both storage modes: each node answers the
+            // partner's lease requests whatever its own `local_reads`.
+            read_leases: Some(super::read_lease::ReadLeases::new(setup.link_timeout / 2)),
         })
     }
 
@@ -194,6 +199,11 @@ impl Cluster {
 
     pub fn link_timeout(&self) -> Duration {
         self.link_timeout
+    }
+
+    /// How long I/O to the partner's ranges rides out the partner's loss.
+    pub fn forward_wait(&self) -> Duration {
+        self.forward_wait
     }
 
     /// With `storage = "own"`: the read leases (see `read_lease`).
@@ -1220,6 +1230,7 @@ mod tests {
             initial: initial.clone(),
             lease: Some(a.clone()),
             link_timeout: Duration::from_secs(1),
+            forward_wait: Duration::from_secs(60),
             reservations: Vec::new(),
         })
         .expect("open");
@@ -1269,6 +1280,7 @@ mod tests {
                 initial: initial.clone(),
                 lease: None,
                 link_timeout: Duration::from_secs(1),
+                forward_wait: Duration::from_secs(60),
                 reservations: Vec::new(),
             })
             .expect("open")

@@ -384,6 +384,15 @@ impl Engine {
             return Ok(());
         }
         self.mirror.note_degraded(why);
+        // A shared medium: the partner may be reading this range from the medium and its
+        // second store under our read lease (`local_reads`), and this write is in neither
+        // until it is flushed: no acknowledgement before that lease has run out. (No new
+        // one is granted until the partner holds a copy of every unflushed record.)
+        if let (Some(c), Some(range)) = (self.cluster.clone().filter(|c| !c.own_storage()), range) {
+            let (_deciding, _) =
+                super::local_reads::wait_out_read_leases(&c, self.host.as_ref(), &[range]).await;
+            return self.degraded_policy(part, record.seq).await;
+        }
         // Each node its own medium: the partner's will miss this write, so it must never
         // take the range over (stale) before a resync. Durable before the acknowledgement.
         if let (Some(c), Some(range)) = (self.cluster.clone().filter(|c| c.own_storage()), range) {

@@ -1,12 +1,13 @@
-//! Reads of a range the partner owns served here (`storage = "own"`,
-//! `cluster.local_reads`): from the partner's records our second store holds, and the rest
-//! from our own medium, while the partner's read lease on the range holds
-//! (`cluster::ReadLeases` says why that returns every write acknowledged before the read).
-//! Without a lease, with our medium marked outdated, or while a void record of the LUN is
-//! held, the read is forwarded as before.
+//! Reads of a range the partner owns served here (`cluster.local_reads`): from the
+//! partner's records our second store holds, and the rest from our medium (our own with
+//! `storage = "own"`, else the shared one), while the partner's read lease on the range
+//! holds (`cluster::ReadLeases` says why that returns every write acknowledged before the
+//! read). Without a lease, with our medium marked outdated, or while a void record of the
+//! LUN is held, the read is forwarded as before.
 //!
 //! Both sides live here: asking for the lease every eighth of a heartbeat timeout, granting
-//! it, and the owner's wait before it marks our medium outdated.
+//! it, and the owner's wait before it marks our medium outdated or (a shared medium)
+//! acknowledges a write the partner has no copy of.
 
 use super::core::Engine;
 use super::medium_reads::MediumReads;
@@ -19,11 +20,11 @@ use std::sync::{Arc, Weak};
 
 impl Engine {
     /// Serves reads of the partner's ranges from this node while it grants a read lease
-    /// (off: every such read is forwarded). Only with `storage = "own"`.
+    /// (off: every such read is forwarded).
     pub fn set_local_reads(self: &Arc<Self>, on: bool) -> Result<(), String> {
         let Some(leases) = self.cluster.as_ref().and_then(|c| c.read_leases()) else {
             return if on {
-                Err("local reads need storage = \"own\"".into())
+                Err("local reads need a cluster".into())
             } else {
                 Ok(())
             };
@@ -63,16 +64,16 @@ impl Engine {
             .sum()
     }
 
-    /// Owner: the ranges the partner may read from its own medium now (`OP_READ_LEASE`):
-    /// those we serve whose partner medium no mark (on the arbiter, or one being made) says
-    /// is outdated.
+    /// Owner: the ranges the partner may read from its medium now (`OP_READ_LEASE`): those
+    /// we serve whose partner medium no mark (on the arbiter, or one being made) says is
+    /// outdated (a shared medium has no marks).
     pub(super) async fn grant_read_lease(&self) -> Result<Vec<u8>, String> {
         let c = self
             .cluster
             .clone()
             .ok_or("not a cluster node: no read leases")?;
         let Some(_) = c.read_leases() else {
-            return Err("read leases need storage = \"own\"".into());
+            return Err("this node grants no read leases".into());
         };
         // Only while the partner holds a copy of every unflushed record of ours (after a
         // reconnection, once the re-mirroring ends): void records among them too.
@@ -151,7 +152,8 @@ impl Engine {
     }
 }
 
-/// Owner, before deciding whether to mark the partner's medium outdated for `ranges`:
+/// Owner, before deciding whether to mark the partner's medium outdated for `ranges` (or,
+/// with a shared medium, before acknowledging a write of them the partner has no copy of):
 /// withholds them from read leases until the returned guard goes (a mark made meanwhile
 /// keeps them withheld), and waits until the leases granted before have run out
 /// (`cluster::ReadLeases`). Also says whether it waited.
@@ -172,7 +174,7 @@ pub(crate) async fn wait_out_read_leases(
         return (guard, false);
     }
     tracing::info!(
-        "waiting {:?} for the partner's read lease to run out before marking its medium outdated",
+        "waiting {:?} for the partner's read lease to run out before a write it has no copy of counts",
         until - now
     );
     host.sleep(until - now).await;

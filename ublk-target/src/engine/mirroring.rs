@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 impl Engine {
     /// The mirror link to the partner came up: mirroring resumes for every new write, and
-    /// `takeover_expected` says whether losing it again leads to a takeover (see
+    /// losing the partner from now on is ridden out by I/O to its ranges (see
     /// [`Engine::set_takeover_expected`]). Whatever is already on the medium may go from the
     /// partner's second store: after our restart it still holds copies of records that our
     /// start-up replay flushed, and replaying those later would write old data over new.
     /// Then the records it lacks are copied to it, in the background.
-    pub fn partner_connected(self: &Arc<Self>, takeover_expected: bool) {
-        self.set_takeover_expected(takeover_expected);
+    pub fn partner_connected(self: &Arc<Self>) {
+        self.set_takeover_expected(true);
         let Some(m) = self.mirror.current() else {
             return;
         };

@@ -139,6 +139,7 @@ impl Engine {
                     initial,
                     lease: Some(lease),
                     link_timeout: Duration::from_millis(c.heartbeat_timeout_ms),
+                    forward_wait: Duration::from_secs(c.forward_wait_s),
                     reservations,
                     storage: c.storage,
                 };

@@ -21,11 +21,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long I/O to another node's ranges waits, once that node is unreachable and a takeover
-/// is expected (see [`Engine::set_takeover_expected`]), for the takeover to make the ranges
-/// ours (or for the node to come back) before it fails with EIO. An automatic takeover
-/// needs about two heartbeat timeouts plus the replay.
-const PARTNER_LOSS_WAIT: Duration = Duration::from_secs(60);
 /// How often I/O waiting so looks again.
 const PARTNER_LOSS_POLL: Duration = Duration::from_millis(50);
 /// How long a forward refused because its range is moving is tried again: longer than a
@@ -83,13 +78,15 @@ impl Engine {
     }
 
     /// A forward to the owner failed. With the link up, the owner answered and its error
-    /// stands: false; likewise when no takeover is expected. With the link down (the owner
-    /// died with the I/O in flight, or before it) and a takeover expected, waits until the
-    /// takeover makes one of the `remote` pieces' ranges ours or the link is back: true,
-    /// route the I/O again (a write's data is the same, so redoing it is harmless; it was
-    /// never acknowledged). False once `deadline` (set at the first call) passes, or once
-    /// the owner has stayed alive on the shared medium (its disk heartbeat renews) for longer
-    /// than a takeover would need: it is only unreachable, and no takeover will come.
+    /// stands: false; likewise when no takeover is expected (the partner never connected).
+    /// With the link down (the owner died with the I/O in flight, or before it) and a
+    /// takeover expected, waits until the takeover (ours under `takeover = "auto"`, the
+    /// operator's or Pacemaker's under `manual`) makes one of the `remote` pieces' ranges
+    /// ours or the link is back (the owner restarted in place): true, route the I/O again (a
+    /// write's data is the same, so redoing it is harmless; it was never acknowledged). False
+    /// once `deadline` (set at the first call to now + `cluster.forward_wait_s`) passes, or
+    /// once the owner has stayed alive on the shared medium (its disk heartbeat renews) for
+    /// longer than a takeover would need: it is only unreachable, and no takeover will come.
     async fn partner_lost(
         &self,
         lun_idx: usize,
@@ -104,7 +101,7 @@ impl Engine {
             return false;
         }
         let started = self.host.now();
-        let deadline = *deadline.get_or_insert_with(|| started + PARTNER_LOSS_WAIT);
+        let deadline = *deadline.get_or_insert_with(|| started + c.forward_wait());
         let alive_wait = c
             .lease()
             .map(|l| l.timing().dead_after() + c.link_timeout() * 2);

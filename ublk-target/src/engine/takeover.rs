@@ -24,10 +24,12 @@ const SILENCE_POLL: Duration = Duration::from_millis(100);
 const REPLAY_RETRY: Duration = Duration::from_secs(1);
 
 impl Engine {
-    /// Whether a takeover follows if the partner dies (the daemon sets it while the partner is
-    /// connected under `takeover = "auto"`). Then I/O forwarded to the partner that fails
-    /// with the link down waits for the takeover and runs here; otherwise it fails at once
-    /// rather than stalling (e.g. the kernel's partition scan while the partner is away).
+    /// Whether a takeover follows if the partner dies: set once the partner has connected
+    /// (under `takeover = "auto"` this node takes over; under `manual` the operator or
+    /// Pacemaker, which fences the dead node and promotes this one). Then I/O forwarded to the
+    /// partner that fails with the link down waits (`cluster.forward_wait_s`) for the
+    /// takeover, or for the partner's return, and runs; before, it fails at once rather than
+    /// stalling (e.g. the kernel's partition scan while the partner was never there).
     pub fn set_takeover_expected(&self, expected: bool) {
         self.takeover.set_expected(expected);
     }

@@ -189,6 +189,7 @@ pub fn shipping_link_config(
     lc.heartbeat_interval = Duration::from_millis(s.heartbeat_interval_ms);
     lc.heartbeat_timeout = Duration::from_millis(s.heartbeat_timeout_ms);
     lc.busy_poll = Duration::from_micros(s.busy_poll_us);
+    lc.frame_mac = s.frame_mac;
     Ok(lc)
 }
 
@@ -315,5 +316,44 @@ impl crate::mirror::Mirror for ToDestination {
             let answer = link.request(req).await.map_err(|e| e.to_string())?;
             wire::answer(&answer).map(|_| ())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `[shipping]` link settings reach the link: frame MACs on by default, off when
+    /// `shipping.frame_mac = false` (the link's handshake then refuses a peer that differs).
+    #[test]
+    fn shipping_links_take_frame_mac_from_the_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").expect("secret");
+        let config = |extra: &str| {
+            format!(
+                "[node]\nname = \"dest\"\n[nvram]\npath = \"/tmp/n\"\nsize = \"64MiB\"\n\
+                 [shipping]\nrole = \"destination\"\nid = 7\nsecret_file = {secret:?}\n\
+                 dir = \"/var/lib/x\"\n{extra}\n\
+                 [[shipping.source]]\nname = \"src1\"\nlisten = \"127.0.0.1:7900\"\n\
+                 nvram_size = \"64MiB\"\n"
+            )
+        };
+        let link_of = |extra: &str| {
+            let cfg = NodeConfig::parse(&config(extra)).expect("valid");
+            let s = cfg.shipping.as_ref().expect("shipping");
+            let listen = "127.0.0.1:7900".parse().expect("addr");
+            shipping_link_config(
+                s,
+                rdma_link::Role::Listen(listen),
+                rdma_link::NodeRole::Destination,
+                "dest",
+                "src1",
+                0,
+            )
+            .expect("link config")
+        };
+        assert!(link_of("").frame_mac);
+        assert!(!link_of("frame_mac = false").frame_mac);
     }
 }

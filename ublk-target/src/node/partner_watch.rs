@@ -103,8 +103,7 @@ impl PartnerWatch {
                     up_since = host.now();
                     not_on_our_medium = false;
                     self.engine.set_takeover_note(None);
-                    self.engine
-                        .partner_connected(self.policy == TakeoverPolicy::Auto);
+                    self.engine.partner_connected();
                 }
                 (LinkState::Up(_), true) => {
                     self.check_same_medium(&name, up_since, &mut not_on_our_medium)
