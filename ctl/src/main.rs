@@ -1661,6 +1661,12 @@ fn print_status(s: &DaemonStatus) {
     if let Some(note) = &e.takeover_note {
         println!("takeover: {note}");
     }
+    if e.io_waiting_for_takeover > 0 {
+        println!(
+            "waiting: {} I/O(s) to the lost partner's ranges wait for a takeover or its return (cluster.forward_wait_s)",
+            e.io_waiting_for_takeover
+        );
+    }
     if let Some(t) = &e.takeover {
         println!();
         print_takeover(t);

@@ -12,7 +12,9 @@
 # (checksums) after each of them. `health` gives OK, WARNING (partner gone) and CRITICAL
 # (daemon gone) with the plugin exit codes; `events`, polling once a minute, streams as raised the partner's loss, the range's
 # move and the takeover, and the node's own stream shows its daemon gone and back. SIGHUP is logged and ignored; with JOURNAL_STREAM set the
-# daemon logs to journald's socket (a stand-in here) with each event's priority.
+# daemon logs to journald's socket (a stand-in here) with each event's priority. Last, a stop
+# (SIGTERM) of node-b while a read of the dead node-a's range waits for a takeover ends the
+# wait (EIO) and takes seconds.
 # vm-timeout: 300
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -201,6 +203,13 @@ ride_write=$!
 sleep 3
 kill -0 "$ride_read" 2>/dev/null && kill -0 "$ride_write" 2>/dev/null ||
 	fail "I/O through node-b to node-a's range ended with no takeover yet (it should wait): $(cat rode-out-r.err rode-out-w.err)"
+# The read (4 MiB) and the write (1 MiB) reach the daemon as requests of at most 512 KiB.
+waiting=$(json b 's["engine"]["io_waiting_for_takeover"]')
+((waiting >= 2)) || fail "status counts $waiting I/O(s) waiting for a takeover, not the read's and the write's"
+"$NVMCTL" --config node-b.toml status | grep -q "^waiting: $waiting I/O(s) to the lost partner's ranges wait for a takeover" ||
+	fail "the human status does not show the I/O waiting for a takeover"
+curl -sf http://127.0.0.1:9478/metrics | grep -q "^nvmirror_io_waiting_for_takeover $waiting\(\.0\)\?$" ||
+	fail "node-b's metrics do not show the $waiting I/O(s) waiting for a takeover"
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:1
 grep -q "none of the given ranges belongs to node node-a" last.out || { cat last.out; fail "takeover of an own range: unclear error"; }
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:7
@@ -217,7 +226,7 @@ wait "$ride_write" || rc_w=$?
 ((rc_r == 0 && rc_w == 0)) || fail "I/O that waited through node-a's loss failed after the takeover (read rc $rc_r, write rc $rc_w): $(cat rode-out-r.err rode-out-w.err)"
 cmp -s rode-out.bin <(head -c 4M p0) || fail "the read that waited through node-a's loss returned other bytes than node-a had staged"
 cmp -s p2 <(dd if=/dev/ublkb1 bs=1M count=1 skip=21 iflag=direct status=none) || fail "the write that waited through node-a's loss does not read back"
-say "a read and a write through node-b to node-a's range waited through node-a's loss (still pending 3 s after the kill) and completed after the takeover: the read returned the replayed bytes, the write reads back"
+say "a read and a write through node-b to node-a's range waited through node-a's loss (still pending 3 s after the kill, $waiting I/O(s) waiting in status and metrics) and completed after the takeover: the read returned the replayed bytes, the write reads back"
 [[ $(dd if=/dev/ublkb1 bs=1M count=4 skip=16 iflag=direct status=none | md5sum) == $(head -c 4M p0 | md5sum) ]] ||
 	fail "a write staged (not flushed) on node-a was lost by the takeover"
 curl -sf http://127.0.0.1:9478/metrics >scrape-b.txt || fail "node-b's metrics endpoint did not answer"
@@ -383,4 +392,25 @@ for f in usr/local/sbin/nvmirrord usr/local/sbin/nvmirrorctl etc/systemd/system/
 	[[ -f stage/$f ]] || fail "install.sh did not install /$f"
 done
 grep -q "^Type=notify" stage/etc/systemd/system/nvmirrord@.service || fail "installed unit is not Type=notify"
-say "PASS: config check, status, socket permissions, handover/giveback, takeover/recover, list, features, udev, systemd, install"
+# --- a stop while I/O waits for a takeover ----------------------------------------------------------------
+# node-a dies again and a read through node-b of node-a's range waits for a takeover
+# (cluster.forward_wait_s, 60 s). SIGTERM to node-b (a cluster manager's stop): the wait ends
+# with EIO and the daemon stops in seconds, not after the wait.
+kill -9 "$pid_a"
+nvm_wait_gone "$pid_a"
+for _ in $(seq 50); do link_up b || break; sleep 0.2; done
+link_up b && fail "node-b still mirroring 10 s after node-a's second kill"
+dd if=/dev/ublkb1 of=/dev/null bs=4k count=1 iflag=direct status=none 2>stop-wait.err &
+waiting=$!
+sleep 2
+kill -0 "$waiting" 2>/dev/null || fail "a read of node-a's range through node-b ended with neither a takeover nor a stop: $(cat stop-wait.err)"
+t0=$(date +%s%N)
+kill -TERM "$pid_b"
+nvm_wait_gone "$pid_b"
+rc=0
+wait "$waiting" || rc=$?
+took_ms=$((($(date +%s%N) - t0) / 1000000))
+((rc != 0)) || fail "the read that waited for a takeover succeeded although node-b stopped"
+((took_ms < 20000)) || fail "node-b took $took_ms ms to stop with a read waiting for a takeover"
+say "stop while I/O waits for a takeover: node-b stopped in $took_ms ms, the waiting read failed (rc $rc)"
+say "PASS: config check, status, socket permissions, handover/giveback, takeover/recover, list, features, udev, systemd, install, stop while I/O waits"

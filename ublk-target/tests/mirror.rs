@@ -1331,3 +1331,46 @@ fn a_queued_write_is_forwarded_when_the_range_does_not_come_in_time() {
         assert!(read_engine(&p, &p.b, *off, d.len()) == *d, "B reads {off}");
     }
 }
+
+/// A read of the partner's range whose forward fails with the link down waits for a
+/// takeover (`cluster.forward_wait_s`, here 60 s); once the node stops its devices
+/// (`stop_waiting_for_takeovers`, on SIGTERM) it fails at once instead of holding them up.
+#[test]
+fn io_waiting_for_a_takeover_fails_once_the_node_stops_its_devices() {
+    let p = cluster_pair();
+    p.b.set_takeover_expected(true);
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    let unreachable: Arc<dyn Forwarder> = Arc::new(RequestForwarder(
+        |_req: Vec<u8>| -> ForwardFuture<Vec<u8>> {
+            Box::pin(async { Err("mirror link to node a is down".to_string()) })
+        },
+    ));
+    p.b.cluster()
+        .expect("cluster")
+        .set_forwarder(Some(unreachable));
+    // Range 0 is A's.
+    let b = p.b.clone();
+    let read = p.rt.spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        b.read_routed(0, 0, &mut buf).await.map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!read.is_finished(), "the read waits for a takeover");
+    assert_eq!(p.b.status().io_waiting_for_takeover, 1, "status counts it");
+    let stopped = Instant::now();
+    p.b.stop_waiting_for_takeovers();
+    let outcome = p.rt.block_on(read).expect("task");
+    assert!(outcome.is_err(), "the read failed once the node stopped");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "it failed at once: {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(p.b.status().io_waiting_for_takeover, 0);
+    // New I/O to the partner's ranges fails at once too.
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    assert!(p.rt.block_on(p.b.read_routed(0, 0, &mut buf)).is_err());
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

@@ -106,12 +106,13 @@ impl Engine {
             .lease()
             .map(|l| l.timing().dead_after() + c.link_timeout() * 2);
         let partner = c.partner();
+        let _waiting = self.takeover.waiting_io();
         loop {
             if self.moved_to_us_meanwhile(lun_idx, lun, remote) || self.mirror.is_up() {
                 return true;
             }
             let now = self.host.now();
-            if now >= deadline {
+            if now >= deadline || !self.takeover.expected() {
                 return false;
             }
             if let (Some(lease), Some(wait)) = (c.lease(), alive_wait) {

@@ -63,6 +63,10 @@ pub struct EngineStatus {
     /// Why a takeover is or is not happening now.
     #[serde(default)]
     pub takeover_note: Option<String>,
+    /// I/Os to the partner's ranges waiting now, the partner lost, for a takeover (or its
+    /// return) before they run (`cluster.forward_wait_s`).
+    #[serde(default)]
+    pub io_waiting_for_takeover: u64,
     /// The media's persistent reservations (`cluster.reservations = "scsi3"`).
     #[serde(default)]
     pub reservations: Vec<crate::reservation::ReservationStatus>,
@@ -252,6 +256,7 @@ impl Engine {
                 .map(|l| l.status()),
             may_serve: self.may_serve(),
             takeover_note: self.takeover.note(),
+            io_waiting_for_takeover: self.takeover.io_waiting(),
             reservations: self
                 .cluster
                 .as_ref()

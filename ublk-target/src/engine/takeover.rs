@@ -34,6 +34,14 @@ impl Engine {
         self.takeover.set_expected(expected);
     }
 
+    /// The node is stopping its devices (SIGTERM): I/O to the partner's ranges that waits for
+    /// a takeover (up to `cluster.forward_wait_s`) fails with EIO now, and new such I/O fails
+    /// at once, so that the devices stop without waiting that long (a cluster manager's stop
+    /// timeout is shorter). For good: a stopping engine does not wait again.
+    pub fn stop_waiting_for_takeovers(&self) {
+        self.takeover.end_waits();
+    }
+
     /// What the partner watch says about takeovers now ("the partner is alive on the disk:
     /// no takeover while the link is down", ...), shown in status.
     pub fn set_takeover_note(&self, note: Option<String>) {

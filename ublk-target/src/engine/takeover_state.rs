@@ -9,7 +9,7 @@ use crate::nvram::restart_sync_note::RestartSyncNote;
 use crate::nvram::scan::ScanResult;
 use crate::nvram::PartitionCheckpoint;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -71,6 +71,11 @@ pub(super) struct TakeoverState {
     /// Forwarded I/O that fails because the partner is gone waits for a takeover (see
     /// [`Engine::set_takeover_expected`]).
     expected: AtomicBool,
+    /// The node is stopping its devices: such I/O waits no longer (see
+    /// [`Engine::stop_waiting_for_takeovers`]).
+    waits_ended: AtomicBool,
+    /// I/Os to the partner's ranges waiting for a takeover now (status).
+    waiting: Arc<AtomicU64>,
     progress: Arc<Mutex<Option<TakeoverProgress>>>,
     delegate: DelegateSlot,
     /// Why no takeover is happening (or what it waits for), for status.
@@ -109,7 +114,21 @@ impl TakeoverState {
     }
 
     pub(super) fn expected(&self) -> bool {
-        self.expected.load(Ordering::SeqCst)
+        self.expected.load(Ordering::SeqCst) && !self.waits_ended.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn end_waits(&self) {
+        self.waits_ended.store(true, Ordering::SeqCst);
+    }
+
+    /// Counts an I/O as waiting for a takeover while the returned guard lives.
+    pub(super) fn waiting_io(&self) -> WaitingIo {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingIo(self.waiting.clone())
+    }
+
+    pub(super) fn io_waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     pub(super) fn set_note(&self, note: Option<String>) {
@@ -236,5 +255,14 @@ impl RestartSync {
         sync.ranges.sort_unstable();
         sync.ranges.dedup();
         (sync, notes)
+    }
+}
+
+/// An I/O waiting for a takeover of the partner's ranges (see [`TakeoverState::waiting_io`]).
+pub(super) struct WaitingIo(Arc<AtomicU64>);
+
+impl Drop for WaitingIo {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -217,6 +217,8 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     let failed = match stop_signal {
         Some(sig) => {
             tracing::info!("{sig:?}: stopping devices, then draining staged writes to the medium");
+            // I/O waiting for a takeover of the partner's ranges would hold the devices up.
+            engine.stop_waiting_for_takeovers();
             devices.stop_all()
         }
         None => devices.join_all(),

@@ -526,6 +526,16 @@ impl prometheus_client::collector::Collector for Scrape {
             )?;
         }
 
+        // A cluster node (a single node forwards nothing).
+        if !e.storage.is_empty() {
+            f.gauge(
+                "io_waiting_for_takeover",
+                "I/Os to the lost partner's ranges waiting for a takeover (or its return) before they run.",
+                None,
+                one(e.io_waiting_for_takeover as f64),
+            )?;
+        }
+
         // Takeover: the running or last one.
         if let Some(t) = &e.takeover {
             let phase = if t.phase.starts_with("failed") {
