@@ -30,6 +30,7 @@ const EXIT_NO_DAEMON: i32 = 3;
 #[derive(Parser)]
 #[command(
     version,
+    long_version = nvmirror::release::long_version(),
     about = "Operate nvmirror: status, device list, flusher control, NVRAM inspection and recovery",
     after_help = "Exit codes: 0 success, 1 operation failed, 2 bad usage or config, 3 daemon not running"
 )]

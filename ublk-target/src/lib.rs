@@ -48,6 +48,7 @@ pub mod mirror;
 pub mod node;
 pub mod nvram;
 pub mod ownership;
+pub mod release;
 pub mod reservation;
 pub mod shipping;
 pub mod state_events;

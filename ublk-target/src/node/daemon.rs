@@ -23,6 +23,7 @@ use std::time::Duration;
 #[command(
     name = "nvmirrord",
     version,
+    long_version = crate::release::long_version(),
     about = "nvmirror node daemon: NVRAM-staged, mirrored ublk block devices",
     after_help = "Exit codes: 0 stopped cleanly (SIGTERM/SIGINT, staged writes drained), 1 could not start or failed, 2 invalid config (the message names the field)"
 )]
