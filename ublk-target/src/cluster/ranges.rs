@@ -206,7 +206,7 @@ impl Cluster {
         self.forward_wait
     }
 
-    /// With `storage = "own"`: the read leases (see `read_lease`).
+    /// The read leases (see `read_lease`; used with `cluster.local_reads`).
     pub fn read_leases(&self) -> Option<&super::read_lease::ReadLeases> {
         self.read_leases.as_ref()
     }

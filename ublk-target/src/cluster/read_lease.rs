@@ -1,16 +1,19 @@
-//! Read leases (`storage = "own"`): the owner of a range lets the partner read it from the
-//! partner's own medium and second store instead of forwarding each read.
+//! Read leases (`cluster.local_reads`): the owner of a range lets the partner read it from
+//! the partner's medium (its own with `storage = "own"`, else the shared one) and second
+//! store instead of forwarding each read.
 //!
 //! What makes such a read return every write acknowledged before it began: each of those
 //! writes is in the reader's second store or on its medium, unless the owner acknowledged it
 //! without the reader (the link down), which the owner does only after marking the reader's
-//! medium outdated on the arbiter, where the reader does not look on every read. So:
+//! medium outdated on the arbiter (own media), where the reader does not look on every read,
+//! or (a shared medium) after waiting out the leases below, nothing being marked. So:
 //!
 //! * The reader asks for a lease at `asked` (its clock) and holds it until
 //!   `asked + period` for the ranges the answer names.
 //! * The owner grants only ranges it serves and has not marked (or begun to mark) the
 //!   reader's medium outdated for, and notes when it last granted.
-//! * Before deciding whether to mark the reader's medium outdated, the owner withholds those
+//! * Before deciding whether to mark the reader's medium outdated (with a shared medium:
+//!   before acknowledging a write the reader has no copy of), the owner withholds those
 //!   ranges from every later grant and waits until `last grant + period * (1 + DRIFT) /
 //!   (1 - DRIFT)` on its clock: any lease granted then has run out on the reader's clock,
 //!   which runs at most `DRIFT` slow (the disk lease's assumption, `lease::DRIFT`). A grant is
