@@ -183,6 +183,15 @@ pub fn assess(s: &DaemonStatus, limits: &Limits) -> Health {
             "a staged write lacks its mirror copy (the partner is catching up)".into(),
         );
     }
+    if e.io_waiting_for_takeover > 0 {
+        add(
+            Warning,
+            format!(
+                "{} I/O(s) to the lost partner's ranges wait for a takeover or its return (at most cluster.forward_wait_s, then EIO)",
+                e.io_waiting_for_takeover
+            ),
+        );
+    }
     for (node, ranges) in &e.outdated_media {
         let list: Vec<String> = ranges
             .iter()
@@ -350,6 +359,19 @@ mod tests {
         assert!(h.findings[0].what.contains("unreachable"), "{h:?}");
         assert!(h.findings[0].what.contains("7 write(s)"), "{h:?}");
         assert_eq!(h.severity.exit_code(), 1);
+    }
+
+    #[test]
+    fn io_waiting_for_a_takeover_warns() {
+        let mut v = status();
+        v["engine"]["io_waiting_for_takeover"] = 3.into();
+        let h = assess_json(v);
+        assert_eq!(h.severity, Severity::Warning);
+        assert!(
+            h.render()
+                .contains("warning: 3 I/O(s) to the lost partner's ranges wait for a takeover"),
+            "{h:?}"
+        );
     }
 
     #[test]

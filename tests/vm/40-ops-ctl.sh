@@ -210,6 +210,9 @@ waiting=$(json b 's["engine"]["io_waiting_for_takeover"]')
 	fail "the human status does not show the I/O waiting for a takeover"
 curl -sf http://127.0.0.1:9478/metrics | grep -q "^nvmirror_io_waiting_for_takeover $waiting\(\.0\)\?$" ||
 	fail "node-b's metrics do not show the $waiting I/O(s) waiting for a takeover"
+expect_rc 1 "$NVMCTL" --config node-b.toml health
+grep -q "^  warning: $waiting I/O(s) to the lost partner's ranges wait for a takeover" last.out ||
+	{ cat last.out; fail "health does not warn of the I/O waiting for a takeover"; }
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:1
 grep -q "none of the given ranges belongs to node node-a" last.out || { cat last.out; fail "takeover of an own range: unclear error"; }
 expect_rc 1 "$NVMCTL" --config node-b.toml takeover --range lun0:7
