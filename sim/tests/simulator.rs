@@ -618,6 +618,19 @@ fn local_reads_from_a_shared_disk_return_every_acknowledged_write() {
     seeds_pass(&[162, 187, 320, 348, 370, 481, 590], &mix);
 }
 
+/// Seed 34378 (one shared disk, `takeover = "manual"`, `degraded = "nvram"`): the link cut, n1
+/// paused; the operator's takeover by n0 claimed n1's ranges 1 and 3 and n0 lost its power
+/// mid-replay (then stayed down). n1 continued, re-read the table, and voided and released its
+/// records of the two ranges, the newest data there was (the mirrored ones were otherwise
+/// only in dead n0's second store); n1's takeover of every range then read 7 blocks as never
+/// written (LOST ACKNOWLEDGED WRITE). A node that loses ranges to a claim whose replay is
+/// unfinished now keeps its records of them and restarts, and the start replays them once
+/// the claimer is dead (as for seed 4755).
+#[test]
+fn ranges_lost_to_an_unfinished_claim_keep_their_records() {
+    seeds_pass(&[34378], &FaultMix::all());
+}
+
 /// Seed 6810 (one shared disk, the checker): n0 lost a range after staging a write of it,
 /// the write was routed again and staged by n1, the new owner, and n0 then released its dead
 /// record to n1 before n1's record of that version reached the disk. Nothing was lost (the

@@ -12,6 +12,7 @@
 
 use super::core::Engine;
 use super::datapath::mirror_post;
+use crate::cluster::LunRange;
 
 /// A range's span whose records died in memory (`mark_dead`), for its void record.
 struct DeadSpan {
@@ -162,6 +163,48 @@ impl Engine {
         }
     }
 
+    /// Splits `lost` into the ranges the partner claimed in a takeover whose replay it has
+    /// not finished, and the rest. Our records of the first are the newest data there is:
+    /// the claimer may die before its replay of its copies ends, and our own writes it never
+    /// got exist only here (simulator seed 34378: they were voided and released, the claimer
+    /// lost its power mid-replay, and they were lost when we took the ranges back). A claim
+    /// note that cannot be read counts as unfinished.
+    fn claimed_unfinished(&self, lost: &[LunRange]) -> (Vec<LunRange>, Vec<LunRange>) {
+        let Some(c) = &self.cluster else {
+            return (Vec::new(), lost.to_vec());
+        };
+        let claimed: Vec<LunRange> = match c.unfinished_claims_on_us() {
+            Ok(claims) => claims.into_iter().flat_map(|(_, ranges)| ranges).collect(),
+            Err(e) => {
+                tracing::warn!("reading the partner's claim notes failed ({e}): treating every lost range as claimed");
+                lost.to_vec()
+            }
+        };
+        lost.iter().partition(|r| claimed.contains(r))
+    }
+
+    /// Ranges we lost to a claim whose replay is unfinished: their records must neither die
+    /// nor reach the medium now, so the partitions they stage in stop and the daemon restarts
+    /// (`Engine::restart_wanted`), where the start keeps them until the claimer finishes or
+    /// dies and then replays them (`engine::unfinished_claims`, simulator seed 4755).
+    fn fence_for_claims(&self, claimed: &[LunRange]) {
+        for &(l, r) in claimed {
+            let Some(lun) = self.luns.get(l as usize) else {
+                continue;
+            };
+            let part = self.partition_of(lun.first_range + r);
+            tracing::warn!(
+                partition = part.id,
+                "range {r} of LUN {} was taken over by the partner, whose replay of it is unfinished: this node keeps its records of it and restarts to replay them",
+                lun.name
+            );
+            part.fence(format!(
+                "range {r} of LUN {} was claimed by the partner, whose replay of it is unfinished: restart to keep this node's records of it",
+                lun.name
+            ));
+        }
+    }
+
     /// Re-reads the ownership table (the lease was held again, or the partner changed the
     /// table) and kills our records of every range we lost since we last looked. A range we
     /// hold again after losing it in between opens only after its void record is durable:
@@ -175,7 +218,11 @@ impl Engine {
         let mut spans = Vec::new();
         let ours_before = self.write_demand.enabled().then(|| c.ranges_of(c.me));
         let crate::cluster::Reloaded { lost, held_again } = c
-            .reload_noting_losses(&mut |lost| spans = self.mark_dead(lost))
+            .reload_noting_losses(&mut |lost| {
+                let (claimed, rest) = self.claimed_unfinished(lost);
+                spans = self.mark_dead(&rest);
+                self.fence_for_claims(&claimed);
+            })
             .map_err(|e| e.to_string())?;
         if let Some(before) = ours_before {
             // Write priority's turns count from here (a queued write's ask returns later).
