@@ -237,7 +237,7 @@ impl Engine {
             return Ok(());
         }
         tracing::warn!(
-            "{} range(s) moved away from this node since it last read the ownership table: its staged records of them are void",
+            "{} range(s) moved away from this node since it last read the ownership table: its staged records of them are void (except those of ranges lost to an unfinished takeover, kept for a restart)",
             lost.len()
         );
         let voided = self.write_voids(&spans).await;
