@@ -428,6 +428,59 @@ if "own" in configs:
     a = med("own", "qd32r")
     p(target("shared-nothing, 4K randread QD32 vs raw medium", ratio(a, raw_r), 0.9, True, f"{fmt(a)} / {fmt(raw_r)}"))
     p()
+
+# Where a read's time goes: fio's mean completion latency against the daemon's own mean
+# (its `lun_io_latency`: from the queue thread taking the read to its result, so the medium
+# read and the daemon's work, without the ublk round trip to the kernel and fio). Means, not
+# medians: Little's law (in flight = rate x mean latency) ties them to the IOPS.
+def daemon_means(c, wl):
+    d = os.path.join(raw, c)
+    out = []
+    for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if not (f.startswith(wl + ".") and f.endswith(".daemon-latency")):
+            continue
+        run = f.split(".")[1]
+        try:
+            before, after = open(os.path.join(d, f)).read().split("--")
+            def parse(t):
+                return {l.split()[0]: (int(l.split()[1]), float(l.split()[2])) for l in t.strip().splitlines() if l.strip()}
+            b, a = parse(before), parse(after)
+            j = json.load(open(os.path.join(d, f"{wl}.{run}.json")))["jobs"][0]
+        except (ValueError, KeyError, IndexError, OSError):
+            continue
+        for op in ("read", "write"):
+            if op not in a or op not in b or a[op][0] <= b[op][0] or j[op]["iops"] <= 0:
+                continue
+            n = a[op][0] - b[op][0]
+            mean_us = (a[op][1] - b[op][1]) / n * 1e6
+            out.append((run, op, j[op]["iops"], j[op]["clat_ns"]["mean"] / 1000.0, mean_us))
+    return out
+
+def raw_read_mean():
+    xs = []
+    d = os.path.join(raw, "raw")
+    for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if f.startswith("qd32r.") and f.endswith(".json") and f.split(".")[1].isdigit():
+            try:
+                xs.append(json.load(open(os.path.join(d, f)))["jobs"][0]["read"]["clat_ns"]["mean"] / 1000.0)
+            except (ValueError, KeyError, IndexError, OSError):
+                pass
+    return statistics.median(xs) if xs else None
+
+rows = [(c, wl, r) for c in configs for wl in ("qd32r", "mixed") for r in daemon_means(c, wl)]
+if rows:
+    p("Where an I/O's time goes (the first node's daemon): fio's mean completion latency against the "
+      "daemon's mean from its queue thread taking the I/O to its result (`lun_io_latency`; for a read "
+      "mostly the medium's read), per run. The rest is the ublk round trip (kernel to the queue thread "
+      "and back) and fio. In flight = IOPS x mean (Little's law). The raw medium (6a) read by fio "
+      f"itself at QD32: mean {fmt(raw_read_mean())} µs.")
+    p()
+    p("| configuration | workload | run | op | IOPS | fio mean µs | daemon mean µs | outside the daemon µs | in flight in the daemon |")
+    p("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for c, wl, (run, op, iops, fio_us, d_us) in rows:
+        p(f"| {LABEL.get(c, c)} | {wl} | {run} | {op} | {fmt(iops)} | {fmt(fio_us)} | {fmt(d_us)} | "
+          f"{fmt(fio_us - d_us)} | {fmt(iops * d_us / 1e6)} |")
+    p()
 notes = []
 notes.append(f"Medium bandwidth = configuration 6a's 128K QD8 sequential write ({fmt(medium_bw)} MiB/s).")
 if link["rdma"] is not None:
@@ -635,7 +688,28 @@ print(" ".join(n["dev"] for n in json.load(sys.stdin) if n.get("mode") == "devda
 		queue_depth = 64
 		${BENCH_QUEUES:+queues = $BENCH_QUEUES}
 		${PIN_QUEUES:+pin_queues = true}
+
+		[metrics]
+		listen = "127.0.0.1:$((METRICS_PORT_BASE + $5))"
 		CFG
+	}
+
+	# The daemon's own view of the I/O (`lun_io_latency`, from its queue thread taking an
+	# I/O to the result): count and sum per op of the first status node, read from its
+	# metrics endpoint. Printed as "op count sum_seconds" lines.
+	METRICS_PORT_BASE=9477
+	daemon_latency() { # CONFIG
+		local port
+		port=$(awk -F'[:"]' '/^listen = "127.0.0.1:/ { print $(NF - 1) }' "$1") || return 0
+		python3 - "$port" <<-'PY' 2>/dev/null
+		import re, sys, urllib.request
+		text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+		got = {}
+		for m in re.finditer(r'^nvmirror_lun_io_latency_seconds_(sum|count)\{[^}]*op="(\w+)"[^}]*\} (\S+)$', text, re.M):
+		    got.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+		for op, v in sorted(got.items()):
+		    print(op, int(v.get("count", 0)), v.get("sum", 0.0))
+		PY
 	}
 
 	cluster_section() { # TRANSPORT ADDRESS
@@ -1038,11 +1112,18 @@ sys.exit(0 if json.load(sys.stdin)["engine"]["mirror"]["state"] == "mirroring" e
 		qd32r) job=(--rw=randread --bs=4k --iodepth=32) ;;
 		mixed) job=(--rw=randrw --rwmixread=70 --bs=4k --iodepth=16) ;;
 		esac
+		local lat0=''
+		((${#STATUS_CFGS[@]})) && lat0=$(daemon_latency "${STATUS_CFGS[0]}")
 		timeout -k 5 $((RAMP + RUNTIME + 60)) fio --name="$CFG-$wl" --filename="$DEV" --direct=1 \
 			--ioengine=io_uring --size="${REGION_MB}M" --time_based=1 --runtime="$RUNTIME" \
 			--ramp_time="$RAMP" --norandommap=1 --randrepeat=0 "${job[@]}" "${FIO_EXTRA[@]}" \
 			--output-format=json --output="$D/$wl.$r.json" >/dev/null 2>"$W/fio-$wl.$r.err" ||
 			{ note "fio $wl run $r failed: $(head -c 300 "$W/fio-$wl.$r.err" | tr '\n' ' ')"; return 0; }
+		# The daemon's mean latency per op over the run (ramp included) next to fio's: what
+		# the daemon spends (mostly the medium's I/O for a read) against the whole path.
+		if [[ -n $lat0 ]]; then
+			{ echo "$lat0"; echo --; daemon_latency "${STATUS_CFGS[0]}"; } >"$D/$wl.$r.daemon-latency"
+		fi
 		# NVRAM fill right after the run (how much the flusher was behind).
 		local c
 		for c in "${STATUS_CFGS[@]:0:1}"; do
