@@ -467,11 +467,11 @@ def raw_read_mean():
                 pass
     return statistics.median(xs) if xs else None
 
-rows = [(c, wl, r) for c in configs for wl in ("qd32r", "mixed") for r in daemon_means(c, wl)]
+rows = [(c, wl, r) for c in configs for wl in ("qd1", "qd32r", "mixed") for r in daemon_means(c, wl)]
 if rows:
     p("Where an I/O's time goes (the first node's daemon): fio's mean completion latency against the "
       "daemon's mean from its queue thread taking the I/O to its result (`lun_io_latency`; for a read "
-      "mostly the medium's read), per run. The rest is the ublk round trip (kernel to the queue thread "
+      "mostly the medium's read; for a write staging, mirroring and the partner's acknowledgement), per run. The rest is the ublk round trip (kernel to the queue thread "
       "and back) and fio. In flight = IOPS x mean (Little's law). The raw medium (6a) read by fio "
       f"itself at QD32: mean {fmt(raw_read_mean())} µs.")
     p()

@@ -192,6 +192,31 @@ pub fn assess(s: &DaemonStatus, limits: &Limits) -> Health {
             ),
         );
     }
+    // A range both media miss writes of has no copy to read or repair from: it serves no
+    // reads, its flush batches stay staged, and its partition's writes wait for log space.
+    let mut on_every_medium: Option<Vec<(u32, u32)>> = None;
+    for ranges in e.outdated_media.values() {
+        on_every_medium = Some(match on_every_medium {
+            None => ranges.clone(),
+            Some(seen) => seen.into_iter().filter(|r| ranges.contains(r)).collect(),
+        });
+    }
+    let on_every_medium = on_every_medium
+        .filter(|_| e.outdated_media.len() >= 2)
+        .unwrap_or_default();
+    if !on_every_medium.is_empty() {
+        let list: Vec<String> = on_every_medium
+            .iter()
+            .map(|(l, r)| format!("{}:{r}", lun_name(*l)))
+            .collect();
+        add(
+            Critical,
+            format!(
+                "range(s) {} are outdated on every node's medium: unreadable, and their flush batches stay in NVRAM (no repair has a source; README \"Not done yet\")",
+                list.join(", ")
+            ),
+        );
+    }
     for (node, ranges) in &e.outdated_media {
         let list: Vec<String> = ranges
             .iter()
@@ -400,6 +425,23 @@ mod tests {
         let h = assess_json(v);
         assert_eq!(h.severity, Severity::Critical);
         assert!(h.findings[0].what.contains("96% full"), "{h:?}");
+    }
+
+    #[test]
+    fn a_range_outdated_on_both_media_is_critical_and_one_medium_warns() {
+        let mut v = status();
+        v["engine"]["outdated_media"] = serde_json::json!({"node-b": [[0, 1]]});
+        let h = assess_json(v.clone());
+        assert_eq!(h.severity, Severity::Warning, "{h:?}");
+        assert!(h.render().contains("node node-b's medium misses writes of range(s) lun0:1"));
+        v["engine"]["outdated_media"] = serde_json::json!({"node-a": [[0, 0], [0, 1]], "node-b": [[0, 1]]});
+        let h = assess_json(v);
+        assert_eq!(h.severity, Severity::Critical, "{h:?}");
+        assert!(
+            h.render()
+                .contains("critical: range(s) lun0:1 are outdated on every node's medium"),
+            "{h:?}"
+        );
     }
 
     #[test]
