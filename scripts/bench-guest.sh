@@ -681,6 +681,9 @@ print(" ".join(n["dev"] for n in json.load(sys.stdin) if n.get("mode") == "devda
 		partitions = 4
 		$7
 
+		[metrics]
+		listen = "127.0.0.1:$((METRICS_PORT_BASE + $5))"
+
 		[[lun]]
 		name = "lun0"
 		medium = "$6"
@@ -688,9 +691,6 @@ print(" ".join(n["dev"] for n in json.load(sys.stdin) if n.get("mode") == "devda
 		queue_depth = 64
 		${BENCH_QUEUES:+queues = $BENCH_QUEUES}
 		${PIN_QUEUES:+pin_queues = true}
-
-		[metrics]
-		listen = "127.0.0.1:$((METRICS_PORT_BASE + $5))"
 		CFG
 	}
 
