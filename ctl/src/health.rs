@@ -433,8 +433,11 @@ mod tests {
         v["engine"]["outdated_media"] = serde_json::json!({"node-b": [[0, 1]]});
         let h = assess_json(v.clone());
         assert_eq!(h.severity, Severity::Warning, "{h:?}");
-        assert!(h.render().contains("node node-b's medium misses writes of range(s) lun0:1"));
-        v["engine"]["outdated_media"] = serde_json::json!({"node-a": [[0, 0], [0, 1]], "node-b": [[0, 1]]});
+        assert!(h
+            .render()
+            .contains("node node-b's medium misses writes of range(s) lun0:1"));
+        v["engine"]["outdated_media"] =
+            serde_json::json!({"node-a": [[0, 0], [0, 1]], "node-b": [[0, 1]]});
         let h = assess_json(v);
         assert_eq!(h.severity, Severity::Critical, "{h:?}");
         assert!(

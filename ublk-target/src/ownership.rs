@@ -264,6 +264,17 @@ impl FlushMarks {
         })
     }
 
+    /// Only the voided ranges, for a replay into a medium these marks do not describe
+    /// (`storage = "own"`: the partner's flushed seqs are on its own medium, not ours, so
+    /// none bounds our replay), while its voids kill copies on any medium.
+    pub fn voids_only(&self) -> FlushMarks {
+        FlushMarks {
+            flushed_through: vec![0; self.flushed_through.len()],
+            lost: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// How many lost and voided ranges fit in the slot beside `partitions` marks.
     pub fn lost_room(partitions: usize) -> usize {
         SLOT_CRC_AT.saturating_sub(64 + partitions * 8) / LOST_RANGE_BYTES
@@ -760,6 +771,13 @@ mod tests {
             !with_voids.voided_kills(1, 0, 0, 29, Some(5)),
             "another range"
         );
+        // With a medium per node only the voids apply: no copy counts as flushed.
+        let own = with_voids.voids_only();
+        assert!(own.voided_kills(1, 0, 1, 29, Some(5)));
+        assert!(!own.voided_kills(1, 0, 1, 29, Some(4)));
+        for (partition, range, claim) in [(1, 1, Some(4)), (1, 1, Some(5)), (0, 1, None)] {
+            assert_eq!(own.flushed_bound(partition, 0, range, claim), 0);
+        }
         // More lost ranges than the slot holds are refused, not truncated silently.
         let mut full = m;
         full.lost = vec![lost; FlushMarks::lost_room(2) + 1];

@@ -1058,18 +1058,19 @@ impl Cluster {
         Ok(m)
     }
 
-    /// With one shared medium: records in our flush marks that our records of these ranges
-    /// below the given seqs are dead (`voids`: LUN, range, partition, below_seq), under the
-    /// epochs the table gives the ranges now, before the void records are written. The
-    /// partner gets the void records over the link; the marks reach it when the link is
-    /// down and we die before it comes back (`FlushMarks::voided`).
+    /// Records in our flush marks (on the shared medium, or with a medium per node on the
+    /// arbiter) that our records of these ranges below the given seqs are dead (`voids`:
+    /// LUN, range, partition, below_seq), under the epochs the table gives the ranges now,
+    /// before the void records are written. The partner gets the void records over the
+    /// link; the marks reach it when the link is down and we die before it comes back
+    /// (`FlushMarks::voided`).
     pub fn record_voided(
         &self,
         log_id: u64,
         partitions: usize,
         voids: &[(u32, u32, u32, u64)],
     ) -> Result<(), ownership::TableError> {
-        if self.own_storage() || voids.is_empty() {
+        if voids.is_empty() {
             return Ok(());
         }
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());

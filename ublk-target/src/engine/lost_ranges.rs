@@ -69,10 +69,11 @@ impl Engine {
     }
 
     /// The durable half: a void record per span, persisted here and posted to the partner.
-    /// With one shared medium the void records also go into our flush marks before this
-    /// returns (before a takeover claims the ranges, or a regained range opens): the partner
-    /// honours them should it never get the records themselves (the link down, and this
-    /// node dead before it comes back; simulator seed 41695).
+    /// The void records also go into our flush marks (on the shared medium, or the arbiter
+    /// with a medium per node) before this returns (before a takeover claims the ranges, or
+    /// a regained range opens): the partner honours them should it never get the records
+    /// themselves (the link down, and this node dead before it comes back; simulator seed
+    /// 41695).
     async fn write_voids(&self, spans: &[DeadSpan]) -> Result<(), String> {
         if spans.is_empty() {
             return Ok(());

@@ -480,13 +480,18 @@ impl Engine {
             return Ok(ReplayReport::default());
         };
         let started = self.host.now();
-        // What the partner flushed while it could not tell us (flush marks on the medium).
-        // (With a medium per node they describe the partner's medium, not ours: none apply.)
+        // What the partner flushed while it could not tell us (flush marks on the medium),
+        // and what it voided. With a medium per node (marks on the arbiter) its flushed
+        // seqs describe its medium, not ours, so only its voids apply (the case of
+        // simulator seed 41695: copies the partner voided where we never got the void
+        // records, replayed over newer writes).
         let marks = match &self.cluster {
-            Some(c) if c.own_storage() => None,
-            Some(c) => c.flush_marks_of(from).map_err(|e| {
-                ReplayError::Medium(format!("reading the partner's flush marks: {e}"))
-            })?,
+            Some(c) => c
+                .flush_marks_of(from)
+                .map_err(|e| {
+                    ReplayError::Medium(format!("reading the partner's flush marks: {e}"))
+                })?
+                .map(|m| if c.own_storage() { m.voids_only() } else { m }),
             None => None,
         };
         let progress = self.takeover.progress();
