@@ -6,7 +6,8 @@
 #     forwarded `ask_after_forwarded` of them, then it asks and node-a hands range 0 over
 #     (owner node-b on both nodes, epoch up). Every write verifies through both devices.
 #  2. Both write range 0 at once: node-a's writes are forwarded, node-a asks, and node-b
-#     refuses (it wrote range 0 itself within min_hold): range 0 stays node-b's.
+#     refuses (it wrote range 0 itself within min_hold): range 0 stays node-b's. node-b
+#     writes until node-a's job has ended.
 #  3. node-a alone writes range 0 again: once node-b has not written it for min_hold, it
 #     hands range 0 back. Every write of every step verifies through both devices.
 # vm-timeout: 300
@@ -72,12 +73,22 @@ verify_on /dev/ublkb0 b-first 0 341
 verify_on /dev/ublkb1 b-first 0 341
 
 say "2. both nodes write range 0 at once: node-b keeps it"
+# node-b also keeps writing blocks of range 0 no verified job uses, until node-a's job is
+# done: node-a's writes are forwarded, so its job takes longer, and once node-b's own job
+# ended node-b's hold would run out while node-a still writes (a CI run: node-b's job
+# took 14.1 s, node-a's 19.4 s, and range 0 moved at the end as it should).
+fio --name=b-filler --filename=/dev/ublkb1 --direct=1 --ioengine=libaio --iodepth=2 \
+	--rw=randwrite --bs=4k --offset=60M --size=3M --time_based=1 --runtime=280 \
+	--output=fio-b-filler.log &
+filler=$!
 fio $(job b-both 12M 342) --filename=/dev/ublkb1 --do_verify=0 --output=fio-b-both.log &
 fio_b=$!
 fio $(job a-both 24M 343) --filename=/dev/ublkb0 --do_verify=0 --output=fio-a-both.log &
 fio_a=$!
 wait $fio_b || { cat fio-b-both.log; fail "fio through node-b (contended)"; }
 wait $fio_a || { cat fio-a-both.log; fail "fio through node-a (contended)"; }
+kill -INT $filler 2>/dev/null
+wait $filler || true
 [[ $(owner0 a) == "node-b/$epoch1" && $(owner0 b) == "node-b/$epoch1" ]] ||
 	fail "range 0 moved while node-b wrote it too: a says $(owner0 a), b says $(owner0 b)"
 grep -q 'keeps the range we write to' daemon-a.log ||
