@@ -10,7 +10,7 @@
 #     writes until node-a's job has ended.
 #  3. node-a alone writes range 0 again: once node-b has not written it for min_hold, it
 #     hands range 0 back. Every write of every step verifies through both devices.
-# vm-timeout: 300
+# vm-timeout: 420
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 medium=$(nvm_medium shared 128)
