@@ -43,9 +43,10 @@
 # word-split, e.g. "--disk /path/img --qemu-arg -s"); see scripts/vm/lib.sh.
 # NVM_MSRV_CHECK=1 also builds the workspace with the Rust version Cargo.toml declares
 # (rustup installs it). NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42,
-# more kill cycles in 20 and 21, ocf-tester in 50, all three filesystems in 31) and the
-# tests marked `# soak-only:` (21-two-node-failover-rdma, twovm/43-power-cut-own,
-# twovm/47-power-cut-ship): about 20 minutes more than CI's run;
+# more kill cycles in 20 and 21, ocf-tester in 50, all three filesystems in 31, all of 33,
+# the switchover in twovm/46) and the tests marked `# soak-only:` (21-two-node-failover-rdma,
+# twovm/43-power-cut-own, twovm/44-power-cut-fs, twovm/47-power-cut-ship): about 35 minutes
+# more than CI's run;
 # NVM_PARTITION_CYCLES caps test 24's.
 set -euo pipefail
 

@@ -4,7 +4,7 @@
 # Runs ON THE HOST (a two-VM test; contract at the top of scripts/test.sh).
 # twovm-timeout: 600
 # soak-only: runs with NVM_SOAK=1 or when named (about 3.5 minutes under TCG: the CI hour has
-# no room for it; 32-log-shipping and 33-log-shipping-rdma export after a kill -9 in CI)
+# no room for it; 32-log-shipping exports after a kill -9 in CI)
 #
 # VM a is a log-shipping source (its NVRAM an emulated NVDIMM as device-DAX, its own disk
 # the medium), VM b its destination (NVRAM likewise; its own disk holds the log files and
