@@ -212,7 +212,7 @@ pub fn assess(s: &DaemonStatus, limits: &Limits) -> Health {
         add(
             Critical,
             format!(
-                "range(s) {} are outdated on every node's medium: unreadable, and their flush batches stay in NVRAM (no repair has a source; README \"Not done yet\")",
+                "range(s) {} are outdated on every node's medium: unreadable, and their flush batches stay in NVRAM (no repair has a source: stop one node and keep the other's medium with `nvmirrorctl force-current --range LUN:RANGE --lose-missed-writes` there, losing the writes it misses)",
                 list.join(", ")
             ),
         );

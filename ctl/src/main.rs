@@ -217,6 +217,20 @@ enum Cmd {
         #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         timeout: u64,
     },
+    /// A double failure's way out (`storage = "own"`): each medium misses writes the other
+    /// holds for these ranges (both marked outdated; `health` says CRITICAL), so neither can
+    /// be copied onto the other. Keep THIS node's medium: its marks go, the writes it misses
+    /// are lost, and the partner's medium gets it copied over when the partner returns.
+    /// Only while the partner's daemon is stopped. Then `takeover --range` if the partner
+    /// owns the range.
+    ForceCurrent {
+        /// A range to force, as LUN:RANGE (e.g. lun0:1); repeatable, at least one.
+        #[arg(long = "range", value_name = "LUN:RANGE", required = true)]
+        ranges: Vec<String>,
+        /// Says that you accept losing the writes this node's medium misses.
+        #[arg(long, required = true)]
+        lose_missed_writes: bool,
+    },
     /// Set how many MiB per second a resync copies at most (`storage = "own"`), 0 for no
     /// limit, until the daemon restarts (then `cluster.resync_rate_mib_s` applies again); a
     /// resync under way follows at once.
@@ -858,6 +872,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 other => bail!("unexpected answer: {other:?}"),
             };
             verify_report::print(&report, *json)?;
+        }
+        Cmd::ForceCurrent { ranges, .. } => {
+            call(
+                &socket_path(&cli)?,
+                Request::ForceCurrent {
+                    ranges: ranges.clone(),
+                },
+                Duration::from_secs(30),
+            )?;
+            println!(
+                "this node's medium is current for {} now (the writes it missed are lost); the partner's gets it copied over when the partner returns",
+                ranges.join(", ")
+            );
         }
         Cmd::ResyncRate { rate } => {
             let bytes = Some(rate.saturating_mul(1 << 20)).filter(|&b| b > 0);

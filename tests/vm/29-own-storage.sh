@@ -113,6 +113,9 @@ done
 nvm_same_media $lun_mib "$ma" "$mb" ||
 	fail "the two media differ after the drain: both nodes must apply every write"
 say "ok: both media hold the same $lun_mib MiB after the drain (cmp)"
+out=$("$NVMCTL" --config node-a.toml force-current --range lun0:0 --lose-missed-writes 2>&1) &&
+	fail "force-current succeeded with the partner connected: $out"
+[[ $out == *"partner is connected"* ]] || fail "force-current refused for another reason: $out"
 fio "${whole[@]}" --filename=/dev/ublkb1 --verify_only=1 --output=fio-whole-verify.log ||
 	{ cat fio-whole-verify.log; fail "verify through node-b"; }
 
@@ -145,7 +148,7 @@ fio "${staged[@]}" --filename=/dev/ublkb1 --verify_only=1 --verify_state_save=0 
 leased=$(($(nvm_field b 'e["luns"][0]["reads_leased"]') - leased0))
 # 300 reads; a lease renewal late under TCG forwards a few instead.
 ((leased >= 150)) || fail "only $leased of node-b's 300 reads of node-a's range were served locally"
-"$NVMCTL" --config node-b.toml status | grep -q '^local reads: ' || fail "status does not say local reads are on"
+grep -q '^local reads: ' <<<"$("$NVMCTL" --config node-b.toml status)" || fail "status does not say local reads are on"
 say "ok: node-b read the 300 staged blocks correctly, $leased of its reads served locally"
 out=$("$NVMCTL" --config node-b.toml local-reads off) || fail "local-reads off: $out"
 leased0=$(nvm_field b 'e["luns"][0]["reads_leased"]')
@@ -187,6 +190,12 @@ out=$("$NVMCTL" --config node-b.toml giveback --timeout 30 2>&1) &&
 stale=$(nvm_field b 'e["outdated_media"].get("node-a", [])')
 [[ $stale == *"[0, 0]"* ]] || fail "node-a's medium is no longer marked outdated for range 0: $stale"
 say "ok: giveback refused ($(tail -1 <<<"$out")); node-a's medium is outdated for $stale"
+# force-current (a double failure's way out) refuses when one medium holds every write:
+# node-b's does here, and forcing must never throw it away.
+out=$("$NVMCTL" --config node-b.toml force-current --range lun0:0 --lose-missed-writes 2>&1) &&
+	fail "force-current succeeded although node-b's medium is current: $out"
+[[ $out == *"not marked outdated"* ]] || fail "force-current refused for another reason: $out"
+say "ok: force-current refused on node-b: $(tail -1 <<<"$out")"
 
 say "4. node-a restarts: node-b resyncs both ranges onto node-a's medium, then the giveback works"
 nvm_start node-a.toml daemon-a.log
@@ -295,7 +304,7 @@ fio "${few[@]}" --filename=/dev/ublkb0 --do_verify=0 --output=fio-few.log ||
 oos=$(nvm_field a 'e["luns"][0]["out_of_sync_bytes"]')
 ((oos > 0 && oos <= 24 * 65536)) ||
 	fail "node-a's status counts $oos out-of-sync bytes after 24 4 KiB writes without node-b (expected 1..24 regions of 64 KiB)"
-"$NVMCTL" --config node-a.toml status | grep -q "^out of sync: " || fail "status does not print the out-of-sync bytes"
+grep -q "^out of sync: " <<<"$("$NVMCTL" --config node-a.toml status)" || fail "status does not print the out-of-sync bytes"
 # This resync at 1 MiB/s (set at run time), timed from node-a's log.
 "$NVMCTL" --config node-a.toml resync-rate 1 | grep -qx "resync rate limit: 1 MiB/s" || fail "nvmirrorctl resync-rate 1"
 [[ $(nvm_field a 'e["resync_rate"]') == $((1 << 20)) ]] || fail "status does not show the resync rate set: $(nvm_field a 'e["resync_rate"]')"

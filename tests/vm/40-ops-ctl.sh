@@ -206,7 +206,7 @@ kill -0 "$ride_read" 2>/dev/null && kill -0 "$ride_write" 2>/dev/null ||
 # The read (4 MiB) and the write (1 MiB) reach the daemon as requests of at most 512 KiB.
 waiting=$(json b 's["engine"]["io_waiting_for_takeover"]')
 ((waiting >= 2)) || fail "status counts $waiting I/O(s) waiting for a takeover, not the read's and the write's"
-"$NVMCTL" --config node-b.toml status | grep -q "^waiting: $waiting I/O(s) to the lost partner's ranges wait for a takeover" ||
+grep -q "^waiting: $waiting I/O(s) to the lost partner's ranges wait for a takeover" <<<"$("$NVMCTL" --config node-b.toml status)" ||
 	fail "the human status does not show the I/O waiting for a takeover"
 curl -sf http://127.0.0.1:9478/metrics | grep -q "^nvmirror_io_waiting_for_takeover $waiting\(\.0\)\?$" ||
 	fail "node-b's metrics do not show the $waiting I/O(s) waiting for a takeover"

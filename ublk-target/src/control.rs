@@ -74,6 +74,12 @@ pub enum Request {
         #[serde(default)]
         rate: Option<u64>,
     },
+    /// With `storage = "own"`: the operator keeps our medium's copy of `ranges` ("LUN:RANGE",
+    /// LUN by name), marked outdated on both media, losing the writes it misses
+    /// (`Cluster::force_own_medium_current`). Only while the partner is down.
+    ForceCurrent {
+        ranges: Vec<String>,
+    },
     /// Set the resync's rate limit (`storage = "own"`) until the daemon restarts; a resync
     /// under way follows at once.
     ResyncRate {

@@ -16,7 +16,7 @@ use super::forward::Forwarder;
 use super::outdated::{OutdatedMedia, StaleRanges};
 use crate::config::StorageMode;
 use crate::flusher::Fence;
-use crate::lease::DiskLease;
+use crate::lease::{DiskLease, Verdict};
 use crate::ownership::{self, OwnershipTable, RangeOwner, TableStore};
 use crate::reservation::Reservation;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -952,6 +952,83 @@ impl Cluster {
         Ok(())
     }
 
+    /// With `storage = "own"`, the operator's way out of a double failure: `ranges` are
+    /// marked outdated on both media (each misses writes the other holds, so no resync or
+    /// repair can run), and the operator chose our medium as the one to keep. Every mark
+    /// about our medium for them goes, whoever made it; the partner's stay, so its medium
+    /// gets ours copied over it when it returns. The writes our medium missed are lost.
+    ///
+    /// Only while the partner is provably down (its lease dead or never written: it cannot
+    /// be writing its slots, which only it writes otherwise, nor serving the ranges) and
+    /// only for ranges outdated on both media; anything else is refused with the reason.
+    pub fn force_own_medium_current(&self, ranges: &[LunRange]) -> Result<(), String> {
+        let Some(media) = &self.outdated else {
+            return Err(
+                "only with cluster.storage = \"own\": a shared medium is never outdated".into(),
+            );
+        };
+        if ranges.is_empty() {
+            return Err("name the ranges to force (--range LUN:RANGE)".into());
+        }
+        let partner = self.partner();
+        let name = self.node_name(partner).to_owned();
+        match self.lease.as_ref().map(|l| l.verdict(partner)) {
+            Some(Verdict::Dead { .. } | Verdict::Absent) => {}
+            Some(Verdict::Alive { ago }) => {
+                return Err(format!(
+                    "node {name} is alive on the arbiter (heartbeat {} ms ago): stop its daemon first (its marks are its own to write while it runs)",
+                    ago.as_millis()
+                ))
+            }
+            Some(Verdict::Unknown) => {
+                return Err(
+                    "this node does not hold its arbiter lease, so it cannot tell that the partner is down"
+                        .into(),
+                )
+            }
+            None => return Err("no arbiter lease: this node cannot tell that the partner is down".into()),
+        }
+        let read = |e: ownership::TableError| format!("reading the outdated-media marks: {e}");
+        let ours = self.outdated_ranges(self.me).map_err(read)?;
+        let theirs = self.outdated_ranges(partner).map_err(read)?;
+        for &(l, r) in ranges {
+            if !ours.contains(&(l, r)) {
+                return Err(format!(
+                    "LUN {l} range {r}: this node's medium is not marked outdated for it: nothing to force"
+                ));
+            }
+            if !theirs.contains(&(l, r)) {
+                return Err(format!(
+                    "LUN {l} range {r}: node {name}'s medium holds every write of it: start node {name}, and the resync (or the repair) copies it onto this node's medium without losing anything"
+                ));
+            }
+        }
+        let t = self.table().clone();
+        let globals: Vec<u32> = ranges
+            .iter()
+            .filter_map(|&r| self.global_range(&t, r).map(|(g, _)| g))
+            .collect();
+        let epochs: Vec<u64> = t.luns.iter().flatten().map(|o| o.epoch).collect();
+        let epoch_of = |g: u32| epochs.get(g as usize).copied();
+        let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
+        for writer in 0..self.nodes.len() as NodeId {
+            media
+                .clear(self.store.as_ref(), writer, self.me, &globals, &epoch_of)
+                .map_err(|e| format!("withdrawing the marks on the arbiter: {e}"))?;
+        }
+        if let Some(made) = known.get_mut(&self.me) {
+            for g in &globals {
+                made.remove(g);
+            }
+        }
+        self.stale_here.remove(ranges);
+        crate::transitions::changed();
+        tracing::error!(
+            "FORCED by the operator: this node's medium counts as current for range(s) {ranges:?} although it misses writes of them (both media did): those writes are lost; node {name}'s medium stays outdated and gets this one copied over it when it returns"
+        );
+        Ok(())
+    }
+
     /// With `storage = "own"`: the (LUN, range)s whose writes `node`'s medium misses (marks
     /// made at the epoch our view of the table gives the range now).
     pub fn outdated_ranges(&self, node: NodeId) -> Result<Vec<LunRange>, ownership::TableError> {
@@ -1256,6 +1333,96 @@ mod tests {
         view.reload_noting_losses(&mut |_| {}).expect("reload");
         assert!(view.table_is_current());
         assert_eq!(view.state(0, 0), RangeState::Remote(1));
+    }
+
+    /// The operator's way out of a range outdated on both media: refused while the partner
+    /// lives and for a range one medium holds whole; then our medium's marks go, whoever
+    /// made them, and the partner's stay (its medium gets ours copied over it).
+    #[test]
+    fn forcing_our_medium_current_needs_both_media_outdated_and_the_partner_down() {
+        let clock = Arc::new(ManualClock::default());
+        let step = Duration::from_millis(100);
+        let timing = LeaseTiming {
+            renew: step,
+            lease: step * 4,
+            io_timeout: step,
+        };
+        let store = Arc::new(MemTableStore::default());
+        let a = DiskLease::new(clock.clone(), store.clone(), 7, 0, 2, timing, 1);
+        let b = DiskLease::new(clock.clone(), store.clone(), 7, 1, 2, timing, 2);
+        let renew = |who: &[&Arc<DiskLease>], times: usize| {
+            for _ in 0..times {
+                for l in who {
+                    l.renew_once();
+                    l.watch_others();
+                }
+                clock.advance(step);
+            }
+        };
+        renew(&[&a, &b], 6);
+        let initial = OwnershipTable {
+            cluster_id: 7,
+            generation: 1,
+            luns: vec![vec![
+                RangeOwner { owner: 0, epoch: 1 },
+                RangeOwner { owner: 1, epoch: 1 },
+            ]],
+        };
+        let view = |me, lease| {
+            Cluster::open(ClusterSetup {
+                storage: StorageMode::Own,
+                me,
+                nodes: vec!["node-a".into(), "node-b".into()],
+                table_store: store.clone(),
+                initial: initial.clone(),
+                lease,
+                link_timeout: Duration::from_secs(1),
+                forward_wait: Duration::from_secs(60),
+                reservations: Vec::new(),
+            })
+            .expect("open")
+        };
+        let (node_a, node_b) = (view(0, Some(a.clone())), view(1, Some(b.clone())));
+        // node-b owns range 1: it wrote it while node-a was away (node-a's medium misses
+        // those writes), then its own medium failed a batch of it (node-a's took it).
+        node_b.mark_outdated(0, &[(0, 1)]).expect("mark node-a");
+        node_b
+            .mark_own_medium_missed(&[(0, 1)], || Ok(()))
+            .expect("mark node-b");
+        // node-a's own medium failed a batch of its range 0: node-b's holds it.
+        node_a
+            .mark_own_medium_missed(&[(0, 0)], || Ok(()))
+            .expect("mark ourselves");
+        assert_eq!(
+            node_a.outdated_ranges(0).expect("read"),
+            vec![(0, 0), (0, 1)]
+        );
+        assert_eq!(node_a.outdated_ranges(1).expect("read"), vec![(0, 1)]);
+
+        let refused = node_a.force_own_medium_current(&[(0, 1)]).unwrap_err();
+        assert!(refused.contains("is alive on the arbiter"), "{refused}");
+
+        renew(&[&a], 14);
+        assert!(matches!(a.verdict(1), Verdict::Dead { .. }));
+        let refused = node_a.force_own_medium_current(&[(0, 0)]).unwrap_err();
+        assert!(refused.contains("holds every write of it"), "{refused}");
+        let fresh = view(0, Some(a.clone()));
+        fresh
+            .clear_outdated(0, &[(0, 0)])
+            .expect("a resync of range 0");
+        let refused = fresh.force_own_medium_current(&[(0, 0)]).unwrap_err();
+        assert!(refused.contains("not marked outdated"), "{refused}");
+
+        fresh.load_own_outdated().expect("load");
+        assert!(fresh.own_medium_outdated(0, 1));
+        fresh.force_own_medium_current(&[(0, 1)]).expect("forced");
+        assert!(!fresh.own_medium_outdated(0, 1));
+        assert!(fresh.outdated_ranges(0).expect("read").is_empty());
+        assert_eq!(
+            fresh.outdated_ranges(1).expect("read"),
+            vec![(0, 1)],
+            "node-b's medium stays outdated: ours is copied over it"
+        );
     }
 
     /// A takeover notes its claim on the medium for the node it took the ranges from until

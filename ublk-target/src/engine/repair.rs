@@ -50,7 +50,7 @@ impl Engine {
         for range in stale {
             if theirs.contains(&range) {
                 return Err(format!(
-                    "both media are outdated for LUN {} range {}: neither holds every write; nothing is copied",
+                    "both media are outdated for LUN {} range {}: neither holds every write; nothing is copied (`nvmirrorctl force-current` keeps one of them, losing what it misses)",
                     range.0, range.1
                 ));
             }

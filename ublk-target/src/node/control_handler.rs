@@ -83,6 +83,7 @@ impl ControlHandler {
                 self.move_ranges(RangesToMove::OwnRanges, timeout_secs)
             }
             Request::Verify { repair, rate } => self.verify(repair, rate),
+            Request::ForceCurrent { ref ranges } => self.force_current(ranges),
             Request::Export { .. } | Request::Checkpoint { .. } | Request::ReturnImage { .. } => error(
                 "export, checkpoint and return-image are for a log-shipping destination; this node serves LUNs"
                     .to_string(),
@@ -230,6 +231,27 @@ impl ControlHandler {
                 .take_over_ranges(from, only.as_deref(), self.grace, !force),
         ) {
             Ok(_) => Response::Ok,
+            Err(message) => error(message),
+        }
+    }
+
+    fn force_current(&self, ranges: &[String]) -> Response {
+        let Some(c) = self.engine.cluster() else {
+            return error("this node is not in a cluster");
+        };
+        if self.link.as_ref().is_some_and(|l| l.state().is_up()) {
+            return error(
+                "the partner is connected: stop its daemon first (while it runs, its marks \
+                 about this node's medium are its own to write)",
+            );
+        }
+        let only = match parse_ranges(&self.engine, ranges) {
+            Ok(Some(only)) => only,
+            Ok(None) => return error("name the ranges to force: --range LUN:RANGE"),
+            Err(message) => return error(message),
+        };
+        match c.force_own_medium_current(&only) {
+            Ok(()) => Response::Ok,
             Err(message) => error(message),
         }
     }
