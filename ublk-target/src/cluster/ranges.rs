@@ -85,6 +85,10 @@ pub struct Cluster {
     /// What we marked outdated so far, per node (our slot, which only we write): a range
     /// marked already costs no I/O. One read-modify-write of the slot at a time.
     marking: Mutex<std::collections::BTreeMap<NodeId, std::collections::BTreeMap<u32, u64>>>,
+    /// The lease acquisition `marking` was built during: a node whose lease lapsed (paused)
+    /// forgets it, since the partner may have forced its medium current meanwhile
+    /// (`force_own_medium_current`, which withdraws our marks while we cannot write them).
+    marking_during: AtomicU64,
     /// The ranges our own medium is marked outdated for (`storage = "own"`): never served
     /// from it. We may own such a range only after our medium failed a batch of it (the
     /// partner's medium took the batch) and until the repair copies it back.
@@ -154,6 +158,7 @@ impl Cluster {
             marks: Mutex::new(None),
             lost_since_marks: Mutex::new(Vec::new()),
             table_read_during: AtomicU64::new(acquisition),
+            marking_during: AtomicU64::new(acquisition),
             cluster_id,
             reservations: setup.reservations,
             outdated,
@@ -732,6 +737,12 @@ impl Cluster {
             return Ok(());
         }
         let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lease) = &self.lease {
+            let now = lease.acquisitions();
+            if self.marking_during.swap(now, Ordering::SeqCst) != now {
+                known.clear();
+            }
+        }
         let made = known.entry(node).or_default();
         if marks.iter().all(|(r, e)| made.get(r) == Some(e)) {
             return Ok(());
@@ -1423,6 +1434,15 @@ mod tests {
             vec![(0, 1)],
             "node-b's medium stays outdated: ours is copied over it"
         );
+
+        // node-b was only paused: it resumes, regains its lease and writes range 1 alone
+        // again. Its memory says node-a is marked already; the lapse makes it write anyway.
+        renew(&[&a, &b], 6);
+        assert!(b.holds());
+        node_b
+            .mark_outdated(0, &[(0, 1)])
+            .expect("mark node-a again");
+        assert_eq!(fresh.outdated_ranges(0).expect("read"), vec![(0, 1)]);
     }
 
     /// A takeover notes its claim on the medium for the node it took the ranges from until
