@@ -36,7 +36,7 @@
 #    it took at least as long as that rate allows.
 # 8. node-b is replaced (new NVRAM, zeroed medium): on start it finds it ran in the cluster
 #    before, marks its medium outdated for every range, and node-a copies both whole.
-# vm-timeout: 480
+# vm-timeout: 600
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 arbiter=$(nvm_medium arbiter 4)

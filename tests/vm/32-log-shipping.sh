@@ -21,7 +21,7 @@
 # by a single node, the image takes writes; src2, started while the destination is away,
 # serves until it reconnects and hears of the export, then stops; given back
 # (`return-image`), src2 takes its volume back with only the changed blocks copied.
-# vm-timeout: 420
+# vm-timeout: 600
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 head -c 48 /dev/urandom | base64 >secret
