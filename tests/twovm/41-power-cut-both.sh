@@ -2,6 +2,9 @@
 # tests/twovm/41-power-cut-both.sh - two VMs, both lose their power, one returns.
 # Runs ON THE HOST (a two-VM test; contract at the top of scripts/test.sh).
 # twovm-timeout: 540
+# soak-only: runs with NVM_SOAK=1 or when named (3-3.5 minutes under TCG: on a slow host
+# the CI run came within minutes of its 90-minute limit; in CI twovm/40 cuts node-a's power
+# and 12-crash-recovery replays a node's own NVRAM)
 #
 # What it shows (issue 15, "both power-cut, one returns"): the setup of
 # 40-power-cut.sh (two VMs, each with an emulated NVDIMM as NVRAM, a host file
