@@ -45,8 +45,8 @@
 # (rustup installs it). NVM_SOAK=1 runs the long versions (more partition cycles in 24 and 42,
 # more kill cycles in 20 and 21, ocf-tester in 50, all three filesystems in 31, all of 33,
 # the switchover in twovm/46) and the tests marked `# soak-only:` (21-two-node-failover-rdma,
-# twovm/43-power-cut-own, twovm/44-power-cut-fs, twovm/47-power-cut-ship): about 35 minutes
-# more than CI's run;
+# twovm/41-power-cut-both, twovm/43-power-cut-own, twovm/44-power-cut-fs,
+# twovm/47-power-cut-ship): about 40 minutes more than CI's run;
 # NVM_PARTITION_CYCLES caps test 24's.
 set -euo pipefail
 
