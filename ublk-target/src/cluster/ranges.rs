@@ -1277,11 +1277,14 @@ mod tests {
     use crate::lease::LeaseTiming;
     use crate::ownership::MemTableStore;
 
-    /// Found by the partition suite (tests/vm/24, cycle "stop-b"): a node paused past its
-    /// lease, taken over, resumed, regained its lease and, until its lease follower got to
-    /// re-read the table, served the range it had lost by its stale view.
-    #[test]
-    fn a_node_whose_lease_lapsed_does_not_trust_its_view_until_it_rereads_the_table() {
+    /// Node 0's and node 1's disk leases on one arbiter, on a manual clock of 100 ms steps,
+    /// and `renew(leases, n)`: n steps in which those leases renew and watch the others.
+    #[allow(clippy::type_complexity)]
+    fn two_leases() -> (
+        Arc<MemTableStore>,
+        [Arc<DiskLease>; 2],
+        impl Fn(&[&Arc<DiskLease>], usize),
+    ) {
         let clock = Arc::new(ManualClock::default());
         let step = Duration::from_millis(100);
         let timing = LeaseTiming {
@@ -1292,7 +1295,7 @@ mod tests {
         let store = Arc::new(MemTableStore::default());
         let a = DiskLease::new(clock.clone(), store.clone(), 7, 0, 2, timing, 1);
         let b = DiskLease::new(clock.clone(), store.clone(), 7, 1, 2, timing, 2);
-        let renew = |who: &[&Arc<DiskLease>], times: usize| {
+        let renew = move |who: &[&Arc<DiskLease>], times: usize| {
             for _ in 0..times {
                 for l in who {
                     l.renew_once();
@@ -1301,6 +1304,15 @@ mod tests {
                 clock.advance(step);
             }
         };
+        (store, [a, b], renew)
+    }
+
+    /// Found by the partition suite (tests/vm/24, cycle "stop-b"): a node paused past its
+    /// lease, taken over, resumed, regained its lease and, until its lease follower got to
+    /// re-read the table, served the range it had lost by its stale view.
+    #[test]
+    fn a_node_whose_lease_lapsed_does_not_trust_its_view_until_it_rereads_the_table() {
+        let (store, [a, b], renew) = two_leases();
         renew(&[&a, &b], 6);
         assert!(a.holds() && b.holds());
         let initial = OwnershipTable {
@@ -1351,25 +1363,7 @@ mod tests {
     /// made them, and the partner's stay (its medium gets ours copied over it).
     #[test]
     fn forcing_our_medium_current_needs_both_media_outdated_and_the_partner_down() {
-        let clock = Arc::new(ManualClock::default());
-        let step = Duration::from_millis(100);
-        let timing = LeaseTiming {
-            renew: step,
-            lease: step * 4,
-            io_timeout: step,
-        };
-        let store = Arc::new(MemTableStore::default());
-        let a = DiskLease::new(clock.clone(), store.clone(), 7, 0, 2, timing, 1);
-        let b = DiskLease::new(clock.clone(), store.clone(), 7, 1, 2, timing, 2);
-        let renew = |who: &[&Arc<DiskLease>], times: usize| {
-            for _ in 0..times {
-                for l in who {
-                    l.renew_once();
-                    l.watch_others();
-                }
-                clock.advance(step);
-            }
-        };
+        let (store, [a, b], renew) = two_leases();
         renew(&[&a, &b], 6);
         let initial = OwnershipTable {
             cluster_id: 7,
