@@ -121,6 +121,10 @@ pub struct RangeStatus {
 /// A range of a LUN: (LUN index, range of the LUN).
 pub type LunRange = (u32, u32);
 
+/// The marks this node made, per node they are about (`Cluster::marking`), locked.
+type MarkingGuard<'a> =
+    MutexGuard<'a, std::collections::BTreeMap<NodeId, std::collections::BTreeMap<u32, u64>>>;
+
 /// What a re-read of the ownership table found.
 #[derive(Debug, Default)]
 pub struct Reloaded {
@@ -924,6 +928,35 @@ impl Cluster {
         Ok(())
     }
 
+    /// Withdraws the marks each of `writers` made about `subject`'s medium for `ranges` (at
+    /// the epochs our view of the table gives them) and forgets ours among them. Returns the
+    /// marking lock, held: the caller finishes its bookkeeping before a mark can come in.
+    fn withdraw_marks(
+        &self,
+        media: &OutdatedMedia,
+        writers: &[NodeId],
+        subject: NodeId,
+        ranges: &[LunRange],
+    ) -> Result<MarkingGuard<'_>, ownership::TableError> {
+        let t = self.table().clone();
+        let globals: Vec<u32> = ranges
+            .iter()
+            .filter_map(|&r| self.global_range(&t, r).map(|(g, _)| g))
+            .collect();
+        let epochs: Vec<u64> = t.luns.iter().flatten().map(|o| o.epoch).collect();
+        let epoch_of = |g: u32| epochs.get(g as usize).copied();
+        let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
+        for &writer in writers {
+            media.clear(self.store.as_ref(), writer, subject, &globals, &epoch_of)?;
+        }
+        if let Some(made) = known.get_mut(&subject) {
+            for g in &globals {
+                made.remove(g);
+            }
+        }
+        Ok(known)
+    }
+
     /// With `storage = "own"`, after a resync copied `ranges` to `node`'s medium: withdraws
     /// our marks about it for them.
     pub fn clear_outdated(
@@ -934,20 +967,7 @@ impl Cluster {
         let Some(media) = &self.outdated else {
             return Ok(());
         };
-        let t = self.table().clone();
-        let globals: Vec<u32> = ranges
-            .iter()
-            .filter_map(|&r| self.global_range(&t, r).map(|(g, _)| g))
-            .collect();
-        let epochs: Vec<u64> = t.luns.iter().flatten().map(|o| o.epoch).collect();
-        let epoch_of = |g: u32| epochs.get(g as usize).copied();
-        let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
-        media.clear(self.store.as_ref(), self.me, node, &globals, &epoch_of)?;
-        if let Some(made) = known.get_mut(&node) {
-            for g in &globals {
-                made.remove(g);
-            }
-        }
+        let _marking = self.withdraw_marks(media, &[self.me], node, ranges)?;
         if node == self.me {
             self.stale_here.remove(ranges);
         } else if let Some(leases) = &self.read_leases {
@@ -1014,24 +1034,10 @@ impl Cluster {
                 ));
             }
         }
-        let t = self.table().clone();
-        let globals: Vec<u32> = ranges
-            .iter()
-            .filter_map(|&r| self.global_range(&t, r).map(|(g, _)| g))
-            .collect();
-        let epochs: Vec<u64> = t.luns.iter().flatten().map(|o| o.epoch).collect();
-        let epoch_of = |g: u32| epochs.get(g as usize).copied();
-        let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
-        for writer in 0..self.nodes.len() as NodeId {
-            media
-                .clear(self.store.as_ref(), writer, self.me, &globals, &epoch_of)
-                .map_err(|e| format!("withdrawing the marks on the arbiter: {e}"))?;
-        }
-        if let Some(made) = known.get_mut(&self.me) {
-            for g in &globals {
-                made.remove(g);
-            }
-        }
+        let every_node: Vec<NodeId> = (0..self.nodes.len() as NodeId).collect();
+        let _marking = self
+            .withdraw_marks(media, &every_node, self.me, ranges)
+            .map_err(|e| format!("withdrawing the marks on the arbiter: {e}"))?;
         self.stale_here.remove(ranges);
         crate::transitions::changed();
         tracing::error!(
