@@ -11,7 +11,9 @@
 //! while the range is still at that epoch. A node cut off without knowing it lost a range
 //! (paused past its lease) may still try to mark the new owner for writes it can no longer
 //! acknowledge; the new owner's epoch makes such a mark void. A valid mark also stops the
-//! epoch from moving on: the moves it blocks are exactly those that would bump it.
+//! epoch from moving on: the moves it blocks are exactly those that would bump it. A move
+//! that may go ahead (a takeover from the node whose medium is marked) marks again at the new
+//! epoch before it writes the table (`Cluster::carry_marks_to_next_epoch`).
 //!
 //! Slot `OUTDATED_SLOT + writer * MAX_NODES + subject` holds the marks `writer` made about
 //! `subject`'s medium: only `writer` writes it, so two nodes marking at once never lose each

@@ -418,6 +418,7 @@ impl Cluster {
                 .collect(),
         };
         claim_note::save(self.store.as_ref(), self.cluster_id, &note)?;
+        self.carry_marks_to_next_epoch(&t, &moved)?;
         t.generation += 1;
         for &(l, r) in &moved {
             let e = &mut t.luns[l as usize][r as usize];
@@ -579,6 +580,7 @@ impl Cluster {
                 )));
             }
         }
+        self.carry_marks_to_next_epoch(&t, ranges)?;
         t.generation += 1;
         for &(l, r) in ranges {
             let e = &mut t.luns[l as usize][r as usize];
@@ -698,6 +700,51 @@ impl Cluster {
     /// Each node keeps its own medium (`storage = "own"`).
     pub fn own_storage(&self) -> bool {
         self.outdated.is_some()
+    }
+
+    /// With `storage = "own"`, before a move bumps the epochs of `ranges` (from those `t`
+    /// gives them): every medium marked outdated for one of them at its current epoch is
+    /// marked again (by us) at the next, durably, so that the bump voids no valid mark. The
+    /// move's own marks come after the table is written, and a crash in between must not
+    /// leave a stale medium looking current: simulator seed 55093, where the old owner had
+    /// marked its own medium (a failed flush batch), the taker died right after its claim,
+    /// and the old owner, back, took the range over again and served old data.
+    fn carry_marks_to_next_epoch(
+        &self,
+        t: &OwnershipTable,
+        ranges: &[LunRange],
+    ) -> Result<(), ownership::TableError> {
+        let Some(media) = &self.outdated else {
+            return Ok(());
+        };
+        let moving: Vec<(u32, u64)> = ranges
+            .iter()
+            .filter_map(|&r| self.global_range(t, r))
+            .collect();
+        let epoch_of = |g: u32| {
+            moving
+                .iter()
+                .find(|&&(mg, _)| mg == g)
+                .map(|&(_, epoch)| epoch)
+        };
+        for subject in 0..self.nodes.len() as NodeId {
+            let stale = media.of(self.store.as_ref(), subject, &epoch_of)?;
+            let next: Vec<(u32, u64)> = moving
+                .iter()
+                .filter(|(g, _)| stale.contains(g))
+                .map(|&(g, epoch)| (g, epoch + 1))
+                .collect();
+            if next.is_empty() {
+                continue;
+            }
+            media.mark(self.store.as_ref(), self.me, subject, &next)?;
+            tracing::warn!(
+                "node {}'s medium stays marked outdated for {} moving range(s) (marked again at the new epoch before the move)",
+                self.node_name(subject),
+                next.len()
+            );
+        }
+        Ok(())
     }
 
     /// (LUN, range) -> (its global number, its epoch in our view of the table).
@@ -1443,6 +1490,53 @@ mod tests {
             .mark_outdated(0, &[(0, 1)])
             .expect("mark node-a again");
         assert_eq!(fresh.outdated_ranges(0).expect("read"), vec![(0, 1)]);
+    }
+
+    /// Simulator seed 55093: node-a's own medium failed a batch of its range (marked by
+    /// itself), node-b claimed the range and died before marking node-a's medium at the new
+    /// epoch. The claim itself must keep node-a's medium outdated, or node-a, back and
+    /// taking the range over again, would serve the batch it missed as old data.
+    #[test]
+    fn a_claim_keeps_the_old_owners_medium_outdated_at_the_new_epoch() {
+        let store = Arc::new(MemTableStore::default());
+        let initial = OwnershipTable {
+            cluster_id: 7,
+            generation: 1,
+            luns: vec![vec![
+                RangeOwner { owner: 0, epoch: 1 },
+                RangeOwner { owner: 1, epoch: 1 },
+            ]],
+        };
+        let view = |me| {
+            Cluster::open(ClusterSetup {
+                storage: StorageMode::Own,
+                me,
+                nodes: vec!["node-a".into(), "node-b".into()],
+                table_store: store.clone(),
+                initial: initial.clone(),
+                lease: None,
+                link_timeout: Duration::from_secs(1),
+                forward_wait: Duration::from_secs(60),
+                reservations: Vec::new(),
+            })
+            .expect("open")
+        };
+        let (node_a, node_b) = (view(0), view(1));
+        node_a
+            .mark_own_medium_missed(&[(0, 0)], || Ok(()))
+            .expect("mark ourselves");
+        node_b.reload_noting_losses(&mut |_| {}).expect("reload");
+        assert_eq!(node_b.outdated_ranges(0).expect("read"), vec![(0, 0)]);
+
+        // node-b claims both of node-a's ranges... and dies before any other mark.
+        assert_eq!(node_b.begin_takeover(0, None).expect("claim"), vec![(0, 0)]);
+        assert_eq!(node_b.owners_of(&[(0, 0)])[0].epoch, 2);
+        // node-a, restarted, reads the table at the new epoch: still outdated.
+        let node_a = view(0);
+        node_a.reload_noting_losses(&mut |_| {}).expect("reload");
+        assert_eq!(node_a.outdated_ranges(0).expect("read"), vec![(0, 0)]);
+        // A medium nobody marked is not marked by a move.
+        assert_eq!(node_a.outdated_ranges(1).expect("read"), Vec::new());
     }
 
     /// A takeover notes its claim on the medium for the node it took the ranges from until

@@ -13,9 +13,10 @@
 //!
 //! With a medium per node (`storage = "own"`) our records go to our own medium, and our
 //! start marks their extents out of sync as it does for every record it finds (the
-//! claimer's medium may lack them). If the claimer marked our medium outdated for those
-//! ranges before it died, the mark stands: we cannot take them over until the claimer
-//! returns, replays its copies and resyncs us.
+//! claimer's medium may lack them). If our medium was marked outdated for those ranges
+//! (by the claimer before it died, or by anyone before the claim: the claim marks again at
+//! its epoch), the mark stands: we cannot take them over until the claimer returns, replays
+//! its copies and resyncs us.
 
 use crate::cluster::{Cluster, ClusterSetup, LunRange};
 use crate::host::Host;
