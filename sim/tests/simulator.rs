@@ -208,6 +208,36 @@ fn a_takeover_retries_clearing_its_notes() {
     seeds_pass(&[6473], &mix);
 }
 
+/// Seed 55093 with its own storage, local reads, manual takeover and I/O delays: n0's medium
+/// failed a batch of its range (n0 marked itself outdated), n0 died, n1 claimed the range
+/// and lost its power before it marked anything; the claim's new epoch voided n0's mark,
+/// and n0, back, finished n1's claim and took the range over again: it served the batch its
+/// medium had missed as old data. A move now marks every outdated medium again at the new
+/// epoch before it writes the table.
+#[test]
+fn a_claim_keeps_the_old_owners_medium_outdated() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.local_reads = true;
+    mix.takeover_auto = Some(false);
+    mix.io_delay = true;
+    seeds_pass(&[55093], &mix);
+}
+
+/// Seed 57602 with its own storage, link stalls and I/O delays: n1 restarted while n0 was
+/// paused and replayed its records into its own medium; n0's medium had none of them yet
+/// (n0 writes its copies when n1's next batch asks). n1's medium then failed, and its read
+/// of such a block from n0's medium answered the older version. n0 now reads the copies it
+/// holds over its medium for the partner.
+#[test]
+fn a_read_from_the_partners_medium_includes_its_held_copies() {
+    let mut mix = FaultMix::all();
+    mix.own_storage = true;
+    mix.link_stalls = true;
+    mix.io_delay = true;
+    seeds_pass(&[57602], &mix);
+}
+
 /// Seed 7510 with its own storage and manual takeover: n1 was killed with a write forwarded
 /// to n0 still being staged there, and at the same instant the client wrote the same block
 /// through n0; n0 staged the forwarded write last (the two were concurrent: n0 had not yet

@@ -2,11 +2,15 @@
 //! that no staged write covers is on the partner's medium too (with one shared medium it is
 //! the same disk through the partner's path; with `storage = "own"` the flusher releases a
 //! record only once the partner wrote it or was marked outdated, and a partner whose medium
-//! is outdated for the range refuses). Both sides of the request live here.
+//! is outdated for the range refuses; and since a restart replays the partner's records into
+//! its medium alone, the copies we still hold of them are read over ours). Both sides of the
+//! request live here.
 
 use super::core::{Engine, IoError};
+use crate::cluster::RangeState;
 use crate::lun::Lun;
 use crate::medium::AlignedBuf;
+use crate::mirror::HeldRead;
 use std::sync::atomic::Ordering;
 
 /// The largest read one request asks for (a ublk I/O is at most 512 KiB).
@@ -121,11 +125,69 @@ impl Engine {
                 ));
             }
         }
+        // The partner's records we hold first, then our medium (a copy released meanwhile
+        // is on it by then), as a local read does.
+        let mut out = vec![0u8; len as usize];
+        let gaps = self.read_partners_held_copies(lun, l, offset, &mut out)?;
+        if gaps.is_empty() {
+            return Ok(out);
+        }
         let mut buf =
             AlignedBuf::zeroed(len as usize).map_err(|e| format!("a {len}-byte buffer: {e}"))?;
         l.medium
             .read_at(buf.as_mut(), offset)
             .map_err(|e| format!("reading node {}'s medium at {offset}: {e}", self.node))?;
-        Ok(buf.as_slice().to_vec())
+        for (start, end) in gaps {
+            let (from, to) = ((start - offset) as usize, (end - offset) as usize);
+            out[from..to].copy_from_slice(&buf.as_slice()[from..to]);
+        }
+        Ok(out)
+    }
+
+    /// With `storage = "own"`: copies into `out` (at `offset` of LUN `lun`) the partner's
+    /// records our second store holds there, and returns the gaps they leave, which our
+    /// medium serves. A copy we hold may not be on our medium yet: the partner, restarting,
+    /// replays its records into its own medium and we write our copies only when its next
+    /// flush batch asks (`SecondStoreArea::write_held_for_partner`). Its medium failing
+    /// before that, our medium alone would answer older data (simulator seed 57602).
+    fn read_partners_held_copies(
+        &self,
+        lun: u32,
+        l: &Lun,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<Vec<(u64, u64)>, String> {
+        let end = offset + out.len() as u64;
+        let (Some(c), Some(store)) = (self.cluster.as_ref(), self.second_store.as_ref()) else {
+            return Ok(vec![(offset, end)]);
+        };
+        if !c.own_storage() {
+            return Ok(vec![(offset, end)]);
+        }
+        let mut gaps = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let range = l.range_of(at);
+            let piece_end = l.range_span(range).1.min(end);
+            let partition = self.partition_of(l.first_range + range).id;
+            let piece = &mut out[(at - offset) as usize..(piece_end - offset) as usize];
+            // Only copies of a range the partner owns (as our view says) are its newest data.
+            if c.state(lun, range) != RangeState::Remote(c.partner()) {
+                gaps.push((at, piece_end));
+                at = piece_end;
+                continue;
+            }
+            match store.read_held(partition, lun, at, piece) {
+                HeldRead::Gaps(g) => gaps.extend(g),
+                HeldRead::Unsure => {
+                    return Err(format!(
+                        "node {} holds a void record of the partner's LUN {}: which of its copies there are current is not known, so its medium does not answer for it",
+                        self.node, l.name
+                    ))
+                }
+            }
+            at = piece_end;
+        }
+        Ok(gaps)
     }
 }
