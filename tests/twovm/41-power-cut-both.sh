@@ -52,7 +52,7 @@ source "$NVM_REPO/tests/twovm/lib/power-cut-host.sh"
 pc_boot_env='--env NVM_PC_CUT=both'
 pc_setup
 
-say "results in $OUT; mirror link over $transport; accel $NVM_VM_ACCEL_NAME"
+say "results in $OUT; $storage storage; mirror link over $transport; accel $NVM_VM_ACCEL_NAME"
 boot_pair 300 300
 await a-up 240 a b
 await b-up 240 a b
@@ -97,8 +97,8 @@ say "VM b2 exit $rc"
 case $rc in
 0)
 	[[ -e $SYNC/b2-done ]] || fail "VM b2 exited 0 without b2-done"
-	rm -f "$OUT"/pmem-*.img "$OUT"/shared.img
-	say "PASS: power cut of both nodes, node-b back alone took over node-a's range, serving ${serving_s}s after its daemon started (status poll: ${takeover_s}s; $records), verify passed ($((SECONDS - t0))s)"
+	rm -f "$OUT"/pmem-*.img "$OUT"/shared.img "$OUT"/medium-?.img "$OUT"/arbiter.img
+	say "PASS ($storage storage): power cut of both nodes, node-b back alone took over node-a's range, serving ${serving_s}s after its daemon started (status poll: ${takeover_s}s; $records), verify passed ($((SECONDS - t0))s)"
 	exit 0
 	;;
 77) skip "VM b2 could not run its part (see node-b2.log)" ;;
