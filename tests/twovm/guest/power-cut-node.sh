@@ -605,6 +605,13 @@ print("%.1f s (disk lease held +%.1f s, node-a declared dead +%.1f s, replay don
 	dead=$(grep -ho "node node-a's disk heartbeat has not changed for [0-9]* ms" "$NVM_OUT/daemon-$role.log" | head -n 1) || true
 	[[ -n $dead ]] || fail "node-b's daemon log does not say node-a's disk heartbeat was dead before the takeover"
 	say "daemon: $dead (and the link down): took over"
+	if [[ $storage == own ]]; then
+		# node-a's medium missed the replay and whatever node-b writes now: it may not take
+		# range 0 back before a resync.
+		ok '[0, 0] in e["outdated_media"].get("node-a", [])' ||
+			fail "node-a's medium is not marked outdated for range 0 after the takeover: $(q 'e["outdated_media"]')"
+		say "node-a's medium is marked outdated for $(q 'e["outdated_media"]["node-a"]')"
+	fi
 	verify job_powercut "$dev" after-restart-b2
 	mark b2-done
 	say "PASS (node-b): back alone after both lost power, took over node-a's range, replayed $(q 'e["takeover"]["records_done"]') record(s), verify passed"
