@@ -228,7 +228,10 @@ fn a_claim_keeps_the_old_owners_medium_outdated() {
 /// paused and replayed its records into its own medium; n0's medium had none of them yet
 /// (n0 writes its copies when n1's next batch asks). n1's medium then failed, and its read
 /// of such a block from n0's medium answered the older version. n0 now reads the copies it
-/// holds over its medium for the partner.
+/// holds over its medium for the partner. Seeds 63951 and 64416 (with write priority, link
+/// stalls and local reads) found the first version of that fix refusing such reads while it
+/// held a void record of the LUN: a repair's reads kept failing and its writes waited for
+/// good (liveness). It reads the void records now and leaves out the copies they kill.
 #[test]
 fn a_read_from_the_partners_medium_includes_its_held_copies() {
     let mut mix = FaultMix::all();
@@ -236,6 +239,12 @@ fn a_read_from_the_partners_medium_includes_its_held_copies() {
     mix.link_stalls = true;
     mix.io_delay = true;
     seeds_pass(&[57602], &mix);
+    let mut voids = FaultMix::all();
+    voids.own_storage = true;
+    voids.write_priority = true;
+    voids.link_stalls = true;
+    voids.local_reads = true;
+    seeds_pass(&[63951, 64416], &voids);
 }
 
 /// Seed 7510 with its own storage and manual takeover: n1 was killed with a write forwarded

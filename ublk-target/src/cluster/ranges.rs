@@ -1360,6 +1360,38 @@ mod tests {
         (store, [a, b], renew)
     }
 
+    /// One arbiter with a two-node, two-range table (each node one range), and
+    /// `view(me)`: node `me`'s cluster view of it, without a disk lease.
+    fn views_without_leases(
+        storage: StorageMode,
+    ) -> (Arc<MemTableStore>, impl Fn(NodeId) -> Cluster) {
+        let store = Arc::new(MemTableStore::default());
+        let initial = OwnershipTable {
+            cluster_id: 7,
+            generation: 1,
+            luns: vec![vec![
+                RangeOwner { owner: 0, epoch: 1 },
+                RangeOwner { owner: 1, epoch: 1 },
+            ]],
+        };
+        let shared = store.clone();
+        let view = move |me| {
+            Cluster::open(ClusterSetup {
+                storage,
+                me,
+                nodes: vec!["node-a".into(), "node-b".into()],
+                table_store: shared.clone(),
+                initial: initial.clone(),
+                lease: None,
+                link_timeout: Duration::from_secs(1),
+                forward_wait: Duration::from_secs(60),
+                reservations: Vec::new(),
+            })
+            .expect("open")
+        };
+        (store, view)
+    }
+
     /// Found by the partition suite (tests/vm/24, cycle "stop-b"): a node paused past its
     /// lease, taken over, resumed, regained its lease and, until its lease follower got to
     /// re-read the table, served the range it had lost by its stale view.
@@ -1498,29 +1530,7 @@ mod tests {
     /// taking the range over again, would serve the batch it missed as old data.
     #[test]
     fn a_claim_keeps_the_old_owners_medium_outdated_at_the_new_epoch() {
-        let store = Arc::new(MemTableStore::default());
-        let initial = OwnershipTable {
-            cluster_id: 7,
-            generation: 1,
-            luns: vec![vec![
-                RangeOwner { owner: 0, epoch: 1 },
-                RangeOwner { owner: 1, epoch: 1 },
-            ]],
-        };
-        let view = |me| {
-            Cluster::open(ClusterSetup {
-                storage: StorageMode::Own,
-                me,
-                nodes: vec!["node-a".into(), "node-b".into()],
-                table_store: store.clone(),
-                initial: initial.clone(),
-                lease: None,
-                link_timeout: Duration::from_secs(1),
-                forward_wait: Duration::from_secs(60),
-                reservations: Vec::new(),
-            })
-            .expect("open")
-        };
+        let (_, view) = views_without_leases(StorageMode::Own);
         let (node_a, node_b) = (view(0), view(1));
         node_a
             .mark_own_medium_missed(&[(0, 0)], || Ok(()))
@@ -1544,29 +1554,7 @@ mod tests {
     /// whose taker died before replaying them).
     #[test]
     fn a_claim_is_noted_for_the_old_owner_until_the_replay_ends() {
-        let store = Arc::new(MemTableStore::default());
-        let initial = OwnershipTable {
-            cluster_id: 7,
-            generation: 1,
-            luns: vec![vec![
-                RangeOwner { owner: 0, epoch: 1 },
-                RangeOwner { owner: 1, epoch: 1 },
-            ]],
-        };
-        let view = |me| {
-            Cluster::open(ClusterSetup {
-                storage: StorageMode::Shared,
-                me,
-                nodes: vec!["node-a".into(), "node-b".into()],
-                table_store: store.clone(),
-                initial: initial.clone(),
-                lease: None,
-                link_timeout: Duration::from_secs(1),
-                forward_wait: Duration::from_secs(60),
-                reservations: Vec::new(),
-            })
-            .expect("open")
-        };
+        let (store, view) = views_without_leases(StorageMode::Shared);
         let (a, b) = (view(0), view(1));
         assert!(a.unfinished_claims_on_us().expect("read").is_empty());
 

@@ -12,6 +12,7 @@
 use super::{Held, SecondStoreArea};
 use crate::index::{Extent, Source, StagedIndex};
 use crate::nvram::record::{RecordHeader, RecordKind, HEADER_BYTES};
+use crate::nvram::void::VoidMarks;
 
 /// What [`SecondStoreArea::read_held`] could not serve from the held records.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,22 +36,69 @@ impl SecondStoreArea {
     /// Copies into `out` the bytes of `lun` at `offset..offset + out.len()` that records of
     /// partner partition `partition` hold, newest seq first; returns the gaps.
     pub fn read_held(&self, partition: u32, lun: u32, offset: u64, out: &mut [u8]) -> HeldRead {
+        self.read_held_with(partition, lun, offset, out, false)
+    }
+
+    /// As [`Self::read_held`], but a held void record is read (its span and seq) and the
+    /// records it kills are left out, instead of giving up: for the rare read that must
+    /// not wait for the void to go (the partner's medium read, `engine::partner_reads`).
+    pub fn read_held_past_voids(
+        &self,
+        partition: u32,
+        lun: u32,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Vec<(u64, u64)> {
+        match self.read_held_with(partition, lun, offset, out, true) {
+            HeldRead::Gaps(gaps) => gaps,
+            HeldRead::Unsure => vec![(offset, offset + out.len() as u64)],
+        }
+    }
+
+    fn read_held_with(
+        &self,
+        partition: u32,
+        lun: u32,
+        offset: u64,
+        out: &mut [u8],
+        past_voids: bool,
+    ) -> HeldRead {
         let end = offset + out.len() as u64;
         let mut copied = Vec::new();
         // The highest seq found overwritten: it, and every record below it, was released.
         // (Only records overlapping the read matter: any that could supersede one of them
         // overlaps it too.)
         let mut gone = 0u64;
+        let mut dead = VoidMarks::default();
         {
             let held = self.held();
             let Some(pp) = held.get(partition as usize) else {
                 return HeldRead::Gaps(vec![(offset, end)]);
             };
-            // A void's span is in its payload (`nvram::void`); any void of the LUN will do.
-            if pp.records.holds_void(lun) {
-                return HeldRead::Unsure;
-            }
             let log = self.partition_log(partition);
+            // A void's span is in its payload (`nvram::void`); any void of the LUN will do,
+            // unless the caller pays for reading them.
+            if pp.records.holds_void(lun) {
+                if !past_voids {
+                    return HeldRead::Unsure;
+                }
+                let voids = pp
+                    .records
+                    .iter()
+                    .filter(|(_, h)| h.kind == RecordKind::Void && h.lun == lun);
+                let mut intact = Vec::new();
+                for (&seq, h) in voids {
+                    match self.held_header(log, partition, seq, h).and_then(|header| {
+                        let data = self.record_data(log, h, &header)?;
+                        Some((header, data.to_vec()))
+                    }) {
+                        Some(void) => intact.push(void),
+                        // Overwritten: released, and so was every older record.
+                        None => gone = gone.max(seq),
+                    }
+                }
+                dead = VoidMarks::of_records(intact.iter().map(|(h, d)| (h, d.as_slice())));
+            }
             for (seq, h) in pp.records.overlapping(lun, offset, end) {
                 let h = &h;
                 let Some(header) = self.held_header(log, partition, seq, h) else {
@@ -68,7 +116,14 @@ impl SecondStoreArea {
             }
         }
         let mut index = StagedIndex::new();
-        let kept: Vec<&Copied> = copied.iter().filter(|c| c.seq > gone).collect();
+        let kept: Vec<&Copied> = copied
+            .iter()
+            .filter(|c| c.seq > gone)
+            .filter(|c| {
+                let h = &c.header;
+                !dead.covers(h.lun, h.offset, u64::from(h.len), c.seq)
+            })
+            .collect();
         for (i, c) in kept.iter().enumerate() {
             let start = c.header.offset.max(offset);
             let stop = (c.header.offset + u64::from(c.header.len)).min(end);
@@ -235,5 +290,33 @@ mod tests {
         };
         s.land(void, &payload);
         assert_eq!(s.read(8, 1).1, HeldRead::Unsure);
+    }
+
+    /// The partner's medium read reads the void instead: the records it kills (older, in
+    /// its span) leave gaps, the rest are read.
+    #[test]
+    fn reading_past_voids_leaves_out_only_the_records_a_void_kills() {
+        let mut s = Store::new();
+        s.data(1, 0, &[b'a'; B]);
+        s.data(2, 4, &[b'b'; B]);
+        let payload = VoidMark::payload(0, 2 * B as u64, 3);
+        let void = RecordHeader {
+            kind: RecordKind::Void,
+            len: 0,
+            data_len: payload.len() as u32,
+            data_crc: rdma_link::checksum::crc32c(&payload),
+            ..RecordHeader::test_data(7, 0, 3, 0, &[])
+        };
+        s.land(void, &payload);
+        s.data(4, 1, &[b'c'; B]);
+        let mut out = vec![0xeeu8; 5 * B];
+        let gaps = s.area.read_held_past_voids(0, 0, 0, &mut out);
+        assert_eq!(gaps, vec![(0, B as u64), (2 * B as u64, 4 * B as u64)]);
+        assert!(out[..B].iter().all(|&x| x == 0xee), "killed by the void");
+        assert!(
+            out[B..2 * B].iter().all(|&x| x == b'c'),
+            "newer than the void"
+        );
+        assert!(out[4 * B..].iter().all(|&x| x == b'b'), "outside its span");
     }
 }
