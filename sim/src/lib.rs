@@ -13,6 +13,7 @@ pub mod model;
 pub mod net;
 pub mod policing;
 pub mod quorum;
+pub mod register;
 pub mod trace;
 pub mod world;
 

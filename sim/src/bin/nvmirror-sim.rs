@@ -84,14 +84,20 @@ struct Args {
     /// instead of the two-node cluster; uses --seeds, --from, --seed and --seconds.
     #[arg(long)]
     quorum: bool,
-    /// With --quorum: the number of voters.
+    /// Simulate the epoch-fenced majority register planned for the arbiter's slots in
+    /// shared-nothing mode (`cluster::register`) instead of the two-node cluster; uses
+    /// --seeds, --from, --seed, --seconds, --voters and --flaw (no-fence, no-write-back).
+    #[arg(long)]
+    register: bool,
+    /// With --quorum or --register: the number of voters.
     #[arg(long, default_value_t = 3)]
     voters: u32,
     /// With --quorum: the clocks' largest rate error, parts per million.
     #[arg(long, default_value_t = 20_000)]
     drift_ppm: u64,
-    /// With --quorum: run with a deliberate flaw, to see the simulator catch it:
-    /// no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs.
+    /// With --quorum or --register: run with a deliberate flaw, to see the simulator catch
+    /// it: no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs
+    /// (--quorum); no-fence, no-write-back (--register).
     #[arg(long)]
     flaw: Option<String>,
 }
@@ -116,6 +122,25 @@ fn quorum(args: &Args) -> Result<bool, String> {
         flaws,
         ..Default::default()
     };
+    Ok(run_seeds(args, "quorum", |seed| {
+        let o = nvmirror_sim::quorum::run_quorum(seed, settings);
+        o.violation.map_or_else(
+            || {
+                Ok(format!(
+                    "held {:.0}% of the time, {} tenures, {} messages",
+                    100.0 * o.held_steps as f64 / o.steps.max(1) as f64,
+                    o.tenures,
+                    o.messages
+                ))
+            },
+            Err,
+        )
+    }))
+}
+
+/// Runs `--seed` or `--seeds` from `--from` of a protocol simulator: `run` gives what a
+/// passing seed did, or (Err) the seed's violation. True when every seed passed.
+fn run_seeds(args: &Args, what: &str, run: impl Fn(u64) -> Result<String, String>) -> bool {
     let seeds = match args.seed {
         Some(s) => s..s + 1,
         None => args.from..args.from + args.seeds,
@@ -124,24 +149,54 @@ fn quorum(args: &Args) -> Result<bool, String> {
     let first = seeds.start;
     for seed in seeds {
         ran += 1;
-        let o = nvmirror_sim::quorum::run_quorum(seed, settings);
-        if let Some(v) = &o.violation {
-            failed += 1;
-            println!("seed {seed}: FAIL: {v}");
-            if !args.keep_going {
-                break;
+        match run(seed) {
+            Err(violation) => {
+                failed += 1;
+                println!("seed {seed}: FAIL: {violation}");
+                if !args.keep_going {
+                    break;
+                }
             }
-        } else if args.seed.is_some() {
-            println!(
-                "seed {seed}: PASS: held {:.0}% of the time, {} tenures, {} messages",
-                100.0 * o.held_steps as f64 / o.steps.max(1) as f64,
-                o.tenures,
-                o.messages
-            );
+            Ok(summary) if args.seed.is_some() => println!("seed {seed}: PASS: {summary}"),
+            Ok(_) => {}
         }
     }
-    println!("quorum: {ran} seed(s) from {first}: {failed} failed");
-    Ok(failed == 0)
+    println!("{what}: {ran} seed(s) from {first}: {failed} failed");
+    failed == 0
+}
+
+fn register(args: &Args) -> Result<bool, String> {
+    let mut flaws = nvmirror::cluster::register::Flaws::default();
+    match args.flaw.as_deref() {
+        None => {}
+        Some("no-fence") => flaws.no_fence = true,
+        Some("no-write-back") => flaws.no_write_back = true,
+        Some(other) => {
+            return Err(format!(
+                "--flaw {other:?}: unknown with --register (see --help)"
+            ))
+        }
+    }
+    if !(1..=9).contains(&args.voters) {
+        return Err(format!("--voters {}: use 1 to 9", args.voters));
+    }
+    let settings = nvmirror_sim::register::RegisterSettings {
+        voters: args.voters,
+        seconds: args.seconds,
+        flaws,
+    };
+    Ok(run_seeds(args, "register", |seed| {
+        let o = nvmirror_sim::register::run_register(seed, settings);
+        o.violation.map_or_else(
+            || {
+                Ok(format!(
+                    "{} reads and {} writes completed, {} failed, {} read(s) of a failed write",
+                    o.reads, o.writes, o.failed, o.late_writes_read
+                ))
+            },
+            Err,
+        )
+    }))
 }
 
 fn mix_of(names: &[String]) -> Result<FaultMix, String> {
@@ -168,8 +223,9 @@ fn mix_of(names: &[String]) -> Result<FaultMix, String> {
 
 fn main() {
     let args = Args::parse();
-    if args.quorum {
-        match quorum(&args) {
+    if args.quorum || args.register {
+        let run = if args.quorum { quorum } else { register };
+        match run(&args) {
             Ok(passed) => std::process::exit(if passed { 0 } else { 1 }),
             Err(e) => {
                 eprintln!("nvmirror-sim: {e}");

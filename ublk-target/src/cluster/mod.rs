@@ -10,6 +10,7 @@ pub mod policing;
 pub mod quorum;
 mod ranges;
 mod read_lease;
+pub mod register;
 pub mod wire;
 
 pub use forward::{ForwardFuture, Forwarder, RequestForwarder};

@@ -1,0 +1,341 @@
+//! The simulator of the epoch-fenced majority register (`nvmirror::cluster::register`), the
+//! store planned for the arbiter's slots in shared-nothing mode. It runs the production state
+//! machines of three (or five) voters and a series of clients against one seed's faults, in
+//! 100 µs steps:
+//! * clients: each has an epoch of its own, drawn out of order (a newer epoch may start
+//!   before an older one); several run at once; each reads or writes one of two slots, one
+//!   operation at a time, each with a unique value, and may stop at any time (a crash) with
+//!   its requests still on the way; one that is refused (a newer epoch exists) stops too;
+//! * network: per message a delay of 0-3 ms, one in 15 50-800 ms (far longer than an
+//!   operation's 20 ms deadline: the late writes the fence is for), one in 20 lost, one in
+//!   30 delivered twice;
+//! * voters: crash and come back with their durable state (their fence and slots), and drop
+//!   what reaches them while down.
+//!
+//! Checked at the end over every completed operation (reads that returned, writes that were
+//! stored by a majority): each read returns the value that some write with that tag wrote
+//! (or nothing, tag 0), written before the read ended; and the tags follow real time: an
+//! operation that began after another completed has a tag at least as high (strictly higher
+//! for a write). With unique tags that is linearizability; in particular a write that timed
+//! out is either read before the next newer-epoch operation completes, or never.
+
+use nvmirror::cluster::register::{
+    Flaws, Outcome, RegisterClient, RegisterMessage, RegisterVoter, Tag,
+};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+
+const US: u64 = 1_000;
+const MS: u64 = 1_000_000;
+const STEP: u64 = 100 * US;
+const DEADLINE: u64 = 20 * MS;
+
+#[derive(Clone, Copy, Debug)]
+pub struct RegisterSettings {
+    pub voters: u32,
+    pub seconds: u64,
+    pub flaws: Flaws,
+}
+
+impl Default for RegisterSettings {
+    fn default() -> Self {
+        RegisterSettings {
+            voters: 3,
+            seconds: 10,
+            flaws: Flaws::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct RegisterOutcome {
+    pub violation: Option<String>,
+    pub reads: u64,
+    pub writes: u64,
+    /// Operations that ended without a result (timed out or refused).
+    pub failed: u64,
+    /// Completed reads that returned a value written by an operation that had failed.
+    pub late_writes_read: u64,
+}
+
+/// A completed operation, for the checker.
+#[derive(Clone, Debug)]
+struct Done {
+    client: usize,
+    slot: u64,
+    start: u64,
+    end: u64,
+    tag: Tag,
+    /// For a read: the value it returned.
+    read: Option<Vec<u8>>,
+    /// For a write: the value it wrote.
+    wrote: Option<Vec<u8>>,
+}
+
+struct Client {
+    sm: RegisterClient,
+    /// Until when it runs (then it stops, as a crash would).
+    until: u64,
+    /// The running operation: slot, start, the value (a write's), or None when idle.
+    op: Option<(u64, u64, Option<Vec<u8>>)>,
+    next_value: u64,
+}
+
+/// Where a message goes: a voter, or a client.
+#[derive(Clone, Copy, Debug)]
+enum To {
+    Voter(u32),
+    Client(usize),
+}
+
+/// Runs one seed.
+pub fn run_register(seed: u64, s: RegisterSettings) -> RegisterOutcome {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = RegisterOutcome::default();
+    let end = s.seconds * 1000 * MS;
+    let mut voters = vec![RegisterVoter::default(); s.voters as usize];
+    let mut voter_down_until = vec![0u64; s.voters as usize];
+    // Epochs of the clients to come, out of order: each used by one client only.
+    let mut epochs: Vec<u64> = (1..=400).collect();
+    epochs.shuffle(&mut rng);
+    let mut clients: Vec<Client> = Vec::new();
+    let mut queue: BTreeMap<(u64, u64), (To, RegisterMessage)> = BTreeMap::new();
+    let mut seq = 0u64;
+    let mut done: Vec<Done> = Vec::new();
+    // Every value ever sent in a write: value -> (client, start).
+    let mut written: BTreeMap<Vec<u8>, (usize, u64)> = BTreeMap::new();
+    let mut failed_values: std::collections::BTreeSet<Vec<u8>> = Default::default();
+
+    let mut post = |queue: &mut BTreeMap<(u64, u64), (To, RegisterMessage)>,
+                    rng: &mut ChaCha8Rng,
+                    now: u64,
+                    to: To,
+                    msg: RegisterMessage| {
+        if rng.gen_bool(0.05) {
+            return;
+        }
+        let copies = if rng.gen_bool(1.0 / 30.0) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = if rng.gen_bool(1.0 / 15.0) {
+                rng.gen_range(50 * MS..800 * MS)
+            } else {
+                rng.gen_range(0..3 * MS)
+            };
+            seq += 1;
+            queue.insert((now + delay, seq), (to, msg.clone()));
+        }
+    };
+
+    let mut now = 0u64;
+    while now < end {
+        // New clients now and then, up to three running at once.
+        let running = clients.iter().filter(|c| now < c.until).count();
+        if running < 3 && rng.gen_bool(0.002) {
+            if let Some(epoch) = epochs.pop() {
+                let id = clients.len();
+                clients.push(Client {
+                    sm: RegisterClient::new(id as u32, s.voters, epoch, s.flaws),
+                    until: now + rng.gen_range(50 * MS..1500 * MS),
+                    op: None,
+                    next_value: 0,
+                });
+            }
+        }
+        // Voter crashes.
+        for down_until in voter_down_until.iter_mut() {
+            if now >= *down_until && rng.gen_bool(0.0002) {
+                *down_until = now + rng.gen_range(0..300 * MS);
+            }
+        }
+        // Deliver what is due.
+        while let Some(entry) = queue.first_entry().filter(|e| e.key().0 <= now) {
+            let (to, msg) = entry.remove();
+            match to {
+                To::Voter(v) => {
+                    if now < voter_down_until[v as usize] {
+                        continue;
+                    }
+                    let from = match msg {
+                        RegisterMessage::Read { from, .. }
+                        | RegisterMessage::Write { from, .. } => from,
+                        _ => continue,
+                    };
+                    if let Some(a) = voters[v as usize].answer(v, &msg, s.flaws) {
+                        post(&mut queue, &mut rng, now, To::Client(from as usize), a);
+                    }
+                }
+                To::Client(c) => {
+                    let cl = &mut clients[c];
+                    if now >= cl.until {
+                        continue;
+                    }
+                    let (outcome, sends) = cl.sm.receive(msg);
+                    for (v, m) in sends {
+                        post(&mut queue, &mut rng, now, To::Voter(v), m);
+                    }
+                    if let Some(o) = outcome {
+                        finish(c, cl, o, now, &mut done, &mut out, &mut failed_values);
+                    }
+                }
+            }
+        }
+        // Clients: time out, stop, start the next operation.
+        for (c, cl) in clients.iter_mut().enumerate() {
+            if now >= cl.until {
+                continue;
+            }
+            if let Some(o) = cl.sm.tick(now) {
+                finish(c, cl, o, now, &mut done, &mut out, &mut failed_values);
+            }
+            if cl.op.is_none() && rng.gen_bool(0.3) {
+                let slot = rng.gen_range(0..2);
+                let sends = if rng.gen_bool(0.5) {
+                    cl.op = Some((slot, now, None));
+                    cl.sm.read(slot, now + DEADLINE)
+                } else {
+                    cl.next_value += 1;
+                    let value = format!("c{c}e{}v{}", cl.sm.epoch(), cl.next_value).into_bytes();
+                    written.insert(value.clone(), (c, now));
+                    cl.op = Some((slot, now, Some(value.clone())));
+                    cl.sm.write(slot, value, now + DEADLINE)
+                };
+                for (v, m) in sends {
+                    post(&mut queue, &mut rng, now, To::Voter(v), m);
+                }
+            }
+        }
+        now += STEP;
+    }
+    out.violation = check(&done, &written);
+    out.late_writes_read = done
+        .iter()
+        .filter_map(|d| d.read.as_ref())
+        .filter(|v| failed_values.contains(*v))
+        .count() as u64;
+    out
+}
+
+fn finish(
+    c: usize,
+    cl: &mut Client,
+    o: Outcome,
+    now: u64,
+    done: &mut Vec<Done>,
+    out: &mut RegisterOutcome,
+    failed_values: &mut std::collections::BTreeSet<Vec<u8>>,
+) {
+    let Some((slot, start, value)) = cl.op.take() else {
+        return;
+    };
+    let (tag, read, wrote) = match o {
+        Outcome::Read { tag, data } => {
+            out.reads += 1;
+            (tag, Some(data), None)
+        }
+        Outcome::Written { tag } => {
+            out.writes += 1;
+            (tag, None, value)
+        }
+        Outcome::Refused { .. } | Outcome::TimedOut => {
+            if matches!(o, Outcome::Refused { .. }) {
+                // Superseded: a newer epoch exists, so this holder's lease is gone; it stops.
+                cl.until = now;
+            }
+            out.failed += 1;
+            if let Some(v) = value {
+                failed_values.insert(v);
+            }
+            return;
+        }
+    };
+    done.push(Done {
+        client: c,
+        slot,
+        start,
+        end: now,
+        tag,
+        read,
+        wrote,
+    });
+}
+
+/// The checks of the module's doc, per slot.
+fn check(done: &[Done], written: &BTreeMap<Vec<u8>, (usize, u64)>) -> Option<String> {
+    // Which value each tag stands for, per slot (a tag must always stand for one value).
+    let mut value_of: BTreeMap<(u64, Tag), &[u8]> = BTreeMap::new();
+    for d in done {
+        if let Some(v) = &d.wrote {
+            if value_of.insert((d.slot, d.tag), v).is_some() {
+                return Some(format!(
+                    "slot {} tag {:?} given to two writes",
+                    d.slot, d.tag
+                ));
+            }
+        }
+    }
+    for d in done {
+        if let Some(v) = &d.read {
+            if d.tag == Tag::default() {
+                if !v.is_empty() {
+                    return Some(format!("a read returned {v:?} with tag 0"));
+                }
+                continue;
+            }
+            match written.get(v) {
+                None => return Some(format!("a read returned {v:?}, which no write wrote")),
+                Some(&(_, start)) if start > d.end => {
+                    return Some(format!(
+                        "a read ending at {} returned a value written later",
+                        d.end
+                    ))
+                }
+                _ => {}
+            }
+            if let Some(other) = value_of.insert((d.slot, d.tag), v) {
+                if other != v.as_slice() {
+                    return Some(format!(
+                        "slot {} tag {:?} read as {:?} and as {:?}",
+                        d.slot,
+                        d.tag,
+                        String::from_utf8_lossy(other),
+                        String::from_utf8_lossy(v)
+                    ));
+                }
+            }
+        }
+    }
+    for slot in 0..2 {
+        let mut ops: Vec<&Done> = done.iter().filter(|d| d.slot == slot).collect();
+        ops.sort_by_key(|d| d.end);
+        // The highest tag among operations that ended before each operation began.
+        let mut ended_max: Vec<(u64, Tag, usize)> = Vec::new();
+        let mut max = (Tag::default(), usize::MAX);
+        for d in &ops {
+            if d.tag > max.0 {
+                max = (d.tag, d.client);
+            }
+            ended_max.push((d.end, max.0, max.1));
+        }
+        for d in &ops {
+            let before = ended_max.partition_point(|(end, _, _)| *end < d.start);
+            if before == 0 {
+                continue;
+            }
+            let (_, floor, by) = ended_max[before - 1];
+            let write = d.read.is_none();
+            if d.tag < floor || (write && d.tag == floor) {
+                return Some(format!(
+                    "slot {slot}: client {}'s {} from {} to {} ms has tag {:?}, but an operation of client {by} with tag {floor:?} had completed before it began",
+                    d.client,
+                    if write { "write" } else { "read" },
+                    d.start / MS,
+                    d.end / MS,
+                    d.tag,
+                ));
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,484 @@
+//! Slots kept by a majority of voters, for an arbiter without a shared medium (issue #17):
+//! what would let the arbiter's 4 KiB slots (`ownership::TableStore`: the ownership table,
+//! the flush and outdated marks) live on three voters instead of a disk. Not wired into the
+//! engine yet (see docs/shared-nothing.md, "Arbitration without a shared medium"); the
+//! simulator in `sim/src/register.rs` tries to break it.
+//!
+//! Why not a plain majority register (Attiya, Bar-Noy and Dolev): a write that timed out
+//! after reaching a minority can surface much later, when a read first meets it, and so land
+//! after newer writes. A disk bounds a late write by its I/O timeout and the watchdog; a
+//! network does not. So every request carries an epoch, as a Paxos ballot (the register of
+//! CASPaxos, with one writer per epoch):
+//! * Each client instance has an epoch no other instance ever had (the majority lease's
+//!   epochs, `cluster::quorum`, once a restarted node never asks for an epoch it held).
+//! * A voter keeps a fence: the highest epoch any request showed it. It refuses a request
+//!   of a lower epoch (saying its fence), and keeps per slot the value with the highest tag
+//!   `(epoch, counter)` it was sent. All of it durably, before it answers.
+//! * A write of epoch E tags its value `(E, n)`, n counting this instance's writes, and is
+//!   done once a majority stored it. Every older epoch is below it; a newer epoch's completed
+//!   operation fenced a majority, one of which refuses this write, so it cannot complete.
+//! * A read asks a majority for the slot and takes the highest tag. Unless a majority
+//!   answered that very tag, it writes that value back under its own epoch before it
+//!   returns, so that the value it returns is on a majority above anything older: a late
+//!   write of an older epoch can then never be read again.
+//!
+//! So reads and writes are linearizable (each completed operation sees every operation that
+//! completed before it began), and a write that failed or timed out either took effect
+//! before the next operation of a newer epoch completed, or never will.
+//!
+//! One operation at a time per client, as the synchronous `TableStore` calls it. Times are
+//! nanoseconds of the caller's clock, used only for the operation's deadline.
+
+use super::quorum::Voter;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Orders the values of a slot: the writer's epoch, then its count of writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Tag {
+    pub epoch: u64,
+    pub counter: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegisterMessage {
+    Read {
+        from: Voter,
+        op: u64,
+        slot: u64,
+        epoch: u64,
+    },
+    Write {
+        from: Voter,
+        op: u64,
+        slot: u64,
+        /// Always of the writer's epoch (a read's write-back re-tags an older value), which
+        /// the voter fences on.
+        tag: Tag,
+        data: Vec<u8>,
+    },
+    Value {
+        from: Voter,
+        op: u64,
+        tag: Tag,
+        data: Vec<u8>,
+    },
+    Stored {
+        from: Voter,
+        op: u64,
+    },
+    Refused {
+        from: Voter,
+        op: u64,
+        fence: u64,
+    },
+}
+
+/// Deliberate mistakes, for the simulator's own tests: each one must be caught. The daemon
+/// never sets any.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flaws {
+    /// Voters store and answer requests of any epoch (no fence).
+    pub no_fence: bool,
+    /// Reads return the highest tag they saw without writing it back.
+    pub no_write_back: bool,
+}
+
+/// One voter's state; all of it is durable (store it before sending the answer).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegisterVoter {
+    fence: u64,
+    slots: BTreeMap<u64, (Tag, Vec<u8>)>,
+}
+
+impl RegisterVoter {
+    /// Answers a request (None for anything else).
+    pub fn answer(
+        &mut self,
+        me: Voter,
+        msg: &RegisterMessage,
+        flaws: Flaws,
+    ) -> Option<RegisterMessage> {
+        let (op, epoch) = match *msg {
+            RegisterMessage::Read { op, epoch, .. } => (op, epoch),
+            RegisterMessage::Write { op, tag, .. } => (op, tag.epoch),
+            _ => return None,
+        };
+        if epoch < self.fence && !flaws.no_fence {
+            return Some(RegisterMessage::Refused {
+                from: me,
+                op,
+                fence: self.fence,
+            });
+        }
+        self.fence = self.fence.max(epoch);
+        Some(match msg {
+            RegisterMessage::Read { slot, .. } => {
+                let (tag, data) = self.slots.get(slot).cloned().unwrap_or_default();
+                RegisterMessage::Value {
+                    from: me,
+                    op,
+                    tag,
+                    data,
+                }
+            }
+            RegisterMessage::Write {
+                slot, tag, data, ..
+            } => {
+                let newer = self.slots.get(slot).is_none_or(|(held, _)| *tag > *held);
+                if newer {
+                    self.slots.insert(*slot, (*tag, data.clone()));
+                }
+                RegisterMessage::Stored { from: me, op }
+            }
+            _ => return None,
+        })
+    }
+
+    /// The highest epoch this voter has seen (for status and tests).
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+}
+
+/// How an operation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A read's value (empty with tag 0: never written).
+    Read {
+        tag: Tag,
+        data: Vec<u8>,
+    },
+    Written {
+        tag: Tag,
+    },
+    /// A voter has seen a newer epoch: this client is superseded (a write may or may not
+    /// have taken effect, and if not it never will once that epoch has completed an
+    /// operation).
+    Refused {
+        fence: u64,
+    },
+    /// No majority answered by the deadline (the same uncertainty as `Refused`).
+    TimedOut,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    Reading {
+        answers: BTreeMap<Voter, (Tag, Vec<u8>)>,
+    },
+    /// A write, or a read's write-back (`returns`: the value the read returns).
+    Storing {
+        tag: Tag,
+        stored: BTreeSet<Voter>,
+        returns: Option<Vec<u8>>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Op {
+    id: u64,
+    slot: u64,
+    deadline: u64,
+    phase: Phase,
+}
+
+/// A client of the voters: the holder of one epoch.
+pub struct RegisterClient {
+    me: Voter,
+    voters: u32,
+    epoch: u64,
+    writes: u64,
+    next_op: u64,
+    op: Option<Op>,
+    flaws: Flaws,
+}
+
+impl RegisterClient {
+    /// A client instance with `epoch`, which no other instance may ever have used.
+    pub fn new(me: Voter, voters: u32, epoch: u64, flaws: Flaws) -> RegisterClient {
+        RegisterClient {
+            me,
+            voters,
+            epoch,
+            writes: 0,
+            next_op: 0,
+            op: None,
+            flaws,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn majority(&self) -> usize {
+        self.voters as usize / 2 + 1
+    }
+
+    fn to_all(&self, msg: RegisterMessage) -> Vec<(Voter, RegisterMessage)> {
+        (0..self.voters).map(|v| (v, msg.clone())).collect()
+    }
+
+    fn begin(&mut self, slot: u64, deadline: u64, phase: Phase) -> u64 {
+        self.next_op += 1;
+        self.op = Some(Op {
+            id: self.next_op,
+            slot,
+            deadline,
+            phase,
+        });
+        self.next_op
+    }
+
+    /// Starts a read of `slot` (abandoning any operation still running); returns the
+    /// requests to send, to every voter.
+    pub fn read(&mut self, slot: u64, deadline: u64) -> Vec<(Voter, RegisterMessage)> {
+        let op = self.begin(
+            slot,
+            deadline,
+            Phase::Reading {
+                answers: BTreeMap::new(),
+            },
+        );
+        self.to_all(RegisterMessage::Read {
+            from: self.me,
+            op,
+            slot,
+            epoch: self.epoch,
+        })
+    }
+
+    /// Starts a write of `data` to `slot` (abandoning any operation still running).
+    pub fn write(
+        &mut self,
+        slot: u64,
+        data: Vec<u8>,
+        deadline: u64,
+    ) -> Vec<(Voter, RegisterMessage)> {
+        self.writes += 1;
+        let tag = Tag {
+            epoch: self.epoch,
+            counter: self.writes,
+        };
+        let op = self.begin(
+            slot,
+            deadline,
+            Phase::Storing {
+                tag,
+                stored: BTreeSet::new(),
+                returns: None,
+            },
+        );
+        self.to_all(RegisterMessage::Write {
+            from: self.me,
+            op,
+            slot,
+            tag,
+            data,
+        })
+    }
+
+    /// Time passes: the running operation times out at its deadline.
+    pub fn tick(&mut self, now: u64) -> Option<Outcome> {
+        if self.op.as_ref().is_some_and(|o| now >= o.deadline) {
+            self.op = None;
+            return Some(Outcome::TimedOut);
+        }
+        None
+    }
+
+    /// An answer arrived: the outcome once the operation ends, and what to send next.
+    pub fn receive(
+        &mut self,
+        msg: RegisterMessage,
+    ) -> (Option<Outcome>, Vec<(Voter, RegisterMessage)>) {
+        let (from, id) = match msg {
+            RegisterMessage::Value { from, op, .. }
+            | RegisterMessage::Stored { from, op }
+            | RegisterMessage::Refused { from, op, .. } => (from, op),
+            _ => return (None, Vec::new()),
+        };
+        let majority = self.majority();
+        let Some(op) = self.op.as_mut().filter(|o| o.id == id) else {
+            // An answer to an operation that ended: nothing to do.
+            return (None, Vec::new());
+        };
+        if let RegisterMessage::Refused { fence, .. } = msg {
+            self.op = None;
+            return (Some(Outcome::Refused { fence }), Vec::new());
+        }
+        match (&mut op.phase, msg) {
+            (Phase::Reading { answers }, RegisterMessage::Value { tag, data, .. }) => {
+                answers.insert(from, (tag, data));
+                if answers.len() < majority {
+                    return (None, Vec::new());
+                }
+                let (tag, data) = answers
+                    .values()
+                    .max_by_key(|(t, _)| *t)
+                    .cloned()
+                    .unwrap_or_default();
+                let held_by = answers.values().filter(|(t, _)| *t == tag).count();
+                if held_by >= majority || self.flaws.no_write_back {
+                    self.op = None;
+                    return (Some(Outcome::Read { tag, data }), Vec::new());
+                }
+                // Only a minority holds it: put it on a majority first, under our own epoch
+                // (it is ours already, or older), so that no write of its epoch surfacing
+                // later can rank above it: under its old tag, a later write of that epoch
+                // would.
+                let tag = if tag.epoch < self.epoch {
+                    self.writes += 1;
+                    Tag {
+                        epoch: self.epoch,
+                        counter: self.writes,
+                    }
+                } else {
+                    tag
+                };
+                let (id, slot) = (op.id, op.slot);
+                op.phase = Phase::Storing {
+                    tag,
+                    stored: BTreeSet::new(),
+                    returns: Some(data.clone()),
+                };
+                let sends = self.to_all(RegisterMessage::Write {
+                    from: self.me,
+                    op: id,
+                    slot,
+                    tag,
+                    data,
+                });
+                (None, sends)
+            }
+            (
+                Phase::Storing {
+                    tag,
+                    stored,
+                    returns,
+                },
+                RegisterMessage::Stored { .. },
+            ) => {
+                stored.insert(from);
+                if stored.len() < majority {
+                    return (None, Vec::new());
+                }
+                let outcome = match returns.take() {
+                    Some(data) => Outcome::Read { tag: *tag, data },
+                    None => Outcome::Written { tag: *tag },
+                };
+                self.op = None;
+                (Some(outcome), Vec::new())
+            }
+            // A late answer of the other phase (a read's values once it writes back).
+            _ => (None, Vec::new()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Delivers every request to the voters in `reach` at once, and every answer back;
+    /// returns the operation's outcome.
+    fn run(
+        c: &mut RegisterClient,
+        voters: &mut [RegisterVoter],
+        reach: &[Voter],
+        mut sends: Vec<(Voter, RegisterMessage)>,
+    ) -> Option<Outcome> {
+        let mut outcome = None;
+        while !sends.is_empty() {
+            let mut next = Vec::new();
+            for (to, m) in sends {
+                if !reach.contains(&to) {
+                    continue;
+                }
+                if let Some(a) = voters[to as usize].answer(to, &m, Flaws::default()) {
+                    let (done, more) = c.receive(a);
+                    outcome = outcome.or(done);
+                    next.extend(more);
+                }
+            }
+            sends = next;
+        }
+        outcome
+    }
+
+    #[test]
+    fn a_late_write_of_an_older_epoch_once_read_is_what_every_majority_answers() {
+        let mut voters = vec![RegisterVoter::default(); 3];
+        // Epoch 1 writes "a" everywhere, then "b" that reaches voter 0 only.
+        let mut old = RegisterClient::new(9, 3, 1, Flaws::default());
+        let s = old.write(0, b"a".to_vec(), u64::MAX);
+        assert!(matches!(
+            run(&mut old, &mut voters, &[0, 1, 2], s),
+            Some(Outcome::Written { .. })
+        ));
+        let late = old.write(0, b"b".to_vec(), u64::MAX);
+        // Epoch 2 reads from voters 1 and 2: "a", held by both, so no write-back.
+        let mut new = RegisterClient::new(8, 3, 2, Flaws::default());
+        let s = new.read(0, u64::MAX);
+        match run(&mut new, &mut voters, &[1, 2], s) {
+            Some(Outcome::Read { data, .. }) => assert_eq!(data, b"a"),
+            other => panic!("{other:?}"),
+        }
+        // The late "b" reaches everyone now: voters 1 and 2 refuse it (fenced at 2).
+        let refusals = late
+            .iter()
+            .filter_map(|(to, m)| voters[*to as usize].answer(*to, m, Flaws::default()))
+            .filter(|a| matches!(a, RegisterMessage::Refused { fence: 2, .. }))
+            .count();
+        assert_eq!(refusals, 2);
+        // "b" got to voter 0 before the fence did: a read of voters 0 and 1 sees it as the
+        // highest tag, and returns it only once it wrote it back under epoch 2.
+        let s = new.read(0, u64::MAX);
+        let first = run(&mut new, &mut voters, &[0, 1], s);
+        let Some(Outcome::Read { tag, data }) = first else {
+            panic!("{first:?}")
+        };
+        assert_eq!((tag.epoch, data.as_slice()), (2, &b"b"[..]));
+        // From now on every majority answers "b" at epoch 2: reads agree whichever they ask.
+        for reach in [[1, 2], [0, 2], [0, 1]] {
+            let s = new.read(0, u64::MAX);
+            match run(&mut new, &mut voters, &reach, s) {
+                Some(Outcome::Read { data, .. }) => assert_eq!(data, b"b", "{reach:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_older_epoch_cannot_complete_a_write_once_a_newer_one_completed_an_operation() {
+        let mut voters = vec![RegisterVoter::default(); 3];
+        let mut new = RegisterClient::new(1, 3, 5, Flaws::default());
+        let s = new.write(0, b"new".to_vec(), u64::MAX);
+        assert!(matches!(
+            run(&mut new, &mut voters, &[0, 1], s),
+            Some(Outcome::Written { .. })
+        ));
+        assert_eq!((voters[0].fence(), voters[2].fence()), (5, 0));
+        let mut old = RegisterClient::new(2, 3, 4, Flaws::default());
+        let s = old.write(0, b"old".to_vec(), u64::MAX);
+        assert_eq!(
+            run(&mut old, &mut voters, &[0, 1, 2], s),
+            Some(Outcome::Refused { fence: 5 })
+        );
+        let s = new.read(0, u64::MAX);
+        match run(&mut new, &mut voters, &[1, 2], s) {
+            Some(Outcome::Read { data, .. }) => assert_eq!(data, b"new"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_operation_without_a_majority_times_out() {
+        let mut voters = vec![RegisterVoter::default(); 3];
+        let mut c = RegisterClient::new(0, 3, 1, Flaws::default());
+        let s = c.read(0, 100);
+        assert_eq!(run(&mut c, &mut voters, &[0], s), None);
+        assert_eq!(c.tick(99), None);
+        assert_eq!(c.tick(100), Some(Outcome::TimedOut));
+    }
+}
