@@ -12,7 +12,7 @@
 //!   several at once.
 //!
 //! Checked at every step: at most one node holds the lease; an epoch is only ever held by
-//! one node; and a new holder's epoch is above every earlier holder's. After the faults end
+//! one node, in one life of it (not again after a restart); and a new holder's epoch is above every earlier holder's. After the faults end
 //! (links healed, every node up, one node wanting), that node must get the lease within a
 //! few leases.
 
@@ -65,6 +65,8 @@ struct Node {
     up: bool,
     paused_until: u64,
     down_until: u64,
+    /// Restarts so far: each start is a new life of the node.
+    life: u32,
 }
 
 impl Node {
@@ -108,6 +110,7 @@ pub fn run_quorum(seed: u64, s: QuorumSettings) -> QuorumOutcome {
                 up: true,
                 paused_until: 0,
                 down_until: 0,
+                life: 0,
             };
             n.sm.set_wanted(rng.gen_bool(0.5));
             n
@@ -121,7 +124,8 @@ pub fn run_quorum(seed: u64, s: QuorumSettings) -> QuorumOutcome {
     let mut queue: InFlight = BTreeMap::new();
     let mut seq = 0u64;
     let mut out = QuorumOutcome::default();
-    let mut epoch_holder: BTreeMap<u64, u32> = BTreeMap::new();
+    // Who held each epoch: (node, life).
+    let mut epoch_holder: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
     let mut last_holder: Option<(u32, u64)> = None;
     let mut settled_wanter: Option<(u32, u64)> = None;
 
@@ -177,6 +181,7 @@ pub fn run_quorum(seed: u64, s: QuorumSettings) -> QuorumOutcome {
                 n.origin = n.origin.wrapping_sub(now_rel as u64);
                 let now = n.local(real);
                 n.sm = QuorumNode::start(i as u32, timing, votes[i], now, s.flaws);
+                n.life += 1;
                 n.sm.set_wanted(match settled_wanter {
                     Some((w, _)) => w == i as u32,
                     None => rng.gen_bool(0.6),
@@ -232,16 +237,24 @@ pub fn run_quorum(seed: u64, s: QuorumSettings) -> QuorumOutcome {
         }
         if let Some(&(node, epoch)) = holders.first() {
             out.held_steps += 1;
+            let life = nodes[node as usize].life;
             match epoch_holder.get(&epoch) {
-                Some(&other) if other != node => {
+                Some(&(other, _)) if other != node => {
                     out.violation = Some(format!(
                         "at {} ms node {node} holds epoch {epoch}, which node {other} held before",
                         real / MS
                     ));
                     return out;
                 }
+                Some(&(_, earlier)) if earlier != life => {
+                    out.violation = Some(format!(
+                        "at {} ms node {node} holds epoch {epoch} again after a restart (it held it in an earlier life)",
+                        real / MS
+                    ));
+                    return out;
+                }
                 _ => {
-                    epoch_holder.insert(epoch, node);
+                    epoch_holder.insert(epoch, (node, life));
                 }
             }
             if last_holder != Some((node, epoch)) {

@@ -96,8 +96,8 @@ struct Args {
     #[arg(long, default_value_t = 20_000)]
     drift_ppm: u64,
     /// With --quorum or --register: run with a deliberate flaw, to see the simulator catch
-    /// it: no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs
-    /// (--quorum); no-fence, no-write-back (--register).
+    /// it: no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs,
+    /// forget-asked-epochs (--quorum); no-fence, no-write-back (--register).
     #[arg(long)]
     flaw: Option<String>,
 }
@@ -110,6 +110,7 @@ fn quorum(args: &Args) -> Result<bool, String> {
         Some("no-quiet-after-restart") => flaws.no_quiet_after_restart = true,
         Some("count-stale-answers") => flaws.count_stale_answers = true,
         Some("reuse-epochs") => flaws.reuse_epochs = true,
+        Some("forget-asked-epochs") => flaws.forget_asked_epochs = true,
         Some(other) => return Err(format!("--flaw {other:?}: unknown (see --help)")),
     }
     if !(1..=9).contains(&args.voters) {

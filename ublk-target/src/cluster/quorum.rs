@@ -77,6 +77,8 @@ pub struct Flaws {
     pub count_stale_answers: bool,
     /// Grant an epoch to whoever asks, if no promise is running.
     pub reuse_epochs: bool,
+    /// Keep no record of the epochs asked for: a restarted node may hold its old epoch again.
+    pub forget_asked_epochs: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +104,11 @@ pub struct DurableVote {
     /// The highest epoch granted, and to whom.
     pub epoch: u64,
     pub holder: Option<Voter>,
+    /// The highest epoch this node asked for as a candidate. A restarted node asks above it,
+    /// so no two of its lives hold the same epoch (a voter's renewal rule would otherwise
+    /// grant a restarted node the epoch it held before): the epoch-fenced register
+    /// (`register`) needs each epoch to have one writer instance only.
+    pub asked: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -162,7 +169,11 @@ impl QuorumNode {
             vote,
             promise: None,
             quiet_until,
-            highest_seen: vote.epoch,
+            highest_seen: if flaws.forget_asked_epochs {
+                vote.epoch
+            } else {
+                vote.epoch.max(vote.asked)
+            },
             wanted: false,
             round: 0,
             asking: None,
@@ -171,7 +182,8 @@ impl QuorumNode {
         }
     }
 
-    /// The vote to keep durably (changed only by a grant; store it before sending the answer).
+    /// The vote to keep durably (changed by a grant and by the ask of a new tenure; store it
+    /// before sending the answer or the asks).
     pub fn durable_vote(&self) -> DurableVote {
         self.vote
     }
@@ -205,7 +217,14 @@ impl QuorumNode {
         self.round += 1;
         let epoch = match holding {
             Some(h) => h.epoch,
-            None => self.vote.epoch.max(self.highest_seen) + 1,
+            None => {
+                // Above `asked` after a restart too: `start` counts it as seen.
+                let epoch = self.vote.epoch.max(self.highest_seen) + 1;
+                if !self.flaws.forget_asked_epochs {
+                    self.vote.asked = self.vote.asked.max(epoch);
+                }
+                epoch
+            }
         };
         self.asking = Some(Asking {
             round: self.round,
@@ -239,6 +258,7 @@ impl QuorumNode {
                     self.vote = DurableVote {
                         epoch,
                         holder: Some(from),
+                        ..self.vote
                     };
                     self.promise = Some(Promise {
                         holder: from,
@@ -374,9 +394,58 @@ mod tests {
             n[2].durable_vote(),
             DurableVote {
                 epoch: 2,
-                holder: Some(1)
+                holder: Some(1),
+                asked: 0
             }
         );
+    }
+
+    /// Node 0 holds epoch 2 granted by the others while its own vote is still 1 (it was quiet
+    /// after a restart), then restarts again: it must not hold epoch 2 in its new life.
+    fn epoch_after_two_restarts(flaws: Flaws) -> Option<u64> {
+        let quiet = T.promise_ns();
+        let mut n: Vec<QuorumNode> = (0..3)
+            .map(|i| QuorumNode::start(i, T, DurableVote::default(), 0, flaws))
+            .collect();
+        // Epoch 1 goes to node 1 with every vote; its promises then run out.
+        n[1].set_wanted(true);
+        let t = quiet + 1;
+        let out = n[1].tick(t);
+        deliver(&mut n, t, out);
+        assert_eq!(n[1].holds(t), Some(1));
+        n[1].set_wanted(false);
+        // Node 0 restarts with its vote (epoch 1) and, quiet itself, gets epoch 2 from the
+        // two others.
+        let t = t + quiet + 1;
+        n[0] = QuorumNode::start(0, T, n[0].durable_vote(), t, flaws);
+        n[0].set_wanted(true);
+        let out = n[0].tick(t);
+        deliver(&mut n, t, out);
+        assert_eq!(n[0].holds(t), Some(2));
+        assert_eq!(n[0].durable_vote().epoch, 1);
+        // It restarts again at once and asks: the others' last grant was epoch 2, to it.
+        n[0] = QuorumNode::start(0, T, n[0].durable_vote(), t + 1, flaws);
+        n[0].set_wanted(true);
+        let mut held = None;
+        for step in 1..4 {
+            let now = t + 1 + step * T.retry_ns();
+            let out = n[0].tick(now);
+            deliver(&mut n, now, out);
+            held = held.or(n[0].holds(now));
+        }
+        held
+    }
+
+    #[test]
+    fn a_restarted_node_never_holds_an_epoch_it_held_before() {
+        let again = epoch_after_two_restarts(Flaws::default());
+        assert!(again.is_some_and(|e| e > 2), "{again:?}");
+        // Without the record of the epochs asked for, the renewal rule gives it epoch 2 again.
+        let flawed = epoch_after_two_restarts(Flaws {
+            forget_asked_epochs: true,
+            ..Flaws::default()
+        });
+        assert_eq!(flawed, Some(2));
     }
 
     #[test]
