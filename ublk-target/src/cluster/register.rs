@@ -9,14 +9,18 @@
 //! after newer writes. A disk bounds a late write by its I/O timeout and the watchdog; a
 //! network does not. So every request carries an epoch, as a Paxos ballot (the register of
 //! CASPaxos, with one writer per epoch):
-//! * Each client instance has an epoch no other instance ever had (the majority lease's
-//!   epochs, `cluster::quorum`, once a restarted node never asks for an epoch it held).
-//! * A voter keeps a fence: the highest epoch any request showed it. It refuses a request
-//!   of a lower epoch (saying its fence), and keeps per slot the value with the highest tag
-//!   `(epoch, counter)` it was sent. All of it durably, before it answers.
+//! * Each client instance has an epoch no other instance ever had: the majority lease's
+//!   epochs (`cluster::quorum`: a restarted node never asks for an epoch it held), or for a
+//!   node's own slots the node's id and a durable count of its starts.
+//! * A voter keeps per slot a fence, the highest epoch any request for the slot showed it,
+//!   and the value with the highest tag `(epoch, counter)` it was sent. It refuses a request
+//!   of an epoch below the slot's fence (saying the fence). All of it durably, before it
+//!   answers. The fences are per slot (CASPaxos's per key), so each slot may have its own
+//!   writers, as the arbiter's slots do (each node writes its own lease heartbeat).
 //! * A write of epoch E tags its value `(E, n)`, n counting this instance's writes, and is
 //!   done once a majority stored it. Every older epoch is below it; a newer epoch's completed
-//!   operation fenced a majority, one of which refuses this write, so it cannot complete.
+//!   operation on the slot fenced a majority, one of which refuses this write, so it cannot
+//!   complete.
 //! * A read asks a majority for the slot and takes the highest tag. Unless a majority
 //!   answered that very tag, it writes that value back under its own epoch before it
 //!   returns, so that the value it returns is on a majority above anything older: a late
@@ -86,8 +90,15 @@ pub struct Flaws {
 /// One voter's state; all of it is durable (store it before sending the answer).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RegisterVoter {
+    /// Per slot: the highest epoch a request showed, and the value with the highest tag.
+    slots: BTreeMap<u64, Slot>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Slot {
     fence: u64,
-    slots: BTreeMap<u64, (Tag, Vec<u8>)>,
+    tag: Tag,
+    data: Vec<u8>,
 }
 
 impl RegisterVoter {
@@ -98,35 +109,33 @@ impl RegisterVoter {
         msg: &RegisterMessage,
         flaws: Flaws,
     ) -> Option<RegisterMessage> {
-        let (op, epoch) = match *msg {
-            RegisterMessage::Read { op, epoch, .. } => (op, epoch),
-            RegisterMessage::Write { op, tag, .. } => (op, tag.epoch),
+        let (op, slot, epoch) = match *msg {
+            RegisterMessage::Read {
+                op, slot, epoch, ..
+            } => (op, slot, epoch),
+            RegisterMessage::Write { op, slot, tag, .. } => (op, slot, tag.epoch),
             _ => return None,
         };
-        if epoch < self.fence && !flaws.no_fence {
+        let held = self.slots.entry(slot).or_default();
+        if epoch < held.fence && !flaws.no_fence {
             return Some(RegisterMessage::Refused {
                 from: me,
                 op,
-                fence: self.fence,
+                fence: held.fence,
             });
         }
-        self.fence = self.fence.max(epoch);
+        held.fence = held.fence.max(epoch);
         Some(match msg {
-            RegisterMessage::Read { slot, .. } => {
-                let (tag, data) = self.slots.get(slot).cloned().unwrap_or_default();
-                RegisterMessage::Value {
-                    from: me,
-                    op,
-                    tag,
-                    data,
-                }
-            }
-            RegisterMessage::Write {
-                slot, tag, data, ..
-            } => {
-                let newer = self.slots.get(slot).is_none_or(|(held, _)| *tag > *held);
-                if newer {
-                    self.slots.insert(*slot, (*tag, data.clone()));
+            RegisterMessage::Read { .. } => RegisterMessage::Value {
+                from: me,
+                op,
+                tag: held.tag,
+                data: held.data.clone(),
+            },
+            RegisterMessage::Write { tag, data, .. } => {
+                if *tag > held.tag {
+                    held.tag = *tag;
+                    held.data = data.clone();
                 }
                 RegisterMessage::Stored { from: me, op }
             }
@@ -134,9 +143,9 @@ impl RegisterVoter {
         })
     }
 
-    /// The highest epoch this voter has seen (for status and tests).
-    pub fn fence(&self) -> u64 {
-        self.fence
+    /// The highest epoch a request for `slot` showed this voter (for status and tests).
+    pub fn fence(&self, slot: u64) -> u64 {
+        self.slots.get(&slot).map_or(0, |s| s.fence)
     }
 }
 
@@ -151,9 +160,9 @@ pub enum Outcome {
     Written {
         tag: Tag,
     },
-    /// A voter has seen a newer epoch: this client is superseded (a write may or may not
-    /// have taken effect, and if not it never will once that epoch has completed an
-    /// operation).
+    /// A voter has seen a newer epoch on the slot: this client is superseded there (a write
+    /// may or may not have taken effect, and if not it never will once that epoch has
+    /// completed an operation on the slot).
     Refused {
         fence: u64,
     },
@@ -458,7 +467,7 @@ mod tests {
             run(&mut new, &mut voters, &[0, 1], s),
             Some(Outcome::Written { .. })
         ));
-        assert_eq!((voters[0].fence(), voters[2].fence()), (5, 0));
+        assert_eq!((voters[0].fence(0), voters[2].fence(0)), (5, 0));
         let mut old = RegisterClient::new(2, 3, 4, Flaws::default());
         let s = old.write(0, b"old".to_vec(), u64::MAX);
         assert_eq!(
@@ -470,6 +479,25 @@ mod tests {
             Some(Outcome::Read { data, .. }) => assert_eq!(data, b"new"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn fences_are_per_slot_so_each_slot_may_have_its_own_writer() {
+        let mut voters = vec![RegisterVoter::default(); 3];
+        let mut a = RegisterClient::new(1, 3, 9, Flaws::default());
+        let s = a.write(0, b"a's".to_vec(), u64::MAX);
+        assert!(matches!(
+            run(&mut a, &mut voters, &[0, 1, 2], s),
+            Some(Outcome::Written { .. })
+        ));
+        // Epoch 3 writes slot 1 although every voter has seen epoch 9 on slot 0.
+        let mut b = RegisterClient::new(2, 3, 3, Flaws::default());
+        let s = b.write(1, b"b's".to_vec(), u64::MAX);
+        assert!(matches!(
+            run(&mut b, &mut voters, &[0, 1, 2], s),
+            Some(Outcome::Written { .. })
+        ));
+        assert_eq!((voters[1].fence(0), voters[1].fence(1)), (9, 3));
     }
 
     #[test]
