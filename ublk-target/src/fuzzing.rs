@@ -12,6 +12,8 @@
 //! harness fix them up (as the writer computes them); inputs without the flag exercise the
 //! detection of damage.
 
+use crate::cluster::register::{RegisterMessage, RegisterVoter, Tag};
+use crate::cluster::register_wire;
 use crate::cluster::wire;
 use crate::config::NodeConfig;
 use crate::nvram::layout::{
@@ -569,6 +571,42 @@ pub fn forward_wire(data: &[u8]) {
     }
 }
 
+/// Fuzz target `register_wire`: byte 0 holds flags, the rest is decoded as a message of the
+/// epoch-fenced register and as a voter's stored state (with [`FLAG_SEAL`], the harness
+/// appends the state's crc32c first, as an honest writer does). What decodes must encode back
+/// to the same bytes, and a voter loaded from it must answer a request.
+pub fn register_wire(data: &[u8]) {
+    let Some((&flags, body)) = data.split_first() else {
+        return;
+    };
+    if let Ok(m) = register_wire::decode_message(body) {
+        assert_eq!(
+            register_wire::encode_message(&m),
+            body,
+            "register message round trip"
+        );
+    }
+    let mut state = body.to_vec();
+    if flags & FLAG_SEAL != 0 {
+        let crc = rdma_link::checksum::crc32c(&state);
+        state.extend_from_slice(&crc.to_le_bytes());
+    }
+    if let Ok(mut v) = register_wire::decode_voter(&state) {
+        assert_eq!(
+            register_wire::encode_voter(&v),
+            state,
+            "voter state round trip"
+        );
+        let read = RegisterMessage::Read {
+            from: 0,
+            op: 1,
+            slot: 0,
+            epoch: u64::MAX,
+        };
+        v.answer(0, &read, Default::default());
+    }
+}
+
 /// Inputs that reach the end of each path, for the seed corpora (`tests/fuzz_corpus.rs`
 /// writes them; the config seeds are the files in `examples/`).
 pub mod seeds {
@@ -759,6 +797,73 @@ pub mod seeds {
         s.extend_from_slice(&first);
         s.extend_from_slice(&third);
         out.push(("store".into(), s));
+        out
+    }
+
+    /// Seeds of `register_wire`, by name: one message of each kind and a voter's state.
+    pub fn register_wire() -> Vec<(String, Vec<u8>)> {
+        let tag = Tag {
+            epoch: 7,
+            counter: 2,
+        };
+        let messages = [
+            (
+                "read",
+                RegisterMessage::Read {
+                    from: 1,
+                    op: 3,
+                    slot: 2,
+                    epoch: 7,
+                },
+            ),
+            (
+                "write",
+                RegisterMessage::Write {
+                    from: 1,
+                    op: 4,
+                    slot: 2,
+                    tag,
+                    data: b"table".to_vec(),
+                },
+            ),
+            (
+                "value",
+                RegisterMessage::Value {
+                    from: 2,
+                    op: 3,
+                    tag,
+                    data: b"table".to_vec(),
+                },
+            ),
+            ("stored", RegisterMessage::Stored { from: 2, op: 4 }),
+            (
+                "refused",
+                RegisterMessage::Refused {
+                    from: 0,
+                    op: 5,
+                    fence: 9,
+                },
+            ),
+        ];
+        let mut out: Vec<(String, Vec<u8>)> = messages
+            .iter()
+            .map(|(name, m)| {
+                let mut b = vec![0];
+                b.extend(register_wire::encode_message(m));
+                (name.to_string(), b)
+            })
+            .collect();
+        let voter = RegisterVoter::from_slots([
+            (0, 7, tag, b"table".to_vec()),
+            (5, 3, Tag::default(), Vec::new()),
+        ]);
+        let state = register_wire::encode_voter(&voter);
+        let mut sealed = vec![FLAG_SEAL];
+        sealed.extend_from_slice(&state[..state.len() - 4]);
+        out.push(("voter-state".into(), sealed));
+        let mut whole = vec![0];
+        whole.extend(state);
+        out.push(("voter-state-with-crc".into(), whole));
         out
     }
 

@@ -33,6 +33,11 @@ fn forward_wire_corpus() {
     replay("forward_wire", fuzzing::forward_wire);
 }
 
+#[test]
+fn register_wire_corpus() {
+    replay("register_wire", fuzzing::register_wire);
+}
+
 /// The example configs (`examples/*.toml`, checked by `tests/engine.rs`): the seeds of the
 /// config corpus.
 fn example_configs() -> Vec<(String, String)> {
@@ -61,6 +66,7 @@ fn seed_corpus_is_current() {
     replay::check_seeds("nvram_scan", fuzzing::seeds::nvram_scan());
     replay::check_seeds("ownership_table", fuzzing::seeds::ownership_table());
     replay::check_seeds("forward_wire", fuzzing::seeds::forward_wire());
+    replay::check_seeds("register_wire", fuzzing::seeds::register_wire());
     let configs = example_configs()
         .into_iter()
         .map(|(name, text)| (name, text.into_bytes()))
@@ -77,6 +83,7 @@ fn write_seed_corpus() {
     replay::write_seeds("nvram_scan", fuzzing::seeds::nvram_scan());
     replay::write_seeds("ownership_table", fuzzing::seeds::ownership_table());
     replay::write_seeds("forward_wire", fuzzing::seeds::forward_wire());
+    replay::write_seeds("register_wire", fuzzing::seeds::register_wire());
     let configs = example_configs()
         .into_iter()
         .map(|(name, text)| (name, text.into_bytes()))

@@ -11,6 +11,7 @@ pub mod quorum;
 mod ranges;
 mod read_lease;
 pub mod register;
+pub mod register_wire;
 pub mod wire;
 
 pub use forward::{ForwardFuture, Forwarder, RequestForwarder};

@@ -143,6 +143,23 @@ impl RegisterVoter {
         })
     }
 
+    /// Every slot the voter knows: (slot, fence, tag, value), in slot order (to store it).
+    pub fn slots(&self) -> impl Iterator<Item = (u64, u64, Tag, &[u8])> {
+        self.slots
+            .iter()
+            .map(|(&n, s)| (n, s.fence, s.tag, s.data.as_slice()))
+    }
+
+    /// A voter with these slots (as `slots` gave them; loaded from where they were stored).
+    pub fn from_slots(slots: impl IntoIterator<Item = (u64, u64, Tag, Vec<u8>)>) -> RegisterVoter {
+        RegisterVoter {
+            slots: slots
+                .into_iter()
+                .map(|(n, fence, tag, data)| (n, Slot { fence, tag, data }))
+                .collect(),
+        }
+    }
+
     /// The highest epoch a request for `slot` showed this voter (for status and tests).
     pub fn fence(&self, slot: u64) -> u64 {
         self.slots.get(&slot).map_or(0, |s| s.fence)
