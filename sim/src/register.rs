@@ -3,7 +3,8 @@
 //! machines of three (or five) voters and a series of clients against one seed's faults, in
 //! 100 µs steps:
 //! * clients: each has an epoch of its own, drawn out of order (a newer epoch may start
-//!   before an older one); several run at once; each reads or writes one of two slots, one
+//!   before an older one); they run on three nodes, at most one per node, and a node may
+//!   restart its client (the new one gets the old one's late answers); each reads or writes one of two slots, one
 //!   operation at a time, each with a unique value, and may stop at any time (a crash) with
 //!   its requests still on the way; one that is refused (a newer epoch exists) stops too;
 //! * network: per message a delay of 0-3 ms, one in 15 50-800 ms (far longer than an
@@ -31,6 +32,8 @@ const US: u64 = 1_000;
 const MS: u64 = 1_000_000;
 const STEP: u64 = 100 * US;
 const DEADLINE: u64 = 20 * MS;
+/// The nodes clients run on (each client sends as its node).
+const NODES: usize = 3;
 
 #[derive(Clone, Copy, Debug)]
 pub struct RegisterSettings {
@@ -83,7 +86,7 @@ struct Client {
     next_value: u64,
 }
 
-/// Where a message goes: a voter, or a client.
+/// Where a message goes: a voter, or the client a node runs now.
 #[derive(Clone, Copy, Debug)]
 enum To {
     Voter(u32),
@@ -101,6 +104,8 @@ pub fn run_register(seed: u64, s: RegisterSettings) -> RegisterOutcome {
     let mut epochs: Vec<u64> = (1..=400).collect();
     epochs.shuffle(&mut rng);
     let mut clients: Vec<Client> = Vec::new();
+    // Each node's client of its current life.
+    let mut current: [Option<usize>; NODES] = [None; NODES];
     let mut queue: BTreeMap<(u64, u64), (To, RegisterMessage)> = BTreeMap::new();
     let mut seq = 0u64;
     let mut done: Vec<Done> = Vec::new();
@@ -130,17 +135,25 @@ pub fn run_register(seed: u64, s: RegisterSettings) -> RegisterOutcome {
 
     let mut now = 0u64;
     while now < end {
-        // New clients now and then, up to three running at once.
-        let running = clients.iter().filter(|c| now < c.until).count();
-        if running < 3 && rng.gen_bool(0.002) {
-            if let Some(epoch) = epochs.pop() {
-                let id = clients.len();
-                clients.push(Client {
-                    sm: RegisterClient::new(id as u32, s.voters, epoch, s.flaws),
-                    until: now + rng.gen_range(50 * MS..1500 * MS),
-                    op: None,
-                    next_value: 0,
-                });
+        // New clients now and then on one of three nodes: on a node without a running one,
+        // or replacing it (a restart: the new life gets the old one's late answers, which
+        // carry the node's id as theirs did).
+        if rng.gen_bool(0.002) {
+            let node = rng.gen_range(0..NODES);
+            let busy = current[node].is_some_and(|c| now < clients[c].until);
+            if !busy || rng.gen_bool(0.2) {
+                if let Some(epoch) = epochs.pop() {
+                    if let Some(old) = current[node] {
+                        clients[old].until = clients[old].until.min(now);
+                    }
+                    current[node] = Some(clients.len());
+                    clients.push(Client {
+                        sm: RegisterClient::new(node as u32, s.voters, epoch, s.flaws),
+                        until: now + rng.gen_range(50 * MS..1500 * MS),
+                        op: None,
+                        next_value: 0,
+                    });
+                }
             }
         }
         // Voter crashes.
@@ -166,7 +179,8 @@ pub fn run_register(seed: u64, s: RegisterSettings) -> RegisterOutcome {
                         post(&mut queue, &mut rng, now, To::Client(from as usize), a);
                     }
                 }
-                To::Client(c) => {
+                To::Client(node) => {
+                    let Some(c) = current[node] else { continue };
                     let cl = &mut clients[c];
                     if now >= cl.until {
                         continue;

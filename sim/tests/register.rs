@@ -76,3 +76,22 @@ fn reads_without_the_write_back_are_caught() {
     assert!(found.is_some(), "no seed caught the missing write-back");
     eprintln!("caught: {found:?}");
 }
+
+#[test]
+fn answers_matched_without_their_epoch_are_caught() {
+    // A restarted node's client counts its operation ids from 1 again; the late answers to
+    // its earlier life's operations must not count. Rarer: it needs such an answer to come
+    // while the new life's operation of the same id runs.
+    let found = first_violation(
+        0..3000,
+        flawed(Flaws {
+            ignore_answer_epochs: true,
+            ..Flaws::default()
+        }),
+    );
+    assert!(
+        found.is_some(),
+        "no seed caught answers matched by id alone"
+    );
+    eprintln!("caught: {found:?}");
+}

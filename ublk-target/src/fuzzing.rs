@@ -831,16 +831,25 @@ pub mod seeds {
                 RegisterMessage::Value {
                     from: 2,
                     op: 3,
+                    epoch: 7,
                     tag,
                     data: b"table".to_vec(),
                 },
             ),
-            ("stored", RegisterMessage::Stored { from: 2, op: 4 }),
+            (
+                "stored",
+                RegisterMessage::Stored {
+                    from: 2,
+                    op: 4,
+                    epoch: 7,
+                },
+            ),
             (
                 "refused",
                 RegisterMessage::Refused {
                     from: 0,
                     op: 5,
+                    epoch: 7,
                     fence: 9,
                 },
             ),

@@ -86,7 +86,7 @@ struct Args {
     quorum: bool,
     /// Simulate the epoch-fenced majority register planned for the arbiter's slots in
     /// shared-nothing mode (`cluster::register`) instead of the two-node cluster; uses
-    /// --seeds, --from, --seed, --seconds, --voters and --flaw (no-fence, no-write-back).
+    /// --seeds, --from, --seed, --seconds, --voters and --flaw.
     #[arg(long)]
     register: bool,
     /// With --quorum or --register: the number of voters.
@@ -172,6 +172,7 @@ fn register(args: &Args) -> Result<bool, String> {
         None => {}
         Some("no-fence") => flaws.no_fence = true,
         Some("no-write-back") => flaws.no_write_back = true,
+        Some("ignore-answer-epochs") => flaws.ignore_answer_epochs = true,
         Some(other) => {
             return Err(format!(
                 "--flaw {other:?}: unknown with --register (see --help)"

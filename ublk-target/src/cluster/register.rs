@@ -60,19 +60,25 @@ pub enum RegisterMessage {
         tag: Tag,
         data: Vec<u8>,
     },
+    /// The answers name the operation by its id and its client's epoch: a restarted node's
+    /// new client counts its ids from 1 again, and must not take the late answers to its
+    /// earlier life's operations for its own.
     Value {
         from: Voter,
         op: u64,
+        epoch: u64,
         tag: Tag,
         data: Vec<u8>,
     },
     Stored {
         from: Voter,
         op: u64,
+        epoch: u64,
     },
     Refused {
         from: Voter,
         op: u64,
+        epoch: u64,
         fence: u64,
     },
 }
@@ -85,6 +91,8 @@ pub struct Flaws {
     pub no_fence: bool,
     /// Reads return the highest tag they saw without writing it back.
     pub no_write_back: bool,
+    /// Clients match answers by operation id alone.
+    pub ignore_answer_epochs: bool,
 }
 
 /// One voter's state; all of it is durable (store it before sending the answer).
@@ -121,6 +129,7 @@ impl RegisterVoter {
             return Some(RegisterMessage::Refused {
                 from: me,
                 op,
+                epoch,
                 fence: held.fence,
             });
         }
@@ -129,6 +138,7 @@ impl RegisterVoter {
             RegisterMessage::Read { .. } => RegisterMessage::Value {
                 from: me,
                 op,
+                epoch,
                 tag: held.tag,
                 data: held.data.clone(),
             },
@@ -137,7 +147,11 @@ impl RegisterVoter {
                     held.tag = *tag;
                     held.data = data.clone();
                 }
-                RegisterMessage::Stored { from: me, op }
+                RegisterMessage::Stored {
+                    from: me,
+                    op,
+                    epoch,
+                }
             }
             _ => return None,
         })
@@ -318,15 +332,20 @@ impl RegisterClient {
         &mut self,
         msg: RegisterMessage,
     ) -> (Option<Outcome>, Vec<(Voter, RegisterMessage)>) {
-        let (from, id) = match msg {
-            RegisterMessage::Value { from, op, .. }
-            | RegisterMessage::Stored { from, op }
-            | RegisterMessage::Refused { from, op, .. } => (from, op),
+        let (from, id, epoch) = match msg {
+            RegisterMessage::Value {
+                from, op, epoch, ..
+            }
+            | RegisterMessage::Stored { from, op, epoch }
+            | RegisterMessage::Refused {
+                from, op, epoch, ..
+            } => (from, op, epoch),
             _ => return (None, Vec::new()),
         };
         let majority = self.majority();
-        let Some(op) = self.op.as_mut().filter(|o| o.id == id) else {
-            // An answer to an operation that ended: nothing to do.
+        let ours = epoch == self.epoch || self.flaws.ignore_answer_epochs;
+        let Some(op) = self.op.as_mut().filter(|o| o.id == id && ours) else {
+            // An answer to an operation that ended, maybe of an earlier life: nothing to do.
             return (None, Vec::new());
         };
         if let RegisterMessage::Refused { fence, .. } = msg {

@@ -53,15 +53,26 @@ pub fn encode_message(m: &RegisterMessage) -> Vec<u8> {
         RegisterMessage::Value {
             from,
             op,
+            epoch,
             tag,
             data,
         } => {
             head(&mut b, K_VALUE, *from, *op);
+            b.extend_from_slice(&epoch.to_le_bytes());
             put_value(&mut b, *tag, data);
         }
-        RegisterMessage::Stored { from, op } => head(&mut b, K_STORED, *from, *op),
-        RegisterMessage::Refused { from, op, fence } => {
+        RegisterMessage::Stored { from, op, epoch } => {
+            head(&mut b, K_STORED, *from, *op);
+            b.extend_from_slice(&epoch.to_le_bytes());
+        }
+        RegisterMessage::Refused {
+            from,
+            op,
+            epoch,
+            fence,
+        } => {
             head(&mut b, K_REFUSED, *from, *op);
+            b.extend_from_slice(&epoch.to_le_bytes());
             b.extend_from_slice(&fence.to_le_bytes());
         }
     }
@@ -163,18 +174,25 @@ pub fn decode_message(b: &[u8]) -> Result<RegisterMessage, String> {
             }
         }
         K_VALUE => {
+            let epoch = r.u64("epoch")?;
             let (tag, data) = r.value()?;
             RegisterMessage::Value {
                 from,
                 op,
+                epoch,
                 tag,
                 data,
             }
         }
-        K_STORED => RegisterMessage::Stored { from, op },
+        K_STORED => RegisterMessage::Stored {
+            from,
+            op,
+            epoch: r.u64("epoch")?,
+        },
         K_REFUSED => RegisterMessage::Refused {
             from,
             op,
+            epoch: r.u64("epoch")?,
             fence: r.u64("fence")?,
         },
         other => return Err(format!("unknown register message kind {other}")),
@@ -297,13 +315,19 @@ mod tests {
             RegisterMessage::Value {
                 from: 2,
                 op: 9,
+                epoch: 7,
                 tag,
                 data: b"table".to_vec(),
             },
-            RegisterMessage::Stored { from: 0, op: 5 },
+            RegisterMessage::Stored {
+                from: 0,
+                op: 5,
+                epoch: 7,
+            },
             RegisterMessage::Refused {
                 from: 2,
                 op: 6,
+                epoch: 7,
                 fence: 11,
             },
         ]
@@ -333,11 +357,12 @@ mod tests {
         let mut b = encode_message(&RegisterMessage::Value {
             from: 0,
             op: 1,
+            epoch: 1,
             tag: Tag::default(),
             data: vec![1; MAX_VALUE_BYTES],
         });
-        // The length field follows kind, sender, op and tag: 1 + 4 + 8 + 16.
-        b[29..33].copy_from_slice(&(MAX_VALUE_BYTES as u32 + 1).to_le_bytes());
+        // The length field follows kind, sender, op, epoch and tag: 1 + 4 + 8 + 8 + 16.
+        b[37..41].copy_from_slice(&(MAX_VALUE_BYTES as u32 + 1).to_le_bytes());
         b.push(1);
         assert!(decode_message(&b).unwrap_err().contains("at most"));
     }
