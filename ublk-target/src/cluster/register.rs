@@ -342,6 +342,10 @@ impl RegisterClient {
             } => (from, op, epoch),
             _ => return (None, Vec::new()),
         };
+        if from >= self.voters {
+            // Not one of the voters: counting it could make a majority of too few.
+            return (None, Vec::new());
+        }
         let majority = self.majority();
         let ours = epoch == self.epoch || self.flaws.ignore_answer_epochs;
         let Some(op) = self.op.as_mut().filter(|o| o.id == id && ours) else {
@@ -534,6 +538,28 @@ mod tests {
             Some(Outcome::Written { .. })
         ));
         assert_eq!((voters[1].fence(0), voters[1].fence(1)), (9, 3));
+    }
+
+    #[test]
+    fn answers_of_no_voter_or_of_another_epoch_do_not_count() {
+        let mut c = RegisterClient::new(0, 3, 4, Flaws::default());
+        let _ = c.write(0, b"x".to_vec(), u64::MAX);
+        for (from, epoch) in [(3, 4), (7, 4), (1, 3), (2, 5)] {
+            let (done, _) = c.receive(RegisterMessage::Stored { from, op: 1, epoch });
+            assert_eq!(done, None, "from {from} at epoch {epoch}");
+        }
+        let (done, _) = c.receive(RegisterMessage::Stored {
+            from: 1,
+            op: 1,
+            epoch: 4,
+        });
+        assert_eq!(done, None, "one voter is not a majority");
+        let (done, _) = c.receive(RegisterMessage::Stored {
+            from: 2,
+            op: 1,
+            epoch: 4,
+        });
+        assert!(matches!(done, Some(Outcome::Written { .. })));
     }
 
     #[test]
