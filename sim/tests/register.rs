@@ -44,37 +44,33 @@ fn five_voters_stay_linearizable() {
     assert_eq!(first_violation(0..100, s), None);
 }
 
-fn flawed(flaws: Flaws) -> RegisterSettings {
-    RegisterSettings {
+/// Runs `seeds` with `flaws` and asserts that one of them breaks an invariant.
+fn assert_caught(flaws: Flaws, seeds: std::ops::Range<u64>, what: &str) {
+    let s = RegisterSettings {
         flaws,
         ..RegisterSettings::default()
-    }
+    };
+    let found = first_violation(seeds, s);
+    assert!(found.is_some(), "no seed caught {what}");
+    eprintln!("caught: {found:?}");
 }
 
 #[test]
 fn voters_without_the_fence_are_caught() {
-    let found = first_violation(
-        0..100,
-        flawed(Flaws {
-            no_fence: true,
-            ..Flaws::default()
-        }),
-    );
-    assert!(found.is_some(), "no seed caught the missing fence");
-    eprintln!("caught: {found:?}");
+    let flaws = Flaws {
+        no_fence: true,
+        ..Flaws::default()
+    };
+    assert_caught(flaws, 0..100, "the missing fence");
 }
 
 #[test]
 fn reads_without_the_write_back_are_caught() {
-    let found = first_violation(
-        0..100,
-        flawed(Flaws {
-            no_write_back: true,
-            ..Flaws::default()
-        }),
-    );
-    assert!(found.is_some(), "no seed caught the missing write-back");
-    eprintln!("caught: {found:?}");
+    let flaws = Flaws {
+        no_write_back: true,
+        ..Flaws::default()
+    };
+    assert_caught(flaws, 0..100, "the missing write-back");
 }
 
 #[test]
@@ -82,16 +78,9 @@ fn answers_matched_without_their_epoch_are_caught() {
     // A restarted node's client counts its operation ids from 1 again; the late answers to
     // its earlier life's operations must not count. Rarer: it needs such an answer to come
     // while the new life's operation of the same id runs.
-    let found = first_violation(
-        0..3000,
-        flawed(Flaws {
-            ignore_answer_epochs: true,
-            ..Flaws::default()
-        }),
-    );
-    assert!(
-        found.is_some(),
-        "no seed caught answers matched by id alone"
-    );
-    eprintln!("caught: {found:?}");
+    let flaws = Flaws {
+        ignore_answer_epochs: true,
+        ..Flaws::default()
+    };
+    assert_caught(flaws, 0..3000, "answers matched by id alone");
 }

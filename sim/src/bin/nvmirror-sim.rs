@@ -97,9 +97,18 @@ struct Args {
     drift_ppm: u64,
     /// With --quorum or --register: run with a deliberate flaw, to see the simulator catch
     /// it: no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs,
-    /// forget-asked-epochs (--quorum); no-fence, no-write-back (--register).
+    /// forget-asked-epochs (--quorum); no-fence, no-write-back, ignore-answer-epochs
+    /// (--register).
     #[arg(long)]
     flaw: Option<String>,
+}
+
+fn check_voters(args: &Args) -> Result<(), String> {
+    if (1..=9).contains(&args.voters) {
+        Ok(())
+    } else {
+        Err(format!("--voters {}: use 1 to 9", args.voters))
+    }
 }
 
 fn quorum(args: &Args) -> Result<bool, String> {
@@ -113,9 +122,7 @@ fn quorum(args: &Args) -> Result<bool, String> {
         Some("forget-asked-epochs") => flaws.forget_asked_epochs = true,
         Some(other) => return Err(format!("--flaw {other:?}: unknown (see --help)")),
     }
-    if !(1..=9).contains(&args.voters) {
-        return Err(format!("--voters {}: use 1 to 9", args.voters));
-    }
+    check_voters(args)?;
     let settings = nvmirror_sim::quorum::QuorumSettings {
         nodes: args.voters,
         seconds: args.seconds,
@@ -179,9 +186,7 @@ fn register(args: &Args) -> Result<bool, String> {
             ))
         }
     }
-    if !(1..=9).contains(&args.voters) {
-        return Err(format!("--voters {}: use 1 to 9", args.voters));
-    }
+    check_voters(args)?;
     let settings = nvmirror_sim::register::RegisterSettings {
         voters: args.voters,
         seconds: args.seconds,
