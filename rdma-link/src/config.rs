@@ -39,8 +39,10 @@ pub enum Role {
 }
 
 /// What a node is to its peer: one of a mirrored pair (claim set A), or in log shipping
-/// (claim set C) a source whose records go to a destination that keeps them for N sources.
-/// A link joins a pair node to a pair node, or a source to a destination; the handshake
+/// (claim set C) a source whose records go to a destination that keeps them for N sources,
+/// or in shared-nothing mode a data node asking a diskless tie-breaker for its vote (the
+/// arbiter's slots kept by a majority of voters, issue #17). A link joins a pair node to a
+/// pair node, a source to a destination, or a data node to a tie-breaker; the handshake
 /// refuses any other combination, naming both roles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NodeRole {
@@ -48,6 +50,10 @@ pub enum NodeRole {
     Pair,
     Source,
     Destination,
+    /// A data node's link to the tie-breaker: carries only vote requests, no records.
+    TieBreakerClient,
+    /// The tie-breaker's end: answers vote requests, keeps no records.
+    TieBreaker,
 }
 
 impl NodeRole {
@@ -56,6 +62,8 @@ impl NodeRole {
             NodeRole::Pair => 0,
             NodeRole::Source => 1,
             NodeRole::Destination => 2,
+            NodeRole::TieBreakerClient => 3,
+            NodeRole::TieBreaker => 4,
         }
     }
 
@@ -64,6 +72,8 @@ impl NodeRole {
             0 => Some(NodeRole::Pair),
             1 => Some(NodeRole::Source),
             2 => Some(NodeRole::Destination),
+            3 => Some(NodeRole::TieBreakerClient),
+            4 => Some(NodeRole::TieBreaker),
             _ => None,
         }
     }
@@ -74,6 +84,8 @@ impl NodeRole {
             NodeRole::Pair => NodeRole::Pair,
             NodeRole::Source => NodeRole::Destination,
             NodeRole::Destination => NodeRole::Source,
+            NodeRole::TieBreakerClient => NodeRole::TieBreaker,
+            NodeRole::TieBreaker => NodeRole::TieBreakerClient,
         }
     }
 
@@ -82,6 +94,8 @@ impl NodeRole {
             NodeRole::Pair => "a node of a mirrored pair",
             NodeRole::Source => "a log-shipping source",
             NodeRole::Destination => "a log-shipping destination",
+            NodeRole::TieBreakerClient => "a data node voting through a tie-breaker",
+            NodeRole::TieBreaker => "a tie-breaker",
         }
     }
 }

@@ -123,6 +123,8 @@ fn check_hello(shared: &Shared, h: &Hello) -> Result<(), HandshakeError> {
                 NodeRole::Pair => "a pair node links only to its partner; check the address it connects to or listens on",
                 NodeRole::Source => "a source links only to its destination; check [shipping] destination",
                 NodeRole::Destination => "a destination links only to sources; check the source's [shipping] destination and this listen address",
+                NodeRole::TieBreakerClient => "a data node's tie-breaker link goes only to nvmirror-tiebreaker; check the tie-breaker's address",
+                NodeRole::TieBreaker => "a tie-breaker answers only data nodes' vote links; check that no mirror link or shipping source points at this address",
             },
         });
     }

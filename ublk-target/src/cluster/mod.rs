@@ -11,7 +11,9 @@ pub mod quorum;
 mod ranges;
 mod read_lease;
 pub mod register;
+pub mod register_store;
 pub mod register_wire;
+pub mod voter_service;
 pub mod wire;
 
 pub use forward::{ForwardFuture, Forwarder, RequestForwarder};

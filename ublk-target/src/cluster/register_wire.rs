@@ -261,10 +261,16 @@ pub fn decode_voter(b: &[u8]) -> Result<RegisterVoter, String> {
 /// Stores a voter's state durably: a new file written and synced, renamed over the old one,
 /// and the directory synced; a crash leaves the old state or the new one, whole.
 pub fn store_voter(path: &Path, v: &RegisterVoter) -> std::io::Result<()> {
+    replace_durably(path, &encode_voter(v))
+}
+
+/// Replaces the file at `path` by `bytes`: a new file written and synced, renamed over the
+/// old one, and the directory synced.
+pub fn replace_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&encode_voter(v))?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;

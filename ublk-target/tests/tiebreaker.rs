@@ -1,0 +1,246 @@
+//! The arbiter's slots on three voters (issue #17): two data nodes, each with its own voter
+//! and a `RegisterStore`, linked to each other and to a real `nvmirror-tiebreaker` process
+//! over TCP on loopback. Checks the ownership table both nodes see through the voters, across
+//! the tie-breaker's kill -9 and restart, and that a node without a majority gets an error
+//! instead of a stale or unreplicated answer.
+
+use nvmirror::cluster::register_store::VoterChannel;
+use nvmirror::cluster::register_store::{BallotFile, LinkVoter, LocalVoter, RegisterStore};
+use nvmirror::cluster::voter_service::{Missing, VoterService};
+use nvmirror::ownership::{self, OwnershipTable, RangeOwner, TableStore};
+use rdma_link::{Bytes, Link, LinkConfig, NodeRole, RequestHandler, Role, Transport};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CLUSTER: u64 = 0x7e5;
+const SECRET: &[u8] = b"tie-breaker-test-secret-0123456789";
+/// Node ids: data nodes 1 and 2, the tie-breaker 3 (voters 0, 1 and 2).
+const TIEBREAKER: u32 = 3;
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn tiebreaker(dir: &Path, a1: SocketAddr, a2: SocketAddr, init: bool) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nvmirror-tiebreaker"));
+    c.arg("--cluster-id")
+        .arg(format!("{CLUSTER:#x}"))
+        .arg("--secret-file")
+        .arg(dir.join("secret"))
+        .arg("--node-id")
+        .arg(TIEBREAKER.to_string())
+        .arg("--serve")
+        .arg(format!("1={a1}"))
+        .arg("--serve")
+        .arg(format!("2={a2}"))
+        .arg("--state")
+        .arg(dir.join("tiebreaker.state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if init {
+        c.arg("--init");
+    }
+    c
+}
+
+fn link_cfg(role: Role, me: u32, peer: u32, node_role: NodeRole) -> LinkConfig {
+    let mut c = LinkConfig::new(Transport::Tcp, role, CLUSTER, me, peer, SECRET);
+    c.node_role = node_role;
+    c.heartbeat_timeout = Duration::from_millis(800);
+    c
+}
+
+fn serve_voter(voter: &Arc<VoterService>, sender: u32) -> Arc<dyn RequestHandler> {
+    let voter = voter.clone();
+    Arc::new(move |p: Bytes| {
+        let answer = voter.handle(Some(sender), &p).unwrap_or_default();
+        async move { Bytes::from(answer) }
+    })
+}
+
+/// One data node: its voter, its link to the partner (which carries both nodes' votes) and
+/// to the tie-breaker, and its slot store over the three.
+struct Node {
+    store: RegisterStore,
+    partner: Link,
+    tiebreaker: Link,
+}
+
+fn node(dir: &Path, id: u32, partner_role: Role, tb: SocketAddr) -> Node {
+    let me = id - 1;
+    let voter = Arc::new(
+        VoterService::open(
+            &dir.join(format!("voter{id}.state")),
+            me,
+            3,
+            Missing::CreateEmpty,
+        )
+        .unwrap(),
+    );
+    let peer = 3 - id;
+    let partner = Link::start_with_handler(
+        link_cfg(partner_role, id, peer, NodeRole::Pair),
+        None,
+        None,
+        serve_voter(&voter, peer - 1),
+    )
+    .unwrap();
+    let tiebreaker = Link::start(
+        link_cfg(
+            Role::Connect(tb),
+            id,
+            TIEBREAKER,
+            NodeRole::TieBreakerClient,
+        ),
+        None,
+        None,
+    )
+    .unwrap();
+    let mut voters: Vec<Arc<dyn VoterChannel>> = vec![
+        Arc::new(LinkVoter(partner.clone())),
+        Arc::new(LinkVoter(partner.clone())),
+        Arc::new(LinkVoter(tiebreaker.clone())),
+    ];
+    voters[me as usize] = Arc::new(LocalVoter(voter));
+    let store = RegisterStore::open(
+        me,
+        voters,
+        BallotFile::new(&dir.join(format!("ballot{id}"))),
+        Missing::CreateEmpty,
+        Duration::from_millis(1500),
+    )
+    .unwrap();
+    Node {
+        store,
+        partner,
+        tiebreaker,
+    }
+}
+
+fn table(generation: u64, owner_of_range_1: u32) -> OwnershipTable {
+    OwnershipTable {
+        cluster_id: CLUSTER,
+        generation,
+        luns: vec![vec![
+            RangeOwner { owner: 0, epoch: 1 },
+            RangeOwner {
+                owner: owner_of_range_1,
+                epoch: generation,
+            },
+        ]],
+    }
+}
+
+fn wait_up(link: &Link) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !link.state().is_up() {
+        assert!(Instant::now() < deadline, "link not up: {:?}", link.state());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn two_nodes_and_a_tiebreaker_keep_the_table_on_a_majority() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let (tb1, tb2, pair) = (free_addr(), free_addr(), free_addr());
+    let tb = Killed(tiebreaker(dir.path(), tb1, tb2, true).spawn().unwrap());
+    let n1 = node(dir.path(), 1, Role::Listen(pair), tb1);
+    let n2 = node(dir.path(), 2, Role::Connect(pair), tb2);
+    for l in [&n1.partner, &n2.partner, &n1.tiebreaker, &n2.tiebreaker] {
+        wait_up(l);
+    }
+
+    // Node 1 creates the table; node 2 reads it through the voters, then moves range 1.
+    let first_epoch = n1.store.epoch();
+    let t1 = ownership::load_or_init(&n1.store, &table(1, 0)).unwrap();
+    assert_eq!(t1, table(1, 0));
+    assert_eq!(ownership::load(&n2.store).unwrap(), Some(table(1, 0)));
+    ownership::save(&n2.store, &table(2, 1)).unwrap();
+    assert_eq!(ownership::load(&n1.store).unwrap(), Some(table(2, 1)));
+    // Node 2's ballot fenced the table's slots above node 1's first one: node 1 took a
+    // newer ballot to read them.
+    assert!(n1.store.epoch() > n2.store.epoch() && n2.store.epoch() > first_epoch);
+
+    // kill -9 the tie-breaker: the two data nodes are still a majority.
+    drop(tb);
+    ownership::save(&n1.store, &table(3, 0)).unwrap();
+    assert_eq!(ownership::load(&n2.store).unwrap(), Some(table(3, 0)));
+
+    // It restarts from its state (no --init needed, and none given).
+    let tb = Killed(tiebreaker(dir.path(), tb1, tb2, false).spawn().unwrap());
+    wait_up(&n1.tiebreaker);
+    wait_up(&n2.tiebreaker);
+
+    // Node 2 gone: node 1 and the tie-breaker are a majority, and see what node 2 wrote.
+    drop(n2);
+    let t = ownership::load(&n1.store).unwrap();
+    assert_eq!(t, Some(table(3, 0)));
+    ownership::save(&n1.store, &table(4, 0)).unwrap();
+
+    // Node 1 alone (tie-breaker killed too): no majority, so an error, not an answer.
+    drop(tb);
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let e = n1.store.read_slot(0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(e.to_string().contains("no majority"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let e = n1.store.write_slot(0, &buf).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+}
+
+#[test]
+fn a_tiebreaker_without_its_state_refuses_to_start_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let out = tiebreaker(dir.path(), free_addr(), free_addr(), false)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--init") && err.contains("never"), "{err}");
+    assert!(!dir.path().join("tiebreaker.state").exists());
+}
+
+#[test]
+fn a_pair_node_pointed_at_the_tiebreaker_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let (tb1, tb2) = (free_addr(), free_addr());
+    let _tb = Killed(tiebreaker(dir.path(), tb1, tb2, true).spawn().unwrap());
+    // Node 1's mirror link (a pair node's) dialled at the tie-breaker by mistake.
+    let wrong = Link::start(
+        link_cfg(Role::Connect(tb1), 1, TIEBREAKER, NodeRole::Pair),
+        None,
+        None,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = format!("{:?}", wrong.state());
+        if state.contains("tie-breaker") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not refused by role: {state}");
+        assert!(
+            !state.starts_with("Up"),
+            "a pair node got up with a tie-breaker"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
