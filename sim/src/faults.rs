@@ -232,6 +232,10 @@ pub struct FaultMix {
     /// slow (drawn from a stream of its own, so every seed keeps its faults). None: both
     /// exact, as before.
     pub clock_drift: Option<f64>,
+    /// The arbiter's slots live on three voters (`voter_table`) instead of the shared disk:
+    /// its operations may time out, and a timed-out write may surface later. Draws from a
+    /// stream of its own; off in [`FaultMix::all`].
+    pub voter_table: bool,
 }
 
 impl FaultMix {
@@ -265,6 +269,7 @@ impl FaultMix {
             queue_writes: false,
             local_reads: false,
             clock_drift: None,
+            voter_table: false,
         }
     }
 
@@ -309,6 +314,7 @@ impl FaultMix {
             queue_writes: false,
             local_reads: false,
             clock_drift: None,
+            voter_table: false,
         }
     }
 
@@ -349,6 +355,8 @@ pub struct Settings {
     pub queue_writes: bool,
     /// See [`FaultMix::local_reads`].
     pub local_reads: bool,
+    /// See [`FaultMix::voter_table`].
+    pub voter_table: bool,
     /// Each node's clock rate against real time (see [`FaultMix::clock_drift`]).
     pub clock_rates: [f64; 2],
     pub degraded_nvram: bool,
@@ -390,6 +398,7 @@ impl Settings {
         s.write_priority = mix.write_priority || mix.queue_writes;
         s.queue_writes = mix.queue_writes;
         s.local_reads = mix.local_reads;
+        s.voter_table = mix.voter_table;
         if let Some(drift) = mix.clock_drift {
             use rand::SeedableRng;
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc10c_0000_0000_0001);
@@ -447,6 +456,7 @@ impl Settings {
             write_priority: false,
             queue_writes: false,
             local_reads: false,
+            voter_table: false,
             clock_rates: [1.0, 1.0],
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,

@@ -15,6 +15,7 @@ pub mod policing;
 pub mod quorum;
 pub mod register;
 pub mod trace;
+pub mod voter_table;
 pub mod world;
 
 pub use faults::{only_blips, Fault, FaultKind, FaultMix, Settings};

@@ -134,6 +134,11 @@ impl SimNet {
         self.wake_all();
     }
 
+    /// Whether delivery from `from` to `to` is stopped now.
+    pub fn is_cut(&self, from: usize, to: usize) -> bool {
+        self.state().cut.contains(&(from, to))
+    }
+
     pub fn heal_all(&self) {
         self.state().cut.clear();
         self.wake_all();

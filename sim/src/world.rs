@@ -20,6 +20,7 @@ use crate::life::{Life, NodeClock, SimHost, SimSpawner, Stall};
 use crate::model::{block_data, decode, Decoded, Model, BLOCK};
 use crate::net::{Latency, SimNet};
 use crate::trace::{self, SharedTrace, Trace, TraceLayer};
+use crate::voter_table::VoterTable;
 use nvmirror::cluster::ClusterSetup;
 use nvmirror::config::{DegradedPolicy, TakeoverPolicy};
 use nvmirror::engine::OutOfSyncOptions;
@@ -65,6 +66,8 @@ pub struct Stats {
     pub reads_failed: u64,
     pub faults: u64,
     pub restarts: u64,
+    /// With `--voter-table`: messages to or from a voter that arrived late.
+    pub voter_late_deliveries: u64,
 }
 
 /// The result of one seed.
@@ -629,6 +632,8 @@ struct World {
     /// that a run without faults checks both media.
     clients_started: bool,
     start: Instant,
+    /// With `--voter-table`: the arbiter's slots on three voters instead of `disk`.
+    voter_table: Option<Arc<VoterTable>>,
 }
 
 fn addr(node: usize) -> SocketAddr {
@@ -701,6 +706,9 @@ impl World {
             local_reads_ended: Arc::default(),
             media: media.clone(),
         });
+        let voter_table = s
+            .voter_table
+            .then(|| VoterTable::new(s.seed, NODES, net.clone(), disk.clone()));
         let nodes = (0..NODES)
             .map(|id| Node {
                 name: format!("n{id}"),
@@ -728,6 +736,7 @@ impl World {
             faults_over: false,
             clients_started: false,
             start: Instant::now(),
+            voter_table,
         }
     }
 
@@ -761,7 +770,10 @@ impl World {
             violations: lock(&self.shared.violations).clone(),
             digest: trace::digest(&trace),
             trace,
-            stats: lock(&self.shared.stats).clone(),
+            stats: Stats {
+                voter_late_deliveries: self.voter_table.as_ref().map_or(0, |v| v.late_deliveries()),
+                ..lock(&self.shared.stats).clone()
+            },
             simulated: Instant::now().duration_since(self.start),
         }
     }
@@ -934,7 +946,10 @@ impl World {
             }),
         });
         let timing = s.lease_timing();
-        let table: Arc<dyn nvmirror::ownership::TableStore> = Arc::new(self.disk.table_view(id));
+        let table: Arc<dyn nvmirror::ownership::TableStore> = match &self.voter_table {
+            Some(voters) => Arc::new(voters.view(id, node.life_no)),
+            None => Arc::new(self.disk.table_view(id)),
+        };
         let lease = DiskLease::new(
             host.clone(),
             table.clone(),
@@ -984,9 +999,13 @@ impl World {
                 }
                 // The simulated disks fail I/O only while a path or medium fails (the failure
                 // may have ended since the start gave up).
+                // With the table on voters, a start that found no majority of them (the
+                // partner down, messages held back) is tried again the same way.
                 Err(e)
                     if self.disks_of(id).iter().any(|d| d.path_failed(id))
-                        || e.to_string().contains("Input/output error") =>
+                        || e.to_string().contains("Input/output error")
+                        || (self.voter_table.is_some()
+                            && e.to_string().contains("no majority of the")) =>
                 {
                     // The daemon cannot start without its medium; its service manager tries
                     // again later.
@@ -995,6 +1014,9 @@ impl World {
                     ));
                     if let Some(l) = life {
                         l.kill();
+                    }
+                    if let Some(voters) = &self.voter_table {
+                        voters.stopped(id);
                     }
                     self.after(Duration::from_secs(1), Event::Restart { node: id });
                 }
@@ -1039,6 +1061,9 @@ impl World {
         *lock(&self.nodes[node].booted) = None;
         if power {
             self.net.power_off(node);
+        }
+        if let Some(voters) = &self.voter_table {
+            voters.stopped(node);
         }
         life.kill();
         self.shared
@@ -1290,6 +1315,9 @@ impl World {
         self.note("faults end: network healed, paused nodes continue, paths and flushers back, dead nodes restart");
         self.cuts.clear();
         self.net.heal_all();
+        if let Some(voters) = &self.voter_table {
+            voters.calm();
+        }
         for n in 0..NODES {
             for d in self.disks_of(n) {
                 d.set_path_failed(n, false);

@@ -84,3 +84,14 @@ fn answers_matched_without_their_epoch_are_caught() {
     };
     assert_caught(flaws, 0..3000, "answers matched by id alone");
 }
+
+#[test]
+fn writes_without_the_prepare_are_caught() {
+    // A higher epoch's write that failed on a minority surfaces over a lower epoch's write
+    // that completed after it (first at seed 476 of 3,000).
+    let flaws = Flaws {
+        no_prepare: true,
+        ..Flaws::default()
+    };
+    assert_caught(flaws, 470..480, "writes without the prepare");
+}

@@ -54,6 +54,9 @@ pub enum TableError {
     Io(#[from] io::Error),
     #[error("{0}")]
     Moved(String),
+    /// A table write failed and could not be settled either way: it may still land.
+    #[error("{0}")]
+    Uncertain(String),
 }
 
 fn seal_slot(b: &mut [u8]) {

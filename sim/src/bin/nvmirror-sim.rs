@@ -75,6 +75,11 @@ struct Args {
     /// or the shared one, and second store) under its read lease (`cluster.local_reads`).
     #[arg(long)]
     local_reads: bool,
+    /// The arbiter's slots on three voters (the nodes' and a tie-breaker's) instead of the
+    /// shared disk: the daemon's register client and ballots, with messages lost or held
+    /// back and delivered late (`sim/src/voter_table.rs`).
+    #[arg(long)]
+    voter_table: bool,
     /// The nodes' clocks run at different rates: one PERCENT fast, the other PERCENT slow
     /// (the leases allow for two clocks 10% apart: up to 4.7 stays within that; more tries
     /// what happens beyond it).
@@ -97,8 +102,8 @@ struct Args {
     drift_ppm: u64,
     /// With --quorum or --register: run with a deliberate flaw, to see the simulator catch
     /// it: no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs,
-    /// forget-asked-epochs (--quorum); no-fence, no-write-back, ignore-answer-epochs
-    /// (--register).
+    /// forget-asked-epochs (--quorum); no-fence, no-write-back, ignore-answer-epochs,
+    /// no-prepare (--register).
     #[arg(long)]
     flaw: Option<String>,
 }
@@ -180,6 +185,7 @@ fn register(args: &Args) -> Result<bool, String> {
         Some("no-fence") => flaws.no_fence = true,
         Some("no-write-back") => flaws.no_write_back = true,
         Some("ignore-answer-epochs") => flaws.ignore_answer_epochs = true,
+        Some("no-prepare") => flaws.no_prepare = true,
         Some(other) => {
             return Err(format!(
                 "--flaw {other:?}: unknown with --register (see --help)"
@@ -256,6 +262,7 @@ fn main() {
         m.write_priority = args.write_priority;
         m.queue_writes = args.queue_writes;
         m.local_reads = args.local_reads;
+        m.voter_table = args.voter_table;
         m.clock_drift = args.clock_drift.map(|percent| percent / 100.0);
         m.resync_rate = args.resync_rate.map(|kib| kib << 10);
         if args.no_givebacks {

@@ -21,14 +21,21 @@
 //!   done once a majority stored it. Every older epoch is below it; a newer epoch's completed
 //!   operation on the slot fenced a majority, one of which refuses this write, so it cannot
 //!   complete.
+//! * A client's first write of a slot prepares it: a read first, which fences a majority at
+//!   the client's epoch (Paxos's prepare). Without it a lower epoch could complete a write on
+//!   a majority that never saw a higher epoch's failed one, which, held by a minority under
+//!   its higher tag, would surface over it later (`Flaws::no_prepare`; the register
+//!   simulator's `check_failed_writes` catches it).
 //! * A read asks a majority for the slot and takes the highest tag. Unless a majority
 //!   answered that very tag, it writes that value back under its own epoch before it
 //!   returns, so that the value it returns is on a majority above anything older: a late
 //!   write of an older epoch can then never be read again.
 //!
 //! So reads and writes are linearizable (each completed operation sees every operation that
-//! completed before it began), and a write that failed or timed out either took effect
-//! before the next operation of a newer epoch completed, or never will.
+//! completed before it began), and a write that failed or timed out surfaces, if ever,
+//! before the next write that began after it failed completes, never after it, as a disk's
+//! late write. (Not before the next newer epoch's *read*, as this said before 2026-12-06: a
+//! read that asks a majority without the voter holding the failed write leaves it there.)
 //!
 //! One operation at a time per client, as the synchronous `TableStore` calls it. Times are
 //! nanoseconds of the caller's clock, used only for the operation's deadline.
@@ -93,6 +100,8 @@ pub struct Flaws {
     pub no_write_back: bool,
     /// Clients match answers by operation id alone.
     pub ignore_answer_epochs: bool,
+    /// Writes go out without first fencing a majority with a read.
+    pub no_prepare: bool,
 }
 
 /// One voter's state; all of it is durable (store it before sending the answer).
@@ -192,8 +201,8 @@ pub enum Outcome {
         tag: Tag,
     },
     /// A voter has seen a newer epoch on the slot: this client is superseded there (a write
-    /// may or may not have taken effect, and if not it never will once that epoch has
-    /// completed an operation on the slot).
+    /// may or may not have taken effect, and if not it may still surface, but never after a
+    /// write that began after this ended has completed).
     Refused {
         fence: u64,
     },
@@ -203,8 +212,11 @@ pub enum Outcome {
 
 #[derive(Clone, Debug)]
 enum Phase {
+    /// A read, or the prepare of a write (`then_write`: the value to write once a majority
+    /// is fenced).
     Reading {
         answers: BTreeMap<Voter, (Tag, Vec<u8>)>,
+        then_write: Option<Vec<u8>>,
     },
     /// A write, or a read's write-back (`returns`: the value the read returns).
     Storing {
@@ -230,6 +242,8 @@ pub struct RegisterClient {
     writes: u64,
     next_op: u64,
     op: Option<Op>,
+    /// Slots this client has fenced a majority of (a read of it completed).
+    prepared: BTreeSet<u64>,
     flaws: Flaws,
 }
 
@@ -243,6 +257,7 @@ impl RegisterClient {
             writes: 0,
             next_op: 0,
             op: None,
+            prepared: BTreeSet::new(),
             flaws,
         }
     }
@@ -278,6 +293,7 @@ impl RegisterClient {
             deadline,
             Phase::Reading {
                 answers: BTreeMap::new(),
+                then_write: None,
             },
         );
         self.to_all(RegisterMessage::Read {
@@ -288,13 +304,35 @@ impl RegisterClient {
         })
     }
 
-    /// Starts a write of `data` to `slot` (abandoning any operation still running).
+    /// Starts a write of `data` to `slot` (abandoning any operation still running). The
+    /// first write of a slot prepares it first: a read that fences a majority at our epoch
+    /// (see the module's doc), then the write.
     pub fn write(
         &mut self,
         slot: u64,
         data: Vec<u8>,
         deadline: u64,
     ) -> Vec<(Voter, RegisterMessage)> {
+        if !self.prepared.contains(&slot) && !self.flaws.no_prepare {
+            let op = self.begin(
+                slot,
+                deadline,
+                Phase::Reading {
+                    answers: BTreeMap::new(),
+                    then_write: Some(data),
+                },
+            );
+            return self.to_all(RegisterMessage::Read {
+                from: self.me,
+                op,
+                slot,
+                epoch: self.epoch,
+            });
+        }
+        self.store(slot, data, deadline)
+    }
+
+    fn store(&mut self, slot: u64, data: Vec<u8>, deadline: u64) -> Vec<(Voter, RegisterMessage)> {
         self.writes += 1;
         let tag = Tag {
             epoch: self.epoch,
@@ -357,10 +395,41 @@ impl RegisterClient {
             return (Some(Outcome::Refused { fence }), Vec::new());
         }
         match (&mut op.phase, msg) {
-            (Phase::Reading { answers }, RegisterMessage::Value { tag, data, .. }) => {
+            (
+                Phase::Reading {
+                    answers,
+                    then_write,
+                },
+                RegisterMessage::Value { tag, data, .. },
+            ) => {
                 answers.insert(from, (tag, data));
                 if answers.len() < majority {
                     return (None, Vec::new());
+                }
+                let slot = op.slot;
+                self.prepared.insert(slot);
+                if let Some(value) = then_write.take() {
+                    // Prepared: every value a majority holds is of our epoch or older, so
+                    // our next tag is above them all. The same operation goes on.
+                    self.writes += 1;
+                    let tag = Tag {
+                        epoch: self.epoch,
+                        counter: self.writes,
+                    };
+                    let id = op.id;
+                    op.phase = Phase::Storing {
+                        tag,
+                        stored: BTreeSet::new(),
+                        returns: None,
+                    };
+                    let sends = self.to_all(RegisterMessage::Write {
+                        from: self.me,
+                        op: id,
+                        slot,
+                        tag,
+                        data: value,
+                    });
+                    return (None, sends);
                 }
                 let (tag, data) = answers
                     .values()
@@ -543,23 +612,82 @@ mod tests {
     #[test]
     fn answers_of_no_voter_or_of_another_epoch_do_not_count() {
         let mut c = RegisterClient::new(0, 3, 4, Flaws::default());
-        let _ = c.write(0, b"x".to_vec(), u64::MAX);
+        // Slot 0 prepared by a read (operation 1), so the write (2) goes out at once.
+        let mut voters = vec![RegisterVoter::default(); 3];
+        let s = c.read(0, u64::MAX);
+        assert!(matches!(
+            run(&mut c, &mut voters, &[1, 2], s),
+            Some(Outcome::Read { .. })
+        ));
+        let sends = c.write(0, b"x".to_vec(), u64::MAX);
+        assert!(matches!(sends[0].1, RegisterMessage::Write { op: 2, .. }));
         for (from, epoch) in [(3, 4), (7, 4), (1, 3), (2, 5)] {
-            let (done, _) = c.receive(RegisterMessage::Stored { from, op: 1, epoch });
+            let (done, _) = c.receive(RegisterMessage::Stored { from, op: 2, epoch });
             assert_eq!(done, None, "from {from} at epoch {epoch}");
         }
         let (done, _) = c.receive(RegisterMessage::Stored {
             from: 1,
-            op: 1,
+            op: 2,
             epoch: 4,
         });
         assert_eq!(done, None, "one voter is not a majority");
         let (done, _) = c.receive(RegisterMessage::Stored {
             from: 2,
-            op: 1,
+            op: 2,
             epoch: 4,
         });
         assert!(matches!(done, Some(Outcome::Written { .. })));
+    }
+
+    /// Epoch 5's write prepares slot 0 on voters 0 and 1, then reaches voter 0 only and
+    /// fails. Epoch 3 then writes through voters 1 and 2. Without the prepare, epoch 3's write
+    /// completes, and a later read through voters 0 and 1 returns epoch 5's failed write over
+    /// it (a late write landing after a newer one, which a disk never does); with it, voter 1
+    /// refuses epoch 3.
+    fn late_high_write_after_a_lower_one(flaws: Flaws) -> (Option<Outcome>, Vec<u8>) {
+        let mut voters = vec![RegisterVoter::default(); 3];
+        let mut high = RegisterClient::new(0, 3, 5, flaws);
+        let mut writes = Vec::new();
+        for (to, m) in high.write(0, b"high".to_vec(), u64::MAX) {
+            if to == 2 {
+                continue;
+            }
+            match m {
+                RegisterMessage::Write { .. } => writes.push((to, m)),
+                _ => {
+                    let answer = voters[to as usize].answer(to, &m, flaws);
+                    writes.extend(answer.map(|a| high.receive(a).1).unwrap_or_default());
+                }
+            }
+        }
+        for (to, m) in writes {
+            if to == 0 {
+                let _ = voters[0].answer(0, &m, flaws);
+            }
+        }
+        let mut low = RegisterClient::new(1, 3, 3, flaws);
+        let s = low.write(0, b"low".to_vec(), u64::MAX);
+        let low_outcome = run(&mut low, &mut voters, &[1, 2], s);
+        let mut reader = RegisterClient::new(2, 3, 6, flaws);
+        let s = reader.read(0, u64::MAX);
+        let read = match run(&mut reader, &mut voters, &[0, 1], s) {
+            Some(Outcome::Read { data, .. }) => data,
+            other => panic!("the read ended as {other:?}"),
+        };
+        (low_outcome, read)
+    }
+
+    #[test]
+    fn a_failed_write_never_surfaces_over_a_write_that_completed_after_it() {
+        let (low, read) = late_high_write_after_a_lower_one(Flaws::default());
+        assert_eq!(low, Some(Outcome::Refused { fence: 5 }));
+        assert_ne!(read, b"low");
+        let (low, read) = late_high_write_after_a_lower_one(Flaws {
+            no_prepare: true,
+            ..Flaws::default()
+        });
+        assert!(matches!(low, Some(Outcome::Written { .. })));
+        assert_eq!(read, b"high", "the flaw this prepare is for");
     }
 
     #[test]

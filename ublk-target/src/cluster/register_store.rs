@@ -135,15 +135,156 @@ fn decode_ballot(b: &[u8]) -> Result<u64, String> {
     Ok(u64::from_le_bytes(round))
 }
 
-/// How many times an operation refused by a newer ballot is tried again under a newer one
-/// of ours before the caller gets the error: two writers that keep taking a slot from each
-/// other are the lease's business, not the store's.
-const ATTEMPTS: u32 = 3;
+/// How many times an operation is tried, under a newer ballot after a refusal or again
+/// after a timeout, before the caller gets the error: two writers that keep taking a slot
+/// from each other are the lease's business, and a majority away for longer is a path
+/// failure, not the store's.
+const ATTEMPTS: u32 = 4;
+
+/// A node's client of the voters and its ballot round: what the daemon's store and the
+/// simulator's (`sim/src/voter_table.rs`) share. A refusal takes a newer round; a timeout
+/// tries again; the register client prepares each slot before its first write under a
+/// ballot (`register`), so that a write of ours that failed can surface only until the next
+/// write of another ballot completes, never after it.
+pub struct Ballots {
+    me: Voter,
+    voters: u32,
+    round: u64,
+    client: RegisterClient,
+}
+
+/// Exchanges messages with the voters until the client's operation ends.
+pub trait Exchange {
+    fn exchange(
+        &mut self,
+        client: &mut RegisterClient,
+        sends: Vec<(Voter, RegisterMessage)>,
+    ) -> Outcome;
+
+    /// The deadline of an operation starting now, in the client's clock.
+    fn deadline(&self) -> u64;
+
+    /// Stores `round` durably before any request of it leaves.
+    fn persist_round(&mut self, round: u64) -> io::Result<()>;
+}
+
+impl Ballots {
+    /// A client of `round`, which must be stored durably already and above every round this
+    /// node used before.
+    pub fn new(me: Voter, voters: u32, round: u64) -> Ballots {
+        Ballots {
+            me,
+            voters,
+            round,
+            client: RegisterClient::new(me, voters, epoch_of(round, me, voters), Flaws::default()),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.client.epoch()
+    }
+
+    /// Takes a round above `fence` (and ours), stored before use.
+    fn outbid(&mut self, slot: u64, fence: u64, x: &mut impl Exchange) -> io::Result<()> {
+        let round = (self.round + 1).max(fence / u64::from(self.voters) + 1);
+        x.persist_round(round).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot store ballot round {round}: {e}"))
+        })?;
+        tracing::info!(
+            slot,
+            fence,
+            round,
+            "a newer ballot holds the slot; taking round {round}"
+        );
+        *self = Ballots::new(self.me, self.voters, round);
+        Ok(())
+    }
+
+    fn no_majority(&self, slot: u64, what: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "slot {slot}: no majority of the {} voters answered {ATTEMPTS} tries in time{what}",
+                self.voters
+            ),
+        )
+    }
+
+    /// Reads `slot`: its value (empty if never written).
+    pub fn read(&mut self, slot: u64, x: &mut impl Exchange) -> io::Result<Vec<u8>> {
+        for _ in 0..ATTEMPTS {
+            let sends = self.client.read(slot, x.deadline());
+            match x.exchange(&mut self.client, sends) {
+                Outcome::Read { data, .. } => return Ok(data),
+                Outcome::Refused { fence } => self.outbid(slot, fence, x)?,
+                Outcome::TimedOut => {}
+                Outcome::Written { .. } => {
+                    return Err(io::Error::other(format!(
+                        "slot {slot}: a read ended as a write"
+                    )))
+                }
+            }
+        }
+        Err(self.no_majority(slot, ""))
+    }
+
+    /// Writes `data` to `slot`. An error after a write went out leaves its outcome open (it
+    /// may surface until another ballot's write completes), as a disk's failed write.
+    pub fn write(&mut self, slot: u64, data: &[u8], x: &mut impl Exchange) -> io::Result<()> {
+        for _ in 0..ATTEMPTS {
+            let sends = self.client.write(slot, data.to_vec(), x.deadline());
+            match x.exchange(&mut self.client, sends) {
+                Outcome::Written { .. } => return Ok(()),
+                Outcome::Refused { fence } => self.outbid(slot, fence, x)?,
+                Outcome::TimedOut => {}
+                Outcome::Read { .. } => {
+                    return Err(io::Error::other(format!(
+                        "slot {slot}: a write ended as a read"
+                    )))
+                }
+            }
+        }
+        Err(self.no_majority(slot, "; the write may still take effect"))
+    }
+}
+
+/// A slot's value as `TableStore::read_slot` gives it: its bytes, zeros if never written.
+pub fn fill_slot(slot: u64, data: &[u8], out: &mut [u8]) -> io::Result<()> {
+    if data.is_empty() {
+        out.fill(0);
+        return Ok(());
+    }
+    if data.len() != out.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "slot {slot}: the voters hold {} bytes, the caller reads {}",
+                data.len(),
+                out.len()
+            ),
+        ));
+    }
+    out.copy_from_slice(data);
+    Ok(())
+}
+
+/// Checks a write's size before it starts.
+pub fn check_write(slot: u64, data: &[u8]) -> io::Result<()> {
+    if data.len() > MAX_VALUE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "slot {slot}: {} bytes, a voter keeps at most {MAX_VALUE_BYTES}",
+                data.len()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 pub struct RegisterStore {
-    me: Voter,
     voters: Vec<Arc<dyn VoterChannel>>,
-    ballots: BallotFile,
+    ballots_file: BallotFile,
     op_timeout: Duration,
     /// One operation at a time (the client's rule); held across the voters' round trips.
     /// Not on the data path: the arbiter's slots only.
@@ -151,8 +292,7 @@ pub struct RegisterStore {
 }
 
 struct Inner {
-    client: RegisterClient,
-    round: u64,
+    ballots: Ballots,
     runtime: tokio::runtime::Runtime,
     clock: Instant,
 }
@@ -163,7 +303,7 @@ impl RegisterStore {
     pub fn open(
         me: Voter,
         voters: Vec<Arc<dyn VoterChannel>>,
-        ballots: BallotFile,
+        ballots_file: BallotFile,
         missing: Missing,
         op_timeout: Duration,
     ) -> Result<RegisterStore, String> {
@@ -174,8 +314,8 @@ impl RegisterStore {
                  at least three, and this node among them"
             ));
         }
-        let round = ballots.load(missing)? + 1;
-        ballots
+        let round = ballots_file.load(missing)? + 1;
+        ballots_file
             .store(round)
             .map_err(|e| format!("cannot store ballot round {round}: {e}"))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -183,104 +323,94 @@ impl RegisterStore {
             .build()
             .map_err(|e| format!("cannot start the vote runtime: {e}"))?;
         Ok(RegisterStore {
-            me,
-            ballots,
+            voters,
+            ballots_file,
             op_timeout,
             inner: Mutex::new(Inner {
-                client: RegisterClient::new(me, n, epoch_of(round, me, n), Flaws::default()),
-                round,
+                ballots: Ballots::new(me, n, round),
                 runtime,
                 clock: Instant::now(),
             }),
-            voters,
         })
     }
 
     /// The epoch this store's requests carry now.
     pub fn epoch(&self) -> u64 {
-        self.lock().client.epoch()
+        self.lock().ballots.epoch()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn run(
+    /// Runs `op` with this store's ballots over its voters' channels.
+    fn with_ballots<T>(
         &self,
-        slot: u64,
-        start: impl Fn(&mut RegisterClient, u64) -> Vec<(Voter, RegisterMessage)>,
-    ) -> io::Result<Outcome> {
+        op: impl FnOnce(&mut Ballots, &mut Channels<'_>) -> io::Result<T>,
+    ) -> io::Result<T> {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(io::Error::other(
                 "the voters' slot store was called from an async task; call it from a thread of its own",
             ));
         }
-        let n = self.voters.len() as u64;
         let mut inner = self.lock();
-        for _ in 0..ATTEMPTS {
-            match self.once(&mut inner, &start) {
-                Outcome::Refused { fence } => {
-                    let round = (inner.round + 1).max(fence / n + 1);
-                    self.ballots.store(round).map_err(|e| {
-                        io::Error::new(e.kind(), format!("cannot store ballot round {round}: {e}"))
-                    })?;
-                    tracing::info!(
-                        slot,
-                        fence,
-                        round,
-                        "a newer ballot holds the slot; taking ballot round {round}"
-                    );
-                    inner.round = round;
-                    inner.client = RegisterClient::new(
-                        self.me,
-                        n as u32,
-                        epoch_of(round, self.me, n as u32),
-                        Flaws::default(),
-                    );
-                }
-                Outcome::TimedOut => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "slot {slot}: no majority of the {n} voters answered within {:?}",
-                            self.op_timeout
-                        ),
-                    ))
-                }
-                done => return Ok(done),
-            }
-        }
-        Err(io::Error::other(format!(
-            "slot {slot}: refused {ATTEMPTS} times by newer ballots (another node keeps writing it)"
-        )))
-    }
-
-    /// One operation under the current ballot, until its outcome.
-    fn once(
-        &self,
-        inner: &mut Inner,
-        start: &impl Fn(&mut RegisterClient, u64) -> Vec<(Voter, RegisterMessage)>,
-    ) -> Outcome {
         let Inner {
-            client,
+            ballots,
             runtime,
             clock,
-            ..
-        } = inner;
-        let now = |clock: &Instant| clock.elapsed().as_nanos() as u64;
-        let deadline = now(clock) + self.op_timeout.as_nanos() as u64;
-        runtime.block_on(async {
+        } = &mut *inner;
+        let mut channels = Channels {
+            store: self,
+            runtime,
+            clock,
+        };
+        op(ballots, &mut channels)
+    }
+}
+
+/// The daemon's exchange: each request to its voter's channel, answers as they come, until
+/// the operation's outcome or its deadline.
+struct Channels<'a> {
+    store: &'a RegisterStore,
+    runtime: &'a tokio::runtime::Runtime,
+    clock: &'a Instant,
+}
+
+impl Channels<'_> {
+    fn now(&self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+}
+
+impl Exchange for Channels<'_> {
+    fn deadline(&self) -> u64 {
+        self.now() + self.store.op_timeout.as_nanos() as u64
+    }
+
+    fn persist_round(&mut self, round: u64) -> io::Result<()> {
+        self.store.ballots_file.store(round)
+    }
+
+    fn exchange(
+        &mut self,
+        client: &mut RegisterClient,
+        sends: Vec<(Voter, RegisterMessage)>,
+    ) -> Outcome {
+        let voters = &self.store.voters;
+        let deadline = self.deadline();
+        self.runtime.block_on(async {
             let mut pending = FuturesUnordered::new();
             let ask = |pending: &mut FuturesUnordered<_>, sends: Vec<(Voter, RegisterMessage)>| {
                 for (to, m) in sends {
-                    if let Some(ch) = self.voters.get(to as usize) {
+                    if let Some(ch) = voters.get(to as usize) {
                         pending.push(ch.ask(encode_message(&m)));
                     }
                 }
             };
-            ask(&mut pending, start(client, deadline));
+            ask(&mut pending, sends);
             loop {
-                let t = now(clock);
+                let t = self.now();
+                // The client's own deadline is the one its operation was started with.
                 if let Some(o) = client.tick(t) {
                     return o;
                 }
@@ -322,51 +452,19 @@ pub fn voter_number(node_ids: &[u32], node: u32) -> Result<Voter, String> {
         .ok_or_else(|| format!("node {node} is not one of the voters {node_ids:?}"))
 }
 
-fn epoch_of(round: u64, me: Voter, voters: u32) -> u64 {
+pub fn epoch_of(round: u64, me: Voter, voters: u32) -> u64 {
     round * u64::from(voters) + u64::from(me)
 }
 
 impl TableStore for RegisterStore {
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
-        match self.run(slot, |c, deadline| c.read(slot, deadline))? {
-            Outcome::Read { data, .. } if data.is_empty() => {
-                out.fill(0);
-                Ok(())
-            }
-            Outcome::Read { data, .. } if data.len() == out.len() => {
-                out.copy_from_slice(&data);
-                Ok(())
-            }
-            Outcome::Read { data, .. } => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "slot {slot}: the voters hold {} bytes, the caller reads {}",
-                    data.len(),
-                    out.len()
-                ),
-            )),
-            other => Err(io::Error::other(format!(
-                "slot {slot}: a read ended as {other:?}"
-            ))),
-        }
+        let data = self.with_ballots(|b, x| b.read(slot, x))?;
+        fill_slot(slot, &data, out)
     }
 
     fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
-        if data.len() > MAX_VALUE_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "slot {slot}: {} bytes, a voter keeps at most {MAX_VALUE_BYTES}",
-                    data.len()
-                ),
-            ));
-        }
-        match self.run(slot, |c, deadline| c.write(slot, data.to_vec(), deadline))? {
-            Outcome::Written { .. } => Ok(()),
-            other => Err(io::Error::other(format!(
-                "slot {slot}: a write ended as {other:?}"
-            ))),
-        }
+        check_write(slot, data)?;
+        self.with_ballots(|b, x| b.write(slot, data, x))
     }
 }
 

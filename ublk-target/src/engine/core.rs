@@ -357,8 +357,12 @@ impl Engine {
     /// (the node lost a range it had staged records of before it heard of the loss). Every
     /// range that stages in that partition is unserved until a start replays the NVRAM
     /// (skipping the lost range's records), and a takeover of such a range is refused; a
-    /// restart, as after a crash, serves them again within seconds.
+    /// restart, as after a crash, serves them again within seconds. Or a takeover's claim
+    /// is uncertain (its table write failed and could not be settled), which a start settles.
     pub fn restart_wanted(&self) -> Option<String> {
+        if let Some(why) = self.takeover.restart_wanted() {
+            return Some(why);
+        }
         let p = self.parts.iter().find(|p| p.is_fenced())?;
         Some(format!(
             "NVRAM partition {} stopped: {}",

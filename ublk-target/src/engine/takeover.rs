@@ -262,6 +262,15 @@ impl Engine {
                 ));
             }
             Ok(m) => m,
+            Err(e @ crate::ownership::TableError::Uncertain(_)) => {
+                // The claim may have landed or land later: both notes stay, and the daemon
+                // restarts, whose start finishes the takeover if the table gives us the
+                // ranges (`finish_noted_takeover`). Their gates stay closed meanwhile.
+                self.takeover_phase(format!("failed: {e}"));
+                self.takeover
+                    .set_restart_wanted(format!("a takeover's claim is uncertain: {e}"));
+                return Err(e.to_string());
+            }
             Err(e) => {
                 // Nothing was claimed (`begin_takeover`): nothing to finish at a restart.
                 if let Err(e) = c.clear_claim_note() {

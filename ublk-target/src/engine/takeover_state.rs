@@ -87,6 +87,9 @@ pub(super) struct TakeoverState {
     /// handover could give away a range a takeover has claimed and not replayed yet
     /// (simulator seed 700188).
     moving: AtomicBool,
+    /// Why this daemon must restart: a claim whose outcome is open (see
+    /// [`crate::ownership::TableError::Uncertain`]).
+    restart_wanted: Mutex<Option<String>>,
 }
 
 /// Held while a range move runs; lets the next one start when dropped.
@@ -111,6 +114,20 @@ impl TakeoverState {
                     .into(),
             ),
         }
+    }
+
+    pub(super) fn set_restart_wanted(&self, why: String) {
+        *self
+            .restart_wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    pub(super) fn restart_wanted(&self) -> Option<String> {
+        self.restart_wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(super) fn expected(&self) -> bool {
