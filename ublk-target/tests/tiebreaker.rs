@@ -113,7 +113,7 @@ fn node(dir: &Path, id: u32, partner_role: Role, tb: SocketAddr) -> Node {
         voters,
         BallotFile::new(&dir.join(format!("ballot{id}"))),
         Missing::CreateEmpty,
-        Duration::from_millis(1500),
+        Duration::from_millis(500),
     )
     .unwrap();
     Node {
@@ -199,6 +199,7 @@ fn two_nodes_and_a_tiebreaker_keep_the_table_on_a_majority() {
     let e = n1.store.read_slot(0, &mut buf).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
     assert!(e.to_string().contains("no majority"), "{e}");
+    // Four tries of 500 ms each, not a wait for ever.
     assert!(started.elapsed() < Duration::from_secs(5));
     let e = n1.store.write_slot(0, &buf).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
