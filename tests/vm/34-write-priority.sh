@@ -77,10 +77,22 @@ say "2. both nodes write range 0 at once: node-b keeps it"
 # done: node-a's writes are forwarded, so its job takes longer, and once node-b's own job
 # ended node-b's hold would run out while node-a still writes (a CI run: node-b's job
 # took 14.1 s, node-a's 19.4 s, and range 0 moved at the end as it should).
+# The filler starts first, and node-a's job only once node-b has written range 0 for a
+# while: node-b's hold runs 3 s from its last write, and step 1's writes ended longer ago
+# than that, so a job of node-a's starting first asks for the range while node-b holds no
+# recent write, and gets it (a CI run, 2026-12-07: node-b handed range 0 over 2 s into this
+# step, then took it back once node-a's job ended: epoch 4, not 2).
+b_writes() { awk '{print $5}' /sys/block/ublkb1/stat; }
+writes0=$(b_writes)
 fio --name=b-filler --filename=/dev/ublkb1 --direct=1 --ioengine=libaio --iodepth=2 \
 	--rw=randwrite --bs=4k --offset=60M --size=3M --time_based=1 --runtime=280 \
 	--output=fio-b-filler.log &
 filler=$!
+for _ in $(seq 100); do
+	(($(b_writes) > writes0 + 100)) && break
+	sleep 0.1
+done
+(($(b_writes) > writes0 + 100)) || fail "node-b's filler wrote nothing within 10 s"
 fio $(job b-both 12M 342) --filename=/dev/ublkb1 --do_verify=0 --output=fio-b-both.log &
 fio_b=$!
 fio $(job a-both 24M 343) --filename=/dev/ublkb0 --do_verify=0 --output=fio-a-both.log &

@@ -6,12 +6,12 @@
 //! Epochs: a client instance needs an epoch no other instance ever had, and several nodes
 //! write some slots (the ownership table), so epochs are Paxos-style ballots: `round *
 //! voters + me`, with `round` kept durably before it is used (`BallotFile`) and raised past
-//! the fence a refusal names. Each start takes a new round. A refused operation is retried
-//! once under the new ballot: it may or may not have taken effect, as a timed-out disk write
-//! may have, and the register guarantees that if it did not it never will once the retry
-//! (or anything of a newer ballot) completes.
+//! the fence a refusal names. Each start takes a new round. An operation is tried up to four
+//! times (again under a newer ballot after a refusal). A write that failed may or may not
+//! have taken effect, as a disk's failed write may have; the register guarantees that it
+//! can surface only until the next write that began after it failed completes, never after.
 //!
-//! Not wired into the daemon yet: the serving rule on top is open (docs/shared-nothing.md).
+//! Not wired into the daemon yet (docs/shared-nothing.md says what that needs).
 
 use super::quorum::Voter;
 use super::register::{Flaws, Outcome, RegisterClient, RegisterMessage};
@@ -229,7 +229,8 @@ impl Ballots {
     }
 
     /// Writes `data` to `slot`. An error after a write went out leaves its outcome open (it
-    /// may surface until another ballot's write completes), as a disk's failed write.
+    /// may surface until a write that began after the error completes), as a disk's failed
+    /// write.
     pub fn write(&mut self, slot: u64, data: &[u8], x: &mut impl Exchange) -> io::Result<()> {
         for _ in 0..ATTEMPTS {
             let sends = self.client.write(slot, data.to_vec(), x.deadline());
