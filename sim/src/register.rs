@@ -174,6 +174,7 @@ pub fn run_register(seed: u64, s: RegisterSettings) -> RegisterOutcome {
                     }
                     let from = match msg {
                         RegisterMessage::Read { from, .. }
+                        | RegisterMessage::Prepare { from, .. }
                         | RegisterMessage::Write { from, .. } => from,
                         _ => continue,
                     };

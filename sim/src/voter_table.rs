@@ -52,6 +52,10 @@ struct State {
     running: Vec<bool>,
     rng: ChaCha8Rng,
     late: u64,
+    /// Operations run (each try of a read or a write), and ballot rounds taken after a
+    /// refusal: how often the nodes take slots from each other.
+    operations: u64,
+    new_rounds: u64,
     /// The faults are over: every message arrives, those held back at the next operation.
     calm: bool,
 }
@@ -73,6 +77,8 @@ impl VoterTable {
                 running: vec![false; nodes],
                 rng: ChaCha8Rng::seed_from_u64(seed ^ 0x766f_7465_7273),
                 late: 0,
+                operations: 0,
+                new_rounds: 0,
                 calm: false,
             }),
             net,
@@ -113,6 +119,12 @@ impl VoterTable {
     /// Messages that were held back and delivered late, so far.
     pub fn late_deliveries(&self) -> u64 {
         self.state().late
+    }
+
+    /// Operations run, and ballot rounds taken after a refusal, so far.
+    pub fn operations_and_new_rounds(&self) -> (u64, u64) {
+        let st = self.state();
+        (st.operations, st.new_rounds)
     }
 
     /// Whether a message between `node`'s client and `voter` can travel now.
@@ -170,6 +182,7 @@ impl VoterTable {
         sends: Vec<(Voter, RegisterMessage)>,
     ) -> Outcome {
         let mut st = self.state();
+        st.operations += 1;
         let mut queue = VecDeque::new();
         let origin = (node, life);
         for (v, msg) in sends {
@@ -262,7 +275,9 @@ impl Exchange for Pump<'_> {
 
     fn persist_round(&mut self, round: u64) -> io::Result<()> {
         let v = self.view;
-        v.table.state().rounds[v.node] = round;
+        let mut st = v.table.state();
+        st.rounds[v.node] = round;
+        st.new_rounds += 1;
         Ok(())
     }
 }

@@ -68,6 +68,10 @@ pub struct Stats {
     pub restarts: u64,
     /// With `--voter-table`: messages to or from a voter that arrived late.
     pub voter_late_deliveries: u64,
+    /// With `--voter-table`: operations on the voters (each try), and ballot rounds taken
+    /// after a refusal.
+    pub voter_operations: u64,
+    pub voter_new_rounds: u64,
 }
 
 /// The result of one seed.
@@ -772,6 +776,14 @@ impl World {
             trace,
             stats: Stats {
                 voter_late_deliveries: self.voter_table.as_ref().map_or(0, |v| v.late_deliveries()),
+                voter_operations: self
+                    .voter_table
+                    .as_ref()
+                    .map_or(0, |v| v.operations_and_new_rounds().0),
+                voter_new_rounds: self
+                    .voter_table
+                    .as_ref()
+                    .map_or(0, |v| v.operations_and_new_rounds().1),
                 ..lock(&self.shared.stats).clone()
             },
             simulated: Instant::now().duration_since(self.start),

@@ -597,13 +597,13 @@ pub fn register_wire(data: &[u8]) {
             state,
             "voter state round trip"
         );
-        let read = RegisterMessage::Read {
+        let prepare = RegisterMessage::Prepare {
             from: 0,
             op: 1,
             slot: 0,
             epoch: u64::MAX,
         };
-        v.answer(0, &read, Default::default());
+        v.answer(0, &prepare, Default::default());
     }
 }
 
@@ -812,6 +812,15 @@ pub mod seeds {
                 RegisterMessage::Read {
                     from: 1,
                     op: 3,
+                    slot: 2,
+                    epoch: 7,
+                },
+            ),
+            (
+                "prepare",
+                RegisterMessage::Prepare {
+                    from: 1,
+                    op: 4,
                     slot: 2,
                     epoch: 7,
                 },

@@ -103,7 +103,7 @@ struct Args {
     /// With --quorum or --register: run with a deliberate flaw, to see the simulator catch
     /// it: no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs,
     /// forget-asked-epochs (--quorum); no-fence, no-write-back, ignore-answer-epochs,
-    /// no-prepare (--register).
+    /// no-prepare, reads-prepare, unfenced-write-back (--register).
     #[arg(long)]
     flaw: Option<String>,
 }
@@ -186,6 +186,8 @@ fn register(args: &Args) -> Result<bool, String> {
         Some("no-write-back") => flaws.no_write_back = true,
         Some("ignore-answer-epochs") => flaws.ignore_answer_epochs = true,
         Some("no-prepare") => flaws.no_prepare = true,
+        Some("reads-prepare") => flaws.reads_prepare = true,
+        Some("unfenced-write-back") => flaws.unfenced_write_back = true,
         Some(other) => {
             return Err(format!(
                 "--flaw {other:?}: unknown with --register (see --help)"
@@ -302,9 +304,13 @@ fn main() {
     let started = std::time::Instant::now();
     let mut simulated = Duration::ZERO;
     let mut failures = 0u64;
+    let (mut voter_ops, mut voter_rounds, mut voter_late) = (0u64, 0u64, 0u64);
     for seed in args.from..args.from + args.seeds {
         let o = run(&Settings::draw(seed, duration, &mix), args.verbose);
         simulated += o.simulated;
+        voter_ops += o.stats.voter_operations;
+        voter_rounds += o.stats.voter_new_rounds;
+        voter_late += o.stats.voter_late_deliveries;
         if !o.passed() {
             failures += 1;
             println!("seed {seed}: FAIL: {}", o.violations[0]);
@@ -327,6 +333,12 @@ fn main() {
         args.seeds as f64 / wall.as_secs_f64(),
         simulated.as_secs_f64() / wall.as_secs_f64()
     );
+    if voter_ops > 0 {
+        println!(
+            "voters: {voter_ops} operations (tries), {voter_rounds} new ballot rounds after a \
+             refusal, {voter_late} late messages"
+        );
+    }
     std::process::exit(if failures == 0 { 0 } else { 1 });
 }
 

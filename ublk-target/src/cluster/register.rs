@@ -13,23 +13,28 @@
 //!   epochs (`cluster::quorum`: a restarted node never asks for an epoch it held), or for a
 //!   node's own slots the node's id and a durable count of its starts.
 //! * A voter keeps per slot a fence, the highest epoch any request for the slot showed it,
-//!   and the value with the highest tag `(epoch, counter)` it was sent. It refuses a request
-//!   of an epoch below the slot's fence (saying the fence). All of it durably, before it
-//!   answers. The fences are per slot (CASPaxos's per key), so each slot may have its own
+//!   and the value with the highest tag `(epoch, counter)` it was sent. It refuses a write
+//!   or a prepare of an epoch below the slot's fence (saying the fence), and raises the
+//!   fence to the epoch of those it takes. All of it durably, before it answers. The fences are per slot (CASPaxos's per key), so each slot may have its own
 //!   writers, as the arbiter's slots do (each node writes its own lease heartbeat).
 //! * A write of epoch E tags its value `(E, n)`, n counting this instance's writes, and is
 //!   done once a majority stored it. Every older epoch is below it; a newer epoch's completed
-//!   operation on the slot fenced a majority, one of which refuses this write, so it cannot
-//!   complete.
-//! * A client's first write of a slot prepares it: a read first, which fences a majority at
-//!   the client's epoch (Paxos's prepare). Without it a lower epoch could complete a write on
+//!   prepare or write of the slot fenced a majority, one of which refuses this write, so it
+//!   cannot complete.
+//! * A client's first write of a slot prepares it: a `Prepare`, which reads the slot and
+//!   fences a majority at the client's epoch (Paxos's prepare). Without it a lower epoch could complete a write on
 //!   a majority that never saw a higher epoch's failed one, which, held by a minority under
 //!   its higher tag, would surface over it later (`Flaws::no_prepare`; the register
 //!   simulator's `check_failed_writes` catches it).
 //! * A read asks a majority for the slot and takes the highest tag. Unless a majority
-//!   answered that very tag, it writes that value back under its own epoch before it
-//!   returns, so that the value it returns is on a majority above anything older: a late
-//!   write of an older epoch can then never be read again.
+//!   answered that very tag, it writes that value back under its own epoch (or the value's,
+//!   if newer) before it returns, so that the value it returns is on a majority above
+//!   anything older: a late write of an older epoch can then never be read again.
+//! * A read fences nothing and no voter refuses one (since 2026-12-07): each node reads the
+//!   other's lease heartbeat, and a fencing read took the slot from its writer every time,
+//!   whose next write was refused and tried again under a newer ballot (a round trip and a
+//!   synced ballot file per heartbeat). Only a read that must write a value back under its
+//!   own epoch fences, with a prepare first, as a write (`Flaws::unfenced_write_back`).
 //!
 //! So reads and writes are linearizable (each completed operation sees every operation that
 //! completed before it began), and a write that failed or timed out surfaces, if ever,
@@ -52,7 +57,17 @@ pub struct Tag {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RegisterMessage {
+    /// Asks for the slot's value; fences nothing and is never refused, so that reading
+    /// another writer's slot (a node reads the other's lease heartbeat) does not take the
+    /// slot from it.
     Read {
+        from: Voter,
+        op: u64,
+        slot: u64,
+        epoch: u64,
+    },
+    /// A write's prepare: asks for the slot's value and fences the slot at `epoch`.
+    Prepare {
         from: Voter,
         op: u64,
         slot: u64,
@@ -100,8 +115,13 @@ pub struct Flaws {
     pub no_write_back: bool,
     /// Clients match answers by operation id alone.
     pub ignore_answer_epochs: bool,
-    /// Writes go out without first fencing a majority with a read.
+    /// Writes go out without first fencing a majority with a prepare.
     pub no_prepare: bool,
+    /// A completed read counts as the prepare of the client's later writes of the slot (it
+    /// fenced a majority before reads stopped fencing, 2026-12-07; now it fences nothing).
+    pub reads_prepare: bool,
+    /// A read writes a value back under its own epoch without first fencing a majority.
+    pub unfenced_write_back: bool,
 }
 
 /// One voter's state; all of it is durable (store it before sending the answer).
@@ -129,6 +149,20 @@ impl RegisterVoter {
         let (op, slot, epoch) = match *msg {
             RegisterMessage::Read {
                 op, slot, epoch, ..
+            } => {
+                // Fences nothing, so no need to refuse it either: what a read returns rests
+                // on the majorities meeting, and its write-back is a write, fenced as any.
+                let held = self.slots.get(&slot);
+                return Some(RegisterMessage::Value {
+                    from: me,
+                    op,
+                    epoch,
+                    tag: held.map_or_else(Tag::default, |h| h.tag),
+                    data: held.map_or_else(Vec::new, |h| h.data.clone()),
+                });
+            }
+            RegisterMessage::Prepare {
+                op, slot, epoch, ..
             } => (op, slot, epoch),
             RegisterMessage::Write { op, slot, tag, .. } => (op, slot, tag.epoch),
             _ => return None,
@@ -144,7 +178,7 @@ impl RegisterVoter {
         }
         held.fence = held.fence.max(epoch);
         Some(match msg {
-            RegisterMessage::Read { .. } => RegisterMessage::Value {
+            RegisterMessage::Prepare { .. } => RegisterMessage::Value {
                 from: me,
                 op,
                 epoch,
@@ -212,11 +246,13 @@ pub enum Outcome {
 
 #[derive(Clone, Debug)]
 enum Phase {
-    /// A read, or the prepare of a write (`then_write`: the value to write once a majority
-    /// is fenced).
+    /// A read, or a prepare (`fencing`: the requests were `Prepare`s): a write's
+    /// (`then_write`: the value to write once a majority is fenced), or a read's before it
+    /// writes a value back under our epoch.
     Reading {
         answers: BTreeMap<Voter, (Tag, Vec<u8>)>,
         then_write: Option<Vec<u8>>,
+        fencing: bool,
     },
     /// A write, or a read's write-back (`returns`: the value the read returns).
     Storing {
@@ -242,7 +278,7 @@ pub struct RegisterClient {
     writes: u64,
     next_op: u64,
     op: Option<Op>,
-    /// Slots this client has fenced a majority of (a read of it completed).
+    /// Slots this client has fenced a majority of (a prepare of it completed).
     prepared: BTreeSet<u64>,
     flaws: Flaws,
 }
@@ -294,6 +330,7 @@ impl RegisterClient {
             Phase::Reading {
                 answers: BTreeMap::new(),
                 then_write: None,
+                fencing: false,
             },
         );
         self.to_all(RegisterMessage::Read {
@@ -305,8 +342,8 @@ impl RegisterClient {
     }
 
     /// Starts a write of `data` to `slot` (abandoning any operation still running). The
-    /// first write of a slot prepares it first: a read that fences a majority at our epoch
-    /// (see the module's doc), then the write.
+    /// first write of a slot prepares it first: a `Prepare` that fences a majority at our
+    /// epoch (see the module's doc), then the write.
     pub fn write(
         &mut self,
         slot: u64,
@@ -320,9 +357,10 @@ impl RegisterClient {
                 Phase::Reading {
                     answers: BTreeMap::new(),
                     then_write: Some(data),
+                    fencing: true,
                 },
             );
-            return self.to_all(RegisterMessage::Read {
+            return self.to_all(RegisterMessage::Prepare {
                 from: self.me,
                 op,
                 slot,
@@ -399,6 +437,7 @@ impl RegisterClient {
                 Phase::Reading {
                     answers,
                     then_write,
+                    fencing,
                 },
                 RegisterMessage::Value { tag, data, .. },
             ) => {
@@ -407,7 +446,9 @@ impl RegisterClient {
                     return (None, Vec::new());
                 }
                 let slot = op.slot;
-                self.prepared.insert(slot);
+                if *fencing || self.flaws.reads_prepare {
+                    self.prepared.insert(slot);
+                }
                 if let Some(value) = then_write.take() {
                     // Prepared: every value a majority holds is of our epoch or older, so
                     // our next tag is above them all. The same operation goes on.
@@ -441,10 +482,39 @@ impl RegisterClient {
                     self.op = None;
                     return (Some(Outcome::Read { tag, data }), Vec::new());
                 }
-                // Only a minority holds it: put it on a majority first, under our own epoch
-                // (it is ours already, or older), so that no write of its epoch surfacing
-                // later can rank above it: under its old tag, a later write of that epoch
-                // would.
+                // Only a minority holds it: put it on a majority first. A value of an older
+                // epoch goes under our own, so that no write of its epoch surfacing later can
+                // rank above it (under its old tag, a later write of that epoch would); and,
+                // as any write of ours, only once a majority is fenced at our epoch (a read
+                // fences nothing): unfenced, a lower epoch could complete a write on a
+                // majority that never saw our write-back, which, kept by a minority under its
+                // higher tag, would surface over it (simulator seed 523 of `--register`). A
+                // newer epoch's value (read, not fenced, since 2026-12-07) goes back under
+                // its own tag: the same as its own write arriving late.
+                if tag.epoch < self.epoch
+                    && !self.prepared.contains(&slot)
+                    && !self.flaws.unfenced_write_back
+                {
+                    let deadline = op.deadline;
+                    // A new operation id, so that late answers to the read do not count as
+                    // answers to the prepare.
+                    let id = self.begin(
+                        slot,
+                        deadline,
+                        Phase::Reading {
+                            answers: BTreeMap::new(),
+                            then_write: None,
+                            fencing: true,
+                        },
+                    );
+                    let sends = self.to_all(RegisterMessage::Prepare {
+                        from: self.me,
+                        op: id,
+                        slot,
+                        epoch: self.epoch,
+                    });
+                    return (None, sends);
+                }
                 let tag = if tag.epoch < self.epoch {
                     self.writes += 1;
                     Tag {
@@ -535,28 +605,38 @@ mod tests {
             Some(Outcome::Written { .. })
         ));
         let late = old.write(0, b"b".to_vec(), u64::MAX);
-        // Epoch 2 reads from voters 1 and 2: "a", held by both, so no write-back.
+        // Epoch 2 reads from voters 1 and 2: "a", held by both, so no write-back, and no
+        // fence either.
         let mut new = RegisterClient::new(8, 3, 2, Flaws::default());
         let s = new.read(0, u64::MAX);
         match run(&mut new, &mut voters, &[1, 2], s) {
             Some(Outcome::Read { data, .. }) => assert_eq!(data, b"a"),
             other => panic!("{other:?}"),
         }
-        // The late "b" reaches everyone now: voters 1 and 2 refuse it (fenced at 2).
-        let refusals = late
-            .iter()
-            .filter_map(|(to, m)| voters[*to as usize].answer(*to, m, Flaws::default()))
-            .filter(|a| matches!(a, RegisterMessage::Refused { fence: 2, .. }))
-            .count();
-        assert_eq!(refusals, 2);
-        // "b" got to voter 0 before the fence did: a read of voters 0 and 1 sees it as the
-        // highest tag, and returns it only once it wrote it back under epoch 2.
+        assert_eq!((voters[1].fence(0), voters[2].fence(0)), (1, 1));
+        // "b" gets to voter 0: a read of voters 0 and 1 sees it as the highest tag, and
+        // returns it only once it fenced voters 0 and 1 at epoch 2 (a prepare) and wrote it
+        // back under epoch 2.
+        for (to, m) in &late {
+            if *to == 0 {
+                let _ = voters[0].answer(0, m, Flaws::default());
+            }
+        }
         let s = new.read(0, u64::MAX);
         let first = run(&mut new, &mut voters, &[0, 1], s);
         let Some(Outcome::Read { tag, data }) = first else {
             panic!("{first:?}")
         };
         assert_eq!((tag.epoch, data.as_slice()), (2, &b"b"[..]));
+        // The late "b" reaches voters 1 and 2 now: voter 1 refuses it (fenced at 2); voter 2
+        // takes it, below epoch 2's copy.
+        let refusals = late
+            .iter()
+            .filter(|(to, _)| *to != 0)
+            .filter_map(|(to, m)| voters[*to as usize].answer(*to, m, Flaws::default()))
+            .filter(|a| matches!(a, RegisterMessage::Refused { fence: 2, .. }))
+            .count();
+        assert_eq!(refusals, 1);
         // From now on every majority answers "b" at epoch 2: reads agree whichever they ask.
         for reach in [[1, 2], [0, 2], [0, 1]] {
             let s = new.read(0, u64::MAX);
@@ -591,6 +671,29 @@ mod tests {
     }
 
     #[test]
+    fn a_read_leaves_the_slot_to_its_writer() {
+        let mut voters = vec![RegisterVoter::default(); 3];
+        let mut writer = RegisterClient::new(0, 3, 3, Flaws::default());
+        let mut reader = RegisterClient::new(1, 3, 9, Flaws::default());
+        for n in 0..3u8 {
+            let s = writer.write(0, vec![n], u64::MAX);
+            assert!(
+                matches!(
+                    run(&mut writer, &mut voters, &[0, 1, 2], s),
+                    Some(Outcome::Written { .. })
+                ),
+                "write {n}"
+            );
+            let s = reader.read(0, u64::MAX);
+            match run(&mut reader, &mut voters, &[0, 1, 2], s) {
+                Some(Outcome::Read { data, .. }) => assert_eq!(data, [n]),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(voters[1].fence(0), 3);
+    }
+
+    #[test]
     fn fences_are_per_slot_so_each_slot_may_have_its_own_writer() {
         let mut voters = vec![RegisterVoter::default(); 3];
         let mut a = RegisterClient::new(1, 3, 9, Flaws::default());
@@ -612,12 +715,12 @@ mod tests {
     #[test]
     fn answers_of_no_voter_or_of_another_epoch_do_not_count() {
         let mut c = RegisterClient::new(0, 3, 4, Flaws::default());
-        // Slot 0 prepared by a read (operation 1), so the write (2) goes out at once.
+        // Slot 0 prepared by a first write (operation 1), so the next (2) goes out at once.
         let mut voters = vec![RegisterVoter::default(); 3];
-        let s = c.read(0, u64::MAX);
+        let s = c.write(0, b"w".to_vec(), u64::MAX);
         assert!(matches!(
             run(&mut c, &mut voters, &[1, 2], s),
-            Some(Outcome::Read { .. })
+            Some(Outcome::Written { .. })
         ));
         let sends = c.write(0, b"x".to_vec(), u64::MAX);
         assert!(matches!(sends[0].1, RegisterMessage::Write { op: 2, .. }));
@@ -639,14 +742,19 @@ mod tests {
         assert!(matches!(done, Some(Outcome::Written { .. })));
     }
 
-    /// Epoch 5's write prepares slot 0 on voters 0 and 1, then reaches voter 0 only and
-    /// fails. Epoch 3 then writes through voters 1 and 2. Without the prepare, epoch 3's write
-    /// completes, and a later read through voters 0 and 1 returns epoch 5's failed write over
-    /// it (a late write landing after a newer one, which a disk never does); with it, voter 1
-    /// refuses epoch 3.
+    /// Epoch 5 reads slot 0, then its write prepares the slot on voters 0 and 1, reaches
+    /// voter 0 only and fails. Epoch 3 then writes through voters 1 and 2. Without the
+    /// prepare, epoch 3's write completes, and a later read through voters 0 and 1 returns
+    /// epoch 5's failed write over it (a late write landing after a newer one, which a disk
+    /// never does); with it, voter 1 refuses epoch 3.
     fn late_high_write_after_a_lower_one(flaws: Flaws) -> (Option<Outcome>, Vec<u8>) {
         let mut voters = vec![RegisterVoter::default(); 3];
         let mut high = RegisterClient::new(0, 3, 5, flaws);
+        let s = high.read(0, u64::MAX);
+        assert!(matches!(
+            run(&mut high, &mut voters, &[0, 1, 2], s),
+            Some(Outcome::Read { .. })
+        ));
         let mut writes = Vec::new();
         for (to, m) in high.write(0, b"high".to_vec(), u64::MAX) {
             if to == 2 {
@@ -688,6 +796,13 @@ mod tests {
         });
         assert!(matches!(low, Some(Outcome::Written { .. })));
         assert_eq!(read, b"high", "the flaw this prepare is for");
+        // A read fences nothing, so it cannot stand in for the prepare.
+        let (low, read) = late_high_write_after_a_lower_one(Flaws {
+            reads_prepare: true,
+            ..Flaws::default()
+        });
+        assert!(matches!(low, Some(Outcome::Written { .. })));
+        assert_eq!(read, b"high", "a read taken for the prepare");
     }
 
     #[test]

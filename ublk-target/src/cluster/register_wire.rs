@@ -15,6 +15,7 @@ const K_WRITE: u8 = 2;
 const K_VALUE: u8 = 3;
 const K_STORED: u8 = 4;
 const K_REFUSED: u8 = 5;
+const K_PREPARE: u8 = 6;
 
 const STATE_MAGIC: &[u8; 8] = b"NVMVOTER";
 const STATE_VERSION: u16 = 1;
@@ -36,6 +37,16 @@ pub fn encode_message(m: &RegisterMessage) -> Vec<u8> {
             epoch,
         } => {
             head(&mut b, K_READ, *from, *op);
+            b.extend_from_slice(&slot.to_le_bytes());
+            b.extend_from_slice(&epoch.to_le_bytes());
+        }
+        RegisterMessage::Prepare {
+            from,
+            op,
+            slot,
+            epoch,
+        } => {
+            head(&mut b, K_PREPARE, *from, *op);
             b.extend_from_slice(&slot.to_le_bytes());
             b.extend_from_slice(&epoch.to_le_bytes());
         }
@@ -157,6 +168,12 @@ pub fn decode_message(b: &[u8]) -> Result<RegisterMessage, String> {
     let op = r.u64("operation id")?;
     let m = match kind {
         K_READ => RegisterMessage::Read {
+            from,
+            op,
+            slot: r.u64("slot")?,
+            epoch: r.u64("epoch")?,
+        },
+        K_PREPARE => RegisterMessage::Prepare {
             from,
             op,
             slot: r.u64("slot")?,
@@ -308,6 +325,12 @@ mod tests {
             RegisterMessage::Read {
                 from: 1,
                 op: 2,
+                slot: 3,
+                epoch: 4,
+            },
+            RegisterMessage::Prepare {
+                from: 1,
+                op: 5,
                 slot: 3,
                 epoch: 4,
             },

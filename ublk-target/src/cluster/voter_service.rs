@@ -87,7 +87,9 @@ impl VoterService {
             }
         };
         let from = match msg {
-            RegisterMessage::Read { from, .. } | RegisterMessage::Write { from, .. } => from,
+            RegisterMessage::Read { from, .. }
+            | RegisterMessage::Prepare { from, .. }
+            | RegisterMessage::Write { from, .. } => from,
             _ => {
                 tracing::warn!(
                     voter = self.me,
