@@ -538,6 +538,39 @@ pub fn load(store: &dyn TableStore) -> Result<Option<OwnershipTable>, TableError
     Ok(best)
 }
 
+/// A write of `data` to `slot` that failed may have landed, or land later: a disk's write
+/// whose acknowledgement was lost, a voters' write that reached a minority
+/// (`cluster::register_store`). Settles it: reads the slot back, and if `data` is not there
+/// writes back what is, which the failed write can no longer land over. True if `data`
+/// landed. Only for a writer no other node races on that slot (or the write-back could
+/// undo another's write).
+pub fn settle_failed_write(store: &dyn TableStore, slot: u64, data: &[u8]) -> io::Result<bool> {
+    let mut held = vec![0u8; data.len()];
+    store.read_slot(slot, &mut held)?;
+    if held == data {
+        return Ok(true);
+    }
+    store.write_slot(slot, &held)?;
+    Ok(false)
+}
+
+/// Writes a slot only this node writes (its marks), settling a failed write
+/// ([`settle_failed_write`]): an error means the write did not land and never will, unless
+/// the error says it may still land (the settle failed too).
+pub fn write_own_slot(store: &dyn TableStore, slot: u64, data: &[u8]) -> io::Result<()> {
+    let Err(e) = store.write_slot(slot, data) else {
+        return Ok(());
+    };
+    match settle_failed_write(store, slot, data) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(e),
+        Err(again) => Err(io::Error::new(
+            e.kind(),
+            format!("{e}; not settled ({again}): the write may still land"),
+        )),
+    }
+}
+
 /// Writes `t` into the slot its generation selects (the other keeps the previous table).
 pub fn save(store: &dyn TableStore, t: &OwnershipTable) -> Result<(), TableError> {
     let data = t.encode()?;
@@ -631,9 +664,107 @@ impl TableStore for MemTableStore {
     }
 }
 
+/// A store whose armed write fails, after landing or not (a lost acknowledgement), for the
+/// tests of settling a failed write.
+#[cfg(test)]
+pub(crate) struct FailingWrite {
+    pub inner: MemTableStore,
+    /// The slots the arming and the cut-off apply to.
+    slots: std::ops::Range<u64>,
+    /// Armed: (the write lands, the accesses after it fail).
+    armed: std::sync::Mutex<Option<(bool, bool)>>,
+    cut_off: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(test)]
+impl FailingWrite {
+    pub fn new(slots: std::ops::Range<u64>) -> FailingWrite {
+        FailingWrite {
+            inner: MemTableStore::default(),
+            slots,
+            armed: std::sync::Mutex::new(None),
+            cut_off: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The next write of one of the slots fails, after landing if `lands`; then, if
+    /// `then_cut_off`, every access to them fails until [`FailingWrite::reconnect`].
+    pub fn arm(&self, lands: bool, then_cut_off: bool) {
+        *self.armed.lock().unwrap() = Some((lands, then_cut_off));
+    }
+
+    pub fn reconnect(&self) {
+        self.cut_off
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn cut(&self, slot: u64) -> bool {
+        self.slots.contains(&slot) && self.cut_off.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+impl TableStore for FailingWrite {
+    fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
+        if self.cut(slot) {
+            return Err(io::Error::other("reads fail"));
+        }
+        self.inner.read_slot(slot, out)
+    }
+
+    fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
+        if self.cut(slot) {
+            return Err(io::Error::other("writes fail"));
+        }
+        let armed = if self.slots.contains(&slot) {
+            self.armed.lock().unwrap().take()
+        } else {
+            None
+        };
+        let Some((lands, then_cut_off)) = armed else {
+            return self.inner.write_slot(slot, data);
+        };
+        if lands {
+            self.inner.write_slot(slot, data)?;
+        }
+        self.cut_off
+            .store(then_cut_off, std::sync::atomic::Ordering::SeqCst);
+        Err(io::Error::other("the write's answer was lost"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed write of a node's own slot (its marks) is settled: it stands if it landed,
+    /// else what the slot held is written back over it, and only an unsettled one is said
+    /// to be able to land still.
+    #[test]
+    fn a_failed_write_of_an_own_slot_is_settled() {
+        let old = vec![1u8; SLOT_BYTES as usize];
+        let new = vec![2u8; SLOT_BYTES as usize];
+        for (lands, cut_off) in [(true, false), (false, false), (false, true)] {
+            let store = FailingWrite::new(5..6);
+            store.inner.write_slot(5, &old).unwrap();
+            store.arm(lands, cut_off);
+            let r = write_own_slot(&store, 5, &new);
+            store.reconnect();
+            let mut held = vec![0u8; SLOT_BYTES as usize];
+            store.inner.read_slot(5, &mut held).unwrap();
+            match (lands, cut_off) {
+                (true, _) => assert!(r.is_ok() && held == new, "{r:?}"),
+                (false, false) => {
+                    let e = r.unwrap_err().to_string();
+                    assert!(!e.contains("may still land") && held == old, "{e}");
+                }
+                (false, true) => {
+                    let e = r.unwrap_err().to_string();
+                    assert!(e.contains("may still land"), "{e}");
+                }
+            }
+        }
+    }
 
     fn table() -> OwnershipTable {
         OwnershipTable {

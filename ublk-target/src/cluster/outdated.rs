@@ -195,7 +195,9 @@ impl OutdatedMedia {
             return Ok(false);
         }
         let data = encode(&marks, self.cluster_id, me, subject, self.ranges)?;
-        store.write_slot(Self::slot(me, subject), &data)?;
+        // Settled when it fails: a mark taken for not made that lands later is never
+        // withdrawn (the resync's clear reads it only where it landed).
+        crate::ownership::write_own_slot(store, Self::slot(me, subject), &data)?;
         Ok(true)
     }
 }
@@ -219,7 +221,7 @@ impl OutdatedMedia {
             return Ok(());
         }
         let data = encode(&BTreeMap::new(), self.cluster_id, me, me, self.ranges)?;
-        store.write_slot(Self::slot(me, me), &data)?;
+        crate::ownership::write_own_slot(store, Self::slot(me, me), &data)?;
         Ok(())
     }
 }
@@ -248,7 +250,7 @@ impl OutdatedMedia {
         }
         if marks != before {
             let data = encode(&marks, self.cluster_id, me, subject, self.ranges)?;
-            store.write_slot(Self::slot(me, subject), &data)?;
+            crate::ownership::write_own_slot(store, Self::slot(me, subject), &data)?;
         }
         Ok(())
     }

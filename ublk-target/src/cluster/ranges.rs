@@ -430,36 +430,39 @@ impl Cluster {
                 epoch: e.epoch + 1,
             };
         }
-        if let Err(e) = ownership::save(self.store.as_ref(), &t) {
-            match self.settle_failed_table_write(&t) {
-                Ok(true) => tracing::warn!("the claim's table write failed ({e}), but it landed"),
-                Ok(false) => return Err(e),
-                Err(again) => {
-                    return Err(ownership::TableError::Uncertain(format!(
-                        "the claim's table write failed ({e}) and could not be settled ({again}): it may still land"
-                    )))
-                }
-            }
-        }
+        self.save_table_settled(&t, "the claim")?;
         *self.table() = t;
         crate::transitions::changed();
         Ok(moved)
     }
 
-    /// A table write that failed may have landed, or land later: a disk's write whose
-    /// acknowledgement was lost, a voters' write that reached a minority
-    /// (`cluster::register_store`). Settles it: reads its slot back, and if `t` is not
-    /// there writes back what is, which it can no longer land over. True if `t` landed.
-    /// Only for a writer no other node races (a claim: the old owner's lease is dead).
-    fn settle_failed_table_write(&self, t: &OwnershipTable) -> std::io::Result<bool> {
-        let slot = t.generation % 2;
-        let mut held = vec![0u8; ownership::SLOT_BYTES as usize];
-        self.store.read_slot(slot, &mut held)?;
-        if OwnershipTable::decode(&held).as_ref() == Some(t) {
-            return Ok(true);
+    /// Writes `t` to the medium. A write that failed is settled first
+    /// (`ownership::settle_failed_write`): Ok if it landed after all, its error if it did
+    /// not and now never will, `Uncertain` if that cannot be known (the caller's ranges must
+    /// then stay closed: the write may still land). Only for a writer no other node races:
+    /// a claim (the old owner's lease is dead) or a move of our own ranges (the partner
+    /// re-read the table for it and waits).
+    fn save_table_settled(
+        &self,
+        t: &OwnershipTable,
+        what: &str,
+    ) -> Result<(), ownership::TableError> {
+        let Err(e) = ownership::save(self.store.as_ref(), t) else {
+            return Ok(());
+        };
+        let settled = t.encode().map_err(std::io::Error::other).and_then(|data| {
+            ownership::settle_failed_write(self.store.as_ref(), t.generation % 2, &data)
+        });
+        match settled {
+            Ok(true) => {
+                tracing::warn!("{what}'s table write failed ({e}), but it landed");
+                Ok(())
+            }
+            Ok(false) => Err(e),
+            Err(again) => Err(ownership::TableError::Uncertain(format!(
+                "{what}'s table write failed ({e}) and could not be settled ({again}): it may still land"
+            ))),
         }
-        self.store.write_slot(slot, &held)?;
-        Ok(false)
     }
 
     /// Our takeover's replay ended (or none is under way): our claim note goes, before the
@@ -618,7 +621,10 @@ impl Cluster {
                 epoch: e.epoch + 1,
             };
         }
-        ownership::save(self.store.as_ref(), &t)?;
+        // Settled when it fails: a move taken for failed that lands later would leave both
+        // nodes serving the ranges (simulator seed 182 with `--voter-table` and one try per
+        // operation: a giveback's write failed, the giver reopened, the taker read it).
+        self.save_table_settled(&t, "the move")?;
         *self.table() = t;
         {
             let mut gates = self.gates();
@@ -1389,107 +1395,62 @@ mod tests {
         (store, [a, b], renew)
     }
 
+    /// Two nodes, one LUN of two ranges, each node owning one, at epoch 1.
+    fn two_range_table() -> OwnershipTable {
+        OwnershipTable {
+            cluster_id: 7,
+            generation: 1,
+            luns: vec![vec![
+                RangeOwner { owner: 0, epoch: 1 },
+                RangeOwner { owner: 1, epoch: 1 },
+            ]],
+        }
+    }
+
+    /// Node `me`'s view of the two nodes' cluster, whose arbiter is `table_store`.
+    fn open_view(
+        storage: StorageMode,
+        me: NodeId,
+        table_store: Arc<dyn TableStore>,
+        lease: Option<Arc<DiskLease>>,
+    ) -> Cluster {
+        Cluster::open(ClusterSetup {
+            storage,
+            me,
+            nodes: vec!["node-a".into(), "node-b".into()],
+            table_store,
+            initial: two_range_table(),
+            lease,
+            link_timeout: Duration::from_secs(1),
+            forward_wait: Duration::from_secs(60),
+            reservations: Vec::new(),
+        })
+        .expect("open")
+    }
+
     /// One arbiter with a two-node, two-range table (each node one range), and
     /// `view(me)`: node `me`'s cluster view of it, without a disk lease.
     fn views_without_leases(
         storage: StorageMode,
     ) -> (Arc<MemTableStore>, impl Fn(NodeId) -> Cluster) {
         let store = Arc::new(MemTableStore::default());
-        let initial = OwnershipTable {
-            cluster_id: 7,
-            generation: 1,
-            luns: vec![vec![
-                RangeOwner { owner: 0, epoch: 1 },
-                RangeOwner { owner: 1, epoch: 1 },
-            ]],
-        };
         let shared = store.clone();
-        let view = move |me| {
-            Cluster::open(ClusterSetup {
-                storage,
-                me,
-                nodes: vec!["node-a".into(), "node-b".into()],
-                table_store: shared.clone(),
-                initial: initial.clone(),
-                lease: None,
-                link_timeout: Duration::from_secs(1),
-                forward_wait: Duration::from_secs(60),
-                reservations: Vec::new(),
-            })
-            .expect("open")
-        };
+        let view = move |me| open_view(storage, me, shared.clone(), None);
         (store, view)
     }
 
-    /// An arbiter whose next table write fails, after landing or not; then, if
-    /// `reads_fail`, every table access fails (nothing settles).
-    #[derive(Default)]
-    struct FailingTableWrite {
-        inner: MemTableStore,
-        /// Armed: (the write lands, the accesses after it fail).
-        armed: std::sync::Mutex<Option<(bool, bool)>>,
-        cut_off: std::sync::atomic::AtomicBool,
-    }
-
-    impl TableStore for FailingTableWrite {
-        fn read_slot(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()> {
-            if slot < 2 && self.cut_off.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(std::io::Error::other("reads fail"));
-            }
-            self.inner.read_slot(slot, out)
-        }
-
-        fn write_slot(&self, slot: u64, data: &[u8]) -> std::io::Result<()> {
-            if self.cut_off.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(std::io::Error::other("writes fail"));
-            }
-            let armed = if slot < 2 {
-                self.armed.lock().unwrap().take()
-            } else {
-                None
-            };
-            let Some((lands, then_cut_off)) = armed else {
-                return self.inner.write_slot(slot, data);
-            };
-            if lands {
-                self.inner.write_slot(slot, data)?;
-            }
-            self.cut_off
-                .store(then_cut_off, std::sync::atomic::Ordering::SeqCst);
-            Err(std::io::Error::other("the write's answer was lost"))
-        }
-    }
+    use crate::ownership::FailingWrite;
 
     fn claim_with_a_failing_write(
         lands: bool,
         reads_fail: bool,
     ) -> (Result<Vec<(u32, u32)>, String>, Cluster) {
-        let store = Arc::new(FailingTableWrite::default());
-        let initial = OwnershipTable {
-            cluster_id: 7,
-            generation: 1,
-            luns: vec![vec![
-                RangeOwner { owner: 0, epoch: 1 },
-                RangeOwner { owner: 1, epoch: 1 },
-            ]],
-        };
-        let view = Cluster::open(ClusterSetup {
-            storage: StorageMode::Shared,
-            me: 1,
-            nodes: vec!["node-a".into(), "node-b".into()],
-            table_store: store.clone(),
-            initial,
-            lease: None,
-            link_timeout: Duration::from_secs(1),
-            forward_wait: Duration::from_secs(60),
-            reservations: Vec::new(),
-        })
-        .expect("open");
-        *store.armed.lock().unwrap() = Some((lands, reads_fail));
+        // The table's slots: 0 and 1.
+        let store = Arc::new(FailingWrite::new(0..2));
+        let view = open_view(StorageMode::Shared, 1, store.clone(), None);
+        store.arm(lands, reads_fail);
         let r = view.begin_takeover(0, None).map_err(|e| e.to_string());
-        store
-            .cut_off
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        store.reconnect();
         let on_medium = ownership::load(store.as_ref()).unwrap().unwrap();
         if let Ok(moved) = &r {
             assert!(!moved.is_empty());
@@ -1525,6 +1486,40 @@ mod tests {
         );
     }
 
+    /// A move's table write that failed may have landed too (simulator seed 182 with
+    /// `--voter-table` and one try per operation: the giver reopened its ranges, the taker
+    /// read the write that had landed, and both served them). It is settled as a claim's.
+    #[test]
+    fn a_moves_failed_table_write_is_settled_before_it_counts_as_failed() {
+        let move_with_a_failing_write = |lands: bool, reads_fail: bool| {
+            let store = Arc::new(FailingWrite::new(0..2));
+            let view = open_view(StorageMode::Shared, 0, store.clone(), None);
+            let held = view.owners_of(&[(0, 0)]);
+            store.arm(lands, reads_fail);
+            let r = view.hand_over(&[(0, 0)], &held, 1);
+            store.reconnect();
+            let on_medium = ownership::load(store.as_ref()).unwrap().unwrap();
+            (r, view, on_medium)
+        };
+        let (r, view, on_medium) = move_with_a_failing_write(true, false);
+        assert!(r.is_ok(), "it landed: the move stands ({r:?})");
+        assert_eq!(view.state(0, 0), RangeState::Remote(1));
+        assert_eq!(on_medium.luns[0][0].owner, 1);
+        let (r, view, on_medium) = move_with_a_failing_write(false, false);
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| !matches!(e, ownership::TableError::Uncertain(_))),
+            "it did not land, and now never will ({r:?})"
+        );
+        assert_eq!(view.owners_of(&[(0, 0)])[0].owner, 0);
+        assert_eq!((on_medium.luns[0][0].owner, on_medium.generation), (0, 1));
+        let (r, _, _) = move_with_a_failing_write(false, true);
+        assert!(
+            matches!(r, Err(ownership::TableError::Uncertain(_))),
+            "{r:?}"
+        );
+    }
+
     /// Found by the partition suite (tests/vm/24, cycle "stop-b"): a node paused past its
     /// lease, taken over, resumed, regained its lease and, until its lease follower got to
     /// re-read the table, served the range it had lost by its stale view.
@@ -1533,33 +1528,14 @@ mod tests {
         let (store, [a, b], renew) = two_leases();
         renew(&[&a, &b], 6);
         assert!(a.holds() && b.holds());
-        let initial = OwnershipTable {
-            cluster_id: 7,
-            generation: 1,
-            luns: vec![vec![
-                RangeOwner { owner: 0, epoch: 1 },
-                RangeOwner { owner: 1, epoch: 1 },
-            ]],
-        };
-        let view = Cluster::open(ClusterSetup {
-            storage: StorageMode::Shared,
-            me: 0,
-            nodes: vec!["node-a".into(), "node-b".into()],
-            table_store: store.clone(),
-            initial: initial.clone(),
-            lease: Some(a.clone()),
-            link_timeout: Duration::from_secs(1),
-            forward_wait: Duration::from_secs(60),
-            reservations: Vec::new(),
-        })
-        .expect("open");
+        let view = open_view(StorageMode::Shared, 0, store.clone(), Some(a.clone()));
         assert!(view.table_is_current());
         assert_eq!(view.state(0, 0), RangeState::Local);
 
         // node-a is paused past its lease; node-b declares it dead and takes range 0.
         renew(&[&b], 14);
         assert!(matches!(b.verdict(0), crate::lease::Verdict::Dead { .. }));
-        let mut taken = initial;
+        let mut taken = two_range_table();
         taken.generation += 1;
         taken.luns[0][0] = RangeOwner { owner: 1, epoch: 2 };
         ownership::save(store.as_ref(), &taken).expect("save");
@@ -1583,28 +1559,7 @@ mod tests {
     fn forcing_our_medium_current_needs_both_media_outdated_and_the_partner_down() {
         let (store, [a, b], renew) = two_leases();
         renew(&[&a, &b], 6);
-        let initial = OwnershipTable {
-            cluster_id: 7,
-            generation: 1,
-            luns: vec![vec![
-                RangeOwner { owner: 0, epoch: 1 },
-                RangeOwner { owner: 1, epoch: 1 },
-            ]],
-        };
-        let view = |me, lease| {
-            Cluster::open(ClusterSetup {
-                storage: StorageMode::Own,
-                me,
-                nodes: vec!["node-a".into(), "node-b".into()],
-                table_store: store.clone(),
-                initial: initial.clone(),
-                lease,
-                link_timeout: Duration::from_secs(1),
-                forward_wait: Duration::from_secs(60),
-                reservations: Vec::new(),
-            })
-            .expect("open")
-        };
+        let view = |me, lease| open_view(StorageMode::Own, me, store.clone(), lease);
         let (node_a, node_b) = (view(0, Some(a.clone())), view(1, Some(b.clone())));
         // node-b owns range 1: it wrote it while node-a was away (node-a's medium misses
         // those writes), then its own medium failed a batch of it (node-a's took it).

@@ -666,8 +666,19 @@ impl Engine {
             ))
             .await;
         }
-        if let Err(e) = c.hand_over(ranges, held, partner) {
-            return reopen(format!("updating the ownership table: {e}")).await;
+        match c.hand_over(ranges, held, partner) {
+            Ok(()) => {}
+            Err(e @ crate::ownership::TableError::Uncertain(_)) => {
+                // The move may land later: serving the ranges again could then make two
+                // owners. Their gates stay closed, and the daemon restarts: its start
+                // serves them as the table says then.
+                self.takeover
+                    .set_restart_wanted(format!("a move's table write is uncertain: {e}"));
+                return Err(format!(
+                    "updating the ownership table: {e}; the ranges stay closed and the daemon restarts"
+                ));
+            }
+            Err(e) => return reopen(format!("updating the ownership table: {e}")).await,
         }
         tracing::warn!(
             "handed {} range(s) ({}) to node {}",
