@@ -674,6 +674,8 @@ pub(crate) struct FailingWrite {
     /// Armed: (the write lands, the accesses after it fail).
     armed: std::sync::Mutex<Option<(bool, bool)>>,
     cut_off: std::sync::atomic::AtomicBool,
+    /// Writes of the slots tried so far.
+    pub writes: std::sync::atomic::AtomicU64,
 }
 
 #[cfg(test)]
@@ -684,6 +686,7 @@ impl FailingWrite {
             slots,
             armed: std::sync::Mutex::new(None),
             cut_off: std::sync::atomic::AtomicBool::new(false),
+            writes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -713,6 +716,10 @@ impl TableStore for FailingWrite {
     }
 
     fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
+        if self.slots.contains(&slot) {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         if self.cut(slot) {
             return Err(io::Error::other("writes fail"));
         }

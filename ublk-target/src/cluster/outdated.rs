@@ -170,7 +170,7 @@ impl OutdatedMedia {
     }
 
     /// Writer `me` marks `subject`'s medium outdated for `ranges`, each (global range,
-    /// epoch) at the epoch it has now. Durable on return; true if the slot was written.
+    /// epoch) at the epoch it has now. Durable on return; true if the marks changed.
     pub fn mark(
         &self,
         store: &dyn TableStore,
@@ -191,14 +191,15 @@ impl OutdatedMedia {
         for &(r, epoch) in ranges {
             marks.insert(r, epoch);
         }
-        if marks == before {
-            return Ok(false);
-        }
+        // Written even when the slot reads as marked already: a withdrawal of ours that
+        // failed may still land (a voters' write kept by a minority, which this read need
+        // not meet), and only a write that completes after it buries it. The caller calls
+        // this only for marks it does not remember making (`Cluster::mark_outdated`).
         let data = encode(&marks, self.cluster_id, me, subject, self.ranges)?;
         // Settled when it fails: a mark taken for not made that lands later is never
         // withdrawn (the resync's clear reads it only where it landed).
         crate::ownership::write_own_slot(store, Self::slot(me, subject), &data)?;
-        Ok(true)
+        Ok(marks != before)
     }
 }
 

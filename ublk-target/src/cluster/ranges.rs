@@ -723,10 +723,24 @@ impl Cluster {
 
     /// Last step of a takeover: the replay is done, open the gates.
     pub fn finish_takeover(&self, moved: &[(u32, u32)]) {
+        // Only as the table last read says: a takeover that kept retrying with its ranges
+        // closed may end after a re-read found them taken from us meanwhile (simulator seed
+        // 1442 with `--voter-table` and one try per operation: this node's path failed mid-
+        // takeover, its lease lapsed and the partner took every range; once the path was
+        // back, the takeover's retry succeeded and served ranges the partner served too).
+        let owners = self.owners_of(moved);
         {
             let mut gates = self.gates();
-            for &(l, r) in moved {
-                gates[l as usize][r as usize] = RangeState::Local;
+            for (&(l, r), now) in moved.iter().zip(&owners) {
+                gates[l as usize][r as usize] = if now.owner == self.me {
+                    RangeState::Local
+                } else {
+                    tracing::warn!(
+                        "range {r} of LUN {l} is node {}'s now (taken while this node held it closed): routed there, not served here",
+                        self.node_name(now.owner)
+                    );
+                    RangeState::Remote(now.owner)
+                };
             }
         }
         self.routes_changed();
@@ -1028,13 +1042,18 @@ impl Cluster {
         let epochs: Vec<u64> = t.luns.iter().flatten().map(|o| o.epoch).collect();
         let epoch_of = |g: u32| epochs.get(g as usize).copied();
         let mut known = self.marking.lock().unwrap_or_else(|p| p.into_inner());
-        for &writer in writers {
-            media.clear(self.store.as_ref(), writer, subject, &globals, &epoch_of)?;
-        }
+        // Forgotten before the withdrawal, not after it: a withdrawal that fails may still
+        // land, and a mark remembered as made would then never be written again (simulator
+        // seed 340 with `--voter-table --storage own` and one try per operation: the
+        // resync's withdrawal failed, a batch the partner's medium missed after it was
+        // taken for marked already, and the withdrawal landed: a lost write).
         if let Some(made) = known.get_mut(&subject) {
             for g in &globals {
                 made.remove(g);
             }
+        }
+        for &writer in writers {
+            media.clear(self.store.as_ref(), writer, subject, &globals, &epoch_of)?;
         }
         Ok(known)
     }
@@ -1517,6 +1536,61 @@ mod tests {
         assert!(
             matches!(r, Err(ownership::TableError::Uncertain(_))),
             "{r:?}"
+        );
+    }
+
+    /// A takeover that ends after a re-read found its ranges taken from it meanwhile opens
+    /// them as the table says, not as its own (simulator seed 1442 with `--voter-table`).
+    #[test]
+    fn a_takeover_ending_after_its_ranges_were_taken_does_not_serve_them() {
+        let (store, view) = views_without_leases(StorageMode::Shared);
+        let node_b = view(1);
+        assert_eq!(node_b.begin_takeover(0, None).expect("claim"), vec![(0, 0)]);
+        assert_eq!(node_b.state(0, 0), RangeState::TakingOver);
+        // node-a takes every range while node-b's replay keeps failing.
+        let mut taken = ownership::load(store.as_ref())
+            .expect("load")
+            .expect("table");
+        taken.generation += 1;
+        for e in taken.luns[0].iter_mut() {
+            *e = RangeOwner {
+                owner: 0,
+                epoch: e.epoch + 1,
+            };
+        }
+        ownership::save(store.as_ref(), &taken).expect("save");
+        node_b.reload_noting_losses(&mut |_| {}).expect("reload");
+        node_b.finish_takeover(&[(0, 0)]);
+        assert_eq!(node_b.state(0, 0), RangeState::Remote(0));
+        assert_eq!(node_b.state(0, 1), RangeState::Remote(0));
+    }
+
+    /// A withdrawal of marks that failed may still land (a voters' write kept by a
+    /// minority): the mark made again after it must be written, not taken for made already
+    /// (simulator seed 340 with `--voter-table --storage own` and one try per operation).
+    #[test]
+    fn a_mark_after_a_failed_withdrawal_is_written_again() {
+        // node-b's marks about node-a: slot 16 + 1 * 4 + 0.
+        let store = Arc::new(FailingWrite::new(20..21));
+        let node_b = open_view(StorageMode::Own, 1, store.clone(), None);
+        node_b.mark_outdated(0, &[(0, 1)]).expect("mark");
+        store.arm(false, true);
+        assert!(node_b.clear_outdated(0, &[(0, 1)]).is_err());
+        store.reconnect();
+        let before = store.writes.load(std::sync::atomic::Ordering::SeqCst);
+        node_b.mark_outdated(0, &[(0, 1)]).expect("mark again");
+        assert_eq!(
+            store.writes.load(std::sync::atomic::Ordering::SeqCst),
+            before + 1,
+            "the mark is written again"
+        );
+        // Remembered now: the next one writes nothing.
+        node_b
+            .mark_outdated(0, &[(0, 1)])
+            .expect("mark a third time");
+        assert_eq!(
+            store.writes.load(std::sync::atomic::Ordering::SeqCst),
+            before + 1
         );
     }
 
