@@ -1,6 +1,7 @@
 //! What one seed runs: the cluster's settings and the faults, drawn from the seed up front, so
 //! that a seed names one exact scenario.
 
+use nvmirror::cluster::register_store::ATTEMPTS;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
@@ -236,6 +237,9 @@ pub struct FaultMix {
     /// its operations may time out, and a timed-out write may surface later. Draws from a
     /// stream of its own; off in [`FaultMix::all`].
     pub voter_table: bool,
+    /// With `voter_table`: tries per voter operation before the store fails (the daemon's
+    /// [`ATTEMPTS`]; fewer make the store fail far more often).
+    pub voter_tries: u32,
 }
 
 impl FaultMix {
@@ -270,6 +274,7 @@ impl FaultMix {
             local_reads: false,
             clock_drift: None,
             voter_table: false,
+            voter_tries: ATTEMPTS,
         }
     }
 
@@ -315,6 +320,7 @@ impl FaultMix {
             local_reads: false,
             clock_drift: None,
             voter_table: false,
+            voter_tries: ATTEMPTS,
         }
     }
 
@@ -357,6 +363,8 @@ pub struct Settings {
     pub local_reads: bool,
     /// See [`FaultMix::voter_table`].
     pub voter_table: bool,
+    /// See [`FaultMix::voter_tries`].
+    pub voter_tries: u32,
     /// Each node's clock rate against real time (see [`FaultMix::clock_drift`]).
     pub clock_rates: [f64; 2],
     pub degraded_nvram: bool,
@@ -399,6 +407,7 @@ impl Settings {
         s.queue_writes = mix.queue_writes;
         s.local_reads = mix.local_reads;
         s.voter_table = mix.voter_table;
+        s.voter_tries = mix.voter_tries;
         if let Some(drift) = mix.clock_drift {
             use rand::SeedableRng;
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc10c_0000_0000_0001);
@@ -457,6 +466,7 @@ impl Settings {
             queue_writes: false,
             local_reads: false,
             voter_table: false,
+            voter_tries: ATTEMPTS,
             clock_rates: [1.0, 1.0],
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,

@@ -61,15 +61,25 @@ struct State {
 }
 
 pub struct VoterTable {
+    /// Tries per operation.
+    tries: u32,
     state: Mutex<State>,
     net: Arc<SimNet>,
     disk: Arc<SimDisk>,
 }
 
 impl VoterTable {
-    /// `net` for the cuts between the nodes, `disk` for the nodes' path failures.
-    pub fn new(seed: u64, nodes: usize, net: Arc<SimNet>, disk: Arc<SimDisk>) -> Arc<Self> {
+    /// `net` for the cuts between the nodes, `disk` for the nodes' path failures; each
+    /// operation tried `tries` times (the daemon's `register_store::ATTEMPTS`, or fewer).
+    pub fn new(
+        seed: u64,
+        nodes: usize,
+        tries: u32,
+        net: Arc<SimNet>,
+        disk: Arc<SimDisk>,
+    ) -> Arc<Self> {
         Arc::new(VoterTable {
+            tries,
             state: Mutex::new(State {
                 voters: vec![RegisterVoter::default(); VOTERS as usize],
                 held: Vec::new(),
@@ -102,7 +112,9 @@ impl VoterTable {
             table: self.clone(),
             node,
             life,
-            ballots: Mutex::new(Ballots::new(node as Voter, VOTERS, round)),
+            ballots: Mutex::new(
+                Ballots::new(node as Voter, VOTERS, round).with_attempts(self.tries),
+            ),
         }
     }
 

@@ -712,7 +712,7 @@ impl World {
         });
         let voter_table = s
             .voter_table
-            .then(|| VoterTable::new(s.seed, NODES, net.clone(), disk.clone()));
+            .then(|| VoterTable::new(s.seed, NODES, s.voter_tries, net.clone(), disk.clone()));
         let nodes = (0..NODES)
             .map(|id| Node {
                 name: format!("n{id}"),

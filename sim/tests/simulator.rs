@@ -856,3 +856,27 @@ fn the_table_on_voters_keeps_every_acknowledged_write() {
     }
     assert!(late > 100, "only {late} late messages");
 }
+
+/// One try per voter operation (`--voter-tries 1`), so the arbiter fails often while the
+/// media work. Seed 530 (own storage) ended with a node owning a range its medium was marked
+/// outdated for although that medium never failed: its flusher took the voters' failure to
+/// read the ownership table for its medium's and shipped the batch, marking its own medium
+/// (`NodeFlushContext::arbiter_failed`). Seeds 182, 246 and 1442 (shared) and 49, 61, 340
+/// (own) found the failed arbiter writes that could still land (2026-12-07).
+#[test]
+fn one_try_per_voter_operation_keeps_every_invariant() {
+    for (own, seeds) in [
+        (false, vec![182, 246, 1442]),
+        (true, vec![49, 61, 340, 530]),
+    ] {
+        let mut mix = FaultMix::all();
+        mix.voter_table = true;
+        mix.voter_tries = 1;
+        mix.own_storage = own;
+        mix.local_reads = own;
+        for seed in seeds {
+            let o = run(&Settings::draw(seed, Duration::from_secs(20), &mix), false);
+            assert!(o.passed(), "seed {seed} (own storage {own}):\n{}", show(&o));
+        }
+    }
+}

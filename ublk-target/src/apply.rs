@@ -31,7 +31,8 @@ pub enum Fence {
     /// The ownership table cannot be read through our path (the path is failing).
     Unreadable(String),
     /// Not now: this node may not write the medium at the moment (it does not hold its disk
-    /// lease); try again later, nobody writes for us.
+    /// lease, or, each node its own medium, the arbiter cannot be reached); try again later,
+    /// nobody writes for us.
     Suspended(String),
 }
 

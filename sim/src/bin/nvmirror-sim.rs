@@ -80,6 +80,11 @@ struct Args {
     /// back and delivered late (`sim/src/voter_table.rs`).
     #[arg(long)]
     voter_table: bool,
+    /// With --voter-table: tries per voter operation before the store fails (the daemon
+    /// tries 4 times; 1 makes the store fail far more often, to find what its failures break).
+    #[arg(long, value_name = "N", default_value_t = nvmirror::cluster::register_store::ATTEMPTS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    voter_tries: u32,
     /// The nodes' clocks run at different rates: one PERCENT fast, the other PERCENT slow
     /// (the leases allow for two clocks 10% apart: up to 4.7 stays within that; more tries
     /// what happens beyond it).
@@ -265,6 +270,10 @@ fn main() {
         m.queue_writes = args.queue_writes;
         m.local_reads = args.local_reads;
         m.voter_table = args.voter_table;
+        if !args.voter_table && args.voter_tries != nvmirror::cluster::register_store::ATTEMPTS {
+            return Err("--voter-tries counts the voters' tries: it needs --voter-table".into());
+        }
+        m.voter_tries = args.voter_tries;
         m.clock_drift = args.clock_drift.map(|percent| percent / 100.0);
         m.resync_rate = args.resync_rate.map(|kib| kib << 10);
         if args.no_givebacks {

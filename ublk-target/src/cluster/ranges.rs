@@ -721,18 +721,21 @@ impl Cluster {
         self.routes_changed();
     }
 
-    /// Last step of a takeover: the replay is done, open the gates.
-    pub fn finish_takeover(&self, moved: &[(u32, u32)]) {
+    /// Last step of a takeover: the replay is done, open the gates. Returns how many of
+    /// `moved` this node serves now (the others were taken from it meanwhile).
+    pub fn finish_takeover(&self, moved: &[(u32, u32)]) -> usize {
         // Only as the table last read says: a takeover that kept retrying with its ranges
         // closed may end after a re-read found them taken from us meanwhile (simulator seed
         // 1442 with `--voter-table` and one try per operation: this node's path failed mid-
         // takeover, its lease lapsed and the partner took every range; once the path was
         // back, the takeover's retry succeeded and served ranges the partner served too).
         let owners = self.owners_of(moved);
+        let mut opened = 0;
         {
             let mut gates = self.gates();
             for (&(l, r), now) in moved.iter().zip(&owners) {
                 gates[l as usize][r as usize] = if now.owner == self.me {
+                    opened += 1;
                     RangeState::Local
                 } else {
                     tracing::warn!(
@@ -744,6 +747,7 @@ impl Cluster {
             }
         }
         self.routes_changed();
+        opened
     }
 
     /// Each node keeps its own medium (`storage = "own"`).
@@ -1560,7 +1564,7 @@ mod tests {
         }
         ownership::save(store.as_ref(), &taken).expect("save");
         node_b.reload_noting_losses(&mut |_| {}).expect("reload");
-        node_b.finish_takeover(&[(0, 0)]);
+        assert_eq!(node_b.finish_takeover(&[(0, 0)]), 0, "nothing opened");
         assert_eq!(node_b.state(0, 0), RangeState::Remote(0));
         assert_eq!(node_b.state(0, 1), RangeState::Remote(0));
     }

@@ -138,8 +138,9 @@ fn decode_ballot(b: &[u8]) -> Result<u64, String> {
 /// How many times an operation is tried, under a newer ballot after a refusal or again
 /// after a timeout, before the caller gets the error: two writers that keep taking a slot
 /// from each other are the lease's business, and a majority away for longer is a path
-/// failure, not the store's.
-const ATTEMPTS: u32 = 4;
+/// failure, not the store's. (The simulator can try fewer, `--voter-tries`, to make the
+/// store fail far more often.)
+pub const ATTEMPTS: u32 = 4;
 
 /// A node's client of the voters and its ballot round: what the daemon's store and the
 /// simulator's (`sim/src/voter_table.rs`) share. A refusal takes a newer round; a timeout
@@ -151,6 +152,8 @@ pub struct Ballots {
     voters: u32,
     round: u64,
     client: RegisterClient,
+    /// Tries per operation ([`ATTEMPTS`] unless [`Ballots::with_attempts`]).
+    attempts: u32,
 }
 
 /// Exchanges messages with the voters until the client's operation ends.
@@ -177,7 +180,14 @@ impl Ballots {
             voters,
             round,
             client: RegisterClient::new(me, voters, epoch_of(round, me, voters), Flaws::default()),
+            attempts: ATTEMPTS,
         }
+    }
+
+    /// The same client trying each operation `attempts` times (at least once).
+    pub fn with_attempts(mut self, attempts: u32) -> Ballots {
+        self.attempts = attempts.max(1);
+        self
     }
 
     pub fn epoch(&self) -> u64 {
@@ -196,7 +206,7 @@ impl Ballots {
             round,
             "a newer ballot holds the slot; taking round {round}"
         );
-        *self = Ballots::new(self.me, self.voters, round);
+        *self = Ballots::new(self.me, self.voters, round).with_attempts(self.attempts);
         Ok(())
     }
 
@@ -204,15 +214,15 @@ impl Ballots {
         io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
-                "slot {slot}: no majority of the {} voters answered {ATTEMPTS} tries in time{what}",
-                self.voters
+                "slot {slot}: no majority of the {} voters answered {} tries in time{what}",
+                self.voters, self.attempts
             ),
         )
     }
 
     /// Reads `slot`: its value (empty if never written).
     pub fn read(&mut self, slot: u64, x: &mut impl Exchange) -> io::Result<Vec<u8>> {
-        for _ in 0..ATTEMPTS {
+        for _ in 0..self.attempts {
             let sends = self.client.read(slot, x.deadline());
             match x.exchange(&mut self.client, sends) {
                 Outcome::Read { data, .. } => return Ok(data),
@@ -232,7 +242,7 @@ impl Ballots {
     /// may surface until a write that began after the error completes), as a disk's failed
     /// write.
     pub fn write(&mut self, slot: u64, data: &[u8], x: &mut impl Exchange) -> io::Result<()> {
-        for _ in 0..ATTEMPTS {
+        for _ in 0..self.attempts {
             let sends = self.client.write(slot, data.to_vec(), x.deadline());
             match x.exchange(&mut self.client, sends) {
                 Outcome::Written { .. } => return Ok(()),

@@ -76,14 +76,17 @@ impl FlushContext for NodeFlushContext {
             .collect();
         checks.sort_unstable();
         checks.dedup();
-        c.still_owned(&checks)
+        c.still_owned(&checks).map_err(|f| match f {
+            Fence::Unreadable(why) => self.arbiter_failed(why),
+            f => f,
+        })
     }
 
     fn may_write(&self) -> Result<(), Fence> {
         match self.serving.may_write_medium() {
             Ok(()) => Ok(()),
             // The partner hears us and writes the batch from its mirror.
-            Err((true, why)) => Err(Fence::Unreadable(why)),
+            Err((true, why)) => Err(self.arbiter_failed(why)),
             Err((false, why)) => Err(Fence::Suspended(why)),
         }
     }
@@ -104,7 +107,7 @@ impl FlushContext for NodeFlushContext {
             return Ok(());
         }
         c.record_flushed(self.log_id, self.partitions, partition, through_seq)
-            .map_err(|e| Fence::Unreadable(format!("writing flush marks to the medium: {e}")))?;
+            .map_err(|e| self.arbiter_failed(format!("writing flush marks to the medium: {e}")))?;
         self.check_fence(written)
     }
 
@@ -228,8 +231,9 @@ impl FlushContext for NodeFlushContext {
                     })?;
                 }
                 c.mark_outdated(c.partner(), &ranges).map_err(|e| {
-                    Fence::Unreadable(format!(
-                        "marking the partner's medium outdated on the arbiter failed: {e}"
+                    // Never our medium's failure: the batch waits (see `arbiter_failed`).
+                    Fence::Suspended(format!(
+                        "marking the partner's medium outdated on the arbiter failed: {e}; the records stay staged"
                     ))
                 })
             })();
@@ -284,6 +288,24 @@ impl FlushContext for NodeFlushContext {
             });
         }
         self.ask_partner_to_write(partition, first, last, count)
+    }
+}
+
+impl NodeFlushContext {
+    /// The arbiter (ownership table, flush marks, lease) failed us, not necessarily our
+    /// medium. With one shared medium that holds the table the two are one path, so the
+    /// partner writes the batch for us. With each node its own medium they are not: taking
+    /// it for our medium's failure would mark a medium outdated that holds every write (and
+    /// make that mark on the very arbiter that fails; one-try simulator seed 530), so the
+    /// batch stays staged and is tried again, as while our lease does not hold.
+    fn arbiter_failed(&self, why: String) -> Fence {
+        if self.cluster.as_ref().is_some_and(|c| c.own_storage()) {
+            Fence::Suspended(format!(
+                "{why} (the arbiter, not our medium: the records stay staged)"
+            ))
+        } else {
+            Fence::Unreadable(why)
+        }
     }
 }
 

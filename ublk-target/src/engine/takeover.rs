@@ -354,7 +354,7 @@ impl Engine {
                 .map_err(|e| format!("the takeover note in the NVRAM: {e}"))
         })
         .await?;
-        c.finish_takeover(&moved);
+        let opened = c.finish_takeover(&moved);
         self.takeover.update(|p| {
             if let Some(p) = p.as_mut() {
                 p.skipped_already_flushed = report.skipped_already_flushed as u64;
@@ -362,8 +362,11 @@ impl Engine {
         });
         self.takeover_phase("done".into());
         tracing::warn!(
-            "takeover complete: now serving {} more range(s)",
-            moved.len()
+            "takeover complete: now serving {opened} more range(s){}",
+            match moved.len() - opened {
+                0 => String::new(),
+                taken => format!(" ({taken} taken by another node meanwhile: routed to it)"),
+            }
         );
         Ok(report)
     }
