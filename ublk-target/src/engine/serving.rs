@@ -101,7 +101,9 @@ impl ServingRight {
             heard,
             format!(
                 "this node's disk lease does not hold for another {io:?} (its heartbeat on the medium is not renewed){}",
-                if heard {
+                // With each node its own medium nobody can write ours for us
+                // (`NodeFlushContext::arbiter_failed`).
+                if heard && !c.own_storage() {
                     "; the partner, which still hears us, writes for us"
                 } else {
                     "; no medium writes until it holds again"
