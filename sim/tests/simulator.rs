@@ -865,11 +865,15 @@ fn the_table_on_voters_keeps_every_acknowledged_write() {
 /// (own) found the failed arbiter writes that could still land (2026-12-07). Seed 2129
 /// (shared) lost a write: a takeover's claim failed unsettled, and a second takeover, started
 /// before the restart that claim asked for, found the claim landed, took nothing and cleared
-/// the notes the restart would have finished it from (`TakeoverState::begin_move`).
+/// the notes the restart would have finished it from (`TakeoverState::begin_move`). Seeds
+/// 6420 and 6665 (shared) lost writes around a claim whose replay was unfinished: a start
+/// that dropped its records of the claimed ranges, then took them back from the claimer
+/// (`engine::dropped_ranges`), and a restart that replayed records kept for it over data
+/// written after the ranges came back (`nvram::range_epochs_note`).
 #[test]
 fn one_try_per_voter_operation_keeps_every_invariant() {
     for (own, seeds) in [
-        (false, vec![182, 246, 1442, 2129]),
+        (false, vec![182, 246, 1442, 2129, 6420, 6665]),
         (true, vec![49, 61, 340, 530]),
     ] {
         let mut mix = FaultMix::all();

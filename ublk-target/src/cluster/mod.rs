@@ -17,5 +17,7 @@ pub mod voter_service;
 pub mod wire;
 
 pub use forward::{ForwardFuture, Forwarder, RequestForwarder};
-pub use ranges::{Cluster, ClusterSetup, LunRange, NodeId, RangeState, RangeStatus, Reloaded};
+pub use ranges::{
+    Cluster, ClusterSetup, LostAt, LunRange, NodeId, RangeState, RangeStatus, Reloaded,
+};
 pub use read_lease::ReadLeases;

@@ -120,6 +120,8 @@ pub struct RangeStatus {
 
 /// A range of a LUN: (LUN index, range of the LUN).
 pub type LunRange = (u32, u32);
+/// A range the table moved away from this node, with the epoch it gives the range now.
+pub type LostAt = (LunRange, u64);
 
 /// The marks this node made, per node they are about (`Cluster::marking`), locked.
 type MarkingGuard<'a> =
@@ -640,12 +642,12 @@ impl Cluster {
     /// routes accordingly (ranges being taken over keep their closed gates), and returns
     /// which ranges we lost since we last read the table: ours then, another node's now or
     /// ours under a newer epoch (taken from us and given back). Before
-    /// the new table counts as read, `on_lost` hears of them (the node kills its records of
-    /// them). The gates of the ranges held again stay closed until the caller's
+    /// the new table counts as read, `on_lost` hears of them, with the epochs the table
+    /// gives them now (the node kills its records of them). The gates of the ranges held again stay closed until the caller's
     /// [`Cluster::finish_takeover`].
     pub fn reload_noting_losses(
         &self,
-        on_lost: &mut dyn FnMut(&[LunRange]),
+        on_lost: &mut dyn FnMut(&[LostAt]),
     ) -> Result<Reloaded, ownership::TableError> {
         // Noted before the read: a lapse during it leaves the view stale, to be read again.
         let acquisition = self.lease.as_ref().map_or(0, |l| l.acquisitions());
@@ -674,12 +676,16 @@ impl Cluster {
                 .lost_since_marks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            for &(l, r) in &lost {
-                noted.retain(|(x, _)| *x != (l, r));
-                noted.push(((l, r), t.luns[l as usize][r as usize].epoch));
+            let with_epochs: Vec<LostAt> = lost
+                .iter()
+                .map(|&(l, r)| ((l, r), t.luns[l as usize][r as usize].epoch))
+                .collect();
+            for &(range, epoch) in &with_epochs {
+                noted.retain(|(x, _)| *x != range);
+                noted.push((range, epoch));
             }
             drop(noted);
-            on_lost(&lost);
+            on_lost(&with_epochs);
         }
         let fresh = Self::gates_from(&t, self.me);
         {
@@ -1183,8 +1189,49 @@ impl Cluster {
     ) -> Result<(), ownership::TableError> {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         let m = self.current_marks(&mut marks, log_id, partitions)?;
-        // Ranges lost since the last write: bounded where their partition is now, before
-        // this batch (which may release their records dead) moves it on.
+        // Before this batch (which may release their records dead) moves the marks on.
+        self.bound_lost_ranges(m, partitions);
+        let slot = m
+            .flushed_through
+            .get_mut(partition as usize)
+            .ok_or(ownership::TableError::TooLarge(partition as usize))?;
+        *slot = (*slot).max(seq);
+        ownership::save_marks(self.store.as_ref(), m)
+    }
+
+    /// At start, before the log moves past them: our records of `ranges` (another node's
+    /// in the table) die unwritten, so the marks bound those ranges where their partitions
+    /// are now. A taker whose replay of its copies of them is unfinished must not take
+    /// them for flushed once our marks move on (simulator seed 6420).
+    pub fn record_dropped_at_start(
+        &self,
+        log_id: u64,
+        partitions: usize,
+        ranges: &[LunRange],
+    ) -> Result<(), ownership::TableError> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let epochs = self.owners_of(ranges);
+        {
+            let mut noted = self
+                .lost_since_marks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (&range, owner) in ranges.iter().zip(epochs) {
+                noted.retain(|(x, _)| *x != range);
+                noted.push((range, owner.epoch));
+            }
+        }
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.current_marks(&mut marks, log_id, partitions)?;
+        self.bound_lost_ranges(m, partitions);
+        ownership::save_marks(self.store.as_ref(), m)
+    }
+
+    /// Ranges lost since the marks were last written go into them, bounded where their
+    /// partition is now (`FlushMarks::lost`).
+    fn bound_lost_ranges(&self, m: &mut ownership::FlushMarks, partitions: usize) {
         let newly_lost = std::mem::take(
             &mut *self
                 .lost_since_marks
@@ -1221,12 +1268,6 @@ impl Cluster {
                 m.lost.drain(..excess);
             }
         }
-        let slot = m
-            .flushed_through
-            .get_mut(partition as usize)
-            .ok_or(ownership::TableError::TooLarge(partition as usize))?;
-        *slot = (*slot).max(seq);
-        ownership::save_marks(self.store.as_ref(), m)
     }
 
     /// Our flush marks as the medium has them (loaded once after a start), started afresh

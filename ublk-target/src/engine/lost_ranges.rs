@@ -12,7 +12,9 @@
 
 use super::core::Engine;
 use super::datapath::mirror_post;
-use crate::cluster::LunRange;
+use crate::cluster::{LostAt, LunRange};
+use crate::nvram::range_epochs_note::{self as note, Note, RangeEpoch};
+use crate::nvram::Layout;
 
 /// A range's span whose records died in memory (`mark_dead`), for its void record.
 struct DeadSpan {
@@ -184,12 +186,35 @@ impl Engine {
         lost.iter().partition(|r| claimed.contains(r))
     }
 
-    /// Ranges we lost to a claim whose replay is unfinished: their records must neither die
-    /// nor reach the medium now, so the partitions they stage in stop and the daemon restarts
-    /// (`Engine::restart_wanted`), where the start keeps them until the claimer finishes or
-    /// dies and then replays them (`engine::unfinished_claims`, simulator seed 4755).
-    fn fence_for_claims(&self, claimed: &[LunRange]) {
-        for &(l, r) in claimed {
+    /// Ranges we lost to a claim whose replay is unfinished (with the epochs the claim gave
+    /// them): their records must neither die nor reach the medium now, so the partitions
+    /// they stage in stop and the daemon restarts (`Engine::restart_wanted`). The start
+    /// replays them if the claimer died before finishing (`engine::unfinished_claims`,
+    /// simulator seed 4755). They are noted first (`nvram::range_epochs_note`): should the
+    /// ranges be ours again by then, the claim finished and they were given back, and the
+    /// start must not replay records older than what was written since (simulator seed 6665).
+    fn fence_for_claims(&self, claimed: &[LostAt]) {
+        if claimed.is_empty() {
+            return;
+        }
+        let layout = Layout::of(&self.sb);
+        let mut kept = note::read(&self.region, &layout, Note::Kept);
+        for &((l, r), epoch) in claimed {
+            let Some(lun) = self.luns.get(l as usize) else {
+                continue;
+            };
+            kept.retain(|k| k.range != lun.first_range + r);
+            kept.push(RangeEpoch {
+                range: lun.first_range + r,
+                epoch,
+            });
+        }
+        if let Err(e) = note::write(&self.region, &layout, Note::Kept, &kept) {
+            tracing::error!(
+                "noting the ranges whose records this node keeps for a restart failed ({e}): should they be given back before the restart, it would replay records older than their data"
+            );
+        }
+        for &((l, r), _) in claimed {
             let Some(lun) = self.luns.get(l as usize) else {
                 continue;
             };
@@ -220,8 +245,14 @@ impl Engine {
         let ours_before = self.write_demand.enabled().then(|| c.ranges_of(c.me));
         let crate::cluster::Reloaded { lost, held_again } = c
             .reload_noting_losses(&mut |lost| {
-                let (claimed, rest) = self.claimed_unfinished(lost);
+                let ranges: Vec<LunRange> = lost.iter().map(|&(r, _)| r).collect();
+                let (claimed, rest) = self.claimed_unfinished(&ranges);
                 spans = self.mark_dead(&rest);
+                let claimed: Vec<LostAt> = lost
+                    .iter()
+                    .filter(|(r, _)| claimed.contains(r))
+                    .copied()
+                    .collect();
                 self.fence_for_claims(&claimed);
             })
             .map_err(|e| e.to_string())?;

@@ -14,7 +14,8 @@
 //! serve), `routing` (which node serves an I/O; forwarding both ways), `takeover`
 //! (takeover, giveback, handover, writing for a partner whose medium path failed) with its
 //! bookkeeping in `takeover_state` (and at start `unfinished_claims`: ranges taken from us
-//! by a node that died before replaying them), `lost_ranges` (killing our records of ranges we lost:
+//! by a node that died before replaying them, and `dropped_ranges`: ranges a start dropped
+//! records of, left to their taker until its replay ends), `lost_ranges` (killing our records of ranges we lost:
 //! void records), `mirroring` (what happens when the partner connects:
 //! releases, re-mirroring what it lacks), `serving` (the right to serve: the disk lease, or the
 //! partner's word), `flush_context` (what the flusher asks of the node; a log-shipping source's lag behind its destination in `ship_lag`), `partner_reads`
@@ -30,6 +31,7 @@
 
 mod core;
 mod datapath;
+mod dropped_ranges;
 mod flush_context;
 mod local_reads;
 mod lost_ranges;

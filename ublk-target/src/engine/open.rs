@@ -5,6 +5,7 @@
 use super::core::{
     Engine, EngineError, EngineOptions, OpenMode, OutOfSyncOptions, ReplayReport, Stopping,
 };
+use super::dropped_ranges::{forget_kept_ranges, kept_ranges_given_back, note_dropped_ranges};
 use super::flush_context::NodeFlushContext;
 use super::serving::ServingRight;
 use super::takeover_state::{RestartSync, TakeoverState};
@@ -233,17 +234,23 @@ impl Engine {
             .as_ref()
             .map(|c| records_to_replay_for_dead_claimers(c))
             .unwrap_or_default();
+        let mut first = vec![0u8; 4096];
+        region.read_at(0, &mut first);
+        // Ranges whose records were kept for this restart, given back to us since: stale.
+        let given_back = match (&cluster, Superblock::decode(&first)) {
+            (Some(c), SuperblockState::Valid(sb)) => kept_ranges_given_back(&region, &sb, c, &luns),
+            _ => Vec::new(),
+        };
         let owned = |lun: u32, offset: u64| -> bool {
             match (&cluster, luns.get(lun as usize)) {
                 (Some(c), Some(l)) => {
                     let range = l.range_of(offset);
-                    c.owns(lun, range) || claimed_unreplayed.contains(&(lun, range))
+                    (c.owns(lun, range) && !given_back.contains(&(lun, range)))
+                        || claimed_unreplayed.contains(&(lun, range))
                 }
                 _ => true,
             }
         };
-        let mut first = vec![0u8; 4096];
-        region.read_at(0, &mut first);
         let mut report = ReplayReport::default();
         let blank = Superblock::decode(&first) == SuperblockState::Blank;
         if let Some(c) = cluster.as_ref().filter(|c| c.own_storage() && blank) {
@@ -369,6 +376,9 @@ impl Engine {
                     tracing::warn!("salvaging: {corrupt}; replaying the intact records before it and discarding the rest");
                     report.salvaged_from_corruption = true;
                 }
+                if let Some(c) = &cluster {
+                    note_dropped_ranges(&region, &sb, c, &luns, &scans, &owned)?;
+                }
                 // Records name their LUN by index; a layout change with an empty log is fine.
                 replay(&region, &sb, &scans, &luns, &owned, &mut report)?;
                 if sb.layout != want_layout || report.salvaged_from_corruption {
@@ -398,6 +408,8 @@ impl Engine {
                 format(&region, &opts, &want_layout, oos_luns.as_deref(), blank)?
             }
         };
+        // The log moved past the records kept for this restart (replayed or dropped).
+        forget_kept_ranges(&region, &sb)?;
         Engine::finish_open(
             region,
             opts,
@@ -1029,6 +1041,8 @@ fn format(
         // partner's log (forgotten: a fresh format holds none of the partner's records).
         // Slot 4 (partition 0's): a takeover note (`nvram::takeover_note`), none after a format;
         // slot 5: a restart sync note (`nvram::restart_sync_note`), rewritten by the caller.
+        // Slots 6 and 7 (partition 0's) stay: a format after a replay keeps the note of the
+        // ranges whose records it dropped (`nvram::range_epochs_note`).
         for slot in 1..6 {
             region.write_at(layout.checkpoint_offset(p, slot), &blank);
             region.persist(

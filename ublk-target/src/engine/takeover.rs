@@ -176,11 +176,35 @@ impl Engine {
         // Our own records of those ranges (staged before we lost them, if we ever held them)
         // die first, durably, before the table makes the ranges ours: the new data is on the
         // medium or in our second store, and our old records must never land over it.
-        let wanted: Vec<(u32, u32)> = c
+        let mut wanted: Vec<(u32, u32)> = c
             .ranges_of(from)
             .into_iter()
             .filter(|r| only.is_none_or(|o| o.contains(r)))
             .collect();
+        // Ranges `from` claimed from us and has not finished replaying, whose records our
+        // start dropped: `from` holds the only copies of some writes (`dropped_ranges`).
+        let left_to_claimer = match self.ranges_only_claimer_holds(c, from, &wanted) {
+            Ok(left) => left,
+            Err(e) => {
+                self.takeover_phase(format!("failed: {e}"));
+                return Err(e);
+            }
+        };
+        if !left_to_claimer.is_empty() {
+            wanted.retain(|r| !left_to_claimer.contains(r));
+            let why = format!(
+                "node {} took range(s) {left_to_claimer:?} from this node and has not finished replaying them, and this node's start dropped its own records of them: node {}'s NVRAM holds the only copies of some acknowledged writes of them, so they stay its until it starts again and finishes",
+                c.node_name(from),
+                c.node_name(from)
+            );
+            if wanted.is_empty() {
+                self.takeover_phase("failed: the partner holds the only copies".into());
+                return Err(format!("{why}; nothing was taken"));
+            }
+            tracing::warn!("{why}; taking the other {} range(s)", wanted.len());
+        }
+        let narrowed = (!left_to_claimer.is_empty()).then(|| wanted.clone());
+        let only: Option<&[(u32, u32)]> = narrowed.as_deref().or(only);
         // A range that stages in a partition of ours that stopped (fenced, or its NVRAM
         // failed) could not be served here until this daemon restarts, and taken it would
         // stay so even once `from` is back (simulator seed 12820 with `--storage own`):

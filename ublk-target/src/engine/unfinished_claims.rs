@@ -9,7 +9,9 @@
 //! (its NVRAM note): the same bytes again, in the same order. While the claimer lives it is
 //! still replaying: [`wait_for_claimers`], called between the lease and `Engine::open`,
 //! waits (a few lease periods at most) for its note to clear or its heartbeat to die; past
-//! that our records of those ranges are skipped as before, and it is said why.
+//! that our records of those ranges are dropped as before, and it is said why. The start
+//! notes what it dropped, and a takeover leaves those ranges to the claimer until it
+//! finishes (`dropped_ranges`).
 //!
 //! With a medium per node (`storage = "own"`) our records go to our own medium, and our
 //! start marks their extents out of sync as it does for every record it finds (the

@@ -6,12 +6,15 @@
 //! record that kills a node's older records of a range it lost. `takeover_note` keeps a
 //! takeover's ranges from its claim to the end of its replay, `restart_sync_note` the ranges
 //! a start replayed into our outdated own medium until the partner's has them (both in the
-//! layout of `range_note`). `memory` is an NVRAM in process memory for the simulator.
+//! layout of `range_note`), `range_epochs_note` the ranges a start dropped records of, and
+//! those kept for a restart, with their epochs. `memory` is an NVRAM in process memory
+//! for the simulator.
 
 pub mod cpu_cache;
 pub mod layout;
 pub mod memory;
 pub mod out_of_sync;
+pub mod range_epochs_note;
 pub mod range_note;
 pub mod record;
 pub mod region;
