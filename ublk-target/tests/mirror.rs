@@ -706,6 +706,7 @@ fn a_takes_back_a_range_it_lost(restart: bool) {
         medium,
         rt,
         _dir,
+        ..
     } = restart_a(p);
     let on_medium = |what: &str| {
         let m = medium.snapshot();
@@ -775,6 +776,7 @@ fn a_giveback_to_a_node_that_lost_the_range_unnoticed_leaves_it_nothing_stale_to
         medium,
         rt,
         _dir,
+        ..
     } = restart_a(p);
     let replay = a.status().replay;
     assert!(
@@ -811,6 +813,7 @@ fn a_loses_its_range_to_b(off: u64, seed: u64) -> (ClusterPair, Vec<u8>) {
 struct Restarted {
     a: Arc<Engine>,
     medium: Arc<MemMedium>,
+    table: Arc<MemTableStore>,
     rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
@@ -840,9 +843,121 @@ fn restart_a(p: ClusterPair) -> Restarted {
     Restarted {
         a,
         medium,
+        table,
         rt,
         _dir,
     }
+}
+
+/// B claimed A's range 0 (epoch 2) in a takeover it has not finished replaying: the table
+/// and B's claim note on the medium say so (as a takeover leaves them when its node stops
+/// between the claim and the end of the replay).
+fn b_claims_range_0_without_replaying(table: &Arc<MemTableStore>) {
+    use nvmirror::cluster::claim_note::{self, ClaimNote};
+    let store = SharedTable(table.clone());
+    let mut t = nvmirror::ownership::load(&store)
+        .expect("read")
+        .expect("table");
+    t.luns[0][0] = RangeOwner { owner: 1, epoch: 2 };
+    t.generation += 1;
+    nvmirror::ownership::save(&store, &t).expect("claim");
+    let note = ClaimNote {
+        taker: 1,
+        from: 0,
+        epochs: [(0, 2)].into_iter().collect(),
+    };
+    claim_note::save(&store, t.cluster_id, &note).expect("claim note");
+}
+
+/// The link breaks and the nodes stop forwarding to each other (each forwarder holds the
+/// other engine, which must go for its NVRAM to be opened again).
+fn cut_apart(p: &ClusterPair) {
+    p.link_a.clone().crash();
+    wait_for("B to see A down", || !p.link_b.state().is_up());
+    p.a.cluster().expect("c").set_forwarder(None);
+    p.b.cluster().expect("c").set_forwarder(None);
+}
+
+fn owners(e: &Engine) -> Vec<String> {
+    e.status().ranges.iter().map(|r| r.owner.clone()).collect()
+}
+
+/// Simulator seed 6420: A's start dropped its staged write of range 0, which B claimed and
+/// has not finished replaying; B's NVRAM then holds the only copy. A takeover from B leaves
+/// range 0 to B until B's claim is finished, and A's flush marks bound range 0 so that B's
+/// replay does not take the copy for flushed.
+#[test]
+fn a_takeover_leaves_the_claimer_a_range_whose_records_a_start_dropped() {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    p.rt.block_on(p.a.write(0, 4096, &pattern(64, 8192)))
+        .expect("A writes");
+    cut_apart(&p);
+    b_claims_range_0_without_replaying(&p.table);
+    let r = restart_a(p);
+    assert_eq!(owners(&r.a), ["b", "b", "a", "b"]);
+    let marks = nvmirror::ownership::load_marks(&SharedTable(r.table.clone()), 7, 0)
+        .expect("marks")
+        .expect("A's flush marks");
+    assert!(
+        marks
+            .lost
+            .iter()
+            .any(|l| (l.lun, l.range, l.epoch) == (0, 0, 2)),
+        "{marks:?}"
+    );
+    block_on(r.a.take_over_ranges(1, None, Duration::from_millis(10), false))
+        .expect("A takes B's other ranges");
+    assert_eq!(owners(&r.a), ["b", "a", "a", "a"]);
+    let err = block_on(r.a.take_over_ranges(1, None, Duration::from_millis(10), false))
+        .expect_err("range 0 stays B's");
+    assert!(err.contains("only copies"), "{err}");
+    // Once B's claim is finished (its note cleared after its replay), range 0 can move.
+    nvmirror::cluster::claim_note::clear(&SharedTable(r.table.clone()), 1).expect("clear");
+    block_on(r.a.take_over_ranges(1, None, Duration::from_millis(10), false))
+        .expect("A takes range 0");
+    assert_eq!(owners(&r.a), ["a", "a", "a", "a"]);
+    r.a.shutdown();
+}
+
+/// Simulator seed 6665: A learns that range 0 went to B's unfinished claim and keeps its
+/// staged write of it for a restart; before that restart B finishes, writes newer data
+/// and gives range 0 back. A's start must not replay its kept, older record over it.
+#[test]
+fn a_start_does_not_replay_records_kept_for_it_once_their_range_came_back() {
+    let p = cluster_pair();
+    p.a.set_flush_paused(true);
+    let off = 4096;
+    p.rt.block_on(p.a.write(0, off, &pattern(65, 8192)))
+        .expect("A writes");
+    cut_apart(&p);
+    b_claims_range_0_without_replaying(&p.table);
+    block_on(p.a.reload_ownership()).expect("A re-reads the table");
+    assert!(
+        p.a.restart_wanted().is_some(),
+        "A keeps its records for a restart"
+    );
+    // B finishes its claim, writes newer data and gives range 0 back.
+    let store = SharedTable(p.table.clone());
+    nvmirror::cluster::claim_note::clear(&store, 1).expect("clear");
+    let newer = pattern(66, 8192);
+    nvmirror::medium::Medium::write_at(&*p.medium, &newer, off).expect("B's write");
+    let mut t = nvmirror::ownership::load(&store)
+        .expect("read")
+        .expect("table");
+    t.luns[0][0] = RangeOwner { owner: 0, epoch: 3 };
+    t.generation += 1;
+    nvmirror::ownership::save(&store, &t).expect("giveback");
+    let r = restart_a(p);
+    assert!(
+        r.medium.snapshot()[off as usize..off as usize + 8192] == newer[..],
+        "A's start replayed its kept record over the newer data"
+    );
+    let mut buf = vec![0u8; 8192];
+    r.rt.block_on(r.a.read_routed(0, off, &mut buf))
+        .expect("read");
+    assert!(buf == newer, "A reads the newer data");
+    r.a.shutdown();
 }
 
 /// A's acknowledged 8 KiB write at `off` (in its range 0), staged only (in A's NVRAM and B's
