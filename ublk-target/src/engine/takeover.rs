@@ -193,7 +193,7 @@ impl Engine {
         if !left_to_claimer.is_empty() {
             wanted.retain(|r| !left_to_claimer.contains(r));
             let why = format!(
-                "node {} took range(s) {left_to_claimer:?} from this node and has not finished replaying them, and this node's start dropped its own records of them: node {}'s NVRAM holds the only copies of some acknowledged writes of them, so they stay its until it starts again and finishes",
+                "node {} took range(s) {left_to_claimer:?} from this node and has not finished replaying them, and this node's start dropped its own records of them: node {}'s NVRAM holds the only copies of some acknowledged writes of them, so they stay with it until it starts again and finishes its replay",
                 c.node_name(from),
                 c.node_name(from)
             );
