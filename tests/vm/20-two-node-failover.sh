@@ -11,8 +11,8 @@
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
 transport=${NVM_TRANSPORT:-tcp}
-# 3 cycles in CI (each node killed at least once; CI's hour is tight), 5 with NVM_SOAK=1.
-cycles=${NVM_FAILOVER_CYCLES:-3}
+# 2 cycles in CI (each node killed once; CI's hour is tight), 5 with NVM_SOAK=1.
+cycles=${NVM_FAILOVER_CYCLES:-2}
 [[ ${NVM_SOAK:-0} != 1 || -n ${NVM_FAILOVER_CYCLES:-} ]] || cycles=5
 addr_a=127.0.0.1
 if [[ $transport == rdma ]]; then

@@ -7,8 +7,8 @@
 # After every cycle the checker reads every written block through both devices and, once
 # drained, from the medium: each holds its last acknowledged version or a later one in
 # flight; and the monitor never saw a range served by both nodes at once.
-# Cycles: each kind once (10) by default; NVM_SOAK=1 runs the 21-cycle sequence (kinds
-# repeated in a different order), NVM_PARTITION_CYCLES caps the count. Kinds: silent two-way cuts longer than the
+# Cycles: each kind once but stop-b (9) by default; NVM_SOAK=1 runs the 21-cycle sequence
+# (every kind, repeated in a different order), NVM_PARTITION_CYCLES caps the count. Kinds: silent two-way cuts longer than the
 # takeover time (no range may move), one-way losses each way, a short cut, a link flapping
 # every 1-2 s (10 times; 20 with NVM_SOAK=1), a cut plus kill -9 of a node (its ranges move once its disk
 # heartbeat is dead), SIGSTOP of a daemon longer than the lease then SIGCONT (taken over;
@@ -248,7 +248,8 @@ if [[ ${NVM_SOAK:-0} == 1 ]]; then
 		oneway-ba cut-both stop-b cut-short pathloss-a cut-kill oneway-ab oneway-ba cut-both stop-a flap
 		stop-takeback)
 else
-	kinds=(cut-both oneway-ab oneway-ba cut-short stop-a cut-kill pathloss-a stop-b flap stop-takeback)
+	# stop-b (stop-a's mirror image) only in the soak: CI's hour is tight.
+	kinds=(cut-both oneway-ab oneway-ba cut-short stop-a cut-kill pathloss-a flap stop-takeback)
 fi
 cycles=${NVM_PARTITION_CYCLES:-${#kinds[@]}}
 for ((i = 0; i < cycles; i++)); do

@@ -84,6 +84,9 @@ impl PartnerWatch {
         let mut up_since = host.now();
         // The partner was connected while its heartbeat stayed absent from our medium.
         let mut not_on_our_medium = false;
+        // The last automatic takeover's error while it keeps failing (logged once, not at
+        // every look).
+        let mut takeover_failed = String::new();
         // The node's link and mirror state as the event stream shows them, raised by a task
         // of its own: this loop can wait out a whole takeover.
         let raising = self.engine.host().spawn(
@@ -102,6 +105,7 @@ impl PartnerWatch {
                     was_up = true;
                     up_since = host.now();
                     not_on_our_medium = false;
+                    takeover_failed.clear();
                     self.engine.set_takeover_note(None);
                     self.engine.partner_connected();
                 }
@@ -116,7 +120,7 @@ impl PartnerWatch {
                 (_, false) => {}
             }
             if !was_up {
-                self.consider_takeover(&name, down_since, not_on_our_medium)
+                self.consider_takeover(&name, down_since, not_on_our_medium, &mut takeover_failed)
                     .await;
             }
             let changed = std::pin::pin!(states.changed());
@@ -167,7 +171,16 @@ impl PartnerWatch {
     }
 
     /// The link is down: take over if the partner is provably dead, else say why not.
-    async fn consider_takeover(&self, name: &str, down_since: Instant, not_on_our_medium: bool) {
+    /// `failed` holds the last try's error while tries keep failing: a try refused for the
+    /// same reason (a range whose only copies are the dead claimer's, retried every look)
+    /// is logged once.
+    async fn consider_takeover(
+        &self,
+        name: &str,
+        down_since: Instant,
+        not_on_our_medium: bool,
+        failed: &mut String,
+    ) {
         let engine = &self.engine;
         let Some(c) = engine.cluster() else { return };
         if c.ranges_of(self.partner).is_empty() {
@@ -200,10 +213,12 @@ impl PartnerWatch {
                         "node {name} is dead on the shared medium; taking over once the link has been quiet for {link_margin:?}"
                     ),
                     Verdict::Dead { silent } => {
-                        tracing::warn!(
+                        if failed.is_empty() {
+                            tracing::warn!(
                             "node {name}'s disk heartbeat has not changed for {} ms and the mirror link is down: taking over its ranges",
                             silent.as_millis()
                         );
+                        }
                         String::new()
                     }
                 };
@@ -216,10 +231,19 @@ impl PartnerWatch {
         };
         engine.set_takeover_note(Some(format!("taking over node {name}'s ranges")));
         match engine.take_over(self.partner, grace).await {
-            Ok(_) => engine.set_takeover_note(None),
+            Ok(_) => {
+                failed.clear();
+                engine.set_takeover_note(None);
+            }
             Err(e) => {
-                tracing::error!("automatic takeover from {name} failed: {e}");
+                let e = e.to_string();
+                if e != *failed {
+                    tracing::error!(
+                        "automatic takeover from {name} failed (retried while it stays down): {e}"
+                    );
+                }
                 engine.set_takeover_note(Some(format!("automatic takeover failed: {e}")));
+                *failed = e;
             }
         }
     }
