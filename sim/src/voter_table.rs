@@ -300,6 +300,13 @@ impl TableStore for VoterTableView {
         fill_slot(slot, &data, out)
     }
 
+    fn read_slot_settled(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
+        let data = self
+            .ballots()
+            .read_settled(slot, &mut Pump { view: self })?;
+        fill_slot(slot, &data, out)
+    }
+
     fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
         check_write(slot, data)?;
         self.ballots().write(slot, data, &mut Pump { view: self })

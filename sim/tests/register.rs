@@ -117,3 +117,40 @@ fn a_write_back_without_a_prepare_is_caught() {
     };
     assert_caught(flaws, 520..530, "a write-back without a prepare");
 }
+
+#[test]
+fn settling_reads_leave_no_failed_write_to_surface() {
+    let s = RegisterSettings {
+        settled_reads: true,
+        ..RegisterSettings::default()
+    };
+    let (mut reads, mut late) = (0, 0);
+    for seed in 0..300 {
+        let o = run_register(seed, s);
+        assert_eq!(o.violation, None, "seed {seed}");
+        reads += o.reads;
+        late += o.late_writes_read;
+    }
+    assert!(reads > 10_000, "{reads} reads");
+    assert!(late > 0, "no read found a failed write");
+    let five = RegisterSettings { voters: 5, ..s };
+    assert_eq!(first_violation(0..100, five), None);
+}
+
+#[test]
+fn settling_reads_that_are_plain_reads_are_caught() {
+    let s = RegisterSettings {
+        settled_reads: true,
+        flaws: Flaws {
+            unsettled_reads: true,
+            ..Flaws::default()
+        },
+        ..RegisterSettings::default()
+    };
+    let found = first_violation(0..1000, s);
+    assert!(
+        found.is_some(),
+        "no seed caught settling reads left unsettled"
+    );
+    eprintln!("caught: {found:?}");
+}

@@ -494,6 +494,14 @@ pub fn save_lease(store: &dyn TableStore, r: &LeaseRecord) -> Result<(), TableEr
 pub trait TableStore: Send + Sync {
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()>;
     fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()>;
+
+    /// A read the caller acts on for good (what a node serves after a start or a lease
+    /// regained): no write that failed before it may surface after it. A disk bounds a
+    /// failed write by its I/O timeout and the lease timing, so a plain read is that; the
+    /// voters' register settles the slot (`RegisterClient::read_settled`).
+    fn read_slot_settled(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
+        self.read_slot(slot, out)
+    }
 }
 
 /// Loads the newest valid table, or writes `initial` if the medium has none.
@@ -501,7 +509,7 @@ pub fn load_or_init(
     store: &dyn TableStore,
     initial: &OwnershipTable,
 ) -> Result<OwnershipTable, TableError> {
-    match load(store)? {
+    match load_settled(store)? {
         Some(t) => {
             if t.cluster_id != initial.cluster_id {
                 return Err(TableError::WrongCluster {
@@ -525,10 +533,24 @@ pub fn load_or_init(
 }
 
 pub fn load(store: &dyn TableStore) -> Result<Option<OwnershipTable>, TableError> {
+    load_with(store, false)
+}
+
+/// [`load`] with settled reads ([`TableStore::read_slot_settled`]): for a table a node
+/// serves by after a start or a lease regained.
+pub fn load_settled(store: &dyn TableStore) -> Result<Option<OwnershipTable>, TableError> {
+    load_with(store, true)
+}
+
+fn load_with(store: &dyn TableStore, settled: bool) -> Result<Option<OwnershipTable>, TableError> {
     let mut best: Option<OwnershipTable> = None;
     let mut buf = vec![0u8; SLOT_BYTES as usize];
     for slot in 0..2 {
-        store.read_slot(slot, &mut buf)?;
+        if settled {
+            store.read_slot_settled(slot, &mut buf)?;
+        } else {
+            store.read_slot(slot, &mut buf)?;
+        }
         if let Some(t) = OwnershipTable::decode(&buf) {
             if best.as_ref().is_none_or(|b| t.generation > b.generation) {
                 best = Some(t);

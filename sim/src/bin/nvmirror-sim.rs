@@ -96,9 +96,13 @@ struct Args {
     quorum: bool,
     /// Simulate the epoch-fenced majority register planned for the arbiter's slots in
     /// shared-nothing mode (`cluster::register`) instead of the two-node cluster; uses
-    /// --seeds, --from, --seed, --seconds, --voters and --flaw.
+    /// --seeds, --from, --seed, --seconds, --voters, --settled-reads and --flaw.
     #[arg(long)]
     register: bool,
+    /// With --register: one read in three settles its slot (what a node's start and a
+    /// lease regained read the ownership table with), and the checker holds it to that.
+    #[arg(long)]
+    settled_reads: bool,
     /// With --quorum or --register: the number of voters.
     #[arg(long, default_value_t = 3)]
     voters: u32,
@@ -108,7 +112,8 @@ struct Args {
     /// With --quorum or --register: run with a deliberate flaw, to see the simulator catch
     /// it: no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs,
     /// forget-asked-epochs (--quorum); no-fence, no-write-back, ignore-answer-epochs,
-    /// no-prepare, reads-prepare, unfenced-write-back (--register).
+    /// no-prepare, reads-prepare, unfenced-write-back, unsettled-reads (--register; the
+    /// last with --settled-reads).
     #[arg(long)]
     flaw: Option<String>,
 }
@@ -193,6 +198,7 @@ fn register(args: &Args) -> Result<bool, String> {
         Some("no-prepare") => flaws.no_prepare = true,
         Some("reads-prepare") => flaws.reads_prepare = true,
         Some("unfenced-write-back") => flaws.unfenced_write_back = true,
+        Some("unsettled-reads") => flaws.unsettled_reads = true,
         Some(other) => {
             return Err(format!(
                 "--flaw {other:?}: unknown with --register (see --help)"
@@ -204,6 +210,7 @@ fn register(args: &Args) -> Result<bool, String> {
         voters: args.voters,
         seconds: args.seconds,
         flaws,
+        settled_reads: args.settled_reads,
     };
     Ok(run_seeds(args, "register", |seed| {
         let o = nvmirror_sim::register::run_register(seed, settings);

@@ -651,7 +651,9 @@ impl Cluster {
     ) -> Result<Reloaded, ownership::TableError> {
         // Noted before the read: a lapse during it leaves the view stale, to be read again.
         let acquisition = self.lease.as_ref().map_or(0, |l| l.acquisitions());
-        let Some(t) = ownership::load(self.store.as_ref())? else {
+        // Settled: what this node serves from now on rests on it (a failed claim of the
+        // partner's surfacing after this read would make two owners; seed 11344).
+        let Some(t) = ownership::load_settled(self.store.as_ref())? else {
             return Ok(Reloaded::default());
         };
         let (mut lost, mut ours_again, mut held_again) = (Vec::new(), Vec::new(), Vec::new());

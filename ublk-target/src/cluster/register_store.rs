@@ -222,8 +222,23 @@ impl Ballots {
 
     /// Reads `slot`: its value (empty if never written).
     pub fn read(&mut self, slot: u64, x: &mut impl Exchange) -> io::Result<Vec<u8>> {
+        self.read_with(slot, x, RegisterClient::read)
+    }
+
+    /// Reads `slot` and settles it (`RegisterClient::read_settled`): no write that failed
+    /// before this read can surface after it.
+    pub fn read_settled(&mut self, slot: u64, x: &mut impl Exchange) -> io::Result<Vec<u8>> {
+        self.read_with(slot, x, RegisterClient::read_settled)
+    }
+
+    fn read_with(
+        &mut self,
+        slot: u64,
+        x: &mut impl Exchange,
+        start: fn(&mut RegisterClient, u64, u64) -> Vec<(Voter, RegisterMessage)>,
+    ) -> io::Result<Vec<u8>> {
         for _ in 0..self.attempts {
-            let sends = self.client.read(slot, x.deadline());
+            let sends = start(&mut self.client, slot, x.deadline());
             match x.exchange(&mut self.client, sends) {
                 Outcome::Read { data, .. } => return Ok(data),
                 Outcome::Refused { fence } => self.outbid(slot, fence, x)?,
@@ -470,6 +485,11 @@ pub fn epoch_of(round: u64, me: Voter, voters: u32) -> u64 {
 impl TableStore for RegisterStore {
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
         let data = self.with_ballots(|b, x| b.read(slot, x))?;
+        fill_slot(slot, &data, out)
+    }
+
+    fn read_slot_settled(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
+        let data = self.with_ballots(|b, x| b.read_settled(slot, x))?;
         fill_slot(slot, &data, out)
     }
 

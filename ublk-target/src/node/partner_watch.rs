@@ -32,9 +32,11 @@ const LOOK_EVERY: Duration = Duration::from_millis(250);
 /// at for ranges to resync.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// With `storage = "own"`, until the link closes: while it is up, repairs every range we own
-/// that our own medium is outdated for (`engine::repair`), then copies every range we own
-/// that the partner's medium is outdated for (`engine::resync`).
+/// With `storage = "own"`, until the link closes: while it is up, tries again the partner's
+/// releases whose copies were kept because marking our medium failed
+/// (`SecondStoreArea::retry_kept_releases`), repairs every range we own that our own medium
+/// is outdated for (`engine::repair`), then copies every range we own that the partner's
+/// medium is outdated for (`engine::resync`).
 pub async fn resync_while_up(engine: Arc<Engine>, link: Link) {
     if !engine.cluster().is_some_and(|c| c.own_storage()) {
         return;
@@ -47,6 +49,10 @@ pub async fn resync_while_up(engine: Arc<Engine>, link: Link) {
             LinkState::Closed => return,
             LinkState::Up(_) => {}
             _ => continue,
+        }
+        if let Some(ss) = engine.second_store() {
+            // Blocking: marking writes the arbiter, and writing copies our medium.
+            crate::host::run_blocking(host.as_ref(), move || ss.retry_kept_releases()).await;
         }
         let ask = |req: Vec<u8>| ask_partner(link.clone(), req);
         let asked = match engine.finish_restart_sync(ask).await {

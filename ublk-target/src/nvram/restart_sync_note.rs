@@ -11,7 +11,7 @@
 //! cleared once the partner has written its copies.
 
 use super::layout::{Layout, PartitionCheckpoint, META_BLOCK};
-use super::range_note::{self, BYTES};
+use super::range_note;
 use super::region::NvramRegion;
 use std::io;
 
@@ -32,64 +32,58 @@ pub struct RestartSyncNote {
     pub ranges: Vec<u32>,
 }
 
-impl RestartSyncNote {
-    fn encode(&self) -> io::Result<[u8; BYTES]> {
-        range_note::encode(
-            MAGIC,
-            &self.through.to_le_bytes(),
-            &self.ranges,
-            "restart sync note",
-        )
-    }
-
-    /// None for an empty slot. A damaged note also reads as none: it was being written
-    /// (before the log advanced: the records are still in the log) or cleared (after the
-    /// partner wrote its copies).
-    fn decode(b: &[u8; BYTES]) -> Option<RestartSyncNote> {
-        let (fields, ranges) = range_note::decode(MAGIC, 8, b)?;
-        let through = u64::from_le_bytes(fields.try_into().ok()?);
-        Some(RestartSyncNote { through, ranges })
-    }
-}
-
-/// Writes (or with `None` clears) partition `p`'s note, durably.
+/// Writes (or with `None` clears) partition `p`'s note, durably. A torn write leaves the
+/// note as it was (`range_note`): written before the log advances (the records are still in
+/// the log, or the earlier note still names them), cleared after the partner wrote its
+/// copies.
 pub fn write(
     region: &NvramRegion,
     layout: &Layout,
     p: u32,
     note: Option<&RestartSyncNote>,
 ) -> io::Result<()> {
-    let bytes = match note {
-        Some(n) => n.encode()?,
-        None => [0u8; BYTES],
-    };
-    range_note::write(region, layout.checkpoint_offset(p, SLOT), &bytes)
+    let through = note.map(|n| n.through.to_le_bytes());
+    range_note::write_ranges(
+        region,
+        layout.checkpoint_offset(p, SLOT),
+        MAGIC,
+        note.zip(through.as_ref())
+            .map(|(n, through)| (through.as_slice(), n.ranges.as_slice())),
+        "restart sync note",
+    )
 }
 
 /// Partition `p`'s note, if a restart sync was under way when this node stopped.
 pub fn read(region: &NvramRegion, layout: &Layout, p: u32) -> Option<RestartSyncNote> {
-    RestartSyncNote::decode(&range_note::read(region, layout.checkpoint_offset(p, SLOT)))
+    let (fields, ranges) =
+        range_note::read_ranges(region, layout.checkpoint_offset(p, SLOT), MAGIC, 8)?;
+    let through = u64::from_le_bytes(fields.try_into().ok()?);
+    Some(RestartSyncNote { through, ranges })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nvram::memory::MemoryNvram;
+    use std::sync::Arc;
 
     #[test]
-    fn a_note_round_trips_and_damage_reads_as_none() {
+    fn a_note_round_trips_per_partition_and_clears() {
+        let layout = Layout::compute(64 << 20, 4, true).expect("layout");
+        let region = NvramRegion::in_memory(Arc::new(MemoryNvram::new("nvram", 64 << 20)));
         let n = RestartSyncNote {
             through: 0x0102_0304_0506_0708,
             ranges: vec![0, 3, 9, MAX_RANGES as u32 - 1],
         };
-        let mut b = n.encode().expect("fits");
-        assert_eq!(RestartSyncNote::decode(&b), Some(n));
-        b[16] ^= 0x40;
-        assert_eq!(RestartSyncNote::decode(&b), None, "a torn note is no note");
-        assert_eq!(RestartSyncNote::decode(&[0u8; BYTES]), None);
+        write(&region, &layout, 2, Some(&n)).expect("write");
+        assert_eq!(read(&region, &layout, 2), Some(n));
+        assert_eq!(read(&region, &layout, 1), None);
+        write(&region, &layout, 2, None).expect("clear");
+        assert_eq!(read(&region, &layout, 2), None);
         let too_far = RestartSyncNote {
             through: 1,
             ranges: vec![MAX_RANGES as u32],
         };
-        assert!(too_far.encode().is_err());
+        assert!(write(&region, &layout, 0, Some(&too_far)).is_err());
     }
 }

@@ -10,7 +10,7 @@
 //! replay, so nothing newer than the mirrored records can have been written to them.
 
 use super::layout::Layout;
-use super::range_note::{self, BYTES};
+use super::range_note;
 use super::region::NvramRegion;
 use std::io;
 
@@ -30,59 +30,51 @@ pub struct TakeoverNote {
     pub ranges: Vec<u32>,
 }
 
-impl TakeoverNote {
-    fn encode(&self) -> io::Result<[u8; BYTES]> {
-        range_note::encode(
-            MAGIC,
-            &self.from.to_le_bytes(),
-            &self.ranges,
-            "takeover note",
-        )
-    }
-
-    /// None for an empty slot; a damaged note also reads as none (it was being written or
-    /// cleared when the node died: a torn write of the note comes before the claim, a torn
-    /// clear after the replay).
-    fn decode(b: &[u8; BYTES]) -> Option<TakeoverNote> {
-        let (fields, ranges) = range_note::decode(MAGIC, 4, b)?;
-        let from = u32::from_le_bytes(fields.try_into().ok()?);
-        Some(TakeoverNote { from, ranges })
-    }
-}
-
-/// Writes (or with `None` clears) the note, durably.
+/// Writes (or with `None` clears) the note, durably. A torn write leaves the note as it
+/// was (`range_note`): none before the claim, this one before the replay ended.
 pub fn write(region: &NvramRegion, layout: &Layout, note: Option<&TakeoverNote>) -> io::Result<()> {
-    let bytes = match note {
-        Some(n) => n.encode()?,
-        None => [0u8; BYTES],
-    };
-    range_note::write(region, layout.checkpoint_offset(0, SLOT), &bytes)
+    let from = note.map(|n| n.from.to_le_bytes());
+    range_note::write_ranges(
+        region,
+        layout.checkpoint_offset(0, SLOT),
+        MAGIC,
+        note.zip(from.as_ref())
+            .map(|(n, from)| (from.as_slice(), n.ranges.as_slice())),
+        "takeover note",
+    )
 }
 
 /// The note, if a takeover was under way when this node stopped.
 pub fn read(region: &NvramRegion, layout: &Layout) -> Option<TakeoverNote> {
-    TakeoverNote::decode(&range_note::read(region, layout.checkpoint_offset(0, SLOT)))
+    let (fields, ranges) =
+        range_note::read_ranges(region, layout.checkpoint_offset(0, SLOT), MAGIC, 4)?;
+    let from = u32::from_le_bytes(fields.try_into().ok()?);
+    Some(TakeoverNote { from, ranges })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nvram::memory::MemoryNvram;
+    use std::sync::Arc;
 
     #[test]
-    fn a_note_round_trips_and_damage_reads_as_none() {
+    fn a_note_round_trips_and_clears() {
+        let layout = Layout::compute(64 << 20, 4, true).expect("layout");
+        let region = NvramRegion::in_memory(Arc::new(MemoryNvram::new("nvram", 64 << 20)));
+        assert_eq!(read(&region, &layout), None);
         let n = TakeoverNote {
             from: 1,
             ranges: vec![0, 3, 9, MAX_RANGES as u32 - 1],
         };
-        let mut b = n.encode().expect("fits");
-        assert_eq!(TakeoverNote::decode(&b), Some(n));
-        b[12] ^= 0x40;
-        assert_eq!(TakeoverNote::decode(&b), None, "a torn note is no note");
-        assert_eq!(TakeoverNote::decode(&[0u8; BYTES]), None);
+        write(&region, &layout, Some(&n)).expect("write");
+        assert_eq!(read(&region, &layout), Some(n));
+        write(&region, &layout, None).expect("clear");
+        assert_eq!(read(&region, &layout), None);
         let too_far = TakeoverNote {
             from: 0,
             ranges: vec![MAX_RANGES as u32],
         };
-        assert!(too_far.encode().is_err());
+        assert!(write(&region, &layout, Some(&too_far)).is_err());
     }
 }
