@@ -331,25 +331,45 @@ impl RegisterClient {
         self.next_op
     }
 
+    /// Begins a reading phase of `slot` as a new operation and returns its requests: a
+    /// `Prepare` that fences (`fencing`), else a plain `Read`.
+    fn begin_reading(
+        &mut self,
+        slot: u64,
+        deadline: u64,
+        then_write: Option<Vec<u8>>,
+        fencing: bool,
+        settle: bool,
+    ) -> Vec<(Voter, RegisterMessage)> {
+        let phase = Phase::Reading {
+            answers: BTreeMap::new(),
+            then_write,
+            fencing,
+            settle,
+        };
+        let (from, epoch) = (self.me, self.epoch);
+        let op = self.begin(slot, deadline, phase);
+        self.to_all(if fencing {
+            RegisterMessage::Prepare {
+                from,
+                op,
+                slot,
+                epoch,
+            }
+        } else {
+            RegisterMessage::Read {
+                from,
+                op,
+                slot,
+                epoch,
+            }
+        })
+    }
+
     /// Starts a read of `slot` (abandoning any operation still running); returns the
     /// requests to send, to every voter.
     pub fn read(&mut self, slot: u64, deadline: u64) -> Vec<(Voter, RegisterMessage)> {
-        let op = self.begin(
-            slot,
-            deadline,
-            Phase::Reading {
-                answers: BTreeMap::new(),
-                then_write: None,
-                fencing: false,
-                settle: false,
-            },
-        );
-        self.to_all(RegisterMessage::Read {
-            from: self.me,
-            op,
-            slot,
-            epoch: self.epoch,
-        })
+        self.begin_reading(slot, deadline, None, false, false)
     }
 
     /// Starts a settling read of `slot` (abandoning any operation still running): a read
@@ -366,22 +386,7 @@ impl RegisterClient {
         if self.flaws.unsettled_reads {
             return self.read(slot, deadline);
         }
-        let op = self.begin(
-            slot,
-            deadline,
-            Phase::Reading {
-                answers: BTreeMap::new(),
-                then_write: None,
-                fencing: true,
-                settle: true,
-            },
-        );
-        self.to_all(RegisterMessage::Prepare {
-            from: self.me,
-            op,
-            slot,
-            epoch: self.epoch,
-        })
+        self.begin_reading(slot, deadline, None, true, true)
     }
 
     /// Starts a write of `data` to `slot` (abandoning any operation still running). The
@@ -394,22 +399,7 @@ impl RegisterClient {
         deadline: u64,
     ) -> Vec<(Voter, RegisterMessage)> {
         if !self.prepared.contains(&slot) && !self.flaws.no_prepare {
-            let op = self.begin(
-                slot,
-                deadline,
-                Phase::Reading {
-                    answers: BTreeMap::new(),
-                    then_write: Some(data),
-                    fencing: true,
-                    settle: false,
-                },
-            );
-            return self.to_all(RegisterMessage::Prepare {
-                from: self.me,
-                op,
-                slot,
-                epoch: self.epoch,
-            });
+            return self.begin_reading(slot, deadline, Some(data), true, false);
         }
         self.store(slot, data, deadline)
     }
@@ -546,22 +536,7 @@ impl RegisterClient {
                     let deadline = op.deadline;
                     // A new operation id, so that late answers to the read do not count as
                     // answers to the prepare.
-                    let id = self.begin(
-                        slot,
-                        deadline,
-                        Phase::Reading {
-                            answers: BTreeMap::new(),
-                            then_write: None,
-                            fencing: true,
-                            settle: false,
-                        },
-                    );
-                    let sends = self.to_all(RegisterMessage::Prepare {
-                        from: self.me,
-                        op: id,
-                        slot,
-                        epoch: self.epoch,
-                    });
+                    let sends = self.begin_reading(slot, deadline, None, true, false);
                     return (None, sends);
                 }
                 let tag = if tag.epoch < self.epoch || (settle && tag.epoch == self.epoch) {

@@ -136,13 +136,19 @@ pub fn decode_ranges(fields_len: usize, b: &[u8]) -> Option<(Vec<u8>, Vec<u32>)>
     if b.len() < BODY || u32_at(b, 0) != 1 {
         return None;
     }
+    Some(fields_and_ranges(b, fields_len, max_ranges(fields_len)))
+}
+
+/// Both layouts after their first 4 bytes (set flag, or the one-copy layout's magic): the
+/// fields, the bitmap's length in bits (at most `max_bits`), the bitmap.
+fn fields_and_ranges(b: &[u8], fields_len: usize, max_bits: usize) -> (Vec<u8>, Vec<u32>) {
     let head = 4 + fields_len + 4;
-    let bits = (u32_at(b, head - 4) as usize).min(max_ranges(fields_len));
+    let bits = (u32_at(b, head - 4) as usize).min(max_bits);
     let ranges = (0..bits)
         .filter(|&r| b[head + r / 8] & (1 << (r % 8)) != 0)
         .map(|r| r as u32)
         .collect();
-    Some((b[4..head - 4].to_vec(), ranges))
+    (b[4..head - 4].to_vec(), ranges)
 }
 
 /// A range note in the layout before 2026-12-07 (one copy filling the slot: magic, fields,
@@ -159,14 +165,11 @@ pub fn read_ranges_of_one_copy(
     if u32_at(&b, 0) != magic || u32_at(&b, crc_at) != rdma_link::checksum::crc32c(&b[..crc_at]) {
         return None;
     }
-    let head = 8 + fields_len;
-    let max = (crc_at - head) * 8;
-    let bits = (u32_at(&b, head - 4) as usize).min(max);
-    let ranges = (0..bits)
-        .filter(|&r| b[head + r / 8] & (1 << (r % 8)) != 0)
-        .map(|r| r as u32)
-        .collect();
-    Some((b[4..head - 4].to_vec(), ranges))
+    Some(fields_and_ranges(
+        &b,
+        fields_len,
+        (crc_at - 8 - fields_len) * 8,
+    ))
 }
 
 /// Writes a range note (`Some((fields, ranges))`) or clears it (`None`).
