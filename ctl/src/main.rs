@@ -260,6 +260,10 @@ enum Cmd {
     },
     /// ublk features the running kernel offers.
     Features,
+    /// With `[cluster.voters]`: create this node's empty voter state and ballot file (in
+    /// `cluster.voters.state_dir`), on its first start only (needs --config). Refused when
+    /// either exists: a voter that has voted must never come back empty.
+    InitVoter,
     /// Look at or repair the NVRAM log (needs --config).
     Nvram {
         #[command(subcommand)]
@@ -968,10 +972,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.cluster
                     .as_ref()
                     .map(|c| {
-                        let own = match (c.storage, &c.arbiter) {
-                            (nvmirror::config::StorageMode::Own, Some(a)) => format!(
-                                ", each node its own medium, arbiter {}, {}",
-                                a.display(),
+                        let arbiter = match (&c.arbiter, &c.voters) {
+                            (Some(a), _) => format!("arbiter {}", a.display()),
+                            (None, Some(v)) => format!(
+                                "arbiter: three voters (tie-breaker node {} at {})",
+                                v.tiebreaker_id,
+                                v.tiebreaker.join(", ")
+                            ),
+                            (None, None) => String::new(),
+                        };
+                        let own = match c.storage {
+                            nvmirror::config::StorageMode::Own => format!(
+                                ", each node its own medium, {arbiter}, {}",
                                 if c.local_reads_on() {
                                     "the partner's ranges read here under its read lease"
                                 } else {
@@ -1248,6 +1260,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Cmd::InitVoter => {
+            let (cfg, path) = load_config(&cli)?;
+            let v = cfg
+                .cluster
+                .as_ref()
+                .and_then(|c| c.voters.as_ref())
+                .ok_or_else(|| {
+                    CtlError::Usage(format!(
+                        "{} has no [cluster.voters]: this node's arbiter is a device, which needs no voter state",
+                        path.display()
+                    ))
+                })?;
+            nvmirror::cluster::voter_arbiter::init(v).map_err(CtlError::Usage)?;
+            println!(
+                "created the voter state {} and the ballot file {}",
+                v.state_file().display(),
+                v.ballot_file().display()
+            );
         }
         Cmd::Nvram { cmd } => {
             let (cfg, path) = load_config(&cli)?;

@@ -54,6 +54,11 @@ pub enum NodeRole {
     TieBreakerClient,
     /// The tie-breaker's end: answers vote requests, keeps no records.
     TieBreaker,
+    /// A data node's vote link to its partner (`[cluster.voters]`): each end asks the
+    /// other's voter and answers its requests; no records. Apart from the mirror link so
+    /// that a vote never waits behind mirrored data, and so that a node can vote before its
+    /// engine (and with it the mirror link) is open.
+    PairVoter,
 }
 
 impl NodeRole {
@@ -64,6 +69,7 @@ impl NodeRole {
             NodeRole::Destination => 2,
             NodeRole::TieBreakerClient => 3,
             NodeRole::TieBreaker => 4,
+            NodeRole::PairVoter => 5,
         }
     }
 
@@ -74,6 +80,7 @@ impl NodeRole {
             2 => Some(NodeRole::Destination),
             3 => Some(NodeRole::TieBreakerClient),
             4 => Some(NodeRole::TieBreaker),
+            5 => Some(NodeRole::PairVoter),
             _ => None,
         }
     }
@@ -86,6 +93,7 @@ impl NodeRole {
             NodeRole::Destination => NodeRole::Source,
             NodeRole::TieBreakerClient => NodeRole::TieBreaker,
             NodeRole::TieBreaker => NodeRole::TieBreakerClient,
+            NodeRole::PairVoter => NodeRole::PairVoter,
         }
     }
 
@@ -96,6 +104,7 @@ impl NodeRole {
             NodeRole::Destination => "a log-shipping destination",
             NodeRole::TieBreakerClient => "a data node voting through a tie-breaker",
             NodeRole::TieBreaker => "a tie-breaker",
+            NodeRole::PairVoter => "a data node's vote link to its partner",
         }
     }
 }

@@ -125,6 +125,7 @@ fn check_hello(shared: &Shared, h: &Hello) -> Result<(), HandshakeError> {
                 NodeRole::Destination => "a destination links only to sources; check the source's [shipping] destination and this listen address",
                 NodeRole::TieBreakerClient => "a data node's tie-breaker link goes only to nvmirror-tiebreaker; check the tie-breaker's address",
                 NodeRole::TieBreaker => "a tie-breaker answers only data nodes' vote links; check that no mirror link or shipping source points at this address",
+                NodeRole::PairVoter => "the pair's vote link goes only to the partner's vote port; check cluster.voters.port (it must differ from the mirror link's)",
             },
         });
     }

@@ -148,6 +148,56 @@ pub enum StorageMode {
     Own,
 }
 
+/// `[cluster.voters]`: the arbiter as three voters instead of a device (docs/shared-nothing.md,
+/// "The quorum arbiter"). Each slot of the table and of the leases is a register kept by a
+/// majority of the two data nodes' voters and the tie-breaker's.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VotersSection {
+    /// The pair's vote link: the first `[[cluster.node]]` listens on its address's IP at this
+    /// port, the second connects to it. Not the mirror link's port.
+    pub port: u16,
+    /// The tie-breaker's node id (`nvmirror-tiebreaker --node-id`): not 1 or 2, which are
+    /// the data nodes' (their places in `[[cluster.node]]`).
+    pub tiebreaker_id: u32,
+    /// Where the tie-breaker listens for each data node (`--serve ID=ADDR`), in
+    /// `[[cluster.node]]` order, e.g. ["10.0.0.3:7481", "10.0.0.3:7482"].
+    pub tiebreaker: Vec<String>,
+    /// Where this node keeps its voter's state and its ballot round (`voter.state`,
+    /// `voter.ballot`); create them once with `nvmirrorctl init-voter`.
+    #[serde(default = "default_voter_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_voter_dir() -> PathBuf {
+    PathBuf::from("/var/lib/nvmirror")
+}
+
+impl VotersSection {
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join("voter.state")
+    }
+
+    pub fn ballot_file(&self) -> PathBuf {
+        self.state_dir.join("voter.ballot")
+    }
+}
+
+/// The shared secret in `path` (the config field `field`), at least 16 bytes.
+pub fn read_secret(field: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let secret =
+        std::fs::read(path).with_context(|| format!("reading {field} {}", path.display()))?;
+    let secret: Vec<u8> = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        anyhow::bail!(
+            "{field} {}: the secret must be at least 16 bytes (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+            path.display()
+        );
+    }
+    Ok(secret)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TakeoverPolicy {
@@ -222,9 +272,15 @@ pub struct ClusterSection {
     #[serde(default)]
     pub storage: StorageMode,
     /// With `storage = "own"`: a small device (at least 1 MiB) both nodes see, holding the
-    /// ownership table and the disk leases (as sbd's disk does), e.g. an iSCSI LUN.
+    /// ownership table and the disk leases (as sbd's disk does), e.g. an iSCSI LUN. The
+    /// other choice is `[cluster.voters]`.
     #[serde(default)]
     pub arbiter: Option<PathBuf>,
+    /// With `storage = "own"` and no shared device: the ownership table and the leases on a
+    /// majority of three voters, this node, the partner and a diskless tie-breaker
+    /// (`nvmirror-tiebreaker`), as DRBD 9's quorum with a tie-breaker. See [`VotersSection`].
+    #[serde(default)]
+    pub voters: Option<VotersSection>,
     /// With `storage = "own"`: the most MiB per second a resync reads from this node's
     /// medium to copy onto the partner's (DRBD's `c-max-rate` plays this part), so
     /// the application's I/O keeps most of the medium; 0: as fast as the media go.
@@ -354,6 +410,55 @@ pub struct ClusterNode {
     pub name: String,
     /// host:port of the node's mirror link.
     pub address: String,
+}
+
+fn check_voters(v: &VotersSection, c: &ClusterSection) -> Result<(), ConfigError> {
+    if v.port == 0 {
+        return Err(invalid(
+            "cluster.voters.port",
+            "must be a port number (1-65535) for the pair's vote link, e.g. 7801",
+        ));
+    }
+    if let Some(mirror) = c
+        .nodes
+        .first()
+        .and_then(|n| n.address.parse::<std::net::SocketAddr>().ok())
+    {
+        if mirror.port() == v.port {
+            return Err(invalid(
+                "cluster.voters.port",
+                format!("{} is the mirror link's port (cluster.node[0].address); the vote link needs a port of its own, e.g. {}", v.port, v.port.wrapping_add(1).max(1)),
+            ));
+        }
+    }
+    let data_ids: Vec<u32> = (1..=c.nodes.len() as u32).collect();
+    if data_ids.contains(&v.tiebreaker_id) || v.tiebreaker_id == 0 {
+        return Err(invalid(
+            "cluster.voters.tiebreaker_id",
+            format!("{} is a data node's id (the data nodes are 1 to {}, their places in [[cluster.node]]); give the tie-breaker another, e.g. {}", v.tiebreaker_id, c.nodes.len(), c.nodes.len() + 1),
+        ));
+    }
+    if v.tiebreaker.len() != c.nodes.len() {
+        return Err(invalid(
+            "cluster.voters.tiebreaker",
+            format!("names {} address(es); give one per [[cluster.node]] ({}), in the same order: where the tie-breaker listens for that node (its --serve ID=ADDR)", v.tiebreaker.len(), c.nodes.len()),
+        ));
+    }
+    for (i, a) in v.tiebreaker.iter().enumerate() {
+        if a.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                format!("cluster.voters.tiebreaker[{i}]"),
+                format!("{a:?} is not ip:port, e.g. \"10.0.0.3:7481\""),
+            ));
+        }
+    }
+    if v.state_dir.as_os_str().is_empty() || v.state_dir.is_relative() {
+        return Err(invalid(
+            "cluster.voters.state_dir",
+            format!("{:?} is not an absolute directory; e.g. \"/var/lib/nvmirror\" (a disk that keeps it across reboots, not /run)", v.state_dir),
+        ));
+    }
+    Ok(())
 }
 
 fn default_transport() -> TransportKind {
@@ -831,20 +936,35 @@ impl NodeConfig {
                     _ => {}
                 }
             }
-            match (c.storage, &c.arbiter) {
-                (StorageMode::Own, None) => {
+            match (c.storage, &c.arbiter, &c.voters) {
+                (StorageMode::Own, None, None) => {
                     return Err(invalid(
                         "cluster.arbiter",
-                        "storage = \"own\" needs a small device both nodes see for the ownership table and the disk leases; set arbiter = \"/dev/disk/by-id/...\" (at least 1 MiB)",
+                        "storage = \"own\" needs a small device both nodes see for the ownership table and the disk leases; set arbiter = \"/dev/disk/by-id/...\" (at least 1 MiB), or use three voters instead ([cluster.voters] with a tie-breaker)",
                     ))
                 }
-                (StorageMode::Shared, Some(_)) => {
+                (StorageMode::Own, Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "cluster.voters",
+                        "is an arbiter, and so is cluster.arbiter: keep one of them",
+                    ))
+                }
+                (StorageMode::Shared, Some(_), _) => {
                     return Err(invalid(
                         "cluster.arbiter",
                         "is only used with storage = \"own\"; with a shared medium the table sits at its end: remove it",
                     ))
                 }
+                (StorageMode::Shared, _, Some(_)) => {
+                    return Err(invalid(
+                        "cluster.voters",
+                        "is only used with storage = \"own\"; with a shared medium the table and the leases sit at its end: remove [cluster.voters]",
+                    ))
+                }
                 _ => {}
+            }
+            if let Some(v) = &c.voters {
+                check_voters(v, c)?;
             }
             if c.storage == StorageMode::Own {
                 if c.reservations != ReservationMode::None {
@@ -1349,6 +1469,79 @@ device_id = 3
         assert!(e.contains("lun[0].size") && e.contains("same"), "{e}");
         let e = err_of(&cluster(sized, &format!("{own}\nreservations = \"scsi3\"")));
         assert!(e.contains("cluster.reservations"), "{e}");
+    }
+
+    #[test]
+    fn voters_are_an_arbiter_of_their_own_and_each_field_is_checked() {
+        let config = |storage: &str, voters: &str| {
+            format!(
+                "{GOOD}\n[cluster]\nid = 1\nsecret_file = \"/tmp/s\"\n{storage}\n\
+                 [cluster.voters]\n{voters}\n\
+                 [[cluster.node]]\nname = \"node-a\"\naddress = \"10.0.0.1:7800\"\n\
+                 [[cluster.node]]\nname = \"node-b\"\naddress = \"10.0.0.2:7800\"\n"
+            )
+        };
+        let own = "storage = \"own\"";
+        let good =
+            "port = 7801\ntiebreaker_id = 3\ntiebreaker = [\"10.0.0.3:7481\", \"10.0.0.3:7482\"]";
+        let c = NodeConfig::parse(&config(own, good)).expect("valid");
+        let v = c.cluster.and_then(|c| c.voters).expect("voters");
+        assert_eq!(
+            v.state_file(),
+            PathBuf::from("/var/lib/nvmirror/voter.state")
+        );
+        assert_eq!(
+            v.ballot_file(),
+            PathBuf::from("/var/lib/nvmirror/voter.ballot")
+        );
+        for (storage, voters, field, says) in [
+            ("", good, "cluster.voters", "only used with storage"),
+            (
+                "storage = \"own\"\narbiter = \"/dev/sdz\"",
+                good,
+                "cluster.voters",
+                "keep one",
+            ),
+            (
+                own,
+                &good.replace("7801", "7800"),
+                "cluster.voters.port",
+                "mirror link's port",
+            ),
+            (
+                own,
+                &good.replace("7801", "0"),
+                "cluster.voters.port",
+                "port number",
+            ),
+            (
+                own,
+                &good.replace("= 3", "= 2"),
+                "cluster.voters.tiebreaker_id",
+                "data node's id",
+            ),
+            (
+                own,
+                &good.replace(", \"10.0.0.3:7482\"", ""),
+                "cluster.voters.tiebreaker",
+                "one per [[cluster.node]]",
+            ),
+            (
+                own,
+                &good.replace("10.0.0.3:7482", "tb:7482"),
+                "cluster.voters.tiebreaker[1]",
+                "ip:port",
+            ),
+            (
+                own,
+                &format!("{good}\nstate_dir = \"voters\""),
+                "cluster.voters.state_dir",
+                "absolute",
+            ),
+        ] {
+            let e = err_of(&config(storage, voters));
+            assert!(e.contains(field) && e.contains(says), "{field}: {e}");
+        }
     }
 
     #[test]

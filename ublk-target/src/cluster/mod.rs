@@ -13,6 +13,7 @@ mod read_lease;
 pub mod register;
 pub mod register_store;
 pub mod register_wire;
+pub mod voter_arbiter;
 pub mod voter_service;
 pub mod wire;
 

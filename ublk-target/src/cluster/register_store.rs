@@ -370,15 +370,28 @@ impl RegisterStore {
     }
 
     /// Runs `op` with this store's ballots over its voters' channels.
-    fn with_ballots<T>(
+    fn with_ballots<T: Send>(
+        &self,
+        op: impl FnOnce(&mut Ballots, &mut Channels<'_>) -> io::Result<T> + Send,
+    ) -> io::Result<T> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Called from an async task (a request handler re-reading the table): the store
+            // blocks on a runtime of its own, which cannot start inside another, so the
+            // operation runs on a thread of its own and this task waits for it, as it waits
+            // for a disk arbiter's synchronous read.
+            return std::thread::scope(|s| {
+                s.spawn(|| self.with_ballots_here(op))
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a slot operation's thread panicked")))
+            });
+        }
+        self.with_ballots_here(op)
+    }
+
+    fn with_ballots_here<T>(
         &self,
         op: impl FnOnce(&mut Ballots, &mut Channels<'_>) -> io::Result<T>,
     ) -> io::Result<T> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(io::Error::other(
-                "the voters' slot store was called from an async task; call it from a thread of its own",
-            ));
-        }
         let mut inner = self.lock();
         let Inner {
             ballots,

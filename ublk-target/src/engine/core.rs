@@ -88,6 +88,10 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
     #[error("cannot hold this node's disk lease on the shared medium ({0}); check the medium path (every cluster node heartbeats there before it serves)")]
     Lease(String),
+    #[error("cannot hold this node's lease on the voters ({0}); a majority of the three voters (this node, the partner, the tie-breaker) must answer: start the partner's daemon or nvmirror-tiebreaker, and check [cluster.voters]")]
+    VoterLease(String),
+    #[error("the arbiter's voters ([cluster.voters]): {0}")]
+    Voters(String),
     #[error("{0}")]
     Reservation(String),
     #[error("the arbiter {path} (cluster.arbiter) is {size} bytes; it must hold at least {wanted} (the ownership table and the disk leases): use a bigger device")]

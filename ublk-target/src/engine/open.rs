@@ -12,6 +12,7 @@ use super::takeover_state::{RestartSync, TakeoverState};
 use super::unfinished_claims::{records_to_replay_for_dead_claimers, wait_for_claimers};
 use crate::apply::{Applier, RecordWrite};
 use crate::block::BLOCK_SIZE;
+use crate::cluster::voter_arbiter::VoterArbiter;
 use crate::cluster::{Cluster, ClusterSetup};
 use crate::config::{DegradedPolicy, NodeConfig, StorageMode};
 use crate::copy_fence::CopyFence;
@@ -104,14 +105,26 @@ impl Engine {
             "NVRAM mapped; durable by {}",
             region.durability().describe()
         );
-        let cluster = match (&cfg.cluster, cfg.cluster_index(), table_at) {
-            (Some(c), Some(me), Some((path, base))) => {
-                let store = MediumTableStore::open(&path, base).map_err(|source| {
-                    EngineError::Medium(MediumError::Open {
-                        path: path.clone(),
-                        cause: source,
-                    })
-                })?;
+        // Where the ownership table and the leases live: three voters, or a device (the
+        // arbiter, or the end of the shared medium).
+        let voters = own_storage.and_then(|c| Some((c, c.voters.as_ref()?)));
+        let table_store: Option<Arc<dyn crate::ownership::TableStore>> =
+            match (voters, cfg.cluster_index(), table_at) {
+                (Some((c, v)), Some(me), _) => Some(Arc::new(
+                    VoterArbiter::open(c, v, me, config_path).map_err(EngineError::Voters)?,
+                )),
+                (None, _, Some((path, base))) => Some(Arc::new(
+                    MediumTableStore::open(&path, base).map_err(|source| {
+                        EngineError::Medium(MediumError::Open {
+                            path: path.clone(),
+                            cause: source,
+                        })
+                    })?,
+                )),
+                _ => None,
+            };
+        let cluster = match (&cfg.cluster, cfg.cluster_index(), table_store) {
+            (Some(c), Some(me), Some(store)) => {
                 let initial = OwnershipTable {
                     cluster_id: c.id,
                     generation: 1,
@@ -126,7 +139,6 @@ impl Engine {
                         })
                         .collect(),
                 };
-                let store: Arc<dyn crate::ownership::TableStore> = Arc::new(store);
                 // Registered before the first heartbeat: with a registrants-only reservation
                 // standing, an unregistered node cannot write even that. Registering grants
                 // the device's permission only; what this node writes is still decided by
@@ -761,8 +773,14 @@ fn acquire_lease(
         rand::random::<u64>() | 1,
     );
     host.spawn("disk-lease", Box::pin(lease.clone().run()))?;
+    let on_voters = c.voters.is_some() && c.storage == crate::config::StorageMode::Own;
     tracing::info!(
-        "acquiring the disk lease: heartbeats on the shared medium for {:?} before serving",
+        "acquiring the lease: heartbeats on {} for {:?} before serving",
+        if on_voters {
+            "a majority of the voters"
+        } else {
+            "the arbiter device or the shared medium"
+        },
         timing.settle()
     );
     let limit = timing.settle() + timing.renew * 5 + timing.io_timeout * 2;
@@ -773,6 +791,15 @@ fn acquire_lease(
             futures::future::Either::Left(_)
         )
     });
+    if !acquired && on_voters {
+        return Err(EngineError::VoterLease(format!(
+            "no lease within {limit:?}: {}",
+            lease
+                .status()
+                .last_error
+                .unwrap_or_else(|| "the heartbeat writes did not complete".into())
+        )));
+    }
     if !acquired {
         return Err(EngineError::Lease(format!(
             "no disk lease within {limit:?}: {}",

@@ -15,19 +15,7 @@ use rdma_link::{Link, LinkConfig, RequestHandler};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The shared secret in `path` (the config field `field`), at least 16 bytes.
-pub fn read_secret(field: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    let secret =
-        std::fs::read(path).with_context(|| format!("reading {field} {}", path.display()))?;
-    let secret: Vec<u8> = secret.trim_ascii().to_vec();
-    if secret.len() < 16 {
-        anyhow::bail!(
-            "{field} {}: the secret must be at least 16 bytes (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
-            path.display()
-        );
-    }
-    Ok(secret)
-}
+pub use crate::config::read_secret;
 
 /// The link configuration `c` describes for this node (reads the cluster secret).
 pub fn link_config(cfg: &NodeConfig, c: &ClusterSection) -> anyhow::Result<LinkConfig> {

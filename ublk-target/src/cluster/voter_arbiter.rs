@@ -1,0 +1,202 @@
+//! The arbiter as three voters (`[cluster.voters]`, issue #17): the ownership table's and
+//! the leases' slots kept by a majority of this node's voter, the partner's and a diskless
+//! tie-breaker's (`nvmirror-tiebreaker`) through the register of `register_store`, in place
+//! of a device both nodes see.
+//!
+//! The links: the pair's vote link (the first node listens on its address's IP at
+//! `voters.port`, the second connects), which both ends use to ask the other's voter and to
+//! answer it, and this node's link to the tie-breaker. Both are apart from the mirror link, so
+//! a node votes before its engine is open (the lease is taken before the mirror link starts)
+//! and a vote never queues behind mirrored data.
+
+use super::register_store::{
+    voter_number, BallotFile, LinkVoter, LocalVoter, RegisterStore, VoterChannel, ATTEMPTS,
+};
+use super::voter_service::{Missing, VoterService};
+use crate::config::{read_secret, ClusterSection, TransportKind, VotersSection};
+use crate::ownership::TableStore;
+use rdma_link::{Bytes, Link, LinkConfig, NodeRole, RequestHandler, Role, Transport};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The voters' slot store and the links it asks through (kept running while it lives).
+pub struct VoterArbiter {
+    store: RegisterStore,
+    links: Vec<Link>,
+}
+
+/// How long one try of a slot operation waits for a majority: all of an operation's tries
+/// fit in the medium I/O timeout, as a disk's write must for the lease to count it.
+pub fn try_timeout(io_timeout: Duration) -> Duration {
+    (io_timeout / ATTEMPTS).max(Duration::from_millis(20))
+}
+
+/// The voter numbers of the data nodes (ids 1 and 2, their places in `[[cluster.node]]`)
+/// and the tie-breaker.
+fn voter_ids(c: &ClusterSection, v: &VotersSection) -> Vec<u32> {
+    let mut ids: Vec<u32> = (1..=c.nodes.len() as u32).collect();
+    ids.push(v.tiebreaker_id);
+    ids
+}
+
+fn missing_state(v: &VotersSection, config: &str) -> String {
+    format!(
+        "this node's voter state {} or ballot file {} does not exist. A voter that has voted \
+         must never come back empty, so the daemon does not create them: on this node's first \
+         start (or after replacing its disk, with the partner and the tie-breaker up) run \
+         `nvmirrorctl init-voter --config {config}`",
+        v.state_file().display(),
+        v.ballot_file().display()
+    )
+}
+
+/// Creates this node's empty voter state and ballot file (`nvmirrorctl init-voter`); refuses
+/// when either exists.
+pub fn init(v: &VotersSection) -> Result<(), String> {
+    for f in [v.state_file(), v.ballot_file()] {
+        if f.exists() {
+            return Err(format!(
+                "{} exists: this voter has state already, and re-creating it empty could let \
+                 two nodes both win a slot. Nothing was changed",
+                f.display()
+            ));
+        }
+    }
+    std::fs::create_dir_all(&v.state_dir)
+        .map_err(|e| format!("creating {}: {e}", v.state_dir.display()))?;
+    VoterService::open(&v.state_file(), 0, 3, Missing::CreateEmpty)?;
+    BallotFile::new(&v.ballot_file())
+        .store(0)
+        .map_err(|e| format!("creating {}: {e}", v.ballot_file().display()))
+}
+
+impl VoterArbiter {
+    /// Opens node `me`'s voter (its place in `[[cluster.node]]`) and the links to the other
+    /// two, and the slot store over the three. Returns at once: the links come up in the
+    /// background, and an operation without a majority fails after its tries.
+    pub fn open(
+        c: &ClusterSection,
+        v: &VotersSection,
+        me: u32,
+        config_path: &str,
+    ) -> Result<VoterArbiter, String> {
+        if !v.state_file().exists() || !v.ballot_file().exists() {
+            return Err(missing_state(v, config_path));
+        }
+        let secret =
+            read_secret("cluster.secret_file", &c.secret_file).map_err(|e| format!("{e:#}"))?;
+        let ids = voter_ids(c, v);
+        let my_id = me + 1;
+        let partner_id = if me == 0 { 2 } else { 1 };
+        let number = |id: u32| voter_number(&ids, id);
+        let (mine, partner, tiebreaker) = (
+            number(my_id)?,
+            number(partner_id)?,
+            number(v.tiebreaker_id)?,
+        );
+        let voter = Arc::new(VoterService::open(
+            &v.state_file(),
+            mine,
+            3,
+            Missing::Refuse,
+        )?);
+        let transport = match c.transport {
+            TransportKind::Tcp => Transport::Tcp,
+            TransportKind::Rdma => Transport::Rdma,
+        };
+        let link_config = |role: Role, peer: u32, node_role: NodeRole| {
+            let mut lc = LinkConfig::new(transport, role, c.id, my_id, peer, &secret);
+            lc.node_role = node_role;
+            lc.heartbeat_interval = Duration::from_millis(c.heartbeat_interval_ms);
+            lc.heartbeat_timeout = Duration::from_millis(c.heartbeat_timeout_ms);
+            // Votes are few and small: no core spent polling for them.
+            lc.busy_poll = Duration::ZERO;
+            lc
+        };
+        let first: SocketAddr = c
+            .nodes
+            .first()
+            .and_then(|n| n.address.parse().ok())
+            .ok_or("cluster.node[0].address is not ip:port")?;
+        let vote_addr = SocketAddr::new(first.ip(), v.port);
+        let role = if me == 0 {
+            Role::Listen(vote_addr)
+        } else {
+            Role::Connect(vote_addr)
+        };
+        let pair = Link::start_with_handler(
+            link_config(role, partner_id, NodeRole::PairVoter),
+            None,
+            None,
+            serve_voter(&voter, partner),
+        )
+        .map_err(|e| format!("starting the pair's vote link on {vote_addr}: {e}"))?;
+        let tb_addr: SocketAddr = v
+            .tiebreaker
+            .get(me as usize)
+            .and_then(|a| a.parse().ok())
+            .ok_or("cluster.voters.tiebreaker has no address for this node")?;
+        let to_tiebreaker = Link::start(
+            link_config(
+                Role::Connect(tb_addr),
+                v.tiebreaker_id,
+                NodeRole::TieBreakerClient,
+            ),
+            None,
+            None,
+        )
+        .map_err(|e| format!("starting the link to the tie-breaker at {tb_addr}: {e}"))?;
+        let mut channels: Vec<Option<Arc<dyn VoterChannel>>> = vec![None, None, None];
+        channels[mine as usize] = Some(Arc::new(LocalVoter(voter)));
+        channels[partner as usize] = Some(Arc::new(LinkVoter(pair.clone())));
+        channels[tiebreaker as usize] = Some(Arc::new(LinkVoter(to_tiebreaker.clone())));
+        let channels = channels.into_iter().flatten().collect();
+        let store = RegisterStore::open(
+            mine,
+            channels,
+            BallotFile::new(&v.ballot_file()),
+            Missing::Refuse,
+            try_timeout(c.lease_timing().io_timeout),
+        )?;
+        tracing::info!(
+            voter = mine,
+            partner_votes_on = %vote_addr,
+            tiebreaker = %tb_addr,
+            "the arbiter is three voters: this node's, the partner's and the tie-breaker's"
+        );
+        Ok(VoterArbiter {
+            store,
+            links: vec![pair, to_tiebreaker],
+        })
+    }
+
+    /// Whether the links to the partner's voter and the tie-breaker are up, in that order.
+    pub fn links_up(&self) -> (bool, bool) {
+        (self.links[0].state().is_up(), self.links[1].state().is_up())
+    }
+}
+
+/// Answers the partner's vote requests with our voter (each after its state is durable).
+fn serve_voter(voter: &Arc<VoterService>, sender: u32) -> Arc<dyn RequestHandler> {
+    let voter = voter.clone();
+    Arc::new(move |request: Bytes| {
+        let answer = voter.handle(Some(sender), &request).unwrap_or_default();
+        async move { Bytes::from(answer) }
+    })
+}
+
+impl TableStore for VoterArbiter {
+    fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
+        self.store.read_slot(slot, out)
+    }
+
+    fn read_slot_settled(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
+        self.store.read_slot_settled(slot, out)
+    }
+
+    fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
+        self.store.write_slot(slot, data)
+    }
+}

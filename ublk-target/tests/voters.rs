@@ -1,0 +1,197 @@
+//! The daemon's arbiter on three voters (`[cluster.voters]`, issue #17): two engines opened
+//! from their configs, each with its own medium, and a real `nvmirror-tiebreaker` process, over
+//! TCP on loopback. Each engine takes its lease through a majority of the voters before it
+//! opens; a node without its voter state refuses to start and names the command that creates
+//! it; a node that reaches no majority gets no lease.
+
+use nvmirror::cluster::voter_arbiter;
+use nvmirror::config::NodeConfig;
+use nvmirror::engine::{Engine, OpenMode};
+use nvmirror::lease::LeaseState;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CLUSTER: u64 = 0x70fe;
+const TIEBREAKER: u32 = 3;
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Ports {
+    mirror: SocketAddr,
+    vote: u16,
+    tiebreaker: [SocketAddr; 2],
+}
+
+fn config(dir: &Path, n: usize, p: &Ports) -> NodeConfig {
+    let name = ["a", "b"][n];
+    for (file, mib) in [
+        (format!("medium-{name}"), 16),
+        (format!("nvram-{name}"), 16),
+    ] {
+        let f = std::fs::File::create(dir.join(file)).unwrap();
+        f.set_len(mib << 20).unwrap();
+    }
+    let d = dir.display();
+    let text = format!(
+        r#"
+[node]
+name = "node-{name}"
+control_socket = "{d}/node-{name}.sock"
+
+[nvram]
+path = "{d}/nvram-{name}"
+partitions = 2
+
+[cluster]
+id = {CLUSTER}
+secret_file = "{d}/secret"
+heartbeat_interval_ms = 100
+heartbeat_timeout_ms = 1000
+disk_heartbeat_ms = 100
+disk_lease_ms = 800
+medium_io_timeout_ms = 400
+takeover = "manual"
+storage = "own"
+
+[cluster.voters]
+port = {vote}
+tiebreaker_id = {TIEBREAKER}
+tiebreaker = ["{t0}", "{t1}"]
+state_dir = "{d}/voter-{name}"
+
+[[cluster.node]]
+name = "node-a"
+address = "{mirror}"
+
+[[cluster.node]]
+name = "node-b"
+address = "127.0.0.1:{b_port}"
+
+[[lun]]
+name = "lun0"
+medium = "{d}/medium-{name}"
+size = "8MiB"
+ranges = 2
+"#,
+        vote = p.vote,
+        t0 = p.tiebreaker[0],
+        t1 = p.tiebreaker[1],
+        mirror = p.mirror,
+        b_port = p.mirror.port() + 1,
+    );
+    NodeConfig::parse(&text).expect("valid config")
+}
+
+fn tiebreaker(dir: &Path, p: &Ports, init: bool) -> Killed {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nvmirror-tiebreaker"));
+    c.arg("--cluster-id")
+        .arg(format!("{CLUSTER:#x}"))
+        .arg("--secret-file")
+        .arg(dir.join("secret"))
+        .arg("--node-id")
+        .arg(TIEBREAKER.to_string())
+        .arg("--serve")
+        .arg(format!("1={}", p.tiebreaker[0]))
+        .arg("--serve")
+        .arg(format!("2={}", p.tiebreaker[1]))
+        .arg("--state")
+        .arg(dir.join("tiebreaker.state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if init {
+        c.arg("--init");
+    }
+    Killed(c.spawn().expect("start nvmirror-tiebreaker"))
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn open(cfg: NodeConfig) -> std::thread::JoinHandle<Result<Arc<Engine>, String>> {
+    std::thread::spawn(move || {
+        Engine::open_config(&cfg, "node.toml", OpenMode::Normal).map_err(|e| e.to_string())
+    })
+}
+
+fn voters(cfg: &NodeConfig) -> &nvmirror::config::VotersSection {
+    cfg.cluster.as_ref().unwrap().voters.as_ref().unwrap()
+}
+
+#[test]
+fn two_engines_take_their_leases_on_the_voters() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("secret"),
+        "voters-engine-test-secret-0123456789",
+    )
+    .unwrap();
+    let p = Ports {
+        mirror: free_addr(),
+        vote: free_addr().port(),
+        tiebreaker: [free_addr(), free_addr()],
+    };
+    let (a, b) = (config(dir.path(), 0, &p), config(dir.path(), 1, &p));
+
+    // Without its voter state a node refuses to start, and says how to create it.
+    let e = Engine::open_config(&a, "node-a.toml", OpenMode::Normal)
+        .err()
+        .expect("a node without voter state started");
+    let e = e.to_string();
+    assert!(
+        e.contains("nvmirrorctl init-voter --config node-a.toml"),
+        "{e}"
+    );
+    voter_arbiter::init(voters(&a)).unwrap();
+    voter_arbiter::init(voters(&b)).unwrap();
+    let again = voter_arbiter::init(voters(&a)).unwrap_err();
+    assert!(again.contains("exists"), "{again}");
+
+    // Node a alone, no tie-breaker: one voter of three, no lease.
+    let started = Instant::now();
+    let e = open(a.clone())
+        .join()
+        .unwrap()
+        .err()
+        .expect("node a took a lease with one voter of three");
+    assert!(e.contains("majority"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // With the tie-breaker both nodes take their leases (a first, then b through the three).
+    let _tb = tiebreaker(dir.path(), &p, true);
+    let ea = open(a).join().unwrap().expect("node a opens");
+    let eb = open(b).join().unwrap().expect("node b opens");
+    for (name, e) in [("a", &ea), ("b", &eb)] {
+        let lease = e.status().lease.expect("a cluster node has a lease");
+        assert_eq!(lease.state, LeaseState::Held, "node {name}: {lease:?}");
+    }
+    // Each sees the other's heartbeats through the voters.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = [&ea, &eb].iter().all(|e| {
+            e.status()
+                .lease
+                .is_some_and(|l| l.peers.iter().any(|p| p.verdict == "alive"))
+        });
+        if seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the nodes do not see each other alive"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
