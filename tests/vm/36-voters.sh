@@ -19,6 +19,11 @@
 #    through node-b.
 # 5. node-a restarts: node-b resyncs its medium, the giveback works, every write verifies
 #    through both devices and after a drain both media are equal.
+# 6. node-a is cut off from node-b and from the tie-breaker (its link to the tie-breaker runs
+#    through a proxy too) while a write through node-a is under way: node-b takes node-a's
+#    range with the tie-breaker, node-a's lease runs out, and the write is either not
+#    acknowledged or reads back through node-b. The cut heals: node-a serves nothing of its
+#    own, and the earlier writes verify through both devices.
 # vm-timeout: 400
 source "$NVM_REPO/tests/vm/lib/nvm.sh"
 nvm_init
@@ -36,21 +41,24 @@ for n in a b; do
 	# node-b dials node-a's mirror link (7871) and vote link (7873) through the proxies.
 	vote=7873
 	[[ $n == b ]] && vote=7883 && sed -i 's/address = "127.0.0.1:7871"/address = "127.0.0.1:7881"/' node-b.toml
+	# node-a reaches the tie-breaker through a proxy (7893 -> 7891), for step 6.
 	cat >>node-$n.toml <<-CFG
 
 	[cluster.voters]
 	port = $vote
 	tiebreaker_id = 3
-	tiebreaker = ["127.0.0.1:7891", "127.0.0.1:7892"]
+	tiebreaker = ["127.0.0.1:7893", "127.0.0.1:7892"]
 	state_dir = "$PWD/voter-$n"
 	CFG
 done
 $P proxy 7881 7871 proxy-mirror.pid >proxy-mirror.log 2>&1 &
 $P proxy 7883 7873 proxy-vote.pid >proxy-vote.log 2>&1 &
-for f in proxy-mirror.pid proxy-vote.pid; do
+$P proxy 7893 7891 proxy-tb-a.pid >proxy-tb-a.log 2>&1 &
+for f in proxy-mirror.pid proxy-vote.pid proxy-tb-a.pid; do
 	for _ in $(seq 50); do [[ -s $f ]] && break; sleep 0.1; done
 done
 proxies=("$(cat proxy-mirror.pid)" "$(cat proxy-vote.pid)")
+proxy_tb_a=$(cat proxy-tb-a.pid)
 tb_pid=
 start_tiebreaker() {
 	"$TB" --cluster-id 42 --secret-file "$PWD/secret" --node-id 3 \
@@ -60,8 +68,8 @@ start_tiebreaker() {
 }
 nvm_extra_cleanup() {
 	[[ -n $tb_pid ]] && kill -9 "$tb_pid" 2>/dev/null
-	kill -CONT "${proxies[@]}" 2>/dev/null
-	kill "${proxies[@]}" 2>/dev/null
+	kill -CONT "${proxies[@]}" "$proxy_tb_a" 2>/dev/null
+	kill "${proxies[@]}" "$proxy_tb_a" 2>/dev/null
 }
 js() { "$NVMCTL" --config "node-$1.toml" status --json 2>/dev/null; }
 q() { js "$1" | python3 -c "import json,sys; e=json.load(sys.stdin)['engine']; print($2)"; }
@@ -75,6 +83,8 @@ until_true() { # SECONDS WHAT COMMAND...
 	fail "$what: not within $secs s"
 }
 b_serves_both() { [[ $(owners b) == "node-b,node-b" ]]; }
+a_lease_lost() { [[ $(lease a) != held ]]; }
+a_serves_none() { [[ $(owners a) == "node-b,node-b" ]]; }
 b_resynced() { [[ $(q b 'e["outdated_media"]') == "{}" ]]; }
 both_mirroring() { nvm_status_has node-a.toml '"state": "mirroring"' && nvm_status_has node-b.toml '"state": "mirroring"'; }
 
@@ -171,3 +181,32 @@ done
 nvm_drain_both "after the giveback"
 nvm_same_media $lun_mib "$ma" "$mb" || fail "the two media differ after the resync, the giveback and a drain"
 say "ok: resynced, given back, verified through both devices, media identical"
+
+say "6. node-a cut off from node-b and the tie-breaker during a write: node-b takes its range"
+head -c 4096 /dev/urandom >isolated.blk
+kill -STOP "${proxies[@]}" "$proxy_tb_a"
+(
+	rc=0
+	timeout 30 dd if=isolated.blk of=/dev/ublkb0 bs=4k seek=100 count=1 oflag=direct conv=notrunc status=none || rc=$?
+	echo $rc >isolated.rc
+) &
+writer=$!
+until_true 60 "node-b serving both ranges while node-a is cut off" b_serves_both
+until_true 30 "node-a's lease running out without a majority" a_lease_lost
+wait $writer || true
+rc=$(cat isolated.rc)
+if [[ $rc == 0 ]]; then
+	dd if=/dev/ublkb1 of=isolated-b.blk bs=4k skip=100 count=1 iflag=direct status=none || fail "read block 100 through node-b"
+	cmp isolated.blk isolated-b.blk || fail "node-a acknowledged a write while cut off that node-b, now serving its range, does not have"
+	say "the write through node-a was acknowledged (before its lease ran out) and reads back through node-b"
+else
+	say "the write through node-a was not acknowledged (dd exit $rc)"
+fi
+kill -CONT "${proxies[@]}" "$proxy_tb_a"
+until_true 60 "mirroring after the cut healed" both_mirroring
+until_true 30 "node-a knowing node-b serves its range" a_serves_none
+for dev in /dev/ublkb0 /dev/ublkb1; do
+	fio "${staged[@]}" --filename=$dev --verify_only=1 --verify_state_load=1 --output=fio-after-cut.log ||
+		{ cat fio-after-cut.log; fail "the staged writes do not verify through $dev after the cut"; }
+done
+say "ok: node-b took node-a's range on 2 of 3 voters; node-a's lease ran out; no acknowledged write lost"

@@ -284,7 +284,11 @@ pub fn store_voter(path: &Path, v: &RegisterVoter) -> std::io::Result<()> {
 /// Replaces the file at `path` by `bytes`: a new file written and synced, renamed over the
 /// old one, and the directory synced.
 pub fn replace_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // The whole name plus ".tmp" (not the extension replaced): two files of one stem
+    // (`voter.state`, `voter.ballot`) stored at once must not share a temporary file.
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -314,6 +318,26 @@ pub fn load_voter(path: &Path) -> Result<Option<RegisterVoter>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_of_one_stem_are_replaced_at_once_without_sharing_a_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            dir.path().join("voter.state"),
+            dir.path().join("voter.ballot"),
+        );
+        std::thread::scope(|s| {
+            for (path, byte) in [(&a, 1u8), (&b, 2u8)] {
+                s.spawn(move || {
+                    for len in 1..200 {
+                        replace_durably(path, &vec![byte; len]).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(std::fs::read(&a).unwrap(), vec![1u8; 199]);
+        assert_eq!(std::fs::read(&b).unwrap(), vec![2u8; 199]);
+    }
     use crate::cluster::register::Flaws;
 
     fn messages() -> Vec<RegisterMessage> {
