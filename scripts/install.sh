@@ -4,10 +4,12 @@
 # Installs:
 #   $PREFIX/sbin/{nvmirrord,nvmirrorctl}           the daemon and its control tool
 #   /etc/systemd/system/nvmirrord@.service         one daemon per /etc/nvmirror/<name>.toml
+#   $PREFIX/sbin/nvmirror-tiebreaker and           the third voter of a pair with
+#   /etc/systemd/system/nvmirror-tiebreaker.service  [cluster.voters] (if built)
 #   /etc/modules-load.d/nvmirror.conf              loads ublk_drv at boot
 #   /etc/udev/rules.d/90-nvmirror.rules            /dev/disk/by-nvmirror/<lun>
 #   /usr/lib/ocf/resource.d/nvmirror/nvmirror      the Pacemaker resource agent
-#   /etc/nvmirror/examples/*.toml                  example configs (never overwrites
+#   /etc/nvmirror/examples/*.toml, *.env           example configs (never overwrites
 #                                                  /etc/nvmirror/*.toml)
 #   $PREFIX/share/doc/nvmirror/                    README and docs
 # Environment: PREFIX (default /usr/local), DESTDIR (stage into a directory instead of /,
@@ -45,6 +47,13 @@ install -d "$root$sbin" "$root/etc/systemd/system" "$root/etc/modules-load.d" \
 	"$root/etc/udev/rules.d" "$root/usr/lib/ocf/resource.d/nvmirror" \
 	"$root/etc/nvmirror/examples" "$root$PREFIX/share/doc/nvmirror"
 install -m 0755 "$bin_dir/nvmirrord" "$bin_dir/nvmirrorctl" "$root$sbin/"
+# The tie-breaker voter (a third machine of a pair with [cluster.voters]), if built.
+if [[ -x $bin_dir/nvmirror-tiebreaker ]]; then
+	install -m 0755 "$bin_dir/nvmirror-tiebreaker" "$root$sbin/"
+	sed "s|/usr/local/sbin/|$sbin/|g; s|/usr/local/share/|$PREFIX/share/|g" \
+		"$repo/systemd/nvmirror-tiebreaker.service" >"$root/etc/systemd/system/nvmirror-tiebreaker.service"
+	chmod 0644 "$root/etc/systemd/system/nvmirror-tiebreaker.service"
+fi
 # The unit and the rules name the binaries: point them at $PREFIX.
 sed "s|/usr/local/sbin/|$sbin/|g; s|/usr/local/share/|$PREFIX/share/|g" \
 	"$repo/systemd/nvmirrord@.service" >"$root/etc/systemd/system/nvmirrord@.service"
@@ -55,7 +64,7 @@ chmod 0644 "$root/etc/udev/rules.d/90-nvmirror.rules"
 if [[ -f $repo/scripts/ocf/nvmirror ]]; then
 	install -m 0755 "$repo/scripts/ocf/nvmirror" "$root/usr/lib/ocf/resource.d/nvmirror/nvmirror"
 fi
-install -m 0644 "$repo"/examples/*.toml "$root/etc/nvmirror/examples/"
+install -m 0644 "$repo"/examples/*.toml "$repo"/examples/*.env "$root/etc/nvmirror/examples/"
 install -m 0644 "$repo/README.md" "$root$PREFIX/share/doc/nvmirror/"
 if [[ -d $repo/docs ]]; then
 	install -m 0644 "$repo"/docs/*.md "$root$PREFIX/share/doc/nvmirror/"

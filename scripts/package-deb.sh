@@ -2,8 +2,9 @@
 # scripts/package-deb.sh [--no-build] [--out DIR] — build the Debian package nvmirror_<version>_<arch>.deb.
 #
 # Contents (Debian's paths; scripts/install.sh stays for installs from source into /usr/local):
-#   /usr/sbin/{nvmirrord,nvmirrorctl}
-#   /usr/lib/systemd/system/nvmirrord@.service, /usr/lib/modules-load.d/nvmirror.conf,
+#   /usr/sbin/{nvmirrord,nvmirrorctl,nvmirror-tiebreaker}
+#   /usr/lib/systemd/system/{nvmirrord@,nvmirror-tiebreaker}.service,
+#   /usr/lib/modules-load.d/nvmirror.conf,
 #   /usr/lib/udev/rules.d/90-nvmirror.rules, /usr/lib/ocf/resource.d/nvmirror/nvmirror
 #   /usr/share/man/man8/ (nvmirrord, nvmirrorctl and each of its commands; from clap)
 #   bash, zsh and fish completions; /usr/share/doc/nvmirror/ (README, docs, examples,
@@ -36,7 +37,7 @@ done
 if ((build)); then
 	(cd "$repo" && cargo build --release --workspace)
 fi
-for b in nvmirrord nvmirrorctl; do
+for b in nvmirrord nvmirrorctl nvmirror-tiebreaker; do
 	[[ -x $bin_dir/$b ]] || { echo "package-deb.sh: $bin_dir/$b is missing; build first (or drop --no-build)" >&2; exit 1; }
 done
 
@@ -51,9 +52,11 @@ install -d "$root/usr/sbin" "$root/usr/lib/systemd/system" "$root/usr/lib/module
 	"$root/usr/lib/udev/rules.d" "$root/usr/lib/ocf/resource.d/nvmirror" "$root/usr/share/man/man8" \
 	"$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \
 	"$root/usr/share/fish/vendor_completions.d" "$doc/examples" "$root/DEBIAN"
-install -m 0755 -s "$bin_dir/nvmirrord" "$bin_dir/nvmirrorctl" "$root/usr/sbin/"
+install -m 0755 -s "$bin_dir/nvmirrord" "$bin_dir/nvmirrorctl" "$bin_dir/nvmirror-tiebreaker" "$root/usr/sbin/"
 sed "s|/usr/local/sbin/|/usr/sbin/|g; s|/usr/local/share/|/usr/share/|g" "$repo/systemd/nvmirrord@.service" \
 	>"$root/usr/lib/systemd/system/nvmirrord@.service"
+sed "s|/usr/local/sbin/|/usr/sbin/|g; s|/usr/local/share/|/usr/share/|g" "$repo/systemd/nvmirror-tiebreaker.service" \
+	>"$root/usr/lib/systemd/system/nvmirror-tiebreaker.service"
 install -m 0644 "$repo/systemd/ublk.conf" "$root/usr/lib/modules-load.d/nvmirror.conf"
 sed "s|/usr/local/sbin/|/usr/sbin/|g" "$repo/udev/90-nvmirror.rules" >"$root/usr/lib/udev/rules.d/90-nvmirror.rules"
 install -m 0755 "$repo/scripts/ocf/nvmirror" "$root/usr/lib/ocf/resource.d/nvmirror/nvmirror"
@@ -68,7 +71,7 @@ for b in nvmirrord nvmirrorctl; do
 done
 
 install -m 0644 "$repo/README.md" "$repo"/docs/*.md "$repo/docs/grafana-dashboard.json" "$doc/"
-install -m 0644 "$repo"/examples/*.toml "$doc/examples/"
+install -m 0644 "$repo"/examples/*.toml "$repo"/examples/*.env "$doc/examples/"
 cat >"$doc/copyright" <<EOF
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: nvmirror
@@ -84,7 +87,7 @@ find "$root" -type d -exec chmod 0755 {} +
 # Depends: what the binaries link, as dpkg-shlibdeps reads it from the installed libraries.
 mkdir -p "$work/shlibs/debian"
 printf 'Source: nvmirror\n\nPackage: nvmirror\nArchitecture: any\n' >"$work/shlibs/debian/control"
-shlibs=$(cd "$work/shlibs" && dpkg-shlibdeps -O -e "$root/usr/sbin/nvmirrord" -e "$root/usr/sbin/nvmirrorctl" 2>/dev/null |
+shlibs=$(cd "$work/shlibs" && dpkg-shlibdeps -O -e "$root/usr/sbin/nvmirrord" -e "$root/usr/sbin/nvmirrorctl" -e "$root/usr/sbin/nvmirror-tiebreaker" 2>/dev/null |
 	sed -n 's/^shlibs:Depends=//p')
 [[ -n $shlibs ]] || { echo "package-deb.sh: dpkg-shlibdeps found no dependencies" >&2; exit 1; }
 

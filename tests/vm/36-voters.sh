@@ -5,7 +5,8 @@
 # and vote link through silent proxies (tests/vm/lib/partition.py), so the pair can be cut
 # while both reach the tie-breaker.
 # 0. `config check` names the voters; a node without voter state refuses to start and names
-#    `nvmirrorctl init-voter`, which creates it once and refuses a second time.
+#    `nvmirrorctl init-voter`, which creates it once and refuses a second time; so does
+#    `nvmirror-tiebreaker --create-state` (the systemd unit's first set-up).
 # 1. fio writes through node-a (node-b's range forwarded); drained, both media are equal.
 # 2. The tie-breaker is killed (-9): both nodes keep their leases through each other's
 #    voter for more than two lease times, and node-b's writes go on. It restarts from its
@@ -103,7 +104,13 @@ out=$("$NVMCTL" --config node-a.toml init-voter 2>&1) && fail "a second init-vot
 grep -q "exists" <<<"$out" || fail "the second init-voter refused for another reason: $out"
 say "ok: without its state the daemon refused ($refusal); init-voter created it once"
 
-start_tiebreaker --init
+start_tiebreaker --create-state
+wait "$tb_pid" || fail "nvmirror-tiebreaker --create-state: $(tail -3 tiebreaker.log)"
+out=$("$TB" --cluster-id 42 --secret-file "$PWD/secret" --node-id 3 --serve 1=127.0.0.1:7891 \
+	--serve 2=127.0.0.1:7892 --state "$PWD/tiebreaker.state" --create-state 2>&1) &&
+	fail "a second --create-state of the tie-breaker succeeded"
+grep -q "exists" <<<"$out" || fail "the second --create-state refused for another reason: $out"
+start_tiebreaker
 nvm_start node-a.toml daemon-a.log
 pid_a=$NVM_LAST_PID
 nvm_start node-b.toml daemon-b.log

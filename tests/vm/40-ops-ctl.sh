@@ -385,12 +385,14 @@ say "udev: /dev/disk/by-nvmirror/lun0 and node-a-lun0 for /dev/ublkb0"
 
 # --- systemd unit and install.sh ------------------------------------------------------------------------
 sed "s|/usr/local/sbin/|$NVM_BIN/|g" "$NVM_REPO/systemd/nvmirrord@.service" >nvmirrord@.service
+sed "s|/usr/local/sbin/|$NVM_BIN/|g" "$NVM_REPO/systemd/nvmirror-tiebreaker.service" >nvmirror-tiebreaker.service
 rc=0
-systemd-analyze verify "$PWD/nvmirrord@.service" >verify.out 2>&1 || rc=$?
+systemd-analyze verify "$PWD/nvmirrord@.service" "$PWD/nvmirror-tiebreaker.service" >verify.out 2>&1 || rc=$?
 ((rc == 0)) && [[ ! -s verify.out ]] || { cat verify.out; fail "systemd-analyze verify: rc $rc or warnings"; }
 DESTDIR=$PWD/stage CARGO_TARGET_DIR=$(dirname "$NVM_BIN") bash "$NVM_REPO/scripts/install.sh" --no-build >install.out 2>&1 ||
 	{ cat install.out; fail "install.sh failed"; }
 for f in usr/local/sbin/nvmirrord usr/local/sbin/nvmirrorctl etc/systemd/system/nvmirrord@.service \
+	usr/local/sbin/nvmirror-tiebreaker etc/systemd/system/nvmirror-tiebreaker.service etc/nvmirror/examples/tiebreaker.env \
 	etc/udev/rules.d/90-nvmirror.rules etc/modules-load.d/nvmirror.conf etc/nvmirror/examples/single-node.toml; do
 	[[ -f stage/$f ]] || fail "install.sh did not install /$f"
 done

@@ -47,6 +47,7 @@ nvm_extra_cleanup() {
 dpkg --no-triggers --log="$PWD/dpkg.log" -i "$deb" >dpkg-i.out 2>&1 || { cat dpkg-i.out; fail "dpkg -i failed"; }
 [[ $(dpkg-query -W -f '${Status}' nvmirror) == "install ok installed" ]] || fail "dpkg does not list nvmirror as installed"
 for f in /usr/sbin/nvmirrord /usr/sbin/nvmirrorctl /usr/lib/systemd/system/nvmirrord@.service \
+	/usr/sbin/nvmirror-tiebreaker /usr/lib/systemd/system/nvmirror-tiebreaker.service \
 	/usr/lib/udev/rules.d/90-nvmirror.rules /usr/lib/modules-load.d/nvmirror.conf \
 	/usr/lib/ocf/resource.d/nvmirror/nvmirror /usr/share/man/man8/nvmirrord.8.gz \
 	/usr/share/man/man8/nvmirrorctl.8.gz /usr/share/man/man8/nvmirrorctl-health.8.gz \
@@ -60,8 +61,8 @@ bash -c 'source /usr/share/bash-completion/completions/nvmirrorctl && complete -
 	fail "the bash completion does not register for nvmirrorctl"
 grep -q '^ExecStart=/usr/sbin/nvmirrord ' /usr/lib/systemd/system/nvmirrord@.service || fail "the unit does not start /usr/sbin/nvmirrord"
 rc=0
-systemd-analyze verify /usr/lib/systemd/system/nvmirrord@.service >verify.out 2>&1 || rc=$?
-((rc == 0)) && [[ ! -s verify.out ]] || { cat verify.out; fail "systemd-analyze verify of the installed unit: rc $rc or warnings"; }
+systemd-analyze verify /usr/lib/systemd/system/nvmirrord@.service /usr/lib/systemd/system/nvmirror-tiebreaker.service >verify.out 2>&1 || rc=$?
+((rc == 0)) && [[ ! -s verify.out ]] || { cat verify.out; fail "systemd-analyze verify of the installed units: rc $rc or warnings"; }
 /usr/sbin/nvmirrorctl config check /usr/share/doc/nvmirror/examples/two-node-tcp-node-a.toml >/dev/null 2>&1 ||
 	fail "the installed nvmirrorctl refuses the installed example config"
 say "dpkg -i: binaries in /usr/sbin, unit (systemd-analyze verify clean), udev rule, OCF agent, man pages, completions, docs"
@@ -83,7 +84,8 @@ nvm_wait_gone "$pid"
 NVMD=$NVM_BIN/nvmirrord NVMCTL=$NVM_BIN/nvmirrorctl
 
 dpkg --no-triggers --log="$PWD/dpkg.log" -r nvmirror >dpkg-r.out 2>&1 || { cat dpkg-r.out; fail "dpkg -r failed"; }
-for f in /usr/sbin/nvmirrord /usr/sbin/nvmirrorctl /usr/lib/systemd/system/nvmirrord@.service /usr/share/man/man8/nvmirrord.8.gz; do
+for f in /usr/sbin/nvmirrord /usr/sbin/nvmirrorctl /usr/lib/systemd/system/nvmirrord@.service /usr/share/man/man8/nvmirrord.8.gz \
+	/usr/sbin/nvmirror-tiebreaker /usr/lib/systemd/system/nvmirror-tiebreaker.service; do
 	[[ -e $f ]] && fail "dpkg -r left $f"
 done
 say "PASS: built, installed with dpkg -i, ran a node from /usr/sbin, removed with dpkg -r"

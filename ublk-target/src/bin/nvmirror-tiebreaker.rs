@@ -41,6 +41,10 @@ struct Args {
     /// must never restart empty).
     #[arg(long)]
     init: bool,
+    /// Create the state (refused when it exists) and exit, without serving: the first
+    /// set-up of a tie-breaker run by systemd (`nvmirror-tiebreaker.service`).
+    #[arg(long, conflicts_with = "init")]
+    create_state: bool,
     /// The links' transport.
     #[arg(long, default_value = "tcp", value_parser = parse_transport)]
     transport: Transport,
@@ -99,6 +103,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     let nodes = [args.serve[0].0, args.serve[1].0, args.node_id];
     let me = voter_number(&nodes, args.node_id).map_err(anyhow::Error::msg)?;
     let secret = read_secret("--secret-file", &args.secret_file)?;
+    if args.create_state {
+        if args.state.exists() {
+            bail!(
+                "{} exists: this voter has state already, and re-creating it empty could let \
+                 two nodes both win a slot. Nothing was changed",
+                args.state.display()
+            );
+        }
+        if let Some(dir) = args.state.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        VoterService::open(&args.state, me, 3, Missing::CreateEmpty).map_err(anyhow::Error::msg)?;
+        println!(
+            "created the tie-breaker's voter state {}",
+            args.state.display()
+        );
+        return Ok(());
+    }
     let missing = if args.init {
         Missing::CreateEmpty
     } else {

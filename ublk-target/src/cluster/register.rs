@@ -1,8 +1,8 @@
 //! Slots kept by a majority of voters, for an arbiter without a shared medium (issue #17):
 //! what would let the arbiter's 4 KiB slots (`ownership::TableStore`: the ownership table,
-//! the flush and outdated marks) live on three voters instead of a disk. Not wired into the
-//! engine yet (see docs/shared-nothing.md, "Arbitration without a shared medium"); the
-//! simulator in `sim/src/register.rs` tries to break it.
+//! the flush and outdated marks) live on three voters instead of a disk (`[cluster.voters]`,
+//! through `register_store` and `voter_arbiter`; docs/shared-nothing.md, "Arbitration without
+//! a shared medium"). The simulator in `sim/src/register.rs` tries to break it.
 //!
 //! Why not a plain majority register (Attiya, Bar-Noy and Dolev): a write that timed out
 //! after reaching a minority can surface much later, when a read first meets it, and so land

@@ -11,7 +11,7 @@
 //! have taken effect, as a disk's failed write may have; the register guarantees that it
 //! can surface only until the next write that began after it failed completes, never after.
 //!
-//! Not wired into the daemon yet (docs/shared-nothing.md says what that needs).
+//! The daemon builds one over its links in `voter_arbiter` (`[cluster.voters]`).
 
 use super::quorum::Voter;
 use super::register::{Flaws, Outcome, RegisterClient, RegisterMessage};

@@ -1,7 +1,7 @@
 //! The bytes of the epoch-fenced register (`register`): its messages as they would travel
 //! between a client and the voters, and a voter's durable state as a file. Everything here
 //! comes from outside the process, so decoding checks every length and refuses what it
-//! does not fully understand, with a reason. Not wired in yet, like the register.
+//! does not fully understand, with a reason.
 
 use super::register::{RegisterMessage, RegisterVoter, Tag};
 use std::io::Write;
