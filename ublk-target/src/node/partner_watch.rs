@@ -153,7 +153,7 @@ impl PartnerWatch {
         if absent && host.now().saturating_duration_since(up_since) >= patience {
             if !*reported {
                 tracing::error!(
-                    "partner {name} has been connected over the mirror link for {} ms, but its disk heartbeat never appeared on this node's medium ({}): the two nodes do not see the same medium. Each node's lun.medium must be the same shared disk, or with storage = \"own\" (each node its own disk) both must name the same cluster.arbiter. Until that is fixed this node will not take over {name}'s ranges",
+                    "partner {name} has been connected over the mirror link for {} ms, but its disk heartbeat never appeared on this node's medium ({}): the two nodes do not see the same medium. Each node's lun.medium must be the same shared disk, or with storage = \"own\" (each node its own disk) both must name the same cluster.arbiter (with [cluster.voters]: the same tie-breaker and vote port). Until that is fixed this node will not take over {name}'s ranges",
                     patience.as_millis(),
                     self.engine
                         .luns()
