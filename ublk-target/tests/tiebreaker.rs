@@ -9,44 +9,21 @@ use nvmirror::cluster::register_store::{BallotFile, LinkVoter, LocalVoter, Regis
 use nvmirror::cluster::voter_service::{Missing, VoterService};
 use nvmirror::ownership::{self, OwnershipTable, RangeOwner, TableStore};
 use rdma_link::{Bytes, Link, LinkConfig, NodeRole, RequestHandler, Role, Transport};
-use std::net::{SocketAddr, TcpListener};
+#[path = "support/tiebreaker.rs"]
+mod tiebreaker_process;
+
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tiebreaker_process::{free_addr, Killed, TIEBREAKER};
 
 const CLUSTER: u64 = 0x7e5;
 const SECRET: &[u8] = b"tie-breaker-test-secret-0123456789";
-/// Node ids: data nodes 1 and 2, the tie-breaker 3 (voters 0, 1 and 2).
-const TIEBREAKER: u32 = 3;
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 fn tiebreaker(dir: &Path, a1: SocketAddr, a2: SocketAddr, init: bool) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nvmirror-tiebreaker"));
-    c.arg("--cluster-id")
-        .arg(format!("{CLUSTER:#x}"))
-        .arg("--secret-file")
-        .arg(dir.join("secret"))
-        .arg("--node-id")
-        .arg(TIEBREAKER.to_string())
-        .arg("--serve")
-        .arg(format!("1={a1}"))
-        .arg("--serve")
-        .arg(format!("2={a2}"))
-        .arg("--state")
-        .arg(dir.join("tiebreaker.state"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if init {
-        c.arg("--init");
-    }
-    c
+    tiebreaker_process::command(CLUSTER, dir, [a1, a2], init)
 }
 
 fn link_cfg(role: Role, me: u32, peer: u32, node_role: NodeRole) -> LinkConfig {
@@ -142,14 +119,6 @@ fn wait_up(link: &Link) {
     while !link.state().is_up() {
         assert!(Instant::now() < deadline, "link not up: {:?}", link.state());
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -8,21 +8,17 @@ use nvmirror::cluster::voter_arbiter;
 use nvmirror::config::NodeConfig;
 use nvmirror::engine::{Engine, OpenMode};
 use nvmirror::lease::LeaseState;
-use std::net::{SocketAddr, TcpListener};
+#[path = "support/tiebreaker.rs"]
+mod tiebreaker_process;
+
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tiebreaker_process::{free_addr, Killed, TIEBREAKER};
 
 const CLUSTER: u64 = 0x70fe;
-const TIEBREAKER: u32 = 3;
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 struct Ports {
     mirror: SocketAddr,
@@ -91,33 +87,12 @@ ranges = 2
 }
 
 fn tiebreaker(dir: &Path, p: &Ports, init: bool) -> Killed {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nvmirror-tiebreaker"));
-    c.arg("--cluster-id")
-        .arg(format!("{CLUSTER:#x}"))
-        .arg("--secret-file")
-        .arg(dir.join("secret"))
-        .arg("--node-id")
-        .arg(TIEBREAKER.to_string())
-        .arg("--serve")
-        .arg(format!("1={}", p.tiebreaker[0]))
-        .arg("--serve")
-        .arg(format!("2={}", p.tiebreaker[1]))
-        .arg("--state")
-        .arg(dir.join("tiebreaker.state"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if init {
-        c.arg("--init");
-    }
-    Killed(c.spawn().expect("start nvmirror-tiebreaker"))
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    let mut c = tiebreaker_process::command(CLUSTER, dir, p.tiebreaker, init);
+    Killed(
+        c.stderr(Stdio::null())
+            .spawn()
+            .expect("start nvmirror-tiebreaker"),
+    )
 }
 
 fn open(cfg: NodeConfig) -> std::thread::JoinHandle<Result<Arc<Engine>, String>> {
