@@ -61,7 +61,8 @@ transport=${NVM_PC_TRANSPORT:-rdma}        # mirror link: rdma (Soft-RoCE on eth
 write_rate=${NVM_PC_FIO_RATE:-3m}          # the verified job (fio server on node-a)
 trigger_after=${NVM_PC_FIO_TRIGGER:-18}    # seconds after the fio client started
 cut=${NVM_PC_CUT:-a}                       # whose power goes: a (test 40) or both (test 41)
-storage=${NVM_PC_STORAGE:-shared}          # shared: one medium (40, 41); own: each node its own (43)
+storage=${NVM_PC_STORAGE:-shared}          # shared: one medium (40, 41); own: each node its own (43);
+                                           # voters: own, the arbiter on three voters (49)
 load=${NVM_PC_LOAD:-fio}                   # fio: fio with verify; fs: three filesystems under churn (44)
 lun_mib=${NVM_PC_LUN_MIB:-128}
 churn_s=${NVM_PC_CHURN_SECONDS:-10}        # (fs) load before the flusher pauses, and again before the cut
@@ -98,6 +99,7 @@ cleanup() {
 		for _ in $(seq 100); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 0.2; done
 		kill -KILL "$daemon_pid" 2>/dev/null
 	fi
+	[[ -n $tb_pid ]] && kill -KILL "$tb_pid" 2>/dev/null
 	cp -f ./*.log "$NVM_OUT/" 2>/dev/null
 	exit "$rc"
 }
@@ -146,7 +148,7 @@ setup_net() {
 	modprobe ublk_drv || fail "modprobe ublk_drv"
 	setup_nvram
 	[[ -b /dev/vda ]] || fail "no /dev/vda (the medium)"
-	[[ $storage == shared || -b /dev/vdb ]] || fail "no /dev/vdb (the arbiter disk of storage = own)"
+	[[ $storage != own || -b /dev/vdb ]] || fail "no /dev/vdb (the arbiter disk of storage = own)"
 	command -v fio >/dev/null || skip "fio is not installed"
 	say "net: $me on $nic ($(cat /sys/class/net/$nic/address)), mirror link over $transport; NVRAM $nvram $(($(cat /sys/bus/dax/devices/dax0.0/size) >> 20)) MiB (device-DAX), storage $storage: medium /dev/vda $(($(blockdev --getsize64 /dev/vda) >> 20)) MiB"
 }
@@ -172,6 +174,38 @@ setup_nvram() {
 	[[ -c $nvram ]] || fail "no $nvram (device-DAX on the emulated NVDIMM): $(ndctl list -N 2>&1 | tr -d '\n')"
 }
 
+# The [cluster] lines of the storage mode: with voters (test 49) the table and the leases
+# live on this node's voter (its state on the results dir, so that node-a's survives its
+# power cut), the partner's and a tie-breaker that node-b's VM runs (a test shortcut: in
+# production it is a third machine); every link over the test's transport.
+storage_lines() {
+	case $storage in
+	own) printf 'storage = "own"\narbiter = "/dev/vdb"\n' ;;
+	voters)
+		printf 'storage = "own"\n\n[cluster.voters]\nport = 7801\ntiebreaker_id = 3\n'
+		printf 'tiebreaker = ["%s:7481", "%s:7482"]\nstate_dir = "%s"\n' "$ip_b" "$ip_b" "$NVM_OUT/state/voter-$node"
+		;;
+	esac
+}
+
+# node-b's VM runs the tie-breaker (voters only), from its state on the results dir (created
+# on node-b's first boot), before node-b's daemon: node-a's first start needs it for a
+# majority while node-b's VM may still be booting.
+tb_pid=''
+start_tiebreaker() {
+	[[ $storage == voters ]] || return 0
+	local args=(--cluster-id 77 --secret-file "$NVM_OUT/secret" --node-id 3 --serve "1=$ip_b:7481"
+		--serve "2=$ip_b:7482" --state "$NVM_OUT/state/tiebreaker.state" --transport "$transport")
+	if [[ $role == b ]]; then
+		"$NVM_BIN/nvmirror-tiebreaker" "${args[@]}" --create-state >>"$NVM_OUT/tiebreaker-$role.log" 2>&1 ||
+			fail "nvmirror-tiebreaker --create-state: $(tail -2 "$NVM_OUT/tiebreaker-$role.log")"
+	fi
+	"$NVM_BIN/nvmirror-tiebreaker" "${args[@]}" >>"$NVM_OUT/tiebreaker-$role.log" 2>&1 &
+	tb_pid=$!
+	mark tb-up
+	say "tie-breaker (pid $tb_pid) serving both nodes' votes on $ip_b:7481/7482 over $transport"
+}
+
 # Heartbeat timeout 3 s: two 1-vCPU TCG VMs on a busy 2-core host can stall a link thread
 # for 1.5 s (seen once in CI with 1.5 s: node-b declared node-a dead mid-verify, took over,
 # and a read it had forwarded to node-a failed with EIO).
@@ -193,7 +227,7 @@ write_config() {
 	heartbeat_timeout_ms = 3000
 	takeover = "auto"
 	degraded = "write-through"
-	$([[ $storage == own ]] && printf 'storage = "own"\narbiter = "/dev/vdb"')
+	$(storage_lines)
 
 	[[cluster.node]]
 	name = "node-a"
@@ -209,7 +243,7 @@ write_config() {
 	device_id = ${dev#/dev/ublkb}
 	ranges = 2
 	owners = ["node-a", "node-b"]
-	$([[ $storage == own ]] && echo "size = \"${lun_mib}MiB\"")
+	$([[ $storage != shared ]] && echo "size = \"${lun_mib}MiB\"")
 	CFG
 }
 
@@ -217,7 +251,7 @@ write_config() {
 # `nvmirrorctl verify` compares this node's range on both media online.  The host compares
 # the two disk images byte for byte once both VMs are done.
 own_media_agree() {
-	[[ $storage == own ]] || return 0
+	[[ $storage != shared ]] || return 0
 	"$NVMCTL" --config node.toml drain --timeout 120 >/dev/null || fail "drain on $node"
 	local out
 	out=$("$NVMCTL" --config node.toml verify 2>&1) || fail "nvmirrorctl verify on $node found the media different: $out"
@@ -227,6 +261,9 @@ own_media_agree() {
 
 start_daemon() {
 	write_config
+	if [[ $storage == voters && $role != *2 ]]; then
+		"$NVMCTL" --config node.toml init-voter >/dev/null || fail "nvmirrorctl init-voter on $node"
+	fi
 	"$NVMD" --config node.toml --state-dir "$work/state" >>"$NVM_OUT/daemon-$role.log" 2>&1 &
 	daemon_pid=$!
 	"$NVMCTL" --config node.toml wait --timeout 120 >/dev/null ||
@@ -290,6 +327,7 @@ lun_sha() { dd if="$dev" bs=1M iflag=direct status=none | sha256sum | cut -c1-64
 # ----------------------------------------------------------------- node-a ---
 run_a() {
 	setup_net $ip_a
+	[[ $storage != voters ]] || await tb-up 300
 	start_daemon
 	until_ok 120 "mirror link up ($transport)" "$link_up"
 	mark a-up
@@ -373,6 +411,7 @@ print(sum(p["records"] for p in r["partitions"]) if r["state"] == "valid" else "
 # ----------------------------------------------------------------- node-b ---
 run_b() {
 	setup_net $ip_b
+	start_tiebreaker
 	start_daemon
 	until_ok 180 "mirror link up ($transport)" "$link_up"
 	mark b-up
@@ -426,7 +465,7 @@ run_b() {
 	st >"$NVM_OUT/status-b-after-takeover.json"
 	mark b-serving "$t_done"
 	say "took over: ranges $(ranges); takeover $(q 'e["takeover"]'); mirror $(q 'e["mirror"]["state"]')"
-	if [[ $storage == own ]]; then
+	if [[ $storage != shared ]]; then
 		# node-a's medium misses the writes node-b replayed: marked before node-b served them.
 		ok '[0, 0] in e["outdated_media"].get("node-a", [])' ||
 			fail "node-a's medium is not marked outdated for range 0 after the takeover: $(q 'e["outdated_media"]')"
@@ -464,7 +503,7 @@ run_b() {
 	until_ok 120 "mirroring with node-a again" "$link_up"
 	st >"$NVM_OUT/status-b-rejoined.json"
 	say "node-a rejoined: mirror $(q 'e["mirror"]["state"]') over $(q 'e["mirror"]["transport"]'), link $(q 'e["mirror"]["link"]')"
-	if [[ $storage == own ]]; then
+	if [[ $storage != shared ]]; then
 		# A range goes back only to a medium that holds it: node-b first copies what node-a's
 		# medium missed (and the marks are withdrawn).
 		until_ok 300 "resync onto node-a's medium" 'e["outdated_media"] == {}'
@@ -570,6 +609,7 @@ print("valid, %d record(s) of its own staged" % sum(p["records"] for p in r["par
 	local t_start t_serving
 	t_start=$(date +%s.%N)
 	mark b2-start "$t_start"
+	start_tiebreaker
 	start_daemon
 	st >"$NVM_OUT/status-b2-start.json"
 	say "rebuilt at start (daemon log): $(grep -ho 'second store: .*' "$NVM_OUT/daemon-$role.log" | head -n 1); second store now (a takeover replays and drops): $(q 'e["mirror"]["second_store"]')"
@@ -605,7 +645,7 @@ print("%.1f s (disk lease held +%.1f s, node-a declared dead +%.1f s, replay don
 	dead=$(grep -ho "node node-a's disk heartbeat has not changed for [0-9]* ms" "$NVM_OUT/daemon-$role.log" | head -n 1) || true
 	[[ -n $dead ]] || fail "node-b's daemon log does not say node-a's disk heartbeat was dead before the takeover"
 	say "daemon: $dead (and the link down): took over"
-	if [[ $storage == own ]]; then
+	if [[ $storage != shared ]]; then
 		# node-a's medium missed the replay and whatever node-b writes now: it may not take
 		# range 0 back before a resync.
 		ok '[0, 0] in e["outdated_media"].get("node-a", [])' ||
@@ -619,7 +659,7 @@ print("%.1f s (disk lease held +%.1f s, node-a declared dead +%.1f s, replay don
 
 [[ -f $NVM_OUT/secret ]] || fail "no cluster secret in $NVM_OUT"
 [[ $cut == a || $cut == both ]] || fail "NVM_PC_CUT must be a or both, not $cut"
-[[ $storage == shared || $storage == own ]] || fail "NVM_PC_STORAGE must be shared or own, not $storage"
+[[ $storage =~ ^(shared|own|voters)$ ]] || fail "NVM_PC_STORAGE must be shared, own or voters, not $storage"
 if [[ $load == fs ]]; then
 	# shellcheck source=tests/vm/lib/fs-churn.sh
 	source "$(dirname "$0")/../../vm/lib/fs-churn.sh"

@@ -22,7 +22,7 @@ transport=${NVM_PC_TRANSPORT:-rdma}
 # shared: one disk image both VMs attach (claim set A); own: each VM its own medium image
 # plus a small shared arbiter image (shared-nothing mode, issue #17).
 storage=${NVM_PC_STORAGE:-shared}
-[[ $storage == shared || $storage == own ]] || { echo "NVM_PC_STORAGE must be shared or own" >&2; exit 2; }
+[[ $storage =~ ^(shared|own|voters)$ ]] || { echo "NVM_PC_STORAGE must be shared, own or voters" >&2; exit 2; }
 # fio: fio writes with verify (40, 41, 43); fs: ext4, xfs and btrfs under a metadata-heavy
 # load (44), which needs a bigger LUN (xfs refuses filesystems below 300 MB).
 load=${NVM_PC_LOAD:-fio}
@@ -71,7 +71,7 @@ pc_setup() {
 		# Each node's own medium holds the 128 MiB LUN only; the table and the disk leases
 		# live on the arbiter.
 		truncate -s ${lun_mib}M "$OUT/medium-a.img" "$OUT/medium-b.img"
-		truncate -s 4M "$OUT/arbiter.img"
+		[[ $storage == voters ]] || truncate -s 4M "$OUT/arbiter.img"
 	fi
 	(umask 077 && head -c 48 /dev/urandom | base64 >"$OUT/secret")
 	port=$(pc_free_port) || { say "FAIL: no free TCP port for the VM link"; exit 1; }
@@ -108,6 +108,8 @@ trap 'say "terminated"; exit 143' TERM INT
 vm_disks() {
 	if [[ $storage == shared ]]; then
 		echo "--disk $OUT/shared.img"
+	elif [[ $storage == voters ]]; then
+		echo "--disk $OUT/medium-${1:0:1}.img"
 	else
 		echo "--disk $OUT/medium-${1:0:1}.img --disk $OUT/arbiter.img"
 	fi
