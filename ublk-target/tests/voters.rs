@@ -51,9 +51,12 @@ id = {CLUSTER}
 secret_file = "{d}/secret"
 heartbeat_interval_ms = 100
 heartbeat_timeout_ms = 1000
-disk_heartbeat_ms = 100
-disk_lease_ms = 800
-medium_io_timeout_ms = 400
+# The VM tests' lease timing: each try of a slot operation waits 250 ms for a majority.
+# (100/800/400 ms, tries of 100 ms, failed a table read once while cargo ran the other
+# test binaries alongside.)
+disk_heartbeat_ms = 250
+disk_lease_ms = 2000
+medium_io_timeout_ms = 1000
 takeover = "manual"
 storage = "own"
 
