@@ -136,6 +136,14 @@ pub enum Fault {
     Takeover {
         node: usize,
     },
+    /// With the table on voters (`--vote-cuts`): `node`'s link to voter `voter` (the
+    /// partner's or the tie-breaker's) delivers nothing either way for a while, whatever the
+    /// mirror link does.
+    VoteCut {
+        node: usize,
+        voter: u32,
+        duration: Duration,
+    },
 }
 
 impl Fault {
@@ -240,6 +248,11 @@ pub struct FaultMix {
     /// With `voter_table`: tries per voter operation before the store fails (the daemon's
     /// [`ATTEMPTS`]; fewer make the store fail far more often).
     pub voter_tries: u32,
+    /// With `voter_table`: the links to the voters fail on their own ([`Fault::VoteCut`]),
+    /// and in half the seeds the pair's vote link does not share the mirror link's cuts (a
+    /// vote link over Ethernet beside an InfiniBand mirror link). A stream of its own; off
+    /// in [`FaultMix::all`].
+    pub vote_cuts: bool,
 }
 
 impl FaultMix {
@@ -275,6 +288,7 @@ impl FaultMix {
             clock_drift: None,
             voter_table: false,
             voter_tries: ATTEMPTS,
+            vote_cuts: false,
         }
     }
 
@@ -321,6 +335,7 @@ impl FaultMix {
             clock_drift: None,
             voter_table: false,
             voter_tries: ATTEMPTS,
+            vote_cuts: false,
         }
     }
 
@@ -365,6 +380,9 @@ pub struct Settings {
     pub voter_table: bool,
     /// See [`FaultMix::voter_tries`].
     pub voter_tries: u32,
+    /// With `voter_table`: the pair's vote link is cut only by [`Fault::VoteCut`], not with
+    /// the mirror link (see [`FaultMix::vote_cuts`]).
+    pub separate_vote_link: bool,
     /// Each node's clock rate against real time (see [`FaultMix::clock_drift`]).
     pub clock_rates: [f64; 2],
     pub degraded_nvram: bool,
@@ -424,6 +442,12 @@ impl Settings {
             s.faults
                 .extend(draw_link_stalls(seed, end, s.heartbeat_timeout));
         }
+        if mix.voter_table && mix.vote_cuts {
+            let end = duration.saturating_sub(Duration::from_secs(1));
+            let (separate, cuts) = draw_vote_cuts(seed, end, s.heartbeat_timeout);
+            s.separate_vote_link = separate;
+            s.faults.extend(cuts);
+        }
         if mix.takeovers && !s.takeover_auto {
             let t = s.heartbeat_timeout;
             let end = duration.saturating_sub(Duration::from_secs(1));
@@ -467,6 +491,7 @@ impl Settings {
             local_reads: false,
             voter_table: false,
             voter_tries: ATTEMPTS,
+            separate_vote_link: false,
             clock_rates: [1.0, 1.0],
             degraded_nvram: rng.gen_bool(0.4),
             heartbeat_interval,
@@ -605,7 +630,7 @@ fn draw_takeovers(
     let mut out = Vec::new();
     for (at, f) in faults {
         let victim = match f {
-            Fault::Cut { from, .. } => *from,
+            Fault::Cut { from, .. } | Fault::VoteCut { node: from, .. } => *from,
             Fault::Pause { node, .. }
             | Fault::Kill { node, .. }
             | Fault::PowerCut { node, .. }
@@ -656,6 +681,53 @@ fn draw_link_stalls(seed: u64, end: Duration, timeout: Duration) -> Vec<(Duratio
             duration: between(rng, timeout / 5, timeout * 3),
         }
     })
+}
+
+/// The voter the simulator calls the tie-breaker (the data nodes' voters are 0 and 1).
+pub const TIEBREAKER_VOTER: u32 = 2;
+
+/// Cuts of the links to the voters (`--vote-cuts`), about one per 5 simulated seconds, each
+/// for 0.2 to 6 heartbeat timeouts: a node's link to the partner's voter, to the tie-breaker,
+/// or to both at once (the node alone with its own voter, its mirror link up). Half of them
+/// followed by a giveback. Also draws whether the pair's vote link is separate from the
+/// mirror link (half the seeds).
+fn draw_vote_cuts(seed: u64, end: Duration, t: Duration) -> (bool, Vec<(Duration, Fault)>) {
+    use rand::SeedableRng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7073_0000_0000_0006);
+    let separate = rng.gen_bool(0.5);
+    let mut out = Vec::new();
+    let mut at = Duration::from_millis(500);
+    loop {
+        at += Duration::from_secs_f64(-(1.0 - rng.gen::<f64>()).ln() * 5.0);
+        if at >= end {
+            return (separate, out);
+        }
+        let node = rng.gen_range(0..2);
+        let duration = between(&mut rng, t / 5, t * 6);
+        let partner = 1 - node as u32;
+        let voters: &[u32] = match rng.gen_range(0..3) {
+            0 => &[partner],
+            1 => &[TIEBREAKER_VOTER],
+            _ => &[partner, TIEBREAKER_VOTER],
+        };
+        for &voter in voters {
+            out.push((
+                at,
+                Fault::VoteCut {
+                    node,
+                    voter,
+                    duration,
+                },
+            ));
+        }
+        if rng.gen_bool(0.5) {
+            let when = at + duration + between(&mut rng, Duration::ZERO, t * 4);
+            if when < end {
+                let then_stop = maybe_crash(&mut rng);
+                out.push((when, Fault::Giveback { then_stop }));
+            }
+        }
+    }
 }
 
 /// Own media failing (`storage = "own"`), about one per 10 simulated seconds, each for

@@ -5,8 +5,10 @@
 //! and delivered during a later operation of either node: a request that timed out surfaces
 //! late, as over a network, even after its node died and restarted. A node reaches the
 //! other node's voter only while that node runs and the link between them is not cut in
-//! that direction, and with its disk path failed (`Fault::PathFailure`) it reaches only its
-//! own voter, so it has no majority. Voters keep their state through kills and power cuts
+//! that direction (the mirror link's cuts, unless the seed keeps the vote link separate),
+//! with `--vote-cuts` a node's link to either other voter fails on its own
+//! (`Fault::VoteCut`), and with its disk path failed (`Fault::PathFailure`) it reaches only
+//! its own voter, so it has no majority. Voters keep their state through kills and power cuts
 //! (the daemon stores it before each answer), and so does each node's ballot round.
 //!
 //! An operation is atomic in simulated time: it runs to its outcome, or to "no majority"
@@ -20,12 +22,12 @@ use nvmirror::cluster::register_store::{check_write, fill_slot, Ballots, Exchang
 use nvmirror::ownership::TableStore;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The tie-breaker's voter number (the data nodes are voters 0 and 1).
-const TIEBREAKER: Voter = 2;
+const TIEBREAKER: Voter = crate::faults::TIEBREAKER_VOTER;
 const VOTERS: u32 = 3;
 
 /// Where a message goes: a voter, or the client of a node's life.
@@ -50,6 +52,8 @@ struct State {
     rounds: Vec<u64>,
     /// Per node: running (its voter answers).
     running: Vec<bool>,
+    /// (node, voter): how many vote cuts between that node and that voter are in force.
+    vote_cuts: BTreeMap<(usize, Voter), u32>,
     rng: ChaCha8Rng,
     late: u64,
     /// Operations run (each try of a read or a write), and ballot rounds taken after a
@@ -63,28 +67,34 @@ struct State {
 pub struct VoterTable {
     /// Tries per operation.
     tries: u32,
+    /// The pair's vote link does not share the mirror link's cuts.
+    separate_vote_link: bool,
     state: Mutex<State>,
     net: Arc<SimNet>,
     disk: Arc<SimDisk>,
 }
 
 impl VoterTable {
-    /// `net` for the cuts between the nodes, `disk` for the nodes' path failures; each
-    /// operation tried `tries` times (the daemon's `register_store::ATTEMPTS`, or fewer).
+    /// `net` for the cuts between the nodes (unless `separate_vote_link`), `disk` for the
+    /// nodes' path failures; each operation tried `tries` times (the daemon's
+    /// `register_store::ATTEMPTS`, or fewer).
     pub fn new(
         seed: u64,
         nodes: usize,
         tries: u32,
+        separate_vote_link: bool,
         net: Arc<SimNet>,
         disk: Arc<SimDisk>,
     ) -> Arc<Self> {
         Arc::new(VoterTable {
             tries,
+            separate_vote_link,
             state: Mutex::new(State {
                 voters: vec![RegisterVoter::default(); VOTERS as usize],
                 held: Vec::new(),
                 rounds: vec![0; nodes],
                 running: vec![false; nodes],
+                vote_cuts: BTreeMap::new(),
                 rng: ChaCha8Rng::seed_from_u64(seed ^ 0x766f_7465_7273),
                 late: 0,
                 operations: 0,
@@ -125,7 +135,23 @@ impl VoterTable {
 
     /// The faults are over (the network heals): no message is lost or held back from now.
     pub fn calm(&self) {
-        self.state().calm = true;
+        let mut st = self.state();
+        st.calm = true;
+        st.vote_cuts.clear();
+    }
+
+    /// A cut between `node` and `voter` starts (`cut`) or ends; cuts may overlap.
+    pub fn set_vote_cut(&self, node: usize, voter: Voter, cut: bool) {
+        let mut st = self.state();
+        let n = st.vote_cuts.entry((node, voter)).or_insert(0);
+        if cut {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.vote_cuts.remove(&(node, voter));
+            }
+        }
     }
 
     /// Messages that were held back and delivered late, so far.
@@ -144,7 +170,7 @@ impl VoterTable {
         if voter as usize == node {
             return true; // its own voter, in its own process
         }
-        if self.disk.path_failed(node) {
+        if self.disk.path_failed(node) || st.vote_cuts.contains_key(&(node, voter)) {
             return false;
         }
         if voter == TIEBREAKER {
@@ -156,7 +182,17 @@ impl VoterTable {
         } else {
             (other, node)
         };
-        st.running[other] && !self.net.is_cut(from, to)
+        st.running[other] && (self.separate_vote_link || !self.net.is_cut(from, to))
+    }
+
+    /// Whether `node`'s client reaches a majority of the voters both ways now (its own
+    /// counts).
+    pub fn reaches_majority(&self, node: usize) -> bool {
+        let st = self.state();
+        let reached = (0..VOTERS)
+            .filter(|&v| self.reachable(&st, node, v, true) && self.reachable(&st, node, v, false))
+            .count() as u32;
+        reached > VOTERS / 2
     }
 
     /// Sends `msg`: to the queue of this operation, held back, or lost.
@@ -295,6 +331,10 @@ impl Exchange for Pump<'_> {
 }
 
 impl TableStore for VoterTableView {
+    fn place(&self) -> nvmirror::ownership::ArbiterPlace {
+        nvmirror::ownership::ArbiterPlace::Voters
+    }
+
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
         let data = self.ballots().read(slot, &mut Pump { view: self })?;
         fill_slot(slot, &data, out)

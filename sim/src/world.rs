@@ -601,6 +601,7 @@ struct Node {
 enum Event {
     Fault(Fault),
     CutEnd { from: usize, to: usize },
+    VoteCutEnd { node: usize, voter: u32 },
     Restart { node: usize },
     Resume { node: usize, life_no: u32 },
     LinkGo { node: usize, life_no: u32 },
@@ -631,6 +632,9 @@ struct World {
     /// Ranges already reported as served twice (one violation per episode).
     double_served: Vec<bool>,
     faults_over: bool,
+    /// With the table on voters: per node, cut off from a majority of them (see
+    /// [`World::track_voter_isolation`]).
+    voter_isolated: [bool; NODES],
     /// With a medium per node, a write before the link is up marks the partner's medium
     /// outdated for good (no resync yet): the clients wait for both nodes to mirror, so
     /// that a run without faults checks both media.
@@ -710,9 +714,16 @@ impl World {
             local_reads_ended: Arc::default(),
             media: media.clone(),
         });
-        let voter_table = s
-            .voter_table
-            .then(|| VoterTable::new(s.seed, NODES, s.voter_tries, net.clone(), disk.clone()));
+        let voter_table = s.voter_table.then(|| {
+            VoterTable::new(
+                s.seed,
+                NODES,
+                s.voter_tries,
+                s.separate_vote_link,
+                net.clone(),
+                disk.clone(),
+            )
+        });
         let nodes = (0..NODES)
             .map(|id| Node {
                 name: format!("n{id}"),
@@ -738,6 +749,7 @@ impl World {
             cuts: BTreeMap::new(),
             double_served: vec![false; s.ranges as usize],
             faults_over: false,
+            voter_isolated: [false; NODES],
             clients_started: false,
             start: Instant::now(),
             voter_table,
@@ -825,6 +837,36 @@ impl World {
                 return;
             }
             self.handle(event);
+            self.track_voter_isolation();
+        }
+    }
+
+    /// With the table on voters: a node that no longer reaches a majority of them (its own
+    /// and neither other, through vote cuts, the mirror link's cuts or a stopped partner) has
+    /// failed as far as the model goes, like a node whose path to the shared disk failed:
+    /// its weak acknowledgements (`degraded = "nvram"`) may be lost, and so may those made
+    /// while it is cut off.
+    fn track_voter_isolation(&mut self) {
+        let Some(voters) = &self.voter_table else {
+            return;
+        };
+        if self.faults_over {
+            self.voter_isolated = [false; NODES];
+            return;
+        }
+        for n in 0..NODES {
+            let cut_off = self.nodes[n].run.is_some() && !voters.reaches_majority(n);
+            if cut_off == self.voter_isolated[n] {
+                continue;
+            }
+            self.voter_isolated[n] = cut_off;
+            if cut_off {
+                self.note(format!("n{n} reaches no majority of the voters"));
+                lock(&self.shared.model).node_failed();
+                self.impair(1);
+            } else {
+                self.impair(-1);
+            }
         }
     }
 
@@ -850,6 +892,12 @@ impl World {
                 }
             }
             Event::CutEnd { from, to } => self.uncut(from, to),
+            Event::VoteCutEnd { node, voter } => {
+                if let Some(voters) = &self.voter_table {
+                    voters.set_vote_cut(node, voter, false);
+                    self.note(format!("n{node}'s link to voter {voter} delivers again"));
+                }
+            }
             Event::Restart { node } => {
                 if self.nodes[node].run.is_none() && self.nodes[node].booting.is_none() {
                     self.net.power_on(node);
@@ -1225,6 +1273,16 @@ impl World {
                     r.engine.set_flush_paused(true);
                     let life_no = self.nodes[node].life_no;
                     self.after(duration, Event::FlushResume { node, life_no });
+                }
+            }
+            Fault::VoteCut {
+                node,
+                voter,
+                duration,
+            } => {
+                if let Some(voters) = &self.voter_table {
+                    voters.set_vote_cut(node, voter, true);
+                    self.after(duration, Event::VoteCutEnd { node, voter });
                 }
             }
             Fault::Takeover { node } => self.operator_takeover(node),

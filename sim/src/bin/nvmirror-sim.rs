@@ -85,6 +85,11 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = nvmirror::cluster::register_store::ATTEMPTS,
           value_parser = clap::value_parser!(u32).range(1..))]
     voter_tries: u32,
+    /// With --voter-table: the links to the voters are cut on their own (a node from the
+    /// partner's voter, the tie-breaker or both, whatever the mirror link does), and in half
+    /// the seeds the mirror link's cuts leave the pair's vote link up.
+    #[arg(long)]
+    vote_cuts: bool,
     /// The nodes' clocks run at different rates: one PERCENT fast, the other PERCENT slow
     /// (the leases allow for two clocks 10% apart: up to 4.7 stays within that; more tries
     /// what happens beyond it).
@@ -281,6 +286,10 @@ fn main() {
             return Err("--voter-tries counts the voters' tries: it needs --voter-table".into());
         }
         m.voter_tries = args.voter_tries;
+        if args.vote_cuts && !args.voter_table {
+            return Err("--vote-cuts cuts the links to the voters: it needs --voter-table".into());
+        }
+        m.vote_cuts = args.vote_cuts;
         m.clock_drift = args.clock_drift.map(|percent| percent / 100.0);
         m.resync_rate = args.resync_rate.map(|kib| kib << 10);
         if args.no_givebacks {
