@@ -111,12 +111,16 @@ pub fn assess(s: &DaemonStatus, limits: &Limits) -> Health {
         }
     }
     if let Some(lease) = &e.lease {
+        let name = match lease.place.as_deref() {
+            Some("voters") => "lease on the voters",
+            _ => "disk lease",
+        };
         match lease.state {
             LeaseState::Expired => add(
                 Critical,
-                "the disk lease ran out: this node serves nothing until it holds it again".into(),
+                format!("the {name} ran out: this node serves nothing until it holds it again"),
             ),
-            LeaseState::Acquiring => add(Warning, "acquiring the disk lease".into()),
+            LeaseState::Acquiring => add(Warning, format!("acquiring the {name}")),
             LeaseState::Held => {}
         }
     }

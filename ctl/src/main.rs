@@ -1772,8 +1772,13 @@ fn print_lease(l: &nvmirror::lease::LeaseStatus, may_serve: bool) {
         Some(ms) => format!("ran out {:.1} s ago", -ms as f64 / 1000.0),
         None => "never renewed".into(),
     };
+    let label = match l.place.as_deref() {
+        Some("voters") => "lease on the voters",
+        Some("arbiter device") => "disk lease (arbiter device)",
+        _ => "disk lease",
+    };
     println!(
-        "disk lease: {} ({expires}; heartbeat every {} ms, lease {} ms, {} renewals, {} failed){}",
+        "{label}: {} ({expires}; heartbeat every {} ms, lease {} ms, {} renewals, {} failed){}",
         format!("{:?}", l.state).to_uppercase(),
         l.renew_ms,
         l.lease_ms,

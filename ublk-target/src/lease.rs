@@ -155,6 +155,10 @@ pub struct LeaseStatus {
     /// After this long without a change another node is dead.
     pub dead_after_ms: u64,
     pub peers: Vec<PeerLeaseStatus>,
+    /// Where the heartbeats live: "shared medium", "arbiter device" or "voters" (absent in
+    /// the status of daemons from before 2026-12-07).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub place: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -217,6 +221,11 @@ impl DiskLease {
         self.timing
     }
 
+    /// Where the heartbeats live (for messages).
+    pub fn place(&self) -> crate::ownership::ArbiterPlace {
+        self.store.place()
+    }
+
     /// Renews the heartbeat and watches the others' until the task is dropped. Medium I/O
     /// is synchronous: on a real machine this task has a thread of its own.
     pub async fn run(self: Arc<Self>) {
@@ -274,7 +283,8 @@ impl DiskLease {
                     st.acquisitions += 1;
                     tracing::info!(
                         counter = st.counter,
-                        "disk lease held: heartbeats renewed for {:?}",
+                        "{} held: heartbeats renewed for {:?}",
+                        self.place().lease(),
                         self.timing.settle()
                     );
                     drop(st);
@@ -285,10 +295,11 @@ impl DiskLease {
             other => {
                 st.failures += 1;
                 st.renewing_since = None;
+                let heartbeat = self.place().heartbeat();
                 let why = match other {
-                    Err(e) => format!("writing the disk heartbeat failed: {e}"),
+                    Err(e) => format!("writing the {heartbeat} failed: {e}"),
                     Ok(()) => format!(
-                        "writing the disk heartbeat took {:?}, more than the I/O timeout {:?}",
+                        "writing the {heartbeat} took {:?}, more than the I/O timeout {:?}",
                         done.saturating_duration_since(issued),
                         self.timing.io_timeout
                     ),
@@ -308,7 +319,8 @@ impl DiskLease {
         if st.state == LeaseState::Held && st.valid_until.is_none_or(|v| now >= v) {
             st.state = LeaseState::Expired;
             tracing::error!(
-                "disk lease expired: the heartbeat could not be renewed ({}); this node stops serving until it holds its lease again",
+                "{} expired: the heartbeat could not be renewed ({}); this node stops serving until it holds its lease again",
+                self.place().lease(),
                 st.last_error.as_deref().unwrap_or("no renewal")
             );
             self.changed.notify_waiters();
@@ -453,6 +465,14 @@ impl DiskLease {
             renew_ms: self.timing.renew.as_millis() as u64,
             lease_ms: self.timing.lease.as_millis() as u64,
             dead_after_ms: self.timing.dead_after().as_millis() as u64,
+            place: Some(
+                match self.place() {
+                    crate::ownership::ArbiterPlace::SharedMedium => "shared medium",
+                    crate::ownership::ArbiterPlace::Device => "arbiter device",
+                    crate::ownership::ArbiterPlace::Voters => "voters",
+                }
+                .into(),
+            ),
             peers: st
                 .watched
                 .iter()

@@ -495,12 +495,67 @@ pub trait TableStore: Send + Sync {
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()>;
     fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()>;
 
+    /// Where the slots live, for messages.
+    fn place(&self) -> ArbiterPlace {
+        ArbiterPlace::SharedMedium
+    }
+
     /// A read the caller acts on for good (what a node serves after a start or a lease
     /// regained): no write that failed before it may surface after it. A disk bounds a
     /// failed write by its I/O timeout and the lease timing, so a plain read is that; the
     /// voters' register settles the slot (`RegisterClient::read_settled`).
     fn read_slot_settled(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
         self.read_slot(slot, out)
+    }
+}
+
+/// Where a cluster's ownership table and leases live: what the operator reads in a message
+/// about a heartbeat or a lease, so that it points at the thing to check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArbiterPlace {
+    /// The end of the medium both nodes share.
+    SharedMedium,
+    /// `cluster.arbiter`: a small device both nodes see (`storage = "own"`).
+    Device,
+    /// `[cluster.voters]`: a majority of three voters (`storage = "own"`).
+    Voters,
+}
+
+impl ArbiterPlace {
+    /// The lease, as messages name it ("disk lease" where a disk holds it).
+    pub fn lease(self) -> &'static str {
+        match self {
+            ArbiterPlace::SharedMedium | ArbiterPlace::Device => "disk lease",
+            ArbiterPlace::Voters => "lease on the voters",
+        }
+    }
+
+    /// A node's heartbeat there.
+    pub fn heartbeat(self) -> &'static str {
+        match self {
+            ArbiterPlace::SharedMedium | ArbiterPlace::Device => "disk heartbeat",
+            ArbiterPlace::Voters => "heartbeat on the voters",
+        }
+    }
+
+    /// The place itself.
+    pub fn name(self) -> &'static str {
+        match self {
+            ArbiterPlace::SharedMedium => "the shared medium",
+            ArbiterPlace::Device => "the arbiter device (cluster.arbiter)",
+            ArbiterPlace::Voters => "the voters (cluster.voters)",
+        }
+    }
+
+    /// What to check when this node cannot reach it.
+    pub fn check(self) -> &'static str {
+        match self {
+            ArbiterPlace::SharedMedium => "check its path to the medium",
+            ArbiterPlace::Device => "check its path to the arbiter device",
+            ArbiterPlace::Voters => {
+                "check its links to the partner's vote port and to the tie-breaker"
+            }
+        }
     }
 }
 
@@ -604,6 +659,7 @@ pub fn save(store: &dyn TableStore, t: &OwnershipTable) -> Result<(), TableError
 pub struct MediumTableStore {
     file: std::fs::File,
     base: u64,
+    place: ArbiterPlace,
 }
 
 impl MediumTableStore {
@@ -614,7 +670,17 @@ impl MediumTableStore {
             .write(true)
             .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
             .open(path)?;
-        Ok(MediumTableStore { file, base })
+        Ok(MediumTableStore {
+            file,
+            base,
+            place: ArbiterPlace::SharedMedium,
+        })
+    }
+
+    /// The store is an arbiter device (`cluster.arbiter`), not the shared medium.
+    pub fn on_arbiter_device(mut self) -> MediumTableStore {
+        self.place = ArbiterPlace::Device;
+        self
     }
 }
 
@@ -647,6 +713,9 @@ impl Drop for AlignedBlock {
 }
 
 impl TableStore for MediumTableStore {
+    fn place(&self) -> ArbiterPlace {
+        self.place
+    }
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let mut b = AlignedBlock::new()?;

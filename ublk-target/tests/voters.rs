@@ -154,6 +154,8 @@ fn two_engines_take_their_leases_on_the_voters() {
     for (name, e) in [("a", &ea), ("b", &eb)] {
         let lease = e.status().lease.expect("a cluster node has a lease");
         assert_eq!(lease.state, LeaseState::Held, "node {name}: {lease:?}");
+        // Status and messages name the voters, not a disk.
+        assert_eq!(lease.place.as_deref(), Some("voters"), "node {name}");
     }
     // Each sees the other's heartbeats through the voters.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -188,6 +188,10 @@ fn serve_voter(voter: &Arc<VoterService>, sender: u32) -> Arc<dyn RequestHandler
 }
 
 impl TableStore for VoterArbiter {
+    fn place(&self) -> crate::ownership::ArbiterPlace {
+        crate::ownership::ArbiterPlace::Voters
+    }
+
     fn read_slot(&self, slot: u64, out: &mut [u8]) -> io::Result<()> {
         self.store.read_slot(slot, out)
     }

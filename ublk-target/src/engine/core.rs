@@ -86,8 +86,11 @@ pub enum EngineError {
     Replay(String),
     #[error("NVRAM I/O failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("cannot hold this node's disk lease on the shared medium ({0}); check the medium path (every cluster node heartbeats there before it serves)")]
-    Lease(String),
+    #[error("cannot hold this node's disk lease on {} ({why}); {} (every cluster node heartbeats there before it serves)", place.name(), place.check())]
+    Lease {
+        place: crate::ownership::ArbiterPlace,
+        why: String,
+    },
     #[error("cannot hold this node's lease on the voters ({0}); a majority of the three voters (this node, the partner, the tie-breaker) must answer: start the partner's daemon or nvmirror-tiebreaker, and check [cluster.voters]")]
     VoterLease(String),
     #[error("the arbiter's voters ([cluster.voters]): {0}")]

@@ -108,19 +108,25 @@ impl Engine {
         // Where the ownership table and the leases live: three voters, or a device (the
         // arbiter, or the end of the shared medium).
         let voters = own_storage.and_then(|c| Some((c, c.voters.as_ref()?)));
+        let on_arbiter_device = own_storage.is_some_and(|c| c.arbiter.is_some());
         let table_store: Option<Arc<dyn crate::ownership::TableStore>> =
             match (voters, cfg.cluster_index(), table_at) {
                 (Some((c, v)), Some(me), _) => Some(Arc::new(
                     VoterArbiter::open(c, v, me, config_path).map_err(EngineError::Voters)?,
                 )),
-                (None, _, Some((path, base))) => Some(Arc::new(
-                    MediumTableStore::open(&path, base).map_err(|source| {
+                (None, _, Some((path, base))) => {
+                    let store = MediumTableStore::open(&path, base).map_err(|source| {
                         EngineError::Medium(MediumError::Open {
                             path: path.clone(),
                             cause: source,
                         })
-                    })?,
-                )),
+                    })?;
+                    Some(Arc::new(if on_arbiter_device {
+                        store.on_arbiter_device()
+                    } else {
+                        store
+                    }))
+                }
                 _ => None,
             };
         let cluster = match (&cfg.cluster, cfg.cluster_index(), table_store) {
@@ -698,7 +704,8 @@ async fn follow_lease(
             };
             match reloaded {
                 Ok(()) if cluster.table_is_current() => tracing::warn!(
-                    "disk lease held again: the ownership table was re-read before serving"
+                    "{} held again: the ownership table was re-read before serving",
+                    lease.place().lease()
                 ),
                 Ok(()) => {}
                 Err(e) if failed_during != Some(lease.acquisitions()) => {
@@ -775,12 +782,9 @@ fn acquire_lease(
     host.spawn("disk-lease", Box::pin(lease.clone().run()))?;
     let on_voters = c.voters.is_some() && c.storage == crate::config::StorageMode::Own;
     tracing::info!(
-        "acquiring the lease: heartbeats on {} for {:?} before serving",
-        if on_voters {
-            "a majority of the voters"
-        } else {
-            "the arbiter device or the shared medium"
-        },
+        "acquiring the {}: heartbeats on {} for {:?} before serving",
+        lease.place().lease(),
+        lease.place().name(),
         timing.settle()
     );
     let limit = timing.settle() + timing.renew * 5 + timing.io_timeout * 2;
@@ -801,13 +805,16 @@ fn acquire_lease(
         )));
     }
     if !acquired {
-        return Err(EngineError::Lease(format!(
-            "no disk lease within {limit:?}: {}",
-            lease
-                .status()
-                .last_error
-                .unwrap_or_else(|| "the heartbeat writes did not complete".into())
-        )));
+        return Err(EngineError::Lease {
+            place: lease.place(),
+            why: format!(
+                "no disk lease within {limit:?}: {}",
+                lease
+                    .status()
+                    .last_error
+                    .unwrap_or_else(|| "the heartbeat writes did not complete".into())
+            ),
+        });
     }
     Ok(lease)
 }

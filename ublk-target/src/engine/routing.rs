@@ -197,10 +197,11 @@ impl Engine {
             return message.to_owned();
         };
         let partner = c.partner();
-        match c.lease().map(|l| l.verdict(partner)) {
-            Some(Verdict::Alive { .. }) if !self.mirror.is_up() => format!(
-                "the range is served by node {}, which is alive (its disk heartbeat renews) but unreachable over the mirror link: {message}",
-                c.node_name(partner)
+        match c.lease().map(|l| (l.verdict(partner), l.place())) {
+            Some((Verdict::Alive { .. }, place)) if !self.mirror.is_up() => format!(
+                "the range is served by node {}, which is alive (its {} renews) but unreachable over the mirror link: {message}",
+                c.node_name(partner),
+                place.heartbeat()
             ),
             _ => message.to_owned(),
         }

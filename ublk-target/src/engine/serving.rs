@@ -18,6 +18,7 @@
 use crate::cluster::Cluster;
 use crate::host::Host;
 use crate::mirror::MirrorSlot;
+use crate::ownership::ArbiterPlace;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -100,7 +101,9 @@ impl ServingRight {
         Err((
             heard,
             format!(
-                "this node's disk lease does not hold for another {io:?} (its heartbeat on the medium is not renewed){}",
+                "this node's {} does not hold for another {io:?} (its heartbeat on {} is not renewed){}",
+                lease.place().lease(),
+                lease.place().name(),
                 // With each node its own medium nobody can write ours for us
                 // (`NodeFlushContext::arbiter_failed`).
                 if heard && !c.own_storage() {
@@ -114,6 +117,13 @@ impl ServingRight {
 
     /// Why I/O is refused when `may_serve` says no.
     pub(super) fn refusal(&self) -> String {
-        "this node does not hold its disk lease (its heartbeat on the shared medium could not be renewed, or it was paused) and the partner does not vouch for it: it serves nothing until it holds the lease again".into()
+        let place = (self.cluster.as_ref())
+            .and_then(|c| c.lease())
+            .map_or(ArbiterPlace::SharedMedium, |l| l.place());
+        format!(
+            "this node does not hold its {} (its heartbeat on {} could not be renewed, or it was paused) and the partner does not vouch for it: it serves nothing until it holds the lease again",
+            place.lease(),
+            place.name()
+        )
     }
 }

@@ -117,13 +117,15 @@ impl Engine {
                 Verdict::Alive { ago } => {
                     if self.host.now() >= deadline {
                         return Err(format!(
-                            "node {name}'s disk heartbeat still renews (it changed {} ms ago): it is running, only unreachable, and may serve its ranges; stop it or fence it (a fenced, powered-off node: --force takes over without waiting)",
+                            "node {name}'s {} still renews (it changed {} ms ago): it is running, only unreachable, and may serve its ranges; stop it or fence it (a fenced, powered-off node: --force takes over without waiting)",
+                            lease.place().heartbeat(),
                             ago.as_millis()
                         ));
                     }
                     if !said {
                         tracing::warn!(
-                            "takeover: waiting for node {name}'s disk heartbeat to stop (at most {} ms)",
+                            "takeover: waiting for node {name}'s {} to stop (at most {} ms)",
+                            lease.place().heartbeat(),
                             (timing.dead_after() + timing.renew * 2).as_millis()
                         );
                         said = true;
@@ -148,8 +150,14 @@ impl Engine {
         if from == c.me {
             return Err("a node cannot take over from itself".into());
         }
-        if c.lease().is_some_and(|l| !l.holds()) {
-            return Err("this node does not hold its disk lease, so it may not claim ranges on the medium; check its path to the medium".into());
+        if let Some(lease) = c.lease().filter(|l| !l.holds()) {
+            let place = lease.place();
+            return Err(format!(
+                "this node does not hold its {}, so it may not claim ranges in the ownership table on {}; {}",
+                place.lease(),
+                place.name(),
+                place.check()
+            ));
         }
         let _moving = self.takeover.begin_move()?;
         // The table first: while this node could not hear of it, ranges may have moved
@@ -270,8 +278,9 @@ impl Engine {
                 }
                 self.takeover_phase("failed: the partner's heartbeat is alive".into());
                 return Err(format!(
-                    "node {}'s disk heartbeat is not proven dead right before the claim (it changed {} ms ago, or was not read since this node was held up): nothing was taken",
+                    "node {}'s {} is not proven dead right before the claim (it changed {} ms ago, or was not read since this node was held up): nothing was taken",
                     c.node_name(from),
+                    lease.place().heartbeat(),
                     ago.as_millis()
                 ));
             }
@@ -743,8 +752,11 @@ impl Engine {
             .as_ref()
             .ok_or("this node keeps no second store")?;
         if let Some(c) = &self.cluster {
-            if c.lease().is_some_and(|l| !l.holds()) {
-                return Err("this node does not hold its disk lease either".into());
+            if let Some(lease) = c.lease().filter(|l| !l.holds()) {
+                return Err(format!(
+                    "this node does not hold its {} either",
+                    lease.place().lease()
+                ));
             }
         }
         let allowed = self.owned_by_checker(from);
@@ -923,8 +935,11 @@ impl Engine {
             self.cluster.as_ref().filter(|c| c.own_storage()).ok_or(
                 "the partner's records reach our medium this way only with a medium per node",
             )?;
-        if c.lease().is_some_and(|l| !l.holds()) {
-            return Err("this node does not hold its disk lease either".into());
+        if let Some(lease) = c.lease().filter(|l| !l.holds()) {
+            return Err(format!(
+                "this node does not hold its {} either",
+                lease.place().lease()
+            ));
         }
         let ours = c
             .outdated_ranges(c.me)

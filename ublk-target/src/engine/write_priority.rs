@@ -275,10 +275,11 @@ impl Engine {
     /// the same one-at-a-time move slot, and asks every few milliseconds would starve them
     /// (simulator seed 3371 with --storage own --write-priority).
     fn fit_to_hand_over(&self, c: &crate::cluster::Cluster) -> Result<(), String> {
-        if c.lease().is_some_and(|l| !l.holds()) {
+        if let Some(lease) = c.lease().filter(|l| !l.holds()) {
             return Err(format!(
-                "node {} does not hold its disk lease; no range moves until it does",
-                self.node
+                "node {} does not hold its {}; no range moves until it does",
+                self.node,
+                lease.place().lease()
             ));
         }
         let flush_error = self

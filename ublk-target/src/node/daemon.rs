@@ -235,8 +235,11 @@ pub fn run(args: DaemonArgs, cfg: NodeConfig) -> anyhow::Result<()> {
     if let Some(lease) = engine.cluster().and_then(|c| c.lease()) {
         if drained && failed.is_none() {
             match lease.release() {
-                Ok(()) => tracing::info!("disk lease released (clean stop, nothing staged)"),
-                Err(e) => tracing::warn!("releasing the disk lease: {e}"),
+                Ok(()) => tracing::info!(
+                    "{} released (clean stop, nothing staged)",
+                    lease.place().lease()
+                ),
+                Err(e) => tracing::warn!("releasing the {}: {e}", lease.place().lease()),
             }
         }
     }

@@ -11,6 +11,7 @@ use crate::cluster::NodeId;
 use crate::config::TakeoverPolicy;
 use crate::engine::Engine;
 use crate::lease::Verdict;
+use crate::ownership::ArbiterPlace;
 use rdma_link::{Link, LinkState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,12 +149,30 @@ impl PartnerWatch {
             return;
         };
         let host = self.engine.host();
+        let place = lease.place();
+        let (heartbeat, seen_on, mismatch) = match place {
+            ArbiterPlace::SharedMedium => (
+                place.heartbeat(),
+                "this node's medium",
+                "the nodes do not see the same medium (check lun.medium on both)",
+            ),
+            ArbiterPlace::Device => (
+                place.heartbeat(),
+                "this node's arbiter device",
+                "the nodes do not see the same arbiter device (check cluster.arbiter on both)",
+            ),
+            ArbiterPlace::Voters => (
+                place.heartbeat(),
+                "this node's voters",
+                "the nodes do not ask the same voters (check cluster.id and cluster.voters on both: the same tie-breaker and vote port)",
+            ),
+        };
         let patience = lease.timing().dead_after() * 2;
         let absent = matches!(lease.verdict(self.partner), Verdict::Absent);
         if absent && host.now().saturating_duration_since(up_since) >= patience {
             if !*reported {
                 tracing::error!(
-                    "partner {name} has been connected over the mirror link for {} ms, but its disk heartbeat never appeared on this node's medium ({}): the two nodes do not see the same medium. Each node's lun.medium must be the same shared disk, or with storage = \"own\" (each node its own disk) both must name the same cluster.arbiter (with [cluster.voters]: the same tie-breaker and vote port). Until that is fixed this node will not take over {name}'s ranges",
+                    "partner {name} has been connected over the mirror link for {} ms, but its {heartbeat} never appeared on {seen_on} ({}): the two nodes do not see the same medium. Each node's lun.medium must be the same shared disk, or with storage = \"own\" (each node its own disk) both must name the same cluster.arbiter (with [cluster.voters]: the same tie-breaker and vote port). Until that is fixed this node will not take over {name}'s ranges",
                     patience.as_millis(),
                     self.engine
                         .luns()
@@ -163,13 +182,13 @@ impl PartnerWatch {
                         .join(", ")
                 );
                 self.engine.set_takeover_note(Some(format!(
-                    "node {name} is connected but its disk heartbeat never appeared on this node's medium: the nodes do not see the same medium (check lun.medium on both)"
+                    "node {name} is connected but its {heartbeat} never appeared on {seen_on}: {mismatch}"
                 )));
                 *reported = true;
                 self.engine.set_partner_elsewhere(true);
             }
         } else if !absent && *reported {
-            tracing::info!("partner {name}'s disk heartbeat now shows on this node's medium");
+            tracing::info!("partner {name}'s {heartbeat} now shows on {seen_on}");
             self.engine.set_takeover_note(None);
             *reported = false;
             self.engine.set_partner_elsewhere(false);
@@ -205,23 +224,26 @@ impl PartnerWatch {
                 let quiet = engine.host().now().saturating_duration_since(down_since);
                 // Longer than the partner's proof that we hear it can last.
                 let link_margin = c.link_timeout() / 2;
+                let place = lease.place();
+                let (on, lease_name, heartbeat) = (place.name(), place.lease(), place.heartbeat());
                 let wait = match lease.verdict(self.partner) {
                     Verdict::Alive { ago } => format!(
-                        "node {name} is alive on the shared medium (heartbeat {} ms ago) but unreachable over the mirror link: no takeover, its ranges wait for the link",
+                        "node {name} is alive on {on} (heartbeat {} ms ago) but unreachable over the mirror link: no takeover, its ranges wait for the link",
                         ago.as_millis()
                     ),
-                    Verdict::Unknown => "this node does not hold its disk lease, so it cannot tell whether the partner is dead: no takeover".into(),
+                    Verdict::Unknown => format!("this node does not hold its {lease_name}, so it cannot tell whether the partner is dead: no takeover"),
                     Verdict::Absent if not_on_our_medium => format!(
-                        "node {name} was connected but its heartbeat never appeared on this node's medium: the two nodes do not see the same medium, so no takeover (see the error in the log)"
+                        "node {name} was connected but its heartbeat never appeared on {on} as this node sees it: the two nodes do not see the same {}, so no takeover (see the error in the log)",
+                        if place == ArbiterPlace::Voters { "voters" } else { "medium" }
                     ),
-                    Verdict::Absent => format!("node {name} has never written a heartbeat on the shared medium (never started): no takeover"),
+                    Verdict::Absent => format!("node {name} has never written a heartbeat on {on} (never started): no takeover"),
                     Verdict::Dead { .. } if quiet < link_margin => format!(
-                        "node {name} is dead on the shared medium; taking over once the link has been quiet for {link_margin:?}"
+                        "node {name} is dead on {on}; taking over once the link has been quiet for {link_margin:?}"
                     ),
                     Verdict::Dead { silent } => {
                         if failed.is_empty() {
                             tracing::warn!(
-                            "node {name}'s disk heartbeat has not changed for {} ms and the mirror link is down: taking over its ranges",
+                            "node {name}'s {heartbeat} has not changed for {} ms and the mirror link is down: taking over its ranges",
                             silent.as_millis()
                         );
                         }
