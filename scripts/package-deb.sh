@@ -6,7 +6,8 @@
 #   /usr/lib/systemd/system/{nvmirrord@,nvmirror-tiebreaker}.service,
 #   /usr/lib/modules-load.d/nvmirror.conf,
 #   /usr/lib/udev/rules.d/90-nvmirror.rules, /usr/lib/ocf/resource.d/nvmirror/nvmirror
-#   /usr/share/man/man8/ (nvmirrord, nvmirrorctl and each of its commands; from clap)
+#   /usr/share/man/man8/ (nvmirrord, nvmirrorctl and each of its commands, nvmirror-tiebreaker;
+#   from clap)
 #   bash, zsh and fish completions; /usr/share/doc/nvmirror/ (README, docs, examples,
 #   the Grafana dashboard, copyright)
 # Depends comes from dpkg-shlibdeps (the libraries the binaries link), plus kmod for the
@@ -64,7 +65,7 @@ install -m 0755 "$repo/scripts/ocf/nvmirror" "$root/usr/lib/ocf/resource.d/nvmir
 "$bin_dir/nvmirrorctl" gen-docs "$work/gen" >/dev/null
 install -m 0644 "$work"/gen/man8/*.8 "$root/usr/share/man/man8/"
 gzip -9n "$root"/usr/share/man/man8/*.8
-for b in nvmirrord nvmirrorctl; do
+for b in nvmirrord nvmirrorctl nvmirror-tiebreaker; do
 	install -m 0644 "$work/gen/completions/bash/$b.bash" "$root/usr/share/bash-completion/completions/$b"
 	install -m 0644 "$work/gen/completions/zsh/_$b" "$root/usr/share/zsh/vendor-completions/"
 	install -m 0644 "$work/gen/completions/fish/$b.fish" "$root/usr/share/fish/vendor_completions.d/"

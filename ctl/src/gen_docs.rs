@@ -1,6 +1,6 @@
 //! `nvmirrorctl gen-docs DIR` (hidden; the package build runs it): man pages in section 8 for
-//! `nvmirrorctl`, each of its commands and `nvmirrord`, and shell completions for both, all
-//! from their clap definitions, so they never drift from `--help`.
+//! `nvmirrorctl`, each of its commands, `nvmirrord` and `nvmirror-tiebreaker`, and shell
+//! completions for each, all from their clap definitions, so they never drift from `--help`.
 
 use anyhow::Context;
 use clap::CommandFactory;
@@ -12,7 +12,11 @@ pub fn generate(ctl: clap::Command, out: &Path) -> anyhow::Result<Vec<PathBuf>> 
     let man8 = out.join("man8");
     std::fs::create_dir_all(&man8).with_context(|| format!("creating {}", man8.display()))?;
     let mut written = Vec::new();
-    for cmd in [ctl, nvmirror::node::daemon::DaemonArgs::command()] {
+    for cmd in [
+        ctl,
+        nvmirror::node::daemon::DaemonArgs::command(),
+        nvmirror::node::tiebreaker::TieBreakerArgs::command(),
+    ] {
         let name = cmd.get_name().to_string();
         let mut built = cmd.clone().disable_help_subcommand(true);
         built.build();

@@ -51,6 +51,7 @@ for f in /usr/sbin/nvmirrord /usr/sbin/nvmirrorctl /usr/lib/systemd/system/nvmir
 	/usr/lib/udev/rules.d/90-nvmirror.rules /usr/lib/modules-load.d/nvmirror.conf \
 	/usr/lib/ocf/resource.d/nvmirror/nvmirror /usr/share/man/man8/nvmirrord.8.gz \
 	/usr/share/man/man8/nvmirrorctl.8.gz /usr/share/man/man8/nvmirrorctl-health.8.gz \
+	/usr/share/man/man8/nvmirror-tiebreaker.8.gz \
 	/usr/share/bash-completion/completions/nvmirrorctl /usr/share/zsh/vendor-completions/_nvmirrorctl \
 	/usr/share/fish/vendor_completions.d/nvmirrorctl.fish /usr/share/doc/nvmirror/README.md \
 	/usr/share/doc/nvmirror/examples/two-node-tcp-node-a.toml /usr/share/doc/nvmirror/copyright; do

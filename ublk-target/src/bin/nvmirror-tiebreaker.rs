@@ -1,83 +1,8 @@
-//! nvmirror-tiebreaker: the diskless third voter of a shared-nothing pair (issue #17), as
-//! DRBD 9's diskless tie-breaker: it keeps no records and no LUN, only its vote, so that the
-//! arbiter's slots live on a majority of three (the two data nodes and this). It listens for
-//! each data node's link and answers their vote requests, each after its state is durable.
-//!
-//! Voters are numbered by node id: the three node ids in order give voters 0, 1 and 2, on
-//! every node alike.
+//! nvmirror-tiebreaker: the diskless third voter of a shared-nothing pair. Parses its
+//! arguments, then serves (`nvmirror::node::tiebreaker`).
 
-use anyhow::{bail, Context};
 use clap::Parser;
-use nvmirror::cluster::register_store::voter_number;
-use nvmirror::cluster::voter_service::{Missing, VoterService};
-use nvmirror::node::link::read_secret;
-use rdma_link::{Bytes, Link, LinkConfig, NodeRole, RequestHandler, Role, Transport};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
-
-#[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "The diskless tie-breaker voter of an nvmirror shared-nothing pair"
-)]
-struct Args {
-    /// The cluster's id (`[cluster] id` of the data nodes).
-    #[arg(long, value_parser = parse_u64)]
-    cluster_id: u64,
-    /// File holding the cluster secret (the data nodes' `[cluster] secret_file`).
-    #[arg(long)]
-    secret_file: PathBuf,
-    /// This tie-breaker's node id (distinct from both data nodes').
-    #[arg(long)]
-    node_id: u32,
-    /// A data node to serve: NODE_ID=LISTEN_ADDR (twice, one per data node).
-    #[arg(long = "serve", value_parser = parse_serve, required = true)]
-    serve: Vec<(u32, SocketAddr)>,
-    /// The voter's durable state.
-    #[arg(long, default_value = "/var/lib/nvmirror/tiebreaker.state")]
-    state: PathBuf,
-    /// Create the state if it does not exist (the first start only: a voter that has voted
-    /// must never restart empty).
-    #[arg(long)]
-    init: bool,
-    /// Create the state (refused when it exists) and exit, without serving: the first
-    /// set-up of a tie-breaker run by systemd (`nvmirror-tiebreaker.service`).
-    #[arg(long, conflicts_with = "init")]
-    create_state: bool,
-    /// The links' transport.
-    #[arg(long, default_value = "tcp", value_parser = parse_transport)]
-    transport: Transport,
-}
-
-fn parse_u64(s: &str) -> Result<u64, String> {
-    match s.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => s.parse(),
-    }
-    .map_err(|e| format!("{s:?} is not a number: {e}"))
-}
-
-fn parse_serve(s: &str) -> Result<(u32, SocketAddr), String> {
-    let (id, addr) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected NODE_ID=LISTEN_ADDR, e.g. 1=10.0.0.3:7480"))?;
-    let id = id
-        .parse()
-        .map_err(|e| format!("{id:?} is not a node id: {e}"))?;
-    let addr = addr
-        .parse()
-        .map_err(|e| format!("{addr:?} is not an address like 10.0.0.3:7480: {e}"))?;
-    Ok((id, addr))
-}
-
-fn parse_transport(s: &str) -> Result<Transport, String> {
-    match s {
-        "tcp" => Ok(Transport::Tcp),
-        "rdma" => Ok(Transport::Rdma),
-        _ => Err(format!("{s:?}: the transport is tcp or rdma")),
-    }
-}
+use nvmirror::node::tiebreaker::{self, TieBreakerArgs};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -87,73 +12,8 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    if let Err(e) = run(Args::parse()) {
+    if let Err(e) = tiebreaker::run(TieBreakerArgs::parse()) {
         eprintln!("nvmirror-tiebreaker: {e:#}");
         std::process::exit(1);
-    }
-}
-
-fn run(args: Args) -> anyhow::Result<()> {
-    if args.serve.len() != 2 {
-        bail!(
-            "--serve is given {} times; a tie-breaker serves exactly the two data nodes",
-            args.serve.len()
-        );
-    }
-    let nodes = [args.serve[0].0, args.serve[1].0, args.node_id];
-    let me = voter_number(&nodes, args.node_id).map_err(anyhow::Error::msg)?;
-    let secret = read_secret("--secret-file", &args.secret_file)?;
-    if args.create_state {
-        if args.state.exists() {
-            bail!(
-                "{} exists: this voter has state already, and re-creating it empty could let \
-                 two nodes both win a slot. Nothing was changed",
-                args.state.display()
-            );
-        }
-        if let Some(dir) = args.state.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        VoterService::open(&args.state, me, 3, Missing::CreateEmpty).map_err(anyhow::Error::msg)?;
-        println!(
-            "created the tie-breaker's voter state {}",
-            args.state.display()
-        );
-        return Ok(());
-    }
-    let missing = if args.init {
-        Missing::CreateEmpty
-    } else {
-        Missing::Refuse
-    };
-    let voter =
-        Arc::new(VoterService::open(&args.state, me, 3, missing).map_err(anyhow::Error::msg)?);
-    let mut links = Vec::new();
-    for &(node, addr) in &args.serve {
-        let sender = voter_number(&nodes, node).map_err(anyhow::Error::msg)?;
-        let mut cfg = LinkConfig::new(
-            args.transport,
-            Role::Listen(addr),
-            args.cluster_id,
-            args.node_id,
-            node,
-            &secret,
-        );
-        cfg.node_role = NodeRole::TieBreaker;
-        let voter = voter.clone();
-        // A vote is small and rare; its state file is synced inline, on the link's runtime.
-        let handler: Arc<dyn RequestHandler> = Arc::new(move |p: Bytes| {
-            let answer = voter.handle(Some(sender), &p).unwrap_or_default();
-            async move { Bytes::from(answer) }
-        });
-        let link = Link::start_with_handler(cfg, None, None, handler)
-            .with_context(|| format!("listening for node {node} on {addr}"))?;
-        tracing::info!(node, %addr, voter = sender, "serving the votes of node {node}");
-        links.push(link);
-    }
-    tracing::info!(voter = me, state = %args.state.display(), "tie-breaker up");
-    // Serves until killed: every answer was durable before it left.
-    loop {
-        std::thread::park();
     }
 }

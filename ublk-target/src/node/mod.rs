@@ -14,3 +14,4 @@ pub mod partner_watch;
 pub mod ship_faults;
 pub mod ship_return;
 pub mod signals;
+pub mod tiebreaker;
