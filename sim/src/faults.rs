@@ -138,10 +138,12 @@ pub enum Fault {
     },
     /// With the table on voters (`--vote-cuts`): `node`'s link to voter `voter` (the
     /// partner's or the tie-breaker's) delivers nothing either way for a while, whatever the
-    /// mirror link does.
+    /// mirror link does; with `answers_only`, its requests still arrive (and take effect)
+    /// but no answer comes back.
     VoteCut {
         node: usize,
         voter: u32,
+        answers_only: bool,
         duration: Duration,
     },
 }
@@ -688,12 +690,15 @@ pub const TIEBREAKER_VOTER: u32 = 2;
 
 /// Cuts of the links to the voters (`--vote-cuts`), about one per 5 simulated seconds, each
 /// for 0.2 to 6 heartbeat timeouts: a node's link to the partner's voter, to the tie-breaker,
-/// or to both at once (the node alone with its own voter, its mirror link up). Half of them
+/// or to both at once (the node alone with its own voter, its mirror link up); a quarter of
+/// them lose only the answers (requests land, the node hears nothing). Half of them
 /// followed by a giveback. Also draws whether the pair's vote link is separate from the
 /// mirror link (half the seeds).
 fn draw_vote_cuts(seed: u64, end: Duration, t: Duration) -> (bool, Vec<(Duration, Fault)>) {
     use rand::SeedableRng;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7073_0000_0000_0006);
+    // A stream of its own, added after the first seeds were named (30082, 30238).
+    let mut one_way = ChaCha8Rng::seed_from_u64(seed ^ 0x7073_0000_0000_0007);
     let separate = rng.gen_bool(0.5);
     let mut out = Vec::new();
     let mut at = Duration::from_millis(500);
@@ -710,12 +715,14 @@ fn draw_vote_cuts(seed: u64, end: Duration, t: Duration) -> (bool, Vec<(Duration
             1 => &[TIEBREAKER_VOTER],
             _ => &[partner, TIEBREAKER_VOTER],
         };
+        let answers_only = one_way.gen_bool(0.25);
         for &voter in voters {
             out.push((
                 at,
                 Fault::VoteCut {
                     node,
                     voter,
+                    answers_only,
                     duration,
                 },
             ));

@@ -6,8 +6,8 @@
 //! late, as over a network, even after its node died and restarted. A node reaches the
 //! other node's voter only while that node runs and the link between them is not cut in
 //! that direction (the mirror link's cuts, unless the seed keeps the vote link separate),
-//! with `--vote-cuts` a node's link to either other voter fails on its own
-//! (`Fault::VoteCut`), and with its disk path failed (`Fault::PathFailure`) it reaches only
+//! with `--vote-cuts` a node's link to either other voter fails on its own, both ways or
+//! only for the answers (`Fault::VoteCut`), and with its disk path failed (`Fault::PathFailure`) it reaches only
 //! its own voter, so it has no majority. Voters keep their state through kills and power cuts
 //! (the daemon stores it before each answer), and so does each node's ballot round.
 //!
@@ -29,6 +29,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// The tie-breaker's voter number (the data nodes are voters 0 and 1).
 const TIEBREAKER: Voter = crate::faults::TIEBREAKER_VOTER;
 const VOTERS: u32 = 3;
+
+/// A node's link to a voter, as a vote cut cuts it: both ways, or only the voter's answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VoteLink {
+    pub node: usize,
+    pub voter: Voter,
+    pub answers_only: bool,
+}
 
 /// Where a message goes: a voter, or the client of a node's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,8 +60,9 @@ struct State {
     rounds: Vec<u64>,
     /// Per node: running (its voter answers).
     running: Vec<bool>,
-    /// (node, voter): how many vote cuts between that node and that voter are in force.
-    vote_cuts: BTreeMap<(usize, Voter), u32>,
+    /// (node, voter, answers only): how many vote cuts between that node and that voter are
+    /// in force (both ways, or only the voter's answers).
+    vote_cuts: BTreeMap<(usize, Voter, bool), u32>,
     rng: ChaCha8Rng,
     late: u64,
     /// Operations run (each try of a read or a write), and ballot rounds taken after a
@@ -140,16 +149,17 @@ impl VoterTable {
         st.vote_cuts.clear();
     }
 
-    /// A cut between `node` and `voter` starts (`cut`) or ends; cuts may overlap.
-    pub fn set_vote_cut(&self, node: usize, voter: Voter, cut: bool) {
+    /// A cut of `link` starts (`cut`) or ends; cuts may overlap.
+    pub fn set_vote_cut(&self, link: VoteLink, cut: bool) {
         let mut st = self.state();
-        let n = st.vote_cuts.entry((node, voter)).or_insert(0);
+        let key = (link.node, link.voter, link.answers_only);
+        let n = st.vote_cuts.entry(key).or_insert(0);
         if cut {
             *n += 1;
         } else {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                st.vote_cuts.remove(&(node, voter));
+                st.vote_cuts.remove(&key);
             }
         }
     }
@@ -170,7 +180,10 @@ impl VoterTable {
         if voter as usize == node {
             return true; // its own voter, in its own process
         }
-        if self.disk.path_failed(node) || st.vote_cuts.contains_key(&(node, voter)) {
+        if self.disk.path_failed(node)
+            || st.vote_cuts.contains_key(&(node, voter, false))
+            || (!to_voter && st.vote_cuts.contains_key(&(node, voter, true)))
+        {
             return false;
         }
         if voter == TIEBREAKER {

@@ -20,7 +20,7 @@ use crate::life::{Life, NodeClock, SimHost, SimSpawner, Stall};
 use crate::model::{block_data, decode, Decoded, Model, BLOCK};
 use crate::net::{Latency, SimNet};
 use crate::trace::{self, SharedTrace, Trace, TraceLayer};
-use crate::voter_table::VoterTable;
+use crate::voter_table::{VoteLink, VoterTable};
 use nvmirror::cluster::ClusterSetup;
 use nvmirror::config::{DegradedPolicy, TakeoverPolicy};
 use nvmirror::engine::OutOfSyncOptions;
@@ -601,7 +601,7 @@ struct Node {
 enum Event {
     Fault(Fault),
     CutEnd { from: usize, to: usize },
-    VoteCutEnd { node: usize, voter: u32 },
+    VoteCutEnd { link: VoteLink },
     Restart { node: usize },
     Resume { node: usize, life_no: u32 },
     LinkGo { node: usize, life_no: u32 },
@@ -892,10 +892,13 @@ impl World {
                 }
             }
             Event::CutEnd { from, to } => self.uncut(from, to),
-            Event::VoteCutEnd { node, voter } => {
+            Event::VoteCutEnd { link } => {
                 if let Some(voters) = &self.voter_table {
-                    voters.set_vote_cut(node, voter, false);
-                    self.note(format!("n{node}'s link to voter {voter} delivers again"));
+                    voters.set_vote_cut(link, false);
+                    self.note(format!(
+                        "n{}'s link to voter {} delivers again",
+                        link.node, link.voter
+                    ));
                 }
             }
             Event::Restart { node } => {
@@ -1278,11 +1281,17 @@ impl World {
             Fault::VoteCut {
                 node,
                 voter,
+                answers_only,
                 duration,
             } => {
                 if let Some(voters) = &self.voter_table {
-                    voters.set_vote_cut(node, voter, true);
-                    self.after(duration, Event::VoteCutEnd { node, voter });
+                    let link = VoteLink {
+                        node,
+                        voter,
+                        answers_only,
+                    };
+                    voters.set_vote_cut(link, true);
+                    self.after(duration, Event::VoteCutEnd { link });
                 }
             }
             Fault::Takeover { node } => self.operator_takeover(node),
