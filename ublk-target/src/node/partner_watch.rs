@@ -150,19 +150,17 @@ impl PartnerWatch {
         };
         let host = self.engine.host();
         let place = lease.place();
-        let (heartbeat, seen_on, mismatch) = match place {
+        let heartbeat = place.heartbeat();
+        let (seen_on, mismatch) = match place {
             ArbiterPlace::SharedMedium => (
-                place.heartbeat(),
                 "this node's medium",
                 "the nodes do not see the same medium (check lun.medium on both)",
             ),
             ArbiterPlace::Device => (
-                place.heartbeat(),
                 "this node's arbiter device",
                 "the nodes do not see the same arbiter device (check cluster.arbiter on both)",
             ),
             ArbiterPlace::Voters => (
-                place.heartbeat(),
                 "this node's voters",
                 "the nodes do not ask the same voters (check cluster.id and cluster.voters on both: the same tie-breaker and vote port)",
             ),
