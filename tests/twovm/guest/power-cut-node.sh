@@ -621,13 +621,15 @@ print("valid, %d record(s) of its own staged" % sum(p["records"] for p in r["par
 	# This poll (each status call costs ~0.7 s of a TCG vCPU, and start_daemon
 	# makes a few) lags the daemon: its log says when it served.
 	local timeline
-	timeline=$(python3 -c 'import datetime, sys
+	timeline=$(python3 -c 'import datetime, re, sys
 t0 = float(sys.argv[1]); at = {}
-steps = [("lease", "disk lease held"), ("dead", "disk heartbeat has not changed"),
+# The lease and heartbeat as the daemon names them: on a disk, or on the voters.
+steps = [("lease", r"(disk lease|lease on the voters) held"),
+         ("dead", r"(disk heartbeat|heartbeat on the voters) has not changed"),
          ("replayed", "takeover complete"), ("live", "is live on")]
 for line in open(sys.argv[2]):
     for k, pat in steps:
-        if pat in line and k not in at:
+        if re.search(pat, line) and k not in at:
             ts = datetime.datetime.strptime(line[:26], "%Y-%m-%dT%H:%M:%S.%f")
             at[k] = ts.replace(tzinfo=datetime.timezone.utc).timestamp() - t0
 missing = [k for k, _ in steps if k not in at]
@@ -642,7 +644,7 @@ print("%.1f s (disk lease held +%.1f s, node-a declared dead +%.1f s, replay don
 	ok 'e["takeover"]["from"] == "node-a" and e["takeover"]["records_done"] > 0 and e["ranges"][0]["epoch"] >= 2' ||
 		fail "the takeover replayed none of node-a's mirrored writes (or not from node-a): $(q 'e["takeover"]')"
 	local dead
-	dead=$(grep -ho "node node-a's disk heartbeat has not changed for [0-9]* ms" "$NVM_OUT/daemon-$role.log" | head -n 1) || true
+	dead=$(grep -hoE "node node-a's (disk heartbeat|heartbeat on the voters) has not changed for [0-9]* ms" "$NVM_OUT/daemon-$role.log" | head -n 1) || true
 	[[ -n $dead ]] || fail "node-b's daemon log does not say node-a's disk heartbeat was dead before the takeover"
 	say "daemon: $dead (and the link down): took over"
 	if [[ $storage != shared ]]; then
