@@ -835,6 +835,16 @@ fn a_fenced_partition_restarts_its_daemon() {
     );
 }
 
+/// Every fault with the table on voters, shared storage or each node its own (with local
+/// reads), as the voter tests below run it.
+fn voter_mix(own: bool) -> FaultMix {
+    let mut mix = FaultMix::all();
+    mix.voter_table = true;
+    mix.own_storage = own;
+    mix.local_reads = own;
+    mix
+}
+
 /// The arbiter's slots on three voters instead of the shared disk (`--voter-table`): the
 /// daemon's register client and ballots, with messages lost and held back (a timed-out
 /// write surfacing late). Seed 272 lost an acknowledged write with the store's first version
@@ -844,10 +854,7 @@ fn a_fenced_partition_restarts_its_daemon() {
 fn the_table_on_voters_keeps_every_acknowledged_write() {
     let mut late = 0;
     for own in [false, true] {
-        let mut mix = FaultMix::all();
-        mix.voter_table = true;
-        mix.own_storage = own;
-        mix.local_reads = own;
+        let mix = voter_mix(own);
         for seed in (0..30).chain([272]) {
             let o = run(&Settings::draw(seed, Duration::from_secs(20), &mix), false);
             assert!(o.passed(), "seed {seed} (own storage {own}):\n{}", show(&o));
@@ -881,11 +888,8 @@ fn one_try_per_voter_operation_keeps_every_invariant() {
         (false, vec![182, 246, 1442, 2129, 6420, 6665, 11344]),
         (true, vec![49, 61, 340, 530, 12144]),
     ] {
-        let mut mix = FaultMix::all();
-        mix.voter_table = true;
+        let mut mix = voter_mix(own);
         mix.voter_tries = 1;
-        mix.own_storage = own;
-        mix.local_reads = own;
         for seed in seeds {
             let o = run(&Settings::draw(seed, Duration::from_secs(20), &mix), false);
             assert!(o.passed(), "seed {seed} (own storage {own}):\n{}", show(&o));
@@ -905,11 +909,8 @@ fn one_try_per_voter_operation_keeps_every_invariant() {
 fn vote_link_cuts_keep_every_invariant() {
     let mut cut_off = 0;
     for own in [false, true] {
-        let mut mix = FaultMix::all();
-        mix.voter_table = true;
+        let mut mix = voter_mix(own);
         mix.vote_cuts = true;
-        mix.own_storage = own;
-        mix.local_reads = own;
         for seed in (30000..30010).chain([30082, 30238]) {
             let o = run(&Settings::draw(seed, Duration::from_secs(20), &mix), false);
             assert!(o.passed(), "seed {seed} (own storage {own}):\n{}", show(&o));
