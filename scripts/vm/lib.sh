@@ -37,7 +37,7 @@ NVM_VM_CACHE=${NVM_VM_CACHE:-/var/cache/nvmirror-vm}
 # guest runs the host's userspace, so guest tools are host packages too).
 # shellcheck disable=SC2034 # used by the scripts that source this file
 NVM_APT_PACKAGES=(
-	qemu-system-x86 busybox-static cpio kmod xz-utils
+	qemu-system-x86 gcc libc6-dev busybox-static cpio kmod xz-utils
 	fio rdma-core ibverbs-utils ibverbs-providers rdmacm-utils perftest
 	e2fsprogs xfsprogs btrfs-progs iproute2 util-linux procps psmisc coreutils dmsetup
 	libclang-dev libibverbs-dev librdmacm-dev pkg-config
@@ -235,6 +235,30 @@ nvm_vm_detect_accel() {
 	esac
 	NVM_VM_ACCEL_NAME=$accel
 	nvm_log "VM acceleration: $accel"
+	[[ $accel != tcg ]] || nvm__host_tsc_khz
+}
+
+# nvm__host_tsc_khz: exports NVM_VM_TSC_KHZ, the host's TSC rate, for TCG guests'
+# tsc_early_khz= (why: scripts/vm/host-tsc-khz.c). Empty when it cannot be measured; the
+# guest then calibrates by itself as before.
+nvm__host_tsc_khz() {
+	[[ -z ${NVM_VM_TSC_KHZ+x} ]] || return 0
+	NVM_VM_TSC_KHZ=
+	local src=$NVM_VM_LIB_DIR/host-tsc-khz.c bin khz
+	bin=$NVM_VM_CACHE/host-tsc-khz-$(sha256sum <"$src" | cut -c1-12)
+	if [[ ! -x $bin ]] && ! cc -O2 -o "$bin.tmp" "$src" 2>/dev/null; then
+		nvm_log "WARNING: cannot build $src; TCG guests calibrate their TSC themselves"
+	else
+		[[ -x $bin ]] || mv "$bin.tmp" "$bin"
+		khz=$("$bin" 2>/dev/null) || khz=
+		if [[ $khz =~ ^[0-9]+$ ]] && ((khz > 100000 && khz < 10000000)); then
+			NVM_VM_TSC_KHZ=$khz
+			nvm_log "host TSC: $khz kHz (passed to TCG guests as tsc_early_khz)"
+		else
+			nvm_log "WARNING: host TSC rate unmeasurable ('$khz'); TCG guests calibrate it themselves"
+		fi
+	fi
+	export NVM_VM_TSC_KHZ
 }
 
 # ---------------------------------------------------------------------------
@@ -372,7 +396,12 @@ nvm_vm_boot() {
 	# sched_clock), and TCG's patching of code another vCPU runs panicked a guest ("Oops:
 	# int3" in sched_clock_cpu, CI 2026-12-06). TCG's TSC comes from QEMU's one clock, so it
 	# is trusted instead.
-	[[ ${NVM_VM_ACCEL_NAME:-} != tcg ]] || kcmd+=" tsc=reliable"
+	# The boot-time calibration it would then trust can itself be far off on a loaded host,
+	# so the host's measured rate is given instead (nvm__host_tsc_khz).
+	if [[ ${NVM_VM_ACCEL_NAME:-} == tcg ]]; then
+		kcmd+=" tsc=reliable"
+		[[ -z ${NVM_VM_TSC_KHZ:-} ]] || kcmd+=" tsc_early_khz=$NVM_VM_TSC_KHZ"
+	fi
 	# shellcheck disable=SC2054 # the commas are QEMU syntax
 	local -a qemu=(qemu-system-x86_64 "${NVM_VM_ACCEL_ARGS[@]}"
 		-machine "$machine" -m "$memarg" -smp "$cpus"
