@@ -263,7 +263,15 @@ enum Cmd {
     /// With `[cluster.voters]`: create this node's empty voter state and ballot file (in
     /// `cluster.voters.state_dir`), on its first start only (needs --config). Refused when
     /// either exists: a voter that has voted must never come back empty.
-    InitVoter,
+    InitVoter {
+        /// For a node whose voter state is lost (its disk replaced): a copy of another
+        /// voter's state file (the partner's `<voters.state_dir>/voter.state`, the
+        /// tie-breaker's --state), taken while this node's daemon is down; twice, one per
+        /// other voter. The new state holds each slot's highest fence and newest value of
+        /// the two, and the ballot file starts above every epoch they saw.
+        #[arg(long, value_name = "FILE")]
+        seed_from: Vec<PathBuf>,
+    },
     /// Look at or repair the NVRAM log (needs --config).
     Nvram {
         #[command(subcommand)]
@@ -1261,7 +1269,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::InitVoter => {
+        Cmd::InitVoter { seed_from } => {
             let (cfg, path) = load_config(&cli)?;
             let v = cfg
                 .cluster
@@ -1273,11 +1281,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         path.display()
                     ))
                 })?;
-            nvmirror::cluster::voter_arbiter::init(v).map_err(CtlError::Usage)?;
+            let seeded =
+                nvmirror::cluster::voter_arbiter::init(v, seed_from).map_err(CtlError::Usage)?;
             println!(
-                "created the voter state {} and the ballot file {}",
+                "created the voter state {} and the ballot file {}{}",
                 v.state_file().display(),
-                v.ballot_file().display()
+                v.ballot_file().display(),
+                seeded.map_or_else(String::new, |(slots, round)| format!(
+                    ", from {} copies: {slots} slot(s), ballot round {round}",
+                    seed_from.len()
+                ))
             );
         }
         Cmd::Nvram { cmd } => {

@@ -11,7 +11,13 @@
 //!   operation's 20 ms deadline: the late writes the fence is for), one in 20 lost, one in
 //!   30 delivered twice;
 //! * voters: crash and come back with their durable state (their fence and slots), and drop
-//!   what reaches them while down.
+//!   what reaches them while down; with `replace_voters`, one at a time loses its state for
+//!   good and is replaced by a voter seeded from copies of a majority of the others' states
+//!   (`RegisterVoter::seeded`, what `nvmirror-tiebreaker --create-state --seed-from` does),
+//!   each copy taken at its own moment while the lost one is gone, but not before an
+//!   operation's deadline has passed since it last answered (seed 3438 of 5,000 without that:
+//!   an answer the lost voter sent just before, counted late, completed a write on it and
+//!   on a voter whose copy had already been taken).
 //!
 //! Checked at the end over every completed operation (reads that returned, writes that were
 //! stored by a majority): each read returns the value that some write with that tag wrote
@@ -44,6 +50,25 @@ pub struct RegisterSettings {
     /// One read in three settles its slot (`RegisterClient::read_settled`), checked by
     /// `check_settled_reads`.
     pub settled_reads: bool,
+    /// Whether voters lose their state and are replaced, and how (see the module's comment).
+    pub replacements: Replacements,
+}
+
+/// How voters whose state is lost are replaced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Replacements {
+    /// Voters never lose their state.
+    #[default]
+    Off,
+    /// Seeded from copies of a majority of the others, taken an operation's deadline after
+    /// the lost voter last answered (`RegisterVoter::seeded`).
+    Seeded,
+    /// A flaw, the first version of `Seeded`: the new voter may be back, and its copies
+    /// taken, at once, while answers the lost voter sent still count; and replacements come
+    /// two and a half times as often.
+    CopiesTooEarly,
+    /// A flaw: the new voter starts empty.
+    Empty,
 }
 
 impl Default for RegisterSettings {
@@ -53,6 +78,7 @@ impl Default for RegisterSettings {
             seconds: 10,
             flaws: Flaws::default(),
             settled_reads: false,
+            replacements: Replacements::Off,
         }
     }
 }
@@ -66,6 +92,61 @@ pub struct RegisterOutcome {
     pub failed: u64,
     /// Completed reads that returned a value written by an operation that had failed.
     pub late_writes_read: u64,
+    /// Voters that lost their state and were replaced.
+    pub replaced: u64,
+}
+
+/// A voter whose state is lost, on its way back as a new one.
+struct Replacement {
+    voter: usize,
+    /// When the new voter first answers.
+    back_at: u64,
+    /// The voters it is seeded from, when each one's copy is taken, and the copy.
+    copies: Vec<(usize, u64, Option<RegisterVoter>)>,
+}
+
+impl Replacement {
+    /// Plans the loss of a voter's state now: it answers nothing until it is back.
+    fn plan(rng: &mut ChaCha8Rng, voters: usize, now: u64, how: Replacements) -> Replacement {
+        let voter = rng.gen_range(0..voters);
+        // No operation can count an answer it sent before now after this.
+        let (settled, back_at) = if how == Replacements::CopiesTooEarly {
+            (now, now + rng.gen_range(MS..300 * MS))
+        } else {
+            let settled = now + DEADLINE + STEP;
+            (settled, settled + rng.gen_range(0..300 * MS))
+        };
+        let mut others: Vec<usize> = (0..voters).filter(|&v| v != voter).collect();
+        others.shuffle(rng);
+        others.truncate(voters / 2 + 1);
+        let copies = others
+            .into_iter()
+            .map(|v| (v, rng.gen_range(settled..=back_at), None))
+            .collect();
+        Replacement {
+            voter,
+            back_at,
+            copies,
+        }
+    }
+
+    /// Takes the copies that are due; the new voter's state once it is back.
+    fn step(&mut self, now: u64, voters: &[RegisterVoter], empty: bool) -> Option<RegisterVoter> {
+        for (v, at, copy) in &mut self.copies {
+            if copy.is_none() && now >= *at {
+                // A voter that is down still has its state on its disk: copied all the same.
+                *copy = Some(voters[*v].clone());
+            }
+        }
+        if now < self.back_at {
+            return None;
+        }
+        if empty {
+            return Some(RegisterVoter::default());
+        }
+        let copies: Vec<RegisterVoter> = self.copies.iter().filter_map(|c| c.2.clone()).collect();
+        Some(RegisterVoter::seeded(&copies).expect("copies of one cluster's voters"))
+    }
 }
 
 /// A completed operation, for the checker.
@@ -109,6 +190,9 @@ pub fn run_register(seed: u64, s: RegisterSettings) -> RegisterOutcome {
     let end = s.seconds * 1000 * MS;
     let mut voters = vec![RegisterVoter::default(); s.voters as usize];
     let mut voter_down_until = vec![0u64; s.voters as usize];
+    // Its own stream, so that the seeds of runs without replacements stay as they were.
+    let mut replace_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7265_706c_6163_6520);
+    let mut replacing: Option<Replacement> = None;
     // Epochs of the clients to come, out of order: each used by one client only.
     let mut epochs: Vec<u64> = (1..=400).collect();
     epochs.shuffle(&mut rng);
@@ -171,6 +255,27 @@ pub fn run_register(seed: u64, s: RegisterSettings) -> RegisterOutcome {
         for down_until in voter_down_until.iter_mut() {
             if now >= *down_until && rng.gen_bool(0.0002) {
                 *down_until = now + rng.gen_range(0..300 * MS);
+            }
+        }
+        if s.replacements != Replacements::Off {
+            let rate = if s.replacements == Replacements::CopiesTooEarly {
+                0.0005
+            } else {
+                0.0002
+            };
+            if replacing.is_none() && replace_rng.gen_bool(rate) {
+                let r = Replacement::plan(&mut replace_rng, voters.len(), now, s.replacements);
+                voters[r.voter] = RegisterVoter::default();
+                voter_down_until[r.voter] = u64::MAX;
+                replacing = Some(r);
+            }
+            if let Some(r) = &mut replacing {
+                if let Some(new) = r.step(now, &voters, s.replacements == Replacements::Empty) {
+                    voters[r.voter] = new;
+                    voter_down_until[r.voter] = now;
+                    out.replaced += 1;
+                    replacing = None;
+                }
             }
         }
         // Deliver what is due.

@@ -176,6 +176,66 @@ fn two_nodes_and_a_tiebreaker_keep_the_table_on_a_majority() {
 }
 
 #[test]
+fn a_tiebreaker_whose_state_is_lost_is_replaced_from_copies_of_the_data_nodes_states() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let (tb1, tb2, pair) = (free_addr(), free_addr(), free_addr());
+    let tb = Killed(tiebreaker(dir.path(), tb1, tb2, true).spawn().unwrap());
+    let n1 = node(dir.path(), 1, Role::Listen(pair), tb1);
+    let n2 = node(dir.path(), 2, Role::Connect(pair), tb2);
+    for l in [&n1.partner, &n2.partner, &n1.tiebreaker, &n2.tiebreaker] {
+        wait_up(l);
+    }
+    ownership::load_or_init(&n1.store, &table(1, 0)).unwrap();
+    assert_eq!(ownership::load(&n2.store).unwrap(), Some(table(1, 0)));
+
+    // Node 2 away: node 1's write reaches only its own voter and the tie-breaker's.
+    drop(n2);
+    ownership::save(&n1.store, &table(2, 1)).unwrap();
+
+    // The tie-breaker's disk dies. Its replacement is seeded from copies of both data
+    // nodes' voter states (node 2's is stale: it missed the write).
+    drop(tb);
+    let state = dir.path().join("tiebreaker.state");
+    std::fs::remove_file(&state).unwrap();
+    let copies = [
+        dir.path().join("copy1.state"),
+        dir.path().join("copy2.state"),
+    ];
+    for (id, copy) in [1, 2].iter().zip(&copies) {
+        std::fs::copy(dir.path().join(format!("voter{id}.state")), copy).unwrap();
+    }
+    let out = tiebreaker(dir.path(), tb1, tb2, false)
+        .arg("--create-state")
+        .args(copies.iter().flat_map(|c| [Path::new("--seed-from"), c]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second time: refused, the state exists.
+    let again = tiebreaker(dir.path(), tb1, tb2, false)
+        .arg("--create-state")
+        .args(copies.iter().flat_map(|c| [Path::new("--seed-from"), c]))
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+
+    // Node 2 back, node 1 gone: node 2 and the new tie-breaker are the majority, and they
+    // see node 1's write (an empty tie-breaker would have let node 2 read table 1).
+    let _tb = Killed(tiebreaker(dir.path(), tb1, tb2, false).spawn().unwrap());
+    let n2 = node(dir.path(), 2, Role::Connect(pair), tb2);
+    wait_up(&n2.partner);
+    wait_up(&n2.tiebreaker);
+    drop(n1);
+    assert_eq!(ownership::load(&n2.store).unwrap(), Some(table(2, 1)));
+    ownership::save(&n2.store, &table(3, 1)).unwrap();
+    assert_eq!(ownership::load(&n2.store).unwrap(), Some(table(3, 1)));
+}
+
+#[test]
 fn a_tiebreaker_without_its_state_refuses_to_start_empty() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), SECRET).unwrap();

@@ -2,6 +2,7 @@
 //! that fails) or replays one seed with its whole trace.
 
 use clap::Parser;
+use nvmirror_sim::register::Replacements;
 use nvmirror_sim::{run, FaultKind, FaultMix, Settings};
 use std::time::Duration;
 
@@ -101,13 +102,19 @@ struct Args {
     quorum: bool,
     /// Simulate the epoch-fenced majority register planned for the arbiter's slots in
     /// shared-nothing mode (`cluster::register`) instead of the two-node cluster; uses
-    /// --seeds, --from, --seed, --seconds, --voters, --settled-reads and --flaw.
+    /// --seeds, --from, --seed, --seconds, --voters, --settled-reads, --replace-voters and
+    /// --flaw.
     #[arg(long)]
     register: bool,
     /// With --register: one read in three settles its slot (what a node's start and a
     /// lease regained read the ownership table with), and the checker holds it to that.
     #[arg(long)]
     settled_reads: bool,
+    /// With --register: now and then a voter loses its state for good and a new one takes
+    /// its place, seeded from copies of a majority of the others' states (what
+    /// `nvmirror-tiebreaker --create-state --seed-from` does).
+    #[arg(long)]
+    replace_voters: bool,
     /// With --quorum or --register: the number of voters.
     #[arg(long, default_value_t = 3)]
     voters: u32,
@@ -118,7 +125,9 @@ struct Args {
     /// it: no-drift-margin, no-quiet-after-restart, count-stale-answers, reuse-epochs,
     /// forget-asked-epochs (--quorum); no-fence, no-write-back, ignore-answer-epochs,
     /// no-prepare, reads-prepare, unfenced-write-back, unsettled-reads (--register; the
-    /// last with --settled-reads).
+    /// last with --settled-reads), empty-replacements, early-copies (--register
+    /// --replace-voters: the new voter starts empty, or its copies are taken while the lost
+    /// voter's last answers still count).
     #[arg(long)]
     flaw: Option<String>,
 }
@@ -204,6 +213,10 @@ fn register(args: &Args) -> Result<bool, String> {
         Some("reads-prepare") => flaws.reads_prepare = true,
         Some("unfenced-write-back") => flaws.unfenced_write_back = true,
         Some("unsettled-reads") => flaws.unsettled_reads = true,
+        Some("empty-replacements" | "early-copies") if args.replace_voters => {}
+        Some(f @ ("empty-replacements" | "early-copies")) => {
+            return Err(format!("--flaw {f} needs --replace-voters"))
+        }
         Some(other) => {
             return Err(format!(
                 "--flaw {other:?}: unknown with --register (see --help)"
@@ -216,14 +229,21 @@ fn register(args: &Args) -> Result<bool, String> {
         seconds: args.seconds,
         flaws,
         settled_reads: args.settled_reads,
+        replacements: match (args.replace_voters, args.flaw.as_deref()) {
+            (false, _) => Replacements::Off,
+            (true, Some("empty-replacements")) => Replacements::Empty,
+            (true, Some("early-copies")) => Replacements::CopiesTooEarly,
+            (true, _) => Replacements::Seeded,
+        },
     };
     Ok(run_seeds(args, "register", |seed| {
         let o = nvmirror_sim::register::run_register(seed, settings);
         o.violation.map_or_else(
             || {
                 Ok(format!(
-                    "{} reads and {} writes completed, {} failed, {} read(s) of a failed write",
-                    o.reads, o.writes, o.failed, o.late_writes_read
+                    "{} reads and {} writes completed, {} failed, {} read(s) of a failed write, \
+                     {} voter(s) replaced",
+                    o.reads, o.writes, o.failed, o.late_writes_read, o.replaced
                 ))
             },
             Err,

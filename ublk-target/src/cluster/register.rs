@@ -229,6 +229,48 @@ impl RegisterVoter {
     pub fn fence(&self, slot: u64) -> u64 {
         self.slots.get(&slot).map_or(0, |s| s.fence)
     }
+
+    /// The highest fence of any slot: an epoch above it is new to this voter.
+    pub fn max_fence(&self) -> u64 {
+        self.slots.values().map(|s| s.fence).max().unwrap_or(0)
+    }
+
+    /// The state of a voter replacing one whose state is lost, from copies of other voters'
+    /// states, each taken once no operation can still count an answer of the lost voter (an
+    /// operation's deadline after its last answer; a dead machine's are long past) and
+    /// before the new one first answers: per slot the highest fence and the value with the
+    /// highest tag.
+    ///
+    /// Why it is safe when `sources` are a majority of the voters: every operation that
+    /// completed reached a majority, which meets the sources in a voter; so the new voter
+    /// remembers every fence and value a completed operation left, as the lost one did (or
+    /// more). More is safe: a higher fence only refuses more, and a value held by a minority
+    /// (a failed write) copied here surfaces no later than it could have before, because
+    /// every write completed since it failed has a higher tag. Operations that complete
+    /// after a copy is taken reach a majority without the lost voter, so they stay on one.
+    /// `sim/src/register.rs` replaces voters so (`nvmirror-sim --register --replace-voters`);
+    /// with empty states instead, or copies taken too soon, its checker finds majorities
+    /// that no longer meet.
+    pub fn seeded(sources: &[RegisterVoter]) -> Result<RegisterVoter, String> {
+        let mut seeded = RegisterVoter::default();
+        for source in sources {
+            for (&n, s) in &source.slots {
+                let slot = seeded.slots.entry(n).or_default();
+                slot.fence = slot.fence.max(s.fence);
+                if s.tag > slot.tag {
+                    slot.tag = s.tag;
+                    slot.data.clone_from(&s.data);
+                } else if s.tag == slot.tag && s.data != slot.data {
+                    return Err(format!(
+                        "slot {n} holds two values under one tag (epoch {}, write {}): these \
+                         states are not of one cluster's voters",
+                        s.tag.epoch, s.tag.counter
+                    ));
+                }
+            }
+        }
+        Ok(seeded)
+    }
 }
 
 /// How an operation ended.

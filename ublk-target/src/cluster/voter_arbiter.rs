@@ -12,12 +12,13 @@
 use super::register_store::{
     voter_number, BallotFile, LinkVoter, LocalVoter, RegisterStore, VoterChannel, ATTEMPTS,
 };
-use super::voter_service::{Missing, VoterService};
+use super::voter_service::{create_seeded, Missing, VoterService};
 use crate::config::{read_secret, ClusterSection, TransportKind, VotersSection};
 use crate::ownership::TableStore;
 use rdma_link::{Bytes, Link, LinkConfig, NodeRole, RequestHandler, Role, Transport};
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,16 +46,20 @@ fn missing_state(v: &VotersSection, config: &str) -> String {
     format!(
         "this node's voter state {} or ballot file {} does not exist. A voter that has voted \
          must never come back empty, so the daemon does not create them: on this node's first \
-         start (or after replacing its disk, with the partner and the tie-breaker up) run \
-         `nvmirrorctl init-voter --config {config}`",
+         start run `nvmirrorctl init-voter --config {config}`; if they were lost (a replaced \
+         disk), create them from copies of the partner's and the tie-breaker's voter state \
+         files: `nvmirrorctl init-voter --config {config} --seed-from FILE --seed-from FILE`",
         v.state_file().display(),
         v.ballot_file().display()
     )
 }
 
-/// Creates this node's empty voter state and ballot file (`nvmirrorctl init-voter`); refuses
-/// when either exists.
-pub fn init(v: &VotersSection) -> Result<(), String> {
+/// Creates this node's voter state and ballot file (`nvmirrorctl init-voter`), empty or, for
+/// a node whose state is lost, from copies of the other two voters' states
+/// (`voter_service::create_seeded`) with the ballot round above every epoch they saw, so
+/// that no epoch of the node's lost life is used again. Refuses when either exists. Returns
+/// for a seeded state its slot count and ballot round.
+pub fn init(v: &VotersSection, seed_from: &[PathBuf]) -> Result<Option<(usize, u64)>, String> {
     for f in [v.state_file(), v.ballot_file()] {
         if f.exists() {
             return Err(format!(
@@ -66,10 +71,19 @@ pub fn init(v: &VotersSection) -> Result<(), String> {
     }
     std::fs::create_dir_all(&v.state_dir)
         .map_err(|e| format!("creating {}: {e}", v.state_dir.display()))?;
-    VoterService::open(&v.state_file(), 0, 3, Missing::CreateEmpty)?;
+    let (round, seeded) = if seed_from.is_empty() {
+        VoterService::open(&v.state_file(), 0, 3, Missing::CreateEmpty)?;
+        (0, None)
+    } else {
+        let state = create_seeded(&v.state_file(), seed_from, 3)?;
+        // The next start takes the round after this one: an epoch above every fence.
+        let round = state.max_fence() / 3 + 1;
+        (round, Some((state.slots().count(), round)))
+    };
     BallotFile::new(&v.ballot_file())
-        .store(0)
-        .map_err(|e| format!("creating {}: {e}", v.ballot_file().display()))
+        .store(round)
+        .map_err(|e| format!("creating {}: {e}", v.ballot_file().display()))?;
+    Ok(seeded)
 }
 
 impl VoterArbiter {
@@ -202,5 +216,62 @@ impl TableStore for VoterArbiter {
 
     fn write_slot(&self, slot: u64, data: &[u8]) -> io::Result<()> {
         self.store.write_slot(slot, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::register::{RegisterMessage, Tag};
+    use crate::cluster::register_store::epoch_of;
+    use crate::cluster::register_wire::encode_message;
+
+    fn section(dir: &std::path::Path) -> VotersSection {
+        VotersSection {
+            port: 7490,
+            tiebreaker_id: 3,
+            tiebreaker: vec!["127.0.0.1:7491".into(), "127.0.0.1:7492".into()],
+            state_dir: dir.to_path_buf(),
+        }
+    }
+
+    #[test]
+    fn a_replaced_nodes_voter_is_seeded_and_its_ballots_start_above_every_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other");
+        let v = section(&other);
+        assert_eq!(init(&v, &[]), Ok(None));
+        assert_eq!(
+            BallotFile::new(&v.ballot_file()).load(Missing::Refuse),
+            Ok(0)
+        );
+        // Another voter saw epoch 40 on slot 2.
+        let voter = VoterService::open(&v.state_file(), 1, 3, Missing::Refuse).unwrap();
+        let write = RegisterMessage::Write {
+            from: 2,
+            op: 1,
+            slot: 2,
+            tag: Tag {
+                epoch: 40,
+                counter: 1,
+            },
+            data: b"table".to_vec(),
+        };
+        voter.handle(None, &encode_message(&write)).unwrap();
+        let tiebreaker = dir.path().join("tiebreaker.state");
+        VoterService::open(&tiebreaker, 2, 3, Missing::CreateEmpty).unwrap();
+
+        let replaced = section(&dir.path().join("replaced"));
+        let got = init(&replaced, &[v.state_file(), tiebreaker]).unwrap();
+        assert_eq!(got, Some((1, 14)));
+        // Its next start takes round 15: epoch 45 or more for any voter number, above 40.
+        let round = BallotFile::new(&replaced.ballot_file())
+            .load(Missing::Refuse)
+            .unwrap();
+        assert!(epoch_of(round + 1, 0, 3) > 40);
+        let seeded = VoterService::open(&replaced.state_file(), 0, 3, Missing::Refuse).unwrap();
+        assert_eq!(seeded.fence(2), 40);
+        // Once created, refused.
+        assert!(init(&replaced, &[]).unwrap_err().contains("exists"));
     }
 }

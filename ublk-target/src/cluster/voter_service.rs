@@ -50,9 +50,10 @@ impl VoterService {
             None => {
                 return Err(format!(
                     "the voter state {} does not exist. A voter that has voted must never \
-                     restart empty, so it is not created here; if this is the first start of \
-                     this voter (or it was replaced and the other voters are up), create it \
-                     with --init",
+                     restart empty, so it is not created here: on this voter's first start \
+                     create it with --create-state (or start with --init); to replace a voter whose state is lost, \
+                     create it from copies of the other voters' state files with \
+                     --create-state --seed-from FILE --seed-from FILE",
                     path.display()
                 ))
             }
@@ -126,6 +127,11 @@ impl VoterService {
         Some(encode_message(&answer))
     }
 
+    /// The voter's state as stored (for status and tests).
+    pub fn state(&self) -> RegisterVoter {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The highest epoch a request for `slot` showed this voter.
     pub fn fence(&self, slot: u64) -> u64 {
         self.state
@@ -133,6 +139,53 @@ impl VoterService {
             .unwrap_or_else(|p| p.into_inner())
             .fence(slot)
     }
+}
+
+/// Creates the state of a voter that replaces one whose state is lost (a dead disk), from
+/// copies of other voters' state files (`RegisterVoter::seeded`, which says why that is
+/// safe): at least a majority of the `voters`, all but the lost one for three. Refuses when
+/// `path` exists. Returns the new state.
+pub fn create_seeded(
+    path: &Path,
+    sources: &[PathBuf],
+    voters: u32,
+) -> Result<RegisterVoter, String> {
+    let majority = voters as usize / 2 + 1;
+    if sources.len() < majority || sources.len() >= voters as usize {
+        return Err(format!(
+            "{} state file(s) to seed from: give copies of {} of the other voters' states \
+             (at least a majority of the {voters} voters, not counting the one replaced)",
+            sources.len(),
+            if majority + 1 == voters as usize {
+                format!("both ({majority})")
+            } else {
+                format!("{majority} to {}", voters - 1)
+            }
+        ));
+    }
+    if path.exists() {
+        return Err(format!(
+            "{} exists: this voter has state already, and replacing it could let two nodes \
+             both win a slot. Nothing was changed",
+            path.display()
+        ));
+    }
+    let mut copies = Vec::with_capacity(sources.len());
+    for (i, source) in sources.iter().enumerate() {
+        if sources[..i].contains(source) {
+            return Err(format!(
+                "{} is given twice: the copies must be of different voters",
+                source.display()
+            ));
+        }
+        match load_voter(source)? {
+            Some(v) => copies.push(v),
+            None => return Err(format!("{}: no such file", source.display())),
+        }
+    }
+    let seeded = RegisterVoter::seeded(&copies)?;
+    store_voter(path, &seeded).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    Ok(seeded)
 }
 
 #[cfg(test)]
@@ -157,7 +210,7 @@ mod tests {
         let e = VoterService::open(&path, 2, 3, Missing::Refuse)
             .err()
             .unwrap();
-        assert!(e.contains("--init"), "{e}");
+        assert!(e.contains("--create-state --seed-from"), "{e}");
         VoterService::open(&path, 2, 3, Missing::CreateEmpty).unwrap();
         assert!(path.exists());
         VoterService::open(&path, 2, 3, Missing::Refuse).unwrap();
@@ -182,6 +235,47 @@ mod tests {
             decode_message(&a).unwrap(),
             RegisterMessage::Refused { fence: 9, .. }
         ));
+    }
+
+    #[test]
+    fn a_replacement_is_seeded_with_each_slots_highest_fence_and_newest_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a_path, b_path) = (dir.path().join("a.state"), dir.path().join("b.state"));
+        let a = VoterService::open(&a_path, 0, 3, Missing::CreateEmpty).unwrap();
+        let b = VoterService::open(&b_path, 1, 3, Missing::CreateEmpty).unwrap();
+        // Slot 4: b saw the newer write. Slot 5: only a has it. Slot 6: b's fence is higher.
+        a.handle(None, &write(2, 7, 4, b"seven")).unwrap();
+        b.handle(None, &write(2, 9, 4, b"nine")).unwrap();
+        a.handle(None, &write(2, 3, 5, b"three")).unwrap();
+        a.handle(None, &write(2, 4, 6, b"four")).unwrap();
+        b.handle(None, &write(2, 8, 6, b"eight")).unwrap();
+        let new = dir.path().join("new.state");
+        let sources = [a_path.clone(), b_path.clone()];
+        let seeded = create_seeded(&new, &sources, 3).unwrap();
+        let slots: Vec<_> = seeded
+            .slots()
+            .map(|(n, fence, tag, data)| (n, fence, tag.epoch, data.to_vec()))
+            .collect();
+        assert_eq!(
+            slots,
+            vec![
+                (4, 9, 9, b"nine".to_vec()),
+                (5, 3, 3, b"three".to_vec()),
+                (6, 8, 8, b"eight".to_vec()),
+            ]
+        );
+        // What was stored is what a restarted voter serves by.
+        let v = VoterService::open(&new, 2, 3, Missing::Refuse).unwrap();
+        assert_eq!(v.state(), seeded);
+        // Refused: the state exists, too few copies, one copy twice.
+        let e = create_seeded(&new, &sources, 3).unwrap_err();
+        assert!(e.contains("exists"), "{e}");
+        let other = dir.path().join("other.state");
+        let e = create_seeded(&other, &sources[..1], 3).unwrap_err();
+        assert!(e.contains("both"), "{e}");
+        let e = create_seeded(&other, &[a_path.clone(), a_path], 3).unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        assert!(!other.exists());
     }
 
     #[test]

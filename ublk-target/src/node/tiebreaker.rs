@@ -7,7 +7,7 @@
 //! every node alike.
 
 use crate::cluster::register_store::voter_number;
-use crate::cluster::voter_service::{Missing, VoterService};
+use crate::cluster::voter_service::{create_seeded, Missing, VoterService};
 use crate::node::link::read_secret;
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -32,7 +32,9 @@ use std::sync::Arc;
         node: the nodes' voters.tiebreaker list, in order) and takes only links that prove \
         the cluster secret.\n\n\
         First set-up: --create-state (refused once the state exists: a voter that has voted \
-        must never restart empty). Under systemd: nvmirror-tiebreaker.service, arguments in \
+        must never restart empty). A tie-breaker replacing one whose state is lost (a dead \
+        disk) is created from copies of both data nodes' voter state files, taken after the \
+        old one stopped: --create-state --seed-from A --seed-from B. Under systemd: nvmirror-tiebreaker.service, arguments in \
         /etc/nvmirror/tiebreaker.env (TIEBREAKER_ARGS).",
     after_help = "Example: nvmirror-tiebreaker --cluster-id 1 --secret-file /etc/nvmirror/secret \
         --node-id 3 --serve 1=192.168.10.3:7481 --serve 2=192.168.10.3:7482\n\n\
@@ -62,6 +64,12 @@ pub struct TieBreakerArgs {
     /// set-up of a tie-breaker run by systemd (`nvmirror-tiebreaker.service`).
     #[arg(long, conflicts_with = "init")]
     pub create_state: bool,
+    /// With --create-state, for a tie-breaker that replaces one whose state is lost: a copy
+    /// of a data node's voter state file (`<voters.state_dir>/voter.state`), taken after the
+    /// old tie-breaker stopped; twice, one per data node. The new state holds each slot's
+    /// highest fence and newest value of the two, so it remembers all the old one did.
+    #[arg(long, value_name = "FILE", requires = "create_state")]
+    pub seed_from: Vec<PathBuf>,
     /// The links' transport.
     #[arg(long, default_value = "tcp", value_parser = parse_transport)]
     pub transport: Transport,
@@ -118,11 +126,25 @@ pub fn run(args: TieBreakerArgs) -> anyhow::Result<()> {
         if let Some(dir) = args.state.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        VoterService::open(&args.state, me, 3, Missing::CreateEmpty).map_err(anyhow::Error::msg)?;
-        println!(
-            "created the tie-breaker's voter state {}",
-            args.state.display()
-        );
+        if args.seed_from.is_empty() {
+            VoterService::open(&args.state, me, 3, Missing::CreateEmpty)
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "created the tie-breaker's voter state {}",
+                args.state.display()
+            );
+        } else {
+            let seeded =
+                create_seeded(&args.state, &args.seed_from, 3).map_err(anyhow::Error::msg)?;
+            println!(
+                "created the tie-breaker's voter state {} from {} copies: {} slot(s), highest \
+                 fence {}",
+                args.state.display(),
+                args.seed_from.len(),
+                seeded.slots().count(),
+                seeded.max_fence()
+            );
+        }
         return Ok(());
     }
     let missing = if args.init {
