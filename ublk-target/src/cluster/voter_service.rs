@@ -51,9 +51,9 @@ impl VoterService {
                 return Err(format!(
                     "the voter state {} does not exist. A voter that has voted must never \
                      restart empty, so it is not created here: on this voter's first start \
-                     create it with --create-state (or start with --init); to replace a voter whose state is lost, \
-                     create it from copies of the other voters' state files with \
-                     --create-state --seed-from FILE --seed-from FILE",
+                     create it with --create-state (or start with --init); to replace a \
+                     voter whose state is lost, create it from copies of the other voters' \
+                     state files with --create-state --seed-from FILE --seed-from FILE",
                     path.display()
                 ))
             }

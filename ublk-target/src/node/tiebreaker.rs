@@ -34,8 +34,9 @@ use std::sync::Arc;
         First set-up: --create-state (refused once the state exists: a voter that has voted \
         must never restart empty). A tie-breaker replacing one whose state is lost (a dead \
         disk) is created from copies of both data nodes' voter state files, taken after the \
-        old one stopped: --create-state --seed-from A --seed-from B. Under systemd: nvmirror-tiebreaker.service, arguments in \
-        /etc/nvmirror/tiebreaker.env (TIEBREAKER_ARGS).",
+        old one stopped: --create-state --seed-from A --seed-from B. Under systemd: \
+        nvmirror-tiebreaker.service, arguments in /etc/nvmirror/tiebreaker.env \
+        (TIEBREAKER_ARGS).",
     after_help = "Example: nvmirror-tiebreaker --cluster-id 1 --secret-file /etc/nvmirror/secret \
         --node-id 3 --serve 1=192.168.10.3:7481 --serve 2=192.168.10.3:7482\n\n\
         Exit codes: 0 --create-state done, 1 could not start (the message says why), 2 invalid arguments"
