@@ -122,8 +122,17 @@ fn wait_up(link: &Link) {
     }
 }
 
-#[test]
-fn two_nodes_and_a_tiebreaker_keep_the_table_on_a_majority() {
+/// Two data nodes and a new tie-breaker in a fresh directory, every link up.
+struct Cluster {
+    dir: tempfile::TempDir,
+    /// The tie-breaker's addresses for node 1 and node 2, and the pair's.
+    addrs: [SocketAddr; 3],
+    tb: Killed,
+    n1: Node,
+    n2: Node,
+}
+
+fn cluster() -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), SECRET).unwrap();
     let (tb1, tb2, pair) = (free_addr(), free_addr(), free_addr());
@@ -133,6 +142,24 @@ fn two_nodes_and_a_tiebreaker_keep_the_table_on_a_majority() {
     for l in [&n1.partner, &n2.partner, &n1.tiebreaker, &n2.tiebreaker] {
         wait_up(l);
     }
+    Cluster {
+        dir,
+        addrs: [tb1, tb2, pair],
+        tb,
+        n1,
+        n2,
+    }
+}
+
+#[test]
+fn two_nodes_and_a_tiebreaker_keep_the_table_on_a_majority() {
+    let Cluster {
+        dir,
+        addrs: [tb1, tb2, _],
+        tb,
+        n1,
+        n2,
+    } = cluster();
 
     // Node 1 creates the table; node 2 reads it through the voters, then moves range 1.
     let first_epoch = n1.store.epoch();
@@ -177,15 +204,13 @@ fn two_nodes_and_a_tiebreaker_keep_the_table_on_a_majority() {
 
 #[test]
 fn a_tiebreaker_whose_state_is_lost_is_replaced_from_copies_of_the_data_nodes_states() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
-    let (tb1, tb2, pair) = (free_addr(), free_addr(), free_addr());
-    let tb = Killed(tiebreaker(dir.path(), tb1, tb2, true).spawn().unwrap());
-    let n1 = node(dir.path(), 1, Role::Listen(pair), tb1);
-    let n2 = node(dir.path(), 2, Role::Connect(pair), tb2);
-    for l in [&n1.partner, &n2.partner, &n1.tiebreaker, &n2.tiebreaker] {
-        wait_up(l);
-    }
+    let Cluster {
+        dir,
+        addrs: [tb1, tb2, pair],
+        tb,
+        n1,
+        n2,
+    } = cluster();
     ownership::load_or_init(&n1.store, &table(1, 0)).unwrap();
     assert_eq!(ownership::load(&n2.store).unwrap(), Some(table(1, 0)));
 
