@@ -268,7 +268,8 @@ enum Cmd {
         /// voter's state file (the partner's `<voters.state_dir>/voter.state`, the
         /// tie-breaker's --state), taken while this node's daemon is down; twice, one per
         /// other voter. The new state holds each slot's highest fence and newest value of
-        /// the two, and the ballot file starts above every epoch they saw.
+        /// the two, and the ballot file starts above every epoch they saw. Each file names
+        /// its voter: a copy of this node's own old state, or another cluster's, is refused.
         #[arg(long, value_name = "FILE")]
         seed_from: Vec<PathBuf>,
     },
@@ -1271,18 +1272,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::InitVoter { seed_from } => {
             let (cfg, path) = load_config(&cli)?;
-            let v = cfg
-                .cluster
-                .as_ref()
-                .and_then(|c| c.voters.as_ref())
-                .ok_or_else(|| {
-                    CtlError::Usage(format!(
-                        "{} has no [cluster.voters]: this node's arbiter is a device, which needs no voter state",
-                        path.display()
-                    ))
-                })?;
-            let seeded =
-                nvmirror::cluster::voter_arbiter::init(v, seed_from).map_err(CtlError::Usage)?;
+            let no_voters = || {
+                CtlError::Usage(format!(
+                    "{} has no [cluster.voters]: this node's arbiter is a device, which needs no voter state",
+                    path.display()
+                ))
+            };
+            let c = cfg.cluster.as_ref().ok_or_else(no_voters)?;
+            let v = c.voters.as_ref().ok_or_else(no_voters)?;
+            let me = cfg.cluster_index().ok_or_else(|| {
+                CtlError::Usage(format!(
+                    "{}: node.name is not one of the [[cluster.node]] names, so this node has no voter",
+                    path.display()
+                ))
+            })?;
+            let seeded = nvmirror::cluster::voter_arbiter::init(c, v, me, seed_from)
+                .map_err(CtlError::Usage)?;
             println!(
                 "created the voter state {} and the ballot file {}{}",
                 v.state_file().display(),

@@ -603,7 +603,7 @@ pub fn register_wire(data: &[u8]) {
             slot: 0,
             epoch: u64::MAX,
         };
-        v.answer(0, &prepare, Default::default());
+        v.state.answer(0, &prepare, Default::default());
     }
 }
 
@@ -875,13 +875,28 @@ pub mod seeds {
             (0, 7, tag, b"table".to_vec()),
             (5, 3, Tag::default(), Vec::new()),
         ]);
-        let state = register_wire::encode_voter(&voter);
-        let mut sealed = vec![FLAG_SEAL];
-        sealed.extend_from_slice(&state[..state.len() - 4]);
-        out.push(("voter-state".into(), sealed));
-        let mut whole = vec![0];
-        whole.extend(state);
-        out.push(("voter-state-with-crc".into(), whole));
+        // Version 1 (no voter named) and version 2 (its cluster and node).
+        for (name, identity) in [
+            ("voter-state", None),
+            (
+                "voter-state-named",
+                Some(register_wire::VoterIdentity {
+                    cluster: 0x5eed,
+                    node: 3,
+                }),
+            ),
+        ] {
+            let state = register_wire::encode_voter(&register_wire::StoredVoter {
+                identity,
+                state: voter.clone(),
+            });
+            let mut sealed = vec![FLAG_SEAL];
+            sealed.extend_from_slice(&state[..state.len() - 4]);
+            out.push((name.into(), sealed));
+            let mut whole = vec![0];
+            whole.extend(state);
+            out.push((format!("{name}-with-crc"), whole));
+        }
         out
     }
 

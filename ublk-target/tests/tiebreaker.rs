@@ -6,6 +6,7 @@
 
 use nvmirror::cluster::register_store::VoterChannel;
 use nvmirror::cluster::register_store::{BallotFile, LinkVoter, LocalVoter, RegisterStore};
+use nvmirror::cluster::register_wire::VoterIdentity;
 use nvmirror::cluster::voter_service::{Missing, VoterService};
 use nvmirror::ownership::{self, OwnershipTable, RangeOwner, TableStore};
 use rdma_link::{Bytes, Link, LinkConfig, NodeRole, RequestHandler, Role, Transport};
@@ -54,6 +55,10 @@ fn node(dir: &Path, id: u32, partner_role: Role, tb: SocketAddr) -> Node {
     let voter = Arc::new(
         VoterService::open(
             &dir.join(format!("voter{id}.state")),
+            VoterIdentity {
+                cluster: CLUSTER,
+                node: id,
+            },
             me,
             3,
             Missing::CreateEmpty,
@@ -222,7 +227,23 @@ fn a_tiebreaker_whose_state_is_lost_is_replaced_from_copies_of_the_data_nodes_st
     // nodes' voter states (node 2's is stale: it missed the write).
     drop(tb);
     let state = dir.path().join("tiebreaker.state");
-    std::fs::remove_file(&state).unwrap();
+    // An old backup of the lost state itself cannot stand in for a data node's copy: it may
+    // lack fences the tie-breaker gave since.
+    let backup = dir.path().join("tiebreaker-backup.state");
+    std::fs::rename(&state, &backup).unwrap();
+    let refused = tiebreaker(dir.path(), tb1, tb2, false)
+        .arg("--create-state")
+        .args(["--seed-from".as_ref(), backup.as_path()])
+        .args([
+            "--seed-from".as_ref(),
+            dir.path().join("voter1.state").as_path(),
+        ])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{why}");
+    assert!(why.contains("a copy of this voter's own state"), "{why}");
+    assert!(!state.exists());
     let copies = [
         dir.path().join("copy1.state"),
         dir.path().join("copy2.state"),

@@ -104,8 +104,17 @@ fn open(cfg: NodeConfig) -> std::thread::JoinHandle<Result<Arc<Engine>, String>>
     })
 }
 
+fn cluster(cfg: &NodeConfig) -> &nvmirror::config::ClusterSection {
+    cfg.cluster.as_ref().unwrap()
+}
+
 fn voters(cfg: &NodeConfig) -> &nvmirror::config::VotersSection {
-    cfg.cluster.as_ref().unwrap().voters.as_ref().unwrap()
+    cluster(cfg).voters.as_ref().unwrap()
+}
+
+fn init_voter(cfg: &NodeConfig) {
+    let me = cfg.cluster_index().unwrap();
+    voter_arbiter::init(cluster(cfg), voters(cfg), me, &[]).unwrap();
 }
 
 #[test]
@@ -132,9 +141,9 @@ fn two_engines_take_their_leases_on_the_voters() {
         e.contains("nvmirrorctl init-voter --config node-a.toml"),
         "{e}"
     );
-    voter_arbiter::init(voters(&a), &[]).unwrap();
-    voter_arbiter::init(voters(&b), &[]).unwrap();
-    let again = voter_arbiter::init(voters(&a), &[]).unwrap_err();
+    init_voter(&a);
+    init_voter(&b);
+    let again = voter_arbiter::init(cluster(&a), voters(&a), 0, &[]).unwrap_err();
     assert!(again.contains("exists"), "{again}");
 
     // Node a alone, no tie-breaker: one voter of three, no lease.

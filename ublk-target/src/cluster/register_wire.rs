@@ -18,7 +18,9 @@ const K_REFUSED: u8 = 5;
 const K_PREPARE: u8 = 6;
 
 const STATE_MAGIC: &[u8; 8] = b"NVMVOTER";
-const STATE_VERSION: u16 = 1;
+/// Version 1 named no voter; version 2 names its cluster and node (`VoterIdentity`).
+const STATE_VERSION_UNNAMED: u16 = 1;
+const STATE_VERSION: u16 = 2;
 /// More slots than the arbiter has by far (it has a few per node and LUN).
 const MAX_STATE_SLOTS: u32 = 1 << 16;
 
@@ -218,13 +220,47 @@ pub fn decode_message(b: &[u8]) -> Result<RegisterMessage, String> {
     Ok(m)
 }
 
-/// A voter's state as the bytes of its file: magic, version, the slots, and a crc32c of all
-/// that comes before it.
-pub fn encode_voter(v: &RegisterVoter) -> Vec<u8> {
+/// Whose state a voter's file holds: the cluster and the voter's node id. A copy of a state
+/// may seed only a replacement of another voter of the same cluster (`create_seeded`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VoterIdentity {
+    pub cluster: u64,
+    pub node: u32,
+}
+
+impl std::fmt::Display for VoterIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {} of cluster {}", self.node, self.cluster)
+    }
+}
+
+/// A voter's file: its state and, since version 2, whose it is (None: a version 1 file,
+/// written before files named their voter; the voter names it at its next start).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredVoter {
+    pub identity: Option<VoterIdentity>,
+    pub state: RegisterVoter,
+}
+
+/// A voter's state as the bytes of its file: magic, version, the identity (version 2), the
+/// slots, and a crc32c of all that comes before it. A file without an identity is written
+/// as version 1, so that what was read is written back unchanged.
+pub fn encode_voter(v: &StoredVoter) -> Vec<u8> {
+    encode_state(v.identity, &v.state)
+}
+
+fn encode_state(identity: Option<VoterIdentity>, state: &RegisterVoter) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(STATE_MAGIC);
-    b.extend_from_slice(&STATE_VERSION.to_le_bytes());
-    let slots: Vec<_> = v.slots().collect();
+    match identity {
+        Some(id) => {
+            b.extend_from_slice(&STATE_VERSION.to_le_bytes());
+            b.extend_from_slice(&id.cluster.to_le_bytes());
+            b.extend_from_slice(&id.node.to_le_bytes());
+        }
+        None => b.extend_from_slice(&STATE_VERSION_UNNAMED.to_le_bytes()),
+    }
+    let slots: Vec<_> = state.slots().collect();
     b.extend_from_slice(&(slots.len() as u32).to_le_bytes());
     for (slot, fence, tag, data) in slots {
         b.extend_from_slice(&slot.to_le_bytes());
@@ -236,7 +272,7 @@ pub fn encode_voter(v: &RegisterVoter) -> Vec<u8> {
     b
 }
 
-pub fn decode_voter(b: &[u8]) -> Result<RegisterVoter, String> {
+pub fn decode_voter(b: &[u8]) -> Result<StoredVoter, String> {
     if b.len() < STATE_MAGIC.len() + 4 || &b[..STATE_MAGIC.len()] != STATE_MAGIC {
         return Err("not a voter's state (no NVMVOTER magic)".into());
     }
@@ -249,12 +285,19 @@ pub fn decode_voter(b: &[u8]) -> Result<RegisterVoter, String> {
     let mut r = Reader {
         b: &body[STATE_MAGIC.len()..],
     };
-    let version = r.u16("version")?;
-    if version != STATE_VERSION {
-        return Err(format!(
-            "version {version}; this build reads version {STATE_VERSION}"
-        ));
-    }
+    let identity = match r.u16("version")? {
+        STATE_VERSION => Some(VoterIdentity {
+            cluster: r.u64("cluster id")?,
+            node: r.u32("node id")?,
+        }),
+        STATE_VERSION_UNNAMED => None,
+        version => {
+            return Err(format!(
+                "version {version}; this build reads versions {STATE_VERSION_UNNAMED} and \
+                 {STATE_VERSION}"
+            ))
+        }
+    };
     let count = r.u32("slot count")?;
     if count > MAX_STATE_SLOTS {
         return Err(format!("{count} slots (at most {MAX_STATE_SLOTS})"));
@@ -272,13 +315,16 @@ pub fn decode_voter(b: &[u8]) -> Result<RegisterVoter, String> {
         slots.push((slot, fence, tag, data));
     }
     r.end("state")?;
-    Ok(RegisterVoter::from_slots(slots))
+    Ok(StoredVoter {
+        identity,
+        state: RegisterVoter::from_slots(slots),
+    })
 }
 
 /// Stores a voter's state durably: a new file written and synced, renamed over the old one,
 /// and the directory synced; a crash leaves the old state or the new one, whole.
-pub fn store_voter(path: &Path, v: &RegisterVoter) -> std::io::Result<()> {
-    replace_durably(path, &encode_voter(v))
+pub fn store_voter(path: &Path, identity: VoterIdentity, v: &RegisterVoter) -> std::io::Result<()> {
+    replace_durably(path, &encode_state(Some(identity), v))
 }
 
 /// Replaces the file at `path` by `bytes`: a new file written and synced, renamed over the
@@ -305,7 +351,7 @@ pub fn replace_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Loads a voter's state. None when the file does not exist: a voter that has voted must
 /// never start afresh (it would forget its fences and break the majorities' overlap), so
 /// only the operator's first set-up may take None for an empty voter.
-pub fn load_voter(path: &Path) -> Result<Option<RegisterVoter>, String> {
+pub fn load_voter(path: &Path) -> Result<Option<StoredVoter>, String> {
     match std::fs::read(path) {
         Ok(b) => decode_voter(&b)
             .map(Some)
@@ -446,10 +492,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("voter.state");
         assert_eq!(load_voter(&path), Ok(None));
-        store_voter(&path, &v).expect("store");
+        let me = VoterIdentity {
+            cluster: 0x5eed,
+            node: 3,
+        };
+        store_voter(&path, me, &v).expect("store");
         let loaded = load_voter(&path).expect("load").expect("present");
-        assert_eq!(loaded, v);
-        assert_eq!((loaded.fence(3), loaded.fence(0)), (4, 7));
+        assert_eq!(loaded.identity, Some(me));
+        assert_eq!(loaded.state, v);
+        assert_eq!((loaded.state.fence(3), loaded.state.fence(0)), (4, 7));
         let mut b = std::fs::read(&path).expect("read");
         let last = b.len() - 5;
         b[last] ^= 1;
@@ -457,5 +508,32 @@ mod tests {
         assert!(load_voter(&path).unwrap_err().contains("damaged"));
         std::fs::write(&path, b"something else").expect("write");
         assert!(load_voter(&path).unwrap_err().contains("magic"));
+    }
+
+    #[test]
+    fn a_version_1_state_names_no_voter_and_is_written_back_unchanged() {
+        let v = RegisterVoter::from_slots([(0, 7, Tag::default(), b"table".to_vec())]);
+        let unnamed = StoredVoter {
+            identity: None,
+            state: v.clone(),
+        };
+        let b = encode_voter(&unnamed);
+        assert_eq!(u16::from_le_bytes([b[8], b[9]]), STATE_VERSION_UNNAMED);
+        assert_eq!(decode_voter(&b), Ok(unnamed));
+        let named = StoredVoter {
+            identity: Some(VoterIdentity {
+                cluster: 9,
+                node: 2,
+            }),
+            state: v,
+        };
+        let b2 = encode_voter(&named);
+        assert_eq!(b2.len(), b.len() + 12);
+        assert_eq!(decode_voter(&b2), Ok(named));
+        // A version 2 file cut short in its identity is refused, not read as slots.
+        let mut short = b2[..14].to_vec();
+        let crc = rdma_link::checksum::crc32c(&short);
+        short.extend_from_slice(&crc.to_le_bytes());
+        assert!(decode_voter(&short).is_err());
     }
 }

@@ -12,6 +12,7 @@
 use super::register_store::{
     voter_number, BallotFile, LinkVoter, LocalVoter, RegisterStore, VoterChannel, ATTEMPTS,
 };
+use super::register_wire::VoterIdentity;
 use super::voter_service::{create_seeded, Missing, VoterService};
 use crate::config::{read_secret, ClusterSection, TransportKind, VotersSection};
 use crate::ownership::TableStore;
@@ -59,7 +60,12 @@ fn missing_state(v: &VotersSection, config: &str) -> String {
 /// (`voter_service::create_seeded`) with the ballot round above every epoch they saw, so
 /// that no epoch of the node's lost life is used again. Refuses when either exists. Returns
 /// for a seeded state its slot count and ballot round.
-pub fn init(v: &VotersSection, seed_from: &[PathBuf]) -> Result<Option<(usize, u64)>, String> {
+pub fn init(
+    c: &ClusterSection,
+    v: &VotersSection,
+    me: u32,
+    seed_from: &[PathBuf],
+) -> Result<Option<(usize, u64)>, String> {
     for f in [v.state_file(), v.ballot_file()] {
         if f.exists() {
             return Err(format!(
@@ -69,13 +75,19 @@ pub fn init(v: &VotersSection, seed_from: &[PathBuf]) -> Result<Option<(usize, u
             ));
         }
     }
+    let ids = voter_ids(c, v);
+    let identity = VoterIdentity {
+        cluster: c.id,
+        node: me + 1,
+    };
+    let mine = voter_number(&ids, identity.node)?;
     std::fs::create_dir_all(&v.state_dir)
         .map_err(|e| format!("creating {}: {e}", v.state_dir.display()))?;
     let (round, seeded) = if seed_from.is_empty() {
-        VoterService::open(&v.state_file(), 0, 3, Missing::CreateEmpty)?;
+        VoterService::open(&v.state_file(), identity, mine, 3, Missing::CreateEmpty)?;
         (0, None)
     } else {
-        let state = create_seeded(&v.state_file(), seed_from, 3)?;
+        let state = create_seeded(&v.state_file(), identity, &ids, seed_from)?;
         // The next start takes the round after this one: an epoch above every fence.
         let round = state.max_fence() / 3 + 1;
         (round, Some((state.slots().count(), round)))
@@ -110,8 +122,13 @@ impl VoterArbiter {
             number(partner_id)?,
             number(v.tiebreaker_id)?,
         );
+        let identity = VoterIdentity {
+            cluster: c.id,
+            node: my_id,
+        };
         let voter = Arc::new(VoterService::open(
             &v.state_file(),
+            identity,
             mine,
             3,
             Missing::Refuse,
@@ -226,27 +243,61 @@ mod tests {
     use crate::cluster::register_store::epoch_of;
     use crate::cluster::register_wire::encode_message;
 
-    fn section(dir: &std::path::Path) -> VotersSection {
-        VotersSection {
-            port: 7490,
-            tiebreaker_id: 3,
-            tiebreaker: vec!["127.0.0.1:7491".into(), "127.0.0.1:7492".into()],
-            state_dir: dir.to_path_buf(),
-        }
+    /// node-a's cluster section, its voters' state in `dir`.
+    fn cluster(dir: &std::path::Path) -> ClusterSection {
+        let text = format!(
+            r#"
+[node]
+name = "node-a"
+[nvram]
+path = "/dev/null"
+[cluster]
+id = 77
+secret_file = "/nonexistent"
+storage = "own"
+[cluster.voters]
+port = 7490
+tiebreaker_id = 3
+tiebreaker = ["127.0.0.1:7491", "127.0.0.1:7492"]
+state_dir = "{}"
+[[cluster.node]]
+name = "node-a"
+address = "127.0.0.1:7480"
+[[cluster.node]]
+name = "node-b"
+address = "127.0.0.1:7481"
+[[lun]]
+name = "lun0"
+medium = "/dev/null"
+size = "8MiB"
+ranges = 2
+"#,
+            dir.display()
+        );
+        crate::config::NodeConfig::parse(&text)
+            .expect("valid config")
+            .cluster
+            .expect("a cluster")
+    }
+
+    fn voters(c: &ClusterSection) -> &VotersSection {
+        c.voters.as_ref().expect("voters")
     }
 
     #[test]
     fn a_replaced_nodes_voter_is_seeded_and_its_ballots_start_above_every_fence() {
         let dir = tempfile::tempdir().unwrap();
-        let other = dir.path().join("other");
-        let v = section(&other);
-        assert_eq!(init(&v, &[]), Ok(None));
+        // node-b's voter (node 2) and the tie-breaker (node 3) seed node-a's (node 1).
+        let other = cluster(&dir.path().join("other"));
+        let v = voters(&other);
+        assert_eq!(init(&other, v, 1, &[]), Ok(None));
         assert_eq!(
             BallotFile::new(&v.ballot_file()).load(Missing::Refuse),
             Ok(0)
         );
+        let id = |node| VoterIdentity { cluster: 77, node };
         // Another voter saw epoch 40 on slot 2.
-        let voter = VoterService::open(&v.state_file(), 1, 3, Missing::Refuse).unwrap();
+        let voter = VoterService::open(&v.state_file(), id(2), 1, 3, Missing::Refuse).unwrap();
         let write = RegisterMessage::Write {
             from: 2,
             op: 1,
@@ -259,19 +310,24 @@ mod tests {
         };
         voter.handle(None, &encode_message(&write)).unwrap();
         let tiebreaker = dir.path().join("tiebreaker.state");
-        VoterService::open(&tiebreaker, 2, 3, Missing::CreateEmpty).unwrap();
+        VoterService::open(&tiebreaker, id(3), 2, 3, Missing::CreateEmpty).unwrap();
 
-        let replaced = section(&dir.path().join("replaced"));
-        let got = init(&replaced, &[v.state_file(), tiebreaker]).unwrap();
+        let replaced = cluster(&dir.path().join("replaced"));
+        let r = voters(&replaced);
+        // node-b's copy cannot stand in for node-a's own.
+        let e = init(&replaced, r, 1, &[v.state_file(), tiebreaker.clone()]).unwrap_err();
+        assert!(e.contains("this voter's own state (node 2"), "{e}");
+        assert!(!r.state_file().exists() && !r.ballot_file().exists());
+        let got = init(&replaced, r, 0, &[v.state_file(), tiebreaker]).unwrap();
         assert_eq!(got, Some((1, 14)));
         // Its next start takes round 15: epoch 45 or more for any voter number, above 40.
-        let round = BallotFile::new(&replaced.ballot_file())
+        let round = BallotFile::new(&r.ballot_file())
             .load(Missing::Refuse)
             .unwrap();
         assert!(epoch_of(round + 1, 0, 3) > 40);
-        let seeded = VoterService::open(&replaced.state_file(), 0, 3, Missing::Refuse).unwrap();
+        let seeded = VoterService::open(&r.state_file(), id(1), 0, 3, Missing::Refuse).unwrap();
         assert_eq!(seeded.fence(2), 40);
         // Once created, refused.
-        assert!(init(&replaced, &[]).unwrap_err().contains("exists"));
+        assert!(init(&replaced, r, 0, &[]).unwrap_err().contains("exists"));
     }
 }

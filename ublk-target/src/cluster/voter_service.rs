@@ -6,7 +6,9 @@
 
 use super::quorum::Voter;
 use super::register::{Flaws, RegisterMessage, RegisterVoter};
-use super::register_wire::{decode_message, encode_message, load_voter, store_voter};
+use super::register_wire::{
+    decode_message, encode_message, load_voter, store_voter, VoterIdentity,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -21,6 +23,7 @@ pub enum Missing {
 }
 
 pub struct VoterService {
+    identity: VoterIdentity,
     me: Voter,
     voters: u32,
     path: PathBuf,
@@ -31,18 +34,49 @@ pub struct VoterService {
 }
 
 impl VoterService {
-    /// Opens the voter `me` (of `voters`) whose state lives at `path`.
-    pub fn open(path: &Path, me: Voter, voters: u32, missing: Missing) -> Result<Self, String> {
+    /// Opens the voter `me` (of `voters`), node `identity.node` of cluster
+    /// `identity.cluster`, whose state lives at `path`. Refuses a state file that names
+    /// another voter (a copy put in the wrong place); names one that names none (version 1).
+    pub fn open(
+        path: &Path,
+        identity: VoterIdentity,
+        me: Voter,
+        voters: u32,
+        missing: Missing,
+    ) -> Result<Self, String> {
         if me >= voters {
             return Err(format!(
                 "voter {me} is not one of the {voters} voters (numbered from 0)"
             ));
         }
         let state = match load_voter(path)? {
-            Some(v) => v,
+            Some(stored) if stored.identity == Some(identity) => stored.state,
+            Some(stored) => match stored.identity {
+                Some(other) => {
+                    return Err(format!(
+                        "{} is the voter state of {other}, not of this voter ({identity}): a \
+                         voter serving another's state would vote twice. Point the state at \
+                         this voter's own file; if this voter's state is lost, create it from \
+                         copies of the other voters' states with --seed-from",
+                        path.display()
+                    ))
+                }
+                None => {
+                    // Written before state files named their voter: name it now, so that a
+                    // copy of it can be told from the others'.
+                    store_voter(path, identity, &stored.state).map_err(|e| {
+                        format!("cannot name the voter state {}: {e}", path.display())
+                    })?;
+                    tracing::info!(
+                        path = %path.display(),
+                        "the voter state now names its voter ({identity})"
+                    );
+                    stored.state
+                }
+            },
             None if missing == Missing::CreateEmpty => {
                 let v = RegisterVoter::default();
-                store_voter(path, &v).map_err(|e| {
+                store_voter(path, identity, &v).map_err(|e| {
                     format!("cannot create the voter state {}: {e}", path.display())
                 })?;
                 v
@@ -59,6 +93,7 @@ impl VoterService {
             }
         };
         Ok(VoterService {
+            identity,
             me,
             voters,
             path: path.to_path_buf(),
@@ -114,7 +149,7 @@ impl VoterService {
         let mut next = state.clone();
         let answer = next.answer(self.me, &msg, Flaws::default())?;
         if next != *state {
-            if let Err(e) = store_voter(&self.path, &next) {
+            if let Err(e) = store_voter(&self.path, self.identity, &next) {
                 tracing::error!(
                     voter = self.me,
                     path = %self.path.display(),
@@ -143,20 +178,24 @@ impl VoterService {
 
 /// Creates the state of a voter that replaces one whose state is lost (a dead disk), from
 /// copies of other voters' state files (`RegisterVoter::seeded`, which says why that is
-/// safe): at least a majority of the `voters`, all but the lost one for three. Refuses when
-/// `path` exists. Returns the new state.
+/// safe): at least a majority of the voters (`voter_nodes`, their node ids), all but the
+/// lost one for three. Each copy must name another voter of the same cluster, each a
+/// different one: a stale copy of the lost voter's own state would miss the fences it gave
+/// since. Refuses when `path` exists. Returns the new state.
 pub fn create_seeded(
     path: &Path,
+    identity: VoterIdentity,
+    voter_nodes: &[u32],
     sources: &[PathBuf],
-    voters: u32,
 ) -> Result<RegisterVoter, String> {
-    let majority = voters as usize / 2 + 1;
-    if sources.len() < majority || sources.len() >= voters as usize {
+    let voters = voter_nodes.len();
+    let majority = voters / 2 + 1;
+    if sources.len() < majority || sources.len() >= voters {
         return Err(format!(
             "{} state file(s) to seed from: give copies of {} of the other voters' states \
              (at least a majority of the {voters} voters, not counting the one replaced)",
             sources.len(),
-            if majority + 1 == voters as usize {
+            if majority + 1 == voters {
                 format!("both ({majority})")
             } else {
                 format!("{majority} to {}", voters - 1)
@@ -171,20 +210,46 @@ pub fn create_seeded(
         ));
     }
     let mut copies = Vec::with_capacity(sources.len());
-    for (i, source) in sources.iter().enumerate() {
-        if sources[..i].contains(source) {
-            return Err(format!(
-                "{} is given twice: the copies must be of different voters",
+    let mut seen: Vec<u32> = Vec::with_capacity(sources.len());
+    for source in sources {
+        let stored =
+            load_voter(source)?.ok_or_else(|| format!("{}: no such file", source.display()))?;
+        let named = stored.identity.ok_or_else(|| {
+            format!(
+                "{} names no voter (written by a build before 2026-12-08): start that voter \
+                 once with this build, which names its state, and copy the file again. \
+                 Nothing was changed",
                 source.display()
-            ));
+            )
+        })?;
+        let refusal = if named.cluster != identity.cluster {
+            Some(format!("is the state of {named}, another cluster's voter"))
+        } else if named.node == identity.node {
+            Some(format!(
+                "is a copy of this voter's own state ({named}): an old copy of the state \
+                 being replaced may lack fences it gave since; seed from the other voters' \
+                 states"
+            ))
+        } else if !voter_nodes.contains(&named.node) {
+            Some(format!(
+                "is the state of {named}, which is not one of the voters (nodes {voter_nodes:?})"
+            ))
+        } else if seen.contains(&named.node) {
+            Some(format!(
+                "is a second copy of {named}'s state: the copies must be of different voters"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            return Err(format!("{} {why}. Nothing was changed", source.display()));
         }
-        match load_voter(source)? {
-            Some(v) => copies.push(v),
-            None => return Err(format!("{}: no such file", source.display())),
-        }
+        seen.push(named.node);
+        copies.push(stored.state);
     }
     let seeded = RegisterVoter::seeded(&copies)?;
-    store_voter(path, &seeded).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    store_voter(path, identity, &seeded)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     Ok(seeded)
 }
 
@@ -192,6 +257,16 @@ pub fn create_seeded(
 mod tests {
     use super::*;
     use crate::cluster::register::Tag;
+
+    /// Voter `n - 1` is node `n` (as on a data node: its place in `[[cluster.node]]`).
+    fn id(node: u32) -> VoterIdentity {
+        VoterIdentity {
+            cluster: 0xc1,
+            node,
+        }
+    }
+
+    const NODES: [u32; 3] = [1, 2, 3];
 
     fn write(from: Voter, epoch: u64, slot: u64, data: &[u8]) -> Vec<u8> {
         encode_message(&RegisterMessage::Write {
@@ -207,28 +282,60 @@ mod tests {
     fn a_missing_state_is_refused_unless_created_on_purpose() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("voter.state");
-        let e = VoterService::open(&path, 2, 3, Missing::Refuse)
+        let e = VoterService::open(&path, id(3), 2, 3, Missing::Refuse)
             .err()
             .unwrap();
         assert!(e.contains("--create-state --seed-from"), "{e}");
-        VoterService::open(&path, 2, 3, Missing::CreateEmpty).unwrap();
+        VoterService::open(&path, id(3), 2, 3, Missing::CreateEmpty).unwrap();
         assert!(path.exists());
-        VoterService::open(&path, 2, 3, Missing::Refuse).unwrap();
-        assert!(VoterService::open(&path, 3, 3, Missing::Refuse).is_err());
+        VoterService::open(&path, id(3), 2, 3, Missing::Refuse).unwrap();
+        assert!(VoterService::open(&path, id(4), 3, 3, Missing::Refuse).is_err());
+        // Another voter's state (a copy in the wrong place) is refused, naming both.
+        let e = VoterService::open(&path, id(2), 1, 3, Missing::Refuse)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("of node 3 of cluster 193, not of this voter (node 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_state_that_names_no_voter_is_named_at_its_next_start() {
+        use crate::cluster::register_wire::{encode_voter, StoredVoter};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("voter.state");
+        let old = RegisterVoter::from_slots([(4, 9, Tag::default(), Vec::new())]);
+        std::fs::write(
+            &path,
+            encode_voter(&StoredVoter {
+                identity: None,
+                state: old.clone(),
+            }),
+        )
+        .unwrap();
+        // Unnamed, it cannot seed a replacement: nobody can tell whose it is.
+        let other = dir.path().join("other.state");
+        let e = create_seeded(&other, id(1), &NODES, &[path.clone(), path.clone()]).unwrap_err();
+        assert!(e.contains("names no voter"), "{e}");
+        let v = VoterService::open(&path, id(3), 2, 3, Missing::Refuse).unwrap();
+        assert_eq!(v.state(), old);
+        let stored = load_voter(&path).unwrap().unwrap();
+        assert_eq!((stored.identity, stored.state), (Some(id(3)), old));
     }
 
     #[test]
     fn fences_and_values_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("voter.state");
-        let v = VoterService::open(&path, 2, 3, Missing::CreateEmpty).unwrap();
+        let v = VoterService::open(&path, id(3), 2, 3, Missing::CreateEmpty).unwrap();
         let a = v.handle(Some(0), &write(0, 9, 4, b"nine")).unwrap();
         assert!(matches!(
             decode_message(&a).unwrap(),
             RegisterMessage::Stored { epoch: 9, .. }
         ));
         drop(v);
-        let v = VoterService::open(&path, 2, 3, Missing::Refuse).unwrap();
+        let v = VoterService::open(&path, id(3), 2, 3, Missing::Refuse).unwrap();
         assert_eq!(v.fence(4), 9);
         let a = v.handle(Some(1), &write(1, 5, 4, b"five")).unwrap();
         assert!(matches!(
@@ -241,8 +348,8 @@ mod tests {
     fn a_replacement_is_seeded_with_each_slots_highest_fence_and_newest_value() {
         let dir = tempfile::tempdir().unwrap();
         let (a_path, b_path) = (dir.path().join("a.state"), dir.path().join("b.state"));
-        let a = VoterService::open(&a_path, 0, 3, Missing::CreateEmpty).unwrap();
-        let b = VoterService::open(&b_path, 1, 3, Missing::CreateEmpty).unwrap();
+        let a = VoterService::open(&a_path, id(1), 0, 3, Missing::CreateEmpty).unwrap();
+        let b = VoterService::open(&b_path, id(2), 1, 3, Missing::CreateEmpty).unwrap();
         // Slot 4: b saw the newer write. Slot 5: only a has it. Slot 6: b's fence is higher.
         a.handle(None, &write(2, 7, 4, b"seven")).unwrap();
         b.handle(None, &write(2, 9, 4, b"nine")).unwrap();
@@ -251,7 +358,7 @@ mod tests {
         b.handle(None, &write(2, 8, 6, b"eight")).unwrap();
         let new = dir.path().join("new.state");
         let sources = [a_path.clone(), b_path.clone()];
-        let seeded = create_seeded(&new, &sources, 3).unwrap();
+        let seeded = create_seeded(&new, id(3), &NODES, &sources).unwrap();
         let slots: Vec<_> = seeded
             .slots()
             .map(|(n, fence, tag, data)| (n, fence, tag.epoch, data.to_vec()))
@@ -265,16 +372,38 @@ mod tests {
             ]
         );
         // What was stored is what a restarted voter serves by.
-        let v = VoterService::open(&new, 2, 3, Missing::Refuse).unwrap();
+        let v = VoterService::open(&new, id(3), 2, 3, Missing::Refuse).unwrap();
         assert_eq!(v.state(), seeded);
         // Refused: the state exists, too few copies, one copy twice.
-        let e = create_seeded(&new, &sources, 3).unwrap_err();
+        let e = create_seeded(&new, id(3), &NODES, &sources).unwrap_err();
         assert!(e.contains("exists"), "{e}");
         let other = dir.path().join("other.state");
-        let e = create_seeded(&other, &sources[..1], 3).unwrap_err();
+        let e = create_seeded(&other, id(3), &NODES, &sources[..1]).unwrap_err();
         assert!(e.contains("both"), "{e}");
-        let e = create_seeded(&other, &[a_path.clone(), a_path], 3).unwrap_err();
-        assert!(e.contains("twice"), "{e}");
+        let e =
+            create_seeded(&other, id(3), &NODES, &[a_path.clone(), a_path.clone()]).unwrap_err();
+        assert!(e.contains("second copy of node 1"), "{e}");
+        // A copy of the replaced voter's own state (an old backup of it) is refused, and so
+        // is one of another cluster's voter or of a node that is no voter.
+        let e = create_seeded(&other, id(3), &NODES, &[a_path.clone(), new.clone()]).unwrap_err();
+        assert!(e.contains("this voter's own state (node 3"), "{e}");
+        let foreign = dir.path().join("foreign.state");
+        VoterService::open(
+            &foreign,
+            VoterIdentity {
+                cluster: 0xc2,
+                node: 2,
+            },
+            1,
+            3,
+            Missing::CreateEmpty,
+        )
+        .unwrap();
+        let e = create_seeded(&other, id(3), &NODES, &[a_path.clone(), foreign]).unwrap_err();
+        assert!(e.contains("another cluster"), "{e}");
+        let e = create_seeded(&other, id(3), &[1, 3, 4], &[a_path.clone(), b_path.clone()])
+            .unwrap_err();
+        assert!(e.contains("not one of the voters"), "{e}");
         assert!(!other.exists());
     }
 
@@ -282,7 +411,7 @@ mod tests {
     fn bad_requests_get_no_answer_and_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("voter.state");
-        let v = VoterService::open(&path, 2, 3, Missing::CreateEmpty).unwrap();
+        let v = VoterService::open(&path, id(3), 2, 3, Missing::CreateEmpty).unwrap();
         assert!(v.handle(Some(0), b"garbage").is_none());
         // Claims to be voter 1 on voter 0's connection.
         assert!(v.handle(Some(0), &write(1, 9, 4, b"x")).is_none());

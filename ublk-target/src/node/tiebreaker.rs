@@ -7,6 +7,7 @@
 //! every node alike.
 
 use crate::cluster::register_store::voter_number;
+use crate::cluster::register_wire::VoterIdentity;
 use crate::cluster::voter_service::{create_seeded, Missing, VoterService};
 use crate::node::link::read_secret;
 use anyhow::{bail, Context};
@@ -69,6 +70,8 @@ pub struct TieBreakerArgs {
     /// of a data node's voter state file (`<voters.state_dir>/voter.state`), taken after the
     /// old tie-breaker stopped; twice, one per data node. The new state holds each slot's
     /// highest fence and newest value of the two, so it remembers all the old one did.
+    /// Each file names its voter: a copy of the tie-breaker's own old state, or another
+    /// cluster's, is refused.
     #[arg(long, value_name = "FILE", requires = "create_state")]
     pub seed_from: Vec<PathBuf>,
     /// The links' transport.
@@ -115,6 +118,10 @@ pub fn run(args: TieBreakerArgs) -> anyhow::Result<()> {
     }
     let nodes = [args.serve[0].0, args.serve[1].0, args.node_id];
     let me = voter_number(&nodes, args.node_id).map_err(anyhow::Error::msg)?;
+    let identity = VoterIdentity {
+        cluster: args.cluster_id,
+        node: args.node_id,
+    };
     let secret = read_secret("--secret-file", &args.secret_file)?;
     if args.create_state {
         if args.state.exists() {
@@ -128,15 +135,15 @@ pub fn run(args: TieBreakerArgs) -> anyhow::Result<()> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         if args.seed_from.is_empty() {
-            VoterService::open(&args.state, me, 3, Missing::CreateEmpty)
+            VoterService::open(&args.state, identity, me, 3, Missing::CreateEmpty)
                 .map_err(anyhow::Error::msg)?;
             println!(
                 "created the tie-breaker's voter state {}",
                 args.state.display()
             );
         } else {
-            let seeded =
-                create_seeded(&args.state, &args.seed_from, 3).map_err(anyhow::Error::msg)?;
+            let seeded = create_seeded(&args.state, identity, &nodes, &args.seed_from)
+                .map_err(anyhow::Error::msg)?;
             println!(
                 "created the tie-breaker's voter state {} from {} copies: {} slot(s), highest \
                  fence {}",
@@ -153,8 +160,9 @@ pub fn run(args: TieBreakerArgs) -> anyhow::Result<()> {
     } else {
         Missing::Refuse
     };
-    let voter =
-        Arc::new(VoterService::open(&args.state, me, 3, missing).map_err(anyhow::Error::msg)?);
+    let voter = Arc::new(
+        VoterService::open(&args.state, identity, me, 3, missing).map_err(anyhow::Error::msg)?,
+    );
     let mut links = Vec::new();
     for &(node, addr) in &args.serve {
         let sender = voter_number(&nodes, node).map_err(anyhow::Error::msg)?;
