@@ -15,11 +15,18 @@
 #    the time after which a node counts as dead: each still sees the other's heartbeat
 #    through the tie-breaker, so no range moves on either node (no split brain), and both
 #    keep their leases. The cut heals and both mirror again.
+# 3b. node-a is cut off from both other voters (the pair's vote link and its link to the
+#    tie-breaker) with the mirror link up, for two and a half times the dead-after time: its
+#    lease runs out, but node-b still hears it over the mirror link and vouches for it, so
+#    node-a goes on serving its range (a write through it reads back) and nothing moves.
 # 4. node-a's flusher is paused, 300 blocks written, node-a killed (-9): node-b takes over
 #    with its voter and the tie-breaker (2 of 3) and every acknowledged write verifies
 #    through node-b.
 # 5. node-a restarts: node-b resyncs its medium, the giveback works, every write verifies
 #    through both devices and after a drain both media are equal.
+# 5b. The tie-breaker's disk dies: its state is replaced from copies of both nodes' voter
+#    states (`--create-state --seed-from`; a copy of its own old state is refused), and the
+#    new tie-breaker is the third voter of step 6.
 # 6. node-a is cut off from node-b and from the tie-breaker (its link to the tie-breaker runs
 #    through a proxy too) while a write through node-a is under way: node-b takes node-a's
 #    range with the tie-breaker, node-a's lease runs out, and the write is either not
@@ -85,6 +92,9 @@ until_true() { # SECONDS WHAT COMMAND...
 }
 b_serves_both() { [[ $(owners b) == "node-b,node-b" ]]; }
 a_lease_lost() { [[ $(lease a) != held ]]; }
+a_lease_held() { [[ $(lease a) == held ]]; }
+# Both nodes' links up to a tie-breaker started when the log held $ups of them.
+tb_connected() { (($(grep -c 'mirror link up' tiebreaker.log) >= ups + 2)); }
 a_serves_none() { [[ $(owners a) == "node-b,node-b" ]]; }
 b_resynced() { [[ $(q b 'e["outdated_media"]') == "{}" ]]; }
 both_mirroring() { nvm_status_has node-a.toml '"state": "mirroring"' && nvm_status_has node-b.toml '"state": "mirroring"'; }
@@ -165,6 +175,30 @@ kill -CONT "${proxies[@]}"
 until_true 60 "mirroring again after the cut" both_mirroring
 say "ok: during the cut each node kept its lease and its range (the other's heartbeat reached it through the tie-breaker)"
 
+say "3b. node-a cut off from both other voters, the mirror link up: vouched for, it goes on serving"
+kill -STOP "${proxies[1]}" "$proxy_tb_a"
+end=$(($(date +%s%3N) + dead_ms * 5 / 2))
+heal_3b() { kill -CONT "${proxies[1]}" "$proxy_tb_a"; }
+for _ in $(seq 150); do a_lease_lost && break; sleep 0.2; done
+a_lease_lost || { heal_3b; fail "node-a kept its lease without a majority of the voters: $(q a 'e["lease"]')"; }
+head -c 4096 /dev/urandom >vouched.blk
+dd if=vouched.blk of=/dev/ublkb0 bs=4k seek=300 count=1 oflag=direct conv=notrunc status=none ||
+	{ heal_3b; fail "a write through node-a failed while node-b vouched for it"; }
+dd if=/dev/ublkb0 of=vouched-a.blk bs=4k skip=300 count=1 iflag=direct status=none || { heal_3b; fail "read through node-a"; }
+cmp vouched.blk vouched-a.blk || { heal_3b; fail "the vouched write does not read back through node-a"; }
+while (($(date +%s%3N) < end)); do
+	for n in a b; do
+		[[ $(owners $n) == "node-a,node-b" ]] ||
+			{ heal_3b; tail -20 daemon-$n.log; fail "node-$n moved a range while node-a was cut off from the voters: $(owners $n)"; }
+	done
+	sleep 0.5
+done
+heal_3b
+until_true 30 "node-a's lease held again" a_lease_held
+dd if=/dev/ublkb1 of=vouched-b.blk bs=4k skip=300 count=1 iflag=direct status=none || fail "read through node-b"
+cmp vouched.blk vouched-b.blk || fail "the write node-a acknowledged while cut off from the voters does not read back through node-b"
+say "ok: node-a lost its lease, went on serving under node-b's vouch (its write reads back through both), and nothing moved"
+
 say "4. node-a's flusher paused, 300 blocks, kill -9 node-a: node-b takes over with the tie-breaker"
 "$NVMCTL" --config node-a.toml flush pause >/dev/null || fail "flush pause"
 staged=(--name=staged --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k
@@ -194,6 +228,27 @@ done
 nvm_drain_both "after the giveback"
 nvm_same_media $lun_mib "$ma" "$mb" || fail "the two media differ after the resync, the giveback and a drain"
 say "ok: resynced, given back, verified through both devices, media identical"
+
+say "5b. the tie-breaker's state lost: a new one seeded from copies of both nodes' voter states"
+kill -9 "$tb_pid"
+wait "$tb_pid" 2>/dev/null || true
+mv tiebreaker.state tiebreaker-lost.state
+# Copies taken once no operation can still count its last answer (an operation's deadline:
+# medium_io_timeout_ms / 4 = 250 ms).
+sleep 1
+cp voter-a/voter.state copy-a.state
+cp voter-b/voter.state copy-b.state
+tb_args=(--cluster-id 42 --secret-file "$PWD/secret" --node-id 3 --serve 1=127.0.0.1:7891
+	--serve 2=127.0.0.1:7892 --state "$PWD/tiebreaker.state" --create-state)
+out=$("$TB" "${tb_args[@]}" --seed-from tiebreaker-lost.state --seed-from copy-a.state 2>&1) &&
+	fail "the tie-breaker was seeded from a copy of its own lost state"
+grep -q "a copy of this voter's own state" <<<"$out" || fail "the seeding refused for another reason: $out"
+out=$("$TB" "${tb_args[@]}" --seed-from copy-a.state --seed-from copy-b.state 2>&1) ||
+	fail "seeding the tie-breaker from both nodes' copies: $out"
+ups=$(grep -c 'mirror link up' tiebreaker.log)
+start_tiebreaker
+until_true 30 "both nodes connected to the new tie-breaker" tb_connected
+say "ok: $out (a copy of its own lost state refused)"
 
 say "6. node-a cut off from node-b and the tie-breaker during a write: node-b takes its range"
 head -c 4096 /dev/urandom >isolated.blk
