@@ -207,6 +207,18 @@ pub struct ClusterView {
     pub nodes: Vec<ClusterNodeView>,
     /// The other node.
     pub partner: Option<String>,
+    /// With `[cluster.voters]` (the quorum arbiter): this node's voter files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voters: Option<VotersView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VotersView {
+    /// This node's voter state (`init-voter` creates it on the node's first start).
+    pub state: String,
+    /// This node's ballot file (created with the state).
+    pub ballot: String,
+    pub tiebreaker_id: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -279,6 +291,11 @@ impl ConfigView {
                     .iter()
                     .find(|n| n.name != cfg.node.name)
                     .map(|n| n.name.clone()),
+                voters: c.voters.as_ref().map(|v| VotersView {
+                    state: v.state_file().display().to_string(),
+                    ballot: v.ballot_file().display().to_string(),
+                    tiebreaker_id: v.tiebreaker_id,
+                }),
             }),
             luns: cfg
                 .luns
@@ -306,6 +323,7 @@ impl ConfigView {
     pub fn shell_vars(&self) -> ShellVars {
         let mut v = ShellVars::default();
         let cluster = self.cluster.as_ref();
+        let voters = cluster.and_then(|c| c.voters.as_ref());
         let all: Vec<String> = self
             .luns
             .iter()
@@ -332,6 +350,8 @@ impl ConfigView {
             .set("CF_TRANSPORT", cluster.map_or("", |c| c.transport.as_str()))
             .set("CF_TAKEOVER", cluster.map_or("", |c| c.takeover.as_str()))
             .set("CF_DEGRADED", cluster.map_or("", |c| c.degraded.as_str()))
+            .set("CF_VOTER_STATE", voters.map_or("", |v| v.state.as_str()))
+            .set("CF_VOTER_BALLOT", voters.map_or("", |v| v.ballot.as_str()))
             .set(
                 "CF_LUNS",
                 self.luns
@@ -710,6 +730,46 @@ owners = [\"node-a\", \"node-b\", \"node-b\"]
         assert_eq!(v.get("CF_RANGES_OF"), Some(""));
         assert_eq!(v.get("CF_NRANGES"), Some("2"));
         assert_eq!(v.get("CF_RANGES"), Some("l:0 l:1"));
+        assert_eq!(v.get("CF_VOTER_STATE"), Some(""));
+        assert_eq!(v.get("CF_VOTER_BALLOT"), Some(""));
+    }
+
+    #[test]
+    fn with_voters_the_agent_learns_where_the_voter_files_are() {
+        let cluster = CLUSTER.replace(
+            "takeover = \"manual\"\n",
+            "takeover = \"manual\"\nstorage = \"own\"\n",
+        );
+        let cfg = parse(&format!(
+            "{BASE}{cluster}
+[cluster.voters]
+port = 7810
+tiebreaker_id = 3
+tiebreaker = [\"10.0.0.3:7811\", \"10.0.0.3:7812\"]
+state_dir = \"/var/lib/nvmirror\"
+
+[[lun]]
+name = \"lun0\"
+medium = \"/dev/sdb\"
+size = \"16MiB\"
+ranges = 2
+"
+        ));
+        let view = ConfigView::new(&cfg, Path::new("x"), None);
+        let v = view.shell_vars();
+        assert_eq!(
+            v.get("CF_VOTER_STATE"),
+            Some("/var/lib/nvmirror/voter.state")
+        );
+        assert_eq!(
+            v.get("CF_VOTER_BALLOT"),
+            Some("/var/lib/nvmirror/voter.ballot")
+        );
+        let j = serde_json::to_value(&view).expect("serialises");
+        assert_eq!(j["cluster"]["voters"]["tiebreaker_id"], 3);
+        let without = serde_json::to_value(ConfigView::new(&with_owners(), Path::new("x"), None))
+            .expect("serialises");
+        assert!(without["cluster"].get("voters").is_none());
     }
 
     #[test]

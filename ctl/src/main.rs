@@ -381,6 +381,8 @@ With --shell, one NAME=value line per variable, values quoted for a POSIX shell
   CF_TRANSPORT  tcp or rdma (cluster.transport)
   CF_TAKEOVER   auto or manual (cluster.takeover)
   CF_DEGRADED   write-through or nvram (cluster.degraded)
+  CF_VOTER_STATE   with [cluster.voters]: this node's voter state file (empty without)
+  CF_VOTER_BALLOT  with [cluster.voters]: this node's ballot file (empty without)
   CF_LUNS       LUN names, space-separated
   CF_RANGES_OF  the --ranges-of node (empty without it)
   CF_NRANGES    how many ranges it has (without --ranges-of: how many in all)

@@ -151,6 +151,24 @@ xmllint --xpath '//action[@name="reload-agent"]' - <<<"$meta" >/dev/null || fail
 say "metadata: OCF 1.1, Promoted/Unpromoted monitors, reload-agent with peer_wait and handover_wait reloadable"
 rc=0; out=$(validate "${good[@]}" --option "nvmirrorctl=/nonexistent/nvmirrorctl") || rc=$?
 ((rc == 5)) || fail "validate with a missing nvmirrorctl: rc $rc (want 5, not installed): $out"
+# With the quorum arbiter ([cluster.voters]) and no voter state yet: not installed on this
+# node (the operator's init-voter, never the agent's), and the reason names the command.
+sed 's/^takeover = .*/&\nstorage = "own"/' node-a.toml >voters.toml
+cat >>voters.toml <<-CFG
+size = "64MiB"
+
+[cluster.voters]
+port = 7863
+tiebreaker_id = 3
+tiebreaker = ["127.0.0.1:7891", "127.0.0.1:7892"]
+state_dir = "$PWD/voter-validate"
+CFG
+rc=0; out=$(validate "${good[@]}" --option "config=$PWD/voters.toml") || rc=$?
+((rc == 5)) && grep -q "init-voter" <<<"$out" ||
+	fail "validate without the voter state: rc $rc (want 5, not installed, naming init-voter): $out"
+"$NVMCTL" --config voters.toml init-voter >/dev/null || fail "init-voter for voters.toml"
+out=$(validate "${good[@]}" --option "config=$PWD/voters.toml") || fail "validate with the voter state created: $out"
+say "crm_resource --validate with [cluster.voters]: rc 5 (not installed, names init-voter) until init-voter, then 0"
 
 # --- 2. ocf-tester on node-a, node-b's daemon running -----------------------------------
 # ocf-tester validates the metadata against resource-agents' ra-api-1.dtd, which in Debian 12
