@@ -111,10 +111,7 @@ pub fn assess(s: &DaemonStatus, limits: &Limits) -> Health {
         }
     }
     if let Some(lease) = &e.lease {
-        let name = match lease.place.as_deref() {
-            Some("voters") => "lease on the voters",
-            _ => "disk lease",
-        };
+        let name = lease.place().map_or("disk lease", |p| p.lease());
         match lease.state {
             LeaseState::Expired => add(
                 Critical,

@@ -18,6 +18,7 @@ use config_show::{ConfigView, RangesOf};
 use nvmirror::config::{ByteSize, NodeConfig};
 use nvmirror::control::{self, DaemonStatus, Request, Response};
 use nvmirror::engine::{Engine, OpenMode};
+use nvmirror::ownership::ArbiterPlace;
 use nvmirror::state_events as events;
 use status_facts::StatusFacts;
 use std::path::{Path, PathBuf};
@@ -1792,10 +1793,10 @@ fn print_lease(l: &nvmirror::lease::LeaseStatus, may_serve: bool) {
         Some(ms) => format!("ran out {:.1} s ago", -ms as f64 / 1000.0),
         None => "never renewed".into(),
     };
-    let label = match l.place.as_deref() {
-        Some("voters") => "lease on the voters",
-        Some("arbiter device") => "disk lease (arbiter device)",
-        _ => "disk lease",
+    let label = match l.place() {
+        Some(ArbiterPlace::Device) => "disk lease (arbiter device)",
+        Some(p) => p.lease(),
+        None => "disk lease",
     };
     println!(
         "{label}: {} ({expires}; heartbeat every {} ms, lease {} ms, {} renewals, {} failed){}",

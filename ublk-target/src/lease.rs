@@ -156,9 +156,17 @@ pub struct LeaseStatus {
     pub dead_after_ms: u64,
     pub peers: Vec<PeerLeaseStatus>,
     /// Where the heartbeats live: "shared medium", "arbiter device" or "voters" (absent in
-    /// the status of daemons from before 2026-12-07).
+    /// the status of daemons from before 2026-12-07). A string on the wire, so that a
+    /// reader older than the daemon still parses the status; [`LeaseStatus::place`] reads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub place: Option<String>,
+}
+
+impl LeaseStatus {
+    /// Where the heartbeats live, if the status says and this build knows the place.
+    pub fn place(&self) -> Option<crate::ownership::ArbiterPlace> {
+        crate::ownership::ArbiterPlace::from_status_name(self.place.as_deref()?)
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -465,14 +473,7 @@ impl DiskLease {
             renew_ms: self.timing.renew.as_millis() as u64,
             lease_ms: self.timing.lease.as_millis() as u64,
             dead_after_ms: self.timing.dead_after().as_millis() as u64,
-            place: Some(
-                match self.place() {
-                    crate::ownership::ArbiterPlace::SharedMedium => "shared medium",
-                    crate::ownership::ArbiterPlace::Device => "arbiter device",
-                    crate::ownership::ArbiterPlace::Voters => "voters",
-                }
-                .into(),
-            ),
+            place: Some(self.place().status_name().into()),
             peers: st
                 .watched
                 .iter()

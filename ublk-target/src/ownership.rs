@@ -522,6 +522,26 @@ pub enum ArbiterPlace {
 }
 
 impl ArbiterPlace {
+    /// As `status` spells it (`LeaseStatus.place`).
+    pub fn status_name(self) -> &'static str {
+        match self {
+            ArbiterPlace::SharedMedium => "shared medium",
+            ArbiterPlace::Device => "arbiter device",
+            ArbiterPlace::Voters => "voters",
+        }
+    }
+
+    /// From its `status` spelling; None for one this build does not know.
+    pub fn from_status_name(name: &str) -> Option<ArbiterPlace> {
+        [
+            ArbiterPlace::SharedMedium,
+            ArbiterPlace::Device,
+            ArbiterPlace::Voters,
+        ]
+        .into_iter()
+        .find(|p| p.status_name() == name)
+    }
+
     /// The lease, as messages name it ("disk lease" where a disk holds it).
     pub fn lease(self) -> &'static str {
         match self {
@@ -834,6 +854,18 @@ impl TableStore for FailingWrite {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arbiter_places_read_back_from_their_status_names() {
+        for p in [
+            ArbiterPlace::SharedMedium,
+            ArbiterPlace::Device,
+            ArbiterPlace::Voters,
+        ] {
+            assert_eq!(ArbiterPlace::from_status_name(p.status_name()), Some(p));
+        }
+        assert_eq!(ArbiterPlace::from_status_name("a newer place"), None);
+    }
 
     /// A failed write of a node's own slot (its marks) is settled: it stands if it landed,
     /// else what the slot held is written back over it, and only an unsettled one is said
