@@ -218,6 +218,9 @@ pub fn assess(s: &DaemonStatus, limits: &Limits) -> Health {
             ),
         );
     }
+    if let Some(why) = &e.outdated_media_unread {
+        add(Warning, why.clone());
+    }
     for (node, ranges) in &e.outdated_media {
         let list: Vec<String> = ranges
             .iter()
@@ -426,6 +429,16 @@ mod tests {
         let h = assess_json(v);
         assert_eq!(h.severity, Severity::Critical);
         assert!(h.findings[0].what.contains("96% full"), "{h:?}");
+    }
+
+    #[test]
+    fn marks_that_could_not_be_read_warn_instead_of_reading_as_none() {
+        let mut v = status();
+        v["engine"]["outdated_media_unread"] =
+            "the outdated-media marks could not be read (no majority); these are the marks as last read".into();
+        let h = assess_json(v);
+        assert_eq!(h.severity, Severity::Warning, "{h:?}");
+        assert!(h.render().contains("could not be read"), "{h:?}");
     }
 
     #[test]

@@ -1680,6 +1680,9 @@ fn print_status(s: &DaemonStatus) {
                 "local reads: the partner's ranges are read here under its read lease ({leased} read(s) so far)"
             );
         }
+        if let Some(why) = &e.outdated_media_unread {
+            println!("UNREAD: {why}");
+        }
         for (node, stale) in &e.outdated_media {
             println!(
                 "OUTDATED: node {node}'s medium misses writes of {} range(s) {stale:?}; it takes none of them over until a resync (which runs while the link is up) copies them",

@@ -97,6 +97,9 @@ pub struct Cluster {
     /// repair clears the range's marks only if none came while it copied; counted and
     /// compared under this lock.
     own_misses: Mutex<std::collections::BTreeMap<LunRange, u64>>,
+    /// Per node: its medium's outdated ranges as last read from the arbiter, for `status`
+    /// while the arbiter cannot be read (a node cut off from its voters or its disk).
+    outdated_last_read: Mutex<std::collections::BTreeMap<NodeId, Vec<LunRange>>>,
     /// With `storage = "own"`: the partner's leases to read our ranges locally, and ours
     /// to read its ranges (`read_lease`).
     read_leases: Option<super::read_lease::ReadLeases>,
@@ -171,6 +174,7 @@ impl Cluster {
             marking: Mutex::new(Default::default()),
             stale_here: StaleRanges::default(),
             own_misses: Mutex::new(Default::default()),
+            outdated_last_read: Mutex::new(Default::default()),
             // Half the heartbeat timeout: a cut the link notices (no message for the
             // timeout) finds the partner's lease run out already, and a degraded write
             // waits for nothing more. Kept in both storage modes: each node answers the
@@ -1174,10 +1178,25 @@ impl Cluster {
         }
         let epoch_of = |g: u32| by_global.get(g as usize).map(|&(_, e)| e);
         let stale = media.of(self.store.as_ref(), node, &epoch_of)?;
-        Ok(stale
+        let ranges: Vec<LunRange> = stale
             .into_iter()
             .filter_map(|g| by_global.get(g as usize).map(|&(r, _)| r))
-            .collect())
+            .collect();
+        self.outdated_last_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, ranges.clone());
+        Ok(ranges)
+    }
+
+    /// `node`'s medium's outdated ranges as the last successful [`Self::outdated_ranges`]
+    /// read them (None: never read).
+    pub fn outdated_ranges_last_read(&self, node: NodeId) -> Option<Vec<LunRange>> {
+        self.outdated_last_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .cloned()
     }
 
     /// Partner unreachable: records on the medium that our `partition` is flushed through
@@ -1639,6 +1658,22 @@ mod tests {
             store.writes.load(std::sync::atomic::Ordering::SeqCst),
             before + 1
         );
+    }
+
+    /// `status` shows the marks as last read when the arbiter cannot be read now (a node
+    /// cut off from its voters), never an empty set as if nothing were outdated.
+    #[test]
+    fn the_marks_as_last_read_stay_known_while_the_arbiter_is_unreadable() {
+        let store = Arc::new(FailingWrite::new(20..21));
+        let node_b = open_view(StorageMode::Own, 1, store.clone(), None);
+        assert_eq!(node_b.outdated_ranges_last_read(0), None);
+        node_b.mark_outdated(0, &[(0, 1)]).expect("mark");
+        assert_eq!(node_b.outdated_ranges(0).expect("read"), vec![(0, 1)]);
+        // A withdrawal whose write fails (not landing) cuts the arbiter off.
+        store.arm(false, true);
+        assert!(node_b.clear_outdated(0, &[(0, 1)]).is_err());
+        assert!(node_b.outdated_ranges(0).is_err());
+        assert_eq!(node_b.outdated_ranges_last_read(0), Some(vec![(0, 1)]));
     }
 
     /// Found by the partition suite (tests/vm/24, cycle "stop-b"): a node paused past its

@@ -77,6 +77,10 @@ pub struct EngineStatus {
     /// (marked outdated on the arbiter; only nodes with any are listed).
     #[serde(default)]
     pub outdated_media: std::collections::BTreeMap<String, Vec<(u32, u32)>>,
+    /// Set when the marks could not be read from the arbiter for this status: why, and
+    /// `outdated_media` holds the marks as last read (none for a node never read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outdated_media_unread: Option<String>,
     /// With `storage = "own"`: the resync or verify of a range under way.
     #[serde(default)]
     pub range_job: Option<super::takeover_state::RangeJob>,
@@ -142,6 +146,7 @@ impl Engine {
         let stats = &self.flusher_stats;
         let mirror = self.mirror.current();
         let partitions: Vec<_> = self.parts.iter().map(|p| p.status()).collect();
+        let mut outdated_media_unread = None;
         let outdated_media: std::collections::BTreeMap<String, Vec<(u32, u32)>> = self
             .cluster
             .as_ref()
@@ -149,7 +154,19 @@ impl Engine {
             .map(|c| {
                 (0..c.nodes.len() as u32)
                     .filter_map(|n| {
-                        let stale = c.outdated_ranges(n).ok()?;
+                        // An unreadable arbiter must not show as "nothing outdated".
+                        let stale = match c.outdated_ranges(n) {
+                            Ok(stale) => stale,
+                            Err(e) => {
+                                outdated_media_unread.get_or_insert_with(|| {
+                                    format!(
+                                        "the outdated-media marks could not be read ({e}); \
+                                         these are the marks as last read"
+                                    )
+                                });
+                                c.outdated_ranges_last_read(n)?
+                            }
+                        };
                         (!stale.is_empty()).then(|| (c.node_name(n).to_string(), stale))
                     })
                     .collect()
@@ -274,6 +291,7 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             outdated_media,
+            outdated_media_unread,
             resync_rate: self.resync_rate(),
             shipping: mirror
                 .as_ref()
