@@ -146,31 +146,11 @@ impl Engine {
         let stats = &self.flusher_stats;
         let mirror = self.mirror.current();
         let partitions: Vec<_> = self.parts.iter().map(|p| p.status()).collect();
-        let mut outdated_media_unread = None;
-        let outdated_media: std::collections::BTreeMap<String, Vec<(u32, u32)>> = self
+        let (outdated_media, outdated_media_unread) = self
             .cluster
             .as_ref()
             .filter(|c| c.own_storage())
-            .map(|c| {
-                (0..c.nodes.len() as u32)
-                    .filter_map(|n| {
-                        // An unreadable arbiter must not show as "nothing outdated".
-                        let stale = match c.outdated_ranges(n) {
-                            Ok(stale) => stale,
-                            Err(e) => {
-                                outdated_media_unread.get_or_insert_with(|| {
-                                    format!(
-                                        "the outdated-media marks could not be read ({e}); \
-                                         these are the marks as last read"
-                                    )
-                                });
-                                c.outdated_ranges_last_read(n)?
-                            }
-                        };
-                        (!stale.is_empty()).then(|| (c.node_name(n).to_string(), stale))
-                    })
-                    .collect()
-            })
+            .map(|c| outdated_media_view(c))
             .unwrap_or_default();
         let mut outdated: Vec<(u32, u32)> = outdated_media.values().flatten().copied().collect();
         outdated.sort_unstable();
@@ -305,4 +285,35 @@ impl Engine {
             local_reads: self.local_reads_enabled(),
         }
     }
+}
+
+/// Per node name, the (LUN, range)s its medium misses writes of.
+type OutdatedMedia = std::collections::BTreeMap<String, Vec<(u32, u32)>>;
+
+/// Per node with any, its medium's outdated ranges as the arbiter holds them now; and, when
+/// the arbiter could not be read, why, with the marks as last read instead (an unreadable
+/// arbiter must not show as "nothing outdated"). After one failed read the other nodes'
+/// marks are not read: each would wait out the arbiter's I/O timeout too.
+fn outdated_media_view(c: &crate::cluster::Cluster) -> (OutdatedMedia, Option<String>) {
+    let mut view = std::collections::BTreeMap::new();
+    let mut unread = None;
+    for n in 0..c.nodes.len() as u32 {
+        let stale = match unread {
+            Some(_) => c.outdated_ranges_last_read(n),
+            None => match c.outdated_ranges(n) {
+                Ok(stale) => Some(stale),
+                Err(e) => {
+                    unread = Some(format!(
+                        "the outdated-media marks could not be read ({e}); these are the marks \
+                         as last read"
+                    ));
+                    c.outdated_ranges_last_read(n)
+                }
+            },
+        };
+        if let Some(stale) = stale.filter(|s| !s.is_empty()) {
+            view.insert(c.node_name(n).to_string(), stale);
+        }
+    }
+    (view, unread)
 }
